@@ -1,0 +1,833 @@
+"""InternVL-X: InternVL2 with PVTC (projector) and LVTC (layer-wise) visual token compression.
+
+Paper: "InternVL-X: Advancing and Accelerating InternVL Series with Efficient Visual Token Compression", Sec. 3.
+This file is saved next to checkpoints as remote code: it imports only torch, transformers, the standard library
+and `configuration_internvlx` (single-dot relative import).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModel, GenerationConfig, GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_outputs import BaseModelOutputWithPast
+from transformers.modeling_utils import slice_logits_to_keep
+from transformers.models.internvl.modeling_internvl import InternVLVisionModel, InternVLVisionRMSNorm
+from transformers.utils import ModelOutput
+
+from .configuration_internvlx import InternVLXConfig, LVTCConfig
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Projectors
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def pixel_shuffle(features: torch.Tensor, window: int) -> torch.Tensor:
+    """Merge each ``window x window`` block of a ``(n, S, S, C)`` grid into one token of ``window^2 * C`` channels.
+
+    Channel order inside a merged token is the block's tokens in row-major order (top-left, top-right,
+    bottom-left, bottom-right for 2x2): this is InternVL2's pixel shuffle with ``ps_version="v2"``.
+    """
+    n, side, _, channels = features.shape
+    blocks = side // window
+    features = features.reshape(n, blocks, window, blocks, window, channels).permute(0, 1, 3, 2, 4, 5)
+    return features.reshape(n, blocks, blocks, window * window * channels)
+
+
+def group_windows(features: torch.Tensor, window: int) -> torch.Tensor:
+    """``(n, S, S, D)`` -> ``(n * (S/window)^2, window^2, D)``: the tokens of each window, row-major."""
+    n, side, _, channels = features.shape
+    blocks = side // window
+    features = features.reshape(n, blocks, window, blocks, window, channels).permute(0, 1, 3, 2, 4, 5)
+    return features.reshape(n * blocks * blocks, window * window, channels)
+
+
+class InternVLXMLPProjector(nn.Module):
+    """InternVL2's `mlp1`: pixel shuffle, then LayerNorm / Linear / GELU / Linear. The CLS token is dropped."""
+
+    def __init__(self, vit_hidden_size: int, llm_hidden_size: int, window: int):
+        super().__init__()
+        self.window = window
+        in_features = vit_hidden_size * window * window
+        self.layer_norm = nn.LayerNorm(in_features)  # PyTorch default eps 1e-5, as InternVL2
+        self.linear_1 = nn.Linear(in_features, llm_hidden_size)
+        self.act = nn.GELU()
+        self.linear_2 = nn.Linear(llm_hidden_size, llm_hidden_size)
+
+    def forward(self, vit_embeds: torch.Tensor) -> torch.Tensor:
+        """``(tiles, 1 + S*S, C)`` (CLS first) -> ``(tiles, N*N, D)``."""
+        patches = vit_embeds[:, 1:]
+        side = int(patches.shape[1] ** 0.5)
+        merged = pixel_shuffle(patches.reshape(patches.shape[0], side, side, -1), self.window)
+        merged = merged.flatten(1, 2)
+        return self.linear_2(self.act(self.linear_1(self.layer_norm(merged))))
+
+
+class PVTCInputMLP(nn.Module):
+    """RMSNorm -> Linear (no bias) -> SiLU: turns ViT features into PVTC queries, keys and values."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.norm = InternVLVisionRMSNorm(in_features, eps=1e-6)
+        self.proj = nn.Linear(in_features, out_features, bias=False)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return F.silu(self.proj(self.norm(hidden_states)))
+
+
+class PVTCCrossAttention(nn.Module):
+    """Point-to-region cross-attention: one query per window attends to that window's tokens only."""
+
+    def __init__(self, hidden_size: int, num_heads: int):
+        super().__init__()
+        if hidden_size % num_heads != 0:
+            raise ValueError(f"PVTC hidden size {hidden_size} is not divisible by pvtc_num_heads={num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = hidden_size // num_heads
+        self.query_norm = InternVLVisionRMSNorm(hidden_size, eps=1e-6)
+        self.kv_norm = InternVLVisionRMSNorm(hidden_size, eps=1e-6)
+        self.q_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.k_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.v_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.o_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+
+    def forward(self, query: torch.Tensor, window_tokens: torch.Tensor) -> torch.Tensor:
+        """``query`` ``(W, 1, D)``, ``window_tokens`` ``(W, M*M, D)`` -> ``(W, 1, D)`` (residual included)."""
+        windows, length, hidden = window_tokens.shape
+        kv = self.kv_norm(window_tokens)
+        q = self.q_proj(self.query_norm(query)).view(windows, 1, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(kv).view(windows, length, self.num_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(kv).view(windows, length, self.num_heads, self.head_dim).transpose(1, 2)
+        # All windows at once: SDPA batches over (windows, heads); softmax runs over the window's M*M tokens.
+        attended = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(windows, 1, hidden)
+        return query + self.o_proj(attended)
+
+
+class PVTCFeedForward(nn.Module):
+    """Pre-norm SwiGLU with a residual, 4x wide (the reference `InternEncoderLayer` MLP)."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.norm = InternVLVisionRMSNorm(hidden_size, eps=1e-6)
+        self.gate_proj = nn.Linear(hidden_size, 4 * hidden_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, 4 * hidden_size, bias=False)
+        self.down_proj = nn.Linear(4 * hidden_size, hidden_size, bias=False)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        normed = self.norm(hidden_states)
+        return hidden_states + self.down_proj(F.silu(self.gate_proj(normed)) * self.up_proj(normed))
+
+
+class PVTCLayer(nn.Module):
+    def __init__(self, hidden_size: int, num_heads: int):
+        super().__init__()
+        self.attn = PVTCCrossAttention(hidden_size, num_heads)
+        self.mlp = PVTCFeedForward(hidden_size)
+
+    def forward(self, query: torch.Tensor, window_tokens: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.attn(query, window_tokens))
+
+
+class PVTCProjector(nn.Module):
+    """PVTC (paper Sec. 3.1): per ``M x M`` window, a local query (pixel-shuffled window -> MLP) and a global query
+    (CLS -> MLP, times a learnable per-position ``cls_scale``) each cross-attend to the window's tokens through
+    ``L`` layers; the two results are summed. ``(S/M)^2`` tokens per tile.
+    """
+
+    def __init__(self, vit_hidden_size: int, llm_hidden_size: int, grid: int, window: int, num_layers: int,
+                 num_heads: int):
+        super().__init__()
+        self.window = window
+        side = grid // window
+        self.local_query = PVTCInputMLP(vit_hidden_size * window * window, llm_hidden_size)
+        self.global_query = PVTCInputMLP(vit_hidden_size, llm_hidden_size)
+        self.key_value = PVTCInputMLP(vit_hidden_size, llm_hidden_size)
+        # "diverse transformations to F_GQ at each position" (Sec. 3.1): one learnable scale per output token.
+        self.cls_scale = nn.Parameter(torch.randn(1, side, side, llm_hidden_size))
+        self.local_layers = nn.ModuleList(PVTCLayer(llm_hidden_size, num_heads) for _ in range(num_layers))
+        self.global_layers = nn.ModuleList(PVTCLayer(llm_hidden_size, num_heads) for _ in range(num_layers))
+
+    def forward(self, vit_embeds: torch.Tensor) -> torch.Tensor:
+        """``(tiles, 1 + S*S, C)`` (CLS first) -> ``(tiles, N*N, D)``."""
+        tiles = vit_embeds.shape[0]
+        cls_token, patches = vit_embeds[:, 0], vit_embeds[:, 1:]
+        grid = int(patches.shape[1] ** 0.5)
+        patches = patches.reshape(tiles, grid, grid, -1)
+        side = grid // self.window
+
+        local = self.local_query(pixel_shuffle(patches, self.window)).reshape(tiles * side * side, 1, -1)
+        global_query = self.global_query(cls_token)[:, None, None, :] * self.cls_scale
+        global_ = global_query.reshape(tiles * side * side, 1, -1)
+        window_tokens = group_windows(self.key_value(patches), self.window)
+        for layer in self.local_layers:
+            local = layer(local, window_tokens)
+        for layer in self.global_layers:
+            global_ = layer(global_, window_tokens)
+        return (local + global_).reshape(tiles, side * side, -1)
+
+
+def build_projector(config: InternVLXConfig, projector_type: str, ratio: float) -> nn.Module:
+    window = round(1.0 / ratio)
+    vit, llm = config.vision_config.hidden_size, config.text_config.hidden_size
+    if projector_type == "mlp":
+        return InternVLXMLPProjector(vit, llm, window)
+    if projector_type == "pvtc":
+        return PVTCProjector(vit, llm, config.vision_tokens_per_side, window, config.pvtc_num_layers,
+                             config.pvtc_num_heads)
+    raise ValueError(f"unknown projector type {projector_type!r}; expected 'mlp' or 'pvtc'")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# LVTC bookkeeping
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LVTCState:
+    """What decoding steps after an LVTC prefill need to know about the long layout (per batch row).
+
+    Attributes:
+        long_prefix_mask: ``(batch, long_prefill_len)`` 2D mask of the prefill in the long layout.
+        short_prefix_len: length of the prefill in the short layout (the input ids).
+        position_offset: ``(batch,)`` long-layout position minus short-layout position for every later token.
+    """
+
+    long_prefix_mask: torch.Tensor
+    short_prefix_len: int
+    position_offset: torch.Tensor
+
+    def select(self, index: torch.Tensor) -> "LVTCState":
+        return LVTCState(self.long_prefix_mask[index], self.short_prefix_len, self.position_offset[index])
+
+
+class InternVLXLVTCCache(DynamicCache):
+    """A `DynamicCache` that also carries the `LVTCState` of its prefill.
+
+    Layers ``< k`` cache the short layout and layers ``>= k`` the long one, so the layers hold different lengths;
+    the state keeps per-row offsets and the long-layout mask consistent under beam reordering and batch selection.
+    """
+
+    lvtc_state: LVTCState | None = None
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        if self.lvtc_state is not None:
+            self.lvtc_state = self.lvtc_state.select(beam_idx.to(self.lvtc_state.position_offset.device))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        if self.lvtc_state is not None:
+            rows = torch.arange(self.lvtc_state.position_offset.shape[0]).repeat_interleave(repeats)
+            self.lvtc_state = self.lvtc_state.select(rows.to(self.lvtc_state.position_offset.device))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        if self.lvtc_state is not None:
+            self.lvtc_state = self.lvtc_state.select(indices.to(self.lvtc_state.position_offset.device))
+
+
+@dataclass
+class LVTCLayout:
+    """Index maps between the short layout (input ids) and the long layout (layers ``>= k``) of one batch."""
+
+    text_short: torch.Tensor  # flat (b * short_len + j) indices of non-visual tokens
+    text_long: torch.Tensor  # their flat indices in the long layout
+    visual_short: torch.Tensor  # flat indices of visual tokens, in feature order
+    visual_long: torch.Tensor  # flat long indices of the upsampled visual tokens, tile by tile
+    long_len: int
+    long_mask: torch.Tensor  # (batch, long_len) 1 = real token
+    long_position_ids: torch.Tensor  # (batch, long_len)
+    position_offset: torch.Tensor  # (batch,) long minus short position after the last token
+
+
+def build_lvtc_layout(
+    image_mask: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor,
+    short_tokens_per_tile: int,
+    long_tokens_per_tile: int,
+) -> LVTCLayout:
+    """Plan the long layout. Each tile's run of LR tokens becomes a run of HR tokens; text stays one slot.
+
+    Rows grow by different amounts (different tile counts); the shorter rows are re-padded on the *left*, so
+    that the last real token of every row stays the last slot (what left-padded generation needs) and
+    right-padded training rows keep working (the 2D mask and positions describe any padding). Positions follow
+    the short layout's own positions (so packed sequences with position resets stay packed): a text token moves
+    by the number of extra visual slots before it in its sequence; a tile's HR tokens take consecutive positions
+    from where its LR run started.
+    """
+    batch, short_len = image_mask.shape
+    device = image_mask.device
+    expand = long_tokens_per_tile // short_tokens_per_tile
+    per_row = image_mask.sum(-1)
+    if bool((per_row % short_tokens_per_tile != 0).any()):
+        raise ValueError(
+            f"LVTC needs whole tiles of {short_tokens_per_tile} image tokens per row; got {per_row.tolist()} image "
+            "tokens per row. Build the prompt with the InternVLX processor (its image_seq_length must be the "
+            "model's)."
+        )
+    slots = torch.where(image_mask, expand, 1)
+    row_long_len = slots.sum(-1)
+    long_len = int(row_long_len.max())
+    left_pad = long_len - row_long_len  # extra left padding per row
+    start = torch.cumsum(slots, -1) - slots + left_pad[:, None]  # first long slot of every short token
+
+    # Extra slots created before each token *within its packed sequence* (a position reset starts a sequence).
+    extra = torch.where(image_mask, expand - 1, 0)
+    extra_before = torch.cumsum(extra, -1) - extra
+    seq_start = position_ids == 0
+    seq_start[:, 0] = True
+    seq_id = torch.cumsum(seq_start.long(), -1)
+    # extra_before at the start of each sequence, broadcast to its tokens (seq ids are increasing per row).
+    base = torch.zeros(batch, short_len + 1, dtype=extra_before.dtype, device=device)
+    base.scatter_(1, torch.where(seq_start, seq_id, 0), torch.where(seq_start, extra_before, 0))
+    extra_before = extra_before - torch.gather(base, 1, seq_id)
+
+    rows = torch.arange(batch, device=device)[:, None].expand(batch, short_len)
+    text = ~image_mask
+    flat_short = rows * short_len + torch.arange(short_len, device=device)
+    text_short = flat_short[text]
+    text_long = (rows * long_len + start)[text]
+
+    # Visual tokens: tile t's LR run starts at short token j0; its HR run fills start[j0] .. start[j0] + HR - 1.
+    tile_first = image_mask.clone()
+    tile_first[image_mask] = (torch.arange(int(image_mask.sum()), device=device) % short_tokens_per_tile) == 0
+    tile_rows, tile_cols = tile_first.nonzero(as_tuple=True)
+    hr_range = torch.arange(long_tokens_per_tile, device=device)
+    visual_long = (tile_rows * long_len + start[tile_rows, tile_cols])[:, None] + hr_range
+    visual_short = flat_short[image_mask]
+
+    long_mask = torch.zeros(batch, long_len, dtype=torch.long, device=device)
+    short_mask = attention_mask.long() if attention_mask is not None else torch.ones_like(slots)
+    long_mask.view(-1)[text_long] = short_mask[text]
+    long_mask.view(-1)[visual_long.reshape(-1)] = short_mask[tile_rows, tile_cols][:, None].expand_as(visual_long).reshape(-1)
+
+    long_positions = torch.zeros(batch, long_len, dtype=position_ids.dtype, device=device)
+    long_positions.view(-1)[text_long] = (position_ids + extra_before)[text]
+    tile_pos = (position_ids + extra_before)[tile_rows, tile_cols]
+    long_positions.view(-1)[visual_long.reshape(-1)] = (tile_pos[:, None] + hr_range).reshape(-1).to(position_ids.dtype)
+
+    # Later tokens continue the row's last sequence: shift by all extra slots of that sequence.
+    position_offset = (extra_before + extra)[:, -1]
+    return LVTCLayout(text_short, text_long, visual_short, visual_long.reshape(-1), long_len, long_mask,
+                      long_positions, position_offset)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Outputs
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class InternVLXImageFeatures(ModelOutput):
+    """Projected visual features of a batch of tiles.
+
+    Args:
+        lr_features: ``(tiles, N1*N1, D)`` of the model's projector (the tokens that replace `<IMG_CONTEXT>`).
+        extra_lr_features: LVTC only: the ``T-1`` further LR projectors' outputs, each ``(tiles, N1*N1, D)``.
+        hr_features: LVTC only: the HR projector's output ``(tiles, N2*N2, D)``.
+        vision_last_hidden_state: ViT output of the selected layer ``(tiles, 1 + S*S, C)``.
+    """
+
+    lr_features: torch.Tensor | None = None
+    extra_lr_features: tuple[torch.Tensor, ...] | None = None
+    hr_features: torch.Tensor | None = None
+    vision_last_hidden_state: torch.Tensor | None = None
+
+
+@dataclass
+class InternVLXModelOutputWithPast(BaseModelOutputWithPast):
+    """`BaseModelOutputWithPast` plus the projected visual features.
+
+    With LVTC, ``last_hidden_state`` is in the short layout (pooled back per tile) and ``hidden_states[i]`` is the
+    input of layer ``i`` in the layout that layer ran on (long for ``i >= k``); the last entry is the normed output
+    in the short layout.
+    """
+
+    image_hidden_states: torch.Tensor | None = None
+
+
+@dataclass
+class InternVLXCausalLMOutputWithPast(ModelOutput):
+    """Causal LM output; ``logits`` always line up with ``input_ids`` (short layout), LVTC or not."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+    image_hidden_states: torch.Tensor | None = None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class InternVLXPreTrainedModel(PreTrainedModel):
+    config: InternVLXConfig
+    config_class = InternVLXConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["InternVLVisionLayer", "InternVLXMLPProjector", "PVTCProjector"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        std = getattr(self.config.get_text_config(), "initializer_range", 0.02)
+        if isinstance(module, nn.Linear):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, InternVLVisionRMSNorm):
+            init.ones_(module.weight)
+        elif isinstance(module, PVTCProjector):
+            init.normal_(module.cls_scale, mean=0.0, std=1.0)  # the reference draws it with torch.randn
+        else:
+            super()._init_weights(module)
+
+
+class InternVLXModel(InternVLXPreTrainedModel):
+    """Vision tower (transformers' InternVLVisionModel) + projector(s) + LLM backbone, without the LM head."""
+
+    def __init__(self, config: InternVLXConfig):
+        super().__init__(config)
+        self.vision_tower = InternVLVisionModel(config.vision_config)
+        self.multi_modal_projector = build_projector(config, config.projector_type, config.downsample_ratio)
+        lvtc = config.lvtc_config
+        if lvtc is not None:
+            self.lvtc_lr_projectors = nn.ModuleList(
+                build_projector(config, lvtc.lr_projector_type, lvtc.lr_downsample_ratio)
+                for _ in range(lvtc.num_lr_projectors - 1)
+            )
+            self.lvtc_hr_projector = build_projector(config, lvtc.hr_projector_type, lvtc.hr_downsample_ratio)
+        self.language_model = AutoModel.from_config(config.text_config)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.language_model.set_input_embeddings(value)
+
+    def get_image_features(self, pixel_values: torch.Tensor, image_flags: torch.Tensor | None = None
+                           ) -> InternVLXImageFeatures:
+        """Encode tiles ``(tiles, 3, H, W)`` and run every projector on the selected ViT layer."""
+        pixel_values = pixel_values.to(dtype=self.vision_tower.dtype)
+        select_layer = self.config.select_layer
+        vision_out = self.vision_tower(pixel_values=pixel_values, output_hidden_states=select_layer != -1)
+        vit = vision_out.last_hidden_state if select_layer == -1 else vision_out.hidden_states[select_layer]
+        if image_flags is not None:  # InternVL2 training batches mark dummy tiles of text-only samples with 0
+            vit = vit[image_flags.reshape(-1) == 1]
+        lvtc = self.config.lvtc_config
+        return InternVLXImageFeatures(
+            lr_features=self.multi_modal_projector(vit),
+            extra_lr_features=tuple(p(vit) for p in self.lvtc_lr_projectors) if lvtc is not None else None,
+            hr_features=self.lvtc_hr_projector(vit) if lvtc is not None else None,
+            vision_last_hidden_state=vit,
+        )
+
+    def get_placeholder_mask(self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        if input_ids is not None:
+            return input_ids == self.config.image_token_id
+        image_embed = self.get_input_embeddings()(
+            torch.tensor(self.config.image_token_id, dtype=torch.long, device=inputs_embeds.device)
+        )
+        return (inputs_embeds == image_embed).all(-1)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        image_flags: torch.Tensor | None = None,
+        num_patches: torch.Tensor | None = None,
+        tile_grid: torch.Tensor | None = None,
+        **kwargs,
+    ) -> InternVLXModelOutputWithPast:
+        r"""
+        pixel_values: all tiles of the batch ``(tiles, 3, 448, 448)``, in the order of their `<IMG_CONTEXT>` runs.
+        image_flags: optional ``(tiles,)``; tiles flagged 0 are dropped (InternVL2 dummy tiles).
+        num_patches, tile_grid: what the processor returns; checked for consistency, otherwise unused.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        image_mask = self.get_placeholder_mask(input_ids, inputs_embeds)
+        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+
+        features = None
+        if pixel_values is not None:
+            if num_patches is not None and int(num_patches.sum()) != pixel_values.shape[0]:
+                raise ValueError(
+                    f"num_patches sums to {int(num_patches.sum())} tiles but pixel_values holds "
+                    f"{pixel_values.shape[0]}; pass the processor's outputs together."
+                )
+            features = self.get_image_features(pixel_values, image_flags=image_flags)
+            n_tokens, n_features = int(image_mask.sum()), features.lr_features.shape[0] * features.lr_features.shape[1]
+            if n_tokens != n_features:
+                raise ValueError(
+                    f"Image features and image tokens do not match: the input has {n_tokens} image tokens "
+                    f"(id {self.config.image_token_id}) but the {features.lr_features.shape[0]} tiles give "
+                    f"{n_features} features ({self.config.image_seq_length} per tile). Build the prompt with the "
+                    "processor so that every image's tiles get their <IMG_CONTEXT> tokens."
+                )
+            lr = features.lr_features.reshape(-1, inputs_embeds.shape[-1]).to(inputs_embeds.dtype)
+            inputs_embeds = inputs_embeds.masked_scatter(image_mask[..., None], lr)
+        elif past_length == 0 and bool(image_mask.any()):
+            raise ValueError(
+                f"The input has {int(image_mask.sum())} image tokens but no pixel_values were given; pass the "
+                "images' pixel_values (the processor's output) or remove the <IMG_CONTEXT> tokens."
+            )
+
+        if self.config.lvtc is None:
+            outputs = self.language_model(
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                use_cache=use_cache,
+                output_hidden_states=output_hidden_states,
+                **kwargs,
+            )
+            return InternVLXModelOutputWithPast(
+                last_hidden_state=outputs.last_hidden_state,
+                past_key_values=outputs.past_key_values,
+                hidden_states=outputs.hidden_states,
+                attentions=outputs.attentions,
+                image_hidden_states=features.lr_features if features is not None else None,
+            )
+        return self._lvtc_forward(
+            inputs_embeds, image_mask, features, attention_mask, position_ids, past_key_values, past_length,
+            use_cache, output_hidden_states, **kwargs,
+        )
+
+    def _lvtc_forward(self, inputs_embeds, image_mask, features, attention_mask, position_ids, past_key_values,
+                      past_length, use_cache, output_hidden_states, **kwargs) -> InternVLXModelOutputWithPast:
+        """Algorithm 1: short layout below layer k, long layout from k, pooled back to the short layout."""
+        lm = self.language_model
+        text_config = self.config.get_text_config()
+        lvtc: LVTCConfig = self.config.lvtc_config
+        k = lvtc.expand_layer
+        depth = len(lm.layers)
+        if kwargs.get("output_attentions"):
+            raise NotImplementedError("output_attentions is not supported with LVTC; use output_hidden_states.")
+        if any(t != "full_attention" for t in getattr(text_config, "layer_types", None) or ["full_attention"]):
+            raise NotImplementedError("LVTC supports LLMs with full attention only (no sliding-window layers).")
+        # Precomputed flash-attention varlen boundaries describe the short layout only; recompute from positions.
+        kwargs = {key: v for key, v in kwargs.items() if not key.startswith(("cu_seq_lens", "max_length"))}
+        use_cache = use_cache if use_cache is not None else text_config.use_cache
+        if self.training and self.is_gradient_checkpointing:
+            use_cache = False
+        if use_cache and past_key_values is None:
+            past_key_values = InternVLXLVTCCache(config=text_config)
+        batch, short_len, _ = inputs_embeds.shape
+        device = inputs_embeds.device
+        n1 = self.config.image_seq_length
+        side1 = round(n1**0.5)
+        side2 = self.config.vision_tokens_per_side // round(1.0 / lvtc.hr_downsample_ratio)
+        n2 = side2 * side2
+
+        if position_ids is None:
+            position_ids = torch.arange(past_length, past_length + short_len, device=device)[None].expand(batch, -1)
+        elif position_ids.shape[0] != batch:
+            position_ids = position_ids.expand(batch, -1)
+
+        prefill = past_length == 0
+        if prefill:
+            layout = build_lvtc_layout(image_mask, attention_mask, position_ids, n1, n2)
+            if attention_mask is None and bool((layout.long_mask == 1).all()):
+                long_mask_2d = None  # keep SDPA's causal fast path and packed-sequence detection
+            else:
+                long_mask_2d = layout.long_mask
+            long_position_ids = layout.long_position_ids
+            if past_key_values is not None:
+                past_key_values.lvtc_state = LVTCState(layout.long_mask, short_len, layout.position_offset)
+        else:
+            if bool(image_mask.any()) and features is not None:
+                raise ValueError("LVTC takes images in the prefill step only (the first forward of a cache).")
+            state: LVTCState | None = getattr(past_key_values, "lvtc_state", None)
+            if state is None:
+                raise ValueError(
+                    "This cache holds tokens but no LVTC state: pass the past_key_values returned by this model's "
+                    "prefill forward (an InternVLXLVTCCache), not a cache filled elsewhere."
+                )
+            tail_len = past_length + short_len - state.short_prefix_len
+            tail = (attention_mask[:, state.short_prefix_len:] if attention_mask is not None
+                    else torch.ones(batch, tail_len, dtype=torch.long, device=device))
+            long_mask_2d = torch.cat([state.long_prefix_mask.to(device), tail.to(state.long_prefix_mask.dtype)], -1)
+            long_position_ids = position_ids + state.position_offset.to(device)[:, None]
+            layout = None
+
+        short_causal = create_causal_mask(
+            config=text_config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+            past_key_values=past_key_values, position_ids=position_ids, layer_idx=0,
+        )
+        short_rope = lm.rotary_emb(inputs_embeds, position_ids=position_ids)
+
+        injections = {}
+        if prefill and features is not None:
+            for layer_idx, extra in zip(lvtc.injection_layers, features.extra_lr_features):
+                injections[layer_idx] = extra.reshape(-1, extra.shape[-1]).to(inputs_embeds.dtype)
+
+        hidden = inputs_embeds
+        all_hidden = () if output_hidden_states else None
+        mask, positions, rope = short_causal, position_ids, short_rope
+        for idx, layer in enumerate(lm.layers[:depth]):
+            if idx == k:
+                if prefill:
+                    hidden = self._expand(hidden, layout, features, side1, side2, lvtc.upsample_mode)
+                long_dummy = hidden if prefill else inputs_embeds
+                mask = create_causal_mask(
+                    config=text_config, inputs_embeds=long_dummy, attention_mask=long_mask_2d,
+                    past_key_values=past_key_values, position_ids=long_position_ids, layer_idx=k,
+                )
+                positions = long_position_ids
+                rope = lm.rotary_emb(hidden, position_ids=long_position_ids)
+            elif idx in injections:
+                hidden = hidden + torch.zeros_like(hidden).masked_scatter(image_mask[..., None], injections[idx])
+            if output_hidden_states:
+                all_hidden += (hidden,)
+            hidden = layer(
+                hidden, attention_mask=mask, position_ids=positions, past_key_values=past_key_values,
+                use_cache=use_cache, position_embeddings=rope, **kwargs,
+            )
+        if prefill and k < depth:
+            hidden = self._pool(hidden, layout, batch, short_len, side1, side2)
+        hidden = lm.norm(hidden)
+        if output_hidden_states:
+            all_hidden += (hidden,)
+        return InternVLXModelOutputWithPast(
+            last_hidden_state=hidden,
+            past_key_values=past_key_values if use_cache else None,
+            hidden_states=all_hidden,
+            image_hidden_states=features.lr_features if features is not None else None,
+        )
+
+    @staticmethod
+    def _expand(hidden, layout: LVTCLayout, features, side1, side2, mode):
+        """Layer k: upsample each tile's LR states 2D and add the HR projector output (residual, Sec. 3.2)."""
+        batch, short_len, dim = hidden.shape
+        flat = hidden.reshape(-1, dim)
+        tiles = flat[layout.visual_short].reshape(-1, side1, side1, dim).permute(0, 3, 1, 2)
+        kwargs = {"align_corners": False} if mode == "bilinear" else {}
+        up = F.interpolate(tiles, size=(side2, side2), mode=mode, **kwargs).permute(0, 2, 3, 1).reshape(-1, dim)
+        up = up + features.hr_features.reshape(-1, dim).to(up.dtype)
+        index = torch.cat([layout.text_long, layout.visual_long])
+        source = torch.cat([flat[layout.text_short], up])
+        long = flat.new_zeros(batch * layout.long_len, dim).index_copy(0, index, source)
+        return long.reshape(batch, layout.long_len, dim)
+
+    @staticmethod
+    def _pool(hidden, layout: LVTCLayout, batch, short_len, side1, side2):
+        """After the last layer: average each tile's HR states back to LR so outputs line up with input_ids."""
+        dim = hidden.shape[-1]
+        flat = hidden.reshape(-1, dim)
+        tiles = flat[layout.visual_long].reshape(-1, side2, side2, dim).permute(0, 3, 1, 2)
+        pooled = F.adaptive_avg_pool2d(tiles, (side1, side1)).permute(0, 2, 3, 1).reshape(-1, dim)
+        index = torch.cat([layout.text_short, layout.visual_short])
+        source = torch.cat([flat[layout.text_long], pooled])
+        short = flat.new_zeros(batch * short_len, dim).index_copy(0, index, source)
+        return short.reshape(batch, short_len, dim)
+
+
+class InternVLXForConditionalGeneration(InternVLXPreTrainedModel, GenerationMixin):
+    """InternVL-X for image-text-to-text generation. `AutoModel` resolves to this class, as in InternVL2."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+
+    def __init__(self, config: InternVLXConfig):
+        super().__init__(config)
+        self.model = InternVLXModel(config)
+        text_config = config.get_text_config()
+        self.lm_head = nn.Linear(text_config.hidden_size, text_config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def get_image_features(self, pixel_values: torch.Tensor, image_flags: torch.Tensor | None = None):
+        return self.model.get_image_features(pixel_values, image_flags=image_flags)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        output_hidden_states: bool | None = None,
+        image_flags: torch.Tensor | None = None,
+        num_patches: torch.Tensor | None = None,
+        tile_grid: torch.Tensor | None = None,
+        **kwargs,
+    ) -> InternVLXCausalLMOutputWithPast:
+        r"""
+        labels: ``(batch, seq)``; the loss is the shifted cross-entropy over tokens whose label is not -100.
+        logits_to_keep: keep only the last N positions' logits (0 = all), e.g. 1 in a generation prefill.
+        """
+        outputs = self.model(
+            input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+            output_hidden_states=output_hidden_states, image_flags=image_flags, num_patches=num_patches,
+            tile_grid=tile_grid, **kwargs,
+        )
+        logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.get_text_config().vocab_size, **kwargs
+            )
+        return InternVLXCausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_hidden_states=outputs.image_hidden_states,
+        )
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        cache = model_kwargs.get("past_key_values")
+        if self.config.lvtc is not None and type(cache) is DynamicCache and cache.get_seq_length() == 0:
+            # Same storage, plus the LVTC state that decoding steps need (and that beam search must reorder).
+            model_kwargs["past_key_values"] = InternVLXLVTCCache(config=self.config.get_text_config())
+
+    # ---------------------------------------------------------------- InternVL2-compatible chat API
+
+    def _chat_prompt(self, processor_or_tokenizer, question: str, history, num_patches_list) -> str:
+        messages = []
+        for old_question, old_answer in history or []:
+            messages += [{"role": "user", "content": old_question}, {"role": "assistant", "content": old_answer}]
+        messages.append({"role": "user", "content": question})
+        templater = processor_or_tokenizer
+        if getattr(templater, "chat_template", None) is None:
+            templater = getattr(processor_or_tokenizer, "tokenizer", processor_or_tokenizer)
+        if getattr(templater, "chat_template", None) is None:
+            raise ValueError(
+                "The tokenizer/processor has no chat_template. Use the tokenizer saved by `internvlx convert`, or "
+                "set one with internvlx_hf.processing.get_chat_template(model.config.template)."
+            )
+        prompt = templater.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        n_tags = prompt.count("<image>")
+        if n_tags != len(num_patches_list):
+            raise ValueError(
+                f"The prompt has {n_tags} <image> tags but {len(num_patches_list)} images were given "
+                f"(num_patches_list={num_patches_list}); put one <image> per image in the question."
+            )
+        for tiles in num_patches_list:
+            expansion = "<img>" + "<IMG_CONTEXT>" * (self.config.image_seq_length * int(tiles)) + "</img>"
+            prompt = prompt.replace("<image>", expansion, 1)
+        return prompt
+
+    def _chat_generate(self, tokenizer, prompts, pixel_values, generation_config):
+        if isinstance(generation_config, dict):
+            generation_config = GenerationConfig(**generation_config)
+        generation_config = generation_config if generation_config is not None else GenerationConfig()
+        sep_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+        if generation_config.eos_token_id is None and sep_id is not None and sep_id != tokenizer.unk_token_id:
+            generation_config.eos_token_id = sep_id  # InternVL2 stops at the template separator
+        padding_side = tokenizer.padding_side
+        tokenizer.padding_side = "left"
+        try:
+            inputs = tokenizer(prompts, return_tensors="pt", padding=True)
+        finally:
+            tokenizer.padding_side = padding_side
+        if generation_config.pad_token_id is None:
+            generation_config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else sep_id
+        if pixel_values is not None:
+            pixel_values = pixel_values.to(self.device, self.model.vision_tower.dtype)
+        out = self.generate(
+            input_ids=inputs.input_ids.to(self.device),
+            attention_mask=inputs.attention_mask.to(self.device),
+            pixel_values=pixel_values,
+            generation_config=generation_config,
+        )
+        new_tokens = out[:, inputs.input_ids.shape[1]:]
+        texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        return [text.split("<|im_end|>")[0].strip() for text in texts]
+
+    def chat(self, tokenizer, pixel_values, question, generation_config=None, history=None, return_history=False,
+             num_patches_list=None, verbose=False):
+        """InternVL2's `chat`: one question (with an optional image) -> the answer string.
+
+        ``tokenizer`` may also be an `InternVLXProcessor`. Without `<image>` in the question, a first-turn image
+        is put in front as ``"<image>\\n" + question``, as InternVL2 does.
+        """
+        tok = getattr(tokenizer, "tokenizer", tokenizer)
+        if history is None and pixel_values is not None and "<image>" not in question:
+            question = "<image>\n" + question
+        if num_patches_list is None:
+            num_patches_list = [pixel_values.shape[0]] if pixel_values is not None else []
+        prompt = self._chat_prompt(tokenizer, question, history, num_patches_list)
+        if verbose:
+            print(prompt.replace("<IMG_CONTEXT>" * self.config.image_seq_length, "<IMG_CONTEXT>"))
+        response = self._chat_generate(tok, [prompt], pixel_values, generation_config)[0]
+        if not return_history:
+            return response
+        return response, list(history or []) + [(question, response)]
+
+    def batch_chat(self, tokenizer, pixel_values, questions, generation_config=None, num_patches_list=None,
+                   history=None, return_history=False, verbose=False):
+        """InternVL2's `batch_chat`: one image (``num_patches_list[i]`` tiles) per question, left-padded batch."""
+        if history is not None or return_history:
+            raise NotImplementedError("batch_chat does not take a history, as in InternVL2; use chat() per turn.")
+        tok = getattr(tokenizer, "tokenizer", tokenizer)
+        if num_patches_list is None:
+            num_patches_list = [1] * len(questions) if pixel_values is not None else [0] * len(questions)
+        if len(num_patches_list) != len(questions):
+            raise ValueError(f"{len(questions)} questions but num_patches_list has {len(num_patches_list)} entries.")
+        prompts = []
+        for question, tiles in zip(questions, num_patches_list):
+            if tiles and "<image>" not in question:
+                question = "<image>\n" + question
+            prompts.append(self._chat_prompt(tokenizer, question, None, [tiles] if tiles else []))
+        return self._chat_generate(tok, prompts, pixel_values, generation_config)
+
+
+# `save_pretrained` copies this file and `configuration_internvlx.py` next to the weights (remote code).
+InternVLXForConditionalGeneration.register_for_auto_class("AutoModel")
+
+__all__ = [
+    "InternVLXPreTrainedModel",
+    "InternVLXModel",
+    "InternVLXForConditionalGeneration",
+    "PVTCProjector",
+    "InternVLXMLPProjector",
+    "InternVLXLVTCCache",
+    "LVTCState",
+    "build_lvtc_layout",
+]

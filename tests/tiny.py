@@ -1,0 +1,67 @@
+"""Tiny InternVL-X models for tests: 56px tiles, 14px patches (a 4x4 ViT grid), so 4 LR / 16 HR tokens per tile."""
+
+from __future__ import annotations
+
+import torch
+
+from internvlx_hf import InternVLXConfig, InternVLXForConditionalGeneration
+
+IMAGE_TOKEN_ID = 100
+PAD_ID = 0
+
+
+def tiny_config(projector="mlp", lvtc=None, llm="llama", attn="eager", layers=4, **overrides) -> InternVLXConfig:
+    text = dict(
+        model_type=llm, hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=128, max_position_embeddings=512, pad_token_id=PAD_ID, bos_token_id=1,
+        eos_token_id=2,
+    )
+    if llm == "qwen2":
+        text["tie_word_embeddings"] = True
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=56,
+                  patch_size=14)
+    return InternVLXConfig(text_config=text, vision_config=vision, image_token_id=IMAGE_TOKEN_ID,
+                           projector_type=projector, pvtc_num_heads=4, lvtc=lvtc, attn_implementation=attn,
+                           **overrides)
+
+
+def tiny_model(*args, seed=0, **kwargs) -> InternVLXForConditionalGeneration:
+    torch.manual_seed(seed)
+    model = InternVLXForConditionalGeneration(tiny_config(*args, **kwargs)).eval()
+    model.generation_config.eos_token_id = None  # fixed-length greedy runs in tests
+    return model
+
+
+def prompt_ids(tiles: int, seed: int, n_text: int = 5, tokens_per_tile: int = 4) -> list[int]:
+    """BOS, some text, one image's `<IMG_CONTEXT>` run (``tiles`` tiles), more text."""
+    g = torch.Generator().manual_seed(seed)
+    before = torch.randint(3, 90, (n_text,), generator=g).tolist()
+    after = torch.randint(3, 90, (3,), generator=g).tolist()
+    return [1] + before + [IMAGE_TOKEN_ID] * (tokens_per_tile * tiles) + after
+
+
+def pixels(tiles: int, seed: int) -> torch.Tensor:
+    return torch.randn(tiles, 3, 56, 56, generator=torch.Generator().manual_seed(seed))
+
+
+def left_pad(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    length = max(map(len, prompts))
+    ids = torch.tensor([[PAD_ID] * (length - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (length - len(p)) + [1] * len(p) for p in prompts])
+    return ids, mask
+
+
+@torch.no_grad()
+def greedy_by_recomputation(model, ids: list[int], pixel_values: torch.Tensor, steps: int) -> list[int]:
+    """Greedy decoding without a cache: the whole sequence is run again for every new token."""
+    seq = torch.tensor([ids])
+    for _ in range(steps):
+        logits = model(input_ids=seq, pixel_values=pixel_values, use_cache=False).logits[:, -1]
+        seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], 1)
+    return seq[0, len(ids):].tolist()
+
+
+def greedy_with_cache(model, ids: list[int], pixel_values: torch.Tensor, steps: int) -> list[int]:
+    out = model.generate(input_ids=torch.tensor([ids]), pixel_values=pixel_values, max_new_tokens=steps,
+                         min_new_tokens=steps, do_sample=False)
+    return out[0, len(ids):].tolist()
