@@ -288,3 +288,18 @@ def test_pvtc_mapping_covers_every_reference_key():
 def test_image_token_id_defaults_to_internvl2_img_context():
     assert InternVLXConfig().image_token_id == 92546
     assert tiny_config().image_token_id == IMAGE_TOKEN_ID
+
+
+def test_device_map_auto_loads_and_matches(tmp_path):
+    pytest.importorskip("accelerate", reason="device_map needs accelerate (a dependency of peft)")
+    tiny_model("pvtc").save_pretrained(tmp_path)
+    ids, pv = torch.tensor([prompt_ids(1, seed=60)]), pixels(1, seed=61)
+    placed = AutoModel.from_pretrained(tmp_path, device_map="auto", attn_implementation="eager").eval()
+    assert placed.device.type in ("cpu", "cuda")
+    plain = AutoModel.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    # Same files loaded two ways must agree bit for bit (no_grad on both sides: PyTorch's CPU SDPA, used in
+    # PVTC, picks its kernel by whether the inputs require grad).
+    with torch.no_grad():
+        expected = plain(input_ids=ids, pixel_values=pv).logits
+        logits = placed(input_ids=ids.to(placed.device), pixel_values=pv.to(placed.device)).logits.cpu()
+    torch.testing.assert_close(logits, expected, rtol=0, atol=0)

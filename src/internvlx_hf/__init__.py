@@ -4,7 +4,14 @@ Importing this package registers the model with the Auto classes, so `AutoModel.
 without `trust_remote_code` where the package is installed.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+)
 
 from .modeling import (
     InternVLXConfig,
@@ -13,12 +20,15 @@ from .modeling import (
     LVTCConfig,
     PVTCProjector,
 )
+from .processing import InternVLXImageProcessor, InternVLXProcessor, TilingMode, get_tile_grid
 
 __version__ = "0.1.0"
 
 AutoConfig.register(InternVLXConfig.model_type, InternVLXConfig, exist_ok=True)
 for _auto in (AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText):
     _auto.register(InternVLXConfig, InternVLXForConditionalGeneration, exist_ok=True)
+AutoImageProcessor.register(InternVLXConfig, image_processor_classes={"pil": InternVLXImageProcessor}, exist_ok=True)
+AutoProcessor.register(InternVLXConfig, InternVLXProcessor, exist_ok=True)
 
 __all__ = [
     "InternVLXConfig",
@@ -26,4 +36,8 @@ __all__ = [
     "InternVLXForConditionalGeneration",
     "InternVLXModel",
     "PVTCProjector",
+    "InternVLXImageProcessor",
+    "InternVLXProcessor",
+    "TilingMode",
+    "get_tile_grid",
 ]

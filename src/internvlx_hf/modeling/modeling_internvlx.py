@@ -539,7 +539,7 @@ class InternVLXModel(InternVLXPreTrainedModel):
         # Precomputed flash-attention varlen boundaries describe the short layout only; recompute from positions.
         kwargs = {key: v for key, v in kwargs.items() if not key.startswith(("cu_seq_lens", "max_length"))}
         use_cache = use_cache if use_cache is not None else text_config.use_cache
-        if self.training and self.is_gradient_checkpointing:
+        if self.training and getattr(self, "is_activation_checkpointing", False):
             use_cache = False
         if use_cache and past_key_values is None:
             past_key_values = InternVLXLVTCCache(config=text_config)

@@ -1,0 +1,288 @@
+"""LVTC inside the LLM forward (issue 4): layouts, KV cache, padding, packing, gradients, save/load."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from internvlx_hf import InternVLXConfig
+from internvlx_hf.modeling.modeling_internvlx import InternVLXLVTCCache, build_lvtc_layout
+
+from conftest import run_isolated_python
+from test_modeling import _remote_code_check
+from tiny import (
+    IMAGE_TOKEN_ID,
+    PAD_ID,
+    greedy_by_recomputation,
+    greedy_with_cache,
+    left_pad,
+    pixels,
+    prompt_ids,
+    tiny_config,
+    tiny_model,
+)
+
+# Two LVTC set-ups on the 4-layer tiny LLM: MLP projectors with one extra LR projector, and PVTC LR/HR
+# projectors with bilinear upsampling and two extra LR projectors injected before layers 0 and 1.
+LVTC_MLP = dict(projector="mlp", lvtc={"expand_layer": 2, "num_lr_projectors": 2, "inject_start": 1})
+LVTC_PVTC = dict(projector="pvtc", lvtc={"expand_layer": 3, "num_lr_projectors": 3, "inject_start": 0,
+                                         "upsample_mode": "bilinear", "hr_projector_type": "pvtc"})
+SETUPS = {"mlp": LVTC_MLP, "pvtc": LVTC_PVTC}
+
+
+# ----------------------------------------------------------------------------------------------------------- config
+
+
+def test_lvtc_defaults_follow_the_paper():
+    config = InternVLXConfig(lvtc={})
+    assert config.lvtc["expand_layer"] == 18  # 3/4 of InternVL2-2B's 24 layers
+    assert config.lvtc["lr_downsample_ratio"] == 0.5 and config.lvtc["hr_downsample_ratio"] == 1.0
+    assert config.lvtc["num_lr_projectors"] == 1 and config.lvtc_config.injection_layers == []
+    assert config.image_seq_length == 256  # input ids stay in the short (LR) layout
+
+
+@pytest.mark.parametrize("lvtc,message", [
+    ({"expand_layer": 0}, r"expand_layer=0 must lie in \[1, 24\]"),
+    ({"expand_layer": 25}, r"expand_layer=25 must lie in \[1, 24\]"),
+    ({"expand_layer": 4, "num_lr_projectors": 3, "inject_start": 3}, r"injection layers \[3, 4\] .* \[4\] do not"),
+    ({"hr_downsample_ratio": 0.5}, "must expand each tile from 16x16"),
+    ({"hr_downsample_ratio": 0.3}, "hr_downsample_ratio=0.3 does not divide the 32x32 ViT grid"),
+    ({"lr_downsample_ratio": 0.25}, "differs from downsample_ratio=0.5"),
+    ({"lr_projector_type": "pvtc"}, "differs from projector_type='mlp'"),
+    ({"upsample_mode": "bicubic"}, "upsample_mode must be one of"),
+    ({"num_lr_projectors": 0}, "num_lr_projectors must be >= 1"),
+    ({"expand": 3}, r"Unknown lvtc option\(s\) \['expand'\]"),
+])
+def test_lvtc_values_are_validated(lvtc, message):
+    with pytest.raises(ValueError, match=message):
+        InternVLXConfig(lvtc=lvtc)
+
+
+# ----------------------------------------------------------------------------------------------------------- layout
+
+
+def test_layout_expands_tiles_and_repads_on_the_left():
+    # row 0: 1 tile; row 1: 2 tiles, right-padded by one token. 4 LR -> 16 HR tokens per tile.
+    image = torch.tensor([[0, 1, 1, 1, 1, 0, 0, 0, 0, 0],
+                          [0, 1, 1, 1, 1, 1, 1, 1, 1, 0]], dtype=torch.bool)
+    mask = torch.tensor([[1] * 10, [1] * 9 + [0]])
+    positions = torch.arange(10)[None].expand(2, -1)
+    layout = build_lvtc_layout(image, mask, positions, 4, 16)
+    assert layout.long_len == 10 + 2 * 12
+    assert layout.long_mask[0].tolist() == [0] * 12 + [1] * 22  # row 0 grew by 12 slots less than row 1
+    assert layout.long_mask[1].tolist() == [1] * 33 + [0]
+    assert layout.position_offset.tolist() == [12, 24]
+    # row 0: text token 5 (after its tile) sits 12 positions later than in the short layout
+    assert layout.long_position_ids[0, 12 + 1 + 16].item() == 5 + 12
+    assert layout.long_position_ids[1, 1:17].tolist() == list(range(1, 17))
+
+
+def test_layout_positions_restart_with_packed_sequences():
+    # one row, two packed sequences (positions restart at 0), each with one tile
+    image = torch.tensor([[0, 1, 1, 1, 1, 0, 0, 1, 1, 1, 1, 0]], dtype=torch.bool)
+    positions = torch.tensor([[0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 5]])
+    layout = build_lvtc_layout(image, None, positions, 4, 16)
+    expected_first = list(range(0, 17)) + [17]
+    expected_second = list(range(0, 17)) + [17]
+    assert layout.long_position_ids[0].tolist() == expected_first + expected_second
+
+
+def test_partial_tile_is_a_clear_error():
+    model = tiny_model(**LVTC_MLP)
+    ids = torch.tensor([[1, 5] + [IMAGE_TOKEN_ID] * 6 + [7]])
+    with pytest.raises(ValueError, match=r"whole tiles of 4 image tokens per row; got \[6\]"):
+        model.model._lvtc_forward(model.get_input_embeddings()(ids), ids == IMAGE_TOKEN_ID, None, None, None, None,
+                                  0, False, False)
+
+
+# ------------------------------------------------------------------------------------------------------- generation
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("setup", ["mlp", "pvtc"])
+@pytest.mark.parametrize("tiles", [1, 3])
+def test_greedy_with_cache_equals_recomputation(setup, attn, tiles):
+    model = tiny_model(**SETUPS[setup], attn=attn)
+    ids, pv = prompt_ids(tiles, seed=tiles), pixels(tiles, seed=10 + tiles)
+    assert greedy_with_cache(model, ids, pv, 20) == greedy_by_recomputation(model, ids, pv, 20)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("setup", ["mlp", "pvtc"])
+def test_left_padded_batch_of_1_2_3_tiles_equals_each_alone(setup, attn):
+    model = tiny_model(**SETUPS[setup], attn=attn)
+    prompts = [prompt_ids(t, seed=20 + t, n_text=3 + 2 * t) for t in (1, 2, 3)]
+    images = [pixels(t, seed=30 + t) for t in (1, 2, 3)]
+    ids, mask = left_pad(prompts)
+    batch = model.generate(input_ids=ids, attention_mask=mask, pixel_values=torch.cat(images), max_new_tokens=8,
+                           do_sample=False, output_logits=True, return_dict_in_generate=True)
+    for row, (prompt, image) in enumerate(zip(prompts, images)):
+        alone = model.generate(input_ids=torch.tensor([prompt]), pixel_values=image, max_new_tokens=8,
+                               do_sample=False, output_logits=True, return_dict_in_generate=True)
+        assert batch.sequences[row, ids.shape[1]:].tolist() == alone.sequences[0, len(prompt):].tolist()
+        for step_batch, step_alone in zip(batch.logits, alone.logits):
+            torch.testing.assert_close(step_batch[row], step_alone[0], atol=1e-5, rtol=0)
+
+
+def test_beam_search_reorders_the_lvtc_state():
+    model = tiny_model(**LVTC_PVTC)
+    prompts = [prompt_ids(1, seed=40, n_text=2), prompt_ids(2, seed=41, n_text=6)]
+    images = [pixels(1, seed=42), pixels(2, seed=43)]
+    ids, mask = left_pad(prompts)
+    batch = model.generate(input_ids=ids, attention_mask=mask, pixel_values=torch.cat(images), max_new_tokens=6,
+                           num_beams=3, do_sample=False)
+    for row, (prompt, image) in enumerate(zip(prompts, images)):
+        alone = model.generate(input_ids=torch.tensor([prompt]), pixel_values=image, max_new_tokens=6, num_beams=3,
+                               do_sample=False)
+        assert batch[row, ids.shape[1]:].tolist() == alone[0, len(prompt):].tolist()
+
+
+def test_generate_uses_the_lvtc_cache_and_decode_rejects_foreign_caches():
+    model = tiny_model(**LVTC_MLP)
+    ids, pv = torch.tensor([prompt_ids(1, seed=50)]), pixels(1, seed=51)
+    out = model(input_ids=ids, pixel_values=pv, use_cache=True)
+    cache = out.past_key_values
+    assert isinstance(cache, InternVLXLVTCCache)
+    # layers below k cache the short layout, layers from k the long one (+12 slots for one tile)
+    assert cache.layers[0].keys.shape[-2] == ids.shape[1]
+    assert cache.layers[2].keys.shape[-2] == ids.shape[1] + 12
+    from transformers import DynamicCache
+
+    foreign = DynamicCache(config=model.config.get_text_config())
+    model(input_ids=ids, pixel_values=pv, past_key_values=foreign)
+    foreign.lvtc_state = None
+    with pytest.raises(ValueError, match="no LVTC state"):
+        model(input_ids=torch.tensor([[5]]), past_key_values=foreign)
+
+
+# -------------------------------------------------------------------------------------------- padding and packing
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_right_padded_training_batch_equals_each_alone(attn):
+    model = tiny_model(**LVTC_PVTC, attn=attn)
+    prompts = [prompt_ids(2, seed=60, n_text=2), prompt_ids(1, seed=61, n_text=9)]
+    images = [pixels(2, seed=62), pixels(1, seed=63)]
+    length = max(map(len, prompts))
+    ids = torch.tensor([p + [PAD_ID] * (length - len(p)) for p in prompts])
+    mask = torch.tensor([[1] * len(p) + [0] * (length - len(p)) for p in prompts])
+    logits = model(input_ids=ids, attention_mask=mask, pixel_values=torch.cat(images)).logits
+    assert logits.shape[:2] == ids.shape
+    for row, (prompt, image) in enumerate(zip(prompts, images)):
+        alone = model(input_ids=torch.tensor([prompt]), pixel_values=image).logits[0]
+        torch.testing.assert_close(logits[row, : len(prompt)], alone, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_packed_sequences_equal_each_alone(attn):
+    model = tiny_model(**LVTC_MLP, attn=attn)
+    first, second = prompt_ids(1, seed=70, n_text=3), prompt_ids(2, seed=71, n_text=4)
+    images = [pixels(1, seed=72), pixels(2, seed=73)]
+    ids = torch.tensor([first + second])
+    positions = torch.tensor([list(range(len(first))) + list(range(len(second)))])
+    packed = model(input_ids=ids, position_ids=positions, pixel_values=torch.cat(images), use_cache=False).logits[0]
+    for offset, prompt, image in ((0, first, images[0]), (len(first), second, images[1])):
+        alone = model(input_ids=torch.tensor([prompt]), pixel_values=image, use_cache=False).logits[0]
+        torch.testing.assert_close(packed[offset: offset + len(prompt)], alone, atol=1e-5, rtol=0)
+
+
+# -------------------------------------------------------------------------------------------- equivalences, grads
+
+
+@pytest.mark.parametrize("projector", ["mlp", "pvtc"])
+def test_never_expanding_with_one_projector_equals_the_plain_model(projector):
+    plain = tiny_model(projector)
+    lvtc = tiny_model(projector, lvtc={"expand_layer": 4, "num_lr_projectors": 1}, seed=1)
+    missing, unexpected = lvtc.load_state_dict(plain.state_dict(), strict=False)
+    assert unexpected == [] and all(name.startswith("model.lvtc_hr_projector.") for name in missing)
+    ids, mask = left_pad([prompt_ids(1, seed=80), prompt_ids(2, seed=81, n_text=8)])
+    pv = pixels(3, seed=82)
+    torch.testing.assert_close(lvtc(input_ids=ids, attention_mask=mask, pixel_values=pv).logits,
+                               plain(input_ids=ids, attention_mask=mask, pixel_values=pv).logits, atol=1e-6, rtol=0)
+
+
+def test_expanding_changes_the_output():
+    base = tiny_model(**LVTC_MLP)
+    never = tiny_model("mlp", lvtc={**LVTC_MLP["lvtc"], "expand_layer": 4})
+    never.load_state_dict(base.state_dict())
+    ids, pv = torch.tensor([prompt_ids(1, seed=83)]), pixels(1, seed=84)
+    assert (base(input_ids=ids, pixel_values=pv).logits - never(input_ids=ids, pixel_values=pv).logits).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("setup", ["mlp", "pvtc"])
+def test_every_lr_and_hr_projector_gets_gradients_and_checkpointing_matches(setup):
+    def grads(checkpointing):
+        model = tiny_model(**SETUPS[setup]).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        ids = torch.tensor([prompt_ids(2, seed=90)])
+        model(input_ids=ids, pixel_values=pixels(2, seed=91), labels=ids).loss.backward()
+        return {n: p.grad for n, p in model.named_parameters()}
+
+    plain = grads(False)
+    projectors = ["model.multi_modal_projector.", "model.lvtc_hr_projector."] + [
+        f"model.lvtc_lr_projectors.{j}." for j in range(SETUPS[setup]["lvtc"]["num_lr_projectors"] - 1)
+    ]
+    for prefix in projectors:
+        params = {n: g for n, g in plain.items() if n.startswith(prefix)}
+        assert params and all(g is not None and g.abs().sum() > 0 for g in params.values()), prefix
+    checkpointed = grads(True)
+    for name, grad in plain.items():
+        torch.testing.assert_close(checkpointed[name], grad, msg=name)
+
+
+def test_hidden_states_are_in_the_layout_each_layer_ran_on():
+    model = tiny_model(**LVTC_MLP)  # k = 2 of 4 layers
+    ids, pv = torch.tensor([prompt_ids(2, seed=95)]), pixels(2, seed=96)
+    out = model(input_ids=ids, pixel_values=pv, output_hidden_states=True)
+    lengths = [h.shape[1] for h in out.hidden_states]
+    short, long = ids.shape[1], ids.shape[1] + 2 * 12
+    assert lengths == [short, short, long, long, short]
+    assert out.logits.shape[1] == short
+
+
+def test_flops_drop_with_lvtc_at_the_same_token_count():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def flops(model, ids, pv):
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            model(input_ids=ids, pixel_values=pv, logits_to_keep=1)
+        return counter.get_total_flops()
+
+    hr_plain = tiny_model("mlp", downsample_ratio=1.0)
+    lvtc = tiny_model("mlp", lvtc={"expand_layer": 3})
+    ids_lr = torch.tensor([prompt_ids(2, seed=97, n_text=4)])
+    ids_hr = torch.tensor([prompt_ids(2, seed=97, n_text=4, tokens_per_tile=16)])
+    pv = pixels(2, seed=98)
+    assert flops(lvtc, ids_lr, pv) < flops(hr_plain, ids_hr, pv)
+
+
+# ---------------------------------------------------------------------------------------------------- save / load
+
+
+def test_lvtc_survives_save_load_and_remote_code(tmp_path):
+    model = tiny_model(**LVTC_PVTC)
+    ids, pv = torch.tensor([prompt_ids(2, seed=99)]), pixels(2, seed=100)
+    check = (
+        "assert model.config.lvtc['expand_layer'] == 3 and model.config.lvtc['num_lr_projectors'] == 3\n"
+        "out = model.generate(input_ids=t['ids'], pixel_values=t['pv'], max_new_tokens=6, do_sample=False)\n"
+        "print('GEN', out[0, t['ids'].shape[1]:].tolist())\n"
+    )
+    stdout = _remote_code_check(tmp_path, model, ids, pv, extra_check=check)
+    assert "MAXDIFF 0.0" in stdout
+    model.generation_config.eos_token_id = None
+    expected = model.generate(input_ids=ids, pixel_values=pv, max_new_tokens=6, do_sample=False)
+    assert f"GEN {expected[0, ids.shape[1]:].tolist()}" in stdout
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flash_attention_2 needs a CUDA GPU and flash-attn")
+def test_flash_attention_2_matches_sdpa_on_gpu():
+    pytest.importorskip("flash_attn", reason="flash-attn is not installed (pip install internvlx-hf[flash])")
+    sdpa = tiny_model(**LVTC_PVTC, attn="sdpa").cuda().to(torch.bfloat16)
+    flash = tiny_model(**LVTC_PVTC, attn="flash_attention_2").cuda().to(torch.bfloat16)
+    prompts = [prompt_ids(t, seed=110 + t, n_text=3 + 2 * t) for t in (1, 2, 3)]
+    ids, mask = left_pad(prompts)
+    pv = torch.cat([pixels(t, seed=120 + t) for t in (1, 2, 3)]).cuda().to(torch.bfloat16)
+    kwargs = dict(input_ids=ids.cuda(), attention_mask=mask.cuda(), pixel_values=pv, max_new_tokens=8,
+                  do_sample=False)
+    assert flash.generate(**kwargs).tolist() == sdpa.generate(**kwargs).tolist()
