@@ -160,13 +160,18 @@ def test_attention_implementations_agree(attn):
     )
 
 
-def test_bfloat16_forward_runs_and_stays_close():
-    model = tiny_model()
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("projector,lvtc", [("mlp", None), ("pvtc", {"expand_layer": 2})])
+def test_half_precision_forward_and_generate(dtype, projector, lvtc):
+    model = tiny_model(projector, lvtc=lvtc)
     ids, pv = torch.tensor([prompt_ids(1, seed=17)]), pixels(1, seed=18)
-    ref = model(input_ids=ids, pixel_values=pv).logits
-    bf16 = model.to(torch.bfloat16)(input_ids=ids, pixel_values=pv).logits
-    assert bf16.dtype == torch.bfloat16
-    assert (bf16.float() - ref).abs().max() < 0.1
+    with torch.no_grad():
+        ref = model(input_ids=ids, pixel_values=pv).logits
+        half = model.to(dtype)(input_ids=ids, pixel_values=pv).logits  # float32 pixels are cast to the tower
+    assert half.dtype == dtype
+    assert (half.float() - ref).abs().max() < 0.1  # half precision rounding only, not a different model
+    out = model.generate(input_ids=ids, pixel_values=pv, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    assert out.shape == (1, ids.shape[1] + 3)
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
@@ -303,3 +308,12 @@ def test_device_map_auto_loads_and_matches(tmp_path):
         expected = plain(input_ids=ids, pixel_values=pv).logits
         logits = placed(input_ids=ids.to(placed.device), pixel_values=pv.to(placed.device)).logits.cpu()
     torch.testing.assert_close(logits, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("lvtc", [None, {"expand_layer": 2}])
+def test_trainer_num_items_in_batch_normalises_the_summed_loss(lvtc):
+    model = tiny_model(lvtc=lvtc)
+    ids, pv = torch.tensor([prompt_ids(1, seed=62)]), pixels(1, seed=63)
+    mean_loss = model(input_ids=ids, pixel_values=pv, labels=ids).loss
+    summed = model(input_ids=ids, pixel_values=pv, labels=ids, num_items_in_batch=torch.tensor(5)).loss
+    torch.testing.assert_close(summed, mean_loss * (ids.shape[1] - 1) / 5)

@@ -56,7 +56,8 @@ MLP_PROJECTOR_KEY_MAPPING: list[tuple[str, str]] = [
 # InternLM2 (`InternLM2ForCausalLM`) -> a Llama-architecture LLM. Keys relative to `language_model.`.
 INTERNLM2_KEY_MAPPING: list[tuple[str, str]] = [
     (r"model\.tok_embeddings\.weight", r"model.language_model.embed_tokens.weight"),
-    (r"model\.layers\.(\d+)\.attention\.wqkv\.(weight|bias)", r"model.language_model.layers.\1.self_attn.{qkv}_proj.\2"),
+    (r"model\.layers\.(\d+)\.attention\.wqkv\.(weight|bias)",
+     r"model.language_model.layers.\1.self_attn.{qkv}_proj.\2"),
     (r"model\.layers\.(\d+)\.attention\.wo\.(weight|bias)", r"model.language_model.layers.\1.self_attn.o_proj.\2"),
     (r"model\.layers\.(\d+)\.feed_forward\.w1\.weight", r"model.language_model.layers.\1.mlp.gate_proj.weight"),
     (r"model\.layers\.(\d+)\.feed_forward\.w3\.weight", r"model.language_model.layers.\1.mlp.up_proj.weight"),

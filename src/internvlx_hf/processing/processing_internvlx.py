@@ -79,11 +79,15 @@ class InternVLXProcessor(ProcessorMixin):
     def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
         # The image processor is always ours, so load it directly: this works for the installed package without
         # AutoImageProcessor registration and for remote code (where this class and its sibling are the copies).
-        kwargs.pop("trust_remote_code", None)
+        trust_remote_code = kwargs.pop("trust_remote_code", None)
         subfolder = kwargs.pop("subfolder", "")
         image_processor = InternVLXImageProcessor.from_pretrained(
             pretrained_model_name_or_path, subfolder=subfolder, **kwargs
         )
+        # The tokenizer loader reads config.json (model_type internvlx): without the flag passed on, a machine
+        # without internvlx_hf would ask interactively whether to run the checkpoint's code.
+        if trust_remote_code is not None:
+            kwargs["trust_remote_code"] = trust_remote_code
         tokenizer = cls._load_tokenizer_from_pretrained(
             "tokenizer", pretrained_model_name_or_path, subfolder=subfolder, **kwargs
         )

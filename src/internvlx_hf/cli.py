@@ -1,0 +1,146 @@
+"""The `internvlx` command line.
+
+Each subcommand is a `Command`: a name, one line of help, a description/epilog, a function that adds its
+arguments and a function that runs it. `COMMANDS` lists them; `main` builds one argparse subparser per entry, so a
+new subcommand (train, publish, demo) is one more `Command` in the list. Subcommands import their heavy modules
+(torch, transformers) only when they run, so `internvlx --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    description: str
+    epilog: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+# ------------------------------------------------------------------------------------------------------------ convert
+
+_CONVERT_DESCRIPTION = """\
+Convert an OpenGVLab InternVL2 checkpoint (InternVL2-1B/2B/4B/8B/26B/40B/76B: Qwen2, InternLM2/2.5, Phi-3, Llama
+LLMs) or the InternVL-X reference release (InternVL2 layout + PVTC `projector`) into a self-contained internvlx-hf
+checkpoint: config.json with auto_map, safetensors shards (+ index), the remote-code files, generation_config.json,
+a fast tokenizer (tokenizer.json) with the chat template, and the processor configs. The result loads with
+AutoModel.from_pretrained(DST, trust_remote_code=True) on a machine without internvlx-hf, and reproduces the source
+model's logits.
+
+SRC is a local folder in the OpenGVLab layout (config.json with llm_config/vision_config). Tensors are streamed one
+at a time (memory stays near the largest tensor/shard), every source tensor is used or reported as dropped, every
+new parameter is reported with its initialisation, and DST appears atomically (nothing is left behind on error)."""
+
+_CONVERT_EPILOG = """\
+examples:
+  # InternVL2 -> internvlx-hf, same model (InternLM2 becomes a Llama-architecture LLM; logits match)
+  internvlx convert ./InternVL2-2B ./InternVL2-2B-hf
+
+  # the InternVL-X reference release (PVTC projector) in bfloat16, 2GB shards
+  internvlx convert ./InternVL-X-2B-HD ./InternVL-X-2B-HD-hf --dtype bfloat16 --max-shard-size 2GB
+
+  # upgrade InternVL2 to PVTC + LVTC (new modules initialised for stage-1 training, see the summary)
+  internvlx convert ./InternVL2-2B ./InternVL2-2B-X --projector pvtc --lvtc k=18,T=2
+
+  # LVTC with two LR projectors; the injected one starts as a copy of InternVL2's trained mlp1
+  internvlx convert ./InternVL2-8B ./InternVL2-8B-LVTC --lvtc T=2,init_lr_from_mlp1
+
+--lvtc keys (comma-separated key=value; "--lvtc" alone or "--lvtc default" = all defaults):
+  k  expand_layer        first layer on the high-resolution tokens (default 3/4 of the LLM depth)
+  T  num_lr_projectors   LR projectors; T-1 of them are injected before layers s, s+i, ... (default 1)
+  s  inject_start        (default 1)            i  inject_interval   (default 1)
+  upsample_mode nearest|bilinear, hr_downsample_ratio (default 1.0), hr_projector_type mlp|pvtc,
+  lr_downsample_ratio, lr_projector_type: the LVTCConfig fields; init_lr_from_mlp1: a flag (mlp LR projectors)
+
+Errors name the input and the fix; the exit status is 2 for a conversion error."""
+
+
+def _add_convert_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("src", metavar="SRC", help="local folder of an OpenGVLab InternVL2 / InternVL-X checkpoint")
+    parser.add_argument("dst", metavar="DST", help="output folder (must not exist or be empty, unless --overwrite)")
+    parser.add_argument("--projector", choices=("keep", "mlp", "pvtc"), default="keep",
+                        help="projector of the output: keep the source's (default), or a new mlp / pvtc one")
+    parser.add_argument("--lvtc", nargs="?", const="default", default=None, metavar="SPEC",
+                        help="enable LVTC, e.g. k=18,T=2 (see the keys below); off by default. Give it after "
+                             "SRC DST, or as --lvtc=SPEC, so that it does not take SRC as its value")
+    parser.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"), default="auto",
+                        help="output dtype; auto keeps the source dtype of every tensor (default)")
+    parser.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
+                        help="largest output shard, e.g. 5GB (default), 500MB, 2GiB")
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="read pytorch_model*.bin pickles (torch.load(weights_only=True)) if there are no "
+                             "safetensors")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
+    parser.add_argument("--seed", type=int, default=0, help="seed for initialising new modules (default 0)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _run_convert(args: argparse.Namespace) -> int:
+    from .conversion import ConversionError, convert
+
+    try:
+        report = convert(
+            args.src,
+            args.dst,
+            projector=args.projector,
+            lvtc=args.lvtc,
+            dtype=args.dtype,
+            max_shard_size=args.max_shard_size,
+            allow_pickle=args.allow_pickle,
+            overwrite=args.overwrite,
+            seed=args.seed,
+            progress=not args.no_progress,
+        )
+    except ConversionError as error:
+        print(f"internvlx convert: error: {error}", file=sys.stderr)
+        return 2
+    print(report)
+    return 0
+
+
+CONVERT = Command(
+    name="convert",
+    help="convert an OpenGVLab InternVL2 / InternVL-X checkpoint to internvlx-hf",
+    description=_CONVERT_DESCRIPTION,
+    epilog=_CONVERT_EPILOG,
+    add_arguments=_add_convert_arguments,
+    run=_run_convert,
+)
+
+COMMANDS: list[Command] = [CONVERT]
+
+
+def build_parser(commands: Sequence[Command] = COMMANDS) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="internvlx",
+        description="InternVL-X (PVTC, LVTC, RVTC) for Hugging Face Transformers.",
+        epilog="Run `internvlx COMMAND --help` for the options and examples of a command.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for command in commands:
+        sub = subparsers.add_parser(
+            command.name,
+            help=command.help,
+            description=command.description,
+            epilog=command.epilog,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        command.add_arguments(sub)
+        sub.set_defaults(_run=command.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args._run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

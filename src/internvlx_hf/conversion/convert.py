@@ -1,0 +1,484 @@
+"""`internvlx convert`: an OpenGVLab InternVL2 / InternVL-X folder -> a self-contained internvlx-hf checkpoint.
+
+Order of work: read the source config and tensor headers; build the target config, tokenizer and a complete
+conversion plan (names and shapes only, so every mapping problem surfaces before any data is read); then stream
+the tensors source shard by source shard into output shards inside a temporary folder beside DST, add the config,
+generation config, tokenizer, processor and remote code, and rename the folder to DST as the very last step. Any
+error (or Ctrl-C) removes the temporary folder, so DST is either complete or untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..modeling import configuration_internvlx
+from ..modeling.configuration_internvlx import InternVLXConfig, LVTCConfig
+from .errors import ConversionError
+from .llm import convert_text_config, internlm2_qkv_rows, llm_architecture
+from .new_modules import describe_init, group_new_parameters, initialise_new_parameters
+from .options import check_projector, parse_dtype, parse_lvtc_spec, parse_size
+from .plan import ConversionPlan, PlanInputs, build_plan
+from .shards import OutputTensor, StreamingSafetensorsWriter
+from .source import SourceCheckpoint, read_source
+from .tokenizer import convert_tokenizer
+from .vision import convert_vision_config, internvit_qkv_rows
+
+logger = logging.getLogger(__name__)
+
+IMAGE_CONTEXT_TOKEN = "<IMG_CONTEXT>"
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass
+class ConversionReport:
+    """What `convert` did; ``str(report)`` is the summary the CLI prints."""
+
+    src: Path
+    dst: Path
+    llm: str
+    text_model_type: str
+    num_parameters: int
+    dtype: str
+    projector_type: str
+    projector_source: str
+    lvtc: dict | None
+    tokens_per_tile: int
+    hr_tokens_per_tile: int | None
+    tokenizer: str
+    template: str
+    eos_token: str
+    eos_token_id: int
+    image_token_id: int
+    files: list[str]
+    total_bytes: int
+    dropped: dict[str, str] = field(default_factory=dict)
+    new: dict[str, tuple[int, str]] = field(default_factory=dict)  # module -> (params, how initialised)
+    copied: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        gb = self.total_bytes / 1e9
+        lines = [
+            f"Converted {self.src} -> {self.dst}",
+            f"  parameters      {self.num_parameters:,} ({self.dtype}), {len(self.files)} file(s), {gb:.3f} GB",
+            f"  LLM             {self.llm} -> {self.text_model_type}",
+            f"  projector       {self.projector_type} ({self.projector_source})",
+            f"  tokens per tile {self.tokens_per_tile}"
+            + (f" (LR; {self.hr_tokens_per_tile} HR from the expand layer)" if self.hr_tokens_per_tile else ""),
+            "  LVTC            " + (", ".join(f"{k}={v}" for k, v in self.lvtc.items()) if self.lvtc else "off"),
+            f"  tokenizer       {self.tokenizer}",
+            f"  chat template   {self.template}; generation stops at {self.eos_token} ({self.eos_token_id}); "
+            f"{IMAGE_CONTEXT_TOKEN} = {self.image_token_id}",
+        ]
+        if self.dropped:
+            lines.append(f"  dropped source tensors ({len(self.dropped)}):")
+            by_reason: dict[str, list[str]] = {}
+            for key, reason in sorted(self.dropped.items()):
+                by_reason.setdefault(reason, []).append(key)
+            for reason, keys in by_reason.items():
+                shown = ", ".join(keys[:4]) + (f", ... ({len(keys)} in all)" if len(keys) > 4 else "")
+                lines.append(f"    {reason}: {shown}")
+        else:
+            lines.append("  dropped source tensors: none")
+        if self.copied:
+            lines.append(f"  initialised from source tensors ({len(self.copied)}), e.g. "
+                         f"{next(iter(self.copied))} <- {next(iter(self.copied.values()))} (init_lr_from_mlp1)")
+        if self.new:
+            lines.append(f"  newly initialised ({sum(n for n, _ in self.new.values()):,} parameters):")
+            lines += [f"    {module}: {count:,} params, {how}" for module, (count, how) in self.new.items()]
+        else:
+            lines.append("  newly initialised parameters: none")
+        lines += [f"  note: {note}" for note in self.notes]
+        return "\n".join(lines)
+
+
+def _check_destination(src: Path, dst: Path, overwrite: bool) -> None:
+    if dst.resolve() == src.resolve():
+        raise ConversionError(f"DST {dst} is SRC; write the converted checkpoint to a new folder.")
+    if dst.is_file() or (dst.is_symlink() and not dst.is_dir()):
+        raise ConversionError(f"DST {dst} is a file; pass a folder path.")
+    if dst.is_dir() and any(dst.iterdir()) and not overwrite:
+        raise ConversionError(f"DST {dst} exists and is not empty; pass --overwrite (overwrite=True) to replace it.")
+
+
+def _publish(tmp: Path, dst: Path, overwrite: bool) -> None:
+    """Move the finished folder into place: a rename, so DST is never half-written."""
+    if dst.is_dir():
+        if not any(dst.iterdir()):
+            dst.rmdir()
+        elif overwrite:
+            backup = dst.with_name(f".{dst.name}.old-{uuid.uuid4().hex[:8]}")
+            os.replace(dst, backup)
+            try:
+                os.replace(tmp, dst)
+            except BaseException:
+                os.replace(backup, dst)
+                raise
+            shutil.rmtree(backup, ignore_errors=True)
+            return
+        else:
+            raise ConversionError(f"DST {dst} appeared while converting; pass --overwrite to replace it.")
+    os.replace(tmp, dst)
+
+
+def _copy_remote_code(module: Any, directory: Path) -> None:
+    """Copy a remote-code module and the sibling files it imports (single-dot relative imports)."""
+    from transformers.dynamic_module_utils import get_relative_import_files
+
+    path = Path(module.__file__)
+    for file in [path, *map(Path, get_relative_import_files(str(path)))]:
+        shutil.copyfile(file, directory / file.name)
+
+
+def _template_separator(tokenizer: Any, template: str) -> tuple[str, int]:
+    """The end-of-turn token of the chat template (InternVL2 stops generation there, not at the tokenizer eos)."""
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "x"}, {"role": "assistant", "content": "REPLY"}], tokenize=False
+    )
+    separator = rendered.rsplit("REPLY", 1)[-1].strip()
+    ids = tokenizer.convert_tokens_to_ids([separator]) if separator else []
+    if not ids or ids[0] is None or ids[0] == tokenizer.unk_token_id:
+        raise ConversionError(f"the chat template {template!r} ends a turn with {separator!r}, which is not one token "
+                              "of this tokenizer; the checkpoint's template does not fit its tokenizer.")
+    return separator, int(ids[0])
+
+
+def _load_chat_template(name: str | None) -> str:
+    from ..processing.chat_templates import CHAT_TEMPLATES, get_chat_template
+
+    if name not in CHAT_TEMPLATES:
+        raise ConversionError(
+            f"config.template={name!r} is not a known InternVL chat template ({sorted(CHAT_TEMPLATES)}); add it to "
+            "internvlx_hf.processing.chat_templates.CHAT_TEMPLATES."
+        )
+    return get_chat_template(name)
+
+
+def _build_config(source: SourceCheckpoint, text_config, projector_type: str, lvtc: dict | None,
+                  image_token_id: int, notes: list[str]) -> InternVLXConfig:
+    c = source.config
+    if c.get("use_backbone_lora") or c.get("use_llm_lora"):
+        raise ConversionError(
+            f"{source.path}/config.json has use_backbone_lora/use_llm_lora set: merge the LoRA weights into the base "
+            "weights (InternVL's merge_lora script) and convert the merged checkpoint."
+        )
+    if c.get("ps_version", "v2") != "v2":
+        raise ConversionError(
+            f"config.ps_version={c.get('ps_version')!r}: only InternVL2's pixel shuffle 'v2' is implemented "
+            "(InternVL 1.x 'v1' orders the merged channels differently)."
+        )
+    if c.get("pad2square"):
+        notes.append("pad2square=True is a training-data option of the reference and is not carried over")
+    vision, vision_notes = convert_vision_config(c["vision_config"], c.get("force_image_size"))
+    notes += vision_notes
+    try:
+        config = InternVLXConfig(
+            vision_config=vision,
+            text_config=text_config,
+            downsample_ratio=float(c.get("downsample_ratio", 0.5)),
+            select_layer=int(c.get("select_layer", -1)),
+            image_token_id=image_token_id,
+            projector_type=projector_type,
+            lvtc=lvtc,
+            template=c.get("template"),
+            tie_word_embeddings=bool(text_config.tie_word_embeddings),
+        )
+    except (ValueError, TypeError) as error:
+        raise ConversionError(f"the converted configuration is invalid: {error}") from None
+    config.architectures = ["InternVLXForConditionalGeneration"]
+    return config
+
+
+def _expected_parameters(config: InternVLXConfig) -> tuple[torch.nn.Module, dict[str, tuple[int, ...]]]:
+    """The target model on the meta device (no memory) and its parameter names/shapes (tied ones once)."""
+    from ..modeling.modeling_internvlx import InternVLXForConditionalGeneration
+
+    with torch.device("meta"):
+        model = InternVLXForConditionalGeneration(config)
+    expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    state = model.state_dict()
+    expected.update({name: tuple(b.shape) for name, b in model.named_buffers() if name in state})
+    return model, expected
+
+
+def _image_processor(source: SourceCheckpoint, config: InternVLXConfig):
+    from ..processing import InternVLXImageProcessor
+
+    c = source.config
+    # InternVL-X's reference preprocessing is the RVTC "edge" tiling; InternVL2's is aspect-ratio matching.
+    tiling = "edge" if source.projector_type == "pvtc" else "ratio"
+    if not c.get("dynamic_image_size", True):
+        tiling = "none"
+    image_size = config.vision_config.image_size
+    return InternVLXImageProcessor(
+        image_size=int(image_size[0] if isinstance(image_size, (list, tuple)) else image_size),
+        min_tiles=int(c.get("min_dynamic_patch", 1)),
+        max_tiles=int(c.get("max_dynamic_patch", 12)),
+        use_thumbnail=bool(c.get("use_thumbnail", True)),
+        tiling=tiling,
+    )
+
+
+@dataclass
+class _Job:
+    """Everything decided before the first tensor is read."""
+
+    source: SourceCheckpoint
+    llm_architecture: str
+    config: InternVLXConfig
+    tokenizer: Any
+    tokenizer_kind: str
+    separator: str
+    separator_id: int
+    plan: ConversionPlan
+    meta_model: torch.nn.Module
+    expected: dict[str, tuple[int, ...]]
+    outputs: list[OutputTensor]
+    new_names: list[str]
+    model_dtype: torch.dtype
+    keep_dtypes: bool
+    notes: list[str]
+
+    def out_dtype(self, source_dtype: torch.dtype) -> torch.dtype:
+        if self.keep_dtypes or not source_dtype.is_floating_point:
+            return source_dtype
+        return self.model_dtype
+
+    def projector_types(self) -> dict[str, str]:
+        """Owning module of every projector -> its type (for the initialisation of new ones)."""
+        types = {"model.multi_modal_projector": self.config.projector_type}
+        lvtc = self.config.lvtc_config
+        if lvtc is not None:
+            types["model.lvtc_hr_projector"] = lvtc.hr_projector_type
+            types.update({f"model.lvtc_lr_projectors.{j}": lvtc.lr_projector_type
+                          for j in range(lvtc.num_lr_projectors - 1)})
+        return types
+
+
+def convert(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    projector: str = "keep",
+    lvtc: str | dict | LVTCConfig | None = None,
+    dtype: str = "auto",
+    max_shard_size: str | int = "5GB",
+    allow_pickle: bool = False,
+    overwrite: bool = False,
+    seed: int = 0,
+    progress: bool = True,
+) -> ConversionReport:
+    """Convert an OpenGVLab InternVL2 / InternVL-X checkpoint folder into an internvlx-hf checkpoint.
+
+    Args:
+        src: local folder in the OpenGVLab layout (config.json with llm_config/vision_config, weights, tokenizer).
+        dst: output folder; created atomically (it must not exist or be empty, unless ``overwrite``).
+        projector: "keep" (the source's projector), "mlp" or "pvtc" (a new projector, initialised; see
+            `conversion/new_modules.py`).
+        lvtc: None (off), "default", a spec such as "k=18,T=2" (aliases k, T, s, i and the LVTCConfig field names,
+            plus the flag ``init_lr_from_mlp1``), a dict or an `LVTCConfig`.
+        dtype: "auto" (keep each tensor's dtype), "bfloat16", "float16" or "float32".
+        max_shard_size: largest output shard, e.g. "5GB" (a bigger tensor gets a shard of its own).
+        allow_pickle: read ``pytorch_model*.bin`` files (with ``torch.load(weights_only=True)``) when there are no
+            safetensors.
+        overwrite: replace a non-empty ``dst``.
+        seed: seed of the initialisation of new modules.
+        progress: show a progress bar over the source shards.
+
+    Returns:
+        A `ConversionReport`; ``print(report)`` gives the summary.
+
+    Raises:
+        ConversionError: the source or the options cannot be converted (nothing is written).
+    """
+    src, dst = Path(src), Path(dst)
+    projector = check_projector(projector)
+    dtype = parse_dtype(dtype)
+    max_shard_bytes = parse_size(max_shard_size)
+    lvtc_options, init_lr_from_mlp1 = parse_lvtc_spec(lvtc)
+    _check_destination(src, dst, overwrite)
+
+    job = _prepare(read_source(src, allow_pickle), projector, lvtc_options, init_lr_from_mlp1, dtype)
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    writer = StreamingSafetensorsWriter(tmp, job.outputs, max_shard_bytes)
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes the folder private; DST gets the usual permissions
+        _stream_tensors(job, writer, progress)
+        for name, tensor in initialise_new_parameters(job.meta_model, job.new_names, job.projector_types(),
+                                                       {name: job.model_dtype for name in job.new_names}, seed):
+            writer.write(name, tensor)
+        files = writer.close()
+        _write_companion_files(job, tmp)
+        _publish(tmp, dst, overwrite)
+    except BaseException:
+        writer.abort()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+    report = _report(job, src, dst, files, writer.total_bytes)
+    logger.info("%s", report)
+    return report
+
+
+def _prepare(source: SourceCheckpoint, projector: str, lvtc_options: dict | None, init_lr_from_mlp1: bool,
+             dtype: str) -> _Job:
+    """Configs, tokenizer and the full conversion plan: every problem surfaces here, before any data is read."""
+    notes: list[str] = []
+    llm = llm_architecture(source.config["llm_config"])
+    text_config = convert_text_config(source.config["llm_config"])
+
+    template = source.config.get("template")
+    converted_tokenizer = convert_tokenizer(source.path, _load_chat_template(template))
+    tokenizer = converted_tokenizer.tokenizer
+    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_CONTEXT_TOKEN)
+    if image_token_id is None or image_token_id == tokenizer.unk_token_id:
+        raise ConversionError(f"the tokenizer of {source.path} has no {IMAGE_CONTEXT_TOKEN} token; it is not an "
+                              "InternVL2 tokenizer")
+    if len(tokenizer) > text_config.vocab_size:
+        raise ConversionError(f"the tokenizer has {len(tokenizer)} tokens but the LLM embeds only "
+                              f"{text_config.vocab_size}; tokenizer and weights do not belong together.")
+    separator, separator_id = _template_separator(tokenizer, template)
+
+    source_projector = source.projector_type
+    projector_type = source_projector if projector == "keep" else projector
+    config = _build_config(source, text_config, projector_type, lvtc_options, image_token_id, notes)
+    lvtc = config.lvtc_config
+    num_extra_lr = lvtc.num_lr_projectors - 1 if lvtc is not None else 0
+    if init_lr_from_mlp1:
+        if lvtc is None or num_extra_lr == 0:
+            raise ConversionError("init_lr_from_mlp1 initialises the extra LVTC LR projectors, but there are none: "
+                                  "set T>=2 in --lvtc (e.g. --lvtc T=2,init_lr_from_mlp1).")
+        if source_projector != "mlp" or lvtc.lr_projector_type != "mlp":
+            raise ConversionError("init_lr_from_mlp1 needs an InternVL2 source (with mlp1) and mlp LR projectors "
+                                  f"(the projector type is {projector_type!r}); drop the flag or use --projector mlp.")
+
+    model_dtype = source.dominant_dtype() if dtype == "auto" else _DTYPES[dtype]
+    config.dtype = model_dtype
+    meta_model, expected = _expected_parameters(config)
+    text = config.get_text_config()
+    head_dim = text.hidden_size // text.num_attention_heads
+    inputs = PlanInputs(
+        llm_key_mapping=llm.key_mapping,
+        vision_qkv_rows={part: internvit_qkv_rows(part, config.vision_config.hidden_size) for part in "qkv"},
+        llm_qkv_rows=(
+            {part: internlm2_qkv_rows(part, text.num_attention_heads, text.num_key_value_heads, head_dim)
+             for part in "qkv"} if llm.packed_qkv else None
+        ),
+        source_projector=source_projector,
+        target_projector=projector_type,
+        num_extra_lr_projectors=num_extra_lr,
+        init_lr_from_mlp1=init_lr_from_mlp1,
+        tie_word_embeddings=bool(config.tie_word_embeddings),
+    )
+    plan = build_plan(source.infos, expected, inputs)
+
+    job = _Job(source=source, llm_architecture=llm.architecture, config=config, tokenizer=tokenizer,
+               tokenizer_kind=converted_tokenizer.kind, separator=separator, separator_id=separator_id, plan=plan,
+               meta_model=meta_model, expected=expected, outputs=[], new_names=[], model_dtype=model_dtype,
+               keep_dtypes=dtype == "auto", notes=notes)
+    # The write order: source shards in order, each tensor's targets together; then the new parameters.
+    source_dtypes = {key: info.dtype for infos in source.infos for key, info in infos.items()}
+    for _, entries in plan.reads:
+        for key, targets in entries:
+            job.outputs += [OutputTensor(t.name, t.shape(plan.source_shapes[key]), job.out_dtype(source_dtypes[key]))
+                            for t in targets]
+    job.new_names = [name for name in expected if name in plan.new]
+    job.outputs += [OutputTensor(name, plan.new[name], model_dtype) for name in job.new_names]
+    return job
+
+
+def _write_companion_files(job: _Job, directory: Path) -> None:
+    """config.json, remote code, generation config, tokenizer, chat template and processor configs."""
+    from ..modeling import modeling_internvlx
+
+    job.config.save_pretrained(directory)
+    _copy_remote_code(configuration_internvlx, directory)
+    _copy_remote_code(modeling_internvlx, directory)
+    _generation_config(job.config.get_text_config(), job.tokenizer, job.separator_id).save_pretrained(directory)
+    _save_processor(job.source, job.config, job.tokenizer, directory)
+
+
+def _report(job: _Job, src: Path, dst: Path, files: list[str], total_bytes: int) -> ConversionReport:
+    config, plan = job.config, job.plan
+    lvtc = config.lvtc_config
+    source_projector = job.source.projector_type
+    hr_tokens = None
+    if lvtc is not None:
+        hr_tokens = (config.vision_tokens_per_side // round(1 / lvtc.hr_downsample_ratio)) ** 2
+    return ConversionReport(
+        src=src,
+        dst=dst,
+        llm=job.llm_architecture,
+        text_model_type=config.get_text_config().model_type,
+        num_parameters=sum(torch.Size(shape).numel() for shape in job.expected.values()),
+        dtype=str(job.model_dtype).replace("torch.", "") + (" (source dtypes kept)" if job.keep_dtypes else ""),
+        projector_type=config.projector_type,
+        projector_source="converted from the source" if config.projector_type == source_projector
+        else f"new, replaces the source's {source_projector}",
+        lvtc=config.lvtc,
+        tokens_per_tile=config.image_seq_length,
+        hr_tokens_per_tile=hr_tokens,
+        tokenizer=job.tokenizer_kind,
+        template=str(config.template),
+        eos_token=job.separator,
+        eos_token_id=job.separator_id,
+        image_token_id=config.image_token_id,
+        files=files,
+        total_bytes=total_bytes,
+        dropped=dict(plan.dropped),
+        new={module: (sum(torch.Size(plan.new[n]).numel() for n in names), describe_init(module))
+             for module, names in group_new_parameters(job.new_names).items()},
+        copied=dict(plan.copies),
+        notes=job.notes,
+    )
+
+
+def _stream_tensors(job: _Job, writer: StreamingSafetensorsWriter, progress: bool) -> None:
+    """Read each source shard once, one tensor at a time, and write its targets in plan order."""
+    from tqdm.auto import tqdm
+
+    with tqdm(total=len(job.plan.reads), unit="shard", desc="Converting", disable=not progress) as bar:
+        for shard_index, entries in job.plan.reads:
+            targets_of = dict(entries)
+            shard = job.source.shards[shard_index]
+            bar.set_postfix_str(shard.path.name)
+            for key, tensor in shard.iter_tensors(list(targets_of)):
+                for target in targets_of[key]:
+                    writer.write(target.name, target.make(tensor).to(job.out_dtype(tensor.dtype)))
+                del tensor
+            bar.update(1)
+
+
+def _generation_config(text_config, tokenizer, eos_token_id: int):
+    from transformers import GenerationConfig
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else text_config.pad_token_id
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else text_config.bos_token_id
+    # InternVL2's chat() stops at the template separator (e.g. <|im_end|>), not at the tokenizer's eos.
+    return GenerationConfig(bos_token_id=bos, eos_token_id=eos_token_id, pad_token_id=pad)
+
+
+def _save_processor(source: SourceCheckpoint, config: InternVLXConfig, tokenizer, directory: Path) -> None:
+    """Tokenizer, chat template, image processor and processor configs, with their remote code."""
+    from ..processing import InternVLXProcessor
+
+    processor = InternVLXProcessor(
+        image_processor=_image_processor(source, config),
+        tokenizer=tokenizer,
+        chat_template=tokenizer.chat_template,
+        image_seq_length=config.image_seq_length,
+    )
+    processor.save_pretrained(str(directory))
