@@ -8,17 +8,16 @@ import torch
 from internvlx_hf import InternVLXConfig
 from internvlx_hf.modeling.modeling_internvlx import InternVLXLVTCCache, build_lvtc_layout
 
-from conftest import run_isolated_python
 from test_modeling import _remote_code_check
 from tiny import (
     IMAGE_TOKEN_ID,
+    assert_left_padded_batch_equals_alone,
     PAD_ID,
     greedy_by_recomputation,
     greedy_with_cache,
     left_pad,
     pixels,
     prompt_ids,
-    tiny_config,
     tiny_model,
 )
 
@@ -113,15 +112,7 @@ def test_left_padded_batch_of_1_2_3_tiles_equals_each_alone(setup, attn):
     model = tiny_model(**SETUPS[setup], attn=attn)
     prompts = [prompt_ids(t, seed=20 + t, n_text=3 + 2 * t) for t in (1, 2, 3)]
     images = [pixels(t, seed=30 + t) for t in (1, 2, 3)]
-    ids, mask = left_pad(prompts)
-    batch = model.generate(input_ids=ids, attention_mask=mask, pixel_values=torch.cat(images), max_new_tokens=8,
-                           do_sample=False, output_logits=True, return_dict_in_generate=True)
-    for row, (prompt, image) in enumerate(zip(prompts, images)):
-        alone = model.generate(input_ids=torch.tensor([prompt]), pixel_values=image, max_new_tokens=8,
-                               do_sample=False, output_logits=True, return_dict_in_generate=True)
-        assert batch.sequences[row, ids.shape[1]:].tolist() == alone.sequences[0, len(prompt):].tolist()
-        for step_batch, step_alone in zip(batch.logits, alone.logits):
-            torch.testing.assert_close(step_batch[row], step_alone[0], atol=1e-5, rtol=0)
+    assert_left_padded_batch_equals_alone(model, prompts, images, steps=8)
 
 
 def test_beam_search_reorders_the_lvtc_state():

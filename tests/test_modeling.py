@@ -16,6 +16,7 @@ from internvlx_hf.modeling.modeling_internvlx import pixel_shuffle
 from conftest import remote_code_imports, require_fixture, run_isolated_python
 from tiny import (
     IMAGE_TOKEN_ID,
+    assert_left_padded_batch_equals_alone,
     greedy_by_recomputation,
     greedy_with_cache,
     left_pad,
@@ -256,15 +257,7 @@ def test_left_padded_batch_equals_each_prompt_alone():
     model = tiny_model("pvtc")
     prompts = [prompt_ids(t, seed=30 + t, n_text=3 + 2 * t) for t in (1, 2, 3)]
     images = [pixels(t, seed=40 + t) for t in (1, 2, 3)]
-    ids, mask = left_pad(prompts)
-    batch = model.generate(input_ids=ids, attention_mask=mask, pixel_values=torch.cat(images), max_new_tokens=10,
-                           do_sample=False, output_scores=True, return_dict_in_generate=True)
-    for row, (prompt, image) in enumerate(zip(prompts, images)):
-        alone = model.generate(input_ids=torch.tensor([prompt]), pixel_values=image, max_new_tokens=10,
-                               do_sample=False, output_scores=True, return_dict_in_generate=True)
-        assert batch.sequences[row, ids.shape[1]:].tolist() == alone.sequences[0, len(prompt):].tolist()
-        for step_batch, step_alone in zip(batch.scores, alone.scores):
-            torch.testing.assert_close(step_batch[row], step_alone[0], atol=1e-5, rtol=0)
+    assert_left_padded_batch_equals_alone(model, prompts, images, steps=10)
 
 
 # ------------------------------------------------------------------------------------------------------ PVTC parity

@@ -399,7 +399,7 @@ def test_checkpoint_code_imports_only_stdlib_torch_transformers_and_siblings(tmp
 
 
 def test_auto_processor_for_the_installed_package(tmp_path):
-    import internvlx_hf  # noqa: F401  (registers the classes with the Auto API, once the lead has wired it)
+    import internvlx_hf  # noqa: F401  (importing the package registers the classes with the Auto API)
     from transformers import AutoProcessor
     from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
 

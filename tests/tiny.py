@@ -65,3 +65,16 @@ def greedy_with_cache(model, ids: list[int], pixel_values: torch.Tensor, steps: 
     out = model.generate(input_ids=torch.tensor([ids]), pixel_values=pixel_values, max_new_tokens=steps,
                          min_new_tokens=steps, do_sample=False)
     return out[0, len(ids):].tolist()
+
+
+def assert_left_padded_batch_equals_alone(model, prompts: list[list[int]], images: list[torch.Tensor], steps: int):
+    """Greedy generation of a left-padded batch gives each row the tokens and logits (1e-5) of its prompt alone."""
+    ids, mask = left_pad(prompts)
+    batch = model.generate(input_ids=ids, attention_mask=mask, pixel_values=torch.cat(images), max_new_tokens=steps,
+                           do_sample=False, output_logits=True, return_dict_in_generate=True)
+    for row, (prompt, image) in enumerate(zip(prompts, images)):
+        alone = model.generate(input_ids=torch.tensor([prompt]), pixel_values=image, max_new_tokens=steps,
+                               do_sample=False, output_logits=True, return_dict_in_generate=True)
+        assert batch.sequences[row, ids.shape[1]:].tolist() == alone.sequences[0, len(prompt):].tolist()
+        for step_batch, step_alone in zip(batch.logits, alone.logits):
+            torch.testing.assert_close(step_batch[row], step_alone[0], atol=1e-5, rtol=0)

@@ -5,7 +5,6 @@ This file is saved next to checkpoints as remote code: it imports only the stand
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
