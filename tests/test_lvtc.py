@@ -115,6 +115,19 @@ def test_left_padded_batch_of_1_2_3_tiles_equals_each_alone(setup, attn):
     assert_left_padded_batch_equals_alone(model, prompts, images, steps=8)
 
 
+@pytest.mark.parametrize("setup", ["mlp", "pvtc"])
+def test_text_only_batches_equal_the_plain_llm(setup):
+    """No image anywhere: nothing to expand, so LVTC must equal the model without LVTC (same weights)."""
+    model = tiny_model(**SETUPS[setup])
+    plain = tiny_model(SETUPS[setup]["projector"])
+    plain.load_state_dict(model.state_dict(), strict=False)
+    ids, mask = left_pad([[1, 5, 6, 7, 8], [1, 9, 10]])
+    torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits,
+                               plain(input_ids=ids, attention_mask=mask).logits, atol=1e-6, rtol=0)
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    assert out.tolist() == plain.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False).tolist()
+
+
 def test_beam_search_reorders_the_lvtc_state():
     model = tiny_model(**LVTC_PVTC)
     prompts = [prompt_ids(1, seed=40, n_text=2), prompt_ids(2, seed=41, n_text=6)]

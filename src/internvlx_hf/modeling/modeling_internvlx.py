@@ -631,12 +631,13 @@ class InternVLXModel(InternVLXPreTrainedModel):
         """Layer k: upsample each tile's LR states 2D and add the HR projector output (residual, Sec. 3.2)."""
         batch, short_len, dim = hidden.shape
         flat = hidden.reshape(-1, dim)
-        tiles = flat[layout.visual_short].reshape(-1, side1, side1, dim).permute(0, 3, 1, 2)
-        kwargs = {"align_corners": False} if mode == "bilinear" else {}
-        up = F.interpolate(tiles, size=(side2, side2), mode=mode, **kwargs).permute(0, 2, 3, 1).reshape(-1, dim)
-        up = up + features.hr_features.reshape(-1, dim).to(up.dtype)
-        index = torch.cat([layout.text_long, layout.visual_long])
-        source = torch.cat([flat[layout.text_short], up])
+        index, source = layout.text_long, flat[layout.text_short]
+        if layout.visual_short.numel():  # a text-only batch has no tile to expand
+            tiles = flat[layout.visual_short].reshape(-1, side1, side1, dim).permute(0, 3, 1, 2)
+            kwargs = {"align_corners": False} if mode == "bilinear" else {}
+            up = F.interpolate(tiles, size=(side2, side2), mode=mode, **kwargs).permute(0, 2, 3, 1).reshape(-1, dim)
+            up = up + features.hr_features.reshape(-1, dim).to(up.dtype)
+            index, source = torch.cat([index, layout.visual_long]), torch.cat([source, up])
         long = flat.new_zeros(batch * layout.long_len, dim).index_copy(0, index, source)
         return long.reshape(batch, layout.long_len, dim)
 
@@ -645,10 +646,11 @@ class InternVLXModel(InternVLXPreTrainedModel):
         """After the last layer: average each tile's HR states back to LR so outputs line up with input_ids."""
         dim = hidden.shape[-1]
         flat = hidden.reshape(-1, dim)
-        tiles = flat[layout.visual_long].reshape(-1, side2, side2, dim).permute(0, 3, 1, 2)
-        pooled = F.adaptive_avg_pool2d(tiles, (side1, side1)).permute(0, 2, 3, 1).reshape(-1, dim)
-        index = torch.cat([layout.text_short, layout.visual_short])
-        source = torch.cat([flat[layout.text_long], pooled])
+        index, source = layout.text_short, flat[layout.text_long]
+        if layout.visual_long.numel():
+            tiles = flat[layout.visual_long].reshape(-1, side2, side2, dim).permute(0, 3, 1, 2)
+            pooled = F.adaptive_avg_pool2d(tiles, (side1, side1)).permute(0, 2, 3, 1).reshape(-1, dim)
+            index, source = torch.cat([index, layout.visual_short]), torch.cat([source, pooled])
         short = flat.new_zeros(batch * short_len, dim).index_copy(0, index, source)
         return short.reshape(batch, short_len, dim)
 
