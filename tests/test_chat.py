@@ -76,6 +76,14 @@ def test_batch_chat_equals_chat_per_question(model, tokenizer):
     assert batch == alone
 
 
+def test_chat_leaves_the_callers_generation_config_alone(model, tokenizer):
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(max_new_tokens=2, do_sample=False)
+    model.chat(tokenizer, torch.zeros(1, 3, 448, 448), "Hi", config)
+    assert config.eos_token_id is None and config.pad_token_id is None
+
+
 def test_chat_rejects_tag_and_image_count_mismatch(model, tokenizer):
     with pytest.raises(ValueError, match=r"prompt has 2 <image> tags but 1 images were given"):
         model.chat(tokenizer, torch.zeros(1, 3, 448, 448), "<image> and <image>?", dict(max_new_tokens=1))

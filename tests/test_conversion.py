@@ -314,6 +314,18 @@ def test_destination_rules(synthetic, tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ConversionError, match="is a file"):
         convert(synthetic, tmp_path / "file", progress=False)
+    with pytest.raises(ConversionError, match=r"cannot create DST .*file/sub.*choose a writable folder"):
+        convert(synthetic, tmp_path / "file" / "sub", progress=False)
+
+
+def test_destination_around_the_source_is_refused(synthetic, tmp_path):
+    parent = tmp_path / "parent"
+    shutil.copytree(synthetic, parent / "src_model")
+    with pytest.raises(ConversionError, match="contains SRC"):
+        convert(parent / "src_model", parent, overwrite=True, progress=False)
+    assert (parent / "src_model" / "config.json").is_file()  # the source is untouched
+    with pytest.raises(ConversionError, match="is inside SRC"):
+        convert(parent / "src_model", parent / "src_model" / "out", progress=False)
 
 
 def test_pickles_need_allow_pickle(tmp_path):
@@ -333,9 +345,11 @@ def test_pickles_need_allow_pickle(tmp_path):
 
 
 def test_not_an_internvl2_folder(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    src = tmp_path / "llama"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(ConversionError, match="llm_config"):
-        convert(tmp_path, tmp_path / "dst", progress=False)
+        convert(src, tmp_path / "dst", progress=False)
     with pytest.raises(ConversionError, match="not a folder"):
         convert(tmp_path / "missing", tmp_path / "dst", progress=False)
 

@@ -141,6 +141,28 @@ def test_beam_search_reorders_the_lvtc_state():
         assert batch[row, ids.shape[1]:].tolist() == alone[0, len(prompt):].tolist()
 
 
+@pytest.mark.parametrize("lvtc", [None, LVTC_PVTC["lvtc"]])
+def test_several_returned_sequences_keep_their_own_tiles(lvtc):
+    """num_return_sequences / beams repeat each prompt; its tiles must be repeated as a block with it."""
+    model = tiny_model("pvtc", lvtc=lvtc)
+    prompts = [prompt_ids(2, seed=44, n_text=3), prompt_ids(1, seed=45, n_text=6)]
+    images = [pixels(2, seed=46), pixels(1, seed=47)]
+    ids, mask = left_pad(prompts)
+    sampled = model.generate(input_ids=ids, attention_mask=mask, pixel_values=torch.cat(images), do_sample=True,
+                             top_k=1, num_return_sequences=2, max_new_tokens=6)
+    for row, (prompt, image) in enumerate(zip(prompts, images)):
+        greedy = greedy_with_cache(model, prompt, image, 6)
+        assert sampled[2 * row, ids.shape[1]:].tolist() == greedy
+        assert sampled[2 * row + 1, ids.shape[1]:].tolist() == greedy
+
+
+def test_static_cache_is_refused_with_a_clear_message():
+    model = tiny_model(**LVTC_MLP)
+    with pytest.raises(NotImplementedError, match="LVTC needs a dynamic cache"):
+        model.generate(input_ids=torch.tensor([prompt_ids(1, seed=48)]), pixel_values=pixels(1, seed=49),
+                       max_new_tokens=2, cache_implementation="static")
+
+
 def test_generate_uses_the_lvtc_cache_and_decode_rejects_foreign_caches():
     model = tiny_model(**LVTC_MLP)
     ids, pv = torch.tensor([prompt_ids(1, seed=50)]), pixels(1, seed=51)
@@ -188,6 +210,22 @@ def test_packed_sequences_equal_each_alone(attn):
     for offset, prompt, image in ((0, first, images[0]), (len(first), second, images[1])):
         alone = model(input_ids=torch.tensor([prompt]), pixel_values=image, use_cache=False).logits[0]
         torch.testing.assert_close(packed[offset: offset + len(prompt)], alone, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_packed_rows_in_a_batch_with_different_tile_counts_stay_apart(attn):
+    """Row 0 packs [1-tile sequence | text-only sequence]; row 1 has 2 tiles, so row 0 is re-padded in the long
+    layout. Without a mask, the sequences of row 0 must still not see each other (nor the padding)."""
+    model = tiny_model(**LVTC_MLP, attn=attn)
+    first, second = prompt_ids(1, seed=74, n_text=3), [1, 11, 12, 13, 14, 15, 16]
+    other = prompt_ids(2, seed=75, n_text=len(first) + len(second) - 12)
+    ids = torch.tensor([first + second, other])
+    positions = torch.tensor([list(range(len(first))) + list(range(len(second))), list(range(len(other)))])
+    images = [pixels(1, seed=76), pixels(2, seed=77)]
+    batch = model(input_ids=ids, position_ids=positions, pixel_values=torch.cat(images), use_cache=False).logits
+    for row, offset, prompt, image in ((0, 0, first, images[0]), (0, len(first), second, None), (1, 0, other, images[1])):
+        alone = model(input_ids=torch.tensor([prompt]), pixel_values=image, use_cache=False).logits[0]
+        torch.testing.assert_close(batch[row, offset: offset + len(prompt)], alone, atol=1e-5, rtol=0)
 
 
 # -------------------------------------------------------------------------------------------- equivalences, grads

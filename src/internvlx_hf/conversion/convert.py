@@ -104,6 +104,11 @@ class ConversionReport:
 def _check_destination(src: Path, dst: Path, overwrite: bool) -> None:
     if dst.resolve() == src.resolve():
         raise ConversionError(f"DST {dst} is SRC; write the converted checkpoint to a new folder.")
+    # Replacing DST removes it, so a DST that holds SRC would delete the source (and one inside SRC pollutes it).
+    if src.resolve().is_relative_to(dst.resolve()):
+        raise ConversionError(f"DST {dst} contains SRC {src}; write the converted checkpoint to a folder outside it.")
+    if dst.resolve().is_relative_to(src.resolve()):
+        raise ConversionError(f"DST {dst} is inside SRC {src}; write the converted checkpoint to a folder outside it.")
     if dst.is_file() or (dst.is_symlink() and not dst.is_dir()):
         raise ConversionError(f"DST {dst} is a file; pass a folder path.")
     if dst.is_dir() and any(dst.iterdir()) and not overwrite:
@@ -309,8 +314,11 @@ def convert(
 
     job = _prepare(read_source(src, allow_pickle), projector, lvtc_options, init_lr_from_mlp1, dtype)
 
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    except OSError as error:
+        raise ConversionError(f"cannot create DST {dst} ({error.strerror}); choose a writable folder.") from None
     writer = StreamingSafetensorsWriter(tmp, job.outputs, max_shard_bytes)
     try:
         umask = os.umask(0)

@@ -7,6 +7,7 @@ and `configuration_internvlx` (single-dot relative import).
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -15,7 +16,7 @@ from torch import nn
 from transformers import AutoModel, GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.masking_utils import create_causal_mask
+from transformers.masking_utils import create_causal_mask, find_packed_sequence_indices
 from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.modeling_utils import slice_logits_to_keep
 from transformers.models.internvl.modeling_internvl import InternVLVisionModel, InternVLVisionRMSNorm
@@ -314,6 +315,13 @@ def build_lvtc_layout(
     tile_pos = (position_ids + extra_before)[tile_rows, tile_cols]
     long_positions.view(-1)[visual_long.reshape(-1)] = (tile_pos[:, None] + hr_range).reshape(-1).to(position_ids.dtype)
 
+    # The extra left padding gets positions 0, 1, ... that do not run on into the row's first token, so when no
+    # 2D mask is used (packed rows without an attention mask) transformers' packed-sequence detection, which
+    # splits wherever positions do not step by one, keeps the padding in a sequence of its own.
+    slot = torch.arange(long_len, device=device)[None]
+    pad_positions = slot + (position_ids[:, :1] == left_pad[:, None]).to(slot.dtype)
+    long_positions = torch.where(slot < left_pad[:, None], pad_positions.to(long_positions.dtype), long_positions)
+
     # Later tokens continue the row's last sequence: shift by all extra slots of that sequence.
     position_offset = (extra_before + extra)[:, -1]
     return LVTCLayout(text_short, text_long, visual_short, visual_long.reshape(-1), long_len, long_mask,
@@ -543,6 +551,11 @@ class InternVLXModel(InternVLXPreTrainedModel):
             use_cache = False
         if use_cache and past_key_values is None:
             past_key_values = InternVLXLVTCCache(config=text_config)
+        if past_key_values is not None and not isinstance(past_key_values, DynamicCache):
+            raise NotImplementedError(
+                f"LVTC needs a dynamic cache (its layers hold different lengths), got {type(past_key_values).__name__}"
+                "; leave cache_implementation unset (or use 'dynamic' / 'offloaded')."
+            )
         batch, short_len, _ = inputs_embeds.shape
         device = inputs_embeds.device
         n1 = self.config.image_seq_length
@@ -558,8 +571,12 @@ class InternVLXModel(InternVLXPreTrainedModel):
         prefill = past_length == 0
         if prefill:
             layout = build_lvtc_layout(image_mask, attention_mask, position_ids, n1, n2)
-            if attention_mask is None and bool((layout.long_mask == 1).all()):
-                long_mask_2d = None  # keep SDPA's causal fast path and packed-sequence detection
+            # Packed rows (position resets, no mask, no cache) are told apart by their positions only, as in the
+            # LLM's own forward; a 2D mask would switch that detection off and let the sequences see each other.
+            packed = (attention_mask is None and past_key_values is None
+                      and find_packed_sequence_indices(position_ids) is not None)
+            if attention_mask is None and (packed or bool((layout.long_mask == 1).all())):
+                long_mask_2d = None  # also keeps SDPA's causal fast path
             else:
                 long_mask_2d = layout.long_mask
             long_position_ids = layout.long_position_ids
@@ -721,6 +738,43 @@ class InternVLXForConditionalGeneration(InternVLXPreTrainedModel, GenerationMixi
             image_hidden_states=outputs.image_hidden_states,
         )
 
+    def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
+        """Beam search and ``num_return_sequences`` repeat every prompt; its tiles must follow it as a block
+        (``pixel_values`` is indexed by tile, so transformers' row-wise ``repeat_interleave`` would mix prompts)."""
+        per_tile = {key: model_kwargs.pop(key, None) for key in ("pixel_values", "image_flags", "num_patches",
+                                                                  "tile_grid")}
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs
+        )
+        if expand_size > 1 and per_tile["pixel_values"] is not None:
+            if per_tile["image_flags"] is not None:
+                raise ValueError("image_flags (dummy tiles of training batches) cannot be combined with num_beams or "
+                                 "num_return_sequences > 1; drop the dummy tiles from pixel_values instead.")
+            prompts = input_ids[::expand_size]
+            image_mask = prompts == self.config.image_token_id
+            tiles = (image_mask.sum(-1) // self.config.image_seq_length).tolist()
+            if sum(tiles) != per_tile["pixel_values"].shape[0]:
+                raise ValueError(
+                    f"The prompts have <IMG_CONTEXT> runs for {sum(tiles)} tiles but pixel_values holds "
+                    f"{per_tile['pixel_values'].shape[0]}; build the inputs with the processor."
+                )
+            # images per prompt = runs of <IMG_CONTEXT> (each image's run is closed by </img>)
+            starts = image_mask & ~torch.nn.functional.pad(image_mask, (1, 0))[:, :-1]
+            images = starts.sum(-1).tolist()
+
+            def repeat_blocks(tensor, sizes):
+                blocks = torch.split(tensor, sizes)
+                return torch.cat([block for block in blocks for _ in range(expand_size)])
+
+            per_tile["pixel_values"] = repeat_blocks(per_tile["pixel_values"], tiles)
+            for key in ("num_patches", "tile_grid"):
+                if per_tile[key] is not None and len(per_tile[key]) == sum(images):
+                    per_tile[key] = repeat_blocks(torch.as_tensor(per_tile[key]), images)
+                else:
+                    per_tile[key] = None  # only a consistency check; unknown split -> dropped
+        model_kwargs.update({key: value for key, value in per_tile.items() if value is not None})
+        return input_ids, model_kwargs
+
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
         cache = model_kwargs.get("past_key_values")
@@ -758,7 +812,8 @@ class InternVLXForConditionalGeneration(InternVLXPreTrainedModel, GenerationMixi
     def _chat_generate(self, tokenizer, prompts, pixel_values, generation_config):
         if isinstance(generation_config, dict):
             generation_config = GenerationConfig(**generation_config)
-        generation_config = generation_config if generation_config is not None else GenerationConfig()
+        # a copy: the eos/pad defaults below must not leak into the caller's object
+        generation_config = copy.deepcopy(generation_config) if generation_config is not None else GenerationConfig()
         sep_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
         if generation_config.eos_token_id is None and sep_id is not None and sep_id != tokenizer.unk_token_id:
             generation_config.eos_token_id = sep_id  # InternVL2 stops at the template separator
