@@ -20,7 +20,6 @@ from typing import Any
 
 import torch
 
-from ..modeling import configuration_internvlx
 from ..modeling.configuration_internvlx import InternVLXConfig, LVTCConfig
 from .errors import ConversionError
 from .llm import convert_text_config, internlm2_qkv_rows, llm_architecture
@@ -133,15 +132,6 @@ def _publish(tmp: Path, dst: Path, overwrite: bool) -> None:
         else:
             raise ConversionError(f"DST {dst} appeared while converting; pass --overwrite to replace it.")
     os.replace(tmp, dst)
-
-
-def _copy_remote_code(module: Any, directory: Path) -> None:
-    """Copy a remote-code module and the sibling files it imports (single-dot relative imports)."""
-    from transformers.dynamic_module_utils import get_relative_import_files
-
-    path = Path(module.__file__)
-    for file in [path, *map(Path, get_relative_import_files(str(path)))]:
-        shutil.copyfile(file, directory / file.name)
 
 
 def _template_separator(tokenizer: Any, template: str) -> tuple[str, int]:
@@ -410,11 +400,10 @@ def _prepare(source: SourceCheckpoint, projector: str, lvtc_options: dict | None
 
 def _write_companion_files(job: _Job, directory: Path) -> None:
     """config.json, remote code, generation config, tokenizer, chat template and processor configs."""
-    from ..modeling import modeling_internvlx
+    from transformers.dynamic_module_utils import custom_object_save
 
-    job.config.save_pretrained(directory)
-    _copy_remote_code(configuration_internvlx, directory)
-    _copy_remote_code(modeling_internvlx, directory)
+    job.config.save_pretrained(directory)  # also copies configuration_internvlx.py (registered for auto classes)
+    custom_object_save(job.meta_model, directory)  # modeling_internvlx.py, as the model's save_pretrained would
     _generation_config(job.config.get_text_config(), job.tokenizer, job.separator_id).save_pretrained(directory)
     _save_processor(job.source, job.config, job.tokenizer, directory)
 

@@ -79,16 +79,6 @@ class ConversionPlan:
     copies: dict[str, str] = field(default_factory=dict)  # target -> source key, for tensors written twice
     source_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
-    def target_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Every produced target (in write order) -> shape."""
-        out: dict[str, tuple[int, ...]] = {}
-        for _, entries in self.reads:
-            for key, targets in entries:
-                for target in targets:
-                    out[target.name] = target.shape(self.source_shapes[key])
-        out.update(self.new)
-        return out
-
 
 def _expand_packed(name: str, rows: dict[str, tuple[range, ...]] | None, key: str) -> list[TargetTensor]:
     if PACKED_QKV not in name:

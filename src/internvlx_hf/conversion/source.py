@@ -46,10 +46,6 @@ class SourceCheckpoint:
                     counts[info.dtype] += torch.Size(info.shape).numel() * info.dtype.itemsize
         return counts.most_common(1)[0][0] if counts else torch.float32
 
-    @property
-    def num_tensors(self) -> int:
-        return sum(len(infos) for infos in self.infos)
-
 
 def read_source(path: str | Path, allow_pickle: bool) -> SourceCheckpoint:
     path = Path(path)
