@@ -1,30 +1,10 @@
-"""The `internvlx` command line.
-
-Each subcommand is a `Command`: a name, one line of help, a description/epilog, a function that adds its
-arguments and a function that runs it. `COMMANDS` lists them; `main` builds one argparse subparser per entry, so a
-new subcommand (train, publish, demo) is one more `Command` in the list. Subcommands import their heavy modules
-(torch, transformers) only when they run, so `internvlx --help` stays instant.
-"""
+"""`internvlx convert`: an OpenGVLab InternVL2 / InternVL-X folder -> an internvlx-hf checkpoint."""
 
 from __future__ import annotations
 
 import argparse
-import sys
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
-
-@dataclass(frozen=True)
-class Command:
-    name: str
-    help: str
-    description: str
-    epilog: str
-    add_arguments: Callable[[argparse.ArgumentParser], None]
-    run: Callable[[argparse.Namespace], int]
-
-
-# ------------------------------------------------------------------------------------------------------------ convert
+from . import Command
 
 _CONVERT_DESCRIPTION = """\
 Convert an OpenGVLab InternVL2 checkpoint (InternVL2-1B/2B/4B/8B/26B/40B/76B: Qwen2, InternLM2/2.5, Phi-3, Llama
@@ -83,24 +63,20 @@ def _add_convert_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_convert(args: argparse.Namespace) -> int:
-    from .conversion import ConversionError, convert
+    from ..conversion import convert
 
-    try:
-        report = convert(
-            args.src,
-            args.dst,
-            projector=args.projector,
-            lvtc=args.lvtc,
-            dtype=args.dtype,
-            max_shard_size=args.max_shard_size,
-            allow_pickle=args.allow_pickle,
-            overwrite=args.overwrite,
-            seed=args.seed,
-            progress=not args.no_progress,
-        )
-    except ConversionError as error:
-        print(f"internvlx convert: error: {error}", file=sys.stderr)
-        return 2
+    report = convert(
+        args.src,
+        args.dst,
+        projector=args.projector,
+        lvtc=args.lvtc,
+        dtype=args.dtype,
+        max_shard_size=args.max_shard_size,
+        allow_pickle=args.allow_pickle,
+        overwrite=args.overwrite,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
     print(report)
     return 0
 
@@ -113,34 +89,3 @@ CONVERT = Command(
     add_arguments=_add_convert_arguments,
     run=_run_convert,
 )
-
-COMMANDS: list[Command] = [CONVERT]
-
-
-def build_parser(commands: Sequence[Command] = COMMANDS) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="internvlx",
-        description="InternVL-X (PVTC, LVTC, RVTC) for Hugging Face Transformers.",
-        epilog="Run `internvlx COMMAND --help` for the options and examples of a command.",
-    )
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for command in commands:
-        sub = subparsers.add_parser(
-            command.name,
-            help=command.help,
-            description=command.description,
-            epilog=command.epilog,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
-        command.add_arguments(sub)
-        sub.set_defaults(_run=command.run)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args._run(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

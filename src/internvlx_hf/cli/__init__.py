@@ -1,0 +1,107 @@
+"""The `internvlx` command line (also `python -m internvlx_hf`).
+
+Each subcommand lives in a module of this package and exposes one `Command`: a name, one line of help, a
+description and an epilog with examples, a function that adds its arguments and one that runs it. `COMMANDS`
+lists them in the order `internvlx --help` shows them. Subcommands import torch/transformers only when they run,
+so `internvlx --help` stays instant.
+
+Errors: a command raises `CLIError` (or a `ValueError` / `FileNotFoundError` / `TypeError` / `OSError` /
+`ConversionError` whose message names the input and the fix); `main` prints it as one line
+`internvlx <cmd>: error: ...` and returns 2. `--debug` (before or after the subcommand) shows the traceback instead.
+An unexpected exception (a bug) is also reported in one line, with exit status 1 and a pointer to `--debug`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+
+class CLIError(Exception):
+    """A user-facing error: the message says what is wrong with which input, and how to fix it."""
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    description: str
+    epilog: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+def _commands() -> list[Command]:
+    from .convert import CONVERT
+
+    return [CONVERT]
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split()) if str(error) else type(error).__name__
+    if isinstance(error, KeyError):  # str(KeyError) is the repr of the key
+        text = f"missing key {text}"
+    return text
+
+
+# Errors whose message is written for the user; anything else is a bug and says so.
+_USER_ERRORS: tuple[type[BaseException], ...] = (CLIError, ValueError, FileNotFoundError, TypeError, OSError)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from ..conversion.errors import ConversionError
+
+    return (*_USER_ERRORS, ConversionError)
+
+
+def build_parser(commands: Sequence[Command] | None = None) -> argparse.ArgumentParser:
+    commands = _commands() if commands is None else commands
+    parser = argparse.ArgumentParser(
+        prog="internvlx",
+        description="InternVL-X (PVTC, LVTC, RVTC) for Hugging Face Transformers.",
+        epilog="Run `internvlx COMMAND --help` for the options and examples of a command.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for command in commands:
+        sub = subparsers.add_parser(
+            command.name,
+            help=command.help,
+            description=command.description,
+            epilog=command.epilog,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        command.add_arguments(sub)
+        # SUPPRESS: an absent sub-level flag must not reset `internvlx --debug COMMAND`.
+        sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                         help="show the full traceback on errors")
+        sub.set_defaults(_run=command.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"internvlx {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # noqa: BLE001 - the CLI's single exit point for errors
+        if args.debug:
+            raise
+        if isinstance(error, _user_errors()):
+            print(f"internvlx {args.command}: error: {_one_line(error)}", file=sys.stderr)
+            return 2
+        print(
+            f"internvlx {args.command}: error: unexpected {type(error).__name__}: {_one_line(error)} "
+            "(this is a bug; rerun with --debug for the traceback and report it)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+__all__ = ["CLIError", "Command", "build_parser", "main"]
