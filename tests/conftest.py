@@ -1,8 +1,10 @@
 """Shared test helpers.
 
-Golden fixtures live outside the project (``$INTERNVLX_FIXTURES``, default ``../shared/fixtures`` beside the
-checkout). Where they are absent, parity tests skip with a reason; ``.ci/run`` sets
-``INTERNVLX_REQUIRE_FIXTURES=1`` so that the same absence fails the run instead.
+Golden fixtures: the project ships a compact copy in ``tests/fixtures/`` (made by ``scripts/compact_fixtures.py``);
+``$INTERNVLX_FIXTURES`` may point at the full ``../shared/fixtures`` instead (then ``internvl2_phi3`` comes from
+``$INTERNVLX_FIXTURES_PHI3`` or the sibling ``fixtures_phi3``). ``tests/golden.py`` reads either; ``require_fixture``
+gives the real path of a file both keep verbatim (checkpoints, tokenizer files, reference.json, images, ...). A
+missing fixture is a test failure, never a skip: the data ships with the project.
 """
 
 from __future__ import annotations
@@ -12,24 +14,30 @@ import subprocess
 import sys
 from pathlib import Path
 
+import golden
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def fixtures_root() -> Path:
-    return Path(os.environ.get("INTERNVLX_FIXTURES", REPO_ROOT.parent / "shared" / "fixtures")).resolve()
+    """The first folder golden data is read from (``$INTERNVLX_FIXTURES``, else ``tests/fixtures``)."""
+    return golden.roots()[0]
 
 
 def require_fixture(*parts: str) -> Path:
-    """Path of a fixture file/folder; skip (or fail under CI's flag) when it is missing."""
-    path = fixtures_root().joinpath(*parts)
-    if not path.exists():
-        reason = f"golden fixture {path} not found (set INTERNVLX_FIXTURES to the shared fixtures folder)"
-        if os.environ.get("INTERNVLX_REQUIRE_FIXTURES") == "1":
-            pytest.fail(reason + "; INTERNVLX_REQUIRE_FIXTURES=1 makes this a failure")
-        pytest.skip(reason)
-    return path
+    """Real path of a fixture file/folder kept verbatim (see `golden.fixture_path`); fails the test if missing."""
+    try:
+        return golden.fixture_path(*parts)
+    except FileNotFoundError as error:
+        pytest.fail(str(error))
+
+
+def pytest_report_header(config):
+    try:
+        return ["golden fixtures:"] + ["  " + line for line in golden.describe_sources().splitlines()]
+    except FileNotFoundError as error:  # a bad INTERNVLX_FIXTURES: say so once, every parity test fails with it
+        return [f"golden fixtures: {error}"]
 
 
 def remote_code_imports(path: Path) -> set[str]:

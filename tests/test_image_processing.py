@@ -1,15 +1,19 @@
 """InternVLXImageProcessor: RVTC tile grids, pixel parity with the reference preprocessing, input handling, errors."""
 
 import hashlib
+import io
 import json
 import math
+import re
+import struct
+import zlib
 
 import numpy as np
 import pytest
 import torch
+import golden
 from conftest import require_fixture
-from PIL import Image
-from safetensors.torch import load_file
+from PIL import Image, ImageFile
 
 from internvlx_hf.processing import InternVLXImageProcessor, TilingMode, get_tile_grid
 
@@ -43,7 +47,7 @@ def recover_uint8(pixel_values: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.fixtures
 def test_tile_grids_match_reference_for_every_fixture_size():
-    table = json.loads(require_fixture("rvtc_tiling.json").read_text())
+    table = golden.read_json("rvtc_tiling.json")
     processor = InternVLXImageProcessor()
     checked = 0
     for case in table["cases"]:
@@ -83,7 +87,7 @@ def test_area_matching_paper_examples():
 
 @pytest.mark.fixtures
 def test_area_matching_is_ratio_matching_under_the_area_cap():
-    table = json.loads(require_fixture("rvtc_tiling.json").read_text())
+    table = golden.read_json("rvtc_tiling.json")
     for case in table["cases"]:
         w, h = case["w"], case["h"]
         for max_tiles in (6, 12):
@@ -123,34 +127,49 @@ def test_tiling_mode_values_and_validation():
 
 @pytest.mark.fixtures
 def test_pixel_values_match_reference_bit_for_bit():
-    meta = json.loads(require_fixture("preprocess_pixels.json").read_text())
-    tiles = load_file(require_fixture("preprocess_pixels.safetensors"))
+    """Six (image, max_num) cases of the reference preprocessing: every tile's float32 bytes, the grid, the count."""
     processor = InternVLXImageProcessor()
-    for entry in meta["entries"]:
-        out = processor(
-            str(require_fixture(entry["image"])), max_tiles=entry["max_num"], tiling="ratio", return_tensors="pt"
-        )
-        expected = reference_float(tiles[entry["key"]])
-        pixel_values = out["pixel_values"]
-        assert pixel_values.dtype == torch.float32 and pixel_values.shape == expected.shape
-        assert (pixel_values - expected).abs().max().item() <= 1e-5
-        assert hashlib.sha256(pixel_values.numpy().tobytes()).hexdigest() == entry["pixel_values_sha256"]
-        grid = entry["tile_grid"]
+    entries = golden.preprocess_entries()
+    assert len(entries) == 6
+    for entry in entries:
+        out = processor(str(entry.image), max_tiles=entry.max_tiles, tiling="ratio", return_tensors="pt")
+        entry.pixels.assert_equal(out["pixel_values"], what=f"pixel_values of {entry.key}")
+        assert hashlib.sha256(out["pixel_values"].numpy().tobytes()).hexdigest() == entry.pixel_values_sha256
+        grid = entry.tile_grid
         assert out["num_patches"].tolist() == [grid["num_tiles"]]
         assert out["tile_grid"].tolist() == [[grid["cols"], grid["rows"]]]
 
 
 @pytest.mark.fixtures
 def test_edge_tiling_pixels_match_internvlx_reference():
-    reference = json.loads(require_fixture("internvlx_pvtc", "reference.json").read_text())
-    tensors = load_file(require_fixture("internvlx_pvtc", "reference.safetensors"))
+    reference = golden.model_reference("internvlx_pvtc")
     image = require_fixture("images", "image2.jpg")
+    assert image == reference.image
     out = InternVLXImageProcessor(tiling="edge", max_tiles=6)(image, return_tensors="pt")
-    assert torch.equal(out["pixel_values"], reference_float(tensors["pixel_values_u8"]))
-    assert hashlib.sha256(out["pixel_values"].numpy().tobytes()).hexdigest() == reference["preprocess"][
+    reference.pixels.assert_equal(out["pixel_values"])
+    assert hashlib.sha256(out["pixel_values"].numpy().tobytes()).hexdigest() == reference.meta["preprocess"][
         "pixel_values_sha256"
     ]
     assert out["tile_grid"].tolist() == [[2, 2]] and out["num_patches"].tolist() == [5]
+
+
+def test_a_pixel_mismatch_names_the_tile_and_how_much():
+    """The parity check itself: one changed value is found, and the message says where and by how much, from the
+    compact digests (per-tile stats, block means) as well as from full tensors."""
+    reference = golden.model_reference("internvl2_qwen2")
+    pixel_values = reference.pixel_values().clone()
+    pixel_values[1, 2, 100, 300] += 0.5
+    full = golden.TileDigests.from_tensor(reference.pixel_values())
+    compact = golden.TileDigests.from_compact(*full.compact_record())
+    with pytest.raises(AssertionError, match=r"1 of 3 tiles differ .*tiles \[1\]\n  tile 1: sha256 .*sum .*"
+                                             r"\(diff \+0\.5\).*block mean difference .* at channel 2, rows 56-111, "
+                                             r"cols 280-335"):
+        compact.assert_equal(pixel_values)
+    with pytest.raises(AssertionError, match=r"tile 1: 1 of 602112 values differ, max \|diff\| 0\.5 at channel 2, "
+                                             r"row 100, col 300"):
+        full.assert_equal(pixel_values)
+    with pytest.raises(AssertionError, match=r"shape \(2, 3, 448, 448\), the reference \(3, 3, 448, 448\)"):
+        compact.assert_equal(pixel_values[:2])
 
 
 def test_tiles_are_row_major_crops_then_thumbnail():
@@ -283,6 +302,83 @@ def test_truncated_file_error(tmp_path):
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match=r"image 0 \('.*cut\.jpg'\): the image data could not be decoded .*truncated"):
         InternVLXImageProcessor()(str(path))
+
+
+def _encoded(image: Image.Image, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt)
+    return buffer.getvalue()
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def _png_with_broken_pixel_stream(image: Image.Image) -> bytes:
+    png = _encoded(image, "PNG")
+    return png[:33] + _png_chunk(b"IDAT", b"\x78\x9c" + b"garbage!" * 100) + _png_chunk(b"IEND", b"")
+
+
+# Files whose header PIL recognises but whose data it cannot decode.
+UNDECODABLE = {
+    "png-header-then-garbage.png": lambda im: _encoded(im, "PNG")[:8] + b"garbage!" * 100,
+    "png-valid-ihdr-then-garbage.png": lambda im: _encoded(im, "PNG")[:33] + b"garbage!" * 100,
+    "png-truncated.png": lambda im: _encoded(im, "PNG")[: len(_encoded(im, "PNG")) // 2],
+    "png-broken-pixel-stream.png": _png_with_broken_pixel_stream,
+    "jpeg-header-then-garbage.jpg": lambda im: _encoded(im, "JPEG")[:4] + b"garbage!" * 100,
+    "jpeg-truncated-in-header.jpg": lambda im: _encoded(im, "JPEG")[:100],
+    "jpeg-truncated.jpg": lambda im: _encoded(im, "JPEG")[: len(_encoded(im, "JPEG")) // 2],
+    "webp-truncated.webp": lambda im: _encoded(im, "WEBP")[: len(_encoded(im, "WEBP")) // 2],
+}
+
+
+OPENED_LAZILY = {"png-truncated.png", "png-broken-pixel-stream.png", "jpeg-truncated.jpg"}
+
+
+@pytest.mark.parametrize("name", sorted(UNDECODABLE))
+def test_undecodable_files_name_the_file_and_the_fix(tmp_path, name):
+    path = tmp_path / name
+    path.write_bytes(UNDECODABLE[name](random_image(300, 200, seed=11)))
+    # (depending on where the garbage starts, PIL fails while identifying the format or while decoding)
+    expected = rf"image 1 \('{re.escape(str(path))}'\): (the image data could not be decoded \(.+\); the file is " \
+               r"probably truncated or corrupt\. Re-download or re-export it\.|not a readable image \(PIL cannot " \
+               r"identify the format; the file may be corrupt or not an image\)\. Re-export it as PNG or JPEG\.)$"
+    with pytest.raises(ValueError, match=expected):
+        InternVLXImageProcessor()([random_image(40, 40), str(path)])
+    if name in OPENED_LAZILY:  # PIL's own Image.open accepts these; decoding them in the processor fails
+        with pytest.raises(ValueError, match=rf"image 0 \(.*{re.escape(name)}'\): the image data could not be "
+                                             "decoded"):
+            InternVLXImageProcessor()(Image.open(path))
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False  # truncated files are refused, never decoded partially
+
+
+def test_decompression_bomb_limit_stays_on_by_default(tmp_path):
+    """PIL's default limit (about 89.5 M pixels; refused above twice that) applies: a 20000 x 9000 PNG header is
+    refused before any pixel is decoded."""
+    assert Image.MAX_IMAGE_PIXELS == int(1024 * 1024 * 1024 // 4 // 3)  # PIL's default, not raised by us
+    header = struct.pack(">IIBBBBB", 20000, 9000, 8, 2, 0, 0, 0)
+    path = tmp_path / "huge.png"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IEND", b""))
+    with pytest.raises(ValueError, match=r"image 0 \('.*huge\.png'\): refused as a possible decompression bomb "
+                                         r"\(Image size \(180000000 pixels\) exceeds limit"):
+        InternVLXImageProcessor()(path)
+
+
+def test_permission_errors_are_not_reported_as_corrupt_images(tmp_path):
+    """A file system error keeps its errno (an OSError naming the file), unlike undecodable image data."""
+    import os
+
+    path = tmp_path / "secret.png"
+    random_image(8, 8).save(path)
+    path.chmod(0)
+    if os.access(path, os.R_OK):  # root reads anything: use a path PIL cannot open as a file instead
+        path = tmp_path / "folder.png"
+        path.mkdir()
+        with pytest.raises(FileNotFoundError, match=r"image 0 \('.*folder\.png'\): no such file"):
+            InternVLXImageProcessor()(path)
+        return
+    with pytest.raises(OSError, match=r"image 0 \('.*secret\.png'\): cannot read the file \(Permission denied\)"):
+        InternVLXImageProcessor()(path)
 
 
 def test_missing_file_error(tmp_path):

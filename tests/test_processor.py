@@ -7,9 +7,9 @@ import textwrap
 
 import pytest
 import torch
+import golden
 from conftest import remote_code_imports, require_fixture, run_isolated_python
 from PIL import Image
-from safetensors.torch import load_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from internvlx_hf.processing import (
@@ -19,8 +19,6 @@ from internvlx_hf.processing import (
     get_chat_template,
 )
 
-MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
-STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>"]
 PAD, IM_START, IM_END, IMG, END_IMG, CTX = range(256, 262)
 
@@ -184,15 +182,14 @@ def qwen2_processor():
 
 @pytest.mark.fixtures
 def test_qwen2_reference_prompt_ids_and_pixels():
-    reference = json.loads(require_fixture("internvl2_qwen2", "reference.json").read_text())
-    tensors = load_file(require_fixture("internvl2_qwen2", "reference.safetensors"))
+    golden_ref = golden.model_reference("internvl2_qwen2")
+    reference = golden_ref.meta
     processor = qwen2_processor()
     image = require_fixture("images", "img6.jpg")
     out = processor(text=reference["prompt_with_image_tag"], images=image, max_tiles=6, return_tensors="pt")
-    assert torch.equal(out["input_ids"], tensors["input_ids"])
-    assert torch.equal(out["attention_mask"], tensors["attention_mask"])
-    expected_pixels = ((tensors["pixel_values_u8"].to(torch.float32) / 255) - MEAN) / STD
-    assert torch.equal(out["pixel_values"], expected_pixels)
+    assert torch.equal(out["input_ids"], golden_ref.input_ids)
+    assert torch.equal(out["attention_mask"], golden_ref.attention_mask)
+    golden_ref.pixels.assert_equal(out["pixel_values"])
     assert hashlib.sha256(out["pixel_values"].numpy().tobytes()).hexdigest() == reference["preprocess"][
         "pixel_values_sha256"
     ]
@@ -211,8 +208,8 @@ def test_qwen2_reference_prompt_ids_and_pixels():
         messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt",
         processor_kwargs={"max_tiles": 6},
     )
-    assert torch.equal(chat["input_ids"], tensors["input_ids"])
-    assert torch.equal(chat["pixel_values"], expected_pixels)
+    assert torch.equal(chat["input_ids"], golden_ref.input_ids)
+    assert torch.equal(chat["pixel_values"], out["pixel_values"])
 
 
 # --- chat templates ---------------------------------------------------------------------------------------------

@@ -9,8 +9,8 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
+import golden
 from conftest import require_fixture
 from internvlx_hf.conversion import ConversionError
 from internvlx_hf.conversion.tokenizer import convert_tokenizer, sentencepiece_to_tokenizers
@@ -20,9 +20,8 @@ FIXTURES = ["internvl2_internlm2", "internvl2_qwen2", "internvlx_pvtc"]
 
 
 def reference_ids(name: str) -> tuple[str, list[int]]:
-    folder = require_fixture(name)
-    prompt = json.loads((folder / "reference.json").read_text())["prompt"]
-    return prompt, load_file(str(folder / "reference.safetensors"))["input_ids"][0].tolist()
+    reference = golden.model_reference(name)
+    return reference.prompt, reference.input_ids[0].tolist()
 
 
 @pytest.mark.parametrize("name", FIXTURES)

@@ -65,6 +65,9 @@ def write_provenance(folder: str | os.PathLike, record: dict[str, Any]) -> Path:
     path = folder / PROVENANCE_FILE
     fd, tmp = tempfile.mkstemp(prefix=f".{PROVENANCE_FILE}.", dir=folder)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; the record is as readable as the weights
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             json.dump(record, handle, indent=2, ensure_ascii=False, sort_keys=False)
             handle.write("\n")

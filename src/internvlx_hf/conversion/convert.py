@@ -3,8 +3,11 @@
 Order of work: read the source config and tensor headers; build the target config, tokenizer and a complete
 conversion plan (names and shapes only, so every mapping problem surfaces before any data is read); then stream
 the tensors source shard by source shard into output shards inside a temporary folder beside DST, add the config,
-generation config, tokenizer, processor and remote code, and rename the folder to DST as the very last step. Any
-error (or Ctrl-C) removes the temporary folder, so DST is either complete or untouched.
+generation config, tokenizer, processor, remote code and the provenance record (`internvlx_provenance.json`, which
+`internvlx card` reads), and rename the folder to DST as the very last step. Any error (or Ctrl-C) removes the
+temporary folder, so DST is either complete or untouched. Source files are validated before the temporary folder
+exists: JSON files must parse, safetensors headers must describe the files exactly (a truncated or corrupt shard is
+found there), pickles need ``allow_pickle``.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Any
 import torch
 
 from ..modeling.configuration_internvlx import InternVLXConfig, LVTCConfig
+from ..provenance import record_conversion
 from .errors import ConversionError
 from .llm import convert_text_config, internlm2_qkv_rows, llm_architecture
 from .new_modules import describe_init, group_new_parameters, initialise_new_parameters
@@ -34,6 +38,8 @@ from .vision import convert_vision_config, internvit_qkv_rows
 logger = logging.getLogger(__name__)
 
 IMAGE_CONTEXT_TOKEN = "<IMG_CONTEXT>"
+_TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                    "added_tokens.json", "vocab.json", "merges.txt")
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -293,7 +299,8 @@ def convert(
         A `ConversionReport`; ``print(report)`` gives the summary.
 
     Raises:
-        ConversionError: the source or the options cannot be converted (nothing is written).
+        ConversionError: (a `ValueError`) the source or the options cannot be converted; the message names the file,
+            key or option and the fix. Nothing is written.
     """
     src, dst = Path(src), Path(dst)
     projector = check_projector(projector)
@@ -319,16 +326,63 @@ def convert(
                                                        {name: job.model_dtype for name in job.new_names}, seed):
             writer.write(name, tensor)
         files = writer.close()
-        _write_companion_files(job, tmp)
+        image_processor = _write_companion_files(job, tmp)
+        report = _report(job, src, dst, files, writer.total_bytes)
+        # The record the model card is built from (`internvlx card`), written before DST appears.
+        record_conversion(tmp, source=str(src),
+                          base_model=hub_id_or_none(job.source.config.get("_name_or_path")),
+                          details=provenance_details(report, image_processor))
         _publish(tmp, dst, overwrite)
     except BaseException:
         writer.abort()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
-    report = _report(job, src, dst, files, writer.total_bytes)
     logger.info("%s", report)
     return report
+
+
+def hub_id_or_none(name_or_path: Any) -> str | None:
+    """``_name_or_path`` when it is a Hub repo id (``owner/name``, valid for huggingface_hub), else None.
+
+    OpenGVLab configs often record the path the model was saved from on the authors' machines; such a path says
+    nothing about where the model lives, so it is not reported as a base model.
+    """
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if not isinstance(name_or_path, str) or name_or_path.count("/") != 1:
+        return None
+    try:
+        validate_repo_id(name_or_path)
+    except HFValidationError:
+        return None
+    return name_or_path
+
+
+def provenance_details(report: "ConversionReport", image_processor) -> dict[str, Any]:
+    """The JSON-serialisable summary of a conversion for `internvlx_provenance.json` (see `provenance.py`)."""
+    by_reason: dict[str, int] = {}
+    for reason in report.dropped.values():
+        by_reason[reason] = by_reason.get(reason, 0) + 1
+    return {
+        "llm": report.llm,
+        "text_model_type": report.text_model_type,
+        "projector": {"type": report.projector_type, "source": report.projector_source},
+        "lvtc": report.lvtc,
+        "tokens_per_tile": {"lr": report.tokens_per_tile, "hr": report.hr_tokens_per_tile},
+        "image_processor": {"tiling": str(getattr(image_processor.tiling, "value", image_processor.tiling)),
+                            "min_tiles": image_processor.min_tiles, "max_tiles": image_processor.max_tiles,
+                            "image_size": image_processor.image_size},
+        "template": report.template,
+        "eos_token": report.eos_token,
+        "dtype": report.dtype,
+        "num_parameters": report.num_parameters,
+        "new_modules": {module: {"parameters": count, "init": how} for module, (count, how) in report.new.items()},
+        "initialised_from_source": dict(report.copied),
+        "dropped_tensors": {"count": len(report.dropped), "reasons": by_reason},
+        "notes": list(report.notes),
+    }
 
 
 def _prepare(source: SourceCheckpoint, projector: str, lvtc_options: dict | None, init_lr_from_mlp1: bool,
@@ -339,7 +393,17 @@ def _prepare(source: SourceCheckpoint, projector: str, lvtc_options: dict | None
     text_config = convert_text_config(source.config["llm_config"])
 
     template = source.config.get("template")
-    converted_tokenizer = convert_tokenizer(source.path, _load_chat_template(template))
+    chat_template = _load_chat_template(template)
+    try:
+        converted_tokenizer = convert_tokenizer(source.path, chat_template)
+    except ConversionError:
+        raise
+    except Exception as error:  # tokenizers / sentencepiece reject a corrupt file with plain exceptions
+        files = ", ".join(name for name in _TOKENIZER_FILES if (source.path / name).exists()) or "none found"
+        raise ConversionError(
+            f"cannot load the tokenizer of {source.path} (files: {files}): {type(error).__name__}: {error}. The "
+            "tokenizer files are corrupt or do not belong together; copy them again from the original checkpoint."
+        ) from error
     tokenizer = converted_tokenizer.tokenizer
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_CONTEXT_TOKEN)
     if image_token_id is None or image_token_id == tokenizer.unk_token_id:
@@ -398,14 +462,15 @@ def _prepare(source: SourceCheckpoint, projector: str, lvtc_options: dict | None
     return job
 
 
-def _write_companion_files(job: _Job, directory: Path) -> None:
-    """config.json, remote code, generation config, tokenizer, chat template and processor configs."""
+def _write_companion_files(job: _Job, directory: Path):
+    """config.json, remote code, generation config, tokenizer, chat template and processor configs; returns the
+    image processor that was saved."""
     from transformers.dynamic_module_utils import custom_object_save
 
     job.config.save_pretrained(directory)  # also copies configuration_internvlx.py (registered for auto classes)
     custom_object_save(job.meta_model, directory)  # modeling_internvlx.py, as the model's save_pretrained would
     _generation_config(job.config.get_text_config(), job.tokenizer, job.separator_id).save_pretrained(directory)
-    _save_processor(job.source, job.config, job.tokenizer, directory)
+    return _save_processor(job.source, job.config, job.tokenizer, directory)
 
 
 def _report(job: _Job, src: Path, dst: Path, files: list[str], total_bytes: int) -> ConversionReport:
@@ -468,14 +533,16 @@ def _generation_config(text_config, tokenizer, eos_token_id: int):
     return GenerationConfig(bos_token_id=bos, eos_token_id=eos_token_id, pad_token_id=pad)
 
 
-def _save_processor(source: SourceCheckpoint, config: InternVLXConfig, tokenizer, directory: Path) -> None:
+def _save_processor(source: SourceCheckpoint, config: InternVLXConfig, tokenizer, directory: Path):
     """Tokenizer, chat template, image processor and processor configs, with their remote code."""
     from ..processing import InternVLXProcessor
 
+    image_processor = _image_processor(source, config)
     processor = InternVLXProcessor(
-        image_processor=_image_processor(source, config),
+        image_processor=image_processor,
         tokenizer=tokenizer,
         chat_template=tokenizer.chat_template,
         image_seq_length=config.image_seq_length,
     )
     processor.save_pretrained(str(directory))
+    return image_processor

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -43,11 +44,22 @@ _DTYPE_TO_ST = {
 _ST_TO_DTYPE = {tag: dtype for dtype, tag in _DTYPE_TO_ST.items()}
 
 
-def dtype_from_safetensors(tag: str) -> torch.dtype:
+def dtype_from_safetensors(tag: str, where: str = "a tensor") -> torch.dtype:
     try:
         return _ST_TO_DTYPE[tag]
     except KeyError:
-        raise ConversionError(f"unsupported safetensors dtype {tag!r}") from None
+        supported = ", ".join(sorted(_ST_TO_DTYPE))
+        raise ConversionError(
+            f"{where} has the safetensors dtype {tag!r}, which the converter does not read (supported: {supported}); "
+            "save that tensor in one of those dtypes (e.g. bfloat16) first."
+        ) from None
+
+
+def _corrupt(path: Path, reason: str) -> ConversionError:
+    return ConversionError(
+        f"{path} is not a valid safetensors file: {reason}. The download is probably incomplete or corrupt; "
+        "download this file again from the original checkpoint."
+    )
 
 
 def nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
@@ -76,21 +88,60 @@ class SourceShard:
             )
 
     def tensor_infos(self) -> dict[str, TensorInfo]:
-        """Names, shapes and dtypes without reading tensor data (file order)."""
+        """Names, shapes and dtypes without reading tensor data (file order).
+
+        A safetensors header is checked against the file before anything is converted: every tensor's byte range
+        must match its dtype and shape, the ranges must tile the data section, and the file must be exactly as
+        long as the header says (a truncated download fails here, not halfway through the conversion).
+        """
         if self.is_pickle:
             state = self._load_pickle()
             infos = {key: TensorInfo(tuple(t.shape), t.dtype) for key, t in state.items()}
             del state
             return infos
-        with open(self.path, "rb") as handle:
-            try:
+        try:
+            size = self.path.stat().st_size
+            with open(self.path, "rb") as handle:
+                if size < 8:
+                    raise _corrupt(self.path, "the file is empty" if size == 0 else f"the file has only {size} bytes")
                 (length,) = struct.unpack("<Q", handle.read(8))
+                if length > size - 8:
+                    raise _corrupt(self.path, f"its header length ({length} bytes) exceeds the file ({size} bytes)")
                 header = json.loads(handle.read(length))
-            except (struct.error, json.JSONDecodeError, UnicodeDecodeError) as error:
-                raise ConversionError(f"{self.path} is not a valid safetensors file ({error})") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise _corrupt(self.path, f"its header is not JSON ({error})") from None
+        except OSError as error:
+            raise ConversionError(f"cannot read {self.path} ({error.strerror or error}); check that it is a readable "
+                                  "file.") from None
+        if not isinstance(header, dict):
+            raise _corrupt(self.path, "its header is not a JSON object")
         header.pop("__metadata__", None)
-        ordered = sorted(header.items(), key=lambda item: item[1]["data_offsets"][0])
-        return {key: TensorInfo(tuple(meta["shape"]), dtype_from_safetensors(meta["dtype"])) for key, meta in ordered}
+        infos, ranges = {}, []
+        for key, meta in header.items():
+            try:
+                shape = tuple(int(n) for n in meta["shape"])
+                start, end = (int(n) for n in meta["data_offsets"])
+                tag = meta["dtype"]
+            except (KeyError, TypeError, ValueError):
+                raise _corrupt(self.path, f"the header entry of tensor {key!r} is malformed ({meta!r})") from None
+            dtype = dtype_from_safetensors(tag, where=f"tensor {key!r} of {self.path}")
+            if min(shape, default=0) < 0 or end - start != nbytes(shape, dtype) or start < 0:
+                raise _corrupt(self.path, f"tensor {key!r} ({tag} {list(shape)}) has the byte range [{start}, {end}), "
+                                          "which does not fit its dtype and shape")
+            infos[key] = TensorInfo(shape, dtype)
+            ranges.append((start, end, key))
+        ranges.sort()
+        position = 0
+        for start, end, key in ranges:
+            if start != position:
+                raise _corrupt(self.path, f"the data of tensor {key!r} starts at byte {start}, expected {position} "
+                                          "(overlapping or gapped tensors)")
+            position = end
+        expected_size = 8 + length + position
+        if size != expected_size:
+            state = "truncated" if size < expected_size else "longer than its header says"
+            raise _corrupt(self.path, f"it is {state} ({size} bytes, the header describes {expected_size})")
+        return {key: infos[key] for _, _, key in ranges}
 
     def iter_tensors(self, keys: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield ``(key, tensor)`` one at a time; the file is closed (unmapped) when the iteration ends."""
@@ -102,23 +153,45 @@ class SourceShard:
             finally:
                 del state
             return
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(str(self.path), framework="pt", device="cpu") as handle:
-            for key in keys:
-                yield key, handle.get_tensor(key)
+        try:
+            with safe_open(str(self.path), framework="pt", device="cpu") as handle:
+                for key in keys:
+                    yield key, handle.get_tensor(key)
+        except (SafetensorError, OSError) as error:  # the file changed since its header was checked
+            raise _corrupt(self.path, f"reading it failed ({error})") from None
 
     def _load_pickle(self) -> dict[str, torch.Tensor]:
+        import pickle
+
+        def load(mmap: bool):
+            return torch.load(self.path, map_location="cpu", weights_only=True, mmap=mmap)
+
         try:
-            # mmap keeps the pickle's storages on disk until touched (zipfile format); older files need a full load.
-            state = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:
-            state = torch.load(self.path, map_location="cpu", weights_only=True)
-        except Exception as error:  # weights_only refuses anything but tensors and plain containers
-            raise ConversionError(f"cannot load {self.path} with torch.load(weights_only=True): {error}") from None
+            try:
+                # mmap keeps the pickle's storages on disk until touched (zipfile format); older files need a
+                # full load.
+                state = load(mmap=True)
+            except RuntimeError:
+                state = load(mmap=False)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError) as error:
+            # weights_only refuses anything but tensors and plain containers; a corrupt file fails to unpickle
+            raise ConversionError(
+                f"cannot load {self.path} with torch.load(weights_only=True) ({_unpickling_reason(error)}); the file "
+                "is corrupt or holds more than tensors. Download it again, or convert the original to safetensors."
+            ) from None
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise ConversionError(f"{self.path} does not hold a flat state dict of tensors")
         return state
+
+
+def _unpickling_reason(error: BaseException) -> str:
+    """The cause inside torch.load's long weights_only message (which otherwise suggests weights_only=False)."""
+    text = str(error)
+    match = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\s*\n|$)", text, flags=re.S)
+    reason = match.group(1) if match else (text.strip().splitlines() or [type(error).__name__])[0]
+    return " ".join(reason.split()).split(". Please use")[0]
 
 
 def find_weight_files(src: Path, allow_pickle: bool) -> list[SourceShard]:
@@ -127,8 +200,15 @@ def find_weight_files(src: Path, allow_pickle: bool) -> list[SourceShard]:
                                     (PICKLE_WEIGHTS_INDEX_NAME, PICKLE_WEIGHTS_NAME)):
         index_path = src / index_name
         if index_path.is_file():
-            with open(index_path, encoding="utf-8") as handle:
-                weight_map = json.load(handle).get("weight_map", {})
+            from .source import read_json_file
+
+            index = read_json_file(index_path, "weight index")
+            weight_map = index.get("weight_map") if isinstance(index, dict) else None
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise ConversionError(
+                    f"{index_path} has no weight_map of tensor name -> file name; copy the index again from the "
+                    "original checkpoint."
+                )
             names = sorted(set(weight_map.values()))
             missing = [name for name in names if not (src / name).is_file()]
             if missing:

@@ -47,18 +47,71 @@ class SourceCheckpoint:
         return counts.most_common(1)[0][0] if counts else torch.float32
 
 
+# Keys every OpenGVLab config.json has (save_pretrained writes them); without them the model cannot be rebuilt.
+_REQUIRED_KEYS = {
+    "llm_config": ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "vocab_size"),
+    "vision_config": ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers"),
+}
+# JSON files of the source that conversion reads (the tokenizer's among them): each must parse.
+_JSON_FILES = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "tokenizer.json",
+               "vocab.json", "generation_config.json")
+
+
+def read_json_file(path: Path, what: str = "file") -> Any:
+    """Parse a JSON file of the source; a ConversionError naming it (and the fix) if it cannot be read."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ConversionError(
+            f"{path} is not valid JSON ({error}); the {what} is corrupt or truncated: copy it again from the "
+            "original checkpoint."
+        ) from None
+    except OSError as error:
+        raise ConversionError(f"cannot read {path} ({error.strerror or error}); check that it is a readable file.") \
+            from None
+
+
+def _check_config(config: Any, config_path: Path) -> None:
+    if not isinstance(config, dict):
+        raise ConversionError(f"{config_path} holds a JSON {type(config).__name__}, not an object; restore the "
+                              "checkpoint's config.json.")
+    for section, keys in _REQUIRED_KEYS.items():
+        if section not in config:
+            continue  # reported below with the layout explanation
+        if not isinstance(config[section], dict):
+            raise ConversionError(f"{config_path}: {section} is a {type(config[section]).__name__}, not an object; "
+                                  "restore the checkpoint's config.json.")
+        missing = [key for key in keys if key not in config[section]]
+        if missing:
+            raise ConversionError(
+                f"{config_path}: {section} lacks {', '.join(missing)}; the file is incomplete, restore config.json "
+                "from the original checkpoint."
+            )
+
+
 def read_source(path: str | Path, allow_pickle: bool) -> SourceCheckpoint:
     path = Path(path)
+    try:
+        return _read_source(path, allow_pickle)
+    except OSError as error:  # e.g. a folder the user may not list: Path.exists() raises instead of answering
+        where = f" ({error.filename})" if error.filename and str(error.filename) != str(path) else ""
+        raise ConversionError(f"cannot read SRC {path}{where}: {error.strerror or error}; check that the folder and "
+                              "its files are readable.") from None
+
+
+def _read_source(path: Path, allow_pickle: bool) -> SourceCheckpoint:
     if not path.is_dir():
         raise ConversionError(
             f"SRC {path} is not a folder; pass the local folder of an OpenGVLab InternVL2 model (download it first, "
             "e.g. `huggingface-cli download OpenGVLab/InternVL2-2B --local-dir InternVL2-2B`)."
         )
     config_path = path / "config.json"
-    if not config_path.is_file():
-        raise ConversionError(f"{path} has no config.json")
-    with open(config_path, encoding="utf-8") as handle:
-        config = json.load(handle)
+    if not config_path.exists():
+        raise ConversionError(f"{path} has no config.json; SRC must be a complete InternVL2 / InternVL-X checkpoint "
+                              "folder.")
+    config = read_json_file(config_path, "config")
+    _check_config(config, config_path)
     if config.get("model_type") == "internvlx":
         raise ConversionError(f"{path} is already an internvlx-hf checkpoint; load it with from_pretrained.")
     if "llm_config" not in config or "vision_config" not in config:
@@ -67,5 +120,8 @@ def read_source(path: str | Path, allow_pickle: bool) -> SourceCheckpoint:
             "the OpenGVLab InternVLChatModel layout this converter reads (InternVL2, InternVL-X). transformers-native "
             "InternVL checkpoints (model_type 'internvl') load with transformers directly."
         )
+    for name in _JSON_FILES:
+        if (path / name).exists():
+            read_json_file(path / name, "tokenizer file" if name != "generation_config.json" else "file")
     shards = find_weight_files(path, allow_pickle)
     return SourceCheckpoint(path=path, config=config, shards=shards, infos=[s.tensor_infos() for s in shards])

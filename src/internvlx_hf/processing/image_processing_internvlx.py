@@ -7,6 +7,8 @@ transformers (PIL because the reference resizes and converts with PIL and its be
 
 import math
 import os
+import struct
+import zlib
 from enum import Enum
 from functools import lru_cache
 from pathlib import Path
@@ -186,6 +188,18 @@ def _array_to_pil(image: Any) -> Image.Image:
     return to_pil_image(image, do_rescale=False, input_data_format=channel_format)
 
 
+# What PIL's decoders raise on data they cannot parse (a truncated file, garbage after a valid header). Truncated
+# files are never decoded partially: PIL's `ImageFile.LOAD_TRUNCATED_IMAGES` is left off.
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error, IndexError, KeyError)
+
+
+def _undecodable(where: str, err: BaseException) -> ValueError:
+    return ValueError(
+        f"{where}: the image data could not be decoded ({err or type(err).__name__}); the file is probably "
+        "truncated or corrupt. Re-download or re-export it."
+    )
+
+
 def _load_rgb_image(image: Any, index: int = 0, apply_exif_orientation: bool = False) -> Image.Image:
     """Open/convert one input the way the reference does (`Image.open(f).convert("RGB")`), with errors that name it.
 
@@ -212,6 +226,13 @@ def _load_rgb_image(image: Any, index: int = 0, apply_exif_orientation: bool = F
                 f"{where}: not a readable image (PIL cannot identify the format; the file may be corrupt or not an "
                 "image). Re-export it as PNG or JPEG."
             ) from err
+        except OSError as err:
+            if err.errno is not None:  # the file system's error (permissions, I/O), not the image data's
+                raise OSError(err.errno, f"{where}: cannot read the file ({err.strerror}); check that it is a "
+                                         "readable file") from err
+            raise _undecodable(where, err) from err
+        except _DECODE_ERRORS as err:  # a recognised header followed by data PIL cannot parse
+            raise _undecodable(where, err) from err
         image = opened
     elif is_numpy_array(image) or is_torch_tensor(image):
         try:
@@ -228,13 +249,10 @@ def _load_rgb_image(image: Any, index: int = 0, apply_exif_orientation: bool = F
         if apply_exif_orientation:
             image = ImageOps.exif_transpose(image)
         image.load()
-    except (OSError, SyntaxError, ValueError) as err:
+    except _DECODE_ERRORS as err:
         if opened_here:
             image.close()
-        raise ValueError(
-            f"{where}: the image data could not be decoded ({err}); the file is probably truncated or corrupt. "
-            "Re-download or re-export it."
-        ) from err
+        raise _undecodable(where, err) from err
     if image.width < 1 or image.height < 1:
         raise ValueError(f"{where}: the image is empty ({image.width}x{image.height}); every side must be >= 1 pixel")
     if image.mode == "RGB":
