@@ -1,14 +1,23 @@
-"""The tokenizer: InternLM2's sentencepiece model -> a fast tokenizer with identical ids; others pass through.
+"""The tokenizer: sentencepiece models -> a fast tokenizer with the slow tokenizer's ids; others pass through.
 
-InternVL2's reference code tokenizes with the *slow* sentencepiece classes (InternLM2Tokenizer, LlamaTokenizer
-with ``legacy=True``). They split the text at every added/special token and encode each remaining chunk on its own
-with sentencepiece, whose ``add_dummy_prefix`` puts a ``▁`` in front of *every* chunk (``<|im_start|>system`` ->
-``<|im_start|>``, ``▁s``, ...). A `tokenizers` pipeline does the same when the sentencepiece vocabulary becomes a
-byte-fallback BPE, the added tokens are extracted first (they are never normalised), and the normaliser
-unconditionally prepends ``▁`` and turns spaces into ``▁`` on each remaining chunk. (A Metaspace pre-tokenizer
-with ``prepend_scheme="always"`` is *not* equivalent: it skips the prefix when a chunk already starts with a
-space, where sentencepiece adds it anyway.) The merges are ranked by the sentencepiece piece scores, as
-sentencepiece's BPE merges the highest-scoring pair first.
+InternVL2's reference code tokenizes with the *slow* sentencepiece classes (InternLM2Tokenizer, LlamaTokenizer).
+Their sentencepiece BPE becomes a byte-fallback BPE whose merges are ranked by the piece scores (sentencepiece merges
+the highest-scoring pair first); the added tokens are extracted from the text first (never normalised), and:
+
+* InternLM2Tokenizer and LlamaTokenizer with ``legacy=True`` encode every chunk between added tokens on its own with
+  sentencepiece's ``add_dummy_prefix``, which puts a ``▁`` in front of *every* chunk (``<|im_start|>system`` ->
+  ``<|im_start|>``, ``▁s``, ...): a normaliser that unconditionally prepends ``▁`` and turns spaces into ``▁``. (A
+  Metaspace pre-tokenizer with ``prepend_scheme="always"`` is *not* equivalent: it skips the prefix when a chunk
+  already starts with a space, where sentencepiece adds it anyway.)
+* LlamaTokenizer with ``legacy=False`` (Phi-3: InternVL2-4B) puts one ``▁`` in front of the whole text, before the
+  split, and drops it before a token of ``all_special_tokens``. The chunks get no prefix of their own; the text-start
+  rule cannot be written in a ``tokenizers`` pipeline and lives in `InternVLXLlamaTokenizerFast`
+  (``processing/tokenization_internvlx.py``, saved next to the checkpoint), which also decodes like the slow class.
+
+Only ``all_special_tokens`` (bos, eos, unk, pad, additional_special_tokens) are marked special, so that
+``skip_special_tokens`` drops what the slow tokenizers drop (Phi-3's chat tokens stay). Control pieces the source does
+not list as added tokens (Phi-3's ``</s>``) are ordinary vocabulary, as in the slow tokenizer: the text ``</s>`` is
+text. A source without a pad token gets one (`choose_pad_token`).
 
 Tokenizers that already ship a ``tokenizer.json`` (Qwen2, Llama-3) are loaded from it unchanged.
 """
@@ -76,22 +85,50 @@ def is_sentencepiece_tokenizer(src: Path) -> bool:
     return name.startswith("LlamaTokenizer") and (src / SPM_MODEL_NAME).is_file()
 
 
-def sentencepiece_to_tokenizers(model_file: Path, added: dict[int, dict], *, legacy: bool = True,
-                                bos_token: str | None = "<s>", eos_token: str | None = "</s>",
-                                add_bos_token: bool = True, add_eos_token: bool = False):
-    """A `tokenizers.Tokenizer` that encodes like the slow sentencepiece tokenizer (see the module docstring)."""
+def _read_sentencepiece(model_file: Path):
     try:
         from sentencepiece import sentencepiece_model_pb2
     except ImportError as error:  # protobuf missing as well
         raise ConversionError(
             f"converting {model_file} needs sentencepiece and protobuf: pip install 'internvlx-hf[convert]' ({error})"
         ) from None
+    proto = sentencepiece_model_pb2.ModelProto()
+    try:
+        proto.ParseFromString(model_file.read_bytes())
+    except Exception as error:  # protobuf's DecodeError
+        raise ConversionError(f"{model_file} is not a sentencepiece model ({error}); copy it again from the "
+                              "original checkpoint") from None
+    return proto
+
+
+def sentencepiece_facts(model_file: Path) -> dict:
+    """What decoding needs to know about a sentencepiece model (see `InternVLXLlamaTokenizerFast`)."""
+    proto = _read_sentencepiece(model_file)
+    pieces = list(proto.pieces)
+    return {
+        "vocab_size": len(pieces),
+        "control": [piece.piece for piece in pieces if piece.type == _CONTROL],
+        "unknown": pieces[proto.trainer_spec.unk_id].piece if 0 <= proto.trainer_spec.unk_id < len(pieces) else None,
+        "add_dummy_prefix": bool(proto.normalizer_spec.add_dummy_prefix),
+    }
+
+
+def sentencepiece_to_tokenizers(model_file: Path, added: dict[int, dict], *, legacy: bool = True,
+                                bos_token: str | None = "<s>", eos_token: str | None = "</s>",
+                                add_bos_token: bool = True, add_eos_token: bool = False,
+                                special_tokens: set[str] | None = None):
+    """A `tokenizers.Tokenizer` that encodes like the slow sentencepiece tokenizer (see the module docstring).
+
+    ``added``: id -> AddedToken fields of the source's added tokens. ``special_tokens``: the source's
+    ``all_special_tokens`` (bos, eos, unk, pad, additional_special_tokens); only these are marked special, so that
+    ``decode(skip_special_tokens=True)`` drops what the slow tokenizer drops (Phi-3's chat tokens stay). ``None``
+    keeps each token's own ``special`` flag.
+    """
     from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokenizers, processors
     from tokenizers.models import BPE
     from transformers.tokenization_utils_base import generate_merges
 
-    proto = sentencepiece_model_pb2.ModelProto()
-    proto.ParseFromString(model_file.read_bytes())
+    proto = _read_sentencepiece(model_file)
     trainer, norm = proto.trainer_spec, proto.normalizer_spec
     if trainer.model_type != 2:  # BPE
         raise ConversionError(f"{model_file}: only sentencepiece BPE models are supported (InternLM2, Llama); "
@@ -109,8 +146,7 @@ def sentencepiece_to_tokenizers(model_file: Path, added: dict[int, dict], *, leg
     not_mergeable = {piece.piece for piece in pieces if piece.type != _NORMAL}
     merges = generate_merges(vocab, scores, skip_tokens=not_mergeable)
 
-    # Tokens added on top of the sentencepiece vocabulary keep their ids: they go into the BPE vocabulary at
-    # those ids (no merge produces them) and are registered as added tokens so they split the text first.
+    # Tokens added on top of the sentencepiece vocabulary are appended in id order, so they keep their ids.
     extra = {index: token for index, token in added.items() if index >= len(pieces)}
     for index, token in added.items():
         if index < len(pieces) and pieces[index].piece != token["content"]:
@@ -124,87 +160,148 @@ def sentencepiece_to_tokenizers(model_file: Path, added: dict[int, dict], *, leg
             f"added tokens must follow the sentencepiece vocabulary ({len(pieces)} pieces) without gaps; got ids "
             f"{sorted(extra)}"
         )
-    for index in expected_ids:
-        vocab[extra[index]["content"]] = index
     unk = pieces[trainer.unk_id].piece if trainer.unk_id >= 0 else None
     tokenizer = Tokenizer(BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True,
                               byte_fallback=trainer.byte_fallback, dropout=None))
 
     if legacy:
+        # every chunk between added tokens gets sentencepiece's dummy prefix
         steps = [normalizers.Replace(" ", "▁")]
         if norm.add_dummy_prefix:
             steps.insert(0, normalizers.Prepend("▁"))
         tokenizer.normalizer = normalizers.Sequence(steps)
     else:
-        # LlamaTokenizer(legacy=False): one "▁" at the start of the text only, none after special tokens.
-        scheme = "first" if norm.add_dummy_prefix else "never"
+        # LlamaTokenizer(legacy=False) puts one "▁" in front of the whole text, none after added tokens. The
+        # converted tokenizer's class (InternVLXLlamaTokenizerFast) writes that "▁" itself; "first" makes the
+        # bare tokenizer.json right on its own for texts that start with ordinary text (not for those that start
+        # with an added token, which no tokenizers pipeline can express). Without byte fallback an unknown first
+        # character must not get a "▁" (the slow tokenizer drops it in front of <unk>).
+        scheme = "first" if trainer.byte_fallback else "never"
         tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=scheme, split=False)
-    decoder_steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
-    if norm.add_dummy_prefix:
+    added_contents = {token["content"] for token in added.values()}
+    # control pieces that are not added tokens (Phi-3's "</s>") decode to nothing, as in sentencepiece
+    decoder_steps = [decoders.Replace(piece.piece, "") for piece in pieces
+                     if piece.type == _CONTROL and piece.piece not in added_contents]
+    decoder_steps += [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if norm.add_dummy_prefix or not legacy:
         decoder_steps.append(decoders.Strip(content=" ", left=1))
     tokenizer.decoder = decoders.Sequence(decoder_steps)
 
-    special_pieces = {index for index, piece in enumerate(pieces) if piece.type in (_UNKNOWN, _CONTROL)}
+    # Added tokens: those of the source, and user-defined pieces (sentencepiece matches those in the text).
+    # Control pieces the source does not list stay ordinary vocabulary: "</s>" in a Phi-3 text is text.
+    user_defined = {i for i, p in enumerate(pieces) if p.type == _USER_DEFINED}
     added_tokens = []
-    for index in sorted(set(added) | special_pieces | {i for i, p in enumerate(pieces) if p.type == _USER_DEFINED}):
-        token = added[index] if index in added else {"content": pieces[index].piece,
-                                                       "special": index in special_pieces}
+    for index in sorted(set(added) | user_defined):
+        token = added[index] if index in added else {"content": pieces[index].piece, "special": False}
+        special = bool(token.get("special", True)) if special_tokens is None else token["content"] in special_tokens
         added_tokens.append(AddedToken(
             token["content"],
             single_word=bool(token.get("single_word", False)),
             lstrip=bool(token.get("lstrip", False)),
             rstrip=bool(token.get("rstrip", False)),
             normalized=bool(token.get("normalized", False)),
-            special=bool(token.get("special", True)),
+            special=special,
         ))
     tokenizer.add_tokens(added_tokens)
+    for index in expected_ids:
+        if tokenizer.token_to_id(extra[index]["content"]) != index:
+            raise ConversionError(f"{model_file}: the added token {extra[index]['content']!r} did not get id {index}")
 
-    single, pair, specials = "$A:0", "$A:0 $B:1", []
+    # as LlamaTokenizer.build_inputs_with_special_tokens: [bos] A [eos] ([bos] B [eos])
+    specials, ends = [], {}
     for flag, token, where in ((add_bos_token, bos_token, "start"), (add_eos_token, eos_token, "end")):
         if not flag or token is None:
             continue
-        if token not in vocab:
+        token_id = tokenizer.token_to_id(token)
+        if token_id is None:
             raise ConversionError(f"{model_file}: the {where} token {token!r} is not in the vocabulary")
-        specials.append((token, vocab[token]))
-        if where == "start":
-            single, pair = f"{token}:0 {single}", f"{token}:0 $A:0 {token}:1 $B:1"
-        else:
-            single, pair = f"{single} {token}:0", f"{pair} {token}:1"
+        specials.append((token, token_id))
+        ends[where] = token
+    start, end = ends.get("start"), ends.get("end")
+
+    def sequence(part: str, type_id: int) -> str:
+        return " ".join(([f"{start}:{type_id}"] if start else []) + [f"${part}:{type_id}"]
+                        + ([f"{end}:{type_id}"] if end else []))
+
+    single, pair = sequence("A", 0), sequence("A", 0) + " " + sequence("B", 1)
     tokenizer.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=specials)
     return tokenizer
 
 
+def choose_pad_token(tokenizer: Any, chat_template: str | None) -> str:
+    """The pad token for a tokenizer that has none (InternVL2's Llama-based sources).
+
+    Padding needs a token id, and code that builds labels from ``input_ids`` often masks every position holding the
+    pad id. So the pad token must be a token the model is never trained to emit: not the chat template's end-of-turn
+    token (``<|im_end|>``, ``<|end|>``: generation stops there and training learns it) or anything else the template
+    writes. In order: the tokenizer's eos token when the template does not write it (InternVL2 ends turns with the
+    template separator, never with the tokenizer eos; InternLM2 and Phi-3 checkpoints pad with that eos too), else
+    the unknown token (a byte-fallback tokenizer never produces it), else bos.
+    """
+    template = chat_template or ""
+    for token in (tokenizer.eos_token, tokenizer.unk_token, tokenizer.bos_token):
+        if token and token not in template:
+            return str(token)
+    raise ConversionError(
+        "the source tokenizer has no pad token, and its eos/unk/bos tokens are all written by the chat template "
+        "(padding with one of them would hide it from the loss); set \"pad_token\" in the source's "
+        "tokenizer_config.json to a token the model never has to produce."
+    )
+
+
 def convert_tokenizer(src: Path, chat_template: str | None) -> ConvertedTokenizer:
-    """Load or build the fast tokenizer of the OpenGVLab checkpoint in ``src``."""
+    """Load or build the fast tokenizer of the OpenGVLab checkpoint in ``src``.
+
+    sentencepiece sources (InternLM2, Llama-family such as Phi-3) become a byte-fallback BPE ``tokenizer.json`` with
+    the slow tokenizer's ids; `LlamaTokenizer` sources use `InternVLXLlamaTokenizerFast` on top of it (the slow
+    tokenizer's text-start and decoding rules, see its docstring). A source without a pad token gets one
+    (`choose_pad_token`).
+    """
     from transformers import TokenizersBackend
 
     config = _read_json(src / "tokenizer_config.json")
+    special_map = _read_json(src / "special_tokens_map.json")
+
+    def named(key: str) -> str | None:  # as the slow tokenizer: tokenizer_config.json first
+        return _token_content(config[key] if key in config else special_map.get(key))
+
     if is_sentencepiece_tokenizer(src):
         model_file = src / SPM_MODEL_NAME
         if not model_file.is_file():
             raise ConversionError(f"{src} uses {config.get('tokenizer_class')} but has no {SPM_MODEL_NAME}")
         legacy = config.get("legacy")
         legacy = True if legacy is None else bool(legacy)  # the slow LlamaTokenizer's default
-        bos, eos = _token_content(config.get("bos_token")), _token_content(config.get("eos_token"))
+        bos, eos, unk, pad = named("bos_token"), named("eos_token"), named("unk_token"), named("pad_token")
+        extra = config.get("additional_special_tokens", special_map.get("additional_special_tokens")) or []
+        extra = [_token_content(token) for token in extra]
         add_bos = bool(config.get("add_bos_token", True))
         add_eos = bool(config.get("add_eos_token", False))
         backend = sentencepiece_to_tokenizers(model_file, _added_tokens(src, config), legacy=legacy,
                                               bos_token=bos, eos_token=eos, add_bos_token=add_bos,
-                                              add_eos_token=add_eos)
-        specials = [_token_content(t) for t in config.get("additional_special_tokens") or []]
-        tokenizer = TokenizersBackend(
+                                              add_eos_token=add_eos,
+                                              special_tokens={t for t in (bos, eos, unk, pad, *extra) if t})
+        options = dict(
             tokenizer_object=backend,
             bos_token=bos,
             eos_token=eos,
-            unk_token=_token_content(config.get("unk_token")),
-            pad_token=_token_content(config.get("pad_token")),
-            additional_special_tokens=specials,
+            unk_token=unk,
+            pad_token=pad,
+            additional_special_tokens=extra,
             add_bos_token=add_bos,
             add_eos_token=add_eos,
             clean_up_tokenization_spaces=bool(config.get("clean_up_tokenization_spaces", False)),
             model_max_length=config.get("model_max_length", 8192),
         )
-        kind = f"{config.get('tokenizer_class', 'sentencepiece')} ({SPM_MODEL_NAME}) -> fast BPE"
+        name = config.get("tokenizer_class", "sentencepiece")
+        if str(name).startswith("LlamaTokenizer"):
+            from ..processing.tokenization_internvlx import InternVLXLlamaTokenizerFast
+
+            tokenizer = InternVLXLlamaTokenizerFast(legacy=legacy, sentencepiece=sentencepiece_facts(model_file),
+                                                    **options)
+            kind = f"{name} (legacy={legacy}, {SPM_MODEL_NAME}) -> fast BPE + InternVLXLlamaTokenizerFast"
+        else:
+            tokenizer = TokenizersBackend(**options)
+            kind = f"{name} ({SPM_MODEL_NAME}) -> fast BPE"
     elif (src / FAST_TOKENIZER_NAME).is_file():
         tokenizer = TokenizersBackend.from_pretrained(str(src), trust_remote_code=False)
         kind = f"{config.get('tokenizer_class', 'fast')} ({FAST_TOKENIZER_NAME}, unchanged)"
@@ -225,4 +322,7 @@ def convert_tokenizer(src: Path, chat_template: str | None) -> ConvertedTokenize
         tokenizer.init_kwargs.pop(key, None)
     if chat_template is not None:
         tokenizer.chat_template = chat_template
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = choose_pad_token(tokenizer, chat_template)
+        kind += f"; pad token {tokenizer.pad_token} (the source has none)"
     return ConvertedTokenizer(tokenizer=tokenizer, kind=kind)

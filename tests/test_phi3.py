@@ -1,0 +1,160 @@
+"""InternVL2-4B (Phi-3, 'su' rope, LlamaTokenizer legacy=False): the converted ``internvl2_phi3`` fixture against its
+reference run (prompt ids, pixels, logits, greedy tokens, chat() answer, the su rope switch during cached decoding)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import golden
+from conftest import run_isolated_python
+from internvlx_hf.conversion import convert
+
+FIXTURE = "internvl2_phi3"
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    dst = tmp_path_factory.mktemp("phi3") / FIXTURE
+    report = convert(golden.fixture_path(FIXTURE), dst, progress=False)
+    return dst, report
+
+
+def test_conversion_summary(converted):
+    dst, report = converted
+    assert report.dropped == {} and report.new == {}
+    assert report.text_model_type == "phi3"
+    assert (report.eos_token, report.eos_token_id) == ("<|end|>", 807)  # the phi3-chat separator, not <|endoftext|>
+    assert "InternVLXLlamaTokenizerFast" in report.tokenizer and "legacy=False" in report.tokenizer
+    config = json.loads((dst / "tokenizer_config.json").read_text())
+    assert config["auto_map"]["AutoTokenizer"] == [None, "tokenization_internvlx.InternVLXLlamaTokenizerFast"]
+    assert (config["legacy"], config["pad_token"]) == (False, "<|endoftext|>")
+    assert (dst / "tokenization_internvlx.py").is_file() and not (dst / "tokenizer.model").exists()
+    rope = json.loads((dst / "config.json").read_text())["text_config"]["rope_parameters"]
+    assert rope["rope_type"] == "longrope" and rope["original_max_position_embeddings"] == 512
+
+
+PARITY_SCRIPT = r"""
+import json, sys, torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from transformers import AutoModel, AutoProcessor, AutoTokenizer
+
+dst, inputs_path, outputs_path, meta_path = sys.argv[1:5]
+ref = load_file(inputs_path)
+meta = json.load(open(meta_path))
+pixel_values = ref["pixel_values"]
+result, outputs = {}, {}
+
+model = AutoModel.from_pretrained(dst, trust_remote_code=True, dtype=torch.float32).eval()
+result["class"] = type(model).__name__
+with torch.no_grad():
+    outputs["logits"] = model(input_ids=ref["input_ids"], pixel_values=pixel_values,
+                              attention_mask=ref["attention_mask"]).logits
+out = model.generate(input_ids=ref["input_ids"], pixel_values=pixel_values, attention_mask=ref["attention_mask"],
+                     max_new_tokens=8, do_sample=False)
+result["generated"] = out[0, ref["input_ids"].shape[1]:].tolist()
+
+tokenizer = AutoTokenizer.from_pretrained(dst, trust_remote_code=True)
+result["tokenizer_class"] = type(tokenizer).__name__
+result["tokenizer_ids"] = tokenizer(meta["prompt"])["input_ids"]
+result["eos_token"] = tokenizer.convert_ids_to_tokens(model.generation_config.eos_token_id)
+result["decoded"] = tokenizer.decode(result["generated"], skip_special_tokens=True)
+result["chat"] = model.chat(tokenizer, pixel_values, meta["question"], dict(max_new_tokens=8, do_sample=False))
+
+processor = AutoProcessor.from_pretrained(dst, trust_remote_code=True)
+messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": meta["question"]}]}]
+prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+result["prompt"] = prompt
+inputs = processor(images=[Image.open(meta["image"])], text=prompt, max_tiles=meta["max_tiles"], return_tensors="pt")
+outputs["processor_input_ids"] = inputs["input_ids"]
+outputs["processor_pixel_values"] = inputs["pixel_values"]
+save_file({k: v.contiguous() for k, v in outputs.items()}, outputs_path)
+print("RESULT" + json.dumps(result))
+"""
+
+
+def test_converted_phi3_matches_reference(converted, tmp_path):
+    """Loaded with trust_remote_code alone (internvlx_hf hidden): the processor gives the reference prompt, ids and
+    pixel values (sha256 of the float32 tensor), the tokenizer the reference ids (they start <s> ▁ <|system|>), the
+    logits match within 1e-4, the 8 greedy tokens and chat()'s answer are the reference's."""
+    dst, _ = converted
+    ref = golden.model_reference(FIXTURE)
+    save_file({"input_ids": ref.input_ids, "attention_mask": ref.attention_mask,
+               "pixel_values": ref.pixel_values()}, tmp_path / "inputs.safetensors")
+    meta = {"prompt": ref.prompt, "question": ref.question, "image": str(ref.image), "max_tiles": ref.max_tiles}
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    args = [str(dst), str(tmp_path / "inputs.safetensors"), str(tmp_path / "outputs.safetensors"),
+            str(tmp_path / "meta.json")]
+    code = "import sys\nsys.argv = [''] + " + repr(args) + "\n" + PARITY_SCRIPT
+    proc = run_isolated_python(code, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads([row for row in proc.stdout.splitlines() if "RESULT{" in row][-1].split("RESULT", 1)[1])
+    outputs = load_file(str(tmp_path / "outputs.safetensors"))
+
+    assert result["class"] == "InternVLXForConditionalGeneration"
+    assert result["tokenizer_class"] == "InternVLXLlamaTokenizerFast"
+    expected_ids = ref.input_ids[0].tolist()
+    assert expected_ids[:4] == [1, 741, 806, 13]  # <s> ▁ <|system|> \n: the lone "▁" is part of the reference input
+    assert result["tokenizer_ids"] == expected_ids
+    assert result["prompt"] == ref.meta["prompt_with_image_tag"]
+    assert torch.equal(outputs["processor_input_ids"], ref.input_ids)
+    pixel_values = outputs["processor_pixel_values"]
+    ref.pixels.assert_equal(pixel_values, what="the converted processor's pixel_values")
+    assert golden.tensor_sha256(pixel_values) == ref.meta["preprocess"]["pixel_values_sha256"]
+    worst = ref.logits.assert_close(outputs["logits"], atol=1e-4)
+    assert worst < 1e-4
+    assert result["generated"] == ref.generated_ids[0].tolist() == ref.meta["generation"]["generated_ids"]
+    assert result["eos_token"] == "<|end|>"
+    assert result["decoded"] == ref.meta["generation"]["generated_text"]
+    assert result["chat"] == ref.chat_response
+
+
+# ------------------------------------------------------------------------------------------------ su rope switch
+
+
+def _text_model_with_original_length(dst: Path, original: int):
+    """The converted model with the LLM's original_max_position_embeddings overridden, as the fixture's
+    rope_su_check did with the reference Phi3ForCausalLM (everything else unchanged)."""
+    from internvlx_hf import InternVLXConfig, InternVLXForConditionalGeneration
+
+    config = InternVLXConfig.from_pretrained(dst)
+    text = config.get_text_config()
+    text.original_max_position_embeddings = original
+    text.rope_parameters = {**text.rope_parameters, "original_max_position_embeddings": original}
+    return InternVLXForConditionalGeneration.from_pretrained(dst, config=config, dtype=torch.float32).eval()
+
+
+def test_su_rope_switches_from_short_to_long_factors(converted):
+    """rope_su_check: original_max_position_embeddings 96; a 72-token forward (short factors), 40 greedy steps with
+    the KV cache whose positions cross 96 at step 25 (each step picks its factors from its own positions while the
+    cached keys keep their rotation), and a 150-token forward (long factors)."""
+    dst, _ = converted
+    rope = golden.rope_check(FIXTURE, "rope_su_check")
+    original = rope.info["original_max_position_embeddings_override"]
+    model = _text_model_with_original_length(dst, original)
+    input_ids, attention_mask = rope.tensors["input_ids"], rope.tensors["attention_mask"]
+    # step k feeds position 71 + k: steps 0..24 stay within 96 positions (short factors), 25..39 do not (long)
+    assert (original, input_ids.shape[1], rope.info["max_new_tokens"]) == (96, 72, 40)
+    with torch.no_grad():
+        short = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        long = model(input_ids=rope.tensors["input_ids_long"],
+                     attention_mask=torch.ones_like(rope.tensors["input_ids_long"])).logits
+    assert rope.logits["logits"].assert_close(short, atol=1e-4) < 1e-4
+    assert rope.logits["logits_long"].assert_close(long, atol=1e-4) < 1e-4
+
+    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=40, do_sample=False,
+                         eos_token_id=807, pad_token_id=800, output_scores=True, return_dict_in_generate=True)
+    assert out.sequences[0, input_ids.shape[1]:].tolist() == rope.tensors["generated_ids"][0].tolist()
+    scores = torch.stack(out.scores, 1)[0]
+    per_step = (scores - rope.tensors["generation_scores"]).abs().amax(dim=-1)
+    assert per_step.max().item() < 1e-4, per_step
+    # the check has teeth: decoding everything with the long factors (what recomputing the sequence would do)
+    # departs from the reference from the first long step on, by far more than the tolerance
+    with torch.no_grad():
+        recomputed = model(input_ids=out.sequences[:, :-1]).logits[0, input_ids.shape[1] - 1:]
+    assert (recomputed - rope.tensors["generation_scores"]).abs().amax().item() > 0.1
