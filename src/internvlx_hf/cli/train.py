@@ -1,0 +1,124 @@
+"""`internvlx train`: fine-tune an internvlx-hf checkpoint with the HF Trainer (presets stage1, stage2, full, lora)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import Sequence
+from typing import get_type_hints
+
+from . import CLIError, Command
+
+_TRAIN_DESCRIPTION = """\
+Fine-tune an internvlx-hf checkpoint (made by `internvlx convert`) on InternVL's meta JSON / JSONL data with the
+Hugging Face Trainer. Every TrainingArguments flag works (--per_device_train_batch_size, --learning_rate,
+--max_steps, --bf16, --gradient_checkpointing, --save_strategy, --resume_from_checkpoint, --seed, --report_to,
+...), and so does `internvlx train CONFIG.yaml` with the same names as keys (flags given next to it win).
+
+It prints the trainable parameters per module group, a summary of the data (samples, images, tiles, tokens,
+skipped samples with their reasons) and the Trainer's progress bar. OUT and every OUT/checkpoint-* hold weights,
+config, remote code, processor and tokenizer, and load with AutoModel / AutoProcessor (trust_remote_code=True) where
+internvlx-hf is not installed; with --preset lora, OUT/adapter holds the PEFT adapter and OUT the merged model.
+
+presets:
+  stage1  projectors (mlp / pvtc, LVTC's LR and HR projectors); ViT and LLM frozen
+  stage2  LLM + projectors; ViT frozen (the InternVL-X fine-tuning recipe; default)
+  full    everything
+  lora    LoRA on the LLM's attention and MLP linears (--lora_target), projectors trained in full"""
+
+_TRAIN_EPILOG = """\
+examples:
+  # stage 1: train the new PVTC / LVTC projectors of an upgraded checkpoint
+  internvlx train --model ./InternVL2-2B-X --data meta.json --preset stage1 --output_dir out/stage1 \\
+      --per_device_train_batch_size 4 --learning_rate 1e-4 --num_train_epochs 1 --bf16
+
+  # stage 2: fine-tune the LLM and projectors, packed batches of up to 8192 tokens, gradient checkpointing
+  internvlx train --model out/stage1 --data meta.json --preset stage2 --output_dir out/stage2 \\
+      --max_length 8192 --packing --gradient_checkpointing --learning_rate 2e-5 --bf16
+
+  # LoRA on the LLM and the ViT; OUT/adapter = adapter, OUT = merged model
+  internvlx train --model ./InternVL2-2B-hf --data train.jsonl --preset lora --lora_r 16 \\
+      --lora_target llm,vision --output_dir out/lora --max_steps 1000
+
+  # the same options from a YAML file (keys = flag names), one overridden on the command line
+  internvlx train train.yaml --learning_rate 1e-5
+
+  # multi-GPU (DDP); add --deepspeed ds_zero2.json for ZeRO, see README "Fine-tuning"
+  torchrun --nproc_per_node 8 -m internvlx_hf train --model ... --data ... --output_dir ...
+
+--data: an InternVL meta JSON ({"name": {"root", "annotation", "repeat_time", "max_dynamic_patch"?}}) or JSONL files
+(InternVL `conversations` or TRL `messages` + `images` rows), comma-separated."""
+
+
+def _argument_classes():
+    from ..training.train import ARGUMENT_CLASSES
+
+    return ARGUMENT_CLASSES
+
+
+# `--debug` is the CLI's own flag (tracebacks); TrainingArguments' `debug` can still be set in CONFIG.yaml.
+_CLI_RESERVED = {"debug"}
+
+
+def _option_names() -> set[str]:
+    return {f.name for cls in _argument_classes() for f in dataclasses.fields(cls)
+            if f.init and f.name not in _CLI_RESERVED}
+
+
+def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    from transformers import HfArgumentParser
+
+    parser.usage = ("internvlx train [CONFIG.yaml] --model PATH --data META_JSON_OR_JSONL --output_dir OUT "
+                    "[--preset {stage1,stage2,full,lora}] [any TrainingArguments flag] ...")
+    parser.add_argument("config", nargs="?", metavar="CONFIG.yaml",
+                        help="YAML (or JSON) file of options; flags given next to it override its values")
+    titles = ("model", "data", "preset and LoRA", "training (transformers TrainingArguments)")
+    for cls, title in zip(_argument_classes(), titles):
+        group = parser.add_argument_group(title)
+        hints = get_type_hints(cls)
+        for field in dataclasses.fields(cls):
+            if field.init and field.name not in _CLI_RESERVED:
+                field.type = hints[field.name]  # what HfArgumentParser does before building each flag
+                HfArgumentParser._parse_dataclass_field(group, field)
+        for action in group._group_actions:  # the defaults are applied later, so show them in the help
+            if action.default not in (None, argparse.SUPPRESS) and action.help and "(default" not in action.help:
+                action.help += f" (default: {action.default})"
+    # Only flags actually given end up in the namespace, so that they can override a CONFIG.yaml; the dataclasses
+    # apply their own defaults afterwards (HfArgumentParser.parse_dict).
+    names = _option_names()
+    for action in parser._actions:
+        if action.dest in names:
+            action.required = False
+            action.default = argparse.SUPPRESS
+
+
+def parse_cli(args: argparse.Namespace | Sequence[str] | None):
+    """The four argument dataclasses of `train()` from a parsed namespace (or argv after ``train``)."""
+    from ..training.train import parse_train_args
+
+    if not isinstance(args, argparse.Namespace):
+        parser = argparse.ArgumentParser(prog="internvlx train")
+        _add_train_arguments(parser)
+        args = parser.parse_args(args)
+    given = {name: value for name, value in vars(args).items() if name in _option_names()}
+    try:
+        return parse_train_args(args.config, **given)
+    except TypeError as error:  # a dataclass refusing a value
+        raise CLIError(f"invalid training options: {error}") from None
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from ..training.train import train
+
+    train(*parse_cli(args))
+    return 0
+
+
+TRAIN = Command(
+    name="train",
+    help="fine-tune a checkpoint with the HF Trainer (presets stage1, stage2, full, lora)",
+    description=_TRAIN_DESCRIPTION,
+    epilog=_TRAIN_EPILOG,
+    add_arguments=_add_train_arguments,
+    run=_run_train,
+)

@@ -1,0 +1,42 @@
+"""Fine-tuning InternVL-X / InternVL2 checkpoints with the Hugging Face stack (Trainer, peft, TRL).
+
+    from internvlx_hf.training import InternVLXDataCollator, InternVLXDataset, apply_preset
+
+Modules: `formats` (InternVL JSONL / TRL rows -> chat messages), `encoding` (template rendering, tokenization and
+label masks from token boundaries), `data` (meta JSON / JSONL / datasets.Dataset, lazy images, length estimates),
+`collator` (padded or packed batches), `presets` (stage1 / stage2 / full / lora), `trainer` (`InternVLXTrainer`),
+`train` (`train()`, behind `internvlx train`).
+"""
+
+from .collator import InternVLXDataCollator
+from .data import DataSummary, InternVLXDataset, read_meta
+from .encoding import IGNORE_INDEX, ConversationEncoder
+from .formats import Sample, SampleError, sample_from_row
+from .presets import PRESETS, LoraSettings, apply_preset, format_trainable, lora_target_modules, trainable_parameters
+from .train import DataArguments, ModelArguments, PresetArguments, TrainResult, parse_train_args, train
+from .trainer import InternVLXTrainer
+
+__all__ = [
+    "IGNORE_INDEX",
+    "PRESETS",
+    "ConversationEncoder",
+    "DataArguments",
+    "DataSummary",
+    "InternVLXDataCollator",
+    "InternVLXDataset",
+    "InternVLXTrainer",
+    "LoraSettings",
+    "ModelArguments",
+    "PresetArguments",
+    "Sample",
+    "SampleError",
+    "TrainResult",
+    "apply_preset",
+    "format_trainable",
+    "lora_target_modules",
+    "parse_train_args",
+    "read_meta",
+    "sample_from_row",
+    "train",
+    "trainable_parameters",
+]

@@ -1,0 +1,236 @@
+"""Conversation -> input ids and labels, with label masks taken from token boundaries of the rendered template.
+
+InternVL's preprocessing re-tokenizes pieces of the prompt and counts their lengths to find the replies; where a
+piece tokenizes differently alone than in context the counts drift, and it prints "tokenization mismatch" and
+drops the sample's labels. Here the whole conversation is rendered once with the checkpoint's chat template and
+tokenized once with character offsets. The character span of every assistant reply (its text and end-of-turn
+token) comes from rendering the conversation's prefixes with the same template; a token is labelled when it lies
+inside a span. A token that straddles a span boundary makes the sample unusable (`SampleError`), so labels can
+never silently shift.
+
+Each `<image>` is tokenized as `<img></img>` and the `<IMG_CONTEXT>` run is inserted between the two ids; the image
+tokens are added special tokens, so this gives exactly the ids of tokenizing the expanded prompt (what the
+processor does at inference), without tokenizing thousands of placeholder characters.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+from typing import Any
+
+from transformers.utils.chat_template_utils import render_jinja_template
+
+from .formats import IMAGE_TAG, SampleError
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class RenderedConversation:
+    text: str
+    reply_spans: list[tuple[int, int]]  # character spans of assistant replies + their end-of-turn token
+    last_message_start: int  # character offset where the last message (its header included) starts
+
+
+@dataclass
+class EncodedConversation:
+    """Token ids and labels of one conversation (``input_ids`` is empty when encoded with ``expand=False``)."""
+
+    input_ids: list[int]
+    labels: list[int]
+    length: int  # number of tokens, image placeholders included
+    last_turn_start: int  # first token of the last message
+    image_end: int  # index after the last `</img>` (0 without images)
+    num_labels: int  # labelled tokens
+    first_label: int  # index of the first labelled token
+
+
+class ConversationEncoder:
+    """Renders and tokenizes conversations for training with a processor's tokenizer and chat template.
+
+    Args:
+        processor: an `InternVLXProcessor` (a fast tokenizer with offsets is needed).
+    """
+
+    def __init__(self, processor):
+        tokenizer = processor.tokenizer
+        if not getattr(tokenizer, "is_fast", False):
+            raise TypeError(
+                f"training needs a fast tokenizer (character offsets), got {type(tokenizer).__name__}; checkpoints "
+                "made by `internvlx convert` carry one (tokenizer.json)."
+            )
+        template = processor.chat_template
+        if isinstance(template, dict):
+            template = template.get("default")
+        if not isinstance(template, str):
+            raise ValueError("the processor has no chat template; set `processor.chat_template` (see "
+                             "internvlx_hf.processing.CHAT_TEMPLATES).")
+        self.tokenizer = tokenizer
+        self.template = template
+        self.image_seq_length = processor.image_seq_length
+        self.start_id = processor.start_image_token_id
+        self.end_id = processor.end_image_token_id
+        self.context_id = processor.image_token_id
+        self.pair = processor.start_image_token + processor.end_image_token
+        self._template_kwargs = dict(tokenizer.special_tokens_map)
+
+    def _render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False) -> str:
+        rendered, _ = render_jinja_template(
+            conversations=[messages], chat_template=self.template, add_generation_prompt=add_generation_prompt,
+            **self._template_kwargs,
+        )
+        return rendered[0]
+
+    def render(self, messages: list[dict[str, Any]]) -> RenderedConversation:
+        """The conversation's text and the character spans of its assistant replies."""
+        text = self._render(messages)
+
+        def prefix(end: int, add_generation_prompt: bool = False) -> int:
+            rendered = self._render(messages[:end], add_generation_prompt)
+            if not text.startswith(rendered):
+                raise ValueError(
+                    "the chat template renders a conversation's first messages differently from the start of the "
+                    "whole conversation, so replies cannot be located in it; training needs a template that renders "
+                    "turn by turn (every template in internvlx_hf.processing.CHAT_TEMPLATES does)."
+                )
+            return len(rendered)
+
+        first = 1 if messages and messages[0].get("role") == "system" else 0
+        spans = []
+        last_start = prefix(len(messages) - 1) if len(messages) - 1 >= first else 0
+        for index in range(first, len(messages)):
+            if messages[index]["role"] != "assistant":
+                continue
+            header_end = prefix(index, add_generation_prompt=True)
+            turn_end = prefix(index + 1)
+            # The reply and its end-of-turn token; whitespace the template puts after the separator is not learned.
+            end = header_end + len(text[header_end:turn_end].rstrip())
+            if end > header_end:
+                spans.append((header_end, end))
+        return RenderedConversation(text=text, reply_spans=spans, last_message_start=last_start)
+
+    def encode(self, messages: list[dict[str, Any]], num_patches: list[int], expand: bool = True,
+               source: str = "") -> EncodedConversation:
+        """Token ids and labels of a conversation whose i-th `<image>` has ``num_patches[i]`` tiles.
+
+        Labels are the ids inside assistant replies (their end-of-turn token included) and -100 elsewhere: system
+        and user turns, template headers, BOS, every `<img>` / `<IMG_CONTEXT>` / `</img>`. With ``expand=False`` the
+        ids are not built (only the length, positions and label count), which is what length estimates need.
+
+        Raises:
+            SampleError: the image count does not match the `<image>` tags, the text holds image tokens itself,
+                nothing is left to learn, or a token straddles a reply boundary.
+        """
+        where = f"{source}: " if source else ""
+        rendered = self.render(messages)
+        pieces = rendered.text.split(IMAGE_TAG)
+        if len(pieces) - 1 != len(num_patches):
+            raise SampleError(
+                "image count mismatch",
+                f"{where}the conversation has {len(pieces) - 1} {IMAGE_TAG} tag(s) but {len(num_patches)} image(s); "
+                "give one image per tag, in order",
+            )
+        tag_starts, position = [], 0
+        for piece in pieces[:-1]:
+            position += len(piece)
+            tag_starts.append(position)
+            position += len(IMAGE_TAG)
+        growth = len(self.pair) - len(IMAGE_TAG)
+
+        def shift(offset: int) -> int:  # offset in the rendered text -> offset in the text with `<img></img>` pairs
+            return offset + growth * bisect.bisect_left(tag_starts, offset)
+
+        encoding = self.tokenizer(self.pair.join(pieces), add_special_tokens=True, return_offsets_mapping=True)
+        ids, offsets = encoding["input_ids"], encoding["offset_mapping"]
+        spans = [(shift(start), shift(end)) for start, end in rendered.reply_spans]
+        boundaries = sorted({b for span in spans for b in span})
+        labelled = [False] * len(ids)
+        for index, (start, end) in enumerate(offsets):
+            if start == end:
+                continue
+            inner = bisect.bisect_right(boundaries, start)
+            if inner < len(boundaries) and boundaries[inner] < end:
+                token = self.tokenizer.convert_ids_to_tokens(ids[index])
+                raise SampleError(
+                    "reply boundary inside a token",
+                    f"{where}token {token!r} spans a reply boundary of the rendered template (characters "
+                    f"{start}-{end}); its label would be ambiguous. Strip leading/trailing whitespace of the turns",
+                )
+            span = bisect.bisect_right(spans, (start, float("inf"))) - 1
+            labelled[index] = span >= 0 and spans[span][0] <= start and end <= spans[span][1]
+
+        starts = [i for i, token in enumerate(ids) if token == self.start_id]
+        ends = [i for i, token in enumerate(ids) if token == self.end_id]
+        if len(starts) != len(num_patches) or len(ends) != len(num_patches) or self.context_id in ids:
+            raise SampleError(
+                "image tokens in text",
+                f"{where}the text itself contains image tokens (<img>, </img> or <IMG_CONTEXT>); remove them and use "
+                f"{IMAGE_TAG} tags",
+            )
+        runs = [tiles * self.image_seq_length for tiles in num_patches]
+        image_ids = (self.start_id, self.end_id)
+        labelled = [flag and token not in image_ids for flag, token in zip(labelled, ids)]
+        num_labels = sum(labelled)
+        if num_labels == 0:
+            raise SampleError("no assistant reply", f"{where}the conversation has no assistant reply to learn from")
+
+        def expanded(index: int) -> int:  # token index before expansion -> after
+            return index + sum(runs[: bisect.bisect_left(starts, index)])
+
+        last_start = shift(rendered.last_message_start)
+        first_token = next((i for i, (s, e) in enumerate(offsets) if s >= last_start and e > s), len(ids))
+        input_ids, labels = [], []
+        if expand:
+            run = iter(runs)
+            for token, flag in zip(ids, labelled):
+                input_ids.append(token)
+                labels.append(token if flag else IGNORE_INDEX)
+                if token == self.start_id:
+                    count = next(run)
+                    input_ids.extend([self.context_id] * count)
+                    labels.extend([IGNORE_INDEX] * count)
+        return EncodedConversation(
+            input_ids=input_ids,
+            labels=labels,
+            length=len(ids) + sum(runs),
+            last_turn_start=expanded(first_token),
+            image_end=expanded(ends[-1]) + 1 if ends else 0,
+            num_labels=num_labels,
+            first_label=expanded(labelled.index(True)),
+        )
+
+
+def truncate(encoded: EncodedConversation, max_length: int | None, source: str = "") -> EncodedConversation:
+    """Fit a conversation into ``max_length`` tokens by cutting inside its last turn, never inside an image block.
+
+    Raises:
+        SampleError: the cut would fall before the last turn or before the end of the last image, or leave no
+            labelled token.
+    """
+    if max_length is None or encoded.length <= max_length:
+        return encoded
+    where = f"{source}: " if source else ""
+    if max_length < encoded.image_end or max_length < encoded.last_turn_start:
+        what = "an image" if max_length < encoded.image_end else "a turn before the last one"
+        raise SampleError(
+            "too long",
+            f"{where}{encoded.length} tokens > max_length {max_length}, and cutting would cut {what} (only the last "
+            "turn is ever truncated); raise --max_length, lower --max_tiles, or shorten the sample",
+        )
+    if encoded.first_label >= max_length:
+        raise SampleError(
+            "too long",
+            f"{where}{encoded.length} tokens > max_length {max_length}, and no reply token would be left after "
+            "cutting; raise --max_length",
+        )
+    labels = encoded.labels[:max_length]
+    return EncodedConversation(
+        input_ids=encoded.input_ids[:max_length], labels=labels, length=max_length,
+        last_turn_start=encoded.last_turn_start, image_end=encoded.image_end,
+        num_labels=sum(1 for label in labels if label != IGNORE_INDEX) if labels else encoded.num_labels,
+        first_label=encoded.first_label,
+    )
+
+
+__all__ = ["ConversationEncoder", "EncodedConversation", "IGNORE_INDEX", "RenderedConversation", "truncate"]

@@ -1,0 +1,174 @@
+"""Training rows in the two formats InternVL users have, normalised to one: chat `messages` + `images`.
+
+- InternVL's JSONL (`internvl_chat/shell/data/*.json` meta files point at these): ``{"image": "a.jpg" | [...],
+  "conversations": [{"from": "human" | "gpt" | "system", "value": "..."}]}``, image paths relative to the
+  dataset's ``root``. As in InternVL's training code, values are stripped, a leading non-human turn (after an
+  optional system turn) is dropped, and a single-image sample whose conversation has no ``<image>`` gets
+  ``"<image>\\n"`` prepended to its first human turn.
+- TRL's conversational rows: ``{"messages": [{"role": ..., "content": str | [{"type": "image"}, {"type": "text",
+  "text": ...}]}], "images": [...]}`` (or a single ``"image"``). Images are paths, PIL images or undecoded
+  ``datasets.Image`` dicts (``{"bytes", "path"}``). When no message holds an image placeholder, the images are put
+  at the start of the first user message, as TRL's ``prepare_multimodal_messages`` does.
+
+Both become a `Sample`; anything unusable raises `SampleError`, whose ``reason`` is the short category counted in
+the dataset summary.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+IMAGE_TAG = "<image>"
+_INTERNVL_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
+_CHAT_ROLES = ("system", "user", "assistant")
+
+
+class SampleError(ValueError):
+    """A training sample that cannot be used. ``reason`` is a short category ("image not found", ...) for counts;
+    the message gives the details."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+
+
+@dataclass
+class Sample:
+    """One training conversation: chat messages (InternVL templates' content format) and its images in order."""
+
+    messages: list[dict[str, Any]]
+    images: list[Any] = field(default_factory=list)
+    source: str = ""
+    max_tiles: int | None = None
+
+    def as_row(self) -> dict[str, Any]:
+        return {"messages": self.messages, "images": self.images, "max_tiles": self.max_tiles, "source": self.source}
+
+
+def _resolve_image(image: Any, root: Path | None) -> Any:
+    if isinstance(image, os.PathLike):
+        image = os.fspath(image)
+    if isinstance(image, str):
+        if "://" in image:
+            raise SampleError("remote image", f"image {image!r} is a URL; download the images and give local paths")
+        if root is not None and not os.path.isabs(image):
+            return os.path.join(root, image)
+    return image
+
+
+def _internvl_sample(row: dict[str, Any], root: Path | None, source: str) -> Sample:
+    if row.get("video"):
+        raise SampleError("video sample", "video samples are not supported; use image or text samples")
+    raw_images = row.get("image")
+    if raw_images is None or raw_images == "" or raw_images == []:
+        images = []
+    elif isinstance(raw_images, (list, tuple)):
+        images = list(raw_images)
+    else:
+        images = [raw_images]
+    conversations = row["conversations"]
+    if not isinstance(conversations, list) or not conversations:
+        raise SampleError("bad format", "`conversations` must be a non-empty list of {'from', 'value'} turns")
+    messages = []
+    for turn in conversations:
+        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+            raise SampleError("bad format", f"a turn must be {{'from': ..., 'value': ...}}, got {turn!r:.80}")
+        role = _INTERNVL_ROLES.get(turn["from"])
+        if role is None:
+            raise SampleError(
+                "unknown role", f"turn 'from' must be one of {sorted(_INTERNVL_ROLES)}, got {turn['from']!r}"
+            )
+        if not isinstance(turn["value"], str):
+            raise SampleError("bad format", f"turn 'value' must be a string, got {type(turn['value']).__name__}")
+        messages.append({"role": role, "content": turn["value"].strip()})
+    system = messages[:1] if messages[0]["role"] == "system" else []
+    turns = messages[len(system):]
+    # InternVL's preprocessing skips a first turn that is not from the human.
+    if turns and turns[0]["role"] != "user":
+        turns = turns[1:]
+    if not any(IMAGE_TAG in m["content"] for m in turns) and len(images) == 1 and turns:
+        turns[0] = {"role": "user", "content": IMAGE_TAG + "\n" + turns[0]["content"]}
+    return Sample(messages=system + turns, images=[_resolve_image(i, root) for i in images], source=source)
+
+
+def _has_placeholder(messages: list[dict[str, Any]]) -> bool:
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, str):
+            if IMAGE_TAG in content:
+                return True
+        elif isinstance(content, list):
+            for item in content:
+                if isinstance(item, str) and IMAGE_TAG in item:
+                    return True
+                if isinstance(item, dict) and (item.get("type") in ("image", "image_url")
+                                               or IMAGE_TAG in str(item.get("text", ""))):
+                    return True
+    return False
+
+
+def _strip_media(content: Any) -> Any:
+    # The template only needs to know that an image item is there; dropping the decoded image keeps rendering cheap.
+    if isinstance(content, list):
+        return [{"type": "image"} if isinstance(item, dict) and item.get("type") in ("image", "image_url") else item
+                for item in content]
+    return content
+
+
+def _chat_sample(row: dict[str, Any], root: Path | None, source: str) -> Sample:
+    messages = row["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise SampleError("bad format", "`messages` must be a non-empty list of {'role', 'content'} messages")
+    clean = []
+    for message in messages:
+        if not isinstance(message, dict) or "role" not in message:
+            raise SampleError("bad format", f"a message must be {{'role': ..., 'content': ...}}, got {message!r:.80}")
+        if message["role"] not in _CHAT_ROLES:
+            raise SampleError("unknown role", f"message role must be one of {list(_CHAT_ROLES)}, got "
+                                              f"{message['role']!r}")
+        clean.append({"role": message["role"], "content": _strip_media(message.get("content", ""))})
+    if "images" in row and row["images"] is not None:
+        images = list(row["images"]) if isinstance(row["images"], (list, tuple)) else [row["images"]]
+    elif row.get("image") is not None:
+        images = [row["image"]]
+    else:
+        images = []
+    if images and not _has_placeholder(clean):
+        first_user = next((i for i, m in enumerate(clean) if m["role"] == "user"), None)
+        if first_user is not None:
+            content = clean[first_user]["content"]
+            items = content if isinstance(content, list) else [{"type": "text", "text": content}]
+            clean[first_user] = {"role": "user", "content": [{"type": "image"} for _ in images] + items}
+    return Sample(messages=clean, images=[_resolve_image(i, root) for i in images], source=source)
+
+
+def sample_from_row(row: Any, *, root: str | os.PathLike | None = None, source: str = "",
+                    max_tiles: int | None = None) -> Sample:
+    """Normalise one InternVL (`conversations`) or TRL (`messages`) row; raises `SampleError` if unusable.
+
+    Args:
+        root: folder that relative image paths are relative to (None: as given, i.e. the current directory).
+        source: where the row comes from (``"file.jsonl:12"``), used in messages.
+        max_tiles: the row's tile budget (a dataset's ``max_dynamic_patch``), or None for the processor's.
+    """
+    if not isinstance(row, dict):
+        raise SampleError("bad format", f"a row must be a JSON object, got {type(row).__name__}")
+    root = Path(root) if root is not None else None
+    if "conversations" in row:
+        sample = _internvl_sample(row, root, source)
+    elif "messages" in row:
+        sample = _chat_sample(row, root, source)
+    else:
+        raise SampleError(
+            "bad format",
+            f"a row needs `conversations` (InternVL JSONL) or `messages` (TRL), got keys {sorted(row)[:8]}",
+        )
+    row_tiles = row.get("max_tiles")
+    sample.max_tiles = row_tiles if isinstance(row_tiles, int) and row_tiles > 0 else max_tiles
+    return sample
+
+
+__all__ = ["IMAGE_TAG", "Sample", "SampleError", "sample_from_row"]

@@ -1,0 +1,202 @@
+"""Training presets: which parts of InternVL-X learn (the paper's two stages, full fine-tuning, LoRA).
+
+| preset   | trainable                                                                    | frozen           |
+|----------|------------------------------------------------------------------------------|------------------|
+| `stage1` | projectors: `mlp` / `pvtc`, LVTC's LR and HR projectors                       | ViT, LLM, lm_head |
+| `stage2` | projectors + LLM + lm_head (the InternVL-X fine-tuning recipe)               | ViT              |
+| `full`   | everything                                                                   | -                |
+| `lora`   | LoRA adapters on the LLM's attention and MLP linears (`lora_target`), plus    | the rest         |
+|          | the projectors in full                                                       |                  |
+
+Frozen parameters get ``requires_grad=False`` and are left out of the optimizer, so they stay bit-identical.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+PRESETS = ("stage1", "stage2", "full", "lora")
+
+# (group, module prefix) in the order the report lists them.
+MODULE_GROUPS = (
+    ("vision", "model.vision_tower"),
+    ("projector", "model.multi_modal_projector"),
+    ("lvtc_lr_projectors", "model.lvtc_lr_projectors"),
+    ("lvtc_hr_projector", "model.lvtc_hr_projector"),
+    ("llm", "model.language_model"),
+    ("lm_head", "lm_head"),
+)
+PROJECTOR_GROUPS = frozenset({"projector", "lvtc_lr_projectors", "lvtc_hr_projector"})
+_TRAINABLE_GROUPS = {
+    "stage1": PROJECTOR_GROUPS,
+    "stage2": PROJECTOR_GROUPS | {"llm", "lm_head"},
+    "full": frozenset(group for group, _ in MODULE_GROUPS),
+}
+_PEFT_PREFIX = "base_model.model."
+
+
+def module_group(name: str) -> str:
+    """The group (``vision``, ``projector``, ``lvtc_lr_projectors``, ``lvtc_hr_projector``, ``llm``, ``lm_head``) of a
+    parameter or module name of an `InternVLXForConditionalGeneration`, bare or wrapped by peft."""
+    if name.startswith(_PEFT_PREFIX):
+        name = name[len(_PEFT_PREFIX):]
+    for group, prefix in MODULE_GROUPS:
+        if name == prefix or name.startswith(prefix + "."):
+            return group
+    return "other"
+
+
+@dataclass
+class LoraSettings:
+    """LoRA hyper-parameters of the `lora` preset (peft's `LoraConfig` names)."""
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target: str = "llm"
+
+
+def _linear_names(model: nn.Module, part: str) -> list[str]:
+    prefix = {"llm": "model.language_model.layers.", "vision": "model.vision_tower.encoder."}[part]
+    return [name for name, module in model.named_modules()
+            if name.startswith(prefix) and isinstance(module, nn.Linear)]
+
+
+def lora_target_modules(model: nn.Module, target: str = "llm") -> list[str]:
+    """Full names of the Linear layers that ``target`` selects for LoRA.
+
+    ``target`` is a comma-separated list of: ``llm`` (every attention and MLP Linear of the LLM's layers),
+    ``vision`` (every Linear of the ViT's layers), ``llm.NAME`` / ``vision.NAME`` (the Linears of that part whose
+    name ends with NAME, e.g. ``llm.q_proj`` or ``vision.mlp.fc1``) or a bare ``NAME`` (= ``llm.NAME``). Projectors
+    are never LoRA targets: they are trained in full by the preset.
+
+    Raises:
+        ValueError: an item selects nothing (the message lists the names that exist).
+    """
+    if not isinstance(target, str) or not target.strip():
+        raise ValueError(f"lora_target must be a non-empty comma-separated string, got {target!r}")
+    selected: dict[str, None] = {}
+    for item in (part.strip() for part in target.split(",")):
+        if not item:
+            continue
+        part, _, suffix = item.partition(".") if item.split(".")[0] in ("llm", "vision") else ("llm", "", item)
+        names = _linear_names(model, part)
+        matched = names if not suffix else [n for n in names if n == suffix or n.endswith("." + suffix)]
+        if not matched:
+            leaves = sorted({n.split(".")[-1] for n in names})
+            raise ValueError(
+                f"lora_target item {item!r} matches no Linear layer of the {part}; its Linear layers are named "
+                f"{leaves} (use e.g. '{part}.{leaves[0] if leaves else 'q_proj'}', or '{part}' for all of them)."
+            )
+        selected.update(dict.fromkeys(matched))
+    return list(selected)
+
+
+def _target_regex(model: nn.Module, names: list[str]) -> str:
+    """One regex that matches exactly ``names`` among the model's modules, with layer indices generalised.
+
+    peft rewrites a list of target names into their last components ("q_proj", ...), which would also match the
+    ViT's and the PVTC projector's layers of the same name when the adapter is loaded again; a regex is kept as is.
+    """
+    patterns = dict.fromkeys(re.sub(r"\\\.\d+\\\.", r"\\.\\d+\\.", re.escape(name)) for name in names)
+    regex = "|".join(patterns)
+    matched = [name for name, _ in model.named_modules() if re.fullmatch(regex, name)]
+    if sorted(matched) != sorted(names):  # cannot generalise: list the names themselves
+        regex = "|".join(re.escape(name) for name in names)
+    return regex
+
+
+def _projector_modules(model: nn.Module) -> list[str]:
+    names = ["model.multi_modal_projector"]
+    lr = getattr(model.model, "lvtc_lr_projectors", None)
+    if lr is not None:
+        names += [f"model.lvtc_lr_projectors.{i}" for i in range(len(lr))]
+    if getattr(model.model, "lvtc_hr_projector", None) is not None:
+        names.append("model.lvtc_hr_projector")
+    return names
+
+
+def lora_config(model: nn.Module, settings: LoraSettings | None = None):
+    """peft `LoraConfig` of the `lora` preset: adapters on the selected Linears, projectors fully trainable."""
+    from peft import LoraConfig
+
+    settings = settings or LoraSettings()
+    if settings.r < 1:
+        raise ValueError(f"lora_r must be >= 1, got {settings.r}")
+    return LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=_target_regex(model, lora_target_modules(model, settings.target)),
+        modules_to_save=_projector_modules(model),
+        bias="none",
+    )
+
+
+def apply_preset(model: nn.Module, preset: str, lora: LoraSettings | None = None) -> nn.Module:
+    """Set which parameters of an `InternVLXForConditionalGeneration` train; returns the model (a peft
+    `PeftModel` wrapping it for ``preset="lora"``)."""
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {list(PRESETS)}, got {preset!r}")
+    if preset == "lora":
+        from peft import get_peft_model
+
+        model.requires_grad_(False)
+        peft_model = get_peft_model(model, lora_config(model, lora))
+        # With the embeddings frozen, a text-only batch would give checkpointed layers inputs without grad.
+        peft_model.enable_input_require_grads()
+        return peft_model
+    trainable = _TRAINABLE_GROUPS[preset]
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(module_group(name) in trainable)
+    if "llm" not in trainable:
+        model.enable_input_require_grads()
+    return model
+
+
+@dataclass
+class GroupCount:
+    group: str
+    trainable: int
+    total: int
+
+
+def trainable_parameters(model: nn.Module) -> list[GroupCount]:
+    """Trainable and total parameters per module group (LoRA adapters count in the group they adapt; peft's frozen
+    copies of fully trained modules are not counted)."""
+    counts: dict[str, GroupCount] = {}
+    for name, parameter in model.named_parameters():
+        if ".original_module." in name:
+            continue
+        group = module_group(name)
+        count = counts.setdefault(group, GroupCount(group, 0, 0))
+        count.total += parameter.numel()
+        if parameter.requires_grad:
+            count.trainable += parameter.numel()
+    order = [group for group, _ in MODULE_GROUPS] + ["other"]
+    return [counts[group] for group in order if group in counts]
+
+
+def format_trainable(model: nn.Module, preset: str | None = None) -> str:
+    rows = trainable_parameters(model)
+    title = "Trainable parameters" + (f" (preset {preset})" if preset else "")
+    lines = [title, f"  {'group':<20} {'trainable':>14} {'total':>14}"]
+    for row in rows:
+        lines.append(f"  {row.group:<20} {row.trainable:>14,} {row.total:>14,}")
+    trainable, total = sum(r.trainable for r in rows), sum(r.total for r in rows)
+    lines.append(f"  {'total':<20} {trainable:>14,} {total:>14,}  ({100 * trainable / max(total, 1):.2f}% trainable)")
+    return "\n".join(lines)
+
+
+def describe_lora(config: Any) -> dict[str, Any]:
+    """The LoRA settings of a peft config, JSON-serialisable (for the provenance record)."""
+    return {"r": config.r, "lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout,
+            "target_modules": config.target_modules, "modules_to_save": list(config.modules_to_save or [])}
+
+
+__all__ = ["GroupCount", "LoraSettings", "MODULE_GROUPS", "PRESETS", "apply_preset", "describe_lora",
+           "format_trainable", "lora_config", "lora_target_modules", "module_group", "trainable_parameters"]

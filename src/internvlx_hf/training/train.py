@@ -1,0 +1,277 @@
+"""`train()`: the `internvlx train` entry point, from parsed arguments to a saved checkpoint.
+
+It loads an internvlx-hf checkpoint and its processor, scans the data (`InternVLXDataset`), applies a preset
+(`apply_preset`), trains with `InternVLXTrainer` (transformers' `Trainer`) and writes OUT so that it loads anywhere:
+weights, config, remote code, processor and tokenizer; for `lora`, the PEFT adapter in ``OUT/adapter`` and the merged
+model in OUT. The final files are written to a hidden folder inside OUT and moved into place at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from transformers import HfArgumentParser, TrainingArguments
+
+from ..processing import TilingMode
+from .collator import InternVLXDataCollator
+from .data import InternVLXDataset
+from .presets import PRESETS, LoraSettings, apply_preset, describe_lora, format_trainable
+from .trainer import InternVLXTrainer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelArguments:
+    model: str | None = field(
+        default=None,
+        metadata={"help": "folder of an internvlx-hf checkpoint (made by `internvlx convert` or `internvlx train`)"},
+    )
+    attn_implementation: str | None = field(
+        default=None,
+        metadata={"help": "attention backend: eager, sdpa or flash_attention_2 (default: the checkpoint's)"},
+    )
+    model_dtype: str = field(
+        default="float32",
+        metadata={"help": "dtype the weights are loaded in (use --bf16 for mixed precision on float32 weights)",
+                  "choices": ["float32", "bfloat16", "float16", "auto"]},
+    )
+
+
+@dataclass
+class DataArguments:
+    data: str | None = field(
+        default=None,
+        metadata={"help": "InternVL meta JSON and/or JSONL files (comma-separated); see README 'Fine-tuning'"},
+    )
+    max_length: int | None = field(
+        default=None,
+        metadata={"help": "longest sample in tokens, image tokens included; longer ones are cut inside their last "
+                          "turn (never inside an image) or skipped"},
+    )
+    packing: bool = field(
+        default=False,
+        metadata={"help": "pack each batch into one row (position_ids restart per sample, no padding)"},
+    )
+    tiling: str | None = field(
+        default=None,
+        metadata={"help": "RVTC tiling: ratio, area, edge or none (default: the checkpoint's processor)",
+                  "choices": [mode.value for mode in TilingMode]},
+    )
+    max_tiles: int | None = field(
+        default=None,
+        metadata={"help": "largest tile grid per image (default: the processor's; a dataset's max_dynamic_patch "
+                          "wins)"},
+    )
+    group_by_length: bool = field(
+        default=False,
+        metadata={"help": "same as --train_sampling_strategy group_by_length (batches of similar length)"},
+    )
+
+
+@dataclass
+class PresetArguments:
+    preset: str = field(
+        default="stage2",
+        metadata={"help": "what trains: stage1 (projectors), stage2 (LLM + projectors), full, lora",
+                  "choices": list(PRESETS)},
+    )
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank (preset lora)"})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (preset lora)"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout (preset lora)"})
+    lora_target: str = field(
+        default="llm",
+        metadata={"help": "LoRA targets, comma-separated: llm (all LLM linears), vision (all ViT linears), "
+                          "llm.NAME / vision.NAME / NAME (e.g. q_proj,v_proj)"},
+    )
+
+
+ARGUMENT_CLASSES = (ModelArguments, DataArguments, PresetArguments, TrainingArguments)
+
+
+def parse_train_args(config: str | os.PathLike | dict[str, Any] | None = None, **overrides: Any):
+    """(ModelArguments, DataArguments, PresetArguments, TrainingArguments) from a YAML/JSON file or a dict, with
+    ``overrides`` on top (the keys are the command-line flags without ``--``)."""
+    values: dict[str, Any] = {}
+    if isinstance(config, dict):
+        values.update(config)
+    elif config is not None:
+        path = Path(config)
+        if not path.is_file():
+            raise FileNotFoundError(f"training config {str(path)!r} not found")
+        import yaml
+
+        text = path.read_text(encoding="utf-8")
+        try:
+            loaded = yaml.safe_load(text)  # JSON is YAML too
+        except yaml.YAMLError as error:
+            raise ValueError(f"{path} is not valid YAML/JSON ({error})") from None
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path} must hold a mapping of option names to values, e.g. 'model: ./ckpt'")
+        values.update(loaded)
+    values.update(overrides)
+    known = {f for cls in ARGUMENT_CLASSES for f in cls.__dataclass_fields__}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown training option(s) {unknown}; see `internvlx train --help` for the names")
+    if not values.get("output_dir"):  # TrainingArguments would fall back to ./trainer_output
+        raise ValueError("--output_dir is required: the folder the fine-tuned checkpoint is written to")
+    return HfArgumentParser(ARGUMENT_CLASSES).parse_dict(values)
+
+
+@dataclass
+class TrainResult:
+    trainer: InternVLXTrainer
+    dataset: InternVLXDataset
+    output_dir: Path
+    metrics: dict[str, Any]
+
+
+def _check_model_folder(path: str | None) -> Path:
+    if not path:
+        raise ValueError("--model is required: the folder of an internvlx-hf checkpoint (see `internvlx convert`)")
+    folder = Path(path).expanduser().resolve()
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"--model {path!r}: no config.json there; give the folder of an internvlx-hf "
+                                "checkpoint (made by `internvlx convert` or `internvlx train`)")
+    try:
+        model_type = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        raise ValueError(f"--model {path!r}: config.json is not a JSON object") from None
+    if model_type != "internvlx":
+        raise ValueError(f"--model {path!r} is a {model_type!r} checkpoint, not internvlx; convert OpenGVLab "
+                         "InternVL2 / InternVL-X checkpoints first with `internvlx convert SRC DST`")
+    return folder
+
+
+def _move_into(tmp: Path, out: Path) -> None:
+    for entry in tmp.iterdir():
+        target = out / entry.name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        os.replace(entry, target)
+    tmp.rmdir()
+
+
+def _save_final(trainer: InternVLXTrainer, processor, out: Path, lora: bool) -> None:
+    """Write OUT's final files into a hidden folder, then move them in (nothing half-written on failure)."""
+    is_main = trainer.args.should_save
+    tmp = Path(tempfile.mkdtemp(prefix=".internvlx-final-", dir=out)) if is_main else None
+    # Every process takes part in save_model (FSDP / DeepSpeed gather the weights there); only the main one writes.
+    target = str(tmp / "adapter") if lora and is_main else (str(tmp) if is_main else str(out))
+    try:
+        trainer.save_model(target)
+        if lora and is_main:
+            merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
+            merged.save_pretrained(tmp)
+            processor.save_pretrained(tmp)
+            trainer.record_provenance(tmp, output="merged")
+        if is_main:
+            _move_into(tmp, out)
+    except BaseException:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    trainer.accelerator.wait_for_everyone()
+
+
+def train(model_args: ModelArguments, data_args: DataArguments, preset_args: PresetArguments,
+          training_args: TrainingArguments, *, train_data: Any = None,
+          print_fn: Callable[[str], None] | None = print) -> TrainResult:
+    """Fine-tune an internvlx-hf checkpoint; see the README section "Fine-tuning".
+
+    Args:
+        train_data: rows to train on instead of ``data_args.data`` (a `datasets.Dataset`, a list of rows, or paths).
+        print_fn: where the parameter table, data summary and final notes go (main process only); None: silent.
+    """
+    import torch
+
+    from .. import InternVLXForConditionalGeneration, InternVLXProcessor
+
+    folder = _check_model_folder(model_args.model)
+    data = train_data if train_data is not None else data_args.data
+    if not data:
+        raise ValueError("--data is required: an InternVL meta JSON or JSONL file (comma-separate several)")
+    out = Path(training_args.output_dir)
+    is_main = training_args.process_index == 0
+    say = print_fn if (print_fn is not None and is_main) else (lambda text: None)
+
+    # The checkpoint's own tokenizer code (e.g. tokenization_internvlx.py written by `internvlx convert`) may be needed.
+    processor = InternVLXProcessor.from_pretrained(folder, trust_remote_code=True)
+    # The saved processor must tile as training did, so the overrides become its settings.
+    if data_args.tiling is not None:
+        if data_args.tiling not in {mode.value for mode in TilingMode}:
+            raise ValueError(f"--tiling must be one of {[mode.value for mode in TilingMode]}, got {data_args.tiling!r}")
+        processor.image_processor.tiling = TilingMode(data_args.tiling)
+    if data_args.max_tiles is not None:
+        if data_args.max_tiles < processor.image_processor.min_tiles:
+            raise ValueError(f"--max_tiles {data_args.max_tiles} is below the processor's min_tiles "
+                             f"{processor.image_processor.min_tiles}")
+        processor.image_processor.max_tiles = data_args.max_tiles
+
+    collator = InternVLXDataCollator(processor, max_length=data_args.max_length, packing=data_args.packing)
+    dataset = InternVLXDataset(data, processor, max_length=data_args.max_length, progress=is_main)
+    say(str(dataset.summary))
+
+    dtype = "auto" if model_args.model_dtype == "auto" else getattr(torch, model_args.model_dtype)
+    load_kwargs = {"dtype": dtype}
+    if model_args.attn_implementation:
+        load_kwargs["attn_implementation"] = model_args.attn_implementation
+    model = InternVLXForConditionalGeneration.from_pretrained(folder, **load_kwargs)
+    model.config.use_cache = False
+    lora = preset_args.preset == "lora"
+    model = apply_preset(model, preset_args.preset, LoraSettings(
+        r=preset_args.lora_r, alpha=preset_args.lora_alpha, dropout=preset_args.lora_dropout,
+        target=preset_args.lora_target))
+    say(format_trainable(model, preset_args.preset))
+
+    training_args.remove_unused_columns = False
+    if training_args.label_names is None:
+        training_args.label_names = ["labels"]
+    if data_args.group_by_length:
+        training_args.train_sampling_strategy = "group_by_length"
+    # A text-only batch leaves the vision tower without gradients; DDP must then look for unused parameters
+    # (transformers only does so without gradient checkpointing). Reentrant checkpointing cannot, so it stays off.
+    checkpointing_kwargs = getattr(training_args, "activation_checkpointing_kwargs", None) \
+        or training_args.gradient_checkpointing_kwargs or {}
+    reentrant = checkpointing_kwargs.get("use_reentrant")
+    if training_args.ddp_find_unused_parameters is None and not reentrant:
+        training_args.ddp_find_unused_parameters = True
+
+    provenance = {
+        "preset": preset_args.preset,
+        "data": dataset.summary.to_dict(),
+        "datasets": [s.hub_id for s in dataset.sources if s.hub_id],
+        "learning_rate": training_args.learning_rate,
+        "lora": describe_lora(model.peft_config["default"]) if lora else None,
+        "packing": data_args.packing,
+        "max_length": data_args.max_length,
+        "tiling": TilingMode(processor.image_processor.tiling).value,
+        "max_tiles": processor.image_processor.max_tiles,
+    }
+    trainer = InternVLXTrainer(model=model, args=training_args, train_dataset=dataset, data_collator=collator,
+                               processing_class=processor, started_from=folder, provenance=provenance)
+    if training_args.fsdp and not trainer.is_fsdp_enabled:
+        logger.warning("--fsdp is not in effect: accelerate applies FSDP only to GPU (and other accelerator) runs, "
+                       "so this run trains without sharding (%s).",
+                       "DDP" if training_args.world_size > 1 else "one process")
+    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    out.mkdir(parents=True, exist_ok=True)
+    _save_final(trainer, processor, out, lora)
+    skipped = dataset.skipped_at_load + collator.skipped
+    if skipped:
+        say(f"skipped during training: {dict(skipped)} (see the warnings)")
+    say(f"Saved {'the merged model to ' + str(out) + ' and the adapter to ' + str(out / 'adapter') if lora else out}")
+    return TrainResult(trainer=trainer, dataset=dataset, output_dir=out, metrics=result.metrics)
+
+
+__all__ = ["ARGUMENT_CLASSES", "DataArguments", "ModelArguments", "PresetArguments", "TrainResult",
+           "parse_train_args", "train"]

@@ -1,0 +1,244 @@
+"""`internvlx train`: outputs that load anywhere, YAML configs, errors, resuming, LVTC packing, DDP and FSDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import training_helpers as th
+from conftest import REPO_ROOT, run_isolated_python
+from internvlx_hf.cli import main
+from internvlx_hf.provenance import read_provenance
+from internvlx_hf.training import parse_train_args, train
+
+REMOTE_CODE = ["configuration_internvlx.py", "modeling_internvlx.py", "processing_internvlx.py",
+               "image_processing_internvlx.py", "chat_templates.py"]
+FAST = ["--use_cpu", "--report_to", "none", "--seed", "0", "--disable_tqdm", "true", "--logging_steps", "1",
+        "--per_device_train_batch_size", "2", "--learning_rate", "1e-3"]
+
+
+def _data(tmp_path, count=8, **meta):
+    rows = th.colour_rows(tmp_path / "images", count)
+    th.write_jsonl(tmp_path / "colours.jsonl", rows)
+    entry = {"root": str(tmp_path / "images"), "annotation": str(tmp_path / "colours.jsonl"), "data_augment": False,
+             "repeat_time": 1, **meta}
+    (tmp_path / "meta.json").write_text(json.dumps({"colours": entry}))
+    return tmp_path / "meta.json"
+
+
+# Loads OUT and checkpoints in a process where internvlx_hf cannot be imported, and prints greedy-free checks.
+_LOAD_ANYWHERE = """
+import json, sys, torch
+from PIL import Image
+from transformers import AutoModel, AutoProcessor
+results = {}
+for folder in sys.argv[1:]:
+    model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is it?"}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(text=[prompt], images=[Image.new("RGB", (64, 64), (220, 30, 30))], return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**inputs).logits[0, -1]
+    results[folder] = {"class": type(model).__name__, "module": type(model).__module__.split(".")[0],
+                       "processor": type(processor).__name__, "logits": logits[:8].tolist()}
+print(json.dumps(results))
+"""
+
+
+def _load_anywhere(tmp_path, *folders):
+    code = "import sys\nsys.argv = [''] + " + repr([str(f) for f in folders]) + "\n" + _LOAD_ANYWHERE
+    result = run_isolated_python(code, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _logits(folder):
+    from PIL import Image
+
+    model, processor = th.load(folder)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is it?"}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(text=[prompt], images=[Image.new("RGB", (64, 64), (220, 30, 30))], return_tensors="pt")
+    with torch.no_grad():
+        return model.eval()(**inputs).logits[0, -1, :8]
+
+
+@pytest.mark.parametrize("preset", ["stage2", "lora"])
+def test_train_writes_checkpoints_that_load_anywhere(preset, tmp_path, capsys):
+    model = th.converted("internvl2_qwen2")
+    out = tmp_path / "out"
+    code = main(["train", "--model", str(model), "--data", str(_data(tmp_path, max_dynamic_patch=1)), "--preset",
+                 preset, "--output_dir", str(out), "--max_steps", "2", "--save_steps", "1", *FAST])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert f"Trainable parameters (preset {preset})" in printed
+    assert "  colours                         8        8        8" in printed  # samples, images, tiles
+
+    expected = {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
+                "tokenizer_config.json", "processor_config.json", "internvlx_provenance.json", *REMOTE_CODE}
+    assert expected <= set(os.listdir(out))
+    record = read_provenance(out)["training"][-1]
+    assert record["started_from"] == str(model) and record["preset"] == preset and record["steps"] == 2
+    assert record["data"][0]["files"] == [str(tmp_path / "colours.jsonl")] and record["data"][0]["samples"] == 8
+    assert (record["learning_rate"], record["tiling"], record["max_tiles"], record["packing"]) == (1e-3, "ratio", 12,
+                                                                                                   False)
+    state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
+    losses = [e["loss"] for e in state["log_history"] if "loss" in e]
+    assert len(losses) == 2 and losses[-1] < losses[0]
+
+    if preset == "lora":
+        assert record["output"] == "merged" and record["lora"]["r"] == 16
+        assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(out / "adapter"))
+        assert read_provenance(out / "adapter")["training"][-1]["output"] == "adapter"
+        # checkpoints hold the adapter (+ processor); they load through the base folder named in the adapter
+        assert {"adapter_model.safetensors", "processor_config.json", "tokenizer.json"} <= \
+            set(os.listdir(out / "checkpoint-1"))
+        assert read_provenance(out / "checkpoint-1")["training"][-1] | {"date": None} == \
+            {**record, "steps": 1, "epochs": 0.25, "output": "adapter", "date": None}
+    else:
+        assert record["output"] == "full" and record["lora"] is None
+        for checkpoint in ("checkpoint-1", "checkpoint-2"):
+            assert expected <= set(os.listdir(out / checkpoint))
+            assert read_provenance(out / checkpoint)["training"][-1]["steps"] == int(checkpoint[-1])
+
+    loaded = _load_anywhere(tmp_path, out, out / "checkpoint-2")
+    assert {r["module"] for r in loaded.values()} == {"transformers_modules"}
+    assert {r["processor"] for r in loaded.values()} == {"InternVLXProcessor"}
+    ours = _logits(out)
+    torch.testing.assert_close(torch.tensor(loaded[str(out)]["logits"]), ours, rtol=0, atol=1e-5)
+    # the last checkpoint is the final model (for LoRA: base + adapter == merged), and training changed it
+    torch.testing.assert_close(torch.tensor(loaded[str(out / "checkpoint-2")]["logits"]), ours, rtol=0, atol=1e-5)
+    assert not torch.allclose(_logits(model), ours, atol=1e-4)
+
+
+def test_yaml_config_flags_override_it_and_errors_are_one_line(tmp_path, capsys):
+    model = th.converted("internvl2_qwen2")
+    config = tmp_path / "train.yaml"
+    config.write_text(textwrap.dedent(f"""\
+        model: {model}
+        data: {_data(tmp_path, count=4, max_dynamic_patch=1)}
+        preset: stage1
+        output_dir: {tmp_path / 'out'}
+        max_steps: 3
+        learning_rate: 0.005
+        tiling: edge
+        max_tiles: 2
+        use_cpu: true
+        report_to: none
+        disable_tqdm: true
+        per_device_train_batch_size: 2
+        save_strategy: "no"
+        """))
+    assert main(["train", str(config), "--max_steps", "1"]) == 0
+    record = read_provenance(tmp_path / "out")["training"][-1]
+    assert (record["preset"], record["steps"], record["learning_rate"]) == ("stage1", 1, 0.005)
+    assert (record["tiling"], record["max_tiles"]) == ("edge", 2)
+    # the saved processor tiles as training did
+    saved = json.loads((tmp_path / "out" / "processor_config.json").read_text())["image_processor"]
+    assert (saved["tiling"], saved["max_tiles"]) == ("edge", 2)
+    capsys.readouterr()
+
+    cases = [
+        (["train", "--data", "x.jsonl", "--output_dir", "o"], "--model is required"),
+        (["train", "--model", str(model), "--data", "x.jsonl"], "--output_dir is required"),
+        (["train", "--model", str(th.require_fixture("internvl2_qwen2")), "--data", "x", "--output_dir", "o"],
+         "is a 'internvl_chat' checkpoint, not internvlx; convert OpenGVLab InternVL2 / InternVL-X checkpoints "
+         "first with `internvlx convert SRC DST`"),
+        (["train", str(config), "--data", str(tmp_path / "nope.jsonl")], "training data '"),
+        (["train", str(config), "--preset", "lora", "--lora_target", "qkv"],
+         "lora_target item 'qkv' matches no Linear layer of the llm"),
+        (["train", str(tmp_path / "missing.yaml")], "training config '"),
+    ]
+    (tmp_path / "bad.yaml").write_text("model: x\nno_such_option: 1\n")
+    cases.append((["train", str(tmp_path / "bad.yaml")], "unknown training option(s) ['no_such_option']"))
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()[-1]  # after any progress bars: one line
+        assert err.startswith("internvlx train: error: ") and message in err, err
+
+
+def test_resume_from_checkpoint_reaches_the_same_weights(tmp_path):
+    model = str(th.converted("internvl2_qwen2"))
+    data = str(_data(tmp_path, max_dynamic_patch=1))
+    options = dict(model=model, data=data, preset="stage2", max_steps=2, save_steps=1, use_cpu=True,
+                   report_to="none", disable_tqdm=True, seed=0, per_device_train_batch_size=2, learning_rate=1e-3)
+    train(*parse_train_args(options, output_dir=str(tmp_path / "straight")), print_fn=None)
+    train(*parse_train_args(options, output_dir=str(tmp_path / "resumed"),
+                            resume_from_checkpoint=str(tmp_path / "straight" / "checkpoint-1")), print_fn=None)
+    straight = load_file(tmp_path / "straight" / "model.safetensors")
+    resumed = load_file(tmp_path / "resumed" / "model.safetensors")
+    halfway = load_file(tmp_path / "straight" / "checkpoint-1" / "model.safetensors")
+    assert straight.keys() == resumed.keys()
+    for name in straight:
+        torch.testing.assert_close(resumed[name], straight[name], rtol=0, atol=1e-6, msg=name)
+    assert not torch.equal(halfway["lm_head.weight"], straight["lm_head.weight"])
+
+
+def test_lvtc_trains_packed_with_gradient_checkpointing(tmp_path):
+    model = str(th.converted("internvl2_qwen2", lvtc="k=1"))  # layer 1 of 2 runs on the 1024-token tiles
+    result = train(*parse_train_args(
+        dict(model=model, data=str(_data(tmp_path, max_dynamic_patch=1)), preset="full", packing=True,
+             gradient_checkpointing=True, output_dir=str(tmp_path / "out"), max_steps=3, save_strategy="no",
+             use_cpu=True, report_to="none", disable_tqdm=True, seed=0, logging_steps=1,
+             per_device_train_batch_size=2, learning_rate=1e-3)), print_fn=None)
+    losses = th.losses(result.trainer)
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    assert result.trainer.model.is_activation_checkpointing
+    record = read_provenance(tmp_path / "out")["training"][-1]
+    assert record["packing"] is True
+
+
+_DDP = """
+import json, sys, torch
+import torch.distributed as dist
+from internvlx_hf.training import parse_train_args, train
+result = train(*parse_train_args(json.loads(sys.argv[1])), print_fn=None)
+rank = dist.get_rank()
+model = result.trainer.accelerator.unwrap_model(result.trainer.model)
+torch.save({n: p.detach().clone() for n, p in model.named_parameters()}, sys.argv[2] + f"/rank{rank}.pt")
+losses = [e["loss"] for e in result.trainer.state.log_history if "loss" in e]
+json.dump({"losses": losses, "world": dist.get_world_size()},
+          open(sys.argv[2] + f"/rank{rank}.json", "w"))
+"""
+
+
+def _torchrun(tmp_path, options):
+    script = tmp_path / "run.py"
+    script.write_text(_DDP)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT / "src")}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+               json.dumps(options), str(tmp_path)]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+def _options(tmp_path, **overrides):
+    options = dict(model=str(th.converted("internvl2_qwen2")), data=str(_data(tmp_path, max_dynamic_patch=1)),
+                   preset="full", output_dir=str(tmp_path / "out"), max_steps=4, save_strategy="no", use_cpu=True,
+                   ddp_backend="gloo", report_to="none", disable_tqdm=True, seed=0, logging_steps=1,
+                   per_device_train_batch_size=2, learning_rate=1e-3)
+    return {**options, **overrides}
+
+
+def test_ddp_with_two_cpu_processes(tmp_path):
+    ranks = _torchrun(tmp_path, _options(tmp_path))
+    assert [r["world"] for r in ranks] == [2, 2]
+    losses = ranks[0]["losses"]
+    assert len(losses) == 4 and losses[-1] < losses[0] - 0.5
+    weights = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    initial = load_file(th.converted("internvl2_qwen2") / "model.safetensors")
+    for name, value in weights[0].items():
+        assert torch.equal(weights[1][name], value), name
+    assert not torch.equal(weights[0]["lm_head.weight"], initial["lm_head.weight"])
+    final = load_file(tmp_path / "out" / "model.safetensors")
+    for name, value in final.items():
+        assert torch.equal(value, weights[0][name]), name

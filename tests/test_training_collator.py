@@ -1,0 +1,213 @@
+"""InternVLXDataCollator: label masks from template token boundaries, padding, packing, truncation, broken rows."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+import training_helpers as th
+from internvlx_hf.processing import CHAT_TEMPLATES
+from internvlx_hf.training import IGNORE_INDEX, InternVLXDataCollator
+
+# Each template with the tokenizer of the InternVL2 family that uses it (InternVL2.5 reuses Qwen2's tokenizer).
+TEMPLATE_TOKENIZERS = {
+    "Hermes-2": "internvl2_qwen2",
+    "internlm2-chat": "internvl2_internlm2",
+    "phi3-chat": "internvl2_phi3",
+    "internvl2_5": "internvl2_qwen2",
+}
+END_OF_TURN = {"Hermes-2": "<|im_end|>", "internlm2-chat": "<|im_end|>", "phi3-chat": "<|end|>",
+               "internvl2_5": "<|im_end|>"}
+
+
+def test_every_template_is_covered():
+    assert set(TEMPLATE_TOKENIZERS) == set(CHAT_TEMPLATES)
+
+
+def _label_blocks(labels: list[int]) -> list[list[int]]:
+    blocks, current = [], []
+    for label in labels:
+        if label == IGNORE_INDEX:
+            if current:
+                blocks.append(current)
+            current = []
+        else:
+            current.append(label)
+    return blocks + ([current] if current else [])
+
+
+@pytest.mark.parametrize("template", sorted(TEMPLATE_TOKENIZERS))
+def test_label_mask_multi_turn_multi_image(template, tmp_path):
+    _, processor = th.load(th.converted(TEMPLATE_TOKENIZERS[template]))
+    processor.chat_template = CHAT_TEMPLATES[template]
+    small = th.draw(tmp_path / "a.png", "red")                 # 1 tile
+    wide = th.draw(tmp_path / "b.png", "blue", (200, 100))     # 2x1 grid + thumbnail with 2 tiles per image
+    messages = [
+        {"role": "system", "content": "You answer in one short sentence."},
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Compare with <image>: colours?"}]},
+        {"role": "assistant", "content": "Red, then blue."},
+        {"role": "user", "content": "And the sizes?"},
+        {"role": "assistant", "content": [{"type": "text", "text": "Small and wide."}]},
+    ]
+    processor.image_processor.max_tiles = 4
+    collator = InternVLXDataCollator(processor)  # two images share 4 tiles: 2 each
+    batch = collator([{"messages": messages, "images": [str(small), str(wide)]}])
+
+    # The ids are exactly those of the inference path: the template's text through the processor.
+    text = processor.tokenizer.apply_chat_template(messages, chat_template=processor.chat_template, tokenize=False)
+    reference = processor(text=[text], images=[str(small), str(wide)], max_tiles=2, return_tensors="pt")
+    assert batch["input_ids"].tolist() == reference["input_ids"].tolist()
+    torch.testing.assert_close(batch["pixel_values"], reference["pixel_values"], rtol=0, atol=0)
+    assert batch["num_patches"].tolist() == [1, 3]
+    assert batch["attention_mask"].tolist() == [[1] * batch["input_ids"].shape[1]]
+
+    # Labels: exactly the two replies with their end-of-turn token; nothing of the system/user turns, headers,
+    # BOS or the image blocks.
+    labels = batch["labels"][0].tolist()
+    ids = batch["input_ids"][0].tolist()
+    assert all(label in (IGNORE_INDEX, token) for label, token in zip(labels, ids))
+    blocks = _label_blocks(labels)
+    end = processor.tokenizer.convert_tokens_to_ids(END_OF_TURN[template])
+    assert [block[-1] for block in blocks] == [end, end]
+    assert [processor.tokenizer.decode(block[:-1]) for block in blocks] == ["Red, then blue.", "Small and wide."]
+    image_ids = set(processor.image_token_ids)
+    assert sum(token in image_ids for token in ids) == 2 * 2 + (1 + 3) * processor.image_seq_length
+    assert all(label == IGNORE_INDEX for label, token in zip(labels, ids) if token in image_ids)
+
+
+def _rows(tmp_path):
+    rows = th.colour_rows(tmp_path, 2)
+    for row in rows:
+        row["image"] = str(tmp_path / row["image"])
+    rows.append({"messages": [{"role": "user", "content": "Say hello."},
+                              {"role": "assistant", "content": "Hello there, friend."}]})
+    return rows
+
+
+def test_padding_is_right_and_packing_restarts_positions(tmp_path):
+    _, processor = th.load(th.converted("internvl2_qwen2"))
+    rows = _rows(tmp_path)
+    padded = InternVLXDataCollator(processor, pad_to_multiple_of=8)(rows)
+    packed = InternVLXDataCollator(processor, packing=True)(rows)
+    lengths = padded["attention_mask"].sum(1).tolist()
+    width = padded["input_ids"].shape[1]
+    assert width % 8 == 0 and width >= max(lengths) > width - 8
+    pad_id = processor.tokenizer.pad_token_id
+    for row, length in enumerate(lengths):
+        assert padded["attention_mask"][row].tolist() == [1] * length + [0] * (width - length)
+        assert padded["input_ids"][row, length:].tolist() == [pad_id] * (width - length)
+        assert padded["labels"][row, length:].tolist() == [IGNORE_INDEX] * (width - length)
+    assert set(packed) == {"input_ids", "labels", "position_ids", "use_cache", "pixel_values", "num_patches"}
+    assert packed["input_ids"].shape == (1, sum(lengths))
+    assert packed["position_ids"][0].tolist() == [p for n in lengths for p in range(n)]
+    assert packed["input_ids"][0].tolist() == [t for row, n in enumerate(lengths)
+                                               for t in padded["input_ids"][row, :n].tolist()]
+    assert packed["labels"][0].tolist() == [label for row, n in enumerate(lengths)
+                                            for label in padded["labels"][row, :n].tolist()]
+    assert padded["num_patches"].tolist() == packed["num_patches"].tolist() == [1, 1]
+    # A text-only batch has no pixel_values.
+    assert "pixel_values" not in InternVLXDataCollator(processor)(rows[2:])
+
+
+@pytest.mark.parametrize("fixture, options", [
+    ("internvl2_qwen2", {}),
+    ("internvl2_internlm2", {"projector": "pvtc", "lvtc": "k=2,T=2"}),
+], ids=["plain", "lvtc"])
+def test_packed_and_padded_batches_give_the_same_loss_and_gradients(fixture, options, tmp_path):
+    model, processor = th.load(th.converted(fixture, **options))
+    model.train()
+    rows = _rows(tmp_path)[1:]  # one image row, one text-only row
+    padded = InternVLXDataCollator(processor)(rows)
+    packed = InternVLXDataCollator(processor, packing=True)(rows)
+    results = []
+    for batch in (padded, packed):
+        if batch is packed and options:  # LVTC: the packed batch also runs with gradient checkpointing
+            model.activation_checkpointing_enable()
+        model.zero_grad()
+        out = model(**batch)
+        # LVTC runs its late layers on 4x the visual tokens but returns logits in the input's (short) layout.
+        assert out.logits.shape[:2] == batch["input_ids"].shape
+        out.loss.backward()
+        results.append((out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                            if p.grad is not None}))
+    (loss_padded, grads_padded), (loss_packed, grads_packed) = results
+    torch.testing.assert_close(loss_packed, loss_padded, rtol=0, atol=1e-5)
+    assert grads_padded.keys() == grads_packed.keys()
+    for name in grads_padded:
+        torch.testing.assert_close(grads_packed[name], grads_padded[name], rtol=1e-4, atol=1e-6, msg=name)
+    if options:  # every LVTC projector learns
+        assert any(name.startswith("model.lvtc_hr_projector") for name in grads_padded)
+        assert any(name.startswith("model.lvtc_lr_projectors.0") for name in grads_padded)
+
+
+def test_over_long_samples_are_cut_in_the_last_turn_or_dropped(tmp_path, caplog):
+    _, processor = th.load(th.converted("internvl2_qwen2"))
+    image = str(th.draw(tmp_path / "a.png", "green"))
+    messages = [
+        {"role": "user", "content": "<image>\nWhat colour?"},
+        {"role": "assistant", "content": "Green."},
+        {"role": "user", "content": "Describe it at length."},
+        {"role": "assistant", "content": "A green square on a white background, centred, with sharp corners."},
+    ]
+    row = {"messages": messages, "images": [image], "source": "long.jsonl:7"}
+    full = InternVLXDataCollator(processor)([row])
+    ids, labels = full["input_ids"][0].tolist(), full["labels"][0].tolist()
+    image_end = ids.index(processor.end_image_token_id) + 1
+    last_header = max(i for i, t in enumerate(ids) if t == processor.tokenizer.convert_tokens_to_ids("<|im_start|>"))
+
+    cut = len(ids) - 5  # inside the last reply: kept, truncated there
+    batch = InternVLXDataCollator(processor, max_length=cut)([row])
+    assert batch["input_ids"][0].tolist() == ids[:cut] and batch["labels"][0].tolist() == labels[:cut]
+
+    caplog.set_level(logging.WARNING)
+    for max_length, what in ((last_header - 1, "a turn before the last one"), (image_end - 3, "an image")):
+        collator = InternVLXDataCollator(processor, max_length=max_length)
+        with pytest.raises(ValueError, match="every row of this batch of 1 was dropped"):
+            collator([row])
+        assert collator.skipped == {"too long": 1}
+        assert f"long.jsonl:7: {len(ids)} tokens > max_length {max_length}, and cutting would cut {what}" \
+            in caplog.text
+    # A batch keeps its other rows.
+    other = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}
+    collator = InternVLXDataCollator(processor, max_length=image_end - 3)
+    batch = collator([row, other])
+    assert batch["input_ids"].shape[0] == 1 and "pixel_values" not in batch and collator.skipped == {"too long": 1}
+
+
+def test_broken_rows_are_dropped_with_reasons(tmp_path, caplog):
+    _, processor = th.load(th.converted("internvl2_qwen2"))
+    image = str(th.draw(tmp_path / "a.png", "red"))
+    good = {"messages": [{"role": "user", "content": "<image>\nColour?"}, {"role": "assistant", "content": "Red."}],
+            "images": [image]}
+    rows = [
+        good,
+        {**good, "images": [str(tmp_path / "missing.png")], "source": "d.jsonl:2"},
+        {**good, "images": [image, image], "source": "d.jsonl:3"},
+        {"messages": [{"role": "user", "content": "Only a question?"}], "source": "d.jsonl:4"},
+        {"messages": [{"role": "robot", "content": "x"}], "source": "d.jsonl:5"},
+    ]
+    caplog.set_level(logging.WARNING)
+    collator = InternVLXDataCollator(processor)
+    batch = collator(rows)
+    assert batch["input_ids"].shape[0] == 1 and batch["num_patches"].tolist() == [1]
+    assert collator.skipped == {"undecodable image": 1, "image count mismatch": 1, "no assistant reply": 1,
+                                "unknown role": 1}
+    assert "d.jsonl:3: the conversation has 1 <image> tag(s) but 2 image(s)" in caplog.text
+    assert "d.jsonl:2: image 0 ('" in caplog.text and "missing.png'): no such file" in caplog.text
+
+
+def test_a_token_across_a_reply_boundary_is_refused(tmp_path, caplog):
+    _, processor = th.load(th.converted("internvl2_qwen2"))
+    # A vocabulary entry that spans the end of the assistant header ("...assistant\n") and the reply's first word:
+    # string splitting or per-turn token counts would put this token's label on the wrong side.
+    processor.tokenizer.add_tokens(["t\nIt"])
+    row = {"messages": [{"role": "user", "content": "Colour?"}, {"role": "assistant", "content": "It is red."}],
+           "source": "d.jsonl:9"}
+    caplog.set_level(logging.WARNING)
+    collator = InternVLXDataCollator(processor)
+    with pytest.raises(ValueError, match="was dropped"):
+        collator([row])
+    assert collator.skipped == {"reply boundary inside a token": 1}
+    assert "d.jsonl:9: token 't\\nIt' spans a reply boundary of the rendered template" in caplog.text
