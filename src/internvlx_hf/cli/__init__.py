@@ -34,9 +34,14 @@ class Command:
 
 
 def _commands() -> list[Command]:
+    from .card import CARD
+    from .chat import CHAT
     from .convert import CONVERT
+    from .push import PUSH
+    from .tokens import TOKENS
+    from .train import TRAIN
 
-    return [CONVERT]
+    return [CONVERT, CHAT, TOKENS, CARD, PUSH, TRAIN]
 
 
 def _one_line(error: BaseException) -> str:

@@ -1,0 +1,114 @@
+"""`internvlx push`: preflight a checkpoint folder, then upload it to a Hub model repository."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import CLIError, Command
+
+_PUSH_DESCRIPTION = """\
+Check that MODEL would load from the Hub on a machine without internvlx-hf, then upload it: HfApi.create_repo
+(exist_ok; --private for a new repository) and HfApi.upload_folder in one commit, with huggingface_hub's progress
+bars. Log in first (`hf auth login`, with a token that can write) or set HF_TOKEN.
+
+The preflight lists every problem at once, one line each, and uploads nothing when there is one:
+  - a remote-code file named by an auto_map (config.json, processor/tokenizer configs) or imported by one is
+    missing, or a remote-code file imports internvlx_hf
+  - no tokenizer or no processor config (or one whose auto_map has no AutoProcessor)
+  - a safetensors index names a missing shard; no weights; tensors whose names or shapes differ from the model
+    config.json builds (checked on the meta device, from the safetensors headers)
+  - no README.md model card (write it with `internvlx card`), or its usage snippet loads another id than REPO_ID
+  - a pickle file (.bin, .pt, .pth, .pkl, .pickle), e.g. the Trainer's training_args.bin
+LoRA adapter folders (adapter_config.json) need adapter_model.safetensors and a Hub id as base model instead."""
+
+_PUSH_EPILOG = """\
+examples:
+  # card, check, upload
+  internvlx card ./InternVL2-2B-X --license mit --repo-id me/InternVL2-2B-X
+  internvlx push ./InternVL2-2B-X me/InternVL2-2B-X --private
+
+  # only the preflight, and the files that would be uploaded
+  internvlx push ./InternVL2-2B-X me/InternVL2-2B-X --dry-run
+
+  # to a branch (created from main when new), or as a pull request against main
+  internvlx push ./InternVL2-2B-X me/InternVL2-2B-X --revision stage2
+  internvlx push ./InternVL2-2B-X me/InternVL2-2B-X --create-pr"""
+
+
+def _add_push_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", metavar="MODEL", help="the checkpoint folder")
+    parser.add_argument("repo_id", metavar="REPO_ID", help="the Hub model repository, owner/name")
+    parser.add_argument("--private", action="store_true", help="create the repository private (if it is new)")
+    parser.add_argument("--revision", default=None, metavar="BRANCH",
+                        help="commit to this branch (created from main if it does not exist)")
+    parser.add_argument("--create-pr", action="store_true", help="open a pull request against main instead")
+    parser.add_argument("--message", default=None, help="commit message")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="run the preflight and list the files; upload nothing (needs no network)")
+
+
+def _run_push(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ..hub.preflight import preflight
+    from ..hub.push import files_to_upload, push_folder
+    from ..hub.resolve import looks_like_repo_id
+
+    if "/" not in args.repo_id or not looks_like_repo_id(args.repo_id):
+        raise CLIError(f"REPO_ID {args.repo_id!r} is not a Hub model id; use owner/name, e.g. me/InternVL2-2B-X.")
+    if args.create_pr and args.revision not in (None, "main"):
+        raise CLIError(f"--create-pr opens a pull request against main; it cannot go to --revision {args.revision!r}. "
+                       "Drop one of the two.")
+    folder = Path(args.model)
+    problems = preflight(folder, args.repo_id)
+    if problems:
+        for problem in problems:
+            where = folder if problem.path == "." else folder / problem.path
+            print(f"internvlx push: {where}: {problem.message}", file=sys.stderr)
+        raise CLIError(f"{len(problems)} problem(s) in {folder} (listed above); nothing was uploaded.")
+    files = files_to_upload(folder)
+    size = sum((folder / f).stat().st_size for f in files)
+    target = args.repo_id + (f"@{args.revision}" if args.revision else "")
+    target += " (pull request)" if args.create_pr else ""
+    print(f"Preflight passed: {len(files)} files, {size / 1e6:.1f} MB for {target}")
+    if args.dry_run:
+        for name in files:
+            print(f"  {name}")
+        return 0
+    try:
+        info = push_folder(folder, args.repo_id, private=True if args.private else None, revision=args.revision,
+                           create_pr=args.create_pr, commit_message=args.message)
+    except Exception as error:  # noqa: BLE001 - Hub errors become one line with a hint
+        raise _hub_error(error, args.repo_id) from error
+    url = getattr(info, "pr_url", None) or getattr(info, "commit_url", None) or f"https://huggingface.co/{args.repo_id}"
+    print(f"Uploaded to {url}")
+    return 0
+
+
+def _hub_error(error: Exception, repo_id: str) -> Exception:
+    """Hub failures as a one-line CLIError with the fix; anything else is passed on unchanged."""
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+    if isinstance(error, OfflineModeIsEnabled):
+        return CLIError("HF_HUB_OFFLINE is set, so nothing can be uploaded; unset it (or use --dry-run).")
+    if isinstance(error, HfHubHTTPError):
+        status = getattr(error.response, "status_code", None)
+        if status in (401, 403):
+            return CLIError(f"the Hub refused the upload to {repo_id} (HTTP {status}): log in with `hf auth login` "
+                            "using a token that can write to it, or set HF_TOKEN.")
+        return CLIError(f"the Hub answered HTTP {status} for {repo_id}: {' '.join(str(error).split())[:300]}")
+    name = type(error).__name__
+    if "Connect" in name or "Timeout" in name or isinstance(error, ConnectionError):
+        return CLIError(f"cannot reach the Hugging Face Hub ({name}); check the network, or use --dry-run.")
+    return error
+
+
+PUSH = Command(
+    name="push",
+    help="check a checkpoint folder (preflight) and upload it to a Hub model repository",
+    description=_PUSH_DESCRIPTION,
+    epilog=_PUSH_EPILOG,
+    add_arguments=_add_push_arguments,
+    run=_run_push,
+)

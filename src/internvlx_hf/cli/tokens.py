@@ -1,0 +1,127 @@
+"""`internvlx tokens`: what images cost in tiles, `<IMG_CONTEXT>` tokens, LLM tokens and prefill FLOPs."""
+
+from __future__ import annotations
+
+import argparse
+
+from . import CLIError, Command
+
+_TOKENS_DESCRIPTION = """\
+For each --image: its size, the tile grid and the <IMG_CONTEXT> tokens it becomes under InternVL2's aspect-ratio
+tiling ("ratio") and the paper's two RVTC caps ("area": max_tiles <= ceil(W*H/448^2); "edge": max_tiles <=
+ceil(W/448)*ceil(H/448)). A thumbnail tile is added when the grid has more than one tile.
+
+Without MODEL the InternVL2-2B settings are used (448px tiles, max 12 tiles, 256 tokens per tile). With MODEL (a
+checkpoint folder, or a Hub id when the Hub is reachable) its processor's settings are used, and the table adds the
+LLM's prompt length (--text-tokens of text + <img> + the image tokens + </img>) and the LLM prefill FLOPs. For an
+LVTC model it shows the tokens of each layer group (layers < k see the short layout, layers >= k the long one) and
+compares the FLOPs with the uncompressed model (every layer on the long layout).
+
+FLOPs formula (matmuls only, a multiply-add = 2 FLOPs), per decoder layer on n tokens:
+  2n*h*(2*a*d + 2*g*d)  [q,k,v,o projections]  +  4n^2*a*d  [QK^T and AV, full n x n]  +  6n*h*f  [gated MLP]
+(h hidden size, a heads, g KV heads, d head dim, f intermediate size, from the checkpoint's text config), summed
+over the layers (n_short before layer k, n_long from k on), plus 2*h*V for the LM head on the last position."""
+
+_TOKENS_EPILOG = """\
+examples:
+  # InternVL2-2B settings: a photo and a document page, under the three tilings
+  internvlx tokens --image photo.jpg --image page.png
+
+  # sizes instead of files (nothing is read)
+  internvlx tokens --image 1024x768 --image 1700x2200 --max-tiles 6
+
+  # an LVTC checkpoint: tokens per layer group and prefill FLOPs vs the uncompressed model, as JSON
+  internvlx tokens ./InternVL2-2B-X --image 1024x768 --text-tokens 64 --json
+
+  # only the tiling the checkpoint uses
+  internvlx tokens ./InternVL-X-2B-HD --image photo.jpg --tiling edge"""
+
+
+def _add_tokens_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", metavar="MODEL", nargs="?", default=None,
+                        help="checkpoint folder or Hub id (optional; default: InternVL2-2B settings)")
+    parser.add_argument("--image", metavar="PATH|WxH", action="append", required=True,
+                        help="an image file, or a size such as 1024x768; repeat for several images")
+    parser.add_argument("--tiling", action="append", choices=("ratio", "area", "edge", "none"), default=None,
+                        help="tiling(s) to show (repeatable; default: ratio, area and edge)")
+    parser.add_argument("--max-tiles", type=int, default=None, metavar="N",
+                        help="tile budget (default: the processor's, or 12 without MODEL)")
+    parser.add_argument("--text-tokens", type=int, default=64, metavar="N",
+                        help="text tokens of the prompt besides the image, for the LLM columns (default 64)")
+    parser.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
+
+
+def _run_tokens(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from ..hub.token_budget import (
+        COMPARED_TILINGS,
+        TilingSettings,
+        budget_rows,
+        format_table,
+        hr_tokens_per_tile,
+        image_size_of,
+        rows_to_json,
+    )
+
+    if args.max_tiles is not None and args.max_tiles < 1:
+        raise CLIError(f"--max-tiles must be >= 1, got {args.max_tiles}.")
+    if args.text_tokens < 0:
+        raise CLIError(f"--text-tokens must be >= 0, got {args.text_tokens}.")
+    sizes = [(spec, image_size_of(spec)) for spec in args.image]
+    processor = config = None
+    settings = TilingSettings()
+    if args.model is not None:
+        processor, config = _load_processor_and_config(args.model)
+        settings = TilingSettings.from_processor(processor)
+    if args.max_tiles is not None:
+        if args.max_tiles < settings.min_tiles:
+            raise CLIError(f"--max-tiles {args.max_tiles} is below the processor's min_tiles ({settings.min_tiles}).")
+        settings = replace(settings, max_tiles=args.max_tiles)
+    tilings = tuple(dict.fromkeys(args.tiling)) if args.tiling else COMPARED_TILINGS
+    rows = budget_rows(sizes, settings, tilings, processor=processor, config=config, text_tokens=args.text_tokens)
+    if args.json:
+        print(rows_to_json(rows))
+        return 0
+    source = f"{args.model} (its processor: {settings.tiling} tiling)" if args.model else "InternVL2-2B settings"
+    print(f"{source}: {settings.image_size}px tiles, max {settings.max_tiles} tiles, "
+          f"{settings.tokens_per_tile} tokens per tile" + (", thumbnail" if settings.use_thumbnail else ""))
+    if config is not None and config.lvtc_config is not None:
+        print(f"LVTC: layers < {config.lvtc_config.expand_layer} see {settings.tokens_per_tile} tokens per tile, "
+              f"layers >= {config.lvtc_config.expand_layer} see {hr_tokens_per_tile(config)}; "
+              f"{args.text_tokens} text tokens")
+    print(format_table(rows))
+    return 0
+
+
+def _load_processor_and_config(model: str):
+    import json
+
+    from transformers import AutoProcessor
+
+    from ..hub.resolve import resolve_model
+    from ..modeling import InternVLXConfig
+
+    path = resolve_model(model, allow_patterns=["*.json", "*.py", "*.jinja", "*.model", "*.txt", "*.tiktoken"])
+    if not (path / "config.json").is_file():
+        raise CLIError(f"{model}: no config.json; pass an internvlx-hf checkpoint folder (from `internvlx convert`).")
+    model_type = json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type")
+    if model_type != "internvlx":
+        raise CLIError(f"{model}: config.json has model_type {model_type!r}, not 'internvlx'; convert the checkpoint "
+                       "with `internvlx convert`.")
+    config = InternVLXConfig.from_pretrained(path)
+    processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
+    if not hasattr(processor, "num_visual_tokens"):
+        raise CLIError(f"{model}: its processor is {type(processor).__name__}, not InternVLXProcessor; convert the "
+                       "checkpoint with `internvlx convert`.")
+    return processor, config
+
+
+TOKENS = Command(
+    name="tokens",
+    help="tiles, <IMG_CONTEXT> tokens and LLM prefill FLOPs of images (ratio / area / edge tiling)",
+    description=_TOKENS_DESCRIPTION,
+    epilog=_TOKENS_EPILOG,
+    add_arguments=_add_tokens_arguments,
+    run=_run_tokens,
+)

@@ -1,0 +1,521 @@
+"""The model card (`README.md`) of an internvlx-hf checkpoint, built with `huggingface_hub.ModelCard`.
+
+Everything in the card is read from the folder: config.json (projector, LVTC), the processor config (tiling, tokens
+per tile), `internvlx_provenance.json` (base model, conversion, training runs), or from the user's options
+(`--license`, `--base-model`, `--results FILE`). There are no placeholder numbers: without a results file the card has
+no results section.
+
+`base_model_relation` rules (from the provenance record; ``relation=`` overrides):
+
+==========================================  ====================  ==================================================
+folder                                      base_model_relation   base_model
+==========================================  ====================  ==================================================
+converted only (``internvlx convert``)      ``finetune``          the InternVL2 / InternVL-X source of the conversion
+fine-tuned (last run's output ``full``)     ``finetune``          the same source (a training run keeps the record)
+LoRA merged into the weights (``merged``)   ``finetune``          the same source
+LoRA adapter (``adapter``, or               ``adapter``           the model the adapter loads onto: ``--base-model``,
+adapter_config.json in the folder)                                or adapter_config.json's base when it is a Hub id
+no record (e.g. built in Python)            none                  ``--base-model`` if given
+==========================================  ====================  ==================================================
+
+The Hub's ``merge`` relation is meant for merges of several models (its model tree lists them as "Merges"); a LoRA
+merged back into its one base model is a fine-tune of that model, so it is ``finetune`` here. A conversion keeps the
+source weights, but the Hub has no relation for a format change and would infer ``finetune`` anyway; the card's
+"How this model was made" section says what really happened. ``--relation`` sets any Hub value
+(``finetune``, ``adapter``, ``merge``, ``quantized``) instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..provenance import PROVENANCE_FILE, read_provenance
+from .resolve import looks_like_repo_id
+from .results import ResultRow, load_results
+from .token_budget import TYPICAL_IMAGE_SIZES, TilingSettings, hr_tokens_per_tile, image_budget
+
+RELATIONS = ("finetune", "adapter", "merge", "quantized")
+PIPELINE_TAG = "image-text-to-text"
+CODE_URL = "https://github.com/ludc506/InternVL-X"
+_LICENSE_ID = re.compile(r"^[a-z0-9][a-z0-9.+-]*$")
+# The usage snippet names the model in this line; `internvlx push` checks it against the repository id.
+_MODEL_ID_LINE = re.compile(r'^(model_id|adapter_id) = "([^"]*)"$', re.MULTILINE)
+
+
+@dataclass(frozen=True)
+class Lineage:
+    """How the folder relates to its base model (see the module docstring for the rules)."""
+
+    kind: str  # "converted", "fine-tuned", "merged", "adapter", "unknown"
+    base_model: str | None
+    relation: str | None
+
+
+def lineage(folder: str | os.PathLike, record: dict[str, Any], base_model: str | None = None,
+            relation: str | None = None) -> Lineage:
+    """Apply the `base_model_relation` rules to a folder and its provenance record."""
+    folder = Path(folder)
+    if base_model is not None and not looks_like_repo_id(base_model):
+        raise ValueError(f"--base-model {base_model!r} is not a Hub model id (owner/name).")
+    if relation is not None and relation not in RELATIONS:
+        raise ValueError(f"--relation {relation!r} is not one of {', '.join(RELATIONS)}.")
+    runs = record.get("training") or []
+    output = runs[-1].get("output") if runs and isinstance(runs[-1], dict) else None
+    adapter_config = folder / "adapter_config.json"
+    if output == "adapter" or adapter_config.is_file():
+        base = base_model or _adapter_base(adapter_config)
+        if base is None:
+            raise ValueError(
+                f"{folder} is a LoRA adapter, and its base model is not a Hub id (adapter_config.json names "
+                f"{_adapter_base_raw(adapter_config)!r}); publish the model it was trained on and pass "
+                "--base-model OWNER/NAME (that repository)."
+            )
+        return Lineage("adapter", base, relation or "adapter")
+    recorded = record.get("base_model")
+    base = base_model or (recorded if isinstance(recorded, str) and looks_like_repo_id(recorded) else None)
+    if runs:
+        kind = "merged" if output == "merged" else "fine-tuned"
+    elif record.get("conversion"):
+        kind = "converted"
+    else:
+        kind = "unknown"
+    default_relation = "finetune" if kind != "unknown" else None
+    return Lineage(kind, base, (relation or default_relation) if base is not None else None)
+
+
+def _adapter_base_raw(adapter_config: Path) -> Any:
+    if not adapter_config.is_file():
+        return None
+    try:
+        return json.loads(adapter_config.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{adapter_config} is not valid JSON ({error}).") from None
+
+
+def _adapter_base(adapter_config: Path) -> str | None:
+    base = _adapter_base_raw(adapter_config)
+    if isinstance(base, str) and looks_like_repo_id(base) and not Path(base).exists():
+        return base
+    return None
+
+
+# ------------------------------------------------------------------------------------------------ folder contents
+
+
+@dataclass
+class _Checkpoint:
+    """What the card needs from a checkpoint folder."""
+
+    config: Any  # InternVLXConfig
+    settings: TilingSettings
+    config_folder: Path
+
+
+def _read_checkpoint(folder: Path, record: dict[str, Any], adapter: bool) -> _Checkpoint:
+    from ..modeling import InternVLXConfig
+
+    candidates = [folder]
+    if adapter:  # an adapter folder may hold only adapter files; its settings are those of the model it loads onto
+        runs = record.get("training") or []
+        started = runs[-1].get("started_from") if runs else None
+        if started:
+            candidates.append(Path(started))
+    for candidate in candidates:
+        config_file = candidate / "config.json"
+        if config_file.is_file():
+            break
+    else:
+        where = " or ".join(str(c) for c in candidates)
+        raise FileNotFoundError(f"no config.json in {where}; `internvlx card` describes an internvlx-hf checkpoint "
+                                "folder (made by `internvlx convert` or `internvlx train`).")
+    model_type = _read_json(config_file).get("model_type")
+    if model_type != "internvlx":
+        raise ValueError(f"{config_file} has model_type {model_type!r}, not 'internvlx'; convert the checkpoint with "
+                         "`internvlx convert` first.")
+    config = InternVLXConfig.from_pretrained(candidate)
+    return _Checkpoint(config, _processor_settings(candidate, config), candidate)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error}).") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object.")
+    return data
+
+
+def _processor_settings(folder: Path, config) -> TilingSettings:
+    processor_file = folder / "processor_config.json"
+    if processor_file.is_file():
+        data = _read_json(processor_file)
+        image = data.get("image_processor") or {}
+        seq_length = data.get("image_seq_length", config.image_seq_length)
+    elif (folder / "preprocessor_config.json").is_file():
+        image, seq_length = _read_json(folder / "preprocessor_config.json"), config.image_seq_length
+    else:
+        raise FileNotFoundError(f"no processor_config.json in {folder}: the card states the tiling from it; save the "
+                                "processor with the model (`internvlx convert` does).")
+    defaults = TilingSettings()
+    return TilingSettings(
+        image_size=int(image.get("image_size", defaults.image_size)),
+        min_tiles=int(image.get("min_tiles", defaults.min_tiles)),
+        max_tiles=int(image.get("max_tiles", defaults.max_tiles)),
+        use_thumbnail=bool(image.get("use_thumbnail", defaults.use_thumbnail)),
+        tokens_per_tile=int(seq_length),
+        tiling=str(image.get("tiling", defaults.tiling)),
+    )
+
+
+# ------------------------------------------------------------------------------------------------------ the card
+
+
+def compression_tags(config, settings: TilingSettings) -> list[str]:
+    """`pvtc`, `lvtc`, `rvtc`: the paper's compressions this checkpoint uses."""
+    tags = []
+    lvtc = config.lvtc_config
+    if config.projector_type == "pvtc" or (lvtc is not None and lvtc.hr_projector_type == "pvtc"):
+        tags.append("pvtc")
+    if lvtc is not None:
+        tags.append("lvtc")
+    if settings.tiling in ("area", "edge"):
+        tags.append("rvtc")
+    return tags
+
+
+def build_model_card(folder: str | os.PathLike, *, license: str, base_model: str | None = None,
+                     relation: str | None = None, results: str | os.PathLike | list[ResultRow] | None = None,
+                     repo_id: str | None = None, model_name: str | None = None):
+    """The `huggingface_hub.ModelCard` of a checkpoint folder.
+
+    Args:
+        folder: the checkpoint folder (its `internvlx_provenance.json` is read when present).
+        license: the Hub license id (e.g. ``"mit"``, ``"apache-2.0"``); use the base model's license.
+        base_model: Hub id that overrides the recorded base model.
+        relation: overrides the `base_model_relation` rule.
+        results: a results file (see `internvlx_hf.hub.results`) or its parsed rows; no results section without it.
+        repo_id: the Hub id the usage snippet loads (default: the folder path as given, which runs locally).
+        model_name: the card's title (default: the repository or folder name).
+    """
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no such folder; pass the checkpoint folder.")
+    if not isinstance(license, str) or not _LICENSE_ID.match(license):
+        raise ValueError(f"--license {license!r} is not a Hub license id such as mit, apache-2.0 or other "
+                         "(lower case; see https://huggingface.co/docs/hub/repositories-licenses).")
+    if repo_id is not None and not looks_like_repo_id(repo_id):
+        raise ValueError(f"--repo-id {repo_id!r} is not a Hub model id (owner/name).")
+    record = read_provenance(folder)
+    line = lineage(folder, record, base_model, relation)
+    checkpoint = _read_checkpoint(folder, record, adapter=line.kind == "adapter")
+    rows = load_results(results) if isinstance(results, (str, os.PathLike)) else list(results or [])
+    name = model_name or (repo_id.split("/")[-1] if repo_id else folder.resolve().name)
+    load_id = repo_id or str(folder)
+
+    compressions = compression_tags(checkpoint.config, checkpoint.settings)
+    tags = ["internvl-x", "internvl2", "custom_code", *compressions]
+    if any(isinstance(run, dict) and run.get("lora") for run in record.get("training") or []):
+        tags.append("lora")
+    datasets = _datasets(record)
+    eval_results = [
+        EvalResult(task_type=PIPELINE_TAG, dataset_type=row.dataset_id, dataset_name=row.benchmark,
+                   dataset_split=row.split, metric_type=row.metric, metric_value=row.value)
+        for row in rows if row.dataset_id
+    ]
+    extra = {"base_model_relation": line.relation} if line.relation else {}
+    data = ModelCardData(
+        library_name="peft" if line.kind == "adapter" else "transformers",
+        pipeline_tag=PIPELINE_TAG,
+        license=license,
+        base_model=line.base_model,
+        tags=tags,
+        datasets=datasets or None,
+        model_name=name if eval_results else None,
+        eval_results=eval_results or None,
+        **extra,
+    )
+    body = "\n\n".join(part for part in (
+        _intro(name, line, compressions),
+        _compression_section(checkpoint.config, checkpoint.settings),
+        _usage_section(load_id, line, checkpoint.settings),
+        _made_section(record, line),
+        _results_section(rows),
+        f"*Card written by `internvlx card` (internvlx-hf {_version()}) from this folder's config, processor config"
+        f" and `{PROVENANCE_FILE}`.*",
+    ) if part)
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}\n")
+
+
+def write_model_card(card, path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write ``card`` to ``path`` atomically (a temporary file renamed into place)."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass --overwrite to replace it (or --output another file).")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        card.save(tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def snippet_model_ids(card_text: str) -> list[str]:
+    """The model ids the card's usage snippet loads (``model_id = "..."`` / ``adapter_id = "..."`` lines)."""
+    return [match.group(2) for match in _MODEL_ID_LINE.finditer(card_text)]
+
+
+def usage_snippet(card_text: str) -> str:
+    """The Python code of the card's usage section (what a reader copies)."""
+    section = card_text.split("## Usage", 1)[-1]
+    match = re.search(r"```python\n(.*?)```", section, re.DOTALL)
+    if match is None:
+        raise ValueError("the card has no ```python block under '## Usage'.")
+    return match.group(1)
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
+def _datasets(record: dict[str, Any]) -> list[str]:
+    found: list[str] = []
+    for run in record.get("training") or []:
+        values = run.get("datasets") if isinstance(run, dict) else None
+        values = [values] if isinstance(values, str) else values or []
+        found += [v for v in values if isinstance(v, str) and looks_like_repo_id(v) and v not in found]
+    return found
+
+
+def _intro(name: str, line: Lineage, tags: list[str]) -> str:
+    names = {"pvtc": "the PVTC projector", "lvtc": "LVTC inside the LLM", "rvtc": "RVTC tiling"}
+    used = "this one uses " + ", ".join(names[t] for t in tags) if tags else \
+        "this one uses none of them yet: InternVL2's architecture, ready for an upgrade"
+    what = {
+        "converted": "converted with `internvlx convert` from",
+        "fine-tuned": "fine-tuned with `internvlx train` from",
+        "merged": "fine-tuned with LoRA (merged into the weights) from",
+        "adapter": "a LoRA adapter for",
+        "unknown": "",
+    }[line.kind]
+    base = f" {what} [{line.base_model}](https://huggingface.co/{line.base_model})" if line.base_model and what else ""
+    return (
+        f"# {name}\n\n"
+        f"An [InternVL-X]({CODE_URL}) checkpoint{base}, for Hugging Face Transformers: the InternVL2 model family with "
+        f"the paper's visual token compressions ({used}). The checkpoint carries its own "
+        "model and processor code, so it loads with `trust_remote_code=True` without installing anything besides "
+        "`transformers`, `torch` and `pillow`."
+        + (" The adapter also needs `peft`." if line.kind == "adapter" else "")
+    )
+
+
+def _compression_section(config, settings: TilingSettings) -> str:
+    text = config.get_text_config()
+    lvtc = config.lvtc_config
+    if config.projector_type == "pvtc":
+        projector = (f"PVTC (paper Sec. 3.1): {config.pvtc_num_layers} cross-attention layer(s), "
+                     f"{config.pvtc_num_heads} heads; a local (2x2 window) and a global (CLS) query per token")
+    else:
+        projector = "MLP (InternVL2's pixel shuffle + LayerNorm / Linear / GELU / Linear)"
+    if lvtc is not None:
+        hr = hr_tokens_per_tile(config)
+        injected = ", ".join(str(i) for i in lvtc.injection_layers) or "none"
+        lvtc_text = (f"on (paper Sec. 3.2): layers < k = {lvtc.expand_layer} of {text.num_hidden_layers} see "
+                     f"{config.image_seq_length} tokens per tile, layers >= k see {hr} ({lvtc.upsample_mode} "
+                     f"upsampling + an HR {lvtc.hr_projector_type} projector); T = {lvtc.num_lr_projectors} LR "
+                     f"projector(s), the extra ones added before layers s = {lvtc.inject_start}, every i = "
+                     f"{lvtc.inject_interval} (layers: {injected})")
+    else:
+        lvtc_text = "off"
+    tiling_names = {"ratio": "ratio (InternVL2's aspect-ratio matching)",
+                    "area": "area (RVTC, paper Sec. 3.3: max tiles <= ceil(W*H / 448^2))",
+                    "edge": "edge (RVTC, paper Sec. 3.3: max tiles <= ceil(W/448) * ceil(H/448))",
+                    "none": "none (one tile)"}
+    tiles = (f"{tiling_names.get(settings.tiling, settings.tiling)}; {settings.min_tiles} to {settings.max_tiles} "
+             f"tiles of {settings.image_size}px")
+    if settings.use_thumbnail:
+        tiles += ", plus a thumbnail when there is more than one"
+    per_tile = f"{settings.tokens_per_tile}" + (f" (layers >= k: {hr_tokens_per_tile(config)})" if lvtc else "")
+    lines = [
+        "## Visual token compression",
+        "",
+        "| setting | value |",
+        "|---|---|",
+        f"| projector | {projector} |",
+        f"| LVTC | {lvtc_text} |",
+        f"| tiling | {tiles} |",
+        f"| `<IMG_CONTEXT>` tokens per tile | {per_tile} |",
+        f"| LLM | {text.model_type}, {text.num_hidden_layers} layers, hidden size {text.hidden_size} |",
+        "",
+        f"Tokens per image with the saved settings ({settings.tiling} tiling, at most {settings.max_tiles} tiles):",
+        "",
+        "| image size | tile grid | tiles | `<IMG_CONTEXT>` tokens"
+        + (" | LLM tokens from layer k |" if lvtc else " |"),
+        "|---|---|---|---" + ("|---|" if lvtc else "|"),
+    ]
+    for width, height in TYPICAL_IMAGE_SIZES:
+        budget = image_budget(width, height, settings.tiling, settings)
+        row = f"| {width}x{height} | {budget.grid[0]}x{budget.grid[1]} | {budget.tiles} | {budget.tokens}"
+        lines.append(row + (f" | {budget.tiles * hr_tokens_per_tile(config)} |" if lvtc else " |"))
+    lines += ["", "`internvlx tokens` (from the `internvlx-hf` package) computes these numbers for any image, and the "
+                  "LLM prefill FLOPs."]
+    return "\n".join(lines)
+
+
+def _usage_section(load_id: str, line: Lineage, settings: TilingSettings) -> str:
+    if line.kind == "adapter":
+        load = (
+            "from peft import PeftModel\n\n"
+            f'base_id = "{line.base_model}"\n'
+            f'adapter_id = "{load_id}"\n'
+            'device = "cuda" if torch.cuda.is_available() else "cpu"\n'
+            'model = AutoModel.from_pretrained(base_id, trust_remote_code=True, dtype="auto")\n'
+            "model = PeftModel.from_pretrained(model, adapter_id).to(device).eval()\n"
+            "processor = AutoProcessor.from_pretrained(base_id, trust_remote_code=True)\n"
+        )
+    else:
+        load = (
+            f'model_id = "{load_id}"\n'
+            'device = "cuda" if torch.cuda.is_available() else "cpu"\n'
+            'model = AutoModel.from_pretrained(model_id, trust_remote_code=True, dtype="auto").to(device).eval()\n'
+            "processor = AutoProcessor.from_pretrained(model_id, trust_remote_code=True)\n"
+        )
+    code = (
+        "import torch\n"
+        "from PIL import Image\n"
+        "from transformers import AutoModel, AutoProcessor\n"
+        "\n"
+        + load
+        + 'image = Image.open("image.jpg")  # your image\n'
+        "\n"
+        f"# generate(): the processor tiles the image ({settings.tiling} tiling, at most {settings.max_tiles} tiles) "
+        "and expands <image>\n"
+        'messages = [{"role": "user", "content": [{"type": "image"}, '
+        '{"type": "text", "text": "Describe this image."}]}]\n'
+        "prompt = processor.apply_chat_template(messages, add_generation_prompt=True)\n"
+        'inputs = processor(text=[prompt], images=[image], return_tensors="pt").to(device, dtype=model.dtype)\n'
+        "output = model.generate(**inputs, max_new_tokens=64, do_sample=False)\n"
+        "print(processor.post_process_image_text_to_text(output)[0])\n"
+        "\n"
+        "# chat(): InternVL2's API; the follow-up question keeps the conversation (history)\n"
+        'pixel_values = processor.image_processor(images=[image], return_tensors="pt").pixel_values\n'
+        "pixel_values = pixel_values.to(device, model.dtype)\n"
+        "config = dict(max_new_tokens=64, do_sample=False)\n"
+        'answer, history = model.chat(processor, pixel_values, "Describe this image.", config, return_history=True)\n'
+        "print(answer)\n"
+        'print(model.chat(processor, pixel_values, "What stands out?", config, history=history))\n'
+    )
+    return (
+        "## Usage\n\n"
+        "Needs `transformers>=5`, `torch` and `pillow`" + (" and `peft`" if line.kind == "adapter" else "")
+        + "; this code runs as is (put an image at `image.jpg`).\n\n"
+        f"```python\n{code}```\n\n"
+        "The `tiling` and `max_tiles` options of the processor call change the tile budget per image, e.g. "
+        '`processor(..., tiling="edge", max_tiles=6)`.'
+    )
+
+
+def _made_section(record: dict[str, Any], line: Lineage) -> str:
+    conversion = record.get("conversion")
+    runs = [run for run in record.get("training") or [] if isinstance(run, dict)]
+    if not conversion and not runs:
+        return ("## How this model was made\n\nThis folder has no `internvlx_provenance.json`, so its origin is not "
+                "recorded here.")
+    parts = ["## How this model was made"]
+    if conversion:
+        source = record.get("base_model") or _short(conversion.get("source"))
+        parts.append(f"**Conversion** (`internvlx convert`) from `{source}`:\n\n"
+                     + _bullets(conversion, skip=("source",)))
+    for index, run in enumerate(runs, start=1):
+        output = run.get("output")
+        what = {"adapter": "LoRA adapter", "merged": "LoRA merged into the weights", "full": "full weights"}
+        title = f"**Training run {index}** (`internvlx train`" + (f", output: {what.get(output, output)}" if output
+                                                                  else "") + "):"
+        parts.append(title + "\n\n" + _bullets(run, skip=("output",)))
+    return "\n\n".join(parts)
+
+
+_FIRST_KEYS = ("date", "internvlx_hf_version", "preset", "started_from", "data", "datasets", "steps", "max_steps",
+               "epochs", "learning_rate", "lora")
+
+
+def _bullets(details: dict[str, Any], skip: tuple[str, ...] = ()) -> str:
+    keys = [k for k in _FIRST_KEYS if k in details] + [k for k in details if k not in _FIRST_KEYS]
+    lines = []
+    for key in keys:
+        if key in skip or details[key] in (None, "", [], {}):
+            continue
+        value = details[key]
+        if key in ("started_from", "source"):
+            value = _short(value)
+        lines.append(f"- {key.replace('_', ' ')}: {_render(value)}")
+    return "\n".join(lines) if lines else "- (no details recorded)"
+
+
+def _short(value: Any) -> str:
+    # Local paths are the publisher's machine's; the folder name is what identifies the checkpoint.
+    text = str(value)
+    return text if looks_like_repo_id(text) and not Path(text).is_absolute() else Path(text).name or text
+
+
+def _render(value: Any, limit: int = 400) -> str:
+    if isinstance(value, dict):
+        text = ", ".join(f"{k}={_render(v, limit)}" for k, v in value.items() if v not in ({}, [], "")) or "none"
+    elif isinstance(value, (list, tuple)):
+        text = ", ".join(_render(v, limit) for v in value) or "none"
+    elif value is None:
+        text = "none"
+    elif isinstance(value, bool):
+        text = str(value).lower()
+    elif isinstance(value, int):
+        text = f"{value:,}"
+    elif isinstance(value, float):
+        text = f"{value:g}"
+    else:
+        text = str(value)
+        if "<" in text or "|" in text:  # e.g. <|im_end|>: code, not HTML or a table cell
+            text = f"`{text}`"
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _results_section(rows: list[ResultRow]) -> str:
+    if not rows:
+        return ""
+    has_split = any(row.split for row in rows)
+    has_notes = any(row.notes for row in rows)
+    header = "| benchmark | metric | value |" + (" split |" if has_split else "") + (" notes |" if has_notes else "")
+    lines = ["## Results", "", "Measured by the publisher of this checkpoint (from the results file given to "
+             "`internvlx card --results`).", "", header, "|" + "---|" * header.count(" |")]
+    for row in rows:
+        cells = [row.benchmark, row.metric, f"{row.value:g}" if isinstance(row.value, float) else str(row.value)]
+        cells += [row.split or ""] if has_split else []
+        cells += [row.notes or ""] if has_notes else []
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+__all__ = [
+    "Lineage",
+    "RELATIONS",
+    "build_model_card",
+    "compression_tags",
+    "lineage",
+    "snippet_model_ids",
+    "usage_snippet",
+    "write_model_card",
+]

@@ -1,0 +1,270 @@
+"""What an image costs an InternVL-X checkpoint: tiles, `<IMG_CONTEXT>` tokens, LLM tokens per layer group, FLOPs.
+
+Shared by `internvlx tokens` and the model card ("tokens per typical image"), so both print the same numbers.
+
+Prefill FLOPs estimate (`prefill_flops`): the LLM's matrix multiplications for one prompt of ``n`` tokens, counting
+a multiply-add as 2 FLOPs, per decoder layer
+
+    2n·h·(2·a·d + 2·g·d)     q, k, v, o projections  (h hidden size, a heads, g KV heads, d head dim)
+  + 4n²·a·d                  attention scores QKᵀ and their weighted sum over the full n x n square
+  + 6n·h·f                   gated MLP (gate, up, down; f intermediate size: Llama, Qwen2, Phi-3, InternLM2)
+
+plus ``2·h·V`` for the LM head on the last position only (a `generate()` prefill keeps one position's logits).
+With LVTC, layers ``< k`` see the short layout (``n_short`` tokens: text + LR visual tokens) and layers ``>= k``
+the long one (``n_long``: text + HR visual tokens). The *uncompressed* model runs every layer on the long layout.
+Norms, activations, RoPE, the LVTC upsampling/pooling and the vision side (ViT, projectors) are not counted; the
+attention term counts the whole square as dense kernels and `torch.utils.flop_counter` do (a causal kernel that
+skips masked blocks does about half of it).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from ..processing.image_processing_internvlx import get_tile_grid
+
+#: The tilings `internvlx tokens` compares (paper Sec. 3.3): InternVL2's ratio matching and the two RVTC caps.
+COMPARED_TILINGS = ("ratio", "area", "edge")
+
+#: Image sizes the model card reports tokens for: one tile, a 4:3 photo, a 16:9 frame, a portrait document page.
+TYPICAL_IMAGE_SIZES = ((448, 448), (1024, 768), (1920, 1080), (1700, 2200))
+
+_SIZE = re.compile(r"^(\d+)[xX](\d+)$")
+
+
+@dataclass(frozen=True)
+class TilingSettings:
+    """The processor settings that decide an image's token count (defaults: InternVL2-2B)."""
+
+    image_size: int = 448
+    min_tiles: int = 1
+    max_tiles: int = 12
+    use_thumbnail: bool = True
+    tokens_per_tile: int = 256
+    tiling: str = "ratio"
+
+    @classmethod
+    def from_processor(cls, processor) -> "TilingSettings":
+        image_processor = processor.image_processor
+        tiling = image_processor.tiling
+        return cls(
+            image_size=int(image_processor.image_size),
+            min_tiles=int(image_processor.min_tiles),
+            max_tiles=int(image_processor.max_tiles),
+            use_thumbnail=bool(image_processor.use_thumbnail),
+            tokens_per_tile=int(processor.image_seq_length),
+            tiling=str(getattr(tiling, "value", tiling)),
+        )
+
+
+@dataclass(frozen=True)
+class ImageBudget:
+    """One image under one tiling: its grid, tile count (thumbnail included) and `<IMG_CONTEXT>` tokens."""
+
+    width: int
+    height: int
+    tiling: str
+    grid: tuple[int, int]
+    tiles: int
+    tokens: int
+
+
+def image_budget(width: int, height: int, tiling: str, settings: TilingSettings, processor=None) -> ImageBudget:
+    """Tile grid and tokens of a ``width x height`` image; ``processor.num_visual_tokens`` gives the tokens when a
+    processor is passed (the count a checkpoint's processor will really produce)."""
+    mode = getattr(tiling, "value", tiling)
+    cols, rows = get_tile_grid(width, height, mode, settings.min_tiles, settings.max_tiles, settings.image_size)
+    tiles = cols * rows + (1 if settings.use_thumbnail and cols * rows > 1 else 0)
+    tokens = tiles * settings.tokens_per_tile
+    if processor is not None:
+        tokens = processor.num_visual_tokens([(width, height)], tiling=mode, max_tiles=settings.max_tiles)[0]
+    return ImageBudget(width, height, mode, (cols, rows), tiles, tokens)
+
+
+def image_size_of(spec: str) -> tuple[int, int]:
+    """``(width, height)`` of an image file, or of a ``WxH`` size such as ``1024x768`` (when no such file exists).
+
+    Only the header is read (PIL opens lazily), so huge images cost nothing.
+    """
+    path = Path(spec)
+    if not path.exists():
+        match = _SIZE.match(spec.strip())
+        if match:
+            width, height = int(match.group(1)), int(match.group(2))
+            if width < 1 or height < 1:
+                raise ValueError(f"--image {spec!r}: a size needs both sides >= 1 pixel, e.g. 1024x768.")
+            return width, height
+        raise FileNotFoundError(f"--image {spec!r}: no such file; pass an image file or a size such as 1024x768.")
+    if path.is_dir():
+        raise ValueError(f"--image {spec!r} is a folder; pass an image file or a size such as 1024x768.")
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except (UnidentifiedImageError, OSError) as error:
+        raise ValueError(f"--image {spec!r} is not a readable image ({type(error).__name__}: {error}).") from None
+
+
+# ---------------------------------------------------------------------------------------------------------- FLOPs
+
+
+@dataclass(frozen=True)
+class LLMShape:
+    """The LLM dimensions the FLOPs estimate needs, read from a text config."""
+
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+
+    @classmethod
+    def from_text_config(cls, text_config) -> "LLMShape":
+        heads = int(text_config.num_attention_heads)
+        kv_heads = getattr(text_config, "num_key_value_heads", None) or heads
+        head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // heads
+        return cls(
+            num_layers=int(text_config.num_hidden_layers),
+            hidden_size=int(text_config.hidden_size),
+            intermediate_size=int(text_config.intermediate_size),
+            num_heads=heads,
+            num_kv_heads=int(kv_heads),
+            head_dim=int(head_dim),
+            vocab_size=int(text_config.vocab_size),
+        )
+
+
+def layer_flops(shape: LLMShape, n: int) -> int:
+    """Matmul FLOPs of one decoder layer on ``n`` tokens (see the module docstring for the formula)."""
+    q_width = shape.num_heads * shape.head_dim
+    kv_width = shape.num_kv_heads * shape.head_dim
+    projections = 2 * n * shape.hidden_size * (2 * q_width + 2 * kv_width)
+    attention = 4 * n * n * q_width
+    mlp = 6 * n * shape.hidden_size * shape.intermediate_size
+    return projections + attention + mlp
+
+
+def prefill_flops(shape: LLMShape, n_short: int, n_long: int | None = None, expand_layer: int | None = None) -> int:
+    """LLM prefill FLOPs: layers ``< expand_layer`` on ``n_short`` tokens, the rest on ``n_long`` (LVTC), plus the
+    LM head on the last position. Without ``expand_layer`` every layer runs on ``n_short``."""
+    k = shape.num_layers if expand_layer is None else expand_layer
+    n_long = n_short if n_long is None else n_long
+    layers = k * layer_flops(shape, n_short) + (shape.num_layers - k) * layer_flops(shape, n_long)
+    return layers + 2 * shape.hidden_size * shape.vocab_size
+
+
+@dataclass(frozen=True)
+class ModelBudget:
+    """An image's cost inside an InternVL-X checkpoint's LLM."""
+
+    llm_tokens: int                         # the prompt's length in the input ids (short layout)
+    llm_tokens_long: int | None             # layers >= k (LVTC only)
+    expand_layer: int | None                # k (LVTC only)
+    prefill_flops: int
+    uncompressed_prefill_flops: int | None  # every layer on the long layout (LVTC only)
+
+
+def model_budget(config, image: ImageBudget, text_tokens: int) -> ModelBudget:
+    """LLM tokens per layer group and prefill FLOPs for a prompt of ``text_tokens`` text tokens and ``image``.
+
+    The prompt holds ``<img>`` + the image's tokens + ``</img>``; with LVTC each tile's LR tokens become
+    ``hr_tokens_per_tile`` from layer k on.
+    """
+    shape = LLMShape.from_text_config(config.get_text_config())
+    n_short = text_tokens + 2 + image.tokens
+    lvtc = config.lvtc_config
+    if lvtc is None:
+        return ModelBudget(n_short, None, None, prefill_flops(shape, n_short), None)
+    n_long = text_tokens + 2 + image.tiles * hr_tokens_per_tile(config)
+    return ModelBudget(
+        llm_tokens=n_short,
+        llm_tokens_long=n_long,
+        expand_layer=lvtc.expand_layer,
+        prefill_flops=prefill_flops(shape, n_short, n_long, lvtc.expand_layer),
+        uncompressed_prefill_flops=prefill_flops(shape, n_long),
+    )
+
+
+def hr_tokens_per_tile(config) -> int | None:
+    """Tokens per tile from the LVTC expand layer on (None without LVTC)."""
+    lvtc = config.lvtc_config
+    if lvtc is None:
+        return None
+    return (config.vision_tokens_per_side // round(1 / lvtc.hr_downsample_ratio)) ** 2
+
+
+def budget_rows(sizes: list[tuple[str, tuple[int, int]]], settings: TilingSettings, tilings=COMPARED_TILINGS,
+                processor=None, config=None, text_tokens: int = 64) -> list[dict[str, Any]]:
+    """One row per (image, tiling): what `internvlx tokens` prints (``--json`` prints these dicts)."""
+    rows = []
+    for name, (width, height) in sizes:
+        for tiling in tilings:
+            budget = image_budget(width, height, tiling, settings, processor)
+            row: dict[str, Any] = {"image": name, **asdict(budget), "grid": f"{budget.grid[0]}x{budget.grid[1]}"}
+            if config is not None:
+                row.update(asdict(model_budget(config, budget, text_tokens)))
+                row["text_tokens"] = text_tokens
+            rows.append(row)
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """A Markdown table of `budget_rows` (only the columns that apply)."""
+    columns = [("image", "image"), ("size", None), ("tiling", "tiling"), ("grid", "grid"), ("tiles", "tiles"),
+               ("<IMG_CONTEXT>", "tokens")]
+    has_model = rows and "llm_tokens" in rows[0]
+    has_lvtc = has_model and rows[0].get("expand_layer") is not None
+    if has_lvtc:
+        k = rows[0]["expand_layer"]
+        columns += [(f"LLM tokens, layers < {k}", "llm_tokens"), (f"layers >= {k}", "llm_tokens_long"),
+                    ("prefill TFLOPs", "prefill_flops"), ("uncompressed TFLOPs", "uncompressed_prefill_flops"),
+                    ("ratio", None)]
+    elif has_model:
+        columns += [("LLM tokens", "llm_tokens"), ("prefill TFLOPs", "prefill_flops")]
+
+    def cell(row, header, key):
+        if header == "size":
+            return f"{row['width']}x{row['height']}"
+        if header == "ratio":
+            return f"{row['prefill_flops'] / row['uncompressed_prefill_flops']:.3f}"
+        value = row[key]
+        return _tflops(value) if key.endswith("flops") else str(value)
+
+    lines = ["| " + " | ".join(header for header, _ in columns) + " |",
+             "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(cell(row, header, key) for header, key in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _tflops(flops: int) -> str:
+    value = flops / 1e12
+    return f"{value:.3f}" if value >= 0.01 else f"{value:.2e}"
+
+
+def rows_to_json(rows: list[dict[str, Any]]) -> str:
+    return json.dumps(rows, indent=2)
+
+
+__all__ = [
+    "COMPARED_TILINGS",
+    "TYPICAL_IMAGE_SIZES",
+    "ImageBudget",
+    "LLMShape",
+    "ModelBudget",
+    "TilingSettings",
+    "budget_rows",
+    "format_table",
+    "hr_tokens_per_tile",
+    "image_budget",
+    "image_size_of",
+    "layer_flops",
+    "model_budget",
+    "prefill_flops",
+]

@@ -1,0 +1,260 @@
+"""`internvlx chat` and `internvlx tokens` (and the FLOPs estimate behind `tokens`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
+
+from internvlx_hf.cli import main
+from internvlx_hf.hub.token_budget import LLMShape, layer_flops, prefill_flops
+
+from conftest import REPO_ROOT, require_fixture
+from tiny import pixels, prompt_ids, tiny_model
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """The Qwen2 golden fixture converted: 448px tiles, 256 tokens per tile, Hermes-2 template."""
+    from internvlx_hf.conversion import convert
+
+    dst = tmp_path_factory.mktemp("chat") / "internvl2_qwen2"
+    convert(require_fixture("internvl2_qwen2"), dst, progress=False)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def converted_lvtc(tmp_path_factory):
+    from internvlx_hf.conversion import convert
+
+    dst = tmp_path_factory.mktemp("chat") / "internvl2_qwen2_lvtc"
+    convert(require_fixture("internvl2_qwen2"), dst, lvtc="k=1", progress=False)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("images")
+    g = torch.Generator().manual_seed(0)
+    paths = []
+    for name, (width, height) in (("wide.png", (1000, 747)), ("square.png", (300, 300))):
+        data = torch.randint(0, 256, (height, width, 3), generator=g, dtype=torch.uint8).numpy()
+        Image.fromarray(data).save(folder / name)
+        paths.append(folder / name)
+    return paths
+
+
+def _json_rows(capsys, argv):
+    assert main(argv) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+# ------------------------------------------------------------------------------------------------------- tokens
+
+
+def test_tokens_without_model_uses_internvl2_2b_settings(capsys, images):
+    rows = _json_rows(capsys, ["tokens", "--image", str(images[0]), "--image", "1000x747", "--json"])
+    expected = [("ratio", "4x3", 13, 3328), ("area", "2x2", 5, 1280), ("edge", "3x2", 7, 1792)]
+    assert [(r["tiling"], r["grid"], r["tiles"], r["tokens"]) for r in rows] == expected * 2
+    assert [(r["width"], r["height"]) for r in rows] == [(1000, 747)] * 6
+    assert "llm_tokens" not in rows[0]  # no LLM without a model
+
+    assert main(["tokens", "--image", "300x300", "--max-tiles", "6"]) == 0
+    table = capsys.readouterr().out
+    assert "InternVL2-2B settings: 448px tiles, max 6 tiles, 256 tokens per tile" in table
+    assert "| 300x300 | 300x300 | ratio | 1x1 | 1 | 256 |" in table
+
+
+def test_tokens_with_a_model_use_its_processor(capsys, converted, images):
+    from transformers import AutoProcessor
+
+    from internvlx_hf import InternVLXConfig
+
+    rows = _json_rows(capsys, ["tokens", str(converted), "--image", str(images[0]), "--max-tiles", "6",
+                               "--text-tokens", "10", "--json"])
+    processor = AutoProcessor.from_pretrained(converted, trust_remote_code=True)
+    config = InternVLXConfig.from_pretrained(converted)
+    shape = LLMShape.from_text_config(config.get_text_config())
+    for row in rows:
+        assert row["tokens"] == processor.num_visual_tokens([(1000, 747)], tiling=row["tiling"], max_tiles=6)[0]
+        assert row["llm_tokens"] == 10 + 2 + row["tokens"]
+        assert row["prefill_flops"] == prefill_flops(shape, row["llm_tokens"])
+        assert row["llm_tokens_long"] is None and row["uncompressed_prefill_flops"] is None
+    assert [r["tokens"] for r in rows] == [1792, 1280, 1792]  # ratio 3x2+1, area 2x2+1, edge 3x2+1 at 6 tiles
+
+
+def test_tokens_of_an_lvtc_model_per_layer_group(capsys, converted_lvtc):
+    from internvlx_hf import InternVLXConfig
+
+    rows = _json_rows(capsys, ["tokens", str(converted_lvtc), "--image", "1000x747", "--tiling", "area", "--json"])
+    config = InternVLXConfig.from_pretrained(converted_lvtc)
+    shape = LLMShape.from_text_config(config.get_text_config())
+    (row,) = rows
+    assert (row["tiles"], row["tokens"], row["expand_layer"]) == (5, 1280, 1)
+    assert row["llm_tokens"] == 64 + 2 + 1280
+    assert row["llm_tokens_long"] == 64 + 2 + 5 * 1024
+    assert shape.num_layers == 2
+    assert row["prefill_flops"] == layer_flops(shape, 1346) + layer_flops(shape, 5186) \
+        + 2 * shape.hidden_size * shape.vocab_size
+    assert row["uncompressed_prefill_flops"] == prefill_flops(shape, 5186)
+
+    assert main(["tokens", str(converted_lvtc), "--image", "1000x747", "--tiling", "area"]) == 0
+    table = capsys.readouterr().out
+    assert "LVTC: layers < 1 see 256 tokens per tile, layers >= 1 see 1024" in table
+    assert "| LLM tokens, layers < 1 | layers >= 1 | prefill TFLOPs | uncompressed TFLOPs | ratio |" in table
+    ratio = row["prefill_flops"] / row["uncompressed_prefill_flops"]
+    assert "| 1346 | 5186 |" in table and f"| {ratio:.3f} |" in table
+
+
+@pytest.mark.parametrize("expand_layer", [2, 4])
+def test_prefill_flops_estimate_equals_flop_counter(expand_layer):
+    """The estimate counts exactly the matmuls FlopCounterMode sees in the LLM layers and the LM head (eager
+    attention: the counter does not see the attention matmuls inside CPU SDPA kernels)."""
+    torch.set_num_threads(1)
+    lvtc = tiny_model(lvtc={"expand_layer": expand_layer, "num_lr_projectors": 2}, attn="eager")
+    plain_hr = tiny_model(attn="eager", downsample_ratio=1.0)  # the uncompressed model: 16 tokens per tile
+    ids_short = torch.tensor([prompt_ids(3, 0, n_text=20)])
+    ids_long = torch.tensor([prompt_ids(3, 0, n_text=20, tokens_per_tile=16)])
+
+    def counted(model, ids):
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            model(input_ids=ids, pixel_values=pixels(3, 0), logits_to_keep=1)
+        counts = counter.get_flop_counts()
+        prefix = f"{type(model).__name__}.model.language_model.layers."
+        layers = sum(sum(v.values()) for k, v in counts.items() if k.startswith(prefix) and "." not in
+                     k[len(prefix):])
+        return layers + sum(counts[f"{type(model).__name__}.lm_head"].values())
+
+    shape = LLMShape.from_text_config(lvtc.config.get_text_config())
+    n_short, n_long = ids_short.shape[1], ids_long.shape[1]
+    assert (n_short, n_long) == (36, 72)
+    estimate = prefill_flops(shape, n_short, n_long, expand_layer)
+    assert estimate == counted(lvtc, ids_short)  # exactly: the formula counts the same matmuls
+    uncompressed = prefill_flops(shape, n_long)
+    assert uncompressed == counted(plain_hr, ids_long)
+    if expand_layer < shape.num_layers:
+        assert estimate < uncompressed
+
+
+def test_tokens_errors_are_one_line(capsys, tmp_path):
+    (tmp_path / "folder").mkdir()
+    cases = [
+        (["tokens", "--image", str(tmp_path / "nope.jpg")], "no such file; pass an image file or a size"),
+        (["tokens", "--image", "0x10"], "a size needs both sides >= 1 pixel"),
+        (["tokens", "--image", "448x448", "--max-tiles", "0"], "--max-tiles must be >= 1"),
+        (["tokens", str(tmp_path / "folder"), "--image", "448x448"], "no config.json"),
+        (["tokens", "--image", str(tmp_path / "folder")], "is a folder"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("internvlx tokens: error: ") and message in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("command", ["chat", "tokens", "card", "push"])
+def test_help_teaches_with_examples(capsys, command):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "examples:" in out and f"internvlx {command} " in out.split("examples:")[1]
+
+
+# --------------------------------------------------------------------------------------------------------- chat
+
+
+def _reference_chat(folder, image, questions, max_new_tokens, max_tiles):
+    """InternVL2's chat(history=...) on the same checkpoint: what the CLI must answer, turn by turn."""
+    from transformers import AutoModel, AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+    pixel_values = processor.image_processor(images=[str(image)], max_tiles=max_tiles, return_tensors="pt").pixel_values
+    answers, history = [], None
+    for question in questions:
+        answer, history = model.chat(processor, pixel_values, question,
+                                     dict(max_new_tokens=max_new_tokens, do_sample=False), history=history,
+                                     return_history=True)
+        answers.append(answer)
+    return answers
+
+
+def test_chat_streams_the_answer_token_by_token(capsys, monkeypatch, converted, images):
+    from transformers import TextStreamer
+
+    puts = []
+    original_put = TextStreamer.put
+
+    def put(self, value):
+        puts.append(value.numel())
+        return original_put(self, value)
+
+    monkeypatch.setattr(TextStreamer, "put", put)
+    question = "What is in the picture?"
+    argv = ["chat", str(converted), "--image", str(images[0]), "--max-tiles", "2", "--max-new-tokens", "6", question]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    (expected,) = _reference_chat(converted, images[0], [question], max_new_tokens=6, max_tiles=2)
+    assert out.strip() == expected and expected
+    assert puts[0] > 1 and puts[1:] == [1] * (len(puts) - 1) and len(puts) >= 2  # the prompt, then one per token
+
+
+def test_chat_interactive_loop_through_a_pipe_keeps_the_history(converted, images, tmp_path):
+    questions = ["Describe the image.", "And the colours?"]
+    stdin = f"{questions[0]}\n\n{questions[1]}\n/reset\n{questions[0]}\n/nonsense\n"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
+    result = subprocess.run(
+        [sys.executable, "-m", "internvlx_hf", "chat", str(converted), "--image", str(images[0]), "--max-tiles", "2",
+         "--max-new-tokens", "5", "--device", "cpu"],
+        input=stdin, capture_output=True, text=True, cwd=REPO_ROOT, env=env, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    first, second = _reference_chat(converted, images[0], questions, max_new_tokens=5, max_tiles=2)
+    # /reset starts over with the same image
+    assert [line.strip() for line in result.stdout.splitlines()] == [first, second, first]
+    assert "(conversation reset)" in result.stderr and "unknown command '/nonsense'" in result.stderr
+
+
+def test_chat_session_attaches_images_to_later_turns(converted, images):
+    from internvlx_hf.cli.chat import ChatSession, load_chat_model
+
+    model, processor = load_chat_model(str(converted), device="cpu")
+    session = ChatSession(model, processor, [str(images[0])], max_tiles=1, max_new_tokens=2, stream=False)
+    session.ask("First?")
+    session.attach(str(images[1]))
+    session.ask("Second?")
+    assert session.images == [str(images[0]), str(images[1])]
+    assert [m["role"] for m in session.messages] == ["user", "assistant", "user", "assistant"]
+    assert session.messages[2]["content"][0] == {"type": "image"}
+    assert session.eos_token_ids == [processor.tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    session.reset()
+    assert session.messages == [] and session.pending_images == [str(images[0])]
+
+
+def test_chat_errors_are_one_line(capsys, monkeypatch, converted, tmp_path):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "config.json").write_text(json.dumps({"model_type": "llava"}))
+    cases = [
+        (["chat", "someone/some-model", "Hi"], "not a local folder and not in the Hugging Face cache, and "
+                                               "HF_HUB_OFFLINE is set"),
+        (["chat", str(tmp_path / "a" / "b" / "c"), "Hi"], "no such folder"),
+        (["chat", str(converted), "--image", str(tmp_path / "missing.jpg"), "Hi"], "no such file"),
+        (["chat", str(tmp_path / "plain"), "Hi"], "model_type 'llava', not 'internvlx'"),
+        (["chat", str(converted), "--max-new-tokens", "0", "Hi"], "--max-new-tokens must be >= 1"),
+        (["chat", str(converted), "  "], "the QUESTION is empty"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((["chat", str(converted), "--device", "cuda", "Hi"], "CUDA is not available"))
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("internvlx chat: error: ") and message in err and err.count("\n") == 1, err
