@@ -2,16 +2,19 @@
 
     python examples/quickstart.py [output_dir]
 
-Runs on CPU in seconds; downloads nothing.
+The reload runs in a fresh Python process in which `internvlx_hf` cannot be imported, so the model comes from the
+code files saved next to the weights (`trust_remote_code=True`), as on a machine without this package. Runs on CPU
+in seconds; downloads nothing.
 """
 
+import json
+import os
+import subprocess
 import sys
 import tempfile
 
 import torch
-from transformers import AutoModel
 
-import internvlx_hf  # noqa: F401  (registers the Auto classes; not needed by the reload below)
 from internvlx_hf import InternVLXConfig, InternVLXForConditionalGeneration
 
 config = InternVLXConfig(
@@ -28,15 +31,42 @@ model = InternVLXForConditionalGeneration(config).eval()
 
 out_dir = sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp(prefix="internvlx-")
 model.save_pretrained(out_dir)  # weights + config.json (auto_map) + the remote-code .py files
-reloaded = AutoModel.from_pretrained(out_dir, trust_remote_code=True).eval()
 
 tiles = torch.randn(1, 3, 448, 448)  # one 448px tile (use InternVLXProcessor for real images)
 input_ids = torch.tensor([[1, 11, 12] + [config.image_token_id] * config.image_seq_length + [13, 14]])
 with torch.no_grad():
-    same = torch.equal(model(input_ids=input_ids, pixel_values=tiles).logits,
-                       reloaded(input_ids=input_ids, pixel_values=tiles).logits)
-generated = reloaded.generate(input_ids=input_ids, pixel_values=tiles, max_new_tokens=8, do_sample=False)
-print(f"saved to {out_dir}; reloaded class {type(reloaded).__name__} from {type(reloaded).__module__}")
+    logits = model(input_ids=input_ids, pixel_values=tiles).logits
+torch.save({"input_ids": input_ids, "pixel_values": tiles, "logits": logits}, os.path.join(out_dir, "inputs.pt"))
+
+# The reload: a new interpreter that refuses to import internvlx_hf, so only the saved remote code can serve it.
+RELOAD = r"""
+import importlib.abc, json, sys
+class HidePackage(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "internvlx_hf":
+            raise ModuleNotFoundError(f"No module named {name!r} (hidden: the reload must use the remote code)")
+sys.meta_path.insert(0, HidePackage())
+import torch
+from transformers import AutoModel
+out_dir = sys.argv[1]
+saved = torch.load(f"{out_dir}/inputs.pt")
+model = AutoModel.from_pretrained(out_dir, trust_remote_code=True).eval()
+with torch.no_grad():
+    logits = model(input_ids=saved["input_ids"], pixel_values=saved["pixel_values"]).logits
+generated = model.generate(input_ids=saved["input_ids"], pixel_values=saved["pixel_values"], max_new_tokens=8,
+                           do_sample=False)
+print(json.dumps({"module": type(model).__module__, "class": type(model).__name__,
+                  "identical": torch.equal(logits, saved["logits"]),
+                  "tokens": generated[0, saved["input_ids"].shape[1]:].tolist()}))
+"""
+env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+env["HF_MODULES_CACHE"] = os.path.join(out_dir, "hf_modules")  # a fresh copy of the remote code, not a cached one
+result = subprocess.run([sys.executable, "-c", RELOAD, out_dir], capture_output=True, text=True, env=env, check=False)
+if result.returncode != 0:
+    sys.exit(f"reload as remote code failed:\n{result.stderr[-2000:]}")
+reload = json.loads(result.stdout.strip().splitlines()[-1])
+
+print(f"saved to {out_dir}; reloaded class {reload['class']} from {reload['module']} (internvlx_hf hidden)")
 print(f"tokens per tile: {config.image_seq_length} (LVTC expands to 1024 from layer {config.lvtc['expand_layer']})")
-print(f"identical logits after reload: {same}")
-print(f"greedy tokens: {generated[0, input_ids.shape[1]:].tolist()}")
+print(f"identical logits after reload: {reload['identical']}")
+print(f"greedy tokens: {reload['tokens']}")

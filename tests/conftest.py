@@ -17,6 +17,16 @@ from pathlib import Path
 import golden
 import pytest
 
+# The running session's pytest config: transformers' test module (tests/test_transformers_conformance.py) declares
+# its markers on it before import, since this project runs pytest with --strict-markers.
+PYTEST_CONFIG = None
+
+
+def pytest_configure(config):
+    global PYTEST_CONFIG
+    PYTEST_CONFIG = config
+
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -94,3 +94,43 @@ def test_chat_without_a_template_says_how_to_get_one(model, tokenizer):
     bare.chat_template = None
     with pytest.raises(ValueError, match="no chat_template"):
         model.chat(bare, torch.zeros(1, 3, 448, 448), "Hi", dict(max_new_tokens=1))
+
+
+def test_chat_stops_at_the_phi3_chat_separator():
+    """phi3-chat ends turns with `<|end|>`, not `<|im_end|>`: chat() takes the separator from the template. The model
+    is built so that its next token depends on the current one only (layers add nothing; rows of the LM head pick
+    the successor): prompt end -> "dog" -> `<|end|>` -> "the" -> ... Stopping at `<|end|>` answers "dog"."""
+    from transformers import LlamaTokenizer
+
+    tokenizer = LlamaTokenizer.from_pretrained(require_fixture("internvl2_phi3"))
+    tokenizer.chat_template = get_chat_template("phi3-chat")
+    end, dog, the = (tokenizer.convert_tokens_to_ids(t) for t in ("<|end|>", "▁dog", "▁the"))
+    assert tokenizer.convert_ids_to_tokens([dog, the]) == ["▁dog", "▁the"] and end == 807
+    config = InternVLXConfig(
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2},
+        text_config={"model_type": "phi3", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                     "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": len(tokenizer),
+                     "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id},
+        image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"), template="phi3-chat",
+    )
+    torch.manual_seed(0)
+    model = InternVLXForConditionalGeneration(config).eval()
+    prompt = model._chat_prompt(tokenizer, "Hi?", None, [])
+    prompt_end = tokenizer(prompt)["input_ids"][-1]
+    assert tokenizer.convert_ids_to_tokens(prompt_end) == "<0x0A>"  # "<|assistant|>\n" ends the prompt
+    with torch.no_grad():
+        for layer in model.model.language_model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        embeddings, head = model.get_input_embeddings().weight, model.lm_head.weight
+        embeddings.zero_()
+        head.zero_()
+        for dim, (current, successor) in enumerate([(prompt_end, dog), (dog, end), (end, the), (the, the)]):
+            embeddings[current, dim] = 1.0
+            head[successor, dim] = 1.0
+    answer = model.chat(tokenizer, None, "Hi?", dict(max_new_tokens=6, do_sample=False))
+    assert answer == "dog"
+    # without the separator as eos the same model runs on past <|end|> (skipped when decoding) into "the"
+    config = dict(max_new_tokens=6, do_sample=False, eos_token_id=tokenizer.eos_token_id)
+    unstopped = model.chat(tokenizer, None, "Hi?", config)
+    assert unstopped.startswith("dog") and "the" in unstopped

@@ -636,6 +636,18 @@ def _run_result(code: str, args: list[str], cwd: Path) -> dict:
 
 
 @pytest.mark.parametrize("name", FIXTURES)
+def test_config_names_the_image_frame_tokens(name, converted):
+    """`<img>`, `</img>` and `<IMG_CONTEXT>` ids are in the config, so the model's loss ignores all three as labels."""
+    from transformers import AutoTokenizer
+
+    dst, _ = converted(name)
+    config = json.loads((dst / "config.json").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(str(dst))
+    assert [config["image_start_token_id"], config["image_end_token_id"], config["image_token_id"]] == \
+        tokenizer.convert_tokens_to_ids(["<img>", "</img>", "<IMG_CONTEXT>"])
+
+
+@pytest.mark.parametrize("name", FIXTURES)
 def test_converted_checkpoint_matches_reference(name, converted, tmp_path):
     """Loaded with trust_remote_code alone (internvlx_hf hidden): logits within 1e-4 (at the golden positions), the
     8 greedy tokens, the tokenizer ids of the full prompt, chat()'s answer, and the processor's prompt, ids and

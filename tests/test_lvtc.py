@@ -8,11 +8,10 @@ import torch
 from internvlx_hf import InternVLXConfig
 from internvlx_hf.modeling.modeling_internvlx import InternVLXLVTCCache, build_lvtc_layout
 
-from test_modeling import _remote_code_check
+from test_modeling import _remote_code_check, reported_max_diff, run_with_checkpointing
 from tiny import (
-    IMAGE_TOKEN_ID,
-    assert_left_padded_batch_equals_alone,
     PAD_ID,
+    assert_left_padded_batch_equals_alone,
     greedy_by_recomputation,
     greedy_with_cache,
     left_pad,
@@ -86,12 +85,11 @@ def test_layout_positions_restart_with_packed_sequences():
     assert layout.long_position_ids[0].tolist() == expected_first + expected_second
 
 
-def test_partial_tile_is_a_clear_error():
-    model = tiny_model(**LVTC_MLP)
-    ids = torch.tensor([[1, 5] + [IMAGE_TOKEN_ID] * 6 + [7]])
-    with pytest.raises(ValueError, match=r"whole tiles of 4 image tokens per row; got \[6\]"):
-        model.model._lvtc_forward(model.get_input_embeddings()(ids), ids == IMAGE_TOKEN_ID, None, None, None, None,
-                                  0, False, False)
+def test_layout_refuses_runs_that_split_a_tile():
+    # 8 image tokens = 2 tiles of 4 in all, but as runs of 6 and 2: one tile would straddle two images
+    image = torch.tensor([[0, 1, 1, 1, 1, 1, 1, 0, 1, 1, 0]], dtype=torch.bool)
+    with pytest.raises(ValueError, match=r"Row 0 has a run of 6 image tokens at position 1, which is not a whole"):
+        build_lvtc_layout(image, None, torch.arange(11)[None], 4, 16)
 
 
 # ------------------------------------------------------------------------------------------------------- generation
@@ -125,7 +123,8 @@ def test_text_only_batches_equal_the_plain_llm(setup):
     torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits,
                                plain(input_ids=ids, attention_mask=mask).logits, atol=1e-6, rtol=0)
     out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
-    assert out.tolist() == plain.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False).tolist()
+    expected = plain.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    assert out.tolist() == expected.tolist()
 
 
 def test_beam_search_reorders_the_lvtc_state():
@@ -212,6 +211,22 @@ def test_packed_sequences_equal_each_alone(attn):
         torch.testing.assert_close(packed[offset: offset + len(prompt)], alone, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("lvtc", [None, LVTC_MLP["lvtc"]], ids=["plain", "lvtc"])
+def test_packed_training_forward_needs_no_use_cache_flag(lvtc):
+    """In train mode the model builds no cache unless asked: a cache would switch off transformers' detection of
+    packed sequences, and packed rows (position resets, no mask) would attend across samples."""
+    model = tiny_model(lvtc=lvtc).train()
+    first, second = prompt_ids(1, seed=78, n_text=3), prompt_ids(1, seed=79, n_text=5)
+    images = [pixels(1, seed=80), pixels(1, seed=81)]
+    ids = torch.tensor([first + second])
+    positions = torch.tensor([list(range(len(first))) + list(range(len(second)))])
+    out = model(input_ids=ids, position_ids=positions, pixel_values=torch.cat(images))
+    assert out.past_key_values is None
+    for offset, prompt, image in ((0, first, images[0]), (len(first), second, images[1])):
+        alone = model(input_ids=torch.tensor([prompt]), pixel_values=image).logits[0]
+        torch.testing.assert_close(out.logits[0, offset: offset + len(prompt)], alone, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_packed_rows_in_a_batch_with_different_tile_counts_stay_apart(attn):
     """Row 0 packs [1-tile sequence | text-only sequence]; row 1 has 2 tiles, so row 0 is re-padded in the long
@@ -223,7 +238,8 @@ def test_packed_rows_in_a_batch_with_different_tile_counts_stay_apart(attn):
     positions = torch.tensor([list(range(len(first))) + list(range(len(second))), list(range(len(other)))])
     images = [pixels(1, seed=76), pixels(2, seed=77)]
     batch = model(input_ids=ids, position_ids=positions, pixel_values=torch.cat(images), use_cache=False).logits
-    for row, offset, prompt, image in ((0, 0, first, images[0]), (0, len(first), second, None), (1, 0, other, images[1])):
+    parts = ((0, 0, first, images[0]), (0, len(first), second, None), (1, 0, other, images[1]))
+    for row, offset, prompt, image in parts:
         alone = model(input_ids=torch.tensor([prompt]), pixel_values=image, use_cache=False).logits[0]
         torch.testing.assert_close(batch[row, offset: offset + len(prompt)], alone, atol=1e-5, rtol=0)
 
@@ -235,30 +251,46 @@ def test_packed_rows_in_a_batch_with_different_tile_counts_stay_apart(attn):
 def test_never_expanding_with_one_projector_equals_the_plain_model(projector):
     plain = tiny_model(projector)
     lvtc = tiny_model(projector, lvtc={"expand_layer": 4, "num_lr_projectors": 1}, seed=1)
-    missing, unexpected = lvtc.load_state_dict(plain.state_dict(), strict=False)
-    assert unexpected == [] and all(name.startswith("model.lvtc_hr_projector.") for name in missing)
+    assert not hasattr(lvtc.model, "lvtc_hr_projector")  # never expanded: no HR projector to run or to train
+    lvtc.load_state_dict(plain.state_dict(), strict=True)
     ids, mask = left_pad([prompt_ids(1, seed=80), prompt_ids(2, seed=81, n_text=8)])
     pv = pixels(3, seed=82)
     torch.testing.assert_close(lvtc(input_ids=ids, attention_mask=mask, pixel_values=pv).logits,
                                plain(input_ids=ids, attention_mask=mask, pixel_values=pv).logits, atol=1e-6, rtol=0)
 
 
+def test_never_expanding_leaves_no_unused_parameters():
+    """With expand_layer = depth no HR projector exists, so one image batch gives every parameter a gradient and
+    DistributedDataParallel needs no find_unused_parameters=True."""
+    model = tiny_model("mlp", lvtc={"expand_layer": 4, "num_lr_projectors": 2}).train()
+    ids = torch.tensor([prompt_ids(1, seed=85)])
+    model(input_ids=ids, pixel_values=pixels(1, seed=86), labels=ids).loss.backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None or not p.grad.any()] == []
+    assert model.get_image_features(pixels(1, seed=86)).hr_features is None
+
+
 def test_expanding_changes_the_output():
     base = tiny_model(**LVTC_MLP)
     never = tiny_model("mlp", lvtc={**LVTC_MLP["lvtc"], "expand_layer": 4})
-    never.load_state_dict(base.state_dict())
+    missing, unexpected = never.load_state_dict(base.state_dict(), strict=False)
+    assert missing == [] and unexpected and all(key.startswith("model.lvtc_hr_projector.") for key in unexpected)
     ids, pv = torch.tensor([prompt_ids(1, seed=83)]), pixels(1, seed=84)
-    assert (base(input_ids=ids, pixel_values=pv).logits - never(input_ids=ids, pixel_values=pv).logits).abs().max() > 1e-3
+    difference = base(input_ids=ids, pixel_values=pv).logits - never(input_ids=ids, pixel_values=pv).logits
+    assert difference.abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("setup", ["mlp", "pvtc"])
 def test_every_lr_and_hr_projector_gets_gradients_and_checkpointing_matches(setup):
     def grads(checkpointing):
         model = tiny_model(**SETUPS[setup]).train()
-        if checkpointing:
-            model.gradient_checkpointing_enable()
         ids = torch.tensor([prompt_ids(2, seed=90)])
-        model(input_ids=ids, pixel_values=pixels(2, seed=91), labels=ids).loss.backward()
+        inputs = dict(input_ids=ids, pixel_values=pixels(2, seed=91), labels=ids)
+        if checkpointing:  # LVTC runs the LLM layers itself: each must still go through the checkpoint function
+            calls = run_with_checkpointing(model, **inputs)
+            assert {name: n for name, n in calls.items() if "language_model" in name} == {
+                f"model.language_model.layers.{i}": 1 for i in range(4)}
+        else:
+            model(**inputs).loss.backward()
         return {n: p.grad for n, p in model.named_parameters()}
 
     plain = grads(False)
@@ -311,7 +343,7 @@ def test_lvtc_survives_save_load_and_remote_code(tmp_path):
         "print('GEN', out[0, t['ids'].shape[1]:].tolist())\n"
     )
     stdout = _remote_code_check(tmp_path, model, ids, pv, extra_check=check)
-    assert "MAXDIFF 0.0" in stdout
+    assert reported_max_diff(stdout) == 0.0  # bit-identical logits
     model.generation_config.eos_token_id = None
     expected = model.generate(input_ids=ids, pixel_values=pv, max_new_tokens=6, do_sample=False)
     assert f"GEN {expected[0, ids.shape[1]:].tolist()}" in stdout
@@ -328,3 +360,59 @@ def test_flash_attention_2_matches_sdpa_on_gpu():
     kwargs = dict(input_ids=ids.cuda(), attention_mask=mask.cuda(), pixel_values=pv, max_new_tokens=8,
                   do_sample=False)
     assert flash.generate(**kwargs).tolist() == sdpa.generate(**kwargs).tolist()
+
+
+# ------------------------------------------------------------------------------------------------- sliding window
+
+
+def _sliding(lvtc, attn, window, seed=0):
+    return tiny_model("mlp", lvtc=lvtc, llm="mistral", text={"sliding_window": window}, attn=attn, seed=seed)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_mistral_style_sliding_window_is_honoured(attn):
+    """A text config with `sliding_window` but no `layer_types` (Mistral, Phi-3) slides the window in every layer:
+    LVTC that never expands must equal the plain model, which builds its masks with the window."""
+    plain = _sliding(None, attn, window=6)
+    never = _sliding({"expand_layer": 4}, attn, window=6, seed=1)
+    never.load_state_dict(plain.state_dict())
+    ids, mask = left_pad([prompt_ids(1, seed=130, n_text=9), prompt_ids(2, seed=131, n_text=4)])
+    pv = pixels(3, seed=132)
+    expected = plain(input_ids=ids, attention_mask=mask, pixel_values=pv).logits
+    torch.testing.assert_close(never(input_ids=ids, attention_mask=mask, pixel_values=pv).logits, expected,
+                               atol=1e-6, rtol=0)
+    unwindowed = _sliding(None, attn, window=None)
+    unwindowed.load_state_dict(plain.state_dict())
+    assert (unwindowed(input_ids=ids, attention_mask=mask, pixel_values=pv).logits - expected).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_sliding_window_greedy_with_cache_equals_recomputation(attn):
+    """Layers from k slide the window over the long layout, in the prefill and in cached decoding alike."""
+    model = _sliding(LVTC_MLP["lvtc"], attn, window=8)
+    ids, pv = prompt_ids(2, seed=133), pixels(2, seed=134)
+    assert greedy_with_cache(model, ids, pv, 12) == greedy_by_recomputation(model, ids, pv, 12)
+
+
+# ------------------------------------------------------------------------------------------------------ cropping
+
+
+def test_cropping_the_prompts_text_tail_then_decoding_equals_the_full_prefill():
+    """Assisted / prompt-lookup decoding crop rejected draft tokens, also from the prefill (its first forward runs
+    prompt + draft). Every layer loses the same number of slots; the LVTC state follows."""
+    model = tiny_model(**LVTC_MLP)  # k = 2
+    prompt, pv = prompt_ids(1, seed=135), pixels(1, seed=136)  # ... 4 image tokens, then 3 text tokens
+    full = model(input_ids=torch.tensor([prompt]), pixel_values=pv, use_cache=True)
+    cache = full.past_key_values
+    cache.crop(-2)
+    assert cache.layers[0].keys.shape[-2] == len(prompt) - 2
+    assert cache.layers[2].keys.shape[-2] == len(prompt) - 2 + 12
+    assert cache.lvtc_state.short_prefix_len == len(prompt) - 2 and cache.lvtc_state.text_tail == 1
+    again = model(input_ids=torch.tensor([prompt[-2:]]), past_key_values=cache)
+    torch.testing.assert_close(again.logits, full.logits[:, -2:], atol=1e-5, rtol=0)
+    cache.crop(len(prompt) - 1)  # the older convention: the length to keep
+    assert cache.layers[0].keys.shape[-2] == len(prompt) - 1 and cache.layers[3].keys.shape[-2] == len(prompt) + 11
+    # 1 decoded token, then 2 of the prefill: only its last text token (after the earlier crop) may go
+    with pytest.raises(ValueError, match=r"Cannot crop 2 prefill token\(s\) .* only the last 1 token\(s\) of the "
+                                         r"prompt are text after its last image"):
+        cache.crop(-3)

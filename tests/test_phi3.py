@@ -38,6 +38,20 @@ def test_conversion_summary(converted):
     assert rope["rope_type"] == "longrope" and rope["original_max_position_embeddings"] == 512
 
 
+def test_the_installed_package_loads_it_without_trust_remote_code(converted):
+    """`import internvlx_hf` registers the Phi-3 tokenizer class, so no interactive remote-code question appears."""
+    from transformers import AutoProcessor, AutoTokenizer
+
+    import internvlx_hf
+
+    dst, _ = converted
+    tokenizer = AutoTokenizer.from_pretrained(str(dst))
+    assert type(tokenizer) is internvlx_hf.InternVLXLlamaTokenizerFast
+    processor = AutoProcessor.from_pretrained(str(dst))
+    assert type(processor.tokenizer) is internvlx_hf.InternVLXLlamaTokenizerFast
+    assert tokenizer("<|system|>\nHi")["input_ids"] == [1, 741, 806, 13, 789, 750]
+
+
 PARITY_SCRIPT = r"""
 import json, sys, torch
 from PIL import Image

@@ -10,11 +10,13 @@ IMAGE_TOKEN_ID = 100
 PAD_ID = 0
 
 
-def tiny_config(projector="mlp", lvtc=None, llm="llama", attn="eager", layers=4, **overrides) -> InternVLXConfig:
+def tiny_config(projector="mlp", lvtc=None, llm="llama", attn="eager", layers=4, text=None,
+                **overrides) -> InternVLXConfig:
+    """``text``: extra text-config values (e.g. ``{"sliding_window": 5}``); ``overrides``: InternVLXConfig values."""
     text = dict(
         model_type=llm, hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
         num_key_value_heads=2, vocab_size=128, max_position_embeddings=512, pad_token_id=PAD_ID, bos_token_id=1,
-        eos_token_id=2,
+        eos_token_id=2, **(text or {}),
     )
     if llm == "qwen2":
         text["tie_word_embeddings"] = True

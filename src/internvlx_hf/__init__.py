@@ -11,16 +11,24 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForImageTextToText,
     AutoProcessor,
+    AutoTokenizer,
 )
 
 from .modeling import (
     InternVLXConfig,
     InternVLXForConditionalGeneration,
+    InternVLXLVTCCache,
     InternVLXModel,
     LVTCConfig,
     PVTCProjector,
 )
-from .processing import InternVLXImageProcessor, InternVLXProcessor, TilingMode, get_tile_grid
+from .processing import (
+    InternVLXImageProcessor,
+    InternVLXLlamaTokenizerFast,
+    InternVLXProcessor,
+    TilingMode,
+    get_tile_grid,
+)
 
 __version__ = "0.1.0"
 
@@ -29,14 +37,18 @@ for _auto in (AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText):
     _auto.register(InternVLXConfig, InternVLXForConditionalGeneration, exist_ok=True)
 AutoImageProcessor.register(InternVLXConfig, image_processor_classes={"pil": InternVLXImageProcessor}, exist_ok=True)
 AutoProcessor.register(InternVLXConfig, InternVLXProcessor, exist_ok=True)
+# Converted Llama-tokenizer checkpoints (Phi-3) use this class; registered so they load without trust_remote_code.
+AutoTokenizer.register(InternVLXConfig, fast_tokenizer_class=InternVLXLlamaTokenizerFast, exist_ok=True)
 
 __all__ = [
     "InternVLXConfig",
     "LVTCConfig",
     "InternVLXForConditionalGeneration",
+    "InternVLXLVTCCache",
     "InternVLXModel",
     "PVTCProjector",
     "InternVLXImageProcessor",
+    "InternVLXLlamaTokenizerFast",
     "InternVLXProcessor",
     "TilingMode",
     "get_tile_grid",

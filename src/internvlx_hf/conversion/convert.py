@@ -165,7 +165,7 @@ def _load_chat_template(name: str | None) -> str:
 
 
 def _build_config(source: SourceCheckpoint, text_config, projector_type: str, lvtc: dict | None,
-                  image_token_id: int, notes: list[str]) -> InternVLXConfig:
+                  image_token_ids: dict[str, int | None], notes: list[str]) -> InternVLXConfig:
     c = source.config
     if c.get("use_backbone_lora") or c.get("use_llm_lora"):
         raise ConversionError(
@@ -187,7 +187,7 @@ def _build_config(source: SourceCheckpoint, text_config, projector_type: str, lv
             text_config=text_config,
             downsample_ratio=float(c.get("downsample_ratio", 0.5)),
             select_layer=int(c.get("select_layer", -1)),
-            image_token_id=image_token_id,
+            **image_token_ids,
             projector_type=projector_type,
             lvtc=lvtc,
             template=c.get("template"),
@@ -413,10 +413,15 @@ def _prepare(source: SourceCheckpoint, projector: str, lvtc_options: dict | None
         raise ConversionError(f"the tokenizer has {len(tokenizer)} tokens but the LLM embeds only "
                               f"{text_config.vocab_size}; tokenizer and weights do not belong together.")
     separator, separator_id = _template_separator(tokenizer, template)
+    # `<img>` / `</img>` frame every image; the model's loss ignores them (and `<IMG_CONTEXT>`) as labels.
+    frame_ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in
+                 (("image_start_token_id", "<img>"), ("image_end_token_id", "</img>"))}
+    image_token_ids = {"image_token_id": image_token_id,
+                       **{name: i for name, i in frame_ids.items() if i is not None and i != tokenizer.unk_token_id}}
 
     source_projector = source.projector_type
     projector_type = source_projector if projector == "keep" else projector
-    config = _build_config(source, text_config, projector_type, lvtc_options, image_token_id, notes)
+    config = _build_config(source, text_config, projector_type, lvtc_options, image_token_ids, notes)
     lvtc = config.lvtc_config
     num_extra_lr = lvtc.num_lr_projectors - 1 if lvtc is not None else 0
     if init_lr_from_mlp1:

@@ -198,6 +198,9 @@ class InternVLXConfig(PreTrainedConfig):
         downsample_ratio (`float`, defaults to 0.5): tokens per tile side = (image_size / patch_size) * ratio.
         select_layer (`int`, defaults to -1): ViT layer whose output feeds the projector (InternVL2 `select_layer`).
         image_token_id (`int`): id of `<IMG_CONTEXT>`; the visual features replace these placeholders in order.
+        image_start_token_id, image_end_token_id (`int`, optional): ids of `<img>` / `</img>`, which frame each
+            image's `<IMG_CONTEXT>` run. Only used to keep these framing tokens out of the loss (like `<IMG_CONTEXT>`,
+            they are never a training target); `internvlx convert` fills them from the tokenizer.
         image_seq_length (`int`, optional): visual tokens per tile fed to the LLM. Derived from the image size,
             patch size and downsample ratio (256 at 448/14/0.5, 1024 at ratio 1.0); an explicit value that
             disagrees is an error. With LVTC this is the low-resolution (short layout) count.
@@ -221,6 +224,8 @@ class InternVLXConfig(PreTrainedConfig):
     downsample_ratio: float = 0.5
     select_layer: int = -1
     image_token_id: int = 92546
+    image_start_token_id: int | None = None
+    image_end_token_id: int | None = None
     image_seq_length: int | None = None
     projector_type: str = "mlp"
     pvtc_num_layers: int = 1
