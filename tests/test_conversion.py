@@ -13,13 +13,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import golden
-from conftest import require_fixture, run_isolated_python
+from conftest import require_fixture
 from internvlx_hf.cli import main as cli_main
 from internvlx_hf.conversion import ConversionError, convert, parse_lvtc_spec, parse_size
 from internvlx_hf.conversion.llm import internlm2_qkv_rows
 from internvlx_hf.conversion.plan import Rows
 from internvlx_hf.conversion.shards import OutputTensor, StreamingSafetensorsWriter
 from internvlx_hf.conversion.synthetic import make_synthetic_internvl2
+from parity import run_isolated_script, run_parity
 
 FIXTURES = ["internvl2_internlm2", "internvl2_qwen2", "internvlx_pvtc"]
 
@@ -585,56 +586,6 @@ def test_cli_convert_and_error_exit(synthetic, tmp_path, capsys):
 
 # --------------------------------------------------------------------------------------- parity with the references
 
-PARITY_SCRIPT = r"""
-import json, sys, torch
-from PIL import Image
-from safetensors.torch import load_file, save_file
-from transformers import AutoModel, AutoProcessor, AutoTokenizer
-
-dst, inputs_path, outputs_path, meta_path = sys.argv[1:5]
-ref = load_file(inputs_path)
-meta = json.load(open(meta_path))
-pixel_values = ref["pixel_values"]
-result, outputs = {}, {}
-
-model = AutoModel.from_pretrained(dst, trust_remote_code=True, dtype=torch.float32).eval()
-result["class"] = type(model).__name__
-with torch.no_grad():
-    outputs["logits"] = model(input_ids=ref["input_ids"], pixel_values=pixel_values,
-                              attention_mask=ref["attention_mask"]).logits
-out = model.generate(input_ids=ref["input_ids"], pixel_values=pixel_values, attention_mask=ref["attention_mask"],
-                     max_new_tokens=8, do_sample=False)
-result["generated"] = out[0, ref["input_ids"].shape[1]:].tolist()
-result["eos"] = model.generation_config.eos_token_id
-
-tokenizer = AutoTokenizer.from_pretrained(dst, trust_remote_code=True)
-result["tokenizer_ids"] = tokenizer(meta["prompt"])["input_ids"]
-result["eos_token"] = tokenizer.convert_ids_to_tokens(result["eos"])
-# InternVL2's own entry point, as its users call it: the answer string the reference chat() returned
-result["chat"] = model.chat(tokenizer, pixel_values, meta["question"], dict(max_new_tokens=8, do_sample=False))
-
-processor = AutoProcessor.from_pretrained(dst, trust_remote_code=True)
-messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": meta["question"]}]}]
-prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-result["prompt"] = prompt
-image = Image.open(meta["image"])
-inputs = processor(images=[image], text=prompt, max_tiles=meta["max_tiles"], return_tensors="pt")
-outputs["processor_input_ids"] = inputs["input_ids"]
-outputs["processor_pixel_values"] = inputs["pixel_values"]
-save_file({k: v.contiguous() for k, v in outputs.items()}, outputs_path)
-print("RESULT" + json.dumps(result))
-"""
-
-
-def _run_result(code: str, args: list[str], cwd: Path) -> dict:
-    code = "import sys\nsys.argv = [''] + " + repr(args) + "\n" + code
-    proc = run_isolated_python(code, cwd)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    # (an interactive prompt printed without a newline may precede the marker on its line)
-    line = [row for row in proc.stdout.splitlines() if "RESULT{" in row][-1]
-    return json.loads(line.split("RESULT", 1)[1])
-
-
 @pytest.mark.parametrize("name", FIXTURES)
 def test_config_names_the_image_frame_tokens(name, converted):
     """`<img>`, `</img>` and `<IMG_CONTEXT>` ids are in the config, so the model's loss ignores all three as labels."""
@@ -655,14 +606,7 @@ def test_converted_checkpoint_matches_reference(name, converted, tmp_path):
     dst, report = converted(name)
     ref = golden.model_reference(name)
     assert report.dropped == {} and report.new == {}
-    save_file({"input_ids": ref.input_ids, "attention_mask": ref.attention_mask,
-               "pixel_values": ref.pixel_values()}, tmp_path / "inputs.safetensors")
-    meta = {"prompt": ref.prompt, "question": ref.question, "image": str(ref.image), "max_tiles": ref.max_tiles}
-    (tmp_path / "meta.json").write_text(json.dumps(meta))
-    args = [str(dst), str(tmp_path / "inputs.safetensors"), str(tmp_path / "outputs.safetensors"),
-            str(tmp_path / "meta.json")]
-    result = _run_result(PARITY_SCRIPT, args, tmp_path)
-    outputs = load_file(str(tmp_path / "outputs.safetensors"))
+    result, outputs = run_parity(dst, ref, tmp_path)
     assert result["class"] == "InternVLXForConditionalGeneration"
     ref.logits.assert_close(outputs["logits"], atol=1e-4)
     assert result["generated"] == ref.generated_ids[0].tolist()
@@ -747,7 +691,7 @@ def test_upgrade_to_pvtc_and_lvtc_loads_trains_and_generates(tmp_path):
     report = convert(src, dst, projector="pvtc", lvtc="T=2", progress=False)
     assert set(report.new) == {"model.multi_modal_projector", "model.lvtc_lr_projectors.0", "model.lvtc_hr_projector"}
     assert {k for k in report.dropped} == {f"mlp1.{i}.{p}" for i in (0, 1, 3) for p in ("weight", "bias")}
-    result = _run_result(UPGRADE_SCRIPT, [str(dst)], tmp_path)
+    result = run_isolated_script(UPGRADE_SCRIPT, [str(dst)], tmp_path)
     assert result["projector"] == "pvtc" and result["lvtc"]["num_lr_projectors"] == 2
     assert torch.isfinite(torch.tensor(result["loss"]))
     assert result["changed"] == ["lvtc_hr_projector", "lvtc_lr_projectors", "multi_modal_projector"]

@@ -8,11 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 import golden
-from conftest import run_isolated_python
 from internvlx_hf.conversion import convert
+from parity import run_parity
 
 FIXTURE = "internvl2_phi3"
 
@@ -52,63 +51,13 @@ def test_the_installed_package_loads_it_without_trust_remote_code(converted):
     assert tokenizer("<|system|>\nHi")["input_ids"] == [1, 741, 806, 13, 789, 750]
 
 
-PARITY_SCRIPT = r"""
-import json, sys, torch
-from PIL import Image
-from safetensors.torch import load_file, save_file
-from transformers import AutoModel, AutoProcessor, AutoTokenizer
-
-dst, inputs_path, outputs_path, meta_path = sys.argv[1:5]
-ref = load_file(inputs_path)
-meta = json.load(open(meta_path))
-pixel_values = ref["pixel_values"]
-result, outputs = {}, {}
-
-model = AutoModel.from_pretrained(dst, trust_remote_code=True, dtype=torch.float32).eval()
-result["class"] = type(model).__name__
-with torch.no_grad():
-    outputs["logits"] = model(input_ids=ref["input_ids"], pixel_values=pixel_values,
-                              attention_mask=ref["attention_mask"]).logits
-out = model.generate(input_ids=ref["input_ids"], pixel_values=pixel_values, attention_mask=ref["attention_mask"],
-                     max_new_tokens=8, do_sample=False)
-result["generated"] = out[0, ref["input_ids"].shape[1]:].tolist()
-
-tokenizer = AutoTokenizer.from_pretrained(dst, trust_remote_code=True)
-result["tokenizer_class"] = type(tokenizer).__name__
-result["tokenizer_ids"] = tokenizer(meta["prompt"])["input_ids"]
-result["eos_token"] = tokenizer.convert_ids_to_tokens(model.generation_config.eos_token_id)
-result["decoded"] = tokenizer.decode(result["generated"], skip_special_tokens=True)
-result["chat"] = model.chat(tokenizer, pixel_values, meta["question"], dict(max_new_tokens=8, do_sample=False))
-
-processor = AutoProcessor.from_pretrained(dst, trust_remote_code=True)
-messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": meta["question"]}]}]
-prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-result["prompt"] = prompt
-inputs = processor(images=[Image.open(meta["image"])], text=prompt, max_tiles=meta["max_tiles"], return_tensors="pt")
-outputs["processor_input_ids"] = inputs["input_ids"]
-outputs["processor_pixel_values"] = inputs["pixel_values"]
-save_file({k: v.contiguous() for k, v in outputs.items()}, outputs_path)
-print("RESULT" + json.dumps(result))
-"""
-
-
 def test_converted_phi3_matches_reference(converted, tmp_path):
     """Loaded with trust_remote_code alone (internvlx_hf hidden): the processor gives the reference prompt, ids and
     pixel values (sha256 of the float32 tensor), the tokenizer the reference ids (they start <s> ▁ <|system|>), the
     logits match within 1e-4, the 8 greedy tokens and chat()'s answer are the reference's."""
     dst, _ = converted
     ref = golden.model_reference(FIXTURE)
-    save_file({"input_ids": ref.input_ids, "attention_mask": ref.attention_mask,
-               "pixel_values": ref.pixel_values()}, tmp_path / "inputs.safetensors")
-    meta = {"prompt": ref.prompt, "question": ref.question, "image": str(ref.image), "max_tiles": ref.max_tiles}
-    (tmp_path / "meta.json").write_text(json.dumps(meta))
-    args = [str(dst), str(tmp_path / "inputs.safetensors"), str(tmp_path / "outputs.safetensors"),
-            str(tmp_path / "meta.json")]
-    code = "import sys\nsys.argv = [''] + " + repr(args) + "\n" + PARITY_SCRIPT
-    proc = run_isolated_python(code, tmp_path)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    result = json.loads([row for row in proc.stdout.splitlines() if "RESULT{" in row][-1].split("RESULT", 1)[1])
-    outputs = load_file(str(tmp_path / "outputs.safetensors"))
+    result, outputs = run_parity(dst, ref, tmp_path)
 
     assert result["class"] == "InternVLXForConditionalGeneration"
     assert result["tokenizer_class"] == "InternVLXLlamaTokenizerFast"
