@@ -8,8 +8,8 @@ The same is measured for a process that only imports the converter, so the conve
     python benchmarks/bench_convert_memory.py                      # ~2.4 GB checkpoint, 4 source shards
     python benchmarks/bench_convert_memory.py --layers 6 --max-shard-size 1GB
 
-Needs the tokenizer of the shared fixture `internvl2_internlm2` ($INTERNVLX_FIXTURES, default ../shared/fixtures)
-and about twice the checkpoint size of free disk space.
+Takes the tokenizer of the fixture `internvl2_internlm2` (in ``$INTERNVLX_FIXTURES``, default the project's
+``tests/fixtures``) and needs about twice the checkpoint size of free disk space.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def main() -> None:
     parser.add_argument("--tokenizer-from", default=None, help="a checkpoint folder with an InternLM2 tokenizer")
     args = parser.parse_args()
 
-    fixtures = Path(os.environ.get("INTERNVLX_FIXTURES", REPO_ROOT.parent / "shared" / "fixtures"))
+    fixtures = Path(os.environ.get("INTERNVLX_FIXTURES", REPO_ROOT / "tests" / "fixtures"))
     tokenizer_from = Path(args.tokenizer_from or fixtures / "internvl2_internlm2")
     with tempfile.TemporaryDirectory(dir=args.workdir, prefix="bench_convert_") as work:
         src, dst = Path(work) / "src", Path(work) / "dst"

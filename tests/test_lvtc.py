@@ -85,6 +85,29 @@ def test_layout_positions_restart_with_packed_sequences():
     assert layout.long_position_ids[0].tolist() == expected_first + expected_second
 
 
+def test_layout_translates_flash_attention_varlen_boundaries():
+    # one packed row: [text, tile, text] (6 tokens) + [text, text] (2 tokens) + [tile, text] (5 tokens)
+    image = torch.tensor([[0, 1, 1, 1, 1, 0, 0, 0, 1, 1, 1, 1, 0]], dtype=torch.bool)
+    positions = torch.tensor([[0, 1, 2, 3, 4, 5, 0, 1, 0, 1, 2, 3, 4]])
+    layout = build_lvtc_layout(image, None, positions, 4, 16)
+    cu = torch.tensor([0, 6, 8, 13], dtype=torch.int32)
+    long = layout.varlen_kwargs({"cu_seq_lens_q": cu, "cu_seq_lens_k": cu})
+    assert long["cu_seq_lens_q"].tolist() == [0, 18, 20, 37] and long["cu_seq_lens_q"].dtype == torch.int32
+    assert long["max_length_q"] == 18 and long["max_length_k"] == 18
+    with pytest.raises(ValueError, match=r"cu_seq_lens_k \[0, 6, 8\] does not describe the flattened batch of 1 x "
+                                         r"13 tokens: it must rise from 0 to 13"):
+        layout.varlen_kwargs({"cu_seq_lens_q": cu, "cu_seq_lens_k": cu[:-1]})
+
+
+def test_a_decoding_step_refuses_packed_sequence_boundaries():
+    model = tiny_model(**LVTC_MLP)
+    ids = torch.tensor([prompt_ids(1, seed=87)])
+    cache = model(input_ids=ids, pixel_values=pixels(1, seed=88), use_cache=True).past_key_values
+    cu = torch.tensor([0, 1], dtype=torch.int32)
+    with pytest.raises(ValueError, match="an LVTC decoding step .* takes none"):
+        model(input_ids=torch.tensor([[5]]), past_key_values=cache, cu_seq_lens_q=cu, cu_seq_lens_k=cu)
+
+
 def test_layout_refuses_runs_that_split_a_tile():
     # 8 image tokens = 2 tiles of 4 in all, but as runs of 6 and 2: one tile would straddle two images
     image = torch.tensor([[0, 1, 1, 1, 1, 1, 1, 0, 1, 1, 0]], dtype=torch.bool)
@@ -329,6 +352,76 @@ def test_flops_drop_with_lvtc_at_the_same_token_count():
     ids_hr = torch.tensor([prompt_ids(2, seed=97, n_text=4, tokens_per_tile=16)])
     pv = pixels(2, seed=98)
     assert flops(lvtc, ids_lr, pv) < flops(hr_plain, ids_hr, pv)
+
+
+# ------------------------------------------------------------------------------------ benchmarks/bench_models.py
+
+
+def _bench_models():
+    import importlib.util
+
+    from conftest import REPO_ROOT
+
+    spec = importlib.util.spec_from_file_location("bench_models", REPO_ROOT / "benchmarks" / "bench_models.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("workload", ["prefill", "padded prefill", "train"])
+def test_benchmark_counts_sdpa_flops_as_eager_attention_does(workload):
+    """FlopCounterMode misses CPU SDPA's fused kernels; with the benchmark's formulas for them the count under SDPA
+    equals the count under eager attention (whose matmuls FlopCounterMode sees), forward and backward."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    bench = _bench_models()
+    if workload == "padded prefill":  # 4D masks: SDPA's fused kernel with a mask
+        ids, mask = left_pad([prompt_ids(1, seed=160), prompt_ids(2, seed=161, n_text=8)])
+        inputs = dict(input_ids=ids, attention_mask=mask, pixel_values=pixels(3, seed=162))
+    else:
+        ids = torch.tensor([prompt_ids(2, seed=160)])
+        inputs = dict(input_ids=ids, pixel_values=pixels(2, seed=162), labels=ids)
+
+    def run(model):
+        if workload == "train":
+            model.train()
+            model(**inputs).loss.backward()
+        else:
+            with torch.no_grad():
+                model(**inputs)
+
+    counts = {attn: bench.count_flops(lambda: run(tiny_model(**LVTC_PVTC, attn=attn)))[0] for attn in ("eager", "sdpa")}
+    assert counts["sdpa"] == counts["eager"]
+    with FlopCounterMode(display=False) as plain_counter:  # torch's own formulas alone miss the attention
+        run(tiny_model(**LVTC_PVTC, attn="sdpa"))
+    assert plain_counter.get_total_flops() < counts["eager"]
+
+
+def test_benchmark_runs_and_native_internvl_gives_our_logits(tmp_path):
+    """A short run of the benchmark on the tiny preset: transformers' InternVLForConditionalGeneration with our MLP
+    projector's weights computes exactly our logits; LVTC has the short layout's ids, fewer FLOPs than plain-1024 and
+    caches the long layout from layer k only."""
+    import json
+
+    bench = _bench_models()
+    out = tmp_path / "bench.json"
+    data = bench.main(["--preset", "tiny", "--runs", "1", "--decode-tokens", "2", "--json", str(out),
+                       "--models", "native-256,native-1024,plain-256,plain-1024,lvtc"])
+    assert json.loads(out.read_text())["summary"].keys() == data["summary"].keys()
+    summary = data["summary"]
+    assert summary["plain-256"]["max_logit_diff_vs_native-256"] == 0.0
+    assert summary["plain-1024"]["max_logit_diff_vs_native-1024"] == 0.0
+    assert summary["lvtc"]["input_ids"] == summary["plain-256"]["input_ids"] == 64 + 256
+    assert summary["plain-1024"]["input_ids"] == 64 + 1024
+    for key in ("prefill_flops", "train_flops"):
+        assert summary["plain-256"][key] < summary["lvtc"][key] < summary["plain-1024"][key]
+    assert summary["lvtc"]["kv_cache"] == [  # 8-layer LLM, k = 6; 2 decoded tokens; 2 KV heads of 32 dims, float32
+        {"layers": "0-5", "tokens_per_layer": 322, "bytes": 6 * 2 * 2 * 322 * 32 * 4},
+        {"layers": "6-7", "tokens_per_layer": 1090, "bytes": 2 * 2 * 2 * 1090 * 32 * 4},
+    ]
+    assert {"lvtc / plain-1024 prefill time", "lvtc / plain-256 train step time"} <= data["checks"].keys()
+    assert [row["ratio"]["tiles"] for row in data["rvtc"]] == [7, 7, 7, 7, 5]  # max_tiles 6 + thumbnail
+    assert [row["area"]["tiles"] for row in data["rvtc"]] == [1, 7, 7, 1, 1]
 
 
 # ---------------------------------------------------------------------------------------------------- save / load

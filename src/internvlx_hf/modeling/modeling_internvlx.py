@@ -285,6 +285,30 @@ class LVTCLayout:
     long_position_ids: torch.Tensor  # (batch, long_len)
     position_offset: torch.Tensor  # (batch,) long minus short position after the last token
     text_tail: int  # trailing text tokens every row has after its last visual token / position reset
+    short_start: torch.Tensor  # (batch, short_len) first long slot of every short token
+
+    def varlen_kwargs(self, varlen: dict) -> dict:
+        """flash-attention varlen kwargs (``cu_seq_lens_q/k``, ``max_length_q/k``) of the short layout, translated
+        to the long one: a sequence boundary before short token ``j`` of row ``b`` moves to that token's first long
+        slot, the end of the batch to the end of the long batch (the rows are flattened, as flash-attention's varlen
+        kernels take them)."""
+        batch, short_len = self.short_start.shape
+        rows = torch.arange(batch, device=self.short_start.device)[:, None] * self.long_len
+        table = torch.cat([(rows + self.short_start).reshape(-1),
+                           torch.tensor([batch * self.long_len], device=self.short_start.device)])
+        translated = {}
+        for side in ("q", "k"):
+            cu = varlen[f"cu_seq_lens_{side}"]
+            if cu.ndim != 1 or int(cu[0]) != 0 or int(cu[-1]) != batch * short_len or bool((cu.diff() < 0).any()):
+                raise ValueError(
+                    f"cu_seq_lens_{side} {cu.tolist()} does not describe the flattened batch of {batch} x {short_len} "
+                    f"tokens: it must rise from 0 to {batch * short_len}. Pass the boundaries that transformers' "
+                    "DataCollatorWithFlattening(return_flash_attn_kwargs=True) makes for these input_ids."
+                )
+            long_cu = table.to(cu.device)[cu.long()].to(cu.dtype)
+            translated[f"cu_seq_lens_{side}"] = long_cu
+            translated[f"max_length_{side}"] = int(long_cu.diff().max())
+        return translated
 
 
 def image_token_runs(image_mask: torch.Tensor) -> list[tuple[int, int, int]]:
@@ -384,8 +408,11 @@ def build_lvtc_layout(
     boundary = torch.maximum(torch.where(image_mask, index, -1).amax(-1), torch.where(seq_start, index, 0).amax(-1))
     text_tail = int((short_len - 1 - boundary).min())
     return LVTCLayout(text_short, text_long, visual_short, visual_long.reshape(-1), long_len, long_mask,
-                      long_positions, position_offset, text_tail)
+                      long_positions, position_offset, text_tail, start)
 
+
+# flash-attention's precomputed varlen boundaries (transformers' `FlashAttentionKwargs`).
+_VARLEN_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 # Mask builders per attention kind, as the LLMs' own forwards choose them.
 _MASK_FUNCTIONS = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
@@ -764,8 +791,16 @@ class InternVLXModel(InternVLXPreTrainedModel):
         k = lvtc.expand_layer
         depth = len(lm.layers)
         layer_types = lvtc_layer_types(text_config, depth)
-        # Precomputed flash-attention varlen boundaries describe the short layout only; recompute from positions.
-        kwargs = {key: v for key, v in kwargs.items() if not key.startswith(("cu_seq_lens", "max_length"))}
+        # flash-attention varlen boundaries of packed rows (transformers' DataCollatorWithFlattening passes them)
+        # describe the short layout: layers < k take them as given, layers >= k their long-layout translation.
+        varlen = {key: kwargs.pop(key) for key in _VARLEN_KWARGS if key in kwargs}
+        varlen = {key: value for key, value in varlen.items() if value is not None}
+        if varlen and ("cu_seq_lens_q" not in varlen or "cu_seq_lens_k" not in varlen):
+            raise ValueError(
+                f"Got {sorted(varlen)} without both cu_seq_lens_q and cu_seq_lens_k: LVTC translates the sequence "
+                "boundaries to its long layout and needs both (transformers' "
+                "DataCollatorWithFlattening(return_flash_attn_kwargs=True) makes all four)."
+            )
         use_cache = use_cache if use_cache is not None else text_config.use_cache
         if self.training and getattr(self, "is_activation_checkpointing", False):
             use_cache = False
@@ -811,9 +846,15 @@ class InternVLXModel(InternVLXPreTrainedModel):
             if past_key_values is not None:
                 past_key_values.lvtc_state = LVTCState(layout.long_mask, short_len, layout.position_offset,
                                                        layout.text_tail)
+            long_varlen = layout.varlen_kwargs(varlen) if varlen else {}
         else:
             if bool(image_mask.any()) and features is not None:
                 raise ValueError("LVTC takes images in the prefill step only (the first forward of a cache).")
+            if varlen:
+                raise ValueError(
+                    "cu_seq_lens_q / cu_seq_lens_k describe packed sequences of a prefill; an LVTC decoding step (a "
+                    "cache that holds tokens) takes none: pass attention_mask / position_ids instead."
+                )
             state: LVTCState | None = getattr(past_key_values, "lvtc_state", None)
             if state is None:
                 raise ValueError(
@@ -825,7 +866,7 @@ class InternVLXModel(InternVLXPreTrainedModel):
                     else torch.ones(batch, tail_len, dtype=torch.long, device=device))
             long_mask_2d = torch.cat([state.long_prefix_mask.to(device), tail.to(state.long_prefix_mask.dtype)], -1)
             long_position_ids = position_ids + state.position_offset.to(device)[:, None]
-            layout = None
+            layout, long_varlen = None, {}
 
         def masks_for(layers, hidden, mask_2d, positions) -> dict[str, torch.Tensor | None]:
             """One mask per attention kind among ``layers`` (built for the first layer of that kind)."""
@@ -876,6 +917,7 @@ class InternVLXModel(InternVLXPreTrainedModel):
                 hidden = layer(
                     hidden, attention_mask=masks[layer_types[idx]], position_ids=positions,
                     past_key_values=past_key_values, use_cache=use_cache, position_embeddings=rope, **kwargs,
+                    **(varlen if idx < k else long_varlen),
                 )
         finally:
             for hook in hooks:

@@ -1,0 +1,670 @@
+"""InternVL-X next to transformers' native InternVL: FLOPs, prefill, decoding, a training step, memory, RVTC tokens.
+
+Every model of a preset has the same dimensions and random weights; models that have a part in common share the very
+module (one ViT, one LLM, one LM head, one HR projector), so they fit in memory together and are timed round-robin.
+
+  native-256    transformers' InternVLForConditionalGeneration (pixel shuffle 0.5 + MLP: 256 tokens per tile)
+  native-1024   the same at downsample ratio 1.0 (1024 tokens per tile)
+  plain-256     InternVL-X with the MLP projector (the projector weights of native-256: same logits)
+  plain-1024    InternVL-X, MLP projector at 1.0 (the HR projector below; same logits as native-1024)
+  pvtc-256      InternVL-X with the PVTC projector (256 tokens per tile)
+  lvtc          InternVL-X LVTC 256->1024: layers < k on 256 tokens per tile, from k = 3/4 of the depth on 1024
+  pvtc+lvtc     PVTC LR projector + LVTC (MLP HR projector)
+
+Presets: `tiny` (seconds, for trying the script), `1b` (InternViT-300M + a 24-layer, 896-wide Qwen2 = InternVL2-1B),
+`2b` (InternViT-300M + a 24-layer, 2048-wide LLM, vocab 92553 = InternVL2-2B), `8b` (InternViT-300M + a 32-layer,
+4096-wide LLM = InternVL2-8B; GPU only). The input is one 448px tile between 8 and `--text-tokens - 8` text tokens.
+
+Workloads, each timed as the median of `--runs` rounds after one warm-up round, every round running each model once
+(interleaved, so drifting machine load hits all models alike); CUDA events time them on a GPU:
+
+  prefill   forward with a KV cache, logits of the last position only (what generate() runs first)
+  decode    `--decode-tokens` greedy steps after that prefill, one token each with the KV cache: seconds per token
+  train     forward + backward with labels on every position, ViT frozen (stage 2: projectors + LLM learn);
+            `--train-layers N` builds the models with an N-layer LLM for it (k = 3/4 of N)
+
+FLOPs come from `torch.utils.flop_counter.FlopCounterMode` in the warm-up round. It does not know CPU SDPA's fused
+kernels, so it is given their formulas (`CPU_SDPA_FLOPS`): the attention square counted as eager attention's matmuls
+count it (a test checks the two counts are equal), so FLOPs include attention while times use SDPA. Peak memory
+(`PeakMemory`, in the warm-up round) is the weights plus the peak of what one call allocates and holds at once:
+activations, the KV cache, gradients, temporaries.
+
+    python benchmarks/bench_models.py --preset tiny                        # a quick try
+    python benchmarks/bench_models.py --preset 1b --workloads prefill,decode
+    python benchmarks/bench_models.py --preset 2b --train-layers 6 --json out.json --plot out.png
+    python benchmarks/bench_models.py --device cuda --dtype bfloat16 --preset 8b   # on a GPU
+    python benchmarks/bench_models.py --rvtc-only                          # visual tokens per image only
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import itertools
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import weakref
+from pathlib import Path
+
+import torch
+import transformers
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.flop_counter import FlopCounterMode, bmm_flop, sdpa_backward_flop_count, sdpa_flop_count
+from transformers import InternVLConfig, InternVLForConditionalGeneration
+
+from internvlx_hf import InternVLXConfig, InternVLXForConditionalGeneration
+from internvlx_hf.hub.token_budget import TilingSettings, image_budget
+from internvlx_hf.modeling.modeling_internvlx import build_projector
+
+MODELS = ("native-256", "native-1024", "plain-256", "plain-1024", "pvtc-256", "lvtc", "pvtc+lvtc")
+WORKLOADS = ("prefill", "decode", "train")
+
+_INTERNVIT_300M = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16)
+PRESETS = {
+    "tiny": dict(
+        vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2),
+        text=dict(model_type="llama", hidden_size=128, intermediate_size=256, num_hidden_layers=8,
+                  num_attention_heads=4, num_key_value_heads=2, vocab_size=1000),
+    ),
+    "1b": dict(  # InternVL2-1B: InternViT-300M + Qwen2-0.5B-Instruct
+        vision=_INTERNVIT_300M,
+        text=dict(model_type="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                  num_attention_heads=14, num_key_value_heads=2, vocab_size=151655, tie_word_embeddings=True,
+                  rope_theta=1000000.0),
+    ),
+    "2b": dict(vision=_INTERNVIT_300M, text=None),  # InternVLXConfig's defaults: InternVL2-2B (InternLM2-1.8B dims)
+    "8b": dict(  # InternVL2-8B: InternViT-300M + InternLM2.5-7B dimensions
+        vision=_INTERNVIT_300M,
+        text=dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                  num_attention_heads=32, num_key_value_heads=8, vocab_size=92553, rope_theta=1000000.0),
+    ),
+}
+
+# RVTC (paper Sec. 3.3): a realistic mix of image sizes.
+IMAGE_MIX = (("photo", 640, 480), ("photo", 4032, 3024), ("page", 1700, 2200), ("chart", 800, 600),
+             ("banner", 80, 20))
+
+_aten = torch.ops.aten
+
+#: 1-minute load average after every round of every workload (a busy machine shows here).
+LOAD_AFTER_ROUNDS: list[tuple[str, int, float]] = []
+
+
+def _cpu_sdpa_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query, key, value)
+
+
+def _cpu_sdpa_backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+    # torch's formula includes the fused kernel's recomputation of the scores; eager attention has none
+    recompute = bmm_flop((query[0] * query[1], query[2], query[3]), (query[0] * query[1], query[3], key[2]))
+    return sdpa_backward_flop_count(grad_out, query, key, value) - recompute
+
+
+#: FlopCounterMode formulas for CPU SDPA's fused kernels (torch registers the CUDA ones only).
+CPU_SDPA_FLOPS = {
+    _aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops,
+    _aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_backward_flops,
+}
+
+
+def count_flops(fn) -> tuple[int, object]:
+    with FlopCounterMode(display=False, custom_mapping=CPU_SDPA_FLOPS) as counter:
+        result = fn()
+    return counter.get_total_flops(), result
+
+
+class PeakMemory(TorchDispatchMode):
+    """Peak bytes of the tensor storages allocated while the mode is on and still alive: activations, the KV cache,
+    gradients and temporaries (views and in-place results share a storage and count once, views of memory that
+    existed before, such as the weights, not at all). `MemTracker` of
+    torch.distributed._tools would do this too, but it hooks the gradient of every parameter, frozen ones included,
+    which a frozen ViT refuses."""
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.peak, self._sizes = 0, 0, {}
+
+    def _free(self, key):
+        self.live -= self._sizes.pop(key, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        # an output that shares an input's storage is a view or an in-place result: no new memory
+        given = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for tensor in tree_leaves(out):
+            if isinstance(tensor, torch.Tensor) and tensor.device.type != "meta":
+                storage = tensor.untyped_storage()
+                key = storage.data_ptr()
+                if key and key not in self._sizes and key not in given:
+                    self._sizes[key] = storage.nbytes()
+                    self.live += storage.nbytes()
+                    weakref.finalize(storage, self._free, key)
+        self.peak = max(self.peak, self.live)
+        return out
+
+
+def flops_and_peak_memory(model, fn) -> tuple[int, dict, object]:
+    """FLOPs and peak memory of one call (the warm-up): the weights plus the peak of what the call allocates."""
+    weights = sum(t.nbytes for t in itertools.chain(model.parameters(), model.buffers()))
+    tracker = PeakMemory()
+    with tracker:
+        flops, result = count_flops(fn)
+    memory = {"peak_bytes": weights + tracker.peak, "weights_bytes": weights, "working_bytes": tracker.peak}
+    return flops, memory, result
+
+
+# ------------------------------------------------------------------------------------------------------- models
+
+
+def configs(preset: str, layers: int | None, attn: str) -> dict:
+    spec = PRESETS[preset]
+    text = dict(spec["text"] or InternVLXConfig().text_config.to_dict())
+    text.pop("architectures", None)
+    if layers is not None:
+        text["num_hidden_layers"] = layers
+    depth = text["num_hidden_layers"]
+    image_token = 999 if preset == "tiny" else text["vocab_size"] - 7
+    common = dict(vision_config=dict(spec["vision"]), text_config=text, image_token_id=image_token,
+                  attn_implementation=attn)
+    lvtc = {"expand_layer": depth * 3 // 4}
+    ours = {
+        "plain-256": InternVLXConfig(**common),
+        "plain-1024": InternVLXConfig(**common, downsample_ratio=1.0),
+        "pvtc-256": InternVLXConfig(**common, projector_type="pvtc", pvtc_num_heads=16 if preset != "tiny" else 4),
+        "lvtc": InternVLXConfig(**common, lvtc=lvtc),
+    }
+    ours["pvtc+lvtc"] = InternVLXConfig(**{**ours["pvtc-256"].to_dict(), "lvtc": lvtc})
+    native = {
+        name: InternVLConfig(vision_config=dict(spec["vision"]), text_config=dict(text), image_token_id=image_token,
+                             downsample_ratio=ours[same].downsample_ratio, image_seq_length=ours[same].image_seq_length,
+                             projector_hidden_act="gelu", attn_implementation=attn)
+        for name, same in (("native-256", "plain-256"), ("native-1024", "plain-1024"))
+    }
+    return {**native, **ours}
+
+
+def build_models(preset: str, names, layers: int | None, device: str, dtype: torch.dtype, attn: str) -> dict:
+    """The requested models, sharing one ViT, LLM and LM head (and one HR / PVTC projector where they have one)."""
+    cfgs = configs(preset, layers, attn)
+    torch.manual_seed(0)
+    with torch.device(device):
+        base = InternVLXForConditionalGeneration(cfgs["plain-256"])
+        hr = build_projector(cfgs["plain-1024"], "mlp", 1.0)
+        pvtc = build_projector(cfgs["pvtc-256"], "pvtc", 0.5) if {"pvtc-256", "pvtc+lvtc"} & set(names) else None
+    models = {}
+    for name in names:
+        if name == "plain-256":
+            models[name] = base
+            continue
+        cls = InternVLForConditionalGeneration if name.startswith("native") else InternVLXForConditionalGeneration
+        with torch.device("meta"):
+            model = cls(cfgs[name])
+        model.model.vision_tower = base.model.vision_tower
+        model.model.language_model = base.model.language_model
+        model.lm_head = base.lm_head
+        if name.startswith("native"):
+            # same weights as our MLP projector: native and ours then compute the same logits
+            source = base.model.multi_modal_projector if name == "native-256" else hr
+            with torch.device(device):
+                model.model.multi_modal_projector = type(model.model.multi_modal_projector)(cfgs[name])
+            model.model.multi_modal_projector.load_state_dict(source.state_dict())
+        else:
+            projectors = {"plain-1024": hr, "pvtc-256": pvtc, "lvtc": base.model.multi_modal_projector,
+                          "pvtc+lvtc": pvtc}
+            model.model.multi_modal_projector = projectors[name]
+            if "lvtc" in name:
+                model.model.lvtc_hr_projector = hr
+        meta = [n for n, p in model.named_parameters() if p.is_meta]
+        if meta:
+            raise RuntimeError(f"{name}: parameters left on the meta device: {meta[:5]}")
+        models[name] = model
+    return {name: model.to(dtype).eval() for name, model in models.items()}
+
+
+def inputs(model, text_tokens: int, device: str, dtype: torch.dtype) -> dict:
+    config = model.config
+    # ids below 900 are text in every preset (the image token is 999 in `tiny`, near the vocabulary's end otherwise)
+    text = torch.randint(3, 900, (text_tokens,), generator=torch.Generator().manual_seed(0))
+    ids = torch.cat([text[:8], torch.full((config.image_seq_length,), config.image_token_id), text[8:]])[None]
+    labels = torch.randint(3, 900, ids.shape, generator=torch.Generator().manual_seed(2))  # every position a target
+    pixel_values = torch.randn(1, 3, 448, 448, generator=torch.Generator().manual_seed(1))
+    return dict(input_ids=ids.to(device), pixel_values=pixel_values.to(device, dtype), labels=labels.to(device))
+
+
+# ---------------------------------------------------------------------------------------------------- workloads
+
+
+class Timer:
+    """Wall time on CPU, CUDA events on a GPU."""
+
+    def __init__(self, device: str):
+        self.cuda = device.startswith("cuda")
+
+    def __call__(self, fn):
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            result = fn()
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end) / 1000, result
+        begin = time.perf_counter()
+        result = fn()
+        return time.perf_counter() - begin, result
+
+
+@torch.no_grad()
+def prefill(model, batch):
+    return model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], logits_to_keep=1, use_cache=True)
+
+
+@torch.no_grad()
+def decode_step(model, token, cache):
+    return model(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1)
+
+
+def train_step(model, batch):
+    model.train()
+    loss = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], labels=batch["labels"],
+                 use_cache=False).loss
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    model.eval()
+    return loss.detach()
+
+
+def cache_bytes(cache, expand_layer: int | None) -> list[dict]:
+    """KV cache size per layer group: layers before / from the LVTC expand layer (all layers for a plain model)."""
+    sizes = [(layer.keys.nbytes + layer.values.nbytes, layer.keys.shape[-2]) for layer in cache.layers]
+    groups = [(0, len(sizes))] if expand_layer is None else [(0, expand_layer), (expand_layer, len(sizes))]
+    return [{"layers": f"{a}-{b - 1}", "tokens_per_layer": sizes[a][1], "bytes": sum(s for s, _ in sizes[a:b])}
+            for a, b in groups if b > a]
+
+
+def expand_layer(model) -> int | None:
+    lvtc = getattr(model.config, "lvtc", None)
+    return lvtc["expand_layer"] if lvtc else None
+
+
+def decode(model, prefill_out, tokens: int, timer: Timer, count: bool) -> tuple[int | None, float, object]:
+    """Greedy decoding of ``tokens`` tokens from a prefill's cache: FLOPs of the first step (when ``count``), mean
+    seconds per token of the timed steps (all of them, or all after the counted one), the final cache."""
+    cache, token = prefill_out.past_key_values, prefill_out.logits[:, -1:].argmax(-1)
+    flops, steps = None, []
+    for index in range(tokens):
+        if count and index == 0:
+            flops, out = count_flops(lambda: decode_step(model, token, cache))
+        else:
+            seconds, out = timer(lambda: decode_step(model, token, cache))
+            steps.append(seconds)
+        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    return flops, sum(steps) / len(steps), cache
+
+
+def run_inference(models: dict, args, timer: Timer, dtype) -> dict:
+    """Prefill + decode, round-robin over the models; round 0 is the warm-up (FLOPs and memory are taken there)."""
+    results = {name: {"prefill_s": [], "decode_s_per_token": []} for name in models}
+    batches = {name: inputs(model, args.text_tokens, args.device, dtype) for name, model in models.items()}
+    logits = {}
+    for round_ in range(args.runs + 1):
+        for name, model in models.items():
+            batch, result = batches[name], results[name]
+            if round_ == 0:
+                result["input_ids"] = batch["input_ids"].shape[1]
+                result["prefill_flops"], result["prefill_memory"], out = flops_and_peak_memory(
+                    model, lambda: prefill(model, batch))
+                logits[name] = out.logits[0, -1].float()
+            else:
+                seconds, out = timer(lambda: prefill(model, batch))
+                result["prefill_s"].append(seconds)
+            if "decode" not in args.workloads:
+                continue
+            warmup = round_ == 0
+            flops, seconds, cache = decode(model, out, args.decode_tokens, timer, count=warmup)
+            if warmup:
+                result["decode_flops_per_token"] = flops
+                result["kv_cache"] = cache_bytes(cache, expand_layer(model))
+                result["kv_cache_tokens_decoded"] = args.decode_tokens
+            else:
+                result["decode_s_per_token"].append(seconds)
+            del out, cache
+        LOAD_AFTER_ROUNDS.append(("inference", round_, os.getloadavg()[0]))
+    for pair in (("native-256", "plain-256"), ("native-1024", "plain-1024")):
+        if all(name in logits for name in pair):
+            results[pair[1]][f"max_logit_diff_vs_{pair[0]}"] = float((logits[pair[0]] - logits[pair[1]]).abs().max())
+    return results
+
+
+def run_training(models: dict, args, timer: Timer, dtype) -> dict:
+    results = {name: {"train_s": []} for name in models}
+    batches = {name: inputs(model, args.text_tokens, args.device, dtype) for name, model in models.items()}
+    for model in models.values():
+        model.model.vision_tower.requires_grad_(False)  # stage 2: the ViT is frozen
+    for round_ in range(args.runs + 1):
+        for name, model in models.items():
+            batch, result = batches[name], results[name]
+            if round_ == 0:
+                result["train_flops"], result["train_memory"], _ = flops_and_peak_memory(
+                    model, lambda: train_step(model, batch))
+                result["input_ids"] = batch["input_ids"].shape[1]
+                result["train_layers"] = model.config.get_text_config().num_hidden_layers
+                result["train_expand_layer"] = expand_layer(model)
+            else:
+                seconds, _ = timer(lambda: train_step(model, batch))
+                result["train_s"].append(seconds)
+        LOAD_AFTER_ROUNDS.append(("train", round_, os.getloadavg()[0]))
+    return results
+
+
+def diagnose(model, args, timer: Timer, dtype) -> dict:
+    """What FLOPs do not see, measured on the shared LLM: one decoder layer's throughput (GFLOP/s) on the short and
+    the long layout's token counts, forward and forward + backward, and the input embedding's backward (its dense
+    ``vocab x hidden`` gradient is filled every training step, whatever the token count)."""
+    lm = model.model.language_model
+    layer, hidden_size = lm.layers[0], lm.config.hidden_size
+    short = inputs(model, args.text_tokens, args.device, dtype)["input_ids"].shape[1]
+    lengths = {"short": short, "long": short + 3 * model.config.image_seq_length}
+    layer.requires_grad_(True)
+    runs = {f"{kind}_{n}": [] for kind in ("forward", "train") for n in lengths}
+    flops = {}
+
+    def call(n, backward):
+        hidden = torch.randn(1, n, hidden_size, device=args.device, dtype=dtype, requires_grad=backward)
+        positions = torch.arange(n, device=args.device)[None]
+        with torch.set_grad_enabled(backward):
+            out = layer(hidden, attention_mask=None, position_ids=positions,
+                        position_embeddings=lm.rotary_emb(hidden, position_ids=positions))
+            out = out[0] if isinstance(out, tuple) else out
+            if backward:
+                out.sum().backward()
+                layer.zero_grad(set_to_none=True)
+
+    for round_ in range(args.runs + 1):
+        for name, n in lengths.items():
+            for kind in ("forward", "train"):
+                if round_ == 0:
+                    flops[f"{kind}_{name}"], _ = count_flops(lambda: call(n, kind == "train"))
+                else:
+                    runs[f"{kind}_{name}"].append(timer(lambda: call(n, kind == "train"))[0])
+    embedding = lm.get_input_embeddings()
+    ids = torch.arange(short, device=args.device)[None]
+    embed_s = []
+    for round_ in range(args.runs + 1):
+        def embed_backward():
+            embedding(ids).sum().backward()
+            embedding.zero_grad(set_to_none=True)
+        seconds, _ = timer(embed_backward)
+        if round_:
+            embed_s.append(seconds)
+    result = {"tokens": lengths, "embedding_backward_s": median(embed_s),
+              "embedding_gradient_bytes": embedding.weight.nbytes}
+    for key, values in runs.items():
+        result[f"layer_{key}_s"] = median(values)
+        result[f"layer_{key}_gflops_per_s"] = flops[key] / median(values) / 1e9
+    return result
+
+
+# -------------------------------------------------------------------------------------------------------- report
+
+
+def rvtc_tokens(max_tiles: int) -> list[dict]:
+    settings = TilingSettings(max_tiles=max_tiles)
+    rows = []
+    for kind, width, height in IMAGE_MIX:
+        row = {"image": f"{kind} {width}x{height}", "width": width, "height": height}
+        for tiling in ("ratio", "area", "edge"):
+            budget = image_budget(width, height, tiling, settings)
+            row[tiling] = {"grid": list(budget.grid), "tiles": budget.tiles, "tokens": budget.tokens}
+        rows.append(row)
+    return rows
+
+
+def median(values):
+    return statistics.median(values) if values else None
+
+
+def summarize(results: dict) -> dict:
+    summary = {}
+    for name, result in results.items():
+        row = {key: value for key, value in result.items() if not isinstance(value, list) or key == "kv_cache"}
+        for key in ("prefill_s", "decode_s_per_token", "train_s"):
+            if result.get(key):
+                row[key] = median(result[key])
+        summary[name] = row
+    return summary
+
+
+def ratios(summary: dict) -> dict:
+    """The required ratios (issue 14), as measured in this run."""
+    checks = {}
+    lvtc, p1024, p256 = summary.get("lvtc", {}), summary.get("plain-1024", {}), summary.get("plain-256", {})
+    native = summary.get("native-256", {})
+
+    def ratio(a, b, key):
+        return a[key] / b[key] if a.get(key) and b.get(key) else None
+
+    def check(name, value, required, ok, flop_ratio=None):
+        if value is not None:
+            checks[name] = {"value": value, "required": required, "ok": bool(ok(value)), "flop_ratio": flop_ratio}
+
+    for key, what in (("prefill_s", "prefill time"), ("decode_s_per_token", "decode time per token")):
+        check(f"plain-256 / native-256 {what}", ratio(p256, native, key), "within 5% (0.95 .. 1.05)",
+              lambda v: abs(v - 1) <= 0.05)
+    flops = ratio(lvtc, p1024, "prefill_flops")
+    time_ratio = ratio(lvtc, p1024, "prefill_s")
+    check("lvtc / plain-1024 prefill time", time_ratio, "<= 0.60", lambda v: v <= 0.60, flops)
+    check("lvtc / plain-1024 prefill time, deviation from the FLOP ratio",
+          time_ratio / flops - 1 if time_ratio else None, "within 10%", lambda v: abs(v) <= 0.10)
+    check("lvtc / plain-1024 decode time per token", ratio(lvtc, p1024, "decode_s_per_token"), "<= 1.10",
+          lambda v: v <= 1.10)
+    speedup, predicted = ratio(p1024, lvtc, "train_s"), ratio(p1024, lvtc, "train_flops")
+    check("plain-1024 / lvtc train step time (speed-up)", speedup, ">= 1.6", lambda v: v >= 1.6, predicted)
+    check("lvtc train speed-up, deviation from the FLOP prediction", speedup / predicted - 1 if speedup else None,
+          "within 5%", lambda v: abs(v) <= 0.05)
+    check("lvtc / plain-256 train step time", ratio(lvtc, p256, "train_s"), "<= 1.4", lambda v: v <= 1.4,
+          ratio(lvtc, p256, "train_flops"))
+    return checks
+
+
+def _fmt(value, scale=1.0, digits=3):
+    return "-" if value is None else f"{value * scale:.{digits}f}"
+
+
+def markdown(summary: dict, meta: dict) -> str:
+    ref = summary.get("plain-1024", {})
+    lines = [
+        f"preset={meta['preset']} device={meta['device']} dtype={meta['dtype']} attn={meta['attn']} "
+        f"threads={meta['threads']} runs={meta['runs']} text_tokens={meta['text_tokens']} "
+        f"decode_tokens={meta['decode_tokens']} train_layers={meta['train_layers']} "
+        f"torch={meta['torch']} transformers={meta['transformers']} {meta['date']}",
+        "",
+        "| model | input ids | prefill GFLOPs | prefill s | vs plain-1024 (FLOPs) | decode ms/token | "
+        "train GFLOPs | train s | vs plain-1024 (FLOPs) | prefill peak MiB (working) | train peak MiB (working) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    mib = 1 / 2**20
+    for name, row in summary.items():
+        vs_prefill = vs_train = "-"
+        if row.get("prefill_s") and ref.get("prefill_s"):
+            vs_prefill = (f"{row['prefill_s'] / ref['prefill_s']:.3f} "
+                          f"({row['prefill_flops'] / ref['prefill_flops']:.3f})")
+        if row.get("train_s") and ref.get("train_s"):
+            vs_train = f"{row['train_s'] / ref['train_s']:.3f} ({row['train_flops'] / ref['train_flops']:.3f})"
+        pm, tm = row.get("prefill_memory", {}), row.get("train_memory", {})
+        lines.append(
+            f"| {name} | {row.get('input_ids', '-')} | {_fmt(row.get('prefill_flops'), 1e-9, 1)} | "
+            f"{_fmt(row.get('prefill_s'))} | {vs_prefill} | {_fmt(row.get('decode_s_per_token'), 1e3, 1)} | "
+            f"{_fmt(row.get('train_flops'), 1e-9, 1)} | {_fmt(row.get('train_s'))} | {vs_train} | "
+            f"{_fmt(pm.get('peak_bytes'), mib, 0)} ({_fmt(pm.get('working_bytes'), mib, 0)}) | "
+            f"{_fmt(tm.get('peak_bytes'), mib, 0)} ({_fmt(tm.get('working_bytes'), mib, 0)}) |"
+        )
+    caches = [(name, row["kv_cache"]) for name, row in summary.items() if row.get("kv_cache")]
+    if caches:
+        lines += ["", f"KV cache after the prefill and {meta['decode_tokens']} decoded tokens, per layer group:"]
+        for name, groups in caches:
+            parts = [f"layers {g['layers']}: {g['bytes'] * mib:.1f} MiB ({g['tokens_per_layer']} tokens each)"
+                     for g in groups]
+            lines.append(f"- {name}: " + "; ".join(parts))
+    diffs = [(name, key, value) for name, row in summary.items() for key, value in row.items()
+             if key.startswith("max_logit_diff")]
+    for name, key, value in diffs:
+        lines.append(f"- {name}: {key.replace('_', ' ')} = {value:.2e} (same weights, same computation)")
+    return "\n".join(lines)
+
+
+def rvtc_markdown(rows: list[dict], max_tiles: int) -> str:
+    lines = [f"RVTC: tiles (thumbnail included) and <IMG_CONTEXT> tokens per image, max_tiles={max_tiles}, "
+             "256 tokens per tile (LVTC: x4 from layer k on)", "",
+             "| image | ratio | area | edge |", "|---|---|---|---|"]
+    for row in rows:
+        cells = [f"{row[t]['grid'][0]}x{row[t]['grid'][1]} -> {row[t]['tiles']} tiles, {row[t]['tokens']} tokens"
+                 for t in ("ratio", "area", "edge")]
+        lines.append(f"| {row['image']} | " + " | ".join(cells) + " |")
+    means = [statistics.mean(row[t]["tokens"] for row in rows) for t in ("ratio", "area", "edge")]
+    lines.append("| mean | " + " | ".join(f"{m:.0f} tokens" for m in means) + " |")
+    return "\n".join(lines)
+
+
+def plot(summary: dict, path: Path, meta: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ref = summary["plain-1024"]
+    panels = [(key, flops, title) for key, flops, title in (
+        ("prefill_s", "prefill_flops", "prefill"), ("decode_s_per_token", "decode_flops_per_token", "decode / token"),
+        ("train_s", "train_flops", "training step")) if ref.get(key)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (key, flops, title) in zip(axes[0], panels):
+        names = [name for name, row in summary.items() if row.get(key)]
+        x = range(len(names))
+        ax.bar([i - 0.2 for i in x], [summary[n][key] / ref[key] for n in names], 0.4, label="time")
+        ax.bar([i + 0.2 for i in x], [summary[n][flops] / ref[flops] for n in names], 0.4, label="FLOPs")
+        ax.set_xticks(list(x), names, rotation=45, ha="right")
+        ax.set_title(f"{title} (relative to plain-1024)")
+        ax.axhline(1.0, color="grey", lw=0.5)
+        ax.legend()
+    fig.suptitle(f"{meta['preset']} on {meta['device']} ({meta['dtype']}, {meta['threads']} threads), {meta['date']}")
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    os.replace(tmp, path)
+
+
+def write_json(data: dict, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------------------- main
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {', '.join(MODELS)}")
+    parser.add_argument("--workloads", default="prefill,decode,train",
+                        help="comma-separated subset of prefill, decode, train (decode needs prefill)")
+    parser.add_argument("--runs", type=int, default=3, help="timed rounds after the warm-up round (default 3)")
+    parser.add_argument("--text-tokens", type=int, default=64)
+    parser.add_argument("--decode-tokens", type=int, default=8)
+    parser.add_argument("--train-layers", type=int, default=None,
+                        help="LLM depth of the training-step models (default: the preset's)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--attn", default="sdpa", help="attention backend for the timed runs (default sdpa)")
+    parser.add_argument("--max-tiles", type=int, default=6, help="RVTC table: tile budget (paper Sec. 4.4: 6)")
+    parser.add_argument("--rvtc-only", action="store_true", help="print the RVTC token table and stop")
+    parser.add_argument("--diagnose", action="store_true",
+                        help="with train: also time one decoder layer on the short and long token counts and the "
+                             "embedding's backward (what FLOPs do not predict)")
+    parser.add_argument("--json", type=Path, help="write every number and setting to this JSON file")
+    parser.add_argument("--plot", type=Path, help="save a PNG of times and FLOPs relative to plain-1024")
+    args = parser.parse_args(argv)
+    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    unknown = sorted(set(args.models) - set(MODELS)) + sorted(set(args.workloads) - set(WORKLOADS))
+    if unknown:
+        parser.error(f"unknown model(s)/workload(s) {unknown}; models: {', '.join(MODELS)}; "
+                     f"workloads: {', '.join(WORKLOADS)}")
+    if "decode" in args.workloads and "prefill" not in args.workloads:
+        parser.error("--workloads decode needs prefill too (decoding continues each prefill's cache)")
+    if args.preset == "8b" and not args.device.startswith("cuda"):
+        parser.error("--preset 8b runs on a GPU only (--device cuda): its float32 weights alone take ~34 GB")
+    if args.runs < 1 or args.decode_tokens < 2 or args.text_tokens < 9:
+        parser.error("--runs must be >= 1, --decode-tokens >= 2 and --text-tokens >= 9")
+    if args.plot is not None and "plain-1024" not in args.models:
+        parser.error("--plot draws everything relative to plain-1024: include it in --models")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    rvtc = rvtc_tokens(args.max_tiles)
+    print(rvtc_markdown(rvtc, args.max_tiles))
+    if args.rvtc_only:
+        return {"rvtc": rvtc}
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    timer = Timer(args.device)
+    meta = dict(preset=args.preset, device=args.device, dtype=args.dtype, attn=args.attn,
+                threads=torch.get_num_threads(), runs=args.runs, text_tokens=args.text_tokens,
+                decode_tokens=args.decode_tokens, train_layers=args.train_layers, torch=torch.__version__,
+                transformers=transformers.__version__, python=platform.python_version(),
+                date=datetime.date.today().isoformat(), cpu=platform.processor() or platform.machine(),
+                load_average_start=os.getloadavg(), command=" ".join([Path(sys.argv[0]).name] + sys.argv[1:]))
+    if args.device.startswith("cuda"):
+        meta["gpu"] = torch.cuda.get_device_name()
+    results = {name: {} for name in args.models}
+    if "prefill" in args.workloads:
+        models = build_models(args.preset, args.models, None, args.device, dtype, args.attn)
+        for name, result in run_inference(models, args, timer, dtype).items():
+            results[name].update(result)
+        del models
+    if "train" in args.workloads:
+        models = build_models(args.preset, args.models, args.train_layers, args.device, dtype, args.attn)
+        for name, result in run_training(models, args, timer, dtype).items():
+            results[name].update(result)
+        if args.diagnose:
+            meta["diagnosis"] = diagnose(next(iter(models.values())), args, timer, dtype)
+        del models
+    meta["load_average_end"] = os.getloadavg()
+    meta["load_average_after_rounds"] = LOAD_AFTER_ROUNDS
+    summary = summarize(results)
+    checks = ratios(summary)
+    print()
+    print(markdown(summary, meta))
+    if "diagnosis" in meta:
+        d = meta["diagnosis"]
+        print(f"\ndiagnosis (one decoder layer of the train-step LLM; {d['tokens']} tokens):")
+        for kind in ("forward", "train"):
+            print(f"- {kind}: " + "; ".join(
+                f"{name} {d['tokens'][name]} tokens {d[f'layer_{kind}_{name}_s']:.3f} s = "
+                f"{d[f'layer_{kind}_{name}_gflops_per_s']:.1f} GFLOP/s" for name in ("short", "long")))
+        print(f"- embedding backward (dense {d['embedding_gradient_bytes'] / 2**20:.0f} MiB gradient, every step, "
+              f"any token count): {d['embedding_backward_s']:.3f} s")
+    if checks:
+        print()
+        for name, check in checks.items():
+            extra = f" (FLOPs predict {check['flop_ratio']:.3f})" if check.get("flop_ratio") else ""
+            print(f"{name}: {check['value']:.3f}{extra}; required {check['required']}: "
+                  f"{'met' if check['ok'] else 'NOT met'}")
+    data = {"meta": meta, "results": results, "summary": summary, "checks": checks, "rvtc": rvtc}
+    if args.json:
+        write_json(data, args.json)
+    if args.plot:
+        plot(summary, args.plot, meta)
+    return data
+
+
+if __name__ == "__main__":
+    main()
