@@ -55,6 +55,7 @@ import transformers
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode, bmm_flop, sdpa_backward_flop_count, sdpa_flop_count
+from tqdm.auto import tqdm
 from transformers import InternVLConfig, InternVLForConditionalGeneration
 
 from internvlx_hf import InternVLXConfig, InternVLXForConditionalGeneration
@@ -311,8 +312,11 @@ def run_inference(models: dict, args, timer: Timer, dtype) -> dict:
     results = {name: {"prefill_s": [], "decode_s_per_token": []} for name in models}
     batches = {name: inputs(model, args.text_tokens, args.device, dtype) for name, model in models.items()}
     logits = {}
+    progress = tqdm(total=(args.runs + 1) * len(models), desc="prefill + decode" if "decode" in args.workloads
+                    else "prefill", unit="run", file=sys.stderr)
     for round_ in range(args.runs + 1):
         for name, model in models.items():
+            progress.set_postfix_str(f"round {round_} {name}")
             batch, result = batches[name], results[name]
             if round_ == 0:
                 result["input_ids"] = batch["input_ids"].shape[1]
@@ -323,6 +327,7 @@ def run_inference(models: dict, args, timer: Timer, dtype) -> dict:
                 seconds, out = timer(lambda: prefill(model, batch))
                 result["prefill_s"].append(seconds)
             if "decode" not in args.workloads:
+                progress.update()
                 continue
             warmup = round_ == 0
             flops, seconds, cache = decode(model, out, args.decode_tokens, timer, count=warmup)
@@ -333,7 +338,9 @@ def run_inference(models: dict, args, timer: Timer, dtype) -> dict:
             else:
                 result["decode_s_per_token"].append(seconds)
             del out, cache
+            progress.update()
         LOAD_AFTER_ROUNDS.append(("inference", round_, os.getloadavg()[0]))
+    progress.close()
     for pair in (("native-256", "plain-256"), ("native-1024", "plain-1024")):
         if all(name in logits for name in pair):
             results[pair[1]][f"max_logit_diff_vs_{pair[0]}"] = float((logits[pair[0]] - logits[pair[1]]).abs().max())
@@ -345,8 +352,10 @@ def run_training(models: dict, args, timer: Timer, dtype) -> dict:
     batches = {name: inputs(model, args.text_tokens, args.device, dtype) for name, model in models.items()}
     for model in models.values():
         model.model.vision_tower.requires_grad_(False)  # stage 2: the ViT is frozen
+    progress = tqdm(total=(args.runs + 1) * len(models), desc="train step", unit="run", file=sys.stderr)
     for round_ in range(args.runs + 1):
         for name, model in models.items():
+            progress.set_postfix_str(f"round {round_} {name}")
             batch, result = batches[name], results[name]
             if round_ == 0:
                 result["train_flops"], result["train_memory"], _ = flops_and_peak_memory(
@@ -357,7 +366,9 @@ def run_training(models: dict, args, timer: Timer, dtype) -> dict:
             else:
                 seconds, _ = timer(lambda: train_step(model, batch))
                 result["train_s"].append(seconds)
+            progress.update()
         LOAD_AFTER_ROUNDS.append(("train", round_, os.getloadavg()[0]))
+    progress.close()
     return results
 
 
@@ -439,35 +450,40 @@ def summarize(results: dict) -> dict:
     return summary
 
 
-def ratios(summary: dict) -> dict:
-    """The required ratios (issue 14), as measured in this run."""
+def ratios(summary: dict, preset: str) -> dict:
+    """The required ratios (issue 14), as measured in this run. The absolute LVTC bars (prefill <= 0.60x plain-1024,
+    training speed-up >= 1.6x, <= 1.4x plain-256) are set at InternVL2-2B widths; at other presets the fixed cost of
+    the 300M ViT weighs differently against the LLM, so there they are reported without a verdict ("ok": None)."""
     checks = {}
+    at_2b = preset == "2b"
     lvtc, p1024, p256 = summary.get("lvtc", {}), summary.get("plain-1024", {}), summary.get("plain-256", {})
     native = summary.get("native-256", {})
 
     def ratio(a, b, key):
         return a[key] / b[key] if a.get(key) and b.get(key) else None
 
-    def check(name, value, required, ok, flop_ratio=None):
+    def check(name, value, required, ok, flop_ratio=None, applies=True):
         if value is not None:
-            checks[name] = {"value": value, "required": required, "ok": bool(ok(value)), "flop_ratio": flop_ratio}
+            checks[name] = {"value": value, "required": required if applies else f"{required} at 2b",
+                            "ok": bool(ok(value)) if applies else None, "flop_ratio": flop_ratio}
 
     for key, what in (("prefill_s", "prefill time"), ("decode_s_per_token", "decode time per token")):
         check(f"plain-256 / native-256 {what}", ratio(p256, native, key), "within 5% (0.95 .. 1.05)",
               lambda v: abs(v - 1) <= 0.05)
     flops = ratio(lvtc, p1024, "prefill_flops")
     time_ratio = ratio(lvtc, p1024, "prefill_s")
-    check("lvtc / plain-1024 prefill time", time_ratio, "<= 0.60", lambda v: v <= 0.60, flops)
+    check("lvtc / plain-1024 prefill time", time_ratio, "<= 0.60", lambda v: v <= 0.60, flops, applies=at_2b)
     check("lvtc / plain-1024 prefill time, deviation from the FLOP ratio",
           time_ratio / flops - 1 if time_ratio else None, "within 10%", lambda v: abs(v) <= 0.10)
     check("lvtc / plain-1024 decode time per token", ratio(lvtc, p1024, "decode_s_per_token"), "<= 1.10",
           lambda v: v <= 1.10)
     speedup, predicted = ratio(p1024, lvtc, "train_s"), ratio(p1024, lvtc, "train_flops")
-    check("plain-1024 / lvtc train step time (speed-up)", speedup, ">= 1.6", lambda v: v >= 1.6, predicted)
+    check("plain-1024 / lvtc train step time (speed-up)", speedup, ">= 1.6", lambda v: v >= 1.6, predicted,
+          applies=at_2b)
     check("lvtc train speed-up, deviation from the FLOP prediction", speedup / predicted - 1 if speedup else None,
           "within 5%", lambda v: abs(v) <= 0.05)
     check("lvtc / plain-256 train step time", ratio(lvtc, p256, "train_s"), "<= 1.4", lambda v: v <= 1.4,
-          ratio(lvtc, p256, "train_flops"))
+          ratio(lvtc, p256, "train_flops"), applies=at_2b)
     return checks
 
 
@@ -640,7 +656,7 @@ def main(argv=None) -> dict:
     meta["load_average_end"] = os.getloadavg()
     meta["load_average_after_rounds"] = LOAD_AFTER_ROUNDS
     summary = summarize(results)
-    checks = ratios(summary)
+    checks = ratios(summary, args.preset)
     print()
     print(markdown(summary, meta))
     if "diagnosis" in meta:
@@ -656,8 +672,8 @@ def main(argv=None) -> dict:
         print()
         for name, check in checks.items():
             extra = f" (FLOPs predict {check['flop_ratio']:.3f})" if check.get("flop_ratio") else ""
-            print(f"{name}: {check['value']:.3f}{extra}; required {check['required']}: "
-                  f"{'met' if check['ok'] else 'NOT met'}")
+            verdict = {True: "met", False: "NOT met", None: "not judged at this preset"}[check["ok"]]
+            print(f"{name}: {check['value']:.3f}{extra}; required {check['required']}: {verdict}")
     data = {"meta": meta, "results": results, "summary": summary, "checks": checks, "rvtc": rvtc}
     if args.json:
         write_json(data, args.json)
