@@ -37,11 +37,12 @@ def _commands() -> list[Command]:
     from .card import CARD
     from .chat import CHAT
     from .convert import CONVERT
+    from .demo import DEMO
     from .push import PUSH
     from .tokens import TOKENS
     from .train import TRAIN
 
-    return [CONVERT, CHAT, TOKENS, CARD, PUSH, TRAIN]
+    return [DEMO, CONVERT, CHAT, TOKENS, CARD, PUSH, TRAIN]
 
 
 def _one_line(error: BaseException) -> str:

@@ -5,7 +5,8 @@
 Modules: `formats` (InternVL JSONL / TRL rows -> chat messages), `encoding` (template rendering, tokenization and
 label masks from token boundaries), `data` (meta JSON / JSONL / datasets.Dataset, lazy images, length estimates),
 `collator` (padded or packed batches), `presets` (stage1 / stage2 / full / lora), `trainer` (`InternVLXTrainer`),
-`train` (`train()`, behind `internvlx train`).
+`train` (`train()`, behind `internvlx train`), `synthetic` (`generate_dataset`: seeded synthetic visual QA in
+InternVL's format, the data of `internvlx demo` and `benchmarks/bench_learnability.py`).
 """
 
 from .collator import InternVLXDataCollator
@@ -13,6 +14,7 @@ from .data import DataSummary, InternVLXDataset, read_meta
 from .encoding import IGNORE_INDEX, ConversationEncoder
 from .formats import Sample, SampleError, sample_from_row
 from .presets import PRESETS, LoraSettings, apply_preset, format_trainable, lora_target_modules, trainable_parameters
+from .synthetic import combine_meta, generate_dataset
 from .train import DataArguments, ModelArguments, PresetArguments, TrainResult, parse_train_args, train
 from .trainer import InternVLXTrainer
 
@@ -32,7 +34,9 @@ __all__ = [
     "SampleError",
     "TrainResult",
     "apply_preset",
+    "combine_meta",
     "format_trainable",
+    "generate_dataset",
     "lora_target_modules",
     "parse_train_args",
     "read_meta",

@@ -1,0 +1,126 @@
+"""Regenerate the demo model that ships inside the package (`src/internvlx_hf/demo/model/`), from nothing but seeds.
+
+The recipe is the `pvtc+lvtc` configuration of `benchmarks/bench_learnability.py` (`internvlx_hf.demo.recipe`):
+
+1. the tokenizer, chat template and processor of the converted test fixture `tests/fixtures/internvl2_qwen2`
+   (Qwen2 byte-level BPE, 812 ids; `internvlx_hf.conversion.convert`), with 112 px tiles;
+2. a freshly initialised tiny InternVL-X (seed 0): PVTC projector, LVTC k=5 of 6 layers (16 -> 64 tokens per tile),
+   saved as a checkpoint;
+3. the synthetic visual QA (`internvlx_hf.training.synthetic`): 3,600 basic samples + 200 fine-detail samples x 9,
+   written as InternVL meta JSON + JSONL;
+4. `internvlx_hf.training.train` (the code behind `internvlx train`): preset `full`, 1,500 steps of batch 32, AdamW
+   lr 1e-3, cosine schedule, seed 0;
+5. held-out exact match on 1,000 samples, written with the recipe into `demo_model.json` next to the weights; the
+   folder (weights, config, processor, tokenizer, remote code, provenance) replaces OUT in one rename.
+
+    python scripts/make_demo_model.py --threads 1              # ~8 min of training on one CPU thread
+    python scripts/make_demo_model.py --steps 30 --out /tmp/demo-smoke     # a quick try (an untrained model)
+    python scripts/make_demo_model.py --from-trained /tmp/w/trained/pvtc+lvtc   # package a bench checkpoint
+
+`--from-trained` packages a folder that `bench_learnability.py --keep` trained with the same recipe, instead of
+training again; it is evaluated the same way. CPU float results can differ in the last bits between machines and
+thread counts, so a regenerated model may differ slightly from the shipped one; the held-out scores in
+`demo_model.json` say how it does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+# Files of a training run that the packaged model does not need (training_args.bin is a pickle).
+SKIP = {"training_args.bin"}
+
+
+def main(argv=None) -> int:
+    from internvlx_hf.demo.recipe import CONFIGS, DEMO_MODEL_DIR, FIXTURE_TOKENIZER, DataSpec, TrainSpec
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=str(DEMO_MODEL_DIR), help="where the model goes (default: the package's)")
+    parser.add_argument("--steps", type=int, default=TrainSpec().steps)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--workdir", default=None, help="data and the training run (default: a temp folder)")
+    parser.add_argument("--from-trained", default=None,
+                        help="package this folder (trained by bench_learnability.py --keep) instead of training")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from internvlx_hf import InternVLXForConditionalGeneration, InternVLXProcessor
+    from internvlx_hf.demo.recipe import (
+        build_checkpoint,
+        copy_checkpoint,
+        evaluate,
+        load_tokenizer_processor,
+        make_datasets,
+        train_checkpoint,
+    )
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    name = "pvtc+lvtc"
+    spec = CONFIGS[name]
+    data = DataSpec(seed=args.seed)
+    training = TrainSpec(steps=args.steps, seed=args.seed)
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="internvlx-demo-model-"))
+    train_meta, test_meta = make_datasets(workdir / "data", spec, data)
+    if args.from_trained:
+        trained = Path(args.from_trained)
+        if not (trained / "config.json").is_file():
+            raise SystemExit(f"--from-trained {trained}: no config.json there; pass a folder trained by "
+                             "bench_learnability.py --keep")
+        metrics = {}
+    else:
+        base = load_tokenizer_processor(_converted_fixture(workdir, FIXTURE_TOKENIZER))
+        start = build_checkpoint(workdir / "init", spec, base, seed=args.seed)
+        trained = workdir / "trained"
+        metrics = train_checkpoint(start, train_meta, trained, training, threads=args.threads)
+        metrics.pop("result")
+    model = InternVLXForConditionalGeneration.from_pretrained(trained)
+    processor = InternVLXProcessor.from_pretrained(str(trained), trust_remote_code=True)
+    scores = evaluate(model, processor, test_meta, limit=data.n_test)
+    record = {"recipe": name, "model": asdict(spec), "data": asdict(data), "training": asdict(training),
+              "train_runtime_s": metrics.get("train_runtime"), "loss_first": metrics.get("loss_first"),
+              "loss_last": metrics.get("loss_last"), "held_out": scores,
+              "regenerate": "python scripts/make_demo_model.py",
+              "trained_by": f"packaged from {args.from_trained} (--from-trained)" if args.from_trained
+              else "scripts/make_demo_model.py"}
+    staging = Path(tempfile.mkdtemp(prefix="internvlx-demo-stage-"))
+    for entry in sorted(trained.iterdir()):
+        if entry.is_file() and entry.name not in SKIP and not entry.name.startswith("."):
+            shutil.copy2(entry, staging / entry.name)
+    (staging / "demo_model.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    copy_checkpoint(staging, out)
+    shutil.rmtree(staging, ignore_errors=True)
+    size = sum(p.stat().st_size for p in out.iterdir()) / 2**20
+    print(f"wrote {out} ({size:.1f} MiB); held-out exact match: "
+          + ", ".join(f"{t} {v:.3f}" for t, v in scores["accuracy"].items()))
+    return 0
+
+
+def _converted_fixture(workdir: Path, fixture: Path) -> Path:
+    from internvlx_hf.conversion import convert
+
+    if not fixture.is_dir():
+        raise SystemExit(f"{fixture} not found: the tokenizer comes from the repository's test fixture; run this "
+                         "script from a clone of the repository")
+    target = workdir / "tokenizer-source"
+    if not (target / "tokenizer.json").is_file():
+        convert(fixture, target, progress=False, overwrite=True)
+    return target
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""`internvlx demo`: the embedded tiny InternVL-X answers questions about images, offline, with what each costs."""
+
+from __future__ import annotations
+
+import argparse
+
+from . import CLIError, Command
+
+_DEMO_DESCRIPTION = """\
+Loads the demo model that ships inside the package (a tiny InternVL-X with a PVTC projector and LVTC, trained from
+scratch by this project on synthetic visual QA: see README "Proof that it learns, and the demo") with
+AutoModel.from_pretrained(..., trust_remote_code=True), nothing downloaded, and answers questions about images.
+
+Without --image it draws one synthetic image per task (colour, shape, position, count, and fine: which letter is in
+the red box, readable only at high resolution) and says whether each answer is right. For every image it prints:
+the tile grid under RVTC's three tilings (ratio = InternVL2's, area and edge = the paper's caps; the model uses its
+processor's), the visual tokens, the tokens each group of LLM layers processes (LVTC: layers < k see 16 tokens per
+112 px tile, layers >= k see 64), and the time of the answer.
+
+The model knows only what it was trained on: the questions below about simple shapes and letter grids on a light
+background. Other questions or photos get an answer, but not a meaningful one."""
+
+_DEMO_EPILOG = """\
+questions it was trained on:
+  What colour is the circle?         (circle, square, triangle, cross)
+  What shape is the red one?         (red, green, blue, yellow, purple, orange)
+  Where is the red circle?           (top-left ... bottom-right)
+  How many shapes?                   (1-6)
+  Which letter is in the red box?    (a grid of 5x5-pixel letters A E H L O T X Z)
+
+examples:
+  internvlx demo                                         # five synthetic images, answered and checked
+  internvlx demo --seed 3 --save-images demo_images/     # other images, saved as PNG to look at
+  internvlx demo --image my_drawing.png --question "What colour is the circle?"
+  internvlx demo --image page.png --question "How many shapes?" --tiling area
+  internvlx demo --model out/my-trained-model            # any checkpoint trained the same way"""
+
+
+def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--image", metavar="PATH", default=None,
+                        help="answer about this image instead of the synthetic ones (needs --question)")
+    parser.add_argument("--question", metavar="TEXT", default=None, help="the question about --image")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic images (default 0)")
+    parser.add_argument("--tiling", choices=("ratio", "area", "edge", "none"), default=None,
+                        help="tiling the model's processor uses for the answer (default: its own, ratio)")
+    parser.add_argument("--model", metavar="DIR", default=None,
+                        help="a checkpoint folder to use instead of the packaged demo model")
+    parser.add_argument("--save-images", metavar="DIR", default=None,
+                        help="write the synthetic images as PNG files into DIR")
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ..demo import (
+        DEMO_MODEL_DIR,
+        DemoSample,
+        answer,
+        demo_record,
+        demo_samples,
+        format_grid,
+        load_demo_model,
+        load_user_image,
+        tile_grids,
+    )
+
+    if (args.image is None) != (args.question is None):
+        raise CLIError("--image and --question go together: give both (a question about your image), or neither "
+                       "(the synthetic demo images)")
+    if args.question is not None and not args.question.strip():
+        raise CLIError("--question is empty; ask e.g. \"What colour is the circle?\"")
+    if args.save_images and args.image:
+        raise CLIError("--save-images saves the synthetic images; it does not apply with --image")
+    folder = Path(args.model) if args.model else DEMO_MODEL_DIR
+    if args.model and not (folder / "config.json").is_file():
+        raise CLIError(f"--model {args.model!r}: no config.json there; give a checkpoint folder (e.g. one written by "
+                       "`internvlx train`)")
+    if args.image:
+        samples = [DemoSample(load_user_image(args.image), args.question.strip(), None, "", args.image)]
+    else:
+        samples = demo_samples(seed=args.seed, path=folder)
+
+    import torch
+
+    torch.manual_seed(0)
+    model, processor = load_demo_model(folder)
+    record = demo_record(folder)
+    config = model.config
+    ip = processor.image_processor
+    tiling = args.tiling or getattr(ip.tiling, "value", str(ip.tiling))
+    lvtc = config.lvtc
+    print(f"model: {folder} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
+          f"AutoModel loaded {type(model).__module__}.{type(model).__name__})")
+    print(f"  {config.projector_type} projector, {config.image_seq_length} tokens per {ip.image_size}px tile"
+          + (f", LVTC: layers >= {lvtc['expand_layer']} see "
+             f"{round(config.vision_tokens_per_side * lvtc['hr_downsample_ratio']) ** 2} per tile" if lvtc else "")
+          + f"; tiling {tiling}, max {ip.max_tiles} tiles")
+    held_out = record.get("held_out", {}).get("accuracy")
+    if held_out:
+        print("  held-out exact match: " + ", ".join(f"{t} {v:.2f}" for t, v in held_out.items()))
+    if args.save_images:
+        out = Path(args.save_images)
+        out.mkdir(parents=True, exist_ok=True)
+    right = 0
+    for index, sample in enumerate(samples, 1):
+        width, height = sample.image.size
+        grids = tile_grids(processor, width, height)
+        result = answer(model, processor, sample.image, sample.question, tiling=args.tiling)
+        print(f"\n[{index}/{len(samples)}] {sample.label}, {width}x{height}: {sample.question}")
+        print("  tiles: " + ", ".join(f"{mode} {format_grid(grid)}" for mode, grid in grids.items())
+              + f"  (used: {tiling}, {result.tiles} tile{'s' if result.tiles > 1 else ''})")
+        print(f"  visual tokens: {result.visual_tokens}; LLM tokens: "
+              + ", ".join(f"{group} {tokens}" for group, tokens in result.layer_tokens))
+        verdict = ""
+        if sample.expected is not None:
+            ok = result.answer == sample.expected
+            right += ok
+            verdict = f"   {'right' if ok else 'WRONG, expected ' + sample.expected}"
+        print(f"  answer: {result.answer!r} ({result.seconds:.2f} s){verdict}")
+        if args.save_images:
+            path = out / f"demo_{args.seed}_{index}_{sample.task}.png"
+            sample.image.save(path)
+            print(f"  saved {path}")
+    if samples[0].expected is not None:
+        print(f"\n{right}/{len(samples)} right")
+    return 0
+
+
+DEMO = Command(
+    name="demo",
+    help="the embedded tiny InternVL-X answers questions about images, offline (no arguments needed)",
+    description=_DEMO_DESCRIPTION,
+    epilog=_DEMO_EPILOG,
+    add_arguments=_add_demo_arguments,
+    run=_run_demo,
+)

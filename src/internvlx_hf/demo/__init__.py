@@ -1,0 +1,174 @@
+"""The embedded demo: a tiny InternVL-X model trained by this project, answering questions about images offline.
+
+``model/`` (next to this file) is the ``pvtc+lvtc`` model of the learnability benchmark: a PVTC projector and LVTC
+(16 tokens per 112 px tile in layers 0-4, 64 from layer 5), trained from scratch on the synthetic visual QA of
+`internvlx_hf.training.synthetic` by ``scripts/make_demo_model.py`` through `internvlx_hf.training.train`. It loads
+like any checkpoint, with ``AutoModel.from_pretrained(DEMO_MODEL_DIR, trust_remote_code=True)``.
+
+    from internvlx_hf.demo import answer, demo_samples, load_demo_model
+    model, processor = load_demo_model()
+    for sample in demo_samples():
+        print(sample.question, answer(model, processor, sample.image, sample.question).answer)
+
+`internvlx demo` is the command-line face of this module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEMO_MODEL_DIR = Path(__file__).resolve().parent / "model"
+TILING_MODES = ("ratio", "area", "edge")
+
+
+def demo_record(path: str | os.PathLike = DEMO_MODEL_DIR) -> dict[str, Any]:
+    """The recipe and held-out scores of a demo model folder (``demo_model.json``), or {} when there is none."""
+    record = Path(path) / "demo_model.json"
+    return json.loads(record.read_text(encoding="utf-8")) if record.is_file() else {}
+
+
+def load_demo_model(path: str | os.PathLike = DEMO_MODEL_DIR):
+    """``(model, processor)`` from a demo model folder, through transformers' Auto classes and the folder's own
+    remote code (``trust_remote_code=True``), in float32 and eval mode."""
+    from transformers import AutoModel, AutoProcessor
+
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder}: no demo model there (config.json missing); regenerate the packaged one "
+                                "with `python scripts/make_demo_model.py` or pass a checkpoint folder")
+    model = AutoModel.from_pretrained(str(folder), trust_remote_code=True, dtype="float32").eval()
+    processor = AutoProcessor.from_pretrained(str(folder), trust_remote_code=True)
+    return model, processor
+
+
+@dataclass
+class DemoSample:
+    """A synthetic image with its question and the answer that follows from what was drawn."""
+
+    image: Any
+    question: str
+    expected: str | None
+    task: str
+    label: str
+
+
+def demo_samples(seed: int = 0, image_size: int | None = None, path: str | os.PathLike = DEMO_MODEL_DIR
+                 ) -> list[DemoSample]:
+    """One seeded synthetic image per task (colour, shape, position, count, fine), drawn like the training data.
+
+    ``image_size`` defaults to the demo model's tile size (from ``demo_model.json``; 112).
+    """
+    from ..training.synthetic import TASKS, make_sample
+
+    record = demo_record(path)
+    if image_size is None:
+        image_size = int(record.get("model", {}).get("tile", 112))
+    fine = record.get("data", {})
+    samples = []
+    for task in TASKS:
+        rng = random.Random(f"internvlx-demo:{seed}:{task}")
+        sample = make_sample(task, rng, image_size, image_size, image_size=image_size,
+                             fine_grid=int(fine.get("fine_grid", 8)), fine_glyphs=int(fine.get("fine_glyphs", 8)))
+        samples.append(DemoSample(sample.image, sample.question, sample.answer, task, f"synthetic {task}"))
+    return samples
+
+
+@dataclass
+class Answer:
+    """A greedy answer and what it cost: tiles, tokens per LLM layer group, seconds."""
+
+    answer: str
+    tiles: int
+    tile_grid: tuple[int, int]
+    visual_tokens: int  # <IMG_CONTEXT> tokens in the prompt (what layers before LVTC's k see)
+    layer_tokens: list[tuple[str, int]] = field(default_factory=list)  # ("layers 0-4", tokens), ...
+    seconds: float = 0.0
+
+
+def layer_groups(config, prompt_tokens: int, tiles: int) -> list[tuple[str, int]]:
+    """Tokens each group of LLM layers processes for a prompt of ``prompt_tokens`` with ``tiles`` image tiles.
+
+    Without LVTC every layer sees the prompt. With LVTC, layers ``< k`` see it with ``image_seq_length`` tokens per
+    tile and layers ``>= k`` see every tile expanded to its high-resolution token count.
+    """
+    depth = config.text_config.num_hidden_layers
+    lvtc = config.lvtc
+    if not lvtc:
+        return [(f"layers 0-{depth - 1}", prompt_tokens)]
+    k = lvtc["expand_layer"]
+    side = round(config.vision_tokens_per_side * lvtc["hr_downsample_ratio"])
+    extra = tiles * (side * side - config.image_seq_length)
+    long = f"layer {k}" if k == depth - 1 else f"layers {k}-{depth - 1}"
+    return [(f"layers 0-{k - 1}" if k > 1 else "layer 0", prompt_tokens), (long, prompt_tokens + extra)]
+
+
+def tile_grids(processor, width: int, height: int) -> dict[str, tuple[int, int, int]]:
+    """``{mode: (cols, rows, tiles incl. thumbnail)}`` for the RVTC tiling modes under the processor's settings."""
+    from ..processing import get_tile_grid
+
+    ip = processor.image_processor
+    grids = {}
+    for mode in TILING_MODES:
+        cols, rows = get_tile_grid(width, height, mode, ip.min_tiles, ip.max_tiles, ip.image_size)
+        n = cols * rows
+        grids[mode] = (cols, rows, n + 1 if n > 1 and ip.use_thumbnail else n)
+    return grids
+
+
+def answer(model, processor, image, question: str, *, tiling: str | None = None, max_new_tokens: int = 8
+           ) -> Answer:
+    """Greedy answer to ``question`` about ``image`` (a PIL image), in the chat format the demo model learnt
+    (empty system block, ``<image>`` then the question)."""
+    import torch
+
+    messages = [{"role": "system", "content": ""}, {"role": "user", "content": "<image>\n" + question}]
+    prompt = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    kwargs = {"tiling": tiling} if tiling else {}
+    inputs = processor(images=[image], text=prompt, return_tensors="pt", **kwargs)
+    eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                             pixel_values=inputs["pixel_values"], num_patches=inputs["num_patches"],
+                             max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
+                             pad_token_id=processor.tokenizer.pad_token_id)
+    seconds = time.perf_counter() - start
+    text = processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    tiles = int(inputs["num_patches"][0])
+    grid = tuple(int(v) for v in inputs["tile_grid"][0]) if "tile_grid" in inputs else (1, 1)
+    visual = int((inputs["input_ids"] == processor.image_token_id).sum())
+    return Answer(text, tiles, grid, visual, layer_groups(model.config, int(inputs["input_ids"].shape[1]), tiles),
+                  seconds)
+
+
+def load_user_image(path: str | os.PathLike):
+    """An image file as RGB, with errors that name the file (missing, a folder, not an image)."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"--image {str(path)!r}: no such file; give the path of a PNG/JPEG image")
+    if path.is_dir():
+        raise ValueError(f"--image {str(path)!r} is a folder; give the path of an image file")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError) as error:
+        raise ValueError(f"--image {str(path)!r} is not an image Pillow can read ({type(error).__name__}); give a "
+                         "PNG/JPEG/WebP file") from None
+
+
+def format_grid(grid: tuple[int, int, int]) -> str:
+    cols, rows, tiles = grid
+    return f"{cols}x{rows}" + (f"+thumbnail={tiles}" if tiles > cols * rows else f"={tiles}")
+
+
+__all__ = ["DEMO_MODEL_DIR", "TILING_MODES", "Answer", "DemoSample", "answer", "demo_record", "demo_samples",
+           "format_grid", "layer_groups", "load_demo_model", "load_user_image", "tile_grids"]

@@ -1,0 +1,112 @@
+# Copyright 2025 The internvlx-hf developers. Licensed under the Apache License, Version 2.0.
+"""Jinja chat templates that reproduce InternVL2's conversation templates character for character.
+
+InternVL2 builds prompts with its `conversation.py` ("MPT" separator style): the system block is always written
+(the template's default system message when none is given), every user/assistant turn is `role + text + sep`, and
+the generation prompt is the bare assistant role. For `Hermes-2` / `internlm2-chat` that gives
+`<|im_start|>system\\n{system}<|im_end|><|im_start|>user\\n{text}<|im_end|><|im_start|>assistant\\n` with no newline
+between turns. (The two templates render the same string; they differ only in whether the tokenizer adds `<s>`.)
+
+Message content may be a string (where `<image>` is literal) or a list of `{"type": "image"}` and
+`{"type": "text", "text": ...}` items rendered in order; an image item becomes `<image>\\n`, the prefix InternVL2's
+`chat()` puts before the question. The processor later expands each `<image>` into the image's tokens.
+
+This file is copied next to checkpoints as remote code (standard library only).
+"""
+
+from __future__ import annotations
+
+# The default system message of InternVL2's Hermes-2 / internlm2-chat / phi3-chat templates.
+_INTERNVL2_SYSTEM = "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"
+# The default system message of InternVL2.5's template.
+_INTERNVL2_5_SYSTEM = "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
+
+
+def _jinja_literal(text: str) -> str:
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
+
+
+def _mpt_template(system_prefix: str, default_system: str, user_prefix: str, assistant_prefix: str, sep: str) -> str:
+    """A Jinja template for one of InternVL2's "MPT"-style conversation templates."""
+    return (
+        "{%- set system_prefix = " + _jinja_literal(system_prefix) + " -%}\n"
+        "{%- set default_system = " + _jinja_literal(default_system) + " -%}\n"
+        "{%- set user_prefix = " + _jinja_literal(user_prefix) + " -%}\n"
+        "{%- set assistant_prefix = " + _jinja_literal(assistant_prefix) + " -%}\n"
+        "{%- set sep = " + _jinja_literal(sep) + " -%}\n"
+        """\
+{%- macro render_content(content) -%}
+    {%- if content is string -%}
+        {{- content -}}
+    {%- elif content is iterable -%}
+        {%- for item in content -%}
+            {%- if item is string -%}
+                {{- item -}}
+            {%- elif item['type'] in ('image', 'image_url') -%}
+                {{- '<image>\\n' -}}
+            {%- elif item['type'] == 'text' -%}
+                {{- item['text'] -}}
+            {%- else -%}
+                {{- raise_exception('InternVL templates support only text and image content, got ' ~ item['type']) -}}
+            {%- endif -%}
+        {%- endfor -%}
+    {%- endif -%}
+{%- endmacro -%}
+{%- if messages and messages[0]['role'] == 'system' -%}
+    {%- set system_message = render_content(messages[0]['content']) -%}
+    {%- set turns = messages[1:] -%}
+{%- else -%}
+    {%- set system_message = default_system -%}
+    {%- set turns = messages -%}
+{%- endif -%}
+{{- system_prefix + system_message + sep -}}
+{%- for message in turns -%}
+    {%- if message['role'] == 'user' -%}
+        {%- set prefix = user_prefix -%}
+    {%- elif message['role'] == 'assistant' -%}
+        {%- set prefix = assistant_prefix -%}
+    {%- else -%}
+        {{- raise_exception('Roles must be system (first message only), user or assistant, got ' ~ message['role']) -}}
+    {%- endif -%}
+    {%- set content = render_content(message['content']) if message['content'] is defined else '' -%}
+    {#- Like conversation.py, an empty message renders as its bare role. -#}
+    {%- if content -%}
+        {{- prefix + content + sep -}}
+    {%- else -%}
+        {{- prefix -}}
+    {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{- assistant_prefix -}}
+{%- endif -%}
+"""
+    )
+
+
+_CHATML = _mpt_template(
+    "<|im_start|>system\n", _INTERNVL2_SYSTEM, "<|im_start|>user\n", "<|im_start|>assistant\n", "<|im_end|>"
+)
+
+#: Jinja chat templates keyed by InternVL2's template names (`config.template` of the original checkpoints).
+CHAT_TEMPLATES: dict[str, str] = {
+    "Hermes-2": _CHATML,
+    "internlm2-chat": _CHATML,
+    "phi3-chat": _mpt_template("<|system|>\n", _INTERNVL2_SYSTEM, "<|user|>\n", "<|assistant|>\n", "<|end|>"),
+    "internvl2_5": _mpt_template(
+        "<|im_start|>system\n", _INTERNVL2_5_SYSTEM, "<|im_start|>user\n", "<|im_start|>assistant\n", "<|im_end|>\n"
+    ),
+}
+
+DEFAULT_CHAT_TEMPLATE = "internlm2-chat"
+
+
+def get_chat_template(name: str) -> str:
+    """The Jinja chat template for an InternVL2 template name (e.g. `config.template` of an original checkpoint)."""
+    try:
+        return CHAT_TEMPLATES[name]
+    except KeyError:
+        known = ", ".join(repr(key) for key in CHAT_TEMPLATES)
+        raise ValueError(f"Unknown InternVL chat template {name!r}; known templates: {known}.") from None
+
+
+__all__ = ["CHAT_TEMPLATES", "DEFAULT_CHAT_TEMPLATE", "get_chat_template"]

@@ -1,0 +1,1276 @@
+"""InternVL-X: InternVL2 with PVTC (projector) and LVTC (layer-wise) visual token compression.
+
+Paper: "InternVL-X: Advancing and Accelerating InternVL Series with Efficient Visual Token Compression", Sec. 3.
+This file is saved next to checkpoints as remote code: it imports only torch, transformers, the standard library
+and `configuration_internvlx` (single-dot relative import).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModel, GenerationConfig, GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.masking_utils import (
+    create_causal_mask,
+    create_sliding_window_causal_mask,
+    find_packed_sequence_indices,
+)
+from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling
+from transformers.modeling_utils import slice_logits_to_keep
+from transformers.models.internvl.modeling_internvl import InternVLVisionModel, InternVLVisionRMSNorm
+from transformers.utils import ModelOutput
+from transformers.utils.generic import can_return_tuple
+
+from .configuration_internvlx import InternVLXConfig, LVTCConfig, _image_and_patch
+
+# --------------------------------------------------------------------------------------------------------------------
+# Projectors
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def pixel_shuffle(features: torch.Tensor, window: int) -> torch.Tensor:
+    """Merge each ``window x window`` block of a ``(n, S, S, C)`` grid into one token of ``window^2 * C`` channels.
+
+    Channel order inside a merged token is the block's tokens in row-major order (top-left, top-right,
+    bottom-left, bottom-right for 2x2): this is InternVL2's pixel shuffle with ``ps_version="v2"``.
+    """
+    n, side, _, channels = features.shape
+    blocks = side // window
+    features = features.reshape(n, blocks, window, blocks, window, channels).permute(0, 1, 3, 2, 4, 5)
+    return features.reshape(n, blocks, blocks, window * window * channels)
+
+
+def group_windows(features: torch.Tensor, window: int) -> torch.Tensor:
+    """``(n, S, S, D)`` -> ``(n * (S/window)^2, window^2, D)``: the tokens of each window, row-major."""
+    n, side, _, channels = features.shape
+    blocks = side // window
+    features = features.reshape(n, blocks, window, blocks, window, channels).permute(0, 1, 3, 2, 4, 5)
+    return features.reshape(n * blocks * blocks, window * window, channels)
+
+
+class InternVLXMLPProjector(nn.Module):
+    """InternVL2's `mlp1`: pixel shuffle, then LayerNorm / Linear / GELU / Linear. The CLS token is dropped."""
+
+    def __init__(self, vit_hidden_size: int, llm_hidden_size: int, window: int):
+        super().__init__()
+        self.window = window
+        in_features = vit_hidden_size * window * window
+        self.layer_norm = nn.LayerNorm(in_features)  # PyTorch default eps 1e-5, as InternVL2
+        self.linear_1 = nn.Linear(in_features, llm_hidden_size)
+        self.act = nn.GELU()
+        self.linear_2 = nn.Linear(llm_hidden_size, llm_hidden_size)
+
+    def forward(self, vit_embeds: torch.Tensor) -> torch.Tensor:
+        """``(tiles, 1 + S*S, C)`` (CLS first) -> ``(tiles, N*N, D)``."""
+        patches = vit_embeds[:, 1:]
+        side = int(patches.shape[1] ** 0.5)
+        merged = pixel_shuffle(patches.reshape(patches.shape[0], side, side, -1), self.window)
+        merged = merged.flatten(1, 2)
+        return self.linear_2(self.act(self.linear_1(self.layer_norm(merged))))
+
+
+class PVTCInputMLP(nn.Module):
+    """RMSNorm -> Linear (no bias) -> SiLU: turns ViT features into PVTC queries, keys and values."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.norm = InternVLVisionRMSNorm(in_features, eps=1e-6)
+        self.proj = nn.Linear(in_features, out_features, bias=False)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return F.silu(self.proj(self.norm(hidden_states)))
+
+
+class PVTCCrossAttention(nn.Module):
+    """Point-to-region cross-attention: one query per window attends to that window's tokens only."""
+
+    def __init__(self, hidden_size: int, num_heads: int):
+        super().__init__()
+        if hidden_size % num_heads != 0:
+            raise ValueError(f"PVTC hidden size {hidden_size} is not divisible by pvtc_num_heads={num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = hidden_size // num_heads
+        self.query_norm = InternVLVisionRMSNorm(hidden_size, eps=1e-6)
+        self.kv_norm = InternVLVisionRMSNorm(hidden_size, eps=1e-6)
+        self.q_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.k_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.v_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.o_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+
+    def forward(self, query: torch.Tensor, window_tokens: torch.Tensor) -> torch.Tensor:
+        """``query`` ``(W, 1, D)``, ``window_tokens`` ``(W, M*M, D)`` -> ``(W, 1, D)`` (residual included)."""
+        windows, length, hidden = window_tokens.shape
+        kv = self.kv_norm(window_tokens)
+        q = self.q_proj(self.query_norm(query)).view(windows, 1, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(kv).view(windows, length, self.num_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(kv).view(windows, length, self.num_heads, self.head_dim).transpose(1, 2)
+        # All windows at once: SDPA batches over (windows, heads); softmax runs over the window's M*M tokens.
+        attended = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(windows, 1, hidden)
+        return query + self.o_proj(attended)
+
+
+class PVTCFeedForward(nn.Module):
+    """Pre-norm SwiGLU with a residual, 4x wide (the reference `InternEncoderLayer` MLP)."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.norm = InternVLVisionRMSNorm(hidden_size, eps=1e-6)
+        self.gate_proj = nn.Linear(hidden_size, 4 * hidden_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, 4 * hidden_size, bias=False)
+        self.down_proj = nn.Linear(4 * hidden_size, hidden_size, bias=False)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        normed = self.norm(hidden_states)
+        return hidden_states + self.down_proj(F.silu(self.gate_proj(normed)) * self.up_proj(normed))
+
+
+class PVTCLayer(nn.Module):
+    def __init__(self, hidden_size: int, num_heads: int):
+        super().__init__()
+        self.attn = PVTCCrossAttention(hidden_size, num_heads)
+        self.mlp = PVTCFeedForward(hidden_size)
+
+    def forward(self, query: torch.Tensor, window_tokens: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.attn(query, window_tokens))
+
+
+class PVTCProjector(nn.Module):
+    """PVTC (paper Sec. 3.1): per ``M x M`` window, a local query (pixel-shuffled window -> MLP) and a global query
+    (CLS -> MLP, times a learnable per-position ``cls_scale``) each cross-attend to the window's tokens through
+    ``L`` layers; the two results are summed. ``(S/M)^2`` tokens per tile.
+    """
+
+    def __init__(self, vit_hidden_size: int, llm_hidden_size: int, grid: int, window: int, num_layers: int,
+                 num_heads: int):
+        super().__init__()
+        self.window = window
+        side = grid // window
+        self.local_query = PVTCInputMLP(vit_hidden_size * window * window, llm_hidden_size)
+        self.global_query = PVTCInputMLP(vit_hidden_size, llm_hidden_size)
+        self.key_value = PVTCInputMLP(vit_hidden_size, llm_hidden_size)
+        # "diverse transformations to F_GQ at each position" (Sec. 3.1): one learnable scale per output token.
+        self.cls_scale = nn.Parameter(torch.randn(1, side, side, llm_hidden_size))
+        self.local_layers = nn.ModuleList(PVTCLayer(llm_hidden_size, num_heads) for _ in range(num_layers))
+        self.global_layers = nn.ModuleList(PVTCLayer(llm_hidden_size, num_heads) for _ in range(num_layers))
+
+    def forward(self, vit_embeds: torch.Tensor) -> torch.Tensor:
+        """``(tiles, 1 + S*S, C)`` (CLS first) -> ``(tiles, N*N, D)``."""
+        tiles = vit_embeds.shape[0]
+        cls_token, patches = vit_embeds[:, 0], vit_embeds[:, 1:]
+        grid = int(patches.shape[1] ** 0.5)
+        patches = patches.reshape(tiles, grid, grid, -1)
+        side = grid // self.window
+
+        local = self.local_query(pixel_shuffle(patches, self.window)).reshape(tiles * side * side, 1, -1)
+        global_query = self.global_query(cls_token)[:, None, None, :] * self.cls_scale
+        global_ = global_query.reshape(tiles * side * side, 1, -1)
+        window_tokens = group_windows(self.key_value(patches), self.window)
+        for layer in self.local_layers:
+            local = layer(local, window_tokens)
+        for layer in self.global_layers:
+            global_ = layer(global_, window_tokens)
+        return (local + global_).reshape(tiles, side * side, -1)
+
+
+def build_projector(config: InternVLXConfig, projector_type: str, ratio: float) -> nn.Module:
+    window = round(1.0 / ratio)
+    vit, llm = config.vision_config.hidden_size, config.text_config.hidden_size
+    if projector_type == "mlp":
+        return InternVLXMLPProjector(vit, llm, window)
+    if projector_type == "pvtc":
+        return PVTCProjector(vit, llm, config.vision_tokens_per_side, window, config.pvtc_num_layers,
+                             config.pvtc_num_heads)
+    raise ValueError(f"unknown projector type {projector_type!r}; expected 'mlp' or 'pvtc'")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# LVTC bookkeeping
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LVTCState:
+    """What decoding steps after an LVTC prefill need to know about the long layout (per batch row).
+
+    Attributes:
+        long_prefix_mask: ``(batch, long_prefill_len)`` 2D mask of the prefill in the long layout.
+        short_prefix_len: length of the prefill in the short layout (the input ids).
+        position_offset: ``(batch,)`` long-layout position minus short-layout position for every later token.
+        text_tail: how many of the prefill's last tokens are text of every row's last sequence (no visual token, no
+            position reset); they take one slot in both layouts, so a cache crop may remove them.
+    """
+
+    long_prefix_mask: torch.Tensor
+    short_prefix_len: int
+    position_offset: torch.Tensor
+    text_tail: int = 0
+
+    def select(self, index: torch.Tensor) -> "LVTCState":
+        return LVTCState(self.long_prefix_mask[index], self.short_prefix_len, self.position_offset[index],
+                         self.text_tail)
+
+    def drop_prefill_tail(self, tokens: int) -> "LVTCState":
+        """The state after the last ``tokens`` tokens of the prefill were cropped from the cache."""
+        if tokens > self.text_tail:
+            raise ValueError(
+                f"Cannot crop {tokens} prefill token(s) from an LVTC cache: only the last {self.text_tail} token(s) "
+                "of the prompt are text after its last image (visual tokens take more slots from the expand layer "
+                "on, so a crop into them has no consistent long layout). Crop at most that far, or run the prefill "
+                "again."
+            )
+        return LVTCState(self.long_prefix_mask[:, : self.long_prefix_mask.shape[1] - tokens],
+                         self.short_prefix_len - tokens, self.position_offset, self.text_tail - tokens)
+
+
+class InternVLXLVTCCache(DynamicCache):
+    """A `DynamicCache` that also carries the `LVTCState` of its prefill.
+
+    Layers ``< k`` cache the short layout and layers ``>= k`` the long one, so the layers hold different lengths;
+    the state keeps per-row offsets and the long-layout mask consistent under beam reordering, batch selection and
+    cropping. A plain `DynamicCache` handed to an LVTC prefill becomes this class in place (same object, same
+    storage and options, e.g. offloading).
+    """
+
+    lvtc_state: LVTCState | None = None
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        if self.lvtc_state is not None:
+            self.lvtc_state = self.lvtc_state.select(beam_idx.to(self.lvtc_state.position_offset.device))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        if self.lvtc_state is not None:
+            rows = torch.arange(self.lvtc_state.position_offset.shape[0]).repeat_interleave(repeats)
+            self.lvtc_state = self.lvtc_state.select(rows.to(self.lvtc_state.position_offset.device))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        if self.lvtc_state is not None:
+            self.lvtc_state = self.lvtc_state.select(indices.to(self.lvtc_state.position_offset.device))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Remove the last tokens (assisted / prompt-lookup decoding rejects draft tokens this way).
+
+        ``tokens_to_remove <= 0`` removes that many tokens from every layer (transformers 5's convention): a token
+        after the prefill takes one slot in both layouts, so every layer loses the same count and the long layers
+        stay aligned with the short ones. A positive value is the older convention, the short-layout length to keep.
+        Cropping into the prefill is possible over its text tail only (see `LVTCState.text_tail`).
+        """
+        length = self.get_seq_length()
+        remove = -tokens_to_remove if tokens_to_remove <= 0 else max(length - tokens_to_remove, 0)
+        state = self.lvtc_state
+        into_prefill = remove - (length - state.short_prefix_len) if state is not None else 0
+        if into_prefill > 0:
+            self.lvtc_state = state.drop_prefill_tail(into_prefill)
+        super().crop(-remove)
+
+
+@dataclass
+class LVTCLayout:
+    """Index maps between the short layout (input ids) and the long layout (layers ``>= k``) of one batch."""
+
+    text_short: torch.Tensor  # flat (b * short_len + j) indices of non-visual tokens
+    text_long: torch.Tensor  # their flat indices in the long layout
+    visual_short: torch.Tensor  # flat indices of visual tokens, in feature order
+    visual_long: torch.Tensor  # flat long indices of the upsampled visual tokens, tile by tile
+    long_len: int
+    long_mask: torch.Tensor  # (batch, long_len) 1 = real token
+    long_position_ids: torch.Tensor  # (batch, long_len)
+    position_offset: torch.Tensor  # (batch,) long minus short position after the last token
+    text_tail: int  # trailing text tokens every row has after its last visual token / position reset
+    short_start: torch.Tensor  # (batch, short_len) first long slot of every short token
+
+    def varlen_kwargs(self, varlen: dict) -> dict:
+        """flash-attention varlen kwargs (``cu_seq_lens_q/k``, ``max_length_q/k``) of the short layout, translated
+        to the long one: a sequence boundary before short token ``j`` of row ``b`` moves to that token's first long
+        slot, the end of the batch to the end of the long batch (the rows are flattened, as flash-attention's varlen
+        kernels take them)."""
+        batch, short_len = self.short_start.shape
+        rows = torch.arange(batch, device=self.short_start.device)[:, None] * self.long_len
+        table = torch.cat([(rows + self.short_start).reshape(-1),
+                           torch.tensor([batch * self.long_len], device=self.short_start.device)])
+        translated = {}
+        for side in ("q", "k"):
+            cu = varlen[f"cu_seq_lens_{side}"]
+            if cu.ndim != 1 or int(cu[0]) != 0 or int(cu[-1]) != batch * short_len or bool((cu.diff() < 0).any()):
+                raise ValueError(
+                    f"cu_seq_lens_{side} {cu.tolist()} does not describe the flattened batch of {batch} x {short_len} "
+                    f"tokens: it must rise from 0 to {batch * short_len}. Pass the boundaries that transformers' "
+                    "DataCollatorWithFlattening(return_flash_attn_kwargs=True) makes for these input_ids."
+                )
+            long_cu = table.to(cu.device)[cu.long()].to(cu.dtype)
+            translated[f"cu_seq_lens_{side}"] = long_cu
+            translated[f"max_length_{side}"] = int(long_cu.diff().max())
+        return translated
+
+
+def image_token_runs(image_mask: torch.Tensor) -> list[tuple[int, int, int]]:
+    """``(row, start, length)`` of every run of consecutive image tokens, row by row (the order features fill them)."""
+    padded = F.pad(image_mask.long(), (1, 1))
+    change = padded[:, 1:] - padded[:, :-1]
+    starts = (change == 1).nonzero().tolist()
+    ends = (change == -1).nonzero().tolist()
+    return [(row, start, end - start) for (row, start), (_, end) in zip(starts, ends)]
+
+
+def check_whole_tiles(image_mask: torch.Tensor, tokens_per_tile: int) -> None:
+    """Every run of image tokens must hold whole tiles: a run of 6 and a run of 2 (4 per tile) has 8 tokens in all
+    but splits a tile between two images."""
+    for row, start, length in image_token_runs(image_mask):
+        if length % tokens_per_tile:
+            raise ValueError(
+                f"Row {row} has a run of {length} image tokens at position {start}, which is not a whole number of "
+                f"tiles ({tokens_per_tile} image tokens per tile): each image needs image_seq_length x its tile "
+                "count. Build the prompt with the InternVLX processor (its image_seq_length must be the model's)."
+            )
+
+
+def build_lvtc_layout(
+    image_mask: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor,
+    short_tokens_per_tile: int,
+    long_tokens_per_tile: int,
+) -> LVTCLayout:
+    """Plan the long layout. Each tile's run of LR tokens becomes a run of HR tokens; text stays one slot.
+
+    Rows grow by different amounts (different tile counts); the shorter rows are re-padded on the *left*, so
+    that the last real token of every row stays the last slot (what left-padded generation needs) and
+    right-padded training rows keep working (the 2D mask and positions describe any padding). Positions follow
+    the short layout's own positions (so packed sequences with position resets stay packed): a text token moves
+    by the number of extra visual slots before it in its sequence; a tile's HR tokens take consecutive positions
+    from where its LR run started.
+    """
+    batch, short_len = image_mask.shape
+    device = image_mask.device
+    check_whole_tiles(image_mask, short_tokens_per_tile)
+    expand = long_tokens_per_tile // short_tokens_per_tile
+    slots = torch.where(image_mask, expand, 1)
+    row_long_len = slots.sum(-1)
+    long_len = int(row_long_len.max())
+    left_pad = long_len - row_long_len  # extra left padding per row
+    start = torch.cumsum(slots, -1) - slots + left_pad[:, None]  # first long slot of every short token
+
+    # Extra slots created before each token *within its packed sequence* (a position reset starts a sequence).
+    extra = torch.where(image_mask, expand - 1, 0)
+    extra_before = torch.cumsum(extra, -1) - extra
+    seq_start = position_ids == 0
+    seq_start[:, 0] = True
+    seq_id = torch.cumsum(seq_start.long(), -1)
+    # extra_before at the start of each sequence, broadcast to its tokens (seq ids are increasing per row).
+    base = torch.zeros(batch, short_len + 1, dtype=extra_before.dtype, device=device)
+    base.scatter_(1, torch.where(seq_start, seq_id, 0), torch.where(seq_start, extra_before, 0))
+    extra_before = extra_before - torch.gather(base, 1, seq_id)
+
+    rows = torch.arange(batch, device=device)[:, None].expand(batch, short_len)
+    text = ~image_mask
+    flat_short = rows * short_len + torch.arange(short_len, device=device)
+    text_short = flat_short[text]
+    text_long = (rows * long_len + start)[text]
+
+    # Visual tokens: tile t's LR run starts at short token j0; its HR run fills start[j0] .. start[j0] + HR - 1.
+    tile_first = image_mask.clone()
+    tile_first[image_mask] = (torch.arange(int(image_mask.sum()), device=device) % short_tokens_per_tile) == 0
+    tile_rows, tile_cols = tile_first.nonzero(as_tuple=True)
+    hr_range = torch.arange(long_tokens_per_tile, device=device)
+    visual_long = (tile_rows * long_len + start[tile_rows, tile_cols])[:, None] + hr_range
+    visual_short = flat_short[image_mask]
+
+    long_mask = torch.zeros(batch, long_len, dtype=torch.long, device=device)
+    short_mask = attention_mask.long() if attention_mask is not None else torch.ones_like(slots)
+    long_mask.view(-1)[text_long] = short_mask[text]
+    tile_mask = short_mask[tile_rows, tile_cols][:, None].expand_as(visual_long)
+    long_mask.view(-1)[visual_long.reshape(-1)] = tile_mask.reshape(-1)
+
+    long_positions = torch.zeros(batch, long_len, dtype=position_ids.dtype, device=device)
+    long_positions.view(-1)[text_long] = (position_ids + extra_before)[text]
+    tile_pos = (position_ids + extra_before)[tile_rows, tile_cols]
+    long_positions.view(-1)[visual_long.reshape(-1)] = (tile_pos[:, None] + hr_range).reshape(-1).to(
+        position_ids.dtype)
+
+    # The extra left padding gets positions 0, 1, ... that do not run on into the row's first token, so when no
+    # 2D mask is used (packed rows without an attention mask) transformers' packed-sequence detection, which
+    # splits wherever positions do not step by one, keeps the padding in a sequence of its own.
+    slot = torch.arange(long_len, device=device)[None]
+    pad_positions = slot + (position_ids[:, :1] == left_pad[:, None]).to(slot.dtype)
+    long_positions = torch.where(slot < left_pad[:, None], pad_positions.to(long_positions.dtype), long_positions)
+
+    # Later tokens continue the row's last sequence: shift by all extra slots of that sequence.
+    position_offset = (extra_before + extra)[:, -1]
+    index = torch.arange(short_len, device=device)
+    boundary = torch.maximum(torch.where(image_mask, index, -1).amax(-1), torch.where(seq_start, index, 0).amax(-1))
+    text_tail = int((short_len - 1 - boundary).min())
+    return LVTCLayout(text_short, text_long, visual_short, visual_long.reshape(-1), long_len, long_mask,
+                      long_positions, position_offset, text_tail, start)
+
+
+# flash-attention's precomputed varlen boundaries (transformers' `FlashAttentionKwargs`).
+_VARLEN_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+# Mask builders per attention kind, as the LLMs' own forwards choose them.
+_MASK_FUNCTIONS = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
+
+
+def lvtc_layer_types(text_config, depth: int) -> list[str]:
+    """The attention kind of every LLM layer. Configs without ``layer_types`` but with a ``sliding_window``
+    (Mistral, Phi-3) slide the window in every layer, which is also what transformers' caches infer from them."""
+    layer_types = getattr(text_config, "layer_types", None)
+    if layer_types is None:
+        sliding = getattr(text_config, "sliding_window", None) is not None
+        layer_types = ["sliding_attention" if sliding else "full_attention"] * depth
+    unsupported = sorted(set(layer_types[:depth]) - set(_MASK_FUNCTIONS))
+    if unsupported:
+        raise NotImplementedError(
+            f"LVTC supports LLM layers of kinds {sorted(_MASK_FUNCTIONS)}; this LLM also has {unsupported}. "
+            "Use the model without lvtc (lvtc=None)."
+        )
+    return list(layer_types[:depth])
+
+
+def _attention_weight_modules(language_model, depth: int) -> list[tuple[nn.Module, int]]:
+    """``(module, output index)`` pairs that emit each layer's attention weights, as the LLM declares them for
+    transformers' output capturing (``_can_record_outputs["attentions"]``), in layer order."""
+    spec = (getattr(language_model, "_can_record_outputs", None) or {}).get("attentions")
+    specs = spec if isinstance(spec, list) else [spec]
+    found = []
+    for layer in language_model.layers[:depth]:
+        for module in layer.modules():
+            for item in specs:
+                target = getattr(item, "target_class", item)
+                if isinstance(target, type) and isinstance(module, target):
+                    found.append((module, getattr(item, "index", 1)))
+    if not found:  # no declaration: the decoder layers' `self_attn` returns (output, weights), as in Llama
+        found = [(layer.self_attn, 1) for layer in language_model.layers[:depth]]
+    return found
+
+
+def _hidden_state_selection(output_hidden_states, count: int) -> set[int] | None:
+    """Indices a list/int ``output_hidden_states`` selects (negative ones count from the end); None = all."""
+    if isinstance(output_hidden_states, bool) or output_hidden_states is None:
+        return None
+    selected = [output_hidden_states] if isinstance(output_hidden_states, int) else list(output_hidden_states)
+    return {i % count for i in selected if -count <= i < count}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Outputs
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class InternVLXImageFeatures(BaseModelOutputWithPooling):
+    """What `get_image_features` returns (the transformers 5 VLM contract plus LVTC's extra projectors).
+
+    Args:
+        last_hidden_state: ``(tiles, 1 + S*S, C)`` ViT output of ``config.select_layer`` (CLS first), dummy tiles
+            (``image_flags == 0``) removed.
+        pooler_output: ``(tiles, N1*N1, D)`` the model's projector output: the tokens that replace `<IMG_CONTEXT>`.
+        hidden_states, attentions: the vision tower's, when requested.
+        extra_lr_features: LVTC only: the ``T-1`` further LR projectors' outputs, each ``(tiles, N1*N1, D)``.
+        hr_features: LVTC only (and only when ``expand_layer < depth``): the HR projector's output
+            ``(tiles, N2*N2, D)``.
+    """
+
+    extra_lr_features: tuple[torch.Tensor, ...] | None = None
+    hr_features: torch.Tensor | None = None
+
+
+@dataclass
+class InternVLXModelOutputWithPast(BaseModelOutputWithPast):
+    """`BaseModelOutputWithPast` plus the projected visual features.
+
+    With LVTC, ``last_hidden_state`` is in the short layout (pooled back per tile); ``hidden_states[i]`` is the
+    input of layer ``i`` and ``attentions[i]`` the attention weights of layer ``i``, each in the layout that layer
+    ran on (long for ``i >= k``); the last hidden state is the normed output in the short layout.
+    """
+
+    image_hidden_states: torch.Tensor | None = None
+
+
+@dataclass
+class InternVLXCausalLMOutputWithPast(ModelOutput):
+    """Causal LM output; ``logits`` always line up with ``input_ids`` (short layout), LVTC or not."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+    image_hidden_states: torch.Tensor | None = None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class InternVLXPreTrainedModel(PreTrainedModel):
+    config: InternVLXConfig
+    config_class = InternVLXConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["InternVLVisionLayer", "InternVLXMLPProjector", "PVTCProjector"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+    @classmethod
+    def _can_set_attn_implementation(cls) -> bool:
+        # transformers guesses this from the module's source: an `*Attention(nn.Module)` class there must use its
+        # AttentionInterface. PVTC's window cross-attention always runs torch's SDPA (it has no backend to choose);
+        # the modules that do are transformers' own vision tower and LLM, so set_attn_implementation() works.
+        return True
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        std = getattr(self.config.get_text_config(), "initializer_range", 0.02)
+        if isinstance(module, nn.Linear):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, InternVLVisionRMSNorm):
+            init.ones_(module.weight)
+        elif isinstance(module, PVTCProjector):
+            init.normal_(module.cls_scale, mean=0.0, std=1.0)  # the reference draws it with torch.randn
+        else:
+            super()._init_weights(module)
+
+
+class InternVLXModel(InternVLXPreTrainedModel):
+    """Vision tower (transformers' InternVLVisionModel) + projector(s) + LLM backbone, without the LM head."""
+
+    def __init__(self, config: InternVLXConfig):
+        super().__init__(config)
+        self.vision_tower = InternVLVisionModel(config.vision_config)
+        self.multi_modal_projector = build_projector(config, config.projector_type, config.downsample_ratio)
+        lvtc = config.lvtc_config
+        if lvtc is not None:
+            self.lvtc_lr_projectors = nn.ModuleList(
+                build_projector(config, lvtc.lr_projector_type, lvtc.lr_downsample_ratio)
+                for _ in range(lvtc.num_lr_projectors - 1)
+            )
+            # With expand_layer == depth nothing is ever expanded: no HR projector, so no parameter that never gets
+            # a gradient (DDP would otherwise need find_unused_parameters=True).
+            if lvtc.expand_layer < config.get_text_config().num_hidden_layers:
+                self.lvtc_hr_projector = build_projector(config, lvtc.hr_projector_type, lvtc.hr_downsample_ratio)
+        self.language_model = AutoModel.from_config(config.text_config)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.language_model.set_input_embeddings(value)
+
+    @can_return_tuple
+    def get_image_features(self, pixel_values: torch.Tensor, image_flags: torch.Tensor | None = None,
+                           **kwargs) -> InternVLXImageFeatures:
+        r"""Encode tiles ``(tiles, 3, H, W)`` and run every projector on the ViT layer ``config.select_layer``.
+
+        image_flags: optional ``(tiles,)``; tiles flagged 0 (InternVL2's dummy tiles) are dropped after the ViT.
+        kwargs: ``output_hidden_states`` / ``output_attentions`` of the vision tower, ``return_dict``.
+        """
+        self._check_pixel_values(pixel_values)
+        if image_flags is not None:
+            self._check_image_flags(image_flags, pixel_values.shape[0])
+        select_layer = self.config.select_layer
+        requested = kwargs.get("output_hidden_states")
+        if select_layer != -1 and not requested:
+            kwargs["output_hidden_states"] = True
+        vision_out = self.vision_tower(pixel_values=pixel_values.to(dtype=self.vision_tower.dtype), return_dict=True,
+                                       **kwargs)
+        vit = vision_out.last_hidden_state if select_layer == -1 else vision_out.hidden_states[select_layer]
+        if image_flags is not None:
+            vit = vit[image_flags.reshape(-1).to(vit.device) == 1]
+        lvtc = self.config.lvtc_config
+        hr_projector = getattr(self, "lvtc_hr_projector", None)
+        return InternVLXImageFeatures(
+            last_hidden_state=vit,
+            pooler_output=self.multi_modal_projector(vit),
+            hidden_states=vision_out.hidden_states if requested or select_layer == -1 else None,
+            attentions=vision_out.attentions,
+            extra_lr_features=tuple(p(vit) for p in self.lvtc_lr_projectors) if lvtc is not None else None,
+            hr_features=hr_projector(vit) if hr_projector is not None else None,
+        )
+
+    def get_placeholder_mask(self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        if input_ids is not None:
+            return input_ids == self.config.image_token_id
+        image_embed = self.get_input_embeddings()(
+            torch.tensor(self.config.image_token_id, dtype=torch.long, device=inputs_embeds.device)
+        )
+        return (inputs_embeds == image_embed).all(-1)
+
+    # ------------------------------------------------------------------------------------- input checks (no ViT yet)
+
+    def _check_input_ids(self, input_ids: torch.Tensor) -> None:
+        vocab_size = self.get_input_embeddings().num_embeddings
+        outside = (input_ids < 0) | (input_ids >= vocab_size)
+        if bool(outside.any()):  # else an index error deep in the embedding (a device assert on GPU)
+            bad = input_ids[outside]
+            raise ValueError(
+                f"input_ids contains id {int(bad[0])} ({bad.numel()} id(s) in all) outside the vocabulary of "
+                f"{vocab_size} tokens (valid ids: 0..{vocab_size - 1}). Tokenize with this model's tokenizer; ids "
+                "added to the tokenizer need model.resize_token_embeddings(len(tokenizer))."
+            )
+
+    def _check_pixel_values(self, pixel_values) -> None:
+        if not isinstance(pixel_values, torch.Tensor):
+            raise TypeError(f"pixel_values must be a torch.Tensor (tiles, 3, H, W), got {type(pixel_values).__name__}"
+                            "; the processor returns it with return_tensors='pt'.")
+        image_size, _ = _image_and_patch(self.config.vision_config)
+        channels = getattr(self.config.vision_config, "num_channels", 3)
+        expected = f"(tiles, {channels}, {image_size}, {image_size})"
+        if pixel_values.ndim != 4:
+            hint = " (one image: add the tile dimension with pixel_values[None])" if pixel_values.ndim == 3 else ""
+            raise ValueError(f"pixel_values must have shape {expected}, got {tuple(pixel_values.shape)}{hint}; "
+                             "the processor's output has this layout.")
+        if pixel_values.shape[0] == 0:
+            raise ValueError("pixel_values holds 0 tiles; for text-only inputs pass pixel_values=None (and no "
+                             "<IMG_CONTEXT> tokens).")
+        if pixel_values.shape[1] != channels:
+            raise ValueError(f"pixel_values has {pixel_values.shape[1]} channels (shape {tuple(pixel_values.shape)})"
+                             f" but the vision tower takes {channels} (RGB) in {expected}; convert images with the "
+                             "processor (it makes RGB).")
+        if tuple(pixel_values.shape[2:]) != (image_size, image_size):
+            raise ValueError(f"pixel_values tiles are {pixel_values.shape[2]}x{pixel_values.shape[3]} but this "
+                             f"model takes {image_size}x{image_size} tiles {expected}; the processor resizes and "
+                             f"tiles images (its image_size must be {image_size}).")
+
+    @staticmethod
+    def _check_image_flags(image_flags, tiles: int) -> None:
+        if image_flags.numel() != tiles:
+            raise ValueError(f"image_flags has {image_flags.numel()} entries but pixel_values holds {tiles} tiles; "
+                             "give one flag per tile (1 = real tile, 0 = dummy tile).")
+
+    def _check_image_inputs(self, pixel_values, image_mask, image_flags, num_patches, tile_grid) -> None:
+        """Every consistency check between the tiles and the prompt, before the vision tower runs."""
+        self._check_pixel_values(pixel_values)
+        tiles = pixel_values.shape[0]
+        kept = tiles
+        if image_flags is not None:
+            self._check_image_flags(image_flags, tiles)
+            kept = int((image_flags.reshape(-1) == 1).sum())
+        per_tile = self.config.image_seq_length
+        n_tokens = int(image_mask.sum())
+        if n_tokens != kept * per_tile:
+            raise ValueError(
+                f"Image features and image tokens do not match: the input has {n_tokens} image tokens "
+                f"(id {self.config.image_token_id}) but the {kept} tiles give {kept * per_tile} features "
+                f"({per_tile} per tile). Build the prompt with the processor so that every image's tiles get their "
+                "<IMG_CONTEXT> tokens."
+            )
+        check_whole_tiles(image_mask, per_tile)
+        if num_patches is not None:
+            num_patches = torch.as_tensor(num_patches).reshape(-1).tolist()
+            if sum(num_patches) != tiles:
+                raise ValueError(f"num_patches sums to {sum(num_patches)} tiles but pixel_values holds {tiles}; "
+                                 "pass the processor's outputs together.")
+            runs = [length for _, _, length in image_token_runs(image_mask)]
+            if image_flags is None and [n * per_tile for n in num_patches] != runs:
+                raise ValueError(
+                    f"num_patches {num_patches} (tiles per image) does not match the prompt's <IMG_CONTEXT> runs of "
+                    f"{runs} tokens ({per_tile} per tile, one run per image); pass the processor's outputs together."
+                )
+        if tile_grid is not None:
+            grid = torch.as_tensor(tile_grid).reshape(-1, 2).tolist()
+            grid_tiles = [cols * rows for cols, rows in grid]
+            if num_patches is not None:
+                ok = len(grid) == len(num_patches) and all(
+                    n == g or (g > 1 and n == g + 1) for n, g in zip(num_patches, grid_tiles))
+                detail = f"num_patches {num_patches}"
+            else:
+                ok = sum(grid_tiles) <= tiles <= sum(g + (g > 1) for g in grid_tiles)
+                detail = f"{tiles} tiles in pixel_values"
+            if not ok:
+                raise ValueError(
+                    f"tile_grid {grid} ((cols, rows) per image; each grid gives cols*rows tiles, plus a thumbnail when "
+                    f"it has more than one) does not match {detail}; pass the processor's outputs together."
+                )
+
+    # ------------------------------------------------------------------------------------------------------ forward
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | list[int] | None = None,
+        image_flags: torch.Tensor | None = None,
+        num_patches: torch.Tensor | None = None,
+        tile_grid: torch.Tensor | None = None,
+        **kwargs,
+    ) -> InternVLXModelOutputWithPast:
+        r"""
+        pixel_values: all tiles of the batch ``(tiles, 3, 448, 448)``, in the order of their `<IMG_CONTEXT>` runs.
+        output_hidden_states: ``True`` or a list of indices of the hidden states to keep (the others are None).
+        image_flags: optional ``(tiles,)``; tiles flagged 0 are dropped (InternVL2 dummy tiles).
+        num_patches, tile_grid: what the processor returns (tiles per image, ``(cols, rows)`` per image); checked
+            against ``pixel_values`` and the `<IMG_CONTEXT>` runs, otherwise unused.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        # An explicit None means "the config's value" (transformers' convention), also for the LLM below.
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        if use_cache is None and self.training:
+            # A training forward has no use for a cache, and building one switches off transformers' detection of
+            # packed sequences (position resets without a mask): packed rows would attend across samples.
+            use_cache = False
+        if input_ids is not None:
+            self._check_input_ids(input_ids)
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        image_mask = self.get_placeholder_mask(input_ids, inputs_embeds)
+        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+
+        features = None
+        if pixel_values is not None:
+            self._check_image_inputs(pixel_values, image_mask, image_flags, num_patches, tile_grid)
+            features = self.get_image_features(pixel_values, image_flags=image_flags, return_dict=True)
+            # As transformers' InternVL: the projector may sit on another device than the embeddings (device_map).
+            lr = features.pooler_output.to(inputs_embeds.device, inputs_embeds.dtype)
+            inputs_embeds = inputs_embeds.masked_scatter(image_mask[..., None], lr.reshape(-1, lr.shape[-1]))
+        elif past_length == 0 and bool(image_mask.any()):
+            raise ValueError(
+                f"The input has {int(image_mask.sum())} image tokens but no pixel_values were given; pass the "
+                "images' pixel_values (the processor's output) or remove the <IMG_CONTEXT> tokens."
+            )
+
+        if self.config.lvtc is None:
+            outputs = self.language_model(
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                use_cache=use_cache,
+                output_attentions=output_attentions,
+                output_hidden_states=output_hidden_states,
+                return_dict=True,
+                **kwargs,
+            )
+            return InternVLXModelOutputWithPast(
+                last_hidden_state=outputs.last_hidden_state,
+                past_key_values=outputs.past_key_values,
+                hidden_states=outputs.hidden_states,
+                attentions=outputs.attentions,
+                image_hidden_states=features.pooler_output if features is not None else None,
+            )
+        return self._lvtc_forward(
+            inputs_embeds, image_mask, features, attention_mask, position_ids, past_key_values, past_length,
+            use_cache, output_attentions, output_hidden_states, **kwargs,
+        )
+
+    def _lvtc_forward(self, inputs_embeds, image_mask, features, attention_mask, position_ids, past_key_values,
+                      past_length, use_cache, output_attentions, output_hidden_states,
+                      **kwargs) -> InternVLXModelOutputWithPast:
+        """Algorithm 1: short layout below layer k, long layout from k, pooled back to the short layout."""
+        lm = self.language_model
+        text_config = self.config.get_text_config()
+        lvtc: LVTCConfig = self.config.lvtc_config
+        k = lvtc.expand_layer
+        depth = len(lm.layers)
+        layer_types = lvtc_layer_types(text_config, depth)
+        # flash-attention varlen boundaries of packed rows (transformers' DataCollatorWithFlattening passes them)
+        # describe the short layout: layers < k take them as given, layers >= k their long-layout translation.
+        varlen = {key: kwargs.pop(key) for key in _VARLEN_KWARGS if key in kwargs}
+        varlen = {key: value for key, value in varlen.items() if value is not None}
+        if varlen and ("cu_seq_lens_q" not in varlen or "cu_seq_lens_k" not in varlen):
+            raise ValueError(
+                f"Got {sorted(varlen)} without both cu_seq_lens_q and cu_seq_lens_k: LVTC translates the sequence "
+                "boundaries to its long layout and needs both (transformers' "
+                "DataCollatorWithFlattening(return_flash_attn_kwargs=True) makes all four)."
+            )
+        use_cache = use_cache if use_cache is not None else text_config.use_cache
+        if self.training and getattr(self, "is_activation_checkpointing", False):
+            use_cache = False
+        if use_cache and past_key_values is None:
+            past_key_values = InternVLXLVTCCache(config=text_config)
+        if past_key_values is not None and not isinstance(past_key_values, DynamicCache):
+            raise NotImplementedError(
+                f"LVTC needs a dynamic cache (its layers hold different lengths), got {type(past_key_values).__name__}"
+                "; leave cache_implementation unset (or use 'dynamic' / 'offloaded')."
+            )
+        batch, short_len, _ = inputs_embeds.shape
+        device = inputs_embeds.device
+        n1 = self.config.image_seq_length
+        side1 = round(n1**0.5)
+        side2 = self.config.vision_tokens_per_side // round(1.0 / lvtc.hr_downsample_ratio)
+        n2 = side2 * side2
+
+        if position_ids is None:
+            position_ids = torch.arange(past_length, past_length + short_len, device=device)[None].expand(batch, -1)
+        elif position_ids.shape[0] != batch:
+            position_ids = position_ids.expand(batch, -1)
+
+        prefill = past_length == 0
+        if prefill:
+            if past_key_values is not None and not isinstance(past_key_values, InternVLXLVTCCache):
+                if type(past_key_values) is not DynamicCache:
+                    raise NotImplementedError(
+                        f"LVTC keeps its layout state on a DynamicCache; got a {type(past_key_values).__name__}. "
+                        "Pass a transformers.DynamicCache (or none: generate() and forward() create one)."
+                    )
+                # Same object, storage and options (offloading, past recording): only the LVTC state is added.
+                past_key_values.__class__ = InternVLXLVTCCache
+            layout = build_lvtc_layout(image_mask, attention_mask, position_ids, n1, n2)
+            # Packed rows (position resets, no mask, no cache) are told apart by their positions only, as in the
+            # LLM's own forward; a 2D mask would switch that detection off and let the sequences see each other.
+            packed = (attention_mask is None and past_key_values is None
+                      and find_packed_sequence_indices(position_ids) is not None)
+            if attention_mask is None and (packed or bool((layout.long_mask == 1).all())):
+                long_mask_2d = None  # also keeps SDPA's causal fast path
+            else:
+                long_mask_2d = layout.long_mask
+            long_position_ids = layout.long_position_ids
+            if past_key_values is not None:
+                past_key_values.lvtc_state = LVTCState(layout.long_mask, short_len, layout.position_offset,
+                                                       layout.text_tail)
+            long_varlen = layout.varlen_kwargs(varlen) if varlen else {}
+        else:
+            if bool(image_mask.any()) and features is not None:
+                raise ValueError("LVTC takes images in the prefill step only (the first forward of a cache).")
+            if varlen:
+                raise ValueError(
+                    "cu_seq_lens_q / cu_seq_lens_k describe packed sequences of a prefill; an LVTC decoding step (a "
+                    "cache that holds tokens) takes none: pass attention_mask / position_ids instead."
+                )
+            state: LVTCState | None = getattr(past_key_values, "lvtc_state", None)
+            if state is None:
+                raise ValueError(
+                    "This cache holds tokens but no LVTC state: pass the past_key_values returned by this model's "
+                    "prefill forward (an InternVLXLVTCCache), not a cache filled elsewhere."
+                )
+            tail_len = past_length + short_len - state.short_prefix_len
+            tail = (attention_mask[:, state.short_prefix_len:] if attention_mask is not None
+                    else torch.ones(batch, tail_len, dtype=torch.long, device=device))
+            long_mask_2d = torch.cat([state.long_prefix_mask.to(device), tail.to(state.long_prefix_mask.dtype)], -1)
+            long_position_ids = position_ids + state.position_offset.to(device)[:, None]
+            layout, long_varlen = None, {}
+
+        def masks_for(layers, hidden, mask_2d, positions) -> dict[str, torch.Tensor | None]:
+            """One mask per attention kind among ``layers`` (built for the first layer of that kind)."""
+            masks = {}
+            for idx in layers:
+                kind = layer_types[idx]
+                if kind not in masks:
+                    masks[kind] = _MASK_FUNCTIONS[kind](
+                        config=text_config, inputs_embeds=hidden, attention_mask=mask_2d,
+                        past_key_values=past_key_values, position_ids=positions, layer_idx=idx,
+                    )
+            return masks
+
+        injections = {}
+        if prefill and features is not None:
+            for layer_idx, extra in zip(lvtc.injection_layers, features.extra_lr_features):
+                injections[layer_idx] = extra.reshape(-1, extra.shape[-1])
+
+        hidden = inputs_embeds
+        count = depth + 1
+        selection = _hidden_state_selection(output_hidden_states, count)
+        all_hidden = [] if output_hidden_states else None
+        attentions, hooks = [], []
+        if output_attentions:
+            for module, index in _attention_weight_modules(lm, depth):
+                def record(_module, _args, output, index=index):
+                    if isinstance(output, tuple) and output[index] is not None:
+                        attentions.append(output[index])
+                hooks.append(module.register_forward_hook(record))
+            kwargs["output_attentions"] = True  # the attention backends warn when they cannot return weights
+        masks = masks_for(range(min(k, depth)), inputs_embeds, attention_mask, position_ids)
+        positions, rope = position_ids, lm.rotary_emb(inputs_embeds, position_ids=position_ids)
+        try:
+            for idx, layer in enumerate(lm.layers[:depth]):
+                if idx == k:
+                    if prefill:
+                        hidden = self._expand(hidden, layout, features, side1, side2, lvtc.upsample_mode)
+                    long_dummy = hidden if prefill else inputs_embeds
+                    masks = masks_for(range(k, depth), long_dummy, long_mask_2d, long_position_ids)
+                    positions = long_position_ids
+                    rope = lm.rotary_emb(hidden, position_ids=long_position_ids)
+                elif idx in injections:
+                    extra = torch.zeros_like(hidden).masked_scatter(image_mask[..., None].to(hidden.device),
+                                                                    injections[idx].to(hidden.device, hidden.dtype))
+                    hidden = hidden + extra
+                if all_hidden is not None:
+                    all_hidden.append(hidden if selection is None or len(all_hidden) in selection else None)
+                hidden = layer(
+                    hidden, attention_mask=masks[layer_types[idx]], position_ids=positions,
+                    past_key_values=past_key_values, use_cache=use_cache, position_embeddings=rope, **kwargs,
+                    **(varlen if idx < k else long_varlen),
+                )
+        finally:
+            for hook in hooks:
+                hook.remove()
+        if prefill and k < depth:
+            hidden = self._pool(hidden, layout, batch, short_len, side1, side2)
+        hidden = lm.norm(hidden)
+        if all_hidden is not None:
+            all_hidden.append(hidden if selection is None or len(all_hidden) in selection else None)
+        return InternVLXModelOutputWithPast(
+            last_hidden_state=hidden,
+            past_key_values=past_key_values if use_cache else None,
+            hidden_states=tuple(all_hidden) if all_hidden is not None else None,
+            attentions=tuple(attentions) if output_attentions else None,
+            image_hidden_states=features.pooler_output if features is not None else None,
+        )
+
+    @staticmethod
+    def _expand(hidden, layout: LVTCLayout, features, side1, side2, mode):
+        """Layer k: upsample each tile's LR states 2D and add the HR projector output (residual, Sec. 3.2)."""
+        batch, short_len, dim = hidden.shape
+        device = hidden.device  # layer k-1's device: with a device_map the layout may live elsewhere
+        flat = hidden.reshape(-1, dim)
+        index, source = layout.text_long.to(device), flat[layout.text_short.to(device)]
+        if layout.visual_short.numel():  # a text-only batch has no tile to expand
+            tiles = flat[layout.visual_short.to(device)].reshape(-1, side1, side1, dim).permute(0, 3, 1, 2)
+            kwargs = {"align_corners": False} if mode == "bilinear" else {}
+            up = F.interpolate(tiles, size=(side2, side2), mode=mode, **kwargs).permute(0, 2, 3, 1).reshape(-1, dim)
+            up = up + features.hr_features.reshape(-1, dim).to(device, up.dtype)
+            index, source = torch.cat([index, layout.visual_long.to(device)]), torch.cat([source, up])
+        long = flat.new_zeros(batch * layout.long_len, dim).index_copy(0, index, source)
+        return long.reshape(batch, layout.long_len, dim)
+
+    @staticmethod
+    def _pool(hidden, layout: LVTCLayout, batch, short_len, side1, side2):
+        """After the last layer: average each tile's HR states back to LR so outputs line up with input_ids."""
+        dim = hidden.shape[-1]
+        device = hidden.device
+        flat = hidden.reshape(-1, dim)
+        index, source = layout.text_short.to(device), flat[layout.text_long.to(device)]
+        if layout.visual_long.numel():
+            tiles = flat[layout.visual_long.to(device)].reshape(-1, side2, side2, dim).permute(0, 3, 1, 2)
+            pooled = F.adaptive_avg_pool2d(tiles, (side1, side1)).permute(0, 2, 3, 1).reshape(-1, dim)
+            index, source = torch.cat([index, layout.visual_short.to(device)]), torch.cat([source, pooled])
+        short = flat.new_zeros(batch * short_len, dim).index_copy(0, index, source)
+        return short.reshape(batch, short_len, dim)
+
+
+class _DraftsWithoutPlaceholders:
+    """Wraps a transformers candidate generator (assisted / prompt-lookup decoding) so that a draft ends before its
+    first `<IMG_CONTEXT>`: prompt lookup copies continuations from the prompt, image runs included, and a drafted
+    placeholder has no tile behind it (the target's first forward would find more image tokens than tiles)."""
+
+    def __init__(self, generator, image_token_id: int):
+        self._generator = generator
+        self._image_token_id = image_token_id
+
+    def __getattr__(self, name):
+        return getattr(self._generator, name)
+
+    def get_candidates(self, input_ids: torch.LongTensor, **kwargs):
+        candidate_ids, candidate_logits = self._generator.get_candidates(input_ids, **kwargs)
+        start = input_ids.shape[1]
+        placeholder = (candidate_ids[:, start:] == self._image_token_id).any(0)
+        if bool(placeholder.any()):
+            keep = int(placeholder.int().argmax())
+            candidate_ids = candidate_ids[:, : start + keep]
+            candidate_logits = candidate_logits[:, :keep] if candidate_logits is not None else None
+        return candidate_ids, candidate_logits
+
+
+class InternVLXForConditionalGeneration(InternVLXPreTrainedModel, GenerationMixin):
+    """InternVL-X for image-text-to-text generation. `AutoModel` resolves to this class, as in InternVL2."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+    # As transformers' InternVL: a tied head shards the weight it reads, so it needs a tensor-parallel entry of its own.
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+    _per_tile_inputs = ("pixel_values", "image_flags", "num_patches", "tile_grid")
+
+    def __init__(self, config: InternVLXConfig):
+        super().__init__(config)
+        self.model = InternVLXModel(config)
+        text_config = config.get_text_config()
+        self.lm_head = nn.Linear(text_config.hidden_size, text_config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def get_image_features(self, pixel_values: torch.Tensor, image_flags: torch.Tensor | None = None, **kwargs):
+        """See `InternVLXModel.get_image_features`."""
+        return self.model.get_image_features(pixel_values, image_flags=image_flags, **kwargs)
+
+    def placeholder_label_ids(self) -> list[int]:
+        """Token ids that are never a training target: `<IMG_CONTEXT>` (replaced by visual features) and, when the
+        config names them, `<img>` / `</img>` (they only frame the visual features)."""
+        ids = [self.config.image_token_id, self.config.image_start_token_id, self.config.image_end_token_id]
+        return [i for i in ids if i is not None]
+
+    def _ignore_placeholder_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        placeholders = torch.tensor(self.placeholder_label_ids(), device=labels.device, dtype=labels.dtype)
+        return labels.masked_fill(torch.isin(labels, placeholders), -100)
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | list[int] | None = None,
+        image_flags: torch.Tensor | None = None,
+        num_patches: torch.Tensor | None = None,
+        tile_grid: torch.Tensor | None = None,
+        **kwargs,
+    ) -> InternVLXCausalLMOutputWithPast:
+        r"""
+        labels: ``(batch, seq)``; the loss is the shifted cross-entropy over tokens whose label is not -100. Labels
+            that are image placeholders (`placeholder_label_ids()`) are ignored too, so ``labels=input_ids`` does not
+            train the model to predict `<IMG_CONTEXT>`.
+        logits_to_keep: keep only the last N positions' logits (0 = all), e.g. 1 in a generation prefill.
+        return_dict: ``False`` returns a tuple (transformers' convention; ``config.return_dict`` is the default).
+        """
+        outputs = self.model(
+            input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+            output_attentions=output_attentions, output_hidden_states=output_hidden_states, image_flags=image_flags,
+            num_patches=num_patches, tile_grid=tile_grid, return_dict=True, **kwargs,
+        )
+        logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
+        loss = None
+        if labels is not None:
+            labels = self._ignore_placeholder_labels(labels)
+            if kwargs.get("shift_labels") is not None:
+                kwargs["shift_labels"] = self._ignore_placeholder_labels(kwargs["shift_labels"])
+            loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.get_text_config().vocab_size, **kwargs
+            )
+        return InternVLXCausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_hidden_states=outputs.image_hidden_states,
+        )
+
+    # ------------------------------------------------------------------------------------------ generation hooks
+
+    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, inputs_embeds=None,
+                                      is_first_iteration=False, **kwargs):
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids, past_key_values=past_key_values, inputs_embeds=inputs_embeds,
+            is_first_iteration=is_first_iteration, **kwargs
+        )
+        # An assistant model (assisted / speculative decoding) runs generate() once per draft with
+        # is_first_iteration=False, so transformers drops pixel_values even from its first forward. That forward
+        # fills an empty cache: it is the prefill and must see the images (LVTC also builds its layout there).
+        cache_is_empty = past_key_values is None or past_key_values.get_seq_length() == 0
+        if not is_first_iteration and cache_is_empty:
+            for key in self._per_tile_inputs:
+                if kwargs.get(key) is not None:
+                    model_inputs[key] = kwargs[key]
+        return model_inputs
+
+    def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
+        """Beam search and ``num_return_sequences`` repeat every prompt; its tiles must follow it as a block
+        (``pixel_values`` is indexed by tile, so transformers' row-wise ``repeat_interleave`` would mix prompts)."""
+        per_tile = {key: model_kwargs.pop(key, None) for key in self._per_tile_inputs}
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs
+        )
+        if expand_size > 1 and per_tile["pixel_values"] is not None:
+            if per_tile["image_flags"] is not None:
+                raise ValueError("image_flags (dummy tiles of training batches) cannot be combined with num_beams or "
+                                 "num_return_sequences > 1; drop the dummy tiles from pixel_values instead.")
+            # Prompts given as inputs_embeds come with empty input_ids: find their placeholders in the embeddings.
+            if input_ids is not None and input_ids.shape[-1] > 0:
+                image_mask = input_ids[::expand_size] == self.config.image_token_id
+            else:
+                image_mask = self.model.get_placeholder_mask(None, model_kwargs["inputs_embeds"][::expand_size])
+            tiles = (image_mask.sum(-1) // self.config.image_seq_length).tolist()
+            if sum(tiles) != per_tile["pixel_values"].shape[0]:
+                raise ValueError(
+                    f"The prompts have <IMG_CONTEXT> runs for {sum(tiles)} tiles but pixel_values holds "
+                    f"{per_tile['pixel_values'].shape[0]}; build the inputs with the processor."
+                )
+            # images per prompt = runs of <IMG_CONTEXT> (each image's run is closed by </img>)
+            starts = image_mask & ~torch.nn.functional.pad(image_mask, (1, 0))[:, :-1]
+            images = starts.sum(-1).tolist()
+
+            def repeat_blocks(tensor, sizes):
+                blocks = torch.split(tensor, sizes)
+                return torch.cat([block for block in blocks for _ in range(expand_size)])
+
+            per_tile["pixel_values"] = repeat_blocks(per_tile["pixel_values"], tiles)
+            for key in ("num_patches", "tile_grid"):
+                if per_tile[key] is not None and len(per_tile[key]) == sum(images):
+                    per_tile[key] = repeat_blocks(torch.as_tensor(per_tile[key]), images)
+                else:
+                    per_tile[key] = None  # only a consistency check; unknown split -> dropped
+        model_kwargs.update({key: value for key, value in per_tile.items() if value is not None})
+        return input_ids, model_kwargs
+
+    def _get_candidate_generator(self, *args, **kwargs):
+        return _DraftsWithoutPlaceholders(super()._get_candidate_generator(*args, **kwargs), self.config.image_token_id)
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        cache = model_kwargs.get("past_key_values")
+        if self.config.lvtc is not None and type(cache) is DynamicCache and cache.get_seq_length() == 0:
+            # The LVTC state (that decoding steps need and that beam search and cropping must update) lives on the
+            # cache: turn the cache into the DynamicCache subclass that carries it, in place, so that a cache the
+            # user passed is the one that gets filled and generate()'s options (offloading, past recording for
+            # assisted decoding) are kept.
+            cache.__class__ = InternVLXLVTCCache
+
+    # ---------------------------------------------------------------- InternVL2-compatible chat API
+
+    @staticmethod
+    def _templater(processor_or_tokenizer):
+        templater = processor_or_tokenizer
+        if getattr(templater, "chat_template", None) is None:
+            templater = getattr(processor_or_tokenizer, "tokenizer", processor_or_tokenizer)
+        if getattr(templater, "chat_template", None) is None:
+            raise ValueError(
+                "The tokenizer/processor has no chat_template. Use the tokenizer saved by `internvlx convert`, or "
+                "set one with internvlx_hf.processing.get_chat_template(model.config.template)."
+            )
+        return templater
+
+    def _chat_prompt(self, processor_or_tokenizer, question: str, history, num_patches_list) -> str:
+        messages = []
+        for old_question, old_answer in history or []:
+            messages += [{"role": "user", "content": old_question}, {"role": "assistant", "content": old_answer}]
+        messages.append({"role": "user", "content": question})
+        templater = self._templater(processor_or_tokenizer)
+        prompt = templater.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        n_tags = prompt.count("<image>")
+        if n_tags != len(num_patches_list):
+            raise ValueError(
+                f"The prompt has {n_tags} <image> tags but {len(num_patches_list)} images were given "
+                f"(num_patches_list={num_patches_list}); put one <image> per image in the question."
+            )
+        for tiles in num_patches_list:
+            expansion = "<img>" + "<IMG_CONTEXT>" * (self.config.image_seq_length * int(tiles)) + "</img>"
+            prompt = prompt.replace("<image>", expansion, 1)
+        return prompt
+
+    def _turn_separator(self, processor_or_tokenizer, tokenizer) -> tuple[str | None, int | None]:
+        """The chat template's end-of-turn text and token id (`<|im_end|>` for Hermes-2/internlm2-chat, `<|end|>` for
+        phi3-chat), found by rendering a probe exchange: what the template writes after an assistant reply."""
+        templater = self._templater(processor_or_tokenizer)
+        probe = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "REPLY"}]
+        rendered = templater.apply_chat_template(probe, tokenize=False)
+        separator = rendered.rsplit("REPLY", 1)[-1].strip() or None
+        if separator is None:
+            return None, None
+        sep_id = tokenizer.convert_tokens_to_ids(separator)
+        if sep_id is None or sep_id == tokenizer.unk_token_id:  # not one token of the vocabulary
+            ids = tokenizer(separator, add_special_tokens=False)["input_ids"]
+            sep_id = ids[0] if len(ids) == 1 else None
+        return separator, sep_id
+
+    def _chat_generate(self, processor_or_tokenizer, prompts, pixel_values, generation_config):
+        tokenizer = getattr(processor_or_tokenizer, "tokenizer", processor_or_tokenizer)
+        if isinstance(generation_config, dict):
+            generation_config = GenerationConfig(**generation_config)
+        # a copy: the eos/pad defaults below must not leak into the caller's object
+        generation_config = copy.deepcopy(generation_config) if generation_config is not None else GenerationConfig()
+        separator, sep_id = self._turn_separator(processor_or_tokenizer, tokenizer)
+        if generation_config.eos_token_id is None:
+            # InternVL2 stops at the template separator; without one, at the model's own eos.
+            generation_config.eos_token_id = sep_id if sep_id is not None else self.generation_config.eos_token_id
+        padding_side = tokenizer.padding_side
+        tokenizer.padding_side = "left"
+        try:
+            inputs = tokenizer(prompts, return_tensors="pt", padding=True)
+        finally:
+            tokenizer.padding_side = padding_side
+        if generation_config.pad_token_id is None:
+            generation_config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else sep_id
+        if pixel_values is not None:
+            pixel_values = pixel_values.to(self.device, self.model.vision_tower.dtype)
+        out = self.generate(
+            input_ids=inputs.input_ids.to(self.device),
+            attention_mask=inputs.attention_mask.to(self.device),
+            pixel_values=pixel_values,
+            generation_config=generation_config,
+        )
+        new_tokens = out[:, inputs.input_ids.shape[1]:]
+        texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        return [(text.split(separator)[0] if separator else text).strip() for text in texts]
+
+    def chat(self, tokenizer, pixel_values, question, generation_config=None, history=None, return_history=False,
+             num_patches_list=None, verbose=False):
+        """InternVL2's `chat`: one question (with an optional image) -> the answer string.
+
+        ``tokenizer`` may also be an `InternVLXProcessor`. Without `<image>` in the question, a first-turn image
+        is put in front as ``"<image>\\n" + question``, as InternVL2 does. Generation stops at the chat template's
+        end-of-turn token (unless ``generation_config`` sets an ``eos_token_id``).
+        """
+        if history is None and pixel_values is not None and "<image>" not in question:
+            question = "<image>\n" + question
+        if num_patches_list is None:
+            num_patches_list = [pixel_values.shape[0]] if pixel_values is not None else []
+        prompt = self._chat_prompt(tokenizer, question, history, num_patches_list)
+        if verbose:
+            print(prompt.replace("<IMG_CONTEXT>" * self.config.image_seq_length, "<IMG_CONTEXT>"))
+        response = self._chat_generate(tokenizer, [prompt], pixel_values, generation_config)[0]
+        if not return_history:
+            return response
+        return response, list(history or []) + [(question, response)]
+
+    def batch_chat(self, tokenizer, pixel_values, questions, generation_config=None, num_patches_list=None,
+                   history=None, return_history=False, verbose=False):
+        """InternVL2's `batch_chat`: one image (``num_patches_list[i]`` tiles) per question, left-padded batch."""
+        if history is not None or return_history:
+            raise NotImplementedError("batch_chat does not take a history, as in InternVL2; use chat() per turn.")
+        if num_patches_list is None:
+            num_patches_list = [1] * len(questions) if pixel_values is not None else [0] * len(questions)
+        if len(num_patches_list) != len(questions):
+            raise ValueError(f"{len(questions)} questions but num_patches_list has {len(num_patches_list)} entries.")
+        prompts = []
+        for question, tiles in zip(questions, num_patches_list):
+            if tiles and "<image>" not in question:
+                question = "<image>\n" + question
+            prompts.append(self._chat_prompt(tokenizer, question, None, [tiles] if tiles else []))
+        return self._chat_generate(tokenizer, prompts, pixel_values, generation_config)
+
+
+# `save_pretrained` copies this file and `configuration_internvlx.py` next to the weights (remote code).
+InternVLXForConditionalGeneration.register_for_auto_class("AutoModel")
+
+__all__ = [
+    "InternVLXPreTrainedModel",
+    "InternVLXModel",
+    "InternVLXForConditionalGeneration",
+    "PVTCProjector",
+    "InternVLXMLPProjector",
+    "InternVLXLVTCCache",
+    "LVTCState",
+    "build_lvtc_layout",
+]

@@ -1,0 +1,306 @@
+# Copyright 2025 The internvlx-hf developers. Licensed under the Apache License, Version 2.0.
+"""Processor for InternVL2 / InternVL-X: image tiles + prompt text with each `<image>` expanded to its tokens.
+
+This file is copied next to checkpoints as remote code: it imports only the standard library, torch, transformers
+and its sibling files.
+"""
+
+from typing import Any
+
+import torch
+
+from transformers.feature_extraction_utils import BatchFeature
+from transformers.processing_utils import MultiModalData, ProcessingKwargs, ProcessorMixin, Unpack
+
+from .chat_templates import DEFAULT_CHAT_TEMPLATE, get_chat_template
+from .image_processing_internvlx import InternVLXImageProcessor, InternVLXImageProcessorKwargs, _flatten_images
+
+
+class InternVLXProcessorKwargs(ProcessingKwargs, total=False):
+    images_kwargs: InternVLXImageProcessorKwargs
+
+
+class InternVLXProcessor(ProcessorMixin):
+    r"""
+    Processor of InternVL2 / InternVL-X checkpoints: an [`InternVLXImageProcessor`], a tokenizer and a chat template.
+
+    In the text, every `<image>` stands for the next image; it becomes `<img>` + `<IMG_CONTEXT>` x
+    (`image_seq_length` x tiles of that image) + `</img>`, as in InternVL2's `chat()`. The tokenizer pads on the left
+    (for generation) unless `padding_side="right"` is passed.
+
+    Args:
+        image_processor ([`InternVLXImageProcessor`]):
+            Tiles and normalizes the images (tiling mode, `max_tiles`, ... can be overridden per call).
+        tokenizer ([`PreTrainedTokenizerBase`]):
+            A tokenizer that has `<img>`, `</img>` and `<IMG_CONTEXT>` in its vocabulary.
+        chat_template (`str`, *optional*):
+            Jinja chat template; defaults to InternVL2's `internlm2-chat` (= `Hermes-2`) template. See
+            `internvlx_hf.processing.CHAT_TEMPLATES` for the others.
+        image_seq_length (`int`, *optional*, defaults to 256):
+            `<IMG_CONTEXT>` tokens per tile: the model config's `image_seq_length` (for LVTC models, the
+            low-resolution count that the input ids carry).
+    """
+
+    valid_processor_kwargs = InternVLXProcessorKwargs
+
+    image_placeholder = "<image>"
+    start_image_token = "<img>"
+    end_image_token = "</img>"
+    image_token = "<IMG_CONTEXT>"
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, image_seq_length: int = 256, **kwargs):
+        if chat_template is None:
+            chat_template = get_chat_template(DEFAULT_CHAT_TEMPLATE)
+        super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
+        if isinstance(image_seq_length, bool) or not isinstance(image_seq_length, int) or image_seq_length < 1:
+            raise ValueError(f"image_seq_length must be an integer >= 1, got {image_seq_length!r}")
+        self.image_seq_length = image_seq_length
+
+        vocab = tokenizer.get_vocab()
+        missing = [t for t in (self.start_image_token, self.end_image_token, self.image_token) if t not in vocab]
+        if missing:
+            raise ValueError(
+                f"The tokenizer lacks the image tokens {missing}; add them with "
+                f"`tokenizer.add_special_tokens({{'additional_special_tokens': {missing}}})` (and resize the model's "
+                "embeddings) or use the tokenizer saved with the checkpoint."
+            )
+        self.image_token_id = vocab[self.image_token]
+        self.start_image_token_id = vocab[self.start_image_token]
+        self.end_image_token_id = vocab[self.end_image_token]
+        # Generation appends new tokens on the right, so prompts of a batch are padded on the left by default; set
+        # `processor.tokenizer.padding_side` or pass `padding_side=` to a call to change it.
+        self.tokenizer.padding_side = "left"
+
+    @property
+    def image_token_ids(self) -> list[int]:
+        return [self.image_token_id, self.start_image_token_id, self.end_image_token_id]
+
+    @classmethod
+    def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
+        # The image processor is always ours, so load it directly: this works for the installed package without
+        # AutoImageProcessor registration and for remote code (where this class and its sibling are the copies).
+        trust_remote_code = kwargs.pop("trust_remote_code", None)
+        subfolder = kwargs.pop("subfolder", "")
+        image_processor = InternVLXImageProcessor.from_pretrained(
+            pretrained_model_name_or_path, subfolder=subfolder, **kwargs
+        )
+        # The tokenizer loader reads config.json (model_type internvlx): without the flag passed on, a machine
+        # without internvlx_hf would ask interactively whether to run the checkpoint's code.
+        if trust_remote_code is not None:
+            kwargs["trust_remote_code"] = trust_remote_code
+        tokenizer = cls._load_tokenizer_from_pretrained(
+            "tokenizer", pretrained_model_name_or_path, subfolder=subfolder, **kwargs
+        )
+        return [image_processor, tokenizer]
+
+    def __call__(
+        self,
+        images: Any = None,
+        text: str | list[str] | None = None,
+        **kwargs: Unpack[InternVLXProcessorKwargs],
+    ) -> BatchFeature:
+        """
+        Tokenize `text` (one prompt or a batch) and tile `images`, expanding each `<image>` in order.
+
+        Args:
+            images: one image, a flat list of images in the order of the `<image>` tags across the batch, or a list
+                of lists (the images of each prompt). Images are PIL images, file paths, or uint8 arrays/tensors.
+            text: a prompt or a list of prompts containing one `<image>` per image.
+            **kwargs: tokenizer options (`padding`, `padding_side`, `return_tensors`, ...) and image processor
+                options (`max_tiles`, `tiling`, `min_tiles`, `use_thumbnail`, ...) for this call.
+
+        Returns:
+            [`BatchFeature`] with `input_ids`, `attention_mask` (when `text` is given) and `pixel_values`,
+            `num_patches`, `tile_grid` (when `images` are given).
+        """
+        if text is None and images is None:
+            raise ValueError("InternVLXProcessor needs `text`, `images` or both.")
+        output_kwargs = self._merge_kwargs(
+            InternVLXProcessorKwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs
+        )
+        images_kwargs = output_kwargs["images_kwargs"]
+        text_kwargs = output_kwargs["text_kwargs"]
+        image_seq_length = images_kwargs.pop("image_seq_length", None) or self.image_seq_length
+        return_tensors = text_kwargs.get("return_tensors", images_kwargs.get("return_tensors"))
+
+        image_inputs = {}
+        if images is not None:
+            flat_images = self._check_image_layout(images, text)
+            image_inputs = self.image_processor(flat_images, **images_kwargs)
+        if text is None:
+            return BatchFeature(data=dict(image_inputs), tensor_type=return_tensors)
+
+        prompts = [text] if isinstance(text, str) else list(text)
+        if not all(isinstance(prompt, str) for prompt in prompts):
+            raise TypeError("`text` must be a string or a list of strings.")
+        if images is None:
+            tags = sum(prompt.count(self.image_placeholder) for prompt in prompts)
+            if tags:
+                raise ValueError(
+                    f"The text has {tags} `{self.image_placeholder}` tag(s) but no images were passed; pass one image "
+                    "per tag (in order) or remove the tags."
+                )
+        num_patches = [int(n) for n in image_inputs.get("num_patches", [])]
+        prompts = self._expand_image_tags(prompts, num_patches, image_seq_length)
+
+        text_inputs = self.tokenizer(prompts, **text_kwargs)
+        self._check_image_token_counts(text_inputs["input_ids"], prompts)
+        return BatchFeature(data={**text_inputs, **image_inputs}, tensor_type=return_tensors)
+
+    def _check_image_layout(self, images: Any, text: str | list[str] | None) -> list[Any]:
+        """Flatten `images` in tag order and check it matches the `<image>` tags of each prompt."""
+        flat_images = _flatten_images(images)
+        if text is None:
+            return flat_images
+        prompts = [text] if isinstance(text, str) else list(text)
+        tags = [prompt.count(self.image_placeholder) if isinstance(prompt, str) else 0 for prompt in prompts]
+        nested = isinstance(images, (list, tuple)) and len(images) > 0 and isinstance(images[0], (list, tuple))
+        if nested:
+            per_prompt = [len(_flatten_images(item)) for item in images]
+            if len(images) != len(prompts) or per_prompt != tags:
+                raise ValueError(
+                    f"Images were given per prompt ({per_prompt} images for {len(images)} prompt(s)) but the "
+                    f"prompts have {tags} `{self.image_placeholder}` tag(s); give each prompt one image per tag."
+                )
+        elif len(flat_images) != sum(tags):
+            raise ValueError(
+                f"The text has {sum(tags)} `{self.image_placeholder}` tag(s) (per prompt: {tags}) but "
+                f"{len(flat_images)} image(s) were passed; pass exactly one image per tag, in order."
+            )
+        return flat_images
+
+    def _expand_image_tags(self, prompts: list[str], num_patches: list[int], image_seq_length: int) -> list[str]:
+        # Tag k (counting across the batch) becomes the tokens of image k, as InternVL2's chat() replaces them in order.
+        images = iter(num_patches)
+        expanded = []
+        for prompt in prompts:
+            pieces = prompt.split(self.image_placeholder)
+            out = [pieces[0]]
+            for piece in pieces[1:]:
+                context = self.image_token * (image_seq_length * next(images))
+                out.append(f"{self.start_image_token}{context}{self.end_image_token}{piece}")
+            expanded.append("".join(out))
+        return expanded
+
+    def _check_image_token_counts(self, input_ids: Any, prompts: list[str]) -> None:
+        expected = [prompt.count(self.image_token) for prompt in prompts]
+        found = [_as_list(ids).count(self.image_token_id) for ids in input_ids]
+        if found != expected:
+            raise ValueError(
+                f"After tokenization the prompts hold {found} `{self.image_token}` tokens instead of {expected}; "
+                "this happens when `truncation`/`max_length` cut the image tokens. Raise `max_length` or disable "
+                "truncation."
+            )
+
+    def num_visual_tokens(self, image_sizes: list[tuple[int, int]], **images_kwargs) -> list[int]:
+        """`<IMG_CONTEXT>` tokens each image costs under the current settings (`<img>` and `</img>` add 2 more).
+
+        Args:
+            image_sizes: `(width, height)` of each image.
+            **images_kwargs: image processor options to evaluate instead of the current ones, e.g. `tiling="edge"`.
+        """
+        options = self._merge_kwargs(InternVLXProcessorKwargs, **images_kwargs)["images_kwargs"]
+        seq_length = options.pop("image_seq_length", None) or self.image_seq_length
+        return [
+            seq_length * self.image_processor.get_number_of_image_patches(int(height), int(width), options)
+            for width, height in image_sizes
+        ]
+
+    def _get_num_multimodal_tokens(self, image_sizes=None, **kwargs):
+        # transformers' hook (used by serving engines); image sizes are (height, width) there.
+        if image_sizes is None:
+            return MultiModalData()
+        tokens = self.num_visual_tokens([(width, height) for height, width in image_sizes], **kwargs)
+        patches = [n // self.image_seq_length for n in tokens]
+        return MultiModalData(num_image_tokens=[n + 2 for n in tokens], num_image_patches=patches)
+
+    # --- decoding -----------------------------------------------------------------------------------------------
+
+    def _reply_markers(self) -> tuple[list[int], list[int]]:
+        """Token ids of the assistant header and of the end-of-turn separator, derived from the chat template."""
+        template = self.chat_template if isinstance(self.chat_template, str) else None
+        if isinstance(self.chat_template, dict):
+            template = self.chat_template.get("default")
+        cache = getattr(self, "_markers_cache", None)
+        if cache is not None and cache[0] == template:
+            return cache[1]
+        header_ids, end_ids = [], []
+        if template is not None:
+            probe = [{"role": "user", "content": "x"}]
+            render = self.tokenizer.apply_chat_template
+            plain = render(probe, chat_template=template, tokenize=False)
+            prompt = render(probe, chat_template=template, tokenize=False, add_generation_prompt=True)
+            turn = render(
+                [*probe, {"role": "assistant", "content": "REPLY"}], chat_template=template, tokenize=False
+            )
+            if prompt.startswith(plain) and len(prompt) > len(plain):
+                plain_ids = self.tokenizer(plain, add_special_tokens=False)["input_ids"]
+                prompt_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+                if prompt_ids[: len(plain_ids)] == plain_ids:
+                    header_ids = prompt_ids[len(plain_ids) :]
+            end = turn.rsplit("REPLY", 1)[-1].strip()
+            if end:
+                end_ids = self.tokenizer(end, add_special_tokens=False)["input_ids"]
+        self._markers_cache = (template, (header_ids, end_ids))
+        return header_ids, end_ids
+
+    def _reply_ids(self, ids: Any) -> list[int]:
+        ids = _as_list(ids)
+        header_ids, end_ids = self._reply_markers()
+        if header_ids:
+            start = _find_last(ids, header_ids)
+            if start >= 0:
+                ids = ids[start + len(header_ids) :]
+        if end_ids:
+            stop = _find_first(ids, end_ids)
+            if stop >= 0:
+                ids = ids[:stop]
+        return ids
+
+    def batch_decode(self, sequences: Any, **kwargs) -> list[str]:
+        """Decode generated sequences to the assistant replies: everything up to and including the last assistant
+        header (the prompt) and everything from the end-of-turn separator (`<|im_end|>`) on are dropped."""
+        return self.tokenizer.batch_decode([self._reply_ids(ids) for ids in sequences], **kwargs)
+
+    def decode(self, token_ids: Any, **kwargs) -> str:
+        """Like [`batch_decode`] for one sequence."""
+        return self.tokenizer.decode(self._reply_ids(token_ids), **kwargs)
+
+    def post_process_image_text_to_text(self, generated_outputs, skip_special_tokens=True, **kwargs) -> list[str]:
+        """Assistant replies of `generate()` outputs (prompt and template stripped)."""
+        if isinstance(generated_outputs, torch.Tensor) and generated_outputs.dim() == 1:
+            generated_outputs = generated_outputs[None]
+        elif len(generated_outputs) and not hasattr(generated_outputs[0], "__len__"):
+            generated_outputs = [generated_outputs]
+        return self.batch_decode(generated_outputs, skip_special_tokens=skip_special_tokens, **kwargs)
+
+    @property
+    def model_input_names(self) -> list[str]:
+        return self.tokenizer.model_input_names + self.image_processor.model_input_names
+
+
+def _as_list(ids: Any) -> list[int]:
+    if isinstance(ids, torch.Tensor):
+        return ids.tolist()
+    return [int(i) for i in ids]
+
+
+def _find_first(seq: list[int], sub: list[int]) -> int:
+    n = len(sub)
+    for i in range(len(seq) - n + 1):
+        if seq[i : i + n] == sub:
+            return i
+    return -1
+
+
+def _find_last(seq: list[int], sub: list[int]) -> int:
+    n = len(sub)
+    for i in range(len(seq) - n, -1, -1):
+        if seq[i : i + n] == sub:
+            return i
+    return -1
+
+
+InternVLXProcessor.register_for_auto_class("AutoProcessor")
+
+__all__ = ["InternVLXProcessor"]

@@ -1,0 +1,322 @@
+"""The recipe of the learnability benchmark and of the embedded demo model: tiny InternVL-X models trained from
+scratch on the synthetic visual QA of `internvlx_hf.training.synthetic`, through the project's training pipeline.
+
+- `TinySpec`: the architecture (112 px tiles of 14 px patches: 16 tokens per tile at downsample 0.5, 64 at 1.0;
+  a 2-layer ViT of width 64; a 6-layer Qwen2 LLM of width 128) and the projector / LVTC / RVTC settings.
+- `build_checkpoint`: a freshly initialised model saved with its processor (the byte-level Qwen2 tokenizer of the
+  converted test fixture, 812 ids) and remote code, i.e. a folder `internvlx train` accepts.
+- `make_datasets`: the training set (basic tasks + a small, repeated fine-detail set) and a held-out set.
+- `train_checkpoint`: `internvlx_hf.training.train` (HF `Trainer` + `InternVLXDataCollator`) with the recipe's
+  hyper-parameters.
+- `evaluate`: held-out exact match per task with greedy `generate` (left-padded batches), as a user would run it.
+
+Everything is seeded; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..training.synthetic import BASIC_TASKS, TASKS, combine_meta, generate_dataset
+
+# The packaged demo model, and the tokenizer source the recipe falls back to (the repository's test fixture).
+DEMO_MODEL_DIR = Path(__file__).resolve().parent / "model"
+FIXTURE_TOKENIZER = Path(__file__).resolve().parents[3] / "tests" / "fixtures" / "internvl2_qwen2"
+
+# Basic tasks as drawn for training: shape and count are the slowest to learn, so they are drawn twice as often.
+TRAIN_TASKS = ("colour", "position", "shape", "shape", "count", "count")
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    """A tiny InternVL-X model and how its images are tiled."""
+
+    projector: str = "mlp"  # "mlp" (InternVL2's) or "pvtc"
+    downsample_ratio: float = 0.5  # 0.5: 16 tokens per 112 px tile ("256"); 1.0: 64 ("1024")
+    lvtc_k: int | None = None  # LVTC expand layer: layers < k see 16 tokens per tile, layers >= k see 64
+    tile: int = 112
+    patch: int = 14
+    hidden: int = 128
+    layers: int = 6
+    heads: int = 4
+    kv_heads: int = 2
+    vision_hidden: int = 64
+    vision_layers: int = 2
+    vision_heads: int = 4
+    pvtc_heads: int = 4
+    init_std: float = 0.1  # larger than the usual 0.02: a from-scratch tiny model learns much faster with it
+    tiling: str = "ratio"
+    max_tiles: int = 6
+
+    def describe(self) -> str:
+        lvtc = f", LVTC k={self.lvtc_k}" if self.lvtc_k else ""
+        return (f"{self.projector}, downsample {self.downsample_ratio}{lvtc}, {self.tile}px tiles / {self.patch}px "
+                f"patches, ViT {self.vision_layers}x{self.vision_hidden}, LLM {self.layers}x{self.hidden}, "
+                f"tiling {self.tiling} (max {self.max_tiles})")
+
+
+# The configurations of the issue, in the paper's naming (tokens per 448 px tile; ours are 16x smaller).
+CONFIGS: dict[str, TinySpec] = {
+    "plain-256": TinySpec(projector="mlp", downsample_ratio=0.5),
+    "plain-1024": TinySpec(projector="mlp", downsample_ratio=1.0),
+    "pvtc-256": TinySpec(projector="pvtc", downsample_ratio=0.5),
+    "lvtc-256-1024": TinySpec(projector="mlp", downsample_ratio=0.5, lvtc_k=5),
+    "pvtc+lvtc": TinySpec(projector="pvtc", downsample_ratio=0.5, lvtc_k=5),
+}
+# Variants the benchmark can also train (`--configs lvtc-k4`): LVTC expanding one layer earlier.
+EXTRA_CONFIGS: dict[str, TinySpec] = {
+    "lvtc-k4": TinySpec(projector="mlp", downsample_ratio=0.5, lvtc_k=4),
+}
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """The synthetic data: ``n_basic`` basic samples, ``n_fine`` fine-detail samples repeated ``fine_repeat``
+    times (a small set: a model that cannot read the letters memorises it instead of generalising), ``n_test``
+    held-out samples of every task."""
+
+    sizes: str = "fixed"
+    n_basic: int = 3600
+    n_fine: int = 200
+    fine_repeat: int = 9
+    n_test: int = 1000
+    seed: int = 0
+    fine_grid: int = 8
+    fine_glyphs: int = 8
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    steps: int = 1500
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    warmup: float = 0.05
+    seed: int = 0
+
+
+def load_tokenizer_processor(source: str | os.PathLike | None = None):
+    """The processor whose tokenizer and chat template the tiny models use.
+
+    ``source``: a folder with an internvlx-hf processor; default: the packaged demo model, or else the converted
+    test fixture ``tests/fixtures/internvl2_qwen2`` (Qwen2 byte-level BPE, 812 ids, Hermes-2 template).
+    """
+    from ..processing import InternVLXProcessor
+
+    if source is None:
+        if (DEMO_MODEL_DIR / "processor_config.json").is_file():
+            source = DEMO_MODEL_DIR
+        elif FIXTURE_TOKENIZER.is_dir():
+            from ..conversion import convert
+
+            tmp = Path(tempfile.mkdtemp(prefix="internvlx-tok-"))
+            convert(FIXTURE_TOKENIZER, tmp / "converted", progress=False)
+            source = tmp / "converted"
+        else:
+            raise FileNotFoundError(f"no tokenizer source: neither {DEMO_MODEL_DIR} nor {FIXTURE_TOKENIZER} exists; "
+                                    "pass a folder with an internvlx-hf processor")
+    if not (Path(source) / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"{source}: no tokenizer.json; pass a folder made by `internvlx convert` or "
+                                "`internvlx train`")
+    return InternVLXProcessor.from_pretrained(str(source), trust_remote_code=True)
+
+
+def build_processor(spec: TinySpec, base):
+    """A processor for ``spec``: ``base``'s tokenizer and chat template, tiles of ``spec.tile`` pixels."""
+    from ..processing import InternVLXImageProcessor, InternVLXProcessor
+
+    image_processor = InternVLXImageProcessor(image_size=spec.tile, max_tiles=spec.max_tiles, tiling=spec.tiling)
+    seq = round((spec.tile // spec.patch * spec.downsample_ratio) ** 2)
+    return InternVLXProcessor(image_processor=image_processor, tokenizer=base.tokenizer,
+                              chat_template=base.chat_template, image_seq_length=seq)
+
+
+def build_model(spec: TinySpec, processor, seed: int = 0):
+    """A freshly initialised model for ``spec`` with ``processor``'s vocabulary (seeded)."""
+    import torch
+
+    from .. import InternVLXConfig, InternVLXForConditionalGeneration
+
+    tokenizer = processor.tokenizer
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    text = dict(model_type="qwen2", hidden_size=spec.hidden, intermediate_size=2 * spec.hidden,
+                num_hidden_layers=spec.layers, num_attention_heads=spec.heads, num_key_value_heads=spec.kv_heads,
+                vocab_size=len(tokenizer), max_position_embeddings=4096, pad_token_id=tokenizer.pad_token_id,
+                bos_token_id=None, eos_token_id=im_end, tie_word_embeddings=True, initializer_range=spec.init_std)
+    vision = dict(hidden_size=spec.vision_hidden, intermediate_size=4 * spec.vision_hidden,
+                  num_hidden_layers=spec.vision_layers, num_attention_heads=spec.vision_heads, image_size=spec.tile,
+                  patch_size=spec.patch, initializer_range=spec.init_std)
+    lvtc = dict(expand_layer=spec.lvtc_k, num_lr_projectors=1) if spec.lvtc_k else None
+    config = InternVLXConfig(text_config=text, vision_config=vision, image_token_id=processor.image_token_id,
+                             projector_type=spec.projector, pvtc_num_heads=spec.pvtc_heads, lvtc=lvtc,
+                             downsample_ratio=spec.downsample_ratio, template="Hermes-2")
+    if config.image_seq_length != processor.image_seq_length:
+        raise ValueError(f"processor has {processor.image_seq_length} tokens per tile, the model "
+                         f"{config.image_seq_length}; build the processor with build_processor(spec, ...)")
+    torch.manual_seed(seed)
+    model = InternVLXForConditionalGeneration(config)
+    model.generation_config.eos_token_id = im_end
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def build_checkpoint(folder: str | os.PathLike, spec: TinySpec, base_processor, seed: int = 0) -> Path:
+    """Save a fresh model for ``spec`` and its processor into ``folder`` (a checkpoint `train` accepts)."""
+    folder = Path(folder)
+    processor = build_processor(spec, base_processor)
+    model = build_model(spec, processor, seed)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def make_datasets(root: str | os.PathLike, spec: TinySpec, data: DataSpec) -> tuple[Path, Path]:
+    """Write the training set (meta JSON joining the basic and the repeated fine set) and the held-out set under
+    ``root``; returns ``(train meta path, test meta path)``. Sets that already exist are reused."""
+    root = Path(root)
+    common = dict(sizes=data.sizes, image_size=spec.tile, fine_grid=data.fine_grid, fine_glyphs=data.fine_glyphs,
+                  system_message="")
+
+    def make(name, **kwargs):
+        folder = root / name
+        if (folder / "meta.json").is_file():
+            return folder / "meta.json"
+        return generate_dataset(folder, name=name, **common, **kwargs)
+
+    tag = f"{data.sizes}-{spec.tile}"
+    basic = make(f"basic-{tag}-s{data.seed}", n=data.n_basic, tasks=TRAIN_TASKS, seed=1000 + data.seed)
+    fine = make(f"fine-{tag}-s{data.seed}", n=data.n_fine, tasks=["fine"], seed=5000 + data.seed,
+                repeat_time=data.fine_repeat)
+    test = make(f"test-{tag}", n=data.n_test, tasks=TASKS, seed=999_999)
+    train_meta = root / f"train-{tag}-s{data.seed}.json"
+    if not train_meta.is_file():
+        combine_meta([basic, fine], train_meta)
+    return train_meta, test
+
+
+def train_checkpoint(base: str | os.PathLike, train_meta: str | os.PathLike, out: str | os.PathLike,
+                     training: TrainSpec, *, tiling: str | None = None, progress: bool = True,
+                     threads: int | None = None) -> dict[str, Any]:
+    """Train ``base`` on ``train_meta`` with `internvlx_hf.training.train` (preset ``full``: everything trains, the
+    model starts from scratch) and save it to ``out``. Returns the Trainer's metrics plus ``loss_first`` /
+    ``loss_last`` (mean logged loss of the first / last logging window) and the `TrainResult` as ``result``."""
+    import torch
+
+    from ..training import parse_train_args, train
+
+    if threads:
+        torch.set_num_threads(threads)
+    log_every = max(1, min(50, training.steps // 10))
+    options = dict(model=str(base), data=str(train_meta), preset="full", output_dir=str(out),
+                   per_device_train_batch_size=training.batch_size, learning_rate=training.learning_rate,
+                   max_steps=training.steps, lr_scheduler_type="cosine", warmup_steps=training.warmup,
+                   adam_beta2=0.98, weight_decay=0.0, max_grad_norm=1.0, seed=training.seed, data_seed=training.seed,
+                   logging_steps=log_every, save_strategy="no", report_to="none", use_cpu=True,
+                   dataloader_num_workers=0, disable_tqdm=not progress)
+    if tiling:
+        options["tiling"] = tiling
+    result = train(*parse_train_args(options), print_fn=None)
+    losses = [entry["loss"] for entry in result.trainer.state.log_history if "loss" in entry]
+    metrics = dict(result.metrics)
+    metrics["loss_first"] = losses[0] if losses else None
+    metrics["loss_last"] = losses[-1] if losses else None
+    metrics["result"] = result
+    return metrics
+
+
+def read_records(meta_path: str | os.PathLike) -> tuple[list[dict[str, Any]], Path]:
+    """The JSONL records and image root of a one-dataset meta file written by `generate_dataset`."""
+    (entry,) = json.loads(Path(meta_path).read_text(encoding="utf-8")).values()
+    lines = Path(entry["annotation"]).read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines if line.strip()], Path(entry["root"])
+
+
+def prompt_messages(question: str) -> list[dict[str, str]]:
+    """The conversation the models are trained on (empty system block, one image), without the reply."""
+    return [{"role": "system", "content": ""}, {"role": "user", "content": "<image>\n" + question}]
+
+
+def answer_batch(model, processor, images, questions, max_new_tokens: int = 8) -> list[dict[str, Any]]:
+    """Greedy answers to ``questions`` about ``images`` (one image each), in one left-padded batch.
+
+    Returns per question: ``answer``, ``tiles``, ``visual_tokens`` (`<IMG_CONTEXT>` tokens) and ``prompt_tokens``.
+    """
+    import torch
+
+    prompts = [processor.apply_chat_template(prompt_messages(q), tokenize=False, add_generation_prompt=True)
+               for q in questions]
+    inputs = processor(images=[[image] for image in images], text=prompts, padding=True, padding_side="left",
+                       return_tensors="pt")
+    eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    with torch.inference_mode():
+        out = model.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                             pixel_values=inputs["pixel_values"].to(model.dtype), num_patches=inputs["num_patches"],
+                             max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
+                             pad_token_id=processor.tokenizer.pad_token_id)
+    new = out[:, inputs["input_ids"].shape[1]:]
+    answers = processor.tokenizer.batch_decode(new, skip_special_tokens=True)
+    mask = inputs["attention_mask"]
+    visual = (inputs["input_ids"] == processor.image_token_id).sum(-1)
+    return [{"answer": a.strip(), "tiles": int(t), "visual_tokens": int(v), "prompt_tokens": int(m.sum())}
+            for a, t, v, m in zip(answers, inputs["num_patches"], visual, mask)]
+
+
+def evaluate(model, processor, test_meta: str | os.PathLike, *, batch_size: int = 50, limit: int | None = None,
+             progress: bool = True) -> dict[str, Any]:
+    """Held-out exact-match accuracy per task (greedy decoding), mean tiles and visual tokens per sample."""
+    from PIL import Image
+    from tqdm.auto import tqdm
+
+    records, root = read_records(test_meta)
+    records = records[:limit] if limit else records
+    model.eval()
+    right: dict[str, list[bool]] = {}
+    tiles = visual = 0
+    start = time.perf_counter()
+    for i in tqdm(range(0, len(records), batch_size), desc="evaluate", disable=not progress, leave=False):
+        batch = records[i: i + batch_size]
+        images = []
+        for r in batch:
+            with Image.open(root / r["image"]) as image:
+                images.append(image.convert("RGB"))
+        questions = [r["conversations"][-2]["value"].replace("<image>\n", "", 1) for r in batch]
+        for r, got in zip(batch, answer_batch(model, processor, images, questions)):
+            right.setdefault(r["task"], []).append(got["answer"] == r["conversations"][-1]["value"])
+            tiles += got["tiles"]
+            visual += got["visual_tokens"]
+    accuracy = {task: sum(v) / len(v) for task, v in sorted(right.items())}
+    basic = [accuracy[t] for t in BASIC_TASKS if t in accuracy]
+    return {"accuracy": accuracy, "basic_min": min(basic) if basic else None, "n": len(records),
+            "tiles_per_sample": tiles / len(records), "visual_tokens_per_sample": visual / len(records),
+            "eval_s": time.perf_counter() - start}
+
+
+def spec_dict(spec: Any) -> dict[str, Any]:
+    return dataclasses.asdict(spec)
+
+
+def copy_checkpoint(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """Copy a saved checkpoint folder to ``dst`` (replaced) through a temporary folder (never half-written)."""
+    src, dst = Path(src), Path(dst)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+    try:
+        for entry in sorted(src.iterdir()):
+            if entry.is_file() and not entry.name.startswith("."):
+                shutil.copy2(entry, tmp / entry.name)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a packaged folder must be readable by everyone
+        for entry in tmp.iterdir():
+            os.chmod(entry, 0o644)
+        if dst.exists():
+            shutil.rmtree(dst)
+        os.replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dst

@@ -1,0 +1,408 @@
+"""Synthetic visual question answering: seeded images + InternVL-format JSONL for training and benchmarks.
+
+Nothing is downloaded: every image is drawn with PIL from a seed, and every answer follows from what was drawn,
+so a model that learns the data can be scored by exact match. Five tasks, each with one fixed question wording
+and a one-word answer:
+
+- ``colour``: "What colour is the circle?" -> ``red`` (one of `COLOURS`).
+- ``shape``: "What shape is the red one?" -> ``circle`` (one of `SHAPES`).
+- ``position``: "Where is the red circle?" -> the cell of a 3x3 grid it sits in (``top-left`` ... ``bottom-right``).
+- ``count``: "How many shapes?" -> ``1`` ... ``max_count``.
+- ``fine``: a page of 5x5-pixel letters (scaled by an integer), one per square cell of ``image_size // fine_grid``
+  pixels, one cell framed in red: "Which letter is in the red box?" -> ``E``.
+
+The colour, shape and position tasks draw ``1..max_objects`` objects of distinct shapes and colours (the default,
+one object, is what every tiny model of the learnability benchmark learns within its budget).
+
+**Why the fine task needs resolution.** With ``fine_grid = image_size / patch_size`` every letter fills one ViT
+patch. At 1024 tokens per tile (downsample 1.0) each letter has its own token: the LLM finds the framed token by
+attention and reads its letter through the projector's weights, which are shared by all positions. At 256 tokens
+(a 2x2 pixel shuffle) one token carries four letters in four channel blocks, and the projector needs separate
+weights per block plus a conjunction (which block is framed, which letter is in it). From a small set of fine
+samples a 256-token model memorises the training pages instead (its held-out accuracy stays near chance), while a
+1024-token model generalises. See the README's learnability benchmark for the measured numbers.
+
+``sizes="fixed"`` draws ``image_size`` squares (one tile); ``sizes="mixed"`` draws small images, banners, wide
+images and tall pages (see `MIXED_SIZES`), so the tile grid depends on the tiling mode (RVTC).
+
+Tasks are drawn round-robin from ``tasks``; naming a task twice draws it twice as often. Datasets written by
+`generate_dataset` can be joined into one InternVL meta file with `combine_meta` (e.g. a basic set and a small
+fine set with ``repeat_time`` > 1).
+
+Files are deterministic: the same arguments give byte-identical images and JSONL (with the same Pillow and zlib)
+wherever they are written; the meta JSON holds the folder's absolute path. Each JSONL line also carries what was
+drawn (``task``, ``width``, ``height``, ``objects``), from which the answer can be re-derived; InternVL's loader
+ignores these keys.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from PIL import Image, ImageDraw
+
+TASKS = ("colour", "shape", "position", "count", "fine")
+BASIC_TASKS = ("colour", "shape", "position", "count")
+
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (30, 160, 50),
+    "blue": (30, 70, 220),
+    "yellow": (235, 200, 20),
+    "purple": (140, 50, 180),
+    "orange": (245, 125, 20),
+}
+SHAPES = ("circle", "square", "triangle", "cross")
+POSITIONS = (
+    ("top-left", "top", "top-right"),
+    ("left", "centre", "right"),
+    ("bottom-left", "bottom", "bottom-right"),
+)
+
+# 5x5 bitmaps of the fine task's letters ('#' = ink), most distinct first: no two of the first eight differ in
+# fewer than 7 pixels (all ten: 5).
+GLYPHS: dict[str, tuple[str, ...]] = {
+    "A": ("..#..", ".#.#.", "#...#", "#####", "#...#"),
+    "E": ("#####", "#....", "####.", "#....", "#####"),
+    "H": ("#...#", "#...#", "#####", "#...#", "#...#"),
+    "L": ("#....", "#....", "#....", "#....", "#####"),
+    "O": (".###.", "#...#", "#...#", "#...#", ".###."),
+    "T": ("#####", "..#..", "..#..", "..#..", "..#.."),
+    "X": ("#...#", ".#.#.", "..#..", ".#.#.", "#...#"),
+    "Z": ("#####", "...#.", "..#..", ".#...", "#####"),
+    "C": (".####", "#....", "#....", "#....", ".####"),
+    "U": ("#...#", "#...#", "#...#", "#...#", ".###."),
+}
+FRAME_COLOUR = (230, 0, 0)
+INK = (20, 20, 20)
+
+# Mixed-size set: (width, height) in units of `image_size`, with the share of images of each kind. Small and
+# banner-like images are where InternVL2's ratio matching spends many tiles and RVTC's area/edge caps spend few.
+MIXED_SIZES: tuple[tuple[str, float, float, float], ...] = (
+    ("square", 1.0, 1.0, 0.2),
+    ("small", 0.5, 0.5, 0.15),
+    ("small-banner", 0.75, 0.25, 0.15),
+    ("banner", 4.0, 1.0, 0.1),
+    ("wide", 2.0, 1.0, 0.1),
+    ("page", 1.5, 2.0, 0.1),
+    ("tall-page", 1.0, 3.0, 0.1),
+    ("small-tall", 0.4, 1.2, 0.1),
+)
+
+
+@dataclass
+class Sample:
+    """One drawn image with its question, exact answer and the records the answer follows from."""
+
+    image: Image.Image
+    task: str
+    question: str
+    answer: str
+    objects: list[dict[str, Any]] = field(default_factory=list)
+
+    def record(self, sample_id: str, image_path: str) -> dict[str, Any]:
+        """The InternVL-format JSONL record (plus ``task``, ``width``, ``height``, ``objects``)."""
+        return {
+            "id": sample_id,
+            "image": image_path,
+            "conversations": [
+                {"from": "human", "value": "<image>\n" + self.question},
+                {"from": "gpt", "value": self.answer},
+            ],
+            "task": self.task,
+            "width": self.image.width,
+            "height": self.image.height,
+            "objects": self.objects,
+        }
+
+
+def _check_choice(name: str, value: Any, allowed: Iterable[str]) -> None:
+    allowed = tuple(allowed)
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not one of {allowed}")
+
+
+def _background(rng: random.Random) -> tuple[int, int, int]:
+    # Light, slightly tinted backgrounds: every object colour and the ink stay far from them.
+    return tuple(rng.randint(228, 255) for _ in range(3))
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, colour) -> None:
+    box = [cx - r, cy - r, cx + r, cy + r]
+    if shape == "circle":
+        draw.ellipse(box, fill=colour)
+    elif shape == "square":
+        draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=colour)
+    elif shape == "triangle":
+        draw.polygon([(cx, cy - r), (cx + r, cy + 0.8 * r), (cx - r, cy + 0.8 * r)], fill=colour)
+    elif shape == "ring":
+        draw.ellipse(box, outline=colour, width=max(2, round(0.4 * r)))
+    elif shape == "cross":
+        w = 0.35 * r
+        draw.rectangle([cx - r, cy - w, cx + r, cy + w], fill=colour)
+        draw.rectangle([cx - w, cy - r, cx + w, cy + r], fill=colour)
+    else:  # pragma: no cover - guarded by SHAPES
+        raise ValueError(f"unknown shape {shape!r}")
+
+
+def _place_objects(rng: random.Random, width: int, height: int, count: int) -> list[dict[str, Any]]:
+    """``count`` objects in distinct cells of a 3x3 grid, distinct (shape, colour) pairs, centred with jitter."""
+    cells = rng.sample(range(9), count)
+    cell_w, cell_h = width / 3, height / 3
+    objects = []
+    used = set()
+    for cell in cells:
+        row, col = divmod(cell, 3)
+        while True:
+            shape, colour = rng.choice(SHAPES), rng.choice(list(COLOURS))
+            if (shape, colour) not in used:
+                used.add((shape, colour))
+                break
+        radius = min(cell_w, cell_h) * rng.uniform(0.34, 0.45)
+        cx = (col + 0.5) * cell_w + rng.uniform(-0.05, 0.05) * cell_w
+        cy = (row + 0.5) * cell_h + rng.uniform(-0.05, 0.05) * cell_h
+        objects.append({"shape": shape, "colour": colour, "cx": round(cx, 2), "cy": round(cy, 2),
+                        "r": round(radius, 2), "row": row, "col": col, "position": POSITIONS[row][col]})
+    return objects
+
+
+def _distinct_objects(rng: random.Random, width: int, height: int, count: int) -> list[dict[str, Any]]:
+    """Objects whose shapes and colours are all different, so "the circle" / "the red one" are unambiguous."""
+    while True:
+        objects = _place_objects(rng, width, height, count)
+        if len({o["shape"] for o in objects}) == count and len({o["colour"] for o in objects}) == count:
+            return objects
+
+
+def _shapes_image(rng: random.Random, width: int, height: int, objects: list[dict[str, Any]]) -> Image.Image:
+    image = Image.new("RGB", (width, height), _background(rng))
+    draw = ImageDraw.Draw(image)
+    for o in objects:
+        _draw_shape(draw, o["shape"], o["cx"], o["cy"], o["r"], COLOURS[o["colour"]])
+    return image
+
+
+def _fine_sample(rng: random.Random, width: int, height: int, cell: int, glyphs: Sequence[str]) -> Sample:
+    """A grid of letters, one per ``cell`` x ``cell`` square, with one square framed in red."""
+    cols, rows = max(2, width // cell), max(2, height // cell)
+    width, height = max(width, cols * cell), max(height, rows * cell)
+    x0, y0 = (width - cols * cell) // 2, (height - rows * cell) // 2
+    image = Image.new("RGB", (width, height), _background(rng))
+    draw = ImageDraw.Draw(image)
+    scale = max(1, (cell - 2) // 5)  # 5x5 bitmap, at least a one-pixel margin for the frame
+    offset = (cell - 5 * scale) // 2
+    letters = [[rng.choice(glyphs) for _ in range(cols)] for _ in range(rows)]
+    for r in range(rows):
+        for c in range(cols):
+            left, top = x0 + c * cell + offset, y0 + r * cell + offset
+            for by, line in enumerate(GLYPHS[letters[r][c]]):
+                for bx, ink in enumerate(line):
+                    if ink == "#":
+                        draw.rectangle([left + bx * scale, top + by * scale, left + (bx + 1) * scale - 1,
+                                        top + (by + 1) * scale - 1], fill=INK)
+    row, col = rng.randrange(rows), rng.randrange(cols)
+    fx, fy = x0 + col * cell, y0 + row * cell
+    draw.rectangle([fx, fy, fx + cell - 1, fy + cell - 1], outline=FRAME_COLOUR, width=1)
+    objects = [{"grid": [cols, rows], "origin": [x0, y0], "cell": cell, "scale": scale, "offset": offset,
+                "letters": ["".join(line) for line in letters], "frame": [row, col]}]
+    return Sample(image, "fine", "Which letter is in the red box?", letters[row][col], objects)
+
+
+def make_sample(task: str, rng: random.Random, width: int, height: int, *, image_size: int = 448,
+                fine_grid: int = 8, fine_glyphs: int = 8, max_count: int = 6, max_objects: int = 1) -> Sample:
+    """Draw one sample of ``task`` on a ``width`` x ``height`` canvas.
+
+    Args:
+        task: one of `TASKS`.
+        rng: the random source (a `random.Random`); the sample is a pure function of its state.
+        width, height: image size in pixels (the fine task may round it up to whole cells, at least 2x2).
+        image_size: the model's tile size; the fine task's cells are ``image_size // fine_grid`` pixels wide.
+        fine_grid: letter cells per tile side (``image_size / patch_size`` puts one letter in each ViT patch).
+        fine_glyphs: how many letters of `GLYPHS` the fine task draws from (2..10).
+        max_count: the count task draws 1..max_count objects (at most 9: one per cell of a 3x3 grid).
+        max_objects: the colour, shape and position tasks draw 1..max_objects objects of distinct shapes and
+            colours (at most ``len(SHAPES)``) and ask about one of them.
+    """
+    _check_options(1, task, "fixed", image_size, fine_grid, fine_glyphs, max_count, max_objects)
+    if task == "fine":
+        return _fine_sample(rng, width, height, image_size // fine_grid, list(GLYPHS)[:fine_glyphs])
+    if task == "count":
+        objects = _place_objects(rng, width, height, rng.randint(1, max_count))
+        return Sample(_shapes_image(rng, width, height, objects), task, "How many shapes?", str(len(objects)),
+                      objects)
+    objects = _distinct_objects(rng, width, height, rng.randint(1, max_objects))
+    target = rng.choice(objects)
+    for o in objects:
+        o["target"] = o is target
+    image = _shapes_image(rng, width, height, objects)
+    if task == "colour":
+        return Sample(image, task, f"What colour is the {target['shape']}?", target["colour"], objects)
+    if task == "shape":
+        return Sample(image, task, f"What shape is the {target['colour']} one?", target["shape"], objects)
+    return Sample(image, task, f"Where is the {target['colour']} {target['shape']}?", target["position"], objects)
+
+
+def _image_size_for(rng: random.Random, sizes: str, image_size: int) -> tuple[int, int, str]:
+    if sizes == "fixed":
+        return image_size, image_size, "square"
+    weights = [w for *_, w in MIXED_SIZES]
+    kind, fw, fh, _ = rng.choices(MIXED_SIZES, weights=weights)[0]
+    jitter = rng.uniform(0.85, 1.15)
+    return max(16, round(fw * image_size * jitter)), max(16, round(fh * image_size * jitter)), kind
+
+
+def _check_options(n, tasks, sizes, image_size, fine_grid, fine_glyphs, max_count, max_objects) -> tuple[str, ...]:
+    tasks = (tasks,) if isinstance(tasks, str) else tuple(tasks)
+    if not tasks:
+        raise ValueError("tasks is empty; pass some of " + ", ".join(TASKS))
+    for task in tasks:
+        _check_choice("task", task, TASKS)
+    _check_choice("sizes", sizes, ("fixed", "mixed"))
+    for key, value in (("n", n), ("image_size", image_size), ("fine_grid", fine_grid),
+                       ("fine_glyphs", fine_glyphs), ("max_count", max_count),
+                       ("max_objects", max_objects)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{key} must be a positive integer, got {value!r}")
+    if image_size < 16:
+        raise ValueError(f"image_size={image_size} is too small to draw on (>= 16)")
+    if not 2 <= fine_glyphs <= len(GLYPHS):
+        raise ValueError(f"fine_glyphs={fine_glyphs} must lie in [2, {len(GLYPHS)}]")
+    if image_size // fine_grid < 7:
+        raise ValueError(f"image_size {image_size} / fine_grid {fine_grid} gives {image_size // fine_grid}px cells; "
+                         "a 5x5 letter with its frame needs at least 7px: lower fine_grid or raise image_size")
+    if max_count > 9:
+        raise ValueError(f"max_count={max_count} must lie in [1, 9] (one object per cell of a 3x3 grid)")
+    if max_objects > len(SHAPES):
+        raise ValueError(f"max_objects={max_objects} must lie in [1, {len(SHAPES)}] (objects of distinct shapes)")
+    return tasks
+
+
+def iter_samples(n: int, *, tasks: Sequence[str] = TASKS, seed: int = 0, sizes: str = "fixed",
+                 image_size: int = 448, fine_grid: int = 8, fine_glyphs: int = 8, max_count: int = 6,
+                 max_objects: int = 1):
+    """Iterate over ``(index, size_kind, Sample)`` for ``n`` samples, tasks in round-robin order.
+
+    Sample ``i`` depends only on ``(seed, i)`` and the options, so any prefix of a dataset is the same dataset.
+    The options are checked when this is called, before anything is drawn.
+    """
+    tasks = _check_options(n, tasks, sizes, image_size, fine_grid, fine_glyphs, max_count, max_objects)
+    return _samples(n, tasks, seed, sizes, image_size, fine_grid, fine_glyphs, max_count, max_objects)
+
+
+def _samples(n, tasks, seed, sizes, image_size, fine_grid, fine_glyphs, max_count, max_objects):
+    for i in range(n):
+        rng = random.Random(f"internvlx-synthetic:{seed}:{i}")
+        width, height, kind = _image_size_for(rng, sizes, image_size)
+        yield i, kind, make_sample(tasks[i % len(tasks)], rng, width, height, image_size=image_size,
+                                   fine_grid=fine_grid, fine_glyphs=fine_glyphs, max_count=max_count,
+                                   max_objects=max_objects)
+
+
+def generate_dataset(out_dir: str | os.PathLike, n: int = 1000, *, tasks: Sequence[str] = TASKS, seed: int = 0,
+                     sizes: str = "fixed", image_size: int = 448, fine_grid: int = 8, fine_glyphs: int = 8,
+                     max_count: int = 6, max_objects: int = 1, name: str = "synthetic_vqa",
+                     repeat_time: float = 1, system_message: str | None = None, overwrite: bool = False) -> Path:
+    """Write ``n`` samples as PNG images + an InternVL-format JSONL + a meta JSON into ``out_dir``.
+
+    Layout: ``out_dir/images/000000.png ...``, ``out_dir/{name}.jsonl`` (one record per line:
+    ``{"id", "image": "images/000000.png", "conversations": [{"from": "human", "value": "<image>\\n..."},
+    {"from": "gpt", "value": ...}], "task", "width", "height", "objects"}``, image paths relative to ``out_dir``)
+    and ``out_dir/meta.json`` (``{name: {"root", "annotation", "data_augment": false, "repeat_time", "length"}}``
+    with absolute ``root`` and ``annotation``: InternVL's scripts resolve relative ones against the current
+    directory, so absolute paths are the only ones every loader reads the same way). The images and the JSONL are
+    byte-identical for the same arguments wherever they are written; ``meta.json`` differs only by ``out_dir``.
+
+    Args:
+        out_dir: the folder to create; it must not exist (or be empty) unless ``overwrite=True``.
+        n: number of samples; sample ``i`` is of task ``tasks[i % len(tasks)]``.
+        tasks: which of `TASKS` to draw; a task named twice is drawn twice as often.
+        seed: the dataset seed; use different seeds for training and held-out sets.
+        sizes: ``"fixed"`` (``image_size`` squares) or ``"mixed"`` (see `MIXED_SIZES`).
+        image_size, fine_grid, fine_glyphs, max_count, max_objects: see `make_sample`.
+        name: the dataset's key in the meta JSON and the JSONL file name.
+        repeat_time: written to the meta JSON: how many times a training loader should repeat this set per epoch.
+        system_message: when not None, every conversation starts with ``{"from": "system", "value": ...}``. The
+            InternVL2 chat templates otherwise insert their default system prompt (about 150 tokens with a tiny
+            byte-level vocabulary), which would dwarf a tiny model's visual tokens; ``""`` keeps the system block
+            empty.
+        overwrite: replace a non-empty ``out_dir``.
+
+    Returns:
+        The path of ``meta.json``. The folder is written next to ``out_dir`` under a temporary name and renamed at
+        the end, so an error leaves nothing half-written.
+    """
+    out_dir = Path(out_dir).absolute()
+    if not name or any(ch in name for ch in "/\\") or name.startswith("."):
+        raise ValueError(f"name={name!r} must be a plain file name (it becomes {{name}}.jsonl)")
+    if isinstance(repeat_time, bool) or not isinstance(repeat_time, (int, float)) or not repeat_time > 0:
+        raise ValueError(f"repeat_time must be a positive number, got {repeat_time!r}")
+    if system_message is not None and not isinstance(system_message, str):
+        raise TypeError(f"system_message must be a string or None, got {type(system_message).__name__}")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"{out_dir} exists and is not a folder; choose another out_dir")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out_dir} is not empty; pass overwrite=True to replace it or choose another out_dir")
+    samples = iter_samples(n, tasks=tasks, seed=seed, sizes=sizes, image_size=image_size, fine_grid=fine_grid,
+                           fine_glyphs=fine_glyphs, max_count=max_count, max_objects=max_objects)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        (tmp / "images").mkdir()
+        with open(tmp / f"{name}.jsonl", "w", encoding="utf-8") as jsonl:
+            for i, _, sample in samples:
+                rel = f"images/{i:06d}.png"
+                sample.image.save(tmp / rel, format="PNG")
+                record = sample.record(f"{name}-{i:06d}", rel)
+                if system_message is not None:
+                    record["conversations"].insert(0, {"from": "system", "value": system_message})
+                jsonl.write(json.dumps(record, ensure_ascii=False) + "\n")
+        meta = {name: {"root": str(out_dir), "annotation": str(out_dir / f"{name}.jsonl"), "data_augment": False,
+                       "repeat_time": repeat_time, "length": n}}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        os.chmod(tmp, 0o755)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir / "meta.json"
+
+
+def combine_meta(meta_paths: Sequence[str | os.PathLike], out_path: str | os.PathLike) -> Path:
+    """Join the meta JSON files of several datasets into one InternVL meta file at ``out_path``.
+
+    Relative ``root`` / ``annotation`` entries are made absolute (against each meta file's folder), entries keep
+    their ``repeat_time`` and ``length``, and two datasets with the same name are an error.
+    """
+    out_path = Path(out_path)
+    combined: dict[str, Any] = {}
+    for meta_path in meta_paths:
+        meta_path = Path(meta_path)
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"meta file {meta_path} not found; pass the meta.json that generate_dataset "
+                                    "returned")
+        for name, entry in json.loads(meta_path.read_text(encoding="utf-8")).items():
+            if name in combined:
+                raise ValueError(f"dataset name {name!r} appears twice (again in {meta_path}); generate the sets "
+                                 "with different name=")
+            entry = dict(entry)
+            for key in ("root", "annotation"):
+                entry[key] = str((meta_path.parent.absolute() / entry[key]))
+            combined[name] = entry
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(f".{out_path.name}.tmp")
+    tmp.write_text(json.dumps(combined, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, out_path)
+    return out_path
+
+
+__all__ = ["BASIC_TASKS", "COLOURS", "GLYPHS", "MIXED_SIZES", "POSITIONS", "SHAPES", "TASKS", "Sample",
+           "combine_meta", "generate_dataset", "iter_samples", "make_sample"]

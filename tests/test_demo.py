@@ -1,0 +1,164 @@
+"""`internvlx demo` and the demo model shipped inside the package: it answers its own images right, answers about a
+user's image, fails in one line on bad input, and its folder loads as remote code where internvlx_hf is hidden."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from conftest import run_isolated_python
+
+from internvlx_hf.cli import main
+from internvlx_hf.demo import DEMO_MODEL_DIR, demo_record, demo_samples
+
+REMOTE_CODE = {"configuration_internvlx.py", "modeling_internvlx.py", "processing_internvlx.py",
+               "image_processing_internvlx.py", "chat_templates.py"}
+
+
+def test_the_packaged_model_is_complete_small_and_recorded():
+    files = {p.name for p in DEMO_MODEL_DIR.iterdir()}
+    assert REMOTE_CODE | {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
+                          "tokenizer_config.json", "processor_config.json", "chat_template.jinja",
+                          "internvlx_provenance.json", "demo_model.json"} <= files
+    assert "training_args.bin" not in files  # a pickle; the recipe is in demo_model.json
+    assert sum(p.stat().st_size for p in DEMO_MODEL_DIR.iterdir()) < 8 * 2**20
+    config = json.loads((DEMO_MODEL_DIR / "config.json").read_text())
+    assert config["projector_type"] == "pvtc" and config["lvtc"]["expand_layer"] == 5
+    assert config["image_seq_length"] == 16
+    record = demo_record()
+    assert record["recipe"] == "pvtc+lvtc" and record["training"]["steps"] == 1500
+    assert min(record["held_out"]["accuracy"].values()) >= 0.85
+
+
+def test_the_packaged_remote_code_is_the_package_code():
+    """The demo folder carries copies of the modeling/processing files; a change to those files must be copied there
+    too (`python scripts/make_demo_model.py`), or `internvlx demo` would run outdated code."""
+    import internvlx_hf
+
+    package = Path(internvlx_hf.__file__).parent
+    for name in sorted(REMOTE_CODE):
+        source = package / ("modeling" if name.endswith(("configuration_internvlx.py", "modeling_internvlx.py"))
+                            else "processing") / name
+        assert (DEMO_MODEL_DIR / name).read_bytes() == source.read_bytes(), (
+            f"{DEMO_MODEL_DIR / name} differs from {source}: re-run scripts/make_demo_model.py")
+
+
+def test_demo_answers_its_own_images_right(capsys):
+    assert main(["demo"]) == 0
+    out = capsys.readouterr().out
+    samples = demo_samples()
+    assert [s.task for s in samples] == ["colour", "shape", "position", "count", "fine"]
+    for index, sample in enumerate(samples, 1):
+        block = out.split(f"[{index}/5] ")[1].split("\n\n")[0]
+        assert block.startswith(f"synthetic {sample.task}, 112x112: {sample.question}")
+        assert "tiles: ratio 1x1=1, area 1x1=1, edge 1x1=1  (used: ratio, 1 tile)" in block
+        assert "visual tokens: 16; LLM tokens: layers 0-4 " in block and ", layer 5 " in block
+        assert f"answer: {sample.expected!r} (" in block and block.rstrip().endswith("right"), block
+    assert "5/5 right" in out
+
+
+def test_layer_groups_count_lvtc_expansion(capsys):
+    main(["demo", "--seed", "2"])
+    out = capsys.readouterr().out
+    for line in (line for line in out.splitlines() if "LLM tokens" in line):
+        short = int(line.split("layers 0-4 ")[1].split(",")[0])
+        long = int(line.split("layer 5 ")[1])
+        assert long - short == 64 - 16  # one tile: 16 tokens before layer 5, 64 from it
+
+
+def test_demo_answers_about_a_user_image(tmp_path, capsys):
+    sample = demo_samples(seed=1)[0]
+    path = tmp_path / "drawing.png"
+    sample.image.save(path)
+    assert main(["demo", "--image", str(path), "--question", sample.question]) == 0
+    out = capsys.readouterr().out
+    assert f"[1/1] {path}, 112x112: {sample.question}" in out
+    assert f"answer: {sample.expected!r}" in out
+    assert "right" not in out.split("answer:")[1]  # no expected answer for a user's image
+
+    banner = tmp_path / "banner.png"
+    sample.image.resize((84, 28)).save(banner)
+    assert main(["demo", "--image", str(banner), "--question", sample.question, "--tiling", "edge"]) == 0
+    out = capsys.readouterr().out
+    # a small banner: ratio matching spends 3x1 tiles + a thumbnail, the RVTC caps one tile (ceil(84*28/112^2) = 1,
+    # ceil(84/112) * ceil(28/112) = 1)
+    assert "tiles: ratio 3x1+thumbnail=4, area 1x1=1, edge 1x1=1  (used: edge, 1 tile)" in out
+    assert "visual tokens: 16; LLM tokens: layers 0-4 " in out
+    assert main(["demo", "--image", str(banner), "--question", sample.question]) == 0
+    assert "(used: ratio, 4 tiles)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--image", "{tmp}/missing.png", "--question", "How many shapes?"], "missing.png': no such file"),
+    (["--image", "{tmp}/notes.txt", "--question", "How many shapes?"], "notes.txt' is not an image"),
+    (["--image", "{tmp}", "--question", "How many shapes?"], "is a folder"),
+    (["--image", "{tmp}/notes.txt"], "--image and --question go together"),
+    (["--question", "How many shapes?"], "--image and --question go together"),
+    (["--image", "{tmp}/notes.txt", "--question", "  "], "--question is empty"),
+    (["--model", "{tmp}"], "no config.json there"),
+])
+def test_bad_inputs_give_one_line_errors(tmp_path, capsys, args, expected):
+    (tmp_path / "notes.txt").write_text("not an image")
+    assert main(["demo"] + [a.replace("{tmp}", str(tmp_path)) for a in args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("internvlx demo: error: "), err
+    assert expected in err
+
+
+def test_help_teaches_with_examples(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "examples:" in out and "internvlx demo --image" in out and "Which letter is in the red box?" in out
+
+
+def test_internvlx_demo_runs_as_a_command(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "internvlx_hf", "demo", "--save-images", str(tmp_path)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr
+    assert "5/5 right" in proc.stdout
+    assert sorted(p.name for p in tmp_path.glob("demo_*.png")) == [
+        "demo_0_1_colour.png", "demo_0_2_shape.png", "demo_0_3_position.png", "demo_0_4_count.png",
+        "demo_0_5_fine.png"]
+
+
+_REMOTE = """
+import json, sys, torch
+from PIL import Image
+from transformers import AutoModel, AutoProcessor
+folder, cases = sys.argv[1:] if len(sys.argv) > 2 else (FOLDER, CASES)
+model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+answers = []
+for path, question in json.loads(cases):
+    messages = [{"role": "system", "content": ""}, {"role": "user", "content": "<image>\\n" + question}]
+    prompt = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    inputs = processor(images=[Image.open(path).convert("RGB")], text=prompt, return_tensors="pt")
+    out = model.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                         pixel_values=inputs["pixel_values"], max_new_tokens=8, do_sample=False, eos_token_id=eos,
+                         pad_token_id=processor.tokenizer.pad_token_id)
+    answers.append(processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+print(json.dumps({"module": type(model).__module__, "answers": [a.strip() for a in answers]}))
+"""
+
+
+def test_the_packaged_folder_loads_as_remote_code_without_the_package(tmp_path):
+    cases = []
+    for sample in demo_samples():
+        path = tmp_path / f"{sample.task}.png"
+        sample.image.save(path)
+        cases.append((str(path), sample.question))
+    code = textwrap.dedent(_REMOTE).replace("FOLDER", repr(str(DEMO_MODEL_DIR))).replace(
+        "CASES", repr(json.dumps(cases)))
+    proc = run_isolated_python(code, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["module"].startswith("transformers_modules.")
+    assert result["answers"] == [s.expected for s in demo_samples()]

@@ -1,0 +1,253 @@
+"""The synthetic visual-QA generator: determinism, InternVL format, answers that follow from the pixels."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import random
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from internvlx_hf.processing import get_tile_grid
+from internvlx_hf.training.synthetic import (
+    BASIC_TASKS,
+    COLOURS,
+    FRAME_COLOUR,
+    GLYPHS,
+    POSITIONS,
+    TASKS,
+    combine_meta,
+    generate_dataset,
+    iter_samples,
+    make_sample,
+)
+
+TILE = 112
+
+
+def _tree_digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _load(meta_path: Path) -> tuple[dict, list[dict], Path]:
+    meta = json.loads(meta_path.read_text())
+    (name, entry), = meta.items()
+    records = [json.loads(line) for line in Path(entry["annotation"]).read_text().splitlines()]
+    return entry, records, Path(entry["root"])
+
+
+@pytest.fixture(scope="module")
+def mixed_set(tmp_path_factory) -> Path:
+    return generate_dataset(tmp_path_factory.mktemp("gen") / "mixed", n=60, seed=3, sizes="mixed", image_size=TILE)
+
+
+def test_same_seed_gives_byte_identical_files(tmp_path, mixed_set):
+    again = generate_dataset(tmp_path / "again", n=60, seed=3, sizes="mixed", image_size=TILE)
+    first, second = _tree_digest(mixed_set.parent), _tree_digest(again.parent)
+    assert len(first) == 60 + 2  # images + JSONL + meta
+    assert {k: v for k, v in first.items() if k != "meta.json"} == {k: v for k, v in second.items() if k != "meta.json"}
+    # the meta file differs only by the folder it points at
+    assert mixed_set.read_text().replace(str(mixed_set.parent), "DIR") == again.read_text().replace(str(again.parent),
+                                                                                                   "DIR")
+    other = generate_dataset(tmp_path / "other", n=60, seed=4, sizes="mixed", image_size=TILE)
+    differing = [k for k, v in _tree_digest(other.parent).items() if first.get(k) != v]
+    assert len(differing) >= 55  # a new seed redraws (nearly) everything
+
+
+def test_prefix_of_a_dataset_is_the_smaller_dataset():
+    long = [(s.question, s.answer, s.image.tobytes()) for _, _, s in iter_samples(10, seed=7, image_size=TILE)]
+    short = [(s.question, s.answer, s.image.tobytes()) for _, _, s in iter_samples(4, seed=7, image_size=TILE)]
+    assert long[:4] == short
+
+
+def test_internvl_format(mixed_set):
+    entry, records, root = _load(mixed_set)
+    assert entry == {"root": str(mixed_set.parent), "annotation": str(mixed_set.parent / "synthetic_vqa.jsonl"),
+                     "data_augment": False, "repeat_time": 1, "length": 60}
+    assert len(records) == 60
+    assert len({r["id"] for r in records}) == 60
+    assert [r["task"] for r in records[:10]] == list(TASKS) * 2  # round robin
+    for r in records:
+        images = r["image"] if isinstance(r["image"], list) else [r["image"]]
+        for rel in images:
+            with Image.open(root / rel) as im:
+                assert im.mode == "RGB" and im.size == (r["width"], r["height"])
+        human, gpt = r["conversations"]
+        assert (human["from"], gpt["from"]) == ("human", "gpt")
+        assert human["value"].startswith("<image>\n")
+        assert sum(turn["value"].count("<image>") for turn in r["conversations"]) == len(images)
+        assert gpt["value"] and " " not in gpt["value"]  # one word or number: exact match is meaningful
+
+
+def _pixel(image: Image.Image, x: float, y: float) -> tuple[int, int, int]:
+    return image.getpixel((int(x), int(y)))
+
+
+def _read_framed_letter(image: Image.Image) -> str:
+    """Find the red frame in the pixels and read the 5x5 letter inside it (no use of the records)."""
+    data = image.tobytes()
+    red = [i for i in range(image.width * image.height) if tuple(data[3 * i: 3 * i + 3]) == FRAME_COLOUR]
+    xs, ys = [i % image.width for i in red], [i // image.width for i in red]
+    left, top, right = min(xs), min(ys), max(xs)
+    cell = right - left + 1
+    scale = max(1, (cell - 2) // 5)
+    offset = (cell - 5 * scale) // 2
+    bitmap = tuple(
+        "".join("#" if sum(image.getpixel((left + offset + bx * scale, top + offset + by * scale))) < 200 else "."
+                for bx in range(5))
+        for by in range(5)
+    )
+    matches = [letter for letter, glyph in GLYPHS.items() if glyph == bitmap]
+    assert len(matches) == 1, bitmap
+    return matches[0]
+
+
+@pytest.mark.parametrize("options", [dict(), dict(sizes="fixed", max_objects=4, max_count=9, fine_glyphs=10)])
+def test_answers_follow_from_the_drawn_image(mixed_set, tmp_path, options):
+    meta = generate_dataset(tmp_path / "set", n=60, seed=5, image_size=TILE, **options) if options else mixed_set
+    _, records, root = _load(meta)
+    seen = set()
+    for r in records:
+        image = Image.open(root / r["image"]).convert("RGB")
+        answer = r["conversations"][1]["value"]
+        question = r["conversations"][0]["value"]
+        objects = r["objects"]
+        seen.add(r["task"])
+        if r["task"] == "fine":
+            assert _read_framed_letter(image) == answer
+            (grid,) = objects
+            row, col = grid["frame"]
+            assert grid["letters"][row][col] == answer
+            continue
+        for o in objects:  # every recorded object is where the record says, in its colour
+            assert _pixel(image, o["cx"], o["cy"]) == COLOURS[o["colour"]]
+        if r["task"] == "count":
+            assert answer == str(len(objects))
+            continue
+        (target,) = [o for o in objects if o["target"]]
+        # the question names the target unambiguously: its shape and colour are unique in the image
+        assert sum(o["shape"] == target["shape"] for o in objects) == 1
+        assert sum(o["colour"] == target["colour"] for o in objects) == 1
+        if r["task"] == "colour":
+            assert question.endswith(f" {target['shape']}?")
+            colour_here = _pixel(image, target["cx"], target["cy"])
+            assert answer == next(name for name, rgb in COLOURS.items() if rgb == colour_here)
+        elif r["task"] == "shape":
+            assert f" {target['colour']} " in question
+            assert answer == target["shape"]
+        else:
+            assert question.endswith(f" {target['colour']} {target['shape']}?")
+            col, row = int(target["cx"] * 3 // r["width"]), int(target["cy"] * 3 // r["height"])
+            assert answer == POSITIONS[row][col]
+    assert seen == set(TASKS)
+    if options:  # several objects per image: the question has to pick one
+        assert max(len(r["objects"]) for r in records if r["task"] in ("colour", "shape", "position")) > 1
+
+
+def test_mixed_sizes_cover_aspect_ratios_and_change_the_tiling(mixed_set):
+    _, records, _ = _load(mixed_set)
+    sizes = [(r["width"], r["height"]) for r in records]
+    ratios = {round(w / h, 1) for w, h in sizes}
+    assert any(w / h >= 3 for w, h in sizes) and any(h / w >= 2.5 for w, h in sizes)  # banners and tall pages
+    assert any(w < TILE and h < TILE for w, h in sizes)  # small images
+    assert len(ratios) >= 6
+
+    def tiles(mode):
+        grids = [get_tile_grid(w, h, mode, 1, 6, TILE) for w, h in sizes]
+        return sum(c * r + (c * r > 1) for c, r in grids)  # + thumbnail
+
+    ratio, area, edge = tiles("ratio"), tiles("area"), tiles("edge")
+    assert area < edge < ratio
+
+
+def test_fixed_sizes_are_single_tiles():
+    for _, kind, sample in iter_samples(10, seed=1, image_size=TILE):
+        assert (kind, sample.image.size) == ("square", (TILE, TILE))
+
+
+def test_fine_task_puts_one_letter_per_patch():
+    sample = make_sample("fine", random.Random(0), TILE, TILE, image_size=TILE, fine_grid=8, fine_glyphs=4)
+    (grid,) = sample.objects
+    assert grid["grid"] == [8, 8] and grid["cell"] == 14 and grid["origin"] == [0, 0]
+    assert set("".join(grid["letters"])) <= set(list(GLYPHS)[:4])
+
+
+def test_glyphs_are_far_apart():
+    for a, b in itertools.combinations(GLYPHS.values(), 2):
+        assert sum(x != y for ra, rb in zip(a, b) for x, y in zip(ra, rb)) >= 5
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, words",
+    [
+        (dict(tasks=("colour", "size")), ValueError, "task='size'"),
+        (dict(tasks=()), ValueError, "tasks is empty"),
+        (dict(sizes="huge"), ValueError, "sizes='huge'"),
+        (dict(n=0), ValueError, "n must be a positive integer"),
+        (dict(image_size=8), ValueError, "image_size=8"),
+        (dict(fine_glyphs=11), ValueError, "fine_glyphs=11"),
+        (dict(fine_grid=32), ValueError, "fine_grid 32"),
+        (dict(max_count=10), ValueError, "max_count=10"),
+        (dict(name="a/b"), ValueError, "name='a/b'"),
+        (dict(repeat_time=0), ValueError, "repeat_time must be a positive number"),
+        (dict(max_objects=5), ValueError, "max_objects=5"),
+    ],
+)
+def test_bad_arguments_are_named(tmp_path, kwargs, error, words):
+    args = dict(n=5, image_size=TILE)
+    args.update(kwargs)
+    with pytest.raises(error, match=words.replace("(", r"\(").replace(")", r"\)")):
+        generate_dataset(tmp_path / "out", **args)
+    assert not (tmp_path / "out").exists()
+    assert list(tmp_path.iterdir()) == []  # no half-written temporary folder either
+
+
+def test_refuses_a_non_empty_folder_unless_overwrite(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    with pytest.raises(FileExistsError, match="not empty"):
+        generate_dataset(out, n=2, image_size=TILE)
+    assert (out / "keep.txt").exists()
+    meta = generate_dataset(out, n=2, image_size=TILE, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["images", "meta.json", "synthetic_vqa.jsonl"]
+    assert meta == out / "meta.json"
+
+
+def test_task_weights_and_combined_meta(tmp_path):
+    basic = generate_dataset(tmp_path / "basic", n=8, tasks=BASIC_TASKS + ("count",), image_size=TILE, name="basic")
+    fine = generate_dataset(tmp_path / "fine", n=3, tasks=["fine"], seed=1, image_size=TILE, name="fine",
+                            repeat_time=4)
+    _, records, _ = _load(basic)
+    assert [r["task"] for r in records] == ["colour", "shape", "position", "count", "count"] + \
+        ["colour", "shape", "position"]
+    combined = combine_meta([basic, fine], tmp_path / "all" / "meta.json")
+    meta = json.loads(combined.read_text())
+    assert meta == {
+        "basic": {"root": str(tmp_path / "basic"), "annotation": str(tmp_path / "basic" / "basic.jsonl"),
+                  "data_augment": False, "repeat_time": 1, "length": 8},
+        "fine": {"root": str(tmp_path / "fine"), "annotation": str(tmp_path / "fine" / "fine.jsonl"),
+                 "data_augment": False, "repeat_time": 4, "length": 3},
+    }
+    for entry in meta.values():  # every image resolves from the combined file
+        for line in Path(entry["annotation"]).read_text().splitlines():
+            assert (Path(entry["root"]) / json.loads(line)["image"]).is_file()
+    with pytest.raises(ValueError, match="'basic' appears twice"):
+        combine_meta([basic, basic], tmp_path / "twice.json")
+    with pytest.raises(FileNotFoundError, match="missing.json"):
+        combine_meta([tmp_path / "missing.json"], tmp_path / "x.json")
+    assert not (tmp_path / "twice.json").exists() and not (tmp_path / "x.json").exists()
+
+
+def test_system_message_turn(tmp_path):
+    meta = generate_dataset(tmp_path / "sys", n=2, image_size=TILE, system_message="")
+    _, records, _ = _load(meta)
+    for r in records:
+        assert [t["from"] for t in r["conversations"]] == ["system", "human", "gpt"]
+        assert r["conversations"][0]["value"] == ""
+    with pytest.raises(TypeError, match="system_message must be a string"):
+        generate_dataset(tmp_path / "bad", n=2, image_size=TILE, system_message=1)
