@@ -30,6 +30,16 @@ def pytest_configure(config):
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """Tests that pin torch to one thread (for bit-stable float sums) must not slow down the tests after them."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def fixtures_root() -> Path:
     """The first folder golden data is read from (``$INTERNVLX_FIXTURES``, else ``tests/fixtures``)."""
     return golden.roots()[0]

@@ -44,7 +44,7 @@ def data(tmp_path_factory):
 @pytest.mark.parametrize("name", list(SETTINGS))
 def test_a_few_dozen_steps_bring_the_loss_well_below_its_start(name, data):
     root, train_meta, base = data
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # as measured (float sums depend on the thread count); conftest restores it
     start = build_checkpoint(root / f"init-{name}", SETTINGS[name], base, seed=0)
     metrics = train_checkpoint(start, train_meta, root / f"out-{name}",
                                TrainSpec(steps=STEPS, batch_size=16), progress=False)
