@@ -252,13 +252,12 @@ def plot(results, path):
         for r in runs:
             basic = min(r["accuracy"][t] for t in ("colour", "shape", "position", "count"))
             label = r["config"] if sizes == "fixed" else r["tiling"]
-            line = ax.plot([r["train_s"]] * 2, [basic, r["accuracy"]["fine"]], "-", color="0.8", zorder=1)[0]
+            ax.plot([r["train_s"]] * 2, [basic, r["accuracy"]["fine"]], "-", color="0.8", zorder=1)[0]
             ax.scatter([r["train_s"]], [r["accuracy"]["fine"]], marker="o", s=50, zorder=2, label=f"{label}: fine")
             ax.scatter([r["train_s"]], [basic], marker="s", s=30, zorder=2, facecolors="none",
                        edgecolors=ax.collections[-1].get_facecolor()[0])
             ax.annotate(label, (r["train_s"], r["accuracy"]["fine"]), textcoords="offset points", xytext=(5, 4),
                         fontsize=8)
-            del line
         ax.set_title(title)
         ax.set_xlabel("training time (s, CPU)")
         ax.set_ylabel("held-out exact match")

@@ -58,8 +58,7 @@ import golden  # noqa: E402  (tests/golden.py: the rules, shared with the tests)
 
 HAND_MADE = ("tokenizer_cases",)  # folders of tests/fixtures made otherwise (scripts/make_tokenizer_cases.py)
 DROPPED = {
-    "vision_last_hidden_state_tile0": "no test uses it",
-    "vit_embeds": "no test uses it",
+    **dict.fromkeys(golden.DROPPED_TENSORS, "no test uses it"),
     "pixel_values_u8": "replaced by per-tile sha256 digests, stats and block means of the float32 pixel_values",
 }
 FORMAT = "internvlx-hf compact golden data, format 1"

@@ -40,11 +40,6 @@ def _keep_torch_threads():
     torch.set_num_threads(threads)
 
 
-def fixtures_root() -> Path:
-    """The first folder golden data is read from (``$INTERNVLX_FIXTURES``, else ``tests/fixtures``)."""
-    return golden.roots()[0]
-
-
 def require_fixture(*parts: str) -> Path:
     """Real path of a fixture file/folder kept verbatim (see `golden.fixture_path`); fails the test if missing."""
     try:

@@ -199,9 +199,6 @@ class LogitsRef:
             )
         return logits[self.positions]
 
-    def max_abs_diff(self, logits: torch.Tensor) -> float:
-        return (self._select(logits) - self.values).abs().max().item()
-
     def assert_close(self, logits: torch.Tensor, atol: float = 1e-4) -> float:
         """Max |ours - reference| over the kept positions; AssertionError (naming the worst position) above atol."""
         diff = (self._select(logits) - self.values).abs()
@@ -214,11 +211,6 @@ class LogitsRef:
                 "compared)"
             )
         return worst
-
-    def compact(self, positions: torch.Tensor) -> "LogitsRef":
-        index = torch.searchsorted(self.positions, positions)
-        assert torch.equal(self.positions[index], positions), "positions not in this reference"
-        return LogitsRef(positions.clone(), self.values[index].contiguous(), self.length)
 
 
 # ------------------------------------------------------------------------------------------------------- pixels
@@ -248,7 +240,7 @@ def tile_stats(tile: torch.Tensor) -> dict[str, float]:
     values = tile.detach().cpu().double().reshape(-1).tolist()
     return {
         "sum": math.fsum(values),
-        "abs_sum": math.fsum(tile.detach().cpu().abs().double().reshape(-1).tolist()),
+        "abs_sum": math.fsum(map(abs, values)),  # |x| of a float64 is exact: the same sum
         "min": float(tile.min()),
         "max": float(tile.max()),
     }
@@ -433,12 +425,6 @@ def model_reference(name: str) -> ModelReference:
     logits = LogitsRef(torch.arange(full_logits.shape[0]), full_logits, full_logits.shape[0])
     pixels = TileDigests.from_tensor(pixels_from_uint8(tensors.pop("pixel_values_u8")))
     return ModelReference(name, folder, meta, False, tensors, logits, pixels)
-
-
-def compact_logit_positions(name: str, ref: ModelReference | None = None) -> torch.Tensor:
-    """The positions the compact copy keeps for model fixture ``name``."""
-    ref = ref or model_reference(name)
-    return logit_positions(ref.input_ids, ref.image_token_id)
 
 
 # ---------------------------------------------------------------------------------------------------- rope checks

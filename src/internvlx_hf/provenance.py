@@ -22,9 +22,10 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from .atomic import atomic_file
 
 PROVENANCE_FILE = "internvlx_provenance.json"
 FORMAT_VERSION = 1
@@ -61,20 +62,9 @@ def read_provenance(folder: str | os.PathLike) -> dict[str, Any]:
 
 def write_provenance(folder: str | os.PathLike, record: dict[str, Any]) -> Path:
     """Write ``record`` into ``folder`` atomically (a temporary file renamed into place)."""
-    folder = Path(folder)
-    path = folder / PROVENANCE_FILE
-    fd, tmp = tempfile.mkstemp(prefix=f".{PROVENANCE_FILE}.", dir=folder)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; the record is as readable as the weights
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(record, handle, indent=2, ensure_ascii=False, sort_keys=False)
-            handle.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    path = Path(folder) / PROVENANCE_FILE
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return path
 
 

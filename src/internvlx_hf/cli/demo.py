@@ -80,9 +80,6 @@ def _run_demo(args: argparse.Namespace) -> int:
     else:
         samples = demo_samples(seed=args.seed, path=folder)
 
-    import torch
-
-    torch.manual_seed(0)
     model, processor = load_demo_model(folder)
     record = demo_record(folder)
     config = model.config

@@ -52,14 +52,15 @@ def _run_push(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ..hub.preflight import preflight
-    from ..hub.push import files_to_upload, push_folder
+    from ..hub.push import check_pr_target, files_to_upload, push_folder
     from ..hub.resolve import looks_like_repo_id
 
     if "/" not in args.repo_id or not looks_like_repo_id(args.repo_id):
         raise CLIError(f"REPO_ID {args.repo_id!r} is not a Hub model id; use owner/name, e.g. me/InternVL2-2B-X.")
-    if args.create_pr and args.revision not in (None, "main"):
-        raise CLIError(f"--create-pr opens a pull request against main; it cannot go to --revision {args.revision!r}. "
-                       "Drop one of the two.")
+    try:
+        check_pr_target(args.create_pr, args.revision)
+    except ValueError as error:
+        raise CLIError(str(error)) from None
     folder = Path(args.model)
     problems = preflight(folder, args.repo_id)
     if problems:
@@ -78,7 +79,7 @@ def _run_push(args: argparse.Namespace) -> int:
         return 0
     try:
         info = push_folder(folder, args.repo_id, private=True if args.private else None, revision=args.revision,
-                           create_pr=args.create_pr, commit_message=args.message)
+                           create_pr=args.create_pr, commit_message=args.message, checked=True)
     except Exception as error:  # noqa: BLE001 - Hub errors become one line with a hint
         raise _hub_error(error, args.repo_id) from error
     url = getattr(info, "pr_url", None) or getattr(info, "commit_url", None) or f"https://huggingface.co/{args.repo_id}"

@@ -100,7 +100,8 @@ def parse_cli(args: argparse.Namespace | Sequence[str] | None):
         parser = argparse.ArgumentParser(prog="internvlx train")
         _add_train_arguments(parser)
         args = parser.parse_args(args)
-    given = {name: value for name, value in vars(args).items() if name in _option_names()}
+    options = _option_names()
+    given = {name: value for name, value in vars(args).items() if name in options}
     try:
         return parse_train_args(args.config, **given)
     except TypeError as error:  # a dataclass refusing a value

@@ -31,15 +31,13 @@ from .new_modules import describe_init, group_new_parameters, initialise_new_par
 from .options import check_projector, parse_dtype, parse_lvtc_spec, parse_size
 from .plan import ConversionPlan, PlanInputs, build_plan
 from .shards import OutputTensor, StreamingSafetensorsWriter
-from .source import SourceCheckpoint, read_source
+from .source import TOKENIZER_FILES, SourceCheckpoint, read_source
 from .tokenizer import convert_tokenizer
 from .vision import convert_vision_config, internvit_qkv_rows
 
 logger = logging.getLogger(__name__)
 
 IMAGE_CONTEXT_TOKEN = "<IMG_CONTEXT>"
-_TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                    "added_tokens.json", "vocab.json", "merges.txt")
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -399,7 +397,7 @@ def _prepare(source: SourceCheckpoint, projector: str, lvtc_options: dict | None
     except ConversionError:
         raise
     except Exception as error:  # tokenizers / sentencepiece reject a corrupt file with plain exceptions
-        files = ", ".join(name for name in _TOKENIZER_FILES if (source.path / name).exists()) or "none found"
+        files = ", ".join(name for name in TOKENIZER_FILES if (source.path / name).exists()) or "none found"
         raise ConversionError(
             f"cannot load the tokenizer of {source.path} (files: {files}): {type(error).__name__}: {error}. The "
             "tokenizer files are corrupt or do not belong together; copy them again from the original checkpoint."

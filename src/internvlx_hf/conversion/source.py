@@ -48,6 +48,9 @@ class SourceCheckpoint:
 
 
 # Keys every OpenGVLab config.json has (save_pretrained writes them); without them the model cannot be rebuilt.
+# The tokenizer files an InternVL2 checkpoint may carry (sentencepiece- or BPE-based).
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "vocab.json", "merges.txt")
 _REQUIRED_KEYS = {
     "llm_config": ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "vocab_size"),
     "vision_config": ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers"),

@@ -14,8 +14,7 @@ from pathlib import Path
 
 import torch
 
-_TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                    "added_tokens.json", "vocab.json", "merges.txt")
+from .source import TOKENIZER_FILES
 
 
 def synthetic_tensor_shapes(vit_hidden: int, vit_layers: int, vit_intermediate: int, llm_hidden: int,
@@ -127,7 +126,7 @@ def make_synthetic_internvl2(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer_from = Path(tokenizer_from)
-    for name in _TOKENIZER_FILES:
+    for name in TOKENIZER_FILES:
         if (tokenizer_from / name).is_file():
             shutil.copyfile(tokenizer_from / name, directory / name)
     with open(tokenizer_from / "config.json", encoding="utf-8") as handle:

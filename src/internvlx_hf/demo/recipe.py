@@ -15,7 +15,6 @@ Everything is seeded; nothing is downloaded.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -25,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..atomic import staged_folder
 from ..training.synthetic import BASIC_TASKS, TASKS, combine_meta, generate_dataset
 
 # The packaged demo model, and the tokenizer source the recipe falls back to (the repository's test fixture).
@@ -298,25 +298,12 @@ def evaluate(model, processor, test_meta: str | os.PathLike, *, batch_size: int 
             "eval_s": time.perf_counter() - start}
 
 
-def spec_dict(spec: Any) -> dict[str, Any]:
-    return dataclasses.asdict(spec)
-
-
 def copy_checkpoint(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     """Copy a saved checkpoint folder to ``dst`` (replaced) through a temporary folder (never half-written)."""
     src, dst = Path(src), Path(dst)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
-    try:
+    with staged_folder(dst) as tmp:
         for entry in sorted(src.iterdir()):
             if entry.is_file() and not entry.name.startswith("."):
                 shutil.copy2(entry, tmp / entry.name)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a packaged folder must be readable by everyone
-        for entry in tmp.iterdir():
-            os.chmod(entry, 0o644)
-        if dst.exists():
-            shutil.rmtree(dst)
-        os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+                os.chmod(tmp / entry.name, 0o644)  # a packaged folder must be readable by everyone
     return dst

@@ -30,11 +30,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..atomic import atomic_file
 from ..provenance import PROVENANCE_FILE, read_provenance
 from .resolve import looks_like_repo_id
 from .results import ResultRow, load_results
@@ -260,15 +260,8 @@ def write_model_card(card, path: str | os.PathLike, overwrite: bool = False) -> 
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass --overwrite to replace it (or --output another file).")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         card.save(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

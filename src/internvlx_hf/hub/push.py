@@ -21,8 +21,15 @@ def files_to_upload(folder: str | os.PathLike) -> list[str]:
     return list(filter_repo_objects(paths, ignore_patterns=IGNORE_PATTERNS + list(DEFAULT_IGNORE_PATTERNS)))
 
 
+def check_pr_target(create_pr: bool, revision: str | None) -> None:
+    """The Hub opens upload pull requests against the default branch: ``create_pr`` excludes another ``revision``."""
+    if create_pr and revision not in (None, "main"):
+        raise ValueError(f"--create-pr opens a pull request against main; it cannot go to --revision {revision!r}. "
+                         "Drop one of the two.")
+
+
 def push_folder(folder: str | os.PathLike, repo_id: str, *, private: bool | None = None, revision: str | None = None,
-                create_pr: bool = False, commit_message: str | None = None, api=None):
+                create_pr: bool = False, commit_message: str | None = None, api=None, checked: bool = False):
     """Check ``folder`` with `preflight`, then create ``repo_id`` (if needed) and upload the folder in one commit.
 
     Args:
@@ -34,6 +41,8 @@ def push_folder(folder: str | os.PathLike, repo_id: str, *, private: bool | None
             ``revision``: the Hub opens upload pull requests against the default branch).
         commit_message: defaults to "Upload <folder name> with internvlx push".
         api: an `huggingface_hub.HfApi` (default: a new one, with the token of `hf auth login` or ``HF_TOKEN``).
+        checked: the caller has just run `preflight` on this folder and found nothing (`internvlx push` does, to
+            list the problems itself); skips running it a second time.
 
     Returns:
         The `huggingface_hub.CommitInfo` of the upload (``commit_url``, ``pr_url``).
@@ -44,10 +53,8 @@ def push_folder(folder: str | os.PathLike, repo_id: str, *, private: bool | None
     from huggingface_hub import HfApi
 
     folder = Path(folder)
-    if create_pr and revision not in (None, "main"):
-        raise ValueError(f"--create-pr opens a pull request against main; it cannot go to --revision {revision!r}. "
-                         "Drop one of the two.")
-    problems = preflight(folder, repo_id)
+    check_pr_target(create_pr, revision)
+    problems = [] if checked else preflight(folder, repo_id)
     if problems:
         raise PreflightError(folder, problems)
     api = api or HfApi()
@@ -65,4 +72,4 @@ def push_folder(folder: str | os.PathLike, repo_id: str, *, private: bool | None
     )
 
 
-__all__ = ["IGNORE_PATTERNS", "files_to_upload", "push_folder"]
+__all__ = ["IGNORE_PATTERNS", "check_pr_target", "files_to_upload", "push_folder"]

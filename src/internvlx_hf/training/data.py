@@ -338,6 +338,8 @@ class InternVLXDataset(torch.utils.data.Dataset):
         rows = self._rows(source)
         if source.rows is not None:
             total = len(source.rows)
+        elif not progress:
+            total = None
         else:  # a quick pass over the file so that the bar shows progress
             with open(source.annotation, "rb") as handle:
                 total = sum(1 for line in handle if line.strip())

@@ -103,7 +103,7 @@ class ConversationEncoder:
             if messages[index]["role"] != "assistant":
                 continue
             header_end = prefix(index, add_generation_prompt=True)
-            turn_end = prefix(index + 1)
+            turn_end = len(text) if index + 1 == len(messages) else prefix(index + 1)
             # The reply and its end-of-turn token; whitespace the template puts after the separator is not learned.
             end = header_end + len(text[header_end:turn_end].rstrip())
             if end > header_end:

@@ -40,13 +40,13 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from PIL import Image, ImageDraw
+
+from ..atomic import atomic_file, staged_folder
 
 TASKS = ("colour", "shape", "position", "count", "fine")
 BASIC_TASKS = ("colour", "shape", "position", "count")
@@ -139,11 +139,9 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: 
     if shape == "circle":
         draw.ellipse(box, fill=colour)
     elif shape == "square":
-        draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=colour)
+        draw.rectangle(box, fill=colour)
     elif shape == "triangle":
         draw.polygon([(cx, cy - r), (cx + r, cy + 0.8 * r), (cx - r, cy + 0.8 * r)], fill=colour)
-    elif shape == "ring":
-        draw.ellipse(box, outline=colour, width=max(2, round(0.4 * r)))
     elif shape == "cross":
         w = 0.35 * r
         draw.rectangle([cx - r, cy - w, cx + r, cy + w], fill=colour)
@@ -351,9 +349,7 @@ def generate_dataset(out_dir: str | os.PathLike, n: int = 1000, *, tasks: Sequen
         raise FileExistsError(f"{out_dir} is not empty; pass overwrite=True to replace it or choose another out_dir")
     samples = iter_samples(n, tasks=tasks, seed=seed, sizes=sizes, image_size=image_size, fine_grid=fine_grid,
                            fine_glyphs=fine_glyphs, max_count=max_count, max_objects=max_objects)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with staged_folder(out_dir) as tmp:
         (tmp / "images").mkdir()
         with open(tmp / f"{name}.jsonl", "w", encoding="utf-8") as jsonl:
             for i, _, sample in samples:
@@ -366,13 +362,6 @@ def generate_dataset(out_dir: str | os.PathLike, n: int = 1000, *, tasks: Sequen
         meta = {name: {"root": str(out_dir), "annotation": str(out_dir / f"{name}.jsonl"), "data_augment": False,
                        "repeat_time": repeat_time, "length": n}}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        os.chmod(tmp, 0o755)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir / "meta.json"
 
 
@@ -398,9 +387,8 @@ def combine_meta(meta_paths: Sequence[str | os.PathLike], out_path: str | os.Pat
                 entry[key] = str((meta_path.parent.absolute() / entry[key]))
             combined[name] = entry
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.tmp")
-    tmp.write_text(json.dumps(combined, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, out_path)
+    with atomic_file(out_path) as tmp:
+        tmp.write_text(json.dumps(combined, indent=2) + "\n", encoding="utf-8")
     return out_path
 
 

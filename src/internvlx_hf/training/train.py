@@ -233,7 +233,6 @@ def train(model_args: ModelArguments, data_args: DataArguments, preset_args: Pre
         target=preset_args.lora_target))
     say(format_trainable(model, preset_args.preset))
 
-    training_args.remove_unused_columns = False
     if training_args.label_names is None:
         training_args.label_names = ["labels"]
     if data_args.group_by_length:
