@@ -20,8 +20,8 @@ Mixed-size set (small images, banners, wide images, tall pages): the pvtc+lvtc m
 `ratio` (InternVL2's), `area` and `edge` (the paper's caps), max 6 tiles (+ a thumbnail), at equal steps.
 
 Tasks: colour, shape, position, count (basic) and fine (which of 8 letters, one per 14 px patch, is in the red
-box). Training data: 3,600 basic samples + 200 fine samples repeated 9 times; held-out: 1,000 samples (200 per
-task). Hyper-parameters: batch 32, AdamW lr 1e-3 (beta2 0.98), cosine schedule with 5% warm-up, gradient clipping
+box). Training data: 3,600 basic samples + 200 fine samples repeated 9 times (`--fine-pages`, `--fine-repeat`);
+held-out: 1,000 samples (200 per task). Hyper-parameters: batch 32, AdamW lr 1e-3 (beta2 0.98), cosine schedule with 5% warm-up, gradient clipping
 1.0, seed 0. "train s" is the Trainer's train_runtime (data loading and collation included).
 
     python benchmarks/bench_learnability.py --quick                    # a 2-minute smoke run of the whole script
@@ -55,7 +55,7 @@ TASK_COLUMNS = ("colour", "shape", "position", "count", "fine")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from internvlx_hf.demo.recipe import CONFIGS, EXTRA_CONFIGS
+    from internvlx_hf.demo.recipe import CONFIGS, EXTRA_CONFIGS, DataSpec
 
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
@@ -80,6 +80,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0, help="model initialisation, data order and training set seed")
     parser.add_argument("--n-test", type=int, default=1000, help="held-out samples (all five tasks in turn)")
+    parser.add_argument("--fine-pages", type=int, default=DataSpec.n_fine,
+                        help="distinct fine-detail training pages (few: a model that cannot read the letters "
+                             "memorises them; many: every model learns to read them)")
+    parser.add_argument("--fine-repeat", type=int, default=DataSpec.fine_repeat,
+                        help="how many times each fine-detail page is seen per epoch")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--workdir", default=None, help="where data and checkpoints go (default: a temp folder)")
     parser.add_argument("--keep", action="store_true", help="keep the trained checkpoints in --workdir")
@@ -99,6 +104,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     unknown = [c for c in args.configs.split(",") if c and c not in CONFIGS and c not in EXTRA_CONFIGS]
     if unknown:
         parser.error(f"--configs: unknown {unknown}; choose from {list(CONFIGS) + list(EXTRA_CONFIGS)}")
+    if args.fine_pages < 1 or args.fine_repeat < 1:
+        parser.error(f"--fine-pages {args.fine_pages} / --fine-repeat {args.fine_repeat}: both must be >= 1")
     bad_modes = [m for m in args.tiling.split(",") if m not in ("ratio", "area", "edge", "none")]
     if bad_modes:
         parser.error(f"--tiling: unknown mode(s) {bad_modes}; choose from ratio, area, edge, none")
@@ -295,7 +302,8 @@ def main(argv=None) -> int:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="internvlx-learnability-"))
     workdir.mkdir(parents=True, exist_ok=True)
     base = load_tokenizer_processor()
-    fixed_data = DataSpec(sizes="fixed", n_test=args.n_test, seed=args.seed)
+    fixed_data = DataSpec(sizes="fixed", n_test=args.n_test, seed=args.seed, n_fine=args.fine_pages,
+                          fine_repeat=args.fine_repeat)
     mixed_data = replace(fixed_data, sizes="mixed")
     jobs = []
     if not args.no_fixed:

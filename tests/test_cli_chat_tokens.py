@@ -144,8 +144,11 @@ def test_prefill_flops_estimate_equals_flop_counter(expand_layer):
 
 def test_tokens_errors_are_one_line(capsys, tmp_path):
     (tmp_path / "folder").mkdir()
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("[1, 2")
     cases = [
         (["tokens", "--image", str(tmp_path / "nope.jpg")], "no such file; pass an image file or a size"),
+        (["tokens", str(tmp_path / "broken"), "--image", "448x448"], "config.json is not a JSON object"),
         (["tokens", "--image", "0x10"], "a size needs both sides >= 1 pixel"),
         (["tokens", "--image", "448x448", "--max-tiles", "0"], "--max-tiles must be >= 1"),
         (["tokens", str(tmp_path / "folder"), "--image", "448x448"], "no config.json"),

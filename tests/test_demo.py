@@ -99,7 +99,7 @@ def test_demo_answers_about_a_user_image(tmp_path, capsys):
     (["--image", "{tmp}/notes.txt"], "--image and --question go together"),
     (["--question", "How many shapes?"], "--image and --question go together"),
     (["--image", "{tmp}/notes.txt", "--question", "  "], "--question is empty"),
-    (["--model", "{tmp}"], "no config.json there"),
+    (["--model", "{tmp}"], "no config.json in"),
 ])
 def test_bad_inputs_give_one_line_errors(tmp_path, capsys, args, expected):
     (tmp_path / "notes.txt").write_text("not an image")

@@ -244,7 +244,11 @@ def test_card_errors_are_one_line_and_nothing_is_overwritten(converted, tmp_path
         (["card", str(folder), "--license", "mit", "--base-model", "not an id", "--output", "-"], "not a Hub model id"),
         (["card", str(tmp_path / "nope"), "--license", "mit"], "no such folder"),
         (["card", str(folder), "--license", "mit", "--results", str(tmp_path / "r.json")], "no such file"),
+        (["card", str(tmp_path / "llava"), "--license", "mit", "--output", "-"],
+         "model_type 'llava', not 'internvlx'"),
     ]
+    (tmp_path / "llava").mkdir()
+    (tmp_path / "llava" / "config.json").write_text('{"model_type": "llava"}')
     for argv, message in cases:
         assert main(argv) == 2, argv
         err = capsys.readouterr().err

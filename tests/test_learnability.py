@@ -67,3 +67,16 @@ def test_the_benchmark_configurations_are_the_issue_ones():
     assert {CONFIGS[n].downsample_ratio for n in ("plain-256", "pvtc-256", "lvtc-256-1024", "pvtc+lvtc")} == {0.5}
     assert CONFIGS["lvtc-256-1024"].lvtc_k == CONFIGS["pvtc+lvtc"].lvtc_k == 5
     assert replace(CONFIGS["pvtc+lvtc"], lvtc_k=None) == CONFIGS["pvtc-256"]
+
+
+def test_datasets_of_other_sizes_never_reuse_each_others_files(data):
+    root, train_meta, _ = data
+
+    def fine_entry(meta):
+        return next(entry for name, entry in json.loads(meta.read_text()).items() if name.startswith("fine"))
+
+    other_meta, _ = make_datasets(root / "data", SETTINGS["mlp"],
+                                  DataSpec(n_basic=192, n_fine=12, fine_repeat=3, n_test=10))
+    assert other_meta != train_meta
+    assert (fine_entry(other_meta)["length"], fine_entry(other_meta)["repeat_time"]) == (12, 3)
+    assert (fine_entry(train_meta)["length"], fine_entry(train_meta)["repeat_time"]) == (32, 2)

@@ -10,6 +10,7 @@ from internvlx_hf.modeling.modeling_internvlx import InternVLXLVTCCache, build_l
 
 from test_modeling import _remote_code_check, reported_max_diff, run_with_checkpointing
 from tiny import (
+    IMAGE_TOKEN_ID,
     PAD_ID,
     assert_left_padded_batch_equals_alone,
     greedy_by_recomputation,
@@ -37,6 +38,8 @@ def test_lvtc_defaults_follow_the_paper():
     assert config.lvtc["lr_downsample_ratio"] == 0.5 and config.lvtc["hr_downsample_ratio"] == 1.0
     assert config.lvtc["num_lr_projectors"] == 1 and config.lvtc_config.injection_layers == []
     assert config.image_seq_length == 256  # input ids stay in the short (LR) layout
+    assert config.hr_tokens_per_tile == 1024 and InternVLXConfig().hr_tokens_per_tile is None
+    assert InternVLXConfig(downsample_ratio=0.25, lvtc={"hr_downsample_ratio": 0.5}).hr_tokens_per_tile == 256
 
 
 @pytest.mark.parametrize("lvtc,message", [
@@ -290,6 +293,53 @@ def test_never_expanding_leaves_no_unused_parameters():
     model(input_ids=ids, pixel_values=pixels(1, seed=86), labels=ids).loss.backward()
     assert [n for n, p in model.named_parameters() if p.grad is None or not p.grad.any()] == []
     assert model.get_image_features(pixels(1, seed=86)).hr_features is None
+
+
+@pytest.mark.parametrize("tiles", [1, 2])
+def test_forward_equals_algorithm_1_written_out(tiles):
+    """The paper's Algorithm 1 by hand, on the decoder layers themselves: layers < k on the short sequence, the
+    extra LR projector added before its layer, at layer k each tile upsampled 2D plus the HR projector, layers >= k
+    on the long sequence (plain causal masks, positions 0..n-1), HR states averaged back to LR at the end."""
+    import torch.nn.functional as F
+
+    model = tiny_model(**LVTC_MLP)
+    m, lm = model.model, model.model.language_model
+    lvtc = model.config.lvtc_config
+    k, injected = lvtc.expand_layer, lvtc.injection_layers
+    assert (k, injected) == (2, [1])  # the set-up this test writes out
+    ids, pv = torch.tensor([prompt_ids(tiles, seed=91)]), pixels(tiles, seed=92)
+    visual = (ids[0] == IMAGE_TOKEN_ID).nonzero()[:, 0]
+    first, last = int(visual[0]), int(visual[-1]) + 1
+
+    def run(hidden, layers):
+        n = hidden.shape[1]
+        positions = torch.arange(n)[None]
+        mask = torch.full((n, n), torch.finfo(hidden.dtype).min).triu(1)[None, None]
+        for layer in layers:
+            hidden = layer(hidden, attention_mask=mask, position_ids=positions,
+                           position_embeddings=lm.rotary_emb(hidden, position_ids=positions))
+        return hidden
+
+    with torch.no_grad():
+        features = m.get_image_features(pv)
+        dim = lm.config.hidden_size
+        hidden = lm.embed_tokens(ids).clone()
+        hidden[0, first:last] = features.pooler_output.reshape(-1, dim)
+        hidden = run(hidden, lm.layers[:1])
+        hidden[0, first:last] += features.extra_lr_features[0].reshape(-1, dim)  # injected before layer 1
+        hidden = run(hidden, lm.layers[1:k])
+        grid = hidden[0, first:last].reshape(tiles, 2, 2, dim).permute(0, 3, 1, 2)  # 4 LR tokens per tile
+        up = F.interpolate(grid, size=(4, 4), mode="nearest").permute(0, 2, 3, 1).reshape(-1, dim)
+        up = up + features.hr_features.reshape(-1, dim)  # 16 HR tokens per tile
+        long = torch.cat([hidden[0, :first], up, hidden[0, last:]])[None]
+        long = run(long, lm.layers[k:])
+        hr = long[0, first:first + 16 * tiles].reshape(tiles, 4, 4, dim).permute(0, 3, 1, 2)
+        lr = F.avg_pool2d(hr, 2).permute(0, 2, 3, 1).reshape(-1, dim)
+        short = torch.cat([long[0, :first], lr, long[0, first + 16 * tiles:]])[None]
+        expected = model.lm_head(lm.norm(short))
+        got = model(input_ids=ids, pixel_values=pv).logits
+    assert got.shape == expected.shape == (1, ids.shape[1], model.config.text_config.vocab_size)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
 
 
 def test_expanding_changes_the_output():

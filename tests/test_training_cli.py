@@ -150,7 +150,8 @@ def test_yaml_config_flags_override_it_and_errors_are_one_line(tmp_path, capsys)
         (["train", "--data", "x.jsonl", "--output_dir", "o"], "--model is required"),
         (["train", "--model", str(model), "--data", "x.jsonl"], "--output_dir is required"),
         (["train", "--model", str(th.require_fixture("internvl2_qwen2")), "--data", "x", "--output_dir", "o"],
-         "is a 'internvl_chat' checkpoint, not internvlx; convert OpenGVLab InternVL2 / InternVL-X checkpoints "
+         "config.json has model_type 'internvl_chat', not 'internvlx'; convert OpenGVLab InternVL2 / InternVL-X "
+         "checkpoints "
          "first with `internvlx convert SRC DST`"),
         (["train", str(config), "--data", str(tmp_path / "nope.jsonl")], "training data '"),
         (["train", str(config), "--preset", "lora", "--lora_target", "qkv"],

@@ -45,17 +45,23 @@ def staged_folder(dst: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())  # only the folder: what is written into it already follows the umask
-        if dst.exists():
-            backup = dst.with_name(f".{dst.name}.old-{uuid.uuid4().hex[:8]}")
-            os.replace(dst, backup)
-            try:
-                os.replace(tmp, dst)
-            except BaseException:
-                os.replace(backup, dst)
-                raise
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.replace(tmp, dst)
+        replace_folder(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def replace_folder(src: Path, dst: Path) -> None:
+    """Rename the folder ``src`` to ``dst``; an existing ``dst`` is moved aside first, put back if the rename fails,
+    and removed once it succeeded."""
+    if not dst.exists():
+        os.replace(src, dst)
+        return
+    backup = dst.with_name(f".{dst.name}.old-{uuid.uuid4().hex[:8]}")
+    os.replace(dst, backup)
+    try:
+        os.replace(src, dst)
+    except BaseException:
+        os.replace(backup, dst)
+        raise
+    shutil.rmtree(backup, ignore_errors=True)

@@ -177,22 +177,14 @@ def _device_map(name: str):
 
 def load_chat_model(model: str, dtype: str = "auto", device: str = "auto"):
     """``(model, processor)`` of a checkpoint folder or Hub id, on ``device``, in eval mode."""
-    import json
-
     import torch
     from transformers import AutoModel, AutoProcessor
 
-    from ..hub.resolve import resolve_model
+    from ..hub.resolve import read_internvlx_config, resolve_model
 
     device_map = _device_map(device)
     path = resolve_model(model)
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise CLIError(f"{model}: no config.json; pass an internvlx-hf checkpoint folder (see `internvlx convert`).")
-    model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
-    if model_type != "internvlx":
-        raise CLIError(f"{model}: config.json has model_type {model_type!r}, not 'internvlx'; convert the checkpoint "
-                       "with `internvlx convert` first.")
+    read_internvlx_config(path, f"MODEL {str(model)!r}")
     processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
     loaded = AutoModel.from_pretrained(path, trust_remote_code=True, dtype=torch_dtype, device_map=device_map).eval()

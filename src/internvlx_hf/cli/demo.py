@@ -63,6 +63,7 @@ def _run_demo(args: argparse.Namespace) -> int:
         load_user_image,
         tile_grids,
     )
+    from ..hub.resolve import read_internvlx_config
 
     if (args.image is None) != (args.question is None):
         raise CLIError("--image and --question go together: give both (a question about your image), or neither "
@@ -72,9 +73,8 @@ def _run_demo(args: argparse.Namespace) -> int:
     if args.save_images and args.image:
         raise CLIError("--save-images saves the synthetic images; it does not apply with --image")
     folder = Path(args.model) if args.model else DEMO_MODEL_DIR
-    if args.model and not (folder / "config.json").is_file():
-        raise CLIError(f"--model {args.model!r}: no config.json there; give a checkpoint folder (e.g. one written by "
-                       "`internvlx train`)")
+    if args.model:
+        read_internvlx_config(folder, f"--model {args.model!r}")
     if args.image:
         samples = [DemoSample(load_user_image(args.image), args.question.strip(), None, "", args.image)]
     else:

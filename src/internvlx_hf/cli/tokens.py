@@ -59,7 +59,6 @@ def _run_tokens(args: argparse.Namespace) -> int:
         TilingSettings,
         budget_rows,
         format_table,
-        hr_tokens_per_tile,
         image_size_of,
         rows_to_json,
     )
@@ -88,27 +87,20 @@ def _run_tokens(args: argparse.Namespace) -> int:
           f"{settings.tokens_per_tile} tokens per tile" + (", thumbnail" if settings.use_thumbnail else ""))
     if config is not None and config.lvtc_config is not None:
         print(f"LVTC: layers < {config.lvtc_config.expand_layer} see {settings.tokens_per_tile} tokens per tile, "
-              f"layers >= {config.lvtc_config.expand_layer} see {hr_tokens_per_tile(config)}; "
+              f"layers >= {config.lvtc_config.expand_layer} see {config.hr_tokens_per_tile}; "
               f"{args.text_tokens} text tokens")
     print(format_table(rows))
     return 0
 
 
 def _load_processor_and_config(model: str):
-    import json
-
     from transformers import AutoProcessor
 
-    from ..hub.resolve import resolve_model
+    from ..hub.resolve import read_internvlx_config, resolve_model
     from ..modeling import InternVLXConfig
 
     path = resolve_model(model, allow_patterns=["*.json", "*.py", "*.jinja", "*.model", "*.txt", "*.tiktoken"])
-    if not (path / "config.json").is_file():
-        raise CLIError(f"{model}: no config.json; pass an internvlx-hf checkpoint folder (from `internvlx convert`).")
-    model_type = json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type")
-    if model_type != "internvlx":
-        raise CLIError(f"{model}: config.json has model_type {model_type!r}, not 'internvlx'; convert the checkpoint "
-                       "with `internvlx convert`.")
+    read_internvlx_config(path, f"MODEL {str(model)!r}")
     config = InternVLXConfig.from_pretrained(path)
     processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
     if not hasattr(processor, "num_visual_tokens"):

@@ -16,13 +16,13 @@ import logging
 import os
 import shutil
 import tempfile
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..atomic import replace_folder
 from ..modeling.configuration_internvlx import InternVLXConfig, LVTCConfig
 from ..provenance import record_conversion
 from .errors import ConversionError
@@ -124,14 +124,7 @@ def _publish(tmp: Path, dst: Path, overwrite: bool) -> None:
         if not any(dst.iterdir()):
             dst.rmdir()
         elif overwrite:
-            backup = dst.with_name(f".{dst.name}.old-{uuid.uuid4().hex[:8]}")
-            os.replace(dst, backup)
-            try:
-                os.replace(tmp, dst)
-            except BaseException:
-                os.replace(backup, dst)
-                raise
-            shutil.rmtree(backup, ignore_errors=True)
+            replace_folder(tmp, dst)
             return
         else:
             raise ConversionError(f"DST {dst} appeared while converting; pass --overwrite to replace it.")
@@ -478,11 +471,7 @@ def _write_companion_files(job: _Job, directory: Path):
 
 def _report(job: _Job, src: Path, dst: Path, files: list[str], total_bytes: int) -> ConversionReport:
     config, plan = job.config, job.plan
-    lvtc = config.lvtc_config
     source_projector = job.source.projector_type
-    hr_tokens = None
-    if lvtc is not None:
-        hr_tokens = (config.vision_tokens_per_side // round(1 / lvtc.hr_downsample_ratio)) ** 2
     return ConversionReport(
         src=src,
         dst=dst,
@@ -495,7 +484,7 @@ def _report(job: _Job, src: Path, dst: Path, files: list[str], total_bytes: int)
         else f"new, replaces the source's {source_projector}",
         lvtc=config.lvtc,
         tokens_per_tile=config.image_seq_length,
-        hr_tokens_per_tile=hr_tokens,
+        hr_tokens_per_tile=config.hr_tokens_per_tile,
         tokenizer=job.tokenizer_kind,
         template=str(config.template),
         eos_token=job.separator,

@@ -191,11 +191,17 @@ def make_datasets(root: str | os.PathLike, spec: TinySpec, data: DataSpec) -> tu
         return generate_dataset(folder, name=name, **common, **kwargs)
 
     tag = f"{data.sizes}-{spec.tile}"
-    basic = make(f"basic-{tag}-s{data.seed}", n=data.n_basic, tasks=TRAIN_TASKS, seed=1000 + data.seed)
-    fine = make(f"fine-{tag}-s{data.seed}", n=data.n_fine, tasks=["fine"], seed=5000 + data.seed,
+    # Sets that differ from the recipe's defaults get their own names, so that a shared workdir never mixes them.
+    defaults = DataSpec()
+    fine_tag = "" if (data.n_fine, data.fine_repeat) == (defaults.n_fine, defaults.fine_repeat) \
+        else f"-{data.n_fine}x{data.fine_repeat}"
+    basic_tag = "" if data.n_basic == defaults.n_basic else f"-{data.n_basic}"
+    test_tag = "" if data.n_test == defaults.n_test else f"-{data.n_test}"
+    basic = make(f"basic-{tag}-s{data.seed}{basic_tag}", n=data.n_basic, tasks=TRAIN_TASKS, seed=1000 + data.seed)
+    fine = make(f"fine-{tag}-s{data.seed}{fine_tag}", n=data.n_fine, tasks=["fine"], seed=5000 + data.seed,
                 repeat_time=data.fine_repeat)
-    test = make(f"test-{tag}", n=data.n_test, tasks=TASKS, seed=999_999)
-    train_meta = root / f"train-{tag}-s{data.seed}.json"
+    test = make(f"test-{tag}{test_tag}", n=data.n_test, tasks=TASKS, seed=999_999)
+    train_meta = root / f"train-{tag}-s{data.seed}{basic_tag}{fine_tag}.json"
     if not train_meta.is_file():
         combine_meta([basic, fine], train_meta)
     return train_meta, test

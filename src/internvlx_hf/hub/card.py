@@ -36,9 +36,9 @@ from typing import Any
 
 from ..atomic import atomic_file
 from ..provenance import PROVENANCE_FILE, read_provenance
-from .resolve import looks_like_repo_id
+from .resolve import looks_like_repo_id, read_internvlx_config
 from .results import ResultRow, load_results
-from .token_budget import TYPICAL_IMAGE_SIZES, TilingSettings, hr_tokens_per_tile, image_budget
+from .token_budget import TYPICAL_IMAGE_SIZES, TilingSettings, image_budget
 
 RELATIONS = ("finetune", "adapter", "merge", "quantized")
 PIPELINE_TAG = "image-text-to-text"
@@ -134,10 +134,7 @@ def _read_checkpoint(folder: Path, record: dict[str, Any], adapter: bool) -> _Ch
         where = " or ".join(str(c) for c in candidates)
         raise FileNotFoundError(f"no config.json in {where}; `internvlx card` describes an internvlx-hf checkpoint "
                                 "folder (made by `internvlx convert` or `internvlx train`).")
-    model_type = _read_json(config_file).get("model_type")
-    if model_type != "internvlx":
-        raise ValueError(f"{config_file} has model_type {model_type!r}, not 'internvlx'; convert the checkpoint with "
-                         "`internvlx convert` first.")
+    read_internvlx_config(config_file.parent, "the card's checkpoint")
     config = InternVLXConfig.from_pretrained(candidate)
     return _Checkpoint(config, _processor_settings(candidate, config), candidate)
 
@@ -325,7 +322,7 @@ def _compression_section(config, settings: TilingSettings) -> str:
     else:
         projector = "MLP (InternVL2's pixel shuffle + LayerNorm / Linear / GELU / Linear)"
     if lvtc is not None:
-        hr = hr_tokens_per_tile(config)
+        hr = config.hr_tokens_per_tile
         injected = ", ".join(str(i) for i in lvtc.injection_layers) or "none"
         lvtc_text = (f"on (paper Sec. 3.2): layers < k = {lvtc.expand_layer} of {text.num_hidden_layers} see "
                      f"{config.image_seq_length} tokens per tile, layers >= k see {hr} ({lvtc.upsample_mode} "
@@ -342,7 +339,7 @@ def _compression_section(config, settings: TilingSettings) -> str:
              f"tiles of {settings.image_size}px")
     if settings.use_thumbnail:
         tiles += ", plus a thumbnail when there is more than one"
-    per_tile = f"{settings.tokens_per_tile}" + (f" (layers >= k: {hr_tokens_per_tile(config)})" if lvtc else "")
+    per_tile = f"{settings.tokens_per_tile}" + (f" (layers >= k: {config.hr_tokens_per_tile})" if lvtc else "")
     lines = [
         "## Visual token compression",
         "",
@@ -363,7 +360,7 @@ def _compression_section(config, settings: TilingSettings) -> str:
     for width, height in TYPICAL_IMAGE_SIZES:
         budget = image_budget(width, height, settings.tiling, settings)
         row = f"| {width}x{height} | {budget.grid[0]}x{budget.grid[1]} | {budget.tiles} | {budget.tokens}"
-        lines.append(row + (f" | {budget.tiles * hr_tokens_per_tile(config)} |" if lvtc else " |"))
+        lines.append(row + (f" | {budget.tiles * config.hr_tokens_per_tile} |" if lvtc else " |"))
     lines += ["", "`internvlx tokens` (from the `internvlx-hf` package) computes these numbers for any image, and the "
                   "LLM prefill FLOPs."]
     return "\n".join(lines)

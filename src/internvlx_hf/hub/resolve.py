@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 # owner/name as the Hub spells repository ids (letters, digits, '-', '_', '.'), optionally without an owner.
 _REPO_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}$")
@@ -58,4 +60,32 @@ def resolve_model(model: str | os.PathLike, allow_patterns: list[str] | None = N
                                 "pass DIR.") from None
 
 
-__all__ = ["looks_like_repo_id", "resolve_model"]
+def read_internvlx_config(folder: str | os.PathLike, name: str) -> dict[str, Any]:
+    """The config.json of the internvlx-hf checkpoint folder ``folder``, as a dict.
+
+    ``name`` says in errors which argument gave the folder (e.g. ``"--model 'out'"``).
+
+    Raises:
+        FileNotFoundError: the folder holds no config.json.
+        ValueError: config.json is not a JSON object, or describes another model type (e.g. an OpenGVLab
+            InternVL2 checkpoint, which `internvlx convert` turns into an internvlx-hf one).
+    """
+    config_file = Path(folder) / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{name}: no config.json in {folder}; give the folder of an internvlx-hf checkpoint "
+                                "(made by `internvlx convert` or `internvlx train`)")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        config = None
+    if not isinstance(config, dict):
+        raise ValueError(f"{name}: {config_file} is not a JSON object; the checkpoint is damaged (convert or train "
+                         "it again)")
+    model_type = config.get("model_type")
+    if model_type != "internvlx":
+        raise ValueError(f"{name}: config.json has model_type {model_type!r}, not 'internvlx'; convert OpenGVLab "
+                         "InternVL2 / InternVL-X checkpoints first with `internvlx convert SRC DST`")
+    return config
+
+
+__all__ = ["looks_like_repo_id", "read_internvlx_config", "resolve_model"]

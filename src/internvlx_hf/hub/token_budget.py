@@ -175,14 +175,14 @@ def model_budget(config, image: ImageBudget, text_tokens: int) -> ModelBudget:
     """LLM tokens per layer group and prefill FLOPs for a prompt of ``text_tokens`` text tokens and ``image``.
 
     The prompt holds ``<img>`` + the image's tokens + ``</img>``; with LVTC each tile's LR tokens become
-    ``hr_tokens_per_tile`` from layer k on.
+    ``config.hr_tokens_per_tile`` from layer k on.
     """
     shape = LLMShape.from_text_config(config.get_text_config())
     n_short = text_tokens + 2 + image.tokens
     lvtc = config.lvtc_config
     if lvtc is None:
         return ModelBudget(n_short, None, None, prefill_flops(shape, n_short), None)
-    n_long = text_tokens + 2 + image.tiles * hr_tokens_per_tile(config)
+    n_long = text_tokens + 2 + image.tiles * config.hr_tokens_per_tile
     return ModelBudget(
         llm_tokens=n_short,
         llm_tokens_long=n_long,
@@ -190,14 +190,6 @@ def model_budget(config, image: ImageBudget, text_tokens: int) -> ModelBudget:
         prefill_flops=prefill_flops(shape, n_short, n_long, lvtc.expand_layer),
         uncompressed_prefill_flops=prefill_flops(shape, n_long),
     )
-
-
-def hr_tokens_per_tile(config) -> int | None:
-    """Tokens per tile from the LVTC expand layer on (None without LVTC)."""
-    lvtc = config.lvtc_config
-    if lvtc is None:
-        return None
-    return (config.vision_tokens_per_side // round(1 / lvtc.hr_downsample_ratio)) ** 2
 
 
 def budget_rows(sizes: list[tuple[str, tuple[int, int]]], settings: TilingSettings, tilings=COMPARED_TILINGS,
@@ -261,7 +253,6 @@ __all__ = [
     "TilingSettings",
     "budget_rows",
     "format_table",
-    "hr_tokens_per_tile",
     "image_budget",
     "image_size_of",
     "layer_flops",

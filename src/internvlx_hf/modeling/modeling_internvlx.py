@@ -815,8 +815,8 @@ class InternVLXModel(InternVLXPreTrainedModel):
         device = inputs_embeds.device
         n1 = self.config.image_seq_length
         side1 = round(n1**0.5)
-        side2 = self.config.vision_tokens_per_side // round(1.0 / lvtc.hr_downsample_ratio)
-        n2 = side2 * side2
+        n2 = self.config.hr_tokens_per_tile
+        side2 = round(n2**0.5)
 
         if position_ids is None:
             position_ids = torch.arange(past_length, past_length + short_len, device=device)[None].expand(batch, -1)

@@ -8,7 +8,6 @@ model in OUT. The final files are written to a hidden folder inside OUT and move
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -20,6 +19,7 @@ from typing import Any
 
 from transformers import HfArgumentParser, TrainingArguments
 
+from ..hub.resolve import read_internvlx_config
 from ..processing import TilingMode
 from .collator import InternVLXDataCollator
 from .data import InternVLXDataset
@@ -139,16 +139,7 @@ def _check_model_folder(path: str | None) -> Path:
     if not path:
         raise ValueError("--model is required: the folder of an internvlx-hf checkpoint (see `internvlx convert`)")
     folder = Path(path).expanduser().resolve()
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"--model {path!r}: no config.json there; give the folder of an internvlx-hf "
-                                "checkpoint (made by `internvlx convert` or `internvlx train`)")
-    try:
-        model_type = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        raise ValueError(f"--model {path!r}: config.json is not a JSON object") from None
-    if model_type != "internvlx":
-        raise ValueError(f"--model {path!r} is a {model_type!r} checkpoint, not internvlx; convert OpenGVLab "
-                         "InternVL2 / InternVL-X checkpoints first with `internvlx convert SRC DST`")
+    read_internvlx_config(folder, f"--model {path!r}")
     return folder
 
 

@@ -274,6 +274,15 @@ class InternVLXConfig(PreTrainedConfig):
         image_size, patch_size = _image_and_patch(self.vision_config)
         return image_size // patch_size
 
+    @property
+    def hr_tokens_per_tile(self) -> int | None:
+        """Visual tokens per tile from the LVTC expand layer ``k`` on (1024 for 448px tiles at
+        ``hr_downsample_ratio=1.0``), or None when LVTC is off; layers before ``k`` see ``image_seq_length``."""
+        lvtc = self.lvtc_config
+        if lvtc is None:
+            return None
+        return (self.vision_tokens_per_side // round(1.0 / lvtc.hr_downsample_ratio)) ** 2
+
 
 InternVLXConfig.register_for_auto_class()
 
