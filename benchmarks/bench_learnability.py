@@ -21,8 +21,9 @@ Mixed-size set (small images, banners, wide images, tall pages): the pvtc+lvtc m
 
 Tasks: colour, shape, position, count (basic) and fine (which of 8 letters, one per 14 px patch, is in the red
 box). Training data: 3,600 basic samples + 200 fine samples repeated 9 times (`--fine-pages`, `--fine-repeat`);
-held-out: 1,000 samples (200 per task). Hyper-parameters: batch 32, AdamW lr 1e-3 (beta2 0.98), cosine schedule with 5% warm-up, gradient clipping
-1.0, seed 0. "train s" is the Trainer's train_runtime (data loading and collation included).
+held-out: 1,000 samples (200 per task). Hyper-parameters: batch 32, AdamW lr 1e-3 (beta2 0.98), cosine schedule
+with 5% warm-up, gradient clipping 1.0, seed 0. "train s" is the Trainer's train_runtime (data loading and collation
+included).
 
     python benchmarks/bench_learnability.py --quick                    # a 2-minute smoke run of the whole script
     python benchmarks/bench_learnability.py --plot benchmarks/results/learnability.png      # everything (~1.5 h)
