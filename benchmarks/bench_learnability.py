@@ -134,12 +134,11 @@ def run_one(name, spec, data_spec, train_spec, workdir, base, *, tiling=None, th
         "name": tag,
         "started_from": str(start_from) if start_from else "scratch",
         "config": name,
-        "tiling": processor.image_processor.tiling.value if hasattr(processor.image_processor.tiling, "value")
-        else str(processor.image_processor.tiling),
+        "tiling": str(getattr(processor.image_processor.tiling, "value", processor.image_processor.tiling)),
         "sizes": data_spec.sizes,
         "spec": spec.describe(),
         "tokens_per_tile": config.image_seq_length,
-        "tokens_per_tile_from_k": (config.image_seq_length * 4) if lvtc is not None else config.image_seq_length,
+        "tokens_per_tile_from_k": config.hr_tokens_per_tile or config.image_seq_length,
         "lvtc_k": lvtc["expand_layer"] if lvtc is not None else None,
         "parameters": sum(p.numel() for p in model.parameters()),
         "steps": train_spec.steps,
@@ -152,7 +151,8 @@ def run_one(name, spec, data_spec, train_spec, workdir, base, *, tiling=None, th
         "basic_min": scores["basic_min"],
         "tiles_per_sample": scores["tiles_per_sample"],
         "visual_tokens_per_sample": scores["visual_tokens_per_sample"],
-        "visual_tokens_per_sample_from_k": scores["visual_tokens_per_sample"] * (4 if lvtc is not None else 1),
+        "visual_tokens_per_sample_from_k": scores["visual_tokens_per_sample"]
+        * (config.hr_tokens_per_tile or config.image_seq_length) // config.image_seq_length,
         "n_test": scores["n"],
         "eval_s": scores["eval_s"],
     }

@@ -90,7 +90,7 @@ def _run_demo(args: argparse.Namespace) -> int:
           f"AutoModel loaded {type(model).__module__}.{type(model).__name__})")
     print(f"  {config.projector_type} projector, {config.image_seq_length} tokens per {ip.image_size}px tile"
           + (f", LVTC: layers >= {lvtc['expand_layer']} see "
-             f"{round(config.vision_tokens_per_side * lvtc['hr_downsample_ratio']) ** 2} per tile" if lvtc else "")
+             f"{config.hr_tokens_per_tile} per tile" if lvtc else "")
           + f"; tiling {tiling}, max {ip.max_tiles} tiles")
     held_out = record.get("held_out", {}).get("accuracy")
     if held_out:

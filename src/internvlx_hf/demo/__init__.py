@@ -102,23 +102,18 @@ def layer_groups(config, prompt_tokens: int, tiles: int) -> list[tuple[str, int]
     if not lvtc:
         return [(f"layers 0-{depth - 1}", prompt_tokens)]
     k = lvtc["expand_layer"]
-    side = round(config.vision_tokens_per_side * lvtc["hr_downsample_ratio"])
-    extra = tiles * (side * side - config.image_seq_length)
+    extra = tiles * (config.hr_tokens_per_tile - config.image_seq_length)
     long = f"layer {k}" if k == depth - 1 else f"layers {k}-{depth - 1}"
     return [(f"layers 0-{k - 1}" if k > 1 else "layer 0", prompt_tokens), (long, prompt_tokens + extra)]
 
 
 def tile_grids(processor, width: int, height: int) -> dict[str, tuple[int, int, int]]:
     """``{mode: (cols, rows, tiles incl. thumbnail)}`` for the RVTC tiling modes under the processor's settings."""
-    from ..processing import get_tile_grid
+    from ..hub.token_budget import TilingSettings, image_budget
 
-    ip = processor.image_processor
-    grids = {}
-    for mode in TILING_MODES:
-        cols, rows = get_tile_grid(width, height, mode, ip.min_tiles, ip.max_tiles, ip.image_size)
-        n = cols * rows
-        grids[mode] = (cols, rows, n + 1 if n > 1 and ip.use_thumbnail else n)
-    return grids
+    settings = TilingSettings.from_processor(processor)
+    budgets = {mode: image_budget(width, height, mode, settings) for mode in TILING_MODES}
+    return {mode: (*budget.grid, budget.tiles) for mode, budget in budgets.items()}
 
 
 def answer(model, processor, image, question: str, *, tiling: str | None = None, max_new_tokens: int = 8
@@ -127,8 +122,9 @@ def answer(model, processor, image, question: str, *, tiling: str | None = None,
     (empty system block, ``<image>`` then the question)."""
     import torch
 
-    messages = [{"role": "system", "content": ""}, {"role": "user", "content": "<image>\n" + question}]
-    prompt = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    from .recipe import prompt_messages
+
+    prompt = processor.apply_chat_template(prompt_messages(question), tokenize=False, add_generation_prompt=True)
     kwargs = {"tiling": tiling} if tiling else {}
     inputs = processor(images=[image], text=prompt, return_tensors="pt", **kwargs)
     eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
