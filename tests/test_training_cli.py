@@ -198,15 +198,18 @@ def test_lvtc_trains_packed_with_gradient_checkpointing(tmp_path):
 
 
 _DDP = """
-import json, sys, torch
+import json, os, sys, torch
 import torch.distributed as dist
-from internvlx_hf.training import parse_train_args, train
+from internvlx_hf.training import end_distributed, parse_train_args, train
 result = train(*parse_train_args(json.loads(sys.argv[1])), print_fn=None)
-rank = dist.get_rank()
+rank, world = dist.get_rank(), dist.get_world_size()
 model = result.trainer.accelerator.unwrap_model(result.trainer.model)
 torch.save({n: p.detach().clone() for n, p in model.named_parameters()}, sys.argv[2] + f"/rank{rank}.pt")
 losses = [e["loss"] for e in result.trainer.state.log_history if "loss" in e]
-json.dump({"losses": losses, "world": dist.get_world_size()},
+del result, model
+end_distributed()
+threads = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+json.dump({"losses": losses, "world": world, "gloo_threads": [t for t in threads if "gloo" in t]},
           open(sys.argv[2] + f"/rank{rank}.json", "w"))
 """
 
@@ -233,6 +236,8 @@ def _options(tmp_path, **overrides):
 def test_ddp_with_two_cpu_processes(tmp_path):
     ranks = _torchrun(tmp_path, _options(tmp_path))
     assert [r["world"] for r in ranks] == [2, 2]
+    # end_distributed() (what `internvlx train` runs last) stopped gloo's threads: none is left to abort at exit.
+    assert [r["gloo_threads"] for r in ranks] == [[], []]
     losses = ranks[0]["losses"]
     assert len(losses) == 4 and losses[-1] < losses[0] - 0.5
     weights = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]

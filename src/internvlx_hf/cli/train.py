@@ -109,9 +109,10 @@ def parse_cli(args: argparse.Namespace | Sequence[str] | None):
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from ..training.train import train
+    from ..training.train import end_distributed, train
 
-    train(*parse_cli(args))
+    train(*parse_cli(args))  # the result is not kept, so that end_distributed() can free the wrapped model
+    end_distributed()
     return 0
 
 

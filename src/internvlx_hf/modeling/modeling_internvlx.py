@@ -175,7 +175,9 @@ class PVTCProjector(nn.Module):
             local = layer(local, window_tokens)
         for layer in self.global_layers:
             global_ = layer(global_, window_tokens)
-        return (local + global_).reshape(tiles, side * side, -1)
+        # Summed in the output shape so the result owns its storage: a view here would be the root output of an
+        # FSDP2-wrapped model (image_hidden_states), which FSDP warns can silently lose gradients on in-place use.
+        return local.reshape(tiles, side * side, -1) + global_.reshape(tiles, side * side, -1)
 
 
 def build_projector(config: InternVLXConfig, projector_type: str, ratio: float) -> nn.Module:

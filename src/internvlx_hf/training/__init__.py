@@ -15,7 +15,7 @@ from .encoding import IGNORE_INDEX, ConversationEncoder
 from .formats import Sample, SampleError, sample_from_row
 from .presets import PRESETS, LoraSettings, apply_preset, format_trainable, lora_target_modules, trainable_parameters
 from .synthetic import combine_meta, generate_dataset
-from .train import DataArguments, ModelArguments, PresetArguments, TrainResult, parse_train_args, train
+from .train import DataArguments, ModelArguments, PresetArguments, TrainResult, end_distributed, parse_train_args, train
 from .trainer import InternVLXTrainer
 
 __all__ = [
@@ -35,6 +35,7 @@ __all__ = [
     "TrainResult",
     "apply_preset",
     "combine_meta",
+    "end_distributed",
     "format_trainable",
     "generate_dataset",
     "lora_target_modules",

@@ -263,5 +263,22 @@ def train(model_args: ModelArguments, data_args: DataArguments, preset_args: Pre
     return TrainResult(trainer=trainer, dataset=dataset, output_dir=out, metrics=result.metrics)
 
 
+def end_distributed() -> None:
+    """Destroy torch.distributed's default process group after training (a no-op in a single process).
+
+    Call it at the end of a torchrun script once nothing refers to the `TrainResult` any more, as `internvlx train`
+    does. The DDP-wrapped model holds the group, so while it lives `destroy_process_group()` leaves the group's
+    gloo worker threads running, and in interpreter teardown they can abort the process (SIGABRT, "terminate called
+    without an active exception") after training has succeeded; accelerate's `end_training()` has the same gap.
+    """
+    import gc
+
+    import torch.distributed as dist
+
+    gc.collect()  # in case only reference cycles still hold the wrapped model
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 __all__ = ["ARGUMENT_CLASSES", "DataArguments", "ModelArguments", "PresetArguments", "TrainResult",
            "parse_train_args", "train"]
