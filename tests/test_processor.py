@@ -18,6 +18,7 @@ from internvlx_hf.processing import (
     InternVLXProcessor,
     get_chat_template,
 )
+from internvlx_hf.processing.chat_templates import turn_end_text
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>"]
 PAD, IM_START, IM_END, IMG, END_IMG, CTX = range(256, 262)
@@ -285,6 +286,12 @@ def test_default_template_and_other_internvl_templates():
         template = get_chat_template(name)
         rendered = processor.apply_chat_template(messages, chat_template=template, add_generation_prompt=True)
         assert rendered == prompt, name
+    # The end-of-turn marker that conversion, the processor's decoding and `internvlx chat` stop at.
+    ends = {name: turn_end_text(processor.apply_chat_template, chat_template=get_chat_template(name))
+            for name in CHAT_TEMPLATES}
+    assert ends == {"Hermes-2": "<|im_end|>", "internlm2-chat": "<|im_end|>", "phi3-chat": "<|end|>",
+                    "internvl2_5": "<|im_end|>"}
+    assert turn_end_text(processor.apply_chat_template, chat_template="{{ messages[0]['content'] }}") == ""
     assert sorted(CHAT_TEMPLATES) == ["Hermes-2", "internlm2-chat", "internvl2_5", "phi3-chat"]
     with pytest.raises(ValueError, match=r"Unknown InternVL chat template 'vicuna'; known templates: 'Hermes-2'"):
         get_chat_template("vicuna")

@@ -137,14 +137,14 @@ class ChatSession:
 def end_of_turn_token_ids(processor, generation_config=None) -> list[int]:
     """Token ids that end an answer: the chat template's end-of-turn token (what follows an assistant message,
     e.g. ``<|im_end|>`` or ``<|end|>``) and the generation config's eos ids."""
+    from ..processing.chat_templates import turn_end_text
+
     ids: list[int] = []
     eos = getattr(generation_config, "eos_token_id", None)
     if eos is not None:
         ids += [int(eos)] if isinstance(eos, int) else [int(i) for i in eos]
     tokenizer = processor.tokenizer
-    probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "MARKER"}]
-    rendered = processor.apply_chat_template(probe, tokenize=False)
-    end = rendered.rsplit("MARKER", 1)[-1].strip() if "MARKER" in rendered else ""
+    end = turn_end_text(processor.apply_chat_template)
     if end:
         end_ids = tokenizer(end, add_special_tokens=False)["input_ids"]
         if len(end_ids) == 1 and end_ids[0] not in ids:

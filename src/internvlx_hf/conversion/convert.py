@@ -133,10 +133,9 @@ def _publish(tmp: Path, dst: Path, overwrite: bool) -> None:
 
 def _template_separator(tokenizer: Any, template: str) -> tuple[str, int]:
     """The end-of-turn token of the chat template (InternVL2 stops generation there, not at the tokenizer eos)."""
-    rendered = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "x"}, {"role": "assistant", "content": "REPLY"}], tokenize=False
-    )
-    separator = rendered.rsplit("REPLY", 1)[-1].strip()
+    from ..processing.chat_templates import turn_end_text
+
+    separator = turn_end_text(tokenizer.apply_chat_template)
     ids = tokenizer.convert_tokens_to_ids([separator]) if separator else []
     if not ids or ids[0] is None or ids[0] == tokenizer.unk_token_id:
         raise ConversionError(f"the chat template {template!r} ends a turn with {separator!r}, which is not one token "

@@ -101,9 +101,9 @@ def _read_sentencepiece(model_file: Path):
     return proto
 
 
-def sentencepiece_facts(model_file: Path) -> dict:
-    """What decoding needs to know about a sentencepiece model (see `InternVLXLlamaTokenizerFast`)."""
-    proto = _read_sentencepiece(model_file)
+def sentencepiece_facts(proto) -> dict:
+    """What decoding needs to know about a sentencepiece model (a parsed ``ModelProto``; see
+    `InternVLXLlamaTokenizerFast`)."""
     pieces = list(proto.pieces)
     return {
         "vocab_size": len(pieces),
@@ -116,19 +116,20 @@ def sentencepiece_facts(model_file: Path) -> dict:
 def sentencepiece_to_tokenizers(model_file: Path, added: dict[int, dict], *, legacy: bool = True,
                                 bos_token: str | None = "<s>", eos_token: str | None = "</s>",
                                 add_bos_token: bool = True, add_eos_token: bool = False,
-                                special_tokens: set[str] | None = None):
+                                special_tokens: set[str] | None = None, proto=None):
     """A `tokenizers.Tokenizer` that encodes like the slow sentencepiece tokenizer (see the module docstring).
 
     ``added``: id -> AddedToken fields of the source's added tokens. ``special_tokens``: the source's
     ``all_special_tokens`` (bos, eos, unk, pad, additional_special_tokens); only these are marked special, so that
     ``decode(skip_special_tokens=True)`` drops what the slow tokenizer drops (Phi-3's chat tokens stay). ``None``
-    keeps each token's own ``special`` flag.
+    keeps each token's own ``special`` flag. ``proto``: ``model_file`` already parsed (it is read otherwise).
     """
     from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokenizers, processors
     from tokenizers.models import BPE
     from transformers.tokenization_utils_base import generate_merges
 
-    proto = _read_sentencepiece(model_file)
+    if proto is None:
+        proto = _read_sentencepiece(model_file)
     trainer, norm = proto.trainer_spec, proto.normalizer_spec
     if trainer.model_type != 2:  # BPE
         raise ConversionError(f"{model_file}: only sentencepiece BPE models are supported (InternLM2, Llama); "
@@ -276,10 +277,12 @@ def convert_tokenizer(src: Path, chat_template: str | None) -> ConvertedTokenize
         extra = [_token_content(token) for token in extra]
         add_bos = bool(config.get("add_bos_token", True))
         add_eos = bool(config.get("add_eos_token", False))
+        proto = _read_sentencepiece(model_file)
         backend = sentencepiece_to_tokenizers(model_file, _added_tokens(src, config), legacy=legacy,
                                               bos_token=bos, eos_token=eos, add_bos_token=add_bos,
                                               add_eos_token=add_eos,
-                                              special_tokens={t for t in (bos, eos, unk, pad, *extra) if t})
+                                              special_tokens={t for t in (bos, eos, unk, pad, *extra) if t},
+                                              proto=proto)
         options = dict(
             tokenizer_object=backend,
             bos_token=bos,
@@ -296,7 +299,7 @@ def convert_tokenizer(src: Path, chat_template: str | None) -> ConvertedTokenize
         if str(name).startswith("LlamaTokenizer"):
             from ..processing.tokenization_internvlx import InternVLXLlamaTokenizerFast
 
-            tokenizer = InternVLXLlamaTokenizerFast(legacy=legacy, sentencepiece=sentencepiece_facts(model_file),
+            tokenizer = InternVLXLlamaTokenizerFast(legacy=legacy, sentencepiece=sentencepiece_facts(proto),
                                                     **options)
             kind = f"{name} (legacy={legacy}, {SPM_MODEL_NAME}) -> fast BPE + InternVLXLlamaTokenizerFast"
         else:

@@ -109,4 +109,18 @@ def get_chat_template(name: str) -> str:
         raise ValueError(f"Unknown InternVL chat template {name!r}; known templates: {known}.") from None
 
 
-__all__ = ["CHAT_TEMPLATES", "DEFAULT_CHAT_TEMPLATE", "get_chat_template"]
+def turn_end_text(apply_chat_template, **kwargs) -> str:
+    """What a chat template writes after an assistant reply, stripped: its end-of-turn marker (`<|im_end|>` for
+    Hermes-2 / internlm2-chat, `<|end|>` for phi3-chat; "" for a template without one). InternVL2 stops generating
+    there, not at the tokenizer's eos.
+
+    Args:
+        apply_chat_template: a tokenizer's or processor's `apply_chat_template`.
+        kwargs: passed on (e.g. `chat_template=`).
+    """
+    probe = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "REPLY"}]
+    rendered = apply_chat_template(probe, tokenize=False, **kwargs)
+    return rendered.rsplit("REPLY", 1)[-1].strip() if "REPLY" in rendered else ""
+
+
+__all__ = ["CHAT_TEMPLATES", "DEFAULT_CHAT_TEMPLATE", "get_chat_template", "turn_end_text"]

@@ -1183,11 +1183,12 @@ class InternVLXForConditionalGeneration(InternVLXPreTrainedModel, GenerationMixi
 
     def _turn_separator(self, processor_or_tokenizer, tokenizer) -> tuple[str | None, int | None]:
         """The chat template's end-of-turn text and token id (`<|im_end|>` for Hermes-2/internlm2-chat, `<|end|>` for
-        phi3-chat), found by rendering a probe exchange: what the template writes after an assistant reply."""
+        phi3-chat), found by rendering a probe exchange: what the template writes after an assistant reply.
+        (The probe of `chat_templates.turn_end_text`, repeated here: this file loads as remote code on its own.)"""
         templater = self._templater(processor_or_tokenizer)
         probe = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "REPLY"}]
         rendered = templater.apply_chat_template(probe, tokenize=False)
-        separator = rendered.rsplit("REPLY", 1)[-1].strip() or None
+        separator = (rendered.rsplit("REPLY", 1)[-1].strip() if "REPLY" in rendered else "") or None
         if separator is None:
             return None, None
         sep_id = tokenizer.convert_tokens_to_ids(separator)

@@ -12,7 +12,7 @@ import torch
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import MultiModalData, ProcessingKwargs, ProcessorMixin, Unpack
 
-from .chat_templates import DEFAULT_CHAT_TEMPLATE, get_chat_template
+from .chat_templates import DEFAULT_CHAT_TEMPLATE, get_chat_template, turn_end_text
 from .image_processing_internvlx import InternVLXImageProcessor, InternVLXImageProcessorKwargs, _flatten_images
 
 
@@ -230,15 +230,12 @@ class InternVLXProcessor(ProcessorMixin):
             render = self.tokenizer.apply_chat_template
             plain = render(probe, chat_template=template, tokenize=False)
             prompt = render(probe, chat_template=template, tokenize=False, add_generation_prompt=True)
-            turn = render(
-                [*probe, {"role": "assistant", "content": "REPLY"}], chat_template=template, tokenize=False
-            )
             if prompt.startswith(plain) and len(prompt) > len(plain):
                 plain_ids = self.tokenizer(plain, add_special_tokens=False)["input_ids"]
                 prompt_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
                 if prompt_ids[: len(plain_ids)] == plain_ids:
                     header_ids = prompt_ids[len(plain_ids) :]
-            end = turn.rsplit("REPLY", 1)[-1].strip()
+            end = turn_end_text(render, chat_template=template)
             if end:
                 end_ids = self.tokenizer(end, add_special_tokens=False)["input_ids"]
         self._markers_cache = (template, (header_ids, end_ids))
