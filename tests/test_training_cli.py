@@ -208,8 +208,10 @@ torch.save({n: p.detach().clone() for n, p in model.named_parameters()}, sys.arg
 losses = [e["loss"] for e in result.trainer.state.log_history if "loss" in e]
 del result, model
 end_distributed()
-threads = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
-json.dump({"losses": losses, "world": world, "gloo_threads": [t for t in threads if "gloo" in t]},
+tasks = "/proc/self/task"  # Linux: the process's threads, C++ ones included
+threads = [open(f"{tasks}/{t}/comm").read().strip() for t in os.listdir(tasks)] if os.path.isdir(tasks) else None
+json.dump({"losses": losses, "world": world,
+           "gloo_threads": None if threads is None else [t for t in threads if "gloo" in t]},
           open(sys.argv[2] + f"/rank{rank}.json", "w"))
 """
 
@@ -237,7 +239,8 @@ def test_ddp_with_two_cpu_processes(tmp_path):
     ranks = _torchrun(tmp_path, _options(tmp_path))
     assert [r["world"] for r in ranks] == [2, 2]
     # end_distributed() (what `internvlx train` runs last) stopped gloo's threads: none is left to abort at exit.
-    assert [r["gloo_threads"] for r in ranks] == [[], []]
+    if sys.platform.startswith("linux"):
+        assert [r["gloo_threads"] for r in ranks] == [[], []]
     losses = ranks[0]["losses"]
     assert len(losses) == 4 and losses[-1] < losses[0] - 0.5
     weights = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]

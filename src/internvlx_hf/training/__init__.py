@@ -15,7 +15,15 @@ from .encoding import IGNORE_INDEX, ConversationEncoder
 from .formats import Sample, SampleError, sample_from_row
 from .presets import PRESETS, LoraSettings, apply_preset, format_trainable, lora_target_modules, trainable_parameters
 from .synthetic import combine_meta, generate_dataset
-from .train import DataArguments, ModelArguments, PresetArguments, TrainResult, end_distributed, parse_train_args, train
+from .train import (
+    DataArguments,
+    ModelArguments,
+    PresetArguments,
+    TrainResult,
+    end_distributed,
+    parse_train_args,
+    train,
+)
 from .trainer import InternVLXTrainer
 
 __all__ = [

@@ -281,4 +281,4 @@ def end_distributed() -> None:
 
 
 __all__ = ["ARGUMENT_CLASSES", "DataArguments", "ModelArguments", "PresetArguments", "TrainResult",
-           "parse_train_args", "train"]
+           "end_distributed", "parse_train_args", "train"]
