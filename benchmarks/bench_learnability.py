@@ -29,6 +29,10 @@ included).
     python benchmarks/bench_learnability.py --plot benchmarks/results/learnability.png      # everything (~1.5 h)
     python benchmarks/bench_learnability.py --configs plain-256,plain-1024 --steps 800 --no-tiling
     python benchmarks/bench_learnability.py --no-fixed --tiling-steps 600                # only the RVTC comparison
+    python benchmarks/bench_learnability.py --ablate-from WORKDIR/trained     # LVTC's HR path on or off (kept runs)
+
+LVTC rows also report fine-detail accuracy with the high-resolution projector's output zeroed, and replaced by that
+of another image of the batch: whether the trained model reads anything through its HR tokens at all.
 
 It prints a markdown table (the one in the README), checks the issue's requirements and says which are met, and
 writes the results as JSON (and markdown) next to each other. Use `--threads` to pin the CPU threads (timings are
@@ -38,6 +42,7 @@ comparable only within one run on one machine).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -95,6 +100,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--from-json", default=None, metavar="A.json,B.json",
                         help="train nothing: merge the runs of earlier results files (e.g. a fixed-size and a tiling "
                              "run made separately) into --json, the table, the checks and --plot")
+    parser.add_argument("--ablate-from", default=None, metavar="DIR",
+                        help="train nothing: score the fine-detail task of kept LVTC checkpoints (DIR is one, or a "
+                             "folder of them such as WORKDIR/trained of a --keep run) with the HR projector's output "
+                             "intact, zeroed and taken from another image; results in --json (default "
+                             "benchmarks/results/learnability-hr-ablation.json)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 30 steps, 100 held-out samples, results under /tmp (not a measurement)")
     args = parser.parse_args(argv)
@@ -102,6 +112,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.steps, args.tiling_steps, args.n_test = 30, 30, 100
         if args.json == parser.get_default("json"):
             args.json = os.path.join(tempfile.gettempdir(), "learnability-quick.json")
+    if args.ablate_from and args.json == parser.get_default("json"):
+        args.json = str(ROOT / "benchmarks/results/learnability-hr-ablation.json")
     unknown = [c for c in args.configs.split(",") if c and c not in CONFIGS and c not in EXTRA_CONFIGS]
     if unknown:
         parser.error(f"--configs: unknown {unknown}; choose from {list(CONFIGS) + list(EXTRA_CONFIGS)}")
@@ -156,10 +168,91 @@ def run_one(name, spec, data_spec, train_spec, workdir, base, *, tiling=None, th
         "n_test": scores["n"],
         "eval_s": scores["eval_s"],
     }
+    if getattr(model.model, "lvtc_hr_projector", None) is not None:
+        row["fine_hr"] = hr_ablation(model, processor, test_meta, n_test)
     if not keep:
         shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(start, ignore_errors=True)
     return row
+
+
+HR_MODES = ("intact", "zeroed", "other image")
+
+
+@contextlib.contextmanager
+def hr_features(model, mode: str):
+    """Run LVTC models with the HR projector's output as computed ("intact"), zeroed, or shifted by one tile in the
+    batch ("other image": with one tile per image, every image gets its neighbour's high-resolution features)."""
+    change = {"intact": None, "zeroed": lambda out: out.new_zeros(out.shape),
+              "other image": lambda out: out.roll(1, 0)}[mode]
+    handle = None
+    if change is not None:
+        handle = model.model.lvtc_hr_projector.register_forward_hook(lambda module, args, out: change(out))
+    try:
+        yield
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
+def hr_ablation(model, processor, test_meta, n_test) -> dict[str, float]:
+    """Fine-detail accuracy on the run's held-out fine samples for every `HR_MODES` entry. A model that reads the
+    letters through its HR tokens drops towards chance (1/8) without them; one that does not, stays put."""
+    from internvlx_hf.demo.recipe import evaluate
+
+    scores = {}
+    for mode in HR_MODES:
+        with hr_features(model, mode):
+            scores[mode] = evaluate(model, processor, test_meta, limit=n_test, tasks=("fine",),
+                                    progress=False)["accuracy"]["fine"]
+    return scores
+
+
+def ablate_from(args) -> int:
+    """``--ablate-from``: `hr_ablation` of kept LVTC checkpoints, on the held-out set their runs were scored on."""
+    from internvlx_hf import InternVLXForConditionalGeneration, InternVLXProcessor
+    from internvlx_hf.demo.recipe import CONFIGS, DataSpec, make_datasets
+
+    source = Path(args.ablate_from)
+    if not source.is_dir():
+        raise SystemExit(f"--ablate-from {source}: no such folder")
+    folders = [source] if (source / "config.json").is_file() else sorted(
+        p for p in source.iterdir() if (p / "config.json").is_file())
+    folders = [p for p in folders if json.loads((p / "config.json").read_text()).get("lvtc")]
+    if not folders:
+        raise SystemExit(f"--ablate-from {source}: no LVTC checkpoint there (a folder with config.json whose lvtc "
+                         "is set, or a folder of such folders: WORKDIR/trained of a --keep run)")
+    data = DataSpec(sizes="fixed", n_test=args.n_test, seed=args.seed, n_fine=args.fine_pages,
+                    fine_repeat=args.fine_repeat)
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="internvlx-ablation-"))
+    _, test_meta = make_datasets(workdir / "data", CONFIGS["plain-256"], data)  # seeded: the runs' held-out set
+    rows = []
+    for folder in folders:
+        model = InternVLXForConditionalGeneration.from_pretrained(folder).eval()
+        processor = InternVLXProcessor.from_pretrained(folder)
+        rows.append({"name": folder.name, "lvtc_k": model.config.lvtc["expand_layer"],
+                     "fine_hr": hr_ablation(model, processor, test_meta, args.n_test)})
+        print(f"{folder.name}: " + ", ".join(f"{m} {v:.3f}" for m, v in rows[-1]["fine_hr"].items()), flush=True)
+    n_fine = sum(1 for r in read_test_tasks(test_meta, args.n_test) if r == "fine")
+    lines = hr_table(rows) + [f"{n_fine} held-out fine-detail samples (seed {args.seed}), greedy exact match; "
+                              "chance is 1/8."]
+    table = "\n".join(lines)
+    print("\n" + table)
+    results = {"settings": {"seed": args.seed, "n_test": args.n_test, "n_fine_test": n_fine,
+                            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")},
+               "runs": rows}
+    _write(Path(args.json), json.dumps(results, indent=2) + "\n")
+    _write(Path(args.json).with_suffix(".md"), table + "\n")
+    if args.workdir is None:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+def read_test_tasks(test_meta, limit) -> list[str]:
+    from internvlx_hf.demo.recipe import read_records
+
+    records, _ = read_records(test_meta)
+    return [r["task"] for r in records[:limit]]
 
 
 def _acc(row, task):
@@ -190,6 +283,7 @@ def markdown(results) -> str:
             lines.append(f"| {r['config']} | {_tokens(r)} | {r['steps']} | {r['train_s']:.0f} | {rel} | {p_cols} | "
                          + " | ".join(_acc(r, t) for t in TASK_COLUMNS) + " |")
         lines.append("")
+        lines += hr_table(fixed)
     if mixed:
         ref = next((r for r in mixed if r["tiling"] == "ratio"), None)
         origin = mixed[0].get("started_from", "scratch")
@@ -209,6 +303,18 @@ def markdown(results) -> str:
                  f"{meta['threads']} CPU thread(s), {meta['machine']}; torch {meta['torch']}, transformers "
                  f"{meta['transformers']}.")
     return "\n".join(lines)
+
+
+def hr_table(rows) -> list[str]:
+    """The `hr_ablation` numbers of the rows that have them, as a markdown table (and a blank line)."""
+    rows = [r for r in rows if r.get("fine_hr")]
+    if not rows:
+        return []
+    lines = ["| LVTC model | k | fine, HR intact | fine, HR zeroed | fine, HR of another image |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {r['name']} | {r['lvtc_k']} | " + " | ".join(f"{r['fine_hr'][m]:.3f}" for m in HR_MODES) + " |"
+              for r in rows]
+    return lines + [""]
 
 
 def check_requirements(results) -> list[tuple[str, bool, str]]:
@@ -300,6 +406,8 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     if args.from_json:
         return report(merge_results(args.from_json.split(",")), args)
+    if args.ablate_from:
+        return ablate_from(args)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="internvlx-learnability-"))
     workdir.mkdir(parents=True, exist_ok=True)
     base = load_tokenizer_processor()

@@ -4,6 +4,7 @@ loss of a freshly initialised tiny model well below its start, for every project
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import replace
 
@@ -16,10 +17,13 @@ from internvlx_hf.demo.recipe import (
     TinySpec,
     TrainSpec,
     build_checkpoint,
+    evaluate,
     load_tokenizer_processor,
     make_datasets,
+    read_records,
     train_checkpoint,
 )
+from tiny import left_pad, pixels, prompt_ids, tiny_model
 
 # Shallower than the benchmark's models (3 LLM layers, 1 ViT layer), so that four settings train in under a minute.
 SMALL = dict(layers=3, vision_layers=1)
@@ -80,3 +84,59 @@ def test_datasets_of_other_sizes_never_reuse_each_others_files(data):
     assert other_meta != train_meta
     assert (fine_entry(other_meta)["length"], fine_entry(other_meta)["repeat_time"]) == (12, 3)
     assert (fine_entry(train_meta)["length"], fine_entry(train_meta)["repeat_time"]) == (32, 2)
+
+
+def _bench_learnability():
+    import importlib.util
+
+    from conftest import REPO_ROOT
+
+    path = REPO_ROOT / "benchmarks" / "bench_learnability.py"
+    spec = importlib.util.spec_from_file_location("bench_learnability", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_hr_ablation_changes_the_hr_features_only():
+    """The benchmark's `hr_features` (how it tells whether a trained LVTC model reads through its HR tokens): "zeroed"
+    is exactly a model whose HR projector outputs zeros, "other image" changes the logits, and leaving the context
+    restores the model."""
+    bench = _bench_learnability()
+    model = tiny_model("mlp", lvtc={"expand_layer": 2})
+    ids, mask = left_pad([prompt_ids(1, seed=1), prompt_ids(1, seed=2, n_text=7)])
+    inputs = dict(input_ids=ids, attention_mask=mask, pixel_values=pixels(2, seed=3))
+    silent = copy.deepcopy(model)
+    last = silent.model.lvtc_hr_projector.linear_2
+    torch.nn.init.zeros_(last.weight), torch.nn.init.zeros_(last.bias)
+    with torch.no_grad():
+        intact = model(**inputs).logits
+        with bench.hr_features(model, "intact"):
+            assert torch.equal(model(**inputs).logits, intact)
+        with bench.hr_features(model, "zeroed"):
+            zeroed = model(**inputs).logits
+        with bench.hr_features(model, "other image"):
+            other = model(**inputs).logits
+        assert torch.equal(zeroed, silent(**inputs).logits)
+        assert not torch.allclose(zeroed, intact, atol=1e-4) and not torch.allclose(other, intact, atol=1e-4)
+        assert torch.equal(model(**inputs).logits, intact)
+    assert bench.HR_MODES == ("intact", "zeroed", "other image")
+
+
+def test_evaluate_scores_the_chosen_tasks_of_the_same_samples(data):
+    from internvlx_hf import InternVLXForConditionalGeneration, InternVLXProcessor
+
+    root, _, base = data
+    _, test_meta = make_datasets(root / "data", SETTINGS["mlp"], DataSpec(n_basic=192, n_fine=32, fine_repeat=2,
+                                                                          n_test=10))
+    folder = build_checkpoint(root / "init-evaluate", SETTINGS["lvtc"], base, seed=0)
+    model = InternVLXForConditionalGeneration.from_pretrained(folder)
+    processor = InternVLXProcessor.from_pretrained(folder)
+    tasks = [r["task"] for r in read_records(test_meta)[0]]
+    everything = evaluate(model, processor, test_meta, limit=7, progress=False)
+    fine = evaluate(model, processor, test_meta, limit=7, tasks=("fine",), progress=False)
+    assert fine["n"] == tasks[:7].count("fine") >= 1
+    assert fine["accuracy"] == {"fine": everything["accuracy"]["fine"]}
+    assert tasks[:4] == ["colour", "shape", "position", "count"]  # the tasks take turns
+    with pytest.raises(ValueError, match=r"tasks=\['fine'\]: no such sample"):
+        evaluate(model, processor, test_meta, limit=4, tasks=("fine",), progress=False)

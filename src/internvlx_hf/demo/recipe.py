@@ -20,6 +20,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -275,13 +276,21 @@ def answer_batch(model, processor, images, questions, max_new_tokens: int = 8) -
 
 
 def evaluate(model, processor, test_meta: str | os.PathLike, *, batch_size: int = 50, limit: int | None = None,
-             progress: bool = True) -> dict[str, Any]:
-    """Held-out exact-match accuracy per task (greedy decoding), mean tiles and visual tokens per sample."""
+             tasks: Collection[str] | None = None, progress: bool = True) -> dict[str, Any]:
+    """Held-out exact-match accuracy per task (greedy decoding), mean tiles and visual tokens per sample.
+
+    ``limit``: the first samples only; ``tasks``: of those, the samples of these tasks only (the same samples
+    that a run without ``tasks`` scores for them).
+    """
     from PIL import Image
     from tqdm.auto import tqdm
 
     records, root = read_records(test_meta)
     records = records[:limit] if limit else records
+    if tasks is not None:
+        records = [r for r in records if r["task"] in tasks]
+        if not records:
+            raise ValueError(f"tasks={sorted(tasks)}: no such sample in {test_meta}")
     model.eval()
     right: dict[str, list[bool]] = {}
     tiles = visual = 0
