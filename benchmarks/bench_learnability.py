@@ -169,7 +169,7 @@ def run_one(name, spec, data_spec, train_spec, workdir, base, *, tiling=None, th
         "eval_s": scores["eval_s"],
     }
     if getattr(model.model, "lvtc_hr_projector", None) is not None:
-        row["fine_hr"] = hr_ablation(model, processor, test_meta, n_test)
+        row["fine_hr"] = hr_ablation(model, processor, test_meta, n_test, intact=scores["accuracy"].get("fine"))
     if not keep:
         shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(start, ignore_errors=True)
@@ -195,13 +195,14 @@ def hr_features(model, mode: str):
             handle.remove()
 
 
-def hr_ablation(model, processor, test_meta, n_test) -> dict[str, float]:
-    """Fine-detail accuracy on the run's held-out fine samples for every `HR_MODES` entry. A model that reads the
-    letters through its HR tokens drops towards chance (1/8) without them; one that does not, stays put."""
+def hr_ablation(model, processor, test_meta, n_test, intact: float | None = None) -> dict[str, float]:
+    """Fine-detail accuracy on the run's held-out fine samples for every `HR_MODES` entry (``intact``: the run's
+    own fine accuracy, when it was already scored). A model that reads the letters through its HR tokens drops
+    towards chance (1/8) without them; one that does not, stays put."""
     from internvlx_hf.demo.recipe import evaluate
 
-    scores = {}
-    for mode in HR_MODES:
+    scores = {} if intact is None else {"intact": intact}
+    for mode in (m for m in HR_MODES if m not in scores):
         with hr_features(model, mode):
             scores[mode] = evaluate(model, processor, test_meta, limit=n_test, tasks=("fine",),
                                     progress=False)["accuracy"]["fine"]
@@ -211,7 +212,7 @@ def hr_ablation(model, processor, test_meta, n_test) -> dict[str, float]:
 def ablate_from(args) -> int:
     """``--ablate-from``: `hr_ablation` of kept LVTC checkpoints, on the held-out set their runs were scored on."""
     from internvlx_hf import InternVLXForConditionalGeneration, InternVLXProcessor
-    from internvlx_hf.demo.recipe import CONFIGS, DataSpec, make_datasets
+    from internvlx_hf.demo.recipe import CONFIGS, DataSpec, make_datasets, read_records
 
     source = Path(args.ablate_from)
     if not source.is_dir():
@@ -233,7 +234,7 @@ def ablate_from(args) -> int:
         rows.append({"name": folder.name, "lvtc_k": model.config.lvtc["expand_layer"],
                      "fine_hr": hr_ablation(model, processor, test_meta, args.n_test)})
         print(f"{folder.name}: " + ", ".join(f"{m} {v:.3f}" for m, v in rows[-1]["fine_hr"].items()), flush=True)
-    n_fine = sum(1 for r in read_test_tasks(test_meta, args.n_test) if r == "fine")
+    n_fine = sum(1 for r in read_records(test_meta)[0][:args.n_test] if r["task"] == "fine")
     lines = hr_table(rows) + [f"{n_fine} held-out fine-detail samples (seed {args.seed}), greedy exact match; "
                               "chance is 1/8."]
     table = "\n".join(lines)
@@ -246,13 +247,6 @@ def ablate_from(args) -> int:
     if args.workdir is None:
         shutil.rmtree(workdir, ignore_errors=True)
     return 0
-
-
-def read_test_tasks(test_meta, limit) -> list[str]:
-    from internvlx_hf.demo.recipe import read_records
-
-    records, _ = read_records(test_meta)
-    return [r["task"] for r in records[:limit]]
 
 
 def _acc(row, task):
