@@ -12,8 +12,8 @@ from test_modeling import _remote_code_check, reported_max_diff, run_with_checkp
 from tiny import (
     IMAGE_TOKEN_ID,
     PAD_ID,
+    assert_greedy_with_cache_equals_recomputation,
     assert_left_padded_batch_equals_alone,
-    greedy_by_recomputation,
     greedy_with_cache,
     left_pad,
     pixels,
@@ -127,7 +127,7 @@ def test_layout_refuses_runs_that_split_a_tile():
 def test_greedy_with_cache_equals_recomputation(setup, attn, tiles):
     model = tiny_model(**SETUPS[setup], attn=attn)
     ids, pv = prompt_ids(tiles, seed=tiles), pixels(tiles, seed=10 + tiles)
-    assert greedy_with_cache(model, ids, pv, 20) == greedy_by_recomputation(model, ids, pv, 20)
+    assert_greedy_with_cache_equals_recomputation(model, ids, pv, 20)
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
@@ -534,7 +534,7 @@ def test_sliding_window_greedy_with_cache_equals_recomputation(attn):
     """Layers from k slide the window over the long layout, in the prefill and in cached decoding alike."""
     model = _sliding(LVTC_MLP["lvtc"], attn, window=8)
     ids, pv = prompt_ids(2, seed=133), pixels(2, seed=134)
-    assert greedy_with_cache(model, ids, pv, 12) == greedy_by_recomputation(model, ids, pv, 12)
+    assert_greedy_with_cache_equals_recomputation(model, ids, pv, 12)
 
 
 # ------------------------------------------------------------------------------------------------------ cropping

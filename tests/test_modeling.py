@@ -17,8 +17,8 @@ from internvlx_hf.modeling.modeling_internvlx import pixel_shuffle
 from conftest import remote_code_imports, require_fixture, run_isolated_python
 from tiny import (
     IMAGE_TOKEN_ID,
+    assert_greedy_with_cache_equals_recomputation,
     assert_left_padded_batch_equals_alone,
-    greedy_by_recomputation,
     greedy_with_cache,
     left_pad,
     pixels,
@@ -306,7 +306,7 @@ def test_remote_code_load_without_the_plugin(tmp_path):
 def test_greedy_generate_with_cache_equals_recomputation(projector):
     model = tiny_model(projector)
     ids, pv = prompt_ids(2, seed=25), pixels(2, seed=26)
-    assert greedy_with_cache(model, ids, pv, 20) == greedy_by_recomputation(model, ids, pv, 20)
+    assert_greedy_with_cache_equals_recomputation(model, ids, pv, 20)
 
 
 def test_left_padded_batch_equals_each_prompt_alone():
