@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from internvlx_hf import InternVLXConfig
 from internvlx_hf.modeling.modeling_internvlx import InternVLXLVTCCache, build_lvtc_layout
@@ -295,51 +296,110 @@ def test_never_expanding_leaves_no_unused_parameters():
     assert model.get_image_features(pixels(1, seed=86)).hr_features is None
 
 
-@pytest.mark.parametrize("tiles", [1, 2])
-def test_forward_equals_algorithm_1_written_out(tiles):
-    """The paper's Algorithm 1 by hand, on the decoder layers themselves: layers < k on the short sequence, the
-    extra LR projector added before its layer, at layer k each tile upsampled 2D plus the HR projector, layers >= k
-    on the long sequence (plain causal masks, positions 0..n-1), HR states averaged back to LR at the end."""
-    import torch.nn.functional as F
-
-    model = tiny_model(**LVTC_MLP)
+@torch.no_grad()
+def algorithm_1_by_hand(model, ids: torch.Tensor, mask: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
+    """The paper's Algorithm 1 written out on the model's own submodules (ViT, projectors, decoder layers, norm,
+    head), for a left-padded batch: the extra LR projectors are added to the visual tokens before layers s, s+i, ...;
+    at layer k every tile's 4 LR states (2x2) are upsampled 2D to 16 (4x4) plus the HR projector's 16 tokens; after
+    the last layer each tile's HR states are averaged back to 2x2. Each layout (short, then long) is left-padded and
+    masked on its own, positions count from every row's first real token (as generate() numbers them). Returns
+    logits in the short layout; those at padding mean nothing."""
     m, lm = model.model, model.model.language_model
     lvtc = model.config.lvtc_config
-    k, injected = lvtc.expand_layer, lvtc.injection_layers
-    assert (k, injected) == (2, [1])  # the set-up this test writes out
-    ids, pv = torch.tensor([prompt_ids(tiles, seed=91)]), pixels(tiles, seed=92)
-    visual = (ids[0] == IMAGE_TOKEN_ID).nonzero()[:, 0]
-    first, last = int(visual[0]), int(visual[-1]) + 1
+    k, s, i, mode = lvtc.expand_layer, lvtc.inject_start, lvtc.inject_interval, lvtc.upsample_mode
+    (batch, short_len), dim = ids.shape, lm.config.hidden_size
+    vit = m.vision_tower(pixel_values=pixel_values).last_hidden_state
+    v_lr = [m.multi_modal_projector(vit)] + [proj(vit) for proj in m.lvtc_lr_projectors]  # each (tiles, 4, dim)
+    v_hr = m.lvtc_hr_projector(vit)  # (tiles, 16, dim)
+    assert v_lr[0].shape[1:] == (4, dim) and v_hr.shape[1:] == (16, dim)
+    vis_pos = ids == IMAGE_TOKEN_ID
+    # tiles in the order of their <IMG_CONTEXT> runs, row by row: (row, first short slot) -> feature index
+    firsts = [(row, int(j)) for row in range(batch) for j in vis_pos[row].nonzero()[::4, 0]]
+    tile_at = {first: t for t, first in enumerate(firsts)}
+    assert len(tile_at) == pixel_values.shape[0]
 
-    def run(hidden, layers):
+    def run(layer, hidden, valid):
         n = hidden.shape[1]
-        positions = torch.arange(n)[None]
-        mask = torch.full((n, n), torch.finfo(hidden.dtype).min).triu(1)[None, None]
-        for layer in layers:
-            hidden = layer(hidden, attention_mask=mask, position_ids=positions,
-                           position_embeddings=lm.rotary_emb(hidden, position_ids=positions))
-        return hidden
+        allowed = torch.ones(n, n, dtype=torch.bool).tril()[None] & valid[:, None, :].bool()
+        attention = torch.where(allowed, 0.0, torch.finfo(hidden.dtype).min)[:, None]
+        positions = (valid.cumsum(-1) - 1).clamp(min=0)
+        return layer(hidden, attention_mask=attention, position_ids=positions,
+                     position_embeddings=lm.rotary_emb(hidden, position_ids=positions))
 
+    x = lm.embed_tokens(ids).clone()
+    x[vis_pos] = v_lr[0].reshape(-1, dim)
+    valid, extra_lr = mask, v_lr[1:]  # VLR after `del VLR[0]`
+    for idx, layer in enumerate(lm.layers):
+        if idx == k:
+            rows = []
+            for row in range(batch):
+                seq = []
+                for j in mask[row].nonzero()[:, 0].tolist():
+                    if not vis_pos[row, j]:
+                        seq.append(x[row, j])
+                    elif (row, j) in tile_at:
+                        grid = x[row, j:j + 4].reshape(1, 2, 2, dim).permute(0, 3, 1, 2)
+                        up = F.interpolate(grid, size=(4, 4), mode=mode).permute(0, 2, 3, 1).reshape(16, dim)
+                        seq += list(up + v_hr[tile_at[row, j]])
+                rows.append(torch.stack(seq))
+            long_len = max(len(r) for r in rows)
+            pads = [long_len - len(r) for r in rows]
+            x = torch.stack([torch.cat([r.new_zeros(p, dim), r]) for r, p in zip(rows, pads)])
+            valid = torch.tensor([[0] * p + [1] * (long_len - p) for p in pads])
+        elif s <= idx < s + i * len(extra_lr) and (idx - s) % i == 0:
+            x[vis_pos] += extra_lr[(idx - s) // i].reshape(-1, dim)
+        x = run(layer, x, valid)
+
+    if k < len(lm.layers):  # back to the short layout: text slots in order, HR tiles averaged 4x4 -> 2x2
+        short = x.new_zeros(batch, short_len, dim)
+        for row in range(batch):
+            slot = pads[row]
+            for j in mask[row].nonzero()[:, 0].tolist():
+                if not vis_pos[row, j]:
+                    short[row, j] = x[row, slot]
+                    slot += 1
+                elif (row, j) in tile_at:
+                    hr = x[row, slot:slot + 16].reshape(1, 4, 4, dim).permute(0, 3, 1, 2)
+                    short[row, j:j + 4] = F.avg_pool2d(hr, 2).permute(0, 2, 3, 1).reshape(4, dim)
+                    slot += 16
+            assert slot == x.shape[1]
+        x = short
+    return model.lm_head(lm.norm(x))
+
+
+@pytest.mark.parametrize("tiles", [1, 2])
+def test_forward_equals_algorithm_1_written_out(tiles):
+    """One unpadded row with one image of 1 or 2 tiles; one extra LR projector before layer 1, k = 2."""
+    model = tiny_model(**LVTC_MLP)
+    assert (model.config.lvtc_config.expand_layer, model.config.lvtc_config.injection_layers) == (2, [1])
+    ids, pv = torch.tensor([prompt_ids(tiles, seed=91)]), pixels(tiles, seed=92)
     with torch.no_grad():
-        features = m.get_image_features(pv)
-        dim = lm.config.hidden_size
-        hidden = lm.embed_tokens(ids).clone()
-        hidden[0, first:last] = features.pooler_output.reshape(-1, dim)
-        hidden = run(hidden, lm.layers[:1])
-        hidden[0, first:last] += features.extra_lr_features[0].reshape(-1, dim)  # injected before layer 1
-        hidden = run(hidden, lm.layers[1:k])
-        grid = hidden[0, first:last].reshape(tiles, 2, 2, dim).permute(0, 3, 1, 2)  # 4 LR tokens per tile
-        up = F.interpolate(grid, size=(4, 4), mode="nearest").permute(0, 2, 3, 1).reshape(-1, dim)
-        up = up + features.hr_features.reshape(-1, dim)  # 16 HR tokens per tile
-        long = torch.cat([hidden[0, :first], up, hidden[0, last:]])[None]
-        long = run(long, lm.layers[k:])
-        hr = long[0, first:first + 16 * tiles].reshape(tiles, 4, 4, dim).permute(0, 3, 1, 2)
-        lr = F.avg_pool2d(hr, 2).permute(0, 2, 3, 1).reshape(-1, dim)
-        short = torch.cat([long[0, :first], lr, long[0, first + 16 * tiles:]])[None]
-        expected = model.lm_head(lm.norm(short))
         got = model(input_ids=ids, pixel_values=pv).logits
+    expected = algorithm_1_by_hand(model, ids, torch.ones_like(ids), pv)
     assert got.shape == expected.shape == (1, ids.shape[1], model.config.text_config.vocab_size)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["nearest", "bilinear"])
+def test_left_padded_batch_with_two_images_equals_algorithm_1_written_out(mode):
+    """Row 0: one image of 4 tiles; row 1: two images of 1 and 2 tiles with text between. Row 0 is the shorter in
+    the input ids (left-padded by 1) but the longer from layer k (row 1 gets 11 slots of new left padding). Two
+    extra LR projectors, s = 1, i = 2: added before layers 1 and 3; k = 5 of 6. Positions as generate() makes them
+    (0 from the first real token)."""
+    model = tiny_model("mlp", layers=6, lvtc={"expand_layer": 5, "num_lr_projectors": 3, "inject_start": 1,
+                                              "inject_interval": 2, "upsample_mode": mode})
+    assert model.config.lvtc_config.injection_layers == [1, 3]
+    first = prompt_ids(4, seed=140, n_text=2)
+    second = prompt_ids(1, seed=141, n_text=2) + [7, 8] + [IMAGE_TOKEN_ID] * 8 + [9, 10, 11]
+    assert (len(first), len(second), len(first) + 4 * 12, len(second) + 3 * 12) == (22, 23, 70, 59)
+    ids, mask = left_pad([first, second])
+    pv = pixels(7, seed=142)
+    with torch.no_grad():
+        got = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                    pixel_values=pv).logits
+    expected = algorithm_1_by_hand(model, ids, mask, pv)
+    valid = mask.bool()
+    torch.testing.assert_close(got[valid], expected[valid], rtol=0, atol=1e-5)
 
 
 def test_expanding_changes_the_output():
