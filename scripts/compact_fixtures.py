@@ -219,7 +219,7 @@ def install(built: Path, out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], epilog="See the module docstring (or README, Tests) for the rules.",
+        description=__doc__.split("\n\n")[0], epilog="See the module docstring (or docs/testing.md) for the rules.",
     )
     parser.add_argument("--src", type=Path, default=REPO.parent / "shared" / "fixtures",
                         help="full fixtures folder (default: ../shared/fixtures beside the checkout)")

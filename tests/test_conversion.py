@@ -615,7 +615,7 @@ def test_converted_checkpoint_matches_reference(name, converted, tmp_path):
     if name == "internvlx_pvtc":
         # Same tokens, but they end in byte-fallback tokens <0xFF><0x89><0x3F> that are not valid UTF-8:
         # sentencepiece replaces each invalid byte and keeps "?", the `tokenizers` ByteFallback decoder replaces
-        # the whole run (a documented limitation of fast tokenizers; see README, Conversion).
+        # the whole run (a documented limitation of fast tokenizers; see docs/conversion.md, "Known differences").
         assert expected_chat.startswith("\ufffd\ufffd?")
         expected_chat = "\ufffd\ufffd\ufffd" + expected_chat[3:]
     assert result["chat"] == expected_chat

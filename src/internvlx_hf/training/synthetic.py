@@ -20,7 +20,7 @@ attention and reads its letter through the projector's weights, which are shared
 (a 2x2 pixel shuffle) one token carries four letters in four channel blocks, and the projector needs separate
 weights per block plus a conjunction (which block is framed, which letter is in it). From a small set of fine
 samples a 256-token model memorises the training pages instead (its held-out accuracy stays near chance), while a
-1024-token model generalises. See the README's learnability benchmark for the measured numbers.
+1024-token model generalises. See docs/benchmarks.md (the learnability benchmark) for the measured numbers.
 
 ``sizes="fixed"`` draws ``image_size`` squares (one tile); ``sizes="mixed"`` draws small images, banners, wide
 images and tall pages (see `MIXED_SIZES`), so the tile grid depends on the tiling mode (RVTC).
