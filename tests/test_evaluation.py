@@ -473,3 +473,6 @@ def test_lora_run_without_eval_strategy_is_scored_once_after_training(tmp_path):
     assert scored[0]["eval_shape_accuracy"] >= 4 / 6
     saved = json.loads((tmp_path / "out" / "trainer_state.json").read_text())["log_history"]
     assert [e for e in saved if "eval_shape_accuracy" in e] == scored
+    # evaluate() returns the scores too (for metric_for_best_model), without scoring the same step twice
+    assert result.trainer.evaluate()["eval_shape_accuracy"] == scored[0]["eval_shape_accuracy"]
+    assert len([e for e in result.trainer.state.log_history if "eval_shape_accuracy" in e]) == 1

@@ -7,7 +7,9 @@ After each of the Trainer's evaluations (``eval_strategy`` steps / epoch, or a c
 callback answers the held-out data with the model being trained and logs ``eval_<dataset>_accuracy``,
 ``eval_<dataset>_samples``, ``eval_<dataset>_visual_tokens`` and ``eval_<dataset>_seconds_per_sample`` with
 ``trainer.log``: they go wherever the Trainer's logs go (the console, ``report_to`` integrations, and the log history
-that ``trainer_state.json`` keeps). With an `InternVLXTrainer`, the latest scores also join its provenance record,
+that ``trainer_state.json`` keeps). They are also added to what ``trainer.evaluate()`` returns, so
+``metric_for_best_model="eval_<dataset>_accuracy"`` (with ``load_best_model_at_end``) can pick the best checkpoint
+by them. With an `InternVLXTrainer`, the latest scores also join its provenance record,
 so every folder it saves afterwards carries them and `internvlx card` shows them.
 
 Under DDP / FSDP every process answers the whole set (identical greedy answers, and sharded weights are gathered
@@ -16,15 +18,12 @@ in step); the held-out set is scored with the model as it is at that step, witho
 
 from __future__ import annotations
 
-import logging
 import os
 from typing import Any
 
 from transformers import TrainerCallback
 
 from .data import read_eval_data
-
-logger = logging.getLogger(__name__)
 
 
 class EvaluationCallback(TrainerCallback):
@@ -57,9 +56,14 @@ class EvaluationCallback(TrainerCallback):
         self.latest = None  # the EvalRun of the last evaluation
         self._scored_step = None
 
-    def on_evaluate(self, args, state, control, **kwargs):
-        if self._scored_step == state.global_step:  # e.g. a final trainer.evaluate() right after the last step's
-            return control
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if self._scored_step != state.global_step:  # not twice at one step (a trainer.evaluate() after the last)
+            self._score(state)
+        if metrics is not None:  # what evaluate() returns, so that metric_for_best_model can name these scores
+            metrics.update(self.latest.metrics())
+        return control
+
+    def _score(self, state) -> None:
         from .runner import evaluate
 
         model = self.trainer.accelerator.unwrap_model(self.trainer.model)
@@ -77,7 +81,6 @@ class EvaluationCallback(TrainerCallback):
                 "options": {key: run.options[key] for key in ("tiling", "max_tiles", "max_new_tokens")},
                 "datasets": [result.to_dict(predictions=False) for result in run.datasets],
             }
-        return control
 
 
 __all__ = ["EvaluationCallback"]
