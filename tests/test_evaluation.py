@@ -125,7 +125,7 @@ def test_levenshtein():
 
 
 def test_anls_worked_examples():
-    """Biten et al. 2019, Eq. 1: s = 1 - NL(a, o) when NL < tau = 0.5, else 0; the best reference counts."""
+    """Biten et al. 2019 (ST-VQA): s = 1 - NL(a, o) when NL < tau = 0.5, else 0; the best reference counts."""
     assert anls("helo", ["hello"]) == 1 - 1 / 5       # one deletion in five characters: 0.8
     assert anls("DocVQA ", ["docvqa"]) == 1.0          # case and surrounding whitespace are ignored
     assert anls("a", ["ab"]) == 0.0                    # NL = 0.5 is not below tau

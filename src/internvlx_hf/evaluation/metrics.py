@@ -4,18 +4,19 @@ Every metric scores one prediction against a sample's reference answers, from 0 
 mean over its samples.
 
 - ``exact_match``: 1 when the prediction equals a reference (leading and trailing whitespace ignored).
-- ``vqa``: VQA accuracy (Antol et al., ICCV 2015, Sec. 2; the VQAv2 evaluation, Goyal et al., CVPR 2017):
-  ``min(#humans that gave the answer / 3, 1)``, averaged over the 10 subsets of 9 of the 10 human answers, after
-  the official answer normalisation (`normalize_vqa_answer`). A sample with one reference scores its exact match
-  after normalisation.
+- ``vqa``: VQA accuracy (Antol et al., "VQA: Visual Question Answering", ICCV 2015; the VQAv2 evaluation,
+  Goyal et al., CVPR 2017): ``min(#humans that gave the answer / 3, 1)``, averaged over the 10 subsets of 9 of the
+  10 human answers, after the official answer normalisation (`normalize_vqa_answer`). A sample with one reference
+  scores its exact match after normalisation.
 - ``anls``: Average Normalized Levenshtein Similarity (Biten et al., "Scene Text Visual Question Answering", ICCV
-  2019, Sec. 4; used by DocVQA and InfographicVQA): ``1 - NL(a, o)`` when the normalised Levenshtein distance
-  ``NL`` is below ``tau = 0.5``, else 0; the best reference counts. Case and surrounding whitespace are ignored,
-  as in the ST-VQA / DocVQA evaluation.
-- ``relaxed``: relaxed accuracy (Methani et al., "PlotQA", WACV 2020, Sec. 5; Masry et al., "ChartQA", ACL
-  Findings 2022, Sec. 5): a numeric answer is right within 5% relative error of a numeric reference, anything else
-  needs an exact match (case-insensitive). A trailing ``%`` marks a percentage (``"45%"`` is 0.45), and a
-  reference of 0 needs an exact match (no relative error exists), as in ChartQA's released evaluation.
+  2019; used by DocVQA and InfographicVQA): ``1 - NL(a, o)`` when the normalised Levenshtein distance ``NL`` is
+  below ``tau = 0.5``, else 0; the best reference counts. Case and surrounding whitespace are ignored, as in the
+  ST-VQA / DocVQA evaluation.
+- ``relaxed``: relaxed accuracy (Methani et al., "PlotQA", WACV 2020; Masry et al., "ChartQA", Findings of ACL
+  2022, Sec. 5.1): a numeric answer is right within 5% relative error of a numeric reference, anything else needs
+  an exact match (case-insensitive). A trailing ``%`` marks a percentage (``"45%"`` is 0.45), and a reference of 0
+  needs an exact match (no relative error exists), as the implementation most ChartQA numbers come from
+  (Pix2Struct's ``relaxed_correctness``) does.
 """
 
 from __future__ import annotations
@@ -134,7 +135,7 @@ def levenshtein(a: str, b: str) -> int:
 
 def anls(prediction: str, references: Sequence[str], tau: float = 0.5) -> float:
     """ANLS of one prediction: ``max over references of s(a, o)``, ``s = 1 - NL(a, o)`` if ``NL(a, o) < tau``
-    else 0, with ``NL`` the Levenshtein distance divided by the longer string's length (Biten et al. 2019, Eq. 1).
+    else 0, with ``NL`` the Levenshtein distance divided by the longer string's length (Biten et al. 2019).
     Compared lower-cased, with surrounding whitespace stripped and inner runs of whitespace as one space."""
     answer = " ".join(prediction.lower().split())
     best = 0.0
