@@ -38,11 +38,12 @@ def _commands() -> list[Command]:
     from .chat import CHAT
     from .convert import CONVERT
     from .demo import DEMO
+    from .eval import EVAL
     from .push import PUSH
     from .tokens import TOKENS
     from .train import TRAIN
 
-    return [DEMO, CONVERT, CHAT, TOKENS, CARD, PUSH, TRAIN]
+    return [DEMO, CONVERT, CHAT, TOKENS, CARD, PUSH, TRAIN, EVAL]
 
 
 def _one_line(error: BaseException) -> str:

@@ -246,6 +246,7 @@ def build_model_card(folder: str | os.PathLike, *, license: str, base_model: str
         _usage_section(load_id, line, checkpoint.settings),
         _made_section(record, line),
         _results_section(rows),
+        _evaluation_section(record),
         f"*Card written by `internvlx card` (internvlx-hf {_version()}) from this folder's config, processor config"
         f" and `{PROVENANCE_FILE}`.*",
     ) if part)
@@ -435,7 +436,7 @@ def _made_section(record: dict[str, Any], line: Lineage) -> str:
         what = {"adapter": "LoRA adapter", "merged": "LoRA merged into the weights", "full": "full weights"}
         title = f"**Training run {index}** (`internvlx train`" + (f", output: {what.get(output, output)}" if output
                                                                   else "") + "):"
-        parts.append(title + "\n\n" + _bullets(run, skip=("output",)))
+        parts.append(title + "\n\n" + _bullets(run, skip=("output", "evaluation")))
     return "\n\n".join(parts)
 
 
@@ -496,6 +497,29 @@ def _results_section(rows: list[ResultRow]) -> str:
         cells += [row.split or ""] if has_split else []
         cells += [row.notes or ""] if has_notes else []
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _evaluation_section(record: dict[str, Any]) -> str:
+    """The scores `internvlx train --eval-data` recorded at the last evaluation of the run that made the folder."""
+    runs = [run for run in record.get("training") or [] if isinstance(run, dict)]
+    evaluation = runs[-1].get("evaluation") if runs else None
+    if not isinstance(evaluation, dict) or not evaluation.get("datasets"):
+        return ""
+    options = evaluation.get("options") or {}
+    settings = ", ".join(f"{key.replace('_', ' ')} {_render(options[key])}" for key in options)
+    data = f" on `{_short(evaluation['data'])}`" if evaluation.get("data") else ""
+    lines = ["## Held-out evaluation", "",
+             f"Scored during training by `internvlx train --eval-data`{data} at step {evaluation.get('step')} "
+             f"(greedy decoding{', ' + settings if settings else ''}; the score is the mean of the metric over the "
+             "samples).", "",
+             "| dataset | metric | score | samples | visual tokens / sample |", "|---|---|---|---|---|"]
+    for result in evaluation["datasets"]:
+        groups = result.get("visual_tokens_per_sample") or {}
+        tokens = ", ".join(f"{value:g} ({group})" for group, value in groups.items()) if len(groups) > 1 else \
+            ", ".join(f"{value:g}" for value in groups.values())
+        lines.append(f"| {_render(result.get('name'))} | {_render(result.get('metric'))} | "
+                     f"{result.get('accuracy', 0):.3f} | {_render(result.get('samples'))} | {tokens} |")
     return "\n".join(lines)
 
 

@@ -1,10 +1,12 @@
 """Evaluation results for the model card, read from a user's file (`internvlx card --results FILE`).
 
 The card shows a results table only from such a file, so every number in it was measured by whoever publishes the
-model. Two formats, chosen by the file's suffix:
+model. Three formats, chosen by the file's suffix and content:
 
 - JSON (``.json``): a list of rows, or ``{"results": [rows]}``; each row an object.
 - CSV (``.csv``): a header line with the column names, then one row per line.
+- What ``internvlx eval CHECKPOINT DATA --json FILE`` writes (``.json`` with ``"format": "internvlx-eval"``): one
+  row per dataset (per tiling mode when it compared several) of its one checkpoint, the metric's name as the metric.
 
 Columns: ``benchmark`` (name, e.g. ``"MME"``), ``metric`` (e.g. ``"accuracy"``), ``value`` (a number) are required;
 ``dataset_id`` (the benchmark's Hub dataset id, e.g. ``"lmms-lab/MME"``), ``split`` and ``notes`` (how it was
@@ -60,6 +62,8 @@ def _json_rows(path: Path, text: str) -> list[Any]:
         data = json.loads(text)
     except json.JSONDecodeError as error:
         raise ValueError(f"results file {path} is not valid JSON ({error}).") from None
+    if isinstance(data, dict) and data.get("format") == "internvlx-eval":
+        return _eval_rows(path, data)
     if isinstance(data, dict):
         if set(data) != {"results"}:
             raise ValueError(f"results file {path}: a JSON object must have exactly one key, \"results\" (a list of "
@@ -68,6 +72,32 @@ def _json_rows(path: Path, text: str) -> list[Any]:
     if not isinstance(data, list):
         raise ValueError(f"results file {path}: expected a list of rows (objects), got {type(data).__name__}.")
     return data
+
+
+def _eval_rows(path: Path, data: dict[str, Any]) -> list[dict[str, Any]]:
+    """Rows from what `internvlx eval --json` wrote: one per dataset (and tiling mode) of its one checkpoint."""
+    runs = data.get("runs")
+    if not isinstance(runs, list) or not runs or not all(isinstance(run, dict) for run in runs):
+        raise ValueError(f"results file {path}: an `internvlx eval --json` file needs a non-empty \"runs\" list; "
+                         "write it again with `internvlx eval ... --json FILE`.")
+    checkpoints = sorted({str(run.get("checkpoint")) for run in runs})
+    if len(checkpoints) > 1:
+        raise ValueError(f"results file {path} holds the scores of {len(checkpoints)} checkpoints "
+                         f"({', '.join(checkpoints)}); a card shows one model's: write its own file with "
+                         "`internvlx eval CHECKPOINT DATA --json FILE`.")
+    rows = []
+    for run in runs:
+        options = run.get("options") or {}
+        tiled = len(runs) > 1
+        for result in run.get("datasets") or []:
+            if not isinstance(result, dict):
+                continue
+            decoding = "greedy" if options.get("num_beams", 1) == 1 else f"{options.get('num_beams')} beams"
+            notes = f"internvlx eval, {result.get('samples')} samples, {decoding}, tiling {options.get('tiling')}"
+            name = f"{result.get('name')} ({options.get('tiling')})" if tiled else result.get("name")
+            rows.append({"benchmark": name, "metric": result.get("metric"), "value": result.get("accuracy"),
+                         "notes": notes})
+    return rows
 
 
 def _csv_rows(path: Path, text: str) -> list[dict[str, str]]:

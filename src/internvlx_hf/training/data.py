@@ -15,8 +15,10 @@ A meta JSON is InternVL's format::
 
 ``repeat_time`` < 1 keeps the first ``int(n * repeat_time)`` samples, > 1 repeats them (a fractional rest takes the
 first part once more); ``max_dynamic_patch`` overrides the checkpoint's ``max_tiles`` for that dataset; ``length``
-is informational. Relative paths are taken from the current directory, as InternVL's scripts do, or else from the
-meta file's folder. A JSONL file alone is one dataset whose ``root`` is its folder.
+is informational; ``metric`` is the answer metric `internvlx eval` scores the dataset with (see
+`internvlx_hf.evaluation.metrics`; training ignores it). Relative paths are taken from the current directory, as
+InternVL's scripts do, or else from the meta file's folder. A JSONL file alone is one dataset whose ``root`` is its
+folder.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ class DataSource:
     max_dynamic_patch: int | None = None
     rows: Any = None  # a datasets.Dataset or a list of dicts instead of a file
     hub_id: str | None = None  # where rows came from, when known
+    metric: str | None = None  # the answer metric of `internvlx eval` (meta key "metric")
 
 
 @dataclass
@@ -141,6 +144,11 @@ def read_meta(path: str | os.PathLike) -> list[DataSource]:
         patches = entry.get("max_dynamic_patch")
         if patches is not None and (isinstance(patches, bool) or not isinstance(patches, int) or patches < 1):
             raise ValueError(f"{where}: max_dynamic_patch must be an integer >= 1, got {patches!r}")
+        metric = entry.get("metric")
+        if metric is not None:
+            from ..evaluation.metrics import get_metric
+
+            get_metric(metric, f"{where}: metric")
         annotation = _resolve(str(entry["annotation"]), path.parent)
         if not annotation.is_file():
             raise FileNotFoundError(f"{where}: annotation file {str(annotation)!r} not found")
@@ -148,7 +156,7 @@ def read_meta(path: str | os.PathLike) -> list[DataSource]:
         if entry.get("data_augment"):
             logger.warning("%s: data_augment is ignored (InternVL's random JPEG degradation is not applied).", where)
         sources.append(DataSource(name=str(name), annotation=annotation, root=root, repeat_time=float(repeat),
-                                  max_dynamic_patch=patches))
+                                  max_dynamic_patch=patches, metric=metric))
     return sources
 
 
@@ -234,6 +242,33 @@ def load_image(image: Any, index: int = 0) -> Image.Image:
     return _load_rgb_image(image, index)
 
 
+def source_rows(source: DataSource):
+    """``(where, raw)`` for every row of ``source``: ``("file.jsonl:12", line)`` for a JSONL file (blank lines
+    skipped), ``("name[3]", (3, row))`` for rows in memory."""
+    if source.annotation is not None:
+        with open(source.annotation, encoding="utf-8") as handle:
+            for number, line in enumerate(handle, start=1):
+                if line.strip():
+                    yield f"{source.annotation}:{number}", line
+    else:
+        rows = source.rows
+        view = _undecoded(rows) if not isinstance(rows, list) else rows
+        for number in range(len(view)):
+            yield f"{source.name}[{number}]", (number, view[number])
+
+
+def parse_row(source: DataSource, where: str, raw: Any) -> tuple[dict[str, Any], Sample]:
+    """The row and its `Sample` from what `source_rows` gave; raises `SampleError` (invalid JSON, bad format)."""
+    if isinstance(raw, str):
+        try:
+            row = json.loads(raw)
+        except json.JSONDecodeError as error:
+            raise SampleError("invalid JSON", f"{where}: invalid JSON ({error})") from None
+    else:
+        row = raw[1]
+    return row, sample_from_row(row, root=source.root, source=where, max_tiles=source.max_dynamic_patch)
+
+
 class TileBudget:
     """Tiles per image under the processor's RVTC settings (``tiling``, ``max_tiles``), with InternVL's rules.
 
@@ -302,26 +337,10 @@ class InternVLXDataset(torch.utils.data.Dataset):
                        sum(stats.skipped.values()), stats.name)
 
     def _rows(self, source: DataSource):
-        if source.annotation is not None:
-            with open(source.annotation, encoding="utf-8") as handle:
-                for number, line in enumerate(handle, start=1):
-                    if line.strip():
-                        yield f"{source.annotation}:{number}", line
-        else:
-            rows = source.rows
-            view = _undecoded(rows) if not isinstance(rows, list) else rows
-            for number in range(len(view)):
-                yield f"{source.name}[{number}]", (number, view[number])
+        return source_rows(source)
 
     def _parse(self, source: DataSource, where: str, raw: Any) -> Sample:
-        if isinstance(raw, str):
-            try:
-                row = json.loads(raw)
-            except json.JSONDecodeError as error:
-                raise SampleError("invalid JSON", f"{where}: invalid JSON ({error})") from None
-        else:
-            row = raw[1]
-        return sample_from_row(row, root=source.root, source=where, max_tiles=source.max_dynamic_patch)
+        return parse_row(source, where, raw)[1]
 
     def _measure(self, sample: Sample) -> tuple[int, list[int]]:
         sizes = [image_size(image) for image in sample.images]
@@ -394,4 +413,4 @@ class InternVLXDataset(torch.utils.data.Dataset):
 
 
 __all__ = ["DataSource", "DataSummary", "DatasetStats", "InternVLXDataset", "TileBudget", "as_sources",
-           "image_size", "load_image", "read_meta"]
+           "image_size", "load_image", "parse_row", "read_meta", "source_rows"]

@@ -75,6 +75,21 @@ class DataArguments:
         default=False,
         metadata={"help": "same as --train_sampling_strategy group_by_length (batches of similar length)"},
     )
+    eval_data: str | None = field(
+        default=None,
+        metadata={"help": "held-out data (meta JSON / JSONL, as --data) scored by generation at every evaluation "
+                          "(--eval_strategy; once after training when it is 'no'): eval_<dataset>_accuracy etc. go "
+                          "to the log, trainer_state.json and the model card; its loss is logged as eval_loss"},
+    )
+    eval_metric: str | None = field(
+        default=None,
+        metadata={"help": "metric of every --eval-data dataset: exact_match, vqa, anls or relaxed (default: each "
+                          "meta entry's \"metric\", else exact_match)"},
+    )
+    eval_max_new_tokens: int = field(
+        default=32,
+        metadata={"help": "longest generated answer when scoring --eval-data"},
+    )
 
 
 @dataclass
@@ -166,6 +181,7 @@ def _save_final(trainer: InternVLXTrainer, processor, out: Path, lora: bool) -> 
             processor.save_pretrained(tmp)
             trainer.record_provenance(tmp, output="merged")
         if is_main:
+            trainer.state.save_to_json(str(tmp / "trainer_state.json"))  # the log history, as in checkpoints
             _move_into(tmp, out)
     except BaseException:
         if tmp is not None:
@@ -211,6 +227,20 @@ def train(model_args: ModelArguments, data_args: DataArguments, preset_args: Pre
     collator = InternVLXDataCollator(processor, max_length=data_args.max_length, packing=data_args.packing)
     dataset = InternVLXDataset(data, processor, max_length=data_args.max_length, progress=is_main)
     say(str(dataset.summary))
+    eval_sets = eval_dataset = None
+    if data_args.eval_data:  # read and checked before the model loads: a bad held-out row stops the run now
+        from ..evaluation import read_eval_data
+        from ..evaluation.metrics import get_metric
+
+        if data_args.eval_metric is not None:
+            get_metric(data_args.eval_metric, "--eval_metric")
+        if data_args.eval_max_new_tokens < 1:
+            raise ValueError(f"--eval_max_new_tokens must be >= 1, got {data_args.eval_max_new_tokens}")
+        eval_sets = read_eval_data(data_args.eval_data, processor, metric=data_args.eval_metric)
+        eval_dataset = InternVLXDataset(data_args.eval_data, processor, max_length=data_args.max_length,
+                                        progress=False)
+        say("Held-out data (--eval-data): " + ", ".join(f"{s.name} {len(s.samples):,} samples ({s.metric})"
+                                                        for s in eval_sets))
 
     dtype = "auto" if model_args.model_dtype == "auto" else getattr(torch, model_args.model_dtype)
     load_kwargs = {"dtype": dtype}
@@ -247,13 +277,21 @@ def train(model_args: ModelArguments, data_args: DataArguments, preset_args: Pre
         "tiling": TilingMode(processor.image_processor.tiling).value,
         "max_tiles": processor.image_processor.max_tiles,
     }
-    trainer = InternVLXTrainer(model=model, args=training_args, train_dataset=dataset, data_collator=collator,
-                               processing_class=processor, started_from=folder, provenance=provenance)
+    trainer = InternVLXTrainer(model=model, args=training_args, train_dataset=dataset, eval_dataset=eval_dataset,
+                               data_collator=collator, processing_class=processor, started_from=folder,
+                               provenance=provenance)
+    if eval_sets is not None:
+        from ..evaluation import EvaluationCallback
+
+        trainer.add_callback(EvaluationCallback(trainer, eval_sets, data_name=data_args.eval_data,
+                                                max_new_tokens=data_args.eval_max_new_tokens))
     if training_args.fsdp and not trainer.is_fsdp_enabled:
         logger.warning("--fsdp is not in effect: accelerate applies FSDP only to GPU (and other accelerator) runs, "
                        "so this run trains without sharding (%s).",
                        "DDP" if training_args.world_size > 1 else "one process")
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    if eval_sets is not None and training_args.eval_strategy == "no":
+        trainer.evaluate()  # the final model's scores, before it is saved with them
     out.mkdir(parents=True, exist_ok=True)
     _save_final(trainer, processor, out, lora)
     skipped = dataset.skipped_at_load + collator.skipped

@@ -1,0 +1,41 @@
+"""Scoring InternVL-X checkpoints on held-out visual QA: `internvlx eval` and a Trainer callback.
+
+    from internvlx_hf.evaluation import evaluate, format_run
+    run = evaluate(model, processor, "heldout.json", metric="vqa")
+    print(format_run(run)); run.dataset("textvqa").accuracy
+
+Modules: `metrics` (exact match, VQA accuracy, ANLS, relaxed accuracy, from their papers' definitions), `data` (the
+training data reader's rows split into prompts and reference answers, checked before anything runs), `runner`
+(batched greedy generation and the scores per dataset), `report` (tables, JSON, plot) and `callback`
+(`EvaluationCallback`, behind `internvlx train --eval-data`).
+"""
+
+from .callback import EvaluationCallback
+from .data import EvalSample, EvalSet, read_eval_data
+from .metrics import DEFAULT_METRIC, METRICS, anls, exact_match, normalize_vqa_answer, relaxed_accuracy, vqa_accuracy
+from .report import format_comparison, format_run, plot_runs, to_json, write_json
+from .runner import DatasetResult, EvalRun, Prediction, evaluate
+
+
+__all__ = [
+    "DEFAULT_METRIC",
+    "METRICS",
+    "DatasetResult",
+    "EvalRun",
+    "EvalSample",
+    "EvalSet",
+    "EvaluationCallback",
+    "Prediction",
+    "anls",
+    "evaluate",
+    "exact_match",
+    "format_comparison",
+    "format_run",
+    "normalize_vqa_answer",
+    "plot_runs",
+    "read_eval_data",
+    "relaxed_accuracy",
+    "to_json",
+    "vqa_accuracy",
+    "write_json",
+]
