@@ -20,8 +20,8 @@ Workloads, each timed as the median of `--runs` rounds after one warm-up round, 
 
   prefill   forward with a KV cache, logits of the last position only (what generate() runs first)
   decode    `--decode-tokens` greedy steps after that prefill, one token each with the KV cache: seconds per token
-  train     forward + backward with labels on every position, ViT frozen (stage 2: projectors + LLM learn);
-            `--train-layers N` builds the models with an N-layer LLM for it (k = 3/4 of N)
+  train     forward + backward with labels on every position, ViT frozen (as preset stage2-frozen-vit: projectors +
+            LLM learn); `--train-layers N` builds the models with an N-layer LLM for it (k = 3/4 of N)
 
 FLOPs come from `torch.utils.flop_counter.FlopCounterMode` in the warm-up round. It does not know CPU SDPA's fused
 kernels, so it is given their formulas (`CPU_SDPA_FLOPS`): the attention square counted as eager attention's matmuls
@@ -351,7 +351,7 @@ def run_training(models: dict, args, timer: Timer, dtype) -> dict:
     results = {name: {"train_s": []} for name in models}
     batches = {name: inputs(model, args.text_tokens, args.device, dtype) for name, model in models.items()}
     for model in models.values():
-        model.model.vision_tower.requires_grad_(False)  # stage 2: the ViT is frozen
+        model.model.vision_tower.requires_grad_(False)  # as preset stage2-frozen-vit: the ViT is frozen
     progress = tqdm(total=(args.runs + 1) * len(models), desc="train step", unit="run", file=sys.stderr)
     for round_ in range(args.runs + 1):
         for name, model in models.items():

@@ -158,6 +158,9 @@ def test_yaml_config_flags_override_it_and_errors_are_one_line(tmp_path, capsys)
          "lora_target item 'qkv' matches no Linear layer of the llm"),
         (["train", str(tmp_path / "missing.yaml")], "training config '"),
     ]
+    (tmp_path / "reduction.yaml").write_text(config.read_text() + "loss_reduction: mean\n")
+    cases.append((["train", str(tmp_path / "reduction.yaml")],
+                  "loss_reduction must be one of ['token', 'sample', 'square'], got 'mean'"))
     (tmp_path / "bad.yaml").write_text("model: x\nno_such_option: 1\n")
     cases.append((["train", str(tmp_path / "bad.yaml")], "unknown training option(s) ['no_such_option']"))
     for argv, message in cases:
@@ -187,14 +190,15 @@ def test_lvtc_trains_packed_with_gradient_checkpointing(tmp_path):
     model = str(th.converted("internvl2_qwen2", lvtc="k=1"))  # layer 1 of 2 runs on the 1024-token tiles
     result = train(*parse_train_args(
         dict(model=model, data=str(_data(tmp_path, max_dynamic_patch=1)), preset="full", packing=True,
-             gradient_checkpointing=True, output_dir=str(tmp_path / "out"), max_steps=3, save_strategy="no",
+             loss_reduction="square", gradient_checkpointing=True, output_dir=str(tmp_path / "out"), max_steps=3,
+             save_strategy="no",
              use_cpu=True, report_to="none", disable_tqdm=True, seed=0, logging_steps=1,
              per_device_train_batch_size=2, learning_rate=1e-3)), print_fn=None)
     losses = th.losses(result.trainer)
     assert len(losses) == 3 and losses[-1] < losses[0]
     assert result.trainer.model.is_activation_checkpointing
     record = read_provenance(tmp_path / "out")["training"][-1]
-    assert record["packing"] is True
+    assert (record["packing"], record["loss_reduction"]) == (True, "square")
 
 
 _DDP = """
@@ -251,3 +255,39 @@ def test_ddp_with_two_cpu_processes(tmp_path):
     final = load_file(tmp_path / "out" / "model.safetensors")
     for name, value in final.items():
         assert torch.equal(value, weights[0][name]), name
+
+
+def test_help_names_every_preset_and_loss_reduction(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--help"])
+    assert exit_.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps help lines at the terminal width
+    assert "[--preset {stage1,stage2,stage2-frozen-vit,full,lora}]" in text
+    for line in ("stage2 everything (the paper's stage 2, instruction tuning: all parameters; default)",
+                 "stage2-frozen-vit LLM + projectors; ViT frozen (InternVL2's fine-tuning scripts, --freeze_backbone "
+                 "True)",
+                 "--loss-reduction {token,sample,square} InternVL's loss averaging: token (every labelled token "
+                 "alike), sample (every sample alike: 1/n per token), square (1/sqrt(n) per token; InternVL2.5's "
+                 "recipes) (default: token)"):
+        assert line in text, line
+
+
+def test_ddp_weighted_loss_is_normalised_over_both_processes(tmp_path):
+    """loss_reduction square on two processes with one sample each trains as one process with both samples."""
+    rows = th.colour_rows(tmp_path / "images", 2)
+    rows[1]["conversations"][1]["value"] = "It is green, a bright green square on a white background."
+    th.write_jsonl(tmp_path / "colours.jsonl", rows)
+    entry = {"root": str(tmp_path / "images"), "annotation": str(tmp_path / "colours.jsonl"), "max_dynamic_patch": 1}
+    (tmp_path / "meta.json").write_text(json.dumps({"colours": entry}))
+    options = _options(tmp_path, data=str(tmp_path / "meta.json"), loss_reduction="square", optim="sgd",
+                       learning_rate=0.5, max_steps=1, per_device_train_batch_size=1)
+    ranks = _torchrun(tmp_path, options)
+    options.pop("ddp_backend")
+    single = train(*parse_train_args({**options, "output_dir": str(tmp_path / "single"),
+                                      "per_device_train_batch_size": 2}), print_fn=None)
+    assert ranks[0]["losses"][0] == pytest.approx(th.losses(single.trainer)[0], abs=1e-5)
+    ddp, one = load_file(tmp_path / "out" / "model.safetensors"), load_file(tmp_path / "single" / "model.safetensors")
+    initial = load_file(th.converted("internvl2_qwen2") / "model.safetensors")
+    assert not torch.equal(one["lm_head.weight"], initial["lm_head.weight"])
+    for name, value in one.items():
+        torch.testing.assert_close(ddp[name], value, rtol=1e-4, atol=1e-6, msg=name)

@@ -142,38 +142,75 @@ def test_packed_and_padded_batches_give_the_same_loss_and_gradients(fixture, opt
         assert any(name.startswith("model.lvtc_lr_projectors.0") for name in grads_padded)
 
 
-def test_over_long_samples_are_cut_in_the_last_turn_or_dropped(tmp_path, caplog):
-    _, processor = th.load(th.converted("internvl2_qwen2"))
-    image = str(th.draw(tmp_path / "a.png", "green"))
+def _blocks_text(processor, labels):
+    return [processor.tokenizer.decode(block) for block in _label_blocks(labels)]
+
+
+def test_over_long_samples_keep_their_head_and_the_replies_in_it(tmp_path, caplog):
+    model, processor = th.load(th.converted("internvl2_qwen2"))
+    first = str(th.draw(tmp_path / "a.png", "green"))
+    second = str(th.draw(tmp_path / "b.png", "blue"))
     messages = [
         {"role": "user", "content": "<image>\nWhat colour?"},
         {"role": "assistant", "content": "Green."},
-        {"role": "user", "content": "Describe it at length."},
-        {"role": "assistant", "content": "A green square on a white background, centred, with sharp corners."},
+        {"role": "user", "content": "And this one? <image>"},
+        {"role": "assistant", "content": "Blue, a square drawn on a white background."},
     ]
-    row = {"messages": messages, "images": [image], "source": "long.jsonl:7"}
+    row = {"messages": messages, "images": [first, second], "source": "long.jsonl:7"}
     full = InternVLXDataCollator(processor)([row])
     ids, labels = full["input_ids"][0].tolist(), full["labels"][0].tolist()
-    image_end = ids.index(processor.end_image_token_id) + 1
-    last_header = max(i for i, t in enumerate(ids) if t == processor.tokenizer.convert_tokens_to_ids("<|im_start|>"))
+    img_start, img_end = processor.start_image_token_id, processor.end_image_token_id
+    second_start = [i for i, t in enumerate(ids) if t == img_start][1]
+    second_end = [i for i, t in enumerate(ids) if t == img_end][1] + 1
+    first_label = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
+    assert full["num_patches"].tolist() == [1, 1] and second_end - second_start == 256 + 2
+    assert _blocks_text(processor, labels) == ["Green.<|im_end|>", "Blue, a square drawn on a white background."
+                                                                   "<|im_end|>"]
 
-    cut = len(ids) - 5  # inside the last reply: kept, truncated there
+    # Cut inside the last reply: the head and the reply's first tokens, labels as they were.
+    cut = len(ids) - 5
     batch = InternVLXDataCollator(processor, max_length=cut)([row])
     assert batch["input_ids"][0].tolist() == ids[:cut] and batch["labels"][0].tolist() == labels[:cut]
+    assert batch["num_patches"].tolist() == [1, 1] and torch.equal(batch["pixel_values"], full["pixel_values"])
 
+    # Cut inside the second image's block: the cut moves before the block, the second image is left out, and the
+    # first reply is still learned.
+    for max_length in (second_start + 1, second_start + 200, second_end - 1):
+        batch = InternVLXDataCollator(processor, max_length=max_length)([row])
+        assert batch["input_ids"][0].tolist() == ids[:second_start], max_length
+        assert batch["labels"][0].tolist() == labels[:second_start]
+        assert _blocks_text(processor, batch["labels"][0].tolist()) == ["Green.<|im_end|>"]
+        assert batch["num_patches"].tolist() == [1]
+        torch.testing.assert_close(batch["pixel_values"], full["pixel_values"][:1], rtol=0, atol=0)
+    # A cut right after the block keeps both images.
+    batch = InternVLXDataCollator(processor, max_length=second_end)([row])
+    assert batch["input_ids"][0].tolist() == ids[:second_end] and batch["num_patches"].tolist() == [1, 1]
+    # The model trains on a batch whose second image was cut away.
+    model.train()
+    cut_batch = InternVLXDataCollator(processor, max_length=second_start + 1)([row])
+    assert torch.isfinite(model(**cut_batch).loss)
+
+    # Cut inside the first reply: the part of it before the cut is learned.
+    batch = InternVLXDataCollator(processor, max_length=first_label + 1)([row])
+    assert batch["labels"][0].tolist() == labels[:first_label + 1]
+    assert sum(label != IGNORE_INDEX for label in batch["labels"][0].tolist()) == 1
+
+    # No reply token before the cut: dropped, with the reason.
     caplog.set_level(logging.WARNING)
-    for max_length, what in ((last_header - 1, "a turn before the last one"), (image_end - 3, "an image")):
+    for max_length, cut in ((first_label, first_label), (5, 5)):
         collator = InternVLXDataCollator(processor, max_length=max_length)
         with pytest.raises(ValueError, match="every row of this batch of 1 was dropped"):
             collator([row])
         assert collator.skipped == {"too long": 1}
-        assert f"long.jsonl:7: {len(ids)} tokens > max_length {max_length}, and cutting would cut {what}" \
-            in caplog.text
-    # A batch keeps its other rows.
+        assert f"long.jsonl:7: {len(ids)} tokens > max_length {max_length}, and no reply token lies within the " \
+               f"first {cut} tokens; raise --max_length" in caplog.text
+    image_block = [i for i, t in enumerate(ids) if t == img_start][0]
+    collator = InternVLXDataCollator(processor, max_length=image_block + 10)
     other = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}
-    collator = InternVLXDataCollator(processor, max_length=image_end - 3)
-    batch = collator([row, other])
+    batch = collator([row, other])  # a batch keeps its other rows
     assert batch["input_ids"].shape[0] == 1 and "pixel_values" not in batch and collator.skipped == {"too long": 1}
+    assert f"no reply token lies within the first {image_block} tokens (the cut moves to {image_block}, before an " \
+           "image block)" in caplog.text
 
 
 def test_broken_rows_are_dropped_with_reasons(tmp_path, caplog):
@@ -211,3 +248,48 @@ def test_a_token_across_a_reply_boundary_is_refused(tmp_path, caplog):
         collator([row])
     assert collator.skipped == {"reply boundary inside a token": 1}
     assert "d.jsonl:9: token 't\\nIt' spans a reply boundary of the rendered template" in caplog.text
+
+
+# Where our label masks differ from InternVL's preprocess_* on the same InternVL rows (see the fine-tuning docs):
+# values are stripped under every template (InternVL strips under internlm2-chat only), and a `gpt` turn before the
+# first `human` turn is trained under internvl2_5 (as InternVL2.5's preprocessing does) and dropped under the
+# InternVL2 templates (as theirs do).
+@pytest.mark.parametrize("template", sorted(TEMPLATE_TOKENIZERS))
+def test_internvl_rows_are_stripped_under_every_template(template, tmp_path):
+    _, processor = th.load(th.converted(TEMPLATE_TOKENIZERS[template]))
+    processor.chat_template = CHAT_TEMPLATES[template]
+    image = str(th.draw(tmp_path / "a.png", "red"))
+    padded = {"image": image, "conversations": [
+        {"from": "system", "value": "  Be brief.\n"}, {"from": "human", "value": "\n What colour?  "},
+        {"from": "gpt", "value": "\nRed. \n"}]}
+    clean = {"messages": [{"role": "system", "content": "Be brief."},
+                          {"role": "user", "content": "<image>\nWhat colour?"},
+                          {"role": "assistant", "content": "Red."}], "images": [image]}
+    collator = InternVLXDataCollator(processor)
+    batch, reference = collator([padded]), collator([clean])
+    assert batch["input_ids"].tolist() == reference["input_ids"].tolist()
+    assert batch["labels"].tolist() == reference["labels"].tolist()
+    blocks = _label_blocks(batch["labels"][0].tolist())
+    end = processor.tokenizer.convert_tokens_to_ids(END_OF_TURN[template])
+    assert [(processor.tokenizer.decode(block[:-1]), block[-1]) for block in blocks] == [("Red.", end)]
+
+
+@pytest.mark.parametrize("template", sorted(TEMPLATE_TOKENIZERS))
+def test_a_leading_gpt_turn_is_trained_under_internvl2_5_only(template, tmp_path):
+    _, processor = th.load(th.converted(TEMPLATE_TOKENIZERS[template]))
+    processor.chat_template = CHAT_TEMPLATES[template]
+    row = {"image": str(th.draw(tmp_path / "a.png", "red")), "conversations": [
+        {"from": "gpt", "value": "Hello, ask me about the image."}, {"from": "human", "value": "What colour?"},
+        {"from": "gpt", "value": "Red."}]}
+    batch = InternVLXDataCollator(processor)([row])
+    ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
+    end = processor.tokenizer.convert_tokens_to_ids(END_OF_TURN[template])
+    replies = [(processor.tokenizer.decode(block[:-1]), block[-1]) for block in _label_blocks(labels)]
+    text = processor.tokenizer.decode(ids)
+    if template == "internvl2_5":
+        assert replies == [("Hello, ask me about the image.", end), ("Red.", end)]
+        # The image goes to the first human turn, after the leading reply.
+        assert text.index("Hello, ask me") < text.index("<img>") < text.index("What colour?")
+    else:
+        assert replies == [("Red.", end)] and "Hello" not in text
+    assert batch["num_patches"].tolist() == [1]

@@ -10,7 +10,14 @@ import torch
 from PIL import Image
 
 import training_helpers as th
-from internvlx_hf.training import InternVLXDataCollator, InternVLXDataset, InternVLXTrainer, SampleError, read_meta
+from internvlx_hf.training import (
+    IGNORE_INDEX,
+    InternVLXDataCollator,
+    InternVLXDataset,
+    InternVLXTrainer,
+    SampleError,
+    read_meta,
+)
 from internvlx_hf.training.formats import sample_from_row
 
 
@@ -172,3 +179,82 @@ def test_bad_data_paths_and_meta_files(processor, tmp_path):
         read_meta(tmp_path / "meta.json")
     with pytest.raises(ValueError, match="no usable training samples"):
         InternVLXDataset(str(tmp_path / "a.jsonl"), processor, progress=False)
+
+
+def test_misplaced_system_turns_and_template_refusals_are_skipped_rows(processor, tmp_path, caplog):
+    def turn(role, value):
+        return {"from": role, "value": value}
+
+    path = th.write_jsonl(tmp_path / "system.jsonl", [
+        {"conversations": [turn("system", "Be brief."), turn("human", "Hi"), turn("gpt", "Hello.")]},
+        {"conversations": [turn("human", "Hi"), turn("system", "Be brief."), turn("gpt", "Hello.")]},
+        {"conversations": [turn("system", "Be brief."), turn("system", "Be kind."), turn("human", "Hi"),
+                           turn("gpt", "Hello.")]},
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+                      {"role": "system", "content": "Now be brief."}]},
+        {"messages": [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What happens?"}]},
+                      {"role": "assistant", "content": "A cat jumps."}]},
+        {"conversations": [turn("human", "Bye"), turn("gpt", "Goodbye.")]},
+    ])
+    caplog.set_level(logging.WARNING)
+    dataset = InternVLXDataset(str(path), processor, progress=False)
+    assert [dataset[i]["source"] for i in range(len(dataset))] == [f"{path}:1", f"{path}:6"]
+    assert dict(dataset.summary.skipped) == {"misplaced system turn": 3, "refused by the chat template": 1}
+    for line, turns in ((2, "1 at turn(s) [2]"), (3, "2 at turn(s) [1, 2]"), (4, "1 at turn(s) [3]")):
+        assert (f"skipping {path}:{line}: a system turn must be the first turn, and only one is allowed; this row has "
+                f"{turns}. Merge them into one first turn (misplaced system turn;") in caplog.text
+    assert (f"skipping {path}:5: the chat template refused the conversation: InternVL templates support only text and "
+            "image content, got video (refused by the chat template;") in caplog.text
+
+    # The collator drops such rows the same way and keeps the rest of the batch.
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    collator = InternVLXDataCollator(processor)
+    batch = collator([{**row, "source": f"rows:{i}"} for i, row in enumerate(rows)])
+    assert batch["input_ids"].shape[0] == 2
+    assert collator.skipped == {"misplaced system turn": 3, "refused by the chat template": 1}
+    assert "dropping rows:2: a system turn must be the first turn" in caplog.text
+
+
+def test_over_long_samples_are_truncated_and_counted(processor, tmp_path):
+    for colour in ("red", "blue"):
+        th.draw(tmp_path / f"{colour}.png", colour)
+
+    def turn(role, value):
+        return {"from": role, "value": value}
+
+    two_images = {"image": ["red.png", "blue.png"], "conversations": [
+        turn("human", "<image>\nWhat colour?"), turn("gpt", "Red."),
+        turn("human", "<image>\nAnd this one?"), turn("gpt", "Blue.")]}
+    rows = [
+        {"image": "red.png", "conversations": [turn("human", "What colour?"), turn("gpt", "Red.")]},
+        {"image": "red.png", "conversations": [turn("human", "Describe it."), turn("gpt", "It is red. " * 80)]},
+        two_images,
+        {"image": ["red.png", "blue.png"], "conversations": [
+            turn("human", "<image><image>\nSame colour?"), turn("gpt", "No.")]},
+    ]
+    path = th.write_jsonl(tmp_path / "long.jsonl", rows)
+    full = InternVLXDataCollator(processor)([{**two_images, "image": [str(tmp_path / i) for i in two_images["image"]]}])
+    ids = full["input_ids"][0].tolist()
+    second_image = [i for i, t in enumerate(ids) if t == processor.start_image_token_id][1]
+    max_length = second_image + 10  # inside the second image's block (256 + 2 tokens)
+
+    dataset = InternVLXDataset(str(path), processor, max_length=max_length, progress=False)
+    stats = dataset.summary.datasets[0]
+    assert [dataset[i]["source"] for i in range(len(dataset))] == [f"{path}:{n}" for n in (1, 2, 3)]
+    assert (stats.samples, stats.truncated, stats.images, stats.tiles) == (3, 2, 3, 3)
+    assert dict(stats.skipped) == {"too long": 1}
+    assert dataset.lengths[1:] == [max_length, second_image]
+    # The scan's lengths are what the collator builds, the second image of line 3 left out.
+    collator = InternVLXDataCollator(processor, max_length=max_length)
+    batches = [collator([dataset[i]]) for i in range(len(dataset))]
+    assert [batch["input_ids"].shape[1] for batch in batches] == dataset.lengths
+    assert [batch["num_patches"].tolist() for batch in batches] == [[1], [1], [1]]
+    assert batches[2]["labels"][0].ne(IGNORE_INDEX).sum() == len(processor.tokenizer("Red.<|im_end|>").input_ids)
+    text = str(dataset.summary)
+    assert "  dataset                   samples   images    tiles     tokens truncated  skipped" in text
+    assert f"  long                            3        3        3 {sum(dataset.lengths):>10,}         2        1" \
+        in text
+    labelled = int(batches[1]["labels"].ne(IGNORE_INDEX).sum())
+    assert (f"  truncated: 2 sample(s) cut to max_length {max_length} (the head is kept, with the replies that fit), "
+            f"e.g.\n    {path}:2: {labelled} reply token(s) kept\n    {path}:3: 4 reply token(s) kept") in text
+    assert dataset.summary.to_dict()[0]["truncated"] == 2

@@ -1,4 +1,5 @@
-"""`internvlx train`: fine-tune an internvlx-hf checkpoint with the HF Trainer (presets stage1, stage2, full, lora)."""
+"""`internvlx train`: fine-tune an internvlx-hf checkpoint with the HF Trainer (presets stage1, stage2,
+stage2-frozen-vit, full, lora)."""
 
 from __future__ import annotations
 
@@ -21,10 +22,11 @@ config, remote code, processor and tokenizer, and load with AutoModel / AutoProc
 internvlx-hf is not installed; with --preset lora, OUT/adapter holds the PEFT adapter and OUT the merged model.
 
 presets:
-  stage1  projectors (mlp / pvtc, LVTC's LR and HR projectors); ViT and LLM frozen
-  stage2  LLM + projectors; ViT frozen (the InternVL-X fine-tuning recipe; default)
-  full    everything
-  lora    LoRA on the LLM's attention and MLP linears (--lora_target), projectors trained in full"""
+  stage1             projectors (mlp / pvtc, LVTC's LR and HR projectors); ViT and LLM frozen (the paper's stage 1)
+  stage2             everything (the paper's stage 2, instruction tuning: all parameters; default)
+  stage2-frozen-vit  LLM + projectors; ViT frozen (InternVL2's fine-tuning scripts, --freeze_backbone True)
+  full               everything (the same parameters as stage2)
+  lora               LoRA on the LLM's attention and MLP linears (--lora_target), projectors trained in full"""
 
 _TRAIN_EPILOG = """\
 examples:
@@ -32,9 +34,13 @@ examples:
   internvlx train --model ./InternVL2-2B-X --data meta.json --preset stage1 --output_dir out/stage1 \\
       --per_device_train_batch_size 4 --learning_rate 1e-4 --num_train_epochs 1 --bf16
 
-  # stage 2: fine-tune the LLM and projectors, packed batches of up to 8192 tokens, gradient checkpointing
+  # stage 2: fine-tune every parameter, packed batches of up to 8192 tokens, gradient checkpointing
   internvlx train --model out/stage1 --data meta.json --preset stage2 --output_dir out/stage2 \\
-      --max_length 8192 --packing --gradient_checkpointing --learning_rate 2e-5 --bf16
+      --max_length 8192 --packing --gradient_checkpointing --learning_rate 4e-5 --bf16
+
+  # stage 2 with the ViT frozen (InternVL2's fine-tuning scripts), InternVL2.5's 1/sqrt(n) loss weighting
+  internvlx train --model out/stage1 --data meta.json --preset stage2-frozen-vit --output_dir out/stage2-frozen-vit \\
+      --packing --loss_reduction square
 
   # LoRA on the LLM and the ViT; OUT/adapter = adapter, OUT = merged model
   internvlx train --model ./InternVL2-2B-hf --data train.jsonl --preset lora --lora_r 16 \\
@@ -69,7 +75,7 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     from transformers import HfArgumentParser
 
     parser.usage = ("internvlx train [CONFIG.yaml] --model PATH --data META_JSON_OR_JSONL --output_dir OUT "
-                    "[--preset {stage1,stage2,full,lora}] [any TrainingArguments flag] ...")
+                    "[--preset {stage1,stage2,stage2-frozen-vit,full,lora}] [any TrainingArguments flag] ...")
     parser.add_argument("config", nargs="?", metavar="CONFIG.yaml",
                         help="YAML (or JSON) file of options; flags given next to it override its values")
     titles = ("model", "data", "preset and LoRA", "training (transformers TrainingArguments)")
@@ -118,7 +124,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
 TRAIN = Command(
     name="train",
-    help="fine-tune a checkpoint with the HF Trainer (presets stage1, stage2, full, lora)",
+    help="fine-tune a checkpoint with the HF Trainer (presets stage1, stage2, stage2-frozen-vit, full, lora)",
     description=_TRAIN_DESCRIPTION,
     epilog=_TRAIN_EPILOG,
     add_arguments=_add_train_arguments,

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from ..processing.chat_templates import CHAT_TEMPLATES
 from ..training.data import as_sources, image_size, parse_row, source_rows
 from ..training.formats import SampleError
 from .metrics import DEFAULT_METRIC, get_metric
@@ -71,7 +72,10 @@ def _sample(row: dict[str, Any], sample, processor, where: str) -> EvalSample:
         raise ValueError(f"{where}: the conversation must end with the reference answer (a gpt / assistant turn); "
                          f"its last turn is from the {messages[-1]['role']}")
     reference = _text(messages[-1]["content"]).strip()
-    prompt = processor.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+    try:
+        prompt = processor.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+    except Exception as error:  # jinja2's TemplateError (e.g. a misplaced system turn): training skips such a row
+        raise ValueError(f"{where}: the chat template refused the conversation: {error}") from None
     tags = prompt.count(_IMAGE_TAG)
     if tags != len(sample.images):
         # the wording of training's check (internvlx_hf.training.encoding), so both name the same fix
@@ -106,6 +110,8 @@ def read_eval_data(data: Any, processor, *, metric: str | None = None, limit: in
         raise ValueError(f"--limit must be an integer >= 1, got {limit!r}")
     if isinstance(data, list) and data and all(isinstance(item, EvalSet) for item in data):
         return [EvalSet(s.name, metric or s.metric, s.samples[:limit]) for s in data]
+    # as training reads them: internvl2_5 keeps a `gpt` turn before the first `human` one (as context here)
+    keep_leading_reply = processor.chat_template == CHAT_TEMPLATES["internvl2_5"]
     sets = []
     for source in as_sources(data):
         samples = []
@@ -113,7 +119,7 @@ def read_eval_data(data: Any, processor, *, metric: str | None = None, limit: in
             if limit is not None and len(samples) >= limit:
                 break
             try:
-                row, sample = parse_row(source, where, raw)
+                row, sample = parse_row(source, where, raw, keep_leading_reply=keep_leading_reply)
                 samples.append(_sample(row, sample, processor, where))
             except SampleError as error:
                 message = str(error)

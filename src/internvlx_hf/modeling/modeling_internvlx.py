@@ -1055,6 +1055,12 @@ class InternVLXForConditionalGeneration(InternVLXPreTrainedModel, GenerationMixi
         logits_to_keep: keep only the last N positions' logits (0 = all), e.g. 1 in a generation prefill.
         return_dict: ``False`` returns a tuple (transformers' convention; ``config.return_dict`` is the default).
         """
+        if kwargs.get("loss_weight") is not None:  # it would otherwise vanish in **kwargs: a silently unweighted loss
+            raise ValueError(
+                "loss_weight (from InternVLXDataCollator(loss_reduction='sample' / 'square')) is applied by "
+                "internvlx_hf.training.InternVLXTrainer, not by the model's forward; train with InternVLXTrainer "
+                "or use loss_reduction='token'."
+            )
         outputs = self.model(
             input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, position_ids=position_ids,
             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,

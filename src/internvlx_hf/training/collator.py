@@ -14,6 +14,19 @@ from .formats import SampleError, sample_from_row
 
 logger = logging.getLogger(__name__)
 
+LOSS_REDUCTIONS = ("token", "sample", "square")
+
+
+def sample_weight(num_labels: int, loss_reduction: str) -> float:
+    """The weight of each labelled token of a sample with ``num_labels`` of them (InternVL's ``len2weight``)."""
+    if loss_reduction == "token":
+        return 1.0
+    if loss_reduction == "sample":
+        return 1.0 / num_labels
+    if loss_reduction == "square":
+        return num_labels ** -0.5
+    raise ValueError(f"loss_reduction must be one of {list(LOSS_REDUCTIONS)}, got {loss_reduction!r}")
+
 
 class InternVLXDataCollator:
     r"""
@@ -28,11 +41,13 @@ class InternVLXDataCollator:
     `<img>` / `<IMG_CONTEXT>` / `</img>` and padding). See `internvlx_hf.training.encoding` for how replies are
     located from token boundaries.
 
-    A row longer than ``max_length`` is cut inside its last turn, never inside an image block or an earlier turn;
-    when that is impossible, or a row is broken (missing/corrupt image, `<image>` count != images), the row is
-    dropped with a warning and counted in ``skipped`` (per process: DataLoader workers keep their own counts). Raw
-    InternVL rows given here directly take relative image paths from the current directory; `InternVLXDataset`
-    resolves them against the dataset's ``root`` first.
+    A row longer than ``max_length`` keeps its first ``max_length`` tokens and the labels of the replies among them,
+    as InternVL's preprocessing does; a cut inside an image block moves to just before the block and the images
+    after the cut are left out (see `internvlx_hf.training.encoding.truncate`). When no reply token is left, or a
+    row is broken (missing/corrupt image, `<image>` count != images, a misplaced system turn), the row is dropped
+    with a warning and counted in ``skipped`` (per process: DataLoader workers keep their own counts). Raw InternVL
+    rows given here directly take relative image paths from the current directory; `InternVLXDataset` resolves them
+    against the dataset's ``root`` first.
 
     Args:
         processor ([`InternVLXProcessor`]): the checkpoint's processor (fast tokenizer, chat template, image processor).
@@ -41,17 +56,26 @@ class InternVLXDataCollator:
             ``position_ids`` restarting at 0 for every sample and no ``attention_mask`` (attention stays inside each
             sample; LVTC models support such rows). Otherwise rows are padded on the right.
         pad_to_multiple_of (`int`, *optional*): pad (or, when packing, fill) the length up to a multiple of this.
+        loss_reduction (`str`, defaults to `"token"`): how the loss averages over the labelled tokens, InternVL's
+            ``--loss_reduction``: ``"token"`` (every token counts alike: the Trainer's own loss; the batch gets no
+            weights), ``"sample"`` (every sample counts alike: each of its n labelled tokens weighs 1/n) or
+            ``"square"`` (each weighs 1/sqrt(n)). With packing, each packed sample is a sample. The weights go in
+            ``loss_weight``, which `InternVLXTrainer` turns into the loss.
 
     Returns a dict: ``input_ids``, ``labels``, ``attention_mask`` (padded) or ``position_ids`` and
-    ``use_cache=False`` (packed), and, when the batch has images, ``pixel_values`` (all tiles, in order) and
+    ``use_cache=False`` (packed), ``loss_weight`` (float, the shape of ``labels``, 0 where a label is -100; not with
+    ``loss_reduction="token"``), and, when the batch has images, ``pixel_values`` (all tiles, in order) and
     ``num_patches`` (tiles per image).
     """
 
     def __init__(self, processor, max_length: int | None = None, packing: bool = False,
-                 pad_to_multiple_of: int | None = None):
+                 pad_to_multiple_of: int | None = None, loss_reduction: str = "token"):
         if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int)
                                        or max_length < 1):
             raise ValueError(f"max_length must be an integer >= 1 or None, got {max_length!r}")
+        if loss_reduction not in LOSS_REDUCTIONS:
+            raise ValueError(f"loss_reduction must be one of {list(LOSS_REDUCTIONS)}, got {loss_reduction!r}")
+        self.loss_reduction = loss_reduction
         self.processor = processor
         self.encoder = ConversationEncoder(processor)
         self.budget = TileBudget(processor.image_processor)
@@ -79,7 +103,7 @@ class InternVLXDataCollator:
         """One row's (encoded conversation, pixel values, tiles per image), or None if it was dropped."""
         source = str(row.get("source") or f"batch row {index}") if isinstance(row, dict) else f"batch row {index}"
         try:
-            sample = sample_from_row(row, source=source)
+            sample = sample_from_row(row, source=source, keep_leading_reply=self.encoder.keep_leading_reply)
         except SampleError as error:
             self._drop(source, error.reason, error)
             return None
@@ -98,6 +122,9 @@ class InternVLXDataCollator:
         except SampleError as error:
             self._drop(source, error.reason, error)
             return None
+        if encoded.num_images < len(tiles):  # images after the cut
+            tiles = tiles[: encoded.num_images]
+            pixel_values = pixel_values[: sum(tiles)] if tiles else None
         return encoded, pixel_values, tiles
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -108,11 +135,27 @@ class InternVLXDataCollator:
                 "above, or load the data with InternVLXDataset, which skips unusable rows before training."
             )
         batch = self._pack(kept) if self.packing else self._pad(kept)
+        if self.loss_reduction != "token":
+            batch["loss_weight"] = self._loss_weight(kept, batch["labels"])
         pixel_values = [pv for _, pv, _ in kept if pv is not None]
         if pixel_values:
             batch["pixel_values"] = torch.cat(pixel_values)
             batch["num_patches"] = torch.tensor([n for _, _, tiles in kept for n in tiles], dtype=torch.long)
         return batch
+
+    def _loss_weight(self, kept, labels: torch.Tensor) -> torch.Tensor:
+        """InternVL's per-token weights (its ``len2weight``): each sample's labelled tokens weigh
+        ``sample_weight(n)`` with n the sample's labelled tokens."""
+        weights = torch.zeros(labels.shape, dtype=torch.float32)
+        offset = 0
+        for row, (encoded, _, _) in enumerate(kept):
+            weight = sample_weight(encoded.num_labels, self.loss_reduction)
+            if self.packing:
+                weights[0, offset:offset + encoded.length] = weight
+                offset += encoded.length
+            else:
+                weights[row, :encoded.length] = weight
+        return weights.masked_fill(labels == IGNORE_INDEX, 0.0)
 
     def _round_up(self, length: int) -> int:
         multiple = self.pad_to_multiple_of
@@ -152,4 +195,4 @@ class InternVLXDataCollator:
         }
 
 
-__all__ = ["InternVLXDataCollator"]
+__all__ = ["LOSS_REDUCTIONS", "InternVLXDataCollator", "sample_weight"]

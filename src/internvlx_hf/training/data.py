@@ -3,10 +3,11 @@
 `InternVLXDataset` scans its sources once when it is built: every row is parsed, its images' sizes are read from
 the file headers (no pixels are decoded), and the conversation is tokenized to its exact length with the tile
 counts those sizes give under the checkpoint's RVTC settings. Unusable rows (bad JSON, missing or unreadable image,
-`<image>` count != images, no reply, too long to cut safely) are skipped with a warning that names the file and
-line, and counted per reason in `summary`. Pixels are decoded only in `__getitem__` (DataLoader workers); an image
-that fails there is skipped the same way and the next usable sample takes its place, so an epoch never stops on
-a broken file and never trains on one.
+`<image>` count != images, a system turn that is not the only first turn, no reply, no reply left within
+``max_length``) are skipped with a warning that names the file and line, and counted per reason in `summary`;
+samples cut to ``max_length`` (see `encoding.truncate`) are counted there too. Pixels are decoded only in
+`__getitem__` (DataLoader workers); an image that fails there is skipped the same way and the next usable sample
+takes its place, so an epoch never stops on a broken file and never trains on one.
 
 A meta JSON is InternVL's format::
 
@@ -37,7 +38,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from ..processing.image_processing_internvlx import _load_rgb_image
-from .encoding import ConversationEncoder, truncate
+from .encoding import ConversationEncoder, EncodedConversation, truncate
 from .formats import Sample, SampleError, sample_from_row
 
 logger = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ class DatasetStats:
     images: int = 0
     tiles: int = 0
     tokens: int = 0
+    truncated: int = 0  # usable samples cut to max_length
     skipped: Counter = field(default_factory=Counter)
 
 
@@ -78,6 +80,8 @@ class DataSummary:
 
     datasets: list[DatasetStats] = field(default_factory=list)
     examples: list[str] = field(default_factory=list)
+    truncated_examples: list[str] = field(default_factory=list)
+    max_length: int | None = None
 
     @property
     def samples(self) -> int:
@@ -90,16 +94,25 @@ class DataSummary:
             total.update(stats.skipped)
         return total
 
+    @property
+    def truncated(self) -> int:
+        return sum(d.truncated for d in self.datasets)
+
     def __str__(self) -> str:
-        header = f"{'dataset':<24} {'samples':>8} {'images':>8} {'tiles':>8} {'tokens':>10} {'skipped':>8}"
+        header = (f"{'dataset':<24} {'samples':>8} {'images':>8} {'tiles':>8} {'tokens':>10} {'truncated':>9} "
+                  f"{'skipped':>8}")
         lines = ["Training data", "  " + header]
         for d in self.datasets:
             lines.append(f"  {d.name[:24]:<24} {d.samples:>8,} {d.images:>8,} {d.tiles:>8,} {d.tokens:>10,} "
-                         f"{sum(d.skipped.values()):>8,}")
+                         f"{d.truncated:>9,} {sum(d.skipped.values()):>8,}")
         if len(self.datasets) > 1:
             total = [sum(getattr(d, key) for d in self.datasets) for key in ("samples", "images", "tiles", "tokens")]
             lines.append(f"  {'total':<24} {total[0]:>8,} {total[1]:>8,} {total[2]:>8,} {total[3]:>10,} "
-                         f"{sum(self.skipped.values()):>8,}")
+                         f"{self.truncated:>9,} {sum(self.skipped.values()):>8,}")
+        if self.truncated:
+            lines.append(f"  truncated: {self.truncated} sample(s) cut to max_length {self.max_length} (the head is "
+                         "kept, with the replies that fit), e.g.")
+            lines.extend(f"    {example}" for example in self.truncated_examples)
         if self.skipped:
             reasons = ", ".join(f"{reason}: {count}" for reason, count in self.skipped.most_common())
             lines.append(f"  skipped ({reasons}), e.g.")
@@ -108,7 +121,8 @@ class DataSummary:
 
     def to_dict(self) -> list[dict[str, Any]]:
         return [{"name": d.name, "files": d.files, "rows": d.rows, "samples": d.samples, "images": d.images,
-                 "tiles": d.tiles, "tokens": d.tokens, "skipped": dict(d.skipped)} for d in self.datasets]
+                 "tiles": d.tiles, "tokens": d.tokens, "truncated": d.truncated, "skipped": dict(d.skipped)}
+                for d in self.datasets]
 
 
 def _resolve(path: str, base: Path) -> Path:
@@ -257,8 +271,12 @@ def source_rows(source: DataSource):
             yield f"{source.name}[{number}]", (number, view[number])
 
 
-def parse_row(source: DataSource, where: str, raw: Any) -> tuple[dict[str, Any], Sample]:
-    """The row and its `Sample` from what `source_rows` gave; raises `SampleError` (invalid JSON, bad format)."""
+def parse_row(source: DataSource, where: str, raw: Any, *,
+              keep_leading_reply: bool = False) -> tuple[dict[str, Any], Sample]:
+    """The row and its `Sample` from what `source_rows` gave; raises `SampleError` (invalid JSON, bad format).
+
+    `keep_leading_reply`: see `sample_from_row` (the encoder's template decides it).
+    """
     if isinstance(raw, str):
         try:
             row = json.loads(raw)
@@ -266,7 +284,8 @@ def parse_row(source: DataSource, where: str, raw: Any) -> tuple[dict[str, Any],
             raise SampleError("invalid JSON", f"{where}: invalid JSON ({error})") from None
     else:
         row = raw[1]
-    return row, sample_from_row(row, root=source.root, source=where, max_tiles=source.max_dynamic_patch)
+    return row, sample_from_row(row, root=source.root, source=where, max_tiles=source.max_dynamic_patch,
+                                keep_leading_reply=keep_leading_reply)
 
 
 class TileBudget:
@@ -298,7 +317,8 @@ class InternVLXDataset(torch.utils.data.Dataset):
         data: an InternVL meta JSON or JSONL path (or a comma-separated list of them), a `datasets.Dataset` or a
             list of row dicts (InternVL ``conversations`` or TRL ``messages`` + ``images``), or a list mixing these.
         processor: the checkpoint's `InternVLXProcessor` (tokenizer, chat template, image processor settings).
-        max_length: the collator's ``max_length``; longer samples are cut inside their last turn or skipped.
+        max_length: the collator's ``max_length``; longer samples keep their head (see `encoding.truncate`), or are
+            skipped when no reply token is left in it.
         progress: show a progress bar while scanning.
 
     Images are tiled with the processor's RVTC settings (``processor.image_processor.tiling`` / ``max_tiles``; a
@@ -313,7 +333,7 @@ class InternVLXDataset(torch.utils.data.Dataset):
         self.encoder = ConversationEncoder(processor)
         self.budget = TileBudget(processor.image_processor)
         self.sources = as_sources(data)
-        self.summary = DataSummary()
+        self.summary = DataSummary(max_length=max_length)
         self._entries: list[tuple[int, Any, str]] = []  # (source index, JSONL line or row index, where)
         self.lengths: list[int] = []
         self._bad: set[int] = set()
@@ -340,13 +360,15 @@ class InternVLXDataset(torch.utils.data.Dataset):
         return source_rows(source)
 
     def _parse(self, source: DataSource, where: str, raw: Any) -> Sample:
-        return parse_row(source, where, raw)[1]
+        return parse_row(source, where, raw, keep_leading_reply=self.encoder.keep_leading_reply)[1]
 
-    def _measure(self, sample: Sample) -> tuple[int, list[int]]:
+    def _measure(self, sample: Sample) -> tuple[EncodedConversation, list[int]]:
+        """The sample's encoding after truncation (no ids), and the tiles of the images it keeps."""
         sizes = [image_size(image) for image in sample.images]
         tiles = self.budget.tiles(sizes, sample.max_tiles)
         encoded = self.encoder.encode(sample.messages, tiles, expand=False, source=sample.source)
-        return truncate(encoded, self.max_length, sample.source).length, tiles
+        encoded = truncate(encoded, self.max_length, sample.source)
+        return encoded, tiles[: encoded.num_images]
 
     def _scan(self, source_index: int, source: DataSource, progress: bool) -> None:
         from tqdm.auto import tqdm
@@ -367,20 +389,23 @@ class InternVLXDataset(torch.utils.data.Dataset):
             stats.rows += 1
             try:
                 sample = self._parse(source, where, raw)
-                length, tiles = self._measure(sample)
+                encoded, tiles = self._measure(sample)
             except SampleError as error:
                 self._skip(stats, where, error)
                 continue
-            kept.append(((source_index, raw if isinstance(raw, str) else raw[0], where), length, len(tiles),
-                         sum(tiles)))
+            if encoded.truncated and len(self.summary.truncated_examples) < 3:
+                self.summary.truncated_examples.append(f"{where}: {encoded.num_labels} reply token(s) kept")
+            kept.append(((source_index, raw if isinstance(raw, str) else raw[0], where), encoded.length, len(tiles),
+                         sum(tiles), encoded.truncated))
         count = int(len(kept) * source.repeat_time)
         repeated = [kept[i % len(kept)] for i in range(count)] if kept else []
-        for entry, length, images, tiles in repeated:
+        for entry, length, images, tiles, truncated in repeated:
             self._entries.append(entry)
             self.lengths.append(length)
             stats.images += images
             stats.tiles += tiles
             stats.tokens += length
+            stats.truncated += truncated
         stats.samples = len(repeated)
 
     # --- items --------------------------------------------------------------------------------------------------
@@ -392,7 +417,8 @@ class InternVLXDataset(torch.utils.data.Dataset):
         source_index, key, where = self._entries[index]
         source = self.sources[source_index]
         row = json.loads(key) if isinstance(key, str) else source.rows[key]
-        return sample_from_row(row, root=source.root, source=where, max_tiles=source.max_dynamic_patch)
+        return sample_from_row(row, root=source.root, source=where, max_tiles=source.max_dynamic_patch,
+                               keep_leading_reply=self.encoder.keep_leading_reply)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         for attempt in range(len(self._entries)):

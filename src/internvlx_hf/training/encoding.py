@@ -11,6 +11,12 @@ never silently shift.
 Each `<image>` is tokenized as `<img></img>` and the `<IMG_CONTEXT>` run is inserted between the two ids; the image
 tokens are added special tokens, so this gives exactly the ids of tokenizing the expanded prompt (what the
 processor does at inference), without tokenizing thousands of placeholder characters.
+
+`truncate` fits a conversation into ``max_length`` as InternVL does (it tokenizes with ``truncation=True`` at
+``model_max_length``, then masks): the head is kept and the replies, or the part of a reply, before the cut keep
+their labels. Unlike InternVL, which then refuses any sample that lost part of an image (its "image tokens are
+truncated" assertion), a cut that would fall inside an `<img>...</img>` block moves to just before the block, and
+the images after the cut are left out of the sample.
 """
 
 from __future__ import annotations
@@ -19,8 +25,10 @@ import bisect
 from dataclasses import dataclass
 from typing import Any
 
+from jinja2.exceptions import TemplateError, TemplateSyntaxError
 from transformers.utils.chat_template_utils import render_jinja_template
 
+from ..processing.chat_templates import CHAT_TEMPLATES
 from .formats import IMAGE_TAG, SampleError
 
 IGNORE_INDEX = -100
@@ -30,7 +38,6 @@ IGNORE_INDEX = -100
 class RenderedConversation:
     text: str
     reply_spans: list[tuple[int, int]]  # character spans of assistant replies + their end-of-turn token
-    last_message_start: int  # character offset where the last message (its header included) starts
 
 
 @dataclass
@@ -40,10 +47,18 @@ class EncodedConversation:
     input_ids: list[int]
     labels: list[int]
     length: int  # number of tokens, image placeholders included
-    last_turn_start: int  # first token of the last message
-    image_end: int  # index after the last `</img>` (0 without images)
-    num_labels: int  # labelled tokens
-    first_label: int  # index of the first labelled token
+    image_blocks: list[tuple[int, int]]  # per image: index of its `<img>`, index after its `</img>`
+    label_positions: list[int]  # indices of the labelled tokens, ascending
+    truncated: bool = False  # cut to max_length by `truncate`
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_positions)
+
+    @property
+    def num_images(self) -> int:
+        """Images whose blocks are in the ids (after truncation, the first ones only)."""
+        return len(self.image_blocks)
 
 
 class ConversationEncoder:
@@ -74,12 +89,21 @@ class ConversationEncoder:
         self.context_id = processor.image_token_id
         self.pair = processor.start_image_token + processor.end_image_token
         self._template_kwargs = dict(tokenizer.special_tokens_map)
+        # InternVL's internvl2_5 preprocessing trains a `gpt` turn before the first `human` one; its InternVL2
+        # templates' preprocessing drops it (`sample_from_row(keep_leading_reply=...)`).
+        self.keep_leading_reply = template == CHAT_TEMPLATES["internvl2_5"]
 
     def _render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False) -> str:
-        rendered, _ = render_jinja_template(
-            conversations=[messages], chat_template=self.template, add_generation_prompt=add_generation_prompt,
-            **self._template_kwargs,
-        )
+        try:
+            rendered, _ = render_jinja_template(
+                conversations=[messages], chat_template=self.template, add_generation_prompt=add_generation_prompt,
+                **self._template_kwargs,
+            )
+        except TemplateSyntaxError:
+            raise
+        except TemplateError as error:  # the template's raise_exception(): this conversation, not the template
+            raise SampleError("refused by the chat template",
+                              f"the chat template refused the conversation: {error}") from None
         return rendered[0]
 
     def render(self, messages: list[dict[str, Any]]) -> RenderedConversation:
@@ -98,7 +122,6 @@ class ConversationEncoder:
 
         first = 1 if messages and messages[0].get("role") == "system" else 0
         spans = []
-        last_start = prefix(len(messages) - 1) if len(messages) - 1 >= first else 0
         for index in range(first, len(messages)):
             if messages[index]["role"] != "assistant":
                 continue
@@ -108,7 +131,7 @@ class ConversationEncoder:
             end = header_end + len(text[header_end:turn_end].rstrip())
             if end > header_end:
                 spans.append((header_end, end))
-        return RenderedConversation(text=text, reply_spans=spans, last_message_start=last_start)
+        return RenderedConversation(text=text, reply_spans=spans)
 
     def encode(self, messages: list[dict[str, Any]], num_patches: list[int], expand: bool = True,
                source: str = "") -> EncodedConversation:
@@ -119,11 +142,15 @@ class ConversationEncoder:
         ids are not built (only the length, positions and label count), which is what length estimates need.
 
         Raises:
-            SampleError: the image count does not match the `<image>` tags, the text holds image tokens itself,
+            SampleError: the chat template refuses the conversation (its ``raise_exception``, e.g. a misplaced
+                system turn), the image count does not match the `<image>` tags, the text holds image tokens itself,
                 nothing is left to learn, or a token straddles a reply boundary.
         """
         where = f"{source}: " if source else ""
-        rendered = self.render(messages)
+        try:
+            rendered = self.render(messages)
+        except SampleError as error:
+            raise SampleError(error.reason, f"{where}{error}") from None
         pieces = rendered.text.split(IMAGE_TAG)
         if len(pieces) - 1 != len(num_patches):
             raise SampleError(
@@ -178,8 +205,6 @@ class ConversationEncoder:
         def expanded(index: int) -> int:  # token index before expansion -> after
             return index + sum(runs[: bisect.bisect_left(starts, index)])
 
-        last_start = shift(rendered.last_message_start)
-        first_token = next((i for i, (s, e) in enumerate(offsets) if s >= last_start and e > s), len(ids))
         input_ids, labels = [], []
         if expand:
             run = iter(runs)
@@ -194,42 +219,40 @@ class ConversationEncoder:
             input_ids=input_ids,
             labels=labels,
             length=len(ids) + sum(runs),
-            last_turn_start=expanded(first_token),
-            image_end=expanded(ends[-1]) + 1 if ends else 0,
-            num_labels=num_labels,
-            first_label=expanded(labelled.index(True)),
+            image_blocks=[(expanded(start), expanded(end) + 1) for start, end in zip(starts, ends)],
+            label_positions=[expanded(i) for i, flag in enumerate(labelled) if flag],
         )
 
 
 def truncate(encoded: EncodedConversation, max_length: int | None, source: str = "") -> EncodedConversation:
-    """Fit a conversation into ``max_length`` tokens by cutting inside its last turn, never inside an image block.
+    """The first ``max_length`` tokens of a longer conversation, with the labels of the replies (or the part of a
+    reply) among them; a cut inside an `<img>...</img>` block moves to just before the block, and the images from
+    there on are left out (``num_images`` of the result says how many stay).
 
     Raises:
-        SampleError: the cut would fall before the last turn or before the end of the last image, or leave no
-            labelled token.
+        SampleError: no labelled token is left before the cut.
     """
     if max_length is None or encoded.length <= max_length:
         return encoded
-    where = f"{source}: " if source else ""
-    if max_length < encoded.image_end or max_length < encoded.last_turn_start:
-        what = "an image" if max_length < encoded.image_end else "a turn before the last one"
+    cut = max_length
+    for start, end in encoded.image_blocks:
+        if start < cut < end:
+            cut = start
+            break
+    kept_images = sum(1 for _, end in encoded.image_blocks if end <= cut)
+    kept_labels = bisect.bisect_left(encoded.label_positions, cut)
+    if kept_labels == 0:
+        where = f"{source}: " if source else ""
+        moved = f" (the cut moves to {cut}, before an image block)" if cut < max_length else ""
         raise SampleError(
             "too long",
-            f"{where}{encoded.length} tokens > max_length {max_length}, and cutting would cut {what} (only the last "
-            "turn is ever truncated); raise --max_length, lower --max_tiles, or shorten the sample",
+            f"{where}{encoded.length} tokens > max_length {max_length}, and no reply token lies within the first "
+            f"{cut} tokens{moved}; raise --max_length, lower --max_tiles, or shorten the sample",
         )
-    if encoded.first_label >= max_length:
-        raise SampleError(
-            "too long",
-            f"{where}{encoded.length} tokens > max_length {max_length}, and no reply token would be left after "
-            "cutting; raise --max_length",
-        )
-    labels = encoded.labels[:max_length]
     return EncodedConversation(
-        input_ids=encoded.input_ids[:max_length], labels=labels, length=max_length,
-        last_turn_start=encoded.last_turn_start, image_end=encoded.image_end,
-        num_labels=sum(1 for label in labels if label != IGNORE_INDEX) if labels else encoded.num_labels,
-        first_label=encoded.first_label,
+        input_ids=encoded.input_ids[:cut], labels=encoded.labels[:cut], length=cut,
+        image_blocks=encoded.image_blocks[:kept_images], label_positions=encoded.label_positions[:kept_labels],
+        truncated=True,
     )
 
 

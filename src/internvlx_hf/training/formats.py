@@ -2,8 +2,10 @@
 
 - InternVL's JSONL (`internvl_chat/shell/data/*.json` meta files point at these): ``{"image": "a.jpg" | [...],
   "conversations": [{"from": "human" | "gpt" | "system", "value": "..."}]}``, image paths relative to the
-  dataset's ``root``. As in InternVL's training code, values are stripped, a leading non-human turn (after an
-  optional system turn) is dropped, and a single-image sample whose conversation has no ``<image>`` gets
+  dataset's ``root``. Values are stripped (InternVL's internlm2-chat preprocessing does; its Hermes-2 / phi3-chat /
+  internvl2_5 ones keep the whitespace, see the fine-tuning docs for why every template strips here), a leading
+  non-human turn (after an optional system turn) is dropped as InternVL2's preprocessing does (InternVL2.5's keeps
+  and trains it: ``keep_leading_reply``), and a single-image sample whose conversation has no ``<image>`` gets
   ``"<image>\\n"`` prepended to its first human turn.
 - TRL's conversational rows: ``{"messages": [{"role": ..., "content": str | [{"type": "image"}, {"type": "text",
   "text": ...}]}], "images": [...]}`` (or a single ``"image"``). Images are paths, PIL images or undecoded
@@ -11,7 +13,8 @@
   at the start of the first user message, as TRL's ``prepare_multimodal_messages`` does.
 
 Both become a `Sample`; anything unusable raises `SampleError`, whose ``reason`` is the short category counted in
-the dataset summary.
+the dataset summary. A system turn is allowed only as the first turn, once (every InternVL template renders it as
+the system block).
 """
 
 from __future__ import annotations
@@ -59,7 +62,17 @@ def _resolve_image(image: Any, root: Path | None) -> Any:
     return image
 
 
-def _internvl_sample(row: dict[str, Any], root: Path | None, source: str) -> Sample:
+def _check_system_turns(messages: list[dict[str, Any]]) -> None:
+    positions = [i + 1 for i, message in enumerate(messages) if message["role"] == "system"]
+    if positions and positions != [1]:
+        raise SampleError(
+            "misplaced system turn",
+            f"a system turn must be the first turn, and only one is allowed; this row has {len(positions)} at "
+            f"turn(s) {positions}. Merge them into one first turn",
+        )
+
+
+def _internvl_sample(row: dict[str, Any], root: Path | None, source: str, keep_leading_reply: bool) -> Sample:
     if row.get("video"):
         raise SampleError("video sample", "video samples are not supported; use image or text samples")
     raw_images = row.get("image")
@@ -84,13 +97,15 @@ def _internvl_sample(row: dict[str, Any], root: Path | None, source: str) -> Sam
         if not isinstance(turn["value"], str):
             raise SampleError("bad format", f"turn 'value' must be a string, got {type(turn['value']).__name__}")
         messages.append({"role": role, "content": turn["value"].strip()})
+    _check_system_turns(messages)
     system = messages[:1] if messages[0]["role"] == "system" else []
     turns = messages[len(system):]
-    # InternVL's preprocessing skips a first turn that is not from the human.
-    if turns and turns[0]["role"] != "user":
+    # InternVL2's preprocessing skips a first turn that is not from the human; InternVL2.5's trains it.
+    if turns and turns[0]["role"] != "user" and not keep_leading_reply:
         turns = turns[1:]
-    if not any(IMAGE_TAG in m["content"] for m in turns) and len(images) == 1 and turns:
-        turns[0] = {"role": "user", "content": IMAGE_TAG + "\n" + turns[0]["content"]}
+    first_user = next((i for i, m in enumerate(turns) if m["role"] == "user"), None)
+    if not any(IMAGE_TAG in m["content"] for m in turns) and len(images) == 1 and first_user is not None:
+        turns[first_user] = {"role": "user", "content": IMAGE_TAG + "\n" + turns[first_user]["content"]}
     return Sample(messages=system + turns, images=[_resolve_image(i, root) for i in images], source=source)
 
 
@@ -130,6 +145,7 @@ def _chat_sample(row: dict[str, Any], root: Path | None, source: str) -> Sample:
             raise SampleError("unknown role", f"message role must be one of {list(_CHAT_ROLES)}, got "
                                               f"{message['role']!r}")
         clean.append({"role": message["role"], "content": _strip_media(message.get("content", ""))})
+    _check_system_turns(clean)
     if "images" in row and row["images"] is not None:
         images = list(row["images"]) if isinstance(row["images"], (list, tuple)) else [row["images"]]
     elif row.get("image") is not None:
@@ -146,19 +162,21 @@ def _chat_sample(row: dict[str, Any], root: Path | None, source: str) -> Sample:
 
 
 def sample_from_row(row: Any, *, root: str | os.PathLike | None = None, source: str = "",
-                    max_tiles: int | None = None) -> Sample:
+                    max_tiles: int | None = None, keep_leading_reply: bool = False) -> Sample:
     """Normalise one InternVL (`conversations`) or TRL (`messages`) row; raises `SampleError` if unusable.
 
     Args:
         root: folder that relative image paths are relative to (None: as given, i.e. the current directory).
         source: where the row comes from (``"file.jsonl:12"``), used in messages.
         max_tiles: the row's tile budget (a dataset's ``max_dynamic_patch``), or None for the processor's.
+        keep_leading_reply: keep a `gpt` turn that comes before the first `human` turn of an InternVL row (InternVL's
+            `internvl2_5` preprocessing trains it) instead of dropping it (its InternVL2 templates' preprocessing).
     """
     if not isinstance(row, dict):
         raise SampleError("bad format", f"a row must be a JSON object, got {type(row).__name__}")
     root = Path(root) if root is not None else None
     if "conversations" in row:
-        sample = _internvl_sample(row, root, source)
+        sample = _internvl_sample(row, root, source, keep_leading_reply)
     elif "messages" in row:
         sample = _chat_sample(row, root, source)
     else:

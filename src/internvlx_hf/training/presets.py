@@ -1,12 +1,15 @@
-"""Training presets: which parts of InternVL-X learn (the paper's two stages, full fine-tuning, LoRA).
+"""Training presets: which parts of InternVL-X learn (the paper's two stages, InternVL2's usual fine-tuning, LoRA).
 
-| preset   | trainable                                                                    | frozen           |
-|----------|------------------------------------------------------------------------------|------------------|
-| `stage1` | projectors: `mlp` / `pvtc`, LVTC's LR and HR projectors                       | ViT, LLM, lm_head |
-| `stage2` | projectors + LLM + lm_head (the InternVL-X fine-tuning recipe)               | ViT              |
-| `full`   | everything                                                                   | -                |
-| `lora`   | LoRA adapters on the LLM's attention and MLP linears (`lora_target`), plus    | the rest         |
-|          | the projectors in full                                                       |                  |
+| preset              | trainable                                                             | frozen            |
+|---------------------|-----------------------------------------------------------------------|-------------------|
+| `stage1`            | projectors: `mlp` / `pvtc`, LVTC's LR and HR projectors                | ViT, LLM, lm_head |
+| `stage2`            | everything (the paper's instruction tuning, Sec. 4.1: "all model      | -                 |
+|                     | parameters are finetuned")                                            |                   |
+| `stage2-frozen-vit` | projectors + LLM + lm_head (InternVL2's `2nd_finetune` scripts:       | ViT               |
+|                     | `--freeze_backbone True`)                                             |                   |
+| `full`              | everything (the same parameters as `stage2`)                          | -                 |
+| `lora`              | LoRA adapters on the LLM's attention and MLP linears (`lora_target`), | the rest          |
+|                     | plus the projectors in full                                           |                   |
 
 Frozen parameters get ``requires_grad=False`` and are left out of the optimizer, so they stay bit-identical.
 """
@@ -19,7 +22,7 @@ from typing import Any
 
 from torch import nn
 
-PRESETS = ("stage1", "stage2", "full", "lora")
+PRESETS = ("stage1", "stage2", "stage2-frozen-vit", "full", "lora")
 
 # (group, module prefix) in the order the report lists them.
 MODULE_GROUPS = (
@@ -31,10 +34,12 @@ MODULE_GROUPS = (
     ("lm_head", "lm_head"),
 )
 PROJECTOR_GROUPS = frozenset({"projector", "lvtc_lr_projectors", "lvtc_hr_projector"})
+ALL_GROUPS = frozenset(group for group, _ in MODULE_GROUPS)
 _TRAINABLE_GROUPS = {
     "stage1": PROJECTOR_GROUPS,
-    "stage2": PROJECTOR_GROUPS | {"llm", "lm_head"},
-    "full": frozenset(group for group, _ in MODULE_GROUPS),
+    "stage2": ALL_GROUPS,
+    "stage2-frozen-vit": PROJECTOR_GROUPS | {"llm", "lm_head"},
+    "full": ALL_GROUPS,
 }
 _PEFT_PREFIX = "base_model.model."
 

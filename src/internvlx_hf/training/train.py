@@ -21,7 +21,7 @@ from transformers import HfArgumentParser, TrainingArguments
 
 from ..hub.resolve import read_internvlx_config
 from ..processing import TilingMode
-from .collator import InternVLXDataCollator
+from .collator import LOSS_REDUCTIONS, InternVLXDataCollator
 from .data import InternVLXDataset
 from .presets import PRESETS, LoraSettings, apply_preset, describe_lora, format_trainable
 from .trainer import InternVLXTrainer
@@ -54,8 +54,9 @@ class DataArguments:
     )
     max_length: int | None = field(
         default=None,
-        metadata={"help": "longest sample in tokens, image tokens included; longer ones are cut inside their last "
-                          "turn (never inside an image) or skipped"},
+        metadata={"help": "longest sample in tokens, image tokens included; a longer one keeps its head and the "
+                          "replies in it (a cut inside an image moves before the image), or is skipped when no reply "
+                          "token fits"},
     )
     packing: bool = field(
         default=False,
@@ -90,13 +91,21 @@ class DataArguments:
         default=32,
         metadata={"help": "longest generated answer when scoring --eval-data"},
     )
+    loss_reduction: str = field(
+        default="token",
+        metadata={"help": "InternVL's loss averaging: token (every labelled token alike), sample (every sample "
+                          "alike: 1/n per token), square (1/sqrt(n) per token; InternVL2.5's recipes)",
+                  "choices": list(LOSS_REDUCTIONS)},
+    )
 
 
 @dataclass
 class PresetArguments:
     preset: str = field(
         default="stage2",
-        metadata={"help": "what trains: stage1 (projectors), stage2 (LLM + projectors), full, lora",
+        metadata={"help": "what trains: stage1 (projectors), stage2 (everything: the paper's instruction tuning), "
+                          "stage2-frozen-vit (LLM + projectors, ViT frozen: InternVL2's fine-tuning scripts), full "
+                          "(everything), lora",
                   "choices": list(PRESETS)},
     )
     lora_r: int = field(default=16, metadata={"help": "LoRA rank (preset lora)"})
@@ -224,7 +233,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, preset_args: Pre
                              f"{processor.image_processor.min_tiles}")
         processor.image_processor.max_tiles = data_args.max_tiles
 
-    collator = InternVLXDataCollator(processor, max_length=data_args.max_length, packing=data_args.packing)
+    collator = InternVLXDataCollator(processor, max_length=data_args.max_length, packing=data_args.packing,
+                                     loss_reduction=data_args.loss_reduction)
     dataset = InternVLXDataset(data, processor, max_length=data_args.max_length, progress=is_main)
     say(str(dataset.summary))
     eval_sets = eval_dataset = None
@@ -274,6 +284,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, preset_args: Pre
         "lora": describe_lora(model.peft_config["default"]) if lora else None,
         "packing": data_args.packing,
         "max_length": data_args.max_length,
+        "loss_reduction": data_args.loss_reduction,
         "tiling": TilingMode(processor.image_processor.tiling).value,
         "max_tiles": processor.image_processor.max_tiles,
     }

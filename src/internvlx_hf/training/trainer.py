@@ -1,5 +1,5 @@
-"""The HF `Trainer`, with what InternVL-X training data needs: length-grouped sampling from the dataset's own
-length estimates and a provenance record in every folder it saves.
+"""The HF `Trainer`, with what InternVL-X training data needs: InternVL's per-sample loss weighting, length-grouped
+sampling from the dataset's own length estimates and a provenance record in every folder it saves.
 
 Everything else (DDP / FSDP / DeepSpeed, mixed precision, gradient checkpointing, checkpoints and resuming, logging)
 is transformers' own `Trainer`.
@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import Trainer
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
@@ -20,9 +21,24 @@ from .collator import InternVLXDataCollator
 logger = logging.getLogger(__name__)
 
 
+def weighted_token_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``sum(weight * cross-entropy)`` over the shifted labels (position t predicts label t + 1 with its weight),
+    -100 labels left out; the numerator of InternVL's weighted loss."""
+    shift_labels = labels[..., 1:].reshape(-1).to(logits.device)
+    shift_weights = weights[..., 1:].reshape(-1).to(logits.device, torch.float32)
+    losses = torch.nn.functional.cross_entropy(
+        logits[..., :-1, :].reshape(-1, logits.shape[-1]).float(), shift_labels, ignore_index=-100, reduction="none")
+    return (losses * shift_weights).sum()
+
+
 class InternVLXTrainer(Trainer):
     """`transformers.Trainer` for InternVL-X checkpoints.
 
+    - Batches with a ``loss_weight`` (`InternVLXDataCollator` with ``loss_reduction="sample"`` / ``"square"``) get
+      InternVL's weighted loss: ``sum(w * ce) / sum(w)`` over the labelled tokens, with the sum of weights taken
+      over the whole optimizer step (all gradient-accumulation batches and, with ``average_tokens_across_devices``,
+      all processes), as the Trainer's own ``num_items_in_batch`` does for the token count. Batches without one
+      take the Trainer's loss unchanged.
     - ``train_sampling_strategy="group_by_length"`` uses the dataset's ``lengths`` (exact token counts that
       `InternVLXDataset` computes from image headers and text) instead of tokenizing every item.
     - With an `InternVLXDataCollator`, ``remove_unused_columns`` is turned off: the collator needs the raw
@@ -48,6 +64,37 @@ class InternVLXTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.started_from = str(started_from) if started_from is not None else None
         self.provenance = dict(provenance or {})
+
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device):
+        count = super()._get_num_items_in_batch(batch_samples, device)
+        if count is None or not batch_samples or "loss_weight" not in batch_samples[0]:
+            return count
+        if self.args.n_gpu > 1:
+            raise ValueError("loss_reduction 'sample' / 'square' needs one process per GPU (torchrun), not "
+                             "torch.nn.DataParallel over several GPUs")
+        # As the Trainer's token count: over labels[..., 1:], the positions the shifted loss predicts.
+        total = sum(batch["loss_weight"][..., 1:].sum() for batch in batch_samples).to(device)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            total = self.accelerator.gather(total).sum()
+        return total
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if "loss_weight" not in inputs:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+        if self.label_smoother is not None:
+            raise ValueError("loss_reduction 'sample' / 'square' does not combine with label_smoothing_factor")
+        inputs = dict(inputs)
+        weights, labels = inputs.pop("loss_weight"), inputs.pop("labels")
+        outputs = model(**inputs)
+        total = weighted_token_loss(outputs.logits, labels, weights)
+        if num_items_in_batch is None:  # a per-batch mean; the Trainer divides by the accumulation steps
+            loss = total / weights[..., 1:].sum().clamp_min(torch.finfo(torch.float32).tiny)
+        else:
+            loss = total / num_items_in_batch
+            if self.args.average_tokens_across_devices:  # DDP averages the gradients of the processes
+                loss = loss * self.accelerator.num_processes
+        return (loss, outputs) if return_outputs else loss
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
@@ -76,4 +123,4 @@ class InternVLXTrainer(Trainer):
             self.record_provenance(output_dir if output_dir is not None else self.args.output_dir)
 
 
-__all__ = ["InternVLXTrainer"]
+__all__ = ["InternVLXTrainer", "weighted_token_loss"]
