@@ -111,7 +111,9 @@ def read_eval_data(data: Any, processor, *, metric: str | None = None, limit: in
     if isinstance(data, list) and data and all(isinstance(item, EvalSet) for item in data):
         return [EvalSet(s.name, metric or s.metric, s.samples[:limit]) for s in data]
     # as training reads them: internvl2_5 keeps a `gpt` turn before the first `human` one (as context here)
-    keep_leading_reply = processor.chat_template == CHAT_TEMPLATES["internvl2_5"]
+    template = processor.chat_template
+    template = template.get("default") if isinstance(template, dict) else template
+    keep_leading_reply = template == CHAT_TEMPLATES["internvl2_5"]
     sets = []
     for source in as_sources(data):
         samples = []
