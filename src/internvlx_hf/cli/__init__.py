@@ -88,9 +88,15 @@ def build_parser(commands: Sequence[Command] | None = None) -> argparse.Argument
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    import logging
+
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
     args = build_parser().parse_args(argv)
     try:
-        return int(args._run(args) or 0)
+        # Warnings while a progress bar runs (skipped samples, transformers' notes) get lines of their own.
+        with logging_redirect_tqdm([logging.root, logging.getLogger("transformers")]):
+            return int(args._run(args) or 0)
     except KeyboardInterrupt:
         if args.debug:
             raise
