@@ -322,26 +322,47 @@ def test_yaml_values_are_read_as_the_flags_would_be(tmp_path, capsys):
 
 
 _CLEAN_RUN = """
-import sys
+import json, sys
 from internvlx_hf.cli import main
-src, data, work = sys.argv[1:4]
+src, data, bad_data, work = sys.argv[1:5]
 assert main(["convert", src, work + "/converted", "--no-progress"]) == 0
 assert main(["train", "--model", work + "/converted", "--data", data, "--output_dir", work + "/out", "--preset", "lora",
              "--activation_checkpointing", "--max_steps", "1", "--use_cpu", "--report_to", "none",
              "--per_device_train_batch_size", "2", "--disable_tqdm", "true"]) == 0
+print("=== warnings expected from here", file=sys.stderr)
+config = json.load(open(work + "/converted/config.json"))
+config["text_config"]["pad_token_id"] = None  # as `internvlx convert` wrote it before: the Trainer warns
+json.dump(config, open(work + "/converted/config.json", "w"))
+assert main(["train", "--model", work + "/converted", "--data", bad_data, "--output_dir", work + "/out2",
+             "--max_steps", "1", "--use_cpu", "--report_to", "none", "--per_device_train_batch_size", "2"]) == 0
 """
 
 
 def test_a_clean_convert_and_train_print_no_warning(tmp_path):
     """The README's first run (convert, then train with activation checkpointing) writes nothing to stderr but
-    progress bars: no FutureWarning, no "new PAD/BOS/EOS tokens" from the Trainer, no note from peft."""
+    progress bars: no FutureWarning, no "new PAD/BOS/EOS tokens" from the Trainer, no note from peft. Warnings that
+    are due (a skipped sample, an old checkpoint without a pad id) print once each, on lines of their own."""
     script = tmp_path / "run.py"
     script.write_text(_CLEAN_RUN)
+    data = _data(tmp_path, count=2, max_dynamic_patch=1)
+    rows = [json.loads(line) for line in (tmp_path / "colours.jsonl").read_text().splitlines()]
+    bad_data = th.write_jsonl(tmp_path / "images" / "bad.jsonl", [*rows, {**rows[0], "image": "missing.png"}])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT / "src")}
-    result = subprocess.run([sys.executable, str(script), str(th.require_fixture("internvl2_qwen2")),
-                             str(_data(tmp_path, count=2, max_dynamic_patch=1)), str(tmp_path)],
+    result = subprocess.run([sys.executable, str(script), str(th.require_fixture("internvl2_qwen2")), str(data),
+                             str(bad_data), str(tmp_path)],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    # tqdm redraws its bars after "\r"; a bar ends in "]", so a message glued to one is kept here too
-    pieces = [piece.strip() for piece in re.split(r"[\r\n]", result.stderr)]
-    assert [piece for piece in pieces if piece and not re.search(r"\|.*\]$", piece)] == []
+    clean, warned = result.stderr.split("=== warnings expected from here\n")
+
+    def not_bars(text):  # tqdm redraws after "\r" and a bar ends in "]": a message glued to one is kept
+        pieces = (re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", piece).strip() for piece in re.split(r"[\r\n]", text))
+        return [piece for piece in pieces if piece and not re.search(r"\|.*\]$", piece)]
+
+    assert not_bars(clean) == []
+    assert not_bars(warned) == [
+        f"skipping {bad_data}:3: image {str(tmp_path / 'images' / 'missing.png')!r} not found (image "
+        "not found; 1 skipped in bad so far)",
+        "[transformers] The tokenizer has new PAD/BOS/EOS tokens that differ from the model config and generation "
+        "config. The model config and generation config were aligned accordingly, being updated with the "
+        "tokenizer's values. Updated tokens: {'pad_token_id': 800}.",
+    ]
