@@ -84,8 +84,11 @@ def plan_upload(folder: str | os.PathLike, include_checkpoints: bool = False) ->
         else:
             plan.files.append(path)
     base = adapter_upload_base(folder)
-    if base is not None:
-        config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+    try:
+        config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8")) if base else None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        config = None  # the preflight reports it
+    if isinstance(config, dict):
         config["base_model_name_or_path"] = base
         plan.rewritten["adapter_config.json"] = (
             (json.dumps(config, indent=2, sort_keys=True) + "\n").encode("utf-8"),
