@@ -40,7 +40,8 @@ result["eos"] = model.generation_config.eos_token_id
 tokenizer = AutoTokenizer.from_pretrained(dst, trust_remote_code=True)
 result["tokenizer_class"] = type(tokenizer).__name__
 result["tokenizer_ids"] = tokenizer(meta["prompt"])["input_ids"]
-result["eos_token"] = tokenizer.convert_ids_to_tokens(result["eos"])
+eos = result["eos"]
+result["eos_token"] = tokenizer.convert_ids_to_tokens(eos if isinstance(eos, list) else [eos])
 result["decoded"] = tokenizer.decode(result["generated"], skip_special_tokens=True)
 # InternVL2's own entry point, as its users call it: the answer string the reference chat() returned
 result["chat"] = model.chat(tokenizer, pixel_values, meta["question"], dict(max_new_tokens=8, do_sample=False))

@@ -112,6 +112,28 @@ def test_tokens_of_an_lvtc_model_per_layer_group(capsys, converted_lvtc):
     assert "| 1346 | 5186 |" in table and f"| {ratio:.3f} |" in table
 
 
+def test_lvtc_that_never_expands_is_described_as_such(capsys, converted_lvtc, tmp_path):
+    """k = depth is a valid config (the model then only injects its extra LR projectors; `internvlx convert`
+    refuses it): `tokens` and the card say that every layer sees the short layout."""
+    import shutil
+
+    from internvlx_hf.hub import build_model_card
+
+    folder = tmp_path / "never"
+    shutil.copytree(converted_lvtc, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["lvtc"]["expand_layer"] = 2  # the depth of this LLM
+    (folder / "config.json").write_text(json.dumps(config))
+    assert main(["tokens", str(folder), "--image", "1000x747", "--tiling", "area"]) == 0
+    table = capsys.readouterr().out
+    assert "LVTC without expansion: k = 2 is the LLM's depth, so all 2 layers see 256 tokens per tile" in table
+    assert "layers >=" not in table and "| LLM tokens | prefill TFLOPs |" in table
+    card = build_model_card(folder, license="mit").content
+    assert "| LVTC | on, without expansion (paper Sec. 3.2): k = 2 is the LLM's depth, so all 2 layers see 256 " \
+           "tokens per tile; T = 1 LR projector(s)" in card
+    assert "layers >= k" not in card and "LLM tokens from layer k" not in card
+
+
 @pytest.mark.parametrize("expand_layer", [2, 4])
 def test_prefill_flops_estimate_equals_flop_counter(expand_layer):
     """The estimate counts exactly the matmuls FlopCounterMode sees in the LLM layers and the LM head (eager
@@ -148,7 +170,8 @@ def test_tokens_errors_are_one_line(capsys, tmp_path):
     (tmp_path / "broken" / "config.json").write_text("[1, 2")
     cases = [
         (["tokens", "--image", str(tmp_path / "nope.jpg")], "no such file; pass an image file or a size"),
-        (["tokens", str(tmp_path / "broken"), "--image", "448x448"], "config.json is not a JSON object"),
+        (["tokens", str(tmp_path / "broken"), "--image", "448x448"],
+         "config.json is not valid JSON (line 1 col 6): Expecting ',' delimiter;"),
         (["tokens", "--image", "0x10"], "a size needs both sides >= 1 pixel"),
         (["tokens", "--image", "448x448", "--max-tiles", "0"], "--max-tiles must be >= 1"),
         (["tokens", str(tmp_path / "folder"), "--image", "448x448"], "no config.json"),
@@ -251,6 +274,8 @@ def test_chat_errors_are_one_line(capsys, monkeypatch, converted, tmp_path):
                                                "HF_HUB_OFFLINE is set"),
         (["chat", str(tmp_path / "a" / "b" / "c"), "Hi"], "no such folder"),
         (["chat", str(converted), "--image", str(tmp_path / "missing.jpg"), "Hi"], "no such file"),
+        (["chat", str(converted), "--image", str(tmp_path), "Hi"],
+         f"--image {str(tmp_path)!r} is a folder, not an image file; pass the path of an image file."),
         (["chat", str(tmp_path / "plain"), "Hi"], "model_type 'llava', not 'internvlx'"),
         (["chat", str(converted), "--max-new-tokens", "0", "Hi"], "--max-new-tokens must be >= 1"),
         (["chat", str(converted), "  "], "the QUESTION is empty"),

@@ -11,8 +11,7 @@ import pytest
 import torch
 import yaml
 from huggingface_hub import HfApi, ModelCard
-from huggingface_hub.hf_api import DEFAULT_IGNORE_PATTERNS, RepoUrl
-from huggingface_hub.utils import filter_repo_objects
+from huggingface_hub.hf_api import RepoUrl
 from PIL import Image
 
 from internvlx_hf.cli import main
@@ -316,8 +315,8 @@ BREAKAGES = {
     "card loads another id": (lambda f: write_model_card(build_model_card(f, license="mit", repo_id="me/other"),
                                                          f / "README.md", overwrite=True),
                               "README.md: the usage snippet loads 'me/other', not 'me/tiny-internvl2'"),
-    "pickle file": (lambda f: (f / "training_args.bin").write_bytes(b"\x80\x04."),
-                    "training_args.bin: a pickle file (loading it can run arbitrary code); written by the Trainer"),
+    "pickle file": (lambda f: (f / "pytorch_model.bin").write_bytes(b"\x80\x04."),
+                    "pytorch_model.bin: a pickle file (loading it can run arbitrary code); convert it to safetensors"),
 }
 
 
@@ -345,16 +344,23 @@ def test_preflight_of_an_adapter_folder(converted, tmp_path):
     config["base_model_name_or_path"] = str(converted)
     (adapter / "adapter_config.json").write_text(json.dumps(config))
     problems = [str(p) for p in preflight(adapter, "me/tiny-lora")]
-    assert problems[0].startswith("adapter_model.safetensors: missing")
-    assert problems[1].startswith("adapter_config.json: base_model_name_or_path is") and len(problems) == 2
+    # a local base path is fine while the card names the base on the Hub: push uploads adapter_config.json with it
+    assert len(problems) == 1 and problems[0].startswith("adapter_model.safetensors: missing")
+    (adapter / "README.md").write_text("# an adapter\n")  # a card without metadata names no base model
+    problems = [str(p) for p in preflight(adapter, "me/tiny-lora")]
+    assert problems[1] == (
+        f"adapter_config.json: base_model_name_or_path is {str(converted)!r}, not a Hub id, and the card names no "
+        "base_model, so PeftModel cannot find the base model; write the card with `internvlx card "
+        f"{adapter} --base-model OWNER/NAME --license ID --overwrite` (push uploads adapter_config.json with that "
+        "id).") and len(problems) == 2
 
 
 # -------------------------------------------------------------------------------------------------------- push
 
 
 class FakeHub:
-    """Stands in for the Hub API: records create_repo / create_branch / upload_folder and keeps the uploaded files,
-    selected the way upload_folder selects them (its own ignore patterns plus the ones passed)."""
+    """Stands in for the Hub API: records create_repo / create_branch / create_commit and keeps the uploaded files
+    (the content each CommitOperationAdd carries: a file's path, or bytes)."""
 
     def __init__(self, monkeypatch, root: Path):
         self.calls: list[tuple[str, dict]] = []
@@ -367,23 +373,21 @@ class FakeHub:
         def create_branch(api, repo_id, **kwargs):
             self.calls.append(("create_branch", {"repo_id": repo_id, **kwargs}))
 
-        def upload_folder(api, **kwargs):
-            self.calls.append(("upload_folder", kwargs))
-            folder = Path(kwargs["folder_path"])
-            names = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
-            ignore = list(kwargs.get("ignore_patterns") or []) + list(DEFAULT_IGNORE_PATTERNS)
-            kept = list(filter_repo_objects(names, allow_patterns=kwargs.get("allow_patterns"), ignore_patterns=ignore))
+        def create_commit(api, **kwargs):
+            self.calls.append(("create_commit", kwargs))
             target = self.root / kwargs["repo_id"] / (kwargs.get("revision") or "main")
-            for name in kept:
-                (target / name).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(folder / name, target / name)
+            for operation in kwargs["operations"]:
+                path = target / operation.path_in_repo
+                path.parent.mkdir(parents=True, exist_ok=True)
+                content = operation.path_or_fileobj
+                path.write_bytes(content if isinstance(content, bytes) else Path(content).read_bytes())
             return type("CommitInfo", (), {"commit_url": f"https://huggingface.co/{kwargs['repo_id']}/commit/1",
                                            "pr_url": "https://huggingface.co/pr/1" if kwargs.get("create_pr")
                                            else None})()
 
         monkeypatch.setattr(HfApi, "create_repo", create_repo)
         monkeypatch.setattr(HfApi, "create_branch", create_branch)
-        monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+        monkeypatch.setattr(HfApi, "create_commit", create_commit)
 
     def files(self, repo_id, revision="main") -> list[str]:
         folder = self.root / repo_id / revision
@@ -396,13 +400,12 @@ def test_push_uploads_the_folder_to_the_repo_and_branch(converted, tmp_path, mon
     (folder / "__pycache__").mkdir()
     (folder / "__pycache__" / "modeling_internvlx.cpython-311.pyc").write_bytes(b"cache")
     assert main(["push", str(folder), "me/tiny-internvl2", "--private", "--revision", "stage2"]) == 0
-    assert [name for name, _ in hub.calls] == ["create_repo", "create_branch", "upload_folder"]
+    assert [name for name, _ in hub.calls] == ["create_repo", "create_branch", "create_commit"]
     assert hub.calls[0][1] == {"repo_id": "me/tiny-internvl2", "private": True, "exist_ok": True, "repo_type": "model"}
     assert hub.calls[1][1] == {"repo_id": "me/tiny-internvl2", "branch": "stage2", "exist_ok": True,
                                "repo_type": "model"}
     upload = hub.calls[2][1]
-    assert (upload["repo_id"], upload["revision"], upload["create_pr"], Path(upload["folder_path"])) == \
-        ("me/tiny-internvl2", "stage2", False, folder)
+    assert (upload["repo_id"], upload["revision"], upload["create_pr"]) == ("me/tiny-internvl2", "stage2", False)
     expected = sorted(["README.md", "chat_template.jinja", "config.json", "generation_config.json",
                        PROVENANCE_FILE, "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
                        "model.safetensors.index.json", "processor_config.json", "tokenizer.json",
@@ -417,7 +420,7 @@ def test_push_as_a_pull_request_and_dry_run(converted, tmp_path, monkeypatch, ca
     hub = FakeHub(monkeypatch, tmp_path / "hub")
     folder = _ready(converted, tmp_path)
     assert main(["push", str(folder), "me/tiny-internvl2", "--create-pr"]) == 0
-    assert [name for name, _ in hub.calls] == ["create_repo", "upload_folder"]  # a PR targets main: no branch
+    assert [name for name, _ in hub.calls] == ["create_repo", "create_commit"]  # a PR targets main: no branch
     assert hub.calls[0][1]["private"] is None
     assert (hub.calls[1][1]["revision"], hub.calls[1][1]["create_pr"]) == (None, True)
     assert "Uploaded to https://huggingface.co/pr/1" in capsys.readouterr().out
@@ -437,7 +440,7 @@ def test_push_refuses_a_broken_folder_listing_every_problem(converted, tmp_path,
     lines = capsys.readouterr().err.splitlines()
     assert lines[-1] == f"internvlx push: error: 3 problem(s) in {folder} (listed above); nothing was uploaded."
     assert [line.split(": ")[1] for line in lines[:-1]] == [
-        f"{folder}/training_args.bin", f"{folder}/modeling_internvlx.py", str(folder)]
+        f"{folder}/pytorch_model.bin", f"{folder}/modeling_internvlx.py", str(folder)]
 
 
 def test_push_argument_errors(converted, tmp_path, monkeypatch, capsys):
@@ -484,3 +487,58 @@ def test_push_to_hub_of_model_and_processor_carries_the_remote_code(converted, t
         source = package / ("modeling" if "config" in name or "modeling" in name else "processing") / name
         assert (repo / name).read_bytes() == source.read_bytes(), name
     assert preflight(repo) == []
+
+
+def test_a_training_output_publishes_the_model_not_the_training_state(tmp_path, monkeypatch, capsys):
+    """`internvlx train --preset lora` writes OUT (the merged model), OUT/adapter and OUT/checkpoint-*: push sends
+    the model and leaves the rest home (listing it); the adapter folder publishes as it is, after `internvlx card
+    --base-model`, with adapter_config.json naming that Hub id."""
+    import training_helpers as th
+
+    hub = FakeHub(monkeypatch, tmp_path / "hub")
+    rows = th.colour_rows(tmp_path / "data", 4)
+    data = th.write_jsonl(tmp_path / "data" / "colours.jsonl", rows)
+    out = tmp_path / "out"
+    assert main(["train", "--model", str(th.converted("internvl2_qwen2")), "--data", str(data), "--output_dir",
+                 str(out), "--preset", "lora", "--max_steps", "2", "--save_steps", "1", "--use_cpu", "--report_to",
+                 "none", "--disable_tqdm", "true", "--per_device_train_batch_size", "2"]) == 0
+    adapter = out / "adapter"
+    # peft's template card and its auto_mapping (which names internvlx_hf) are not left in the adapter folders
+    for folder in (adapter, out / "checkpoint-1"):
+        assert not (folder / "README.md").exists()
+        assert json.loads((folder / "adapter_config.json").read_text())["auto_mapping"] is None
+    local_base = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert Path(local_base).is_absolute()
+    capsys.readouterr()
+
+    assert main(["card", str(adapter), "--license", "mit", "--repo-id", "me/tiny-lora", "--base-model",
+                 "me/tiny-internvl2"]) == 0
+    assert main(["push", str(adapter), "me/tiny-lora"]) == 0
+    printed = capsys.readouterr().out
+    assert "  adapter_config.json: uploaded with base_model_name_or_path 'me/tiny-internvl2', the card's " \
+           "base_model, instead of the local path\n" in printed
+    assert "Left out (not uploaded):\n  training_args.bin: the Trainer's training state (a pickle; not needed to " \
+           "use the model)\n" in printed
+    assert hub.files("me/tiny-lora") == sorted(
+        ["README.md", "adapter_config.json", "adapter_model.safetensors", "chat_template.jinja", PROVENANCE_FILE,
+         "processor_config.json", "tokenizer.json", "tokenizer_config.json", "chat_templates.py",
+         "image_processing_internvlx.py", "processing_internvlx.py"])
+    uploaded = json.loads((tmp_path / "hub" / "me" / "tiny-lora" / "main" / "adapter_config.json").read_text())
+    assert uploaded["base_model_name_or_path"] == "me/tiny-internvl2"
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == local_base
+
+    assert main(["card", str(out), "--license", "mit", "--repo-id", "me/tiny-merged"]) == 0
+    capsys.readouterr()
+    assert main(["push", str(out), "me/tiny-merged", "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.endswith(
+        "Left out (not uploaded):\n"
+        "  adapter/: the LoRA adapter this merged model was made with; publish it on its own (`internvlx card` and "
+        "`internvlx push` on that folder)\n"
+        "  checkpoint-1/: a training checkpoint; --include-checkpoints uploads it (without its training state)\n"
+        "  checkpoint-2/: a training checkpoint; --include-checkpoints uploads it (without its training state)\n")
+    assert main(["push", str(out), "me/tiny-merged", "--include-checkpoints"]) == 0
+    files = hub.files("me/tiny-merged")
+    assert {"model.safetensors", "config.json", "checkpoint-1/adapter_model.safetensors",
+            "checkpoint-2/trainer_state.json"} <= set(files)
+    assert [f for f in files if f.endswith((".bin", ".pt", ".pth")) or f.startswith("adapter/")] == []

@@ -374,7 +374,7 @@ def test_permission_errors_are_not_reported_as_corrupt_images(tmp_path):
     if os.access(path, os.R_OK):  # root reads anything: use a path PIL cannot open as a file instead
         path = tmp_path / "folder.png"
         path.mkdir()
-        with pytest.raises(FileNotFoundError, match=r"image 0 \('.*folder\.png'\): no such file"):
+        with pytest.raises(IsADirectoryError, match=r"image 0 \('.*folder\.png'\): a folder, not an image file"):
             InternVLXImageProcessor()(path)
         return
     with pytest.raises(OSError, match=r"image 0 \('.*secret\.png'\): cannot read the file \(Permission denied\)"):

@@ -72,7 +72,7 @@ def test_converted_phi3_matches_reference(converted, tmp_path):
     worst = ref.logits.assert_close(outputs["logits"], atol=1e-4)
     assert worst < 1e-4
     assert result["generated"] == ref.generated_ids[0].tolist() == ref.meta["generation"]["generated_ids"]
-    assert result["eos_token"] == "<|end|>"
+    assert result["eos_token"] == ["<|end|>", "<|endoftext|>"]  # the template's end of turn, then the eos
     assert result["decoded"] == ref.meta["generation"]["generated_text"]
     assert result["chat"] == ref.chat_response
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -153,8 +155,9 @@ def test_yaml_config_flags_override_it_and_errors_are_one_line(tmp_path, capsys)
          "config.json has model_type 'internvl_chat', not 'internvlx'; convert OpenGVLab InternVL2 / InternVL-X "
          "checkpoints "
          "first with `internvlx convert SRC DST`"),
-        (["train", str(config), "--data", str(tmp_path / "nope.jsonl")], "training data '"),
-        (["train", str(config), "--preset", "lora", "--lora_target", "qkv"],
+        (["train", str(config), "--data", str(tmp_path / "nope.jsonl"), "--output_dir", str(tmp_path / "new")],
+         "training data '"),
+        (["train", str(config), "--preset", "lora", "--lora_target", "qkv", "--output_dir", str(tmp_path / "new")],
          "lora_target item 'qkv' matches no Linear layer of the llm"),
         (["train", str(tmp_path / "missing.yaml")], "training config '"),
     ]
@@ -190,7 +193,7 @@ def test_lvtc_trains_packed_with_gradient_checkpointing(tmp_path):
     model = str(th.converted("internvl2_qwen2", lvtc="k=1"))  # layer 1 of 2 runs on the 1024-token tiles
     result = train(*parse_train_args(
         dict(model=model, data=str(_data(tmp_path, max_dynamic_patch=1)), preset="full", packing=True,
-             loss_reduction="square", gradient_checkpointing=True, output_dir=str(tmp_path / "out"), max_steps=3,
+             loss_reduction="square", activation_checkpointing=True, output_dir=str(tmp_path / "out"), max_steps=3,
              save_strategy="no",
              use_cpu=True, report_to="none", disable_tqdm=True, seed=0, logging_steps=1,
              per_device_train_batch_size=2, learning_rate=1e-3)), print_fn=None)
@@ -291,3 +294,115 @@ def test_ddp_weighted_loss_is_normalised_over_both_processes(tmp_path):
     assert not torch.equal(one["lm_head.weight"], initial["lm_head.weight"])
     for name, value in one.items():
         torch.testing.assert_close(ddp[name], value, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_train_refuses_a_used_output_dir_unless_resumed_or_overwritten(tmp_path, capsys):
+    model = th.converted("internvl2_qwen2")
+    out = tmp_path / "out"
+    argv = ["train", "--model", str(model), "--data", str(_data(tmp_path, count=4, max_dynamic_patch=1)),
+            "--output_dir", str(out), "--max_steps", "1", *FAST]
+    assert main([*argv, "--save_steps", "1"]) == 0
+    (out / "README.md").write_text("the card of the last run\n")
+    before = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
+    capsys.readouterr()
+
+    assert main(argv) == 2
+    assert capsys.readouterr().err == (
+        f"internvlx train: error: --output_dir {out} is not empty (README.md, chat_template.jinja, chat_templates.py, "
+        "...); a new run there would mix its files with the old ones. Continue that run with "
+        "--resume_from_checkpoint, delete its contents with --overwrite_output_dir, or choose another --output_dir\n")
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == before  # refused before any work
+
+    inside = out / "base"
+    shutil.copytree(model, inside)
+    assert main([*argv[:2], str(inside), *argv[3:], "--overwrite_output_dir"]) == 2
+    assert capsys.readouterr().err == (
+        f"internvlx train: error: --overwrite_output_dir would delete --model {inside}, which lies in --output_dir "
+        f"{out}; write to another --output_dir\n")
+    shutil.rmtree(inside)
+
+    # resuming continues the run that is there
+    assert main([*argv[:-len(FAST) - 2], "--max_steps", "2", "--save_steps", "1", *FAST,
+                 "--resume_from_checkpoint", str(out / "checkpoint-1")]) == 0
+    assert read_provenance(out)["training"][-1]["steps"] == 2 and (out / "checkpoint-2").is_dir()
+
+    # --overwrite_output_dir: the old run's checkpoints and card are gone, the new model is there
+    assert main([*argv, "--save_strategy", "no", "--overwrite_output_dir"]) == 0
+    assert not (out / "README.md").exists() and not list(out.glob("checkpoint-*"))
+    assert read_provenance(out)["training"][-1]["steps"] == 1 and (out / "model.safetensors").is_file()
+
+
+def test_yaml_values_are_read_as_the_flags_would_be(tmp_path, capsys):
+    """PyYAML reads `1e-3` (no dot) as a string and an unquoted `no` as false; the options come out typed as on the
+    command line, or the run stops before any work with the key named."""
+    model = th.converted("internvl2_qwen2")
+    config = tmp_path / "train.yaml"
+    base = f"model: {model}\ndata: {_data(tmp_path, count=4)}\noutput_dir: {tmp_path / 'out'}\n"
+    config.write_text(base + "learning_rate: 1e-3\nmax_steps: '3'\nweight_decay: 1e-2\nbf16: 'false'\n"
+                             "max_length: 4000.0\nsave_strategy: 'no'\nreport_to: none\n")
+    model_args, data_args, preset_args, training_args = parse_train_args(config)
+    assert (training_args.learning_rate, training_args.weight_decay, training_args.max_steps, data_args.max_length) \
+        == (0.001, 0.01, 3, 4000)
+    assert type(training_args.learning_rate) is float and training_args.bf16 is False
+    assert training_args.save_strategy == "no" and training_args.report_to == []
+
+    cases = [
+        ("learning_rate: fast", "learning_rate is 'fast', but it must be a number"),
+        ("max_steps: 2.5", "max_steps is 2.5, but it must be an integer"),
+        ("bf16: maybe", "bf16 is 'maybe', but it must be true or false"),
+        ("tiling: diagonal", "tiling is 'diagonal', but it must be one of ['ratio', 'area', 'edge', 'none']"),
+        ("save_strategy: no", "save_strategy is false, but it must be one of ['no', 'steps', 'epoch', 'best'] (YAML "
+                              "reads an unquoted yes/no/on/off as true/false; quote it)"),
+    ]
+    for line, message in cases:
+        config.write_text(base + line + "\n")
+        assert main(["train", str(config)]) == 2, line
+        assert capsys.readouterr().err == f"internvlx train: error: {config}: {message}\n"
+    assert not (tmp_path / "out").exists()
+
+
+_CLEAN_RUN = """
+import json, sys
+from internvlx_hf.cli import main
+src, data, bad_data, work = sys.argv[1:5]
+assert main(["convert", src, work + "/converted", "--no-progress"]) == 0
+assert main(["train", "--model", work + "/converted", "--data", data, "--output_dir", work + "/out", "--preset", "lora",
+             "--activation_checkpointing", "--max_steps", "1", "--use_cpu", "--report_to", "none",
+             "--per_device_train_batch_size", "2", "--disable_tqdm", "true"]) == 0
+print("=== warnings expected from here", file=sys.stderr)
+config = json.load(open(work + "/converted/config.json"))
+config["text_config"]["pad_token_id"] = None  # as `internvlx convert` wrote it before: the Trainer warns
+json.dump(config, open(work + "/converted/config.json", "w"))
+assert main(["train", "--model", work + "/converted", "--data", bad_data, "--output_dir", work + "/out2",
+             "--max_steps", "1", "--use_cpu", "--report_to", "none", "--per_device_train_batch_size", "2"]) == 0
+"""
+
+
+def test_a_clean_convert_and_train_print_no_warning(tmp_path):
+    """The README's first run (convert, then train with activation checkpointing) writes nothing to stderr but
+    progress bars: no FutureWarning, no "new PAD/BOS/EOS tokens" from the Trainer, no note from peft. Warnings that
+    are due (a skipped sample, an old checkpoint without a pad id) print once each, on lines of their own."""
+    script = tmp_path / "run.py"
+    script.write_text(_CLEAN_RUN)
+    data = _data(tmp_path, count=2, max_dynamic_patch=1)
+    rows = [json.loads(line) for line in (tmp_path / "colours.jsonl").read_text().splitlines()]
+    bad_data = th.write_jsonl(tmp_path / "images" / "bad.jsonl", [*rows, {**rows[0], "image": "missing.png"}])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT / "src")}
+    result = subprocess.run([sys.executable, str(script), str(th.require_fixture("internvl2_qwen2")), str(data),
+                             str(bad_data), str(tmp_path)],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    clean, warned = result.stderr.split("=== warnings expected from here\n")
+
+    def not_bars(text):  # tqdm redraws after "\r" and a bar ends in "]": a message glued to one is kept
+        pieces = (re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", piece).strip() for piece in re.split(r"[\r\n]", text))
+        return [piece for piece in pieces if piece and not re.search(r"\|.*\]$", piece)]
+
+    assert not_bars(clean) == []
+    assert not_bars(warned) == [
+        f"skipping {bad_data}:3: image {str(tmp_path / 'images' / 'missing.png')!r} not found (image "
+        "not found; 1 skipped in bad so far)",
+        "[transformers] The tokenizer has new PAD/BOS/EOS tokens that differ from the model config and generation "
+        "config. The model config and generation config were aligned accordingly, being updated with the "
+        "tokenizer's values. Updated tokens: {'pad_token_id': 800}.",
+    ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 
 import pytest
 import torch
@@ -258,3 +259,37 @@ def test_over_long_samples_are_truncated_and_counted(processor, tmp_path):
     assert (f"  truncated: 2 sample(s) cut to max_length {max_length} (the head is kept, with the replies that fit), "
             f"e.g.\n    {path}:2: {labelled} reply token(s) kept\n    {path}:3: 4 reply token(s) kept") in text
     assert dataset.summary.to_dict()[0]["truncated"] == 2
+
+
+def test_a_folder_as_image_and_a_row_without_a_question_say_so(processor, tmp_path, capsys):
+    th.draw(tmp_path / "good.png", "red")
+    (tmp_path / "shapes").mkdir()
+
+    def row(image, *turns):
+        return {"image": image, "conversations": [{"from": who, "value": text} for who, text in turns]}
+
+    path = th.write_jsonl(tmp_path / "rows.jsonl", [
+        row("good.png", ("human", "What colour?"), ("gpt", "Red.")),
+        row("shapes", ("human", "What colour?"), ("gpt", "Red.")),
+        row("good.png", ("gpt", "Red.")),
+        {"messages": [{"role": "assistant", "content": "Red."}], "images": ["good.png"]},
+    ])
+    dataset = InternVLXDataset(str(path), processor, progress=True)
+    assert len(dataset) == 1
+    assert dict(dataset.summary.skipped) == {"image is a folder": 1, "no human turn": 1, "no user turn": 1}
+    assert dataset.summary.examples == [
+        f"{path}:2: image {str(tmp_path / 'shapes')!r} is a folder, not an image file; give the path of the image "
+        "file",
+        f"{path}:3: the conversation has no human turn to learn a reply to (a leading gpt turn is dropped, as "
+        "InternVL does); start it with a human turn",
+        f"{path}:4: the row has 1 image(s) but no user message to put them in; start the conversation with a user "
+        "message",
+    ]
+    # The warnings are written above the scan's progress bar (tqdm.write), not glued to the end of the bar.
+    err = capsys.readouterr().err
+    starts = [match.start() for match in re.finditer("skipping ", err)]
+    assert len(starts) == 3 and all(err[start - 1] in "\r\n" for start in starts), err
+    # The processor (inference, training's pixel loading) says the same of a folder.
+    with pytest.raises(IsADirectoryError, match=r"^image 0 \('.*shapes'\): a folder, not an image file\. Pass the "
+                                                r"path of an image file\.$"):
+        processor.image_processor(images=[str(tmp_path / "shapes")])

@@ -89,9 +89,18 @@ def build_parser(commands: Sequence[Command] | None = None) -> argparse.Argument
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    import logging
+
     args = build_parser().parse_args(argv)
+    from tqdm.contrib.logging import logging_redirect_tqdm
+    from transformers.utils import logging as transformers_logging
+
+    # Warnings while a progress bar runs (skipped samples, transformers' notes) get lines of their own. transformers'
+    # logger is set up first: it adds its own handler when first used, which would then print everything twice.
+    loggers = [logging.root, transformers_logging.get_logger("transformers")]
     try:
-        return int(args._run(args) or 0)
+        with logging_redirect_tqdm(loggers):
+            return int(args._run(args) or 0)
     except KeyboardInterrupt:
         if args.debug:
             raise

@@ -193,6 +193,8 @@ def load_chat_model(model: str, dtype: str = "auto", device: str = "auto"):
 
 def _check_images(paths: list[str]) -> None:
     for path in paths:
+        if Path(path).is_dir():
+            raise CLIError(f"--image {path!r} is a folder, not an image file; pass the path of an image file.")
         if not Path(path).is_file():
             raise CLIError(f"--image {path!r}: no such file; pass an existing image file (URLs are not downloaded).")
 

@@ -85,7 +85,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     config = model.config
     ip = processor.image_processor
     tiling = args.tiling or getattr(ip.tiling, "value", str(ip.tiling))
-    lvtc = config.lvtc
+    lvtc = config.lvtc if config.lvtc and config.lvtc["expand_layer"] < config.text_config.num_hidden_layers else None
     print(f"model: {folder} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
           f"AutoModel loaded {type(model).__module__}.{type(model).__name__})")
     print(f"  {config.projector_type} projector, {config.image_seq_length} tokens per {ip.image_size}px tile"

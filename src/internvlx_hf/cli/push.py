@@ -9,8 +9,17 @@ from . import CLIError, Command
 
 _PUSH_DESCRIPTION = """\
 Check that MODEL would load from the Hub on a machine without internvlx-hf, then upload it: HfApi.create_repo
-(exist_ok; --private for a new repository) and HfApi.upload_folder in one commit, with huggingface_hub's progress
-bars. Log in first (`hf auth login`, with a token that can write) or set HF_TOKEN.
+(exist_ok; --private for a new repository) and HfApi.create_commit with every file in one commit, with
+huggingface_hub's progress bars. Log in first (`hf auth login`, with a token that can write) or set HF_TOKEN.
+
+It uploads the model, not the training state. Left out (and listed):
+  - the Trainer's checkpoint-* folders (--include-checkpoints uploads them: their safetensors weights, configs,
+    processor and trainer_state.json)
+  - the Trainer's pickled state, always: training_args.bin, optimizer.pt, scheduler.pt, scaler.pt, rng_state*.pth
+  - OUT/adapter of a `--preset lora` run (OUT is the merged model; publish the adapter folder on its own)
+A LoRA adapter folder whose adapter_config.json names its base model by a local path (as `internvlx train` writes
+it) is uploaded with base_model_name_or_path set to the card's base_model (`internvlx card --base-model ID`); the
+local file is not changed.
 
 The preflight lists every problem at once, one line each, and uploads nothing when there is one:
   - a remote-code file named by an auto_map (config.json, processor/tokenizer configs) or imported by one is
@@ -19,8 +28,9 @@ The preflight lists every problem at once, one line each, and uploads nothing wh
   - a safetensors index names a missing shard; no weights; tensors whose names or shapes differ from the model
     config.json builds (checked on the meta device, from the safetensors headers)
   - no README.md model card (write it with `internvlx card`), or its usage snippet loads another id than REPO_ID
-  - a pickle file (.bin, .pt, .pth, .pkl, .pickle), e.g. the Trainer's training_args.bin
-LoRA adapter folders (adapter_config.json) need adapter_model.safetensors and a Hub id as base model instead."""
+  - a pickle file (.bin, .pt, .pth, .pkl, .pickle) among the files to upload
+LoRA adapter folders (adapter_config.json) need adapter_model.safetensors and a Hub id as base model (in
+adapter_config.json or the card) instead."""
 
 _PUSH_EPILOG = """\
 examples:
@@ -28,8 +38,12 @@ examples:
   internvlx card ./InternVL2-2B-X --license mit --repo-id me/InternVL2-2B-X
   internvlx push ./InternVL2-2B-X me/InternVL2-2B-X --private
 
-  # only the preflight, and the files that would be uploaded
+  # only the preflight, and the files that would be uploaded (and the ones left out)
   internvlx push ./InternVL2-2B-X me/InternVL2-2B-X --dry-run
+
+  # a LoRA adapter written by `internvlx train --preset lora --output_dir out/lora`, for a published base model
+  internvlx card out/lora/adapter --license mit --repo-id me/X-lora --base-model me/InternVL2-2B-X
+  internvlx push out/lora/adapter me/X-lora
 
   # to a branch (created from main when new), or as a pull request against main
   internvlx push ./InternVL2-2B-X me/InternVL2-2B-X --revision stage2
@@ -46,13 +60,15 @@ def _add_push_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--message", default=None, help="commit message")
     parser.add_argument("--dry-run", action="store_true",
                         help="run the preflight and list the files; upload nothing (needs no network)")
+    parser.add_argument("--include-checkpoints", action="store_true",
+                        help="also upload the Trainer's checkpoint-* folders (without their pickled training state)")
 
 
 def _run_push(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ..hub.preflight import preflight
-    from ..hub.push import check_pr_target, files_to_upload, push_folder
+    from ..hub.push import check_pr_target, plan_upload, push_folder
     from ..hub.resolve import looks_like_repo_id
 
     if "/" not in args.repo_id or not looks_like_repo_id(args.repo_id):
@@ -62,24 +78,32 @@ def _run_push(args: argparse.Namespace) -> int:
     except ValueError as error:
         raise CLIError(str(error)) from None
     folder = Path(args.model)
-    problems = preflight(folder, args.repo_id)
+    problems = preflight(folder, args.repo_id, include_checkpoints=args.include_checkpoints)
     if problems:
         for problem in problems:
             where = folder if problem.path == "." else folder / problem.path
             print(f"internvlx push: {where}: {problem.message}", file=sys.stderr)
         raise CLIError(f"{len(problems)} problem(s) in {folder} (listed above); nothing was uploaded.")
-    files = files_to_upload(folder)
-    size = sum((folder / f).stat().st_size for f in files)
+    plan = plan_upload(folder, args.include_checkpoints)
     target = args.repo_id + (f"@{args.revision}" if args.revision else "")
     target += " (pull request)" if args.create_pr else ""
-    print(f"Preflight passed: {len(files)} files, {size / 1e6:.1f} MB for {target}")
+    print(f"Preflight passed: {len(plan.files)} files, {plan.total_bytes / 1e6:.1f} MB for {target}")
     if args.dry_run:
-        for name in files:
-            print(f"  {name}")
+        for name in plan.files:
+            print(f"  {name}" + (f" ({plan.rewritten[name][1]})" if name in plan.rewritten else ""))
+    else:
+        for name, (_, why) in plan.rewritten.items():
+            print(f"  {name}: uploaded {why}")
+    if plan.left_out:
+        print("Left out (not uploaded):")
+        for name, why in plan.left_out.items():
+            print(f"  {name}: {why}")
+    if args.dry_run:
         return 0
     try:
         info = push_folder(folder, args.repo_id, private=True if args.private else None, revision=args.revision,
-                           create_pr=args.create_pr, commit_message=args.message, checked=True)
+                           create_pr=args.create_pr, commit_message=args.message,
+                           include_checkpoints=args.include_checkpoints, checked=True)
     except Exception as error:  # noqa: BLE001 - Hub errors become one line with a hint
         raise _hub_error(error, args.repo_id) from error
     url = getattr(info, "pr_url", None) or getattr(info, "commit_url", None) or f"https://huggingface.co/{args.repo_id}"

@@ -85,10 +85,14 @@ def _run_tokens(args: argparse.Namespace) -> int:
     source = f"{args.model} (its processor: {settings.tiling} tiling)" if args.model else "InternVL2-2B settings"
     print(f"{source}: {settings.image_size}px tiles, max {settings.max_tiles} tiles, "
           f"{settings.tokens_per_tile} tokens per tile" + (", thumbnail" if settings.use_thumbnail else ""))
-    if config is not None and config.lvtc_config is not None:
-        print(f"LVTC: layers < {config.lvtc_config.expand_layer} see {settings.tokens_per_tile} tokens per tile, "
-              f"layers >= {config.lvtc_config.expand_layer} see {config.hr_tokens_per_tile}; "
-              f"{args.text_tokens} text tokens")
+    lvtc = config.lvtc_config if config is not None else None
+    depth = config.get_text_config().num_hidden_layers if config is not None else None
+    if lvtc is not None and lvtc.expand_layer < depth:
+        print(f"LVTC: layers < {lvtc.expand_layer} see {settings.tokens_per_tile} tokens per tile, "
+              f"layers >= {lvtc.expand_layer} see {config.hr_tokens_per_tile}; {args.text_tokens} text tokens")
+    elif lvtc is not None:
+        print(f"LVTC without expansion: k = {lvtc.expand_layer} is the LLM's depth, so all {depth} layers see "
+              f"{settings.tokens_per_tile} tokens per tile; {args.text_tokens} text tokens")
     print(format_table(rows))
     return 0
 

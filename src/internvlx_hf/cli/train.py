@@ -13,13 +13,14 @@ from . import CLIError, Command
 _TRAIN_DESCRIPTION = """\
 Fine-tune an internvlx-hf checkpoint (made by `internvlx convert`) on InternVL's meta JSON / JSONL data with the
 Hugging Face Trainer. Every TrainingArguments flag works (--per_device_train_batch_size, --learning_rate,
---max_steps, --bf16, --gradient_checkpointing, --save_strategy, --resume_from_checkpoint, --seed, --report_to,
+--max_steps, --bf16, --activation_checkpointing, --save_strategy, --resume_from_checkpoint, --seed, --report_to,
 ...), and so does `internvlx train CONFIG.yaml` with the same names as keys (flags given next to it win).
 
 It prints the trainable parameters per module group, a summary of the data (samples, images, tiles, tokens,
 skipped samples with their reasons) and the Trainer's progress bar. OUT and every OUT/checkpoint-* hold weights,
 config, remote code, processor and tokenizer, and load with AutoModel / AutoProcessor (trust_remote_code=True) where
 internvlx-hf is not installed; with --preset lora, OUT/adapter holds the PEFT adapter and OUT the merged model.
+OUT must be new or empty: --resume_from_checkpoint continues the run in it, --overwrite_output_dir empties it first.
 
 presets:
   stage1             projectors (mlp / pvtc, LVTC's LR and HR projectors); ViT and LLM frozen (the paper's stage 1)
@@ -34,9 +35,9 @@ examples:
   internvlx train --model ./InternVL2-2B-X --data meta.json --preset stage1 --output_dir out/stage1 \\
       --per_device_train_batch_size 4 --learning_rate 1e-4 --num_train_epochs 1 --bf16
 
-  # stage 2: fine-tune every parameter, packed batches of up to 8192 tokens, gradient checkpointing
+  # stage 2: fine-tune every parameter, packed batches of up to 8192 tokens, activation (gradient) checkpointing
   internvlx train --model out/stage1 --data meta.json --preset stage2 --output_dir out/stage2 \\
-      --max_length 8192 --packing --gradient_checkpointing --learning_rate 4e-5 --bf16
+      --max_length 8192 --packing --activation_checkpointing --learning_rate 4e-5 --bf16
 
   # stage 2 with the ViT frozen (InternVL2's fine-tuning scripts), InternVL2.5's 1/sqrt(n) loss weighting
   internvlx train --model out/stage1 --data meta.json --preset stage2-frozen-vit --output_dir out/stage2-frozen-vit \\
@@ -78,7 +79,7 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
                     "[--preset {stage1,stage2,stage2-frozen-vit,full,lora}] [any TrainingArguments flag] ...")
     parser.add_argument("config", nargs="?", metavar="CONFIG.yaml",
                         help="YAML (or JSON) file of options; flags given next to it override its values")
-    titles = ("model", "data", "preset and LoRA", "training (transformers TrainingArguments)")
+    titles = ("model and output", "data", "preset and LoRA", "training (transformers TrainingArguments)")
     for cls, title in zip(_argument_classes(), titles):
         group = parser.add_argument_group(title)
         hints = get_type_hints(cls)

@@ -409,6 +409,8 @@ def _prepare(source: SourceCheckpoint, projector: str, lvtc_options: dict | None
     image_token_ids = {"image_token_id": image_token_id,
                        **{name: i for name, i in frame_ids.items() if i is not None and i != tokenizer.unk_token_id}}
 
+    _check_expand_layer(lvtc_options, text_config.num_hidden_layers)
+    _align_special_tokens(text_config, tokenizer)
     source_projector = source.projector_type
     projector_type = source_projector if projector == "keep" else projector
     config = _build_config(source, text_config, projector_type, lvtc_options, image_token_ids, notes)
@@ -455,6 +457,21 @@ def _prepare(source: SourceCheckpoint, projector: str, lvtc_options: dict | None
     job.new_names = [name for name in expected if name in plan.new]
     job.outputs += [OutputTensor(name, plan.new[name], model_dtype) for name in job.new_names]
     return job
+
+
+def _check_expand_layer(lvtc_options: dict | None, depth: int) -> None:
+    """LVTC's k must leave at least one layer on the expanded tokens: a k of the LLM's depth or more is accepted by
+    the model (it only injects the LR projectors), but a conversion asked for LVTC asks for the expansion."""
+    k = (lvtc_options or {}).get("expand_layer")
+    if k is None:
+        return
+    if depth < 2:
+        raise ConversionError(f"--lvtc k={k}: the LLM has {depth} layer, so no layer is left to expand into; "
+                              "convert without --lvtc.")
+    if not 1 <= k < depth:
+        raise ConversionError(f"--lvtc k={k}: the LLM has {depth} layers, so k (expand_layer, the first layer on "
+                              f"the expanded tokens) must lie in 1..{depth - 1}; e.g. k={max(1, 3 * depth // 4)} "
+                              "(3/4 of the depth, the paper's choice).")
 
 
 def _write_companion_files(job: _Job, directory: Path):
@@ -515,13 +532,27 @@ def _stream_tensors(job: _Job, writer: StreamingSafetensorsWriter, progress: boo
             bar.update(1)
 
 
+def _align_special_tokens(text_config, tokenizer) -> None:
+    """The LLM config's pad / bos / eos ids become the tokenizer's where it defines one. transformers' Trainer
+    aligns them so before every run (warning of "new PAD/BOS/EOS tokens", e.g. when a Qwen2 config has no pad id),
+    and the generation config takes them from the tokenizer already."""
+    for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        token_id = getattr(tokenizer, name)
+        current = getattr(text_config, name, None)
+        if token_id is None or token_id == current or (isinstance(current, list) and token_id in current):
+            continue
+        setattr(text_config, name, [token_id, *current] if isinstance(current, list) else token_id)
+
+
 def _generation_config(text_config, tokenizer, eos_token_id: int):
     from transformers import GenerationConfig
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else text_config.pad_token_id
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else text_config.bos_token_id
-    # InternVL2's chat() stops at the template separator (e.g. <|im_end|>), not at the tokenizer's eos.
-    return GenerationConfig(bos_token_id=bos, eos_token_id=eos_token_id, pad_token_id=pad)
+    # InternVL2's chat() stops at the template separator (e.g. <|im_end|>), not at the tokenizer's eos; the eos
+    # stops generation too, as transformers' Trainer would add it (with a warning) on the first training run.
+    eos = [eos_token_id] + [tokenizer.eos_token_id] * (tokenizer.eos_token_id not in (None, eos_token_id))
+    return GenerationConfig(bos_token_id=bos, eos_token_id=eos if len(eos) > 1 else eos_token_id, pad_token_id=pad)
 
 
 def _save_processor(source: SourceCheckpoint, config: InternVLXConfig, tokenizer, directory: Path):

@@ -99,7 +99,7 @@ def layer_groups(config, prompt_tokens: int, tiles: int) -> list[tuple[str, int]
     """
     depth = config.text_config.num_hidden_layers
     lvtc = config.lvtc
-    if not lvtc:
+    if not lvtc or lvtc["expand_layer"] >= depth:  # k = depth never expands
         return [(f"layers 0-{depth - 1}", prompt_tokens)]
     k = lvtc["expand_layer"]
     extra = tiles * (config.hr_tokens_per_tile - config.image_seq_length)

@@ -2,13 +2,14 @@
 
 - `build_model_card` / `write_model_card`: the model card (`internvlx card`), from the folder and its provenance.
 - `preflight`: every reason a folder would not load from the Hub without internvlx-hf (`internvlx push` runs it).
-- `push_folder`: preflight, `HfApi.create_repo`, `HfApi.upload_folder` (`internvlx push`).
+- `plan_upload` / `push_folder`: what goes up (the model, not the training state); preflight, `HfApi.create_repo`,
+  `HfApi.create_commit` (`internvlx push`).
 - `token_budget`: tiles, `<IMG_CONTEXT>` tokens, LLM tokens and prefill FLOPs (`internvlx tokens`, the card).
 """
 
 from .card import RELATIONS, Lineage, build_model_card, lineage, write_model_card
 from .preflight import PreflightError, Problem, preflight
-from .push import files_to_upload, push_folder
+from .push import files_to_upload, plan_upload, push_folder
 from .resolve import resolve_model
 from .results import ResultRow, load_results
 
@@ -22,6 +23,7 @@ __all__ = [
     "files_to_upload",
     "lineage",
     "load_results",
+    "plan_upload",
     "preflight",
     "push_folder",
     "resolve_model",

@@ -322,14 +322,19 @@ def _compression_section(config, settings: TilingSettings) -> str:
                      f"{config.pvtc_num_heads} heads; a local (2x2 window) and a global (CLS) query per token")
     else:
         projector = "MLP (InternVL2's pixel shuffle + LayerNorm / Linear / GELU / Linear)"
+    # k = depth is a valid LVTC config that never expands (it only injects the extra LR projectors).
+    expands = lvtc is not None and lvtc.expand_layer < text.num_hidden_layers
     if lvtc is not None:
-        hr = config.hr_tokens_per_tile
         injected = ", ".join(str(i) for i in lvtc.injection_layers) or "none"
-        lvtc_text = (f"on (paper Sec. 3.2): layers < k = {lvtc.expand_layer} of {text.num_hidden_layers} see "
-                     f"{config.image_seq_length} tokens per tile, layers >= k see {hr} ({lvtc.upsample_mode} "
-                     f"upsampling + an HR {lvtc.hr_projector_type} projector); T = {lvtc.num_lr_projectors} LR "
-                     f"projector(s), the extra ones added before layers s = {lvtc.inject_start}, every i = "
-                     f"{lvtc.inject_interval} (layers: {injected})")
+        projectors = (f"T = {lvtc.num_lr_projectors} LR projector(s), the extra ones added before layers s = "
+                      f"{lvtc.inject_start}, every i = {lvtc.inject_interval} (layers: {injected})")
+        if expands:
+            lvtc_text = (f"on (paper Sec. 3.2): layers < k = {lvtc.expand_layer} of {text.num_hidden_layers} see "
+                         f"{config.image_seq_length} tokens per tile, layers >= k see {config.hr_tokens_per_tile} "
+                         f"({lvtc.upsample_mode} upsampling + an HR {lvtc.hr_projector_type} projector); {projectors}")
+        else:
+            lvtc_text = (f"on, without expansion (paper Sec. 3.2): k = {lvtc.expand_layer} is the LLM's depth, so all "
+                         f"{text.num_hidden_layers} layers see {config.image_seq_length} tokens per tile; {projectors}")
     else:
         lvtc_text = "off"
     tiling_names = {"ratio": "ratio (InternVL2's aspect-ratio matching)",
@@ -340,7 +345,7 @@ def _compression_section(config, settings: TilingSettings) -> str:
              f"tiles of {settings.image_size}px")
     if settings.use_thumbnail:
         tiles += ", plus a thumbnail when there is more than one"
-    per_tile = f"{settings.tokens_per_tile}" + (f" (layers >= k: {config.hr_tokens_per_tile})" if lvtc else "")
+    per_tile = f"{settings.tokens_per_tile}" + (f" (layers >= k: {config.hr_tokens_per_tile})" if expands else "")
     lines = [
         "## Visual token compression",
         "",
@@ -355,13 +360,13 @@ def _compression_section(config, settings: TilingSettings) -> str:
         f"Tokens per image with the saved settings ({settings.tiling} tiling, at most {settings.max_tiles} tiles):",
         "",
         "| image size | tile grid | tiles | `<IMG_CONTEXT>` tokens"
-        + (" | LLM tokens from layer k |" if lvtc else " |"),
-        "|---|---|---|---" + ("|---|" if lvtc else "|"),
+        + (" | LLM tokens from layer k |" if expands else " |"),
+        "|---|---|---|---" + ("|---|" if expands else "|"),
     ]
     for width, height in TYPICAL_IMAGE_SIZES:
         budget = image_budget(width, height, settings.tiling, settings)
         row = f"| {width}x{height} | {budget.grid[0]}x{budget.grid[1]} | {budget.tiles} | {budget.tokens}"
-        lines.append(row + (f" | {budget.tiles * config.hr_tokens_per_tile} |" if lvtc else " |"))
+        lines.append(row + (f" | {budget.tiles * config.hr_tokens_per_tile} |" if expands else " |"))
     lines += ["", "`internvlx tokens` (from the `internvlx-hf` package) computes these numbers for any image, and the "
                   "LLM prefill FLOPs."]
     return "\n".join(lines)

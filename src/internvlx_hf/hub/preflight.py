@@ -11,11 +11,13 @@ it is about and the fix. `internvlx push` refuses to upload a folder with proble
 - weights: safetensors present, every shard named by an index present and readable, and every tensor's name and
   shape equal to those of the model that config.json builds (built on the meta device: no memory, no weights);
 - a model card (README.md) whose usage snippet, when it names a model id, names the repository being pushed to;
-- no pickle files (``.bin``, ``.pt``, ``.pth``, ``.pkl``, ``.pickle``): they can run code when loaded, and a
-  Trainer's ``training_args.bin`` or ``optimizer.pt`` is not needed to use the model.
+- no pickle files (``.bin``, ``.pt``, ``.pth``, ``.pkl``, ``.pickle``) among the files `internvlx push` uploads:
+  they can run code when loaded (the Trainer's own ``training_args.bin`` / ``optimizer.pt`` / ... and its
+  ``checkpoint-*`` folders are left out of the upload, see `internvlx_hf.hub.push.plan_upload`).
 
-LoRA adapter folders (adapter_config.json) are checked for their adapter files and a Hub id as base model instead
-of the full-model weights.
+LoRA adapter folders (adapter_config.json) are checked for their adapter files and a Hub id as base model (in
+adapter_config.json, or the card's ``base_model``, which push then writes into the uploaded adapter_config.json)
+instead of the full-model weights.
 """
 
 from __future__ import annotations
@@ -27,11 +29,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .resolve import DAMAGED_HINT, config_key_problem, json_error_text
+
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
 _CONFIG_FILES_WITH_AUTO_MAP = ("config.json", "processor_config.json", "preprocessor_config.json",
                                "tokenizer_config.json")
-_SKIPPED_DIRS = {".git", ".cache", "__pycache__"}
 
 
 @dataclass(frozen=True)
@@ -54,18 +57,23 @@ class PreflightError(ValueError):
         super().__init__(f"{len(problems)} problem(s) in {folder}: " + "; ".join(map(str, problems)))
 
 
-def preflight(folder: str | os.PathLike, repo_id: str | None = None) -> list[Problem]:
+def preflight(folder: str | os.PathLike, repo_id: str | None = None, include_checkpoints: bool = False
+              ) -> list[Problem]:
     """Every problem that would keep ``folder`` from loading (or from being published) as a Hub checkpoint.
 
     Args:
         folder: the checkpoint folder.
         repo_id: the repository it goes to; the card's usage snippet must load that id.
+        include_checkpoints: the ``checkpoint-*`` folders go up too (see `internvlx_hf.hub.push.plan_upload`:
+            only the files that are uploaded are checked for pickles).
     """
+    from .push import plan_upload
+
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such folder; pass the checkpoint folder to publish.")
     problems: list[Problem] = []
-    problems += _check_pickles(folder)
+    problems += _check_pickles(plan_upload(folder, include_checkpoints).files)
     problems += _check_card(folder, repo_id)
     problems += _check_provenance(folder)
     configs = _read_configs(folder, problems)
@@ -73,37 +81,22 @@ def preflight(folder: str | os.PathLike, repo_id: str | None = None) -> list[Pro
     if (folder / "adapter_config.json").is_file():
         problems += _check_adapter(folder)
         return problems
-    problems += _check_model_config(configs)
+    config_problems = _check_model_config(folder, configs)
+    problems += config_problems
     problems += _check_tokenizer_and_processor(folder, configs)
-    problems += _check_weights(folder, configs.get("config.json"))
+    # Shapes are compared with the model config.json builds, which a damaged config.json cannot.
+    problems += _check_weights(folder, None if config_problems else configs.get("config.json"))
     return problems
 
 
 # ------------------------------------------------------------------------------------------------------- files
 
 
-def _files(folder: Path) -> list[Path]:
-    found = []
-    for root, dirs, names in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if d not in _SKIPPED_DIRS)
-        found += [Path(root, name) for name in sorted(names)]
-    return found
-
-
-def _rel(folder: Path, path: Path) -> str:
-    return path.relative_to(folder).as_posix()
-
-
-def _check_pickles(folder: Path) -> list[Problem]:
-    problems = []
-    for path in _files(folder):
-        if path.suffix.lower() in PICKLE_SUFFIXES:
-            hint = ("written by the Trainer, not needed to load the model; delete it"
-                    if path.name in ("training_args.bin", "optimizer.pt", "scheduler.pt", "rng_state.pth")
-                    or "checkpoint-" in _rel(folder, path)
-                    else "convert it to safetensors (`internvlx convert`, or save_pretrained) and delete it")
-            problems.append(Problem(_rel(folder, path), f"a pickle file (loading it can run arbitrary code); {hint}."))
-    return problems
+def _check_pickles(files: list[str]) -> list[Problem]:
+    """Pickles among the files that would be uploaded (the Trainer's own state is never uploaded)."""
+    return [Problem(name, "a pickle file (loading it can run arbitrary code); convert it to safetensors "
+                          "(`internvlx convert`, or save_pretrained) and delete it.")
+            for name in files if Path(name).suffix.lower() in PICKLE_SUFFIXES]
 
 
 def _check_card(folder: Path, repo_id: str | None) -> list[Problem]:
@@ -139,8 +132,12 @@ def _read_configs(folder: Path, problems: list[Problem]) -> dict[str, dict[str, 
             continue
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            problems.append(Problem(name, f"not valid JSON ({error}); restore it or save the model again."))
+        except json.JSONDecodeError as error:
+            problems.append(Problem(name, f"not valid JSON {json_error_text(error)}; restore it or save the model "
+                                          "again."))
+            continue
+        except UnicodeDecodeError:
+            problems.append(Problem(name, "not UTF-8 text; restore it or save the model again."))
             continue
         if not isinstance(data, dict):
             problems.append(Problem(name, "must hold a JSON object; restore it or save the model again."))
@@ -226,13 +223,18 @@ def _check_remote_code(folder: Path, configs: dict[str, dict[str, Any]]) -> list
 # ------------------------------------------------------------------------------------------ configs and tokenizer
 
 
-def _check_model_config(configs: dict[str, dict[str, Any]]) -> list[Problem]:
+def _check_model_config(folder: Path, configs: dict[str, dict[str, Any]]) -> list[Problem]:
     config = configs.get("config.json")
+    if config is None and (folder / "config.json").is_file():
+        return []  # there, but not a JSON object: _read_configs said so
     if config is None:
         return [Problem("config.json", "missing; save the model with save_pretrained (or `internvlx convert`).")]
     if config.get("model_type") != "internvlx":
         return [Problem("config.json", f"model_type is {config.get('model_type')!r}, not 'internvlx'; convert the "
                                        "checkpoint with `internvlx convert`.")]
+    problem = config_key_problem(config)
+    if problem is not None:
+        return [Problem("config.json", f"{problem}; {DAMAGED_HINT}.")]
     auto_map = config.get("auto_map") or {}
     missing = [key for key in ("AutoConfig", "AutoModel") if key not in auto_map]
     if missing:
@@ -352,6 +354,34 @@ def _check_shapes(folder: Path, shapes: dict[str, tuple[int, ...]], label: str,
     return problems
 
 
+def _hub_id(value: Any) -> str | None:
+    from .resolve import looks_like_repo_id
+
+    if isinstance(value, str) and looks_like_repo_id(value) and not Path(value).is_absolute() \
+            and not Path(value).exists():
+        return value
+    return None
+
+
+def adapter_bases(folder: Path) -> tuple[str | None, str | None]:
+    """The base model of an adapter folder as Hub ids: ``(adapter_config.json's base_model_name_or_path, the
+    card's base_model)``, each None when it is not a Hub id (e.g. the local path `internvlx train` records)."""
+    try:
+        own = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        own = None
+    card = None
+    if (folder / "README.md").is_file():
+        from huggingface_hub import ModelCard
+
+        try:
+            card = ModelCard.load(folder / "README.md").data.base_model
+        except Exception:  # noqa: BLE001 - a card without (valid) metadata names no base model
+            card = None
+        card = card[0] if isinstance(card, list) and len(card) == 1 else card
+    return _hub_id(own), _hub_id(card)
+
+
 def _check_adapter(folder: Path) -> list[Problem]:
     problems = []
     if not (folder / "adapter_model.safetensors").is_file():
@@ -361,13 +391,14 @@ def _check_adapter(folder: Path) -> list[Problem]:
         base = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
         return problems  # already reported by _read_configs
-    from .resolve import looks_like_repo_id
-
-    if not (isinstance(base, str) and looks_like_repo_id(base) and not Path(base).is_absolute()):
-        problems.append(Problem("adapter_config.json", f"base_model_name_or_path is {base!r}, not a Hub id, so "
-                                                       "PeftModel cannot find the base model; set it to the Hub id "
-                                                       "of the model the adapter was trained on."))
+    if adapter_bases(folder) == (None, None):
+        problems.append(Problem("adapter_config.json", f"base_model_name_or_path is {base!r}, not a Hub id, and the "
+                                                       "card names no base_model, so PeftModel cannot find the base "
+                                                       "model; write the card with `internvlx card "
+                                                       f"{folder} --base-model OWNER/NAME --license ID --overwrite` "
+                                                       "(push uploads adapter_config.json with that id)."))
     return problems
 
 
-__all__ = ["PICKLE_SUFFIXES", "PreflightError", "Problem", "expected_shapes", "preflight", "safetensors_shapes"]
+__all__ = ["PICKLE_SUFFIXES", "PreflightError", "Problem", "adapter_bases", "expected_shapes", "preflight",
+           "safetensors_shapes"]

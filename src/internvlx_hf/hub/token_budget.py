@@ -180,7 +180,7 @@ def model_budget(config, image: ImageBudget, text_tokens: int) -> ModelBudget:
     shape = LLMShape.from_text_config(config.get_text_config())
     n_short = text_tokens + 2 + image.tokens
     lvtc = config.lvtc_config
-    if lvtc is None:
+    if lvtc is None or lvtc.expand_layer >= shape.num_layers:  # k = depth: LVTC that never expands
         return ModelBudget(n_short, None, None, prefill_flops(shape, n_short), None)
     n_long = text_tokens + 2 + image.tiles * config.hr_tokens_per_tile
     return ModelBudget(

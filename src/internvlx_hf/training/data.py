@@ -230,6 +230,9 @@ def image_size(image: Any) -> tuple[int, int]:
             image = io.BytesIO(image["bytes"])
         elif image.get("path"):
             image = image["path"]
+    if isinstance(image, (str, os.PathLike)) and os.path.isdir(image):
+        raise SampleError("image is a folder", f"image {os.fspath(image)!r} is a folder, not an image file; give "
+                                               "the path of the image file")
     if isinstance(image, (str, os.PathLike)) and not os.path.isfile(image):
         raise SampleError("image not found", f"image {os.fspath(image)!r} not found")
     if isinstance(image, (str, os.PathLike, io.BytesIO)):
@@ -371,6 +374,13 @@ class InternVLXDataset(torch.utils.data.Dataset):
         return encoded, tiles[: encoded.num_images]
 
     def _scan(self, source_index: int, source: DataSource, progress: bool) -> None:
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        # Skip warnings go through tqdm.write, on lines of their own above the bar instead of glued to its end.
+        with logging_redirect_tqdm():
+            self._scan_rows(source_index, source, progress)
+
+    def _scan_rows(self, source_index: int, source: DataSource, progress: bool) -> None:
         from tqdm.auto import tqdm
 
         stats = DatasetStats(name=source.name, files=[str(source.annotation)] if source.annotation else [])

@@ -104,7 +104,10 @@ def _internvl_sample(row: dict[str, Any], root: Path | None, source: str, keep_l
     if turns and turns[0]["role"] != "user" and not keep_leading_reply:
         turns = turns[1:]
     first_user = next((i for i, m in enumerate(turns) if m["role"] == "user"), None)
-    if not any(IMAGE_TAG in m["content"] for m in turns) and len(images) == 1 and first_user is not None:
+    if first_user is None:
+        raise SampleError("no human turn", "the conversation has no human turn to learn a reply to (a leading gpt "
+                                           "turn is dropped, as InternVL does); start it with a human turn")
+    if not any(IMAGE_TAG in m["content"] for m in turns) and len(images) == 1:
         turns[first_user] = {"role": "user", "content": IMAGE_TAG + "\n" + turns[first_user]["content"]}
     return Sample(messages=system + turns, images=[_resolve_image(i, root) for i in images], source=source)
 
@@ -154,10 +157,12 @@ def _chat_sample(row: dict[str, Any], root: Path | None, source: str) -> Sample:
         images = []
     if images and not _has_placeholder(clean):
         first_user = next((i for i, m in enumerate(clean) if m["role"] == "user"), None)
-        if first_user is not None:
-            content = clean[first_user]["content"]
-            items = content if isinstance(content, list) else [{"type": "text", "text": content}]
-            clean[first_user] = {"role": "user", "content": [{"type": "image"} for _ in images] + items}
+        if first_user is None:
+            raise SampleError("no user turn", f"the row has {len(images)} image(s) but no user message to put them "
+                                              "in; start the conversation with a user message")
+        content = clean[first_user]["content"]
+        items = content if isinstance(content, list) else [{"type": "text", "text": content}]
+        clean[first_user] = {"role": "user", "content": [{"type": "image"} for _ in images] + items}
     return Sample(messages=clean, images=[_resolve_image(i, root) for i in images], source=source)
 
 

@@ -17,6 +17,7 @@ Frozen parameters get ``requires_grad=False`` and are left out of the optimizer,
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -151,7 +152,12 @@ def apply_preset(model: nn.Module, preset: str, lora: LoraSettings | None = None
         from peft import get_peft_model
 
         model.requires_grad_(False)
-        peft_model = get_peft_model(model, lora_config(model, lora))
+        with warnings.catch_warnings():
+            # peft reads transformers' deprecated alias `is_gradient_checkpointing` (transformers 5.23 warns about
+            # it on every LoRA run; the value is that of `is_activation_checkpointing`).
+            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
+                                    category=FutureWarning)
+            peft_model = get_peft_model(model, lora_config(model, lora))
         # With the embeddings frozen, a text-only batch would give checkpointed layers inputs without grad.
         peft_model.enable_input_require_grads()
         return peft_model

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from argparse import ArgumentTypeError
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from transformers import HfArgumentParser, TrainingArguments
+from transformers.hf_argparser import string_to_bool
 
 from ..hub.resolve import read_internvlx_config
 from ..processing import TilingMode
@@ -43,6 +45,12 @@ class ModelArguments:
         default="float32",
         metadata={"help": "dtype the weights are loaded in (use --bf16 for mixed precision on float32 weights)",
                   "choices": ["float32", "bfloat16", "float16", "auto"]},
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "train into a non-empty --output_dir: its old contents (checkpoints, model card, ...) are "
+                          "deleted first. Without it a non-empty --output_dir is refused, unless "
+                          "--resume_from_checkpoint continues the run in it"},
     )
 
 
@@ -141,14 +149,52 @@ def parse_train_args(config: str | os.PathLike | dict[str, Any] | None = None, *
         if not isinstance(loaded, dict):
             raise ValueError(f"{path} must hold a mapping of option names to values, e.g. 'model: ./ckpt'")
         values.update(loaded)
-    values.update(overrides)
+    parser = HfArgumentParser(ARGUMENT_CLASSES)
+    where = f"{config}: " if isinstance(config, (str, os.PathLike)) else ""
+    values = {key: _coerce(parser, key, value, where) for key, value in values.items()}
+    values.update({key: _coerce(parser, key, value, "") for key, value in overrides.items()})
     known = {f for cls in ARGUMENT_CLASSES for f in cls.__dataclass_fields__}
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"unknown training option(s) {unknown}; see `internvlx train --help` for the names")
     if not values.get("output_dir"):  # TrainingArguments would fall back to ./trainer_output
         raise ValueError("--output_dir is required: the folder the fine-tuned checkpoint is written to")
-    return HfArgumentParser(ARGUMENT_CLASSES).parse_dict(values)
+    return parser.parse_dict(values)
+
+
+def _coerce(parser: HfArgumentParser, key: str, value: Any, where: str) -> Any:
+    """``value`` of option ``key`` as the command line would parse it, or a ValueError naming the key.
+
+    YAML 1.1 (PyYAML) reads ``1e-3`` without a dot as a string and an unquoted ``no`` as false; `parse_dict` hands
+    values to the dataclasses as they are, so a string learning rate would fail deep inside training.
+    """
+    action = next((a for a in parser._actions if a.dest == key and a.type is not None), None)
+    if action is None or value is None or isinstance(value, dict):
+        return value
+    if isinstance(value, list) and action.nargs == "+":
+        return [_coerce_one(action, key, item, where) for item in value]
+    return _coerce_one(action, key, value, where)
+
+
+def _coerce_one(action, key: str, value: Any, where: str) -> Any:
+    kind = action.type
+    names = {int: "an integer", float: "a number", string_to_bool: "true or false"}
+    expected = names.get(kind, f"one of {list(action.choices)}" if action.choices else "a string")
+    if isinstance(value, bool) and kind is not string_to_bool:
+        quoted = " (YAML reads an unquoted yes/no/on/off as true/false; quote it)" if action.choices else ""
+        raise ValueError(f"{where}{key} is {str(value).lower()}, but it must be {expected}{quoted}")
+    try:
+        if isinstance(value, str) and kind is not str:
+            value = kind(value)
+        elif kind is int and isinstance(value, float):
+            if not value.is_integer():
+                raise ValueError(value)
+            value = int(value)
+    except (ValueError, TypeError, ArgumentTypeError):
+        raise ValueError(f"{where}{key} is {value!r}, but it must be {expected}") from None
+    if action.choices and value not in action.choices:
+        raise ValueError(f"{where}{key} is {value!r}, but it must be {expected}")
+    return value
 
 
 @dataclass
@@ -165,6 +211,36 @@ def _check_model_folder(path: str | None) -> Path:
     folder = Path(path).expanduser().resolve()
     read_internvlx_config(folder, f"--model {path!r}")
     return folder
+
+
+def _check_output_dir(out: Path, folder: Path, data: Any, training_args: TrainingArguments,
+                      overwrite: bool) -> None:
+    """A new run writes into a new or empty OUT: in a used one the last run's checkpoints and model card would stay
+    beside the new model. Resuming continues the run that is there; ``overwrite`` empties OUT first."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--output_dir {out} is a file; pass a folder for the fine-tuned checkpoint")
+    entries = sorted(entry.name for entry in out.iterdir()) if out.is_dir() else []
+    if not entries or training_args.resume_from_checkpoint:
+        return
+    if not overwrite:
+        shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+        raise ValueError(f"--output_dir {out} is not empty ({shown}); a new run there would mix its files with "
+                         "the old ones. Continue that run with --resume_from_checkpoint, delete its contents with "
+                         "--overwrite_output_dir, or choose another --output_dir")
+    target = out.resolve()
+    inputs = [("--model", folder)] + [("--data", Path(part.strip()).resolve()) for part in
+                                      (data.split(",") if isinstance(data, str) else []) if part.strip()]
+    for flag, path in inputs:
+        if path.is_relative_to(target):
+            raise ValueError(f"--overwrite_output_dir would delete {flag} {path}, which lies in --output_dir {out}; "
+                             "write to another --output_dir")
+    with training_args.main_process_first(local=False, desc="emptying --output_dir"):
+        if training_args.process_index == 0:
+            for entry in out.iterdir():
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
 
 
 def _move_into(tmp: Path, out: Path) -> None:
@@ -217,6 +293,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, preset_args: Pre
     if not data:
         raise ValueError("--data is required: an InternVL meta JSON or JSONL file (comma-separate several)")
     out = Path(training_args.output_dir)
+    _check_output_dir(out, folder, data, training_args, model_args.overwrite_output_dir)
     is_main = training_args.process_index == 0
     say = print_fn if (print_fn is not None and is_main) else (lambda text: None)
 

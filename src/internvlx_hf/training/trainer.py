@@ -7,6 +7,7 @@ is transformers' own `Trainer`.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ import torch
 from transformers import Trainer
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
+from ..atomic import atomic_file
 from ..provenance import record_training
 from .collator import InternVLXDataCollator
 
@@ -46,6 +48,8 @@ class InternVLXTrainer(Trainer):
     - Every folder saved (``checkpoint-*`` and the final model) gets an ``internvlx_provenance.json`` that copies the
       record of ``started_from`` and appends this run (``provenance`` details, ``output`` kind ``"full"`` or
       ``"adapter"``).
+    - Adapter folders are left publishable (`tidy_adapter_folder`): without peft's template README.md and without
+      an ``auto_mapping`` that names internvlx_hf.
 
     Args:
         started_from: the folder the model was loaded from (its provenance record is carried over).
@@ -118,9 +122,32 @@ class InternVLXTrainer(Trainer):
         record_training(output_dir, started_from=self.started_from, details=details)
 
     def _save(self, output_dir: str | None = None, state_dict=None):
+        folder = Path(output_dir if output_dir is not None else self.args.output_dir)
+        had_card = (folder / "README.md").exists()
         super()._save(output_dir, state_dict=state_dict)
         if self.args.should_save:
-            self.record_provenance(output_dir if output_dir is not None else self.args.output_dir)
+            if self.output_kind() == "adapter":
+                tidy_adapter_folder(folder, keep_card=had_card)
+            self.record_provenance(folder)
 
 
-__all__ = ["InternVLXTrainer", "weighted_token_loss"]
+def tidy_adapter_folder(folder: Path, keep_card: bool = False) -> None:
+    """Undo two things PEFT's ``save_pretrained`` writes into an adapter folder that keep it from being published:
+    a template model card (README.md: "[More Information Needed]", the base model's local path), which
+    `internvlx card` replaces with the real one, and an ``auto_mapping`` that names the Python module of the base
+    model's class (``internvlx_hf.modeling...``): machines loading the checkpoint do not have it, and PEFT's
+    AutoPeftModel classes refuse to import it."""
+    if not keep_card:
+        (folder / "README.md").unlink(missing_ok=True)
+    config_file = folder / "adapter_config.json"
+    if not config_file.is_file():
+        return
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    mapping = config.get("auto_mapping")
+    if isinstance(mapping, dict) and str(mapping.get("parent_library", "")).split(".")[0] == "internvlx_hf":
+        config["auto_mapping"] = None
+        with atomic_file(config_file) as tmp:
+            tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+__all__ = ["InternVLXTrainer", "tidy_adapter_folder", "weighted_token_loss"]

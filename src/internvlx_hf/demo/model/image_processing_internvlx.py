@@ -208,6 +208,8 @@ def _load_rgb_image(image: Any, index: int = 0, apply_exif_orientation: bool = F
     where = _describe(index, image)
     opened_here = isinstance(image, (str, os.PathLike))
     if opened_here:
+        if Path(image).is_dir():
+            raise IsADirectoryError(f"{where}: a folder, not an image file. Pass the path of an image file.")
         if not Path(image).is_file():
             raise FileNotFoundError(
                 f"{where}: no such file. Pass an existing image file path (URLs are not downloaded), "
