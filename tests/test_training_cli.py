@@ -163,7 +163,7 @@ def test_yaml_config_flags_override_it_and_errors_are_one_line(tmp_path, capsys)
     ]
     (tmp_path / "reduction.yaml").write_text(config.read_text() + "loss_reduction: mean\n")
     cases.append((["train", str(tmp_path / "reduction.yaml")],
-                  "loss_reduction must be one of ['token', 'sample', 'square'], got 'mean'"))
+                  "reduction.yaml: loss_reduction is 'mean', but it must be one of ['token', 'sample', 'square']"))
     (tmp_path / "bad.yaml").write_text("model: x\nno_such_option: 1\n")
     cases.append((["train", str(tmp_path / "bad.yaml")], "unknown training option(s) ['no_such_option']"))
     for argv, message in cases:
