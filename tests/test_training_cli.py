@@ -379,9 +379,10 @@ assert main(["train", "--model", work + "/converted", "--data", bad_data, "--out
 
 
 def test_a_clean_convert_and_train_print_no_warning(tmp_path):
-    """The README's first run (convert, then train with activation checkpointing) writes nothing to stderr but
-    progress bars: no FutureWarning, no "new PAD/BOS/EOS tokens" from the Trainer, no note from peft. Warnings that
-    are due (a skipped sample, an old checkpoint without a pad id) print once each, on lines of their own."""
+    """The first run of docs/fine-tuning.md (convert, then train; here with activation checkpointing) writes nothing
+    to stderr but progress bars: no FutureWarning, no "new PAD/BOS/EOS tokens" from the Trainer, no note from peft.
+    Warnings that are due (a skipped sample, an old checkpoint without a pad id) print once each, on lines of their
+    own."""
     script = tmp_path / "run.py"
     script.write_text(_CLEAN_RUN)
     data = _data(tmp_path, count=2, max_dynamic_patch=1)

@@ -58,7 +58,7 @@ class ModelArguments:
 class DataArguments:
     data: str | None = field(
         default=None,
-        metadata={"help": "InternVL meta JSON and/or JSONL files (comma-separated); see README 'Fine-tuning'"},
+        metadata={"help": "InternVL meta JSON and/or JSONL files (comma-separated); see docs/fine-tuning.md"},
     )
     max_length: int | None = field(
         default=None,
@@ -278,7 +278,7 @@ def _save_final(trainer: InternVLXTrainer, processor, out: Path, lora: bool) -> 
 def train(model_args: ModelArguments, data_args: DataArguments, preset_args: PresetArguments,
           training_args: TrainingArguments, *, train_data: Any = None,
           print_fn: Callable[[str], None] | None = print) -> TrainResult:
-    """Fine-tune an internvlx-hf checkpoint; see the README section "Fine-tuning".
+    """Fine-tune an internvlx-hf checkpoint; see docs/fine-tuning.md.
 
     Args:
         train_data: rows to train on instead of ``data_args.data`` (a `datasets.Dataset`, a list of rows, or paths).
