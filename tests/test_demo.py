@@ -32,6 +32,17 @@ def test_the_packaged_model_is_complete_small_and_recorded():
     record = demo_record()
     assert record["recipe"] == "pvtc+lvtc" and record["training"]["steps"] == 1500
     assert min(record["held_out"]["accuracy"].values()) >= 0.85
+    # trained with an empty system block and with none (the template's default), scored under both and under no
+    # system turn: what lmms-eval, pipelines and chat() send
+    assert record["data"]["system_prompts"] == "empty+default"
+    by_system = record["held_out_by_system_prompt"]
+    assert list(by_system) == ["empty", "default", "none"]
+    assert by_system["empty"] == record["held_out"] and by_system["empty"]["system"] == ""
+    assert by_system["default"]["system"].startswith("你是由上海人工智能实验室") and by_system["none"]["system"] is None
+    assert by_system["default"]["accuracy"] == by_system["none"]["accuracy"]  # the same prompt, written out or not
+    for scores in by_system.values():
+        assert scores["n"] == 1000 and min(scores["accuracy"].values()) >= 0.85
+    assert "exact match" in record["scored_with"]
 
 
 def test_the_packaged_remote_code_is_the_package_code():
@@ -59,6 +70,8 @@ def test_demo_answers_its_own_images_right(capsys):
         assert "visual tokens: 16; LLM tokens: layers 0-4 " in block and ", layer 5 " in block
         assert f"answer: {sample.expected!r} (" in block and block.rstrip().endswith("right"), block
     assert "5/5 right" in out
+    assert "held-out exact match, empty system block (as asked here): colour " in out
+    assert "held-out exact match, no system turn (lmms-eval, pipelines, chat()): colour " in out
 
 
 def test_layer_groups_count_lvtc_expansion(capsys):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -140,3 +141,19 @@ def test_evaluate_scores_the_chosen_tasks_of_the_same_samples(data):
     assert tasks[:4] == ["colour", "shape", "position", "count"]  # the tasks take turns
     with pytest.raises(ValueError, match=r"tasks=\['fine'\]: no such sample"):
         evaluate(model, processor, test_meta, limit=4, tasks=("fine",), progress=False)
+
+
+def test_the_demo_recipe_trains_on_empty_and_default_system_blocks(data):
+    root, train_meta, _ = data
+    spec = DataSpec(n_basic=12, n_fine=4, fine_repeat=2, n_test=10, system_prompts="empty+default")
+    meta, test_meta = make_datasets(root / "data", SETTINGS["mlp"], spec)
+    assert meta != train_meta and meta.name.endswith("-sys-empty+default.json")
+    assert test_meta == make_datasets(root / "data", SETTINGS["mlp"], replace(spec, system_prompts="empty"))[1]
+    systems = []
+    for entry in json.loads(meta.read_text()).values():
+        for line in Path(entry["annotation"]).read_text().splitlines():
+            first = json.loads(line)["conversations"][0]
+            systems.append(first["value"] if first["from"] == "system" else None)
+    assert (systems.count(""), systems.count(None)) == (11, 5)  # 12 basic + 4 fine samples
+    with pytest.raises(ValueError, match=r"system_prompts='none' is not one of \['empty', 'empty\+default'\]"):
+        make_datasets(root / "data", SETTINGS["mlp"], replace(spec, system_prompts="none"))

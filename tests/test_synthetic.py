@@ -251,3 +251,24 @@ def test_system_message_turn(tmp_path):
         assert r["conversations"][0]["value"] == ""
     with pytest.raises(TypeError, match="system_message must be a string"):
         generate_dataset(tmp_path / "bad", n=2, image_size=TILE, system_message=1)
+
+
+def test_system_message_choices_are_drawn_per_sample(tmp_path):
+    """["", None]: each conversation gets an empty system block or none (the template's default system message),
+    drawn from (seed, index), so a shorter set is a prefix of a longer one and the rest of the sample is unchanged."""
+
+    def systems(meta):
+        _, records, _ = _load(meta)
+        return [r["conversations"][0]["value"] if r["conversations"][0]["from"] == "system" else None
+                for r in records], records
+
+    both, records = systems(generate_dataset(tmp_path / "both", n=40, image_size=TILE, system_message=["", None]))
+    assert (both.count(""), both.count(None)) == (21, 19)
+    prefix, _ = systems(generate_dataset(tmp_path / "prefix", n=10, image_size=TILE, system_message=["", None]))
+    assert prefix == both[:10]
+    _, plain = systems(generate_dataset(tmp_path / "plain", n=40, image_size=TILE))
+    assert [r["conversations"][-2:] for r in records] == [r["conversations"] for r in plain]
+    for bad in ([], ["", 1], {"": None}):
+        with pytest.raises(TypeError, match="system_message must be a string, None or a non-empty list"):
+            generate_dataset(tmp_path / "bad", n=2, image_size=TILE, system_message=bad)
+    assert not (tmp_path / "bad").exists()

@@ -18,7 +18,9 @@ processor's), the visual tokens, the tokens each group of LLM layers processes (
 112 px tile, layers >= k see 64), and the time of the answer.
 
 The model knows only what it was trained on: the questions below about simple shapes and letter grids on a light
-background. Other questions or photos get an answer, but not a meaningful one."""
+background, asked with an empty system block (as here) or with the chat template's default one (what lmms-eval,
+transformers' pipelines and InternVL2's chat() send). Other questions or photos get an answer, but not a meaningful
+one."""
 
 _DEMO_EPILOG = """\
 questions it was trained on:
@@ -34,6 +36,11 @@ examples:
   internvlx demo --image my_drawing.png --question "What colour is the circle?"
   internvlx demo --image page.png --question "How many shapes?" --tiling area
   internvlx demo --model out/my-trained-model            # any checkpoint trained the same way"""
+
+
+# How demo_model.json names the system prompts the held-out set was asked with (scripts/make_demo_model.py).
+_SYSTEM_VARIANTS = {"empty": "empty system block (as asked here)", "default": "template's default system message",
+                    "none": "no system turn (lmms-eval, pipelines, chat())"}
 
 
 def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
@@ -92,9 +99,11 @@ def _run_demo(args: argparse.Namespace) -> int:
           + (f", LVTC: layers >= {lvtc['expand_layer']} see "
              f"{config.hr_tokens_per_tile} per tile" if lvtc else "")
           + f"; tiling {tiling}, max {ip.max_tiles} tiles")
-    held_out = record.get("held_out", {}).get("accuracy")
-    if held_out:
-        print("  held-out exact match: " + ", ".join(f"{t} {v:.2f}" for t, v in held_out.items()))
+    by_system = record.get("held_out_by_system_prompt") or {"empty": record.get("held_out", {})}
+    for variant, scores in by_system.items():
+        if scores.get("accuracy"):
+            print(f"  held-out exact match, {_SYSTEM_VARIANTS.get(variant, variant)}: "
+                  + ", ".join(f"{t} {v:.2f}" for t, v in scores["accuracy"].items()))
     if args.save_images:
         out = Path(args.save_images)
         out.mkdir(parents=True, exist_ok=True)

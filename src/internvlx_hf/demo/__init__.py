@@ -2,8 +2,10 @@
 
 ``model/`` (next to this file) is the ``pvtc+lvtc`` model of the learnability benchmark: a PVTC projector and LVTC
 (16 tokens per 112 px tile in layers 0-4, 64 from layer 5), trained from scratch on the synthetic visual QA of
-`internvlx_hf.training.synthetic` by ``scripts/make_demo_model.py`` through `internvlx_hf.training.train`. It loads
-like any checkpoint, with ``AutoModel.from_pretrained(DEMO_MODEL_DIR, trust_remote_code=True)``.
+`internvlx_hf.training.synthetic` by ``scripts/make_demo_model.py`` through `internvlx_hf.training.train`, on
+conversations with an empty system block or none (the chat template's default system message), so it answers in the
+clients that send no system turn too (lmms-eval, transformers' pipelines, InternVL2's ``chat()``). It loads like any
+checkpoint, with ``AutoModel.from_pretrained(DEMO_MODEL_DIR, trust_remote_code=True)``.
 
     from internvlx_hf.demo import answer, demo_samples, load_demo_model
     model, processor = load_demo_model()
@@ -119,7 +121,8 @@ def tile_grids(processor, width: int, height: int) -> dict[str, tuple[int, int, 
 def answer(model, processor, image, question: str, *, tiling: str | None = None, max_new_tokens: int = 8
            ) -> Answer:
     """Greedy answer to ``question`` about ``image`` (a PIL image), in the chat format the demo model learnt
-    (empty system block, ``<image>`` then the question)."""
+    (an empty system block, ``<image>`` then the question; it also learnt the template's default system message,
+    which clients that send no system turn get)."""
     import torch
 
     from .recipe import prompt_messages

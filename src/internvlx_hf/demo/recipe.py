@@ -5,10 +5,12 @@ scratch on the synthetic visual QA of `internvlx_hf.training.synthetic`, through
   a 2-layer ViT of width 64; a 6-layer Qwen2 LLM of width 128) and the projector / LVTC / RVTC settings.
 - `build_checkpoint`: a freshly initialised model saved with its processor (the byte-level Qwen2 tokenizer of the
   converted test fixture, 812 ids) and remote code, i.e. a folder `internvlx train` accepts.
-- `make_datasets`: the training set (basic tasks + a small, repeated fine-detail set) and a held-out set.
+- `make_datasets`: the training set (basic tasks + a small, repeated fine-detail set; empty system blocks, or for the
+  demo model empty and default ones, `DataSpec.system_prompts`) and a held-out set.
 - `train_checkpoint`: `internvlx_hf.training.train` (HF `Trainer` + `InternVLXDataCollator`) with the recipe's
   hyper-parameters.
-- `evaluate`: held-out exact match per task with greedy `generate` (left-padded batches), as a user would run it.
+- `evaluate`: held-out exact match per task with greedy `generate` (left-padded batches), as a user would run it,
+  under a chosen system block (`prompt_messages`, `template_default_system`).
 
 Everything is seeded; nothing is downloaded.
 """
@@ -92,6 +94,13 @@ class DataSpec:
     seed: int = 0
     fine_grid: int = 8
     fine_glyphs: int = 8
+    # "empty": every training conversation has an empty system block (the learnability benchmark). "empty+default":
+    # each has, drawn from its seed, an empty system block or no system turn, which the chat template renders as its
+    # default system message: what clients that send no system turn render (the demo model).
+    system_prompts: str = "empty"
+
+
+SYSTEM_PROMPTS: dict[str, str | list[str | None]] = {"empty": "", "empty+default": ["", None]}
 
 
 @dataclass(frozen=True)
@@ -182,14 +191,15 @@ def make_datasets(root: str | os.PathLike, spec: TinySpec, data: DataSpec) -> tu
     """Write the training set (meta JSON joining the basic and the repeated fine set) and the held-out set under
     ``root``; returns ``(train meta path, test meta path)``. Sets that already exist are reused."""
     root = Path(root)
-    common = dict(sizes=data.sizes, image_size=spec.tile, fine_grid=data.fine_grid, fine_glyphs=data.fine_glyphs,
-                  system_message="")
+    if data.system_prompts not in SYSTEM_PROMPTS:
+        raise ValueError(f"DataSpec.system_prompts={data.system_prompts!r} is not one of {list(SYSTEM_PROMPTS)}")
+    common = dict(sizes=data.sizes, image_size=spec.tile, fine_grid=data.fine_grid, fine_glyphs=data.fine_glyphs)
 
-    def make(name, **kwargs):
+    def make(name, system_message="", **kwargs):
         folder = root / name
         if (folder / "meta.json").is_file():
             return folder / "meta.json"
-        return generate_dataset(folder, name=name, **common, **kwargs)
+        return generate_dataset(folder, name=name, system_message=system_message, **common, **kwargs)
 
     tag = f"{data.sizes}-{spec.tile}"
     # Sets that differ from the recipe's defaults get their own names, so that a shared workdir never mixes them.
@@ -198,11 +208,15 @@ def make_datasets(root: str | os.PathLike, spec: TinySpec, data: DataSpec) -> tu
         else f"-{data.n_fine}x{data.fine_repeat}"
     basic_tag = "" if data.n_basic == defaults.n_basic else f"-{data.n_basic}"
     test_tag = "" if data.n_test == defaults.n_test else f"-{data.n_test}"
-    basic = make(f"basic-{tag}-s{data.seed}{basic_tag}", n=data.n_basic, tasks=TRAIN_TASKS, seed=1000 + data.seed)
-    fine = make(f"fine-{tag}-s{data.seed}{fine_tag}", n=data.n_fine, tasks=["fine"], seed=5000 + data.seed,
-                repeat_time=data.fine_repeat)
+    system_tag = "" if data.system_prompts == defaults.system_prompts else f"-sys-{data.system_prompts}"
+    system = SYSTEM_PROMPTS[data.system_prompts]
+    basic = make(f"basic-{tag}-s{data.seed}{basic_tag}{system_tag}", n=data.n_basic, tasks=TRAIN_TASKS,
+                 seed=1000 + data.seed, system_message=system)
+    fine = make(f"fine-{tag}-s{data.seed}{fine_tag}{system_tag}", n=data.n_fine, tasks=["fine"],
+                seed=5000 + data.seed, repeat_time=data.fine_repeat, system_message=system)
+    # The held-out set is the same for every recipe; `evaluate(system=...)` chooses the prompt it is asked with.
     test = make(f"test-{tag}{test_tag}", n=data.n_test, tasks=TASKS, seed=999_999)
-    train_meta = root / f"train-{tag}-s{data.seed}{basic_tag}{fine_tag}.json"
+    train_meta = root / f"train-{tag}-s{data.seed}{basic_tag}{fine_tag}{system_tag}.json"
     if not train_meta.is_file():
         combine_meta([basic, fine], train_meta)
     return train_meta, test
@@ -245,19 +259,38 @@ def read_records(meta_path: str | os.PathLike) -> tuple[list[dict[str, Any]], Pa
     return [json.loads(line) for line in lines if line.strip()], Path(entry["root"])
 
 
-def prompt_messages(question: str) -> list[dict[str, str]]:
-    """The conversation the models are trained on (empty system block, one image), without the reply."""
-    return [{"role": "system", "content": ""}, {"role": "user", "content": "<image>\n" + question}]
+def prompt_messages(question: str, system: str | None = "") -> list[dict[str, str]]:
+    """The conversation the models are trained on (one image, then the question), without the reply.
+
+    ``system``: the system block ("" = empty, as every model of the recipe was trained on); None sends no system turn,
+    which the chat template renders as its default system message (what the demo model was also trained on).
+    """
+    turns = [] if system is None else [{"role": "system", "content": system}]
+    return turns + [{"role": "user", "content": "<image>\n" + question}]
 
 
-def answer_batch(model, processor, images, questions, max_new_tokens: int = 8) -> list[dict[str, Any]]:
-    """Greedy answers to ``questions`` about ``images`` (one image each), in one left-padded batch.
+def template_default_system(processor) -> str:
+    """The system message ``processor``'s chat template writes when the conversation has no system turn."""
+    probe = [{"role": "user", "content": "x"}]
+    marker = "\x00SYSTEM\x00"
+    without = processor.apply_chat_template(probe, tokenize=False)
+    marked = processor.apply_chat_template([{"role": "system", "content": marker}] + probe, tokenize=False)
+    head, _, tail = marked.partition(marker)
+    if not (without.startswith(head) and without.endswith(tail)):
+        raise ValueError("the chat template renders no system block in the same place with and without a system turn")
+    return without[len(head): len(without) - len(tail)]
+
+
+def answer_batch(model, processor, images, questions, max_new_tokens: int = 8, system: str | None = ""
+                 ) -> list[dict[str, Any]]:
+    """Greedy answers to ``questions`` about ``images`` (one image each), in one left-padded batch, asked with the
+    system block ``system`` (see `prompt_messages`).
 
     Returns per question: ``answer``, ``tiles``, ``visual_tokens`` (`<IMG_CONTEXT>` tokens) and ``prompt_tokens``.
     """
     import torch
 
-    prompts = [processor.apply_chat_template(prompt_messages(q), tokenize=False, add_generation_prompt=True)
+    prompts = [processor.apply_chat_template(prompt_messages(q, system), tokenize=False, add_generation_prompt=True)
                for q in questions]
     inputs = processor(images=[[image] for image in images], text=prompts, padding=True, padding_side="left",
                        return_tensors="pt")
@@ -276,11 +309,12 @@ def answer_batch(model, processor, images, questions, max_new_tokens: int = 8) -
 
 
 def evaluate(model, processor, test_meta: str | os.PathLike, *, batch_size: int = 50, limit: int | None = None,
-             tasks: Collection[str] | None = None, progress: bool = True) -> dict[str, Any]:
+             tasks: Collection[str] | None = None, progress: bool = True, system: str | None = "") -> dict[str, Any]:
     """Held-out exact-match accuracy per task (greedy decoding), mean tiles and visual tokens per sample.
 
     ``limit``: the first samples only; ``tasks``: of those, the samples of these tasks only (the same samples
-    that a run without ``tasks`` scores for them).
+    that a run without ``tasks`` scores for them); ``system``: the system block every question is asked with (see
+    `prompt_messages`).
     """
     from PIL import Image
     from tqdm.auto import tqdm
@@ -302,7 +336,7 @@ def evaluate(model, processor, test_meta: str | os.PathLike, *, batch_size: int 
             with Image.open(root / r["image"]) as image:
                 images.append(image.convert("RGB"))
         questions = [r["conversations"][-2]["value"].replace("<image>\n", "", 1) for r in batch]
-        for r, got in zip(batch, answer_batch(model, processor, images, questions)):
+        for r, got in zip(batch, answer_batch(model, processor, images, questions, system=system)):
             right.setdefault(r["task"], []).append(got["answer"] == r["conversations"][-1]["value"])
             tiles += got["tiles"]
             visual += got["visual_tokens"]

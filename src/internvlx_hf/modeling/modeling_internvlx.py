@@ -24,10 +24,12 @@ from transformers.masking_utils import (
 from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling
 from transformers.modeling_utils import slice_logits_to_keep
 from transformers.models.internvl.modeling_internvl import InternVLVisionModel, InternVLVisionRMSNorm
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, logging
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_internvlx import InternVLXConfig, LVTCConfig, _image_and_patch
+
+logger = logging.get_logger(__name__)
 
 # --------------------------------------------------------------------------------------------------------------------
 # Projectors
@@ -998,6 +1000,9 @@ class InternVLXForConditionalGeneration(InternVLXPreTrainedModel, GenerationMixi
     # As transformers' InternVL: a tied head shards the weight it reads, so it needs a tensor-parallel entry of its own.
     _tp_plan = {"lm_head": "colwise_gather_output"}
     _per_tile_inputs = ("pixel_values", "image_flags", "num_patches", "tile_grid")
+    # InternVL2's `chat()` writes `model.system_message` into the prompt (VLMEvalKit sets it for its system prompts);
+    # None renders the chat template's default system message, as InternVL2's default does.
+    system_message: str | None = None
 
     def __init__(self, config: InternVLXConfig):
         super().__init__(config)
@@ -1170,7 +1175,7 @@ class InternVLXForConditionalGeneration(InternVLXPreTrainedModel, GenerationMixi
         return templater
 
     def _chat_prompt(self, processor_or_tokenizer, question: str, history, num_patches_list) -> str:
-        messages = []
+        messages = [] if self.system_message is None else [{"role": "system", "content": self.system_message}]
         for old_question, old_answer in history or []:
             messages += [{"role": "user", "content": old_question}, {"role": "assistant", "content": old_answer}]
         messages.append({"role": "user", "content": question})
@@ -1222,7 +1227,7 @@ class InternVLXForConditionalGeneration(InternVLXPreTrainedModel, GenerationMixi
         if generation_config.pad_token_id is None:
             generation_config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else sep_id
         if pixel_values is not None:
-            pixel_values = pixel_values.to(self.device, self.model.vision_tower.dtype)
+            pixel_values = self._chat_tiles(pixel_values)
         out = self.generate(
             input_ids=inputs.input_ids.to(self.device),
             attention_mask=inputs.attention_mask.to(self.device),
@@ -1233,13 +1238,33 @@ class InternVLXForConditionalGeneration(InternVLXPreTrainedModel, GenerationMixi
         texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         return [(text.split(separator)[0] if separator else text).strip() for text in texts]
 
+    def _chat_tiles(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``pixel_values`` on the model's device and dtype, square tiles resized to the model's tile size.
+
+        The InternVL2 classes of VLMEvalKit and lmms-eval tile images themselves, always at InternVL2's 448 px
+        (their `load_image` has no other size), and pass the tiles to `chat()`. A model with other tiles (the demo
+        model's are 112 px) gets each tile resized (bicubic, antialiased; normalisation is per channel, so resizing
+        normalised tiles equals normalising resized ones): the tile grid the client chose is kept.
+        """
+        image_size, _ = _image_and_patch(self.config.vision_config)
+        pixel_values = pixel_values.to(self.device)
+        side = tuple(pixel_values.shape[-2:])
+        if pixel_values.ndim == 4 and side[0] == side[1] != image_size:
+            logger.warning_once(f"chat(): pixel_values tiles are {side[0]} px, this model's are {image_size} px; "
+                                "resizing them (the processor makes tiles of the model's size).")
+            pixel_values = F.interpolate(pixel_values.float(), size=(image_size, image_size), mode="bicubic",
+                                         align_corners=False, antialias=True)
+        return pixel_values.to(self.model.vision_tower.dtype)
+
     def chat(self, tokenizer, pixel_values, question, generation_config=None, history=None, return_history=False,
              num_patches_list=None, verbose=False):
         """InternVL2's `chat`: one question (with an optional image) -> the answer string.
 
         ``tokenizer`` may also be an `InternVLXProcessor`. Without `<image>` in the question, a first-turn image
-        is put in front as ``"<image>\\n" + question``, as InternVL2 does. Generation stops at the chat template's
-        end-of-turn token (unless ``generation_config`` sets an ``eos_token_id``).
+        is put in front as ``"<image>\\n" + question``, as InternVL2 does. The system block is ``model.system_message``
+        (None: the chat template's default). Generation stops at the chat template's end-of-turn token (unless
+        ``generation_config`` sets an ``eos_token_id``). Tiles of another square size than the model's (InternVL2
+        clients make 448 px tiles) are resized to the model's.
         """
         if history is None and pixel_values is not None and "<image>" not in question:
             question = "<image>\n" + question

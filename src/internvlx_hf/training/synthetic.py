@@ -306,7 +306,8 @@ def _samples(n, tasks, seed, sizes, image_size, fine_grid, fine_glyphs, max_coun
 def generate_dataset(out_dir: str | os.PathLike, n: int = 1000, *, tasks: Sequence[str] = TASKS, seed: int = 0,
                      sizes: str = "fixed", image_size: int = 448, fine_grid: int = 8, fine_glyphs: int = 8,
                      max_count: int = 6, max_objects: int = 1, name: str = "synthetic_vqa",
-                     repeat_time: float = 1, system_message: str | None = None, overwrite: bool = False) -> Path:
+                     repeat_time: float = 1, system_message: str | None | Sequence[str | None] = None,
+                     overwrite: bool = False) -> Path:
     """Write ``n`` samples as PNG images + an InternVL-format JSONL + a meta JSON into ``out_dir``.
 
     Layout: ``out_dir/images/000000.png ...``, ``out_dir/{name}.jsonl`` (one record per line:
@@ -329,7 +330,11 @@ def generate_dataset(out_dir: str | os.PathLike, n: int = 1000, *, tasks: Sequen
         system_message: when not None, every conversation starts with ``{"from": "system", "value": ...}``. The
             InternVL2 chat templates otherwise insert their default system prompt (about 150 tokens with a tiny
             byte-level vocabulary), which would dwarf a tiny model's visual tokens; ``""`` keeps the system block
-            empty.
+            empty. A list of choices gives each sample one of them, drawn from ``(seed, i)`` (so any prefix of the
+            dataset is the same dataset), ``None`` meaning no system turn: ``["", None]`` trains a model both on an
+            empty system block and on the template's default system message, i.e. on what a client that sends no
+            system turn (lmms-eval's ``huggingface`` model, transformers' ``pipeline``, InternVL2's ``chat()``)
+            renders.
         overwrite: replace a non-empty ``out_dir``.
 
     Returns:
@@ -341,8 +346,7 @@ def generate_dataset(out_dir: str | os.PathLike, n: int = 1000, *, tasks: Sequen
         raise ValueError(f"name={name!r} must be a plain file name (it becomes {{name}}.jsonl)")
     if isinstance(repeat_time, bool) or not isinstance(repeat_time, (int, float)) or not repeat_time > 0:
         raise ValueError(f"repeat_time must be a positive number, got {repeat_time!r}")
-    if system_message is not None and not isinstance(system_message, str):
-        raise TypeError(f"system_message must be a string or None, got {type(system_message).__name__}")
+    system_choices = _system_choices(system_message)
     if out_dir.exists() and not out_dir.is_dir():
         raise FileExistsError(f"{out_dir} exists and is not a folder; choose another out_dir")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
@@ -356,13 +360,24 @@ def generate_dataset(out_dir: str | os.PathLike, n: int = 1000, *, tasks: Sequen
                 rel = f"images/{i:06d}.png"
                 sample.image.save(tmp / rel, format="PNG")
                 record = sample.record(f"{name}-{i:06d}", rel)
-                if system_message is not None:
-                    record["conversations"].insert(0, {"from": "system", "value": system_message})
+                system = system_choices[0] if len(system_choices) == 1 else \
+                    random.Random(f"internvlx-synthetic-system:{seed}:{i}").choice(system_choices)
+                if system is not None:
+                    record["conversations"].insert(0, {"from": "system", "value": system})
                 jsonl.write(json.dumps(record, ensure_ascii=False) + "\n")
         meta = {name: {"root": str(out_dir), "annotation": str(out_dir / f"{name}.jsonl"), "data_augment": False,
                        "repeat_time": repeat_time, "length": n}}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     return out_dir / "meta.json"
+
+
+def _system_choices(system_message) -> list[str | None]:
+    if system_message is None or isinstance(system_message, str):
+        return [system_message]
+    choices = list(system_message) if isinstance(system_message, (list, tuple)) else None
+    if not choices or not all(c is None or isinstance(c, str) for c in choices):
+        raise TypeError(f"system_message must be a string, None or a non-empty list of them, got {system_message!r}")
+    return choices
 
 
 def combine_meta(meta_paths: Sequence[str | os.PathLike], out_path: str | os.PathLike) -> Path:
