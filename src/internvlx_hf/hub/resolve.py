@@ -160,22 +160,21 @@ def read_internvlx_config(folder: str | os.PathLike, name: str) -> dict[str, Any
     if not config_file.is_file():
         raise FileNotFoundError(f"{name}: no config.json in {folder}; give the folder of an internvlx-hf checkpoint "
                                 "(made by `internvlx convert` or `internvlx train`)")
-    damaged = DAMAGED_HINT
     try:
         config = json.loads(config_file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
-        raise ValueError(f"{name}: {config_file} is not valid JSON {json_error_text(error)}; {damaged}") from None
+        raise ValueError(f"{name}: {config_file} is not valid JSON {json_error_text(error)}; {DAMAGED_HINT}") from None
     except UnicodeDecodeError:
-        raise ValueError(f"{name}: {config_file} is not UTF-8 text; {damaged}") from None
+        raise ValueError(f"{name}: {config_file} is not UTF-8 text; {DAMAGED_HINT}") from None
     if not isinstance(config, dict):
-        raise ValueError(f"{name}: {config_file} holds a JSON {type(config).__name__}, not an object; {damaged}")
+        raise ValueError(f"{name}: {config_file} holds a JSON {type(config).__name__}, not an object; {DAMAGED_HINT}")
     model_type = config.get("model_type")
     if model_type != "internvlx":
         raise ValueError(f"{name}: config.json has model_type {model_type!r}, not 'internvlx'; convert OpenGVLab "
                          "InternVL2 / InternVL-X checkpoints first with `internvlx convert SRC DST`")
     problem = config_key_problem(config)
     if problem is not None:
-        raise ValueError(f"{name}: {config_file}: {problem}; {damaged}")
+        raise ValueError(f"{name}: {config_file}: {problem}; {DAMAGED_HINT}")
     return config
 
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import logging
 import os
-from argparse import ArgumentTypeError
 import shutil
 import tempfile
+from argparse import ArgumentTypeError
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
