@@ -97,7 +97,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # Warnings while a progress bar runs (skipped samples, transformers' notes) get lines of their own. transformers'
     # logger is set up first: it adds its own handler when first used, which would then print everything twice.
-    loggers = [logging.root, transformers_logging.get_logger("transformers")]
+    library_logger = transformers_logging.get_logger("transformers")
+    loggers = [logging.root, library_logger]
+    # With CI=true transformers lets its records propagate to the root logger as well, which the redirect also
+    # writes to: every transformers line would print twice. One handler each, whatever the environment.
+    propagate, library_logger.propagate = library_logger.propagate, False
     try:
         with logging_redirect_tqdm(loggers):
             return int(args._run(args) or 0)
@@ -118,6 +122,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+    finally:
+        library_logger.propagate = propagate
 
 
 __all__ = ["CLIError", "Command", "build_parser", "main"]
