@@ -10,6 +10,11 @@ and a one-word answer:
 - ``count``: "How many shapes?" -> ``1`` ... ``max_count``.
 - ``fine``: a page of 5x5-pixel letters (scaled by an integer), one per square cell of ``image_size // fine_grid``
   pixels, one cell framed in red: "Which letter is in the red box?" -> ``E``.
+- ``bits`` (only when asked for, see `EXTRA_TASKS`): every cell holds a ``bits_side`` x ``bits_side`` grid of random
+  dark or light dots; one 2x2 block of cells (aligned with the 2x2 pixel-shuffle windows) is framed in red:
+  "top-left square, row 3?" -> ``010110`` (1 = dark). The answer needs the exact dots of one cell, and the question
+  does not say which cell until the LLM reads it: a 2x2-merged token must carry the dots of all four cells
+  (``4 * bits_side**2`` random bits) through the projector's output width, a per-patch token those of one.
 
 The colour, shape and position tasks draw ``1..max_objects`` objects of distinct shapes and colours (the default,
 one object, is what every tiny model of the learnability benchmark learns within its budget).
@@ -50,6 +55,9 @@ from ..atomic import atomic_file, staged_folder
 
 TASKS = ("colour", "shape", "position", "count", "fine")
 BASIC_TASKS = ("colour", "shape", "position", "count")
+# Tasks that are drawn only when asked for by name (never part of the default `TASKS` mixture).
+EXTRA_TASKS = ("bits",)
+QUADRANTS = ("top-left", "top-right", "bottom-left", "bottom-right")
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
@@ -213,8 +221,44 @@ def _fine_sample(rng: random.Random, width: int, height: int, cell: int, glyphs:
     return Sample(image, "fine", "Which letter is in the red box?", letters[row][col], objects)
 
 
+def _bits_sample(rng: random.Random, width: int, height: int, cell: int, side: int, rows: int) -> Sample:
+    """Random dark/light dots (``rows`` x ``side`` per cell; ``rows=1``: a barcode of ``side`` bars) in every cell;
+    one 2x2 block of cells at even (row, col) framed in red; the dots of one row of one of its cells asked for."""
+    cols, grid_rows = max(2, width // cell), max(2, height // cell)
+    width, height = max(width, cols * cell), max(height, grid_rows * cell)
+    image = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    # At least a one-pixel margin per cell, where the frame is drawn.
+    dot_w, dot_h = (cell - 2) // side, (cell - 2) // rows
+    off_x, off_y = (cell - side * dot_w) // 2, (cell - rows * dot_h) // 2
+    dots = [[[[rng.random() < 0.5 for _ in range(side)] for _ in range(rows)] for _ in range(cols)]
+            for _ in range(grid_rows)]
+    for r in range(grid_rows):
+        for c in range(cols):
+            for y in range(rows):
+                for x in range(side):
+                    if dots[r][c][y][x]:
+                        left, top = c * cell + off_x + x * dot_w, r * cell + off_y + y * dot_h
+                        draw.rectangle([left, top, left + dot_w - 1, top + dot_h - 1], fill=INK)
+    # The framed block is one 2x2 pixel-shuffle window: its four cells share one token at downsample 0.5.
+    block_row, block_col = 2 * rng.randrange(grid_rows // 2), 2 * rng.randrange(cols // 2)
+    fx, fy = block_col * cell, block_row * cell
+    draw.rectangle([fx, fy, fx + 2 * cell - 1, fy + 2 * cell - 1], outline=FRAME_COLOUR, width=1)
+    quadrant, line = rng.randrange(4), rng.randrange(rows)
+    r, c = block_row + quadrant // 2, block_col + quadrant % 2
+    answer = "".join("1" if d else "0" for d in dots[r][c][line])
+    question = f"{QUADRANTS[quadrant]} square?" if rows == 1 else f"{QUADRANTS[quadrant]} square, row {line + 1}?"
+    objects = [{"grid": [cols, grid_rows], "cell": cell, "dot": [dot_w, dot_h], "offset": [off_x, off_y],
+                "dots_per_cell": [rows, side], "frame": [block_row, block_col], "quadrant": QUADRANTS[quadrant],
+                "row": line + 1,
+                "block_dots": ["".join("1" if d else "0" for line in dots[block_row + q // 2][block_col + q % 2]
+                                       for d in line) for q in range(4)]}]
+    return Sample(image, "bits", question, answer, objects)
+
+
 def make_sample(task: str, rng: random.Random, width: int, height: int, *, image_size: int = 448,
-                fine_grid: int = 8, fine_glyphs: int = 8, max_count: int = 6, max_objects: int = 1) -> Sample:
+                fine_grid: int = 8, fine_glyphs: int = 8, max_count: int = 6, max_objects: int = 1,
+                bits_side: int = 6, bits_rows: int | None = None) -> Sample:
     """Draw one sample of ``task`` on a ``width`` x ``height`` canvas.
 
     Args:
@@ -227,8 +271,13 @@ def make_sample(task: str, rng: random.Random, width: int, height: int, *, image
         max_count: the count task draws 1..max_count objects (at most 9: one per cell of a 3x3 grid).
         max_objects: the colour, shape and position tasks draw 1..max_objects objects of distinct shapes and
             colours (at most ``len(SHAPES)``) and ask about one of them.
+        bits_side: the bits task's dots per row of a cell (its cells are those of the fine task).
+        bits_rows: the bits task's rows of dots per cell (None: ``bits_side``, square dots; 1: a barcode).
     """
-    _check_options(1, task, "fixed", image_size, fine_grid, fine_glyphs, max_count, max_objects)
+    _check_options(1, task, "fixed", image_size, fine_grid, fine_glyphs, max_count, max_objects, bits_side)
+    if task == "bits":
+        return _bits_sample(rng, width, height, image_size // fine_grid, bits_side,
+                            bits_side if bits_rows is None else bits_rows)
     if task == "fine":
         return _fine_sample(rng, width, height, image_size // fine_grid, list(GLYPHS)[:fine_glyphs])
     if task == "count":
@@ -256,16 +305,18 @@ def _image_size_for(rng: random.Random, sizes: str, image_size: int) -> tuple[in
     return max(16, round(fw * image_size * jitter)), max(16, round(fh * image_size * jitter)), kind
 
 
-def _check_options(n, tasks, sizes, image_size, fine_grid, fine_glyphs, max_count, max_objects) -> tuple[str, ...]:
+def _check_options(n, tasks, sizes, image_size, fine_grid, fine_glyphs, max_count, max_objects,
+                   bits_side=6, bits_rows=None) -> tuple[str, ...]:
     tasks = (tasks,) if isinstance(tasks, str) else tuple(tasks)
     if not tasks:
         raise ValueError("tasks is empty; pass some of " + ", ".join(TASKS))
     for task in tasks:
-        _check_choice("task", task, TASKS)
+        _check_choice("task", task, TASKS + EXTRA_TASKS)
     _check_choice("sizes", sizes, ("fixed", "mixed"))
     for key, value in (("n", n), ("image_size", image_size), ("fine_grid", fine_grid),
                        ("fine_glyphs", fine_glyphs), ("max_count", max_count),
-                       ("max_objects", max_objects)):
+                       ("max_objects", max_objects), ("bits_side", bits_side),
+                       ("bits_rows", bits_side if bits_rows is None else bits_rows)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{key} must be a positive integer, got {value!r}")
     if image_size < 16:
@@ -275,6 +326,10 @@ def _check_options(n, tasks, sizes, image_size, fine_grid, fine_glyphs, max_coun
     if image_size // fine_grid < 7:
         raise ValueError(f"image_size {image_size} / fine_grid {fine_grid} gives {image_size // fine_grid}px cells; "
                          "a 5x5 letter with its frame needs at least 7px: lower fine_grid or raise image_size")
+    for key, value in (("bits_side", bits_side), ("bits_rows", bits_rows)):
+        if "bits" in tasks and value is not None and (image_size // fine_grid - 2) // value < 1:
+            raise ValueError(f"{key}={value} dots do not fit a {image_size // fine_grid}px cell with its one-pixel "
+                             f"margin; use at most {image_size // fine_grid - 2}")
     if max_count > 9:
         raise ValueError(f"max_count={max_count} must lie in [1, 9] (one object per cell of a 3x3 grid)")
     if max_objects > len(SHAPES):
@@ -284,28 +339,32 @@ def _check_options(n, tasks, sizes, image_size, fine_grid, fine_glyphs, max_coun
 
 def iter_samples(n: int, *, tasks: Sequence[str] = TASKS, seed: int = 0, sizes: str = "fixed",
                  image_size: int = 448, fine_grid: int = 8, fine_glyphs: int = 8, max_count: int = 6,
-                 max_objects: int = 1):
+                 max_objects: int = 1, bits_side: int = 6, bits_rows: int | None = None):
     """Iterate over ``(index, size_kind, Sample)`` for ``n`` samples, tasks in round-robin order.
 
     Sample ``i`` depends only on ``(seed, i)`` and the options, so any prefix of a dataset is the same dataset.
     The options are checked when this is called, before anything is drawn.
     """
-    tasks = _check_options(n, tasks, sizes, image_size, fine_grid, fine_glyphs, max_count, max_objects)
-    return _samples(n, tasks, seed, sizes, image_size, fine_grid, fine_glyphs, max_count, max_objects)
+    tasks = _check_options(n, tasks, sizes, image_size, fine_grid, fine_glyphs, max_count, max_objects, bits_side,
+                           bits_rows)
+    return _samples(n, tasks, seed, sizes, image_size, fine_grid, fine_glyphs, max_count, max_objects, bits_side,
+                    bits_rows)
 
 
-def _samples(n, tasks, seed, sizes, image_size, fine_grid, fine_glyphs, max_count, max_objects):
+def _samples(n, tasks, seed, sizes, image_size, fine_grid, fine_glyphs, max_count, max_objects, bits_side,
+             bits_rows):
     for i in range(n):
         rng = random.Random(f"internvlx-synthetic:{seed}:{i}")
         width, height, kind = _image_size_for(rng, sizes, image_size)
         yield i, kind, make_sample(tasks[i % len(tasks)], rng, width, height, image_size=image_size,
                                    fine_grid=fine_grid, fine_glyphs=fine_glyphs, max_count=max_count,
-                                   max_objects=max_objects)
+                                   max_objects=max_objects, bits_side=bits_side, bits_rows=bits_rows)
 
 
 def generate_dataset(out_dir: str | os.PathLike, n: int = 1000, *, tasks: Sequence[str] = TASKS, seed: int = 0,
                      sizes: str = "fixed", image_size: int = 448, fine_grid: int = 8, fine_glyphs: int = 8,
-                     max_count: int = 6, max_objects: int = 1, name: str = "synthetic_vqa",
+                     max_count: int = 6, max_objects: int = 1, bits_side: int = 6, bits_rows: int | None = None,
+                     name: str = "synthetic_vqa",
                      repeat_time: float = 1, system_message: str | None | Sequence[str | None] = None,
                      overwrite: bool = False) -> Path:
     """Write ``n`` samples as PNG images + an InternVL-format JSONL + a meta JSON into ``out_dir``.
@@ -321,10 +380,10 @@ def generate_dataset(out_dir: str | os.PathLike, n: int = 1000, *, tasks: Sequen
     Args:
         out_dir: the folder to create; it must not exist (or be empty) unless ``overwrite=True``.
         n: number of samples; sample ``i`` is of task ``tasks[i % len(tasks)]``.
-        tasks: which of `TASKS` to draw; a task named twice is drawn twice as often.
+        tasks: which of `TASKS` (or `EXTRA_TASKS`) to draw; a task named twice is drawn twice as often.
         seed: the dataset seed; use different seeds for training and held-out sets.
         sizes: ``"fixed"`` (``image_size`` squares) or ``"mixed"`` (see `MIXED_SIZES`).
-        image_size, fine_grid, fine_glyphs, max_count, max_objects: see `make_sample`.
+        image_size, fine_grid, fine_glyphs, max_count, max_objects, bits_side, bits_rows: see `make_sample`.
         name: the dataset's key in the meta JSON and the JSONL file name.
         repeat_time: written to the meta JSON: how many times a training loader should repeat this set per epoch.
         system_message: when not None, every conversation starts with ``{"from": "system", "value": ...}``. The
@@ -352,7 +411,8 @@ def generate_dataset(out_dir: str | os.PathLike, n: int = 1000, *, tasks: Sequen
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{out_dir} is not empty; pass overwrite=True to replace it or choose another out_dir")
     samples = iter_samples(n, tasks=tasks, seed=seed, sizes=sizes, image_size=image_size, fine_grid=fine_grid,
-                           fine_glyphs=fine_glyphs, max_count=max_count, max_objects=max_objects)
+                           fine_glyphs=fine_glyphs, max_count=max_count, max_objects=max_objects, bits_side=bits_side,
+                           bits_rows=bits_rows)
     with staged_folder(out_dir) as tmp:
         (tmp / "images").mkdir()
         with open(tmp / f"{name}.jsonl", "w", encoding="utf-8") as jsonl:

@@ -276,12 +276,13 @@ def _save_final(trainer: InternVLXTrainer, processor, out: Path, lora: bool) -> 
 
 
 def train(model_args: ModelArguments, data_args: DataArguments, preset_args: PresetArguments,
-          training_args: TrainingArguments, *, train_data: Any = None,
+          training_args: TrainingArguments, *, train_data: Any = None, callbacks: list | None = None,
           print_fn: Callable[[str], None] | None = print) -> TrainResult:
     """Fine-tune an internvlx-hf checkpoint; see docs/fine-tuning.md.
 
     Args:
         train_data: rows to train on instead of ``data_args.data`` (a `datasets.Dataset`, a list of rows, or paths).
+        callbacks: extra `transformers.TrainerCallback` objects for the Trainer (e.g. training diagnostics).
         print_fn: where the parameter table, data summary and final notes go (main process only); None: silent.
     """
     import torch
@@ -367,7 +368,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, preset_args: Pre
     }
     trainer = InternVLXTrainer(model=model, args=training_args, train_dataset=dataset, eval_dataset=eval_dataset,
                                data_collator=collator, processing_class=processor, started_from=folder,
-                               provenance=provenance)
+                               provenance=provenance, callbacks=callbacks)
     if eval_sets is not None:
         from ..evaluation import EvaluationCallback
 

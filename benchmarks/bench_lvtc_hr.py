@@ -1,0 +1,341 @@
+"""Does LVTC's high-resolution path carry what only high resolution can see? (the study behind docs/lvtc-hr-path.md)
+
+Hypothesis: the HR projector stays unused in the learnability benchmark because its fine task never needs it (the
+2x2-merged tokens still carry every letter), not because the path cannot learn. On a task whose answer does not fit
+through a 2x2-merged token at the LLM's width, plain-256 must fail, plain-1024 must succeed, and an LVTC model can
+only succeed by reading its HR tokens: zeroing the HR projector's output then drops it to plain-256's accuracy.
+
+Task ``bits`` (`internvlx_hf.training.synthetic`): 112 px tiles of 8x8 cells (one per 14 px ViT patch), each cell a
+6x6 grid of random dark/light dots (36 random bits), one 2x2 block of cells framed in red; "top-left square, row 3?"
+-> ``010110``. Chance is 1/64. A 2x2-merged token must hold the 144 random bits of its four cells in ``hidden``
+dimensions; a per-patch token holds 36. With ``--hidden 48`` only the per-patch tokens have room.
+
+Models (`internvlx_hf.demo.recipe.TinySpec`): a 2-layer ViT of width 64, a ``--layers``-deep Qwen2 LLM of width
+``--hidden``, trained from scratch with the project's training pipeline (`train_checkpoint`: HF Trainer, collator,
+preset ``full``) on ``--train`` distinct samples, scored by greedy exact match on ``--test`` held-out samples.
+
+  plain-256    MLP projector, downsample 0.5 (16 tokens per tile)
+  plain-1024   MLP projector, downsample 1.0 (64 tokens per tile)
+  lvtc         MLP projector + LVTC at k = 3/4 depth: 16 tokens below k, 64 from k (HR projector added at k)
+  lvtc-half    the same at k = 1/2 depth
+  pvtc+lvtc    PVTC projector + LVTC at k = 3/4 depth
+
+Logged during training (every ``--diag-every`` steps, on a fixed batch of held-out samples): the RMS of the upsampled
+LR states and of the HR projector's output at layer k, the gradient norm reaching the HR projector (and the LR
+projector and LLM), and the attention mass that answer-predicting positions put on visual slots per layer. After
+training, LVTC models are also scored with the HR output zeroed and taken from another image (`--ablate`).
+
+    python benchmarks/bench_lvtc_hr.py --configs plain-256,plain-1024,lvtc --seeds 0 --steps 600   # one seed
+    python benchmarks/bench_lvtc_hr.py --seeds 0,1,2 --plot benchmarks/results/lvtc-hr-path.png       # the study
+    python benchmarks/bench_lvtc_hr.py --summarise    # train nothing: rebuild the JSON/table/plot from kept runs
+
+Every run's numbers are kept in ``benchmarks/results/lvtc-hr-path/<config>-s<seed>.json``; the headline (mean and
+spread over seeds, per-step cost from an interleaved probe) goes to ``benchmarks/results/lvtc-hr-path.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+RESULTS = ROOT / "benchmarks" / "results"
+RUNS_DIR = RESULTS / "lvtc-hr-path"
+TASK = "bits"
+
+
+def study_configs(args):
+    from internvlx_hf.demo.recipe import TinySpec
+
+    base = TinySpec(hidden=args.hidden, layers=args.layers, heads=args.heads, kv_heads=args.kv_heads,
+                    vision_hidden=args.vit_hidden, vision_layers=args.vit_layers, tile=14 * args.grid)
+    k3, k2 = args.layers * 3 // 4, args.layers // 2
+    return {
+        "plain-256": replace(base, projector="mlp", downsample_ratio=0.5),
+        "plain-1024": replace(base, projector="mlp", downsample_ratio=1.0),
+        "lvtc": replace(base, projector="mlp", downsample_ratio=0.5, lvtc_k=k3),
+        "lvtc-half": replace(base, projector="mlp", downsample_ratio=0.5, lvtc_k=k2),
+        "pvtc+lvtc": replace(base, projector="pvtc", downsample_ratio=0.5, lvtc_k=k3),
+    }
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", default="plain-256,plain-1024,lvtc,pvtc+lvtc")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--hidden", type=int, default=48, help="LLM width (the merged token's room)")
+    parser.add_argument("--layers", type=int, default=8, help="LLM depth")
+    parser.add_argument("--vit-layers", type=int, default=2, help="ViT depth")
+    parser.add_argument("--vit-hidden", type=int, default=64, help="ViT width")
+    parser.add_argument("--grid", type=int, default=8, help="cells (= 14 px ViT patches) per tile side")
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--kv-heads", type=int, default=2)
+    parser.add_argument("--bits-side", type=int, default=12, help="dots per row of a cell")
+    parser.add_argument("--bits-rows", type=int, default=1, help="rows of dots per cell (1: a barcode)")
+    parser.add_argument("--train", type=int, default=12000, help="distinct training samples")
+    parser.add_argument("--test", type=int, default=400, help="held-out samples")
+    parser.add_argument("--diag-every", type=int, default=50)
+    parser.add_argument("--probe-rounds", type=int, default=0, help="interleaved step timing rounds (0: none)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--tag", default="", help="suffix of the run files (a variant of the recipe)")
+    parser.add_argument("--workdir", default=None)
+    parser.add_argument("--summarise", action="store_true", help="train nothing: aggregate the kept run files")
+    parser.add_argument("--plot", default=None)
+    return parser.parse_args(argv)
+
+
+class Diagnostics:
+    """A `TrainerCallback` logging what decides whether the HR path is used (see the module docstring)."""
+
+    def __init__(self, processor, probe_records, root, every):
+        from transformers import TrainerCallback
+
+        self.processor, self.records, self.root, self.every = processor, probe_records, root, every
+        self.log: list[dict] = []
+        self._grads: dict | None = None
+        outer = self
+
+        class _CB(TrainerCallback):
+            def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+                if (state.global_step + 1) % outer.every == 0 or state.global_step == 0:
+                    outer._grads = grad_norms(model)
+
+            def on_step_end(self, args, state, control, model=None, **kwargs):
+                if state.global_step % outer.every == 0 or state.global_step == 1:
+                    entry = {"step": state.global_step, **(outer._grads or {})}
+                    entry.update(probe_internals(model, outer.processor, outer.records, outer.root))
+                    outer.log.append(entry)
+                    model.train()
+
+        self.callback = _CB()
+
+
+def grad_norms(model) -> dict:
+    import torch
+
+    inner = model.model
+    groups = {"grad_hr_projector": getattr(inner, "lvtc_hr_projector", None),
+              "grad_projector": inner.multi_modal_projector, "grad_llm": inner.language_model,
+              "grad_vit": inner.vision_tower}
+    out = {}
+    for name, module in groups.items():
+        if module is None:
+            continue
+        grads = [p.grad.detach().float().norm() ** 2 for p in module.parameters() if p.grad is not None]
+        out[name] = float(torch.stack(grads).sum().sqrt()) if grads else 0.0
+    return out
+
+
+def probe_internals(model, processor, records, root) -> dict:
+    """On ``records`` (teacher-forced, one at a time): RMS at layer k of the upsampled LR states and the HR output,
+    and per layer the attention mass that the positions predicting answer tokens put on visual slots."""
+    import torch
+    from PIL import Image
+
+    inner = model.model
+    lvtc = model.config.lvtc_config
+    k = lvtc.expand_layer if lvtc is not None else None
+    layers = inner.language_model.layers
+    captured = {}
+    hooks = []
+    if k is not None:
+        hooks.append(layers[k - 1].register_forward_hook(
+            lambda m, a, out: captured.__setitem__("lr", out[0] if isinstance(out, tuple) else out)))
+        hooks.append(inner.lvtc_hr_projector.register_forward_hook(lambda m, a, out: captured.__setitem__("hr", out)))
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    model.eval()
+    lr_rms, hr_rms, mass = [], [], []
+    image_token = processor.image_token_id
+    try:
+        with torch.no_grad():
+            for r in records:
+                with Image.open(root / r["image"]) as image:
+                    image = image.convert("RGB")
+                question = r["conversations"][-2]["value"].replace("<image>\n", "", 1)
+                messages = [{"role": "system", "content": ""}, {"role": "user", "content": "<image>\n" + question}]
+                prompt = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+                inputs = processor(images=[[image]], text=[prompt + r["conversations"][-1]["value"]],
+                                   return_tensors="pt")
+                ids = inputs["input_ids"][0]
+                n_prompt = len(processor(images=[[image]], text=[prompt], return_tensors="pt")["input_ids"][0])
+                out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                            pixel_values=inputs["pixel_values"], num_patches=inputs["num_patches"],
+                            output_attentions=True)
+                visual = (ids == image_token).nonzero().flatten()
+                first, n1 = int(visual[0]), len(visual)
+                n_answer = len(ids) - n_prompt
+                per_layer = []
+                for idx, att in enumerate(out.attentions):
+                    long = k is not None and idx >= k
+                    n_vis = n1 * (model.config.hr_tokens_per_tile // model.config.image_seq_length) if long else n1
+                    shift = n_vis - n1
+                    queries = torch.arange(n_prompt - 1, n_prompt - 1 + n_answer) + shift
+                    per_layer.append(float(att[0, :, queries, first:first + n_vis].sum(-1).mean()))
+                mass.append(per_layer)
+                if k is not None:
+                    lr_rms.append(float(captured["lr"][0, visual].float().pow(2).mean().sqrt()))
+                    hr_rms.append(float(captured["hr"].float().pow(2).mean().sqrt()))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.set_attn_implementation(previous)
+    entry = {"attention_mass": [statistics.fmean(v) for v in zip(*mass)]}
+    if k is not None:
+        entry["rms_lr_upsampled"] = statistics.fmean(lr_rms)
+        entry["rms_hr"] = statistics.fmean(hr_rms)
+        entry["hr_to_lr"] = entry["rms_hr"] / entry["rms_lr_upsampled"]
+    return entry
+
+
+def make_data(workdir: Path, args):
+    from internvlx_hf.training.synthetic import generate_dataset
+
+    common = dict(tasks=[TASK], image_size=14 * args.grid, fine_grid=args.grid, bits_side=args.bits_side,
+                  bits_rows=args.bits_rows, system_message="")
+    data = workdir / "data"
+    train = data / f"train-{args.grid}-{args.bits_rows}x{args.bits_side}-{args.train}"
+    test = data / f"test-{args.grid}-{args.bits_rows}x{args.bits_side}-{args.test}"
+    if not (train / "meta.json").is_file():
+        generate_dataset(train, n=args.train, seed=7000, name="bits_train", **common)
+    if not (test / "meta.json").is_file():
+        generate_dataset(test, n=args.test, seed=999_998, name="bits_test", **common)
+    return train / "meta.json", test / "meta.json"
+
+
+def run_one(name, spec, seed, args, workdir, base):
+    from bench_learnability import HR_MODES, hr_features
+
+    from internvlx_hf.demo.recipe import TrainSpec, build_checkpoint, evaluate, read_records, train_checkpoint
+
+    train_meta, test_meta = make_data(workdir, args)
+    start = build_checkpoint(workdir / "init" / f"{name}-s{seed}", spec, base, seed=seed)
+    records, root = read_records(test_meta)
+    diag = Diagnostics(None, records[:8], root, args.diag_every)
+    from internvlx_hf import InternVLXProcessor
+
+    diag.processor = InternVLXProcessor.from_pretrained(start)
+    out = workdir / "trained" / f"{name}-s{seed}"
+    train_spec = TrainSpec(steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, seed=seed)
+    metrics = train_checkpoint(start, train_meta, out, train_spec, threads=args.threads, callbacks=[diag.callback])
+    result = metrics.pop("result")
+    model, processor = result.trainer.model, result.trainer.processing_class
+    scores = {"intact": evaluate(model, processor, test_meta, progress=False)["accuracy"][TASK]}
+    if getattr(model.model, "lvtc_hr_projector", None) is not None:
+        for mode in HR_MODES[1:]:
+            with hr_features(model, mode):
+                scores[mode] = evaluate(model, processor, test_meta, progress=False)["accuracy"][TASK]
+    row = {"config": name, "seed": seed, "tag": args.tag, "spec": asdict(spec), "describe": spec.describe(),
+           "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "n_train": args.train,
+           "n_test": args.test, "bits_side": args.bits_side, "bits_rows": args.bits_rows, "grid": args.grid, "k": spec.lvtc_k, "depth": spec.layers,
+           "train_s": metrics["train_runtime"], "loss_first": metrics["loss_first"],
+           "loss_last": metrics["loss_last"], "acc": scores["intact"],
+           "acc_hr_zeroed": scores.get("zeroed"), "acc_hr_other_image": scores.get("other image"),
+           "diagnostics": diag.log,
+           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(start, ignore_errors=True)
+    return row
+
+
+def probe_cost(names, configs, args, workdir, base) -> dict[str, float]:
+    """Median seconds per training step (collate, forward, backward, optimizer), configurations interleaved on the
+    same batches so that machine load drifts hit all alike."""
+    import random
+
+    import torch
+
+    from internvlx_hf.demo.recipe import build_model, build_processor
+    from internvlx_hf.training import InternVLXDataCollator, InternVLXDataset
+
+    train_meta, _ = make_data(workdir, args)
+    runs = []
+    for name in names:
+        processor = build_processor(configs[name], base)
+        model = build_model(configs[name], processor, seed=0).train()
+        dataset = InternVLXDataset(str(train_meta), processor, progress=False)
+        runs.append((name, model, InternVLXDataCollator(processor), dataset,
+                     torch.optim.AdamW(model.parameters(), lr=args.lr)))
+    rng = random.Random(0)
+    times = {name: [] for name in names}
+    for round_ in range(args.probe_rounds + 2):
+        rows = rng.sample(range(len(runs[0][3])), args.batch_size)
+        for name, model, collator, dataset, optimizer in runs:
+            start = time.perf_counter()
+            batch = collator([dataset[i] for i in rows])
+            loss = model(**batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if round_ >= 2:
+                times[name].append(time.perf_counter() - start)
+        print(f"probe round {round_ + 1}/{args.probe_rounds + 2}", flush=True)
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
+def _write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    from internvlx_hf.demo.recipe import load_tokenizer_processor
+
+    torch.set_num_threads(args.threads)
+    configs = study_configs(args)
+    names = [n for n in args.configs.split(",") if n]
+    unknown = [n for n in names if n not in configs]
+    if unknown:
+        raise SystemExit(f"--configs: unknown {unknown}; choose from {list(configs)}")
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="internvlx-lvtc-hr-"))
+    base = load_tokenizer_processor()
+    if args.probe_rounds:
+        cost = probe_cost(names, configs, args, workdir, base)
+        ref = cost.get("plain-1024")
+        print("\n".join(f"{n}: {s:.3f} s/step" + (f" ({s / ref:.2f}x plain-1024)" if ref else "")
+                        for n, s in cost.items()))
+        _write(RUNS_DIR / f"probe{args.tag}.json", json.dumps(
+            {"s_per_step": cost, "configs": {n: asdict(configs[n]) for n in names}, "batch_size": args.batch_size,
+             "threads": args.threads, "rounds": args.probe_rounds, "machine": f"{platform.machine()} "
+             f"{os.cpu_count()} cores", "torch": torch.__version__,
+             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}, indent=2) + "\n")
+        return 0
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        for name in names:
+            row = run_one(name, configs[name], seed, args, workdir, base)
+            _write(RUNS_DIR / f"{name}{args.tag}-s{seed}.json", json.dumps(row, indent=2) + "\n")
+            last = row["diagnostics"][-1] if row["diagnostics"] else {}
+            print(f"{name} seed {seed}: acc {row['acc']:.3f}, HR zeroed {row['acc_hr_zeroed']}, other "
+                  f"{row['acc_hr_other_image']}, {row['train_s']:.0f} s, loss {row['loss_first']:.3f} -> "
+                  f"{row['loss_last']:.4f}, hr/lr {last.get('hr_to_lr')}, grad hr {last.get('grad_hr_projector')}",
+                  flush=True)
+    if args.workdir is None:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
