@@ -2,7 +2,7 @@
 
 A checkpoint with the MLP projector and no LVTC is InternVL2's network, which transformers ships as
 `InternVLForConditionalGeneration`; the parameter names are the same, so the tensors are streamed over unchanged
-(same names, dtypes and bytes) and only the configs and the processor files are rewritten. The output loads with
+(same dtypes and bytes, under the names transformers' own save_pretrained writes) and only the configs and the processor files are rewritten. The output loads with
 `AutoModelForImageTextToText.from_pretrained(DST)` without remote code. PVTC and LVTC have no native counterpart
 and are refused. RVTC's area / edge caps cannot be written into `GotOcr2ImageProcessor` (aspect-ratio tiling over
 ``min_patches..max_patches``, thumbnail always on): what maps is written, the rest is reported in the summary.
@@ -21,7 +21,7 @@ import torch
 
 from ..atomic import staged_folder
 from .errors import ConversionError
-from .native import NATIVE_TOKENIZER_TOKENS, read_chat_template, to_native_template
+from .native import NATIVE_TOKENIZER_TOKENS, native_saved_name, read_chat_template, to_native_template
 from .options import parse_size
 from .shards import OutputTensor, StreamingSafetensorsWriter, find_weight_files
 from .source import read_json_file
@@ -132,6 +132,7 @@ def _plan_tensors(src: Path, native) -> tuple[list, list[OutputTensor], dict[str
                 continue
             outputs.append(OutputTensor(key, tuple(info.shape), info.dtype))
     names = {o.name for o in outputs}
+    outputs = [OutputTensor(native_saved_name(o.name), o.shape, o.dtype) for o in outputs]
     unknown, missing = sorted(names - expected), sorted(expected - names)
     if unknown or missing:
         raise ConversionError(
@@ -240,7 +241,7 @@ def export_native(src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: 
                 for shard, infos in reads:
                     wanted = [key for key in infos if key not in dropped]
                     for key, tensor in shard.iter_tensors(wanted):
-                        writer.write(key, tensor)
+                        writer.write(native_saved_name(key), tensor)
                     bar.update(1)
             files = writer.close()
         except BaseException:

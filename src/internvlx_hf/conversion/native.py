@@ -31,6 +31,21 @@ NATIVE_TOKENIZER_TOKENS = {"start_image_token": "<img>", "end_image_token": "</i
                            "context_image_token": NATIVE_IMAGE_TOKEN, "video_token": "<video>"}
 
 
+# transformers' save_pretrained writes InternVL weights under their pre-5.0 names (the "llava" entry of its
+# conversion mapping, reversed), and from_pretrained maps them back; export writes that layout too, so that a native
+# checkpoint exported back is the file transformers itself would have written.
+_SAVED_NAMES = (("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head."),
+                ("model.vision_tower.", "vision_tower."), ("model.multi_modal_projector.", "multi_modal_projector."))
+
+
+def native_saved_name(name: str) -> str:
+    """The name under which transformers saves the `InternVLForConditionalGeneration` parameter ``name``."""
+    for ours, saved in _SAVED_NAMES:
+        if name.startswith(ours):
+            return saved + name[len(ours):]
+    return name
+
+
 @dataclass
 class NativeSource:
     """What `internvlx convert` takes from a native folder, before building the internvlx-hf config."""
