@@ -39,11 +39,12 @@ def _commands() -> list[Command]:
     from .convert import CONVERT
     from .demo import DEMO
     from .eval import EVAL
+    from .export import EXPORT
     from .push import PUSH
     from .tokens import TOKENS
     from .train import TRAIN
 
-    return [DEMO, CONVERT, CHAT, TOKENS, CARD, PUSH, TRAIN, EVAL]
+    return [DEMO, CONVERT, EXPORT, CHAT, TOKENS, CARD, PUSH, TRAIN, EVAL]
 
 
 def _one_line(error: BaseException) -> str:

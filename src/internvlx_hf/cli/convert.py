@@ -8,13 +8,16 @@ from . import Command
 
 _CONVERT_DESCRIPTION = """\
 Convert an OpenGVLab InternVL2 checkpoint (InternVL2-1B/2B/4B/8B/26B/40B/76B: Qwen2, InternLM2/2.5, Phi-3, Llama
-LLMs) or the InternVL-X reference release (InternVL2 layout + PVTC `projector`) into a self-contained internvlx-hf
+LLMs), the InternVL-X reference release (InternVL2 layout + PVTC `projector`) or a transformers-native InternVL
+checkpoint (model_type "internvl": InternVLForConditionalGeneration + InternVLProcessor) into a self-contained internvlx-hf
 checkpoint: config.json with auto_map, safetensors shards (+ index), the remote-code files, generation_config.json,
 a fast tokenizer (tokenizer.json) with the chat template, and the processor configs. The result loads with
 AutoModel.from_pretrained(DST, trust_remote_code=True) on a machine without internvlx-hf, and reproduces the source
 model's logits.
 
-SRC is a local folder in the OpenGVLab layout (config.json with llm_config/vision_config). Tensors are streamed one
+SRC is a local folder in the OpenGVLab layout (config.json with llm_config/vision_config) or a native InternVL folder
+(its processor settings become InternVLXImageProcessor's: tile size, min/max patches as min/max tiles, thumbnail,
+normalisation, chat template). --projector/--lvtc upgrade either kind. Tensors are streamed one
 at a time (memory stays near the largest tensor/shard), every source tensor is used or reported as dropped, every
 new parameter is reported with its initialisation, and DST appears atomically (nothing is left behind on error)."""
 
@@ -28,6 +31,10 @@ examples:
 
   # upgrade InternVL2 to PVTC + LVTC (new modules initialised for stage-1 training, see the summary)
   internvlx convert ./InternVL2-2B ./InternVL2-2B-X --projector pvtc --lvtc k=18,T=2
+
+  # a transformers-native InternVL checkpoint (InternVLForConditionalGeneration), as is or upgraded
+  internvlx convert ./InternVL2-2B-native ./InternVL2-2B-hf
+  internvlx convert ./InternVL2-2B-native ./InternVL2-2B-X --projector pvtc --lvtc k=18,T=2
 
   # LVTC with two LR projectors; the injected one starts as a copy of InternVL2's trained mlp1
   internvlx convert ./InternVL2-8B ./InternVL2-8B-LVTC --lvtc T=2,init_lr_from_mlp1
@@ -43,7 +50,7 @@ Errors name the input and the fix; the exit status is 2 for a conversion error."
 
 
 def _add_convert_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("src", metavar="SRC", help="local folder of an OpenGVLab InternVL2 / InternVL-X checkpoint")
+    parser.add_argument("src", metavar="SRC", help="local folder of an OpenGVLab InternVL2 / InternVL-X or a transformers-native InternVL checkpoint")
     parser.add_argument("dst", metavar="DST", help="output folder (must not exist or be empty, unless --overwrite)")
     parser.add_argument("--projector", choices=("keep", "mlp", "pvtc"), default="keep",
                         help="projector of the output: keep the source's (default), or a new mlp / pvtc one")
@@ -83,7 +90,7 @@ def _run_convert(args: argparse.Namespace) -> int:
 
 CONVERT = Command(
     name="convert",
-    help="convert an OpenGVLab InternVL2 / InternVL-X checkpoint to internvlx-hf",
+    help="convert an OpenGVLab InternVL2 / InternVL-X or a native InternVL checkpoint to internvlx-hf",
     description=_CONVERT_DESCRIPTION,
     epilog=_CONVERT_EPILOG,
     add_arguments=_add_convert_arguments,

@@ -26,13 +26,13 @@ from ..atomic import replace_folder
 from ..modeling.configuration_internvlx import InternVLXConfig, LVTCConfig
 from ..provenance import record_conversion
 from .errors import ConversionError
-from .llm import convert_text_config, internlm2_qkv_rows, llm_architecture
+from .llm import LLMSpec, convert_text_config, internlm2_qkv_rows, llm_architecture
 from .new_modules import describe_init, group_new_parameters, initialise_new_parameters
 from .options import check_projector, parse_dtype, parse_lvtc_spec, parse_size
 from .plan import ConversionPlan, PlanInputs, build_plan
 from .shards import OutputTensor, StreamingSafetensorsWriter
 from .source import TOKENIZER_FILES, SourceCheckpoint, read_source
-from .tokenizer import convert_tokenizer
+from .tokenizer import choose_pad_token, convert_tokenizer
 from .vision import convert_vision_config, internvit_qkv_rows
 
 logger = logging.getLogger(__name__)
@@ -154,8 +154,8 @@ def _load_chat_template(name: str | None) -> str:
     return get_chat_template(name)
 
 
-def _build_config(source: SourceCheckpoint, text_config, projector_type: str, lvtc: dict | None,
-                  image_token_ids: dict[str, int | None], notes: list[str]) -> InternVLXConfig:
+def _opengvlab_config_kwargs(source: SourceCheckpoint, text_config, notes: list[str]) -> dict[str, Any]:
+    """InternVLXConfig values of an OpenGVLab config.json (besides the LLM, projector and token ids)."""
     c = source.config
     if c.get("use_backbone_lora") or c.get("use_llm_lora"):
         raise ConversionError(
@@ -171,17 +171,24 @@ def _build_config(source: SourceCheckpoint, text_config, projector_type: str, lv
         notes.append("pad2square=True is a training-data option of the reference and is not carried over")
     vision, vision_notes = convert_vision_config(c["vision_config"], c.get("force_image_size"))
     notes += vision_notes
+    return {
+        "vision_config": vision,
+        "downsample_ratio": float(c.get("downsample_ratio", 0.5)),
+        "select_layer": int(c.get("select_layer", -1)),
+        "template": c.get("template"),
+        "tie_word_embeddings": bool(text_config.tie_word_embeddings),
+    }
+
+
+def _build_config(config_kwargs: dict[str, Any], text_config, projector_type: str, lvtc: dict | None,
+                  image_token_ids: dict[str, int | None]) -> InternVLXConfig:
     try:
         config = InternVLXConfig(
-            vision_config=vision,
             text_config=text_config,
-            downsample_ratio=float(c.get("downsample_ratio", 0.5)),
-            select_layer=int(c.get("select_layer", -1)),
+            **config_kwargs,
             **image_token_ids,
             projector_type=projector_type,
             lvtc=lvtc,
-            template=c.get("template"),
-            tie_word_embeddings=bool(text_config.tie_word_embeddings),
         )
     except (ValueError, TypeError) as error:
         raise ConversionError(f"the converted configuration is invalid: {error}") from None
@@ -201,9 +208,19 @@ def _expected_parameters(config: InternVLXConfig) -> tuple[torch.nn.Module, dict
     return model, expected
 
 
+def _native_image_processor_kwargs(source: SourceCheckpoint, config: InternVLXConfig) -> dict[str, Any]:
+    from .native import image_processor_kwargs
+
+    image_size = config.vision_config.image_size
+    return image_processor_kwargs(source.path, int(image_size[0] if isinstance(image_size, (list, tuple))
+                                                   else image_size))
+
+
 def _image_processor(source: SourceCheckpoint, config: InternVLXConfig):
     from ..processing import InternVLXImageProcessor
 
+    if source.layout == "native":
+        return InternVLXImageProcessor(**_native_image_processor_kwargs(source, config))
     c = source.config
     # InternVL-X's reference preprocessing is the RVTC "edge" tiling; InternVL2's is aspect-ratio matching.
     tiling = "edge" if source.projector_type == "pvtc" else "ratio"
@@ -379,27 +396,16 @@ def _prepare(source: SourceCheckpoint, projector: str, lvtc_options: dict | None
              dtype: str) -> _Job:
     """Configs, tokenizer and the full conversion plan: every problem surfaces here, before any data is read."""
     notes: list[str] = []
-    llm = llm_architecture(source.config["llm_config"])
-    text_config = convert_text_config(source.config["llm_config"])
-
-    template = source.config.get("template")
-    chat_template = _load_chat_template(template)
-    try:
-        converted_tokenizer = convert_tokenizer(source.path, chat_template)
-    except ConversionError:
-        raise
-    except Exception as error:  # tokenizers / sentencepiece reject a corrupt file with plain exceptions
-        files = ", ".join(name for name in TOKENIZER_FILES if (source.path / name).exists()) or "none found"
-        raise ConversionError(
-            f"cannot load the tokenizer of {source.path} (files: {files}): {type(error).__name__}: {error}. The "
-            "tokenizer files are corrupt or do not belong together; copy them again from the original checkpoint."
-        ) from error
-    tokenizer = converted_tokenizer.tokenizer
+    if source.layout == "native":
+        parts = _native_parts(source)
+    else:
+        parts = _opengvlab_parts(source, notes)
+    llm, text_config, tokenizer, template = parts.llm, parts.text_config, parts.tokenizer, parts.template
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_CONTEXT_TOKEN)
     if image_token_id is None or image_token_id == tokenizer.unk_token_id:
         raise ConversionError(f"the tokenizer of {source.path} has no {IMAGE_CONTEXT_TOKEN} token; it is not an "
                               "InternVL2 tokenizer")
-    if len(tokenizer) > text_config.vocab_size:
+    if len(tokenizer) - _video_token_past_embeddings(source, tokenizer, text_config.vocab_size) > text_config.vocab_size:
         raise ConversionError(f"the tokenizer has {len(tokenizer)} tokens but the LLM embeds only "
                               f"{text_config.vocab_size}; tokenizer and weights do not belong together.")
     separator, separator_id = _template_separator(tokenizer, template)
@@ -413,7 +419,7 @@ def _prepare(source: SourceCheckpoint, projector: str, lvtc_options: dict | None
     _align_special_tokens(text_config, tokenizer)
     source_projector = source.projector_type
     projector_type = source_projector if projector == "keep" else projector
-    config = _build_config(source, text_config, projector_type, lvtc_options, image_token_ids, notes)
+    config = _build_config(parts.config_kwargs, text_config, projector_type, lvtc_options, image_token_ids)
     lvtc = config.lvtc_config
     num_extra_lr = lvtc.num_lr_projectors - 1 if lvtc is not None else 0
     if init_lr_from_mlp1:
@@ -441,11 +447,12 @@ def _prepare(source: SourceCheckpoint, projector: str, lvtc_options: dict | None
         num_extra_lr_projectors=num_extra_lr,
         init_lr_from_mlp1=init_lr_from_mlp1,
         tie_word_embeddings=bool(config.tie_word_embeddings),
+        source_layout=source.layout,
     )
     plan = build_plan(source.infos, expected, inputs)
 
     job = _Job(source=source, llm_architecture=llm.architecture, config=config, tokenizer=tokenizer,
-               tokenizer_kind=converted_tokenizer.kind, separator=separator, separator_id=separator_id, plan=plan,
+               tokenizer_kind=parts.tokenizer_kind, separator=separator, separator_id=separator_id, plan=plan,
                meta_model=meta_model, expected=expected, outputs=[], new_names=[], model_dtype=model_dtype,
                keep_dtypes=dtype == "auto", notes=notes)
     # The write order: source shards in order, each tensor's targets together; then the new parameters.
@@ -457,6 +464,61 @@ def _prepare(source: SourceCheckpoint, projector: str, lvtc_options: dict | None
     job.new_names = [name for name in expected if name in plan.new]
     job.outputs += [OutputTensor(name, plan.new[name], model_dtype) for name in job.new_names]
     return job
+
+
+def _video_token_past_embeddings(source: SourceCheckpoint, tokenizer, vocab_size: int) -> int:
+    """1 when a native tokenizer's last token is the `<video>` placeholder `internvlx export native` adds past the
+    embeddings (InternVLProcessor needs the attribute; it replaces the placeholder before the model sees it)."""
+    if source.layout != "native":
+        return 0
+    video_id = tokenizer.convert_tokens_to_ids("<video>")
+    return int(video_id is not None and video_id == len(tokenizer) - 1 and video_id >= vocab_size)
+
+
+@dataclass
+class _SourceParts:
+    """The source-specific half of `_prepare`: LLM, tokenizer and the config values that do not depend on the
+    options."""
+
+    llm: LLMSpec
+    text_config: Any
+    tokenizer: Any
+    tokenizer_kind: str
+    template: str | None
+    config_kwargs: dict[str, Any]
+
+
+def _opengvlab_parts(source: SourceCheckpoint, notes: list[str]) -> _SourceParts:
+    llm = llm_architecture(source.config["llm_config"])
+    text_config = convert_text_config(source.config["llm_config"])
+    template = source.config.get("template")
+    chat_template = _load_chat_template(template)
+    try:
+        converted_tokenizer = convert_tokenizer(source.path, chat_template)
+    except ConversionError:
+        raise
+    except Exception as error:  # tokenizers / sentencepiece reject a corrupt file with plain exceptions
+        files = ", ".join(name for name in TOKENIZER_FILES if (source.path / name).exists()) or "none found"
+        raise ConversionError(
+            f"cannot load the tokenizer of {source.path} (files: {files}): {type(error).__name__}: {error}. The "
+            "tokenizer files are corrupt or do not belong together; copy them again from the original checkpoint."
+        ) from error
+    return _SourceParts(llm=llm, text_config=text_config, tokenizer=converted_tokenizer.tokenizer,
+                        tokenizer_kind=converted_tokenizer.kind, template=template,
+                        config_kwargs=_opengvlab_config_kwargs(source, text_config, notes))
+
+
+def _native_parts(source: SourceCheckpoint) -> _SourceParts:
+    from ..processing.chat_templates import CHAT_TEMPLATES
+    from .native import read_native
+
+    native = read_native(source, CHAT_TEMPLATES)
+    native.tokenizer.chat_template = native.chat_template
+    if native.tokenizer.pad_token is None:
+        native.tokenizer.pad_token = choose_pad_token(native.tokenizer, native.chat_template)
+    return _SourceParts(llm=LLMSpec(native.architecture, [], packed_qkv=False), text_config=native.text_config,
+                        tokenizer=native.tokenizer, tokenizer_kind=native.tokenizer_kind, template=native.template,
+                        config_kwargs=native.config_kwargs)
 
 
 def _check_expand_layer(lvtc_options: dict | None, depth: int) -> None:

@@ -75,9 +75,21 @@ HF_CAUSAL_LM_KEY_MAPPING: list[tuple[str, str]] = [
     (r"lm_head\.weight", r"lm_head.weight"),
 ]
 
+# transformers-native InternVL (`InternVLForConditionalGeneration`) -> internvlx-hf: the same module tree, so full
+# target names. Both the transformers 5 layout and the older one (saved before the `model.` prefix, which
+# transformers still loads) are read; `{projector}` marks the projector's keys (kept or replaced, see `plan.py`).
+NATIVE_PROJECTOR = "{projector}"
+NATIVE_KEY_MAPPING: list[tuple[str, str]] = [
+    (r"(?:model\.)?vision_tower\.(.+)", r"model.vision_tower.\1"),
+    (r"(?:model\.)?multi_modal_projector\.((?:layer_norm|linear_1|linear_2)\.(?:weight|bias))", r"{projector}\1"),
+    (r"model\.language_model\.(.+)", r"model.language_model.\1"),
+    (r"language_model\.model\.(.+)", r"model.language_model.\1"),
+    (r"(?:language_model\.)?lm_head\.weight", r"lm_head.weight"),
+]
+
 # Source tensors that carry no information and are dropped on purpose (reported in the summary).
 DROPPED_SOURCE_KEYS: list[tuple[str, str]] = [
-    (r"language_model\..*rotary_emb\.inv_freq", "rotary inv_freq buffer (recomputed from the config)"),
+    (r"(?:model\.)?language_model\..*rotary_emb\.inv_freq", "rotary inv_freq buffer (recomputed from the config)"),
 ]
 
 # InternVL-X reference `VisionProjector` (PVTC) -> `PVTCProjector`. Keys are relative to the projector

@@ -19,6 +19,8 @@ from .key_mapping import (
     DROPPED_SOURCE_KEYS,
     INTERNVIT_KEY_MAPPING,
     MLP_PROJECTOR_KEY_MAPPING,
+    NATIVE_KEY_MAPPING,
+    NATIVE_PROJECTOR,
     PACKED_QKV,
     PVTC_REFERENCE_KEY_MAPPING,
     SOURCE_PREFIXES,
@@ -69,6 +71,7 @@ class PlanInputs:
     num_extra_lr_projectors: int  # LVTC T - 1 (0 without LVTC)
     init_lr_from_mlp1: bool
     tie_word_embeddings: bool
+    source_layout: str = "opengvlab"  # or "native" (transformers' InternVLForConditionalGeneration)
 
 
 @dataclass
@@ -94,11 +97,38 @@ def _listing(keys: Iterable[str]) -> str:
     return ", ".join(keys[:_MAX_LISTED]) + more
 
 
+def _projector_targets(name: str, inputs: PlanInputs, what: str) -> list[TargetTensor] | str:
+    """An MLP projector tensor (InternVL2's mlp1 or the native projector): kept, copied into the extra LVTC LR
+    projectors (init_lr_from_mlp1), or dropped when --projector replaces it."""
+    targets = []
+    if inputs.target_projector == "mlp":
+        targets.append(TargetTensor(TARGET_PREFIXES["projector"] + name))
+    if inputs.init_lr_from_mlp1:
+        targets += [TargetTensor(TARGET_PREFIXES["lvtc_lr"].format(index=j) + name)
+                    for j in range(inputs.num_extra_lr_projectors)]
+    if not targets:
+        return f"{what} replaced by a newly initialised {inputs.target_projector} projector (--projector)"
+    return targets
+
+
+def _map_native_key(key: str, inputs: PlanInputs) -> list[TargetTensor] | str | None:
+    name = map_key(key, NATIVE_KEY_MAPPING)
+    if name is None:
+        return None
+    if name.startswith(NATIVE_PROJECTOR):
+        return _projector_targets(name[len(NATIVE_PROJECTOR):], inputs, "the native MLP projector")
+    if name == "lm_head.weight" and inputs.tie_word_embeddings:
+        return "tie_word_embeddings=True: the LM head is the input embedding matrix (tied), as in the source"
+    return [TargetTensor(name)]
+
+
 def map_source_key(key: str, inputs: PlanInputs) -> list[TargetTensor] | str | None:
     """Targets of one source key; a string is the reason it is dropped; None = unknown key."""
     for pattern, reason in DROPPED_SOURCE_KEYS:
         if re.fullmatch(pattern, key):
             return reason
+    if inputs.source_layout == "native":
+        return _map_native_key(key, inputs)
     prefix = SOURCE_PREFIXES["vision"]
     if key.startswith(prefix):
         name = map_key(key[len(prefix):], INTERNVIT_KEY_MAPPING)
@@ -110,15 +140,7 @@ def map_source_key(key: str, inputs: PlanInputs) -> list[TargetTensor] | str | N
         name = map_key(key[len(prefix):], MLP_PROJECTOR_KEY_MAPPING)
         if name is None:
             return None
-        targets = []
-        if inputs.target_projector == "mlp":
-            targets.append(TargetTensor(TARGET_PREFIXES["projector"] + name))
-        if inputs.init_lr_from_mlp1:
-            targets += [TargetTensor(TARGET_PREFIXES["lvtc_lr"].format(index=j) + name)
-                        for j in range(inputs.num_extra_lr_projectors)]
-        if not targets:
-            return f"InternVL2 mlp1 replaced by a newly initialised {inputs.target_projector} projector (--projector)"
-        return targets
+        return _projector_targets(name, inputs, "InternVL2 mlp1")
     prefix = SOURCE_PREFIXES["pvtc"]
     if key.startswith(prefix):
         name = map_key(key[len(prefix):], PVTC_REFERENCE_KEY_MAPPING)
@@ -192,6 +214,12 @@ def build_plan(
             entries.append((key, mapped))
         reads.append((shard_index, entries))
 
+    if unknown and inputs.source_layout == "native":
+        raise ConversionError(
+            f"{len(unknown)} source tensor(s) have no mapping: {_listing(unknown)}. A transformers-native InternVL "
+            "checkpoint holds model.vision_tower.*, model.multi_modal_projector.{layer_norm,linear_1,linear_2}.*, "
+            "model.language_model.* and lm_head.weight only; merge LoRA adapters and remove extra modules first."
+        )
     if unknown:
         raise ConversionError(
             f"{len(unknown)} source tensor(s) have no mapping: {_listing(unknown)}. The checkpoint is not in the "

@@ -1,4 +1,5 @@
-"""The source checkpoint: an OpenGVLab InternVL2 / InternVL-X folder (config.json with llm_config/vision_config)."""
+"""The source checkpoint: an OpenGVLab InternVL2 / InternVL-X folder (config.json with llm_config/vision_config), or a
+transformers-native InternVL folder (model_type "internvl", `InternVLForConditionalGeneration`)."""
 
 from __future__ import annotations
 
@@ -21,11 +22,17 @@ class SourceCheckpoint:
     config: dict[str, Any]
     shards: list[SourceShard]
     infos: list[dict[str, TensorInfo]]  # per shard: key -> shape/dtype, in file order
+    layout: str = "opengvlab"  # or "native"
 
     @property
     def projector_type(self) -> str:
         """"mlp" for InternVL2 (`mlp1`), "pvtc" for the InternVL-X reference release (`projector`)."""
         keys = [key for infos in self.infos for key in infos]
+        if self.layout == "native":
+            if not any(key.startswith(("multi_modal_projector.", "model.multi_modal_projector.")) for key in keys):
+                raise ConversionError(f"{self.path} has no model.multi_modal_projector.* tensors; it is not a complete "
+                                      "InternVLForConditionalGeneration checkpoint.")
+            return "mlp"
         has_mlp = any(key.startswith(SOURCE_PREFIXES["mlp"]) for key in keys)
         has_pvtc = any(key.startswith(SOURCE_PREFIXES["pvtc"]) for key in keys)
         if has_mlp and has_pvtc:
@@ -47,6 +54,7 @@ class SourceCheckpoint:
         return counts.most_common(1)[0][0] if counts else torch.float32
 
 
+NATIVE_MODEL_TYPE = "internvl"
 # Keys every OpenGVLab config.json has (save_pretrained writes them); without them the model cannot be rebuilt.
 # The tokenizer files an InternVL2 checkpoint may carry (sentencepiece- or BPE-based).
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -114,17 +122,34 @@ def _read_source(path: Path, allow_pickle: bool) -> SourceCheckpoint:
         raise ConversionError(f"{path} has no config.json; SRC must be a complete InternVL2 / InternVL-X checkpoint "
                               "folder.")
     config = read_json_file(config_path, "config")
+    if isinstance(config, dict) and config.get("model_type") == NATIVE_MODEL_TYPE:
+        return _read_native_source(path, config, allow_pickle)
     _check_config(config, config_path)
     if config.get("model_type") == "internvlx":
         raise ConversionError(f"{path} is already an internvlx-hf checkpoint; load it with from_pretrained.")
     if "llm_config" not in config or "vision_config" not in config:
         raise ConversionError(
             f"{config_path} has no llm_config/vision_config (model_type={config.get('model_type')!r}): it is not in "
-            "the OpenGVLab InternVLChatModel layout this converter reads (InternVL2, InternVL-X). transformers-native "
-            "InternVL checkpoints (model_type 'internvl') load with transformers directly."
+            "the OpenGVLab InternVLChatModel layout (InternVL2, InternVL-X) nor a transformers-native InternVL checkpoint "
+            "(model_type 'internvl'), the two layouts this converter reads."
         )
     for name in _JSON_FILES:
         if (path / name).exists():
             read_json_file(path / name, "tokenizer file" if name != "generation_config.json" else "file")
     shards = find_weight_files(path, allow_pickle)
     return SourceCheckpoint(path=path, config=config, shards=shards, infos=[s.tensor_infos() for s in shards])
+
+
+def _read_native_source(path: Path, config: dict[str, Any], allow_pickle: bool) -> SourceCheckpoint:
+    """A transformers-native InternVL folder: config.json with text_config/vision_config, weights, tokenizer."""
+    config_path = path / "config.json"
+    for section in ("text_config", "vision_config"):
+        if not isinstance(config.get(section), dict):
+            raise ConversionError(f"{config_path} (model_type 'internvl') has no {section} object; restore the "
+                                  "checkpoint's config.json.")
+    for name in (*_JSON_FILES, "preprocessor_config.json", "processor_config.json", "chat_template.json"):
+        if (path / name).exists():
+            read_json_file(path / name, "file")
+    shards = find_weight_files(path, allow_pickle)
+    return SourceCheckpoint(path=path, config=config, shards=shards, infos=[s.tensor_infos() for s in shards],
+                            layout="native")

@@ -1,0 +1,266 @@
+"""`internvlx export native`: a plain internvlx-hf checkpoint -> a transformers-native InternVL folder.
+
+A checkpoint with the MLP projector and no LVTC is InternVL2's network, which transformers ships as
+`InternVLForConditionalGeneration`; the parameter names are the same, so the tensors are streamed over unchanged
+(same dtypes and bytes, under the names transformers' own save_pretrained writes) and only the configs and the processor files are rewritten. The output loads with
+`AutoModelForImageTextToText.from_pretrained(DST)` without remote code. PVTC and LVTC have no native counterpart
+and are refused. RVTC's area / edge caps cannot be written into `GotOcr2ImageProcessor` (aspect-ratio tiling over
+``min_patches..max_patches``, thumbnail always on): what maps is written, the rest is reported in the summary.
+Like `internvlx convert`, DST appears whole (a staged folder renamed at the end) or not at all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..atomic import staged_folder
+from .errors import ConversionError
+from .native import NATIVE_TOKENIZER_TOKENS, native_saved_name, read_chat_template, to_native_template
+from .options import parse_size
+from .shards import OutputTensor, StreamingSafetensorsWriter, find_weight_files
+from .source import read_json_file
+from .tokenizer import _LOADING_KEYS
+
+EXPORT_TARGETS = ("native",)
+
+
+@dataclass
+class ExportReport:
+    """What `export_native` did; ``str(report)`` is the summary the CLI prints."""
+
+    src: Path
+    dst: Path
+    text_model_type: str
+    num_tensors: int
+    total_bytes: int
+    files: list[str]
+    image_processor: dict[str, Any]
+    dropped: dict[str, str] = field(default_factory=dict)
+    lost: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        ip = self.image_processor
+        lines = [
+            f"Exported {self.src} -> {self.dst} (transformers-native InternVL)",
+            f"  model           InternVLForConditionalGeneration ({self.text_model_type} LLM), {self.num_tensors} "
+            f"tensors copied unchanged, {len(self.files)} file(s), {self.total_bytes / 1e9:.3f} GB",
+            f"  processor       InternVLProcessor + GotOcr2ImageProcessor (size {ip['size']['height']}, patches "
+            f"{ip['min_patches']}..{ip['max_patches']}, crop_to_patches={ip['crop_to_patches']})",
+        ]
+        lines += [f"  dropped         {key}: {reason}" for key, reason in self.dropped.items()]
+        lines += [f"  not carried     {item}" for item in self.lost] or ["  not carried     nothing"]
+        return "\n".join(lines)
+
+
+def _read_config(src: Path):
+    from ..modeling.configuration_internvlx import InternVLXConfig
+
+    if not src.is_dir():
+        raise ConversionError(f"SRC {src} is not a folder; pass the folder of an internvlx-hf checkpoint (the output "
+                              "of `internvlx convert` or of training).")
+    config_path = src / "config.json"
+    if not config_path.is_file():
+        raise ConversionError(f"{src} has no config.json; SRC must be a complete internvlx-hf checkpoint folder.")
+    raw = read_json_file(config_path, "config")
+    if not isinstance(raw, dict) or raw.get("model_type") != InternVLXConfig.model_type:
+        kind = raw.get("model_type") if isinstance(raw, dict) else None
+        raise ConversionError(f"{config_path} has model_type {kind!r}, not 'internvlx'; `internvlx export native` "
+                              "reads internvlx-hf checkpoints (convert OpenGVLab ones with `internvlx convert` first).")
+    try:
+        return InternVLXConfig.from_pretrained(str(src))
+    except (ValueError, TypeError, KeyError) as error:
+        raise ConversionError(f"{config_path} is not a valid InternVLXConfig: {error}") from None
+
+
+def _check_exportable(config, src: Path) -> None:
+    if config.projector_type != "mlp":
+        raise ConversionError(f"{src} uses the {config.projector_type.upper()} projector; native InternVL has only "
+                              "InternVL2's MLP projector, so this checkpoint cannot be exported.")
+    if config.lvtc is not None:
+        raise ConversionError(f"{src} uses LVTC (layer-wise visual token compression); native InternVL has no LVTC, "
+                              "so this checkpoint cannot be exported.")
+
+
+def native_config(config):
+    """The `InternVLConfig` of an internvlx-hf MLP checkpoint without LVTC."""
+    from transformers import InternVLConfig
+
+    native = InternVLConfig(
+        vision_config=config.vision_config.to_dict(),
+        text_config=config.text_config.to_dict(),
+        image_token_id=config.image_token_id,
+        image_seq_length=config.image_seq_length,
+        downsample_ratio=config.downsample_ratio,
+        projector_hidden_act="gelu",
+        vision_feature_layer=config.select_layer,
+        vision_feature_select_strategy="default",
+        tie_word_embeddings=bool(config.tie_word_embeddings),
+    )
+    native.architectures = ["InternVLForConditionalGeneration"]
+    native.dtype = config.dtype
+    return native
+
+
+def _expected_names(native) -> set[str]:
+    """Parameter and persistent-buffer names of the native model, tied ones once (as save_pretrained writes)."""
+    from transformers import InternVLForConditionalGeneration
+
+    with torch.device("meta"):
+        model = InternVLForConditionalGeneration(native)
+    names = set(model.state_dict())
+    if native.tie_word_embeddings:
+        names.discard("lm_head.weight")
+    return names
+
+
+def _plan_tensors(src: Path, native) -> tuple[list, list[OutputTensor], dict[str, str]]:
+    shards = find_weight_files(src, allow_pickle=False)
+    infos = [shard.tensor_infos() for shard in shards]
+    expected = _expected_names(native)
+    dropped: dict[str, str] = {}
+    outputs: list[OutputTensor] = []
+    for shard_infos in infos:
+        for key, info in shard_infos.items():
+            if key == "lm_head.weight" and native.tie_word_embeddings:
+                dropped[key] = "tie_word_embeddings=True: the LM head is the input embedding matrix"
+                continue
+            outputs.append(OutputTensor(key, tuple(info.shape), info.dtype))
+    names = {o.name for o in outputs}
+    outputs = [OutputTensor(native_saved_name(o.name), o.shape, o.dtype) for o in outputs]
+    unknown, missing = sorted(names - expected), sorted(expected - names)
+    if unknown or missing:
+        raise ConversionError(
+            f"the weights of {src} do not fit InternVLForConditionalGeneration: "
+            + (f"not in the native model: {', '.join(unknown[:8])}{' ...' if len(unknown) > 8 else ''}; "
+               if unknown else "")
+            + (f"missing: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}; " if missing else "")
+            + "export reads checkpoints saved by internvlx-hf (config.json and weights must belong together)."
+        )
+    return list(zip(shards, infos)), outputs, dropped
+
+
+def _tokenizer(src: Path, lost: list[str], vocab_size: int):
+    from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
+
+    settings = read_json_file(src / "tokenizer_config.json", "tokenizer config") \
+        if (src / "tokenizer_config.json").is_file() else {}
+    name = settings.get("tokenizer_class")
+    tokenizer_class = tokenizer_class_from_name(name) if name else None
+    if tokenizer_class is None or not tokenizer_class.__module__.startswith("transformers."):
+        raise ConversionError(
+            f"{src}/tokenizer_config.json names the tokenizer class {name!r}, which transformers does not ship "
+            "(InternVLXLlamaTokenizerFast keeps Phi-3's slow-tokenizer rules as remote code); a native checkpoint "
+            "must load without remote code, so this tokenizer cannot be exported."
+        )
+    # The named tokens InternVLProcessor reads go in besides the additional special tokens, which stay as they are.
+    additional = settings.get("extra_special_tokens", settings.get("additional_special_tokens"))
+    kwargs = {"additional_special_tokens": list(additional)} if isinstance(additional, list) else {}
+    tokenizer = tokenizer_class.from_pretrained(str(src), extra_special_tokens=dict(NATIVE_TOKENIZER_TOKENS), **kwargs)
+    for key in ("auto_map", "processor_class", *_LOADING_KEYS):
+        tokenizer.init_kwargs.pop(key, None)
+    video_id = tokenizer.convert_tokens_to_ids(NATIVE_TOKENIZER_TOKENS["video_token"])
+    if video_id is not None and video_id >= vocab_size:
+        lost.append(f"{NATIVE_TOKENIZER_TOKENS['video_token']} (InternVLProcessor's video placeholder) was added as "
+                    f"token {video_id}, past the {vocab_size} embeddings: the processor replaces it for videos, but "
+                    "the literal text <video> cannot be fed to the model")
+    return tokenizer
+
+
+def _image_processor(src: Path, lost: list[str]):
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+    from ..processing import InternVLXImageProcessor
+
+    ours = InternVLXImageProcessor.from_pretrained(str(src))
+    tiling = str(getattr(ours.tiling, "value", ours.tiling))
+    if tiling in ("area", "edge"):
+        lost.append(f"RVTC tiling={tiling!r}: the {tiling} cap on the tile count (paper Sec. 3.3) has no native "
+                    "setting; the native processor matches aspect ratios over all grids of "
+                    f"{ours.min_tiles}..{ours.max_tiles} tiles ('ratio' tiling)")
+    if not ours.use_thumbnail and tiling != "none":
+        lost.append("use_thumbnail=False: GotOcr2ImageProcessor always appends the thumbnail tile")
+    if ours.apply_exif_orientation:
+        lost.append("apply_exif_orientation=True: transformers' image loading applies EXIF orientation to files it "
+                    "opens, not to PIL images or arrays")
+    single = tiling == "none"
+    return GotOcr2ImageProcessorPil(
+        size={"height": ours.image_size, "width": ours.image_size},
+        crop_to_patches=not single,
+        min_patches=1 if single else ours.min_tiles,
+        max_patches=1 if single else ours.max_tiles,  # InternVLProcessor tiles whenever max_patches > 1
+        resample=ours.resample,
+        do_resize=True,
+        do_rescale=ours.do_rescale,
+        rescale_factor=ours.rescale_factor,
+        do_normalize=ours.do_normalize,
+        image_mean=list(ours.image_mean),
+        image_std=list(ours.image_std),
+        do_convert_rgb=True,
+    )
+
+
+def export_native(src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: bool = False,
+                  max_shard_size: str | int = "5GB", progress: bool = True) -> ExportReport:
+    """Write the internvlx-hf checkpoint ``src`` (MLP projector, no LVTC) as a transformers-native InternVL folder.
+
+    Raises:
+        ConversionError: ``src`` cannot be exported (PVTC, LVTC, a remote-code tokenizer, weights that do not fit)
+            or ``dst`` is not a valid destination. Nothing is written.
+    """
+    from tqdm.auto import tqdm
+    from transformers import GenerationConfig
+
+    from .convert import _check_destination
+
+    src, dst = Path(src), Path(dst)
+    max_shard_bytes = parse_size(max_shard_size)
+    _check_destination(src, dst, overwrite)
+    config = _read_config(src)
+    _check_exportable(config, src)
+    native = native_config(config)
+    reads, outputs, dropped = _plan_tensors(src, native)
+    lost: list[str] = []
+    tokenizer = _tokenizer(src, lost, config.get_text_config().vocab_size)
+    template = read_chat_template(src, tokenizer)
+    if template is None:
+        raise ConversionError(f"{src} has no chat template (chat_template.jinja or the tokenizer's); save the "
+                              "processor with one (see internvlx_hf.processing.CHAT_TEMPLATES).")
+    tokenizer.chat_template = to_native_template(template)
+    image_processor = _image_processor(src, lost)
+
+    with staged_folder(dst) as tmp:
+        writer = StreamingSafetensorsWriter(tmp, outputs, max_shard_bytes)
+        try:
+            with tqdm(total=len(reads), unit="shard", desc="Exporting", disable=not progress) as bar:
+                for shard, infos in reads:
+                    wanted = [key for key in infos if key not in dropped]
+                    for key, tensor in shard.iter_tensors(wanted):
+                        writer.write(native_saved_name(key), tensor)
+                    bar.update(1)
+            files = writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        native.save_pretrained(tmp)
+        if (src / "generation_config.json").is_file():
+            GenerationConfig.from_pretrained(str(src)).save_pretrained(tmp)
+        tokenizer._set_processor_class("InternVLProcessor")
+        tokenizer.save_pretrained(str(tmp))
+        image_processor.save_pretrained(str(tmp))
+        # InternVLProcessor.save_pretrained's processor_config.json, written directly: the processor cannot be built
+        # without its video processor, which needs torchvision (AutoVideoProcessor finds InternVLVideoProcessor from
+        # config.json's model_type when the file names none).
+        processor_config = {"image_processor": image_processor.to_dict(), "image_seq_length": config.image_seq_length,
+                            "processor_class": "InternVLProcessor"}
+        with open(tmp / "processor_config.json", "w", encoding="utf-8") as handle:
+            json.dump(processor_config, handle, indent=2, sort_keys=True)
+            handle.write("\n")
+    return ExportReport(src=src, dst=dst, text_model_type=config.get_text_config().model_type,
+                        num_tensors=len(outputs), total_bytes=writer.total_bytes, files=files,
+                        image_processor=image_processor.to_dict(), dropped=dropped, lost=lost)
