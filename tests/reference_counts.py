@@ -48,6 +48,10 @@ def _head_dim(c: dict[str, Any]) -> int:
     return c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
 
 
+def _kv_heads(c: dict[str, Any]) -> int:
+    return c.get("num_key_value_heads") or c["num_attention_heads"]
+
+
 def _decoder(c: dict[str, Any], layer: int) -> int:
     """Embedding + layers + final RMSNorm + LM head (absent when tied to the embedding)."""
     embedding = c["vocab_size"] * c["hidden_size"]
@@ -57,14 +61,14 @@ def _decoder(c: dict[str, Any], layer: int) -> int:
 
 def qwen2(c: dict[str, Any]) -> int:
     h, ffn = c["hidden_size"], c["intermediate_size"]
-    q, kv = c["num_attention_heads"] * _head_dim(c), c.get("num_key_value_heads", c["num_attention_heads"]) * _head_dim(c)
+    q, kv = c["num_attention_heads"] * _head_dim(c), _kv_heads(c) * _head_dim(c)
     attention = (h * q + q) + 2 * (h * kv + kv) + q * h  # q/k/v biased, o not
     return _decoder(c, attention + 3 * h * ffn + 2 * h)
 
 
 def llama(c: dict[str, Any]) -> int:
     h, ffn = c["hidden_size"], c["intermediate_size"]
-    q, kv = c["num_attention_heads"] * _head_dim(c), c.get("num_key_value_heads", c["num_attention_heads"]) * _head_dim(c)
+    q, kv = c["num_attention_heads"] * _head_dim(c), _kv_heads(c) * _head_dim(c)
     attention = h * q + 2 * h * kv + q * h
     if c.get("attention_bias", False):
         attention += q + 2 * kv + h

@@ -3,7 +3,7 @@
 The fixtures (`tests/fixtures/real_configs/`, provenance in its SOURCES.md) are the public checkpoints' own
 configs. The original's parameter count comes from closed-form formulas over the config (`reference_counts.py`),
 which are checked here against the tensors of the reference-made fixtures; ours from the model that
-`internvl_hf.conversion.sizes` builds on the meta device.
+`internvlx_hf.conversion.sizes` builds on the meta device.
 """
 
 from __future__ import annotations
@@ -83,7 +83,8 @@ def test_count_matches_the_published_size(name):
 
 
 def test_tied_copy_is_smaller_by_exactly_the_lm_head():
-    untied, tied = reference_count(_load("InternVL2-1B.json")), reference_count(_load("InternVL2-1B.tie-true-copy.json"))
+    untied = reference_count(_load("InternVL2-1B.json"))
+    tied = reference_count(_load("InternVL2-1B.tie-true-copy.json"))
     llm = _load("InternVL2-1B.json")["llm_config"]
     assert untied.total - tied.total == llm["vocab_size"] * llm["hidden_size"]
     assert round(tied.total / 1e9, 1) == 0.8  # not the card's 0.9B: the Hub checkpoint is the untied one
@@ -154,3 +155,16 @@ def test_bad_options_are_refused_before_building():
     del broken["vision_config"]["num_hidden_layers"]
     with pytest.raises(ConversionError, match="vision_config lacks num_hidden_layers"):
         size_from_config(broken, name="InternVL2-1B/config.json")
+
+
+def test_docs_table_is_the_script_output():
+    import importlib.util
+
+    root = FIXTURES.parents[1]
+    spec = importlib.util.spec_from_file_location("real_config_table", root / "scripts" / "real_config_table.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    docs = (root / "docs" / "checkpoints.md").read_text()
+    table = docs.split("<!-- table: scripts/real_config_table.py -->\n")[1].split("<!-- end table -->")[0]
+    expected = ["| " + " | ".join(script.row(path)) + " |" for path in sorted(REAL.glob("*.json"))]
+    assert table.splitlines()[2:] == expected
