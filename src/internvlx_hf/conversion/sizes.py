@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from ..modeling.configuration_internvlx import InternVLXConfig
-from .convert import _build_config, _check_expand_layer, _expected_parameters, _load_chat_template
+from .convert import (_build_config, _check_expand_layer, _expected_parameters, _load_chat_template,
+                      _opengvlab_config_kwargs)
 from .errors import ConversionError
 from .llm import convert_text_config, llm_architecture
 from .options import check_projector, parse_lvtc_spec
@@ -61,7 +62,8 @@ def size_from_config(source_config: dict[str, Any], *, projector: str = "keep",
     projector_type = source_projector if projector == "keep" else projector
     notes: list[str] = []
     source = SourceCheckpoint(path=Path(name), config=source_config, shards=[], infos=[])
-    config = _build_config(source, text_config, projector_type, lvtc_options, {}, notes)
+    config = _build_config(_opengvlab_config_kwargs(source, text_config, notes), text_config, projector_type,
+                           lvtc_options, {})
     meta_model, _ = _expected_parameters(config)
     # Only the fields is_new_by_design reads matter here; the key tables are those of a real conversion.
     inputs = PlanInputs(llm_key_mapping=llm.key_mapping, vision_qkv_rows={}, llm_qkv_rows=None,
