@@ -1,0 +1,118 @@
+"""InternVL2.5 / InternVL3 sources (OpenGVLab's `InternVLChatModel` layout): converted checkpoints against golden runs of
+the reference code (`scripts/make_internvl25_fixtures.py`): InternLM2.5 and Qwen2.5 LLMs, InternViT-300M-V2_5- and
+6B-V2_5-style vision towers, the `internvl2_5` template."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import golden
+from conftest import require_fixture
+from internvlx_hf.conversion import convert
+from parity import run_isolated_script, run_parity
+
+FIXTURES = list(golden.V25_FIXTURES)
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    cache: dict = {}
+
+    def get(name: str):
+        if name not in cache:
+            dst = tmp_path_factory.mktemp("converted_v25") / name
+            cache[name] = (dst, convert(require_fixture(name), dst, progress=False))
+        return cache[name]
+
+    return get
+
+
+@pytest.mark.parametrize("name", FIXTURES)
+def test_converted_checkpoint_matches_reference(name, converted, tmp_path):
+    """Loaded with trust_remote_code where internvlx_hf cannot be imported: logits within 1e-5 of the reference (at
+    the golden positions), the 8 greedy tokens, chat()'s answer, the tokenizer ids of the internvl2_5 prompt, and the
+    processor's prompt, ids and pixel values (bit-exact, per tile)."""
+    dst, report = converted(name)
+    ref = golden.model_reference(name)
+    assert report.dropped == {} and report.new == {}
+    assert report.template == "internvl2_5" and report.eos_token == "<|im_end|>"
+    result, outputs = run_parity(dst, ref, tmp_path)
+    assert result["class"] == "InternVLXForConditionalGeneration"
+    ref.logits.assert_close(outputs["logits"], atol=1e-5)
+    assert result["generated"] == ref.generated_ids[0].tolist()
+    assert result["eos_token"] == ["<|im_end|>"] + (["</s>"] if "internlm2" in name else [])
+    assert result["chat"] == ref.chat_response
+    assert result["tokenizer_ids"] == ref.input_ids[0].tolist()
+    assert result["prompt"] == ref.meta["prompt_with_image_tag"]
+    assert torch.equal(outputs["processor_input_ids"], ref.input_ids)
+    ref.pixels.assert_equal(outputs["processor_pixel_values"], what="the converted processor's pixel_values")
+
+
+TEMPLATE_SCRIPT = r"""
+import json, sys
+from transformers import AutoProcessor
+
+dst, cases_path = sys.argv[1:3]
+processor = AutoProcessor.from_pretrained(dst, trust_remote_code=True)
+out = []
+for case in json.load(open(cases_path)):
+    messages = [] if case["system_message"] is None else [{"role": "system", "content": case["system_message"]}]
+    turns = case["turns"]
+    generation_prompt = turns[-1][1] is None
+    messages += [{"role": role, "content": text} for role, text in (turns[:-1] if generation_prompt else turns)]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=False)
+    out.append([prompt, processor.tokenizer(prompt)["input_ids"]])
+print("RESULT" + json.dumps({"rendered": out}))
+"""
+
+
+@pytest.mark.parametrize("name", ["internvl2_5_internlm2_5", "internvl3_qwen2_5"])
+def test_internvl2_5_template_matches_the_reference_conversations(name, converted, tmp_path):
+    """The converted chat template renders what the reference conversation.py `internvl2_5` renders (its default
+    system message, a custom one, an empty one, multi-turn histories; `<|im_end|>\\n` between turns), and the
+    tokenizer gives the reference ids for it (sentencepiece and byte-level BPE)."""
+    dst, _ = converted(name)
+    cases = golden.model_reference(name).meta["template_cases"]
+    (tmp_path / "cases.json").write_text(json.dumps(cases, ensure_ascii=False))
+    result = run_isolated_script(TEMPLATE_SCRIPT, [str(dst), str(tmp_path / "cases.json")], tmp_path)["rendered"]
+    assert [prompt for prompt, _ in result] == [case["prompt"] for case in cases]
+    assert [ids for _, ids in result] == [case["input_ids"] for case in cases]
+    assert "<|im_end|>\n<|im_start|>assistant\n" in cases[0]["prompt"]  # the template's own separator is covered
+
+
+def test_vision_tower_layouts(converted):
+    """InternViT-300M-448px-V2_5 keeps LayerNorm and qkv biases; InternViT-6B-448px-V2_5 has RMSNorm, q/k RMSNorm and
+    no qkv bias: each arrives as the matching InternVLVisionConfig (the parity test above checks the numbers)."""
+    layouts = {}
+    for name in FIXTURES:
+        dst, _ = converted(name)
+        vision = json.loads((dst / "config.json").read_text())["vision_config"]
+        layouts[name] = (vision["norm_type"], vision["use_qk_norm"], vision["attention_bias"])
+    assert layouts == {"internvl2_5_internlm2_5": ("layer_norm", False, True),
+                       "internvl3_qwen2_5": ("layer_norm", False, True),
+                       "internvl3_vit6b_qwen2_5": ("rms_norm", True, False)}
+    src = json.loads((require_fixture("internvl3_vit6b_qwen2_5") / "config.json").read_text())["vision_config"]
+    assert (src["norm_type"], src["qk_normalization"], src["qkv_bias"]) == ("rms_norm", True, False)
+
+
+def test_internvl3_9b_internlm3_is_refused_with_the_reason(tmp_path):
+    """InternVL3-9B's InternLM3 has no reference code in OpenGVLab/InternVL to check a conversion against: one clear
+    error, and nothing written."""
+    from internvlx_hf.conversion import ConversionError
+
+    src = tmp_path / "InternVL3-9B"
+    import shutil
+
+    shutil.copytree(require_fixture("internvl3_qwen2_5"), src)
+    config = json.loads((src / "config.json").read_text())
+    config["llm_config"]["architectures"] = ["InternLM3ForCausalLM"]
+    config["llm_config"]["model_type"] = "internlm3"
+    (src / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConversionError) as error:
+        convert(src, tmp_path / "dst", progress=False)
+    assert str(error.value).startswith("llm_config names InternLM3ForCausalLM (InternVL3-9B), which `internvlx "
+                                       "convert` does not support")
+    assert not (tmp_path / "dst").exists()
