@@ -58,6 +58,18 @@ MIN_MARGIN = 0.02
 VIT_300M_V2_5 = {"norm_type": "layer_norm", "qk_normalization": False, "qkv_bias": True}
 VIT_6B_V2_5 = {"norm_type": "rms_norm", "qk_normalization": True, "qkv_bias": False}
 
+# What InternVL2.5/3 checkpoints write into a Qwen2.5 llm_config (e.g. InternVL3-1B): a dynamic rope scaling that
+# transformers 4.37.2's Qwen2 does not implement (the reference ignores it), and no sliding window.
+QWEN2_5_AS_SHIPPED = {"rope_scaling": {"factor": 2.0, "rope_type": "dynamic", "type": "dynamic"},
+                      "use_sliding_window": False, "sliding_window": None, "max_window_layers": 70}
+# A system message in the top-level config.json: the reference InternVLChatModel uses it instead of the template's
+# (`hasattr(config, 'system_message')`), null included.
+CONFIG_SYSTEM_MESSAGES = ["You are a tiny test model.", None]
+# The rope check of the Qwen2.5 fixture: its LLM alone with max_position_embeddings 128 and 200 random text ids, so
+# that a dynamic NTK scaling would act (the reference's does not: see QWEN2_5_AS_SHIPPED).
+ROPE_CHECK = {"fixture": "internvl3_qwen2_5", "name": "rope_scaling_check", "max_position_embeddings": 128,
+              "length": 200, "seed": 2547}
+
 FIXTURES = {
     "internvl2_5_internlm2_5": {
         "modelled_on": "InternVL2.5-2B / InternVL2.5-8B (InternLM2.5 + InternViT-300M-448px-V2_5)",
@@ -75,8 +87,7 @@ FIXTURES = {
         "llm": {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 64,
                 "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 176,
                 "rope_theta": 1000000.0, "max_position_embeddings": 32768, "rms_norm_eps": 1e-6,
-                "use_sliding_window": False, "sliding_window": 32768, "max_window_layers": 2,
-                "bos_token_id": 800, "eos_token_id": 802, "hidden_act": "silu"},
+                **QWEN2_5_AS_SHIPPED, "bos_token_id": 800, "eos_token_id": 802, "hidden_act": "silu"},
         "vision": VIT_300M_V2_5, "image": "img6.jpg", "max_num": 6, "seed": 3000,
     },
     "internvl3_vit6b_qwen2_5": {
@@ -85,8 +96,7 @@ FIXTURES = {
         "llm": {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 64,
                 "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 176,
                 "rope_theta": 1000000.0, "max_position_embeddings": 32768, "rms_norm_eps": 1e-6,
-                "use_sliding_window": False, "sliding_window": 32768, "max_window_layers": 2,
-                "bos_token_id": 800, "eos_token_id": 802, "hidden_act": "silu"},
+                **QWEN2_5_AS_SHIPPED, "bos_token_id": 800, "eos_token_id": 802, "hidden_act": "silu"},
         "vision": VIT_6B_V2_5, "image": "image2.jpg", "max_num": 4, "seed": 3500,
     },
 }
@@ -256,6 +266,52 @@ def template_cases(model, tokenizer) -> list[dict]:
     return cases
 
 
+def config_system_message_cases(config, tokenizer, num_patches: int) -> list[dict]:
+    """chat()'s prompt when config.json carries `system_message` (the reference reads it before the template's)."""
+    from internvl.model.internvl_chat import InternVLChatModel
+
+    cases = []
+    for system in CONFIG_SYSTEM_MESSAGES:
+        variant = copy.deepcopy(config)
+        variant.system_message = system
+        model = InternVLChatModel(variant, use_flash_attn=False)
+        _, _, with_tag, prompt = build_prompt(model, tokenizer, num_patches)
+        cases.append({"config_system_message": system, "prompt_with_image_tag": with_tag,
+                      "input_ids": tokenizer(prompt).input_ids})
+    return cases
+
+
+def rope_check(model, folder: Path) -> dict:
+    """The LLM alone with a short max_position_embeddings (ROPE_CHECK): forward logits and 8 cached greedy steps."""
+    import torch
+    from safetensors.torch import save_file
+
+    llm_config = copy.deepcopy(model.language_model.config)
+    llm_config.max_position_embeddings = ROPE_CHECK["max_position_embeddings"]
+    llm = type(model.language_model)(llm_config).eval()
+    llm.load_state_dict(model.language_model.state_dict())
+    vocab = llm_config.vocab_size
+    generator = torch.Generator().manual_seed(ROPE_CHECK["seed"])
+    input_ids = torch.randint(3, vocab - 20, (1, ROPE_CHECK["length"]), generator=generator)
+    mask = torch.ones_like(input_ids)
+    with torch.no_grad():
+        logits = llm(input_ids=input_ids, attention_mask=mask).logits
+        out = llm.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=MAX_NEW_TOKENS, do_sample=False,
+                           eos_token_id=-1, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+    scores = torch.stack(out.scores, 1)[0]
+    info = {"what": "language_model alone (reference Qwen2ForCausalLM, transformers 4.37.2) with llm_config."
+                    f"max_position_embeddings overridden to {ROPE_CHECK['max_position_embeddings']} (rope_scaling "
+                    f"{llm_config.rope_scaling} unchanged), fed {ROPE_CHECK['length']} random ids "
+                    f"(torch.randint(3, vocab - 20, seed {ROPE_CHECK['seed']}))",
+            "rotary_class": type(llm.model.layers[0].self_attn.rotary_emb).__name__,
+            "greedy": out.sequences[0, input_ids.shape[1]:].tolist(), "min_margin": min(margins(scores))}
+    save_file({"input_ids": input_ids, "attention_mask": mask, "logits": logits.float().contiguous(),
+               "generated_ids": out.sequences[:, input_ids.shape[1]:].contiguous(),
+               "generation_scores": scores.float().contiguous()},
+              str(folder / f"{ROPE_CHECK['name']}.safetensors"), metadata={"info": json.dumps(info)})
+    return info
+
+
 def run_model(model, tokenizer, pixel_values, input_ids, eos_id):
     import torch
 
@@ -412,6 +468,7 @@ def make_fixture(name: str, spec: dict, src_fixtures: Path, images: Path, full_o
         "input_len": len(ids),
         "prompt_tokens_compact": compact_tokens,
         "template_cases": template_cases(model, tokenizer),
+        "config_system_message_cases": config_system_message_cases(config, tokenizer, int(u8.shape[0])),
         "generation": {
             "called_as": "model.generate(pixel_values=..., input_ids=..., attention_mask=..., max_new_tokens=8, "
                          "do_sample=False, eos_token_id=<template sep>, output_scores=True, "
@@ -448,6 +505,8 @@ def make_fixture(name: str, spec: dict, src_fixtures: Path, images: Path, full_o
                          "max": float(logits.max())},
         "environment": environment,
     }
+    if name == ROPE_CHECK["fixture"]:
+        meta[ROPE_CHECK["name"]] = rope_check(model, folder)
     checks = meta["checks"]
     problems = [key for key in ("first_generated_token_equals_argmax_of_forward_last_logits",
                                 "prompt_rebuilt_from_template_equals_chat_input_ids", "second_tokenizer_load_equal_ids")
@@ -512,7 +571,8 @@ def main(argv: list[str] | None = None) -> int:
             target = args.out / name
             if target.exists():
                 shutil.rmtree(target)
-            compact_fixtures._compact_model_fixture(name, full_out / name, target, None)
+            rope = ROPE_CHECK["name"] if name == ROPE_CHECK["fixture"] else None
+            compact_fixtures._compact_model_fixture(name, full_out / name, target, rope)
             size = sum(p.stat().st_size for p in target.iterdir())
             print(f"{target}: {size / 1e6:.2f} MB")
     return 0

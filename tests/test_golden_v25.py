@@ -116,3 +116,80 @@ def test_internvl3_9b_internlm3_is_refused_with_the_reason(tmp_path):
     assert str(error.value).startswith("llm_config names InternLM3ForCausalLM (InternVL3-9B), which `internvlx "
                                        "convert` does not support")
     assert not (tmp_path / "dst").exists()
+
+
+def _llm_alone(dst, max_position_embeddings: int):
+    """The converted checkpoint's LLM as a plain transformers causal LM with a shorter max_position_embeddings."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    text = json.loads((dst / "config.json").read_text())["text_config"]
+    config = AutoConfig.for_model(**text)
+    config.max_position_embeddings = max_position_embeddings
+    weights = {}
+    for name, tensor in load_file(str(dst / "model.safetensors")).items():
+        if name.startswith("model.language_model."):
+            weights["model." + name[len("model.language_model."):]] = tensor
+        elif name == "lm_head.weight":
+            weights[name] = tensor
+    model = AutoModelForCausalLM.from_config(config).eval()
+    model.load_state_dict(weights, strict=True)
+    return model, text
+
+
+def test_qwen2_5_rope_scaling_is_what_the_reference_does(converted):
+    """InternVL2.5/3 write Qwen2.5's rope_scaling (dynamic, factor 2) into llm_config; the reference's Qwen2
+    (transformers 4.37.2) ignores it. rope_scaling_check: the LLM alone with max_position_embeddings 128 and 200 tokens,
+    where a dynamic NTK scaling would change every position past 128: the converted LLM matches the reference's
+    forward and its 8 cached greedy steps, and the summary says why the key was not carried over."""
+    dst, report = converted("internvl3_qwen2_5")
+    ref = golden.rope_check("internvl3_qwen2_5", "rope_scaling_check")
+    assert "rotary_class" in ref.info and ref.info["rotary_class"] == "Qwen2RotaryEmbedding"
+    model, text = _llm_alone(dst, 128)
+    assert text["rope_parameters"]["rope_type"] == "default"
+    assert any(note.startswith("llm_config.rope_scaling {'factor': 2.0, 'rope_type': 'dynamic', 'type': 'dynamic'} "
+                               "not carried over") for note in report.notes)
+    input_ids, attention_mask = ref.tensors["input_ids"], ref.tensors["attention_mask"]
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    ref.logits["logits"].assert_close(logits, atol=1e-5)
+    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=8, do_sample=False,
+                         eos_token_id=None, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+    assert out.sequences[0, 200:].tolist() == ref.tensors["generated_ids"][0].tolist()
+    assert (torch.stack(out.scores, 1)[0] - ref.tensors["generation_scores"]).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("value", ["You are a tiny test model.", None])
+def test_config_system_message_is_reported(value, tmp_path):
+    """A `system_message` in config.json is what the reference chat() writes (null as the text 'None'); the converted
+    chat template keeps the template default and the summary says so; given as the first message, the custom one
+    renders the reference's prompt and ids."""
+    import shutil
+
+    from transformers import AutoProcessor
+
+    ref = golden.model_reference("internvl3_qwen2_5")
+    case = next(c for c in ref.meta["config_system_message_cases"] if c["config_system_message"] == value)
+    src = tmp_path / "src"
+    shutil.copytree(require_fixture("internvl3_qwen2_5"), src)
+    config = json.loads((src / "config.json").read_text())
+    config["system_message"] = value
+    (src / "config.json").write_text(json.dumps(config))
+    report = convert(src, tmp_path / "dst", progress=False)
+    processor = AutoProcessor.from_pretrained(str(tmp_path / "dst"))
+    user = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": ref.question}]}]
+    default = processor.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
+    assert default == ref.meta["prompt_with_image_tag"]
+    if value is None:
+        assert case["prompt_with_image_tag"].startswith("<|im_start|>system\nNone<|im_end|>\n")
+        assert "config.system_message is null: OpenGVLab's chat() would write the text 'None' as the system message; " \
+               "the chat template writes the internvl2_5 default system message instead" in report.notes
+        return
+    assert f"config.system_message {value!r} is not the internvl2_5 default: the chat template keeps the default; " \
+           "pass it as the first (system) message, or set model.system_message for chat()" in report.notes
+    prompt = processor.apply_chat_template([{"role": "system", "content": value}] + user, add_generation_prompt=True,
+                                           tokenize=False)
+    assert prompt == case["prompt_with_image_tag"]
+    inputs = processor(images=[golden.fixture_path("images", "img6.jpg")], text=prompt, max_tiles=ref.max_tiles,
+                       return_tensors="pt")
+    assert inputs["input_ids"][0].tolist() == case["input_ids"]

@@ -79,6 +79,10 @@ def convert_text_config(llm_config: dict[str, Any]) -> PreTrainedConfig:
     config_class = CONFIG_MAPPING[model_type]
     known = {f.name for f in dataclasses.fields(config_class)} | set(_LEGACY_ROPE_KEYS)
     kwargs = {key: value for key, value in llm_config.items() if key in known and key not in _RUNTIME_KEYS}
+    if model_type == "qwen2":
+        # InternVL2.5/3 write Qwen2.5's `rope_scaling` (dynamic, factor 2) into llm_config, but the Qwen2 of the
+        # transformers version OpenGVLab's code pins (4.37.2) has no rope scaling: the reference ignores it.
+        kwargs.pop("rope_scaling", None)
     scaling = kwargs.get("rope_scaling")
     if model_type == "phi3" and scaling and scaling.get("type", scaling.get("rope_type")) in ("su", "longrope"):
         # Phi-3-128k's old name "su" is transformers' "longrope", which wants the pretraining length inside the
@@ -94,6 +98,17 @@ def convert_text_config(llm_config: dict[str, Any]) -> PreTrainedConfig:
     except (TypeError, ValueError, KeyError) as error:
         raise ConversionError(f"llm_config ({spec.architecture}) does not make a valid {config_class.__name__}: "
                               f"{error}") from None
+
+
+def text_config_notes(llm_config: dict[str, Any]) -> list[str]:
+    """What the conversion summary should say about ``llm_config`` keys the reference does not act on."""
+    spec = llm_architecture(llm_config)
+    scaling = llm_config.get("rope_scaling")
+    if spec.architecture == "Qwen2ForCausalLM" and scaling:
+        return [f"llm_config.rope_scaling {scaling} not carried over: the reference Qwen2 (transformers 4.37.2, the "
+                "version OpenGVLab's InternVL code pins) has no rope scaling, so it ignores it; plain rope at every "
+                "length, as the reference"]
+    return []
 
 
 def _internlm2_rope_parameters(llm_config: dict[str, Any]) -> dict[str, Any]:
