@@ -14,8 +14,8 @@ Fixtures (the tokenizers are the tiny ones of the InternVL2 fixtures, reused as 
 * ``internvl2_5_internlm2_5``: InternVL2.5-2B/8B-style: InternLM2.5 LLM (`InternLM2ForCausalLM`, no biases, dynamic
   NTK rope factor 2) + InternViT-300M-448px-V2_5-style vision (LayerNorm, qkv bias, no qk-norm);
 * ``internvl3_qwen2_5``: InternVL3-1B/2B/8B/14B-style: Qwen2.5 LLM (`Qwen2ForCausalLM`) + the same vision layout;
-* ``internvl3_vit6b_qwen2_5``: InternVL3-38B/78B (and InternVL2.5-78B)-style: InternViT-6B-448px-V2_5-style vision
-  (RMSNorm, qk normalisation, no qkv bias) + Qwen2.5.
+* ``internvl2_5_vit6b_qwen2_5``: InternVL2.5-38B/78B-style: InternViT-6B-448px-V2_5-style vision (RMSNorm, qk
+  normalisation, no qkv bias) + Qwen2.5.
 
 Every fixture uses the template ``internvl2_5`` with its default system message, ``ps_version`` v2, dynamic tiling
 with a thumbnail, float32 weights drawn as the shared fixtures' (see ``init_weights``), eager attention.
@@ -90,8 +90,8 @@ FIXTURES = {
                 **QWEN2_5_AS_SHIPPED, "bos_token_id": 800, "eos_token_id": 802, "hidden_act": "silu"},
         "vision": VIT_300M_V2_5, "image": "img6.jpg", "max_num": 6, "seed": 3000,
     },
-    "internvl3_vit6b_qwen2_5": {
-        "modelled_on": "InternVL3-38B/78B, InternVL2.5-78B (Qwen2.5 + InternViT-6B-448px-V2_5)",
+    "internvl2_5_vit6b_qwen2_5": {
+        "modelled_on": "InternVL2.5-38B / InternVL2.5-78B (Qwen2.5 + InternViT-6B-448px-V2_5)",
         "tokenizer_from": "internvl2_qwen2",
         "llm": {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 64,
                 "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 176,

@@ -69,7 +69,7 @@ PHI3_ENV = "INTERNVLX_FIXTURES_PHI3"
 MODEL_FIXTURES = ("internvl2_internlm2", "internvl2_qwen2", "internvlx_pvtc", "internvl2_phi3")
 # InternVL2.5 / InternVL3 fixtures: made by scripts/make_internvl25_fixtures.py straight into the compact form (their
 # full folders are not kept), so scripts/compact_fixtures.py leaves them alone.
-V25_FIXTURES = ("internvl2_5_internlm2_5", "internvl3_qwen2_5", "internvl3_vit6b_qwen2_5")
+V25_FIXTURES = ("internvl2_5_internlm2_5", "internvl3_qwen2_5", "internvl2_5_vit6b_qwen2_5")
 ROPE_CHECKS = {"internvl2_internlm2": "rope_dynamic_ntk", "internvl2_phi3": "rope_su_check",
                "internvl3_qwen2_5": "rope_scaling_check"}
 

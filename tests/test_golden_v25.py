@@ -93,8 +93,8 @@ def test_vision_tower_layouts(converted):
         layouts[name] = (vision["norm_type"], vision["use_qk_norm"], vision["attention_bias"])
     assert layouts == {"internvl2_5_internlm2_5": ("layer_norm", False, True),
                        "internvl3_qwen2_5": ("layer_norm", False, True),
-                       "internvl3_vit6b_qwen2_5": ("rms_norm", True, False)}
-    src = json.loads((require_fixture("internvl3_vit6b_qwen2_5") / "config.json").read_text())["vision_config"]
+                       "internvl2_5_vit6b_qwen2_5": ("rms_norm", True, False)}
+    src = json.loads((require_fixture("internvl2_5_vit6b_qwen2_5") / "config.json").read_text())["vision_config"]
     assert (src["norm_type"], src["qk_normalization"], src["qkv_bias"]) == ("rms_norm", True, False)
 
 
@@ -193,3 +193,16 @@ def test_config_system_message_is_reported(value, tmp_path):
     inputs = processor(images=[golden.fixture_path("images", "img6.jpg")], text=prompt, max_tiles=ref.max_tiles,
                        return_tensors="pt")
     assert inputs["input_ids"][0].tolist() == case["input_ids"]
+
+
+def test_convert_help_lists_the_families(capsys):
+    from internvlx_hf.cli import main as cli_main
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["convert", "--help"])
+    assert exit_info.value.code == 0
+    lines = capsys.readouterr().out.splitlines()
+    families = [line.split()[0] for line in lines if line.startswith("  InternVL")]
+    assert families == ["InternVL2", "InternVL2.5", "InternVL3"]
+    assert any("not InternVL3-9B" in line for line in lines)
+    assert any(line.strip() == "internvlx convert ./InternVL3-8B ./InternVL3-8B-hf" for line in lines)

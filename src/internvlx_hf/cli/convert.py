@@ -10,8 +10,8 @@ _CONVERT_DESCRIPTION = """\
 Convert an OpenGVLab checkpoint in its original remote-code layout (InternVLChatModel) or the InternVL-X reference
 release (that layout + PVTC `projector`) into a self-contained internvlx-hf checkpoint. Supported families:
   InternVL2    1B/2B/4B/8B/26B/40B/76B: Qwen2, InternLM2, Phi-3, Llama LLMs; InternViT-300M / -6B
-  InternVL2.5  1B/2B/4B/8B/26B/38B/78B: Qwen2.5, InternLM2.5 LLMs; InternViT-300M / -6B-448px-V2_5
-  InternVL3    1B/2B/8B/14B/38B/78B: Qwen2.5 LLMs; InternViT-300M / -6B-448px-V2_5 (not InternVL3-9B:
+  InternVL2.5  1B/2B/4B/8B/26B/38B/78B: Qwen2.5, InternLM2.5 LLMs; InternViT-300M / -6B
+  InternVL3    1B/2B/8B/14B/38B/78B: Qwen2.5 LLMs; InternViT-300M / -6B (not InternVL3-9B:
                its InternLM3 LLM has no reference code in OpenGVLab/InternVL)
 It writes config.json with auto_map, safetensors shards (+ index), the remote-code files, generation_config.json,
 a fast tokenizer (tokenizer.json) with the chat template, and the processor configs. The result loads with
