@@ -28,7 +28,8 @@ Reading the full folders gives the same objects with every logit position and th
 
 API (``import golden`` from a test; ``conftest.require_fixture`` wraps ``fixture_path``)::
 
-    ref = golden.model_reference("internvl2_qwen2")   # also internvl2_internlm2, internvlx_pvtc, internvl2_phi3
+    ref = golden.model_reference("internvl2_qwen2")   # also internvl2_internlm2, internvlx_pvtc, internvl2_phi3,
+                                                      # and V25_FIXTURES (InternVL2.5 / InternVL3)
     ref.folder              # checkpoint folder (config.json, model.safetensors, tokenizer files): give it to convert()
     ref.meta                # reference.json: prompt, prompt_with_image_tag, question, template, generation, ...
     ref.prompt, ref.question, ref.chat_response, ref.image (path), ref.tiling ("ratio"/"edge"), ref.max_tiles
@@ -66,7 +67,11 @@ ROOT_ENV = "INTERNVLX_FIXTURES"
 PHI3_ENV = "INTERNVLX_FIXTURES_PHI3"
 
 MODEL_FIXTURES = ("internvl2_internlm2", "internvl2_qwen2", "internvlx_pvtc", "internvl2_phi3")
-ROPE_CHECKS = {"internvl2_internlm2": "rope_dynamic_ntk", "internvl2_phi3": "rope_su_check"}
+# InternVL2.5 / InternVL3 fixtures: made by scripts/make_internvl25_fixtures.py straight into the compact form (their
+# full folders are not kept), so scripts/compact_fixtures.py leaves them alone.
+V25_FIXTURES = ("internvl2_5_internlm2_5", "internvl3_qwen2_5", "internvl2_5_vit6b_qwen2_5")
+ROPE_CHECKS = {"internvl2_internlm2": "rope_dynamic_ntk", "internvl2_phi3": "rope_su_check",
+               "internvl3_qwen2_5": "rope_scaling_check"}
 
 # Logit positions kept by the compact copy (see `logit_positions`).
 LAST_POSITIONS = 16
@@ -129,7 +134,7 @@ def is_compact(folder: Path) -> bool:
 def describe_sources() -> str:
     """One line per item: where it is read from and whether that copy is full or compact."""
     lines = []
-    for name in MODEL_FIXTURES:
+    for name in MODEL_FIXTURES + V25_FIXTURES:
         try:
             folder = fixture_path(name)
         except FileNotFoundError as error:
@@ -517,7 +522,7 @@ def preprocess_entries() -> list[PreprocessEntry]:
 
 
 __all__ = [
-    "COMPACT_ROOT", "LogitsRef", "ModelReference", "PreprocessEntry", "RopeCheck", "TileDigests", "block_means",
+    "COMPACT_ROOT", "V25_FIXTURES", "LogitsRef", "ModelReference", "PreprocessEntry", "RopeCheck", "TileDigests", "block_means",
     "describe_sources", "fixture_path", "is_compact", "logit_positions", "model_reference", "pixels_from_uint8",
     "preprocess_entries", "read_json", "rope_check", "rope_logit_positions", "roots", "tensor_sha256",
     "tile_sha256", "tile_stats",

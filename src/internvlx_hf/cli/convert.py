@@ -7,10 +7,16 @@ import argparse
 from . import Command
 
 _CONVERT_DESCRIPTION = """\
-Convert an OpenGVLab InternVL2 checkpoint (InternVL2-1B/2B/4B/8B/26B/40B/76B: Qwen2, InternLM2/2.5, Phi-3, Llama
-LLMs), the InternVL-X reference release (InternVL2 layout + PVTC `projector`) or a transformers-native InternVL
-checkpoint (model_type "internvl": InternVLForConditionalGeneration + InternVLProcessor) into a self-contained internvlx-hf
-checkpoint: config.json with auto_map, safetensors shards (+ index), the remote-code files, generation_config.json,
+Convert an OpenGVLab checkpoint in its original remote-code layout (InternVLChatModel), the InternVL-X reference
+release (that layout + PVTC `projector`) or a transformers-native InternVL checkpoint (model_type "internvl":
+InternVLForConditionalGeneration + InternVLProcessor, e.g. the -hf repositories) into a self-contained internvlx-hf
+checkpoint. Supported families:
+  InternVL2    1B/2B/4B/8B/26B/40B/76B: Qwen2, InternLM2, Phi-3, Llama LLMs; InternViT-300M / -6B
+  InternVL2.5  1B/2B/4B/8B/26B/38B/78B: Qwen2.5, InternLM2.5 LLMs; InternViT-300M / -6B
+  InternVL3    1B/2B/8B/14B/38B/78B: Qwen2.5 LLMs; InternViT-300M / -6B (not InternVL3-9B:
+               its InternLM3 LLM has no reference code in OpenGVLab/InternVL)
+  native       InternVLForConditionalGeneration folders (MLP projector); `internvlx export native` goes back
+It writes config.json with auto_map, safetensors shards (+ index), the remote-code files, generation_config.json,
 a fast tokenizer (tokenizer.json) with the chat template, and the processor configs. The result loads with
 AutoModel.from_pretrained(DST, trust_remote_code=True) on a machine without internvlx-hf, and reproduces the source
 model's logits.
@@ -25,6 +31,9 @@ _CONVERT_EPILOG = """\
 examples:
   # InternVL2 -> internvlx-hf, same model (InternLM2 becomes a Llama-architecture LLM; logits match)
   internvlx convert ./InternVL2-2B ./InternVL2-2B-hf
+
+  # InternVL2.5 / InternVL3 the same way (chat template internvl2_5 and its system message carried over)
+  internvlx convert ./InternVL3-8B ./InternVL3-8B-hf
 
   # the InternVL-X reference release (PVTC projector) in bfloat16, 2GB shards
   internvlx convert ./InternVL-X-2B-HD ./InternVL-X-2B-HD-hf --dtype bfloat16 --max-shard-size 2GB
@@ -50,7 +59,8 @@ Errors name the input and the fix; the exit status is 2 for a conversion error."
 
 
 def _add_convert_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("src", metavar="SRC", help="local folder of an OpenGVLab InternVL2 / InternVL-X or a transformers-native InternVL checkpoint")
+    parser.add_argument("src", metavar="SRC", help="local folder of an OpenGVLab InternVL2 / InternVL2.5 / InternVL3 / "
+                        "InternVL-X or a transformers-native InternVL checkpoint")
     parser.add_argument("dst", metavar="DST", help="output folder (must not exist or be empty, unless --overwrite)")
     parser.add_argument("--projector", choices=("keep", "mlp", "pvtc"), default="keep",
                         help="projector of the output: keep the source's (default), or a new mlp / pvtc one")
@@ -90,7 +100,7 @@ def _run_convert(args: argparse.Namespace) -> int:
 
 CONVERT = Command(
     name="convert",
-    help="convert an OpenGVLab InternVL2 / InternVL-X or a native InternVL checkpoint to internvlx-hf",
+    help="convert an InternVL2 / 2.5 / 3, InternVL-X or native InternVL checkpoint to internvlx-hf",
     description=_CONVERT_DESCRIPTION,
     epilog=_CONVERT_EPILOG,
     add_arguments=_add_convert_arguments,

@@ -26,7 +26,7 @@ from ..atomic import replace_folder
 from ..modeling.configuration_internvlx import InternVLXConfig, LVTCConfig
 from ..provenance import record_conversion
 from .errors import ConversionError
-from .llm import LLMSpec, convert_text_config, internlm2_qkv_rows, llm_architecture
+from .llm import LLMSpec, convert_text_config, internlm2_qkv_rows, llm_architecture, text_config_notes
 from .new_modules import describe_init, group_new_parameters, initialise_new_parameters
 from .options import check_projector, parse_dtype, parse_lvtc_spec, parse_size
 from .plan import ConversionPlan, PlanInputs, build_plan
@@ -152,6 +152,24 @@ def _load_chat_template(name: str | None) -> str:
             "internvlx_hf.processing.chat_templates.CHAT_TEMPLATES."
         )
     return get_chat_template(name)
+
+
+def _system_message_notes(config: dict, template: str) -> list[str]:
+    """OpenGVLab's InternVLChatModel takes chat()'s system message from config.json's `system_message` when the key
+    exists (before the template's default); the converted chat template keeps the template's default, so a
+    `system_message` that differs from it is reported."""
+    from ..processing.chat_templates import default_system_message
+
+    if "system_message" not in config:
+        return []
+    value, default = config["system_message"], default_system_message(template)
+    if value is None:
+        return ["config.system_message is null: OpenGVLab's chat() would write the text 'None' as the system "
+                f"message; the chat template writes the {template} default system message instead"]
+    if value != default:
+        return [f"config.system_message {value!r} is not the {template} default: the chat template keeps the "
+                "default; pass it as the first (system) message, or set model.system_message for chat()"]
+    return []
 
 
 def _opengvlab_config_kwargs(source: SourceCheckpoint, text_config, notes: list[str]) -> dict[str, Any]:
@@ -491,8 +509,10 @@ class _SourceParts:
 def _opengvlab_parts(source: SourceCheckpoint, notes: list[str]) -> _SourceParts:
     llm = llm_architecture(source.config["llm_config"])
     text_config = convert_text_config(source.config["llm_config"])
+    notes += text_config_notes(source.config["llm_config"])
     template = source.config.get("template")
     chat_template = _load_chat_template(template)
+    notes += _system_message_notes(source.config, template)
     try:
         converted_tokenizer = convert_tokenizer(source.path, chat_template)
     except ConversionError:

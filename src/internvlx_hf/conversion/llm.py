@@ -1,5 +1,8 @@
 """The language model: InternVL2's `llm_config` -> a transformers text config, key tables and qkv packing.
 
+InternVL2.5 and InternVL3 use the same classes: InternLM2.5 is InternLM2's code (`InternLM2ForCausalLM`), Qwen2.5 is
+Qwen2's (`Qwen2ForCausalLM`).
+
 InternLM2 (InternVL2-2B/8B/26B) becomes a Llama-architecture model: same blocks, but the attention projections
 are packed in one `wqkv` whose rows are grouped per KV head (see `internlm2_qkv_rows`), and its rotary scaling
 is expressed as transformers `rope_parameters`. Qwen2 (1B), Phi-3 (4B) and Llama (40B/76B) are already in
@@ -50,10 +53,19 @@ def llm_architecture(llm_config: dict[str, Any]) -> LLMSpec:
     if arch is None:  # older configs name the model type only
         by_type = {model_type: name for name, model_type in _MODEL_TYPES.items()}
         arch = by_type.get(llm_config.get("model_type"))
+    if arch == "InternLM3ForCausalLM":
+        # InternVL3-9B. OpenGVLab's InternVLChatModel code (the reference this converter is tested against)
+        # builds only Llama, InternLM2, Phi-3 and Qwen2 LLMs, so there is no reference run to match.
+        raise ConversionError(
+            "llm_config names InternLM3ForCausalLM (InternVL3-9B), which `internvlx convert` does not support: "
+            "OpenGVLab's InternVLChatModel code has no InternLM3 to check a conversion against. The other InternVL3 "
+            "sizes (Qwen2.5 LLMs) convert."
+        )
     if arch not in SUPPORTED_LLMS:
         raise ConversionError(
             f"llm_config names the LLM {architectures or llm_config.get('model_type')!r}, which `internvlx convert` "
-            f"does not know; supported: {sorted(SUPPORTED_LLMS)} (InternVL2-1B/2B/4B/8B/26B/40B/76B)."
+            f"does not know; supported: {sorted(SUPPORTED_LLMS)} (InternVL2-1B..76B, InternVL2.5-1B..78B, InternVL3-1B..78B "
+            "except 9B)."
         )
     return SUPPORTED_LLMS[arch]
 
@@ -67,6 +79,10 @@ def convert_text_config(llm_config: dict[str, Any]) -> PreTrainedConfig:
     config_class = CONFIG_MAPPING[model_type]
     known = {f.name for f in dataclasses.fields(config_class)} | set(_LEGACY_ROPE_KEYS)
     kwargs = {key: value for key, value in llm_config.items() if key in known and key not in _RUNTIME_KEYS}
+    if model_type == "qwen2":
+        # InternVL2.5/3 write Qwen2.5's `rope_scaling` (dynamic, factor 2) into llm_config, but the Qwen2 of the
+        # transformers version OpenGVLab's code pins (4.37.2) has no rope scaling: the reference ignores it.
+        kwargs.pop("rope_scaling", None)
     scaling = kwargs.get("rope_scaling")
     if model_type == "phi3" and scaling and scaling.get("type", scaling.get("rope_type")) in ("su", "longrope"):
         # Phi-3-128k's old name "su" is transformers' "longrope", which wants the pretraining length inside the
@@ -82,6 +98,17 @@ def convert_text_config(llm_config: dict[str, Any]) -> PreTrainedConfig:
     except (TypeError, ValueError, KeyError) as error:
         raise ConversionError(f"llm_config ({spec.architecture}) does not make a valid {config_class.__name__}: "
                               f"{error}") from None
+
+
+def text_config_notes(llm_config: dict[str, Any]) -> list[str]:
+    """What the conversion summary should say about ``llm_config`` keys the reference does not act on."""
+    spec = llm_architecture(llm_config)
+    scaling = llm_config.get("rope_scaling")
+    if spec.architecture == "Qwen2ForCausalLM" and scaling:
+        return [f"llm_config.rope_scaling {scaling} not carried over: the reference Qwen2 (transformers 4.37.2, the "
+                "version OpenGVLab's InternVL code pins) has no rope scaling, so it ignores it; plain rope at every "
+                "length, as the reference"]
+    return []
 
 
 def _internlm2_rope_parameters(llm_config: dict[str, Any]) -> dict[str, Any]:

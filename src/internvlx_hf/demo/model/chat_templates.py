@@ -83,19 +83,19 @@ def _mpt_template(system_prefix: str, default_system: str, user_prefix: str, ass
     )
 
 
-_CHATML = _mpt_template(
-    "<|im_start|>system\n", _INTERNVL2_SYSTEM, "<|im_start|>user\n", "<|im_start|>assistant\n", "<|im_end|>"
-)
+# (system prefix, default system message, user prefix, assistant prefix, separator) of each conversation.py template.
+_CHATML_PARTS = ("<|im_start|>system\n", _INTERNVL2_SYSTEM, "<|im_start|>user\n", "<|im_start|>assistant\n", "<|im_end|>")
+_TEMPLATE_PARTS: dict[str, tuple[str, str, str, str, str]] = {
+    "Hermes-2": _CHATML_PARTS,
+    "internlm2-chat": _CHATML_PARTS,
+    "phi3-chat": ("<|system|>\n", _INTERNVL2_SYSTEM, "<|user|>\n", "<|assistant|>\n", "<|end|>"),
+    # InternVL2.5 and InternVL3: a newline after every <|im_end|>, and a new default system message.
+    "internvl2_5": ("<|im_start|>system\n", _INTERNVL2_5_SYSTEM, "<|im_start|>user\n", "<|im_start|>assistant\n",
+                    "<|im_end|>\n"),
+}
 
 #: Jinja chat templates keyed by InternVL2's template names (`config.template` of the original checkpoints).
-CHAT_TEMPLATES: dict[str, str] = {
-    "Hermes-2": _CHATML,
-    "internlm2-chat": _CHATML,
-    "phi3-chat": _mpt_template("<|system|>\n", _INTERNVL2_SYSTEM, "<|user|>\n", "<|assistant|>\n", "<|end|>"),
-    "internvl2_5": _mpt_template(
-        "<|im_start|>system\n", _INTERNVL2_5_SYSTEM, "<|im_start|>user\n", "<|im_start|>assistant\n", "<|im_end|>\n"
-    ),
-}
+CHAT_TEMPLATES: dict[str, str] = {name: _mpt_template(*parts) for name, parts in _TEMPLATE_PARTS.items()}
 
 DEFAULT_CHAT_TEMPLATE = "internlm2-chat"
 
@@ -107,6 +107,12 @@ def get_chat_template(name: str) -> str:
     except KeyError:
         known = ", ".join(repr(key) for key in CHAT_TEMPLATES)
         raise ValueError(f"Unknown InternVL chat template {name!r}; known templates: {known}.") from None
+
+
+def default_system_message(name: str) -> str:
+    """The system message a template writes when the conversation has none (conversation.py's `system_message`)."""
+    get_chat_template(name)  # the error for an unknown name
+    return _TEMPLATE_PARTS[name][1]
 
 
 def turn_end_text(apply_chat_template, **kwargs) -> str:
@@ -123,4 +129,4 @@ def turn_end_text(apply_chat_template, **kwargs) -> str:
     return rendered.rsplit("REPLY", 1)[-1].strip() if "REPLY" in rendered else ""
 
 
-__all__ = ["CHAT_TEMPLATES", "DEFAULT_CHAT_TEMPLATE", "get_chat_template", "turn_end_text"]
+__all__ = ["CHAT_TEMPLATES", "DEFAULT_CHAT_TEMPLATE", "default_system_message", "get_chat_template", "turn_end_text"]
