@@ -126,7 +126,12 @@ def test_pvtc_and_lvtc_together_add_both():
 
 def test_notes_report_what_is_not_carried():
     assert size_from_config(_load("InternVL3-1B.json")).notes == [
-        "vision drop_path_rate=0.1 not carried (stochastic depth, training only; InternVLVisionModel has none)"
+        "llm_config.rope_scaling {'factor': 2.0, 'rope_type': 'dynamic', 'type': 'dynamic'} not carried over: the "
+        "reference Qwen2 (transformers 4.37.2, the version OpenGVLab's InternVL code pins) has no rope scaling, so it "
+        "ignores it; plain rope at every length, as the reference",
+        "config.system_message is null: OpenGVLab's chat() would write the text 'None' as the system message; the "
+        "chat template writes the internvl2_5 default system message instead",
+        "vision drop_path_rate=0.1 not carried (stochastic depth, training only; InternVLVisionModel has none)",
     ]
     assert size_from_config(_load("InternVL2-1B.json")).notes == []
 
@@ -139,9 +144,9 @@ def test_unsupported_llm_is_refused_with_the_supported_list():
     with pytest.raises(ConversionError) as error:
         size_from_config(config)
     assert str(error.value) == (
-        "llm_config names the LLM ['InternLM3ForCausalLM'], which `internvlx convert` does not know; supported: "
-        "['InternLM2ForCausalLM', 'LlamaForCausalLM', 'Phi3ForCausalLM', 'Qwen2ForCausalLM'] "
-        "(InternVL2-1B/2B/4B/8B/26B/40B/76B)."
+        "llm_config names InternLM3ForCausalLM (InternVL3-9B), which `internvlx convert` does not support: "
+        "OpenGVLab's InternVLChatModel code has no InternLM3 to check a conversion against. The other InternVL3 "
+        "sizes (Qwen2.5 LLMs) convert."
     )
 
 

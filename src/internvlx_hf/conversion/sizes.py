@@ -18,9 +18,9 @@ from typing import Any
 
 from ..modeling.configuration_internvlx import InternVLXConfig
 from .convert import (_build_config, _check_expand_layer, _expected_parameters, _load_chat_template,
-                      _opengvlab_config_kwargs)
+                      _opengvlab_config_kwargs, _system_message_notes)
 from .errors import ConversionError
-from .llm import convert_text_config, llm_architecture
+from .llm import convert_text_config, llm_architecture, text_config_notes
 from .options import check_projector, parse_lvtc_spec
 from .plan import PlanInputs, is_new_by_design
 from .source import SourceCheckpoint, _check_config
@@ -60,7 +60,8 @@ def size_from_config(source_config: dict[str, Any], *, projector: str = "keep",
     text_config = convert_text_config(source_config["llm_config"])
     _check_expand_layer(lvtc_options, text_config.num_hidden_layers)
     projector_type = source_projector if projector == "keep" else projector
-    notes: list[str] = []
+    notes = text_config_notes(source_config["llm_config"]) + _system_message_notes(source_config,
+                                                                                    source_config.get("template"))
     source = SourceCheckpoint(path=Path(name), config=source_config, shards=[], infos=[])
     config = _build_config(_opengvlab_config_kwargs(source, text_config, notes), text_config, projector_type,
                            lvtc_options, {})
