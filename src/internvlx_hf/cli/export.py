@@ -8,9 +8,10 @@ from . import CLIError, Command
 
 _EXPORT_DESCRIPTION = """\
 Export an internvlx-hf checkpoint to another format. The one TARGET is `native`: transformers' own InternVL
-(InternVLForConditionalGeneration + InternVLProcessor), which loads with
-AutoModelForImageTextToText.from_pretrained(DST) and AutoProcessor.from_pretrained(DST) without trust_remote_code
-and without internvlx-hf installed, and gives the same logits and greedy generations.
+(InternVLForConditionalGeneration + InternVLProcessor), whose model loads with
+AutoModelForImageTextToText.from_pretrained(DST) without trust_remote_code and without internvlx-hf installed, and
+gives the same logits and greedy generations. (transformers builds InternVLProcessor only where torchvision is
+installed: its video-processor slot needs it.)
 
 Only a plain checkpoint can be exported: the MLP projector (InternVL2's) and no LVTC, since native InternVL has
 neither PVTC nor LVTC. The tensors are copied unchanged (same names, dtypes and values); the configs, tokenizer
