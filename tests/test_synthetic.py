@@ -17,7 +17,9 @@ from internvlx_hf.training.synthetic import (
     COLOURS,
     FRAME_COLOUR,
     GLYPHS,
+    INK,
     POSITIONS,
+    QUADRANTS,
     TASKS,
     combine_meta,
     generate_dataset,
@@ -176,6 +178,58 @@ def test_fine_task_puts_one_letter_per_patch():
     assert set("".join(grid["letters"])) <= set(list(GLYPHS)[:4])
 
 
+def _read_dots(image: Image.Image, cell_row: int, cell_col: int, info: dict) -> str:
+    """The cell's dots read back from the pixels (the centre pixel of each dot: ink or not)."""
+    (dot_w, dot_h), (off_x, off_y), (rows, side) = info["dot"], info["offset"], info["dots_per_cell"]
+    pixels = image.load()
+    return "".join(
+        "1" if pixels[cell_col * info["cell"] + off_x + x * dot_w + dot_w // 2,
+                      cell_row * info["cell"] + off_y + y * dot_h + dot_h // 2] == INK else "0"
+        for y in range(rows) for x in range(side))
+
+
+@pytest.mark.parametrize("side, rows, distractors", [(12, 1, False), (12, 1, True), (6, 6, True), (6, 2, False)])
+def test_bits_answers_follow_from_the_pixels(side, rows, distractors):
+    seen = set()
+    for seed in range(12):
+        for task in ("bits", "bits-count"):
+            sample = make_sample(task, random.Random(seed), TILE, TILE, image_size=TILE, fine_grid=8,
+                                 bits_side=side, bits_rows=rows, bits_distractors=distractors)
+            (info,) = sample.objects
+            block_row, block_col = info["frame"]
+            # The framed block is one pixel-shuffle window: even row and column.
+            assert block_row % 2 == 0 and block_col % 2 == 0 and info["dots_per_cell"] == [rows, side]
+            pixels = sample.image.load()
+            x0, y0 = block_col * 14, block_row * 14
+            assert pixels[x0, y0] == FRAME_COLOUR and pixels[x0 + 27, y0 + 27] == FRAME_COLOUR
+            assert pixels[x0 + 1, y0 + 1] != FRAME_COLOUR and pixels[x0 + 14, y0] == FRAME_COLOUR  # 1 px, 2 cells
+            cells = [_read_dots(sample.image, block_row + q // 2, block_col + q % 2, info) for q in range(4)]
+            assert cells == info["block_dots"]
+            q = QUADRANTS.index(info["quadrant"])
+            if task == "bits":
+                line = info["row"] - 1
+                assert sample.answer == cells[q][line * side:(line + 1) * side]
+                assert sample.question.startswith(f"{info['quadrant']} square")
+                assert ("row" in sample.question) == (rows > 1)
+            else:
+                assert sample.answer == str(cells[q].count("1"))
+            outside = [_read_dots(sample.image, r, c, info) for r in range(8) for c in range(8)
+                       if not (0 <= r - block_row < 2 and 0 <= c - block_col < 2)]
+            assert any("1" in dots for dots in outside) == distractors
+            seen.add((info["quadrant"], sample.answer if task == "bits" else None))
+    assert len({quadrant for quadrant, _ in seen}) == 4
+
+
+def test_bits_task_is_asked_for_by_name_only(tmp_path):
+    assert "bits" not in TASKS and "bits-count" not in TASKS
+    meta = generate_dataset(tmp_path / "b", n=6, tasks=("bits", "bits-count"), image_size=TILE, fine_grid=8,
+                            bits_side=12, bits_rows=1)
+    _, records, _ = _load(meta)
+    assert [r["task"] for r in records] == ["bits", "bits-count"] * 3
+    assert all(set(r["conversations"][1]["value"]) <= set("01") and len(r["conversations"][1]["value"]) == 12
+               for r in records if r["task"] == "bits")
+
+
 def test_glyphs_are_far_apart():
     for a, b in itertools.combinations(GLYPHS.values(), 2):
         assert sum(x != y for ra, rb in zip(a, b) for x, y in zip(ra, rb)) >= 5
@@ -195,6 +249,8 @@ def test_glyphs_are_far_apart():
         (dict(name="a/b"), ValueError, "name='a/b'"),
         (dict(repeat_time=0), ValueError, "repeat_time must be a positive number"),
         (dict(max_objects=5), ValueError, "max_objects=5"),
+        (dict(tasks=("bits",), bits_side=13), ValueError, "bits_side=13 dots do not fit a 14px cell"),
+        (dict(tasks=("bits",), bits_rows=0), ValueError, "bits_rows must be a positive integer"),
     ],
 )
 def test_bad_arguments_are_named(tmp_path, kwargs, error, words):

@@ -56,7 +56,7 @@ from ..atomic import atomic_file, staged_folder
 TASKS = ("colour", "shape", "position", "count", "fine")
 BASIC_TASKS = ("colour", "shape", "position", "count")
 # Tasks that are drawn only when asked for by name (never part of the default `TASKS` mixture).
-EXTRA_TASKS = ("bits",)
+EXTRA_TASKS = ("bits", "bits-count")
 QUADRANTS = ("top-left", "top-right", "bottom-left", "bottom-right")
 
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -221,9 +221,11 @@ def _fine_sample(rng: random.Random, width: int, height: int, cell: int, glyphs:
     return Sample(image, "fine", "Which letter is in the red box?", letters[row][col], objects)
 
 
-def _bits_sample(rng: random.Random, width: int, height: int, cell: int, side: int, rows: int) -> Sample:
-    """Random dark/light dots (``rows`` x ``side`` per cell; ``rows=1``: a barcode of ``side`` bars) in every cell;
-    one 2x2 block of cells at even (row, col) framed in red; the dots of one row of one of its cells asked for."""
+def _bits_sample(rng: random.Random, width: int, height: int, cell: int, side: int, rows: int,
+                 distractors: bool, count: bool = False) -> Sample:
+    """Random dark/light dots (``rows`` x ``side`` per cell; ``rows=1``: a barcode of ``side`` bars) in every cell
+    (``distractors``) or only in the framed block, one 2x2 block of cells at even (row, col) framed in red; the dots
+    of one row of one of its cells asked for."""
     cols, grid_rows = max(2, width // cell), max(2, height // cell)
     width, height = max(width, cols * cell), max(height, grid_rows * cell)
     image = Image.new("RGB", (width, height), (255, 255, 255))
@@ -233,32 +235,40 @@ def _bits_sample(rng: random.Random, width: int, height: int, cell: int, side: i
     off_x, off_y = (cell - side * dot_w) // 2, (cell - rows * dot_h) // 2
     dots = [[[[rng.random() < 0.5 for _ in range(side)] for _ in range(rows)] for _ in range(cols)]
             for _ in range(grid_rows)]
+    # The framed block is one 2x2 pixel-shuffle window: its four cells share one token at downsample 0.5.
+    block_row, block_col = 2 * rng.randrange(grid_rows // 2), 2 * rng.randrange(cols // 2)
     for r in range(grid_rows):
         for c in range(cols):
+            if not distractors and not (0 <= r - block_row < 2 and 0 <= c - block_col < 2):
+                continue
             for y in range(rows):
                 for x in range(side):
                     if dots[r][c][y][x]:
                         left, top = c * cell + off_x + x * dot_w, r * cell + off_y + y * dot_h
                         draw.rectangle([left, top, left + dot_w - 1, top + dot_h - 1], fill=INK)
-    # The framed block is one 2x2 pixel-shuffle window: its four cells share one token at downsample 0.5.
-    block_row, block_col = 2 * rng.randrange(grid_rows // 2), 2 * rng.randrange(cols // 2)
     fx, fy = block_col * cell, block_row * cell
     draw.rectangle([fx, fy, fx + 2 * cell - 1, fy + 2 * cell - 1], outline=FRAME_COLOUR, width=1)
     quadrant, line = rng.randrange(4), rng.randrange(rows)
     r, c = block_row + quadrant // 2, block_col + quadrant % 2
-    answer = "".join("1" if d else "0" for d in dots[r][c][line])
-    question = f"{QUADRANTS[quadrant]} square?" if rows == 1 else f"{QUADRANTS[quadrant]} square, row {line + 1}?"
+    if count:  # one number per cell: what a 2x2-merged token has room for
+        answer = str(sum(d for row in dots[r][c] for d in row))
+        question = f"Dark dots in the {QUADRANTS[quadrant]} square?"
+    else:
+        answer = "".join("1" if d else "0" for d in dots[r][c][line])
+        question = f"{QUADRANTS[quadrant]} square?" if rows == 1 else \
+            f"{QUADRANTS[quadrant]} square, row {line + 1}?"
     objects = [{"grid": [cols, grid_rows], "cell": cell, "dot": [dot_w, dot_h], "offset": [off_x, off_y],
                 "dots_per_cell": [rows, side], "frame": [block_row, block_col], "quadrant": QUADRANTS[quadrant],
                 "row": line + 1,
                 "block_dots": ["".join("1" if d else "0" for line in dots[block_row + q // 2][block_col + q % 2]
                                        for d in line) for q in range(4)]}]
-    return Sample(image, "bits", question, answer, objects)
+    return Sample(image, "bits-count" if count else "bits", question, answer, objects)
 
 
 def make_sample(task: str, rng: random.Random, width: int, height: int, *, image_size: int = 448,
                 fine_grid: int = 8, fine_glyphs: int = 8, max_count: int = 6, max_objects: int = 1,
-                bits_side: int = 6, bits_rows: int | None = None) -> Sample:
+                bits_side: int = 6, bits_rows: int | None = None,
+                bits_distractors: bool = True) -> Sample:
     """Draw one sample of ``task`` on a ``width`` x ``height`` canvas.
 
     Args:
@@ -273,11 +283,12 @@ def make_sample(task: str, rng: random.Random, width: int, height: int, *, image
             colours (at most ``len(SHAPES)``) and ask about one of them.
         bits_side: the bits task's dots per row of a cell (its cells are those of the fine task).
         bits_rows: the bits task's rows of dots per cell (None: ``bits_side``, square dots; 1: a barcode).
+        bits_distractors: the bits task draws dots in every cell (True) or only in the framed block.
     """
     _check_options(1, task, "fixed", image_size, fine_grid, fine_glyphs, max_count, max_objects, bits_side)
-    if task == "bits":
+    if task in ("bits", "bits-count"):
         return _bits_sample(rng, width, height, image_size // fine_grid, bits_side,
-                            bits_side if bits_rows is None else bits_rows)
+                            bits_side if bits_rows is None else bits_rows, bits_distractors, task == "bits-count")
     if task == "fine":
         return _fine_sample(rng, width, height, image_size // fine_grid, list(GLYPHS)[:fine_glyphs])
     if task == "count":
@@ -327,7 +338,7 @@ def _check_options(n, tasks, sizes, image_size, fine_grid, fine_glyphs, max_coun
         raise ValueError(f"image_size {image_size} / fine_grid {fine_grid} gives {image_size // fine_grid}px cells; "
                          "a 5x5 letter with its frame needs at least 7px: lower fine_grid or raise image_size")
     for key, value in (("bits_side", bits_side), ("bits_rows", bits_rows)):
-        if "bits" in tasks and value is not None and (image_size // fine_grid - 2) // value < 1:
+        if {"bits", "bits-count"} & set(tasks) and value is not None and (image_size // fine_grid - 2) // value < 1:
             raise ValueError(f"{key}={value} dots do not fit a {image_size // fine_grid}px cell with its one-pixel "
                              f"margin; use at most {image_size // fine_grid - 2}")
     if max_count > 9:
@@ -339,7 +350,8 @@ def _check_options(n, tasks, sizes, image_size, fine_grid, fine_glyphs, max_coun
 
 def iter_samples(n: int, *, tasks: Sequence[str] = TASKS, seed: int = 0, sizes: str = "fixed",
                  image_size: int = 448, fine_grid: int = 8, fine_glyphs: int = 8, max_count: int = 6,
-                 max_objects: int = 1, bits_side: int = 6, bits_rows: int | None = None):
+                 max_objects: int = 1, bits_side: int = 6, bits_rows: int | None = None,
+                 bits_distractors: bool = True):
     """Iterate over ``(index, size_kind, Sample)`` for ``n`` samples, tasks in round-robin order.
 
     Sample ``i`` depends only on ``(seed, i)`` and the options, so any prefix of a dataset is the same dataset.
@@ -348,23 +360,24 @@ def iter_samples(n: int, *, tasks: Sequence[str] = TASKS, seed: int = 0, sizes: 
     tasks = _check_options(n, tasks, sizes, image_size, fine_grid, fine_glyphs, max_count, max_objects, bits_side,
                            bits_rows)
     return _samples(n, tasks, seed, sizes, image_size, fine_grid, fine_glyphs, max_count, max_objects, bits_side,
-                    bits_rows)
+                    bits_rows, bits_distractors)
 
 
 def _samples(n, tasks, seed, sizes, image_size, fine_grid, fine_glyphs, max_count, max_objects, bits_side,
-             bits_rows):
+             bits_rows, bits_distractors):
     for i in range(n):
         rng = random.Random(f"internvlx-synthetic:{seed}:{i}")
         width, height, kind = _image_size_for(rng, sizes, image_size)
         yield i, kind, make_sample(tasks[i % len(tasks)], rng, width, height, image_size=image_size,
                                    fine_grid=fine_grid, fine_glyphs=fine_glyphs, max_count=max_count,
-                                   max_objects=max_objects, bits_side=bits_side, bits_rows=bits_rows)
+                                   max_objects=max_objects, bits_side=bits_side, bits_rows=bits_rows,
+                                   bits_distractors=bits_distractors)
 
 
 def generate_dataset(out_dir: str | os.PathLike, n: int = 1000, *, tasks: Sequence[str] = TASKS, seed: int = 0,
                      sizes: str = "fixed", image_size: int = 448, fine_grid: int = 8, fine_glyphs: int = 8,
                      max_count: int = 6, max_objects: int = 1, bits_side: int = 6, bits_rows: int | None = None,
-                     name: str = "synthetic_vqa",
+                     bits_distractors: bool = True, name: str = "synthetic_vqa",
                      repeat_time: float = 1, system_message: str | None | Sequence[str | None] = None,
                      overwrite: bool = False) -> Path:
     """Write ``n`` samples as PNG images + an InternVL-format JSONL + a meta JSON into ``out_dir``.
@@ -383,7 +396,8 @@ def generate_dataset(out_dir: str | os.PathLike, n: int = 1000, *, tasks: Sequen
         tasks: which of `TASKS` (or `EXTRA_TASKS`) to draw; a task named twice is drawn twice as often.
         seed: the dataset seed; use different seeds for training and held-out sets.
         sizes: ``"fixed"`` (``image_size`` squares) or ``"mixed"`` (see `MIXED_SIZES`).
-        image_size, fine_grid, fine_glyphs, max_count, max_objects, bits_side, bits_rows: see `make_sample`.
+        image_size, fine_grid, fine_glyphs, max_count, max_objects, bits_side, bits_rows, bits_distractors: see
+            `make_sample`.
         name: the dataset's key in the meta JSON and the JSONL file name.
         repeat_time: written to the meta JSON: how many times a training loader should repeat this set per epoch.
         system_message: when not None, every conversation starts with ``{"from": "system", "value": ...}``. The
@@ -412,7 +426,7 @@ def generate_dataset(out_dir: str | os.PathLike, n: int = 1000, *, tasks: Sequen
         raise FileExistsError(f"{out_dir} is not empty; pass overwrite=True to replace it or choose another out_dir")
     samples = iter_samples(n, tasks=tasks, seed=seed, sizes=sizes, image_size=image_size, fine_grid=fine_grid,
                            fine_glyphs=fine_glyphs, max_count=max_count, max_objects=max_objects, bits_side=bits_side,
-                           bits_rows=bits_rows)
+                           bits_rows=bits_rows, bits_distractors=bits_distractors)
     with staged_folder(out_dir) as tmp:
         (tmp / "images").mkdir()
         with open(tmp / f"{name}.jsonl", "w", encoding="utf-8") as jsonl:
