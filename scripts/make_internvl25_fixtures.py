@@ -531,7 +531,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reference", type=Path, required=True, help="git clone or mirror of OpenGVLab/InternVL")
     parser.add_argument("--commit", default=PINNED_COMMIT)
     parser.add_argument("--fixtures", type=Path, default=ROOT / "tests" / "fixtures",
-                        help="where the InternVL2 fixtures' tokenizers and the images are read (default tests/fixtures)")
+                        help="where the InternVL2 fixtures' tokenizers and the images are read "
+                             "(default tests/fixtures)")
     parser.add_argument("--full-out", type=Path, default=None,
                         help="keep the full fixture folders here (default: a temporary folder)")
     parser.add_argument("--out", type=Path, default=ROOT / "tests" / "fixtures", help="compact copies go here")

@@ -522,7 +522,8 @@ def preprocess_entries() -> list[PreprocessEntry]:
 
 
 __all__ = [
-    "COMPACT_ROOT", "V25_FIXTURES", "LogitsRef", "ModelReference", "PreprocessEntry", "RopeCheck", "TileDigests", "block_means",
+    "COMPACT_ROOT", "V25_FIXTURES", "LogitsRef", "ModelReference", "PreprocessEntry", "RopeCheck", "TileDigests",
+    "block_means",
     "describe_sources", "fixture_path", "is_compact", "logit_positions", "model_reference", "pixels_from_uint8",
     "preprocess_entries", "read_json", "rope_check", "rope_logit_positions", "roots", "tensor_sha256",
     "tile_sha256", "tile_stats",

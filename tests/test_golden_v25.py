@@ -1,6 +1,6 @@
-"""InternVL2.5 / InternVL3 sources (OpenGVLab's `InternVLChatModel` layout): converted checkpoints against golden runs of
-the reference code (`scripts/make_internvl25_fixtures.py`): InternLM2.5 and Qwen2.5 LLMs, InternViT-300M-V2_5- and
-6B-V2_5-style vision towers, the `internvl2_5` template."""
+"""InternVL2.5 / InternVL3 sources (OpenGVLab's `InternVLChatModel` layout): converted checkpoints against golden runs
+of the reference code (`scripts/make_internvl25_fixtures.py`): InternLM2.5 and Qwen2.5 LLMs, InternViT-300M-V2_5-
+and 6B-V2_5-style vision towers, the `internvl2_5` template."""
 
 from __future__ import annotations
 

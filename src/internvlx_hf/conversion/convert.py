@@ -423,7 +423,8 @@ def _prepare(source: SourceCheckpoint, projector: str, lvtc_options: dict | None
     if image_token_id is None or image_token_id == tokenizer.unk_token_id:
         raise ConversionError(f"the tokenizer of {source.path} has no {IMAGE_CONTEXT_TOKEN} token; it is not an "
                               "InternVL2 tokenizer")
-    if len(tokenizer) - _video_token_past_embeddings(source, tokenizer, text_config.vocab_size) > text_config.vocab_size:
+    past_embeddings = _video_token_past_embeddings(source, tokenizer, text_config.vocab_size)
+    if len(tokenizer) - past_embeddings > text_config.vocab_size:
         raise ConversionError(f"the tokenizer has {len(tokenizer)} tokens but the LLM embeds only "
                               f"{text_config.vocab_size}; tokenizer and weights do not belong together.")
     separator, separator_id = _template_separator(tokenizer, template)

@@ -2,11 +2,12 @@
 
 A checkpoint with the MLP projector and no LVTC is InternVL2's network, which transformers ships as
 `InternVLForConditionalGeneration`; the parameter names are the same, so the tensors are streamed over unchanged
-(same dtypes and bytes, under the names transformers' own save_pretrained writes) and only the configs and the processor files are rewritten. The output loads with
-`AutoModelForImageTextToText.from_pretrained(DST)` without remote code. PVTC and LVTC have no native counterpart
-and are refused. RVTC's area / edge caps cannot be written into `GotOcr2ImageProcessor` (aspect-ratio tiling over
-``min_patches..max_patches``, thumbnail always on): what maps is written, the rest is reported in the summary.
-Like `internvlx convert`, DST appears whole (a staged folder renamed at the end) or not at all.
+(same dtypes and bytes, under the names transformers' own save_pretrained writes) and only the configs and the
+processor files are rewritten. The output loads with `AutoModelForImageTextToText.from_pretrained(DST)` without
+remote code. PVTC and LVTC have no native counterpart and are refused. RVTC's area / edge caps cannot be written
+into `GotOcr2ImageProcessor` (aspect-ratio tiling over ``min_patches..max_patches``, thumbnail always on): what maps
+is written, the rest is reported in the summary. Like `internvlx convert`, DST appears whole (a staged folder
+renamed at the end) or not at all.
 """
 
 from __future__ import annotations

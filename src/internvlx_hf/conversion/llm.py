@@ -64,8 +64,8 @@ def llm_architecture(llm_config: dict[str, Any]) -> LLMSpec:
     if arch not in SUPPORTED_LLMS:
         raise ConversionError(
             f"llm_config names the LLM {architectures or llm_config.get('model_type')!r}, which `internvlx convert` "
-            f"does not know; supported: {sorted(SUPPORTED_LLMS)} (InternVL2-1B..76B, InternVL2.5-1B..78B, InternVL3-1B..78B "
-            "except 9B)."
+            f"does not know; supported: {sorted(SUPPORTED_LLMS)} (InternVL2-1B..76B, InternVL2.5-1B..78B, "
+            "InternVL3-1B..78B except 9B)."
         )
     return SUPPORTED_LLMS[arch]
 

@@ -130,7 +130,8 @@ def _read_source(path: Path, allow_pickle: bool) -> SourceCheckpoint:
     if "llm_config" not in config or "vision_config" not in config:
         raise ConversionError(
             f"{config_path} has no llm_config/vision_config (model_type={config.get('model_type')!r}): it is not in "
-            "the OpenGVLab InternVLChatModel layout (InternVL2, InternVL-X) nor a transformers-native InternVL checkpoint "
+            "the OpenGVLab InternVLChatModel layout (InternVL2, InternVL-X) nor a transformers-native InternVL "
+            "checkpoint "
             "(model_type 'internvl'), the two layouts this converter reads."
         )
     for name in _JSON_FILES:

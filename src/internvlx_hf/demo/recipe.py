@@ -227,8 +227,9 @@ def train_checkpoint(base: str | os.PathLike, train_meta: str | os.PathLike, out
                      threads: int | None = None, preset: str = "full", callbacks: list | None = None
                      ) -> dict[str, Any]:
     """Train ``base`` on ``train_meta`` with `internvlx_hf.training.train` (``preset``; ``full``: everything trains,
-    the model starts from scratch; ``callbacks``: extra Trainer callbacks) and save it to ``out``. Returns the Trainer's metrics plus ``loss_first`` /
-    ``loss_last`` (mean logged loss of the first / last logging window) and the `TrainResult` as ``result``."""
+    the model starts from scratch; ``callbacks``: extra Trainer callbacks) and save it to ``out``. Returns the
+    Trainer's metrics plus ``loss_first`` / ``loss_last`` (mean logged loss of the first / last logging window) and
+    the `TrainResult` as ``result``."""
     import torch
 
     from ..training import parse_train_args, train
@@ -310,12 +311,13 @@ def answer_batch(model, processor, images, questions, max_new_tokens: int = 8, s
 
 
 def evaluate(model, processor, test_meta: str | os.PathLike, *, batch_size: int = 50, limit: int | None = None,
-             tasks: Collection[str] | None = None, progress: bool = True, system: str | None = "") -> dict[str, Any]:
+             tasks: Collection[str] | None = None, progress: bool = True, system: str | None = "",
+             max_new_tokens: int = 8) -> dict[str, Any]:
     """Held-out exact-match accuracy per task (greedy decoding), mean tiles and visual tokens per sample.
 
     ``limit``: the first samples only; ``tasks``: of those, the samples of these tasks only (the same samples
     that a run without ``tasks`` scores for them); ``system``: the system block every question is asked with (see
-    `prompt_messages`).
+    `prompt_messages`); ``max_new_tokens``: the longest answer generated.
     """
     from PIL import Image
     from tqdm.auto import tqdm
@@ -337,7 +339,8 @@ def evaluate(model, processor, test_meta: str | os.PathLike, *, batch_size: int 
             with Image.open(root / r["image"]) as image:
                 images.append(image.convert("RGB"))
         questions = [r["conversations"][-2]["value"].replace("<image>\n", "", 1) for r in batch]
-        for r, got in zip(batch, answer_batch(model, processor, images, questions, system=system)):
+        for r, got in zip(batch, answer_batch(model, processor, images, questions, system=system,
+                                              max_new_tokens=max_new_tokens)):
             right.setdefault(r["task"], []).append(got["answer"] == r["conversations"][-1]["value"])
             tiles += got["tiles"]
             visual += got["visual_tokens"]

@@ -56,7 +56,8 @@ from ..atomic import atomic_file, staged_folder
 TASKS = ("colour", "shape", "position", "count", "fine")
 BASIC_TASKS = ("colour", "shape", "position", "count")
 # Tasks that are drawn only when asked for by name (never part of the default `TASKS` mixture).
-EXTRA_TASKS = ("bits", "bits-count")
+EXTRA_TASKS = ("bits", "bits-count", "bits-block")
+BITS_TASKS = EXTRA_TASKS
 QUADRANTS = ("top-left", "top-right", "bottom-left", "bottom-right")
 
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -222,7 +223,7 @@ def _fine_sample(rng: random.Random, width: int, height: int, cell: int, glyphs:
 
 
 def _bits_sample(rng: random.Random, width: int, height: int, cell: int, side: int, rows: int,
-                 distractors: bool, count: bool = False) -> Sample:
+                 distractors: bool, task: str = "bits") -> Sample:
     """Random dark/light dots (``rows`` x ``side`` per cell; ``rows=1``: a barcode of ``side`` bars) in every cell
     (``distractors``) or only in the framed block, one 2x2 block of cells at even (row, col) framed in red; the dots
     of one row of one of its cells asked for."""
@@ -250,9 +251,13 @@ def _bits_sample(rng: random.Random, width: int, height: int, cell: int, side: i
     draw.rectangle([fx, fy, fx + 2 * cell - 1, fy + 2 * cell - 1], outline=FRAME_COLOUR, width=1)
     quadrant, line = rng.randrange(4), rng.randrange(rows)
     r, c = block_row + quadrant // 2, block_col + quadrant % 2
-    if count:  # one number per cell: what a 2x2-merged token has room for
+    if task == "bits-count":  # one number per cell: what a 2x2-merged token has room for
         answer = str(sum(d for row in dots[r][c] for d in row))
         question = f"Dark dots in the {QUADRANTS[quadrant]} square?"
+    elif task == "bits-block":  # row `line` of all four cells, top-left to bottom-right
+        answer = "".join("1" if d else "0" for q in range(4)
+                         for d in dots[block_row + q // 2][block_col + q % 2][line])
+        question = "Read the red box." if rows == 1 else f"Read row {line + 1} of the red box."
     else:
         answer = "".join("1" if d else "0" for d in dots[r][c][line])
         question = f"{QUADRANTS[quadrant]} square?" if rows == 1 else \
@@ -262,7 +267,7 @@ def _bits_sample(rng: random.Random, width: int, height: int, cell: int, side: i
                 "row": line + 1,
                 "block_dots": ["".join("1" if d else "0" for line in dots[block_row + q // 2][block_col + q % 2]
                                        for d in line) for q in range(4)]}]
-    return Sample(image, "bits-count" if count else "bits", question, answer, objects)
+    return Sample(image, task, question, answer, objects)
 
 
 def make_sample(task: str, rng: random.Random, width: int, height: int, *, image_size: int = 448,
@@ -286,9 +291,9 @@ def make_sample(task: str, rng: random.Random, width: int, height: int, *, image
         bits_distractors: the bits task draws dots in every cell (True) or only in the framed block.
     """
     _check_options(1, task, "fixed", image_size, fine_grid, fine_glyphs, max_count, max_objects, bits_side)
-    if task in ("bits", "bits-count"):
+    if task in BITS_TASKS:
         return _bits_sample(rng, width, height, image_size // fine_grid, bits_side,
-                            bits_side if bits_rows is None else bits_rows, bits_distractors, task == "bits-count")
+                            bits_side if bits_rows is None else bits_rows, bits_distractors, task)
     if task == "fine":
         return _fine_sample(rng, width, height, image_size // fine_grid, list(GLYPHS)[:fine_glyphs])
     if task == "count":
@@ -338,7 +343,7 @@ def _check_options(n, tasks, sizes, image_size, fine_grid, fine_glyphs, max_coun
         raise ValueError(f"image_size {image_size} / fine_grid {fine_grid} gives {image_size // fine_grid}px cells; "
                          "a 5x5 letter with its frame needs at least 7px: lower fine_grid or raise image_size")
     for key, value in (("bits_side", bits_side), ("bits_rows", bits_rows)):
-        if {"bits", "bits-count"} & set(tasks) and value is not None and (image_size // fine_grid - 2) // value < 1:
+        if set(BITS_TASKS) & set(tasks) and value is not None and (image_size // fine_grid - 2) // value < 1:
             raise ValueError(f"{key}={value} dots do not fit a {image_size // fine_grid}px cell with its one-pixel "
                              f"margin; use at most {image_size // fine_grid - 2}")
     if max_count > 9:

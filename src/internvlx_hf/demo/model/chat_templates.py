@@ -84,7 +84,8 @@ def _mpt_template(system_prefix: str, default_system: str, user_prefix: str, ass
 
 
 # (system prefix, default system message, user prefix, assistant prefix, separator) of each conversation.py template.
-_CHATML_PARTS = ("<|im_start|>system\n", _INTERNVL2_SYSTEM, "<|im_start|>user\n", "<|im_start|>assistant\n", "<|im_end|>")
+_CHATML_PARTS = ("<|im_start|>system\n", _INTERNVL2_SYSTEM, "<|im_start|>user\n", "<|im_start|>assistant\n",
+                 "<|im_end|>")
 _TEMPLATE_PARTS: dict[str, tuple[str, str, str, str, str]] = {
     "Hermes-2": _CHATML_PARTS,
     "internlm2-chat": _CHATML_PARTS,
