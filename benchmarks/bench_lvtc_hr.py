@@ -54,7 +54,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 RESULTS = ROOT / "benchmarks" / "results"
 RUNS_DIR = RESULTS / "lvtc-hr-path"
-TASK = "bits"
+TASK = "bits"  # --task
 
 
 def study_configs(args):
@@ -69,6 +69,9 @@ def study_configs(args):
         "lvtc": replace(base, projector="mlp", downsample_ratio=0.5, lvtc_k=k3),
         "lvtc-half": replace(base, projector="mlp", downsample_ratio=0.5, lvtc_k=k2),
         "pvtc+lvtc": replace(base, projector="pvtc", downsample_ratio=0.5, lvtc_k=k3),
+        # LVTCConfig.hr_scale="rms": the HR output enters at the upsampled LR state's scale (the scale hypothesis)
+        "lvtc-rms": replace(base, projector="mlp", downsample_ratio=0.5, lvtc_k=k3, lvtc_hr_scale="rms"),
+        "pvtc+lvtc-rms": replace(base, projector="pvtc", downsample_ratio=0.5, lvtc_k=k3, lvtc_hr_scale="rms"),
     }
 
 
@@ -89,6 +92,11 @@ def parse_args(argv=None):
     parser.add_argument("--kv-heads", type=int, default=2)
     parser.add_argument("--bits-side", type=int, default=12, help="dots per row of a cell")
     parser.add_argument("--bits-rows", type=int, default=1, help="rows of dots per cell (1: a barcode)")
+    parser.add_argument("--distractors", action="store_true", help="dots in every cell, not only the framed block")
+    parser.add_argument("--task", default="bits-block", choices=("bits", "bits-block"),
+                        help="bits: one cell of the framed block, chosen by the question; bits-block: all four")
+    parser.add_argument("--count-share", type=int, default=1,
+                        help="'bits-count' questions per 'bits' question in the training set (0: none)")
     parser.add_argument("--train", type=int, default=12000, help="distinct training samples")
     parser.add_argument("--test", type=int, default=400, help="held-out samples")
     parser.add_argument("--diag-every", type=int, default=50)
@@ -208,15 +216,17 @@ def probe_internals(model, processor, records, root) -> dict:
 def make_data(workdir: Path, args):
     from internvlx_hf.training.synthetic import generate_dataset
 
-    common = dict(tasks=[TASK], image_size=14 * args.grid, fine_grid=args.grid, bits_side=args.bits_side,
-                  bits_rows=args.bits_rows, system_message="")
+    common = dict(image_size=14 * args.grid, fine_grid=args.grid, bits_side=args.bits_side,
+                  bits_rows=args.bits_rows, bits_distractors=args.distractors, system_message="")
     data = workdir / "data"
-    train = data / f"train-{args.grid}-{args.bits_rows}x{args.bits_side}-{args.train}"
-    test = data / f"test-{args.grid}-{args.bits_rows}x{args.bits_side}-{args.test}"
+    kind = f"{args.task}-{args.grid}-{args.bits_rows}x{args.bits_side}{'-d' if args.distractors else ''}"
+    train_tasks = [args.task] + ["bits-count"] * args.count_share
+    train = data / f"train-{kind}-c{args.count_share}-{args.train}"
+    test = data / f"test-{kind}-{args.test}"
     if not (train / "meta.json").is_file():
-        generate_dataset(train, n=args.train, seed=7000, name="bits_train", **common)
+        generate_dataset(train, n=args.train, seed=7000, name="bits_train", tasks=train_tasks, **common)
     if not (test / "meta.json").is_file():
-        generate_dataset(test, n=args.test, seed=999_998, name="bits_test", **common)
+        generate_dataset(test, n=args.test, seed=999_998, name="bits_test", tasks=[args.task, "bits-count"], **common)
     return train / "meta.json", test / "meta.json"
 
 
@@ -228,7 +238,7 @@ def run_one(name, spec, seed, args, workdir, base):
     train_meta, test_meta = make_data(workdir, args)
     start = build_checkpoint(workdir / "init" / f"{name}-s{seed}", spec, base, seed=seed)
     records, root = read_records(test_meta)
-    diag = Diagnostics(None, records[:8], root, args.diag_every)
+    diag = Diagnostics(None, [r for r in records if r["task"] == args.task][:8], root, args.diag_every)
     from internvlx_hf import InternVLXProcessor
 
     diag.processor = InternVLXProcessor.from_pretrained(start)
@@ -237,22 +247,49 @@ def run_one(name, spec, seed, args, workdir, base):
     metrics = train_checkpoint(start, train_meta, out, train_spec, threads=args.threads, callbacks=[diag.callback])
     result = metrics.pop("result")
     model, processor = result.trainer.model, result.trainer.processing_class
-    scores = {"intact": evaluate(model, processor, test_meta, progress=False)["accuracy"][TASK]}
+    full = evaluate(model, processor, test_meta, progress=False, max_new_tokens=64)["accuracy"]
+    scores = {"intact": full[args.task]}
+    bits = {"intact": bit_accuracy(model, processor, test_meta, args.task)}
     if getattr(model.model, "lvtc_hr_projector", None) is not None:
         for mode in HR_MODES[1:]:
             with hr_features(model, mode):
-                scores[mode] = evaluate(model, processor, test_meta, progress=False)["accuracy"][TASK]
+                scores[mode] = evaluate(model, processor, test_meta, progress=False, tasks=(args.task,),
+                                        max_new_tokens=64)["accuracy"][args.task]
+                bits[mode] = bit_accuracy(model, processor, test_meta, args.task)
     row = {"config": name, "seed": seed, "tag": args.tag, "spec": asdict(spec), "describe": spec.describe(),
            "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "n_train": args.train,
-           "n_test": args.test, "bits_side": args.bits_side, "bits_rows": args.bits_rows, "grid": args.grid, "k": spec.lvtc_k, "depth": spec.layers,
+           "n_test": args.test, "bits_side": args.bits_side, "bits_rows": args.bits_rows, "grid": args.grid,
+           "distractors": args.distractors, "k": spec.lvtc_k, "depth": spec.layers,
            "train_s": metrics["train_runtime"], "loss_first": metrics["loss_first"],
-           "loss_last": metrics["loss_last"], "acc": scores["intact"],
+           "loss_last": metrics["loss_last"], "acc": scores["intact"], "acc_count": full.get("bits-count"), "bit_acc": bits,
+           "count_share": args.count_share, "task": args.task,
            "acc_hr_zeroed": scores.get("zeroed"), "acc_hr_other_image": scores.get("other image"),
            "diagnostics": diag.log,
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(start, ignore_errors=True)
     return row
+
+
+def bit_accuracy(model, processor, test_meta, task, batch_size=50) -> float:
+    """Share of answer digits right (greedy), over the held-out ``task`` samples: how much of the cell's bars a
+    model reads even where the exact match fails (chance 0.5)."""
+    from PIL import Image
+
+    from internvlx_hf.demo.recipe import answer_batch, read_records
+
+    records, root = read_records(test_meta)
+    records = [r for r in records if r["task"] == task]
+    right = total = 0
+    for i in range(0, len(records), batch_size):
+        batch = records[i:i + batch_size]
+        images = [Image.open(root / r["image"]).convert("RGB") for r in batch]
+        questions = [r["conversations"][-2]["value"].replace("<image>\n", "", 1) for r in batch]
+        for r, got in zip(batch, answer_batch(model, processor, images, questions, max_new_tokens=64)):
+            want = r["conversations"][-1]["value"]
+            right += sum(a == b for a, b in zip(got["answer"], want))
+            total += len(want)
+    return right / total
 
 
 def probe_cost(names, configs, args, workdir, base) -> dict[str, float]:
@@ -291,6 +328,121 @@ def probe_cost(names, configs, args, workdir, base) -> dict[str, float]:
     return {name: statistics.median(v) for name, v in times.items()}
 
 
+def _mean_std(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarise(args) -> dict:
+    """The headline JSON (``lvtc-hr-path.json`` schema of the issue) from the kept run files and the probe."""
+    tag = args.tag
+    runs = {}
+    for path in sorted(RUNS_DIR.glob(f"*{tag}-s*.json")):
+        row = json.loads(path.read_text(encoding="utf-8"))
+        if row.get("tag", "") != tag:
+            continue
+        runs.setdefault(row["config"], []).append(row)
+    if not runs:
+        raise SystemExit(f"--summarise: no run files with tag {tag!r} in {RUNS_DIR}")
+    probe_path = RUNS_DIR / f"probe{tag}.json"
+    probe = json.loads(probe_path.read_text(encoding="utf-8"))["s_per_step"] if probe_path.is_file() else {}
+    ref = probe.get("plain-1024")
+    first = next(iter(runs.values()))[0]
+    configs = {}
+    for name, rows in runs.items():
+        # The headline accuracy is the share of dots read right (a character accuracy, chance 0.5); exact match of
+        # every dot of the answer is kept next to it.
+        acc, acc_std = _mean_std([r["bit_acc"]["intact"] for r in rows])
+        zeroed, zeroed_std = _mean_std([r["bit_acc"].get("zeroed") for r in rows])
+        other, other_std = _mean_std([r["bit_acc"].get("other image") for r in rows])
+        exact, exact_std = _mean_std([r["acc"] for r in rows])
+        exact_zeroed, _ = _mean_std([r["acc_hr_zeroed"] for r in rows])
+        spec = rows[0]["spec"]
+        last = [r["diagnostics"][-1] for r in rows if r["diagnostics"]]
+        configs[name] = {
+            "acc": acc, "acc_std": acc_std, "acc_per_seed": [r["bit_acc"]["intact"] for r in rows],
+            "cost": probe[name] / ref if name in probe and ref else None,
+            "s_per_step_probe": probe.get(name),
+            "acc_hr_zeroed": zeroed, "acc_hr_zeroed_std": zeroed_std,
+            "acc_hr_other_image": other, "acc_hr_other_image_std": other_std,
+            "exact_match": exact, "exact_match_std": exact_std, "exact_match_hr_zeroed": exact_zeroed,
+            "k": rows[0]["k"], "depth": rows[0]["depth"], "projector": spec["projector"],
+            "downsample_ratio": spec["downsample_ratio"],
+            "train_s": statistics.fmean(r["train_s"] for r in rows),
+            "train_s_max": max(r["train_s"] for r in rows),
+            "hr_to_lr_at_k_end": _mean_std([d.get("hr_to_lr") for d in last])[0],
+            "seeds": [r["seed"] for r in rows],
+        }
+    return {
+        "task": {"name": first["task"], "grid": first["grid"], "tile_px": 14 * first["grid"],
+                 "dots_per_cell": first["bits_side"] * first["bits_rows"], "distractors": first.get("distractors"),
+                 "question": "'Read the red box.': the bars of the four cells of the framed 2x2 block, as 0/1",
+                 "metric": "acc: share of answer dots read right (chance 0.5); exact_match: every dot right",
+                 "chance": 0.5, "n_train": first["n_train"], "n_test": first["n_test"]},
+        "model": {"llm_width": first["spec"]["hidden"], "llm_depth": first["spec"]["layers"],
+                  "vit": f"{first['spec']['vision_layers']}x{first['spec']['vision_hidden']}",
+                  "steps": first["steps"], "batch_size": first["batch_size"], "lr": first["lr"]},
+        "seeds": sorted({r["seed"] for rows in runs.values() for r in rows}),
+        "configs": configs,
+        "runs": [f"benchmarks/results/lvtc-hr-path/{n}{tag}-s{r['seed']}.json" for n, rows in runs.items()
+                 for r in rows],
+        "probe": str(probe_path.relative_to(ROOT)) if probe_path.is_file() else None,
+    }
+
+
+def table(summary) -> str:
+    lines = ["| configuration | visual tokens per tile (layers < k / >= k) | cost vs plain-1024 | dots read right | "
+             "dots read right, HR zeroed | dots read right, HR of another image | exact match |",
+             "|---|---|---|---|---|---|---|"]
+    tiles = summary["task"]["grid"] ** 2
+
+    def fmt(mean, std):
+        return "-" if mean is None else f"{mean:.3f} ± {std:.3f}"
+
+    for name, c in summary["configs"].items():
+        short = tiles // 4 if c["downsample_ratio"] == 0.5 else tiles
+        tokens = f"{short}" if c["k"] is None else f"{short} / {tiles} (k={c['k']} of {c['depth']})"
+        cost = "-" if c["cost"] is None else f"{c['cost']:.2f}x"
+        lines.append(f"| {name} | {tokens} | {cost} | {fmt(c['acc'], c['acc_std'])} | "
+                     f"{fmt(c['acc_hr_zeroed'], c['acc_hr_zeroed_std'])} | "
+                     f"{fmt(c['acc_hr_other_image'], c['acc_hr_other_image_std'])} | "
+                     f"{fmt(c['exact_match'], c['exact_match_std'])} |")
+    return "\n".join(lines)
+
+
+def plot(summary, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(summary["configs"])
+    fig, ax = plt.subplots(figsize=(8, 4))
+    x = range(len(names))
+    acc = [summary["configs"][n]["acc"] for n in names]
+    err = [summary["configs"][n]["acc_std"] for n in names]
+    zero = [summary["configs"][n]["acc_hr_zeroed"] for n in names]
+    ax.bar([i - 0.2 for i in x], acc, 0.4, yerr=err, label="accuracy (mean ± sd over seeds)")
+    ax.bar([i + 0.2 for i in x], [z if z is not None else 0 for z in zero], 0.4,
+           label="HR projector output zeroed", color="tab:red")
+    labels = []
+    for n in names:
+        c = summary["configs"][n]
+        labels.append(n + ("" if c["cost"] is None else f"\n{c['cost']:.2f}x cost"))
+    ax.set_xticks(list(x), labels)
+    ax.axhline(summary["task"]["chance"], color="0.5", ls=":", label="chance")
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("held-out share of dots read right")
+    ax.set_title(f"{summary['task']['name']} task, {len(summary['seeds'])} seeds")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = Path(path).with_name("." + Path(path).name + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+
+
 def _write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -305,6 +457,15 @@ def main(argv=None) -> int:
     from internvlx_hf.demo.recipe import load_tokenizer_processor
 
     torch.set_num_threads(args.threads)
+    if args.summarise:
+        summary = summarise(args)
+        _write(RESULTS / f"lvtc-hr-path{args.tag}.json", json.dumps(summary, indent=2) + "\n")
+        text = table(summary)
+        _write(RESULTS / f"lvtc-hr-path{args.tag}.md", text + "\n")
+        print(text)
+        if args.plot:
+            plot(summary, args.plot)
+        return 0
     configs = study_configs(args)
     names = [n for n in args.configs.split(",") if n]
     unknown = [n for n in names if n not in configs]
@@ -328,7 +489,7 @@ def main(argv=None) -> int:
             row = run_one(name, configs[name], seed, args, workdir, base)
             _write(RUNS_DIR / f"{name}{args.tag}-s{seed}.json", json.dumps(row, indent=2) + "\n")
             last = row["diagnostics"][-1] if row["diagnostics"] else {}
-            print(f"{name} seed {seed}: acc {row['acc']:.3f}, HR zeroed {row['acc_hr_zeroed']}, other "
+            print(f"{name} seed {seed}: acc {row['acc']:.3f} (bits {row['bit_acc']}, count {row['acc_count']}), HR zeroed {row['acc_hr_zeroed']}, other "
                   f"{row['acc_hr_other_image']}, {row['train_s']:.0f} s, loss {row['loss_first']:.3f} -> "
                   f"{row['loss_last']:.4f}, hr/lr {last.get('hr_to_lr')}, grad hr {last.get('grad_hr_projector')}",
                   flush=True)

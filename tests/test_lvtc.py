@@ -52,6 +52,7 @@ def test_lvtc_defaults_follow_the_paper():
     ({"lr_downsample_ratio": 0.25}, "differs from downsample_ratio=0.5"),
     ({"lr_projector_type": "pvtc"}, "differs from projector_type='mlp'"),
     ({"upsample_mode": "bicubic"}, "upsample_mode must be one of"),
+    ({"hr_scale": "layernorm"}, "hr_scale must be one of"),
     ({"num_lr_projectors": 0}, "num_lr_projectors must be >= 1"),
     ({"expand": 3}, r"Unknown lvtc option\(s\) \['expand'\]"),
 ])
@@ -340,7 +341,10 @@ def algorithm_1_by_hand(model, ids: torch.Tensor, mask: torch.Tensor, pixel_valu
                     elif (row, j) in tile_at:
                         grid = x[row, j:j + 4].reshape(1, 2, 2, dim).permute(0, 3, 1, 2)
                         up = F.interpolate(grid, size=(4, 4), mode=mode).permute(0, 2, 3, 1).reshape(16, dim)
-                        seq += list(up + v_hr[tile_at[row, j]])
+                        hr = v_hr[tile_at[row, j]]
+                        if lvtc.hr_scale == "rms":  # each HR token at its LR state's RMS
+                            hr = hr * up.pow(2).mean(-1, keepdim=True).sqrt() / hr.pow(2).mean(-1, keepdim=True).sqrt()
+                        seq += list(up + hr)
                 rows.append(torch.stack(seq))
             long_len = max(len(r) for r in rows)
             pads = [long_len - len(r) for r in rows]
@@ -380,14 +384,14 @@ def test_forward_equals_algorithm_1_written_out(tiles):
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("mode", ["nearest", "bilinear"])
-def test_left_padded_batch_with_two_images_equals_algorithm_1_written_out(mode):
+@pytest.mark.parametrize("mode, hr_scale", [("nearest", "none"), ("bilinear", "none"), ("nearest", "rms")])
+def test_left_padded_batch_with_two_images_equals_algorithm_1_written_out(mode, hr_scale):
     """Row 0: one image of 4 tiles; row 1: two images of 1 and 2 tiles with text between. Row 0 is the shorter in
     the input ids (left-padded by 1) but the longer from layer k (row 1 gets 11 slots of new left padding). Two
     extra LR projectors, s = 1, i = 2: added before layers 1 and 3; k = 5 of 6. Positions as generate() makes them
     (0 from the first real token)."""
     model = tiny_model("mlp", layers=6, lvtc={"expand_layer": 5, "num_lr_projectors": 3, "inject_start": 1,
-                                              "inject_interval": 2, "upsample_mode": mode})
+                                              "inject_interval": 2, "upsample_mode": mode, "hr_scale": hr_scale})
     assert model.config.lvtc_config.injection_layers == [1, 3]
     first = prompt_ids(4, seed=140, n_text=2)
     second = prompt_ids(1, seed=141, n_text=2) + [7, 8] + [IMAGE_TOKEN_ID] * 8 + [9, 10, 11]

@@ -32,6 +32,7 @@ _LVTC_FIELD_TYPES = {
     "upsample_mode": str,
     "lr_projector_type": str,
     "hr_projector_type": str,
+    "hr_scale": str,
 }
 assert set(_LVTC_FIELD_TYPES) == {f.name for f in fields(LVTCConfig)}, "keep the LVTC option table in sync"
 

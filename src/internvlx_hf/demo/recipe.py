@@ -45,6 +45,7 @@ class TinySpec:
     projector: str = "mlp"  # "mlp" (InternVL2's) or "pvtc"
     downsample_ratio: float = 0.5  # 0.5: 16 tokens per 112 px tile ("256"); 1.0: 64 ("1024")
     lvtc_k: int | None = None  # LVTC expand layer: layers < k see 16 tokens per tile, layers >= k see 64
+    lvtc_hr_scale: str = "none"  # LVTCConfig.hr_scale
     tile: int = 112
     patch: int = 14
     hidden: int = 128
@@ -61,6 +62,7 @@ class TinySpec:
 
     def describe(self) -> str:
         lvtc = f", LVTC k={self.lvtc_k}" if self.lvtc_k else ""
+        lvtc += f" (hr_scale {self.lvtc_hr_scale})" if self.lvtc_k and self.lvtc_hr_scale != "none" else ""
         return (f"{self.projector}, downsample {self.downsample_ratio}{lvtc}, {self.tile}px tiles / {self.patch}px "
                 f"patches, ViT {self.vision_layers}x{self.vision_hidden}, LLM {self.layers}x{self.hidden}, "
                 f"tiling {self.tiling} (max {self.max_tiles})")
@@ -74,9 +76,12 @@ CONFIGS: dict[str, TinySpec] = {
     "lvtc-256-1024": TinySpec(projector="mlp", downsample_ratio=0.5, lvtc_k=5),
     "pvtc+lvtc": TinySpec(projector="pvtc", downsample_ratio=0.5, lvtc_k=5),
 }
-# Variants the benchmark can also train (`--configs lvtc-k4`): LVTC expanding one layer earlier.
+# Variants the benchmark can also train (`--configs lvtc-k4`): LVTC expanding one layer earlier, or with the HR
+# output rescaled.
 EXTRA_CONFIGS: dict[str, TinySpec] = {
     "lvtc-k4": TinySpec(projector="mlp", downsample_ratio=0.5, lvtc_k=4),
+    # LVTCConfig.hr_scale="rms": the HR projector's output enters at the upsampled LR state's scale.
+    "lvtc-rms": TinySpec(projector="mlp", downsample_ratio=0.5, lvtc_k=5, lvtc_hr_scale="rms"),
 }
 
 
@@ -163,7 +168,7 @@ def build_model(spec: TinySpec, processor, seed: int = 0):
     vision = dict(hidden_size=spec.vision_hidden, intermediate_size=4 * spec.vision_hidden,
                   num_hidden_layers=spec.vision_layers, num_attention_heads=spec.vision_heads, image_size=spec.tile,
                   patch_size=spec.patch, initializer_range=spec.init_std)
-    lvtc = dict(expand_layer=spec.lvtc_k, num_lr_projectors=1) if spec.lvtc_k else None
+    lvtc = dict(expand_layer=spec.lvtc_k, num_lr_projectors=1, hr_scale=spec.lvtc_hr_scale) if spec.lvtc_k else None
     config = InternVLXConfig(text_config=text, vision_config=vision, image_token_id=processor.image_token_id,
                              projector_type=spec.projector, pvtc_num_heads=spec.pvtc_heads, lvtc=lvtc,
                              downsample_ratio=spec.downsample_ratio, template="Hermes-2")

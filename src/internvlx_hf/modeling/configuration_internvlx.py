@@ -22,6 +22,7 @@ AUTO_MAP = {
     "AutoModelForImageTextToText": "modeling_internvlx.InternVLXForConditionalGeneration",
 }
 UPSAMPLE_MODES = ("nearest", "bilinear")
+HR_SCALES = ("none", "rms")
 
 # InternViT-300M-448px (the vision tower of InternVL2-1B/2B/4B/8B).
 _INTERNVIT_300M = {
@@ -89,6 +90,10 @@ class LVTCConfig:
         upsample_mode: ``"nearest"`` (default) or ``"bilinear"`` 2D upsampling of each tile's LR states.
         lr_projector_type: ``"mlp"`` or ``"pvtc"``; ``None`` = the model's ``projector_type``.
         hr_projector_type: ``"mlp"`` or ``"pvtc"``.
+        hr_scale: ``"none"`` (default, the paper: the HR projector's output is added as it is) or ``"rms"``: each
+            HR token is rescaled to the RMS of the upsampled LR state it is added to (per token, over the hidden
+            size), so the HR signal enters the residual stream at the same scale as the LR one whatever the depth
+            of k. An opt-in for studies of the HR path (docs/benchmarks.md, "LVTC's high-resolution path").
     """
 
     lr_downsample_ratio: float | None = None
@@ -100,6 +105,7 @@ class LVTCConfig:
     upsample_mode: str = "nearest"
     lr_projector_type: str | None = None
     hr_projector_type: str = "mlp"
+    hr_scale: str = "none"
 
     @classmethod
     def from_any(cls, value: "LVTCConfig | dict | None") -> "LVTCConfig | None":
@@ -132,6 +138,8 @@ class LVTCConfig:
             raise ValueError(f"lvtc.hr_projector_type must be one of {PROJECTOR_TYPES}, got {self.hr_projector_type!r}")
         if self.upsample_mode not in UPSAMPLE_MODES:
             raise ValueError(f"lvtc.upsample_mode must be one of {UPSAMPLE_MODES}, got {self.upsample_mode!r}")
+        if self.hr_scale not in HR_SCALES:
+            raise ValueError(f"lvtc.hr_scale must be one of {HR_SCALES}, got {self.hr_scale!r}")
         image_size, patch_size = _image_and_patch(config.vision_config)
         n1 = _tokens_per_side(image_size, patch_size, lr_ratio, "lvtc.lr_downsample_ratio")
         n2 = _tokens_per_side(image_size, patch_size, self.hr_downsample_ratio, "lvtc.hr_downsample_ratio")
@@ -158,6 +166,7 @@ class LVTCConfig:
             upsample_mode=self.upsample_mode,
             lr_projector_type=lr_type,
             hr_projector_type=self.hr_projector_type,
+            hr_scale=self.hr_scale,
         )
         bad = [layer for layer in resolved.injection_layers if not 0 <= layer < k]
         if bad:

@@ -56,6 +56,10 @@ def group_windows(features: torch.Tensor, window: int) -> torch.Tensor:
     return features.reshape(n * blocks * blocks, window * window, channels)
 
 
+def _rms(x: torch.Tensor) -> torch.Tensor:
+    return x.float().pow(2).mean(-1, keepdim=True).sqrt().to(x.dtype)
+
+
 class InternVLXMLPProjector(nn.Module):
     """InternVL2's `mlp1`: pixel shuffle, then LayerNorm / Linear / GELU / Linear. The CLS token is dropped."""
 
@@ -907,7 +911,8 @@ class InternVLXModel(InternVLXPreTrainedModel):
             for idx, layer in enumerate(lm.layers[:depth]):
                 if idx == k:
                     if prefill:
-                        hidden = self._expand(hidden, layout, features, side1, side2, lvtc.upsample_mode)
+                        hidden = self._expand(hidden, layout, features, side1, side2, lvtc.upsample_mode,
+                                              lvtc.hr_scale)
                     long_dummy = hidden if prefill else inputs_embeds
                     masks = masks_for(range(k, depth), long_dummy, long_mask_2d, long_position_ids)
                     positions = long_position_ids
@@ -940,7 +945,7 @@ class InternVLXModel(InternVLXPreTrainedModel):
         )
 
     @staticmethod
-    def _expand(hidden, layout: LVTCLayout, features, side1, side2, mode):
+    def _expand(hidden, layout: LVTCLayout, features, side1, side2, mode, hr_scale="none"):
         """Layer k: upsample each tile's LR states 2D and add the HR projector output (residual, Sec. 3.2)."""
         batch, short_len, dim = hidden.shape
         device = hidden.device  # layer k-1's device: with a device_map the layout may live elsewhere
@@ -950,7 +955,10 @@ class InternVLXModel(InternVLXPreTrainedModel):
             tiles = flat[layout.visual_short.to(device)].reshape(-1, side1, side1, dim).permute(0, 3, 1, 2)
             kwargs = {"align_corners": False} if mode == "bilinear" else {}
             up = F.interpolate(tiles, size=(side2, side2), mode=mode, **kwargs).permute(0, 2, 3, 1).reshape(-1, dim)
-            up = up + features.hr_features.reshape(-1, dim).to(device, up.dtype)
+            hr = features.hr_features.reshape(-1, dim).to(device, up.dtype)
+            if hr_scale == "rms":  # opt-in (LVTCConfig.hr_scale): HR enters at the LR state's scale, per token
+                hr = hr * (_rms(up) / _rms(hr).clamp(min=torch.finfo(hr.dtype).tiny))
+            up = up + hr
             index, source = torch.cat([index, layout.visual_long.to(device)]), torch.cat([source, up])
         long = flat.new_zeros(batch * layout.long_len, dim).index_copy(0, index, source)
         return long.reshape(batch, layout.long_len, dim)
