@@ -53,7 +53,19 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 RESULTS = ROOT / "benchmarks" / "results"
-RUNS_DIR = RESULTS / "lvtc-hr-path"
+STUDY_DIR = RESULTS / "lvtc-hr-path"
+RUNS_DIR = STUDY_DIR / "bits"  # the bits-task runs (this script trains them)
+# The fine-task runs (benchmarks/bench_learnability.py, 1500 steps, 200 fine pages x 9, one thread), per seed: the
+# results files that hold each configuration's run and, where it was scored separately, its HR ablation.
+FINE_RUNS = {
+    0: ["learnability.json", "learnability-hr-ablation.json", "lvtc-hr-path/fine-seed0-lvtc-rms.json"],
+    1: ["lvtc-hr-path/fine-seed1.json", "learnability-lvtc-seed1.json"],
+    2: ["lvtc-hr-path/fine-seed2.json", "learnability-lvtc-seed2.json"],
+}
+FINE_PROBE = "lvtc-hr-path/fine-probe.json"
+# Headline names of the learnability configurations (the paper's formulation is "lvtc").
+FINE_NAMES = {"plain-256": "plain-256", "plain-1024": "plain-1024", "lvtc-256-1024": "lvtc",
+              "lvtc-rms": "lvtc-rms", "pvtc+lvtc": "pvtc+lvtc"}
 TASK = "bits"  # --task
 
 
@@ -80,31 +92,37 @@ def parse_args(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", default="plain-256,plain-1024,lvtc,pvtc+lvtc")
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--steps", type=int, default=1600)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--hidden", type=int, default=48, help="LLM width (the merged token's room)")
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--hidden", type=int, default=32, help="LLM width (the merged token's room)")
     parser.add_argument("--layers", type=int, default=8, help="LLM depth")
-    parser.add_argument("--vit-layers", type=int, default=2, help="ViT depth")
+    parser.add_argument("--vit-layers", type=int, default=1, help="ViT depth")
     parser.add_argument("--vit-hidden", type=int, default=64, help="ViT width")
     parser.add_argument("--grid", type=int, default=8, help="cells (= 14 px ViT patches) per tile side")
     parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--kv-heads", type=int, default=2)
+    parser.add_argument("--kv-heads", type=int, default=4)
     parser.add_argument("--bits-side", type=int, default=12, help="dots per row of a cell")
     parser.add_argument("--bits-rows", type=int, default=1, help="rows of dots per cell (1: a barcode)")
-    parser.add_argument("--distractors", action="store_true", help="dots in every cell, not only the framed block")
+    parser.add_argument("--no-distractors", dest="distractors", action="store_false",
+                        help="dots only in the framed block (default: in every cell)")
     parser.add_argument("--task", default="bits-block", choices=("bits", "bits-block"),
                         help="bits: one cell of the framed block, chosen by the question; bits-block: all four")
-    parser.add_argument("--count-share", type=int, default=1,
+    parser.add_argument("--count-share", type=int, default=0,
                         help="'bits-count' questions per 'bits' question in the training set (0: none)")
-    parser.add_argument("--train", type=int, default=12000, help="distinct training samples")
+    parser.add_argument("--train", type=int, default=51200,
+                        help="distinct training samples (default: steps x batch, none seen twice: with repeats the "
+                             "models memorise training answers instead of learning to read)")
     parser.add_argument("--test", type=int, default=400, help="held-out samples")
     parser.add_argument("--diag-every", type=int, default=50)
     parser.add_argument("--probe-rounds", type=int, default=0, help="interleaved step timing rounds (0: none)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--tag", default="", help="suffix of the run files (a variant of the recipe)")
     parser.add_argument("--workdir", default=None)
-    parser.add_argument("--summarise", action="store_true", help="train nothing: aggregate the kept run files")
+    parser.add_argument("--summarise", action="store_true", help="train nothing: aggregate the kept bits run files")
+    parser.add_argument("--headline", action="store_true",
+                        help="train nothing: write benchmarks/results/lvtc-hr-path.json (+ .md, and --plot) from the "
+                             "fine-task runs of bench_learnability.py listed in FINE_RUNS")
     parser.add_argument("--plot", default=None)
     return parser.parse_args(argv)
 
@@ -247,21 +265,24 @@ def run_one(name, spec, seed, args, workdir, base):
     metrics = train_checkpoint(start, train_meta, out, train_spec, threads=args.threads, callbacks=[diag.callback])
     result = metrics.pop("result")
     model, processor = result.trainer.model, result.trainer.processing_class
-    full = evaluate(model, processor, test_meta, progress=False, max_new_tokens=64)["accuracy"]
-    scores = {"intact": full[args.task]}
-    bits = {"intact": bit_accuracy(model, processor, test_meta, args.task)}
-    if getattr(model.model, "lvtc_hr_projector", None) is not None:
-        for mode in HR_MODES[1:]:
-            with hr_features(model, mode):
-                scores[mode] = evaluate(model, processor, test_meta, progress=False, tasks=(args.task,),
-                                        max_new_tokens=64)["accuracy"][args.task]
-                bits[mode] = bit_accuracy(model, processor, test_meta, args.task)
+    # Greedy answers to the held-out questions, scored as the share of dots read right and by exact match (the same
+    # exact match as `internvlx_hf.demo.recipe.evaluate`), with the HR projector's output intact, zeroed and taken
+    # from another image (LVTC models).
+    bits, scores = {}, {}
+    modes = HR_MODES if getattr(model.model, "lvtc_hr_projector", None) is not None else HR_MODES[:1]
+    for mode in modes:
+        with hr_features(model, mode):
+            bits[mode], scores[mode] = bit_accuracy(model, processor, test_meta, args.task)
+    full = {}
+    if args.count_share:
+        full = evaluate(model, processor, test_meta, progress=False, tasks=("bits-count",))["accuracy"]
     row = {"config": name, "seed": seed, "tag": args.tag, "spec": asdict(spec), "describe": spec.describe(),
            "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "n_train": args.train,
            "n_test": args.test, "bits_side": args.bits_side, "bits_rows": args.bits_rows, "grid": args.grid,
            "distractors": args.distractors, "k": spec.lvtc_k, "depth": spec.layers,
            "train_s": metrics["train_runtime"], "loss_first": metrics["loss_first"],
-           "loss_last": metrics["loss_last"], "acc": scores["intact"], "acc_count": full.get("bits-count"), "bit_acc": bits,
+           "loss_last": metrics["loss_last"], "acc": scores["intact"], "acc_count": full.get("bits-count"),
+           "bit_acc": bits,
            "count_share": args.count_share, "task": args.task,
            "acc_hr_zeroed": scores.get("zeroed"), "acc_hr_other_image": scores.get("other image"),
            "diagnostics": diag.log,
@@ -271,16 +292,16 @@ def run_one(name, spec, seed, args, workdir, base):
     return row
 
 
-def bit_accuracy(model, processor, test_meta, task, batch_size=50) -> float:
-    """Share of answer digits right (greedy), over the held-out ``task`` samples: how much of the cell's bars a
-    model reads even where the exact match fails (chance 0.5)."""
+def bit_accuracy(model, processor, test_meta, task, batch_size=50) -> tuple[float, float]:
+    """``(share of answer dots read right, exact match)`` of greedy answers to the held-out ``task`` samples: the
+    share says how much of the bars a model reads even where the exact match fails (chance 0.5)."""
     from PIL import Image
 
     from internvlx_hf.demo.recipe import answer_batch, read_records
 
     records, root = read_records(test_meta)
     records = [r for r in records if r["task"] == task]
-    right = total = 0
+    right = total = exact = 0
     for i in range(0, len(records), batch_size):
         batch = records[i:i + batch_size]
         images = [Image.open(root / r["image"]).convert("RGB") for r in batch]
@@ -289,7 +310,8 @@ def bit_accuracy(model, processor, test_meta, task, batch_size=50) -> float:
             want = r["conversations"][-1]["value"]
             right += sum(a == b for a, b in zip(got["answer"], want))
             total += len(want)
-    return right / total
+            exact += got["answer"] == want
+    return right / total, exact / len(records)
 
 
 def probe_cost(names, configs, args, workdir, base) -> dict[str, float]:
@@ -392,6 +414,111 @@ def summarise(args) -> dict:
     }
 
 
+def headline() -> dict:
+    """``lvtc-hr-path.json``: the fine task (the learnability benchmark's letters), every configuration over the
+    seeds of `FINE_RUNS`, with the per-step cost of the interleaved probe (`FINE_PROBE`)."""
+    runs: dict[str, dict[int, dict]] = {}
+    for seed, files in FINE_RUNS.items():
+        for file in files:
+            data = json.loads((RESULTS / file).read_text(encoding="utf-8"))
+            if data.get("settings", {}).get("seed", seed) != seed:
+                raise SystemExit(f"{file}: seed {data['settings']['seed']}, expected {seed}")
+            for run in data["runs"]:
+                name = FINE_NAMES.get(run["name"])
+                if name is None:
+                    continue
+                entry = runs.setdefault(name, {}).setdefault(seed, {"files": []})
+                entry["files"].append(f"benchmarks/results/{file}")
+                if "accuracy" in run:
+                    entry.update(acc=run["accuracy"]["fine"], basic_min=run["basic_min"], k=run["lvtc_k"],
+                                 train_s=run["train_s"], steps=run["steps"])
+                if run.get("fine_hr"):
+                    entry["hr"] = run["fine_hr"]
+    probe = json.loads((RESULTS / FINE_PROBE).read_text(encoding="utf-8"))["probe"] \
+        if (RESULTS / FINE_PROBE).is_file() else {}
+    probe = {FINE_NAMES.get(k, k): v for k, v in probe.items()}
+    configs = {}
+    for name, per_seed in runs.items():
+        seeds = sorted(s for s, e in per_seed.items() if "acc" in e)
+        accs = [per_seed[s]["acc"] for s in seeds]
+        zeroed = [per_seed[s]["hr"]["zeroed"] for s in seeds if "hr" in per_seed[s]]
+        other = [per_seed[s]["hr"]["other image"] for s in seeds if "hr" in per_seed[s]]
+        first = per_seed[seeds[0]]
+        configs[name] = {
+            "acc": statistics.fmean(accs), "acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+            "acc_per_seed": dict(zip(map(str, seeds), accs)),
+            "cost": probe[name] / probe["plain-1024"] if name in probe and "plain-1024" in probe else None,
+            "s_per_step_probe": probe.get(name),
+            "acc_hr_zeroed": statistics.fmean(zeroed) if zeroed else None,
+            "acc_hr_zeroed_per_seed": {str(s): per_seed[s]["hr"]["zeroed"] for s in seeds if "hr" in per_seed[s]},
+            "acc_hr_other_image": statistics.fmean(other) if other else None,
+            "basic_min": min(per_seed[s]["basic_min"] for s in seeds),
+            "k": first["k"], "depth": 6,
+            "train_s_max": max(per_seed[s]["train_s"] for s in seeds),
+            "train_s_total": sum(per_seed[s]["train_s"] for s in seeds),
+            "sources": sorted({f for s in seeds for f in per_seed[s]["files"]}),
+        }
+    order = [n for n in ("plain-256", "plain-1024", "lvtc", "lvtc-rms", "pvtc+lvtc") if n in configs]
+    return {
+        "task": {"name": "fine", "what": "which of 8 letters (5x5 px glyphs, one per 14 px ViT patch) is in the red "
+                 "box, on 112 px pages of 8x8 letters; 200 distinct training pages seen 9 times, with 3,600 "
+                 "basic-task samples; 200 held-out fine samples (of 1,000), greedy exact match; chance 1/8",
+                 "recipe": "benchmarks/bench_learnability.py --no-tiling --steps 1500 --threads 1 --seed S "
+                           "(TinySpec: ViT 2x64, Qwen2 LLM 6x128, 16 tokens per tile, 64 from layer k)"},
+        "seeds": sorted(FINE_RUNS),
+        "configs": {name: configs[name] for name in order},
+        "probe": {"file": f"benchmarks/results/{FINE_PROBE}", "s_per_step": probe} if probe else None,
+        "lvtc_options": {"lvtc": "LVTCConfig defaults (the paper: HR output added as it is)",
+                         "lvtc-rms": "LVTCConfig(hr_scale='rms'): each HR token rescaled to its upsampled LR "
+                                     "state's RMS"},
+        "bits_task": "benchmarks/results/lvtc-hr-path/bits/ (an information-deficit task; did not train within "
+                     "the budget, see pilots.md)",
+    }
+
+
+def headline_table(summary) -> str:
+    lines = ["| configuration | visual tokens per tile (layers < k / >= k) | cost vs plain-1024 (probe) | fine, "
+             "mean ± sd (3 seeds) | fine, HR zeroed | fine, HR of another image | lowest basic task |",
+             "|---|---|---|---|---|---|---|"]
+    for name, c in summary["configs"].items():
+        tokens = "64" if name == "plain-1024" else ("16" if c["k"] is None else f"16 / 64 (k={c['k']} of 6)")
+        cost = "-" if c["cost"] is None else f"{c['cost']:.2f}x"
+        zero = "-" if c["acc_hr_zeroed"] is None else \
+            f"{c['acc_hr_zeroed']:.3f} ({len(c['acc_hr_zeroed_per_seed'])} seed(s))"
+        other = "-" if c["acc_hr_other_image"] is None else f"{c['acc_hr_other_image']:.3f}"
+        lines.append(f"| {name} | {tokens} | {cost} | {c['acc']:.3f} ± {c['acc_std']:.3f} | {zero} | {other} | "
+                     f"{c['basic_min']:.3f} |")
+    return "\n".join(lines)
+
+
+def headline_plot(summary, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(summary["configs"])
+    fig, ax = plt.subplots(figsize=(8.5, 4))
+    x = list(range(len(names)))
+    cfg = [summary["configs"][n] for n in names]
+    ax.bar([i - 0.2 for i in x], [c["acc"] for c in cfg], 0.4, yerr=[c["acc_std"] for c in cfg], capsize=3,
+           label="fine detail, mean ± sd over 3 seeds")
+    for i, c in zip(x, cfg):
+        ax.scatter([i - 0.2] * len(c["acc_per_seed"]), list(c["acc_per_seed"].values()), color="k", s=10, zorder=3)
+    ax.bar([i + 0.2 for i in x], [c["acc_hr_zeroed"] or 0 for c in cfg], 0.4, color="tab:red",
+           label="same model, HR projector output zeroed")
+    ax.set_xticks(x, [n + ("" if c["cost"] is None else f"\n{c['cost']:.2f}x cost") for n, c in zip(names, cfg)])
+    ax.axhline(1 / 8, color="0.5", ls=":", label="chance (1/8)")
+    ax.set_ylim(0, 1.1)
+    ax.set_ylabel("held-out exact match")
+    ax.set_title("LVTC's high-resolution path on the fine-detail task")
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    tmp = Path(path).with_name("." + Path(path).name + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+
+
 def table(summary) -> str:
     lines = ["| configuration | visual tokens per tile (layers < k / >= k) | cost vs plain-1024 | dots read right | "
              "dots read right, HR zeroed | dots read right, HR of another image | exact match |",
@@ -457,11 +584,20 @@ def main(argv=None) -> int:
     from internvlx_hf.demo.recipe import load_tokenizer_processor
 
     torch.set_num_threads(args.threads)
+    if args.headline:
+        summary = headline()
+        _write(RESULTS / "lvtc-hr-path.json", json.dumps(summary, indent=2) + "\n")
+        text = headline_table(summary)
+        _write(RESULTS / "lvtc-hr-path.md", text + "\n")
+        print(text)
+        if args.plot:
+            headline_plot(summary, args.plot)
+        return 0
     if args.summarise:
         summary = summarise(args)
-        _write(RESULTS / f"lvtc-hr-path{args.tag}.json", json.dumps(summary, indent=2) + "\n")
+        _write(RUNS_DIR / f"summary{args.tag}.json", json.dumps(summary, indent=2) + "\n")
         text = table(summary)
-        _write(RESULTS / f"lvtc-hr-path{args.tag}.md", text + "\n")
+        _write(RUNS_DIR / f"summary{args.tag}.md", text + "\n")
         print(text)
         if args.plot:
             plot(summary, args.plot)
@@ -489,9 +625,9 @@ def main(argv=None) -> int:
             row = run_one(name, configs[name], seed, args, workdir, base)
             _write(RUNS_DIR / f"{name}{args.tag}-s{seed}.json", json.dumps(row, indent=2) + "\n")
             last = row["diagnostics"][-1] if row["diagnostics"] else {}
-            print(f"{name} seed {seed}: acc {row['acc']:.3f} (bits {row['bit_acc']}, count {row['acc_count']}), HR zeroed {row['acc_hr_zeroed']}, other "
-                  f"{row['acc_hr_other_image']}, {row['train_s']:.0f} s, loss {row['loss_first']:.3f} -> "
-                  f"{row['loss_last']:.4f}, hr/lr {last.get('hr_to_lr')}, grad hr {last.get('grad_hr_projector')}",
+            print(f"{name} seed {seed}: dots {row['bit_acc']}, exact {row['acc']:.3f}, {row['train_s']:.0f} s, "
+                  f"loss {row['loss_first']:.3f} -> {row['loss_last']:.4f}, hr/lr {last.get('hr_to_lr')}, "
+                  f"grad hr {last.get('grad_hr_projector')}",
                   flush=True)
     if args.workdir is None:
         shutil.rmtree(workdir, ignore_errors=True)

@@ -407,3 +407,24 @@ def test_a_clean_convert_and_train_print_no_warning(tmp_path):
         "config. The model config and generation config were aligned accordingly, being updated with the "
         "tokenizer's values. Updated tokens: {'pad_token_id': 800}.",
     ]
+
+
+def test_callbacks_see_every_optimizer_step_with_its_gradients(tmp_path):
+    from transformers import TrainerCallback
+
+    class Record(TrainerCallback):
+        def __init__(self):
+            self.seen = []
+
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            grads = [p.grad for p in model.model.multi_modal_projector.parameters()]
+            self.seen.append((state.global_step, all(g is not None and bool(g.any()) for g in grads)))
+
+    record = Record()
+    result = train(*parse_train_args(
+        dict(model=str(th.converted("internvl2_qwen2")), data=str(_data(tmp_path, max_dynamic_patch=1)),
+             preset="stage1", output_dir=str(tmp_path / "out"), max_steps=2, save_strategy="no", use_cpu=True,
+             report_to="none", disable_tqdm=True, seed=0, per_device_train_batch_size=2, learning_rate=1e-3)),
+        callbacks=[record], print_fn=None)
+    assert record in result.trainer.callback_handler.callbacks
+    assert record.seen == [(0, True), (1, True)]
