@@ -343,7 +343,8 @@ def algorithm_1_by_hand(model, ids: torch.Tensor, mask: torch.Tensor, pixel_valu
                         up = F.interpolate(grid, size=(4, 4), mode=mode).permute(0, 2, 3, 1).reshape(16, dim)
                         hr = v_hr[tile_at[row, j]]
                         if lvtc.hr_scale == "rms":  # each HR token at its LR state's RMS
-                            hr = hr * up.pow(2).mean(-1, keepdim=True).sqrt() / hr.pow(2).mean(-1, keepdim=True).sqrt()
+                            hr = hr * up.pow(2).mean(-1, keepdim=True).sqrt() / (hr.pow(2).mean(-1, keepdim=True)
+                                                                                 + 1e-6).sqrt()
                         seq += list(up + hr)
                 rows.append(torch.stack(seq))
             long_len = max(len(r) for r in rows)
@@ -623,3 +624,21 @@ def test_cropping_the_prompts_text_tail_then_decoding_equals_the_full_prefill():
     with pytest.raises(ValueError, match=r"Cannot crop 2 prefill token\(s\) .* only the last 1 token\(s\) of the "
                                          r"prompt are text after its last image"):
         cache.crop(-3)
+
+
+def test_hr_scale_rms_with_a_zero_hr_output_adds_nothing():
+    """`internvlx convert --lvtc` zeroes the HR projector's output layer (an identity branch at first): with
+    hr_scale="rms" that must stay an identity branch (no 0/0), with finite gradients."""
+    lvtc = {"expand_layer": 1, "hr_scale": "rms"}
+    model = tiny_model("mlp", lvtc=lvtc)
+    reference = tiny_model("mlp", lvtc={"expand_layer": 1})
+    reference.load_state_dict(model.state_dict())
+    for m in (model, reference):
+        last = [mod for mod in m.model.lvtc_hr_projector.modules() if isinstance(mod, torch.nn.Linear)][-1]
+        torch.nn.init.zeros_(last.weight)
+        torch.nn.init.zeros_(last.bias)
+    ids, pv = torch.tensor([prompt_ids(1, seed=31)]), pixels(1, seed=32)
+    got = model(input_ids=ids, pixel_values=pv, labels=ids)
+    torch.testing.assert_close(got.logits, reference(input_ids=ids, pixel_values=pv).logits, rtol=0, atol=0)
+    got.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

@@ -57,7 +57,7 @@ def group_windows(features: torch.Tensor, window: int) -> torch.Tensor:
 
 
 def _rms(x: torch.Tensor) -> torch.Tensor:
-    return x.float().pow(2).mean(-1, keepdim=True).sqrt().to(x.dtype)
+    return x.float().pow(2).mean(-1, keepdim=True).sqrt()
 
 
 class InternVLXMLPProjector(nn.Module):
@@ -957,7 +957,7 @@ class InternVLXModel(InternVLXPreTrainedModel):
             up = F.interpolate(tiles, size=(side2, side2), mode=mode, **kwargs).permute(0, 2, 3, 1).reshape(-1, dim)
             hr = features.hr_features.reshape(-1, dim).to(device, up.dtype)
             if hr_scale == "rms":  # opt-in (LVTCConfig.hr_scale): HR enters at the LR state's scale, per token
-                hr = hr * (_rms(up) / _rms(hr).clamp(min=torch.finfo(hr.dtype).tiny))
+                hr = hr * (_rms(up) * torch.rsqrt(hr.float().pow(2).mean(-1, keepdim=True) + 1e-6)).to(hr.dtype)
             up = up + hr
             index, source = torch.cat([index, layout.visual_long.to(device)]), torch.cat([source, up])
         long = flat.new_zeros(batch * layout.long_len, dim).index_copy(0, index, source)
