@@ -507,6 +507,7 @@ def headline() -> dict:
         }
     order = [n for n in ("plain-256", "plain-1024", "lvtc", "lvtc-rms", "pvtc+lvtc") if n in configs]
     return {
+        "checks": headline_checks(configs),
         "task": {"name": "fine", "what": "which of 8 letters (5x5 px glyphs, one per 14 px ViT patch) is in the red "
                  "box, on 112 px pages of 8x8 letters; 200 distinct training pages seen 9 times, with 3,600 "
                  "basic-task samples; 200 held-out fine samples (of 1,000), greedy exact match; chance 1/8",
@@ -523,17 +524,55 @@ def headline() -> dict:
     }
 
 
+def headline_checks(configs) -> list[dict]:
+    """The issue's requirements on the headline numbers (means over the seeds), each with its numbers."""
+    checks = []
+    p256, p1024 = configs.get("plain-256"), configs.get("plain-1024")
+    if p256 and p1024:
+        gap = p1024["acc"] - p256["acc"]
+        checks.append({"requirement": "plain-1024 beats plain-256 by >= 0.30", "met": gap >= 0.30,
+                       "numbers": f"{p1024['acc']:.3f} - {p256['acc']:.3f} = {gap:+.3f}"})
+    for name in ("lvtc", "lvtc-rms", "pvtc+lvtc"):
+        c = configs.get(name)
+        if not (c and p1024 and p256):
+            continue
+        diff = p1024["acc"] - c["acc"]
+        cost = c["cost"]
+        checks.append({"requirement": f"{name}: within 0.05 of plain-1024 at <= 0.65x its per-step cost",
+                       "met": diff <= 0.05 and cost is not None and cost <= 0.65,
+                       "numbers": f"{c['acc']:.3f} vs {p1024['acc']:.3f} ({-diff:+.3f}), cost "
+                                  + ("-" if cost is None else f"{cost:.2f}x") + f", k={c['k']} of {c['depth']}"})
+        if c["acc_hr_zeroed"] is not None:
+            drop_to = c["acc_hr_zeroed"]
+            checks.append({"requirement": f"{name}: with the HR output zeroed it falls to within 0.10 of plain-256 "
+                                          "(or below it)",
+                           "met": drop_to <= p256["acc"] + 0.10,
+                           "numbers": f"{c['acc']:.3f} -> {drop_to:.3f} (plain-256 {p256['acc']:.3f}; another "
+                                      f"image's HR: {c['acc_hr_other_image']:.3f})"})
+    slowest = max(configs.items(), key=lambda item: item[1]["train_s_max"])
+    checks.append({"requirement": "each configuration trains in at most 15 minutes",
+                   "met": slowest[1]["train_s_max"] <= 900,
+                   "numbers": f"slowest run: {slowest[0]}, {slowest[1]['train_s_max']:.0f} s (one thread, another "
+                              "run on the other core)"})
+    total = sum(c["train_s_total"] for c in configs.values())
+    checks.append({"requirement": "the whole study in at most 2 hours of CPU (training of the headline runs)",
+                   "met": total <= 7200, "numbers": f"{total:.0f} s of single-thread training"})
+    return checks
+
+
 def headline_table(summary) -> str:
     lines = ["| configuration | visual tokens per tile (layers < k / >= k) | cost vs plain-1024 (probe) | fine, "
              "mean ± sd (3 seeds) | fine, HR zeroed | fine, HR of another image | lowest basic task |",
              "|---|---|---|---|---|---|---|"]
+    lines[0] = lines[0].replace("mean ± sd (3 seeds)", "mean ± sd (seeds)")
     for name, c in summary["configs"].items():
         tokens = "64" if name == "plain-1024" else ("16" if c["k"] is None else f"16 / 64 (k={c['k']} of 6)")
         cost = "-" if c["cost"] is None else f"{c['cost']:.2f}x"
         zero = "-" if c["acc_hr_zeroed"] is None else \
             f"{c['acc_hr_zeroed']:.3f} ({len(c['acc_hr_zeroed_per_seed'])} seed(s))"
         other = "-" if c["acc_hr_other_image"] is None else f"{c['acc_hr_other_image']:.3f}"
-        lines.append(f"| {name} | {tokens} | {cost} | {c['acc']:.3f} ± {c['acc_std']:.3f} | {zero} | {other} | "
+        lines.append(f"| {name} | {tokens} | {cost} | {c['acc']:.3f} ± {c['acc_std']:.3f} ({len(c['acc_per_seed'])}) | "
+                     f"{zero} | {other} | "
                      f"{c['basic_min']:.3f} |")
     return "\n".join(lines)
 
@@ -640,7 +679,8 @@ def main(argv=None) -> int:
     if args.headline:
         summary = headline()
         _write(RESULTS / "lvtc-hr-path.json", json.dumps(summary, indent=2) + "\n")
-        text = headline_table(summary)
+        text = headline_table(summary) + "\n\n" + "\n".join(
+            f"- {'met' if c['met'] else 'NOT met'}: {c['requirement']} ({c['numbers']})" for c in summary["checks"])
         _write(RESULTS / "lvtc-hr-path.md", text + "\n")
         print(text)
         if args.plot:
