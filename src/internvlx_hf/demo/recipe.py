@@ -82,7 +82,6 @@ EXTRA_CONFIGS: dict[str, TinySpec] = {
     "lvtc-k4": TinySpec(projector="mlp", downsample_ratio=0.5, lvtc_k=4),
     # LVTCConfig.hr_scale="rms": the HR projector's output enters at the upsampled LR state's scale.
     "lvtc-rms": TinySpec(projector="mlp", downsample_ratio=0.5, lvtc_k=5, lvtc_hr_scale="rms"),
-    "lvtc-k4-rms": TinySpec(projector="mlp", downsample_ratio=0.5, lvtc_k=4, lvtc_hr_scale="rms"),
 }
 
 

@@ -10,11 +10,13 @@ and a one-word answer:
 - ``count``: "How many shapes?" -> ``1`` ... ``max_count``.
 - ``fine``: a page of 5x5-pixel letters (scaled by an integer), one per square cell of ``image_size // fine_grid``
   pixels, one cell framed in red: "Which letter is in the red box?" -> ``E``.
-- ``bits`` (only when asked for, see `EXTRA_TASKS`): every cell holds a ``bits_side`` x ``bits_side`` grid of random
-  dark or light dots; one 2x2 block of cells (aligned with the 2x2 pixel-shuffle windows) is framed in red:
-  "top-left square, row 3?" -> ``010110`` (1 = dark). The answer needs the exact dots of one cell, and the question
-  does not say which cell until the LLM reads it: a 2x2-merged token must carry the dots of all four cells
-  (``4 * bits_side**2`` random bits) through the projector's output width, a per-patch token those of one.
+- ``bits``, ``bits-block``, ``bits-count`` (only when asked for, see `EXTRA_TASKS`): every cell holds ``bits_rows``
+  x ``bits_side`` random dark or light dots (``bits_rows=1``: a barcode of ``bits_side`` bars), one 2x2 block of
+  cells (aligned with the 2x2 pixel-shuffle windows) framed in red. ``bits``: "top-left square, row 3?" ->
+  ``010110`` (1 = dark; the row is left out for barcodes); ``bits-block``: "Read the red box." -> that row of all
+  four cells, top-left to bottom-right; ``bits-count``: "Dark dots in the top-left square?" -> ``17``. The first
+  two need the exact dots, and a 2x2-merged token must carry those of all four cells through the projector's output
+  width, a per-patch token those of one; a count fits either.
 
 The colour, shape and position tasks draw ``1..max_objects`` objects of distinct shapes and colours (the default,
 one object, is what every tiny model of the learnability benchmark learns within its budget).
@@ -57,7 +59,6 @@ TASKS = ("colour", "shape", "position", "count", "fine")
 BASIC_TASKS = ("colour", "shape", "position", "count")
 # Tasks that are drawn only when asked for by name (never part of the default `TASKS` mixture).
 EXTRA_TASKS = ("bits", "bits-count", "bits-block")
-BITS_TASKS = EXTRA_TASKS
 QUADRANTS = ("top-left", "top-right", "bottom-left", "bottom-right")
 
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -225,8 +226,8 @@ def _fine_sample(rng: random.Random, width: int, height: int, cell: int, glyphs:
 def _bits_sample(rng: random.Random, width: int, height: int, cell: int, side: int, rows: int,
                  distractors: bool, task: str = "bits") -> Sample:
     """Random dark/light dots (``rows`` x ``side`` per cell; ``rows=1``: a barcode of ``side`` bars) in every cell
-    (``distractors``) or only in the framed block, one 2x2 block of cells at even (row, col) framed in red; the dots
-    of one row of one of its cells asked for."""
+    (``distractors``) or only in the framed block, one 2x2 block of cells at even (row, col) framed in red; ``task``
+    (see the module docstring) decides what is asked."""
     cols, grid_rows = max(2, width // cell), max(2, height // cell)
     width, height = max(width, cols * cell), max(height, grid_rows * cell)
     image = Image.new("RGB", (width, height), (255, 255, 255))
@@ -290,8 +291,9 @@ def make_sample(task: str, rng: random.Random, width: int, height: int, *, image
         bits_rows: the bits task's rows of dots per cell (None: ``bits_side``, square dots; 1: a barcode).
         bits_distractors: the bits task draws dots in every cell (True) or only in the framed block.
     """
-    _check_options(1, task, "fixed", image_size, fine_grid, fine_glyphs, max_count, max_objects, bits_side)
-    if task in BITS_TASKS:
+    _check_options(1, task, "fixed", image_size, fine_grid, fine_glyphs, max_count, max_objects, bits_side,
+                   bits_rows)
+    if task in EXTRA_TASKS:
         return _bits_sample(rng, width, height, image_size // fine_grid, bits_side,
                             bits_side if bits_rows is None else bits_rows, bits_distractors, task)
     if task == "fine":
@@ -343,7 +345,7 @@ def _check_options(n, tasks, sizes, image_size, fine_grid, fine_glyphs, max_coun
         raise ValueError(f"image_size {image_size} / fine_grid {fine_grid} gives {image_size // fine_grid}px cells; "
                          "a 5x5 letter with its frame needs at least 7px: lower fine_grid or raise image_size")
     for key, value in (("bits_side", bits_side), ("bits_rows", bits_rows)):
-        if set(BITS_TASKS) & set(tasks) and value is not None and (image_size // fine_grid - 2) // value < 1:
+        if set(EXTRA_TASKS) & set(tasks) and value is not None and (image_size // fine_grid - 2) // value < 1:
             raise ValueError(f"{key}={value} dots do not fit a {image_size // fine_grid}px cell with its one-pixel "
                              f"margin; use at most {image_size // fine_grid - 2}")
     if max_count > 9:
