@@ -27,7 +27,8 @@ pixels, exact ids and tokens). This script keeps:
 ``tests/fixtures/tokenizer_cases/`` is not derived from the fixtures (``scripts/make_tokenizer_cases.py`` records
 it from the reference slow tokenizers), nor are the InternVL2.5 / InternVL3 fixtures (``golden.V25_FIXTURES``:
 ``scripts/make_internvl25_fixtures.py`` builds them and writes their compact form with this script's
-``_compact_model_fixture``): this script leaves them alone and ``--check`` ignores them.
+``_compact_model_fixture``), nor ``real_configs/`` (public ``config.json`` files, see its ``SOURCES.md``): this
+script leaves them alone and ``--check`` ignores them.
 The rules are implemented in ``tests/golden.py`` (shared with the tests that read the data). The output is
 reproducible: running the script again gives byte-identical files, which ``--check`` verifies (it rebuilds into a
 temporary folder and compares; `.ci/run` runs it when ``../shared/fixtures`` is present).
@@ -58,9 +59,10 @@ sys.path.insert(0, str(REPO / "tests"))
 
 import golden  # noqa: E402  (tests/golden.py: the rules, shared with the tests)
 
-# folders of tests/fixtures made otherwise: scripts/make_tokenizer_cases.py, and scripts/make_internvl25_fixtures.py
-# (which compacts its fixtures with `_compact_model_fixture` as it makes them)
-HAND_MADE = ("tokenizer_cases", *golden.V25_FIXTURES)
+# folders of tests/fixtures made otherwise: scripts/make_tokenizer_cases.py, scripts/make_internvl25_fixtures.py
+# (which compacts its fixtures with `_compact_model_fixture` as it makes them), and real_configs/ (public config.json
+# files copied from their sources, see real_configs/SOURCES.md)
+HAND_MADE = ("tokenizer_cases", "real_configs", *golden.V25_FIXTURES)
 DROPPED = {
     **dict.fromkeys(golden.DROPPED_TENSORS, "no test uses it"),
     "pixel_values_u8": "replaced by per-tile sha256 digests, stats and block means of the float32 pixel_values",
