@@ -445,31 +445,39 @@ def main(argv=None) -> int:
 
 
 def probe(names, data_spec, workdir, base, args):
-    """Median seconds of one training step (collation, forward, backward, optimizer) per configuration, timed
-    round-robin on identical batches of the training set, so that a drifting machine load hits all alike."""
+    """Median seconds of one training step per configuration (`interleaved_step_times` on the training set)."""
+    from internvlx_hf.demo.recipe import CONFIGS, EXTRA_CONFIGS, make_datasets
+
+    specs = {name: {**CONFIGS, **EXTRA_CONFIGS}[name] for name in names}
+    train_meta, _ = make_datasets(workdir / "data", specs[names[0]], data_spec)
+    return interleaved_step_times(specs, train_meta, base, rounds=args.probe_rounds, batch_size=args.batch_size,
+                                  lr=args.lr, seed=args.seed)
+
+
+def interleaved_step_times(specs, train_meta, base, *, rounds, batch_size, lr, seed=0) -> dict[str, float]:
+    """Median seconds of one training step (collation, forward, backward, optimizer) of each `TinySpec` in
+    ``specs`` (name -> spec), timed round-robin on identical batches of ``train_meta``, so that a drifting machine
+    load hits all alike; two warm-up rounds are not counted."""
     import random
     import statistics
 
     import torch
     from tqdm.auto import tqdm
 
-    from internvlx_hf.demo.recipe import CONFIGS, EXTRA_CONFIGS, build_model, build_processor, make_datasets
-
-    CONFIGS = {**CONFIGS, **EXTRA_CONFIGS}
+    from internvlx_hf.demo.recipe import build_model, build_processor
     from internvlx_hf.training import InternVLXDataCollator, InternVLXDataset
 
-    train_meta, _ = make_datasets(workdir / "data", CONFIGS[names[0]], data_spec)
     runs = []
-    for name in names:
-        processor = build_processor(CONFIGS[name], base)
-        model = build_model(CONFIGS[name], processor, seed=args.seed).train()
+    for name, spec in specs.items():
+        processor = build_processor(spec, base)
+        model = build_model(spec, processor, seed=seed).train()
         dataset = InternVLXDataset(str(train_meta), processor, progress=False)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
         runs.append((name, model, InternVLXDataCollator(processor), dataset, optimizer))
-    rng = random.Random(args.seed)
+    rng = random.Random(seed)
     times = {name: [] for name, *_ in runs}
-    for round_ in tqdm(range(args.probe_rounds + 2), desc="interleaved step timing"):
-        rows = rng.sample(range(len(runs[0][3])), args.batch_size)
+    for round_ in tqdm(range(rounds + 2), desc="interleaved step timing"):
+        rows = rng.sample(range(len(runs[0][3])), batch_size)
         for name, model, collator, dataset, optimizer in runs:
             start = time.perf_counter()
             loss = model(**collator([dataset[i] for i in rows])).loss

@@ -47,7 +47,6 @@ import shutil
 import statistics
 import sys
 import tempfile
-import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -362,39 +361,13 @@ def bit_accuracy(model, processor, test_meta, task, batch_size=50) -> tuple[floa
 
 
 def probe_cost(names, configs, args, workdir, base) -> dict[str, float]:
-    """Median seconds per training step (collate, forward, backward, optimizer), configurations interleaved on the
-    same batches so that machine load drifts hit all alike."""
-    import random
-
-    import torch
-
-    from internvlx_hf.demo.recipe import build_model, build_processor
-    from internvlx_hf.training import InternVLXDataCollator, InternVLXDataset
+    """Median seconds per training step of each configuration on the bits training set, timed interleaved
+    (`bench_learnability.interleaved_step_times`)."""
+    from bench_learnability import interleaved_step_times
 
     train_meta, _ = make_data(workdir, args)
-    runs = []
-    for name in names:
-        processor = build_processor(configs[name], base)
-        model = build_model(configs[name], processor, seed=0).train()
-        dataset = InternVLXDataset(str(train_meta), processor, progress=False)
-        runs.append((name, model, InternVLXDataCollator(processor), dataset,
-                     torch.optim.AdamW(model.parameters(), lr=args.lr)))
-    rng = random.Random(0)
-    times = {name: [] for name in names}
-    for round_ in range(args.probe_rounds + 2):
-        rows = rng.sample(range(len(runs[0][3])), args.batch_size)
-        for name, model, collator, dataset, optimizer in runs:
-            start = time.perf_counter()
-            batch = collator([dataset[i] for i in rows])
-            loss = model(**batch).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if round_ >= 2:
-                times[name].append(time.perf_counter() - start)
-        print(f"probe round {round_ + 1}/{args.probe_rounds + 2}", flush=True)
-    return {name: statistics.median(v) for name, v in times.items()}
+    return interleaved_step_times({name: configs[name] for name in names}, train_meta, base,
+                                  rounds=args.probe_rounds, batch_size=args.batch_size, lr=args.lr)
 
 
 def _mean_std(values):
@@ -567,9 +540,8 @@ def headline_checks(configs) -> list[dict]:
 
 def headline_table(summary) -> str:
     lines = ["| configuration | visual tokens per tile (layers < k / >= k) | cost vs plain-1024 (probe) | fine, "
-             "mean ± sd (3 seeds) | fine, HR zeroed | fine, HR of another image | lowest basic task |",
+             "mean ± sd (seeds) | fine, HR zeroed | fine, HR of another image | lowest basic task |",
              "|---|---|---|---|---|---|---|"]
-    lines[0] = lines[0].replace("mean ± sd (3 seeds)", "mean ± sd (seeds)")
     for name, c in summary["configs"].items():
         tokens = "64" if name == "plain-1024" else ("16" if c["k"] is None else f"16 / 64 (k={c['k']} of 6)")
         cost = "-" if c["cost"] is None else f"{c['cost']:.2f}x"
