@@ -12,7 +12,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..training.data import TileBudget
+from ..data.images import TileBudget
 from .data import EvalSet, read_eval_data
 from .metrics import get_metric
 
@@ -111,7 +111,7 @@ def _generate(model, processor, samples, options, *, tiling, max_new_tokens, num
     """Answers, tiles and visual tokens of one batch, and the seconds generate() took."""
     import torch
 
-    from ..training.data import load_image
+    from ..data.images import load_image
 
     images = []
     for sample in samples:

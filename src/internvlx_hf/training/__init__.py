@@ -11,9 +11,9 @@ InternVL's format, the data of `internvlx demo` and `benchmarks/bench_learnabili
 """
 
 from .collator import InternVLXDataCollator
-from .data import DataSummary, InternVLXDataset, read_meta
-from .encoding import IGNORE_INDEX, ConversationEncoder
-from .formats import Sample, SampleError, sample_from_row
+from ..data import DataSummary, InternVLXDataset, read_meta
+from ..data.encoding import IGNORE_INDEX, ConversationEncoder
+from ..data.formats import Sample, SampleError, sample_from_row
 from .presets import PRESETS, LoraSettings, apply_preset, format_trainable, lora_target_modules, trainable_parameters
 from .synthetic import combine_meta, generate_dataset
 from .train import (

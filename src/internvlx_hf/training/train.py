@@ -24,7 +24,7 @@ from transformers.hf_argparser import string_to_bool
 from ..hub.resolve import read_internvlx_config
 from ..processing import TilingMode
 from .collator import LOSS_REDUCTIONS, InternVLXDataCollator
-from .data import InternVLXDataset
+from ..data import InternVLXDataset, as_sources
 from .presets import PRESETS, LoraSettings, apply_preset, describe_lora, format_trainable
 from .trainer import InternVLXTrainer
 
@@ -77,12 +77,35 @@ class DataArguments:
     )
     max_tiles: int | None = field(
         default=None,
-        metadata={"help": "largest tile grid per image (default: the processor's; a dataset's max_dynamic_patch "
-                          "wins)"},
+        metadata={"help": "largest tile grid per image, for every dataset: it overrides the meta's "
+                          "max_dynamic_patch, and the saved processor gets it (default: each dataset's "
+                          "max_dynamic_patch, else the processor's max_tiles)"},
     )
     group_by_length: bool = field(
         default=False,
-        metadata={"help": "same as --train_sampling_strategy group_by_length (batches of similar length)"},
+        metadata={"help": "same as --train_sampling_strategy group_by_length (batches of similar length; needs "
+                          "per-sample lengths, see --lengths)"},
+    )
+    lengths: str = field(
+        default="exact",
+        metadata={"help": "per-sample lengths for group_by_length: a row's own 'length' field, else exact (computed "
+                          "once in parallel and cached, reused by later runs and other ranks) or approximate "
+                          "(text length / 4 + the tile budget: instant, more padding)",
+                  "choices": ["exact", "approximate"]},
+    )
+    lengths_cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "folder of the lengths cache; every DDP rank must see it (default: $INTERNVLX_CACHE/lengths "
+                          "or the datasets cache)"},
+    )
+    check_data: bool = field(
+        default=False,
+        metadata={"help": "check every row before training, as `internvlx data check` does (full data table, "
+                          "unusable rows left out up front); default: rows are checked as they load"},
+    )
+    data_num_proc: int | None = field(
+        default=None,
+        metadata={"help": "processes for --check_data and the exact lengths (default: all cores)"},
     )
     eval_data: str | None = field(
         default=None,
@@ -310,11 +333,20 @@ def train(model_args: ModelArguments, data_args: DataArguments, preset_args: Pre
             raise ValueError(f"--max_tiles {data_args.max_tiles} is below the processor's min_tiles "
                              f"{processor.image_processor.min_tiles}")
         processor.image_processor.max_tiles = data_args.max_tiles
+    sources = as_sources(data)
+    say(_apply_tile_precedence(sources, processor.image_processor, data_args.max_tiles))
 
     collator = InternVLXDataCollator(processor, max_length=data_args.max_length, packing=data_args.packing,
                                      loss_reduction=data_args.loss_reduction)
-    dataset = InternVLXDataset(data, processor, max_length=data_args.max_length, progress=is_main)
+    dataset = InternVLXDataset(sources, processor, max_length=data_args.max_length, progress=is_main,
+                               check=data_args.check_data, lengths=data_args.lengths,
+                               num_proc=data_args.data_num_proc, cache_dir=data_args.lengths_cache_dir)
     say(str(dataset.summary))
+    if data_args.group_by_length or training_args.train_sampling_strategy == "group_by_length":
+        # The main process computes the lengths (or reads them from the cache) first; the others then read its cache.
+        with training_args.main_process_first(local=False, desc="per-sample lengths"):
+            dataset.lengths  # noqa: B018 - computed and cached on first use
+        say(_describe_lengths(dataset))
     eval_sets = eval_dataset = None
     if data_args.eval_data:  # read and checked before the model loads: a bad held-out row stops the run now
         from ..evaluation import read_eval_data
@@ -381,13 +413,73 @@ def train(model_args: ModelArguments, data_args: DataArguments, preset_args: Pre
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     if eval_sets is not None and training_args.eval_strategy == "no":
         trainer.evaluate()  # the final model's scores, before it is saved with them
+    loaded = dataset.load_report(_status_of_all_ranks(dataset, trainer))
+    if collator.skipped:
+        loaded["dropped_by_collator"] = dict(collator.skipped)  # this process's only (rows given to it directly)
+    trainer.provenance["data_loaded"] = loaded
     out.mkdir(parents=True, exist_ok=True)
     _save_final(trainer, processor, out, lora)
-    skipped = dataset.skipped_at_load + collator.skipped
-    if skipped:
-        say(f"skipped during training: {dict(skipped)} (see the warnings)")
+    say(_describe_loaded(loaded))
     say(f"Saved {'the merged model to ' + str(out) + ' and the adapter to ' + str(out / 'adapter') if lora else out}")
     return TrainResult(trainer=trainer, dataset=dataset, output_dir=out, metrics=result.metrics)
+
+
+def _apply_tile_precedence(sources: list, image_processor, max_tiles: int | None) -> str:
+    """One precedence for the tile budget: --max_tiles, when given, is every dataset's; else a dataset's
+    max_dynamic_patch is its own, and the saved processor gets the largest one used, so that inference tiles as
+    training did. Returns the line that says so."""
+    own = {s.name: s.max_dynamic_patch for s in sources if s.max_dynamic_patch is not None}
+    if max_tiles is not None:
+        for source in sources:
+            source.max_dynamic_patch = None
+        overridden = ", ".join(f"{name} {value}" for name, value in own.items() if value != max_tiles)
+        return (f"Tiles: --max_tiles {max_tiles} for every dataset"
+                + (f" (it overrides max_dynamic_patch of {overridden})" if overridden else "")
+                + f"; the saved processor gets max_tiles {max_tiles}")
+    if not own:
+        return f"Tiles: the processor's max_tiles {image_processor.max_tiles} for every dataset"
+    default = image_processor.max_tiles
+    others = [s.name for s in sources if s.max_dynamic_patch is None]
+    for source in sources:  # pinned, so that raising the processor's max_tiles below leaves their budget as it was
+        if source.max_dynamic_patch is None:
+            source.max_dynamic_patch = default
+    image_processor.max_tiles = max([*own.values(), *([default] if others else [])])
+    used = ", ".join(f"{name} {value}" for name, value in own.items())
+    rest = f", the processor's {default} for {', '.join(others)}" if others else ""
+    return (f"Tiles: each dataset's max_dynamic_patch ({used}){rest}; the saved processor gets max_tiles "
+            f"{image_processor.max_tiles} (--max_tiles N sets one budget for all)")
+
+
+def _describe_lengths(dataset: InternVLXDataset) -> str:
+    origins = getattr(dataset, "lengths_origin", None)
+    if not origins:
+        return "Lengths: from the full check (--check_data)"
+    parts = [f"{source.name} {origin}" for source, origin in zip(dataset.sources, origins)]
+    return f"Lengths ({dataset.length_mode}): " + ", ".join(parts)
+
+
+def _status_of_all_ranks(dataset: InternVLXDataset, trainer: InternVLXTrainer):
+    """The per-row status of every process combined (elementwise max: a row any rank loaded counts once)."""
+    import torch
+    import torch.distributed as dist
+
+    status = dataset._status
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return None
+    combined = status.to(trainer.accelerator.device, torch.int32)
+    dist.all_reduce(combined, op=dist.ReduceOp.MAX)
+    return combined.cpu().numpy()
+
+
+def _describe_loaded(loaded: dict[str, Any]) -> str:
+    line = (f"Data loaded during training: {loaded['rows_loaded']:,} of {loaded['rows']:,} rows, "
+            f"{loaded['truncated']:,} truncated")
+    if loaded["skipped"]:
+        reasons = ", ".join(f"{reason}: {count:,}" for reason, count in loaded["skipped"].items())
+        line += f", skipped {sum(loaded['skipped'].values()):,} ({reasons}; see the warnings)"
+    if loaded.get("dropped_by_collator"):
+        line += f"; dropped by the collator: {loaded['dropped_by_collator']}"
+    return line
 
 
 def end_distributed() -> None:
