@@ -135,6 +135,7 @@ def _length_chunk(task: tuple[int, int, str]):
     dataset = _WORKER
     lengths = np.zeros(stop - start, dtype=np.int32)
     given = 0
+    pending = []  # (offset, sample, tiles) whose exact length comes from one batched tokenization
     for offset in range(stop - start):
         source, where, raw = dataset.row(start + offset)
         try:
@@ -146,10 +147,32 @@ def _length_chunk(task: tuple[int, int, str]):
             elif mode == "approximate":
                 lengths[offset] = _approximate(dataset, sample)
             else:
-                lengths[offset] = dataset.measure(sample, [_image_size(image) for image in sample.images])[0].length
+                sizes = [_image_size(image) for image in sample.images]
+                pending.append((offset, sample, dataset.budget.tiles(sizes, sample.max_tiles)))
         except SampleError:
             lengths[offset] = 0  # skipped when it loads; its length only places it in a batch
+    counts = _exact_lengths(dataset, pending)
+    for (offset, sample, tiles), count in zip(pending, counts):
+        if dataset.max_length is not None and count > dataset.max_length:  # what truncation keeps, exactly
+            try:
+                count = dataset.measure(sample, None)[0].length
+            except SampleError:
+                count = 0
+        lengths[offset] = count
     return start, lengths, given
+
+
+def _exact_lengths(dataset, pending: list) -> list[int]:
+    try:
+        return dataset.encoder.lengths([(sample.messages, tiles) for _, sample, tiles in pending])
+    except SampleError:  # one conversation cannot be counted: count them one by one
+        counts = []
+        for _, sample, tiles in pending:
+            try:
+                counts.extend(dataset.encoder.lengths([(sample.messages, tiles)]))
+            except SampleError:
+                counts.append(0)
+        return counts
 
 
 def _chunks(start: int, stop: int) -> list[tuple[int, int]]:
