@@ -96,7 +96,7 @@ def test_train_writes_checkpoints_that_load_anywhere(preset, tmp_path, capsys):
     assert json.loads((out / "processor_config.json").read_text())["image_processor"]["max_tiles"] == 1
     # what loading the rows found, all processes and DataLoader workers together
     assert record["data_loaded"]["rows"] == 8 and record["data_loaded"]["skipped"] == {}
-    assert 4 <= record["data_loaded"]["rows_loaded"] <= 8
+    assert 4 <= record["data_loaded"]["rows_read"] <= 8
     state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
     losses = [e["loss"] for e in state["log_history"] if "loss" in e]
     assert len(losses) == 2 and losses[-1] < losses[0]

@@ -147,6 +147,12 @@ def test_datasets_dataset_rows(processor, tmp_path):
     assert item["source"] == "dataset[1]" and item["images"][0].size == (64, 64)
     batch = InternVLXDataCollator(processor)([dataset[0], dataset[1]])
     assert batch["input_ids"].shape == (2, max(dataset.lengths))
+    lazy = InternVLXDataset(rows, processor, progress=False, cache_dir=tmp_path / "cache")  # the default: lazy
+    assert lazy[1]["source"] == "dataset[1]" and lazy[1]["images"][0].size == (64, 64)
+    assert lazy.lengths == dataset.lengths and lazy.lengths_origin == ["built"]  # cached by the dataset's fingerprint
+    assert InternVLXDataset(rows, processor, progress=False, cache_dir=tmp_path / "cache").lengths_origin is None
+    again = InternVLXDataset(rows, processor, progress=False, cache_dir=tmp_path / "cache")
+    assert again.lengths == dataset.lengths and again.lengths_origin == ["cache"]
     rows.info.dataset_name = "HuggingFaceM4/ChartQA"  # what a dataset loaded from the Hub carries
     assert InternVLXDataset(rows, processor, progress=False, check=True).sources[0].hub_id == "HuggingFaceM4/ChartQA"
 

@@ -11,7 +11,7 @@ lazy), `check` (`internvlx data check`).
 from .dataset import InternVLXDataset
 from .encoding import IGNORE_INDEX, ConversationEncoder, EncodedConversation, truncate
 from .formats import IMAGE_TAG, Sample, SampleError, sample_from_row
-from .images import TileBudget, image_size, load_image
+from .images import TileBudget, apply_tile_precedence, image_size, load_image
 from .sources import DataSource, as_sources, parse_row, read_meta, source_rows
 from .summary import DatasetStats, DataSummary
 
@@ -27,6 +27,7 @@ __all__ = [
     "Sample",
     "SampleError",
     "TileBudget",
+    "apply_tile_precedence",
     "as_sources",
     "image_size",
     "load_image",

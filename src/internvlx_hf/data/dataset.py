@@ -106,10 +106,14 @@ class InternVLXDataset(torch.utils.data.Dataset):
             self._status.share_memory_()  # written by every DataLoader worker, read by `load_report`
         self._row_lengths: np.ndarray | None = None
         self._lengths: list[int] | None = None
+        # Per source, where its lengths came from ("built", "cache", ...) and the cache file (see `lengths`).
+        self.lengths_origin: list[str] | None = None
+        self.lengths_files: list[str | None] | None = None
         if check:
             from .lengths import check_rows
 
             measured = check_rows(self, progress=progress)
+            self.measured = measured  # per-row results of the full check
             self._row_lengths = measured.lengths
             samples = self._build_samples(measured)
         else:
@@ -275,7 +279,7 @@ class InternVLXDataset(torch.utils.data.Dataset):
         """What loading found so far: rows loaded, truncated, skipped per reason (of ``status``, e.g. the status
         arrays of all DDP ranks combined by an elementwise max; default: this process's)."""
         loaded, truncated, skipped = status_counts(self._status.numpy() if status is None else status)
-        return {"rows": int(self._row_offsets[-1]), "rows_loaded": loaded, "truncated": truncated,
+        return {"rows": int(self._row_offsets[-1]), "rows_read": loaded, "truncated": truncated,
                 "skipped": dict(skipped.most_common())}
 
 

@@ -6,11 +6,11 @@ A meta JSON is InternVL's format::
                 "max_dynamic_patch": 6, "length": 1200}}
 
 ``repeat_time`` < 1 keeps the first ``int(n * repeat_time)`` samples, > 1 repeats them (a fractional rest takes the
-first part once more); ``max_dynamic_patch`` overrides the checkpoint's ``max_tiles`` for that dataset; the meta's ``length``
-is informational (a row's own ``length`` is its token count, see `InternVLXDataset`); ``metric`` is the answer metric `internvlx eval` scores the dataset with (see
-`internvlx_hf.evaluation.metrics`; training ignores it). Relative paths are taken from the current directory, as
-InternVL's scripts do, or else from the meta file's folder. A JSONL file alone is one dataset whose ``root`` is its
-folder.
+first part once more); ``max_dynamic_patch`` is that dataset's tile budget (`images.apply_tile_precedence`); the
+meta's ``length`` is informational (a row's own ``length`` is its token count, see `lengths`); ``metric`` is the
+answer metric `internvlx eval` scores the dataset with (see `internvlx_hf.evaluation.metrics`; training ignores it).
+Relative paths are taken from the current directory, as InternVL's scripts do, or else from the meta file's folder.
+A JSONL file alone is one dataset whose ``root`` is its folder.
 """
 
 from __future__ import annotations

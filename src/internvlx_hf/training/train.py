@@ -1,6 +1,7 @@
 """`train()`: the `internvlx train` entry point, from parsed arguments to a saved checkpoint.
 
-It loads an internvlx-hf checkpoint and its processor, scans the data (`InternVLXDataset`), applies a preset
+It loads an internvlx-hf checkpoint and its processor, indexes the data (`InternVLXDataset`: rows are read lazily,
+and lengths computed only for ``--group_by_length``; skips are counted at the end), applies a preset
 (`apply_preset`), trains with `InternVLXTrainer` (transformers' `Trainer`) and writes OUT so that it loads anywhere:
 weights, config, remote code, processor and tokenizer; for `lora`, the PEFT adapter in ``OUT/adapter`` and the merged
 model in OUT. The final files are written to a hidden folder inside OUT and moved into place at the end.
@@ -21,10 +22,10 @@ from typing import Any
 from transformers import HfArgumentParser, TrainingArguments
 from transformers.hf_argparser import string_to_bool
 
+from ..data import InternVLXDataset, apply_tile_precedence, as_sources
 from ..hub.resolve import read_internvlx_config
 from ..processing import TilingMode
 from .collator import LOSS_REDUCTIONS, InternVLXDataCollator
-from ..data import InternVLXDataset, as_sources
 from .presets import PRESETS, LoraSettings, apply_preset, describe_lora, format_trainable
 from .trainer import InternVLXTrainer
 
@@ -334,7 +335,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, preset_args: Pre
                              f"{processor.image_processor.min_tiles}")
         processor.image_processor.max_tiles = data_args.max_tiles
     sources = as_sources(data)
-    say(_apply_tile_precedence(sources, processor.image_processor, data_args.max_tiles))
+    say(apply_tile_precedence(sources, processor.image_processor, data_args.max_tiles))
 
     collator = InternVLXDataCollator(processor, max_length=data_args.max_length, packing=data_args.packing,
                                      loss_reduction=data_args.loss_reduction)
@@ -424,32 +425,6 @@ def train(model_args: ModelArguments, data_args: DataArguments, preset_args: Pre
     return TrainResult(trainer=trainer, dataset=dataset, output_dir=out, metrics=result.metrics)
 
 
-def _apply_tile_precedence(sources: list, image_processor, max_tiles: int | None) -> str:
-    """One precedence for the tile budget: --max_tiles, when given, is every dataset's; else a dataset's
-    max_dynamic_patch is its own, and the saved processor gets the largest one used, so that inference tiles as
-    training did. Returns the line that says so."""
-    own = {s.name: s.max_dynamic_patch for s in sources if s.max_dynamic_patch is not None}
-    if max_tiles is not None:
-        for source in sources:
-            source.max_dynamic_patch = None
-        overridden = ", ".join(f"{name} {value}" for name, value in own.items() if value != max_tiles)
-        return (f"Tiles: --max_tiles {max_tiles} for every dataset"
-                + (f" (it overrides max_dynamic_patch of {overridden})" if overridden else "")
-                + f"; the saved processor gets max_tiles {max_tiles}")
-    if not own:
-        return f"Tiles: the processor's max_tiles {image_processor.max_tiles} for every dataset"
-    default = image_processor.max_tiles
-    others = [s.name for s in sources if s.max_dynamic_patch is None]
-    for source in sources:  # pinned, so that raising the processor's max_tiles below leaves their budget as it was
-        if source.max_dynamic_patch is None:
-            source.max_dynamic_patch = default
-    image_processor.max_tiles = max([*own.values(), *([default] if others else [])])
-    used = ", ".join(f"{name} {value}" for name, value in own.items())
-    rest = f", the processor's {default} for {', '.join(others)}" if others else ""
-    return (f"Tiles: each dataset's max_dynamic_patch ({used}){rest}; the saved processor gets max_tiles "
-            f"{image_processor.max_tiles} (--max_tiles N sets one budget for all)")
-
-
 def _describe_lengths(dataset: InternVLXDataset) -> str:
     origins = getattr(dataset, "lengths_origin", None)
     if not origins:
@@ -472,7 +447,7 @@ def _status_of_all_ranks(dataset: InternVLXDataset, trainer: InternVLXTrainer):
 
 
 def _describe_loaded(loaded: dict[str, Any]) -> str:
-    line = (f"Data loaded during training: {loaded['rows_loaded']:,} of {loaded['rows']:,} rows, "
+    line = (f"Data read during training: {loaded['rows_read']:,} of {loaded['rows']:,} rows, "
             f"{loaded['truncated']:,} truncated")
     if loaded["skipped"]:
         reasons = ", ".join(f"{reason}: {count:,}" for reason, count in loaded["skipped"].items())
