@@ -403,6 +403,7 @@ def plot(results: dict, path: Path) -> None:
     ax.set_yticks(range(len(rows)), labels, fontsize=8)
     ax.invert_yaxis()
     ax.set_xscale("log")
+    ax.set_xlim(right=max(seconds) * 2.2)
     ax.axvline(60, color="#cc3311", linestyle="--", linewidth=1)
     ax.text(60, len(rows) - 0.6, " 60 s target", color="#cc3311", fontsize=8, va="bottom")
     for y, value in enumerate(seconds):

@@ -74,7 +74,7 @@ def _batches_equal(first, second):
 
 def test_lazy_equals_the_full_check_sample_by_sample(processor, tmp_path):
     collator = InternVLXDataCollator(processor)
-    for data in (_colours(tmp_path / "colours", repeat_time=2), _mix(tmp_path / "mix")):
+    for data, used in ((_colours(tmp_path / "colours", repeat_time=2), 6), (_mix(tmp_path / "mix"), 13)):
         checked = InternVLXDataset(str(data), processor, progress=False, check=True)
         lazy = InternVLXDataset(str(data), processor, progress=False, cache_dir=tmp_path / "cache")
         assert len(lazy) == len(checked)
@@ -84,8 +84,8 @@ def test_lazy_equals_the_full_check_sample_by_sample(processor, tmp_path):
             assert (a["source"], a["messages"], a["max_tiles"]) == (b["source"], b["messages"], b["max_tiles"])
             assert [image.tobytes() for image in a["images"]] == [image.tobytes() for image in b["images"]]
             _batches_equal(collator([a]), collator([b]))  # ids, labels, pixel values, tiles
-        rows = sum(d.rows for d in lazy.summary.datasets)
-        assert lazy.load_report() == {"rows": rows, "rows_read": rows, "truncated": 0, "skipped": {}}
+        rows = sum(d.rows for d in lazy.summary.datasets)  # repeat_time 0.5 uses 2 of the 4 two-image rows
+        assert lazy.load_report() == {"rows": rows, "rows_read": used, "truncated": 0, "skipped": {}}
     assert [d.samples for d in lazy.summary.datasets] == [12, 2, 7]
     assert "  total                            15         21" in str(lazy.summary)
 
@@ -97,7 +97,7 @@ def test_lazy_equals_the_full_check_sample_by_sample(processor, tmp_path):
                 for start in range(0, len(checked), 3)]
     for got, want in zip(loader, expected, strict=True):
         _batches_equal(got, want)
-    assert lazy.load_report()["rows_read"] == 15
+    assert lazy.load_report()["rows_read"] == 13
 
 
 def test_a_corrupt_row_in_a_large_file_is_skipped_and_counted_when_it_loads(processor, tmp_path, caplog):
@@ -133,14 +133,14 @@ def test_a_run_records_the_rows_skipped_while_loading(tmp_path, capsys):
         per_device_train_batch_size=2, learning_rate=1e-3)))
     record = read_provenance(tmp_path / "out")["training"][-1]
     assert record["data_loaded"] == {"rows": 4, "rows_read": 4, "truncated": 0, "skipped": {"image not found": 1}}
-    assert "Data read during training: 4 of 4 rows read, 0 truncated, skipped 1 (image not found: 1; see the " \
-           "warnings)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "Rows read during training: 4 of 4, 0 truncated, skipped 1 (image not found: 1; see the warnings)" in printed
     assert result.dataset.skipped_at_load == {"image not found": 1}
 
 
 def test_lengths_come_from_the_row_or_the_cache_which_follows_file_and_settings(processor, tmp_path):
     cache = tmp_path / "cache"
-    path = th.write_jsonl(tmp_path / "d.jsonl", th.colour_rows(tmp_path / "images", 4, (200, 100)))
+    path = th.write_jsonl(tmp_path / "images" / "d.jsonl", th.colour_rows(tmp_path / "images", 4, (200, 100)))
 
     def build(proc=processor, **options):
         dataset = InternVLXDataset(str(path), proc, progress=False, cache_dir=cache, **options)
@@ -156,7 +156,7 @@ def test_lengths_come_from_the_row_or_the_cache_which_follows_file_and_settings(
     capped = copy.deepcopy(processor)
     capped.image_processor.max_tiles = 1
     assert build(capped)[0].lengths_origin == ["built"]  # other tile settings
-    assert build(max_length=300)[0].lengths_origin == ["built"]  # other max_length
+    assert build(max_length=600)[0].lengths_origin == ["built"]  # other max_length
     assert build(lengths="approximate")[0].lengths_origin == ["built"]
     assert build(capped)[0].lengths_origin == ["cache"]
     assert len(list(cache.iterdir())) == 4
@@ -172,7 +172,7 @@ def test_lengths_come_from_the_row_or_the_cache_which_follows_file_and_settings(
 def test_approximate_lengths_count_text_and_the_tile_budget(processor, tmp_path):
     rows = th.colour_rows(tmp_path / "images", 2, (200, 100))
     rows.append({"conversations": _turns(("human", "x" * 40), ("gpt", "y" * 20))})
-    path = th.write_jsonl(tmp_path / "d.jsonl", rows)
+    path = th.write_jsonl(tmp_path / "images" / "d.jsonl", rows)
     dataset = InternVLXDataset(str(path), processor, progress=False, lengths="approximate", cache_dir=False)
     def estimate(text, images):  # text / 4, 8 per message, per image (12 tiles + thumbnail) x 256 + <img></img>
         return -(-len(text) // 4) + 8 * 2 + images * ((12 + 1) * 256 + 2)
@@ -219,30 +219,31 @@ def test_data_check_prints_the_full_check_summary(processor, tmp_path, capsys):
     ]
     path = th.write_jsonl(tmp_path / "rows.jsonl", rows)
     model = str(th.converted("internvl2_qwen2"))
-    assert main(["data", "check", str(path), "--model", model, "--max_length", "300", "--no-progress"]) == 0
+    assert main(["data", "check", str(path), "--model", model, "--max_length", "600", "--no-progress"]) == 0
     printed = capsys.readouterr().out
-    checked = InternVLXDataset(str(path), processor, max_length=300, progress=False, check=True)
+    checked = InternVLXDataset(str(path), processor, max_length=600, progress=False, check=True)
     assert printed == f"Tiles: the processor's max_tiles 12 for every dataset\n{checked.summary}\n"
     # as the scan before every run printed it (the table of the old tests)
     assert printed.splitlines()[2:4] == [
         "  dataset                   samples   images    tiles     tokens truncated  skipped",
-        f"  rows                            3        3        3 {sum(checked.lengths):>10,}         1        2"]
-    assert "  skipped (image not found: 1, invalid JSON: 1), e.g." in printed
+        f"  rows                            2        2        2 {sum(checked.lengths):>10,}         1        3"]
+    # the two-image row: its cut moves before the second image, and its reply comes after both
+    assert "  skipped (image not found: 1, invalid JSON: 1, too long: 1), e.g." in printed
 
-    assert main(["data", "stats", str(path), "--model", model, "--max_length", "300", "--no-progress", "--json",
-                 "--strict"]) == 1  # --strict: a row was skipped
+    assert main(["data", "stats", str(path), "--model", model, "--max_length", "600", "--no-progress", "--json",
+                 "--strict"]) == 1  # --strict: rows were skipped
     report = json.loads(capsys.readouterr().out)
     assert report["datasets"] == checked.summary.to_dict()
     assert (report["rows"], report["samples"], report["skipped"], report["truncated"]) == (
-        5, 3, {"image not found": 1, "invalid JSON": 1}, 1)
-    assert report["stats"]["tokens_per_sample"]["max"] == 300 == max(checked.lengths)
+        5, 2, {"image not found": 1, "invalid JSON": 1, "too long": 1}, 1)
+    assert report["stats"]["tokens_per_sample"]["max"] == 600 == max(checked.lengths)
     assert report["stats"]["tiles_per_image"] == {"min": 1, "p50": 1, "p90": 1, "p99": 1, "max": 1}
 
     # the check shares its rows out to processes: same summary from 2 as from 1
     monkey_chunk = lengths_module._CHUNK_ROWS
     lengths_module._CHUNK_ROWS = 2
     try:
-        parallel = InternVLXDataset(str(path), processor, max_length=300, progress=False, check=True, num_proc=2)
+        parallel = InternVLXDataset(str(path), processor, max_length=600, progress=False, check=True, num_proc=2)
     finally:
         lengths_module._CHUNK_ROWS = monkey_chunk
     assert str(parallel.summary) == str(checked.summary)

@@ -447,7 +447,7 @@ def _status_of_all_ranks(dataset: InternVLXDataset, trainer: InternVLXTrainer):
 
 
 def _describe_loaded(loaded: dict[str, Any]) -> str:
-    line = (f"Data read during training: {loaded['rows_read']:,} of {loaded['rows']:,} rows, "
+    line = (f"Rows read during training: {loaded['rows_read']:,} of {loaded['rows']:,}, "
             f"{loaded['truncated']:,} truncated")
     if loaded["skipped"]:
         reasons = ", ".join(f"{reason}: {count:,}" for reason, count in loaded["skipped"].items())
