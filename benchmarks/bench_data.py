@@ -373,7 +373,8 @@ def rows_of(results: dict) -> list[tuple[str, str, float, float | None, str]]:
 def report(results: dict) -> str:
     n = results["rows"]
     lines = [f"Time to the first optimizer step, {n:,}-row InternVL mix ({results['cores']} cores)", "",
-             "| path | processes | seconds to step 1 | peak RSS / rank at train begin (MiB) | note |", "|---|---|---|---|---|"]
+             "| path | processes | seconds to step 1 | peak RSS / rank at train begin (MiB) | note |",
+             "|---|---|---|---|---|"]
     for path, processes, seconds, rss, note in rows_of(results):
         lines.append(f"| {path} | {processes} | {seconds:,.1f} | {'' if rss is None else f'{rss:,.0f}'} | {note} |")
     lines += ["", "| rows/s | |", "|---|---|",

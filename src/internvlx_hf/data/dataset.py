@@ -23,7 +23,6 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -51,7 +50,7 @@ def reason_code(reason: str) -> int:
 
 
 def status_counts(status: np.ndarray) -> tuple[int, int, Counter]:
-    """(rows loaded, truncated, skipped per reason) of a status array."""
+    """(rows read, truncated, skipped per reason) of a status array."""
     counts = np.bincount(np.asarray(status, dtype=np.int64), minlength=3 + len(REASONS))
     skipped = Counter({reason: int(counts[3 + i]) for i, reason in enumerate(REASONS) if counts[3 + i]})
     return int(counts[1:].sum()), int(counts[TRUNCATED]), skipped

@@ -40,7 +40,6 @@ import numpy as np
 
 from .formats import SampleError
 from .images import image_size
-from .index import JsonlIndex
 from .sources import parse_row
 
 logger = logging.getLogger(__name__)

@@ -160,5 +160,5 @@ def runs_figure(runs: list[EvalRun]):
     return figure
 
 
-__all__ = ["JSON_FORMAT", "describe_options", "format_comparison", "format_run", "plot_runs", "require_matplotlib", "runs_figure",
-           "to_json", "write_json"]
+__all__ = ["JSON_FORMAT", "describe_options", "format_comparison", "format_run", "plot_runs", "require_matplotlib",
+           "runs_figure", "to_json", "write_json"]
