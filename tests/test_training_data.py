@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -155,6 +156,8 @@ def test_datasets_dataset_rows(processor, tmp_path):
     assert again.lengths == dataset.lengths and again.lengths_origin == ["cache"]
     rows.info.dataset_name = "HuggingFaceM4/ChartQA"  # what a dataset loaded from the Hub carries
     assert InternVLXDataset(rows, processor, progress=False, check=True).sources[0].hub_id == "HuggingFaceM4/ChartQA"
+    hub = InternVLXDataset(rows, processor, progress=False, cache_dir=tmp_path / "hub-cache")
+    assert hub.lengths == dataset.lengths and Path(hub.lengths_files[0]).name.startswith("HuggingFaceM4_ChartQA-")
 
 
 def test_group_by_length_samples_from_the_scan_lengths(processor, tmp_path):

@@ -30,6 +30,7 @@ import logging
 import math
 import multiprocessing
 import os
+import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -262,7 +263,8 @@ def row_lengths(dataset, *, mode: str = "exact", progress: bool = True, num_proc
     for index, source in enumerate(dataset.sources):
         start, stop = int(dataset._row_offsets[index]), int(dataset._row_offsets[index + 1])
         key = cache_key(dataset, index, mode) if folder is not None else None
-        path = folder / f"{source.name[:40]}-{key}.npy" if key else None
+        stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", source.name)[:40]  # a Hub id's "/" must not make a folder
+        path = folder / f"{stem}-{key}.npy" if key else None
         if path is not None and path.is_file():
             cached = np.load(path)
             if len(cached) == stop - start:
