@@ -184,6 +184,7 @@ def _map(dataset, function: Callable, tasks: list, num_proc: int | None):
     global _WORKER
     num_proc = min(num_proc or default_num_proc(), len(tasks))
     _WORKER = dataset
+    _file_image_size.cache_clear()  # sizes are remembered for one pass over the rows only
     try:
         if num_proc <= 1 or "fork" not in multiprocessing.get_all_start_methods():
             yield from map(function, tasks)
