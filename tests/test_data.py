@@ -7,6 +7,7 @@ import copy
 import json
 import logging
 import os
+import pickle
 import subprocess
 import sys
 
@@ -98,6 +99,10 @@ def test_lazy_equals_the_full_check_sample_by_sample(processor, tmp_path):
     for got, want in zip(loader, expected, strict=True):
         _batches_equal(got, want)
     assert lazy.load_report()["rows_read"] == 13
+    # Where workers are spawned, the dataset goes to them pickled: no open file, the same items.
+    copy_ = pickle.loads(pickle.dumps(lazy))
+    assert all(reader._fd is None for reader in copy_._readers)
+    _batches_equal(collator([copy_[4]]), collator([checked[4]]))
 
 
 def test_a_corrupt_row_in_a_large_file_is_skipped_and_counted_when_it_loads(processor, tmp_path, caplog):
