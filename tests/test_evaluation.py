@@ -299,6 +299,7 @@ def test_cli_scores_with_each_datasets_metric_and_keeps_every_prediction(tmp_pat
     assert (record["format"], record["data"], len(record["runs"])) == ("internvlx-eval", str(meta), 1)
     run = record["runs"][0]
     assert run["options"] | {"device": None} == {"tiling": "ratio", "max_tiles": 6, "max_new_tokens": 32,
+                                                 "max_tiles_per_dataset": {"colour": 6, "shape": 6},
                                                  "num_beams": 1, "batch_size": 8, "dtype": "float32",
                                                  "device": None}
     for result, metric in zip(run["datasets"], ("vqa", "anls")):
@@ -478,3 +479,48 @@ def test_lora_run_without_eval_strategy_is_scored_once_after_training(tmp_path):
     # evaluate() returns the scores too (for metric_for_best_model), without scoring the same step twice
     assert result.trainer.evaluate()["eval_shape_accuracy"] == scored[0]["eval_shape_accuracy"]
     assert len([e for e in result.trainer.state.log_history if "eval_shape_accuracy" in e]) == 1
+
+
+def test_the_tile_limit_printed_is_the_one_applied(tmp_path, capsys):
+    """A meta's max_dynamic_patch below the processor's max_tiles is what the report names; --max-tiles wins over it
+    (the precedence of training)."""
+    meta, _ = _held_out(tmp_path, tasks=("colour", "shape"), n=2, sizes="mixed")
+    entries = json.loads(meta.read_text())
+    entries["colour"]["max_dynamic_patch"] = 2
+    meta.write_text(json.dumps(entries))
+    assert main(["eval", str(DEMO_MODEL_DIR), str(meta), "--max-new-tokens", "2", "--no-progress"]) == 0
+    assert "tiling ratio (max 2/6 tiles by dataset)" in capsys.readouterr().out
+    entries["shape"]["max_dynamic_patch"] = 2
+    meta.write_text(json.dumps(entries))
+    assert main(["eval", str(DEMO_MODEL_DIR), str(meta), "--max-new-tokens", "2", "--no-progress"]) == 0
+    assert "tiling ratio (max 2 tiles)" in capsys.readouterr().out
+    run = evaluate(*th.load(DEMO_MODEL_DIR), str(meta), max_tiles=1, max_new_tokens=2, progress=False)
+    assert run.options["max_tiles_per_dataset"] == {"colour": 1, "shape": 1}
+    assert all(p.tiles == 1 for d in run.datasets for p in d.predictions)
+
+
+def test_plot_of_compared_runs_keeps_every_label_readable():
+    """Three runs with the same visual tokens: their names are in a legend of their own (one marker each), outside
+    the axes, instead of text next to the points, which overlapped."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from internvlx_hf.evaluation.report import runs_figure
+    from internvlx_hf.evaluation.runner import DatasetResult, EvalRun
+
+    runs = [EvalRun(label=f"checkpoint-{i}", checkpoint=f"c{i}", options={}, datasets=[
+        DatasetResult(name, "exact_match", 0.5 + 0.01 * i, 10, 1.0, [("layers 0-1", 256.0)], 0.1)
+        for name in ("colour", "shape")]) for i in range(3)]
+    figure = runs_figure(runs)
+    axes = figure.axes[0]
+    assert len(axes.texts) == 0  # no run names written next to the points
+    legends = [child for child in axes.get_children() if isinstance(child, matplotlib.legend.Legend)]
+    labels = [[text.get_text() for text in legend.get_texts()] for legend in legends]
+    assert sorted(labels) == [["checkpoint-0", "checkpoint-1", "checkpoint-2"], ["colour", "shape"]]
+    markers = {line.get_marker() for line in axes.get_lines() if line.get_marker() not in (None, "None", "")}
+    assert len(markers) == 3
+    figure.canvas.draw()
+    renderer = figure.canvas.get_renderer()
+    boxes = [legend.get_window_extent(renderer) for legend in legends]
+    assert not boxes[0].overlaps(boxes[1])
+    assert all(not box.overlaps(axes.get_window_extent(renderer)) for box in boxes)  # beside the plot

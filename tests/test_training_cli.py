@@ -82,7 +82,8 @@ def test_train_writes_checkpoints_that_load_anywhere(preset, tmp_path, capsys):
     assert code == 0
     printed = capsys.readouterr().out
     assert f"Trainable parameters (preset {preset})" in printed
-    assert "  colours                         8        8        8" in printed  # samples, images, tiles
+    assert "  colours                           8          8" in printed  # rows, samples (read lazily)
+    assert "Tiles: each dataset's max_dynamic_patch (colours 1); the saved processor gets max_tiles 1" in printed
 
     expected = {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
                 "tokenizer_config.json", "processor_config.json", "internvlx_provenance.json", *REMOTE_CODE}
@@ -90,8 +91,12 @@ def test_train_writes_checkpoints_that_load_anywhere(preset, tmp_path, capsys):
     record = read_provenance(out)["training"][-1]
     assert record["started_from"] == str(model) and record["preset"] == preset and record["steps"] == 2
     assert record["data"][0]["files"] == [str(tmp_path / "colours.jsonl")] and record["data"][0]["samples"] == 8
-    assert (record["learning_rate"], record["tiling"], record["max_tiles"], record["packing"]) == (1e-3, "ratio", 12,
+    assert (record["learning_rate"], record["tiling"], record["max_tiles"], record["packing"]) == (1e-3, "ratio", 1,
                                                                                                    False)
+    assert json.loads((out / "processor_config.json").read_text())["image_processor"]["max_tiles"] == 1
+    # what loading the rows found, all processes and DataLoader workers together
+    assert record["data_loaded"]["rows"] == 8 and record["data_loaded"]["skipped"] == {}
+    assert 4 <= record["data_loaded"]["rows_read"] <= 8
     state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
     losses = [e["loss"] for e in state["log_history"] if "loss" in e]
     assert len(losses) == 2 and losses[-1] < losses[0]
@@ -104,7 +109,8 @@ def test_train_writes_checkpoints_that_load_anywhere(preset, tmp_path, capsys):
         assert {"adapter_model.safetensors", "processor_config.json", "tokenizer.json"} <= \
             set(os.listdir(out / "checkpoint-1"))
         assert read_provenance(out / "checkpoint-1")["training"][-1] | {"date": None} == \
-            {**record, "steps": 1, "epochs": 0.25, "output": "adapter", "date": None}
+            {**{key: value for key, value in record.items() if key != "data_loaded"},  # counted at the run's end
+             "steps": 1, "epochs": 0.25, "output": "adapter", "date": None}
     else:
         assert record["output"] == "full" and record["lora"] is None
         for checkpoint in ("checkpoint-1", "checkpoint-2"):
@@ -401,11 +407,12 @@ def test_a_clean_convert_and_train_print_no_warning(tmp_path):
 
     assert not_bars(clean) == []
     assert not_bars(warned) == [
-        f"skipping {bad_data}:3: image {str(tmp_path / 'images' / 'missing.png')!r} not found (image "
-        "not found; 1 skipped in bad so far)",
         "[transformers] The tokenizer has new PAD/BOS/EOS tokens that differ from the model config and generation "
         "config. The model config and generation config were aligned accordingly, being updated with the "
         "tokenizer's values. Updated tokens: {'pad_token_id': 800}.",
+        # rows are checked as they load (lazily), so the skipped row is found once training runs
+        f"skipping {bad_data}:3: image {str(tmp_path / 'images' / 'missing.png')!r} not found (image "
+        "not found; 1 skipped while loading so far)",
     ]
 
 

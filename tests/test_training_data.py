@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ from internvlx_hf.training import (
     SampleError,
     read_meta,
 )
-from internvlx_hf.training.formats import sample_from_row
+from internvlx_hf.data import sample_from_row
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +44,7 @@ def test_meta_json_repeat_time_and_max_dynamic_patch(processor, tmp_path):
     }
     (tmp_path / "meta.json").write_text(json.dumps(meta))  # paths relative to the meta file's folder
 
-    dataset = InternVLXDataset(str(tmp_path / "meta.json"), processor, progress=False)
+    dataset = InternVLXDataset(str(tmp_path / "meta.json"), processor, progress=False, check=True)
     assert len(dataset) == 4 * 2 + 2
     wide, capped = dataset.summary.datasets
     assert (wide.name, wide.rows, wide.samples, wide.images, wide.tiles) == ("wide", 4, 8, 8, 24)
@@ -111,7 +112,7 @@ def test_broken_samples_are_skipped_with_file_and_line(processor, tmp_path, capl
         row("good.png", answer="Still red."),
     ])
     caplog.set_level(logging.WARNING)
-    dataset = InternVLXDataset(str(path), processor, progress=False)
+    dataset = InternVLXDataset(str(path), processor, progress=False, check=True)
     assert len(dataset) == 3  # lines 1, 7 (its header is fine: pixels are not decoded while scanning) and 8
     assert dict(dataset.summary.skipped) == {"image not found": 1, "unreadable image": 1, "invalid JSON": 1,
                                              "image count mismatch": 1, "no assistant reply": 1}
@@ -140,21 +141,30 @@ def test_datasets_dataset_rows(processor, tmp_path):
                      for colour in ("Red.", "Blue.")],
     })
     assert isinstance(rows.features["images"].feature, datasets.Image)
-    dataset = InternVLXDataset(rows, processor, progress=False)
+    dataset = InternVLXDataset(rows, processor, progress=False, check=True)
     assert (dataset.summary.samples, dataset.summary.datasets[0].tiles) == (2, 2)
     assert [s.hub_id for s in dataset.sources] == [None]  # built in memory: no Hub id to record
     item = dataset[1]
     assert item["source"] == "dataset[1]" and item["images"][0].size == (64, 64)
     batch = InternVLXDataCollator(processor)([dataset[0], dataset[1]])
     assert batch["input_ids"].shape == (2, max(dataset.lengths))
+    lazy = InternVLXDataset(rows, processor, progress=False, cache_dir=tmp_path / "cache")  # the default: lazy
+    assert lazy[1]["source"] == "dataset[1]" and lazy[1]["images"][0].size == (64, 64)
+    assert lazy.lengths == dataset.lengths and lazy.lengths_origin == ["built"]  # cached by the dataset's fingerprint
+    assert InternVLXDataset(rows, processor, progress=False, cache_dir=tmp_path / "cache").lengths_origin is None
+    again = InternVLXDataset(rows, processor, progress=False, cache_dir=tmp_path / "cache")
+    assert again.lengths == dataset.lengths and again.lengths_origin == ["cache"]
     rows.info.dataset_name = "HuggingFaceM4/ChartQA"  # what a dataset loaded from the Hub carries
-    assert InternVLXDataset(rows, processor, progress=False).sources[0].hub_id == "HuggingFaceM4/ChartQA"
+    assert InternVLXDataset(rows, processor, progress=False, check=True).sources[0].hub_id == "HuggingFaceM4/ChartQA"
+    hub = InternVLXDataset(rows, processor, progress=False, cache_dir=tmp_path / "hub-cache")
+    assert hub.lengths == dataset.lengths and Path(hub.lengths_files[0]).name.startswith("HuggingFaceM4_ChartQA-")
 
 
 def test_group_by_length_samples_from_the_scan_lengths(processor, tmp_path):
     rows = th.colour_rows(tmp_path, 6)
     rows[3]["conversations"][1]["value"] = "It is a red square drawn on a white background, with nothing else."
-    dataset = InternVLXDataset(str(th.write_jsonl(tmp_path / "d.jsonl", rows)), processor, progress=False)
+    dataset = InternVLXDataset(str(th.write_jsonl(tmp_path / "d.jsonl", rows)), processor, progress=False,
+                               cache_dir=tmp_path / "cache")
     model, _ = th.load(th.converted("internvl2_qwen2"))
     args = th.training_args(tmp_path / "out", train_sampling_strategy="group_by_length")
     trainer = InternVLXTrainer(model=model, args=args, train_dataset=dataset,
@@ -178,7 +188,7 @@ def test_bad_data_paths_and_meta_files(processor, tmp_path):
     (tmp_path / "meta.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match="a meta file is a JSON object"):
         read_meta(tmp_path / "meta.json")
-    with pytest.raises(ValueError, match="no usable training samples"):
+    with pytest.raises(ValueError, match="no usable training samples in .*a.jsonl: it has no rows"):
         InternVLXDataset(str(tmp_path / "a.jsonl"), processor, progress=False)
 
 
@@ -198,7 +208,7 @@ def test_misplaced_system_turns_and_template_refusals_are_skipped_rows(processor
         {"conversations": [turn("human", "Bye"), turn("gpt", "Goodbye.")]},
     ])
     caplog.set_level(logging.WARNING)
-    dataset = InternVLXDataset(str(path), processor, progress=False)
+    dataset = InternVLXDataset(str(path), processor, progress=False, check=True)
     assert [dataset[i]["source"] for i in range(len(dataset))] == [f"{path}:1", f"{path}:6"]
     assert dict(dataset.summary.skipped) == {"misplaced system turn": 3, "refused by the chat template": 1}
     for line, turns in ((2, "1 at turn(s) [2]"), (3, "2 at turn(s) [1, 2]"), (4, "1 at turn(s) [3]")):
@@ -239,7 +249,7 @@ def test_over_long_samples_are_truncated_and_counted(processor, tmp_path):
     second_image = [i for i, t in enumerate(ids) if t == processor.start_image_token_id][1]
     max_length = second_image + 10  # inside the second image's block (256 + 2 tokens)
 
-    dataset = InternVLXDataset(str(path), processor, max_length=max_length, progress=False)
+    dataset = InternVLXDataset(str(path), processor, max_length=max_length, progress=False, check=True)
     stats = dataset.summary.datasets[0]
     assert [dataset[i]["source"] for i in range(len(dataset))] == [f"{path}:{n}" for n in (1, 2, 3)]
     assert (stats.samples, stats.truncated, stats.images, stats.tiles) == (3, 2, 3, 3)
@@ -274,7 +284,7 @@ def test_a_folder_as_image_and_a_row_without_a_question_say_so(processor, tmp_pa
         row("good.png", ("gpt", "Red.")),
         {"messages": [{"role": "assistant", "content": "Red."}], "images": ["good.png"]},
     ])
-    dataset = InternVLXDataset(str(path), processor, progress=True)
+    dataset = InternVLXDataset(str(path), processor, progress=True, check=True)
     assert len(dataset) == 1
     assert dict(dataset.summary.skipped) == {"image is a folder": 1, "no human turn": 1, "no user turn": 1}
     assert dataset.summary.examples == [

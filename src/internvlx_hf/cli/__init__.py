@@ -37,6 +37,7 @@ def _commands() -> list[Command]:
     from .card import CARD
     from .chat import CHAT
     from .convert import CONVERT
+    from .data import DATA
     from .demo import DEMO
     from .eval import EVAL
     from .export import EXPORT
@@ -44,7 +45,7 @@ def _commands() -> list[Command]:
     from .tokens import TOKENS
     from .train import TRAIN
 
-    return [DEMO, CONVERT, EXPORT, CHAT, TOKENS, CARD, PUSH, TRAIN, EVAL]
+    return [DEMO, CONVERT, EXPORT, CHAT, TOKENS, CARD, PUSH, DATA, TRAIN, EVAL]
 
 
 def _one_line(error: BaseException) -> str:

@@ -16,8 +16,9 @@ Hugging Face Trainer. Every TrainingArguments flag works (--per_device_train_bat
 --max_steps, --bf16, --activation_checkpointing, --save_strategy, --resume_from_checkpoint, --seed, --report_to,
 ...), and so does `internvlx train CONFIG.yaml` with the same names as keys (flags given next to it win).
 
-It prints the trainable parameters per module group, a summary of the data (samples, images, tiles, tokens,
-skipped samples with their reasons) and the Trainer's progress bar. OUT and every OUT/checkpoint-* hold weights,
+It prints the tile budget that applies, the data (rows and samples per dataset: rows are read lazily, each checked
+when it loads; a bad one is skipped with a file:line warning and counted at the end; --check_data or `internvlx data
+check` checks them all first), the trainable parameters per module group and the Trainer's progress bar. OUT and every OUT/checkpoint-* hold weights,
 config, remote code, processor and tokenizer, and load with AutoModel / AutoProcessor (trust_remote_code=True) where
 internvlx-hf is not installed; with --preset lora, OUT/adapter holds the PEFT adapter and OUT the merged model.
 OUT must be new or empty: --resume_from_checkpoint continues the run in it, --overwrite_output_dir empties it first.

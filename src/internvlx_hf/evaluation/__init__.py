@@ -5,7 +5,7 @@
     print(format_run(run)); run.dataset("textvqa").accuracy
 
 Modules: `metrics` (exact match, VQA accuracy, ANLS, relaxed accuracy, from their papers' definitions), `data` (the
-training data reader's rows split into prompts and reference answers, checked before anything runs), `runner`
+rows read by `internvlx_hf.data`, split into prompts and reference answers, checked before anything runs), `runner`
 (batched greedy generation and the scores per dataset), `report` (tables, JSON, plot) and `callback`
 (`EvaluationCallback`, behind `internvlx train --eval-data`).
 """

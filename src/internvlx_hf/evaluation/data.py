@@ -1,6 +1,6 @@
 """Held-out data for `internvlx eval`: what `internvlx train` reads, split into prompts and reference answers.
 
-Rows are read by the training reader (`internvlx_hf.training.data`: InternVL meta JSON / JSONL, TRL rows,
+Rows are read by the reader training uses (`internvlx_hf.data`: InternVL meta JSON / JSONL, TRL rows,
 `datasets.Dataset`), so they parse the same way and a bad row is named by the same ``file:line``. Each row's
 prompt is its conversation up to the last assistant (``gpt``) turn, rendered with the processor's chat template and
 ``add_generation_prompt=True``; that last turn is the reference answer. A row may add ``"answers": [...]``, the
@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..processing.chat_templates import CHAT_TEMPLATES
-from ..training.data import as_sources, image_size, parse_row, source_rows
-from ..training.formats import SampleError
+from ..data.images import image_size
+from ..data.sources import as_sources, parse_row, source_rows
+from ..data.formats import SampleError
 from .metrics import DEFAULT_METRIC, get_metric
 
 _IMAGE_TAG = "<image>"
@@ -78,7 +79,7 @@ def _sample(row: dict[str, Any], sample, processor, where: str) -> EvalSample:
         raise ValueError(f"{where}: the chat template refused the conversation: {error}") from None
     tags = prompt.count(_IMAGE_TAG)
     if tags != len(sample.images):
-        # the wording of training's check (internvlx_hf.training.encoding), so both name the same fix
+        # the wording of training's check (internvlx_hf.data.encoding), so both name the same fix
         raise ValueError(f"{where}: the conversation has {tags} {_IMAGE_TAG} tag(s) but {len(sample.images)} "
                          "image(s); give one image per tag, in order")
     tokens = [t for t in (processor.start_image_token, processor.end_image_token, processor.image_token) if t in prompt]

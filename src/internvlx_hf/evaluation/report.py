@@ -51,8 +51,10 @@ def _overall(run: EvalRun) -> DatasetResult | None:
 
 def describe_options(options: dict[str, Any]) -> str:
     decoding = "greedy" if options.get("num_beams", 1) == 1 else f"beam search ({options['num_beams']} beams)"
-    return (f"{decoding}, max {options['max_new_tokens']} new tokens, tiling {options['tiling']} (max "
-            f"{options['max_tiles']} tiles), {options['dtype']} on {options['device']}")
+    budgets = sorted(set((options.get("max_tiles_per_dataset") or {}).values())) or [options["max_tiles"]]
+    limit = f"max {budgets[0]} tiles" if len(budgets) == 1 else f"max {'/'.join(map(str, budgets))} tiles by dataset"
+    return (f"{decoding}, max {options['max_new_tokens']} new tokens, tiling {options['tiling']} ({limit}), "
+            f"{options['dtype']} on {options['device']}")
 
 
 def format_run(run: EvalRun) -> str:
@@ -119,19 +121,7 @@ def plot_runs(runs: list[EvalRun], path: str | os.PathLike) -> Path:
     import matplotlib.pyplot as plt
 
     path = Path(path)
-    figure, axes = plt.subplots(figsize=(7, 4.5))
-    for name in [d.name for d in runs[0].datasets]:
-        points = sorted((run.dataset(name).visual_tokens, run.dataset(name).accuracy, run.label) for run in runs)
-        line, = axes.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
-        for x, y, label in points:
-            axes.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7,
-                          color=line.get_color())
-    axes.set_xlabel("visual tokens per sample")
-    axes.set_ylabel("score")
-    axes.set_title("internvlx eval")
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize=8)
-    figure.tight_layout()
+    figure = runs_figure(runs)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(path) as tmp:
         figure.savefig(tmp, format=path.suffix.lstrip(".").lower() or "png", dpi=120)
@@ -139,5 +129,36 @@ def plot_runs(runs: list[EvalRun], path: str | os.PathLike) -> Path:
     return path
 
 
+def runs_figure(runs: list[EvalRun]):
+    """The figure of `plot_runs`: a line (colour) per dataset, a marker per run, one legend for each."""
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(8.5, 4.5))
+    # Runs are told apart by their marker, named in a legend of their own: text next to the points overlapped as
+    # soon as two runs had similar token counts.
+    markers = ["o", "s", "^", "D", "v", "P", "X", "*", "<", ">"]
+    for name in [d.name for d in runs[0].datasets]:
+        points = sorted((run.dataset(name).visual_tokens, run.dataset(name).accuracy, index)
+                        for index, run in enumerate(runs))
+        line, = axes.plot([p[0] for p in points], [p[1] for p in points], label=name)
+        for x, y, index in points:
+            axes.plot([x], [y], marker=markers[index % len(markers)], color=line.get_color(), linestyle="none")
+    axes.set_xlabel("visual tokens per sample")
+    axes.set_ylabel("score")
+    axes.set_title("internvlx eval")
+    axes.grid(alpha=0.3)
+    datasets_legend = axes.legend(fontsize=8, title="dataset", title_fontsize=8)
+    axes.add_artist(datasets_legend)
+    handles = [plt.Line2D([], [], marker=markers[i % len(markers)], color="0.35", linestyle="none", label=run.label)
+               for i, run in enumerate(runs)]
+    # Outside the axes, so that neither legend can cover the points or the other legend.
+    axes.legend(handles=handles, fontsize=8, title="run", title_fontsize=8, loc="upper left",
+                bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+    datasets_legend.set_bbox_to_anchor((1.02, 0.0), transform=axes.transAxes)
+    datasets_legend.set_loc("lower left")
+    figure.tight_layout()
+    return figure
+
+
 __all__ = ["JSON_FORMAT", "describe_options", "format_comparison", "format_run", "plot_runs", "require_matplotlib",
-           "to_json", "write_json"]
+           "runs_figure", "to_json", "write_json"]

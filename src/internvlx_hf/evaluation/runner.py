@@ -12,7 +12,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..training.data import TileBudget
+from ..data.images import TileBudget
 from .data import EvalSet, read_eval_data
 from .metrics import get_metric
 
@@ -94,7 +94,7 @@ def _batches(eval_set: EvalSet, budget: TileBudget, max_tiles: int | None, batch
     """Batches of sample indices that share their tile options (InternVL's budget rules, `TileBudget`)."""
     groups: dict[tuple, list[int]] = {}
     for index, sample in enumerate(eval_set.samples):
-        options = budget.options(sample.max_tiles or max_tiles, len(sample.images)) if sample.images else {}
+        options = budget.options(max_tiles or sample.max_tiles, len(sample.images)) if sample.images else {}
         groups.setdefault(tuple(sorted(options.items())), []).append(index)
     return [(dict(key), indices[i: i + batch_size]) for key, indices in groups.items()
             for i in range(0, len(indices), batch_size)]
@@ -111,7 +111,7 @@ def _generate(model, processor, samples, options, *, tiling, max_new_tokens, num
     """Answers, tiles and visual tokens of one batch, and the seconds generate() took."""
     import torch
 
-    from ..training.data import load_image
+    from ..data.images import load_image
 
     images = []
     for sample in samples:
@@ -161,8 +161,8 @@ def evaluate(model, processor, data: Any, *, metric: str | None = None, batch_si
         batch_size: prompts per `generate()` call.
         max_new_tokens: the longest answer.
         num_beams: 1 is greedy decoding; more is beam search.
-        tiling, max_tiles: RVTC settings instead of the processor's (a dataset's ``max_dynamic_patch`` wins over
-            ``max_tiles``, as in training).
+        tiling, max_tiles: RVTC settings instead of the processor's; ``max_tiles``, when given, is every
+            sample's budget, else a dataset's ``max_dynamic_patch`` is its own (the precedence of training).
         limit: the first ``limit`` samples of each dataset only.
         progress: show a progress bar.
         label, checkpoint: how reports name this run (default: the model's ``name_or_path``).
@@ -226,8 +226,11 @@ def evaluate(model, processor, data: Any, *, metric: str | None = None, batch_si
     finally:
         model.train(was_training)
     image_processor = processor.image_processor
+    # The budgets that were applied: --max_tiles, else each dataset's max_dynamic_patch, else the processor's.
+    budgets = {s.name: max_tiles or max([x.max_tiles or image_processor.max_tiles for x in s.samples])
+               for s in sets}
     options = {"tiling": tiling or TilingMode(image_processor.tiling).value,
-               "max_tiles": max_tiles or image_processor.max_tiles, "max_new_tokens": max_new_tokens,
+               "max_tiles": max(budgets.values()), "max_tiles_per_dataset": budgets, "max_new_tokens": max_new_tokens,
                "num_beams": num_beams, "batch_size": batch_size, "dtype": str(model.dtype).replace("torch.", ""),
                "device": str(model.device)}
     name = checkpoint or str(getattr(config, "name_or_path", "") or type(model).__name__)

@@ -2,18 +2,18 @@
 
     from internvlx_hf.training import InternVLXDataCollator, InternVLXDataset, apply_preset
 
-Modules: `formats` (InternVL JSONL / TRL rows -> chat messages), `encoding` (template rendering, tokenization and
-label masks from token boundaries, truncation), `data` (meta JSON / JSONL / datasets.Dataset, lazy images, length
-estimates), `collator` (padded or packed batches, per-token loss weights), `presets` (stage1 / stage2 /
+Modules: `collator` (padded or packed batches, per-token loss weights), `presets` (stage1 / stage2 /
 stage2-frozen-vit / full / lora), `trainer` (`InternVLXTrainer`: weighted losses, length grouping, provenance),
 `train` (`train()`, behind `internvlx train`), `synthetic` (`generate_dataset`: seeded synthetic visual QA in
-InternVL's format, the data of `internvlx demo` and `benchmarks/bench_learnability.py`).
+InternVL's format, the data of `internvlx demo` and `benchmarks/bench_learnability.py`). The data itself (InternVL
+meta JSON / JSONL / TRL rows, encoding, the lazy `InternVLXDataset`) is read by `internvlx_hf.data`, whose main names
+are exported here too.
 """
 
 from .collator import InternVLXDataCollator
-from .data import DataSummary, InternVLXDataset, read_meta
-from .encoding import IGNORE_INDEX, ConversationEncoder
-from .formats import Sample, SampleError, sample_from_row
+from ..data import DataSummary, InternVLXDataset, read_meta
+from ..data.encoding import IGNORE_INDEX, ConversationEncoder
+from ..data.formats import Sample, SampleError, sample_from_row
 from .presets import PRESETS, LoraSettings, apply_preset, format_trainable, lora_target_modules, trainable_parameters
 from .synthetic import combine_meta, generate_dataset
 from .train import (

@@ -8,9 +8,9 @@ from typing import Any
 
 import torch
 
-from .data import TileBudget, load_image
-from .encoding import IGNORE_INDEX, ConversationEncoder, EncodedConversation, truncate
-from .formats import SampleError, sample_from_row
+from ..data.images import TileBudget, load_image
+from ..data.encoding import IGNORE_INDEX, ConversationEncoder, EncodedConversation, truncate
+from ..data.formats import SampleError, sample_from_row
 
 logger = logging.getLogger(__name__)
 
@@ -38,12 +38,12 @@ class InternVLXDataCollator:
     ``max_tiles`` wins, and a row with N images gives each ``max(1, max_tiles // N)``), the
     conversation is rendered with the checkpoint's chat template and tokenized, and labels are set on the assistant
     replies and their end-of-turn token only (-100 for system and user turns, template headers, BOS, every
-    `<img>` / `<IMG_CONTEXT>` / `</img>` and padding). See `internvlx_hf.training.encoding` for how replies are
+    `<img>` / `<IMG_CONTEXT>` / `</img>` and padding). See `internvlx_hf.data.encoding` for how replies are
     located from token boundaries.
 
     A row longer than ``max_length`` keeps its first ``max_length`` tokens and the labels of the replies among them,
     as InternVL's preprocessing does; a cut inside an image block moves to just before the block and the images
-    after the cut are left out (see `internvlx_hf.training.encoding.truncate`). When no reply token is left, or a
+    after the cut are left out (see `internvlx_hf.data.encoding.truncate`). When no reply token is left, or a
     row is broken (missing/corrupt image, `<image>` count != images, a misplaced system turn), the row is dropped
     with a warning and counted in ``skipped`` (per process: DataLoader workers keep their own counts). Raw InternVL
     rows given here directly take relative image paths from the current directory; `InternVLXDataset` resolves them

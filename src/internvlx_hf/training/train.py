@@ -1,6 +1,7 @@
 """`train()`: the `internvlx train` entry point, from parsed arguments to a saved checkpoint.
 
-It loads an internvlx-hf checkpoint and its processor, scans the data (`InternVLXDataset`), applies a preset
+It loads an internvlx-hf checkpoint and its processor, indexes the data (`InternVLXDataset`: rows are read lazily,
+and lengths computed only for ``--group_by_length``; skips are counted at the end), applies a preset
 (`apply_preset`), trains with `InternVLXTrainer` (transformers' `Trainer`) and writes OUT so that it loads anywhere:
 weights, config, remote code, processor and tokenizer; for `lora`, the PEFT adapter in ``OUT/adapter`` and the merged
 model in OUT. The final files are written to a hidden folder inside OUT and moved into place at the end.
@@ -21,10 +22,10 @@ from typing import Any
 from transformers import HfArgumentParser, TrainingArguments
 from transformers.hf_argparser import string_to_bool
 
+from ..data import InternVLXDataset, apply_tile_precedence, as_sources
 from ..hub.resolve import read_internvlx_config
 from ..processing import TilingMode
 from .collator import LOSS_REDUCTIONS, InternVLXDataCollator
-from .data import InternVLXDataset
 from .presets import PRESETS, LoraSettings, apply_preset, describe_lora, format_trainable
 from .trainer import InternVLXTrainer
 
@@ -77,12 +78,35 @@ class DataArguments:
     )
     max_tiles: int | None = field(
         default=None,
-        metadata={"help": "largest tile grid per image (default: the processor's; a dataset's max_dynamic_patch "
-                          "wins)"},
+        metadata={"help": "largest tile grid per image, for every dataset: it overrides the meta's "
+                          "max_dynamic_patch, and the saved processor gets it (default: each dataset's "
+                          "max_dynamic_patch, else the processor's max_tiles)"},
     )
     group_by_length: bool = field(
         default=False,
-        metadata={"help": "same as --train_sampling_strategy group_by_length (batches of similar length)"},
+        metadata={"help": "same as --train_sampling_strategy group_by_length (batches of similar length; needs "
+                          "per-sample lengths, see --lengths)"},
+    )
+    lengths: str = field(
+        default="exact",
+        metadata={"help": "per-sample lengths for group_by_length: a row's own 'length' field, else exact (computed "
+                          "once in parallel and cached, reused by later runs and other ranks) or approximate "
+                          "(text length / 4 + the tile budget: instant, more padding)",
+                  "choices": ["exact", "approximate"]},
+    )
+    lengths_cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "folder of the lengths cache; every DDP rank must see it (default: $INTERNVLX_CACHE/lengths "
+                          "or the datasets cache)"},
+    )
+    check_data: bool = field(
+        default=False,
+        metadata={"help": "check every row before training, as `internvlx data check` does (full data table, "
+                          "unusable rows left out up front); default: rows are checked as they load"},
+    )
+    data_num_proc: int | None = field(
+        default=None,
+        metadata={"help": "processes for --check_data and the exact lengths (default: all cores)"},
     )
     eval_data: str | None = field(
         default=None,
@@ -310,11 +334,20 @@ def train(model_args: ModelArguments, data_args: DataArguments, preset_args: Pre
             raise ValueError(f"--max_tiles {data_args.max_tiles} is below the processor's min_tiles "
                              f"{processor.image_processor.min_tiles}")
         processor.image_processor.max_tiles = data_args.max_tiles
+    sources = as_sources(data)
+    say(apply_tile_precedence(sources, processor.image_processor, data_args.max_tiles))
 
     collator = InternVLXDataCollator(processor, max_length=data_args.max_length, packing=data_args.packing,
                                      loss_reduction=data_args.loss_reduction)
-    dataset = InternVLXDataset(data, processor, max_length=data_args.max_length, progress=is_main)
+    dataset = InternVLXDataset(sources, processor, max_length=data_args.max_length, progress=is_main,
+                               check=data_args.check_data, lengths=data_args.lengths,
+                               num_proc=data_args.data_num_proc, cache_dir=data_args.lengths_cache_dir)
     say(str(dataset.summary))
+    if data_args.group_by_length or training_args.train_sampling_strategy == "group_by_length":
+        # The main process computes the lengths (or reads them from the cache) first; the others then read its cache.
+        with training_args.main_process_first(local=False, desc="per-sample lengths"):
+            dataset.lengths  # noqa: B018 - computed and cached on first use
+        say(_describe_lengths(dataset))
     eval_sets = eval_dataset = None
     if data_args.eval_data:  # read and checked before the model loads: a bad held-out row stops the run now
         from ..evaluation import read_eval_data
@@ -381,13 +414,47 @@ def train(model_args: ModelArguments, data_args: DataArguments, preset_args: Pre
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     if eval_sets is not None and training_args.eval_strategy == "no":
         trainer.evaluate()  # the final model's scores, before it is saved with them
+    loaded = dataset.load_report(_status_of_all_ranks(dataset, trainer))
+    if collator.skipped:
+        loaded["dropped_by_collator"] = dict(collator.skipped)  # this process's only (rows given to it directly)
+    trainer.provenance["data_loaded"] = loaded
     out.mkdir(parents=True, exist_ok=True)
     _save_final(trainer, processor, out, lora)
-    skipped = dataset.skipped_at_load + collator.skipped
-    if skipped:
-        say(f"skipped during training: {dict(skipped)} (see the warnings)")
+    say(_describe_loaded(loaded))
     say(f"Saved {'the merged model to ' + str(out) + ' and the adapter to ' + str(out / 'adapter') if lora else out}")
     return TrainResult(trainer=trainer, dataset=dataset, output_dir=out, metrics=result.metrics)
+
+
+def _describe_lengths(dataset: InternVLXDataset) -> str:
+    origins = getattr(dataset, "lengths_origin", None)
+    if not origins:
+        return "Lengths: from the full check (--check_data)"
+    parts = [f"{source.name} {origin}" for source, origin in zip(dataset.sources, origins)]
+    return f"Lengths ({dataset.length_mode}): " + ", ".join(parts)
+
+
+def _status_of_all_ranks(dataset: InternVLXDataset, trainer: InternVLXTrainer):
+    """The per-row status of every process combined (elementwise max: a row any rank loaded counts once)."""
+    import torch
+    import torch.distributed as dist
+
+    status = dataset._status
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return None
+    combined = status.to(trainer.accelerator.device, torch.int32)
+    dist.all_reduce(combined, op=dist.ReduceOp.MAX)
+    return combined.cpu().numpy()
+
+
+def _describe_loaded(loaded: dict[str, Any]) -> str:
+    line = (f"Rows read during training: {loaded['rows_read']:,} of {loaded['rows']:,}, "
+            f"{loaded['truncated']:,} truncated")
+    if loaded["skipped"]:
+        reasons = ", ".join(f"{reason}: {count:,}" for reason, count in loaded["skipped"].items())
+        line += f", skipped {sum(loaded['skipped'].values()):,} ({reasons}; see the warnings)"
+    if loaded.get("dropped_by_collator"):
+        line += f"; dropped by the collator: {loaded['dropped_by_collator']}"
+    return line
 
 
 def end_distributed() -> None:

@@ -41,8 +41,9 @@ class InternVLXTrainer(Trainer):
       over the whole optimizer step (all gradient-accumulation batches and, with ``average_tokens_across_devices``,
       all processes), as the Trainer's own ``num_items_in_batch`` does for the token count. Batches without one
       take the Trainer's loss unchanged.
-    - ``train_sampling_strategy="group_by_length"`` uses the dataset's ``lengths`` (exact token counts that
-      `InternVLXDataset` computes from image headers and text) instead of tokenizing every item.
+    - ``train_sampling_strategy="group_by_length"`` uses the dataset's ``lengths`` (a row's own ``length``, else
+      token counts that `InternVLXDataset` computes from image headers and text, once, cached) instead of
+      tokenizing every item.
     - With an `InternVLXDataCollator`, ``remove_unused_columns`` is turned off: the collator needs the raw
       ``messages`` / ``images`` columns, which the model's forward does not name.
     - Every folder saved (``checkpoint-*`` and the final model) gets an ``internvlx_provenance.json`` that copies the
@@ -102,8 +103,10 @@ class InternVLXTrainer(Trainer):
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
-        lengths = getattr(dataset, "lengths", None)
-        if self.args.train_sampling_strategy == "group_by_length" and lengths is not None:
+        # Only read when needed: a lazy `InternVLXDataset` computes its lengths on first use.
+        lengths = getattr(dataset, "lengths", None) if self.args.train_sampling_strategy == "group_by_length" \
+            else None
+        if lengths is not None:
             return LengthGroupedSampler(
                 self.args.train_batch_size * self.args.gradient_accumulation_steps, dataset=dataset, lengths=lengths
             )

@@ -133,6 +133,31 @@ class ConversationEncoder:
                 spans.append((header_end, end))
         return RenderedConversation(text=text, reply_spans=spans)
 
+    def lengths(self, conversations: list[tuple[list[dict[str, Any]], list[int]]]) -> list[int]:
+        """Token counts of conversations (messages, tiles per image) before truncation, as `encode` counts them,
+        from one rendering and one batched tokenization each: no reply spans, no labels, none of `encode`'s checks
+        (a conversation `encode` would refuse still gets a count; a count above ``max_length`` needs `encode` and
+        `truncate` to say what is kept).
+
+        Raises:
+            SampleError: a conversation's `<image>` tags do not match its images (no count can be given).
+        """
+        texts, image_tokens = [], []
+        for messages, num_patches in conversations:
+            pieces = self._render(messages).split(IMAGE_TAG)
+            if len(pieces) - 1 != len(num_patches):
+                raise SampleError("image count mismatch", f"the conversation has {len(pieces) - 1} {IMAGE_TAG} "
+                                                          f"tag(s) but {len(num_patches)} image(s)")
+            texts.append(self.pair.join(pieces))
+            image_tokens.append(sum(num_patches) * self.image_seq_length)
+        if not texts:
+            return []
+        # The Rust tokenizer's batch call without offsets (what `encode` tokenizes, minus the Python wrapping).
+        backend = self.tokenizer.backend_tokenizer
+        encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+        return [len(encoding.ids) + extra for encoding, extra in zip(encode(texts, add_special_tokens=True),
+                                                                     image_tokens)]
+
     def encode(self, messages: list[dict[str, Any]], num_patches: list[int], expand: bool = True,
                source: str = "") -> EncodedConversation:
         """Token ids and labels of a conversation whose i-th `<image>` has ``num_patches[i]`` tiles.
@@ -202,8 +227,12 @@ class ConversationEncoder:
         if num_labels == 0:
             raise SampleError("no assistant reply", f"{where}the conversation has no assistant reply to learn from")
 
+        before = [0]
+        for run in runs:
+            before.append(before[-1] + run)
+
         def expanded(index: int) -> int:  # token index before expansion -> after
-            return index + sum(runs[: bisect.bisect_left(starts, index)])
+            return index + before[bisect.bisect_left(starts, index)]
 
         input_ids, labels = [], []
         if expand:
