@@ -306,6 +306,7 @@ def profile_call(fn, device: str) -> tuple[dict[str, int], float | None]:
     cuDNN or math on a GPU, the CPU's own fused kernel on a CPU) and, on a GPU, the seconds its kernels kept the
     device busy. Device time against wall time tells a GPU-bound call from one that waits for the host to launch
     kernels (Python, small kernels, host-device synchronisations)."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.startswith("cuda")
@@ -316,7 +317,10 @@ def profile_call(fn, device: str) -> tuple[dict[str, int], float | None]:
     events = prof.key_averages()
     kernels = {event.key.replace("aten::", ""): event.count for event in events
                if "scaled_dot_product" in event.key and event.key != "aten::scaled_dot_product_attention"}
-    device_s = sum(event.self_device_time_total for event in events) / 1e6 if cuda else None
+    # the kernels' own time, as the profiler's "Self CUDA time total" counts it (the aten op that launched a kernel
+    # carries its time too: summing every event would count each kernel twice)
+    device_s = sum(event.self_device_time_total for event in events
+                   if event.device_type == DeviceType.CUDA and not event.is_user_annotation) / 1e6 if cuda else None
     return kernels, device_s
 
 
