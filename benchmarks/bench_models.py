@@ -14,26 +14,33 @@ module (one ViT, one LLM, one LM head, one HR projector), so they fit in memory 
 
 Presets: `tiny` (seconds, for trying the script), `1b` (InternViT-300M + a 24-layer, 896-wide Qwen2 = InternVL2-1B),
 `2b` (InternViT-300M + a 24-layer, 2048-wide LLM, vocab 92553 = InternVL2-2B), `8b` (InternViT-300M + a 32-layer,
-4096-wide LLM = InternVL2-8B; GPU only). The input is one 448px tile between 8 and `--text-tokens - 8` text tokens.
+4096-wide LLM = InternVL2-8B; GPU only). The input is one image of `--tiles` 448px tiles (default 1) between 8 and
+`--text-tokens - 8` text tokens; `--tiles 1,6,12` repeats prefill and decode for each count.
 
 Workloads, each timed as the median of `--runs` rounds after one warm-up round, every round running each model once
 (interleaved, so drifting machine load hits all models alike); CUDA events time them on a GPU:
 
   prefill   forward with a KV cache, logits of the last position only (what generate() runs first)
   decode    `--decode-tokens` greedy steps after that prefill, one token each with the KV cache: seconds per token
-  train     forward + backward with labels on every position, ViT frozen (as preset stage2-frozen-vit: projectors +
-            LLM learn); `--train-layers N` builds the models with an N-layer LLM for it (k = 3/4 of N)
+  train     forward + backward (no optimizer step) of one `--train-tiles` sample with labels on every position, ViT
+            frozen (as preset stage2-frozen-vit: projectors + LLM learn) or trained too (`--train-vit full`, as
+            stage2), `--gradient-checkpointing` as `--activation_checkpointing`; `--train-layers N` builds the
+            models with an N-layer LLM for it (k = 3/4 of N)
 
 FLOPs come from `torch.utils.flop_counter.FlopCounterMode` in the warm-up round. It does not know CPU SDPA's fused
-kernels nor grouped-query shapes on CUDA, so it is given their formulas (`SDPA_FLOPS`): the attention square counted as eager attention's matmuls
-count it (a test checks the two counts are equal), so FLOPs include attention while times use SDPA. Peak memory
-(`PeakMemory`, in the warm-up round) is the weights plus the peak of what one call allocates and holds at once:
-activations, the KV cache, gradients, temporaries.
+kernels nor grouped-query shapes on CUDA, so it is given their formulas (`SDPA_FLOPS`): the attention square counted
+as eager attention's matmuls count it (a test checks the two counts are equal), so FLOPs include attention while
+times use SDPA. Peak memory (`PeakMemory` on a CPU, the caching allocator's peak on a GPU; in the warm-up round) is
+the weights plus the peak of what one call allocates and holds at once: activations, the KV cache, gradients,
+temporaries. On a GPU the warm-up round also records, through torch.profiler, the time the call's kernels kept the
+GPU busy and which SDPA kernels ran (`--sdpa-backend flash` forces FlashAttention); `benchmarks/gpu/speed.sh` runs
+the GPU presets and `benchmarks/gpu/report.py` makes tables and a plot of them.
 
     python benchmarks/bench_models.py --preset tiny                        # a quick try
     python benchmarks/bench_models.py --preset 1b --workloads prefill,decode
     python benchmarks/bench_models.py --preset 2b --train-layers 6 --json out.json --plot out.png
-    python benchmarks/bench_models.py --device cuda --dtype bfloat16 --preset 8b   # on a GPU
+    python benchmarks/bench_models.py --device cuda --dtype bfloat16 --preset 8b --tiles 1,6,12 --train-tiles 6 \
+        --train-vit frozen,full --gradient-checkpointing --sdpa-backend flash      # on a GPU (benchmarks/gpu/speed.sh)
     python benchmarks/bench_models.py --rvtc-only                          # visual tokens per image only
 """
 
@@ -662,7 +669,8 @@ def sweep_markdown(sweep: dict, meta: dict) -> str:
             vs = _versus(row, ref, "prefill")
             rate = row["input_ids"] / row["prefill_s"] if row.get("prefill_s") else None
             lines.append(f"| {name} | {row.get('input_ids', '-')} | {_fmt(row.get('prefill_s'), 1e3, 1)} | "
-                         f"{_fmt(row.get('prefill_device_s'), 1e3, 1)} | {_fmt(rate, 1, 0)} | {vs} | {_fmt(row.get('decode_s_per_token'), 1e3, 2)} | "
+                         f"{_fmt(row.get('prefill_device_s'), 1e3, 1)} | {_fmt(rate, 1, 0)} | {vs} | "
+                         f"{_fmt(row.get('decode_s_per_token'), 1e3, 2)} | "
                          f"{_fmt(row.get('prefill_memory', {}).get('peak_bytes'), mib, 0)} | "
                          f"{_kernels(row, 'prefill_attention_kernels')} |")
     for vit, summary in sweep.get("train", {}).items():
@@ -678,7 +686,8 @@ def sweep_markdown(sweep: dict, meta: dict) -> str:
             samples = 1 / row["train_s"] if row.get("train_s") else None
             tokens = row["input_ids"] / row["train_s"] if row.get("train_s") else None
             lines.append(f"| {name} | {row.get('input_ids', '-')} | {_fmt(row.get('train_s'), 1e3, 1)} | "
-                         f"{_fmt(row.get('train_device_s'), 1e3, 1)} | {_fmt(samples, 1, 2)} | {_fmt(tokens, 1, 0)} | {vs} | "
+                         f"{_fmt(row.get('train_device_s'), 1e3, 1)} | {_fmt(samples, 1, 2)} | "
+                         f"{_fmt(tokens, 1, 0)} | {vs} | "
                          f"{_fmt(row.get('train_memory', {}).get('peak_bytes'), mib, 0)} | "
                          f"{_kernels(row, 'train_attention_kernels')} |")
     return "\n".join(lines)
@@ -795,7 +804,8 @@ def parse_args(argv=None):
                         help="comma-separated: frozen (preset stage2-frozen-vit), full (preset stage2: the ViT "
                              "trains too); the first also fills the main table (default frozen)")
     parser.add_argument("--gradient-checkpointing", action="store_true",
-                        help="training step with activation checkpointing (non-reentrant), as --activation_checkpointing")
+                        help="training step with activation checkpointing (non-reentrant), as "
+                             "--activation_checkpointing")
     parser.add_argument("--sdpa-backend", default="auto", choices=["auto", "flash", "efficient", "cudnn", "math"],
                         help="force one SDPA kernel for every call (torch.nn.attention.sdpa_kernel); auto: torch "
                              "chooses. The kernels that ran are recorded either way")
@@ -865,7 +875,8 @@ def main(argv=None) -> dict:
                 train_vit=args.train_vit, gradient_checkpointing=args.gradient_checkpointing)
     results = {name: {} for name in args.models}
     sweep: dict[str, dict] = {"prefill": {}, "train": {}}
-    backend = contextlib.nullcontext() if args.sdpa_backend == "auto" else sdpa_kernel([SDPA_BACKENDS[args.sdpa_backend]])
+    backend = (contextlib.nullcontext() if args.sdpa_backend == "auto"
+               else sdpa_kernel([SDPA_BACKENDS[args.sdpa_backend]]))
     with backend:
         models = None
         if "prefill" in args.workloads:
@@ -877,10 +888,13 @@ def main(argv=None) -> dict:
                     for name, result in measured.items():
                         results[name].update(result)
             if args.profile:
-                meta["profiles"] = {f"prefill {name}, {max(args.tiles)} tiles": profile_table(
-                    models[name], lambda: prefill(models[name], inputs(models[name], args.text_tokens, args.device,
-                                                                       dtype, max(args.tiles))), args.device)
-                    for name in ("lvtc", "plain-1024") if name in models}
+                meta["profiles"] = {}
+                for name in ("lvtc", "plain-1024"):
+                    if name in models:
+                        model, tiles = models[name], max(args.tiles)
+                        batch = inputs(model, args.text_tokens, args.device, dtype, tiles)
+                        meta["profiles"][f"prefill {name}, {tiles} tiles"] = profile_table(
+                            model, lambda: prefill(model, batch), args.device)
             if "train" in args.workloads and args.train_layers is not None:
                 del models
                 models = None
@@ -896,9 +910,10 @@ def main(argv=None) -> dict:
                 if args.profile:
                     for name in ("lvtc", "plain-1024"):
                         if name in models:
-                            batch = inputs(models[name], args.text_tokens, args.device, dtype, args.train_tiles)
+                            model = models[name]
+                            batch = inputs(model, args.text_tokens, args.device, dtype, args.train_tiles)
                             meta.setdefault("profiles", {})[f"train step {name}, ViT {vit}"] = profile_table(
-                                models[name], lambda: train_step(models[name], batch), args.device)
+                                model, lambda: train_step(model, batch), args.device)
             if args.diagnose:
                 meta["diagnosis"] = diagnose(next(iter(models.values())), args, timer, dtype)
         del models
