@@ -540,6 +540,16 @@ class InternVLXPreTrainedModel(PreTrainedModel):
         # the modules that do are transformers' own vision tower and LLM, so set_attn_implementation() works.
         return True
 
+    def save_pretrained(self, *args, **kwargs):
+        # save_pretrained reverses the key renamings recorded at load time. transformers' ordinary loader records the
+        # ones that matched the checkpoint; its DeepSpeed ZeRO-3 loader records every one it tried, so the legacy
+        # `model.language_model.model.*` -> `model.language_model.*` renaming would be reversed on keys that never had
+        # the extra `.model`, and the folder would not have the layout of every other save. Keep the used ones.
+        conversions = getattr(self, "_weight_conversions", None)
+        if conversions:
+            self._weight_conversions = [c for c in conversions if c.was_used()]
+        return super().save_pretrained(*args, **kwargs)
+
     @torch.no_grad()
     def _init_weights(self, module):
         std = getattr(self.config.get_text_config(), "initializer_range", 0.02)

@@ -275,6 +275,35 @@ def _save_final(trainer: InternVLXTrainer, processor, out: Path, lora: bool) -> 
     trainer.accelerator.wait_for_everyone()
 
 
+def _fsdp_request(training_args: TrainingArguments) -> str | None:
+    """Where FSDP was asked for: the ``--fsdp`` flag, or an accelerate config with ``distributed_type: FSDP``
+    (`accelerate launch` passes it on as ACCELERATE_USE_FSDP); None when it was not."""
+    from accelerate.utils import parse_flag_from_env
+
+    if training_args.fsdp:
+        return "--fsdp"
+    if parse_flag_from_env("ACCELERATE_USE_FSDP"):
+        return "The accelerate config (distributed_type: FSDP, ACCELERATE_USE_FSDP=true)"
+    return None
+
+
+def _join_deepspeed_comm(training_args: TrainingArguments) -> None:
+    """Let DeepSpeed's communication layer use the process group that is already there.
+
+    On accelerators accelerate starts torch.distributed through `deepspeed.init_distributed`; a CPU run (``use_cpu``)
+    starts it with torch alone, and DeepSpeed's own layer then reports one process: ZeRO-3's `zero.Init` (in
+    `from_pretrained`) checks the Trainer's ``train_batch_size`` (micro batch x accumulation x processes) against a
+    world of 1 and stops.
+    """
+    import torch.distributed as dist
+
+    if not training_args.deepspeed or not (dist.is_available() and dist.is_initialized()):
+        return
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend=dist.get_backend(), verbose=False)
+
+
 def train(model_args: ModelArguments, data_args: DataArguments, preset_args: PresetArguments,
           training_args: TrainingArguments, *, train_data: Any = None, callbacks: list | None = None,
           print_fn: Callable[[str], None] | None = print) -> TrainResult:
@@ -330,6 +359,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, preset_args: Pre
         say("Held-out data (--eval-data): " + ", ".join(f"{s.name} {len(s.samples):,} samples ({s.metric})"
                                                         for s in eval_sets))
 
+    _join_deepspeed_comm(training_args)
     dtype = "auto" if model_args.model_dtype == "auto" else getattr(torch, model_args.model_dtype)
     load_kwargs = {"dtype": dtype}
     if model_args.attn_implementation:
@@ -374,9 +404,10 @@ def train(model_args: ModelArguments, data_args: DataArguments, preset_args: Pre
 
         trainer.add_callback(EvaluationCallback(trainer, eval_sets, data_name=data_args.eval_data,
                                                 max_new_tokens=data_args.eval_max_new_tokens))
-    if training_args.fsdp and not trainer.is_fsdp_enabled:
-        logger.warning("--fsdp is not in effect: accelerate applies FSDP only to GPU (and other accelerator) runs, "
-                       "so this run trains without sharding (%s).",
+    requested = _fsdp_request(training_args)
+    if requested and not trainer.is_fsdp_enabled:
+        logger.warning("%s asks for FSDP, but it is not in effect: accelerate applies FSDP only to GPU (and other "
+                       "accelerator) runs, so this run trains without sharding (%s).", requested,
                        "DDP" if training_args.world_size > 1 else "one process")
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     if eval_sets is not None and training_args.eval_strategy == "no":
