@@ -58,7 +58,8 @@ def ours_qwen2(tmp_path_factory) -> Path:
 
 
 def make_native(folder: Path, tokenizer_source: Path, *, tie: bool = True, dtype=torch.float32, seed: int = 0,
-                max_patches: int = 6) -> Path:
+                max_patches: int = 6, vision_feature_layer: int = -1, downsample_ratio: float = 0.5,
+                text: dict | None = None) -> Path:
     """A tiny transformers-native InternVL checkpoint, saved with transformers' own classes."""
     from transformers import InternVLConfig, InternVLForConditionalGeneration, TokenizersBackend
     from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
@@ -72,10 +73,12 @@ def make_native(folder: Path, tokenizer_source: Path, *, tie: bool = True, dtype
     text = dict(model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                 num_key_value_heads=2, vocab_size=len(tokenizer) + 8, max_position_embeddings=512,
                 bos_token_id=None, eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
-                pad_token_id=tokenizer.pad_token_id)
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=56,
+                pad_token_id=tokenizer.pad_token_id) | (text or {})
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, image_size=56,
                   patch_size=14, attention_bias=True)
-    config = InternVLConfig(text_config=text, vision_config=vision, image_seq_length=4, downsample_ratio=0.5,
+    tokens = int(round((56 // 14 * downsample_ratio) ** 2))
+    config = InternVLConfig(text_config=text, vision_config=vision, image_seq_length=tokens,
+                            downsample_ratio=downsample_ratio, vision_feature_layer=vision_feature_layer,
                             image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"), tie_word_embeddings=tie)
     torch.manual_seed(seed)
     model = InternVLForConditionalGeneration(config).eval()
@@ -90,7 +93,8 @@ def make_native(folder: Path, tokenizer_source: Path, *, tie: bool = True, dtype
                                                image_std=[0.229, 0.224, 0.225])
     image_processor.save_pretrained(str(folder))
     (folder / "processor_config.json").write_text(json.dumps(
-        {"image_processor": image_processor.to_dict(), "image_seq_length": 4, "processor_class": "InternVLProcessor"}))
+        {"image_processor": image_processor.to_dict(), "image_seq_length": tokens,
+         "processor_class": "InternVLProcessor"}))
     return folder
 
 
@@ -300,6 +304,66 @@ def test_round_trip_is_bit_identical(tmp_path, ours_qwen2, tie, dtype):
         assert before[key].dtype == after[key].dtype == dtype and torch.equal(before[key], after[key]), key
     config = json.loads((tmp_path / "back" / "config.json").read_text())
     assert config["architectures"] == ["InternVLForConditionalGeneration"] and config["tie_word_embeddings"] is tie
+
+
+def test_round_trip_carries_select_layer_and_the_other_config_fields(tmp_path, ours_qwen2):
+    """A checkpoint that feeds the second-to-last ViT layer (InternVL2-1B's select_layer) to the projector, with
+    untied embeddings, goes native -> ours -> native with every field the model's output depends on."""
+    from transformers import InternVLForConditionalGeneration
+
+    native = make_native(tmp_path / "native", ours_qwen2, tie=False, vision_feature_layer=-2)
+    convert(native, tmp_path / "ours", progress=False)
+    ours = json.loads((tmp_path / "ours" / "config.json").read_text())
+    assert (ours["select_layer"], ours["downsample_ratio"], ours["image_seq_length"], ours["tie_word_embeddings"]) \
+        == (-2, 0.5, 4, False)
+    export_native(tmp_path / "ours", tmp_path / "back", progress=False)
+    before = json.loads((native / "config.json").read_text())
+    after = json.loads((tmp_path / "back" / "config.json").read_text())
+    for key in ("vision_feature_layer", "vision_feature_select_strategy", "downsample_ratio", "image_seq_length",
+                "image_token_id", "projector_hidden_act", "tie_word_embeddings"):
+        assert after[key] == before[key], key
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size",
+                "rope_parameters", "rms_norm_eps", "eos_token_id"):
+        assert after["text_config"][key] == before["text_config"][key], key
+    for key in ("hidden_size", "num_hidden_layers", "image_size", "patch_size", "layer_norm_eps", "use_qk_norm"):
+        assert after["vision_config"][key] == before["vision_config"][key], key
+    original = InternVLForConditionalGeneration.from_pretrained(native).eval()
+    back = InternVLForConditionalGeneration.from_pretrained(tmp_path / "back").eval()
+    assert back.config.vision_feature_layer == -2
+    _assert_same_model(original, back)
+    _assert_same_model(original, InternVLXForConditionalGeneration.from_pretrained(tmp_path / "ours").eval())
+    # The layer matters: the last layer's features give other logits.
+    ids, pixels = _ids_and_pixels(back.config)
+    with torch.no_grad():
+        selected = back(input_ids=ids, pixel_values=pixels).logits
+        last = back(input_ids=ids, pixel_values=pixels, vision_feature_layer=-1).logits
+    assert (selected - last).abs().max() > 1e-4  # tiny random weights: a small but real difference
+
+
+def test_round_trip_keeps_the_template_name_and_the_text_it_accepts(tmp_path, ours_qwen2):
+    """internlm2-chat and Hermes-2 are the same ChatML text; export records the name, so convert gives it back.
+    The `<video>` placeholder export adds for InternVLProcessor has no embedding row in this checkpoint: the
+    converted-back tokenizer leaves it out, so text containing "<video>" is read as the original read it."""
+    src = tmp_path / "src"
+    shutil.copytree(ours_qwen2, src)
+    _edit_json(src / "config.json", template="internlm2-chat")
+    report = export_native(src, tmp_path / "native", progress=False)
+    assert any("<video>" in item for item in report.lost)
+    back = convert(tmp_path / "native", tmp_path / "back", progress=False)
+    assert back.template == "internlm2-chat"
+    assert any(note.startswith("tokenizer: left out <video> (") for note in back.notes), back.notes
+    assert json.loads((tmp_path / "back" / "config.json").read_text())["template"] == "internlm2-chat"
+
+    original, returned = InternVLXProcessor.from_pretrained(str(src)), InternVLXProcessor.from_pretrained(
+        str(tmp_path / "back"))
+    vocab = json.loads((tmp_path / "back" / "config.json").read_text())["text_config"]["vocab_size"]
+    assert len(returned.tokenizer) <= vocab
+    text = "a <video> b <img></img> <|im_end|>"
+    ids = returned.tokenizer(text)["input_ids"]
+    assert ids == original.tokenizer(text)["input_ids"] and max(ids) < vocab
+    model = InternVLXForConditionalGeneration.from_pretrained(tmp_path / "back").eval()
+    with torch.no_grad():
+        model(input_ids=torch.tensor([ids]))
 
 
 # -------------------------------------------------------------------------------------------------------------- CLI

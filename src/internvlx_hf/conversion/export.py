@@ -105,6 +105,9 @@ def native_config(config):
     )
     native.architectures = ["InternVLForConditionalGeneration"]
     native.dtype = config.dtype
+    # InternVL's template name (OpenGVLab's config key). Several names share one chat template text (Hermes-2 and
+    # internlm2-chat are both ChatML), so `internvlx convert` reads the name back from here.
+    native.template = config.template
     return native
 
 
