@@ -366,6 +366,34 @@ def test_round_trip_keeps_the_template_name_and_the_text_it_accepts(tmp_path, ou
         model(input_ids=torch.tensor([ids]))
 
 
+def test_export_summary_and_the_route_without_torchvision(ours_qwen2, tmp_path):
+    """The summary says AutoProcessor needs torchvision; the route of docs/export.md ("Without torchvision":
+    AutoTokenizer + AutoImageProcessor, <IMG_CONTEXT> expanded by hand) gives our processor's ids and pixels."""
+    import importlib.util
+
+    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+
+    report = export_native(ours_qwen2, tmp_path / "native", progress=False)
+    assert "  needs           AutoProcessor / InternVLProcessor need torchvision" in str(report)
+    folder = str(tmp_path / "native")
+    if importlib.util.find_spec("torchvision") is None:
+        with pytest.raises(ValueError, match="requires `torchvision`"):
+            AutoProcessor.from_pretrained(folder)
+    tokenizer, image_processor = AutoTokenizer.from_pretrained(folder), AutoImageProcessor.from_pretrained(folder)
+    assert type(image_processor).__name__ == "GotOcr2ImageProcessorPil"
+    ours = InternVLXProcessor.from_pretrained(str(ours_qwen2))
+    seq = json.loads((tmp_path / "native" / "config.json").read_text())["image_seq_length"]
+    for image in _images():
+        pixels = image_processor(images=[image], crop_to_patches=True, return_tensors="pt")
+        prompt = tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False)
+        tiles = int(pixels["num_patches"][0])
+        prompt = prompt.replace("<IMG_CONTEXT>", "<img>" + "<IMG_CONTEXT>" * (seq * tiles) + "</img>", 1)
+        expected = ours(images=[image], text=ours.apply_chat_template(MESSAGES, add_generation_prompt=True),
+                        return_tensors="pt")
+        assert tokenizer(prompt)["input_ids"] == expected["input_ids"][0].tolist()
+        assert torch.equal(pixels["pixel_values"], expected["pixel_values"])
+
+
 # -------------------------------------------------------------------------------------------------------------- CLI
 
 
