@@ -170,6 +170,46 @@ def test_import_matches_the_native_model(native, tmp_path):
                        InternVLXForConditionalGeneration.from_pretrained(tmp_path / "ours").eval())
 
 
+# InternVL3.5's `-HF` checkpoints are native folders with Qwen3 LLMs (1B..38B; head_dim 128 is not hidden / heads)
+# and GPT-OSS for InternVL3.5-GPT-OSS-20B-A4B (mixture of experts, attention sinks, sliding and full attention layers
+# in turn, YaRN RoPE). Tiny text configs with those features:
+INTERNVL35_TEXT = {
+    "qwen3": dict(model_type="qwen3", head_dim=24, rope_parameters={"rope_type": "default", "rope_theta": 1e6}),
+    "gpt_oss": dict(model_type="gpt_oss", head_dim=24, num_local_experts=4, num_experts_per_tok=2, sliding_window=8,
+                    layer_types=["sliding_attention", "full_attention"] * 2, attention_bias=True,
+                    max_position_embeddings=131072),
+}
+
+
+@pytest.mark.parametrize("family", list(INTERNVL35_TEXT))
+def test_internvl35_native_folders_import(family, tmp_path, ours_qwen2):
+    from transformers import InternVLForConditionalGeneration
+
+    native = make_native(tmp_path / "native", ours_qwen2, tie=family == "qwen3", text=INTERNVL35_TEXT[family])
+    report = convert(native, tmp_path / "ours", progress=False)
+    assert report.text_model_type == family and not report.dropped and not report.new
+    original = InternVLForConditionalGeneration.from_pretrained(native).eval()
+    assert any(".mlp.experts." in name for name, _ in original.named_parameters()) == (family == "gpt_oss")
+    _assert_same_model(original, InternVLXForConditionalGeneration.from_pretrained(tmp_path / "ours").eval())
+
+    # Upgraded with PVTC + LVTC (k=2: layer 2 is a sliding-window layer in GPT-OSS): cached greedy generation gives
+    # the tokens of the uncached forward, step by step, and it trains.
+    convert(native, tmp_path / "x", projector="pvtc", lvtc="k=2,T=2", progress=False)
+    model = InternVLXForConditionalGeneration.from_pretrained(tmp_path / "x").eval()
+    ids, pixels = _ids_and_pixels(model.config)
+    options = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, eos_token_id=None)
+    with torch.no_grad():
+        generated = model.generate(input_ids=ids, pixel_values=pixels, **options)
+        sequence = ids
+        for _ in range(4):
+            step = model(input_ids=sequence, pixel_values=pixels).logits[:, -1].argmax(-1, keepdim=True)
+            sequence = torch.cat([sequence, step], dim=1)
+    assert torch.equal(generated, sequence)
+    model.train()
+    model(input_ids=ids, pixel_values=pixels, labels=ids).loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.model.lvtc_hr_projector.parameters())
+
+
 def test_import_processor_matches_internvl_processor(native, tmp_path, monkeypatch):
     convert(native, tmp_path / "ours", progress=False)
     ours, _ = _same_inputs(tmp_path / "ours", native, monkeypatch)
