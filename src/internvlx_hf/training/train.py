@@ -405,7 +405,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, preset_args: Pre
         trainer.add_callback(EvaluationCallback(trainer, eval_sets, data_name=data_args.eval_data,
                                                 max_new_tokens=data_args.eval_max_new_tokens))
     requested = _fsdp_request(training_args)
-    if requested and not trainer.is_fsdp_enabled:
+    if requested and not trainer.is_fsdp_enabled and is_main:
         logger.warning("%s asks for FSDP, but it is not in effect: accelerate applies FSDP only to GPU (and other "
                        "accelerator) runs, so this run trains without sharding (%s).", requested,
                        "DDP" if training_args.world_size > 1 else "one process")
