@@ -421,40 +421,19 @@ def train(model_args: ModelArguments, data_args: DataArguments, preset_args: Pre
     return TrainResult(trainer=trainer, dataset=dataset, output_dir=out, metrics=result.metrics)
 
 
-def _drop_deepspeed_groups(groups) -> None:
-    """Forget the process groups DeepSpeed keeps in ``deepspeed.utils.groups`` globals (its world group, data- and
-    model-parallel groups): like the wrapped model, each would keep its gloo threads alive past
-    `destroy_process_group()`."""
-    if groups is None:
-        return
-    from torch.distributed import ProcessGroup
-
-    def holds(value) -> bool:
-        if isinstance(value, ProcessGroup):
-            return True
-        if isinstance(value, dict):
-            return any(holds(item) for item in value.values())
-        return isinstance(value, (list, tuple)) and any(holds(item) for item in value)
-
-    for name, value in list(vars(groups).items()):
-        if name.startswith("_") and not name.startswith("__") and holds(value):
-            setattr(groups, name, None if isinstance(value, ProcessGroup) else type(value)())
-
-
 def end_distributed() -> None:
     """Destroy torch.distributed's default process group after training (a no-op in a single process).
 
     Call it at the end of a torchrun script once nothing refers to the `TrainResult` any more, as `internvlx train`
-    does. The DDP-wrapped model holds the group (and DeepSpeed keeps the groups it makes in module globals, which
-    are dropped here), so while it lives `destroy_process_group()` leaves the group's gloo worker threads running, and in interpreter teardown they can abort the process (SIGABRT, "terminate called
+    does. The DDP-wrapped model holds the group, so while it lives `destroy_process_group()` leaves the group's
+    gloo worker threads running, and in interpreter teardown they can abort the process (SIGABRT, "terminate called
     without an active exception") after training has succeeded; accelerate's `end_training()` has the same gap.
+    DeepSpeed keeps groups alive beyond this call (see `exit_if_gloo_threads_remain`).
     """
     import gc
-    import sys
 
     import torch.distributed as dist
 
-    _drop_deepspeed_groups(sys.modules.get("deepspeed.utils.groups"))
     gc.collect()  # in case only reference cycles still hold the wrapped model
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
@@ -479,10 +458,11 @@ def exit_if_gloo_threads_remain() -> None:
     """Leave the process now, status 0, when it is one of several launched ones (WORLD_SIZE > 1) and gloo worker
     threads outlived `end_distributed()`.
 
-    DeepSpeed keeps references to its process groups that `end_distributed()` cannot reach (ZeRO-3's parameters
-    and hooks among them), and their gloo threads can abort the interpreter's teardown (SIGABRT after "Saved ...",
-    seen in 1 of 8 ZeRO-3 runs here). Call it only when the work is done and written: logging is shut down and the
-    standard streams flushed, then the process exits without that teardown.
+    After a DeepSpeed run, gloo threads outlive `end_distributed()` (DeepSpeed keeps its own process groups, e.g.
+    ``deepspeed.utils.groups._WORLD_GROUP``, and clearing that one did not stop them), and they can abort the
+    interpreter's teardown (SIGABRT after "Saved ...", seen in 1 of 8 ZeRO-3 runs here). Call it only when the
+    work is done and written: logging is shut down and the standard streams flushed, then the process exits
+    without that teardown.
     """
     import sys
 
