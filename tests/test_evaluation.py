@@ -128,11 +128,22 @@ def test_anls_worked_examples():
     """Biten et al. 2019 (ST-VQA): s = 1 - NL(a, o) when NL < tau = 0.5, else 0; the best reference counts."""
     assert anls("helo", ["hello"]) == 1 - 1 / 5       # one deletion in five characters: 0.8
     assert anls("DocVQA ", ["docvqa"]) == 1.0          # case and surrounding whitespace are ignored
-    assert anls("a", ["ab"]) == 0.0                    # NL = 0.5 is not below tau
+    assert anls("a", ["ab"]) == 0.5                    # NL = 0.5: similarity 0.5 reaches tau (DocVQA's scripts)
+    assert anls("a", ["abc"]) == 0.0                   # NL = 2/3: below
     assert anls("abcd", ["abce"]) == 0.75              # NL = 0.25
     assert anls("1989", ["1988", "in 1989"]) == 0.75   # max(1 - 1/4, 1 - 3/7)
     assert anls("anything", ["something else entirely"]) == 0.0
     assert anls("", [""]) == 1.0
+
+
+def test_anls_boundary_matches_the_docvqa_scripts():
+    """The DocVQA / InfographicVQA evaluation (`question_result = 1 - min(NL)`, zeroed when below the 0.5 threshold)
+    counts a prediction at exactly NL = 0.5; the paper's Eq. 1 (NL < tau) is the strict option."""
+    assert anls("2019", ["2020"]) == 0.5
+    assert anls("2019", ["2020"], strict=True) == 0.0
+    assert anls("ab", ["abcd"]) == 0.5 and anls("ab", ["abcd"], strict=True) == 0.0
+    assert anls("abc", ["abcd"], strict=True) == anls("abc", ["abcd"]) == 0.75
+    assert anls("2019", ["2020", "2019 "]) == 1.0
 
 
 def test_relaxed_accuracy_worked_examples():

@@ -58,7 +58,8 @@ def ours_qwen2(tmp_path_factory) -> Path:
 
 
 def make_native(folder: Path, tokenizer_source: Path, *, tie: bool = True, dtype=torch.float32, seed: int = 0,
-                max_patches: int = 6) -> Path:
+                max_patches: int = 6, vision_feature_layer: int = -1, downsample_ratio: float = 0.5,
+                text: dict | None = None) -> Path:
     """A tiny transformers-native InternVL checkpoint, saved with transformers' own classes."""
     from transformers import InternVLConfig, InternVLForConditionalGeneration, TokenizersBackend
     from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
@@ -72,10 +73,12 @@ def make_native(folder: Path, tokenizer_source: Path, *, tie: bool = True, dtype
     text = dict(model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                 num_key_value_heads=2, vocab_size=len(tokenizer) + 8, max_position_embeddings=512,
                 bos_token_id=None, eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
-                pad_token_id=tokenizer.pad_token_id)
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=56,
+                pad_token_id=tokenizer.pad_token_id) | (text or {})
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, image_size=56,
                   patch_size=14, attention_bias=True)
-    config = InternVLConfig(text_config=text, vision_config=vision, image_seq_length=4, downsample_ratio=0.5,
+    tokens = int(round((56 // 14 * downsample_ratio) ** 2))
+    config = InternVLConfig(text_config=text, vision_config=vision, image_seq_length=tokens,
+                            downsample_ratio=downsample_ratio, vision_feature_layer=vision_feature_layer,
                             image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"), tie_word_embeddings=tie)
     torch.manual_seed(seed)
     model = InternVLForConditionalGeneration(config).eval()
@@ -90,7 +93,8 @@ def make_native(folder: Path, tokenizer_source: Path, *, tie: bool = True, dtype
                                                image_std=[0.229, 0.224, 0.225])
     image_processor.save_pretrained(str(folder))
     (folder / "processor_config.json").write_text(json.dumps(
-        {"image_processor": image_processor.to_dict(), "image_seq_length": 4, "processor_class": "InternVLProcessor"}))
+        {"image_processor": image_processor.to_dict(), "image_seq_length": tokens,
+         "processor_class": "InternVLProcessor"}))
     return folder
 
 
@@ -164,6 +168,46 @@ def test_import_matches_the_native_model(native, tmp_path):
     assert config["tie_word_embeddings"] is True
     _assert_same_model(InternVLForConditionalGeneration.from_pretrained(native).eval(),
                        InternVLXForConditionalGeneration.from_pretrained(tmp_path / "ours").eval())
+
+
+# InternVL3.5's `-HF` checkpoints are native folders with Qwen3 LLMs (1B..38B; head_dim 128 is not hidden / heads)
+# and GPT-OSS for InternVL3.5-GPT-OSS-20B-A4B (mixture of experts, attention sinks, sliding and full attention layers
+# in turn, YaRN RoPE). Tiny text configs with those features:
+INTERNVL35_TEXT = {
+    "qwen3": dict(model_type="qwen3", head_dim=24, rope_parameters={"rope_type": "default", "rope_theta": 1e6}),
+    "gpt_oss": dict(model_type="gpt_oss", head_dim=24, num_local_experts=4, num_experts_per_tok=2, sliding_window=8,
+                    layer_types=["sliding_attention", "full_attention"] * 2, attention_bias=True,
+                    max_position_embeddings=131072),
+}
+
+
+@pytest.mark.parametrize("family", list(INTERNVL35_TEXT))
+def test_internvl35_native_folders_import(family, tmp_path, ours_qwen2):
+    from transformers import InternVLForConditionalGeneration
+
+    native = make_native(tmp_path / "native", ours_qwen2, tie=family == "qwen3", text=INTERNVL35_TEXT[family])
+    report = convert(native, tmp_path / "ours", progress=False)
+    assert report.text_model_type == family and not report.dropped and not report.new
+    original = InternVLForConditionalGeneration.from_pretrained(native).eval()
+    assert any(".mlp.experts." in name for name, _ in original.named_parameters()) == (family == "gpt_oss")
+    _assert_same_model(original, InternVLXForConditionalGeneration.from_pretrained(tmp_path / "ours").eval())
+
+    # Upgraded with PVTC + LVTC (k=2: layer 2 is a sliding-window layer in GPT-OSS): cached greedy generation gives
+    # the tokens of the uncached forward, step by step, and it trains.
+    convert(native, tmp_path / "x", projector="pvtc", lvtc="k=2,T=2", progress=False)
+    model = InternVLXForConditionalGeneration.from_pretrained(tmp_path / "x").eval()
+    ids, pixels = _ids_and_pixels(model.config)
+    options = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, eos_token_id=None)
+    with torch.no_grad():
+        generated = model.generate(input_ids=ids, pixel_values=pixels, **options)
+        sequence = ids
+        for _ in range(4):
+            step = model(input_ids=sequence, pixel_values=pixels).logits[:, -1].argmax(-1, keepdim=True)
+            sequence = torch.cat([sequence, step], dim=1)
+    assert torch.equal(generated, sequence)
+    model.train()
+    model(input_ids=ids, pixel_values=pixels, labels=ids).loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.model.lvtc_hr_projector.parameters())
 
 
 def test_import_processor_matches_internvl_processor(native, tmp_path, monkeypatch):
@@ -300,6 +344,94 @@ def test_round_trip_is_bit_identical(tmp_path, ours_qwen2, tie, dtype):
         assert before[key].dtype == after[key].dtype == dtype and torch.equal(before[key], after[key]), key
     config = json.loads((tmp_path / "back" / "config.json").read_text())
     assert config["architectures"] == ["InternVLForConditionalGeneration"] and config["tie_word_embeddings"] is tie
+
+
+def test_round_trip_carries_select_layer_and_the_other_config_fields(tmp_path, ours_qwen2):
+    """A checkpoint that feeds the second-to-last ViT layer (InternVL2-1B's select_layer) to the projector, with
+    untied embeddings, goes native -> ours -> native with every field the model's output depends on."""
+    from transformers import InternVLForConditionalGeneration
+
+    native = make_native(tmp_path / "native", ours_qwen2, tie=False, vision_feature_layer=-2)
+    convert(native, tmp_path / "ours", progress=False)
+    ours = json.loads((tmp_path / "ours" / "config.json").read_text())
+    assert (ours["select_layer"], ours["downsample_ratio"], ours["image_seq_length"], ours["tie_word_embeddings"]) \
+        == (-2, 0.5, 4, False)
+    export_native(tmp_path / "ours", tmp_path / "back", progress=False)
+    before = json.loads((native / "config.json").read_text())
+    after = json.loads((tmp_path / "back" / "config.json").read_text())
+    for key in ("vision_feature_layer", "vision_feature_select_strategy", "downsample_ratio", "image_seq_length",
+                "image_token_id", "projector_hidden_act", "tie_word_embeddings"):
+        assert after[key] == before[key], key
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size",
+                "rope_parameters", "rms_norm_eps", "eos_token_id"):
+        assert after["text_config"][key] == before["text_config"][key], key
+    for key in ("hidden_size", "num_hidden_layers", "image_size", "patch_size", "layer_norm_eps", "use_qk_norm"):
+        assert after["vision_config"][key] == before["vision_config"][key], key
+    original = InternVLForConditionalGeneration.from_pretrained(native).eval()
+    back = InternVLForConditionalGeneration.from_pretrained(tmp_path / "back").eval()
+    assert back.config.vision_feature_layer == -2
+    _assert_same_model(original, back)
+    _assert_same_model(original, InternVLXForConditionalGeneration.from_pretrained(tmp_path / "ours").eval())
+    # The layer matters: the last layer's features give other logits.
+    ids, pixels = _ids_and_pixels(back.config)
+    with torch.no_grad():
+        selected = back(input_ids=ids, pixel_values=pixels).logits
+        last = back(input_ids=ids, pixel_values=pixels, vision_feature_layer=-1).logits
+    assert (selected - last).abs().max() > 1e-4  # tiny random weights: a small but real difference
+
+
+def test_round_trip_keeps_the_template_name_and_the_text_it_accepts(tmp_path, ours_qwen2):
+    """internlm2-chat and Hermes-2 are the same ChatML text; export records the name, so convert gives it back.
+    The `<video>` placeholder export adds for InternVLProcessor has no embedding row in this checkpoint: the
+    converted-back tokenizer leaves it out, so text containing "<video>" is read as the original read it."""
+    src = tmp_path / "src"
+    shutil.copytree(ours_qwen2, src)
+    _edit_json(src / "config.json", template="internlm2-chat")
+    report = export_native(src, tmp_path / "native", progress=False)
+    assert any("<video>" in item for item in report.lost)
+    back = convert(tmp_path / "native", tmp_path / "back", progress=False)
+    assert back.template == "internlm2-chat"
+    assert any(note.startswith("tokenizer: left out <video> (") for note in back.notes), back.notes
+    assert json.loads((tmp_path / "back" / "config.json").read_text())["template"] == "internlm2-chat"
+
+    original, returned = InternVLXProcessor.from_pretrained(str(src)), InternVLXProcessor.from_pretrained(
+        str(tmp_path / "back"))
+    vocab = json.loads((tmp_path / "back" / "config.json").read_text())["text_config"]["vocab_size"]
+    assert len(returned.tokenizer) <= vocab
+    text = "a <video> b <img></img> <|im_end|>"
+    ids = returned.tokenizer(text)["input_ids"]
+    assert ids == original.tokenizer(text)["input_ids"] and max(ids) < vocab
+    model = InternVLXForConditionalGeneration.from_pretrained(tmp_path / "back").eval()
+    with torch.no_grad():
+        model(input_ids=torch.tensor([ids]))
+
+
+def test_export_summary_and_the_route_without_torchvision(ours_qwen2, tmp_path):
+    """The summary says AutoProcessor needs torchvision; the route of docs/export.md ("Without torchvision":
+    AutoTokenizer + AutoImageProcessor, <IMG_CONTEXT> expanded by hand) gives our processor's ids and pixels."""
+    import importlib.util
+
+    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+
+    report = export_native(ours_qwen2, tmp_path / "native", progress=False)
+    assert "  needs           AutoProcessor / InternVLProcessor need torchvision" in str(report)
+    folder = str(tmp_path / "native")
+    if importlib.util.find_spec("torchvision") is None:
+        with pytest.raises(ValueError, match="requires `torchvision`"):
+            AutoProcessor.from_pretrained(folder)
+    tokenizer, image_processor = AutoTokenizer.from_pretrained(folder), AutoImageProcessor.from_pretrained(folder)
+    assert type(image_processor).__name__ == "GotOcr2ImageProcessorPil"
+    ours = InternVLXProcessor.from_pretrained(str(ours_qwen2))
+    seq = json.loads((tmp_path / "native" / "config.json").read_text())["image_seq_length"]
+    for image in _images():
+        pixels = image_processor(images=[image], crop_to_patches=True, return_tensors="pt")
+        prompt = tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False)
+        tiles = int(pixels["num_patches"][0])
+        prompt = prompt.replace("<IMG_CONTEXT>", "<img>" + "<IMG_CONTEXT>" * (seq * tiles) + "</img>", 1)
+        expected = ours(images=[image], text=ours.apply_chat_template(MESSAGES, add_generation_prompt=True),
+                        return_tensors="pt")
+        assert tokenizer(prompt)["input_ids"] == expected["input_ids"][0].tolist()
+        assert torch.equal(pixels["pixel_values"], expected["pixel_values"])
 
 
 # -------------------------------------------------------------------------------------------------------------- CLI

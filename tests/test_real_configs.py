@@ -51,6 +51,7 @@ def test_reference_formula_counts_the_reference_tensors(fixture):
 EXPECTED = {
     "InternVL2-1B.json": (304_012_288, 4_482_816, 629_663_872),
     "InternVL2-1B.tie-true-copy.json": (304_012_288, 4_482_816, 493_780_992),
+    "InternVL2-2B.json": (304_012_288, 12_595_200, 1_889_146_880),
     "InternVL3-1B.json": (304_012_288, 4_482_816, 629_697_920),
 }
 
@@ -69,10 +70,10 @@ def test_converted_model_has_the_original_parameter_count(name):
 
 
 # "Model Size" in the checkpoint's model card, else the size in its name (billions).
-PUBLISHED = {"InternVL2-1B": ("card", 0.9), "InternVL3-1B": ("name", 1)}
+PUBLISHED = {"InternVL2-1B": ("card", 0.9), "InternVL2-2B": ("name", 2), "InternVL3-1B": ("name", 1)}
 
 
-@pytest.mark.parametrize("name", ["InternVL2-1B.json", "InternVL3-1B.json"])
+@pytest.mark.parametrize("name", ["InternVL2-1B.json", "InternVL2-2B.json", "InternVL3-1B.json"])
 def test_count_matches_the_published_size(name):
     total = reference_count(_load(name)).total
     where, billions = PUBLISHED[name.removesuffix(".json")]
@@ -110,7 +111,8 @@ def test_pvtc_upgrade_replaces_mlp1_with_the_new_projector(name):
     reference = reference_count(config)
     size = size_from_config(config, projector="pvtc", name=name)
     assert size.config.projector_type == "pvtc"
-    assert size.new_parameters == 31_436_032  # PVTC for a 1024-wide ViT and an 896-wide LLM
+    # PVTC for a 1024-wide ViT and an 896-wide LLM (Qwen2-0.5B), or InternVL2-2B's 2048-wide InternLM2
+    assert size.new_parameters == {896: 31_436_032, 2048: 147_343_360}[config["llm_config"]["hidden_size"]]
     assert size.num_parameters == reference.total - reference.projector + size.new_parameters
 
 

@@ -192,7 +192,7 @@ def _read_dots(image: Image.Image, cell_row: int, cell_col: int, info: dict) -> 
 def test_bits_answers_follow_from_the_pixels(side, rows, distractors):
     seen = set()
     for seed in range(12):
-        for task in ("bits", "bits-count"):
+        for task in ("bits", "bits-count", "bits-block"):
             sample = make_sample(task, random.Random(seed), TILE, TILE, image_size=TILE, fine_grid=8,
                                  bits_side=side, bits_rows=rows, bits_distractors=distractors)
             (info,) = sample.objects
@@ -211,6 +211,10 @@ def test_bits_answers_follow_from_the_pixels(side, rows, distractors):
                 assert sample.answer == cells[q][line * side:(line + 1) * side]
                 assert sample.question.startswith(f"{info['quadrant']} square")
                 assert ("row" in sample.question) == (rows > 1)
+            elif task == "bits-block":  # bench_lvtc_hr.py's default task: the row of all four cells, read in order
+                line = info["row"] - 1
+                assert sample.answer == "".join(cells[k][line * side:(line + 1) * side] for k in range(4))
+                assert sample.question == ("Read the red box." if rows == 1 else f"Read row {line + 1} of the red box.")
             else:
                 assert sample.answer == str(cells[q].count("1"))
             outside = [_read_dots(sample.image, r, c, info) for r in range(8) for c in range(8)

@@ -117,10 +117,11 @@ def parse_cli(args: argparse.Namespace | Sequence[str] | None):
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from ..training.train import end_distributed, train
+    from ..training.train import end_distributed, exit_if_gloo_threads_remain, train
 
     train(*parse_cli(args))  # the result is not kept, so that end_distributed() can free the wrapped model
     end_distributed()
+    exit_if_gloo_threads_remain()  # DeepSpeed's groups can outlive it; their threads would abort the teardown
     return 0
 
 

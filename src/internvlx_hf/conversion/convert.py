@@ -415,7 +415,7 @@ def _prepare(source: SourceCheckpoint, projector: str, lvtc_options: dict | None
     """Configs, tokenizer and the full conversion plan: every problem surfaces here, before any data is read."""
     notes: list[str] = []
     if source.layout == "native":
-        parts = _native_parts(source)
+        parts = _native_parts(source, notes)
     else:
         parts = _opengvlab_parts(source, notes)
     llm, text_config, tokenizer, template = parts.llm, parts.text_config, parts.tokenizer, parts.template
@@ -529,11 +529,12 @@ def _opengvlab_parts(source: SourceCheckpoint, notes: list[str]) -> _SourceParts
                         config_kwargs=_opengvlab_config_kwargs(source, text_config, notes))
 
 
-def _native_parts(source: SourceCheckpoint) -> _SourceParts:
+def _native_parts(source: SourceCheckpoint, notes: list[str]) -> _SourceParts:
     from ..processing.chat_templates import CHAT_TEMPLATES
     from .native import read_native
 
     native = read_native(source, CHAT_TEMPLATES)
+    notes += native.notes
     native.tokenizer.chat_template = native.chat_template
     if native.tokenizer.pad_token is None:
         native.tokenizer.pad_token = choose_pad_token(native.tokenizer, native.chat_template)

@@ -54,6 +54,12 @@ class ExportReport:
             f"  processor       InternVLProcessor + GotOcr2ImageProcessor (size {ip['size']['height']}, patches "
             f"{ip['min_patches']}..{ip['max_patches']}, crop_to_patches={ip['crop_to_patches']})",
         ]
+        lines += [
+            "  needs           AutoProcessor / InternVLProcessor need torchvision (transformers checks the video "
+            "processor slot); without it, AutoModelForImageTextToText, AutoTokenizer and AutoImageProcessor "
+            "(GotOcr2ImageProcessorPil) load, and <IMG_CONTEXT> is expanded by hand (docs/export.md, \"Without "
+            "torchvision\")",
+        ]
         lines += [f"  dropped         {key}: {reason}" for key, reason in self.dropped.items()]
         lines += [f"  not carried     {item}" for item in self.lost] or ["  not carried     nothing"]
         return "\n".join(lines)
@@ -105,6 +111,9 @@ def native_config(config):
     )
     native.architectures = ["InternVLForConditionalGeneration"]
     native.dtype = config.dtype
+    # InternVL's template name (OpenGVLab's config key). Several names share one chat template text (Hermes-2 and
+    # internlm2-chat are both ChatML), so `internvlx convert` reads the name back from here.
+    native.template = config.template
     return native
 
 

@@ -17,7 +17,8 @@ differs is configuration and processing:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,7 @@ class NativeSource:
     template: str
     image_processor_kwargs: dict[str, Any]
     architecture: str
+    notes: list[str] = field(default_factory=list)
 
 
 def _native_config(source: SourceCheckpoint):
@@ -158,12 +160,58 @@ def _load_tokenizer(path: Path):
     return tokenizer
 
 
+def _without_tokens_past(path: Path, tokenizer, vocab_size: int, notes: list[str]):
+    """``tokenizer`` without the added tokens that have no embedding row (ids >= ``vocab_size``).
+
+    InternVLProcessor needs a `<video>` token, so a native folder whose embeddings have no row for it (one exported
+    by `internvlx export native`, whose summary says so) carries it past the embedding matrix: text containing
+    "<video>" then becomes an id the model cannot embed. Our processor has no video slot, so the token is left out
+    and such text is read as ordinary characters again, as the checkpoint read it before export.
+    """
+    import tempfile
+
+    past = {index: token for token, index in tokenizer.get_added_vocab().items() if index >= vocab_size}
+    if not past or not (path / "tokenizer.json").is_file():
+        return tokenizer
+    names = {token for token in past.values()}
+    with tempfile.TemporaryDirectory(prefix="internvlx-tokenizer-") as tmp:
+        for file in path.iterdir():
+            if file.name.startswith(("tokenizer", "special_tokens_map", "added_tokens")) and file.is_file():
+                (Path(tmp) / file.name).write_bytes(file.read_bytes())
+        data = read_json_file(path / "tokenizer.json", "tokenizer")
+        data["added_tokens"] = [entry for entry in data.get("added_tokens", []) if entry.get("id", 0) < vocab_size]
+        (Path(tmp) / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+        settings_file = Path(tmp) / "tokenizer_config.json"
+        if settings_file.is_file():
+            settings = read_json_file(settings_file, "tokenizer config")
+            decoder = settings.get("added_tokens_decoder")
+            if isinstance(decoder, dict):
+                settings["added_tokens_decoder"] = {k: v for k, v in decoder.items() if int(k) < vocab_size}
+            for key in ("extra_special_tokens", "model_specific_special_tokens", "additional_special_tokens"):
+                value = settings.get(key)
+                if isinstance(value, dict):
+                    settings[key] = {k: v for k, v in value.items() if v not in names}
+                elif isinstance(value, list):
+                    settings[key] = [v for v in value if v not in names]
+            for key in [k for k, v in settings.items() if isinstance(v, str) and v in names]:
+                del settings[key]
+            settings_file.write_text(json.dumps(settings, ensure_ascii=False), encoding="utf-8")
+        (Path(tmp) / "added_tokens.json").unlink(missing_ok=True)
+        tokenizer = _load_tokenizer(Path(tmp))
+    shown = ", ".join(f"{token} ({index})" for index, token in sorted(past.items()))
+    notes.append(f"tokenizer: left out {shown}, past the {vocab_size} embeddings (the model cannot read it); text "
+                 "containing it is read as ordinary characters")
+    return tokenizer
+
+
 def read_native(source: SourceCheckpoint, template_names: dict[str, str]) -> NativeSource:
     """Config, tokenizer, chat template and processor settings of a native folder. ``template_names``: our chat
     templates by name (a translated native template equal to one of them keeps its name)."""
     config = _native_config(source)
     _check_native_config(config, source.path / "config.json")
-    tokenizer = _load_tokenizer(source.path)
+    notes: list[str] = []
+    tokenizer = _without_tokens_past(source.path, _load_tokenizer(source.path), int(config.text_config.vocab_size),
+                                     notes)
     image_token_id = tokenizer.convert_tokens_to_ids(NATIVE_IMAGE_TOKEN)
     if image_token_id != config.image_token_id:
         raise ConversionError(
@@ -176,7 +224,11 @@ def read_native(source: SourceCheckpoint, template_names: dict[str, str]) -> Nat
         raise ConversionError(f"{source.path} has no chat template (chat_template.jinja, chat_template.json or the "
                               "tokenizer's); copy it from the original checkpoint.")
     chat_template = to_our_template(native_template)
-    template = next((name for name, text in template_names.items() if text == chat_template), "native")
+    # The first of our templates with this text, unless the folder names another one with the same text (written by
+    # `internvlx export native`: Hermes-2 and internlm2-chat are the same ChatML).
+    named = getattr(config, "template", None)
+    template = named if template_names.get(named) == chat_template else \
+        next((name for name, text in template_names.items() if text == chat_template), "native")
     vision = config.vision_config
     image_size = vision.image_size[0] if isinstance(vision.image_size, (list, tuple)) else vision.image_size
     return NativeSource(
@@ -195,4 +247,5 @@ def read_native(source: SourceCheckpoint, template_names: dict[str, str]) -> Nat
         template=template,
         image_processor_kwargs=image_processor_kwargs(source.path, int(image_size)),
         architecture=f"InternVLForConditionalGeneration ({config.text_config.model_type} LLM)",
+        notes=notes,
     )

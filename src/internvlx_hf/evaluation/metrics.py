@@ -9,8 +9,9 @@ mean over its samples.
   10 human answers, after the official answer normalisation (`normalize_vqa_answer`). A sample with one reference
   scores its exact match after normalisation.
 - ``anls``: Average Normalized Levenshtein Similarity (Biten et al., "Scene Text Visual Question Answering", ICCV
-  2019; used by DocVQA and InfographicVQA): ``1 - NL(a, o)`` when the normalised Levenshtein distance ``NL`` is
-  below ``tau = 0.5``, else 0; the best reference counts. Case and surrounding whitespace are ignored, as in the
+  2019; used by DocVQA and InfographicVQA): ``1 - NL(a, o)`` when that similarity is at least ``tau = 0.5`` (``NL``:
+  the normalised Levenshtein distance), else 0, as the official DocVQA scripts count (``NL = 0.5`` scores 0.5; the
+  paper's strict ``NL < tau`` is ``anls(..., strict=True)``); the best reference counts. Case and surrounding whitespace are ignored, as in the
   ST-VQA / DocVQA evaluation.
 - ``relaxed``: relaxed accuracy (Methani et al., "PlotQA", WACV 2020; Masry et al., "ChartQA", Findings of ACL
   2022, Sec. 5.1): a numeric answer is right within 5% relative error of a numeric reference, anything else needs
@@ -133,9 +134,12 @@ def levenshtein(a: str, b: str) -> int:
     return previous[-1]
 
 
-def anls(prediction: str, references: Sequence[str], tau: float = 0.5) -> float:
-    """ANLS of one prediction: ``max over references of s(a, o)``, ``s = 1 - NL(a, o)`` if ``NL(a, o) < tau``
-    else 0, with ``NL`` the Levenshtein distance divided by the longer string's length (Biten et al. 2019).
+def anls(prediction: str, references: Sequence[str], tau: float = 0.5, strict: bool = False) -> float:
+    """ANLS of one prediction: ``max over references of s(a, o)``, ``s = 1 - NL(a, o)``, with ``NL`` the Levenshtein
+    distance divided by the longer string's length (Biten et al. 2019); ``s`` is kept when it is at least ``tau``,
+    else 0, as the DocVQA / InfographicVQA evaluation scripts (`question_result < threshold` becomes 0) that the
+    leaderboards and InternVL's evaluation run: ``anls("2019", ["2020"])`` is 0.5. ``strict=True`` is the paper's
+    Eq. 1 (and Pix2Struct's ``anls_metric``): kept only when ``NL < tau``, so that example scores 0.
     Compared lower-cased, with surrounding whitespace stripped and inner runs of whitespace as one space."""
     answer = " ".join(prediction.lower().split())
     best = 0.0
@@ -143,7 +147,8 @@ def anls(prediction: str, references: Sequence[str], tau: float = 0.5) -> float:
         truth = " ".join(reference.lower().split())
         longest = max(len(answer), len(truth))
         distance = levenshtein(answer, truth) / longest if longest else 0.0
-        best = max(best, 1.0 - distance if distance < tau else 0.0)
+        kept = distance < tau if strict else 1.0 - distance >= tau
+        best = max(best, 1.0 - distance if kept else 0.0)
     return best
 
 

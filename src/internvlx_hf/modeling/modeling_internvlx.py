@@ -540,6 +540,26 @@ class InternVLXPreTrainedModel(PreTrainedModel):
         # the modules that do are transformers' own vision tower and LLM, so set_attn_implementation() works.
         return True
 
+    def save_pretrained(self, *args, **kwargs):
+        # save_pretrained reverses the key renamings recorded at load time. transformers' ordinary loader records the
+        # ones that matched the checkpoint; its DeepSpeed ZeRO-3 loader records every one it tried, so the legacy
+        # `model.language_model.model.*` -> `model.language_model.*` renaming would be reversed on keys that never had
+        # the extra `.model`, and the folder would not have the layout of every other save. Keep the used ones.
+        conversions = getattr(self, "_weight_conversions", None)
+        if conversions:
+            self._weight_conversions = [c for c in conversions if c.was_used()]
+        # save_pretrained recognises tied weights by their shared storage. A state dict handed in from outside may
+        # hold copies (DeepSpeed ZeRO-1/2: accelerate clones every tensor), which would write `lm_head.weight` of a
+        # tied model as a second tensor; drop the copies of weights this model ties.
+        state_dict = kwargs.get("state_dict")
+        if state_dict is not None:
+            tied = getattr(self, "all_tied_weights_keys", None) or {}
+            copies = {target for target, source in tied.items() if target in state_dict and source in state_dict
+                      and self.get_parameter_or_buffer(target) is self.get_parameter_or_buffer(source)}
+            if copies:
+                kwargs["state_dict"] = {name: value for name, value in state_dict.items() if name not in copies}
+        return super().save_pretrained(*args, **kwargs)
+
     @torch.no_grad()
     def _init_weights(self, module):
         std = getattr(self.config.get_text_config(), "initializer_range", 0.02)

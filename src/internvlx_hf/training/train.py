@@ -299,6 +299,35 @@ def _save_final(trainer: InternVLXTrainer, processor, out: Path, lora: bool) -> 
     trainer.accelerator.wait_for_everyone()
 
 
+def _fsdp_request(training_args: TrainingArguments) -> str | None:
+    """Where FSDP was asked for: the ``--fsdp`` flag, or an accelerate config with ``distributed_type: FSDP``
+    (`accelerate launch` passes it on as ACCELERATE_USE_FSDP); None when it was not."""
+    from accelerate.utils import parse_flag_from_env
+
+    if training_args.fsdp:
+        return "--fsdp"
+    if parse_flag_from_env("ACCELERATE_USE_FSDP"):
+        return "The accelerate config (distributed_type: FSDP, ACCELERATE_USE_FSDP=true)"
+    return None
+
+
+def _join_deepspeed_comm(training_args: TrainingArguments) -> None:
+    """Let DeepSpeed's communication layer use the process group that is already there.
+
+    On accelerators accelerate starts torch.distributed through `deepspeed.init_distributed`; a CPU run (``use_cpu``)
+    starts it with torch alone, and DeepSpeed's own layer then reports one process: ZeRO-3's `zero.Init` (in
+    `from_pretrained`) checks the Trainer's ``train_batch_size`` (micro batch x accumulation x processes) against a
+    world of 1 and stops.
+    """
+    import torch.distributed as dist
+
+    if not training_args.deepspeed or not (dist.is_available() and dist.is_initialized()):
+        return
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend=dist.get_backend(), verbose=False)
+
+
 def train(model_args: ModelArguments, data_args: DataArguments, preset_args: PresetArguments,
           training_args: TrainingArguments, *, train_data: Any = None, callbacks: list | None = None,
           print_fn: Callable[[str], None] | None = print) -> TrainResult:
@@ -363,6 +392,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, preset_args: Pre
         say("Held-out data (--eval-data): " + ", ".join(f"{s.name} {len(s.samples):,} samples ({s.metric})"
                                                         for s in eval_sets))
 
+    _join_deepspeed_comm(training_args)
     dtype = "auto" if model_args.model_dtype == "auto" else getattr(torch, model_args.model_dtype)
     load_kwargs = {"dtype": dtype}
     if model_args.attn_implementation:
@@ -407,9 +437,10 @@ def train(model_args: ModelArguments, data_args: DataArguments, preset_args: Pre
 
         trainer.add_callback(EvaluationCallback(trainer, eval_sets, data_name=data_args.eval_data,
                                                 max_new_tokens=data_args.eval_max_new_tokens))
-    if training_args.fsdp and not trainer.is_fsdp_enabled:
-        logger.warning("--fsdp is not in effect: accelerate applies FSDP only to GPU (and other accelerator) runs, "
-                       "so this run trains without sharding (%s).",
+    requested = _fsdp_request(training_args)
+    if requested and not trainer.is_fsdp_enabled and is_main:
+        logger.warning("%s asks for FSDP, but it is not in effect: accelerate applies FSDP only to GPU (and other "
+                       "accelerator) runs, so this run trains without sharding (%s).", requested,
                        "DDP" if training_args.world_size > 1 else "one process")
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     if eval_sets is not None and training_args.eval_strategy == "no":
@@ -464,6 +495,7 @@ def end_distributed() -> None:
     does. The DDP-wrapped model holds the group, so while it lives `destroy_process_group()` leaves the group's
     gloo worker threads running, and in interpreter teardown they can abort the process (SIGABRT, "terminate called
     without an active exception") after training has succeeded; accelerate's `end_training()` has the same gap.
+    DeepSpeed keeps groups alive beyond this call (see `exit_if_gloo_threads_remain`).
     """
     import gc
 
@@ -474,5 +506,40 @@ def end_distributed() -> None:
         dist.destroy_process_group()
 
 
+def gloo_threads() -> list[str] | None:
+    """Names of this process's gloo worker threads (Linux: /proc/self/task); None where they cannot be listed."""
+    tasks = "/proc/self/task"
+    if not os.path.isdir(tasks):
+        return None
+    names = []
+    for task in os.listdir(tasks):
+        try:
+            with open(f"{tasks}/{task}/comm", encoding="utf-8") as handle:
+                names.append(handle.read().strip())
+        except OSError:  # the thread ended meanwhile
+            continue
+    return [name for name in names if "gloo" in name]
+
+
+def exit_if_gloo_threads_remain() -> None:
+    """Leave the process now, status 0, when it is one of several launched ones (WORLD_SIZE > 1) and gloo worker
+    threads outlived `end_distributed()`.
+
+    After a DeepSpeed run, gloo threads outlive `end_distributed()` (DeepSpeed keeps its own process groups, e.g.
+    ``deepspeed.utils.groups._WORLD_GROUP``, and clearing that one did not stop them), and they can abort the
+    interpreter's teardown (SIGABRT after "Saved ...", seen in 1 of 8 ZeRO-3 runs here). Call it only when the
+    work is done and written: logging is shut down and the standard streams flushed, then the process exits
+    without that teardown.
+    """
+    import sys
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not gloo_threads():  # launched by torchrun / accelerate only
+        return
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 __all__ = ["ARGUMENT_CLASSES", "DataArguments", "ModelArguments", "PresetArguments", "TrainResult",
-           "end_distributed", "parse_train_args", "train"]
+           "end_distributed", "exit_if_gloo_threads_remain", "gloo_threads", "parse_train_args", "train"]
