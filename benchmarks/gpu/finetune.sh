@@ -7,7 +7,8 @@
 #      preset lora from the converted model; on the demo's synthetic tasks (448 px images, one tile each);
 #   4. the stage2 output reloaded with AutoModel (trust_remote_code, internvlx_hf not importable) and generating;
 #      `internvlx eval` of the stage2 and lora outputs with batched generation;
-#   5. resume: a lora run stopped at step N and resumed from its checkpoint against an uninterrupted run.
+#   5. resume: a lora run stopped at step N and resumed from its checkpoint against an uninterrupted run;
+#   6. with MEMORY=1, benchmarks/gpu/memory.py: peak memory and samples/s per preset, model and batch size.
 # BUDGET=SECONDS skips the steps that would start after that many seconds (the summary is always written).
 # Every step's output goes to $OUT/finetune.log and the numbers to $OUT/finetune.json. From the repository root:
 #   bash benchmarks/gpu/finetune.sh                  # on a CUDA GPU (InternVL2-2B dimensions)
@@ -104,6 +105,12 @@ run "${RESUME[@]}" --output_dir "$WORK/resume-resumed" \
     --resume_from_checkpoint "$WORK/resume-resumed/checkpoint-$RESUME_AT"
 
 evaluate lora
+
+# The memory table (MEMORY=1): plain-256 / plain-1024 / LVTC x stage1 / stage2 / lora, batch 1, 2, 4, ... until OOM.
+if [ "${MEMORY:-0}" = 1 ]; then
+    run python3 -m internvlx_hf convert "$WORK/src" "$WORK/plain" --no-progress
+    run python3 "$REPO/benchmarks/gpu/memory.py" "$WORK/plain" --device "$DEVICE" --json "$OUT/memory.json"
+fi
 
 BUDGET=100000 run python3 - "$WORK" "$OUT/finetune.json" "$SIZE" "$DEVICE" <<'PY'
 import json, sys, pathlib, torch, transformers, platform
