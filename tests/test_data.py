@@ -179,6 +179,7 @@ def test_approximate_lengths_count_text_and_the_tile_budget(processor, tmp_path)
     rows.append({"conversations": _turns(("human", "x" * 40), ("gpt", "y" * 20))})
     path = th.write_jsonl(tmp_path / "images" / "d.jsonl", rows)
     dataset = InternVLXDataset(str(path), processor, progress=False, lengths="approximate", cache_dir=False)
+
     def estimate(text, images):  # text / 4, 8 per message, per image (12 tiles + thumbnail) x 256 + <img></img>
         return -(-len(text) // 4) + 8 * 2 + images * ((12 + 1) * 256 + 2)
 

@@ -18,9 +18,10 @@ Hugging Face Trainer. Every TrainingArguments flag works (--per_device_train_bat
 
 It prints the tile budget that applies, the data (rows and samples per dataset: rows are read lazily, each checked
 when it loads; a bad one is skipped with a file:line warning and counted at the end; --check_data or `internvlx data
-check` checks them all first), the trainable parameters per module group and the Trainer's progress bar. OUT and every OUT/checkpoint-* hold weights,
-config, remote code, processor and tokenizer, and load with AutoModel / AutoProcessor (trust_remote_code=True) where
-internvlx-hf is not installed; with --preset lora, OUT/adapter holds the PEFT adapter and OUT the merged model.
+check` checks them all first), the trainable parameters per module group and the Trainer's progress bar. OUT and
+every OUT/checkpoint-* hold weights, config, remote code, processor and tokenizer, and load with AutoModel /
+AutoProcessor (trust_remote_code=True) where internvlx-hf is not installed; with --preset lora, OUT/adapter holds the
+PEFT adapter and OUT the merged model.
 OUT must be new or empty: --resume_from_checkpoint continues the run in it, --overwrite_output_dir empties it first.
 
 presets:

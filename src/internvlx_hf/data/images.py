@@ -49,6 +49,7 @@ def load_image(image: Any, index: int = 0) -> Image.Image:
             image = image.get("path")
     return _load_rgb_image(image, index)
 
+
 class TileBudget:
     """Tiles per image under the processor's RVTC settings (``tiling``, ``max_tiles``), with InternVL's rules.
 

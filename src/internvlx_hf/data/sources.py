@@ -140,6 +140,7 @@ def _undecoded(dataset: Any) -> Any:
             dataset = dataset.cast_column(column, type(feature)(datasets.Image(decode=False)))
     return dataset
 
+
 def source_rows(source: DataSource):
     """``(where, raw)`` for every row of ``source``: ``("file.jsonl:12", line)`` for a JSONL file (blank lines
     skipped), ``("name[3]", (3, row))`` for rows in memory."""

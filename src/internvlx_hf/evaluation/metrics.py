@@ -11,8 +11,8 @@ mean over its samples.
 - ``anls``: Average Normalized Levenshtein Similarity (Biten et al., "Scene Text Visual Question Answering", ICCV
   2019; used by DocVQA and InfographicVQA): ``1 - NL(a, o)`` when that similarity is at least ``tau = 0.5`` (``NL``:
   the normalised Levenshtein distance), else 0, as the official DocVQA scripts count (``NL = 0.5`` scores 0.5; the
-  paper's strict ``NL < tau`` is ``anls(..., strict=True)``); the best reference counts. Case and surrounding whitespace are ignored, as in the
-  ST-VQA / DocVQA evaluation.
+  paper's strict ``NL < tau`` is ``anls(..., strict=True)``); the best reference counts. Case and surrounding
+  whitespace are ignored, as in the ST-VQA / DocVQA evaluation.
 - ``relaxed``: relaxed accuracy (Methani et al., "PlotQA", WACV 2020; Masry et al., "ChartQA", Findings of ACL
   2022, Sec. 5.1): a numeric answer is right within 5% relative error of a numeric reference, anything else needs
   an exact match (case-insensitive). A trailing ``%`` marks a percentage (``"45%"`` is 0.45), and a reference of 0
