@@ -459,6 +459,19 @@ def run_training(models: dict, args, timer: Timer, dtype, vit: str = "frozen") -
     return results
 
 
+def record_profiles(meta: dict, models: dict, args, dtype, workload: str, tiles: int, vit: str | None = None) -> None:
+    """`--profile`: profiler tables of lvtc and plain-1024 for one workload, into ``meta["profiles"]``."""
+    for name in ("lvtc", "plain-1024"):
+        if name in models:
+            model = models[name]
+            batch = inputs(model, args.text_tokens, args.device, dtype, tiles)
+            if workload == "prefill":
+                title, call = f"prefill {name}, {tiles} tiles", lambda: prefill(model, batch)
+            else:
+                title, call = f"train step {name}, ViT {vit}", lambda: train_step(model, batch)
+            meta.setdefault("profiles", {})[title] = profile_table(model, call, args.device)
+
+
 def profile_table(model, fn, device: str, rows: int = 15) -> str:
     """torch.profiler's table of the ops that took the most device (or CPU) time in one call."""
     from torch.profiler import ProfilerActivity, profile
@@ -888,13 +901,7 @@ def main(argv=None) -> dict:
                     for name, result in measured.items():
                         results[name].update(result)
             if args.profile:
-                meta["profiles"] = {}
-                for name in ("lvtc", "plain-1024"):
-                    if name in models:
-                        model, tiles = models[name], max(args.tiles)
-                        batch = inputs(model, args.text_tokens, args.device, dtype, tiles)
-                        meta["profiles"][f"prefill {name}, {tiles} tiles"] = profile_table(
-                            model, lambda: prefill(model, batch), args.device)
+                record_profiles(meta, models, args, dtype, "prefill", max(args.tiles))
             if "train" in args.workloads and args.train_layers is not None:
                 del models
                 models = None
@@ -908,12 +915,7 @@ def main(argv=None) -> dict:
                     for name, result in measured.items():
                         results[name].update(result)
                 if args.profile:
-                    for name in ("lvtc", "plain-1024"):
-                        if name in models:
-                            model = models[name]
-                            batch = inputs(model, args.text_tokens, args.device, dtype, args.train_tiles)
-                            meta.setdefault("profiles", {})[f"train step {name}, ViT {vit}"] = profile_table(
-                                model, lambda: train_step(model, batch), args.device)
+                    record_profiles(meta, models, args, dtype, "train", args.train_tiles, vit)
             if args.diagnose:
                 meta["diagnosis"] = diagnose(next(iter(models.values())), args, timer, dtype)
         del models
