@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import CLIError, Command
+from .command import CLIError, Command
 
 # = internvlx_hf.evaluation.METRICS and processing.TilingMode (not imported, so that --help stays instant)
 METRIC_NAMES = ("exact_match", "vqa", "anls", "relaxed")
