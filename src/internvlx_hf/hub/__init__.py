@@ -2,8 +2,8 @@
 
 - `build_model_card` / `write_model_card`: the model card (`internvlx card`), from the folder and its provenance.
 - `preflight`: every reason a folder would not load from the Hub without internvlx-hf (`internvlx push` runs it).
-- `plan_upload` (`upload`) / `push_folder` (`push`): what goes up (the model, not the training state); preflight, `HfApi.create_repo`,
-  `HfApi.create_commit` (`internvlx push`).
+- `plan_upload` (`upload`) / `push_folder` (`push`): what goes up (the model, not the training state); preflight,
+  `HfApi.create_repo`, `HfApi.create_commit` (`internvlx push`).
 """
 
 from .card import RELATIONS, Lineage, build_model_card, lineage, write_model_card
