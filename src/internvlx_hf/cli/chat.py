@@ -153,8 +153,9 @@ def _device_map(name: str):
     return str(device)
 
 
-def load_chat_model(model: str, dtype: str = "auto", device: str = "auto"):
-    """``(model, processor)`` of a checkpoint folder or Hub id, on ``device``, in eval mode."""
+def load_chat_model(model: str, dtype: str = "auto", device: str = "auto", processor=None):
+    """``(model, processor)`` of a checkpoint folder or Hub id, on ``device``, in eval mode; ``processor``: the
+    checkpoint's processor when the caller has loaded it already."""
     import torch
     from transformers import AutoModel, AutoProcessor
 
@@ -163,7 +164,8 @@ def load_chat_model(model: str, dtype: str = "auto", device: str = "auto"):
     device_map = _device_map(device)
     path = resolve_model(model)
     read_internvlx_config(path, f"MODEL {str(model)!r}")
-    processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
+    if processor is None:
+        processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
     loaded = AutoModel.from_pretrained(path, trust_remote_code=True, dtype=torch_dtype, device_map=device_map).eval()
     return loaded, processor
