@@ -69,7 +69,7 @@ from tqdm.auto import tqdm
 from transformers import InternVLConfig, InternVLForConditionalGeneration
 
 from internvlx_hf import InternVLXConfig, InternVLXForConditionalGeneration
-from internvlx_hf.hub.token_budget import TilingSettings, image_budget
+from internvlx_hf.token_budget import TilingSettings, image_budget
 from internvlx_hf.modeling.modeling_internvlx import build_projector
 
 MODELS = ("native-256", "native-1024", "plain-256", "plain-1024", "pvtc-256", "lvtc", "lvtc-rms", "pvtc+lvtc")

@@ -13,7 +13,7 @@ from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
 from internvlx_hf.cli import main
-from internvlx_hf.hub.token_budget import LLMShape, layer_flops, prefill_flops
+from internvlx_hf.token_budget import LLMShape, layer_flops, prefill_flops
 
 from conftest import REPO_ROOT, require_fixture
 from tiny import pixels, prompt_ids, tiny_model

@@ -15,22 +15,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 
-
-class CLIError(Exception):
-    """A user-facing error: the message says what is wrong with which input, and how to fix it."""
-
-
-@dataclass(frozen=True)
-class Command:
-    name: str
-    help: str
-    description: str
-    epilog: str
-    add_arguments: Callable[[argparse.ArgumentParser], None]
-    run: Callable[[argparse.Namespace], int]
+from .command import CLIError, Command
 
 
 def _commands() -> list[Command]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from . import Command
+from .command import Command
 
 _CARD_DESCRIPTION = """\
 Write MODEL/README.md, the model card, with huggingface_hub's ModelCard. Everything in it comes from the folder or

@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import CLIError, Command
+from ..generation import end_of_turn_token_ids
+from .command import CLIError, Command
 
 _CHAT_DESCRIPTION = """\
 Load MODEL's processor and model (AutoProcessor / AutoModel with trust_remote_code=True; a local folder, or a Hub
@@ -134,29 +135,6 @@ class ChatSession:
         return answer
 
 
-def end_of_turn_token_ids(processor, generation_config=None) -> list[int]:
-    """Token ids that end an answer: the chat template's end-of-turn token (what follows an assistant message,
-    e.g. ``<|im_end|>`` or ``<|end|>``) and the generation config's eos ids."""
-    from ..processing.chat_templates import turn_end_text
-
-    ids: list[int] = []
-    eos = getattr(generation_config, "eos_token_id", None)
-    if eos is not None:
-        ids += [int(eos)] if isinstance(eos, int) else [int(i) for i in eos]
-    tokenizer = processor.tokenizer
-    end = turn_end_text(processor.apply_chat_template)
-    if end:
-        end_ids = tokenizer(end, add_special_tokens=False)["input_ids"]
-        if len(end_ids) == 1 and end_ids[0] not in ids:
-            ids.append(int(end_ids[0]))
-    if not ids and tokenizer.eos_token_id is not None:
-        ids.append(int(tokenizer.eos_token_id))
-    if not ids:
-        raise CLIError("the checkpoint defines no end-of-turn or eos token (chat template, generation_config.json, "
-                       "tokenizer); re-convert it with `internvlx convert`.")
-    return ids
-
-
 def _device_map(name: str):
     """``from_pretrained``'s device_map for --device: weights go straight to the device (no CPU copy first);
     "auto" spreads a model over every GPU (accelerate) when there is one."""
@@ -175,8 +153,9 @@ def _device_map(name: str):
     return str(device)
 
 
-def load_chat_model(model: str, dtype: str = "auto", device: str = "auto"):
-    """``(model, processor)`` of a checkpoint folder or Hub id, on ``device``, in eval mode."""
+def load_chat_model(model: str, dtype: str = "auto", device: str = "auto", processor=None):
+    """``(model, processor)`` of a checkpoint folder or Hub id, on ``device``, in eval mode; ``processor``: the
+    checkpoint's processor when the caller has loaded it already."""
     import torch
     from transformers import AutoModel, AutoProcessor
 
@@ -185,7 +164,8 @@ def load_chat_model(model: str, dtype: str = "auto", device: str = "auto"):
     device_map = _device_map(device)
     path = resolve_model(model)
     read_internvlx_config(path, f"MODEL {str(model)!r}")
-    processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
+    if processor is None:
+        processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
     loaded = AutoModel.from_pretrained(path, trust_remote_code=True, dtype=torch_dtype, device_map=device_map).eval()
     return loaded, processor

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from . import Command
+from .command import Command
 
 _CONVERT_DESCRIPTION = """\
 Convert an OpenGVLab checkpoint in its original remote-code layout (InternVLChatModel), the InternVL-X reference

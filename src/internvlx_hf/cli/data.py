@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from . import CLIError, Command
+from .command import CLIError, Command
 
 _DATA_DESCRIPTION = """\
 Check a training mix (InternVL meta JSON / JSONL, as `internvlx train --data` takes it) with a checkpoint's processor,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from . import CLIError, Command
+from .command import CLIError, Command
 
 _DEMO_DESCRIPTION = """\
 Loads the demo model that ships inside the package (a tiny InternVL-X with a PVTC projector and LVTC, trained from

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import CLIError, Command
+from .command import CLIError, Command
 
 # = internvlx_hf.evaluation.METRICS and processing.TilingMode (not imported, so that --help stays instant)
 METRIC_NAMES = ("exact_match", "vqa", "anls", "relaxed")
@@ -171,10 +171,10 @@ def _evaluate(args: argparse.Namespace) -> int:
         path = resolve_model(checkpoint)
         read_internvlx_config(path, f"CHECKPOINT {checkpoint!r}")
         processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
-        prepared.append(read_eval_data(args.data, processor, metric=args.metric, limit=args.limit))
+        prepared.append((processor, read_eval_data(args.data, processor, metric=args.metric, limit=args.limit)))
     runs = []
-    for checkpoint, name, sets in zip(checkpoints, _labels(checkpoints), prepared):
-        model, processor = load_chat_model(checkpoint, args.dtype, args.device)
+    for checkpoint, name, (processor, sets) in zip(checkpoints, _labels(checkpoints), prepared):
+        model, processor = load_chat_model(checkpoint, args.dtype, args.device, processor=processor)
         for tiling in tilings:
             label = name if len(tilings) == 1 else f"{name} ({tiling})"
             runs.append(evaluate(model, processor, sets, batch_size=args.batch_size,

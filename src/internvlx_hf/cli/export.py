@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from . import CLIError, Command
+from .command import CLIError, Command
 
 _EXPORT_DESCRIPTION = """\
 Export an internvlx-hf checkpoint to another format. The one TARGET is `native`: transformers' own InternVL

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import CLIError, Command
+from .command import CLIError, Command
 
 _PUSH_DESCRIPTION = """\
 Check that MODEL would load from the Hub on a machine without internvlx-hf, then upload it: HfApi.create_repo

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from . import CLIError, Command
+from .command import CLIError, Command
 
 _TOKENS_DESCRIPTION = """\
 For each --image: its size, the tile grid and the <IMG_CONTEXT> tokens it becomes under InternVL2's aspect-ratio
@@ -54,7 +54,7 @@ def _add_tokens_arguments(parser: argparse.ArgumentParser) -> None:
 def _run_tokens(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from ..hub.token_budget import (
+    from ..token_budget import (
         COMPARED_TILINGS,
         TilingSettings,
         budget_rows,

@@ -8,7 +8,7 @@ import dataclasses
 from collections.abc import Sequence
 from typing import get_type_hints
 
-from . import CLIError, Command
+from .command import CLIError, Command
 
 _TRAIN_DESCRIPTION = """\
 Fine-tune an internvlx-hf checkpoint (made by `internvlx convert`) on InternVL's meta JSON / JSONL data with the

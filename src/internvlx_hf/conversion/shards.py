@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import ConversionError
+from .errors import ConversionError, read_json_file
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -200,8 +200,6 @@ def find_weight_files(src: Path, allow_pickle: bool) -> list[SourceShard]:
                                     (PICKLE_WEIGHTS_INDEX_NAME, PICKLE_WEIGHTS_NAME)):
         index_path = src / index_name
         if index_path.is_file():
-            from .source import read_json_file
-
             index = read_json_file(index_path, "weight index")
             weight_map = index.get("weight_map") if isinstance(index, dict) else None
             if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):

@@ -3,7 +3,6 @@ transformers-native InternVL folder (model_type "internvl", `InternVLForConditio
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +10,7 @@ from typing import Any
 
 import torch
 
-from .errors import ConversionError
+from .errors import ConversionError, read_json_file
 from .key_mapping import SOURCE_PREFIXES
 from .shards import SourceShard, TensorInfo, find_weight_files
 
@@ -66,21 +65,6 @@ _REQUIRED_KEYS = {
 # JSON files of the source that conversion reads (the tokenizer's among them): each must parse.
 _JSON_FILES = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "tokenizer.json",
                "vocab.json", "generation_config.json")
-
-
-def read_json_file(path: Path, what: str = "file") -> Any:
-    """Parse a JSON file of the source; a ConversionError naming it (and the fix) if it cannot be read."""
-    try:
-        with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ConversionError(
-            f"{path} is not valid JSON ({error}); the {what} is corrupt or truncated: copy it again from the "
-            "original checkpoint."
-        ) from None
-    except OSError as error:
-        raise ConversionError(f"cannot read {path} ({error.strerror or error}); check that it is a readable file.") \
-            from None
 
 
 def _check_config(config: Any, config_path: Path) -> None:

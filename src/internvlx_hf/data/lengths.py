@@ -42,6 +42,7 @@ import numpy as np
 from .formats import SampleError
 from .images import image_size
 from .sources import parse_row
+from .status import TRUNCATED, USABLE, reason_code
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ def _image_size(image: Any) -> tuple[int, int]:
 
 @dataclass
 class Measured:
-    """Per global row: status code (see `dataset.REASONS`), tokens, images kept and their tiles."""
+    """Per global row: status code (see `status.REASONS`), tokens, images kept and their tiles."""
 
     status: np.ndarray
     lengths: np.ndarray
@@ -86,8 +87,6 @@ class Measured:
 
 
 def _check_chunk(bounds: tuple[int, int]):
-    from .dataset import TRUNCATED, USABLE, reason_code
-
     dataset = _WORKER
     start, stop = bounds
     count = stop - start

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..token_budget import layer_groups
+
 DEMO_MODEL_DIR = Path(__file__).resolve().parent / "model"
 TILING_MODES = ("ratio", "area", "edge")
 
@@ -93,25 +95,9 @@ class Answer:
     seconds: float = 0.0
 
 
-def layer_groups(config, prompt_tokens: int, tiles: int) -> list[tuple[str, int]]:
-    """Tokens each group of LLM layers processes for a prompt of ``prompt_tokens`` with ``tiles`` image tiles.
-
-    Without LVTC every layer sees the prompt. With LVTC, layers ``< k`` see it with ``image_seq_length`` tokens per
-    tile and layers ``>= k`` see every tile expanded to its high-resolution token count.
-    """
-    depth = config.text_config.num_hidden_layers
-    lvtc = config.lvtc
-    if not lvtc or lvtc["expand_layer"] >= depth:  # k = depth never expands
-        return [(f"layers 0-{depth - 1}", prompt_tokens)]
-    k = lvtc["expand_layer"]
-    extra = tiles * (config.hr_tokens_per_tile - config.image_seq_length)
-    long = f"layer {k}" if k == depth - 1 else f"layers {k}-{depth - 1}"
-    return [(f"layers 0-{k - 1}" if k > 1 else "layer 0", prompt_tokens), (long, prompt_tokens + extra)]
-
-
 def tile_grids(processor, width: int, height: int) -> dict[str, tuple[int, int, int]]:
     """``{mode: (cols, rows, tiles incl. thumbnail)}`` for the RVTC tiling modes under the processor's settings."""
-    from ..hub.token_budget import TilingSettings, image_budget
+    from ..token_budget import TilingSettings, image_budget
 
     settings = TilingSettings.from_processor(processor)
     budgets = {mode: image_budget(width, height, mode, settings) for mode in TILING_MODES}

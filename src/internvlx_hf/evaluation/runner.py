@@ -173,9 +173,9 @@ def evaluate(model, processor, data: Any, *, metric: str | None = None, batch_si
     """
     from tqdm.auto import tqdm
 
-    from ..cli.chat import end_of_turn_token_ids
-    from ..demo import layer_groups
+    from ..generation import end_of_turn_token_ids
     from ..processing import TilingMode
+    from ..token_budget import layer_groups
 
     for name, value, least in (("batch_size", batch_size, 1), ("max_new_tokens", max_new_tokens, 1),
                                ("num_beams", num_beams, 1)):

@@ -1,10 +1,9 @@
-"""Publishing checkpoints to the Hugging Face Hub, and what images cost a checkpoint.
+"""Publishing checkpoints to the Hugging Face Hub: the card, the preflight, the upload.
 
 - `build_model_card` / `write_model_card`: the model card (`internvlx card`), from the folder and its provenance.
 - `preflight`: every reason a folder would not load from the Hub without internvlx-hf (`internvlx push` runs it).
-- `plan_upload` / `push_folder`: what goes up (the model, not the training state); preflight, `HfApi.create_repo`,
-  `HfApi.create_commit` (`internvlx push`).
-- `token_budget`: tiles, `<IMG_CONTEXT>` tokens, LLM tokens and prefill FLOPs (`internvlx tokens`, the card).
+- `plan_upload` (`upload`) / `push_folder` (`push`): what goes up (the model, not the training state); preflight,
+  `HfApi.create_repo`, `HfApi.create_commit` (`internvlx push`).
 """
 
 from .card import RELATIONS, Lineage, build_model_card, lineage, write_model_card

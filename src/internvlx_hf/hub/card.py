@@ -38,7 +38,7 @@ from ..atomic import atomic_file
 from ..provenance import PROVENANCE_FILE, read_provenance
 from .resolve import looks_like_repo_id, read_internvlx_config
 from .results import ResultRow, load_results
-from .token_budget import TYPICAL_IMAGE_SIZES, TilingSettings, image_budget
+from ..token_budget import TYPICAL_IMAGE_SIZES, TilingSettings, image_budget
 
 RELATIONS = ("finetune", "adapter", "merge", "quantized")
 PIPELINE_TAG = "image-text-to-text"

@@ -13,7 +13,7 @@ it is about and the fix. `internvlx push` refuses to upload a folder with proble
 - a model card (README.md) whose usage snippet, when it names a model id, names the repository being pushed to;
 - no pickle files (``.bin``, ``.pt``, ``.pth``, ``.pkl``, ``.pickle``) among the files `internvlx push` uploads:
   they can run code when loaded (the Trainer's own ``training_args.bin`` / ``optimizer.pt`` / ... and its
-  ``checkpoint-*`` folders are left out of the upload, see `internvlx_hf.hub.push.plan_upload`).
+  ``checkpoint-*`` folders are left out of the upload, see `internvlx_hf.hub.upload.plan_upload`).
 
 LoRA adapter folders (adapter_config.json) are checked for their adapter files and a Hub id as base model (in
 adapter_config.json, or the card's ``base_model``, which push then writes into the uploaded adapter_config.json)
@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from .resolve import DAMAGED_HINT, config_key_problem, json_error_text
+from .upload import adapter_bases, plan_upload
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
@@ -64,11 +65,9 @@ def preflight(folder: str | os.PathLike, repo_id: str | None = None, include_che
     Args:
         folder: the checkpoint folder.
         repo_id: the repository it goes to; the card's usage snippet must load that id.
-        include_checkpoints: the ``checkpoint-*`` folders go up too (see `internvlx_hf.hub.push.plan_upload`:
+        include_checkpoints: the ``checkpoint-*`` folders go up too (see `internvlx_hf.hub.upload.plan_upload`:
             only the files that are uploaded are checked for pickles).
     """
-    from .push import plan_upload
-
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such folder; pass the checkpoint folder to publish.")
@@ -352,34 +351,6 @@ def _check_shapes(folder: Path, shapes: dict[str, tuple[int, ...]], label: str,
         problems.append(Problem(label, f"{len(unexpected)} tensor(s) are not part of the model config.json describes:"
                                 f" {some(unexpected)}; the weights and config.json come from different models."))
     return problems
-
-
-def _hub_id(value: Any) -> str | None:
-    from .resolve import looks_like_repo_id
-
-    if isinstance(value, str) and looks_like_repo_id(value) and not Path(value).is_absolute() \
-            and not Path(value).exists():
-        return value
-    return None
-
-
-def adapter_bases(folder: Path) -> tuple[str | None, str | None]:
-    """The base model of an adapter folder as Hub ids: ``(adapter_config.json's base_model_name_or_path, the
-    card's base_model)``, each None when it is not a Hub id (e.g. the local path `internvlx train` records)."""
-    try:
-        own = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        own = None
-    card = None
-    if (folder / "README.md").is_file():
-        from huggingface_hub import ModelCard
-
-        try:
-            card = ModelCard.load(folder / "README.md").data.base_model
-        except Exception:  # noqa: BLE001 - a card without (valid) metadata names no base model
-            card = None
-        card = card[0] if isinstance(card, list) and len(card) == 1 else card
-    return _hub_id(own), _hub_id(card)
 
 
 def _check_adapter(folder: Path) -> list[Problem]:

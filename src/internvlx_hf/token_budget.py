@@ -1,6 +1,7 @@
 """What an image costs an InternVL-X checkpoint: tiles, `<IMG_CONTEXT>` tokens, LLM tokens per layer group, FLOPs.
 
-Shared by `internvlx tokens` and the model card ("tokens per typical image"), so both print the same numbers.
+Shared by `internvlx tokens`, the model card ("tokens per typical image"), the demo and `internvlx eval` (tokens per
+LLM layer group), so all print the same numbers.
 
 Prefill FLOPs estimate (`prefill_flops`): the LLM's matrix multiplications for one prompt of ``n`` tokens, counting
 a multiply-add as 2 FLOPs, per decoder layer
@@ -25,7 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ..processing.image_processing_internvlx import get_tile_grid
+from .processing.image_processing_internvlx import get_tile_grid
 
 #: The tilings `internvlx tokens` compares (paper Sec. 3.3): InternVL2's ratio matching and the two RVTC caps.
 COMPARED_TILINGS = ("ratio", "area", "edge")
@@ -139,6 +140,22 @@ class LLMShape:
             head_dim=int(head_dim),
             vocab_size=int(text_config.vocab_size),
         )
+
+
+def layer_groups(config, prompt_tokens: int, tiles: int) -> list[tuple[str, int]]:
+    """Tokens each group of LLM layers processes for a prompt of ``prompt_tokens`` with ``tiles`` image tiles.
+
+    Without LVTC every layer sees the prompt. With LVTC, layers ``< k`` see it with ``image_seq_length`` tokens per
+    tile and layers ``>= k`` see every tile expanded to its high-resolution token count.
+    """
+    depth = config.text_config.num_hidden_layers
+    lvtc = config.lvtc
+    if not lvtc or lvtc["expand_layer"] >= depth:  # k = depth never expands
+        return [(f"layers 0-{depth - 1}", prompt_tokens)]
+    k = lvtc["expand_layer"]
+    extra = tiles * (config.hr_tokens_per_tile - config.image_seq_length)
+    long = f"layer {k}" if k == depth - 1 else f"layers {k}-{depth - 1}"
+    return [(f"layers 0-{k - 1}" if k > 1 else "layer 0", prompt_tokens), (long, prompt_tokens + extra)]
 
 
 def layer_flops(shape: LLMShape, n: int) -> int:
