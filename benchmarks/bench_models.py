@@ -888,6 +888,14 @@ def main(argv=None) -> dict:
                 train_vit=args.train_vit, gradient_checkpointing=args.gradient_checkpointing)
     results = {name: {} for name in args.models}
     sweep: dict[str, dict] = {"prefill": {}, "train": {}}
+
+    def keep(workload: str, setting, measured: dict, first: bool) -> None:
+        """A setting's results go to the sweep; the first setting's also fill the main table."""
+        sweep[workload][setting] = summarize(measured)
+        if first:
+            for name, result in measured.items():
+                results[name].update(result)
+
     backend = (contextlib.nullcontext() if args.sdpa_backend == "auto"
                else sdpa_kernel([SDPA_BACKENDS[args.sdpa_backend]]))
     with backend:
@@ -895,11 +903,7 @@ def main(argv=None) -> dict:
         if "prefill" in args.workloads:
             models = build_models(args.preset, args.models, None, args.device, dtype, args.attn)
             for tiles in args.tiles:
-                measured = run_inference(models, args, timer, dtype, tiles)
-                sweep["prefill"][tiles] = summarize(measured)
-                if tiles == args.tiles[0]:
-                    for name, result in measured.items():
-                        results[name].update(result)
+                keep("prefill", tiles, run_inference(models, args, timer, dtype, tiles), tiles == args.tiles[0])
             if args.profile:
                 record_profiles(meta, models, args, dtype, "prefill", max(args.tiles))
             if "train" in args.workloads and args.train_layers is not None:
@@ -909,11 +913,7 @@ def main(argv=None) -> dict:
             if models is None:
                 models = build_models(args.preset, args.models, args.train_layers, args.device, dtype, args.attn)
             for vit in args.train_vit:
-                measured = run_training(models, args, timer, dtype, vit)
-                sweep["train"][vit] = summarize(measured)
-                if vit == args.train_vit[0]:
-                    for name, result in measured.items():
-                        results[name].update(result)
+                keep("train", vit, run_training(models, args, timer, dtype, vit), vit == args.train_vit[0])
                 if args.profile:
                     record_profiles(meta, models, args, dtype, "train", args.train_tiles, vit)
             if args.diagnose:
