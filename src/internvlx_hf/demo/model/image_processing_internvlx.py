@@ -159,7 +159,8 @@ def _shorten(text: str, limit: int = 120) -> str:
     return f"{text[:48]!r}... ({len(text)} characters)"
 
 
-def _describe(index: int, source: Any) -> str:
+def describe_image_input(index: int, source: Any) -> str:
+    """How errors name an input: ``image 0 ('photo.jpg')``, ``image 1 (ndarray)``, long strings cut short."""
     if isinstance(source, (str, os.PathLike)):
         return f"image {index} ({_shorten(os.fspath(source))})"
     filename = getattr(source, "filename", None) if is_pil_image(source) else None
@@ -328,7 +329,7 @@ def load_image_input(image: Any, where: str | None = None, timeout: float = IMAG
     decode (bad base64, not an image, a truncated file), `ConnectionError` / `TimeoutError` for a URL that cannot be
     downloaded.
     """
-    where = where if where is not None else _describe(0, image)
+    where = where if where is not None else describe_image_input(0, image)
     if is_pil_image(image):
         return image
     if is_numpy_array(image) or is_torch_tensor(image):
@@ -364,7 +365,7 @@ def _load_rgb_image(image: Any, index: int = 0, apply_exif_orientation: bool = F
 
     Accepts everything `load_image_input` does: paths, http(s) URLs, data URIs / base64, PIL images, uint8 arrays.
     """
-    where = _describe(index, image)
+    where = describe_image_input(index, image)
     image = load_image_input(image, where)
     try:
         if apply_exif_orientation:
@@ -542,6 +543,7 @@ __all__ = [
     "InternVLXImageProcessor",
     "InternVLXImageProcessorKwargs",
     "TilingMode",
+    "describe_image_input",
     "get_tile_grid",
     "load_image_input",
 ]
