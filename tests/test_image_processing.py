@@ -469,11 +469,11 @@ def test_bad_base64_names_the_input_without_a_dependency_traceback():
 
 
 def test_a_missing_path_is_not_mistaken_for_base64(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"image 0 \('images/cat'\): no such file; pass an existing image "
-                                                 r"file path, an http\(s\) URL, a data:image/\.\.\.;base64"):
+    expected = r"image 0 \('images/cat'\): no such file; pass an existing image file path, an http\(s\) URL, a data:"
+    with pytest.raises(FileNotFoundError, match=expected):
         InternVLXImageProcessor()("images/cat")
-    with pytest.raises(FileNotFoundError, match=r"\('QUJDREVGR0hJSktMTU5PUFFSU1RV'\): no such file, nor base64-encoded "
-                                                 r"image data"):
+    expected = r"\('QUJDREVGR0hJSktMTU5PUFFSU1RV'\): no such file, nor base64-encoded image data"
+    with pytest.raises(FileNotFoundError, match=expected):
         InternVLXImageProcessor()("QUJDREVGR0hJSktMTU5PUFFSU1RV")  # base64 of b"ABCD...", not an image
 
 

@@ -109,7 +109,7 @@ def _serving_classes():
             super().__init__(*args, **kwargs)  # loads `force_model`, so the attributes above come first
 
         def model_loading_kwargs(self, revision: str, tqdm_class: type | None = None) -> dict[str, Any]:
-            """``from_pretrained`` arguments of an InternVL-X checkpoint: the server's options, then ``model_kwargs``."""
+            """``from_pretrained`` arguments of an InternVL-X checkpoint: the server's options, then model_kwargs."""
             kwargs: dict[str, Any] = {
                 "revision": revision,
                 "dtype": self.dtype,

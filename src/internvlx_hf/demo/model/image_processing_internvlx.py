@@ -19,7 +19,6 @@ import urllib.parse
 import zlib
 from enum import Enum
 from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
 import torch
