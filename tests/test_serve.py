@@ -158,6 +158,27 @@ def test_multi_turn_matches_internvlx_chat(client):
     assert [first, second] == expected
 
 
+def test_two_images_match_internvlx_chat(client):
+    from internvlx_hf.cli.chat import ChatSession
+    from internvlx_hf.demo import load_demo_model
+
+    first, second = QUESTIONS[0], QUESTIONS[3]
+    model, processor = load_demo_model()
+    session = ChatSession(model, processor, [first.image, second.image], max_new_tokens=32, stream=False)
+    expected = session.ask(second.question)
+    content = [{"type": "image_url", "image_url": {"url": data_uri(first.image)}},
+               {"type": "image_url", "image_url": {"url": data_uri(second.image)}},
+               {"type": "text", "text": second.question}]
+    response = client.chat.completions.create(model=DEMO, messages=[{"role": "user", "content": content}],
+                                              max_tokens=32)
+    assert response.choices[0].message.content == expected
+    prompt = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "image"},
+                                            {"type": "text", "text": second.question}]}],
+                                           add_generation_prompt=True, tokenize=False)
+    tokens = processor(text=[prompt], images=[first.image, second.image])["input_ids"][0]
+    assert response.usage.prompt_tokens == len(tokens)  # both images' tokens are in the prompt
+
+
 def test_bad_images_are_a_400_naming_the_image(client, tmp_path):
     import openai
 
