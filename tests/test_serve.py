@@ -221,7 +221,32 @@ def test_a_request_for_another_model_is_a_400(client):
     assert err.value.body == {"detail": f"Server is pinned to '{DEMO}'; requested 'someone/else'."}
 
 
-# --- the command line, without a server --------------------------------------------------------------------------
+# --- without a server ------------------------------------------------------------------------------------------
+
+
+def test_the_model_manager_stops_at_the_end_of_turn_token_and_routes_the_model_as_a_vlm(tmp_path):
+    """A checkpoint whose generation_config.json stops only at <|endoftext|> (800) still ends answers at the chat
+    template's <|im_end|> (802), as `internvlx chat` does; the model is routed as image-text-to-text."""
+    import json
+    import shutil
+
+    pytest.importorskip("fastapi", reason='needs the serve extra: pip install "internvlx-hf[serve]"')
+    from internvlx_hf.serving import serving_classes
+
+    folder = tmp_path / "demo"
+    shutil.copytree(DEMO, folder)
+    generation = json.loads((folder / "generation_config.json").read_text())
+    (folder / "generation_config.json").write_text(json.dumps({**generation, "eos_token_id": 800}))
+    manager_class, _, _ = serving_classes()
+    manager = manager_class(device="cpu", trust_remote_code=True, force_model=str(folder))
+    try:
+        model, processor = manager.load_model_and_processor(manager.process_model_name(str(folder)))
+        assert type(model).__name__ == "InternVLXForConditionalGeneration" and not model.training
+        assert model.generation_config.eos_token_id == [800, 802]
+        assert manager.get_model_modality(model, processor).value == "VLM"
+        assert [entry["id"] for entry in manager.get_gen_models()] == [str(folder)]
+    finally:
+        manager.shutdown()
 
 
 def test_untested_transformers_releases_are_refused_with_the_fix():

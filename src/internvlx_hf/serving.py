@@ -11,15 +11,20 @@ generation threads and streaming) does the serving; this module only teaches it 
 3. `GET /v1/models` lists the models of the Hugging Face cache whose architecture transformers knows, so a served
    local folder is not listed.
 
-The hooks used, all on a subclass (`InternVLXModelManager`; nothing in transformers is patched or mutated):
-``ModelManager._load_model`` (an InternVL-X checkpoint loads with ``AutoModelForImageTextToText`` and
-``trust_remote_code``, every other model as transformers loads it), ``ModelManager.get_model_modality`` (an InternVL-X
-model is routed as ``Modality.VLM``, image-text-to-text) and ``ModelManager.get_gen_models`` (the served model). The
-chat handler is transformers' `ChatCompletionHandler` with one hook, ``get_processor_inputs_from_messages``
-(`InternVLXChatCompletionHandler`): the request's images (file paths, ``data:`` URIs, http(s) URLs) are loaded there,
-so an image that cannot be loaded is a 400 naming it instead of a 500. `build_app` assembles the app the way
-`transformers.cli.serve.Serve` does. These are internals of transformers' serving code, which changes between
-releases, so the versions it was tested with are pinned: `TESTED_TRANSFORMERS`, checked by `check_serving_available`.
+The hooks used, all on subclasses (nothing in transformers is patched or mutated), in `InternVLXModelManager`:
+
+- ``ModelManager._load_model``: an InternVL-X checkpoint loads with ``AutoModelForImageTextToText`` and
+  ``trust_remote_code``; every other model as transformers loads it;
+- ``ModelManager.load_model_and_processor``: the chat template's end-of-turn token (e.g. ``<|im_end|>``) joins the
+  generation config's eos ids, as `internvlx chat` stops there;
+- ``ModelManager.get_model_modality``: an InternVL-X model is routed as ``Modality.VLM`` (image-text-to-text);
+- ``ModelManager.get_gen_models``: ``GET /v1/models`` lists the served model;
+
+and in `InternVLXChatCompletionHandler`, ``ChatCompletionHandler.get_processor_inputs_from_messages``: the request's
+images (file paths, ``data:`` URIs, http(s) URLs) are loaded there, so an image that cannot be loaded is a 400 naming
+it instead of a 500. `build_app` assembles the app the way `transformers.cli.serve.Serve` does. These are internals of
+transformers' serving code, which changes between releases, so the releases it was tested with are pinned:
+`TESTED_TRANSFORMERS`, checked by `check_serving_available`.
 
     from internvlx_hf.serving import serve
     serve("./InternVL-X-2B", host="127.0.0.1", port=8000)  # blocks; POST /v1/chat/completions, GET /v1/models
@@ -69,15 +74,17 @@ def _model_type(model: Any) -> str | None:
     return getattr(getattr(model, "config", None), "model_type", None)
 
 
-def _serving_classes():
-    """The subclasses of transformers' serving classes; defined on first use, as transformers' serving modules import
-    fastapi / openai (the ``serve`` extra) and are only importable once `check_serving_available` passed."""
+def serving_classes():
+    """``(InternVLXModelManager, InternVLXChatCompletionHandler, InvalidMessages)``: the subclasses of transformers'
+    serving classes and the 400 they raise. Defined on first use, as transformers' serving modules import fastapi /
+    openai (the ``serve`` extra) and are only usable once `check_serving_available` passed."""
     from fastapi import HTTPException
     from fastapi.responses import JSONResponse
     from transformers.cli.serving.chat_completion import ChatCompletionHandler
     from transformers.cli.serving.model_manager import ModelManager
     from transformers.cli.serving.utils import Modality
 
+    from .generation import end_of_turn_token_ids
     from .modeling.configuration_internvlx import InternVLXConfig
     from .processing.image_processing_internvlx import describe_image_input, load_image_input
 
@@ -139,6 +146,15 @@ def _serving_classes():
                     return AutoModelForImageTextToText.from_pretrained(model_id, **kwargs).eval()
             return super()._load_model(model_id_and_revision, tqdm_class=tqdm_class,
                                        progress_callback=progress_callback, gguf_file=gguf_file)
+
+        # Hook 1b: transformers' generation stops at generation_config's eos only; `internvlx chat` also stops at the
+        # chat template's end-of-turn token (e.g. <|im_end|>), which a checkpoint's generation_config may lack.
+        def load_model_and_processor(self, model_id_and_revision, *args, **kwargs):
+            model, processor = super().load_model_and_processor(model_id_and_revision, *args, **kwargs)
+            if _model_type(model) == model_type and not getattr(model, "_internvlx_turn_end_set", False):
+                model.generation_config.eos_token_id = end_of_turn_token_ids(processor, model.generation_config)
+                model._internvlx_turn_end_set = True
+            return model, processor
 
         # Hook 2: transformers' modality table holds only its own classes ("Unknown modality" otherwise).
         @staticmethod
@@ -211,7 +227,7 @@ def build_app(model: str, *, device: str | int = "cpu", dtype: str = "auto", tru
     from transformers.cli.serving.transcription import TranscriptionHandler
     from transformers.cli.serving.utils import GenerationState
 
-    manager_class, chat_handler_class, invalid_messages = _serving_classes()
+    manager_class, chat_handler_class, invalid_messages = serving_classes()
     manager = manager_class(device=str(device), dtype=dtype, trust_remote_code=trust_remote_code,
                             attn_implementation=attn_implementation, force_model=model, model_kwargs=model_kwargs)
     state = GenerationState()
@@ -237,4 +253,4 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, log_level: str 
 
 
 __all__ = ["INSTALL_HINT", "TESTED_TRANSFORMERS", "ServingUnavailable", "build_app", "check_serving_available",
-           "serve"]
+           "serve", "serving_classes"]
