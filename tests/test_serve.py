@@ -49,8 +49,10 @@ def ask(image_url: str, question: str) -> list[dict]:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """The base URL of `internvlx serve DEMO` running in a subprocess (stopped after the module)."""
-    pytest.importorskip("fastapi", reason='needs the serve extra: pip install "internvlx-hf[serve]"')
-    pytest.importorskip("uvicorn", reason='needs the serve extra: pip install "internvlx-hf[serve]"')
+    try:
+        check_serving_available()  # the serve extra, and a transformers release the server was tested with
+    except ServingUnavailable as error:
+        pytest.skip(str(error))
     port = free_port()
     log = tmp_path_factory.mktemp("serve") / "server.log"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -104,6 +106,16 @@ def image_server(tmp_path):
     httpd.server_close()
 
 
+@pytest.fixture(scope="module")
+def chat_session():
+    """A fresh `internvlx chat` session on the demo model (loaded once), to compare the server's answers with."""
+    from internvlx_hf.cli.chat import ChatSession
+    from internvlx_hf.demo import load_demo_model
+
+    model, processor = load_demo_model()
+    return lambda images: ChatSession(model, processor, images, max_new_tokens=32, stream=False)
+
+
 def test_models_lists_the_served_model(client):
     models = client.models.list().data
     assert [model.id for model in models] == [DEMO]
@@ -140,14 +152,10 @@ def test_streaming_sends_the_answer_in_chunks(client):
     assert chunks[0].choices[0].delta.role == "assistant" and chunks[-1].choices[0].finish_reason == "stop"
 
 
-def test_multi_turn_matches_internvlx_chat(client):
+def test_multi_turn_matches_internvlx_chat(client, chat_session):
     """The server renders a conversation as `internvlx chat`'s multi-turn session does: the same answers."""
-    from internvlx_hf.cli.chat import ChatSession
-    from internvlx_hf.demo import load_demo_model
-
     sample, follow_up = QUESTIONS[0], "How many shapes?"
-    model, processor = load_demo_model()
-    session = ChatSession(model, processor, [sample.image], max_new_tokens=32, stream=False)
+    session = chat_session([sample.image])
     expected = [session.ask(sample.question), session.ask(follow_up)]
     assert expected[0] == sample.expected
 
@@ -158,14 +166,11 @@ def test_multi_turn_matches_internvlx_chat(client):
     assert [first, second] == expected
 
 
-def test_two_images_match_internvlx_chat(client):
-    from internvlx_hf.cli.chat import ChatSession
-    from internvlx_hf.demo import load_demo_model
-
+def test_two_images_match_internvlx_chat(client, chat_session):
     first, second = QUESTIONS[0], QUESTIONS[3]
-    model, processor = load_demo_model()
-    session = ChatSession(model, processor, [first.image, second.image], max_new_tokens=32, stream=False)
+    session = chat_session([first.image, second.image])
     expected = session.ask(second.question)
+    processor = session.processor
     content = [{"type": "image_url", "image_url": {"url": data_uri(first.image)}},
                {"type": "image_url", "image_url": {"url": data_uri(second.image)}},
                {"type": "text", "text": second.question}]
@@ -250,7 +255,12 @@ def test_the_model_manager_stops_at_the_end_of_turn_token_and_routes_the_model_a
 
 
 def test_untested_transformers_releases_are_refused_with_the_fix():
-    check_serving_available()  # the installed release is a tested one
+    pytest.importorskip("fastapi", reason='needs the serve extra: pip install "internvlx-hf[serve]"')
+    check_serving_available("5.23.0")
+    check_serving_available("5.23.4")
+    for version in ("5.22.2", "5.24.0"):
+        with pytest.raises(ServingUnavailable, match=f"this is transformers {version}"):
+            check_serving_available(version)
     with pytest.raises(ServingUnavailable) as err:
         check_serving_available("5.30.0")
     assert str(err.value).endswith(f"this is transformers 5.30.0. Install a tested release: pip install "
