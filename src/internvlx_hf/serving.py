@@ -32,6 +32,7 @@ transformers' serving code, which changes between releases, so the releases it w
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from typing import Any
@@ -74,6 +75,7 @@ def _model_type(model: Any) -> str | None:
     return getattr(getattr(model, "config", None), "model_type", None)
 
 
+@functools.lru_cache(maxsize=None)  # one set of classes per process
 def serving_classes():
     """``(InternVLXModelManager, InternVLXChatCompletionHandler, InvalidMessages)``: the subclasses of transformers'
     serving classes and the 400 they raise. Defined on first use, as transformers' serving modules import fastapi /
