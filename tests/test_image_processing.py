@@ -423,3 +423,101 @@ def test_save_and_load_round_trip(tmp_path):
     image = random_image(2000, 700, seed=9)
     expected = processor(image, return_tensors="pt")["pixel_values"]
     assert torch.equal(loaded(image, return_tensors="pt")["pixel_values"], expected)
+
+
+# --- every source transformers' `load_image` accepts: data URIs, base64, http(s) URLs -------------------------------
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_data_uris_and_base64_give_the_same_pixels_as_the_file(tmp_path):
+    import base64
+
+    image = random_image(600, 400, seed=9)
+    path = tmp_path / "photo.png"
+    path.write_bytes(png_bytes(image))
+    encoded = base64.b64encode(path.read_bytes()).decode()
+    processor = InternVLXImageProcessor(max_tiles=6)
+    expected = processor(str(path), return_tensors="pt")
+    wrapped = "\n".join(encoded[i:i + 76] for i in range(0, len(encoded), 76))  # MIME line breaks
+    urlsafe = base64.urlsafe_b64encode(path.read_bytes()).decode().rstrip("=")  # URL-safe alphabet, no padding
+    sources = [f"data:image/png;base64,{encoded}", f"DATA:image/png;BASE64,{wrapped}", encoded,
+               f"data:application/octet-stream;base64,{urlsafe}"]
+    for source in sources:
+        out = processor(source, return_tensors="pt")
+        assert torch.equal(out["pixel_values"], expected["pixel_values"]), source[:40]
+        assert out["tile_grid"].tolist() == [[3, 2]]
+
+
+def test_bad_base64_names_the_input_without_a_dependency_traceback():
+    uri = "data:image/png;base64," + "iVBORw0KGgo" * 20 + "$$"
+    with pytest.raises(ValueError) as err:
+        InternVLXImageProcessor()([random_image(8, 8), uri])
+    message = str(err.value)
+    assert message.startswith("image 1 ('data:image/png;base64,iVBORw0KGgoiVBORw0KGgoiVBO'... (244 characters)): "
+                              "the base64 data is invalid (")
+    assert "base64.b64encode(open(path, 'rb').read())" in message
+    assert err.value.__cause__ is None and err.value.__suppress_context__
+    with pytest.raises(ValueError, match=r"image 0 \('data:image/png;base64,aGVsbG8='\): not a readable image"):
+        InternVLXImageProcessor()("data:image/png;base64,aGVsbG8=")  # valid base64 of b"hello"
+    with pytest.raises(ValueError, match=r"image 0 \('data:image/png'\): a data URI needs a comma before its data"):
+        InternVLXImageProcessor()("data:image/png")
+
+
+def test_a_missing_path_is_not_mistaken_for_base64(tmp_path):
+    expected = r"image 0 \('images/cat'\): no such file; pass an existing image file path, an http\(s\) URL, a data:"
+    with pytest.raises(FileNotFoundError, match=expected):
+        InternVLXImageProcessor()("images/cat")
+    expected = r"\('QUJDREVGR0hJSktMTU5PUFFSU1RV'\): no such file, nor base64-encoded image data"
+    with pytest.raises(FileNotFoundError, match=expected):
+        InternVLXImageProcessor()("QUJDREVGR0hJSktMTU5PUFFSU1RV")  # base64 of b"ABCD...", not an image
+
+
+@pytest.fixture
+def http_server(tmp_path):
+    """A local HTTP server over `tmp_path` (no network needed), stopped after the test."""
+    import functools
+    import http.server
+    import threading
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(tmp_path)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_http_urls_are_downloaded_with_transformers_load_image(tmp_path, http_server):
+    image = random_image(600, 400, seed=10)
+    (tmp_path / "photo.png").write_bytes(png_bytes(image))
+    processor = InternVLXImageProcessor(max_tiles=6)
+    out = processor(f"{http_server}/photo.png", return_tensors="pt")
+    assert torch.equal(out["pixel_values"], processor(image, return_tensors="pt")["pixel_values"])
+    (tmp_path / "page.html").write_text("<html>not an image</html>")
+    with pytest.raises(ValueError, match=r"image 0 \('http://127\.0\.0\.1:\d+/page\.html'\): the server's answer is "
+                                         r"not an image PIL can read \(an error page\?\)"):
+        processor(f"{http_server}/page.html")
+
+
+def test_unreachable_urls_fail_with_one_clear_offline_error():
+    import socket
+
+    with socket.socket() as sock:  # a local port nothing listens on: the connection is refused at once
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/photo.png"
+    with pytest.raises(ConnectionError) as err:
+        InternVLXImageProcessor()([random_image(8, 8), url])
+    assert str(err.value).startswith(f"image 1 ('{url}'): could not download the image (ConnectError: ")
+    assert str(err.value).endswith("; timeout 10 s); check the URL and that this machine can reach it (it may be "
+                                   "offline), or download the image and pass its file path or a data: URI")
+    assert err.value.__cause__ is None and err.value.__suppress_context__

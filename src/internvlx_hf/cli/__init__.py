@@ -29,10 +29,11 @@ def _commands() -> list[Command]:
     from .eval import EVAL
     from .export import EXPORT
     from .push import PUSH
+    from .serve import SERVE
     from .tokens import TOKENS
     from .train import TRAIN
 
-    return [DEMO, CONVERT, EXPORT, CHAT, TOKENS, CARD, PUSH, DATA, TRAIN, EVAL]
+    return [DEMO, CONVERT, EXPORT, CHAT, SERVE, TOKENS, CARD, PUSH, DATA, TRAIN, EVAL]
 
 
 def _one_line(error: BaseException) -> str:

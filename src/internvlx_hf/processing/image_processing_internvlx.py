@@ -3,15 +3,22 @@
 
 This file is copied next to checkpoints as remote code: it imports only the standard library, torch, PIL and
 transformers (PIL because the reference resizes and converts with PIL and its behaviour must be matched exactly).
+
+Images are accepted in every form transformers' `load_image` accepts (a file path, an http(s) URL, a
+`data:image/...;base64,...` URI or bare base64 text, a PIL image) plus uint8 numpy arrays and torch tensors; see
+`load_image_input`.
 """
 
+import base64
+import io
 import math
 import os
+import re
 import struct
+import urllib.parse
 import zlib
 from enum import Enum
 from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -144,9 +151,17 @@ class InternVLXImageProcessorKwargs(ImagesKwargs, total=False):
     apply_exif_orientation: bool
 
 
-def _describe(index: int, source: Any) -> str:
+def _shorten(text: str, limit: int = 120) -> str:
+    """``repr`` of ``text``, cut to its first characters when long (a data URI can be megabytes of base64)."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:48]!r}... ({len(text)} characters)"
+
+
+def describe_image_input(index: int, source: Any) -> str:
+    """How errors name an input: ``image 0 ('photo.jpg')``, ``image 1 (ndarray)``, long strings cut short."""
     if isinstance(source, (str, os.PathLike)):
-        return f"image {index} ({os.fspath(source)!r})"
+        return f"image {index} ({_shorten(os.fspath(source))})"
     filename = getattr(source, "filename", None) if is_pil_image(source) else None
     if filename:
         return f"image {index} ({type(source).__name__} from {filename!r})"
@@ -200,60 +215,162 @@ def _undecodable(where: str, err: BaseException) -> ValueError:
     )
 
 
+#: Seconds an http(s) image may take to download (transformers' `load_image` timeout) before a clear error is raised.
+IMAGE_URL_TIMEOUT = 10.0
+
+_ACCEPTED = ("pass an existing image file path, an http(s) URL, a data:image/...;base64,... URI, a PIL image, or a "
+             "uint8 numpy array / torch tensor (HWC or CHW)")
+# Bare base64 text (no data: prefix), as transformers' `load_image` takes it: the base64 alphabets (standard and
+# URL-safe) and padding only, long enough that a short file name without a dot is not mistaken for it.
+_BASE64_TEXT = re.compile(r"[A-Za-z0-9+/_-]{16,}={0,2}")
+
+
+def _decode_base64(text: str, where: str) -> bytes:
+    """Strict base64 decoding (standard or URL-safe alphabet, line breaks and missing padding tolerated); invalid
+    characters are an error naming the input, not silently skipped as `base64.decodebytes` (transformers') does."""
+    compact = "".join(text.split())
+    if "-" in compact or "_" in compact:
+        compact = compact.translate(str.maketrans("-_", "+/"))
+    compact += "=" * (-len(compact) % 4)
+    try:
+        return base64.b64decode(compact, validate=True)
+    except ValueError as err:  # binascii.Error, or non-ASCII text
+        raise ValueError(
+            f"{where}: the base64 data is invalid ({err}); send the image file's bytes base64-encoded, e.g. "
+            "`'data:image/png;base64,' + base64.b64encode(open(path, 'rb').read()).decode()`"
+        ) from None
+
+
+def _decode_data_uri(uri: str, where: str) -> bytes:
+    """The bytes of an RFC 2397 ``data:[<media type>][;base64],<data>`` URI."""
+    header, comma, payload = uri.partition(",")
+    if not comma:
+        raise ValueError(f"{where}: a data URI needs a comma before its data, as in 'data:image/png;base64,iVBORw0...'")
+    if header.lower().endswith(";base64"):
+        return _decode_base64(payload, where)
+    return urllib.parse.unquote_to_bytes(payload)
+
+
+def _open_encoded(source: Any, where: str) -> Image.Image:
+    """Open and decode an encoded image (a file path, or a binary file object holding the bytes of a PNG/JPEG/...),
+    turning PIL's errors into ones that name the input."""
+    try:
+        image = Image.open(source)
+    except Image.DecompressionBombError as err:
+        raise ValueError(
+            f"{where}: refused as a possible decompression bomb ({err}). PIL's limit is "
+            f"PIL.Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS} pixels; if you trust this file, raise it "
+            "(e.g. `PIL.Image.MAX_IMAGE_PIXELS = None`) or downscale the image first."
+        ) from err
+    except UnidentifiedImageError as err:
+        raise ValueError(
+            f"{where}: not a readable image (PIL cannot identify the format; the file may be corrupt or not an "
+            "image). Re-export it as PNG or JPEG."
+        ) from err
+    except OSError as err:
+        if err.errno is not None:  # the file system's error (permissions, I/O), not the image data's
+            raise OSError(err.errno, f"{where}: cannot read the file ({err.strerror}); check that it is a "
+                                     "readable file") from err
+        raise _undecodable(where, err) from err
+    except _DECODE_ERRORS as err:  # a recognised header followed by data PIL cannot parse
+        raise _undecodable(where, err) from err
+    try:
+        image.load()
+    except _DECODE_ERRORS as err:
+        image.close()
+        raise _undecodable(where, err) from err
+    return image
+
+
+def _download(url: str, where: str, timeout: float) -> Image.Image:
+    """An http(s) image through transformers' `load_image` (the loader of its pipelines and `transformers serve`).
+
+    `load_image` applies the EXIF orientation and converts to RGB itself, so `apply_exif_orientation` has no effect
+    on URL images (it does on files, data URIs and PIL images)."""
+    from transformers.image_utils import load_image
+
+    try:
+        return load_image(url, timeout=timeout)
+    except Image.DecompressionBombError as err:
+        raise ValueError(f"{where}: refused as a possible decompression bomb ({err}); download the image, check "
+                         "it and pass the file (raising PIL.Image.MAX_IMAGE_PIXELS if you trust it)") from None
+    except UnidentifiedImageError:
+        raise ValueError(f"{where}: the server's answer is not an image PIL can read (an error page?); check that "
+                         "the URL points at an image file") from None
+    except Exception as err:  # noqa: BLE001 - one clear error for whatever the HTTP client or PIL raised
+        if not type(err).__module__.startswith("httpx") and not isinstance(err, (ConnectionError, TimeoutError)):
+            raise _undecodable(where, err) from None  # PIL decoding the downloaded bytes (e.g. a truncated file)
+        # The HTTP client's errors (httpx: connection refused, DNS, TLS, timeouts) carry no OSError errno.
+        error_class = TimeoutError if "timeout" in type(err).__name__.lower() else ConnectionError
+        raise error_class(_offline(where, timeout, err)) from None
+
+
+def _offline(where: str, timeout: float, err: BaseException) -> str:
+    return (f"{where}: could not download the image ({type(err).__name__}: {str(err) or 'no details'}; timeout "
+            f"{timeout:g} s); check the URL and that this machine can reach it (it may be offline), or download the "
+            "image and pass its file path or a data: URI")
+
+
+def load_image_input(image: Any, where: str | None = None, timeout: float = IMAGE_URL_TIMEOUT) -> Image.Image:
+    """One image input as a decoded PIL image, with errors that name it (``where``, default ``"image 0 (...)"``).
+
+    Accepts what transformers' `load_image` accepts, and arrays:
+
+    - a file path (`str` or `pathlib.Path`);
+    - an ``http://`` / ``https://`` URL, downloaded with transformers' `load_image` within ``timeout`` seconds;
+    - a ``data:`` URI (``data:image/png;base64,...``, as OpenAI-style chat clients send images) or bare base64 text;
+    - a PIL image (returned as is);
+    - a uint8 numpy array or torch tensor (HW, HWC or CHW).
+
+    Files and encoded bytes keep their mode and EXIF orientation as stored (the reference ignores EXIF; the
+    processor applies it only with ``apply_exif_orientation``); anything else is one clear error: a `TypeError` for
+    an unsupported type, `FileNotFoundError` for a path that does not exist, `ValueError` for data that does not
+    decode (bad base64, not an image, a truncated file), `ConnectionError` / `TimeoutError` for a URL that cannot be
+    downloaded.
+    """
+    where = where if where is not None else describe_image_input(0, image)
+    if is_pil_image(image):
+        return image
+    if is_numpy_array(image) or is_torch_tensor(image):
+        try:
+            return _array_to_pil(image)
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from err
+    if not isinstance(image, (str, os.PathLike)):
+        raise TypeError(f"{where}: unsupported image type {type(image).__name__}; {_ACCEPTED}.")
+
+    text = os.fspath(image)
+    if isinstance(image, str):
+        scheme = text[:8].lower()
+        if scheme.startswith(("http://", "https://")):
+            return _download(text, where, timeout)
+        if scheme.startswith("data:"):
+            return _open_encoded(io.BytesIO(_decode_data_uri(text, where)), where)
+    # os.path's checks answer False (not OSError) for names too long to be paths, such as base64 text.
+    if os.path.isdir(text):
+        raise IsADirectoryError(f"{where}: a folder, not an image file. Pass the path of an image file.")
+    if os.path.isfile(text):
+        return _open_encoded(text, where)
+    if isinstance(image, str) and _BASE64_TEXT.fullmatch("".join(text.split())):
+        try:
+            return _open_encoded(io.BytesIO(_decode_base64(text, where)), where)
+        except ValueError:  # not base64 image data after all: most likely a mistyped path
+            raise FileNotFoundError(f"{where}: no such file, nor base64-encoded image data; {_ACCEPTED}.") from None
+    raise FileNotFoundError(f"{where}: no such file; {_ACCEPTED}.")
+
+
 def _load_rgb_image(image: Any, index: int = 0, apply_exif_orientation: bool = False) -> Image.Image:
     """Open/convert one input the way the reference does (`Image.open(f).convert("RGB")`), with errors that name it.
 
-    Accepts a PIL image, a file path (`str` / `pathlib.Path`), or a uint8 numpy array / torch tensor (HW, HWC, CHW).
+    Accepts everything `load_image_input` does: paths, http(s) URLs, data URIs / base64, PIL images, uint8 arrays.
     """
-    where = _describe(index, image)
-    opened_here = isinstance(image, (str, os.PathLike))
-    if opened_here:
-        if Path(image).is_dir():
-            raise IsADirectoryError(f"{where}: a folder, not an image file. Pass the path of an image file.")
-        if not Path(image).is_file():
-            raise FileNotFoundError(
-                f"{where}: no such file. Pass an existing image file path (URLs are not downloaded), "
-                "a PIL image, or a uint8 array/tensor."
-            )
-        try:
-            opened = Image.open(image)
-        except Image.DecompressionBombError as err:
-            raise ValueError(
-                f"{where}: refused as a possible decompression bomb ({err}). PIL's limit is "
-                f"PIL.Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS} pixels; if you trust this file, raise it "
-                "(e.g. `PIL.Image.MAX_IMAGE_PIXELS = None`) or downscale the image first."
-            ) from err
-        except UnidentifiedImageError as err:
-            raise ValueError(
-                f"{where}: not a readable image (PIL cannot identify the format; the file may be corrupt or not an "
-                "image). Re-export it as PNG or JPEG."
-            ) from err
-        except OSError as err:
-            if err.errno is not None:  # the file system's error (permissions, I/O), not the image data's
-                raise OSError(err.errno, f"{where}: cannot read the file ({err.strerror}); check that it is a "
-                                         "readable file") from err
-            raise _undecodable(where, err) from err
-        except _DECODE_ERRORS as err:  # a recognised header followed by data PIL cannot parse
-            raise _undecodable(where, err) from err
-        image = opened
-    elif is_numpy_array(image) or is_torch_tensor(image):
-        try:
-            image = _array_to_pil(image)
-        except ValueError as err:
-            raise ValueError(f"{where}: {err}") from err
-    elif not is_pil_image(image):
-        raise TypeError(
-            f"{where}: unsupported image type {type(image).__name__}; pass a PIL image, a file path (str or "
-            "pathlib.Path), or a uint8 numpy array / torch tensor (HWC or CHW)."
-        )
-
+    where = describe_image_input(index, image)
+    image = load_image_input(image, where)
     try:
         if apply_exif_orientation:
             image = ImageOps.exif_transpose(image)
         image.load()
     except _DECODE_ERRORS as err:
-        if opened_here:
-            image.close()
         raise _undecodable(where, err) from err
     if image.width < 1 or image.height < 1:
         raise ValueError(f"{where}: the image is empty ({image.width}x{image.height}); every side must be >= 1 pixel")
@@ -318,8 +435,9 @@ class InternVLXImageProcessor(PilBackend):
         super()._validate_preprocess_kwargs(**kwargs)
 
     def fetch_images(self, image_url_or_urls: Any):
-        # Files are opened in `_prepare_image_like_inputs`, where errors can name the image and EXIF is optional
-        # (transformers' `load_image` always applies EXIF orientation, which the reference does not).
+        # Paths, URLs and data URIs are opened in `_prepare_image_like_inputs` (`load_image_input`), where errors can
+        # name the image and EXIF is optional (transformers' `load_image` always applies EXIF orientation, which the
+        # reference does not).
         return image_url_or_urls
 
     def _prepare_image_like_inputs(
@@ -419,4 +537,12 @@ def _pil_to_uint8(image: Image.Image) -> torch.Tensor:
 
 InternVLXImageProcessor.register_for_auto_class("AutoImageProcessor")
 
-__all__ = ["InternVLXImageProcessor", "InternVLXImageProcessorKwargs", "TilingMode", "get_tile_grid"]
+__all__ = [
+    "IMAGE_URL_TIMEOUT",
+    "InternVLXImageProcessor",
+    "InternVLXImageProcessorKwargs",
+    "TilingMode",
+    "describe_image_input",
+    "get_tile_grid",
+    "load_image_input",
+]
