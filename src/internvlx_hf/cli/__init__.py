@@ -3,7 +3,9 @@
 Each subcommand lives in a module of this package and exposes one `Command`: a name, one line of help, a
 description and an epilog with examples, a function that adds its arguments and one that runs it. `COMMANDS`
 lists them in the order `internvlx --help` shows them. Subcommands import torch/transformers only when they run,
-so `internvlx --help` stays instant.
+and a subcommand's arguments are added only when that subcommand is parsed (`_CommandParser`), so `internvlx
+--help`, `internvlx COMMAND --help` and argument errors answer at once (`train --help` reads transformers'
+TrainingArguments, which imports torch).
 
 Errors: a command raises `CLIError` (or a `ValueError` / `FileNotFoundError` / `TypeError` / `OSError` /
 `ConversionError` whose message names the input and the fix); `main` prints it as one line
@@ -52,6 +54,44 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (*_USER_ERRORS, ConversionError)
 
 
+def _add_debug_argument(parser: argparse.ArgumentParser) -> None:
+    # SUPPRESS: an absent sub-level flag must not reset `internvlx --debug COMMAND`.
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the full traceback on errors")
+
+
+class _CommandParser(argparse.ArgumentParser):
+    """A subcommand's parser that adds the command's arguments the first time it parses or prints help.
+
+    Why: `internvlx --help` and `internvlx chat --help` need one subparser, or none, and `train` builds its flags
+    from transformers' TrainingArguments (torch); building every subparser up front cost seconds per command."""
+
+    def __init__(self, *args, add_arguments=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._pending_arguments = add_arguments
+
+    def _add_pending_arguments(self) -> bool:
+        add_arguments, self._pending_arguments = self._pending_arguments, None
+        if add_arguments is None:
+            return False
+        add_arguments(self)
+        _add_debug_argument(self)
+        return True
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._add_pending_arguments():  # the command may have changed the parser's class (chat's intermixed one)
+            return self.parse_known_args(args, namespace)
+        return super().parse_known_args(args, namespace)
+
+    def format_help(self):
+        self._add_pending_arguments()
+        return super().format_help()
+
+    def format_usage(self):
+        self._add_pending_arguments()
+        return super().format_usage()
+
+
 def build_parser(commands: Sequence[Command] | None = None) -> argparse.ArgumentParser:
     commands = _commands() if commands is None else commands
     parser = argparse.ArgumentParser(
@@ -60,7 +100,8 @@ def build_parser(commands: Sequence[Command] | None = None) -> argparse.Argument
         epilog="Run `internvlx COMMAND --help` for the options and examples of a command.",
     )
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
+                                       parser_class=_CommandParser)
     for command in commands:
         sub = subparsers.add_parser(
             command.name,
@@ -68,11 +109,8 @@ def build_parser(commands: Sequence[Command] | None = None) -> argparse.Argument
             description=command.description,
             epilog=command.epilog,
             formatter_class=argparse.RawDescriptionHelpFormatter,
+            add_arguments=command.add_arguments,
         )
-        command.add_arguments(sub)
-        # SUPPRESS: an absent sub-level flag must not reset `internvlx --debug COMMAND`.
-        sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                         help="show the full traceback on errors")
         sub.set_defaults(_run=command.run)
     return parser
 
