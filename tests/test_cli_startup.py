@@ -1,5 +1,6 @@
 """`internvlx` starts without torch/transformers: `--help`, every `COMMAND --help` and argument errors are
-answered by argparse alone, and the package's classes and Auto registration load on first use.
+answered by argparse alone, and the package's classes and Auto registration load on first use. And argument
+errors that need more than argparse's usage: an option with an optional value that took a positional.
 
 Checked in fresh interpreters (this test process has torch imported already), by which modules got imported:
 exact behaviour, no timings (benchmarks/bench_cli_startup.py measures them).
@@ -140,3 +141,41 @@ print(any(type(finder).__module__ == "internvlx_hf.auto_registration" for finder
     assert result.returncode == 0, result.stderr
     # registered, and the import hook has removed itself
     assert result.stdout.splitlines() == ["InternVLXConfig ['InternVLXProcessor']", "False"]
+
+
+# ------------------------------------------------------------------------------------------- argument mistakes
+
+
+def test_an_optional_value_that_took_a_positional_gets_a_one_line_hint():
+    results = _run_cli([["convert", "--lvtc", "./InternVL2-2B", "out dir"], ["convert", "--lvtc", "k=2", "SRC"],
+                        ["convert", "--lvtc", "SRC"], ["convert", "SRC", "DST", "--lvtc", "SRC"]])
+    hint, forgot_dst, no_dst_either, wrong_spec = results
+    assert (hint["code"], hint["err_lines"]) == (2, 1)
+    assert hint["last_err"] == (
+        "internvlx convert: error: argument --lvtc: invalid SPEC './InternVL2-2B' (comma-separated key=value, e.g. "
+        "k=18,T=2); --lvtc took './InternVL2-2B' as its SPEC because its value is optional: did you mean "
+        "`internvlx convert ./InternVL2-2B 'out dir' --lvtc`?")
+    # a real SPEC and a missing DST, or a line that would not parse either way: argparse's own answer, no hint
+    assert forgot_dst["last_err"] == "internvlx convert: error: the following arguments are required: DST"
+    assert no_dst_either["last_err"] == ("internvlx convert: error: argument --lvtc: invalid SPEC 'SRC' "
+                                         "(comma-separated key=value, e.g. k=18,T=2)")
+    assert wrong_spec["last_err"] == no_dst_either["last_err"]
+    assert all(r["code"] == 2 and r["err_lines"] > 1 and r["heavy"] == [] for r in results[1:])
+
+
+def test_a_trainer_boolean_flag_before_the_config_gets_the_hint(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["train", "--packing", "train.yaml"])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == (
+        "internvlx train: error: argument --packing: Truthy value expected: got train.yaml but expected one of "
+        "yes/no, true/false, t/f, y/n, 1/0 (case insensitive); --packing took 'train.yaml' as its PACKING because "
+        "its value is optional: did you mean `internvlx train train.yaml --packing`?\n")
+
+
+def test_convert_of_a_missing_folder_suggests_hf_download(capsys, tmp_path):
+    assert main(["convert", str(tmp_path / "InternVL2-2B"), str(tmp_path / "out"), "--no-progress"]) == 2
+    assert capsys.readouterr().err == (
+        f"internvlx convert: error: SRC {tmp_path / 'InternVL2-2B'} is not a folder; pass the local folder of an "
+        "OpenGVLab InternVL2 model (download it first, e.g. `hf download OpenGVLab/InternVL2-2B --local-dir "
+        "InternVL2-2B`).\n")

@@ -3,7 +3,7 @@
 Each subcommand lives in a module of this package and exposes one `Command`: a name, one line of help, a
 description and an epilog with examples, a function that adds its arguments and one that runs it. `COMMANDS`
 lists them in the order `internvlx --help` shows them. Subcommands import torch/transformers only when they run,
-and a subcommand's arguments are added only when that subcommand is parsed (`_CommandParser`), so `internvlx
+and a subcommand's arguments are added only when that subcommand is parsed (`CommandParser`), so `internvlx
 --help`, `internvlx COMMAND --help` and argument errors answer at once (`train --help` reads transformers'
 TrainingArguments, which imports torch).
 
@@ -19,7 +19,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from .command import CLIError, Command
+from .command import CLIError, Command, CommandParser
 
 
 def _commands() -> list[Command]:
@@ -54,44 +54,6 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (*_USER_ERRORS, ConversionError)
 
 
-def _add_debug_argument(parser: argparse.ArgumentParser) -> None:
-    # SUPPRESS: an absent sub-level flag must not reset `internvlx --debug COMMAND`.
-    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                        help="show the full traceback on errors")
-
-
-class _CommandParser(argparse.ArgumentParser):
-    """A subcommand's parser that adds the command's arguments the first time it parses or prints help.
-
-    Why: `internvlx --help` and `internvlx chat --help` need one subparser, or none, and `train` builds its flags
-    from transformers' TrainingArguments (torch); building every subparser up front cost seconds per command."""
-
-    def __init__(self, *args, add_arguments=None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._pending_arguments = add_arguments
-
-    def _add_pending_arguments(self) -> bool:
-        add_arguments, self._pending_arguments = self._pending_arguments, None
-        if add_arguments is None:
-            return False
-        add_arguments(self)
-        _add_debug_argument(self)
-        return True
-
-    def parse_known_args(self, args=None, namespace=None):
-        if self._add_pending_arguments():  # the command may have changed the parser's class (chat's intermixed one)
-            return self.parse_known_args(args, namespace)
-        return super().parse_known_args(args, namespace)
-
-    def format_help(self):
-        self._add_pending_arguments()
-        return super().format_help()
-
-    def format_usage(self):
-        self._add_pending_arguments()
-        return super().format_usage()
-
-
 def build_parser(commands: Sequence[Command] | None = None) -> argparse.ArgumentParser:
     commands = _commands() if commands is None else commands
     parser = argparse.ArgumentParser(
@@ -101,7 +63,7 @@ def build_parser(commands: Sequence[Command] | None = None) -> argparse.Argument
     )
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
-                                       parser_class=_CommandParser)
+                                       parser_class=CommandParser)
     for command in commands:
         sub = subparsers.add_parser(
             command.name,
@@ -110,6 +72,7 @@ def build_parser(commands: Sequence[Command] | None = None) -> argparse.Argument
             epilog=command.epilog,
             formatter_class=argparse.RawDescriptionHelpFormatter,
             add_arguments=command.add_arguments,
+            intermixed=command.intermixed,
         )
         sub.set_defaults(_run=command.run)
     return parser

@@ -43,24 +43,7 @@ examples:
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
-class _IntermixedArgumentParser(argparse.ArgumentParser):
-    """Parses positionals wherever they appear, so `chat MODEL --image X "question"` works: plain argparse binds
-    every positional at the first run of them (MODEL) and then rejects the question after the options."""
-
-    _parsing = False
-
-    def parse_known_args(self, args=None, namespace=None):
-        if self._parsing:  # parse_known_intermixed_args calls back into parse_known_args
-            return super().parse_known_args(args, namespace)
-        self._parsing = True
-        try:
-            return self.parse_known_intermixed_args(args, namespace)
-        finally:
-            self._parsing = False
-
-
 def _add_chat_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.__class__ = _IntermixedArgumentParser  # the subparser build_parser made for `chat`
     parser.add_argument("model", metavar="MODEL", help="checkpoint folder (from `internvlx convert`) or Hub id")
     parser.add_argument("question", metavar="QUESTION", nargs="?", default=None,
                         help="the question; without it, an interactive conversation")
@@ -239,4 +222,5 @@ CHAT = Command(
     epilog=_CHAT_EPILOG,
     add_arguments=_add_chat_arguments,
     run=_run_chat,
+    intermixed=True,  # `chat MODEL --image X "question"`: the question after the options
 )
