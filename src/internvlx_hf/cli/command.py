@@ -112,7 +112,8 @@ class CommandParser(argparse.ArgumentParser):
                 return None
             metavar = action.metavar or action.dest.upper()
             suggestion = shlex.join([*self.prog.split(), *others, token])
-            return f"{token} took {value!r} as its {metavar} because its value is optional: did you mean `{suggestion}`?"
+            return (f"{token} took {value!r} as its {metavar} because its value is optional: "
+                    f"did you mean `{suggestion}`?")
         return None
 
     def _parses(self, tokens: list[str]) -> bool:
