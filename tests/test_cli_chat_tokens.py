@@ -301,7 +301,7 @@ def _short_context(folder, tmp_path, positions=2000):
 
 
 def test_chat_refuses_a_prompt_past_the_context_and_names_the_fix(capsys, converted, converted_lvtc, images,
-                                                                 tmp_path):
+                                                                  tmp_path):
     """Two 1000x747 images at 12 tiles (13 with the thumbnail, 256 tokens each) are 6,834 positions; with 2,000 the
     prompt is refused before generating, with the largest --max-tiles that fits (3: one 256-token tile each), or
     fewer images when even one tile per image is too many for LVTC's long layout (1,024 tokens per tile)."""
@@ -338,8 +338,8 @@ def test_interactive_chat_goes_on_after_a_prompt_past_the_context(capsys, conver
     _interactive(session, io.StringIO("Hi " * 200 + "\nHi\n"))
     captured = capsys.readouterr()
     assert captured.err.endswith("\nerror: the prompt needs 769 positions, and the model has 400 "
-                            "(text_config.max_position_embeddings); ask a shorter question, or /reset a long "
-                            "conversation.\n")
+                                 "(text_config.max_position_embeddings); ask a shorter question, or /reset a long "
+                                 "conversation.\n")
     assert [m["role"] for m in session.messages] == ["user", "assistant"]  # the second question was answered
     assert session.messages[0]["content"] == [{"type": "text", "text": "Hi"}]
 

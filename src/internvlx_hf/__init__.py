@@ -67,4 +67,17 @@ def __dir__() -> list[str]:
 
 register_after_transformers_import()
 
-__all__ = list(_LAZY_ATTRIBUTES)
+__all__ = [
+    "InternVLXConfig",
+    "LVTCConfig",
+    "InternVLXForConditionalGeneration",
+    "InternVLXLVTCCache",
+    "InternVLXModel",
+    "PVTCProjector",
+    "InternVLXImageProcessor",
+    "InternVLXLlamaTokenizerFast",
+    "InternVLXProcessor",
+    "TilingMode",
+    "get_tile_grid",
+]
+assert set(__all__) == set(_LAZY_ATTRIBUTES), "keep __all__ and the lazy attributes in sync"

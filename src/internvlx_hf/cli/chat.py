@@ -118,7 +118,6 @@ class ChatSession:
         self.pending_images = []
         return answer
 
-
     def _check_context(self, prompt_tokens: int, images: list[Any], num_patches) -> None:
         """Refuse a prompt longer than the LLM's context, before generating, with the --max-tiles that fits.
 
