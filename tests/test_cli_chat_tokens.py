@@ -286,3 +286,77 @@ def test_chat_errors_are_one_line(capsys, monkeypatch, converted, tmp_path):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert err.startswith("internvlx chat: error: ") and message in err and err.count("\n") == 1, err
+
+
+def _short_context(folder, tmp_path, positions=2000):
+    """A copy of a converted checkpoint whose LLM has ``positions`` positions (the fixture's has 32,768)."""
+    import shutil
+
+    copy = tmp_path / f"{folder.name}-{positions}"
+    shutil.copytree(folder, copy)
+    config = json.loads((copy / "config.json").read_text())
+    config["text_config"]["max_position_embeddings"] = positions
+    (copy / "config.json").write_text(json.dumps(config))
+    return copy
+
+
+def test_chat_refuses_a_prompt_past_the_context_and_names_the_fix(capsys, converted, converted_lvtc, images,
+                                                                  tmp_path):
+    """Two 1000x747 images at 12 tiles (13 with the thumbnail, 256 tokens each) are 6,834 positions; with 2,000 the
+    prompt is refused before generating, with the largest --max-tiles that fits (3: one 256-token tile each), or
+    fewer images when even one tile per image is too many for LVTC's long layout (1,024 tokens per tile)."""
+    wide = str(images[0])
+    plain, lvtc = _short_context(converted, tmp_path), _short_context(converted_lvtc, tmp_path)
+    cases = [
+        (["chat", str(plain), "--image", wide, "--image", wide, "Hi"],
+         "the prompt needs 6,834 positions, and the model has 2,000 (text_config.max_position_embeddings): its 2 "
+         "images at up to 12 tiles take 6,656 tokens; use --max-tiles 3 (690 positions) or fewer images."),
+        (["chat", str(lvtc), "--image", wide, "--image", wide, "--max-tiles", "4", "Hi"],
+         "the prompt needs 10,418 positions (LVTC: 1024 per tile from layer k on), and the model has 2,000 "
+         "(text_config.max_position_embeddings): its 2 images at up to 4 tiles take 2,560 tokens (--max-tiles 1 "
+         "still needs 2,226 positions); use fewer images."),
+        (["chat", str(plain), "Hi " * 2000],
+         "the prompt needs 6,170 positions, and the model has 2,000 (text_config.max_position_embeddings); ask a "
+         "shorter question, or /reset a long conversation."),
+    ]
+    for argv, message in cases:
+        assert main([*argv[:2], "--device", "cpu", *argv[2:]]) == 2
+        captured = capsys.readouterr()
+        assert captured.err.endswith(f"\ninternvlx chat: error: {message}\n") and captured.out == ""
+    # the advice holds: one image at --max-tiles 3 answers
+    assert main(["chat", str(plain), "--image", wide, "--image", wide, "--max-tiles", "3", "--max-new-tokens", "1",
+                 "--device", "cpu", "Hi"]) == 0
+
+
+def test_interactive_chat_goes_on_after_a_prompt_past_the_context(capsys, converted, tmp_path):
+    import io
+
+    from internvlx_hf.cli.chat import ChatSession, _interactive, load_chat_model
+
+    model, processor = load_chat_model(str(_short_context(converted, tmp_path, positions=400)), device="cpu")
+    session = ChatSession(model, processor, max_new_tokens=1)
+    _interactive(session, io.StringIO("Hi " * 200 + "\nHi\n"))
+    captured = capsys.readouterr()
+    assert captured.err.endswith("\nerror: the prompt needs 769 positions, and the model has 400 "
+                                 "(text_config.max_position_embeddings); ask a shorter question, or /reset a long "
+                                 "conversation.\n")
+    assert [m["role"] for m in session.messages] == ["user", "assistant"]  # the second question was answered
+    assert session.messages[0]["content"] == [{"type": "text", "text": "Hi"}]
+
+
+def test_model_chat_refuses_a_prompt_past_the_context(converted, tmp_path):
+    from transformers import AutoModel, AutoProcessor
+
+    folder = _short_context(converted, tmp_path)
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+    pixel_values = torch.zeros(8, 3, 448, 448)
+    with pytest.raises(ValueError) as error:
+        model.chat(processor, pixel_values, "Hi", dict(max_new_tokens=1))
+    assert str(error.value).startswith("chat(): the prompt needs 2,")
+    assert str(error.value).endswith(" positions (8 image tiles), and the model has 2,000 (text_config."
+                                     "max_position_embeddings); pass fewer tiles (InternVL2's load_image(..., "
+                                     "max_num=N), the processor's max_tiles) or fewer images.")
+    with pytest.raises(ValueError, match=r"^chat\(\): the prompt of question 1 needs "):
+        model.batch_chat(processor, torch.zeros(9, 3, 448, 448), ["Hi", "Hi"], dict(max_new_tokens=1),
+                         num_patches_list=[1, 8])

@@ -107,6 +107,22 @@ def test_batch_with_different_tile_counts_is_left_padded():
         assert torch.equal(flat[key], nested[key]), key
 
 
+def test_a_batch_is_left_padded_by_default():
+    """`processor(text=[p1, p2], images=[a, b], return_tensors="pt")` as docs/processing.md shows it: no
+    `padding=True` needed; `padding=False` keeps each prompt's length (lists only)."""
+    processor = make_processor(image_seq_length=1)
+    prompts = ["<image>x", "y<image><image>z"]
+    default = processor(text=prompts, images=[PAGE, SQUARE, WIDE], return_tensors="pt")
+    explicit = processor(text=prompts, images=[PAGE, SQUARE, WIDE], padding=True, return_tensors="pt")
+    assert default.keys() == explicit.keys()
+    for key in default:
+        assert torch.equal(default[key], explicit[key]), key
+    assert default["attention_mask"].tolist() == [[1] * 16, [0] * 6 + [1] * 10]
+    unpadded = processor(text=prompts, images=[PAGE, SQUARE, WIDE], padding=False)
+    assert [len(row) for row in unpadded["input_ids"]] == [16, 10]
+    assert processor(text="<image>x", images=PAGE)["input_ids"] == [image_tokens(13, 1) + ids("x")]  # one prompt
+
+
 def test_padding_side_can_be_overridden():
     processor = make_processor(image_seq_length=1)
     assert processor.tokenizer.padding_side == "left"
@@ -407,8 +423,7 @@ def test_auto_processor_for_the_installed_package(tmp_path):
     from transformers import AutoProcessor
     from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
 
-    if InternVLXProcessor not in PROCESSOR_MAPPING._extra_content.values():
-        pytest.skip("internvlx_hf does not register InternVLXProcessor with AutoProcessor yet")
+    assert InternVLXProcessor in PROCESSOR_MAPPING._extra_content.values()
     processor = make_processor()
     processor.save_pretrained(tmp_path)
     loaded = AutoProcessor.from_pretrained(tmp_path)

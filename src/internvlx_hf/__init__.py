@@ -2,43 +2,70 @@
 
 Importing this package registers the model with the Auto classes, so `AutoModel.from_pretrained(path)` works
 without `trust_remote_code` where the package is installed.
+
+The import itself is instant: the classes below load (with torch and transformers) when first used, and the Auto
+registration happens as soon as transformers is imported (`auto_registration`), so `internvlx --help` does not pay
+for them.
 """
 
-from transformers import (
-    AutoConfig,
-    AutoImageProcessor,
-    AutoModel,
-    AutoModelForCausalLM,
-    AutoModelForImageTextToText,
-    AutoProcessor,
-    AutoTokenizer,
-)
+from __future__ import annotations
 
-from .modeling import (
-    InternVLXConfig,
-    InternVLXForConditionalGeneration,
-    InternVLXLVTCCache,
-    InternVLXModel,
-    LVTCConfig,
-    PVTCProjector,
-)
-from .processing import (
-    InternVLXImageProcessor,
-    InternVLXLlamaTokenizerFast,
-    InternVLXProcessor,
-    TilingMode,
-    get_tile_grid,
-)
+import importlib
+from typing import TYPE_CHECKING
+
+from .auto_registration import register_after_transformers_import, register_auto_classes
 
 __version__ = "0.1.0"
 
-AutoConfig.register(InternVLXConfig.model_type, InternVLXConfig, exist_ok=True)
-for _auto in (AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText):
-    _auto.register(InternVLXConfig, InternVLXForConditionalGeneration, exist_ok=True)
-AutoImageProcessor.register(InternVLXConfig, image_processor_classes={"pil": InternVLXImageProcessor}, exist_ok=True)
-AutoProcessor.register(InternVLXConfig, InternVLXProcessor, exist_ok=True)
-# Converted Llama-tokenizer checkpoints (Phi-3) use this class; registered so they load without trust_remote_code.
-AutoTokenizer.register(InternVLXConfig, fast_tokenizer_class=InternVLXLlamaTokenizerFast, exist_ok=True)
+# Each public name and the subpackage that defines it.
+_LAZY_ATTRIBUTES = {
+    "InternVLXConfig": "modeling",
+    "LVTCConfig": "modeling",
+    "InternVLXForConditionalGeneration": "modeling",
+    "InternVLXLVTCCache": "modeling",
+    "InternVLXModel": "modeling",
+    "PVTCProjector": "modeling",
+    "InternVLXImageProcessor": "processing",
+    "InternVLXLlamaTokenizerFast": "processing",
+    "InternVLXProcessor": "processing",
+    "TilingMode": "processing",
+    "get_tile_grid": "processing",
+}
+
+if TYPE_CHECKING:
+    from .modeling import (
+        InternVLXConfig,
+        InternVLXForConditionalGeneration,
+        InternVLXLVTCCache,
+        InternVLXModel,
+        LVTCConfig,
+        PVTCProjector,
+    )
+    from .processing import (
+        InternVLXImageProcessor,
+        InternVLXLlamaTokenizerFast,
+        InternVLXProcessor,
+        TilingMode,
+        get_tile_grid,
+    )
+
+
+def __getattr__(name: str):
+    """`internvlx_hf.InternVLXConfig` and `from internvlx_hf import ...`: import the subpackage on first use."""
+    room = _LAZY_ATTRIBUTES.get(name)
+    if room is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{room}", __name__), name)
+    register_auto_classes()
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY_ATTRIBUTES))
+
+
+register_after_transformers_import()
 
 __all__ = [
     "InternVLXConfig",
@@ -53,3 +80,4 @@ __all__ = [
     "TilingMode",
     "get_tile_grid",
 ]
+assert set(__all__) == set(_LAZY_ATTRIBUTES), "keep __all__ and the lazy attributes in sync"

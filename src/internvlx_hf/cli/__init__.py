@@ -3,7 +3,9 @@
 Each subcommand lives in a module of this package and exposes one `Command`: a name, one line of help, a
 description and an epilog with examples, a function that adds its arguments and one that runs it. `COMMANDS`
 lists them in the order `internvlx --help` shows them. Subcommands import torch/transformers only when they run,
-so `internvlx --help` stays instant.
+and a subcommand's arguments are added only when that subcommand is parsed (`CommandParser`), so `internvlx
+--help`, `internvlx COMMAND --help` and argument errors answer at once (`train --help` reads transformers'
+TrainingArguments, which imports torch).
 
 Errors: a command raises `CLIError` (or a `ValueError` / `FileNotFoundError` / `TypeError` / `OSError` /
 `ConversionError` whose message names the input and the fix); `main` prints it as one line
@@ -17,7 +19,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from .command import CLIError, Command
+from .command import CLIError, Command, CommandParser
 
 
 def _commands() -> list[Command]:
@@ -61,7 +63,8 @@ def build_parser(commands: Sequence[Command] | None = None) -> argparse.Argument
         epilog="Run `internvlx COMMAND --help` for the options and examples of a command.",
     )
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
+                                       parser_class=CommandParser)
     for command in commands:
         sub = subparsers.add_parser(
             command.name,
@@ -69,11 +72,9 @@ def build_parser(commands: Sequence[Command] | None = None) -> argparse.Argument
             description=command.description,
             epilog=command.epilog,
             formatter_class=argparse.RawDescriptionHelpFormatter,
+            add_arguments=command.add_arguments,
+            intermixed=command.intermixed,
         )
-        command.add_arguments(sub)
-        # SUPPRESS: an absent sub-level flag must not reset `internvlx --debug COMMAND`.
-        sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                         help="show the full traceback on errors")
         sub.set_defaults(_run=command.run)
     return parser
 

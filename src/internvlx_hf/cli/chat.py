@@ -43,24 +43,7 @@ examples:
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
-class _IntermixedArgumentParser(argparse.ArgumentParser):
-    """Parses positionals wherever they appear, so `chat MODEL --image X "question"` works: plain argparse binds
-    every positional at the first run of them (MODEL) and then rejects the question after the options."""
-
-    _parsing = False
-
-    def parse_known_args(self, args=None, namespace=None):
-        if self._parsing:  # parse_known_intermixed_args calls back into parse_known_args
-            return super().parse_known_args(args, namespace)
-        self._parsing = True
-        try:
-            return self.parse_known_intermixed_args(args, namespace)
-        finally:
-            self._parsing = False
-
-
 def _add_chat_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.__class__ = _IntermixedArgumentParser  # the subparser build_parser made for `chat`
     parser.add_argument("model", metavar="MODEL", help="checkpoint folder (from `internvlx convert`) or Hub id")
     parser.add_argument("question", metavar="QUESTION", nargs="?", default=None,
                         help="the question; without it, an interactive conversation")
@@ -116,6 +99,7 @@ class ChatSession:
         images = self.images + self.pending_images
         prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         inputs = self.processor(text=[prompt], images=images or None, return_tensors="pt", **self.image_kwargs)
+        self._check_context(int(inputs["input_ids"].shape[1]), images, inputs.get("num_patches"))
         inputs = inputs.to(self.model.device)
         tokenizer = self.processor.tokenizer
         streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if self.stream else None
@@ -133,6 +117,60 @@ class ChatSession:
         self.images = images
         self.pending_images = []
         return answer
+
+    def _check_context(self, prompt_tokens: int, images: list[Any], num_patches) -> None:
+        """Refuse a prompt longer than the LLM's context, before generating, with the --max-tiles that fits.
+
+        Past ``max_position_embeddings`` transformers only warns, and the answer is garbage (a Llama LLM has 4,096
+        positions: two images at 12 tiles exceed it). With LVTC the limit applies to the long layout of layers
+        >= k, where every tile counts its high-resolution tokens."""
+        from ..token_budget import layer_groups
+
+        config = self.model.config
+        limit = getattr(config.get_text_config(), "max_position_embeddings", None)
+        tiles = int(num_patches.sum()) if num_patches is not None else 0
+        positions = layer_groups(config, prompt_tokens, tiles)[-1][1]
+        if limit is None or positions < limit:
+            return
+        where = f" (LVTC: {config.hr_tokens_per_tile} per tile from layer k on)" if positions != prompt_tokens else ""
+        problem = (f"the prompt needs {positions:,} positions{where}, and the model has {limit:,} "
+                   "(text_config.max_position_embeddings)")
+        sizes = [_image_size(image) for image in images]
+        if not images or None in sizes:
+            raise CLIError(f"{problem}; ask a shorter question, or /reset a long conversation.")
+        kwargs = dict(self.image_kwargs)
+        max_tiles = kwargs.pop("max_tiles", self.processor.image_processor.max_tiles)
+
+        def positions_at(n: int) -> int:  # the prompt's positions with every image at up to n tiles
+            visual = sum(self.processor.num_visual_tokens(sizes, max_tiles=n, **kwargs))
+            return layer_groups(config, text_tokens + visual, visual // self.processor.image_seq_length)[-1][1]
+
+        visual_now = sum(self.processor.num_visual_tokens(sizes, max_tiles=max_tiles, **kwargs))
+        text_tokens = prompt_tokens - visual_now
+        images_cost = (f"{len(images)} image{'s' if len(images) > 1 else ''} at up to {max_tiles} "
+                       f"tile{'s' if max_tiles > 1 else ''} take{'' if len(images) > 1 else 's'} {visual_now:,} tokens")
+        lowest = max(1, int(self.processor.image_processor.min_tiles))
+        for n in range(max_tiles - 1, lowest - 1, -1):
+            if positions_at(n) < limit:
+                raise CLIError(f"{problem}: its {images_cost}; use --max-tiles {n} ({positions_at(n):,} positions) "
+                               "or fewer images.")
+        if layer_groups(config, text_tokens, 0)[-1][1] >= limit:
+            raise CLIError(f"{problem}: the text alone takes {text_tokens:,}; ask a shorter question, or /reset a "
+                           "long conversation.")
+        raise CLIError(f"{problem}: its {images_cost} (--max-tiles {lowest} still needs {positions_at(lowest):,} "
+                       "positions); use fewer images.")
+
+
+def _image_size(image: Any) -> tuple[int, int] | None:
+    """(width, height) of an image path or PIL image (the header only), else None."""
+    if hasattr(image, "size") and not callable(image.size) and len(image.size) == 2:
+        return tuple(image.size)
+    if isinstance(image, (str, Path)):
+        from PIL import Image
+
+        with Image.open(image) as opened:
+            return opened.size
+    return None
 
 
 def _device_map(name: str):
@@ -211,7 +249,10 @@ def _interactive(session: ChatSession, stdin) -> None:
             else:
                 print(f"unknown command {text!r}; use /image PATH, /reset or /exit", file=sys.stderr)
             continue
-        session.ask(text)
+        try:
+            session.ask(text)
+        except CLIError as error:  # e.g. a prompt past the context: the conversation goes on (/reset, /exit)
+            print(f"error: {error}", file=sys.stderr)
 
 
 def _run_chat(args: argparse.Namespace) -> int:
@@ -239,4 +280,5 @@ CHAT = Command(
     epilog=_CHAT_EPILOG,
     add_arguments=_add_chat_arguments,
     run=_run_chat,
+    intermixed=True,  # `chat MODEL --image X "question"`: the question after the options
 )

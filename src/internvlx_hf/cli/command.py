@@ -1,8 +1,11 @@
-"""What every subcommand module builds on: `Command` (its parser and runner) and `CLIError` (a user-facing error)."""
+"""What every subcommand module builds on: `Command` (its parser and runner), `CommandParser` (the subcommand's
+argparse parser) and `CLIError` (a user-facing error)."""
 
 from __future__ import annotations
 
 import argparse
+import shlex
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -19,3 +22,108 @@ class Command:
     epilog: str
     add_arguments: Callable[[argparse.ArgumentParser], None]
     run: Callable[[argparse.Namespace], int]
+    # Positionals may come after options (`chat MODEL --image X "question"`): plain argparse binds every
+    # positional at the first run of them (MODEL) and then rejects the question after the options.
+    intermixed: bool = False
+
+
+def add_debug_argument(parser: argparse.ArgumentParser) -> None:
+    # SUPPRESS: an absent sub-level flag must not reset `internvlx --debug COMMAND`.
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the full traceback on errors")
+
+
+class _ProbeFailed(Exception):
+    """Raised instead of printing an error while `CommandParser` tries a corrected command line."""
+
+
+class CommandParser(argparse.ArgumentParser):
+    """A subcommand's parser: adds the command's arguments the first time it parses or prints help, parses
+    intermixed positionals where the command asks for it, and turns the optional-value trap into a one-line hint.
+
+    Lazy arguments: `internvlx --help` needs no subparser and `internvlx chat --help` one, while `train` builds
+    its flags from transformers' TrainingArguments (torch); building every subparser up front cost seconds per run.
+
+    The trap: an option whose value is optional (``nargs="?"``: ``--lvtc [SPEC]``, the Trainer's boolean flags)
+    placed before the positionals takes the first positional as its value (`convert --lvtc SRC DST` reads
+    SPEC=SRC, then misses DST); argparse answers with its usage and "required: DST". The hint names the option
+    that took the value and shows the command line that works (it is only given when that line parses).
+    """
+
+    def __init__(self, *args, add_arguments=None, intermixed: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._pending_arguments = add_arguments
+        self._intermixed = intermixed
+        self._parsing: list[str] | None = None
+        self._probing = False
+
+    def _add_pending_arguments(self) -> None:
+        add_arguments, self._pending_arguments = self._pending_arguments, None
+        if add_arguments is not None:
+            add_arguments(self)
+            add_debug_argument(self)
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._add_pending_arguments()
+        if self._parsing is not None:  # parse_known_intermixed_args calls back into parse_known_args
+            return super().parse_known_args(args, namespace)
+        self._parsing = list(sys.argv[1:] if args is None else args)
+        try:
+            if self._intermixed:
+                return self.parse_known_intermixed_args(self._parsing, namespace)
+            return super().parse_known_args(self._parsing, namespace)
+        finally:
+            self._parsing = None
+
+    def format_help(self):
+        self._add_pending_arguments()
+        return super().format_help()
+
+    def format_usage(self):
+        self._add_pending_arguments()
+        return super().format_usage()
+
+    def error(self, message):
+        if self._probing:
+            raise _ProbeFailed(message)
+        hint = self._optional_value_hint(message, self._parsing or [])
+        if hint is None:
+            super().error(message)
+        self.exit(2, f"{self.prog}: error: {message.rstrip('.')}; {hint}\n")
+
+    def _optional_value_hint(self, message: str, tokens: list[str]) -> str | None:
+        """The hint for an option with an optional value that took a positional as its value, else None.
+
+        Given when the option refused the value (its ``type`` check failed) or, for an option without a type,
+        when a positional is missing; and only when the command line with the option moved last parses."""
+        if not any(not action.option_strings for action in self._actions):
+            return None  # no positionals to take
+        for index, token in enumerate(tokens[:-1]):
+            if token == "--":
+                return None
+            action = self._option_string_actions.get(token)
+            value = tokens[index + 1]
+            if action is None or action.nargs != "?" or value.startswith("-"):
+                continue
+            refused = message.startswith(f"argument {'/'.join(action.option_strings)}: ")
+            missing = action.type is None and message.startswith("the following arguments are required: ")
+            others = tokens[:index] + tokens[index + 1:]
+            if not (refused or missing) or not self._parses([*others, token]):
+                return None
+            metavar = action.metavar or action.dest.upper()
+            suggestion = shlex.join([*self.prog.split(), *others, token])
+            return (f"{token} took {value!r} as its {metavar} because its value is optional: "
+                    f"did you mean `{suggestion}`?")
+        return None
+
+    def _parses(self, tokens: list[str]) -> bool:
+        parsing, self._parsing, self._probing = self._parsing, None, True
+        try:
+            return not self.parse_known_args(tokens)[1]  # and nothing left over
+        except _ProbeFailed:
+            return False
+        finally:
+            self._parsing, self._probing = parsing, False
+
+
+__all__ = ["CLIError", "Command", "CommandParser", "add_debug_argument"]

@@ -58,13 +58,22 @@ examples:
 Errors name the input and the fix; the exit status is 2 for a conversion error."""
 
 
+def _lvtc_spec(value: str) -> str:
+    """The shape of an --lvtc SPEC ("default", or comma-separated key=value / init_lr_from_mlp1), checked while
+    parsing so that `--lvtc SRC DST` is caught with a hint; `convert` checks the keys and values themselves."""
+    items = [item.strip() for item in value.split(",")]
+    if all(item in ("", "default", "init_lr_from_mlp1") or "=" in item for item in items):
+        return value
+    raise argparse.ArgumentTypeError(f"invalid SPEC {value!r} (comma-separated key=value, e.g. k=18,T=2)")
+
+
 def _add_convert_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("src", metavar="SRC", help="local folder of an OpenGVLab InternVL2 / InternVL2.5 / InternVL3 / "
                         "InternVL-X or a transformers-native InternVL checkpoint")
     parser.add_argument("dst", metavar="DST", help="output folder (must not exist or be empty, unless --overwrite)")
     parser.add_argument("--projector", choices=("keep", "mlp", "pvtc"), default="keep",
                         help="projector of the output: keep the source's (default), or a new mlp / pvtc one")
-    parser.add_argument("--lvtc", nargs="?", const="default", default=None, metavar="SPEC",
+    parser.add_argument("--lvtc", nargs="?", const="default", default=None, metavar="SPEC", type=_lvtc_spec,
                         help="enable LVTC, e.g. k=18,T=2 (see the keys below); off by default. Give it after "
                              "SRC DST, or as --lvtc=SPEC, so that it does not take SRC as its value")
     parser.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"), default="auto",

@@ -99,7 +99,7 @@ def _read_source(path: Path, allow_pickle: bool) -> SourceCheckpoint:
     if not path.is_dir():
         raise ConversionError(
             f"SRC {path} is not a folder; pass the local folder of an OpenGVLab InternVL2 model (download it first, "
-            "e.g. `huggingface-cli download OpenGVLab/InternVL2-2B --local-dir InternVL2-2B`)."
+            "e.g. `hf download OpenGVLab/InternVL2-2B --local-dir InternVL2-2B`)."
         )
     config_path = path / "config.json"
     if not config_path.exists():

@@ -1254,6 +1254,7 @@ class InternVLXForConditionalGeneration(InternVLXPreTrainedModel, GenerationMixi
             tokenizer.padding_side = padding_side
         if generation_config.pad_token_id is None:
             generation_config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else sep_id
+        self._check_chat_context(inputs.input_ids, inputs.attention_mask)
         if pixel_values is not None:
             pixel_values = self._chat_tiles(pixel_values)
         out = self.generate(
@@ -1265,6 +1266,27 @@ class InternVLXForConditionalGeneration(InternVLXPreTrainedModel, GenerationMixi
         new_tokens = out[:, inputs.input_ids.shape[1]:]
         texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         return [(text.split(separator)[0] if separator else text).strip() for text in texts]
+
+    def _check_chat_context(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        """Refuse a `chat()` prompt longer than the LLM's context before generating: past
+        ``max_position_embeddings`` transformers only warns, and the answer is garbage. With LVTC the long layout
+        of layers >= k counts (every tile at its high-resolution token count)."""
+        limit = getattr(self.config.get_text_config(), "max_position_embeddings", None)
+        if limit is None:
+            return
+        tiles = (input_ids == self.config.image_token_id).sum(-1) // self.config.image_seq_length
+        positions = attention_mask.sum(-1)
+        lvtc = self.config.lvtc_config
+        if lvtc is not None and lvtc.expand_layer < self.config.get_text_config().num_hidden_layers:
+            positions = positions + tiles * (self.config.hr_tokens_per_tile - self.config.image_seq_length)
+        longest = int(positions.max())
+        if longest >= limit:
+            row = int(positions.argmax())
+            raise ValueError(
+                f"chat(): the prompt{f' of question {row}' if len(positions) > 1 else ''} needs {longest:,} positions "
+                f"({int(tiles[row])} image tiles), and the model has {limit:,} (text_config.max_position_embeddings); "
+                "pass fewer tiles (InternVL2's load_image(..., max_num=N), the processor's max_tiles) or fewer images."
+            )
 
     def _chat_tiles(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """``pixel_values`` on the model's device and dtype, square tiles resized to the model's tile size.

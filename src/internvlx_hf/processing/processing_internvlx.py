@@ -18,6 +18,9 @@ from .image_processing_internvlx import InternVLXImageProcessor, InternVLXImageP
 
 class InternVLXProcessorKwargs(ProcessingKwargs, total=False):
     images_kwargs: InternVLXImageProcessorKwargs
+    # A batch of prompts is padded (on the left, see `InternVLXProcessor.__init__`) to its longest prompt, so that
+    # `return_tensors="pt"` works without `padding=True`; one prompt is never padded. `padding=False` turns it off.
+    _defaults = {"text_kwargs": {"padding": "longest"}}
 
 
 class InternVLXProcessor(ProcessorMixin):
@@ -25,8 +28,9 @@ class InternVLXProcessor(ProcessorMixin):
     Processor of InternVL2 / InternVL-X checkpoints: an [`InternVLXImageProcessor`], a tokenizer and a chat template.
 
     In the text, every `<image>` stands for the next image; it becomes `<img>` + `<IMG_CONTEXT>` x
-    (`image_seq_length` x tiles of that image) + `</img>`, as in InternVL2's `chat()`. The tokenizer pads on the left
-    (for generation) unless `padding_side="right"` is passed.
+    (`image_seq_length` x tiles of that image) + `</img>`, as in InternVL2's `chat()`. A batch of prompts is padded
+    to its longest one, on the left (for generation) unless `padding_side="right"` is passed (`padding=False` to
+    keep the lengths).
 
     Args:
         image_processor ([`InternVLXImageProcessor`]):

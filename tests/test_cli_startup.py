@@ -1,0 +1,181 @@
+"""`internvlx` starts without torch/transformers: `--help`, every `COMMAND --help` and argument errors are
+answered by argparse alone, and the package's classes and Auto registration load on first use. And argument
+errors that need more than argparse's usage: an option with an optional value that took a positional.
+
+Checked in fresh interpreters (this test process has torch imported already), by which modules got imported:
+exact behaviour, no timings (benchmarks/bench_cli_startup.py measures them).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from internvlx_hf.cli import _commands, main
+
+from conftest import REPO_ROOT
+
+HEAVY = ("torch", "transformers", "numpy", "PIL", "huggingface_hub", "safetensors", "tqdm")
+
+# Runs `internvlx ARGV` for each ARGV of a JSON list in one interpreter; prints, per ARGV, the exit status, the
+# first line of stderr and the heavy modules imported so far.
+_RUN_CLI = """
+import contextlib, io, json, runpy, sys
+results = []
+for argv in json.loads(sys.argv[1]):
+    sys.argv = ["internvlx", *argv]
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            runpy.run_module("internvlx_hf", run_name="__main__", alter_sys=True)
+            code = None
+        except SystemExit as stop:
+            code = stop.code
+    lines = err.getvalue().strip().splitlines()
+    results.append({"argv": argv, "code": code, "stdout": out.getvalue(), "last_err": lines[-1] if lines else "",
+                    "err_lines": len(lines), "heavy": sorted(m for m in HEAVY if m in sys.modules)})
+print(json.dumps(results))
+"""
+
+
+def _python(code: str, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=REPO_ROOT,
+                          env=env, timeout=300)
+
+
+def _run_cli(argvs: list[list[str]]) -> list[dict]:
+    result = _python(f"HEAVY = {HEAVY!r}\n{_RUN_CLI}", json.dumps(argvs))
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+# `train` builds its flags from transformers' TrainingArguments, whose module imports torch.
+LIGHT_COMMANDS = [command.name for command in _commands() if command.name != "train"]
+
+
+def test_help_of_the_cli_and_of_every_command_imports_nothing_heavy():
+    argvs = [["--help"]] + [[name, "--help"] for name in LIGHT_COMMANDS]
+    results = _run_cli(argvs)
+    assert [r["code"] for r in results] == [0] * len(argvs)
+    assert all(f"{name} " in results[0]["stdout"] for name in [*LIGHT_COMMANDS, "train"])
+    for name, result in zip(LIGHT_COMMANDS, results[1:]):
+        assert result["stdout"].startswith(f"usage: internvlx {name} "), result["stdout"][:200]
+        assert "--debug" in result["stdout"]
+    assert results[-1]["heavy"] == []
+
+
+def test_argument_errors_import_nothing_heavy():
+    argvs = [[], ["nonsense"], ["chat"], ["chat", "MODEL", "--max-tiles", "many"], ["convert", "SRC"],
+             ["tokens", "--tiling", "diagonal"], ["eval", "--nonsense"], ["demo", "--nonsense"]]
+    results = _run_cli(argvs)
+    assert [r["code"] for r in results] == [2] * len(argvs)
+    assert [r["last_err"] for r in results] == [
+        "internvlx: error: the following arguments are required: COMMAND",
+        "internvlx: error: argument COMMAND: invalid choice: 'nonsense' (choose from 'demo', 'convert', 'export', "
+        "'chat', 'tokens', 'card', 'push', 'data', 'train', 'eval')",
+        "internvlx chat: error: the following arguments are required: MODEL",
+        "internvlx chat: error: argument --max-tiles: invalid int value: 'many'",
+        "internvlx convert: error: the following arguments are required: DST",
+        "internvlx tokens: error: argument --tiling: invalid choice: 'diagonal' (choose from 'ratio', 'area', "
+        "'edge', 'none')",
+        "internvlx eval: error: the following arguments are required: CHECKPOINT, DATA",
+        "internvlx: error: unrecognized arguments: --nonsense",
+    ]
+    assert results[-1]["heavy"] == []
+
+
+def test_train_help_lists_the_trainingarguments_flags(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["train", "--help"])
+    assert stop.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: internvlx train [CONFIG.yaml] --model PATH")
+    assert "--learning_rate" in out and "--preset" in out and "--debug" in out
+
+
+def test_package_attributes_load_on_first_use_and_register_the_auto_classes():
+    code = """
+import sys
+import internvlx_hf
+print("torch" in sys.modules, "transformers" in sys.modules)
+print("InternVLXForConditionalGeneration" in dir(internvlx_hf))
+try:
+    internvlx_hf.NoSuchThing
+except AttributeError as error:
+    print(error)
+from internvlx_hf import InternVLXForConditionalGeneration, InternVLXProcessor
+from transformers import AutoConfig
+from transformers.models.auto.modeling_auto import MODEL_MAPPING
+from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
+print(type(AutoConfig.for_model("internvlx")).__name__, MODEL_MAPPING[type(AutoConfig.for_model("internvlx"))].__name__,
+      InternVLXProcessor in PROCESSOR_MAPPING._extra_content.values(), internvlx_hf.__version__)
+"""
+    result = _python(code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "False False", "True", "module 'internvlx_hf' has no attribute 'NoSuchThing'",
+        "InternVLXConfig InternVLXForConditionalGeneration True 0.1.0",
+    ]
+
+
+@pytest.mark.parametrize("first_import", [
+    "import internvlx_hf\nimport transformers",  # transformers imported after the package: the hook registers
+    "import transformers\nimport internvlx_hf",  # before it: the package registers at once
+    "from internvlx_hf.processing import InternVLXProcessor",  # a subpackage pulls transformers in
+])
+def test_importing_the_package_registers_the_auto_classes(first_import):
+    code = f"""
+{first_import}
+import sys
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
+print(CONFIG_MAPPING["internvlx"].__name__, [c.__name__ for c in PROCESSOR_MAPPING._extra_content.values()])
+print(any(type(finder).__module__ == "internvlx_hf.auto_registration" for finder in sys.meta_path))
+"""
+    result = _python(code)
+    assert result.returncode == 0, result.stderr
+    # registered, and the import hook has removed itself
+    assert result.stdout.splitlines() == ["InternVLXConfig ['InternVLXProcessor']", "False"]
+
+
+# ------------------------------------------------------------------------------------------- argument mistakes
+
+
+def test_an_optional_value_that_took_a_positional_gets_a_one_line_hint():
+    results = _run_cli([["convert", "--lvtc", "./InternVL2-2B", "out dir"], ["convert", "--lvtc", "k=2", "SRC"],
+                        ["convert", "--lvtc", "SRC"], ["convert", "SRC", "DST", "--lvtc", "SRC"]])
+    hint, forgot_dst, no_dst_either, wrong_spec = results
+    assert (hint["code"], hint["err_lines"]) == (2, 1)
+    assert hint["last_err"] == (
+        "internvlx convert: error: argument --lvtc: invalid SPEC './InternVL2-2B' (comma-separated key=value, e.g. "
+        "k=18,T=2); --lvtc took './InternVL2-2B' as its SPEC because its value is optional: did you mean "
+        "`internvlx convert ./InternVL2-2B 'out dir' --lvtc`?")
+    # a real SPEC and a missing DST, or a line that would not parse either way: argparse's own answer, no hint
+    assert forgot_dst["last_err"] == "internvlx convert: error: the following arguments are required: DST"
+    assert no_dst_either["last_err"] == ("internvlx convert: error: argument --lvtc: invalid SPEC 'SRC' "
+                                         "(comma-separated key=value, e.g. k=18,T=2)")
+    assert wrong_spec["last_err"] == no_dst_either["last_err"]
+    assert all(r["code"] == 2 and r["err_lines"] > 1 and r["heavy"] == [] for r in results[1:])
+
+
+def test_a_trainer_boolean_flag_before_the_config_gets_the_hint(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["train", "--packing", "train.yaml"])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == (
+        "internvlx train: error: argument --packing: Truthy value expected: got train.yaml but expected one of "
+        "yes/no, true/false, t/f, y/n, 1/0 (case insensitive); --packing took 'train.yaml' as its PACKING because "
+        "its value is optional: did you mean `internvlx train train.yaml --packing`?\n")
+
+
+def test_convert_of_a_missing_folder_suggests_hf_download(capsys, tmp_path):
+    assert main(["convert", str(tmp_path / "InternVL2-2B"), str(tmp_path / "out"), "--no-progress"]) == 2
+    assert capsys.readouterr().err == (
+        f"internvlx convert: error: SRC {tmp_path / 'InternVL2-2B'} is not a folder; pass the local folder of an "
+        "OpenGVLab InternVL2 model (download it first, e.g. `hf download OpenGVLab/InternVL2-2B --local-dir "
+        "InternVL2-2B`).\n")
