@@ -198,3 +198,229 @@ def test_missing_pyav_names_the_extra(tmp_path, monkeypatch):
     path.write_bytes(b"x")
     with pytest.raises(ImportError, match=r'^Reading video files needs PyAV: pip install "internvlx-hf\[video\]"'):
         load_video(path)
+
+
+# --- processor --------------------------------------------------------------------------------------------------
+
+
+def _frame_tokens(num_frames: int, seq: int) -> list[int]:
+    """Token ids of `Frame1: <image>\\n...FrameN: <image>` with each `<image>` one tile of `seq` tokens."""
+    from test_processor import ids, image_tokens
+
+    out = []
+    for i in range(num_frames):
+        out += ids(("\n" if i else "") + f"Frame{i + 1}: ") + image_tokens(1, seq)
+    return out
+
+
+def test_processor_takes_videos_as_internvl2_frames(tmp_path):
+    from test_processor import ids, make_processor
+
+    frames = synthetic_frames()
+    path = write_video(tmp_path / "clip.mkv", frames)
+    processor = make_processor(image_seq_length=2)
+    out = processor(text=["<video>\nWhat moves?"], videos=[path], num_frames=8, return_tensors="pt")
+    assert out["input_ids"][0].tolist() == _frame_tokens(8, 2) + ids("\nWhat moves?")
+    assert out["num_patches"].tolist() == [1] * 8 and out["tile_grid"].tolist() == [[1, 1]] * 8
+    indices = _reference_indices(NUM_FRAMES, float(FPS), None, 8)
+    assert torch.equal(out["pixel_values"], reference_pixels([frames[i] for i in indices]))
+    # a bound, and the default of 8 frames
+    bounded = processor(text="<video>\nQ", videos=path, bound=(0.2, 0.6), num_frames=4, return_tensors="pt")
+    indices = _reference_indices(NUM_FRAMES, float(FPS), [0.2, 0.6], 4)
+    assert torch.equal(bounded["pixel_values"], reference_pixels([frames[i] for i in indices]))
+    assert processor(text="<video>\nQ", videos=path)["num_patches"] == [1] * 8
+
+
+def test_images_and_videos_keep_the_order_of_their_tags():
+    from test_processor import ids, image_tokens, make_processor
+
+    processor = make_processor(image_seq_length=1, max_tiles=4)
+    wide = Image.new("RGB", (896, 448), (10, 200, 30))  # 2 tiles + thumbnail
+    frames = [Image.fromarray(f) for f in synthetic_frames(count=3)]
+    other = [Image.fromarray(f) for f in synthetic_frames(count=2, seed=1)]
+    out = processor(text=["<image>\n<video>\nA", "<video>\nB"], images=[[wide], []], videos=[[frames], [other]],
+                    padding=True, return_tensors="pt")
+    assert out["num_patches"].tolist() == [3, 1, 1, 1, 1, 1]
+    alone = [processor(images=[wide], return_tensors="pt")["pixel_values"]]
+    alone += [processor(images=[f], max_tiles=1, return_tensors="pt")["pixel_values"] for f in frames + other]
+    assert torch.equal(out["pixel_values"], torch.cat(alone))
+    first = image_tokens(3, 1) + ids("\n") + _frame_tokens(3, 1) + ids("\nA")
+    assert out["input_ids"][0].tolist()[-len(first):] == first
+    # frames passed in memory are all used unless sampling is asked for
+    sampled = processor(text="<video>", videos=[frames], num_frames=2, do_sample_frames=True)
+    assert sampled["num_patches"] == [1, 1]
+
+
+def test_chat_messages_with_video_items(tmp_path):
+    from test_processor import make_processor
+
+    path = write_video(tmp_path / "clip.mkv", synthetic_frames())
+    processor = make_processor(image_seq_length=2)
+    messages = [{"role": "user", "content": [{"type": "video", "video": str(path)}, {"type": "text", "text": "Q"}]}]
+    rendered = processor.apply_chat_template(messages, add_generation_prompt=True)
+    assert "<|im_start|>user\n<video>\nQ<|im_end|>" in rendered
+    out = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                        num_frames=4, return_tensors="pt")
+    direct = processor(text=rendered, videos=[path], num_frames=4, return_tensors="pt")
+    assert out["input_ids"].tolist() == direct["input_ids"].tolist()
+    assert torch.equal(out["pixel_values"], direct["pixel_values"])
+    frames = [Image.fromarray(f) for f in synthetic_frames(count=3)]
+    in_memory = [{"role": "user", "content": [{"type": "video", "video": frames}, {"type": "text", "text": "Q"}]}]
+    out = processor.apply_chat_template(in_memory, add_generation_prompt=True, tokenize=True, return_dict=True)
+    assert out["num_patches"] == [1, 1, 1]
+
+
+def test_processor_video_mistakes_fail_in_one_line(tmp_path):
+    from test_processor import make_processor
+
+    processor = make_processor()
+    frames = [Image.fromarray(f) for f in synthetic_frames(count=3)]
+    cases = [
+        (dict(text="<video>\nQ"), "The text has 1 `<video>` tag\\(s\\) but no videos were passed"),
+        (dict(text="Q", videos=[frames]), r"The text has 0 `<video>` tag\(s\) \(per prompt: \[0\]\) but 1 video"),
+        (dict(text="<video><video>", videos=[frames]), r"The text has 2 `<video>` tag\(s\).* but 1 video\(s\)"),
+        (dict(text=["<video>", "Q"], videos=[[frames], [frames]]), r"per prompt: \[1, 0\]\) but 2 video"),
+        (dict(text="<video>", videos=[frames], bound=(0, 1)), r"video \(3 frames in memory\): a bound needs frame"),
+        (dict(text="<video>", videos=[3]), "videos: unsupported video int"),
+        (dict(text="<video>", videos=[tmp_path / "nope.mp4"]), "video '.*nope.mp4': no such file"),
+    ]
+    for call, message in cases:
+        with pytest.raises((ValueError, TypeError, FileNotFoundError), match=message) as info:
+            processor(**call)
+        assert "\n" not in str(info.value)
+
+
+def test_video_code_travels_with_the_checkpoint_and_runs_as_remote_code(tmp_path):
+    import hashlib
+    import sys
+    import textwrap
+
+    from conftest import remote_code_imports, run_isolated_python
+    from test_processor import make_processor
+
+    processor = make_processor(image_seq_length=2)
+    checkpoint = tmp_path / "checkpoint"
+    processor.save_pretrained(checkpoint)
+    assert (checkpoint / "video.py").is_file()
+    third_party = remote_code_imports(checkpoint / "video.py") - set(sys.stdlib_module_names)
+    assert third_party == {".", "numpy", "PIL", "av"}
+    # PyAV only inside a try (transformers' remote-code import check skips those), so a checkpoint loads without it
+    from transformers.dynamic_module_utils import get_imports
+
+    assert "av" not in get_imports(checkpoint / "video.py")
+
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i, frame in enumerate(synthetic_frames(count=6)):
+        Image.fromarray(frame).save(folder / f"{i:03d}.png")
+    inputs = dict(text=["<video>\nQ"], videos=[str(folder)], num_frames=3, return_tensors="pt")
+    expected = processor(**inputs)
+    code = textwrap.dedent(
+        f"""
+        import hashlib, json
+        from transformers import AutoProcessor
+        processor = AutoProcessor.from_pretrained({str(checkpoint)!r}, trust_remote_code=True)
+        out = processor(**{inputs!r})
+        print(json.dumps({{"module": type(processor).__module__, "input_ids": out["input_ids"].tolist(),
+                           "num_patches": out["num_patches"].tolist(),
+                           "pixels": hashlib.sha256(out["pixel_values"].numpy().tobytes()).hexdigest()}}))
+        """
+    )
+    result = run_isolated_python(code, tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    got = json.loads(result.stdout.strip().splitlines()[-1])
+    assert got["module"].startswith("transformers_modules.")
+    assert got["input_ids"] == expected["input_ids"].tolist() and got["num_patches"] == [1, 1, 1]
+    assert got["pixels"] == hashlib.sha256(expected["pixel_values"].numpy().tobytes()).hexdigest()
+
+
+# --- model.chat -------------------------------------------------------------------------------------------------
+
+
+def test_model_chat_takes_frames_with_internvl2s_frame_prompt():
+    from conftest import require_fixture
+    from transformers import AutoTokenizer
+
+    from internvlx_hf import InternVLXConfig, InternVLXForConditionalGeneration, InternVLXProcessor
+    from internvlx_hf.processing import get_chat_template
+
+    reference = json.loads(require_fixture("internvl2_qwen2", "reference.json").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(require_fixture("internvl2_qwen2"))
+    tokenizer.chat_template = get_chat_template(reference["template"])
+    config = InternVLXConfig(
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2},
+        text_config={"model_type": "qwen2", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                     "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": reference["vocab_size"]},
+        image_token_id=reference["img_context_token_id"], template=reference["template"],
+    )
+    torch.manual_seed(0)
+    model = InternVLXForConditionalGeneration(config).eval()
+    processor = InternVLXProcessor(InternVLXImageProcessor(), tokenizer, image_seq_length=256)
+
+    frames = [Image.fromarray(f) for f in synthetic_frames(count=3)]
+    messages = [{"role": "user", "content": [{"type": "video", "video": frames}, {"type": "text", "text": "Q?"}]}]
+    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                           return_tensors="pt")
+    question = video_prompt(3) + "\nQ?"  # what InternVL2's model cards send
+    prompt = model._chat_prompt(tokenizer, question, None, [1, 1, 1])
+    assert tokenizer(prompt, return_tensors="pt")["input_ids"].tolist() == inputs["input_ids"].tolist()
+
+    generation = dict(max_new_tokens=4, do_sample=False)
+    answer = model.chat(tokenizer, inputs["pixel_values"], question, generation, num_patches_list=[1, 1, 1])
+    generated = model.generate(**inputs, **generation)
+    assert answer == processor.decode(generated[0], skip_special_tokens=True)
+    with pytest.raises(ValueError, match=r"chat\(\) takes a video as its frames, as InternVL2 does") as info:
+        model.chat(tokenizer, inputs["pixel_values"], "<video>\nQ?", generation, num_patches_list=[1, 1, 1])
+    assert "\n" not in str(info.value)
+
+
+# --- internvlx chat --video -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def frame_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("video") / "frames"
+    folder.mkdir()
+    for i, frame in enumerate(synthetic_frames(count=12, height=64, width=64)):
+        Image.fromarray(frame).save(folder / f"frame_{i + 1}.png")
+    return folder
+
+
+def test_cli_chat_video_answers_as_model_chat_with_frame_prompts(capsys, frame_folder):
+    from transformers import AutoModel, AutoProcessor
+
+    from internvlx_hf.cli import main
+    from internvlx_hf.demo import DEMO_MODEL_DIR
+
+    argv = ["chat", str(DEMO_MODEL_DIR), "--video", str(frame_folder), "--frames", "4", "--bound", "1,9",
+            "--max-new-tokens", "4", "--device", "cpu", "Which colour comes first?"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out.strip()
+
+    processor = AutoProcessor.from_pretrained(DEMO_MODEL_DIR, trust_remote_code=True)
+    model = AutoModel.from_pretrained(DEMO_MODEL_DIR, trust_remote_code=True).eval()
+    frames = load_video(frame_folder, num_segments=4, bound=(1, 9))  # 1 fps for a folder
+    pixel_values = processor.image_processor(frames, max_tiles=1, return_tensors="pt").pixel_values
+    expected = model.chat(processor, pixel_values, video_prompt(4) + "\nWhich colour comes first?",
+                          dict(max_new_tokens=4, do_sample=False), num_patches_list=[1] * 4)
+    assert out == expected and expected
+
+
+def test_cli_chat_video_errors_are_one_line(capsys, tmp_path, frame_folder):
+    from internvlx_hf.cli import main
+    from internvlx_hf.demo import DEMO_MODEL_DIR
+
+    model = str(DEMO_MODEL_DIR)
+    cases = [
+        (["--bound", "1,2", "Q"], "--frames and --bound choose the frames of --video; pass --video PATH too."),
+        (["--video", str(frame_folder), "--bound", "2", "Q"], "--bound '2': expected START,END in seconds"),
+        (["--video", str(frame_folder), "--bound", "5,1", "Q"], "--bound '5,1': START must be >= 0 and before END"),
+        (["--video", str(frame_folder), "--frames", "0", "Q"], "--frames must be >= 1, got 0."),
+        (["--video", str(tmp_path / "nope.mp4"), "Q"], "--video: video '" + str(tmp_path / "nope.mp4")),
+        (["--video", str(frame_folder), "--bound", "20,30", "Q"],
+         "bound (20.0, 30.0) starts at frame 20, after the last frame (11)"),
+    ]
+    for extra, message in cases:
+        assert main(["chat", model, *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert err.startswith("internvlx chat: error: ") and message in err and err.count("\n") == 1, err
