@@ -424,3 +424,50 @@ def test_cli_chat_video_errors_are_one_line(capsys, tmp_path, frame_folder):
         assert main(["chat", model, *extra]) == 2, extra
         err = capsys.readouterr().err
         assert err.startswith("internvlx chat: error: ") and message in err and err.count("\n") == 1, err
+
+
+# --- internvlx tokens --video -----------------------------------------------------------------------------------
+
+
+def test_tokens_video_rows_count_what_the_processor_produces(capsys, frame_folder):
+    from transformers import AutoConfig, AutoProcessor
+
+    from internvlx_hf.cli import main
+    from internvlx_hf.demo import DEMO_MODEL_DIR
+    from internvlx_hf.token_budget import LLMShape, prefill_flops
+
+    assert main(["tokens", "--video", str(frame_folder), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["frames"], r["tiles"], r["tokens"]) for r in rows] == [(8, 8, 2048), (16, 16, 4096), (32, 32, 8192)]
+
+    assert main(["tokens", str(DEMO_MODEL_DIR), "--video", str(frame_folder), "--frames", "4", "--frames", "6",
+                 "--text-tokens", "0", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    processor = AutoProcessor.from_pretrained(DEMO_MODEL_DIR, trust_remote_code=True)
+    config = AutoConfig.from_pretrained(DEMO_MODEL_DIR, trust_remote_code=True)
+    shape = LLMShape.from_text_config(config.get_text_config())
+    k = config.lvtc["expand_layer"]
+    for row, frames in zip(rows, (4, 6)):
+        ids = processor(text="<video>", videos=[str(frame_folder)], num_frames=frames)["input_ids"][0]
+        assert row["llm_tokens"] == len(ids) and row["tokens"] == frames * processor.image_seq_length
+        long = len(ids) + frames * (config.hr_tokens_per_tile - processor.image_seq_length)
+        assert (row["llm_tokens_long"], row["expand_layer"]) == (long, k)
+        assert row["prefill_flops"] == prefill_flops(shape, len(ids), long, k)
+        assert row["uncompressed_prefill_flops"] == prefill_flops(shape, long)
+
+
+def test_tokens_video_errors_are_one_line(capsys, tmp_path, frame_folder):
+    from internvlx_hf.cli import main
+
+    cases = [
+        (["--video", str(frame_folder), "--image", "10x10"], "pass --image (repeatable) or --video, not both"),
+        (["--image", "10x10", "--frames", "8"], "--frames is the frame count of --video; pass --video PATH too."),
+        (["--video", str(frame_folder), "--frames", "0"], "--frames must be >= 1, got 0."),
+        (["--video", str(frame_folder), "--max-tiles", "2"], "--tiling and --max-tiles apply to --image"),
+        (["--video", str(tmp_path)], f"--video: video {str(tmp_path)!r}: the folder holds no frame images"),
+        (["--video", str(tmp_path / "x.mp4")], "no such file"),
+    ]
+    for extra, message in cases:
+        assert main(["tokens", *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert err.startswith("internvlx tokens: error: ") and message in err and err.count("\n") == 1, err

@@ -218,7 +218,7 @@ class VideoReader:
         return [frames[int(i)] for i in indices]
 
 
-def _frame_files(folder: Path) -> list[Path]:
+def frame_files(folder: Path) -> list[Path]:
     """Image files of a frame folder in frame order: by the last number in the name (`frame_10` after `frame_9`),
     then by name."""
     files = [p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in _IMAGE_SUFFIXES]
@@ -279,7 +279,7 @@ def load_video(
     if isinstance(video, (str, os.PathLike)):
         where = f"video {os.fspath(video)!r}"
         if Path(video).is_dir():
-            frames: list[Any] = _frame_files(Path(video))
+            frames: list[Any] = frame_files(Path(video))
             if not frames:
                 raise ValueError(f"{where}: the folder holds no frame images ({', '.join(sorted(_IMAGE_SUFFIXES))})")
         else:
@@ -311,6 +311,7 @@ __all__ = [
     "VIDEO_PLACEHOLDER",
     "VideoReader",
     "flatten_videos",
+    "frame_files",
     "is_video",
     "load_video",
     "sample_frame_indices",
