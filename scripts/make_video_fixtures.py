@@ -52,6 +52,8 @@ SAMPLE_CASES = [
     (4, 4, "middle", 1, -1), (1, 50, "middle", 1, -1),
     (8, 300, "fps1", 30.0, -1), (8, 300, "fps0.5", 30.0, -1), (8, 301, "fps2", 29.97, 8), (8, 250, "fps1", 25.0, 4),
     (8, 10, "fps1", 24.0, -1),
+    # tests/test_video.py's training rows: 4 of a 6-frame folder, 4 of the 10 frames of a 0.4 s clip at 25 fps
+    (4, 6, "middle", 1, -1), (4, 10, "middle", 25.0, -1),
 ]
 # (num_frames, video length, seed): every interval has >= 2 frames, so the reference draws with random.choice only.
 RAND_CASES = [(8, 100, 0), (8, 100, 1), (32, 300, 7), (16, 64, 3), (4, 9, 11)]

@@ -471,3 +471,99 @@ def test_tokens_video_errors_are_one_line(capsys, tmp_path, frame_folder):
         assert main(["tokens", *extra]) == 2, extra
         err = capsys.readouterr().err
         assert err.startswith("internvlx tokens: error: ") and message in err and err.count("\n") == 1, err
+
+
+# --- fine-tuning data -------------------------------------------------------------------------------------------
+
+
+def _reference_sampler(num_frames, video_length, sample):
+    for case in REFERENCE["get_frame_indices"]:
+        if (case["num_frames"], case["video_length"], case["sample"]) == (num_frames, video_length, sample):
+            return case["indices"]
+    raise KeyError("case not recorded; add it to scripts/make_video_fixtures.py")
+
+
+@pytest.mark.parametrize("template,fixture", [("Hermes-2", "internvl2_qwen2"), ("phi3-chat", "internvl2_phi3")])
+def test_video_rows_train_as_internvl_prepares_them(template, fixture, tmp_path):
+    import training_helpers as th
+
+    from internvlx_hf.data import InternVLXDataset
+    from internvlx_hf.processing import CHAT_TEMPLATES
+    from internvlx_hf.training import IGNORE_INDEX, InternVLXDataCollator
+
+    _, processor = th.load(th.converted(fixture))
+    processor.chat_template = CHAT_TEMPLATES[template]
+    folder_frames, clip_frames = synthetic_frames(count=6, seed=2), synthetic_frames(seed=3)
+    (tmp_path / "frames").mkdir()
+    for i, frame in enumerate(folder_frames):
+        Image.fromarray(frame).save(tmp_path / "frames" / f"img_{i + 1}.png")
+    write_video(tmp_path / "clip.mkv", clip_frames)
+    rows = [
+        {"video": "frames", "conversations": [{"from": "human", "value": "Which colour comes first?"},
+                                              {"from": "gpt", "value": "Red, then blue."}]},
+        {"video": "clip.mkv", "clip": [0.2, 0.6],
+         "conversations": [{"from": "human", "value": "<video>\nWhat is this?"}, {"from": "gpt", "value": "Noise."}]},
+    ]
+    th.write_jsonl(tmp_path / "videos.jsonl", rows)
+    meta = {"videos": {"root": str(tmp_path), "annotation": str(tmp_path / "videos.jsonl"), "min_num_frame": 4,
+                       "max_num_frame": 4, "sampling_method": "middle"}}
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    dataset = InternVLXDataset(str(tmp_path / "meta.json"), processor, progress=False)
+    assert len(dataset) == 2 and dataset.lengths[0] > 4 * processor.image_seq_length
+
+    # InternVL's video_get_item: `<video>\n` (prepended when missing) -> "Frame-i: <image>" lines, 4 frames picked
+    # by its get_frame_indices ('middle'; the clip's frames counted from its start), each one tile
+    lines = "Frame-1: <image>\nFrame-2: <image>\nFrame-3: <image>\nFrame-4: <image>\n"
+    expected_frames = [[folder_frames[i] for i in _reference_sampler(4, 6, "middle")],
+                       [clip_frames[5 + i] for i in _reference_sampler(4, 10, "middle")]]
+    collator = InternVLXDataCollator(processor)
+    for index, (question, answer) in enumerate([("Which colour comes first?", "Red, then blue."),
+                                                ("What is this?", "Noise.")]):
+        item = dataset[index]
+        assert item["messages"][0] == {"role": "user", "content": lines + question}
+        assert [np.asarray(f).tobytes() for f in item["images"]] == [f.tobytes() for f in expected_frames[index]]
+        batch = collator([item])
+        text = processor.tokenizer.apply_chat_template(item["messages"], chat_template=processor.chat_template,
+                                                       tokenize=False)
+        reference = processor(text=[text], images=item["images"], max_tiles=1, return_tensors="pt")
+        assert batch["input_ids"].tolist() == reference["input_ids"].tolist()
+        assert torch.equal(batch["pixel_values"], reference_pixels(expected_frames[index]))
+        assert batch["num_patches"].tolist() == [1, 1, 1, 1]
+        labels = [label for label in batch["labels"][0].tolist() if label != IGNORE_INDEX]
+        assert processor.tokenizer.decode(labels[:-1]) == answer  # the reply and its end-of-turn token only
+
+
+def test_video_rows_that_cannot_be_used_are_skipped_with_a_reason(tmp_path):
+    from internvlx_hf.data.formats import SampleError, sample_from_row
+
+    turns = [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}]
+    cases = [
+        ({"video": "a.mp4", "image": "b.png", "conversations": turns}, "bad format", "either `image` or `video`"),
+        ({"video": "http://x/a.mp4", "conversations": turns}, "remote video", "is a URL"),
+        ({"video": "a.mp4", "clip": [3, 1], "conversations": turns}, "bad format", "0 <= start < end"),
+        ({"video": "a.mp4", "conversations": [{"from": "human", "value": "<video> <video>"}, turns[1]]},
+         "video count mismatch", "exactly one <video> tag, got 2"),
+        ({"messages": [{"role": "user", "content": [{"type": "video"}]}, {"role": "assistant", "content": "A"}]},
+         "video sample", "use InternVL's video rows"),
+    ]
+    for row, reason, message in cases:
+        with pytest.raises(SampleError, match=message) as info:
+            sample_from_row(row)
+        assert info.value.reason == reason
+
+    from internvlx_hf.data.videos import VideoSampling, read_sample_frames
+
+    sample = sample_from_row({"video": str(tmp_path / "missing.mp4"), "conversations": turns})
+    with pytest.raises(SampleError, match="missing.mp4' not found") as info:
+        read_sample_frames(sample)
+    assert info.value.reason == "video not found"
+    short = write_video(tmp_path / "short.mkv", synthetic_frames(count=5))
+    sample = sample_from_row({"video": str(short), "clip": [1, 2], "conversations": turns})
+    with pytest.raises(SampleError, match=r"clip \[1.0, 2.0\] lies outside the video \(0.20 s\)"):
+        read_sample_frames(sample)
+    with pytest.raises(ValueError, match="min_num_frame \\(9\\) must not exceed max_num_frame \\(4\\)"):
+        VideoSampling(9, 4)
+    # 'rand' draws the count in [min, max] and one frame per interval, as InternVL's training reader
+    sample.clip, sample.video_sampling = None, VideoSampling(2, 3, "rand")
+    counts = {len(read_sample_frames(sample, random.Random(seed))) for seed in range(20)}
+    assert counts == {2, 3}
