@@ -567,3 +567,42 @@ def test_video_rows_that_cannot_be_used_are_skipped_with_a_reason(tmp_path):
     sample.clip, sample.video_sampling = None, VideoSampling(2, 3, "rand")
     counts = {len(read_sample_frames(sample, random.Random(seed))) for seed in range(20)}
     assert counts == {2, 3}
+
+
+# --- internvlx eval ---------------------------------------------------------------------------------------------
+
+
+def test_eval_scores_video_rows_on_deterministic_middle_frames(tmp_path, capsys):
+    import training_helpers as th
+
+    from internvlx_hf import InternVLXProcessor
+    from internvlx_hf.cli import main
+    from internvlx_hf.demo import DEMO_MODEL_DIR
+    from internvlx_hf.evaluation import read_eval_data
+
+    frames = synthetic_frames(count=6, height=32, width=32, seed=4)
+    (tmp_path / "frames").mkdir()
+    for i, frame in enumerate(frames):
+        Image.fromarray(frame).save(tmp_path / "frames" / f"{i}.png")
+    rows = [{"video": "frames", "conversations": [{"from": "human", "value": "What colour is first?"},
+                                                  {"from": "gpt", "value": "red"}]}]
+    th.write_jsonl(tmp_path / "video.jsonl", rows)
+    meta = tmp_path / "meta.json"
+    meta.write_text(json.dumps({"clips": {"root": str(tmp_path), "annotation": str(tmp_path / "video.jsonl"),
+                                          "max_num_frame": 4, "min_num_frame": 2}}))  # 'rand' in training
+
+    processor = InternVLXProcessor.from_pretrained(str(DEMO_MODEL_DIR), trust_remote_code=True)
+    (eval_set,) = read_eval_data(str(meta), processor)
+    sample = eval_set.samples[0]
+    expected = [frames[i] for i in _reference_sampler(4, 6, "middle")]
+    assert [np.asarray(f).tobytes() for f in sample.images] == [f.tobytes() for f in expected]
+    assert sample.video_frames == 4
+    assert "Frame-1: <image>\nFrame-2: <image>\nFrame-3: <image>\nFrame-4: <image>\nWhat colour is first?" \
+        in sample.prompt
+
+    out = tmp_path / "eval.json"
+    assert main(["eval", str(DEMO_MODEL_DIR), str(meta), "--max-tiles", "12", "--json", str(out),
+                 "--no-progress"]) == 0
+    result = json.loads(out.read_text())["runs"][0]["datasets"][0]
+    assert result["samples"] == 1 and result["tiles_per_sample"] == 4.0  # one tile per frame despite --max-tiles
+    assert isinstance(result["predictions"][0]["prediction"], str)
