@@ -508,8 +508,10 @@ def test_video_rows_train_as_internvl_prepares_them(template, fixture, tmp_path)
     meta = {"videos": {"root": str(tmp_path), "annotation": str(tmp_path / "videos.jsonl"), "min_num_frame": 4,
                        "max_num_frame": 4, "sampling_method": "middle"}}
     (tmp_path / "meta.json").write_text(json.dumps(meta))
-    dataset = InternVLXDataset(str(tmp_path / "meta.json"), processor, progress=False)
+    dataset = InternVLXDataset(str(tmp_path / "meta.json"), processor, progress=False, check=True)
     assert len(dataset) == 2 and dataset.lengths[0] > 4 * processor.image_seq_length
+    stats = dataset.summary.datasets[0]
+    assert (stats.samples, stats.images, stats.tiles) == (2, 8, 8)  # frames counted as one-tile images
 
     # InternVL's video_get_item: `<video>\n` (prepended when missing) -> "Frame-i: <image>" lines, 4 frames picked
     # by its get_frame_indices ('middle'; the clip's frames counted from its start), each one tile
