@@ -62,7 +62,7 @@ import golden  # noqa: E402  (tests/golden.py: the rules, shared with the tests)
 # folders of tests/fixtures made otherwise: scripts/make_tokenizer_cases.py, scripts/make_internvl25_fixtures.py
 # (which compacts its fixtures with `_compact_model_fixture` as it makes them), and real_configs/ (public config.json
 # files copied from their sources, see real_configs/SOURCES.md)
-HAND_MADE = ("tokenizer_cases", "real_configs", *golden.V25_FIXTURES)
+HAND_MADE = ("tokenizer_cases", "real_configs", "video", *golden.V25_FIXTURES)
 DROPPED = {
     **dict.fromkeys(golden.DROPPED_TENSORS, "no test uses it"),
     "pixel_values_u8": "replaced by per-tile sha256 digests, stats and block means of the float32 pixel_values",

@@ -16,7 +16,7 @@ from internvlx_hf.cli import main
 from internvlx_hf.demo import DEMO_MODEL_DIR, demo_record, demo_samples
 
 REMOTE_CODE = {"configuration_internvlx.py", "modeling_internvlx.py", "processing_internvlx.py",
-               "image_processing_internvlx.py", "chat_templates.py"}
+               "image_processing_internvlx.py", "chat_templates.py", "video.py"}
 
 
 def test_the_packaged_model_is_complete_small_and_recorded():

@@ -22,7 +22,7 @@ from internvlx_hf.provenance import PROVENANCE_FILE, record_conversion, record_t
 from conftest import REPO_ROOT, require_fixture, run_isolated_python
 
 REMOTE_CODE = ["chat_templates.py", "configuration_internvlx.py", "image_processing_internvlx.py",
-               "modeling_internvlx.py", "processing_internvlx.py"]
+               "modeling_internvlx.py", "processing_internvlx.py", "video.py"]
 
 
 def _convert(tmp_path_factory, fixture, name, **options):
@@ -522,7 +522,7 @@ def test_a_training_output_publishes_the_model_not_the_training_state(tmp_path, 
     assert hub.files("me/tiny-lora") == sorted(
         ["README.md", "adapter_config.json", "adapter_model.safetensors", "chat_template.jinja", PROVENANCE_FILE,
          "processor_config.json", "tokenizer.json", "tokenizer_config.json", "chat_templates.py",
-         "image_processing_internvlx.py", "processing_internvlx.py"])
+         "image_processing_internvlx.py", "processing_internvlx.py", "video.py"])
     uploaded = json.loads((tmp_path / "hub" / "me" / "tiny-lora" / "main" / "adapter_config.json").read_text())
     assert uploaded["base_model_name_or_path"] == "me/tiny-internvl2"
     assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == local_base

@@ -311,8 +311,8 @@ def test_default_template_and_other_internvl_templates():
     assert sorted(CHAT_TEMPLATES) == ["Hermes-2", "internlm2-chat", "internvl2_5", "phi3-chat"]
     with pytest.raises(ValueError, match=r"Unknown InternVL chat template 'vicuna'; known templates: 'Hermes-2'"):
         get_chat_template("vicuna")
-    with pytest.raises(Exception, match="support only text and image content, got video"):
-        processor.apply_chat_template([{"role": "user", "content": [{"type": "video"}]}])
+    with pytest.raises(Exception, match="support only text, image and video content, got audio"):
+        processor.apply_chat_template([{"role": "user", "content": [{"type": "audio"}]}])
 
 
 # --- decoding ---------------------------------------------------------------------------------------------------

@@ -203,7 +203,7 @@ def test_misplaced_system_turns_and_template_refusals_are_skipped_rows(processor
                            turn("gpt", "Hello.")]},
         {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
                       {"role": "system", "content": "Now be brief."}]},
-        {"messages": [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What happens?"}]},
+        {"messages": [{"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": "What happens?"}]},
                       {"role": "assistant", "content": "A cat jumps."}]},
         {"conversations": [turn("human", "Bye"), turn("gpt", "Goodbye.")]},
     ])
@@ -214,8 +214,8 @@ def test_misplaced_system_turns_and_template_refusals_are_skipped_rows(processor
     for line, turns in ((2, "1 at turn(s) [2]"), (3, "2 at turn(s) [1, 2]"), (4, "1 at turn(s) [3]")):
         assert (f"skipping {path}:{line}: a system turn must be the first turn, and only one is allowed; this row has "
                 f"{turns}. Merge them into one first turn (misplaced system turn;") in caplog.text
-    assert (f"skipping {path}:5: the chat template refused the conversation: InternVL templates support only text and "
-            "image content, got video (refused by the chat template;") in caplog.text
+    assert (f"skipping {path}:5: the chat template refused the conversation: InternVL templates support only text, "
+            "image and video content, got audio (refused by the chat template;") in caplog.text
 
     # The collator drops such rows the same way and keeps the rest of the batch.
     rows = [json.loads(line) for line in path.read_text().splitlines()]

@@ -224,10 +224,46 @@ def budget_rows(sizes: list[tuple[str, tuple[int, int]]], settings: TilingSettin
     return rows
 
 
+def video_budget_rows(video: str, frame_counts: list[int], settings: TilingSettings, processor=None, config=None,
+                      text_tokens: int = 64) -> list[dict[str, Any]]:
+    """One row per frame count: a video of ``frames`` frames is ``frames`` tiles (one 448px tile each, no
+    thumbnail) and, in the prompt, InternVL2's ``Frame1: <image>\\n...`` lines.
+
+    With a checkpoint (``processor`` and ``config``), the LLM prompt is ``text_tokens`` + the frame lines as the
+    checkpoint's tokenizer encodes them (``FrameN: ``, ``<img>``, ``</img>``, newlines) + the visual tokens; with
+    LVTC each frame's tokens become ``config.hr_tokens_per_tile`` from layer k on.
+    """
+    from .processing.video import video_prompt
+
+    rows = []
+    for frames in frame_counts:
+        row: dict[str, Any] = {"video": video, "frames": frames, "tiles": frames,
+                               "tokens": frames * settings.tokens_per_tile}
+        if config is not None and processor is not None:
+            lines = video_prompt(frames).replace("<image>", "<img></img>")
+            frame_text = len(processor.tokenizer(lines, add_special_tokens=False)["input_ids"])
+            shape = LLMShape.from_text_config(config.get_text_config())
+            n_short = text_tokens + frame_text + row["tokens"]
+            row.update(text_tokens=text_tokens, frame_text_tokens=frame_text, llm_tokens=n_short,
+                       llm_tokens_long=None, expand_layer=None, prefill_flops=prefill_flops(shape, n_short),
+                       uncompressed_prefill_flops=None)
+            lvtc = config.lvtc_config
+            if lvtc is not None and lvtc.expand_layer < shape.num_layers:
+                n_long = text_tokens + frame_text + frames * config.hr_tokens_per_tile
+                row.update(llm_tokens_long=n_long, expand_layer=lvtc.expand_layer,
+                           prefill_flops=prefill_flops(shape, n_short, n_long, lvtc.expand_layer),
+                           uncompressed_prefill_flops=prefill_flops(shape, n_long))
+        rows.append(row)
+    return rows
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
     """A Markdown table of `budget_rows` (only the columns that apply)."""
-    columns = [("image", "image"), ("size", None), ("tiling", "tiling"), ("grid", "grid"), ("tiles", "tiles"),
-               ("<IMG_CONTEXT>", "tokens")]
+    if rows and "frames" in rows[0]:  # video_budget_rows
+        columns = [("video", "video"), ("frames", "frames"), ("tiles", "tiles"), ("<IMG_CONTEXT>", "tokens")]
+    else:
+        columns = [("image", "image"), ("size", None), ("tiling", "tiling"), ("grid", "grid"), ("tiles", "tiles"),
+                   ("<IMG_CONTEXT>", "tokens")]
     has_model = rows and "llm_tokens" in rows[0]
     has_lvtc = has_model and rows[0].get("expand_layer") is not None
     if has_lvtc:
@@ -275,4 +311,5 @@ __all__ = [
     "layer_flops",
     "model_budget",
     "prefill_flops",
+    "video_budget_rows",
 ]

@@ -1,8 +1,9 @@
-"""`internvlx chat`: ask an InternVL-X checkpoint about images, with the answer streamed token by token."""
+"""`internvlx chat`: ask an InternVL-X checkpoint about images or a video, with the answer streamed token by token."""
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,11 @@ as InternVL2's chat() does, or after --max-new-tokens. Decoding is greedy.
 With a QUESTION: answer it and exit. Without one: an interactive loop (one question per line; stdin may be a pipe)
 that keeps the conversation, as InternVL2's chat(history=...) does: every turn re-sends the whole conversation, and
 the --image images belong to the first question only (they stay in the conversation; they are not repeated).
+
+With --video: --frames frames (default 8) are taken at the centres of equal segments of the video, or of --bound
+START,END (seconds), as InternVL2's load_video does; each frame is one tile and the question is prefixed with
+"Frame1: <image>\nFrame2: <image>...". A video file needs PyAV (pip install "internvlx-hf[video]"); a folder of
+frame images does not.
 Commands in the loop:
   /image PATH   attach another image to the next question (it joins the conversation from there on)
   /reset        forget the conversation; the --image images go with the next question again
@@ -36,6 +42,9 @@ examples:
   # two images in one question: the template puts them before the text, in order
   internvlx chat ./InternVL2-2B-hf --image a.jpg --image b.jpg "What differs between the two?"
 
+  # a video: 16 frames from seconds 2 to 10
+  internvlx chat ./InternVL2-2B-hf --video clip.mp4 --frames 16 --bound 2,10 "What happens?"
+
   # an interactive conversation (multi-turn); or feed the questions through a pipe
   internvlx chat ./InternVL2-2B-hf --image photo.jpg
   printf 'Describe the image.\\nWhat colour is the car?\\n' | internvlx chat ./InternVL2-2B-hf --image photo.jpg"""
@@ -49,6 +58,12 @@ def _add_chat_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the question; without it, an interactive conversation")
     parser.add_argument("--image", metavar="PATH", action="append", default=[],
                         help="an image for the (first) question; repeat for several images")
+    parser.add_argument("--video", metavar="PATH", default=None,
+                        help="a video file or folder of frame images for the (first) question")
+    parser.add_argument("--frames", type=int, default=None, metavar="N",
+                        help="frames taken from --video (default 8, InternVL2's num_segments)")
+    parser.add_argument("--bound", default=None, metavar="START,END",
+                        help="take the --video frames from this span only (seconds, e.g. 2,10)")
     parser.add_argument("--tiling", choices=("ratio", "area", "edge", "none"), default=None,
                         help="tile-count rule (default: the checkpoint's processor setting)")
     parser.add_argument("--max-tiles", type=int, default=None, metavar="N",
@@ -64,16 +79,19 @@ def _add_chat_arguments(parser: argparse.ArgumentParser) -> None:
 class ChatSession:
     """A conversation with a model, kept as chat messages plus the images in the order of their `<image>` tags.
 
-    ``images`` go with the first question (and again after `reset`); `attach` adds images to the next question.
+    ``images`` and ``videos`` (each a list of frames) go with the first question (and again after `reset`), videos
+    first; `attach` adds images to the next question.
     Each `ask` renders the whole conversation with the processor's chat template, so earlier images stay in the
     prompt as InternVL2's ``chat(history=...)`` keeps them.
     """
 
     def __init__(self, model, processor, images: list[Any] = (), tiling: str | None = None,
-                 max_tiles: int | None = None, max_new_tokens: int = 512, stream: bool = True):
+                 max_tiles: int | None = None, max_new_tokens: int = 512, stream: bool = True,
+                 videos: list[list[Any]] = ()):
         self.model = model
         self.processor = processor
         self.initial_images = list(images)
+        self.initial_videos = [list(frames) for frames in videos]
         self.image_kwargs = {key: value for key, value in (("tiling", tiling), ("max_tiles", max_tiles))
                              if value is not None}
         self.max_new_tokens = max_new_tokens
@@ -85,6 +103,8 @@ class ChatSession:
         self.messages: list[dict[str, Any]] = []
         self.images: list[Any] = []
         self.pending_images = list(self.initial_images)
+        self.videos: list[list[Any]] = []
+        self.pending_videos = list(self.initial_videos)
 
     def attach(self, image: Any) -> None:
         self.pending_images.append(image)
@@ -94,12 +114,15 @@ class ChatSession:
         import torch
         from transformers import TextStreamer
 
-        content = [{"type": "image"} for _ in self.pending_images] + [{"type": "text", "text": question}]
-        messages = [*self.messages, {"role": "user", "content": content}]
+        content = [{"type": "video"} for _ in self.pending_videos] + [{"type": "image"} for _ in self.pending_images]
+        messages = [*self.messages, {"role": "user", "content": content + [{"type": "text", "text": question}]}]
         images = self.images + self.pending_images
+        videos = self.videos + self.pending_videos
         prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        inputs = self.processor(text=[prompt], images=images or None, return_tensors="pt", **self.image_kwargs)
-        self._check_context(int(inputs["input_ids"].shape[1]), images, inputs.get("num_patches"))
+        # Frames are already chosen (decoded once, at the start): the processor uses them as given.
+        inputs = self.processor(text=[prompt], images=images or None, videos=videos or None, return_tensors="pt",
+                                **self.image_kwargs)
+        self._check_context(int(inputs["input_ids"].shape[1]), images, inputs.get("num_patches"), videos)
         inputs = inputs.to(self.model.device)
         tokenizer = self.processor.tokenizer
         streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if self.stream else None
@@ -114,11 +137,11 @@ class ChatSession:
                 break
         answer = tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
         self.messages = [*messages, {"role": "assistant", "content": answer}]
-        self.images = images
-        self.pending_images = []
+        self.images, self.videos = images, videos
+        self.pending_images, self.pending_videos = [], []
         return answer
 
-    def _check_context(self, prompt_tokens: int, images: list[Any], num_patches) -> None:
+    def _check_context(self, prompt_tokens: int, images: list[Any], num_patches, videos=None) -> None:
         """Refuse a prompt longer than the LLM's context, before generating, with the --max-tiles that fits.
 
         Past ``max_position_embeddings`` transformers only warns, and the answer is garbage (a Llama LLM has 4,096
@@ -135,6 +158,8 @@ class ChatSession:
         where = f" (LVTC: {config.hr_tokens_per_tile} per tile from layer k on)" if positions != prompt_tokens else ""
         problem = (f"the prompt needs {positions:,} positions{where}, and the model has {limit:,} "
                    "(text_config.max_position_embeddings)")
+        if videos:
+            raise CLIError(f"{problem}; use fewer --frames (each frame is one tile) or fewer images.")
         sizes = [_image_size(image) for image in images]
         if not images or None in sizes:
             raise CLIError(f"{problem}; ask a shorter question, or /reset a long conversation.")
@@ -217,10 +242,45 @@ def _check_images(paths: list[str]) -> None:
             raise CLIError(f"--image {path!r}: no such file; pass an existing image file (URLs are not downloaded).")
 
 
+def parse_bound(text: str | None) -> tuple[float, float] | None:
+    """--bound START,END (seconds) -> (start, end)."""
+    if text is None:
+        return None
+    try:
+        start, end = (float(part) for part in text.split(","))
+    except ValueError:
+        raise CLIError(f"--bound {text!r}: expected START,END in seconds, e.g. --bound 2,10.") from None
+    if not 0 <= start < end:
+        raise CLIError(f"--bound {text!r}: START must be >= 0 and before END.")
+    return start, end
+
+
+def load_video_frames(path: str, frames: int, bound: tuple[float, float] | None) -> list[Any]:
+    """The frames of --video, with bad input as one-line CLI errors."""
+    from ..processing.video import load_video
+
+    if frames < 1:
+        raise CLIError(f"--frames must be >= 1, got {frames}.")
+    try:
+        return load_video(path, num_segments=frames, bound=bound)
+    except (ValueError, OSError, ImportError) as error:
+        raise CLIError(f"--video: {error}") from None
+
+
+def check_video_support(processor, model: str) -> None:
+    """Checkpoints saved before video support carry processor code that would ignore `videos=`: refuse them."""
+    if "videos" not in inspect.signature(type(processor).__call__).parameters:
+        raise CLIError(f"MODEL {model!r}: its processor code (saved with the checkpoint) predates video support; "
+                       "re-save the processor with the current internvlx-hf (internvlx convert, or "
+                       "InternVLXProcessor.from_pretrained(...).save_pretrained(...)).")
+
+
 def _interactive(session: ChatSession, stdin) -> None:
     tty = stdin.isatty()
     if tty:
         attached = len(session.initial_images)
+        if session.initial_videos:
+            print(f"A video of {len(session.initial_videos[0])} frames goes with the first question.", file=sys.stderr)
         print(f"{attached} image(s) go with the first question. Commands: /image PATH, /reset, /exit "
               "(Ctrl-D ends).", file=sys.stderr)
     while True:
@@ -263,9 +323,17 @@ def _run_chat(args: argparse.Namespace) -> int:
     if args.question is not None and not args.question.strip():
         raise CLIError("the QUESTION is empty; ask something, or leave it out for an interactive conversation.")
     _check_images(args.image)
+    videos = []
+    if args.video is not None:
+        videos = [load_video_frames(args.video, 8 if args.frames is None else args.frames,
+                                    parse_bound(args.bound))]
+    elif args.bound is not None or args.frames is not None:
+        raise CLIError("--frames and --bound choose the frames of --video; pass --video PATH too.")
     model, processor = load_chat_model(args.model, args.dtype, args.device)
+    if videos:
+        check_video_support(processor, args.model)
     session = ChatSession(model, processor, args.image, tiling=args.tiling, max_tiles=args.max_tiles,
-                          max_new_tokens=args.max_new_tokens)
+                          max_new_tokens=args.max_new_tokens, videos=videos)
     if args.question is not None:
         session.ask(args.question)
     else:
@@ -275,7 +343,7 @@ def _run_chat(args: argparse.Namespace) -> int:
 
 CHAT = Command(
     name="chat",
-    help="ask a checkpoint about images; streams the answer (one question, or a multi-turn conversation)",
+    help="ask a checkpoint about images or a video; streams the answer (one question, or a multi-turn conversation)",
     description=_CHAT_DESCRIPTION,
     epilog=_CHAT_EPILOG,
     add_arguments=_add_chat_arguments,

@@ -1,4 +1,4 @@
-"""`internvlx tokens`: what images cost in tiles, `<IMG_CONTEXT>` tokens, LLM tokens and prefill FLOPs."""
+"""`internvlx tokens`: what images and videos cost in tiles, `<IMG_CONTEXT>` tokens, LLM tokens and prefill FLOPs."""
 
 from __future__ import annotations
 
@@ -20,7 +20,12 @@ compares the FLOPs with the uncompressed model (every layer on the long layout).
 FLOPs formula (matmuls only, a multiply-add = 2 FLOPs), per decoder layer on n tokens:
   2n*h*(2*a*d + 2*g*d)  [q,k,v,o projections]  +  4n^2*a*d  [QK^T and AV, full n x n]  +  6n*h*f  [gated MLP]
 (h hidden size, a heads, g KV heads, d head dim, f intermediate size, from the checkpoint's text config), summed
-over the layers (n_short before layer k, n_long from k on), plus 2*h*V for the LM head on the last position."""
+over the layers (n_short before layer k, n_long from k on), plus 2*h*V for the LM head on the last position.
+
+With --video instead of --image: one row per --frames N (default 8, 16 and 32). Each frame is one tile (InternVL2's
+load_video: max_num=1, no thumbnail), so a video costs N x tokens-per-tile <IMG_CONTEXT> tokens whatever its length
+(short videos repeat frames); with MODEL the LLM prompt adds the "Frame1: <img>...</img>\n..." lines as its
+tokenizer encodes them."""
 
 _TOKENS_EPILOG = """\
 examples:
@@ -33,6 +38,9 @@ examples:
   # an LVTC checkpoint: tokens per layer group and prefill FLOPs vs the uncompressed model, as JSON
   internvlx tokens ./InternVL2-2B-X --image 1024x768 --text-tokens 64 --json
 
+  # a video at 8, 16 and 32 frames, in an LVTC checkpoint
+  internvlx tokens ./InternVL2-2B-X --video clip.mp4 --frames 8 --frames 16 --frames 32
+
   # only the tiling the checkpoint uses
   internvlx tokens ./InternVL-X-2B-HD --image photo.jpg --tiling edge"""
 
@@ -40,8 +48,12 @@ examples:
 def _add_tokens_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL", nargs="?", default=None,
                         help="checkpoint folder or Hub id (optional; default: InternVL2-2B settings)")
-    parser.add_argument("--image", metavar="PATH|WxH", action="append", required=True,
+    parser.add_argument("--image", metavar="PATH|WxH", action="append", default=None,
                         help="an image file, or a size such as 1024x768; repeat for several images")
+    parser.add_argument("--video", metavar="PATH", default=None,
+                        help="a video file or folder of frame images (instead of --image)")
+    parser.add_argument("--frames", metavar="N", type=int, action="append", default=None,
+                        help="frames taken from --video; repeat to compare (default: 8, 16 and 32)")
     parser.add_argument("--tiling", action="append", choices=("ratio", "area", "edge", "none"), default=None,
                         help="tiling(s) to show (repeatable; default: ratio, area and edge)")
     parser.add_argument("--max-tiles", type=int, default=None, metavar="N",
@@ -67,6 +79,12 @@ def _run_tokens(args: argparse.Namespace) -> int:
         raise CLIError(f"--max-tiles must be >= 1, got {args.max_tiles}.")
     if args.text_tokens < 0:
         raise CLIError(f"--text-tokens must be >= 0, got {args.text_tokens}.")
+    if (args.image is None) == (args.video is None):
+        raise CLIError("pass --image (repeatable) or --video, not both and not neither.")
+    if args.video is not None:
+        return _run_video_tokens(args)
+    if args.frames is not None:
+        raise CLIError("--frames is the frame count of --video; pass --video PATH too.")
     sizes = [(spec, image_size_of(spec)) for spec in args.image]
     processor = config = None
     settings = TilingSettings()
@@ -97,6 +115,53 @@ def _run_tokens(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_video_tokens(args: argparse.Namespace) -> int:
+    from ..token_budget import TilingSettings, format_table, rows_to_json, video_budget_rows
+
+    frame_counts = list(dict.fromkeys(args.frames or [8, 16, 32]))
+    if min(frame_counts) < 1:
+        raise CLIError(f"--frames must be >= 1, got {min(frame_counts)}.")
+    if args.tiling or args.max_tiles is not None:
+        raise CLIError("--tiling and --max-tiles apply to --image; every video frame is one tile.")
+    length = _describe_video(args.video)
+    processor = config = None
+    settings = TilingSettings()
+    if args.model is not None:
+        processor, config = _load_processor_and_config(args.model)
+        settings = TilingSettings.from_processor(processor)
+    rows = video_budget_rows(args.video, frame_counts, settings, processor, config, args.text_tokens)
+    if args.json:
+        print(rows_to_json(rows))
+        return 0
+    source = args.model if args.model else "InternVL2-2B settings"
+    print(f"{args.video}: {length}; {source}: each frame one {settings.image_size}px tile of "
+          f"{settings.tokens_per_tile} tokens" + (f"; {args.text_tokens} text tokens" if config is not None else ""))
+    lvtc = config.lvtc_config if config is not None else None
+    if lvtc is not None and lvtc.expand_layer < config.get_text_config().num_hidden_layers:
+        print(f"LVTC: layers < {lvtc.expand_layer} see {settings.tokens_per_tile} tokens per frame, "
+              f"layers >= {lvtc.expand_layer} see {config.hr_tokens_per_tile}")
+    print(format_table(rows))
+    return 0
+
+
+def _describe_video(path: str) -> str:
+    """'300 frames at 30 fps (10.0 s)' for a file, '120 frame images' for a folder; bad input as a CLI error."""
+    from pathlib import Path
+
+    from ..processing.video import VideoReader, frame_files
+
+    try:
+        if Path(path).is_dir():
+            count = len(frame_files(Path(path)))
+            if not count:
+                raise ValueError(f"video {path!r}: the folder holds no frame images")
+            return f"{count} frame images"
+        reader = VideoReader(path)
+    except (ValueError, OSError, ImportError) as error:
+        raise CLIError(f"--video: {error}") from None
+    return f"{reader.num_frames} frames at {reader.fps:g} fps ({reader.duration:.1f} s)"
+
+
 def _load_processor_and_config(model: str):
     from transformers import AutoProcessor
 
@@ -115,7 +180,7 @@ def _load_processor_and_config(model: str):
 
 TOKENS = Command(
     name="tokens",
-    help="tiles, <IMG_CONTEXT> tokens and LLM prefill FLOPs of images (ratio / area / edge tiling)",
+    help="tiles, <IMG_CONTEXT> tokens and LLM prefill FLOPs of images (ratio / area / edge tiling) or a video",
     description=_TOKENS_DESCRIPTION,
     epilog=_TOKENS_EPILOG,
     add_arguments=_add_tokens_arguments,

@@ -31,6 +31,7 @@ import torch
 from .encoding import ConversationEncoder, EncodedConversation, truncate
 from .formats import Sample, SampleError
 from .images import TileBudget, image_size, load_image
+from .videos import expand_video, planned_frames, read_sample_frames
 from .index import JsonlIndex
 from .sources import DataSource, _undecoded, as_sources, parse_row
 from .status import REASONS, TRUNCATED, UNSEEN, USABLE, reason_code, status_counts
@@ -131,7 +132,11 @@ class InternVLXDataset(torch.utils.data.Dataset):
 
     def measure(self, sample: Sample, sizes: list[tuple[int, int]] | None = None) \
             -> tuple[EncodedConversation, list[int]]:
-        """The sample's encoding after truncation (no ids), and the tiles of the images it keeps."""
+        """The sample's encoding after truncation (no ids), and the tiles of the images it keeps. A video sample is
+        measured with its dataset's largest frame count (`videos.planned_frames`), one tile per frame."""
+        if sample.video is not None:
+            count = planned_frames(sample)
+            sample, sizes = expand_video(sample, [None] * count), [(1, 1)] * count
         if sizes is None:
             sizes = [image_size(image) for image in sample.images]
         tiles = self.budget.tiles(sizes, sample.max_tiles)
@@ -214,6 +219,8 @@ class InternVLXDataset(torch.utils.data.Dataset):
             self._skip(row, where, error, error.reason)
             return None
         try:
+            if sample.video is not None:  # frames drawn anew at every load (`rand`), as InternVL's training does
+                sample = expand_video(sample, read_sample_frames(sample))
             if status == UNSEEN and not self.checked:  # the reasons the full check gives (missing, folder, ...)
                 for image in sample.images:
                     image_size(image)

@@ -11,6 +11,9 @@
   "text": ...}]}], "images": [...]}`` (or a single ``"image"``). Images are paths, PIL images or undecoded
   ``datasets.Image`` dicts (``{"bytes", "path"}``). When no message holds an image placeholder, the images are put
   at the start of the first user message, as TRL's ``prepare_multimodal_messages`` does.
+- InternVL's video rows: ``{"video": "x.mp4" | "frames_folder/", "clip": [start, end] (optional, seconds),
+  "conversations": [...]}``; a first turn without ``<video>`` gets ``"<video>\\n"`` prepended, as InternVL's
+  ``video_get_item`` does. The frames are chosen and the tag expanded when the sample is loaded (`videos`).
 
 Both become a `Sample`; anything unusable raises `SampleError`, whose ``reason`` is the short category counted in
 the dataset summary. A system turn is allowed only as the first turn, once (every InternVL template renders it as
@@ -25,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 IMAGE_TAG = "<image>"
+VIDEO_TAG = "<video>"
 _INTERNVL_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 _CHAT_ROLES = ("system", "user", "assistant")
 
@@ -46,6 +50,9 @@ class Sample:
     images: list[Any] = field(default_factory=list)
     source: str = ""
     max_tiles: int | None = None
+    video: Any = None  # an InternVL video row's video (file or frame folder), until `videos.expand_video`
+    clip: tuple[float, float] | None = None
+    video_sampling: Any = None  # the dataset's `videos.VideoSampling`
 
     def as_row(self) -> dict[str, Any]:
         return {"messages": self.messages, "images": self.images, "max_tiles": self.max_tiles, "source": self.source}
@@ -72,9 +79,42 @@ def _check_system_turns(messages: list[dict[str, Any]]) -> None:
         )
 
 
+def _internvl_video(row: dict[str, Any], root: Path | None) -> tuple[Any, tuple[float, float] | None]:
+    """The video and clip of an InternVL video row, and its first turn given a `<video>` tag if it has none."""
+    if row.get("image") not in (None, "", []):
+        raise SampleError("bad format", "a row has either `image` or `video`, not both (InternVL reads the video only)")
+    video = row["video"]
+    if not isinstance(video, (str, os.PathLike)):
+        raise SampleError("bad format", f"`video` must be a file or folder path, got {type(video).__name__}")
+    if "://" in os.fspath(video):
+        raise SampleError("remote video", f"video {video!r} is a URL; download the videos and give local paths")
+    if root is not None and not os.path.isabs(video):
+        video = os.path.join(root, video)
+    clip = row.get("clip")
+    if clip is not None:
+        try:
+            start, end = (float(x) for x in clip)
+        except (TypeError, ValueError):
+            raise SampleError("bad format", f"`clip` must be [start, end] in seconds, got {clip!r:.60}") from None
+        if not 0 <= start < end:
+            raise SampleError("bad format", f"`clip` must satisfy 0 <= start < end, got {clip!r:.60}")
+        clip = (start, end)
+    turns = row.get("conversations")
+    if isinstance(turns, list) and turns and isinstance(turns[0], dict) and isinstance(turns[0].get("value"), str):
+        if VIDEO_TAG not in turns[0]["value"]:
+            turns = [{**turns[0], "value": VIDEO_TAG + "\n" + turns[0]["value"]}, *turns[1:]]
+        count = sum(turn["value"].count(VIDEO_TAG) for turn in turns if isinstance(turn.get("value"), str))
+        if count != 1:
+            raise SampleError("video count mismatch", f"a video row needs exactly one {VIDEO_TAG} tag, got {count}")
+        row["conversations"] = turns
+    return video, clip
+
+
 def _internvl_sample(row: dict[str, Any], root: Path | None, source: str, keep_leading_reply: bool) -> Sample:
+    video = clip = None
     if row.get("video"):
-        raise SampleError("video sample", "video samples are not supported; use image or text samples")
+        row = dict(row)
+        video, clip = _internvl_video(row, root)
     raw_images = row.get("image")
     if raw_images is None or raw_images == "" or raw_images == []:
         images = []
@@ -109,7 +149,11 @@ def _internvl_sample(row: dict[str, Any], root: Path | None, source: str, keep_l
                                            "turn is dropped, as InternVL does); start it with a human turn")
     if not any(IMAGE_TAG in m["content"] for m in turns) and len(images) == 1:
         turns[first_user] = {"role": "user", "content": IMAGE_TAG + "\n" + turns[first_user]["content"]}
-    return Sample(messages=system + turns, images=[_resolve_image(i, root) for i in images], source=source)
+    if video is not None and not any(VIDEO_TAG in m["content"] for m in turns):
+        raise SampleError("video count mismatch", f"the {VIDEO_TAG} tag was in a dropped leading turn; put it in "
+                                                  "the first human turn")
+    return Sample(messages=system + turns, images=[_resolve_image(i, root) for i in images], source=source,
+                  video=video, clip=clip)
 
 
 def _has_placeholder(messages: list[dict[str, Any]]) -> bool:
@@ -149,6 +193,10 @@ def _chat_sample(row: dict[str, Any], root: Path | None, source: str) -> Sample:
                                               f"{message['role']!r}")
         clean.append({"role": message["role"], "content": _strip_media(message.get("content", ""))})
     _check_system_turns(clean)
+    if row.get("video") or any(isinstance(item, dict) and item.get("type") == "video"
+                               for m in clean if isinstance(m["content"], list) for item in m["content"]):
+        raise SampleError("video sample", "video in `messages` rows is not supported; use InternVL's video rows "
+                                          '{"video": "x.mp4", "conversations": [...]}')
     if "images" in row and row["images"] is not None:
         images = list(row["images"]) if isinstance(row["images"], (list, tuple)) else [row["images"]]
     elif row.get("image") is not None:
@@ -194,4 +242,4 @@ def sample_from_row(row: Any, *, root: str | os.PathLike | None = None, source: 
     return sample
 
 
-__all__ = ["IMAGE_TAG", "Sample", "SampleError", "sample_from_row"]
+__all__ = ["IMAGE_TAG", "VIDEO_TAG", "Sample", "SampleError", "sample_from_row"]

@@ -42,6 +42,7 @@ import numpy as np
 from .formats import SampleError
 from .images import image_size
 from .sources import parse_row
+from .videos import expand_video, planned_frames
 from .status import TRUNCATED, USABLE, reason_code
 
 logger = logging.getLogger(__name__)
@@ -143,15 +144,22 @@ def _length_chunk(task: tuple[int, int, str]):
             if isinstance(own, int) and not isinstance(own, bool) and own > 0:  # InternVL's precomputed length
                 lengths[offset] = own
                 given += 1
+            elif sample.video is not None:  # measured with the dataset's largest frame count, one tile per frame
+                planned = expand_video(sample, [None] * planned_frames(sample))
+                if mode == "approximate":
+                    lengths[offset] = _approximate(dataset, planned)
+                else:
+                    count = len(planned.images)
+                    pending.append((offset, sample, dataset.budget.tiles([(1, 1)] * count, count), planned))
             elif mode == "approximate":
                 lengths[offset] = _approximate(dataset, sample)
             else:
                 sizes = [_image_size(image) for image in sample.images]
-                pending.append((offset, sample, dataset.budget.tiles(sizes, sample.max_tiles)))
+                pending.append((offset, sample, dataset.budget.tiles(sizes, sample.max_tiles), sample))
         except SampleError:
             lengths[offset] = 0  # skipped when it loads; its length only places it in a batch
-    counts = _exact_lengths(dataset, pending)
-    for (offset, sample, tiles), count in zip(pending, counts):
+    counts = _exact_lengths(dataset, [(offset, measured, tiles) for offset, _, tiles, measured in pending])
+    for (offset, sample, tiles, _), count in zip(pending, counts):
         if dataset.max_length is not None and count > dataset.max_length:  # what truncation keeps, exactly
             try:
                 count = dataset.measure(sample, None)[0].length

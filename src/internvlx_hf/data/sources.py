@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .formats import Sample, SampleError, sample_from_row
+from .videos import VideoSampling
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ class DataSource:
     rows: Any = None  # a datasets.Dataset or a list of dicts instead of a file
     hub_id: str | None = None  # where rows came from, when known
     metric: str | None = None  # the answer metric of `internvlx eval` (meta key "metric")
+    video_sampling: Any = None  # `videos.VideoSampling` of video rows (meta keys min/max_num_frame, sampling_method)
 
 
 def _resolve(path: str, base: Path) -> Path:
@@ -78,6 +80,12 @@ def read_meta(path: str | os.PathLike) -> list[DataSource]:
         patches = entry.get("max_dynamic_patch")
         if patches is not None and (isinstance(patches, bool) or not isinstance(patches, int) or patches < 1):
             raise ValueError(f"{where}: max_dynamic_patch must be an integer >= 1, got {patches!r}")
+        try:
+            sampling = VideoSampling(min_frames=entry.get("min_num_frame", 8),
+                                     max_frames=entry.get("max_num_frame", 32),
+                                     method=entry.get("sampling_method", "rand"))
+        except ValueError as error:
+            raise ValueError(f"{where}: {error}") from None
         metric = entry.get("metric")
         if metric is not None:
             from ..evaluation.metrics import get_metric
@@ -90,7 +98,7 @@ def read_meta(path: str | os.PathLike) -> list[DataSource]:
         if entry.get("data_augment"):
             logger.warning("%s: data_augment is ignored (InternVL's random JPEG degradation is not applied).", where)
         sources.append(DataSource(name=str(name), annotation=annotation, root=root, repeat_time=float(repeat),
-                                  max_dynamic_patch=patches, metric=metric))
+                                  max_dynamic_patch=patches, metric=metric, video_sampling=sampling))
     return sources
 
 
@@ -169,8 +177,11 @@ def parse_row(source: DataSource, where: str, raw: Any, *,
             raise SampleError("invalid JSON", f"{where}: invalid JSON ({error})") from None
     else:
         row = raw[1]
-    return row, sample_from_row(row, root=source.root, source=where, max_tiles=source.max_dynamic_patch,
-                                keep_leading_reply=keep_leading_reply)
+    sample = sample_from_row(row, root=source.root, source=where, max_tiles=source.max_dynamic_patch,
+                             keep_leading_reply=keep_leading_reply)
+    if sample.video is not None:
+        sample.video_sampling = source.video_sampling
+    return row, sample
 
 
 __all__ = ["DataSource", "as_sources", "parse_row", "read_meta", "source_rows"]

@@ -12,7 +12,8 @@ UNSEEN, USABLE, TRUNCATED = 0, 1, 2
 REASONS = ("invalid JSON", "bad format", "unknown role", "video sample", "remote image", "misplaced system turn",
            "no human turn", "no user turn", "image not found", "image is a folder", "unreadable image",
            "undecodable image", "refused by the chat template", "image count mismatch", "image tokens in text",
-           "reply boundary inside a token", "no assistant reply", "too long", "other")
+           "reply boundary inside a token", "no assistant reply", "too long", "remote video", "video count mismatch",
+           "video not found", "unreadable video", "other")
 
 
 def reason_code(reason: str) -> int:

@@ -20,6 +20,7 @@ from typing import Any
 from ..processing.chat_templates import CHAT_TEMPLATES
 from ..data.images import image_size
 from ..data.sources import as_sources, parse_row, source_rows
+from ..data.videos import VideoSampling, expand_video, read_sample_frames
 from ..data.formats import SampleError
 from .metrics import DEFAULT_METRIC, get_metric
 
@@ -37,6 +38,7 @@ class EvalSample:
     source: str  # "file.jsonl:12"
     max_tiles: int | None = None  # the row's or its dataset's tile budget (max_dynamic_patch); None: the processor's
     id: Any = None
+    video_frames: int = 0  # a video row: its images are this many frames, one tile each
 
 
 @dataclass
@@ -68,6 +70,14 @@ def _answers(row: dict[str, Any], where: str) -> list[str] | None:
 
 
 def _sample(row: dict[str, Any], sample, processor, where: str) -> EvalSample:
+    frames = 0
+    if sample.video is not None:
+        # Deterministic frames for scoring: 'middle' (max_num_frame of them) where training draws them at random.
+        sampling = sample.video_sampling or VideoSampling()
+        if sampling.method == "rand":
+            sample.video_sampling = VideoSampling(sampling.min_frames, sampling.max_frames, "middle")
+        sample = expand_video(sample, read_sample_frames(sample))
+        frames = len(sample.images)
     messages = sample.messages
     if messages[-1]["role"] != "assistant":
         raise ValueError(f"{where}: the conversation must end with the reference answer (a gpt / assistant turn); "
@@ -90,7 +100,7 @@ def _sample(row: dict[str, Any], sample, processor, where: str) -> EvalSample:
         image_size(image)  # missing or unreadable image files fail here, before anything is generated
     answers = _answers(row, where)
     return EvalSample(prompt=prompt, images=sample.images, reference=reference, answers=answers or [reference],
-                      source=where, max_tiles=sample.max_tiles, id=row.get("id"))
+                      source=where, max_tiles=sample.max_tiles, id=row.get("id"), video_frames=frames)
 
 
 def read_eval_data(data: Any, processor, *, metric: str | None = None, limit: int | None = None) -> list[EvalSet]:

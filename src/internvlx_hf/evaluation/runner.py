@@ -94,7 +94,10 @@ def _batches(eval_set: EvalSet, budget: TileBudget, max_tiles: int | None, batch
     """Batches of sample indices that share their tile options (InternVL's budget rules, `TileBudget`)."""
     groups: dict[tuple, list[int]] = {}
     for index, sample in enumerate(eval_set.samples):
-        options = budget.options(max_tiles or sample.max_tiles, len(sample.images)) if sample.images else {}
+        if sample.video_frames:  # every frame one tile, whatever --max_tiles says
+            options = {"max_tiles": 1, "min_tiles": 1}
+        else:
+            options = budget.options(max_tiles or sample.max_tiles, len(sample.images)) if sample.images else {}
         groups.setdefault(tuple(sorted(options.items())), []).append(index)
     return [(dict(key), indices[i: i + batch_size]) for key, indices in groups.items()
             for i in range(0, len(indices), batch_size)]

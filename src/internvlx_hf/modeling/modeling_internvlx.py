@@ -1203,6 +1203,13 @@ class InternVLXForConditionalGeneration(InternVLXPreTrainedModel, GenerationMixi
         return templater
 
     def _chat_prompt(self, processor_or_tokenizer, question: str, history, num_patches_list) -> str:
+        if "<video>" in question:
+            # InternVL2's chat() has no <video> tag: a video is its frames, one `FrameN: <image>` line each.
+            raise ValueError(
+                "chat() takes a video as its frames, as InternVL2 does: put 'Frame1: <image>\\nFrame2: <image>\\n...' "
+                "(one line per frame) before the question instead of <video> and pass num_patches_list=[1] * "
+                "frames; or let the processor expand <video> (processor(text=..., videos=...))."
+            )
         messages = [] if self.system_message is None else [{"role": "system", "content": self.system_message}]
         for old_question, old_answer in history or []:
             messages += [{"role": "user", "content": old_question}, {"role": "assistant", "content": old_answer}]
@@ -1311,12 +1318,14 @@ class InternVLXForConditionalGeneration(InternVLXPreTrainedModel, GenerationMixi
         """InternVL2's `chat`: one question (with an optional image) -> the answer string.
 
         ``tokenizer`` may also be an `InternVLXProcessor`. Without `<image>` in the question, a first-turn image
-        is put in front as ``"<image>\\n" + question``, as InternVL2 does. The system block is ``model.system_message``
-        (None: the chat template's default). Generation stops at the chat template's end-of-turn token (unless
-        ``generation_config`` sets an ``eos_token_id``). Tiles of another square size than the model's (InternVL2
-        clients make 448 px tiles) are resized to the model's.
+        is put in front as ``"<image>\\n" + question``, as InternVL2 does. A video is passed as its frames (one tile
+        each) with ``num_patches_list=[1] * frames`` and a question that starts with InternVL2's
+        ``Frame1: <image>\\nFrame2: <image>\\n...`` lines (`internvlx_hf.processing.video.video_prompt`). The
+        system block is ``model.system_message`` (None: the chat template's default). Generation stops at the chat
+        template's end-of-turn token (unless ``generation_config`` sets an ``eos_token_id``). Tiles of another square
+        size than the model's (InternVL2 clients make 448 px tiles) are resized to the model's.
         """
-        if history is None and pixel_values is not None and "<image>" not in question:
+        if history is None and pixel_values is not None and "<image>" not in question and "<video>" not in question:
             question = "<image>\n" + question
         if num_patches_list is None:
             num_patches_list = [pixel_values.shape[0]] if pixel_values is not None else []

@@ -7,9 +7,10 @@ the generation prompt is the bare assistant role. For `Hermes-2` / `internlm2-ch
 `<|im_start|>system\\n{system}<|im_end|><|im_start|>user\\n{text}<|im_end|><|im_start|>assistant\\n` with no newline
 between turns. (The two templates render the same string; they differ only in whether the tokenizer adds `<s>`.)
 
-Message content may be a string (where `<image>` is literal) or a list of `{"type": "image"}` and
-`{"type": "text", "text": ...}` items rendered in order; an image item becomes `<image>\\n`, the prefix InternVL2's
-`chat()` puts before the question. The processor later expands each `<image>` into the image's tokens.
+Message content may be a string (where `<image>` / `<video>` are literal) or a list of `{"type": "image"}`,
+`{"type": "video"}` and `{"type": "text", "text": ...}` items rendered in order; an image item becomes `<image>\\n`,
+the prefix InternVL2's `chat()` puts before the question, and a video item `<video>\\n`. The processor later expands
+each `<image>` into the image's tokens and each `<video>` into InternVL2's `Frame1: <image>\\n...` lines.
 
 This file is copied next to checkpoints as remote code (standard library only).
 """
@@ -44,10 +45,13 @@ def _mpt_template(system_prefix: str, default_system: str, user_prefix: str, ass
                 {{- item -}}
             {%- elif item['type'] in ('image', 'image_url') -%}
                 {{- '<image>\\n' -}}
+            {%- elif item['type'] == 'video' -%}
+                {{- '<video>\\n' -}}
             {%- elif item['type'] == 'text' -%}
                 {{- item['text'] -}}
             {%- else -%}
-                {{- raise_exception('InternVL templates support only text and image content, got ' ~ item['type']) -}}
+                {{- raise_exception('InternVL templates support only text, image and video content, got '
+                                    ~ item['type']) -}}
             {%- endif -%}
         {%- endfor -%}
     {%- endif -%}

@@ -5,7 +5,8 @@ This file is copied next to checkpoints as remote code: it imports only the stan
 and its sibling files.
 """
 
-from typing import Any
+import re
+from typing import Any, TypedDict
 
 import torch
 
@@ -14,13 +15,34 @@ from transformers.processing_utils import MultiModalData, ProcessingKwargs, Proc
 
 from .chat_templates import DEFAULT_CHAT_TEMPLATE, get_chat_template, turn_end_text
 from .image_processing_internvlx import InternVLXImageProcessor, InternVLXImageProcessorKwargs, _flatten_images
+from .video import VIDEO_PLACEHOLDER, flatten_videos, is_video, load_video, video_prompt
+
+
+class InternVLXVideosKwargs(TypedDict, total=False):
+    r"""
+    num_frames (`int`, *optional*, defaults to 8):
+        Frames taken from a video file or frame folder (InternVL2's `num_segments`; its model cards use 8).
+    bound (`tuple[float, float]`, *optional*):
+        `(start, end)` in seconds: frames are picked from that span only.
+    fps (`float`, *optional*):
+        Frame rate of a frame folder or of in-memory frames (for `bound`); default 1, as InternVL assumes.
+    do_sample_frames (`bool`, *optional*):
+        Pick `num_frames` frames (the default for files and folders) or keep every frame (the default for frames
+        passed in memory).
+    """
+
+    num_frames: int
+    bound: tuple[float, float] | None
+    fps: float | None
+    do_sample_frames: bool | None
 
 
 class InternVLXProcessorKwargs(ProcessingKwargs, total=False):
     images_kwargs: InternVLXImageProcessorKwargs
+    videos_kwargs: InternVLXVideosKwargs
     # A batch of prompts is padded (on the left, see `InternVLXProcessor.__init__`) to its longest prompt, so that
     # `return_tensors="pt"` works without `padding=True`; one prompt is never padded. `padding=False` turns it off.
-    _defaults = {"text_kwargs": {"padding": "longest"}}
+    _defaults = {"text_kwargs": {"padding": "longest"}, "videos_kwargs": {"num_frames": 8}}
 
 
 class InternVLXProcessor(ProcessorMixin):
@@ -101,24 +123,34 @@ class InternVLXProcessor(ProcessorMixin):
         self,
         images: Any = None,
         text: str | list[str] | None = None,
+        videos: Any = None,
         **kwargs: Unpack[InternVLXProcessorKwargs],
     ) -> BatchFeature:
         """
-        Tokenize `text` (one prompt or a batch) and tile `images`, expanding each `<image>` in order.
+        Tokenize `text` (one prompt or a batch), tile `images` and sample `videos`, expanding each `<image>` and
+        `<video>` in order.
+
+        A video becomes `num_frames` frames of one 448px tile each (no tiling, no thumbnail), and its `<video>` tag
+        the lines `Frame1: <image>\\nFrame2: <image>...`, as InternVL2's model cards build video prompts.
 
         Args:
             images: one image, a flat list of images in the order of the `<image>` tags across the batch, or a list
                 of lists (the images of each prompt). Images are PIL images, file paths, or uint8 arrays/tensors.
-            text: a prompt or a list of prompts containing one `<image>` per image.
-            **kwargs: tokenizer options (`padding`, `padding_side`, `return_tensors`, ...) and image processor
-                options (`max_tiles`, `tiling`, `min_tiles`, `use_thumbnail`, ...) for this call.
+            text: a prompt or a list of prompts containing one `<image>` per image and one `<video>` per video.
+            videos: one video, a list of videos in `<video>` order, or a list of lists (the videos of each prompt).
+                A video is a file path (PyAV), a folder of frame images, a list of PIL images / uint8 arrays, or a
+                uint8 array `(frames, H, W, C)`.
+            **kwargs: tokenizer options (`padding`, `padding_side`, `return_tensors`, ...), image processor options
+                (`max_tiles`, `tiling`, `min_tiles`, `use_thumbnail`, ...) and video options (`num_frames`,
+                `bound`, `fps`, `do_sample_frames`) for this call.
 
         Returns:
             [`BatchFeature`] with `input_ids`, `attention_mask` (when `text` is given) and `pixel_values`,
-            `num_patches`, `tile_grid` (when `images` are given).
+            `num_patches`, `tile_grid` (when `images` or `videos` are given; one entry per image and per frame, in
+            the order of their tags).
         """
-        if text is None and images is None:
-            raise ValueError("InternVLXProcessor needs `text`, `images` or both.")
+        if text is None and images is None and videos is None:
+            raise ValueError("InternVLXProcessor needs `text`, `images`, `videos` or a combination.")
         output_kwargs = self._merge_kwargs(
             InternVLXProcessorKwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs
         )
@@ -127,29 +159,91 @@ class InternVLXProcessor(ProcessorMixin):
         image_seq_length = images_kwargs.pop("image_seq_length", None) or self.image_seq_length
         return_tensors = text_kwargs.get("return_tensors", images_kwargs.get("return_tensors"))
 
-        image_inputs = {}
-        if images is not None:
-            flat_images = self._check_image_layout(images, text)
-            image_inputs = self.image_processor(flat_images, **images_kwargs)
-        if text is None:
-            return BatchFeature(data=dict(image_inputs), tensor_type=return_tensors)
+        prompts = None
+        if text is not None:
+            prompts = [text] if isinstance(text, str) else list(text)
+            if not all(isinstance(prompt, str) for prompt in prompts):
+                raise TypeError("`text` must be a string or a list of strings.")
+        flat_images = self._check_image_layout(images, text) if images is not None else []
+        flat_videos = self._check_video_layout(videos, prompts) if videos is not None else []
+        if prompts is not None:
+            for name, tag, given in (("image", self.image_placeholder, images), ("video", VIDEO_PLACEHOLDER, videos)):
+                tags = sum(prompt.count(tag) for prompt in prompts)
+                if tags and given is None:
+                    raise ValueError(
+                        f"The text has {tags} `{tag}` tag(s) but no {name}s were passed; pass one {name} per tag (in "
+                        "order) or remove the tags."
+                    )
 
-        prompts = [text] if isinstance(text, str) else list(text)
-        if not all(isinstance(prompt, str) for prompt in prompts):
-            raise TypeError("`text` must be a string or a list of strings.")
-        if images is None:
-            tags = sum(prompt.count(self.image_placeholder) for prompt in prompts)
-            if tags:
-                raise ValueError(
-                    f"The text has {tags} `{self.image_placeholder}` tag(s) but no images were passed; pass one image "
-                    "per tag (in order) or remove the tags."
-                )
+        image_inputs = self._process_visuals(flat_images, flat_videos, prompts, images_kwargs,
+                                             output_kwargs["videos_kwargs"])
+        frame_counts = iter(image_inputs.pop("_frames_per_video", []))
+        if prompts is None:
+            return BatchFeature(data=image_inputs, tensor_type=return_tensors)
+        # Each `<video>` becomes its frames' `FrameN: <image>` lines; the `<image>`s are expanded with the rest.
+        prompts = [re.sub(VIDEO_PLACEHOLDER, lambda _: video_prompt(next(frame_counts)), prompt) for prompt in prompts]
         num_patches = [int(n) for n in image_inputs.get("num_patches", [])]
         prompts = self._expand_image_tags(prompts, num_patches, image_seq_length)
 
         text_inputs = self.tokenizer(prompts, **text_kwargs)
         self._check_image_token_counts(text_inputs["input_ids"], prompts)
         return BatchFeature(data={**text_inputs, **image_inputs}, tensor_type=return_tensors)
+
+    def _process_visuals(self, flat_images, flat_videos, prompts, images_kwargs, videos_kwargs) -> dict:
+        """Tiles of the images and frames of the videos, merged in the order of their tags in the prompts."""
+        if not flat_images and not flat_videos:
+            return {}
+        if not flat_videos:
+            return dict(self.image_processor(flat_images, **images_kwargs))
+        # Lists out (return_tensors=None), merged below; the caller's BatchFeature converts them.
+        images_kwargs = {**images_kwargs, "return_tensors": None}
+        image_out = self.image_processor(flat_images, **images_kwargs) if flat_images else None
+        frames = [
+            load_video(video, videos_kwargs.get("num_frames", 8), videos_kwargs.get("bound"),
+                       videos_kwargs.get("fps"), videos_kwargs.get("do_sample_frames"))
+            for video in flat_videos
+        ]
+        # Each frame is one tile: the whole frame resized to image_size, as InternVL2's load_video (max_num=1).
+        frame_options = {**images_kwargs, "min_tiles": 1, "max_tiles": 1, "use_thumbnail": False}
+        frame_out = self.image_processor([f for video in frames for f in video], **frame_options)
+
+        # Blocks of pixel rows (and their num_patches / tile_grid entries) in tag order across the batch.
+        order = [m.group(0) for p in (prompts or []) for m in re.finditer(r"<image>|<video>", p)]
+        if not order:  # no text: images first, then videos
+            order = [self.image_placeholder] * len(flat_images) + [VIDEO_PLACEHOLDER] * len(flat_videos)
+        blocks, patches, grids = [], [], []
+        sources = {
+            self.image_placeholder: _Rows(image_out, [1] * len(flat_images)),
+            VIDEO_PLACEHOLDER: _Rows(frame_out, [len(video) for video in frames]),
+        }
+        for tag in order:
+            pixels, count, grid = sources[tag].take()
+            blocks.append(pixels)
+            patches += count
+            grids += grid
+        return {"pixel_values": torch.cat(blocks), "num_patches": patches, "tile_grid": grids,
+                "_frames_per_video": [len(video) for video in frames]}
+
+    def _check_video_layout(self, videos: Any, prompts: list[str] | None) -> list[Any]:
+        """Flatten `videos` in tag order and check it matches the `<video>` tags of each prompt."""
+        try:
+            flat_videos = flatten_videos(videos)
+        except TypeError as err:
+            raise TypeError(f"videos: {err}") from None
+        if prompts is None:
+            return flat_videos
+        tags = [prompt.count(VIDEO_PLACEHOLDER) for prompt in prompts]
+        nested = isinstance(videos, (list, tuple)) and not is_video(videos) and len(videos) == len(prompts) and all(
+            isinstance(item, (list, tuple)) and not is_video(item) for item in videos
+        )
+        per_prompt = [len(flatten_videos(item)) if item else 0 for item in videos] if nested else None
+        if (per_prompt is not None and per_prompt != tags) or len(flat_videos) != sum(tags):
+            raise ValueError(
+                f"The text has {sum(tags)} `{VIDEO_PLACEHOLDER}` tag(s) (per prompt: {tags}) but {len(flat_videos)} "
+                "video(s) were passed; pass exactly one video per tag, in order (a video is a file path, a frame "
+                "folder or a list of frames)."
+            )
+        return flat_videos
 
     def _check_image_layout(self, images: Any, text: str | list[str] | None) -> list[Any]:
         """Flatten `images` in tag order and check it matches the `<image>` tags of each prompt."""
@@ -278,6 +372,21 @@ class InternVLXProcessor(ProcessorMixin):
     @property
     def model_input_names(self) -> list[str]:
         return self.tokenizer.model_input_names + self.image_processor.model_input_names
+
+
+class _Rows:
+    """Hands out the pixel rows of a processed batch, item by item (an image's tiles, or a video's frames)."""
+
+    def __init__(self, processed: Any, items_per_block: list[int]):
+        self.processed, self.sizes, self.item, self.row = processed, iter(items_per_block), 0, 0
+
+    def take(self) -> tuple[torch.Tensor, list[int], list[list[int]]]:
+        items = next(self.sizes)
+        patches = [int(n) for n in self.processed["num_patches"][self.item : self.item + items]]
+        grids = [list(g) for g in self.processed["tile_grid"][self.item : self.item + items]]
+        pixels = self.processed["pixel_values"][self.row : self.row + sum(patches)]
+        self.item, self.row = self.item + items, self.row + sum(patches)
+        return pixels, patches, grids
 
 
 def _as_list(ids: Any) -> list[int]:

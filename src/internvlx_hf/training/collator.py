@@ -8,9 +8,10 @@ from typing import Any
 
 import torch
 
-from ..data.images import TileBudget, load_image
 from ..data.encoding import IGNORE_INDEX, ConversationEncoder, EncodedConversation, truncate
 from ..data.formats import SampleError, sample_from_row
+from ..data.images import TileBudget, load_image
+from ..data.videos import expand_video, read_sample_frames
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +109,12 @@ class InternVLXDataCollator:
             self._drop(source, error.reason, error)
             return None
         pixel_values, tiles = None, []
+        if sample.video is not None:  # a video row passed to the collator directly (InternVLXDataset expands them)
+            try:
+                sample = expand_video(sample, read_sample_frames(sample))
+            except SampleError as error:
+                self._drop(source, error.reason, error)
+                return None
         if sample.images:
             try:
                 images = [load_image(image, i) for i, image in enumerate(sample.images)]
