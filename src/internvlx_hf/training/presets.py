@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import re
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -147,6 +148,15 @@ def lora_config(model: nn.Module, settings: LoraSettings | None = None):
     )
 
 
+@contextmanager
+def ignore_peft_checkpointing_warning():
+    """peft reads transformers' deprecated alias `is_gradient_checkpointing` (transformers 5.23 warns about it on
+    every LoRA model peft builds; the value is that of `is_activation_checkpointing`)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
 def apply_preset(model: nn.Module, preset: str, lora: LoraSettings | None = None) -> nn.Module:
     """Set which parameters of an `InternVLXForConditionalGeneration` train; returns the model (a peft
     `PeftModel` wrapping it for ``preset="lora"`` / ``"qlora"``).
@@ -167,11 +177,7 @@ def apply_preset(model: nn.Module, preset: str, lora: LoraSettings | None = None
         if preset == "qlora":
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         model.requires_grad_(False)
-        with warnings.catch_warnings():
-            # peft reads transformers' deprecated alias `is_gradient_checkpointing` (transformers 5.23 warns about
-            # it on every LoRA run; the value is that of `is_activation_checkpointing`).
-            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
-                                    category=FutureWarning)
+        with ignore_peft_checkpointing_warning():
             peft_model = get_peft_model(model, lora_config(model, lora))
         # With the embeddings frozen, a text-only batch would give checkpointed layers inputs without grad.
         peft_model.enable_input_require_grads()
@@ -191,18 +197,24 @@ class GroupCount:
     total: int
 
 
+def _weights(parameter) -> int:
+    """Weights in a parameter: a bitsandbytes 4-bit one packs two per byte, its original shape is in ``quant_state``."""
+    quant_state = getattr(parameter, "quant_state", None)
+    return quant_state.shape.numel() if quant_state is not None else parameter.numel()
+
+
 def trainable_parameters(model: nn.Module) -> list[GroupCount]:
     """Trainable and total parameters per module group (LoRA adapters count in the group they adapt; peft's frozen
-    copies of fully trained modules are not counted)."""
+    copies of fully trained modules are not counted; 4-bit weights count as the weights they stand for)."""
     counts: dict[str, GroupCount] = {}
     for name, parameter in model.named_parameters():
         if ".original_module." in name:
             continue
         group = module_group(name)
         count = counts.setdefault(group, GroupCount(group, 0, 0))
-        count.total += parameter.numel()
+        count.total += _weights(parameter)
         if parameter.requires_grad:
-            count.trainable += parameter.numel()
+            count.trainable += _weights(parameter)
     order = [group for group, _ in MODULE_GROUPS] + ["other"]
     return [counts[group] for group in order if group in counts]
 

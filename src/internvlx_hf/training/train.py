@@ -27,7 +27,15 @@ from ..data import InternVLXDataset, apply_tile_precedence, as_sources
 from ..hub.resolve import read_internvlx_config
 from ..processing import TilingMode
 from .collator import LOSS_REDUCTIONS, InternVLXDataCollator
-from .presets import LORA_PRESETS, PRESETS, LoraSettings, apply_preset, describe_lora, format_trainable
+from .presets import (
+    LORA_PRESETS,
+    PRESETS,
+    LoraSettings,
+    apply_preset,
+    describe_lora,
+    format_trainable,
+    ignore_peft_checkpointing_warning,
+)
 from .trainer import InternVLXTrainer
 
 logger = logging.getLogger(__name__)
@@ -290,7 +298,8 @@ def _merged_model(trainer: InternVLXTrainer, adapter: Path, base: Path | None):
     model = trainer.accelerator.unwrap_model(trainer.model)
     dtype = next(p.dtype for n, p in model.named_parameters() if ".lora_A." in n)
     full = InternVLXForConditionalGeneration.from_pretrained(base, dtype=dtype)
-    return PeftModel.from_pretrained(full, adapter).merge_and_unload()
+    with ignore_peft_checkpointing_warning():
+        return PeftModel.from_pretrained(full, adapter).merge_and_unload()
 
 
 def _save_final(trainer: InternVLXTrainer, processor, out: Path, lora: bool, full_base: Path | None = None) -> None:
