@@ -371,6 +371,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, preset_args: Pre
     from .. import InternVLXForConditionalGeneration, InternVLXProcessor
 
     folder = _check_model_folder(model_args.model)
+    if preset_args.preset == "qlora":
+        _check_qlora(training_args)
     data = train_data if train_data is not None else data_args.data
     if not data:
         raise ValueError("--data is required: an InternVL meta JSON or JSONL file (comma-separate several)")
@@ -493,22 +495,28 @@ def train(model_args: ModelArguments, data_args: DataArguments, preset_args: Pre
     return TrainResult(trainer=trainer, dataset=dataset, output_dir=out, metrics=result.metrics)
 
 
+def _check_qlora(training_args: TrainingArguments) -> None:
+    """Stop a `qlora` run before any work when bitsandbytes is missing or a sharded backend is asked for."""
+    from ..quantization import QuantizationUnavailable, require_bitsandbytes
+
+    try:
+        require_bitsandbytes("--preset qlora")
+    except QuantizationUnavailable as error:
+        raise ValueError(str(error)) from None
+    if training_args.deepspeed or _fsdp_request(training_args):
+        raise ValueError("--preset qlora trains on one device per process (DDP); it does not combine with "
+                         "DeepSpeed or FSDP here: use --preset lora with those")
+
+
 def _qlora_load_kwargs(folder: Path, dtype: Any, training_args: TrainingArguments) -> dict[str, Any]:
     """``from_pretrained`` arguments of the `qlora` base: 4-bit nf4 (projectors and lm_head kept, computing in the
     weights' dtype), placed whole on this process's device (bitsandbytes quantizes while loading, so it cannot be
     moved by the Trainer afterwards)."""
     from .. import InternVLXConfig
-    from ..quantization import QuantizationUnavailable, bitsandbytes_config
+    from ..quantization import bitsandbytes_config
 
-    if training_args.deepspeed or _fsdp_request(training_args):
-        raise ValueError("--preset qlora trains on one device per process (DDP); it does not combine with "
-                         "DeepSpeed or FSDP here: use --preset lora with those")
     config = InternVLXConfig.from_pretrained(folder)
-    try:
-        quantization_config = bitsandbytes_config(4, config, compute_dtype=None if dtype == "auto" else dtype,
-                                                  what="--preset qlora")
-    except QuantizationUnavailable as error:
-        raise ValueError(str(error)) from None
+    quantization_config = bitsandbytes_config(4, config, compute_dtype=None if dtype == "auto" else dtype)
     return {"quantization_config": quantization_config, "device_map": {"": training_args.device}}
 
 
