@@ -200,6 +200,27 @@ def test_qlora_preset_needs_a_4bit_model():
         apply_preset(tiny_model(), "qlora")
 
 
+def test_qlora_preset_trains_what_lora_trains_on_a_4bit_base():
+    """The documented table: LoRA adapters on the LLM's Linears (4-bit base layers), the projectors as trainable
+    float32 copies (peft's modules_to_save), everything else frozen."""
+    from internvlx_hf.training import apply_preset
+    from internvlx_hf.training.presets import module_group
+
+    base = InternVLXForConditionalGeneration.from_pretrained(
+        DEMO_MODEL_DIR, quantization_config=bitsandbytes_config(4, InternVLXForConditionalGeneration.config_class
+                                                                .from_pretrained(DEMO_MODEL_DIR)))
+    model = apply_preset(base, "qlora")
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    adapters = {name for name in trainable if ".lora_" in name}
+    copies = trainable - adapters
+    assert {module_group(name) for name in adapters} == {"llm"} and len(adapters) == 6 * 7 * 2
+    assert all(".modules_to_save.default." in name for name in copies)
+    assert {module_group(name) for name in copies} == {"projector", "lvtc_hr_projector"}
+    assert all(p.dtype == torch.float32 for name, p in model.named_parameters() if name in trainable)
+    adapted = {name.rsplit(".lora_A", 1)[0] + ".base_layer" for name in adapters if ".lora_A." in name}
+    assert adapted <= set(quantized_linear_names(model))
+
+
 def test_train_qlora_learns_and_saves_what_lora_saves(tmp_path, capsys):
     """`internvlx train --preset qlora` on the demo model (4-bit nf4 base) with a task it never saw: the loss falls;
     OUT/adapter is the PEFT adapter (projectors in full), OUT the adapter merged into the float32 base, which loads
