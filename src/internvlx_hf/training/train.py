@@ -285,27 +285,28 @@ def _move_into(tmp: Path, out: Path) -> None:
     tmp.rmdir()
 
 
-def _merged_model(trainer: InternVLXTrainer, adapter: Path, base: Path | None):
+def _merged_model(trainer: InternVLXTrainer, adapter: Path, base: tuple[Path, Any] | None):
     """The trained model with its LoRA adapter merged in: the trained model itself (`lora`), or for `qlora` the
-    full-precision ``base`` checkpoint with the saved ``adapter`` applied (merging into the 4-bit layers would round
-    the update to nf4 and save a model that needs bitsandbytes to load)."""
+    ``base`` checkpoint (folder, dtype: what --model and --model_dtype name) in full precision with the saved
+    ``adapter`` applied (merging into the 4-bit layers would round the update to nf4 and save a model that needs
+    bitsandbytes to load)."""
     if base is None:
         return trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
     from peft import PeftModel
 
     from .. import InternVLXForConditionalGeneration
 
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    dtype = next(p.dtype for n, p in model.named_parameters() if ".lora_A." in n)
-    full = InternVLXForConditionalGeneration.from_pretrained(base, dtype=dtype)
+    folder, dtype = base
+    full = InternVLXForConditionalGeneration.from_pretrained(folder, dtype=dtype)
     with ignore_peft_checkpointing_warning():
         return PeftModel.from_pretrained(full, adapter).merge_and_unload()
 
 
-def _save_final(trainer: InternVLXTrainer, processor, out: Path, lora: bool, full_base: Path | None = None) -> None:
+def _save_final(trainer: InternVLXTrainer, processor, out: Path, lora: bool,
+                full_base: tuple[Path, Any] | None = None) -> None:
     """Write OUT's final files into a hidden folder, then move them in (nothing half-written on failure).
 
-    ``full_base``: for `qlora`, the full-precision checkpoint the merged model is built from."""
+    ``full_base``: for `qlora`, the checkpoint (folder, dtype) the merged model is built from."""
     is_main = trainer.args.should_save
     tmp = Path(tempfile.mkdtemp(prefix=".internvlx-final-", dir=out)) if is_main else None
     # Every process takes part in save_model (FSDP / DeepSpeed gather the weights there); only the main one writes.
@@ -489,7 +490,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, preset_args: Pre
         loaded["dropped_by_collator"] = dict(collator.skipped)  # this process's only (rows given to it directly)
     trainer.provenance["data_loaded"] = loaded
     out.mkdir(parents=True, exist_ok=True)
-    _save_final(trainer, processor, out, lora, full_base=folder if quantization is not None else None)
+    _save_final(trainer, processor, out, lora, full_base=(folder, dtype) if quantization is not None else None)
     say(_describe_loaded(loaded))
     say(f"Saved {'the merged model to ' + str(out) + ' and the adapter to ' + str(out / 'adapter') if lora else out}")
     return TrainResult(trainer=trainer, dataset=dataset, output_dir=out, metrics=result.metrics)
