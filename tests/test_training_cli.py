@@ -274,7 +274,7 @@ def test_help_names_every_preset_and_loss_reduction(capsys):
         main(["train", "--help"])
     assert exit_.value.code == 0
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps help lines at the terminal width
-    assert "[--preset {stage1,stage2,stage2-frozen-vit,full,lora}]" in text
+    assert "[--preset {stage1,stage2,stage2-frozen-vit,full,lora,qlora}]" in text
     for line in ("stage2 everything (the paper's stage 2, instruction tuning: all parameters; default)",
                  "stage2-frozen-vit LLM + projectors; ViT frozen (InternVL2's fine-tuning scripts, --freeze_backbone "
                  "True)",

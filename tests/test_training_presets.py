@@ -108,7 +108,8 @@ DOCUMENTED = {
 
 
 def test_the_documented_table_covers_every_preset():
-    assert set(DOCUMENTED) == set(PRESETS)
+    # qlora (lora on a 4-bit base, which needs bitsandbytes) is checked in tests/test_quantization.py
+    assert set(DOCUMENTED) == set(PRESETS) - {"qlora"}
 
 
 def _group(name: str) -> str:

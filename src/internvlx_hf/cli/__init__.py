@@ -51,8 +51,9 @@ _USER_ERRORS: tuple[type[BaseException], ...] = (CLIError, ValueError, FileNotFo
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from ..conversion.errors import ConversionError
+    from ..quantization import QuantizationUnavailable
 
-    return (*_USER_ERRORS, ConversionError)
+    return (*_USER_ERRORS, ConversionError, QuantizationUnavailable)
 
 
 def build_parser(commands: Sequence[Command] | None = None) -> argparse.ArgumentParser:
@@ -82,6 +83,9 @@ def build_parser(commands: Sequence[Command] | None = None) -> argparse.Argument
 def main(argv: Sequence[str] | None = None) -> int:
     import logging
 
+    from ..quantization import hide_optional_kernel_note
+
+    hide_optional_kernel_note()  # before anything imports peft, which imports bitsandbytes where it is installed
     args = build_parser().parse_args(argv)
     from tqdm.contrib.logging import logging_redirect_tqdm
     from transformers.utils import logging as transformers_logging

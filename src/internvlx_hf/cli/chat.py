@@ -10,6 +10,7 @@ from typing import Any
 
 from ..generation import end_of_turn_token_ids
 from .command import CLIError, Command
+from .quantization import add_quantization_arguments, check_quantization_available, quantization_flag
 
 _CHAT_DESCRIPTION = """\
 Load MODEL's processor and model (AutoProcessor / AutoModel with trust_remote_code=True; a local folder, or a Hub
@@ -74,6 +75,7 @@ def _add_chat_arguments(parser: argparse.ArgumentParser) -> None:
                         help="cpu, cuda, cuda:N, mps or auto (default: every GPU when there is one, else cpu)")
     parser.add_argument("--max-new-tokens", type=int, default=512, metavar="N",
                         help="longest answer in tokens (default 512)")
+    add_quantization_arguments(parser)
 
 
 class ChatSession:
@@ -216,21 +218,40 @@ def _device_map(name: str):
     return str(device)
 
 
-def load_chat_model(model: str, dtype: str = "auto", device: str = "auto", processor=None):
+def load_chat_model(model: str, dtype: str = "auto", device: str = "auto", processor=None,
+                    load_in_bits: int | None = None):
     """``(model, processor)`` of a checkpoint folder or Hub id, on ``device``, in eval mode; ``processor``: the
-    checkpoint's processor when the caller has loaded it already."""
+    checkpoint's processor when the caller has loaded it already.
+
+    ``load_in_bits`` 4 or 8: the weights are quantized while loading (bitsandbytes, `internvlx_hf.quantization`:
+    projectors and lm_head stay in ``dtype``); 4-bit layers then compute in ``dtype`` (float32 for auto).
+    """
     import torch
-    from transformers import AutoModel, AutoProcessor
+    from transformers import AutoConfig, AutoModel, AutoProcessor
 
     from ..hub.resolve import read_internvlx_config, resolve_model
 
+    check_quantization_available(load_in_bits)
     device_map = _device_map(device)
     path = resolve_model(model)
     read_internvlx_config(path, f"MODEL {str(model)!r}")
     if processor is None:
         processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
-    loaded = AutoModel.from_pretrained(path, trust_remote_code=True, dtype=torch_dtype, device_map=device_map).eval()
+    kwargs = {}
+    if load_in_bits is not None:
+        from ..quantization import bitsandbytes_config
+
+        config = AutoConfig.from_pretrained(path, trust_remote_code=True)
+        kwargs = {"config": config, "quantization_config": bitsandbytes_config(
+            load_in_bits, config, compute_dtype=None if dtype == "auto" else torch_dtype,
+            what=quantization_flag(load_in_bits))}
+    loaded = AutoModel.from_pretrained(path, trust_remote_code=True, dtype=torch_dtype, device_map=device_map,
+                                       **kwargs).eval()
+    if load_in_bits is not None:
+        from ..quantization import check_kept_modules
+
+        check_kept_modules(loaded, kwargs["quantization_config"].llm_int8_skip_modules)
     return loaded, processor
 
 
@@ -329,7 +350,8 @@ def _run_chat(args: argparse.Namespace) -> int:
                                     parse_bound(args.bound))]
     elif args.bound is not None or args.frames is not None:
         raise CLIError("--frames and --bound choose the frames of --video; pass --video PATH too.")
-    model, processor = load_chat_model(args.model, args.dtype, args.device)
+    check_quantization_available(args.load_in_bits)
+    model, processor = load_chat_model(args.model, args.dtype, args.device, load_in_bits=args.load_in_bits)
     if videos:
         check_video_support(processor, args.model)
     session = ChatSession(model, processor, args.image, tiling=args.tiling, max_tiles=args.max_tiles,

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from .command import CLIError, Command
+from .quantization import add_quantization_arguments, check_quantization_available
 
 # = internvlx_hf.evaluation.METRICS and processing.TilingMode (not imported, so that --help stays instant)
 METRIC_NAMES = ("exact_match", "vqa", "anls", "relaxed")
@@ -102,6 +103,7 @@ def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"draw score against visual tokens per sample ({', '.join(_PLOT_FORMATS)}; needs "
                              "matplotlib: pip install 'internvlx-hf[plot]')")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (nor transformers' own)")
+    add_quantization_arguments(parser)
 
 
 def _tilings(text: str | None) -> list[str | None]:
@@ -162,6 +164,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     tilings = _tilings(args.tiling)
     _check_outputs(args)
+    check_quantization_available(args.load_in_bits)
     checkpoints = [args.checkpoint, *args.compare]
     if len(set(checkpoints)) != len(checkpoints):
         raise CLIError("a checkpoint is given twice (CHECKPOINT and --compare); compare different checkpoints")
@@ -174,7 +177,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         prepared.append((processor, read_eval_data(args.data, processor, metric=args.metric, limit=args.limit)))
     runs = []
     for checkpoint, name, (processor, sets) in zip(checkpoints, _labels(checkpoints), prepared):
-        model, processor = load_chat_model(checkpoint, args.dtype, args.device, processor=processor)
+        model, processor = load_chat_model(checkpoint, args.dtype, args.device, processor=processor,
+                                           load_in_bits=args.load_in_bits)
         for tiling in tilings:
             label = name if len(tilings) == 1 else f"{name} ({tiling})"
             runs.append(evaluate(model, processor, sets, batch_size=args.batch_size,

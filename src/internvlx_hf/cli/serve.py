@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 from .command import CLIError, Command
+from .quantization import add_quantization_arguments, check_quantization_available, quantization_flag
 
 _SERVE_DESCRIPTION = """\
 Serve MODEL (a checkpoint folder or Hub id) over HTTP with the OpenAI chat-completions API, through transformers'
@@ -51,17 +52,32 @@ def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto",
                         help="cpu, cuda, cuda:N, mps or auto (default: every GPU when there is one, else cpu)")
     parser.add_argument("--log-level", choices=_LOG_LEVELS, default="info", help="uvicorn's log level (default info)")
+    add_quantization_arguments(parser)
 
 
 def model_loading_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """Extra ``from_pretrained`` arguments for MODEL (e.g. a ``quantization_config``); the one place where loading
-    options of `serve` become model arguments. None yet: the weights load as `--dtype` / `--device` say."""
-    return {}
+    """Extra ``from_pretrained`` arguments for MODEL: the one place where loading options of `serve` become model
+    arguments. ``--load-in-4bit`` / ``--load-in-8bit``: the ``quantization_config`` that `internvlx chat` uses
+    (`internvlx_hf.quantization.bitsandbytes_config`: projectors, LVTC projectors and lm_head kept)."""
+    if args.load_in_bits is None:
+        return {}
+    from transformers import AutoConfig
+
+    from ..hub.resolve import resolve_model
+    from ..quantization import bitsandbytes_config
+
+    config = AutoConfig.from_pretrained(resolve_model(args.model), trust_remote_code=True)
+    import torch
+
+    compute_dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+    return {"config": config, "quantization_config": bitsandbytes_config(
+        args.load_in_bits, config, compute_dtype=compute_dtype, what=quantization_flag(args.load_in_bits))}
 
 
 def _run_serve(args: argparse.Namespace) -> int:
     if not 0 < args.port < 65536:
         raise CLIError(f"--port must be between 1 and 65535, got {args.port}.")
+    check_quantization_available(args.load_in_bits)
     from ..serving import ServingUnavailable, check_serving_available
 
     try:

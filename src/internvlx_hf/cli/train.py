@@ -1,5 +1,5 @@
 """`internvlx train`: fine-tune an internvlx-hf checkpoint with the HF Trainer (presets stage1, stage2,
-stage2-frozen-vit, full, lora)."""
+stage2-frozen-vit, full, lora, qlora)."""
 
 from __future__ import annotations
 
@@ -20,8 +20,9 @@ It prints the tile budget that applies, the data (rows and samples per dataset: 
 when it loads; a bad one is skipped with a file:line warning and counted at the end; --check_data or `internvlx data
 check` checks them all first), the trainable parameters per module group and the Trainer's progress bar. OUT and
 every OUT/checkpoint-* hold weights, config, remote code, processor and tokenizer, and load with AutoModel /
-AutoProcessor (trust_remote_code=True) where internvlx-hf is not installed; with --preset lora, OUT/adapter holds the
-PEFT adapter and OUT the merged model.
+AutoProcessor (trust_remote_code=True) where internvlx-hf is not installed; with --preset lora or qlora,
+OUT/adapter holds the PEFT adapter and OUT the merged model (qlora: merged into the full-precision base, so it loads
+without bitsandbytes).
 OUT must be new or empty: --resume_from_checkpoint continues the run in it, --overwrite_output_dir empties it first.
 
 presets:
@@ -29,7 +30,9 @@ presets:
   stage2             everything (the paper's stage 2, instruction tuning: all parameters; default)
   stage2-frozen-vit  LLM + projectors; ViT frozen (InternVL2's fine-tuning scripts, --freeze_backbone True)
   full               everything (the same parameters as stage2)
-  lora               LoRA on the LLM's attention and MLP linears (--lora_target), projectors trained in full"""
+  lora               LoRA on the LLM's attention and MLP linears (--lora_target), projectors trained in full
+  qlora              lora on a 4-bit nf4 base (QLoRA; bitsandbytes: pip install "internvlx-hf[quantization]");
+                     projectors and lm_head stay in full precision"""
 
 _TRAIN_EPILOG = """\
 examples:
@@ -48,6 +51,10 @@ examples:
   # LoRA on the LLM and the ViT; OUT/adapter = adapter, OUT = merged model
   internvlx train --model ./InternVL2-2B-hf --data train.jsonl --preset lora --lora_r 16 \\
       --lora_target llm,vision --output_dir out/lora --max_steps 1000
+
+  # QLoRA: the same adapters on a 4-bit nf4 base (bitsandbytes), bfloat16 compute on a GPU
+  internvlx train --model ./InternVL2-2B-hf --data train.jsonl --preset qlora --model_dtype bfloat16 \
+      --output_dir out/qlora --max_steps 1000
 
   # the same options from a YAML file (keys = flag names), one overridden on the command line
   internvlx train train.yaml --learning_rate 1e-5
@@ -78,7 +85,7 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     from transformers import HfArgumentParser
 
     parser.usage = ("internvlx train [CONFIG.yaml] --model PATH --data META_JSON_OR_JSONL --output_dir OUT "
-                    "[--preset {stage1,stage2,stage2-frozen-vit,full,lora}] [any TrainingArguments flag] ...")
+                    "[--preset {stage1,stage2,stage2-frozen-vit,full,lora,qlora}] [any TrainingArguments flag] ...")
     parser.add_argument("config", nargs="?", metavar="CONFIG.yaml",
                         help="YAML (or JSON) file of options; flags given next to it override its values")
     titles = ("model and output", "data", "preset and LoRA", "training (transformers TrainingArguments)")
@@ -128,7 +135,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
 TRAIN = Command(
     name="train",
-    help="fine-tune a checkpoint with the HF Trainer (presets stage1, stage2, stage2-frozen-vit, full, lora)",
+    help="fine-tune a checkpoint with the HF Trainer (presets stage1, stage2, stage2-frozen-vit, full, lora, qlora)",
     description=_TRAIN_DESCRIPTION,
     epilog=_TRAIN_EPILOG,
     add_arguments=_add_train_arguments,

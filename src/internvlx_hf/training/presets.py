@@ -10,6 +10,8 @@
 | `full`              | everything (the same parameters as `stage2`)                          | -                 |
 | `lora`              | LoRA adapters on the LLM's attention and MLP linears (`lora_target`), | the rest          |
 |                     | plus the projectors in full                                           |                   |
+| `qlora`             | as `lora`, on a base loaded in 4-bit nf4 (QLoRA; the projectors and   | the rest (4-bit)  |
+|                     | lm_head stay in full precision, `internvlx_hf.quantization`)          |                   |
 
 Frozen parameters get ``requires_grad=False`` and are left out of the optimizer, so they stay bit-identical.
 """
@@ -18,12 +20,15 @@ from __future__ import annotations
 
 import re
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
-PRESETS = ("stage1", "stage2", "stage2-frozen-vit", "full", "lora")
+PRESETS = ("stage1", "stage2", "stage2-frozen-vit", "full", "lora", "qlora")
+# Presets that train LoRA adapters (a peft `PeftModel`; OUT/adapter plus the merged model).
+LORA_PRESETS = frozenset({"lora", "qlora"})
 
 # (group, module prefix) in the order the report lists them.
 MODULE_GROUPS = (
@@ -143,20 +148,36 @@ def lora_config(model: nn.Module, settings: LoraSettings | None = None):
     )
 
 
+@contextmanager
+def ignore_peft_checkpointing_warning():
+    """peft reads transformers' deprecated alias `is_gradient_checkpointing` (transformers 5.23 warns about it on
+    every LoRA model peft builds; the value is that of `is_activation_checkpointing`)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
 def apply_preset(model: nn.Module, preset: str, lora: LoraSettings | None = None) -> nn.Module:
     """Set which parameters of an `InternVLXForConditionalGeneration` train; returns the model (a peft
-    `PeftModel` wrapping it for ``preset="lora"``)."""
+    `PeftModel` wrapping it for ``preset="lora"`` / ``"qlora"``).
+
+    ``qlora`` needs a model loaded in 4-bit (`internvlx_hf.quantization.bitsandbytes_config(4, ...)`): peft's
+    `prepare_model_for_kbit_training` then casts its half-precision non-quantized weights to float32 (stable
+    adapter training), and LoRA is applied as for ``lora``. Activation checkpointing is left to the Trainer's flag.
+    """
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {list(PRESETS)}, got {preset!r}")
-    if preset == "lora":
-        from peft import get_peft_model
+    if preset == "qlora" and not getattr(model, "is_loaded_in_4bit", False):
+        raise ValueError("preset 'qlora' trains LoRA on a 4-bit base: load the model with quantization_config="
+                         "internvlx_hf.quantization.bitsandbytes_config(4, config) (as `internvlx train --preset "
+                         "qlora` does), or use preset 'lora' on a full-precision model")
+    if preset in LORA_PRESETS:
+        from peft import get_peft_model, prepare_model_for_kbit_training
 
+        if preset == "qlora":
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         model.requires_grad_(False)
-        with warnings.catch_warnings():
-            # peft reads transformers' deprecated alias `is_gradient_checkpointing` (transformers 5.23 warns about
-            # it on every LoRA run; the value is that of `is_activation_checkpointing`).
-            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
-                                    category=FutureWarning)
+        with ignore_peft_checkpointing_warning():
             peft_model = get_peft_model(model, lora_config(model, lora))
         # With the embeddings frozen, a text-only batch would give checkpointed layers inputs without grad.
         peft_model.enable_input_require_grads()
@@ -176,18 +197,24 @@ class GroupCount:
     total: int
 
 
+def _weights(parameter) -> int:
+    """Weights in a parameter: a bitsandbytes 4-bit one packs two per byte, its original shape is in ``quant_state``."""
+    quant_state = getattr(parameter, "quant_state", None)
+    return quant_state.shape.numel() if quant_state is not None else parameter.numel()
+
+
 def trainable_parameters(model: nn.Module) -> list[GroupCount]:
     """Trainable and total parameters per module group (LoRA adapters count in the group they adapt; peft's frozen
-    copies of fully trained modules are not counted)."""
+    copies of fully trained modules are not counted; 4-bit weights count as the weights they stand for)."""
     counts: dict[str, GroupCount] = {}
     for name, parameter in model.named_parameters():
         if ".original_module." in name:
             continue
         group = module_group(name)
         count = counts.setdefault(group, GroupCount(group, 0, 0))
-        count.total += parameter.numel()
+        count.total += _weights(parameter)
         if parameter.requires_grad:
-            count.trainable += parameter.numel()
+            count.trainable += _weights(parameter)
     order = [group for group, _ in MODULE_GROUPS] + ["other"]
     return [counts[group] for group in order if group in counts]
 
@@ -209,5 +236,5 @@ def describe_lora(config: Any) -> dict[str, Any]:
             "target_modules": config.target_modules, "modules_to_save": list(config.modules_to_save or [])}
 
 
-__all__ = ["GroupCount", "LoraSettings", "MODULE_GROUPS", "PRESETS", "apply_preset", "describe_lora",
+__all__ = ["GroupCount", "LORA_PRESETS", "LoraSettings", "MODULE_GROUPS", "PRESETS", "apply_preset", "describe_lora",
            "format_trainable", "lora_config", "lora_target_modules", "module_group", "trainable_parameters"]

@@ -3,8 +3,9 @@
 It loads an internvlx-hf checkpoint and its processor, indexes the data (`InternVLXDataset`: rows are read lazily,
 and lengths computed only for ``--group_by_length``; skips are counted at the end), applies a preset
 (`apply_preset`), trains with `InternVLXTrainer` (transformers' `Trainer`) and writes OUT so that it loads anywhere:
-weights, config, remote code, processor and tokenizer; for `lora`, the PEFT adapter in ``OUT/adapter`` and the merged
-model in OUT. The final files are written to a hidden folder inside OUT and moved into place at the end.
+weights, config, remote code, processor and tokenizer; for `lora` and `qlora`, the PEFT adapter in ``OUT/adapter``
+and the merged model in OUT (for `qlora` merged into the full-precision base, so OUT loads without bitsandbytes).
+The final files are written to a hidden folder inside OUT and moved into place at the end.
 """
 
 from __future__ import annotations
@@ -26,7 +27,15 @@ from ..data import InternVLXDataset, apply_tile_precedence, as_sources
 from ..hub.resolve import read_internvlx_config
 from ..processing import TilingMode
 from .collator import LOSS_REDUCTIONS, InternVLXDataCollator
-from .presets import PRESETS, LoraSettings, apply_preset, describe_lora, format_trainable
+from .presets import (
+    LORA_PRESETS,
+    PRESETS,
+    LoraSettings,
+    apply_preset,
+    describe_lora,
+    format_trainable,
+    ignore_peft_checkpointing_warning,
+)
 from .trainer import InternVLXTrainer
 
 logger = logging.getLogger(__name__)
@@ -137,12 +146,12 @@ class PresetArguments:
         default="stage2",
         metadata={"help": "what trains: stage1 (projectors), stage2 (everything: the paper's instruction tuning), "
                           "stage2-frozen-vit (LLM + projectors, ViT frozen: InternVL2's fine-tuning scripts), full "
-                          "(everything), lora",
+                          "(everything), lora, qlora (LoRA on a 4-bit nf4 base; needs the 'quantization' extra)",
                   "choices": list(PRESETS)},
     )
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank (preset lora)"})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (preset lora)"})
-    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout (preset lora)"})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank (presets lora, qlora)"})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (presets lora, qlora)"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout (presets lora, qlora)"})
     lora_target: str = field(
         default="llm",
         metadata={"help": "LoRA targets, comma-separated: llm (all LLM linears), vision (all ViT linears), "
@@ -276,8 +285,28 @@ def _move_into(tmp: Path, out: Path) -> None:
     tmp.rmdir()
 
 
-def _save_final(trainer: InternVLXTrainer, processor, out: Path, lora: bool) -> None:
-    """Write OUT's final files into a hidden folder, then move them in (nothing half-written on failure)."""
+def _merged_model(trainer: InternVLXTrainer, adapter: Path, base: tuple[Path, Any] | None):
+    """The trained model with its LoRA adapter merged in: the trained model itself (`lora`), or for `qlora` the
+    ``base`` checkpoint (folder, dtype: what --model and --model_dtype name) in full precision with the saved
+    ``adapter`` applied (merging into the 4-bit layers would round the update to nf4 and save a model that needs
+    bitsandbytes to load)."""
+    if base is None:
+        return trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
+    from peft import PeftModel
+
+    from .. import InternVLXForConditionalGeneration
+
+    folder, dtype = base
+    full = InternVLXForConditionalGeneration.from_pretrained(folder, dtype=dtype)
+    with ignore_peft_checkpointing_warning():
+        return PeftModel.from_pretrained(full, adapter).merge_and_unload()
+
+
+def _save_final(trainer: InternVLXTrainer, processor, out: Path, lora: bool,
+                full_base: tuple[Path, Any] | None = None) -> None:
+    """Write OUT's final files into a hidden folder, then move them in (nothing half-written on failure).
+
+    ``full_base``: for `qlora`, the checkpoint (folder, dtype) the merged model is built from."""
     is_main = trainer.args.should_save
     tmp = Path(tempfile.mkdtemp(prefix=".internvlx-final-", dir=out)) if is_main else None
     # Every process takes part in save_model (FSDP / DeepSpeed gather the weights there); only the main one writes.
@@ -285,7 +314,7 @@ def _save_final(trainer: InternVLXTrainer, processor, out: Path, lora: bool) -> 
     try:
         trainer.save_model(target)
         if lora and is_main:
-            merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
+            merged = _merged_model(trainer, tmp / "adapter", full_base)
             merged.save_pretrained(tmp)
             processor.save_pretrained(tmp)
             trainer.record_provenance(tmp, output="merged")
@@ -343,6 +372,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, preset_args: Pre
     from .. import InternVLXForConditionalGeneration, InternVLXProcessor
 
     folder = _check_model_folder(model_args.model)
+    if preset_args.preset == "qlora":
+        _check_qlora(training_args)
     data = train_data if train_data is not None else data_args.data
     if not data:
         raise ValueError("--data is required: an InternVL meta JSON or JSONL file (comma-separate several)")
@@ -397,9 +428,17 @@ def train(model_args: ModelArguments, data_args: DataArguments, preset_args: Pre
     load_kwargs = {"dtype": dtype}
     if model_args.attn_implementation:
         load_kwargs["attn_implementation"] = model_args.attn_implementation
+    quantization = None
+    if preset_args.preset == "qlora":
+        quantization = _qlora_load_kwargs(folder, dtype, training_args)
+        load_kwargs.update(quantization)
     model = InternVLXForConditionalGeneration.from_pretrained(folder, **load_kwargs)
+    if quantization is not None:
+        from ..quantization import check_kept_modules
+
+        check_kept_modules(model, quantization["quantization_config"].llm_int8_skip_modules)
     model.config.use_cache = False
-    lora = preset_args.preset == "lora"
+    lora = preset_args.preset in LORA_PRESETS
     model = apply_preset(model, preset_args.preset, LoraSettings(
         r=preset_args.lora_r, alpha=preset_args.lora_alpha, dropout=preset_args.lora_dropout,
         target=preset_args.lora_target))
@@ -423,6 +462,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, preset_args: Pre
         "datasets": [s.hub_id for s in dataset.sources if s.hub_id],
         "learning_rate": training_args.learning_rate,
         "lora": describe_lora(model.peft_config["default"]) if lora else None,
+        "quantization": _describe_quantization(quantization),
         "packing": data_args.packing,
         "max_length": data_args.max_length,
         "loss_reduction": data_args.loss_reduction,
@@ -450,10 +490,44 @@ def train(model_args: ModelArguments, data_args: DataArguments, preset_args: Pre
         loaded["dropped_by_collator"] = dict(collator.skipped)  # this process's only (rows given to it directly)
     trainer.provenance["data_loaded"] = loaded
     out.mkdir(parents=True, exist_ok=True)
-    _save_final(trainer, processor, out, lora)
+    _save_final(trainer, processor, out, lora, full_base=(folder, dtype) if quantization is not None else None)
     say(_describe_loaded(loaded))
     say(f"Saved {'the merged model to ' + str(out) + ' and the adapter to ' + str(out / 'adapter') if lora else out}")
     return TrainResult(trainer=trainer, dataset=dataset, output_dir=out, metrics=result.metrics)
+
+
+def _check_qlora(training_args: TrainingArguments) -> None:
+    """Stop a `qlora` run before any work when bitsandbytes is missing or a sharded backend is asked for."""
+    from ..quantization import QuantizationUnavailable, require_bitsandbytes
+
+    try:
+        require_bitsandbytes("--preset qlora")
+    except QuantizationUnavailable as error:
+        raise ValueError(str(error)) from None
+    if training_args.deepspeed or _fsdp_request(training_args):
+        raise ValueError("--preset qlora trains on one device per process (DDP); it does not combine with "
+                         "DeepSpeed or FSDP here: use --preset lora with those")
+
+
+def _qlora_load_kwargs(folder: Path, dtype: Any, training_args: TrainingArguments) -> dict[str, Any]:
+    """``from_pretrained`` arguments of the `qlora` base: 4-bit nf4 (projectors and lm_head kept, computing in the
+    weights' dtype), placed whole on this process's device (bitsandbytes quantizes while loading, so it cannot be
+    moved by the Trainer afterwards)."""
+    from .. import InternVLXConfig
+    from ..quantization import bitsandbytes_config
+
+    config = InternVLXConfig.from_pretrained(folder)
+    quantization_config = bitsandbytes_config(4, config, compute_dtype=None if dtype == "auto" else dtype)
+    return {"quantization_config": quantization_config, "device_map": {"": training_args.device}}
+
+
+def _describe_quantization(load_kwargs: dict[str, Any] | None) -> dict[str, Any] | None:
+    if load_kwargs is None:
+        return None
+    config = load_kwargs["quantization_config"]
+    return {"bits": 4, "quant_type": config.bnb_4bit_quant_type, "double_quant": config.bnb_4bit_use_double_quant,
+            "compute_dtype": str(config.bnb_4bit_compute_dtype).removeprefix("torch."),
+            "kept_in_full_precision": list(config.llm_int8_skip_modules)}
 
 
 def _describe_lengths(dataset: InternVLXDataset) -> str:

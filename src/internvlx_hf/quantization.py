@@ -1,0 +1,161 @@
+"""4-bit / 8-bit loading through bitsandbytes (transformers' `BitsAndBytesConfig`), with the parts of InternVL-X
+that must stay in full precision kept out of quantization.
+
+bitsandbytes is optional (the ``quantization`` extra): `require_bitsandbytes` turns its absence into one line that
+names the extra. What is kept out, by full module prefix (transformers matches a skip entry from the start of a
+module name or as its suffix, so a bare ``multi_modal_projector`` matches nothing and is silently ignored):
+
+- ``model.multi_modal_projector``, ``model.lvtc_lr_projectors``, ``model.lvtc_hr_projector``: the MLP / PVTC
+  projectors. PVTC runs its Linears on 4-D windows, and bitsandbytes' 8-bit matmul (`MatMul8bitLt`) flattens only
+  3-D inputs, so an 8-bit PVTC model fails inside bitsandbytes ("size of tensor a (4) must match ... (256)"). They
+  are also the parts that fine-tuning retrains in full (the `lora` / `qlora` presets' ``modules_to_save``).
+- ``lm_head``: as transformers' default skip list does (the output logits are where rounding shows most).
+- ``model.vision_tower`` only on request (``keep_vision_tower=True``): its Linears take 3-D inputs and quantize
+  fine in both modes (docs/quantization.md has the measured effect).
+
+    from transformers import AutoModel
+    from internvlx_hf.quantization import bitsandbytes_config, check_kept_modules
+
+    quantization = bitsandbytes_config(4, config)         # config: the checkpoint's InternVLXConfig
+    model = AutoModel.from_pretrained(path, trust_remote_code=True, quantization_config=quantization)
+    check_kept_modules(model, quantization.llm_int8_skip_modules)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+QUANTIZATION_EXTRA = "quantization"
+INSTALL_HINT = f'pip install "internvlx-hf[{QUANTIZATION_EXTRA}]"'
+BITS = (4, 8)
+
+
+class QuantizationUnavailable(ImportError):
+    """bitsandbytes is not installed (or cannot be imported); the message names the extra that installs it."""
+
+
+def hide_optional_kernel_note() -> None:
+    """Keep bitsandbytes' import-time note about an optional CPU kernel from the Hub ("kernels-community", needs the
+    `kernels` package) out of the output: the kernel is only a speed-up (bitsandbytes falls back to its built-in CPU
+    path) and cannot be fetched offline anyway, yet the note reads like a failure. It is logged while bitsandbytes is
+    imported, which peft does on its own import, so the `internvlx` CLI calls this first (nothing is imported)."""
+    cpu_logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    if not any(isinstance(existing, _DropMessages) for existing in cpu_logger.filters):
+        cpu_logger.addFilter(_DropMessages("kernels-community"))
+
+
+def require_bitsandbytes(what: str = "4-bit / 8-bit loading") -> None:
+    """Import bitsandbytes, or raise `QuantizationUnavailable` saying that ``what`` needs the ``quantization`` extra."""
+    hide_optional_kernel_note()
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as error:
+        raise QuantizationUnavailable(f"{what} needs bitsandbytes, which is not installed here ({error}); install "
+                                      f"the extra: {INSTALL_HINT}") from None
+    # MatMul8bitLt logs its float32 -> float16 cast on every call; once is enough.
+    matmul_logger = logging.getLogger("bitsandbytes.autograd._functions")
+    if not any(isinstance(existing, _Once) for existing in matmul_logger.filters):
+        matmul_logger.addFilter(_Once())
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in str(record.msg)
+
+
+class _Once(logging.Filter):
+    """Lets each distinct message through once (bitsandbytes logs some notes on every forward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message in self.seen:
+            return False
+        self.seen.add(message)
+        return True
+
+
+def skip_modules(config: Any, *, keep_vision_tower: bool = False) -> list[str]:
+    """Full prefixes of the modules of an `InternVLXForConditionalGeneration` with ``config`` that stay in full
+    precision: the projectors the model has (the LVTC ones exist only when the config builds them), ``lm_head``,
+    and the vision tower when ``keep_vision_tower``."""
+    names = ["model.multi_modal_projector"]
+    lvtc = getattr(config, "lvtc_config", None)
+    if lvtc is not None:
+        if lvtc.num_lr_projectors > 1:  # the first LR projector is multi_modal_projector itself
+            names.append("model.lvtc_lr_projectors")
+        if lvtc.expand_layer < config.get_text_config().num_hidden_layers:
+            names.append("model.lvtc_hr_projector")
+    if keep_vision_tower:
+        names.append("model.vision_tower")
+    names.append("lm_head")
+    return names
+
+
+def bitsandbytes_config(bits: int, config: Any, *, compute_dtype: Any = None, keep_vision_tower: bool = False,
+                        what: str | None = None):
+    """transformers' `BitsAndBytesConfig` for ``bits`` (4: nf4 with double quantization, QLoRA's setting; 8:
+    LLM.int8()) with `skip_modules` of ``config`` as ``llm_int8_skip_modules`` (transformers uses that list for both
+    modes).
+
+    ``compute_dtype``: the dtype 4-bit layers compute in (default float32; bfloat16 on GPUs is faster). ``what``:
+    how the error names the request when bitsandbytes is missing (e.g. ``"--load-in-4bit"``).
+
+    Raises:
+        ValueError: ``bits`` is not 4 or 8.
+        QuantizationUnavailable: bitsandbytes is not installed.
+    """
+    if bits not in BITS:
+        raise ValueError(f"bits must be 4 or 8 (bitsandbytes' 4-bit nf4 or 8-bit LLM.int8()), got {bits!r}")
+    require_bitsandbytes(what or f"{bits}-bit loading")
+    from transformers import BitsAndBytesConfig
+
+    skip = skip_modules(config, keep_vision_tower=keep_vision_tower)
+    if bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    kwargs = {"bnb_4bit_compute_dtype": compute_dtype} if compute_dtype is not None else {}
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              llm_int8_skip_modules=skip, **kwargs)
+
+
+def quantized_linear_names(model) -> list[str]:
+    """Names of the model's bitsandbytes Linear layers (4-bit or 8-bit)."""
+    import bitsandbytes as bnb
+
+    return [name for name, module in model.named_modules()
+            if isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))]
+
+
+def check_kept_modules(model, skip: Sequence[str]) -> None:
+    """Check on a loaded model that every ``skip`` prefix names a module and that no Linear under one was quantized.
+
+    transformers ignores a skip entry that matches no module; this turns a list that no longer fits the model
+    (renamed modules, changed matching rules) into an error instead of a model that quietly quantizes its
+    projectors (and, in 8-bit, fails on PVTC's 4-D windows).
+
+    Raises:
+        RuntimeError: a prefix matches no module, or a module under one is quantized.
+    """
+    names = {name for name, _ in model.named_modules()}
+    prefixes = [f"base_model.model.{prefix}" if f"base_model.model.{prefix}" in names else prefix for prefix in skip]
+    missing = [prefix for prefix in prefixes if prefix not in names]
+    quantized = [name for name in quantized_linear_names(model)
+                 if any(name == prefix or name.startswith(prefix + ".") for prefix in prefixes)]
+    if missing or quantized:
+        raise RuntimeError(f"the modules kept out of quantization do not fit {type(model).__name__}: prefixes "
+                           f"matching no module {missing}, quantized modules under the kept prefixes "
+                           f"{quantized[:5]}; this is a bug of internvlx_hf.quantization, please report it")
+
+
+__all__ = ["BITS", "INSTALL_HINT", "QUANTIZATION_EXTRA", "QuantizationUnavailable", "bitsandbytes_config",
+           "check_kept_modules", "hide_optional_kernel_note", "quantized_linear_names", "require_bitsandbytes",
+           "skip_modules"]
