@@ -342,7 +342,8 @@ def check_whole_tiles(image_mask: torch.Tensor, tokens_per_tile: int) -> None:
 
 # The layout is data-dependent through and through (where the image tokens are decides every index map and the long
 # length): under torch.compile it runs eagerly as one unit, one graph break instead of one per `nonzero` / `.item()`.
-@torch.compiler.disable(reason="LVTC's layout depends on where the image tokens are (data-dependent shapes)")
+# (No `reason=`: older torch releases lack that argument, and this file must import on every torch from 2.4 on.)
+@torch.compiler.disable
 def build_lvtc_layout(
     image_mask: torch.Tensor,
     attention_mask: torch.Tensor | None,
