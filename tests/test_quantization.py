@@ -283,3 +283,18 @@ print(json.dumps(logits))
     logits = {key: torch.tensor(value) for key, value in json.loads(result.stdout.strip().splitlines()[-1]).items()}
     torch.testing.assert_close(logits[str(out / "adapter")], logits[str(out)], rtol=0, atol=1e-4)
     assert not torch.allclose(logits[str(out)], logits[str(DEMO_MODEL_DIR)], atol=1e-2)
+
+
+def test_serve_load_in_4bit_gives_the_server_the_chat_quantization_config(demo_config):
+    """`internvlx serve --load-in-4bit` hands transformers' server the same BitsAndBytesConfig as `chat`'s loader."""
+    from internvlx_hf.cli import build_parser
+    from internvlx_hf.cli.serve import model_loading_kwargs
+
+    args = build_parser().parse_args(["serve", str(DEMO_MODEL_DIR), "--load-in-4bit", "--dtype", "float32"])
+    kwargs = model_loading_kwargs(args)
+    config = kwargs["quantization_config"]
+    assert config.load_in_4bit and config.bnb_4bit_quant_type == "nf4"
+    assert config.llm_int8_skip_modules == KEPT_DEMO
+    assert config.bnb_4bit_compute_dtype == torch.float32
+    args = build_parser().parse_args(["serve", str(DEMO_MODEL_DIR)])
+    assert model_loading_kwargs(args) == {}

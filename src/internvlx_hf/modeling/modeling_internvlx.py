@@ -340,6 +340,10 @@ def check_whole_tiles(image_mask: torch.Tensor, tokens_per_tile: int) -> None:
             )
 
 
+# The layout is data-dependent through and through (where the image tokens are decides every index map and the long
+# length): under torch.compile it runs eagerly as one unit, one graph break instead of one per `nonzero` / `.item()`.
+# (No `reason=`: older torch releases lack that argument, and this file must import on every torch from 2.4 on.)
+@torch.compiler.disable
 def build_lvtc_layout(
     image_mask: torch.Tensor,
     attention_mask: torch.Tensor | None,
@@ -648,6 +652,11 @@ class InternVLXModel(InternVLXPreTrainedModel):
     def _check_input_ids(self, input_ids: torch.Tensor) -> None:
         vocab_size = self.get_input_embeddings().num_embeddings
         outside = (input_ids < 0) | (input_ids >= vocab_size)
+        if torch.compiler.is_compiling():
+            # Reading the answer in Python (`bool(...)`) would break a compiled graph: check inside it instead.
+            torch._assert_async(~outside.any(), f"input_ids contains ids outside the vocabulary of {vocab_size} "
+                                "tokens; run the model without torch.compile to see which.")
+            return
         if bool(outside.any()):  # else an index error deep in the embedding (a device assert on GPU)
             bad = input_ids[outside]
             raise ValueError(
@@ -686,9 +695,20 @@ class InternVLXModel(InternVLXPreTrainedModel):
                              "give one flag per tile (1 = real tile, 0 = dummy tile).")
 
     def _check_image_inputs(self, pixel_values, image_mask, image_flags, num_patches, tile_grid) -> None:
-        """Every consistency check between the tiles and the prompt, before the vision tower runs."""
+        """Every consistency check between the tiles and the prompt, before the vision tower runs.
+
+        Under ``torch.compile`` only the checks that need no tensor values run (shapes), plus the token count as an
+        assert inside the graph: the others read tensors in Python (runs of image tokens, ``num_patches``), which
+        breaks the graph. The eager forward gives the full, explained errors.
+        """
         self._check_pixel_values(pixel_values)
         tiles = pixel_values.shape[0]
+        if torch.compiler.is_compiling() and image_flags is None:
+            per_tile = self.config.image_seq_length
+            torch._assert_async(image_mask.sum() == tiles * per_tile,
+                                f"the number of image tokens is not {per_tile} x the {tiles} tiles of pixel_values; "
+                                "run the model without torch.compile for the details.")
+            return
         kept = tiles
         if image_flags is not None:
             self._check_image_flags(image_flags, tiles)
@@ -779,7 +799,7 @@ class InternVLXModel(InternVLXPreTrainedModel):
             # As transformers' InternVL: the projector may sit on another device than the embeddings (device_map).
             lr = features.pooler_output.to(inputs_embeds.device, inputs_embeds.dtype)
             inputs_embeds = inputs_embeds.masked_scatter(image_mask[..., None], lr.reshape(-1, lr.shape[-1]))
-        elif past_length == 0 and bool(image_mask.any()):
+        elif not torch.compiler.is_compiling() and past_length == 0 and bool(image_mask.any()):
             raise ValueError(
                 f"The input has {int(image_mask.sum())} image tokens but no pixel_values were given; pass the "
                 "images' pixel_values (the processor's output) or remove the <IMG_CONTEXT> tokens."
@@ -876,7 +896,7 @@ class InternVLXModel(InternVLXPreTrainedModel):
                                                        layout.text_tail)
             long_varlen = layout.varlen_kwargs(varlen) if varlen else {}
         else:
-            if bool(image_mask.any()) and features is not None:
+            if features is not None and bool(image_mask.any()):
                 raise ValueError("LVTC takes images in the prefill step only (the first forward of a cache).")
             if varlen:
                 raise ValueError(
