@@ -244,10 +244,11 @@ def rms_at_k(folder, n: int = 20) -> dict:
     import torch
 
     from internvlx_hf import InternVLXForConditionalGeneration, InternVLXProcessor
-    from internvlx_hf.demo.recipe import DEMO_MODEL_DIR, prompt_messages
+    from internvlx_hf.demo import demo_model_dir
+    from internvlx_hf.demo.recipe import prompt_messages
     from internvlx_hf.training.synthetic import TASKS, make_sample
 
-    folder = folder or DEMO_MODEL_DIR
+    folder = folder or demo_model_dir()
     model = InternVLXForConditionalGeneration.from_pretrained(folder).eval()
     processor = InternVLXProcessor.from_pretrained(folder)
     k = model.config.lvtc_config.expand_layer

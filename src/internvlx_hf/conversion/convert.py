@@ -25,6 +25,7 @@ import torch
 from ..atomic import replace_folder
 from ..modeling.configuration_internvlx import InternVLXConfig, LVTCConfig
 from ..provenance import record_conversion
+from ..remote_code import save_remote_code
 from .errors import ConversionError
 from .llm import LLMSpec, convert_text_config, internlm2_qkv_rows, llm_architecture, text_config_notes
 from .new_modules import describe_init, group_new_parameters, initialise_new_parameters
@@ -561,10 +562,8 @@ def _check_expand_layer(lvtc_options: dict | None, depth: int) -> None:
 def _write_companion_files(job: _Job, directory: Path):
     """config.json, remote code, generation config, tokenizer, chat template and processor configs; returns the
     image processor that was saved."""
-    from transformers.dynamic_module_utils import custom_object_save
-
-    job.config.save_pretrained(directory)  # also copies configuration_internvlx.py (registered for auto classes)
-    custom_object_save(job.meta_model, directory)  # modeling_internvlx.py, as the model's save_pretrained would
+    job.config.save_pretrained(directory)
+    save_remote_code(directory)  # the model's and the processor's files, as their save_pretrained would write them
     _generation_config(job.config.get_text_config(), job.tokenizer, job.separator_id).save_pretrained(directory)
     return _save_processor(job.source, job.config, job.tokenizer, directory)
 

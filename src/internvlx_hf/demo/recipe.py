@@ -29,9 +29,9 @@ from typing import Any
 
 from ..atomic import staged_folder
 from ..training.synthetic import BASIC_TASKS, TASKS, combine_meta, generate_dataset
+from .packaged import DEMO_MODEL_DIR
 
-# The packaged demo model, and the tokenizer source the recipe falls back to (the repository's test fixture).
-DEMO_MODEL_DIR = Path(__file__).resolve().parent / "model"
+# The tokenizer source the recipe falls back to without the packaged demo model (the repository's test fixture).
 FIXTURE_TOKENIZER = Path(__file__).resolve().parents[3] / "tests" / "fixtures" / "internvl2_qwen2"
 
 # Basic tasks as drawn for training: shape and count are the slowest to learn, so they are drawn twice as often.
