@@ -413,6 +413,31 @@ def test_demo_model_scores_match_the_learnability_benchmark(tmp_path, capsys):
     assert min(benchmark.values()) >= 0.85
 
 
+def test_the_recipe_scorer_reproduces_the_demo_models_recorded_held_out_scores(tmp_path):
+    """`recipe.evaluate` (the learnability benchmark's numbers) runs on `evaluation.evaluate`; on the held-out set
+    the demo model was scored on (scripts/make_demo_model.py: the recipe's 1,000 samples, an empty system block,
+    batches of 50, 8 new tokens) it gives exactly the numbers recorded in demo_model.json."""
+    from internvlx_hf.demo import demo_record, load_demo_model
+    from internvlx_hf.demo.recipe import CONFIGS, DataSpec, make_datasets, read_records
+    from internvlx_hf.demo.recipe import evaluate as benchmark_evaluate
+
+    record = demo_record()
+    assert record["data"]["n_test"] == DataSpec().n_test == 1000
+    # the held-out set does not depend on the training sets' sizes (tiny ones here)
+    _, test_meta = make_datasets(tmp_path, CONFIGS["pvtc+lvtc"], DataSpec(n_basic=1, n_fine=1, fine_repeat=1))
+    model, processor = load_demo_model()
+    expected = record["held_out"]
+    got = benchmark_evaluate(model, processor, test_meta, limit=1000, system=expected["system"], progress=False)
+    for key in ("accuracy", "basic_min", "n", "tiles_per_sample", "visual_tokens_per_sample"):
+        assert got[key] == expected[key], (key, got[key], expected[key])
+    # a task filter scores the samples of those tasks among the first `limit`
+    shape = benchmark_evaluate(model, processor, test_meta, limit=100, tasks=["shape"], progress=False)
+    assert list(shape["accuracy"]) == ["shape"]
+    assert shape["n"] == [r["task"] for r in read_records(test_meta)[0][:100]].count("shape") > 0
+    with pytest.raises(ValueError, match="no sample of .* has such a 'task'"):
+        benchmark_evaluate(model, processor, test_meta, limit=100, tasks=["colours"], progress=False)
+
+
 # --------------------------------------------------------------------------------------------------- training
 
 
