@@ -199,6 +199,35 @@ def test_reader_prompt_is_the_conversation_up_to_the_last_reply(tmp_path):
     assert [len(s.samples) for s in read_eval_data(str(tmp_path / "set.jsonl"), processor, limit=2)] == [2]
 
 
+def test_reader_asks_under_another_system_block_and_keeps_the_group(tmp_path):
+    """``system`` replaces each conversation's system turn ("" an empty one, None none: the template's default);
+    ``group_by`` keeps a row field for scores per value, and a row without it is an error naming the row."""
+    from internvlx_hf.demo.recipe import prompt_messages
+
+    processor = _processor()
+    th.draw(tmp_path / "a.png", "red")
+    rows = [{"task": "colour", "image": "a.png", "conversations": [
+        {"from": "system", "value": "Be brief."}, {"from": "human", "value": "<image>\nWhat colour is it?"},
+        {"from": "gpt", "value": "red"}]},
+        {"task": "count", "image": "a.png", "conversations": [
+            {"from": "human", "value": "<image>\nHow many shapes?"}, {"from": "gpt", "value": "1"}]}]
+    path = str(th.write_jsonl(tmp_path / "set.jsonl", rows))
+    for system in ("", None, "Be brief."):
+        (eval_set,) = read_eval_data(path, processor, system=system, group_by="task")
+        assert [x.prompt for x in eval_set.samples] == [
+            processor.apply_chat_template(prompt_messages(q, system), tokenize=False, add_generation_prompt=True)
+            for q in ("What colour is it?", "How many shapes?")]
+        assert [x.group for x in eval_set.samples] == ["colour", "count"]
+    (as_written,) = read_eval_data(path, processor)
+    assert as_written.samples[0].prompt.count("Be brief.") == 1 and as_written.samples[0].group is None
+    del rows[1]["task"]
+    th.write_jsonl(tmp_path / "set.jsonl", rows)
+    with pytest.raises(ValueError, match=r"set.jsonl:2: the row has no 'task' field to group the scores by"):
+        read_eval_data(path, processor, group_by="task")
+    with pytest.raises(ValueError, match="system: the prompts of EvalSets are rendered already"):
+        read_eval_data([as_written], processor, system="")
+
+
 def test_meta_names_a_metric_per_dataset_and_the_flag_overrides_it(tmp_path):
     processor = _processor()
     for name in ("a", "b"):
@@ -434,7 +463,7 @@ def test_the_recipe_scorer_reproduces_the_demo_models_recorded_held_out_scores(t
     shape = benchmark_evaluate(model, processor, test_meta, limit=100, tasks=["shape"], progress=False)
     assert list(shape["accuracy"]) == ["shape"]
     assert shape["n"] == [r["task"] for r in read_records(test_meta)[0][:100]].count("shape") > 0
-    with pytest.raises(ValueError, match="no sample of .* has such a 'task'"):
+    with pytest.raises(ValueError, match=r"tasks=\['colours'\]: no such sample in "):
         benchmark_evaluate(model, processor, test_meta, limit=100, tasks=["colours"], progress=False)
 
 

@@ -301,12 +301,16 @@ def evaluate(model, processor, test_meta: str | os.PathLike, *, batch_size: int 
     `prompt_messages`); ``max_new_tokens``: the longest answer generated.
     """
     from ..evaluation import evaluate as score
+    from ..evaluation import read_eval_data
 
     start = time.perf_counter()
+    sets = read_eval_data(str(test_meta), processor, metric="exact_match", limit=limit, system=system,
+                          group_by="task")
+    if tasks is not None and not any(sample.group in tasks for s in sets for sample in s.samples):
+        raise ValueError(f"tasks={sorted(tasks)}: no such sample in {test_meta}")
     model.eval()  # and so it stays, as the benchmark's models after scoring always did
-    run = score(model, processor, str(test_meta), metric="exact_match", batch_size=batch_size,
-                max_new_tokens=max_new_tokens, limit=limit, progress=progress, system=system, group_by="task",
-                groups=tasks)
+    run = score(model, processor, sets, batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress,
+                group_by="task", groups=tasks)
     predictions = [p for result in run.datasets for p in result.predictions]
     accuracy = {result.name: result.accuracy for result in run.datasets}
     basic = [accuracy[t] for t in BASIC_TASKS if t in accuracy]
