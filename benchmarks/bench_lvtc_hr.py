@@ -244,10 +244,11 @@ def rms_at_k(folder, n: int = 20) -> dict:
     import torch
 
     from internvlx_hf import InternVLXForConditionalGeneration, InternVLXProcessor
-    from internvlx_hf.demo.recipe import DEMO_MODEL_DIR, prompt_messages
+    from internvlx_hf.demo import demo_model_dir
+    from internvlx_hf.demo.recipe import prompt_messages
     from internvlx_hf.training.synthetic import TASKS, make_sample
 
-    folder = folder or DEMO_MODEL_DIR
+    folder = folder or demo_model_dir()
     model = InternVLXForConditionalGeneration.from_pretrained(folder).eval()
     processor = InternVLXProcessor.from_pretrained(folder)
     k = model.config.lvtc_config.expand_layer
@@ -340,24 +341,16 @@ def run_one(name, spec, seed, args, workdir, base):
 
 def bit_accuracy(model, processor, test_meta, task, batch_size=50) -> tuple[float, float]:
     """``(share of answer dots read right, exact match)`` of greedy answers to the held-out ``task`` samples: the
-    share says how much of the bars a model reads even where the exact match fails (chance 0.5)."""
-    from PIL import Image
+    share says how much of the bars a model reads even where the exact match fails (chance 0.5). The answers are
+    `internvlx_hf.evaluation.evaluate`'s (the scorer of `recipe.evaluate`), read from its predictions."""
+    from internvlx_hf.evaluation import evaluate
 
-    from internvlx_hf.demo.recipe import answer_batch, read_records
-
-    records, root = read_records(test_meta)
-    records = [r for r in records if r["task"] == task]
-    right = total = exact = 0
-    for i in range(0, len(records), batch_size):
-        batch = records[i:i + batch_size]
-        images = [Image.open(root / r["image"]).convert("RGB") for r in batch]
-        questions = [r["conversations"][-2]["value"].replace("<image>\n", "", 1) for r in batch]
-        for r, got in zip(batch, answer_batch(model, processor, images, questions, max_new_tokens=64)):
-            want = r["conversations"][-1]["value"]
-            right += sum(a == b for a, b in zip(got["answer"], want))
-            total += len(want)
-            exact += got["answer"] == want
-    return right / total, exact / len(records)
+    run = evaluate(model, processor, str(test_meta), metric="exact_match", batch_size=batch_size, max_new_tokens=64,
+                   progress=False, system="", group_by="task", groups=[task])
+    (result,) = run.datasets
+    right = sum(sum(a == b for a, b in zip(p.prediction, p.reference)) for p in result.predictions)
+    total = sum(len(p.reference) for p in result.predictions)
+    return right / total, result.accuracy
 
 
 def probe_cost(names, configs, args, workdir, base) -> dict[str, float]:
@@ -554,37 +547,51 @@ def headline_table(summary) -> str:
     return "\n".join(lines)
 
 
-def headline_plot(summary, path):
+def _accuracy_bars(summary, path, *, figsize, acc_label, zeroed_label, chance, chance_label, ylim, ylabel, title,
+                   per_seed=False, yticks=None, legend=None):
+    """Per configuration: the mean accuracy over seeds (± sd) beside the accuracy with the HR projector's output
+    zeroed, the probe cost under the name; ``per_seed`` adds each seed's dot and the zeroed values' numbers."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = list(summary["configs"])
-    fig, ax = plt.subplots(figsize=(8.5, 4))
-    x = list(range(len(names)))
     cfg = [summary["configs"][n] for n in names]
-    ax.bar([i - 0.2 for i in x], [c["acc"] for c in cfg], 0.4, yerr=[c["acc_std"] for c in cfg], capsize=3,
-           label="fine detail, mean ± sd over 3 seeds")
-    for i, c in zip(x, cfg):
-        ax.scatter([i - 0.2] * len(c["acc_per_seed"]), list(c["acc_per_seed"].values()), color="k", s=10, zorder=3)
-    ax.bar([i + 0.2 for i in x], [c["acc_hr_zeroed"] or 0 for c in cfg], 0.4, color="tab:red",
-           label="same model, HR projector output zeroed")
-    for i, c in zip(x, cfg):
-        if c["acc_hr_zeroed"] is not None:
-            ax.annotate(f"{c['acc_hr_zeroed']:.2f}", (i + 0.2, c["acc_hr_zeroed"]), textcoords="offset points",
-                        xytext=(0, 3), ha="center", fontsize=8)
+    fig, ax = plt.subplots(figsize=figsize)
+    x = list(range(len(names)))
+    ax.bar([i - 0.2 for i in x], [c["acc"] for c in cfg], 0.4, yerr=[c["acc_std"] for c in cfg],
+           **({"capsize": 3} if per_seed else {}), label=acc_label)
+    if per_seed:
+        for i, c in zip(x, cfg):
+            ax.scatter([i - 0.2] * len(c["acc_per_seed"]), list(c["acc_per_seed"].values()), color="k", s=10,
+                       zorder=3)
+    ax.bar([i + 0.2 for i in x], [c["acc_hr_zeroed"] or 0 for c in cfg], 0.4, color="tab:red", label=zeroed_label)
+    if per_seed:
+        for i, c in zip(x, cfg):
+            if c["acc_hr_zeroed"] is not None:
+                ax.annotate(f"{c['acc_hr_zeroed']:.2f}", (i + 0.2, c["acc_hr_zeroed"]), textcoords="offset points",
+                            xytext=(0, 3), ha="center", fontsize=8)
     ax.set_xticks(x, [n + ("" if c["cost"] is None else f"\n{c['cost']:.2f}x cost") for n, c in zip(names, cfg)])
-    ax.axhline(1 / 8, color="0.5", ls=":", label="chance (1/8)")
-    ax.set_ylim(0, 1.32)
-    ax.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
-    ax.set_ylabel("held-out exact match")
-    ax.set_title("LVTC's high-resolution path on the fine-detail task")
-    ax.legend(fontsize=8, loc="upper center", ncol=3)
+    ax.axhline(chance, color="0.5", ls=":", label=chance_label)
+    ax.set_ylim(*ylim)
+    if yticks is not None:
+        ax.set_yticks(yticks)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(**(legend or {"fontsize": 8}))
     fig.tight_layout()
     tmp = Path(path).with_name("." + Path(path).name + ".tmp.png")
     fig.savefig(tmp, dpi=110)
     os.replace(tmp, path)
+
+
+def headline_plot(summary, path):
+    _accuracy_bars(summary, path, figsize=(8.5, 4), acc_label="fine detail, mean ± sd over 3 seeds",
+                   zeroed_label="same model, HR projector output zeroed", chance=1 / 8, chance_label="chance (1/8)",
+                   ylim=(0, 1.32), ylabel="held-out exact match",
+                   title="LVTC's high-resolution path on the fine-detail task", per_seed=True,
+                   yticks=[0, 0.2, 0.4, 0.6, 0.8, 1.0], legend={"fontsize": 8, "loc": "upper center", "ncol": 3})
 
 
 def table(summary) -> str:
@@ -608,34 +615,10 @@ def table(summary) -> str:
 
 
 def plot(summary, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(summary["configs"])
-    fig, ax = plt.subplots(figsize=(8, 4))
-    x = range(len(names))
-    acc = [summary["configs"][n]["acc"] for n in names]
-    err = [summary["configs"][n]["acc_std"] for n in names]
-    zero = [summary["configs"][n]["acc_hr_zeroed"] for n in names]
-    ax.bar([i - 0.2 for i in x], acc, 0.4, yerr=err, label="accuracy (mean ± sd over seeds)")
-    ax.bar([i + 0.2 for i in x], [z if z is not None else 0 for z in zero], 0.4,
-           label="HR projector output zeroed", color="tab:red")
-    labels = []
-    for n in names:
-        c = summary["configs"][n]
-        labels.append(n + ("" if c["cost"] is None else f"\n{c['cost']:.2f}x cost"))
-    ax.set_xticks(list(x), labels)
-    ax.axhline(summary["task"]["chance"], color="0.5", ls=":", label="chance")
-    ax.set_ylim(0, 1.05)
-    ax.set_ylabel("held-out share of dots read right")
-    ax.set_title(f"{summary['task']['name']} task, {len(summary['seeds'])} seeds")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    tmp = Path(path).with_name("." + Path(path).name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    _accuracy_bars(summary, path, figsize=(8, 4), acc_label="accuracy (mean ± sd over seeds)",
+                   zeroed_label="HR projector output zeroed", chance=summary["task"]["chance"], chance_label="chance",
+                   ylim=(0, 1.05), ylabel="held-out share of dots read right",
+                   title=f"{summary['task']['name']} task, {len(summary['seeds'])} seeds")
 
 
 def _write(path: Path, text: str) -> None:

@@ -48,20 +48,20 @@ def load(mode: str):
     from transformers import BitsAndBytesConfig
 
     from internvlx_hf import InternVLXConfig, InternVLXForConditionalGeneration
-    from internvlx_hf.demo import DEMO_MODEL_DIR
+    from internvlx_hf.demo import demo_model_dir
     from internvlx_hf.quantization import bitsandbytes_config, check_kept_modules
 
     bits, keep_vision, default_skips = MODES[mode]
     if bits is None:
-        return InternVLXForConditionalGeneration.from_pretrained(DEMO_MODEL_DIR).eval()
+        return InternVLXForConditionalGeneration.from_pretrained(demo_model_dir()).eval()
     if default_skips:
         quantization = (BitsAndBytesConfig(load_in_8bit=True) if bits == 8 else
                         BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                            bnb_4bit_use_double_quant=True))
     else:
-        quantization = bitsandbytes_config(bits, InternVLXConfig.from_pretrained(DEMO_MODEL_DIR),
+        quantization = bitsandbytes_config(bits, InternVLXConfig.from_pretrained(demo_model_dir()),
                                            keep_vision_tower=keep_vision)
-    model = InternVLXForConditionalGeneration.from_pretrained(DEMO_MODEL_DIR, quantization_config=quantization,
+    model = InternVLXForConditionalGeneration.from_pretrained(demo_model_dir(), quantization_config=quantization,
                                                               device_map="cpu").eval()
     if not default_skips:
         check_kept_modules(model, quantization.llm_int8_skip_modules)
@@ -175,11 +175,11 @@ def main(argv=None) -> int:
     import transformers
     from transformers import AutoProcessor
 
-    from internvlx_hf.demo import DEMO_MODEL_DIR
+    from internvlx_hf.demo import demo_model_dir
     from internvlx_hf.demo.recipe import read_records
     from internvlx_hf.training.synthetic import generate_dataset
 
-    processor = AutoProcessor.from_pretrained(DEMO_MODEL_DIR, trust_remote_code=True)
+    processor = AutoProcessor.from_pretrained(demo_model_dir(), trust_remote_code=True)
     with tempfile.TemporaryDirectory() as tmp:
         meta = generate_dataset(Path(tmp) / "held_out", n=args.n, seed=HELD_OUT_SEED, image_size=112,
                                 system_message="", name="held_out")
@@ -195,7 +195,7 @@ def main(argv=None) -> int:
             print(json.dumps({k: v for k, v in row.items() if k != "demo_answers"}), flush=True)
     from internvlx_hf import InternVLXForConditionalGeneration
 
-    parameters = sum(p.numel() for p in InternVLXForConditionalGeneration.from_pretrained(DEMO_MODEL_DIR).parameters())
+    parameters = sum(p.numel() for p in InternVLXForConditionalGeneration.from_pretrained(demo_model_dir()).parameters())
     record = {
         "benchmark": "bench_quantization.py", "date": datetime.date.today().isoformat(),
         "device": f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)",

@@ -14,7 +14,8 @@ The recipe is the `pvtc+lvtc` configuration of `benchmarks/bench_learnability.py
    lr 1e-3, cosine schedule, seed 0;
 5. held-out exact match on 1,000 samples under each system prompt (empty, the template's default, no system turn),
    written with the recipe into `demo_model.json` next to the weights; the folder (weights, config, processor,
-   tokenizer, remote code, provenance) replaces OUT in one rename.
+   tokenizer, provenance: no code, which `internvlx_hf.demo.demo_model_dir()` adds from the package's own modules)
+   replaces OUT in one rename.
 
     python scripts/make_demo_model.py --threads 1              # ~45 min of training on one CPU thread
     python scripts/make_demo_model.py --steps 30 --out /tmp/demo-smoke     # a quick try (an untrained model)
@@ -42,8 +43,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-# Files of a training run that the packaged model does not need (training_args.bin is a pickle).
+# Files of a training run that the packaged model does not ship: training_args.bin is a pickle, and the remote code
+# (*.py) is written from the package's modules when the model is loaded or saved (internvlx_hf.demo.packaged).
 SKIP = {"training_args.bin"}
+SKIP_SUFFIXES = (".py",)
 
 
 def main(argv=None) -> int:
@@ -113,7 +116,8 @@ def main(argv=None) -> int:
               else "scripts/make_demo_model.py"}
     staging = Path(tempfile.mkdtemp(prefix="internvlx-demo-stage-"))
     for entry in sorted(trained.iterdir()):
-        if entry.is_file() and entry.name not in SKIP and not entry.name.startswith("."):
+        if entry.is_file() and entry.name not in SKIP and not entry.name.endswith(SKIP_SUFFIXES) \
+                and not entry.name.startswith("."):
             shutil.copy2(entry, staging / entry.name)
     (staging / "demo_model.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     out = Path(args.out)

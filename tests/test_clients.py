@@ -29,12 +29,13 @@ from transformers import (
 )
 
 from internvlx_hf.conversion import convert
-from internvlx_hf.demo import DEMO_MODEL_DIR, demo_samples
+from internvlx_hf.demo import demo_model_dir, demo_samples
 from internvlx_hf.processing import InternVLXImageProcessor
 
 # `internvlx demo`'s questions: its synthetic images of seeds 0 and 1, one per task.
 QUESTIONS = demo_samples(seed=0) + demo_samples(seed=1)
-DEMO = str(DEMO_MODEL_DIR)
+# The demo model as clients get it (`internvlx demo --save`): its files plus the package's remote code.
+DEMO = str(demo_model_dir())
 
 
 def right(answers: list[str]) -> int:

@@ -13,18 +13,18 @@ import pytest
 from conftest import run_isolated_python
 
 from internvlx_hf.cli import main
-from internvlx_hf.demo import DEMO_MODEL_DIR, demo_record, demo_samples
+from internvlx_hf.demo import DEMO_MODEL_DIR, demo_model_dir, demo_record, demo_samples
 
 REMOTE_CODE = {"configuration_internvlx.py", "modeling_internvlx.py", "processing_internvlx.py",
                "image_processing_internvlx.py", "chat_templates.py", "video.py"}
+PACKAGED = {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+            "processor_config.json", "chat_template.jinja", "internvlx_provenance.json", "demo_model.json"}
 
 
 def test_the_packaged_model_is_complete_small_and_recorded():
-    files = {p.name for p in DEMO_MODEL_DIR.iterdir()}
-    assert REMOTE_CODE | {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
-                          "tokenizer_config.json", "processor_config.json", "chat_template.jinja",
-                          "internvlx_provenance.json", "demo_model.json"} <= files
-    assert "training_args.bin" not in files  # a pickle; the recipe is in demo_model.json
+    # weights, config, tokenizer, recipe and provenance; no code (no second copy of modeling/ and processing/) and
+    # no training_args.bin (a pickle; the recipe is in demo_model.json)
+    assert {p.name for p in DEMO_MODEL_DIR.iterdir()} == PACKAGED
     assert sum(p.stat().st_size for p in DEMO_MODEL_DIR.iterdir()) < 8 * 2**20
     config = json.loads((DEMO_MODEL_DIR / "config.json").read_text())
     assert config["projector_type"] == "pvtc" and config["lvtc"]["expand_layer"] == 5
@@ -45,17 +45,28 @@ def test_the_packaged_model_is_complete_small_and_recorded():
     assert "exact match" in record["scored_with"]
 
 
-def test_the_packaged_remote_code_is_the_package_code():
-    """The demo folder carries copies of the modeling/processing files; a change to those files must be copied there
-    too (`python scripts/make_demo_model.py`), or `internvlx demo` would run outdated code."""
+def _package_source(name: str) -> Path:
     import internvlx_hf
 
-    package = Path(internvlx_hf.__file__).parent
-    for name in sorted(REMOTE_CODE):
-        source = package / ("modeling" if name.endswith(("configuration_internvlx.py", "modeling_internvlx.py"))
-                            else "processing") / name
-        assert (DEMO_MODEL_DIR / name).read_bytes() == source.read_bytes(), (
-            f"{DEMO_MODEL_DIR / name} differs from {source}: re-run scripts/make_demo_model.py")
+    room = "modeling" if name in ("configuration_internvlx.py", "modeling_internvlx.py") else "processing"
+    return Path(internvlx_hf.__file__).parent / room / name
+
+
+def test_the_demo_model_folder_gets_the_package_code(tmp_path):
+    """`demo_model_dir` is the packaged files plus the package's own remote code, written once per content."""
+    folder = demo_model_dir(tmp_path)
+    assert folder.parent == tmp_path and folder.name.startswith("demo-model-")
+    assert {p.name for p in folder.iterdir()} == PACKAGED | REMOTE_CODE
+    for name in REMOTE_CODE:
+        assert (folder / name).read_bytes() == _package_source(name).read_bytes(), name
+    for name in PACKAGED:
+        assert (folder / name).read_bytes() == (DEMO_MODEL_DIR / name).read_bytes(), name
+    # reused, not rewritten: a second call finds the folder (and nothing else was left in the cache)
+    (folder / "marker").write_text("kept")
+    assert demo_model_dir(tmp_path) == folder and (folder / "marker").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == [folder.name]
+    # the default cache is under the Hugging Face home
+    assert demo_model_dir().parent.name == "internvlx_hf"
 
 
 def test_demo_answers_its_own_images_right(capsys):
@@ -113,6 +124,9 @@ def test_demo_answers_about_a_user_image(tmp_path, capsys):
     (["--question", "How many shapes?"], "--image and --question go together"),
     (["--image", "{tmp}/notes.txt", "--question", "  "], "--question is empty"),
     (["--model", "{tmp}"], "no config.json in"),
+    (["--save", "{tmp}"], "exists and is not empty"),
+    (["--save", "{tmp}/notes.txt"], "is a file"),
+    (["--save", "{tmp}/new", "--seed", "1", "--model", "{tmp}"], "drop --model"),
 ])
 def test_bad_inputs_give_one_line_errors(tmp_path, capsys, args, expected):
     (tmp_path / "notes.txt").write_text("not an image")
@@ -162,13 +176,21 @@ print(json.dumps({"module": type(model).__module__, "answers": [a.strip() for a 
 """
 
 
-def test_the_packaged_folder_loads_as_remote_code_without_the_package(tmp_path):
+def test_the_saved_folder_loads_as_remote_code_without_the_package(tmp_path, capsys):
+    """`internvlx demo --save DIR`: what evaluation clients load, in an interpreter where internvlx_hf is hidden."""
+    saved = tmp_path / "demo-model"
+    assert main(["demo", "--save", str(saved)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"wrote {saved} (6.") and "modeling_internvlx.py" in out
+    assert {p.name for p in saved.iterdir()} == PACKAGED | REMOTE_CODE
+    for name in REMOTE_CODE:
+        assert (saved / name).read_bytes() == _package_source(name).read_bytes(), name
     cases = []
     for sample in demo_samples():
         path = tmp_path / f"{sample.task}.png"
         sample.image.save(path)
         cases.append((str(path), sample.question))
-    code = textwrap.dedent(_REMOTE).replace("FOLDER", repr(str(DEMO_MODEL_DIR))).replace(
+    code = textwrap.dedent(_REMOTE).replace("FOLDER", repr(str(saved))).replace(
         "CASES", repr(json.dumps(cases)))
     proc = run_isolated_python(code, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]

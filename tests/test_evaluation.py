@@ -13,7 +13,7 @@ import pytest
 
 import training_helpers as th
 from internvlx_hf.cli import main
-from internvlx_hf.demo import DEMO_MODEL_DIR
+from internvlx_hf.demo import demo_model_dir
 from internvlx_hf.evaluation import (
     METRICS,
     anls,
@@ -30,12 +30,14 @@ from internvlx_hf.training.synthetic import TASKS, combine_meta, generate_datase
 # Held-out synthetic sets use a seed of their own: the demo model was trained on seeds 1000 and 5000 (recipe) and
 # scored on 999_999.
 HELD_OUT_SEED = 4242
+# The demo model as a complete checkpoint folder (its remote code written from the package).
+DEMO_MODEL = demo_model_dir()
 
 
 def _processor():
     from internvlx_hf import InternVLXProcessor
 
-    return InternVLXProcessor.from_pretrained(str(DEMO_MODEL_DIR), trust_remote_code=True)
+    return InternVLXProcessor.from_pretrained(str(DEMO_MODEL), trust_remote_code=True)
 
 
 def _held_out(root: Path, tasks=TASKS, n: int = 40, sizes: str = "fixed") -> tuple[Path, list[Path]]:
@@ -197,6 +199,35 @@ def test_reader_prompt_is_the_conversation_up_to_the_last_reply(tmp_path):
     assert [len(s.samples) for s in read_eval_data(str(tmp_path / "set.jsonl"), processor, limit=2)] == [2]
 
 
+def test_reader_asks_under_another_system_block_and_keeps_the_group(tmp_path):
+    """``system`` replaces each conversation's system turn ("" an empty one, None none: the template's default);
+    ``group_by`` keeps a row field for scores per value, and a row without it is an error naming the row."""
+    from internvlx_hf.demo.recipe import prompt_messages
+
+    processor = _processor()
+    th.draw(tmp_path / "a.png", "red")
+    rows = [{"task": "colour", "image": "a.png", "conversations": [
+        {"from": "system", "value": "Be brief."}, {"from": "human", "value": "<image>\nWhat colour is it?"},
+        {"from": "gpt", "value": "red"}]},
+        {"task": "count", "image": "a.png", "conversations": [
+            {"from": "human", "value": "<image>\nHow many shapes?"}, {"from": "gpt", "value": "1"}]}]
+    path = str(th.write_jsonl(tmp_path / "set.jsonl", rows))
+    for system in ("", None, "Be brief."):
+        (eval_set,) = read_eval_data(path, processor, system=system, group_by="task")
+        assert [x.prompt for x in eval_set.samples] == [
+            processor.apply_chat_template(prompt_messages(q, system), tokenize=False, add_generation_prompt=True)
+            for q in ("What colour is it?", "How many shapes?")]
+        assert [x.group for x in eval_set.samples] == ["colour", "count"]
+    (as_written,) = read_eval_data(path, processor)
+    assert as_written.samples[0].prompt.count("Be brief.") == 1 and as_written.samples[0].group is None
+    del rows[1]["task"]
+    th.write_jsonl(tmp_path / "set.jsonl", rows)
+    with pytest.raises(ValueError, match=r"set.jsonl:2: the row has no 'task' field to group the scores by"):
+        read_eval_data(path, processor, group_by="task")
+    with pytest.raises(ValueError, match="system: the prompts of EvalSets are rendered already"):
+        read_eval_data([as_written], processor, system="")
+
+
 def test_meta_names_a_metric_per_dataset_and_the_flag_overrides_it(tmp_path):
     processor = _processor()
     for name in ("a", "b"):
@@ -233,7 +264,7 @@ def test_bad_rows_stop_the_run_with_file_and_line(tmp_path, capsys, row, message
     with pytest.raises(ValueError, match="^" + re.escape(message)):
         read_eval_data(str(data), _processor())
     (tmp_path / "old.json").write_text("kept\n")
-    err = _one_line_error(capsys, ["eval", str(DEMO_MODEL_DIR), str(data), "--json", str(tmp_path / "old.json"),
+    err = _one_line_error(capsys, ["eval", str(DEMO_MODEL), str(data), "--json", str(tmp_path / "old.json"),
                                    "--no-progress"])
     assert message in err
     assert (tmp_path / "old.json").read_text() == "kept\n"  # nothing written, nothing half-written
@@ -244,7 +275,7 @@ def test_option_and_file_errors_are_one_line(tmp_path, capsys):
     data = str(th.write_jsonl(tmp_path / "set.jsonl", [_GOOD]))
     (tmp_path / "meta.json").write_text(json.dumps({"x": {"annotation": data, "metric": "bleu"}}))
     th.write_jsonl(tmp_path / "empty.jsonl", [])
-    demo = str(DEMO_MODEL_DIR)
+    demo = str(DEMO_MODEL)
     for argv, message in [
         ([demo, str(tmp_path / "meta.json")], "dataset 'x': metric 'bleu' is not a metric; use one of exact_match, "
                                               "vqa, anls, relaxed"),
@@ -267,7 +298,7 @@ def test_an_image_that_cannot_be_decoded_stops_the_run_at_its_row(tmp_path, caps
     (tmp_path / "broken.png").write_bytes(data[: len(data) // 2])  # the header is intact, the pixel data is not
     rows = [_GOOD] * 3 + [{**_GOOD, "image": "broken.png"}]
     path = th.write_jsonl(tmp_path / "set.jsonl", rows)
-    err = _one_line_error(capsys, ["eval", str(DEMO_MODEL_DIR), str(path), "--batch-size", "2", "--json",
+    err = _one_line_error(capsys, ["eval", str(DEMO_MODEL), str(path), "--batch-size", "2", "--json",
                                    str(tmp_path / "out.json"), "--no-progress"])
     assert f"{path}:4: image 0 ('{tmp_path / 'broken.png'}'): the image data could not be decoded" in err
     assert not (tmp_path / "out.json").exists()
@@ -304,7 +335,7 @@ def test_cli_scores_with_each_datasets_metric_and_keeps_every_prediction(tmp_pat
     meta.write_text(json.dumps(entries))
 
     out = tmp_path / "results" / "eval.json"
-    assert main(["eval", str(DEMO_MODEL_DIR), str(meta), "--json", str(out), "--no-progress"]) == 0
+    assert main(["eval", str(DEMO_MODEL), str(meta), "--json", str(out), "--no-progress"]) == 0
     printed = capsys.readouterr().out
     record = json.loads(out.read_text())
     assert (record["format"], record["data"], len(record["runs"])) == ("internvlx-eval", str(meta), 1)
@@ -329,7 +360,7 @@ def test_cli_scores_with_each_datasets_metric_and_keeps_every_prediction(tmp_pat
     assert "all" not in printed.split()  # no overall row across different metrics
 
     # the record is a results file for the card
-    assert main(["card", str(DEMO_MODEL_DIR), "--license", "mit", "--results", str(out), "--output", "-"]) == 0
+    assert main(["card", str(DEMO_MODEL), "--license", "mit", "--results", str(out), "--output", "-"]) == 0
     card = capsys.readouterr().out
     assert f"| colour | vqa | {run['datasets'][0]['accuracy']:g} | internvlx eval, 6 samples, greedy, tiling ratio |" \
         in card
@@ -339,27 +370,27 @@ def test_cli_compares_checkpoints_and_tiling_modes_side_by_side(tmp_path, capsys
     meta, _ = _held_out(tmp_path, tasks=("colour",), n=16, sizes="mixed")
     other = th.converted("internvl2_qwen2")
     out, plot = tmp_path / "eval.json", tmp_path / "plot.png"
-    assert main(["eval", str(DEMO_MODEL_DIR), str(meta), "--compare", str(other), "--tiling", "ratio,edge",
+    assert main(["eval", str(DEMO_MODEL), str(meta), "--compare", str(other), "--tiling", "ratio,edge",
                  "--max-new-tokens", "4", "--json", str(out), "--plot", str(plot), "--no-progress"]) == 0
     printed = capsys.readouterr().out
     runs = json.loads(out.read_text())["runs"]
     labels = ["model (ratio)", "model (edge)", f"{other.name} (ratio)", f"{other.name} (edge)"]
     assert [r["label"] for r in runs] == labels
-    assert [r["checkpoint"] for r in runs] == [str(DEMO_MODEL_DIR)] * 2 + [str(other)] * 2
+    assert [r["checkpoint"] for r in runs] == [str(DEMO_MODEL)] * 2 + [str(other)] * 2
     header = printed.splitlines()[5]
     assert header.split("  ")[0] == "dataset" and all(f"{label} score" in header for label in labels)
     tiles = [r["datasets"][0]["tiles_per_sample"] for r in runs]
     assert tiles[0] > tiles[1]  # on small and banner images RVTC's edge cap spends fewer tiles than ratio matching
     for run in runs:
         result = run["datasets"][0]
-        tokens_per_tile = 16 if run["checkpoint"] == str(DEMO_MODEL_DIR) else 256
+        tokens_per_tile = 16 if run["checkpoint"] == str(DEMO_MODEL) else 256
         assert sum(p["visual_tokens"] for p in result["predictions"]) == \
             tokens_per_tile * sum(p["tiles"] for p in result["predictions"])
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert f"Wrote {out}" in printed and f"Wrote {plot}" in printed
 
     # --json - prints the record alone on stdout
-    assert main(["eval", str(DEMO_MODEL_DIR), str(meta), "--limit", "2", "--json", "-", "--no-progress"]) == 0
+    assert main(["eval", str(DEMO_MODEL), str(meta), "--limit", "2", "--json", "-", "--no-progress"]) == 0
     record = json.loads(capsys.readouterr().out)
     assert record["runs"][0]["datasets"][0]["samples"] == 2
 
@@ -377,7 +408,7 @@ def test_plot_without_matplotlib_is_a_clear_error(tmp_path, capsys, monkeypatch)
     monkeypatch.setattr(builtins, "__import__", no_matplotlib)
     th.draw(tmp_path / "a.png", "red")
     data = str(th.write_jsonl(tmp_path / "set.jsonl", [_GOOD]))
-    err = _one_line_error(capsys, ["eval", str(DEMO_MODEL_DIR), data, "--plot", str(tmp_path / "p.png")])
+    err = _one_line_error(capsys, ["eval", str(DEMO_MODEL), data, "--plot", str(tmp_path / "p.png")])
     assert "--plot needs matplotlib, which is not installed; install it with `pip install 'internvlx-hf[plot]'`" \
         in err
 
@@ -396,7 +427,7 @@ def test_demo_model_scores_match_the_learnability_benchmark(tmp_path, capsys):
     benchmark = {task: benchmark_evaluate(model, processor, task_meta, progress=False)["accuracy"][task]
                  for task, task_meta in zip(TASKS, metas)}
     out = tmp_path / "eval.json"
-    assert main(["eval", str(DEMO_MODEL_DIR), str(meta), "--max-new-tokens", "8", "--json", str(out),
+    assert main(["eval", str(DEMO_MODEL), str(meta), "--max-new-tokens", "8", "--json", str(out),
                  "--no-progress"]) == 0
     printed = capsys.readouterr().out
     results = {d["name"]: d for d in json.loads(out.read_text())["runs"][0]["datasets"]}
@@ -411,6 +442,31 @@ def test_demo_model_scores_match_the_learnability_benchmark(tmp_path, capsys):
     assert min(benchmark.values()) >= 0.85
 
 
+def test_the_recipe_scorer_reproduces_the_demo_models_recorded_held_out_scores(tmp_path):
+    """`recipe.evaluate` (the learnability benchmark's numbers) runs on `evaluation.evaluate`; on the held-out set
+    the demo model was scored on (scripts/make_demo_model.py: the recipe's 1,000 samples, an empty system block,
+    batches of 50, 8 new tokens) it gives exactly the numbers recorded in demo_model.json."""
+    from internvlx_hf.demo import demo_record, load_demo_model
+    from internvlx_hf.demo.recipe import CONFIGS, DataSpec, make_datasets, read_records
+    from internvlx_hf.demo.recipe import evaluate as benchmark_evaluate
+
+    record = demo_record()
+    assert record["data"]["n_test"] == DataSpec().n_test == 1000
+    # the held-out set does not depend on the training sets' sizes (tiny ones here)
+    _, test_meta = make_datasets(tmp_path, CONFIGS["pvtc+lvtc"], DataSpec(n_basic=1, n_fine=1, fine_repeat=1))
+    model, processor = load_demo_model()
+    expected = record["held_out"]
+    got = benchmark_evaluate(model, processor, test_meta, limit=1000, system=expected["system"], progress=False)
+    for key in ("accuracy", "basic_min", "n", "tiles_per_sample", "visual_tokens_per_sample"):
+        assert got[key] == expected[key], (key, got[key], expected[key])
+    # a task filter scores the samples of those tasks among the first `limit`
+    shape = benchmark_evaluate(model, processor, test_meta, limit=100, tasks=["shape"], progress=False)
+    assert list(shape["accuracy"]) == ["shape"]
+    assert shape["n"] == [r["task"] for r in read_records(test_meta)[0][:100]].count("shape") > 0
+    with pytest.raises(ValueError, match=r"tasks=\['colours'\]: no such sample in "):
+        benchmark_evaluate(model, processor, test_meta, limit=100, tasks=["colours"], progress=False)
+
+
 # --------------------------------------------------------------------------------------------------- training
 
 
@@ -422,7 +478,7 @@ def test_train_eval_data_logs_scores_and_the_card_shows_them(tmp_path, capsys):
     train_meta = generate_dataset(tmp_path / "train", n=8, tasks=["colour"], seed=HELD_OUT_SEED + 1, image_size=112,
                                   system_message="", name="train")
     out = tmp_path / "out"
-    assert main(["train", "--model", str(DEMO_MODEL_DIR), "--data", str(train_meta), "--eval-data", str(held_out),
+    assert main(["train", "--model", str(DEMO_MODEL), "--data", str(train_meta), "--eval-data", str(held_out),
                  "--preset", "full", "--output_dir", str(out), "--max_steps", "2", "--eval_strategy", "steps",
                  "--eval_steps", "1", "--save_steps", "2", "--learning_rate", "1e-6", *th_fast()]) == 0
     printed = capsys.readouterr().out
@@ -474,7 +530,7 @@ def test_lora_run_without_eval_strategy_is_scored_once_after_training(tmp_path):
     train_meta = generate_dataset(tmp_path / "train", n=8, tasks=["shape"], seed=HELD_OUT_SEED + 2, image_size=112,
                                   system_message="", name="train")
     result = train(*parse_train_args(dict(
-        model=str(DEMO_MODEL_DIR), data=str(train_meta), eval_data=str(held_out), eval_metric="vqa",
+        model=str(DEMO_MODEL), data=str(train_meta), eval_data=str(held_out), eval_metric="vqa",
         preset="lora", output_dir=str(tmp_path / "out"), max_steps=2, use_cpu=True, report_to="none",
         disable_tqdm=True, per_device_train_batch_size=4, learning_rate=1e-6, save_strategy="no")), print_fn=None)
     history = result.trainer.state.log_history
@@ -499,13 +555,13 @@ def test_the_tile_limit_printed_is_the_one_applied(tmp_path, capsys):
     entries = json.loads(meta.read_text())
     entries["colour"]["max_dynamic_patch"] = 2
     meta.write_text(json.dumps(entries))
-    assert main(["eval", str(DEMO_MODEL_DIR), str(meta), "--max-new-tokens", "2", "--no-progress"]) == 0
+    assert main(["eval", str(DEMO_MODEL), str(meta), "--max-new-tokens", "2", "--no-progress"]) == 0
     assert "tiling ratio (max 2/6 tiles by dataset)" in capsys.readouterr().out
     entries["shape"]["max_dynamic_patch"] = 2
     meta.write_text(json.dumps(entries))
-    assert main(["eval", str(DEMO_MODEL_DIR), str(meta), "--max-new-tokens", "2", "--no-progress"]) == 0
+    assert main(["eval", str(DEMO_MODEL), str(meta), "--max-new-tokens", "2", "--no-progress"]) == 0
     assert "tiling ratio (max 2 tiles)" in capsys.readouterr().out
-    run = evaluate(*th.load(DEMO_MODEL_DIR), str(meta), max_tiles=1, max_new_tokens=2, progress=False)
+    run = evaluate(*th.load(DEMO_MODEL), str(meta), max_tiles=1, max_new_tokens=2, progress=False)
     assert run.options["max_tiles_per_dataset"] == {"colour": 1, "shape": 1}
     assert all(p.tiles == 1 for d in run.datasets for p in d.predictions)
 

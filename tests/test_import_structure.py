@@ -11,8 +11,6 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "internvlx_hf"
-# The demo model folder is a checkpoint (remote code imports only torch/transformers), not part of the package graph.
-EXCLUDED = PACKAGE / "demo" / "model"
 TOP_ROOMS = ("cli", "demo")
 
 
@@ -50,8 +48,6 @@ def _imports(path: Path, package: list[str]) -> set[str]:
 def _graph() -> dict[str, set[str]]:
     graph = {}
     for path in sorted(PACKAGE.rglob("*.py")):
-        if EXCLUDED in path.parents:
-            continue
         name, package = _module_name(path)
         graph[name] = _imports(path, package)
     for name, targets in graph.items():

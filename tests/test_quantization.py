@@ -16,7 +16,7 @@ from torch import nn
 from conftest import REPO_ROOT
 from internvlx_hf import InternVLXForConditionalGeneration
 from internvlx_hf.cli import main
-from internvlx_hf.demo import DEMO_MODEL_DIR, answer, demo_samples
+from internvlx_hf.demo import demo_model_dir, answer, demo_samples
 from internvlx_hf.quantization import (
     INSTALL_HINT,
     bitsandbytes_config,
@@ -45,7 +45,7 @@ def _linears(model) -> set[str]:
 def demo_config():
     from internvlx_hf import InternVLXConfig
 
-    return InternVLXConfig.from_pretrained(DEMO_MODEL_DIR)
+    return InternVLXConfig.from_pretrained(demo_model_dir())
 
 
 # (projector, lvtc) -> the prefixes kept: the LVTC ones only where the model builds them (the first LR projector is
@@ -131,12 +131,12 @@ def test_quantized_demo_model_answers_the_demo_questions(bits):
     were quantized), at a fraction of the float32 footprint."""
     from internvlx_hf.cli.chat import load_chat_model
 
-    model, processor = load_chat_model(str(DEMO_MODEL_DIR), "float32", "cpu", load_in_bits=bits)
+    model, processor = load_chat_model(str(demo_model_dir()), "float32", "cpu", load_in_bits=bits)
     quantized = quantized_linear_names(model)
     assert quantized and not any(_under(name, KEPT_DEMO) for name in quantized)
     assert getattr(model, f"is_loaded_in_{bits}bit")
     # The quantized weights take 1/2 (4-bit) or 1 (8-bit) byte instead of 4; everything else stays float32.
-    full = InternVLXForConditionalGeneration.from_pretrained(DEMO_MODEL_DIR)
+    full = InternVLXForConditionalGeneration.from_pretrained(demo_model_dir())
     weights = sum(dict(full.named_modules())[name].weight.numel() for name in quantized)
     assert weights == 983_040
     assert full.get_memory_footprint() - model.get_memory_footprint() == weights * {4: 3.5, 8: 3}[bits]
@@ -149,7 +149,7 @@ def test_chat_cli_load_in_8bit(tmp_path, capsys):
     sample = next(s for s in demo_samples() if s.task == "count")
     image = tmp_path / "count.png"
     sample.image.save(image)
-    assert main(["chat", str(DEMO_MODEL_DIR), "--image", str(image), sample.question, "--load-in-8bit",
+    assert main(["chat", str(demo_model_dir()), "--image", str(image), sample.question, "--load-in-8bit",
                  "--device", "cpu", "--max-new-tokens", "8"]) == 0
     assert capsys.readouterr().out.strip() == sample.expected
 
@@ -158,7 +158,7 @@ def test_eval_cli_load_in_4bit(tmp_path, capsys):
     meta = generate_dataset(tmp_path / "colour", n=8, tasks=["colour"], seed=12345, image_size=112,
                             system_message="", name="colour")
     scores = tmp_path / "scores.json"
-    assert main(["eval", str(DEMO_MODEL_DIR), str(meta), "--load-in-4bit", "--device", "cpu", "--json", str(scores),
+    assert main(["eval", str(demo_model_dir()), str(meta), "--load-in-4bit", "--device", "cpu", "--json", str(scores),
                  "--no-progress"]) == 0
     (dataset,) = json.loads(scores.read_text())["runs"][0]["datasets"]
     assert (dataset["name"], dataset["accuracy"]) == ("colour", 1.0)
@@ -170,9 +170,9 @@ def test_without_bitsandbytes_the_flags_name_the_extra(tmp_path):
     meta = generate_dataset(tmp_path / "data", n=2, tasks=["colour"], seed=1, image_size=112, system_message="",
                             name="colour")
     runs = [
-        (["chat", str(DEMO_MODEL_DIR), "--load-in-8bit", "How many shapes?"], "--load-in-8bit"),
-        (["eval", str(DEMO_MODEL_DIR), str(meta), "--load-in-4bit"], "--load-in-4bit"),
-        (["train", "--model", str(DEMO_MODEL_DIR), "--data", str(meta), "--preset", "qlora", "--output_dir",
+        (["chat", str(demo_model_dir()), "--load-in-8bit", "How many shapes?"], "--load-in-8bit"),
+        (["eval", str(demo_model_dir()), str(meta), "--load-in-4bit"], "--load-in-4bit"),
+        (["train", "--model", str(demo_model_dir()), "--data", str(meta), "--preset", "qlora", "--output_dir",
           str(tmp_path / "out")], "--preset qlora"),
     ]
     code = ("import sys\nsys.modules['bitsandbytes'] = None  # import bitsandbytes -> ImportError\n"
@@ -207,8 +207,8 @@ def test_qlora_preset_trains_what_lora_trains_on_a_4bit_base():
     from internvlx_hf.training.presets import module_group
 
     base = InternVLXForConditionalGeneration.from_pretrained(
-        DEMO_MODEL_DIR, quantization_config=bitsandbytes_config(4, InternVLXForConditionalGeneration.config_class
-                                                                .from_pretrained(DEMO_MODEL_DIR)))
+        demo_model_dir(), quantization_config=bitsandbytes_config(4, InternVLXForConditionalGeneration.config_class
+                                                                .from_pretrained(demo_model_dir())))
     model = apply_preset(base, "qlora")
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     adapters = {name for name in trainable if ".lora_" in name}
@@ -230,13 +230,13 @@ def test_train_qlora_learns_and_saves_what_lora_saves(tmp_path, capsys):
     meta = generate_dataset(tmp_path / "data", n=16, tasks=["bits-count"], seed=7, image_size=112,
                             system_message="", name="dots")
     out = tmp_path / "out"
-    assert main(["train", "--model", str(DEMO_MODEL_DIR), "--data", str(meta), "--preset", "qlora",
+    assert main(["train", "--model", str(demo_model_dir()), "--data", str(meta), "--preset", "qlora",
                  "--output_dir", str(out), "--max_steps", "6", "--learning_rate", "2e-3", "--save_steps", "3",
                  "--use_cpu", "--report_to", "none", "--seed", "0", "--disable_tqdm", "true", "--logging_steps", "1",
                  "--per_device_train_batch_size", "4"]) == 0
     printed = capsys.readouterr().out
     assert "Trainable parameters (preset qlora)" in printed
-    full = InternVLXForConditionalGeneration.from_pretrained(DEMO_MODEL_DIR)
+    full = InternVLXForConditionalGeneration.from_pretrained(demo_model_dir())
     llm_total = sum(p.numel() for n, p in full.named_parameters() if n.startswith("model.language_model."))
     assert f"llm {196_608:,} {llm_total + 196_608:,}" in " ".join(printed.split())  # 4-bit weights counted unpacked
 
@@ -250,7 +250,7 @@ def test_train_qlora_learns_and_saves_what_lora_saves(tmp_path, capsys):
     assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(out / "adapter"))
     assert {"adapter_model.safetensors", "processor_config.json"} <= set(os.listdir(out / "checkpoint-3"))
     adapter_config = json.loads((out / "adapter" / "adapter_config.json").read_text())
-    assert adapter_config["base_model_name_or_path"] == str(DEMO_MODEL_DIR)
+    assert adapter_config["base_model_name_or_path"] == str(demo_model_dir())
     assert set(adapter_config["modules_to_save"]) == {"model.multi_modal_projector", "model.lvtc_hr_projector"}
     merged_config = json.loads((out / "config.json").read_text())
     assert "quantization_config" not in merged_config and merged_config["dtype"] == "float32"
@@ -265,7 +265,7 @@ from transformers import AutoModel, AutoProcessor
 from internvlx_hf.demo import demo_samples
 image = demo_samples()[0].image
 logits = {{}}
-for folder in [{str(out)!r}, {str(out / 'adapter')!r}, {str(DEMO_MODEL_DIR)!r}]:
+for folder in [{str(out)!r}, {str(out / 'adapter')!r}, {str(demo_model_dir())!r}]:
     model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
     processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
     messages = [{{"role": "user", "content": [{{"type": "image"}}, {{"type": "text", "text": "How many dots?"}}]}}]
@@ -282,7 +282,7 @@ print(json.dumps(logits))
     assert result.returncode == 0, result.stderr[-3000:]
     logits = {key: torch.tensor(value) for key, value in json.loads(result.stdout.strip().splitlines()[-1]).items()}
     torch.testing.assert_close(logits[str(out / "adapter")], logits[str(out)], rtol=0, atol=1e-4)
-    assert not torch.allclose(logits[str(out)], logits[str(DEMO_MODEL_DIR)], atol=1e-2)
+    assert not torch.allclose(logits[str(out)], logits[str(demo_model_dir())], atol=1e-2)
 
 
 def test_serve_load_in_4bit_gives_the_server_the_chat_quantization_config(demo_config):
@@ -290,11 +290,11 @@ def test_serve_load_in_4bit_gives_the_server_the_chat_quantization_config(demo_c
     from internvlx_hf.cli import build_parser
     from internvlx_hf.cli.serve import model_loading_kwargs
 
-    args = build_parser().parse_args(["serve", str(DEMO_MODEL_DIR), "--load-in-4bit", "--dtype", "float32"])
+    args = build_parser().parse_args(["serve", str(demo_model_dir()), "--load-in-4bit", "--dtype", "float32"])
     kwargs = model_loading_kwargs(args)
     config = kwargs["quantization_config"]
     assert config.load_in_4bit and config.bnb_4bit_quant_type == "nf4"
     assert config.llm_int8_skip_modules == KEPT_DEMO
     assert config.bnb_4bit_compute_dtype == torch.float32
-    args = build_parser().parse_args(["serve", str(DEMO_MODEL_DIR)])
+    args = build_parser().parse_args(["serve", str(demo_model_dir())])
     assert model_loading_kwargs(args) == {}

@@ -22,10 +22,10 @@ import urllib.request
 import pytest
 
 from internvlx_hf.cli import main
-from internvlx_hf.demo import DEMO_MODEL_DIR, demo_samples
+from internvlx_hf.demo import demo_model_dir, demo_samples
 from internvlx_hf.serving import TESTED_TRANSFORMERS, ServingUnavailable, check_serving_available
 
-DEMO = str(DEMO_MODEL_DIR)
+DEMO = str(demo_model_dir())
 QUESTIONS = demo_samples(seed=0)  # one per task: colour, shape, position, count, fine
 
 

@@ -90,9 +90,9 @@ print("LOADED", type(model).__name__, sum(p.numel() for p in model.parameters())
 @pytest.mark.parametrize("config", ["zero2.json", "zero3.json"])
 def test_deepspeed_trains_as_one_process(tmp_path, config):
     """The shipped demo model: PVTC, LVTC and tied embeddings (the LM head is saved once, as everywhere else)."""
-    from internvlx_hf.demo import DEMO_MODEL_DIR
+    from internvlx_hf.demo import demo_model_dir
 
-    options = _options(tmp_path, DEMO_MODEL_DIR)
+    options = _options(tmp_path, demo_model_dir())
     out = tmp_path / "out"
     _torchrun_cli(tmp_path, {**options, "output_dir": str(out), "ddp_backend": "gloo",
                              "deepspeed": str(CONFIGS / config)})

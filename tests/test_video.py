@@ -390,15 +390,15 @@ def test_cli_chat_video_answers_as_model_chat_with_frame_prompts(capsys, frame_f
     from transformers import AutoModel, AutoProcessor
 
     from internvlx_hf.cli import main
-    from internvlx_hf.demo import DEMO_MODEL_DIR
+    from internvlx_hf.demo import demo_model_dir
 
-    argv = ["chat", str(DEMO_MODEL_DIR), "--video", str(frame_folder), "--frames", "4", "--bound", "1,9",
+    argv = ["chat", str(demo_model_dir()), "--video", str(frame_folder), "--frames", "4", "--bound", "1,9",
             "--max-new-tokens", "4", "--device", "cpu", "Which colour comes first?"]
     assert main(argv) == 0
     out = capsys.readouterr().out.strip()
 
-    processor = AutoProcessor.from_pretrained(DEMO_MODEL_DIR, trust_remote_code=True)
-    model = AutoModel.from_pretrained(DEMO_MODEL_DIR, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(demo_model_dir(), trust_remote_code=True)
+    model = AutoModel.from_pretrained(demo_model_dir(), trust_remote_code=True).eval()
     frames = load_video(frame_folder, num_segments=4, bound=(1, 9))  # 1 fps for a folder
     pixel_values = processor.image_processor(frames, max_tiles=1, return_tensors="pt").pixel_values
     expected = model.chat(processor, pixel_values, video_prompt(4) + "\nWhich colour comes first?",
@@ -408,9 +408,9 @@ def test_cli_chat_video_answers_as_model_chat_with_frame_prompts(capsys, frame_f
 
 def test_cli_chat_video_errors_are_one_line(capsys, tmp_path, frame_folder):
     from internvlx_hf.cli import main
-    from internvlx_hf.demo import DEMO_MODEL_DIR
+    from internvlx_hf.demo import demo_model_dir
 
-    model = str(DEMO_MODEL_DIR)
+    model = str(demo_model_dir())
     cases = [
         (["--bound", "1,2", "Q"], "--frames and --bound choose the frames of --video; pass --video PATH too."),
         (["--video", str(frame_folder), "--bound", "2", "Q"], "--bound '2': expected START,END in seconds"),
@@ -433,18 +433,18 @@ def test_tokens_video_rows_count_what_the_processor_produces(capsys, frame_folde
     from transformers import AutoConfig, AutoProcessor
 
     from internvlx_hf.cli import main
-    from internvlx_hf.demo import DEMO_MODEL_DIR
+    from internvlx_hf.demo import demo_model_dir
     from internvlx_hf.token_budget import LLMShape, prefill_flops
 
     assert main(["tokens", "--video", str(frame_folder), "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [(r["frames"], r["tiles"], r["tokens"]) for r in rows] == [(8, 8, 2048), (16, 16, 4096), (32, 32, 8192)]
 
-    assert main(["tokens", str(DEMO_MODEL_DIR), "--video", str(frame_folder), "--frames", "4", "--frames", "6",
+    assert main(["tokens", str(demo_model_dir()), "--video", str(frame_folder), "--frames", "4", "--frames", "6",
                  "--text-tokens", "0", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
-    processor = AutoProcessor.from_pretrained(DEMO_MODEL_DIR, trust_remote_code=True)
-    config = AutoConfig.from_pretrained(DEMO_MODEL_DIR, trust_remote_code=True)
+    processor = AutoProcessor.from_pretrained(demo_model_dir(), trust_remote_code=True)
+    config = AutoConfig.from_pretrained(demo_model_dir(), trust_remote_code=True)
     shape = LLMShape.from_text_config(config.get_text_config())
     k = config.lvtc["expand_layer"]
     for row, frames in zip(rows, (4, 6)):
@@ -579,7 +579,7 @@ def test_eval_scores_video_rows_on_deterministic_middle_frames(tmp_path, capsys)
 
     from internvlx_hf import InternVLXProcessor
     from internvlx_hf.cli import main
-    from internvlx_hf.demo import DEMO_MODEL_DIR
+    from internvlx_hf.demo import demo_model_dir
     from internvlx_hf.evaluation import read_eval_data
 
     frames = synthetic_frames(count=6, height=32, width=32, seed=4)
@@ -593,7 +593,7 @@ def test_eval_scores_video_rows_on_deterministic_middle_frames(tmp_path, capsys)
     meta.write_text(json.dumps({"clips": {"root": str(tmp_path), "annotation": str(tmp_path / "video.jsonl"),
                                           "max_num_frame": 4, "min_num_frame": 2}}))  # 'rand' in training
 
-    processor = InternVLXProcessor.from_pretrained(str(DEMO_MODEL_DIR), trust_remote_code=True)
+    processor = InternVLXProcessor.from_pretrained(str(demo_model_dir()), trust_remote_code=True)
     (eval_set,) = read_eval_data(str(meta), processor)
     sample = eval_set.samples[0]
     expected = [frames[i] for i in _reference_sampler(4, 6, "middle")]
@@ -603,7 +603,7 @@ def test_eval_scores_video_rows_on_deterministic_middle_frames(tmp_path, capsys)
         in sample.prompt
 
     out = tmp_path / "eval.json"
-    assert main(["eval", str(DEMO_MODEL_DIR), str(meta), "--max-tiles", "12", "--json", str(out),
+    assert main(["eval", str(demo_model_dir()), str(meta), "--max-tiles", "12", "--json", str(out),
                  "--no-progress"]) == 0
     result = json.loads(out.read_text())["runs"][0]["datasets"][0]
     assert result["samples"] == 1 and result["tiles_per_sample"] == 4.0  # one tile per frame despite --max-tiles

@@ -51,6 +51,28 @@ def staged_folder(dst: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+@contextmanager
+def staged_cache_folder(dst: str | os.PathLike) -> Iterator[Path]:
+    """`staged_folder` for a folder whose name says what it holds (a cache entry): yield an empty temporary folder
+    next to ``dst``; fill it inside the ``with`` block, and it becomes ``dst``, unless another process put ``dst``
+    there first, in which case it is removed and that one stays (a folder in use is never moved aside)."""
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())
+        try:
+            os.rename(tmp, dst)  # fails where dst is a folder with files in it
+        except OSError:
+            if not dst.is_dir():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def replace_folder(src: Path, dst: Path) -> None:
     """Rename the folder ``src`` to ``dst``; an existing ``dst`` is moved aside first, put back if the rename fails,
     and removed once it succeeded."""

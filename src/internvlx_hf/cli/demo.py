@@ -35,7 +35,8 @@ examples:
   internvlx demo --seed 3 --save-images demo_images/     # other images, saved as PNG to look at
   internvlx demo --image my_drawing.png --question "What colour is the circle?"
   internvlx demo --image page.png --question "How many shapes?" --tiling area
-  internvlx demo --model out/my-trained-model            # any checkpoint trained the same way"""
+  internvlx demo --model out/my-trained-model            # any checkpoint trained the same way
+  internvlx demo --save demo-model/                      # the model as a folder for lmms-eval, pipeline(), ..."""
 
 
 # How demo_model.json names the system prompts the held-out set was asked with (scripts/make_demo_model.py).
@@ -54,15 +55,19 @@ def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a checkpoint folder to use instead of the packaged demo model")
     parser.add_argument("--save-images", metavar="DIR", default=None,
                         help="write the synthetic images as PNG files into DIR")
+    parser.add_argument("--save", metavar="DIR", default=None,
+                        help="write the demo model as a self-contained checkpoint folder into DIR (new or empty) "
+                        "and stop: weights, config, tokenizer and the remote code that AutoModel / AutoProcessor / "
+                        "pipeline load with trust_remote_code=True where internvlx-hf is not installed")
 
 
 def _run_demo(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ..demo import (
-        DEMO_MODEL_DIR,
         DemoSample,
         answer,
+        demo_model_dir,
         demo_record,
         demo_samples,
         format_grid,
@@ -72,6 +77,8 @@ def _run_demo(args: argparse.Namespace) -> int:
     )
     from ..hub.resolve import read_internvlx_config
 
+    if args.save:
+        return _save(args)
     if (args.image is None) != (args.question is None):
         raise CLIError("--image and --question go together: give both (a question about your image), or neither "
                        "(the synthetic demo images)")
@@ -79,7 +86,7 @@ def _run_demo(args: argparse.Namespace) -> int:
         raise CLIError("--question is empty; ask e.g. \"What colour is the circle?\"")
     if args.save_images and args.image:
         raise CLIError("--save-images saves the synthetic images; it does not apply with --image")
-    folder = Path(args.model) if args.model else DEMO_MODEL_DIR
+    folder = Path(args.model) if args.model else demo_model_dir()
     if args.model:
         read_internvlx_config(folder, f"--model {args.model!r}")
     if args.image:
@@ -129,6 +136,25 @@ def _run_demo(args: argparse.Namespace) -> int:
             print(f"  saved {path}")
     if samples[0].expected is not None:
         print(f"\n{right}/{len(samples)} right")
+    return 0
+
+
+def _save(args: argparse.Namespace) -> int:
+    from ..demo import save_demo_model
+
+    given = [option for option, value in (("--image", args.image), ("--question", args.question),
+                                          ("--model", args.model), ("--save-images", args.save_images),
+                                          ("--tiling", args.tiling)) if value is not None]
+    if given:
+        raise CLIError(f"--save writes the packaged demo model and answers nothing; drop {', '.join(given)}")
+    try:
+        folder = save_demo_model(args.save)
+    except FileExistsError as error:
+        raise CLIError(f"--save {error}") from None
+    names = sorted(p.name for p in folder.iterdir())
+    size = sum(p.stat().st_size for p in folder.iterdir()) / 2**20
+    print(f"wrote {folder} ({size:.1f} MiB): {', '.join(names)}")
+    print(f"load it anywhere with transformers: AutoModel.from_pretrained({str(folder)!r}, trust_remote_code=True)")
     return 0
 
 

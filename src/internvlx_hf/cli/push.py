@@ -78,13 +78,13 @@ def _run_push(args: argparse.Namespace) -> int:
     except ValueError as error:
         raise CLIError(str(error)) from None
     folder = Path(args.model)
-    problems = preflight(folder, args.repo_id, include_checkpoints=args.include_checkpoints)
+    plan = plan_upload(folder, args.include_checkpoints) if folder.is_dir() else None  # preflight names a non-folder
+    problems = preflight(folder, args.repo_id, include_checkpoints=args.include_checkpoints, plan=plan)
     if problems:
         for problem in problems:
             where = folder if problem.path == "." else folder / problem.path
             print(f"internvlx push: {where}: {problem.message}", file=sys.stderr)
         raise CLIError(f"{len(problems)} problem(s) in {folder} (listed above); nothing was uploaded.")
-    plan = plan_upload(folder, args.include_checkpoints)
     target = args.repo_id + (f"@{args.revision}" if args.revision else "")
     target += " (pull request)" if args.create_pr else ""
     print(f"Preflight passed: {len(plan.files)} files, {plan.total_bytes / 1e6:.1f} MB for {target}")
@@ -103,7 +103,7 @@ def _run_push(args: argparse.Namespace) -> int:
     try:
         info = push_folder(folder, args.repo_id, private=True if args.private else None, revision=args.revision,
                            create_pr=args.create_pr, commit_message=args.message,
-                           include_checkpoints=args.include_checkpoints, checked=True)
+                           include_checkpoints=args.include_checkpoints, checked=True, plan=plan)
     except Exception as error:  # noqa: BLE001 - Hub errors become one line with a hint
         raise _hub_error(error, args.repo_id) from error
     url = getattr(info, "pr_url", None) or getattr(info, "commit_url", None) or f"https://huggingface.co/{args.repo_id}"

@@ -27,7 +27,7 @@ The server reads any image path a request names: keep it on 127.0.0.1 unless you
 _SERVE_EPILOG = """\
 examples:
   # the packaged demo model on http://127.0.0.1:8000
-  internvlx serve "$(python -c 'from internvlx_hf.demo import DEMO_MODEL_DIR; print(DEMO_MODEL_DIR)')"
+  internvlx serve "$(python -c 'from internvlx_hf.demo import demo_model_dir; print(demo_model_dir())')"
 
   # a converted checkpoint, bfloat16 on the GPU, on another port
   internvlx serve ./InternVL-X-2B-hf --dtype bfloat16 --device cuda --port 8080

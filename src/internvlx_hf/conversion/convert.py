@@ -25,6 +25,7 @@ import torch
 from ..atomic import replace_folder
 from ..modeling.configuration_internvlx import InternVLXConfig, LVTCConfig
 from ..provenance import record_conversion
+from ..remote_code import save_remote_code
 from .errors import ConversionError
 from .llm import LLMSpec, convert_text_config, internlm2_qkv_rows, llm_architecture, text_config_notes
 from .new_modules import describe_init, group_new_parameters, initialise_new_parameters
@@ -214,7 +215,7 @@ def _build_config(config_kwargs: dict[str, Any], text_config, projector_type: st
     return config
 
 
-def _expected_parameters(config: InternVLXConfig) -> tuple[torch.nn.Module, dict[str, tuple[int, ...]]]:
+def expected_parameters(config: InternVLXConfig) -> tuple[torch.nn.Module, dict[str, tuple[int, ...]]]:
     """The target model on the meta device (no memory) and its parameter names/shapes (tied ones once)."""
     from ..modeling.modeling_internvlx import InternVLXForConditionalGeneration
 
@@ -434,11 +435,10 @@ def _prepare(source: SourceCheckpoint, projector: str, lvtc_options: dict | None
     image_token_ids = {"image_token_id": image_token_id,
                        **{name: i for name, i in frame_ids.items() if i is not None and i != tokenizer.unk_token_id}}
 
-    _check_expand_layer(lvtc_options, text_config.num_hidden_layers)
     _align_special_tokens(text_config, tokenizer)
     source_projector = source.projector_type
     projector_type = source_projector if projector == "keep" else projector
-    config = _build_config(parts.config_kwargs, text_config, projector_type, lvtc_options, image_token_ids)
+    config = build_config(parts.config_kwargs, text_config, projector_type, lvtc_options, image_token_ids)
     lvtc = config.lvtc_config
     num_extra_lr = lvtc.num_lr_projectors - 1 if lvtc is not None else 0
     if init_lr_from_mlp1:
@@ -451,7 +451,7 @@ def _prepare(source: SourceCheckpoint, projector: str, lvtc_options: dict | None
 
     model_dtype = source.dominant_dtype() if dtype == "auto" else _DTYPES[dtype]
     config.dtype = model_dtype
-    meta_model, expected = _expected_parameters(config)
+    meta_model, expected = expected_parameters(config)
     text = config.get_text_config()
     head_dim = text.hidden_size // text.num_attention_heads
     inputs = PlanInputs(
@@ -507,15 +507,44 @@ class _SourceParts:
     config_kwargs: dict[str, Any]
 
 
-def _opengvlab_parts(source: SourceCheckpoint, notes: list[str]) -> _SourceParts:
+@dataclass
+class SourceConfig:
+    """What an OpenGVLab config.json alone says about the converted model: the LLM, its converted text config, the
+    chat template and the other InternVLXConfig values (no weights, no tokenizer)."""
+
+    llm: LLMSpec
+    text_config: Any
+    template: str | None
+    chat_template: str
+    config_kwargs: dict[str, Any]
+
+
+def read_source_config(source: SourceCheckpoint, notes: list[str]) -> SourceConfig:
+    """The config-only half of a conversion of an OpenGVLab checkpoint (`convert` and `sizes.size_from_config`);
+    raises `ConversionError` where config.json alone makes the checkpoint unconvertible, and adds what it changes
+    to ``notes``."""
     llm = llm_architecture(source.config["llm_config"])
     text_config = convert_text_config(source.config["llm_config"])
     notes += text_config_notes(source.config["llm_config"])
     template = source.config.get("template")
     chat_template = _load_chat_template(template)
     notes += _system_message_notes(source.config, template)
+    return SourceConfig(llm=llm, text_config=text_config, template=template, chat_template=chat_template,
+                        config_kwargs=_opengvlab_config_kwargs(source, text_config, notes))
+
+
+def build_config(config_kwargs: dict[str, Any], text_config, projector_type: str, lvtc_options: dict | None,
+                 image_token_ids: dict[str, int | None]) -> InternVLXConfig:
+    """The converted InternVLXConfig (after LVTC's k is checked against the LLM's depth), as `convert` writes it;
+    the token ids come from the tokenizer ({} leaves the config's defaults, which change no parameter shape)."""
+    _check_expand_layer(lvtc_options, text_config.num_hidden_layers)
+    return _build_config(config_kwargs, text_config, projector_type, lvtc_options, image_token_ids)
+
+
+def _opengvlab_parts(source: SourceCheckpoint, notes: list[str]) -> _SourceParts:
+    parts = read_source_config(source, notes)
     try:
-        converted_tokenizer = convert_tokenizer(source.path, chat_template)
+        converted_tokenizer = convert_tokenizer(source.path, parts.chat_template)
     except ConversionError:
         raise
     except Exception as error:  # tokenizers / sentencepiece reject a corrupt file with plain exceptions
@@ -524,9 +553,9 @@ def _opengvlab_parts(source: SourceCheckpoint, notes: list[str]) -> _SourceParts
             f"cannot load the tokenizer of {source.path} (files: {files}): {type(error).__name__}: {error}. The "
             "tokenizer files are corrupt or do not belong together; copy them again from the original checkpoint."
         ) from error
-    return _SourceParts(llm=llm, text_config=text_config, tokenizer=converted_tokenizer.tokenizer,
-                        tokenizer_kind=converted_tokenizer.kind, template=template,
-                        config_kwargs=_opengvlab_config_kwargs(source, text_config, notes))
+    return _SourceParts(llm=parts.llm, text_config=parts.text_config, tokenizer=converted_tokenizer.tokenizer,
+                        tokenizer_kind=converted_tokenizer.kind, template=parts.template,
+                        config_kwargs=parts.config_kwargs)
 
 
 def _native_parts(source: SourceCheckpoint, notes: list[str]) -> _SourceParts:
@@ -561,10 +590,8 @@ def _check_expand_layer(lvtc_options: dict | None, depth: int) -> None:
 def _write_companion_files(job: _Job, directory: Path):
     """config.json, remote code, generation config, tokenizer, chat template and processor configs; returns the
     image processor that was saved."""
-    from transformers.dynamic_module_utils import custom_object_save
-
-    job.config.save_pretrained(directory)  # also copies configuration_internvlx.py (registered for auto classes)
-    custom_object_save(job.meta_model, directory)  # modeling_internvlx.py, as the model's save_pretrained would
+    job.config.save_pretrained(directory)
+    save_remote_code(directory)  # the model's and the processor's files, as their save_pretrained would write them
     _generation_config(job.config.get_text_config(), job.tokenizer, job.separator_id).save_pretrained(directory)
     return _save_processor(job.source, job.config, job.tokenizer, directory)
 

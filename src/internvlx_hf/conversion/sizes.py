@@ -4,10 +4,11 @@
     size = size_from_config(json.load(open("InternVL2-1B/config.json")), projector="pvtc", lvtc="default")
     size.num_parameters, size.new_parameters
 
-The configuration goes through the same steps as a real conversion (`llm.convert_text_config`,
-`convert._build_config`, the LVTC checks) and the model is built on the meta device, so the counts are those of the
-model `convert` would write. Token ids (``<IMG_CONTEXT>``, ``<img>``, ``</img>``) come from the tokenizer during a real
-conversion; here they are left at the config defaults, which do not change any parameter shape.
+The configuration goes through the config-only half of a real conversion (`convert.read_source_config`, then
+`convert.build_config` with its LVTC check, both of which `convert` runs too) and the model is built on the meta
+device (`convert.expected_parameters`), so the counts are those of the model `convert` would write. Token
+ids (``<IMG_CONTEXT>``, ``<img>``, ``</img>``) come from the tokenizer during a real conversion; here they are left
+at the config defaults, which do not change any parameter shape.
 """
 
 from __future__ import annotations
@@ -17,10 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from ..modeling.configuration_internvlx import InternVLXConfig
-from .convert import (_build_config, _check_expand_layer, _expected_parameters, _load_chat_template,
-                      _opengvlab_config_kwargs, _system_message_notes)
+from .convert import build_config, expected_parameters, read_source_config
 from .errors import ConversionError
-from .llm import convert_text_config, llm_architecture, text_config_notes
 from .options import check_projector, parse_lvtc_spec
 from .plan import PlanInputs, is_new_by_design
 from .source import SourceCheckpoint, _check_config
@@ -55,23 +54,17 @@ def size_from_config(source_config: dict[str, Any], *, projector: str = "keep",
     if "llm_config" not in source_config or "vision_config" not in source_config:
         raise ConversionError(f"{name} has no llm_config/vision_config: it is not an OpenGVLab InternVLChatModel "
                               "config.json.")
-    llm = llm_architecture(source_config["llm_config"])
-    _load_chat_template(source_config.get("template"))  # convert refuses an unknown template before any weight
-    text_config = convert_text_config(source_config["llm_config"])
-    _check_expand_layer(lvtc_options, text_config.num_hidden_layers)
+    notes: list[str] = []
+    parts = read_source_config(SourceCheckpoint(path=Path(name), config=source_config, shards=[], infos=[]), notes)
     projector_type = source_projector if projector == "keep" else projector
-    notes = text_config_notes(source_config["llm_config"]) + _system_message_notes(source_config,
-                                                                                    source_config.get("template"))
-    source = SourceCheckpoint(path=Path(name), config=source_config, shards=[], infos=[])
-    config = _build_config(_opengvlab_config_kwargs(source, text_config, notes), text_config, projector_type,
-                           lvtc_options, {})
-    meta_model, _ = _expected_parameters(config)
+    config = build_config(parts.config_kwargs, parts.text_config, projector_type, lvtc_options, {})
+    meta_model, _ = expected_parameters(config)
     # Only the fields is_new_by_design reads matter here; the key tables are those of a real conversion.
-    inputs = PlanInputs(llm_key_mapping=llm.key_mapping, vision_qkv_rows={}, llm_qkv_rows=None,
+    inputs = PlanInputs(llm_key_mapping=parts.llm.key_mapping, vision_qkv_rows={}, llm_qkv_rows=None,
                         source_projector=source_projector, target_projector=projector_type,
                         num_extra_lr_projectors=0, init_lr_from_mlp1=False,
                         tie_word_embeddings=bool(config.tie_word_embeddings))
     counts = {key: p.numel() for key, p in meta_model.named_parameters()}  # tied parameters are listed once
     new = sum(n for key, n in counts.items() if is_new_by_design(key, inputs))
-    return ConfigSize(config=config, llm=llm.architecture, num_parameters=sum(counts.values()),
+    return ConfigSize(config=config, llm=parts.llm.architecture, num_parameters=sum(counts.values()),
                       new_parameters=new, notes=notes)

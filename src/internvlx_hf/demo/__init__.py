@@ -4,8 +4,12 @@
 (16 tokens per 112 px tile in layers 0-4, 64 from layer 5), trained from scratch on the synthetic visual QA of
 `internvlx_hf.training.synthetic` by ``scripts/make_demo_model.py`` through `internvlx_hf.training.train`, on
 conversations with an empty system block or none (the chat template's default system message), so it answers in the
-clients that send no system turn too (lmms-eval, transformers' pipelines, InternVL2's ``chat()``). It loads like any
-checkpoint, with ``AutoModel.from_pretrained(DEMO_MODEL_DIR, trust_remote_code=True)``.
+clients that send no system turn too (lmms-eval, transformers' pipelines, InternVL2's ``chat()``).
+
+The package ships its weights, config and tokenizer, not a copy of the model's code (`internvlx_hf.demo.packaged`):
+`demo_model_dir()` is the complete checkpoint folder, remote code added from the package's own modules, which loads
+like any checkpoint with ``AutoModel.from_pretrained(demo_model_dir(), trust_remote_code=True)``, and
+`save_demo_model(dst)` (``internvlx demo --save DIR``) writes one where clients without internvlx-hf load it.
 
     from internvlx_hf.demo import answer, demo_samples, load_demo_model
     model, processor = load_demo_model()
@@ -26,8 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from ..token_budget import layer_groups
+from .packaged import DEMO_MODEL_DIR, demo_model_dir, save_demo_model
 
-DEMO_MODEL_DIR = Path(__file__).resolve().parent / "model"
 TILING_MODES = ("ratio", "area", "edge")
 
 
@@ -37,12 +41,12 @@ def demo_record(path: str | os.PathLike = DEMO_MODEL_DIR) -> dict[str, Any]:
     return json.loads(record.read_text(encoding="utf-8")) if record.is_file() else {}
 
 
-def load_demo_model(path: str | os.PathLike = DEMO_MODEL_DIR):
-    """``(model, processor)`` from a demo model folder, through transformers' Auto classes and the folder's own
-    remote code (``trust_remote_code=True``), in float32 and eval mode."""
+def load_demo_model(path: str | os.PathLike | None = None):
+    """``(model, processor)`` from a demo model folder (default: the packaged one, `demo_model_dir()`), through
+    transformers' Auto classes with ``trust_remote_code=True``, in float32 and eval mode."""
     from transformers import AutoModel, AutoProcessor
 
-    folder = Path(path)
+    folder = Path(path) if path is not None else demo_model_dir()
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder}: no demo model there (config.json missing); regenerate the packaged one "
                                 "with `python scripts/make_demo_model.py` or pass a checkpoint folder")
@@ -155,5 +159,6 @@ def format_grid(grid: tuple[int, int, int]) -> str:
     return f"{cols}x{rows}" + (f"+thumbnail={tiles}" if tiles > cols * rows else f"={tiles}")
 
 
-__all__ = ["DEMO_MODEL_DIR", "TILING_MODES", "Answer", "DemoSample", "answer", "demo_record", "demo_samples",
-           "format_grid", "layer_groups", "load_demo_model", "load_user_image", "tile_grids"]
+__all__ = ["DEMO_MODEL_DIR", "TILING_MODES", "Answer", "DemoSample", "answer", "demo_model_dir", "demo_record",
+           "demo_samples", "format_grid", "layer_groups", "load_demo_model", "load_user_image", "save_demo_model",
+           "tile_grids"]

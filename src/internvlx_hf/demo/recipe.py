@@ -9,8 +9,9 @@ scratch on the synthetic visual QA of `internvlx_hf.training.synthetic`, through
   demo model empty and default ones, `DataSpec.system_prompts`) and a held-out set.
 - `train_checkpoint`: `internvlx_hf.training.train` (HF `Trainer` + `InternVLXDataCollator`) with the recipe's
   hyper-parameters.
-- `evaluate`: held-out exact match per task with greedy `generate` (left-padded batches), as a user would run it,
-  under a chosen system block (`prompt_messages`, `template_default_system`).
+- `evaluate`: held-out exact match per task with greedy `generate` (left-padded batches), through
+  `internvlx_hf.evaluation.evaluate` (what `internvlx eval` runs), under a chosen system block (`prompt_messages`,
+  `template_default_system`).
 
 Everything is seeded; nothing is downloaded.
 """
@@ -29,9 +30,9 @@ from typing import Any
 
 from ..atomic import staged_folder
 from ..training.synthetic import BASIC_TASKS, TASKS, combine_meta, generate_dataset
+from .packaged import DEMO_MODEL_DIR
 
-# The packaged demo model, and the tokenizer source the recipe falls back to (the repository's test fixture).
-DEMO_MODEL_DIR = Path(__file__).resolve().parent / "model"
+# The tokenizer source the recipe falls back to without the packaged demo model (the repository's test fixture).
 FIXTURE_TOKENIZER = Path(__file__).resolve().parents[3] / "tests" / "fixtures" / "internvl2_qwen2"
 
 # Basic tasks as drawn for training: shape and count are the slowest to learn, so they are drawn twice as often.
@@ -288,71 +289,34 @@ def template_default_system(processor) -> str:
     return without[len(head): len(without) - len(tail)]
 
 
-def answer_batch(model, processor, images, questions, max_new_tokens: int = 8, system: str | None = ""
-                 ) -> list[dict[str, Any]]:
-    """Greedy answers to ``questions`` about ``images`` (one image each), in one left-padded batch, asked with the
-    system block ``system`` (see `prompt_messages`).
-
-    Returns per question: ``answer``, ``tiles``, ``visual_tokens`` (`<IMG_CONTEXT>` tokens) and ``prompt_tokens``.
-    """
-    import torch
-
-    prompts = [processor.apply_chat_template(prompt_messages(q, system), tokenize=False, add_generation_prompt=True)
-               for q in questions]
-    inputs = processor(images=[[image] for image in images], text=prompts, padding=True, padding_side="left",
-                       return_tensors="pt")
-    eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
-    with torch.inference_mode():
-        out = model.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                             pixel_values=inputs["pixel_values"].to(model.dtype), num_patches=inputs["num_patches"],
-                             max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
-                             pad_token_id=processor.tokenizer.pad_token_id)
-    new = out[:, inputs["input_ids"].shape[1]:]
-    answers = processor.tokenizer.batch_decode(new, skip_special_tokens=True)
-    mask = inputs["attention_mask"]
-    visual = (inputs["input_ids"] == processor.image_token_id).sum(-1)
-    return [{"answer": a.strip(), "tiles": int(t), "visual_tokens": int(v), "prompt_tokens": int(m.sum())}
-            for a, t, v, m in zip(answers, inputs["num_patches"], visual, mask)]
-
-
 def evaluate(model, processor, test_meta: str | os.PathLike, *, batch_size: int = 50, limit: int | None = None,
              tasks: Collection[str] | None = None, progress: bool = True, system: str | None = "",
              max_new_tokens: int = 8) -> dict[str, Any]:
-    """Held-out exact-match accuracy per task (greedy decoding), mean tiles and visual tokens per sample.
+    """Held-out exact-match accuracy per task (greedy decoding), mean tiles and visual tokens per sample: the
+    learnability benchmark's numbers, scored by `internvlx_hf.evaluation.evaluate` (what `internvlx eval` runs) in
+    left-padded batches of ``batch_size`` in file order, split by the rows' ``task``.
 
     ``limit``: the first samples only; ``tasks``: of those, the samples of these tasks only (the same samples
     that a run without ``tasks`` scores for them); ``system``: the system block every question is asked with (see
     `prompt_messages`); ``max_new_tokens``: the longest answer generated.
     """
-    from PIL import Image
-    from tqdm.auto import tqdm
+    from ..evaluation import evaluate as score
+    from ..evaluation import read_eval_data
 
-    records, root = read_records(test_meta)
-    records = records[:limit] if limit else records
-    if tasks is not None:
-        records = [r for r in records if r["task"] in tasks]
-        if not records:
-            raise ValueError(f"tasks={sorted(tasks)}: no such sample in {test_meta}")
-    model.eval()
-    right: dict[str, list[bool]] = {}
-    tiles = visual = 0
     start = time.perf_counter()
-    for i in tqdm(range(0, len(records), batch_size), desc="evaluate", disable=not progress, leave=False):
-        batch = records[i: i + batch_size]
-        images = []
-        for r in batch:
-            with Image.open(root / r["image"]) as image:
-                images.append(image.convert("RGB"))
-        questions = [r["conversations"][-2]["value"].replace("<image>\n", "", 1) for r in batch]
-        for r, got in zip(batch, answer_batch(model, processor, images, questions, system=system,
-                                              max_new_tokens=max_new_tokens)):
-            right.setdefault(r["task"], []).append(got["answer"] == r["conversations"][-1]["value"])
-            tiles += got["tiles"]
-            visual += got["visual_tokens"]
-    accuracy = {task: sum(v) / len(v) for task, v in sorted(right.items())}
+    sets = read_eval_data(str(test_meta), processor, metric="exact_match", limit=limit, system=system,
+                          group_by="task")
+    if tasks is not None and not any(sample.group in tasks for s in sets for sample in s.samples):
+        raise ValueError(f"tasks={sorted(tasks)}: no such sample in {test_meta}")
+    model.eval()  # and so it stays, as the benchmark's models after scoring always did
+    run = score(model, processor, sets, batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress,
+                group_by="task", groups=tasks)
+    predictions = [p for result in run.datasets for p in result.predictions]
+    accuracy = {result.name: result.accuracy for result in run.datasets}
     basic = [accuracy[t] for t in BASIC_TASKS if t in accuracy]
-    return {"accuracy": accuracy, "basic_min": min(basic) if basic else None, "n": len(records),
-            "tiles_per_sample": tiles / len(records), "visual_tokens_per_sample": visual / len(records),
+    return {"accuracy": accuracy, "basic_min": min(basic) if basic else None, "n": len(predictions),
+            "tiles_per_sample": sum(p.tiles for p in predictions) / len(predictions),
+            "visual_tokens_per_sample": sum(p.visual_tokens for p in predictions) / len(predictions),
             "eval_s": time.perf_counter() - start}
 
 

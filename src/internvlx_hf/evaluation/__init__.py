@@ -11,13 +11,14 @@ rows read by `internvlx_hf.data`, split into prompts and reference answers, chec
 """
 
 from .callback import EvaluationCallback
-from .data import EvalSample, EvalSet, read_eval_data
+from .data import AS_WRITTEN, EvalSample, EvalSet, read_eval_data
 from .metrics import DEFAULT_METRIC, METRICS, anls, exact_match, normalize_vqa_answer, relaxed_accuracy, vqa_accuracy
 from .report import format_comparison, format_run, plot_runs, to_json, write_json
 from .runner import DatasetResult, EvalRun, Prediction, evaluate
 
 
 __all__ = [
+    "AS_WRITTEN",
     "DEFAULT_METRIC",
     "METRICS",
     "DatasetResult",

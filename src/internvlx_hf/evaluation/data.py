@@ -27,6 +27,16 @@ from .metrics import DEFAULT_METRIC, get_metric
 _IMAGE_TAG = "<image>"
 
 
+class _AsWritten:
+    """The default of ``system``: each conversation's system turn as the data has it (or none)."""
+
+    def __repr__(self) -> str:
+        return "AS_WRITTEN"
+
+
+AS_WRITTEN = _AsWritten()
+
+
 @dataclass
 class EvalSample:
     """One question: the rendered prompt, its images and the reference answers."""
@@ -39,6 +49,7 @@ class EvalSample:
     max_tiles: int | None = None  # the row's or its dataset's tile budget (max_dynamic_patch); None: the processor's
     id: Any = None
     video_frames: int = 0  # a video row: its images are this many frames, one tile each
+    group: str | None = None  # the row's value of read_eval_data's ``group_by`` field (e.g. its "task")
 
 
 @dataclass
@@ -69,7 +80,17 @@ def _answers(row: dict[str, Any], where: str) -> list[str] | None:
     return answers
 
 
-def _sample(row: dict[str, Any], sample, processor, where: str) -> EvalSample:
+def _group(row: dict[str, Any], group_by: str | None, where: str) -> str | None:
+    if group_by is None:
+        return None
+    if row.get(group_by) is None:
+        raise ValueError(f"{where}: the row has no {group_by!r} field to group the scores by; give every row one, "
+                         "or score without group_by")
+    return str(row[group_by])
+
+
+def _sample(row: dict[str, Any], sample, processor, where: str, system: Any = AS_WRITTEN,
+            group_by: str | None = None) -> EvalSample:
     frames = 0
     if sample.video is not None:
         # Deterministic frames for scoring: 'middle' (max_num_frame of them) where training draws them at random.
@@ -83,8 +104,12 @@ def _sample(row: dict[str, Any], sample, processor, where: str) -> EvalSample:
         raise ValueError(f"{where}: the conversation must end with the reference answer (a gpt / assistant turn); "
                          f"its last turn is from the {messages[-1]['role']}")
     reference = _text(messages[-1]["content"]).strip()
+    asked = messages[:-1]
+    if system is not AS_WRITTEN:  # the question asked under another system block (None: no system turn)
+        asked = [m for m in asked if m["role"] != "system"]
+        asked = asked if system is None else [{"role": "system", "content": system}] + asked
     try:
-        prompt = processor.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+        prompt = processor.apply_chat_template(asked, tokenize=False, add_generation_prompt=True)
     except Exception as error:  # jinja2's TemplateError (e.g. a misplaced system turn): training skips such a row
         raise ValueError(f"{where}: the chat template refused the conversation: {error}") from None
     tags = prompt.count(_IMAGE_TAG)
@@ -100,10 +125,12 @@ def _sample(row: dict[str, Any], sample, processor, where: str) -> EvalSample:
         image_size(image)  # missing or unreadable image files fail here, before anything is generated
     answers = _answers(row, where)
     return EvalSample(prompt=prompt, images=sample.images, reference=reference, answers=answers or [reference],
-                      source=where, max_tiles=sample.max_tiles, id=row.get("id"), video_frames=frames)
+                      source=where, max_tiles=sample.max_tiles, id=row.get("id"), video_frames=frames,
+                      group=_group(row, group_by, where))
 
 
-def read_eval_data(data: Any, processor, *, metric: str | None = None, limit: int | None = None) -> list[EvalSet]:
+def read_eval_data(data: Any, processor, *, metric: str | None = None, limit: int | None = None,
+                   system: str | None | _AsWritten = AS_WRITTEN, group_by: str | None = None) -> list[EvalSet]:
     """The datasets of ``data`` with their prompts rendered by ``processor``; raises on the first unusable row.
 
     Args:
@@ -111,6 +138,11 @@ def read_eval_data(data: Any, processor, *, metric: str | None = None, limit: in
             `datasets.Dataset`, a list of rows; or `EvalSet`s read before (``metric`` and ``limit`` still apply).
         metric: the metric of every dataset (default: each meta entry's ``"metric"``, else ``exact_match``).
         limit: score only the first ``limit`` rows of each dataset.
+        system: the system block every question is asked with, replacing the conversation's: a string (``""``: an
+            empty block), or None for no system turn (the chat template then writes its default, as clients that
+            send none get). Default: each conversation as written. How the demo model is scored under each prompt.
+        group_by: a row field (e.g. ``"task"``) whose value each sample keeps (`EvalSample.group`), for scores per
+            value (`evaluate`'s ``group_by``); a row without it is an error.
 
     Raises:
         ValueError / FileNotFoundError: naming the file and line of the row (or the option) and the fix.
@@ -120,6 +152,12 @@ def read_eval_data(data: Any, processor, *, metric: str | None = None, limit: in
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"--limit must be an integer >= 1, got {limit!r}")
     if isinstance(data, list) and data and all(isinstance(item, EvalSet) for item in data):
+        if system is not AS_WRITTEN:
+            raise ValueError("system: the prompts of EvalSets are rendered already; pass system to the "
+                             "read_eval_data call that reads the rows")
+        if group_by is not None and any(x.group is None for s in data for x in s.samples):
+            raise ValueError(f"group_by={group_by!r}: these EvalSets were read without it; pass group_by to the "
+                             "read_eval_data call that reads the rows")
         return [EvalSet(s.name, metric or s.metric, s.samples[:limit]) for s in data]
     # as training reads them: internvl2_5 keeps a `gpt` turn before the first `human` one (as context here)
     template = processor.chat_template
@@ -133,7 +171,7 @@ def read_eval_data(data: Any, processor, *, metric: str | None = None, limit: in
                 break
             try:
                 row, sample = parse_row(source, where, raw, keep_leading_reply=keep_leading_reply)
-                samples.append(_sample(row, sample, processor, where))
+                samples.append(_sample(row, sample, processor, where, system, group_by))
             except SampleError as error:
                 message = str(error)
                 raise ValueError(message if message.startswith(where) else f"{where}: {message}") from None
@@ -149,4 +187,4 @@ def read_eval_data(data: Any, processor, *, metric: str | None = None, limit: in
     return sets
 
 
-__all__ = ["EvalSample", "EvalSet", "read_eval_data"]
+__all__ = ["AS_WRITTEN", "EvalSample", "EvalSet", "read_eval_data"]

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..data.images import TileBudget
-from .data import EvalSet, read_eval_data
+from .data import AS_WRITTEN, EvalSet, read_eval_data
 from .metrics import get_metric
 
 
@@ -148,10 +148,43 @@ def _generate(model, processor, samples, options, *, tiling, max_new_tokens, num
     return answers, tiles, [int(v) for v in visual], seconds
 
 
+def _result(name: str, metric: str, predictions: list[Prediction], seconds_per_sample: float, config
+            ) -> DatasetResult:
+    """The mean score of ``predictions`` and what they cost per sample (visual tokens per LVTC layer group)."""
+    from ..token_budget import layer_groups
+
+    n = len(predictions)
+    groups: dict[str, int] = {}
+    for p in predictions:
+        for group, tokens in layer_groups(config, p.visual_tokens, p.tiles):
+            groups[group] = groups.get(group, 0) + tokens
+    return DatasetResult(
+        name=name, metric=metric, accuracy=sum(p.score for p in predictions) / n, samples=n,
+        tiles_per_sample=sum(p.tiles for p in predictions) / n,
+        visual_tokens_per_sample=[(group, total / n) for group, total in groups.items()],
+        seconds_per_sample=seconds_per_sample, predictions=predictions,
+    )
+
+
+def _select(sets: list[EvalSet], groups, group_by: str | None, data: Any) -> list[EvalSet]:
+    """Only the samples whose group is one of ``groups`` (datasets left with none are dropped)."""
+    if groups is None:
+        return sets
+    if group_by is None:
+        raise ValueError("groups selects values of group_by; pass group_by too (e.g. group_by='task')")
+    wanted = {str(g) for g in groups}
+    kept = [EvalSet(s.name, s.metric, [x for x in s.samples if x.group in wanted]) for s in sets]
+    kept = [s for s in kept if s.samples]
+    if not kept:
+        raise ValueError(f"groups={sorted(wanted)}: no sample of {data} has such a {group_by!r}")
+    return kept
+
+
 def evaluate(model, processor, data: Any, *, metric: str | None = None, batch_size: int = 8,
              max_new_tokens: int = 32, num_beams: int = 1, tiling: str | None = None, max_tiles: int | None = None,
              limit: int | None = None, progress: bool = True, label: str | None = None,
-             checkpoint: str | None = None) -> EvalRun:
+             checkpoint: str | None = None, system: Any = AS_WRITTEN, group_by: str | None = None,
+             groups: Any = None) -> EvalRun:
     """Score ``model`` on held-out ``data``, dataset by dataset.
 
     Args:
@@ -169,6 +202,12 @@ def evaluate(model, processor, data: Any, *, metric: str | None = None, batch_si
         limit: the first ``limit`` samples of each dataset only.
         progress: show a progress bar.
         label, checkpoint: how reports name this run (default: the model's ``name_or_path``).
+        system: the system block every question is asked with instead of its conversation's (``""``: an empty
+            block; None: no system turn, i.e. the chat template's default); see `read_eval_data`.
+        group_by: a row field (e.g. ``"task"``): each dataset is scored per value of it, one `DatasetResult` per
+            value (sorted), named by the value (``dataset/value`` when the data has several datasets). The samples
+            are batched and answered as without it; only the scores are split.
+        groups: with ``group_by``, the values to score (of the first ``limit`` samples, those that have them).
 
     Returns:
         An `EvalRun`: per dataset the mean score, the samples, tiles and visual tokens per sample (per LLM layer
@@ -178,7 +217,6 @@ def evaluate(model, processor, data: Any, *, metric: str | None = None, batch_si
 
     from ..generation import end_of_turn_token_ids
     from ..processing import TilingMode
-    from ..token_budget import layer_groups
 
     for name, value, least in (("batch_size", batch_size, 1), ("max_new_tokens", max_new_tokens, 1),
                                ("num_beams", num_beams, 1)):
@@ -186,7 +224,8 @@ def evaluate(model, processor, data: Any, *, metric: str | None = None, batch_si
             raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
     if tiling is not None:
         tiling = TilingMode(tiling).value
-    sets = read_eval_data(data, processor, metric=metric, limit=limit)
+    sets = _select(read_eval_data(data, processor, metric=metric, limit=limit, system=system, group_by=group_by),
+                   groups, group_by, data)
     if max_tiles is not None and (isinstance(max_tiles, bool) or not isinstance(max_tiles, int) or max_tiles < 1):
         raise ValueError(f"max_tiles must be an integer >= 1, got {max_tiles!r}")
     budget = TileBudget(processor.image_processor)
@@ -214,18 +253,16 @@ def evaluate(model, processor, data: Any, *, metric: str | None = None, batch_si
                                                     sample.answers, score(answer, sample.answers), n_tiles, n_visual)
                 bar.update(len(samples))
             bar.close()
-            n = len(predictions)
-            groups: dict[str, int] = {}
-            for p in predictions:
-                for group, tokens in layer_groups(config, p.visual_tokens, p.tiles):
-                    groups[group] = groups.get(group, 0) + tokens
-            results.append(DatasetResult(
-                name=eval_set.name, metric=eval_set.metric, accuracy=sum(p.score for p in predictions) / n,
-                samples=n, tiles_per_sample=sum(p.tiles for p in predictions) / n,
-                visual_tokens_per_sample=[(group, total / n) for group, total in groups.items()],
-                seconds_per_sample=seconds / n,
-                predictions=predictions,
-            ))
+            per_sample = seconds / len(predictions)
+            if group_by is None:
+                results.append(_result(eval_set.name, eval_set.metric, predictions, per_sample, config))
+                continue
+            by_value: dict[str, list[Prediction]] = {}
+            for sample, prediction in zip(eval_set.samples, predictions):
+                by_value.setdefault(sample.group, []).append(prediction)
+            prefix = f"{eval_set.name}/" if len(sets) > 1 else ""
+            results += [_result(prefix + value, eval_set.metric, by_value[value], per_sample, config)
+                        for value in sorted(by_value)]
     finally:
         model.train(was_training)
     image_processor = processor.image_processor

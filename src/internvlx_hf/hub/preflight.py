@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from .resolve import DAMAGED_HINT, config_key_problem, json_error_text
-from .upload import adapter_bases, plan_upload
+from .upload import AdapterBase, UploadPlan, adapter_bases, plan_upload
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
@@ -58,8 +58,8 @@ class PreflightError(ValueError):
         super().__init__(f"{len(problems)} problem(s) in {folder}: " + "; ".join(map(str, problems)))
 
 
-def preflight(folder: str | os.PathLike, repo_id: str | None = None, include_checkpoints: bool = False
-              ) -> list[Problem]:
+def preflight(folder: str | os.PathLike, repo_id: str | None = None, include_checkpoints: bool = False,
+              plan: UploadPlan | None = None) -> list[Problem]:
     """Every problem that would keep ``folder`` from loading (or from being published) as a Hub checkpoint.
 
     Args:
@@ -67,18 +67,21 @@ def preflight(folder: str | os.PathLike, repo_id: str | None = None, include_che
         repo_id: the repository it goes to; the card's usage snippet must load that id.
         include_checkpoints: the ``checkpoint-*`` folders go up too (see `internvlx_hf.hub.upload.plan_upload`:
             only the files that are uploaded are checked for pickles).
+        plan: the `plan_upload` of ``folder`` when the caller has it already (`internvlx push` prints it), so that
+            the folder, an adapter's config and its card are read once.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such folder; pass the checkpoint folder to publish.")
     problems: list[Problem] = []
-    problems += _check_pickles(plan_upload(folder, include_checkpoints).files)
+    plan = plan or plan_upload(folder, include_checkpoints)
+    problems += _check_pickles(plan.files)
     problems += _check_card(folder, repo_id)
     problems += _check_provenance(folder)
     configs = _read_configs(folder, problems)
     problems += _check_remote_code(folder, configs)
-    if (folder / "adapter_config.json").is_file():
-        problems += _check_adapter(folder)
+    if plan.adapter is not None:
+        problems += _check_adapter(folder, plan.adapter)
         return problems
     config_problems = _check_model_config(folder, configs)
     problems += config_problems
@@ -353,17 +356,16 @@ def _check_shapes(folder: Path, shapes: dict[str, tuple[int, ...]], label: str,
     return problems
 
 
-def _check_adapter(folder: Path) -> list[Problem]:
+def _check_adapter(folder: Path, adapter: AdapterBase) -> list[Problem]:
     problems = []
     if not (folder / "adapter_model.safetensors").is_file():
         problems.append(Problem("adapter_model.safetensors", "missing; save the adapter with "
                                                              "save_pretrained(safe_serialization=True)."))
-    try:
-        base = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+    if adapter.config is None:
         return problems  # already reported by _read_configs
-    if adapter_bases(folder) == (None, None):
-        problems.append(Problem("adapter_config.json", f"base_model_name_or_path is {base!r}, not a Hub id, and the "
+    if (adapter.own, adapter.card) == (None, None):
+        problems.append(Problem("adapter_config.json", f"base_model_name_or_path is {adapter.declared!r}, not a Hub "
+                                                       "id, and the "
                                                        "card names no base_model, so PeftModel cannot find the base "
                                                        "model; write the card with `internvlx card "
                                                        f"{folder} --base-model OWNER/NAME --license ID --overwrite` "

@@ -27,7 +27,7 @@ def check_pr_target(create_pr: bool, revision: str | None) -> None:
 
 def push_folder(folder: str | os.PathLike, repo_id: str, *, private: bool | None = None, revision: str | None = None,
                 create_pr: bool = False, commit_message: str | None = None, include_checkpoints: bool = False,
-                api=None, checked: bool = False):
+                api=None, checked: bool = False, plan: UploadPlan | None = None):
     """Check ``folder`` with `preflight`, then create ``repo_id`` (if needed) and upload `plan_upload`'s files in
     one commit.
 
@@ -43,6 +43,7 @@ def push_folder(folder: str | os.PathLike, repo_id: str, *, private: bool | None
         api: an `huggingface_hub.HfApi` (default: a new one, with the token of `hf auth login` or ``HF_TOKEN``).
         checked: the caller has just run `preflight` on this folder and found nothing (`internvlx push` does, to
             list the problems itself); skips running it a second time.
+        plan: the folder's `plan_upload` when the caller has it already (it is what goes up).
 
     Returns:
         The `huggingface_hub.CommitInfo` of the upload (``commit_url``, ``pr_url``).
@@ -54,10 +55,10 @@ def push_folder(folder: str | os.PathLike, repo_id: str, *, private: bool | None
 
     folder = Path(folder)
     check_pr_target(create_pr, revision)
-    problems = [] if checked else preflight(folder, repo_id, include_checkpoints=include_checkpoints)
+    plan = plan or plan_upload(folder, include_checkpoints)
+    problems = [] if checked else preflight(folder, repo_id, include_checkpoints=include_checkpoints, plan=plan)
     if problems:
         raise PreflightError(folder, problems)
-    plan = plan_upload(folder, include_checkpoints)
     operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=plan.rewritten[name][0]
                                      if name in plan.rewritten else str(folder / name)) for name in plan.files]
     api = api or HfApi()

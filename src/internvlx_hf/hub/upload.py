@@ -26,15 +26,36 @@ def training_state_names() -> list[str]:
     return [TRAINING_ARGS_NAME, OPTIMIZER_NAME, OPTIMIZER_NAME_BIN, SCHEDULER_NAME, SCALER_NAME, "rng_state*.pth"]
 
 
+@dataclass(frozen=True)
+class AdapterBase:
+    """The base model an adapter folder names, read once from ``adapter_config.json`` and the card (README.md).
+
+    ``declared`` is ``base_model_name_or_path`` as written (None where the file is not a readable JSON object);
+    ``own`` and ``card`` are that value and the card's ``base_model`` as Hub ids, each None when it is not one (e.g.
+    the local path `internvlx train` records); ``config`` is the parsed file (None where it cannot be read)."""
+
+    config: dict[str, Any] | None
+    declared: Any
+    own: str | None
+    card: str | None
+
+    @property
+    def upload_base(self) -> str | None:
+        """The Hub id ``adapter_config.json`` is uploaded with: the card's, when its own base is not a Hub id."""
+        return self.card if self.own is None and self.card is not None else None
+
+
 @dataclass
 class UploadPlan:
     """What `push_folder` sends for a folder: ``files`` (relative paths), ``left_out`` (a path, or a folder ending
-    in ``/``, -> why), and ``rewritten`` (a path -> the content sent instead of the file's, and why)."""
+    in ``/``, -> why), ``rewritten`` (a path -> the content sent instead of the file's, and why), and for an
+    adapter folder its `AdapterBase` (``adapter``; None for a model folder)."""
 
     folder: Path
     files: list[str] = field(default_factory=list)
     left_out: dict[str, str] = field(default_factory=dict)
     rewritten: dict[str, tuple[bytes, str]] = field(default_factory=dict)
+    adapter: AdapterBase | None = None
 
     @property
     def total_bytes(self) -> int:
@@ -74,13 +95,10 @@ def plan_upload(folder: str | os.PathLike, include_checkpoints: bool = False) ->
             plan.left_out[path] = "the Trainer's training state (a pickle; not needed to use the model)"
         else:
             plan.files.append(path)
-    base = adapter_upload_base(folder)
-    try:
-        config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8")) if base else None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        config = None  # the preflight reports it
-    if isinstance(config, dict):
-        config["base_model_name_or_path"] = base
+    plan.adapter = read_adapter_base(folder)
+    base = plan.adapter.upload_base if plan.adapter else None
+    if base is not None and plan.adapter.config is not None:  # an unreadable config: the preflight reports it
+        config = {**plan.adapter.config, "base_model_name_or_path": base}
         plan.rewritten["adapter_config.json"] = (
             (json.dumps(config, indent=2, sort_keys=True) + "\n").encode("utf-8"),
             f"with base_model_name_or_path {base!r}, the card's base_model, instead of the local path",
@@ -92,10 +110,8 @@ def adapter_upload_base(folder: Path) -> str | None:
     """The Hub id an adapter folder's ``adapter_config.json`` is uploaded with, when its own base is not a Hub id
     but the card (README.md) names one as ``base_model``; None otherwise (nothing to rewrite, or nothing to do it
     with: the preflight reports that)."""
-    if not (folder / "adapter_config.json").is_file():
-        return None
-    own, card = adapter_bases(folder)
-    return card if own is None and card is not None else None
+    adapter = read_adapter_base(folder)
+    return adapter.upload_base if adapter else None
 
 
 def _hub_id(value: Any) -> str | None:
@@ -107,13 +123,17 @@ def _hub_id(value: Any) -> str | None:
     return None
 
 
-def adapter_bases(folder: Path) -> tuple[str | None, str | None]:
-    """The base model of an adapter folder as Hub ids: ``(adapter_config.json's base_model_name_or_path, the
-    card's base_model)``, each None when it is not a Hub id (e.g. the local path `internvlx train` records)."""
+def read_adapter_base(folder: Path) -> AdapterBase | None:
+    """The `AdapterBase` of an adapter folder (one read of ``adapter_config.json`` and of the card), or None when
+    ``folder`` has no ``adapter_config.json``."""
+    if not (folder / "adapter_config.json").is_file():
+        return None
     try:
-        own = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        own = None
+        config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        config = None
+    config = config if isinstance(config, dict) else None
+    declared = config.get("base_model_name_or_path") if config else None
     card = None
     if (folder / "README.md").is_file():
         from huggingface_hub import ModelCard
@@ -123,8 +143,15 @@ def adapter_bases(folder: Path) -> tuple[str | None, str | None]:
         except Exception:  # noqa: BLE001 - a card without (valid) metadata names no base model
             card = None
         card = card[0] if isinstance(card, list) and len(card) == 1 else card
-    return _hub_id(own), _hub_id(card)
+    return AdapterBase(config=config, declared=declared, own=_hub_id(declared), card=_hub_id(card))
 
 
-__all__ = ["IGNORE_PATTERNS", "UploadPlan", "adapter_bases", "adapter_upload_base", "plan_upload",
-           "training_state_names"]
+def adapter_bases(folder: Path) -> tuple[str | None, str | None]:
+    """The base model of an adapter folder as Hub ids: ``(adapter_config.json's base_model_name_or_path, the
+    card's base_model)``, each None when it is not a Hub id (e.g. the local path `internvlx train` records)."""
+    adapter = read_adapter_base(folder)
+    return (adapter.own, adapter.card) if adapter else (None, None)
+
+
+__all__ = ["IGNORE_PATTERNS", "AdapterBase", "UploadPlan", "adapter_bases", "adapter_upload_base", "plan_upload",
+           "read_adapter_base", "training_state_names"]

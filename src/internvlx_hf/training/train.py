@@ -417,9 +417,10 @@ def train(model_args: ModelArguments, data_args: DataArguments, preset_args: Pre
             get_metric(data_args.eval_metric, "--eval_metric")
         if data_args.eval_max_new_tokens < 1:
             raise ValueError(f"--eval_max_new_tokens must be >= 1, got {data_args.eval_max_new_tokens}")
-        eval_sets = read_eval_data(data_args.eval_data, processor, metric=data_args.eval_metric)
-        eval_dataset = InternVLXDataset(data_args.eval_data, processor, max_length=data_args.max_length,
-                                        progress=False)
+        # The meta file is read once; its sources give the prompts and answers to score and the rows of eval_loss.
+        eval_sources = as_sources(data_args.eval_data)
+        eval_sets = read_eval_data(eval_sources, processor, metric=data_args.eval_metric)
+        eval_dataset = InternVLXDataset(eval_sources, processor, max_length=data_args.max_length, progress=False)
         say("Held-out data (--eval-data): " + ", ".join(f"{s.name} {len(s.samples):,} samples ({s.metric})"
                                                         for s in eval_sets))
 
