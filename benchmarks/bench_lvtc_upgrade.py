@@ -73,14 +73,20 @@ UPGRADES = {
     "pvtc+lvtc": (dict(projector="pvtc", lvtc=f"k={K}"), "pvtc+lvtc"),
     "pvtc+lvtc-rms": (dict(projector="pvtc", lvtc=f"k={K},hr_scale=rms"), "pvtc+lvtc-rms"),
 }
-SCHEDULES = ("s1+s2", "s2")
+# "s1+s2": --stage1-steps of stage1, then --stage2-steps of stage2; "s2": stage2 alone for their sum;
+# "s1long+s2": a longer stage 1 (600 + 1100 steps: the HR projector aligns longer before the LLM unfreezes).
+SCHEDULES = ("s1+s2", "s2", "s1long+s2")
+LONG_STAGES = (600, 1100)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--configs", default=",".join(UPGRADES), help="upgrades to fine-tune (default: all)")
-    p.add_argument("--schedules", default="s1+s2", help="s1+s2 (stage1 then stage2), s2 (stage2 alone), or both")
+    p.add_argument("--schedules", default="s1+s2", help="s1+s2 (stage1 then stage2), s2 (stage2 alone), s1long+s2 "
+                   "(600 + 1100 steps), comma-separated")
+    p.add_argument("--runs", default=None, metavar="CONFIG:SCHEDULE:SEED,...",
+                   help="an explicit list of runs instead of --configs x --schedules x --seeds")
     p.add_argument("--seeds", default="0,1,2", help="fine-tuning seeds (new modules' init, data order)")
     p.add_argument("--stage2-alone-seeds", default=None,
                    help="seeds of the s2 schedule when it should differ from --seeds (e.g. 0)")
@@ -190,8 +196,9 @@ def one_run(args, config: str, schedule: str, seed: int) -> dict:
     train_meta, test_meta = make_datasets(work / "data", CONFIGS["plain-256"], fine_data)
     tag = f"{config}-{schedule}-s{seed}"
     start = upgrade(work / "pretrained-native", config, seed, work / "init" / tag)
-    stages = ([("stage1", args.stage1_steps, args.stage1_lr), ("stage2", args.stage2_steps, args.stage2_lr)]
-              if schedule == "s1+s2" else [("stage2", args.stage1_steps + args.stage2_steps, args.stage2_lr)])
+    s1, s2 = LONG_STAGES if schedule == "s1long+s2" else (args.stage1_steps, args.stage2_steps)
+    stages = ([("stage1", s1, args.stage1_lr), ("stage2", s2, args.stage2_lr)]
+              if schedule != "s2" else [("stage2", s1 + s2, args.stage2_lr)])
     row = {"name": tag, "config": config, "schedule": schedule, "seed": seed, "stages": []}
     current = start
     for i, (preset, steps, lr) in enumerate(stages):
@@ -199,7 +206,7 @@ def one_run(args, config: str, schedule: str, seed: int) -> dict:
         print(f"[{tag}] {preset}: {steps} steps, lr {lr}", flush=True)
         metrics = train_checkpoint(current, train_meta, out, TrainSpec(steps=steps, learning_rate=lr, seed=seed),
                                    preset=preset, threads=1, progress=False)
-        result = metrics.pop("result")
+        metrics.pop("result")
         row["stages"].append({"preset": preset, "steps": steps, "lr": lr, "train_s": metrics["train_runtime"],
                               "loss_first": metrics["loss_first"], "loss_last": metrics["loss_last"]})
         current = out  # `train` saved the model and its processor there
@@ -212,8 +219,8 @@ def one_run(args, config: str, schedule: str, seed: int) -> dict:
                train_s=sum(s["train_s"] for s in row["stages"]))
     if getattr(model.model, "lvtc_hr_projector", None) is not None:
         row["fine_hr"] = hr_ablation(model, processor, test_meta, args.n_test, intact=scores["accuracy"]["fine"])
-    for folder in [start, start.with_name(start.name + "-plain")] + [work / "trained" / f"{tag}-{s[0]}"
-                                                                      for s in stages]:
+    trained = [work / "trained" / f"{tag}-{stage[0]}" for stage in stages]
+    for folder in [start, start.with_name(start.name + "-plain"), *trained]:
         shutil.rmtree(folder, ignore_errors=True)
     return row
 
@@ -245,7 +252,11 @@ def schedule_runs(args) -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     alone = [int(s) for s in args.stage2_alone_seeds.split(",")] if args.stage2_alone_seeds else seeds
     todo = []
-    for seed in sorted(set(seeds) | set(alone)):
+    for item in (args.runs.split(",") if args.runs else []):
+        config, schedule, seed = item.split(":")
+        if not (runs_dir / f"{config}-{schedule}-s{seed}.json").is_file():
+            todo.append((config, schedule, int(seed)))
+    for seed in ([] if args.runs else sorted(set(seeds) | set(alone))):
         for schedule in args.schedules.split(","):
             if seed not in (alone if schedule == "s2" else seeds):
                 continue
@@ -281,6 +292,8 @@ def schedule_runs(args) -> None:
 
 
 def summarise(args) -> int:
+    from internvlx_hf.training.synthetic import BASIC_TASKS
+
     runs_dir = Path(args.runs_dir)
     rows = [json.loads(p.read_text()) for p in sorted(runs_dir.glob("*-s*.json"))]
     pre_path = runs_dir / "pretrained.json"
@@ -314,27 +327,33 @@ def summarise(args) -> int:
                 entry["fine_other"] = mean_sd([r["fine_hr"]["other image"] for r in group])[0]
             if probe:
                 entry["cost"] = probe[config] / probe["plain-1024"]
+            entry["basic_mean"] = {t: statistics.mean(r["accuracy"][t] for r in group) for t in BASIC_TASKS}
+            if pretrained:
+                entry["worst_basic_drop"] = max(((t, pretrained["accuracy"][t] - entry["basic_mean"][t])
+                                                 for t in BASIC_TASKS), key=lambda item: item[1])
             table.append(entry)
     lines = ["| configuration | schedule | visual tokens per tile (layers < k / >= k) | cost vs plain-1024 (probe) | "
-             "fine, mean ± sd (seeds) | fine, HR zeroed | fine, HR of another image | lowest basic task |",
-             "|---|---|---|---|---|---|---|---|"]
+             "fine, mean ± sd (seeds) | fine, HR zeroed | fine, HR of another image | lowest basic task | "
+             "largest basic-task drop vs pretrained |",
+             "|---|---|---|---|---|---|---|---|---|"]
     if pretrained:
         acc = pretrained["accuracy"]
         lines.append(f"| pretrained plain-256 (before the upgrade) | - | 16 | - | {acc['fine']:.3f} | - | - | "
-                     f"{pretrained['basic_min']:.3f} |")
+                     f"{pretrained['basic_min']:.3f} | - |")
     for e in table:
         tokens = f"{e['tokens'][0]}" if e["tokens"][0] == e["tokens"][1] else f"{e['tokens'][0]} / {e['tokens'][1]}"
         cost = f"{e['cost']:.2f}x" if "cost" in e else "-"
         zeroed = f"{e['fine_zeroed']:.3f}" if "fine_zeroed" in e else "-"
         other = f"{e['fine_other']:.3f}" if "fine_other" in e else "-"
+        drop = f"{e['worst_basic_drop'][1]:+.3f} ({e['worst_basic_drop'][0]})" if "worst_basic_drop" in e else "-"
         lines.append(f"| {e['config']} | {e['schedule']} | {tokens} | {cost} | {e['fine'][0]:.3f} ± "
-                     f"{e['fine'][1]:.3f} ({len(e['seeds'])}) | {zeroed} | {other} | {e['basic_min']:.3f} |")
+                     f"{e['fine'][1]:.3f} ({len(e['seeds'])}) | {zeroed} | {other} | {e['basic_min']:.3f} | {drop} |")
     checks = check_targets(table, pretrained)
     lines += [""] + [f"- {'met' if ok else 'NOT met'}: {text}" for ok, text in checks]
     text = "\n".join(lines)
     print(text)
-    results = {"settings": {key: getattr(args, key) for key in ("pretrain_steps", "stage1_steps", "stage2_steps",
-                                                                 "stage1_lr", "stage2_lr", "n_test")}
+    keys = ("pretrain_steps", "stage1_steps", "stage2_steps", "stage1_lr", "stage2_lr", "n_test")
+    results = {"settings": {key: getattr(args, key) for key in keys}
                | {"machine": f"{platform.machine()} {os.cpu_count()} cores", "threads_per_run": 1,
                   "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")},
                "pretrained": pretrained, "probe_s_per_step": probe, "table": table, "runs": rows,
@@ -364,13 +383,16 @@ def check_targets(table, pretrained) -> list[tuple[bool, str]]:
             checks.append((ok, f"{config} ({schedule}): within 0.05 of plain-1024 on fine at <= 0.65x its cost "
                                f"({fine:.3f} vs {ref_fine:.3f}, cost {cost if cost is None else round(cost, 2)}x)"))
             if "fine_zeroed" in e:
-                ok = e["fine_zeroed"] <= low["fine"][0] + 0.10
-                checks.append((ok, f"{config} ({schedule}): reads through its HR tokens (HR zeroed "
-                                   f"{e['fine_zeroed']:.3f} within 0.10 of plain-256's {low['fine'][0]:.3f} or below)"))
+                # "falls": the zeroed score must drop (a model that never used its HR tokens is not "reading" them)
+                ok = e["fine_zeroed"] <= low["fine"][0] + 0.10 and fine - e["fine_zeroed"] >= 0.05
+                checks.append((ok, f"{config} ({schedule}): reads through its HR tokens (HR zeroed: {fine:.3f} -> "
+                                   f"{e['fine_zeroed']:.3f}, a fall to within 0.10 of plain-256's "
+                                   f"{low['fine'][0]:.3f} or below)"))
             if pretrained:
-                ok = e["basic_min"] >= pretrained["basic_min"] - 0.03
-                checks.append((ok, f"{config} ({schedule}): no forgetting (lowest basic task {e['basic_min']:.3f} vs "
-                                   f"the pretrained model's {pretrained['basic_min']:.3f}, at most 0.03 lower)"))
+                task, drop = e["worst_basic_drop"]
+                checks.append((drop <= 0.03, f"{config} ({schedule}): no forgetting (no basic task more than 0.03 "
+                                             f"below the pretrained model's; largest drop {drop:+.3f} on {task}, "
+                                             "mean over seeds)"))
     return checks
 
 
