@@ -195,7 +195,8 @@ def main(argv=None) -> int:
             print(json.dumps({k: v for k, v in row.items() if k != "demo_answers"}), flush=True)
     from internvlx_hf import InternVLXForConditionalGeneration
 
-    parameters = sum(p.numel() for p in InternVLXForConditionalGeneration.from_pretrained(demo_model_dir()).parameters())
+    full = InternVLXForConditionalGeneration.from_pretrained(demo_model_dir())
+    parameters = sum(p.numel() for p in full.parameters())
     record = {
         "benchmark": "bench_quantization.py", "date": datetime.date.today().isoformat(),
         "device": f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)",
