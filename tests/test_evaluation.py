@@ -374,7 +374,7 @@ def test_cli_compares_checkpoints_and_tiling_modes_side_by_side(tmp_path, capsys
                  "--max-new-tokens", "4", "--json", str(out), "--plot", str(plot), "--no-progress"]) == 0
     printed = capsys.readouterr().out
     runs = json.loads(out.read_text())["runs"]
-    labels = [f"{DEMO_MODEL.name} (ratio)", f"{DEMO_MODEL.name} (edge)", f"{other.name} (ratio)", f"{other.name} (edge)"]
+    labels = [f"{name} ({tiling})" for name in (DEMO_MODEL.name, other.name) for tiling in ("ratio", "edge")]
     assert [r["label"] for r in runs] == labels
     assert [r["checkpoint"] for r in runs] == [str(DEMO_MODEL)] * 2 + [str(other)] * 2
     header = printed.splitlines()[5]
