@@ -178,14 +178,20 @@ def test_without_bitsandbytes_the_flags_name_the_extra(tmp_path):
     code = ("import sys\nsys.modules['bitsandbytes'] = None  # import bitsandbytes -> ImportError\n"
             "from internvlx_hf.cli import main\n"
             f"for argv in {[argv for argv, _ in runs]!r}:\n"
-            "    print(main(argv), flush=True)\n    print('--', file=sys.stderr, flush=True)\n")
+            "    print(main(argv), flush=True)\n    print('--', file=sys.stderr, flush=True)\n"
+            # the loader that chat and eval share says it too (for callers that skip the commands' early check)
+            "from internvlx_hf.cli.chat import load_chat_model\nfrom internvlx_hf.cli.command import CLIError\n"
+            "try:\n"
+            f"    load_chat_model({str(demo_model_dir())!r}, device='cpu', load_in_bits=4)\n"
+            "except CLIError as error:\n    print(f'internvlx load: error: {error}', file=sys.stderr)\n")
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT / "src"), "HF_HUB_OFFLINE": "1"}
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == ["2", "2", "2"], result.stderr[-3000:]
-    errors = [part.strip().splitlines() for part in result.stderr.split("--\n")[:3]]
-    for (argv, flag), lines in zip(runs, errors):
+    errors = [part.strip().splitlines() for part in result.stderr.split("--\n")]
+    assert len(errors) == 4, result.stderr[-3000:]
+    for (argv, flag), lines in zip([*runs, (["load"], "--load-in-4bit")], errors):
         assert lines[-1].startswith(f"internvlx {argv[0]}: error: {flag} needs bitsandbytes, which is not installed "
                                     "here ("), lines
         assert lines[-1].endswith(f"install the extra: {INSTALL_HINT}"), lines
@@ -283,6 +289,25 @@ print(json.dumps(logits))
     logits = {key: torch.tensor(value) for key, value in json.loads(result.stdout.strip().splitlines()[-1]).items()}
     torch.testing.assert_close(logits[str(out / "adapter")], logits[str(out)], rtol=0, atol=1e-4)
     assert not torch.allclose(logits[str(out)], logits[str(demo_model_dir())], atol=1e-2)
+
+
+def test_one_function_builds_the_quantized_loading_arguments(demo_config):
+    """`quantized_loading_kwargs`, which chat, eval and serve load with: the checkpoint's config and its
+    BitsAndBytesConfig, 4-bit layers computing in the loading dtype (a name or a torch dtype; float32 for auto)."""
+    from internvlx_hf.quantization import quantized_loading_kwargs
+
+    assert quantized_loading_kwargs(demo_model_dir(), None) == {}
+    kwargs = quantized_loading_kwargs(demo_model_dir(), 4, torch.bfloat16)
+    assert kwargs["config"].to_diff_dict() == demo_config.to_diff_dict() and kwargs["config"].model_type == "internvlx"
+    assert (kwargs["quantization_config"].load_in_4bit, kwargs["quantization_config"].bnb_4bit_compute_dtype) == (
+        True, torch.bfloat16)
+    for dtype, compute in (("float16", torch.float16), ("auto", torch.float32)):
+        assert quantized_loading_kwargs(demo_model_dir(), 4, dtype)["quantization_config"].bnb_4bit_compute_dtype \
+            == compute
+    eight = quantized_loading_kwargs(demo_model_dir(), 8, what="--load-in-8bit")["quantization_config"]
+    assert eight.load_in_8bit and eight.llm_int8_skip_modules == KEPT_DEMO
+    with pytest.raises(ValueError, match="bits must be 4 or 8"):
+        quantized_loading_kwargs(demo_model_dir(), 2)
 
 
 def test_serve_load_in_4bit_gives_the_server_the_chat_quantization_config(demo_config):

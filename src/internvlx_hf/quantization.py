@@ -127,6 +127,30 @@ def bitsandbytes_config(bits: int, config: Any, *, compute_dtype: Any = None, ke
                               llm_int8_skip_modules=skip, **kwargs)
 
 
+def quantized_loading_kwargs(path: Any, bits: int | None, dtype: Any = "auto", *,
+                             what: str | None = None) -> dict[str, Any]:
+    """The ``from_pretrained`` arguments that load the checkpoint at ``path`` in ``bits`` (4 or 8; None: ``{}``):
+    its ``config`` (read here, because `skip_modules` depends on it; passing it on saves a second read) and the
+    `bitsandbytes_config` for it. The one place where `internvlx chat`, `eval` and `serve` build them.
+
+    ``dtype``: the loading dtype, a torch dtype or its name; 4-bit layers compute in it (``"auto"``: float32).
+    ``what``: how a missing bitsandbytes is named (see `bitsandbytes_config`).
+
+    Raises:
+        ValueError: ``bits`` is not 4, 8 or None.
+        QuantizationUnavailable: bitsandbytes is not installed.
+    """
+    if bits is None:
+        return {}
+    import torch
+    from transformers import AutoConfig
+
+    compute_dtype = None if dtype in (None, "auto") else getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    config = AutoConfig.from_pretrained(path, trust_remote_code=True)
+    return {"config": config,
+            "quantization_config": bitsandbytes_config(bits, config, compute_dtype=compute_dtype, what=what)}
+
+
 def quantized_linear_names(model) -> list[str]:
     """Names of the model's bitsandbytes Linear layers (4-bit or 8-bit)."""
     import bitsandbytes as bnb
@@ -157,5 +181,5 @@ def check_kept_modules(model, skip: Sequence[str]) -> None:
 
 
 __all__ = ["BITS", "INSTALL_HINT", "QUANTIZATION_EXTRA", "QuantizationUnavailable", "bitsandbytes_config",
-           "check_kept_modules", "hide_optional_kernel_note", "quantized_linear_names", "require_bitsandbytes",
-           "skip_modules"]
+           "check_kept_modules", "hide_optional_kernel_note", "quantized_linear_names", "quantized_loading_kwargs",
+           "require_bitsandbytes", "skip_modules"]

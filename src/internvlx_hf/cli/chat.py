@@ -224,33 +224,29 @@ def load_chat_model(model: str, dtype: str = "auto", device: str = "auto", proce
     checkpoint's processor when the caller has loaded it already.
 
     ``load_in_bits`` 4 or 8: the weights are quantized while loading (bitsandbytes, `internvlx_hf.quantization`:
-    projectors and lm_head stay in ``dtype``); 4-bit layers then compute in ``dtype`` (float32 for auto).
+    projectors and lm_head stay in ``dtype``); 4-bit layers then compute in ``dtype`` (float32 for auto). The
+    commands check that bitsandbytes is installed before any work (`check_quantization_available`); a missing one
+    here is the same one-line error.
     """
     import torch
-    from transformers import AutoConfig, AutoModel, AutoProcessor
+    from transformers import AutoModel, AutoProcessor
 
     from ..hub.resolve import read_internvlx_config, resolve_model
+    from ..quantization import QuantizationUnavailable, check_kept_modules, quantized_loading_kwargs
 
-    check_quantization_available(load_in_bits)
     device_map = _device_map(device)
     path = resolve_model(model)
     read_internvlx_config(path, f"MODEL {str(model)!r}")
+    try:
+        kwargs = quantized_loading_kwargs(path, load_in_bits, dtype, what=quantization_flag(load_in_bits))
+    except QuantizationUnavailable as error:
+        raise CLIError(str(error)) from None
     if processor is None:
         processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
-    kwargs = {}
-    if load_in_bits is not None:
-        from ..quantization import bitsandbytes_config
-
-        config = AutoConfig.from_pretrained(path, trust_remote_code=True)
-        kwargs = {"config": config, "quantization_config": bitsandbytes_config(
-            load_in_bits, config, compute_dtype=None if dtype == "auto" else torch_dtype,
-            what=quantization_flag(load_in_bits))}
     loaded = AutoModel.from_pretrained(path, trust_remote_code=True, dtype=torch_dtype, device_map=device_map,
                                        **kwargs).eval()
     if load_in_bits is not None:
-        from ..quantization import check_kept_modules
-
         check_kept_modules(loaded, kwargs["quantization_config"].llm_int8_skip_modules)
     return loaded, processor
 
@@ -344,13 +340,13 @@ def _run_chat(args: argparse.Namespace) -> int:
     if args.question is not None and not args.question.strip():
         raise CLIError("the QUESTION is empty; ask something, or leave it out for an interactive conversation.")
     _check_images(args.image)
+    check_quantization_available(args.load_in_bits)  # before decoding a video
     videos = []
     if args.video is not None:
         videos = [load_video_frames(args.video, 8 if args.frames is None else args.frames,
                                     parse_bound(args.bound))]
     elif args.bound is not None or args.frames is not None:
         raise CLIError("--frames and --bound choose the frames of --video; pass --video PATH too.")
-    check_quantization_available(args.load_in_bits)
     model, processor = load_chat_model(args.model, args.dtype, args.device, load_in_bits=args.load_in_bits)
     if videos:
         check_video_support(processor, args.model)

@@ -57,21 +57,15 @@ def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 def model_loading_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """Extra ``from_pretrained`` arguments for MODEL: the one place where loading options of `serve` become model
-    arguments. ``--load-in-4bit`` / ``--load-in-8bit``: the ``quantization_config`` that `internvlx chat` uses
-    (`internvlx_hf.quantization.bitsandbytes_config`: projectors, LVTC projectors and lm_head kept)."""
+    arguments. ``--load-in-4bit`` / ``--load-in-8bit``: those `internvlx chat` loads with
+    (`internvlx_hf.quantization.quantized_loading_kwargs`)."""
     if args.load_in_bits is None:
         return {}
-    from transformers import AutoConfig
-
     from ..hub.resolve import resolve_model
-    from ..quantization import bitsandbytes_config
+    from ..quantization import quantized_loading_kwargs
 
-    config = AutoConfig.from_pretrained(resolve_model(args.model), trust_remote_code=True)
-    import torch
-
-    compute_dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
-    return {"config": config, "quantization_config": bitsandbytes_config(
-        args.load_in_bits, config, compute_dtype=compute_dtype, what=quantization_flag(args.load_in_bits))}
+    return quantized_loading_kwargs(resolve_model(args.model), args.load_in_bits, args.dtype,
+                                    what=quantization_flag(args.load_in_bits))
 
 
 def _run_serve(args: argparse.Namespace) -> int:
