@@ -177,14 +177,17 @@ class ChatSession:
         images_cost = (f"{len(images)} image{'s' if len(images) > 1 else ''} at up to {max_tiles} "
                        f"tile{'s' if max_tiles > 1 else ''} take{'' if len(images) > 1 else 's'} {visual_now:,} tokens")
         lowest = max(1, int(self.processor.image_processor.min_tiles))
+        needed = None  # positions at the last --max-tiles tried: `lowest` once the loop has run
         for n in range(max_tiles - 1, lowest - 1, -1):
-            if positions_at(n) < limit:
-                raise CLIError(f"{problem}: its {images_cost}; use --max-tiles {n} ({positions_at(n):,} positions) "
+            needed = positions_at(n)
+            if needed < limit:
+                raise CLIError(f"{problem}: its {images_cost}; use --max-tiles {n} ({needed:,} positions) "
                                "or fewer images.")
         if layer_groups(config, text_tokens, 0)[-1][1] >= limit:
             raise CLIError(f"{problem}: the text alone takes {text_tokens:,}; ask a shorter question, or /reset a "
                            "long conversation.")
-        raise CLIError(f"{problem}: its {images_cost} (--max-tiles {lowest} still needs {positions_at(lowest):,} "
+        at_lowest = positions_at(lowest) if needed is None else needed
+        raise CLIError(f"{problem}: its {images_cost} (--max-tiles {lowest} still needs {at_lowest:,} "
                        "positions); use fewer images.")
 
 
