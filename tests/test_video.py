@@ -414,7 +414,10 @@ def test_cli_chat_video_errors_are_one_line(capsys, tmp_path, frame_folder):
     cases = [
         (["--bound", "1,2", "Q"], "--frames and --bound choose the frames of --video; pass --video PATH too."),
         (["--video", str(frame_folder), "--bound", "2", "Q"], "--bound '2': expected START,END in seconds"),
-        (["--video", str(frame_folder), "--bound", "5,1", "Q"], "--bound '5,1': START must be >= 0 and before END"),
+        (["--video", str(frame_folder), "--bound", "5,1", "Q"],
+         "--bound '5,1': bound must satisfy 0 <= start < end (seconds), got (5, 1)."),
+        (["--video", str(frame_folder), "--bound", "1,inf", "Q"],
+         "--bound '1,inf': bound must satisfy 0 <= start < end (seconds), got (1, inf)."),
         (["--video", str(frame_folder), "--frames", "0", "Q"], "--frames must be >= 1, got 0."),
         (["--video", str(tmp_path / "nope.mp4"), "Q"], "--video: video '" + str(tmp_path / "nope.mp4")),
         (["--video", str(frame_folder), "--bound", "20,30", "Q"],

@@ -263,16 +263,20 @@ def _check_images(paths: list[str]) -> None:
 
 
 def parse_bound(text: str | None) -> tuple[float, float] | None:
-    """--bound START,END (seconds) -> (start, end)."""
+    """--bound START,END (seconds) -> (start, end); the values are checked where every caller's bound is
+    (`processing.video.check_bound`), so the CLI only parses the text."""
     if text is None:
         return None
+    from ..processing.video import check_bound
+
     try:
         start, end = (float(part) for part in text.split(","))
     except ValueError:
         raise CLIError(f"--bound {text!r}: expected START,END in seconds, e.g. --bound 2,10.") from None
-    if not 0 <= start < end:
-        raise CLIError(f"--bound {text!r}: START must be >= 0 and before END.")
-    return start, end
+    try:
+        return check_bound((start, end))
+    except ValueError as error:
+        raise CLIError(f"--bound {text!r}: {error}.") from None
 
 
 def load_video_frames(path: str, frames: int, bound: tuple[float, float] | None) -> list[Any]:
