@@ -43,15 +43,23 @@ def synthetic_frames(count=NUM_FRAMES, height=48, width=64, seed=0) -> list[np.n
     return [rng.integers(0, 256, (height, width, 3), dtype=np.uint8) for _ in range(count)]
 
 
-def write_video(path: Path, frames, codec="ffv1", pix_fmt="bgr0", fps=FPS) -> Path:
-    """Encode frames with PyAV; ffv1 is lossless, so decoded frames equal the arrays written."""
+def write_video(path: Path, frames, codec="ffv1", pix_fmt="bgr0", fps=FPS, options=None, format=None,
+                pts_ms=None) -> Path:
+    """Encode frames with PyAV; ffv1 is lossless, so decoded frames equal the arrays written. ``options``: the
+    encoder's (e.g. ``{"g": "10"}``, a keyframe every 10 frames); ``format``: the container's, where the suffix does
+    not say it; ``pts_ms``: each frame's timestamp in milliseconds (a variable frame rate), instead of 1 / fps."""
     av = pytest.importorskip("av", reason="PyAV is not installed (pip install 'internvlx-hf[video]')")
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream(codec, rate=Fraction(fps))
+    with av.open(str(path), "w", format=format) as container:
+        stream = container.add_stream(codec, rate=Fraction(fps), options=options or {})
         stream.height, stream.width = frames[0].shape[:2]
         stream.pix_fmt = pix_fmt
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+        if pts_ms is not None:
+            stream.codec_context.time_base = Fraction(1, 1000)
+        for index, frame in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(frame, format="rgb24")
+            if pts_ms is not None:
+                frame.pts, frame.time_base = pts_ms[index], Fraction(1, 1000)
+            for packet in stream.encode(frame):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
@@ -140,6 +148,63 @@ def test_lossy_mp4_reads_its_frame_count_and_rate(tmp_path):
     assert (reader.num_frames, reader.fps) == (12, 24.0)
     frames = load_video(path, num_segments=4)
     assert [f.size for f in frames] == [(64, 48)] * 4 and all(f.mode == "RGB" for f in frames)
+
+
+def moving_frames(count=60, height=48, width=64, seed=0) -> list[np.ndarray]:
+    """A smoothed noise texture sliding 2 px a frame: every frame differs, yet consecutive ones are alike, so
+    inter-frame codecs make P and B frames (on pure noise they code every frame as a keyframe)."""
+    rng = np.random.default_rng(seed)
+    texture = rng.integers(0, 256, (height, width * 4, 3)).astype(np.uint16)
+    texture = ((texture + np.roll(texture, 1, 1) + np.roll(texture, 1, 0)) // 3).astype(np.uint8)
+    return [np.ascontiguousarray(texture[:, 2 * i:2 * i + width]) for i in range(count)]
+
+
+# 60 frames each: (file name, codec, pix_fmt, encoder options, container format, timestamps in ms, decoding of
+# frame 57): "seek" from the last keyframe at or before it, "start" from the first frame, None not checked.
+_VFR_MS = [40 * i + (7 if i % 3 == 1 else 0) + 100 * (i // 20) for i in range(60)]
+SEEK_VIDEOS = {
+    "ffv1 mkv, a keyframe every 10": ("clip.mkv", "ffv1", "bgr0", {"g": "10"}, None, None, "seek"),
+    "h264 mp4, B-frames": ("clip.mp4", "libx264", "yuv420p", {"g": "10", "bf": "2"}, None, None, "seek"),
+    "mpeg4 mkv, B-frames, variable frame rate": ("vfr.mkv", "mpeg4", "yuv420p", {"bf": "2", "qscale": "2"}, None,
+                                                 _VFR_MS, "seek"),
+    # AVI seeks by decode order and lands past the keyframe of frame 57: the reader sees it and starts over.
+    "mpeg4 avi, B-frames": ("clip.avi", "mpeg4", "yuv420p", {"bf": "2", "qscale": "2"}, None, None, None),
+    "raw h264, no timestamps": ("clip.h264", "libx264", "yuv420p", {"g": "10", "bf": "2"}, "h264", None, "start"),
+}
+INDEX_SETS = [[0], [5], [57], [59], [12, 3, 3, 40, 12], list(range(50, 60)), [59, 0, 30, 29, 31, 30]]
+
+
+@pytest.mark.parametrize("case", SEEK_VIDEOS)
+def test_seeking_gives_the_frames_of_a_decode_from_the_start(tmp_path, case):
+    """`VideoReader.get_frames` seeks to the keyframe before each wanted frame; it must return exactly the frames
+    that decoding the whole video in order numbers so (frame i = the i-th decoded), and decode from the start
+    where timestamps cannot number the frames."""
+    av = pytest.importorskip("av", reason="PyAV is not installed (pip install 'internvlx-hf[video]')")
+    name, codec, pix_fmt, options, container_format, pts_ms, decoding = SEEK_VIDEOS[case]
+    if codec not in av.codecs_available:
+        pytest.skip(f"this PyAV build has no {codec} encoder")
+    frames = moving_frames()
+    path = write_video(tmp_path / name, frames, codec, pix_fmt, options=options, format=container_format,
+                       pts_ms=pts_ms)
+    with av.open(str(path)) as container:
+        in_order = [frame.to_image().convert("RGB").tobytes() for frame in container.decode(video=0)]
+    with av.open(str(path)) as container:
+        packets = sorted((p.pts, p.is_keyframe) for p in container.demux(video=0) if p.size and p.pts is not None)
+    keyframes = [number for number, (_, key) in enumerate(packets) if key]
+    assert len(in_order) == 60 and len(set(in_order)) == 60
+    if codec == "ffv1":
+        assert in_order == [Image.fromarray(frame).tobytes() for frame in frames]  # lossless
+    if decoding == "seek":
+        assert 1 < len(keyframes) < 60, keyframes  # a real group of pictures: seeking has something to skip
+
+    reader = VideoReader(path)
+    for indices in INDEX_SETS:
+        assert [frame.tobytes() for frame in reader.get_frames(indices)] == [in_order[i] for i in indices], indices
+    reader.get_frames([57])
+    if decoding == "seek":
+        assert reader.frames_decoded == 57 - max(k for k in keyframes if k <= 57) + 1
+    elif decoding == "start":
+        assert reader.frames_decoded == 58
 
 
 def test_frame_folders_and_in_memory_frames(tmp_path):

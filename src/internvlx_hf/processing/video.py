@@ -18,12 +18,13 @@ its sibling files (PyAV inside a `try`, so transformers' remote-code import chec
 
 from __future__ import annotations
 
+import bisect
 import os
 import random
 import re
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 from PIL import Image
@@ -160,8 +161,10 @@ def _import_av():
 class VideoReader:
     """A video file opened with PyAV: its frame count and average fps, and the RGB frames at given indices.
 
-    Frames are counted by demuxing when the container does not store the count, and decoded in one pass in
-    presentation order; frame `i` is the `i`-th decoded frame, as decord (InternVL's reader) numbers them.
+    Frames are counted by demuxing when the container does not store the count. Frame `i` is the `i`-th frame in
+    presentation order, as decord (InternVL's reader) numbers them, and `get_frames` seeks to the keyframe before each
+    wanted frame rather than decoding from the start (a bound late in a long video decodes a few frames, not all).
+    `frames_decoded` is how many frames the last `get_frames` call decoded.
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -169,13 +172,18 @@ class VideoReader:
         if not Path(self.path).is_file():
             raise FileNotFoundError(f"video {self.path!r}: no such file; pass an existing video file or frame folder")
         av = _import_av()
+        self._index: _FrameIndex | None = None
+        self._indexed = False
         try:
             with av.open(self.path) as container:
                 if not container.streams.video:
                     raise ValueError(f"video {self.path!r}: the file has no video stream")
                 stream = container.streams.video[0]
                 rate = stream.average_rate or stream.guessed_rate or stream.base_rate
-                count = stream.frames or sum(1 for packet in container.demux(stream) if packet.size)
+                count = stream.frames
+                if not count:  # counted by demuxing, which reads what seeking needs as well
+                    count, self._index = _scan_packets(container, stream)
+                    self._indexed = True
         except av.FFmpegError as err:
             raise ValueError(
                 f"video {self.path!r}: not a readable video ({err}); the file may be corrupt, truncated or not a video"
@@ -186,6 +194,7 @@ class VideoReader:
             raise ValueError(f"video {self.path!r}: the file stores no frame rate; re-encode it or pass its frames")
         self.num_frames = int(count)
         self.fps = float(Fraction(rate))
+        self.frames_decoded = 0
 
     @property
     def duration(self) -> float:
@@ -197,16 +206,11 @@ class VideoReader:
         if wanted and (wanted[0] < 0 or wanted[-1] >= self.num_frames):
             raise ValueError(f"video {self.path!r}: frame indices {wanted} outside 0..{self.num_frames - 1}")
         av = _import_av()
-        frames: dict[int, Image.Image] = {}
+        self.frames_decoded = 0
         try:
-            with av.open(self.path) as container:
-                stream = container.streams.video[0]
-                stream.thread_type = "AUTO"
-                for position, frame in enumerate(container.decode(stream)):
-                    if position in wanted:
-                        frames[position] = frame.to_image().convert("RGB")
-                    if len(frames) == len(wanted):
-                        break
+            frames = self._decode_seeking(av, wanted) if wanted else {}
+            if frames is None:  # the timestamps cannot be trusted to number the frames: decode from the start
+                frames = self._decode_in_order(av, wanted)
         except av.FFmpegError as err:
             raise ValueError(f"video {self.path!r}: decoding failed ({err}); the file may be corrupt") from None
         missing = [i for i in wanted if i not in frames]
@@ -216,6 +220,98 @@ class VideoReader:
                 "decoded; the file is probably truncated. Re-encode it."
             )
         return [frames[int(i)] for i in indices]
+
+    def _decode_in_order(self, av, wanted: list[int]) -> dict[int, Image.Image]:
+        """Every frame from the start, frame `i` being the `i`-th one decoded."""
+        frames: dict[int, Image.Image] = {}
+        pending = set(wanted)
+        with av.open(self.path) as container:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            for position, frame in enumerate(container.decode(stream)):
+                self.frames_decoded += 1
+                if position in pending:
+                    frames[position] = frame.to_image().convert("RGB")
+                if len(frames) == len(wanted):
+                    break
+        return frames
+
+    def _decode_seeking(self, av, wanted: list[int]) -> dict[int, Image.Image] | None:
+        """The `wanted` frames (sorted), each decoded from the last keyframe at or before it, or from where the
+        previous one left off when no keyframe lies between them; None where the frames cannot be numbered exactly.
+
+        A frame's number is the rank of its timestamp among the stream's packets (`_scan_packets`), which is its
+        position in the decode from the start whenever the decoder gives one frame per packet in presentation order.
+        Each decoded run is checked to do so: it must reach its keyframe exactly, decoded as a keyframe (a demuxer
+        seeking by decode timestamps, as AVI's does, may land past it), and then give consecutive numbers; a frame
+        that is dropped, unknown or out of place ends the attempt, and the caller decodes from the start instead.
+        Variable frame rates need no special case: numbers come from the order of the timestamps, not their values.
+        """
+        if not self._indexed:
+            with av.open(self.path) as container:
+                _, self._index = _scan_packets(container, container.streams.video[0])
+            self._indexed = True
+        index = self._index
+        if index is None or len(index.pts) != self.num_frames:
+            return None
+        rank = {pts: number for number, pts in enumerate(index.pts)}
+        pending = set(wanted)
+        frames: dict[int, Image.Image] = {}
+        with av.open(self.path) as container:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            decoded, position = None, -1  # position: the number of the last frame decoded
+            for target in wanted:
+                if target in frames:
+                    continue
+                before = bisect.bisect_right(index.keyframes, target) - 1
+                keyframe = index.keyframes[before] if before >= 0 else None
+                if keyframe is not None and keyframe > position + 1:  # skip the frames up to the keyframe
+                    container.seek(index.pts[keyframe], stream=stream, backward=True, any_frame=False)
+                    decoded, position = container.decode(stream), keyframe - 1
+                elif decoded is None:  # the target comes before any seek would help: decode from the start
+                    decoded = container.decode(stream)
+                for frame in decoded:
+                    self.frames_decoded += 1
+                    number = rank.get(frame.pts)
+                    if number is None:
+                        return None
+                    if number <= position:  # before the keyframe: an open GOP's leading frames, or an early landing
+                        continue
+                    if number != position + 1 or (number == keyframe and not frame.key_frame):
+                        return None
+                    position = number
+                    if number in pending:
+                        frames[number] = frame.to_image().convert("RGB")
+                    if number == target:
+                        break
+                else:  # the stream ended before the target: let the decode from the start report it
+                    return None
+        return frames
+
+
+class _FrameIndex(NamedTuple):
+    pts: list[int]  # the stream's packet timestamps in presentation order: frame i has pts[i]
+    keyframes: list[int]  # numbers of the keyframes, ascending
+
+
+def _scan_packets(container, stream) -> tuple[int, _FrameIndex | None]:
+    """Demux `stream` (no decoding): its packet count, and its frames' timestamps and keyframes, or None where the
+    timestamps cannot number the frames (a packet without pts, as raw elementary streams have; a repeated pts; a
+    packet the demuxer marks as discarded, whose frame the decoder drops)."""
+    count, usable, packets = 0, True, []
+    for packet in container.demux(stream):
+        if not packet.size:  # the flush packet at the end
+            continue
+        count += 1
+        if packet.pts is None or packet.is_discard:
+            usable = False
+        if usable:
+            packets.append((packet.pts, bool(packet.is_keyframe)))
+    if not usable or len({pts for pts, _ in packets}) != len(packets):
+        return count, None
+    packets.sort()
+    return count, _FrameIndex([pts for pts, _ in packets], [n for n, (_, key) in enumerate(packets) if key])
 
 
 def frame_files(folder: Path) -> list[Path]:
