@@ -40,6 +40,25 @@ def _keep_torch_threads():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def http_server(tmp_path):
+    """A local HTTP server over `tmp_path` (no network needed): its base URL, e.g. ``http://127.0.0.1:PORT``;
+    stopped after the test."""
+    import functools
+    import http.server
+    import threading
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(tmp_path)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
 def require_fixture(*parts: str) -> Path:
     """Real path of a fixture file/folder kept verbatim (see `golden.fixture_path`); fails the test if missing."""
     try:

@@ -477,25 +477,6 @@ def test_a_missing_path_is_not_mistaken_for_base64(tmp_path):
         InternVLXImageProcessor()("QUJDREVGR0hJSktMTU5PUFFSU1RV")  # base64 of b"ABCD...", not an image
 
 
-@pytest.fixture
-def http_server(tmp_path):
-    """A local HTTP server over `tmp_path` (no network needed), stopped after the test."""
-    import functools
-    import http.server
-    import threading
-
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(tmp_path)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
-
-
 def test_http_urls_are_downloaded_with_transformers_load_image(tmp_path, http_server):
     image = random_image(600, 400, seed=10)
     (tmp_path / "photo.png").write_bytes(png_bytes(image))

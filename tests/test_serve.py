@@ -8,14 +8,11 @@ multi-turn conversation against `internvlx chat`'s own multi-turn session on the
 from __future__ import annotations
 
 import base64
-import functools
-import http.server
 import io
 import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 
@@ -91,21 +88,6 @@ def client(server):
     return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=120)
 
 
-@pytest.fixture
-def image_server(tmp_path):
-    """A local HTTP server over `tmp_path`, for images sent as http:// URLs (no network needed)."""
-
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(tmp_path)))
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
-
-
 @pytest.fixture(scope="module")
 def chat_session():
     """A fresh `internvlx chat` session on the demo model (loaded once), to compare the server's answers with."""
@@ -132,12 +114,12 @@ def test_the_demo_questions_are_answered_right_with_data_uri_images(client):
         assert response.usage.completion_tokens >= 1 and response.usage.prompt_tokens > 16  # 16 image tokens
 
 
-def test_images_as_server_paths_and_http_urls(client, tmp_path, image_server):
+def test_images_as_server_paths_and_http_urls(client, tmp_path, http_server):
     colour, shape = QUESTIONS[0], QUESTIONS[1]
     colour.image.save(tmp_path / "colour.png")
     shape.image.save(tmp_path / "shape.png")
     by_path = client.chat.completions.create(model=DEMO, messages=ask(str(tmp_path / "colour.png"), colour.question))
-    by_url = client.chat.completions.create(model=DEMO, messages=ask(f"{image_server}/shape.png", shape.question))
+    by_url = client.chat.completions.create(model=DEMO, messages=ask(f"{http_server}/shape.png", shape.question))
     assert by_path.choices[0].message.content == colour.expected
     assert by_url.choices[0].message.content == shape.expected
 
