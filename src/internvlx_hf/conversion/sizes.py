@@ -22,7 +22,7 @@ from .convert import build_config, expected_parameters, read_source_config
 from .errors import ConversionError
 from .options import check_projector, parse_lvtc_spec
 from .plan import PlanInputs, is_new_by_design
-from .source import SourceCheckpoint, _check_config
+from .source import SourceCheckpoint, check_source_config
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ def size_from_config(source_config: dict[str, Any], *, projector: str = "keep",
     if source_projector not in ("mlp", "pvtc"):
         raise ConversionError(f"source_projector must be 'mlp' or 'pvtc', got {source_projector!r}")
     lvtc_options, _ = parse_lvtc_spec(lvtc)
-    _check_config(source_config, Path(name))
+    check_source_config(source_config, Path(name))
     if "llm_config" not in source_config or "vision_config" not in source_config:
         raise ConversionError(f"{name} has no llm_config/vision_config: it is not an OpenGVLab InternVLChatModel "
                               "config.json.")

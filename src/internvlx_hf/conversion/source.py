@@ -67,7 +67,10 @@ _JSON_FILES = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens
                "vocab.json", "generation_config.json")
 
 
-def _check_config(config: Any, config_path: Path) -> None:
+def check_source_config(config: Any, config_path: Path) -> None:
+    """Raise `ConversionError` when an OpenGVLab ``config.json`` (parsed, read from ``config_path``) is not a JSON
+    object, or when its llm_config / vision_config section is not one or lacks a key that conversion needs. A
+    missing section is left to the caller, which explains the layouts it reads."""
     if not isinstance(config, dict):
         raise ConversionError(f"{config_path} holds a JSON {type(config).__name__}, not an object; restore the "
                               "checkpoint's config.json.")
@@ -108,7 +111,7 @@ def _read_source(path: Path, allow_pickle: bool) -> SourceCheckpoint:
     config = read_json_file(config_path, "config")
     if isinstance(config, dict) and config.get("model_type") == NATIVE_MODEL_TYPE:
         return _read_native_source(path, config, allow_pickle)
-    _check_config(config, config_path)
+    check_source_config(config, config_path)
     if config.get("model_type") == "internvlx":
         raise ConversionError(f"{path} is already an internvlx-hf checkpoint; load it with from_pretrained.")
     if "llm_config" not in config or "vision_config" not in config:
