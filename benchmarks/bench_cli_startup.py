@@ -3,10 +3,13 @@
 Each case runs in a fresh interpreter (``python -m internvlx_hf ...``), REPEATS times, from bytecode; the table
 shows the median wall time and its ratio to loading the model classes (`from internvlx_hf import
 InternVLXForConditionalGeneration`: torch, transformers and the Auto registration, what every command that works on
-a model pays first). `--help` and an argument error also run on the package at commit OLD (`git archive`), the last
-one that imported everything at `import internvlx_hf`: a before/after in one run, on the same machine and load.
+a model pays first). Some cases also run on the package at an earlier commit (`git archive`): `--help` and an
+argument error at OLD, the last one that imported everything at `import internvlx_hf`, and `train --help` and a
+train argument error at TRAIN_OLD, the last one that built train's flags from transformers' TrainingArguments
+(torch) instead of the shipped train_flags.json: a before/after in one run, on the same machine and load.
 
-    python benchmarks/bench_cli_startup.py [--repeats 3] [--old 0b9a898] [--out benchmarks/results/cli-startup.json]
+    python benchmarks/bench_cli_startup.py [--repeats 3] [--old 0b9a898] [--train-old 9043b13]
+        [--out benchmarks/results/cli-startup.json]
     python benchmarks/bench_cli_startup.py --report-only     # rewrite the table from the JSON
 
 Results go to benchmarks/results/cli-startup.json (and .md); docs/benchmarks.md shows them.
@@ -29,20 +32,23 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 OLD = "0b9a898"  # the last commit whose `import internvlx_hf` imported torch and transformers
+TRAIN_OLD = "9043b13"  # the last commit whose `train --help` built its flags from TrainingArguments (torch)
 
-# (label, argv after `python`, expected exit status, also timed on OLD). Before, every `internvlx` run paid the
-# import of the classes first, whatever the command; OLD is timed on two of them.
+# (label, argv after `python`, expected exit status, earlier commit also timed or None). Before OLD, every
+# `internvlx` run paid the import of the classes first, whatever the command; before TRAIN_OLD, `train` did.
 CASES = [
-    ("python -c pass (the interpreter alone)", ["-c", "pass"], 0, False),
-    ("internvlx --help", ["-m", "internvlx_hf", "--help"], 0, True),
-    ("internvlx chat --help", ["-m", "internvlx_hf", "chat", "--help"], 0, False),
-    ("internvlx chat (argument error: no MODEL)", ["-m", "internvlx_hf", "chat"], 2, True),
+    ("python -c pass (the interpreter alone)", ["-c", "pass"], 0, None),
+    ("internvlx --help", ["-m", "internvlx_hf", "--help"], 0, "OLD"),
+    ("internvlx chat --help", ["-m", "internvlx_hf", "chat", "--help"], 0, None),
+    ("internvlx chat (argument error: no MODEL)", ["-m", "internvlx_hf", "chat"], 2, "OLD"),
     ("internvlx convert --lvtc SRC DST (argument error)", ["-m", "internvlx_hf", "convert", "--lvtc", "SRC", "DST"],
-     2, False),
-    ("internvlx train --help (TrainingArguments: imports torch)", ["-m", "internvlx_hf", "train", "--help"], 0,
-     False),
+     2, None),
+    ("internvlx train --help (flags from train_flags.json)", ["-m", "internvlx_hf", "train", "--help"], 0,
+     "TRAIN_OLD"),
+    ("internvlx train --learning_rate abc (argument error)",
+     ["-m", "internvlx_hf", "train", "--learning_rate", "abc"], 2, "TRAIN_OLD"),
     ("load the model classes (what a command that runs pays)",
-     ["-c", "from internvlx_hf import InternVLXForConditionalGeneration"], 0, False),
+     ["-c", "from internvlx_hf import InternVLXForConditionalGeneration"], 0, None),
 ]
 REFERENCE = CASES[-1][0]
 
@@ -66,19 +72,20 @@ def _old_source(commit: str, folder: Path) -> Path:
     return folder / "src"
 
 
-def measure(repeats: int, old: str) -> dict:
+def measure(repeats: int, commits: dict[str, str]) -> dict:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        versions = {"now": REPO / "src", f"old ({old})": _old_source(old, Path(tmp))}
-        for src in versions.values():  # both versions run from bytecode
+        sources = {"now": REPO / "src"}
+        sources.update({commit: _old_source(commit, Path(tmp) / commit) for commit in commits.values()})
+        for src in sources.values():  # every version runs from bytecode
             subprocess.run([sys.executable, "-m", "compileall", "-q", str(src)], check=True)
-        for label, argv, expected, before_too in CASES:
-            for version, src in versions.items() if before_too else [("now", REPO / "src")]:
-                times = [_time(argv, src, expected) for _ in range(repeats)]
+        for label, argv, expected, before in CASES:
+            for version in ["now"] + ([commits[before]] if before else []):
+                times = [_time(argv, sources[version], expected) for _ in range(repeats)]
                 rows.append({"case": label, "version": version, "median_s": statistics.median(times),
                              "runs_s": [round(t, 3) for t in times]})
-                print(f"{label:60s} {version:14s} {statistics.median(times):7.3f} s", flush=True)
-    return {"repeats": repeats, "old": old, "python": platform.python_version(), "cpus": os.cpu_count(),
+                print(f"{label:60s} {version:8s} {statistics.median(times):7.3f} s", flush=True)
+    return {"repeats": repeats, "commits": commits, "python": platform.python_version(), "cpus": os.cpu_count(),
             "load_average": os.getloadavg(), "rows": rows}
 
 
@@ -90,15 +97,16 @@ def report(results: dict) -> str:
         f"{results['load_average'][0]:.1f} at the end); ratio = time / loading the model classes "
         f"now ({reference:.2f} s)",
         "",
-        "| case | now (s) | now / model classes | before, " + f"{results['old']} (s) |",
-        "|---|---|---|---|",
+        "| case | now (s) | now / model classes | before (s) | before / now | at commit |",
+        "|---|---|---|---|---|---|",
     ]
     by_case: dict[str, dict[str, float]] = {}
     for row in results["rows"]:
-        by_case.setdefault(row["case"], {})[row["version"].split()[0]] = row["median_s"]
+        by_case.setdefault(row["case"], {})[row["version"]] = row["median_s"]
     for case, times in by_case.items():
-        before = f"{times['old']:.2f}" if "old" in times else ""
-        lines.append(f"| {case} | {times['now']:.2f} | {times['now'] / reference:.2f} | {before} |")
+        now = times.pop("now")
+        before = [f"{seconds:.2f} | {seconds / now:.0f}x | {commit}" for commit, seconds in times.items()]
+        lines.append(f"| {case} | {now:.2f} | {now / reference:.2f} | {before[0] if before else ' | | '} |")
     return "\n".join(lines) + "\n"
 
 
@@ -106,13 +114,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--old", default=OLD, help="commit of the eager package (default %(default)s)")
+    parser.add_argument("--train-old", default=TRAIN_OLD,
+                        help="commit whose train built its flags from TrainingArguments (default %(default)s)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "cli-startup.json")
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args()
     if args.report_only:
         results = json.loads(args.out.read_text())
     else:
-        results = measure(args.repeats, args.old)
+        results = measure(args.repeats, {"OLD": args.old, "TRAIN_OLD": args.train_old})
         args.out.write_text(json.dumps(results, indent=1) + "\n")
     table = report(results)
     args.out.with_suffix(".md").write_text(table)

@@ -1,5 +1,7 @@
 """`internvlx` starts without torch/transformers: `--help`, every `COMMAND --help` and argument errors are
-answered by argparse alone, and the package's classes and Auto registration load on first use. And argument
+answered by argparse alone, and the package's classes and Auto registration load on first use; `train`'s flags
+come from the shipped `train_flags.json`, which must be what transformers' TrainingArguments and our dataclasses
+give (same help, same values, same errors), and is set aside under another transformers release. And argument
 errors that need more than argparse's usage: an option with an optional value that took a positional.
 
 Checked in fresh interpreters (this test process has torch imported already), by which modules got imported:
@@ -8,6 +10,9 @@ exact behaviour, no timings (benchmarks/bench_cli_startup.py measures them).
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import functools
 import json
 import os
 import subprocess
@@ -15,7 +20,9 @@ import sys
 
 import pytest
 
-from internvlx_hf.cli import _commands, main
+from internvlx_hf.cli import _commands, build_parser, main
+from internvlx_hf.cli.train import TRAIN, _add_train_arguments
+from internvlx_hf.cli.train_flags import REGENERATE, SHIPPED, add_shipped_flags, live_text
 
 from conftest import REPO_ROOT
 
@@ -54,16 +61,15 @@ def _run_cli(argvs: list[list[str]]) -> list[dict]:
     return json.loads(result.stdout)
 
 
-# `train` builds its flags from transformers' TrainingArguments, whose module imports torch.
-LIGHT_COMMANDS = [command.name for command in _commands() if command.name != "train"]
+COMMANDS = [command.name for command in _commands()]
 
 
 def test_help_of_the_cli_and_of_every_command_imports_nothing_heavy():
-    argvs = [["--help"]] + [[name, "--help"] for name in LIGHT_COMMANDS]
+    argvs = [["--help"]] + [[name, "--help"] for name in COMMANDS]
     results = _run_cli(argvs)
     assert [r["code"] for r in results] == [0] * len(argvs)
-    assert all(f"{name} " in results[0]["stdout"] for name in [*LIGHT_COMMANDS, "train"])
-    for name, result in zip(LIGHT_COMMANDS, results[1:]):
+    assert all(f"{name} " in results[0]["stdout"] for name in COMMANDS)
+    for name, result in zip(COMMANDS, results[1:]):
         assert result["stdout"].startswith(f"usage: internvlx {name} "), result["stdout"][:200]
         assert "--debug" in result["stdout"]
     assert results[-1]["heavy"] == []
@@ -71,7 +77,9 @@ def test_help_of_the_cli_and_of_every_command_imports_nothing_heavy():
 
 def test_argument_errors_import_nothing_heavy():
     argvs = [[], ["nonsense"], ["chat"], ["chat", "MODEL", "--max-tiles", "many"], ["convert", "SRC"],
-             ["tokens", "--tiling", "diagonal"], ["eval", "--nonsense"], ["demo", "--nonsense"]]
+             ["tokens", "--tiling", "diagonal"], ["eval", "--nonsense"], ["train", "--learning_rate", "abc"],
+             ["train", "--max_steps", "1.5"], ["train", "--preset", "x"], ["train", "--lr-scheduler-type", "cosin"],
+             ["train", "--packing", "train.yaml"], ["train", "--nonsense"], ["demo", "--nonsense"]]
     results = _run_cli(argvs)
     assert [r["code"] for r in results] == [2] * len(argvs)
     assert [r["last_err"] for r in results] == [
@@ -84,6 +92,18 @@ def test_argument_errors_import_nothing_heavy():
         "internvlx tokens: error: argument --tiling: invalid choice: 'diagonal' (choose from 'ratio', 'area', "
         "'edge', 'none')",
         "internvlx eval: error: the following arguments are required: CHECKPOINT, DATA",
+        "internvlx train: error: argument --learning_rate/--learning-rate: invalid float value: 'abc'",
+        "internvlx train: error: argument --max_steps/--max-steps: invalid int value: '1.5'",
+        "internvlx train: error: argument --preset: invalid choice: 'x' (choose from 'stage1', 'stage2', "
+        "'stage2-frozen-vit', 'full', 'lora', 'qlora')",
+        "internvlx train: error: argument --lr_scheduler_type/--lr-scheduler-type: invalid choice: 'cosin' (choose "
+        "from 'linear', 'cosine', 'cosine_with_restarts', 'polynomial', 'constant', 'constant_with_warmup', "
+        "'inverse_sqrt', 'reduce_lr_on_plateau', 'cosine_with_min_lr', 'cosine_warmup_with_min_lr', "
+        "'warmup_stable_decay', 'greedy')",
+        "internvlx train: error: argument --packing: Truthy value expected: got train.yaml but expected one of "
+        "yes/no, true/false, t/f, y/n, 1/0 (case insensitive); --packing took 'train.yaml' as its PACKING because "
+        "its value is optional: did you mean `internvlx train train.yaml --packing`?",
+        "internvlx: error: unrecognized arguments: --nonsense",
         "internvlx: error: unrecognized arguments: --nonsense",
     ]
     assert results[-1]["heavy"] == []
@@ -96,6 +116,77 @@ def test_train_help_lists_the_trainingarguments_flags(capsys):
     out = capsys.readouterr().out
     assert out.startswith("usage: internvlx train [CONFIG.yaml] --model PATH")
     assert "--learning_rate" in out and "--preset" in out and "--debug" in out
+
+
+# ------------------------------------------------------------------------ train's flags without transformers
+
+
+def _train_parser(flags=SHIPPED) -> argparse.ArgumentParser:
+    """`internvlx train`'s parser as `internvlx` builds it, with its flags described by the file ``flags``."""
+    train = dataclasses.replace(TRAIN, add_arguments=functools.partial(_add_train_arguments, flags=flags))
+    commands = next(a for a in build_parser([train])._actions if isinstance(a, argparse._SubParsersAction))
+    return commands.choices["train"]
+
+
+def test_the_shipped_train_flags_are_what_transformers_and_our_dataclasses_give():
+    assert SHIPPED.read_text(encoding="utf-8") == live_text(), (
+        f"{SHIPPED.name} does not describe the flags of the installed transformers and of "
+        f"internvlx_hf.training.train's dataclasses: run `PYTHONPATH=src {REGENERATE}` and commit the file")
+
+
+def test_train_help_from_the_shipped_flags_is_the_live_parsers_help(tmp_path, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "100")  # argparse wraps the help to the terminal's width
+    assert add_shipped_flags(argparse.ArgumentParser())  # written for the installed transformers and torch
+    assert not add_shipped_flags(argparse.ArgumentParser(), tmp_path / "absent.json")
+    shipped, live = _train_parser().format_help(), _train_parser(tmp_path / "absent.json").format_help()
+    assert shipped == live
+    assert shipped.startswith("usage: internvlx train [CONFIG.yaml] --model PATH")
+    assert "  --learning_rate LEARNING_RATE, --learning-rate LEARNING_RATE\n" in shipped
+
+
+# Valid command lines (every kind of value: strings, numbers, booleans with and without a value, `--no_*`, lists,
+# choices, an empty dict, the hyphenated spellings) and argument errors (a converter's, a choice's, a missing value,
+# an ambiguous or unknown flag, the optional-value hint, a value converted by accelerate's ParallelismConfig).
+TRAIN_ARGVS = [
+    ["train.yaml"],
+    ["--model", "m", "--data", "a.jsonl,b.json", "--output_dir", "o", "--preset", "lora", "--lora_r", "8",
+     "--lora_dropout", "0.1", "--packing", "--bf16", "false", "--no_remove_unused_columns", "--report_to", "none",
+     "wandb", "--lr_scheduler_type", "cosine", "--optim", "adamw_torch", "--include_num_input_tokens_seen",
+     "--liger_kernel_config", "", "--max-steps", "10", "--learning-rate", "1e-3", "--debug", "--log_level", "info",
+     "--eval_strategy", "steps", "--fsdp", "--tiling", "edge", "--model-dtype", "bfloat16"],
+    ["train.yaml", "--fsdp", "full_shard auto_wrap", "--warmup_steps", "0.1", "--seed", "3", "--use_cpu", "t"],
+    ["--learning_rate", "abc"], ["--max_steps", "1.5"], ["--preset", "x"], ["--optim", "adam"],
+    ["--packing", "maybe"], ["--packing", "train.yaml"], ["--liger_kernel_config", "abc"],
+    ["--parallelism_config", "x"], ["--report_to"], ["--learn", "1"], ["--nonsense"], ["a.yaml", "b.yaml"],
+]
+
+
+@pytest.mark.parametrize("argv", TRAIN_ARGVS, ids=" ".join)
+def test_train_parses_as_the_live_parser_does(argv, tmp_path, capsys):
+    def parse(parser):
+        try:
+            return vars(parser.parse_args(argv))
+        except SystemExit as stop:
+            return stop.code, capsys.readouterr().err
+
+    shipped, live = parse(_train_parser()), parse(_train_parser(tmp_path / "absent.json"))
+    assert shipped == live
+    assert isinstance(shipped, dict) == (argv[0] in ("train.yaml", "--model"))  # the valid ones parse
+
+
+def test_under_another_transformers_release_train_builds_its_flags_from_transformers(tmp_path, monkeypatch):
+    # as a user with a newer transformers sees it: the shipped file describes another release, one flag fewer
+    described = json.loads(SHIPPED.read_text(encoding="utf-8"))
+    described["environment"]["transformers"] = "5.22.0"
+    training = described["groups"][-1]["actions"]
+    training[:] = [spec for spec in training if spec["dest"] != "learning_rate"]
+    other = tmp_path / "train_flags.json"
+    other.write_text(json.dumps(described))
+    assert not add_shipped_flags(argparse.ArgumentParser(), other)
+    parser = _train_parser(other)
+    assert parser.parse_args(["--learning_rate", "1e-3"]).learning_rate == 1e-3
+    monkeypatch.setenv("COLUMNS", "100")
+    assert parser.format_help() == _train_parser().format_help()
 
 
 def test_package_attributes_load_on_first_use_and_register_the_auto_classes():

@@ -4,8 +4,8 @@ Each subcommand lives in a module of this package and exposes one `Command`: a n
 description and an epilog with examples, a function that adds its arguments and one that runs it. `COMMANDS`
 lists them in the order `internvlx --help` shows them. Subcommands import torch/transformers only when they run,
 and a subcommand's arguments are added only when that subcommand is parsed (`CommandParser`), so `internvlx
---help`, `internvlx COMMAND --help` and argument errors answer at once (`train --help` reads transformers'
-TrainingArguments, which imports torch).
+--help`, `internvlx COMMAND --help` and argument errors answer at once (`train`'s flags, transformers'
+TrainingArguments among them, come from a shipped description: `train_flags`).
 
 Errors: a command raises `CLIError` (or a `ValueError` / `FileNotFoundError` / `TypeError` / `OSError` /
 `ConversionError` whose message names the input and the fix); `main` prints it as one line

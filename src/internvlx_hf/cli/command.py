@@ -41,8 +41,9 @@ class CommandParser(argparse.ArgumentParser):
     """A subcommand's parser: adds the command's arguments the first time it parses or prints help, parses
     intermixed positionals where the command asks for it, and turns the optional-value trap into a one-line hint.
 
-    Lazy arguments: `internvlx --help` needs no subparser and `internvlx chat --help` one, while `train` builds
-    its flags from transformers' TrainingArguments (torch); building every subparser up front cost seconds per run.
+    Lazy arguments: `internvlx --help` needs no subparser and `internvlx chat --help` one; building every
+    subparser up front would read the description of `train`'s flags (and, under another transformers release than
+    the one `train_flags.json` describes, import torch to build them) on every run.
 
     The trap: an option whose value is optional (``nargs="?"``: ``--lvtc [SPEC]``, the Trainer's boolean flags)
     placed before the positionals takes the first positional as its value (`convert --lvtc SRC DST` reads

@@ -6,9 +6,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from collections.abc import Sequence
-from typing import get_type_hints
+from pathlib import Path
 
 from .command import CLIError, Command
+from .train_flags import CLI_RESERVED, SHIPPED, add_flags
 
 _TRAIN_DESCRIPTION = """\
 Fine-tune an internvlx-hf checkpoint (made by `internvlx convert`) on InternVL's meta JSON / JSONL data with the
@@ -72,40 +73,17 @@ def _argument_classes():
     return ARGUMENT_CLASSES
 
 
-# `--debug` is the CLI's own flag (tracebacks); TrainingArguments' `debug` can still be set in CONFIG.yaml.
-_CLI_RESERVED = {"debug"}
-
-
 def _option_names() -> set[str]:
     return {f.name for cls in _argument_classes() for f in dataclasses.fields(cls)
-            if f.init and f.name not in _CLI_RESERVED}
+            if f.init and f.name not in CLI_RESERVED}
 
 
-def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    from transformers import HfArgumentParser
-
+def _add_train_arguments(parser: argparse.ArgumentParser, flags: Path = SHIPPED) -> None:
     parser.usage = ("internvlx train [CONFIG.yaml] --model PATH --data META_JSON_OR_JSONL --output_dir OUT "
                     "[--preset {stage1,stage2,stage2-frozen-vit,full,lora,qlora}] [any TrainingArguments flag] ...")
     parser.add_argument("config", nargs="?", metavar="CONFIG.yaml",
                         help="YAML (or JSON) file of options; flags given next to it override its values")
-    titles = ("model and output", "data", "preset and LoRA", "training (transformers TrainingArguments)")
-    for cls, title in zip(_argument_classes(), titles):
-        group = parser.add_argument_group(title)
-        hints = get_type_hints(cls)
-        for field in dataclasses.fields(cls):
-            if field.init and field.name not in _CLI_RESERVED:
-                field.type = hints[field.name]  # what HfArgumentParser does before building each flag
-                HfArgumentParser._parse_dataclass_field(group, field)
-        for action in group._group_actions:  # the defaults are applied later, so show them in the help
-            if action.default not in (None, argparse.SUPPRESS) and action.help and "(default" not in action.help:
-                action.help += f" (default: {action.default})"
-    # Only flags actually given end up in the namespace, so that they can override a CONFIG.yaml; the dataclasses
-    # apply their own defaults afterwards (HfArgumentParser.parse_dict).
-    names = _option_names()
-    for action in parser._actions:
-        if action.dest in names:
-            action.required = False
-            action.default = argparse.SUPPRESS
+    add_flags(parser, flags)  # from train_flags.json where it holds: --help and argument errors without torch
 
 
 def parse_cli(args: argparse.Namespace | Sequence[str] | None):
