@@ -48,9 +48,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-# Files of a training run that the packaged model does not ship: training_args.bin is a pickle, and the remote code
+# Files of a training run that the packaged model does not ship: training_args.bin is a pickle, trainer_state.json
+# the run's log (demo_model.json records its losses), and the remote code
 # (*.py) is written from the package's modules when the model is loaded or saved (internvlx_hf.demo.packaged).
-SKIP = {"training_args.bin"}
+SKIP = {"training_args.bin", "trainer_state.json"}
 SKIP_SUFFIXES = (".py",)
 
 

@@ -87,19 +87,19 @@ def _run_demo(args: argparse.Namespace) -> int:
     user_video = video and args.video != _SYNTHETIC
     if args.image and video:
         raise CLIError("--image and --video do not go together: ask about an image or about a video")
-    if (args.image is not None or user_video) != (args.question is not None):
+    if args.question is not None and args.image is None and not user_video:
+        raise CLIError("--question goes with --image PATH or --video PATH (a question about your image or video); "
+                       "without them the demo asks its own questions about synthetic images (or clips: --video)")
+    if (args.image is not None or user_video) and args.question is None:
         what = "--video PATH" if user_video else "--image"
-        raise CLIError(f"{what} and --question go together: give both (a question about your "
-                       f"{'video' if user_video else 'image'}), or neither (the synthetic "
-                       f"{'clips: --video alone' if video else 'demo images'})")
+        raise CLIError(f"{what} needs --question (what to ask about it), e.g. --question \"What colour is the "
+                       "circle?\"")
     if args.question is not None and not args.question.strip():
         raise CLIError("--question is empty; ask e.g. \"What colour is the circle?\"")
     if args.save_images and (args.image or user_video):
         raise CLIError("--save-images saves the synthetic images; it does not apply with --image or --video PATH")
     if args.frames is not None and not user_video:
         raise CLIError("--frames applies to --video PATH (the synthetic clips have the frames the model learnt)")
-    if args.frames is not None and args.frames < 1:
-        raise CLIError(f"--frames {args.frames}: give a positive number of frames, e.g. --frames 4")
     if video and args.tiling:
         raise CLIError("--tiling does not apply with --video: every frame is one tile, as InternVL2 feeds videos")
     folder = Path(args.model) if args.model else demo_model_dir()
@@ -108,10 +108,11 @@ def _run_demo(args: argparse.Namespace) -> int:
     if args.image:
         samples = [DemoSample(load_user_image(args.image), args.question.strip(), None, "", args.image)]
     elif user_video:
-        if not Path(args.video).exists():
-            raise CLIError(f"--video {args.video!r}: no such file or folder; give a video file or a folder of "
-                           "frame images")
-        samples = [DemoSample(None, args.question.strip(), None, "", args.video, video=args.video)]
+        from .chat import load_video_frames
+
+        # the frames first, so that a bad video fails in one line before the model loads
+        frames = load_video_frames(args.video, 4 if args.frames is None else args.frames, None)
+        samples = [DemoSample(frames[-1], args.question.strip(), None, "", args.video, video=frames)]
     elif video:
         samples = demo_video_samples(seed=args.seed, path=folder)
     else:
@@ -185,12 +186,8 @@ def _answer_image(model, processor, sample, index: int, count: int, args: argpar
 
 def _answer_clip(model, processor, sample, index: int, count: int, args: argparse.Namespace):
     from ..demo import answer_video
-    from .chat import load_video_frames
 
-    video = sample.video
-    if not isinstance(video, list):  # a user's file or folder: its frames at segment centres, errors in one line
-        video = load_video_frames(str(video), args.frames or 4, None)
-    result = answer_video(model, processor, video, sample.question)
+    result = answer_video(model, processor, sample.video, sample.question)
     print(f"\n[{index}/{count}] {sample.label}: {sample.question}")
     print(f"  frames: {result.tiles}, one {processor.image_processor.image_size}px tile each")
     _print_tokens(result)
