@@ -13,7 +13,7 @@ import pytest
 from conftest import run_isolated_python
 
 from internvlx_hf.cli import main
-from internvlx_hf.demo import DEMO_MODEL_DIR, demo_model_dir, demo_record, demo_samples
+from internvlx_hf.demo import DEMO_MODEL_DIR, demo_model_dir, demo_record, demo_samples, demo_video_samples
 
 REMOTE_CODE = {"configuration_internvlx.py", "modeling_internvlx.py", "processing_internvlx.py",
                "image_processing_internvlx.py", "chat_templates.py", "video.py"}
@@ -43,6 +43,13 @@ def test_the_packaged_model_is_complete_small_and_recorded():
     for scores in by_system.values():
         assert scores["n"] == 1000 and min(scores["accuracy"].values()) >= 0.85
     assert "exact match" in record["scored_with"]
+    # the video stage: 4-frame clips of "Which colour appears first?", scored the same three ways on 200 clips
+    assert record["video"]["frames"] == 4 and record["video"]["steps"] > 0
+    assert list(record["held_out_video"]) == ["empty", "default", "none"]
+    for scores in record["held_out_video"].values():
+        assert list(scores["accuracy"]) == ["first-colour"] and scores["n"] == 200
+        assert scores["tiles_per_sample"] == 4 and scores["visual_tokens_per_sample"] == 64
+        assert scores["accuracy"]["first-colour"] >= 0.85
 
 
 def _package_source(name: str) -> Path:
@@ -116,17 +123,63 @@ def test_demo_answers_about_a_user_image(tmp_path, capsys):
     assert "(used: ratio, 4 tiles)" in capsys.readouterr().out
 
 
+def test_demo_answers_its_own_clips_right(tmp_path, capsys):
+    """`internvlx demo --video`: synthetic clips fed as InternVL2 feeds a video (FrameN lines, a tile per frame)."""
+    assert main(["demo", "--video", "--save-images", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    samples = demo_video_samples()
+    assert len(samples) == 3 and {s.task for s in samples} == {"first-colour"}
+    for index, sample in enumerate(samples, 1):
+        block = out.split(f"[{index}/3] ")[1].split("\n\n")[0]
+        assert block.startswith("synthetic clip of 4 frames: Which colour appears first?")
+        assert "frames: 4, one 112px tile each" in block
+        # 4 tiles of 16 tokens, each expanded to 64 from layer 5
+        short = int(block.split("layers 0-4 ")[1].split(",")[0])
+        assert "visual tokens: 64;" in block and f"layer 5 {short + 4 * (64 - 16)}" in block
+        answer_line = next(line for line in block.splitlines() if "answer: " in line)
+        assert f"answer: {sample.expected!r} (" in answer_line and answer_line.endswith("right"), block
+    assert "3/3 right" in out
+    assert "held-out exact match, empty system block (as asked here): colour " in out and " first-colour " in out
+    strips = sorted(tmp_path.glob("demo_video_0_*.png"))
+    assert [p.name for p in strips] == [f"demo_video_0_{i}_first-colour.png" for i in (1, 2, 3)]
+    from PIL import Image
+
+    assert Image.open(strips[0]).size == (4 * 112 + 3 * 4, 112)  # the frames side by side
+
+    # a user's clip: a folder of frames (what some datasets ship), 4 taken at segment centres of 8
+    folder = tmp_path / "clip"
+    folder.mkdir()
+    sample = samples[0]
+    for index, frame in enumerate(sample.video):
+        frame.save(folder / f"frame_{2 * index + 1}.png")
+        frame.save(folder / f"frame_{2 * index + 2}.png")
+    assert main(["demo", "--video", str(folder), "--question", sample.question]) == 0
+    out = capsys.readouterr().out
+    assert f"[1/1] {folder}: {sample.question}" in out and "frames: 4, one 112px tile each" in out
+    assert f"answer: {sample.expected!r}" in out
+
+
 @pytest.mark.parametrize("args, expected", [
     (["--image", "{tmp}/missing.png", "--question", "How many shapes?"], "missing.png': no such file"),
     (["--image", "{tmp}/notes.txt", "--question", "How many shapes?"], "notes.txt' is not an image"),
     (["--image", "{tmp}", "--question", "How many shapes?"], "is a folder"),
-    (["--image", "{tmp}/notes.txt"], "--image and --question go together"),
-    (["--question", "How many shapes?"], "--image and --question go together"),
+    (["--image", "{tmp}/notes.txt"], "--image needs --question"),
+    (["--question", "How many shapes?"], "--question goes with --image PATH or --video PATH"),
+    (["--video", "--question", "How many shapes?"], "--question goes with --image PATH or --video PATH"),
     (["--image", "{tmp}/notes.txt", "--question", "  "], "--question is empty"),
     (["--model", "{tmp}"], "no config.json in"),
     (["--save", "{tmp}"], "exists and is not empty"),
     (["--save", "{tmp}/notes.txt"], "is a file"),
     (["--save", "{tmp}/new", "--seed", "1", "--model", "{tmp}"], "drop --model"),
+    (["--video", "{tmp}/notes.txt"], "--video PATH needs --question"),
+    (["--video", "--frames", "8"], "--frames applies to --video PATH"),
+    (["--video", "--tiling", "area"], "--tiling does not apply with --video"),
+    (["--video", "{tmp}/none.mp4", "--question", "Which colour appears first?"], "none.mp4': no such file"),
+    (["--video", "{tmp}/notes.txt", "--question", "Which colour appears first?"], "notes.txt'"),
+    (["--video", "{tmp}", "--question", "Which colour appears first?"], "the folder holds no frame images"),
+    (["--video", "{tmp}/notes.txt", "--question", "Which colour appears first?", "--frames", "0"],
+     "--frames must be >= 1, got 0"),
+    (["--image", "{tmp}/notes.txt", "--video", "--question", "x"], "--image and --video do not go together"),
 ])
 def test_bad_inputs_give_one_line_errors(tmp_path, capsys, args, expected):
     (tmp_path / "notes.txt").write_text("not an image")

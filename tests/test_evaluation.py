@@ -467,6 +467,25 @@ def test_the_recipe_scorer_reproduces_the_demo_models_recorded_held_out_scores(t
         benchmark_evaluate(model, processor, test_meta, limit=100, tasks=["colours"], progress=False)
 
 
+def test_the_demo_models_recorded_video_scores_are_reproduced(tmp_path):
+    """The demo model's video stage was scored on 200 held-out clips through `internvlx eval`'s video rows (frame
+    folders, every frame one tile); the same scorer on the same clips gives the recorded numbers exactly."""
+    from internvlx_hf.demo import demo_record, load_demo_model
+    from internvlx_hf.demo.recipe import CONFIGS, DataSpec, VideoSpec, make_video_datasets
+    from internvlx_hf.demo.recipe import evaluate as benchmark_evaluate
+
+    record = demo_record()
+    video = VideoSpec(**{k: v for k, v in record["video"].items() if k in VideoSpec.__dataclass_fields__})
+    assert video == VideoSpec()  # the recipe's defaults are what the shipped model was made with
+    data = DataSpec(n_basic=1, n_fine=1, fine_repeat=1, n_test=1)  # the clips do not depend on the image sets
+    _, clips = make_video_datasets(tmp_path, CONFIGS["pvtc+lvtc"], data, VideoSpec(n_train=1))
+    model, processor = load_demo_model()
+    expected = record["held_out_video"]["empty"]
+    got = benchmark_evaluate(model, processor, clips, limit=video.n_test, system="", progress=False)
+    for key in ("accuracy", "n", "tiles_per_sample", "visual_tokens_per_sample"):
+        assert got[key] == expected[key], (key, got[key], expected[key])
+
+
 # --------------------------------------------------------------------------------------------------- training
 
 

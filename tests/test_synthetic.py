@@ -21,6 +21,7 @@ from internvlx_hf.training.synthetic import (
     POSITIONS,
     QUADRANTS,
     TASKS,
+    VIDEO_TASKS,
     combine_meta,
     generate_dataset,
     iter_samples,
@@ -255,6 +256,7 @@ def test_glyphs_are_far_apart():
         (dict(max_objects=5), ValueError, "max_objects=5"),
         (dict(tasks=("bits",), bits_side=13), ValueError, "bits_side=13 dots do not fit a 14px cell"),
         (dict(tasks=("bits",), bits_rows=0), ValueError, "bits_rows must be a positive integer"),
+        (dict(tasks=VIDEO_TASKS, video_frames=1), ValueError, "video_frames must be an integer >= 2"),
     ],
 )
 def test_bad_arguments_are_named(tmp_path, kwargs, error, words):
@@ -332,3 +334,59 @@ def test_system_message_choices_are_drawn_per_sample(tmp_path):
         with pytest.raises(TypeError, match="system_message must be a string, None or a non-empty list"):
             generate_dataset(tmp_path / "bad", n=2, image_size=TILE, system_message=bad)
     assert not (tmp_path / "bad").exists()
+
+
+def _colours_in(image: Image.Image) -> set[str]:
+    """The `COLOURS` whose exact value some pixel has (shapes are drawn without anti-aliasing)."""
+    present = {rgb for _, rgb in image.getcolors(maxcolors=1 << 16)}
+    return {name for name, rgb in COLOURS.items() if rgb in present}
+
+
+@pytest.mark.parametrize("frames", [2, 4, 6])
+def test_first_colour_clips_answer_from_the_order_of_their_frames(tmp_path, frames):
+    """A video task: frames of one background; the first shape appears, later a second one joins it. The answer is
+    the colour seen first, and the last frame shows both, so a single frame does not tell it."""
+    meta = generate_dataset(tmp_path / "clips", n=24, tasks=VIDEO_TASKS, seed=5, image_size=TILE,
+                            video_frames=frames, system_message="")
+    entry, records, root = _load(meta)
+    # InternVL's loaders take every frame of a folder holding no more than max_num_frame
+    assert (entry["min_num_frame"], entry["max_num_frame"]) == (frames, frames)
+    answers = set()
+    for i, record in enumerate(records):
+        assert record["video"] == f"videos/{i:06d}" and "image" not in record and record["frames"] == frames
+        assert record["conversations"][1] == {"from": "human", "value": "<video>\nWhich colour appears first?"}
+        files = sorted((root / record["video"]).iterdir())
+        assert [f.name for f in files] == [f"frame_{k}.png" for k in range(1, frames + 1)]
+        seen = [_colours_in(Image.open(f).convert("RGB")) for f in files]
+        first, second = record["objects"]
+        assert seen[-1] == {first["colour"], second["colour"]} and first["colour"] != second["colour"]
+        # empty frames, then the first shape alone, then both; the recorded frames are where each appears
+        assert seen == [set()] * (first["frame"] - 1) + [{first["colour"]}] * (second["frame"] - first["frame"]) \
+            + [{first["colour"], second["colour"]}] * (frames - second["frame"] + 1)
+        answer = record["conversations"][2]["value"]
+        assert answer == first["colour"] == next(iter(next(s for s in seen if s)))
+        answers.add(answer)
+    assert len(answers) >= 4  # the answer is not a constant
+    # the same clip from make_sample, and an image task still draws one image
+    again = next(sample for _, _, sample in iter_samples(1, tasks=VIDEO_TASKS, seed=5, image_size=TILE,
+                                                          video_frames=frames))
+    assert [f.tobytes() for f in again.frames] == [Image.open(f).convert("RGB").tobytes()
+                                                   for f in sorted((root / "videos/000000").iterdir())]
+    assert make_sample("colour", random.Random(0), TILE, TILE, image_size=TILE).frames is None
+
+
+def test_video_rows_train_through_the_video_path(tmp_path):
+    """The clips are InternVL video rows: the training reader expands them into their frames, one tile each."""
+    from internvlx_hf.data.formats import sample_from_row
+    from internvlx_hf.data.videos import VideoSampling, expand_video, read_sample_frames
+
+    meta = generate_dataset(tmp_path / "clips", n=2, tasks=VIDEO_TASKS, seed=1, image_size=TILE, video_frames=4,
+                            system_message="")
+    entry, records, root = _load(meta)
+    sample = sample_from_row(records[0], root=root)
+    sample.video_sampling = VideoSampling(entry["min_num_frame"], entry["max_num_frame"])
+    expanded = expand_video(sample, read_sample_frames(sample, random.Random(0)))
+    assert expanded.max_tiles == 4 and len(expanded.images) == 4
+    assert [m["role"] for m in expanded.messages] == ["system", "user", "assistant"]
+    assert expanded.messages[1]["content"] == "".join(f"Frame-{k}: <image>\n" for k in range(1, 5)) \
+        + "Which colour appears first?"

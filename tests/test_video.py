@@ -621,6 +621,16 @@ def test_video_rows_that_cannot_be_used_are_skipped_with_a_reason(tmp_path):
             sample_from_row(row)
         assert info.value.reason == reason
 
+    # a row without the tag gets it in its first human turn (InternVL: conversations[0]), also after a system turn
+    system = {"from": "system", "value": ""}
+    for row_turns in (turns, [system, *turns]):
+        sample = sample_from_row({"video": "a.mp4", "conversations": row_turns})
+        assert [m["content"] for m in sample.messages if m["role"] == "user"] == ["<video>\nQ"]
+        assert all("<video>" not in m["content"] for m in sample.messages if m["role"] != "user")
+    with pytest.raises(SampleError, match="exactly one <video> tag, got 2"):
+        sample_from_row({"video": "a.mp4", "conversations": [{"from": "system", "value": "<video>"},
+                                                             {"from": "human", "value": "<video>\nQ"}, turns[1]]})
+
     from internvlx_hf.data.videos import VideoSampling, read_sample_frames
 
     sample = sample_from_row({"video": str(tmp_path / "missing.mp4"), "conversations": turns})

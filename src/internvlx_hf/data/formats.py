@@ -100,10 +100,15 @@ def _internvl_video(row: dict[str, Any], root: Path | None) -> tuple[Any, tuple[
             raise SampleError("bad format", f"`clip` must satisfy 0 <= start < end, got {clip!r:.60}")
         clip = (start, end)
     turns = row.get("conversations")
-    if isinstance(turns, list) and turns and isinstance(turns[0], dict) and isinstance(turns[0].get("value"), str):
-        if VIDEO_TAG not in turns[0]["value"]:
-            turns = [{**turns[0], "value": VIDEO_TAG + "\n" + turns[0]["value"]}, *turns[1:]]
+    if isinstance(turns, list) and turns and all(isinstance(turn, dict) for turn in turns):
         count = sum(turn["value"].count(VIDEO_TAG) for turn in turns if isinstance(turn.get("value"), str))
+        # InternVL prepends the tag to conversations[0] when the row has none; that is the human turn unless the row
+        # opens with a system turn, where the tag belongs to the first turn after it.
+        first = next((i for i, turn in enumerate(turns) if turn.get("from") != "system"), None)
+        if count == 0 and first is not None and isinstance(turns[first].get("value"), str):
+            turns = [*turns[:first], {**turns[first], "value": VIDEO_TAG + "\n" + turns[first]["value"]},
+                     *turns[first + 1:]]
+            count = 1
         if count != 1:
             raise SampleError("video count mismatch", f"a video row needs exactly one {VIDEO_TAG} tag, got {count}")
         row["conversations"] = turns

@@ -4,7 +4,8 @@
 (16 tokens per 112 px tile in layers 0-4, 64 from layer 5), trained from scratch on the synthetic visual QA of
 `internvlx_hf.training.synthetic` by ``scripts/make_demo_model.py`` through `internvlx_hf.training.train`, on
 conversations with an empty system block or none (the chat template's default system message), so it answers in the
-clients that send no system turn too (lmms-eval, transformers' pipelines, InternVL2's ``chat()``).
+clients that send no system turn too (lmms-eval, transformers' pipelines, InternVL2's ``chat()``). A second stage
+taught it one video question over 4 frames ("Which colour appears first?", `demo_video_samples`, `answer_video`).
 
 The package ships its weights, config and tokenizer, not a copy of the model's code (`internvlx_hf.demo.packaged`):
 `demo_model_dir()` is the complete checkpoint folder, remote code added from the package's own modules, which loads
@@ -15,6 +16,8 @@ like any checkpoint with ``AutoModel.from_pretrained(demo_model_dir(), trust_rem
     model, processor = load_demo_model()
     for sample in demo_samples():
         print(sample.question, answer(model, processor, sample.image, sample.question).answer)
+    for sample in demo_video_samples():
+        print(sample.question, answer_video(model, processor, sample.video, sample.question).answer)
 
 `internvlx demo` is the command-line face of this module.
 """
@@ -57,13 +60,37 @@ def load_demo_model(path: str | os.PathLike | None = None):
 
 @dataclass
 class DemoSample:
-    """A synthetic image with its question and the answer that follows from what was drawn."""
+    """A synthetic image (or clip) with its question and the answer that follows from what was drawn."""
 
-    image: Any
+    image: Any  # a clip: its last frame
     question: str
     expected: str | None
     task: str
     label: str
+    video: Any = None  # a clip: its frames (PIL images), or a user's video file / frame folder
+
+
+def demo_video_frames(path: str | os.PathLike = DEMO_MODEL_DIR) -> int:
+    """Frames per clip the demo model learnt its video question on (``demo_model.json``; 4)."""
+    return int(demo_record(path).get("video", {}).get("frames", 4))
+
+
+def demo_video_samples(seed: int = 0, count: int = 3, path: str | os.PathLike = DEMO_MODEL_DIR
+                       ) -> list[DemoSample]:
+    """``count`` seeded synthetic clips of the video task the demo model learnt (``first-colour``: frames of one
+    background where a shape appears, then a second one of another colour joins it; "Which colour appears first?"),
+    drawn like its training clips."""
+    from ..training.synthetic import make_sample
+
+    size = int(demo_record(path).get("model", {}).get("tile", 112))
+    frames = demo_video_frames(path)
+    samples = []
+    for index in range(count):
+        rng = random.Random(f"internvlx-demo-video:{seed}:{index}")
+        sample = make_sample("first-colour", rng, size, size, image_size=size, video_frames=frames)
+        samples.append(DemoSample(sample.image, sample.question, sample.answer, sample.task,
+                                  f"synthetic clip of {frames} frames", video=sample.frames))
+    return samples
 
 
 def demo_samples(seed: int = 0, image_size: int | None = None, path: str | os.PathLike = DEMO_MODEL_DIR
@@ -113,13 +140,33 @@ def answer(model, processor, image, question: str, *, tiling: str | None = None,
     """Greedy answer to ``question`` about ``image`` (a PIL image), in the chat format the demo model learnt
     (an empty system block, ``<image>`` then the question; it also learnt the template's default system message,
     which clients that send no system turn get)."""
-    import torch
-
     from .recipe import prompt_messages
 
     prompt = processor.apply_chat_template(prompt_messages(question), tokenize=False, add_generation_prompt=True)
     kwargs = {"tiling": tiling} if tiling else {}
     inputs = processor(images=[image], text=prompt, return_tensors="pt", **kwargs)
+    return _generate(model, processor, inputs, max_new_tokens)
+
+
+def answer_video(model, processor, video, question: str, *, num_frames: int = 4,
+                 bound: tuple[float, float] | None = None, max_new_tokens: int = 8) -> Answer:
+    """Greedy answer to ``question`` about ``video``: frames in memory (used as given), a video file or a frame
+    folder (``num_frames`` taken at segment centres, inside the optional ``bound`` in seconds; the default, 4, is
+    what the demo model learnt, `demo_video_frames`). The prompt is InternVL2's video prompt (``Frame1: <image>`` per frame, one tile
+    each) after an empty system block, as ``processor(videos=...)`` writes it."""
+    from .recipe import prompt_messages
+
+    messages = prompt_messages(question)
+    messages[-1]["content"] = messages[-1]["content"].replace("<image>", "<video>", 1)
+    prompt = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    kwargs = {"bound": bound} if bound else {}
+    inputs = processor(videos=[video], text=prompt, return_tensors="pt", num_frames=num_frames, **kwargs)
+    return _generate(model, processor, inputs, max_new_tokens)
+
+
+def _generate(model, processor, inputs, max_new_tokens: int) -> Answer:
+    import torch
+
     eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
     start = time.perf_counter()
     with torch.inference_mode():
@@ -129,7 +176,7 @@ def answer(model, processor, image, question: str, *, tiling: str | None = None,
                              pad_token_id=processor.tokenizer.pad_token_id)
     seconds = time.perf_counter() - start
     text = processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
-    tiles = int(inputs["num_patches"][0])
+    tiles = sum(int(n) for n in inputs["num_patches"])
     grid = tuple(int(v) for v in inputs["tile_grid"][0]) if "tile_grid" in inputs else (1, 1)
     visual = int((inputs["input_ids"] == processor.image_token_id).sum())
     return Answer(text, tiles, grid, visual, layer_groups(model.config, int(inputs["input_ids"].shape[1]), tiles),
@@ -159,6 +206,6 @@ def format_grid(grid: tuple[int, int, int]) -> str:
     return f"{cols}x{rows}" + (f"+thumbnail={tiles}" if tiles > cols * rows else f"={tiles}")
 
 
-__all__ = ["DEMO_MODEL_DIR", "TILING_MODES", "Answer", "DemoSample", "answer", "demo_model_dir", "demo_record",
-           "demo_samples", "format_grid", "layer_groups", "load_demo_model", "load_user_image", "save_demo_model",
-           "tile_grids"]
+__all__ = ["DEMO_MODEL_DIR", "TILING_MODES", "Answer", "DemoSample", "answer", "answer_video", "demo_model_dir",
+           "demo_record", "demo_samples", "demo_video_frames", "demo_video_samples", "format_grid", "layer_groups",
+           "load_demo_model", "load_user_image", "save_demo_model", "tile_grids"]

@@ -7,6 +7,8 @@ scratch on the synthetic visual QA of `internvlx_hf.training.synthetic`, through
   converted test fixture, 812 ids) and remote code, i.e. a folder `internvlx train` accepts.
 - `make_datasets`: the training set (basic tasks + a small, repeated fine-detail set; empty system blocks, or for the
   demo model empty and default ones, `DataSpec.system_prompts`) and a held-out set.
+- `make_video_datasets`: the demo model's video stage (`VideoSpec`): the image training set plus clips of the
+  ``first-colour`` task (InternVL video rows over frame folders), and a held-out set of clips.
 - `train_checkpoint`: `internvlx_hf.training.train` (HF `Trainer` + `InternVLXDataCollator`) with the recipe's
   hyper-parameters.
 - `evaluate`: held-out exact match per task with greedy `generate` (left-padded batches), through
@@ -29,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import staged_folder
-from ..training.synthetic import BASIC_TASKS, TASKS, combine_meta, generate_dataset
+from ..training.synthetic import BASIC_TASKS, TASKS, VIDEO_TASKS, combine_meta, generate_dataset
 from .packaged import DEMO_MODEL_DIR
 
 # The tokenizer source the recipe falls back to without the packaged demo model (the repository's test fixture).
@@ -107,6 +109,19 @@ class DataSpec:
 
 
 SYSTEM_PROMPTS: dict[str, str | list[str | None]] = {"empty": "", "empty+default": ["", None]}
+
+
+@dataclass(frozen=True)
+class VideoSpec:
+    """The demo model's video stage: the trained image model fine-tuned for ``steps`` more steps on its image training
+    set joined with ``n_train`` clips of ``frames`` frames (the ``first-colour`` task, "Which colour appears first?"),
+    so that it learns the video task without forgetting the image ones; scored on ``n_test`` held-out clips."""
+
+    frames: int = 4
+    n_train: int = 2000
+    n_test: int = 200
+    steps: int = 500
+    learning_rate: float = 5e-4
 
 
 @dataclass(frozen=True)
@@ -225,6 +240,31 @@ def make_datasets(root: str | os.PathLike, spec: TinySpec, data: DataSpec) -> tu
     train_meta = root / f"train-{tag}-s{data.seed}{basic_tag}{fine_tag}{system_tag}.json"
     if not train_meta.is_file():
         combine_meta([basic, fine], train_meta)
+    return train_meta, test
+
+
+def make_video_datasets(root: str | os.PathLike, spec: TinySpec, data: DataSpec, video: VideoSpec
+                        ) -> tuple[Path, Path]:
+    """Write the video stage's training meta (the image training set of `make_datasets` plus the training clips) and
+    the held-out clips under ``root``; returns ``(train meta path, test meta path)``. Sets that exist are reused."""
+    root = Path(root)
+    image_meta, _ = make_datasets(root, spec, data)
+    tag = f"{spec.tile}-f{video.frames}"
+    system_tag = "" if data.system_prompts == DataSpec().system_prompts else f"-sys-{data.system_prompts}"
+
+    def make(name, n, seed, system_message=""):
+        folder = root / name
+        if (folder / "meta.json").is_file():
+            return folder / "meta.json"
+        return generate_dataset(folder, name=name, n=n, tasks=VIDEO_TASKS, seed=seed, image_size=spec.tile,
+                                video_frames=video.frames, system_message=system_message)
+
+    clips = make(f"video-{tag}-s{data.seed}-{video.n_train}{system_tag}", video.n_train, 7000 + data.seed,
+                 SYSTEM_PROMPTS[data.system_prompts])
+    test = make(f"video-test-{tag}-{video.n_test}", video.n_test, 999_998)
+    train_meta = root / f"{image_meta.stem}+video-{tag}-{video.n_train}.json"
+    if not train_meta.is_file():
+        combine_meta([image_meta, clips], train_meta)
     return train_meta, test
 
 

@@ -18,6 +18,12 @@ and a one-word answer:
   two need the exact dots, and a 2x2-merged token must carry those of all four cells through the projector's output
   width, a per-patch token those of one; a count fits either.
 
+- ``first-colour`` (a video task, see `VIDEO_TASKS`): ``video_frames`` frames of one background; frames before a
+  point in time are empty, then one shape appears and stays, and in a later frame a second shape of another colour
+  joins it: "Which colour appears first?" -> the first shape's colour. The last frame shows both shapes, so only the
+  order of the frames tells the answer. Its rows are InternVL video rows over a folder of frames
+  (``"video": "videos/000000"``).
+
 The colour, shape and position tasks draw ``1..max_objects`` objects of distinct shapes and colours (the default,
 one object, is what every tiny model of the learnability benchmark learns within its budget).
 
@@ -59,6 +65,8 @@ TASKS = ("colour", "shape", "position", "count", "fine")
 BASIC_TASKS = ("colour", "shape", "position", "count")
 # Tasks that are drawn only when asked for by name (never part of the default `TASKS` mixture).
 EXTRA_TASKS = ("bits", "bits-count", "bits-block")
+# Tasks over several frames, written as InternVL video rows (a folder of frames per row); only when asked for.
+VIDEO_TASKS = ("first-colour",)
 QUADRANTS = ("top-left", "top-right", "bottom-left", "bottom-right")
 
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -111,19 +119,22 @@ MIXED_SIZES: tuple[tuple[str, float, float, float], ...] = (
 class Sample:
     """One drawn image with its question, exact answer and the records the answer follows from."""
 
-    image: Image.Image
+    image: Image.Image  # a video task's last frame
     task: str
     question: str
     answer: str
     objects: list[dict[str, Any]] = field(default_factory=list)
+    frames: list[Image.Image] | None = None  # a video task's frames, in order
 
     def record(self, sample_id: str, image_path: str) -> dict[str, Any]:
-        """The InternVL-format JSONL record (plus ``task``, ``width``, ``height``, ``objects``)."""
-        return {
+        """The InternVL-format JSONL record (plus ``task``, ``width``, ``height``, ``objects``); for a video task
+        ``image_path`` is the folder of its frames, written as ``"video"`` with a ``<video>`` tag."""
+        tag, key = ("<video>", "video") if self.frames is not None else ("<image>", "image")
+        record = {
             "id": sample_id,
-            "image": image_path,
+            key: image_path,
             "conversations": [
-                {"from": "human", "value": "<image>\n" + self.question},
+                {"from": "human", "value": f"{tag}\n" + self.question},
                 {"from": "gpt", "value": self.answer},
             ],
             "task": self.task,
@@ -131,6 +142,9 @@ class Sample:
             "height": self.image.height,
             "objects": self.objects,
         }
+        if self.frames is not None:
+            record["frames"] = len(self.frames)
+        return record
 
 
 def _check_choice(name: str, value: Any, allowed: Iterable[str]) -> None:
@@ -274,7 +288,7 @@ def _bits_sample(rng: random.Random, width: int, height: int, cell: int, side: i
 def make_sample(task: str, rng: random.Random, width: int, height: int, *, image_size: int = 448,
                 fine_grid: int = 8, fine_glyphs: int = 8, max_count: int = 6, max_objects: int = 1,
                 bits_side: int = 6, bits_rows: int | None = None,
-                bits_distractors: bool = True) -> Sample:
+                bits_distractors: bool = True, video_frames: int = 4) -> Sample:
     """Draw one sample of ``task`` on a ``width`` x ``height`` canvas.
 
     Args:
@@ -290,9 +304,12 @@ def make_sample(task: str, rng: random.Random, width: int, height: int, *, image
         bits_side: the bits task's dots per row of a cell (its cells are those of the fine task).
         bits_rows: the bits task's rows of dots per cell (None: ``bits_side``, square dots; 1: a barcode).
         bits_distractors: the bits task draws dots in every cell (True) or only in the framed block.
+        video_frames: the frames of a video task (`VIDEO_TASKS`), at least 2.
     """
     _check_options(1, task, "fixed", image_size, fine_grid, fine_glyphs, max_count, max_objects, bits_side,
-                   bits_rows)
+                   bits_rows, video_frames)
+    if task == "first-colour":
+        return _first_colour_sample(rng, width, height, video_frames)
     if task in EXTRA_TASKS:
         return _bits_sample(rng, width, height, image_size // fine_grid, bits_side,
                             bits_side if bits_rows is None else bits_rows, bits_distractors, task)
@@ -314,6 +331,24 @@ def make_sample(task: str, rng: random.Random, width: int, height: int, *, image
     return Sample(image, task, f"Where is the {target['colour']} {target['shape']}?", target["position"], objects)
 
 
+def _first_colour_sample(rng: random.Random, width: int, height: int, frames: int) -> Sample:
+    first, second = _distinct_objects(rng, width, height, 2)
+    appears = rng.randrange(frames - 1)  # the first shape is seen from this frame on: never in the last one only
+    joins = rng.randrange(appears + 1, frames)  # the second from this one, so the last frame always shows both
+    background = _background(rng)
+    drawn = []
+    for index in range(frames):
+        image = Image.new("RGB", (width, height), background)
+        draw = ImageDraw.Draw(image)
+        for o, start in ((first, appears), (second, joins)):
+            if index >= start:
+                _draw_shape(draw, o["shape"], o["cx"], o["cy"], o["r"], COLOURS[o["colour"]])
+        drawn.append(image)
+    first["frame"], second["frame"] = appears + 1, joins + 1  # 1-based, as the prompt's FrameN lines count
+    return Sample(drawn[-1], "first-colour", "Which colour appears first?", first["colour"], [first, second],
+                  frames=drawn)
+
+
 def _image_size_for(rng: random.Random, sizes: str, image_size: int) -> tuple[int, int, str]:
     if sizes == "fixed":
         return image_size, image_size, "square"
@@ -324,12 +359,14 @@ def _image_size_for(rng: random.Random, sizes: str, image_size: int) -> tuple[in
 
 
 def _check_options(n, tasks, sizes, image_size, fine_grid, fine_glyphs, max_count, max_objects,
-                   bits_side=6, bits_rows=None) -> tuple[str, ...]:
+                   bits_side=6, bits_rows=None, video_frames=4) -> tuple[str, ...]:
     tasks = (tasks,) if isinstance(tasks, str) else tuple(tasks)
     if not tasks:
         raise ValueError("tasks is empty; pass some of " + ", ".join(TASKS))
     for task in tasks:
-        _check_choice("task", task, TASKS + EXTRA_TASKS)
+        _check_choice("task", task, TASKS + EXTRA_TASKS + VIDEO_TASKS)
+    if isinstance(video_frames, bool) or not isinstance(video_frames, int) or video_frames < 2:
+        raise ValueError(f"video_frames must be an integer >= 2 (a shape appears, then another), got {video_frames!r}")
     _check_choice("sizes", sizes, ("fixed", "mixed"))
     for key, value in (("n", n), ("image_size", image_size), ("fine_grid", fine_grid),
                        ("fine_glyphs", fine_glyphs), ("max_count", max_count),
@@ -358,33 +395,31 @@ def _check_options(n, tasks, sizes, image_size, fine_grid, fine_glyphs, max_coun
 def iter_samples(n: int, *, tasks: Sequence[str] = TASKS, seed: int = 0, sizes: str = "fixed",
                  image_size: int = 448, fine_grid: int = 8, fine_glyphs: int = 8, max_count: int = 6,
                  max_objects: int = 1, bits_side: int = 6, bits_rows: int | None = None,
-                 bits_distractors: bool = True):
+                 bits_distractors: bool = True, video_frames: int = 4):
     """Iterate over ``(index, size_kind, Sample)`` for ``n`` samples, tasks in round-robin order.
 
     Sample ``i`` depends only on ``(seed, i)`` and the options, so any prefix of a dataset is the same dataset.
     The options are checked when this is called, before anything is drawn.
     """
     tasks = _check_options(n, tasks, sizes, image_size, fine_grid, fine_glyphs, max_count, max_objects, bits_side,
-                           bits_rows)
-    return _samples(n, tasks, seed, sizes, image_size, fine_grid, fine_glyphs, max_count, max_objects, bits_side,
-                    bits_rows, bits_distractors)
+                           bits_rows, video_frames)
+    options = dict(image_size=image_size, fine_grid=fine_grid, fine_glyphs=fine_glyphs, max_count=max_count,
+                   max_objects=max_objects, bits_side=bits_side, bits_rows=bits_rows,
+                   bits_distractors=bits_distractors, video_frames=video_frames)
+    return _samples(n, tasks, seed, sizes, options)
 
 
-def _samples(n, tasks, seed, sizes, image_size, fine_grid, fine_glyphs, max_count, max_objects, bits_side,
-             bits_rows, bits_distractors):
+def _samples(n, tasks, seed, sizes, options):
     for i in range(n):
         rng = random.Random(f"internvlx-synthetic:{seed}:{i}")
-        width, height, kind = _image_size_for(rng, sizes, image_size)
-        yield i, kind, make_sample(tasks[i % len(tasks)], rng, width, height, image_size=image_size,
-                                   fine_grid=fine_grid, fine_glyphs=fine_glyphs, max_count=max_count,
-                                   max_objects=max_objects, bits_side=bits_side, bits_rows=bits_rows,
-                                   bits_distractors=bits_distractors)
+        width, height, kind = _image_size_for(rng, sizes, options["image_size"])
+        yield i, kind, make_sample(tasks[i % len(tasks)], rng, width, height, **options)
 
 
 def generate_dataset(out_dir: str | os.PathLike, n: int = 1000, *, tasks: Sequence[str] = TASKS, seed: int = 0,
                      sizes: str = "fixed", image_size: int = 448, fine_grid: int = 8, fine_glyphs: int = 8,
                      max_count: int = 6, max_objects: int = 1, bits_side: int = 6, bits_rows: int | None = None,
-                     bits_distractors: bool = True, name: str = "synthetic_vqa",
+                     bits_distractors: bool = True, video_frames: int = 4, name: str = "synthetic_vqa",
                      repeat_time: float = 1, system_message: str | None | Sequence[str | None] = None,
                      overwrite: bool = False) -> Path:
     """Write ``n`` samples as PNG images + an InternVL-format JSONL + a meta JSON into ``out_dir``.
@@ -403,8 +438,10 @@ def generate_dataset(out_dir: str | os.PathLike, n: int = 1000, *, tasks: Sequen
         tasks: which of `TASKS` (or `EXTRA_TASKS`) to draw; a task named twice is drawn twice as often.
         seed: the dataset seed; use different seeds for training and held-out sets.
         sizes: ``"fixed"`` (``image_size`` squares) or ``"mixed"`` (see `MIXED_SIZES`).
-        image_size, fine_grid, fine_glyphs, max_count, max_objects, bits_side, bits_rows, bits_distractors: see
-            `make_sample`.
+        image_size, fine_grid, fine_glyphs, max_count, max_objects, bits_side, bits_rows, bits_distractors,
+            video_frames: see `make_sample`. Video tasks write their frames as ``videos/000000/frame_1.png ...``
+            and the meta entry gets ``min_num_frame = max_num_frame = video_frames``, so that InternVL's loaders
+            (and ours) take every frame.
         name: the dataset's key in the meta JSON and the JSONL file name.
         repeat_time: written to the meta JSON: how many times a training loader should repeat this set per epoch.
         system_message: when not None, every conversation starts with ``{"from": "system", "value": ...}``. The
@@ -433,13 +470,19 @@ def generate_dataset(out_dir: str | os.PathLike, n: int = 1000, *, tasks: Sequen
         raise FileExistsError(f"{out_dir} is not empty; pass overwrite=True to replace it or choose another out_dir")
     samples = iter_samples(n, tasks=tasks, seed=seed, sizes=sizes, image_size=image_size, fine_grid=fine_grid,
                            fine_glyphs=fine_glyphs, max_count=max_count, max_objects=max_objects, bits_side=bits_side,
-                           bits_rows=bits_rows, bits_distractors=bits_distractors)
+                           bits_rows=bits_rows, bits_distractors=bits_distractors, video_frames=video_frames)
     with staged_folder(out_dir) as tmp:
         (tmp / "images").mkdir()
         with open(tmp / f"{name}.jsonl", "w", encoding="utf-8") as jsonl:
             for i, _, sample in samples:
-                rel = f"images/{i:06d}.png"
-                sample.image.save(tmp / rel, format="PNG")
+                if sample.frames is not None:
+                    rel = f"videos/{i:06d}"
+                    (tmp / rel).mkdir(parents=True)
+                    for index, frame in enumerate(sample.frames, 1):
+                        frame.save(tmp / rel / f"frame_{index}.png", format="PNG")
+                else:
+                    rel = f"images/{i:06d}.png"
+                    sample.image.save(tmp / rel, format="PNG")
                 record = sample.record(f"{name}-{i:06d}", rel)
                 system = system_choices[0] if len(system_choices) == 1 else \
                     random.Random(f"internvlx-synthetic-system:{seed}:{i}").choice(system_choices)
@@ -448,6 +491,8 @@ def generate_dataset(out_dir: str | os.PathLike, n: int = 1000, *, tasks: Sequen
                 jsonl.write(json.dumps(record, ensure_ascii=False) + "\n")
         meta = {name: {"root": str(out_dir), "annotation": str(out_dir / f"{name}.jsonl"), "data_augment": False,
                        "repeat_time": repeat_time, "length": n}}
+        if set(VIDEO_TASKS) & set((tasks,) if isinstance(tasks, str) else tasks):
+            meta[name].update(min_num_frame=video_frames, max_num_frame=video_frames)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     return out_dir / "meta.json"
 
@@ -488,5 +533,5 @@ def combine_meta(meta_paths: Sequence[str | os.PathLike], out_path: str | os.Pat
     return out_path
 
 
-__all__ = ["BASIC_TASKS", "COLOURS", "GLYPHS", "MIXED_SIZES", "POSITIONS", "SHAPES", "TASKS", "Sample",
-           "combine_meta", "generate_dataset", "iter_samples", "make_sample"]
+__all__ = ["BASIC_TASKS", "COLOURS", "GLYPHS", "MIXED_SIZES", "POSITIONS", "SHAPES", "TASKS", "VIDEO_TASKS",
+           "Sample", "combine_meta", "generate_dataset", "iter_samples", "make_sample"]
