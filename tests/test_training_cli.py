@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 import training_helpers as th
 from conftest import REPO_ROOT, run_isolated_python
 from internvlx_hf.cli import main
+from internvlx_hf.cli.train import parse_cli
 from internvlx_hf.provenance import read_provenance
 from internvlx_hf.training import parse_train_args, train
 
@@ -354,6 +355,11 @@ def test_yaml_values_are_read_as_the_flags_would_be(tmp_path, capsys):
         == (0.001, 0.01, 3, 4000)
     assert type(training_args.learning_rate) is float and training_args.bf16 is False
     assert training_args.save_strategy == "no" and training_args.report_to == []
+    # a flag whose bare form means true (`--fsdp`, transformers' "pass --fsdp or fsdp=True") takes true in YAML too,
+    # as on the command line
+    config.write_text(base + "fsdp: true\n")
+    assert parse_train_args(config)[3].fsdp is True
+    assert parse_cli([str(config), "--fsdp"])[3].fsdp is True
 
     cases = [
         ("learning_rate: fast", "learning_rate is 'fast', but it must be a number"),

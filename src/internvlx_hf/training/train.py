@@ -213,6 +213,8 @@ def _coerce_one(action, key: str, value: Any, where: str) -> Any:
     kind = action.type
     names = {int: "an integer", float: "a number", string_to_bool: "true or false"}
     expected = names.get(kind, f"one of {list(action.choices)}" if action.choices else "a string")
+    if isinstance(value, bool) and value is action.const:  # a bare flag (`--fsdp`: nargs="?", const=True)
+        return value
     if isinstance(value, bool) and kind is not string_to_bool:
         quoted = " (YAML reads an unquoted yes/no/on/off as true/false; quote it)" if action.choices else ""
         raise ValueError(f"{where}{key} is {str(value).lower()}, but it must be {expected}{quoted}")
