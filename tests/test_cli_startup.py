@@ -79,7 +79,8 @@ def test_argument_errors_import_nothing_heavy():
     argvs = [[], ["nonsense"], ["chat"], ["chat", "MODEL", "--max-tiles", "many"], ["convert", "SRC"],
              ["tokens", "--tiling", "diagonal"], ["eval", "--nonsense"], ["train", "--learning_rate", "abc"],
              ["train", "--max_steps", "1.5"], ["train", "--preset", "x"], ["train", "--lr-scheduler-type", "cosin"],
-             ["train", "--packing", "train.yaml"], ["train", "--nonsense"], ["demo", "--nonsense"]]
+             ["train", "--packing", "train.yaml"], ["train", "--nonsense"],
+             ["train", "--model", "m", "--max_steps", "3"], ["demo", "--nonsense"]]
     results = _run_cli(argvs)
     assert [r["code"] for r in results] == [2] * len(argvs)
     assert [r["last_err"] for r in results] == [
@@ -104,6 +105,8 @@ def test_argument_errors_import_nothing_heavy():
         "yes/no, true/false, t/f, y/n, 1/0 (case insensitive); --packing took 'train.yaml' as its PACKING because "
         "its value is optional: did you mean `internvlx train train.yaml --packing`?",
         "internvlx: error: unrecognized arguments: --nonsense",
+        "internvlx train: error: the following options are required: --data, --output_dir (or give them in a "
+        "CONFIG.yaml: internvlx train CONFIG.yaml)",
         "internvlx: error: unrecognized arguments: --nonsense",
     ]
     assert results[-1]["heavy"] == []

@@ -76,7 +76,7 @@ def build_parser(commands: Sequence[Command] | None = None) -> argparse.Argument
             add_arguments=command.add_arguments,
             intermixed=command.intermixed,
         )
-        sub.set_defaults(_run=command.run)
+        sub.set_defaults(_run=command.run, _check=command.check)
     return parser
 
 
@@ -87,6 +87,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     hide_optional_kernel_note()  # before anything imports peft, which imports bitsandbytes where it is installed
     args = build_parser().parse_args(argv)
+    if args._check is not None:
+        try:
+            args._check(args)
+        except CLIError as error:
+            if args.debug:
+                raise
+            print(f"internvlx {args.command}: error: {_one_line(error)}", file=sys.stderr)
+            return 2
     from tqdm.contrib.logging import logging_redirect_tqdm
     from transformers.utils import logging as transformers_logging
 

@@ -25,6 +25,9 @@ class Command:
     # Positionals may come after options (`chat MODEL --image X "question"`): plain argparse binds every
     # positional at the first run of them (MODEL) and then rejects the question after the options.
     intermixed: bool = False
+    # Checks of the parsed arguments that need no heavy import (raise CLIError): run before `main` imports
+    # transformers, so that they answer as fast as argparse's own errors.
+    check: Callable[[argparse.Namespace], None] | None = None
 
 
 def add_debug_argument(parser: argparse.ArgumentParser) -> None:

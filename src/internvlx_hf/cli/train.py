@@ -102,6 +102,18 @@ def parse_cli(args: argparse.Namespace | Sequence[str] | None):
         raise CLIError(f"invalid training options: {error}") from None
 
 
+# Without them nothing runs: checked before torch is imported, so that a forgotten one is answered at once (train()
+# checks them again, after CONFIG.yaml is read, for callers from Python).
+_REQUIRED = ("model", "data", "output_dir")
+
+
+def _check_train(args: argparse.Namespace) -> None:
+    missing = [f"--{name}" for name in _REQUIRED if getattr(args, name, None) is None]
+    if args.config is None and missing:
+        raise CLIError(f"the following options are required: {', '.join(missing)} (or give them in a CONFIG.yaml: "
+                       "internvlx train CONFIG.yaml)")
+
+
 def _run_train(args: argparse.Namespace) -> int:
     from ..training.train import end_distributed, exit_if_gloo_threads_remain, train
 
@@ -118,4 +130,5 @@ TRAIN = Command(
     epilog=_TRAIN_EPILOG,
     add_arguments=_add_train_arguments,
     run=_run_train,
+    check=_check_train,
 )
