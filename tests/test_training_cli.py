@@ -156,9 +156,11 @@ def test_yaml_config_flags_override_it_and_errors_are_one_line(tmp_path, capsys)
     assert (saved["tiling"], saved["max_tiles"]) == ("edge", 2)
     capsys.readouterr()
 
+    (tmp_path / "no-model.yaml").write_text("max_steps: 1\n")  # train() checks what CONFIG.yaml leaves out
     cases = [
-        (["train", "--data", "x.jsonl", "--output_dir", "o"], "--model is required"),
-        (["train", "--model", str(model), "--data", "x.jsonl"], "--output_dir is required"),
+        (["train", "--data", "x.jsonl", "--output_dir", "o"], "the following options are required: --model (or "),
+        (["train", "--model", str(model), "--data", "x.jsonl"], "the following options are required: --output_dir"),
+        (["train", str(tmp_path / "no-model.yaml"), "--data", "x.jsonl", "--output_dir", "o"], "--model is required"),
         (["train", "--model", str(th.require_fixture("internvl2_qwen2")), "--data", "x", "--output_dir", "o"],
          "config.json has model_type 'internvl_chat', not 'internvlx'; convert OpenGVLab InternVL2 / InternVL-X "
          "checkpoints "
