@@ -156,7 +156,8 @@ def main(argv=None) -> int:
     print(f"wrote {out} ({size:.1f} MiB); held-out exact match:")
     for variant, result in by_system.items():
         video_scores = record.get("held_out_video", {}).get(variant, {}).get("accuracy", {})
-        print(f"  system {variant}: " + ", ".join(f"{t} {v:.3f}" for t, v in (result["accuracy"] | video_scores).items()))
+        scores = result["accuracy"] | video_scores
+        print(f"  system {variant}: " + ", ".join(f"{t} {v:.3f}" for t, v in scores.items()))
     return 0
 
 

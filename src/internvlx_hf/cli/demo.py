@@ -108,10 +108,11 @@ def _run_demo(args: argparse.Namespace) -> int:
     if args.image:
         samples = [DemoSample(load_user_image(args.image), args.question.strip(), None, "", args.image)]
     elif user_video:
+        from ..demo import demo_video_frames
         from .chat import load_video_frames
 
         # the frames first, so that a bad video fails in one line before the model loads
-        frames = load_video_frames(args.video, 4 if args.frames is None else args.frames, None)
+        frames = load_video_frames(args.video, demo_video_frames(folder) if args.frames is None else args.frames, None)
         samples = [DemoSample(frames[-1], args.question.strip(), None, "", args.video, video=frames)]
     elif video:
         samples = demo_video_samples(seed=args.seed, path=folder)

@@ -67,7 +67,7 @@ class DemoSample:
     expected: str | None
     task: str
     label: str
-    video: Any = None  # a clip: its frames (PIL images), or a user's video file / frame folder
+    video: Any = None  # a clip: its frames (PIL images)
 
 
 def demo_video_frames(path: str | os.PathLike = DEMO_MODEL_DIR) -> int:
@@ -152,8 +152,8 @@ def answer_video(model, processor, video, question: str, *, num_frames: int = 4,
                  bound: tuple[float, float] | None = None, max_new_tokens: int = 8) -> Answer:
     """Greedy answer to ``question`` about ``video``: frames in memory (used as given), a video file or a frame
     folder (``num_frames`` taken at segment centres, inside the optional ``bound`` in seconds; the default, 4, is
-    what the demo model learnt, `demo_video_frames`). The prompt is InternVL2's video prompt (``Frame1: <image>`` per frame, one tile
-    each) after an empty system block, as ``processor(videos=...)`` writes it."""
+    what the demo model learnt, `demo_video_frames`). The prompt is InternVL2's video prompt (``Frame1: <image>``
+    per frame, one tile each) after an empty system block, as ``processor(videos=...)`` writes it."""
     from .recipe import prompt_messages
 
     messages = prompt_messages(question)
