@@ -203,7 +203,7 @@ def _image_size(image: Any) -> tuple[int, int] | None:
     return None
 
 
-def _device_map(name: str):
+def device_map_for(name: str):
     """``from_pretrained``'s device_map for --device: weights go straight to the device (no CPU copy first);
     "auto" spreads a model over every GPU (accelerate) when there is one."""
     import torch
@@ -237,7 +237,7 @@ def load_chat_model(model: str, dtype: str = "auto", device: str = "auto", proce
     from ..hub.resolve import read_internvlx_config, resolve_model
     from ..quantization import QuantizationUnavailable, check_kept_modules, quantized_loading_kwargs
 
-    device_map = _device_map(device)
+    device_map = device_map_for(device)
     path = resolve_model(model)
     read_internvlx_config(path, f"MODEL {str(model)!r}")
     try:

@@ -80,9 +80,9 @@ def _run_serve(args: argparse.Namespace) -> int:
         raise CLIError(str(error)) from None
     from ..hub.resolve import read_internvlx_config, resolve_model
     from ..serving import serve
-    from .chat import _device_map
+    from .chat import device_map_for
 
-    device = _device_map(args.device)
+    device = device_map_for(args.device)
     read_internvlx_config(resolve_model(args.model), f"MODEL {str(args.model)!r}")  # a clear error before loading
     serve(args.model, host=args.host, port=args.port, log_level=args.log_level, device=device, dtype=args.dtype,
           model_kwargs=model_loading_kwargs(args))

@@ -105,7 +105,9 @@ class ConversionReport:
         return "\n".join(lines)
 
 
-def _check_destination(src: Path, dst: Path, overwrite: bool) -> None:
+def check_destination(src: Path, dst: Path, overwrite: bool) -> None:
+    """Refuse a DST that is SRC, contains it, lies inside it, is a file, or is a non-empty folder without
+    ``overwrite`` (convert and export both write through this check)."""
     if dst.resolve() == src.resolve():
         raise ConversionError(f"DST {dst} is SRC; write the converted checkpoint to a new folder.")
     # Replacing DST removes it, so a DST that holds SRC would delete the source (and one inside SRC pollutes it).
@@ -333,7 +335,7 @@ def convert(
     dtype = parse_dtype(dtype)
     max_shard_bytes = parse_size(max_shard_size)
     lvtc_options, init_lr_from_mlp1 = parse_lvtc_spec(lvtc)
-    _check_destination(src, dst, overwrite)
+    check_destination(src, dst, overwrite)
 
     job = _prepare(read_source(src, allow_pickle), projector, lvtc_options, init_lr_from_mlp1, dtype)
 

@@ -226,11 +226,11 @@ def export_native(src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: 
     from tqdm.auto import tqdm
     from transformers import GenerationConfig
 
-    from .convert import _check_destination
+    from .convert import check_destination
 
     src, dst = Path(src), Path(dst)
     max_shard_bytes = parse_size(max_shard_size)
-    _check_destination(src, dst, overwrite)
+    check_destination(src, dst, overwrite)
     config = _read_config(src)
     _check_exportable(config, src)
     native = native_config(config)

@@ -33,7 +33,7 @@ from .formats import Sample, SampleError
 from .images import TileBudget, image_size, load_image
 from .videos import expand_video, planned_frames, read_sample_frames
 from .index import JsonlIndex
-from .sources import DataSource, _undecoded, as_sources, parse_row
+from .sources import DataSource, undecoded, as_sources, parse_row
 from .status import REASONS, TRUNCATED, UNSEEN, USABLE, reason_code, status_counts
 from .summary import DatasetStats, DataSummary
 
@@ -111,7 +111,7 @@ class InternVLXDataset(torch.utils.data.Dataset):
     def _reader(source: DataSource):
         if source.annotation is not None:
             return JsonlIndex(source.annotation)
-        return _undecoded(source.rows) if not isinstance(source.rows, list) else source.rows
+        return undecoded(source.rows) if not isinstance(source.rows, list) else source.rows
 
     def _locate(self, row: int) -> tuple[int, int]:
         source_index = int(np.searchsorted(self._row_offsets, row, side="right")) - 1

@@ -8,7 +8,7 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-from ..processing.image_processing_internvlx import _load_rgb_image
+from ..processing.image_processing_internvlx import load_rgb_image
 from .formats import SampleError
 
 
@@ -47,7 +47,7 @@ def load_image(image: Any, index: int = 0) -> Image.Image:
             image = Image.open(io.BytesIO(image["bytes"]))
         else:
             image = image.get("path")
-    return _load_rgb_image(image, index)
+    return load_rgb_image(image, index)
 
 
 class TileBudget:

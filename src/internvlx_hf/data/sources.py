@@ -135,7 +135,7 @@ def as_sources(data: Any) -> list[DataSource]:
     )
 
 
-def _undecoded(dataset: Any) -> Any:
+def undecoded(dataset: Any) -> Any:
     """The dataset with image columns left as bytes/paths, so the scan reads headers instead of decoding."""
     import datasets
 
@@ -159,7 +159,7 @@ def source_rows(source: DataSource):
                     yield f"{source.annotation}:{number}", line
     else:
         rows = source.rows
-        view = _undecoded(rows) if not isinstance(rows, list) else rows
+        view = undecoded(rows) if not isinstance(rows, list) else rows
         for number in range(len(view)):
             yield f"{source.name}[{number}]", (number, view[number])
 

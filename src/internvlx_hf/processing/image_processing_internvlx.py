@@ -168,10 +168,10 @@ def describe_image_input(index: int, source: Any) -> str:
     return f"image {index} ({type(source).__name__})"
 
 
-def _flatten_images(images: Any) -> list[Any]:
+def flatten_images(images: Any) -> list[Any]:
     """Images in order: one image, a list of images, or a list of lists (one per prompt); 4D arrays are batches."""
     if isinstance(images, (list, tuple)):
-        return [image for item in images for image in _flatten_images(item)]
+        return [image for item in images for image in flatten_images(item)]
     if (is_torch_tensor(images) or is_numpy_array(images)) and images.ndim == 4:
         return list(images)
     return [images]
@@ -359,7 +359,7 @@ def load_image_input(image: Any, where: str | None = None, timeout: float = IMAG
     raise FileNotFoundError(f"{where}: no such file; {_ACCEPTED}.")
 
 
-def _load_rgb_image(image: Any, index: int = 0, apply_exif_orientation: bool = False) -> Image.Image:
+def load_rgb_image(image: Any, index: int = 0, apply_exif_orientation: bool = False) -> Image.Image:
     """Open/convert one input the way the reference does (`Image.open(f).convert("RGB")`), with errors that name it.
 
     Accepts everything `load_image_input` does: paths, http(s) URLs, data URIs / base64, PIL images, uint8 arrays.
@@ -444,8 +444,8 @@ class InternVLXImageProcessor(PilBackend):
         self, images: Any, *args, apply_exif_orientation: bool = False, **kwargs
     ) -> list[Image.Image]:
         return [
-            _load_rgb_image(image, index, apply_exif_orientation=apply_exif_orientation)
-            for index, image in enumerate(_flatten_images(images))
+            load_rgb_image(image, index, apply_exif_orientation=apply_exif_orientation)
+            for index, image in enumerate(flatten_images(images))
         ]
 
     def get_number_of_image_patches(self, height: int, width: int, images_kwargs: dict | None = None) -> int:

@@ -14,7 +14,7 @@ from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import MultiModalData, ProcessingKwargs, ProcessorMixin, Unpack
 
 from .chat_templates import DEFAULT_CHAT_TEMPLATE, get_chat_template, turn_end_text
-from .image_processing_internvlx import InternVLXImageProcessor, InternVLXImageProcessorKwargs, _flatten_images
+from .image_processing_internvlx import InternVLXImageProcessor, InternVLXImageProcessorKwargs, flatten_images
 from .video import VIDEO_PLACEHOLDER, flatten_videos, is_video, load_video, video_prompt
 
 
@@ -247,14 +247,14 @@ class InternVLXProcessor(ProcessorMixin):
 
     def _check_image_layout(self, images: Any, text: str | list[str] | None) -> list[Any]:
         """Flatten `images` in tag order and check it matches the `<image>` tags of each prompt."""
-        flat_images = _flatten_images(images)
+        flat_images = flatten_images(images)
         if text is None:
             return flat_images
         prompts = [text] if isinstance(text, str) else list(text)
         tags = [prompt.count(self.image_placeholder) if isinstance(prompt, str) else 0 for prompt in prompts]
         nested = isinstance(images, (list, tuple)) and len(images) > 0 and isinstance(images[0], (list, tuple))
         if nested:
-            per_prompt = [len(_flatten_images(item)) for item in images]
+            per_prompt = [len(flatten_images(item)) for item in images]
             if len(images) != len(prompts) or per_prompt != tags:
                 raise ValueError(
                     f"Images were given per prompt ({per_prompt} images for {len(images)} prompt(s)) but the "

@@ -29,7 +29,7 @@ from typing import Any, NamedTuple, Sequence
 import numpy as np
 from PIL import Image
 
-from .image_processing_internvlx import _load_rgb_image
+from .image_processing_internvlx import load_rgb_image
 
 #: The prompt line of frame `index` (1-based), as InternVL2's model cards write it; `<video>` becomes these lines
 #: joined by newlines.
@@ -399,7 +399,7 @@ def load_video(
         raise ValueError(f"{where}: a bound needs frame sampling (sample=False keeps every frame)")
     if reader is not None:
         return reader.get_frames(list(frames))
-    return [_load_rgb_image(frame, i) for i, frame in enumerate(frames)]
+    return [load_rgb_image(frame, i) for i, frame in enumerate(frames)]
 
 
 __all__ = [
