@@ -6,8 +6,10 @@ tiles, greedy decoding. Per variant, in one process:
 
 - plain: eager with transformers' default dynamic cache, eager with a static cache, and generate()'s own compiled
   decoding step (static cache, ``CompileConfig(fullgraph=True)``: the transformers recipe);
-- LVTC: eager, and ``model.forward = torch.compile(model.forward)`` (its cache stays dynamic: its layers hold
-  different lengths).
+- LVTC: eager with its dynamic cache, ``model.forward = torch.compile(model.forward)`` with the dynamic cache (no
+  ``fullgraph``: the prefill's layout step runs eagerly), eager with its static cache (`InternVLXLVTCStaticCache`:
+  layers ``< k`` sized for the short layout, layers ``>= k`` for the long one), and generate()'s own compiled decoding
+  step with that static cache (``CompileConfig(fullgraph=True)``, the prefill eager).
 
 Decode ms/token is the slope between runs of ``--short`` and ``--long`` new tokens (the prefill and generate()'s
 set-up cancel out), the median of ``--runs`` rounds; the candidates run round-robin so that load on the machine hits
@@ -77,6 +79,9 @@ def candidates(args):
                                                                       "compile_config": compile_config}),
         "lvtc eager (dynamic cache)": ("lvtc", lvtc, {}),
         "lvtc compiled (dynamic cache)": ("lvtc", lvtc_compiled, {}),
+        "lvtc eager (static cache)": ("lvtc", lvtc, {"cache_implementation": "static", "disable_compile": True}),
+        "lvtc compiled (static cache, fullgraph)": ("lvtc", lvtc, {"cache_implementation": "static",
+                                                                    "compile_config": compile_config}),
     }
 
 

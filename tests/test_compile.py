@@ -1,9 +1,10 @@
 """torch.compile: the plain model (MLP / PVTC projector) compiles with ``fullgraph=True`` and a static cache, as
-transformers' native InternVL does; LVTC compiles with a counted, small number of graph breaks (its layout depends on
-where the image tokens are, so its prefill cannot be one graph). docs/benchmarks.md, "Compile".
+transformers' native InternVL does; LVTC's decoding step compiles with ``fullgraph=True`` too, with its static cache
+(`InternVLXLVTCStaticCache`), and its prefill has a counted, small number of graph breaks (its layout depends on where
+the image tokens are, so it cannot be one graph). docs/benchmarks.md, "Compile".
 
-The graph-break counts come from ``torch._dynamo.explain`` (tracing only, no code generation: fast). The two
-generation tests compile (the plain one with inductor, C++ code generation: ~20 s of CPU): marked ``slow``.
+The graph-break counts come from ``torch._dynamo.explain`` (tracing only, no code generation: fast). The generation
+tests compile (with inductor, C++ code generation: ~20-40 s of CPU each): marked ``slow``.
 The counts are those of torch 2.13 (what CI runs); another torch may split graphs differently.
 """
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch._dynamo
-from tiny import pixels, prompt_ids, tiny_model
+from tiny import left_pad, pixels, prompt_ids, tiny_model
 from transformers import CompileConfig, StaticCache
 
 from internvlx_hf.modeling.modeling_internvlx import InternVLXLVTCCache
@@ -65,6 +66,14 @@ def test_lvtc_graph_breaks_are_counted():
     assert _breaks(model, lambda: InternVLXLVTCCache(config=text_config)) == (3, 0)
 
 
+def test_lvtc_decoding_step_is_one_graph_with_a_static_cache():
+    """With a static cache (plain `StaticCache` handed in: it becomes `InternVLXLVTCStaticCache`), the decoding step
+    has no graph break, which ``fullgraph=True`` needs; the prefill keeps the eager layout step."""
+    model = tiny_model("mlp", lvtc=LVTC, attn="sdpa", layers=3)
+    text_config = model.config.get_text_config()
+    assert _breaks(model, lambda: StaticCache(config=text_config, max_cache_len=64)) == (3, 0)
+
+
 def test_compiled_input_check_still_refuses_ids_outside_the_vocabulary():
     """Under compilation the vocabulary check is an assert inside the graph (no break), not a silent pass."""
     model = tiny_model("mlp", attn="sdpa", layers=2)
@@ -114,6 +123,25 @@ def test_lvtc_compiled_generation_equals_eager():
     model.forward = torch.compile(model.forward, backend="aot_eager")
     compiled = model.generate(**kwargs)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
+    assert compiled.sequences.tolist() == eager.sequences.tolist()
+    for step, (a, b) in enumerate(zip(compiled.logits, eager.logits)):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0, msg=lambda m, step=step: f"step {step}: {m}")
+
+
+@pytest.mark.slow
+def test_lvtc_fullgraph_static_cache_generation_equals_eager():
+    """LVTC with its static cache: generate() compiles the decoding step with ``fullgraph=True`` (inductor), the prefill
+    runs eagerly; a left-padded batch of prompts with 1 and 2 tiles gives eager's (dynamic cache) tokens, and every
+    step's logits within 1e-4."""
+    model = tiny_model("mlp", lvtc=LVTC, attn="sdpa", layers=3)
+    ids, mask = left_pad([prompt_ids(2, 1), prompt_ids(1, 2, n_text=9)])
+    kwargs = dict(input_ids=ids, attention_mask=mask, pixel_values=torch.cat([pixels(2, 1), pixels(1, 2)]),
+                  max_new_tokens=STEPS, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    eager = model.generate(**kwargs)
+    config = CompileConfig(fullgraph=True, mode="default")
+    config._compile_all_devices = True
+    compiled = model.generate(**kwargs, cache_implementation="static", compile_config=config)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # it did compile
     assert compiled.sequences.tolist() == eager.sequences.tolist()
     for step, (a, b) in enumerate(zip(compiled.logits, eager.logits)):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=0, msg=lambda m, step=step: f"step {step}: {m}")

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from internvlx_hf import InternVLXConfig
-from internvlx_hf.modeling.modeling_internvlx import InternVLXLVTCCache, build_lvtc_layout
+from internvlx_hf.modeling.modeling_internvlx import InternVLXLVTCCache, InternVLXLVTCStaticCache, build_lvtc_layout
 
 from test_modeling import _remote_code_check, reported_max_diff, run_with_checkpointing
 from tiny import (
@@ -183,9 +183,59 @@ def test_several_returned_sequences_keep_their_own_tiles(lvtc):
         assert sampled[2 * row + 1, ids.shape[1]:].tolist() == greedy
 
 
-def test_static_cache_is_refused_with_a_clear_message():
-    model = tiny_model(**LVTC_MLP)
-    with pytest.raises(NotImplementedError, match="LVTC needs a dynamic cache"):
+@pytest.mark.parametrize("setup", ["mlp", "pvtc"])
+@pytest.mark.parametrize("beams", [1, 2])
+def test_static_cache_generation_equals_the_dynamic_cache(setup, beams):
+    """``cache_implementation="static"``: a left-padded batch of prompts with 1-3 tiles (LVTC with extra LR
+    projectors) gives the dynamic cache's tokens, greedy and with beam search (the LVTC state follows the beams); the
+    logits of greedy steps agree to 1e-5."""
+    model = tiny_model(**SETUPS[setup], attn="sdpa")
+    prompts = [prompt_ids(2, seed=52, n_text=3), prompt_ids(1, seed=53, n_text=9), prompt_ids(3, seed=54, n_text=1)]
+    ids, mask = left_pad(prompts)
+    kwargs = dict(input_ids=ids, attention_mask=mask, pixel_values=torch.cat([pixels(2, 55), pixels(1, 56),
+                                                                              pixels(3, 57)]),
+                  max_new_tokens=6, do_sample=False, num_beams=beams, output_logits=True, return_dict_in_generate=True)
+    dynamic = model.generate(**kwargs)
+    static = model.generate(**kwargs, cache_implementation="static")
+    assert static.sequences.tolist() == dynamic.sequences.tolist()
+    if beams == 1:
+        for step, (a, b) in enumerate(zip(static.logits, dynamic.logits)):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=0, msg=lambda m, step=step: f"step {step}: {m}")
+    cache = static.past_key_values
+    assert isinstance(cache, InternVLXLVTCStaticCache)
+    # layers < k: prompt + new tokens (the last one is never cached); layers >= k: + 12 slots per tile of the row
+    # with the most tiles (the others are re-padded on the left)
+    short = ids.shape[1] + 5
+    k = SETUPS[setup]["lvtc"]["expand_layer"]
+    assert [layer.max_cache_len for layer in cache.layers] == [short] * k + [short + 3 * 12] * (4 - k)
+
+
+def test_static_cache_passed_in_is_sized_by_the_prefill_and_reusable_after_reset():
+    """A transformers `StaticCache` handed to an LVTC prefill becomes an `InternVLXLVTCStaticCache` in place; its
+    ``max_cache_len`` counts input ids, the long layers get the prompt's extra visual slots on top. A filled cache
+    without its LVTC state is refused; after reset() it serves a new prompt."""
+    from transformers import StaticCache
+
+    model = tiny_model(**LVTC_MLP, attn="sdpa")
+    ids, pv = torch.tensor([prompt_ids(2, seed=58)]), pixels(2, seed=59)
+    expected = greedy_with_cache(model, ids[0].tolist(), pv, 4)
+    cache = StaticCache(config=model.config.get_text_config(), max_cache_len=40)
+    out = model.generate(input_ids=ids, pixel_values=pv, past_key_values=cache, max_new_tokens=4, do_sample=False)
+    assert out[0, ids.shape[1]:].tolist() == expected
+    assert type(cache) is InternVLXLVTCStaticCache
+    assert [layer.max_cache_len for layer in cache.layers] == [40, 40, 40 + 24, 40 + 24]
+    assert int(cache.get_seq_length()) == ids.shape[1] + 3
+    cache.lvtc_state = None
+    with pytest.raises(ValueError, match="static cache holds tokens but no LVTC state"):
+        model(input_ids=ids, pixel_values=pv, past_key_values=cache)
+    cache.reset()
+    out = model.generate(input_ids=ids, pixel_values=pv, past_key_values=cache, max_new_tokens=4, do_sample=False)
+    assert out[0, ids.shape[1]:].tolist() == expected
+
+
+def test_static_cache_with_a_sliding_window_is_refused_with_a_clear_message():
+    model = tiny_model("mlp", lvtc=LVTC_MLP["lvtc"], llm="mistral", text={"sliding_window": 8})
+    with pytest.raises(NotImplementedError, match="LVTC's static cache holds full-attention layers only"):
         model.generate(input_ids=torch.tensor([prompt_ids(1, seed=48)]), pixel_values=pixels(1, seed=49),
                        max_new_tokens=2, cache_implementation="static")
 

@@ -5,6 +5,7 @@ from .configuration_internvlx import InternVLXConfig, LVTCConfig
 from .modeling_internvlx import (
     InternVLXForConditionalGeneration,
     InternVLXLVTCCache,
+    InternVLXLVTCStaticCache,
     InternVLXMLPProjector,
     InternVLXModel,
     InternVLXPreTrainedModel,
@@ -16,6 +17,7 @@ __all__ = [
     "LVTCConfig",
     "InternVLXForConditionalGeneration",
     "InternVLXLVTCCache",
+    "InternVLXLVTCStaticCache",
     "InternVLXMLPProjector",
     "InternVLXModel",
     "InternVLXPreTrainedModel",

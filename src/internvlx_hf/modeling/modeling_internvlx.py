@@ -15,9 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel, GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache, DynamicCache, StaticCache, StaticLayer
 from transformers.masking_utils import (
     create_causal_mask,
+    create_masks_for_generate,
     create_sliding_window_causal_mask,
     find_packed_sequence_indices,
 )
@@ -278,6 +279,61 @@ class InternVLXLVTCCache(DynamicCache):
         if into_prefill > 0:
             self.lvtc_state = state.drop_prefill_tail(into_prefill)
         super().crop(-remove)
+
+
+class InternVLXLVTCStaticCache(StaticCache):
+    """A `StaticCache` for LVTC (``generate(..., cache_implementation="static")``, which `torch.compile` needs for a
+    ``fullgraph`` decoding step).
+
+    ``max_cache_len`` counts short-layout tokens (the input ids: prompt plus new tokens), the length layers ``< k``
+    hold. Layers ``>= k`` hold the long layout, longer by the prompt's extra visual slots, which only the prefill's
+    layout knows: the prefill sets their length before they allocate (`size_long_layers`). Each layer writes at its
+    own fill level, so the long layers need no shifted write positions; the `LVTCState` of the prefill is kept as in
+    `InternVLXLVTCCache`. Full-attention LLMs only (a sliding window layer's length is the window, not the layout). A
+    plain `StaticCache` handed to an LVTC prefill becomes this class in place.
+    """
+
+    lvtc_state: LVTCState | None = None
+
+    def __init__(self, config, max_cache_len: int, **kwargs):
+        super().__init__(config=config, max_cache_len=max_cache_len, **kwargs)
+        self.check_layers()
+
+    def check_layers(self) -> None:
+        kinds = sorted({type(layer).__name__ for layer in self.layers if type(layer) is not StaticLayer})
+        if kinds:
+            raise NotImplementedError(
+                f"LVTC's static cache holds full-attention layers only; this LLM's cache also has {kinds}. Leave "
+                "cache_implementation unset (LVTC then uses its dynamic cache)."
+            )
+        # Older transformers releases write a static layer at a `cache_position` the caller passes, one for all
+        # layers, which would be wrong for the long layers; the layers that count their own fill level are needed.
+        if not all(isinstance(getattr(layer, "cumulative_length", None), torch.Tensor) for layer in self.layers):
+            raise NotImplementedError(
+                "LVTC's static cache needs a transformers release whose StaticLayer counts its own fill level (it is "
+                "tested with 5.23); with this one leave cache_implementation unset (LVTC then uses its dynamic cache)."
+            )
+
+    def size_long_layers(self, expand_layer: int, extra_slots: int) -> None:
+        """Give layers ``>= expand_layer`` the short length plus the prefill's ``extra_slots`` (long minus short)."""
+        needed = self.layers[0].max_cache_len + extra_slots
+        for idx, layer in enumerate(self.layers[expand_layer:], start=expand_layer):
+            if not layer.is_initialized:
+                layer.max_cache_len = needed
+            elif layer.max_cache_len < needed:
+                raise ValueError(
+                    f"This static LVTC cache was allocated for a shorter long layout: layer {idx} holds "
+                    f"{layer.max_cache_len} slots, this prompt needs {needed}. Use a new cache for this prompt."
+                )
+
+    def reset(self) -> None:
+        super().reset()
+        self.lvtc_state = None
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        if self.lvtc_state is not None:
+            self.lvtc_state = self.lvtc_state.select(beam_idx.to(self.lvtc_state.position_offset.device))
 
 
 @dataclass
@@ -854,11 +910,13 @@ class InternVLXModel(InternVLXPreTrainedModel):
             use_cache = False
         if use_cache and past_key_values is None:
             past_key_values = InternVLXLVTCCache(config=text_config)
-        if past_key_values is not None and not isinstance(past_key_values, DynamicCache):
+        if past_key_values is not None and not isinstance(past_key_values, (DynamicCache, StaticCache)):
             raise NotImplementedError(
-                f"LVTC needs a dynamic cache (its layers hold different lengths), got {type(past_key_values).__name__}"
-                "; leave cache_implementation unset (or use 'dynamic' / 'offloaded')."
+                f"LVTC needs a dynamic or static cache (its layers hold different lengths), got "
+                f"{type(past_key_values).__name__}; leave cache_implementation unset (or use 'dynamic' / 'offloaded' / "
+                "'static')."
             )
+        static = isinstance(past_key_values, StaticCache)
         batch, short_len, _ = inputs_embeds.shape
         device = inputs_embeds.device
         n1 = self.config.image_seq_length
@@ -867,21 +925,35 @@ class InternVLXModel(InternVLXPreTrainedModel):
         side2 = round(n2**0.5)
 
         if position_ids is None:
-            position_ids = torch.arange(past_length, past_length + short_len, device=device)[None].expand(batch, -1)
+            # (a static cache's length is a tensor: added, not passed to arange, so a compiled step stays one graph)
+            position_ids = (torch.arange(short_len, device=device) + past_length)[None].expand(batch, -1)
         elif position_ids.shape[0] != batch:
             position_ids = position_ids.expand(batch, -1)
 
-        prefill = past_length == 0
+        # A static cache's length is a tensor, which a compiled step cannot branch on: its LVTC state tells instead
+        # (set by the prefill, cleared by reset()).
+        prefill = getattr(past_key_values, "lvtc_state", None) is None if static else past_length == 0
         if prefill:
-            if past_key_values is not None and not isinstance(past_key_values, InternVLXLVTCCache):
-                if type(past_key_values) is not DynamicCache:
+            if past_key_values is not None and not isinstance(past_key_values,
+                                                              (InternVLXLVTCCache, InternVLXLVTCStaticCache)):
+                if type(past_key_values) not in (DynamicCache, StaticCache):
                     raise NotImplementedError(
-                        f"LVTC keeps its layout state on a DynamicCache; got a {type(past_key_values).__name__}. "
-                        "Pass a transformers.DynamicCache (or none: generate() and forward() create one)."
+                        f"LVTC keeps its layout state on a DynamicCache or StaticCache; got a "
+                        f"{type(past_key_values).__name__}. Pass a transformers.DynamicCache or StaticCache (or none: "
+                        "generate() and forward() create one)."
                     )
+                if static:
+                    InternVLXLVTCStaticCache.check_layers(past_key_values)
                 # Same object, storage and options (offloading, past recording): only the LVTC state is added.
-                past_key_values.__class__ = InternVLXLVTCCache
+                past_key_values.__class__ = InternVLXLVTCStaticCache if static else InternVLXLVTCCache
+            if static and not torch.compiler.is_compiling() and bool(past_length > 0):
+                raise ValueError(
+                    "This static cache holds tokens but no LVTC state: pass the cache this model's prefill filled, "
+                    "or call reset() on it before a new prompt."
+                )
             layout = build_lvtc_layout(image_mask, attention_mask, position_ids, n1, n2)
+            if static:
+                past_key_values.size_long_layers(k, layout.long_len - short_len)
             # Packed rows (position resets, no mask, no cache) are told apart by their positions only, as in the
             # LLM's own forward; a 2D mask would switch that detection off and let the sequences see each other.
             packed = (attention_mask is None and past_key_values is None
@@ -909,9 +981,13 @@ class InternVLXModel(InternVLXPreTrainedModel):
                     "This cache holds tokens but no LVTC state: pass the past_key_values returned by this model's "
                     "prefill forward (an InternVLXLVTCCache), not a cache filled elsewhere."
                 )
-            tail_len = past_length + short_len - state.short_prefix_len
-            tail = (attention_mask[:, state.short_prefix_len:] if attention_mask is not None
-                    else torch.ones(batch, tail_len, dtype=torch.long, device=device))
+            if attention_mask is not None:
+                tail = attention_mask[:, state.short_prefix_len:]
+            else:
+                # Every token is real. A static cache gets all the slots its short layers have after the prompt (the
+                # causal mask hides those not yet written): a length known without reading its tensor fill level.
+                tail_len = (past_key_values.layers[0].max_cache_len if static else past_length + short_len)
+                tail = torch.ones(batch, tail_len - state.short_prefix_len, dtype=torch.long, device=device)
             long_mask_2d = torch.cat([state.long_prefix_mask.to(device), tail.to(state.long_prefix_mask.dtype)], -1)
             long_position_ids = position_ids + state.position_offset.to(device)[:, None]
             layout, long_varlen = None, {}
@@ -1201,12 +1277,31 @@ class InternVLXForConditionalGeneration(InternVLXPreTrainedModel, GenerationMixi
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
         cache = model_kwargs.get("past_key_values")
-        if self.config.lvtc is not None and type(cache) is DynamicCache and cache.get_seq_length() == 0:
-            # The LVTC state (that decoding steps need and that beam search and cropping must update) lives on the
-            # cache: turn the cache into the DynamicCache subclass that carries it, in place, so that a cache the
-            # user passed is the one that gets filled and generate()'s options (offloading, past recording for
-            # assisted decoding) are kept.
+        if self.config.lvtc is None or type(cache) not in (DynamicCache, StaticCache) or cache.get_seq_length() != 0:
+            return
+        # The LVTC state (that decoding steps need and that beam search and cropping must update) lives on the
+        # cache: turn the cache into the subclass that carries it, in place, so that a cache the user passed is the
+        # one that gets filled and generate()'s options (offloading, past recording for assisted decoding) are kept.
+        if type(cache) is StaticCache:
+            InternVLXLVTCStaticCache.check_layers(cache)
+            cache.__class__ = InternVLXLVTCStaticCache
+        else:
             cache.__class__ = InternVLXLVTCCache
+
+    def create_masks_for_generate(self, config, inputs_embeds, attention_mask, past_key_values, **kwargs):
+        """generate()'s mask hook for compilable (static) caches: transformers' 4D mask, except for LVTC.
+
+        One 4D mask cannot serve LVTC (layers ``>= k`` attend over the long layout), so its forward builds one per
+        layout from the 2D mask. The prefill gets the 2D mask as is; a decoding step gets it padded with zeros to the
+        short layers' cache length, so that every step has the same shapes (one compiled graph for all steps).
+        """
+        if self.config.lvtc is None or not isinstance(past_key_values, InternVLXLVTCStaticCache):
+            return create_masks_for_generate(config=config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                             past_key_values=past_key_values, **kwargs)
+        if attention_mask is None or past_key_values.lvtc_state is None:
+            return attention_mask
+        free = past_key_values.layers[0].max_cache_len - attention_mask.shape[-1]
+        return F.pad(attention_mask, (0, free)) if free > 0 else attention_mask
 
     # ---------------------------------------------------------------- InternVL2-compatible chat API
 
@@ -1384,6 +1479,7 @@ __all__ = [
     "PVTCProjector",
     "InternVLXMLPProjector",
     "InternVLXLVTCCache",
+    "InternVLXLVTCStaticCache",
     "LVTCState",
     "build_lvtc_layout",
 ]
