@@ -113,7 +113,7 @@ def test_generic_path_answers_the_demo_questions_without_a_system_turn(demo_gene
     answers, padded = generic_answers(model, processor, tokenizer, images, [s.question for s in QUESTIONS],
                                       batch_size)
     assert padded == (batch_size > 1)  # questions of different lengths, left-padded in one batch
-    assert right(answers) >= 9, answers
+    assert right(answers) == 10, answers
 
 
 def test_no_system_turn_renders_the_default_system_message(demo_generic):
@@ -174,7 +174,7 @@ def demo_pipeline():
 def test_pipeline_answers_the_demo_questions_without_a_system_turn(demo_pipeline, image_paths, images_as):
     images = [s.image for s in QUESTIONS] if images_as == "PIL" else image_paths
     answers = pipeline_answers(demo_pipeline, images, batch_size=4)
-    assert right(answers) >= 9, answers
+    assert right(answers) == 10, answers
     # the full-text form returns the conversation with the reply appended as an assistant turn
     full = demo_pipeline(text=[{"role": "user", "content": [{"type": "image", "image": images[0]},
                                                             {"type": "text", "text": QUESTIONS[0].question}]}],
@@ -225,8 +225,8 @@ def test_chat_answers_the_demo_questions_as_the_harnesses_call_it(demo_chat):
         vlmevalkit.append(model.chat(tokenizer, pixel_values=pixel_values, num_patches_list=[1],
                                      question=sample.question,
                                      generation_config=dict(do_sample=False, max_new_tokens=4096, top_p=None)))
-    assert right(lmms_eval) >= 9, lmms_eval
-    assert right(vlmevalkit) >= 9, vlmevalkit
+    assert right(lmms_eval) == 10, lmms_eval
+    assert right(vlmevalkit) == 10, vlmevalkit
 
 
 def test_chat_writes_the_models_system_message(demo_chat):
@@ -277,7 +277,7 @@ def test_the_model_scores_continuations_for_loglikelihood_requests(demo_generic)
     """lmms-eval's loglikelihood requests (multiple-choice tasks) need log p(continuation | context) and whether the
     continuation is the greedy one, from one forward pass's logits. Its generic `huggingface` class raises
     NotImplementedError for them itself (and lmms-eval 0.7.3 builds none for chat models); the model supports them:
-    the most likely reply of each task's choices is the greedy one, and the right one for 9 of the 10 questions (as
+    the most likely reply of each task's choices is the greedy one, and the right one for all 10 questions (as
     generate() answers them)."""
     from internvlx_hf.training.synthetic import COLOURS, GLYPHS, POSITIONS, SHAPES
 
@@ -305,7 +305,7 @@ def test_the_model_scores_continuations_for_loglikelihood_requests(demo_generic)
             best = max(scores, key=lambda c: scores[c][0])
             assert scores[best][1], (sample.question, scores)  # the most likely reply is the one generate() gives
             chosen.append(best)
-        assert right(chosen) >= 9, chosen
+        assert right(chosen) == 10, chosen
     finally:
         model.to(torch.bfloat16)
 
@@ -344,8 +344,8 @@ def test_the_demo_folder_works_in_the_clients_without_the_package(tmp_path, imag
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert all(module.startswith("transformers_modules.") for module in result["modules"]), result["modules"]
-    assert right(result["generic"]) >= 9, result["generic"]
-    assert right(result["pipeline"]) >= 9, result["pipeline"]
+    assert right(result["generic"]) == 10, result["generic"]
+    assert right(result["pipeline"]) == 10, result["pipeline"]
 
 
 # ------------------------------------------------------------------------------ lmms-eval's offline task
@@ -380,7 +380,7 @@ def test_the_lmms_eval_example_task_is_the_held_out_set_and_the_demo_model_passe
     images = [utils.doc_to_visual(doc)[0] for doc in docs]
     answers, _ = generic_answers(model, processor, tokenizer, images, [utils.doc_to_text(doc) for doc in docs], 4)
     scores = [utils.process_results(doc, [answer])["exact_match"] for doc, answer in zip(docs, answers)]
-    assert sum(scores) >= 9, answers
+    assert sum(scores) == 10, answers
     assert utils.process_results(docs[0], [" " + docs[0]["answer"] + "\n"]) == {"exact_match": 1.0}
     assert utils.process_results(docs[0], ["no"]) == {"exact_match": 0.0}
 
