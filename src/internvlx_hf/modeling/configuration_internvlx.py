@@ -140,7 +140,7 @@ class LVTCConfig:
             raise ValueError(f"lvtc.upsample_mode must be one of {UPSAMPLE_MODES}, got {self.upsample_mode!r}")
         if self.hr_scale not in HR_SCALES:
             raise ValueError(f"lvtc.hr_scale must be one of {HR_SCALES}, got {self.hr_scale!r}")
-        image_size, patch_size = _image_and_patch(config.vision_config)
+        image_size, patch_size = image_and_patch(config.vision_config)
         n1 = _tokens_per_side(image_size, patch_size, lr_ratio, "lvtc.lr_downsample_ratio")
         n2 = _tokens_per_side(image_size, patch_size, self.hr_downsample_ratio, "lvtc.hr_downsample_ratio")
         if n2 <= n1 or n2 % n1 != 0:
@@ -187,7 +187,8 @@ class LVTCConfig:
         return asdict(self)
 
 
-def _image_and_patch(vision_config) -> tuple[int, int]:
+def image_and_patch(vision_config) -> tuple[int, int]:
+    """The ViT's tile and patch size in pixels (a config may give either as an int or a (height, width) pair)."""
     image_size = vision_config.image_size
     patch_size = vision_config.patch_size
     image_size = image_size[0] if isinstance(image_size, (list, tuple)) else image_size
@@ -255,7 +256,7 @@ class InternVLXConfig(PreTrainedConfig):
             self.tie_word_embeddings = bool(getattr(self.text_config, "tie_word_embeddings", False))
         if self.projector_type not in PROJECTOR_TYPES:
             raise ValueError(f"projector_type must be one of {PROJECTOR_TYPES}, got {self.projector_type!r}")
-        image_size, patch_size = _image_and_patch(self.vision_config)
+        image_size, patch_size = image_and_patch(self.vision_config)
         side = _tokens_per_side(image_size, patch_size, self.downsample_ratio, "downsample_ratio")
         derived = side * side
         if self.image_seq_length is not None and self.image_seq_length != derived:
@@ -280,7 +281,7 @@ class InternVLXConfig(PreTrainedConfig):
     @property
     def vision_tokens_per_side(self) -> int:
         """ViT patch grid side (32 for 448px tiles with 14px patches)."""
-        image_size, patch_size = _image_and_patch(self.vision_config)
+        image_size, patch_size = image_and_patch(self.vision_config)
         return image_size // patch_size
 
     @property

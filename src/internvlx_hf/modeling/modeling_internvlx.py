@@ -28,7 +28,7 @@ from transformers.models.internvl.modeling_internvl import InternVLVisionModel, 
 from transformers.utils import ModelOutput, logging
 from transformers.utils.generic import can_return_tuple
 
-from .configuration_internvlx import InternVLXConfig, LVTCConfig, _image_and_patch
+from .configuration_internvlx import InternVLXConfig, LVTCConfig, image_and_patch
 
 logger = logging.get_logger(__name__)
 
@@ -725,7 +725,7 @@ class InternVLXModel(InternVLXPreTrainedModel):
         if not isinstance(pixel_values, torch.Tensor):
             raise TypeError(f"pixel_values must be a torch.Tensor (tiles, 3, H, W), got {type(pixel_values).__name__}"
                             "; the processor returns it with return_tensors='pt'.")
-        image_size, _ = _image_and_patch(self.config.vision_config)
+        image_size, _ = image_and_patch(self.config.vision_config)
         channels = getattr(self.config.vision_config, "num_channels", 3)
         expected = f"(tiles, {channels}, {image_size}, {image_size})"
         if pixel_values.ndim != 4:
@@ -1418,7 +1418,7 @@ class InternVLXForConditionalGeneration(InternVLXPreTrainedModel, GenerationMixi
         model's are 112 px) gets each tile resized (bicubic, antialiased; normalisation is per channel, so resizing
         normalised tiles equals normalising resized ones): the tile grid the client chose is kept.
         """
-        image_size, _ = _image_and_patch(self.config.vision_config)
+        image_size, _ = image_and_patch(self.config.vision_config)
         pixel_values = pixel_values.to(self.device)
         side = tuple(pixel_values.shape[-2:])
         if pixel_values.ndim == 4 and side[0] == side[1] != image_size:
