@@ -72,7 +72,11 @@ class DemoSample:
 
 def demo_video_frames(path: str | os.PathLike = DEMO_MODEL_DIR) -> int:
     """Frames per clip the demo model learnt its video question on (``demo_model.json``; 4)."""
-    return int(demo_record(path).get("video", {}).get("frames", 4))
+    return _clip_frames(demo_record(path))
+
+
+def _clip_frames(record: dict[str, Any]) -> int:
+    return int(record.get("video", {}).get("frames", 4))
 
 
 def demo_video_samples(seed: int = 0, count: int = 3, path: str | os.PathLike = DEMO_MODEL_DIR
@@ -82,8 +86,9 @@ def demo_video_samples(seed: int = 0, count: int = 3, path: str | os.PathLike = 
     drawn like its training clips."""
     from ..training.synthetic import make_sample
 
-    size = int(demo_record(path).get("model", {}).get("tile", 112))
-    frames = demo_video_frames(path)
+    record = demo_record(path)  # read once: the tile size and the frames per clip
+    size = int(record.get("model", {}).get("tile", 112))
+    frames = _clip_frames(record)
     samples = []
     for index in range(count):
         rng = random.Random(f"internvlx-demo-video:{seed}:{index}")
@@ -156,9 +161,8 @@ def answer_video(model, processor, video, question: str, *, num_frames: int = 4,
     per frame, one tile each) after an empty system block, as ``processor(videos=...)`` writes it."""
     from .recipe import prompt_messages
 
-    messages = prompt_messages(question)
-    messages[-1]["content"] = messages[-1]["content"].replace("<image>", "<video>", 1)
-    prompt = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    prompt = processor.apply_chat_template(prompt_messages(question, tag="<video>"), tokenize=False,
+                                           add_generation_prompt=True)
     kwargs = {"bound": bound} if bound else {}
     inputs = processor(videos=[video], text=prompt, return_tensors="pt", num_frames=num_frames, **kwargs)
     return _generate(model, processor, inputs, max_new_tokens)

@@ -307,14 +307,15 @@ def read_records(meta_path: str | os.PathLike) -> tuple[list[dict[str, Any]], Pa
     return [json.loads(line) for line in lines if line.strip()], Path(entry["root"])
 
 
-def prompt_messages(question: str, system: str | None = "") -> list[dict[str, str]]:
+def prompt_messages(question: str, system: str | None = "", tag: str = "<image>") -> list[dict[str, str]]:
     """The conversation the models are trained on (one image, then the question), without the reply.
 
     ``system``: the system block ("" = empty, as every model of the recipe was trained on); None sends no system turn,
     which the chat template renders as its default system message (what the demo model was also trained on).
+    ``tag``: ``"<video>"`` asks about a clip instead (the processor writes its frame lines).
     """
     turns = [] if system is None else [{"role": "system", "content": system}]
-    return turns + [{"role": "user", "content": "<image>\n" + question}]
+    return turns + [{"role": "user", "content": f"{tag}\n" + question}]
 
 
 def template_default_system(processor) -> str:
