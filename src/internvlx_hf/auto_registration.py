@@ -32,13 +32,16 @@ def register_auto_classes() -> None:
     try:
         from transformers import (
             AutoConfig,
-            AutoImageProcessor,
             AutoModel,
             AutoModelForCausalLM,
             AutoModelForImageTextToText,
             AutoProcessor,
             AutoTokenizer,
         )
+
+        # Not `from transformers import AutoImageProcessor`: transformers 5.15-5.17 hand out a placeholder that
+        # demands torchvision for any name ending in "ImageProcessor" when torchvision is missing.
+        from transformers.models.auto.image_processing_auto import AutoImageProcessor
 
         from .modeling import InternVLXConfig, InternVLXForConditionalGeneration
         from .processing import InternVLXImageProcessor, InternVLXLlamaTokenizerFast, InternVLXProcessor

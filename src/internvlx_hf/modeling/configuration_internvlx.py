@@ -9,8 +9,13 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from transformers import AutoConfig, PreTrainedConfig
-from transformers.configuration_utils import SubConfigSpec
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.internvl.configuration_internvl import InternVLVisionConfig
+
+try:  # transformers >= 5.20 builds sub-configs from `sub_configs_defaults` specs
+    from transformers.configuration_utils import SubConfigSpec
+except ImportError:  # 5.16-5.19: a plain `sub_configs` map, and the config builds them itself (see __post_init__)
+    SubConfigSpec = None
 
 PROJECTOR_TYPES = ("mlp", "pvtc")
 
@@ -224,10 +229,15 @@ class InternVLXConfig(PreTrainedConfig):
     """
 
     model_type = "internvlx"
-    sub_configs_defaults = {
-        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama", init_kwargs=_INTERNLM2_1_8B_AS_LLAMA),
-        "vision_config": SubConfigSpec(config_class=InternVLVisionConfig, init_kwargs=_INTERNVIT_300M),
-    }
+    if SubConfigSpec is not None:
+        sub_configs_defaults = {
+            "text_config": SubConfigSpec(
+                config_class=AutoConfig, model_type="llama", init_kwargs=_INTERNLM2_1_8B_AS_LLAMA
+            ),
+            "vision_config": SubConfigSpec(config_class=InternVLVisionConfig, init_kwargs=_INTERNVIT_300M),
+        }
+    else:
+        sub_configs = {"text_config": AutoConfig, "vision_config": InternVLVisionConfig}
 
     vision_config: dict | PreTrainedConfig | None = None
     text_config: dict | PreTrainedConfig | None = None
@@ -251,6 +261,14 @@ class InternVLXConfig(PreTrainedConfig):
             raise ValueError(
                 "text_config needs a 'model_type' (e.g. 'llama', 'qwen2', 'phi3') so the LLM class can be chosen."
             )
+        if SubConfigSpec is None:
+            # What transformers >= 5.20 does from `sub_configs_defaults` before its own __post_init__.
+            if self.vision_config is None:
+                self.vision_config = InternVLVisionConfig(**_INTERNVIT_300M)
+            if self.text_config is None:
+                self.text_config = dict(_INTERNLM2_1_8B_AS_LLAMA)
+            if isinstance(self.text_config, dict):
+                self.text_config = CONFIG_MAPPING[self.text_config["model_type"]](**self.text_config)
         super().__post_init__(**kwargs)
         if self.tie_word_embeddings is None:
             self.tie_word_embeddings = bool(getattr(self.text_config, "tie_word_embeddings", False))

@@ -23,12 +23,19 @@ from transformers.masking_utils import (
     find_packed_sequence_indices,
 )
 from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling
-from transformers.modeling_utils import slice_logits_to_keep
 from transformers.models.internvl.modeling_internvl import InternVLVisionModel, InternVLVisionRMSNorm
 from transformers.utils import ModelOutput, logging
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_internvlx import InternVLXConfig, LVTCConfig, image_and_patch
+
+try:
+    from transformers.modeling_utils import slice_logits_to_keep  # transformers >= 5.21
+except ImportError:  # 5.16-5.20: what their decoders do inline before the LM head
+
+    def slice_logits_to_keep(hidden_states: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        return hidden_states[:, keep, :]
 
 logger = logging.get_logger(__name__)
 
