@@ -29,13 +29,23 @@ from transformers.utils.generic import can_return_tuple
 
 from .configuration_internvlx import InternVLXConfig, LVTCConfig, image_and_patch
 
+
+def _slice_logits_to_keep(hidden_states: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
+    """transformers' `slice_logits_to_keep` (5.21 on), for 5.16-5.20: the last ``logits_to_keep`` positions (0 = all),
+    1D or 2D positions, or a 2D boolean mask (its True positions, flattened)."""
+    if isinstance(logits_to_keep, torch.Tensor) and logits_to_keep.ndim == 2:
+        if logits_to_keep.dtype == torch.bool:
+            return hidden_states[logits_to_keep]
+        return torch.take_along_dim(hidden_states, logits_to_keep[..., None], dim=1)
+    keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+    return hidden_states[:, keep, :]
+
+
 try:
     from transformers.modeling_utils import slice_logits_to_keep  # transformers >= 5.21
-except ImportError:  # 5.16-5.20: what their decoders do inline before the LM head
+except ImportError:
+    slice_logits_to_keep = _slice_logits_to_keep
 
-    def slice_logits_to_keep(hidden_states: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
-        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        return hidden_states[:, keep, :]
 
 logger = logging.get_logger(__name__)
 
@@ -913,7 +923,9 @@ class InternVLXModel(InternVLXPreTrainedModel):
                 "DataCollatorWithFlattening(return_flash_attn_kwargs=True) makes all four)."
             )
         use_cache = use_cache if use_cache is not None else text_config.use_cache
-        if self.training and getattr(self, "is_activation_checkpointing", False):
+        # `is_activation_checkpointing` from transformers 5.23 on, `is_gradient_checkpointing` on 5.16-5.22
+        checkpointing = getattr(self, "is_activation_checkpointing", None)
+        if self.training and (self.is_gradient_checkpointing if checkpointing is None else checkpointing):
             use_cache = False
         if use_cache and past_key_values is None:
             past_key_values = InternVLXLVTCCache(config=text_config)
