@@ -58,7 +58,7 @@ def add_live_flags(parser: argparse.ArgumentParser) -> list[argparse._ArgumentGr
 
     from transformers import HfArgumentParser
 
-    from ..training.train import ARGUMENT_CLASSES
+    from ..training.train import ARGUMENT_CLASSES, checkpointing_renames
 
     groups = []
     for cls, title in zip(ARGUMENT_CLASSES, _TITLES):
@@ -76,7 +76,20 @@ def add_live_flags(parser: argparse.ArgumentParser) -> list[argparse._ArgumentGr
             action.required = False
             action.default = argparse.SUPPRESS
         groups.append(group)
+    _add_renamed_flags(groups[-1], checkpointing_renames())
     return groups
+
+
+def _add_renamed_flags(group: argparse._ArgumentGroup, renames: dict[str, str]) -> None:
+    """Before transformers 5.23, ``--activation_checkpointing[_kwargs]`` (5.23's names, which the docs use) as the
+    same flags as ``--gradient_checkpointing[_kwargs]`` (``renames``: new name -> the field this release has)."""
+    for new, old in renames.items():
+        action = next(a for a in group._group_actions if a.dest == old)
+        dashed = f"--{old.replace('_', '-')}" in action.option_strings  # HfArgumentParser adds --a-b for --a_b
+        flags = [f"--{new}", f"--{new.replace('_', '-')}"] if dashed else [f"--{new}"]
+        group.add_argument(*flags, dest=old, type=action.type, nargs=action.nargs, const=action.const,
+                           choices=action.choices, metavar=action.metavar, default=argparse.SUPPRESS,
+                           help=f"--{old} under the name transformers 5.23 gives it")
 
 
 _ACTIONS = {argparse._StoreAction: "store", argparse._StoreTrueAction: "store_true",

@@ -162,6 +162,16 @@ class PresetArguments:
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, PresetArguments, TrainingArguments)
 
 
+def checkpointing_renames() -> dict[str, str]:
+    """The `TrainingArguments` names this transformers release lacks, to the ones it has: 5.23 renamed
+    ``gradient_checkpointing[_kwargs]`` to ``activation_checkpointing[_kwargs]`` (the old names are its deprecated
+    aliases), so on 5.16-5.22 the new names, which the docs use, are taken as the old ones ({} on 5.23)."""
+    if "activation_checkpointing" in TrainingArguments.__dataclass_fields__:
+        return {}
+    return {"activation_checkpointing": "gradient_checkpointing",
+            "activation_checkpointing_kwargs": "gradient_checkpointing_kwargs"}
+
+
 def parse_train_args(config: str | os.PathLike | dict[str, Any] | None = None, **overrides: Any):
     """(ModelArguments, DataArguments, PresetArguments, TrainingArguments) from a YAML/JSON file or a dict, with
     ``overrides`` on top (the keys are the command-line flags without ``--``)."""
@@ -182,6 +192,9 @@ def parse_train_args(config: str | os.PathLike | dict[str, Any] | None = None, *
         if not isinstance(loaded, dict):
             raise ValueError(f"{path} must hold a mapping of option names to values, e.g. 'model: ./ckpt'")
         values.update(loaded)
+    renames = checkpointing_renames()
+    values = {renames.get(key, key): value for key, value in values.items()}
+    overrides = {renames.get(key, key): value for key, value in overrides.items()}
     parser = HfArgumentParser(ARGUMENT_CLASSES)
     where = f"{config}: " if isinstance(config, (str, os.PathLike)) else ""
     values = {key: _coerce(parser, key, value, where) for key, value in values.items()}
@@ -619,4 +632,5 @@ def exit_if_gloo_threads_remain() -> None:
 
 
 __all__ = ["ARGUMENT_CLASSES", "DataArguments", "ModelArguments", "PresetArguments", "TrainResult",
-           "end_distributed", "exit_if_gloo_threads_remain", "gloo_threads", "parse_train_args", "train"]
+           "checkpointing_renames", "end_distributed", "exit_if_gloo_threads_remain", "gloo_threads",
+           "parse_train_args", "train"]
