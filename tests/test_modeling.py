@@ -19,6 +19,7 @@ from tiny import (
     IMAGE_TOKEN_ID,
     assert_greedy_with_cache_equals_recomputation,
     assert_left_padded_batch_equals_alone,
+    enable_checkpointing,
     greedy_with_cache,
     left_pad,
     pixels,
@@ -203,11 +204,11 @@ def test_half_precision_matches_float32(dtype, projector, lvtc):
 
 def run_with_checkpointing(model, **inputs) -> dict[str, int]:
     """Forward + backward with activation checkpointing on; returns how often each checkpointed layer handed its
-    forward to transformers' checkpoint function (the function `activation_checkpointing_enable` installs)."""
+    forward to transformers' checkpoint function (the function `activation_checkpointing_enable` installs;
+    `gradient_checkpointing_enable` before transformers 5.23)."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    model.activation_checkpointing_enable()
-    assert model.is_activation_checkpointing
+    enable_checkpointing(model)
     calls = {}
     for name, module in model.named_modules():
         if isinstance(module, GradientCheckpointingLayer):

@@ -21,6 +21,7 @@ from internvlx_hf.cli import main
 from internvlx_hf.cli.train import parse_cli
 from internvlx_hf.provenance import read_provenance
 from internvlx_hf.training import parse_train_args, train
+from tiny import is_checkpointing
 
 REMOTE_CODE = ["configuration_internvlx.py", "modeling_internvlx.py", "processing_internvlx.py",
                "image_processing_internvlx.py", "chat_templates.py", "video.py"]
@@ -209,7 +210,7 @@ def test_lvtc_trains_packed_with_gradient_checkpointing(tmp_path):
              per_device_train_batch_size=2, learning_rate=1e-3)), print_fn=None)
     losses = th.losses(result.trainer)
     assert len(losses) == 3 and losses[-1] < losses[0]
-    assert result.trainer.model.is_activation_checkpointing
+    assert is_checkpointing(result.trainer.model)
     record = read_provenance(tmp_path / "out")["training"][-1]
     assert (record["packing"], record["loss_reduction"]) == (True, "square")
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import training_helpers as th
+from tiny import enable_checkpointing
 from internvlx_hf.processing import CHAT_TEMPLATES
 from internvlx_hf.training import IGNORE_INDEX, InternVLXDataCollator
 
@@ -124,7 +125,7 @@ def test_packed_and_padded_batches_give_the_same_loss_and_gradients(fixture, opt
     results = []
     for batch in (padded, packed):
         if batch is packed and options:  # LVTC: the packed batch also runs with gradient checkpointing
-            model.activation_checkpointing_enable()
+            enable_checkpointing(model)
         model.zero_grad()
         out = model(**batch)
         # LVTC runs its late layers on 4x the visual tokens but returns logits in the input's (short) layout.

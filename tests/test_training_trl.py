@@ -7,6 +7,7 @@ from PIL import Image
 
 import training_helpers as th
 from internvlx_hf.training import IGNORE_INDEX, InternVLXDataCollator
+from internvlx_hf.training.train import checkpointing_renames
 
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
@@ -25,13 +26,15 @@ def _rows(folder):
 def test_sft_trainer_trains_a_converted_checkpoint(collator, tmp_path):
     model, processor = th.load(th.converted("internvl2_qwen2"))
     rows = _rows(tmp_path)
+    # TRL turns checkpointing on by default under its old name, which transformers 5.23 warns about; the new name
+    # says the same without the FutureWarning (off for the other run to save time). Before 5.23 only the old exists.
+    checkpointing = collator == "internvlx"
+    checkpointing = ({"gradient_checkpointing": checkpointing} if checkpointing_renames()
+                     else {"gradient_checkpointing": False, "activation_checkpointing": checkpointing})
     args = trl.SFTConfig(
         output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=2, learning_rate=1e-3,
         remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset": True}, use_cpu=True, report_to="none",
-        logging_steps=1, save_strategy="no", disable_tqdm=True, seed=0,
-        # TRL turns checkpointing on by default under its old name, which transformers 5.23 warns about; the new name
-        # says the same without the FutureWarning (off for the other run to save time)
-        gradient_checkpointing=False, activation_checkpointing=collator == "internvlx",
+        logging_steps=1, save_strategy="no", disable_tqdm=True, seed=0, **checkpointing,
     )
     data_collator = InternVLXDataCollator(processor) if collator == "internvlx" else None
     trainer = trl.SFTTrainer(model=model, args=args, train_dataset=rows, processing_class=processor,

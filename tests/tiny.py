@@ -34,6 +34,20 @@ def tiny_model(*args, seed=0, **kwargs) -> InternVLXForConditionalGeneration:
     return model
 
 
+def is_checkpointing(model) -> bool:
+    """Whether transformers' activation checkpointing is on: `is_activation_checkpointing` from transformers 5.23 on,
+    `is_gradient_checkpointing` (its name before) on 5.16-5.22."""
+    on = getattr(model, "is_activation_checkpointing", None)
+    return model.is_gradient_checkpointing if on is None else on
+
+
+def enable_checkpointing(model, **kwargs) -> None:
+    """`activation_checkpointing_enable` (5.23 on) or `gradient_checkpointing_enable` (its name on 5.16-5.22)."""
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable(**kwargs)
+    assert is_checkpointing(model)
+
+
 def prompt_ids(tiles: int, seed: int, n_text: int = 5, tokens_per_tile: int = 4) -> list[int]:
     """BOS, some text, one image's `<IMG_CONTEXT>` run (``tiles`` tiles), more text."""
     g = torch.Generator().manual_seed(seed)
