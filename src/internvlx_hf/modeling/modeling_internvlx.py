@@ -890,10 +890,14 @@ class InternVLXModel(InternVLXPreTrainedModel):
                 return_dict=True,
                 **kwargs,
             )
+            hidden_states = outputs.hidden_states
+            selection = _hidden_state_selection(output_hidden_states, len(hidden_states)) if hidden_states else None
+            if selection is not None:  # transformers < 5.23 keeps every layer's (5.23 added selecting them by index)
+                hidden_states = tuple(h if i in selection else None for i, h in enumerate(hidden_states))
             return InternVLXModelOutputWithPast(
                 last_hidden_state=outputs.last_hidden_state,
                 past_key_values=outputs.past_key_values,
-                hidden_states=outputs.hidden_states,
+                hidden_states=hidden_states,
                 attentions=outputs.attentions,
                 image_hidden_states=features.pooler_output if features is not None else None,
             )
