@@ -262,17 +262,24 @@ def test_train_qlora_learns_and_saves_what_lora_saves(tmp_path, capsys):
     assert "quantization_config" not in merged_config and merged_config["dtype"] == "float32"
 
     # OUT (merged) and OUT/adapter (base + adapter, through transformers' PEFT integration) load without
-    # bitsandbytes, as plain float32 models, and agree; training changed the model.
+    # bitsandbytes, as plain float32 models, and agree; training changed the model. (transformers 5.16-5.17 leave the
+    # adapter's modules_to_save untrained: there the adapter goes on through peft, docs/fine-tuning.md.)
     code = f"""
 import json, sys
 sys.modules['bitsandbytes'] = None
-import torch
+import torch, transformers
+from packaging.version import Version
+from peft import PeftModel
 from transformers import AutoModel, AutoProcessor
 from internvlx_hf.demo import demo_samples
 image = demo_samples()[0].image
 logits = {{}}
 for folder in [{str(out)!r}, {str(out / 'adapter')!r}, {str(demo_model_dir())!r}]:
-    model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+    if folder.endswith("adapter") and Version(transformers.__version__) < Version("5.18"):
+        base = AutoModel.from_pretrained({str(demo_model_dir())!r}, trust_remote_code=True)
+        model = PeftModel.from_pretrained(base, folder).eval()
+    else:
+        model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
     processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
     messages = [{{"role": "user", "content": [{{"type": "image"}}, {{"type": "text", "text": "How many dots?"}}]}}]
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True)

@@ -265,5 +265,10 @@ def test_a_missing_serve_extra_is_one_line_naming_it(monkeypatch, capsys):
     (["serve", "/no/such/folder"], "MODEL '/no/such/folder': no such folder"),
 ])
 def test_bad_arguments_fail_before_loading(argv, message, capsys):
+    if "no such folder" in message:  # checked after the transformers release, which serving refuses outside its range
+        try:
+            check_serving_available()
+        except ServingUnavailable as error:
+            pytest.skip(str(error))
     assert main(argv) == 2
     assert message in capsys.readouterr().err
