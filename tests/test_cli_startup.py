@@ -230,6 +230,7 @@ print(type(AutoConfig.for_model("internvlx")).__name__, MODEL_MAPPING[type(AutoC
     ]
 
 
+@pytest.mark.oldest
 @pytest.mark.parametrize("first_import", [
     "import internvlx_hf\nimport transformers",  # transformers imported after the package: the hook registers
     "import transformers\nimport internvlx_hf",  # before it: the package registers at once

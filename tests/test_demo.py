@@ -229,6 +229,7 @@ print(json.dumps({"module": type(model).__module__, "answers": [a.strip() for a 
 """
 
 
+@pytest.mark.oldest
 def test_the_saved_folder_loads_as_remote_code_without_the_package(tmp_path, capsys):
     """`internvlx demo --save DIR`: what evaluation clients load, in an interpreter where internvlx_hf is hidden."""
     saved = tmp_path / "demo-model"

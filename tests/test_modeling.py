@@ -290,6 +290,7 @@ def reported_max_diff(stdout: str) -> float:
     return float(lines[0].split()[1])
 
 
+@pytest.mark.oldest
 def test_remote_code_load_without_the_plugin(tmp_path):
     model = tiny_model("pvtc")
     ids, pv = torch.tensor([prompt_ids(2, seed=23)]), pixels(2, seed=24)
