@@ -14,7 +14,7 @@ from typing import Any
 
 from ..data.images import TileBudget
 from .data import AS_WRITTEN, EvalSet, read_eval_data
-from .metrics import get_metric
+from ..metrics import get_metric
 
 
 @dataclass
