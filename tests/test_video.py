@@ -611,6 +611,11 @@ def test_video_rows_that_cannot_be_used_are_skipped_with_a_reason(tmp_path):
         ({"video": "a.mp4", "image": "b.png", "conversations": turns}, "bad format", "either `image` or `video`"),
         ({"video": "http://x/a.mp4", "conversations": turns}, "remote video", "is a URL"),
         ({"video": "a.mp4", "clip": [3, 1], "conversations": turns}, "bad format", "0 <= start < end"),
+        # the check of the processor's bound and `chat --bound` (an endless clip was once taken, then overflowed)
+        ({"video": "a.mp4", "clip": [0, "inf"], "conversations": turns}, "bad format",
+         r"^`clip` must satisfy 0 <= start < end \(seconds\), got \(0, inf\)$"),
+        ({"video": "a.mp4", "clip": "2-10", "conversations": turns}, "bad format",
+         r"^`clip` must be \(start, end\) in seconds, got '2-10'$"),
         ({"video": "a.mp4", "conversations": [{"from": "human", "value": "<video> <video>"}, turns[1]]},
          "video count mismatch", "exactly one <video> tag, got 2"),
         ({"messages": [{"role": "user", "content": [{"type": "video"}]}, {"role": "assistant", "content": "A"}]},
@@ -647,6 +652,13 @@ def test_video_rows_that_cannot_be_used_are_skipped_with_a_reason(tmp_path):
     sample.clip, sample.video_sampling = None, VideoSampling(2, 3, "rand")
     counts = {len(read_sample_frames(sample, random.Random(seed))) for seed in range(20)}
     assert counts == {2, 3}
+    # only 'rand' draws the count (docs/fine-tuning.md): 'middle' and 'fpsN' take max_num_frame frames every time
+    for method, expected in (("middle", [0, 1, 3]), ("fps10", [1, 4])):
+        sample.video_sampling = VideoSampling(2, 3, method)
+        drawn = {tuple(frame.tobytes() for frame in read_sample_frames(sample, random.Random(seed)))
+                 for seed in range(20)}
+        frames = [Image.fromarray(frame) for frame in synthetic_frames(count=5)]
+        assert drawn == {tuple(frames[i].tobytes() for i in expected)}, method
 
 
 # --- internvlx eval ---------------------------------------------------------------------------------------------

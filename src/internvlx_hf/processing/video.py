@@ -49,16 +49,17 @@ def _check_count(name: str, value: Any) -> int:
     return value
 
 
-def check_bound(bound: Any) -> tuple[float, float] | None:
-    """`None` or a `(start, end)` pair of seconds with `0 <= start < end`, as floats."""
+def check_bound(bound: Any, name: str = "bound") -> tuple[float, float] | None:
+    """`None` or a `(start, end)` pair of seconds with `0 <= start < end` (finite), as floats: the one check of a
+    processor's `bound`, `internvlx chat --bound` and a training row's `clip` (``name`` is what the error calls it)."""
     if bound is None:
         return None
     try:
         start, end = (float(x) for x in bound)
     except (TypeError, ValueError):
-        raise ValueError(f"bound must be (start, end) in seconds, got {bound!r}") from None
+        raise ValueError(f"{name} must be (start, end) in seconds, got {bound!r:.60}") from None
     if not (0 <= start < end) or not np.isfinite(end):
-        raise ValueError(f"bound must satisfy 0 <= start < end (seconds), got ({start:g}, {end:g})")
+        raise ValueError(f"{name} must satisfy 0 <= start < end (seconds), got ({start:g}, {end:g})")
     return start, end
 
 
