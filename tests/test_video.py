@@ -265,6 +265,41 @@ def test_missing_pyav_names_the_extra(tmp_path, monkeypatch):
         load_video(path)
 
 
+def test_missing_pyav_in_remote_code_says_pip_install_av(tmp_path):
+    """The copy of video.py next to a checkpoint runs where internvlx-hf may not be installed: it cannot name the
+    package's extra, and `pip install av` is the fix there."""
+    import textwrap
+
+    from conftest import run_isolated_python
+    from test_processor import make_processor
+
+    checkpoint = tmp_path / "checkpoint"
+    make_processor(image_seq_length=2).save_pretrained(checkpoint)
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes(b"x")
+    code = textwrap.dedent(
+        f"""
+        import importlib.abc, sys
+        class _NoAV(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name == "av" or name.startswith("av."):
+                    raise ModuleNotFoundError("No module named 'av' (hidden by the test)")
+        sys.meta_path.insert(0, _NoAV())
+        from transformers import AutoProcessor
+        processor = AutoProcessor.from_pretrained({str(checkpoint)!r}, trust_remote_code=True)
+        try:
+            processor(text=["<video>\\nQ"], videos=[{str(clip)!r}])
+        except ImportError as error:
+            print(type(processor).__module__.split(".")[0], "|", error)
+        """
+    )
+    result = run_isolated_python(code, tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout.strip().splitlines()[-1] == (
+        "transformers_modules | Reading video files needs PyAV: pip install av (or pass a folder of frame images / "
+        "a list of frames instead).")
+
+
 # --- processor --------------------------------------------------------------------------------------------------
 
 

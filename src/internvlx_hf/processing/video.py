@@ -9,7 +9,8 @@ prefix `Frame1: <image>\\nFrame2: <image>\\n...`. Two frame pickers exist in the
 - fine-tuning (`internvl_chat/internvl/train/dataset.py`): `rand` (one random frame per interval, for training),
   `middle` (the middle of each interval) or `fpsN` (N frames per second) -> [`sample_frame_indices`].
 
-Decoding uses PyAV (`pip install "internvlx-hf[video]"`), imported only when a video file is read. A folder of frame
+Decoding uses PyAV (`pip install "internvlx-hf[video]"`; `pip install av` for this file's copy next to a
+checkpoint), imported only when a video file is read. A folder of frame
 images, a list of PIL images / uint8 arrays, or a 4D uint8 array `(frames, H, W, C)` are videos too.
 
 This file is copied next to checkpoints as remote code: it imports only the standard library, numpy, torch, PIL and
@@ -152,9 +153,12 @@ def _import_av():
     try:
         import av
     except ImportError:
+        # The package's extra pins the PyAV it was tested with; this file's copy next to a checkpoint runs where
+        # internvlx-hf may not be installed (transformers_modules...), and there the package itself is the fix.
+        fix = '"internvlx-hf[video]"' if __name__.split(".")[0] == "internvlx_hf" else "av"
         raise ImportError(
-            'Reading video files needs PyAV: pip install "internvlx-hf[video]" (or pass a folder of frame images / '
-            "a list of frames instead)."
+            f"Reading video files needs PyAV: pip install {fix} (or pass a folder of frame images / a list of frames "
+            "instead)."
         ) from None
     return av
 
