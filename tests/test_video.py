@@ -370,6 +370,44 @@ def test_chat_messages_with_video_items(tmp_path):
     assert out["num_patches"] == [1, 1, 1]
 
 
+def test_the_documented_video_calls_run_without_a_warning(tmp_path, monkeypatch):
+    """docs/processing.md's video example, run as written (on a clip.mp4 of 12 s), prints nothing: the processor's
+    options go to apply_chat_template in `processor_kwargs` (as plain keyword arguments transformers warns)."""
+    import logging
+    import re
+
+    from transformers.utils import logging as hf_logging
+
+    from conftest import REPO_ROOT
+    from test_processor import make_processor
+
+    doc = (REPO_ROOT / "docs" / "processing.md").read_text(encoding="utf-8")
+    block = next(code for code in re.findall(r"```python\n(.*?)```", doc, re.S) if "num_frames" in code)
+    monkeypatch.chdir(tmp_path)
+    write_video(tmp_path / "clip.mp4", synthetic_frames(count=24), fps=2)
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    hf_logging.get_logger("transformers").addHandler(handler)
+    try:
+        scope = {"processor": make_processor(image_seq_length=2)}
+        exec(compile(block, "docs/processing.md", "exec"), scope)
+    finally:
+        hf_logging.get_logger("transformers").removeHandler(handler)
+    assert [record.getMessage() for record in records] == []
+    assert scope["inputs"]["num_patches"].tolist() == [1] * 8
+    # the same call with num_frames as a plain keyword argument is what transformers warns about
+    messages = scope["messages"]
+    hf_logging.get_logger("transformers").addHandler(handler)
+    try:
+        scope["processor"].apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                               num_frames=8)
+    finally:
+        hf_logging.get_logger("transformers").removeHandler(handler)
+    assert [record.getMessage() for record in records] == [
+        "Kwargs passed to `processor.__call__` have to be in `processor_kwargs` dict, not in `**kwargs`"]
+
+
 def test_processor_video_mistakes_fail_in_one_line(tmp_path):
     from test_processor import make_processor
 
