@@ -26,3 +26,26 @@ def test_quickstart_runs_and_removes_its_temporary_folder(tmp_path):
     # importing transformers' modeling creates torch's compile cache (torchinductor_USER) in TMPDIR: not ours
     assert [p.name for p in scratch.iterdir() if not p.name.startswith("torchinductor_")] == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tmp"]
+
+
+def test_what_the_readme_commands_write_is_git_ignored():
+    """The README's commands are meant to be pasted in the checkout; the folders they write (`internvlx convert ...
+    converted/...`, `save_pretrained("tiny-internvlx")`, `--save-images`, `--output_path`) are git-ignored, so trying
+    them leaves `git status` clean."""
+    import re
+    import shutil
+
+    import pytest
+
+    if shutil.which("git") is None or subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "--git-dir"],
+                                                     capture_output=True).returncode != 0:
+        pytest.skip("not a git checkout")
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    # (the commands with real paths: `internvlx convert SRC DST` in the command table is a placeholder)
+    patterns = [r"internvlx convert tests/\S+ ([\w./-]+)", r'save_pretrained\("([^"]+)"\)',
+                r"--save-images ([\w./-]+)", r"--output_path ([\w./-]+)"]
+    written = sorted({match for pattern in patterns for match in re.findall(pattern, readme)})
+    assert {"converted/internvl2_qwen2", "tiny-internvlx"} <= set(written) and len(written) >= 4, written
+    result = subprocess.run(["git", "-C", str(REPO_ROOT), "check-ignore", "--no-index", *written],
+                            capture_output=True, text=True)
+    assert sorted(result.stdout.split()) == written
