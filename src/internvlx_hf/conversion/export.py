@@ -226,6 +226,12 @@ def _check_native_ids(src: Path, native, template: str) -> None:
         expected, got = ours(text)["input_ids"], native(text)["input_ids"]
         if expected == got:
             continue
+        if ours.legacy:  # not expected: legacy=True pipelines are the tokenizer.json's alone
+            raise ConversionError(
+                f"{src}: read natively, its tokenizer.json gives other ids than {_LLAMA_TOKENIZER} on the chat "
+                f"template's prompt {text[:40]!r}... ({expected[:6]}... natively {got[:6]}...), so this tokenizer "
+                "cannot be exported."
+            )
         start = next((token for token in sorted(ours.added_tokens_encoder, key=len, reverse=True)
                       if text.startswith(token)), text[:12])
         raise ConversionError(

@@ -119,7 +119,8 @@ def make_synthetic_internvl2(
     """Write a synthetic InternVL2 checkpoint into ``directory`` (created) and return it.
 
     ``tokenizer_from`` is a checkpoint folder whose tokenizer files (and template) are copied; its template must
-    suit ``llm`` (internlm2-chat for InternLM2, Hermes-2 for Qwen2 and for Llama as in InternVL2-40B/76B). ``vocab_size`` defaults to the tokenizer's.
+    suit ``llm`` (internlm2-chat for InternLM2, Hermes-2 for Qwen2 and Llama). ``vocab_size`` defaults to the
+    tokenizer's.
     ``extra_tensors`` are added to the last shard (e.g. to test unknown or dropped keys). ``vit_6b`` switches to
     the InternViT-6B layout (RMSNorm, qk normalisation, no qkv bias); ``tie_word_embeddings`` sets the LLM's flag
     and ``lm_head`` whether an LM head tensor is written anyway.

@@ -11,9 +11,9 @@ relaxed accuracy) live one room below, in `internvlx_hf.metrics`, which `internv
 are re-exported here.
 """
 
+from ..metrics import DEFAULT_METRIC, METRICS, anls, exact_match, normalize_vqa_answer, relaxed_accuracy, vqa_accuracy
 from .callback import EvaluationCallback
 from .data import AS_WRITTEN, EvalSample, EvalSet, read_eval_data
-from ..metrics import DEFAULT_METRIC, METRICS, anls, exact_match, normalize_vqa_answer, relaxed_accuracy, vqa_accuracy
 from .report import format_comparison, format_run, plot_runs, to_json, write_json
 from .runner import DatasetResult, EvalRun, Prediction, evaluate
 
