@@ -413,7 +413,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, preset_args: Pre
     eval_sets = eval_dataset = None
     if data_args.eval_data:  # read and checked before the model loads: a bad held-out row stops the run now
         from ..evaluation import read_eval_data
-        from ..evaluation.metrics import get_metric
+        from ..metrics import get_metric
 
         if data_args.eval_metric is not None:
             get_metric(data_args.eval_metric, "--eval_metric")
