@@ -296,16 +296,16 @@ def serving_classes():
             prompt = inputs["input_ids"]
             prompt = len(prompt) if isinstance(prompt, list) else int(prompt.shape[-1])
             requested = _REQUESTED_MAX_TOKENS.get()
-            if requested is None and prompt < context:
-                gen_config.max_new_tokens = min(gen_config.max_new_tokens or context, context - prompt)
-                return
-            completion = requested if requested is not None else 0
+            completion = requested if requested is not None else 1  # without max_tokens: at least one token
             if prompt + completion > context:
+                asked = f"{prompt + completion} tokens ({prompt} in the messages, {completion} in the completion)" if \
+                    requested is not None else f"{prompt} tokens in the messages, and at least one to answer"
                 raise InvalidRequest(
-                    f"This model's maximum context length is {context} tokens. However, you requested "
-                    f"{prompt + completion} tokens ({prompt} in the messages, {completion} in the completion). "
+                    f"This model's maximum context length is {context} tokens. However, you requested {asked}. "
                     "Please reduce the length of the messages (fewer or smaller images, shorter text) or the "
                     "completion (max_tokens).", "messages", code="context_length_exceeded")
+            if requested is None:  # transformers' default (at least 1024 new tokens), within the context
+                gen_config.max_new_tokens = min(gen_config.max_new_tokens or context, context - prompt)
 
         def _streaming(self, request_id, model, processor, model_id, inputs, gen_config, *args, **kwargs):
             self._fit_context(inputs, gen_config)

@@ -28,7 +28,7 @@ DEFAULT_MAX_IMAGES_PER_REQUEST = 16
 API_KEY_ENV = "INTERNVLX_API_KEY"
 
 #: Routes this server answers, with their methods; transformers' app has more, which the gate answers with 404.
-ROUTES = {"/v1/chat/completions": ("POST",), "/v1/models": ("GET", "HEAD"), "/health": ("GET", "HEAD")}
+ROUTES = {"/v1/chat/completions": ("POST",), "/v1/models": ("GET",), "/health": ("GET",)}
 #: Routes answered without the API key (a load balancer's health check has none).
 OPEN_ROUTES = ("/health",)
 
@@ -309,7 +309,7 @@ class RequestGate:
             return await self.app(scope, receive, send)
         path, method = scope["path"], scope["method"]
         if path not in ROUTES:
-            answered = ", ".join(f"{'/'.join(methods[:1])} {route}" for route, methods in ROUTES.items())
+            answered = ", ".join(f"{methods[0]} {route}" for route, methods in ROUTES.items())
             return await _respond(send, 404, error_body(f"Invalid URL ({method} {path[:200]}): this server answers "
                                                         f"{answered}.", code="unknown_url"))
         if method not in ROUTES[path]:
