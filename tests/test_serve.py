@@ -42,7 +42,7 @@ DEMO = str(demo_model_dir())
 QUESTIONS = demo_samples(seed=0)  # one per task: colour, shape, position, count, fine
 KEY = "test-key-0123"
 # The open server's limits (the demo's images are 112 x 112 PNGs of under 1 KB).
-MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, MAX_IMAGES, MAX_REQUEST_BYTES, FETCH_TIMEOUT = 65536, 100_000, 4, 2**20, 2
+MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, MAX_IMAGES, MAX_REQUEST_BYTES, FETCH_TIMEOUT = 65536, 100_000, 4, 2**18, 2
 CONTEXT = 4096  # the demo model's max_position_embeddings
 
 
@@ -178,7 +178,7 @@ def servers(folders, tmp_path_factory):
         "open": start_server(["--api-key", KEY, "--allowed-local-media-path", str(media),
                               "--allowed-media-domains", "127.0.0.1", "localhost",
                               "--max-image-bytes", str(MAX_IMAGE_BYTES), "--max-image-pixels", str(MAX_IMAGE_PIXELS),
-                              "--max-images-per-request", str(MAX_IMAGES), "--max-request-bytes", "1MiB",
+                              "--max-images-per-request", str(MAX_IMAGES), "--max-request-bytes", "256KiB",
                               "--media-fetch-timeout", str(FETCH_TIMEOUT)], logs / "open.log"),
         "default": start_server([], logs / "default.log"),
     }
@@ -521,6 +521,17 @@ def test_request_bodies_over_the_limit_are_a_413(server):
         f"The request body is more than {MAX_REQUEST_BYTES} bytes")
     status, answer = chat(server, body, key="wrong")  # the key is checked before any body is read
     assert status == 401
+
+
+def test_validated_bodies_are_normalised():
+    from internvlx_hf.serving_requests import RequestLimits, validate_chat_request
+
+    body = {"messages": HI, "temperature": 1e-300, "max_completion_tokens": 7}
+    checked, images = validate_chat_request(body, RequestLimits())
+    assert checked == {"messages": HI, "temperature": 0.0, "max_tokens": 7} and images == []
+    assert body["temperature"] == 1e-300  # the caller's body is left alone
+    checked, images = validate_chat_request({"messages": ask("data:x", "Hi"), "temperature": 0.5}, RequestLimits())
+    assert checked["temperature"] == 0.5 and images == [("data:x", "messages[0].content[0].image_url.url")]
 
 
 def test_media_policy_checks_the_resolved_address_and_is_off_by_default(tmp_path):

@@ -32,6 +32,9 @@ ROUTES = {"/v1/chat/completions": ("POST",), "/v1/models": ("GET",), "/health": 
 #: Routes answered without the API key (a load balancer's health check has none).
 OPEN_ROUTES = ("/health",)
 
+#: A temperature below this is greedy decoding (vLLM's _SAMPLING_EPS): dividing logits by it overflows to inf.
+GREEDY_BELOW = 1e-5
+
 ROLES = ("system", "user", "assistant")
 CONTENT_TYPES = ("text", "image_url")
 
@@ -235,7 +238,8 @@ def _check_unicode(body: dict) -> None:
 
 def validate_chat_request(body: Any, limits: RequestLimits) -> tuple[dict, list[tuple[str, str]]]:
     """A chat-completions body checked (`InvalidRequest` on the first mistake), ``max_completion_tokens`` copied
-    to ``max_tokens`` (transformers before 5.20 reads only the latter); and the images' (URL, param) pairs."""
+    to ``max_tokens`` (transformers before 5.20 reads only the latter), a temperature below `GREEDY_BELOW` made 0
+    (greedy); and the images' (URL, param) pairs."""
     if not isinstance(body, dict):
         raise InvalidRequest(f"The request body must be a JSON object, got {_kind(body)}.")
     _check_unicode(body)
@@ -282,6 +286,8 @@ def validate_chat_request(body: Any, limits: RequestLimits) -> tuple[dict, list[
                 raise InvalidRequest(f"Invalid 'logit_bias': the bias of token {token} must be a number from -100 "
                                      "to 100.", "logit_bias")
     body = dict(body)
+    if body.get("temperature") is not None and 0 < body["temperature"] < GREEDY_BELOW:
+        body["temperature"] = 0.0  # greedy, as vLLM does: sampling at such a temperature divides logits into inf/nan
     if body.get("max_completion_tokens") is not None:
         body["max_tokens"] = body.pop("max_completion_tokens")
     body.pop("max_completion_tokens", None)
