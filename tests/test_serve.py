@@ -317,6 +317,41 @@ def test_streaming_sends_the_answer_in_chunks(client):
     assert chunks[0].choices[0].delta.role == "assistant" and chunks[-1].choices[0].finish_reason == "stop"
 
 
+def test_stop_strings_end_the_answer(server):
+    """transformers hands `generate` the processor as its tokenizer, which stop strings cannot use (a 500 before);
+    the answer ends with the stop string, as transformers' server answers (OpenAI's leaves it out)."""
+    sample = QUESTIONS[2]  # "bottom-right"
+    for stop, expected in [(["-"], "bottom-"), ("om", "bottom"), (["zz", "ri"], "bottom-ri")]:
+        status, body = chat(server, {"messages": ask(data_uri(sample.image), sample.question), "stop": stop})
+        assert status == 200 and body["choices"][0]["message"]["content"] == expected, (stop, body)
+    status, body = chat(server, {"messages": ask(data_uri(sample.image), sample.question), "stop": "-",
+                                 "stream": True})
+    events = [json.loads(line[6:]) for line in body.splitlines() if line.startswith("data: ")]
+    assert status == 200 and "".join(event["choices"][0]["delta"].get("content") or "" for event in events) == \
+        "bottom-"
+
+
+@pytest.mark.parametrize("field,values", [
+    ("temperature", [0, 0.0, 1e-300, 1, 2]), ("top_p", [0, 0.5, 1]), ("stop", ["x", ["a", "b", "c", "d"]]),
+    ("seed", [-2**63, 0, 2**63 - 1]), ("frequency_penalty", [-0.99, 0, 2]),
+    ("logit_bias", [{}, {"0": -100, "811": 100}]), ("n", [1, None]), ("stream", [True, False, None]),
+    ("max_tokens", [1, None]), ("max_completion_tokens", [1]), ("model", [DEMO, None]),
+    ("user", ["someone"]), ("stream_options", [{"include_usage": True}]), ("presence_penalty", [2, -2]),
+    ("response_format", [{"type": "text"}]), ("tools", [[]]), ("tool_choice", ["none", "auto"]),
+    ("logprobs", [False]), ("top_logprobs", [0]), ("metadata", [{"a": "b"}]), ("store", [False]),
+    ("parallel_tool_calls", [False]), ("modalities", [["text"]]),
+])
+def test_valid_edge_values_are_answered(server, field, values):
+    """Every value the checks accept is answered (200), with a one-token answer."""
+    for value in values:
+        body = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+                "max_tokens": 1, field: value}
+        if field == "max_completion_tokens":
+            del body["max_tokens"]
+        status, answer = chat(server, body)
+        assert status == 200, (field, value, answer)
+
+
 def test_multi_turn_matches_internvlx_chat(client, chat_session):
     """The server renders a conversation as `internvlx chat`'s multi-turn session does: the same answers."""
     sample, follow_up = QUESTIONS[0], "How many shapes?"
@@ -532,6 +567,10 @@ def test_validated_bodies_are_normalised():
     assert body["temperature"] == 1e-300  # the caller's body is left alone
     checked, images = validate_chat_request({"messages": ask("data:x", "Hi"), "temperature": 0.5}, RequestLimits())
     assert checked["temperature"] == 0.5 and images == [("data:x", "messages[0].content[0].image_url.url")]
+    for bias, expected in [({}, None), ({"3": 5}, {"3": 5.0})]:
+        checked, _ = validate_chat_request({"messages": HI, "logit_bias": bias}, RequestLimits())
+        assert checked.get("logit_bias") == expected
+        assert all(type(value) is float for value in (checked.get("logit_bias") or {}).values())
 
 
 def test_media_policy_checks_the_resolved_address_and_is_off_by_default(tmp_path):

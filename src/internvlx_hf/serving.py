@@ -307,13 +307,18 @@ def serving_classes():
             if requested is None:  # transformers' default (at least 1024 new tokens), within the context
                 gen_config.max_new_tokens = min(gen_config.max_new_tokens or context, context - prompt)
 
+        # Both also hand generation the processor's tokenizer instead of the processor: transformers passes it to
+        # `generate(tokenizer=...)`, whose stop strings (the request's "stop") call `get_vocab`, which a processor
+        # lacks (an AttributeError, a 500); decoding a processor's output is its tokenizer's decoding.
         def _streaming(self, request_id, model, processor, model_id, inputs, gen_config, *args, **kwargs):
             self._fit_context(inputs, gen_config)
-            return super()._streaming(request_id, model, processor, model_id, inputs, gen_config, *args, **kwargs)
+            tokenizer = getattr(processor, "tokenizer", processor)
+            return super()._streaming(request_id, model, tokenizer, model_id, inputs, gen_config, *args, **kwargs)
 
         async def _non_streaming(self, request_id, model, processor, model_id, inputs, gen_config, *args, **kwargs):
             self._fit_context(inputs, gen_config)
-            return await super()._non_streaming(request_id, model, processor, model_id, inputs, gen_config, *args,
+            tokenizer = getattr(processor, "tokenizer", processor)
+            return await super()._non_streaming(request_id, model, tokenizer, model_id, inputs, gen_config, *args,
                                                 **kwargs)
 
     def _with_decoded_images(message: dict) -> dict:

@@ -239,7 +239,7 @@ def _check_unicode(body: dict) -> None:
 def validate_chat_request(body: Any, limits: RequestLimits) -> tuple[dict, list[tuple[str, str]]]:
     """A chat-completions body checked (`InvalidRequest` on the first mistake), ``max_completion_tokens`` copied
     to ``max_tokens`` (transformers before 5.20 reads only the latter), a temperature below `GREEDY_BELOW` made 0
-    (greedy); and the images' (URL, param) pairs."""
+    (greedy), ``logit_bias`` as floats (an empty one left out); and the images' (URL, param) pairs."""
     if not isinstance(body, dict):
         raise InvalidRequest(f"The request body must be a JSON object, got {_kind(body)}.")
     _check_unicode(body)
@@ -286,6 +286,10 @@ def validate_chat_request(body: Any, limits: RequestLimits) -> tuple[dict, list[
                 raise InvalidRequest(f"Invalid 'logit_bias': the bias of token {token} must be a number from -100 "
                                      "to 100.", "logit_bias")
     body = dict(body)
+    if body.get("logit_bias") == {}:
+        del body["logit_bias"]  # no bias (transformers' sequence_bias refuses an empty one)
+    elif body.get("logit_bias") is not None:  # transformers' sequence_bias takes float biases only
+        body["logit_bias"] = {token: float(bias) for token, bias in body["logit_bias"].items()}
     if body.get("temperature") is not None and 0 < body["temperature"] < GREEDY_BELOW:
         body["temperature"] = 0.0  # greedy, as vLLM does: sampling at such a temperature divides logits into inf/nan
     if body.get("max_completion_tokens") is not None:
