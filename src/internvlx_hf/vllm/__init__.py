@@ -25,8 +25,12 @@ def register() -> None:
     ``--trust-remote-code``.
     """
     from vllm import ModelRegistry
+    from vllm.model_executor.models.config import MODELS_CONFIG_MAP
 
     from ..auto_registration import register_auto_classes
+    from .config_hook import LVTCConfigHook
 
     register_auto_classes()
     ModelRegistry.register_model(ARCHITECTURE, f"{__name__}.model:InternVLXForConditionalGeneration")
+    # LVTC checkpoints need whole images per scheduler step and per-token layout rows (lvtc.py).
+    MODELS_CONFIG_MAP[ARCHITECTURE] = LVTCConfigHook

@@ -7,14 +7,14 @@ modules; nothing is converted on disk.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
 from transformers import PretrainedConfig
 from vllm.config import VllmConfig
 from vllm.model_executor.models.intern_vit import InternVisionModel
-from vllm.model_executor.models.interfaces import MultiModalEmbeddings, SupportsMultiModal
+from vllm.model_executor.models.interfaces import MultiModalEmbeddings, SupportsMRoPE, SupportsMultiModal
 from vllm.model_executor.models.utils import AutoWeightsLoader, init_vllm_registered_model, maybe_prefix
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.sequence import IntermediateTensors
@@ -22,6 +22,7 @@ from vllm.sequence import IntermediateTensors
 from ..modeling.configuration_internvlx import image_and_patch
 from ..modeling.modeling_internvlx import build_projector
 from .layout import lvtc_layout_of
+from .lvtc import LVTCRunner, lvtc_positions
 from .processing import InternVLXDummyInputsBuilder, InternVLXMultiModalProcessor, InternVLXProcessingInfo
 
 #: The LLM classes vLLM has for each `text_config.model_type` this package writes (InternLM2 is converted to Llama).
@@ -127,8 +128,9 @@ def vllm_weights(weights: Iterable[tuple[str, torch.Tensor]], vision_layers: int
 
 @MULTIMODAL_REGISTRY.register_processor(InternVLXMultiModalProcessor, info=InternVLXProcessingInfo,
                                         dummy_inputs=InternVLXDummyInputsBuilder)
-class InternVLXForConditionalGeneration(nn.Module, SupportsMultiModal):
-    """InternVL-X for vLLM (plain MLP or PVTC projector; see `lvtc.py` for LVTC checkpoints)."""
+class InternVLXForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsMRoPE):
+    """InternVL-X for vLLM: plain MLP or PVTC projector, and LVTC (`lvtc.py`: vLLM's per-request position rows carry
+    each token's layout, which is why this class speaks vLLM's M-RoPE interface; plain checkpoints never use it)."""
 
     @classmethod
     def get_placeholder_str(cls, modality: str, i: int) -> str | None:
@@ -165,12 +167,23 @@ class InternVLXForConditionalGeneration(nn.Module, SupportsMultiModal):
                 if post_norm else nn.Identity()
             )
             self.multi_modal_projector = build_projector(config, config.projector_type, config.downsample_ratio)
+            lvtc = config.lvtc_config
+            if lvtc is not None:
+                self.lvtc_lr_projectors = nn.ModuleList(
+                    build_projector(config, lvtc.lr_projector_type, lvtc.lr_downsample_ratio)
+                    for _ in range(lvtc.num_lr_projectors - 1)
+                )
+                if self.layout is not None:
+                    self.lvtc_hr_projector = build_projector(config, lvtc.hr_projector_type,
+                                                             lvtc.hr_downsample_ratio)
         with self._mark_language_model(vllm_config):
             self.language_model = init_vllm_registered_model(
                 vllm_config=vllm_config, hf_config=text_config, prefix=maybe_prefix(prefix, "language_model"),
                 architectures=[architecture],
             )
         self.make_empty_intermediate_tensors = self.language_model.make_empty_intermediate_tensors
+        # LVTC, or extra LR projectors alone (k = depth): the layers are run one by one (`lvtc.py`).
+        self.lvtc = LVTCRunner(self, vllm_config) if lvtc is not None else None
 
     # ------------------------------------------------------------------------------------------------ vision side
 
@@ -178,12 +191,16 @@ class InternVLXForConditionalGeneration(nn.Module, SupportsMultiModal):
         return self.vision_post_layernorm(self.vision_model(pixel_values=pixel_values))
 
     def _item_features(self, pixel_values: torch.Tensor, tiles_per_item: list[int]) -> tuple[torch.Tensor, ...]:
-        """One `(tiles * tokens_per_tile, hidden)` tensor per image (or video), in order."""
+        """One `(tiles * tokens_per_tile, width)` tensor per image (or video), in order: the projector's output,
+        or with LVTC each tile's rows of every projector (`LVTCRunner.tile_rows`)."""
         if pixel_values.shape[0] == 0:
             return ()
-        hidden = self.config.get_text_config().hidden_size
-        features = self.multi_modal_projector(self._vit(pixel_values)).reshape(-1, hidden)
-        per_tile = self.config.image_seq_length
+        vit = self._vit(pixel_values)
+        features = self.multi_modal_projector(vit)
+        if self.lvtc is not None:
+            features = self.lvtc.tile_rows(vit, features)
+        per_tile = features.shape[1]
+        features = features.reshape(-1, features.shape[-1])
         return tuple(features.split([n * per_tile for n in tiles_per_item]))
 
     def embed_multimodal(self, **kwargs: object) -> MultiModalEmbeddings:
@@ -197,6 +214,18 @@ class InternVLXForConditionalGeneration(nn.Module, SupportsMultiModal):
                 embeddings += self._item_features(kwargs["pixel_values_videos"], frames)
         return embeddings
 
+    def embed_input_ids(self, input_ids: torch.Tensor, multimodal_embeddings: MultiModalEmbeddings | None = None,
+                        *, is_multimodal: torch.Tensor | None = None) -> torch.Tensor:
+        if self.lvtc is not None:
+            return self.lvtc.embed_input_ids(input_ids, multimodal_embeddings, is_multimodal)
+        if multimodal_embeddings is None or is_multimodal is None:
+            return super().embed_input_ids(input_ids)
+        return super().embed_input_ids(input_ids, multimodal_embeddings=multimodal_embeddings,
+                                       is_multimodal=is_multimodal)
+
+    def get_mrope_input_positions(self, input_tokens: list[int], mm_features: list) -> tuple[torch.Tensor, int]:
+        return lvtc_positions(self.layout, len(input_tokens), mm_features)
+
     # -------------------------------------------------------------------------------------------------- LLM side
 
     def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
@@ -204,6 +233,8 @@ class InternVLXForConditionalGeneration(nn.Module, SupportsMultiModal):
                 **kwargs: object) -> torch.Tensor | IntermediateTensors:
         if intermediate_tensors is not None:
             inputs_embeds = None
+        if self.lvtc is not None:
+            return self.lvtc.forward(input_ids, positions, inputs_embeds)
         return self.language_model.model(input_ids=input_ids, positions=positions,
                                          intermediate_tensors=intermediate_tensors, inputs_embeds=inputs_embeds)
 

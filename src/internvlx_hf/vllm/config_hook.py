@@ -1,0 +1,50 @@
+"""What an InternVL-X checkpoint needs from vLLM's engine settings (vLLM's per-architecture config hook).
+
+Kept free of torch and of the model code: vLLM imports it in every process, for every model, when it loads plugins.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .layout import lvtc_layout_of
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+
+
+class LVTCUnsupported(ValueError):
+    """An LVTC checkpoint or setting the plugin cannot serve; the message names it and points to `internvlx serve`."""
+
+
+class LVTCConfigHook:
+    """vLLM's per-architecture config hook (`MODELS_CONFIG_MAP`): what an LVTC checkpoint needs from the engine."""
+
+    @staticmethod
+    def verify_and_update_model_config(model_config) -> None:
+        return
+
+    @staticmethod
+    def verify_and_update_config(vllm_config: "VllmConfig") -> None:
+        model_config = vllm_config.model_config
+        config = model_config.hf_config
+        layout = lvtc_layout_of(config) if getattr(config, "model_type", None) == "internvlx" else None
+        if layout is None:
+            return
+        text = config.get_text_config()
+        problems = []
+        if getattr(text, "sliding_window", None) and getattr(text, "use_sliding_window", True):
+            problems.append("its LLM uses sliding-window attention")
+        if vllm_config.parallel_config.pipeline_parallel_size > 1:
+            problems.append("pipeline parallelism is on")
+        if vllm_config.speculative_config is not None:
+            problems.append("speculative decoding is on")
+        if problems:
+            raise LVTCUnsupported(
+                f"InternVL-X LVTC checkpoint {model_config.model}: vLLM cannot run it because "
+                f"{' and '.join(problems)}; serve it with `internvlx serve {model_config.model}` instead."
+            )
+        # Per-token layout rows through vLLM's per-request position machinery (see the module docstring).
+        config.mrope_section = [1, 1, 1]
+        vllm_config.scheduler_config.disable_chunked_mm_input = True
+        vllm_config.cache_config.enable_prefix_caching = False
