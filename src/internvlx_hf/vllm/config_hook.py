@@ -13,8 +13,16 @@ if TYPE_CHECKING:
     from vllm.config import VllmConfig
 
 
-class LVTCUnsupported(ValueError):
-    """An LVTC checkpoint or setting the plugin cannot serve; the message names it and points to `internvlx serve`."""
+class LVTCUnsupported(SystemExit):
+    """An LVTC checkpoint or setting the plugin cannot serve: vLLM stops while it reads its configuration, with one line
+    that names the reason and points to `internvlx serve` (a SystemExit, so no traceback of vLLM's config code)."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
 
 
 class LVTCConfigHook:

@@ -39,7 +39,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..modeling.modeling_internvlx import _rms
-from .config_hook import LVTCUnsupported
 from .layout import LVTCLayout
 
 if TYPE_CHECKING:
@@ -89,7 +88,7 @@ class KeyBiasAttention(nn.Module):
         from vllm.model_executor.layers.attention import Attention
 
         if getattr(old, "sliding_window", None) is not None:
-            raise LVTCUnsupported(f"{old.layer_name} has a sliding window")
+            raise RuntimeError(f"InternVL-X LVTC: {old.layer_name} has a sliding window (refused at config time)")
         self.runner = [runner]  # a list: not a submodule
         self.num_heads, self.num_kv_heads, self.head_size = old.num_heads, old.num_kv_heads, old.head_size
         self.scale = old.impl.scale
