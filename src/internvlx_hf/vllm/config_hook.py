@@ -54,5 +54,12 @@ class LVTCConfigHook:
             )
         # Per-token layout rows through vLLM's per-request position machinery (see the module docstring).
         config.mrope_section = [1, 1, 1]
-        vllm_config.scheduler_config.disable_chunked_mm_input = True
+        scheduler = vllm_config.scheduler_config
+        scheduler.disable_chunked_mm_input = True
         vllm_config.cache_config.enable_prefix_caching = False
+        # Whole images per step: a step must hold the largest image (or video), which the prompt length bounds.
+        need = model_config.max_model_len
+        if scheduler.max_num_batched_tokens < need:
+            scheduler.max_num_batched_tokens = need
+            scheduler.max_num_encoder_input_tokens = max(scheduler.max_num_encoder_input_tokens, need)
+            scheduler.encoder_cache_size = max(scheduler.encoder_cache_size, need)
