@@ -36,8 +36,9 @@ USER = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
 ONE_TILE, SIX_TILES, TWELVE_TILES, THIRTEEN_TILES = (112, 112), (560, 112), (1232, 112), (448, 336)
 
 
-def _request(text, images=(), videos=()):
-    return {"prompt": USER.format(text), "images": [list(i) for i in images], "videos": [list(v) for v in videos]}
+def _request(text, images=(), videos=(), **mm_processor_kwargs):
+    return {"prompt": USER.format(text), "images": [list(i) for i in images], "videos": [list(v) for v in videos],
+            "mm_processor_kwargs": mm_processor_kwargs}
 
 
 REQUESTS = {
@@ -47,18 +48,23 @@ REQUESTS = {
     "12 tiles": _request("Look: <image>\nDescribe.", images=[(*TWELVE_TILES, 3)]),
     "13 tiles": _request("<image>\nDescribe.", images=[(*THIRTEEN_TILES, 4)]),
     "two images": _request("<image>\nand <image>\nCompare them.", images=[(300, 200, 5), (*ONE_TILE, 6)]),
+    # the 6-tile image with a tile budget of 2 (+ thumbnail), asked per request
+    "max_tiles=2": _request("<image>\nDescribe the picture.", images=[(*SIX_TILES, 2)], max_tiles=2),
     "video": _request("<video>\nWhat happens?", videos=[(4, 7)]),
 }
 
 #: name -> (checkpoint options, the requests it answers)
 ENGINES = {
     "qwen2-mlp": (dict(llm="qwen2", projector="mlp"), list(REQUESTS)),
-    # InternLM2 as `internvlx convert` writes it: Llama layout with dynamic NTK RoPE
-    "llama-pvtc": (dict(llm="llama", projector="pvtc",
-                        text=dict(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e6})),
+    # InternLM2 as `internvlx convert` writes it: Llama layout with dynamic NTK RoPE; InternViT-6B's RMSNorm and QK
+    # norm, features from the ViT's second-last layer (select_layer -2)
+    "llama-pvtc": (dict(llm="llama", projector="pvtc", select_layer=-2,
+                        text=dict(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e6}),
+                        vision=dict(norm_type="rms_norm", use_qk_norm=True)),
                    ["text", "6 tiles", "two images"]),
-    "phi3-lvtc": (dict(llm="phi3", projector="mlp", lvtc=dict(expand_layer=2)),
-                  ["text", "1 tile", "6 tiles", "12 tiles", "two images", "video"]),
+    # a ViT that ends with a LayerNorm (no mean pooling)
+    "phi3-lvtc": (dict(llm="phi3", projector="mlp", lvtc=dict(expand_layer=2), vision=dict(use_mean_pooling=False)),
+                  ["text", "1 tile", "6 tiles", "12 tiles", "two images", "video", "max_tiles=2"]),
     "qwen3-pvtc-lvtc": (dict(llm="qwen3", projector="pvtc",
                              lvtc=dict(expand_layer=3, num_lr_projectors=2, inject_start=1, upsample_mode="bilinear",
                                        hr_scale="rms")),
@@ -91,7 +97,8 @@ def _reference(folder, request):
     processor = InternVLXProcessor.from_pretrained(folder)
     images = [image(w, h, seed) for w, h, seed in request["images"]] or None
     videos = [video(frames, seed) for frames, seed in request["videos"]] or None
-    return model, reference_generate(model, processor, request["prompt"], images=images, videos=videos)
+    return model, reference_generate(model, processor, request["prompt"], images=images, videos=videos,
+                                     **request["mm_processor_kwargs"])
 
 
 CASES = [(engine, request) for engine, (_, requests) in ENGINES.items() for request in requests]

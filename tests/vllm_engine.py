@@ -28,7 +28,10 @@ def _inputs(request: dict) -> dict:
         data["image"] = [image(w, h, seed) for w, h, seed in request["images"]]
     if request.get("videos"):
         data["video"] = [video(frames, seed) for frames, seed in request["videos"]]
-    return {"prompt": request["prompt"], "multi_modal_data": data} if data else {"prompt": request["prompt"]}
+    prompt = {"prompt": request["prompt"], "multi_modal_data": data} if data else {"prompt": request["prompt"]}
+    if request.get("mm_processor_kwargs"):
+        prompt["mm_processor_kwargs"] = request["mm_processor_kwargs"]
+    return prompt
 
 
 def _result(output) -> dict:

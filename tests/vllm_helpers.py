@@ -32,14 +32,16 @@ def text_config(llm: str, layers: int = 4, **extra) -> dict:
 
 def build_checkpoint(folder: str | Path, llm: str = "qwen2", projector: str = "mlp", lvtc: dict | None = None,
                      seed: int = 0, max_tiles: int = 12, tiling: str = "ratio", text: dict | None = None,
-                     **overrides) -> Path:
-    """Write a random tiny InternVL-X checkpoint (weights, config, processor, tokenizer) into `folder`."""
+                     vision: dict | None = None, **overrides) -> Path:
+    """Write a random tiny InternVL-X checkpoint (weights, config, processor, tokenizer) into `folder`.
+
+    `text` / `vision`: extra text / vision config values; `overrides`: InternVLXConfig values."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config = InternVLXConfig(
         text_config=text_config(llm, **(text or {})),
         vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=112, patch_size=14),
+                           image_size=112, patch_size=14, **(vision or {})),
         image_token_id=IMAGE_TOKEN_ID, image_start_token_id=IMAGE_START_ID, image_end_token_id=IMAGE_END_ID,
         projector_type=projector, pvtc_num_heads=2, lvtc=lvtc, template="Hermes-2", **overrides,
     )
@@ -75,10 +77,10 @@ def video(frames: int, seed: int, size: int = 96) -> np.ndarray:
 
 
 @torch.no_grad()
-def reference_generate(model, processor, prompt: str, images=None, videos=None, max_new_tokens: int = 8
-                       ) -> tuple[list[int], list[int], list[float]]:
+def reference_generate(model, processor, prompt: str, images=None, videos=None, max_new_tokens: int = 8,
+                       **processor_kwargs) -> tuple[list[int], list[int], list[float]]:
     """Greedy tokens of our transformers model: (prompt ids, new tokens, log-probability of each new token)."""
-    inputs = processor(text=prompt, images=images, videos=videos, return_tensors="pt")
+    inputs = processor(text=prompt, images=images, videos=videos, return_tensors="pt", **processor_kwargs)
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, output_logits=True,
                          return_dict_in_generate=True, eos_token_id=None, min_new_tokens=max_new_tokens)
     prompt_ids = inputs["input_ids"][0].tolist()
