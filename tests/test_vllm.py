@@ -23,6 +23,7 @@ if importlib.util.find_spec("vllm") is None:
 import torch  # noqa: E402
 
 from internvlx_hf import InternVLXForConditionalGeneration, InternVLXProcessor  # noqa: E402
+from internvlx_hf.vllm.layout import lvtc_layout_of  # noqa: E402
 
 from vllm_helpers import IMAGE_TOKEN_ID, build_checkpoint, image, reference_generate, video  # noqa: E402
 
@@ -69,6 +70,10 @@ ENGINES = {
                              lvtc=dict(expand_layer=3, num_lr_projectors=2, inject_start=1, upsample_mode="bilinear",
                                        hr_scale="rms")),
                         ["text", "6 tiles", "13 tiles", "two images", "video"]),
+    # LVTC without expansion (k = depth): only an extra LR projector, injected before layer 2
+    "qwen2-pvtc-k=depth": (dict(llm="qwen2", projector="pvtc",
+                                lvtc=dict(expand_layer=4, num_lr_projectors=2, inject_start=2)),
+                           ["text", "6 tiles", "two images"]),
 }
 ENGINE_OPTIONS = dict(dtype="float32", enforce_eager=True, max_model_len=4096, max_num_batched_tokens=4096,
                       gpu_memory_utilization=0.15, max_num_seqs=8, limit_mm_per_prompt={"image": 2, "video": 1})
@@ -118,7 +123,8 @@ def test_greedy_tokens_and_logprobs_equal_transformers(served, engine, request_n
         text = lambda ids: [t for t in ids if t != IMAGE_TOKEN_ID]  # noqa: E731
         assert text(vllm_ids) == text(prompt_ids)
         # LVTC is scheduled in the long layout: every tile takes its high-resolution count of slots.
-        per_tile = model.config.hr_tokens_per_tile or model.config.image_seq_length
+        layout = lvtc_layout_of(model.config)
+        per_tile = layout.long_per_tile if layout is not None else model.config.image_seq_length
         images = prompt_ids.count(IMAGE_TOKEN_ID) // model.config.image_seq_length
         assert vllm_ids.count(IMAGE_TOKEN_ID) == images * per_tile
 

@@ -36,12 +36,13 @@ class LVTCConfigHook:
     def verify_and_update_config(vllm_config: "VllmConfig") -> None:
         model_config = vllm_config.model_config
         config = model_config.hf_config
-        layout = lvtc_layout_of(config) if getattr(config, "model_type", None) == "internvlx" else None
-        if layout is None:
+        if getattr(config, "model_type", None) != "internvlx" or config.lvtc_config is None:
             return
+        # LVTC runs the LLM layer by layer (lvtc.py); with expansion (layout) also on two layouts.
+        layout = lvtc_layout_of(config)
         text = config.get_text_config()
         problems = []
-        if getattr(text, "sliding_window", None) and getattr(text, "use_sliding_window", True):
+        if layout is not None and getattr(text, "sliding_window", None) and getattr(text, "use_sliding_window", True):
             problems.append("its LLM uses sliding-window attention")
         if vllm_config.parallel_config.pipeline_parallel_size > 1:
             problems.append("pipeline parallelism is on")
@@ -52,7 +53,9 @@ class LVTCConfigHook:
                 f"InternVL-X LVTC checkpoint {model_config.model}: vLLM cannot run it because "
                 f"{' and '.join(problems)}; serve it with `internvlx serve {model_config.model}` instead."
             )
-        # Per-token layout rows through vLLM's per-request position machinery (see the module docstring).
+        if layout is None:
+            return
+        # Per-token layout rows through vLLM's per-request position machinery (lvtc.py's docstring).
         config.mrope_section = [1, 1, 1]
         scheduler = vllm_config.scheduler_config
         scheduler.disable_chunked_mm_input = True
