@@ -229,15 +229,25 @@ def test_openai_server_answers_the_demo_questions_like_transformers(demo_server)
         assert reply.choices[0].message.content.strip() == expected == sample.expected, sample.task
 
 
-def test_lvtc_checkpoint_vllm_cannot_run_stops_with_one_line(tmp_path):
-    """A sliding-window LLM under LVTC: vLLM stops while reading the configuration, with one line, no traceback."""
-    folder = build_checkpoint(tmp_path / "mistral", llm="mistral", lvtc=dict(expand_layer=2),
-                              text=dict(sliding_window=64))
+REFUSED = {
+    "sliding window under LVTC": (dict(llm="mistral", lvtc=dict(expand_layer=2), text=dict(sliding_window=64)),
+                                  "InternVL-X LVTC checkpoint {}: vLLM cannot run it because its LLM uses sliding-window "
+                                  "attention; serve it with `internvlx serve {}` instead."),
+    "an LLM the plugin has no class for": (
+        dict(llm="gemma", text=dict(head_dim=32)),
+        "InternVL-X checkpoint {}: vLLM cannot run it because the plugin has no vLLM class for its LLM "
+        "(text_config.model_type 'gemma'; supported: llama, mistral, phi3, qwen2, qwen3); serve it with "
+        "`internvlx serve {}` instead."),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED))
+def test_checkpoint_vllm_cannot_run_stops_with_one_line(tmp_path, case):
+    """vLLM stops while reading the configuration, with one line naming the reason, no traceback."""
+    options, message = REFUSED[case]
+    folder = build_checkpoint(tmp_path / "model", **options)
     run = subprocess.run(_api_server(folder, _free_port(), "--dtype", "float32"), capture_output=True, text=True,
                          timeout=600, env=_server_env())
     assert run.returncode == 1
     assert "Traceback" not in run.stdout + run.stderr
-    assert run.stderr.strip().splitlines()[-1] == (
-        f"InternVL-X LVTC checkpoint {folder}: vLLM cannot run it because its LLM uses sliding-window attention; "
-        f"serve it with `internvlx serve {folder}` instead."
-    )
+    assert run.stderr.strip().splitlines()[-1] == message.format(folder, folder)

@@ -13,9 +13,19 @@ if TYPE_CHECKING:
     from vllm.config import VllmConfig
 
 
-class LVTCUnsupported(SystemExit):
-    """An LVTC checkpoint or setting the plugin cannot serve: vLLM stops while it reads its configuration, with one line
-    that names the reason and points to `internvlx serve` (a SystemExit, so no traceback of vLLM's config code)."""
+#: The LLM classes vLLM has for each `text_config.model_type` this package writes (InternLM2 is converted to Llama).
+LLM_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "phi3": "Phi3ForCausalLM",
+    "mistral": "MistralForCausalLM",
+}
+
+
+class UnsupportedCheckpoint(SystemExit):
+    """A checkpoint or setting the plugin cannot serve: vLLM stops while it reads its configuration, with one line that
+    names the reason and points to `internvlx serve` (a SystemExit, so no traceback of vLLM's config code)."""
 
     def __init__(self, message: str):
         super().__init__(message)
@@ -36,7 +46,16 @@ class LVTCConfigHook:
     def verify_and_update_config(vllm_config: "VllmConfig") -> None:
         model_config = vllm_config.model_config
         config = model_config.hf_config
-        if getattr(config, "model_type", None) != "internvlx" or config.lvtc_config is None:
+        if getattr(config, "model_type", None) != "internvlx":
+            return
+        llm = config.get_text_config().model_type
+        if llm not in LLM_ARCHITECTURES:
+            raise UnsupportedCheckpoint(
+                f"InternVL-X checkpoint {model_config.model}: vLLM cannot run it because the plugin has no vLLM class "
+                f"for its LLM (text_config.model_type {llm!r}; supported: {', '.join(sorted(LLM_ARCHITECTURES))}); "
+                f"serve it with `internvlx serve {model_config.model}` instead."
+            )
+        if config.lvtc_config is None:
             return
         # LVTC runs the LLM layer by layer (lvtc.py); with expansion (layout) also on two layouts.
         layout = lvtc_layout_of(config)
@@ -49,7 +68,7 @@ class LVTCConfigHook:
         if vllm_config.speculative_config is not None:
             problems.append("speculative decoding is on")
         if problems:
-            raise LVTCUnsupported(
+            raise UnsupportedCheckpoint(
                 f"InternVL-X LVTC checkpoint {model_config.model}: vLLM cannot run it because "
                 f"{' and '.join(problems)}; serve it with `internvlx serve {model_config.model}` instead."
             )

@@ -21,23 +21,10 @@ from vllm.sequence import IntermediateTensors
 
 from ..modeling.configuration_internvlx import image_and_patch
 from ..modeling.modeling_internvlx import build_projector
+from .config_hook import LLM_ARCHITECTURES
 from .layout import lvtc_layout_of
 from .lvtc import LVTCRunner, lvtc_positions
 from .processing import InternVLXDummyInputsBuilder, InternVLXMultiModalProcessor, InternVLXProcessingInfo
-
-#: The LLM classes vLLM has for each `text_config.model_type` this package writes (InternLM2 is converted to Llama).
-LLM_ARCHITECTURES = {
-    "llama": "LlamaForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "qwen3": "Qwen3ForCausalLM",
-    "phi3": "Phi3ForCausalLM",
-    "mistral": "MistralForCausalLM",
-}
-
-
-class UnsupportedCheckpoint(ValueError):
-    """A checkpoint this plugin cannot serve; the message says why and what to use instead."""
-
 
 def vision_config_for_vllm(config) -> PretrainedConfig:
     """vLLM's InternViT reads InternVL's original config names; transformers' `InternVLVisionConfig` renamed them."""
@@ -123,7 +110,7 @@ def vllm_weights(weights: Iterable[tuple[str, torch.Tensor]], vision_layers: int
         else:
             yield name, tensor
     if pending:
-        raise UnsupportedCheckpoint(f"the checkpoint lacks part of the ViT's attention weights: {sorted(pending)}")
+        raise ValueError(f"InternVL-X: the checkpoint lacks part of the ViT's attention weights: {sorted(pending)}")
 
 
 @MULTIMODAL_REGISTRY.register_processor(InternVLXMultiModalProcessor, info=InternVLXProcessingInfo,
@@ -144,12 +131,7 @@ class InternVLXForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsM
         super().__init__()
         config = vllm_config.model_config.hf_config
         text_config = config.get_text_config()
-        architecture = LLM_ARCHITECTURES.get(text_config.model_type)
-        if architecture is None:
-            raise UnsupportedCheckpoint(
-                f"text_config.model_type {text_config.model_type!r} has no vLLM class in this plugin; supported: "
-                f"{sorted(LLM_ARCHITECTURES)}. Serve this checkpoint with `internvlx serve` instead."
-            )
+        architecture = LLM_ARCHITECTURES[text_config.model_type]  # others are refused at config time (config_hook)
         self.config = config
         self.layout = lvtc_layout_of(config)
         quant_config = vllm_config.quant_config
@@ -252,4 +234,4 @@ def _counts(value: object) -> list[int]:
     return [int(n) for n in value]  # type: ignore[union-attr]
 
 
-__all__ = ["InternVLXForConditionalGeneration", "LLM_ARCHITECTURES", "UnsupportedCheckpoint", "vllm_weights"]
+__all__ = ["InternVLXForConditionalGeneration", "vllm_weights"]
