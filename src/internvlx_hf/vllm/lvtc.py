@@ -1,7 +1,7 @@
 """LVTC on vLLM: layers below ``k`` on the short layout, layers from ``k`` on the long one, each with a KV cache.
 
-vLLM's V1 engine keeps one token count per request, shared by every KV cache group (`vllm/v1/kv_cache_interface.py`:
-each group's blocks index the same token positions). So the request is scheduled in the **long** layout: every tile
+vLLM's V1 engine keeps one token count per request, shared by every KV cache group (`KVCacheCoordinator.
+allocate_new_blocks` sizes every group by the same `num_tokens`; one `seq_lens` / `slot_mapping` feeds every layer). So the request is scheduled in the **long** layout: every tile
 takes its high-resolution count of slots (1024 per 448px tile), and layers ``>= k`` run on it as on any model, with
 vLLM's paged attention and KV cache. Layers ``< k`` must see the short layout (256 tokens per tile); they run on the
 same slots, where each tile's first ``short`` slots hold its LR tokens and the others are *unused*:
@@ -20,7 +20,8 @@ same slots, where each tile's first ``short`` slots hold its LR tokens and the o
 - **Layer k** upsamples each tile's LR states (slots ``< short``) to the long grid and adds the HR projector's
   output, in place over the tile's slots. This needs the whole tile in one forward pass: LVTC checkpoints run with
   vLLM's `disable_chunked_mm_input` (an image is never split between scheduler steps) and without prefix caching
-  (a cache hit could end inside an image); `LVTCConfigHook` sets both. A tile found split anyway stops the request
+  (a cache hit could end inside an image); `config_hook.LVTCConfigHook` sets both, and lets a step hold the largest
+  image. A tile found split anyway stops the request
   with an error, never wrong tokens.
 - **The projectors' outputs** travel through vLLM's encoder cache as one wide row per slot
   (``[LR input | HR | extra LR projectors]``, `tile_rows`); `embed_input_ids` puts the LR input into the embeddings
