@@ -91,7 +91,8 @@ class InternVLXProcessingInfo(BaseProcessingInfo):
 
     def get_num_frames_with_most_features(self, seq_len: int, mm_counts: Mapping[str, int]) -> int:
         image_tokens = self.get_max_image_tokens() * mm_counts.get("image", 0)
-        frames = (seq_len - image_tokens) // (self.tokens_per_tile + 2) // max(mm_counts.get("video", 0), 1)
+        # a frame costs its tile's tokens, `<img>`, `</img>` and its `FrameN: ` line (about 5 tokens)
+        frames = (seq_len - image_tokens) // (self.tokens_per_tile + 8) // max(mm_counts.get("video", 0), 1)
         return max(frames, 1)
 
     def image_replacement(self, tiles: int) -> PromptUpdateDetails:
