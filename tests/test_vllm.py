@@ -51,6 +51,8 @@ REQUESTS = {
     "two images": _request("<image>\nand <image>\nCompare them.", images=[(300, 200, 5), (*ONE_TILE, 6)]),
     # the 6-tile image with a tile budget of 2 (+ thumbnail), asked per request
     "max_tiles=2": _request("<image>\nDescribe the picture.", images=[(*SIX_TILES, 2)], max_tiles=2),
+    # RVTC's edge tiling, asked per request: 5 tiles for this image (ratio tiling: 13)
+    "tiling=edge": _request("<image>\nDescribe.", images=[(200, 150, 8)], tiling="edge"),
     "video": _request("<video>\nWhat happens?", videos=[(4, 7)]),
 }
 
@@ -70,10 +72,11 @@ ENGINES = {
                              lvtc=dict(expand_layer=3, num_lr_projectors=2, inject_start=1, upsample_mode="bilinear",
                                        hr_scale="rms")),
                         ["text", "6 tiles", "13 tiles", "two images", "video"]),
-    # LVTC without expansion (k = depth): only an extra LR projector, injected before layer 2
-    "qwen2-pvtc-k=depth": (dict(llm="qwen2", projector="pvtc",
+    # LVTC without expansion (k = depth): only an extra LR projector, injected before layer 2; the checkpoint's
+    # processor tiles by RVTC's area budget with at most 4 tiles (so its images take fewer tiles than the names say)
+    "qwen2-pvtc-k=depth": (dict(llm="qwen2", projector="pvtc", tiling="area", max_tiles=4,
                                 lvtc=dict(expand_layer=4, num_lr_projectors=2, inject_start=2)),
-                           ["text", "6 tiles", "two images"]),
+                           ["text", "6 tiles", "13 tiles", "two images"]),
 }
 ENGINE_OPTIONS = dict(dtype="float32", enforce_eager=True, max_model_len=4096, max_num_batched_tokens=4096,
                       gpu_memory_utilization=0.15, max_num_seqs=8, limit_mm_per_prompt={"image": 2, "video": 1})
@@ -145,6 +148,9 @@ def test_tile_counts_of_the_cases():
     counts = [processor.get_number_of_image_patches(h, w) for w, h in (ONE_TILE, SIX_TILES, TWELVE_TILES,
                                                                       THIRTEEN_TILES)]
     assert counts == [1, 6, 12, 13]
+    assert processor.get_number_of_image_patches(150, 200, {"tiling": "edge"}) == 5
+    area = InternVLXImageProcessor(image_size=112, max_tiles=4, tiling="area")  # the k=depth checkpoint's
+    assert [area.get_number_of_image_patches(h, w) for w, h in (SIX_TILES, THIRTEEN_TILES)] == [5, 5]
     assert torch.is_tensor(processor([image(*SIX_TILES, 0)], return_tensors="pt")["pixel_values"])
 
 
