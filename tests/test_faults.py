@@ -80,6 +80,23 @@ def _same_folders(a: Path, b: Path) -> None:
 
 # --- writers that publish by one rename ----------------------------------------------------------------------------
 
+def test_only_the_leftovers_of_stopped_writers_of_the_same_target_are_removed(tmp_path):
+    from internvlx_hf.atomic import _host, remove_stale_temporaries, temp_prefix
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(gone.stdout)  # a process that has ended
+    names = {f".model.tmp-{_host()}-{dead}.a1b2c3d4": False,  # its writer is gone: removed
+             f"{temp_prefix(tmp_path / 'model')}e5f6g7h8": True,  # this process is writing it
+             f".model.tmp-{_host()}x-{dead}.a1b2c3d4": True,  # another machine's writer (a shared folder)
+             f".other.tmp-{_host()}-{dead}.a1b2c3d4": True,  # another target's
+             ".model.a1b2c3d4": True}  # not a name of `temp_prefix`
+    for name in names:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "part.safetensors").write_bytes(b"x")
+    assert remove_stale_temporaries(tmp_path / "model") == [tmp_path / f".model.tmp-{_host()}-{dead}.a1b2c3d4"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(name for name, kept in names.items() if kept)
+
+
 def test_a_convert_killed_midway_publishes_nothing_and_the_next_one_is_complete(tmp_path):
     from internvlx_hf.conversion import convert
 

@@ -34,6 +34,8 @@ def temp_prefix(target: str | os.PathLike) -> str:
 
 
 def _running(pid: int) -> bool:
+    if os.name == "nt":  # os.kill(pid, 0) would send CTRL_C_EVENT there: never take a writer for gone
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
