@@ -197,8 +197,8 @@ result = train(*parse_train_args(json.loads(sys.argv[1])), print_fn=None)
 del result
 end_distributed()
 """
-# Rank 0 writes trainer_state.json last in a checkpoint: paused there, checkpoint-6 holds weights, optimizer,
-# scheduler and RNG states, but it is not complete.
+# Rank 0 writes trainer_state.json last in a checkpoint: paused there, checkpoint-6 holds the weights, optimizer,
+# scheduler and rank 0's RNG state, but it is not complete.
 _MID_SAVE = r"write:checkpoint-6/trainer_state\.json$"
 
 
@@ -232,7 +232,7 @@ def _assert_same_weights(out: Path, reference: Path) -> None:
     assert len(losses[1]) == 8 and losses[0] == losses[1]  # steps 1-3 from checkpoint-3, 4-8 from the resumed run
 
 
-def _killed_mid_save(tmp_path: Path, out: Path) -> Path:
+def _killed_mid_save(out: Path) -> Path:
     """After the kill: checkpoint-3 is the run's last complete checkpoint; checkpoint-6 only exists half-written in
     the staging folder, where no resume looks."""
     staged = out / ".checkpoint-staging" / "checkpoint-6"
@@ -254,7 +254,7 @@ def test_training_killed_mid_epoch_resumes_to_the_weights_of_an_uninterrupted_ru
     out, reference = tmp_path / "out", tmp_path / "reference"
     options = _train_options(tmp_path, out)
     kill_when_paused([sys.executable, str(script), json.dumps(options)], tmp_path, _MID_SAVE)
-    last = _killed_mid_save(tmp_path, out)
+    last = _killed_mid_save(out)
 
     # What the Trainer's own save leaves when killed there: a checkpoint-6 without trainer_state.json, which
     # get_last_checkpoint would pick. Refused, naming the checkpoint to resume from.
@@ -283,7 +283,7 @@ def test_ddp_training_killed_mid_epoch_resumes_to_the_weights_of_an_uninterrupte
     options = _train_options(tmp_path, out, ddp_backend="gloo", per_device_train_batch_size=1)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
     kill_when_paused([*torchrun, json.dumps(options)], tmp_path, _MID_SAVE)
-    last = _killed_mid_save(tmp_path, out)
+    last = _killed_mid_save(out)
     assert sorted(p.name for p in last.glob("rng_state_*.pth")) == ["rng_state_0.pth", "rng_state_1.pth"]
 
     _run([*torchrun, json.dumps({**options, "resume_from_checkpoint": str(last)})], tmp_path)
