@@ -40,6 +40,34 @@ def _env(**extra) -> dict:
             **extra}
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (from /proc): torchrun starts its workers in sessions of their own, so killing
+    torchrun's process group alone would leave them running."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL ``pid``'s process group and every process below it, as a machine that dies takes them all."""
+    for target in [pid, *_descendants(pid)]:
+        for kill in (os.killpg, os.kill):
+            try:
+                kill(target, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
 def kill_when_paused(command: list[str], tmp_path: Path, pause: str, timeout: float = 300) -> str:
     """Run ``command`` (a new process group) until it pauses at ``pause`` (see fault_pause), then SIGKILL the group
     (the process and every process it started); returns the path it paused at."""
@@ -57,10 +85,7 @@ def kill_when_paused(command: list[str], tmp_path: Path, pause: str, timeout: fl
                                 f"{log_path.read_text()[-3000:]}")
                 time.sleep(0.02)
         finally:
-            try:
-                os.killpg(child.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            _kill_tree(child.pid)
             child.wait()
     assert child.returncode == -signal.SIGKILL
     return marker.read_text()
