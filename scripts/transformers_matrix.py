@@ -37,8 +37,8 @@ the reference release (``--reference``, the newest, 5.23.0):
 The reference release runs first when its results are not in the JSON yet. Results: benchmarks/results/
 transformers-matrix.json (raw: exit status, seconds, outputs, the last lines of stderr on failure) and the markdown
 table in transformers-matrix.md; with another ``--torch T``, transformers-matrix-torchT.json / .md (and a scratch
-folder of its own), compared with that torch's reference run. ``--checks`` runs some of the checks (the others show
-"-" in the table).
+folder of its own), the outputs compared with the reference release's under the default torch. ``--checks`` runs
+some of the checks (the others show "-" in the table).
 """
 
 from __future__ import annotations
@@ -401,6 +401,8 @@ def main(argv: list[str] | None = None) -> int:
         releases = [REFERENCE] + [r for r in releases if r != REFERENCE]
     for release in releases:
         reference = None if release == REFERENCE else results["releases"][REFERENCE]
+        if args.torch != TORCH and OUT.is_file():  # another torch: the outputs must be the default torch's too
+            reference = json.loads(OUT.read_text())["releases"].get(REFERENCE, reference)
         started = time.perf_counter()
         results["releases"][release] = run_release(args.venvs, work, release, args.torch, reference, only)
         results["releases"][release]["minutes"] = round((time.perf_counter() - started) / 60, 1)
