@@ -35,9 +35,9 @@ def _matrix_script():
     return module
 
 
-def _declared() -> SpecifierSet:
-    """The transformers requirement of pyproject.toml's dependencies (one quoted line: "transformers>=A,<B")."""
-    (spec,) = re.findall(r'^\s*"transformers([<>=!~][^"]*)"', (REPO_ROOT / "pyproject.toml").read_text(), re.M)
+def _declared(package: str = "transformers") -> SpecifierSet:
+    """The requirement on ``package`` of pyproject.toml's dependencies (one quoted line: "transformers>=A,<B")."""
+    (spec,) = re.findall(rf'^\s*"{package}([<>=!~][^"]*)"', (REPO_ROOT / "pyproject.toml").read_text(), re.M)
     return SpecifierSet(spec)
 
 
@@ -52,6 +52,28 @@ def test_the_declared_range_is_the_measured_range():
               for release, measured in results["releases"].items()}
     assert failed == {release: [] for release in results["releases"]}
     assert all(set(measured["checks"]) == set(matrix.CHECKS) for measured in results["releases"].values())
+    assert matrix.table(results) in (REPO_ROOT / "docs" / "testing.md").read_text()
+
+
+def test_the_declared_torch_minimum_was_measured():
+    """pyproject.toml's `torch>=X` is a torch the matrix ran (transformers-matrix-torchX.json) at both ends of the
+    transformers range: every check passed there, with the answers, tokens and scores of the default torch."""
+    matrix, default = _matrix_script(), json.loads(MATRIX.read_text())
+    (minimum,) = [spec.version for spec in _declared("torch") if spec.operator == ">="]
+    (measured,) = MATRIX.parent.glob(f"transformers-matrix-torch{minimum}*.json")
+    results = json.loads(measured.read_text())
+    assert Version(results["torch"]) >= Version(minimum) and Version(results["torch"]).release[:2] == \
+        Version(minimum).release[:2]
+    assert {matrix.RELEASES[0], matrix.RELEASES[-1]} <= set(results["releases"])
+    for release, run in results["releases"].items():
+        assert run["packages"]["torch"].split("+")[0] == results["torch"]
+        assert {name: check["ok"] for name, check in run["checks"].items()} == {name: True for name in matrix.CHECKS}
+        expected = default["releases"][release]["checks"]
+        for name in ("remote", "demo", "eval", "chat"):
+            assert run["checks"][name]["output"] == expected[name]["output"], (release, name)
+        for name in ("convert", "convert_new"):
+            assert [run["checks"][name]["output"][k] for k in ("generated", "chat")] == \
+                [expected[name]["output"][k] for k in ("generated", "chat")], (release, name)
     assert matrix.table(results) in (REPO_ROOT / "docs" / "testing.md").read_text()
 
 
