@@ -1,5 +1,6 @@
 """The transformers releases the package declares (pyproject.toml) are the ones measured by
-scripts/transformers_matrix.py (benchmarks/results/transformers-matrix.json, the table in docs/testing.md), and what
+scripts/transformers_matrix.py (benchmarks/results/transformers-matrix.json, the table in docs/testing.md), so is its
+torch minimum (transformers-matrix-torchX.json), and what
 differs between them works under the installed one: `internvlx train`'s flags are its TrainingArguments' (the shipped
 train_flags.json describes one release; under the others they are built live), 5.23's names for activation
 checkpointing work on every release, and our fallback for a helper older releases lack is transformers' own where
