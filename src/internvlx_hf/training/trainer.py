@@ -84,7 +84,8 @@ class InternVLXTrainer(Trainer):
         if lm_head_loss in ("cut_cross_entropy", "liger"):
             from transformers.integrations import is_deepspeed_zero3_enabled
 
-            if is_deepspeed_zero3_enabled():  # the kernels read lm_head.weight, which ZeRO-3 gathers only in its forward
+            # the kernels read lm_head.weight, which ZeRO-3 gathers only inside the head's own forward
+            if is_deepspeed_zero3_enabled():
                 raise ValueError(f"lm_head_loss={lm_head_loss!r} does not combine with DeepSpeed ZeRO-3 (its "
                                  "partitioned LM head weight); use lm_head_loss='labelled'")
 
