@@ -294,3 +294,43 @@ def test_liger_refuses_weighted_losses_and_cpu_tensors(tmp_path):
     else:
         with pytest.raises(ValueError, match="needs Liger-Kernel on a CUDA machine"):
             _trainer(tmp_path, "liger")
+
+
+# ------------------------------------------------------------------------------ benchmarks/bench_train_memory.py
+
+
+def _bench():
+    from conftest import REPO_ROOT
+
+    spec = importlib.util.spec_from_file_location("bench_train_memory",
+                                                  REPO_ROOT / "benchmarks" / "bench_train_memory.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_memory_benchmark_counts_the_same_tensors_without_the_arithmetic():
+    """bench_train_memory.py measures the big configurations with matrix products, convolutions and attention not
+    computed (their outputs allocated at the shape the meta kernels give, zero-filled): the tensors the step keeps
+    are those of the computed step, byte for byte (on LVTC, whose layouts come from the input ids), and the two
+    paths' computed losses are equal."""
+    bench = _bench()
+    measured = {}
+    for layout in ("lvtc",):
+        for path in ("before", "after"):
+            for arithmetic in ("real", "skip"):
+                run = dict(family="tiny", layout=layout, tiles=2, vit="full", path=path,
+                           llm_layers=2 if layout == "lvtc" else 1, expand_layer=1 if layout == "lvtc" else None,
+                           vit_layers=1, batch=1, arithmetic=arithmetic, device="cpu", dtype="bfloat16",
+                           answer_tokens=8, threads=torch.get_num_threads(), measure_rss=False)
+                measured[layout, path, arithmetic] = bench.worker(run)
+    for (layout, path, arithmetic), result in measured.items():
+        real = measured[layout, path, "real"]
+        assert result["positions"] == 1 + 32 + 256 * 2 + 16 + 8 and result["labelled"] == 8
+        assert (result["tensor_peak_bytes"], result["activation_peak_bytes"]) == \
+            (real["tensor_peak_bytes"], real["activation_peak_bytes"])
+        assert result["skipped_ops"] > 0 if arithmetic == "skip" else result["skipped_ops"] == 0
+    for layout in ("lvtc",):
+        before, after = measured[layout, "before", "real"], measured[layout, "after", "real"]
+        assert before["loss"] == pytest.approx(after["loss"], rel=1e-6)
+        assert before["activation_peak_bytes"] > after["activation_peak_bytes"]
