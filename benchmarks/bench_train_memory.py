@@ -628,11 +628,11 @@ def plot(rows: list[dict], path: Path, budgets) -> None:
             for layout, colour in zip(LAYOUTS, ("tab:blue", "tab:orange", "tab:green")):
                 sel = [r for r in rows if r["family"] == family and r["vit"] == vit and r["layout"] == layout]
                 sel.sort(key=lambda r: r["tiles"])
-                for path, style in (("before", "--"), ("after", "-")):
-                    pts = [(r["tiles"], r[f"per_sample_full_{path}_bytes"] / GiB) for r in sel
-                           if r[f"per_sample_full_{path}_bytes"] is not None]
+                for which, style in (("before", "--"), ("after", "-")):
+                    pts = [(r["tiles"], r[f"per_sample_full_{which}_bytes"] / GiB) for r in sel
+                           if r[f"per_sample_full_{which}_bytes"] is not None]
                     if pts:
-                        ax.plot(*zip(*pts), style, marker="o", color=colour, label=f"{layout} {path}")
+                        ax.plot(*zip(*pts), style, marker="o", color=colour, label=f"{layout} {which}")
             ax.set_title(f"{SPECS[family]['name']}, ViT {vit}", fontsize=9)
             ax.set_xlabel("tiles per sample")
             ax.set_ylabel("GiB per sample, full depth")
