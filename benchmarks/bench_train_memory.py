@@ -435,15 +435,19 @@ def _activation(run):
 
 
 def logit_entry_bytes(results: list[dict]) -> dict:
-    """Per family: the measured activation memory the full logits add per logit entry, (before - after) /
-    ((positions - labelled) x vocabulary), median over the configurations where both paths ran."""
+    """Per family and layout kind (plain / lvtc): the activation memory the full logits add per logit entry,
+    (before - after) / ((positions - labelled) x vocabulary), median over the batch-1 configurations where both paths
+    ran with at least 1,000 positions (below that, the rest of the step still shapes the peak)."""
     ratios = {}
     for c in comparisons(results):
+        if c["batch"] != 1 or c["positions"] < 1000:
+            continue
         vocab = SPECS[c["family"]]["text"]["vocab_size"]
-        entries = c["batch"] * (c["positions"] - c["labelled"]) * vocab
-        ratios.setdefault(c["family"], []).append((c["activation_before_bytes"] - c["activation_after_bytes"])
-                                                  / entries)
-    return {family: sorted(values)[len(values) // 2] for family, values in ratios.items()}
+        entries = (c["positions"] - c["labelled"]) * vocab
+        kind = "lvtc" if c["layout"] == "lvtc" else "plain"
+        ratios.setdefault((c["family"], kind), []).append(
+            (c["activation_before_bytes"] - c["activation_after_bytes"]) / entries)
+    return {key: sorted(values)[len(values) // 2] for key, values in ratios.items()}
 
 
 def derive(results: list[dict], args) -> list[dict]:
@@ -468,31 +472,38 @@ def derive(results: list[dict], args) -> list[dict]:
         before = _activation(_find(results, **same, path="before", llm_layers=llm, vit_layers=vit_layers,
                                    expand_layer=expand))
         before_measured = before is not None
-        if before is None and family in alpha:
-            before = after + alpha[family] * (base["positions"] - base["labelled"]) * vocab
-            notes.append(f"before extrapolated: after + {alpha[family]:.2f} bytes per extra logit entry (the "
-                         "median measured on this family's configurations that fit)")
+        kind = (family, "lvtc" if layout == "lvtc" else "plain")
+        if before is None and kind in alpha:
+            before = after + alpha[kind] * (base["positions"] - base["labelled"]) * vocab
+            notes.append(f"before extrapolated: after + {alpha[kind]:.2f} bytes per extra logit entry (the median "
+                         f"measured on this family's {kind[1]} configurations that fit)")
         # memory per added layer and sample: the trunk's (for the Qwen2 vocabulary, the 2b trunk's)
+        # Memory per added layer and sample: an LLM layer's from the ViT-frozen configuration (with the ViT trained,
+        # the peak can fall in the ViT's backward, after the LLM's checkpoints are freed, which would hide it), a ViT
+        # layer's from the ViT-trained one; adding both phases' growth bounds the full-depth peak from above. The
+        # Qwen2-vocabulary family takes the 2b trunk's.
         trunk = dict(same, family="2b" if family == "2b-qwen2-vocab" else family, path="after")
-        at = _activation(_find(results, **trunk, llm_layers=llm, vit_layers=vit_layers, expand_layer=expand))
+        frozen = dict(trunk, vit="frozen")
         slopes = {}
+        at = _activation(_find(results, **frozen, llm_layers=llm, vit_layers=vit_layers, expand_layer=expand))
         if at is not None:
             if layout == "lvtc":
-                short = _activation(_find(results, **trunk, llm_layers=llm + 1, vit_layers=vit_layers,
+                short = _activation(_find(results, **frozen, llm_layers=llm + 1, vit_layers=vit_layers,
                                           expand_layer=expand + 1))
-                long = _activation(_find(results, **trunk, llm_layers=llm + 1, vit_layers=vit_layers,
+                long = _activation(_find(results, **frozen, llm_layers=llm + 1, vit_layers=vit_layers,
                                          expand_layer=expand))
                 if short is not None and long is not None:
                     slopes.update(short=short - at, long=long - at)
             else:
-                deeper = _activation(_find(results, **trunk, llm_layers=llm + 1, vit_layers=vit_layers,
+                deeper = _activation(_find(results, **frozen, llm_layers=llm + 1, vit_layers=vit_layers,
                                            expand_layer=None))
                 if deeper is not None:
                     slopes["llm"] = deeper - at
-            deeper_vit = _activation(_find(results, **trunk, llm_layers=llm, vit_layers=vit_layers + 1,
-                                           expand_layer=expand))
-            if deeper_vit is not None:
-                slopes["vit"] = deeper_vit - at
+        at = _activation(_find(results, **trunk, llm_layers=llm, vit_layers=vit_layers, expand_layer=expand))
+        deeper_vit = _activation(_find(results, **trunk, llm_layers=llm, vit_layers=vit_layers + 1,
+                                       expand_layer=expand))
+        if vit == "full" and at is not None and deeper_vit is not None:
+            slopes["vit"] = deeper_vit - at
         full_llm, full_vit = full_depth(family)
         k = full_llm * 3 // 4
         extra, complete = 0, True
@@ -710,6 +721,8 @@ def main(argv=None) -> dict:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps({"meta": meta, "runs": results, "derived": derived,
                                              "comparisons": comparisons(results),
+                                             "logit_entry_bytes": {f"{family} {kind}": value for (family, kind), value
+                                                                   in logit_entry_bytes(results).items()},
                                              "skip_vs_real": skip_vs_real(results)}, indent=1) + "\n")
 
     derived = previous.get("derived", [])
