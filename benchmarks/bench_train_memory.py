@@ -37,17 +37,19 @@ a CPU (recorded as skipped with the prediction).
 From these runs the report derives, per family / layout / tiles / ViT mode and path, the memory one more sample
 adds at the model's full depth (`per_sample_full`):
 
-  per sample at the measured depth   tensor peak at batch 2 minus batch 1 (after); before = after + the measured
-                                     difference of the two paths at batch 1 (the extra logits are per sample)
-  per extra LLM layer                tensor peak with one layer more minus the step's peak, minus that layer's
-                                     gradient (LVTC: one short layer and one long layer more, separately)
+  per sample at the measured depth   the batch-1 step's activation peak (the tensor peak with the parameters'
+                                     gradients left out), each path; where the step with every logit exceeds
+                                     ``--max-gib``, before = after + the bytes per extra logit entry measured on the
+                                     runs that fit (median per family and plain / LVTC) x its extra logit entries.
+                                     The 6-tile runs at batch 2 check that this is per sample (2x batch 1's)
+  per extra LLM layer                activation peak with one layer more minus the step's, ViT frozen (LVTC: one
+                                     short layer and one long layer more, separately)
   per extra ViT layer (ViT trained)  the same with one ViT layer more
 
-and the largest batch that fits a budget: (budget - ``--reserve-gib`` - model states - the step's fixed part) /
-per sample, with model states = bfloat16 weights (2 bytes per parameter) + bfloat16 gradients and AdamW moments
-of the trained parameters (2 + 4 bytes: torch's AdamW keeps its moments in the parameters' dtype, as for
-``internvlx train --model_dtype bfloat16``), counted from the full-depth configuration, and the fixed part = the
-measured batch-1 peak minus the per-sample memory minus the gradients of the measured model.
+and the largest batch that fits a budget: floor((budget - ``--reserve-gib`` - model states) / per sample at full
+depth), with model states = bfloat16 weights (2 bytes per parameter) + bfloat16 gradients and AdamW moments of the
+trained parameters (2 + 4 bytes: torch's AdamW keeps its moments in the parameters' dtype, as for ``internvlx train
+--model_dtype bfloat16``), counted from the full-depth configuration.
 
 On a GPU (`--device cuda`, real arithmetic, full depth by default) the same steps are measured directly with
 ``torch.cuda.max_memory_allocated``.
@@ -280,7 +282,10 @@ def worker(run: dict) -> dict:
         model = InternVLXForConditionalGeneration._from_config(config, dtype=dtype)
     model.train()
     model.model.vision_tower.requires_grad_(run["vit"] == "full")
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.23's name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     shape = sample_shape(run)
     g = torch.Generator().manual_seed(0)
