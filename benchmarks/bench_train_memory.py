@@ -606,8 +606,8 @@ def comparisons(results: list[dict]) -> list[dict]:
         row = {**match, "positions": after["positions"], "labelled": after["labelled"],
                "peak_before_bytes": before["tensor_peak_bytes"], "peak_after_bytes": after["tensor_peak_bytes"],
                "activation_before_bytes": before["activation_peak_bytes"],
-               "activation_after_bytes": after["activation_peak_bytes"], "drop_bytes": drop, "logits_bf16_bytes": logits,
-               "drop_over_logits": drop / logits, "loss_before": before["loss"], "loss_after": after["loss"],
+               "activation_after_bytes": after["activation_peak_bytes"], "drop_bytes": drop,
+               "logits_bf16_bytes": logits, "drop_over_logits": drop / logits, "loss_before": before["loss"], "loss_after": after["loss"],
                "time_ratio_after_over_before": after["step_s"] / before["step_s"]}
         if "rss_peak_bytes" in before and "rss_peak_bytes" in after:
             row["rss_drop_bytes"] = before["rss_peak_bytes"] - after["rss_peak_bytes"]
