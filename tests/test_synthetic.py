@@ -246,8 +246,8 @@ def _read_text(image: Image.Image, cell: int) -> tuple[str, int, int]:
     for row in range(image.height // cell):
         for col in range(image.width // cell):
             left, top = col * cell + offset, row * cell + offset
-            bitmap = tuple("".join("#" if pixels[left + bx * scale, top + by * scale] == INK else "." for bx in range(5))
-                           for by in range(5))
+            bitmap = tuple("".join("#" if pixels[left + bx * scale, top + by * scale] == INK else "."
+                                   for bx in range(5)) for by in range(5))
             if "#" in "".join(bitmap):
                 (letter,) = [name for name, glyph in GLYPHS.items() if glyph == bitmap]
                 found.append((row, col, letter))
