@@ -346,6 +346,30 @@ def cost_probe(args) -> dict[str, float]:
                                   batch_size=32, lr=1e-3)
 
 
+def step_flops(args) -> dict[str, int]:
+    """FLOPs of one training step (forward + backward, batch 32 of the fine-tuning set) of each architecture, by
+    `bench_models.count_flops` (FlopCounterMode with formulas for CPU SDPA's fused attention): a cost that no machine
+    load moves, next to the timed probe."""
+    from bench_models import count_flops
+    from internvlx_hf.demo.recipe import (CONFIGS, EXTRA_CONFIGS, build_model, build_processor,
+                                          load_tokenizer_processor, make_datasets)
+    from internvlx_hf.training import InternVLXDataCollator, InternVLXDataset
+
+    all_specs = {**CONFIGS, **EXTRA_CONFIGS, "pvtc+lvtc-rms": replace(CONFIGS["pvtc+lvtc"], lvtc_hr_scale="rms")}
+    _, fine_data = data_specs(args)
+    train_meta, _ = make_datasets(Path(args.workdir) / "data", CONFIGS["plain-256"], fine_data)
+    base = load_tokenizer_processor()
+    flops = {}
+    for name in (n for n in UPGRADES if n not in HR_FROM_LR):
+        spec = all_specs[UPGRADES[name][1]]
+        processor = build_processor(spec, base)
+        model = build_model(spec, processor, seed=0).train()
+        dataset = InternVLXDataset(str(train_meta), processor, progress=False)
+        batch = InternVLXDataCollator(processor)([dataset[i] for i in range(32)])
+        flops[name], _ = count_flops(lambda: model(**batch).loss.backward())
+    return flops
+
+
 def probe_cost(probe: dict, config: str) -> float | None:
     """``config``'s probed step time over plain-1024's (variants of one architecture share its probe)."""
     if not probe:
@@ -421,7 +445,8 @@ def detail_hr(row: dict) -> dict | None:
     return row.get("detail_hr") or row.get("fine_hr")
 
 
-def task_table(rows: list[dict], task: str, pretrained: dict | None, probe: dict | None) -> list[dict]:
+def task_table(rows: list[dict], task: str, pretrained: dict | None, probe: dict | None,
+               flops: dict | None = None) -> list[dict]:
     """One entry per (configuration, schedule) with runs: mean and spread over seeds, HR ablation, forgetting."""
     from internvlx_hf.training.synthetic import BASIC_TASKS
 
@@ -446,9 +471,10 @@ def task_table(rows: list[dict], task: str, pretrained: dict | None, probe: dict
                 entry["detail_zeroed"] = mean_sd([detail_hr(r)["zeroed"] for r in group])[0]
                 entry["detail_zeroed_runs"] = [detail_hr(r)["zeroed"] for r in group]
                 entry["detail_other"] = mean_sd([detail_hr(r)["other image"] for r in group])[0]
-            cost = probe_cost(probe, config)
-            if cost is not None:
-                entry["cost"] = cost
+            for key, source in (("cost", probe), ("flops_cost", flops)):
+                cost = probe_cost(source, config)
+                if cost is not None:
+                    entry[key] = cost
             entry["basic_mean"] = {t: statistics.mean(r["accuracy"][t] for r in group) for t in BASIC_TASKS}
             if pretrained:
                 entry["worst_basic_drop"] = max(((t, pretrained["accuracy"][t] - entry["basic_mean"][t])
@@ -462,7 +488,8 @@ def _fmt(value, digits=3, missing="-"):
 
 
 def task_lines(table: list[dict], task: str, pretrained: dict | None) -> list[str]:
-    lines = ["| configuration | schedule | visual tokens per tile (layers < k / >= k) | cost vs plain-1024 (probe) | "
+    lines = ["| configuration | schedule | visual tokens per tile (layers < k / >= k) | cost vs plain-1024: probe "
+             "(FLOPs) | "
              f"{task}, mean ± sd (seeds) | {task}, HR zeroed | {task}, HR of another image | lowest basic task | "
              "largest basic-task drop vs pretrained |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -473,6 +500,7 @@ def task_lines(table: list[dict], task: str, pretrained: dict | None) -> list[st
     for e in table:
         tokens = f"{e['tokens'][0]}" if e["tokens"][0] == e["tokens"][1] else f"{e['tokens'][0]} / {e['tokens'][1]}"
         cost = f"{e['cost']:.2f}x" if "cost" in e else "-"
+        cost += f" ({e['flops_cost']:.2f}x)" if "flops_cost" in e else ""
         drop = f"{e['worst_basic_drop'][1]:+.3f} ({e['worst_basic_drop'][0]})" if "worst_basic_drop" in e else "-"
         lines.append(f"| {e['config']} | {e['schedule']} | {tokens} | {cost} | {e['detail'][0]:.3f} ± "
                      f"{e['detail'][1]:.3f} ({len(e['seeds'])}) | {_fmt(e.get('detail_zeroed'))} | "
@@ -496,15 +524,15 @@ def which_compression(tables: dict[str, list[dict]]) -> tuple[list[dict], list[s
     by = {task: {(e["config"], e["schedule"]): e for e in table} for task, table in tables.items()}
     keys = [(e["config"], e["schedule"]) for e in tables.get("fine", [])]
     keys += [k for k in (by.get("text") or {}) if k not in keys]
-    rows, lines = [], ["| configuration | schedule | cost vs plain-1024 | fine, mean ± sd (seeds) | reads fine from | "
-                       "text, mean ± sd (seeds) | reads text from | largest basic-task drop |",
+    rows, lines = [], ["| configuration | schedule | cost vs plain-1024: probe (FLOPs) | fine, mean ± sd (seeds) | "
+                       "reads fine from | text, mean ± sd (seeds) | reads text from | largest basic-task drop |",
                        "|---|---|---|---|---|---|---|---|"]
     for key in keys:
         fine, text = by.get("fine", {}).get(key), by.get("text", {}).get(key)
         if key[1] not in ("s2", *REFERENCE_SCHEDULE):
             continue
-        cost = (fine or text).get("cost")
-        row = {"config": key[0], "schedule": key[1], "cost": cost}
+        cost, flops_cost = (fine or text).get("cost"), (fine or text).get("flops_cost")
+        row = {"config": key[0], "schedule": key[1], "cost": cost, "flops_cost": flops_cost}
         cells = []
         for name, entry in (("fine", fine), ("text", text)):
             row[name] = entry and {"mean": entry["detail"][0], "sd": entry["detail"][1], "seeds": entry["seeds"],
@@ -515,7 +543,7 @@ def which_compression(tables: dict[str, list[dict]]) -> tuple[list[dict], list[s
         worst = max(drops, key=lambda item: item[1]) if drops else None
         row["worst_basic_drop"] = worst
         rows.append(row)
-        lines.append(f"| {key[0]} | {key[1]} | {_fmt(cost, 2)}x | " + " | ".join(cells) +
+        lines.append(f"| {key[0]} | {key[1]} | {_fmt(cost, 2)}x ({_fmt(flops_cost, 2)}x) | " + " | ".join(cells) +
                      f" | {'-' if worst is None else f'{worst[1]:+.3f} ({worst[0]})'} |")
     return rows, lines
 
@@ -526,19 +554,23 @@ def summarise(args) -> int:
     pretrained = json.loads(pre_path.read_text()) if pre_path.is_file() else None
     probe_path = root / "runs" / "probe.json"
     probe = json.loads(probe_path.read_text()) if probe_path.is_file() else None
-    results = {"settings": None, "pretrained": pretrained, "probe_s_per_step": probe, "tasks": {}}
+    flops_path = root / "runs" / "flops.json"
+    flops = json.loads(flops_path.read_text()) if flops_path.is_file() else None
+    results = {"settings": None, "pretrained": pretrained, "probe_s_per_step": probe, "flops_per_step": flops,
+               "tasks": {}}
     tables, text = {}, []
     for task in DETAIL_TASKS:
         rows = [json.loads(p.read_text()) for p in sorted(runs_dir(args, task).glob("*-s*.json"))]
         if not rows:
             continue
-        tables[task] = table = task_table(rows, task, pretrained, probe)
+        tables[task] = table = task_table(rows, task, pretrained, probe, flops)
         checks = check_targets(table, pretrained)
         text += [f"## Detail task: {task}", ""] + task_lines(table, task, pretrained) + [""]
         text += [f"- {'met' if ok else 'NOT met'}: {line}" for ok, line in checks] + [""]
         results["tasks"][task] = {"table": table, "runs": rows, "checks": [{"met": ok, "text": t} for ok, t in checks]}
     decision, lines = which_compression(tables)
-    text = ["## Which compression (stage2 alone; cost from the interleaved probe)", ""] + lines + [""] + text
+    text = ["## Which compression (stage2 alone; cost: interleaved probe of the step time, and FLOPs of a step)", ""] \
+        + lines + [""] + text
     archive = root / "runs-issue30"
     if archive.is_dir():  # issue 30's runs: from a pretrained model that the same script did not rebuild identically
         old_pre = json.loads((archive / "pretrained.json").read_text())
@@ -578,11 +610,13 @@ def check_targets(table, pretrained) -> list[tuple[bool, str]]:
                 continue
             name = f"{config} ({schedule}{'' if ref_schedule == schedule else f'; references {ref_schedule}'})"
             fine, ref_fine = e["detail"][0], ref["detail"][0]
-            cost = e.get("cost")
-            ok = fine >= ref_fine - 0.05 and (cost is not None and cost <= 0.65)
+            # Both costs must be <= 0.65x: the timed probe (what issue 30 judged by; it moves with the machine's
+            # load) and the FLOPs of a training step (which do not).
+            costs = [e.get("cost"), e.get("flops_cost")]
+            ok = fine >= ref_fine - 0.05 and all(c is not None and c <= 0.65 for c in costs)
+            shown = " / ".join("-" if c is None else f"{c:.2f}x" for c in costs)
             checks.append((ok, f"{name}: within 0.05 of plain-1024 at <= 0.65x its cost ({fine:.3f} vs "
-                               f"{ref_fine:.3f}, cost {cost if cost is None else round(cost, 2)}x, "
-                               f"{len(e['seeds'])} seed(s))"))
+                               f"{ref_fine:.3f}, cost {shown} (probe / FLOPs), {len(e['seeds'])} seed(s))"))
             if "detail_zeroed" in e:
                 # "falls": the zeroed score must drop (a model that never used its HR tokens is not "reading" them)
                 ok = e["detail_zeroed"] <= low["detail"][0] + 0.10 and fine - e["detail_zeroed"] >= 0.05
@@ -651,6 +685,9 @@ def main(argv=None) -> int:
 
         torch.set_num_threads(1)
         _write(probe_path, cost_probe(args))
+    flops_path = runs_dir(args, "fine") / "flops.json"
+    if not flops_path.is_file():
+        _write(flops_path, step_flops(args))
     schedule_runs(args)
     return summarise(args)
 
