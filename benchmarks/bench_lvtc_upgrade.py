@@ -84,6 +84,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -116,6 +117,9 @@ LONG_STAGES = (600, 1100)
 # Schedules without runs of the references: their targets are checked against the references' "s2" runs.
 REFERENCE_SCHEDULE = {"s2x2": "s2", "s2-lr1e-3": "s2", "s2-lr2.5e-4": "s2"}
 DETAIL_TASKS = ("fine", "text")
+# The detail task's training set: (pages, times each is seen). The text task's pilot with the fine task's 200 x 9
+# taught neither plain-256 nor plain-1024 to read (pilots/text-200x9/): its words need more distinct pages.
+DETAIL_SETS = {"fine": (200, 9), "text": (1800, 1)}
 
 
 def stages_of(args, schedule: str) -> list[tuple[str, int, float]]:
@@ -132,8 +136,12 @@ def stages_of(args, schedule: str) -> list[tuple[str, int, float]]:
 
 
 def runs_dir(args, task: str | None = None) -> Path:
+    """runs/ (fine task), runs-text/; runs-TASK-PAGESxREPEAT/ for a ``--detail-set`` other than `DETAIL_SETS`'s."""
     task = task or args.task
-    return Path(args.runs_root) / ("runs" if task == "fine" else f"runs-{task}")
+    folder = "runs" if task == "fine" else f"runs-{task}"
+    if args.detail_set and detail_set(args, task) != DETAIL_SETS[task]:
+        folder = f"runs-{task}-{args.detail_set}"
+    return Path(args.runs_root) / folder
 
 
 def parse_args(argv=None):
@@ -145,6 +153,8 @@ def parse_args(argv=None):
     p.add_argument("--runs", default=None, metavar="CONFIG:SCHEDULE:SEED,...",
                    help="an explicit list of runs instead of --configs x --schedules x --seeds")
     p.add_argument("--task", default="fine", choices=DETAIL_TASKS, help="the detail task of the fine-tuning data")
+    p.add_argument("--detail-set", default=None, metavar="PAGESxREPEAT",
+                   help="the detail task's training set, e.g. 200x9 (default: fine 200x9, text 1800x1)")
     p.add_argument("--seeds", default="0,1,2", help="fine-tuning seeds (new modules' init, data order)")
     p.add_argument("--stage2-alone-seeds", default=None,
                    help="seeds of the s2 schedule when it should differ from --seeds (e.g. 0)")
@@ -170,6 +180,8 @@ def parse_args(argv=None):
         args.probe_rounds = 2
         args.runs_root = os.path.join(args.workdir, "results")
         args.json = os.path.join(args.workdir, "lvtc-upgrade.json")
+    if args.detail_set and not re.fullmatch(r"[1-9]\d*x[1-9]\d*", args.detail_set):
+        p.error(f"--detail-set {args.detail_set!r}: give PAGESxREPEAT, e.g. 200x9")
     runs = [item.split(":") for item in args.runs.split(",")] if args.runs else []
     if any(len(item) != 3 or not item[2].isdigit() for item in runs):
         p.error(f"--runs {args.runs!r}: give CONFIG:SCHEDULE:SEED items, comma-separated (e.g. pvtc:s2:0)")
@@ -180,11 +192,18 @@ def parse_args(argv=None):
     return args
 
 
+def detail_set(args, task: str) -> tuple[int, int]:
+    """(pages, times seen) of the detail task's training set: `DETAIL_SETS`, or ``--detail-set``."""
+    return tuple(int(n) for n in args.detail_set.split("x")) if args.detail_set else DETAIL_SETS[task]
+
+
 def data_specs(args, task: str = "fine"):
     from internvlx_hf.demo.recipe import DataSpec
 
     pretrain = DataSpec(sizes="fixed", n_test=args.n_test, seed=0)
-    return pretrain, replace(pretrain, seed=1, detail_task=task)  # fine-tuning: new images (of the detail task)
+    pages, repeat = detail_set(args, task)
+    # fine-tuning: new images, of the detail task
+    return pretrain, replace(pretrain, seed=1, detail_task=task, n_fine=pages, fine_repeat=repeat)
 
 
 def pretrain(args) -> Path:
@@ -196,7 +215,7 @@ def pretrain(args) -> Path:
     work = Path(args.workdir)
     done = work / "pretrained" / "config.json"
     native = work / "pretrained-native"
-    record = runs_dir(args, "fine") / "pretrained.json"
+    record = Path(args.runs_root) / "runs" / "pretrained.json"
     if done.is_file() and native.is_dir() and record.is_file():
         return native
     spec = CONFIGS["plain-256"]
@@ -323,6 +342,8 @@ def one_run(args, config: str, schedule: str, seed: int) -> dict:
                tokens_per_tile_from_k=model.config.hr_tokens_per_tile or model.config.image_seq_length,
                train_s=sum(s["train_s"] for s in row["stages"]),
                date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+    if args.task == "text":
+        row["text_letters"] = letter_accuracy(scores["answers"]["text"])
     if getattr(model.model, "lvtc_hr_projector", None) is not None:
         row["detail_hr"] = hr_ablation(model, processor, test_meta, args.n_test,
                                        intact=scores["accuracy"][args.task], task=args.task)
@@ -330,6 +351,14 @@ def one_run(args, config: str, schedule: str, seed: int) -> dict:
     for folder in [start, start.with_name(start.name + "-plain"), *trained]:
         shutil.rmtree(folder, ignore_errors=True)
     return row
+
+
+def letter_accuracy(answers: list[tuple[str, str]]) -> dict:
+    """How much of the text task's words a model reads: the share of letters right at each position of the word (a
+    missing letter is wrong), and over all positions."""
+    length = max(len(reference) for _, reference in answers)
+    per_position = [statistics.mean(len(p) > i and p[i] == r[i] for p, r in answers) for i in range(length)]
+    return {"per_position": per_position, "mean": statistics.mean(per_position)}
 
 
 def cost_probe(args) -> dict[str, float]:
@@ -410,7 +439,7 @@ def schedule_runs(args) -> None:
     passthrough = ["--workdir", args.workdir, "--runs-root", args.runs_root, "--n-test", str(args.n_test),
                    "--task", args.task, "--stage1-steps", str(args.stage1_steps),
                    "--stage2-steps", str(args.stage2_steps), "--stage1-lr", str(args.stage1_lr),
-                   "--stage2-lr", str(args.stage2_lr)]
+                   "--stage2-lr", str(args.stage2_lr)] + (["--detail-set", args.detail_set] if args.detail_set else [])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     failed = []
     while todo or running:
@@ -679,13 +708,13 @@ def main(argv=None) -> int:
         return summarise(args)
     Path(args.workdir).mkdir(parents=True, exist_ok=True)
     pretrain(args)
-    probe_path = runs_dir(args, "fine") / "probe.json"
+    probe_path = Path(args.runs_root) / "runs" / "probe.json"
     if args.probe_rounds and not probe_path.is_file():
         import torch
 
         torch.set_num_threads(1)
         _write(probe_path, cost_probe(args))
-    flops_path = runs_dir(args, "fine") / "flops.json"
+    flops_path = Path(args.runs_root) / "runs" / "flops.json"
     if not flops_path.is_file():
         _write(flops_path, step_flops(args))
     schedule_runs(args)

@@ -350,7 +350,8 @@ def evaluate(model, processor, test_meta: str | os.PathLike, *, batch_size: int 
 
     ``limit``: the first samples only; ``tasks``: of those, the samples of these tasks only (the same samples
     that a run without ``tasks`` scores for them); ``system``: the system block every question is asked with (see
-    `prompt_messages`); ``max_new_tokens``: the longest answer generated.
+    `prompt_messages`); ``max_new_tokens``: the longest answer generated. ``answers`` holds every task's
+    ``(prediction, reference)`` pairs in file order.
     """
     from ..evaluation import evaluate as score
     from ..evaluation import read_eval_data
@@ -369,6 +370,8 @@ def evaluate(model, processor, test_meta: str | os.PathLike, *, batch_size: int 
     return {"accuracy": accuracy, "basic_min": min(basic) if basic else None, "n": len(predictions),
             "tiles_per_sample": sum(p.tiles for p in predictions) / len(predictions),
             "visual_tokens_per_sample": sum(p.visual_tokens for p in predictions) / len(predictions),
+            "answers": {result.name: [(p.prediction, p.reference) for p in result.predictions]
+                        for result in run.datasets},
             "eval_s": time.perf_counter() - start}
 
 
