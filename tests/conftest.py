@@ -40,6 +40,15 @@ def _keep_torch_threads():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _lengths_cache_of_the_session(tmp_path_factory):
+    """Lengths cached without a cache folder given (`internvlx data check`, `--group_by_length`, ``check=True``) go
+    to ``$INTERNVLX_CACHE/lengths``: a folder of this test session (subprocesses inherit it), not the user's cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("INTERNVLX_CACHE", str(tmp_path_factory.mktemp("internvlx-cache")))
+        yield
+
+
 @pytest.fixture
 def http_server(tmp_path):
     """A local HTTP server over `tmp_path` (no network needed): its base URL, e.g. ``http://127.0.0.1:PORT``;

@@ -224,10 +224,15 @@ def test_chat_streams_the_answer_token_by_token(capsys, monkeypatch, converted, 
     monkeypatch.setattr(TextStreamer, "put", put)
     question = "What is in the picture?"
     argv = ["chat", str(converted), "--image", str(images[0]), "--max-tiles", "2", "--max-new-tokens", "6", question]
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
     assert main(argv) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     (expected,) = _reference_chat(converted, images[0], [question], max_new_tokens=6, max_tiles=2)
     assert out.strip() == expected and expected
+    # the answer is the output: no "Loading weights" bar of transformers' before it (the switch is restored after)
+    assert "Loading weights" not in err and hf_logging.is_progress_bar_enabled() is bars
     assert puts[0] > 1 and puts[1:] == [1] * (len(puts) - 1) and len(puts) >= 2  # the prompt, then one per token
 
 
@@ -245,6 +250,7 @@ def test_chat_interactive_loop_through_a_pipe_keeps_the_history(converted, image
     # /reset starts over with the same image
     assert [line.strip() for line in result.stdout.splitlines()] == [first, second, first]
     assert "(conversation reset)" in result.stderr and "unknown command '/nonsense'" in result.stderr
+    assert "Loading weights" not in result.stderr
 
 
 def test_chat_session_attaches_images_to_later_turns(converted, images):

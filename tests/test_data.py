@@ -225,10 +225,14 @@ def test_data_check_prints_the_full_check_summary(processor, tmp_path, capsys):
     ]
     path = th.write_jsonl(tmp_path / "rows.jsonl", rows)
     model = str(th.converted("internvl2_qwen2"))
-    assert main(["data", "check", str(path), "--model", model, "--max_length", "600", "--no-progress"]) == 0
+    cache = tmp_path / "cache"
+    assert main(["data", "check", str(path), "--model", model, "--max_length", "600", "--no-progress",
+                 "--lengths_cache_dir", str(cache)]) == 0
     printed = capsys.readouterr().out
-    checked = InternVLXDataset(str(path), processor, max_length=600, progress=False, check=True)
-    assert printed == f"Tiles: the processor's max_tiles 12 for every dataset\n{checked.summary}\n"
+    checked = InternVLXDataset(str(path), processor, max_length=600, progress=False, check=True, cache_dir=False)
+    assert printed == (f"Tiles: the processor's max_tiles 12 for every dataset\n{checked.summary}\nLengths written to "
+                       f"{cache} (1 file(s)): `internvlx train --group_by_length` with the same settings reads them "
+                       "instead of computing them.\n")
     # as the scan before every run printed it (the table of the old tests)
     assert printed.splitlines()[2:4] == [
         "  dataset                   samples   images    tiles     tokens truncated  skipped",
@@ -237,7 +241,7 @@ def test_data_check_prints_the_full_check_summary(processor, tmp_path, capsys):
     assert "  skipped (image not found: 1, invalid JSON: 1, too long: 1), e.g." in printed
 
     assert main(["data", "stats", str(path), "--model", model, "--max_length", "600", "--no-progress", "--json",
-                 "--strict"]) == 1  # --strict: rows were skipped
+                 "--strict", "--lengths_cache_dir", str(cache)]) == 1  # --strict: rows were skipped
     report = json.loads(capsys.readouterr().out)
     assert report["datasets"] == checked.summary.to_dict()
     assert (report["rows"], report["samples"], report["skipped"], report["truncated"]) == (

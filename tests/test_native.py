@@ -332,6 +332,77 @@ def test_pvtc_and_lvtc_are_refused(tmp_path, options, message):
     assert [p.name for p in tmp_path.iterdir()] == ["src"]  # no staged folder left behind
 
 
+def yi_like_source(parent: Path, legacy: bool) -> Path:
+    """A tiny InternVL2 source shaped like InternVL2-40B (Nous-Hermes-2-Yi-34B): a Llama LLM, a sentencepiece
+    `LlamaTokenizer` and the Hermes-2 template. The tokenizer model is the Phi-3 fixture's, with `<|im_start|>` and
+    `<|im_end|>` added as special tokens (Yi has them in its vocabulary)."""
+    from internvlx_hf.conversion.synthetic import make_synthetic_internvl2
+
+    phi3 = require_fixture("internvl2_phi3")
+    tokenizer = parent / "tokenizer"
+    tokenizer.mkdir(parents=True)
+    shutil.copyfile(phi3 / "tokenizer.model", tokenizer / "tokenizer.model")
+    settings = json.loads((phi3 / "tokenizer_config.json").read_text())
+    chat = ["<|im_start|>", "<|im_end|>"]
+    for index, content in zip((820, 821), chat):
+        settings["added_tokens_decoder"][str(index)] = {"content": content, "lstrip": False, "normalized": False,
+                                                        "rstrip": False, "single_word": False, "special": True}
+    settings.update(additional_special_tokens=settings["additional_special_tokens"] + chat, legacy=legacy)
+    (tokenizer / "tokenizer_config.json").write_text(json.dumps(settings))
+    (tokenizer / "config.json").write_text(json.dumps({"template": "Hermes-2", "llm_config": {"vocab_size": 822}}))
+    return make_synthetic_internvl2(parent / "src", tokenizer, llm="llama")
+
+
+@pytest.mark.parametrize("legacy", [True, False])
+def test_llama_tokenizer_checkpoints_export_with_the_same_ids(tmp_path, monkeypatch, legacy):
+    """A Llama-source conversion (InternVLXLlamaTokenizerFast, remote code) exports: the native folder reads its
+    tokenizer.json with transformers' TokenizersBackend, as transformers' own InternVL conversion ships sentencepiece
+    LLMs, which gives our processor's ids on the chat prompts; the native model gives our logits bit for bit. What
+    the native tokenizer does not do (the slow tokenizer's decode rules; with legacy=False its text-start rule, which
+    these Hermes-2 prompts do not meet: they start with the special <|im_start|>) is listed as not carried."""
+    from transformers import AutoModelForImageTextToText, AutoTokenizer, TokenizersBackend
+
+    convert(yi_like_source(tmp_path, legacy), tmp_path / "ours", progress=False)
+    assert json.loads((tmp_path / "ours" / "tokenizer_config.json").read_text())["tokenizer_class"] == \
+        "InternVLXLlamaTokenizerFast"
+    report = export_native(tmp_path / "ours", tmp_path / "native", progress=False)
+    native = tmp_path / "native"
+    assert not any(path.suffix == ".py" for path in native.iterdir())
+    settings = json.loads((native / "tokenizer_config.json").read_text())
+    assert settings["tokenizer_class"] == "TokenizersBackend" and "legacy" not in settings
+    notes = [item.split(":")[0].split(" (")[0] for item in report.lost if "LlamaTokenizer" in item]
+    assert notes == ["InternVLXLlamaTokenizerFast's decode()"] + (
+        [] if legacy else ["the slow LlamaTokenizer's legacy=False text start"])
+    native_model = AutoModelForImageTextToText.from_pretrained(native, trust_remote_code=False).eval()
+    assert native_model.config.text_config.model_type == "llama"
+    _assert_same_model(native_model, InternVLXForConditionalGeneration.from_pretrained(tmp_path / "ours").eval())
+    ours, _ = _same_inputs(tmp_path / "ours", native, monkeypatch)
+    tokenizer = AutoTokenizer.from_pretrained(native)
+    assert type(tokenizer) is TokenizersBackend
+    conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": " Hi there, 2024?"},
+                    {"role": "assistant", "content": "Yes."}, {"role": "user", "content": "<ref>x</ref> And?"}]
+    prompt = ours.apply_chat_template(conversation, add_generation_prompt=True)
+    assert prompt.startswith("<|im_start|>system") and tokenizer(prompt)["input_ids"] == \
+        ours.tokenizer(prompt)["input_ids"]
+
+
+def test_phi3_tokenizer_export_is_refused_with_the_reason(tmp_path):
+    """InternVL2-4B's tokenizer (legacy=False) puts a '▁' in front of a prompt that starts with <|system|>, which is
+    not one of its special tokens: no tokenizer transformers ships does that, so every phi3-chat prompt would come out
+    one token short natively. Refused, saying so, and nothing is written."""
+    convert(require_fixture("internvl2_phi3"), tmp_path / "ours", progress=False)
+    with pytest.raises(ConversionError) as info:
+        export_native(tmp_path / "ours", tmp_path / "native", progress=False)
+    assert str(info.value) == (
+        f"{tmp_path / 'ours'}: its tokenizer (InternVLXLlamaTokenizerFast, legacy=False) encodes as the slow "
+        "LlamaTokenizer, which puts a '▁' in front of a text that starts with an added token outside the special "
+        "tokens; no tokenizer transformers ships does that, and this checkpoint's chat template starts its prompts "
+        "with '<|system|>', so the native checkpoint would read them differently (ids [1, 741, 806, 13]... natively "
+        "[1, 806, 13, 231]...). Llama tokenizers with legacy=True, or whose prompts start with a special token, "
+        "export.")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ours"]
+
+
 @pytest.mark.parametrize("tie, dtype", [(True, torch.float32), (False, torch.bfloat16)])
 def test_round_trip_is_bit_identical(tmp_path, ours_qwen2, tie, dtype):
     native = make_native(tmp_path / "native", ours_qwen2, tie=tie, dtype=dtype)

@@ -35,6 +35,59 @@ def test_conversion_summary(converted):
     assert (dst / "tokenization_internvlx.py").is_file() and not (dst / "tokenizer.model").exists()
     rope = json.loads((dst / "config.json").read_text())["text_config"]["rope_parameters"]
     assert rope["rope_type"] == "longrope" and rope["original_max_position_embeddings"] == 512
+    assert rope["factor"] == 65536 / 512  # max_position_embeddings / original: what transformers takes when absent
+
+
+_LOAD_PHI3 = """
+import json, sys
+from transformers import AutoModel
+model = AutoModel.from_pretrained(sys.argv[1], trust_remote_code=True)
+print(json.dumps({"module": type(model).__module__.split(".")[0],
+                  "factor": model.config.text_config.rope_parameters.get("factor")}))
+"""
+
+
+def test_phi3_loads_without_the_rope_warning(converted, tmp_path):
+    """transformers warns on every load of a longrope config without `factor` ("This model config has set a
+    `rope_parameters['original_max_position_embeddings']` field ..."): a converted folder loads without it, with the
+    remote code alone and, for a folder converted before the factor was written, with the package; the scaling is
+    the same either way."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from transformers import Phi3Config
+    from transformers.models.phi3.modeling_phi3 import Phi3RotaryEmbedding
+
+    from conftest import REPO_ROOT, run_isolated_python
+
+    dst, _ = converted
+    result = run_isolated_python("import sys\nsys.argv = ['', %r]\n" % str(dst) + _LOAD_PHI3, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.splitlines()[-1]) == {"module": "transformers_modules", "factor": 128.0}
+    assert "original_max_position_embeddings" not in result.stderr, result.stderr[-2000:]
+
+    old = tmp_path / "converted-before"
+    shutil.copytree(dst, old)
+    config = json.loads((old / "config.json").read_text())
+    del config["text_config"]["rope_parameters"]["factor"]
+    (old / "config.json").write_text(json.dumps(config))
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT / "src"), "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    result = subprocess.run([sys.executable, "-c", "import internvlx_hf\n" + _LOAD_PHI3.replace(
+        "trust_remote_code=True", "trust_remote_code=False"), str(old)], capture_output=True, text=True, env=env,
+        cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.splitlines()[-1]) == {"module": "internvlx_hf", "factor": 128.0}
+    assert "original_max_position_embeddings" not in result.stderr, result.stderr[-2000:]
+
+    # the same frequencies and attention scaling as without the factor (transformers' own derivation)
+    text = {**config["text_config"]}
+    derived = Phi3RotaryEmbedding(Phi3Config(**text))
+    written = Phi3RotaryEmbedding(Phi3Config(**{**text, "rope_parameters": {**text["rope_parameters"],
+                                                                             "factor": 128.0}}))
+    assert derived.attention_scaling == written.attention_scaling and derived.attention_scaling > 1
+    assert torch.equal(derived.inv_freq, written.inv_freq)
 
 
 def test_the_installed_package_loads_it_without_trust_remote_code(converted):
@@ -88,7 +141,9 @@ def _text_model_with_original_length(dst: Path, original: int):
     config = InternVLXConfig.from_pretrained(dst)
     text = config.get_text_config()
     text.original_max_position_embeddings = original
-    text.rope_parameters = {**text.rope_parameters, "original_max_position_embeddings": original}
+    # the reference derives the su scaling from the two lengths; the converted config writes it out as `factor`
+    text.rope_parameters = {**text.rope_parameters, "original_max_position_embeddings": original,
+                            "factor": text.max_position_embeddings / original}
     return InternVLXForConditionalGeneration.from_pretrained(dst, config=config, dtype=torch.float32).eval()
 
 

@@ -1,29 +1,49 @@
-"""`internvlx serve`: transformers' OpenAI-compatible server on the demo model, called through the `openai` client.
+"""`internvlx serve`: transformers' OpenAI-compatible server on the demo model, and its trust boundary.
 
-One server for the module: `python -m internvlx_hf serve DEMO --port N` in a subprocess on 127.0.0.1 (a free port),
-offline. The answers are checked against `demo_model.json`'s tasks (the questions `internvlx demo` asks), and a
-multi-turn conversation against `internvlx chat`'s own multi-turn session on the same model.
+Two servers for the module, each `python -m internvlx_hf serve DEMO` in a subprocess on 127.0.0.1 (a free port),
+offline:
+
+- ``server``: opened up as an operator would: an API key, a media folder (``--allowed-local-media-path``), URLs from
+  127.0.0.1 and localhost (``--allowed-media-domains``), and small limits so that the limit tests send small data;
+- ``default_server``: no option at all, to check what is refused by default.
+
+The answers are checked against `demo_model.json`'s tasks (the questions `internvlx demo` asks), a multi-turn
+conversation against `internvlx chat`'s own multi-turn session on the same model; every client mistake against the
+status and OpenAI's error object; and a seeded fuzz of malformed requests against "no 5xx".
 """
 
 from __future__ import annotations
 
 import base64
+import http.client
+import http.server
 import io
+import json
 import os
+import random
 import socket
+import struct
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
+import zlib
 
 import pytest
 
 from internvlx_hf.cli import main
 from internvlx_hf.demo import demo_model_dir, demo_samples
-from internvlx_hf.serving import TESTED_TRANSFORMERS, ServingUnavailable, check_serving_available
+from internvlx_hf.serving import (SUPPORTED_TRANSFORMERS, TESTED_TRANSFORMERS, ServingUnavailable,
+                                  check_serving_available, exposure_warning)
+from internvlx_hf.serving_media import MediaPolicy, MediaRefused, load_request_image
 
 DEMO = str(demo_model_dir())
 QUESTIONS = demo_samples(seed=0)  # one per task: colour, shape, position, count, fine
+KEY = "test-key-0123"
+# The open server's limits (the demo's images are 112 x 112 PNGs of under 1 KB).
+MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, MAX_IMAGES, MAX_REQUEST_BYTES, FETCH_TIMEOUT = 65536, 100_000, 4, 2**18, 2
+CONTEXT = 4096  # the demo model's max_position_embeddings
 
 
 def free_port() -> int:
@@ -32,10 +52,24 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def data_uri(image) -> str:
+def png_bytes(image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    return buffer.getvalue()
+
+
+def data_uri(image) -> str:
+    return "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode()
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG whose header says ``width x height`` followed by a few bytes of pixel data: opening it reads the size;
+    decoding it would fail (truncated), so an error about its pixels shows the size was checked first."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
 
 
 def ask(image_url: str, question: str) -> list[dict]:
@@ -43,49 +77,193 @@ def ask(image_url: str, question: str) -> list[dict]:
                                          {"type": "text", "text": question}]}]
 
 
+def request(base: str, method: str, path: str, body=None, key: str | None = KEY, headers=None,
+            chunked: bool = False) -> tuple[int, dict | str]:
+    """One HTTP request (``body``: an object sent as JSON, or raw bytes): its status and its JSON (or text)."""
+    connection = http.client.HTTPConnection(base.removeprefix("http://"), timeout=120)
+    payload = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+    sent = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {}),
+            **(headers or {})}
+    try:
+        if chunked:
+            connection.request(method, path, body=iter([payload]), headers=sent, encode_chunked=True)
+        else:
+            connection.request(method, path, body=payload, headers=sent)
+        response = connection.getresponse()
+        text = response.read().decode("utf-8", "replace")
+    finally:
+        connection.close()
+    try:
+        return response.status, json.loads(text)
+    except ValueError:
+        return response.status, text
+
+
+def chat(base: str, body, **kwargs) -> tuple[int, dict | str]:
+    return request(base, "POST", "/v1/chat/completions", body, **kwargs)
+
+
+def assert_openai_error(status: int, body, expected_status: int | None = None) -> dict:
+    """``body`` is OpenAI's error object (``{"error": {"message", "type", "param", "code"}}``); returns it."""
+    assert 400 <= status < 500 and (expected_status is None or status == expected_status), (status, body)
+    assert isinstance(body, dict) and set(body["error"]) == {"message", "type", "param", "code"}, body
+    error = body["error"]
+    assert isinstance(error["message"], str) and error["message"] and isinstance(error["type"], str), body
+    assert error["param"] is None or isinstance(error["param"], str), body
+    return error
+
+
+def start_server(arguments: list[str], log_path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env.pop("INTERNVLX_API_KEY", None)
+    with open(log_path, "w") as output:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "internvlx_hf", "serve", DEMO, "--host", "127.0.0.1", "--port", str(port),
+             "--log-level", "warning", *arguments], stdout=output, stderr=subprocess.STDOUT, env=env)
+    return process, f"http://127.0.0.1:{port}"
+
+
+def wait_until_healthy(process: subprocess.Popen, url: str, log_path) -> None:
+    deadline = time.monotonic() + 300
+    while True:
+        if process.poll() is not None:
+            pytest.fail(f"the server exited ({process.returncode}) before answering:\n{log_path.read_text()}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(f"the server did not answer /health within 300 s:\n{log_path.read_text()}")
+        time.sleep(0.5)
+
+
+def stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """The base URL of `internvlx serve DEMO` running in a subprocess (stopped after the module)."""
+def folders(tmp_path_factory):
+    """``(media, outside)``: the folder the open server may read, and one beside it that it may not."""
+    media, outside = tmp_path_factory.mktemp("media"), tmp_path_factory.mktemp("outside")
+    QUESTIONS[0].image.save(media / "colour.png")
+    (media / "sub").mkdir()
+    QUESTIONS[1].image.save(media / "sub" / "shape.png")
+    (media / "notes.png").write_text("not an image")
+    (media / "big.png").write_bytes(png_bytes(QUESTIONS[0].image) + b"\0" * MAX_IMAGE_BYTES)
+    QUESTIONS[0].image.save(outside / "secret.png")
+    (media / "escape.png").symlink_to(outside / "secret.png")
+    (media / "passwd.png").symlink_to("/etc/passwd")
+    os.mkfifo(media / "fifo.png")
+    return media, outside
+
+
+@pytest.fixture(scope="module")
+def servers(folders, tmp_path_factory):
+    """``{"open": URL, "default": URL}``: both servers, started together and stopped after the module."""
     try:
         check_serving_available()  # the serve extra, and a transformers release the server was tested with
     except ServingUnavailable as error:
         pytest.skip(str(error))
-    port = free_port()
-    log = tmp_path_factory.mktemp("serve") / "server.log"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    with open(log, "w") as output:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "internvlx_hf", "serve", DEMO, "--host", "127.0.0.1", "--port", str(port),
-             "--log-level", "warning"], stdout=output, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
+    logs = tmp_path_factory.mktemp("serve")
+    media, _ = folders
+    started = {
+        "open": start_server(["--api-key", KEY, "--allowed-local-media-path", str(media),
+                              "--allowed-media-domains", "127.0.0.1", "localhost",
+                              "--max-image-bytes", str(MAX_IMAGE_BYTES), "--max-image-pixels", str(MAX_IMAGE_PIXELS),
+                              "--max-images-per-request", str(MAX_IMAGES), "--max-request-bytes", "256KiB",
+                              "--media-fetch-timeout", str(FETCH_TIMEOUT)], logs / "open.log"),
+        "default": start_server([], logs / "default.log"),
+    }
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"the server exited ({process.returncode}) before answering:\n{log.read_text()}")
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"the server did not answer /health within 300 s:\n{log.read_text()}")
-            time.sleep(0.5)
-        yield url
+        for name, (process, url) in started.items():
+            wait_until_healthy(process, url, logs / f"{name}.log")
+        yield {name: url for name, (_, url) in started.items()}
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        for process, _ in started.values():
+            stop(process)
+
+
+@pytest.fixture(scope="module")
+def server(servers):
+    return servers["open"]
+
+
+@pytest.fixture(scope="module")
+def default_server(servers):
+    return servers["default"]
 
 
 @pytest.fixture(scope="module")
 def client(server):
     openai = pytest.importorskip("openai")
-    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=120)
+    return openai.OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+class MediaHost(http.server.BaseHTTPRequestHandler):
+    """A web server for the fetch tests: an image, a large body without Content-Length, a slow body, redirects."""
+
+    port = 0
+    image = b""
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        try:
+            self._answer()
+        except OSError:  # the server under test stopped reading (a limit, a timeout): expected
+            pass
+
+    def _answer(self):
+        path, _, query = self.path.partition("?")
+        if path == "/shape.png":
+            self._send(200, self.image, {"Content-Type": "image/png", "Content-Length": str(len(self.image))})
+        elif path == "/big-unannounced.png":  # no Content-Length: the limit is counted while reading
+            self._send(200, None, {"Content-Type": "image/png", "Connection": "close"})
+            for _ in range(MAX_IMAGE_BYTES // 8192 + 2):
+                self.wfile.write(b"\0" * 8192)
+        elif path == "/big-announced.png":
+            self._send(200, None, {"Content-Length": str(MAX_IMAGE_BYTES + 1)})
+        elif path == "/slow.png":  # a byte a second: the fetch's overall timeout ends it
+            self._send(200, None, {"Connection": "close"})
+            for _ in range(4 * FETCH_TIMEOUT):
+                self.wfile.write(b"\0")
+                self.wfile.flush()
+                time.sleep(1)
+        elif path == "/redirect":
+            self._send(302, b"", {"Location": urllib.request.unquote(query), "Content-Length": "0"})
+        elif path == "/loop":
+            self._send(302, b"", {"Location": "/loop", "Content-Length": "0"})
+        else:
+            self._send(404, b"", {"Content-Length": "0"})
+
+    def _send(self, status, body, headers):
+        self.send_response(status)
+        for name, value in headers.items():
+            self.send_header(name, value)
+        self.end_headers()
+        if body:
+            self.wfile.write(body)
+
+
+@pytest.fixture(scope="module")
+def media_host():
+    """The base URL (``http://127.0.0.1:PORT``) of a `MediaHost`."""
+    MediaHost.image = png_bytes(QUESTIONS[1].image)
+    host = http.server.ThreadingHTTPServer(("127.0.0.1", 0), MediaHost)
+    host.daemon_threads = True
+    threading.Thread(target=host.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{host.server_address[1]}"
+    host.shutdown()
+    host.server_close()
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +274,9 @@ def chat_session():
 
     model, processor = load_demo_model()
     return lambda images: ChatSession(model, processor, images, max_new_tokens=32, stream=False)
+
+
+# --- answers ---------------------------------------------------------------------------------------------------
 
 
 def test_models_lists_the_served_model(client):
@@ -114,14 +295,16 @@ def test_the_demo_questions_are_answered_right_with_data_uri_images(client):
         assert response.usage.completion_tokens >= 1 and response.usage.prompt_tokens > 16  # 16 image tokens
 
 
-def test_images_as_server_paths_and_http_urls(client, tmp_path, http_server):
+def test_images_from_the_allowed_folder_and_allowed_hosts(client, folders, media_host):
     colour, shape = QUESTIONS[0], QUESTIONS[1]
-    colour.image.save(tmp_path / "colour.png")
-    shape.image.save(tmp_path / "shape.png")
-    by_path = client.chat.completions.create(model=DEMO, messages=ask(str(tmp_path / "colour.png"), colour.question))
-    by_url = client.chat.completions.create(model=DEMO, messages=ask(f"{http_server}/shape.png", shape.question))
-    assert by_path.choices[0].message.content == colour.expected
-    assert by_url.choices[0].message.content == shape.expected
+    media, _ = folders
+    for url, sample in [(str(media / "colour.png"), colour), ("colour.png", colour),  # relative: from the folder
+                        ((media / "colour.png").as_uri(), colour), (str(media / "sub" / ".." / "colour.png"), colour),
+                        ("sub/shape.png", shape), (f"{media_host}/shape.png", shape),
+                        (f"{media_host.replace('127.0.0.1', 'localhost')}/shape.png", shape),  # -> 127.0.0.1, named
+                        (f"{media_host}/redirect?{media_host}/shape.png", shape)]:
+        answer = client.chat.completions.create(model=DEMO, messages=ask(url, sample.question))
+        assert (url, answer.choices[0].message.content) == (url, sample.expected)
 
 
 def test_streaming_sends_the_answer_in_chunks(client):
@@ -132,6 +315,41 @@ def test_streaming_sends_the_answer_in_chunks(client):
     assert text == sample.expected == "bottom-right"
     assert sum(1 for chunk in chunks if chunk.choices[0].delta.content) >= 2  # streamed, not one block
     assert chunks[0].choices[0].delta.role == "assistant" and chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_stop_strings_end_the_answer(server):
+    """transformers hands `generate` the processor as its tokenizer, which stop strings cannot use (a 500 before);
+    the answer ends with the stop string, as transformers' server answers (OpenAI's leaves it out)."""
+    sample = QUESTIONS[2]  # "bottom-right"
+    for stop, expected in [(["-"], "bottom-"), ("om", "bottom"), (["zz", "ri"], "bottom-ri")]:
+        status, body = chat(server, {"messages": ask(data_uri(sample.image), sample.question), "stop": stop})
+        assert status == 200 and body["choices"][0]["message"]["content"] == expected, (stop, body)
+    status, body = chat(server, {"messages": ask(data_uri(sample.image), sample.question), "stop": "-",
+                                 "stream": True})
+    events = [json.loads(line[6:]) for line in body.splitlines() if line.startswith("data: ")]
+    assert status == 200 and "".join(event["choices"][0]["delta"].get("content") or "" for event in events) == \
+        "bottom-"
+
+
+@pytest.mark.parametrize("field,values", [
+    ("temperature", [0, 0.0, 1e-300, 1, 2]), ("top_p", [0, 0.5, 1]), ("stop", ["x", ["a", "b", "c", "d"]]),
+    ("seed", [-2**63, 0, 2**63 - 1]), ("frequency_penalty", [-0.99, 0, 2]),
+    ("logit_bias", [{}, {"0": -100, "811": 100}]), ("n", [1, None]), ("stream", [True, False, None]),
+    ("max_tokens", [1, None]), ("max_completion_tokens", [1]), ("model", [DEMO, None]),
+    ("user", ["someone"]), ("stream_options", [{"include_usage": True}]), ("presence_penalty", [2, -2]),
+    ("response_format", [{"type": "text"}]), ("tools", [[]]), ("tool_choice", ["none", "auto"]),
+    ("logprobs", [False]), ("top_logprobs", [0]), ("metadata", [{"a": "b"}]), ("store", [False]),
+    ("parallel_tool_calls", [False]), ("modalities", [["text"]]),
+])
+def test_valid_edge_values_are_answered(server, field, values):
+    """Every value the checks accept is answered (200), with a one-token answer."""
+    for value in values:
+        body = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+                "max_tokens": 1, field: value}
+        if field == "max_completion_tokens":
+            del body["max_tokens"]
+        status, answer = chat(server, body)
+        assert status == 200, (field, value, answer)
 
 
 def test_multi_turn_matches_internvlx_chat(client, chat_session):
@@ -166,20 +384,357 @@ def test_two_images_match_internvlx_chat(client, chat_session):
     assert response.usage.prompt_tokens == len(tokens)  # both images' tokens are in the prompt
 
 
-def test_bad_images_are_a_400_naming_the_image(client, tmp_path):
+# --- the trust boundary: defaults, the API key, routes ----------------------------------------------------------
+
+
+def test_by_default_no_local_file_and_no_url_is_read(default_server, folders):
+    media, _ = folders
+    sample = QUESTIONS[0]
+    cases = [
+        (str(media / "colour.png"), "this server reads no local files; send the image as a data:image/png;base64,... "
+                                    "URI (the server's operator can allow a folder with --allowed-local-media-path)"),
+        ("/no/such/file.png", "this server reads no local files"),
+        ((media / "colour.png").as_uri(), "this server reads no local files"),
+        ("http://127.0.0.1:9/a.png", "this server fetches no image URLs; send the image as a data:image/png;base64,"
+                                     "... URI (the server's operator can allow hosts with --allowed-media-domains)"),
+    ]
+    for url, message in cases:
+        status, body = chat(default_server, {"messages": ask(url, sample.question)}, key=None)
+        error = assert_openai_error(status, body, 400)
+        assert error["message"].startswith(f"messages[0]: image 0 ('{url}'): {message}"), (url, error)
+        assert error["param"] == "messages[0].content[0].image_url.url"
+    status, body = chat(default_server, {"messages": ask(data_uri(sample.image), sample.question)}, key=None)
+    assert status == 200 and body["choices"][0]["message"]["content"] == sample.expected  # no key needed by default
+
+
+def test_the_api_key_is_required_on_v1_routes(server):
+    for path, method in [("/v1/models", "GET"), ("/v1/chat/completions", "POST")]:
+        for key, message in [(None, "You didn't provide an API key."), ("wrong", "Incorrect API key provided."),
+                             (KEY + "x", "Incorrect API key provided.")]:
+            status, body = request(server, method, path, {"messages": [{"role": "user", "content": "Hi"}]}, key=key)
+            error = assert_openai_error(status, body, 401)
+            assert error["code"] == "invalid_api_key" and error["message"].startswith(message), (path, key)
+    status, body = request(server, "GET", "/v1/models", key=None, headers={"Authorization": f"Basic {KEY}"})
+    assert status == 401
+    assert request(server, "GET", "/health", key=None) == (200, {"status": "ok"})  # open, for health checks
+    assert request(server, "GET", "/v1/models")[0] == 200
+
+
+@pytest.mark.parametrize("method,path", [("POST", "/load_model"), ("POST", "/reset"), ("POST", "/v1/responses"),
+                                         ("POST", "/v1/completions"), ("POST", "/v1/audio/transcriptions"),
+                                         ("GET", "/docs"), ("GET", "/openapi.json"), ("GET", "/nothing")])
+def test_only_the_chat_routes_are_served(server, method, path):
+    """transformers' other routes load any model a client names (/load_model, with trust_remote_code), unload the
+    served one (/reset) or pass media to the processor unchecked (/v1/responses): not answered."""
+    status, body = request(server, method, path, {"model": "/tmp", "input": "Hi"})
+    error = assert_openai_error(status, body, 404)
+    assert error["code"] == "unknown_url" and error["message"].startswith(f"Invalid URL ({method} {path})")
+    status, body = request(server, "GET", "/v1/chat/completions")
+    assert_openai_error(status, body, 405)
+
+
+def test_the_warning_for_listening_beyond_loopback_without_a_key(capsys, monkeypatch):
+    for host in ("127.0.0.1", "127.0.0.2", "localhost", "::1", "[::1]"):
+        assert exposure_warning(host, None) is None, host
+    for host in ("0.0.0.0", "::", "192.168.1.20", "myhost.example"):
+        assert exposure_warning(host, None).startswith(f"listening on {host}, beyond this machine, without an API "
+                                                       "key"), host
+        assert exposure_warning(host, "a-key") is None
+    monkeypatch.delenv("INTERNVLX_API_KEY", raising=False)
+    assert main(["serve", "/no/such/folder", "--host", "0.0.0.0"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == ("internvlx serve: warning: listening on 0.0.0.0, beyond this machine, without an API key: any "
+                      "client that reaches it can use the model and the media it may read or fetch; set --api-key "
+                      "KEY (or INTERNVLX_API_KEY)")
+    assert "MODEL '/no/such/folder': no such folder" in err[1]
+    assert main(["serve", "/no/such/folder", "--host", "0.0.0.0", "--api-key", "k"]) == 2
+    assert "warning" not in capsys.readouterr().err
+    monkeypatch.setenv("INTERNVLX_API_KEY", "from-the-environment")
+    assert main(["serve", "/no/such/folder", "--host", "0.0.0.0"]) == 2
+    assert "warning" not in capsys.readouterr().err
+
+
+# --- what a request may make the server read ----------------------------------------------------------------------
+
+
+def test_a_refused_path_gets_the_same_error_whether_it_exists_or_not(server, folders):
+    """Outside the folder (an existing image), missing, a folder, /etc/passwd, a link out of the folder, '..', a
+    FIFO: one text, so a client learns nothing about the server's files."""
+    media, outside = folders
+    question = QUESTIONS[0].question
+    texts = set()
+    for url in [str(outside / "secret.png"), str(outside / "missing.png"), str(media / "missing.png"), str(outside),
+                str(media), "/etc/passwd", "/etc", "/no/such/dir/x.png", str(media / "escape.png"),
+                str(media / "passwd.png"), f"{media}/../{outside.name}/secret.png", f"../{outside.name}/secret.png",
+                str(media / "fifo.png"), (outside / "secret.png").as_uri(), "/dev/zero"]:
+        status, body = chat(server, {"messages": ask(url, question)})
+        error = assert_openai_error(status, body, 400)
+        texts.add(error["message"].replace(url, "URL"))
+    assert texts == {"messages[0]: image 0 ('URL'): not an image file this server may read; a local path must name an "
+                     "existing file inside the folder the server allows (--allowed-local-media-path), or send the "
+                     "image as a data:image/png;base64,... URI"}
+    # inside the folder, a file that is no image may be told apart: the client may read that folder anyway
+    status, body = chat(server, {"messages": ask(str(media / "notes.png"), question)})
+    assert "not a readable image (accepted formats: PNG, JPEG, WEBP, GIF, BMP)" in assert_openai_error(status, body)[
+        "message"]
+
+
+def test_url_fetches_are_limited_to_the_allowed_hosts_and_addresses(server, media_host):
+    """Hosts outside the allow-list, redirects out of it, other schemes: refused; a fetch has a byte limit and a
+    timeout. (A name resolving to an address that is not named: `test_media_policy_checks_the_resolved_address...`.)"""
+    port = media_host.rsplit(":", 1)[1]
+    question = QUESTIONS[1].question
+    cases = [
+        ("http://example.invalid/a.png", "the host 'example.invalid' is not one this server fetches from "
+                                         "(--allowed-media-domains)"),
+        (f"http://127.0.0.2:{port}/shape.png", "the host '127.0.0.2' is not one this server fetches from"),
+        (f"http://[::1]:{port}/shape.png", "the host '::1' is not one this server fetches from"),
+        (f"{media_host}/redirect?http://127.0.0.2:{port}/shape.png", "the host '127.0.0.2' is not one this server"),
+        (f"{media_host}/redirect?http://example.invalid/a.png", "the host 'example.invalid' is not one this server"),
+        (f"{media_host}/redirect?file:///etc/passwd", "only http(s) URLs with a host are fetched"),
+        (f"{media_host}/loop", "more than 3 redirects"),
+        (f"{media_host}/missing.png", "the URL answered HTTP 404 Not Found"),
+        (f"{media_host}/big-announced.png", f"the image is {MAX_IMAGE_BYTES + 1} bytes; this server accepts images of "
+                                            f"at most {MAX_IMAGE_BYTES} bytes (--max-image-bytes)"),
+        (f"{media_host}/big-unannounced.png", f"the image is more than {MAX_IMAGE_BYTES} bytes"),
+        (f"{media_host}/slow.png", f"the download did not finish within {FETCH_TIMEOUT} s (--media-fetch-timeout)"),
+        (f"http://user:pw@127.0.0.1:{port}/shape.png", "URLs with a user name or password are not fetched"),
+        (f"ftp://127.0.0.1:{port}/shape.png", "unsupported URL scheme 'ftp'"),
+        (f"file://otherhost/etc/passwd", "a file: URL names a file on this server"),
+    ]
+    for url, message in cases:
+        status, body = chat(server, {"messages": ask(url, question)})
+        error = assert_openai_error(status, body, 400)
+        assert error["message"].startswith("messages[0]: image 0 (") and message in error["message"], (url, error)
+
+
+def test_an_image_url_on_the_server_itself_does_not_stall_it(server):
+    """Images are fetched off the event loop: a URL pointing back at the server is answered (401: the fetch sends
+    no key) instead of waiting for the server that waits for it, as it did when the fetch blocked the loop."""
+    status, body = chat(server, {"messages": ask(f"{server}/v1/models", "Hi")})
+    assert "the URL answered HTTP 401 Unauthorized" in assert_openai_error(status, body, 400)["message"]
+
+
+def test_image_limits_are_checked_before_decoding(server, folders):
+    media, _ = folders
+    question = QUESTIONS[0].question
+    over_bytes = "data:image/png;base64," + base64.b64encode(b"\0" * (MAX_IMAGE_BYTES + 3)).decode()
+    cases = [
+        (over_bytes, f"the image is {MAX_IMAGE_BYTES + 3} bytes; this server accepts images of at most "
+                     f"{MAX_IMAGE_BYTES} bytes (--max-image-bytes); send a smaller or more compressed image"),
+        (str(media / "big.png"), f"the image is {len(png_bytes(QUESTIONS[0].image)) + MAX_IMAGE_BYTES} bytes; this "
+                                 f"server accepts images of at most {MAX_IMAGE_BYTES} bytes"),
+        # a header claiming 400 x 300 pixels and too little data to decode them: refused for its pixels
+        ("data:image/png;base64," + base64.b64encode(png_header(400, 300)).decode(),
+         f"the image has 400 x 300 = 120000 pixels; this server accepts images of at most {MAX_IMAGE_PIXELS} pixels "
+         "(--max-image-pixels); send a smaller image"),
+        # over PIL's own decompression-bomb limit, also from the header
+        ("data:image/png;base64," + base64.b64encode(png_header(100_000, 100_000)).decode(),
+         f"the image has more than {MAX_IMAGE_PIXELS} pixels"),
+        ("data:image/png;base64," + base64.b64encode(png_header(200, 200)).decode(),
+         "the image data could not be decoded"),  # within the limit: decoded, and truncated
+    ]
+    for url, message in cases:
+        status, body = chat(server, {"messages": ask(url, question)})
+        error = assert_openai_error(status, body, 400)
+        assert message in error["message"], (url[:80], error)
+    too_many = [{"type": "image_url", "image_url": {"url": data_uri(QUESTIONS[0].image)}}] * (MAX_IMAGES + 1)
+    status, body = chat(server, {"messages": [{"role": "user", "content": too_many}]})
+    assert assert_openai_error(status, body, 400)["message"] == (
+        f"Too many images: {MAX_IMAGES + 1}; this server accepts at most {MAX_IMAGES} per request "
+        "(--max-images-per-request).")
+
+
+def test_request_bodies_over_the_limit_are_a_413(server):
+    body = {"messages": [{"role": "user", "content": "x" * MAX_REQUEST_BYTES}]}
+    status, answer = chat(server, body)
+    assert assert_openai_error(status, answer, 413)["message"].startswith(
+        f"The request body is {len(json.dumps(body))} bytes; this server accepts at most {MAX_REQUEST_BYTES} "
+        "(--max-request-bytes).")
+    status, answer = chat(server, body, chunked=True)  # no Content-Length: counted while reading
+    assert assert_openai_error(status, answer, 413)["message"].startswith(
+        f"The request body is more than {MAX_REQUEST_BYTES} bytes")
+    status, answer = chat(server, body, key="wrong")  # the key is checked before any body is read
+    assert status == 401
+
+
+def test_validated_bodies_are_normalised():
+    from internvlx_hf.serving_requests import RequestLimits, validate_chat_request
+
+    body = {"messages": HI, "temperature": 1e-300, "max_completion_tokens": 7}
+    checked, images = validate_chat_request(body, RequestLimits())
+    assert checked == {"messages": HI, "temperature": 0.0, "max_tokens": 7} and images == []
+    assert body["temperature"] == 1e-300  # the caller's body is left alone
+    checked, images = validate_chat_request({"messages": ask("data:x", "Hi"), "temperature": 0.5}, RequestLimits())
+    assert checked["temperature"] == 0.5 and images == [("data:x", "messages[0].content[0].image_url.url")]
+    for bias, expected in [({}, None), ({"3": 5}, {"3": 5.0})]:
+        checked, _ = validate_chat_request({"messages": HI, "logit_bias": bias}, RequestLimits())
+        assert checked.get("logit_bias") == expected
+        assert all(type(value) is float for value in (checked.get("logit_bias") or {}).values())
+
+
+def test_media_policy_checks_the_resolved_address_and_is_off_by_default(tmp_path):
+    """`load_request_image` without a server: the defaults, and the address a name resolves to."""
+    QUESTIONS[0].image.save(tmp_path / "a.png")
+    with pytest.raises(MediaRefused, match="this server reads no local files"):
+        load_request_image(str(tmp_path / "a.png"), "image 0", MediaPolicy())
+    with pytest.raises(MediaRefused, match="this server fetches no image URLs"):
+        load_request_image("http://127.0.0.1:9/a.png", "image 0", MediaPolicy())
+    assert (MediaPolicy().max_image_bytes, MediaPolicy().max_image_pixels, MediaPolicy().fetch_timeout) == (
+        20 * 2**20, 40_000_000, 10.0)
+    assert load_request_image("a.png", "image 0", MediaPolicy(allowed_local_media_path=tmp_path)).size == (112, 112)
+    policy = MediaPolicy(allowed_media_domains=("localhost", "10.0.0.0/8", "images.example.com"))
+    assert policy.host_allowed("LOCALHOST.") and policy.host_allowed("10.1.2.3") and not policy.host_allowed("10.0")
+    with pytest.raises(MediaRefused, match=r"the host 'localhost' resolves to (127\.0\.0\.1|::1), a non-public"):
+        load_request_image("http://localhost:9/a.png", "image 0", policy)
+    import ipaddress
+
+    for address, allowed in [("10.9.9.9", True), ("8.8.8.8", True), ("127.0.0.1", False), ("192.168.1.1", False),
+                             ("169.254.169.254", False), ("::ffff:127.0.0.1", False), ("224.0.0.1", False),
+                             ("0.0.0.0", False), ("fe80::1", False)]:
+        parsed = ipaddress.ip_address(address)
+        parsed = parsed.ipv4_mapped or parsed if parsed.version == 6 else parsed
+        assert policy.address_allowed(parsed) is allowed, address
+    with pytest.raises(ValueError, match="not a host name, an IP address or a network"):
+        MediaPolicy(allowed_media_domains=("https://images.example.com/",))
+
+
+# --- client mistakes: a 4xx with OpenAI's error object --------------------------------------------------------
+
+HI = [{"role": "user", "content": "Hi"}]
+
+
+@pytest.mark.parametrize("body,message,param", [
+    # the four of issue 42 (HTTP 500 before: KeyError, IndexError, ValueError, ValueError)
+    ({}, "Missing required parameter: 'messages'.", "messages"),
+    ({"messages": []}, "Invalid 'messages': empty array. Expected an array with minimum length 1, but got an empty "
+                       "array instead.", "messages"),
+    ({"messages": HI, "max_tokens": -5}, "Invalid 'max_tokens': integer below minimum value. Expected a value >= 1, "
+                                         "but got -5 instead.", "max_tokens"),
+    ({"messages": HI, "max_tokens": "many"}, "Invalid type for 'max_tokens': expected an integer, but got a string "
+                                             "instead.", "max_tokens"),
+    ({"messages": HI, "max_tokens": 0}, "Invalid 'max_tokens': integer below minimum value.", "max_tokens"),
+    ({"messages": HI, "max_tokens": 5000}, f"Invalid 'max_tokens': integer above maximum value. Expected a value <= "
+                                           f"{CONTEXT} (the model's context length), but got 5000 instead.",
+     "max_tokens"),
+    ({"messages": HI, "max_completion_tokens": 1.5}, "Invalid type for 'max_completion_tokens': expected an integer",
+     "max_completion_tokens"),
+    ({"messages": HI, "max_tokens": True}, "Invalid type for 'max_tokens': expected an integer, but got a boolean",
+     "max_tokens"),
+    ({"messages": "Hi"}, "Invalid type for 'messages': expected an array of messages, but got a string instead.",
+     "messages"),
+    ({"messages": [None]}, "Invalid type for 'messages[0]': expected an object, but got null instead.", "messages[0]"),
+    ({"messages": [{"content": "Hi"}]}, "Invalid 'messages[0].role': null; InternVL-X's chat templates take "
+                                        "'system' (the first message only), 'user' and 'assistant'.",
+     "messages[0].role"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, "Invalid 'messages[0].role': 'tool'", "messages[0].role"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}]},
+     "Invalid 'messages[1].role': 'system' is only accepted as the first message.", "messages[1].role"),
+    ({"messages": [{"role": "user"}]}, "Missing required parameter: 'messages[0].content'.", "messages[0].content"),
+    ({"messages": [{"role": "user", "content": 5}]}, "Invalid type for 'messages[0].content': expected a string or "
+                                                     "an array of content parts, but got an integer instead.",
+     "messages[0].content"),
+    ({"messages": [{"role": "user", "content": [{"text": "no type"}]}]},
+     "Missing or invalid 'messages[0].content[0].type': expected one of text, image_url.",
+     "messages[0].content[0].type"),
+    ({"messages": [{"role": "user", "content": [{"type": "text"}]}]},
+     "Invalid type for 'messages[0].content[0].text': expected a string, but got null instead.",
+     "messages[0].content[0].text"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+     "Invalid type for 'messages[0].content[0].image_url.url': expected a non-empty string",
+     "messages[0].content[0].image_url.url"),
+    ({"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": ""}}]}]},
+     "Invalid 'messages[0].content[0].type': 'input_audio' is not accepted; this server takes 'text' and "
+     "'image_url' parts.", "messages[0].content[0].type"),
+    ({"messages": [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": "/etc/passwd"}}]}]},
+     "(video is not served: send frames as images)", "messages[0].content[0].type"),
+    ({"messages": [{"role": "assistant", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+     "image parts are only accepted in user messages, not in assistant messages.", "messages[0].content[0]"),
+    ({"messages": HI, "temperature": -1}, "Invalid 'temperature': expected a number >= 0 and <= 2, but got -1 "
+                                          "instead.", "temperature"),
+    ({"messages": HI, "temperature": "hot"}, "Invalid type for 'temperature': expected a number", "temperature"),
+    ({"messages": HI, "top_p": 1.5}, "Invalid 'top_p': expected a number >= 0 and <= 1", "top_p"),
+    ({"messages": HI, "frequency_penalty": -1.5}, "(it becomes transformers' repetition_penalty = 1 + "
+                                                  "frequency_penalty, which must be > 0)", "frequency_penalty"),
+    ({"messages": HI, "stop": [1]}, "Invalid type for 'stop': expected a non-empty string or an array of non-empty "
+                                    "strings", "stop"),
+    ({"messages": HI, "stop": ["a", "b", "c", "d", "e"]}, "Invalid 'stop': expected 1 to 4 stop sequences, got 5.",
+     "stop"),
+    ({"messages": HI, "seed": "x"}, "Invalid type for 'seed': expected an integer", "seed"),
+    ({"messages": HI, "seed": 2**70}, "Invalid 'seed': integer above maximum value.", "seed"),
+    ({"messages": HI, "logit_bias": {"99999": 5}}, "Invalid 'logit_bias': key '99999' is not a token id (0 to 811).",
+     "logit_bias"),
+    ({"messages": HI, "logit_bias": {"5": 500}}, "the bias of token 5 must be a number from -100 to 100.",
+     "logit_bias"),
+    ({"messages": HI, "stream": "yes"}, "Invalid type for 'stream': expected a boolean, but got a string instead.",
+     "stream"),
+    ({"messages": HI, "model": 5}, "Invalid type for 'model': expected a string, but got an integer instead.",
+     "model"),
+    ({"messages": HI, "n": 2}, "Invalid 'n': 2; this server returns one choice per request.", "n"),
+    ({"messages": HI, "logprobs": True}, "Invalid 'logprobs': true; this server does not return log probabilities.",
+     "logprobs"),
+    ({"messages": HI, "tools": [{"type": "function", "function": {"name": "f"}}]},
+     "InternVL-X's chat templates have no tool calling.", "tools"),
+    ({"messages": HI, "response_format": {"type": "json_object"}},
+     "this server does not constrain the answer's format.", "response_format"),
+    ({"messages": HI, "generation_config": "{\"num_beams\": 64}"},
+     "'generation_config' is not accepted by this server: it sets any generation option of the server.",
+     "generation_config"),
+    ({"messages": HI, "chat_template_kwargs": {"max_tiles": 1000}},
+     "'chat_template_kwargs' is not accepted by this server: it sets any option of the chat template and the "
+     "processor.", "chat_template_kwargs"),
+    ({"messages": HI, "video": 1}, "Unrecognized request argument supplied: video", "video"),
+    ({"messages": [{"role": "user", "content": "\ud800"}]}, "Invalid string in 'messages[0].content': it is not valid "
+                                                            "Unicode (a lone surrogate such as \\ud800).",
+     "messages[0].content"),
+    ({"messages": [{"role": "user", "content": "word " * 6000}]},
+     f"This model's maximum context length is {CONTEXT} tokens. However, you requested ", "messages"),
+    ({"messages": HI, "max_tokens": CONTEXT}, f"This model's maximum context length is {CONTEXT} tokens.", "messages"),
+])
+def test_client_mistakes_are_a_400_with_openai_error_object(server, body, message, param):
+    for stream in (False, True):
+        status, answer = chat(server, {**body, "stream": stream} if "stream" not in body else body)
+        error = assert_openai_error(status, answer, 400)
+        assert message in error["message"] and error["param"] == param, error
+        assert error["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("raw,message", [
+    (b"not json", "We could not parse the JSON body of your request (Expecting value); send a JSON object."),
+    (b'{"messages": [', "We could not parse the JSON body of your request"),
+    (b"[1, 2]", "The request body must be a JSON object."),
+    (b'"text"', "The request body must be a JSON object."),
+    (b"", "The request has no body; send a JSON object."),
+    (b'{"messages": [{"role": "user", "content": "Hi"}], "temperature": NaN}',
+     "Invalid 'temperature': expected a finite number, but got nan instead."),
+    (b"\xff\xfe\x00", "There was an error parsing the body"),  # Starlette's own 400 (not UTF-8), in OpenAI's shape
+])
+def test_bodies_that_are_no_json_object_are_a_400(server, raw, message):
+    status, answer = chat(server, raw)
+    assert message in assert_openai_error(status, answer, 400)["message"]
+
+
+def test_a_request_for_another_model_is_a_400(client):
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as err:  # transformers' own check, in OpenAI's error object
+        client.chat.completions.create(model="someone/else", messages=[{"role": "user", "content": "Hi"}])
+    assert err.value.body["message"] == f"Server is pinned to '{DEMO}'; requested 'someone/else'."
+
+
+def test_bad_images_are_a_400_naming_the_image_streamed_or_not(client):
+    """Through the openai client: the message names the message and the image, and is in the client's exception."""
     import openai
 
     good = data_uri(QUESTIONS[0].image)
-    closed_port = free_port()
     cases = [
-        (str(tmp_path / "missing.png"), f"messages[0]: image 1 ('{tmp_path / 'missing.png'}'): no such file on the "
-                                        "server; send the image as a data:image/png;base64,... URI or an http(s) URL"),
         ("data:image/png;base64,iVBORw0K$$$", "messages[0]: image 1 ('data:image/png;base64,iVBORw0K$$$'): the "
                                               "base64 data is invalid ("),
         ("data:image/png;base64,aGVsbG8=", "messages[0]: image 1 ('data:image/png;base64,aGVsbG8='): not a "
-                                           "readable image"),
-        (f"http://127.0.0.1:{closed_port}/a.png", f"messages[0]: image 1 ('http://127.0.0.1:{closed_port}/a.png'): "
-                                                  "could not download the image (ConnectError: "),
+                                           "readable image (accepted formats: PNG, JPEG, WEBP, GIF, BMP)"),
+        ("data:image/png,no-comma-needed", "messages[0]: image 1 ('data:image/png,no-comma-needed'): not a readable "
+                                           "image"),
+        ("data:image/png;base64", "messages[0]: image 1 ('data:image/png;base64'): a data URI needs a comma"),
     ]
     for url, message in cases:
         messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": good}},
@@ -191,21 +746,93 @@ def test_bad_images_are_a_400_naming_the_image(client, tmp_path):
             assert err.value.status_code == 400
             assert err.value.body["message"].startswith(message), (url, stream)
             assert err.value.body["type"] == "invalid_request_error"
+            assert err.value.body["param"] == "messages[0].content[1].image_url.url"
             assert message in str(err.value)  # OpenAI clients show it in the exception
-    with pytest.raises(openai.BadRequestError, match=r"malformed messages \(KeyError: 'type'\)"):
-        client.chat.completions.create(model=DEMO, messages=[{"role": "user", "content": [{"text": "no type"}]}])
     # the server is still fine
     sample = QUESTIONS[3]
     answer = client.chat.completions.create(model=DEMO, messages=ask(data_uri(sample.image), sample.question))
     assert answer.choices[0].message.content == sample.expected
 
 
-def test_a_request_for_another_model_is_a_400(client):
-    import openai
+def test_fuzzed_requests_never_get_a_5xx(server, folders, media_host):
+    """300 seeded requests: malformed JSON, wrong types, huge values, bad content parts and image URLs; each is
+    answered 200 or 4xx with OpenAI's error object, never 5xx; the server answers right afterwards."""
+    rng = random.Random(20261123)
+    media, outside = folders
+    image = data_uri(QUESTIONS[0].image)
+    values = [None, True, False, 0, -1, 1, 2**31, 2**70, -2**70, 1e308, -0.0, 0.5, "", "x", "x" * 5000, "\x00",
+              "\ud800", [], [None], [[]], {}, {"a": 1}, {"type": "text"}, {"url": image}, [{"type": "text"}], CONTEXT,
+              {"type": "image_url", "image_url": {"url": image}}, "image_url", "text", "system", "assistant", "user"]
+    urls = [image, "data:image/png;base64,", "data:,", "data:image/png;base64,====", "data:image/gif;base64,R0lGOD",
+            "data:image/png;base64," + base64.b64encode(png_header(1, 60_000)).decode(), "/etc/shadow",
+            str(outside / "secret.png"), str(media / "fifo.png"), "sub/shape.png", "../../../../etc/passwd",
+            f"{media_host}/loop", f"{media_host}/shape.png", "http://[::1", "http://127.0.0.1:0/", "https://",
+            "http://127.0.0.1:99999/", "javascript:alert(1)", "file://", "file:///", "C:\\windows\\win.ini",
+            "%2e%2e/%2e%2e/etc/passwd", "\\\\server\\share\\a.png", "x" * 300]
+    raw_bodies = [b"{", b"}", b"null", b"1e999999", b"[" * 5000 + b"]" * 5000, b'{"messages": ' + b"[" * 3000,
+                  b'{"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1' + b"0" * 5000 + b"}",
+                  b'{"a": "\\ud800"}', b"\x00\x01\x02", b'{"messages": "\\u0000"}', b"{" + b" " * 10000 + b"}"]
 
-    with pytest.raises(openai.BadRequestError) as err:  # transformers' own check, its FastAPI-shaped body
-        client.chat.completions.create(model="someone/else", messages=[{"role": "user", "content": "Hi"}])
-    assert err.value.body == {"detail": f"Server is pinned to '{DEMO}'; requested 'someone/else'."}
+    def base() -> dict:
+        return {"model": DEMO, "max_tokens": 1, "stream": rng.random() < 0.2, "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}},
+                                         {"type": "text", "text": "What colour?"}]},
+            {"role": "assistant", "content": "red"}, {"role": "user", "content": "Sure?"}]}
+
+    def slots(node, path=()):
+        yield path
+        if isinstance(node, dict):
+            for key, child in node.items():
+                yield from slots(child, (*path, key))
+        elif isinstance(node, list):
+            for index, child in enumerate(node):
+                yield from slots(child, (*path, index))
+
+    def mutate(body: dict) -> dict | bytes:
+        choice = rng.random()
+        if choice < 0.1:
+            return rng.choice(raw_bodies)
+        if choice < 0.3:  # an image URL from the list above
+            body["messages"][1]["content"][0]["image_url"]["url"] = rng.choice(urls)
+            return body
+        for _ in range(rng.randint(1, 3)):  # max_tokens stays 1: answers are one token (huge values: tested above)
+            path = rng.choice([path for path in slots(body) if path and path != ("max_tokens",)])
+            parent = body
+            for key in path[:-1]:
+                parent = parent[key]
+            action = rng.random()
+            if action < 0.15:
+                del parent[path[-1]]
+            elif action < 0.25 and isinstance(parent, dict):
+                parent[rng.choice(["n", "tools", "seed", "stop", "top_p", "logit_bias", "frequency_penalty", "model",
+                                   "temperature", "user", "stream_options", "extra", "name", "tool_calls"])] = \
+                    rng.choice(values)
+            else:
+                parent[path[-1]] = rng.choice(values)
+        return body
+
+    counts = {}
+    for number in range(300):
+        body = mutate(base())
+        status, answer = chat(server, body)
+        counts[status] = counts.get(status, 0) + 1
+        shown = body[:300] if isinstance(body, bytes) else json.dumps(body)[:3000]
+        assert status < 500, (number, shown, answer)
+        if status == 200:
+            assert isinstance(answer, str) or answer["object"] == "chat.completion", (number, shown, answer)
+            if isinstance(answer, str):  # a stream: events, none an error
+                assert answer.startswith("data: ") and '"error"' not in answer, (number, shown, answer)
+        else:
+            try:
+                assert_openai_error(status, answer)
+            except AssertionError:
+                pytest.fail(f"request {number}: not OpenAI's error object: {shown} -> {status} {answer}")
+    print("fuzz statuses:", counts)
+    assert counts.get(200, 0) >= 10 and sum(n for status, n in counts.items() if status != 200) >= 200, counts
+    sample = QUESTIONS[4]
+    status, answer = chat(server, {"messages": ask(data_uri(sample.image), sample.question)})
+    assert status == 200 and answer["choices"][0]["message"]["content"] == sample.expected
 
 
 # --- without a server ------------------------------------------------------------------------------------------
@@ -214,7 +841,6 @@ def test_a_request_for_another_model_is_a_400(client):
 def test_the_model_manager_stops_at_the_end_of_turn_token_and_routes_the_model_as_a_vlm(tmp_path):
     """A checkpoint whose generation_config.json stops only at <|endoftext|> (800) still ends answers at the chat
     template's <|im_end|> (802), as `internvlx chat` does; the model is routed as image-text-to-text."""
-    import json
     import shutil
 
     pytest.importorskip("fastapi", reason='needs the serve extra: pip install "internvlx-hf[serve]"')
@@ -236,17 +862,26 @@ def test_the_model_manager_stops_at_the_end_of_turn_token_and_routes_the_model_a
         manager.shutdown()
 
 
-def test_untested_transformers_releases_are_refused_with_the_fix():
+def test_tested_transformers_releases_run_newer_ones_warn_older_ones_are_refused(capsys):
     pytest.importorskip("fastapi", reason='needs the serve extra: pip install "internvlx-hf[serve]"')
-    check_serving_available("5.23.0")
-    check_serving_available("5.23.4")
-    for version in ("5.22.2", "5.24.0"):
-        with pytest.raises(ServingUnavailable, match=f"this is transformers {version}"):
+    from internvlx_hf import serving
+
+    serving._warn_untested.cache_clear()
+    for version in (*TESTED_TRANSFORMERS, "5.20.0", "5.22.0", "5.23.4"):
+        check_serving_available(version)
+    assert capsys.readouterr().err == ""
+    check_serving_available("5.24.0")
+    check_serving_available("5.24.0")  # once per process
+    check_serving_available("6.1.0")
+    assert capsys.readouterr().err.splitlines() == [
+        f"warning: transformers {version} is newer than the releases internvlx serve was tested with (5.16.1 to "
+        "5.23.0); it builds on internals of transformers' server that may have changed: if requests fail, install a "
+        f"tested release: pip install \"transformers{SUPPORTED_TRANSFORMERS}\"" for version in ("5.24.0", "6.1.0")]
+    for version in ("5.16.0", "5.15.1", "5.0.0", "4.57.1"):
+        with pytest.raises(ServingUnavailable) as err:
             check_serving_available(version)
-    with pytest.raises(ServingUnavailable) as err:
-        check_serving_available("5.30.0")
-    assert str(err.value).endswith(f"this is transformers 5.30.0. Install a tested release: pip install "
-                                   f"\"transformers{TESTED_TRANSFORMERS}\"")
+        assert str(err.value).endswith(f"tested with transformers 5.16.1 to 5.23.0; this is transformers {version}. "
+                                       f"Install a tested release: pip install \"transformers>=5.16.1,<5.24\"")
 
 
 def test_a_missing_serve_extra_is_one_line_naming_it(monkeypatch, capsys):
@@ -263,7 +898,27 @@ def test_a_missing_serve_extra_is_one_line_naming_it(monkeypatch, capsys):
 @pytest.mark.parametrize("argv,message", [
     (["serve", DEMO, "--port", "0"], "--port must be between 1 and 65535, got 0."),
     (["serve", "/no/such/folder"], "MODEL '/no/such/folder': no such folder"),
+    (["serve", DEMO, "--allowed-local-media-path", "/no/such/folder"],
+     "--allowed-local-media-path '/no/such/folder': no such folder; name the folder whose images clients may ask "
+     "about."),
+    (["serve", DEMO, "--allowed-media-domains", "https://images.example.com/"],
+     "--allowed-media-domains: allowed media domain 'https://images.example.com/': not a host name, an IP address "
+     "or a network"),
+    (["serve", DEMO, "--max-images-per-request", "0"], "--max-images-per-request must be at least 1, got 0."),
+    (["serve", DEMO, "--media-fetch-timeout", "0"], "--media-fetch-timeout must be more than 0 seconds, got 0."),
+    (["serve", DEMO, "--api-key", " "], "--api-key (or INTERNVLX_API_KEY) is empty; give a key, or leave it out."),
 ])
 def test_bad_arguments_fail_before_loading(argv, message, capsys):
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_sizes_take_units(capsys):
+    from internvlx_hf.cli.serve import _byte_size
+
+    assert [_byte_size(text) for text in ("1048576", "20MiB", "5MB", "512KiB", "1.5GiB", "1 kb")] == [
+        2**20, 20 * 2**20, 5 * 10**6, 2**19, 3 * 2**29, 1000]
+    with pytest.raises(SystemExit):
+        main(["serve", DEMO, "--max-image-bytes", "20XB"])
+    assert ("argument --max-image-bytes: '20XB' is not a size: give bytes, or a number with KB, MB, GB, KiB, MiB or "
+            "GiB (e.g. 20MiB)") in capsys.readouterr().err

@@ -116,6 +116,37 @@ def test_zero3_with_activation_checkpointing_and_square_loss(tmp_path):
     _same_run(tmp_path, options, out)
 
 
+_DEFAULTS_HOLD_THE_GROUP = """
+import json, os, socket
+with socket.socket() as probe:
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1")
+import torch.distributed as dist
+dist.init_process_group("gloo")
+# Imported after the group exists, as accelerate imports deepspeed (deepspeed.comm.torch: `barrier(self,
+# group=GroupMember.WORLD)`): torch.distributed.nn.functional's `broadcast(tensor, src, group=group.WORLD)` and the
+# rest take the default group as their default argument.
+import torch.distributed.nn.functional as functional
+from internvlx_hf.training import end_distributed
+held = functional.broadcast.__defaults__[-1] is not None
+end_distributed()
+threads = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+print(json.dumps({"held": held, "released": functional.broadcast.__defaults__[-1] is None,
+                  "gloo_threads": [t for t in threads if "gloo" in t]}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="lists the process's threads in /proc")
+def test_end_distributed_releases_the_group_that_default_arguments_hold(tmp_path):
+    """The cause of gloo threads outliving `end_distributed()` where deepspeed is installed, without deepspeed."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT / "src")}
+    done = subprocess.run([sys.executable, "-c", _DEFAULTS_HOLD_THE_GROUP], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {"held": True, "released": True, "gloo_threads": []}
+
+
 def test_fsdp_from_an_accelerate_config_that_is_not_in_effect_is_reported(tmp_path, monkeypatch, caplog):
     """`accelerate launch` with ``distributed_type: FSDP`` in its config passes ACCELERATE_USE_FSDP to the script, not
     ``--fsdp``; on CPU accelerate trains without FSDP all the same. (``--fsdp`` in one process is refused by the

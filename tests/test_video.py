@@ -265,6 +265,41 @@ def test_missing_pyav_names_the_extra(tmp_path, monkeypatch):
         load_video(path)
 
 
+def test_missing_pyav_in_remote_code_says_pip_install_av(tmp_path):
+    """The copy of video.py next to a checkpoint runs where internvlx-hf may not be installed: it cannot name the
+    package's extra, and `pip install av` is the fix there."""
+    import textwrap
+
+    from conftest import run_isolated_python
+    from test_processor import make_processor
+
+    checkpoint = tmp_path / "checkpoint"
+    make_processor(image_seq_length=2).save_pretrained(checkpoint)
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes(b"x")
+    code = textwrap.dedent(
+        f"""
+        import importlib.abc, sys
+        class _NoAV(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name == "av" or name.startswith("av."):
+                    raise ModuleNotFoundError("No module named 'av' (hidden by the test)")
+        sys.meta_path.insert(0, _NoAV())
+        from transformers import AutoProcessor
+        processor = AutoProcessor.from_pretrained({str(checkpoint)!r}, trust_remote_code=True)
+        try:
+            processor(text=["<video>\\nQ"], videos=[{str(clip)!r}])
+        except ImportError as error:
+            print(type(processor).__module__.split(".")[0], "|", error)
+        """
+    )
+    result = run_isolated_python(code, tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout.strip().splitlines()[-1] == (
+        "transformers_modules | Reading video files needs PyAV: pip install av (or pass a folder of frame images / "
+        "a list of frames instead).")
+
+
 # --- processor --------------------------------------------------------------------------------------------------
 
 
@@ -333,6 +368,44 @@ def test_chat_messages_with_video_items(tmp_path):
     in_memory = [{"role": "user", "content": [{"type": "video", "video": frames}, {"type": "text", "text": "Q"}]}]
     out = processor.apply_chat_template(in_memory, add_generation_prompt=True, tokenize=True, return_dict=True)
     assert out["num_patches"] == [1, 1, 1]
+
+
+def test_the_documented_video_calls_run_without_a_warning(tmp_path, monkeypatch):
+    """docs/processing.md's video example, run as written (on a clip.mp4 of 12 s), prints nothing: the processor's
+    options go to apply_chat_template in `processor_kwargs` (as plain keyword arguments transformers warns)."""
+    import logging
+    import re
+
+    from transformers.utils import logging as hf_logging
+
+    from conftest import REPO_ROOT
+    from test_processor import make_processor
+
+    doc = (REPO_ROOT / "docs" / "processing.md").read_text(encoding="utf-8")
+    block = next(code for code in re.findall(r"```python\n(.*?)```", doc, re.S) if "num_frames" in code)
+    monkeypatch.chdir(tmp_path)
+    write_video(tmp_path / "clip.mp4", synthetic_frames(count=24), fps=2)
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    hf_logging.get_logger("transformers").addHandler(handler)
+    try:
+        scope = {"processor": make_processor(image_seq_length=2)}
+        exec(compile(block, "docs/processing.md", "exec"), scope)
+    finally:
+        hf_logging.get_logger("transformers").removeHandler(handler)
+    assert [record.getMessage() for record in records] == []
+    assert scope["inputs"]["num_patches"].tolist() == [1] * 8
+    # the same call with num_frames as a plain keyword argument is what transformers warns about
+    messages = scope["messages"]
+    hf_logging.get_logger("transformers").addHandler(handler)
+    try:
+        scope["processor"].apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                               num_frames=8)
+    finally:
+        hf_logging.get_logger("transformers").removeHandler(handler)
+    assert [record.getMessage() for record in records] == [
+        "Kwargs passed to `processor.__call__` have to be in `processor_kwargs` dict, not in `**kwargs`"]
 
 
 def test_processor_video_mistakes_fail_in_one_line(tmp_path):
@@ -611,6 +684,11 @@ def test_video_rows_that_cannot_be_used_are_skipped_with_a_reason(tmp_path):
         ({"video": "a.mp4", "image": "b.png", "conversations": turns}, "bad format", "either `image` or `video`"),
         ({"video": "http://x/a.mp4", "conversations": turns}, "remote video", "is a URL"),
         ({"video": "a.mp4", "clip": [3, 1], "conversations": turns}, "bad format", "0 <= start < end"),
+        # the check of the processor's bound and `chat --bound` (an endless clip was once taken, then overflowed)
+        ({"video": "a.mp4", "clip": [0, "inf"], "conversations": turns}, "bad format",
+         r"^`clip` must satisfy 0 <= start < end \(seconds\), got \(0, inf\)$"),
+        ({"video": "a.mp4", "clip": "2-10", "conversations": turns}, "bad format",
+         r"^`clip` must be \(start, end\) in seconds, got '2-10'$"),
         ({"video": "a.mp4", "conversations": [{"from": "human", "value": "<video> <video>"}, turns[1]]},
          "video count mismatch", "exactly one <video> tag, got 2"),
         ({"messages": [{"role": "user", "content": [{"type": "video"}]}, {"role": "assistant", "content": "A"}]},
@@ -647,6 +725,13 @@ def test_video_rows_that_cannot_be_used_are_skipped_with_a_reason(tmp_path):
     sample.clip, sample.video_sampling = None, VideoSampling(2, 3, "rand")
     counts = {len(read_sample_frames(sample, random.Random(seed))) for seed in range(20)}
     assert counts == {2, 3}
+    # only 'rand' draws the count (docs/fine-tuning.md): 'middle' and 'fpsN' take max_num_frame frames every time
+    for method, expected in (("middle", [0, 1, 3]), ("fps10", [1, 4])):
+        sample.video_sampling = VideoSampling(2, 3, method)
+        drawn = {tuple(frame.tobytes() for frame in read_sample_frames(sample, random.Random(seed)))
+                 for seed in range(20)}
+        frames = [Image.fromarray(frame) for frame in synthetic_frames(count=5)]
+        assert drawn == {tuple(frames[i].tobytes() for i in expected)}, method
 
 
 # --- internvlx eval ---------------------------------------------------------------------------------------------

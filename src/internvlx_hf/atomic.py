@@ -1,16 +1,73 @@
 """Files and folders that appear whole or not at all: written under a temporary name next to the target, renamed
 into place at the end, removed on any error. Permissions follow the umask, as for a plain ``open()`` / ``mkdir()``
-(``mkstemp`` / ``mkdtemp`` would leave them private)."""
+(``mkstemp`` / ``mkdtemp`` would leave them private).
+
+A process killed while writing (SIGKILL, out of memory, a pre-empted node) cannot remove its temporary file or folder:
+the target never appears, and the temporary one stays. Its name (`temp_prefix`) carries the writer's host and
+process id, so the next writer of the same target removes it once that process is gone (`remove_stale_temporaries`);
+a conversion killed halfway leaves no hidden copy of the weights behind for good.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import shutil
+import socket
 import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname().split(".")[0]) or "host"
+
+
+def temp_prefix(target: str | os.PathLike) -> str:
+    """``.NAME.tmp-HOST-PID.``: the name's start of a temporary file or folder that is to become ``target``."""
+    return f".{Path(target).name}.tmp-{_host()}-{os.getpid()}."
+
+
+def _running(pid: int) -> bool:
+    if os.name == "nt":  # os.kill(pid, 0) would send CTRL_C_EVENT there: never take a writer for gone
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_temporaries(target: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files and folders that writers of ``target`` (named by `temp_prefix`) left next to it
+    when they were killed: those of processes of this host that no longer run. Returns what was removed."""
+    target = Path(target)
+    prefix = f".{target.name}.tmp-"
+    host, removed = _host(), []
+    try:
+        entries = [entry for entry in os.scandir(target.parent) if entry.name.startswith(prefix)]
+    except OSError:
+        return removed
+    for entry in entries:
+        owner = entry.name[len(prefix):].rsplit(".", 1)[0]
+        writer_host, _, pid = owner.rpartition("-")
+        if writer_host != host or not pid.isdigit() or _running(int(pid)):
+            continue
+        path = Path(entry.path)
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        logger.info("removed %s, left by a writer of %s that was stopped (process %s)", path, target, pid)
+        removed.append(path)
+    return removed
 
 
 def _umask() -> int:
@@ -23,7 +80,8 @@ def _umask() -> int:
 def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; write it inside the ``with`` block, and it replaces ``path``."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    remove_stale_temporaries(path)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
     try:
@@ -41,7 +99,8 @@ def staged_folder(dst: str | os.PathLike) -> Iterator[Path]:
     (an existing ``dst`` is moved aside first and put back if the rename fails)."""
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+    remove_stale_temporaries(dst)
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(dst), dir=dst.parent))
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())  # only the folder: what is written into it already follows the umask
@@ -58,7 +117,8 @@ def staged_cache_folder(dst: str | os.PathLike) -> Iterator[Path]:
     there first, in which case it is removed and that one stays (a folder in use is never moved aside)."""
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+    remove_stale_temporaries(dst)
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(dst), dir=dst.parent))
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())

@@ -105,6 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # With CI=true transformers lets its records propagate to the root logger as well, which the redirect also
     # writes to: every transformers line would print twice. One handler each, whatever the environment.
     propagate, library_logger.propagate = library_logger.propagate, False
+    restore_bars = _hide_transformers_bars()
     try:
         with logging_redirect_tqdm(loggers):
             return int(args._run(args) or 0)
@@ -127,6 +128,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     finally:
         library_logger.propagate = propagate
+        restore_bars()
+
+
+def _hide_transformers_bars():
+    """Turn off transformers' own progress bars ("Loading weights", "Writing model shards") while a command runs, and
+    return the function that turns them back on.
+
+    Every command shows its own progress (convert, export, data and eval bars, the Trainer's bar in `train`) or its
+    output (`chat` streams the answer), and transformers' bars around it are noise: a "Loading weights" bar before
+    every answer, a "Writing model shards 0%" line left inside the training bar. transformers' switch also turns off
+    huggingface_hub's bars, which stay on: a download is long work that deserves one.
+    """
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from transformers.utils import logging as transformers_logging
+
+    shown, hub_hidden = transformers_logging.is_progress_bar_enabled(), are_progress_bars_disabled()
+    transformers_logging.disable_progress_bar()
+    if not hub_hidden:
+        enable_progress_bars()
+
+    def restore() -> None:
+        if shown:
+            transformers_logging.enable_progress_bar()
+        if hub_hidden:
+            disable_progress_bars()
+
+    return restore
 
 
 __all__ = ["CLIError", "Command", "build_parser", "main"]

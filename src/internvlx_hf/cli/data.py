@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from .command import CLIError, Command
 
@@ -19,7 +20,11 @@ counts of the checkpoint's RVTC settings; --max_tiles and the meta's max_dynamic
          per sample: what --max_length, --max_tiles and the batch size should fit
 
 `internvlx train` itself reads rows lazily (each is checked when it loads, and skips are counted at the end); this
-command finds every bad row up front. Exit status 0, or 1 with --strict when a row was skipped."""
+command finds every bad row up front. Exit status 0, or 1 with --strict when a row was skipped.
+
+The exact lengths it measured go into the lengths cache (--lengths_cache_dir, as `internvlx train` takes it): a
+later `internvlx train --group_by_length` with the same --model, --max_length, --max_tiles and --tiling reads them
+instead of computing them again."""
 
 _DATA_EPILOG = """\
 examples:
@@ -29,7 +34,8 @@ examples:
 
 
 def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.usage = "internvlx data {check,stats} DATA --model PATH [--max_length N] [--max_tiles N] [--json]"
+    parser.usage = ("internvlx data {check,stats} DATA --model PATH [--max_length N] [--max_tiles N] [--json] "
+                    "[--lengths_cache_dir DIR]")
     parser.add_argument("action", choices=("check", "stats"), help="check: the data table; stats: and distributions")
     parser.add_argument("data", metavar="DATA", help="InternVL meta JSON and/or JSONL files (comma-separated)")
     parser.add_argument("--model", required=True, metavar="PATH",
@@ -42,6 +48,9 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
                         help="as `internvlx train --tiling` (default: the checkpoint's)")
     parser.add_argument("--num_proc", "--num-proc", type=int, default=None, metavar="N",
                         help="processes (default: all cores)")
+    parser.add_argument("--lengths_cache_dir", "--lengths-cache-dir", default=None, metavar="DIR",
+                        help="as `internvlx train --lengths_cache_dir`: where the measured lengths are written for "
+                             "--group_by_length (default: $INTERNVLX_CACHE/lengths or the datasets cache)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON instead of tables")
     parser.add_argument("--strict", action="store_true", help="exit with status 1 when any row is skipped")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -61,7 +70,8 @@ def _run_data(args: argparse.Namespace) -> int:
     if args.tiling is not None:
         processor.image_processor.tiling = TilingMode(args.tiling)
     dataset, report = check_data(args.data, processor, max_length=args.max_length, max_tiles=args.max_tiles,
-                                 num_proc=args.num_proc, progress=not args.no_progress)
+                                 num_proc=args.num_proc, progress=not args.no_progress,
+                                 cache_dir=args.lengths_cache_dir)
     if args.action == "check":
         report.pop("stats")
     if args.json:
@@ -71,6 +81,10 @@ def _run_data(args: argparse.Namespace) -> int:
         print(dataset.summary)
         if args.action == "stats":
             print(format_stats(report["stats"]))
+        if report["lengths_cache"]:
+            folder = Path(report["lengths_cache"][0]).parent
+            print(f"Lengths written to {folder} ({len(report['lengths_cache'])} file(s)): `internvlx train "
+                  "--group_by_length` with the same settings reads them instead of computing them.")
     return 1 if args.strict and report["skipped"] else 0
 
 

@@ -17,7 +17,10 @@ Only a plain checkpoint can be exported: the MLP projector (InternVL2's) and no 
 neither PVTC nor LVTC. The tensors are copied unchanged (same names, dtypes and values); the configs, tokenizer
 settings, chat template and image processor are rewritten. RVTC's area/edge tile caps have no native setting: the
 native processor tiles by aspect ratio over the same min..max tiles ('ratio' tiling), and the summary lists what
-was not carried. DST appears atomically (nothing is left behind on error).
+was not carried. A converted Llama tokenizer (Yi, Phi-3: InternVLXLlamaTokenizerFast, remote code) is written as
+its tokenizer.json for transformers' TokenizersBackend when that gives the same ids on the chat template's prompts
+(legacy=True always; legacy=False when the prompts start with a special token), else refused with the reason
+(Phi-3's phi3-chat). DST appears atomically (nothing is left behind on error).
 
 The way back: `internvlx convert DST NEW` reads native InternVL folders (bit-identical weights)."""
 
@@ -29,8 +32,9 @@ examples:
   # then, anywhere with transformers >= 5 (no internvlx-hf, no trust_remote_code):
   #   model = AutoModelForImageTextToText.from_pretrained("./InternVL2-2B-native")
 
-  # refused: PVTC / LVTC checkpoints (native InternVL has neither)
+  # refused: PVTC / LVTC checkpoints (native InternVL has neither), and Phi-3 (InternVL2-4B) conversions
   internvlx export native ./InternVL-X-2B-HD-hf ./out     # error: ... uses the PVTC projector ...
+  internvlx export native ./InternVL2-4B-hf ./out         # error: ... starts its prompts with '<|system|>' ...
 
 Errors name the input and the fix; the exit status is 2 for an export error."""
 

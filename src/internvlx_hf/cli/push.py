@@ -17,6 +17,7 @@ It uploads the model, not the training state. Left out (and listed):
     processor and trainer_state.json)
   - the Trainer's pickled state, always: training_args.bin, optimizer.pt, scheduler.pt, scaler.pt, rng_state*.pth
   - OUT/adapter of a `--preset lora` run (OUT is the merged model; publish the adapter folder on its own)
+  - what a run stopped while writing left unfinished: .checkpoint-staging/ and .NAME.tmp-* temporaries
 A LoRA adapter folder whose adapter_config.json names its base model by a local path (as `internvlx train` writes
 it) is uploaded with base_model_name_or_path set to the card's base_model (`internvlx card --base-model ID`); the
 local file is not changed.

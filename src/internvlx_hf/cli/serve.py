@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
+import re
+import sys
 from typing import Any
 
+from ..serving_requests import API_KEY_ENV, DEFAULT_MAX_IMAGES_PER_REQUEST, DEFAULT_MAX_REQUEST_BYTES
 from .command import CLIError, Command
 from .quantization import add_quantization_arguments, check_quantization_available, quantization_flag
 
@@ -15,14 +19,19 @@ to load an InternVL-X checkpoint (AutoModelForImageTextToText, trust_remote_code
 image-text-to-text model. The model is loaded once, before the server starts listening.
 
 Endpoints (transformers'): POST /v1/chat/completions (streaming with "stream": true), GET /v1/models (the served
-model; its id is MODEL as given here), GET /health, and transformers' others (/v1/completions, /v1/responses).
-Images in a message: {"type": "image_url", "image_url": {"url": URL}} where URL is a data:image/...;base64 URI, an
-http(s) URL (downloaded by the server, 10 s timeout) or a path on the server's machine. An image that cannot be
-loaded gets a 400 whose message names it. Decoding follows the request (temperature, top_p, max_tokens, stop) on top
-of the checkpoint's generation_config.json.
+model; its id is MODEL as given here) and GET /health.
+Images in a message: {"type": "image_url", "image_url": {"url": URL}} where URL is a data:image/...;base64 URI;
+a file path or file:// URL only inside --allowed-local-media-path; an http(s) URL only from a host in
+--allowed-media-domains. Every image is refused above --max-image-bytes and --max-image-pixels. A client mistake
+(a bad field, an image the server may not read) gets a 4xx with OpenAI's error object. Decoding follows the request
+(temperature, top_p, max_tokens, stop) on top of the checkpoint's generation_config.json.
 
-Needs the serve extra: pip install "internvlx-hf[serve]" (fastapi, uvicorn, openai); tested with transformers 5.23.
-The server reads any image path a request names: keep it on 127.0.0.1 unless you trust every client."""
+Safe by default: this machine only (127.0.0.1), no local file, no URL fetch. Before listening beyond it (--host
+0.0.0.0), set --api-key (or INTERNVLX_API_KEY): without one the server warns, and any client that reaches it can use
+the model. Only POST /v1/chat/completions, GET /v1/models and GET /health are answered.
+
+Needs the serve extra: pip install "internvlx-hf[serve]" (fastapi, uvicorn, openai); tested with transformers
+5.16.1 to 5.23.0 (a newer release runs with a warning)."""
 
 _SERVE_EPILOG = """\
 examples:
@@ -32,8 +41,14 @@ examples:
   # a converted checkpoint, bfloat16 on the GPU, on another port
   internvlx serve ./InternVL-X-2B-hf --dtype bfloat16 --device cuda --port 8080
 
+  # exposed to the network: an API key, images from one folder and one web host
+  export INTERNVLX_API_KEY=$(python -c 'import secrets; print(secrets.token_urlsafe(24))')
+  internvlx serve ./InternVL-X-2B-hf --host 0.0.0.0 --allowed-local-media-path /srv/images \\
+      --allowed-media-domains images.example.com
+
   # then, from any OpenAI client (the model id is MODEL as given to `serve`):
-  curl http://127.0.0.1:8080/v1/chat/completions -H 'Content-Type: application/json' -d '{
+  curl http://127.0.0.1:8080/v1/chat/completions -H 'Content-Type: application/json' \\
+    -H "Authorization: Bearer $INTERNVLX_API_KEY" -d '{
     "model": "./InternVL-X-2B-hf",
     "messages": [{"role": "user", "content": [
       {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KG..."}},
@@ -44,6 +59,8 @@ _LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
 
 def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..serving_media import DEFAULT_FETCH_TIMEOUT, DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS
+
     parser.add_argument("model", metavar="MODEL", help="checkpoint folder (from `internvlx convert`) or Hub id")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: every interface)")
@@ -53,6 +70,74 @@ def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="cpu, cuda, cuda:N, mps or auto (default: every GPU when there is one, else cpu)")
     parser.add_argument("--log-level", choices=_LOG_LEVELS, default="info", help="uvicorn's log level (default info)")
     add_quantization_arguments(parser)
+    security = parser.add_argument_group("who may ask, and what a request may make the server read")
+    security.add_argument("--api-key", metavar="KEY", default=os.environ.get(API_KEY_ENV) or None,
+                          help=f"require 'Authorization: Bearer KEY' on /v1/* (the openai client's api_key); default: "
+                               f"${API_KEY_ENV} if set, else none (open to every client that reaches the server)")
+    security.add_argument("--allowed-local-media-path", metavar="DIR",
+                          help="the folder whose image files requests may name by path or file:// URL (symbolic links "
+                               "and '..' resolved; relative paths are taken from DIR); default: none, no local file "
+                               "is read")
+    security.add_argument("--allowed-media-domains", metavar="HOST", nargs="+", default=[],
+                          help="hosts image URLs may be fetched from (exact names, e.g. images.example.com); a "
+                               "loopback, private or link-local address is reached only when named here as an "
+                               "address or network (127.0.0.1, 10.0.0.0/8); default: none, no URL is fetched")
+    security.add_argument("--max-image-bytes", metavar="SIZE", type=_byte_size, default=DEFAULT_MAX_IMAGE_BYTES,
+                          help="largest encoded image (its file's bytes; a data: URI, a download or a file) "
+                               "(default 20MiB; units: KB, MB, KiB, MiB, GiB, ...)")
+    security.add_argument("--max-image-pixels", metavar="N", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
+                          help="largest image in pixels (width x height), read from the image's header before it is "
+                               f"decoded (default {DEFAULT_MAX_IMAGE_PIXELS:,})")
+    security.add_argument("--max-images-per-request", metavar="N", type=int, default=DEFAULT_MAX_IMAGES_PER_REQUEST,
+                          help=f"most images in one request (default {DEFAULT_MAX_IMAGES_PER_REQUEST})")
+    security.add_argument("--max-request-bytes", metavar="SIZE", type=_byte_size, default=DEFAULT_MAX_REQUEST_BYTES,
+                          help="largest request body (default 50MiB)")
+    security.add_argument("--media-fetch-timeout", metavar="SECONDS", type=float, default=DEFAULT_FETCH_TIMEOUT,
+                          help=f"seconds an image URL may take to download, redirects included (default "
+                               f"{DEFAULT_FETCH_TIMEOUT:g})")
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def _byte_size(text: str) -> int:
+    """``1048576``, ``20MiB``, ``5MB``, ``512KiB`` -> bytes (a positive integer)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
+    unit = match.group(2).upper() if match else None
+    if unit not in _UNITS or not float(match.group(1)) * _UNITS[unit] >= 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size: give bytes, or a number with KB, MB, GB, KiB, "
+                                         "MiB or GiB (e.g. 20MiB)")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def _check_serve(args: argparse.Namespace) -> None:
+    """The arguments' checks that need no import (before the model loads)."""
+    if not 0 < args.port < 65536:
+        raise CLIError(f"--port must be between 1 and 65535, got {args.port}.")
+    for flag, value in (("--max-image-pixels", args.max_image_pixels),
+                        ("--max-images-per-request", args.max_images_per_request)):
+        if value < 1:
+            raise CLIError(f"{flag} must be at least 1, got {value}.")
+    if not args.media_fetch_timeout > 0:
+        raise CLIError(f"--media-fetch-timeout must be more than 0 seconds, got {args.media_fetch_timeout:g}.")
+    if args.allowed_local_media_path is not None and not os.path.isdir(args.allowed_local_media_path):
+        raise CLIError(f"--allowed-local-media-path {args.allowed_local_media_path!r}: no such folder; name the "
+                       "folder whose images clients may ask about.")
+    if args.api_key is not None and not args.api_key.strip():
+        raise CLIError(f"--api-key (or {API_KEY_ENV}) is empty; give a key, or leave it out.")
+
+
+def media_policy(args: argparse.Namespace):
+    """The `MediaPolicy` of the command line (a bad --allowed-media-domains entry is a CLIError)."""
+    from ..serving_media import MediaPolicy
+
+    try:
+        return MediaPolicy(allowed_local_media_path=args.allowed_local_media_path,
+                           allowed_media_domains=tuple(args.allowed_media_domains),
+                           max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels,
+                           fetch_timeout=args.media_fetch_timeout)
+    except ValueError as error:
+        raise CLIError(f"--allowed-media-domains: {error}") from None
 
 
 def model_loading_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -68,24 +153,29 @@ def model_loading_kwargs(args: argparse.Namespace) -> dict[str, Any]:
                                     what=quantization_flag(args.load_in_bits))
 
 
-def _run_serve(args: argparse.Namespace) -> int:
-    if not 0 < args.port < 65536:
-        raise CLIError(f"--port must be between 1 and 65535, got {args.port}.")
-    check_quantization_available(args.load_in_bits)
-    from ..serving import ServingUnavailable, check_serving_available
+def _run_serve(args: argparse.Namespace) -> int:  # after _check_serve (SERVE.check)
+    policy = media_policy(args)
+    from ..serving import ServingUnavailable, check_serving_available, exposure_warning
 
+    warning = exposure_warning(args.host, args.api_key)
+    if warning:
+        print(f"internvlx serve: warning: {warning}", file=sys.stderr, flush=True)
+    check_quantization_available(args.load_in_bits)
     try:
         check_serving_available()
     except ServingUnavailable as error:
         raise CLIError(str(error)) from None
     from ..hub.resolve import read_internvlx_config, resolve_model
-    from ..serving import serve
+    from ..serving import RequestLimits, build_app, run_app
     from .chat import device_map_for
 
     device = device_map_for(args.device)
     read_internvlx_config(resolve_model(args.model), f"MODEL {str(args.model)!r}")  # a clear error before loading
-    serve(args.model, host=args.host, port=args.port, log_level=args.log_level, device=device, dtype=args.dtype,
-          model_kwargs=model_loading_kwargs(args))
+    limits = RequestLimits(max_request_bytes=args.max_request_bytes,
+                           max_images_per_request=args.max_images_per_request)
+    app = build_app(args.model, device=device, dtype=args.dtype, model_kwargs=model_loading_kwargs(args),
+                    api_key=args.api_key, media_policy=policy, limits=limits)
+    run_app(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
 
@@ -96,4 +186,5 @@ SERVE = Command(
     epilog=_SERVE_EPILOG,
     add_arguments=_add_serve_arguments,
     run=_run_serve,
+    check=_check_serve,
 )

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from ..atomic import replace_folder
+from ..atomic import remove_stale_temporaries, replace_folder, temp_prefix
 from ..modeling.configuration_internvlx import InternVLXConfig, LVTCConfig
 from ..provenance import record_conversion
 from ..remote_code import save_remote_code
@@ -341,7 +341,8 @@ def convert(
 
     try:
         dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+        remove_stale_temporaries(dst)  # what a conversion to DST that was killed left
+        tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(dst), dir=dst.parent))
     except OSError as error:
         raise ConversionError(f"cannot create DST {dst} ({error.strerror}); choose a writable folder.") from None
     writer = StreamingSafetensorsWriter(tmp, job.outputs, max_shard_bytes)

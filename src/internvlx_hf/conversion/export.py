@@ -155,31 +155,92 @@ def _plan_tensors(src: Path, native) -> tuple[list, list[OutputTensor], dict[str
     return list(zip(shards, infos)), outputs, dropped
 
 
-def _tokenizer(src: Path, lost: list[str], vocab_size: int):
+# The class of converted sentencepiece LlamaTokenizer checkpoints (Phi-3, Yi): remote code on top of a tokenizer.json.
+_LLAMA_TOKENIZER = "InternVLXLlamaTokenizerFast"
+
+
+def _tokenizer(src: Path, lost: list[str], vocab_size: int) -> tuple[Any, bool]:
+    """The tokenizer the native folder gets, and whether it was a converted Llama tokenizer (`_check_native_ids`)."""
+    from transformers import TokenizersBackend
     from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
 
     settings = read_json_file(src / "tokenizer_config.json", "tokenizer config") \
         if (src / "tokenizer_config.json").is_file() else {}
     name = settings.get("tokenizer_class")
-    tokenizer_class = tokenizer_class_from_name(name) if name else None
+    # InternVLXLlamaTokenizerFast is remote code; natively its tokenizer.json is read as it is, by transformers'
+    # TokenizersBackend (as transformers' own InternVL conversion ships sentencepiece LLMs: a fast tokenizer).
+    # Whether that gives the same ids on this checkpoint's prompts is checked by `_check_native_ids`.
+    tokenizer_class = TokenizersBackend if name == _LLAMA_TOKENIZER else (
+        tokenizer_class_from_name(name) if name else None)
     if tokenizer_class is None or not tokenizer_class.__module__.startswith("transformers."):
         raise ConversionError(
-            f"{src}/tokenizer_config.json names the tokenizer class {name!r}, which transformers does not ship "
-            "(InternVLXLlamaTokenizerFast keeps Phi-3's slow-tokenizer rules as remote code); a native checkpoint "
-            "must load without remote code, so this tokenizer cannot be exported."
+            f"{src}/tokenizer_config.json names the tokenizer class {name!r}, which transformers does not ship; a "
+            "native checkpoint must load without remote code, so this tokenizer cannot be exported."
         )
     # The named tokens InternVLProcessor reads go in besides the additional special tokens, which stay as they are.
     additional = settings.get("extra_special_tokens", settings.get("additional_special_tokens"))
     kwargs = {"additional_special_tokens": list(additional)} if isinstance(additional, list) else {}
     tokenizer = tokenizer_class.from_pretrained(str(src), extra_special_tokens=dict(NATIVE_TOKENIZER_TOKENS), **kwargs)
-    for key in ("auto_map", "processor_class", *_LOADING_KEYS):
+    for key in ("auto_map", "processor_class", "legacy", "sentencepiece", *_LOADING_KEYS):
         tokenizer.init_kwargs.pop(key, None)
+    if name == _LLAMA_TOKENIZER:
+        lost.append(f"{_LLAMA_TOKENIZER}'s decode() (the slow LlamaTokenizer's spaces around added tokens, broken "
+                    "UTF-8 byte by byte): the native tokenizer decodes with its tokenizer.json's decoder")
+        if settings.get("legacy") is False:
+            lost.append("the slow LlamaTokenizer's legacy=False text start: a text that starts with whitespace or "
+                        "with an added token outside the special tokens gets no '▁' in front natively (the chat "
+                        "template's prompts were checked: the same ids)")
     video_id = tokenizer.convert_tokens_to_ids(NATIVE_TOKENIZER_TOKENS["video_token"])
     if video_id is not None and video_id >= vocab_size:
         lost.append(f"{NATIVE_TOKENIZER_TOKENS['video_token']} (InternVLProcessor's video placeholder) was added as "
                     f"token {video_id}, past the {vocab_size} embeddings: the processor replaces it for videos, but "
                     "the literal text <video> cannot be fed to the model")
-    return tokenizer
+    return tokenizer, name == _LLAMA_TOKENIZER
+
+
+# Conversations whose prompts (rendered by the checkpoint's chat template) the native tokenizer must read as ours.
+_PROBE_CONVERSATIONS = (
+    ([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is shown?"}]}], True),
+    ([{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Hi there"},
+      {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "And now, 2 more?"}], True),
+    ([{"role": "user", "content": "Describe it."}, {"role": "assistant", "content": " A cat."}], False),
+)
+
+
+def _check_native_ids(src: Path, native, template: str) -> None:
+    """Refuse a converted Llama tokenizer whose tokenizer.json, read natively, gives other ids on the chat template's
+    prompts than `InternVLXLlamaTokenizerFast` (the slow LlamaTokenizer's ids, which the model was trained on).
+
+    With ``legacy=True`` the tokenizer.json alone gives the slow tokenizer's ids on every text. ``legacy=False``
+    puts one "▁" in front of a text unless it starts with a token of ``all_special_tokens``: no tokenizers
+    pipeline can express that, so a prompt that starts with another added token (phi3-chat's ``<|system|>``) loses
+    its first token natively.
+    """
+    from ..processing.tokenization_internvlx import InternVLXLlamaTokenizerFast
+
+    ours = InternVLXLlamaTokenizerFast.from_pretrained(str(src))
+    for messages, generation in _PROBE_CONVERSATIONS:
+        text = ours.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                        add_generation_prompt=generation)
+        text = text.replace("<image>", "<img><IMG_CONTEXT></img>")  # as the processors expand an image
+        expected, got = ours(text)["input_ids"], native(text)["input_ids"]
+        if expected == got:
+            continue
+        if ours.legacy:  # not expected: legacy=True pipelines are the tokenizer.json's alone
+            raise ConversionError(
+                f"{src}: read natively, its tokenizer.json gives other ids than {_LLAMA_TOKENIZER} on the chat "
+                f"template's prompt {text[:40]!r}... ({expected[:6]}... natively {got[:6]}...), so this tokenizer "
+                "cannot be exported."
+            )
+        start = next((token for token in sorted(ours.added_tokens_encoder, key=len, reverse=True)
+                      if text.startswith(token)), text[:12])
+        raise ConversionError(
+            f"{src}: its tokenizer ({_LLAMA_TOKENIZER}, legacy={ours.legacy}) encodes as the slow LlamaTokenizer, "
+            f"which puts a '▁' in front of a text that starts with an added token outside the special tokens; no "
+            f"tokenizer transformers ships does that, and this checkpoint's chat template starts its prompts with "
+            f"{start!r}, so the native checkpoint would read them differently (ids {expected[:4]}... natively "
+            f"{got[:4]}...). Llama tokenizers with legacy=True, or whose prompts start with a special token, export."
+        )
 
 
 def _image_processor(src: Path, lost: list[str]):
@@ -220,8 +281,9 @@ def export_native(src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: 
     """Write the internvlx-hf checkpoint ``src`` (MLP projector, no LVTC) as a transformers-native InternVL folder.
 
     Raises:
-        ConversionError: ``src`` cannot be exported (PVTC, LVTC, a remote-code tokenizer, weights that do not fit)
-            or ``dst`` is not a valid destination. Nothing is written.
+        ConversionError: ``src`` cannot be exported (PVTC, LVTC, a tokenizer transformers does not ship or, for a
+            converted Llama tokenizer, one whose tokenizer.json reads the chat template's prompts differently, weights
+            that do not fit) or ``dst`` is not a valid destination. Nothing is written.
     """
     from tqdm.auto import tqdm
     from transformers import GenerationConfig
@@ -236,11 +298,13 @@ def export_native(src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: 
     native = native_config(config)
     reads, outputs, dropped = _plan_tensors(src, native)
     lost: list[str] = []
-    tokenizer = _tokenizer(src, lost, config.get_text_config().vocab_size)
+    tokenizer, llama = _tokenizer(src, lost, config.get_text_config().vocab_size)
     template = read_chat_template(src, tokenizer)
     if template is None:
         raise ConversionError(f"{src} has no chat template (chat_template.jinja or the tokenizer's); save the "
                               "processor with one (see internvlx_hf.processing.CHAT_TEMPLATES).")
+    if llama:
+        _check_native_ids(src, tokenizer, template)
     tokenizer.chat_template = to_native_template(template)
     image_processor = _image_processor(src, lost)
 

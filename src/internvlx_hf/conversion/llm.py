@@ -17,6 +17,7 @@ from typing import Any
 
 from transformers import CONFIG_MAPPING, LlamaConfig, PreTrainedConfig
 
+from ..modeling.configuration_internvlx import with_longrope_factor
 from .errors import ConversionError
 from .key_mapping import HF_CAUSAL_LM_KEY_MAPPING, INTERNLM2_KEY_MAPPING
 
@@ -93,6 +94,7 @@ def convert_text_config(llm_config: dict[str, Any]) -> PreTrainedConfig:
                                             llm_config.get("max_position_embeddings"))
         scaling.setdefault("original_max_position_embeddings", pretraining_length)
         kwargs["rope_scaling"] = scaling
+        kwargs = with_longrope_factor(kwargs)  # the ratio transformers would take, and warn about, on every load
     try:
         return config_class(**kwargs)
     except (TypeError, ValueError, KeyError) as error:

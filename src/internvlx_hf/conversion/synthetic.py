@@ -21,7 +21,7 @@ def synthetic_tensor_shapes(vit_hidden: int, vit_layers: int, vit_intermediate: 
                             llm_layers: int, heads: int, kv_heads: int, llm_intermediate: int, vocab_size: int,
                             llm: str = "internlm2", image_size: int = 448, patch_size: int = 14,
                             vit_6b: bool = False, lm_head: bool = True):
-    """Ordered ``{key: shape}`` of an InternVL2 checkpoint (InternViT + mlp1 + InternLM2 or Qwen2).
+    """Ordered ``{key: shape}`` of an InternVL2 checkpoint (InternViT + mlp1 + InternLM2, Qwen2 or Llama).
 
     ``vit_6b`` gives the InternViT-6B layout (RMSNorm without biases, q/k norms, no qkv bias) instead of the
     InternViT-300M one; ``lm_head=False`` leaves out the LM head (checkpoints with tied embeddings).
@@ -69,15 +69,16 @@ def synthetic_tensor_shapes(vit_hidden: int, vit_layers: int, vit_intermediate: 
         shapes["language_model.model.norm.weight"] = (llm_hidden,)
         if lm_head:
             shapes["language_model.output.weight"] = (vocab_size, llm_hidden)
-    elif llm == "qwen2":
+    elif llm in ("qwen2", "llama"):  # the same layout; Qwen2 has q/k/v biases
         shapes["language_model.model.embed_tokens.weight"] = (vocab_size, llm_hidden)
         for i in range(llm_layers):
             p = f"language_model.model.layers.{i}."
             q, kv = heads * head_dim, kv_heads * head_dim
+            for name, rows in (("q", q), ("k", kv), ("v", kv)):
+                shapes[p + f"self_attn.{name}_proj.weight"] = (rows, llm_hidden)
+                if llm == "qwen2":
+                    shapes[p + f"self_attn.{name}_proj.bias"] = (rows,)
             shapes.update({
-                p + "self_attn.q_proj.weight": (q, llm_hidden), p + "self_attn.q_proj.bias": (q,),
-                p + "self_attn.k_proj.weight": (kv, llm_hidden), p + "self_attn.k_proj.bias": (kv,),
-                p + "self_attn.v_proj.weight": (kv, llm_hidden), p + "self_attn.v_proj.bias": (kv,),
                 p + "self_attn.o_proj.weight": (llm_hidden, q),
                 p + "mlp.gate_proj.weight": (llm_intermediate, llm_hidden),
                 p + "mlp.up_proj.weight": (llm_intermediate, llm_hidden),
@@ -88,7 +89,7 @@ def synthetic_tensor_shapes(vit_hidden: int, vit_layers: int, vit_intermediate: 
         if lm_head:
             shapes["language_model.lm_head.weight"] = (vocab_size, llm_hidden)
     else:
-        raise ValueError(f"llm must be 'internlm2' or 'qwen2', got {llm!r}")
+        raise ValueError(f"llm must be 'internlm2', 'qwen2' or 'llama', got {llm!r}")
     return shapes
 
 
@@ -118,7 +119,8 @@ def make_synthetic_internvl2(
     """Write a synthetic InternVL2 checkpoint into ``directory`` (created) and return it.
 
     ``tokenizer_from`` is a checkpoint folder whose tokenizer files (and template) are copied; its template must
-    suit ``llm`` (internlm2-chat for InternLM2, Hermes-2 for Qwen2). ``vocab_size`` defaults to the tokenizer's.
+    suit ``llm`` (internlm2-chat for InternLM2, Hermes-2 for Qwen2 and Llama). ``vocab_size`` defaults to the
+    tokenizer's.
     ``extra_tensors`` are added to the last shard (e.g. to test unknown or dropped keys). ``vit_6b`` switches to
     the InternViT-6B layout (RMSNorm, qk normalisation, no qkv bias); ``tie_word_embeddings`` sets the LLM's flag
     and ``lm_head`` whether an LM head tensor is written anyway.
@@ -139,7 +141,7 @@ def make_synthetic_internvl2(
                                      lm_head=lm_head)
     _write_shards(directory, shapes, num_shards, dtype, seed, extra_tensors or {})
 
-    llm_arch = {"internlm2": "InternLM2ForCausalLM", "qwen2": "Qwen2ForCausalLM"}[llm]
+    llm_arch = {"internlm2": "InternLM2ForCausalLM", "qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}[llm]
     llm_config = {
         "architectures": [llm_arch], "model_type": llm, "hidden_size": llm_hidden, "num_hidden_layers": llm_layers,
         "num_attention_heads": heads, "num_key_value_heads": kv_heads, "intermediate_size": llm_intermediate,
@@ -149,7 +151,7 @@ def make_synthetic_internvl2(
     }
     if llm == "internlm2":
         llm_config.update({"bias": False, "rope_scaling": {"type": "dynamic", "factor": 2.0}})
-    else:
+    elif llm == "qwen2":
         llm_config.update({"use_sliding_window": False, "sliding_window": 32768, "max_window_layers": llm_layers})
     config = {
         "architectures": ["InternVLChatModel"], "model_type": "internvl_chat", "downsample_ratio": 0.5,

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
@@ -24,14 +25,16 @@ def _percentiles(values: np.ndarray) -> dict[str, int]:
 
 
 def check_data(data: Any, processor, *, max_length: int | None = None, max_tiles: int | None = None,
-               num_proc: int | None = None, progress: bool = True) -> tuple[InternVLXDataset, dict[str, Any]]:
+               num_proc: int | None = None, progress: bool = True,
+               cache_dir: str | os.PathLike | bool | None = None) -> tuple[InternVLXDataset, dict[str, Any]]:
     """The checked dataset and a JSON-ready report: ``tiles`` (the precedence line), ``datasets`` (the summary
-    table's rows), ``samples``, ``skipped`` per reason, ``truncated``, ``examples``, ``truncated_examples``, and
-    ``stats`` (percentiles of tokens per sample and tiles per image, over the usable rows, before ``repeat_time``)."""
+    table's rows), ``samples``, ``skipped`` per reason, ``truncated``, ``examples``, ``truncated_examples``,
+    ``lengths_cache`` (the lengths cache files written, see `InternVLXDataset`'s ``cache_dir``), and ``stats``
+    (percentiles of tokens per sample and tiles per image, over the usable rows, before ``repeat_time``)."""
     sources = as_sources(data)
     tiles_line = apply_tile_precedence(sources, processor.image_processor, max_tiles)
     dataset = InternVLXDataset(sources, processor, max_length=max_length, progress=progress, check=True,
-                               num_proc=num_proc)
+                               num_proc=num_proc, cache_dir=cache_dir)
     measured = dataset.measured
     usable = measured.status <= TRUNCATED
     with_images = usable & (measured.images > 0)
@@ -47,6 +50,7 @@ def check_data(data: Any, processor, *, max_length: int | None = None, max_tiles
         "truncated": summary.truncated,
         "examples": summary.examples,
         "truncated_examples": summary.truncated_examples,
+        "lengths_cache": dataset.lengths_written,
         "stats": {"tokens_per_sample": _percentiles(measured.lengths[usable]),
                   "tiles_per_image": _percentiles(np.round(per_image).astype(np.int64)),
                   "images_per_sample": _percentiles(measured.images[usable])},

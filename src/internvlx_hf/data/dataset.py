@@ -57,7 +57,8 @@ class InternVLXDataset(torch.utils.data.Dataset):
             ``"approximate"`` (a row's ``length`` field, else text characters / 4 + the images' tile budget).
         num_proc: processes for the full check and the lengths build (default: all cores).
         cache_dir: folder of the lengths cache (default: ``$INTERNVLX_CACHE`` or the `datasets` cache, see
-            `lengths.default_cache_dir`); ``False`` turns the cache off.
+            `lengths.default_cache_dir`); ``False`` turns the cache off. ``check=True`` writes the exact lengths it
+            measured there (``lengths_written``), for a later ``group_by_length`` run with the same settings.
 
     Images are tiled with the processor's RVTC settings (``processor.image_processor.tiling`` / ``max_tiles``; a
     dataset's ``max_dynamic_patch`` wins for its samples).
@@ -92,12 +93,16 @@ class InternVLXDataset(torch.utils.data.Dataset):
         # Per source, where its lengths came from ("built", "cache", ...) and the cache file (see `lengths`).
         self.lengths_origin: list[str] | None = None
         self.lengths_files: list[str | None] | None = None
+        # The lengths cache files the full check wrote (exact lengths, read by a later `lengths` with these settings).
+        self.lengths_written: list[str] = []
         if check:
-            from .lengths import check_rows
+            from .lengths import check_rows, write_checked_lengths
 
             measured = check_rows(self, progress=progress)
             self.measured = measured  # per-row results of the full check
-            self._row_lengths = measured.lengths
+            self._row_lengths = measured.row_lengths  # as `lengths` would give them (a row's own length first)
+            if cache_dir is not False:
+                self.lengths_written = [str(path) for path in write_checked_lengths(self, measured)]
             samples = self._build_samples(measured)
         else:
             samples = self._build_samples(None)

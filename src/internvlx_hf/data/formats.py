@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..processing.video import check_bound
+
 IMAGE_TAG = "<image>"
 VIDEO_TAG = "<video>"
 _INTERNVL_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
@@ -90,15 +92,10 @@ def _internvl_video(row: dict[str, Any], root: Path | None) -> tuple[Any, tuple[
         raise SampleError("remote video", f"video {video!r} is a URL; download the videos and give local paths")
     if root is not None and not os.path.isabs(video):
         video = os.path.join(root, video)
-    clip = row.get("clip")
-    if clip is not None:
-        try:
-            start, end = (float(x) for x in clip)
-        except (TypeError, ValueError):
-            raise SampleError("bad format", f"`clip` must be [start, end] in seconds, got {clip!r:.60}") from None
-        if not 0 <= start < end:
-            raise SampleError("bad format", f"`clip` must satisfy 0 <= start < end, got {clip!r:.60}")
-        clip = (start, end)
+    try:
+        clip = check_bound(row.get("clip"), "`clip`")
+    except ValueError as error:
+        raise SampleError("bad format", str(error)) from None
     turns = row.get("conversations")
     if isinstance(turns, list) and turns and all(isinstance(turn, dict) for turn in turns):
         count = sum(turn["value"].count(VIDEO_TAG) for turn in turns if isinstance(turn.get("value"), str))

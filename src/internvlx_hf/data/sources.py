@@ -8,7 +8,7 @@ A meta JSON is InternVL's format::
 ``repeat_time`` < 1 keeps the first ``int(n * repeat_time)`` samples, > 1 repeats them (a fractional rest takes the
 first part once more); ``max_dynamic_patch`` is that dataset's tile budget (`images.apply_tile_precedence`); the
 meta's ``length`` is informational (a row's own ``length`` is its token count, see `lengths`); ``metric`` is the
-answer metric `internvlx eval` scores the dataset with (see `internvlx_hf.evaluation.metrics`; training ignores it).
+answer metric `internvlx eval` scores the dataset with (see `internvlx_hf.metrics`; training ignores it).
 Relative paths are taken from the current directory, as InternVL's scripts do, or else from the meta file's folder.
 A JSONL file alone is one dataset whose ``root`` is its folder.
 """
@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..metrics import get_metric
 from .formats import Sample, SampleError, sample_from_row
 from .videos import VideoSampling
 
@@ -88,8 +89,6 @@ def read_meta(path: str | os.PathLike) -> list[DataSource]:
             raise ValueError(f"{where}: {error}") from None
         metric = entry.get("metric")
         if metric is not None:
-            from ..evaluation.metrics import get_metric
-
             get_metric(metric, f"{where}: metric")
         annotation = _resolve(str(entry["annotation"]), path.parent)
         if not annotation.is_file():

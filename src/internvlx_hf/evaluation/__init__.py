@@ -4,15 +4,16 @@
     run = evaluate(model, processor, "heldout.json", metric="vqa")
     print(format_run(run)); run.dataset("textvqa").accuracy
 
-Modules: `metrics` (exact match, VQA accuracy, ANLS, relaxed accuracy, from their papers' definitions), `data` (the
-rows read by `internvlx_hf.data`, split into prompts and reference answers, checked before anything runs), `runner`
-(batched greedy generation and the scores per dataset), `report` (tables, JSON, plot) and `callback`
-(`EvaluationCallback`, behind `internvlx train --eval-data`).
+Modules: `data` (the rows read by `internvlx_hf.data`, split into prompts and reference answers, checked before
+anything runs), `runner` (batched greedy generation and the scores per dataset), `report` (tables, JSON, plot) and
+`callback` (`EvaluationCallback`, behind `internvlx train --eval-data`). The metrics (exact match, VQA accuracy, ANLS,
+relaxed accuracy) live one room below, in `internvlx_hf.metrics`, which `internvlx_hf.data` reads too; their names
+are re-exported here.
 """
 
+from ..metrics import DEFAULT_METRIC, METRICS, anls, exact_match, normalize_vqa_answer, relaxed_accuracy, vqa_accuracy
 from .callback import EvaluationCallback
 from .data import AS_WRITTEN, EvalSample, EvalSet, read_eval_data
-from .metrics import DEFAULT_METRIC, METRICS, anls, exact_match, normalize_vqa_answer, relaxed_accuracy, vqa_accuracy
 from .report import format_comparison, format_run, plot_runs, to_json, write_json
 from .runner import DatasetResult, EvalRun, Prediction, evaluate
 

@@ -22,7 +22,7 @@ from ..data.images import image_size
 from ..data.sources import as_sources, parse_row, source_rows
 from ..data.videos import VideoSampling, expand_video, read_sample_frames
 from ..data.formats import SampleError
-from .metrics import DEFAULT_METRIC, get_metric
+from ..metrics import DEFAULT_METRIC, get_metric
 
 _IMAGE_TAG = "<image>"
 

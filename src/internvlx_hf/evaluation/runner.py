@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..data.images import TileBudget
+from ..metrics import get_metric
 from .data import AS_WRITTEN, EvalSet, read_eval_data
-from .metrics import get_metric
 
 
 @dataclass

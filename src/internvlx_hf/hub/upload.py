@@ -11,6 +11,9 @@ from typing import Any
 
 # Never uploaded: Python caches of the remote code (huggingface_hub itself skips .git and .cache/huggingface).
 IGNORE_PATTERNS = ["*__pycache__*", "*.pyc"]
+# Top-level entries a writer that was stopped left unfinished: `InternVLXTrainer`'s checkpoint staging folder
+# (training.trainer.CHECKPOINT_STAGING) and the temporary files / folders of `internvlx_hf.atomic` (`temp_prefix`).
+UNFINISHED = (".checkpoint-staging", ".*.tmp-*")
 
 
 def training_state_names() -> list[str]:
@@ -85,7 +88,10 @@ def plan_upload(folder: str | os.PathLike, include_checkpoints: bool = False) ->
         and not (folder / "adapter_config.json").is_file()
     for path in paths:
         top, _, _ = path.partition("/")
-        if "/" in path and fnmatch(top, f"{PREFIX_CHECKPOINT_DIR}-*") and not include_checkpoints:
+        if any(fnmatch(top, pattern) for pattern in UNFINISHED):
+            plan.left_out.setdefault(top + ("/" if "/" in path else ""), "unfinished: left by a run that was stopped "
+                                                                      "while writing it")
+        elif "/" in path and fnmatch(top, f"{PREFIX_CHECKPOINT_DIR}-*") and not include_checkpoints:
             plan.left_out.setdefault(f"{top}/", "a training checkpoint; --include-checkpoints uploads it (without "
                                                 "its training state)")
         elif "/" in path and top == "adapter" and merged_lora:

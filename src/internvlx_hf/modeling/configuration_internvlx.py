@@ -65,6 +65,25 @@ _INTERNLM2_1_8B_AS_LLAMA = {
 }
 
 
+def with_longrope_factor(text_config: dict[str, Any]) -> dict[str, Any]:
+    """``text_config`` (a dict) with the ``factor`` of its long-context RoPE written out.
+
+    Phi-3's RoPE ("su", transformers' "longrope") scales attention with ``max_position_embeddings /
+    original_max_position_embeddings`` when its rope parameters carry no ``factor``, and transformers then warns on
+    every load that ``factor`` should hold that ratio. Written out, the ratio gives the same frequencies and scaling
+    without the warning; folders converted before it was written get it here when they load.
+    """
+    for key in ("rope_parameters", "rope_scaling"):
+        rope = text_config.get(key)
+        if not isinstance(rope, dict) or rope.get("rope_type", rope.get("type")) not in ("longrope", "su"):
+            continue
+        original = rope.get("original_max_position_embeddings", text_config.get("original_max_position_embeddings"))
+        longest = text_config.get("max_position_embeddings")
+        if rope.get("factor") is None and original and longest and longest >= original:
+            return {**text_config, key: {**rope, "factor": longest / original}}
+    return text_config
+
+
 def _tokens_per_side(image_size: int, patch_size: int, ratio: float, what: str) -> int:
     """Tokens per tile side after a projector that merges (1/ratio)^2 ViT tokens into one."""
     grid = image_size // patch_size
@@ -261,6 +280,8 @@ class InternVLXConfig(PreTrainedConfig):
             raise ValueError(
                 "text_config needs a 'model_type' (e.g. 'llama', 'qwen2', 'phi3') so the LLM class can be chosen."
             )
+        if isinstance(self.text_config, dict):
+            self.text_config = with_longrope_factor(self.text_config)
         if SubConfigSpec is None:
             # What transformers >= 5.20 does from `sub_configs_defaults` before its own __post_init__.
             if self.vision_config is None:

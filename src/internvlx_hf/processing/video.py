@@ -9,7 +9,8 @@ prefix `Frame1: <image>\\nFrame2: <image>\\n...`. Two frame pickers exist in the
 - fine-tuning (`internvl_chat/internvl/train/dataset.py`): `rand` (one random frame per interval, for training),
   `middle` (the middle of each interval) or `fpsN` (N frames per second) -> [`sample_frame_indices`].
 
-Decoding uses PyAV (`pip install "internvlx-hf[video]"`), imported only when a video file is read. A folder of frame
+Decoding uses PyAV (`pip install "internvlx-hf[video]"`; `pip install av` for this file's copy next to a
+checkpoint), imported only when a video file is read. A folder of frame
 images, a list of PIL images / uint8 arrays, or a 4D uint8 array `(frames, H, W, C)` are videos too.
 
 This file is copied next to checkpoints as remote code: it imports only the standard library, numpy, torch, PIL and
@@ -49,16 +50,17 @@ def _check_count(name: str, value: Any) -> int:
     return value
 
 
-def check_bound(bound: Any) -> tuple[float, float] | None:
-    """`None` or a `(start, end)` pair of seconds with `0 <= start < end`, as floats."""
+def check_bound(bound: Any, name: str = "bound") -> tuple[float, float] | None:
+    """`None` or a `(start, end)` pair of seconds with `0 <= start < end` (finite), as floats: the one check of a
+    processor's `bound`, `internvlx chat --bound` and a training row's `clip` (``name`` is what the error calls it)."""
     if bound is None:
         return None
     try:
         start, end = (float(x) for x in bound)
     except (TypeError, ValueError):
-        raise ValueError(f"bound must be (start, end) in seconds, got {bound!r}") from None
+        raise ValueError(f"{name} must be (start, end) in seconds, got {bound!r:.60}") from None
     if not (0 <= start < end) or not np.isfinite(end):
-        raise ValueError(f"bound must satisfy 0 <= start < end (seconds), got ({start:g}, {end:g})")
+        raise ValueError(f"{name} must satisfy 0 <= start < end (seconds), got ({start:g}, {end:g})")
     return start, end
 
 
@@ -151,9 +153,12 @@ def _import_av():
     try:
         import av
     except ImportError:
+        # The package's extra pins the PyAV it was tested with; this file's copy next to a checkpoint runs where
+        # internvlx-hf may not be installed (transformers_modules...), and there the package itself is the fix.
+        fix = '"internvlx-hf[video]"' if __name__.split(".")[0] == "internvlx_hf" else "av"
         raise ImportError(
-            'Reading video files needs PyAV: pip install "internvlx-hf[video]" (or pass a folder of frame images / '
-            "a list of frames instead)."
+            f"Reading video files needs PyAV: pip install {fix} (or pass a folder of frame images / a list of frames "
+            "instead)."
         ) from None
     return av
 

@@ -25,7 +25,7 @@ from .train import (
     parse_train_args,
     train,
 )
-from .trainer import InternVLXTrainer
+from .trainer import InternVLXTrainer, last_complete_checkpoint
 
 __all__ = [
     "IGNORE_INDEX",
@@ -47,6 +47,7 @@ __all__ = [
     "end_distributed",
     "format_trainable",
     "generate_dataset",
+    "last_complete_checkpoint",
     "lora_target_modules",
     "parse_train_args",
     "read_meta",

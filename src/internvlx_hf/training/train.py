@@ -23,6 +23,7 @@ from typing import Any
 from transformers import HfArgumentParser, TrainingArguments
 from transformers.hf_argparser import string_to_bool
 
+from ..atomic import remove_stale_temporaries, temp_prefix
 from ..data import InternVLXDataset, apply_tile_precedence, as_sources
 from ..hub.resolve import read_internvlx_config
 from ..processing import TilingMode
@@ -36,9 +37,11 @@ from .presets import (
     format_trainable,
     ignore_peft_checkpointing_warning,
 )
-from .trainer import InternVLXTrainer
+from .trainer import InternVLXTrainer, checkpoint_problem, last_complete_checkpoint
 
 logger = logging.getLogger(__name__)
+
+FINAL_STAGING = "internvlx-final"  # OUT/.internvlx-final.tmp-HOST-PID.*: the final files, before they move into OUT
 
 
 @dataclass
@@ -278,6 +281,19 @@ def _check_output_dir(out: Path, folder: Path, data: Any, training_args: Trainin
                     entry.unlink()
 
 
+def _check_resume(checkpoint: str | None, out: Path) -> None:
+    """Refuse a --resume_from_checkpoint folder that was not written whole, naming the one to resume from."""
+    if not checkpoint:
+        return
+    problem = checkpoint_problem(checkpoint)
+    if problem is None:
+        return
+    last = last_complete_checkpoint(out)
+    hint = (f"resume from {last}, the last complete checkpoint in --output_dir" if last is not None
+            else f"--output_dir {out} has no complete checkpoint: start the run anew")
+    raise ValueError(f"--resume_from_checkpoint {checkpoint} cannot be resumed from: {problem}; {hint}")
+
+
 def _move_into(tmp: Path, out: Path) -> None:
     for entry in tmp.iterdir():
         target = out / entry.name
@@ -310,7 +326,9 @@ def _save_final(trainer: InternVLXTrainer, processor, out: Path, lora: bool,
 
     ``full_base``: for `qlora`, the checkpoint (folder, dtype) the merged model is built from."""
     is_main = trainer.args.should_save
-    tmp = Path(tempfile.mkdtemp(prefix=".internvlx-final-", dir=out)) if is_main else None
+    if is_main:  # what a run killed while saving its final files left (a new run's files go to a new folder)
+        remove_stale_temporaries(out / FINAL_STAGING)
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(out / FINAL_STAGING), dir=out)) if is_main else None
     # Every process takes part in save_model (FSDP / DeepSpeed gather the weights there); only the main one writes.
     target = str(tmp / "adapter") if lora and is_main else (str(tmp) if is_main else str(out))
     try:
@@ -381,6 +399,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, preset_args: Pre
         raise ValueError("--data is required: an InternVL meta JSON or JSONL file (comma-separate several)")
     out = Path(training_args.output_dir)
     _check_output_dir(out, folder, data, training_args, model_args.overwrite_output_dir)
+    _check_resume(training_args.resume_from_checkpoint, out)
     is_main = training_args.process_index == 0
     say = print_fn if (print_fn is not None and is_main) else (lambda text: None)
 
@@ -413,7 +432,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, preset_args: Pre
     eval_sets = eval_dataset = None
     if data_args.eval_data:  # read and checked before the model loads: a bad held-out row stops the run now
         from ..evaluation import read_eval_data
-        from ..evaluation.metrics import get_metric
+        from ..metrics import get_metric
 
         if data_args.eval_metric is not None:
             get_metric(data_args.eval_metric, "--eval_metric")
@@ -572,7 +591,8 @@ def end_distributed() -> None:
     does. The DDP-wrapped model holds the group, so while it lives `destroy_process_group()` leaves the group's
     gloo worker threads running, and in interpreter teardown they can abort the process (SIGABRT, "terminate called
     without an active exception") after training has succeeded; accelerate's `end_training()` has the same gap.
-    DeepSpeed keeps groups alive beyond this call (see `exit_if_gloo_threads_remain`).
+    Default arguments hold groups too (`_release_default_arguments`). A DeepSpeed run's engine keeps its groups alive
+    beyond this call (see `exit_if_gloo_threads_remain`).
     """
     import gc
 
@@ -580,7 +600,47 @@ def end_distributed() -> None:
 
     gc.collect()  # in case only reference cycles still hold the wrapped model
     if dist.is_available() and dist.is_initialized():
+        _release_default_arguments(list(dist.distributed_c10d._world.pg_map))
         dist.destroy_process_group()
+
+
+def _release_default_arguments(groups: list) -> None:
+    """Point default arguments that hold one of ``groups`` at None.
+
+    A default argument is evaluated when its module is imported: ``def barrier(self, group=GroupMember.WORLD)``
+    (deepspeed.comm.torch's ``TorchBackend.barrier`` / ``monitored_barrier``; torch.distributed.nn.functional's
+    collectives, imported with torch._dynamo) holds the default process group when the module is first imported
+    while one exists, and keeps it, with its gloo threads, after `destroy_process_group()`. Where deepspeed is
+    installed, a plain DDP run imports it during training, after the group is made. None is what those defaults
+    hold when imported before any group exists (the default group, whichever it is then)."""
+    import sys
+    import types
+
+    ids = {id(group) for group in groups}
+    if not ids:
+        return
+
+    def release(function) -> None:  # only plain attribute reads: a module's __getattr__ can have side effects
+        if isinstance(function, (classmethod, staticmethod)):
+            function = function.__func__
+        if not isinstance(function, types.FunctionType):
+            return
+        defaults = function.__defaults__
+        if defaults and any(id(value) in ids for value in defaults):
+            function.__defaults__ = tuple(None if id(value) in ids else value for value in defaults)
+        keywords = function.__kwdefaults__
+        if keywords and any(id(value) in ids for value in keywords.values()):
+            function.__kwdefaults__ = {key: None if id(value) in ids else value for key, value in keywords.items()}
+
+    for module in list(sys.modules.values()):
+        if not isinstance(module, types.ModuleType):
+            continue
+        for value in list(module.__dict__.values()):
+            if isinstance(value, type):
+                for member in list(value.__dict__.values()):
+                    release(member)
+            else:
+                release(value)
 
 
 def gloo_threads() -> list[str] | None:

@@ -1,5 +1,6 @@
 """The HF `Trainer`, with what InternVL-X training data needs: InternVL's per-sample loss weighting, length-grouped
-sampling from the dataset's own length estimates and a provenance record in every folder it saves.
+sampling from the dataset's own length estimates, a provenance record in every folder it saves, and checkpoints
+that appear whole or not at all.
 
 Everything else (DDP / FSDP / DeepSpeed, mixed precision, gradient checkpointing, checkpoints and resuming, logging)
 is transformers' own `Trainer`.
@@ -9,18 +10,23 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import Trainer
 from transformers.trainer_pt_utils import LengthGroupedSampler
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from ..atomic import atomic_file
+from ..atomic import atomic_file, replace_folder
 from ..provenance import record_training
 from .collator import InternVLXDataCollator
 
 logger = logging.getLogger(__name__)
+
+#: Where `InternVLXTrainer` writes a checkpoint before renaming it into ``OUTPUT_DIR/checkpoint-N``.
+CHECKPOINT_STAGING = ".checkpoint-staging"
 
 
 def weighted_token_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -51,6 +57,12 @@ class InternVLXTrainer(Trainer):
       ``"adapter"``).
     - Adapter folders are left publishable (`tidy_adapter_folder`): without peft's template README.md and without
       an ``auto_mapping`` that names internvlx_hf.
+    - A ``checkpoint-N`` folder appears whole or not at all: every process writes its part into
+      ``OUTPUT_DIR/.checkpoint-staging/checkpoint-N``, and once all have, it is renamed into place (then old
+      checkpoints are rotated out, as the Trainer does). A run killed while saving leaves only the staging folder,
+      which no resume picks (``get_last_checkpoint`` finds the last complete checkpoint) and the next save removes.
+      The Trainer's own save writes into ``checkpoint-N`` file by file: killed after the weights and before
+      ``trainer_state.json``, it leaves a folder that the resume takes for the last checkpoint and then fails on.
 
     Args:
         started_from: the folder the model was loaded from (its provenance record is carried over).
@@ -124,6 +136,46 @@ class InternVLXTrainer(Trainer):
         }
         record_training(output_dir, started_from=self.started_from, details=details)
 
+    def _get_output_dir(self, trial) -> str:
+        staging = getattr(self, "_checkpoint_staging", None)
+        return staging if staging is not None else super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        if self.args.push_to_hub:  # its upload reads the folder in the background: it must stay where it is written
+            return super()._save_checkpoint(model, trial)
+        run_dir = Path(self._get_output_dir(trial))
+        staging = run_dir / CHECKPOINT_STAGING
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        if self.args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)  # what a run killed while saving left
+        self.accelerator.wait_for_everyone()
+        self._checkpoint_staging = str(staging)
+        try:
+            super()._save_checkpoint(model, trial)  # every process writes its part (RNG state, shards) in staging
+        finally:
+            self._checkpoint_staging = None
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            best = self.state.best_model_checkpoint
+            if best is not None and Path(best).parent == staging:  # recorded where it was written
+                self.state.best_model_checkpoint = str(run_dir / Path(best).name)
+                self.state.save_to_json(str(staging / name / "trainer_state.json"))
+            replace_folder(staging / name, run_dir / name)
+            shutil.rmtree(staging, ignore_errors=True)
+            self._rotate(run_dir)
+        self.accelerator.wait_for_everyone()
+
+    def _rotate(self, run_dir: Path) -> None:
+        """Old checkpoints removed down to ``save_total_limit``, as the Trainer's save does (it ran on the staging
+        folder, which holds only the new one)."""
+        try:
+            from transformers.trainer_utils import rotate_checkpoints
+        except ImportError:  # transformers releases before the function: the Trainer's method
+            self._rotate_checkpoints(use_mtime=True, output_dir=str(run_dir))
+            return
+        rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
+                           best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+
     def _save(self, output_dir: str | None = None, state_dict=None):
         folder = Path(output_dir if output_dir is not None else self.args.output_dir)
         had_card = (folder / "README.md").exists()
@@ -132,6 +184,36 @@ class InternVLXTrainer(Trainer):
             if self.output_kind() == "adapter":
                 tidy_adapter_folder(folder, keep_card=had_card)
             self.record_provenance(folder)
+
+
+def checkpoint_problem(folder: str | Path) -> str | None:
+    """Why ``folder`` cannot be resumed from (not a folder, or no readable ``trainer_state.json``, which the Trainer
+    writes last), or None. Checkpoints written by `InternVLXTrainer` are complete or absent; this names the
+    half-written ones another writer (or an older internvlx-hf) left."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return "it is not a folder" if folder.exists() else "it does not exist"
+    state = folder / "trainer_state.json"
+    if not state.is_file():
+        return "it has no trainer_state.json (the Trainer writes it last: the run stopped while saving it)"
+    try:
+        json.loads(state.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        return f"its trainer_state.json cannot be read ({' '.join(str(error).split())[:120]})"
+    return None
+
+
+def last_complete_checkpoint(output_dir: str | Path) -> Path | None:
+    """The ``checkpoint-N`` folder of ``output_dir`` with the largest N that `checkpoint_problem` accepts."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return None
+    found = [(int(entry.name.rsplit("-", 1)[1]), entry) for entry in output_dir.iterdir()
+             if entry.name.startswith(f"{PREFIX_CHECKPOINT_DIR}-") and entry.name.rsplit("-", 1)[1].isdigit()]
+    for _, entry in sorted(found, reverse=True):
+        if checkpoint_problem(entry) is None:
+            return entry
+    return None
 
 
 def tidy_adapter_folder(folder: Path, keep_card: bool = False) -> None:
@@ -153,4 +235,5 @@ def tidy_adapter_folder(folder: Path, keep_card: bool = False) -> None:
             tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-__all__ = ["InternVLXTrainer", "tidy_adapter_folder", "weighted_token_loss"]
+__all__ = ["CHECKPOINT_STAGING", "InternVLXTrainer", "checkpoint_problem", "last_complete_checkpoint",
+           "tidy_adapter_folder", "weighted_token_loss"]

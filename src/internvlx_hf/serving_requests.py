@@ -1,0 +1,379 @@
+"""What `internvlx serve` accepts from a client, checked before transformers' server sees the request.
+
+- `RequestGate`, an ASGI middleware in front of transformers' app: only the routes this server answers
+  (``POST /v1/chat/completions``, ``GET /v1/models``, ``GET /health``; transformers' others would load any model a
+  client names, unload the served one, or read media unchecked), the API key (``Authorization: Bearer KEY``, as
+  OpenAI and vLLM take it; ``/health`` is open), and a limit on the request body's bytes.
+- `validate_chat_request`: a chat-completions body as OpenAI's API defines it (types, ranges, the roles and content
+  parts InternVL-X's chat templates render), so that every client mistake is a 4xx with OpenAI's error object
+  (`error_body`) instead of an exception in transformers' code (a 500).
+
+Everything here is plain Python (no FastAPI import), so it can be used and tested without the ``serve`` extra.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+#: Default limit on a request body: OpenAI's limit of a request's total payload, 50 MiB.
+DEFAULT_MAX_REQUEST_BYTES = 50 * 2**20
+#: Default limit on the images of one request (vLLM's ``--limit-mm-per-prompt``): each image is up to max_tiles
+#: tiles of 256 tokens, so more would not fit an InternVL context anyway.
+DEFAULT_MAX_IMAGES_PER_REQUEST = 16
+#: Environment variable read for the API key when ``--api-key`` is not given (as vLLM reads VLLM_API_KEY).
+API_KEY_ENV = "INTERNVLX_API_KEY"
+
+#: Routes this server answers, with their methods; transformers' app has more, which the gate answers with 404.
+ROUTES = {"/v1/chat/completions": ("POST",), "/v1/models": ("GET",), "/health": ("GET",)}
+#: Routes answered without the API key (a load balancer's health check has none).
+OPEN_ROUTES = ("/health",)
+
+#: A temperature below this is greedy decoding (vLLM's _SAMPLING_EPS): dividing logits by it overflows to inf.
+GREEDY_BELOW = 1e-5
+
+ROLES = ("system", "user", "assistant")
+CONTENT_TYPES = ("text", "image_url")
+
+# Chat-completions fields of OpenAI's API that transformers' server ignores (it logs a warning) and that change no
+# answer: accepted with any value, as OpenAI clients send some of them by default.
+_IGNORED_FIELDS = ("user", "metadata", "store", "service_tier", "stream_options", "parallel_tool_calls",
+                   "presence_penalty", "reasoning_effort", "web_search_options", "prediction")
+# Fields a client may send only with the value that asks for nothing this server would silently drop.
+_NEUTRAL_VALUES: dict[str, tuple[Any, str]] = {
+    "n": ((None, 1), "this server returns one choice per request"),
+    "logprobs": ((None, False), "this server does not return log probabilities"),
+    "top_logprobs": ((None, 0), "this server does not return log probabilities"),
+    "tools": ((None, []), "InternVL-X's chat templates have no tool calling"),
+    "tool_choice": ((None, "none", "auto"), "InternVL-X's chat templates have no tool calling"),
+    "functions": ((None, []), "InternVL-X's chat templates have no function calling"),
+    "function_call": ((None, "none", "auto"), "InternVL-X's chat templates have no function calling"),
+    "audio": ((None,), "this server answers with text only"),
+    "modalities": ((None, ["text"]), "this server answers with text only"),
+    "response_format": ((None, {"type": "text"}), "this server does not constrain the answer's format"),
+}
+# transformers' own extensions of the request, refused: each lets a client set any generation or processor option
+# (beams, lengths, tile counts), which an exposed server must not take.
+_REFUSED_FIELDS = {
+    "generation_config": "sets any generation option of the server",
+    "chat_template_kwargs": "sets any option of the chat template and the processor",
+}
+_FIELDS = {"model", "messages", "stream", "temperature", "top_p", "max_tokens", "max_completion_tokens", "stop",
+           "seed", "frequency_penalty", "logit_bias", *_IGNORED_FIELDS, *_NEUTRAL_VALUES}
+
+
+class InvalidRequest(Exception):
+    """A client mistake: answered with ``status`` and OpenAI's error object (`error_body`)."""
+
+    def __init__(self, message: str, param: str | None = None, status: int = 400, code: str | None = None,
+                 type: str = "invalid_request_error"):
+        super().__init__(message)
+        self.message, self.param, self.status, self.code, self.type = message, param, status, code, type
+
+
+def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict:
+    """OpenAI's error object: ``{"error": {"message", "type", "param", "code"}}`` (what OpenAI clients read into
+    their exceptions), and FastAPI's ``detail`` with the same message."""
+    return {"error": {"message": message, "type": type, "param": param, "code": code}, "detail": message}
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """Limits of a request. ``max_context`` (the model's context length, for ``max_tokens`` and the prompt) and
+    ``vocab_size`` (for ``logit_bias``) come from the served model; None: not checked."""
+
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    max_images_per_request: int = DEFAULT_MAX_IMAGES_PER_REQUEST
+    max_context: int | None = None
+    vocab_size: int | None = None
+
+
+# --- the chat-completions body ---------------------------------------------------------------------------------
+
+
+def _kind(value: Any) -> str:
+    """How OpenAI's errors name a JSON value's type."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a decimal number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
+
+
+def _wrong_type(param: str, expected: str, value: Any) -> InvalidRequest:
+    return InvalidRequest(f"Invalid type for '{param}': expected {expected}, but got {_kind(value)} instead.", param)
+
+
+def _integer(body: dict, name: str, low: int, high: int | None, high_reason: str = "") -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _wrong_type(name, "an integer", value)
+    if value < low:
+        raise InvalidRequest(f"Invalid '{name}': integer below minimum value. Expected a value >= {low}, but got "
+                             f"{value} instead.", name)
+    if high is not None and value > high:
+        raise InvalidRequest(f"Invalid '{name}': integer above maximum value. Expected a value <= {high}"
+                             f"{high_reason}, but got {value} instead.", name)
+    return value
+
+
+def _number(body: dict, name: str, low: float, high: float, low_open: bool = False, reason: str = "") -> None:
+    value = body.get(name)
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _wrong_type(name, "a number", value)
+    if not math.isfinite(value):
+        raise InvalidRequest(f"Invalid '{name}': expected a finite number, but got {value} instead.", name)
+    if value < low or (low_open and value == low) or value > high:
+        bounds = f"{'>' if low_open else '>='} {low:g} and <= {high:g}"
+        raise InvalidRequest(f"Invalid '{name}': expected a number {bounds}{reason}, but got {value} instead.", name)
+
+
+def _check_content(content: Any, param: str, role: str, images: list) -> None:
+    if isinstance(content, str) or (content is None and role == "assistant"):
+        return
+    if not isinstance(content, list):
+        raise _wrong_type(param, "a string or an array of content parts", content)
+    for index, part in enumerate(content):
+        where = f"{param}[{index}]"
+        if not isinstance(part, dict):
+            raise _wrong_type(where, "an object", part)
+        kind = part.get("type")
+        if not isinstance(kind, str):
+            raise InvalidRequest(f"Missing or invalid '{where}.type': expected one of {', '.join(CONTENT_TYPES)}.",
+                                 f"{where}.type")
+        if kind == "text":
+            if not isinstance(part.get("text"), str):
+                raise _wrong_type(f"{where}.text", "a string", part.get("text"))
+        elif kind == "image_url":
+            if role != "user":
+                raise InvalidRequest(f"Invalid '{where}': image parts are only accepted in user messages, not in "
+                                     f"{role} messages.", where)
+            image_url = part.get("image_url")
+            url = image_url.get("url") if isinstance(image_url, dict) else image_url
+            url_param = f"{where}.image_url.url" if isinstance(image_url, dict) else f"{where}.image_url"
+            if not isinstance(url, str) or not url:
+                raise _wrong_type(url_param, "a non-empty string (a data:image/...;base64 URI, an http(s) URL or a "
+                                             "file path)", url)
+            detail = image_url.get("detail") if isinstance(image_url, dict) else None
+            if detail not in (None, "auto", "low", "high"):
+                raise InvalidRequest(f"Invalid '{where}.image_url.detail': expected 'auto', 'low' or 'high'.",
+                                     f"{where}.image_url.detail")
+            images.append((url, url_param))
+        else:
+            hint = " (video is not served: send frames as images)" if kind == "video_url" else ""
+            raise InvalidRequest(f"Invalid '{where}.type': {kind!r} is not accepted; this server takes "
+                                 f"{' and '.join(repr(name) for name in CONTENT_TYPES)} parts{hint}.", f"{where}.type")
+
+
+def _check_messages(messages: Any, limits: RequestLimits) -> list[tuple[str, str]]:
+    """The messages' image URLs with the param that names each, after checking every message."""
+    if messages is None:
+        raise InvalidRequest("Missing required parameter: 'messages'.", "messages")
+    if not isinstance(messages, list):
+        raise _wrong_type("messages", "an array of messages", messages)
+    if not messages:
+        raise InvalidRequest("Invalid 'messages': empty array. Expected an array with minimum length 1, but got an "
+                             "empty array instead.", "messages")
+    images: list[tuple[str, str]] = []
+    for index, message in enumerate(messages):
+        param = f"messages[{index}]"
+        if not isinstance(message, dict):
+            raise _wrong_type(param, "an object", message)
+        role = message.get("role")
+        if role not in ROLES:
+            shown = repr(role) if isinstance(role, str) else _kind(role)
+            raise InvalidRequest(f"Invalid '{param}.role': {shown[:50]}; InternVL-X's chat templates take 'system' (the "
+                                 "first message only), 'user' and 'assistant'.", f"{param}.role")
+        if role == "system" and index > 0:
+            raise InvalidRequest(f"Invalid '{param}.role': 'system' is only accepted as the first message.",
+                                 f"{param}.role")
+        if "content" not in message and role != "assistant":
+            raise InvalidRequest(f"Missing required parameter: '{param}.content'.", f"{param}.content")
+        if message.get("tool_calls") not in (None, []):
+            raise InvalidRequest(f"Invalid '{param}.tool_calls': InternVL-X's chat templates have no tool calling.",
+                                 f"{param}.tool_calls")
+        _check_content(message.get("content"), f"{param}.content", role, images)
+    if len(images) > limits.max_images_per_request:
+        raise InvalidRequest(f"Too many images: {len(images)}; this server accepts at most "
+                             f"{limits.max_images_per_request} per request (--max-images-per-request).", "messages")
+    return images
+
+
+def _check_unicode(body: dict) -> None:
+    """Every string of the body (keys too) is valid Unicode: JSON's escapes can carry a lone surrogate
+    (``"\\ud800"``), which Python's json module accepts and the tokenizer, the file system and UTF-8 cannot take."""
+    pending: list[tuple[Any, str]] = [(body, "")]
+    while pending:  # iterative: a deeply nested value must not exhaust the stack
+        value, param = pending.pop()
+        if isinstance(value, dict):
+            for key, child in value.items():
+                pending.append((key, param))
+                pending.append((child, f"{param}.{key}" if param else str(key)))
+        elif isinstance(value, list):
+            pending.extend((child, f"{param}[{index}]") for index, child in enumerate(value))
+        elif isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                shown = param[:200].encode("utf-8", "replace").decode() or None
+                raise InvalidRequest(f"Invalid string in {repr(shown) if shown else 'a field name'}: it is not valid "
+                                     "Unicode (a lone surrogate such as \\ud800).", shown) from None
+
+
+def validate_chat_request(body: Any, limits: RequestLimits) -> tuple[dict, list[tuple[str, str]]]:
+    """A chat-completions body checked (`InvalidRequest` on the first mistake), ``max_completion_tokens`` copied
+    to ``max_tokens`` (transformers before 5.20 reads only the latter), a temperature below `GREEDY_BELOW` made 0
+    (greedy), ``logit_bias`` as floats (an empty one left out); and the images' (URL, param) pairs."""
+    if not isinstance(body, dict):
+        raise InvalidRequest(f"The request body must be a JSON object, got {_kind(body)}.")
+    _check_unicode(body)
+    for name in body:
+        if name in _REFUSED_FIELDS:
+            raise InvalidRequest(f"'{name}' is not accepted by this server: it {_REFUSED_FIELDS[name]}.", name)
+        if name not in _FIELDS:
+            raise InvalidRequest(f"Unrecognized request argument supplied: {str(name)[:100]}", str(name)[:100])
+    for name, (neutral, reason) in _NEUTRAL_VALUES.items():
+        value = body.get(name)
+        if not any(type(value) is type(allowed) and value == allowed for allowed in neutral):
+            raise InvalidRequest(f"Invalid '{name}': {json.dumps(body[name])[:100]}; {reason}.", name)
+    images = _check_messages(body.get("messages"), limits)
+    if body.get("model") is not None and not isinstance(body["model"], str):
+        raise _wrong_type("model", "a string", body["model"])
+    if body.get("stream") is not None and not isinstance(body["stream"], bool):
+        raise _wrong_type("stream", "a boolean", body["stream"])
+    _number(body, "temperature", 0, 2)
+    _number(body, "top_p", 0, 1)
+    _number(body, "frequency_penalty", -1, 2, low_open=True,
+            reason=" (it becomes transformers' repetition_penalty = 1 + frequency_penalty, which must be > 0)")
+    context = limits.max_context
+    reason = f" (the model's context length)" if context is not None else ""
+    for name in ("max_tokens", "max_completion_tokens"):
+        _integer(body, name, 1, context, reason)
+    _integer(body, "seed", -2**63, 2**63 - 1)
+    stop = body.get("stop")
+    if stop is not None:
+        stops = [stop] if isinstance(stop, str) else stop
+        if not isinstance(stops, list) or not all(isinstance(item, str) and item for item in stops):
+            raise _wrong_type("stop", "a non-empty string or an array of non-empty strings", stop)
+        if not 1 <= len(stops) <= 4:
+            raise InvalidRequest(f"Invalid 'stop': expected 1 to 4 stop sequences, got {len(stops)}.", "stop")
+    logit_bias = body.get("logit_bias")
+    if logit_bias is not None:
+        if not isinstance(logit_bias, dict):
+            raise _wrong_type("logit_bias", "an object mapping token ids to biases", logit_bias)
+        vocab = limits.vocab_size
+        for token, bias in logit_bias.items():
+            if not (token.isascii() and token.isdigit() and len(token) <= 12) or (vocab and int(token) >= vocab):
+                raise InvalidRequest(f"Invalid 'logit_bias': key {token[:30]!r} is not a token id"
+                                     f"{f' (0 to {vocab - 1})' if vocab else ''}.", "logit_bias")
+            if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -100 <= bias <= 100:
+                raise InvalidRequest(f"Invalid 'logit_bias': the bias of token {token} must be a number from -100 "
+                                     "to 100.", "logit_bias")
+    body = dict(body)
+    if body.get("logit_bias") == {}:
+        del body["logit_bias"]  # no bias (transformers' sequence_bias refuses an empty one)
+    elif body.get("logit_bias") is not None:  # transformers' sequence_bias takes float biases only
+        body["logit_bias"] = {token: float(bias) for token, bias in body["logit_bias"].items()}
+    if body.get("temperature") is not None and 0 < body["temperature"] < GREEDY_BELOW:
+        body["temperature"] = 0.0  # greedy, as vLLM does: sampling at such a temperature divides logits into inf/nan
+    if body.get("max_completion_tokens") is not None:
+        body["max_tokens"] = body.pop("max_completion_tokens")
+    body.pop("max_completion_tokens", None)
+    return body, images
+
+
+# --- the ASGI gate ---------------------------------------------------------------------------------------------
+
+
+def api_key_matches(header: str | None, api_key: str) -> bool:
+    """Whether an ``Authorization`` header carries ``Bearer <api_key>`` (compared in constant time)."""
+    scheme, _, token = (header or "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), api_key.encode())
+
+
+class RequestGate:
+    """ASGI middleware: the routes this server answers, the API key, and the request body's size, checked before
+    the request reaches the app (an unauthenticated client cannot make the server read a large body)."""
+
+    def __init__(self, app, api_key: str | None = None, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES):
+        self.app, self.api_key, self.max_request_bytes = app, api_key or None, max_request_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path, method = scope["path"], scope["method"]
+        if path not in ROUTES:
+            answered = ", ".join(f"{methods[0]} {route}" for route, methods in ROUTES.items())
+            return await _respond(send, 404, error_body(f"Invalid URL ({method} {path[:200]}): this server answers "
+                                                        f"{answered}.", code="unknown_url"))
+        if method not in ROUTES[path]:
+            return await _respond(send, 405, error_body(f"Invalid method for {path}: {method}; use "
+                                                        f"{ROUTES[path][0]}."), {"allow": ", ".join(ROUTES[path])})
+        if self.api_key is not None and path not in OPEN_ROUTES:
+            header = next((value.decode("latin-1") for name, value in scope["headers"] if name == b"authorization"),
+                          None)
+            if not api_key_matches(header, self.api_key):
+                message = ("Incorrect API key provided." if header else "You didn't provide an API key.") + (
+                    " This server takes its API key in an Authorization header: 'Authorization: Bearer YOUR_KEY' "
+                    "(the openai client's api_key).")
+                return await _respond(send, 401, error_body(message, code="invalid_api_key"),
+                                      {"www-authenticate": "Bearer"})
+        if method != "POST":
+            return await self.app(scope, receive, send)
+        limit = self.max_request_bytes
+        length = next((value for name, value in scope["headers"] if name == b"content-length"), b"")
+        too_big = error_body(f"The request body is {{}} bytes; this server accepts at most {limit} "
+                             "(--max-request-bytes). Send smaller or fewer images.", code="request_too_large")
+        if length.isdigit() and int(length) > limit:
+            too_big["error"]["message"] = too_big["detail"] = too_big["detail"].format(int(length))
+            return await _respond(send, 413, too_big)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > limit:
+                too_big["error"]["message"] = too_big["detail"] = too_big["detail"].format(f"more than {limit}")
+                return await _respond(send, 413, too_big)
+            if not message.get("more_body", False):
+                break
+        body, replayed = b"".join(chunks), False
+
+        async def replay():  # the body once, then the client's own messages (a disconnect stops a stream)
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return await self.app(scope, replay, send)
+
+
+async def _respond(send, status: int, body: dict, headers: dict[str, str] | None = None) -> None:
+    payload = json.dumps(body).encode()
+    raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+    raw_headers += [(name.encode(), value.encode()) for name, value in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw_headers})
+    await send({"type": "http.response.body", "body": payload})
+
+
+__all__ = ["API_KEY_ENV", "DEFAULT_MAX_IMAGES_PER_REQUEST", "DEFAULT_MAX_REQUEST_BYTES", "InvalidRequest",
+           "RequestGate", "RequestLimits", "ROUTES", "api_key_matches", "error_body", "validate_chat_request"]

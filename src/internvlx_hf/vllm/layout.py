@@ -1,0 +1,41 @@
+"""How an LVTC checkpoint's tiles are laid out in the token sequence vLLM schedules."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class LVTCLayout:
+    """LVTC geometry: layers ``< expand_layer`` see ``short_side**2`` tokens per tile, the others ``long_side**2``."""
+
+    expand_layer: int
+    short_side: int
+    long_side: int
+    upsample_mode: str
+    hr_scale: str
+    injection_layers: tuple[int, ...]
+
+    @property
+    def short_per_tile(self) -> int:
+        return self.short_side * self.short_side
+
+    @property
+    def long_per_tile(self) -> int:
+        return self.long_side * self.long_side
+
+
+def lvtc_layout_of(config) -> LVTCLayout | None:
+    """The layout of an InternVLXConfig, or None when nothing ever expands (no LVTC, or ``k`` = the LLM's depth)."""
+    lvtc = config.lvtc_config
+    if lvtc is None or lvtc.expand_layer >= config.get_text_config().num_hidden_layers:
+        return None
+    grid = config.vision_tokens_per_side
+    return LVTCLayout(
+        expand_layer=lvtc.expand_layer,
+        short_side=grid // round(1.0 / lvtc.lr_downsample_ratio),
+        long_side=grid // round(1.0 / lvtc.hr_downsample_ratio),
+        upsample_mode=lvtc.upsample_mode,
+        hr_scale=lvtc.hr_scale,
+        injection_layers=tuple(lvtc.injection_layers),
+    )

@@ -1,0 +1,237 @@
+"""InternVL-X as a vLLM model: vLLM's InternViT, this package's projector (MLP or PVTC), vLLM's own LLM.
+
+Weights are read as this package saves them (transformers' layout: ``model.vision_tower.*``,
+``model.multi_modal_projector.*``, ``model.language_model.*``, ``lm_head.*``) and renamed on the fly into vLLM's
+modules; nothing is converted on disk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+from vllm.config import VllmConfig
+from vllm.model_executor.models.intern_vit import InternVisionModel
+from vllm.model_executor.models.interfaces import MultiModalEmbeddings, SupportsMRoPE, SupportsMultiModal
+from vllm.model_executor.models.utils import AutoWeightsLoader, init_vllm_registered_model, maybe_prefix
+from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.sequence import IntermediateTensors
+
+from ..modeling.configuration_internvlx import image_and_patch
+from ..modeling.modeling_internvlx import build_projector
+from .config_hook import LLM_ARCHITECTURES
+from .layout import lvtc_layout_of
+from .lvtc import LVTCRunner, lvtc_positions
+from .processing import InternVLXDummyInputsBuilder, InternVLXMultiModalProcessor, InternVLXProcessingInfo
+
+def vision_config_for_vllm(config) -> PretrainedConfig:
+    """vLLM's InternViT reads InternVL's original config names; transformers' `InternVLVisionConfig` renamed them."""
+    vision = config.vision_config
+    image_size, patch_size = image_and_patch(vision)
+    return PretrainedConfig(
+        hidden_size=vision.hidden_size,
+        intermediate_size=vision.intermediate_size,
+        num_hidden_layers=vision.num_hidden_layers,
+        num_attention_heads=vision.num_attention_heads,
+        image_size=image_size,
+        patch_size=patch_size,
+        qkv_bias=vision.attention_bias,
+        qk_normalization=vision.use_qk_norm,
+        norm_type=vision.norm_type,
+        layer_norm_eps=vision.layer_norm_eps,
+        hidden_act=vision.hidden_act,
+        initializer_factor=1.0,
+    )
+
+
+def vision_layers_to_run(config) -> int:
+    """ViT layers up to `select_layer` (its hidden state index counts the embeddings as 0)."""
+    depth = config.vision_config.num_hidden_layers
+    select = config.select_layer
+    return depth + select + 1 if select < 0 else select
+
+
+# transformers' InternViT names -> vLLM's (InternVL's original names); q/k/v are fused into `qkv` on load.
+_VISION_RENAMES = (
+    ("embeddings.cls_token", "embeddings.class_embedding"),
+    ("embeddings.patch_embeddings.projection.", "embeddings.patch_embedding."),
+    ("embeddings.position_embeddings", "embeddings.position_embedding"),
+    ("encoder.layer.", "encoder.layers."),
+    (".attention.projection_layer.", ".attn.proj."),
+    (".attention.q_norm.", ".attn.q_norm."),
+    (".attention.k_norm.", ".attn.k_norm."),
+    (".lambda_1", ".ls1"),
+    (".lambda_2", ".ls2"),
+    (".layernorm_before.", ".norm1."),
+    (".layernorm_after.", ".norm2."),
+)
+
+
+def _vision_name(name: str) -> str:
+    for old, new in _VISION_RENAMES:
+        name = name.replace(old, new)
+    return name
+
+
+def vllm_weights(weights: Iterable[tuple[str, torch.Tensor]], vision_layers: int
+                 ) -> Iterator[tuple[str, torch.Tensor]]:
+    """This package's checkpoint names -> the names of `InternVLXForConditionalGeneration` below.
+
+    ViT layers past `select_layer` and their weights are skipped (vLLM builds only the layers that run)."""
+    pending: dict[str, dict[str, torch.Tensor]] = {}
+    for name, tensor in weights:
+        if name.startswith("model.vision_tower."):
+            name = name[len("model.vision_tower."):]
+            if name.startswith("encoder.layer.") and int(name.split(".")[2]) >= vision_layers:
+                continue
+            if name.startswith("layernorm."):
+                yield "vision_post_layernorm." + name[len("layernorm."):], tensor
+                continue
+            for part in ("q", "k", "v"):
+                marker = f".attention.{part}_proj."
+                if marker in name:
+                    prefix, _, suffix = name.partition(marker)
+                    key = _vision_name(prefix) + ".attn.qkv." + suffix
+                    pending.setdefault(key, {})[part] = tensor
+                    if len(pending[key]) == 3:
+                        parts = pending.pop(key)
+                        yield "vision_model." + key, torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
+                    break
+            else:
+                yield "vision_model." + _vision_name(name), tensor
+        elif name.startswith("model.language_model."):
+            yield "language_model.model." + name[len("model.language_model."):], tensor
+        elif name.startswith("lm_head."):
+            yield "language_model." + name, tensor
+        elif name.startswith("model."):
+            yield name[len("model."):], tensor
+        else:
+            yield name, tensor
+    if pending:
+        raise ValueError(f"InternVL-X: the checkpoint lacks part of the ViT's attention weights: {sorted(pending)}")
+
+
+@MULTIMODAL_REGISTRY.register_processor(InternVLXMultiModalProcessor, info=InternVLXProcessingInfo,
+                                        dummy_inputs=InternVLXDummyInputsBuilder)
+class InternVLXForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsMRoPE):
+    """InternVL-X for vLLM: plain MLP or PVTC projector, and LVTC (`lvtc.py`: vLLM's per-request position rows carry
+    each token's layout, which is why this class speaks vLLM's M-RoPE interface; plain checkpoints never use it)."""
+
+    @classmethod
+    def get_placeholder_str(cls, modality: str, i: int) -> str | None:
+        if modality.startswith("image"):
+            return "<image>"
+        if modality.startswith("video"):
+            return "<video>"
+        raise ValueError(f"InternVL-X takes images and videos, not {modality!r}")
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        super().__init__()
+        config = vllm_config.model_config.hf_config
+        text_config = config.get_text_config()
+        architecture = LLM_ARCHITECTURES[text_config.model_type]  # others are refused at config time (config_hook)
+        self.config = config
+        self.layout = lvtc_layout_of(config)
+        quant_config = vllm_config.quant_config
+        with self._mark_tower_model(vllm_config, {"image", "video"}):
+            self.vision_model = InternVisionModel(
+                vision_config_for_vllm(config), quant_config=quant_config,
+                num_hidden_layers_override=vision_layers_to_run(config),
+                prefix=maybe_prefix(prefix, "vision_model"),
+            )
+            # transformers' InternViT ends with a LayerNorm unless it pools by mean; only the last layer's output
+            # passes through it.
+            post_norm = not config.vision_config.use_mean_pooling and config.select_layer == -1
+            self.vision_post_layernorm = (
+                nn.LayerNorm(config.vision_config.hidden_size, eps=config.vision_config.layer_norm_eps)
+                if post_norm else nn.Identity()
+            )
+            self.multi_modal_projector = build_projector(config, config.projector_type, config.downsample_ratio)
+            lvtc = config.lvtc_config
+            if lvtc is not None:
+                self.lvtc_lr_projectors = nn.ModuleList(
+                    build_projector(config, lvtc.lr_projector_type, lvtc.lr_downsample_ratio)
+                    for _ in range(lvtc.num_lr_projectors - 1)
+                )
+                if self.layout is not None:
+                    self.lvtc_hr_projector = build_projector(config, lvtc.hr_projector_type,
+                                                             lvtc.hr_downsample_ratio)
+        with self._mark_language_model(vllm_config):
+            self.language_model = init_vllm_registered_model(
+                vllm_config=vllm_config, hf_config=text_config, prefix=maybe_prefix(prefix, "language_model"),
+                architectures=[architecture],
+            )
+        self.make_empty_intermediate_tensors = self.language_model.make_empty_intermediate_tensors
+        # LVTC, or extra LR projectors alone (k = depth): the layers are run one by one (`lvtc.py`).
+        self.lvtc = LVTCRunner(self, vllm_config) if lvtc is not None else None
+
+    # ------------------------------------------------------------------------------------------------ vision side
+
+    def _vit(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.vision_post_layernorm(self.vision_model(pixel_values=pixel_values))
+
+    def _item_features(self, pixel_values: torch.Tensor, tiles_per_item: list[int]) -> tuple[torch.Tensor, ...]:
+        """One `(tiles * tokens_per_tile, width)` tensor per image (or video), in order: the projector's output,
+        or with LVTC each tile's rows of every projector (`LVTCRunner.tile_rows`)."""
+        if pixel_values.shape[0] == 0:
+            return ()
+        vit = self._vit(pixel_values)
+        features = self.multi_modal_projector(vit)
+        if self.lvtc is not None:
+            features = self.lvtc.tile_rows(vit, features)
+        per_tile = features.shape[1]
+        features = features.reshape(-1, features.shape[-1])
+        return tuple(features.split([n * per_tile for n in tiles_per_item]))
+
+    def embed_multimodal(self, **kwargs: object) -> MultiModalEmbeddings:
+        embeddings: tuple[torch.Tensor, ...] = ()
+        # vLLM groups the items by modality and calls once per group; the order of keys is the order of items.
+        for key in kwargs:
+            if key == "pixel_values":
+                embeddings += self._item_features(kwargs["pixel_values"], _counts(kwargs["image_num_patches"]))
+            elif key == "pixel_values_videos":
+                frames = _counts(kwargs["video_num_frames"])
+                embeddings += self._item_features(kwargs["pixel_values_videos"], frames)
+        return embeddings
+
+    def embed_input_ids(self, input_ids: torch.Tensor, multimodal_embeddings: MultiModalEmbeddings | None = None,
+                        *, is_multimodal: torch.Tensor | None = None) -> torch.Tensor:
+        if self.lvtc is not None:
+            return self.lvtc.embed_input_ids(input_ids, multimodal_embeddings, is_multimodal)
+        if multimodal_embeddings is None or is_multimodal is None:
+            return super().embed_input_ids(input_ids)
+        return super().embed_input_ids(input_ids, multimodal_embeddings=multimodal_embeddings,
+                                       is_multimodal=is_multimodal)
+
+    def get_mrope_input_positions(self, input_tokens: list[int], mm_features: list) -> tuple[torch.Tensor, int]:
+        return lvtc_positions(self.layout, len(input_tokens), mm_features)
+
+    # -------------------------------------------------------------------------------------------------- LLM side
+
+    def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
+                intermediate_tensors: IntermediateTensors | None = None, inputs_embeds: torch.Tensor | None = None,
+                **kwargs: object) -> torch.Tensor | IntermediateTensors:
+        if intermediate_tensors is not None:
+            inputs_embeds = None
+        if self.lvtc is not None:
+            return self.lvtc.forward(input_ids, positions, inputs_embeds)
+        return self.language_model.model(input_ids=input_ids, positions=positions,
+                                         intermediate_tensors=intermediate_tensors, inputs_embeds=inputs_embeds)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        return self.language_model.compute_logits(hidden_states)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        loader = AutoWeightsLoader(self)
+        return loader.load_weights(vllm_weights(weights, vision_layers_to_run(self.config)))
+
+
+def _counts(value: object) -> list[int]:
+    if isinstance(value, torch.Tensor):
+        return [int(n) for n in value.reshape(-1).tolist()]
+    return [int(n) for n in value]  # type: ignore[union-attr]
+
+
+__all__ = ["InternVLXForConditionalGeneration", "vllm_weights"]

@@ -1,0 +1,186 @@
+"""vLLM's multimodal processing for InternVL-X: this package's processor cuts the tiles, vLLM places the tokens.
+
+vLLM tokenizes the prompt itself and calls the processor on the images and videos alone; each `<image>` of the
+prompt is then replaced by `<img>` + `<IMG_CONTEXT>` x (tokens per tile x tiles) + `</img>`, and each `<video>` by
+InternVL's `Frame1: <image>\\nFrame2: <image>...` lines with every frame one tile, exactly the text that
+[`InternVLXProcessor`] builds for transformers. The tiling (RVTC mode, tile budget, thumbnail) is the checkpoint's
+`processor_config.json`; `mm_processor_kwargs` (e.g. `{"max_tiles": 6}`) override it per server or per request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from functools import cached_property
+from typing import Any
+
+import torch
+from transformers import BatchFeature
+from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
+from vllm.multimodal.parse import ImageSize, MultiModalDataItems
+from vllm.multimodal.processing import (
+    BaseDummyInputsBuilder,
+    BaseMultiModalProcessor,
+    BaseProcessingInfo,
+    PromptReplacement,
+    PromptUpdate,
+    PromptUpdateDetails,
+)
+
+from ..processing import InternVLXProcessor
+from ..processing.video import VIDEO_PLACEHOLDER, video_prompt
+from .layout import lvtc_layout_of
+
+
+class InternVLXProcessingInfo(BaseProcessingInfo):
+    """What vLLM asks about the inputs of an InternVL-X checkpoint: limits, token counts, the processor."""
+
+    @cached_property
+    def _processor(self) -> InternVLXProcessor:
+        # Loaded from the checkpoint folder (or Hub id) like transformers does, so the image processor has exactly the
+        # saved tiling; its own tokenizer is only used to look up the image tokens' ids.
+        return InternVLXProcessor.from_pretrained(self.model_id)
+
+    def get_hf_processor(self, **kwargs: object) -> InternVLXProcessor:
+        return self._processor
+
+    def get_supported_mm_limits(self) -> Mapping[str, int | None]:
+        return {"image": None, "video": None}
+
+    @cached_property
+    def layout(self):
+        """The LVTC layout of the checkpoint (None for models without LVTC expansion)."""
+        return lvtc_layout_of(self.get_hf_config())
+
+    @property
+    def tokens_per_tile(self) -> int:
+        """Placeholder tokens per tile in the prompt vLLM schedules: `image_seq_length`, or with LVTC the long
+        layout's count (every tile is scheduled at its high-resolution size, see `layout.py`)."""
+        layout = self.layout
+        return layout.long_per_tile if layout is not None else self.get_hf_config().image_seq_length
+
+    def _images_kwargs(self, mm_kwargs: Mapping[str, object] | None) -> dict[str, Any]:
+        known = set(self._processor.image_processor.valid_kwargs.__annotations__)
+        return {key: value for key, value in (mm_kwargs or {}).items() if key in known}
+
+    def get_num_tiles(self, *, image_width: int, image_height: int,
+                      mm_kwargs: Mapping[str, object] | None = None) -> int:
+        return self._processor.image_processor.get_number_of_image_patches(
+            int(image_height), int(image_width), self._images_kwargs(mm_kwargs)
+        )
+
+    def get_num_image_tokens(self, *, image_width: int, image_height: int) -> int:
+        return self.tokens_per_tile * self.get_num_tiles(image_width=image_width, image_height=image_height)
+
+    def get_image_size_with_most_features(self) -> ImageSize:
+        # Every tile grid within the budget, at its native size: the largest tile count among them is the most any
+        # image can take (RVTC's caps only ever lower a budget).
+        image_processor = self._processor.image_processor
+        side, budget = image_processor.image_size, image_processor.max_tiles
+        best, best_size = 0, ImageSize(width=side, height=side)
+        for cols in range(1, budget + 1):
+            for rows in range(1, budget // cols + 1):
+                size = ImageSize(width=cols * side, height=rows * side)
+                tiles = self.get_num_tiles(image_width=size.width, image_height=size.height)
+                if tiles > best:
+                    best, best_size = tiles, size
+        return best_size
+
+    def get_max_image_tokens(self) -> int:
+        size = self.get_image_size_with_most_features()
+        return self.get_num_image_tokens(image_width=size.width, image_height=size.height)
+
+    def get_num_frames_with_most_features(self, seq_len: int, mm_counts: Mapping[str, int]) -> int:
+        image_tokens = self.get_max_image_tokens() * mm_counts.get("image", 0)
+        # a frame costs its tile's tokens, `<img>`, `</img>` and its `FrameN: ` line (about 5 tokens)
+        frames = (seq_len - image_tokens) // (self.tokens_per_tile + 8) // max(mm_counts.get("video", 0), 1)
+        return max(frames, 1)
+
+    def image_replacement(self, tiles: int) -> PromptUpdateDetails:
+        """`<img>` + `<IMG_CONTEXT>` x (tokens per tile x tiles) + `</img>`, the embeddings at `<IMG_CONTEXT>`."""
+        processor = self._processor
+        ids = [processor.start_image_token_id] + [processor.image_token_id] * (self.tokens_per_tile * tiles)
+        return PromptUpdateDetails.select_token_id(ids + [processor.end_image_token_id], processor.image_token_id)
+
+    def video_replacement(self, frames: int) -> PromptUpdateDetails:
+        """InternVL's `Frame1: <image>\\n...` lines, each `<image>` a one-tile image."""
+        processor = self._processor
+        tokenizer = self.get_tokenizer()
+        ids: list[int] = []
+        for index, line in enumerate(video_prompt(frames).split("\n")):
+            before, _, after = line.partition(processor.image_placeholder)
+            text = ("\n" if index else "") + before
+            ids += tokenizer.encode(text, add_special_tokens=False)
+            ids += self.image_replacement(1).full
+            ids += tokenizer.encode(after, add_special_tokens=False) if after else []
+        return PromptUpdateDetails.select_token_id(ids, processor.image_token_id)
+
+
+class InternVLXDummyInputsBuilder(BaseDummyInputsBuilder[InternVLXProcessingInfo]):
+    """The largest inputs, for vLLM's memory profiling at start-up."""
+
+    def get_dummy_text(self, mm_counts: Mapping[str, int]) -> str:
+        return "<image>" * mm_counts.get("image", 0) + VIDEO_PLACEHOLDER * mm_counts.get("video", 0)
+
+    def get_dummy_mm_data(self, seq_len: int, mm_counts: Mapping[str, int], mm_options=None):
+        size = self.info.get_image_size_with_most_features()
+        side = self.info._processor.image_processor.image_size
+        mm_options = mm_options or {}
+        return {
+            "image": self._get_dummy_images(width=size.width, height=size.height,
+                                            num_images=mm_counts.get("image", 0), overrides=mm_options.get("image")),
+            "video": self._get_dummy_videos(width=side, height=side,
+                                            num_frames=self.info.get_num_frames_with_most_features(seq_len, mm_counts),
+                                            num_videos=mm_counts.get("video", 0), overrides=mm_options.get("video")),
+        }
+
+
+def _frames(video: Any) -> Any:
+    """vLLM hands a loaded video as `(frames, metadata)`; the processor takes the frames."""
+    return video[0] if isinstance(video, tuple) else video
+
+
+class InternVLXMultiModalProcessor(BaseMultiModalProcessor[InternVLXProcessingInfo]):
+    """Tiles images and frames with this package's processor; `<image>` / `<video>` become their tokens."""
+
+    def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]) -> BatchFeature:
+        processor = self.info.get_hf_processor()
+        images_kwargs = self.info._images_kwargs(hf_kwargs)
+        out: dict[str, Any] = {}
+        images = hf_data.get("images")
+        if images:
+            done = self.info.ctx.call_hf_processor(processor, {"images": list(images)}, images_kwargs)
+            out["pixel_values"] = done["pixel_values"]
+            out["image_num_patches"] = done["num_patches"]
+        videos = hf_data.get("videos")
+        if videos:
+            videos = [_frames(video) for video in videos]
+            done = self.info.ctx.call_hf_processor(processor, {"videos": videos}, images_kwargs)
+            out["pixel_values_videos"] = done["pixel_values"]
+            out["video_num_frames"] = torch.tensor([len(video) for video in videos])
+        return BatchFeature(out)
+
+    def _get_mm_fields_config(self, hf_inputs: BatchFeature,
+                              hf_processor_mm_kwargs: Mapping[str, object]) -> Mapping[str, MultiModalFieldConfig]:
+        image_tiles = hf_inputs.get("image_num_patches", torch.empty(0, dtype=torch.long))
+        video_frames = hf_inputs.get("video_num_frames", torch.empty(0, dtype=torch.long))
+        return dict(
+            pixel_values=MultiModalFieldConfig.flat_from_sizes("image", image_tiles),
+            image_num_patches=MultiModalFieldConfig.batched("image", keep_on_cpu=True),
+            pixel_values_videos=MultiModalFieldConfig.flat_from_sizes("video", video_frames),
+            video_num_frames=MultiModalFieldConfig.batched("video", keep_on_cpu=True),
+        )
+
+    def _get_prompt_updates(self, mm_items: MultiModalDataItems, hf_processor_mm_kwargs: Mapping[str, object],
+                            out_mm_kwargs: MultiModalKwargsItems) -> Sequence[PromptUpdate]:
+        data = out_mm_kwargs.get_data()
+        image_tiles = [int(n) for n in data.get("image_num_patches", [])]
+        video_frames = [int(n) for n in data.get("video_num_frames", [])]
+        tokenizer = self.info.get_tokenizer()
+        return [
+            PromptReplacement(modality="image",
+                              target=tokenizer.encode("<image>", add_special_tokens=False),
+                              replacement=lambda index: self.info.image_replacement(image_tiles[index])),
+            PromptReplacement(modality="video",
+                              target=tokenizer.encode(VIDEO_PLACEHOLDER, add_special_tokens=False),
+                              replacement=lambda index: self.info.video_replacement(video_frames[index])),
+        ]

