@@ -25,7 +25,7 @@ resolution loses differently, and one idea to close ``lvtc-rms``'s gap (0.910 +-
     fine task (within 0.05 of plain-1024 at <= 0.65x its cost, 3 seeds), with less spread than lvtc-rms, still
     reading through its HR tokens (HR zeroed falls to the plain-256 level or below) and without forgetting. Falsified
     if its mean is not above lvtc-rms's 0.910 by more than the seeds' spread, or if zeroing its HR output does not
-    lower it. Added at 16:40 UTC on 2026-11-23, before its first run: issue 30's 0.910 came from another pretrained
+    lower it. Added at 16:33 UTC on 2026-11-23, before its first run: issue 30's 0.910 came from another pretrained
     model; on the rebuilt one the comparison is with lvtc-rms's runs of the same seeds (seed 0: 0.810, HR zeroed
     0.655, plain-1024 0.975); with one seed only, the prediction is that seed 0 ends within 0.05 of plain-1024's
     0.975 (>= 0.925), and it is falsified on that seed if it ends at or below lvtc-rms's 0.810.
@@ -59,8 +59,9 @@ The miniature of a user's path, with the learnability benchmark's tiny models an
        s2-lr1e-3, s2-lr2.5e-4   ``stage2`` alone for the sum, at another learning rate
    ``--task`` picks the detail task of the new data: ``fine`` (the letter in the red box: 3,600 basic samples plus
    200 fine pages seen 9 times) or ``text`` (a word of four small letters, read whole and in order: the same basic
-   samples plus 1800 distinct text pages seen once each; the pretrained model never saw it). Low resolution loses differently
-   there: no box points at one cell, every letter is asked for, and at 16 tokens per tile two letters share a token.
+   samples plus 1800 distinct text pages seen once each; the pretrained model never saw it). Low resolution loses
+   differently there: no box points at one cell, every letter is asked for, and at 16 tokens per tile two letters
+   share a token.
 4. Scored on the learnability benchmark's held-out set (1000 samples, greedy exact match; with ``--task text`` its text
    twin: the same 800 basic samples and 200 text pages), LVTC models also with the HR projector's output zeroed and
    replaced by another image's.
@@ -587,7 +588,7 @@ def which_compression(tables: dict[str, list[dict]]) -> tuple[list[dict], list[s
 # What issue 44 requires (3 seeds each): (task, configuration, schedule).
 REQUIRED_SEEDS = (0, 1, 2)
 REQUIRED = [("fine", c, "s2") for c in ("plain-256", "plain-1024", "pvtc", "lvtc-rms", "pvtc+lvtc", "pvtc+lvtc-rms",
-                                         "lvtc-rms+hr-from-lr")] \
+                                        "lvtc-rms+hr-from-lr")] \
     + [("fine", "lvtc-rms", s) for s in ("s2x2", "s2-lr1e-3", "s2-lr2.5e-4")] \
     + [("text", c, "s2") for c in ("plain-256", "plain-1024", "pvtc", "lvtc-rms")]
 # How a user gets each configuration (K: the expand layer; a real model's is its own, e.g. k=18 of 24).
@@ -624,8 +625,8 @@ def missing_runs(tables_runs: dict[str, list[dict]]) -> list[str]:
 def doc_lines(decision: list[dict]) -> list[str]:
     """The user-facing "Which compression" table (README.md, docs/lvtc.md): one row per configuration (stage2 alone,
     the study's main schedule), how to convert to it, and both tasks."""
-    lines = ["| convert with | cost vs plain-1024: step time (FLOPs) | fine detail, mean ± sd (seeds) | reads it from | "
-             "small text, mean ± sd (seeds) | reads it from |", "|---|---|---|---|---|---|"]
+    lines = ["| convert with | cost vs plain-1024: step time (FLOPs) | fine detail, mean ± sd (seeds) | reads it from "
+             "| small text, mean ± sd (seeds) | reads it from |", "|---|---|---|---|---|---|"]
     for row in decision:
         if row["schedule"] != "s2":
             continue
