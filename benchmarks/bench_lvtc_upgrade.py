@@ -552,8 +552,13 @@ def reads_from(entry: dict | None) -> str:
     if "detail_zeroed" not in entry:
         return "its 64 tokens" if entry["tokens"][0] == 64 else "its 16 tokens"
     fall = entry["detail"][0] - entry["detail_zeroed"]
-    return f"HR tokens (zeroed: {fall:+.2f})" if fall >= 0.05 else \
+    return f"HR tokens (HR zeroed: {entry['detail_zeroed']:.3f})" if fall >= 0.05 else \
         f"LR tokens (HR zeroed: {entry['detail_zeroed']:.3f})"
+
+
+def score_cell(mean: float, sd: float, seeds: list) -> str:
+    """'mean ± sd (n)' over seeds; one seed has no spread: 'value (1 seed)'."""
+    return f"{mean:.3f} (1 seed)" if len(seeds) == 1 else f"{mean:.3f} ± {sd:.3f} ({len(seeds)})"
 
 
 def which_compression(tables: dict[str, list[dict]]) -> tuple[list[dict], list[str]]:
@@ -574,8 +579,7 @@ def which_compression(tables: dict[str, list[dict]]) -> tuple[list[dict], list[s
         for name, entry in (("fine", fine), ("text", text)):
             row[name] = entry and {"mean": entry["detail"][0], "sd": entry["detail"][1], "seeds": entry["seeds"],
                                    "zeroed": entry.get("detail_zeroed"), "reads": reads_from(entry)}
-            cells += [f"{entry['detail'][0]:.3f} ± {entry['detail'][1]:.3f} ({len(entry['seeds'])})" if entry
-                      else "not run", reads_from(entry)]
+            cells += [score_cell(*entry["detail"], entry["seeds"]) if entry else "not run", reads_from(entry)]
         drops = [e["worst_basic_drop"] for e in (fine, text) if e and "worst_basic_drop" in e]
         worst = max(drops, key=lambda item: item[1]) if drops else None
         row["worst_basic_drop"] = worst
@@ -593,7 +597,7 @@ REQUIRED = [("fine", c, "s2") for c in ("plain-256", "plain-1024", "pvtc", "lvtc
     + [("text", c, "s2") for c in ("plain-256", "plain-1024", "pvtc", "lvtc-rms")]
 # How a user gets each configuration (K: the expand layer; a real model's is its own, e.g. k=18 of 24).
 CONVERT_WITH = {
-    "plain-256": "`internvlx convert SRC DST` (no compression change: 256 tokens per 448 px tile)",
+    "plain-256": "`internvlx convert SRC DST` (as it is: InternVL2's 256 tokens per 448 px tile)",
     "plain-1024": "(no convert option: a new projector at 4x the tokens; the reference)",
     "pvtc": "`--projector pvtc`",
     "lvtc": "`--lvtc k=K` (the paper's formulation, the default)",
@@ -633,7 +637,7 @@ def doc_lines(decision: list[dict]) -> list[str]:
         cells = []
         for task in ("fine", "text"):
             entry = row[task]
-            cells += [f"{entry['mean']:.3f} ± {entry['sd']:.3f} ({len(entry['seeds'])})", entry["reads"]] if entry \
+            cells += [score_cell(entry["mean"], entry["sd"], entry["seeds"]), entry["reads"]] if entry \
                 else ["not run", "-"]
         lines.append(f"| {row['config']}: {CONVERT_WITH[row['config']]} | {_fmt(row['cost'], 2)}x "
                      f"({_fmt(row['flops_cost'], 2)}x) | " + " | ".join(cells) + " |")
