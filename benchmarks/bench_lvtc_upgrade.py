@@ -512,6 +512,8 @@ def task_table(rows: list[dict], task: str, pretrained: dict | None, probe: dict
                 cost = probe_cost(source, config)
                 if cost is not None:
                     entry[key] = cost
+            if all("text_letters" in r for r in group):
+                entry["letters"] = statistics.mean(r["text_letters"]["mean"] for r in group)
             entry["basic_mean"] = {t: statistics.mean(r["accuracy"][t] for r in group) for t in BASIC_TASKS}
             if pretrained:
                 entry["worst_basic_drop"] = max(((t, pretrained["accuracy"][t] - entry["basic_mean"][t])
@@ -556,9 +558,10 @@ def reads_from(entry: dict | None) -> str:
         f"LR tokens (HR zeroed: {entry['detail_zeroed']:.3f})"
 
 
-def score_cell(mean: float, sd: float, seeds: list) -> str:
-    """'mean ± sd (n)' over seeds; one seed has no spread: 'value (1 seed)'."""
-    return f"{mean:.3f} (1 seed)" if len(seeds) == 1 else f"{mean:.3f} ± {sd:.3f} ({len(seeds)})"
+def score_cell(mean: float, sd: float, seeds: list, letters: float | None = None) -> str:
+    """'mean ± sd (n)' over seeds; one seed has no spread: 'value (1 seed)'; the text task adds its letters' mean."""
+    cell = f"{mean:.3f} (1 seed)" if len(seeds) == 1 else f"{mean:.3f} ± {sd:.3f} ({len(seeds)})"
+    return cell + ("" if letters is None else f"; letters {letters:.3f}")
 
 
 def which_compression(tables: dict[str, list[dict]]) -> tuple[list[dict], list[str]]:
@@ -567,7 +570,8 @@ def which_compression(tables: dict[str, list[dict]]) -> tuple[list[dict], list[s
     keys = [(e["config"], e["schedule"]) for e in tables.get("fine", [])]
     keys += [k for k in (by.get("text") or {}) if k not in keys]
     rows, lines = [], ["| configuration | schedule | cost vs plain-1024: probe (FLOPs) | fine, mean ± sd (seeds) | "
-                       "reads fine from | text, mean ± sd (seeds) | reads text from | largest basic-task drop |",
+                       "reads fine from | text: words, mean ± sd (seeds); letters | reads text from | "
+                       "largest basic-task drop |",
                        "|---|---|---|---|---|---|---|---|"]
     for key in keys:
         fine, text = by.get("fine", {}).get(key), by.get("text", {}).get(key)
@@ -578,8 +582,10 @@ def which_compression(tables: dict[str, list[dict]]) -> tuple[list[dict], list[s
         cells = []
         for name, entry in (("fine", fine), ("text", text)):
             row[name] = entry and {"mean": entry["detail"][0], "sd": entry["detail"][1], "seeds": entry["seeds"],
-                                   "zeroed": entry.get("detail_zeroed"), "reads": reads_from(entry)}
-            cells += [score_cell(*entry["detail"], entry["seeds"]) if entry else "not run", reads_from(entry)]
+                                   "zeroed": entry.get("detail_zeroed"), "reads": reads_from(entry),
+                                   "letters": entry.get("letters")}
+            cells += [score_cell(*entry["detail"], entry["seeds"], entry.get("letters")) if entry else "not run",
+                      reads_from(entry)]
         drops = [e["worst_basic_drop"] for e in (fine, text) if e and "worst_basic_drop" in e]
         worst = max(drops, key=lambda item: item[1]) if drops else None
         row["worst_basic_drop"] = worst
@@ -630,15 +636,16 @@ def doc_lines(decision: list[dict]) -> list[str]:
     """The user-facing "Which compression" table (README.md, docs/lvtc.md): one row per configuration (stage2 alone,
     the study's main schedule), how to convert to it, and both tasks."""
     lines = ["| convert with | cost vs plain-1024: step time (FLOPs) | fine detail, mean ± sd (seeds) | reads it from "
-             "| small text, mean ± sd (seeds) | reads it from |", "|---|---|---|---|---|---|"]
+             "| small text: words right, mean ± sd (seeds); letters right | reads it from |",
+             "|---|---|---|---|---|---|"]
     for row in decision:
         if row["schedule"] != "s2":
             continue
         cells = []
         for task in ("fine", "text"):
             entry = row[task]
-            cells += [score_cell(entry["mean"], entry["sd"], entry["seeds"]), entry["reads"]] if entry \
-                else ["not run", "-"]
+            cells += [score_cell(entry["mean"], entry["sd"], entry["seeds"], entry.get("letters")), entry["reads"]] \
+                if entry else ["not run", "-"]
         lines.append(f"| {row['config']}: {CONVERT_WITH[row['config']]} | {_fmt(row['cost'], 2)}x "
                      f"({_fmt(row['flops_cost'], 2)}x) | " + " | ".join(cells) + " |")
     return lines
