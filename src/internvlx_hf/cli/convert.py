@@ -63,7 +63,7 @@ examples:
 which compression (an InternVL2-like tiny model upgraded and fine-tuned, docs/lvtc.md "Which compression"):
   --projector pvtc            recommended: InternVL2's 256 tokens per 448 px tile (about 1.1x its training-step
                               cost, 0.6x that of 1024 tokens); fine-tuned, it read fine detail from those 256 tokens
-                              as well as a model with 1024 tokens per tile did
+                              as well as a model with 1024 tokens per tile did, and small text better
   --lvtc k=K,hr_scale=rms     LVTC that reads its high-resolution tokens, but fell short of 1024 tokens there
   --lvtc k=K                  the paper's formulation: after an upgrade its high-resolution tokens went unused
   Every new module is untrained: fine-tune after converting (internvlx train --preset stage2).
