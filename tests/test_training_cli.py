@@ -85,6 +85,12 @@ def test_train_writes_checkpoints_that_load_anywhere(preset, tmp_path, capsys):
     assert f"Trainable parameters (preset {preset})" in printed
     assert "  colours                           8          8" in printed  # rows, samples (read lazily)
     assert "Tiles: each dataset's max_dynamic_patch (colours 1); the saved processor gets max_tiles 1" in printed
+    # the run's peak memory: on a CPU the process's peak RSS (ru_maxrss), which only grows afterwards
+    import resource
+
+    peak = re.search(r"^Peak memory: (\d+\.\d\d) GiB resident \(peak RSS of this process, cpu\)$", printed, re.M)
+    assert peak, printed
+    assert 0.1 < float(peak.group(1)) <= resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20 + 0.005
 
     expected = {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
                 "tokenizer_config.json", "processor_config.json", "internvlx_provenance.json", *REMOTE_CODE}
@@ -94,6 +100,7 @@ def test_train_writes_checkpoints_that_load_anywhere(preset, tmp_path, capsys):
     assert record["data"][0]["files"] == [str(tmp_path / "colours.jsonl")] and record["data"][0]["samples"] == 8
     assert (record["learning_rate"], record["tiling"], record["max_tiles"], record["packing"]) == (1e-3, "ratio", 1,
                                                                                                    False)
+    assert record["lm_head_loss"] == "labelled"  # the LM head on the labelled positions only, by default
     assert json.loads((out / "processor_config.json").read_text())["image_processor"]["max_tiles"] == 1
     # what loading the rows found, all processes and DataLoader workers together
     assert record["data_loaded"]["rows"] == 8 and record["data_loaded"]["skipped"] == {}

@@ -50,3 +50,7 @@ def test_sft_trainer_trains_a_converted_checkpoint(collator, tmp_path):
     trainer.train()
     losses = th.losses(trainer)
     assert len(losses) == 2 and losses[-1] < losses[0]
+    # TRL's token metrics are reported (TRL >= 1.x computes them in its own fused LM head, older releases from the
+    # logits, which the model's forward returns in full unless it is called with skip_logits=True)
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert all(0.0 <= entry["mean_token_accuracy"] <= 1.0 and entry["entropy"] > 0.0 for entry in logged)

@@ -41,12 +41,9 @@ from dataclasses import dataclass, field
 
 from PIL import Image, UnidentifiedImageError
 
-#: Default limit on an image's encoded size (the bytes of the PNG / JPEG file): OpenAI's per-image limit, 20 MiB.
-DEFAULT_MAX_IMAGE_BYTES = 20 * 2**20
-#: Default limit on an image's pixels (width x height): 40 megapixels, an 8K frame (7680 x 4320 = 33 M) passes.
-DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
-#: Seconds a URL fetch may take in all (connection, redirects, download).
-DEFAULT_FETCH_TIMEOUT = 10.0
+# The defaults live with the other limits in plain Python, so `internvlx serve --help` shows them without Pillow.
+from .serving_requests import DEFAULT_FETCH_TIMEOUT, DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS  # noqa: F401
+
 #: Redirects followed per fetch, each one checked like the first URL.
 MAX_REDIRECTS = 3
 #: The image formats a request's image may be in (PIL's names); others (EPS, which runs Ghostscript, TIFF, ...) are

@@ -26,6 +26,12 @@ DEFAULT_MAX_REQUEST_BYTES = 50 * 2**20
 DEFAULT_MAX_IMAGES_PER_REQUEST = 16
 #: Environment variable read for the API key when ``--api-key`` is not given (as vLLM reads VLLM_API_KEY).
 API_KEY_ENV = "INTERNVLX_API_KEY"
+#: Default limit on an image's encoded size (the bytes of the PNG / JPEG file): OpenAI's per-image limit, 20 MiB.
+DEFAULT_MAX_IMAGE_BYTES = 20 * 2**20
+#: Default limit on an image's pixels (width x height): 40 megapixels, an 8K frame (7680 x 4320 = 33 M) passes.
+DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
+#: Seconds a URL fetch may take in all (connection, redirects, download).
+DEFAULT_FETCH_TIMEOUT = 10.0
 
 #: Routes this server answers, with their methods; transformers' app has more, which the gate answers with 404.
 ROUTES = {"/v1/chat/completions": ("POST",), "/v1/models": ("GET",), "/health": ("GET",)}

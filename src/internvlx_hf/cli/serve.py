@@ -8,7 +8,8 @@ import re
 import sys
 from typing import Any
 
-from ..serving_requests import API_KEY_ENV, DEFAULT_MAX_IMAGES_PER_REQUEST, DEFAULT_MAX_REQUEST_BYTES
+from ..serving_requests import (API_KEY_ENV, DEFAULT_FETCH_TIMEOUT, DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS,
+                                DEFAULT_MAX_IMAGES_PER_REQUEST, DEFAULT_MAX_REQUEST_BYTES)
 from .command import CLIError, Command
 from .quantization import add_quantization_arguments, check_quantization_available, quantization_flag
 
@@ -59,8 +60,6 @@ _LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
 
 def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..serving_media import DEFAULT_FETCH_TIMEOUT, DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS
-
     parser.add_argument("model", metavar="MODEL", help="checkpoint folder (from `internvlx convert`) or Hub id")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: every interface)")

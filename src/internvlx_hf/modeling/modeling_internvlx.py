@@ -571,7 +571,12 @@ class InternVLXModelOutputWithPast(BaseModelOutputWithPast):
 
 @dataclass
 class InternVLXCausalLMOutputWithPast(ModelOutput):
-    """Causal LM output; ``logits`` always line up with ``input_ids`` (short layout), LVTC or not."""
+    """Causal LM output; ``logits`` always line up with ``input_ids`` (short layout), LVTC or not.
+
+    With ``skip_logits=True`` (training: the LM head runs on the labelled positions only) ``logits`` is None and
+    ``token_losses`` ``(batch, seq)`` holds the cross-entropy of the prediction made at each position (of
+    ``labels[:, t + 1]``, or ``shift_labels[:, t]``), 0 where that label is -100.
+    """
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
@@ -579,6 +584,7 @@ class InternVLXCausalLMOutputWithPast(ModelOutput):
     hidden_states: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
     image_hidden_states: torch.Tensor | None = None
+    token_losses: torch.Tensor | None = None
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -1182,6 +1188,8 @@ class InternVLXForConditionalGeneration(InternVLXPreTrainedModel, GenerationMixi
         image_flags: torch.Tensor | None = None,
         num_patches: torch.Tensor | None = None,
         tile_grid: torch.Tensor | None = None,
+        skip_logits: bool = False,
+        linear_cross_entropy=None,
         **kwargs,
     ) -> InternVLXCausalLMOutputWithPast:
         r"""
@@ -1189,6 +1197,17 @@ class InternVLXForConditionalGeneration(InternVLXPreTrainedModel, GenerationMixi
             that are image placeholders (`placeholder_label_ids()`) are ignored too, so ``labels=input_ids`` does not
             train the model to predict `<IMG_CONTEXT>`.
         logits_to_keep: keep only the last N positions' logits (0 = all), e.g. 1 in a generation prefill.
+        skip_logits: with ``labels``, run the LM head only on the positions whose (shifted) label is not -100 and
+            return the same ``loss`` without logits: ``logits`` is None, ``token_losses`` holds each position's
+            cross-entropy (see `InternVLXCausalLMOutputWithPast`). A training sample is mostly image and prompt
+            tokens, so this skips most of the ``(batch, seq, vocab)`` logits, their float32 copy and their gradient.
+            The name and meaning are Liger-Kernel's (`transformers.Trainer` passes ``skip_logits=True`` in loss-only
+            evaluation with ``use_liger_kernel``); `internvlx_hf.training.InternVLXTrainer` passes it by default.
+        linear_cross_entropy: with ``skip_logits``, an optional ``fn(hidden, weight, targets) -> losses`` that
+            computes the per-token cross-entropy ``(n,)`` of ``hidden @ weight.T`` (``(n, hidden)`` and ``(vocab,
+            hidden)``) against ``targets`` ``(n,)`` without materialising the logits, e.g. cut-cross-entropy or
+            Liger's fused kernel (`internvlx_hf.training.linear_cross_entropy`); default: the LM head and
+            `torch.nn.functional.cross_entropy` in float32, as the loss without ``skip_logits``.
         return_dict: ``False`` returns a tuple (transformers' convention; ``config.return_dict`` is the default).
         """
         if kwargs.get("loss_weight") is not None:  # it would otherwise vanish in **kwargs: a silently unweighted loss
@@ -1203,15 +1222,24 @@ class InternVLXForConditionalGeneration(InternVLXPreTrainedModel, GenerationMixi
             output_attentions=output_attentions, output_hidden_states=output_hidden_states, image_flags=image_flags,
             num_patches=num_patches, tile_grid=tile_grid, return_dict=True, **kwargs,
         )
-        logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
-        loss = None
-        if labels is not None:
-            labels = self._ignore_placeholder_labels(labels)
-            if kwargs.get("shift_labels") is not None:
-                kwargs["shift_labels"] = self._ignore_placeholder_labels(kwargs["shift_labels"])
-            loss = self.loss_function(
-                logits=logits, labels=labels, vocab_size=self.config.get_text_config().vocab_size, **kwargs
-            )
+        loss = logits = token_losses = None
+        if skip_logits:
+            if not isinstance(logits_to_keep, int) or logits_to_keep != 0:
+                raise ValueError("skip_logits=True computes no logits; it does not combine with logits_to_keep")
+            loss, token_losses = self._labelled_loss(
+                outputs.last_hidden_state, labels, kwargs.get("shift_labels"), kwargs.get("num_items_in_batch"),
+                linear_cross_entropy)
+        else:
+            if linear_cross_entropy is not None:
+                raise ValueError("linear_cross_entropy replaces the logits of the loss: pass skip_logits=True too")
+            logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
+            if labels is not None:
+                labels = self._ignore_placeholder_labels(labels)
+                if kwargs.get("shift_labels") is not None:
+                    kwargs["shift_labels"] = self._ignore_placeholder_labels(kwargs["shift_labels"])
+                loss = self.loss_function(
+                    logits=logits, labels=labels, vocab_size=self.config.get_text_config().vocab_size, **kwargs
+                )
         return InternVLXCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
@@ -1219,7 +1247,34 @@ class InternVLXForConditionalGeneration(InternVLXPreTrainedModel, GenerationMixi
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             image_hidden_states=outputs.image_hidden_states,
+            token_losses=token_losses,
         )
+
+    def _labelled_loss(self, hidden_states: torch.Tensor, labels: torch.Tensor | None,
+                       shift_labels: torch.Tensor | None, num_items_in_batch, linear_cross_entropy
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward`'s loss with ``skip_logits``: transformers' ForCausalLMLoss (shift, -100 and placeholder labels
+        ignored, float32 cross-entropy, mean or sum / ``num_items_in_batch``) computed on the labelled rows only."""
+        if labels is None:
+            raise ValueError("skip_logits=True returns the loss without logits, so it needs labels; call the model "
+                             "without skip_logits for logits")
+        if shift_labels is None:  # position t predicts label t + 1, as ForCausalLMLoss shifts
+            shift_labels = F.pad(labels, (0, 1), value=-100)[..., 1:]
+        shift_labels = self._ignore_placeholder_labels(shift_labels.to(hidden_states.device))
+        labelled = shift_labels != -100
+        hidden, targets = hidden_states[labelled], shift_labels[labelled]
+        if linear_cross_entropy is None:
+            losses = F.cross_entropy(self.lm_head(hidden).float(), targets, reduction="none")
+        else:
+            losses = linear_cross_entropy(hidden, self.lm_head.weight, targets).float()
+        if num_items_in_batch is None:
+            loss = losses.sum() / labelled.sum()  # no labelled token: nan, as the mean of ForCausalLMLoss
+        else:
+            if torch.is_tensor(num_items_in_batch):
+                num_items_in_batch = num_items_in_batch.to(losses.device)
+            loss = losses.sum() / num_items_in_batch
+        # masked_scatter keeps the per-token losses connected to the graph even when no label is left
+        return loss, losses.new_zeros(labelled.shape).masked_scatter(labelled, losses)
 
     # ------------------------------------------------------------------------------------------ generation hooks
 

@@ -4,13 +4,15 @@
 
 Modules: `collator` (padded or packed batches, per-token loss weights), `presets` (stage1 / stage2 /
 stage2-frozen-vit / full / lora), `trainer` (`InternVLXTrainer`: weighted losses, length grouping, provenance),
-`train` (`train()`, behind `internvlx train`), `synthetic` (`generate_dataset`: seeded synthetic visual QA in
-InternVL's format, the data of `internvlx demo` and `benchmarks/bench_learnability.py`). The data itself (InternVL
-meta JSON / JSONL / TRL rows, encoding, the lazy `InternVLXDataset`) is read by `internvlx_hf.data`, whose main names
-are exported here too.
+`train` (`train()`, behind `internvlx train`), `linear_cross_entropy` (how the loss runs the LM head: on the
+labelled positions only by default, or through cut-cross-entropy / Liger), `synthetic` (`generate_dataset`: seeded
+synthetic visual QA in InternVL's format, the data of `internvlx demo` and `benchmarks/bench_learnability.py`). The
+data itself (InternVL meta JSON / JSONL / TRL rows, encoding, the lazy `InternVLXDataset`) is read by
+`internvlx_hf.data`, whose main names are exported here too.
 """
 
 from .collator import InternVLXDataCollator
+from .linear_cross_entropy import LM_HEAD_LOSSES
 from ..data import DataSummary, InternVLXDataset, read_meta
 from ..data.encoding import IGNORE_INDEX, ConversationEncoder
 from ..data.formats import Sample, SampleError, sample_from_row
@@ -29,6 +31,7 @@ from .trainer import InternVLXTrainer, last_complete_checkpoint
 
 __all__ = [
     "IGNORE_INDEX",
+    "LM_HEAD_LOSSES",
     "PRESETS",
     "ConversationEncoder",
     "DataArguments",

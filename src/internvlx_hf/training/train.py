@@ -28,6 +28,7 @@ from ..data import InternVLXDataset, apply_tile_precedence, as_sources
 from ..hub.resolve import read_internvlx_config
 from ..processing import TilingMode
 from .collator import LOSS_REDUCTIONS, InternVLXDataCollator
+from .linear_cross_entropy import LM_HEAD_LOSSES
 from .presets import (
     LORA_PRESETS,
     PRESETS,
@@ -64,6 +65,14 @@ class ModelArguments:
         metadata={"help": "train into a non-empty --output_dir: its old contents (checkpoints, model card, ...) are "
                           "deleted first. Without it a non-empty --output_dir is refused, unless "
                           "--resume_from_checkpoint continues the run in it"},
+    )
+    lm_head_loss: str = field(
+        default="labelled",
+        metadata={"help": "how the loss runs the LM head: labelled (only on the positions with a label: the loss and "
+                          "gradients of full, without the logits of image and prompt tokens), cut_cross_entropy or "
+                          "liger (the same with a fused linear cross-entropy: pip install cut-cross-entropy / "
+                          "liger-kernel, the latter CUDA only), full (the logits of every position)",
+                  "choices": list(LM_HEAD_LOSSES)},
     )
 
 
@@ -488,12 +497,13 @@ def train(model_args: ModelArguments, data_args: DataArguments, preset_args: Pre
         "packing": data_args.packing,
         "max_length": data_args.max_length,
         "loss_reduction": data_args.loss_reduction,
+        "lm_head_loss": model_args.lm_head_loss,
         "tiling": TilingMode(processor.image_processor.tiling).value,
         "max_tiles": processor.image_processor.max_tiles,
     }
     trainer = InternVLXTrainer(model=model, args=training_args, train_dataset=dataset, eval_dataset=eval_dataset,
                                data_collator=collator, processing_class=processor, started_from=folder,
-                               provenance=provenance, callbacks=callbacks)
+                               provenance=provenance, callbacks=callbacks, lm_head_loss=model_args.lm_head_loss)
     if eval_sets is not None:
         from ..evaluation import EvaluationCallback
 
@@ -507,6 +517,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, preset_args: Pre
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     if eval_sets is not None and training_args.eval_strategy == "no":
         trainer.evaluate()  # the final model's scores, before it is saved with them
+    peak = peak_memory(trainer.args.device)
     loaded = dataset.load_report(_status_of_all_ranks(dataset, trainer))
     if collator.skipped:
         loaded["dropped_by_collator"] = dict(collator.skipped)  # this process's only (rows given to it directly)
@@ -514,8 +525,30 @@ def train(model_args: ModelArguments, data_args: DataArguments, preset_args: Pre
     out.mkdir(parents=True, exist_ok=True)
     _save_final(trainer, processor, out, lora, full_base=(folder, dtype) if quantization is not None else None)
     say(_describe_loaded(loaded))
+    say(peak)
     say(f"Saved {'the merged model to ' + str(out) + ' and the adapter to ' + str(out / 'adapter') if lora else out}")
     return TrainResult(trainer=trainer, dataset=dataset, output_dir=out, metrics=result.metrics)
+
+
+def peak_memory(device) -> str:
+    """The run's peak memory so far, as the summary prints it: on a CUDA device what torch allocated at most
+    (``torch.cuda.max_memory_allocated``: tensors, not the caching allocator's reserve), elsewhere the peak resident
+    set size of this process (``ru_maxrss``: weights, data, activations, Python and libraries)."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        used = torch.cuda.max_memory_allocated(device)
+        return f"Peak memory: {used / 2**30:.2f} GiB allocated on {device} (torch.cuda.max_memory_allocated)"
+    import sys
+
+    try:
+        import resource
+    except ImportError:  # Windows
+        return f"Peak memory: not measured on {sys.platform} ({device.type})"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    rss *= 1 if sys.platform == "darwin" else 1024
+    return f"Peak memory: {rss / 2**30:.2f} GiB resident (peak RSS of this process, {device.type})"
 
 
 def _check_qlora(training_args: TrainingArguments) -> None:
@@ -679,4 +712,5 @@ def exit_if_gloo_threads_remain() -> None:
 
 
 __all__ = ["ARGUMENT_CLASSES", "DataArguments", "ModelArguments", "PresetArguments", "TrainResult",
-           "end_distributed", "exit_if_gloo_threads_remain", "gloo_threads", "parse_train_args", "train"]
+           "end_distributed", "exit_if_gloo_threads_remain", "gloo_threads", "parse_train_args", "peak_memory",
+           "train"]

@@ -1,6 +1,6 @@
-"""The HF `Trainer`, with what InternVL-X training data needs: InternVL's per-sample loss weighting, length-grouped
-sampling from the dataset's own length estimates, a provenance record in every folder it saves, and checkpoints
-that appear whole or not at all.
+"""The HF `Trainer`, with what InternVL-X training data needs: the LM head on the labelled positions only, InternVL's
+per-sample loss weighting, length-grouped sampling from the dataset's own length estimates, a provenance record in
+every folder it saves, and checkpoints that appear whole or not at all.
 
 Everything else (DDP / FSDP / DeepSpeed, mixed precision, gradient checkpointing, checkpoints and resuming, logging)
 is transformers' own `Trainer`.
@@ -22,6 +22,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from ..atomic import atomic_file, replace_folder
 from ..provenance import record_training
 from .collator import InternVLXDataCollator
+from .linear_cross_entropy import LM_HEAD_LOSSES, resolve
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +43,12 @@ def weighted_token_loss(logits: torch.Tensor, labels: torch.Tensor, weights: tor
 class InternVLXTrainer(Trainer):
     """`transformers.Trainer` for InternVL-X checkpoints.
 
+    - The loss runs the LM head on the labelled positions only (``lm_head_loss="labelled"``: the model's forward with
+      ``skip_logits=True``): same loss and gradients, without the ``(batch, seq, vocab)`` logits of the image and
+      prompt tokens. This applies to training steps and loss-only evaluation (``prediction_loss_only``, the default
+      without ``compute_metrics``); evaluation that returns predictions, label smoothing and ``compute_loss_func``
+      get the full logits as before. ``"cut_cross_entropy"`` / ``"liger"`` compute the same loss with a fused linear
+      cross-entropy (`internvlx_hf.training.linear_cross_entropy`); ``"full"`` always computes every logit.
     - Batches with a ``loss_weight`` (`InternVLXDataCollator` with ``loss_reduction="sample"`` / ``"square"``) get
       InternVL's weighted loss: ``sum(w * ce) / sum(w)`` over the labelled tokens, with the sum of weights taken
       over the whole optimizer step (all gradient-accumulation batches and, with ``average_tokens_across_devices``,
@@ -67,11 +74,15 @@ class InternVLXTrainer(Trainer):
     Args:
         started_from: the folder the model was loaded from (its provenance record is carried over).
         provenance: JSON-serialisable details of the run for the record (preset, data, LoRA settings, ...).
+        lm_head_loss: ``"labelled"`` (default), ``"cut_cross_entropy"``, ``"liger"`` or ``"full"`` (see above).
         Everything else: as `transformers.Trainer`.
     """
 
     def __init__(self, *args, started_from: str | Path | None = None, provenance: dict[str, Any] | None = None,
-                 **kwargs):
+                 lm_head_loss: str = "labelled", **kwargs):
+        self.linear_cross_entropy = resolve(lm_head_loss)  # a clear error before any work for a missing package
+        self.lm_head_loss = lm_head_loss
+        self._prediction_loss_only: bool | None = None  # set while prediction_step runs
         collator = kwargs.get("data_collator")
         training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
         if isinstance(collator, InternVLXDataCollator) and training_args is not None \
@@ -81,6 +92,13 @@ class InternVLXTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.started_from = str(started_from) if started_from is not None else None
         self.provenance = dict(provenance or {})
+        if lm_head_loss in ("cut_cross_entropy", "liger"):
+            from transformers.integrations import is_deepspeed_zero3_enabled
+
+            # the kernels read lm_head.weight, which ZeRO-3 gathers only inside the head's own forward
+            if is_deepspeed_zero3_enabled():
+                raise ValueError(f"lm_head_loss={lm_head_loss!r} does not combine with DeepSpeed ZeRO-3 (its "
+                                 "partitioned LM head weight); use lm_head_loss='labelled'")
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device):
         count = super()._get_num_items_in_batch(batch_samples, device)
@@ -95,16 +113,43 @@ class InternVLXTrainer(Trainer):
             total = self.accelerator.gather(total).sum()
         return total
 
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        self._prediction_loss_only = prediction_loss_only
+        try:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+        finally:
+            self._prediction_loss_only = None
+
+    def skips_logits(self, inputs, return_outputs: bool = False) -> bool:
+        """Whether this loss runs the LM head on the labelled positions only: ``lm_head_loss`` is not ``"full"``,
+        the batch has labels, nothing reads the logits (no label smoothing, no ``compute_loss_func``) and the
+        outputs are not returned, except to a loss-only prediction step."""
+        return (self.lm_head_loss != "full" and inputs.get("labels") is not None and self.label_smoother is None
+                and self.compute_loss_func is None and (not return_outputs or self._prediction_loss_only is True))
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        lean = self.skips_logits(inputs, return_outputs)
+        lean_inputs = {"skip_logits": True} if lean else {}
+        if lean and self.linear_cross_entropy is not None:
+            lean_inputs["linear_cross_entropy"] = self.linear_cross_entropy
         if "loss_weight" not in inputs:
-            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+            return super().compute_loss(model, {**inputs, **lean_inputs}, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
         if self.label_smoother is not None:
             raise ValueError("loss_reduction 'sample' / 'square' does not combine with label_smoothing_factor")
+        if lean and self.lm_head_loss == "liger":  # older Liger releases scale a per-token gradient by its first one
+            raise ValueError("lm_head_loss='liger' computes the token-averaged loss only; loss_reduction 'sample' / "
+                             "'square' weighs tokens: use lm_head_loss='labelled' or 'cut_cross_entropy'")
         inputs = dict(inputs)
         weights, labels = inputs.pop("loss_weight"), inputs.pop("labels")
-        outputs = model(**inputs)
-        total = weighted_token_loss(outputs.logits, labels, weights)
+        if lean:
+            outputs = model(**inputs, labels=labels, **lean_inputs)
+            # token_losses[:, t] is the loss of predicting labels[:, t + 1]: the weights shift with it
+            shifted = torch.nn.functional.pad(weights[..., 1:], (0, 1)).to(outputs.token_losses.device)
+            total = (outputs.token_losses * shifted).sum()
+        else:
+            outputs = model(**inputs)
+            total = weighted_token_loss(outputs.logits, labels, weights)
         if num_items_in_batch is None:  # a per-batch mean; the Trainer divides by the accumulation steps
             loss = total / weights[..., 1:].sum().clamp_min(torch.finfo(torch.float32).tiny)
         else:
@@ -235,5 +280,5 @@ def tidy_adapter_folder(folder: Path, keep_card: bool = False) -> None:
             tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-__all__ = ["CHECKPOINT_STAGING", "InternVLXTrainer", "checkpoint_problem", "last_complete_checkpoint",
-           "tidy_adapter_folder", "weighted_token_loss"]
+__all__ = ["CHECKPOINT_STAGING", "LM_HEAD_LOSSES", "InternVLXTrainer", "checkpoint_problem",
+           "last_complete_checkpoint", "tidy_adapter_folder", "weighted_token_loss"]
