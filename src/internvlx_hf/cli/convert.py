@@ -62,9 +62,10 @@ examples:
 
 which compression (an InternVL2-like tiny model upgraded and fine-tuned, docs/lvtc.md "Which compression"):
   --projector pvtc            recommended: InternVL2's 256 tokens per 448 px tile (about 1.1x its training-step
-                              cost, 0.6x that of 1024 tokens); fine-tuned, it read fine detail from those 256 tokens
-                              as well as a model with 1024 tokens per tile did, and small text better
-  --lvtc k=K,hr_scale=rms     LVTC that reads its high-resolution tokens, but fell short of 1024 tokens there
+                              cost, 0.6x that of 1024 tokens); fine-tuned, it read fine detail better than the
+                              model kept as it is (but not as well as 1024 tokens on every seed), and small text
+                              better than either
+  --lvtc k=K,hr_scale=rms     LVTC that reads its high-resolution tokens, but no better than PVTC at a similar cost
   --lvtc k=K                  the paper's formulation: after an upgrade its high-resolution tokens went unused
   Every new module is untrained: fine-tune after converting (internvlx train --preset stage2).
 
