@@ -195,17 +195,18 @@ def hr_features(model, mode: str):
             handle.remove()
 
 
-def hr_ablation(model, processor, test_meta, n_test, intact: float | None = None) -> dict[str, float]:
-    """Fine-detail accuracy on the run's held-out fine samples for every `HR_MODES` entry (``intact``: the run's
-    own fine accuracy, when it was already scored). A model that reads the letters through its HR tokens drops
-    towards chance (1/8) without them; one that does not, stays put."""
+def hr_ablation(model, processor, test_meta, n_test, intact: float | None = None,
+                task: str = "fine") -> dict[str, float]:
+    """Fine-detail accuracy on the run's held-out fine samples (or those of ``task``) for every `HR_MODES` entry
+    (``intact``: the run's own accuracy on them, when it was already scored). A model that reads the letters through
+    its HR tokens drops towards chance (1/8) without them; one that does not, stays put."""
     from internvlx_hf.demo.recipe import evaluate
 
     scores = {} if intact is None else {"intact": intact}
     for mode in (m for m in HR_MODES if m not in scores):
         with hr_features(model, mode):
-            scores[mode] = evaluate(model, processor, test_meta, limit=n_test, tasks=("fine",),
-                                    progress=False)["accuracy"]["fine"]
+            scores[mode] = evaluate(model, processor, test_meta, limit=n_test, tasks=(task,),
+                                    progress=False)["accuracy"][task]
     return scores
 
 

@@ -572,8 +572,12 @@ def test_cli_help_teaches(capsys):
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     for needle in ("examples:", "internvlx convert ./InternVL2-2B", "--projector pvtc --lvtc", "k  expand_layer",
-                   "init_lr_from_mlp1", "--allow-pickle", "--max-shard-size"):
+                   "init_lr_from_mlp1", "--allow-pickle", "--max-shard-size", "hr_scale none|rms"):
         assert needle in text
+    # the decision of issue 44 (docs/lvtc.md, "Which compression"): the option recommended, and LVTC's with rms
+    assert "--projector pvtc            recommended:" in text
+    assert "--lvtc k=K,hr_scale=rms" in text
+    assert "internvlx convert ./InternVL2-2B ./InternVL2-2B-PVTC --projector pvtc\n" in text
 
 
 def test_cli_convert_and_error_exit(synthetic, tmp_path, capsys):

@@ -15,6 +15,7 @@ from internvlx_hf.processing import get_tile_grid
 from internvlx_hf.training.synthetic import (
     BASIC_TASKS,
     COLOURS,
+    EXTRA_TASKS,
     FRAME_COLOUR,
     GLYPHS,
     INK,
@@ -235,6 +236,54 @@ def test_bits_task_is_asked_for_by_name_only(tmp_path):
                for r in records if r["task"] == "bits")
 
 
+def _read_text(image: Image.Image, cell: int) -> tuple[str, int, int]:
+    """The letters found in the pixels (no use of the records), cell by cell in reading order, with the row and first
+    column of the cells that hold them."""
+    scale = max(1, (cell - 2) // 5)
+    offset = (cell - 5 * scale) // 2
+    pixels = image.load()
+    found = []
+    for row in range(image.height // cell):
+        for col in range(image.width // cell):
+            left, top = col * cell + offset, row * cell + offset
+            bitmap = tuple("".join("#" if pixels[left + bx * scale, top + by * scale] == INK else "."
+                                   for bx in range(5)) for by in range(5))
+            if "#" in "".join(bitmap):
+                (letter,) = [name for name, glyph in GLYPHS.items() if glyph == bitmap]
+                found.append((row, col, letter))
+    rows, cols = {r for r, _, _ in found}, [c for _, c, _ in found]
+    assert len(rows) == 1 and cols == list(range(cols[0], cols[0] + len(cols)))  # one row, side by side
+    data = image.tobytes()
+    assert sum(tuple(data[i:i + 3]) == INK for i in range(0, len(data), 3)) == sum(  # and no ink anywhere else
+        "".join(GLYPHS[letter]).count("#") * scale * scale for _, _, letter in found)
+    return "".join(letter for _, _, letter in found), rows.pop(), cols[0]
+
+
+@pytest.mark.parametrize("length, glyphs", [(4, 8), (3, 4), (8, 10)])
+def test_text_answers_follow_from_the_pixels(length, glyphs):
+    starts, rows = set(), set()
+    for _, _, sample in iter_samples(40, tasks=("text",), seed=length, image_size=TILE, fine_grid=8,
+                                     fine_glyphs=glyphs, text_length=length):
+        word, row, start = _read_text(sample.image, 14)
+        assert (sample.task, sample.question, sample.answer) == ("text", "What does the text say?", word)
+        assert len(word) == length and set(word) <= set(list(GLYPHS)[:glyphs])
+        (info,) = sample.objects
+        assert (info["word"], info["row"], info["start"], info["cell"]) == (word, row, start, 14)
+        starts.add(start)
+        rows.add(row)
+    # the word moves: it starts in the left and the right half of a 2x2 window, on upper and lower rows of windows
+    assert {s % 2 for s in starts} == ({0} if length == 8 else {0, 1}) and {r % 2 for r in rows} == {0, 1}
+
+
+def test_text_task_is_asked_for_by_name_only(tmp_path):
+    assert "text" in EXTRA_TASKS and "text" not in TASKS
+    meta = generate_dataset(tmp_path / "t", n=4, tasks=("colour", "text"), image_size=TILE, fine_grid=8,
+                            text_length=3)
+    _, records, _ = _load(meta)
+    assert [r["task"] for r in records] == ["colour", "text"] * 2
+    assert all(len(r["conversations"][1]["value"]) == 3 for r in records if r["task"] == "text")
+
+
 def test_glyphs_are_far_apart():
     for a, b in itertools.combinations(GLYPHS.values(), 2):
         assert sum(x != y for ra, rb in zip(a, b) for x, y in zip(ra, rb)) >= 5
@@ -257,6 +306,8 @@ def test_glyphs_are_far_apart():
         (dict(tasks=("bits",), bits_side=13), ValueError, "bits_side=13 dots do not fit a 14px cell"),
         (dict(tasks=("bits",), bits_rows=0), ValueError, "bits_rows must be a positive integer"),
         (dict(tasks=VIDEO_TASKS, video_frames=1), ValueError, "video_frames must be an integer >= 2"),
+        (dict(tasks=("text",), text_length=9, fine_grid=8), ValueError, "text_length=9 letters do not fit a row of 8"),
+        (dict(tasks=("text",), text_length=0), ValueError, "text_length must be a positive integer"),
     ],
 )
 def test_bad_arguments_are_named(tmp_path, kwargs, error, words):

@@ -38,6 +38,9 @@ examples:
   # the InternVL-X reference release (PVTC projector) in bfloat16, 2GB shards
   internvlx convert ./InternVL-X-2B-HD ./InternVL-X-2B-HD-hf --dtype bfloat16 --max-shard-size 2GB
 
+  # recommended compression upgrade (see "which compression" below): a PVTC projector, then fine-tune
+  internvlx convert ./InternVL2-2B ./InternVL2-2B-PVTC --projector pvtc
+
   # upgrade InternVL2 to PVTC + LVTC (new modules initialised for stage-1 training, see the summary)
   internvlx convert ./InternVL2-2B ./InternVL2-2B-X --projector pvtc --lvtc k=18,T=2
 
@@ -54,6 +57,17 @@ examples:
   s  inject_start        (default 1)            i  inject_interval   (default 1)
   upsample_mode nearest|bilinear, hr_downsample_ratio (default 1.0), hr_projector_type mlp|pvtc,
   lr_downsample_ratio, lr_projector_type: the LVTCConfig fields; init_lr_from_mlp1: a flag (mlp LR projectors)
+  hr_scale none|rms      how the HR projector's output joins layer k: as it is (none, the paper, the default) or
+                         rescaled to the LR state's RMS (rms: pass it when upgrading a trained model)
+
+which compression (an InternVL2-like tiny model upgraded and fine-tuned, docs/lvtc.md "Which compression"):
+  --projector pvtc            recommended: InternVL2's 256 tokens per 448 px tile (about 1.1x its training-step
+                              cost, 0.6x that of 1024 tokens); fine-tuned, it read fine detail better than the
+                              model kept as it is (but not as well as 1024 tokens on every seed), and small text
+                              better than either
+  --lvtc k=K,hr_scale=rms     LVTC that reads its high-resolution tokens, but no better than PVTC at a similar cost
+  --lvtc k=K                  the paper's formulation: after an upgrade its high-resolution tokens went unused
+  Every new module is untrained: fine-tune after converting (internvlx train --preset stage2).
 
 Errors name the input and the fix; the exit status is 2 for a conversion error."""
 

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import staged_folder
-from ..training.synthetic import BASIC_TASKS, TASKS, VIDEO_TASKS, combine_meta, generate_dataset
+from ..training.synthetic import BASIC_TASKS, VIDEO_TASKS, combine_meta, generate_dataset
 from .packaged import DEMO_MODEL_DIR
 
 # The tokenizer source the recipe falls back to without the packaged demo model (the repository's test fixture).
@@ -92,7 +92,11 @@ EXTRA_CONFIGS: dict[str, TinySpec] = {
 class DataSpec:
     """The synthetic data: ``n_basic`` basic samples, ``n_fine`` fine-detail samples repeated ``fine_repeat``
     times (a small set: a model that cannot read the letters memorises it instead of generalising), ``n_test``
-    held-out samples of every task."""
+    held-out samples of every task.
+
+    ``detail_task``: the task of the small repeated set and of the held-out set's fifth share: ``"fine"`` (the letter
+    in the red box) or ``"text"`` (a word of small letters, `internvlx_hf.training.synthetic`). The held-out sets of
+    both share their basic samples (a sample depends on its index and task only)."""
 
     sizes: str = "fixed"
     n_basic: int = 3600
@@ -106,8 +110,10 @@ class DataSpec:
     # each has, drawn from its seed, an empty system block or no system turn, which the chat template renders as its
     # default system message: what clients that send no system turn render (the demo model).
     system_prompts: str = "empty"
+    detail_task: str = "fine"
 
 
+DETAIL_TASKS = ("fine", "text")
 SYSTEM_PROMPTS: dict[str, str | list[str | None]] = {"empty": "", "empty+default": ["", None]}
 
 
@@ -214,6 +220,8 @@ def make_datasets(root: str | os.PathLike, spec: TinySpec, data: DataSpec) -> tu
     root = Path(root)
     if data.system_prompts not in SYSTEM_PROMPTS:
         raise ValueError(f"DataSpec.system_prompts={data.system_prompts!r} is not one of {list(SYSTEM_PROMPTS)}")
+    if data.detail_task not in DETAIL_TASKS:
+        raise ValueError(f"DataSpec.detail_task={data.detail_task!r} is not one of {list(DETAIL_TASKS)}")
     common = dict(sizes=data.sizes, image_size=spec.tile, fine_grid=data.fine_grid, fine_glyphs=data.fine_glyphs)
 
     def make(name, system_message="", **kwargs):
@@ -231,13 +239,16 @@ def make_datasets(root: str | os.PathLike, spec: TinySpec, data: DataSpec) -> tu
     test_tag = "" if data.n_test == defaults.n_test else f"-{data.n_test}"
     system_tag = "" if data.system_prompts == defaults.system_prompts else f"-sys-{data.system_prompts}"
     system = SYSTEM_PROMPTS[data.system_prompts]
+    detail = data.detail_task
     basic = make(f"basic-{tag}-s{data.seed}{basic_tag}{system_tag}", n=data.n_basic, tasks=TRAIN_TASKS,
                  seed=1000 + data.seed, system_message=system)
-    fine = make(f"fine-{tag}-s{data.seed}{fine_tag}{system_tag}", n=data.n_fine, tasks=["fine"],
+    fine = make(f"{detail}-{tag}-s{data.seed}{fine_tag}{system_tag}", n=data.n_fine, tasks=[detail],
                 seed=5000 + data.seed, repeat_time=data.fine_repeat, system_message=system)
     # The held-out set is the same for every recipe; `evaluate(system=...)` chooses the prompt it is asked with.
-    test = make(f"test-{tag}{test_tag}", n=data.n_test, tasks=TASKS, seed=999_999)
-    train_meta = root / f"train-{tag}-s{data.seed}{basic_tag}{fine_tag}{system_tag}.json"
+    # With the text task in the fine task's place its basic samples are the same ones (same seed, same indices).
+    detail_tag = "" if detail == "fine" else f"-{detail}"
+    test = make(f"test{detail_tag}-{tag}{test_tag}", n=data.n_test, tasks=BASIC_TASKS + (detail,), seed=999_999)
+    train_meta = root / f"train{detail_tag}-{tag}-s{data.seed}{basic_tag}{fine_tag}{system_tag}.json"
     if not train_meta.is_file():
         combine_meta([basic, fine], train_meta)
     return train_meta, test
@@ -339,7 +350,8 @@ def evaluate(model, processor, test_meta: str | os.PathLike, *, batch_size: int 
 
     ``limit``: the first samples only; ``tasks``: of those, the samples of these tasks only (the same samples
     that a run without ``tasks`` scores for them); ``system``: the system block every question is asked with (see
-    `prompt_messages`); ``max_new_tokens``: the longest answer generated.
+    `prompt_messages`); ``max_new_tokens``: the longest answer generated. ``answers`` holds every task's
+    ``(prediction, reference)`` pairs in file order.
     """
     from ..evaluation import evaluate as score
     from ..evaluation import read_eval_data
@@ -358,6 +370,8 @@ def evaluate(model, processor, test_meta: str | os.PathLike, *, batch_size: int 
     return {"accuracy": accuracy, "basic_min": min(basic) if basic else None, "n": len(predictions),
             "tiles_per_sample": sum(p.tiles for p in predictions) / len(predictions),
             "visual_tokens_per_sample": sum(p.visual_tokens for p in predictions) / len(predictions),
+            "answers": {result.name: [(p.prediction, p.reference) for p in result.predictions]
+                        for result in run.datasets},
             "eval_s": time.perf_counter() - start}
 
 

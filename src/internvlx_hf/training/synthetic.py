@@ -18,6 +18,10 @@ and a one-word answer:
   two need the exact dots, and a 2x2-merged token must carry those of all four cells through the projector's output
   width, a per-patch token those of one; a count fits either.
 
+- ``text`` (only when asked for, see `EXTRA_TASKS`): a word of ``text_length`` letters of the fine task, one per
+  cell, side by side on one row of an otherwise empty page: "What does the text say?" -> ``HEXO``. Small text, read
+  whole and in order.
+
 - ``first-colour`` (a video task, see `VIDEO_TASKS`): ``video_frames`` frames of one background; frames before a
   point in time are empty, then one shape appears and stays, and in a later frame a second shape of another colour
   joins it: "Which colour appears first?" -> the first shape's colour. The last frame shows both shapes, so only the
@@ -34,6 +38,11 @@ attention and reads its letter through the projector's weights, which are shared
 weights per block plus a conjunction (which block is framed, which letter is in it). From a small set of fine
 samples a 256-token model memorises the training pages instead (its held-out accuracy stays near chance), while a
 1024-token model generalises. See docs/benchmarks.md (the learnability benchmark) for the measured numbers.
+
+**Why the text task needs resolution, differently.** Nothing points at one cell: every letter of the word is asked
+for, in order. At 1024 tokens the word is ``text_length`` consecutive tokens of one letter each, read one after the
+other. At 256 two (or, across rows of windows, up to four) letters share a token, so the answer has to be unpacked
+from one token's channel blocks in reading order, for a word that may start in the left or the right half of a window.
 
 ``sizes="fixed"`` draws ``image_size`` squares (one tile); ``sizes="mixed"`` draws small images, banners, wide
 images and tall pages (see `MIXED_SIZES`), so the tile grid depends on the tiling mode (RVTC).
@@ -64,7 +73,8 @@ from ..atomic import atomic_file, staged_folder
 TASKS = ("colour", "shape", "position", "count", "fine")
 BASIC_TASKS = ("colour", "shape", "position", "count")
 # Tasks that are drawn only when asked for by name (never part of the default `TASKS` mixture).
-EXTRA_TASKS = ("bits", "bits-count", "bits-block")
+EXTRA_TASKS = ("bits", "bits-count", "bits-block", "text")
+BITS_TASKS = ("bits", "bits-count", "bits-block")
 # Tasks over several frames, written as InternVL video rows (a folder of frames per row); only when asked for.
 VIDEO_TASKS = ("first-colour",)
 QUADRANTS = ("top-left", "top-right", "bottom-left", "bottom-right")
@@ -211,6 +221,34 @@ def _shapes_image(rng: random.Random, width: int, height: int, objects: list[dic
     return image
 
 
+def _draw_glyph(draw: ImageDraw.ImageDraw, letter: str, left: int, top: int, scale: int) -> None:
+    for by, line in enumerate(GLYPHS[letter]):
+        for bx, ink in enumerate(line):
+            if ink == "#":
+                draw.rectangle([left + bx * scale, top + by * scale, left + (bx + 1) * scale - 1,
+                                top + (by + 1) * scale - 1], fill=INK)
+
+
+def _text_sample(rng: random.Random, width: int, height: int, cell: int, glyphs: Sequence[str],
+                 length: int) -> Sample:
+    """A word of ``length`` letters, one per ``cell`` x ``cell`` square, side by side on one row of the grid (at a
+    random row and starting column); every other square is empty."""
+    cols, rows = max(length, width // cell), max(2, height // cell)
+    width, height = max(width, cols * cell), max(height, rows * cell)
+    x0, y0 = (width - cols * cell) // 2, (height - rows * cell) // 2
+    image = Image.new("RGB", (width, height), _background(rng))
+    draw = ImageDraw.Draw(image)
+    scale = max(1, (cell - 2) // 5)
+    offset = (cell - 5 * scale) // 2
+    word = "".join(rng.choice(glyphs) for _ in range(length))
+    row, start = rng.randrange(rows), rng.randrange(cols - length + 1)
+    for i, letter in enumerate(word):
+        _draw_glyph(draw, letter, x0 + (start + i) * cell + offset, y0 + row * cell + offset, scale)
+    objects = [{"grid": [cols, rows], "origin": [x0, y0], "cell": cell, "scale": scale, "offset": offset,
+                "word": word, "row": row, "start": start}]
+    return Sample(image, "text", "What does the text say?", word, objects)
+
+
 def _fine_sample(rng: random.Random, width: int, height: int, cell: int, glyphs: Sequence[str]) -> Sample:
     """A grid of letters, one per ``cell`` x ``cell`` square, with one square framed in red."""
     cols, rows = max(2, width // cell), max(2, height // cell)
@@ -223,12 +261,7 @@ def _fine_sample(rng: random.Random, width: int, height: int, cell: int, glyphs:
     letters = [[rng.choice(glyphs) for _ in range(cols)] for _ in range(rows)]
     for r in range(rows):
         for c in range(cols):
-            left, top = x0 + c * cell + offset, y0 + r * cell + offset
-            for by, line in enumerate(GLYPHS[letters[r][c]]):
-                for bx, ink in enumerate(line):
-                    if ink == "#":
-                        draw.rectangle([left + bx * scale, top + by * scale, left + (bx + 1) * scale - 1,
-                                        top + (by + 1) * scale - 1], fill=INK)
+            _draw_glyph(draw, letters[r][c], x0 + c * cell + offset, y0 + r * cell + offset, scale)
     row, col = rng.randrange(rows), rng.randrange(cols)
     fx, fy = x0 + col * cell, y0 + row * cell
     draw.rectangle([fx, fy, fx + cell - 1, fy + cell - 1], outline=FRAME_COLOUR, width=1)
@@ -288,7 +321,7 @@ def _bits_sample(rng: random.Random, width: int, height: int, cell: int, side: i
 def make_sample(task: str, rng: random.Random, width: int, height: int, *, image_size: int = 448,
                 fine_grid: int = 8, fine_glyphs: int = 8, max_count: int = 6, max_objects: int = 1,
                 bits_side: int = 6, bits_rows: int | None = None,
-                bits_distractors: bool = True, video_frames: int = 4) -> Sample:
+                bits_distractors: bool = True, video_frames: int = 4, text_length: int = 4) -> Sample:
     """Draw one sample of ``task`` on a ``width`` x ``height`` canvas.
 
     Args:
@@ -305,12 +338,16 @@ def make_sample(task: str, rng: random.Random, width: int, height: int, *, image
         bits_rows: the bits task's rows of dots per cell (None: ``bits_side``, square dots; 1: a barcode).
         bits_distractors: the bits task draws dots in every cell (True) or only in the framed block.
         video_frames: the frames of a video task (`VIDEO_TASKS`), at least 2.
+        text_length: the letters of the text task's word (its cells are those of the fine task; at most
+            ``fine_grid``).
     """
     _check_options(1, task, "fixed", image_size, fine_grid, fine_glyphs, max_count, max_objects, bits_side,
-                   bits_rows, video_frames)
+                   bits_rows, video_frames, text_length)
     if task == "first-colour":
         return _first_colour_sample(rng, width, height, video_frames)
-    if task in EXTRA_TASKS:
+    if task == "text":
+        return _text_sample(rng, width, height, image_size // fine_grid, list(GLYPHS)[:fine_glyphs], text_length)
+    if task in BITS_TASKS:
         return _bits_sample(rng, width, height, image_size // fine_grid, bits_side,
                             bits_side if bits_rows is None else bits_rows, bits_distractors, task)
     if task == "fine":
@@ -359,7 +396,7 @@ def _image_size_for(rng: random.Random, sizes: str, image_size: int) -> tuple[in
 
 
 def _check_options(n, tasks, sizes, image_size, fine_grid, fine_glyphs, max_count, max_objects,
-                   bits_side=6, bits_rows=None, video_frames=4) -> tuple[str, ...]:
+                   bits_side=6, bits_rows=None, video_frames=4, text_length=4) -> tuple[str, ...]:
     tasks = (tasks,) if isinstance(tasks, str) else tuple(tasks)
     if not tasks:
         raise ValueError("tasks is empty; pass some of " + ", ".join(TASKS))
@@ -371,7 +408,7 @@ def _check_options(n, tasks, sizes, image_size, fine_grid, fine_glyphs, max_coun
     for key, value in (("n", n), ("image_size", image_size), ("fine_grid", fine_grid),
                        ("fine_glyphs", fine_glyphs), ("max_count", max_count),
                        ("max_objects", max_objects), ("bits_side", bits_side),
-                       ("bits_rows", bits_side if bits_rows is None else bits_rows)):
+                       ("bits_rows", bits_side if bits_rows is None else bits_rows), ("text_length", text_length)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{key} must be a positive integer, got {value!r}")
     if image_size < 16:
@@ -382,9 +419,12 @@ def _check_options(n, tasks, sizes, image_size, fine_grid, fine_glyphs, max_coun
         raise ValueError(f"image_size {image_size} / fine_grid {fine_grid} gives {image_size // fine_grid}px cells; "
                          "a 5x5 letter with its frame needs at least 7px: lower fine_grid or raise image_size")
     for key, value in (("bits_side", bits_side), ("bits_rows", bits_rows)):
-        if set(EXTRA_TASKS) & set(tasks) and value is not None and (image_size // fine_grid - 2) // value < 1:
+        if set(BITS_TASKS) & set(tasks) and value is not None and (image_size // fine_grid - 2) // value < 1:
             raise ValueError(f"{key}={value} dots do not fit a {image_size // fine_grid}px cell with its one-pixel "
                              f"margin; use at most {image_size // fine_grid - 2}")
+    if "text" in tasks and text_length > fine_grid:
+        raise ValueError(f"text_length={text_length} letters do not fit a row of {fine_grid} cells (fine_grid); "
+                         f"use at most {fine_grid}")
     if max_count > 9:
         raise ValueError(f"max_count={max_count} must lie in [1, 9] (one object per cell of a 3x3 grid)")
     if max_objects > len(SHAPES):
@@ -395,17 +435,17 @@ def _check_options(n, tasks, sizes, image_size, fine_grid, fine_glyphs, max_coun
 def iter_samples(n: int, *, tasks: Sequence[str] = TASKS, seed: int = 0, sizes: str = "fixed",
                  image_size: int = 448, fine_grid: int = 8, fine_glyphs: int = 8, max_count: int = 6,
                  max_objects: int = 1, bits_side: int = 6, bits_rows: int | None = None,
-                 bits_distractors: bool = True, video_frames: int = 4):
+                 bits_distractors: bool = True, video_frames: int = 4, text_length: int = 4):
     """Iterate over ``(index, size_kind, Sample)`` for ``n`` samples, tasks in round-robin order.
 
     Sample ``i`` depends only on ``(seed, i)`` and the options, so any prefix of a dataset is the same dataset.
     The options are checked when this is called, before anything is drawn.
     """
     tasks = _check_options(n, tasks, sizes, image_size, fine_grid, fine_glyphs, max_count, max_objects, bits_side,
-                           bits_rows, video_frames)
+                           bits_rows, video_frames, text_length)
     options = dict(image_size=image_size, fine_grid=fine_grid, fine_glyphs=fine_glyphs, max_count=max_count,
                    max_objects=max_objects, bits_side=bits_side, bits_rows=bits_rows,
-                   bits_distractors=bits_distractors, video_frames=video_frames)
+                   bits_distractors=bits_distractors, video_frames=video_frames, text_length=text_length)
     return _samples(n, tasks, seed, sizes, options)
 
 
@@ -419,7 +459,8 @@ def _samples(n, tasks, seed, sizes, options):
 def generate_dataset(out_dir: str | os.PathLike, n: int = 1000, *, tasks: Sequence[str] = TASKS, seed: int = 0,
                      sizes: str = "fixed", image_size: int = 448, fine_grid: int = 8, fine_glyphs: int = 8,
                      max_count: int = 6, max_objects: int = 1, bits_side: int = 6, bits_rows: int | None = None,
-                     bits_distractors: bool = True, video_frames: int = 4, name: str = "synthetic_vqa",
+                     bits_distractors: bool = True, video_frames: int = 4, text_length: int = 4,
+                     name: str = "synthetic_vqa",
                      repeat_time: float = 1, system_message: str | None | Sequence[str | None] = None,
                      overwrite: bool = False) -> Path:
     """Write ``n`` samples as PNG images + an InternVL-format JSONL + a meta JSON into ``out_dir``.
@@ -439,9 +480,9 @@ def generate_dataset(out_dir: str | os.PathLike, n: int = 1000, *, tasks: Sequen
         seed: the dataset seed; use different seeds for training and held-out sets.
         sizes: ``"fixed"`` (``image_size`` squares) or ``"mixed"`` (see `MIXED_SIZES`).
         image_size, fine_grid, fine_glyphs, max_count, max_objects, bits_side, bits_rows, bits_distractors,
-            video_frames: see `make_sample`. Video tasks write their frames as ``videos/000000/frame_1.png ...``
-            and the meta entry gets ``min_num_frame = max_num_frame = video_frames``, so that InternVL's loaders
-            (and ours) take every frame.
+            video_frames, text_length: see `make_sample`. Video tasks write their frames as
+            ``videos/000000/frame_1.png ...`` and the meta entry gets ``min_num_frame = max_num_frame =
+            video_frames``, so that InternVL's loaders (and ours) take every frame.
         name: the dataset's key in the meta JSON and the JSONL file name.
         repeat_time: written to the meta JSON: how many times a training loader should repeat this set per epoch.
         system_message: when not None, every conversation starts with ``{"from": "system", "value": ...}``. The
@@ -470,7 +511,8 @@ def generate_dataset(out_dir: str | os.PathLike, n: int = 1000, *, tasks: Sequen
         raise FileExistsError(f"{out_dir} is not empty; pass overwrite=True to replace it or choose another out_dir")
     samples = iter_samples(n, tasks=tasks, seed=seed, sizes=sizes, image_size=image_size, fine_grid=fine_grid,
                            fine_glyphs=fine_glyphs, max_count=max_count, max_objects=max_objects, bits_side=bits_side,
-                           bits_rows=bits_rows, bits_distractors=bits_distractors, video_frames=video_frames)
+                           bits_rows=bits_rows, bits_distractors=bits_distractors, video_frames=video_frames,
+                           text_length=text_length)
     with staged_folder(out_dir) as tmp:
         (tmp / "images").mkdir()
         with open(tmp / f"{name}.jsonl", "w", encoding="utf-8") as jsonl:
@@ -533,5 +575,5 @@ def combine_meta(meta_paths: Sequence[str | os.PathLike], out_path: str | os.Pat
     return out_path
 
 
-__all__ = ["BASIC_TASKS", "COLOURS", "GLYPHS", "MIXED_SIZES", "POSITIONS", "SHAPES", "TASKS", "VIDEO_TASKS",
-           "Sample", "combine_meta", "generate_dataset", "iter_samples", "make_sample"]
+__all__ = ["BASIC_TASKS", "BITS_TASKS", "COLOURS", "EXTRA_TASKS", "GLYPHS", "MIXED_SIZES", "POSITIONS", "SHAPES",
+           "TASKS", "VIDEO_TASKS", "Sample", "combine_meta", "generate_dataset", "iter_samples", "make_sample"]

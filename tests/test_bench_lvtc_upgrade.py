@@ -1,0 +1,63 @@
+"""benchmarks/bench_lvtc_upgrade.py's summary (issue 44): the "Which compression" tables of README.md and
+docs/lvtc.md are the ones its runs give, and the list of the issue's required runs still missing is exact. Reads the
+committed run files only (no training)."""
+
+import importlib.util
+import json
+
+from conftest import REPO_ROOT
+
+
+def _bench():
+    path = REPO_ROOT / "benchmarks" / "bench_lvtc_upgrade.py"
+    spec = importlib.util.spec_from_file_location("bench_lvtc_upgrade", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _block(text, bench):
+    return text.split(bench.DOC_BEGIN, 1)[1].split(bench.DOC_END, 1)[0].strip("\n").splitlines()
+
+
+def test_docs_tables_are_the_runs(tmp_path, capsys):
+    """Run files added without `--summarise --docs` (or a table edited by hand) fail here: the docs would no longer
+    say what the runs say."""
+    bench = _bench()
+    json_path = tmp_path / "lvtc-upgrade.json"
+    assert bench.main(["--summarise", "--json", str(json_path)]) == 0
+    capsys.readouterr()
+    expected = bench.doc_lines(json.loads(json_path.read_text())["which_compression"])
+    assert any(line.startswith("| pvtc: `--projector pvtc` |") for line in expected)
+    for name in bench.DOC_FILES:
+        text = (REPO_ROOT / name).read_text(encoding="utf-8")
+        assert _block(text, bench) == expected, (
+            f"{name}: run `python benchmarks/bench_lvtc_upgrade.py --summarise --plot "
+            "benchmarks/results/lvtc-upgrade.png --docs`")
+
+
+def test_write_docs_replaces_only_the_marked_table(tmp_path):
+    bench = _bench()
+    (tmp_path / "docs").mkdir()
+    before = f"# title\n\nprose above\n{bench.DOC_BEGIN}\n| old |\n{bench.DOC_END}\n\nprose below\n"
+    (tmp_path / "README.md").write_text(before, encoding="utf-8")
+    (tmp_path / "docs" / "lvtc.md").write_text("no markers here\n", encoding="utf-8")
+    written = bench.write_docs(["| new |", "|---|"], root=tmp_path)
+    assert written == [tmp_path / "README.md"]
+    assert (tmp_path / "README.md").read_text(encoding="utf-8") == \
+        f"# title\n\nprose above\n{bench.DOC_BEGIN}\n| new |\n|---|\n{bench.DOC_END}\n\nprose below\n"
+    assert (tmp_path / "docs" / "lvtc.md").read_text(encoding="utf-8") == "no markers here\n"
+
+
+def test_missing_runs_counts_seeds_per_task_config_and_schedule():
+    bench = _bench()
+    fine = [{"config": "pvtc", "schedule": "s2", "seed": s} for s in (0, 1, 2)]
+    fine += [{"config": "lvtc-rms", "schedule": "s2", "seed": 0}, {"config": "lvtc-rms", "schedule": "s2x2", "seed": 1}]
+    rows = {"fine": fine, "text": [{"config": "pvtc", "schedule": "s2", "seed": 2}]}
+    missing = bench.missing_runs(rows)
+    assert len(missing) == len(bench.REQUIRED) - 1  # only fine pvtc s2 has its 3 seeds
+    assert not any(line.startswith("fine task, pvtc (s2)") for line in missing)
+    assert "fine task, lvtc-rms (s2): seed(s) 0 of 3" in missing
+    assert "fine task, lvtc-rms (s2x2): seed(s) 1 of 3" in missing
+    assert "text task, pvtc (s2): seed(s) 2 of 3" in missing
+    assert "fine task, pvtc+lvtc (s2): not run" in missing
