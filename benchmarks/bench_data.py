@@ -141,12 +141,12 @@ def _child(options_json: str, prefix: str) -> None:
     end_distributed()
 
 
-def old_source(work: Path) -> Path:
-    """The package as it was at commit OLD (git archive), to time the old eager scan."""
-    folder = work / f"old-{OLD}"
+def source_at(commit: str, work: Path) -> Path:
+    """The package as it was at ``commit`` (git archive), extracted once under ``work``."""
+    folder = work / f"src-{commit}"
     if not (folder / "src").is_dir():
         folder.mkdir(parents=True, exist_ok=True)
-        archive = subprocess.run(["git", "-C", str(REPO), "archive", OLD, "src"], capture_output=True, check=True)
+        archive = subprocess.run(["git", "-C", str(REPO), "archive", commit, "src"], capture_output=True, check=True)
         subprocess.run(["tar", "-x", "-C", str(folder)], input=archive.stdout, check=True)
     return folder / "src"
 
@@ -302,7 +302,7 @@ def main() -> None:
     cache = work / "cache"
     shutil.rmtree(cache, ignore_errors=True)
 
-    old = old_source(work)
+    old = source_at(OLD, work)  # the package before the lazy scan, to time the old eager scan
     note("eager_scan", eager_scan_rate(model, small, old))
     note("eager_first_step_small", run_training(train_options(model, small, work / "o"), work, "eager", src=old))
     note("eager_first_step_small_ddp2",

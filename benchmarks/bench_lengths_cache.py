@@ -33,15 +33,6 @@ REPO = Path(__file__).resolve().parents[1]
 BEFORE = "b16faf3"  # the last commit whose data check did not write the lengths cache
 
 
-def source_at(commit: str, work: Path) -> Path:
-    folder = work / f"src-{commit}"
-    if not (folder / "src").is_dir():
-        folder.mkdir(parents=True, exist_ok=True)
-        archive = subprocess.run(["git", "-C", str(REPO), "archive", commit, "src"], capture_output=True, check=True)
-        subprocess.run(["tar", "-x", "-C", str(folder)], input=archive.stdout, check=True)
-    return folder / "src"
-
-
 def data_check(model: Path, meta: Path, cache: Path, src: Path) -> dict:
     env = {**os.environ, "PYTHONPATH": str(src)}
     command = [sys.executable, "-m", "internvlx_hf", "data", "check", str(meta), "--model", str(model),
@@ -103,7 +94,8 @@ def main() -> None:
     meta = bench_data.make_mix(work / "mix", args.rows, images=args.images)
     results = {"rows": args.rows, "images": args.images, "cores": len(os.sched_getaffinity(0)),
                "date": time.strftime("%Y-%m-%d"), "load_average_at_start": os.getloadavg()[0]}
-    results["before"] = {"label": f"before ({BEFORE})", **run(model, meta, work, source_at(BEFORE, work), "before")}
+    before = bench_data.source_at(BEFORE, work)
+    results["before"] = {"label": f"before ({BEFORE})", **run(model, meta, work, before, "before")}
     print(json.dumps(results["before"]), flush=True)
     results["after"] = {"label": "after (this checkout)", **run(model, meta, work, REPO / "src", "after")}
     print(json.dumps(results["after"]), flush=True)

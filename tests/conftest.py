@@ -98,6 +98,18 @@ def remote_code_imports(path: Path) -> set[str]:
     return names
 
 
+def load_script(relative: str):
+    """A benchmark or script of the repository (not a package module) imported from its path, e.g.
+    ``load_script("benchmarks/bench_learnability.py")``."""
+    import importlib.util
+
+    path = REPO_ROOT / relative
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def run_isolated_python(code: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run ``code`` in a fresh interpreter where ``internvlx_hf`` cannot be imported.
 

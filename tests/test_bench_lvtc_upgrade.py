@@ -2,18 +2,9 @@
 docs/lvtc.md are the ones its runs give, and the list of the issue's required runs still missing is exact. Reads the
 committed run files only (no training)."""
 
-import importlib.util
 import json
 
-from conftest import REPO_ROOT
-
-
-def _bench():
-    path = REPO_ROOT / "benchmarks" / "bench_lvtc_upgrade.py"
-    spec = importlib.util.spec_from_file_location("bench_lvtc_upgrade", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import REPO_ROOT, load_script
 
 
 def _block(text, bench):
@@ -23,7 +14,7 @@ def _block(text, bench):
 def test_docs_tables_are_the_runs(tmp_path, capsys):
     """Run files added without `--summarise --docs` (or a table edited by hand) fail here: the docs would no longer
     say what the runs say."""
-    bench = _bench()
+    bench = load_script("benchmarks/bench_lvtc_upgrade.py")
     json_path = tmp_path / "lvtc-upgrade.json"
     assert bench.main(["--summarise", "--json", str(json_path)]) == 0
     capsys.readouterr()
@@ -37,7 +28,7 @@ def test_docs_tables_are_the_runs(tmp_path, capsys):
 
 
 def test_write_docs_replaces_only_the_marked_table(tmp_path):
-    bench = _bench()
+    bench = load_script("benchmarks/bench_lvtc_upgrade.py")
     (tmp_path / "docs").mkdir()
     before = f"# title\n\nprose above\n{bench.DOC_BEGIN}\n| old |\n{bench.DOC_END}\n\nprose below\n"
     (tmp_path / "README.md").write_text(before, encoding="utf-8")
@@ -50,7 +41,7 @@ def test_write_docs_replaces_only_the_marked_table(tmp_path):
 
 
 def test_missing_runs_counts_seeds_per_task_config_and_schedule():
-    bench = _bench()
+    bench = load_script("benchmarks/bench_lvtc_upgrade.py")
     fine = [{"config": "pvtc", "schedule": "s2", "seed": s} for s in (0, 1, 2)]
     fine += [{"config": "lvtc-rms", "schedule": "s2", "seed": 0}, {"config": "lvtc-rms", "schedule": "s2x2", "seed": 1}]
     rows = {"fine": fine, "text": [{"config": "pvtc", "schedule": "s2", "seed": 2}]}

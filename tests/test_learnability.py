@@ -24,6 +24,7 @@ from internvlx_hf.demo.recipe import (
     read_records,
     train_checkpoint,
 )
+from conftest import load_script
 from tiny import left_pad, pixels, prompt_ids, tiny_model
 
 # Shallower than the benchmark's models (3 LLM layers, 1 ViT layer), so that four settings train in under a minute.
@@ -87,23 +88,11 @@ def test_datasets_of_other_sizes_never_reuse_each_others_files(data):
     assert (fine_entry(train_meta)["length"], fine_entry(train_meta)["repeat_time"]) == (32, 2)
 
 
-def _bench_learnability():
-    import importlib.util
-
-    from conftest import REPO_ROOT
-
-    path = REPO_ROOT / "benchmarks" / "bench_learnability.py"
-    spec = importlib.util.spec_from_file_location("bench_learnability", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_the_hr_ablation_changes_the_hr_features_only():
     """The benchmark's `hr_features` (how it tells whether a trained LVTC model reads through its HR tokens): "zeroed"
     is exactly a model whose HR projector outputs zeros, "other image" changes the logits, and leaving the context
     restores the model."""
-    bench = _bench_learnability()
+    bench = load_script("benchmarks/bench_learnability.py")
     model = tiny_model("mlp", lvtc={"expand_layer": 2})
     ids, mask = left_pad([prompt_ids(1, seed=1), prompt_ids(1, seed=2, n_text=7)])
     inputs = dict(input_ids=ids, attention_mask=mask, pixel_values=pixels(2, seed=3))

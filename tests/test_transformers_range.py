@@ -9,7 +9,6 @@ both exist. CI runs the `oldest`-marked tests under the oldest declared release 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import re
 
@@ -19,21 +18,13 @@ import transformers
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, load_script
 from internvlx_hf.cli import main
 from internvlx_hf.cli.train import parse_cli
 from internvlx_hf.cli.train_flags import CLI_RESERVED, live_text
 from internvlx_hf.training.train import ARGUMENT_CLASSES, checkpointing_renames, parse_train_args
 
 MATRIX = REPO_ROOT / "benchmarks" / "results" / "transformers-matrix.json"
-
-
-def _matrix_script():
-    path = REPO_ROOT / "scripts" / "transformers_matrix.py"
-    spec = importlib.util.spec_from_file_location("transformers_matrix", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _declared(package: str = "transformers") -> SpecifierSet:
@@ -45,7 +36,8 @@ def _declared(package: str = "transformers") -> SpecifierSet:
 def test_the_declared_range_is_the_measured_range():
     """pyproject.toml's lower bound is the oldest release measured, every release the matrix lists was measured
     and passed every check, and docs/testing.md shows the table the script makes of the results."""
-    declared, matrix, results = _declared(), _matrix_script(), json.loads(MATRIX.read_text())
+    declared, results = _declared(), json.loads(MATRIX.read_text())
+    matrix = load_script("scripts/transformers_matrix.py")
     assert {str(s) for s in declared} == {f">={matrix.RELEASES[0]}", "<6"}
     assert sorted(results["releases"], key=Version) == sorted(matrix.RELEASES, key=Version)
     assert results["checks"] == matrix.CHECKS
@@ -59,7 +51,7 @@ def test_the_declared_range_is_the_measured_range():
 def test_the_declared_torch_minimum_was_measured():
     """pyproject.toml's `torch>=X` is a torch the matrix ran (transformers-matrix-torchX.json) at both ends of the
     transformers range: every check passed there, with the answers, tokens and scores of the default torch."""
-    matrix, default = _matrix_script(), json.loads(MATRIX.read_text())
+    matrix, default = load_script("scripts/transformers_matrix.py"), json.loads(MATRIX.read_text())
     (minimum,) = [spec.version for spec in _declared("torch") if spec.operator == ">="]
     (measured,) = MATRIX.parent.glob(f"transformers-matrix-torch{minimum}*.json")
     results = json.loads(measured.read_text())
