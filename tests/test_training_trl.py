@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from PIL import Image
 
 import training_helpers as th
@@ -57,3 +58,67 @@ def test_sft_trainer_trains_a_converted_checkpoint(collator, tmp_path):
     # logits, which the model's forward returns in full unless it is called with skip_logits=True)
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert all(0.0 <= entry["mean_token_accuracy"] <= 1.0 and entry["entropy"] > 0.0 for entry in logged)
+
+
+def _fused_head():
+    add_fused_lm_head = getattr(trl.trainer.utils, "add_fused_lm_head", None)
+    if add_fused_lm_head is None:
+        pytest.skip(f"TRL {trl.__version__} has no fused LM head (trl.trainer.utils.add_fused_lm_head, in 1.16.0; its SFTTrainer reads the logits)")
+    return add_fused_lm_head
+
+
+@pytest.mark.parametrize("wrap", ["plain", "peft"])
+def test_trl_fused_lm_head_does_not_learn_image_placeholders(wrap, tmp_path):
+    """TRL's fused LM head replaces the model's forward and reads the labels as given; with TRL's default collator
+    (labels = input_ids) the model still leaves `<img>`, `<IMG_CONTEXT>` and `</img>` out of the loss, as its own
+    loss does, with and without a PEFT adapter around it."""
+    add_fused_lm_head = _fused_head()
+    model, processor = th.load(th.converted("internvl2_qwen2"))
+    model.eval()
+    rows = _rows(tmp_path)
+    collator = trl.trainer.sft_trainer.DataCollatorForVisionLanguageModeling(processor)
+    batch = collator([rows[0]])
+    assert torch.equal(batch["labels"], batch["input_ids"])  # TRL labels every token, placeholders included
+    placeholders = torch.isin(batch["labels"], torch.tensor(model.placeholder_label_ids()))
+    assert int(placeholders.sum()) == 258  # <img>, 256 x <IMG_CONTEXT>, </img>
+    replies_only = batch["labels"].masked_fill(placeholders, IGNORE_INDEX)
+    with torch.no_grad():
+        expected = model(**{**batch, "labels": replies_only}).loss
+    add_fused_lm_head(model)
+    if wrap == "peft":
+        peft = pytest.importorskip("peft")
+        model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        fused = model(**batch, fused_lm_head=True)
+        own = model(**batch)  # the model's forward with its full logits
+        lean = model(**batch, skip_logits=True)
+    assert int(fused.label_mask.sum()) == int((replies_only[:, 1:] != IGNORE_INDEX).sum())
+    torch.testing.assert_close(fused.loss, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(own.loss, expected)
+    torch.testing.assert_close(lean.loss, expected)
+    # what the fused head computed before the model masked the placeholders for it: every label a target
+    every_label = torch.nn.functional.cross_entropy(own.logits[0, :-1].float(), batch["labels"][0, 1:])
+    print(f"fused {float(fused.loss):.4f}, every label a target {float(every_label):.4f}")
+    assert abs(float(fused.loss) - 7.0577) < 1e-3 and abs(float(every_label) - float(fused.loss)) > 0.1
+
+
+def test_num_items_in_batch_counted_from_placeholder_labels_is_named(tmp_path, caplog):
+    """The Trainer counts ``num_items_in_batch`` from the batch's labels before the model sees them: a count that
+    includes placeholders cannot be corrected in the model, so it says so once, with the fix."""
+    from transformers.utils import logging
+
+    model, processor = th.load(th.converted("internvl2_qwen2"))
+    rows = _rows(tmp_path)
+    batch = trl.trainer.sft_trainer.DataCollatorForVisionLanguageModeling(processor)([rows[0]])
+    logging.get_logger("internvlx_hf").warning_once.cache_clear()
+    with caplog.at_level("WARNING"), torch.no_grad():
+        logger = logging.get_logger("internvlx_hf")
+        logger.addHandler(caplog.handler)
+        try:
+            model(**batch)  # no count: nothing to say
+            assert "num_items_in_batch" not in caplog.text
+            model(**batch, num_items_in_batch=torch.tensor(300))
+        finally:
+            logger.removeHandler(caplog.handler)
+    assert "counted them in num_items_in_batch" in caplog.text
+    assert "data_collator=InternVLXDataCollator(processor)" in caplog.text

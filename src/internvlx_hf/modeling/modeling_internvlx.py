@@ -1146,6 +1146,30 @@ class _DraftsWithoutPlaceholders:
         return candidate_ids, candidate_logits
 
 
+def _ignore_placeholder_label_kwargs(model, args, kwargs):
+    """Forward pre-hook of `InternVLXForConditionalGeneration`: ``labels`` / ``shift_labels`` that name an image
+    placeholder become -100 before any LM head reads them (a collator with ``labels = input_ids``, TRL's default,
+    labels every `<IMG_CONTEXT>`)."""
+    found = False
+    for key in ("labels", "shift_labels"):
+        labels = kwargs.get(key)
+        if torch.is_tensor(labels):
+            ignored = model._ignore_placeholder_labels(labels)
+            if kwargs.get("num_items_in_batch") is not None:  # the only case that reads it (a device sync)
+                found = found or bool((ignored != labels).any())
+            kwargs[key] = ignored
+    if found:
+        # The trainer counted its tokens from the same labels before this call; the count spans every micro-batch
+        # of the step and every rank, so it cannot be corrected here.
+        logger.warning_once(
+            "labels mark image placeholders (<IMG_CONTEXT>, <img>, </img>) as targets, as a collator with "
+            "labels = input_ids does (TRL's default). They are left out of the loss, but the trainer counted them "
+            "in num_items_in_batch, so the loss is divided by more tokens than it has. Label the replies only: "
+            "data_collator=InternVLXDataCollator(processor), or set these ids to -100 in your collator."
+        )
+    return args, kwargs
+
+
 class InternVLXForConditionalGeneration(InternVLXPreTrainedModel, GenerationMixin):
     """InternVL-X for image-text-to-text generation. `AutoModel` resolves to this class, as in InternVL2."""
 
@@ -1163,6 +1187,10 @@ class InternVLXForConditionalGeneration(InternVLXPreTrainedModel, GenerationMixi
         text_config = config.get_text_config()
         self.lm_head = nn.Linear(text_config.hidden_size, text_config.vocab_size, bias=False)
         self.post_init()
+        # Before `forward`, not inside it: trainers replace `forward` with their own LM head and loss (TRL >= 1.16's
+        # fused head, Liger's), which read the labels as given; a pre-hook runs for every `model(...)` call, PEFT's
+        # included (its tuner calls the wrapped model).
+        self.register_forward_pre_hook(_ignore_placeholder_label_kwargs, with_kwargs=True)
 
     def get_input_embeddings(self):
         return self.model.get_input_embeddings()
