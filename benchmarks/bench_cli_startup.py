@@ -24,11 +24,12 @@ import platform
 import statistics
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
-from io import BytesIO
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_data  # noqa: E402  (its source_at: the package at an earlier commit)
 
 REPO = Path(__file__).resolve().parents[1]
 OLD = "0b9a898"  # the last commit whose `import internvlx_hf` imported torch and transformers
@@ -64,19 +65,11 @@ def _time(argv: list[str], src: Path, expected: int) -> float:
     return seconds
 
 
-def _old_source(commit: str, folder: Path) -> Path:
-    archive = subprocess.run(["git", "archive", "--format=tar", commit, "src"], cwd=REPO, check=True,
-                             capture_output=True).stdout
-    with tarfile.open(fileobj=BytesIO(archive)) as tar:
-        tar.extractall(folder, filter="data")
-    return folder / "src"
-
-
 def measure(repeats: int, commits: dict[str, str]) -> dict:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         sources = {"now": REPO / "src"}
-        sources.update({commit: _old_source(commit, Path(tmp) / commit) for commit in commits.values()})
+        sources.update({commit: bench_data.source_at(commit, Path(tmp)) for commit in commits.values()})
         for src in sources.values():  # every version runs from bytecode
             subprocess.run([sys.executable, "-m", "compileall", "-q", str(src)], check=True)
         for label, argv, expected, before in CASES:

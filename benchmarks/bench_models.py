@@ -161,7 +161,11 @@ class PeakMemory(TorchDispatchMode):
         super().__init__()
         self.live, self.peak, self._sizes = 0, 0, {}
 
-    def _free(self, key):
+    def _allocated(self, key: int, nbytes: int) -> None:
+        self._sizes[key] = nbytes
+        self.live += nbytes
+
+    def _free(self, key: int) -> None:
         self.live -= self._sizes.pop(key, 0)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -173,8 +177,7 @@ class PeakMemory(TorchDispatchMode):
                 storage = tensor.untyped_storage()
                 key = storage.data_ptr()
                 if key and key not in self._sizes and key not in given:
-                    self._sizes[key] = storage.nbytes()
-                    self.live += storage.nbytes()
+                    self._allocated(key, storage.nbytes())
                     weakref.finalize(storage, self._free, key)
         self.peak = max(self.peak, self.live)
         return out

@@ -110,34 +110,9 @@ def ensure_venv(root: Path, release: str, torch_version: str, bare: bool) -> Pat
 
 # ------------------------------------------------------------------------------------------------ what runs where
 
-# In tf-X-bare: prove internvlx_hf is absent, load FOLDER with the Auto classes alone, answer QUESTIONS about IMAGES
-# through generate() and through pipeline().
-REMOTE = r"""
-import importlib.util, json, sys, torch
-assert importlib.util.find_spec("internvlx_hf") is None, "internvlx_hf is importable in the bare venv"
-from transformers import AutoModelForImageTextToText, AutoProcessor, AutoTokenizer, pipeline
-folder, images, questions, with_pipeline = json.loads(sys.argv[1])
-model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()
-processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
-tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
-generic = []
-for start in range(0, len(images), 4):
-    chats = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}]
-             for q in questions[start:start + 4]]
-    texts = [processor.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chats]
-    inputs = processor(text=texts, images=images[start:start + 4], padding=True, return_tensors="pt")
-    out = model.generate(**inputs, max_new_tokens=8, do_sample=False, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
-    generic += processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-result = {"modules": [type(model).__module__, type(processor).__module__], "generate": generic}
-if with_pipeline:
-    pipe = pipeline("image-text-to-text", model=folder, trust_remote_code=True, dtype=torch.float32)
-    chats = [[{"role": "user", "content": [{"type": "image", "image": p}, {"type": "text", "text": q}]}]
-             for p, q in zip(images, questions)]
-    result["pipeline"] = [r[0]["generated_text"]
-                          for r in pipe(text=chats, batch_size=4, max_new_tokens=8, return_full_text=False)]
-print("RESULT" + json.dumps(result))
-"""
+# In tf-X-bare: load a folder with the Auto classes alone and answer questions through generate() and pipeline()
+# (the same script tests/test_clients.py runs).
+REMOTE = str(REPO / "scripts" / "remote_code_answers.py")
 
 # In tf-X-bare: a converted fixture against the reference implementation's greedy tokens and chat() answer.
 CONVERTED = r"""
@@ -261,7 +236,8 @@ def run_release(root: Path, work: Path, release: str, torch_version: str, refere
         checks["remote"] = _record(saved)
     elif "remote" in only:
         print(f"[{release}] remote", flush=True)
-        run = _run(bare, ["-c", REMOTE, json.dumps([str(demo), data["images"], data["questions"], True])], env, here)
+        run = _run(bare, [REMOTE, json.dumps([str(demo), data["images"], data["questions"], True, "float32"])],
+                   env, here)
         output = _result(run)
         if output is not None:
             output["modules_are_remote"] = all(m.startswith("transformers_modules.") for m in output.pop("modules"))
@@ -320,8 +296,8 @@ def run_release(root: Path, work: Path, release: str, torch_version: str, refere
         if run["code"] != 0:
             checks["train"] = _record(run)
         else:
-            question = json.dumps([str(out), data["images"][:4], data["questions"][:4], False])
-            loaded = _run(bare, ["-c", REMOTE, question], env, here)
+            question = json.dumps([str(out), data["images"][:4], data["questions"][:4], False, "float32"])
+            loaded = _run(bare, [REMOTE, question], env, here)
             answered = _result(loaded)
             checks["train"] = _record(loaded, {"losses": losses, "answers": answered and answered["generate"]},
                                       loaded["code"] == 0 and len(losses) == 2)

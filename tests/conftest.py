@@ -98,9 +98,9 @@ def remote_code_imports(path: Path) -> set[str]:
     return names
 
 
-def load_script(relative: str):
+def load_script(relative: str | Path):
     """A benchmark or script of the repository (not a package module) imported from its path, e.g.
-    ``load_script("benchmarks/bench_learnability.py")``."""
+    ``load_script("benchmarks/bench_learnability.py")`` (an absolute path is taken as it is)."""
     import importlib.util
 
     path = REPO_ROOT / relative
@@ -110,8 +110,8 @@ def load_script(relative: str):
     return module
 
 
-def run_isolated_python(code: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run ``code`` in a fresh interpreter where ``internvlx_hf`` cannot be imported.
+def run_isolated_python(code: str, cwd: Path, timeout: int = 600, args=()) -> subprocess.CompletedProcess:
+    """Run ``code`` (with ``sys.argv[1:] = args``) in a fresh interpreter where ``internvlx_hf`` cannot be imported.
 
     The package is hidden by a meta-path finder installed before anything else runs, so the test proves that a
     saved checkpoint works through ``trust_remote_code=True`` alone (as on a machine without the plugin).
@@ -131,5 +131,5 @@ def run_isolated_python(code: str, cwd: Path, timeout: int = 600) -> subprocess.
     env["HF_MODULES_CACHE"] = str(Path(cwd) / "hf_modules")
     env.pop("PYTHONPATH", None)
     return subprocess.run(
-        [sys.executable, "-c", prelude + code], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-c", prelude + code, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )

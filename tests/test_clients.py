@@ -10,13 +10,12 @@ step (lmms-eval 0.7.3 `lmms_eval/models/chat/huggingface.py`, `lmms_eval/models/
 from __future__ import annotations
 
 import json
-import textwrap
 
 import golden
 import pytest
 import torch
 import yaml
-from conftest import require_fixture, run_isolated_python
+from conftest import REPO_ROOT, load_script, require_fixture, run_isolated_python
 from PIL import Image
 from transformers import (
     AutoConfig,
@@ -312,39 +311,16 @@ def test_the_model_scores_continuations_for_loglikelihood_requests(demo_generic)
 
 # ------------------------------------------------------------------------------ without the package installed
 
-_ISOLATED = """
-import json, sys, torch
-from transformers import AutoModelForImageTextToText, AutoProcessor, AutoTokenizer, pipeline
-folder, paths, questions = FOLDER, PATHS, QUESTIONS
-model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True, dtype=torch.bfloat16).eval()
-processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
-tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
-generic = []
-for start in range(0, len(paths), 4):
-    chats = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}]
-             for q in questions[start:start + 4]]
-    texts = [processor.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chats]
-    inputs = processor(text=texts, images=paths[start:start + 4], padding=True, return_tensors="pt")
-    out = model.generate(**inputs, max_new_tokens=8, do_sample=False, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
-    generic += processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-pipe = pipeline("image-text-to-text", model=folder, trust_remote_code=True, dtype=torch.bfloat16)
-chats = [[{"role": "user", "content": [{"type": "image", "image": p}, {"type": "text", "text": q}]}]
-         for p, q in zip(paths, questions)]
-piped = [r[0]["generated_text"] for r in pipe(text=chats, batch_size=4, max_new_tokens=8, return_full_text=False)]
-print(json.dumps({"modules": [type(model).__module__, type(pipe.model).__module__, type(processor).__module__],
-                  "generic": generic, "pipeline": piped}))
-"""
-
 
 def test_the_demo_folder_works_in_the_clients_without_the_package(tmp_path, image_paths):
-    code = textwrap.dedent(_ISOLATED).replace("FOLDER", repr(DEMO)).replace("PATHS", repr(image_paths)).replace(
-        "QUESTIONS", repr([s.question for s in QUESTIONS]))
-    proc = run_isolated_python(code, tmp_path)
+    script = (REPO_ROOT / "scripts" / "remote_code_answers.py").read_text()
+    question = json.dumps([str(DEMO), image_paths, [s.question for s in QUESTIONS], True, "bfloat16"])
+    proc = run_isolated_python(script, tmp_path, args=[question])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = json.loads(proc.stdout.strip().splitlines()[-1].removeprefix("RESULT"))
+    assert len(result["modules"]) == 3
     assert all(module.startswith("transformers_modules.") for module in result["modules"]), result["modules"]
-    assert right(result["generic"]) == 10, result["generic"]
+    assert right(result["generate"]) == 10, result["generate"]
     assert right(result["pipeline"]) == 10, result["pipeline"]
 
 
@@ -354,16 +330,11 @@ def test_the_demo_folder_works_in_the_clients_without_the_package(tmp_path, imag
 def test_the_lmms_eval_example_task_is_the_held_out_set_and_the_demo_model_passes_it(tmp_path, demo_generic):
     """examples/lmms_eval_task.py writes a task lmms-eval runs offline (`--include_path`); its documents, read with
     the task's own functions and asked through the generic path, are the demo recipe's held-out questions."""
-    import importlib.util
-
-    from conftest import REPO_ROOT
     from datasets import load_from_disk
 
     from internvlx_hf.training.synthetic import TASKS, iter_samples
 
-    spec = importlib.util.spec_from_file_location("lmms_eval_task", REPO_ROOT / "examples" / "lmms_eval_task.py")
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
+    example = load_script("examples/lmms_eval_task.py")
     task = example.write_task(tmp_path, n=10)
     config = yaml.load((task / "internvlx_demo.yaml").read_text(), Loader=_LmmsEvalYamlLoader)
     assert config["dataset_path"] == str(tmp_path / "data") and config["dataset_kwargs"] == {"load_from_disk": True}
@@ -373,9 +344,7 @@ def test_the_lmms_eval_example_task_is_the_held_out_set_and_the_demo_model_passe
     held_out = [sample for _, _, sample in iter_samples(10, tasks=TASKS, seed=999_999, image_size=112)]
     assert docs["question"] == [s.question for s in held_out] and docs["answer"] == [s.answer for s in held_out]
 
-    utils_spec = importlib.util.spec_from_file_location("task_utils", task / "utils.py")
-    utils = importlib.util.module_from_spec(utils_spec)
-    utils_spec.loader.exec_module(utils)
+    utils = load_script(task / "utils.py")
     model, processor, tokenizer = demo_generic
     images = [utils.doc_to_visual(doc)[0] for doc in docs]
     answers, _ = generic_answers(model, processor, tokenizer, images, [utils.doc_to_text(doc) for doc in docs], 4)

@@ -3,7 +3,6 @@ the shipped copy byte for byte (from a full fixture folder rebuilt out of the sh
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -11,7 +10,7 @@ from pathlib import Path
 import golden
 import pytest
 import torch
-from conftest import REPO_ROOT
+from conftest import load_script
 from safetensors.torch import save_file
 
 MEAN = torch.tensor(golden.IMAGENET_MEAN).view(1, 3, 1, 1)
@@ -19,10 +18,7 @@ STD = torch.tensor(golden.IMAGENET_STD).view(1, 3, 1, 1)
 
 
 def _compact_fixtures_module():
-    spec = importlib.util.spec_from_file_location("compact_fixtures", REPO_ROOT / "scripts" / "compact_fixtures.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("scripts/compact_fixtures.py")
 
 
 @pytest.fixture

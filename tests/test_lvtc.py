@@ -523,14 +523,9 @@ def test_flops_drop_with_lvtc_at_the_same_token_count():
 
 
 def _bench_models():
-    import importlib.util
+    from conftest import load_script
 
-    from conftest import REPO_ROOT
-
-    spec = importlib.util.spec_from_file_location("bench_models", REPO_ROOT / "benchmarks" / "bench_models.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/bench_models.py")
 
 
 @pytest.mark.parametrize("workload", ["prefill", "padded prefill", "train"])

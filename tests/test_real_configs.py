@@ -165,12 +165,10 @@ def test_bad_options_are_refused_before_building():
 
 
 def test_docs_table_is_the_script_output():
-    import importlib.util
+    from conftest import load_script
 
     root = FIXTURES.parents[1]
-    spec = importlib.util.spec_from_file_location("real_config_table", root / "scripts" / "real_config_table.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script(root / "scripts" / "real_config_table.py")
     docs = (root / "docs" / "checkpoints.md").read_text()
     table = docs.split("<!-- table: scripts/real_config_table.py -->\n")[1].split("<!-- end table -->")[0]
     expected = ["| " + " | ".join(script.row(path)) + " |" for path in sorted(REAL.glob("*.json"))]

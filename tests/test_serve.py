@@ -500,7 +500,7 @@ def test_url_fetches_are_limited_to_the_allowed_hosts_and_addresses(server, medi
         (f"{media_host}/slow.png", f"the download did not finish within {FETCH_TIMEOUT} s (--media-fetch-timeout)"),
         (f"http://user:pw@127.0.0.1:{port}/shape.png", "URLs with a user name or password are not fetched"),
         (f"ftp://127.0.0.1:{port}/shape.png", "unsupported URL scheme 'ftp'"),
-        (f"file://otherhost/etc/passwd", "a file: URL names a file on this server"),
+        ("file://otherhost/etc/passwd", "a file: URL names a file on this server"),
     ]
     for url, message in cases:
         status, body = chat(server, {"messages": ask(url, question)})
