@@ -30,9 +30,10 @@ On a CPU (`--device cpu`) the model keeps ``--llm-layers`` LLM layers and ``--vi
 vocabularies stay real), and with ``--arithmetic skip`` the matrix products, convolutions and SDPA attention are
 not computed: each such op's output is allocated at the shape, strides and dtype torch's meta kernel gives and
 filled with zeros, so the step allocates, keeps and frees the same tensors as when it computes, minus the hours
-bfloat16 products take on a CPU without bfloat16 instructions (``--arithmetic real`` computes them; the two are
-compared in `benchmarks/results/train-memory.json`). A step with a predicted peak above ``--max-gib`` is not run on
-a CPU (recorded as skipped with the prediction).
+bfloat16 products take on a CPU without bfloat16 instructions. ``--arithmetic real`` computes them: the step-time
+study (`benchmarks/results/train-steptime.json`, float32, whose products a CPU computes at speed) compares the two
+on the same configurations and times the steps. A step with a predicted peak above ``--max-gib`` is not run on a CPU
+(recorded as skipped with the prediction).
 
 From these runs the report derives, per family / layout / tiles / ViT mode and path, the memory one more sample
 adds at the model's full depth (`per_sample_full`):
@@ -58,6 +59,15 @@ On a GPU (`--device cuda`, real arithmetic, full depth by default) the same step
     python benchmarks/bench_train_memory.py --json benchmarks/results/train-memory.json \\
         --plot benchmarks/results/train-memory.png --markdown benchmarks/results/train-memory.md    # the CPU study
     python benchmarks/bench_train_memory.py --device cuda --families 2b,8b --json gpu-train-memory.json  # a GPU
+
+Step time (``--arithmetic real``, float32): the measured step before and after, and the full depth's estimated from
+one more LLM layer and one more ViT layer (see `step_times`); the study's runs, one thread each:
+
+    S="python benchmarks/bench_train_memory.py --families 2b --vit frozen --dtype float32 --threads 1 --no-derive \\
+       --max-gib 16 --layouts plain-1024,plain-256 --tiles 1,6 --json benchmarks/results/train-steptime.json"
+    $S --arithmetic real --llm-layers 1; $S --arithmetic real --llm-layers 2 --paths after
+    $S --arithmetic real --vit-layers 2 --paths after; $S --arithmetic skip \\
+       --markdown benchmarks/results/train-steptime.md
 """
 
 from __future__ import annotations
@@ -72,7 +82,6 @@ import platform
 import subprocess
 import sys
 import time
-import weakref
 from pathlib import Path
 
 FAMILIES = ("2b", "8b", "2b-qwen2-vocab", "tiny")
@@ -190,19 +199,26 @@ def _dispatch_modes():
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_leaves, tree_map
 
-    class PeakTensors(TorchDispatchMode):
-        """Peak bytes of the tensor storages allocated while the mode is on and alive at once (views and in-place
-        results share a storage and count once; storages that existed before, such as the weights, not at all).
-        Every allocation and free is logged, so that `peak_without` can replay the step without some storages
-        (the parameters' gradients)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_models import PeakMemory
+
+    class PeakTensors(PeakMemory):
+        """bench_models' `PeakMemory` (the peak bytes of the storages allocated while the mode is on and alive at
+        once), with every allocation and free logged, so that `peak_without` can replay the step without some
+        storages (the parameters' gradients)."""
 
         def __init__(self):
             super().__init__()
-            self.live, self.peak, self._sizes, self._ids, self.events = 0, 0, {}, {}, []
+            self._ids, self.events = {}, []
+
+        def _allocated(self, key, nbytes):
+            super()._allocated(key, nbytes)
+            self._ids[key] = len(self.events)
+            self.events.append((nbytes, len(self.events)))
 
         def _free(self, key):
-            size = self._sizes.pop(key, 0)
-            self.live -= size
+            size = self._sizes.get(key, 0)
+            super()._free(key)
             if key in self._ids:
                 self.events.append((-size, self._ids.pop(key)))
 
@@ -215,22 +231,6 @@ def _dispatch_modes():
                     live += delta
                     peak = max(peak, live)
             return peak
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            given = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
-            for tensor in tree_leaves(out):
-                if isinstance(tensor, torch.Tensor) and tensor.device.type != "meta":
-                    storage = tensor.untyped_storage()
-                    key = storage.data_ptr()
-                    if key and key not in self._sizes and key not in given:
-                        self._sizes[key] = storage.nbytes()
-                        self._ids[key] = len(self.events)
-                        self.events.append((storage.nbytes(), len(self.events)))
-                        self.live += storage.nbytes()
-                        weakref.finalize(storage, self._free, key)
-            self.peak = max(self.peak, self.live)
-            return out
 
     aten = torch.ops.aten
     skipped_ops = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default,
@@ -630,6 +630,57 @@ def skip_vs_real(results: list[dict]) -> list[dict]:
     return out
 
 
+def step_times(results: list[dict]) -> list[dict]:
+    """Step times with the arithmetic computed: before and after at the measured depth, and at the model's full
+    depth estimated as the measured step plus the measured time of one more LLM layer and of one more ViT layer
+    (runs at ``llm_layers + 1`` and ``vit_layers + 1``, path after: a layer's time does not depend on the LM head)
+    times the layers left out. Plain layouts only (LVTC's short and long layers differ)."""
+    out = []
+    for before in results:
+        if (before.get("arithmetic") != "real" or before.get("path") != "before" or before.get("batch") != 1
+                or before.get("expand_layer") is not None or "step_s" not in before):
+            continue
+        match = {k: before[k] for k in ("family", "layout", "tiles", "vit", "batch", "arithmetic", "device", "dtype",
+                                        "answer_tokens", "expand_layer")}
+        llm, vit = before["llm_layers"], before["vit_layers"]
+        after = _find(results, **match, path="after", llm_layers=llm, vit_layers=vit)
+        if after is None:
+            continue
+        row = {**match, "llm_layers": llm, "vit_layers": vit, "positions": before["positions"],
+               "step_s_before": before["step_s"], "step_s_after": after["step_s"],
+               "ratio_after_over_before": after["step_s"] / before["step_s"]}
+        more_llm = _find(results, **match, path="after", llm_layers=llm + 1, vit_layers=vit)
+        more_vit = _find(results, **match, path="after", llm_layers=llm, vit_layers=vit + 1)
+        if more_llm is not None and more_vit is not None:
+            full_llm, full_vit = full_depth(before["family"])
+            per_llm = more_llm["step_s"] - after["step_s"]
+            per_vit = more_vit["step_s"] - after["step_s"]
+            rest = (full_llm - llm) * per_llm + (full_vit - vit) * per_vit
+            row.update({"s_per_llm_layer": per_llm, "s_per_vit_layer": per_vit, "full_llm_layers": full_llm,
+                        "full_vit_layers": full_vit, "full_step_s_before": before["step_s"] + rest,
+                        "full_step_s_after": after["step_s"] + rest,
+                        "full_ratio_after_over_before": (after["step_s"] + rest) / (before["step_s"] + rest)})
+        out.append(row)
+    return out
+
+
+def step_times_table(rows: list[dict]) -> str:
+    lines = ["| family | layout | tiles | ViT | dtype | positions | measured layers (LLM/ViT) | step s before -> after | "
+             "after / before | s per LLM / ViT layer | full depth (estimated) s before -> after | after / before |",
+             "|" + "---|" * 12]
+    for r in rows:
+        full = ("-", "-", "-")
+        if "full_step_s_before" in r:
+            full = (f"{r['s_per_llm_layer']:.1f} / {r['s_per_vit_layer']:.1f}",
+                    f"{r['full_step_s_before']:.0f} -> {r['full_step_s_after']:.0f} "
+                    f"({r['full_llm_layers']}/{r['full_vit_layers']} layers)",
+                    f"{r['full_ratio_after_over_before']:.2f}")
+        lines.append(f"| {r['family']} | {r['layout']} | {r['tiles']} | {r['vit']} | {r['dtype']} | {r['positions']} | "
+                     f"{r['llm_layers']}/{r['vit_layers']} | {r['step_s_before']:.1f} -> {r['step_s_after']:.1f} | "
+                     f"{r['ratio_after_over_before']:.2f} | {full[0]} | {full[1]} | {full[2]} |")
+    return "\n".join(lines)
+
+
 def plot(rows: list[dict], path: Path, budgets) -> None:
     import matplotlib
 
@@ -728,7 +779,8 @@ def main(argv=None) -> dict:
                                              "comparisons": comparisons(results),
                                              "logit_entry_bytes": {f"{family} {kind}": value for (family, kind), value
                                                                    in logit_entry_bytes(results).items()},
-                                             "skip_vs_real": skip_vs_real(results)}, indent=1) + "\n")
+                                             "skip_vs_real": skip_vs_real(results),
+                                             "step_times": step_times(results)}, indent=1) + "\n")
 
     derived = previous.get("derived", [])
     for index, run in enumerate(todo, 1):
@@ -777,6 +829,9 @@ def main(argv=None) -> dict:
             text.append(f"| {s['family']} | {s['layout']} | {s['tiles']} | {s['vit']} | {s['path']} | "
                         f"{_gib(s['tensor_real'])} / {_gib(s['tensor_skip'])} | {_gib(s['rss_real'])} / "
                         f"{_gib(s['rss_skip'])} |")
+    times = step_times(results)
+    if times:
+        text += ["", "## Step time, arithmetic computed", "", step_times_table(times)]
     if derived:
         text += ["", "## Per sample at full depth and the largest batch", "", plan_table(derived, args.budgets_gib)]
     report = "\n".join(text)

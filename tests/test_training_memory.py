@@ -300,13 +300,9 @@ def test_liger_refuses_weighted_losses_and_cpu_tensors(tmp_path):
 
 
 def _bench():
-    from conftest import REPO_ROOT
+    from conftest import load_script
 
-    spec = importlib.util.spec_from_file_location("bench_train_memory",
-                                                  REPO_ROOT / "benchmarks" / "bench_train_memory.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/bench_train_memory.py")
 
 
 def test_the_memory_benchmark_counts_the_same_tensors_without_the_arithmetic():
@@ -334,3 +330,25 @@ def test_the_memory_benchmark_counts_the_same_tensors_without_the_arithmetic():
         before, after = measured[layout, "before", "real"], measured[layout, "after", "real"]
         assert before["loss"] == pytest.approx(after["loss"], rel=1e-6)
         assert before["activation_peak_bytes"] > after["activation_peak_bytes"]
+
+
+def test_step_times_extrapolate_to_the_full_depth_from_one_more_layer():
+    """The step-time study's full-depth estimate: the measured step plus, per missing layer, what one more LLM layer
+    and one more ViT layer added (measured on the lean path; a layer's time does not depend on the LM head)."""
+    bench = _bench()
+    common = dict(family="2b", layout="plain-1024", tiles=6, vit="frozen", batch=1, arithmetic="real", device="cpu",
+                  dtype="float32", answer_tokens=64, expand_layer=None, positions=6257, tensor_peak_bytes=1)
+    runs = [dict(common, path="before", llm_layers=1, vit_layers=1, step_s=100.0),
+            dict(common, path="after", llm_layers=1, vit_layers=1, step_s=40.0),
+            dict(common, path="after", llm_layers=2, vit_layers=1, step_s=50.0),
+            dict(common, path="after", llm_layers=1, vit_layers=2, step_s=42.0),
+            dict(common, path="after", llm_layers=1, vit_layers=1, step_s=1.0, arithmetic="skip")]
+    [row] = bench.step_times(runs)
+    assert (row["full_llm_layers"], row["full_vit_layers"]) == (24, 24)
+    assert (row["s_per_llm_layer"], row["s_per_vit_layer"]) == (10.0, 2.0)
+    assert (row["full_step_s_before"], row["full_step_s_after"]) == (100.0 + 230 + 46, 40.0 + 230 + 46)
+    assert row["ratio_after_over_before"] == 0.4 and row["full_ratio_after_over_before"] == 316 / 376
+    assert "| 2b | plain-1024 | 6 | frozen | float32 | 6257 | 1/1 | 100.0 -> 40.0 | 0.40 | 10.0 / 2.0 | 376 -> 316" \
+        in bench.step_times_table([row])
+    # without the one-more-layer runs, only the measured depth
+    assert "full_step_s_before" not in bench.step_times(runs[:2])[0]
