@@ -681,11 +681,12 @@ def step_times(results: list[dict]) -> list[dict]:
     """Step times with the arithmetic computed: before and after at the measured depth, and at the model's full
     depth estimated as the measured step plus the measured time of one more LLM layer and of one more ViT layer
     (runs at ``llm_layers + 1`` and ``vit_layers + 1``, path after: a layer's time does not depend on the LM head)
-    times the layers left out. Plain layouts only (LVTC's short and long layers differ)."""
+    times the layers left out (plain layouts; LVTC's short and long layers differ, so it gets the measured depth
+    only)."""
     out = []
     for before in results:
         if (before.get("arithmetic") != "real" or before.get("path") != "before" or before.get("batch") != 1
-                or before.get("expand_layer") is not None or "step_s" not in before):
+                or "step_s" not in before):
             continue
         match = {k: before[k] for k in ("family", "layout", "tiles", "vit", "batch", "arithmetic", "device", "dtype",
                                         "answer_tokens", "expand_layer")}
@@ -698,7 +699,7 @@ def step_times(results: list[dict]) -> list[dict]:
                "ratio_after_over_before": after["step_s"] / before["step_s"]}
         more_llm = _find(results, **match, path="after", llm_layers=llm + 1, vit_layers=vit)
         more_vit = _find(results, **match, path="after", llm_layers=llm, vit_layers=vit + 1)
-        if more_llm is not None and more_vit is not None:
+        if more_llm is not None and more_vit is not None and before["expand_layer"] is None:
             full_llm, full_vit = full_depth(before["family"])
             per_llm = more_llm["step_s"] - after["step_s"]
             per_vit = more_vit["step_s"] - after["step_s"]

@@ -350,8 +350,11 @@ def test_step_times_extrapolate_to_the_full_depth_from_one_more_layer():
     assert row["ratio_after_over_before"] == 0.4 and row["full_ratio_after_over_before"] == 316 / 376
     assert "| 2b | plain-1024 | 6 | frozen | float32 | 6257 | 1/1 | 100.0 -> 40.0 | 0.40 | 10.0 / 2.0 | 376 -> 316" \
         in bench.step_times_table([row])
-    # without the one-more-layer runs, only the measured depth
+    # without the one-more-layer runs, only the measured depth; LVTC (short and long layers) gets no estimate
     assert "full_step_s_before" not in bench.step_times(runs[:2])[0]
+    lvtc = [dict(run, layout="lvtc", expand_layer=1, llm_layers=run["llm_layers"] + 1) for run in runs]
+    [row] = bench.step_times(lvtc)
+    assert row["ratio_after_over_before"] == 0.4 and "full_step_s_before" not in row
 
 
 def test_the_planning_table_in_the_docs_is_the_measured_one():

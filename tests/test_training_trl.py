@@ -102,23 +102,30 @@ def test_trl_fused_lm_head_does_not_learn_image_placeholders(wrap, tmp_path):
     assert abs(float(fused.loss) - 7.0577) < 1e-3 and abs(float(every_label) - float(fused.loss)) > 0.1
 
 
-def test_num_items_in_batch_counted_from_placeholder_labels_is_named(tmp_path, caplog):
-    """The Trainer counts ``num_items_in_batch`` from the batch's labels before the model sees them: a count that
-    includes placeholders cannot be corrected in the model, so it says so once, with the fix."""
+@pytest.mark.parametrize("call", ["training", "num_items_in_batch"])
+def test_a_token_count_that_includes_placeholder_labels_is_named(call, tmp_path, caplog):
+    """transformers' Trainer and TRL count the loss's tokens (``num_items_in_batch``) from the batch's labels before
+    the model sees them (TRL's fused head divides by that count itself): a count that includes placeholders cannot be
+    corrected in the model, so in training, or given a count, it says so once, with the fix."""
     from transformers.utils import logging
 
     model, processor = th.load(th.converted("internvl2_qwen2"))
     rows = _rows(tmp_path)
     batch = trl.trainer.sft_trainer.DataCollatorForVisionLanguageModeling(processor)([rows[0]])
-    logging.get_logger("internvlx_hf").warning_once.cache_clear()
-    with caplog.at_level("WARNING"), torch.no_grad():
-        logger = logging.get_logger("internvlx_hf")
-        logger.addHandler(caplog.handler)
-        try:
-            model(**batch)  # no count: nothing to say
+    logger = logging.get_logger("internvlx_hf")
+    logger.warning_once.cache_clear()
+    logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level("WARNING"), torch.no_grad():
+            model.eval()
+            model(**batch)  # evaluation without a count: nothing to say
             assert "num_items_in_batch" not in caplog.text
-            model(**batch, num_items_in_batch=torch.tensor(300))
-        finally:
-            logger.removeHandler(caplog.handler)
-    assert "counted them in num_items_in_batch" in caplog.text
+            if call == "training":
+                model.train()
+                model(**batch)
+            else:
+                model(**batch, num_items_in_batch=torch.tensor(300))
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert "counts them too, so the loss is divided by more tokens than it has" in caplog.text
     assert "data_collator=InternVLXDataCollator(processor)" in caplog.text

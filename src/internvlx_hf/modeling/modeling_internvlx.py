@@ -1150,21 +1150,23 @@ def _ignore_placeholder_label_kwargs(model, args, kwargs):
     """Forward pre-hook of `InternVLXForConditionalGeneration`: ``labels`` / ``shift_labels`` that name an image
     placeholder become -100 before any LM head reads them (a collator with ``labels = input_ids``, TRL's default,
     labels every `<IMG_CONTEXT>`)."""
+    # Training (or a given token count) is when the count matters; only then is it checked (a device sync).
+    check = model.training or kwargs.get("num_items_in_batch") is not None
     found = False
     for key in ("labels", "shift_labels"):
         labels = kwargs.get(key)
         if torch.is_tensor(labels):
             ignored = model._ignore_placeholder_labels(labels)
-            if kwargs.get("num_items_in_batch") is not None:  # the only case that reads it (a device sync)
-                found = found or bool((ignored != labels).any())
+            found = found or (check and bool((ignored != labels).any()))
             kwargs[key] = ignored
     if found:
-        # The trainer counted its tokens from the same labels before this call; the count spans every micro-batch
-        # of the step and every rank, so it cannot be corrected here.
+        # transformers' Trainer and TRL count the loss's tokens (num_items_in_batch) from the batch's labels before
+        # this call, over every micro-batch of the step and every rank: the count cannot be corrected here.
         logger.warning_once(
             "labels mark image placeholders (<IMG_CONTEXT>, <img>, </img>) as targets, as a collator with "
-            "labels = input_ids does (TRL's default). They are left out of the loss, but the trainer counted them "
-            "in num_items_in_batch, so the loss is divided by more tokens than it has. Label the replies only: "
+            "labels = input_ids does (TRL's default). The model leaves them out of the loss, but a trainer that "
+            "counts the loss's tokens from the batch's labels (num_items_in_batch: transformers' Trainer, TRL) "
+            "counts them too, so the loss is divided by more tokens than it has. Label the replies only: "
             "data_collator=InternVLXDataCollator(processor), or set these ids to -100 in your collator."
         )
     return args, kwargs
