@@ -63,10 +63,14 @@ On a GPU (`--device cuda`, real arithmetic, full depth by default) the same step
 Step time (``--arithmetic real``, float32): the measured step before and after, and the full depth's estimated from
 one more LLM layer and one more ViT layer (see `step_times`); the study's runs, one thread each:
 
-    S="python benchmarks/bench_train_memory.py --families 2b --vit frozen --dtype float32 --threads 1 --no-derive \\
-       --max-gib 16 --layouts plain-1024,plain-256 --tiles 1,6 --json benchmarks/results/train-steptime.json"
-    $S --arithmetic real --llm-layers 1; $S --arithmetic real --llm-layers 2 --paths after
-    $S --arithmetic real --vit-layers 2 --paths after; $S --arithmetic skip \\
+    S="python benchmarks/bench_train_memory.py --vit frozen --dtype float32 --threads 1 --no-derive --max-gib 16 \\
+       --json benchmarks/results/train-steptime.json"
+    P="--families 2b --layouts plain-1024,plain-256 --tiles 1,6"; B="--families 8b --layouts plain-1024 --tiles 1,6"
+    $S $P --arithmetic real; $S $P --arithmetic real --llm-layers 2 --paths after
+    $S $P --arithmetic real --vit-layers 2 --paths after; $S $P --arithmetic skip
+    $S --families 2b --layouts lvtc --tiles 6 --arithmetic real; $S --families 2b --layouts lvtc --tiles 6 --arithmetic skip
+    $S $B --arithmetic real; $S $B --arithmetic real --llm-layers 2 --paths after
+    $S $B --arithmetic real --vit-layers 2 --paths after; $S $B --arithmetic skip \\
        --markdown benchmarks/results/train-steptime.md
 """
 

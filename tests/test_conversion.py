@@ -14,12 +14,14 @@ from safetensors.torch import load_file, save_file
 
 import golden
 from conftest import require_fixture
+from internvlx_hf import InternVLXForConditionalGeneration
 from internvlx_hf.cli import main as cli_main
 from internvlx_hf.conversion import ConversionError, convert, parse_lvtc_spec, parse_size
 from internvlx_hf.conversion.llm import internlm2_qkv_rows
 from internvlx_hf.conversion.plan import Rows
 from internvlx_hf.conversion.shards import OutputTensor, StreamingSafetensorsWriter
 from internvlx_hf.conversion.synthetic import make_synthetic_internvl2
+from internvlx_hf.modeling.configuration_internvlx import LVTCConfig
 from parity import run_isolated_script, run_parity
 
 FIXTURES = ["internvl2_internlm2", "internvl2_qwen2", "internvlx_pvtc"]
@@ -50,15 +52,21 @@ def converted(tmp_path_factory):
 
 
 def test_parse_lvtc_spec():
+    # an upgrade's HR projector is new: hr_scale defaults to "rms" there (issue 44), "none" stays one option away
+    rms = {"hr_scale": "rms"}
     assert parse_lvtc_spec(None) == (None, False)
-    assert parse_lvtc_spec("default") == ({}, False)
-    assert parse_lvtc_spec("") == ({}, False)
+    assert parse_lvtc_spec("default") == (rms, False)
+    assert parse_lvtc_spec("") == (rms, False)
     assert parse_lvtc_spec("k=18,T=3,s=2,i=4") == (
-        {"expand_layer": 18, "num_lr_projectors": 3, "inject_start": 2, "inject_interval": 4}, False)
+        {"expand_layer": 18, "num_lr_projectors": 3, "inject_start": 2, "inject_interval": 4, **rms}, False)
     assert parse_lvtc_spec("T=2, upsample_mode=bilinear, hr_downsample_ratio=1.0, init_lr_from_mlp1") == (
-        {"num_lr_projectors": 2, "upsample_mode": "bilinear", "hr_downsample_ratio": 1.0}, True)
-    assert parse_lvtc_spec("expand_layer=none") == ({"expand_layer": None}, False)
-    assert parse_lvtc_spec({"k": 3, "init_lr_from_mlp1": True}) == ({"expand_layer": 3}, True)
+        {"num_lr_projectors": 2, "upsample_mode": "bilinear", "hr_downsample_ratio": 1.0, **rms}, True)
+    assert parse_lvtc_spec("expand_layer=none") == ({"expand_layer": None, **rms}, False)
+    assert parse_lvtc_spec("k=2,hr_scale=none") == ({"expand_layer": 2, "hr_scale": "none"}, False)
+    assert parse_lvtc_spec("hr_scale=RMS") == (rms, False)
+    assert parse_lvtc_spec({"k": 3, "init_lr_from_mlp1": True}) == ({"expand_layer": 3, **rms}, True)
+    assert parse_lvtc_spec({"k": 3, "hr_scale": "none"}) == ({"expand_layer": 3, "hr_scale": "none"}, False)
+    assert parse_lvtc_spec(LVTCConfig(expand_layer=3))[0]["hr_scale"] == "none"  # an LVTCConfig as it is
     with pytest.raises(ConversionError, match="unknown --lvtc option"):
         parse_lvtc_spec("q=3")
     with pytest.raises(ConversionError, match="integer"):
@@ -586,6 +594,27 @@ def test_cli_convert_and_error_exit(synthetic, tmp_path, capsys):
     assert "Converted" in out and "num_lr_projectors=2" in out and "newly initialised" in out
     assert cli_main(["convert", str(synthetic), str(tmp_path / "dst"), "--no-progress"]) == 2
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_an_lvtc_upgrade_reads_its_hr_tokens_at_the_lr_scale_by_default(tmp_path):
+    """`--lvtc` without hr_scale writes hr_scale="rms" (issue 44's decision: an upgrade's new HR projector was left
+    unused under "none"); "none" is one option away. Both start as the source model: the new HR projector's output
+    layer is zero, and a zero HR token stays zero at any scale."""
+    src = require_fixture("internvl2_qwen2")
+    convert(src, tmp_path / "rms", lvtc="k=1", progress=False)
+    convert(src, tmp_path / "none", lvtc="k=1,hr_scale=none", progress=False)
+    configs = {name: json.loads((tmp_path / name / "config.json").read_text())["lvtc"] for name in ("rms", "none")}
+    assert (configs["rms"]["hr_scale"], configs["none"]["hr_scale"]) == ("rms", "none")
+    logits = {}
+    for name in ("rms", "none"):
+        model = InternVLXForConditionalGeneration.from_pretrained(tmp_path / name, dtype=torch.float32).eval()
+        assert model.config.lvtc_config.hr_scale == name
+        torch.manual_seed(0)
+        pixel_values = torch.randn(1, 3, 448, 448)
+        ids = torch.tensor([[1] + [model.config.image_token_id] * model.config.image_seq_length + [5, 6, 7]])
+        with torch.no_grad():
+            logits[name] = model(input_ids=ids, pixel_values=pixel_values).logits
+    torch.testing.assert_close(logits["rms"], logits["none"], rtol=0, atol=0)
 
 
 def test_lvtc_k_must_leave_a_layer_to_expand(tmp_path, capsys):

@@ -68,7 +68,16 @@ def parse_size(value: int | str) -> int:
     return size
 
 
+# An LVTC upgrade's hr_scale when --lvtc does not name one. LVTCConfig's own default stays the paper's "none" (what
+# trained InternVL-X checkpoints and configs saved before the option existed mean); a model upgraded by `convert` has
+# a new, untrained HR projector, and with "none" it left it unused after fine-tuning while "rms" read through it
+# within 0.05 of 1024 tokens (issue 44: docs/lvtc.md, "Which compression").
+UPGRADE_HR_SCALE = "rms"
+
+
 def _parse_value(name: str, raw: str) -> Any:
+    if name == "hr_scale":  # "none" is one of its values, not "automatic"
+        return raw.strip().lower()
     if raw.lower() in ("none", "null", "auto"):
         return None
     kind = _LVTC_FIELD_TYPES[name]
@@ -82,10 +91,12 @@ def _parse_value(name: str, raw: str) -> Any:
 def parse_lvtc_spec(spec: str | dict | LVTCConfig | None) -> tuple[dict | None, bool]:
     """Parse ``--lvtc``: returns ``(lvtc options for LVTCConfig or None, init_lr_from_mlp1)``.
 
-    Accepted: None (LVTC off); ``"default"`` or ``""`` (every LVTCConfig default); comma-separated ``key=value``
-    pairs with the aliases ``k`` (expand_layer), ``T`` (num_lr_projectors), ``s`` (inject_start), ``i``
+    Accepted: None (LVTC off); ``"default"`` or ``""`` (every LVTCConfig default but ``hr_scale``); comma-separated
+    ``key=value`` pairs with the aliases ``k`` (expand_layer), ``T`` (num_lr_projectors), ``s`` (inject_start), ``i``
     (inject_interval) or any LVTCConfig field name, plus the bare flag ``init_lr_from_mlp1``. ``none`` as a value
-    keeps the config's automatic choice. A dict or LVTCConfig passes through (a dict may hold ``init_lr_from_mlp1``).
+    keeps the config's automatic choice (for ``hr_scale`` it is the paper's formulation). A string or dict without
+    ``hr_scale`` gets `UPGRADE_HR_SCALE` ("rms"); an LVTCConfig passes through as it is (a dict may hold
+    ``init_lr_from_mlp1``).
     """
     if spec is None:
         return None, False
@@ -96,6 +107,7 @@ def parse_lvtc_spec(spec: str | dict | LVTCConfig | None) -> tuple[dict | None, 
         init_from_mlp1 = bool(options.pop(LVTC_INIT_FROM_MLP1, False))
         options = {LVTC_ALIASES.get(key, key): value for key, value in options.items()}
         _check_names(options)
+        options.setdefault("hr_scale", UPGRADE_HR_SCALE)
         return options, init_from_mlp1
     options: dict[str, Any] = {}
     init_from_mlp1 = False
@@ -118,6 +130,7 @@ def parse_lvtc_spec(spec: str | dict | LVTCConfig | None) -> tuple[dict | None, 
         if name in options:
             raise ConversionError(f"--lvtc sets {name!r} twice ({key}={raw}); give each option once.")
         options[name] = _parse_value(name, raw)
+    options.setdefault("hr_scale", UPGRADE_HR_SCALE)
     return options, init_from_mlp1
 
 
