@@ -40,11 +40,11 @@ The miniature of a user's path, with the learnability benchmark's tiny models an
    checkpoints come) and upgraded by `internvlx_hf.conversion.convert` (the code of ``internvlx convert``):
        plain-256      ``convert SRC DST`` (the model as it is; fine-tuned on: the reference "do nothing")
        pvtc           ``--projector pvtc`` (a new PVTC projector, 16 tokens per tile, no LVTC)
-       lvtc           ``--lvtc k=5``                  (the paper's formulation, today's default)
+       lvtc           ``--lvtc k=5,hr_scale=none``    (the paper's formulation; the converter's default until issue 44)
        lvtc-rms       ``--lvtc k=5,hr_scale=rms``
        lvtc-rms+hr-from-lr  the same, then the HR projector folded from the trained LR projector (the idea above;
                       the benchmark does it after the converter)
-       pvtc+lvtc      ``--projector pvtc --lvtc k=5`` (a new PVTC projector: stage 1 has to align it)
+       pvtc+lvtc      ``--projector pvtc --lvtc k=5,hr_scale=none`` (a new PVTC projector: stage 1 has to align it)
        pvtc+lvtc-rms  the same with hr_scale=rms
    and, as the upper reference, plain-1024: the converted model with a new MLP projector at downsample 1.0 (64
    tokens per tile, 4x; the converter has no option for this, so the script swaps the projector: every other
@@ -111,10 +111,10 @@ UPGRADES = {
     "plain-256": (dict(), "plain-256"),
     "plain-1024": (None, "plain-1024"),  # the projector swap, not a convert option
     "pvtc": (dict(projector="pvtc"), "pvtc-256"),
-    "lvtc": (dict(lvtc=f"k={K}"), "lvtc-256-1024"),
+    "lvtc": (dict(lvtc=f"k={K},hr_scale=none"), "lvtc-256-1024"),  # the paper's (the converter writes rms since)
     "lvtc-rms": (dict(lvtc=f"k={K},hr_scale=rms"), "lvtc-rms"),
     "lvtc-rms+hr-from-lr": (dict(lvtc=f"k={K},hr_scale=rms"), "lvtc-rms"),  # + `hr_from_lr` after the converter
-    "pvtc+lvtc": (dict(projector="pvtc", lvtc=f"k={K}"), "pvtc+lvtc"),
+    "pvtc+lvtc": (dict(projector="pvtc", lvtc=f"k={K},hr_scale=none"), "pvtc+lvtc"),
     "pvtc+lvtc-rms": (dict(projector="pvtc", lvtc=f"k={K},hr_scale=rms"), "pvtc+lvtc-rms"),
 }
 HR_FROM_LR = ("lvtc-rms+hr-from-lr",)
@@ -743,16 +743,22 @@ def check_targets(table, pretrained) -> list[tuple[bool, str]]:
     `REFERENCE_SCHEDULE`'s when it has none)."""
     by = {(e["config"], e["schedule"]): e for e in table}
     checks = []
+    def reference(config, schedule):  # each reference of its own schedule where it ran, else of the main one
+        return schedule if (config, schedule) in by else REFERENCE_SCHEDULE.get(schedule, schedule)
+
     for schedule in SCHEDULES:
-        ref_schedule = schedule if ("plain-1024", schedule) in by else REFERENCE_SCHEDULE.get(schedule, schedule)
-        ref, low = by.get(("plain-1024", ref_schedule)), by.get(("plain-256", ref_schedule))
+        ref_schedule, low_schedule = reference("plain-1024", schedule), reference("plain-256", schedule)
+        ref, low = by.get(("plain-1024", ref_schedule)), by.get(("plain-256", low_schedule))
         if ref is None or low is None:
             continue
         for config in (c for c in UPGRADES if c not in ("plain-256", "plain-1024")):
             e = by.get((config, schedule))
             if e is None:
                 continue
-            name = f"{config} ({schedule}{'' if ref_schedule == schedule else f'; references {ref_schedule}'})"
+            refs = "" if ref_schedule == low_schedule == schedule else (
+                f"; references {ref_schedule}" if ref_schedule == low_schedule else
+                f"; plain-1024 {ref_schedule}, plain-256 {low_schedule}")
+            name = f"{config} ({schedule}{refs})"
             fine, ref_fine = e["detail"][0], ref["detail"][0]
             # Both costs must be <= 0.65x: the timed probe (what issue 30 judged by; it moves with the machine's
             # load) and the FLOPs of a training step (which do not).

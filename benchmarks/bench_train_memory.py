@@ -68,7 +68,7 @@ one more LLM layer and one more ViT layer (see `step_times`); the study's runs, 
     P="--families 2b --layouts plain-1024,plain-256 --tiles 1,6"; B="--families 8b --layouts plain-1024 --tiles 1,6"
     $S $P --arithmetic real; $S $P --arithmetic real --llm-layers 2 --paths after
     $S $P --arithmetic real --vit-layers 2 --paths after; $S $P --arithmetic skip
-    $S --families 2b --layouts lvtc --tiles 6 --arithmetic real; $S --families 2b --layouts lvtc --tiles 6 --arithmetic skip
+    L="--families 2b --layouts lvtc --tiles 6"; $S $L --arithmetic real; $S $L --arithmetic skip
     $S $B --arithmetic real; $S $B --arithmetic real --llm-layers 2 --paths after
     $S $B --arithmetic real --vit-layers 2 --paths after; $S $B --arithmetic skip \\
        --markdown benchmarks/results/train-steptime.md
@@ -621,7 +621,8 @@ def docs_planning_table(rows: list[dict], budgets=(24.0, 80.0), reserve_gib: flo
     for family in DOC_FAMILIES:
         for layout in LAYOUTS:
             for tiles in sorted({r["tiles"] for r in rows}):
-                frozen, trained = by_key.get((family, layout, tiles, "frozen")), by_key.get((family, layout, tiles, "full"))
+                frozen = by_key.get((family, layout, tiles, "frozen"))
+                trained = by_key.get((family, layout, tiles, "full"))
                 if frozen is None or trained is None:
                     continue
                 lines.append("| " + " | ".join([DOC_FAMILIES[family], layout, str(tiles), f"{frozen['positions']:,}",
@@ -717,8 +718,9 @@ def step_times(results: list[dict]) -> list[dict]:
 
 
 def step_times_table(rows: list[dict]) -> str:
-    lines = ["| family | layout | tiles | ViT | dtype | positions | measured layers (LLM/ViT) | step s before -> after | "
-             "after / before | s per LLM / ViT layer | full depth (estimated) s before -> after | after / before |",
+    lines = ["| family | layout | tiles | ViT | dtype | positions | measured layers (LLM/ViT) | step s before -> "
+             "after | after / before | s per LLM / ViT layer | full depth (estimated) s before -> after | after / "
+             "before |",
              "|" + "---|" * 12]
     for r in rows:
         full = ("-", "-", "-")

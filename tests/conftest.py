@@ -131,5 +131,6 @@ def run_isolated_python(code: str, cwd: Path, timeout: int = 600, args=()) -> su
     env["HF_MODULES_CACHE"] = str(Path(cwd) / "hf_modules")
     env.pop("PYTHONPATH", None)
     return subprocess.run(
-        [sys.executable, "-c", prelude + code, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-c", prelude + code, *args], cwd=cwd, env=env, capture_output=True, text=True,
+        timeout=timeout,
     )

@@ -52,3 +52,28 @@ def test_missing_runs_counts_seeds_per_task_config_and_schedule():
     assert "fine task, lvtc-rms (s2x2): seed(s) 1 of 3" in missing
     assert "text task, pvtc (s2): seed(s) 2 of 3" in missing
     assert "fine task, pvtc+lvtc (s2): not run" in missing
+
+
+def test_targets_are_checked_against_the_references_of_the_same_schedule_where_they_ran():
+    """A schedule's own plain-1024 / plain-256 runs are its references where they exist, the main schedule's where
+    not (each reference on its own), so one extra reference run does not drop the schedule's checks."""
+    bench = load_script("benchmarks/bench_lvtc_upgrade.py")
+
+    def entry(config, schedule, fine, **extra):
+        return {"config": config, "schedule": schedule, "detail": (fine, 0.0), "seeds": [0, 1, 2], "cost": 0.56,
+                "flops_cost": 0.61, "worst_basic_drop": ("count", 0.0), **extra}
+
+    table = [entry("plain-1024", "s2", 0.992), entry("plain-256", "s2", 0.735),
+             entry("lvtc-rms", "s2-lr1e-3", 0.952, detail_zeroed=0.772), entry("pvtc", "s2-lr1e-3", 0.940)]
+    checks = dict((text, ok) for ok, text in bench.check_targets(table, pretrained=None))
+    assert checks["lvtc-rms (s2-lr1e-3; references s2): within 0.05 of plain-1024 at <= 0.65x its cost (0.952 vs "
+                  "0.992, cost 0.56x / 0.61x (probe / FLOPs), 3 seed(s))"] is True
+    assert checks["lvtc-rms (s2-lr1e-3; references s2): reads through its HR tokens (HR zeroed: 0.952 -> 0.772, a "
+                  "fall to within 0.10 of plain-256's 0.735 or below)"] is True
+    # plain-1024 ran at lr 1e-3 too (1.000): it becomes the reference there, plain-256 stays the main schedule's
+    checks = dict((text, ok) for ok, text in
+                  bench.check_targets(table + [entry("plain-1024", "s2-lr1e-3", 1.0)], pretrained=None))
+    assert checks["pvtc (s2-lr1e-3; plain-1024 s2-lr1e-3, plain-256 s2): within 0.05 of plain-1024 at <= 0.65x its "
+                  "cost (0.940 vs 1.000, cost 0.56x / 0.61x (probe / FLOPs), 3 seed(s))"] is False
+    assert any(text.startswith("lvtc-rms (s2-lr1e-3; plain-1024 s2-lr1e-3, plain-256 s2): reads through") and ok
+               for text, ok in checks.items())

@@ -580,11 +580,14 @@ def test_cli_help_teaches(capsys):
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     for needle in ("examples:", "internvlx convert ./InternVL2-2B", "--projector pvtc --lvtc", "k  expand_layer",
-                   "init_lr_from_mlp1", "--allow-pickle", "--max-shard-size", "hr_scale none|rms"):
+                   "init_lr_from_mlp1", "--allow-pickle", "--max-shard-size", "hr_scale rms|none"):
         assert needle in text
-    # the decision of issue 44 (docs/lvtc.md, "Which compression"): the option recommended, and LVTC's with rms
+    # the decision of issue 44 (docs/lvtc.md, "Which compression"): the option recommended, LVTC (rms by default),
+    # the paper's formulation one option away, and the learning rate the compressions needed
     assert "--projector pvtc            recommended:" in text
-    assert "--lvtc k=K,hr_scale=rms" in text
+    assert "--lvtc k=K                  LVTC with hr_scale=rms" in text
+    assert "--lvtc k=K,hr_scale=none    the paper's formulation" in text
+    assert "twice the learning rate" in text
     assert "internvlx convert ./InternVL2-2B ./InternVL2-2B-PVTC --projector pvtc\n" in text
 
 

@@ -137,7 +137,11 @@ def test_packed_and_padded_batches_give_the_same_loss_and_gradients(fixture, opt
     torch.testing.assert_close(loss_packed, loss_padded, rtol=0, atol=1e-5)
     assert grads_padded.keys() == grads_packed.keys()
     for name in grads_padded:
-        torch.testing.assert_close(grads_packed[name], grads_padded[name], rtol=1e-4, atol=1e-6, msg=name)
+        # float32 rounding (summation order) relative to each gradient's size: a converted LVTC model's HR projector
+        # starts at zero, and hr_scale=rms (the converter's default) multiplies the gradient into its output layer by
+        # rms(LR state) / sqrt(1e-6), about 1000x here; its packed/padded difference stays 6e-7 of its largest entry
+        scale = max(1.0, float(grads_padded[name].abs().max()))
+        torch.testing.assert_close(grads_packed[name], grads_padded[name], rtol=1e-4, atol=1e-6 * scale, msg=name)
     if options:  # every LVTC projector learns
         assert any(name.startswith("model.lvtc_hr_projector") for name in grads_padded)
         assert any(name.startswith("model.lvtc_lr_projectors.0") for name in grads_padded)

@@ -63,7 +63,8 @@ def test_sft_trainer_trains_a_converted_checkpoint(collator, tmp_path):
 def _fused_head():
     add_fused_lm_head = getattr(trl.trainer.utils, "add_fused_lm_head", None)
     if add_fused_lm_head is None:
-        pytest.skip(f"TRL {trl.__version__} has no fused LM head (trl.trainer.utils.add_fused_lm_head, in 1.16.0; its SFTTrainer reads the logits)")
+        pytest.skip(f"TRL {trl.__version__} has no fused LM head (trl.trainer.utils.add_fused_lm_head, in 1.16.0; "
+                    "its SFTTrainer reads the logits)")
     return add_fused_lm_head
 
 

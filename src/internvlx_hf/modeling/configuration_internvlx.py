@@ -117,7 +117,9 @@ class LVTCConfig:
         hr_scale: ``"none"`` (default, the paper: the HR projector's output is added as it is) or ``"rms"``: each
             HR token is rescaled to the RMS of the upsampled LR state it is added to (per token, over the hidden
             size), so the HR signal enters the residual stream at the same scale as the LR one whatever the depth
-            of k. An opt-in for studies of the HR path (docs/benchmarks.md, "LVTC's high-resolution path").
+            of k. `internvlx convert --lvtc` writes "rms" unless told otherwise: after an upgrade it is the formulation
+            whose HR tokens carried the detail (docs/lvtc.md, "Which compression"); the default here stays the
+            paper's, which trained InternVL-X checkpoints and configs saved before the option existed mean.
     """
 
     lr_downsample_ratio: float | None = None
