@@ -254,9 +254,10 @@ def test_chat_interactive_loop_through_a_pipe_keeps_the_history(converted, image
 
 
 def test_chat_session_attaches_images_to_later_turns(converted, images):
-    from internvlx_hf.cli.chat import ChatSession, load_chat_model
+    from internvlx_hf.cli.chat import ChatSession
+    from internvlx_hf.loading import load_checkpoint
 
-    model, processor = load_chat_model(str(converted), device="cpu")
+    model, processor = load_checkpoint(str(converted), device="cpu")
     session = ChatSession(model, processor, [str(images[0])], max_tiles=1, max_new_tokens=2, stream=False)
     session.ask("First?")
     session.attach(str(images[1]))
@@ -338,9 +339,10 @@ def test_chat_refuses_a_prompt_past_the_context_and_names_the_fix(capsys, conver
 def test_interactive_chat_goes_on_after_a_prompt_past_the_context(capsys, converted, tmp_path):
     import io
 
-    from internvlx_hf.cli.chat import ChatSession, _interactive, load_chat_model
+    from internvlx_hf.cli.chat import ChatSession, _interactive
+    from internvlx_hf.loading import load_checkpoint
 
-    model, processor = load_chat_model(str(_short_context(converted, tmp_path, positions=400)), device="cpu")
+    model, processor = load_checkpoint(str(_short_context(converted, tmp_path, positions=400)), device="cpu")
     session = ChatSession(model, processor, max_new_tokens=1)
     _interactive(session, io.StringIO("Hi " * 200 + "\nHi\n"))
     captured = capsys.readouterr()

@@ -281,6 +281,21 @@ def test_max_tiles_wins_over_max_dynamic_patch_and_is_saved(tmp_path, capsys):
     assert saved["max_tiles"] == 6
 
 
+def test_data_check_says_what_training_would_save_as_it_saves_nothing(tmp_path, capsys):
+    """`data check` reports the tile budget as training applies it, but writes no processor: its line says what a
+    training run would save (it said "the saved processor gets", issue 50)."""
+    meta = _colours(tmp_path, count=2, size=(64, 64), max_dynamic_patch=6)
+    model = str(th.converted("internvl2_qwen2"))
+    for extra, line in [(["--max_tiles", "2"], "Tiles: --max_tiles 2 for every dataset (it overrides max_dynamic_patch "
+                                               "of colours 6); training would save the processor with max_tiles 2"),
+                        ([], "Tiles: each dataset's max_dynamic_patch (colours 6); training would save the processor "
+                             "with max_tiles 6 (--max_tiles N sets one budget for all)")]:
+        assert main(["data", "check", str(meta), "--model", model, "--no-progress", "--lengths_cache_dir",
+                     str(tmp_path / "cache"), *extra]) == 0
+        assert capsys.readouterr().out.splitlines()[0] == line
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["cache", "colours.jsonl", "images", "meta.json"]
+
+
 def test_no_usable_training_samples_is_one_readable_line(tmp_path, capsys):
     meta = _colours(tmp_path, count=2, size=(64, 64))
     rows = [json.loads(line) for line in (tmp_path / "colours.jsonl").read_text().splitlines()]

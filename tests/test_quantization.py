@@ -126,12 +126,12 @@ def test_demo_skip_list(demo_config):
 
 @pytest.mark.parametrize("bits", [4, 8])
 def test_quantized_demo_model_answers_the_demo_questions(bits):
-    """`load_chat_model` (chat, eval, serve) with --load-in-4bit / --load-in-8bit: the PVTC + LVTC demo model answers
+    """`load_checkpoint` (chat, eval) with --load-in-4bit / --load-in-8bit: the PVTC + LVTC demo model answers
     the demo's five questions right (8-bit would fail inside bitsandbytes on PVTC's 4-D windows if the projectors
     were quantized), at a fraction of the float32 footprint."""
-    from internvlx_hf.cli.chat import load_chat_model
+    from internvlx_hf.loading import load_checkpoint
 
-    model, processor = load_chat_model(str(demo_model_dir()), "float32", "cpu", load_in_bits=bits)
+    model, processor = load_checkpoint(str(demo_model_dir()), "float32", "cpu", load_in_bits=bits)
     quantized = quantized_linear_names(model)
     assert quantized and not any(_under(name, KEPT_DEMO) for name in quantized)
     assert getattr(model, f"is_loaded_in_{bits}bit")
@@ -180,10 +180,11 @@ def test_without_bitsandbytes_the_flags_name_the_extra(tmp_path):
             f"for argv in {[argv for argv, _ in runs]!r}:\n"
             "    print(main(argv), flush=True)\n    print('--', file=sys.stderr, flush=True)\n"
             # the loader that chat and eval share says it too (for callers that skip the commands' early check)
-            "from internvlx_hf.cli.chat import load_chat_model\nfrom internvlx_hf.cli.command import CLIError\n"
+            "from internvlx_hf.loading import load_checkpoint\n"
+            "from internvlx_hf.quantization import QuantizationUnavailable\n"
             "try:\n"
-            f"    load_chat_model({str(demo_model_dir())!r}, device='cpu', load_in_bits=4)\n"
-            "except CLIError as error:\n    print(f'internvlx load: error: {error}', file=sys.stderr)\n")
+            f"    load_checkpoint({str(demo_model_dir())!r}, device='cpu', load_in_bits=4)\n"
+            "except QuantizationUnavailable as error:\n    print(f'internvlx load: error: {error}', file=sys.stderr)\n")
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT / "src"), "HF_HUB_OFFLINE": "1"}
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
                             timeout=300)

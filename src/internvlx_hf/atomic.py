@@ -1,6 +1,12 @@
 """Files and folders that appear whole or not at all: written under a temporary name next to the target, renamed
-into place at the end, removed on any error. Permissions follow the umask, as for a plain ``open()`` / ``mkdir()``
-(``mkstemp`` / ``mkdtemp`` would leave them private).
+into place at the end, removed on any error.
+
+Durable: before the rename, what was written is flushed to the disk (``fsync`` of every file, and of every folder of a
+staged tree), and after it the folder holding the new name, so that a power loss or a crashed machine never leaves
+the target's name on empty or partial content (a rename is recorded in the folder, which is a file of its own).
+Permissions follow the umask, as for a plain ``open()`` / ``mkdir()``: the temporaries are created with mode 0o666 /
+0o777 and the kernel applies the umask (``mkstemp`` / ``mkdtemp`` would leave them private; reading the umask needs
+``os.umask``, which sets it for every thread of the process for a moment).
 
 A process killed while writing (SIGKILL, out of memory, a pre-empted node) cannot remove its temporary file or folder:
 the target never appears, and the temporary one stays. Its name (`temp_prefix`) carries the writer's host and
@@ -13,9 +19,9 @@ from __future__ import annotations
 import logging
 import os
 import re
+import secrets
 import shutil
 import socket
-import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -70,40 +76,88 @@ def remove_stale_temporaries(target: str | os.PathLike) -> list[Path]:
     return removed
 
 
-def _umask() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
+def _temporary(target: Path, make) -> Path:
+    """A new temporary next to ``target`` (`temp_prefix`), created by ``make(path)``; another name if it exists."""
+    prefix = temp_prefix(target)
+    while True:
+        path = target.parent / f"{prefix}{secrets.token_hex(4)}"
+        try:
+            make(path)
+            return path
+        except FileExistsError:
+            continue
+
+
+def _new_file(path: Path) -> None:
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # the kernel applies the umask
+
+
+def temporary_folder(target: str | os.PathLike) -> Path:
+    """A new empty folder next to ``target``, named by `temp_prefix` (so `remove_stale_temporaries` finds it if its
+    writer is killed), with the permissions of a plain ``mkdir`` (mode 0o777 less the umask)."""
+    return _temporary(Path(target), lambda path: os.mkdir(path, 0o777))
+
+
+def fsync_file(path: str | os.PathLike) -> None:
+    """Flush a written file's content to the disk."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def fsync_folder(path: str | os.PathLike) -> None:
+    """Flush a folder's entries (names created, renamed or removed in it) to the disk; Windows has no such call (its
+    renames are durable once done)."""
+    if os.name == "nt":
+        return
+    descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def fsync_tree(folder: str | os.PathLike) -> None:
+    """`fsync_file` for every file under ``folder`` and `fsync_folder` for every folder, the deepest first (symbolic
+    links are not followed)."""
+    for root, folders, files in os.walk(folder, topdown=False):
+        for name in files:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                fsync_file(path)
+        fsync_folder(root)
 
 
 @contextmanager
 def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; write it inside the ``with`` block, and it replaces ``path``."""
+    """Yield a temporary path next to ``path``; write it inside the ``with`` block, and it replaces ``path``, flushed
+    to the disk first (`fsync_file`), its folder after (`fsync_folder`)."""
     path = Path(path)
     remove_stale_temporaries(path)
-    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
+    tmp = _temporary(path, _new_file)
     try:
         yield tmp
-        os.chmod(tmp, 0o666 & ~_umask())
+        fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    fsync_folder(path.parent)
 
 
 @contextmanager
 def staged_folder(dst: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty temporary folder next to ``dst``; fill it inside the ``with`` block, and it replaces ``dst``
-    (an existing ``dst`` is moved aside first and put back if the rename fails)."""
+    (`replace_folder`: flushed to the disk first; an existing ``dst`` is moved aside first and put back if the
+    rename fails)."""
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(dst)
-    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(dst), dir=dst.parent))
+    tmp = temporary_folder(dst)
     try:
         yield tmp
-        os.chmod(tmp, 0o777 & ~_umask())  # only the folder: what is written into it already follows the umask
         replace_folder(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -118,26 +172,31 @@ def staged_cache_folder(dst: str | os.PathLike) -> Iterator[Path]:
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(dst)
-    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(dst), dir=dst.parent))
+    tmp = temporary_folder(dst)
     try:
         yield tmp
-        os.chmod(tmp, 0o777 & ~_umask())
+        fsync_tree(tmp)
         try:
             os.rename(tmp, dst)  # fails where dst is a folder with files in it
         except OSError:
             if not dst.is_dir():
                 raise
             shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            fsync_folder(dst.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
 def replace_folder(src: Path, dst: Path) -> None:
-    """Rename the folder ``src`` to ``dst``; an existing ``dst`` is moved aside first, put back if the rename fails,
-    and removed once it succeeded."""
+    """Rename the folder ``src`` to ``dst``, its files and folders flushed to the disk first (`fsync_tree`) and the
+    parent folder after; an existing ``dst`` is moved aside first, put back if the rename fails, and removed once it
+    succeeded."""
+    fsync_tree(src)
     if not dst.exists():
         os.replace(src, dst)
+        fsync_folder(dst.parent)
         return
     backup = dst.with_name(f".{dst.name}.old-{uuid.uuid4().hex[:8]}")
     os.replace(dst, backup)
@@ -146,4 +205,5 @@ def replace_folder(src: Path, dst: Path) -> None:
     except BaseException:
         os.replace(backup, dst)
         raise
+    fsync_folder(dst.parent)
     shutil.rmtree(backup, ignore_errors=True)

@@ -87,10 +87,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     hide_optional_kernel_note()  # before anything imports peft, which imports bitsandbytes where it is installed
     args = build_parser().parse_args(argv)
-    if args._check is not None:
+    if args._check is not None:  # the mistakes users make most (a wrong path, a bad value): said before torch loads
         try:
             args._check(args)
-        except CLIError as error:
+        except _USER_ERRORS as error:
             if args.debug:
                 raise
             print(f"internvlx {args.command}: error: {_one_line(error)}", file=sys.stderr)

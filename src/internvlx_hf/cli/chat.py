@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from ..generation import end_of_turn_token_ids
+from ..hub.resolve import check_model_argument
 from .command import CLIError, Command
-from .quantization import add_quantization_arguments, check_quantization_available, quantization_flag
+from .quantization import add_quantization_arguments, check_quantization_available
 
 _CHAT_DESCRIPTION = """\
 Load MODEL's processor and model (AutoProcessor / AutoModel with trust_remote_code=True; a local folder, or a Hub
@@ -203,57 +204,6 @@ def _image_size(image: Any) -> tuple[int, int] | None:
     return None
 
 
-def device_map_for(name: str):
-    """``from_pretrained``'s device_map for --device: weights go straight to the device (no CPU copy first);
-    "auto" spreads a model over every GPU (accelerate) when there is one."""
-    import torch
-
-    if name == "auto":
-        return "auto" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise CLIError(f"--device {name!r} is not a device; use cpu, cuda, cuda:N, mps or auto.") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CLIError(f"--device {name}: CUDA is not available here; use --device cpu (or auto).")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise CLIError(f"--device {name}: MPS is not available here; use --device cpu (or auto).")
-    return str(device)
-
-
-def load_chat_model(model: str, dtype: str = "auto", device: str = "auto", processor=None,
-                    load_in_bits: int | None = None):
-    """``(model, processor)`` of a checkpoint folder or Hub id, on ``device``, in eval mode; ``processor``: the
-    checkpoint's processor when the caller has loaded it already.
-
-    ``load_in_bits`` 4 or 8: the weights are quantized while loading (bitsandbytes, `internvlx_hf.quantization`:
-    projectors and lm_head stay in ``dtype``); 4-bit layers then compute in ``dtype`` (float32 for auto). The
-    commands check that bitsandbytes is installed before any work (`check_quantization_available`); a missing one
-    here is the same one-line error.
-    """
-    import torch
-    from transformers import AutoModel, AutoProcessor
-
-    from ..hub.resolve import read_internvlx_config, resolve_model
-    from ..quantization import QuantizationUnavailable, check_kept_modules, quantized_loading_kwargs
-
-    device_map = device_map_for(device)
-    path = resolve_model(model)
-    read_internvlx_config(path, f"MODEL {str(model)!r}")
-    try:
-        kwargs = quantized_loading_kwargs(path, load_in_bits, dtype, what=quantization_flag(load_in_bits))
-    except QuantizationUnavailable as error:
-        raise CLIError(str(error)) from None
-    if processor is None:
-        processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
-    torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
-    loaded = AutoModel.from_pretrained(path, trust_remote_code=True, dtype=torch_dtype, device_map=device_map,
-                                       **kwargs).eval()
-    if load_in_bits is not None:
-        check_kept_modules(loaded, kwargs["quantization_config"].llm_int8_skip_modules)
-    return loaded, processor
-
-
 def _check_images(paths: list[str]) -> None:
     for path in paths:
         if Path(path).is_dir():
@@ -277,18 +227,6 @@ def parse_bound(text: str | None) -> tuple[float, float] | None:
         return check_bound((start, end))
     except ValueError as error:
         raise CLIError(f"--bound {text!r}: {error}.") from None
-
-
-def load_video_frames(path: str, frames: int, bound: tuple[float, float] | None) -> list[Any]:
-    """The frames of --video, with bad input as one-line CLI errors."""
-    from ..processing.video import load_video
-
-    if frames < 1:
-        raise CLIError(f"--frames must be >= 1, got {frames}.")
-    try:
-        return load_video(path, num_segments=frames, bound=bound)
-    except (ValueError, OSError, ImportError) as error:
-        raise CLIError(f"--video: {error}") from None
 
 
 def check_video_support(processor, model: str) -> None:
@@ -339,22 +277,43 @@ def _interactive(session: ChatSession, stdin) -> None:
             print(f"error: {error}", file=sys.stderr)
 
 
-def _run_chat(args: argparse.Namespace) -> int:
+def _check_chat(args: argparse.Namespace) -> None:
+    """The arguments' checks that need no heavy import: answered before torch loads."""
     if args.max_new_tokens < 1:
         raise CLIError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}.")
     if args.max_tiles is not None and args.max_tiles < 1:
         raise CLIError(f"--max-tiles must be >= 1, got {args.max_tiles}.")
     if args.question is not None and not args.question.strip():
         raise CLIError("the QUESTION is empty; ask something, or leave it out for an interactive conversation.")
+    if args.video is None and (args.bound is not None or args.frames is not None):
+        raise CLIError("--frames and --bound choose the frames of --video; pass --video PATH too.")
+    if args.frames is not None and args.frames < 1:
+        raise CLIError(f"--frames must be >= 1, got {args.frames}.")
+    check_model_argument(args.model)
     _check_images(args.image)
+    if args.video is not None and not Path(args.video).exists():
+        raise CLIError(f"--video {args.video!r}: no such file or folder; pass a video file or a folder of frame "
+                       "images.")
+
+
+def video_frames(path: str, frames: int, bound: tuple[float, float] | None) -> list[Any]:
+    """The frames of --video (`loading.load_video_frames`), a bad video as one line naming the flag."""
+    from ..loading import load_video_frames
+
+    try:
+        return load_video_frames(path, frames, bound)
+    except ValueError as error:
+        raise CLIError(f"--video: {error}") from None
+
+
+def _run_chat(args: argparse.Namespace) -> int:  # after _check_chat (CHAT.check)
+    from ..loading import load_checkpoint
+
     check_quantization_available(args.load_in_bits)  # before decoding a video
     videos = []
     if args.video is not None:
-        videos = [load_video_frames(args.video, 8 if args.frames is None else args.frames,
-                                    parse_bound(args.bound))]
-    elif args.bound is not None or args.frames is not None:
-        raise CLIError("--frames and --bound choose the frames of --video; pass --video PATH too.")
-    model, processor = load_chat_model(args.model, args.dtype, args.device, load_in_bits=args.load_in_bits)
+        videos = [video_frames(args.video, 8 if args.frames is None else args.frames, parse_bound(args.bound))]
+    model, processor = load_checkpoint(args.model, args.dtype, args.device, load_in_bits=args.load_in_bits)
     if videos:
         check_video_support(processor, args.model)
     session = ChatSession(model, processor, args.image, tiling=args.tiling, max_tiles=args.max_tiles,
@@ -373,5 +332,6 @@ CHAT = Command(
     epilog=_CHAT_EPILOG,
     add_arguments=_add_chat_arguments,
     run=_run_chat,
+    check=_check_chat,
     intermixed=True,  # `chat MODEL --image X "question"`: the question after the options
 )

@@ -74,10 +74,29 @@ class CommandParser(argparse.ArgumentParser):
         self._parsing = list(sys.argv[1:] if args is None else args)
         try:
             if self._intermixed:
-                return self.parse_known_intermixed_args(self._parsing, namespace)
-            return super().parse_known_args(self._parsing, namespace)
+                parsed, extras = self.parse_known_intermixed_args(self._parsing, namespace)
+            else:
+                parsed, extras = super().parse_known_args(self._parsing, namespace)
         finally:
             self._parsing = None
+        if extras and not self._probing:  # said here, with the command's name (the top parser would leave it out)
+            self.error(self.unrecognized(extras))
+        return parsed, extras
+
+    def unrecognized(self, extras: list[str]) -> str:
+        """argparse's "unrecognized arguments" message, with the closest option of the command for the first
+        unknown one that is close to one (``--learing_rate``: did you mean ``--learning_rate``?)."""
+        import difflib
+
+        message = f"unrecognized arguments: {' '.join(extras)}"
+        options = [option for option in self._option_string_actions if option.startswith("--")]
+        for extra in extras:
+            if not extra.startswith("--"):
+                continue
+            close = difflib.get_close_matches(extra.partition("=")[0], options, n=1, cutoff=0.75)
+            if close:
+                return f"{message}; did you mean {close[0]}?"
+        return message
 
     def format_help(self):
         self._add_pending_arguments()

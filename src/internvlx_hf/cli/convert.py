@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .command import Command
+from .command import CLIError, Command
 
 _CONVERT_DESCRIPTION = """\
 Convert an OpenGVLab checkpoint in its original remote-code layout (InternVLChatModel), the InternVL-X reference
@@ -104,6 +104,15 @@ def _add_convert_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _check_convert(args: argparse.Namespace) -> None:
+    """SRC must be a local folder: said before torch loads (the conversion says it too, for its Python callers)."""
+    from pathlib import Path
+
+    if not Path(args.src).is_dir():
+        raise CLIError(f"SRC {args.src} is not a folder; pass the local folder of an OpenGVLab InternVL2 model "
+                       "(download it first, e.g. `hf download OpenGVLab/InternVL2-2B --local-dir InternVL2-2B`).")
+
+
 def _run_convert(args: argparse.Namespace) -> int:
     from ..conversion import convert
 
@@ -130,4 +139,5 @@ CONVERT = Command(
     epilog=_CONVERT_EPILOG,
     add_arguments=_add_convert_arguments,
     run=_run_convert,
+    check=_check_convert,
 )

@@ -109,10 +109,15 @@ def _run_demo(args: argparse.Namespace) -> int:
         samples = [DemoSample(load_user_image(args.image), args.question.strip(), None, "", args.image)]
     elif user_video:
         from ..demo import demo_video_frames
-        from .chat import load_video_frames
+        from ..loading import load_video_frames
 
+        if args.frames is not None and args.frames < 1:
+            raise CLIError(f"--frames must be >= 1, got {args.frames}.")
         # the frames first, so that a bad video fails in one line before the model loads
-        frames = load_video_frames(args.video, demo_video_frames(folder) if args.frames is None else args.frames, None)
+        try:
+            frames = load_video_frames(args.video, demo_video_frames(folder) if args.frames is None else args.frames)
+        except ValueError as error:
+            raise CLIError(f"--video: {error}") from None
         samples = [DemoSample(frames[-1], args.question.strip(), None, "", args.video, video=frames)]
     elif video:
         samples = demo_video_samples(seed=args.seed, path=folder)

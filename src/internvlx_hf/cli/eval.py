@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..hub.resolve import check_model_argument
 from .command import CLIError, Command
 from .quantization import add_quantization_arguments, check_quantization_available
 
@@ -140,7 +141,22 @@ def _check_outputs(args: argparse.Namespace) -> None:
             raise CLIError(str(error)) from None
 
 
-def _run_eval(args: argparse.Namespace) -> int:
+def _check_eval(args: argparse.Namespace) -> None:
+    """The arguments' checks that need no heavy import: answered before torch loads."""
+    checkpoints = [args.checkpoint, *args.compare]
+    if len(set(checkpoints)) != len(checkpoints):
+        raise CLIError("a checkpoint is given twice (CHECKPOINT and --compare); compare different checkpoints")
+    for checkpoint in checkpoints:
+        check_model_argument(checkpoint, "CHECKPOINT")
+    for part in (part.strip() for part in args.data.split(",")):
+        if part and not Path(part).is_file():
+            what = "is a folder" if Path(part).is_dir() else "no such file"
+            raise CLIError(f"DATA {part!r}: {what}; give an InternVL meta JSON or a JSONL file (several: "
+                           "comma-separated).")
+    _tilings(args.tiling)
+
+
+def _run_eval(args: argparse.Namespace) -> int:  # after _check_eval (EVAL.check)
     from transformers.utils import logging as hf_logging
 
     shown = hf_logging.is_progress_bar_enabled()
@@ -160,14 +176,12 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     from ..evaluation import evaluate, format_comparison, format_run, plot_runs, read_eval_data, to_json, write_json
     from ..hub.resolve import read_internvlx_config, resolve_model
-    from .chat import load_chat_model
+    from ..loading import load_checkpoint
 
     tilings = _tilings(args.tiling)
     _check_outputs(args)
     check_quantization_available(args.load_in_bits)
     checkpoints = [args.checkpoint, *args.compare]
-    if len(set(checkpoints)) != len(checkpoints):
-        raise CLIError("a checkpoint is given twice (CHECKPOINT and --compare); compare different checkpoints")
     # Every checkpoint's prompts are rendered and checked before the first model loads.
     prepared = []
     for checkpoint in checkpoints:
@@ -177,7 +191,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         prepared.append((processor, read_eval_data(args.data, processor, metric=args.metric, limit=args.limit)))
     runs = []
     for checkpoint, name, (processor, sets) in zip(checkpoints, _labels(checkpoints), prepared):
-        model, processor = load_chat_model(checkpoint, args.dtype, args.device, processor=processor,
+        model, processor = load_checkpoint(checkpoint, args.dtype, args.device, processor=processor,
                                            load_in_bits=args.load_in_bits)
         for tiling in tilings:
             label = name if len(tilings) == 1 else f"{name} ({tiling})"
@@ -206,4 +220,5 @@ EVAL = Command(
     epilog=_EVAL_EPILOG,
     add_arguments=_add_eval_arguments,
     run=_run_eval,
+    check=_check_eval,
 )

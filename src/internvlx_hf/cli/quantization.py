@@ -10,7 +10,7 @@ from .command import CLIError
 
 def add_quantization_arguments(parser: argparse.ArgumentParser) -> None:
     """--load-in-4bit / --load-in-8bit (bitsandbytes; the ``quantization`` extra), for every command that loads a
-    model through `load_chat_model`."""
+    model through `internvlx_hf.loading.load_checkpoint`."""
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--load-in-4bit", action="store_const", const=4, dest="load_in_bits",
                        help="load the LLM and vision tower in 4-bit nf4 (bitsandbytes; projectors and lm_head stay "

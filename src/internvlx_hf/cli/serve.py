@@ -8,8 +8,11 @@ import re
 import sys
 from typing import Any
 
-from ..serving_requests import (API_KEY_ENV, DEFAULT_FETCH_TIMEOUT, DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS,
-                                DEFAULT_MAX_IMAGES_PER_REQUEST, DEFAULT_MAX_REQUEST_BYTES)
+from ..hub.resolve import check_model_argument
+from ..serving import (API_KEY_ENV, DEFAULT_FETCH_TIMEOUT, DEFAULT_MAX_CONCURRENT_DECODES, DEFAULT_MAX_IMAGE_BYTES,
+                       DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_IMAGES_PER_REQUEST, DEFAULT_MAX_REQUEST_BYTES,
+                       DEFAULT_MAX_REQUEST_IMAGE_BYTES, DEFAULT_MAX_REQUEST_PIXELS, LOOPBACK_HOSTS, MediaPolicy,
+                       RequestLimits, ServerLimits, check_host_pattern)
 from .command import CLIError, Command
 from .quantization import add_quantization_arguments, check_quantization_available, quantization_flag
 
@@ -27,9 +30,16 @@ a file path or file:// URL only inside --allowed-local-media-path; an http(s) UR
 (a bad field, an image the server may not read) gets a 4xx with OpenAI's error object. Decoding follows the request
 (temperature, top_p, max_tokens, stop) on top of the checkpoint's generation_config.json.
 
-Safe by default: this machine only (127.0.0.1), no local file, no URL fetch. Before listening beyond it (--host
-0.0.0.0), set --api-key (or INTERNVLX_API_KEY): without one the server warns, and any client that reaches it can use
-the model. Only POST /v1/chat/completions, GET /v1/models and GET /health are answered.
+Safe by default: this machine only (127.0.0.1, and only requests naming it: localhost, 127.0.0.1, ::1, against DNS
+rebinding; --allowed-hosts adds names), no local file, no URL fetch. Before listening beyond it (--host 0.0.0.0), set
+--api-key (or INTERNVLX_API_KEY): without one the server warns, and any client that reaches it can use the model.
+Only POST /v1/chat/completions, GET /v1/models and GET /health are answered.
+
+Every request is bounded: its body (--max-request-bytes), its images one by one (--max-image-bytes,
+--max-image-pixels) and together (--max-images-per-request, --max-request-image-bytes, --max-request-pixels, the
+pixels read from the headers before anything is decoded), its text (no more than fits the model's context), a URL's
+fetch (--media-fetch-timeout, headers included); the server decodes images for --max-concurrent-decodes requests at
+once, and parses, fetches, decodes and tokenizes on worker threads, so /health answers while it is busy.
 
 Needs the serve extra: pip install "internvlx-hf[serve]" (fastapi, uvicorn, openai); tested with transformers
 5.16.1 to 5.23.0 (a newer release runs with a warning)."""
@@ -89,11 +99,27 @@ def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                                f"decoded (default {DEFAULT_MAX_IMAGE_PIXELS:,})")
     security.add_argument("--max-images-per-request", metavar="N", type=int, default=DEFAULT_MAX_IMAGES_PER_REQUEST,
                           help=f"most images in one request (default {DEFAULT_MAX_IMAGES_PER_REQUEST})")
+    security.add_argument("--max-request-image-bytes", metavar="SIZE", type=_byte_size,
+                          default=DEFAULT_MAX_REQUEST_IMAGE_BYTES,
+                          help="the encoded bytes of a request's images together, whatever their source (default "
+                               "50MiB: what a request body may carry)")
+    security.add_argument("--max-request-pixels", metavar="N", type=int, default=DEFAULT_MAX_REQUEST_PIXELS,
+                          help="the pixels of a request's images together, read from their headers before any is "
+                               f"decoded (default {DEFAULT_MAX_REQUEST_PIXELS:,}: 400 MB decoded at most)")
+    security.add_argument("--max-concurrent-decodes", metavar="N", type=int, default=DEFAULT_MAX_CONCURRENT_DECODES,
+                          help="requests whose images are decoded and tiled at once, server-wide; others wait "
+                               f"(default {DEFAULT_MAX_CONCURRENT_DECODES}: decoded images in memory stay below N x "
+                               "the request pixels)")
     security.add_argument("--max-request-bytes", metavar="SIZE", type=_byte_size, default=DEFAULT_MAX_REQUEST_BYTES,
                           help="largest request body (default 50MiB)")
     security.add_argument("--media-fetch-timeout", metavar="SECONDS", type=float, default=DEFAULT_FETCH_TIMEOUT,
-                          help=f"seconds an image URL may take to download, redirects included (default "
-                               f"{DEFAULT_FETCH_TIMEOUT:g})")
+                          help=f"seconds an image URL may take in all: connection, status line and headers, "
+                               f"redirects, body (default {DEFAULT_FETCH_TIMEOUT:g})")
+    security.add_argument("--allowed-hosts", metavar="HOST", nargs="+", default=None,
+                          help="Host names requests may be addressed to, besides this machine's "
+                               f"({', '.join(LOOPBACK_HOSTS)}): names, *.name for its subdomains, addresses, or * "
+                               "for any; default: this machine's names only when listening on a loopback address "
+                               "(against DNS rebinding), any name otherwise")
 
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
@@ -110,11 +136,13 @@ def _byte_size(text: str) -> int:
 
 
 def _check_serve(args: argparse.Namespace) -> None:
-    """The arguments' checks that need no import (before the model loads)."""
+    """The arguments' checks that need no heavy import (before torch and the model load)."""
     if not 0 < args.port < 65536:
         raise CLIError(f"--port must be between 1 and 65535, got {args.port}.")
     for flag, value in (("--max-image-pixels", args.max_image_pixels),
-                        ("--max-images-per-request", args.max_images_per_request)):
+                        ("--max-images-per-request", args.max_images_per_request),
+                        ("--max-request-pixels", args.max_request_pixels),
+                        ("--max-concurrent-decodes", args.max_concurrent_decodes)):
         if value < 1:
             raise CLIError(f"{flag} must be at least 1, got {value}.")
     if not args.media_fetch_timeout > 0:
@@ -124,17 +152,23 @@ def _check_serve(args: argparse.Namespace) -> None:
                        "folder whose images clients may ask about.")
     if args.api_key is not None and not args.api_key.strip():
         raise CLIError(f"--api-key (or {API_KEY_ENV}) is empty; give a key, or leave it out.")
+    for pattern in args.allowed_hosts or ():
+        try:
+            check_host_pattern(pattern)
+        except ValueError as error:
+            raise CLIError(f"--allowed-hosts: {error}") from None
+    media_policy(args)
+    check_model_argument(args.model)
 
 
-def media_policy(args: argparse.Namespace):
+def media_policy(args: argparse.Namespace) -> MediaPolicy:
     """The `MediaPolicy` of the command line (a bad --allowed-media-domains entry is a CLIError)."""
-    from ..serving_media import MediaPolicy
-
     try:
         return MediaPolicy(allowed_local_media_path=args.allowed_local_media_path,
                            allowed_media_domains=tuple(args.allowed_media_domains),
                            max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels,
-                           fetch_timeout=args.media_fetch_timeout)
+                           max_request_image_bytes=args.max_request_image_bytes,
+                           max_request_pixels=args.max_request_pixels, fetch_timeout=args.media_fetch_timeout)
     except ValueError as error:
         raise CLIError(f"--allowed-media-domains: {error}") from None
 
@@ -153,9 +187,9 @@ def model_loading_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _run_serve(args: argparse.Namespace) -> int:  # after _check_serve (SERVE.check)
-    policy = media_policy(args)
     from ..serving import ServingUnavailable, check_serving_available, exposure_warning
 
+    policy = media_policy(args)
     warning = exposure_warning(args.host, args.api_key)
     if warning:
         print(f"internvlx serve: warning: {warning}", file=sys.stderr, flush=True)
@@ -165,16 +199,17 @@ def _run_serve(args: argparse.Namespace) -> int:  # after _check_serve (SERVE.ch
     except ServingUnavailable as error:
         raise CLIError(str(error)) from None
     from ..hub.resolve import read_internvlx_config, resolve_model
-    from ..serving import RequestLimits, build_app, run_app
-    from .chat import device_map_for
+    from ..loading import device_map_for
+    from ..serving import build_app, run_app
 
     device = device_map_for(args.device)
     read_internvlx_config(resolve_model(args.model), f"MODEL {str(args.model)!r}")  # a clear error before loading
     limits = RequestLimits(max_request_bytes=args.max_request_bytes,
                            max_images_per_request=args.max_images_per_request)
     app = build_app(args.model, device=device, dtype=args.dtype, model_kwargs=model_loading_kwargs(args),
-                    api_key=args.api_key, media_policy=policy, limits=limits)
-    run_app(app, host=args.host, port=args.port, log_level=args.log_level)
+                    api_key=args.api_key, media_policy=policy, limits=limits,
+                    server_limits=ServerLimits(max_concurrent_decodes=args.max_concurrent_decodes))
+    run_app(app, host=args.host, port=args.port, log_level=args.log_level, allowed_hosts=args.allowed_hosts)
     return 0
 
 

@@ -15,14 +15,13 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..atomic import remove_stale_temporaries, replace_folder, temp_prefix
+from ..atomic import remove_stale_temporaries, replace_folder, temporary_folder
 from ..modeling.configuration_internvlx import InternVLXConfig, LVTCConfig
 from ..provenance import record_conversion
 from ..remote_code import save_remote_code
@@ -131,7 +130,7 @@ def _publish(tmp: Path, dst: Path, overwrite: bool) -> None:
             return
         else:
             raise ConversionError(f"DST {dst} appeared while converting; pass --overwrite to replace it.")
-    os.replace(tmp, dst)
+    replace_folder(tmp, dst)  # flushed to the disk, then renamed
 
 
 def _template_separator(tokenizer: Any, template: str) -> tuple[str, int]:
@@ -342,14 +341,11 @@ def convert(
     try:
         dst.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(dst)  # what a conversion to DST that was killed left
-        tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(dst), dir=dst.parent))
+        tmp = temporary_folder(dst)  # the permissions of a plain mkdir, as DST's
     except OSError as error:
         raise ConversionError(f"cannot create DST {dst} ({error.strerror}); choose a writable folder.") from None
     writer = StreamingSafetensorsWriter(tmp, job.outputs, max_shard_bytes)
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes the folder private; DST gets the usual permissions
         _stream_tensors(job, writer, progress)
         for name, tensor in initialise_new_parameters(job.meta_model, job.new_names, job.projector_types(),
                                                        {name: job.model_dtype for name in job.new_names}, seed):

@@ -32,7 +32,7 @@ def check_data(data: Any, processor, *, max_length: int | None = None, max_tiles
     ``lengths_cache`` (the lengths cache files written, see `InternVLXDataset`'s ``cache_dir``), and ``stats``
     (percentiles of tokens per sample and tiles per image, over the usable rows, before ``repeat_time``)."""
     sources = as_sources(data)
-    tiles_line = apply_tile_precedence(sources, processor.image_processor, max_tiles)
+    tiles_line = apply_tile_precedence(sources, processor.image_processor, max_tiles, saves=False)
     dataset = InternVLXDataset(sources, processor, max_length=max_length, progress=progress, check=True,
                                num_proc=num_proc, cache_dir=cache_dir)
     measured = dataset.measured

@@ -72,10 +72,12 @@ class TileBudget:
         return [self.image_processor.get_number_of_image_patches(h, w, options) for w, h in sizes]
 
 
-def apply_tile_precedence(sources: list, image_processor, max_tiles: int | None) -> str:
+def apply_tile_precedence(sources: list, image_processor, max_tiles: int | None, saves: bool = True) -> str:
     """One precedence for the tile budget: --max_tiles, when given, is every dataset's; else a dataset's
     max_dynamic_patch is its own, and the saved processor gets the largest one used, so that inference tiles as
-    training did. Returns the line that says so."""
+    training did. Returns the line that says so (``saves`` False: for a command that saves nothing, `data check`, the
+    line says what training would save)."""
+    saved = "the saved processor gets" if saves else "training would save the processor with"
     own = {s.name: s.max_dynamic_patch for s in sources if s.max_dynamic_patch is not None}
     if max_tiles is not None:
         image_processor.max_tiles = max_tiles
@@ -84,7 +86,7 @@ def apply_tile_precedence(sources: list, image_processor, max_tiles: int | None)
         overridden = ", ".join(f"{name} {value}" for name, value in own.items() if value != max_tiles)
         return (f"Tiles: --max_tiles {max_tiles} for every dataset"
                 + (f" (it overrides max_dynamic_patch of {overridden})" if overridden else "")
-                + f"; the saved processor gets max_tiles {max_tiles}")
+                + f"; {saved} max_tiles {max_tiles}")
     if not own:
         return f"Tiles: the processor's max_tiles {image_processor.max_tiles} for every dataset"
     default = image_processor.max_tiles
@@ -95,8 +97,8 @@ def apply_tile_precedence(sources: list, image_processor, max_tiles: int | None)
     image_processor.max_tiles = max([*own.values(), *([default] if others else [])])
     used = ", ".join(f"{name} {value}" for name, value in own.items())
     rest = f", the processor's {default} for {', '.join(others)}" if others else ""
-    return (f"Tiles: each dataset's max_dynamic_patch ({used}){rest}; the saved processor gets max_tiles "
-            f"{image_processor.max_tiles} (--max_tiles N sets one budget for all)")
+    return (f"Tiles: each dataset's max_dynamic_patch ({used}){rest}; {saved} max_tiles {image_processor.max_tiles} "
+            "(--max_tiles N sets one budget for all)")
 
 
 __all__ = ["TileBudget", "apply_tile_precedence", "image_size", "load_image"]

@@ -16,6 +16,21 @@ def looks_like_repo_id(model: str) -> bool:
     return bool(_REPO_ID.match(model)) and not model.startswith((".", "/")) and "--" not in model
 
 
+def local_model_folder(model: str | os.PathLike, name: str = "MODEL") -> Path | None:
+    """The folder ``model`` names, or None for a Hub id; `FileNotFoundError` for a file, or for a missing path that
+    cannot be a Hub id. No download and no heavy import: the command line checks its MODEL arguments with it before
+    loading torch (``name``: how the message calls the argument)."""
+    path = Path(model)
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise FileNotFoundError(f"{name} {str(model)!r} is a file; pass the checkpoint folder that holds config.json.")
+    text = str(model)
+    if not looks_like_repo_id(text) or os.sep in text.replace("/", "") or text.count("/") > 1:
+        raise FileNotFoundError(f"{name} {text!r}: no such folder; pass a checkpoint folder or a Hub id (owner/name).")
+    return None
+
+
 def resolve_model(model: str | os.PathLike, allow_patterns: list[str] | None = None) -> Path:
     """The local folder of ``model``: the folder itself, or a snapshot of the Hub repository ``model``.
 
@@ -28,14 +43,10 @@ def resolve_model(model: str | os.PathLike, allow_patterns: list[str] | None = N
         FileNotFoundError: neither a folder nor a Hub id, the repository does not exist, or the Hub cannot be
             reached (offline) and the files are not in the cache.
     """
-    path = Path(model)
-    if path.is_dir():
+    path = local_model_folder(model)
+    if path is not None:
         return path
-    if path.exists():
-        raise FileNotFoundError(f"MODEL {str(model)!r} is a file; pass the checkpoint folder that holds config.json.")
     name = str(model)
-    if not looks_like_repo_id(name) or os.sep in name.replace("/", "") or name.count("/") > 1:
-        raise FileNotFoundError(f"MODEL {name!r}: no such folder; pass a checkpoint folder or a Hub id (owner/name).")
 
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import (
@@ -178,5 +189,15 @@ def read_internvlx_config(folder: str | os.PathLike, name: str) -> dict[str, Any
     return config
 
 
-__all__ = ["DAMAGED_HINT", "OPTIONAL_CONFIG_KEYS", "REQUIRED_CONFIG_KEYS", "config_key_problem", "json_error_text",
-           "looks_like_repo_id", "read_internvlx_config", "resolve_model"]
+def check_model_argument(model: str | os.PathLike, name: str = "MODEL") -> None:
+    """What can be said of a MODEL argument without the Hub and without importing anything heavy: a local folder must
+    hold an internvlx-hf config.json (`read_internvlx_config`), and anything else must be spelled as a Hub id
+    (`local_model_folder`). The command line runs it before torch loads, so that the mistakes users make most (a
+    wrong path, a folder that is no checkpoint) are reported at once."""
+    folder = local_model_folder(model, name)
+    if folder is not None:
+        read_internvlx_config(folder, f"{name} {str(model)!r}")
+
+
+__all__ = ["DAMAGED_HINT", "OPTIONAL_CONFIG_KEYS", "REQUIRED_CONFIG_KEYS", "check_model_argument", "config_key_problem",
+           "json_error_text", "local_model_folder", "looks_like_repo_id", "read_internvlx_config", "resolve_model"]

@@ -1,9 +1,9 @@
 """An OpenAI-compatible chat-completions server for InternVL-X checkpoints, built from `transformers serve`'s parts.
 
 transformers' own server (`transformers.cli.serving`: its FastAPI app, model manager, chat-completions handler,
-generation threads and streaming) does the serving; this module only teaches it our model and puts a trust boundary
-in front of it. Out of the box `transformers serve DIR --trust-remote-code` cannot serve a remote-code checkpoint
-(transformers 5.23):
+generation threads and streaming) does the serving; this module only teaches it our model, bounds the work a request
+may cause, and puts a trust boundary in front of it. Out of the box `transformers serve DIR --trust-remote-code`
+cannot serve a remote-code checkpoint (transformers 5.23):
 
 1. `ModelManager._load_model` loads ``getattr(transformers, config.architectures[0])``, which does not exist for a
    remote-code class (it ignores ``auto_map``);
@@ -23,38 +23,42 @@ The hooks used, all on subclasses (nothing in transformers is patched or mutated
 
 and in `InternVLXChatCompletionHandler`:
 
-- ``ChatCompletionHandler.handle_request``: the body is checked first (`serving_requests.validate_chat_request`:
-  every client mistake is a 4xx with OpenAI's error object), then the request's images are read, fetched and
-  decoded off the event loop under the server's `MediaPolicy` (`serving_media`: no local file and no URL unless
-  allowed, size and pixel limits read before decoding), and a chat-template refusal is a 400;
+- ``ChatCompletionHandler.handle_request``: composed of transformers' own steps (``_resolve_model``, the generation
+  manager, ``get_processor_inputs_from_messages``, the processor's ``apply_chat_template``,
+  ``_build_generation_config``, ``_streaming`` / ``_non_streaming``, in transformers' order, unchanged from 5.16 to
+  5.23), with everything before generation moved off the event loop (`work.ServingWork`): the body is checked
+  (`validation`), the request's images are read, fetched and opened under the server's `MediaPolicy` (`media`),
+  decoded and tiled while the request holds a decode slot, and the chat template rendered and tokenized on a worker
+  thread; the prompt and ``max_tokens`` must fit the model's context (a 400 as OpenAI answers it), and without
+  ``max_tokens`` the answer is capped to what fits; a chat-template refusal is a 400;
 - ``ChatCompletionHandler.get_processor_inputs_from_messages``: the decoded images reach the processor as images;
-- ``ChatCompletionHandler._streaming`` / ``_non_streaming``: the prompt and ``max_tokens`` must fit the model's
-  context (a 400 as OpenAI answers it), and without ``max_tokens`` the answer is capped to what fits.
+- generation gets the processor's tokenizer instead of the processor: transformers passes it to
+  ``generate(tokenizer=...)``, whose stop strings (the request's "stop") call ``get_vocab``, which a processor lacks.
 
-`build_app` assembles the app the way `transformers.cli.serve.Serve` does and wraps it in
-`serving_requests.RequestGate` (the routes served, the API key, the body size). These are internals of transformers'
-serving code, which change between releases: `TESTED_TRANSFORMERS` lists the releases the hooks were tested on;
-`check_serving_available` refuses an older release and warns once on a newer one.
-
-    from internvlx_hf.serving import serve
-    serve("./InternVL-X-2B", host="127.0.0.1", port=8000)  # blocks; POST /v1/chat/completions, GET /v1/models
+`build_app` assembles the app the way `transformers.cli.serve.Serve` does and wraps it in `gate.RequestGate` (the
+routes served, the API key, the body's size and JSON); `run_app` adds `gate.HostGate` for where it listens. These are
+internals of transformers' serving code, which change between releases: `TESTED_TRANSFORMERS` lists the releases the
+hooks were tested on; `check_serving_available` refuses an older release and warns once on a newer one.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextvars
+import contextlib
+import dataclasses
 import functools
-import ipaddress
 import logging
 import os
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any
 
-from .serving_media import MediaPolicy, MediaRefused, load_request_image
-from .serving_requests import API_KEY_ENV, InvalidRequest, RequestGate, RequestLimits, error_body, \
-    validate_chat_request
+from .exposure import allowed_host_patterns, exposure_warning
+from .gate import HostGate, RequestGate, parsed_body
+from .limits import RequestLimits, ServerLimits
+from .policy import MediaPolicy
+from .validation import InvalidRequest, check_text_fits, error_body, validate_chat_request
+from .work import ServingWork
 
 # transformers releases whose serving internals (the hooks above) tests/test_serve.py passed on; docs/serving.md
 # lists the runs. Older releases are refused; newer ones run with one warning line.
@@ -110,31 +114,18 @@ def check_serving_available(transformers_version: str | None = None) -> None:
     )
 
 
-def exposure_warning(host: str, api_key: str | None) -> str | None:
-    """The warning for listening on ``host`` without an API key where clients beyond this machine can connect
-    (None on a loopback address, or with a key)."""
-    if api_key:
-        return None
-    name = host.strip().strip("[]")
-    if name.lower() == "localhost":
-        return None
-    try:
-        if ipaddress.ip_address(name).is_loopback:
-            return None
-    except ValueError:
-        pass  # a host name: it may resolve to any interface
-    return (f"listening on {host}, beyond this machine, without an API key: any client that reaches it can use the "
-            f"model and the media it may read or fetch; set --api-key KEY (or {API_KEY_ENV})")
-
-
 def _model_type(model: Any) -> str | None:
     return getattr(getattr(model, "config", None), "model_type", None)
 
 
-# Whether the request being handled set max_tokens (read by the context check of `_streaming` / `_non_streaming`,
-# which transformers calls without the body).
-_REQUESTED_MAX_TOKENS: contextvars.ContextVar[int | None] = contextvars.ContextVar("internvlx_max_tokens",
-                                                                                   default=None)
+def longest_token_chars(processor) -> int | None:
+    """The characters of the longest token of ``processor``'s vocabulary, as spelled in it (None without one)."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    try:
+        vocab = tokenizer.get_vocab()
+    except (AttributeError, NotImplementedError):
+        return None
+    return max((len(token) for token in vocab), default=None)
 
 
 @functools.lru_cache(maxsize=None)  # one set of classes per process
@@ -146,9 +137,10 @@ def serving_classes():
     from transformers.cli.serving.model_manager import ModelManager
     from transformers.cli.serving.utils import Modality
 
-    from .generation import end_of_turn_token_ids
-    from .modeling.configuration_internvlx import InternVLXConfig
-    from .processing.image_processing_internvlx import describe_image_input
+    from ..generation import end_of_turn_token_ids
+    from ..modeling.configuration_internvlx import InternVLXConfig
+    from ..processing.image_processing_internvlx import describe_image_input
+    from .media import MediaRefused, decode_images, read_request_images
 
     model_type = InternVLXConfig.model_type
 
@@ -222,60 +214,108 @@ def serving_classes():
             return [{"id": self.force_model, "object": "model", "created": self.created, "owned_by": owner}]
 
     class InternVLXChatCompletionHandler(ChatCompletionHandler):
-        """transformers' chat-completions handler behind the checks of `serving_requests` and `serving_media`.
+        """transformers' chat-completions handler behind the checks of `validation` and `media`, with the work
+        before generation on the server's worker threads.
 
-        ``media_policy``: what the request's images may be read or fetched from, and their limits; ``limits``:
-        the request's (images per request; ``max_context`` and ``vocab_size`` are the served model's).
+        ``media_policy``: what the request's images may be read or fetched from, and their limits; ``limits``: the
+        request's (images per request; ``max_context``, ``vocab_size`` and ``longest_token_chars`` are the served
+        model's); ``work``: the server's worker threads and decode slots.
         """
 
         def __init__(self, *args, media_policy: MediaPolicy | None = None, limits: RequestLimits | None = None,
-                     **kwargs):
+                     work: ServingWork | None = None, **kwargs):
             super().__init__(*args, **kwargs)
             self.media_policy = media_policy or MediaPolicy()
             self.limits = limits or RequestLimits()
+            self.work = work or ServingWork()
 
-        # Hook 4: the request is checked, and its images loaded, before transformers reads it.
+        # Hook 4: transformers' steps, with the request checked first and the CPU work off the event loop.
         async def handle_request(self, body, request_id):
+            work = self.work
+            body, images = await work.prepare(self._check_body, parsed_body(body))
+            self._validate_request(body)  # transformers' own (it logs the ignored fields)
+            model_id, model, processor = self._resolve_model(body)
+            modality = self.model_manager.get_model_modality(model, processor=processor)
+            use_cb = self.generation_state.use_continuous_batching(model, modality)
+            gen_manager = self.generation_state.get_manager(model_id, use_cb=use_cb)
+            wheres = [f"messages[{index}]: {describe_image_input(count, url)}"
+                      for count, (url, _, index) in enumerate(images)]
+            if images:
+                try:
+                    opened = await read_request_images(
+                        [(url, where, param) for (url, param, _), where in zip(images, wheres)], self.media_policy,
+                        work)
+                except MediaRefused as error:
+                    raise InvalidRequest(str(error), error.param) from None
+                async with work.decode_slot():
+                    inputs, prompt = await work.prepare(self._processor_inputs, body, opened, wheres, images,
+                                                        processor, model, modality, use_cb)
+                del opened
+            else:
+                inputs, prompt = await work.prepare(self._processor_inputs, body, [], [], [], processor, model,
+                                                    modality, use_cb)
+            gen_config = self._build_generation_config(body, model.generation_config, use_cb=use_cb)
+            context = self.limits.max_context
+            if body.get("max_tokens") is None and context is not None:  # transformers' default, within the context
+                gen_config.max_new_tokens = min(gen_config.max_new_tokens or context, context - prompt)
+            if use_cb:
+                gen_manager.init_cb(model, gen_config)
+            tokenizer = getattr(processor, "tokenizer", processor)
+            if body.get("stream"):
+                return self._streaming(request_id, model, tokenizer, model_id, inputs, gen_config,
+                                       gen_manager=gen_manager)
+            return await self._non_streaming(request_id, model, tokenizer, model_id, inputs, gen_config,
+                                             gen_manager=gen_manager)
+
+        def _check_body(self, body) -> tuple[dict, list[tuple[str, str, int]]]:
+            """The checked body and its images as ``(url, param, message index)``."""
+            body, images = validate_chat_request(body, self.limits)
+            check_text_fits(body["messages"], self.limits)
+            indexed = []
+            for url, param in images:
+                indexed.append((url, param, int(param[len("messages["):param.index("]")])))
+            return body, indexed
+
+        def _processor_inputs(self, body, opened, wheres, images, processor, model, modality, use_cb):
+            """On a worker thread: the images decoded, the messages rendered and tokenized by the processor, the
+            prompt checked against the context; ``(inputs on the model's device, prompt tokens)``."""
             from jinja2.exceptions import TemplateError
 
-            body, images = validate_chat_request(body, self.limits)
-            if images:
-                # Reading, fetching and decoding run on a worker thread: the event loop keeps serving (a request
-                # whose image URL points back at this server would otherwise wait for itself).
-                loaded = await asyncio.to_thread(self._load_images, body["messages"], images)
-                body["messages"] = loaded
-            token = _REQUESTED_MAX_TOKENS.set(body.get("max_tokens"))
+            for image, where, (_, param, _) in zip(opened, wheres, images):
+                try:
+                    decode_images([image], [where])
+                except MediaRefused as error:
+                    raise InvalidRequest(str(error), param) from None
+            messages = _with_images(body["messages"], opened)
+            processor_inputs = self.get_processor_inputs_from_messages(messages, modality)
+            del messages
             try:
-                return await super().handle_request(body, request_id)
+                inputs = processor.apply_chat_template(processor_inputs, add_generation_prompt=True,
+                                                       tools=body.get("tools") or None,
+                                                       return_tensors=None if use_cb else "pt", return_dict=True,
+                                                       tokenize=True, **self.chat_template_kwargs)
             except TemplateError as error:  # the chat template's raise_exception: the conversation's shape
                 raise InvalidRequest(f"The chat template refused the messages: {error}", "messages") from None
-            finally:
-                _REQUESTED_MAX_TOKENS.reset(token)
+            prompt = inputs["input_ids"]
+            prompt = len(prompt) if isinstance(prompt, list) else int(prompt.shape[-1])
+            self._fit_context(prompt, body.get("max_tokens"))
+            if not use_cb:
+                inputs = inputs.to(model.device)
+            return inputs, prompt
 
-        def _load_images(self, messages: list[dict], images: list[tuple[str, str]]) -> list[dict]:
-            """``messages`` with each image part's URL replaced by the decoded image (transformers passes a
-            non-string ``url`` through to `get_processor_inputs_from_messages`)."""
-            decoded = iter(images)
-            converted, count = [], 0
-            for index, message in enumerate(messages):
-                content = message.get("content")
-                if not isinstance(content, list):
-                    converted.append(message)
-                    continue
-                parts = []
-                for part in content:
-                    if part.get("type") == "image_url":
-                        url, param = next(decoded)
-                        where = f"messages[{index}]: {describe_image_input(count, url)}"
-                        try:
-                            image = load_request_image(url, where, self.media_policy)
-                        except MediaRefused as error:
-                            raise InvalidRequest(str(error), param) from None
-                        part = {"type": "image_url", "image_url": {"url": image}}
-                        count += 1
-                    parts.append(part)
-                converted.append({**message, "content": parts})
-            return converted
+        def _fit_context(self, prompt: int, requested: int | None) -> None:
+            """The prompt (known once the processor ran) and max_tokens must fit the model's context."""
+            context = self.limits.max_context
+            if context is None:
+                return
+            completion = requested if requested is not None else 1  # without max_tokens: at least one token
+            if prompt + completion > context:
+                asked = f"{prompt + completion} tokens ({prompt} in the messages, {completion} in the completion)" if \
+                    requested is not None else f"{prompt} tokens in the messages, and at least one to answer"
+                raise InvalidRequest(
+                    f"This model's maximum context length is {context} tokens. However, you requested {asked}. "
+                    "Please reduce the length of the messages (fewer or smaller images, shorter text) or the "
+                    "completion (max_tokens).", "messages", code="context_length_exceeded")
 
         # Hook 5 (a static method in transformers too): OpenAI messages -> the processor's chat messages.
         @staticmethod
@@ -288,38 +328,20 @@ def serving_classes():
                                      "{'type': 'image_url', 'image_url': {'url': ...}} parts", "messages") from None
             return [_with_decoded_images(message) for message in converted]
 
-        # Hook 6: the prompt (known once the processor ran) and max_tokens must fit the model's context.
-        def _fit_context(self, inputs, gen_config) -> None:
-            context = self.limits.max_context
-            if context is None:
-                return
-            prompt = inputs["input_ids"]
-            prompt = len(prompt) if isinstance(prompt, list) else int(prompt.shape[-1])
-            requested = _REQUESTED_MAX_TOKENS.get()
-            completion = requested if requested is not None else 1  # without max_tokens: at least one token
-            if prompt + completion > context:
-                asked = f"{prompt + completion} tokens ({prompt} in the messages, {completion} in the completion)" if \
-                    requested is not None else f"{prompt} tokens in the messages, and at least one to answer"
-                raise InvalidRequest(
-                    f"This model's maximum context length is {context} tokens. However, you requested {asked}. "
-                    "Please reduce the length of the messages (fewer or smaller images, shorter text) or the "
-                    "completion (max_tokens).", "messages", code="context_length_exceeded")
-            if requested is None:  # transformers' default (at least 1024 new tokens), within the context
-                gen_config.max_new_tokens = min(gen_config.max_new_tokens or context, context - prompt)
-
-        # Both also hand generation the processor's tokenizer instead of the processor: transformers passes it to
-        # `generate(tokenizer=...)`, whose stop strings (the request's "stop") call `get_vocab`, which a processor
-        # lacks (an AttributeError, a 500); decoding a processor's output is its tokenizer's decoding.
-        def _streaming(self, request_id, model, processor, model_id, inputs, gen_config, *args, **kwargs):
-            self._fit_context(inputs, gen_config)
-            tokenizer = getattr(processor, "tokenizer", processor)
-            return super()._streaming(request_id, model, tokenizer, model_id, inputs, gen_config, *args, **kwargs)
-
-        async def _non_streaming(self, request_id, model, processor, model_id, inputs, gen_config, *args, **kwargs):
-            self._fit_context(inputs, gen_config)
-            tokenizer = getattr(processor, "tokenizer", processor)
-            return await super()._non_streaming(request_id, model, tokenizer, model_id, inputs, gen_config, *args,
-                                                **kwargs)
+    def _with_images(messages: list[dict], images: list) -> list[dict]:
+        """``messages`` with each image part's URL replaced by its decoded image (transformers passes a non-string
+        ``url`` through to `get_processor_inputs_from_messages`)."""
+        decoded = iter(images)
+        converted = []
+        for message in messages:
+            content = message.get("content")
+            if not isinstance(content, list):
+                converted.append(message)
+                continue
+            parts = [{"type": "image_url", "image_url": {"url": next(decoded)}} if part.get("type") == "image_url"
+                     else part for part in content]
+            converted.append({**message, "content": parts})
+        return converted
 
     def _with_decoded_images(message: dict) -> dict:
         content = message.get("content")
@@ -375,20 +397,44 @@ def _add_error_handlers(app) -> None:
     app.add_exception_handler(Exception, server_error)
 
 
+class _LoadingLine(logging.Filter):
+    """transformers' manager logs ``Loading MODEL@main`` (its Hub revision) even for a local folder: that record is
+    left out while `build_app` loads the model, which says what it loads itself."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Loading ")
+
+
+@contextlib.contextmanager
+def _loading_said_once(model: str):
+    import transformers.cli.serving.model_manager as model_manager
+
+    where = f"the checkpoint folder {model}" if os.path.isdir(model) else f"{model} (Hub, revision main)"
+    print(f"internvlx serve: loading {where}", file=sys.stderr, flush=True)
+    log = model_manager.logger
+    line = _LoadingLine()
+    log.addFilter(line)
+    try:
+        yield
+    finally:
+        log.removeFilter(line)
+
+
 def build_app(model: str, *, device: str | int = "cpu", dtype: str = "auto", trust_remote_code: bool = True,
               attn_implementation: str | None = None, model_kwargs: dict[str, Any] | None = None,
               api_key: str | None = None, media_policy: MediaPolicy | None = None,
-              limits: RequestLimits | None = None):
+              limits: RequestLimits | None = None, server_limits: ServerLimits | None = None):
     """transformers' FastAPI app serving ``model`` (a checkpoint folder or Hub id), loaded now, behind the gate.
 
     Assembled like `transformers.cli.serve.Serve` (same handlers) with `InternVLXModelManager` and
     `InternVLXChatCompletionHandler` in place of transformers' manager and chat handler, and wrapped in
     `RequestGate`: only ``POST /v1/chat/completions``, ``GET /v1/models`` and ``GET /health`` are answered;
-    ``api_key`` (``Authorization: Bearer``) guards the first two; ``limits.max_request_bytes`` bounds a body.
-    ``media_policy`` says what a request's images may be read or fetched from (default: data: URIs only, 20 MiB,
-    40 megapixels). ``model_kwargs`` go to ``from_pretrained`` (e.g. a ``quantization_config``).
+    ``api_key`` (``Authorization: Bearer``) guards the first two; ``limits`` bound a request's body,
+    ``media_policy`` what its images may be read or fetched from and how big they may be (default: data: URIs only;
+    the limits of `limits`), ``server_limits`` what the server does at once. ``model_kwargs`` go to
+    ``from_pretrained`` (e.g. a ``quantization_config``). The ``Host`` check depends on where the app listens:
+    `run_app` adds it (`host_checked` for another ASGI server).
     """
-    import dataclasses
     import inspect
 
     check_serving_available()
@@ -399,13 +445,17 @@ def build_app(model: str, *, device: str | int = "cpu", dtype: str = "auto", tru
     from transformers.cli.serving.utils import GenerationState
 
     manager_class, chat_handler_class, _ = serving_classes()
-    manager = manager_class(device=str(device), dtype=dtype, trust_remote_code=trust_remote_code,
-                            attn_implementation=attn_implementation, force_model=model, model_kwargs=model_kwargs)
-    loaded, _ = manager.load_model_and_processor(manager.process_model_name(model))  # loaded already: cached
+    with _loading_said_once(model):
+        manager = manager_class(device=str(device), dtype=dtype, trust_remote_code=trust_remote_code,
+                                attn_implementation=attn_implementation, force_model=model,
+                                model_kwargs=model_kwargs)
+    loaded, processor = manager.load_model_and_processor(manager.process_model_name(model))  # loaded: cached
     text_config = loaded.config.get_text_config()
     limits = dataclasses.replace(limits or RequestLimits(),
                                  max_context=getattr(text_config, "max_position_embeddings", None),
-                                 vocab_size=getattr(text_config, "vocab_size", None))
+                                 vocab_size=getattr(text_config, "vocab_size", None),
+                                 longest_token_chars=longest_token_chars(processor))
+    work = ServingWork(server_limits)
     state = GenerationState()
     handlers = {
         "completion_handler": CompletionHandler(model_manager=manager, generation_state=state),
@@ -417,29 +467,40 @@ def build_app(model: str, *, device: str | int = "cpu", dtype: str = "auto", tru
 
         handlers["systemone_handler"] = SystemOneHandler(model_manager=manager, generation_state=state)
     chat_handler = chat_handler_class(model_manager=manager, generation_state=state,
-                                      media_policy=media_policy or MediaPolicy(), limits=limits)
+                                      media_policy=media_policy or MediaPolicy(), limits=limits, work=work)
     app = build_server(manager, chat_handler, generation_state=state, **handlers)
     _add_error_handlers(app)
-    app.add_middleware(RequestGate, api_key=api_key, max_request_bytes=limits.max_request_bytes)
+    app.add_middleware(RequestGate, api_key=api_key, max_request_bytes=limits.max_request_bytes,
+                       max_json_values=limits.max_json_values, work=work)
     return app
 
 
-def run_app(app, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
-    """Serve an app of `build_app` with uvicorn until interrupted."""
+def host_checked(app, host: str, allowed_hosts: Sequence[str] | None = None):
+    """``app`` behind `HostGate` when a server listening on ``host`` should check ``Host`` headers
+    (`exposure.allowed_host_patterns`: on a loopback address, loopback names only unless ``allowed_hosts`` adds
+    some), else ``app`` itself."""
+    patterns = allowed_host_patterns(host, allowed_hosts)
+    return app if patterns is None else HostGate(app, patterns)
+
+
+def run_app(app, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
+            allowed_hosts: Sequence[str] | None = None) -> None:
+    """Serve an app of `build_app` with uvicorn until interrupted, answering the ``Host`` names `host_checked`
+    allows."""
     import uvicorn
 
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    uvicorn.run(host_checked(app, host, allowed_hosts), host=host, port=port, log_level=log_level)
 
 
-def serve(model: str, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info", **app_kwargs) -> None:
+def serve(model: str, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
+          allowed_hosts: Sequence[str] | None = None, **app_kwargs) -> None:
     """Serve ``model`` on ``host:port`` with uvicorn until interrupted (`build_app` takes ``app_kwargs``); warns
     (one line) when ``host`` reaches beyond this machine without an ``api_key``."""
     warning = exposure_warning(host, app_kwargs.get("api_key"))
     if warning:
         print(f"warning: {warning}", file=sys.stderr, flush=True)
-    run_app(build_app(model, **app_kwargs), host=host, port=port, log_level=log_level)
+    run_app(build_app(model, **app_kwargs), host=host, port=port, log_level=log_level, allowed_hosts=allowed_hosts)
 
 
-__all__ = ["API_KEY_ENV", "INSTALL_HINT", "SUPPORTED_TRANSFORMERS", "TESTED_TRANSFORMERS", "MediaPolicy",
-           "RequestLimits", "ServingUnavailable", "build_app", "check_serving_available", "exposure_warning",
-           "run_app", "serve", "serving_classes"]
+__all__ = ["INSTALL_HINT", "SUPPORTED_TRANSFORMERS", "TESTED_TRANSFORMERS", "ServingUnavailable", "build_app",
+           "check_serving_available", "host_checked", "run_app", "serve", "serving_classes"]

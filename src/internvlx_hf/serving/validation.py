@@ -1,45 +1,26 @@
-"""What `internvlx serve` accepts from a client, checked before transformers' server sees the request.
+"""What `internvlx serve` accepts in a chat-completions body, checked before transformers' server sees it.
 
-- `RequestGate`, an ASGI middleware in front of transformers' app: only the routes this server answers
-  (``POST /v1/chat/completions``, ``GET /v1/models``, ``GET /health``; transformers' others would load any model a
-  client names, unload the served one, or read media unchecked), the API key (``Authorization: Bearer KEY``, as
-  OpenAI and vLLM take it; ``/health`` is open), and a limit on the request body's bytes.
-- `validate_chat_request`: a chat-completions body as OpenAI's API defines it (types, ranges, the roles and content
-  parts InternVL-X's chat templates render), so that every client mistake is a 4xx with OpenAI's error object
-  (`error_body`) instead of an exception in transformers' code (a 500).
+`validate_chat_request` checks a body as OpenAI's API defines it (types, ranges, the roles and content parts
+InternVL-X's chat templates render), so that every client mistake is a 4xx with OpenAI's error object (`error_body`)
+instead of an exception in transformers' code (a 500); `check_text_fits` refuses a text that cannot fit the model's
+context before the tokenizer spends time on it.
 
 Everything here is plain Python (no FastAPI import), so it can be used and tested without the ``serve`` extra.
 """
 
 from __future__ import annotations
 
-import hmac
 import json
 import math
-from dataclasses import dataclass
 from typing import Any
 
-#: Default limit on a request body: OpenAI's limit of a request's total payload, 50 MiB.
-DEFAULT_MAX_REQUEST_BYTES = 50 * 2**20
-#: Default limit on the images of one request (vLLM's ``--limit-mm-per-prompt``): each image is up to max_tiles
-#: tiles of 256 tokens, so more would not fit an InternVL context anyway.
-DEFAULT_MAX_IMAGES_PER_REQUEST = 16
-#: Environment variable read for the API key when ``--api-key`` is not given (as vLLM reads VLLM_API_KEY).
-API_KEY_ENV = "INTERNVLX_API_KEY"
-#: Default limit on an image's encoded size (the bytes of the PNG / JPEG file): OpenAI's per-image limit, 20 MiB.
-DEFAULT_MAX_IMAGE_BYTES = 20 * 2**20
-#: Default limit on an image's pixels (width x height): 40 megapixels, an 8K frame (7680 x 4320 = 33 M) passes.
-DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
-#: Seconds a URL fetch may take in all (connection, redirects, download).
-DEFAULT_FETCH_TIMEOUT = 10.0
-
-#: Routes this server answers, with their methods; transformers' app has more, which the gate answers with 404.
-ROUTES = {"/v1/chat/completions": ("POST",), "/v1/models": ("GET",), "/health": ("GET",)}
-#: Routes answered without the API key (a load balancer's health check has none).
-OPEN_ROUTES = ("/health",)
+from .limits import RequestLimits
 
 #: A temperature below this is greedy decoding (vLLM's _SAMPLING_EPS): dividing logits by it overflows to inf.
 GREEDY_BELOW = 1e-5
+#: How many characters a tokenizer's normalizer may fold into one (Unicode composition: a Hangul syllable from three
+#: jamo, a letter with two marks), so that characters / (this x the longest token) is a floor on the token count.
+COMPOSITION_FACTOR = 4
 
 ROLES = ("system", "user", "assistant")
 CONTENT_TYPES = ("text", "image_url")
@@ -85,17 +66,6 @@ def error_body(message: str, type: str = "invalid_request_error", param: str | N
     """OpenAI's error object: ``{"error": {"message", "type", "param", "code"}}`` (what OpenAI clients read into
     their exceptions), and FastAPI's ``detail`` with the same message."""
     return {"error": {"message": message, "type": type, "param": param, "code": code}, "detail": message}
-
-
-@dataclass(frozen=True)
-class RequestLimits:
-    """Limits of a request. ``max_context`` (the model's context length, for ``max_tokens`` and the prompt) and
-    ``vocab_size`` (for ``logit_bias``) come from the served model; None: not checked."""
-
-    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
-    max_images_per_request: int = DEFAULT_MAX_IMAGES_PER_REQUEST
-    max_context: int | None = None
-    vocab_size: int | None = None
 
 
 # --- the chat-completions body ---------------------------------------------------------------------------------
@@ -304,82 +274,42 @@ def validate_chat_request(body: Any, limits: RequestLimits) -> tuple[dict, list[
     return body, images
 
 
-# --- the ASGI gate ---------------------------------------------------------------------------------------------
 
 
-def api_key_matches(header: str | None, api_key: str) -> bool:
-    """Whether an ``Authorization`` header carries ``Bearer <api_key>`` (compared in constant time)."""
-    scheme, _, token = (header or "").partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), api_key.encode())
+def _texts(messages: list[dict]) -> list[str]:
+    texts = []
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, str):
+            texts.append(content)
+        elif isinstance(content, list):
+            texts.extend(part["text"] for part in content if part.get("type") == "text")
+    return texts
 
 
-class RequestGate:
-    """ASGI middleware: the routes this server answers, the API key, and the request body's size, checked before
-    the request reaches the app (an unauthenticated client cannot make the server read a large body)."""
-
-    def __init__(self, app, api_key: str | None = None, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES):
-        self.app, self.api_key, self.max_request_bytes = app, api_key or None, max_request_bytes
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        path, method = scope["path"], scope["method"]
-        if path not in ROUTES:
-            answered = ", ".join(f"{methods[0]} {route}" for route, methods in ROUTES.items())
-            return await _respond(send, 404, error_body(f"Invalid URL ({method} {path[:200]}): this server answers "
-                                                        f"{answered}.", code="unknown_url"))
-        if method not in ROUTES[path]:
-            return await _respond(send, 405, error_body(f"Invalid method for {path}: {method}; use "
-                                                        f"{ROUTES[path][0]}."), {"allow": ", ".join(ROUTES[path])})
-        if self.api_key is not None and path not in OPEN_ROUTES:
-            header = next((value.decode("latin-1") for name, value in scope["headers"] if name == b"authorization"),
-                          None)
-            if not api_key_matches(header, self.api_key):
-                message = ("Incorrect API key provided." if header else "You didn't provide an API key.") + (
-                    " This server takes its API key in an Authorization header: 'Authorization: Bearer YOUR_KEY' "
-                    "(the openai client's api_key).")
-                return await _respond(send, 401, error_body(message, code="invalid_api_key"),
-                                      {"www-authenticate": "Bearer"})
-        if method != "POST":
-            return await self.app(scope, receive, send)
-        limit = self.max_request_bytes
-        length = next((value for name, value in scope["headers"] if name == b"content-length"), b"")
-        too_big = error_body(f"The request body is {{}} bytes; this server accepts at most {limit} "
-                             "(--max-request-bytes). Send smaller or fewer images.", code="request_too_large")
-        if length.isdigit() and int(length) > limit:
-            too_big["error"]["message"] = too_big["detail"] = too_big["detail"].format(int(length))
-            return await _respond(send, 413, too_big)
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return None
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > limit:
-                too_big["error"]["message"] = too_big["detail"] = too_big["detail"].format(f"more than {limit}")
-                return await _respond(send, 413, too_big)
-            if not message.get("more_body", False):
-                break
-        body, replayed = b"".join(chunks), False
-
-        async def replay():  # the body once, then the client's own messages (a disconnect stops a stream)
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        return await self.app(scope, replay, send)
+def check_text_fits(messages: list[dict], limits: RequestLimits) -> None:
+    """Refuse (`InvalidRequest`, ``context_length_exceeded``) messages whose text alone cannot fit the model's
+    context, before they are tokenized: no token spans more than ``limits.longest_token_chars`` characters (the
+    vocabulary's longest token, as spelled in it: a byte-level or byte-fallback token is at least as long as the text
+    it decodes to), nor more than `COMPOSITION_FACTOR` times that after the tokenizer's normalization; whitespace,
+    which a normalizer may collapse, is not counted. Checked messages (`validate_chat_request`) only."""
+    context, longest = limits.max_context, limits.longest_token_chars
+    if context is None or not longest:
+        return
+    texts = _texts(messages)
+    characters = sum(len(text) for text in texts)
+    if characters < context:  # fits, whatever the tokenizer does
+        return
+    for blank in (" ", "\n", "\t", "\r", "\u3000", "\xa0"):
+        characters -= sum(text.count(blank) for text in texts)
+    floor = characters // (COMPOSITION_FACTOR * longest)
+    if floor + 1 > context:
+        raise InvalidRequest(
+            f"This model's maximum context length is {context} tokens. However, the text of your messages alone is "
+            f"at least {floor} tokens ({characters} characters other than spaces and line breaks; a token of this "
+            f"model spans at most {longest}). Please reduce the length of the messages.", "messages",
+            code="context_length_exceeded")
 
 
-async def _respond(send, status: int, body: dict, headers: dict[str, str] | None = None) -> None:
-    payload = json.dumps(body).encode()
-    raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
-    raw_headers += [(name.encode(), value.encode()) for name, value in (headers or {}).items()]
-    await send({"type": "http.response.start", "status": status, "headers": raw_headers})
-    await send({"type": "http.response.body", "body": payload})
-
-
-__all__ = ["API_KEY_ENV", "DEFAULT_MAX_IMAGES_PER_REQUEST", "DEFAULT_MAX_REQUEST_BYTES", "InvalidRequest",
-           "RequestGate", "RequestLimits", "ROUTES", "api_key_matches", "error_body", "validate_chat_request"]
+__all__ = ["COMPOSITION_FACTOR", "GREEDY_BELOW", "InvalidRequest", "check_text_fits", "error_body",
+           "validate_chat_request"]
