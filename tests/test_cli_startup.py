@@ -111,16 +111,72 @@ def test_argument_errors_import_nothing_heavy():
         "internvlx train: error: argument --packing: Truthy value expected: got train.yaml but expected one of "
         "yes/no, true/false, t/f, y/n, 1/0 (case insensitive); --packing took 'train.yaml' as its PACKING because "
         "its value is optional: did you mean `internvlx train train.yaml --packing`?",
-        "internvlx: error: unrecognized arguments: --nonsense",
+        "internvlx train: error: unrecognized arguments: --nonsense",
         "internvlx train: error: the following options are required: --data, --output_dir (or give them in a "
         "CONFIG.yaml: internvlx train CONFIG.yaml)",
-        "internvlx: error: unrecognized arguments: --nonsense",
+        "internvlx demo: error: unrecognized arguments: --nonsense",
     ]
     cases = [(argv, error) for argv, error in zip(argvs, errors, strict=True) if SHIPPED_HOLDS or argv[:1] != ["train"]]
     results = _run_cli([argv for argv, _ in cases])
     assert [r["code"] for r in results] == [2] * len(cases)
     assert [r["last_err"] for r in results] == [error for _, error in cases]
     assert results[-1]["heavy"] == []
+
+
+def test_unknown_flags_name_the_command_and_the_closest_flag():
+    argvs = [["train", "--learing_rate", "1e-3"], ["serve", "MODEL", "--api-kye", "k"], ["chat", "MODEL", "--max-tiels",
+             "3", "Q"], ["eval", "C", "D", "--max-new-tokes=8"], ["convert", "SRC", "DST", "--projecter", "pvtc"],
+             ["serve", "MODEL", "--zzz"]]
+    errors = [
+        "internvlx train: error: unrecognized arguments: --learing_rate; did you mean --learning_rate?",
+        "internvlx serve: error: unrecognized arguments: --api-kye k; did you mean --api-key?",
+        "internvlx chat: error: unrecognized arguments: --max-tiels 3 Q; did you mean --max-tiles?",
+        "internvlx eval: error: unrecognized arguments: --max-new-tokes=8; did you mean --max-new-tokens?",
+        "internvlx convert: error: unrecognized arguments: --projecter pvtc; did you mean --projector?",
+        "internvlx serve: error: unrecognized arguments: --zzz",
+    ]
+    cases = [(argv, error) for argv, error in zip(argvs, errors, strict=True) if SHIPPED_HOLDS or argv[:1] != ["train"]]
+    results = _run_cli([argv for argv, _ in cases])
+    assert [(r["code"], r["last_err"]) for r in results] == [(2, error) for _, error in cases]
+    assert results[-1]["heavy"] == []
+
+
+def test_a_wrong_path_is_reported_before_torch_loads(tmp_path):
+    """The mistakes users make most, a wrong MODEL or data path or a folder that is no checkpoint, are reported by
+    the command's checks before anything heavy is imported (they took 10-15 s, the time torch and transformers take
+    to load)."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "data.jsonl").write_text("")
+    missing, empty = str(tmp_path / "missing"), str(tmp_path / "empty")
+    data = str(tmp_path / "data.jsonl")
+    cases = [
+        (["chat", missing, "Hi"], f"internvlx chat: error: MODEL {missing!r}: no such folder; pass a checkpoint "
+                                  "folder or a Hub id (owner/name)."),
+        (["chat", empty, "Hi"], f"internvlx chat: error: MODEL {empty!r}: no config.json in {empty}; give the folder "
+                                "of an internvlx-hf checkpoint (made by `internvlx convert` or `internvlx train`)"),
+        (["chat", empty, "--image", missing, "Hi"], None),
+        (["chat", "owner/model", "--video", missing, "Hi"],
+         f"internvlx chat: error: --video {missing!r}: no such file or folder; pass a video file or a folder of "
+         "frame images."),
+        (["serve", missing], f"internvlx serve: error: MODEL {missing!r}: no such folder; pass a checkpoint folder or "
+                             "a Hub id (owner/name)."),
+        (["serve", data], f"internvlx serve: error: MODEL {data!r} is a file; pass the checkpoint folder that holds "
+                          "config.json."),
+        (["eval", missing, data], f"internvlx eval: error: CHECKPOINT {missing!r}: no such folder; pass a checkpoint "
+                                  "folder or a Hub id (owner/name)."),
+        (["eval", "owner/model", missing], f"internvlx eval: error: DATA {missing!r}: no such file; give an InternVL "
+                                           "meta JSON or a JSONL file (several: comma-separated)."),
+        (["convert", missing, str(tmp_path / "out")], f"internvlx convert: error: SRC {missing} is not a folder; pass "
+                                                      "the local folder of an OpenGVLab InternVL2 model (download it "
+                                                      "first, e.g. `hf download OpenGVLab/InternVL2-2B --local-dir "
+                                                      "InternVL2-2B`)."),
+    ]
+    results = _run_cli([argv for argv, _ in cases])
+    for (argv, error), result in zip(cases, results):
+        assert result["code"] == 2 and result["heavy"] == [], (argv, result)
+        if error is not None:
+            assert result["last_err"] == error, argv
+    assert results[2]["last_err"].startswith(f"internvlx chat: error: MODEL {empty!r}: no config.json")
 
 
 def test_train_help_lists_the_trainingarguments_flags(capsys):

@@ -279,7 +279,8 @@ def test_option_and_file_errors_are_one_line(tmp_path, capsys):
     for argv, message in [
         ([demo, str(tmp_path / "meta.json")], "dataset 'x': metric 'bleu' is not a metric; use one of exact_match, "
                                               "vqa, anls, relaxed"),
-        ([demo, str(tmp_path / "nope.json")], "not found"),
+        ([demo, str(tmp_path / "nope.json")], f"DATA {str(tmp_path / 'nope.json')!r}: no such file; give an "
+                                              "InternVL meta JSON or a JSONL file (several: comma-separated)."),
         ([demo, str(tmp_path / "empty.jsonl")], "no samples to evaluate"),
         ([demo, data, "--tiling", "ratio,wide"], "--tiling 'ratio,wide': use one or more of ratio, area, edge, none"),
         ([demo, data, "--plot", str(tmp_path / "p.txt")], "--plot"),

@@ -122,3 +122,26 @@ def test_rooms_form_layers():
     rooms = {room: targets - {room} for room, targets in rooms.items()}
     assert "metrics" in rooms["data"] and "metrics" in rooms["evaluation"]
     assert _cycles(rooms) == []
+
+
+def test_the_server_is_one_room_used_through_its_package():
+    """`internvlx_hf.serving`'s modules import one another only: everything else (the command line) imports the
+    package, whose names are the server's public API."""
+    graph = _graph()
+    offenders = sorted(f"{module} -> {target}" for module, targets in graph.items() for target in targets
+                       if target.startswith("internvlx_hf.serving.") and _room(module) != "serving")
+    assert offenders == []
+    assert "internvlx_hf.serving" in graph["internvlx_hf.cli.serve"]
+
+
+def test_no_command_borrows_from_another_command():
+    """A command's module uses what the command line shares (`cli.command`, `cli.quantization`, `cli.train_flags`)
+    and the library rooms below it, never another command's module (`eval` once loaded its model through
+    `cli.chat`, `demo` read its video through it: both now use `internvlx_hf.loading`)."""
+    shared = {"internvlx_hf.cli", "internvlx_hf.cli.command", "internvlx_hf.cli.quantization",
+              "internvlx_hf.cli.train_flags"}
+    offenders = sorted(f"{module} -> {target}" for module, targets in _graph().items() for target in targets
+                       if module != "internvlx_hf.cli" and _room(module) == "cli" and _room(target) == "cli"
+                       and target not in shared)
+    assert offenders == []
+    assert "internvlx_hf.loading" in _graph()["internvlx_hf.cli.eval"]

@@ -581,19 +581,21 @@ def test_at_most_max_concurrent_decodes_requests_decode_at_once():
     from internvlx_hf.serving import ServerLimits
     from internvlx_hf.serving.work import ServingWork
 
-    work, seen = ServingWork(ServerLimits(max_concurrent_decodes=2)), []
+    work, seen = ServingWork(ServerLimits(max_concurrent_decodes=2, small_decode_pixels=1000)), []
 
-    async def decode():
-        async with work.decode_slot():
-            seen.append(work.decoding)
+    async def decode(pixels):
+        async with work.decode_slot(pixels):
+            seen.append((pixels, work.decoding))
             await work.prepare(time.sleep, 0.05)
 
     async def main_():
-        await asyncio.gather(*(decode() for _ in range(6)))
+        await asyncio.gather(*(decode(pixels) for pixels in (1001, 5000, 1000, 10**8, 2000, 1, 3000)))
 
     asyncio.run(main_())
     work.shutdown()
-    assert len(seen) == 6 and max(seen) == 2 and work.decoding == 0
+    large = [decoding for pixels, decoding in seen if pixels > 1000]
+    assert len(seen) == 7 and len(large) == 5 and max(large) == 2 and work.decoding == 0
+    assert sorted(pixels for pixels, _ in seen[:4]) == [1, 1000, 1001, 5000]  # small ones never wait
 
 
 def test_json_values_are_counted_outside_strings():

@@ -557,7 +557,9 @@ def test_cli_chat_video_errors_are_one_line(capsys, tmp_path, frame_folder):
         (["--video", str(frame_folder), "--bound", "1,inf", "Q"],
          "--bound '1,inf': bound must satisfy 0 <= start < end (seconds), got (1, inf)."),
         (["--video", str(frame_folder), "--frames", "0", "Q"], "--frames must be >= 1, got 0."),
-        (["--video", str(tmp_path / "nope.mp4"), "Q"], "--video: video '" + str(tmp_path / "nope.mp4")),
+        (["--video", str(tmp_path / "nope.mp4"), "Q"], f"--video {str(tmp_path / 'nope.mp4')!r}: no such file or "
+                                                       "folder; pass a video file or a folder of frame images."),
+        (["--video", str(tmp_path), "Q"], f"--video: video {str(tmp_path)!r}: the folder holds no frame images"),
         (["--video", str(frame_folder), "--bound", "20,30", "Q"],
          "bound (20.0, 30.0) starts at frame 20, after the last frame (11)"),
     ]

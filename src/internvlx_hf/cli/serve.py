@@ -107,9 +107,9 @@ def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                           help="the pixels of a request's images together, read from their headers before any is "
                                f"decoded (default {DEFAULT_MAX_REQUEST_PIXELS:,}: 400 MB decoded at most)")
     security.add_argument("--max-concurrent-decodes", metavar="N", type=int, default=DEFAULT_MAX_CONCURRENT_DECODES,
-                          help="requests whose images are decoded and tiled at once, server-wide; others wait "
-                               f"(default {DEFAULT_MAX_CONCURRENT_DECODES}: decoded images in memory stay below N x "
-                               "the request pixels)")
+                          help="requests whose large images (over 4 megapixels together) are decoded and tiled at "
+                               "once, server-wide; others wait (default: a quarter of the cores, 1 to 4; "
+                               f"{DEFAULT_MAX_CONCURRENT_DECODES} here)")
     security.add_argument("--max-request-bytes", metavar="SIZE", type=_byte_size, default=DEFAULT_MAX_REQUEST_BYTES,
                           help="largest request body (default 50MiB)")
     security.add_argument("--media-fetch-timeout", metavar="SECONDS", type=float, default=DEFAULT_FETCH_TIMEOUT,

@@ -6,8 +6,9 @@ lives (`resolve_model`: a local folder or a Hub snapshot).
 - `plan_upload` (`upload`) / `push_folder` (`push`): what goes up (the model, not the training state); preflight,
   `HfApi.create_repo`, `HfApi.create_commit` (`internvlx push`).
 
-The names load on first use: `hub.resolve`, which the command line reads before anything heavy (a missing MODEL
-folder is reported at once), imports only the standard library.
+The card's names load on first use (the card reads the token budget, which imports transformers), so that
+`hub.resolve`, which the command line reads before anything heavy (a missing MODEL folder is reported at once),
+imports only the standard library.
 """
 
 from __future__ import annotations
@@ -15,27 +16,36 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-_LAZY = {
-    "RELATIONS": "card", "Lineage": "card", "build_model_card": "card", "lineage": "card", "write_model_card": "card",
-    "PreflightError": "preflight", "Problem": "preflight", "preflight": "preflight",
-    "files_to_upload": "push", "plan_upload": "push", "push_folder": "push",
-    "resolve_model": "resolve",
-    "ResultRow": "results", "load_results": "results",
-}
+from .preflight import PreflightError, Problem, preflight
+from .push import files_to_upload, plan_upload, push_folder
+from .resolve import resolve_model
+from .results import ResultRow, load_results
+
+_CARD = ("RELATIONS", "Lineage", "build_model_card", "lineage", "write_model_card")
 
 if TYPE_CHECKING:
     from .card import RELATIONS, Lineage, build_model_card, lineage, write_model_card
-    from .preflight import PreflightError, Problem, preflight
-    from .push import files_to_upload, plan_upload, push_folder
-    from .resolve import resolve_model
-    from .results import ResultRow, load_results
 
 
 def __getattr__(name: str):
-    module = _LAZY.get(name)
-    if module is None:
+    if name not in _CARD:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f".{module}", __name__), name)
+    return getattr(importlib.import_module(".card", __name__), name)
 
 
-__all__ = sorted(_LAZY)
+__all__ = [
+    "RELATIONS",
+    "Lineage",
+    "PreflightError",
+    "Problem",
+    "ResultRow",
+    "build_model_card",
+    "files_to_upload",
+    "lineage",
+    "load_results",
+    "plan_upload",
+    "preflight",
+    "push_folder",
+    "resolve_model",
+    "write_model_card",
+]

@@ -247,7 +247,7 @@ def serving_classes():
                         work)
                 except MediaRefused as error:
                     raise InvalidRequest(str(error), error.param) from None
-                async with work.decode_slot():
+                async with work.decode_slot(sum(image.size[0] * image.size[1] for image in opened)):
                     inputs, prompt = await work.prepare(self._processor_inputs, body, opened, wheres, images,
                                                         processor, model, modality, use_cb)
                 del opened
@@ -444,6 +444,9 @@ def build_app(model: str, *, device: str | int = "cpu", dtype: str = "auto", tru
     from transformers.cli.serving.transcription import TranscriptionHandler
     from transformers.cli.serving.utils import GenerationState
 
+    from .media import release_freed_images
+
+    release_freed_images()
     manager_class, chat_handler_class, _ = serving_classes()
     with _loading_said_once(model):
         manager = manager_class(device=str(device), dtype=dtype, trust_remote_code=trust_remote_code,

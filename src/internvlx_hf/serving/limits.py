@@ -12,6 +12,7 @@ heavy. Three kinds of bound, as vLLM and `transformers serve` bound work:
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 #: A request body: OpenAI's limit of a request's total payload, 50 MiB.
@@ -32,14 +33,27 @@ DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
 #: more than the client could send.
 DEFAULT_MAX_REQUEST_IMAGE_BYTES = 50 * 2**20
 #: The pixels of a request's images together, read from their headers before any is decoded: 100 megapixels, eight
-#: 12-megapixel phone photos or eleven A4 pages scanned at 300 dpi; decoded, 400 MB at most (RGBA). The model sees
-#: at most max_tiles x 448 x 448 pixels of each image (2.4 MP at 12 tiles), so more pixels only cost memory.
+#: 12-megapixel phone photos or eleven A4 pages scanned at 300 dpi. The model sees at most max_tiles x 448 x 448
+#: pixels of each image (2.4 MP at 12 tiles), so more pixels only cost memory and time.
 DEFAULT_MAX_REQUEST_PIXELS = 100_000_000
-#: Requests that decode and tile their images at once, server-wide: decoding and tiling are CPU work that more threads
-#: than cores do not speed up, and each such request holds up to --max-request-pixels decoded, so the decoded images
-#: in memory stay below this many times 400 MB. Generation, which follows, runs one request at a time anyway
-#: (transformers' inference thread).
-DEFAULT_MAX_CONCURRENT_DECODES = 2
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 4
+
+
+#: Requests that decode and tile large images at once, server-wide: a quarter of the cores this process may use, 1 to
+#: 4. Decoding and tiling a large image is CPU work (about a second for 36 megapixels) that more threads than cores
+#: do not speed up, and each such request holds up to --max-request-pixels decoded (Pillow keeps RGB in 4 bytes a
+#: pixel, and the processor's RGB copy as many: 800 MB at 100 MP); a quarter of the machine leaves the rest to the
+#: requests that keep coming, and bounds the memory large images take. Generation, which follows, runs one request
+#: at a time anyway (transformers' inference thread).
+DEFAULT_MAX_CONCURRENT_DECODES = max(1, min(4, _cores() // 4))
+#: A request whose images have at most this many pixels together (a 2000 x 2000 image; 28 MB decoded) decodes without
+#: waiting for a decode slot, on a prepare thread (which bound such requests), so that everyday images never queue
+#: behind a request of 100 megapixels.
+SMALL_DECODE_PIXELS = 4_000_000
 #: Seconds a URL fetch may take in all (name resolution, connection, status line, headers, redirects, body).
 DEFAULT_FETCH_TIMEOUT = 10.0
 #: Threads that parse bodies, decode base64, decode and tile images and tokenize (CPU work off the event loop).
@@ -77,11 +91,12 @@ class ServerLimits:
     """What the server does at once, for all requests together (see the defaults' reasons above)."""
 
     max_concurrent_decodes: int = DEFAULT_MAX_CONCURRENT_DECODES
+    small_decode_pixels: int = SMALL_DECODE_PIXELS
     prepare_threads: int = PREPARE_THREADS
     fetch_threads: int = FETCH_THREADS
 
     def __post_init__(self):
-        for name in ("max_concurrent_decodes", "prepare_threads", "fetch_threads"):
+        for name in ("max_concurrent_decodes", "small_decode_pixels", "prepare_threads", "fetch_threads"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -90,4 +105,4 @@ class ServerLimits:
 __all__ = ["API_KEY_ENV", "DEFAULT_FETCH_TIMEOUT", "DEFAULT_MAX_CONCURRENT_DECODES", "DEFAULT_MAX_IMAGE_BYTES",
            "DEFAULT_MAX_IMAGE_PIXELS", "DEFAULT_MAX_IMAGES_PER_REQUEST", "DEFAULT_MAX_REQUEST_BYTES",
            "DEFAULT_MAX_REQUEST_IMAGE_BYTES", "DEFAULT_MAX_REQUEST_PIXELS", "FETCH_THREADS", "MAX_JSON_VALUES",
-           "PREPARE_THREADS", "RequestLimits", "ServerLimits"]
+           "PREPARE_THREADS", "SMALL_DECODE_PIXELS", "RequestLimits", "ServerLimits"]

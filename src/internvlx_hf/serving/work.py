@@ -7,9 +7,10 @@ Everything a request costs before generation runs here, off the event loop, so t
   rendering the chat template and tokenizing), on `ServerLimits.prepare_threads` threads;
 - ``fetch``: waiting work (downloading URLs, reading local files), on `ServerLimits.fetch_threads` threads of its own,
   so that slow hosts, each held at most --media-fetch-timeout, cannot starve the CPU work;
-- ``decode_slot()``: held by a request while its images are decoded and tiled; at most
-  `ServerLimits.max_concurrent_decodes` requests hold one, which bounds the decoded pixels in memory (each request's
-  are bounded by --max-request-pixels) and keeps threads free for requests without images.
+- ``decode_slot(pixels)``: held by a request while its images are decoded and tiled, if they have more than
+  `ServerLimits.small_decode_pixels` pixels together; at most `ServerLimits.max_concurrent_decodes` requests hold one,
+  which bounds the decoded pixels in memory (each request's are bounded by --max-request-pixels) and keeps prepare
+  threads free for everything else: small images never queue behind large ones.
 
 Generation itself runs on transformers' inference thread, one request at a time.
 """
@@ -44,8 +45,12 @@ class ServingWork:
         return await _run(self._fetch, function, *args, **kwargs)
 
     @asynccontextmanager
-    async def decode_slot(self):
-        """Held while a request's images are decoded and tiled: requests beyond `max_concurrent_decodes` wait."""
+    async def decode_slot(self, pixels: int):
+        """Held while a request's images (``pixels`` together) are decoded and tiled: beyond `small_decode_pixels`,
+        requests beyond `max_concurrent_decodes` wait."""
+        if pixels <= self.limits.small_decode_pixels:
+            yield
+            return
         async with self._decodes:
             self.decoding += 1
             try:

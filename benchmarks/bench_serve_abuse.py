@@ -1,0 +1,322 @@
+"""`internvlx serve` under load and abuse: 32 well-behaved clients alone, then with 8 hostile ones at once.
+
+Hypothesis: with every request bounded (images per request in pixels and bytes, the text against the context, the
+JSON values of a body, a fetch's deadline headers included), the CPU work off the event loop and a bounded number of
+requests decoding images at once, hostile clients cost the well-behaved ones a bounded slowdown (their p50 / p95
+latency at most a few times the latency alone), never an error: no 5xx, no descriptor left open, ``/health``
+answering within a second throughout, and the resident memory bounded by the decode slots rather than by the number
+of hostile clients.
+
+One server (`python -m internvlx_hf serve`, the packaged demo model, default limits, a media folder and 127.0.0.1 as
+an allowed media host) and, in this process, a host on 127.0.0.1 that sends its status line and headers a byte every
+0.09 s. Phase 1: 32 clients ask the demo's questions (a 112 x 112 PNG as a data: URI each, greedy, 8 tokens at most)
+for ``--alone`` seconds. Phase 2: the same 32 clients and 8 hostile ones for ``--seconds``; each hostile client
+cycles through the attacks of the attack run (issue 50): two and three solid 36-megapixel PNGs (1.3 MB bodies; two
+are decoded and answered, three exceed --max-request-pixels), a URL on the trickling host (cut at
+--media-fetch-timeout), a folder inside the allowed folder and paths outside it, 40 MB of JSON numbers, a 1.9 MB
+text, broken JSON, a body that is no UTF-8, deep nesting. Throughout, ``/health`` is polled every 0.25 s and the
+server's resident memory sampled every 0.2 s; its open descriptors are counted before phase 1 and after phase 2.
+
+    /work/coord/heavy python benchmarks/bench_serve_abuse.py            # 60 s alone, 180 s with the hostile clients
+
+Results: `benchmarks/results/serve-abuse.json` (every number) and `serve-abuse.md` (the table of docs/serving.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import http.client
+import http.server
+import io
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+GOOD_CLIENTS, HOSTILE_CLIENTS = 32, 8
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def descriptors(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))] if ordered else float("nan")
+
+
+def post(base: str, body: bytes, timeout: float = 300) -> tuple[int, bytes]:
+    connection = http.client.HTTPConnection(base.removeprefix("http://"), timeout=timeout)
+    try:
+        connection.request("POST", "/v1/chat/completions", body=body, headers={"Content-Type": "application/json"})
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
+class Trickle(http.server.BaseHTTPRequestHandler):
+    """A host on an allowed domain that sends its status line and headers a byte every 0.09 s, for a minute."""
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        head = b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nX-Slow: " + b"a" * 1000
+        try:
+            for index in range(len(head)):
+                self.wfile.write(head[index:index + 1])
+                self.wfile.flush()
+                time.sleep(0.09)
+        except OSError:  # the server under test gave up (its fetch deadline): expected
+            pass
+        self.close_connection = True
+
+
+def png_data_uri(image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def hostile_requests(media: Path, trickle: str) -> list[tuple[str, bytes]]:
+    """(kind, body) of every attack, in the order each hostile client cycles through them."""
+    from PIL import Image
+
+    big = png_data_uri(Image.new("RGB", (6000, 6000), (200, 30, 30)))  # 36 MP, ~100 KB compressed
+
+    def images(urls: list[str], text: str = "What colour?") -> bytes:
+        content = [{"type": "image_url", "image_url": {"url": url}} for url in urls]
+        return json.dumps({"messages": [{"role": "user", "content": [*content, {"type": "text", "text": text}]}],
+                           "max_tokens": 8}).encode()
+
+    numbers = b'{"messages":[{"role":"user","content":"Hi"}],"metadata":{"a":[' + b"0," * (20 * 2**20 - 1) + b"0]}}"
+    return [
+        ("two 36 MP PNGs", images([big, big])),
+        ("three 36 MP PNGs", images([big, big, big])),
+        ("trickling host", images([f"{trickle}/slow.png"])),
+        ("folder in the allowed folder", images(["sub"])),
+        ("paths outside the folder", images(["/etc/passwd", "../../etc/passwd"])),
+        ("40 MB of JSON numbers", numbers),
+        ("1.9 MB text", json.dumps({"messages": [{"role": "user", "content": "word " * 380_000}]}).encode()),
+        ("broken JSON", b'{"messages": [{"role": "user", "content": "Hi"}'),
+        ("not UTF-8", b'{"messages": "\xff\xfe\xfd"}'),
+        ("deep nesting", b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"),
+        ("folder itself", images([str(media)])),
+    ]
+
+
+def run(args) -> dict:
+    from internvlx_hf.demo import demo_model_dir, demo_samples
+
+    model = str(demo_model_dir())
+    samples = demo_samples(seed=0)
+    good_bodies = [(json.dumps({"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": png_data_uri(sample.image)}},
+        {"type": "text", "text": sample.question}]}], "max_tokens": 8, "temperature": 0}).encode(), sample.expected)
+        for sample in samples]
+
+    work = Path(tempfile.mkdtemp(prefix="serve-abuse-"))
+    media = work / "media"
+    (media / "sub").mkdir(parents=True)
+    samples[0].image.save(media / "colour.png")
+    trickle_host = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Trickle)
+    trickle_host.daemon_threads = True
+    threading.Thread(target=trickle_host.serve_forever, daemon=True).start()
+    trickle = f"http://127.0.0.1:{trickle_host.server_address[1]}"
+    attacks = hostile_requests(media, trickle)
+
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    log = open(work / "server.log", "w")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("INTERNVLX_API_KEY", None)
+    server = subprocess.Popen([sys.executable, "-m", "internvlx_hf", "serve", model, "--port", str(port),
+                               "--log-level", "warning", "--allowed-local-media-path", str(media),
+                               "--allowed-media-domains", "127.0.0.1", *args.server_arg], stdout=log,
+                              stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=5):
+                    break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit(f"the server did not start:\n{(work / 'server.log').read_text()}")
+                time.sleep(0.5)
+        for body, _ in good_bodies:  # warm-up: the worker threads exist, the first generation is done
+            post(base, body)
+        baseline_rss = rss_mib(server.pid)
+        descriptors_before = descriptors(server.pid)
+        phases = {}
+        for name, seconds, hostile in (("alone", args.alone, 0), ("with hostile clients", args.seconds,
+                                                                   HOSTILE_CLIENTS)):
+            phases[name] = phase(base, server.pid, good_bodies, attacks, seconds, hostile)
+            print(f"{name}: {json.dumps(phases[name]['summary'])}", flush=True)
+        time.sleep(3)  # the connections just closed
+        descriptors_after = descriptors(server.pid)
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        trickle_host.shutdown()
+        log.close()
+    alone, hostile = phases["alone"]["summary"], phases["with hostile clients"]["summary"]
+    return {
+        "settings": {"good_clients": GOOD_CLIENTS, "hostile_clients": HOSTILE_CLIENTS, "alone_s": args.alone,
+                     "with_hostile_s": args.seconds, "model": "packaged demo model", "server": "default limits, "
+                     "--allowed-local-media-path, --allowed-media-domains 127.0.0.1", "server_args": args.server_arg,
+                     "max_tokens": 8,
+                     "machine": f"{platform.machine()}, {os.cpu_count()} cores (shared), Python "
+                                f"{platform.python_version()}"},
+        "baseline_rss_mib": round(baseline_rss), "descriptors_before": descriptors_before,
+        "descriptors_after": descriptors_after, "phases": phases,
+        "ratios": {"p50": round(hostile["good_p50_s"] / alone["good_p50_s"], 2),
+                   "p95": round(hostile["good_p95_s"] / alone["good_p95_s"], 2)},
+    }
+
+
+def phase(base: str, pid: int, good_bodies, attacks, seconds: float, hostile: int) -> dict:
+    stop = time.monotonic() + seconds
+    lock = threading.Lock()
+    good: list[tuple[float, bool, int]] = []
+    bad: dict[str, dict] = {}
+    health: list[float] = []
+    rss: list[float] = []
+
+    def good_client(number: int) -> None:
+        index = number
+        while time.monotonic() < stop:
+            body, expected = good_bodies[index % len(good_bodies)]
+            index += 1
+            started = time.monotonic()
+            try:
+                status, raw = post(base, body)
+                right = status == 200 and json.loads(raw)["choices"][0]["message"]["content"] == expected
+            except (OSError, ValueError, KeyError):
+                status, right = 0, False
+            with lock:
+                good.append((time.monotonic() - started, right, status))
+
+    def hostile_client(number: int) -> None:
+        index = number
+        while time.monotonic() < stop:
+            kind, body = attacks[index % len(attacks)]
+            index += 1
+            started = time.monotonic()
+            try:
+                status, _ = post(base, body)
+            except OSError:
+                status = 0
+            with lock:
+                entry = bad.setdefault(kind, {"statuses": {}, "seconds": []})
+                entry["statuses"][str(status)] = entry["statuses"].get(str(status), 0) + 1
+                entry["seconds"].append(time.monotonic() - started)
+
+    def poll_health() -> None:
+        while time.monotonic() < stop:
+            started = time.monotonic()
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=60) as response:
+                    response.read()
+            except OSError:
+                pass
+            health.append(time.monotonic() - started)
+            time.sleep(0.25)
+
+    def sample_memory() -> None:
+        while time.monotonic() < stop:
+            rss.append(rss_mib(pid))
+            time.sleep(0.2)
+
+    threads = [threading.Thread(target=good_client, args=(n,)) for n in range(GOOD_CLIENTS)]
+    threads += [threading.Thread(target=hostile_client, args=(n,)) for n in range(hostile)]
+    threads += [threading.Thread(target=poll_health), threading.Thread(target=sample_memory)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    latencies = [seconds for seconds, _, _ in good]
+    statuses = [status for _, _, status in good] + [int(s) for entry in bad.values() for s, n in
+                                                    entry["statuses"].items() for _ in range(n)]
+    summary = {
+        "good_requests": len(good), "good_right": sum(right for _, right, _ in good),
+        "good_p50_s": round(statistics.median(latencies), 3), "good_p95_s": round(percentile(latencies, 95), 3),
+        "good_per_s": round(len(good) / seconds, 2), "hostile_requests": sum(len(e["seconds"]) for e in bad.values()),
+        "status_5xx": sum(1 for status in statuses if status >= 500), "no_answer": statuses.count(0),
+        "health_worst_s": round(max(health), 3), "health_polls": len(health), "peak_rss_mib": round(max(rss)),
+    }
+    kinds = {kind: {"statuses": entry["statuses"], "p50_s": round(statistics.median(entry["seconds"]), 2),
+                    "max_s": round(max(entry["seconds"]), 2)} for kind, entry in bad.items()}
+    return {"summary": summary, "hostile_kinds": kinds}
+
+
+def table(result: dict) -> str:
+    alone, hostile = (result["phases"][name]["summary"] for name in ("alone", "with hostile clients"))
+    rows = [
+        ("well-behaved requests answered (right answers)", f"{alone['good_requests']} ({alone['good_right']})",
+         f"{hostile['good_requests']} ({hostile['good_right']})", ""),
+        ("well-behaved p50 latency (s)", alone["good_p50_s"], hostile["good_p50_s"], f"{result['ratios']['p50']}x"),
+        ("well-behaved p95 latency (s)", alone["good_p95_s"], hostile["good_p95_s"], f"{result['ratios']['p95']}x"),
+        ("hostile requests", "", hostile["hostile_requests"], ""),
+        ("5xx answers", alone["status_5xx"], hostile["status_5xx"], ""),
+        ("`/health` worst latency (s)", alone["health_worst_s"], hostile["health_worst_s"], ""),
+        ("peak resident memory (MiB; idle: " + str(result["baseline_rss_mib"]) + ")", alone["peak_rss_mib"],
+         hostile["peak_rss_mib"], ""),
+    ]
+    lines = ["| | 32 clients alone | with 8 hostile clients | ratio |", "|---|---|---|---|"]
+    lines += [f"| {name} | {a} | {b} | {c} |" for name, a, b, c in rows]
+    lines.append(f"| open descriptors before phase 1 / after phase 2 | {result['descriptors_before']} | "
+                 f"{result['descriptors_after']} | |")
+    kinds = result["phases"]["with hostile clients"]["hostile_kinds"]
+    lines += ["", "| attack | answers (status: count) | p50 / max seconds |", "|---|---|---|"]
+    lines += [f"| {kind} | {', '.join(f'{s}: {n}' for s, n in sorted(entry['statuses'].items()))} | "
+              f"{entry['p50_s']} / {entry['max_s']} |" for kind, entry in kinds.items()]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--alone", type=float, default=60, help="seconds of the well-behaved clients alone")
+    parser.add_argument("--seconds", type=float, default=180, help="seconds with the hostile clients")
+    parser.add_argument("--name", default="serve-abuse", help="results file name (benchmarks/results/NAME.json)")
+    parser.add_argument("--server-arg", action="append", default=[], metavar="ARG",
+                        help="one more argument of `internvlx serve` (repeatable), e.g. --server-arg=--max-concurrent-"
+                             "decodes=2")
+    args = parser.parse_args()
+    result = run(args)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    text = table(result)
+    (RESULTS / f"{args.name}.md").write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
