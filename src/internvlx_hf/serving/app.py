@@ -250,7 +250,7 @@ def serving_classes():
                 async with work.decode_slot(sum(image.size[0] * image.size[1] for image in opened)):
                     inputs, prompt = await work.prepare(self._processor_inputs, body, opened, wheres, images,
                                                         processor, model, modality, use_cb)
-                del opened
+                    del opened  # the decoded pixels go before the slot does
             else:
                 inputs, prompt = await work.prepare(self._processor_inputs, body, [], [], [], processor, model,
                                                     modality, use_cb)

@@ -120,9 +120,9 @@ async def read_request_images(images: list[tuple[str, str, str]], policy: MediaP
             data = await (work.prepare if kind == "data" else work.fetch)(image_bytes, url, where, policy)
             total_bytes += len(data)
             if total_bytes > policy.max_request_image_bytes:
-                raise MediaRefused(f"{where}: with this image the request's images are {total_bytes} bytes; this server "
-                                   f"accepts at most {policy.max_request_image_bytes} bytes of images per request "
-                                   "(--max-request-image-bytes); send fewer or smaller images")
+                raise MediaRefused(f"{where}: with this image the request's images are {total_bytes} bytes; this "
+                                   f"server accepts at most {policy.max_request_image_bytes} bytes of images per "
+                                   "request (--max-request-image-bytes); send fewer or smaller images")
             image = await work.prepare(open_image, data, where, policy)
             del data
             total_pixels += image.size[0] * image.size[1]

@@ -238,7 +238,7 @@ def validate_chat_request(body: Any, limits: RequestLimits) -> tuple[dict, list[
     _number(body, "frequency_penalty", -1, 2, low_open=True,
             reason=" (it becomes transformers' repetition_penalty = 1 + frequency_penalty, which must be > 0)")
     context = limits.max_context
-    reason = f" (the model's context length)" if context is not None else ""
+    reason = " (the model's context length)" if context is not None else ""
     for name in ("max_tokens", "max_completion_tokens"):
         _integer(body, name, 1, context, reason)
     _integer(body, "seed", -2**63, 2**63 - 1)
