@@ -105,7 +105,7 @@ def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                                "50MiB: what a request body may carry)")
     security.add_argument("--max-request-pixels", metavar="N", type=int, default=DEFAULT_MAX_REQUEST_PIXELS,
                           help="the pixels of a request's images together, read from their headers before any is "
-                               f"decoded (default {DEFAULT_MAX_REQUEST_PIXELS:,}: 400 MB decoded at most)")
+                               f"decoded (default {DEFAULT_MAX_REQUEST_PIXELS:,}: eight 12-megapixel photos)")
     security.add_argument("--max-concurrent-decodes", metavar="N", type=int, default=DEFAULT_MAX_CONCURRENT_DECODES,
                           help="requests whose large images (over 4 megapixels together) are decoded and tiled at "
                                "once, server-wide; others wait (default: a quarter of the cores, 1 to 4; "
@@ -113,8 +113,8 @@ def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     security.add_argument("--max-request-bytes", metavar="SIZE", type=_byte_size, default=DEFAULT_MAX_REQUEST_BYTES,
                           help="largest request body (default 50MiB)")
     security.add_argument("--media-fetch-timeout", metavar="SECONDS", type=float, default=DEFAULT_FETCH_TIMEOUT,
-                          help=f"seconds an image URL may take in all: connection, status line and headers, "
-                               f"redirects, body (default {DEFAULT_FETCH_TIMEOUT:g})")
+                          help=f"seconds an image URL may take in all: name resolution, connection, status line "
+                               f"and headers, redirects, body (default {DEFAULT_FETCH_TIMEOUT:g})")
     security.add_argument("--allowed-hosts", metavar="HOST", nargs="+", default=None,
                           help="Host names requests may be addressed to, besides this machine's "
                                f"({', '.join(LOOPBACK_HOSTS)}): names, *.name for its subdomains, addresses, or * "
