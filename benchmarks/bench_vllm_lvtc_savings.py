@@ -105,9 +105,17 @@ def reference(folder: Path, request: dict, max_new_tokens: int = 8):
 
 
 def layer_blocks(held: list[int] | None, groups: list[dict]) -> int | None:
+    """Blocks held x layers of each group, summed: the KV a request holds in units of one layer's block."""
     if held is None:
         return None
     return sum(blocks * group["layers"] for blocks, group in zip(held, groups))
+
+
+def kv_bytes(held: list[int] | None, groups: list[dict]) -> int | None:
+    """Bytes of KV cache a request holds (a group's block spans all of the group's layers)."""
+    if held is None:
+        return None
+    return sum(blocks * group["bytes_per_block"] for blocks, group in zip(held, groups))
 
 
 # ------------------------------------------------------------------------------------------------ E2: parity
@@ -140,12 +148,15 @@ def parity(args) -> None:
                                                           saving["info"]["groups"])
                 row["layer_blocks_shipped"] = layer_blocks(shipped["alone"][index]["blocks_held"],
                                                            shipped["info"]["groups"])
+                row["kv_bytes_saving"] = kv_bytes(saving["alone"][index]["blocks_held"], saving["info"]["groups"])
+                row["kv_bytes_shipped"] = kv_bytes(shipped["alone"][index]["blocks_held"], shipped["info"]["groups"])
                 row["prompt_tokens"] = saving["alone"][index]["prompt_tokens"]
                 rows.append(row)
                 print(f"{name:16} {request_name:12} tokens equal {row['tokens_equal_alone']}/"
                       f"{row['tokens_equal_together']}  logprob diff {row['logprob_diff_alone']:.1e}/"
                       f"{row['logprob_diff_together']:.1e}  layer-blocks saving {row['layer_blocks_saving']} "
-                      f"shipped {row['layer_blocks_shipped']}", flush=True)
+                      f"shipped {row['layer_blocks_shipped']}  KV bytes saving/shipped "
+                      f"{row['kv_bytes_saving'] / row['kv_bytes_shipped']:.2f}", flush=True)
     out = {"experiment": "E2 (hypotheses 2 and 3: short KV group + gathered compute), tiny checkpoints",
            "date": datetime.date.today().isoformat(), "engine": TINY_ENGINE, "tolerance": LOGPROB_ATOL,
            "all_tokens_equal": all(r["tokens_equal_alone"] and r["tokens_equal_together"] for r in rows),
@@ -159,10 +170,222 @@ def parity(args) -> None:
           f"(tolerance {LOGPROB_ATOL})")
 
 
+# ------------------------------------------------------------------------------------------------ E3: savings
+
+MID_TEXT = dict(model_type="qwen2", hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
+                num_key_value_heads=2, vocab_size=812, max_position_embeddings=16384, rms_norm_eps=1e-6,
+                pad_token_id=800, eos_token_id=802, tie_word_embeddings=False)
+MID_VISION = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4, image_size=448,
+                  patch_size=14)
+MID_EXPAND = 6  # k = 3/4 of the depth, as bench_models.py's LVTC
+MID_ENGINE = dict(dtype="float32", enforce_eager=True, max_model_len=4096, max_num_batched_tokens=4096,
+                  gpu_memory_utilization=0.15, max_num_seqs=16, limit_mm_per_prompt={"image": 1, "video": 0})
+PREFILL_REQUESTS = {
+    "1 tile": _request("<image>\nDescribe the picture.", images=[(448, 448, 11)]),
+    "3 tiles": _request("<image>\nDescribe the picture.", images=[(896, 448, 12)]),  # 2 tiles + thumbnail
+}
+
+
+def mid_checkpoints(root: Path) -> dict[str, Path]:
+    """LVTC, plain-1024 and plain-256 checkpoints sharing every weight (ViT, LLM, LM head; plain-1024's projector is
+    LVTC's HR projector, plain-256's its LR projector), with the demo model's tokenizer and 448px tiles."""
+    import shutil
+
+    from internvlx_hf import InternVLXConfig, InternVLXImageProcessor
+    from internvlx_hf.demo.packaged import DEMO_MODEL_DIR
+
+    common = dict(text_config=dict(MID_TEXT), vision_config=dict(MID_VISION), image_token_id=805,
+                  image_start_token_id=803, image_end_token_id=804, template="Hermes-2")
+    configs = {
+        "lvtc": InternVLXConfig(**common, lvtc=dict(expand_layer=MID_EXPAND)),
+        "plain-1024": InternVLXConfig(**common, downsample_ratio=1.0),
+        "plain-256": InternVLXConfig(**common),
+    }
+    torch.manual_seed(0)
+    lvtc = InternVLXForConditionalGeneration(configs["lvtc"]).eval()
+    with torch.no_grad():  # larger weights than the default init, so that images and text move the logits visibly
+        for name, param in lvtc.named_parameters():
+            if param.dim() >= 2 and "embeddings" not in name:
+                param.normal_(0.0, 0.04)
+    base = InternVLXProcessor.from_pretrained(DEMO_MODEL_DIR)
+    folders = {}
+    for name, config in configs.items():
+        if name == "lvtc":
+            model = lvtc
+        else:
+            model = InternVLXForConditionalGeneration(config).eval()
+            model.model.vision_tower.load_state_dict(lvtc.model.vision_tower.state_dict())
+            model.model.language_model.load_state_dict(lvtc.model.language_model.state_dict())
+            model.lm_head.load_state_dict(lvtc.lm_head.state_dict())
+            source = lvtc.model.lvtc_hr_projector if name == "plain-1024" else lvtc.model.multi_modal_projector
+            model.model.multi_modal_projector.load_state_dict(source.state_dict())
+        model.generation_config.eos_token_id = 802
+        folders[name] = root / name
+        model.save_pretrained(folders[name])
+        processor = InternVLXProcessor(image_processor=InternVLXImageProcessor(image_size=448, max_tiles=6),
+                                       tokenizer=base.tokenizer, chat_template=base.chat_template,
+                                       image_seq_length=config.image_seq_length)
+        processor.save_pretrained(folders[name])
+        for file in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+            shutil.copyfile(DEMO_MODEL_DIR / file, folders[name] / file)
+    return folders
+
+
+def prefill_flops(folder: Path, request: dict) -> tuple[int, int]:
+    """FLOPs of transformers' prefill (logits of the last position) of a request, and its prompt length."""
+    from bench_models import count_flops, prefill
+
+    model = InternVLXForConditionalGeneration.from_pretrained(folder).eval()
+    processor = InternVLXProcessor.from_pretrained(folder)
+    images = [image(w, h, seed) for w, h, seed in request["images"]] or None
+    batch = processor(text=request["prompt"], images=images, return_tensors="pt")
+    with torch.no_grad():
+        flops, _ = count_flops(lambda: prefill(model, batch))
+    return flops, batch["input_ids"].shape[1]
+
+
+def savings(args) -> None:
+    import vllm
+
+    load_requests = [_request("<image>\nWhat is in the picture?", images=[(448, 448, 100 + i)])
+                     for i in range(max(args.concurrency))]
+    parity_requests = {**PREFILL_REQUESTS, "load 0": load_requests[0], "load 1": load_requests[1]}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        folders = mid_checkpoints(root)
+        engines = [
+            {"name": "plain-1024", "checkpoint": str(folders["plain-1024"]), "engine": MID_ENGINE},
+            {"name": "plain-256", "checkpoint": str(folders["plain-256"]), "engine": MID_ENGINE},
+            {"name": "lvtc-shipped", "checkpoint": str(folders["lvtc"]), "engine": MID_ENGINE,
+             "requests": list(parity_requests.values())},
+            {"name": "lvtc-saving", "checkpoint": str(folders["lvtc"]), "engine": MID_ENGINE, "saving": True,
+             "requests": list(parity_requests.values())},
+        ]
+        timing = {"prefill_requests": PREFILL_REQUESTS, "repeats": args.repeats, "concurrency": args.concurrency,
+                  "load_requests": load_requests, "load_repeats": args.load_repeats, "max_tokens": args.max_tokens}
+        results = run_engines({"engines": engines, "max_tokens": 8, "timing": timing}, root)
+        parity_rows, worst, equal = [], 0.0, True
+        for index, (request_name, request) in enumerate(parity_requests.items()):
+            _, tokens, logprobs = reference(folders["lvtc"], request)
+            for engine in ("lvtc-saving", "lvtc-shipped"):
+                for mode in ("alone", "together"):
+                    got = results[engine][mode][index]
+                    diff = max(abs(a - b) for a, b in zip(got["logprobs"], logprobs))
+                    same = got["tokens"] == tokens and diff <= LOGPROB_ATOL
+                    parity_rows.append({"engine": engine, "request": request_name, "mode": mode,
+                                        "tokens_equal": got["tokens"] == tokens, "logprob_diff": diff})
+                    if engine == "lvtc-saving":
+                        worst, equal = max(worst, diff), equal and same
+            print(f"parity {request_name}: saving {parity_rows[-4]['tokens_equal']}/{parity_rows[-3]['tokens_equal']} "
+                  f"({max(parity_rows[-4]['logprob_diff'], parity_rows[-3]['logprob_diff']):.1e}), shipped "
+                  f"{parity_rows[-2]['tokens_equal']}/{parity_rows[-1]['tokens_equal']}", flush=True)
+        flops = {key: {name: prefill_flops(folders[name], request)
+                       for name in ("plain-1024", "plain-256", "lvtc")} for key, request in PREFILL_REQUESTS.items()}
+    per_request = {}
+    for key in PREFILL_REQUESTS:
+        row = {}
+        plain_tokens = flops[key]["plain-1024"][1]
+        short_tokens = flops[key]["lvtc"][1]
+        layers = MID_TEXT["num_hidden_layers"]
+        row["kv_target"] = (MID_EXPAND * short_tokens + (layers - MID_EXPAND) * plain_tokens) / (layers * plain_tokens)
+        for name, result in results.items():
+            groups = result["info"]["groups"]
+            held = result["prefill_blocks_held"][key]
+            row[name] = {"prefill_s": result["prefill_median_s"][key], "layer_blocks": layer_blocks(held, groups),
+                         "kv_bytes": kv_bytes(held, groups), "blocks_held": held,
+                         "prompt_tokens": result["prefill_prompt_tokens"][key]}
+        for name in ("plain-1024", "plain-256", "lvtc"):
+            row.setdefault("flops", {})[name] = flops[key][name][0]
+        base = row["plain-1024"]
+        for name in results:
+            row[name]["kv_blocks_ratio"] = row[name]["layer_blocks"] / base["layer_blocks"]
+            row[name]["kv_bytes_ratio"] = row[name]["kv_bytes"] / base["kv_bytes"]
+            row[name]["prefill_ratio"] = row[name]["prefill_s"] / base["prefill_s"]
+        row["flops_ratio"] = row["flops"]["lvtc"] / row["flops"]["plain-1024"]
+        row["flops_ratio_plain_256"] = row["flops"]["plain-256"] / row["flops"]["plain-1024"]
+        per_request[key] = row
+    rps = {name: result["rps_median"] for name, result in results.items()}
+    headline = per_request["3 tiles"]
+    figures = {"kv_blocks_ratio": round(headline["lvtc-saving"]["kv_blocks_ratio"], 4),
+               "kv_target": round(headline["kv_target"], 4),
+               "prefill_ratio": round(headline["lvtc-saving"]["prefill_ratio"], 4),
+               "flops_ratio": round(headline["flops_ratio"], 4), "tokens_equal": equal, "vllm": vllm.__version__,
+               "date": datetime.date.today().isoformat()}
+    runs = {"experiment": "E3: savings against plain-1024 and plain-256 of the same model, one run",
+            "model": {"text": MID_TEXT, "vision": MID_VISION, "expand_layer": MID_EXPAND, "engine": MID_ENGINE},
+            "figures": figures, "per_request": per_request, "requests_per_s": rps,
+            "groups": {name: result["info"] for name, result in results.items()},
+            "parity": {"rows": parity_rows, "max_logprob_diff": worst, "tolerance": LOGPROB_ATOL},
+            "raw": {name: {k: v for k, v in result.items() if k in ("prefill_s", "rps")}
+                    for name, result in results.items()}}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "vllm-lvtc-savings.json").write_text(json.dumps(figures, indent=1) + "\n")
+    (RESULTS / "vllm-lvtc-savings-runs.json").write_text(json.dumps(runs, indent=1) + "\n")
+    print(table(runs))
+    if args.plot:
+        plot(runs, RESULTS / "vllm-lvtc-savings.png")
+
+
+ENGINE_ORDER = ("plain-1024", "plain-256", "lvtc-shipped", "lvtc-saving")
+
+
+def table(runs: dict) -> str:
+    lines = ["| engine | request | KV layer-blocks | KV vs plain-1024 | prefill s | prefill vs plain-1024 |",
+             "|---|---|---|---|---|---|"]
+    for key, row in runs["per_request"].items():
+        for name in ENGINE_ORDER:
+            cell = row[name]
+            lines.append(f"| {name} | {key} | {cell['layer_blocks']} | {cell['kv_bytes_ratio']:.3f} | "
+                         f"{cell['prefill_s']:.2f} | {cell['prefill_ratio']:.3f} |")
+        lines.append(f"| target (LVTC) | {key} | | {row['kv_target']:.3f} | | FLOPs {row['flops_ratio']:.3f} |")
+    lines += ["", "| engine | " + " | ".join(f"requests/s at {c}" for c in runs["requests_per_s"]["plain-1024"]) + " |",
+              "|---|" + "---|" * len(runs["requests_per_s"]["plain-1024"])]
+    for name in ENGINE_ORDER:
+        lines.append(f"| {name} | " + " | ".join(f"{v:.3f}" for v in runs["requests_per_s"][name].values()) + " |")
+    return "\n".join(lines)
+
+
+def plot(runs: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    names = list(ENGINE_ORDER)
+    colors = ["#444444", "#999999", "#d98c3a", "#2f7bbf"]
+    head = runs["per_request"]["3 tiles"]
+    for ax, metric, title in ((axes[0], "kv_bytes_ratio", "KV cache per request (3 tiles)"),
+                              (axes[1], "prefill_ratio", "prefill time (3 tiles)")):
+        values = [head[n][metric] for n in names]
+        ax.bar(names, values, color=colors)
+        target = head["kv_target"] if metric == "kv_bytes_ratio" else head["flops_ratio"]
+        ax.axhline(target, color="#2f7bbf", linestyle="--", linewidth=1,
+                   label="LVTC target" if metric == "kv_bytes_ratio" else "LVTC FLOPs ratio")
+        ax.set_title(title + ", vs plain-1024")
+        ax.legend(fontsize=8)
+        ax.tick_params(axis="x", rotation=20)
+    levels = list(runs["requests_per_s"]["plain-1024"])
+    width = 0.2
+    for i, name in enumerate(names):
+        axes[2].bar([j + i * width for j in range(len(levels))], [runs["requests_per_s"][name][c] for c in levels],
+                    width, label=name, color=colors[i])
+    axes[2].set_xticks([j + 1.5 * width for j in range(len(levels))], [f"concurrency {c}" for c in levels])
+    axes[2].set_title("requests/s (1-tile images)")
+    axes[2].legend(fontsize=8)
+    fig.suptitle(f"LVTC on vLLM {runs['figures']['vllm']} (CPU, float32): shipped plugin vs experimental saving model")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("experiment", choices=["parity", "savings"])
     parser.add_argument("--plot", action="store_true")
+    parser.add_argument("--repeats", type=int, default=5, help="savings: prefill rounds (median)")
+    parser.add_argument("--concurrency", type=lambda v: [int(c) for c in v.split(",")], default=[4, 16])
+    parser.add_argument("--load-repeats", type=int, default=2, help="savings: rounds per concurrency level (median)")
+    parser.add_argument("--max-tokens", type=int, default=16, help="savings: tokens per request under load")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     if args.experiment == "parity":

@@ -250,8 +250,9 @@ class SavingRunner:
     # ------------------------------------------------------------------------------------- short metadata
 
     def _short_metadata(self, metas: dict, live: torch.Tensor, short_index: torch.Tensor):
-        """Attention metadata for the live tokens in short-layout positions, and their slot mapping; and the long
-        token index of every token (vLLM's own position of it)."""
+        """Per short layer, attention metadata for the live tokens in short-layout positions and their slot mapping
+        (one per KV-cache group: vLLM may split the short layers into several groups, each with its block table);
+        and the long token index of every token (vLLM's own position of it)."""
         ref = metas[self.short_names[0]]
         num_reqs = ref.seq_lens.shape[0]
         qsl = ref.query_start_loc[: num_reqs + 1].to(torch.int64)
@@ -274,15 +275,24 @@ class SavingRunner:
             builder_cls = layer.attn_backend.get_builder_cls()
             self.builder = builder_cls(spec, self.short_names, self.vllm_config, live.device)
         block = self.builder.kv_cache_spec.block_size
-        block_table = ref.block_table
-        slots = block_table[live_request, live_short // block].to(torch.int64) * block + live_short % block
-        common = CommonAttentionMetadata(
-            query_start_loc=short_qsl, query_start_loc_cpu=short_qsl.cpu(),
-            seq_lens=short_seq.to(ref.seq_lens.dtype), num_reqs=num_reqs, num_actual_tokens=int(live.sum()),
-            max_query_len=int(lens.max()), max_seq_len=int(short_seq.max()), block_table_tensor=block_table,
-            slot_mapping=slots, causal=True,
-        )
-        return self.builder.build(0, common), slots, long_index, live
+        per_group: dict[int, tuple] = {}
+        installed = {}
+        for name in self.short_names:
+            group_meta = metas[name]  # the runner builds one metadata object per KV-cache group
+            key = id(group_meta)
+            if key not in per_group:
+                block_table = group_meta.block_table
+                slots = block_table[live_request, live_short // block].to(torch.int64) * block + live_short % block
+                common = CommonAttentionMetadata(
+                    query_start_loc=short_qsl, query_start_loc_cpu=short_qsl.cpu(),
+                    seq_lens=short_seq.to(ref.seq_lens.dtype), num_reqs=num_reqs,
+                    num_actual_tokens=int(live.sum()), max_query_len=int(lens.max()),
+                    max_seq_len=int(short_seq.max()), block_table_tensor=block_table, slot_mapping=slots,
+                    causal=True,
+                )
+                per_group[key] = (self.builder.build(0, common), slots)
+            installed[name] = per_group[key]
+        return installed, long_index, live
 
     # -------------------------------------------------------------------------------------------- forward
 
@@ -304,8 +314,8 @@ class SavingRunner:
         live = ~hr_only
         saved = {}
         if metas:
-            short_meta, slots, long_index, live = self._short_metadata(metas, live, short_index)
-            for name in self.short_names:
+            installed, long_index, live = self._short_metadata(metas, live, short_index)
+            for name, (short_meta, slots) in installed.items():
                 saved[name] = (metas[name], context.slot_mapping[name])
                 metas[name] = short_meta
                 context.slot_mapping[name] = slots

@@ -2,7 +2,7 @@
 
 `python benchmarks/vllm_lvtc_savings_engine.py SPEC OUT`. SPEC (JSON) lists engines (checkpoint, engine options,
 whether to serve it with the experimental LVTC-saving model) and the work: `requests` answered one at a time and then
-all at once (greedy tokens and logprobs, for parity), and optionally `timing`: prefill time of one request
+all at once (greedy tokens and logprobs, for parity), and optionally `timing`: prefill time of each of a few requests
 (`max_tokens=1`, median of `repeats`) and requests/s at each concurrency, in rounds that run every engine once
 (interleaved, so drifting load on the shared machine hits all engines alike). Every engine records, per request, the
 most KV blocks it held in each KV-cache group and the layers of each group.
@@ -60,6 +60,16 @@ def _result(output, scheduler) -> dict:
     }
 
 
+def bytes_per_block(group) -> int:
+    """KV bytes one block of a group holds over all of the group's layers (from the worker's KV-cache config: the
+    scheduler's replaces a group of layers of different sizes by one of them)."""
+    spec = group.kv_cache_spec
+    specs = getattr(spec, "kv_cache_specs", None)  # UniformTypeKVCacheSpecs: layers of different sizes
+    if specs:
+        return sum(layer.page_size_bytes for layer in specs.values())
+    return spec.page_size_bytes * len(group.layer_names)
+
+
 def start(spec: dict):
     import lvtc_savings_vllm as saving
     from vllm import LLM
@@ -72,9 +82,12 @@ def start(spec: dict):
     started = time.time()
     llm = LLM(spec["checkpoint"], **options)
     scheduler = _scheduler(llm)
-    config = scheduler.kv_cache_config
+    executor = llm.llm_engine.engine_core.engine_core.model_executor
+    config = executor.driver_worker.worker.model_runner.kv_cache_config
+    assert [g.layer_names for g in config.kv_cache_groups] == [
+        g.layer_names for g in scheduler.kv_cache_config.kv_cache_groups]
     groups = [{"layers": len(group.layer_names), "spec": type(group.kv_cache_spec).__name__,
-               "block_size": group.kv_cache_spec.block_size, "page_bytes": group.kv_cache_spec.page_size_bytes}
+               "block_size": group.kv_cache_spec.block_size, "bytes_per_block": bytes_per_block(group)}
               for group in config.kv_cache_groups]
     info = {"startup_s": time.time() - started, "groups": groups, "num_blocks": config.num_blocks,
             "scheduler": type(scheduler).__name__}
@@ -122,19 +135,26 @@ def main() -> None:
             del llm
     timing = spec.get("timing")
     if timing:
-        prefill_request = _inputs(timing["prefill_request"])
+        import torch
+
+        print(f"[engine] torch threads: {torch.get_num_threads()}", flush=True)
+        prefill_requests = {key: _inputs(r) for key, r in timing["prefill_requests"].items()}
         for name, llm in engines.items():  # warm-up: the processor cache and the first step's one-off costs
-            timed(llm, [prefill_request], 1)
-            results[name]["prefill_s"] = []
+            for request in prefill_requests.values():
+                timed(llm, [request], 1)
+            results[name]["prefill_s"] = {key: [] for key in prefill_requests}
+            results[name]["prefill_blocks_held"] = {}
+            results[name]["prefill_prompt_tokens"] = {}
             results[name]["rps"] = {str(c): [] for c in timing["concurrency"]}
         for round_ in range(timing["repeats"]):
-            for name, llm in engines.items():
-                seconds, outputs = timed(llm, [prefill_request], 1)
-                results[name]["prefill_s"].append(seconds)
-                results[name]["prefill_blocks_held"] = held(_scheduler(llm), outputs[0].request_id)
-                results[name]["prefill_prompt_tokens"] = len(outputs[0].prompt_token_ids)
-            print(f"[engine] prefill round {round_}: "
-                  + ", ".join(f"{n} {results[n]['prefill_s'][-1]:.2f} s" for n in engines), flush=True)
+            for key, request in prefill_requests.items():
+                for name, llm in engines.items():
+                    seconds, outputs = timed(llm, [request], 1)
+                    results[name]["prefill_s"][key].append(seconds)
+                    results[name]["prefill_blocks_held"][key] = held(_scheduler(llm), outputs[0].request_id)
+                    results[name]["prefill_prompt_tokens"][key] = len(outputs[0].prompt_token_ids)
+                print(f"[engine] prefill {key} round {round_}: "
+                      + ", ".join(f"{n} {results[n]['prefill_s'][key][-1]:.2f} s" for n in engines), flush=True)
         for concurrency in timing["concurrency"]:
             batch = [_inputs(r) for r in timing["load_requests"][:concurrency]]
             for round_ in range(timing["load_repeats"]):
@@ -145,7 +165,7 @@ def main() -> None:
                       + ", ".join(f"{n} {results[n]['rps'][str(concurrency)][-1]:.3f} req/s" for n in engines),
                       flush=True)
         for name in engines:
-            results[name]["prefill_median_s"] = statistics.median(results[name]["prefill_s"])
+            results[name]["prefill_median_s"] = {k: statistics.median(v) for k, v in results[name]["prefill_s"].items()}
             results[name]["rps_median"] = {c: statistics.median(v) for c, v in results[name]["rps"].items()}
     Path(out_path).write_text(json.dumps(results))
 
