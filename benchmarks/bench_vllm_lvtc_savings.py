@@ -80,11 +80,14 @@ TINY_ENGINE = dict(dtype="float32", enforce_eager=True, max_model_len=4096, max_
                    gpu_memory_utilization=0.15, max_num_seqs=8, limit_mm_per_prompt={"image": 2, "video": 1})
 
 
-def run_engines(spec: dict, workdir: Path) -> dict:
+def run_engines(spec: dict, workdir: Path, env: dict | None = None) -> dict:
+    import os
+
     spec_path, out_path = workdir / "spec.json", workdir / "out.json"
     spec_path.write_text(json.dumps(spec))
     child = subprocess.run([sys.executable, str(HERE / "vllm_lvtc_savings_engine.py"), str(spec_path),
-                            str(out_path)], text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                            str(out_path)], text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           env={**os.environ, **(env or {})})
     log = workdir / "engine.log"
     log.write_text(child.stdout)
     for line in child.stdout.splitlines():
@@ -168,6 +171,58 @@ def parity(args) -> None:
     (RESULTS / "vllm-lvtc-parity-saving.json").write_text(json.dumps(out, indent=1) + "\n")
     print(f"\nall tokens equal: {out['all_tokens_equal']}; largest logprob difference {worst:.2e} "
           f"(tolerance {LOGPROB_ATOL})")
+
+
+# ------------------------------------------------------------------------------------------------ E2b: stress
+
+
+def stress(args) -> None:
+    """The manager and the rebuilt metadata where vLLM is under pressure: a KV pool so small that requests wait and
+    get preempted (recomputed) while others decode; and the engine core in a process of its own (as `vllm serve`
+    runs it), where the scheduler channel and the registered spec must exist in that process too. vLLM then starts
+    its engine core and worker in processes of their own, which know the experimental model only through a
+    `vllm.general_plugins` entry point: a throwaway package outside the repository provides one (its module puts
+    benchmarks/ on sys.path and calls `lvtc_savings_vllm.register()`); without it that case is skipped."""
+    from importlib.metadata import entry_points
+
+    max_tokens = 48
+    requests = [_request(f"Look {i}: <image>\nDescribe.", images=[(1232, 112, 20 + i)]) for i in range(6)]
+    requests.append(REQUESTS["two images"])
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        folder = build_checkpoint(root / "qwen2-lvtc", **PARITY_MODELS["qwen2-lvtc"][0])
+        cases = {
+            # a 12-tile request holds 7 long + 2 short blocks (about 800 / 224 tokens), a third short block after
+            # 32 decoded tokens: two fit, the next ones wait, and the two decoding ones outgrow the pool: one is
+            # preempted (recomputed later)
+            "small KV pool (19 blocks), 7 requests at once": (
+                dict(TINY_ENGINE, num_gpu_blocks_override=19, max_model_len=1024), {}),
+            "engine core in its own process": (TINY_ENGINE, {"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}),
+        }
+        if not any(e.name == "lvtc_saving_experiment" for e in entry_points(group="vllm.general_plugins")):
+            print("no `lvtc_saving_experiment` vLLM plugin installed: skipping the separate-process case")
+            cases.pop("engine core in its own process")
+        rows, answers = [], {}
+        for case, (engine, env) in cases.items():
+            (root / case[:5]).mkdir()
+            spec = {"engines": [{"name": "saving", "checkpoint": str(folder), "engine": engine, "saving": True,
+                                 "requests": requests}], "max_tokens": max_tokens}
+            answers[case] = run_engines(spec, root / case[:5], env)["saving"]
+        for index, request in enumerate(requests):
+            _, tokens, logprobs = reference(folder, request, max_new_tokens=max_tokens)
+            for case, result in answers.items():
+                for mode in ("alone", "together"):
+                    got = result[mode][index]
+                    rows.append({"case": case, "request": index, "mode": mode, "tokens_equal": got["tokens"] == tokens,
+                                 "logprob_diff": max(abs(a - b) for a, b in zip(got["logprobs"], logprobs))})
+    out = {"experiment": "E2b: the saving model under preemption and with a separate engine-core process",
+           "date": datetime.date.today().isoformat(), "max_tokens": max_tokens,
+           "preemptions": {case: result.get("preemptions") for case, result in answers.items()},
+           "all_tokens_equal": all(r["tokens_equal"] for r in rows),
+           "max_logprob_diff": max(r["logprob_diff"] for r in rows), "rows": rows}
+    (RESULTS / "vllm-lvtc-stress-saving.json").write_text(json.dumps(out, indent=1) + "\n")
+    print(f"preemptions {out['preemptions']}; all tokens equal {out['all_tokens_equal']}; largest logprob "
+          f"difference {out['max_logprob_diff']:.2e}")
 
 
 # ------------------------------------------------------------------------------------------------ E3: savings
@@ -397,7 +452,7 @@ def plot(runs: dict, path: Path) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("experiment", choices=["parity", "savings"])
+    parser.add_argument("experiment", choices=["parity", "stress", "savings"])
     parser.add_argument("--plot", action="store_true")
     parser.add_argument("--repeats", type=int, default=5, help="savings: prefill rounds (median)")
     parser.add_argument("--concurrency", type=lambda v: [int(c) for c in v.split(",")], default=[4, 16])
@@ -407,6 +462,8 @@ def main(argv=None) -> None:
     torch.set_num_threads(1)
     if args.experiment == "parity":
         parity(args)
+    elif args.experiment == "stress":
+        stress(args)
     else:
         savings(args)
 

@@ -136,6 +136,7 @@ class LVTCSchedulerMixin:
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.blocks_held: dict[str, list[int]] = {}
+        self.preemptions = 0
         for manager in self.kv_cache_manager.coordinator.single_type_managers:
             if isinstance(manager, LVTCShortManager):
                 manager.requests = self.requests
@@ -149,6 +150,11 @@ class LVTCSchedulerMixin:
             best = self.blocks_held.setdefault(request_id, [0] * len(held))
             self.blocks_held[request_id] = [max(a, b) for a, b in zip(best, held)]
         return out
+
+
+    def _preempt_request(self, *args, **kwargs):
+        self.preemptions += 1
+        return super()._preempt_request(*args, **kwargs)
 
 
 class LVTCScheduler(LVTCSchedulerMixin, Scheduler):

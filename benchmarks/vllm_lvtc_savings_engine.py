@@ -39,11 +39,14 @@ def _inputs(request: dict) -> dict:
 
 
 def _scheduler(llm):
-    return llm.llm_engine.engine_core.engine_core.scheduler
+    core = getattr(llm.llm_engine.engine_core, "engine_core", None)
+    return core.scheduler if core is not None else None
 
 
 def held(scheduler, request_id: str):
     """Blocks held per group by a request (vLLM's engine appends `-<8 characters>` to the id it was given)."""
+    if scheduler is None:
+        return None
     for key, value in scheduler.blocks_held.items():
         if key.rsplit("-", 1)[0] == request_id:
             return value
@@ -81,6 +84,11 @@ def start(spec: dict):
         options["scheduler_cls"] = saving.LVTCAsyncScheduler  # records blocks held; no LVTC manager to feed
     started = time.time()
     llm = LLM(spec["checkpoint"], **options)
+    if os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] != "0":  # the engine core runs in a process of its own
+        info = {"startup_s": time.time() - started, "multiprocessing": True}
+        print(f"[engine] {spec['name']}: started in {info['startup_s']:.0f} s (engine core in its own process)",
+              flush=True)
+        return llm, info
     scheduler = _scheduler(llm)
     executor = llm.llm_engine.engine_core.engine_core.model_executor
     config = executor.driver_worker.worker.model_runner.kv_cache_config
@@ -103,7 +111,7 @@ def answer(llm, requests: list[dict], max_tokens: int) -> dict:
     inputs = [_inputs(request) for request in requests]
     alone = [_result(llm.generate([one], params, use_tqdm=False)[0], scheduler) for one in inputs]
     together = [_result(out, scheduler) for out in llm.generate(inputs, params, use_tqdm=False)]
-    return {"alone": alone, "together": together}
+    return {"alone": alone, "together": together, "preemptions": getattr(scheduler, "preemptions", None)}
 
 
 def timed(llm, inputs: list[dict], max_tokens: int) -> tuple[float, list]:
