@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import subprocess
 import sys
 import tempfile
@@ -401,8 +400,8 @@ ENGINE_ORDER = ("plain-1024", "plain-256", "lvtc-shipped", "lvtc-saving")
 
 
 def table(runs: dict) -> str:
-    lines = ["| engine | request | KV layer-blocks | KV bytes vs plain-1024 | such requests in the KV pool | prefill s | "
-             "prefill vs plain-1024 |", "|---|---|---|---|---|---|---|"]
+    lines = ["| engine | request | KV layer-blocks | KV bytes vs plain-1024 | such requests in the KV pool | "
+             "prefill s | prefill vs plain-1024 |", "|---|---|---|---|---|---|---|"]
     for key, row in runs["per_request"].items():
         for name in ENGINE_ORDER:
             cell = row[name]

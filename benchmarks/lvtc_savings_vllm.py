@@ -1,4 +1,4 @@
-"""Issue 52 (research, not shipped): LVTC on vLLM 0.32 with layers below `k` holding and computing the short layout only.
+"""Issue 52 (research, not shipped): LVTC on vLLM 0.32, the layers below `k` holding and computing the short layout.
 
 Experimental code for `bench_vllm_lvtc_savings.py`; it subclasses the shipped plugin (`internvlx_hf.vllm`) and uses
 only vLLM's extension points, never editing or patching vLLM's files:
@@ -150,7 +150,6 @@ class LVTCSchedulerMixin:
             best = self.blocks_held.setdefault(request_id, [0] * len(held))
             self.blocks_held[request_id] = [max(a, b) for a, b in zip(best, held)]
         return out
-
 
     def _preempt_request(self, *args, **kwargs):
         self.preemptions += 1
