@@ -1,0 +1,471 @@
+"""Issue 52, experiments E2 and E3: LVTC on vLLM with the short layers holding and computing the short layout only.
+
+The experimental model (`lvtc_savings_vllm.py`, a subclass of the shipped plugin's model; not shipped) puts the layers
+below `k` in a KV-cache group of their own indexed by short-layout position (hypothesis 2) and runs them on the live
+tokens only with attention metadata rebuilt for them (hypothesis 3). Run in the vLLM environment (`.ci/run`'s
+`.venv-ci-vllm`); every engine runs in a child process (`vllm_lvtc_savings_engine.py`).
+
+  parity   (E2) tiny LVTC checkpoints with 32-wide heads (those of tests/test_vllm.py: Phi-3 + LVTC k=2; Qwen3 + PVTC
+           + LVTC k=3, bilinear, hr_scale=rms, an extra LR projector; and Qwen2 + LVTC k=2) served by the
+           experimental model; each request once alone and once in a batch of all; greedy tokens and logprobs against
+           `InternVLXForConditionalGeneration.generate` (tolerance: tests/test_vllm.py's 2e-5), and the KV blocks each
+           request held per group against the shipped plugin's engine on the same checkpoint.
+  savings  (E3) a mid-size model where the LLM's work dominates (448px tiles: 256 LR / 1024 long slots per tile; a
+           Qwen2 LLM of 8 x 512, k = 6; a 4 x 256 ViT), as three checkpoints sharing every weight: LVTC, plain-1024
+           (the HR projector as its projector) and plain-256 (the LR projector). Four engines in one process, timed
+           in interleaved rounds: plain-1024, plain-256, the shipped LVTC and the experimental LVTC-saving model.
+           Records KV blocks held per request (layer-blocks: blocks x layers of each group), prefill time of one
+           request (max_tokens=1), requests/s at concurrency 4 and 16, the FLOPs of each prefill counted on the
+           transformers models (torch's FlopCounterMode, as bench_models.py counts them), and parity of the
+           experimental model's greedy tokens with transformers'. Writes benchmarks/results/vllm-lvtc-savings.json
+           (the issue's figures) and vllm-lvtc-savings-runs.json (everything measured).
+
+    .venv-ci-vllm/bin/python benchmarks/bench_vllm_lvtc_savings.py parity
+    .venv-ci-vllm/bin/python benchmarks/bench_vllm_lvtc_savings.py savings --plot
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "tests"))
+
+from vllm_helpers import build_checkpoint, image, reference_generate, video  # noqa: E402
+
+from internvlx_hf import InternVLXForConditionalGeneration, InternVLXProcessor  # noqa: E402
+
+LOGPROB_ATOL = 2e-5  # tests/test_vllm.py's
+USER = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def _request(text, images=(), videos=(), **mm_processor_kwargs):
+    return {"prompt": USER.format(text), "images": [list(i) for i in images], "videos": [list(v) for v in videos],
+            "mm_processor_kwargs": mm_processor_kwargs}
+
+
+ONE_TILE, SIX_TILES, TWELVE_TILES, THIRTEEN_TILES = (112, 112), (560, 112), (1232, 112), (448, 336)
+REQUESTS = {
+    "text": _request("Write a haiku about the sea."),
+    "1 tile": _request("<image>\nWhat is this?", images=[(*ONE_TILE, 1)]),
+    "6 tiles": _request("<image>\nDescribe the picture.", images=[(*SIX_TILES, 2)]),
+    "12 tiles": _request("Look: <image>\nDescribe.", images=[(*TWELVE_TILES, 3)]),
+    "13 tiles": _request("<image>\nDescribe.", images=[(*THIRTEEN_TILES, 4)]),
+    "two images": _request("<image>\nand <image>\nCompare them.", images=[(300, 200, 5), (*ONE_TILE, 6)]),
+    "max_tiles=2": _request("<image>\nDescribe the picture.", images=[(*SIX_TILES, 2)], max_tiles=2),
+    "video": _request("<video>\nWhat happens?", videos=[(4, 7)]),
+}
+PARITY_MODELS = {
+    "phi3-lvtc": (dict(llm="phi3", projector="mlp", lvtc=dict(expand_layer=2), vision=dict(use_mean_pooling=False)),
+                  ["text", "1 tile", "6 tiles", "12 tiles", "two images", "video", "max_tiles=2"]),
+    "qwen3-pvtc-lvtc": (dict(llm="qwen3", projector="pvtc",
+                             lvtc=dict(expand_layer=3, num_lr_projectors=2, inject_start=1, upsample_mode="bilinear",
+                                       hr_scale="rms")),
+                        ["text", "6 tiles", "13 tiles", "two images", "video"]),
+    "qwen2-lvtc": (dict(llm="qwen2", projector="mlp", lvtc=dict(expand_layer=2)),
+                   ["text", "1 tile", "12 tiles", "two images"]),
+}
+TINY_ENGINE = dict(dtype="float32", enforce_eager=True, max_model_len=4096, max_num_batched_tokens=4096,
+                   gpu_memory_utilization=0.15, max_num_seqs=8, limit_mm_per_prompt={"image": 2, "video": 1})
+
+
+def run_engines(spec: dict, workdir: Path, env: dict | None = None) -> dict:
+    import os
+
+    spec_path, out_path = workdir / "spec.json", workdir / "out.json"
+    spec_path.write_text(json.dumps(spec))
+    child = subprocess.run([sys.executable, str(HERE / "vllm_lvtc_savings_engine.py"), str(spec_path),
+                            str(out_path)], text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           env={**os.environ, **(env or {})})
+    log = workdir / "engine.log"
+    log.write_text(child.stdout)
+    for line in child.stdout.splitlines():
+        if line.startswith("[engine]"):
+            print(line, flush=True)
+    if child.returncode != 0:
+        raise SystemExit(f"engine process failed ({child.returncode}); its last output:\n{child.stdout[-6000:]}")
+    return json.loads(out_path.read_text())
+
+
+def reference(folder: Path, request: dict, max_new_tokens: int = 8):
+    model = InternVLXForConditionalGeneration.from_pretrained(folder).eval()
+    processor = InternVLXProcessor.from_pretrained(folder)
+    images = [image(w, h, seed) for w, h, seed in request["images"]] or None
+    videos = [video(frames, seed) for frames, seed in request["videos"]] or None
+    return reference_generate(model, processor, request["prompt"], images=images, videos=videos,
+                              max_new_tokens=max_new_tokens, **request["mm_processor_kwargs"])
+
+
+def layer_blocks(held: list[int] | None, groups: list[dict]) -> int | None:
+    """Blocks held x layers of each group, summed: the KV a request holds in units of one layer's block."""
+    if held is None:
+        return None
+    return sum(blocks * group["layers"] for blocks, group in zip(held, groups))
+
+
+def kv_bytes(held: list[int] | None, groups: list[dict]) -> int | None:
+    """Bytes of KV cache a request holds (a group's block spans all of the group's layers)."""
+    if held is None:
+        return None
+    return sum(blocks * group["bytes_per_block"] for blocks, group in zip(held, groups))
+
+
+# ------------------------------------------------------------------------------------------------ E2: parity
+
+
+def parity(args) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        engines, folders = [], {}
+        for name, (options, requests) in PARITY_MODELS.items():
+            folders[name] = build_checkpoint(root / name, **options)
+            for saving in (True, False):
+                engines.append({"name": f"{name}/{'saving' if saving else 'shipped'}", "checkpoint": str(folders[name]),
+                                "engine": TINY_ENGINE, "saving": saving, "requests": [REQUESTS[r] for r in requests]})
+        results = run_engines({"engines": engines, "max_tokens": 8}, root)
+        rows, worst = [], 0.0
+        for name, (options, requests) in PARITY_MODELS.items():
+            saving, shipped = results[f"{name}/saving"], results[f"{name}/shipped"]
+            for index, request_name in enumerate(requests):
+                _, tokens, logprobs = reference(folders[name], REQUESTS[request_name])
+                row = {"model": name, "request": request_name}
+                for mode in ("alone", "together"):
+                    got = saving[mode][index]
+                    diff = max(abs(a - b) for a, b in zip(got["logprobs"], logprobs))
+                    worst = max(worst, diff)
+                    row[f"tokens_equal_{mode}"] = got["tokens"] == tokens
+                    row[f"logprob_diff_{mode}"] = diff
+                    row[f"shipped_tokens_equal_{mode}"] = shipped[mode][index]["tokens"] == tokens
+                row["layer_blocks_saving"] = layer_blocks(saving["alone"][index]["blocks_held"],
+                                                          saving["info"]["groups"])
+                row["layer_blocks_shipped"] = layer_blocks(shipped["alone"][index]["blocks_held"],
+                                                           shipped["info"]["groups"])
+                row["kv_bytes_saving"] = kv_bytes(saving["alone"][index]["blocks_held"], saving["info"]["groups"])
+                row["kv_bytes_shipped"] = kv_bytes(shipped["alone"][index]["blocks_held"], shipped["info"]["groups"])
+                row["prompt_tokens"] = saving["alone"][index]["prompt_tokens"]
+                rows.append(row)
+                print(f"{name:16} {request_name:12} tokens equal {row['tokens_equal_alone']}/"
+                      f"{row['tokens_equal_together']}  logprob diff {row['logprob_diff_alone']:.1e}/"
+                      f"{row['logprob_diff_together']:.1e}  layer-blocks saving {row['layer_blocks_saving']} "
+                      f"shipped {row['layer_blocks_shipped']}  KV bytes saving/shipped "
+                      f"{row['kv_bytes_saving'] / row['kv_bytes_shipped']:.2f}", flush=True)
+    out = {"experiment": "E2 (hypotheses 2 and 3: short KV group + gathered compute), tiny checkpoints",
+           "date": datetime.date.today().isoformat(), "engine": TINY_ENGINE, "tolerance": LOGPROB_ATOL,
+           "all_tokens_equal": all(r["tokens_equal_alone"] and r["tokens_equal_together"] for r in rows),
+           "max_logprob_diff": worst,
+           "groups": {name: {k: results[f"{name}/{k}"]["info"] for k in ("saving", "shipped")}
+                      for name in PARITY_MODELS},
+           "rows": rows}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "vllm-lvtc-parity-saving.json").write_text(json.dumps(out, indent=1) + "\n")
+    print(f"\nall tokens equal: {out['all_tokens_equal']}; largest logprob difference {worst:.2e} "
+          f"(tolerance {LOGPROB_ATOL})")
+
+
+# ------------------------------------------------------------------------------------------------ E2b: stress
+
+
+def stress(args) -> None:
+    """The manager and the rebuilt metadata where vLLM is under pressure: a KV pool so small that requests wait and
+    get preempted (recomputed) while others decode; and the engine core in a process of its own (as `vllm serve`
+    runs it), where the scheduler channel and the registered spec must exist in that process too. vLLM then starts
+    its engine core and worker in processes of their own, which know the experimental model only through a
+    `vllm.general_plugins` entry point: a throwaway package outside the repository provides one (its module puts
+    benchmarks/ on sys.path and calls `lvtc_savings_vllm.register()`); without it that case is skipped."""
+    from importlib.metadata import entry_points
+
+    max_tokens = 48
+    requests = [_request(f"Look {i}: <image>\nDescribe.", images=[(1232, 112, 20 + i)]) for i in range(6)]
+    requests.append(REQUESTS["two images"])
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        folder = build_checkpoint(root / "qwen2-lvtc", **PARITY_MODELS["qwen2-lvtc"][0])
+        cases = {
+            # a 12-tile request holds 7 long + 2 short blocks (about 800 / 224 tokens), a third short block after
+            # 32 decoded tokens: two fit, the next ones wait, and the two decoding ones outgrow the pool: one is
+            # preempted (recomputed later)
+            "small KV pool (19 blocks), 7 requests at once": (
+                dict(TINY_ENGINE, num_gpu_blocks_override=19, max_model_len=1024), {}),
+            "engine core in its own process": (TINY_ENGINE, {"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}),
+        }
+        if not any(e.name == "lvtc_saving_experiment" for e in entry_points(group="vllm.general_plugins")):
+            print("no `lvtc_saving_experiment` vLLM plugin installed: skipping the separate-process case")
+            cases.pop("engine core in its own process")
+        rows, answers = [], {}
+        for case, (engine, env) in cases.items():
+            (root / case[:5]).mkdir()
+            spec = {"engines": [{"name": "saving", "checkpoint": str(folder), "engine": engine, "saving": True,
+                                 "requests": requests}], "max_tokens": max_tokens}
+            answers[case] = run_engines(spec, root / case[:5], env)["saving"]
+        for index, request in enumerate(requests):
+            _, tokens, logprobs = reference(folder, request, max_new_tokens=max_tokens)
+            for case, result in answers.items():
+                for mode in ("alone", "together"):
+                    got = result[mode][index]
+                    rows.append({"case": case, "request": index, "mode": mode, "tokens_equal": got["tokens"] == tokens,
+                                 "logprob_diff": max(abs(a - b) for a, b in zip(got["logprobs"], logprobs))})
+    out = {"experiment": "E2b: the saving model under preemption and with a separate engine-core process",
+           "date": datetime.date.today().isoformat(), "max_tokens": max_tokens,
+           "preemptions": {case: result.get("preemptions") for case, result in answers.items()},
+           "all_tokens_equal": all(r["tokens_equal"] for r in rows),
+           "max_logprob_diff": max(r["logprob_diff"] for r in rows), "rows": rows}
+    (RESULTS / "vllm-lvtc-stress-saving.json").write_text(json.dumps(out, indent=1) + "\n")
+    print(f"preemptions {out['preemptions']}; all tokens equal {out['all_tokens_equal']}; largest logprob "
+          f"difference {out['max_logprob_diff']:.2e}")
+
+
+# ------------------------------------------------------------------------------------------------ E3: savings
+
+MID_TEXT = dict(model_type="qwen2", hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
+                num_key_value_heads=2, vocab_size=812, max_position_embeddings=16384, rms_norm_eps=1e-6,
+                pad_token_id=800, eos_token_id=802, tie_word_embeddings=False)
+MID_VISION = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4, image_size=448,
+                  patch_size=14)
+MID_EXPAND = 6  # k = 3/4 of the depth, as bench_models.py's LVTC
+# Every engine alike: prefix caching off (LVTC's hook turns it off; a repeated request would otherwise skip its
+# prefill), and chunked prefill off: vLLM 0.32 still splits an image whose chunk starts exactly at the image under
+# disable_chunked_mm_input (vllm-project/vllm#52306, fix #52412 open), which the LVTC models refuse (measured: the
+# shipped plugin's engine stopped at concurrency 16 with "a tile was split between scheduler steps").
+MID_ENGINE = dict(dtype="float32", enforce_eager=True, max_model_len=8192, max_num_batched_tokens=8192,
+                  gpu_memory_utilization=0.15, max_num_seqs=16, limit_mm_per_prompt={"image": 1, "video": 0},
+                  enable_prefix_caching=False, enable_chunked_prefill=False)
+PREFILL_REQUESTS = {
+    "1 tile": _request("<image>\nDescribe the picture.", images=[(448, 448, 11)]),
+    "3 tiles": _request("<image>\nDescribe the picture.", images=[(896, 448, 12)]),  # 2 tiles + thumbnail
+}
+
+
+def mid_checkpoints(root: Path) -> dict[str, Path]:
+    """LVTC, plain-1024 and plain-256 checkpoints sharing every weight (ViT, LLM, LM head; plain-1024's projector is
+    LVTC's HR projector, plain-256's its LR projector), with the demo model's tokenizer and 448px tiles."""
+    import shutil
+
+    from internvlx_hf import InternVLXConfig, InternVLXImageProcessor
+    from internvlx_hf.demo.packaged import DEMO_MODEL_DIR
+
+    common = dict(text_config=dict(MID_TEXT), vision_config=dict(MID_VISION), image_token_id=805,
+                  image_start_token_id=803, image_end_token_id=804, template="Hermes-2")
+    configs = {
+        "lvtc": InternVLXConfig(**common, lvtc=dict(expand_layer=MID_EXPAND)),
+        "plain-1024": InternVLXConfig(**common, downsample_ratio=1.0),
+        "plain-256": InternVLXConfig(**common),
+    }
+    torch.manual_seed(0)
+    lvtc = InternVLXForConditionalGeneration(configs["lvtc"]).eval()
+    with torch.no_grad():  # larger weights than the default init, so that images and text move the logits visibly
+        for name, param in lvtc.named_parameters():
+            if param.dim() >= 2 and "embeddings" not in name:
+                param.normal_(0.0, 0.04)
+    base = InternVLXProcessor.from_pretrained(DEMO_MODEL_DIR)
+    folders = {}
+    for name, config in configs.items():
+        if name == "lvtc":
+            model = lvtc
+        else:
+            model = InternVLXForConditionalGeneration(config).eval()
+            model.model.vision_tower.load_state_dict(lvtc.model.vision_tower.state_dict())
+            model.model.language_model.load_state_dict(lvtc.model.language_model.state_dict())
+            model.lm_head.load_state_dict(lvtc.lm_head.state_dict())
+            source = lvtc.model.lvtc_hr_projector if name == "plain-1024" else lvtc.model.multi_modal_projector
+            model.model.multi_modal_projector.load_state_dict(source.state_dict())
+        model.generation_config.eos_token_id = 802
+        folders[name] = root / name
+        model.save_pretrained(folders[name])
+        processor = InternVLXProcessor(image_processor=InternVLXImageProcessor(image_size=448, max_tiles=6),
+                                       tokenizer=base.tokenizer, chat_template=base.chat_template,
+                                       image_seq_length=config.image_seq_length)
+        processor.save_pretrained(folders[name])
+        for file in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+            shutil.copyfile(DEMO_MODEL_DIR / file, folders[name] / file)
+    return folders
+
+
+def prefill_flops(folder: Path, request: dict) -> tuple[int, int, int]:
+    """FLOPs of transformers' prefill (logits of the last position) of a request, as bench_models.py counts them
+    (attention's square counted whole, as eager attention's matmuls compute it); the same with the LLM's attention
+    square counted half (what a causal kernel such as vLLM's computes); and the prompt length."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from bench_models import SDPA_FLOPS, prefill
+
+    model = InternVLXForConditionalGeneration.from_pretrained(folder).eval()
+    processor = InternVLXProcessor.from_pretrained(folder)
+    images = [image(w, h, seed) for w, h, seed in request["images"]] or None
+    batch = processor(text=request["prompt"], images=images, return_tensors="pt")
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=SDPA_FLOPS) as counter:
+        prefill(model, batch)
+    total = counter.get_total_flops()
+    llm_attention = sum(count for module, ops in counter.get_flop_counts().items()
+                        if module.endswith(".language_model") for op, count in ops.items() if op in SDPA_FLOPS)
+    return total, total - llm_attention // 2, batch["input_ids"].shape[1]
+
+
+def savings(args) -> None:
+    import vllm
+
+    load_requests = [_request("<image>\nWhat is in the picture?", images=[(448, 448, 100 + i)])
+                     for i in range(max(args.concurrency))]
+    parity_requests = {**PREFILL_REQUESTS, "load 0": load_requests[0], "load 1": load_requests[1]}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        folders = mid_checkpoints(root)
+        engines = [
+            {"name": "plain-1024", "checkpoint": str(folders["plain-1024"]), "engine": MID_ENGINE},
+            {"name": "plain-256", "checkpoint": str(folders["plain-256"]), "engine": MID_ENGINE},
+            {"name": "lvtc-shipped", "checkpoint": str(folders["lvtc"]), "engine": MID_ENGINE,
+             "requests": list(parity_requests.values())},
+            {"name": "lvtc-saving", "checkpoint": str(folders["lvtc"]), "engine": MID_ENGINE, "saving": True,
+             "requests": list(parity_requests.values())},
+        ]
+        timing = {"prefill_requests": PREFILL_REQUESTS, "repeats": args.repeats, "concurrency": args.concurrency,
+                  "load_requests": load_requests, "load_repeats": args.load_repeats, "max_tokens": args.max_tokens}
+        results = run_engines({"engines": engines, "max_tokens": 8, "timing": timing}, root)
+        parity_rows, worst, equal = [], 0.0, True
+        for index, (request_name, request) in enumerate(parity_requests.items()):
+            _, tokens, logprobs = reference(folders["lvtc"], request)
+            for engine in ("lvtc-saving", "lvtc-shipped"):
+                for mode in ("alone", "together"):
+                    got = results[engine][mode][index]
+                    diff = max(abs(a - b) for a, b in zip(got["logprobs"], logprobs))
+                    same = got["tokens"] == tokens and diff <= LOGPROB_ATOL
+                    parity_rows.append({"engine": engine, "request": request_name, "mode": mode,
+                                        "tokens_equal": got["tokens"] == tokens, "logprob_diff": diff})
+                    if engine == "lvtc-saving":
+                        worst, equal = max(worst, diff), equal and same
+            print(f"parity {request_name}: saving {parity_rows[-4]['tokens_equal']}/{parity_rows[-3]['tokens_equal']} "
+                  f"({max(parity_rows[-4]['logprob_diff'], parity_rows[-3]['logprob_diff']):.1e}), shipped "
+                  f"{parity_rows[-2]['tokens_equal']}/{parity_rows[-1]['tokens_equal']}", flush=True)
+        flops = {key: {name: prefill_flops(folders[name], request)
+                       for name in ("plain-1024", "plain-256", "lvtc")} for key, request in PREFILL_REQUESTS.items()}
+    per_request = {}
+    for key in PREFILL_REQUESTS:
+        row = {}
+        plain_tokens = flops[key]["plain-1024"][2]
+        short_tokens = flops[key]["lvtc"][2]
+        layers = MID_TEXT["num_hidden_layers"]
+        row["kv_target"] = (MID_EXPAND * short_tokens + (layers - MID_EXPAND) * plain_tokens) / (layers * plain_tokens)
+        for name, result in results.items():
+            groups = result["info"]["groups"]
+            held = result["prefill_blocks_held"][key]
+            row[name] = {"prefill_s": result["prefill_median_s"][key], "layer_blocks": layer_blocks(held, groups),
+                         "kv_bytes": kv_bytes(held, groups), "blocks_held": held,
+                         "prompt_tokens": result["prefill_prompt_tokens"][key],
+                         # how many such requests the engine's KV pool holds at once
+                         "fit_in_pool": result["info"]["num_blocks"] // sum(held)}
+        for name in ("plain-1024", "plain-256", "lvtc"):
+            row.setdefault("flops", {})[name] = flops[key][name][0]
+            row.setdefault("flops_causal", {})[name] = flops[key][name][1]
+        base = row["plain-1024"]
+        for name in results:
+            row[name]["kv_blocks_ratio"] = row[name]["layer_blocks"] / base["layer_blocks"]
+            row[name]["kv_bytes_ratio"] = row[name]["kv_bytes"] / base["kv_bytes"]
+            row[name]["prefill_ratio"] = row[name]["prefill_s"] / base["prefill_s"]
+        row["flops_ratio"] = row["flops"]["lvtc"] / row["flops"]["plain-1024"]
+        row["flops_ratio_causal"] = row["flops_causal"]["lvtc"] / row["flops_causal"]["plain-1024"]
+        row["flops_ratio_plain_256"] = row["flops"]["plain-256"] / row["flops"]["plain-1024"]
+        per_request[key] = row
+    rps = {name: result["rps_median"] for name, result in results.items()}
+    headline = per_request["3 tiles"]
+    figures = {"kv_blocks_ratio": round(headline["lvtc-saving"]["kv_blocks_ratio"], 4),
+               "kv_target": round(headline["kv_target"], 4),
+               "prefill_ratio": round(headline["lvtc-saving"]["prefill_ratio"], 4),
+               "flops_ratio": round(headline["flops_ratio"], 4), "tokens_equal": equal, "vllm": vllm.__version__,
+               "date": datetime.date.today().isoformat()}
+    runs = {"experiment": "E3: savings against plain-1024 and plain-256 of the same model, one run",
+            "model": {"text": MID_TEXT, "vision": MID_VISION, "expand_layer": MID_EXPAND, "engine": MID_ENGINE},
+            "figures": figures, "per_request": per_request, "requests_per_s": rps,
+            "groups": {name: result["info"] for name, result in results.items()},
+            "parity": {"rows": parity_rows, "max_logprob_diff": worst, "tolerance": LOGPROB_ATOL},
+            "raw": {name: {k: v for k, v in result.items() if k in ("prefill_s", "rps")}
+                    for name, result in results.items()}}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "vllm-lvtc-savings.json").write_text(json.dumps(figures, indent=1) + "\n")
+    (RESULTS / "vllm-lvtc-savings-runs.json").write_text(json.dumps(runs, indent=1) + "\n")
+    print(table(runs))
+    if args.plot:
+        plot(runs, RESULTS / "vllm-lvtc-savings.png")
+
+
+ENGINE_ORDER = ("plain-1024", "plain-256", "lvtc-shipped", "lvtc-saving")
+
+
+def table(runs: dict) -> str:
+    lines = ["| engine | request | KV layer-blocks | KV bytes vs plain-1024 | such requests in the KV pool | "
+             "prefill s | prefill vs plain-1024 |", "|---|---|---|---|---|---|---|"]
+    for key, row in runs["per_request"].items():
+        for name in ENGINE_ORDER:
+            cell = row[name]
+            lines.append(f"| {name} | {key} | {cell['layer_blocks']} | {cell['kv_bytes_ratio']:.3f} | "
+                         f"{cell['fit_in_pool']} | {cell['prefill_s']:.2f} | {cell['prefill_ratio']:.3f} |")
+        lines.append(f"| LVTC target | {key} | | {row['kv_target']:.3f} | | | FLOPs {row['flops_ratio']:.3f} "
+                     f"(causal {row['flops_ratio_causal']:.3f}) |")
+    lines += ["", "| engine | " + " | ".join(f"requests/s at {c}" for c in runs["requests_per_s"]["plain-1024"]) + " |",
+              "|---|" + "---|" * len(runs["requests_per_s"]["plain-1024"])]
+    for name in ENGINE_ORDER:
+        lines.append(f"| {name} | " + " | ".join(f"{v:.3f}" for v in runs["requests_per_s"][name].values()) + " |")
+    return "\n".join(lines)
+
+
+def plot(runs: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    names = list(ENGINE_ORDER)
+    colors = ["#444444", "#999999", "#d98c3a", "#2f7bbf"]
+    head = runs["per_request"]["3 tiles"]
+    for ax, metric, title in ((axes[0], "kv_bytes_ratio", "KV cache per request (3 tiles)"),
+                              (axes[1], "prefill_ratio", "prefill time (3 tiles)")):
+        values = [head[n][metric] for n in names]
+        ax.bar(names, values, color=colors)
+        target = head["kv_target"] if metric == "kv_bytes_ratio" else head["flops_ratio"]
+        ax.axhline(target, color="#2f7bbf", linestyle="--", linewidth=1,
+                   label="LVTC target" if metric == "kv_bytes_ratio" else "LVTC FLOPs ratio")
+        ax.set_title(title + ", vs plain-1024")
+        ax.legend(fontsize=8)
+        ax.tick_params(axis="x", rotation=20)
+    levels = list(runs["requests_per_s"]["plain-1024"])
+    width = 0.2
+    for i, name in enumerate(names):
+        axes[2].bar([j + i * width for j in range(len(levels))], [runs["requests_per_s"][name][c] for c in levels],
+                    width, label=name, color=colors[i])
+    axes[2].set_xticks([j + 1.5 * width for j in range(len(levels))], [f"concurrency {c}" for c in levels])
+    axes[2].set_title("requests/s (1-tile images)")
+    axes[2].legend(fontsize=8)
+    fig.suptitle(f"LVTC on vLLM {runs['figures']['vllm']} (CPU, float32): shipped plugin vs experimental saving model")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("experiment", choices=["parity", "stress", "savings"])
+    parser.add_argument("--plot", action="store_true")
+    parser.add_argument("--repeats", type=int, default=5, help="savings: prefill rounds (median)")
+    parser.add_argument("--concurrency", type=lambda v: [int(c) for c in v.split(",")], default=[4, 16])
+    parser.add_argument("--load-repeats", type=int, default=2, help="savings: rounds per concurrency level (median)")
+    parser.add_argument("--max-tokens", type=int, default=16, help="savings: tokens per request under load")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    if args.experiment == "parity":
+        parity(args)
+    elif args.experiment == "stress":
+        stress(args)
+    else:
+        savings(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,373 @@
+"""Issue 52 (research, not shipped): LVTC on vLLM 0.32, the layers below `k` holding and computing the short layout.
+
+Experimental code for `bench_vllm_lvtc_savings.py`; it subclasses the shipped plugin (`internvlx_hf.vllm`) and uses
+only vLLM's extension points, never editing or patching vLLM's files:
+
+- **A KV-cache group of its own for layers below k** (`LVTCShortSpec`, an `AttentionSpec` registered with
+  `KVCacheSpecRegistry` under a base type of its own, so vLLM's hybrid allocator puts those layers in their own
+  group). Its manager (`LVTCShortManager`) indexes that group's KV by *short-layout* position: for a request of
+  `n` long-layout tokens it holds blocks for `n - (HR-only slots before n)` tokens, so the HR-only slots never get a
+  block, at prefill as after it. No alignment of the tiles to blocks is needed (hypothesis 1 is not).
+- **The image positions reach the manager** through the scheduler: vLLM's `SchedulerConfig.scheduler_cls` names a
+  subclass of its scheduler whose only addition hands the scheduler's `requests` table (each `Request` carries its
+  `mm_features`) to the manager. vLLM's KV-cache managers are only given a request id and token counts.
+- **Layers below k run on the live tokens** (text and LR slots; the HR-only slots are gathered out) with attention
+  metadata rebuilt for them (`query_start_loc`, `seq_lens` and `slot_mapping` in short-layout positions, the short
+  group's block table) through the backend's own metadata builder, put in vLLM's forward context for those layers'
+  names during the forward pass only; at layer `k` the states are scattered back and upsampled as before.
+- **Positions**: the per-request rows (vLLM's M-RoPE channel) carry each token's short-layout position and tile slot
+  code, with `mrope_position_delta = -E` (E: the request's HR-only slot count), so that decoded tokens arrive with
+  their short-layout position too. Long-layout positions (layers from k) come from the attention metadata
+  (`seq_lens - query_len + offset`, exactly vLLM's own token index).
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+
+import torch
+from vllm.forward_context import get_forward_context
+from vllm.model_executor.layers.attention import Attention
+from vllm.model_executor.models import ModelRegistry
+from vllm.model_executor.models.config import MODELS_CONFIG_MAP
+from vllm.v1.attention.backend import CommonAttentionMetadata
+from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
+from vllm.utils.math_utils import cdiv
+from vllm.v1.kv_cache_interface import AttentionSpec, get_kv_quant_mode
+from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
+
+from internvlx_hf.vllm.config_hook import LVTCConfigHook
+from internvlx_hf.vllm.layout import LVTCLayout
+from internvlx_hf.vllm.model import InternVLXForConditionalGeneration
+
+#: The architecture name the experiment registers (a checkpoint is served with it through `hf_overrides`).
+ARCHITECTURE = "InternVLXLVTCSavingForConditionalGeneration"
+
+
+# ----------------------------------------------------------------------------------------------- KV cache: spec
+
+
+@dataclass(frozen=True, kw_only=True)
+class LVTCShortSpec(AttentionSpec):
+    """Full attention over the short layout of an LVTC request: the group's KV is indexed by short-layout position.
+
+    An `AttentionSpec`, not a `FullAttentionSpec` subclass: vLLM's grouping (`is_kv_cache_spec_uniform`,
+    `UniformTypeKVCacheSpecs`) asks the first layer's spec whether all others merge with it, and `FullAttentionSpec`
+    accepts any subclass, so a subclass lands in the full-attention group whenever a full-attention layer comes first
+    in the model's layer table (measured: one group of all 4 layers)."""
+
+    short_per_tile: int
+    long_per_tile: int
+
+    def max_memory_usage_bytes(self, vllm_config) -> int:
+        # a text-only request holds as many short-layout tokens as long-layout ones
+        return cdiv(vllm_config.model_config.max_model_len, self.block_size) * self.page_size_bytes
+
+
+def hr_only_slots(request, short_per_tile: int, long_per_tile: int) -> list[int]:
+    """Sorted long-layout indices of a request's HR-only slots (each tile's slots past its first `short`)."""
+    slots: list[int] = []
+    for feature in request.mm_features or ():
+        place = feature.mm_position
+        embeds = torch.arange(place.offset, place.offset + place.length)
+        if place.is_embed is not None:
+            embeds = embeds[place.is_embed.to(torch.bool)]
+        slot = torch.arange(embeds.numel()) % long_per_tile
+        slots += embeds[slot >= short_per_tile].tolist()
+    return sorted(slots)
+
+
+class LVTCShortManager(FullAttentionManager):
+    """Holds blocks for the short-layout tokens of each request only (its HR-only slots never get one)."""
+
+    def __init__(self, kv_cache_spec: LVTCShortSpec, **kwargs) -> None:
+        super().__init__(kv_cache_spec, **kwargs)
+        self.short_per_tile = kv_cache_spec.short_per_tile
+        self.long_per_tile = kv_cache_spec.long_per_tile
+        self.requests: dict | None = None  # the scheduler's table, handed over by LVTCSchedulerMixin
+        self._hr_only: dict[str, list[int]] = {}
+
+    def short_tokens(self, request_id: str, num_tokens: int) -> int:
+        if self.requests is None:
+            raise RuntimeError("LVTC short-layout KV group: the scheduler did not hand over its requests "
+                               "(scheduler_cls must be an LVTCSchedulerMixin subclass)")
+        slots = self._hr_only.get(request_id)
+        if slots is None:
+            slots = hr_only_slots(self.requests[request_id], self.short_per_tile, self.long_per_tile)
+            self._hr_only[request_id] = slots
+        return num_tokens - bisect.bisect_left(slots, num_tokens)
+
+    def get_num_blocks_to_allocate(self, request_id, num_tokens, new_computed_blocks, total_computed_tokens,
+                                   num_local_computed_tokens, num_tokens_main_model, apply_admission_cap=False,
+                                   prefill_end=0) -> int:
+        short = lambda n: self.short_tokens(request_id, n)  # noqa: E731
+        return super().get_num_blocks_to_allocate(
+            request_id, short(num_tokens), new_computed_blocks, short(total_computed_tokens),
+            short(num_local_computed_tokens), short(num_tokens_main_model), apply_admission_cap=apply_admission_cap,
+            prefill_end=prefill_end)
+
+    def allocate_new_blocks(self, request_id, num_tokens, num_tokens_main_model):
+        return super().allocate_new_blocks(request_id, self.short_tokens(request_id, num_tokens),
+                                           self.short_tokens(request_id, num_tokens_main_model))
+
+    def free(self, request_id: str) -> None:
+        self._hr_only.pop(request_id, None)
+        super().free(request_id)
+
+
+def register_spec() -> None:
+    """Register the spec and its manager (vLLM's built-in specs first: the registry fills itself with them only while it
+    is empty, so a spec registered before that would leave vLLM without its own)."""
+    KVCacheSpecRegistry._ensure_registered()
+    KVCacheSpecRegistry.register(LVTCShortSpec, LVTCShortManager, uniform_type_base_spec=LVTCShortSpec)
+
+
+# ----------------------------------------------------------------------------------------------- scheduler channel
+
+
+class LVTCSchedulerMixin:
+    """Hands the scheduler's request table (each Request with its `mm_features`) to the short-layout KV managers.
+
+    Also records, for the benchmark, the most blocks each request held in each KV-cache group."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.blocks_held: dict[str, list[int]] = {}
+        self.preemptions = 0
+        for manager in self.kv_cache_manager.coordinator.single_type_managers:
+            if isinstance(manager, LVTCShortManager):
+                manager.requests = self.requests
+
+    def schedule(self, *args, **kwargs):
+        out = super().schedule(*args, **kwargs)
+        coordinator = self.kv_cache_manager.coordinator
+        for request_id in list(self.requests):
+            held = [sum(not block.is_null for block in manager.req_to_blocks.get(request_id, ()))
+                    for manager in coordinator.single_type_managers]
+            best = self.blocks_held.setdefault(request_id, [0] * len(held))
+            self.blocks_held[request_id] = [max(a, b) for a, b in zip(best, held)]
+        return out
+
+    def _preempt_request(self, *args, **kwargs):
+        self.preemptions += 1
+        return super()._preempt_request(*args, **kwargs)
+
+
+class LVTCScheduler(LVTCSchedulerMixin, Scheduler):
+    pass
+
+
+class LVTCAsyncScheduler(LVTCSchedulerMixin, AsyncScheduler):
+    pass
+
+
+class SavingConfigHook(LVTCConfigHook):
+    """The shipped hook (whole images per step, no prefix caching, position rows), plus the scheduler channel."""
+
+    @staticmethod
+    def verify_and_update_config(vllm_config) -> None:
+        LVTCConfigHook.verify_and_update_config(vllm_config)
+        scheduler = vllm_config.scheduler_config
+        if scheduler.scheduler_cls is None or isinstance(scheduler.scheduler_cls, type) and issubclass(
+                scheduler.scheduler_cls, LVTCSchedulerMixin):
+            scheduler.scheduler_cls = LVTCScheduler if scheduler.async_scheduling is False else LVTCAsyncScheduler
+
+
+# --------------------------------------------------------------------------------------------------- the model
+
+
+class LVTCShortAttention(Attention):
+    """vLLM's Attention, reporting the short-layout KV spec (layers below k)."""
+
+    short_per_tile: int = 0
+    long_per_tile: int = 0
+
+    def get_kv_cache_spec(self, vllm_config):
+        base = super().get_kv_cache_spec(vllm_config)
+        return LVTCShortSpec(block_size=base.block_size, num_kv_heads=base.num_kv_heads, head_size=base.head_size,
+                             head_size_v=base.head_size_v, dtype=base.dtype,
+                             kv_quant_mode=get_kv_quant_mode(self.kv_cache_dtype),
+                             short_per_tile=self.short_per_tile, long_per_tile=self.long_per_tile)
+
+
+def saving_positions(layout: LVTCLayout, length: int, mm_features: list) -> tuple[torch.Tensor, int]:
+    """Rows (short position, short position, slot code) of a prompt, and the delta `-E` that continues them."""
+    index = torch.arange(length, dtype=torch.int64)
+    code = torch.full((length,), 1, dtype=torch.int64)
+    unused = torch.zeros(length, dtype=torch.int64)
+    tile = torch.zeros(length, dtype=torch.bool)
+    for feature in mm_features:
+        place = feature.mm_position
+        embeds = torch.arange(place.offset, place.offset + place.length)
+        if place.is_embed is not None:
+            embeds = embeds[place.is_embed.to(torch.bool)]
+        slot = torch.arange(embeds.numel()) % layout.long_per_tile
+        code[embeds] = -1 - slot
+        tile[embeds] = True
+        unused[embeds[slot >= layout.short_per_tile]] = 1
+    short = index - (torch.cumsum(unused, 0) - unused)
+    code = torch.where(tile, code, short)
+    return torch.stack([short, short, code]), -int(unused.sum())
+
+
+class SavingRunner:
+    """The shipped LVTCRunner's projector rows and expansion, with layers below k on the live tokens only."""
+
+    def __init__(self, shipped, model, vllm_config):
+        self.__dict__.update(shipped.__dict__)
+        self._shipped = shipped
+        self.vllm_config = vllm_config
+        layout = self.layout
+        lm = model.language_model.model
+        static = vllm_config.compilation_config.static_forward_context
+        self.short_names: list[str] = []
+        for index in range(layout.expand_layer):
+            self_attn = lm.layers[index].self_attn
+            wrapped = self_attn.attn  # the shipped KeyBiasAttention (padded heads): replaced by a plain-size one
+            name = wrapped.attn.layer_name
+            static.pop(name)
+            attn = LVTCShortAttention(wrapped.num_heads, wrapped.head_size, wrapped.scale,
+                                      num_kv_heads=wrapped.num_kv_heads, cache_config=vllm_config.cache_config,
+                                      prefix=name)
+            attn.short_per_tile, attn.long_per_tile = layout.short_per_tile, layout.long_per_tile
+            self_attn.attn = attn
+            self.short_names.append(name)
+        self.builder = None
+
+    # the shipped runner's pieces that do not change
+    def tile_rows(self, vit, lr):
+        return self._shipped.tile_rows(vit, lr)
+
+    def embed_input_ids(self, input_ids, multimodal_embeddings, is_multimodal):
+        out = self._shipped.embed_input_ids(input_ids, multimodal_embeddings, is_multimodal)
+        self.side = self._shipped.side
+        return out
+
+    def _extra_columns(self, number):
+        return self._shipped._extra_columns(number)
+
+    def _expand(self, hidden, slot, side):
+        return self._shipped._expand(hidden, slot, side)
+
+    # ------------------------------------------------------------------------------------- short metadata
+
+    def _short_metadata(self, metas: dict, live: torch.Tensor, short_index: torch.Tensor):
+        """Per short layer, attention metadata for the live tokens in short-layout positions and their slot mapping
+        (one per KV-cache group: vLLM may split the short layers into several groups, each with its block table);
+        and the long token index of every token (vLLM's own position of it)."""
+        ref = metas[self.short_names[0]]
+        num_reqs = ref.seq_lens.shape[0]
+        qsl = ref.query_start_loc[: num_reqs + 1].to(torch.int64)
+        tokens = live.shape[0]
+        position = torch.arange(tokens, device=live.device)
+        request = torch.bucketize(position, qsl[1:], right=True).clamp_(max=num_reqs - 1)
+        query_len = qsl[1:] - qsl[:-1]
+        seq_lens = ref.seq_lens.to(torch.int64)
+        long_index = seq_lens[request] - query_len[request] + (position - qsl[request])
+        live = live & (position < qsl[-1])
+        live_request = request[live]
+        live_short = short_index[live]
+        lens = torch.zeros(num_reqs, dtype=torch.int64).scatter_add_(0, live_request, torch.ones_like(live_request))
+        short_qsl = torch.zeros(num_reqs + 1, dtype=ref.query_start_loc.dtype)
+        short_qsl[1:] = torch.cumsum(lens, 0)
+        short_seq = torch.zeros(num_reqs, dtype=torch.int64).scatter_reduce_(0, live_request, live_short + 1, "amax")
+        if self.builder is None:
+            layer = self.vllm_config.compilation_config.static_forward_context[self.short_names[0]]
+            spec = layer.get_kv_cache_spec(self.vllm_config)
+            builder_cls = layer.attn_backend.get_builder_cls()
+            self.builder = builder_cls(spec, self.short_names, self.vllm_config, live.device)
+        block = self.builder.kv_cache_spec.block_size
+        per_group: dict[int, tuple] = {}
+        installed = {}
+        for name in self.short_names:
+            group_meta = metas[name]  # the runner builds one metadata object per KV-cache group
+            key = id(group_meta)
+            if key not in per_group:
+                block_table = group_meta.block_table
+                slots = block_table[live_request, live_short // block].to(torch.int64) * block + live_short % block
+                common = CommonAttentionMetadata(
+                    query_start_loc=short_qsl, query_start_loc_cpu=short_qsl.cpu(),
+                    seq_lens=short_seq.to(ref.seq_lens.dtype), num_reqs=num_reqs,
+                    num_actual_tokens=int(live.sum()), max_query_len=int(lens.max()),
+                    max_seq_len=int(short_seq.max()), block_table_tensor=block_table, slot_mapping=slots,
+                    causal=True,
+                )
+                per_group[key] = (self.builder.build(0, common), slots)
+            installed[name] = per_group[key]
+        return installed, long_index, live
+
+    # -------------------------------------------------------------------------------------------- forward
+
+    def forward(self, input_ids, positions: torch.Tensor, inputs_embeds) -> torch.Tensor:
+        lm = self.model[0].language_model.model
+        hidden = inputs_embeds if inputs_embeds is not None else lm.embed_input_ids(input_ids)
+        tokens, dim = hidden.shape
+        side, mask = self.side if self.side is not None and self.side[0].shape[0] == tokens else (None, None)
+        self.side = self._shipped.side = None
+        layout = self.layout
+        short_index, code = positions[1], positions[2]
+        slot = torch.where(code < 0, -1 - code, -1)
+        hr_only = slot >= layout.short_per_tile
+        lr_slots = (slot >= 0) & ~hr_only
+        if side is None and bool((slot >= 0).any()):
+            raise RuntimeError("InternVL-X LVTC: image slots reached the LLM without their projector rows")
+        context = get_forward_context()
+        metas = context.attn_metadata if isinstance(context.attn_metadata, dict) else None
+        live = ~hr_only
+        saved = {}
+        if metas:
+            installed, long_index, live = self._short_metadata(metas, live, short_index)
+            for name, (short_meta, slots) in installed.items():
+                saved[name] = (metas[name], context.slot_mapping[name])
+                metas[name] = short_meta
+                context.slot_mapping[name] = slots
+        else:  # profiling / warm-up runs without metadata
+            long_index = positions[0]
+        try:
+            hidden_s, residual_s = hidden[live], None
+            positions_s, lr_s = short_index[live], lr_slots[live]
+            side_s = side[live] if side is not None else None
+            for index in range(layout.expand_layer):
+                if index in self.injections and side is not None:
+                    cols = self._extra_columns(self.injections[index])
+                    hidden_s = hidden_s + torch.where(lr_s[:, None], side_s[:, cols], 0.0)
+                hidden_s, residual_s = lm.layers[index](positions_s, hidden_s, residual_s)
+        finally:
+            for name, (meta, slot_mapping) in saved.items():
+                metas[name] = meta
+                context.slot_mapping[name] = slot_mapping
+        hidden = hidden.new_zeros(tokens, dim)
+        hidden[live] = hidden_s + residual_s if residual_s is not None else hidden_s
+        hidden = self._expand(hidden, slot, side)
+        residual = None
+        for index in range(layout.expand_layer, len(lm.layers)):
+            if index in self.injections and side is not None:
+                cols = self._extra_columns(self.injections[index])
+                hidden = hidden + torch.where(lr_slots[:, None], side[:, cols], 0.0)
+            hidden, residual = lm.layers[index](long_index, hidden, residual)
+        hidden, _ = lm.norm(hidden, residual)
+        return hidden
+
+
+class InternVLXLVTCSaving(InternVLXForConditionalGeneration):
+    """The shipped model with `SavingRunner`: the short layers hold and compute the short layout only."""
+
+    def __init__(self, *, vllm_config, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        if self.layout is None:
+            raise ValueError("the LVTC-saving experiment needs an LVTC checkpoint with expansion (k < depth)")
+        self.lvtc = SavingRunner(self.lvtc, self, vllm_config)
+
+    def get_mrope_input_positions(self, input_tokens, mm_features):
+        return saving_positions(self.layout, len(input_tokens), mm_features)
+
+
+def register() -> None:
+    """Make vLLM (in this process) know the experimental architecture; serve a checkpoint with
+    `hf_overrides={"architectures": [ARCHITECTURE]}`."""
+    register_spec()
+    ModelRegistry.register_model(ARCHITECTURE, InternVLXLVTCSaving)
+    MODELS_CONFIG_MAP[ARCHITECTURE] = SavingConfigHook

@@ -1,0 +1,182 @@
+"""Child process of `bench_vllm_lvtc_savings.py`: runs vLLM engines in this process and writes what they did.
+
+`python benchmarks/vllm_lvtc_savings_engine.py SPEC OUT`. SPEC (JSON) lists engines (checkpoint, engine options,
+whether to serve it with the experimental LVTC-saving model) and the work: `requests` answered one at a time and then
+all at once (greedy tokens and logprobs, for parity), and optionally `timing`: prefill time of each of a few requests
+(`max_tokens=1`, median of `repeats`) and requests/s at each concurrency, in rounds that run every engine once
+(interleaved, so drifting load on the shared machine hits all engines alike). Every engine records, per request, the
+most KV blocks it held in each KV-cache group and the layers of each group.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "tests"))
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine core in this process: its scheduler is readable
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+
+def _inputs(request: dict) -> dict:
+    from vllm_helpers import image, video
+
+    data = {}
+    if request.get("images"):
+        data["image"] = [image(w, h, seed) for w, h, seed in request["images"]]
+    if request.get("videos"):
+        data["video"] = [video(frames, seed) for frames, seed in request["videos"]]
+    prompt = {"prompt": request["prompt"], "multi_modal_data": data} if data else {"prompt": request["prompt"]}
+    if request.get("mm_processor_kwargs"):
+        prompt["mm_processor_kwargs"] = request["mm_processor_kwargs"]
+    return prompt
+
+
+def _scheduler(llm):
+    core = getattr(llm.llm_engine.engine_core, "engine_core", None)
+    return core.scheduler if core is not None else None
+
+
+def held(scheduler, request_id: str):
+    """Blocks held per group by a request (vLLM's engine appends `-<8 characters>` to the id it was given)."""
+    if scheduler is None:
+        return None
+    for key, value in scheduler.blocks_held.items():
+        if key.rsplit("-", 1)[0] == request_id:
+            return value
+    return None
+
+
+def _result(output, scheduler) -> dict:
+    completion = output.outputs[0]
+    return {
+        "prompt_tokens": len(output.prompt_token_ids),
+        "tokens": list(completion.token_ids),
+        "logprobs": [step[token].logprob for step, token in zip(completion.logprobs, completion.token_ids)],
+        "blocks_held": held(scheduler, output.request_id),
+    }
+
+
+def bytes_per_block(group) -> int:
+    """KV bytes one block of a group holds over all of the group's layers (from the worker's KV-cache config: the
+    scheduler's replaces a group of layers of different sizes by one of them)."""
+    spec = group.kv_cache_spec
+    specs = getattr(spec, "kv_cache_specs", None)  # UniformTypeKVCacheSpecs: layers of different sizes
+    if specs:
+        return sum(layer.page_size_bytes for layer in specs.values())
+    return spec.page_size_bytes * len(group.layer_names)
+
+
+def start(spec: dict):
+    import lvtc_savings_vllm as saving
+    from vllm import LLM
+
+    options = dict(spec["engine"])
+    if spec.get("saving"):
+        options["hf_overrides"] = {"architectures": [saving.ARCHITECTURE]}
+    else:
+        options["scheduler_cls"] = saving.LVTCAsyncScheduler  # records blocks held; no LVTC manager to feed
+    started = time.time()
+    llm = LLM(spec["checkpoint"], **options)
+    if os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] != "0":  # the engine core runs in a process of its own
+        info = {"startup_s": time.time() - started, "multiprocessing": True}
+        print(f"[engine] {spec['name']}: started in {info['startup_s']:.0f} s (engine core in its own process)",
+              flush=True)
+        return llm, info
+    scheduler = _scheduler(llm)
+    executor = llm.llm_engine.engine_core.engine_core.model_executor
+    config = executor.driver_worker.worker.model_runner.kv_cache_config
+    assert [g.layer_names for g in config.kv_cache_groups] == [
+        g.layer_names for g in scheduler.kv_cache_config.kv_cache_groups]
+    groups = [{"layers": len(group.layer_names), "spec": type(group.kv_cache_spec).__name__,
+               "block_size": group.kv_cache_spec.block_size, "bytes_per_block": bytes_per_block(group)}
+              for group in config.kv_cache_groups]
+    info = {"startup_s": time.time() - started, "groups": groups, "num_blocks": config.num_blocks,
+            "scheduler": type(scheduler).__name__}
+    print(f"[engine] {spec['name']}: started in {info['startup_s']:.0f} s, groups {groups}", flush=True)
+    return llm, info
+
+
+def answer(llm, requests: list[dict], max_tokens: int) -> dict:
+    from vllm import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=1, ignore_eos=True)
+    scheduler = _scheduler(llm)
+    inputs = [_inputs(request) for request in requests]
+    alone = [_result(llm.generate([one], params, use_tqdm=False)[0], scheduler) for one in inputs]
+    together = [_result(out, scheduler) for out in llm.generate(inputs, params, use_tqdm=False)]
+    return {"alone": alone, "together": together, "preemptions": getattr(scheduler, "preemptions", None)}
+
+
+def timed(llm, inputs: list[dict], max_tokens: int) -> tuple[float, list]:
+    from vllm import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    began = time.perf_counter()
+    outputs = llm.generate(inputs, params, use_tqdm=False)
+    return time.perf_counter() - began, outputs
+
+
+def main() -> None:
+    spec_path, out_path = sys.argv[1:3]
+    spec = json.loads(Path(spec_path).read_text())
+    import lvtc_savings_vllm as saving
+
+    saving.register()
+    results: dict = {}
+    engines = {}
+    for engine in spec["engines"]:
+        llm, info = start(engine)
+        results[engine["name"]] = {"info": info}
+        if engine.get("requests"):
+            results[engine["name"]].update(answer(llm, engine["requests"], spec.get("max_tokens", 8)))
+            print(f"[engine] {engine['name']}: answered {len(engine['requests'])} requests", flush=True)
+        if spec.get("timing"):
+            engines[engine["name"]] = llm
+        else:
+            del llm
+    timing = spec.get("timing")
+    if timing:
+        import torch
+
+        print(f"[engine] torch threads: {torch.get_num_threads()}", flush=True)
+        prefill_requests = {key: _inputs(r) for key, r in timing["prefill_requests"].items()}
+        for name, llm in engines.items():  # warm-up: the processor cache and the first step's one-off costs
+            for request in prefill_requests.values():
+                timed(llm, [request], 1)
+            results[name]["prefill_s"] = {key: [] for key in prefill_requests}
+            results[name]["prefill_blocks_held"] = {}
+            results[name]["prefill_prompt_tokens"] = {}
+            results[name]["rps"] = {str(c): [] for c in timing["concurrency"]}
+        for round_ in range(timing["repeats"]):
+            for key, request in prefill_requests.items():
+                for name, llm in engines.items():
+                    seconds, outputs = timed(llm, [request], 1)
+                    results[name]["prefill_s"][key].append(seconds)
+                    results[name]["prefill_blocks_held"][key] = held(_scheduler(llm), outputs[0].request_id)
+                    results[name]["prefill_prompt_tokens"][key] = len(outputs[0].prompt_token_ids)
+                print(f"[engine] prefill {key} round {round_}: "
+                      + ", ".join(f"{n} {results[n]['prefill_s'][key][-1]:.2f} s" for n in engines), flush=True)
+        for concurrency in timing["concurrency"]:
+            batch = [_inputs(r) for r in timing["load_requests"][:concurrency]]
+            for round_ in range(timing["load_repeats"]):
+                for name, llm in engines.items():
+                    seconds, _ = timed(llm, batch, timing["max_tokens"])
+                    results[name]["rps"][str(concurrency)].append(concurrency / seconds)
+                print(f"[engine] concurrency {concurrency} round {round_}: "
+                      + ", ".join(f"{n} {results[n]['rps'][str(concurrency)][-1]:.3f} req/s" for n in engines),
+                      flush=True)
+        for name in engines:
+            results[name]["prefill_median_s"] = {k: statistics.median(v) for k, v in results[name]["prefill_s"].items()}
+            results[name]["rps_median"] = {c: statistics.median(v) for c, v in results[name]["rps"].items()}
+    Path(out_path).write_text(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

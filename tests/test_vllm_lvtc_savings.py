@@ -1,0 +1,89 @@
+"""Issue 52's research code (benchmarks/, not shipped): the layout count of E1, and the experimental LVTC-saving
+model's position rows and short-layout token counts, on hand-made layouts whose answers are known. The vLLM parts
+skip where vLLM is not installed (they import vLLM's classes; no engine runs)."""
+
+import importlib.util
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO_ROOT, load_script
+
+
+def test_hr_only_slots_in_whole_blocks():
+    """Tiles of 4 LR + 12 HR-only slots with blocks of 4: all HR-only slots lie in whole blocks when the image starts
+    on a block boundary, two thirds when it starts 2 slots later (each tile's edges share blocks with LR slots)."""
+    bench = load_script("benchmarks/bench_vllm_lvtc_layout.py")
+    aligned = bench.long_layout([(4, 2)], length=4 + 2 * 4 + 3, short=4, long=16)
+    assert aligned.tolist()[:24] == [0] * 4 + [1] * 4 + [2] * 12 + [1] * 4
+    assert bench.whole_block_share(aligned, 4)[:2] == (1.0, 6)
+    shifted = bench.long_layout([(2, 2)], length=2 + 2 * 4 + 3, short=4, long=16)
+    share, whole, blocks = bench.whole_block_share(shifted, 4)
+    assert (round(share, 4), whole, blocks) == (0.6667, 4, 10)
+
+
+needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
+                                reason="vllm is not installed; .ci/run's vLLM environment has it")
+
+
+def _saving():
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    import lvtc_savings_vllm
+
+    return lvtc_savings_vllm
+
+
+def _features():
+    """Text 0-2, `<img>` 3, two tiles of 4 slots (1 LR + 3 HR-only each) at 4-11, `</img>` 12; then text."""
+    from vllm.multimodal.inputs import PlaceholderRange
+
+    is_embed = torch.tensor([False] + [True] * 8 + [False])
+    return [SimpleNamespace(mm_position=PlaceholderRange(offset=3, length=10, is_embed=is_embed))]
+
+
+@pytest.mark.vllm
+@needs_vllm
+def test_saving_positions_are_short_layout_positions_and_decoding_continues_them():
+    from internvlx_hf.vllm.layout import LVTCLayout
+
+    saving = _saving()
+    layout = LVTCLayout(expand_layer=1, short_side=1, long_side=2, upsample_mode="nearest", hr_scale="none",
+                        injection_layers=())
+    rows, delta = saving.saving_positions(layout, 16, _features())
+    assert delta == -6  # 2 tiles x 3 HR-only slots
+    live = [0, 1, 2, 3, 4, 8, 12, 13, 14, 15]  # text, <img>, each tile's LR slot, </img>, text
+    assert rows[1, live].tolist() == list(range(10))  # the short layout, as transformers numbers it
+    assert rows[2, [4, 5, 8, 11]].tolist() == [-1, -2, -1, -4]  # tile slot codes
+    # vLLM continues every row with index + delta: the next token is short position 10
+    assert 16 + delta == 10
+
+
+@pytest.mark.vllm
+@needs_vllm
+def test_short_layout_manager_counts_only_live_tokens():
+    saving = _saving()
+    request = SimpleNamespace(mm_features=_features())
+    assert saving.hr_only_slots(request, 1, 4) == [5, 6, 7, 9, 10, 11]
+    manager = SimpleNamespace(requests={"r": request}, _hr_only={}, short_per_tile=1, long_per_tile=4)
+    counts = [saving.LVTCShortManager.short_tokens(manager, "r", n) for n in (3, 5, 8, 12, 16, 17)]
+    assert counts == [3, 5, 5, 6, 10, 11]
+    with pytest.raises(RuntimeError, match="scheduler did not hand over"):
+        saving.LVTCShortManager.short_tokens(SimpleNamespace(requests=None), "r", 3)
+
+
+def test_saving_figures_are_the_run_files():
+    """The issue's figures file holds exactly the headline of the full run file."""
+    import json
+
+    results = REPO_ROOT / "benchmarks" / "results"
+    figures = json.loads((results / "vllm-lvtc-savings.json").read_text())
+    runs = json.loads((results / "vllm-lvtc-savings-runs.json").read_text())
+    assert set(figures) == {"kv_blocks_ratio", "kv_target", "prefill_ratio", "flops_ratio", "tokens_equal", "vllm",
+                            "date"}
+    assert figures == runs["figures"]
+    head = runs["per_request"]["3 tiles"]
+    assert figures["kv_blocks_ratio"] == round(head["lvtc-saving"]["kv_blocks_ratio"], 4)
+    assert np.isclose(figures["prefill_ratio"], head["lvtc-saving"]["prefill_ratio"], atol=1e-4)
