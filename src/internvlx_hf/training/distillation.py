@@ -47,6 +47,7 @@ from ..atomic import atomic_file
 from ..data.encoding import IGNORE_INDEX, EncodedConversation
 from ..data.formats import SampleError
 from ..data.sources import DataSource, as_sources, parse_row, source_rows
+from ..hub.upload import TEACHER_ANSWERS
 from .collator import InternVLXDataCollator
 from .trainer import InternVLXTrainer
 
@@ -54,8 +55,9 @@ logger = logging.getLogger(__name__)
 
 #: Batch keys of the teacher's inputs (`DistillationCollator`): ``teacher_input_ids``, ``teacher_labels``, ...
 TEACHER_PREFIX = "teacher_"
-#: The folder of OUTPUT_DIR that `internvlx train --teacher` writes the teacher's answers to.
-TEACHER_ANSWERS_DIR = "teacher-answers"
+#: The folder of OUTPUT_DIR that `internvlx train --teacher` writes the teacher's answers to (`internvlx push`
+#: leaves it out).
+TEACHER_ANSWERS_DIR = TEACHER_ANSWERS
 TEACHER_ANSWER_MODES = ("missing", "all")
 
 
