@@ -303,6 +303,8 @@ def train_checkpoint(base: str | os.PathLike, train_meta: str | os.PathLike, out
                    dataloader_num_workers=0, disable_tqdm=not progress)
     if tiling:
         settings["tiling"] = tiling
+    if threads:
+        settings["threads"] = threads  # train() would otherwise choose from the machine's load
     result = train(*parse_train_args({**settings, **(options or {})}), callbacks=callbacks, print_fn=None)
     losses = [entry["loss"] for entry in result.trainer.state.log_history if "loss" in entry]
     metrics = dict(result.metrics)

@@ -75,6 +75,13 @@ class ModelArguments:
                           "liger-kernel, the latter CUDA only), full (the logits of every position)",
                   "choices": list(LM_HEAD_LOSSES)},
     )
+    threads: int | None = field(
+        default=None,
+        metadata={"help": "CPU runs: torch threads of this process. Default: torch's count (one per core) lowered to "
+                          "the cores the machine has free at the start (its load average), so that a busy machine is "
+                          "not oversubscribed (2 threads on a 2-core machine with another job ran 9-15x slower than 1); "
+                          "OMP_NUM_THREADS, where set, is kept"},
+    )
     teacher: str | None = field(
         default=None,
         metadata={"help": "knowledge distillation: folder of a teacher checkpoint (e.g. the InternVL2 model --model "
@@ -463,6 +470,10 @@ def train(model_args: ModelArguments, data_args: DataArguments, preset_args: Pre
     _check_resume(training_args.resume_from_checkpoint, out)
     is_main = training_args.process_index == 0
     say = print_fn if (print_fn is not None and is_main) else (lambda text: None)
+    if training_args.device.type == "cpu":  # before any work: the teacher's answers, the lengths, the steps
+        threads, why = cpu_threads(model_args.threads)
+        torch.set_num_threads(threads)
+        say(f"CPU threads: {threads} ({why})")
 
     # The checkpoint's own tokenizer code (e.g. tokenization_internvlx.py written by `internvlx convert`) may be needed.
     processor = InternVLXProcessor.from_pretrained(folder, trust_remote_code=True)
@@ -595,6 +606,30 @@ def train(model_args: ModelArguments, data_args: DataArguments, preset_args: Pre
     say(peak)
     say(f"Saved {'the merged model to ' + str(out) + ' and the adapter to ' + str(out / 'adapter') if lora else out}")
     return TrainResult(trainer=trainer, dataset=dataset, output_dir=out, metrics=result.metrics)
+
+
+def cpu_threads(requested: int | None = None) -> tuple[int, str]:
+    """The torch threads of a CPU run and why: ``requested`` (``--threads``); else, with ``OMP_NUM_THREADS`` set,
+    torch's count (which follows it); else torch's count (one per core) lowered to the cores that are free now, the
+    cores this process may use minus the machine's 1-minute load average, at least 1.
+
+    Measured (benchmarks/bench_cpu_threads.py): on a 2-core machine with another job on one core, torch's default of 2
+    threads made every parallel region wait for a core the other job held, and the same steps took several times as
+    long as with 1."""
+    import torch
+
+    if requested is not None:
+        if requested < 1:
+            raise ValueError(f"--threads must be >= 1, got {requested}")
+        return requested, "--threads"
+    if os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads(), f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    free = max(1, int(cores - load + 0.5))
+    threads = max(1, min(torch.get_num_threads(), free))
+    return threads, (f"{cores} cores, load average {load:.1f}; --threads N or OMP_NUM_THREADS sets another "
+                     "count")
 
 
 def _load_teacher(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments,
@@ -827,4 +862,4 @@ def exit_if_gloo_threads_remain() -> None:
 
 __all__ = ["ARGUMENT_CLASSES", "DataArguments", "ModelArguments", "PresetArguments", "TrainResult",
            "checkpointing_renames", "end_distributed", "exit_if_gloo_threads_remain", "gloo_threads",
-           "parse_train_args", "peak_memory", "train"]
+           "cpu_threads", "parse_train_args", "peak_memory", "train"]
