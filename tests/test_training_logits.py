@@ -37,7 +37,7 @@ LAYOUTS = {"plain": ({}, ["image", "text"], False), "pvtc": ({"projector": "pvtc
            "lvtc-packed": ({"lvtc": "k=1"}, ["image", "text", "multi-turn"], True)}
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("layout", [pytest.param(n, marks=pytest.mark.oldest) if n == "plain" else n for n in LAYOUTS])
 def test_a_training_forward_with_labels_skips_the_logits_until_they_are_read(layout, tmp_path):
     options, kinds, packing = LAYOUTS[layout]
     model, processor = th.load(th.converted("internvl2_qwen2", **options))
@@ -203,12 +203,11 @@ def test_label_smoothing_reads_the_full_logits(trainer_class, tmp_path):
 
 # ------------------------------------------------------------------------------------------------------- TRL
 
-trl = pytest.importorskip("trl")
-
 
 def test_token_accuracy_and_entropy_read_from_the_logits_of_a_training_forward(tmp_path):
-    """What TRL 1.0-1.15's SFTTrainer logs (it reads ``outputs.logits`` after a training forward with labels, under
+    """What TRL 1.0-1.14's SFTTrainer logs (it reads ``outputs.logits`` after a training forward with labels, under
     ``torch.no_grad()``): the same mean token accuracy and entropy as from the logits of a full forward."""
+    pytest.importorskip("trl")
     from trl.trainer.utils import entropy_from_logits
 
     model, processor = th.load(th.converted("internvl2_qwen2"))
@@ -232,6 +231,7 @@ def test_token_accuracy_and_entropy_read_from_the_logits_of_a_training_forward(t
 def test_trl_sft_trainer_logs_token_accuracy_and_entropy_of_the_full_logits(tmp_path):
     """TRL's SFTTrainer (its fused LM head from 1.16, the model's logits before): one step on one batch logs the mean
     token accuracy and entropy of the full logits at the starting weights."""
+    trl = pytest.importorskip("trl")
     from trl.trainer.utils import entropy_from_logits
 
     from test_training_trl import _rows

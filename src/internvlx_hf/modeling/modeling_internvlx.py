@@ -1321,7 +1321,7 @@ class InternVLXForConditionalGeneration(InternVLXPreTrainedModel, GenerationMixi
             - ``None`` (default): skip them in training with labels (``model.train()``, ``labels`` or
               ``shift_labels`` given, no ``logits_to_keep``), so that `transformers.Trainer`, TRL, a hand-written
               loop (``model(**batch).loss.backward()``) all get the lean step with no option. Whoever reads
-              ``outputs.logits`` (TRL < 1.16's token accuracy and entropy, a loop's own metric) still gets them: they
+              ``outputs.logits`` (TRL 1.0-1.14's token accuracy and entropy, a loop's own metric) still gets them: they
               are computed when first read, from this forward's final hidden states. Evaluation (``model.eval()``,
               the Trainer's ``prediction_loss_only=False``, ``compute_metrics``) and calls without labels (the
               Trainer's label smoothing and ``compute_loss_func``, generation) compute the logits as always.
