@@ -135,6 +135,8 @@ def _plain_trainer(folder, **arguments):
     from transformers import Trainer
 
     model, processor = th.load(th.converted("internvl2_qwen2"))
+    # no KV cache in the outputs: transformers 5.16's Trainer cannot gather one into predictions
+    model.config.use_cache = model.config.get_text_config().use_cache = False
     args = th.training_args(folder / "out", max_steps=1, optim="sgd", learning_rate=0.5, remove_unused_columns=False,
                             per_device_train_batch_size=2, per_device_eval_batch_size=2, **arguments)
     return Trainer(model=model, args=args, train_dataset=_dataset(folder), eval_dataset=_dataset(folder),

@@ -263,8 +263,8 @@ class InternVLXDistillationTrainer(InternVLXTrainer):
             self.linear_cross_entropy = None
         if return_outputs and self._prediction_loss_only is False:
             with torch.no_grad():  # the student's logits, for compute_metrics / predictions
-                outputs = model(**{k: v for k, v in student.items() if k not in ("labels", "loss_weight")},
-                                skip_logits=False)
+                unlabelled = {k: v for k, v in student.items() if k not in ("labels", "loss_weight")}
+                outputs = model(**{**unlabelled, "use_cache": False}, skip_logits=False)
         return (loss, outputs) if return_outputs else loss
 
 
