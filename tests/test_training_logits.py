@@ -52,6 +52,8 @@ def test_a_training_forward_with_labels_skips_the_logits_until_they_are_read(lay
         torch.testing.assert_close(default[1][name], gradient, msg=lambda m, name=name: f"{name}: {m}")
     outputs = default[0]
     assert "logits" not in outputs.keys() and outputs.logits_on_read is not None
+    assert outputs[0] is outputs.loss and outputs["loss"] is outputs.loss  # the loss, without the logits
+    assert "logits" not in outputs.keys()
     # read: the same logits as the full forward's, and from then on an ordinary output
     head = _HeadRows(model)
     try:

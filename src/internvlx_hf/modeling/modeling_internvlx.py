@@ -644,8 +644,10 @@ class InternVLXCausalLMOutputWithPast(ModelOutput):
         return logits
 
     def __getitem__(self, k):
+        if k == 0 and "loss" in self.keys():  # `outputs[0]`, the loss, as callers that take it by position do
+            return super().__getitem__("loss")
         if k == "logits" or not isinstance(k, str):
-            self.logits  # noqa: B018 - computed now if they were skipped
+            self.logits  # noqa: B018 - computed now if they were skipped: positions are those of a full output
         return super().__getitem__(k)
 
     def to_tuple(self) -> tuple:
