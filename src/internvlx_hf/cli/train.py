@@ -54,7 +54,7 @@ examples:
       --lora_target llm,vision --output_dir out/lora --max_steps 1000
 
   # QLoRA: the same adapters on a 4-bit nf4 base (bitsandbytes), bfloat16 compute on a GPU
-  internvlx train --model ./InternVL2-2B-hf --data train.jsonl --preset qlora --model_dtype bfloat16 \
+  internvlx train --model ./InternVL2-2B-hf --data train.jsonl --preset qlora --model_dtype bfloat16 \\
       --output_dir out/qlora --max_steps 1000
 
   # distillation: the converted model learns from its source, on questions without answers (the teacher writes
