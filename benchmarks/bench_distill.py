@@ -471,17 +471,7 @@ def probe_lines(probe_data) -> list[str]:
 
 
 def write_docs(lines: list[str]) -> list[Path]:
-    written = []
-    for name in DOC_FILES:
-        path = ROOT / name
-        text = path.read_text(encoding="utf-8")
-        if DOC_BEGIN not in text or DOC_END not in text:
-            continue
-        head, rest = text.split(DOC_BEGIN, 1)
-        _, tail = rest.split(DOC_END, 1)
-        path.write_text(head + DOC_BEGIN + "\n" + "\n".join(lines) + "\n" + DOC_END + tail, encoding="utf-8")
-        written.append(path)
-    return written
+    return upgrade_study.write_docs(lines, ROOT, DOC_FILES, DOC_BEGIN, DOC_END)
 
 
 def plot(rows, teachers, pretrained, path) -> None:
