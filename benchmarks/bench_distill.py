@@ -408,12 +408,8 @@ def summarise(args) -> int:
     teacher_rows = {t: {"fine": e["accuracy"]["fine"], "basic_min": e["basic_min"],
                         "tokens_per_tile": e["tokens_per_tile"], "trained": e["trained"],
                         "answers": e.get("answers")} for t, e in teachers.items()}
-    table = doc_table(rows, teacher_rows, pretrained)
-    verdicts = [f"- {'met' if r['target_met'] else 'MISSED'}: {r['student']} distilled from {r['teacher']} without "
-                f"labels: {r['fine']['mean']:.3f} against supervised {r['fine']['mean'] - r['vs_supervised']:.3f} "
-                f"({r['vs_supervised']:+.3f}; target >= -{TARGET})" for r in rows if "target_met" in r]
     text = "\n".join(["## Distillation without labels against supervised fine-tuning (fine task)", "",
-                      *table, "", *verdicts, ""])
+                      *docs_block(rows, teacher_rows), ""])
     if probe_data:
         text += "\n" + "\n".join(probe_lines(probe_data)) + "\n"
     print(text)
@@ -430,12 +426,20 @@ def summarise(args) -> int:
     if args.plot:
         plot(rows, teacher_rows, pretrained, args.plot)
     if args.docs:
-        for path in write_docs(table + ["", *verdicts]):
+        for path in write_docs(docs_block(rows, teacher_rows)):
             print(f"updated the distillation table of {path.relative_to(ROOT)}")
     return 0
 
 
-def doc_table(rows, teachers, pretrained) -> list[str]:
+def docs_block(rows, teachers) -> list[str]:
+    """The table of the docs and the verdict on the target, per distilled row."""
+    verdicts = [f"- {'met' if r['target_met'] else 'MISSED'}: {r['student']} distilled from {r['teacher']} without "
+                f"labels: {r['fine']['mean']:.3f} against supervised {r['fine']['mean'] - r['vs_supervised']:.3f} "
+                f"({r['vs_supervised']:+.3f}; target >= -{TARGET})" for r in rows if "target_met" in r]
+    return doc_table(rows, teachers) + [""] + verdicts
+
+
+def doc_table(rows, teachers) -> list[str]:
     lines = ["| student | trained by | labels | fine detail, mean ± sd (seeds) | vs supervised | lowest basic task | "
              "fine, HR zeroed | train time per run |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
