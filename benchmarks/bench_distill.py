@@ -375,7 +375,7 @@ def summarise(args) -> int:
         [r["name"] for r in supervised if sum(s["steps"] for s in r["stages"]) != STEPS]
     if other:
         raise SystemExit(f"runs of another length than {STEPS} steps: {other}")
-    rows, lines = [], []
+    rows = []
     for student in STUDENTS:
         groups = [("supervised", None, True, [r for r in supervised if r["config"] == student])]
         groups += [("distilled", t, False, [r for r in distilled if r["student"] == student and r["teacher"] == t])
@@ -458,7 +458,8 @@ def doc_table(rows, teachers) -> list[str]:
 def probe_lines(probe_data) -> list[str]:
     gib = 2**30
     lines = ["## Cost of a step (interleaved probe, batch 32, one thread)", "",
-             "| step | seconds | vs supervised | tensor peak of the step, MiB | teacher weights, MiB | teacher forward, s |",
+             "| step | seconds | vs supervised | tensor peak of the step, MiB | teacher weights, MiB | "
+             "teacher forward, s |",
              "|---|---|---|---|---|---|"]
     for name, seconds in probe_data["s_per_step"].items():
         teacher = name.removeprefix("distilled from ") if name.startswith("distilled") else None

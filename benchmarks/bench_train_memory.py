@@ -709,8 +709,9 @@ def trainer_comparisons(results: list[dict]) -> list[dict]:
 
 
 def trainer_table(rows: list[dict]) -> str:
-    lines = ["| family (vocabulary) | layout | tiles | ViT | layers | positions | labelled | step peak GiB: every logit "
-             "(before) | `skip_logits=True` (after) | plain `transformers.Trainer`, no option | float32 logits GiB | "
+    lines = ["| family (vocabulary) | layout | tiles | ViT | layers | positions | labelled | step peak GiB: every "
+             "logit (before) | `skip_logits=True` (after) | plain `transformers.Trainer`, no option | "
+             "float32 logits GiB | "
              "loss before / after / Trainer |", "|" + "---|" * 11]
     for r in rows:
         losses = " / ".join(f"{r[k]:.4f}" if k in r else "-" for k in ("loss_before", "loss_after", "loss_trainer"))

@@ -5,8 +5,9 @@
 Modules: `collator` (padded or packed batches, per-token loss weights), `presets` (stage1 / stage2 /
 stage2-frozen-vit / full / lora), `trainer` (`InternVLXTrainer`: weighted losses, length grouping, provenance),
 `train` (`train()`, behind `internvlx train`), `distillation` (a converted checkpoint trained against its source
-without labels: `InternVLXDistillationTrainer`, `DistillationCollator`, `teacher_answers`), `linear_cross_entropy` (how the loss runs the LM head: on the
-labelled positions only by default, or through cut-cross-entropy / Liger), `synthetic` (`generate_dataset`: seeded
+without labels: `InternVLXDistillationTrainer`, `DistillationCollator`, `teacher_answers`), `linear_cross_entropy`
+(how the loss runs the LM head: on the labelled positions only by default, or through cut-cross-entropy / Liger),
+`synthetic` (`generate_dataset`: seeded
 synthetic visual QA in InternVL's format, the data of `internvlx demo` and `benchmarks/bench_learnability.py`). The
 data itself (InternVL meta JSON / JSONL / TRL rows, encoding, the lazy `InternVLXDataset`) is read by
 `internvlx_hf.data`, whose main names are exported here too.

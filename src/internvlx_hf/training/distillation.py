@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from ..atomic import atomic_file
-from ..data.encoding import IGNORE_INDEX, EncodedConversation
+from ..data.encoding import EncodedConversation
 from ..data.formats import SampleError
 from ..data.sources import DataSource, as_sources, parse_row, source_rows
 from ..hub.upload import TEACHER_ANSWERS

@@ -79,8 +79,8 @@ class ModelArguments:
         default=None,
         metadata={"help": "CPU runs: torch threads of this process. Default: torch's count (one per core) lowered to "
                           "the cores the machine has free at the start (its load average), so that a busy machine is "
-                          "not oversubscribed (2 threads on a 2-core machine with another job ran 9-15x slower than 1); "
-                          "OMP_NUM_THREADS, where set, is kept"},
+                          "not oversubscribed (2 threads on a 2-core machine with another job ran 4-9x slower than "
+                          "1); OMP_NUM_THREADS, where set, is kept"},
     )
     teacher: str | None = field(
         default=None,
