@@ -662,17 +662,19 @@ def doc_lines(decision: list[dict]) -> list[str]:
     return lines
 
 
-def write_docs(lines: list[str], root: Path = ROOT) -> list[Path]:
-    """Replace the table between `DOC_BEGIN` and `DOC_END` in each of `DOC_FILES` that has them."""
+def write_docs(lines: list[str], root: Path = ROOT, files=DOC_FILES, begin: str = DOC_BEGIN,
+               end: str = DOC_END) -> list[Path]:
+    """Replace the table between ``begin`` and ``end`` (`DOC_BEGIN`, `DOC_END`) in each of ``files`` (`DOC_FILES`)
+    that has them."""
     written = []
-    for name in DOC_FILES:
+    for name in files:
         path = root / name
         text = path.read_text(encoding="utf-8")
-        if DOC_BEGIN not in text or DOC_END not in text:
+        if begin not in text or end not in text:
             continue
-        head, rest = text.split(DOC_BEGIN, 1)
-        _, tail = rest.split(DOC_END, 1)
-        path.write_text(head + DOC_BEGIN + "\n" + "\n".join(lines) + "\n" + DOC_END + tail, encoding="utf-8")
+        head, rest = text.split(begin, 1)
+        _, tail = rest.split(end, 1)
+        path.write_text(head + begin + "\n" + "\n".join(lines) + "\n" + end + tail, encoding="utf-8")
         written.append(path)
     return written
 

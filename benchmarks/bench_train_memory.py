@@ -6,9 +6,13 @@ One training step (forward + backward, no optimizer step) of one sample: a 32-to
 vocabularies (random weights, bfloat16), gradient (activation) checkpointing on, the ViT frozen (as preset
 stage2-frozen-vit) or trained (stage2):
 
-  before   `model(..., labels=labels)`: the logits of every position, upcast to float32 by the loss
+  before   `model(..., labels=labels, skip_logits=False)`: the logits of every position, upcast to float32 by the
+           loss (what the model's forward did by default before issue 51)
   after    `model(..., labels=labels, skip_logits=True)`: the LM head on the labelled positions only (what
-           `InternVLXTrainer` and `internvlx train` run by default)
+           `InternVLXTrainer` and `internvlx train` ask for)
+  trainer  a plain `transformers.Trainer`'s `training_step` on the batch with no option: the model's own default
+           (``skip_logits=None``: lean in training with labels), as TRL, ms-swift, LLaMA-Factory and hand-written
+           loops get it
 
 Families: ``2b`` (InternViT-300M + InternLM2-1.8B widths: hidden 2048, 24 layers, vocabulary 92,553), ``8b``
 (InternViT-300M + InternLM2.5-7B: hidden 4096, 32 layers, 92,553), ``2b-qwen2-vocab`` (``2b`` with Qwen2's
@@ -90,7 +94,7 @@ from pathlib import Path
 
 FAMILIES = ("2b", "8b", "2b-qwen2-vocab", "tiny")
 LAYOUTS = ("plain-256", "plain-1024", "lvtc")
-PATHS = ("before", "after")
+PATHS = ("before", "after", "trainer")
 GiB = 2**30
 
 _INTERNVIT_300M = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16)
@@ -303,17 +307,32 @@ def worker(run: dict) -> dict:
     pixel_values = torch.randn(run["tiles"], 3, 448, 448, generator=g)
     batch = {"input_ids": ids.repeat(run["batch"], 1).to(device), "labels": labels.repeat(run["batch"], 1).to(device),
              "pixel_values": pixel_values.repeat(run["batch"], 1, 1, 1).to(device, dtype), "use_cache": False}
-    if run["path"] == "after":
-        batch["skip_logits"] = True
+    if run["path"] in ("before", "after"):
+        batch["skip_logits"] = run["path"] == "after"
     weights = sum(t.nbytes for t in model.parameters()) + sum(t.nbytes for t in model.buffers())
     gradients = sum(p.nbytes for p in model.parameters() if p.requires_grad)
 
     PeakTensors, SkipArithmetic = _dispatch_modes()
 
+    trainer = None
+    if run["path"] == "trainer":
+        import tempfile
+
+        from transformers import Trainer, TrainingArguments
+
+        folder = tempfile.mkdtemp(prefix="bench-train-memory-")
+        trainer = Trainer(model=model, args=TrainingArguments(output_dir=folder, use_cpu=not cuda, report_to="none",
+                                                              save_strategy="no"))
+        trainer.current_gradient_accumulation_steps = 1  # what Trainer.train() sets before its first step
+        batch.pop("use_cache")  # as a collator's batch
+
     def step():
         model.zero_grad(set_to_none=True)
-        loss = model(**batch).loss
-        loss.backward()
+        if trainer is not None:
+            loss = trainer.training_step(model, dict(batch))  # forward + backward, as Trainer.train() runs them
+        else:
+            loss = model(**batch).loss
+            loss.backward()
         if cuda:
             torch.cuda.synchronize()
         return loss
@@ -667,6 +686,42 @@ def comparisons(results: list[dict]) -> list[dict]:
     return out
 
 
+def trainer_comparisons(results: list[dict]) -> list[dict]:
+    """The plain `transformers.Trainer` step (no option) against the model called with every logit (before) and
+    with ``skip_logits=True`` (after), same configuration: the step's extra peak above the weights, each path."""
+    out = []
+    for trainer in results:
+        if trainer.get("path") != "trainer" or "tensor_peak_bytes" not in trainer:
+            continue
+        match = {k: trainer[k] for k in ("family", "layout", "tiles", "vit", "llm_layers", "vit_layers",
+                                         "expand_layer", "batch", "arithmetic", "device", "answer_tokens")}
+        before, after = _find(results, **match, path="before"), _find(results, **match, path="after")
+        vocab = SPECS[trainer["family"]]["text"]["vocab_size"]
+        row = {**match, "positions": trainer["positions"], "labelled": trainer["labelled"], "vocab": vocab,
+               "logits_float32_bytes": 4 * trainer["batch"] * trainer["positions"] * vocab,
+               "peak_trainer_bytes": trainer["tensor_peak_bytes"], "loss_trainer": trainer["loss"]}
+        for name, other in (("before", before), ("after", after)):
+            if other is not None:
+                row[f"peak_{name}_bytes"] = other["tensor_peak_bytes"]
+                row[f"loss_{name}"] = other["loss"]
+        out.append(row)
+    return out
+
+
+def trainer_table(rows: list[dict]) -> str:
+    lines = ["| family (vocabulary) | layout | tiles | ViT | layers | positions | labelled | step peak GiB: every "
+             "logit (before) | `skip_logits=True` (after) | plain `transformers.Trainer`, no option | "
+             "float32 logits GiB | "
+             "loss before / after / Trainer |", "|" + "---|" * 11]
+    for r in rows:
+        losses = " / ".join(f"{r[k]:.4f}" if k in r else "-" for k in ("loss_before", "loss_after", "loss_trainer"))
+        lines.append(f"| {r['family']} ({r['vocab']:,}) | {r['layout']} | {r['tiles']} | {r['vit']} | "
+                     f"{r['llm_layers']}/{r['vit_layers']} | {r['positions']:,} | {r['labelled']} | "
+                     f"{_gib(r.get('peak_before_bytes'))} | {_gib(r.get('peak_after_bytes'))} | "
+                     f"{_gib(r['peak_trainer_bytes'])} | {_gib(r['logits_float32_bytes'])} | {losses} |")
+    return "\n".join(lines)
+
+
 def skip_vs_real(results: list[dict]) -> list[dict]:
     out = []
     for real in results:
@@ -836,6 +891,7 @@ def main(argv=None) -> dict:
                                              "logit_entry_bytes": {f"{family} {kind}": value for (family, kind), value
                                                                    in logit_entry_bytes(results).items()},
                                              "skip_vs_real": skip_vs_real(results),
+                                             "trainer": trainer_comparisons(results),
                                              "step_times": step_times(results)}, indent=1) + "\n")
 
     derived = previous.get("derived", [])
@@ -876,6 +932,10 @@ def main(argv=None) -> dict:
             text.append(f"| {one['family']} | {one['layout']} | {one['tiles']} | {one['vit']} | {one['path']} | "
                         f"{_gib(one['activation_peak_bytes'])} | {_gib(two['activation_peak_bytes'])} | "
                         f"{two['activation_peak_bytes'] / one['activation_peak_bytes']:.3f} |")
+    plain = trainer_comparisons(results)
+    if plain:
+        text += ["", "## A plain transformers.Trainer step (no option) against both paths", "",
+                 trainer_table(plain)]
     svr = skip_vs_real(results)
     if svr:
         text += ["", "## Skipped arithmetic against computed (same configuration)", "",

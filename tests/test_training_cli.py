@@ -472,3 +472,28 @@ def test_callbacks_see_every_optimizer_step_with_its_gradients(tmp_path):
         callbacks=[record], print_fn=None)
     assert record in result.trainer.callback_handler.callbacks
     assert record.seen == [(0, True), (1, True)]
+
+
+def test_cpu_threads_leave_a_busy_machine_s_cores_to_their_jobs(monkeypatch):
+    """A CPU run takes torch's threads lowered to the cores free at its start (on a busy 2-core machine, 2 threads
+    ran several times slower than 1: benchmarks/results/cpu-training.md); --threads and OMP_NUM_THREADS win."""
+    import os
+
+    from internvlx_hf.training.train import cpu_threads
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+        for load, expected in ((1.9, 1), (0.2, 2), (0.6, 1), (5.0, 1)):
+            monkeypatch.setattr(os, "getloadavg", lambda load=load: (load, load, load))
+            threads, why = cpu_threads()
+            assert threads == expected and f"2 cores, load average {load:.1f}" in why, (load, threads, why)
+        assert cpu_threads(2) == (2, "--threads")
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        assert cpu_threads() == (2, "OMP_NUM_THREADS=2")
+        with pytest.raises(ValueError, match="--threads must be >= 1, got 0"):
+            cpu_threads(0)
+    finally:
+        torch.set_num_threads(before)

@@ -165,7 +165,7 @@ def test_skip_logits_refuses_what_it_cannot_do(tmp_path):
     with pytest.raises(ValueError, match="it does not combine with logits_to_keep"):
         model(**batch, labels=labels, skip_logits=True, logits_to_keep=1)
     with pytest.raises(ValueError, match="linear_cross_entropy replaces the logits of the loss: pass skip_logits"):
-        model(**batch, labels=labels, linear_cross_entropy=cut_cross_entropy)
+        model(**batch, labels=labels, linear_cross_entropy=cut_cross_entropy, skip_logits=False)
 
 
 # ----------------------------------------------------------------------------------------------- the trainer
@@ -330,6 +330,26 @@ def test_the_memory_benchmark_counts_the_same_tensors_without_the_arithmetic():
         before, after = measured[layout, "before", "real"], measured[layout, "after", "real"]
         assert before["loss"] == pytest.approx(after["loss"], rel=1e-6)
         assert before["activation_peak_bytes"] > after["activation_peak_bytes"]
+
+
+def test_the_memory_benchmark_measures_a_plain_trainer_step():
+    """The ``trainer`` path: a plain `transformers.Trainer` step with no option takes the lean step (the model's own
+    default), the same loss as both other paths and the tensors of ``skip_logits=True`` within a few temporaries."""
+    bench = _bench()
+    measured = {}
+    for path in ("before", "after", "trainer"):
+        run = dict(family="tiny", layout="plain-256", tiles=2, vit="frozen", path=path, llm_layers=1,
+                   expand_layer=None, vit_layers=1, batch=1, arithmetic="real", device="cpu", dtype="float32",
+                   answer_tokens=8, threads=torch.get_num_threads(), measure_rss=False)
+        measured[path] = bench.worker(run)
+    before, after, trainer = measured["before"], measured["after"], measured["trainer"]
+    assert trainer["loss"] == pytest.approx(after["loss"], rel=1e-6) == pytest.approx(before["loss"], rel=1e-6)
+    logits = 4 * trainer["positions"] * 1000  # float32 logits of the tiny family's vocabulary
+    assert abs(trainer["tensor_peak_bytes"] - after["tensor_peak_bytes"]) < logits / 20
+    assert before["tensor_peak_bytes"] - trainer["tensor_peak_bytes"] > logits
+    rows = bench.trainer_comparisons(list(measured.values()))
+    assert len(rows) == 1 and rows[0]["peak_trainer_bytes"] == trainer["tensor_peak_bytes"]
+    assert "| tiny (1,000) | plain-256 | 2 |" in bench.trainer_table(rows)
 
 
 def test_step_times_extrapolate_to_the_full_depth_from_one_more_layer():

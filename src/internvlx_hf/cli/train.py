@@ -54,8 +54,13 @@ examples:
       --lora_target llm,vision --output_dir out/lora --max_steps 1000
 
   # QLoRA: the same adapters on a 4-bit nf4 base (bitsandbytes), bfloat16 compute on a GPU
-  internvlx train --model ./InternVL2-2B-hf --data train.jsonl --preset qlora --model_dtype bfloat16 \
+  internvlx train --model ./InternVL2-2B-hf --data train.jsonl --preset qlora --model_dtype bfloat16 \\
       --output_dir out/qlora --max_steps 1000
+
+  # distillation: the converted model learns from its source, on questions without answers (the teacher writes
+  # them, in 8-bit); no label is needed
+  internvlx train --model ./InternVL2-8B-pvtc --teacher ./InternVL2-8B-hf --data questions.jsonl \
+      --output_dir out/distilled --teacher_bits 8 --learning_rate 1e-5 --bf16
 
   # the same options from a YAML file (keys = flag names), one overridden on the command line
   internvlx train train.yaml --learning_rate 1e-5

@@ -281,10 +281,11 @@ def make_video_datasets(root: str | os.PathLike, spec: TinySpec, data: DataSpec,
 
 def train_checkpoint(base: str | os.PathLike, train_meta: str | os.PathLike, out: str | os.PathLike,
                      training: TrainSpec, *, tiling: str | None = None, progress: bool = True,
-                     threads: int | None = None, preset: str = "full", callbacks: list | None = None
-                     ) -> dict[str, Any]:
+                     threads: int | None = None, preset: str = "full", callbacks: list | None = None,
+                     options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train ``base`` on ``train_meta`` with `internvlx_hf.training.train` (``preset``; ``full``: everything trains,
-    the model starts from scratch; ``callbacks``: extra Trainer callbacks) and save it to ``out``. Returns the
+    the model starts from scratch; ``callbacks``: extra Trainer callbacks; ``options``: more `internvlx train`
+    options, e.g. ``teacher`` for distillation) and save it to ``out``. Returns the
     Trainer's metrics plus ``loss_first`` / ``loss_last`` (mean logged loss of the first / last logging window) and
     the `TrainResult` as ``result``."""
     import torch
@@ -294,15 +295,17 @@ def train_checkpoint(base: str | os.PathLike, train_meta: str | os.PathLike, out
     if threads:
         torch.set_num_threads(threads)
     log_every = max(1, min(50, training.steps // 10))
-    options = dict(model=str(base), data=str(train_meta), preset=preset, output_dir=str(out),
+    settings = dict(model=str(base), data=str(train_meta), preset=preset, output_dir=str(out),
                    per_device_train_batch_size=training.batch_size, learning_rate=training.learning_rate,
                    max_steps=training.steps, lr_scheduler_type="cosine", warmup_steps=training.warmup,
                    adam_beta2=0.98, weight_decay=0.0, max_grad_norm=1.0, seed=training.seed, data_seed=training.seed,
                    logging_steps=log_every, save_strategy="no", report_to="none", use_cpu=True,
                    dataloader_num_workers=0, disable_tqdm=not progress)
     if tiling:
-        options["tiling"] = tiling
-    result = train(*parse_train_args(options), callbacks=callbacks, print_fn=None)
+        settings["tiling"] = tiling
+    if threads:
+        settings["threads"] = threads  # train() would otherwise choose from the machine's load
+    result = train(*parse_train_args({**settings, **(options or {})}), callbacks=callbacks, print_fn=None)
     losses = [entry["loss"] for entry in result.trainer.state.log_history if "loss" in entry]
     metrics = dict(result.metrics)
     metrics["loss_first"] = losses[0] if losses else None

@@ -14,6 +14,9 @@ IGNORE_PATTERNS = ["*__pycache__*", "*.pyc"]
 # Top-level entries a writer that was stopped left unfinished: `InternVLXTrainer`'s checkpoint staging folder
 # (training.trainer.CHECKPOINT_STAGING) and the temporary files / folders of `internvlx_hf.atomic` (`temp_prefix`).
 UNFINISHED = (".checkpoint-staging", ".*.tmp-*")
+# The answers a teacher wrote for `internvlx train --teacher` (training.distillation.TEACHER_ANSWERS_DIR): training
+# data, not the model.
+TEACHER_ANSWERS = "teacher-answers"
 
 
 def training_state_names() -> list[str]:
@@ -94,6 +97,9 @@ def plan_upload(folder: str | os.PathLike, include_checkpoints: bool = False) ->
         elif "/" in path and fnmatch(top, f"{PREFIX_CHECKPOINT_DIR}-*") and not include_checkpoints:
             plan.left_out.setdefault(f"{top}/", "a training checkpoint; --include-checkpoints uploads it (without "
                                                 "its training state)")
+        elif "/" in path and top == TEACHER_ANSWERS:
+            plan.left_out.setdefault(f"{top}/", "the answers the teacher wrote for distillation (training data, not "
+                                                "the model)")
         elif "/" in path and top == "adapter" and merged_lora:
             plan.left_out.setdefault("adapter/", "the LoRA adapter this merged model was made with; publish it on "
                                                  "its own (`internvlx card` and `internvlx push` on that folder)")

@@ -8,6 +8,8 @@ and `configuration_internvlx` (single-dot relative import).
 from __future__ import annotations
 
 import copy
+import dataclasses
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -579,13 +581,37 @@ class InternVLXModelOutputWithPast(BaseModelOutputWithPast):
     image_hidden_states: torch.Tensor | None = None
 
 
+class LogitsOnRead:
+    """What a forward that skipped its logits by default (training with labels) keeps to compute them when they are
+    read: the LM head and the final hidden states (``(batch, seq, hidden)``, already alive for the backward)."""
+
+    __slots__ = ("lm_head", "hidden_states")
+
+    def __init__(self, lm_head: nn.Module, hidden_states: torch.Tensor):
+        self.lm_head = lm_head
+        self.hidden_states = hidden_states
+
+    def __call__(self) -> torch.Tensor:
+        return self.lm_head(self.hidden_states)
+
+    def __repr__(self) -> str:
+        return f"LogitsOnRead(hidden_states={tuple(self.hidden_states.shape)})"
+
+
 @dataclass
 class InternVLXCausalLMOutputWithPast(ModelOutput):
     """Causal LM output; ``logits`` always line up with ``input_ids`` (short layout), LVTC or not.
 
-    With ``skip_logits=True`` (training: the LM head runs on the labelled positions only) ``logits`` is None and
+    With ``skip_logits=True`` (the LM head runs on the labelled positions only) ``logits`` is None and
     ``token_losses`` ``(batch, seq)`` holds the cross-entropy of the prediction made at each position (of
     ``labels[:, t + 1]``, or ``shift_labels[:, t]``), 0 where that label is -100.
+
+    A training forward with labels skips the logits by default (``skip_logits=None``) and keeps ``logits_on_read``
+    instead: reading ``logits`` (as an attribute, ``output["logits"]``, by position or through ``to_tuple()``)
+    computes them then, once, from the same forward's final hidden states (the values and the autograd graph of the
+    full forward's logits), after which the output is exactly what a forward with logits returns. Nothing that
+    never reads them pays for them. It is a field, not a private attribute, so that it survives the wrappers that
+    rebuild an output from its items (DDP, accelerate's float32 conversion of mixed-precision outputs).
     """
 
     loss: torch.Tensor | None = None
@@ -595,6 +621,38 @@ class InternVLXCausalLMOutputWithPast(ModelOutput):
     attentions: tuple[torch.Tensor, ...] | None = None
     image_hidden_states: torch.Tensor | None = None
     token_losses: torch.Tensor | None = None
+    logits_on_read: LogitsOnRead | None = None
+
+    def __getattribute__(self, name):
+        value = super().__getattribute__(name)
+        if name == "logits" and value is None:
+            source = self.__dict__.get("logits_on_read")
+            if source is not None and "logits_on_read" in self.keys():  # set up (after __post_init__)
+                value = self._read_logits(source)
+        return value
+
+    def _read_logits(self, source: LogitsOnRead) -> torch.Tensor:
+        logits = source()
+        # rebuilt in field order, without the source: the output of a forward that computed its logits
+        items = [(key, logits if key == "logits" else self.__dict__.get(key)) for key in
+                 (f.name for f in dataclasses.fields(self) if f.name != "logits_on_read")]
+        OrderedDict.clear(self)
+        object.__setattr__(self, "logits_on_read", None)
+        for key, value in items:
+            if value is not None:
+                self[key] = value
+        return logits
+
+    def __getitem__(self, k):
+        if k == 0 and "loss" in self.keys():  # `outputs[0]`, the loss, as callers that take it by position do
+            return super().__getitem__("loss")
+        if k == "logits" or not isinstance(k, str):
+            self.logits  # noqa: B018 - computed now if they were skipped: positions are those of a full output
+        return super().__getitem__(k)
+
+    def to_tuple(self) -> tuple:
+        self.logits  # noqa: B018 - a tuple has its logits at their place
+        return super().to_tuple()
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -1150,15 +1208,21 @@ def _ignore_placeholder_label_kwargs(model, args, kwargs):
     """Forward pre-hook of `InternVLXForConditionalGeneration`: ``labels`` / ``shift_labels`` that name an image
     placeholder become -100 before any LM head reads them (a collator with ``labels = input_ids``, TRL's default,
     labels every `<IMG_CONTEXT>`)."""
-    # Training (or a given token count) is when the count matters; only then is it checked (a device sync).
-    check = model.training or kwargs.get("num_items_in_batch") is not None
+    # Whether the labels named placeholders is read on the host (a device synchronisation), so it is asked once per
+    # model: on the first forward with images whose token count matters (training, or a given count). A collator
+    # that labels placeholders does so in every image batch; the masking itself runs on every call, without a sync.
+    check = not model._placeholder_labels_checked and kwargs.get("pixel_values") is not None \
+        and (model.training or kwargs.get("num_items_in_batch") is not None)
     found = False
     for key in ("labels", "shift_labels"):
         labels = kwargs.get(key)
         if torch.is_tensor(labels):
             ignored = model._ignore_placeholder_labels(labels)
-            found = found or (check and bool((ignored != labels).any()))
+            if check:
+                found = found or bool((ignored != labels).any())
             kwargs[key] = ignored
+    if check and any(torch.is_tensor(kwargs.get(key)) for key in ("labels", "shift_labels")):
+        model._placeholder_labels_checked = True
     if found:
         # transformers' Trainer and TRL count the loss's tokens (num_items_in_batch) from the batch's labels before
         # this call, over every micro-batch of the step and every rank: the count cannot be corrected here.
@@ -1213,9 +1277,16 @@ class InternVLXForConditionalGeneration(InternVLXPreTrainedModel, GenerationMixi
         ids = [self.config.image_token_id, self.config.image_start_token_id, self.config.image_end_token_id]
         return [i for i in ids if i is not None]
 
+    # Set by the placeholder-label pre-hook once it has looked at a batch's labels (`_ignore_placeholder_label_kwargs`)
+    _placeholder_labels_checked = False
+
     def _ignore_placeholder_labels(self, labels: torch.Tensor) -> torch.Tensor:
-        placeholders = torch.tensor(self.placeholder_label_ids(), device=labels.device, dtype=labels.dtype)
-        return labels.masked_fill(torch.isin(labels, placeholders), -100)
+        ids = tuple(self.placeholder_label_ids())
+        cached = self.__dict__.get("_placeholder_ids")  # built once per device and dtype, not from a list per call
+        if cached is None or cached[0] != ids or cached[1].device != labels.device or cached[1].dtype != labels.dtype:
+            cached = (ids, torch.tensor(ids, device=labels.device, dtype=labels.dtype))
+            self.__dict__["_placeholder_ids"] = cached
+        return labels.masked_fill(torch.isin(labels, cached[1]), -100)
 
     @can_return_tuple
     def forward(
@@ -1234,7 +1305,7 @@ class InternVLXForConditionalGeneration(InternVLXPreTrainedModel, GenerationMixi
         image_flags: torch.Tensor | None = None,
         num_patches: torch.Tensor | None = None,
         tile_grid: torch.Tensor | None = None,
-        skip_logits: bool = False,
+        skip_logits: bool | None = None,
         linear_cross_entropy=None,
         **kwargs,
     ) -> InternVLXCausalLMOutputWithPast:
@@ -1244,11 +1315,20 @@ class InternVLXForConditionalGeneration(InternVLXPreTrainedModel, GenerationMixi
             train the model to predict `<IMG_CONTEXT>`.
         logits_to_keep: keep only the last N positions' logits (0 = all), e.g. 1 in a generation prefill.
         skip_logits: with ``labels``, run the LM head only on the positions whose (shifted) label is not -100 and
-            return the same ``loss`` without logits: ``logits`` is None, ``token_losses`` holds each position's
-            cross-entropy (see `InternVLXCausalLMOutputWithPast`). A training sample is mostly image and prompt
-            tokens, so this skips most of the ``(batch, seq, vocab)`` logits, their float32 copy and their gradient.
-            The name and meaning are Liger-Kernel's (`transformers.Trainer` passes ``skip_logits=True`` in loss-only
-            evaluation with ``use_liger_kernel``); `internvlx_hf.training.InternVLXTrainer` passes it by default.
+            return the same ``loss`` without logits: ``token_losses`` holds each position's cross-entropy (see
+            `InternVLXCausalLMOutputWithPast`). A training sample is mostly image and prompt tokens, so this skips
+            most of the ``(batch, seq, vocab)`` logits, their float32 copy and their gradient. The name and meaning
+            are Liger-Kernel's:
+
+            - ``None`` (default): skip them in training with labels (``model.train()``, ``labels`` or
+              ``shift_labels`` given, no ``logits_to_keep``), so that `transformers.Trainer`, TRL, a hand-written
+              loop (``model(**batch).loss.backward()``) all get the lean step with no option. Whoever reads
+              ``outputs.logits`` (TRL 1.0-1.14's token accuracy and entropy, a loop's own metric) still gets them: they
+              are computed when first read, from this forward's final hidden states. Evaluation (``model.eval()``,
+              the Trainer's ``prediction_loss_only=False``, ``compute_metrics``) and calls without labels (the
+              Trainer's label smoothing and ``compute_loss_func``, generation) compute the logits as always.
+            - ``True``: skip them and return ``logits=None`` (in any mode; labels required).
+            - ``False``: compute every logit (the loss reads them as transformers' models do).
         linear_cross_entropy: with ``skip_logits``, an optional ``fn(hidden, weight, targets) -> losses`` that
             computes the per-token cross-entropy ``(n,)`` of ``hidden @ weight.T`` (``(n, hidden)`` and ``(vocab,
             hidden)``) against ``targets`` ``(n,)`` without materialising the logits, e.g. cut-cross-entropy or
@@ -1268,7 +1348,13 @@ class InternVLXForConditionalGeneration(InternVLXPreTrainedModel, GenerationMixi
             output_attentions=output_attentions, output_hidden_states=output_hidden_states, image_flags=image_flags,
             num_patches=num_patches, tile_grid=tile_grid, return_dict=True, **kwargs,
         )
-        loss = logits = token_losses = None
+        loss = logits = token_losses = on_read = None
+        if skip_logits is None:
+            skip_logits = linear_cross_entropy is not None or (
+                self.training and (labels is not None or kwargs.get("shift_labels") is not None)
+                and isinstance(logits_to_keep, int) and logits_to_keep == 0)
+            if skip_logits and linear_cross_entropy is None:
+                on_read = LogitsOnRead(self.lm_head, outputs.last_hidden_state)
         if skip_logits:
             if not isinstance(logits_to_keep, int) or logits_to_keep != 0:
                 raise ValueError("skip_logits=True computes no logits; it does not combine with logits_to_keep")
@@ -1293,7 +1379,8 @@ class InternVLXForConditionalGeneration(InternVLXPreTrainedModel, GenerationMixi
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             image_hidden_states=outputs.image_hidden_states,
-            token_losses=token_losses,
+            token_losses=token_losses if on_read is None else None,  # the default's output is a full forward's
+            logits_on_read=on_read,
         )
 
     def _labelled_loss(self, hidden_states: torch.Tensor, labels: torch.Tensor | None,

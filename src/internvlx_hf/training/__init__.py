@@ -4,14 +4,17 @@
 
 Modules: `collator` (padded or packed batches, per-token loss weights), `presets` (stage1 / stage2 /
 stage2-frozen-vit / full / lora), `trainer` (`InternVLXTrainer`: weighted losses, length grouping, provenance),
-`train` (`train()`, behind `internvlx train`), `linear_cross_entropy` (how the loss runs the LM head: on the
-labelled positions only by default, or through cut-cross-entropy / Liger), `synthetic` (`generate_dataset`: seeded
+`train` (`train()`, behind `internvlx train`), `distillation` (a converted checkpoint trained against its source
+without labels: `InternVLXDistillationTrainer`, `DistillationCollator`, `teacher_answers`), `linear_cross_entropy`
+(how the loss runs the LM head: on the labelled positions only by default, or through cut-cross-entropy / Liger),
+`synthetic` (`generate_dataset`: seeded
 synthetic visual QA in InternVL's format, the data of `internvlx demo` and `benchmarks/bench_learnability.py`). The
 data itself (InternVL meta JSON / JSONL / TRL rows, encoding, the lazy `InternVLXDataset`) is read by
 `internvlx_hf.data`, whose main names are exported here too.
 """
 
 from .collator import InternVLXDataCollator
+from .distillation import DistillationCollator, InternVLXDistillationTrainer, teacher_answers
 from .linear_cross_entropy import LM_HEAD_LOSSES
 from ..data import DataSummary, InternVLXDataset, read_meta
 from ..data.encoding import IGNORE_INDEX, ConversationEncoder
@@ -36,8 +39,10 @@ __all__ = [
     "ConversationEncoder",
     "DataArguments",
     "DataSummary",
+    "DistillationCollator",
     "InternVLXDataCollator",
     "InternVLXDataset",
+    "InternVLXDistillationTrainer",
     "InternVLXTrainer",
     "LoraSettings",
     "ModelArguments",
@@ -55,6 +60,7 @@ __all__ = [
     "parse_train_args",
     "read_meta",
     "sample_from_row",
+    "teacher_answers",
     "train",
     "trainable_parameters",
 ]

@@ -141,6 +141,11 @@ class InternVLXDataCollator:
                 f"every row of this batch of {len(rows)} was dropped ({dict(self.skipped)}); check the warnings "
                 "above, or load the data with InternVLXDataset, which skips unusable rows before training."
             )
+        return self.collate(kept)
+
+    def collate(self, kept: list[tuple[EncodedConversation, torch.Tensor | None, list[int]]]) \
+            -> dict[str, torch.Tensor]:
+        """The batch of rows encoded by `encode_row` (at least one)."""
         batch = self._pack(kept) if self.packing else self._pad(kept)
         if self.loss_reduction != "token":
             batch["loss_weight"] = self._loss_weight(kept, batch["labels"])

@@ -38,6 +38,7 @@ from .presets import (
     format_trainable,
     ignore_peft_checkpointing_warning,
 )
+from .distillation import DistillationCollator, InternVLXDistillationTrainer
 from .trainer import InternVLXTrainer, checkpoint_problem, last_complete_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -73,6 +74,51 @@ class ModelArguments:
                           "liger (the same with a fused linear cross-entropy: pip install cut-cross-entropy / "
                           "liger-kernel, the latter CUDA only), full (the logits of every position)",
                   "choices": list(LM_HEAD_LOSSES)},
+    )
+    threads: int | None = field(
+        default=None,
+        metadata={"help": "CPU runs: torch threads of this process. Default: torch's count (one per core) lowered to "
+                          "the cores the machine has free at the start (its load average), so that a busy machine is "
+                          "not oversubscribed (2 threads on a 2-core machine with another job ran 4-9x slower than "
+                          "1); OMP_NUM_THREADS, where set, is kept"},
+    )
+    teacher: str | None = field(
+        default=None,
+        metadata={"help": "knowledge distillation: folder of a teacher checkpoint (e.g. the InternVL2 model --model "
+                          "was converted from, `internvlx convert` as it is, or a fine-tuned one). The student "
+                          "(--model) learns the teacher's next-token distributions on the answer tokens instead of "
+                          "the labels; rows may come without answers (--teacher_answers). See docs/fine-tuning.md"},
+    )
+    teacher_answers: str = field(
+        default="missing",
+        metadata={"help": "with --teacher: missing (rows that end with a question get the teacher's greedy answer; "
+                          "rows with an answer keep it, and the teacher's distribution over it is the target) or all "
+                          "(every row's last answer is the teacher's: no label of the data is used). Written once to "
+                          "OUT/teacher-answers/ (reused by a resumed run)",
+                  "choices": ["missing", "all"]},
+    )
+    teacher_bits: int | None = field(
+        default=None,
+        metadata={"help": "with --teacher: load the teacher in 8-bit (LLM.int8()) or 4-bit (nf4) with bitsandbytes "
+                          "(projectors and lm_head kept in full precision); default: --model_dtype",
+                  "choices": [8, 4]},
+    )
+    teacher_max_new_tokens: int = field(
+        default=256,
+        metadata={"help": "with --teacher: the longest answer the teacher writes"},
+    )
+    teacher_batch_size: int = field(
+        default=8,
+        metadata={"help": "with --teacher: prompts per generate() call when the teacher writes answers"},
+    )
+    distill_beta: float = field(
+        default=0.0,
+        metadata={"help": "with --teacher: the divergence, as TRL's GKD: 0 forward KL(teacher || student), 1 reverse "
+                          "KL, in between the generalized Jensen-Shannon divergence"},
+    )
+    distill_temperature: float = field(
+        default=1.0,
+        metadata={"help": "with --teacher: temperature of both next-token distributions"},
     )
 
 
@@ -424,6 +470,10 @@ def train(model_args: ModelArguments, data_args: DataArguments, preset_args: Pre
     _check_resume(training_args.resume_from_checkpoint, out)
     is_main = training_args.process_index == 0
     say = print_fn if (print_fn is not None and is_main) else (lambda text: None)
+    if training_args.device.type == "cpu":  # before any work: the teacher's answers, the lengths, the steps
+        threads, why = cpu_threads(model_args.threads)
+        torch.set_num_threads(threads)
+        say(f"CPU threads: {threads} ({why})")
 
     # The checkpoint's own tokenizer code (e.g. tokenization_internvlx.py written by `internvlx convert`) may be needed.
     processor = InternVLXProcessor.from_pretrained(folder, trust_remote_code=True)
@@ -439,9 +489,16 @@ def train(model_args: ModelArguments, data_args: DataArguments, preset_args: Pre
         processor.image_processor.max_tiles = data_args.max_tiles
     sources = as_sources(data)
     say(apply_tile_precedence(sources, processor.image_processor, data_args.max_tiles))
+    dtype = "auto" if model_args.model_dtype == "auto" else getattr(torch, model_args.model_dtype)
 
     collator = InternVLXDataCollator(processor, max_length=data_args.max_length, packing=data_args.packing,
                                      loss_reduction=data_args.loss_reduction)
+    teacher = None
+    if model_args.teacher is not None:  # before the data is indexed: the teacher may write its answers
+        teacher, teacher_processor, sources, answers = _load_teacher(model_args, data_args, training_args, processor,
+                                                                     sources, out, dtype, is_main, say)
+        collator = DistillationCollator(collator, InternVLXDataCollator(
+            teacher_processor, max_length=data_args.max_length, packing=data_args.packing))
     dataset = InternVLXDataset(sources, processor, max_length=data_args.max_length, progress=is_main,
                                check=data_args.check_data, lengths=data_args.lengths,
                                num_proc=data_args.data_num_proc, cache_dir=data_args.lengths_cache_dir)
@@ -468,7 +525,6 @@ def train(model_args: ModelArguments, data_args: DataArguments, preset_args: Pre
                                                         for s in eval_sets))
 
     _join_deepspeed_comm(training_args)
-    dtype = "auto" if model_args.model_dtype == "auto" else getattr(torch, model_args.model_dtype)
     load_kwargs = {"dtype": dtype}
     if model_args.attn_implementation:
         load_kwargs["attn_implementation"] = model_args.attn_implementation
@@ -514,9 +570,18 @@ def train(model_args: ModelArguments, data_args: DataArguments, preset_args: Pre
         "tiling": TilingMode(processor.image_processor.tiling).value,
         "max_tiles": processor.image_processor.max_tiles,
     }
-    trainer = InternVLXTrainer(model=model, args=training_args, train_dataset=dataset, eval_dataset=eval_dataset,
-                               data_collator=collator, processing_class=processor, started_from=folder,
-                               provenance=provenance, callbacks=callbacks, lm_head_loss=model_args.lm_head_loss)
+    trainer_kwargs = dict(model=model, args=training_args, train_dataset=dataset, eval_dataset=eval_dataset,
+                          data_collator=collator, processing_class=processor, started_from=folder,
+                          provenance=provenance, callbacks=callbacks, lm_head_loss=model_args.lm_head_loss)
+    if teacher is None:
+        trainer = InternVLXTrainer(**trainer_kwargs)
+    else:
+        provenance["distillation"] = {
+            "teacher": str(Path(model_args.teacher).expanduser().resolve()), "teacher_bits": model_args.teacher_bits,
+            "beta": model_args.distill_beta, "temperature": model_args.distill_temperature,
+            "teacher_answers": answers}
+        trainer = InternVLXDistillationTrainer(**trainer_kwargs, teacher_model=teacher, beta=model_args.distill_beta,
+                                               temperature=model_args.distill_temperature)
     if eval_sets is not None:
         from ..evaluation import EvaluationCallback
 
@@ -541,6 +606,77 @@ def train(model_args: ModelArguments, data_args: DataArguments, preset_args: Pre
     say(peak)
     say(f"Saved {'the merged model to ' + str(out) + ' and the adapter to ' + str(out / 'adapter') if lora else out}")
     return TrainResult(trainer=trainer, dataset=dataset, output_dir=out, metrics=result.metrics)
+
+
+def cpu_threads(requested: int | None = None) -> tuple[int, str]:
+    """The torch threads of a CPU run and why: ``requested`` (``--threads``); else, with ``OMP_NUM_THREADS`` set,
+    torch's count (which follows it); else torch's count (one per core) lowered to the cores that are free now, the
+    cores this process may use minus the machine's 1-minute load average, at least 1.
+
+    Measured (benchmarks/bench_cpu_threads.py): on a 2-core machine with another job on one core, torch's default of 2
+    threads made every parallel region wait for a core the other job held, and the same steps took several times as
+    long as with 1."""
+    import torch
+
+    if requested is not None:
+        if requested < 1:
+            raise ValueError(f"--threads must be >= 1, got {requested}")
+        return requested, "--threads"
+    if os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads(), f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    free = max(1, int(cores - load + 0.5))
+    threads = max(1, min(torch.get_num_threads(), free))
+    return threads, (f"{cores} cores, load average {load:.1f}; --threads N or OMP_NUM_THREADS sets another "
+                     "count")
+
+
+def _load_teacher(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments,
+                  processor, sources: list, out: Path, dtype: Any, is_main: bool, say: Callable[[str], None]):
+    """(teacher model, its processor, the data with the teacher's answers where --teacher_answers asks, the answers'
+    report) for ``--teacher``. The main process writes the answers (OUT/teacher-answers/); the others read them."""
+    import torch
+
+    from .. import InternVLXForConditionalGeneration, InternVLXProcessor
+    from ..quantization import quantized_loading_kwargs
+
+    if model_args.lm_head_loss != "labelled":
+        raise ValueError(f"--lm_head_loss {model_args.lm_head_loss} does not combine with --teacher: distillation "
+                         "computes its own loss from the logits of the answer tokens (leave --lm_head_loss labelled)")
+    for name, least in (("teacher_max_new_tokens", 1), ("teacher_batch_size", 1)):
+        if getattr(model_args, name) < least:
+            raise ValueError(f"--{name} must be >= {least}, got {getattr(model_args, name)}")
+    teacher_folder = _check_model_folder(model_args.teacher)
+    teacher_processor = InternVLXProcessor.from_pretrained(teacher_folder, trust_remote_code=True)
+    # the teacher sees the images as the student does (the --tiling / --max_tiles overrides apply to both)
+    teacher_processor.image_processor.tiling = processor.image_processor.tiling
+    teacher_processor.image_processor.max_tiles = processor.image_processor.max_tiles
+    load_kwargs: dict[str, Any] = {"dtype": dtype}
+    if model_args.teacher_bits is not None:
+        load_kwargs.update(quantized_loading_kwargs(teacher_folder, model_args.teacher_bits, dtype,
+                                                    what="--teacher_bits"))
+        load_kwargs["device_map"] = {"": training_args.device}
+    teacher = InternVLXForConditionalGeneration.from_pretrained(teacher_folder, **load_kwargs)
+    if model_args.teacher_bits is None:
+        teacher.to(training_args.device)
+    teacher.eval().requires_grad_(False)
+    bits = f", {model_args.teacher_bits}-bit" if model_args.teacher_bits else ""
+    say(f"Teacher: {teacher_folder} ({teacher.config.image_seq_length} visual tokens per tile{bits}); the student "
+        f"learns its next-token distributions on the answer tokens (beta {model_args.distill_beta}, temperature "
+        f"{model_args.distill_temperature})")
+    from .distillation import TEACHER_ANSWERS_DIR, teacher_answers
+
+    with training_args.main_process_first(local=False, desc="the teacher's answers"), torch.no_grad():
+        answered, report = teacher_answers(
+            teacher, teacher_processor, sources, out / TEACHER_ANSWERS_DIR, mode=model_args.teacher_answers,
+            batch_size=model_args.teacher_batch_size, max_new_tokens=model_args.teacher_max_new_tokens,
+            progress=is_main)
+    what = "reused" if report["reused"] else f"written in {report['seconds']:.0f} s"
+    say(f"Teacher's answers (--teacher_answers {model_args.teacher_answers}): {report['answered']:,} of "
+        f"{report['rows']:,} rows ({report['generated']:,} distinct prompts), {what}"
+        + (f", in {out / TEACHER_ANSWERS_DIR}" if any(s.annotation is not None for s in answered) else ""))
+    return teacher, teacher_processor, answered, report
 
 
 def peak_memory(device) -> str:
@@ -726,4 +862,4 @@ def exit_if_gloo_threads_remain() -> None:
 
 __all__ = ["ARGUMENT_CLASSES", "DataArguments", "ModelArguments", "PresetArguments", "TrainResult",
            "checkpointing_renames", "end_distributed", "exit_if_gloo_threads_remain", "gloo_threads",
-           "parse_train_args", "peak_memory", "train"]
+           "cpu_threads", "parse_train_args", "peak_memory", "train"]

@@ -129,9 +129,13 @@ class InternVLXTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         lean = self.skips_logits(inputs, return_outputs)
-        lean_inputs = {"skip_logits": True} if lean else {}
+        # Said either way: the model's own default (skip_logits=None) skips the logits of any training forward with
+        # labels, and "full" or a returned output must have them.
+        lean_inputs = {"skip_logits": lean}
         if lean and self.linear_cross_entropy is not None:
             lean_inputs["linear_cross_entropy"] = self.linear_cross_entropy
+        if "loss_weight" not in inputs and self.label_smoother is not None and inputs.get("labels") is not None:
+            return self._smoothed_loss(model, inputs, return_outputs, num_items_in_batch)
         if "loss_weight" not in inputs:
             return super().compute_loss(model, {**inputs, **lean_inputs}, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
@@ -156,6 +160,18 @@ class InternVLXTrainer(Trainer):
             loss = total / num_items_in_batch
             if self.args.average_tokens_across_devices:  # DDP averages the gradients of the processes
                 loss = loss * self.accelerator.num_processes
+        return (loss, outputs) if return_outputs else loss
+
+    def _smoothed_loss(self, model, inputs, return_outputs, num_items_in_batch):
+        """Label smoothing over the full logits, shifted as for every causal LM. transformers' Trainer shifts only for
+        the models of its causal-LM list, which has no image-text-to-text model (InternVL's neither): it would smooth
+        position t's prediction against label t instead of t + 1."""
+        inputs = dict(inputs)
+        labels = inputs.pop("labels")
+        outputs = model(**inputs, skip_logits=False)
+        loss = self.label_smoother(outputs, labels, shift_labels=True, num_items_in_batch=num_items_in_batch)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes  # as the Trainer: DDP averages the gradients
         return (loss, outputs) if return_outputs else loss
 
     def _get_train_sampler(self, train_dataset=None):
