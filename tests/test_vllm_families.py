@@ -1,0 +1,123 @@
+"""The checkpoints InternVL users hold, served by vLLM: exactly transformers' prompt ids, greedy tokens and top-5
+logprobs, for every LLM family `internvlx convert` writes, as converted and upgraded (PVTC, LVTC with each
+`hr_scale`), on text, one image, two images and a video, each request alone and all of an engine's requests in one
+batch.
+
+The checkpoints (`vllm_checkpoints.py`) are the converter's output for the shipped fixtures (real sentencepiece and
+BPE tokenizers, templates, processors at 448px tiles), widened to 32-wide heads with random weights. One vLLM process
+runs one engine per checkpoint, one after the other (`vllm_engine.py`), while this process computes transformers'
+answers; `.ci/run` runs the module in its vLLM environment.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+if importlib.util.find_spec("vllm") is None:
+    pytest.skip("vllm is not installed here; .ci/run runs these tests in its vLLM environment (.venv-ci-vllm)",
+                allow_module_level=True)
+
+from internvlx_hf import InternVLXForConditionalGeneration, InternVLXProcessor  # noqa: E402
+from internvlx_hf.vllm.layout import lvtc_layout_of  # noqa: E402
+
+from vllm_checkpoints import FAMILIES, VARIANTS, converted_checkpoint  # noqa: E402
+from vllm_helpers import assert_same_generation, image, reference_generate, video  # noqa: E402
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
+#: The processor's tile budget for these runs (per server: vLLM's `mm_processor_kwargs`), so that an LVTC image
+#: (1024 slots per tile) stays within `max_model_len`.
+MAX_TILES = 4
+ENGINE_OPTIONS = dict(dtype="float32", enforce_eager=True, max_model_len=8192, max_num_batched_tokens=8192,
+                      gpu_memory_utilization=0.15, max_num_seqs=8, limit_mm_per_prompt={"image": 2, "video": 1},
+                      mm_processor_kwargs={"max_tiles": MAX_TILES})
+
+#: request name -> (chat messages, images as (width, height, seed), videos as (frames, seed))
+REQUESTS = {
+    "text": ([{"type": "text", "text": "Write a haiku about the sea."}], [], []),
+    "image": ([{"type": "image"}, {"type": "text", "text": "What is in the picture?"}], [(900, 448, 1)], []),
+    "two images": ([{"type": "text", "text": "Compare"}, {"type": "image"}, {"type": "text", "text": "and"},
+                    {"type": "image"}], [(448, 448, 2), (600, 420, 3)], []),
+    "video": ([{"type": "video"}, {"type": "text", "text": "What happens?"}], [], [(3, 4)]),
+}
+
+#: (family, variant) -> the requests it answers: every family as converted and with each upgrade
+CASES = {(family, variant): list(REQUESTS) for family in FAMILIES for variant in VARIANTS}
+if os.environ.get("INTERNVLX_VLLM_CASES"):  # a subset while working on one family: "phi3-keep,qwen3-lvtc-rms"
+    CASES = {k: v for k, v in CASES.items() if f"{k[0]}-{k[1]}" in os.environ["INTERNVLX_VLLM_CASES"].split(",")}
+
+
+def _prompt(processor, content) -> str:
+    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+
+
+def _reference(folder: Path, request: dict) -> dict:
+    model = InternVLXForConditionalGeneration.from_pretrained(folder).eval()
+    processor = InternVLXProcessor.from_pretrained(folder)
+    images = [image(w, h, seed) for w, h, seed in request["images"]] or None
+    videos = [video(frames, seed) for frames, seed in request["videos"]] or None
+    out = reference_generate(model, processor, request["prompt"], images=images, videos=videos,
+                             max_tiles=MAX_TILES)
+    layout = lvtc_layout_of(model.config)
+    out["vllm_tokens_per_tile"] = layout.long_per_tile if layout is not None else model.config.image_seq_length
+    out["tokens_per_tile"] = model.config.image_seq_length
+    out["image_token_id"] = model.config.image_token_id
+    return out
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """{(family, variant): {"alone": [...], "together": [...]}} from vLLM, and transformers' answers."""
+    root = tmp_path_factory.mktemp("families")
+    started = time.time()
+    specs, requests = {}, {}
+    for (family, variant), names in CASES.items():
+        name = f"{family}-{variant}"
+        folder = converted_checkpoint(root / name, family, variant)
+        processor = InternVLXProcessor.from_pretrained(folder)
+        requests[name] = [{"prompt": _prompt(processor, REQUESTS[r][0]), "images": [list(i) for i in REQUESTS[r][1]],
+                           "videos": [list(v) for v in REQUESTS[r][2]]} for r in names]
+        specs[name] = {"checkpoint": str(folder), "engine": ENGINE_OPTIONS, "requests": requests[name]}
+    built = time.time() - started
+    spec, out = root / "spec.json", root / "out.json"
+    spec.write_text(json.dumps(specs))
+    engine = Path(__file__).resolve().parent / "vllm_engine.py"
+    log = open(root / "engine.log", "w")
+    run = subprocess.Popen([sys.executable, str(engine), str(spec), str(out)], stdout=log, stderr=subprocess.STDOUT,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        started = time.time()
+        references = {name: [_reference(Path(specs[name]["checkpoint"]), request) for request in requests[name]]
+                      for name in specs}
+        referenced = time.time() - started
+        assert run.wait(timeout=3600) == 0, (root / "engine.log").read_text()[-8000:]
+    finally:
+        if run.poll() is None:
+            run.kill()
+        log.close()
+    results = json.loads(out.read_text())
+    print(f"\nvLLM families: {len(specs)} checkpoints built in {built:.0f} s, transformers answered in "
+          f"{referenced:.0f} s, vLLM start-up {sum(r.get('startup_s', 0) for r in results.values()):.0f} s in all")
+    return results, references
+
+
+@pytest.mark.parametrize("family,variant,request_name",
+                         [(f, v, r) for (f, v), names in CASES.items() for r in names],
+                         ids=[f"{f}-{v}-{r}" for (f, v), names in CASES.items() for r in names])
+def test_vllm_gives_transformers_tokens_and_logprobs(served, family, variant, request_name):
+    results, references = served
+    name = f"{family}-{variant}"
+    index = CASES[(family, variant)].index(request_name)
+    reference = references[name][index]
+    assert "error" not in results[name], results[name].get("error")
+    for mode in ("alone", "together"):
+        assert_same_generation(results[name][mode][index], reference, f"{name} {request_name} ({mode})")
+
