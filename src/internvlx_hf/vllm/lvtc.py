@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 from torch import nn
+from vllm.compilation.decorators import support_torch_compile
 
 from ..modeling.modeling_internvlx import _rms
 from .layout import LVTCLayout
@@ -141,10 +142,12 @@ class UpsampleTable(nn.Module):
         return (hidden[source] * weight[..., None]).sum(1)
 
 
+@support_torch_compile(dynamic_arg_dims={"positions": -1, "inputs_embeds": 0})
 class LVTCRunner(nn.Module):
-    """Runs the LLM's layers one by one with LVTC's layouts (see the module docstring)."""
+    """Runs the LLM's layers one by one with LVTC's layouts (see the module docstring). vLLM compiles its `forward`
+    (whole graph: no host reads, no data-dependent Python) unless eager mode is asked for."""
 
-    def __init__(self, model, vllm_config: "VllmConfig", switch: int | None):
+    def __init__(self, *, model, vllm_config: "VllmConfig", switch: int | None, prefix: str = ""):
         super().__init__()
         self.model = [model]  # a list: the model is not a submodule of the runner it owns
         config = model.config

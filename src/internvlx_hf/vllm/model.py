@@ -177,7 +177,8 @@ class InternVLXForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsM
             for layer in self.language_model.model.layers:
                 layer.self_attn.rotary_emb.use_long_rope = False
         # LVTC, or extra LR projectors alone (k = depth): the layers are run one by one (`lvtc.py`).
-        self.lvtc = LVTCRunner(self, vllm_config, self.switch) if lvtc is not None else None
+        self.lvtc = LVTCRunner(model=self, vllm_config=vllm_config, switch=self.switch,
+                               prefix=maybe_prefix(prefix, "lvtc")) if lvtc is not None else None
 
     # ------------------------------------------------------------------------------------------------ vision side
 
