@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -27,7 +29,8 @@ import torch  # noqa: E402
 from internvlx_hf import InternVLXForConditionalGeneration, InternVLXProcessor  # noqa: E402
 from internvlx_hf.vllm.layout import lvtc_layout_of  # noqa: E402
 
-from vllm_helpers import assert_same_generation, build_checkpoint, image, reference_generate, video  # noqa: E402
+from vllm_helpers import (  # noqa: E402
+    TOKENIZER_FILES, assert_same_generation, build_checkpoint, image, reference_generate, video)
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -81,20 +84,53 @@ ENGINE_OPTIONS = dict(dtype="float32", enforce_eager=True, max_model_len=4096, m
                       gpu_memory_utilization=0.15, max_num_seqs=8, limit_mm_per_prompt={"image": 2, "video": 1})
 
 
+#: the served revision and tokenizer options (`served`'s "revision" and "tokenizer" engines): request -> reference
+SERVED_OPTIONS_REQUEST = _request("<image>\nDescribe the picture.", images=[(*SIX_TILES, 2)])
+
+
+def fake_hub_repo(cache: Path, repo_id: str, revisions: dict[str, Path]) -> None:
+    """`revisions` (name -> folder) as the Hugging Face cache holds a downloaded repository (refs + snapshots), so that
+    `from_pretrained(repo_id, revision=name)` resolves them offline."""
+    import hashlib
+    import shutil
+
+    base = cache / f"models--{repo_id.replace('/', '--')}"
+    (base / "refs").mkdir(parents=True)
+    for name, folder in revisions.items():
+        commit = hashlib.sha1(name.encode()).hexdigest()
+        shutil.copytree(folder, base / "snapshots" / commit)
+        (base / "refs" / name).write_text(commit)
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    """Every engine's answers (one vLLM run for the module) and the checkpoint folders."""
+    """Every engine's answers (one vLLM run for the module), the checkpoint folders and their references' folders."""
     root = tmp_path_factory.mktemp("vllm")
     folders, specs = {}, {}
     for name, (options, requests) in ENGINES.items():
         folders[name] = build_checkpoint(root / name, **options)
         specs[name] = {"checkpoint": str(folders[name]), "engine": ENGINE_OPTIONS,
                        "requests": [REQUESTS[r] for r in requests]}
+    # A Hub repository with two revisions that differ in weights and tile budget (1 and 12): served at "v2".
+    main = build_checkpoint(root / "repo-main", max_tiles=1, seed=1)
+    folders["revision"] = build_checkpoint(root / "repo-v2", max_tiles=12, seed=2)
+    fake_hub_repo(root / "hub", "internvlx-tests/tiny", {"main": main, "v2": folders["revision"]})
+    specs["revision"] = {"checkpoint": "internvlx-tests/tiny", "engine": dict(ENGINE_OPTIONS, revision="v2"),
+                         "requests": [SERVED_OPTIONS_REQUEST]}
+    # A folder without tokenizer files, served with --tokenizer pointing at one.
+    folders["tokenizer"] = build_checkpoint(root / "with-tokenizer", seed=3)
+    bare = root / "without-tokenizer"
+    shutil.copytree(folders["tokenizer"], bare)
+    for name in TOKENIZER_FILES:
+        (bare / name).unlink()
+    specs["tokenizer"] = {"checkpoint": str(bare), "engine": dict(ENGINE_OPTIONS, tokenizer=str(folders["tokenizer"])),
+                          "requests": [SERVED_OPTIONS_REQUEST]}
     spec, out = root / "spec.json", root / "out.json"
     spec.write_text(json.dumps(specs))
     engine = Path(__file__).resolve().parent / "vllm_engine.py"
+    env = {**os.environ, "HF_HUB_CACHE": str(root / "hub"), "HF_HUB_OFFLINE": "1"}
     run = subprocess.run([sys.executable, str(engine), str(spec), str(out)], capture_output=True, text=True,
-                         timeout=1800)
+                         timeout=1800, env=env)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
     return folders, json.loads(out.read_text())
 
@@ -124,6 +160,19 @@ def test_greedy_tokens_and_logprobs_equal_transformers(served, engine, request_n
     reference = _reference(folders[engine], REQUESTS[request_name])
     for mode in ("alone", "together"):  # one request at a time, and all of the engine's requests in one batch
         assert_same_generation(results[engine][mode][index], reference, f"{engine} {request_name} ({mode})")
+
+
+@pytest.mark.parametrize("engine", ["revision", "tokenizer"])
+def test_the_served_revision_and_tokenizer_make_the_prompt(served, engine):
+    """`revision=` (a Hub repository's "v2", whose tile budget is 12 where "main"'s is 1) and `tokenizer=` (a folder
+    without tokenizer files, served with another folder's) reach the plugin's processor: the prompt and the answer
+    are transformers' for that revision / tokenizer (tiles, weights, ids)."""
+    folders, results = served
+    assert "error" not in results[engine], results[engine].get("error")
+    reference = _reference(folders[engine], SERVED_OPTIONS_REQUEST)
+    assert reference["prompt_ids"].count(reference["image_token_id"]) == 6 * 16  # 5 tiles + the thumbnail
+    for mode in ("alone", "together"):
+        assert_same_generation(results[engine][mode][0], reference, f"{engine} ({mode})")
 
 
 def test_images_change_the_answer(served):

@@ -37,10 +37,12 @@ class InternVLXProcessingInfo(BaseProcessingInfo):
 
     @cached_property
     def _processor(self) -> InternVLXProcessor:
-        # The served folder at the served revision (vLLM's `cached_processor_from_config`: `--revision`,
-        # `--trust-remote-code`), with vLLM's own tokenizer (`--tokenizer`, `--tokenizer-revision`,
-        # `--tokenizer-mode`), so that the image tokens' ids are those of the tokenizer that makes the prompt.
-        return self.ctx.get_hf_processor(InternVLXProcessor)
+        # The served folder or Hub repository at the served revision (`--revision`), with vLLM's own tokenizer
+        # (`--tokenizer`, `--tokenizer-revision`, `--tokenizer-mode`), so that the image tokens' ids are those of the
+        # tokenizer that makes the prompt. (vLLM's `get_hf_processor` would first load the folder's own tokenizer,
+        # which a folder served with `--tokenizer` may not have.)
+        return InternVLXProcessor.from_pretrained(self.model_id, revision=self.ctx.model_config.revision,
+                                                  tokenizer=self.get_tokenizer())
 
     def get_hf_processor(self, **kwargs: object) -> InternVLXProcessor:
         return self._processor
