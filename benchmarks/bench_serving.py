@@ -302,11 +302,12 @@ def projection_checkpoints(root: Path) -> dict[str, Path]:
 
 
 def tile_requests(count: int, seed: int, tiles: int) -> list[dict]:
-    """`count` chat requests, each one random image of `tiles` tiles and a question."""
+    """`count` chat requests, each one random image of `tiles` tiles and a question (a fresh image each: vLLM's
+    multimodal and prefix caches never answer one request from another)."""
     import numpy as np
     from PIL import Image
 
-    rng = np.random.default_rng(seed + tiles)
+    rng = np.random.default_rng(seed)
     width, height = TILE_LOADS[tiles]
     requests = []
     for index in range(count):
@@ -384,7 +385,10 @@ def projections(args) -> None:
         print(f"server logs: {log_dir}", flush=True)
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count())),
                "VLLM_CPU_KVCACHE_SPACE": str(args.kv_cache_gib)}
-        loads = {tiles: tile_requests(args.requests, args.seed, tiles) for tiles in args.tiles}
+        # the same requests for every projection; other images at each tile load and concurrency
+        loads = {(tiles, concurrency): tile_requests(args.requests, args.seed + 1000 * tiles + concurrency, tiles)
+                 for tiles in args.tiles for concurrency in args.concurrency}
+        warm_up = tile_requests(1, args.seed + 999, args.tiles[0])[0]
         cells, servers = [], {}
         for name, folder in folders.items():
             port = free_port()
@@ -401,16 +405,15 @@ def projections(args) -> None:
             try:
                 servers[name] = {"startup_s": server.startup_s, "idle_memory_mib": server.idle_mib,
                                  "kv_cache_tokens": kv_cache_tokens(log_dir / f"vllm-{name}.log")}
-                send_with_usage(port, server.model_id, loads[args.tiles[0]][0], args.max_tokens)  # warm-up
-                for tiles, requests in loads.items():
-                    for concurrency in args.concurrency:
-                        cell = {"projection": name, "tiles": tiles, "concurrency": concurrency,
-                                **run_projection_level(server, requests, concurrency, args.max_tokens)}
-                        cells.append(cell)
-                        print(f"{name:>10} {tiles:>2} tiles, concurrency {concurrency:>2}: "
-                              f"{cell['requests_per_s']:.3f} req/s, p50 {cell['p50_latency_s']:.2f} s, p95 "
-                              f"{cell['p95_latency_s']:.2f} s, {cell['prompt_tokens']} prompt tokens, KV cache "
-                              f"{100 * cell['peak_kv_cache_usage']:.1f}%", flush=True)
+                send_with_usage(port, server.model_id, warm_up, args.max_tokens)  # not measured
+                for (tiles, concurrency), requests in loads.items():
+                    cell = {"projection": name, "tiles": tiles, "concurrency": concurrency,
+                            **run_projection_level(server, requests, concurrency, args.max_tokens)}
+                    cells.append(cell)
+                    print(f"{name:>10} {tiles:>2} tiles, concurrency {concurrency:>2}: "
+                          f"{cell['requests_per_s']:.3f} req/s, p50 {cell['p50_latency_s']:.2f} s, p95 "
+                          f"{cell['p95_latency_s']:.2f} s, {cell['prompt_tokens']} prompt tokens, KV cache "
+                          f"{100 * cell['peak_kv_cache_usage']:.1f}%", flush=True)
             finally:
                 server.stop()
     result = {
@@ -490,7 +493,8 @@ def main(argv=None) -> None:
     parser.add_argument("--checkpoint", help="checkpoint folder (default: the packaged demo model)")
     parser.add_argument("--synthetic", choices=["mid"], help="serve a random-weight model of this size instead")
     parser.add_argument("--name", help="name of the result files (default: the checkpoint folder's name)")
-    parser.add_argument("--vllm-python", required=True, help="python of an environment with vllm (vllm-cpu)")
+    parser.add_argument("--vllm-python", help="python of an environment with vllm (vllm-cpu); required unless "
+                        "--table-only")
     parser.add_argument("--internvlx-python", default=sys.executable,
                         help="python of an environment with internvlx-hf[serve] on a tested transformers")
     parser.add_argument("--requests", type=int, default=32, help="requests per concurrency level (default 32)")
@@ -498,7 +502,8 @@ def main(argv=None) -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-model-len", type=int, help="vLLM's --max-model-len (default: the checkpoint's)")
-    parser.add_argument("--kv-cache-gib", type=int, default=2, help="vLLM's CPU KV cache (VLLM_CPU_KVCACHE_SPACE)")
+    parser.add_argument("--kv-cache-gib", type=int, help="vLLM's CPU KV cache (VLLM_CPU_KVCACHE_SPACE; default 2, "
+                        "with --projections 1)")
     parser.add_argument("--startup-timeout", type=float, default=900)
     parser.add_argument("--plot", action="store_true")
     parser.add_argument("--date", default=time.strftime("%Y-%m-%d"))
@@ -506,10 +511,23 @@ def main(argv=None) -> None:
                         help="PVTC against plain-1024 and plain-256 projections on vLLM alone (see above)")
     parser.add_argument("--tiles", type=int, nargs="+", default=[1, 6, 12], choices=sorted(TILE_LOADS),
                         help="--projections: tiles per image (default 1 6 12)")
+    parser.add_argument("--table-only", action="store_true",
+                        help="--projections: print the table (and --plot) of the saved results, measure nothing")
     args = parser.parse_args(argv)
+    if args.vllm_python is None and not args.table_only:
+        parser.error("--vllm-python is required (the python of an environment with vllm)")
     if args.projections:
+        args.kv_cache_gib = args.kv_cache_gib or 1
+        if args.table_only:
+            out = RESULTS / "serving-projections.json"
+            result = json.loads(out.read_text())
+            print(projection_table(result))
+            if args.plot:
+                plot_projections(result, out.with_suffix(".png"))
+            return
         projections(args)
         return
+    args.kv_cache_gib = args.kv_cache_gib or 2
 
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
         if args.synthetic:
