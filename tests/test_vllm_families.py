@@ -222,4 +222,3 @@ def test_tensor_parallel_gives_transformers_tokens(served_tp2, name, request_nam
     if name not in results:
         pytest.skip(f"{name} is not among INTERNVLX_VLLM_CASES")
     _check(results, references, name, SOME.index(request_name), f"{name} {request_name} (tensor parallel 2)")
-

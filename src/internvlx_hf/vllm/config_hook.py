@@ -86,7 +86,8 @@ def _cpu_head_sizes() -> list[int] | None:
 
 
 class LVTCConfigHook:
-    """vLLM's per-architecture config hook (`MODELS_CONFIG_MAP`): refusals and the engine settings a checkpoint needs."""
+    """vLLM's per-architecture config hook (`MODELS_CONFIG_MAP`): refusals, and the engine settings a checkpoint
+    needs."""
 
     @staticmethod
     def verify_and_update_model_config(model_config) -> None:
@@ -163,8 +164,9 @@ def _check_dynamic_rope(model_config, text, where: str) -> None:
         from vllm.logger import init_logger
 
         model_config.max_model_len = limit
-        init_logger("internvlx_hf.vllm").warning("InternVL-X: max_model_len set to %d, the dynamic-NTK RoPE's max_position_embeddings (past it "
-                       "transformers rescales RoPE at every step, which vLLM does not)", limit)
+        init_logger("internvlx_hf.vllm").warning(
+            "InternVL-X: max_model_len set to %d, the dynamic-NTK RoPE's max_position_embeddings (past it transformers "
+            "rescales RoPE at every step, which vLLM does not)", limit)
         return
     raise UnsupportedCheckpoint(
         f"InternVL-X checkpoint {where}: its LLM's dynamic-NTK RoPE rescales past max_position_embeddings={limit} at "

@@ -27,6 +27,7 @@ from .lvtc import LVTCRunner
 from .positions import position_rows, read_rows
 from .processing import InternVLXDummyInputsBuilder, InternVLXMultiModalProcessor, InternVLXProcessingInfo
 
+
 def vision_config_for_vllm(config) -> PretrainedConfig:
     """vLLM's InternViT reads InternVL's original config names; transformers' `InternVLVisionConfig` renamed them."""
     vision = config.vision_config
