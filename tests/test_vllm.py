@@ -363,3 +363,32 @@ def test_a_refusal_is_one_line_without_traceback(tmp_path):
     assert run.returncode == 1
     assert "Traceback" not in run.stdout + run.stderr
     assert run.stderr.strip().splitlines()[-1] == message.format(folder)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_unused_slots_get_exactly_zero_attention_weight(dtype):
+    """LVTC's layers below k: `KeyBiasRotary` writes `c` into each query's first extra dimension and `-c` into an
+    unused slot's key (the MASKED flag in its position). With queries and keys stored in float32, bfloat16 or float16
+    (a KV cache of that dtype) and logits summed in float32, as attention kernels do, an unused slot's softmax weight
+    is exactly 0 and every other logit is exactly the unpadded one."""
+    from internvlx_hf.vllm.lvtc import KeyBiasRotary
+    from internvlx_hf.vllm.positions import MASKED
+
+    heads, kv_heads, head, padded = 2, 1, 64, 80
+    scale = head**-0.5
+    rotary = KeyBiasRotary(lambda positions, q, k: (q, k), heads, kv_heads, head, padded, scale)
+    masked = torch.tensor([False, True, False, True, True, False, True, False])
+    tokens = masked.numel()
+    generator = torch.Generator().manual_seed(0)
+    query = (torch.randn(tokens, heads * head, generator=generator) * 4).to(dtype)
+    key = (torch.randn(tokens, kv_heads * head, generator=generator) * 4).to(dtype)
+    padded_query, padded_key = rotary(torch.arange(tokens) + MASKED * masked, query, key)
+    assert padded_query.dtype == padded_key.dtype == dtype
+    q = padded_query.view(tokens, heads, padded).float()
+    k = padded_key.view(tokens, kv_heads, padded).float()
+    logits = torch.einsum("thd,skd->hts", q, k) * scale
+    weights = torch.softmax(logits, dim=-1)
+    assert bool((weights[:, :, masked] == 0).all())
+    plain = torch.einsum("thd,skd->hts", query.view(tokens, heads, head).float(),
+                         key.view(tokens, kv_heads, head).float()) * scale
+    assert torch.equal(logits[:, :, ~masked], plain[:, :, ~masked])
