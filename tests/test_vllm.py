@@ -74,6 +74,12 @@ ENGINES = {
                              lvtc=dict(expand_layer=3, num_lr_projectors=2, inject_start=1, upsample_mode="bilinear",
                                        hr_scale="rms")),
                         ["text", "6 tiles", "13 tiles", "two images", "video"]),
+    # InternVL3.5's mixture-of-experts LLM (Qwen3-MoE; InternVL3.5-30B-A3B) with LVTC, and a Mistral LLM
+    "qwen3_moe-lvtc": (dict(llm="qwen3_moe", projector="pvtc", lvtc=dict(expand_layer=2, hr_scale="rms"),
+                            text=dict(head_dim=32, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
+                                      norm_topk_prob=True)),
+                       ["text", "6 tiles", "two images", "video"]),
+    "mistral-mlp": (dict(llm="mistral", projector="mlp"), ["text", "6 tiles", "two images"]),
     # LVTC without expansion (k = depth): only an extra LR projector, injected before layer 2; the checkpoint's
     # processor tiles by RVTC's area budget with at most 4 tiles (so its images take fewer tiles than the names say)
     "qwen2-pvtc-k=depth": (dict(llm="qwen2", projector="pvtc", tiling="area", max_tiles=4,
@@ -288,15 +294,15 @@ REFUSED = {
     "an LLM the plugin has no class for": (
         dict(llm="gemma", text=dict(head_dim=32)), {},
         "InternVL-X checkpoint {0}: vLLM cannot run it because the plugin has no vLLM class for its LLM "
-        "(text_config.model_type 'gemma'; supported: llama, mistral, phi3, qwen2, qwen3); serve it with "
-        "`internvlx serve {0}` instead."),
+        "(text_config.model_type 'gemma'; supported: llama, mistral, phi3, qwen2, qwen3, qwen3_moe); serve it "
+        "with `internvlx serve {0}` instead."),
     # InternVL3.5-GPT-OSS-20B-A4B as `internvlx convert` imports it
     "GPT-OSS": (
         dict(llm="gpt_oss", text=dict(head_dim=32, num_local_experts=4, num_experts_per_tok=2, sliding_window=8,
                                       layer_types=["sliding_attention", "full_attention"] * 2)), {},
         "InternVL-X checkpoint {0}: vLLM cannot run it because the plugin has no vLLM class for its LLM "
-        "(text_config.model_type 'gpt_oss'; supported: llama, mistral, phi3, qwen2, qwen3); serve it with "
-        "`internvlx serve {0}` instead."),
+        "(text_config.model_type 'gpt_oss'; supported: llama, mistral, phi3, qwen2, qwen3, qwen3_moe); serve it "
+        "with `internvlx serve {0}` instead."),
     "heads 16 wide on the CPU": (
         dict(llm="qwen2", text=dict(num_attention_heads=4, num_key_value_heads=2)), {},
         "InternVL-X checkpoint {0}: vLLM's CPU attention has no kernel for the LLM's head size 16 (it has 32, 64, 80, "
