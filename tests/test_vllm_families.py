@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 if importlib.util.find_spec("vllm") is None:
-    pytest.skip("vllm is not installed here; .ci/run runs these tests in its vLLM environment (.venv-ci-vllm)",
+    pytest.skip("vllm is not installed here; .ci/run runs these tests in its vLLM environment (.venv-vllm)",
                 allow_module_level=True)
 
 from internvlx_hf import InternVLXForConditionalGeneration, InternVLXProcessor  # noqa: E402
