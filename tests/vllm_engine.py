@@ -2,7 +2,8 @@
 
 SPEC (JSON) lists engines, each a checkpoint, its engine options and its requests; every engine answers its requests
 twice: one at a time, then all at once (vLLM batches them). OUT gets, per engine and request, the prompt's token ids
-and the greedy tokens with their logprobs, both times. The engine runs in this process (no worker processes), one
+and the greedy tokens with their logprobs and each step's top `LOGPROBS`, both times (or, for an engine that did not
+start, its `error`). The engine runs in this process (no worker processes), one
 after the other.
 """
 
@@ -13,6 +14,7 @@ import json
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -20,6 +22,9 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine core 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache (the default takes a share of the machine)
 
 from vllm_helpers import image, video  # noqa: E402
+
+#: how many of each step's most likely tokens come back with their logprobs
+LOGPROBS = 5
 
 
 def _inputs(request: dict) -> dict:
@@ -40,6 +45,9 @@ def _result(output) -> dict:
         "prompt_token_ids": list(output.prompt_token_ids),
         "tokens": list(completion.token_ids),
         "logprobs": [step[token].logprob for step, token in zip(completion.logprobs, completion.token_ids)],
+        # the top LOGPROBS of each step (vLLM adds the sampled token when it is not among them), best first
+        "top": [sorted(([token, entry.logprob] for token, entry in step.items() if entry.rank <= LOGPROBS),
+                       key=lambda pair: pair[1], reverse=True) for step in completion.logprobs],
     }
 
 
@@ -49,7 +57,8 @@ def run_engine(spec: dict) -> dict:
     started = time.time()
     llm = LLM(spec["checkpoint"], **spec["engine"])
     startup = time.time() - started
-    params = SamplingParams(temperature=0.0, max_tokens=spec.get("max_tokens", 8), logprobs=1, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=spec.get("max_tokens", 8), logprobs=LOGPROBS,
+                            ignore_eos=True)
     inputs = [_inputs(request) for request in spec["requests"]]
     alone = [_result(llm.generate([one], params, use_tqdm=False)[0]) for one in inputs]
     together = [_result(out) for out in llm.generate(inputs, params, use_tqdm=False)]
@@ -61,7 +70,15 @@ def run_engine(spec: dict) -> dict:
 def main() -> None:
     spec_path, out_path = sys.argv[1:3]
     specs = json.loads(Path(spec_path).read_text())
-    results = {name: run_engine(spec) for name, spec in specs.items()}
+    results = {}
+    for name, spec in specs.items():
+        try:
+            results[name] = run_engine(spec)
+        except BaseException as error:  # one engine that does not start must not hide the others' answers
+            if isinstance(error, KeyboardInterrupt):
+                raise
+            results[name] = {"error": "".join(traceback.format_exception(error))[-4000:]}
+        gc.collect()
     Path(out_path).write_text(json.dumps(results))
 
 

@@ -24,10 +24,10 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jin
 def text_config(llm: str, layers: int = 4, **extra) -> dict:
     text = dict(model_type=llm, hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=2,
                 num_key_value_heads=1, vocab_size=812, max_position_embeddings=4096, rms_norm_eps=1e-6,
-                pad_token_id=800, eos_token_id=802, tie_word_embeddings=False, **extra)
+                pad_token_id=800, eos_token_id=802, tie_word_embeddings=False)
     if llm == "qwen3":
         text["head_dim"] = 32
-    return text
+    return text | extra
 
 
 def build_checkpoint(folder: str | Path, llm: str = "qwen2", projector: str = "mlp", lvtc: dict | None = None,
@@ -78,12 +78,46 @@ def video(frames: int, seed: int, size: int = 96) -> np.ndarray:
 
 @torch.no_grad()
 def reference_generate(model, processor, prompt: str, images=None, videos=None, max_new_tokens: int = 8,
-                       **processor_kwargs) -> tuple[list[int], list[int], list[float]]:
-    """Greedy tokens of our transformers model: (prompt ids, new tokens, log-probability of each new token)."""
+                       top: int = 5, **processor_kwargs) -> dict:
+    """Greedy generation of our transformers model: `prompt_ids`, new `tokens`, the log-probability of each
+    (`logprobs`) and each step's `top` most likely tokens as `[id, logprob]`, best first."""
     inputs = processor(text=prompt, images=images, videos=videos, return_tensors="pt", **processor_kwargs)
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, output_logits=True,
                          return_dict_in_generate=True, eos_token_id=None, min_new_tokens=max_new_tokens)
     prompt_ids = inputs["input_ids"][0].tolist()
     tokens = out.sequences[0, len(prompt_ids):].tolist()
-    logprobs = [torch.log_softmax(step[0].float(), -1)[tok].item() for step, tok in zip(out.logits, tokens)]
-    return prompt_ids, tokens, logprobs
+    steps = [torch.log_softmax(step[0].float(), -1) for step in out.logits]
+    best = [step.topk(top) for step in steps]
+    return {
+        "prompt_ids": prompt_ids,
+        "tokens": tokens,
+        "logprobs": [step[token].item() for step, token in zip(steps, tokens)],
+        "top": [[[int(i), float(v)] for v, i in zip(values.tolist(), indices.tolist())] for values, indices in best],
+    }
+
+
+#: Largest |logprob(vLLM) - logprob(transformers)| allowed (float32 on CPU; measured <= 2e-6).
+LOGPROB_ATOL = 2e-5
+
+
+def assert_same_generation(got: dict, reference: dict, what: str) -> None:
+    """vLLM's answer (`vllm_engine.py`) is transformers' (`reference_generate` plus `tokens_per_tile`,
+    `vllm_tokens_per_tile` and `image_token_id`): the same greedy tokens, each step's top tokens in the same order
+    (ties within `LOGPROB_ATOL` in either order) with the same logprobs, and the same prompt: equal text tokens and as
+    many image tokens (vLLM schedules an LVTC tile at its high-resolution count)."""
+    assert got["tokens"] == reference["tokens"], f"{what}: vLLM {got['tokens']} != transformers {reference['tokens']}"
+    for step, (ours, theirs) in enumerate(zip(got["top"], reference["top"])):
+        assert len(ours) == len(theirs), f"{what}: step {step} has {len(ours)} top tokens, not {len(theirs)}"
+        for rank, ((token, logprob), (ref_token, ref_logprob)) in enumerate(zip(ours, theirs)):
+            assert abs(logprob - ref_logprob) <= LOGPROB_ATOL, (
+                f"{what}: step {step} rank {rank}: logprob {logprob:.7f} != transformers {ref_logprob:.7f}")
+            if token != ref_token:  # a tie: the two tokens' logprobs are within the tolerance
+                tied = dict(theirs)
+                assert token in tied and abs(tied[token] - logprob) <= LOGPROB_ATOL, (
+                    f"{what}: step {step} rank {rank}: token {token} != transformers {ref_token}")
+    context = reference["image_token_id"]
+    text = lambda ids: [t for t in ids if t != context]  # noqa: E731
+    assert text(got["prompt_token_ids"]) == text(reference["prompt_ids"]), f"{what}: prompt text tokens differ"
+    tiles = reference["prompt_ids"].count(context) // reference["tokens_per_tile"]
+    assert got["prompt_token_ids"].count(context) == tiles * reference["vllm_tokens_per_tile"], (
+        f"{what}: {got['prompt_token_ids'].count(context)} image tokens, expected {tiles} tiles")

@@ -107,9 +107,13 @@ class InternVLXProcessor(ProcessorMixin):
         # AutoImageProcessor registration and for remote code (where this class and its sibling are the copies).
         trust_remote_code = kwargs.pop("trust_remote_code", None)
         subfolder = kwargs.pop("subfolder", "")
+        # A tokenizer given by the caller (vLLM passes the one its `--tokenizer` names) is used as it is.
+        tokenizer = kwargs.pop("tokenizer", None)
         image_processor = InternVLXImageProcessor.from_pretrained(
             pretrained_model_name_or_path, subfolder=subfolder, **kwargs
         )
+        if tokenizer is not None:
+            return [image_processor, tokenizer]
         # The tokenizer loader reads config.json (model_type internvlx): without the flag passed on, a machine
         # without internvlx_hf would ask interactively whether to run the checkpoint's code.
         if trust_remote_code is not None:

@@ -1,17 +1,18 @@
 """What an InternVL-X checkpoint needs from vLLM's engine settings (vLLM's per-architecture config hook).
 
-Kept free of torch and of the model code: vLLM imports it in every process, for every model, when it loads plugins.
+Everything vLLM cannot run the way transformers does is refused here, while vLLM reads its configuration, with one
+line that names the fix; never on the first request. Kept free of torch and of the model code: vLLM imports it in
+every process, for every model, when it loads plugins.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .layout import lvtc_layout_of
+from .layout import lvtc_layout_of, row_width
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
-
 
 #: The LLM classes vLLM has for each `text_config.model_type` this package writes (InternLM2 is converted to Llama).
 LLM_ARCHITECTURES = {
@@ -20,12 +21,13 @@ LLM_ARCHITECTURES = {
     "qwen3": "Qwen3ForCausalLM",
     "phi3": "Phi3ForCausalLM",
     "mistral": "MistralForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
 }
 
 
 class UnsupportedCheckpoint(SystemExit):
     """A checkpoint or setting the plugin cannot serve: vLLM stops while it reads its configuration, with one line that
-    names the reason and points to `internvlx serve` (a SystemExit, so no traceback of vLLM's config code)."""
+    names the reason and the fix (a SystemExit, so no traceback of vLLM's config code)."""
 
     def __init__(self, message: str):
         super().__init__(message)
@@ -35,8 +37,58 @@ class UnsupportedCheckpoint(SystemExit):
         return self.message
 
 
+def head_size_of(text_config) -> int:
+    head = getattr(text_config, "head_dim", None)
+    return int(head) if head else text_config.hidden_size // text_config.num_attention_heads
+
+
+def rope_parameters_of(text_config) -> dict:
+    return dict(getattr(text_config, "rope_parameters", None) or getattr(text_config, "rope_scaling", None) or {})
+
+
+def longrope_switch(text_config) -> int | None:
+    """The length past which transformers' LongRoPE (Phi-3) takes its long factors; None for other RoPEs."""
+    rope = rope_parameters_of(text_config)
+    if rope.get("rope_type", rope.get("type")) not in ("longrope", "su"):
+        return None
+    return int(rope.get("original_max_position_embeddings")
+               or getattr(text_config, "original_max_position_embeddings", None)
+               or text_config.max_position_embeddings)
+
+
+def needs_position_rows(config, max_model_len: int) -> bool:
+    """Whether the model takes vLLM's per-request position rows (`lvtc.position_rows`): LVTC with expansion (each
+    token's layout), and a LongRoPE LLM whose prompts can pass the switch (each request's choice of factors)."""
+    switch = longrope_switch(config.get_text_config())
+    return lvtc_layout_of(config) is not None or (switch is not None and max_model_len > switch)
+
+
+def sliding_window_of(text_config) -> int | None:
+    """The window transformers applies, or None (Qwen2's `use_sliding_window=False` turns it off)."""
+    window = getattr(text_config, "sliding_window", None)
+    if not window or getattr(text_config, "use_sliding_window", True) is False:
+        return None
+    types = getattr(text_config, "layer_types", None)
+    if types is not None and "sliding_attention" not in types:
+        return None
+    return int(window)
+
+
+def _cpu_head_sizes() -> list[int] | None:
+    """The head sizes of vLLM's CPU attention where this is the CPU platform, else None (a GPU backend checks its own
+    sizes when vLLM selects it, at start-up)."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return None
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    return list(CPUAttentionBackend.get_supported_head_sizes())
+
+
 class LVTCConfigHook:
-    """vLLM's per-architecture config hook (`MODELS_CONFIG_MAP`): what an LVTC checkpoint needs from the engine."""
+    """vLLM's per-architecture config hook (`MODELS_CONFIG_MAP`): refusals, and the engine settings a checkpoint
+    needs."""
 
     @staticmethod
     def verify_and_update_model_config(model_config) -> None:
@@ -48,40 +100,108 @@ class LVTCConfigHook:
         config = model_config.hf_config
         if getattr(config, "model_type", None) != "internvlx":
             return
-        llm = config.get_text_config().model_type
-        if llm not in LLM_ARCHITECTURES:
-            raise UnsupportedCheckpoint(
-                f"InternVL-X checkpoint {model_config.model}: vLLM cannot run it because the plugin has no vLLM class "
-                f"for its LLM (text_config.model_type {llm!r}; supported: {', '.join(sorted(LLM_ARCHITECTURES))}); "
-                f"serve it with `internvlx serve {model_config.model}` instead."
-            )
-        if config.lvtc_config is None:
-            return
-        # LVTC runs the LLM layer by layer (lvtc.py); with expansion (layout) also on two layouts.
-        layout = lvtc_layout_of(config)
+        where = model_config.model
         text = config.get_text_config()
-        problems = []
-        if layout is not None and getattr(text, "sliding_window", None) and getattr(text, "use_sliding_window", True):
-            problems.append("its LLM uses sliding-window attention")
-        if vllm_config.parallel_config.pipeline_parallel_size > 1:
-            problems.append("pipeline parallelism is on")
-        if vllm_config.speculative_config is not None:
-            problems.append("speculative decoding is on")
-        if problems:
+        if text.model_type not in LLM_ARCHITECTURES:
             raise UnsupportedCheckpoint(
-                f"InternVL-X LVTC checkpoint {model_config.model}: vLLM cannot run it because "
-                f"{' and '.join(problems)}; serve it with `internvlx serve {model_config.model}` instead."
+                f"InternVL-X checkpoint {where}: vLLM cannot run it because the plugin has no vLLM class for its LLM "
+                f"(text_config.model_type {text.model_type!r}; supported: {', '.join(sorted(LLM_ARCHITECTURES))}); "
+                f"serve it with `internvlx serve {where}` instead."
             )
-        if layout is None:
-            return
-        # Per-token layout rows through vLLM's per-request position machinery (lvtc.py's docstring).
-        config.mrope_section = [1, 1, 1]
-        scheduler = vllm_config.scheduler_config
-        scheduler.disable_chunked_mm_input = True
-        vllm_config.cache_config.enable_prefix_caching = False
-        # Whole images per step: a step must hold the largest image (or video), which the prompt length bounds.
-        need = model_config.max_model_len
-        if scheduler.max_num_batched_tokens < need:
-            scheduler.max_num_batched_tokens = need
-            scheduler.max_num_encoder_input_tokens = max(scheduler.max_num_encoder_input_tokens, need)
-            scheduler.encoder_cache_size = max(scheduler.encoder_cache_size, need)
+        _check_head_size(config, where)
+        _check_dynamic_rope(model_config, text, where)
+        _check_sliding_window(model_config, config, where)
+        layout = lvtc_layout_of(config)
+        if config.lvtc_config is not None:
+            _check_lvtc_engine(vllm_config, layout, where)
+        if needs_position_rows(config, model_config.max_model_len):
+            # vLLM's per-request position rows (its M-RoPE machinery) carry each token's layout and RoPE factors.
+            config.mrope_section = [1, 1, 1]
+            # Rows are computed from the whole prompt; a cached prefix may come from a prompt with other rows.
+            vllm_config.cache_config.enable_prefix_caching = False
+        if row_width(config) != text.hidden_size:
+            # The HR and extra LR projectors' outputs travel next to each token's embedding (`lvtc.py`): vLLM sizes
+            # its embedding buffer by the text config's `projection_dim`.
+            text.projection_dim = row_width(config)
+        if layout is not None:
+            scheduler = vllm_config.scheduler_config
+            scheduler.disable_chunked_mm_input = True
+            # Whole images per step: a step must hold the largest image (or video), which the prompt length bounds.
+            need = model_config.max_model_len
+            if scheduler.max_num_batched_tokens < need:
+                scheduler.max_num_batched_tokens = need
+                scheduler.max_num_encoder_input_tokens = max(scheduler.max_num_encoder_input_tokens, need)
+                scheduler.encoder_cache_size = max(scheduler.encoder_cache_size, need)
+
+
+def _check_head_size(config, where: str) -> None:
+    sizes = _cpu_head_sizes()
+    if sizes is None:
+        return
+    head = head_size_of(config.get_text_config())
+    if head not in sizes:
+        raise UnsupportedCheckpoint(
+            f"InternVL-X checkpoint {where}: vLLM's CPU attention has no kernel for the LLM's head size {head} "
+            f"(it has {', '.join(map(str, sizes))}); serve it on a GPU or with `internvlx serve {where}`."
+        )
+    if lvtc_layout_of(config) is not None and not any(size > head for size in sizes):
+        raise UnsupportedCheckpoint(
+            f"InternVL-X LVTC checkpoint {where}: LVTC on vLLM runs the layers below k at a head size larger than the "
+            f"LLM's {head}, and vLLM's CPU attention has none; serve it with `internvlx serve {where}`."
+        )
+
+
+def _check_dynamic_rope(model_config, text, where: str) -> None:
+    """transformers' dynamic NTK RoPE (InternLM2) rescales past `max_position_embeddings` at every step; vLLM's does
+    not (and has no RoPE table past that length): serve at most that many tokens."""
+    rope = rope_parameters_of(text)
+    if rope.get("rope_type", rope.get("type")) != "dynamic":
+        return
+    limit = int(text.max_position_embeddings)
+    if model_config.max_model_len <= limit:
+        return
+    asked = getattr(model_config, "original_max_model_len", None)
+    if asked in (None, -1):
+        from vllm.logger import init_logger
+
+        model_config.max_model_len = limit
+        init_logger("internvlx_hf.vllm").warning(
+            "InternVL-X: max_model_len set to %d, the dynamic-NTK RoPE's max_position_embeddings (past it transformers "
+            "rescales RoPE at every step, which vLLM does not)", limit)
+        return
+    raise UnsupportedCheckpoint(
+        f"InternVL-X checkpoint {where}: its LLM's dynamic-NTK RoPE rescales past max_position_embeddings={limit} at "
+        f"every step, which vLLM does not do; start vLLM with --max-model-len {limit} or less."
+    )
+
+
+def _check_sliding_window(model_config, config, where: str) -> None:
+    """vLLM applies a sliding window where transformers does (`CacheConfig.sliding_window` or per layer from
+    `layer_types`); LVTC's layers below k see the long layout, so a window that prompts can pass is refused there."""
+    window = sliding_window_of(config.get_text_config())
+    if window is None or window >= model_config.max_model_len or lvtc_layout_of(config) is None:
+        return
+    raise UnsupportedCheckpoint(
+        f"InternVL-X LVTC checkpoint {where}: vLLM cannot run LVTC with its LLM's sliding-window attention (window "
+        f"{window} < max_model_len {model_config.max_model_len}); start vLLM with --max-model-len {window} or less, "
+        f"or serve it with `internvlx serve {where}`."
+    )
+
+
+def _check_lvtc_engine(vllm_config, layout, where: str) -> None:
+    problems, fixes = [], []
+    if vllm_config.parallel_config.pipeline_parallel_size > 1:
+        problems.append("pipeline parallelism is on")
+        fixes.append("--pipeline-parallel-size 1")
+    if vllm_config.speculative_config is not None:
+        problems.append("speculative decoding is on")
+        fixes.append("no --speculative-config")
+    dtype = str(vllm_config.cache_config.cache_dtype)
+    if layout is not None and dtype.startswith("fp8"):
+        problems.append(f"its mask of the unused slots is not exact in a {dtype} KV cache")
+        fixes.append("--kv-cache-dtype auto")
+    if problems:
+        raise UnsupportedCheckpoint(
+            f"InternVL-X LVTC checkpoint {where}: vLLM cannot run it because {' and '.join(problems)}; start vLLM "
+            f"with {' and '.join(fixes)}."
+        )

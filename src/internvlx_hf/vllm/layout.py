@@ -39,3 +39,13 @@ def lvtc_layout_of(config) -> LVTCLayout | None:
         hr_scale=lvtc.hr_scale,
         injection_layers=tuple(lvtc.injection_layers),
     )
+
+
+def row_width(config) -> int:
+    """Width of an LVTC checkpoint's per-token rows in vLLM's embedding buffer: the LLM input, then the HR projector's
+    output (with expansion), then each extra LR projector's. The LLM's hidden size for other checkpoints."""
+    hidden = config.get_text_config().hidden_size
+    lvtc = config.lvtc_config
+    if lvtc is None:
+        return hidden
+    return hidden * (1 + (1 if lvtc_layout_of(config) is not None else 0) + lvtc.num_lr_projectors - 1)

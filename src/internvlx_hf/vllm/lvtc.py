@@ -1,31 +1,32 @@
 """LVTC on vLLM: layers below ``k`` on the short layout, layers from ``k`` on the long one, each with a KV cache.
 
 vLLM's V1 engine keeps one token count per request, shared by every KV cache group (`KVCacheCoordinator.
-allocate_new_blocks` sizes every group by the same `num_tokens`; one `seq_lens` / `slot_mapping` feeds every layer). So the request is scheduled in the **long** layout: every tile
-takes its high-resolution count of slots (1024 per 448px tile), and layers ``>= k`` run on it as on any model, with
-vLLM's paged attention and KV cache. Layers ``< k`` must see the short layout (256 tokens per tile); they run on the
-same slots, where each tile's first ``short`` slots hold its LR tokens and the others are *unused*:
+allocate_new_blocks` sizes every group by the same `num_tokens`; one `seq_lens` / `slot_mapping` feeds every layer).
+So the request is scheduled in the **long** layout: every tile takes its high-resolution count of slots (1024 per
+448px tile), and layers ``>= k`` run on it as on any model, with vLLM's paged attention and KV cache. Layers ``< k``
+must see the short layout (256 tokens per tile); they run on the same slots, where each tile's first ``short`` slots
+hold its LR tokens and the others are *unused*:
 
 - **Unused slots are masked out of attention** with vLLM's own attention kernels: layers ``< k`` get an Attention
-  whose head size is one supported size larger (64 -> 80, 128 -> 160 on CPU); queries carry a 1 and keys a
-  ``-1e4 / scale`` (unused slots) or 0 (every other token) in the extra dimensions, values zeros. An unused slot's
-  logit is then ``-1e4`` below what it would be, and its softmax weight underflows to exactly 0; every other logit
-  is unchanged. The cost: layers ``< k`` keep K/V for the long layout (4x a tile's LR tokens) at the larger head size.
-- **Positions** come per token from vLLM's per-request position rows (its M-RoPE machinery: computed once per request
-  from the whole prompt, `get_mrope_input_positions`, and continued by vLLM for decoded tokens): row 0 is the long
-  layout's position (layers ``>= k``, exactly transformers' LVTC positions); row 1 the short layout's position plus
-  the request's number of unused slots ``E`` (layers ``< k``: RoPE depends on position differences only, and with the
-  shift a decoded token's short position is its long one, which is what vLLM continues both rows with); row 2 marks
-  tile slots (``-1 - j`` for slot ``j`` of a tile) and is the position elsewhere.
+  whose head size is one supported size larger (64 -> 80, 128 -> 160 on CPU); queries carry ``c`` and keys ``-c``
+  (unused slots) or 0 (every other token) in the first extra dimension, values zeros, with ``c * c * scale = 1e4``.
+  An unused slot's logit is then ``1e4`` below what it would be, and its softmax weight underflows to exactly 0;
+  every other logit is unchanged. ``c`` (about 300) is exact in float16 and bfloat16, so the mask is exact in those
+  KV caches too (an fp8 cache is refused at start-up, `config_hook.py`). The cost: layers ``< k`` keep K/V for the
+  long layout (4x a tile's LR tokens) at the larger head size.
+- **Positions** come per token from vLLM's per-request position rows (`positions.py`): the long layout's RoPE index
+  for layers ``>= k``, the short layout's (with the unused-slot flag) for layers ``< k``, each tile slot's index for
+  layer ``k``. `KeyBiasRotary` (the rotary embedding of layers ``< k``) reads the flag and writes the extra query and
+  key dimensions, so the mask needs no state outside the step's own inputs.
 - **Layer k** upsamples each tile's LR states (slots ``< short``) to the long grid and adds the HR projector's
-  output, in place over the tile's slots. This needs the whole tile in one forward pass: LVTC checkpoints run with
-  vLLM's `disable_chunked_mm_input` (an image is never split between scheduler steps) and without prefix caching
-  (a cache hit could end inside an image); `config_hook.LVTCConfigHook` sets both, and lets a step hold the largest
-  image. A tile found split anyway stops the request
-  with an error, never wrong tokens.
+  output, in place over the tile's slots: a gather from fixed tables (`UpsampleTable`), no data-dependent shapes. The
+  whole tile must be in the step: LVTC checkpoints run with vLLM's `disable_chunked_mm_input` (an image is never
+  split between scheduler steps) and without prefix caching (a cache hit could end inside an image), and a step
+  holds the largest image; `config_hook.LVTCConfigHook` sets all three.
 - **The projectors' outputs** travel through vLLM's encoder cache as one wide row per slot
-  (``[LR input | HR | extra LR projectors]``, `tile_rows`); `embed_input_ids` puts the LR input into the embeddings
-  and keeps the rest for `forward`, which vLLM calls next with the same tokens.
+  (``[LR input | HR | extra LR projectors]``, `tile_rows`) and then in vLLM's embedding buffer, widened to that row
+  (`projection_dim`, set by the config hook): `embed_input_ids` writes the row of each token (zeros past the LLM input
+  for text), `forward` splits it.
 
 Prompt logprobs at image slots are per long-layout slot (vLLM scores every scheduled token); transformers averages
 each tile back to its short layout instead. Decoded tokens and their logprobs are the same as transformers'.
@@ -38,95 +39,133 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 from torch import nn
+from vllm.compilation.decorators import support_torch_compile
 
 from ..modeling.modeling_internvlx import _rms
 from .layout import LVTCLayout
+from .positions import MASKED, read_rows
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
 
-#: How far below every other logit an unused slot's logit is put (exp underflows to 0 in float32 and bfloat16).
+#: How far below every other logit an unused slot's logit is put (exp underflows to 0 in float32, bfloat16, float16).
 MASKED_LOGIT = -1.0e4
 
 
-def lvtc_positions(layout: LVTCLayout | None, length: int, mm_features: list) -> tuple[torch.Tensor, int]:
-    """Rows (long position, shifted short position, slot code) of a prompt of `length` long-layout tokens."""
-    index = torch.arange(length, dtype=torch.int64)
-    if layout is None:
-        return index.expand(3, -1).clone(), 0
-    code = index.clone()
-    unused = torch.zeros(length, dtype=torch.int64)
-    for feature in mm_features:
-        place = feature.mm_position
-        embeds = torch.arange(place.offset, place.offset + place.length)
-        if place.is_embed is not None:
-            embeds = embeds[place.is_embed.to(torch.bool)]
-        slot = torch.arange(embeds.numel()) % layout.long_per_tile
-        code[embeds] = -1 - slot
-        unused[embeds[slot >= layout.short_per_tile]] = 1
-    before = torch.cumsum(unused, 0) - unused
-    total = int(unused.sum())
-    return torch.stack([index, index - before + total, code]), 0
-
-
-def _padded_head_size(backend, head_size: int) -> int:
-    sizes = []
-    getter = getattr(backend, "get_supported_head_sizes", None)
-    if getter is not None:
-        try:
-            sizes = list(getter())
-        except Exception:  # a backend without a fixed list
-            sizes = []
+def padded_head_size(sizes: list[int], head_size: int) -> int:
+    """The smallest supported head size above `head_size` (a backend without a fixed list: 8 more)."""
     larger = sorted(size for size in sizes if size > head_size)
     return larger[0] if larger else head_size + 8
 
 
-class KeyBiasAttention(nn.Module):
-    """vLLM's Attention at a larger head size, whose extra dimensions add a per-key bias to the logits."""
+def _supported_head_sizes(backend) -> list[int]:
+    getter = getattr(backend, "get_supported_head_sizes", None)
+    try:
+        return list(getter()) if getter is not None else []
+    except Exception:  # a backend without a fixed list
+        return []
 
-    def __init__(self, old, runner: "LVTCRunner", vllm_config: "VllmConfig"):
+
+class KeyBiasRotary(nn.Module):
+    """The rotary embedding of a layer below ``k``: RoPE at the short-layout index, then the extra dimensions that
+    mask the unused slots' keys (the `MASKED` flag in the index)."""
+
+    def __init__(self, rotary: nn.Module, num_heads: int, num_kv_heads: int, head_size: int, padded: int,
+                 scale: float):
+        super().__init__()
+        self.rotary = rotary
+        self.num_heads, self.num_kv_heads, self.head_size, self.extra = num_heads, num_kv_heads, head_size, \
+            padded - head_size
+        self.bias = (-MASKED_LOGIT / scale) ** 0.5
+
+    def forward(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor):
+        masked = positions >= MASKED
+        query, key = self.rotary(positions - MASKED * masked.to(positions.dtype), query, key)
+        tokens = query.shape[0]
+        query = query.view(tokens, self.num_heads, self.head_size)
+        key = key.view(tokens, self.num_kv_heads, self.head_size)
+        q_extra = query.new_zeros(tokens, self.num_heads, self.extra)
+        q_extra[..., 0] = self.bias
+        k_extra = key.new_zeros(tokens, self.num_kv_heads, self.extra)
+        k_extra[..., 0] = torch.where(masked, -self.bias, 0.0).to(key.dtype)[:, None]
+        return (torch.cat([query, q_extra], -1).reshape(tokens, -1),
+                torch.cat([key, k_extra], -1).reshape(tokens, -1))
+
+
+class KeyBiasAttention(nn.Module):
+    """vLLM's Attention at the padded head size (queries and keys come padded from `KeyBiasRotary`; values are
+    padded with zeros here and the output cut back)."""
+
+    def __init__(self, old, vllm_config: "VllmConfig"):
         super().__init__()
         from vllm.model_executor.layers.attention import Attention
 
-        if getattr(old, "sliding_window", None) is not None:
-            raise RuntimeError(f"InternVL-X LVTC: {old.layer_name} has a sliding window (refused at config time)")
-        self.runner = [runner]  # a list: not a submodule
         self.num_heads, self.num_kv_heads, self.head_size = old.num_heads, old.num_kv_heads, old.head_size
         self.scale = old.impl.scale
-        self.padded = _padded_head_size(old.attn_backend, self.head_size)
+        self.padded = padded_head_size(_supported_head_sizes(old.attn_backend), self.head_size)
         # The layer keeps its name (vLLM binds its KV cache by it); the unpadded one it replaces is dropped.
         vllm_config.compilation_config.static_forward_context.pop(old.layer_name)
+        # (a sliding window, which config_hook lets through only where no prompt reaches it, is kept)
         self.attn = Attention(self.num_heads, self.padded, self.scale, num_kv_heads=self.num_kv_heads,
-                              cache_config=vllm_config.cache_config, prefix=old.layer_name)
+                              cache_config=vllm_config.cache_config, prefix=old.layer_name,
+                              per_layer_sliding_window=getattr(old, "sliding_window", None))
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         tokens, extra = query.shape[0], self.padded - self.head_size
-        query = F.pad(query.view(tokens, self.num_heads, self.head_size), (0, extra))
-        query[..., self.head_size] = 1.0
-        key = F.pad(key.view(tokens, self.num_kv_heads, self.head_size), (0, extra))
-        key[..., self.head_size] = self.runner[0].key_bias[:, None].to(key.dtype) / self.scale
         value = F.pad(value.view(tokens, self.num_kv_heads, self.head_size), (0, extra))
-        out = self.attn(query.reshape(tokens, -1), key.reshape(tokens, -1), value.reshape(tokens, -1))
+        out = self.attn(query, key, value.reshape(tokens, -1))
         return out.view(tokens, self.num_heads, self.padded)[..., : self.head_size].reshape(tokens, -1)
 
 
-class LVTCRunner:
-    """Runs the LLM's layers one by one with LVTC's layouts (see the module docstring)."""
+class UpsampleTable(nn.Module):
+    """Layer k's upsampling as a gather: long slot ``s`` of a tile is ``sum_i weight[s, i] * LR slot source[s, i]``
+    (F.interpolate's weights, read off by interpolating each LR slot's indicator once)."""
 
-    def __init__(self, model, vllm_config: "VllmConfig"):
-        self.model = [model]  # a list: the runner is not a submodule of the model it serves
+    def __init__(self, layout: LVTCLayout):
+        super().__init__()
+        short, long = layout.short_side, layout.long_side
+        basis = torch.eye(layout.short_per_tile, dtype=torch.float64).reshape(-1, 1, short, short)
+        options = {"align_corners": False} if layout.upsample_mode == "bilinear" else {}
+        weights = F.interpolate(basis, size=(long, long), mode=layout.upsample_mode, **options)
+        weights = weights.reshape(layout.short_per_tile, layout.long_per_tile).T  # (long slot, LR slot)
+        top = weights.topk(4 if layout.upsample_mode == "bilinear" else 1, dim=-1)
+        self.register_buffer("source", top.indices, persistent=False)
+        self.register_buffer("weight", top.values.float(), persistent=False)
+
+    def forward(self, hidden: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+        """Every token's upsampled LR state (meaningful at tile slots, ``slot >= 0``)."""
+        tokens = hidden.shape[0]
+        slot = slot.clamp(min=0)
+        start = torch.arange(tokens, device=slot.device) - slot
+        source = (start[:, None] + self.source[slot]).clamp(0, tokens - 1)
+        weight = self.weight[slot].to(hidden.dtype)
+        return (hidden[source] * weight[..., None]).sum(1)
+
+
+@support_torch_compile(dynamic_arg_dims={"positions": -1, "inputs_embeds": 0})
+class LVTCRunner(nn.Module):
+    """Runs the LLM's layers one by one with LVTC's layouts (see the module docstring). vLLM compiles its `forward`
+    (whole graph: no host reads, no data-dependent Python) unless eager mode is asked for."""
+
+    def __init__(self, *, model, vllm_config: "VllmConfig", switch: int | None, prefix: str = ""):
+        super().__init__()
+        self.model = [model]  # a list: the model is not a submodule of the runner it owns
         config = model.config
         self.lvtc = config.lvtc_config
         self.layout: LVTCLayout | None = model.layout
+        self.switch = switch
+        self.max_model_len = vllm_config.model_config.max_model_len
         self.hidden = config.get_text_config().hidden_size
         self.injections = {layer: i for i, layer in enumerate(self.lvtc.injection_layers)}
-        self.side: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.key_bias: torch.Tensor | None = None
+        self.upsample = UpsampleTable(self.layout) if self.layout is not None else None
         lm = model.language_model.model
         if self.layout is not None:
             for index in range(self.layout.expand_layer):
                 self_attn = lm.layers[index].self_attn
-                self_attn.attn = KeyBiasAttention(self_attn.attn, self, vllm_config)
+                attn = KeyBiasAttention(self_attn.attn, vllm_config)
+                self_attn.rotary_emb = KeyBiasRotary(self_attn.rotary_emb, attn.num_heads, attn.num_kv_heads,
+                                                     attn.head_size, attn.padded, attn.scale)
+                self_attn.attn = attn
 
     # ------------------------------------------------------------------------------------------- projector rows
 
@@ -143,51 +182,41 @@ class LVTCRunner:
         return torch.cat([pad(lr), hr, *(pad(extra) for extra in extras)], dim=-1)
 
     def embed_input_ids(self, input_ids, multimodal_embeddings, is_multimodal) -> torch.Tensor:
+        """Each token's row: its embedding (or LR input) and, for tile slots, its projectors' outputs; zeros past the
+        embedding for every other token."""
         model = self.model[0]
         embeds = model.language_model.embed_input_ids(input_ids)
-        self.side = None
+        width = model.row_width
+        rows = embeds.new_zeros(embeds.shape[0], width)
+        rows[:, : self.hidden] = embeds
         if multimodal_embeddings is None or is_multimodal is None or len(multimodal_embeddings) == 0:
-            return embeds
-        rows = torch.cat(list(multimodal_embeddings)).to(embeds.dtype)
-        mask = is_multimodal.to(embeds.device)
-        embeds[mask] = rows[:, : self.hidden]
-        side = embeds.new_zeros(embeds.shape[0], rows.shape[1] - self.hidden)
-        side[mask] = rows[:, self.hidden:]
-        self.side = (side, mask)
-        return embeds
+            return rows
+        features = torch.cat(list(multimodal_embeddings)).to(rows.dtype)
+        mask = is_multimodal.to(rows.device)
+        rows[mask] = features
+        return rows
 
     # ------------------------------------------------------------------------------------------------- forward
 
-    def forward(self, input_ids, positions: torch.Tensor, inputs_embeds) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor, inputs_embeds: torch.Tensor) -> torch.Tensor:
         lm = self.model[0].language_model.model
-        hidden = inputs_embeds if inputs_embeds is not None else lm.embed_input_ids(input_ids)
-        tokens, dim = hidden.shape
-        side, mask = self.side if self.side is not None and self.side[0].shape[0] == tokens else (None, None)
-        self.side = None
+        hidden, side = inputs_embeds[:, : self.hidden], inputs_embeds[:, self.hidden:]
         layout = self.layout
-        if layout is None:
-            short_positions = long_positions = positions
-            slot = torch.where(mask, 0, -1) if mask is not None else torch.full_like(positions, -1)
-            lr_slots = slot >= 0
-            depth_expand = len(lm.layers)
+        if positions.dim() == 2:
+            long_positions, short_positions, slot = read_rows(positions, layout, self.max_model_len, self.switch)
         else:
-            long_positions, short_positions, code = positions[0], positions[1], positions[2]
-            slot = torch.where(code < 0, -1 - code, -1)
-            lr_slots = (slot >= 0) & (slot < layout.short_per_tile)
-            self.key_bias = torch.where((slot >= layout.short_per_tile), MASKED_LOGIT, 0.0).to(hidden.dtype)
-            depth_expand = layout.expand_layer
-        if side is None and bool((slot >= 0).any()):
-            raise RuntimeError("InternVL-X LVTC: image slots reached the LLM without their projector rows")
+            long_positions = short_positions = positions
+            slot = None
+        expand = layout.expand_layer if layout is not None else len(lm.layers)
         residual = None
         for index, layer in enumerate(lm.layers):
-            if index == depth_expand and layout is not None:
+            if index == expand:
                 hidden = hidden + residual if residual is not None else hidden
                 residual = None
                 hidden = self._expand(hidden, slot, side)
-            if index in self.injections and side is not None:
-                extra_cols = self._extra_columns(self.injections[index])
-                hidden = hidden + torch.where(lr_slots[:, None], side[:, extra_cols], 0.0)
-            layer_positions = short_positions if index < depth_expand else long_positions
+            if index in self.injections:
+                hidden = hidden + side[:, self._extra_columns(self.injections[index])]  # zeros outside the LR slots
+            layer_positions = short_positions if index < expand else long_positions
             hidden, residual = layer(layer_positions, hidden, residual)
         hidden, _ = lm.norm(hidden, residual)
         return hidden
@@ -196,29 +225,10 @@ class LVTCRunner:
         start = (number + (1 if self.layout is not None else 0)) * self.hidden
         return slice(start, start + self.hidden)
 
-    def _expand(self, hidden: torch.Tensor, slot: torch.Tensor, side: torch.Tensor | None) -> torch.Tensor:
+    def _expand(self, hidden: torch.Tensor, slot: torch.Tensor, side: torch.Tensor) -> torch.Tensor:
         """Layer k: each tile's LR states upsampled 2D to the long grid, plus the HR projector's output."""
-        layout = self.layout
-        starts = torch.nonzero(slot == 0).flatten()
-        if starts.numel() == 0:
-            return hidden
-        per_tile = layout.long_per_tile
-        index = starts[:, None] + torch.arange(per_tile, device=slot.device)
-        if int(index.max()) >= slot.shape[0] or not bool((slot[index] == torch.arange(per_tile)).all()) \
-                or int((slot >= 0).sum()) != index.numel():
-            raise RuntimeError(
-                "InternVL-X LVTC: a tile was split between scheduler steps; LVTC needs whole images per step "
-                "(vLLM's disable_chunked_mm_input, no prefix caching), which the plugin sets: do not override them."
-            )
-        dim = hidden.shape[-1]
-        short, long = layout.short_side, layout.long_side
-        lr = hidden[index[:, : layout.short_per_tile]].reshape(-1, short, short, dim).permute(0, 3, 1, 2)
-        options = {"align_corners": False} if layout.upsample_mode == "bilinear" else {}
-        up = F.interpolate(lr, size=(long, long), mode=layout.upsample_mode, **options)
-        up = up.permute(0, 2, 3, 1).reshape(-1, dim)
-        hr = side[index.flatten(), : self.hidden].to(up.dtype)
-        if layout.hr_scale == "rms":
+        up = self.upsample(hidden, slot)
+        hr = side[:, : self.hidden].to(up.dtype)
+        if self.layout.hr_scale == "rms":
             hr = hr * (_rms(up) * torch.rsqrt(hr.float().pow(2).mean(-1, keepdim=True) + 1e-6)).to(hr.dtype)
-        hidden = hidden.clone()
-        hidden[index.flatten()] = up + hr
-        return hidden
+        return torch.where((slot >= 0)[:, None], up + hr, hidden)

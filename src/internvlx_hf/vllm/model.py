@@ -21,10 +21,12 @@ from vllm.sequence import IntermediateTensors
 
 from ..modeling.configuration_internvlx import image_and_patch
 from ..modeling.modeling_internvlx import build_projector
-from .config_hook import LLM_ARCHITECTURES
-from .layout import lvtc_layout_of
-from .lvtc import LVTCRunner, lvtc_positions
+from .config_hook import LLM_ARCHITECTURES, longrope_switch, needs_position_rows
+from .layout import lvtc_layout_of, row_width
+from .lvtc import LVTCRunner
+from .positions import position_rows, read_rows
 from .processing import InternVLXDummyInputsBuilder, InternVLXMultiModalProcessor, InternVLXProcessingInfo
+
 
 def vision_config_for_vllm(config) -> PretrainedConfig:
     """vLLM's InternViT reads InternVL's original config names; transformers' `InternVLVisionConfig` renamed them."""
@@ -164,8 +166,20 @@ class InternVLXForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsM
                 architectures=[architecture],
             )
         self.make_empty_intermediate_tensors = self.language_model.make_empty_intermediate_tensors
+        self.row_width = row_width(config)
+        # Per-token layout and RoPE factors in vLLM's position rows (`positions.py`), where the config hook turned
+        # them on: LVTC with expansion, a LongRoPE LLM whose prompts can pass the switch.
+        self.max_model_len = vllm_config.model_config.max_model_len
+        self.position_rows = needs_position_rows(config, self.max_model_len)
+        self.switch = longrope_switch(text_config) if self.position_rows else None
+        if self.switch is not None:
+            # The rows give each token's index into vLLM's LongRoPE table (short rows, then long ones), as
+            # transformers picks the factors; vLLM's own choice (long for all once max_model_len > K) is off.
+            for layer in self.language_model.model.layers:
+                layer.self_attn.rotary_emb.use_long_rope = False
         # LVTC, or extra LR projectors alone (k = depth): the layers are run one by one (`lvtc.py`).
-        self.lvtc = LVTCRunner(self, vllm_config) if lvtc is not None else None
+        self.lvtc = LVTCRunner(model=self, vllm_config=vllm_config, switch=self.switch,
+                               prefix=maybe_prefix(prefix, "lvtc")) if lvtc is not None else None
 
     # ------------------------------------------------------------------------------------------------ vision side
 
@@ -206,7 +220,7 @@ class InternVLXForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsM
                                        is_multimodal=is_multimodal)
 
     def get_mrope_input_positions(self, input_tokens: list[int], mm_features: list) -> tuple[torch.Tensor, int]:
-        return lvtc_positions(self.layout, len(input_tokens), mm_features)
+        return position_rows(self.layout, len(input_tokens), mm_features, self.max_model_len, self.switch)
 
     # -------------------------------------------------------------------------------------------------- LLM side
 
@@ -216,7 +230,11 @@ class InternVLXForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsM
         if intermediate_tensors is not None:
             inputs_embeds = None
         if self.lvtc is not None:
-            return self.lvtc.forward(input_ids, positions, inputs_embeds)
+            if inputs_embeds is None:
+                inputs_embeds = self.embed_input_ids(input_ids)
+            return self.lvtc(positions, inputs_embeds)
+        if positions.dim() == 2:  # LongRoPE's per-token factors (`positions.py`)
+            positions = read_rows(positions, None, self.max_model_len, self.switch)[0]
         return self.language_model.model(input_ids=input_ids, positions=positions,
                                          intermediate_tensors=intermediate_tensors, inputs_embeds=inputs_embeds)
 

@@ -29,6 +29,7 @@ from vllm.multimodal.processing import (
 from ..processing import InternVLXProcessor
 from ..processing.video import VIDEO_PLACEHOLDER, video_prompt
 from .layout import lvtc_layout_of
+from .prompt_text import ImageTokens, expand_tags, item_spans, recover_prompt_text
 
 
 class InternVLXProcessingInfo(BaseProcessingInfo):
@@ -36,9 +37,12 @@ class InternVLXProcessingInfo(BaseProcessingInfo):
 
     @cached_property
     def _processor(self) -> InternVLXProcessor:
-        # Loaded from the checkpoint folder (or Hub id) like transformers does, so the image processor has exactly the
-        # saved tiling; its own tokenizer is only used to look up the image tokens' ids.
-        return InternVLXProcessor.from_pretrained(self.model_id)
+        # The served folder or Hub repository at the served revision (`--revision`), with vLLM's own tokenizer
+        # (`--tokenizer`, `--tokenizer-revision`, `--tokenizer-mode`), so that the image tokens' ids are those of the
+        # tokenizer that makes the prompt. (vLLM's `get_hf_processor` would first load the folder's own tokenizer,
+        # which a folder served with `--tokenizer` may not have.)
+        return InternVLXProcessor.from_pretrained(self.model_id, revision=self.ctx.model_config.revision,
+                                                  tokenizer=self.get_tokenizer())
 
     def get_hf_processor(self, **kwargs: object) -> InternVLXProcessor:
         return self._processor
@@ -59,8 +63,10 @@ class InternVLXProcessingInfo(BaseProcessingInfo):
         return layout.long_per_tile if layout is not None else self.get_hf_config().image_seq_length
 
     def _images_kwargs(self, mm_kwargs: Mapping[str, object] | None) -> dict[str, Any]:
+        """The image processor's options among the server's `mm_processor_kwargs` and a request's (which win)."""
         known = set(self._processor.image_processor.valid_kwargs.__annotations__)
-        return {key: value for key, value in (mm_kwargs or {}).items() if key in known}
+        merged = self.ctx.get_merged_mm_kwargs(dict(mm_kwargs or {}))
+        return {key: value for key, value in merged.items() if key in known}
 
     def get_num_tiles(self, *, image_width: int, image_height: int,
                       mm_kwargs: Mapping[str, object] | None = None) -> int:
@@ -75,7 +81,8 @@ class InternVLXProcessingInfo(BaseProcessingInfo):
         # Every tile grid within the budget, at its native size: the largest tile count among them is the most any
         # image can take (RVTC's caps only ever lower a budget).
         image_processor = self._processor.image_processor
-        side, budget = image_processor.image_size, image_processor.max_tiles
+        side = image_processor.image_size
+        budget = int(self._images_kwargs(None).get("max_tiles", image_processor.max_tiles))
         best, best_size = 0, ImageSize(width=side, height=side)
         for cols in range(1, budget + 1):
             for rows in range(1, budget // cols + 1):
@@ -169,6 +176,72 @@ class InternVLXMultiModalProcessor(BaseMultiModalProcessor[InternVLXProcessingIn
             pixel_values_videos=MultiModalFieldConfig.flat_from_sizes("video", video_frames),
             video_num_frames=MultiModalFieldConfig.batched("video", keep_on_cpu=True),
         )
+
+    def _apply_prompt_updates(self, token_ids: list[int], mm_prompt_updates):
+        """Each item's tokens in its place, with the prompt ids transformers' processor gives (`prompt_text.py`);
+        vLLM's own matching of the tags' token ids only where the ids are not a tokenized text."""
+        placed = self._place_as_transformers(token_ids, mm_prompt_updates)
+        if placed is not None:
+            return placed
+        try:
+            return super()._apply_prompt_updates(token_ids, mm_prompt_updates)
+        except RuntimeError as error:
+            raise ValueError(
+                "InternVL-X: cannot find the `<image>` / `<video>` tags of this prompt: its token ids are not what the "
+                "checkpoint's tokenizer gives for any text; send the prompt as text (or as the ids the tokenizer "
+                f"gives for it), with one tag per image and video ({error})"
+            ) from None
+
+    def _place_as_transformers(self, token_ids: list[int], mm_prompt_updates):
+        from vllm.multimodal.processing.processor import PlaceholderFeaturesInfo
+
+        processor = self.info.get_hf_processor()
+        tokenizer = self.info.get_tokenizer()
+        recovered = recover_prompt_text(tokenizer, token_ids)
+        if recovered is None:
+            return None
+        text, add_special_tokens = recovered
+        tokens = ImageTokens(processor.start_image_token, processor.image_token, processor.end_image_token,
+                             processor.start_image_token_id, processor.image_token_id, processor.end_image_token_id)
+
+        def blocks(update) -> list[int]:
+            """`<IMG_CONTEXT>` count of each `<img>` block of an item's replacement."""
+            counts, count = [], None
+            for token in update.content.full:
+                if token == tokens.start_id:
+                    count = 0
+                elif token == tokens.context_id and count is not None:
+                    count += 1
+                elif token == tokens.end_id and count is not None:
+                    counts.append(count)
+                    count = None
+            return counts
+
+        updates = {modality: [alternatives[0] for alternatives in items]
+                   for modality, items in mm_prompt_updates.items()}
+        image_blocks = [blocks(update) for update in updates.get("image", [])]
+        video_blocks = [blocks(update) for update in updates.get("video", [])]
+        expanded = expand_tags(text, [sum(b) for b in image_blocks], [len(b) for b in video_blocks],
+                               self.info.tokens_per_tile, tokens)
+        if expanded is None:
+            return None
+        expanded_text, items = expanded
+        ids = list(tokenizer.encode(expanded_text, add_special_tokens=add_special_tokens))
+        per_item = {"image": image_blocks, "video": video_blocks}
+        spans = item_spans(ids, items, lambda modality, item: per_item[modality][item] if modality == "video"
+                           else [sum(per_item[modality][item])], tokens)
+        if spans is None:
+            return None
+        placeholders: dict[str, list] = {}
+        for span in spans:
+            piece = ids[span.start: span.end]
+            placeholders.setdefault(span.modality, []).append(PlaceholderFeaturesInfo(
+                modality=span.modality, item_idx=span.item, start_idx=span.start, tokens=piece,
+                is_embed=torch.tensor(piece) == tokens.context_id,
+            ))
+        for modality in placeholders:
+            placeholders[modality].sort(key=lambda info: info.item_idx)
+        return ids, placeholders
 
     def _get_prompt_updates(self, mm_items: MultiModalDataItems, hf_processor_mm_kwargs: Mapping[str, object],
                             out_mm_kwargs: MultiModalKwargsItems) -> Sequence[PromptUpdate]:

