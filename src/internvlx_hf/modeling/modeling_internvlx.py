@@ -604,14 +604,8 @@ class InternVLXCausalLMOutputWithPast(ModelOutput):
 
     With ``skip_logits=True`` (the LM head runs on the labelled positions only) ``logits`` is None and
     ``token_losses`` ``(batch, seq)`` holds the cross-entropy of the prediction made at each position (of
-    ``labels[:, t + 1]``, or ``shift_labels[:, t]``), 0 where that label is -100.
-
-    A training forward with labels skips the logits by default (``skip_logits=None``) and keeps ``logits_on_read``
-    instead: reading ``logits`` (as an attribute, ``output["logits"]``, by position or through ``to_tuple()``)
-    computes them then, once, from the same forward's final hidden states (the values and the autograd graph of the
-    full forward's logits), after which the output is exactly what a forward with logits returns. Nothing that
-    never reads them pays for them. It is a field, not a private attribute, so that it survives the wrappers that
-    rebuild an output from its items (DDP, accelerate's float32 conversion of mixed-precision outputs).
+    ``labels[:, t + 1]``, or ``shift_labels[:, t]``), 0 where that label is -100. A training forward with labels
+    and the default ``skip_logits=None`` returns its subclass `InternVLXLogitsOnReadOutput`.
     """
 
     loss: torch.Tensor | None = None
@@ -621,6 +615,20 @@ class InternVLXCausalLMOutputWithPast(ModelOutput):
     attentions: tuple[torch.Tensor, ...] | None = None
     image_hidden_states: torch.Tensor | None = None
     token_losses: torch.Tensor | None = None
+
+
+@dataclass
+class InternVLXLogitsOnReadOutput(InternVLXCausalLMOutputWithPast):
+    """The output of a training forward with labels that skipped its logits by default (``skip_logits=None``): it
+    keeps ``logits_on_read`` instead, and reading ``logits`` (as an attribute, ``output["logits"]``, by position or
+    through ``to_tuple()``) computes them then, once, from the same forward's final hidden states (the values and the
+    autograd graph of the full forward's logits), after which the output is exactly what a forward with logits
+    returns. Nothing that never reads them pays for them. ``logits_on_read`` is a field, not a private attribute, so
+    that it survives the wrappers that rebuild an output from its items (DDP, accelerate's float32 conversion of
+    mixed-precision outputs). A class of its own: its ``__getattribute__`` is not traceable by torch.compile, which
+    the outputs of evaluation and generation (the parent class) must be (``fullgraph=True``, static-cache decoding).
+    """
+
     logits_on_read: LogitsOnRead | None = None
 
     def __getattribute__(self, name):
@@ -1372,16 +1380,12 @@ class InternVLXForConditionalGeneration(InternVLXPreTrainedModel, GenerationMixi
                 loss = self.loss_function(
                     logits=logits, labels=labels, vocab_size=self.config.get_text_config().vocab_size, **kwargs
                 )
-        return InternVLXCausalLMOutputWithPast(
-            loss=loss,
-            logits=logits,
-            past_key_values=outputs.past_key_values,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-            image_hidden_states=outputs.image_hidden_states,
-            token_losses=token_losses if on_read is None else None,  # the default's output is a full forward's
-            logits_on_read=on_read,
-        )
+        items = dict(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
+                     hidden_states=outputs.hidden_states, attentions=outputs.attentions,
+                     image_hidden_states=outputs.image_hidden_states)
+        if on_read is not None:  # the default's output is a full forward's: no token_losses
+            return InternVLXLogitsOnReadOutput(**items, logits_on_read=on_read)
+        return InternVLXCausalLMOutputWithPast(**items, token_losses=token_losses)
 
     def _labelled_loss(self, hidden_states: torch.Tensor, labels: torch.Tensor | None,
                        shift_labels: torch.Tensor | None, num_items_in_batch, linear_cross_entropy
