@@ -90,6 +90,15 @@ ENGINE_OPTIONS = dict(dtype="float32", enforce_eager=True, max_model_len=4096, m
                       gpu_memory_utilization=0.15, max_num_seqs=8, limit_mm_per_prompt={"image": 2, "video": 1})
 
 
+#: 16 requests with a 13-tile image each (832 long-layout slots) in a step budget of exactly 4 such images: vLLM
+#: schedules 3 whole, rolls the rest back to their images' starts, and in the next step a 4th image fits the encoder
+#: budget but not the token budget left after the others' decoding; vLLM 0.32 then splits it (vllm-project/vllm#52306)
+#: unless the plugin schedules whole prompts (measured before the fix: 2 of the 16 answers differed from transformers')
+BURST_REQUESTS = [_request("<image>\nDescribe.", images=[(*THIRTEEN_TILES, 20 + i)]) for i in range(16)]
+BURST_ENGINE_OPTIONS = dict(ENGINE_OPTIONS, max_model_len=4 * 13 * 64, max_num_batched_tokens=4 * 13 * 64,
+                            max_num_seqs=16, limit_mm_per_prompt={"image": 1, "video": 0})
+
+
 #: the served revision and tokenizer options (`served`'s "revision" and "tokenizer" engines): request -> reference
 SERVED_OPTIONS_REQUEST = _request("<image>\nDescribe the picture.", images=[(*SIX_TILES, 2)])
 
@@ -131,6 +140,9 @@ def served(tmp_path_factory):
         (bare / name).unlink()
     specs["tokenizer"] = {"checkpoint": str(bare), "engine": dict(ENGINE_OPTIONS, tokenizer=str(folders["tokenizer"])),
                           "requests": [SERVED_OPTIONS_REQUEST]}
+    # A burst of LVTC requests whose images fill the step's token budget (see `test_a_burst_of_lvtc_images`)
+    specs["burst"] = {"checkpoint": str(folders["llama-lvtc"]), "engine": BURST_ENGINE_OPTIONS,
+                      "requests": BURST_REQUESTS}
     spec, out = root / "spec.json", root / "out.json"
     spec.write_text(json.dumps(specs))
     engine = Path(__file__).resolve().parent / "vllm_engine.py"
@@ -179,6 +191,16 @@ def test_the_served_revision_and_tokenizer_make_the_prompt(served, engine):
     assert reference["prompt_ids"].count(reference["image_token_id"]) == 6 * 16  # 5 tiles + the thumbnail
     for mode in ("alone", "together"):
         assert_same_generation(results[engine][mode][0], reference, f"{engine} ({mode})")
+
+
+def test_a_burst_of_lvtc_images_is_answered_as_transformers_answers_each(served):
+    """LVTC needs each image whole in one step: under a burst that makes vLLM 0.32 split an image at its start (its
+    bug #52306), every answer of the batch still equals transformers' (the plugin turns chunked prefill off)."""
+    folders, results = served
+    assert "error" not in results["burst"], results["burst"].get("error")
+    for index, request in enumerate(BURST_REQUESTS):
+        reference = _reference(folders["llama-lvtc"], request)
+        assert_same_generation(results["burst"]["together"][index], reference, f"burst request {index}")
 
 
 def test_images_change_the_answer(served):

@@ -126,6 +126,11 @@ class LVTCConfigHook:
         if layout is not None:
             scheduler = vllm_config.scheduler_config
             scheduler.disable_chunked_mm_input = True
+            # and whole prompts per step: vLLM 0.32 still splits an image whose chunk starts exactly at the image
+            # (after its own roll-back, when the step's tokens but not its encoder budget run out: vllm-project/vllm
+            # #52306), which `disable_chunked_mm_input` alone does not prevent (tests/test_vllm.py's burst).
+            scheduler.enable_chunked_prefill = False
+            scheduler.long_prefill_token_threshold = 0  # (a threshold cuts prompts into pieces too)
             # Whole images per step: a step must hold the largest image (or video), which the prompt length bounds.
             need = model_config.max_model_len
             if scheduler.max_num_batched_tokens < need:
