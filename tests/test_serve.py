@@ -311,12 +311,15 @@ def test_models_lists_the_served_model(client):
 
 
 def test_the_demo_questions_are_answered_right_with_data_uri_images(client):
+    from transformers.cli.serving.model_manager import ModelManager
+
     for sample in QUESTIONS:
         response = client.chat.completions.create(model=DEMO, messages=ask(data_uri(sample.image), sample.question),
                                                   temperature=0)
         choice = response.choices[0]
         assert (sample.task, choice.message.content) == (sample.task, sample.expected)
-        assert choice.finish_reason == "stop" and response.model == f"{DEMO}@main"
+        # the name transformers' manager keeps the model under: `DEMO@main` up to 5.23, the folder's path from 5.24
+        assert choice.finish_reason == "stop" and response.model == ModelManager.process_model_name(DEMO)
         assert response.usage.completion_tokens >= 1 and response.usage.prompt_tokens > 16  # 16 image tokens
 
 
@@ -1137,21 +1140,21 @@ def test_tested_transformers_releases_run_newer_ones_warn_older_ones_are_refused
     from internvlx_hf.serving import app
 
     app._warn_untested.cache_clear()
-    for version in (*TESTED_TRANSFORMERS, "5.20.0", "5.22.0", "5.23.4"):
+    for version in (*TESTED_TRANSFORMERS, "5.20.0", "5.22.0", "5.23.4", "5.24.2"):
         check_serving_available(version)
     assert capsys.readouterr().err == ""
-    check_serving_available("5.24.0")
-    check_serving_available("5.24.0")  # once per process
+    check_serving_available("5.25.0")
+    check_serving_available("5.25.0")  # once per process
     check_serving_available("6.1.0")
     assert capsys.readouterr().err.splitlines() == [
         f"warning: transformers {version} is newer than the releases internvlx serve was tested with (5.16.1 to "
-        "5.23.0); it builds on internals of transformers' server that may have changed: if requests fail, install a "
-        f"tested release: pip install \"transformers{SUPPORTED_TRANSFORMERS}\"" for version in ("5.24.0", "6.1.0")]
+        "5.24.0); it builds on internals of transformers' server that may have changed: if requests fail, install a "
+        f"tested release: pip install \"transformers{SUPPORTED_TRANSFORMERS}\"" for version in ("5.25.0", "6.1.0")]
     for version in ("5.16.0", "5.15.1", "5.0.0", "4.57.1"):
         with pytest.raises(ServingUnavailable) as err:
             check_serving_available(version)
-        assert str(err.value).endswith(f"tested with transformers 5.16.1 to 5.23.0; this is transformers {version}. "
-                                       f"Install a tested release: pip install \"transformers>=5.16.1,<5.24\"")
+        assert str(err.value).endswith(f"tested with transformers 5.16.1 to 5.24.0; this is transformers {version}. "
+                                       f"Install a tested release: pip install \"transformers>=5.16.1,<5.25\"")
 
 
 def test_a_missing_serve_extra_is_one_line_naming_it(monkeypatch, capsys):

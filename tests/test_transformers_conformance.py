@@ -9,6 +9,7 @@ decoding, beam search from ``inputs_embeds``, ``return_dict``, config-driven out
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import unittest
 import unittest.mock
@@ -19,7 +20,7 @@ from transformers import DynamicCache
 from transformers.models.auto import modeling_auto
 
 from internvlx_hf import InternVLXForConditionalGeneration, InternVLXModel
-from internvlx_hf.modeling.modeling_internvlx import InternVLXLVTCCache
+from internvlx_hf.modeling.modeling_internvlx import CACHE_NAME, InternVLXLVTCCache
 
 import conftest
 from tiny import IMAGE_TOKEN_ID, PAD_ID, pixels, prompt_ids, tiny_config, tiny_model
@@ -330,8 +331,30 @@ def test_offloaded_cache_stays_offloaded_under_lvtc():
     model = tiny_model(lvtc=LVTC)
     model_kwargs = {}
     model._prepare_cache_for_generation(GenerationConfig(cache_implementation="offloaded"), model_kwargs, None, 1, 64)
-    cache = model_kwargs["past_key_values"]
+    cache = model_kwargs[CACHE_NAME]
     assert isinstance(cache, InternVLXLVTCCache) and cache.offloading
+
+
+@pytest.mark.parametrize("lvtc", [None, LVTC], ids=["plain", "lvtc"])
+def test_the_cache_is_taken_under_either_name_and_returned_under_transformers_name(lvtc):
+    """transformers 5.24 renamed `past_key_values` to `cache` (argument and output field): the model takes both
+    names, returns the installed release's field and continues a prefill the same way under each name."""
+    import transformers.modeling_outputs as outputs
+
+    assert {f.name for f in dataclasses.fields(outputs.CausalLMOutputWithPast)} & {"cache", "past_key_values"} == \
+        {CACHE_NAME}
+    model = tiny_model(lvtc=lvtc)
+    ids, pv = torch.tensor([prompt_ids(1, seed=25)]), pixels(1, seed=26)
+    steps = []
+    for name in ("past_key_values", "cache"):
+        prefill = model(input_ids=ids, pixel_values=pv, use_cache=True)
+        cache = getattr(prefill, CACHE_NAME)
+        assert CACHE_NAME in prefill.keys() and cache.get_seq_length() == ids.shape[1]
+        steps.append(model(input_ids=torch.tensor([[5]]), use_cache=True, **{name: cache}).logits)
+        assert cache.get_seq_length() == ids.shape[1] + 1
+    torch.testing.assert_close(steps[0], steps[1], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="both past_key_values= and cache="):
+        model(input_ids=ids, pixel_values=pv, past_key_values=DynamicCache(), cache=DynamicCache())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="offloaded caches need a CUDA device")

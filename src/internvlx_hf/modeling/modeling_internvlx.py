@@ -24,9 +24,9 @@ from transformers.masking_utils import (
     create_sliding_window_causal_mask,
     find_packed_sequence_indices,
 )
-from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling
+from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
 from transformers.models.internvl.modeling_internvl import InternVLVisionModel, InternVLVisionRMSNorm
-from transformers.utils import ModelOutput, logging
+from transformers.utils import logging
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_internvlx import InternVLXConfig, LVTCConfig, image_and_patch
@@ -50,6 +50,20 @@ except ImportError:
 
 
 logger = logging.get_logger(__name__)
+
+#: The installed transformers' name for the KV cache, as an argument and as an output field: transformers 5.24
+#: renamed `past_key_values` to `cache` (generate() passes `cache=`, outputs hold `.cache`; the old name is a
+#: deprecated alias until 5.40). This model takes either name and speaks the installed release's to transformers.
+CACHE_NAME = ("cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)}
+              else "past_key_values")
+
+
+def _one_cache(past_key_values: Cache | None, cache: Cache | None) -> Cache | None:
+    """The cache a caller passed under either name (`CACHE_NAME`)."""
+    if past_key_values is not None and cache is not None:
+        raise ValueError("Got both past_key_values= and cache= (one cache under two names); pass only one: cache= "
+                         "is transformers 5.24's name, past_key_values= the older one.")
+    return cache if cache is not None else past_key_values
 
 # --------------------------------------------------------------------------------------------------------------------
 # Projectors
@@ -599,20 +613,16 @@ class LogitsOnRead:
 
 
 @dataclass
-class InternVLXCausalLMOutputWithPast(ModelOutput):
+class InternVLXCausalLMOutputWithPast(CausalLMOutputWithPast):
     """Causal LM output; ``logits`` always line up with ``input_ids`` (short layout), LVTC or not.
 
     With ``skip_logits=True`` (the LM head runs on the labelled positions only) ``logits`` is None and
     ``token_losses`` ``(batch, seq)`` holds the cross-entropy of the prediction made at each position (of
     ``labels[:, t + 1]``, or ``shift_labels[:, t]``), 0 where that label is -100. A training forward with labels
-    and the default ``skip_logits=None`` returns its subclass `InternVLXLogitsOnReadOutput`.
+    and the default ``skip_logits=None`` returns its subclass `InternVLXLogitsOnReadOutput`. The cache field is
+    transformers' (`CACHE_NAME`: ``past_key_values``, ``cache`` from transformers 5.24 on).
     """
 
-    loss: torch.Tensor | None = None
-    logits: torch.Tensor | None = None
-    past_key_values: Cache | None = None
-    hidden_states: tuple[torch.Tensor, ...] | None = None
-    attentions: tuple[torch.Tensor, ...] | None = None
     image_hidden_states: torch.Tensor | None = None
     token_losses: torch.Tensor | None = None
 
@@ -676,7 +686,7 @@ class InternVLXPreTrainedModel(PreTrainedModel):
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
     _no_split_modules = ["InternVLVisionLayer", "InternVLXMLPProjector", "PVTCProjector"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = [CACHE_NAME]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
@@ -907,6 +917,7 @@ class InternVLXModel(InternVLXPreTrainedModel):
         past_key_values: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        cache: Cache | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | list[int] | None = None,
         image_flags: torch.Tensor | None = None,
@@ -920,7 +931,9 @@ class InternVLXModel(InternVLXPreTrainedModel):
         image_flags: optional ``(tiles,)``; tiles flagged 0 are dropped (InternVL2 dummy tiles).
         num_patches, tile_grid: what the processor returns (tiles per image, ``(cols, rows)`` per image); checked
             against ``pixel_values`` and the `<IMG_CONTEXT>` runs, otherwise unused.
+        cache: the KV cache under transformers 5.24's name; ``past_key_values`` under the older one (pass one).
         """
+        past_key_values = _one_cache(past_key_values, cache)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         # An explicit None means "the config's value" (transformers' convention), also for the LLM below.
@@ -955,11 +968,11 @@ class InternVLXModel(InternVLXPreTrainedModel):
                 inputs_embeds=inputs_embeds,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
-                past_key_values=past_key_values,
                 use_cache=use_cache,
                 output_attentions=output_attentions,
                 output_hidden_states=output_hidden_states,
                 return_dict=True,
+                **{CACHE_NAME: past_key_values},
                 **kwargs,
             )
             hidden_states = outputs.hidden_states
@@ -968,10 +981,10 @@ class InternVLXModel(InternVLXPreTrainedModel):
                 hidden_states = tuple(h if i in selection else None for i, h in enumerate(hidden_states))
             return InternVLXModelOutputWithPast(
                 last_hidden_state=outputs.last_hidden_state,
-                past_key_values=outputs.past_key_values,
                 hidden_states=hidden_states,
                 attentions=outputs.attentions,
                 image_hidden_states=features.pooler_output if features is not None else None,
+                **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
             )
         return self._lvtc_forward(
             inputs_embeds, image_mask, features, attention_mask, position_ids, past_key_values, past_length,
@@ -1095,7 +1108,7 @@ class InternVLXModel(InternVLXPreTrainedModel):
                 if kind not in masks:
                     masks[kind] = _MASK_FUNCTIONS[kind](
                         config=text_config, inputs_embeds=hidden, attention_mask=mask_2d,
-                        past_key_values=past_key_values, position_ids=positions, layer_idx=idx,
+                        position_ids=positions, layer_idx=idx, **{CACHE_NAME: past_key_values},
                     )
             return masks
 
@@ -1136,7 +1149,7 @@ class InternVLXModel(InternVLXPreTrainedModel):
                     all_hidden.append(hidden if selection is None or len(all_hidden) in selection else None)
                 hidden = layer(
                     hidden, attention_mask=masks[layer_types[idx]], position_ids=positions,
-                    past_key_values=past_key_values, use_cache=use_cache, position_embeddings=rope, **kwargs,
+                    use_cache=use_cache, position_embeddings=rope, **{CACHE_NAME: past_key_values}, **kwargs,
                     **(varlen if idx < k else long_varlen),
                 )
         finally:
@@ -1149,7 +1162,7 @@ class InternVLXModel(InternVLXPreTrainedModel):
             all_hidden.append(hidden if selection is None or len(all_hidden) in selection else None)
         return InternVLXModelOutputWithPast(
             last_hidden_state=hidden,
-            past_key_values=past_key_values if use_cache else None,
+            **{CACHE_NAME: past_key_values if use_cache else None},
             hidden_states=tuple(all_hidden) if all_hidden is not None else None,
             attentions=tuple(attentions) if output_attentions else None,
             image_hidden_states=features.pooler_output if features is not None else None,
@@ -1307,6 +1320,7 @@ class InternVLXForConditionalGeneration(InternVLXPreTrainedModel, GenerationMixi
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
+        cache: Cache | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         output_attentions: bool | None = None,
         output_hidden_states: bool | list[int] | None = None,
@@ -1343,7 +1357,9 @@ class InternVLXForConditionalGeneration(InternVLXPreTrainedModel, GenerationMixi
             Liger's fused kernel (`internvlx_hf.training.linear_cross_entropy`); default: the LM head and
             `torch.nn.functional.cross_entropy` in float32, as the loss without ``skip_logits``.
         return_dict: ``False`` returns a tuple (transformers' convention; ``config.return_dict`` is the default).
+        cache: the KV cache under transformers 5.24's name; ``past_key_values`` under the older one (pass one).
         """
+        past_key_values = _one_cache(past_key_values, cache)
         if kwargs.get("loss_weight") is not None:  # it would otherwise vanish in **kwargs: a silently unweighted loss
             raise ValueError(
                 "loss_weight (from InternVLXDataCollator(loss_reduction='sample' / 'square')) is applied by "
@@ -1380,9 +1396,9 @@ class InternVLXForConditionalGeneration(InternVLXPreTrainedModel, GenerationMixi
                 loss = self.loss_function(
                     logits=logits, labels=labels, vocab_size=self.config.get_text_config().vocab_size, **kwargs
                 )
-        items = dict(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
-                     hidden_states=outputs.hidden_states, attentions=outputs.attentions,
+        items = dict(loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions,
                      image_hidden_states=outputs.image_hidden_states)
+        items[CACHE_NAME] = getattr(outputs, CACHE_NAME)
         if on_read is not None:  # the default's output is a full forward's: no token_losses
             return InternVLXLogitsOnReadOutput(**items, logits_on_read=on_read)
         return InternVLXCausalLMOutputWithPast(**items, token_losses=token_losses)
@@ -1416,10 +1432,11 @@ class InternVLXForConditionalGeneration(InternVLXPreTrainedModel, GenerationMixi
     # ------------------------------------------------------------------------------------------ generation hooks
 
     def prepare_inputs_for_generation(self, input_ids, past_key_values=None, inputs_embeds=None,
-                                      is_first_iteration=False, **kwargs):
+                                      is_first_iteration=False, cache=None, **kwargs):
+        past_key_values = _one_cache(past_key_values, cache)
         model_inputs = super().prepare_inputs_for_generation(
-            input_ids, past_key_values=past_key_values, inputs_embeds=inputs_embeds,
-            is_first_iteration=is_first_iteration, **kwargs
+            input_ids, inputs_embeds=inputs_embeds, is_first_iteration=is_first_iteration,
+            **{CACHE_NAME: past_key_values}, **kwargs
         )
         # An assistant model (assisted / speculative decoding) runs generate() once per draft with
         # is_first_iteration=False, so transformers drops pixel_values even from its first forward. That forward
@@ -1475,7 +1492,7 @@ class InternVLXForConditionalGeneration(InternVLXPreTrainedModel, GenerationMixi
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
-        cache = model_kwargs.get("past_key_values")
+        cache = model_kwargs.get(CACHE_NAME)
         if self.config.lvtc is None or type(cache) not in (DynamicCache, StaticCache) or cache.get_seq_length() != 0:
             return
         # The LVTC state (that decoding steps need and that beam search and cropping must update) lives on the
@@ -1487,16 +1504,18 @@ class InternVLXForConditionalGeneration(InternVLXPreTrainedModel, GenerationMixi
         else:
             cache.__class__ = InternVLXLVTCCache
 
-    def create_masks_for_generate(self, config, inputs_embeds, attention_mask, past_key_values, **kwargs):
+    def create_masks_for_generate(self, config, inputs_embeds, attention_mask, past_key_values=None, cache=None,
+                                  **kwargs):
         """generate()'s mask hook for compilable (static) caches: transformers' 4D mask, except for LVTC.
 
         One 4D mask cannot serve LVTC (layers ``>= k`` attend over the long layout), so its forward builds one per
         layout from the 2D mask. The prefill gets the 2D mask as is; a decoding step gets it padded with zeros to the
         short layers' cache length, so that every step has the same shapes (one compiled graph for all steps).
         """
+        past_key_values = _one_cache(past_key_values, cache)
         if self.config.lvtc is None or not isinstance(past_key_values, InternVLXLVTCStaticCache):
             return create_masks_for_generate(config=config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                             past_key_values=past_key_values, **kwargs)
+                                             **{CACHE_NAME: past_key_values}, **kwargs)
         if attention_mask is None or past_key_values.lvtc_state is None:
             return attention_mask
         free = past_key_values.layers[0].max_cache_len - attention_mask.shape[-1]

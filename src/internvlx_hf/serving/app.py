@@ -62,9 +62,10 @@ from .work import ServingWork
 
 # transformers releases whose serving internals (the hooks above) tests/test_serve.py passed on; docs/serving.md
 # lists the runs. Older releases are refused; newer ones run with one warning line.
-TESTED_TRANSFORMERS = ("5.16.1", "5.17.0", "5.18.0", "5.19.0", "5.20.2", "5.21.0", "5.21.1", "5.22.2", "5.23.0")
+TESTED_TRANSFORMERS = ("5.16.1", "5.17.0", "5.18.0", "5.19.0", "5.20.2", "5.21.0", "5.21.1", "5.22.2", "5.23.0",
+                       "5.24.0")
 # The releases accepted without a warning: from the oldest tested one to the newest tested minor's patches.
-SUPPORTED_TRANSFORMERS = ">=5.16.1,<5.24"
+SUPPORTED_TRANSFORMERS = ">=5.16.1,<5.25"
 # What `transformers serve` imports (transformers' own check, `is_serve_available`), as pip names them.
 SERVE_PACKAGES = ("fastapi", "uvicorn", "openai", "pydantic")
 INSTALL_HINT = 'pip install "internvlx-hf[serve]"'
@@ -177,7 +178,13 @@ def serving_classes():
         def _load_model(self, model_id_and_revision, tqdm_class=None, progress_callback=None, **kwargs):
             from transformers import AutoConfig, AutoModelForImageTextToText
 
-            model_id, revision = model_id_and_revision.split("@", 1)
+            # `id@revision`; a local folder has no revision (transformers 5.24 names it by its path alone, and an
+            # `@` in a path is part of the path), as transformers' own `split_revision` reads it
+            if os.path.exists(model_id_and_revision):
+                model_id, revision = model_id_and_revision, None
+            else:
+                model_id, _, revision = model_id_and_revision.partition("@")
+                revision = revision or None
             if kwargs.get("gguf_file") is None:
                 config = AutoConfig.from_pretrained(model_id, revision=revision,
                                                     trust_remote_code=self.trust_remote_code)
@@ -207,9 +214,18 @@ def serving_classes():
 
         # Hook 3: `GET /v1/models` scans the Hugging Face cache for architectures transformers knows; a server pinned
         # to one model lists that one (the id a request's "model" must name, or leave out).
+        # (`get_gen_models` up to transformers 5.23, `list_models` from 5.24 on)
         def get_gen_models(self, cache_dir: str | None = None) -> list[dict]:
             if self.force_model is None:
                 return ModelManager.get_gen_models(cache_dir)
+            return self._pinned_model()
+
+        def list_models(self, cache_dir: str | None = None) -> list[dict]:
+            if self.force_model is None:
+                return super().list_models(cache_dir)
+            return self._pinned_model()
+
+        def _pinned_model(self) -> list[dict]:
             owner = "local" if os.path.isdir(self.force_model) else self.force_model.partition("/")[0]
             return [{"id": self.force_model, "object": "model", "created": self.created, "owned_by": owner}]
 
