@@ -18,7 +18,9 @@ def test_quickstart_runs_and_removes_its_temporary_folder(tmp_path):
     result = subprocess.run([sys.executable, str(REPO_ROOT / "examples" / "quickstart.py")], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    lines = result.stdout.splitlines()
+    # (DeepSpeed, where installed, logs "[date] [WARNING] [real_accelerator.py...] Setting accelerator to CPU" to
+    # stdout when transformers imports it: not the script's output)
+    lines = [line for line in result.stdout.splitlines() if "real_accelerator.py" not in line]
     assert lines[0].startswith(f"saved to {scratch}{os.sep}internvlx-")
     assert "(temporary, removed when the script ends; pass a folder to keep it)" in lines[0]
     assert lines[1:3] == ["tokens per tile: 256 (LVTC expands to 1024 from layer 3)",
