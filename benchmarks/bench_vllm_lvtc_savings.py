@@ -98,12 +98,14 @@ def run_engines(spec: dict, workdir: Path, env: dict | None = None) -> dict:
 
 
 def reference(folder: Path, request: dict, max_new_tokens: int = 8):
+    """(prompt ids, greedy tokens, their logprobs) of transformers' generation."""
     model = InternVLXForConditionalGeneration.from_pretrained(folder).eval()
     processor = InternVLXProcessor.from_pretrained(folder)
     images = [image(w, h, seed) for w, h, seed in request["images"]] or None
     videos = [video(frames, seed) for frames, seed in request["videos"]] or None
-    return reference_generate(model, processor, request["prompt"], images=images, videos=videos,
-                              max_new_tokens=max_new_tokens, **request["mm_processor_kwargs"])
+    out = reference_generate(model, processor, request["prompt"], images=images, videos=videos,
+                             max_new_tokens=max_new_tokens, **request["mm_processor_kwargs"])
+    return out["prompt_ids"], out["tokens"], out["logprobs"]
 
 
 def layer_blocks(held: list[int] | None, groups: list[dict]) -> int | None:
