@@ -382,7 +382,7 @@ def savings(args) -> None:
                "kv_target": round(headline["kv_target"], 4),
                "prefill_ratio": round(headline["lvtc-saving"]["prefill_ratio"], 4),
                "flops_ratio": round(headline["flops_ratio"], 4), "tokens_equal": equal, "vllm": vllm.__version__,
-               "date": datetime.date.today().isoformat()}
+               "date": datetime.date.today().isoformat(), "plugin_commit": plugin_commit()}
     runs = {"experiment": "E3: savings against plain-1024 and plain-256 of the same model, one run",
             "model": {"text": MID_TEXT, "vision": MID_VISION, "expand_layer": MID_EXPAND, "engine": MID_ENGINE},
             "figures": figures, "per_request": per_request, "requests_per_s": rps,
@@ -391,11 +391,14 @@ def savings(args) -> None:
             "raw": {name: {k: v for k, v in result.items() if k in ("prefill_s", "rps")}
                     for name, result in results.items()}}
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "vllm-lvtc-savings.json").write_text(json.dumps(figures, indent=1) + "\n")
-    (RESULTS / "vllm-lvtc-savings-runs.json").write_text(json.dumps(runs, indent=1) + "\n")
+    runs["settings"] = {"repeats": args.repeats, "load_repeats": args.load_repeats,
+                        "concurrency": args.concurrency, "max_tokens": args.max_tokens}
+    (RESULTS / f"{args.out}.json").write_text(json.dumps(figures, indent=1) + "\n")
+    (RESULTS / f"{args.out}-runs.json").write_text(json.dumps(runs, indent=1) + "\n")
     print(table(runs))
+    print(f"written: benchmarks/results/{args.out}.json, {args.out}-runs.json")
     if args.plot:
-        plot(runs, RESULTS / "vllm-lvtc-savings.png")
+        plot(runs, RESULTS / f"{args.out}.png")
 
 
 ENGINE_ORDER = ("plain-1024", "plain-256", "lvtc-shipped", "lvtc-saving")
@@ -451,6 +454,15 @@ def plot(runs: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def plugin_commit() -> str:
+    """The commit of the checkout the run measured (with `+changes` where src/ or benchmarks/*.py differ from it)."""
+    def git(*command):
+        return subprocess.run(["git", *command], cwd=HERE.parent, capture_output=True, text=True).stdout.strip()
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    return commit + ("+changes" if git("status", "--porcelain", "--", "src", "benchmarks/*.py") else "")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("experiment", choices=["parity", "stress", "savings"])
@@ -459,6 +471,9 @@ def main(argv=None) -> None:
     parser.add_argument("--concurrency", type=lambda v: [int(c) for c in v.split(",")], default=[4, 16])
     parser.add_argument("--load-repeats", type=int, default=2, help="savings: rounds per concurrency level (median)")
     parser.add_argument("--max-tokens", type=int, default=16, help="savings: tokens per request under load")
+    parser.add_argument("--out", default="vllm-lvtc-savings",
+                        help="savings: results/<OUT>.json (figures) and <OUT>-runs.json; the recorded run is the "
+                             "default name, a check against it writes beside it (e.g. --out vllm-lvtc-savings-rerun)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     if args.experiment == "parity":
