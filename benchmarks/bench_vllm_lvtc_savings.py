@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import subprocess
 import sys
@@ -169,7 +170,8 @@ def parity(args) -> None:
                       for name in PARITY_MODELS},
            "rows": rows}
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "vllm-lvtc-parity-saving.json").write_text(json.dumps(out, indent=1) + "\n")
+    out["plugin_commit"] = plugin_commit()
+    (RESULTS / f"{args.out or 'vllm-lvtc-parity-saving'}.json").write_text(json.dumps(out, indent=1) + "\n")
     print(f"\nall tokens equal: {out['all_tokens_equal']}; largest logprob difference {worst:.2e} "
           f"(tolerance {LOGPROB_ATOL})")
 
@@ -393,12 +395,13 @@ def savings(args) -> None:
     RESULTS.mkdir(exist_ok=True)
     runs["settings"] = {"repeats": args.repeats, "load_repeats": args.load_repeats,
                         "concurrency": args.concurrency, "max_tokens": args.max_tokens}
-    (RESULTS / f"{args.out}.json").write_text(json.dumps(figures, indent=1) + "\n")
-    (RESULTS / f"{args.out}-runs.json").write_text(json.dumps(runs, indent=1) + "\n")
+    name = args.out or "vllm-lvtc-savings"
+    (RESULTS / f"{name}.json").write_text(json.dumps(figures, indent=1) + "\n")
+    (RESULTS / f"{name}-runs.json").write_text(json.dumps(runs, indent=1) + "\n")
     print(table(runs))
-    print(f"written: benchmarks/results/{args.out}.json, {args.out}-runs.json")
+    print(f"written: benchmarks/results/{name}.json, {name}-runs.json")
     if args.plot:
-        plot(runs, RESULTS / f"{args.out}.png")
+        plot(runs, RESULTS / f"{name}.png")
 
 
 ENGINE_ORDER = ("plain-1024", "plain-256", "lvtc-shipped", "lvtc-saving")
@@ -471,10 +474,13 @@ def main(argv=None) -> None:
     parser.add_argument("--concurrency", type=lambda v: [int(c) for c in v.split(",")], default=[4, 16])
     parser.add_argument("--load-repeats", type=int, default=2, help="savings: rounds per concurrency level (median)")
     parser.add_argument("--max-tokens", type=int, default=16, help="savings: tokens per request under load")
-    parser.add_argument("--out", default="vllm-lvtc-savings",
-                        help="savings: results/<OUT>.json (figures) and <OUT>-runs.json; the recorded run is the "
-                             "default name, a check against it writes beside it (e.g. --out vllm-lvtc-savings-rerun)")
+    parser.add_argument("--out", default=None,
+                        help="results/<OUT>.json (savings: also <OUT>-runs.json); default: the recorded run's name "
+                             "(vllm-lvtc-parity-saving, vllm-lvtc-savings); a check against it writes beside it, "
+                             "e.g. --out vllm-lvtc-savings-rerun. (stress always writes vllm-lvtc-stress-saving)")
     args = parser.parse_args(argv)
+    if args.plot and importlib.util.find_spec("matplotlib") is None:  # found before the run, not after it
+        parser.error("--plot needs matplotlib in this environment (pip install matplotlib)")
     torch.set_num_threads(1)
     if args.experiment == "parity":
         parity(args)

@@ -106,15 +106,17 @@ def test_saving_model_builds_on_the_shipped_plugin_and_answers_as_transformers(t
     assert got["blocks_held"] == [need[g["spec"]] for g in groups]
 
 
-def test_saving_figures_are_the_run_files():
-    """The issue's figures file holds exactly the headline of the full run file."""
+@pytest.mark.parametrize("name", ["vllm-lvtc-savings", "vllm-lvtc-savings-rerun"])
+def test_saving_figures_are_the_run_files(name):
+    """The issue's figures file (the recorded run, and its re-run on the ported experiment) holds exactly the headline
+    of the full run file, with the commit whose plugin it measured."""
     import json
 
     results = REPO_ROOT / "benchmarks" / "results"
-    figures = json.loads((results / "vllm-lvtc-savings.json").read_text())
-    runs = json.loads((results / "vllm-lvtc-savings-runs.json").read_text())
+    figures = json.loads((results / f"{name}.json").read_text())
+    runs = json.loads((results / f"{name}-runs.json").read_text())
     assert set(figures) == {"kv_blocks_ratio", "kv_target", "prefill_ratio", "flops_ratio", "tokens_equal", "vllm",
-                            "date"}
+                            "date", "plugin_commit"}
     assert figures == runs["figures"]
     head = runs["per_request"]["3 tiles"]
     assert figures["kv_blocks_ratio"] == round(head["lvtc-saving"]["kv_blocks_ratio"], 4)
