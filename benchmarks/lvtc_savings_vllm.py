@@ -19,6 +19,14 @@ only vLLM's extension points, never editing or patching vLLM's files:
   code, with `mrope_position_delta = -E` (E: the request's HR-only slot count), so that decoded tokens arrive with
   their short-layout position too. Long-layout positions (layers from k) come from the attention metadata
   (`seq_lens - query_len + offset`, exactly vLLM's own token index).
+
+It follows the shipped plugin's internals, so a rewrite of `src/internvlx_hf/vllm/lvtc.py` or `model.py` breaks it at
+engine start (tests/test_vllm_lvtc_savings.py builds it to catch that). Written against the plugin of commit 4d6c4f8
+(the recorded figures); ported to the plugin of a8427e2, where `LVTCRunner` is an `nn.Module` compiled by vLLM, the
+short layers get `KeyBiasAttention` + `KeyBiasRotary`, and the projectors' outputs come in wide embedding rows:
+`SavingRunner` is a module beside the shipped runner, restores plain attention and RoPE in the short layers, reads
+the wide rows, and runs eager only. Not handled: LongRoPE's switch (Phi-3 prompts whose positions pass
+`original_max_position_embeddings`; the rows here carry no long-factor offset).
 """
 
 from __future__ import annotations
