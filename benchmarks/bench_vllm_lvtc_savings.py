@@ -223,7 +223,8 @@ def stress(args) -> None:
            "preemptions": {case: result.get("preemptions") for case, result in answers.items()},
            "all_tokens_equal": all(r["tokens_equal"] for r in rows),
            "max_logprob_diff": max(r["logprob_diff"] for r in rows), "rows": rows}
-    (RESULTS / "vllm-lvtc-stress-saving.json").write_text(json.dumps(out, indent=1) + "\n")
+    out["plugin_commit"] = plugin_commit()
+    (RESULTS / f"{args.out or 'vllm-lvtc-stress-saving'}.json").write_text(json.dumps(out, indent=1) + "\n")
     print(f"preemptions {out['preemptions']}; all tokens equal {out['all_tokens_equal']}; largest logprob "
           f"difference {out['max_logprob_diff']:.2e}")
 
@@ -476,8 +477,8 @@ def main(argv=None) -> None:
     parser.add_argument("--max-tokens", type=int, default=16, help="savings: tokens per request under load")
     parser.add_argument("--out", default=None,
                         help="results/<OUT>.json (savings: also <OUT>-runs.json); default: the recorded run's name "
-                             "(vllm-lvtc-parity-saving, vllm-lvtc-savings); a check against it writes beside it, "
-                             "e.g. --out vllm-lvtc-savings-rerun. (stress always writes vllm-lvtc-stress-saving)")
+                             "(vllm-lvtc-parity-saving, vllm-lvtc-stress-saving, vllm-lvtc-savings); a check against "
+                             "it writes beside it, e.g. --out vllm-lvtc-savings-rerun")
     args = parser.parse_args(argv)
     if args.plot and importlib.util.find_spec("matplotlib") is None:  # found before the run, not after it
         parser.error("--plot needs matplotlib in this environment (pip install matplotlib)")
