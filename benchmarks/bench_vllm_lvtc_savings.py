@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import subprocess
 import sys
@@ -98,12 +99,14 @@ def run_engines(spec: dict, workdir: Path, env: dict | None = None) -> dict:
 
 
 def reference(folder: Path, request: dict, max_new_tokens: int = 8):
+    """(prompt ids, greedy tokens, their logprobs) of transformers' generation."""
     model = InternVLXForConditionalGeneration.from_pretrained(folder).eval()
     processor = InternVLXProcessor.from_pretrained(folder)
     images = [image(w, h, seed) for w, h, seed in request["images"]] or None
     videos = [video(frames, seed) for frames, seed in request["videos"]] or None
-    return reference_generate(model, processor, request["prompt"], images=images, videos=videos,
-                              max_new_tokens=max_new_tokens, **request["mm_processor_kwargs"])
+    out = reference_generate(model, processor, request["prompt"], images=images, videos=videos,
+                             max_new_tokens=max_new_tokens, **request["mm_processor_kwargs"])
+    return out["prompt_ids"], out["tokens"], out["logprobs"]
 
 
 def layer_blocks(held: list[int] | None, groups: list[dict]) -> int | None:
@@ -167,7 +170,8 @@ def parity(args) -> None:
                       for name in PARITY_MODELS},
            "rows": rows}
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "vllm-lvtc-parity-saving.json").write_text(json.dumps(out, indent=1) + "\n")
+    out["plugin_commit"] = plugin_commit()
+    (RESULTS / f"{args.out or 'vllm-lvtc-parity-saving'}.json").write_text(json.dumps(out, indent=1) + "\n")
     print(f"\nall tokens equal: {out['all_tokens_equal']}; largest logprob difference {worst:.2e} "
           f"(tolerance {LOGPROB_ATOL})")
 
@@ -219,7 +223,8 @@ def stress(args) -> None:
            "preemptions": {case: result.get("preemptions") for case, result in answers.items()},
            "all_tokens_equal": all(r["tokens_equal"] for r in rows),
            "max_logprob_diff": max(r["logprob_diff"] for r in rows), "rows": rows}
-    (RESULTS / "vllm-lvtc-stress-saving.json").write_text(json.dumps(out, indent=1) + "\n")
+    out["plugin_commit"] = plugin_commit()
+    (RESULTS / f"{args.out or 'vllm-lvtc-stress-saving'}.json").write_text(json.dumps(out, indent=1) + "\n")
     print(f"preemptions {out['preemptions']}; all tokens equal {out['all_tokens_equal']}; largest logprob "
           f"difference {out['max_logprob_diff']:.2e}")
 
@@ -380,7 +385,7 @@ def savings(args) -> None:
                "kv_target": round(headline["kv_target"], 4),
                "prefill_ratio": round(headline["lvtc-saving"]["prefill_ratio"], 4),
                "flops_ratio": round(headline["flops_ratio"], 4), "tokens_equal": equal, "vllm": vllm.__version__,
-               "date": datetime.date.today().isoformat()}
+               "date": datetime.date.today().isoformat(), "plugin_commit": plugin_commit()}
     runs = {"experiment": "E3: savings against plain-1024 and plain-256 of the same model, one run",
             "model": {"text": MID_TEXT, "vision": MID_VISION, "expand_layer": MID_EXPAND, "engine": MID_ENGINE},
             "figures": figures, "per_request": per_request, "requests_per_s": rps,
@@ -389,11 +394,15 @@ def savings(args) -> None:
             "raw": {name: {k: v for k, v in result.items() if k in ("prefill_s", "rps")}
                     for name, result in results.items()}}
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "vllm-lvtc-savings.json").write_text(json.dumps(figures, indent=1) + "\n")
-    (RESULTS / "vllm-lvtc-savings-runs.json").write_text(json.dumps(runs, indent=1) + "\n")
+    runs["settings"] = {"repeats": args.repeats, "load_repeats": args.load_repeats,
+                        "concurrency": args.concurrency, "max_tokens": args.max_tokens}
+    name = args.out or "vllm-lvtc-savings"
+    (RESULTS / f"{name}.json").write_text(json.dumps(figures, indent=1) + "\n")
+    (RESULTS / f"{name}-runs.json").write_text(json.dumps(runs, indent=1) + "\n")
     print(table(runs))
+    print(f"written: benchmarks/results/{name}.json, {name}-runs.json")
     if args.plot:
-        plot(runs, RESULTS / "vllm-lvtc-savings.png")
+        plot(runs, RESULTS / f"{name}.png")
 
 
 ENGINE_ORDER = ("plain-1024", "plain-256", "lvtc-shipped", "lvtc-saving")
@@ -449,6 +458,15 @@ def plot(runs: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def plugin_commit() -> str:
+    """The commit of the checkout the run measured (with `+changes` where src/ or benchmarks/*.py differ from it)."""
+    def git(*command):
+        return subprocess.run(["git", *command], cwd=HERE.parent, capture_output=True, text=True).stdout.strip()
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    return commit + ("+changes" if git("status", "--porcelain", "--", "src", "benchmarks/*.py") else "")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("experiment", choices=["parity", "stress", "savings"])
@@ -457,7 +475,13 @@ def main(argv=None) -> None:
     parser.add_argument("--concurrency", type=lambda v: [int(c) for c in v.split(",")], default=[4, 16])
     parser.add_argument("--load-repeats", type=int, default=2, help="savings: rounds per concurrency level (median)")
     parser.add_argument("--max-tokens", type=int, default=16, help="savings: tokens per request under load")
+    parser.add_argument("--out", default=None,
+                        help="results/<OUT>.json (savings: also <OUT>-runs.json); default: the recorded run's name "
+                             "(vllm-lvtc-parity-saving, vllm-lvtc-stress-saving, vllm-lvtc-savings); a check against "
+                             "it writes beside it, e.g. --out vllm-lvtc-savings-rerun")
     args = parser.parse_args(argv)
+    if args.plot and importlib.util.find_spec("matplotlib") is None:  # found before the run, not after it
+        parser.error("--plot needs matplotlib in this environment (pip install matplotlib)")
     torch.set_num_threads(1)
     if args.experiment == "parity":
         parity(args)

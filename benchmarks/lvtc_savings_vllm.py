@@ -19,6 +19,14 @@ only vLLM's extension points, never editing or patching vLLM's files:
   code, with `mrope_position_delta = -E` (E: the request's HR-only slot count), so that decoded tokens arrive with
   their short-layout position too. Long-layout positions (layers from k) come from the attention metadata
   (`seq_lens - query_len + offset`, exactly vLLM's own token index).
+
+It follows the shipped plugin's internals, so a rewrite of `src/internvlx_hf/vllm/lvtc.py` or `model.py` breaks it at
+engine start (tests/test_vllm_lvtc_savings.py builds it to catch that). Written against the plugin of commit 4d6c4f8
+(the recorded figures); ported to the plugin of a8427e2, where `LVTCRunner` is an `nn.Module` compiled by vLLM, the
+short layers get `KeyBiasAttention` + `KeyBiasRotary`, and the projectors' outputs come in wide embedding rows:
+`SavingRunner` is a module beside the shipped runner, restores plain attention and RoPE in the short layers, reads
+the wide rows, and runs eager only. Not handled: LongRoPE's switch (Phi-3 prompts whose positions pass
+`original_max_position_embeddings`; the rows here carry no long-factor offset).
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import bisect
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 from vllm.forward_context import get_forward_context
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.models import ModelRegistry
@@ -41,6 +50,7 @@ from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
 from internvlx_hf.vllm.config_hook import LVTCConfigHook
 from internvlx_hf.vllm.layout import LVTCLayout
+from internvlx_hf.vllm.lvtc import KeyBiasAttention, KeyBiasRotary, LVTCRunner
 from internvlx_hf.vllm.model import InternVLXForConditionalGeneration
 
 #: The architecture name the experiment registers (a checkpoint is served with it through `hf_overrides`).
@@ -170,6 +180,9 @@ class SavingConfigHook(LVTCConfigHook):
     @staticmethod
     def verify_and_update_config(vllm_config) -> None:
         LVTCConfigHook.verify_and_update_config(vllm_config)
+        if not vllm_config.model_config.enforce_eager:
+            # SavingRunner sizes each step's short layers from the step's metadata on the host (no capture)
+            raise ValueError("the LVTC-saving experiment runs eager only: start the engine with enforce_eager=True")
         scheduler = vllm_config.scheduler_config
         if scheduler.scheduler_cls is None or isinstance(scheduler.scheduler_cls, type) and issubclass(
                 scheduler.scheduler_cls, LVTCSchedulerMixin):
@@ -213,12 +226,21 @@ def saving_positions(layout: LVTCLayout, length: int, mm_features: list) -> tupl
     return torch.stack([short, short, code]), -int(unused.sum())
 
 
-class SavingRunner:
-    """The shipped LVTCRunner's projector rows and expansion, with layers below k on the live tokens only."""
+class SavingRunner(nn.Module):
+    """The shipped `LVTCRunner`'s projector rows and expansion, with layers below k on the live tokens only.
 
-    def __init__(self, shipped, model, vllm_config):
-        self.__dict__.update(shipped.__dict__)
-        self._shipped = shipped
+    A module beside the shipped runner (which it holds as `shipped` and borrows `tile_rows`, `embed_input_ids`,
+    `_extra_columns` and `_expand` from), not a subclass: the shipped runner is compiled whole by vLLM
+    (`support_torch_compile`), and this forward reads the step's metadata on the host (token counts, masks), so the
+    experiment runs eager only (`SavingConfigHook` refuses anything else)."""
+
+    def __init__(self, shipped: LVTCRunner, model, vllm_config):
+        super().__init__()
+        self.shipped = shipped
+        self.model = shipped.model  # a list: the model is not a submodule of its runner
+        self.layout: LVTCLayout = shipped.layout
+        self.hidden = shipped.hidden
+        self.injections = shipped.injections
         self.vllm_config = vllm_config
         layout = self.layout
         lm = model.language_model.model
@@ -226,7 +248,15 @@ class SavingRunner:
         self.short_names: list[str] = []
         for index in range(layout.expand_layer):
             self_attn = lm.layers[index].self_attn
-            wrapped = self_attn.attn  # the shipped KeyBiasAttention (padded heads): replaced by a plain-size one
+            # The shipped runner gave these layers a padded-head Attention (`KeyBiasAttention`) and a rotary embedding
+            # that writes the unused-slot mask into the extra head dimensions (`KeyBiasRotary`); here the unused
+            # slots never reach these layers, so both go back to plain ones, at the same layer name (vLLM binds the
+            # layer's KV cache by it).
+            wrapped = self_attn.attn
+            if not isinstance(wrapped, KeyBiasAttention) or not isinstance(self_attn.rotary_emb, KeyBiasRotary):
+                raise TypeError(f"LVTC-saving experiment: layer {index} of the shipped plugin is not built as this "
+                                f"experiment expects (KeyBiasAttention + KeyBiasRotary below k); it follows "
+                                f"src/internvlx_hf/vllm/lvtc.py and must be ported to its changes")
             name = wrapped.attn.layer_name
             static.pop(name)
             attn = LVTCShortAttention(wrapped.num_heads, wrapped.head_size, wrapped.scale,
@@ -234,23 +264,16 @@ class SavingRunner:
                                       prefix=name)
             attn.short_per_tile, attn.long_per_tile = layout.short_per_tile, layout.long_per_tile
             self_attn.attn = attn
+            self_attn.rotary_emb = self_attn.rotary_emb.rotary
             self.short_names.append(name)
         self.builder = None
 
     # the shipped runner's pieces that do not change
     def tile_rows(self, vit, lr):
-        return self._shipped.tile_rows(vit, lr)
+        return self.shipped.tile_rows(vit, lr)
 
     def embed_input_ids(self, input_ids, multimodal_embeddings, is_multimodal):
-        out = self._shipped.embed_input_ids(input_ids, multimodal_embeddings, is_multimodal)
-        self.side = self._shipped.side
-        return out
-
-    def _extra_columns(self, number):
-        return self._shipped._extra_columns(number)
-
-    def _expand(self, hidden, slot, side):
-        return self._shipped._expand(hidden, slot, side)
+        return self.shipped.embed_input_ids(input_ids, multimodal_embeddings, is_multimodal)
 
     # ------------------------------------------------------------------------------------- short metadata
 
@@ -301,19 +324,16 @@ class SavingRunner:
 
     # -------------------------------------------------------------------------------------------- forward
 
-    def forward(self, input_ids, positions: torch.Tensor, inputs_embeds) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        """`inputs_embeds`: the shipped runner's wide rows (`[LLM input | HR | extra LR projectors]`, zeros past the
+        LLM input outside the tile slots); `positions`: this experiment's rows (`saving_positions`)."""
         lm = self.model[0].language_model.model
-        hidden = inputs_embeds if inputs_embeds is not None else lm.embed_input_ids(input_ids)
+        hidden, side = inputs_embeds[:, : self.hidden], inputs_embeds[:, self.hidden:]
         tokens, dim = hidden.shape
-        side, mask = self.side if self.side is not None and self.side[0].shape[0] == tokens else (None, None)
-        self.side = self._shipped.side = None
         layout = self.layout
         short_index, code = positions[1], positions[2]
         slot = torch.where(code < 0, -1 - code, -1)
         hr_only = slot >= layout.short_per_tile
-        lr_slots = (slot >= 0) & ~hr_only
-        if side is None and bool((slot >= 0).any()):
-            raise RuntimeError("InternVL-X LVTC: image slots reached the LLM without their projector rows")
         context = get_forward_context()
         metas = context.attn_metadata if isinstance(context.attn_metadata, dict) else None
         live = ~hr_only
@@ -328,12 +348,10 @@ class SavingRunner:
             long_index = positions[0]
         try:
             hidden_s, residual_s = hidden[live], None
-            positions_s, lr_s = short_index[live], lr_slots[live]
-            side_s = side[live] if side is not None else None
+            positions_s, side_s = short_index[live], side[live]
             for index in range(layout.expand_layer):
-                if index in self.injections and side is not None:
-                    cols = self._extra_columns(self.injections[index])
-                    hidden_s = hidden_s + torch.where(lr_s[:, None], side_s[:, cols], 0.0)
+                if index in self.injections:  # the extra LR projectors' columns: zeros outside the LR slots
+                    hidden_s = hidden_s + side_s[:, self.shipped._extra_columns(self.injections[index])]
                 hidden_s, residual_s = lm.layers[index](positions_s, hidden_s, residual_s)
         finally:
             for name, (meta, slot_mapping) in saved.items():
@@ -341,12 +359,11 @@ class SavingRunner:
                 context.slot_mapping[name] = slot_mapping
         hidden = hidden.new_zeros(tokens, dim)
         hidden[live] = hidden_s + residual_s if residual_s is not None else hidden_s
-        hidden = self._expand(hidden, slot, side)
+        hidden = self.shipped._expand(hidden, slot, side)
         residual = None
         for index in range(layout.expand_layer, len(lm.layers)):
-            if index in self.injections and side is not None:
-                cols = self._extra_columns(self.injections[index])
-                hidden = hidden + torch.where(lr_slots[:, None], side[:, cols], 0.0)
+            if index in self.injections:
+                hidden = hidden + side[:, self.shipped._extra_columns(self.injections[index])]
             hidden, residual = lm.layers[index](long_index, hidden, residual)
         hidden, _ = lm.norm(hidden, residual)
         return hidden

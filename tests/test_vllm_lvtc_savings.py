@@ -74,15 +74,49 @@ def test_short_layout_manager_counts_only_live_tokens():
         saving.LVTCShortManager.short_tokens(SimpleNamespace(requests=None), "r", 3)
 
 
-def test_saving_figures_are_the_run_files():
-    """The issue's figures file holds exactly the headline of the full run file."""
+@pytest.mark.vllm
+@pytest.mark.slow
+@needs_vllm
+def test_saving_model_builds_on_the_shipped_plugin_and_answers_as_transformers(tmp_path):
+    """The experiment subclasses the shipped plugin's model and replaces its LVTC runner and short layers; a change
+    to the plugin's internals breaks it at engine start (it once did: `cannot assign SavingRunner as child module
+    'lvtc'`). One engine (tiny Qwen2 + LVTC k=2, bench's settings) serves a 12-tile request: transformers' greedy
+    tokens and logprobs, and the KV blocks of each group the request's layouts need (short group: its short-layout
+    tokens only)."""
+    import math
+
+    bench = load_script("benchmarks/bench_vllm_lvtc_savings.py")
+    folder = bench.build_checkpoint(tmp_path / "qwen2-lvtc", **bench.PARITY_MODELS["qwen2-lvtc"][0])
+    request = bench.REQUESTS["12 tiles"]
+    spec = {"engines": [{"name": "saving", "checkpoint": str(folder), "engine": bench.TINY_ENGINE, "saving": True,
+                         "requests": [request]}], "max_tokens": 4}
+    result = bench.run_engines(spec, tmp_path)["saving"]
+    prompt_ids, tokens, logprobs = bench.reference(folder, request, max_new_tokens=4)
+    for got in (result["alone"][0], result["together"][0]):
+        assert got["tokens"] == tokens
+        assert max(abs(a - b) for a, b in zip(got["logprobs"], logprobs)) <= bench.LOGPROB_ATOL
+    groups = result["info"]["groups"]
+    assert sorted(g["spec"] for g in groups) == ["FullAttentionSpec", "LVTCShortSpec"]
+    got = result["alone"][0]
+    long_tokens = got["prompt_tokens"] + 4 - 1  # the last sampled token is never written to the cache
+    short_tokens = len(prompt_ids) + 4 - 1  # transformers' prompt is the short layout
+    assert got["prompt_tokens"] - len(prompt_ids) == 12 * (64 - 16)  # 12 tiles of 16 LR / 64 long slots
+    need = {g["spec"]: math.ceil((short_tokens if g["spec"] == "LVTCShortSpec" else long_tokens) / g["block_size"])
+            for g in groups}
+    assert got["blocks_held"] == [need[g["spec"]] for g in groups]
+
+
+@pytest.mark.parametrize("name", ["vllm-lvtc-savings", "vllm-lvtc-savings-rerun"])
+def test_saving_figures_are_the_run_files(name):
+    """The issue's figures file (the recorded run, and its re-run on the ported experiment) holds exactly the headline
+    of the full run file, with the commit whose plugin it measured."""
     import json
 
     results = REPO_ROOT / "benchmarks" / "results"
-    figures = json.loads((results / "vllm-lvtc-savings.json").read_text())
-    runs = json.loads((results / "vllm-lvtc-savings-runs.json").read_text())
+    figures = json.loads((results / f"{name}.json").read_text())
+    runs = json.loads((results / f"{name}-runs.json").read_text())
     assert set(figures) == {"kv_blocks_ratio", "kv_target", "prefill_ratio", "flops_ratio", "tokens_equal", "vllm",
-                            "date"}
+                            "date", "plugin_commit"}
     assert figures == runs["figures"]
     head = runs["per_request"]["3 tiles"]
     assert figures["kv_blocks_ratio"] == round(head["lvtc-saving"]["kv_blocks_ratio"], 4)
