@@ -296,11 +296,11 @@ def train_checkpoint(base: str | os.PathLike, train_meta: str | os.PathLike, out
         torch.set_num_threads(threads)
     log_every = max(1, min(50, training.steps // 10))
     settings = dict(model=str(base), data=str(train_meta), preset=preset, output_dir=str(out),
-                   per_device_train_batch_size=training.batch_size, learning_rate=training.learning_rate,
-                   max_steps=training.steps, lr_scheduler_type="cosine", warmup_steps=training.warmup,
-                   adam_beta2=0.98, weight_decay=0.0, max_grad_norm=1.0, seed=training.seed, data_seed=training.seed,
-                   logging_steps=log_every, save_strategy="no", report_to="none", use_cpu=True,
-                   dataloader_num_workers=0, disable_tqdm=not progress)
+                    per_device_train_batch_size=training.batch_size, learning_rate=training.learning_rate,
+                    max_steps=training.steps, lr_scheduler_type="cosine", warmup_steps=training.warmup,
+                    adam_beta2=0.98, weight_decay=0.0, max_grad_norm=1.0, seed=training.seed, data_seed=training.seed,
+                    logging_steps=log_every, save_strategy="no", report_to="none", use_cpu=True,
+                    dataloader_num_workers=0, disable_tqdm=not progress)
     if tiling:
         settings["tiling"] = tiling
     if threads:

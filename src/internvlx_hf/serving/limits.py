@@ -36,6 +36,8 @@ DEFAULT_MAX_REQUEST_IMAGE_BYTES = 50 * 2**20
 #: 12-megapixel phone photos or eleven A4 pages scanned at 300 dpi. The model sees at most max_tiles x 448 x 448
 #: pixels of each image (2.4 MP at 12 tiles), so more pixels only cost memory and time.
 DEFAULT_MAX_REQUEST_PIXELS = 100_000_000
+
+
 def _cores() -> int:
     try:
         return len(os.sched_getaffinity(0))

@@ -166,8 +166,9 @@ def _data_uri_bytes(uri: str, where: str, max_bytes: int) -> bytes:
     try:
         data = base64.b64decode(compact + "=" * (-len(compact) % 4), validate=True)
     except (binascii.Error, ValueError) as error:
-        raise MediaRefused(f"{where}: the base64 data is invalid ({error}); send the image file's bytes base64-encoded, "
-                           "as 'data:image/png;base64,' + base64.b64encode(file_bytes).decode()") from None
+        raise MediaRefused(f"{where}: the base64 data is invalid ({error}); send the image file's bytes "
+                           "base64-encoded, as 'data:image/png;base64,' + base64.b64encode(file_bytes).decode()"
+                           ) from None
     if len(data) > max_bytes:
         raise _too_big(where, str(len(data)), max_bytes)
     return data

@@ -174,8 +174,8 @@ def _check_messages(messages: Any, limits: RequestLimits) -> list[tuple[str, str
         role = message.get("role")
         if role not in ROLES:
             shown = repr(role) if isinstance(role, str) else _kind(role)
-            raise InvalidRequest(f"Invalid '{param}.role': {shown[:50]}; InternVL-X's chat templates take 'system' (the "
-                                 "first message only), 'user' and 'assistant'.", f"{param}.role")
+            raise InvalidRequest(f"Invalid '{param}.role': {shown[:50]}; InternVL-X's chat templates take 'system' "
+                                 "(the first message only), 'user' and 'assistant'.", f"{param}.role")
         if role == "system" and index > 0:
             raise InvalidRequest(f"Invalid '{param}.role': 'system' is only accepted as the first message.",
                                  f"{param}.role")
@@ -272,8 +272,6 @@ def validate_chat_request(body: Any, limits: RequestLimits) -> tuple[dict, list[
         body["max_tokens"] = body.pop("max_completion_tokens")
     body.pop("max_completion_tokens", None)
     return body, images
-
-
 
 
 def _texts(messages: list[dict]) -> list[str]:
