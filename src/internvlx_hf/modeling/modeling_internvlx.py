@@ -917,12 +917,12 @@ class InternVLXModel(InternVLXPreTrainedModel):
         past_key_values: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
-        cache: Cache | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | list[int] | None = None,
         image_flags: torch.Tensor | None = None,
         num_patches: torch.Tensor | None = None,
         tile_grid: torch.Tensor | None = None,
+        cache: Cache | None = None,
         **kwargs,
     ) -> InternVLXModelOutputWithPast:
         r"""
@@ -1320,7 +1320,6 @@ class InternVLXForConditionalGeneration(InternVLXPreTrainedModel, GenerationMixi
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
-        cache: Cache | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         output_attentions: bool | None = None,
         output_hidden_states: bool | list[int] | None = None,
@@ -1329,6 +1328,7 @@ class InternVLXForConditionalGeneration(InternVLXPreTrainedModel, GenerationMixi
         tile_grid: torch.Tensor | None = None,
         skip_logits: bool | None = None,
         linear_cross_entropy=None,
+        cache: Cache | None = None,
         **kwargs,
     ) -> InternVLXCausalLMOutputWithPast:
         r"""
