@@ -23,19 +23,7 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine core in this process: its scheduler is readable
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
-
-def _inputs(request: dict) -> dict:
-    from vllm_helpers import image, video
-
-    data = {}
-    if request.get("images"):
-        data["image"] = [image(w, h, seed) for w, h, seed in request["images"]]
-    if request.get("videos"):
-        data["video"] = [video(frames, seed) for frames, seed in request["videos"]]
-    prompt = {"prompt": request["prompt"], "multi_modal_data": data} if data else {"prompt": request["prompt"]}
-    if request.get("mm_processor_kwargs"):
-        prompt["mm_processor_kwargs"] = request["mm_processor_kwargs"]
-    return prompt
+from vllm_engine import _inputs  # noqa: E402 - tests/vllm_engine.py's request -> vLLM prompt (same request format)
 
 
 def _scheduler(llm):
