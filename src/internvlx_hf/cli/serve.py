@@ -88,7 +88,7 @@ def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", choices=_LOG_LEVELS, default="info", help="uvicorn's log level (default info)")
     add_quantization_arguments(parser)
     security = parser.add_argument_group("who may ask, and what a request may make the server read")
-    security.add_argument("--api-key", metavar="KEY", default=os.environ.get(API_KEY_ENV) or None,
+    security.add_argument("--api-key", metavar="KEY", default=os.environ.get(API_KEY_ENV),
                           help=f"require 'Authorization: Bearer KEY' on /v1/* (the openai client's api_key); default: "
                                f"${API_KEY_ENV} if set, else none (open to every client that reaches the server)")
     security.add_argument("--allowed-local-media-path", metavar="DIR",

@@ -42,7 +42,7 @@ from typing import Any
 
 from .exposure import allowed_host_patterns, exposure_warning
 from .gate import HostGate, RequestGate
-from .limits import RETRY_AFTER_SECONDS, ConnectionLimits, RequestLimits, ServerLimits
+from .limits import ACCEPT_BACKLOG, RETRY_AFTER_SECONDS, ConnectionLimits, RequestLimits, ServerLimits
 from .policy import MediaPolicy
 from .queue import GenerationQueue
 from .validation import InvalidRequest, error_body
@@ -284,7 +284,7 @@ def run_app(app, host: str = "127.0.0.1", port: int = 8000, log_level: str = "in
 
     bounds = connection_limits or ConnectionLimits()
     uvicorn.run(host_checked(app, host, allowed_hosts), host=host, port=port, log_level=log_level,
-                http=bounded_protocol(bounds), timeout_keep_alive=bounds.keep_alive_timeout)
+                http=bounded_protocol(bounds), timeout_keep_alive=bounds.keep_alive_timeout, backlog=ACCEPT_BACKLOG)
 
 
 def serve(model: str, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",

@@ -11,6 +11,8 @@ answering and filled the log with "Too many open files" (issue 58). Here:
   oldest connection that is not being answered (silent, sending a request, or idle between requests), or, when every
   connection is being answered, is closed itself, so that the process never runs out of descriptors and a new
   client (a health check) is served;
+- a listen backlog of `limits.ACCEPT_BACKLOG` (uvicorn's is 2048): the event loop accepts a backlog's worth of
+  connections at once before the cap sees them, so a burst stays within the descriptors the cap keeps free;
 - uvicorn's own keep-alive timeout (``keep_alive_timeout``) closes a connection idle between requests, and h11
   refuses headers over 16 KiB (its ``max_incomplete_event_size``).
 

@@ -88,6 +88,11 @@ DEFAULT_KEEP_ALIVE_TIMEOUT = 5.0
 #: model's files while it loads, image files and URL fetches (--allowed-local-media-path, 8 fetch threads), the log,
 #: the event loop's own.
 RESERVED_DESCRIPTORS = 128
+#: Connections the kernel holds for the server before it accepts them (the listen backlog; uvicorn's is 2048). Python's
+#: event loop accepts up to this many at once before the server sees any of them, so each burst takes this many
+#: descriptors before the cap can close the oldest idle connections: it stays well within `RESERVED_DESCRIPTORS`.
+#: Beyond it the kernel holds back new connections, which clients retry (a TCP connect waits, it does not fail).
+ACCEPT_BACKLOG = RESERVED_DESCRIPTORS // 4
 #: The most connections open at once, whatever the open-file limit: each costs memory and a share of the event loop;
 #: a server of one model answers one generation at a time, so thousands of clients are already a queue.
 MAX_CONNECTIONS_CEILING = 4096
@@ -175,8 +180,9 @@ class ConnectionLimits:
                 raise ValueError(f"{name} must be more than 0 seconds, got {getattr(self, name)!r}")
 
 
-__all__ = ["API_KEY_ENV", "DEFAULT_FETCH_TIMEOUT", "DEFAULT_GENERATION_TIMEOUT", "DEFAULT_KEEP_ALIVE_TIMEOUT",
-           "DEFAULT_MAX_CONCURRENT_DECODES", "DEFAULT_MAX_IMAGE_BYTES", "DEFAULT_MAX_IMAGE_PIXELS",
+__all__ = ["ACCEPT_BACKLOG", "API_KEY_ENV", "DEFAULT_FETCH_TIMEOUT", "DEFAULT_GENERATION_TIMEOUT",
+           "DEFAULT_KEEP_ALIVE_TIMEOUT", "DEFAULT_MAX_CONCURRENT_DECODES", "DEFAULT_MAX_IMAGE_BYTES",
+           "DEFAULT_MAX_IMAGE_PIXELS",
            "DEFAULT_MAX_IMAGES_PER_REQUEST", "DEFAULT_MAX_REQUEST_BYTES", "DEFAULT_MAX_REQUEST_IMAGE_BYTES",
            "DEFAULT_MAX_REQUEST_PIXELS", "DEFAULT_MAX_WAITING_REQUESTS", "DEFAULT_REQUEST_TIMEOUT", "FETCH_THREADS",
            "MAX_CONNECTIONS_CEILING", "MAX_JSON_VALUES", "PREPARE_THREADS", "RESERVED_DESCRIPTORS",
