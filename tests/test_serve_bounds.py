@@ -264,3 +264,14 @@ def test_the_connection_cap_follows_the_open_file_limit():
     assert ConnectionLimits(max_connections=5).max_connections == 5
     with pytest.raises(ValueError, match="request_timeout must be more than 0 seconds"):
         ConnectionLimits(request_timeout=0)
+
+
+def test_malloc_trim_is_found_where_libc_is_glibc():
+    import platform
+
+    from internvlx_hf.serving.media import _malloc_trim, return_freed_memory
+
+    if platform.libc_ver()[0] != "glibc":
+        assert _malloc_trim() is None and return_freed_memory() is False
+        return
+    assert _malloc_trim() is not None
