@@ -20,6 +20,15 @@ server's resident memory sampled every 0.2 s; its open descriptors are counted b
     /work/coord/heavy python benchmarks/bench_serve_abuse.py            # 60 s alone, 180 s with the hostile clients
 
 Results: `benchmarks/results/serve-abuse.json` (every number) and `serve-abuse.md` (the table of docs/serving.md).
+
+``--bounds`` (issue 58) runs three other measurements instead, on one server started with an open-file limit of
+1024 (default limits otherwise): 1,100 connections that send nothing (``/health``'s latency while they are open and
+after they are dropped, the server's descriptors, "Too many open files" in its log); a 2-token request sent behind
+three requests of ``max_tokens`` 3800 (the demo model kept from ending its answer with ``logit_bias``), its latency;
+and the resident memory before, during and 5 s after a burst of six requests of two 36-megapixel PNGs (three at once).
+
+    python benchmarks/bench_serve_abuse.py --bounds --name serve-abuse-bounds
+    PYTHONPATH=/path/to/old/src python benchmarks/bench_serve_abuse.py --bounds --name serve-abuse-bounds-before
 """
 
 from __future__ import annotations
@@ -301,6 +310,163 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+SILENT_CONNECTIONS, NOFILE = 1100, 1024
+# <|endoftext|> and <|im_end|> banned: the demo model generates to max_tokens
+NO_END = {"800": -100, "802": -100}
+
+
+def timed_health(base: str, timeout: float = 10) -> float | None:
+    """Seconds /health took to answer 200 (None: no answer within ``timeout``)."""
+    started = time.monotonic()
+    try:
+        with urllib.request.urlopen(f"{base}/health", timeout=timeout) as response:
+            return round(time.monotonic() - started, 3) if response.status == 200 else None
+    except OSError:
+        return None
+
+
+def silent_connections(base: str, pid: int) -> dict:
+    port = int(base.rpartition(":")[2])
+    start = descriptors(pid)
+    sockets, refused = [], 0
+    for _ in range(SILENT_CONNECTIONS):
+        try:
+            sockets.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+        except OSError:
+            refused += 1
+    time.sleep(1)
+    during = [timed_health(base) for _ in range(5)]
+    open_during = descriptors(pid)
+    for sock in sockets:
+        sock.close()
+    time.sleep(3)
+    after = [timed_health(base) for _ in range(5)]
+    return {"connections": SILENT_CONNECTIONS, "connect_failed": refused, "descriptors_start": start,
+            "descriptors_during": open_during, "descriptors_after": descriptors(pid),
+            "health_during_s": during, "health_after_s": after}
+
+
+def queued_short_request(base: str) -> dict:
+    long_body = json.dumps({"messages": [{"role": "user", "content": "Count to a thousand."}], "max_tokens": 3800,
+                            "logit_bias": NO_END, "temperature": 0}).encode()
+    short_body = json.dumps({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}).encode()
+    results: dict[str, tuple] = {}
+
+    def send(name: str, body: bytes) -> None:
+        started = time.monotonic()
+        status, raw = post(base, body, timeout=900)
+        answer = json.loads(raw) if status == 200 else {}
+        results[name] = (status, round(time.monotonic() - started, 2),
+                         answer.get("usage", {}).get("completion_tokens"),
+                         (answer.get("choices") or [{}])[0].get("finish_reason"))
+
+    threads = []
+    for number in range(3):
+        threads.append(threading.Thread(target=send, args=(f"long{number + 1}", long_body)))
+        threads[-1].start()
+        time.sleep(0.3)
+    time.sleep(1)
+    threads.append(threading.Thread(target=send, args=("short", short_body)))
+    threads[-1].start()
+    for thread in threads:
+        thread.join()
+    return {name: dict(zip(("status", "latency_s", "completion_tokens", "finish_reason"), value))
+            for name, value in sorted(results.items())}
+
+
+def large_image_burst(base: str, pid: int) -> dict:
+    from PIL import Image
+
+    big = png_data_uri(Image.new("RGB", (6000, 6000), (200, 30, 30)))
+    body = json.dumps({"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": big}}, {"type": "image_url", "image_url": {"url": big}},
+        {"type": "text", "text": "What colour?"}]}], "max_tokens": 8}).encode()
+    before, peak, statuses, done = rss_mib(pid), 0.0, [], threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, rss_mib(pid))
+            time.sleep(0.1)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    for _ in range(2):
+        wave = [threading.Thread(target=lambda: statuses.append(post(base, body)[0])) for _ in range(3)]
+        for thread in wave:
+            thread.start()
+        for thread in wave:
+            thread.join()
+    done.set()
+    sampler.join()
+    time.sleep(5)
+    return {"requests": len(statuses), "statuses": sorted(statuses), "rss_before_mib": round(before),
+            "rss_peak_mib": round(peak), "rss_after_5s_mib": round(rss_mib(pid))}
+
+
+def run_bounds(args) -> dict:
+    import resource
+
+    from internvlx_hf.demo import demo_model_dir
+
+    work = Path(tempfile.mkdtemp(prefix="serve-bounds-"))
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("INTERNVLX_API_KEY", None)
+    with open(work / "server.log", "w") as log:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "internvlx_hf", "serve", str(demo_model_dir()), "--port", str(port),
+             "--log-level", "warning", *args.server_arg], stdout=log, stderr=subprocess.STDOUT, env=env,
+            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (NOFILE, NOFILE)))
+    try:
+        deadline = time.monotonic() + 300
+        while timed_health(base, 5) is None:
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"the server did not start:\n{(work / 'server.log').read_text()}")
+            time.sleep(0.5)
+        post(base, json.dumps({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}).encode())
+        result = {"silent": silent_connections(base, server.pid)}
+        print(json.dumps(result["silent"]), flush=True)
+        result["queue"] = queued_short_request(base)
+        print(json.dumps(result["queue"]), flush=True)
+        result["memory"] = large_image_burst(base, server.pid)
+        print(json.dumps(result["memory"]), flush=True)
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+    text = (work / "server.log").read_text()
+    result["log_too_many_open_files"] = text.count("Too many open files")
+    result["settings"] = {"model": "packaged demo model", "open_file_limit": NOFILE, "server_args": args.server_arg,
+                          "machine": f"{platform.machine()}, {os.cpu_count()} cores (shared), Python "
+                                     f"{platform.python_version()}"}
+    return result
+
+
+def bounds_table(result: dict) -> str:
+    silent, queue, memory = result["silent"], result["queue"], result["memory"]
+
+    def worst(values):
+        return "no answer" if None in values else max(values)
+
+    rows = [
+        (f"`/health` worst latency with {silent['connections']} silent connections open (s)",
+         worst(silent["health_during_s"])),
+        ("`/health` worst latency after they are dropped (s)", worst(silent["health_after_s"])),
+        ("server descriptors: start / with them open / after", f"{silent['descriptors_start']} / "
+         f"{silent['descriptors_during']} / {silent['descriptors_after']}"),
+        ("'Too many open files' lines in the log", result["log_too_many_open_files"]),
+        ("2-token request behind three of max_tokens 3800: latency (s)", queue["short"]["latency_s"]),
+        ("the three long requests: latency (s)", " / ".join(str(queue[f"long{n}"]["latency_s"]) for n in (1, 2, 3))),
+        ("resident memory before / peak / 5 s after six requests of two 36 MP PNGs (MiB)",
+         f"{memory['rss_before_mib']} / {memory['rss_peak_mib']} / {memory['rss_after_5s_mib']}"),
+    ]
+    return "\n".join(["| | value |", "|---|---|", *(f"| {name} | {value} |" for name, value in rows)])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--alone", type=float, default=60, help="seconds of the well-behaved clients alone")
@@ -309,11 +475,13 @@ def main() -> None:
     parser.add_argument("--server-arg", action="append", default=[], metavar="ARG",
                         help="one more argument of `internvlx serve` (repeatable), e.g. --server-arg=--max-concurrent-"
                              "decodes=2")
+    parser.add_argument("--bounds", action="store_true", help="the connection, queue and memory measurements of issue "
+                        "58 instead (see the module's text)")
     args = parser.parse_args()
-    result = run(args)
+    result = run_bounds(args) if args.bounds else run(args)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    text = table(result)
+    text = bounds_table(result) if args.bounds else table(result)
     (RESULTS / f"{args.name}.md").write_text(text + "\n")
     print(text)
 

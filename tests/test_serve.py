@@ -808,6 +808,39 @@ def test_a_text_longer_than_the_context_is_refused_without_tokenizing(server):
     assert status == 400 and "you requested" in body["error"]["message"]  # spaces count for nothing: tokenized
 
 
+RESERVED_TAGS = ("<image>", "<video>", "<img>", "</img>", "<IMG_CONTEXT>")
+
+
+@pytest.mark.parametrize("tag", RESERVED_TAGS)
+def test_a_tag_reserved_for_images_in_a_message_text_is_a_400_naming_it(server, tag):
+    """A literal <image>, <video>, <img>, </img> or <IMG_CONTEXT> in a message's text would be read as an image
+    placeholder (it was a 500: the prompt's image tokens no longer matched the images); it is a 400 naming the tag,
+    as on the vLLM route, in string content and in a text part, with and without an image."""
+    text = f"What does {tag} mean here?"
+    image = {"type": "image_url", "image_url": {"url": data_uri(QUESTIONS[0].image)}}
+    cases = {
+        "messages[0].content": [{"role": "user", "content": text}],
+        "messages[0].content[0].text": [{"role": "user", "content": [{"type": "text", "text": text}]}],
+        "messages[1].content[1].text": [{"role": "system", "content": "Answer briefly."},
+                                        {"role": "user", "content": [image, {"type": "text", "text": text}]}],
+        "messages[2].content": [{"role": "user", "content": [image, {"type": "text", "text": "What colour?"}]},
+                                {"role": "assistant", "content": "red"}, {"role": "user", "content": text}],
+    }
+    for param, messages in cases.items():
+        for stream in (False, True):
+            status, body = chat(server, {"messages": messages, "max_tokens": 4, "stream": stream})
+            error = assert_openai_error(status, body, 400)
+            assert error == {"message": f"message text contains '{tag}', which this model reserves for image input; "
+                                        f"send images as image content parts and remove or reword '{tag}' in the "
+                                        "text", "type": "invalid_request_error", "param": param, "code": None}
+
+
+def test_text_near_the_reserved_tags_is_answered(server):
+    status, body = chat(server, {"messages": [{"role": "user", "content": "Is <images> or <IMG> or image a tag?"}],
+                                 "max_tokens": 2})
+    assert status == 200 and body["choices"][0]["finish_reason"] in ("stop", "length"), body
+
+
 def test_a_body_of_too_many_json_values_is_a_413_before_it_is_parsed(server):
     compact = json.dumps({"messages": HI, "metadata": {"values": [0] * 100_001}}, separators=(",", ":"))
     status, body = chat(server, compact.encode())  # 200 KB: within the 256 KiB limit
@@ -1180,6 +1213,17 @@ def test_a_missing_serve_extra_is_one_line_naming_it(monkeypatch, capsys):
     (["serve", DEMO, "--max-images-per-request", "0"], "--max-images-per-request must be at least 1, got 0."),
     (["serve", DEMO, "--media-fetch-timeout", "0"], "--media-fetch-timeout must be more than 0 seconds, got 0."),
     (["serve", DEMO, "--api-key", " "], "--api-key (or INTERNVLX_API_KEY) is empty; give a key, or leave it out."),
+    (["serve", DEMO, "--api-key", ""], "--api-key (or INTERNVLX_API_KEY) is empty; give a key, or leave it out."),
+    (["serve", DEMO, "--api-key", "clé-secrète"],
+     "--api-key (or INTERNVLX_API_KEY) contains 'é': a key is sent in an HTTP header ('Authorization: Bearer KEY'), "
+     "so it may hold printable ASCII characters only, without spaces"),
+    (["serve", DEMO, "--api-key", "two words"], "--api-key (or INTERNVLX_API_KEY) contains ' ': a key is sent"),
+    (["serve", DEMO, "--api-key", "key\x07"], "--api-key (or INTERNVLX_API_KEY) contains '\\x07': a key is sent"),
+    (["serve", DEMO, "--max-waiting-requests", "0"], "--max-waiting-requests must be at least 1, got 0."),
+    (["serve", DEMO, "--max-connections", "0"], "--max-connections must be at least 1, got 0."),
+    (["serve", DEMO, "--generation-timeout", "0"], "--generation-timeout must be more than 0 seconds, got 0."),
+    (["serve", DEMO, "--request-timeout", "nan"], "--request-timeout must be more than 0 seconds, got nan."),
+    (["serve", DEMO, "--keep-alive-timeout", "-1"], "--keep-alive-timeout must be more than 0 seconds, got -1."),
     (["serve", DEMO, "--max-request-pixels", "0"], "--max-request-pixels must be at least 1, got 0."),
     (["serve", DEMO, "--max-concurrent-decodes", "0"], "--max-concurrent-decodes must be at least 1, got 0."),
     (["serve", DEMO, "--allowed-hosts", "api.example.com:8000"],
@@ -1190,6 +1234,17 @@ def test_a_missing_serve_extra_is_one_line_naming_it(monkeypatch, capsys):
 def test_bad_arguments_fail_before_loading(argv, message, capsys):
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value,shown", [("", None), ("ключ", "'к'"), ("key with spaces", "' '")])
+def test_an_api_key_from_the_environment_is_checked_as_the_flag(value, shown, monkeypatch, capsys):
+    monkeypatch.setenv("INTERNVLX_API_KEY", value)
+    assert main(["serve", DEMO]) == 2
+    error = capsys.readouterr().err
+    if shown is None:
+        assert "--api-key (or INTERNVLX_API_KEY) is empty; give a key, or leave it out." in error
+    else:
+        assert f"--api-key (or INTERNVLX_API_KEY) contains {shown}: a key is sent in an HTTP header" in error
 
 
 def test_sizes_take_units(capsys):

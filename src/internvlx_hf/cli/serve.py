@@ -9,10 +9,12 @@ import sys
 from typing import Any
 
 from ..hub.resolve import check_model_argument
-from ..serving import (API_KEY_ENV, DEFAULT_FETCH_TIMEOUT, DEFAULT_MAX_CONCURRENT_DECODES, DEFAULT_MAX_IMAGE_BYTES,
-                       DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_IMAGES_PER_REQUEST, DEFAULT_MAX_REQUEST_BYTES,
-                       DEFAULT_MAX_REQUEST_IMAGE_BYTES, DEFAULT_MAX_REQUEST_PIXELS, LOOPBACK_HOSTS, MediaPolicy,
-                       RequestLimits, ServerLimits, check_host_pattern)
+from ..serving import (API_KEY_ENV, DEFAULT_FETCH_TIMEOUT, DEFAULT_GENERATION_TIMEOUT, DEFAULT_KEEP_ALIVE_TIMEOUT,
+                       DEFAULT_MAX_CONCURRENT_DECODES, DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS,
+                       DEFAULT_MAX_IMAGES_PER_REQUEST, DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_REQUEST_IMAGE_BYTES,
+                       DEFAULT_MAX_REQUEST_PIXELS, DEFAULT_MAX_WAITING_REQUESTS, DEFAULT_REQUEST_TIMEOUT,
+                       LOOPBACK_HOSTS, ConnectionLimits, MediaPolicy, RequestLimits, ServerLimits, check_host_pattern,
+                       default_max_connections)
 from .command import CLIError, Command
 from .quantization import add_quantization_arguments, check_quantization_available, quantization_flag
 
@@ -40,6 +42,12 @@ Every request is bounded: its body (--max-request-bytes), its images one by one 
 pixels read from the headers before anything is decoded), its text (no more than fits the model's context), a URL's
 fetch (--media-fetch-timeout, headers included); the server decodes images for --max-concurrent-decodes requests at
 once, and parses, fetches, decodes and tokenizes on worker threads, so /health answers while it is busy.
+Generation runs one request at a time: at most --max-waiting-requests wait for it (beyond, a 503 with Retry-After),
+shorter requests first (fair queueing by max_tokens: a request of a few tokens waits for the running one only), each
+stopped at --generation-timeout (answering what it has, finish_reason "length"). Connections are bounded: a
+request's headers and body must arrive within --request-timeout, an idle connection is closed after
+--keep-alive-timeout, and beyond --max-connections (from the open-file limit) the oldest connection that is not
+being answered is closed, so silent or slow clients cannot exhaust the server's descriptors.
 
 Needs the serve extra: pip install "internvlx-hf[serve]" (fastapi, uvicorn, openai); tested with transformers
 5.16.1 to 5.23.0 (a newer release runs with a warning)."""
@@ -80,7 +88,7 @@ def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", choices=_LOG_LEVELS, default="info", help="uvicorn's log level (default info)")
     add_quantization_arguments(parser)
     security = parser.add_argument_group("who may ask, and what a request may make the server read")
-    security.add_argument("--api-key", metavar="KEY", default=os.environ.get(API_KEY_ENV) or None,
+    security.add_argument("--api-key", metavar="KEY", default=os.environ.get(API_KEY_ENV),
                           help=f"require 'Authorization: Bearer KEY' on /v1/* (the openai client's api_key); default: "
                                f"${API_KEY_ENV} if set, else none (open to every client that reaches the server)")
     security.add_argument("--allowed-local-media-path", metavar="DIR",
@@ -115,6 +123,25 @@ def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     security.add_argument("--media-fetch-timeout", metavar="SECONDS", type=float, default=DEFAULT_FETCH_TIMEOUT,
                           help=f"seconds an image URL may take in all: name resolution, connection, status line "
                                f"and headers, redirects, body (default {DEFAULT_FETCH_TIMEOUT:g})")
+    load = parser.add_argument_group("how much the server holds at once")
+    load.add_argument("--max-waiting-requests", metavar="N", type=int, default=DEFAULT_MAX_WAITING_REQUESTS,
+                      help="requests that may wait for the model while another generates; beyond, a 503 with "
+                           f"Retry-After (default {DEFAULT_MAX_WAITING_REQUESTS})")
+    load.add_argument("--generation-timeout", metavar="SECONDS", type=float, default=DEFAULT_GENERATION_TIMEOUT,
+                      help="seconds one generation may run; then it answers what it has, with finish_reason "
+                           f"'length' (default {DEFAULT_GENERATION_TIMEOUT:g}: it bounds the wait of the requests "
+                           "behind it)")
+    load.add_argument("--request-timeout", metavar="SECONDS", type=float, default=DEFAULT_REQUEST_TIMEOUT,
+                      help="seconds a request's headers and body may take to arrive; a connection still sending then "
+                           f"is closed (default {DEFAULT_REQUEST_TIMEOUT:g}: a 50MiB body at 10 Mbit/s; against "
+                           "clients that send nothing or trickle)")
+    load.add_argument("--keep-alive-timeout", metavar="SECONDS", type=float, default=DEFAULT_KEEP_ALIVE_TIMEOUT,
+                      help=f"seconds a connection idle between requests is kept (default "
+                           f"{DEFAULT_KEEP_ALIVE_TIMEOUT:g}, uvicorn's)")
+    load.add_argument("--max-connections", metavar="N", type=int, default=None,
+                      help="connections open at once; beyond, the oldest one not being answered is closed (default: "
+                           "the open-file limit less 128 descriptors kept for files and fetches, at most 4096; "
+                           f"{default_max_connections()} here)")
     security.add_argument("--allowed-hosts", metavar="HOST", nargs="+", default=None,
                           help="Host names requests may be addressed to, besides this machine's "
                                f"({', '.join(LOOPBACK_HOSTS)}): names, *.name for its subdomains, addresses, or * "
@@ -142,16 +169,21 @@ def _check_serve(args: argparse.Namespace) -> None:
     for flag, value in (("--max-image-pixels", args.max_image_pixels),
                         ("--max-images-per-request", args.max_images_per_request),
                         ("--max-request-pixels", args.max_request_pixels),
-                        ("--max-concurrent-decodes", args.max_concurrent_decodes)):
+                        ("--max-concurrent-decodes", args.max_concurrent_decodes),
+                        ("--max-waiting-requests", args.max_waiting_requests),
+                        ("--max-connections", 1 if args.max_connections is None else args.max_connections)):
         if value < 1:
             raise CLIError(f"{flag} must be at least 1, got {value}.")
-    if not args.media_fetch_timeout > 0:
-        raise CLIError(f"--media-fetch-timeout must be more than 0 seconds, got {args.media_fetch_timeout:g}.")
+    for flag, value in (("--media-fetch-timeout", args.media_fetch_timeout),
+                        ("--generation-timeout", args.generation_timeout),
+                        ("--request-timeout", args.request_timeout),
+                        ("--keep-alive-timeout", args.keep_alive_timeout)):
+        if not value > 0:  # NaN too
+            raise CLIError(f"{flag} must be more than 0 seconds, got {value:g}.")
     if args.allowed_local_media_path is not None and not os.path.isdir(args.allowed_local_media_path):
         raise CLIError(f"--allowed-local-media-path {args.allowed_local_media_path!r}: no such folder; name the "
                        "folder whose images clients may ask about.")
-    if args.api_key is not None and not args.api_key.strip():
-        raise CLIError(f"--api-key (or {API_KEY_ENV}) is empty; give a key, or leave it out.")
+    check_api_key(args.api_key)
     for pattern in args.allowed_hosts or ():
         try:
             check_host_pattern(pattern)
@@ -159,6 +191,21 @@ def _check_serve(args: argparse.Namespace) -> None:
             raise CLIError(f"--allowed-hosts: {error}") from None
     media_policy(args)
     check_model_argument(args.model)
+
+
+def check_api_key(key: str | None) -> None:
+    """An API key is printable ASCII without spaces (a header carries it: ``Authorization: Bearer KEY``; a key
+    outside that would be accepted here and then match no request)."""
+    if key is None:
+        return
+    if not key.strip():
+        raise CLIError(f"--api-key (or {API_KEY_ENV}) is empty; give a key, or leave it out.")
+    bad = next((char for char in key if not "!" <= char <= "~"), None)
+    if bad is not None:
+        raise CLIError(f"--api-key (or {API_KEY_ENV}) contains {bad!r}: a key is sent in an HTTP header "
+                       "('Authorization: Bearer KEY'), so it may hold printable ASCII characters only, without "
+                       "spaces (letters, digits and punctuation such as - _ . ~ + /); e.g. python -c 'import secrets; "
+                       "print(secrets.token_urlsafe(24))'")
 
 
 def media_policy(args: argparse.Namespace) -> MediaPolicy:
@@ -208,8 +255,13 @@ def _run_serve(args: argparse.Namespace) -> int:  # after _check_serve (SERVE.ch
                            max_images_per_request=args.max_images_per_request)
     app = build_app(args.model, device=device, dtype=args.dtype, model_kwargs=model_loading_kwargs(args),
                     api_key=args.api_key, media_policy=policy, limits=limits,
-                    server_limits=ServerLimits(max_concurrent_decodes=args.max_concurrent_decodes))
-    run_app(app, host=args.host, port=args.port, log_level=args.log_level, allowed_hosts=args.allowed_hosts)
+                    server_limits=ServerLimits(max_concurrent_decodes=args.max_concurrent_decodes,
+                                               max_waiting_requests=args.max_waiting_requests,
+                                               generation_timeout=args.generation_timeout))
+    connections = ConnectionLimits(request_timeout=args.request_timeout, keep_alive_timeout=args.keep_alive_timeout,
+                                   max_connections=args.max_connections)
+    run_app(app, host=args.host, port=args.port, log_level=args.log_level, allowed_hosts=args.allowed_hosts,
+            connection_limits=connections)
     return 0
 
 

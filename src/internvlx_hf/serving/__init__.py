@@ -3,8 +3,12 @@
 
 The package's modules, each with one job (import from here, not from them):
 
-- `app`: transformers' server taught InternVL-X (its subclasses of transformers' model manager and chat handler),
-  `build_app`, `run_app`, `serve`;
+- `app`: transformers' server assembled with the classes below, `build_app`, `run_app`, `serve`;
+- `manager`: `InternVLXModelManager`, transformers' model manager taught to load and route InternVL-X checkpoints;
+- `handler`: `InternVLXChatCompletionHandler`, transformers' chat handler behind the checks, the worker threads and
+  the generation queue (`manager` and `handler` import transformers' serving stack: loaded when an app is built);
+- `queue`: `GenerationQueue`, the bound on requests waiting for the model, their fair order, the deadline;
+- `connections`: uvicorn's protocol with a request deadline and a cap on open connections (loaded by `run_app`);
 - `limits`: every bound and the reason for its default (`RequestLimits`, `ServerLimits`);
 - `policy`: `MediaPolicy`, what a request's images may make the server read and fetch;
 - `media`: reading, fetching, opening and decoding a request's images under the policy;
@@ -27,10 +31,11 @@ import importlib
 from .app import (INSTALL_HINT, SUPPORTED_TRANSFORMERS, TESTED_TRANSFORMERS, ServingUnavailable, build_app,
                   check_serving_available, host_checked, run_app, serve, serving_classes)
 from .exposure import LOOPBACK_HOSTS, allowed_host_patterns, check_host_pattern, exposure_warning
-from .limits import (API_KEY_ENV, DEFAULT_FETCH_TIMEOUT, DEFAULT_MAX_CONCURRENT_DECODES, DEFAULT_MAX_IMAGE_BYTES,
-                     DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_IMAGES_PER_REQUEST, DEFAULT_MAX_REQUEST_BYTES,
-                     DEFAULT_MAX_REQUEST_IMAGE_BYTES, DEFAULT_MAX_REQUEST_PIXELS, MAX_JSON_VALUES, RequestLimits,
-                     ServerLimits)
+from .limits import (API_KEY_ENV, DEFAULT_FETCH_TIMEOUT, DEFAULT_GENERATION_TIMEOUT, DEFAULT_KEEP_ALIVE_TIMEOUT,
+                     DEFAULT_MAX_CONCURRENT_DECODES, DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS,
+                     DEFAULT_MAX_IMAGES_PER_REQUEST, DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_REQUEST_IMAGE_BYTES,
+                     DEFAULT_MAX_REQUEST_PIXELS, DEFAULT_MAX_WAITING_REQUESTS, DEFAULT_REQUEST_TIMEOUT,
+                     MAX_JSON_VALUES, ConnectionLimits, RequestLimits, ServerLimits, default_max_connections)
 from .policy import MediaPolicy
 from .validation import InvalidRequest, error_body, validate_chat_request
 
@@ -45,11 +50,13 @@ def __getattr__(name: str):
     return getattr(importlib.import_module(f".{module}", __name__), name)
 
 
-__all__ = ["ACCEPTED_FORMATS", "API_KEY_ENV", "DEFAULT_FETCH_TIMEOUT", "DEFAULT_MAX_CONCURRENT_DECODES",
-           "DEFAULT_MAX_IMAGE_BYTES", "DEFAULT_MAX_IMAGE_PIXELS", "DEFAULT_MAX_IMAGES_PER_REQUEST",
+__all__ = ["ACCEPTED_FORMATS", "API_KEY_ENV", "ConnectionLimits", "DEFAULT_FETCH_TIMEOUT",
+           "DEFAULT_GENERATION_TIMEOUT", "DEFAULT_KEEP_ALIVE_TIMEOUT", "DEFAULT_MAX_CONCURRENT_DECODES",
+           "DEFAULT_MAX_IMAGES_PER_REQUEST", "DEFAULT_MAX_IMAGE_BYTES", "DEFAULT_MAX_IMAGE_PIXELS",
            "DEFAULT_MAX_REQUEST_BYTES", "DEFAULT_MAX_REQUEST_IMAGE_BYTES", "DEFAULT_MAX_REQUEST_PIXELS",
-           "INSTALL_HINT", "LOOPBACK_HOSTS", "MAX_JSON_VALUES", "SUPPORTED_TRANSFORMERS", "TESTED_TRANSFORMERS",
-           "InvalidRequest", "MediaPolicy", "MediaRefused", "RequestLimits", "ServerLimits", "ServingUnavailable",
-           "allowed_host_patterns", "build_app", "check_host_pattern", "check_serving_available", "error_body",
-           "exposure_warning", "host_checked", "load_request_image", "run_app", "serve", "serving_classes",
-           "validate_chat_request"]
+           "DEFAULT_MAX_WAITING_REQUESTS", "DEFAULT_REQUEST_TIMEOUT", "INSTALL_HINT", "InvalidRequest",
+           "LOOPBACK_HOSTS", "MAX_JSON_VALUES", "MediaPolicy", "MediaRefused", "RequestLimits",
+           "SUPPORTED_TRANSFORMERS", "ServerLimits", "ServingUnavailable", "TESTED_TRANSFORMERS",
+           "allowed_host_patterns", "build_app", "check_host_pattern", "check_serving_available",
+           "default_max_connections", "error_body", "exposure_warning", "host_checked", "load_request_image",
+           "run_app", "serve", "serving_classes", "validate_chat_request"]

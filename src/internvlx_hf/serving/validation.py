@@ -285,6 +285,30 @@ def _texts(messages: list[dict]) -> list[str]:
     return texts
 
 
+def check_reserved_tags(messages: list[dict], tags: tuple[str, ...]) -> None:
+    """Refuse (`InvalidRequest`, 400) a message text holding one of ``tags``, the strings the model reserves for
+    image input (``<image>``, ``<video>``, ``<img>``, ``</img>``, ``<IMG_CONTEXT>``): the chat template and the
+    processor would take it for an image placeholder and the prompt's image tokens would no longer match the images
+    (an error deep in the processor, or a silently wrong prompt). The same rule and message as the vLLM route's."""
+    if not tags:
+        return
+    for index, message in enumerate(messages):
+        content = message.get("content")
+        if isinstance(content, str):
+            texts = [(content, f"messages[{index}].content")]
+        elif isinstance(content, list):
+            texts = [(part["text"], f"messages[{index}].content[{number}].text")
+                     for number, part in enumerate(content) if part.get("type") == "text"]
+        else:
+            continue
+        for text, param in texts:
+            for tag in tags:
+                if tag in text:
+                    raise InvalidRequest(f"message text contains '{tag}', which this model reserves for image input; "
+                                         f"send images as image content parts and remove or reword '{tag}' in the "
+                                         "text", param)
+
+
 def check_text_fits(messages: list[dict], limits: RequestLimits) -> None:
     """Refuse (`InvalidRequest`, ``context_length_exceeded``) messages whose text alone cannot fit the model's
     context, before they are tokenized: no token spans more than ``limits.longest_token_chars`` characters (the
@@ -309,5 +333,5 @@ def check_text_fits(messages: list[dict], limits: RequestLimits) -> None:
             code="context_length_exceeded")
 
 
-__all__ = ["COMPOSITION_FACTOR", "GREEDY_BELOW", "InvalidRequest", "check_text_fits", "error_body",
-           "validate_chat_request"]
+__all__ = ["COMPOSITION_FACTOR", "GREEDY_BELOW", "InvalidRequest", "check_reserved_tags", "check_text_fits",
+           "error_body", "validate_chat_request"]

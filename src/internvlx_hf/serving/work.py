@@ -47,14 +47,14 @@ class ServingWork:
     @asynccontextmanager
     async def decode_slot(self, pixels: int):
         """Held while a request's images (``pixels`` together) are decoded and tiled: beyond `small_decode_pixels`,
-        requests beyond `max_concurrent_decodes` wait."""
+        requests beyond `max_concurrent_decodes` wait. Yields whether a slot was held (the images were large)."""
         if pixels <= self.limits.small_decode_pixels:
-            yield
+            yield False
             return
         async with self._decodes:
             self.decoding += 1
             try:
-                yield
+                yield True
             finally:
                 self.decoding -= 1
 
