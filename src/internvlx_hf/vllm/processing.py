@@ -179,7 +179,8 @@ class InternVLXMultiModalProcessor(BaseMultiModalProcessor[InternVLXProcessingIn
 
     def _apply_prompt_updates(self, token_ids: list[int], mm_prompt_updates):
         """Each item's tokens in its place, with the prompt ids transformers' processor gives (`prompt_text.py`);
-        vLLM's own matching of the tags' token ids only where the ids are not a tokenized text."""
+        vLLM's own matching of the tags' token ids only where the ids are not a tokenized text (a prompt given as
+        ids). A prompt text whose tags do not match its items is refused, never placed some other way."""
         placed = self._place_as_transformers(token_ids, mm_prompt_updates)
         if placed is not None:
             return placed
@@ -221,17 +222,15 @@ class InternVLXMultiModalProcessor(BaseMultiModalProcessor[InternVLXProcessingIn
                    for modality, items in mm_prompt_updates.items()}
         image_blocks = [blocks(update) for update in updates.get("image", [])]
         video_blocks = [blocks(update) for update in updates.get("video", [])]
-        expanded = expand_tags(text, [sum(b) for b in image_blocks], [len(b) for b in video_blocks],
-                               self.info.tokens_per_tile, tokens)
-        if expanded is None:
-            return None
-        expanded_text, items = expanded
+        # (a tag typed as text, or too few tags: a ValueError, which vLLM answers with a 400 naming it)
+        expanded_text, items = expand_tags(text, [sum(b) for b in image_blocks], [len(b) for b in video_blocks],
+                                           self.info.tokens_per_tile, tokens)
         ids = list(tokenizer.encode(expanded_text, add_special_tokens=add_special_tokens))
         per_item = {"image": image_blocks, "video": video_blocks}
         spans = item_spans(ids, items, lambda modality, item: per_item[modality][item] if modality == "video"
                            else [sum(per_item[modality][item])], tokens)
-        if spans is None:
-            return None
+        if spans is None:  # the expansion is ours: its blocks are always found
+            raise RuntimeError("InternVL-X: the expanded prompt's image blocks are not those placed")
         placeholders: dict[str, list] = {}
         for span in spans:
             piece = ids[span.start: span.end]
