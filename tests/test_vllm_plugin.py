@@ -15,7 +15,13 @@ from conftest import require_fixture
 from internvlx_hf import InternVLXProcessor
 from internvlx_hf.vllm.layout import LVTCLayout, lvtc_layout_of
 from internvlx_hf.vllm.positions import MASKED, PROMPT_TEXT, position_rows, read_rows
-from internvlx_hf.vllm.prompt_text import ImageTokens, expand_tags, item_spans, recover_prompt_text
+from internvlx_hf.vllm.prompt_text import (
+    ImageTokens,
+    expand_tags,
+    item_spans,
+    prompt_text_as_transformers,
+    recover_prompt_text,
+)
 from tiny import tiny_config
 
 
@@ -153,6 +159,24 @@ def test_expanded_prompt_ids_are_the_processors(converted):
         target = tokenizer.encode("<image>", add_special_tokens=False)
         prompt = tokenizer.encode(text, add_special_tokens=True)
         assert not any(prompt[i: i + len(target)] == target for i in range(len(prompt)))
+
+
+def test_the_prompt_gets_the_processors_bos_on_every_route(converted):
+    """vLLM's chat route tokenizes the rendered template without special tokens, completions and `LLM.chat` /
+    `LLM.generate` with them, a client may write `<s>` itself: the placed prompt has transformers' BOS in every case
+    (one `<s>` for the sentencepiece families, none for Qwen2)."""
+    tokenizer = converted.tokenizer
+    text = converted.apply_chat_template([{"role": "user", "content": [
+        {"type": "image"}, {"type": "text", "text": "What is this?"}]}], add_generation_prompt=True)
+    expected = tokenizer.encode(text, add_special_tokens=True)  # what `processor(text=...)` tokenizes
+    adds_bos = tokenizer.bos_token_id is not None and expected[0] == tokenizer.bos_token_id
+    assert adds_bos == (converted.tokenizer.name_or_path.split("/")[-1] != "internvl2_qwen2")
+    routes = [tokenizer.encode(text, add_special_tokens=False), expected]
+    if adds_bos:
+        routes.append(tokenizer.encode(tokenizer.bos_token + text, add_special_tokens=True))  # `<s>` written twice
+    for ids in routes:
+        recovered, _ = recover_prompt_text(tokenizer, ids)
+        assert tokenizer.encode(prompt_text_as_transformers(tokenizer, recovered), add_special_tokens=True) == expected
 
 
 # ------------------------------------------------------------------------------ tags typed as text (issue 57)

@@ -29,7 +29,7 @@ from vllm.multimodal.processing import (
 from ..processing import InternVLXProcessor
 from ..processing.video import VIDEO_PLACEHOLDER, video_prompt
 from .layout import lvtc_layout_of
-from .prompt_text import ImageTokens, expand_tags, item_spans, recover_prompt_text
+from .prompt_text import ImageTokens, expand_tags, item_spans, prompt_text_as_transformers, recover_prompt_text
 
 
 class InternVLXProcessingInfo(BaseProcessingInfo):
@@ -201,7 +201,7 @@ class InternVLXMultiModalProcessor(BaseMultiModalProcessor[InternVLXProcessingIn
         recovered = recover_prompt_text(tokenizer, token_ids)
         if recovered is None:
             return None
-        text, add_special_tokens = recovered
+        text = prompt_text_as_transformers(tokenizer, recovered[0])
         tokens = ImageTokens(processor.start_image_token, processor.image_token, processor.end_image_token,
                              processor.start_image_token_id, processor.image_token_id, processor.end_image_token_id)
 
@@ -225,7 +225,9 @@ class InternVLXMultiModalProcessor(BaseMultiModalProcessor[InternVLXProcessingIn
         # (a tag typed as text, or too few tags: a ValueError, which vLLM answers with a 400 naming it)
         expanded_text, items = expand_tags(text, [sum(b) for b in image_blocks], [len(b) for b in video_blocks],
                                            self.info.tokens_per_tile, tokens)
-        ids = list(tokenizer.encode(expanded_text, add_special_tokens=add_special_tokens))
+        # with the special tokens transformers' processor adds (its `add_special_tokens` default), whatever the route's
+        # own default: vLLM's chat route tokenizes without them, so a template without `<s>` lost the BOS there
+        ids = list(tokenizer.encode(expanded_text, add_special_tokens=True))
         per_item = {"image": image_blocks, "video": video_blocks}
         spans = item_spans(ids, items, lambda modality, item: per_item[modality][item] if modality == "video"
                            else [sum(per_item[modality][item])], tokens)

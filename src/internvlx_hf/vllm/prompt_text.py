@@ -99,6 +99,19 @@ def recover_prompt_text(tokenizer, ids: Sequence[int]) -> tuple[str, bool] | Non
     return None
 
 
+def prompt_text_as_transformers(tokenizer, text: str) -> str:
+    """`text` without the BOS token text it may start with: the prompt that `tokenizer.encode(...,
+    add_special_tokens=True)` turns into transformers' ids, with exactly one BOS where the tokenizer adds one (as
+    `processor(text=processor.apply_chat_template(...))` does), whether or not a template or the client wrote `<s>`
+    and whether or not vLLM's route added it."""
+    bos = getattr(tokenizer, "bos_token", None)
+    if not bos or not tokenizer.encode("", add_special_tokens=True):
+        return text
+    while text.startswith(bos):
+        text = text[len(bos):]
+    return text
+
+
 def expand_tags(text: str, image_context: Sequence[int], video_frames: Sequence[int], frame_context: int,
                 tokens: ImageTokens) -> tuple[str, list[tuple[str, int]]]:
     """The prompt with each `<image>` / `<video>` expanded as [`InternVLXProcessor`] does, and the items in the
