@@ -57,7 +57,8 @@ def test_label_mask_multi_turn_multi_image(template, tmp_path):
     batch = collator([{"messages": messages, "images": [str(small), str(wide)]}])
 
     # The ids are exactly those of the inference path: the template's text through the processor.
-    text = processor.tokenizer.apply_chat_template(messages, chat_template=processor.chat_template, tokenize=False)
+    text = processor.tokenizer.apply_chat_template(messages, chat_template=processor.chat_template, tokenize=False,
+                                                   image_tags_in_text=True)
     reference = processor(text=[text], images=[str(small), str(wide)], max_tiles=2, return_tensors="pt")
     assert batch["input_ids"].tolist() == reference["input_ids"].tolist()
     torch.testing.assert_close(batch["pixel_values"], reference["pixel_values"], rtol=0, atol=0)

@@ -15,7 +15,13 @@ from conftest import require_fixture
 from internvlx_hf import InternVLXProcessor
 from internvlx_hf.vllm.layout import LVTCLayout, lvtc_layout_of
 from internvlx_hf.vllm.positions import MASKED, PROMPT_TEXT, position_rows, read_rows
-from internvlx_hf.vllm.prompt_text import ImageTokens, expand_tags, item_spans, recover_prompt_text
+from internvlx_hf.vllm.prompt_text import (
+    ImageTokens,
+    expand_tags,
+    item_spans,
+    prompt_text_as_transformers,
+    recover_prompt_text,
+)
 from tiny import tiny_config
 
 
@@ -153,3 +159,85 @@ def test_expanded_prompt_ids_are_the_processors(converted):
         target = tokenizer.encode("<image>", add_special_tokens=False)
         prompt = tokenizer.encode(text, add_special_tokens=True)
         assert not any(prompt[i: i + len(target)] == target for i in range(len(prompt)))
+
+
+def test_the_prompt_gets_the_processors_bos_on_every_route(converted):
+    """vLLM's chat route tokenizes the rendered template without special tokens, completions and `LLM.chat` /
+    `LLM.generate` with them, a client may write `<s>` itself: the placed prompt has transformers' BOS in every case
+    (one `<s>` for the sentencepiece families, none for Qwen2)."""
+    tokenizer = converted.tokenizer
+    text = converted.apply_chat_template([{"role": "user", "content": [
+        {"type": "image"}, {"type": "text", "text": "What is this?"}]}], add_generation_prompt=True)
+    expected = tokenizer.encode(text, add_special_tokens=True)  # what `processor(text=...)` tokenizes
+    adds_bos = tokenizer.bos_token_id is not None and expected[0] == tokenizer.bos_token_id
+    assert adds_bos == (converted.tokenizer.name_or_path.split("/")[-1] != "internvl2_qwen2")
+    routes = [tokenizer.encode(text, add_special_tokens=False), expected]
+    if adds_bos:
+        routes.append(tokenizer.encode(tokenizer.bos_token + text, add_special_tokens=True))  # `<s>` written twice
+    for ids in routes:
+        recovered, _ = recover_prompt_text(tokenizer, ids)
+        assert tokenizer.encode(prompt_text_as_transformers(tokenizer, recovered), add_special_tokens=True) == expected
+
+
+# ------------------------------------------------------------------------------ tags typed as text (issue 57)
+
+TAGS = ["<image>", "<video>", "<img>", "</img>", "<IMG_CONTEXT>"]
+
+
+def _refusal(tag: str) -> str:
+    return (f"message text contains '{tag}', which this model reserves for image input; send images as image content "
+            f"parts and remove or reword '{tag}' in the text")
+
+
+@pytest.mark.parametrize("tag", TAGS)
+def test_a_tag_in_a_text_part_is_refused_by_every_template(converted, tag):
+    """What OpenAI clients send (vLLM's chat route makes string content a text part too): a tag in a text part is
+    user text, refused with a message naming it, never rendered as an image tag."""
+    from jinja2.exceptions import TemplateError
+
+    from internvlx_hf.processing.chat_templates import CHAT_TEMPLATES
+
+    for name, template in CHAT_TEMPLATES.items():
+        for content in ([{"type": "image"}, {"type": "text", "text": f"what is {tag} here?"}],
+                        [{"type": "text", "text": f"{tag}"}]):
+            with pytest.raises(TemplateError) as error:
+                converted.apply_chat_template([{"role": "user", "content": content}], chat_template=template,
+                                              add_generation_prompt=True)
+            assert str(error.value) == _refusal(tag), name
+        # in a system message or an earlier turn too
+        with pytest.raises(TemplateError, match=f"contains '{tag}'"):
+            converted.apply_chat_template([{"role": "system", "content": [{"type": "text", "text": tag}]},
+                                           {"role": "user", "content": "hi"}], chat_template=template)
+        # string content in the Python API keeps `<image>` as the placeholder (InternVL2's chat() style)
+        rendered = converted.apply_chat_template([{"role": "user", "content": f"{tag}\nhi"}], chat_template=template)
+        assert f"{tag}\nhi" in rendered
+        # training rows opt in to tags in text items
+        rendered = converted.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": tag}]}],
+                                                 chat_template=template, image_tags_in_text=True)
+        assert tag in rendered
+
+
+@pytest.mark.parametrize("tag", TAGS)
+def test_a_prompt_with_more_tags_than_items_is_refused(converted, tag):
+    """A raw prompt (completions, `LLM.generate`) with a tag beyond the items given, or with image tokens typed in
+    it, is refused with the templates' message: vLLM answers the ValueError with a 400. Never `None` (which fell back
+    to vLLM's matching of the tags' ids)."""
+    tokens = ImageTokens(converted.start_image_token, converted.image_token, converted.end_image_token,
+                         converted.start_image_token_id, converted.image_token_id, converted.end_image_token_id)
+    per_tile = converted.image_seq_length
+    text = f"<image>\nDescribe the image. Then {tag} please."
+    with pytest.raises(ValueError) as error:
+        expand_tags(text, [per_tile], [], per_tile, tokens)
+    assert str(error.value) == _refusal(tag)
+    # the same text with the items its tags ask for is expanded (only `<image>` / `<video>` stand for items)
+    if tag in ("<image>", "<video>"):
+        expanded, items = expand_tags(text, [per_tile] * (1 + (tag == "<image>")), [1] * (tag == "<video>"),
+                                      per_tile, tokens)
+        assert len(items) == 2 and "<image>" not in expanded and "<video>" not in expanded
+
+
+def test_a_prompt_with_fewer_tags_than_images_is_refused(converted):
+    tokens = ImageTokens(converted.start_image_token, converted.image_token, converted.end_image_token,
+                         converted.start_image_token_id, converted.image_token_id, converted.end_image_token_id)
+    with pytest.raises(ValueError, match=r"the prompt has 1 '<image>' tag\(s\) for 2 image\(s\)"):
+        expand_tags("<image>\nCompare.", [4, 4], [], 4, tokens)

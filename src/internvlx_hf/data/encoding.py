@@ -88,7 +88,8 @@ class ConversationEncoder:
         self.end_id = processor.end_image_token_id
         self.context_id = processor.image_token_id
         self.pair = processor.start_image_token + processor.end_image_token
-        self._template_kwargs = dict(tokenizer.special_tokens_map)
+        # (training rows may write their images as `<image>` in text items, which the templates refuse by default)
+        self._template_kwargs = dict(tokenizer.special_tokens_map, image_tags_in_text=True)
         # InternVL's internvl2_5 preprocessing trains a `gpt` turn before the first `human` one; its InternVL2
         # templates' preprocessing drops it (`sample_from_row(keep_leading_reply=...)`).
         self.keep_leading_reply = template == CHAT_TEMPLATES["internvl2_5"]

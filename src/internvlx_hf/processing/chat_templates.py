@@ -12,6 +12,11 @@ Message content may be a string (where `<image>` / `<video>` are literal) or a l
 the prefix InternVL2's `chat()` puts before the question, and a video item `<video>\\n`. The processor later expands
 each `<image>` into the image's tokens and each `<video>` into InternVL2's `Frame1: <image>\\n...` lines.
 
+A text item that contains a tag or an image token (`RESERVED_TAGS`) is refused with `reserved_tag_message`: OpenAI
+clients (vLLM's and `internvlx serve`'s chat routes) send images as image parts and any text as text parts, so a tag
+there is user text that would otherwise be taken for an image. Training rows that write their images as `<image>` in
+text items render with `image_tags_in_text=True`.
+
 This file is copied next to checkpoints as remote code (standard library only).
 """
 
@@ -23,8 +28,21 @@ _INTERNVL2_SYSTEM = "你是由上海人工智能实验室联合商汤科技开�
 _INTERNVL2_5_SYSTEM = "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
 
 
+#: Text that stands for image input (the processor's tags and the image tokens): refused in a message's text items.
+RESERVED_TAGS = ("<image>", "<video>", "<img>", "</img>", "<IMG_CONTEXT>")
+
+
+def reserved_tag_message(tag: str) -> str:
+    """The refusal of a message text that contains `tag` (the chat templates raise the same text)."""
+    return (f"message text contains '{tag}', which this model reserves for image input; send images as image content "
+            f"parts and remove or reword '{tag}' in the text")
+
+
 def _jinja_literal(text: str) -> str:
     return "'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
+
+
+_RESERVED_TAGS_JINJA = "(" + ", ".join(f"'{tag}'" for tag in RESERVED_TAGS) + ")"
 
 
 def _mpt_template(system_prefix: str, default_system: str, user_prefix: str, assistant_prefix: str, sep: str) -> str:
@@ -35,6 +53,7 @@ def _mpt_template(system_prefix: str, default_system: str, user_prefix: str, ass
         "{%- set user_prefix = " + _jinja_literal(user_prefix) + " -%}\n"
         "{%- set assistant_prefix = " + _jinja_literal(assistant_prefix) + " -%}\n"
         "{%- set sep = " + _jinja_literal(sep) + " -%}\n"
+        "{%- set reserved_tags = " + _RESERVED_TAGS_JINJA + " -%}\n"
         """\
 {%- macro render_content(content) -%}
     {%- if content is string -%}
@@ -48,6 +67,15 @@ def _mpt_template(system_prefix: str, default_system: str, user_prefix: str, ass
             {%- elif item['type'] == 'video' -%}
                 {{- '<video>\\n' -}}
             {%- elif item['type'] == 'text' -%}
+                {#- A tag typed as text would be taken for an image or shift the images: refused, unless the caller
+                    writes its images as tags in text (training rows, `image_tags_in_text=True`). -#}
+                {%- for tag in (reserved_tags if not image_tags_in_text else ()) -%}
+                    {%- if tag in item['text'] -%}
+                        {{- raise_exception("message text contains '" ~ tag ~ "', which this model reserves for "
+                                            ~ "image input; send images as image content parts and remove or "
+                                            ~ "reword '" ~ tag ~ "' in the text") -}}
+                    {%- endif -%}
+                {%- endfor -%}
                 {{- item['text'] -}}
             {%- else -%}
                 {{- raise_exception('InternVL templates support only text, image and video content, got '
@@ -134,4 +162,5 @@ def turn_end_text(apply_chat_template, **kwargs) -> str:
     return rendered.rsplit("REPLY", 1)[-1].strip() if "REPLY" in rendered else ""
 
 
-__all__ = ["CHAT_TEMPLATES", "DEFAULT_CHAT_TEMPLATE", "default_system_message", "get_chat_template", "turn_end_text"]
+__all__ = ["CHAT_TEMPLATES", "DEFAULT_CHAT_TEMPLATE", "RESERVED_TAGS", "default_system_message", "get_chat_template",
+           "reserved_tag_message", "turn_end_text"]

@@ -110,6 +110,7 @@ class LVTCConfigHook:
             )
         _check_head_size(config, where)
         _check_dynamic_rope(model_config, text, where)
+        _report_longrope_length(model_config, text)
         _check_sliding_window(model_config, config, where)
         layout = lvtc_layout_of(config)
         if config.lvtc_config is not None:
@@ -178,6 +179,23 @@ def _check_dynamic_rope(model_config, text, where: str) -> None:
         f"InternVL-X checkpoint {where}: its LLM's dynamic-NTK RoPE rescales past max_position_embeddings={limit} at "
         f"every step, which vLLM does not do; start vLLM with --max-model-len {limit} or less."
     )
+
+
+def _report_longrope_length(model_config, text) -> None:
+    """vLLM starts a LongRoPE LLM (Phi-3) at its pretraining length, `original_max_position_embeddings`, not at the
+    `max_position_embeddings` the checkpoint (and transformers) take: image prompts (hundreds of tokens per tile) pass
+    it easily, so the start says which length it took and how to serve longer prompts."""
+    switch = longrope_switch(text)
+    asked = getattr(model_config, "original_max_model_len", None)
+    if switch is None or asked not in (None, -1) or model_config.max_model_len >= text.max_position_embeddings:
+        return
+    from vllm.logger import init_logger
+
+    init_logger("internvlx_hf.vllm").warning(
+        "InternVL-X: max_model_len is %d, vLLM's default for a LongRoPE LLM (its original_max_position_embeddings); "
+        "the checkpoint takes up to %d tokens (text_config.max_position_embeddings): start vLLM with --max-model-len "
+        "N to serve longer prompts (each image tile takes %d tokens)", model_config.max_model_len,
+        int(text.max_position_embeddings), int(getattr(model_config.hf_config, "image_seq_length", 256)))
 
 
 def _check_sliding_window(model_config, config, where: str) -> None:

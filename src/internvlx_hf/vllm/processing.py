@@ -9,6 +9,7 @@ InternVL's `Frame1: <image>\\nFrame2: <image>...` lines with every frame one til
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from functools import cached_property
 from typing import Any
@@ -27,9 +28,32 @@ from vllm.multimodal.processing import (
 )
 
 from ..processing import InternVLXProcessor
+from ..processing.chat_templates import reserved_tag_message
 from ..processing.video import VIDEO_PLACEHOLDER, video_prompt
 from .layout import lvtc_layout_of
-from .prompt_text import ImageTokens, expand_tags, item_spans, recover_prompt_text
+from .prompt_text import ImageTokens, expand_tags, item_spans, prompt_text_as_transformers, recover_prompt_text
+
+
+_TAGS_ONLY = re.compile("(?:<image>|" + re.escape(VIDEO_PLACEHOLDER) + ")*")
+
+
+def _warn_if_chat_lacks_bos(processor: InternVLXProcessor) -> None:
+    """vLLM's chat routes tokenize the rendered template without special tokens; InternVL's templates do not write
+    the BOS that transformers' processor adds for the sentencepiece families. Prompts with images get it from
+    `_place_as_transformers`; text-only chat requests do not reach the plugin, so the start says what they need."""
+    tokenizer = processor.tokenizer
+    template = processor.chat_template if isinstance(processor.chat_template, str) else ""
+    if not tokenizer.bos_token or "bos_token" in template:
+        return
+    if tokenizer.encode("", add_special_tokens=True)[:1] != [tokenizer.bos_token_id]:
+        return
+    from vllm.logger import init_logger
+
+    init_logger("internvlx_hf.vllm").warning(
+        "InternVL-X: text-only chat requests need \"add_special_tokens\": true (LLM.chat: tokenization_kwargs="
+        "{\"add_special_tokens\": True}) to start with the BOS token %r that transformers' processor adds (vLLM's "
+        "chat routes add none and the chat template does not write it); requests with images get it without",
+        tokenizer.bos_token)
 
 
 class InternVLXProcessingInfo(BaseProcessingInfo):
@@ -41,8 +65,10 @@ class InternVLXProcessingInfo(BaseProcessingInfo):
         # (`--tokenizer`, `--tokenizer-revision`, `--tokenizer-mode`), so that the image tokens' ids are those of the
         # tokenizer that makes the prompt. (vLLM's `get_hf_processor` would first load the folder's own tokenizer,
         # which a folder served with `--tokenizer` may not have.)
-        return InternVLXProcessor.from_pretrained(self.model_id, revision=self.ctx.model_config.revision,
-                                                  tokenizer=self.get_tokenizer())
+        processor = InternVLXProcessor.from_pretrained(self.model_id, revision=self.ctx.model_config.revision,
+                                                       tokenizer=self.get_tokenizer())
+        _warn_if_chat_lacks_bos(processor)
+        return processor
 
     def get_hf_processor(self, **kwargs: object) -> InternVLXProcessor:
         return self._processor
@@ -179,7 +205,8 @@ class InternVLXMultiModalProcessor(BaseMultiModalProcessor[InternVLXProcessingIn
 
     def _apply_prompt_updates(self, token_ids: list[int], mm_prompt_updates):
         """Each item's tokens in its place, with the prompt ids transformers' processor gives (`prompt_text.py`);
-        vLLM's own matching of the tags' token ids only where the ids are not a tokenized text."""
+        vLLM's own matching of the tags' token ids only where the ids are not a tokenized text (a prompt given as
+        ids). A prompt text whose tags do not match its items is refused, never placed some other way."""
         placed = self._place_as_transformers(token_ids, mm_prompt_updates)
         if placed is not None:
             return placed
@@ -197,10 +224,15 @@ class InternVLXMultiModalProcessor(BaseMultiModalProcessor[InternVLXProcessingIn
 
         processor = self.info.get_hf_processor()
         tokenizer = self.info.get_tokenizer()
+        for token, token_id in ((processor.start_image_token, processor.start_image_token_id),
+                                (processor.end_image_token, processor.end_image_token_id),
+                                (processor.image_token, processor.image_token_id)):
+            if token_id in token_ids:  # typed by the client: only the expansion below writes them
+                raise ValueError(reserved_tag_message(token))
         recovered = recover_prompt_text(tokenizer, token_ids)
         if recovered is None:
             return None
-        text, add_special_tokens = recovered
+        text = prompt_text_as_transformers(tokenizer, recovered[0])
         tokens = ImageTokens(processor.start_image_token, processor.image_token, processor.end_image_token,
                              processor.start_image_token_id, processor.image_token_id, processor.end_image_token_id)
 
@@ -221,17 +253,23 @@ class InternVLXMultiModalProcessor(BaseMultiModalProcessor[InternVLXProcessingIn
                    for modality, items in mm_prompt_updates.items()}
         image_blocks = [blocks(update) for update in updates.get("image", [])]
         video_blocks = [blocks(update) for update in updates.get("video", [])]
-        expanded = expand_tags(text, [sum(b) for b in image_blocks], [len(b) for b in video_blocks],
-                               self.info.tokens_per_tile, tokens)
-        if expanded is None:
-            return None
-        expanded_text, items = expanded
-        ids = list(tokenizer.encode(expanded_text, add_special_tokens=add_special_tokens))
+        # (a tag typed as text, or too few tags: a ValueError, which vLLM answers with a 400 naming it)
+        expanded_text, items = expand_tags(text, [sum(b) for b in image_blocks], [len(b) for b in video_blocks],
+                                           self.info.tokens_per_tile, tokens)
+        # with the special tokens transformers' processor adds (its `add_special_tokens` default), whatever the route's
+        # own default: vLLM's chat route tokenizes without them, so a template without `<s>` lost the BOS there
+        ids = list(tokenizer.encode(expanded_text, add_special_tokens=True))
+        limit = self.info.ctx.model_config.max_model_len
+        if len(ids) >= limit and not _TAGS_ONLY.fullmatch(text):  # (tags alone: vLLM's profiling prompt)
+            raise ValueError(
+                f"the prompt with its images and videos is {len(ids)} tokens, and max_model_len is {limit} (prompt and "
+                f"answer together): start vLLM with --max-model-len {len(ids) + 1} or more (`LLM(..., max_model_len="
+                "...)`), or send fewer or smaller images (or a lower max_tiles in mm_processor_kwargs)")
         per_item = {"image": image_blocks, "video": video_blocks}
         spans = item_spans(ids, items, lambda modality, item: per_item[modality][item] if modality == "video"
                            else [sum(per_item[modality][item])], tokens)
-        if spans is None:
-            return None
+        if spans is None:  # the expansion is ours: its blocks are always found
+            raise RuntimeError("InternVL-X: the expanded prompt's image blocks are not those placed")
         placeholders: dict[str, list] = {}
         for span in spans:
             piece = ids[span.start: span.end]

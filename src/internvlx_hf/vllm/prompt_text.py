@@ -17,6 +17,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from ..processing.chat_templates import reserved_tag_message
 from ..processing.video import VIDEO_PLACEHOLDER, video_prompt
 
 IMAGE_PLACEHOLDER = "<image>"
@@ -98,13 +99,39 @@ def recover_prompt_text(tokenizer, ids: Sequence[int]) -> tuple[str, bool] | Non
     return None
 
 
+def prompt_text_as_transformers(tokenizer, text: str) -> str:
+    """`text` without the BOS token text it may start with: the prompt that `tokenizer.encode(...,
+    add_special_tokens=True)` turns into transformers' ids, with exactly one BOS where the tokenizer adds one (as
+    `processor(text=processor.apply_chat_template(...))` does), whether or not a template or the client wrote `<s>`
+    and whether or not vLLM's route added it."""
+    bos = getattr(tokenizer, "bos_token", None)
+    if not bos or not tokenizer.encode("", add_special_tokens=True):
+        return text
+    while text.startswith(bos):
+        text = text[len(bos):]
+    return text
+
+
 def expand_tags(text: str, image_context: Sequence[int], video_frames: Sequence[int], frame_context: int,
-                tokens: ImageTokens) -> tuple[str, list[tuple[str, int]]] | None:
+                tokens: ImageTokens) -> tuple[str, list[tuple[str, int]]]:
     """The prompt with each `<image>` / `<video>` expanded as [`InternVLXProcessor`] does, and the items in the
-    order of their tags; None when the tags and the items do not match in number."""
+    order of their tags.
+
+    Raises:
+        ValueError: the text holds image tokens itself, or more tags than items (a tag typed as text: refused with
+            the chat templates' message, never taken for an image), or fewer tags than items.
+    """
+    for token in (tokens.start, tokens.end, tokens.context):
+        if token in text:
+            raise ValueError(reserved_tag_message(token))
     order = [match.group(0) for match in _TAGS.finditer(text)]
-    if order.count(IMAGE_PLACEHOLDER) != len(image_context) or order.count(VIDEO_PLACEHOLDER) != len(video_frames):
-        return None
+    for tag, given, name in ((IMAGE_PLACEHOLDER, len(image_context), "image"),
+                             (VIDEO_PLACEHOLDER, len(video_frames), "video")):
+        if order.count(tag) > given:
+            raise ValueError(reserved_tag_message(tag))
+        if order.count(tag) < given:
+            raise ValueError(f"the prompt has {order.count(tag)} '{tag}' tag(s) for {given} {name}(s); put one "
+                             f"'{tag}' in the prompt where each {name} goes")
     images, videos = iter(enumerate(image_context)), iter(enumerate(video_frames))
     items: list[tuple[str, int]] = []
 

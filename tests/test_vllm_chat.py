@@ -1,0 +1,292 @@
+"""vLLM as users call it (issue 57): `python -m vllm.entrypoints.openai.api_server` on converted folders and the
+`openai` client's chat completions with images, a system prompt and several turns; the prompt ids and greedy tokens
+are transformers' (`processor.apply_chat_template` + `processor(...)` + `generate`). A tag typed as message text gets
+a 400 that names it.
+
+One server process per family (InternLM2 and Phi-3: sentencepiece tokenizers that add BOS, which vLLM's chat route
+does not; Qwen2: byte-level BPE without BOS), all started at once; `.ci/run` runs the module in its vLLM environment.
+"""
+
+from __future__ import annotations
+
+import base64
+import importlib.util
+import io
+import os
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+if importlib.util.find_spec("vllm") is None or importlib.util.find_spec("openai") is None:
+    pytest.skip("vllm and openai are not installed here; .ci/run runs these tests in its vLLM environment",
+                allow_module_level=True)
+
+from internvlx_hf import InternVLXForConditionalGeneration, InternVLXProcessor  # noqa: E402
+
+from vllm_checkpoints import converted_checkpoint  # noqa: E402
+from vllm_helpers import image, reference_generate  # noqa: E402
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
+FAMILIES = ("internlm2", "phi3", "qwen2")
+MAX_TILES = 4
+MAX_MODEL_LEN = 4096
+TAGS = ("<image>", "<video>", "<img>", "</img>", "<IMG_CONTEXT>")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _start(folder: Path, log: Path) -> tuple[subprocess.Popen, int]:
+    port = _free_port()
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder),
+               "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager",
+               "--max-model-len", str(MAX_MODEL_LEN), "--gpu-memory-utilization", "0.15", "--max-num-seqs", "4",
+               "--limit-mm-per-prompt", '{"image": 2}', "--mm-processor-kwargs", f'{{"max_tiles": {MAX_TILES}}}']
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1",
+           "VLLM_CACHE_ROOT": str(log.parent / f"{folder.name}-vllm-cache")}
+    return subprocess.Popen(command, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env), port
+
+
+def _wait(process: subprocess.Popen, port: int, log: Path, timeout: float = 900) -> None:
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"the vLLM server stopped:\n{log.read_text()[-6000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as answer:
+                if answer.status == 200:
+                    return
+        except OSError:
+            time.sleep(2)
+    raise AssertionError(f"the vLLM server did not start in {timeout} s:\n{log.read_text()[-6000:]}")
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("checkpoints")
+    return {family: converted_checkpoint(root / family, family) for family in FAMILIES}
+
+
+@pytest.fixture(scope="module")
+def servers(folders, tmp_path_factory):
+    """family -> (checkpoint folder, openai client) of a running server."""
+    from openai import OpenAI
+
+    root = tmp_path_factory.mktemp("chat")
+    started = {family: _start(folder, root / f"{family}.log") for family, folder in folders.items()}
+    try:
+        for family, (process, port) in started.items():
+            _wait(process, port, root / f"{family}.log")
+        yield {family: (folders[family], OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none",
+                                                max_retries=0, timeout=600))
+               for family, (process, port) in started.items()}
+    finally:
+        for process, _ in started.values():
+            process.terminate()
+        for process, _ in started.values():
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def _data_url(picture) -> str:
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+#: name -> OpenAI messages; an image part is (width, height, seed)
+CONVERSATIONS = {
+    "image": [{"role": "user", "content": [{"type": "image_url", "image_url": (900, 448, 1)},
+                                           {"type": "text", "text": "What is in the picture?"}]}],
+    "system, two turns, two images": [
+        {"role": "system", "content": "You answer in one short sentence."},
+        {"role": "user", "content": [{"type": "image_url", "image_url": (448, 448, 2)},
+                                     {"type": "text", "text": "Describe it."}]},
+        {"role": "assistant", "content": "A square of colours."},
+        {"role": "user", "content": [{"type": "text", "text": "And this one?"},
+                                     {"type": "image_url", "image_url": (600, 420, 3)}]},
+    ],
+}
+
+
+def _openai_messages(messages: list[dict]) -> list[dict]:
+    out = []
+    for message in messages:
+        content = message["content"]
+        if isinstance(content, list):
+            content = [{"type": "image_url", "image_url": {"url": _data_url(image(*part["image_url"]))}}
+                       if part["type"] == "image_url" else part for part in content]
+        out.append({"role": message["role"], "content": content})
+    return out
+
+
+def _transformers_answer(folder: Path, messages: list[dict]) -> dict:
+    model = InternVLXForConditionalGeneration.from_pretrained(folder).eval()
+    processor = InternVLXProcessor.from_pretrained(folder)
+    images = [image(*part["image_url"]) for message in messages if isinstance(message["content"], list)
+              for part in message["content"] if part["type"] == "image_url"]
+    local = [{"role": m["role"], "content": [{"type": "image"} if part["type"] == "image_url" else part
+                                             for part in m["content"]] if isinstance(m["content"], list)
+              else m["content"]} for m in messages]
+    prompt = processor.apply_chat_template(local, add_generation_prompt=True)
+    return reference_generate(model, processor, prompt, images=images or None, max_tiles=MAX_TILES)
+
+
+@pytest.mark.parametrize("conversation", sorted(CONVERSATIONS))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_chat_completions_give_transformers_prompt_ids_and_tokens(servers, family, conversation):
+    folder, client = servers[family]
+    messages = CONVERSATIONS[conversation]
+    answer = client.chat.completions.create(
+        model=str(folder), messages=_openai_messages(messages), max_tokens=8, temperature=0.0,
+        extra_body={"return_token_ids": True, "ignore_eos": True})
+    reference = _transformers_answer(folder, messages)
+    assert answer.prompt_token_ids == reference["prompt_ids"]
+    assert answer.choices[0].token_ids == reference["tokens"]
+
+
+@pytest.mark.parametrize("tag", TAGS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_tag_typed_in_a_message_gets_a_400_naming_it(servers, family, tag):
+    from openai import BadRequestError
+
+    folder, client = servers[family]
+    expected = (f"message text contains '{tag}', which this model reserves for image input; send images as image "
+                f"content parts and remove or reword '{tag}' in the text")
+    for content in (f"What does {tag} mean?",  # string content (what clients send for text-only turns)
+                    [{"type": "image_url", "image_url": {"url": _data_url(image(448, 448, 5))}},
+                     {"type": "text", "text": f"Is this {tag}?"}]):
+        with pytest.raises(BadRequestError) as error:
+            client.chat.completions.create(model=str(folder), messages=[{"role": "user", "content": content}],
+                                           max_tokens=2)
+        assert expected in str(error.value)
+
+
+#: The sentencepiece families' BOS: vLLM's chat routes add no special tokens and the templates write none, so a
+#: text-only chat request asks for them, as docs/serving.md and the plugin's start-up line say (requests with images
+#: get the BOS from the plugin either way).
+SPECIAL_TOKENS = {"internlm2": {"add_special_tokens": True}, "phi3": {"add_special_tokens": True}}
+
+TEXT_ONLY = [{"role": "system", "content": "You answer in one short sentence."},
+             {"role": "user", "content": "Write a haiku about the sea."},
+             {"role": "assistant", "content": "Waves fold into foam."},
+             {"role": "user", "content": [{"type": "text", "text": "Another one, about rain."}]}]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_text_only_chat_and_completions_give_transformers_ids(servers, family):
+    """A text-only prompt does not reach the plugin's processor: the chat route gets the BOS with `add_special_tokens`
+    (InternLM2, Phi-3), completions of the rendered template by default."""
+    folder, client = servers[family]
+    reference = _transformers_answer(folder, TEXT_ONLY)
+    answer = client.chat.completions.create(
+        model=str(folder), messages=TEXT_ONLY, max_tokens=8, temperature=0.0,
+        extra_body={"return_token_ids": True, "ignore_eos": True, **SPECIAL_TOKENS.get(family, {})})
+    assert answer.prompt_token_ids == reference["prompt_ids"]
+    assert answer.choices[0].token_ids == reference["tokens"]
+    prompt = InternVLXProcessor.from_pretrained(folder).apply_chat_template(TEXT_ONLY, add_generation_prompt=True)
+    completion = client.completions.create(model=str(folder), prompt=prompt, max_tokens=8, temperature=0.0,
+                                           extra_body={"return_token_ids": True, "ignore_eos": True})
+    assert completion.choices[0].prompt_token_ids == reference["prompt_ids"]
+    assert completion.choices[0].token_ids == reference["tokens"]
+
+
+def test_a_prompt_past_max_model_len_gets_a_400_naming_the_setting(servers):
+    from openai import BadRequestError
+
+    folder, client = servers["phi3"]
+    text = "Say" + " hi" * (MAX_MODEL_LEN - 600)  # fits as text; with the image's tiles it does not
+    content = [{"type": "image_url", "image_url": {"url": _data_url(image(900, 448, 1))}},
+               {"type": "text", "text": text}]
+    with pytest.raises(BadRequestError) as error:
+        client.chat.completions.create(model=str(folder), messages=[{"role": "user", "content": content}],
+                                       max_tokens=2)
+    assert f"and max_model_len is {MAX_MODEL_LEN} (prompt and answer together): start vLLM with --max-model-len" \
+        in str(error.value)
+
+
+def test_longrope_default_length_is_said_at_start(folders, caplog):
+    """vLLM starts Phi-3's LongRoPE at `original_max_position_embeddings`; the plugin's config hook says which length
+    it took and names `--max-model-len`."""
+    from vllm.config import ModelConfig
+    from vllm.plugins import load_general_plugins
+
+    from internvlx_hf.vllm.config_hook import _report_longrope_length
+
+    load_general_plugins()
+    config = ModelConfig(model=str(folders["phi3"]))
+    text = config.hf_config.get_text_config()
+    assert config.max_model_len == text.rope_parameters["original_max_position_embeddings"] == 512
+    _report_longrope_length(config, text)
+    assert ("max_model_len is 512, vLLM's default for a LongRoPE LLM (its original_max_position_embeddings); the "
+            "checkpoint takes up to 65536 tokens (text_config.max_position_embeddings): start vLLM with "
+            "--max-model-len N") in caplog.text
+
+
+#: `LLM.chat` conversations and `LLM.generate` prompts (text, images as (width, height, seed))
+OFFLINE_CHATS = [TEXT_ONLY, CONVERSATIONS["system, two turns, two images"]]
+OFFLINE_FAMILIES = ("internlm2", "phi3")
+
+
+def _offline_generate(processor) -> list[dict]:
+    image_prompt = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}],
+        add_generation_prompt=True)
+    return [{"prompt": image_prompt, "images": [(900, 448, 1)]},
+            # a tag typed in the text (more tags than images), the image token typed in the text
+            {"prompt": image_prompt.replace("What", "What <image>"), "images": [(900, 448, 1)]},
+            {"prompt": image_prompt.replace("What", "What <IMG_CONTEXT>"), "images": [(900, 448, 1)]}]
+
+
+@pytest.fixture(scope="module")
+def offline(folders, tmp_path_factory):
+    """family -> `LLM.chat` / `LLM.generate` answers (one process per family, one after the other)."""
+    root = tmp_path_factory.mktemp("offline")
+    results = {}
+    for family in OFFLINE_FAMILIES:
+        processor = InternVLXProcessor.from_pretrained(folders[family])
+        spec = {"checkpoint": str(folders[family]),
+                "engine": dict(dtype="float32", enforce_eager=True, max_model_len=MAX_MODEL_LEN,
+                               gpu_memory_utilization=0.15, max_num_seqs=4, limit_mm_per_prompt={"image": 2},
+                               mm_processor_kwargs={"max_tiles": MAX_TILES}),
+                "chat": OFFLINE_CHATS, "generate": _offline_generate(processor),
+                "chat_tokenization_kwargs": SPECIAL_TOKENS.get(family)}
+        (root / f"{family}.json").write_text(json.dumps(spec))
+        engine = Path(__file__).resolve().parent / "vllm_chat_engine.py"
+        done = subprocess.run([sys.executable, str(engine), str(root / f"{family}.json"), str(root / f"{family}.out")],
+                              capture_output=True, text=True, timeout=900,
+                              env={**os.environ, "OMP_NUM_THREADS": "1",
+                                   "VLLM_CACHE_ROOT": str(root / f"{family}-vllm-cache")})
+        assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+        results[family] = json.loads((root / f"{family}.out").read_text())
+    return results
+
+
+@pytest.mark.parametrize("family", OFFLINE_FAMILIES)
+def test_llm_chat_and_generate_give_transformers_ids_and_refuse_typed_tags(folders, offline, family):
+    folder = folders[family]
+    for messages, got in zip(OFFLINE_CHATS, offline[family]["chat"]):
+        reference = _transformers_answer(folder, messages)
+        assert got == {"prompt_token_ids": reference["prompt_ids"], "tokens": reference["tokens"]}
+    processor = InternVLXProcessor.from_pretrained(folder)
+    model = InternVLXForConditionalGeneration.from_pretrained(folder).eval()
+    plain, with_tag, with_token = offline[family]["generate"]
+    request = _offline_generate(processor)[0]
+    reference = reference_generate(model, processor, request["prompt"], images=[image(*request["images"][0])],
+                                   max_tiles=MAX_TILES)
+    assert plain == {"prompt_token_ids": reference["prompt_ids"], "tokens": reference["tokens"]}
+    for got, tag in ((with_tag, "<image>"), (with_token, "<IMG_CONTEXT>")):
+        assert f"message text contains '{tag}', which this model reserves for image input" in got["error"]

@@ -1,0 +1,62 @@
+"""`vllm.LLM` on one checkpoint as users call it, for tests/test_vllm_chat.py, in its own process:
+`python vllm_chat_engine.py SPEC OUT`.
+
+SPEC (JSON): the checkpoint, engine options, `chat` (lists of messages for `LLM.chat`, image parts as
+`{"type": "image_url", "image_url": [width, height, seed]}`) and `generate` (prompts with their images for
+`LLM.generate`). OUT gets each one's prompt ids and greedy tokens, or the error it raised.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine core runs in this process
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+from vllm_helpers import image  # noqa: E402
+
+
+def _messages(messages: list[dict]) -> list[dict]:
+    """Image parts as PIL images (`image_pil` parts, vLLM's way of passing an image object to `LLM.chat`)."""
+    out = []
+    for message in messages:
+        content = message["content"]
+        if isinstance(content, list):
+            content = [{"type": "image_pil", "image_pil": image(*part["image_url"])} if part["type"] == "image_url"
+                       else part for part in content]
+        out.append({"role": message["role"], "content": content})
+    return out
+
+
+def _answer(call) -> dict:
+    try:
+        output = call()[0]
+    except Exception as error:  # noqa: BLE001 - what a user sees is the answer
+        return {"error": f"{type(error).__name__}: {error}"}
+    return {"prompt_token_ids": list(output.prompt_token_ids), "tokens": list(output.outputs[0].token_ids)}
+
+
+def main() -> None:
+    from vllm import LLM, SamplingParams
+
+    spec = json.loads(Path(sys.argv[1]).read_text())
+    llm = LLM(spec["checkpoint"], **spec["engine"])
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    results = {"chat": [], "generate": []}
+    for messages in spec["chat"]:
+        results["chat"].append(_answer(lambda: llm.chat(_messages(messages), params, use_tqdm=False,
+                                                        tokenization_kwargs=spec.get("chat_tokenization_kwargs"))))
+    for request in spec["generate"]:
+        prompt = {"prompt": request["prompt"]}
+        if request["images"]:
+            prompt["multi_modal_data"] = {"image": [image(*size) for size in request["images"]]}
+        results["generate"].append(_answer(lambda: llm.generate([prompt], params, use_tqdm=False)))
+    Path(sys.argv[2]).write_text(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
