@@ -289,9 +289,13 @@ def check_reserved_tags(messages: list[dict], tags: tuple[str, ...]) -> None:
     """Refuse (`InvalidRequest`, 400) a message text holding one of ``tags``, the strings the model reserves for
     image input (``<image>``, ``<video>``, ``<img>``, ``</img>``, ``<IMG_CONTEXT>``): the chat template and the
     processor would take it for an image placeholder and the prompt's image tokens would no longer match the images
-    (an error deep in the processor, or a silently wrong prompt). The same rule and message as the vLLM route's."""
+    (an error deep in the processor, or a silently wrong prompt). The same rule and message as the chat templates'
+    and so the vLLM route's (`chat_templates.reserved_tag_message`)."""
     if not tags:
         return
+    # Deferred: `internvlx_hf.processing` imports transformers, and this module stays plain Python.
+    from ..processing.chat_templates import reserved_tag_message
+
     for index, message in enumerate(messages):
         content = message.get("content")
         if isinstance(content, str):
@@ -304,9 +308,7 @@ def check_reserved_tags(messages: list[dict], tags: tuple[str, ...]) -> None:
         for text, param in texts:
             for tag in tags:
                 if tag in text:
-                    raise InvalidRequest(f"message text contains '{tag}', which this model reserves for image input; "
-                                         f"send images as image content parts and remove or reword '{tag}' in the "
-                                         "text", param)
+                    raise InvalidRequest(reserved_tag_message(tag), param)
 
 
 def check_text_fits(messages: list[dict], limits: RequestLimits) -> None:
