@@ -343,3 +343,27 @@ def test_convert_of_a_missing_folder_suggests_hf_download(capsys, tmp_path):
         f"internvlx convert: error: SRC {tmp_path / 'InternVL2-2B'} is not a folder; pass the local folder of an "
         "OpenGVLab InternVL2 model (download it first, e.g. `hf download OpenGVLab/InternVL2-2B --local-dir "
         "InternVL2-2B`).\n")
+
+
+def test_a_broken_image_is_reported_before_torch_loads(tmp_path):
+    """`chat --image` with a file that is no image (or a PNG cut short) is reported by the command's checks with
+    Pillow alone; it took 4-8 s (torch, transformers and the model loaded first)."""
+    import io
+
+    from PIL import Image
+
+    text, cut = tmp_path / "notes.png", tmp_path / "cut.png"
+    text.write_text("not an image")
+    png = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(png, format="PNG")
+    cut.write_bytes(png.getvalue()[:-30])  # the IEND chunk and the end of the pixel data missing
+    from internvlx_hf.demo import demo_model_dir
+
+    model = demo_model_dir()
+    results = _run_cli([["chat", str(model), "--image", str(path), "Hi"] for path in (text, cut)])
+    assert [result["code"] for result in results] == [2, 2]
+    assert results[0]["last_err"] == (
+        f"internvlx chat: error: --image {str(text)!r} is not a readable image (UnidentifiedImageError: cannot "
+        f"identify image file {str(text)!r}); pass a PNG, JPEG or another image file Pillow reads.")
+    assert results[1]["last_err"].startswith(f"internvlx chat: error: --image {str(cut)!r} is not a readable image (")
+    assert all("torch" not in result["heavy"] and "transformers" not in result["heavy"] for result in results)
