@@ -54,3 +54,25 @@ def test_sft_trainer_with_default_arguments_trains(tmp_path):
     assert trainer.state.global_step == 3
     after = dict(model.named_parameters())
     assert any(not after[name].detach().equal(value) for name, value in before.items())
+
+
+def test_rows_emptied_by_remove_unused_columns_are_named(tmp_path, caplog):
+    """A list of `dict` rows given to a plain Trainer loses every key in `RemoveColumnsCollator` (only what
+    model.forward names is kept): the collator's warning says which argument to change instead of "got keys []"."""
+    import logging
+
+    model, processor = th.load(th.converted("internvl2_qwen2"))
+    rows = th.colour_rows(tmp_path / "images", 2)
+    for row in rows:
+        row["image"] = str(tmp_path / "images" / row["image"])
+    trainer = Trainer(model, TrainingArguments(str(tmp_path / "out")), train_dataset=rows,
+                      data_collator=InternVLXDataCollator(processor))
+    with caplog.at_level(logging.WARNING), pytest.raises(ValueError, match=r"every row of this batch of 2 was dropped"):
+        trainer.train()
+    dropped = [record.getMessage() for record in caplog.records if "dropping" in record.getMessage()]
+    assert len(dropped) == 2
+    assert dropped[0] == (
+        "dropping batch row 0: a row with no keys: a Trainer with remove_unused_columns=True dropped the "
+        "`messages`/`conversations` columns before the collator; give the Trainer "
+        "TrainingArguments(remove_unused_columns=False), or an InternVLXDataset built on the data (bad format; 1 "
+        "dropped by the collator so far)")
