@@ -399,3 +399,33 @@ def test_odd_widths_load_on_cpu_and_generate(bits, tmp_path, caplog):
         out = model.generate(input_ids=ids, pixel_values=pixels(1, 0), max_new_tokens=3, do_sample=False)
         reference = full.generate(input_ids=ids, pixel_values=pixels(1, 0), max_new_tokens=3, do_sample=False)
     assert out.shape == reference.shape == (1, ids.shape[1] + 3)
+
+
+def test_chat_cli_load_in_4bit_with_odd_widths(tmp_path, capsys, caplog):
+    """The issue's command: `internvlx chat --load-in-4bit` on CPU with a model whose LLM widths bitsandbytes' CPU
+    4-bit path cannot take (an MLP of 200) answered with bitsandbytes' AssertionError and "unexpected error":
+    it answers now, and the log line names the layers kept in full precision."""
+    import logging
+    import shutil
+
+    from internvlx_hf import InternVLXConfig
+
+    demo = demo_model_dir()
+    config = InternVLXConfig.from_pretrained(demo)
+    config.text_config.intermediate_size = 200
+    torch.manual_seed(0)
+    InternVLXForConditionalGeneration(config).save_pretrained(tmp_path / "odd")
+    for path in demo.iterdir():
+        if path.name not in ("config.json", "model.safetensors", "generation_config.json"):
+            shutil.copy(path, tmp_path / "odd" / path.name)
+    image = tmp_path / "q.png"
+    demo_samples()[0].image.save(image)
+    with caplog.at_level(logging.WARNING, logger="internvlx_hf.quantization"):
+        assert main(["chat", str(tmp_path / "odd"), "--image", str(image), "What colour?", "--load-in-4bit",
+                     "--device", "cpu", "--max-new-tokens", "3"]) == 0
+    lines = [r.getMessage() for r in caplog.records if r.name == "internvlx_hf.quantization"]
+    assert len(lines) == 1 and lines[0].startswith("4-bit on CPU: keeping ")
+    kept = lines[0].split(": ")[-1].split(", ")
+    layers = config.text_config.num_hidden_layers
+    assert kept == [f"model.language_model.layers.{i}.mlp.{name}" for i in range(layers)
+                    for name in ("gate_proj", "up_proj", "down_proj")]  # 128 -> 200 -> 128; attention is 128 wide
