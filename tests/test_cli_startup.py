@@ -355,7 +355,7 @@ def test_convert_of_a_missing_folder_suggests_hf_download(capsys, tmp_path):
 
 
 def test_a_broken_image_is_reported_before_torch_loads(tmp_path):
-    """`chat --image` with a file that is no image (or a PNG cut short) is reported by the command's checks with
+    """`chat --image` (and `demo --image`) with a file that is no image (or a PNG cut short) is reported by the command's checks with
     Pillow alone; it took 4-8 s (torch, transformers and the model loaded first)."""
     import io
 
@@ -369,12 +369,15 @@ def test_a_broken_image_is_reported_before_torch_loads(tmp_path):
     from internvlx_hf.demo import demo_model_dir
 
     model = demo_model_dir()
-    results = _run_cli([["chat", str(model), "--image", str(path), "Hi"] for path in (text, cut)])
-    assert [result["code"] for result in results] == [2, 2]
+    results = _run_cli([["chat", str(model), "--image", str(path), "Hi"] for path in (text, cut)]
+                       + [["demo", "--image", str(text), "--question", "Hi"]])
+    assert [result["code"] for result in results] == [2, 2, 2]
+    assert results[2]["last_err"] == results[0]["last_err"].replace("internvlx chat:", "internvlx demo:")
     assert results[0]["last_err"] == (
-        f"internvlx chat: error: --image {str(text)!r} is not a readable image (UnidentifiedImageError: cannot "
-        f"identify image file {str(text)!r}); pass a PNG, JPEG or another image file Pillow reads.")
-    assert results[1]["last_err"].startswith(f"internvlx chat: error: --image {str(cut)!r} is not a readable image (")
+        f"internvlx chat: error: --image {str(text)!r} is not an image Pillow can read (UnidentifiedImageError: "
+        f"cannot identify image file {str(text)!r}); give a PNG/JPEG/WebP file.")
+    assert results[1]["last_err"].startswith(f"internvlx chat: error: --image {str(cut)!r} is not an image Pillow "
+                                             "can read (")
     assert all("torch" not in result["heavy"] and "transformers" not in result["heavy"] for result in results)
 
 
