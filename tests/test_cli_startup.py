@@ -355,8 +355,8 @@ def test_convert_of_a_missing_folder_suggests_hf_download(capsys, tmp_path):
 
 
 def test_a_broken_image_is_reported_before_torch_loads(tmp_path):
-    """`chat --image` (and `demo --image`) with a file that is no image (or a PNG cut short) is reported by the command's checks with
-    Pillow alone; it took 4-8 s (torch, transformers and the model loaded first)."""
+    """`chat --image` (and `demo --image`) with a file that is no image (or a PNG cut short) is reported by the
+    command's checks with Pillow alone; it took 4-8 s (torch, transformers and the model loaded first)."""
     import io
 
     from PIL import Image
