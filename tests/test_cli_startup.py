@@ -23,7 +23,15 @@ import pytest
 
 from internvlx_hf.cli import _commands, build_parser, main
 from internvlx_hf.cli.train import TRAIN, _add_train_arguments
-from internvlx_hf.cli.train_flags import REGENERATE, SHIPPED, add_shipped_flags, live_text
+from internvlx_hf.cli.train_flags import (
+    REGENERATE,
+    SHIPPED,
+    add_shipped_flags,
+    environment,
+    live_text,
+    read_tables,
+    tables_text,
+)
 
 from conftest import REPO_ROOT
 
@@ -64,13 +72,13 @@ def _run_cli(argvs: list[list[str]]) -> list[dict]:
 
 COMMANDS = [command.name for command in _commands()]
 
-# train_flags.json describes the flags under one transformers release (its "environment"); under another, `train`
-# builds them from TrainingArguments, importing torch (docs/cli.md): what depends on the shipped file is checked where
-# it holds, and the other commands everywhere.
+# train_flags.json describes the flags under each transformers release of the supported range (its "environments");
+# under another (or torch < 2.8), `train` builds them from TrainingArguments, importing torch (docs/cli.md): what
+# depends on the shipped file is checked where it holds, and the other commands everywhere.
 SHIPPED_HOLDS = add_shipped_flags(argparse.ArgumentParser())
 needs_shipped_flags = pytest.mark.skipif(not SHIPPED_HOLDS, reason=(
-    f"train_flags.json describes transformers {json.loads(SHIPPED.read_text())['environment']['transformers']}; "
-    f"under {importlib.metadata.version('transformers')} `internvlx train` builds its flags from TrainingArguments"))
+    f"train_flags.json does not describe transformers {importlib.metadata.version('transformers')} with this torch: "
+    "`internvlx train` builds its flags from TrainingArguments"))
 
 
 def test_help_of_the_cli_and_of_every_command_imports_nothing_heavy():
@@ -248,12 +256,13 @@ def test_train_parses_as_the_live_parser_does(argv, tmp_path, capsys):
 
 def test_under_another_transformers_release_train_builds_its_flags_from_transformers(tmp_path, monkeypatch):
     # as a user with a newer transformers sees it: the shipped file describes another release, one flag fewer
-    described = json.loads(SHIPPED.read_text(encoding="utf-8"))
-    described["environment"]["transformers"] = "5.22.0"
-    training = described["groups"][-1]["actions"]
+    here = environment()
+    table = next(table for table in read_tables() if table["environment"] == here)
+    table["environment"] = dict(here, transformers="6.0.0")
+    training = table["groups"][-1]["actions"]
     training[:] = [spec for spec in training if spec["dest"] != "learning_rate"]
     other = tmp_path / "train_flags.json"
-    other.write_text(json.dumps(described))
+    other.write_text(tables_text([table]))
     assert not add_shipped_flags(argparse.ArgumentParser(), other)
     parser = _train_parser(other)
     assert parser.parse_args(["--learning_rate", "1e-3"]).learning_rate == 1e-3
@@ -343,3 +352,55 @@ def test_convert_of_a_missing_folder_suggests_hf_download(capsys, tmp_path):
         f"internvlx convert: error: SRC {tmp_path / 'InternVL2-2B'} is not a folder; pass the local folder of an "
         "OpenGVLab InternVL2 model (download it first, e.g. `hf download OpenGVLab/InternVL2-2B --local-dir "
         "InternVL2-2B`).\n")
+
+
+def test_a_broken_image_is_reported_before_torch_loads(tmp_path):
+    """`chat --image` (and `demo --image`) with a file that is no image (or a PNG cut short) is reported by the
+    command's checks with Pillow alone; it took 4-8 s (torch, transformers and the model loaded first)."""
+    import io
+
+    from PIL import Image
+
+    text, cut = tmp_path / "notes.png", tmp_path / "cut.png"
+    text.write_text("not an image")
+    png = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(png, format="PNG")
+    cut.write_bytes(png.getvalue()[:-30])  # the IEND chunk and the end of the pixel data missing
+    from internvlx_hf.demo import demo_model_dir
+
+    model = demo_model_dir()
+    results = _run_cli([["chat", str(model), "--image", str(path), "Hi"] for path in (text, cut)]
+                       + [["demo", "--image", str(text), "--question", "Hi"]])
+    assert [result["code"] for result in results] == [2, 2, 2]
+    assert results[2]["last_err"] == results[0]["last_err"].replace("internvlx chat:", "internvlx demo:")
+    assert results[0]["last_err"] == (
+        f"internvlx chat: error: --image {str(text)!r} is not an image Pillow can read (UnidentifiedImageError: "
+        f"cannot identify image file {str(text)!r}); give a PNG/JPEG/WebP file.")
+    assert results[1]["last_err"].startswith(f"internvlx chat: error: --image {str(cut)!r} is not an image Pillow "
+                                             "can read (")
+    assert all("torch" not in result["heavy"] and "transformers" not in result["heavy"] for result in results)
+
+
+def test_the_shipped_train_flags_describe_every_release_of_the_supported_range(monkeypatch):
+    """One description per transformers release that scripts/make_train_flags.py lists (every release from
+    pyproject's lower bound on), so that `train --help` and flag errors answer without torch under each; under each
+    of them `add_shipped_flags` finds its own, and equal descriptions are stored once."""
+    import runpy
+
+    import internvlx_hf.cli.train_flags as train_flags
+
+    releases = runpy.run_path(str(REPO_ROOT / "scripts" / "make_train_flags.py"), run_name="not_main")["RELEASES"]
+    pyproject = (REPO_ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    assert f'"transformers>={releases[0]},' in pyproject
+    tables = read_tables()
+    assert [table["environment"] for table in tables] == [{"transformers": r, "torch>=2.8": True} for r in releases]
+    entries = json.loads(SHIPPED.read_text(encoding="utf-8"))["tables"]
+    assert len(entries) == len({json.dumps(entry["groups"]) for entry in entries}) < len(releases)
+    for table in tables:
+        monkeypatch.setattr(train_flags, "environment", lambda table=table: table["environment"])
+        parser = argparse.ArgumentParser()
+        assert add_shipped_flags(parser)
+        assert {a.dest for a in parser._actions} - {"help"} == {spec["dest"] for group in table["groups"]
+                                                                for spec in group["actions"]}
+    monkeypatch.setattr(train_flags, "environment", lambda: {"transformers": releases[0], "torch>=2.8": False})
+    assert not add_shipped_flags(argparse.ArgumentParser())

@@ -74,7 +74,9 @@ def test_kept_modules_match_real_modules(setup, bits, tmp_path):
     linears = _linears(model)
     model.save_pretrained(tmp_path)
 
-    config = bitsandbytes_config(bits, model.config)
+    # The list for a GPU: on CPU, 4-bit also keeps the tiny model's 32-wide layers (see the odd-widths tests below);
+    # loading without a forward works either way.
+    config = bitsandbytes_config(bits, model.config, device="cuda")
     assert config.llm_int8_skip_modules == expected
     loaded = InternVLXForConditionalGeneration.from_pretrained(tmp_path, quantization_config=config)
     quantized = set(quantized_linear_names(loaded))
@@ -86,7 +88,7 @@ def test_kept_modules_match_real_modules(setup, bits, tmp_path):
     check_kept_modules(loaded, expected)
 
     # the vision tower on request
-    kept = bitsandbytes_config(bits, model.config, keep_vision_tower=True).llm_int8_skip_modules
+    kept = bitsandbytes_config(bits, model.config, keep_vision_tower=True, device="cuda").llm_int8_skip_modules
     assert kept == [*expected[:-1], "model.vision_tower", "lm_head"]
 
 
@@ -331,3 +333,99 @@ def test_serve_load_in_4bit_gives_the_server_the_chat_quantization_config(demo_c
     assert config.bnb_4bit_compute_dtype == torch.float32
     args = build_parser().parse_args(["serve", str(demo_model_dir())])
     assert model_loading_kwargs(args) == {}
+
+
+# Widths that bitsandbytes' CPU 4-bit path cannot take: out_features 40 / in_features 40 (not multiples of 32 / 64),
+# an MLP of 72, and the tiny vision tower's 32-wide layers (in_features below the 64-value block).
+def _odd_model():
+    from tiny import tiny_config
+
+    config = tiny_config()
+    config.text_config.hidden_size, config.text_config.intermediate_size = 40, 72
+    torch.manual_seed(0)
+    return InternVLXForConditionalGeneration(config).eval()
+
+
+def _odd_checkpoint(tmp_path):
+    model = _odd_model()
+    model.save_pretrained(tmp_path)
+    return model.config
+
+
+def test_cpu_4bit_misfits_name_every_layer_bitsandbytes_cannot_run(tmp_path):
+    config = _odd_checkpoint(tmp_path)
+    from internvlx_hf.quantization import cpu_4bit_misfits
+
+    skip = skip_modules(config)
+    misfits = cpu_4bit_misfits(config, skip)
+    model = _odd_model()
+    expected = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)
+                and not _under(name, skip) and (module.out_features % 32 or module.in_features % 64)]
+    assert misfits == expected
+    assert "model.language_model.layers.0.mlp.down_proj" in misfits  # 72 -> 40
+    assert "model.vision_tower.encoder.layer.0.attention.q_proj" in misfits  # 32 -> 32
+    # The demo model's widths all fit: nothing extra is kept there.
+    from internvlx_hf import InternVLXConfig
+
+    demo = InternVLXConfig.from_pretrained(demo_model_dir())
+    assert cpu_4bit_misfits(demo, skip_modules(demo)) == []
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_odd_widths_load_on_cpu_and_generate(bits, tmp_path, caplog):
+    """--load-in-4bit on CPU once stopped at the first forward inside bitsandbytes (an AssertionError or a reshape
+    error) on layers whose widths are not multiples of 32 / 64: they are kept in full precision, logged once."""
+    import logging
+
+    from internvlx_hf.loading import load_checkpoint
+    from tiny import pixels, prompt_ids
+
+    config = _odd_checkpoint(tmp_path)
+    from internvlx_hf.quantization import cpu_4bit_misfits
+
+    misfits = cpu_4bit_misfits(config, skip_modules(config))
+    with caplog.at_level(logging.WARNING, logger="internvlx_hf.quantization"):
+        model, _ = load_checkpoint(str(tmp_path), "float32", "cpu", processor=False, load_in_bits=bits)
+    lines = [record.getMessage() for record in caplog.records if record.name == "internvlx_hf.quantization"]
+    quantized = quantized_linear_names(model)
+    if bits == 4:
+        assert len(lines) == 1 and lines[0].endswith(", ".join(misfits))
+        assert quantized and not set(quantized) & set(misfits)
+    else:
+        assert lines == [] and set(misfits) <= set(quantized)
+    full = _odd_model()
+    ids = torch.tensor([prompt_ids(1, 0)])
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, pixel_values=pixels(1, 0), max_new_tokens=3, do_sample=False)
+        reference = full.generate(input_ids=ids, pixel_values=pixels(1, 0), max_new_tokens=3, do_sample=False)
+    assert out.shape == reference.shape == (1, ids.shape[1] + 3)
+
+
+def test_chat_cli_load_in_4bit_with_odd_widths(tmp_path, capsys, caplog):
+    """The issue's command: `internvlx chat --load-in-4bit` on CPU with a model whose LLM widths bitsandbytes' CPU
+    4-bit path cannot take (an MLP of 200) answered with bitsandbytes' AssertionError and "unexpected error":
+    it answers now, and the log line names the layers kept in full precision."""
+    import logging
+    import shutil
+
+    from internvlx_hf import InternVLXConfig
+
+    demo = demo_model_dir()
+    config = InternVLXConfig.from_pretrained(demo)
+    config.text_config.intermediate_size = 200
+    torch.manual_seed(0)
+    InternVLXForConditionalGeneration(config).save_pretrained(tmp_path / "odd")
+    for path in demo.iterdir():
+        if path.name not in ("config.json", "model.safetensors", "generation_config.json"):
+            shutil.copy(path, tmp_path / "odd" / path.name)
+    image = tmp_path / "q.png"
+    demo_samples()[0].image.save(image)
+    with caplog.at_level(logging.WARNING, logger="internvlx_hf.quantization"):
+        assert main(["chat", str(tmp_path / "odd"), "--image", str(image), "What colour?", "--load-in-4bit",
+                     "--device", "cpu", "--max-new-tokens", "3"]) == 0
+    lines = [r.getMessage() for r in caplog.records if r.name == "internvlx_hf.quantization"]
+    assert len(lines) == 1 and lines[0].startswith("4-bit on CPU: keeping ")
+    kept = lines[0].split(": ")[-1].split(", ")
+    layers = config.text_config.num_hidden_layers
+    assert kept == [f"model.language_model.layers.{i}.mlp.{name}" for i in range(layers)
+                    for name in ("gate_proj", "up_proj", "down_proj")]  # 128 -> 200 -> 128; attention is 128 wide

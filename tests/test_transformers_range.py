@@ -2,7 +2,7 @@
 scripts/transformers_matrix.py (benchmarks/results/transformers-matrix.json, the table in docs/testing.md), so is its
 torch minimum (transformers-matrix-torchX.json), and what
 differs between them works under the installed one: `internvlx train`'s flags are its TrainingArguments' (the shipped
-train_flags.json describes one release; under the others they are built live), 5.23's names for activation
+train_flags.json describes each release of the range; under others they are built live), 5.23's names for activation
 checkpointing work on every release, and our fallback for a helper older releases lack is transformers' own where
 both exist. CI runs the `oldest`-marked tests under the oldest declared release too (.ci/run)."""
 
@@ -21,7 +21,7 @@ from packaging.version import Version
 from conftest import REPO_ROOT, load_script
 from internvlx_hf.cli import main
 from internvlx_hf.cli.train import parse_cli
-from internvlx_hf.cli.train_flags import CLI_RESERVED, live_text
+from internvlx_hf.cli.train_flags import CLI_RESERVED, live_table
 from internvlx_hf.training.train import ARGUMENT_CLASSES, checkpointing_renames, parse_train_args
 
 MATRIX = REPO_ROOT / "benchmarks" / "results" / "transformers-matrix.json"
@@ -77,7 +77,7 @@ def test_the_installed_transformers_is_in_the_declared_range():
 
 @pytest.mark.oldest
 def test_train_flags_are_the_installed_trainingarguments(capsys):
-    """Shipped (the release train_flags.json describes) or built live (any other): every field of the argument
+    """Shipped (a release train_flags.json describes) or built live (any other): every field of the argument
     dataclasses is a flag of `internvlx train --help`, and --activation_checkpointing (5.23's name, the docs') turns
     checkpointing on under every release, on the command line and in a CONFIG.yaml."""
     with pytest.raises(SystemExit) as stop:
@@ -88,7 +88,7 @@ def test_train_flags_are_the_installed_trainingarguments(capsys):
     assert fields - shown == set()
     assert {"activation_checkpointing", "activation-checkpointing", "activation_checkpointing_kwargs"} <= shown
     # and train_flags.json could be written for this release (`python -m internvlx_hf.cli.train_flags`)
-    described = json.loads(live_text())
+    described = live_table()
     assert described["environment"]["transformers"] == transformers.__version__
     assert {f.lstrip("-") for group in described["groups"] for a in group["actions"] for f in a["flags"]} <= shown
 

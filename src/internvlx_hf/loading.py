@@ -47,7 +47,8 @@ def load_checkpoint(model: str, dtype: str = "auto", device: str = "auto", proce
     path = resolve_model(model)
     read_internvlx_config(path, f"MODEL {str(model)!r}")
     what = None if load_in_bits is None else f"--load-in-{load_in_bits}bit"
-    kwargs = quantized_loading_kwargs(path, load_in_bits, dtype, what=what)
+    kwargs = quantized_loading_kwargs(path, load_in_bits, dtype, what=what,
+                                      device=None if device_map == "auto" else device_map)
     if processor is None:
         processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)

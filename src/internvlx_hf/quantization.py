@@ -12,6 +12,10 @@ module name or as its suffix, so a bare ``multi_modal_projector`` matches nothin
 - ``lm_head``: as transformers' default skip list does (the output logits are where rounding shows most).
 - ``model.vision_tower`` only on request (``keep_vision_tower=True``): its Linears take 3-D inputs and quantize
   fine in both modes (docs/quantization.md has the measured effect).
+- 4-bit on CPU: each Linear whose shape bitsandbytes' CPU 4-bit inference path cannot take (`cpu_4bit_misfits`:
+  out_features not a multiple of 32 or in_features not a multiple of the 64-value quantization block), with one
+  log line naming them. Quantized, such a layer stops the first forward with an `AssertionError` or a reshape
+  error inside bitsandbytes.
 
     from transformers import AutoModel
     from internvlx_hf.quantization import bitsandbytes_config, check_kept_modules
@@ -26,6 +30,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 QUANTIZATION_EXTRA = "quantization"
 INSTALL_HINT = f'pip install "internvlx-hf[{QUANTIZATION_EXTRA}]"'
@@ -101,14 +107,48 @@ def skip_modules(config: Any, *, keep_vision_tower: bool = False) -> list[str]:
     return names
 
 
+# bitsandbytes' CPU 4-bit inference (`Linear4bit.forward` -> `_convert_weight_packed_for_cpu`, taken on CPUs with
+# AVX512-BF16) repacks a weight in blocks of 32 output rows and reshapes its scales to one per 64 inputs (the
+# default `Params4bit` blocksize, which `BitsAndBytesConfig` does not change), so both must divide the shape.
+CPU_4BIT_OUT_MULTIPLE = 32
+CPU_4BIT_IN_MULTIPLE = 64
+
+
+def cpu_4bit_misfits(config: Any, skip: Sequence[str] = ()) -> list[str]:
+    """Names of the Linear layers of an `InternVLXForConditionalGeneration` with ``config`` (outside the ``skip``
+    prefixes) that bitsandbytes' CPU 4-bit path cannot run: out_features not a multiple of 32 or in_features not a
+    multiple of 64. Found on a model built on the meta device (no memory, no weights), so before loading."""
+    import torch
+    from torch import nn
+
+    from . import InternVLXForConditionalGeneration
+
+    with torch.device("meta"):
+        model = InternVLXForConditionalGeneration(config)
+    return [name for name, module in model.named_modules()
+            if isinstance(module, nn.Linear)
+            and not any(name == prefix or name.startswith(prefix + ".") for prefix in skip)
+            and (module.out_features % CPU_4BIT_OUT_MULTIPLE or module.in_features % CPU_4BIT_IN_MULTIPLE)]
+
+
+def _loads_on_cpu(device: Any) -> bool:
+    if device is None:
+        import torch
+
+        return not torch.cuda.is_available()
+    return str(device).split(":")[0] == "cpu"
+
+
 def bitsandbytes_config(bits: int, config: Any, *, compute_dtype: Any = None, keep_vision_tower: bool = False,
-                        what: str | None = None):
+                        what: str | None = None, device: Any = None):
     """transformers' `BitsAndBytesConfig` for ``bits`` (4: nf4 with double quantization, QLoRA's setting; 8:
     LLM.int8()) with `skip_modules` of ``config`` as ``llm_int8_skip_modules`` (transformers uses that list for both
     modes).
 
     ``compute_dtype``: the dtype 4-bit layers compute in (default float32; bfloat16 on GPUs is faster). ``what``:
-    how the error names the request when bitsandbytes is missing (e.g. ``"--load-in-4bit"``).
+    how the error names the request when bitsandbytes is missing (e.g. ``"--load-in-4bit"``). ``device``: where
+    the model will run (None: CUDA when available, else CPU); in 4-bit on CPU, `cpu_4bit_misfits` are kept in full
+    precision too, with one log line naming them.
 
     Raises:
         ValueError: ``bits`` is not 4 or 8.
@@ -122,19 +162,26 @@ def bitsandbytes_config(bits: int, config: Any, *, compute_dtype: Any = None, ke
     skip = skip_modules(config, keep_vision_tower=keep_vision_tower)
     if bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    if _loads_on_cpu(device):
+        misfits = cpu_4bit_misfits(config, skip)
+        if misfits:
+            logger.warning("4-bit on CPU: keeping %d Linear layer(s) in full precision, as bitsandbytes' CPU 4-bit "
+                           "path needs out_features a multiple of %d and in_features a multiple of %d: %s",
+                           len(misfits), CPU_4BIT_OUT_MULTIPLE, CPU_4BIT_IN_MULTIPLE, ", ".join(misfits))
+            skip = skip + misfits
     kwargs = {"bnb_4bit_compute_dtype": compute_dtype} if compute_dtype is not None else {}
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                               llm_int8_skip_modules=skip, **kwargs)
 
 
 def quantized_loading_kwargs(path: Any, bits: int | None, dtype: Any = "auto", *,
-                             what: str | None = None) -> dict[str, Any]:
+                             what: str | None = None, device: Any = None) -> dict[str, Any]:
     """The ``from_pretrained`` arguments that load the checkpoint at ``path`` in ``bits`` (4 or 8; None: ``{}``):
     its ``config`` (read here, because `skip_modules` depends on it; passing it on saves a second read) and the
     `bitsandbytes_config` for it. The one place where `internvlx chat`, `eval` and `serve` build them.
 
     ``dtype``: the loading dtype, a torch dtype or its name; 4-bit layers compute in it (``"auto"``: float32).
-    ``what``: how a missing bitsandbytes is named (see `bitsandbytes_config`).
+    ``what``: how a missing bitsandbytes is named, ``device``: where the model runs (see `bitsandbytes_config`).
 
     Raises:
         ValueError: ``bits`` is not 4, 8 or None.
@@ -147,8 +194,8 @@ def quantized_loading_kwargs(path: Any, bits: int | None, dtype: Any = "auto", *
 
     compute_dtype = None if dtype in (None, "auto") else getattr(torch, dtype) if isinstance(dtype, str) else dtype
     config = AutoConfig.from_pretrained(path, trust_remote_code=True)
-    return {"config": config,
-            "quantization_config": bitsandbytes_config(bits, config, compute_dtype=compute_dtype, what=what)}
+    quantization = bitsandbytes_config(bits, config, compute_dtype=compute_dtype, what=what, device=device)
+    return {"config": config, "quantization_config": quantization}
 
 
 def quantized_linear_names(model) -> list[str]:
@@ -181,5 +228,6 @@ def check_kept_modules(model, skip: Sequence[str]) -> None:
 
 
 __all__ = ["BITS", "INSTALL_HINT", "QUANTIZATION_EXTRA", "QuantizationUnavailable", "bitsandbytes_config",
-           "check_kept_modules", "hide_optional_kernel_note", "quantized_linear_names", "quantized_loading_kwargs",
+           "check_kept_modules", "cpu_4bit_misfits", "hide_optional_kernel_note", "quantized_linear_names",
+           "quantized_loading_kwargs",
            "require_bitsandbytes", "skip_modules"]

@@ -10,7 +10,7 @@ from typing import Any
 
 from ..generation import end_of_turn_token_ids
 from ..hub.resolve import check_model_argument
-from .command import CLIError, Command
+from .command import CLIError, Command, check_image_file
 from .quantization import add_quantization_arguments, check_quantization_available
 
 _CHAT_DESCRIPTION = """\
@@ -206,10 +206,7 @@ def _image_size(image: Any) -> tuple[int, int] | None:
 
 def _check_images(paths: list[str]) -> None:
     for path in paths:
-        if Path(path).is_dir():
-            raise CLIError(f"--image {path!r} is a folder, not an image file; pass the path of an image file.")
-        if not Path(path).is_file():
-            raise CLIError(f"--image {path!r}: no such file; pass an existing image file (URLs are not downloaded).")
+        check_image_file(path)
 
 
 def parse_bound(text: str | None) -> tuple[float, float] | None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .command import CLIError, Command
+from .command import CLIError, Command, check_image_file
 
 _DEMO_DESCRIPTION = """\
 Loads the demo model that ships inside the package (a tiny InternVL-X with a PVTC projector and LVTC, trained from
@@ -75,14 +75,10 @@ def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
                         "pipeline load with trust_remote_code=True where internvlx-hf is not installed")
 
 
-def _run_demo(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from ..demo import DemoSample, demo_model_dir, demo_samples, demo_video_samples, load_user_image
-    from ..hub.resolve import read_internvlx_config
-
+def _check_demo(args: argparse.Namespace) -> None:
+    """The arguments' checks that need no heavy import (a broken --image last): answered before torch loads."""
     if args.save:
-        return _save(args)
+        return  # `_save` names what does not go with --save
     video = args.video is not None
     user_video = video and args.video != _SYNTHETIC
     if args.image and video:
@@ -102,6 +98,20 @@ def _run_demo(args: argparse.Namespace) -> int:
         raise CLIError("--frames applies to --video PATH (the synthetic clips have the frames the model learnt)")
     if video and args.tiling:
         raise CLIError("--tiling does not apply with --video: every frame is one tile, as InternVL2 feeds videos")
+    if args.image is not None:
+        check_image_file(args.image)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ..demo import DemoSample, demo_model_dir, demo_samples, demo_video_samples, load_user_image
+    from ..hub.resolve import read_internvlx_config
+
+    if args.save:
+        return _save(args)
+    video = args.video is not None
+    user_video = video and args.video != _SYNTHETIC
     folder = Path(args.model) if args.model else demo_model_dir()
     if args.model:
         read_internvlx_config(folder, f"--model {args.model!r}")
@@ -245,4 +255,5 @@ DEMO = Command(
     epilog=_DEMO_EPILOG,
     add_arguments=_add_demo_arguments,
     run=_run_demo,
+    check=_check_demo,
 )

@@ -6,15 +6,18 @@ or an argument error could answer. So `train_flags.json`, next to this module, d
 (option strings, nargs, const, choices, the name of each value's converter, help with its default), and
 `add_shipped_flags` rebuilds them with argparse alone: the same help, the same values, the same errors.
 
-The description holds for the environment it was written in (`environment()`: the transformers release, and whether
-torch is at least 2.8, which picks TrainingArguments' `--optim` default shown in the help); anywhere else
-`add_shipped_flags` declines and the caller builds the live flags, so a flag another transformers release added or
-dropped is never refused or accepted wrongly. A flag whose value needs a class of transformers' stack (e.g.
+The file holds one description per environment (`environment()`: the transformers release, and whether torch is at
+least 2.8, which picks TrainingArguments' `--optim` default shown in the help), identical descriptions shared: one for
+every transformers release of the supported range (`scripts/make_train_flags.py` writes them, each release's
+TrainingArguments read from its wheel). In an environment the file does not list (a release after the range, torch
+before 2.8) `add_shipped_flags` declines and the caller builds the live flags, so a flag another transformers release
+added or dropped is never refused or accepted wrongly. A flag whose value needs a class of transformers' stack (e.g.
 `--parallelism_config`) is converted by the live parser's own type, built on first use.
 
-`python -m internvlx_hf.cli.train_flags` rewrites the JSON (after a change to the argument dataclasses or a
-transformers upgrade; when upgrading, look for new TrainingArguments defaults that depend on the environment);
-`--check` exits 1 while it is stale, as tests/test_cli_startup.py does.
+`python -m internvlx_hf.cli.train_flags` rewrites the installed environment's description in the JSON (after a
+change to the argument dataclasses, run `scripts/make_train_flags.py` to rewrite every release's; when a release
+joins the range, look for new TrainingArguments defaults that depend on the environment); `--check` exits 1 while it
+is stale or missing, as tests/test_cli_startup.py does; `--print` writes the description to stdout.
 """
 
 from __future__ import annotations
@@ -131,11 +134,49 @@ def describe(groups: list[argparse._ArgumentGroup]) -> list[dict[str, Any]]:
     return described
 
 
-def live_text() -> str:
-    """What `train_flags.json` must hold for the installed packages (imports transformers)."""
-    groups = add_live_flags(argparse.ArgumentParser())
-    description = {"generated_by": REGENERATE, "environment": environment(), "groups": describe(groups)}
+def live_table() -> dict[str, Any]:
+    """The description of the installed environment's flags (imports transformers): its environment and groups."""
+    return {"environment": environment(), "groups": describe(add_live_flags(argparse.ArgumentParser()))}
+
+
+def tables_text(tables: list[dict[str, Any]]) -> str:
+    """The text of `train_flags.json` for descriptions ``[{"environment", "groups"}]`` (a later one for the same
+    environment wins): environments whose groups are equal share one entry."""
+    by_environment = {json.dumps(table["environment"], sort_keys=True): table for table in tables}
+    entries: list[dict[str, Any]] = []
+    for table in by_environment.values():
+        same = next((entry for entry in entries if entry["groups"] == table["groups"]), None)
+        if same is None:
+            entries.append({"environments": [table["environment"]], "groups": table["groups"]})
+        else:
+            same["environments"].append(table["environment"])
+    for entry in entries:
+        entry["environments"].sort(key=_environment_order)
+    entries.sort(key=lambda entry: _environment_order(entry["environments"][0]))
+    description = {"generated_by": f"{REGENERATE} (this environment), scripts/make_train_flags.py (every release)",
+                   "tables": entries}
     return json.dumps(description, indent=1, ensure_ascii=False) + "\n"
+
+
+def _environment_order(env: dict[str, Any]):
+    return tuple(int(part) if part.isdigit() else 0 for part in re.split(r"[.+-]", env["transformers"])), \
+        env["torch>=2.8"]
+
+
+def read_tables(path: Path = SHIPPED) -> list[dict[str, Any]]:
+    """The descriptions in ``path`` as ``[{"environment", "groups"}]``; [] where it is absent or unreadable."""
+    try:
+        shipped = json.loads(path.read_text(encoding="utf-8"))
+        return [{"environment": env, "groups": entry["groups"]} for entry in shipped["tables"]
+                for env in entry["environments"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+
+
+def live_text(path: Path = SHIPPED) -> str:
+    """What `train_flags.json` must hold: ``path``'s descriptions with the installed environment's one rewritten from
+    the live flags (imports transformers)."""
+    return tables_text([*read_tables(path), live_table()])
 
 
 # ---------------------------------------------------------------------------------------------- the shipped flags
@@ -195,13 +236,11 @@ def _converter(spec: dict[str, Any]):
 def add_shipped_flags(parser: argparse.ArgumentParser, path: Path = SHIPPED) -> bool:
     """Add the flags described in ``path`` (`train_flags.json`) without importing transformers; False (and nothing
     added) where it was written for another environment, or cannot be read: then use `add_live_flags`."""
-    try:
-        shipped = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    here = environment()
+    groups = next((table["groups"] for table in read_tables(path) if table["environment"] == here), None)
+    if here is None or groups is None:
         return False
-    if shipped.get("environment") != environment():
-        return False
-    for described in shipped["groups"]:
+    for described in groups:
         group = parser.add_argument_group(described["title"])
         for spec in described["actions"]:
             options = {"action": spec["action"], "dest": spec["dest"], "help": spec.get("help"),
@@ -225,7 +264,11 @@ def main(argv: list[str] | None = None) -> int:
     cli = argparse.ArgumentParser(prog="python -m internvlx_hf.cli.train_flags", description=__doc__,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     cli.add_argument("--check", action="store_true", help=f"exit 1 if {SHIPPED.name} is stale; write nothing")
+    cli.add_argument("--print", action="store_true", help="print this environment's description as JSON")
     args = cli.parse_args(argv)
+    if args.print:
+        print(json.dumps(live_table(), ensure_ascii=False))
+        return 0
     text = live_text()
     if args.check:
         current = SHIPPED.read_text(encoding="utf-8") if SHIPPED.is_file() else ""

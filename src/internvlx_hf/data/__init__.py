@@ -10,7 +10,7 @@ lazy), `check` (`internvlx data check`).
 
 from .dataset import InternVLXDataset
 from .encoding import IGNORE_INDEX, ConversationEncoder, EncodedConversation, truncate
-from .formats import IMAGE_TAG, Sample, SampleError, sample_from_row
+from .formats import IMAGE_TAG, ChatRow, Sample, SampleError, sample_from_row
 from .images import TileBudget, apply_tile_precedence, image_size, load_image
 from .sources import DataSource, as_sources, parse_row, read_meta, source_rows
 from .summary import DatasetStats, DataSummary
@@ -18,6 +18,7 @@ from .summary import DatasetStats, DataSummary
 __all__ = [
     "IGNORE_INDEX",
     "IMAGE_TAG",
+    "ChatRow",
     "ConversationEncoder",
     "DataSource",
     "DataSummary",

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from .encoding import ConversationEncoder, EncodedConversation, truncate
-from .formats import Sample, SampleError
+from .formats import ChatRow, Sample, SampleError
 from .images import TileBudget, image_size, load_image
 from .videos import expand_video, planned_frames, read_sample_frames
 from .index import JsonlIndex
@@ -63,7 +63,9 @@ class InternVLXDataset(torch.utils.data.Dataset):
     Images are tiled with the processor's RVTC settings (``processor.image_processor.tiling`` / ``max_tiles``; a
     dataset's ``max_dynamic_patch`` wins for its samples).
 
-    Items are rows ``{"messages", "images" (decoded RGB PIL images), "max_tiles", "source"}``.
+    Items are rows ``{"messages", "images" (decoded RGB PIL images), "max_tiles", "source"}``, as a read-only
+    mapping (`formats.ChatRow`, not a `dict`: a plain `transformers.Trainer` with ``remove_unused_columns=True``
+    then hands them to the collator whole).
     """
 
     def __init__(self, data: Any, processor, *, max_length: int | None = None, progress: bool = True,
@@ -213,7 +215,7 @@ class InternVLXDataset(torch.utils.data.Dataset):
         skipped = int((self._status >= 3).sum())
         logger.warning("skipping %s (%s; %d skipped while loading so far)", message, reason, skipped)
 
-    def _load(self, row: int) -> dict[str, Any] | None:
+    def _load(self, row: int) -> ChatRow | None:
         status = int(self._status[row])
         if status >= 3:
             return None
@@ -248,7 +250,7 @@ class InternVLXDataset(torch.utils.data.Dataset):
                 self._status[row] = TRUNCATED if encoded.truncated else USABLE
         return sample.as_row()
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, index: int) -> ChatRow:
         for attempt in range(len(self._samples)):
             item = self._load(int(self._samples[(index + attempt) % len(self._samples)]))
             if item is not None:

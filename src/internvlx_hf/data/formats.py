@@ -23,6 +23,7 @@ the system block).
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,8 +57,40 @@ class Sample:
     clip: tuple[float, float] | None = None
     video_sampling: Any = None  # the dataset's `videos.VideoSampling`
 
-    def as_row(self) -> dict[str, Any]:
-        return {"messages": self.messages, "images": self.images, "max_tiles": self.max_tiles, "source": self.source}
+    def as_row(self) -> ChatRow:
+        return ChatRow({"messages": self.messages, "images": self.images, "max_tiles": self.max_tiles,
+                        "source": self.source})
+
+
+class ChatRow(Mapping):
+    """A row as `InternVLXDataset` yields it (``messages``, ``images``, ``max_tiles``, ``source``): a read-only
+    mapping that is deliberately not a `dict`.
+
+    Its keys are the collator's input, not the model's. transformers' `Trainer` with its default
+    ``remove_unused_columns=True`` wraps the collator of a torch dataset in `RemoveColumnsCollator`, which keeps only
+    the keys of a `dict` row that ``model.forward`` names (none of these: the collator then saw empty rows, "got keys
+    []") and passes any other row through as it is. So the plain `Trainer` works with its default arguments, and the
+    model's signature does not have to name collator inputs."""
+
+    __slots__ = ("_values",)
+
+    def __init__(self, values: dict[str, Any]):
+        self._values = values
+
+    def __getitem__(self, key: str) -> Any:
+        return self._values[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __repr__(self) -> str:
+        return f"ChatRow({self._values!r})"
+
+    def __reduce__(self):  # DataLoader workers pickle rows; __slots__ without __dict__ needs this
+        return ChatRow, (self._values,)
 
 
 def _resolve_image(image: Any, root: Path | None) -> Any:
@@ -227,13 +260,20 @@ def sample_from_row(row: Any, *, root: str | os.PathLike | None = None, source: 
         keep_leading_reply: keep a `gpt` turn that comes before the first `human` turn of an InternVL row (InternVL's
             `internvl2_5` preprocessing trains it) instead of dropping it (its InternVL2 templates' preprocessing).
     """
-    if not isinstance(row, dict):
+    if not isinstance(row, Mapping):
         raise SampleError("bad format", f"a row must be a JSON object, got {type(row).__name__}")
     root = Path(root) if root is not None else None
     if "conversations" in row:
         sample = _internvl_sample(row, root, source, keep_leading_reply)
     elif "messages" in row:
         sample = _chat_sample(row, root, source)
+    elif not row:
+        # What transformers' Trainer leaves of a `datasets.Dataset` row (remove_unused_columns=True drops every
+        # column that model.forward does not name, before the collator sees them).
+        raise SampleError("bad format", "a row with no keys: a Trainer with remove_unused_columns=True dropped the "
+                                        "`messages`/`conversations` columns before the collator; give the Trainer "
+                                        "TrainingArguments(remove_unused_columns=False), or an InternVLXDataset "
+                                        "built on the data")
     else:
         raise SampleError(
             "bad format",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -102,7 +103,7 @@ class InternVLXDataCollator:
     def encode_row(self, row: dict[str, Any], index: int = 0) \
             -> tuple[EncodedConversation, torch.Tensor | None, list[int]] | None:
         """One row's (encoded conversation, pixel values, tiles per image), or None if it was dropped."""
-        source = str(row.get("source") or f"batch row {index}") if isinstance(row, dict) else f"batch row {index}"
+        source = str(row.get("source") or f"batch row {index}") if isinstance(row, Mapping) else f"batch row {index}"
         try:
             sample = sample_from_row(row, source=source, keep_leading_reply=self.encoder.keep_leading_reply)
         except SampleError as error:

@@ -36,6 +36,7 @@ import math
 import os
 import time
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -157,7 +158,7 @@ class DistillationCollator:
                 continue
             if answer_tokens(student[0]) != answer_tokens(teacher[0]):
                 self.mismatched += 1
-                source = row.get("source") if isinstance(row, dict) else None
+                source = row.get("source") if isinstance(row, Mapping) else None
                 logger.warning("dropping %s: its answer tokens differ between the teacher (%d) and the student (%d): "
                                "a max_length cut in the longer layout, or different tokenizers (%d dropped so far)",
                                source or f"batch row {index}", len(answer_tokens(teacher[0])),
