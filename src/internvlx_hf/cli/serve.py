@@ -229,8 +229,10 @@ def model_loading_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     from ..hub.resolve import resolve_model
     from ..quantization import quantized_loading_kwargs
 
+    # --device matters to 4-bit: on CPU, bitsandbytes' kernels cannot take some layer widths (kept unquantized)
     return quantized_loading_kwargs(resolve_model(args.model), args.load_in_bits, args.dtype,
-                                    what=quantization_flag(args.load_in_bits))
+                                    what=quantization_flag(args.load_in_bits),
+                                    device=None if args.device == "auto" else args.device)
 
 
 def _run_serve(args: argparse.Namespace) -> int:  # after _check_serve (SERVE.check)
