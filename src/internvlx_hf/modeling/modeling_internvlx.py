@@ -597,15 +597,32 @@ class InternVLXModelOutputWithPast(BaseModelOutputWithPast):
 
 class LogitsOnRead:
     """What a forward that skipped its logits by default (training with labels) keeps to compute them when they are
-    read: the LM head and the final hidden states (``(batch, seq, hidden)``, already alive for the backward)."""
+    read: the LM head and the final hidden states (``(batch, seq, hidden)``, already alive for the backward).
 
-    __slots__ = ("lm_head", "hidden_states")
+    Logits computed after an optimizer step would come from weights that forward never used, so the LM head's
+    parameter versions (bumped by every in-place update) are recorded at the forward, and a read after they changed
+    raises instead of answering; a copy of the head's weight would cost one LM head of memory per output, which is
+    what the lean path saves.
+    """
+
+    __slots__ = ("lm_head", "hidden_states", "versions")
 
     def __init__(self, lm_head: nn.Module, hidden_states: torch.Tensor):
         self.lm_head = lm_head
         self.hidden_states = hidden_states
+        self.versions = self._versions()
+
+    def _versions(self) -> tuple[int, ...]:
+        return tuple(parameter._version for parameter in self.lm_head.parameters())
 
     def __call__(self) -> torch.Tensor:
+        if self._versions() != self.versions:
+            raise RuntimeError(
+                "The logits of this training forward were skipped (skip_logits=None with labels) and the LM head's "
+                "weights have changed since that forward (an optimizer step or another in-place update), so they "
+                "can no longer be computed as that forward would have. Read `outputs.logits` before "
+                "`optimizer.step()`, or pass `skip_logits=False` to compute them in the forward."
+            )
         return self.lm_head(self.hidden_states)
 
     def __repr__(self) -> str:
