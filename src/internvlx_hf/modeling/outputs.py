@@ -62,8 +62,11 @@ class LogitsOnRead:
         self.hidden_states = hidden_states
         self.versions = self._versions()
 
-    def _versions(self) -> tuple[int, ...]:
-        return tuple(parameter._version for parameter in self.lm_head.parameters())
+    def _versions(self) -> tuple[int, ...] | None:
+        try:
+            return tuple(parameter._version for parameter in self.lm_head.parameters())
+        except RuntimeError:  # weights made under torch.inference_mode keep no version (no training step updates them)
+            return None
 
     def __call__(self) -> torch.Tensor:
         if self._versions() != self.versions:
