@@ -101,7 +101,8 @@ def test_logits_are_never_computed_from_weights_updated_after_their_forward(tmp_
     after = model(**batch)
     after.loss.backward()
     optimizer.step()
-    with pytest.raises(RuntimeError, match=r"changed since that forward.*before `optimizer.step\(\)`.*skip_logits=False"):
+    message = r"changed since that forward.*before `optimizer.step\(\)`.*skip_logits=False"
+    with pytest.raises(RuntimeError, match=message):
         after.logits  # noqa: B018
     with torch.no_grad():
         assert not torch.allclose(model(**batch, skip_logits=False).logits, full)  # the head did change
