@@ -15,8 +15,9 @@ from conftest import run_isolated_python
 from internvlx_hf.cli import main
 from internvlx_hf.demo import DEMO_MODEL_DIR, demo_model_dir, demo_record, demo_samples, demo_video_samples
 
-REMOTE_CODE = {"configuration_internvlx.py", "modeling_internvlx.py", "processing_internvlx.py",
-               "image_processing_internvlx.py", "chat_templates.py", "video.py"}
+MODELING_CODE = {"configuration_internvlx.py", "modeling_internvlx.py", "projectors.py", "lvtc.py", "outputs.py"}
+REMOTE_CODE = MODELING_CODE | {"processing_internvlx.py", "image_processing_internvlx.py", "chat_templates.py",
+                               "video.py"}
 PACKAGED = {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
             "processor_config.json", "chat_template.jinja", "internvlx_provenance.json", "demo_model.json"}
 
@@ -55,7 +56,7 @@ def test_the_packaged_model_is_complete_small_and_recorded():
 def _package_source(name: str) -> Path:
     import internvlx_hf
 
-    room = "modeling" if name in ("configuration_internvlx.py", "modeling_internvlx.py") else "processing"
+    room = "modeling" if name in MODELING_CODE else "processing"
     return Path(internvlx_hf.__file__).parent / room / name
 
 

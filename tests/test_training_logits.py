@@ -87,6 +87,28 @@ def test_logits_read_after_the_forward_carry_their_gradients(tmp_path):
         torch.testing.assert_close(gradients[1][name], gradient, msg=lambda m, name=name: f"{name}: {m}")
 
 
+def test_logits_are_never_computed_from_weights_updated_after_their_forward(tmp_path):
+    """Read after ``optimizer.step()``, skipped logits would come from weights no forward used: the read raises,
+    saying how to get them; read before the step, they are those of the forward (the full forward's values)."""
+    model, processor = th.load(th.converted("internvl2_qwen2"))
+    _train_mode_without_dropout(model)
+    batch = _batch(processor, tmp_path, ["image", "text"], False)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with torch.no_grad():
+        full = model(**batch, skip_logits=False).logits
+    before = model(**batch)
+    torch.testing.assert_close(before.logits, full)  # read before the step: that forward's logits
+    after = model(**batch)
+    after.loss.backward()
+    optimizer.step()
+    message = r"changed since that forward.*before `optimizer.step\(\)`.*skip_logits=False"
+    with pytest.raises(RuntimeError, match=message):
+        after.logits  # noqa: B018
+    with torch.no_grad():
+        assert not torch.allclose(model(**batch, skip_logits=False).logits, full)  # the head did change
+    torch.testing.assert_close(before.logits, full)  # read before, kept: unchanged
+
+
 def test_evaluation_and_calls_without_labels_compute_the_logits(tmp_path):
     model, processor = th.load(th.converted("internvl2_qwen2"))
     batch = _batch(processor, tmp_path, ["image", "text"], False)

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 from vllm.compilation.decorators import support_torch_compile
 
-from ..modeling.modeling_internvlx import _rms
+from ..modeling.lvtc import scale_to_rms
 from .layout import LVTCLayout
 from .positions import MASKED, read_rows
 
@@ -230,5 +230,5 @@ class LVTCRunner(nn.Module):
         up = self.upsample(hidden, slot)
         hr = side[:, : self.hidden].to(up.dtype)
         if self.layout.hr_scale == "rms":
-            hr = hr * (_rms(up) * torch.rsqrt(hr.float().pow(2).mean(-1, keepdim=True) + 1e-6)).to(hr.dtype)
+            hr = scale_to_rms(hr, up)
         return torch.where((slot >= 0)[:, None], up + hr, hidden)

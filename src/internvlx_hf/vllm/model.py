@@ -20,7 +20,7 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.sequence import IntermediateTensors
 
 from ..modeling.configuration_internvlx import image_and_patch
-from ..modeling.modeling_internvlx import build_projector
+from ..modeling.projectors import attach_projectors
 from .config_hook import LLM_ARCHITECTURES, longrope_switch, needs_position_rows
 from .layout import lvtc_layout_of, row_width
 from .lvtc import LVTCRunner
@@ -150,16 +150,7 @@ class InternVLXForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsM
                 nn.LayerNorm(config.vision_config.hidden_size, eps=config.vision_config.layer_norm_eps)
                 if post_norm else nn.Identity()
             )
-            self.multi_modal_projector = build_projector(config, config.projector_type, config.downsample_ratio)
-            lvtc = config.lvtc_config
-            if lvtc is not None:
-                self.lvtc_lr_projectors = nn.ModuleList(
-                    build_projector(config, lvtc.lr_projector_type, lvtc.lr_downsample_ratio)
-                    for _ in range(lvtc.num_lr_projectors - 1)
-                )
-                if self.layout is not None:
-                    self.lvtc_hr_projector = build_projector(config, lvtc.hr_projector_type,
-                                                             lvtc.hr_downsample_ratio)
+            attach_projectors(self, config)  # the model's own projectors, under the checkpoint's names
         with self._mark_language_model(vllm_config):
             self.language_model = init_vllm_registered_model(
                 vllm_config=vllm_config, hf_config=text_config, prefix=maybe_prefix(prefix, "language_model"),
@@ -179,7 +170,7 @@ class InternVLXForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsM
                 layer.self_attn.rotary_emb.use_long_rope = False
         # LVTC, or extra LR projectors alone (k = depth): the layers are run one by one (`lvtc.py`).
         self.lvtc = LVTCRunner(model=self, vllm_config=vllm_config, switch=self.switch,
-                               prefix=maybe_prefix(prefix, "lvtc")) if lvtc is not None else None
+                               prefix=maybe_prefix(prefix, "lvtc")) if config.lvtc_config is not None else None
 
     # ------------------------------------------------------------------------------------------------ vision side
 
