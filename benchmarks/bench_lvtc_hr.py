@@ -9,7 +9,7 @@ Three jobs:
   zeroed and taken from another image) and its interleaved cost probe `FINE_PROBE`.
 - ``--rms-of [CHECKPOINT]``: the scale of the injection in a trained LVTC model: RMS per visual token of the
   upsampled LR states and of the HR output at layer k (default: the packaged demo model).
-- training runs on the ``bits`` task (`internvlx_hf.training.synthetic`): 112 px tiles of 8x8 cells (one per 14 px
+- training runs on the ``bits`` task (`internvlx_hf.training.synthetic_vqa`): 112 px tiles of 8x8 cells (one per 14 px
   ViT patch), each cell a barcode of ``--bits-side`` random 1 px bars, one 2x2 block of cells framed in red; task
   ``bits-block`` asks for the block's bars ("Read the red box." -> 48 digits 0/1), ``bits`` for one cell's. A
   2x2-merged token would have to carry 48 random bits in the LLM's ``--hidden`` (32) dimensions, a per-patch token
@@ -246,7 +246,7 @@ def rms_at_k(folder, n: int = 20) -> dict:
     from internvlx_hf import InternVLXForConditionalGeneration, InternVLXProcessor
     from internvlx_hf.demo import demo_model_dir
     from internvlx_hf.demo.recipe import prompt_messages
-    from internvlx_hf.training.synthetic import TASKS, make_sample
+    from internvlx_hf.training.synthetic_vqa import TASKS, make_sample
 
     folder = folder or demo_model_dir()
     model = InternVLXForConditionalGeneration.from_pretrained(folder).eval()
@@ -279,7 +279,7 @@ def rms_at_k(folder, n: int = 20) -> dict:
 
 
 def make_data(workdir: Path, args):
-    from internvlx_hf.training.synthetic import generate_dataset
+    from internvlx_hf.training.synthetic_vqa import generate_dataset
 
     common = dict(image_size=14 * args.grid, fine_grid=args.grid, bits_side=args.bits_side,
                   bits_rows=args.bits_rows, bits_distractors=args.distractors, system_message="")

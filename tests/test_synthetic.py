@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from internvlx_hf.processing import get_tile_grid
-from internvlx_hf.training.synthetic import (
+from internvlx_hf.training.synthetic_vqa import (
     BASIC_TASKS,
     COLOURS,
     EXTRA_TASKS,

@@ -53,7 +53,7 @@ run python3 -m internvlx_hf convert "$WORK/src" "$WORK/converted" --projector pv
     --no-progress || exit 1
 run python3 - "$WORK" "$TRAIN_N" "$TEST_N" <<'PY' || exit 1
 import sys
-from internvlx_hf.training.synthetic import BASIC_TASKS, generate_dataset
+from internvlx_hf.training.synthetic_vqa import BASIC_TASKS, generate_dataset
 work, n_train, n_test = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 generate_dataset(f"{work}/train", n_train, tasks=BASIC_TASKS, seed=0, system_message="", name="shapes")
 generate_dataset(f"{work}/test", n_test, tasks=BASIC_TASKS, seed=1, system_message="", name="shapes")
