@@ -21,6 +21,11 @@ from pathlib import Path
 from typing import Any
 
 
+class BenchError(RuntimeError):
+    """A measurement that cannot give a true figure (a failed request, a failed child process); the message says
+    which and why."""
+
+
 def _synchronize(device: str | None) -> None:
     if device is not None and str(device).startswith("cuda"):
         import torch

@@ -19,8 +19,8 @@ import json
 import subprocess
 import sys
 
-from .harness import Progress, time_call
-from .variants import VARIANTS, build_variants, sample, tokens_per_tile
+from .harness import BenchError, Progress, time_call
+from .variants import VARIANTS, build_variants, check_folder, sample, tokens_per_tile
 
 WORKLOADS = ("prefill", "train-step")
 
@@ -109,6 +109,7 @@ def memory_variants(folder, workloads=WORKLOADS, names=VARIANTS, device: str = "
                     tiles: int = 1, text_tokens: int = 64, progress: bool = True) -> list[dict]:
     """One row per (variant, workload): peak and workload bytes (in MiB), each CPU measurement in its own child."""
     _check_sizes(tiles, text_tokens)
+    check_folder(folder)  # said here, not as a child's traceback
     jobs = [(name, workload) for workload in workloads for name in names]
     bar = Progress(len(jobs), "memory", enabled=progress)
     rows = []
@@ -121,7 +122,8 @@ def memory_variants(folder, workloads=WORKLOADS, names=VARIANTS, device: str = "
             child = subprocess.run([sys.executable, "-m", "internvlx_hf.bench.model", spec], capture_output=True,
                                    text=True)
             if child.returncode != 0:
-                raise RuntimeError(f"memory of {name} / {workload} failed in its child process:\n{child.stderr[-2000:]}")
+                raise BenchError(f"memory of {name} / {workload} failed in its child process: "
+                                 f"{child.stderr.strip()[-1500:]}")
             result = json.loads(child.stdout.strip().splitlines()[-1])
         rows.append({"variant": name, "workload": workload, "peak_mib": result["peak_bytes"] / 2**20,
                      "workload_mib": result["workload_bytes"] / 2**20, "measure": result["measure"]})
