@@ -1,8 +1,8 @@
 """A checkpoint folder and its plain-256 / plain-1024 variants, built from the same weights.
 
 - ``this``: the folder's model as saved.
-- ``plain-256``: the same vision tower, LLM, LM head and (LR) projector with LVTC off: every layer sees the short
-  layout (``image_seq_length`` tokens per tile; 256 for a 448 px tile).
+- ``plain-256``: the same vision tower, LLM, LM head and (LR: MLP or PVTC) projector with LVTC off: every layer
+  sees the short layout (``image_seq_length`` tokens per tile; 256 for a 448 px tile).
 - ``plain-1024``: the same weights with an MLP projector at downsample ratio 1.0 (4x the tokens per tile; 1024 for a
   448 px tile): an LVTC model's own HR projector, else a new seeded one (its weights do not change the cost).
 
