@@ -91,15 +91,22 @@ def results(benchmark: str, rows: Sequence[dict], settings: dict, env: dict | No
         settings.get("device"), settings.get("dtype")), "settings": dict(settings), "rows": [dict(r) for r in rows]}
 
 
-def write_results(path: str | os.PathLike, data: dict) -> Path:
-    """Writes ``data`` as indented JSON through a temporary file, so a failed run leaves no half-written file."""
+def write_text(path: str | os.PathLike, text: str, make_parents: bool = True) -> Path:
+    """Writes ``text`` through a temporary file beside ``path``, so a failed run leaves no half-written file."""
     path = Path(path)
-    if path.parent and not path.parent.is_dir():
-        raise FileNotFoundError(f"--out {path}: the folder {path.parent} does not exist; create it first.")
+    if make_parents:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    elif not path.parent.is_dir():
+        raise FileNotFoundError(f"{path}: the folder {path.parent} does not exist; create it first.")
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
     return path
+
+
+def write_results(path: str | os.PathLike, data: dict) -> Path:
+    """Writes ``data`` as indented JSON (`write_text`); the folder must exist (a typo is not silently created)."""
+    return write_text(path, json.dumps(data, indent=2) + "\n", make_parents=False)
 
 
 def _cell(value: Any) -> str:
