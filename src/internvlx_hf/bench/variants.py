@@ -74,17 +74,30 @@ def build_variants(folder: str | Path, names=VARIANTS, device: str = "cpu", dtyp
                 torch.manual_seed(0)
                 with torch.device(device):
                     projector = build_projector(config, "mlp", 1.0).to(getattr(torch, dtype))
-        with torch.device("meta"):
-            model = InternVLXForConditionalGeneration(config)
-        model.model.vision_tower = base.model.vision_tower
-        model.model.language_model = base.model.language_model
-        model.model.multi_modal_projector = projector
-        model.lm_head = base.lm_head
-        meta = [n for n, p in model.named_parameters() if p.is_meta]
-        if meta:
-            raise RuntimeError(f"{name}: parameters left on the meta device: {meta[:5]}")
-        models[name] = model.eval()
+        models[name] = assemble(config, base, projector).eval()
     return models
+
+
+def assemble(config, base, projector, hr_projector=None, model_class=None):
+    """A model of ``config`` (built on the meta device: no memory) whose vision tower, LLM and LM head are
+    ``base``'s very modules, with ``projector`` (and, for LVTC, ``hr_projector``): variants of one set of weights
+    that fit in memory together. ``model_class``: InternVL-X by default; transformers' native InternVL works too."""
+    import torch
+
+    if model_class is None:
+        from .. import InternVLXForConditionalGeneration as model_class
+    with torch.device("meta"):
+        model = model_class(config)
+    model.model.vision_tower = base.model.vision_tower
+    model.model.language_model = base.model.language_model
+    model.model.multi_modal_projector = projector
+    if hr_projector is not None:
+        model.model.lvtc_hr_projector = hr_projector
+    model.lm_head = base.lm_head
+    meta = [n for n, p in model.named_parameters() if p.is_meta]
+    if meta:
+        raise RuntimeError(f"parameters left on the meta device: {meta[:5]}; give every module that differs")
+    return model
 
 
 def tokens_per_tile(model) -> int:
