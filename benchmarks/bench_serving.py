@@ -47,8 +47,9 @@ import tempfile
 import threading
 import time
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from internvlx_hf.bench.serve import load_level, percentile, post_chat
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -188,31 +189,22 @@ def make_requests(count: int, seed: int, image_size: int) -> list[dict]:
 
 
 def send(port: int, model: str, request: dict, max_tokens: int) -> tuple[float, int, str]:
-    body = json.dumps({"model": model, "max_tokens": max_tokens, "temperature": 0.0, **request}).encode()
-    http = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=body,
-                                  headers={"Content-Type": "application/json"})
-    started = time.perf_counter()
-    with urllib.request.urlopen(http, timeout=1800) as response:
-        answer = json.load(response)
-    latency = time.perf_counter() - started
+    body = {"model": model, "max_tokens": max_tokens, "temperature": 0.0, **request}
+    latency, answer = post_chat(f"http://127.0.0.1:{port}", body, timeout=1800)
     return latency, int(answer["usage"]["completion_tokens"]), answer["choices"][0]["message"]["content"]
 
 
 def run_level(server: Server, requests: list[dict], concurrency: int, max_tokens: int) -> dict:
     sampler = server.sample_peak()
-    started = time.perf_counter()
-    with ThreadPoolExecutor(concurrency) as pool:
-        results = list(pool.map(lambda r: send(server.port, server.model_id, r, max_tokens), requests))
-    wall = time.perf_counter() - started
+    wall, results = load_level(lambda r: send(server.port, server.model_id, r, max_tokens), requests, concurrency)
     server._sampling = False
     sampler.join()
-    latencies = sorted(r[0] for r in results)
+    latencies = [r[0] for r in results]
     tokens = sum(r[1] for r in results)
     return {
         "requests": len(requests), "wall_s": wall, "requests_per_s": len(requests) / wall,
         "output_tokens": tokens, "output_tokens_per_s": tokens / wall,
-        "p50_latency_s": statistics.median(latencies),
-        "p95_latency_s": latencies[min(len(latencies) - 1, round(0.95 * (len(latencies) - 1)))],
+        "p50_latency_s": statistics.median(latencies), "p95_latency_s": percentile(latencies, 0.95),
         "peak_memory_mib": server.peak_mib, "answers": [r[2] for r in results],
     }
 
@@ -344,30 +336,22 @@ def run_projection_level(server: Server, requests: list[dict], concurrency: int,
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    started = time.perf_counter()
-    with ThreadPoolExecutor(concurrency) as pool:
-        results = list(pool.map(lambda r: send_with_usage(server.port, server.model_id, r, max_tokens), requests))
-    wall = time.perf_counter() - started
+    wall, results = load_level(lambda r: send_with_usage(server.port, server.model_id, r, max_tokens), requests,
+                               concurrency)
     done.set()
     sampler.join()
-    latencies = sorted(r[0] for r in results)
+    latencies = [r[0] for r in results]
     return {
         "requests": len(requests), "wall_s": wall, "requests_per_s": len(requests) / wall,
-        "p50_latency_s": statistics.median(latencies),
-        "p95_latency_s": latencies[min(len(latencies) - 1, round(0.95 * (len(latencies) - 1)))],
+        "p50_latency_s": statistics.median(latencies), "p95_latency_s": percentile(latencies, 0.95),
         "prompt_tokens": results[0][1], "peak_kv_cache_usage": peak["kv"],
     }
 
 
 def send_with_usage(port: int, model: str, request: dict, max_tokens: int) -> tuple[float, int]:
-    body = json.dumps({"model": model, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True,
-                       **request}).encode()
-    http = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=body,
-                                  headers={"Content-Type": "application/json"})
-    started = time.perf_counter()
-    with urllib.request.urlopen(http, timeout=3600) as response:
-        answer = json.load(response)
-    return time.perf_counter() - started, int(answer["usage"]["prompt_tokens"])
+    body = {"model": model, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True, **request}
+    latency, answer = post_chat(f"http://127.0.0.1:{port}", body, timeout=3600)
+    return latency, int(answer["usage"]["prompt_tokens"])
 
 
 def kv_cache_tokens(log: Path) -> int | None:

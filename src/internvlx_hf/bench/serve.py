@@ -60,6 +60,30 @@ def _call(base: str, path: str, body: dict | None, api_key: str | None, timeout:
         raise ConnectionError(f"cannot reach {base}{path}: {reason}. Is the server running at that address?") from None
 
 
+def post_chat(base: str, body: dict, api_key: str | None = None, timeout: float = 300) -> tuple[float, dict]:
+    """One chat completion: its latency in seconds and the answer."""
+    begin = time.perf_counter()
+    answer = _call(base, "/v1/chat/completions", body, api_key, timeout)
+    elapsed = time.perf_counter() - begin
+    if not answer.get("choices"):
+        raise BenchError(f"{base}/v1/chat/completions answered without choices: {str(answer)[:300]}")
+    return elapsed, answer
+
+
+def load_level(send, items, concurrency: int) -> tuple[float, list]:
+    """``send(item)`` for every item from ``concurrency`` threads: the wall seconds and the results in order."""
+    begin = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        results = list(pool.map(send, items))
+    return time.perf_counter() - begin, results
+
+
+def percentile(values, q: float) -> float:
+    """The nearest-rank ``q`` quantile (0..1) of ``values``: the sorted value at index round(q * (n - 1))."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
 def served_model(base: str, api_key: str | None = None, timeout: float = 30) -> str:
     """The first model id of ``GET /v1/models``."""
     models = _call(base, "/v1/models", None, api_key, timeout).get("data") or []
@@ -84,25 +108,17 @@ def bench_serve(url: str, concurrency=(1, 4), requests: int = 16, model: str | N
         body = {"model": model, "max_tokens": max_tokens, "temperature": 0.0, "messages": [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": images[i % len(images)]}},
             {"type": "text", "text": "What colours are the circles?"}]}]}
-        begin = time.perf_counter()
-        answer = _call(base, "/v1/chat/completions", body, api_key, timeout)
-        elapsed = time.perf_counter() - begin
-        if not answer.get("choices"):
-            raise BenchError(f"{base}/v1/chat/completions answered without choices: {str(answer)[:300]}")
+        elapsed, answer = post_chat(base, body, api_key, timeout)
         return elapsed, int((answer.get("usage") or {}).get("completion_tokens") or 0)
 
     one(0)  # warm-up: the first request pays for lazy loading and compilation
     bar = Progress(len(concurrency), "serve", enabled=progress)
     rows = []
     for level in concurrency:
-        begin = time.perf_counter()
-        with ThreadPoolExecutor(level) as pool:
-            done = list(pool.map(one, range(requests)))
-        wall = time.perf_counter() - begin
-        latencies = sorted(t for t, _ in done)
-        p95 = latencies[min(len(latencies) - 1, max(0, round(0.95 * len(latencies)) - 1))]
+        wall, done = load_level(one, range(requests), level)
+        latencies = [t for t, _ in done]
         rows.append({"concurrency": level, "requests": requests, "seconds": wall, "requests_per_s": requests / wall,
-                     "p50_s": statistics.median(latencies), "p95_s": p95,
+                     "p50_s": statistics.median(latencies), "p95_s": percentile(latencies, 0.95),
                      "completion_tokens": sum(n for _, n in done)})
         bar.step(f"concurrency {level}: {requests / wall:.3g} req/s")
     return rows
