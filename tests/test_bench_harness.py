@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from internvlx_hf.bench.harness import environment, format_table, results, time_call, write_results, write_text
+from internvlx_hf.bench.harness import (environment, format_table, results, time_call, time_interleaved, write_results,
+                                        write_text)
 from internvlx_hf.bench.serve import check_url, load_level, percentile
 
 
@@ -17,6 +18,12 @@ def test_time_call_runs_warmup_then_repeats_and_takes_the_median():
     assert timing["min_s"] <= timing["median_s"] <= timing["max_s"]
     with pytest.raises(ValueError, match="repeats must be >= 1"):
         time_call(lambda: None, repeats=0)
+
+
+def test_time_interleaved_calls_round_robin():
+    calls = []
+    timings = time_interleaved([lambda: calls.append("a"), lambda: calls.append("b")], warmup=1, repeats=2)
+    assert calls == ["a", "b"] * 3 and [len(t["times_s"]) for t in timings] == [2, 2]
 
 
 def test_percentile_is_nearest_rank_and_load_level_keeps_order():

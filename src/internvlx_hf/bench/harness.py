@@ -1,6 +1,7 @@
 """One timing, results and plot module for `internvlx bench` and `benchmarks/*.py`.
 
-- `time_call`: warm-up calls, then ``repeats`` timed calls; the median is the figure (CUDA work is synchronized).
+- `time_call`: warm-up calls, then ``repeats`` timed calls; the median is the figure (CUDA work is synchronized);
+  `time_interleaved`: the same for several candidates, round-robin.
 - `environment`: what a number depends on (versions, commit, device, dtype, threads), stored next to it.
 - `write_results`: one JSON file ``{"benchmark", "environment", "settings", "rows"}``, written atomically.
 - `format_table` / `plot_rows`: the printed table and, on request, a PNG (matplotlib, imported only then).
@@ -48,6 +49,26 @@ def time_call(fn: Callable[[], Any], *, warmup: int = 1, repeats: int = 3, devic
         _synchronize(device)
         times.append(time.perf_counter() - begin)
     return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "times_s": times}
+
+
+def time_interleaved(fns: Sequence[Callable[[], Any]], *, warmup: int = 1, repeats: int = 3,
+                     device: str | None = None) -> list[dict]:
+    """`time_call` for several candidates at once, round-robin (each round calls every candidate once), so that a
+    change of load on the machine hits them alike; one result per candidate, in order."""
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"repeats must be >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}.")
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, bucket in zip(fns, times):
+            _synchronize(device)
+            begin = time.perf_counter()
+            fn()
+            _synchronize(device)
+            bucket.append(time.perf_counter() - begin)
+    return [{"median_s": statistics.median(t), "min_s": min(t), "max_s": max(t), "times_s": t} for t in times]
 
 
 def _commit() -> str | None:
