@@ -49,6 +49,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+from internvlx_hf.bench.harness import write_text
 from internvlx_hf.bench.serve import load_level, percentile, post_chat
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -410,13 +411,16 @@ def projections(args) -> None:
                     f"VLLM_CPU_KVCACHE_SPACE={args.kv_cache_gib}, OMP_NUM_THREADS={env['OMP_NUM_THREADS']}",
         "servers": servers, "cells": cells,
     }
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / "serving-projections.json"
-    out.write_text(json.dumps(result, indent=1))
-    print(projection_table(result))
+    save(result, "projections", projection_table, plot_projections if args.plot else None)
+
+
+def save(result: dict, name: str, table_of, plot_to=None) -> None:
+    """``results/serving-<name>.json`` (whole or not at all), its table printed, and its plot when asked for."""
+    out = write_text(RESULTS / f"serving-{name}.json", json.dumps(result, indent=1))
+    print(table_of(result))
     print(f"raw results: {out}")
-    if args.plot:
-        plot_projections(result, out.with_suffix(".png"))
+    if plot_to is not None:
+        plot_to(result, out.with_suffix(".png"))
         print(f"plot: {out.with_suffix('.png')}")
 
 
@@ -582,14 +586,7 @@ def main(argv=None) -> None:
                              f"--max-num-seqs {max(args.concurrency)}, VLLM_CPU_KVCACHE_SPACE={args.kv_cache_gib}",
                      "internvlx": "internvlx serve --dtype float32"},
     }
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"serving-{name}.json"
-    out.write_text(json.dumps(result, indent=1))
-    print(table(result))
-    print(f"raw results: {out}")
-    if args.plot:
-        plot(result, out.with_suffix(".png"))
-        print(f"plot: {out.with_suffix('.png')}")
+    save(result, name, table, plot if args.plot else None)
 
 
 if __name__ == "__main__":
