@@ -10,14 +10,13 @@ import os
 import socket
 import subprocess
 import sys
-import time
-import urllib.request
 
 import pytest
 
 from internvlx_hf.cli import main
 
 from conftest import REPO_ROOT
+from test_serve import start_server, stop, wait_until_healthy
 from tiny import tiny_model
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -135,47 +134,22 @@ def test_subcommand_help_and_errors_need_no_torch(tmp_path):
 
 
 def test_serve_against_internvlx_serve(tmp_path, capsys):
-    from internvlx_hf.demo import demo_model_dir
     from internvlx_hf.serving import ServingUnavailable, check_serving_available
 
     try:
         check_serving_available()
     except ServingUnavailable as error:
         pytest.skip(str(error))
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    env.pop("INTERNVLX_API_KEY", None)
     log = tmp_path / "serve.log"
-    with open(log, "w") as output:
-        server = subprocess.Popen([sys.executable, "-m", "internvlx_hf", "serve", str(demo_model_dir()), "--host",
-                                   "127.0.0.1", "--port", str(port), "--log-level", "warning"], stdout=output,
-                                  stderr=subprocess.STDOUT, env=env)
+    server, url = start_server([], log)  # `internvlx serve DEMO` on 127.0.0.1, a free port, no key
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            assert server.poll() is None, log.read_text()
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.5)
+        wait_until_healthy(server, url, log)
         out_json, out_png = tmp_path / "s.json", tmp_path / "s.png"
         code, out, err = _run(["bench", "serve", url + "/v1", "--concurrency", "1", "--concurrency", "2",
                                "--requests", "3", "--image-size", "64", "--max-tokens", "2", "--out", str(out_json),
                                "--plot", str(out_png)], capsys)
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop(server)
     assert code == 0, err + log.read_text()
     assert out.splitlines()[0].split() == ["concurrency", "requests", "requests_per_s", "p50_s", "p95_s",
                                            "completion_tokens"]
