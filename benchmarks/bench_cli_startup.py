@@ -21,15 +21,15 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_data  # noqa: E402  (its source_at: the package at an earlier commit)
+
+from internvlx_hf.bench.harness import time_call  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 OLD = "0b9a898"  # the last commit whose `import internvlx_hf` imported torch and transformers
@@ -54,15 +54,12 @@ CASES = [
 REFERENCE = CASES[-1][0]
 
 
-def _time(argv: list[str], src: Path, expected: int) -> float:
+def _run(argv: list[str], src: Path, expected: int) -> None:
     env = dict(os.environ, PYTHONPATH=str(src), HF_HUB_OFFLINE="1")
-    start = time.perf_counter()
     result = subprocess.run([sys.executable, *argv], env=env, cwd=src.parent, capture_output=True, text=True,
                             timeout=600)
-    seconds = time.perf_counter() - start
     if result.returncode != expected:
         raise RuntimeError(f"{argv} exited {result.returncode}, expected {expected}: {result.stderr[-2000:]}")
-    return seconds
 
 
 def measure(repeats: int, commits: dict[str, str]) -> dict:
@@ -74,10 +71,10 @@ def measure(repeats: int, commits: dict[str, str]) -> dict:
             subprocess.run([sys.executable, "-m", "compileall", "-q", str(src)], check=True)
         for label, argv, expected, before in CASES:
             for version in ["now"] + ([commits[before]] if before else []):
-                times = [_time(argv, sources[version], expected) for _ in range(repeats)]
-                rows.append({"case": label, "version": version, "median_s": statistics.median(times),
-                             "runs_s": [round(t, 3) for t in times]})
-                print(f"{label:60s} {version:8s} {statistics.median(times):7.3f} s", flush=True)
+                timing = time_call(lambda: _run(argv, sources[version], expected), warmup=0, repeats=repeats)
+                rows.append({"case": label, "version": version, "median_s": timing["median_s"],
+                             "runs_s": [round(t, 3) for t in timing["times_s"]]})
+                print(f"{label:60s} {version:8s} {timing['median_s']:7.3f} s", flush=True)
     return {"repeats": repeats, "commits": commits, "python": platform.python_version(), "cpus": os.cpu_count(),
             "load_average": os.getloadavg(), "rows": rows}
 

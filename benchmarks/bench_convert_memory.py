@@ -48,7 +48,7 @@ def measure(*args: str) -> dict:
 
 _BUILD = r"""
 import sys, torch
-from internvlx_hf.conversion.synthetic import make_synthetic_internvl2
+from internvlx_hf.conversion.synthetic_checkpoint import make_synthetic_internvl2
 make_synthetic_internvl2(
     sys.argv[1], sys.argv[2], vit_hidden=1024, vit_layers=2, vit_heads=16, vit_intermediate=4096,
     llm_hidden=4096, llm_layers=int(sys.argv[3]), heads=32, kv_heads=8, llm_intermediate=14336,

@@ -359,7 +359,7 @@ def _mean(rows, key):
 
 
 def summarise(args) -> int:
-    from internvlx_hf.training.synthetic import BASIC_TASKS
+    from internvlx_hf.training.synthetic_vqa import BASIC_TASKS
 
     results = Path(args.results_dir)
     pretrained = json.loads((results / "pretrained.json").read_text())

@@ -4,7 +4,7 @@ Every configuration starts from a freshly initialised tiny model (`internvlx_hf.
 of 14 px patches, a 2-layer ViT of width 64, a 6-layer Qwen2 LLM of width 128, the byte-level tokenizer of the
 converted test fixture) saved as a checkpoint, and is trained by `internvlx_hf.training.train` (HF `Trainer`,
 `InternVLXDataset`, `InternVLXDataCollator`, preset `full`) on the synthetic visual QA of
-`internvlx_hf.training.synthetic` (InternVL meta JSON + JSONL written to disk). It is then scored on a held-out set
+`internvlx_hf.training.synthetic_vqa` (InternVL meta JSON + JSONL written to disk). It is then scored on a held-out set
 by exact match of greedy `generate` answers, per task.
 
 Fixed-size set (one 112 px tile per image), the paper's configurations in miniature (tokens per tile are 16x smaller
@@ -56,6 +56,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+
+from internvlx_hf.bench.harness import write_text  # noqa: E402 - after the path to src/
 
 TASK_COLUMNS = ("colour", "shape", "position", "count", "fine")
 
@@ -243,8 +245,8 @@ def ablate_from(args) -> int:
     results = {"settings": {"seed": args.seed, "n_test": args.n_test, "n_fine_test": n_fine,
                             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")},
                "runs": rows}
-    _write(Path(args.json), json.dumps(results, indent=2) + "\n")
-    _write(Path(args.json).with_suffix(".md"), table + "\n")
+    write_text(Path(args.json), json.dumps(results, indent=2) + "\n")
+    write_text(Path(args.json).with_suffix(".md"), table + "\n")
     if args.workdir is None:
         shutil.rmtree(workdir, ignore_errors=True)
     return 0
@@ -380,13 +382,6 @@ def plot(results, path):
     os.replace(tmp, path)
 
 
-def _write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
@@ -435,7 +430,7 @@ def main(argv=None) -> int:
         tqdm.write(f"{row['name']}: {row['train_s']:.0f} s, loss {row['loss_first']:.3f} -> {row['loss_last']:.4f}, "
                    + ", ".join(f"{t} {v:.3f}" for t, v in row["accuracy"].items()))
         # Partial results are kept after every configuration, so an interrupted run still leaves its numbers.
-        _write(Path(args.json), json.dumps(results, indent=2) + "\n")
+        write_text(Path(args.json), json.dumps(results, indent=2) + "\n")
     if args.probe_rounds:
         results["probe"] = probe(args.configs.split(","), fixed_data, workdir, base, args)
     results["total_s"] = time.time() - started
@@ -520,8 +515,8 @@ def report(results, args) -> int:
     checks = "\n".join(f"- {'met' if c['met'] else 'NOT met'}: {c['requirement']} ({c['numbers']})"
                        for c in results["checks"])
     print("\n" + table + "\n\n" + checks)
-    _write(Path(args.json), json.dumps(results, indent=2) + "\n")
-    _write(Path(args.json).with_suffix(".md"), table + "\n\n" + checks + "\n")
+    write_text(Path(args.json), json.dumps(results, indent=2) + "\n")
+    write_text(Path(args.json).with_suffix(".md"), table + "\n\n" + checks + "\n")
     if args.plot:
         plot(results, args.plot)
         print(f"plot: {args.plot}")

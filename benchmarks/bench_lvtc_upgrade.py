@@ -485,7 +485,7 @@ def detail_hr(row: dict) -> dict | None:
 def task_table(rows: list[dict], task: str, pretrained: dict | None, probe: dict | None,
                flops: dict | None = None) -> list[dict]:
     """One entry per (configuration, schedule) with runs: mean and spread over seeds, HR ablation, forgetting."""
-    from internvlx_hf.training.synthetic import BASIC_TASKS
+    from internvlx_hf.training.synthetic_vqa import BASIC_TASKS
 
     groups: dict[tuple[str, str], list[dict]] = {}
     for row in rows:

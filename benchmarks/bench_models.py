@@ -67,8 +67,11 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode, bmm_flop, sdpa_backward_flop_count, sdpa_flop_count
 from tqdm.auto import tqdm
 from transformers import InternVLConfig, InternVLForConditionalGeneration
+from transformers.models.internvl.modeling_internvl import InternVLMultiModalProjector
 
 from internvlx_hf import InternVLXConfig, InternVLXForConditionalGeneration
+from internvlx_hf.bench.harness import write_text
+from internvlx_hf.bench.variants import assemble
 from internvlx_hf.token_budget import TilingSettings, image_budget
 from internvlx_hf.modeling.modeling_internvlx import build_projector
 
@@ -236,29 +239,17 @@ def build_models(preset: str, names, layers: int | None, device: str, dtype: tor
     for name in names:
         if name == "plain-256":
             models[name] = base
-            continue
-        cls = InternVLForConditionalGeneration if name.startswith("native") else InternVLXForConditionalGeneration
-        with torch.device("meta"):
-            model = cls(cfgs[name])
-        model.model.vision_tower = base.model.vision_tower
-        model.model.language_model = base.model.language_model
-        model.lm_head = base.lm_head
-        if name.startswith("native"):
+        elif name.startswith("native"):
             # same weights as our MLP projector: native and ours then compute the same logits
             source = base.model.multi_modal_projector if name == "native-256" else hr
             with torch.device(device):
-                model.model.multi_modal_projector = type(model.model.multi_modal_projector)(cfgs[name])
-            model.model.multi_modal_projector.load_state_dict(source.state_dict())
+                projector = InternVLMultiModalProjector(cfgs[name])
+            projector.load_state_dict(source.state_dict())
+            models[name] = assemble(cfgs[name], base, projector, model_class=InternVLForConditionalGeneration)
         else:
             projectors = {"plain-1024": hr, "pvtc-256": pvtc, "lvtc": base.model.multi_modal_projector,
                           "lvtc-rms": base.model.multi_modal_projector, "pvtc+lvtc": pvtc}
-            model.model.multi_modal_projector = projectors[name]
-            if "lvtc" in name:
-                model.model.lvtc_hr_projector = hr
-        meta = [n for n, p in model.named_parameters() if p.is_meta]
-        if meta:
-            raise RuntimeError(f"{name}: parameters left on the meta device: {meta[:5]}")
-        models[name] = model
+            models[name] = assemble(cfgs[name], base, projectors[name], hr if "lvtc" in name else None)
     return {name: model.to(dtype).eval() for name, model in models.items()}
 
 
@@ -795,12 +786,6 @@ def plot(summary: dict, path: Path, meta: dict) -> None:
     os.replace(tmp, path)
 
 
-def write_json(data: dict, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
-
-
 # ---------------------------------------------------------------------------------------------------------- main
 
 
@@ -952,7 +937,7 @@ def main(argv=None) -> dict:
             print(f"{name}: {check['value']:.3f}{extra}; required {check['required']}: {verdict}")
     data = {"meta": meta, "results": results, "summary": summary, "sweep": sweep, "checks": checks, "rvtc": rvtc}
     if args.json:
-        write_json(data, args.json)
+        write_text(args.json, json.dumps(data, indent=1) + "\n")
     if args.plot:
         plot(summary, args.plot, meta)
     return data

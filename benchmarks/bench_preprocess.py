@@ -9,8 +9,6 @@ ImageNet mean/std. Both get the same in-memory PIL page and return PyTorch tenso
 """
 
 import argparse
-import statistics
-import time
 
 import torch
 from PIL import Image, ImageDraw
@@ -18,6 +16,7 @@ from PIL import Image, ImageDraw
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 
+from internvlx_hf.bench.harness import time_interleaved
 from internvlx_hf.processing import InternVLXImageProcessor
 
 
@@ -34,19 +33,6 @@ def make_page(width: int, height: int) -> Image.Image:
     figure = Image.frombytes("RGB", (width // 2, height // 4), noise.numpy().tobytes())
     page.paste(figure, (width // 4, height // 3))
     return page
-
-
-def time_interleaved(fns: list, runs: int) -> list[list[float]]:
-    """Run the candidates round-robin so that load changes on the machine hit them alike."""
-    for fn in fns:
-        fn()  # warm-up (caches, allocator)
-    times = [[] for _ in fns]
-    for _ in range(runs):
-        for fn, bucket in zip(fns, times):
-            start = time.perf_counter()
-            fn()
-            bucket.append(time.perf_counter() - start)
-    return times
 
 
 def main() -> None:
@@ -92,13 +78,14 @@ def main() -> None:
     print(f"| {'processor':<68} | tiles | median ms | min ms | speed-up |")
     print(f"|{'-' * 70}|------:|----------:|-------:|---------:|")
     calls = [lambda p=processor: p(page, return_tensors="pt") for _, processor, _ in rows]
-    all_times = time_interleaved(calls, args.runs)
+    timings = time_interleaved(calls, warmup=1, repeats=args.runs)
     baseline = None
-    for (name, processor, output), times in zip(rows, all_times):
-        median = statistics.median(times) * 1000
+    for (name, processor, output), timing in zip(rows, timings):
+        median = timing["median_s"] * 1000
         baseline = baseline or median
         tiles = (output or processor(page, return_tensors="pt"))["pixel_values"].shape[0]
-        print(f"| {name:<68} | {tiles:>5} | {median:>9.1f} | {min(times) * 1000:>6.1f} | {baseline / median:>7.2f}x |")
+        fastest = timing["min_s"] * 1000
+        print(f"| {name:<68} | {tiles:>5} | {median:>9.1f} | {fastest:>6.1f} | {baseline / median:>7.2f}x |")
 
 
 if __name__ == "__main__":

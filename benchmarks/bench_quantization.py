@@ -177,7 +177,7 @@ def main(argv=None) -> int:
 
     from internvlx_hf.demo import demo_model_dir
     from internvlx_hf.demo.recipe import read_records
-    from internvlx_hf.training.synthetic import generate_dataset
+    from internvlx_hf.training.synthetic_vqa import generate_dataset
 
     processor = AutoProcessor.from_pretrained(demo_model_dir(), trust_remote_code=True)
     with tempfile.TemporaryDirectory() as tmp:

@@ -47,8 +47,10 @@ import tempfile
 import threading
 import time
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from internvlx_hf.bench.harness import write_text
+from internvlx_hf.bench.serve import load_level, percentile, post_chat
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -188,31 +190,22 @@ def make_requests(count: int, seed: int, image_size: int) -> list[dict]:
 
 
 def send(port: int, model: str, request: dict, max_tokens: int) -> tuple[float, int, str]:
-    body = json.dumps({"model": model, "max_tokens": max_tokens, "temperature": 0.0, **request}).encode()
-    http = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=body,
-                                  headers={"Content-Type": "application/json"})
-    started = time.perf_counter()
-    with urllib.request.urlopen(http, timeout=1800) as response:
-        answer = json.load(response)
-    latency = time.perf_counter() - started
+    body = {"model": model, "max_tokens": max_tokens, "temperature": 0.0, **request}
+    latency, answer = post_chat(f"http://127.0.0.1:{port}", body, timeout=1800)
     return latency, int(answer["usage"]["completion_tokens"]), answer["choices"][0]["message"]["content"]
 
 
 def run_level(server: Server, requests: list[dict], concurrency: int, max_tokens: int) -> dict:
     sampler = server.sample_peak()
-    started = time.perf_counter()
-    with ThreadPoolExecutor(concurrency) as pool:
-        results = list(pool.map(lambda r: send(server.port, server.model_id, r, max_tokens), requests))
-    wall = time.perf_counter() - started
+    wall, results = load_level(lambda r: send(server.port, server.model_id, r, max_tokens), requests, concurrency)
     server._sampling = False
     sampler.join()
-    latencies = sorted(r[0] for r in results)
+    latencies = [r[0] for r in results]
     tokens = sum(r[1] for r in results)
     return {
         "requests": len(requests), "wall_s": wall, "requests_per_s": len(requests) / wall,
         "output_tokens": tokens, "output_tokens_per_s": tokens / wall,
-        "p50_latency_s": statistics.median(latencies),
-        "p95_latency_s": latencies[min(len(latencies) - 1, round(0.95 * (len(latencies) - 1)))],
+        "p50_latency_s": statistics.median(latencies), "p95_latency_s": percentile(latencies, 0.95),
         "peak_memory_mib": server.peak_mib, "answers": [r[2] for r in results],
     }
 
@@ -344,30 +337,22 @@ def run_projection_level(server: Server, requests: list[dict], concurrency: int,
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    started = time.perf_counter()
-    with ThreadPoolExecutor(concurrency) as pool:
-        results = list(pool.map(lambda r: send_with_usage(server.port, server.model_id, r, max_tokens), requests))
-    wall = time.perf_counter() - started
+    wall, results = load_level(lambda r: send_with_usage(server.port, server.model_id, r, max_tokens), requests,
+                               concurrency)
     done.set()
     sampler.join()
-    latencies = sorted(r[0] for r in results)
+    latencies = [r[0] for r in results]
     return {
         "requests": len(requests), "wall_s": wall, "requests_per_s": len(requests) / wall,
-        "p50_latency_s": statistics.median(latencies),
-        "p95_latency_s": latencies[min(len(latencies) - 1, round(0.95 * (len(latencies) - 1)))],
+        "p50_latency_s": statistics.median(latencies), "p95_latency_s": percentile(latencies, 0.95),
         "prompt_tokens": results[0][1], "peak_kv_cache_usage": peak["kv"],
     }
 
 
 def send_with_usage(port: int, model: str, request: dict, max_tokens: int) -> tuple[float, int]:
-    body = json.dumps({"model": model, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True,
-                       **request}).encode()
-    http = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=body,
-                                  headers={"Content-Type": "application/json"})
-    started = time.perf_counter()
-    with urllib.request.urlopen(http, timeout=3600) as response:
-        answer = json.load(response)
-    return time.perf_counter() - started, int(answer["usage"]["prompt_tokens"])
+    body = {"model": model, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True, **request}
+    latency, answer = post_chat(f"http://127.0.0.1:{port}", body, timeout=3600)
+    return latency, int(answer["usage"]["prompt_tokens"])
 
 
 def kv_cache_tokens(log: Path) -> int | None:
@@ -426,13 +411,16 @@ def projections(args) -> None:
                     f"VLLM_CPU_KVCACHE_SPACE={args.kv_cache_gib}, OMP_NUM_THREADS={env['OMP_NUM_THREADS']}",
         "servers": servers, "cells": cells,
     }
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / "serving-projections.json"
-    out.write_text(json.dumps(result, indent=1))
-    print(projection_table(result))
+    save(result, "projections", projection_table, plot_projections if args.plot else None)
+
+
+def save(result: dict, name: str, table_of, plot_to=None) -> None:
+    """``results/serving-<name>.json`` (whole or not at all), its table printed, and its plot when asked for."""
+    out = write_text(RESULTS / f"serving-{name}.json", json.dumps(result, indent=1))
+    print(table_of(result))
     print(f"raw results: {out}")
-    if args.plot:
-        plot_projections(result, out.with_suffix(".png"))
+    if plot_to is not None:
+        plot_to(result, out.with_suffix(".png"))
         print(f"plot: {out.with_suffix('.png')}")
 
 
@@ -598,14 +586,7 @@ def main(argv=None) -> None:
                              f"--max-num-seqs {max(args.concurrency)}, VLLM_CPU_KVCACHE_SPACE={args.kv_cache_gib}",
                      "internvlx": "internvlx serve --dtype float32"},
     }
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"serving-{name}.json"
-    out.write_text(json.dumps(result, indent=1))
-    print(table(result))
-    print(f"raw results: {out}")
-    if args.plot:
-        plot(result, out.with_suffix(".png"))
-        print(f"plot: {out.with_suffix('.png')}")
+    save(result, name, table, plot if args.plot else None)
 
 
 if __name__ == "__main__":

@@ -884,15 +884,15 @@ def main(argv=None) -> dict:
         pass
 
     def save():
+        from internvlx_hf.bench.harness import write_text
+
         if args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps({"meta": meta, "runs": results, "derived": derived,
-                                             "comparisons": comparisons(results),
-                                             "logit_entry_bytes": {f"{family} {kind}": value for (family, kind), value
-                                                                   in logit_entry_bytes(results).items()},
-                                             "skip_vs_real": skip_vs_real(results),
-                                             "trainer": trainer_comparisons(results),
-                                             "step_times": step_times(results)}, indent=1) + "\n")
+            data = {"meta": meta, "runs": results, "derived": derived, "comparisons": comparisons(results),
+                    "logit_entry_bytes": {f"{family} {kind}": value
+                                          for (family, kind), value in logit_entry_bytes(results).items()},
+                    "skip_vs_real": skip_vs_real(results), "trainer": trainer_comparisons(results),
+                    "step_times": step_times(results)}
+            write_text(args.json, json.dumps(data, indent=1) + "\n")
 
     derived = previous.get("derived", [])
     for index, run in enumerate(todo, 1):

@@ -86,6 +86,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from internvlx_hf import InternVLXForConditionalGeneration  # noqa: E402
+from internvlx_hf.bench.harness import write_text  # noqa: E402
 from internvlx_hf.conversion.convert import build_config, expected_parameters, read_source_config  # noqa: E402
 from internvlx_hf.conversion.source import SourceCheckpoint  # noqa: E402
 from internvlx_hf.modeling.modeling_internvlx import build_projector  # noqa: E402
@@ -859,9 +860,8 @@ def write(results: dict, out: Path) -> None:
     derive(results, full, DTYPES[results["args"]["dtype"]].itemsize)
     table = markdown(results)
     print(table)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(results, indent=2, default=str) + "\n")
-    out.with_suffix(".md").write_text(table)
+    write_text(out.with_suffix(".json"), json.dumps(results, indent=2, default=str) + "\n")
+    write_text(out.with_suffix(".md"), table)
     plot(results, out.with_suffix(".png"))
     log(f"wrote {out}.json, .md, .png")
 

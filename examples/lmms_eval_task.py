@@ -6,7 +6,7 @@
         --device cpu --batch_size 4 --include_path OUT_DIR/internvlx_demo --tasks internvlx_demo
 
 lmms-eval's own tasks download their datasets from the Hugging Face Hub; this one is drawn here, from seeds: the first
-N samples of the held-out set that `scripts/make_demo_model.py` scores (`internvlx_hf.training.synthetic`, seed
+N samples of the held-out set that `scripts/make_demo_model.py` scores (`internvlx_hf.training.synthetic_vqa`, seed
 999999, 112 px squares, five tasks in turn). OUT_DIR gets
 
 - ``data/``: a `datasets.DatasetDict` saved with ``save_to_disk`` (split ``test``: ``id``, ``image``, ``question``,
@@ -72,7 +72,7 @@ def write_task(out: str | Path, n: int = 100) -> Path:
     from datasets import Dataset, DatasetDict, Features, Image, Value
 
     from internvlx_hf.demo import demo_record
-    from internvlx_hf.training.synthetic import TASKS, generate_dataset
+    from internvlx_hf.training.synthetic_vqa import TASKS, generate_dataset
 
     out = Path(out).absolute()
     record = demo_record()

@@ -6,7 +6,7 @@ The recipe is the `pvtc+lvtc` configuration of `benchmarks/bench_learnability.py
    (Qwen2 byte-level BPE, 812 ids; `internvlx_hf.conversion.convert`), with 112 px tiles;
 2. a freshly initialised tiny InternVL-X (seed 0): PVTC projector, LVTC k=5 of 6 layers (16 -> 64 tokens per tile),
    saved as a checkpoint;
-3. the synthetic visual QA (`internvlx_hf.training.synthetic`): 3,600 basic samples + 200 fine-detail samples x 9,
+3. the synthetic visual QA (`internvlx_hf.training.synthetic_vqa`): 3,600 basic samples + 200 fine-detail samples x 9,
    written as InternVL meta JSON + JSONL; each conversation has (drawn from its seed) an empty system block or no
    system turn, i.e. the chat template's default system message, so that the model answers both the way
    `internvlx demo` asks and the way clients that send no system turn ask (lmms-eval, pipelines, `chat()`);

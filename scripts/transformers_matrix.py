@@ -137,7 +137,7 @@ print("RESULT" + json.dumps({"module": type(model).__module__, "input_len": inpu
 MAKE_DATA = r"""
 import json, sys
 from pathlib import Path
-from internvlx_hf.training.synthetic import TASKS, combine_meta, generate_dataset
+from internvlx_hf.training.synthetic_vqa import TASKS, combine_meta, generate_dataset
 root = Path(sys.argv[1])
 held = [generate_dataset(root / "heldout" / t, n=4, tasks=[t], seed=4242, image_size=112, sizes="fixed",
                          system_message="", name=t) for t in TASKS]

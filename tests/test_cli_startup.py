@@ -101,7 +101,7 @@ def test_argument_errors_import_nothing_heavy():
     errors = [
         "internvlx: error: the following arguments are required: COMMAND",
         "internvlx: error: argument COMMAND: invalid choice: 'nonsense' (choose from 'demo', 'convert', 'export', "
-        "'chat', 'serve', 'tokens', 'card', 'push', 'data', 'train', 'eval')",
+        "'chat', 'serve', 'tokens', 'card', 'push', 'data', 'train', 'eval', 'bench')",
         "internvlx chat: error: the following arguments are required: MODEL",
         "internvlx chat: error: argument --max-tiles: invalid int value: 'many'",
         "internvlx convert: error: the following arguments are required: DST",

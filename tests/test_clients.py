@@ -278,7 +278,7 @@ def test_the_model_scores_continuations_for_loglikelihood_requests(demo_generic)
     NotImplementedError for them itself (and lmms-eval 0.7.3 builds none for chat models); the model supports them:
     the most likely reply of each task's choices is the greedy one, and the right one for all 10 questions (as
     generate() answers them)."""
-    from internvlx_hf.training.synthetic import COLOURS, GLYPHS, POSITIONS, SHAPES
+    from internvlx_hf.training.synthetic_vqa import COLOURS, GLYPHS, POSITIONS, SHAPES
 
     model, processor, _ = demo_generic
     model.float()
@@ -332,7 +332,7 @@ def test_the_lmms_eval_example_task_is_the_held_out_set_and_the_demo_model_passe
     the task's own functions and asked through the generic path, are the demo recipe's held-out questions."""
     from datasets import load_from_disk
 
-    from internvlx_hf.training.synthetic import TASKS, iter_samples
+    from internvlx_hf.training.synthetic_vqa import TASKS, iter_samples
 
     example = load_script("examples/lmms_eval_task.py")
     task = example.write_task(tmp_path, n=10)

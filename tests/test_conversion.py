@@ -20,7 +20,7 @@ from internvlx_hf.conversion import ConversionError, convert, parse_lvtc_spec, p
 from internvlx_hf.conversion.llm import internlm2_qkv_rows
 from internvlx_hf.conversion.plan import Rows
 from internvlx_hf.conversion.shards import OutputTensor, StreamingSafetensorsWriter
-from internvlx_hf.conversion.synthetic import make_synthetic_internvl2
+from internvlx_hf.conversion.synthetic_checkpoint import make_synthetic_internvl2
 from internvlx_hf.modeling.configuration_internvlx import LVTCConfig
 from parity import run_isolated_script, run_parity
 

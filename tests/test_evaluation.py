@@ -25,7 +25,7 @@ from internvlx_hf.evaluation import (
     vqa_accuracy,
 )
 from internvlx_hf.metrics import levenshtein
-from internvlx_hf.training.synthetic import TASKS, combine_meta, generate_dataset
+from internvlx_hf.training.synthetic_vqa import TASKS, combine_meta, generate_dataset
 
 # Held-out synthetic sets use a seed of their own: the demo model was trained on seeds 1000 and 5000 (recipe) and
 # scored on 999_999.

@@ -337,7 +337,7 @@ def yi_like_source(parent: Path, legacy: bool) -> Path:
     """A tiny InternVL2 source shaped like InternVL2-40B (Nous-Hermes-2-Yi-34B): a Llama LLM, a sentencepiece
     `LlamaTokenizer` and the Hermes-2 template. The tokenizer model is the Phi-3 fixture's, with `<|im_start|>` and
     `<|im_end|>` added as special tokens (Yi has them in its vocabulary)."""
-    from internvlx_hf.conversion.synthetic import make_synthetic_internvl2
+    from internvlx_hf.conversion.synthetic_checkpoint import make_synthetic_internvl2
 
     phi3 = require_fixture("internvl2_phi3")
     tokenizer = parent / "tokenizer"

@@ -24,7 +24,7 @@ from internvlx_hf.quantization import (
     quantized_linear_names,
     skip_modules,
 )
-from internvlx_hf.training.synthetic import generate_dataset
+from internvlx_hf.training.synthetic_vqa import generate_dataset
 from tiny import tiny_model
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None,

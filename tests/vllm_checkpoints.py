@@ -68,7 +68,7 @@ def _yi_source(parent: Path) -> Path:
 
 
 def _llama3_source(parent: Path) -> Path:
-    from internvlx_hf.conversion.synthetic import make_synthetic_internvl2
+    from internvlx_hf.conversion.synthetic_checkpoint import make_synthetic_internvl2
 
     return make_synthetic_internvl2(parent / "src", golden.fixture_path("internvl2_qwen2"), llm="llama")
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A user's fine-tune on a GPU, end to end, as the README tells it (docs/fine-tuning.md, "On a GPU"):
 #   1. an InternVL2-2B-sized checkpoint in OpenGVLab's layout (random weights at the real dimensions: InternViT-300M +
-#      a 24-layer, 2048-wide InternLM2 LLM, vocabulary 92,553), made by internvlx_hf.conversion.synthetic;
+#      a 24-layer, 2048-wide InternLM2 LLM, vocabulary 92,553), made by internvlx_hf.conversion.synthetic_checkpoint;
 #   2. `internvlx convert` with --projector pvtc --lvtc k=18,hr_scale=rms;
 #   3. `internvlx train` with bf16, activation checkpointing, packing, SDPA: preset stage1, then stage2 from its output;
 #      preset lora from the converted model; on the demo's synthetic tasks (448 px images, one tile each);
@@ -39,7 +39,7 @@ run() {
 stamp "size $SIZE on $DEVICE"
 run python3 - "$WORK/src" "$REPO/tests/fixtures/internvl2_internlm2" "$SIZE" <<'PY' || exit 1
 import sys, torch
-from internvlx_hf.conversion.synthetic import make_synthetic_internvl2
+from internvlx_hf.conversion.synthetic_checkpoint import make_synthetic_internvl2
 dims = {  # InternVL2-2B: InternViT-300M + InternLM2-chat-1.8B
     "2b": dict(vit_hidden=1024, vit_layers=24, vit_heads=16, vit_intermediate=4096, llm_hidden=2048, llm_layers=24,
                heads=16, kv_heads=8, llm_intermediate=8192, vocab_size=92553, num_shards=2),
@@ -53,7 +53,7 @@ run python3 -m internvlx_hf convert "$WORK/src" "$WORK/converted" --projector pv
     --no-progress || exit 1
 run python3 - "$WORK" "$TRAIN_N" "$TEST_N" <<'PY' || exit 1
 import sys
-from internvlx_hf.training.synthetic import BASIC_TASKS, generate_dataset
+from internvlx_hf.training.synthetic_vqa import BASIC_TASKS, generate_dataset
 work, n_train, n_test = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 generate_dataset(f"{work}/train", n_train, tasks=BASIC_TASKS, seed=0, system_message="", name="shapes")
 generate_dataset(f"{work}/test", n_test, tasks=BASIC_TASKS, seed=1, system_message="", name="shapes")

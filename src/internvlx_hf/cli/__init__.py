@@ -23,6 +23,7 @@ from .command import CLIError, Command, CommandParser
 
 
 def _commands() -> list[Command]:
+    from .bench import BENCH
     from .card import CARD
     from .chat import CHAT
     from .convert import CONVERT
@@ -35,7 +36,7 @@ def _commands() -> list[Command]:
     from .tokens import TOKENS
     from .train import TRAIN
 
-    return [DEMO, CONVERT, EXPORT, CHAT, SERVE, TOKENS, CARD, PUSH, DATA, TRAIN, EVAL]
+    return [DEMO, CONVERT, EXPORT, CHAT, SERVE, TOKENS, CARD, PUSH, DATA, TRAIN, EVAL, BENCH]
 
 
 def _one_line(error: BaseException) -> str:

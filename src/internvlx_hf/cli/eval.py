@@ -40,7 +40,7 @@ and option is checked before the first answer is generated, and a bad one stops 
 
 _EVAL_EPILOG = """\
 examples:
-  # the demo model on a synthetic held-out set (internvlx_hf.training.synthetic)
+  # the demo model on a synthetic held-out set (internvlx_hf.training.synthetic_vqa)
   internvlx eval src/internvlx_hf/demo/model heldout/meta.json
 
   # a DocVQA-style set scored with ANLS, the first 200 samples, bfloat16 on the GPU, every answer kept

@@ -2,7 +2,7 @@
 
 ``model/`` (next to this file) is the ``pvtc+lvtc`` model of the learnability benchmark: a PVTC projector and LVTC
 (16 tokens per 112 px tile in layers 0-4, 64 from layer 5), trained from scratch on the synthetic visual QA of
-`internvlx_hf.training.synthetic` by ``scripts/make_demo_model.py`` through `internvlx_hf.training.train`, on
+`internvlx_hf.training.synthetic_vqa` by ``scripts/make_demo_model.py`` through `internvlx_hf.training.train`, on
 conversations with an empty system block or none (the chat template's default system message), so it answers in the
 clients that send no system turn too (lmms-eval, transformers' pipelines, InternVL2's ``chat()``). A second stage
 taught it one video question over 4 frames ("Which colour appears first?", `demo_video_samples`, `answer_video`).
@@ -84,7 +84,7 @@ def demo_video_samples(seed: int = 0, count: int = 3, path: str | os.PathLike = 
     """``count`` seeded synthetic clips of the video task the demo model learnt (``first-colour``: frames of one
     background where a shape appears, then a second one of another colour joins it; "Which colour appears first?"),
     drawn like its training clips."""
-    from ..training.synthetic import make_sample
+    from ..training.synthetic_vqa import make_sample
 
     record = demo_record(path)  # read once: the tile size and the frames per clip
     size = int(record.get("model", {}).get("tile", 112))
@@ -104,7 +104,7 @@ def demo_samples(seed: int = 0, image_size: int | None = None, path: str | os.Pa
 
     ``image_size`` defaults to the demo model's tile size (from ``demo_model.json``; 112).
     """
-    from ..training.synthetic import TASKS, make_sample
+    from ..training.synthetic_vqa import TASKS, make_sample
 
     record = demo_record(path)
     if image_size is None:

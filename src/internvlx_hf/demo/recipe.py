@@ -1,5 +1,5 @@
 """The recipe of the learnability benchmark and of the embedded demo model: tiny InternVL-X models trained from
-scratch on the synthetic visual QA of `internvlx_hf.training.synthetic`, through the project's training pipeline.
+scratch on the synthetic visual QA of `internvlx_hf.training.synthetic_vqa`, through the project's training pipeline.
 
 - `TinySpec`: the architecture (112 px tiles of 14 px patches: 16 tokens per tile at downsample 0.5, 64 at 1.0;
   a 2-layer ViT of width 64; a 6-layer Qwen2 LLM of width 128) and the projector / LVTC / RVTC settings.
@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import staged_folder
-from ..training.synthetic import BASIC_TASKS, VIDEO_TASKS, combine_meta, generate_dataset
+from ..training.synthetic_vqa import BASIC_TASKS, VIDEO_TASKS, combine_meta, generate_dataset
 from .packaged import DEMO_MODEL_DIR
 
 # The tokenizer source the recipe falls back to without the packaged demo model (the repository's test fixture).
@@ -95,7 +95,7 @@ class DataSpec:
     held-out samples of every task.
 
     ``detail_task``: the task of the small repeated set and of the held-out set's fifth share: ``"fine"`` (the letter
-    in the red box) or ``"text"`` (a word of small letters, `internvlx_hf.training.synthetic`). The held-out sets of
+    in the red box) or ``"text"`` (a word of small letters, `internvlx_hf.training.synthetic_vqa`). The held-out sets of
     both share their basic samples (a sample depends on its index and task only)."""
 
     sizes: str = "fixed"

@@ -20,7 +20,7 @@ from ..data import DataSummary, InternVLXDataset, read_meta
 from ..data.encoding import IGNORE_INDEX, ConversationEncoder
 from ..data.formats import Sample, SampleError, sample_from_row
 from .presets import PRESETS, LoraSettings, apply_preset, format_trainable, lora_target_modules, trainable_parameters
-from .synthetic import combine_meta, generate_dataset
+from .synthetic_vqa import combine_meta, generate_dataset
 from .train import (
     DataArguments,
     ModelArguments,

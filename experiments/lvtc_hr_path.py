@@ -9,7 +9,7 @@ Three jobs:
   zeroed and taken from another image) and its interleaved cost probe `FINE_PROBE`.
 - ``--rms-of [CHECKPOINT]``: the scale of the injection in a trained LVTC model: RMS per visual token of the
   upsampled LR states and of the HR output at layer k (default: the packaged demo model).
-- training runs on the ``bits`` task (`internvlx_hf.training.synthetic`): 112 px tiles of 8x8 cells (one per 14 px
+- training runs on the ``bits`` task (`internvlx_hf.training.synthetic_vqa`): 112 px tiles of 8x8 cells (one per 14 px
   ViT patch), each cell a barcode of ``--bits-side`` random 1 px bars, one 2x2 block of cells framed in red; task
   ``bits-block`` asks for the block's bars ("Read the red box." -> 48 digits 0/1), ``bits`` for one cell's. A
   2x2-merged token would have to carry 48 random bits in the LLM's ``--hidden`` (32) dimensions, a per-patch token
@@ -30,10 +30,10 @@ Three jobs:
   pvtc+lvtc    PVTC projector + LVTC at k = 3/4 depth
   lvtc-rms, pvtc+lvtc-rms   the same with LVTCConfig(hr_scale="rms")
 
-    python benchmarks/bench_lvtc_hr.py --headline --plot benchmarks/results/lvtc-hr-path.png
-    python benchmarks/bench_lvtc_hr.py --rms-of
-    python benchmarks/bench_lvtc_hr.py --configs lvtc --seeds 0 --tag=-fresh     # the last bits-task run
-    python benchmarks/bench_lvtc_hr.py --configs plain-256,plain-1024,lvtc --probe-rounds 6   # bits-task cost
+    python experiments/lvtc_hr_path.py --headline --plot benchmarks/results/lvtc-hr-path.png
+    python experiments/lvtc_hr_path.py --rms-of
+    python experiments/lvtc_hr_path.py --configs lvtc --seeds 0 --tag=-fresh     # the last bits-task run
+    python experiments/lvtc_hr_path.py --configs plain-256,plain-1024,lvtc --probe-rounds 6   # bits-task cost
 """
 
 from __future__ import annotations
@@ -53,6 +53,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from internvlx_hf.bench.harness import write_text  # noqa: E402 - after the path to src/
 
 RESULTS = ROOT / "benchmarks" / "results"
 STUDY_DIR = RESULTS / "lvtc-hr-path"
@@ -246,7 +248,7 @@ def rms_at_k(folder, n: int = 20) -> dict:
     from internvlx_hf import InternVLXForConditionalGeneration, InternVLXProcessor
     from internvlx_hf.demo import demo_model_dir
     from internvlx_hf.demo.recipe import prompt_messages
-    from internvlx_hf.training.synthetic import TASKS, make_sample
+    from internvlx_hf.training.synthetic_vqa import TASKS, make_sample
 
     folder = folder or demo_model_dir()
     model = InternVLXForConditionalGeneration.from_pretrained(folder).eval()
@@ -279,7 +281,7 @@ def rms_at_k(folder, n: int = 20) -> dict:
 
 
 def make_data(workdir: Path, args):
-    from internvlx_hf.training.synthetic import generate_dataset
+    from internvlx_hf.training.synthetic_vqa import generate_dataset
 
     common = dict(image_size=14 * args.grid, fine_grid=args.grid, bits_side=args.bits_side,
                   bits_rows=args.bits_rows, bits_distractors=args.distractors, system_message="")
@@ -621,13 +623,6 @@ def plot(summary, path):
                    title=f"{summary['task']['name']} task, {len(summary['seeds'])} seeds")
 
 
-def _write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
@@ -639,23 +634,23 @@ def main(argv=None) -> int:
         scale = rms_at_k(args.rms_of or None)
         print(json.dumps(scale, indent=2))
         if not args.rms_of:
-            _write(STUDY_DIR / "demo-model-rms-at-k.json", json.dumps(scale, indent=2) + "\n")
+            write_text(STUDY_DIR / "demo-model-rms-at-k.json", json.dumps(scale, indent=2) + "\n")
         return 0
     if args.headline:
         summary = headline()
-        _write(RESULTS / "lvtc-hr-path.json", json.dumps(summary, indent=2) + "\n")
+        write_text(RESULTS / "lvtc-hr-path.json", json.dumps(summary, indent=2) + "\n")
         text = headline_table(summary) + "\n\n" + "\n".join(
             f"- {'met' if c['met'] else 'NOT met'}: {c['requirement']} ({c['numbers']})" for c in summary["checks"])
-        _write(RESULTS / "lvtc-hr-path.md", text + "\n")
+        write_text(RESULTS / "lvtc-hr-path.md", text + "\n")
         print(text)
         if args.plot:
             headline_plot(summary, args.plot)
         return 0
     if args.summarise:
         summary = summarise(args)
-        _write(RUNS_DIR / f"summary{args.tag}.json", json.dumps(summary, indent=2) + "\n")
+        write_text(RUNS_DIR / f"summary{args.tag}.json", json.dumps(summary, indent=2) + "\n")
         text = table(summary)
-        _write(RUNS_DIR / f"summary{args.tag}.md", text + "\n")
+        write_text(RUNS_DIR / f"summary{args.tag}.md", text + "\n")
         print(text)
         if args.plot:
             plot(summary, args.plot)
@@ -672,7 +667,7 @@ def main(argv=None) -> int:
         ref = cost.get("plain-1024")
         print("\n".join(f"{n}: {s:.3f} s/step" + (f" ({s / ref:.2f}x plain-1024)" if ref else "")
                         for n, s in cost.items()))
-        _write(RUNS_DIR / f"probe{args.tag}.json", json.dumps(
+        write_text(RUNS_DIR / f"probe{args.tag}.json", json.dumps(
             {"s_per_step": cost, "configs": {n: asdict(configs[n]) for n in names}, "batch_size": args.batch_size,
              "threads": args.threads, "rounds": args.probe_rounds, "machine": f"{platform.machine()} "
              f"{os.cpu_count()} cores", "torch": torch.__version__,
@@ -681,7 +676,7 @@ def main(argv=None) -> int:
     for seed in [int(s) for s in args.seeds.split(",")]:
         for name in names:
             row = run_one(name, configs[name], seed, args, workdir, base)
-            _write(RUNS_DIR / f"{name}{args.tag}-s{seed}.json", json.dumps(row, indent=2) + "\n")
+            write_text(RUNS_DIR / f"{name}{args.tag}-s{seed}.json", json.dumps(row, indent=2) + "\n")
             last = row["diagnostics"][-1] if row["diagnostics"] else {}
             print(f"{name} seed {seed}: dots {row['bit_acc']}, exact {row['acc']:.3f}, {row['train_s']:.0f} s, "
                   f"loss {row['loss_first']:.3f} -> {row['loss_last']:.4f}, hr/lr {last.get('hr_to_lr')}, "

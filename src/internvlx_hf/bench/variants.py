@@ -1,0 +1,126 @@
+"""A checkpoint folder and its plain-256 / plain-1024 variants, built from the same weights.
+
+- ``this``: the folder's model as saved.
+- ``plain-256``: the same vision tower, LLM, LM head and (LR: MLP or PVTC) projector with LVTC off: every layer
+  sees the short layout (``image_seq_length`` tokens per tile; 256 for a 448 px tile).
+- ``plain-1024``: the same weights with an MLP projector at downsample ratio 1.0 (4x the tokens per tile; 1024 for a
+  448 px tile): an LVTC model's own HR projector, else a new seeded one (its weights do not change the cost).
+
+The variants share modules with ``this`` (no copy of the weights), as ``benchmarks/bench_models.py`` builds them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+DTYPES = ("float32", "bfloat16", "float16")
+VARIANTS = ("this", "plain-256", "plain-1024")
+
+
+def check_folder(folder: str | Path) -> Path:
+    """The folder, if it holds an InternVL-X checkpoint; else a `FileNotFoundError` / `ValueError` saying why."""
+    import json
+
+    path = Path(folder)
+    if not path.is_dir():
+        raise FileNotFoundError(f"FOLDER {folder}: no such folder; give a checkpoint folder (config.json + weights), "
+                                "e.g. one written by `internvlx convert` or `internvlx demo`.")
+    config = path / "config.json"
+    if not config.is_file():
+        raise ValueError(f"FOLDER {folder} has no config.json: it is not a checkpoint folder.")
+    try:
+        model_type = json.loads(config.read_text()).get("model_type")
+    except ValueError as error:
+        raise ValueError(f"FOLDER {folder}: config.json is not valid JSON ({error}).") from None
+    if model_type != "internvlx":
+        raise ValueError(f"FOLDER {folder} holds a {model_type!r} checkpoint, not an InternVL-X one; convert an "
+                         "InternVL checkpoint first: internvlx convert SRC DST.")
+    return path
+
+
+def _config_variant(config, **changes):
+    data = config.to_dict()
+    data.pop("image_seq_length", None)  # derived again from the new downsample ratio
+    data.update(changes)
+    return type(config).from_dict(data)
+
+
+def build_variants(folder: str | Path, names=VARIANTS, device: str = "cpu", dtype: str = "float32") -> dict:
+    """``{name: model}`` for ``names`` (in `VARIANTS`), in eval mode on ``device`` in ``dtype``."""
+    import torch
+
+    from .. import InternVLXForConditionalGeneration
+    from ..modeling.modeling_internvlx import build_projector
+
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}.")
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype}: choose from {', '.join(DTYPES)}.")
+    folder = check_folder(folder)
+    base = InternVLXForConditionalGeneration.from_pretrained(folder, dtype=getattr(torch, dtype)).to(device).eval()
+    models = {}
+    for name in names:
+        if name == "this":
+            models[name] = base
+            continue
+        if name == "plain-256":
+            config = _config_variant(base.config, lvtc=None)
+            projector = base.model.multi_modal_projector
+        else:
+            config = _config_variant(base.config, lvtc=None, downsample_ratio=1.0, projector_type="mlp")
+            projector = getattr(base.model, "lvtc_hr_projector", None)
+            if projector is None:
+                torch.manual_seed(0)
+                with torch.device(device):
+                    projector = build_projector(config, "mlp", 1.0).to(getattr(torch, dtype))
+        models[name] = assemble(config, base, projector).eval()
+    return models
+
+
+def assemble(config, base, projector, hr_projector=None, model_class=None):
+    """A model of ``config`` (built on the meta device: no memory) whose vision tower, LLM and LM head are
+    ``base``'s very modules, with ``projector`` (and, for LVTC, ``hr_projector``): variants of one set of weights
+    that fit in memory together. ``model_class``: InternVL-X by default; transformers' native InternVL works too."""
+    import torch
+
+    if model_class is None:
+        from .. import InternVLXForConditionalGeneration as model_class
+    with torch.device("meta"):
+        model = model_class(config)
+    model.model.vision_tower = base.model.vision_tower
+    model.model.language_model = base.model.language_model
+    model.model.multi_modal_projector = projector
+    if hr_projector is not None:
+        model.model.lvtc_hr_projector = hr_projector
+    model.lm_head = base.lm_head
+    meta = [n for n, p in model.named_parameters() if p.is_meta]
+    if meta:
+        raise RuntimeError(f"parameters left on the meta device: {meta[:5]}; give every module that differs")
+    return model
+
+
+def tokens_per_tile(model) -> int:
+    """LLM tokens one tile costs in the last layer (the HR count for an LVTC model)."""
+    config = model.config
+    hr = getattr(config, "hr_tokens_per_tile", None)
+    return hr if isinstance(hr, int) else config.image_seq_length
+
+
+def sample(model, tiles: int, text_tokens: int, device: str) -> dict:
+    """One prompt: 8 text tokens, ``tiles`` tiles of one image, the rest of the text; a label at every position."""
+    import torch
+
+    config = model.config
+    vocab = config.text_config.vocab_size
+    generator = torch.Generator().manual_seed(0)
+    text = torch.randint(3, vocab, (text_tokens,), generator=generator)
+    text[text == config.image_token_id] = 3
+    image = torch.full((config.image_seq_length * tiles,), config.image_token_id)
+    ids = torch.cat([text[:8], image, text[8:]])[None]
+    labels = torch.randint(3, vocab, ids.shape, generator=torch.Generator().manual_seed(2))
+    size = config.vision_config.image_size
+    size = size[0] if isinstance(size, (list, tuple)) else size
+    dtype = next(model.parameters()).dtype
+    pixel_values = torch.randn(tiles, 3, size, size, generator=torch.Generator().manual_seed(1))
+    return dict(input_ids=ids.to(device), pixel_values=pixel_values.to(device, dtype), labels=labels.to(device))

@@ -1,0 +1,155 @@
+"""`internvlx bench`: measurements on your own checkpoint and hardware (prefill, train-step, memory, serve)."""
+
+from __future__ import annotations
+
+import argparse
+
+from .command import CLIError, Command
+
+_BENCH_DESCRIPTION = """\
+Measure a checkpoint on this machine, against its plain variants built from the same weights:
+
+  prefill FOLDER     one forward pass of a prompt (no labels, no grad): seconds per call
+  train-step FOLDER  forward with labels + backward: seconds per step
+  memory FOLDER      peak memory of prefill and train-step per variant
+  serve URL          requests/s and p50/p95 latency of a running OpenAI-compatible server (ours or vLLM)
+
+Variants (--variants): "this" (the folder as saved), "plain-256" (same weights, LVTC off: every layer at the short
+layout, 256 tokens per 448 px tile) and "plain-1024" (same weights, an MLP projector at downsample 1.0: 1024 tokens
+per tile; an LVTC model's HR projector, else a new seeded one). Timings: --warmup untimed calls, then the median of
+--repeats calls; the vs_plain-1024 column is the ratio to plain-1024 measured in the same run.
+
+Memory: on CUDA, torch.cuda.max_memory_allocated during one call after a warm-up; on CPU, the growth of the peak
+resident set (ru_maxrss) of a child process per variant from after the model is built to after the call.
+
+Every subcommand prints a table, writes the rows with the environment (versions, commit, device, dtype, threads) as
+JSON with --out FILE, and draws a bar chart with --plot FILE.png (needs matplotlib). Progress goes to stderr."""
+
+_BENCH_EPILOG = """\
+examples:
+  internvlx bench prefill ./InternVL2-2B-X --device cuda --dtype bfloat16 --tiles 6 --out prefill.json
+  internvlx bench train-step ./InternVL2-2B-X --device cuda --dtype bfloat16 --plot train.png
+  internvlx bench memory ./InternVL2-2B-X --variants this,plain-1024
+  internvlx bench serve http://127.0.0.1:8000 --concurrency 1 --concurrency 8 --requests 64"""
+
+_MODEL_HELP = {
+    "prefill": "seconds per prefill (one forward pass, no grad) against plain-256 / plain-1024",
+    "train-step": "seconds per training step (forward + backward) against plain-256 / plain-1024",
+    "memory": "peak memory of prefill and train-step per variant",
+}
+
+
+def _add_common(parser: argparse.ArgumentParser, plot_default_help: str) -> None:
+    parser.add_argument("--out", metavar="FILE", default=None, help="write the rows and environment as JSON")
+    parser.add_argument("--plot", metavar="FILE.png", default=None, help=f"draw {plot_default_help} (matplotlib)")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser, kind: str) -> None:
+    parser.add_argument("folder", metavar="FOLDER", help="an InternVL-X checkpoint folder")
+    parser.add_argument("--variants", default="this,plain-256,plain-1024",
+                        help="comma-separated: this, plain-256, plain-1024 (default: all three)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--tiles", type=int, default=1, metavar="N", help="image tiles in the prompt (default 1)")
+    parser.add_argument("--text-tokens", type=int, default=64, metavar="N", help="text tokens (default 64)")
+    if kind != "memory":
+        parser.add_argument("--warmup", type=int, default=1, metavar="N", help="untimed calls first (default 1)")
+        parser.add_argument("--repeats", type=int, default=3, metavar="N", help="timed calls (default 3)")
+    else:
+        parser.add_argument("--workload", action="append", choices=("prefill", "train-step"), default=None,
+                            help="repeatable (default: both)")
+    _add_common(parser, "a bar chart" if kind == "memory" else "a bar chart of seconds per variant")
+
+
+def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="bench_command", metavar="SUBCOMMAND", required=True)
+    for kind in ("prefill", "train-step", "memory"):
+        _add_model_arguments(sub.add_parser(kind, help=_MODEL_HELP[kind], description=_MODEL_HELP[kind] + "."),
+                             kind)
+    serve = sub.add_parser("serve", help="requests/s and p50/p95 latency of a running OpenAI-compatible server",
+                           description="Chat completions with a generated PNG image at each --concurrency level.")
+    serve.add_argument("url", metavar="URL", help="the server's base address, e.g. http://127.0.0.1:8000")
+    serve.add_argument("--model", default=None, help="model name to ask for (default: the first of /v1/models)")
+    serve.add_argument("--concurrency", type=int, action="append", default=None, metavar="N",
+                       help="parallel clients; repeat for several levels (default: 1 and 4)")
+    serve.add_argument("--requests", type=int, default=16, metavar="N", help="requests per level (default 16)")
+    serve.add_argument("--image-size", type=int, default=448, metavar="PX", help="square image side (default 448)")
+    serve.add_argument("--max-tokens", type=int, default=16, metavar="N", help="answer length bound (default 16)")
+    serve.add_argument("--api-key", default=None, help="Bearer key, if the server wants one")
+    serve.add_argument("--timeout", type=float, default=300, metavar="S", help="per request (default 300)")
+    _add_common(serve, "a bar chart of requests/s per concurrency")
+
+
+def _check_bench(args: argparse.Namespace) -> None:
+    if args.bench_command == "serve":
+        from ..bench.serve import check_url
+
+        check_url(args.url)
+        return
+    from ..bench.variants import VARIANTS, check_folder
+
+    check_folder(args.folder)
+    names = [n.strip() for n in args.variants.split(",") if n.strip()]
+    unknown = [n for n in names if n not in VARIANTS]
+    if not names or unknown:
+        raise CLIError(f"--variants {args.variants}: choose from {', '.join(VARIANTS)} (comma-separated).")
+    args.variant_names = list(dict.fromkeys(names))
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from ..bench.harness import BenchError, format_table, plot_rows, results, write_results
+
+    progress = not args.quiet
+    try:
+        if args.bench_command == "serve":
+            from ..bench.serve import bench_serve
+
+            settings = dict(url=args.url, model=args.model, concurrency=args.concurrency or [1, 4],
+                            requests=args.requests, image_size=args.image_size, max_tokens=args.max_tokens)
+            rows = bench_serve(args.url, settings["concurrency"], args.requests, args.model, args.image_size,
+                               args.max_tokens, args.api_key, args.timeout, progress)
+            columns = ["concurrency", "requests", "requests_per_s", "p50_s", "p95_s", "completion_tokens"]
+            plot = ("concurrency", "requests_per_s", "requests/s")
+        elif args.bench_command == "memory":
+            from ..bench.model import WORKLOADS, memory_variants
+
+            settings = dict(folder=args.folder, variants=args.variant_names, device=args.device, dtype=args.dtype,
+                            tiles=args.tiles, text_tokens=args.text_tokens, workloads=args.workload or list(WORKLOADS))
+            rows = memory_variants(args.folder, settings["workloads"], args.variant_names, args.device, args.dtype,
+                                   args.tiles, args.text_tokens, progress)
+            for row in rows:
+                row["label"] = f"{row['variant']} {row['workload']}"
+            columns = ["variant", "workload", "peak_mib", "workload_mib", "measure"]
+            plot = ("label", "workload_mib", "MiB")
+        else:
+            from ..bench.model import time_variants
+
+            settings = dict(folder=args.folder, variants=args.variant_names, device=args.device, dtype=args.dtype,
+                            tiles=args.tiles, text_tokens=args.text_tokens, warmup=args.warmup,
+                            repeats=args.repeats)
+            rows = time_variants(args.folder, args.bench_command, args.variant_names, args.device, args.dtype,
+                                 args.tiles, args.text_tokens, args.warmup, args.repeats, progress)
+            columns = ["variant", "tokens_per_tile", "prompt_tokens", "median_s", *[k for k in rows[0]
+                                                                                    if k.startswith("vs_")]]
+            plot = ("variant", "median_s", "seconds")
+    except BenchError as error:
+        raise CLIError(str(error)) from error
+    print(format_table(rows, columns))
+    name = f"bench {args.bench_command}"
+    if args.out:
+        print(f"wrote {write_results(args.out, results(name, rows, settings))}")
+    if args.plot:
+        print(f"wrote {plot_rows(args.plot, rows, plot[0], plot[1], f'internvlx {name}', plot[2])}")
+    return 0
+
+
+BENCH = Command(
+    name="bench",
+    help="measure prefill, train-step, memory or a server on your checkpoint and hardware",
+    description=_BENCH_DESCRIPTION,
+    epilog=_BENCH_EPILOG,
+    add_arguments=_add_bench_arguments,
+    run=_run_bench,
+    check=_check_bench,
+)
