@@ -42,7 +42,10 @@ def _jinja_literal(text: str) -> str:
     return "'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
 
 
-_RESERVED_TAGS_JINJA = "(" + ", ".join(f"'{tag}'" for tag in RESERVED_TAGS) + ")"
+# Each tag written split (`'<' ~ 'image>'`): `internvlx export native` turns the template's image placeholder `<image>`
+# into the native `<IMG_CONTEXT>` by text replacement and convert turns it back, which must not touch this list (the
+# round trip would give it two `<image>`s and the template would no longer be recognised as ours).
+_RESERVED_TAGS_JINJA = "(" + ", ".join(f"'{tag[0]}' ~ '{tag[1:]}'" for tag in RESERVED_TAGS) + ")"
 
 
 def _mpt_template(system_prefix: str, default_system: str, user_prefix: str, assistant_prefix: str, sep: str) -> str:
