@@ -29,6 +29,9 @@ and the resident memory before, during and 5 s after a burst of six requests of 
 
     python benchmarks/bench_serve_abuse.py --bounds --name serve-abuse-bounds
     PYTHONPATH=/path/to/old/src python benchmarks/bench_serve_abuse.py --bounds --name serve-abuse-bounds-before
+
+(``serve-abuse-bounds-queue-only`` was run at c9187d7, the bounded queue with one generation at a time; the 2-token
+request's latency against the long ones' compares the three.)
 """
 
 from __future__ import annotations
@@ -182,8 +185,8 @@ def run(args) -> dict:
         baseline_rss = rss_mib(server.pid)
         descriptors_before = descriptors(server.pid)
         phases = {}
-        for name, seconds, hostile in (("alone", args.alone, 0), ("with hostile clients", args.seconds,
-                                                                   HOSTILE_CLIENTS)):
+        for name, seconds, hostile in (("alone", args.alone, 0),
+                                       ("with hostile clients", args.seconds, HOSTILE_CLIENTS)):
             phases[name] = phase(base, server.pid, good_bodies, attacks, seconds, hostile)
             print(f"{name}: {json.dumps(phases[name]['summary'])}", flush=True)
         time.sleep(3)  # the connections just closed

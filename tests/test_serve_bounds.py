@@ -1,14 +1,17 @@
 """`internvlx serve`'s bounds on connections and on generation (issue 58), on a server of its own.
 
 The server runs with an open-file limit of 256 (set in the child, so the cap on open connections follows from it:
-256 - 128 = 128), a request deadline of 2 s, one waiting request at most and a generation deadline of 4 s; it
-serves the packaged demo model. The generation queue's order and bounds are also checked without a server.
+256 - 128 = 128), a request deadline of 2 s, two generations running at once taking turns of one token, one waiting
+request at most and a generation deadline of 4 s; it serves the packaged demo model (PVTC + LVTC). The generation
+queue's order and bounds and the baton's turns are also checked without a server.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import http.client
+import io
 import json
 import os
 import resource
@@ -21,10 +24,11 @@ import types
 
 import pytest
 
-from internvlx_hf.demo import demo_model_dir
+from internvlx_hf.demo import demo_model_dir, demo_samples
 from internvlx_hf.serving import ServingUnavailable, check_serving_available
 from internvlx_hf.serving.limits import ConnectionLimits, RESERVED_DESCRIPTORS, default_max_connections
 from internvlx_hf.serving.queue import GenerationQueue, ServerBusy
+from test_serve import stop
 
 DEMO = str(demo_model_dir())
 NOFILE, REQUEST_TIMEOUT, GENERATION_TIMEOUT = 256, 2, 4
@@ -40,6 +44,15 @@ def free_port() -> int:
 
 def descriptors(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def settled_descriptors(pid: int) -> int:
+    """The server's descriptors once the sockets of the requests before have been closed on its side."""
+    counts = [descriptors(pid)]
+    while len(counts) < 3 or len(set(counts[-3:])) > 1:
+        time.sleep(0.2)
+        counts.append(descriptors(pid))
+    return counts[-1]
 
 
 def low_nofile() -> None:  # in the server's process, before it starts
@@ -92,6 +105,7 @@ def bounded(tmp_path_factory):
         process = subprocess.Popen(
             [sys.executable, "-m", "internvlx_hf", "serve", DEMO, "--port", str(port), "--log-level", "warning",
              "--request-timeout", str(REQUEST_TIMEOUT), "--max-waiting-requests", "1",
+             "--max-active-generations", "2", "--generation-slice", "1",
              "--generation-timeout", str(GENERATION_TIMEOUT)],
             stdout=output, stderr=subprocess.STDOUT, env=env, preexec_fn=low_nofile)
     base = f"http://127.0.0.1:{port}"
@@ -108,18 +122,13 @@ def bounded(tmp_path_factory):
             pytest.fail(f"the server did not answer /health within 300 s:\n{log.read_text()}")
         yield types.SimpleNamespace(url=base, pid=process.pid, log=log)
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process)
 
 
 def test_silent_connections_beyond_the_cap_cannot_exhaust_descriptors(bounded):
     """More silent connections than the server has descriptors: it closes the oldest idle ones beyond its cap
     (128 = 256 - 128), answers /health throughout, and is back to its descriptors once they are gone."""
-    start = descriptors(bounded.pid)
+    start = settled_descriptors(bounded.pid)
     sockets = []
     try:
         for _ in range(NOFILE + 44):  # 300 connections that send nothing
@@ -161,15 +170,38 @@ def test_a_generation_stops_at_its_deadline_with_finish_reason_length(bounded):
     assert choice["finish_reason"] == "length" and 0 < body["usage"]["completion_tokens"] < 3000, body
 
 
-def test_requests_beyond_the_waiting_bound_are_a_503_with_retry_after(bounded):
-    """One request generates (streamed, so that it is known to hold the model), one waits; the others are refused
-    at once with a 503 and Retry-After; the waiting one is answered after the running one."""
-    connection = http.client.HTTPConnection(bounded.url.removeprefix("http://"), timeout=120)
+def open_stream(base: str, body: dict) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+    """A streamed chat completion whose first event was read: the request holds a running slot (transformers
+    sends the first event once the handler returned, after the queue admitted the generation)."""
+    connection = http.client.HTTPConnection(base.removeprefix("http://"), timeout=120)
     connection.request("POST", "/v1/chat/completions", headers={"Content-Type": "application/json"},
-                       body=json.dumps({"messages": [{"role": "user", "content": "Count."}], "max_tokens": 3000,
-                                        "logit_bias": NO_END, "stream": True}))
-    long = connection.getresponse()
-    assert long.status == 200 and long.readline().startswith(b"data: ")  # generating
+                       body=json.dumps({**body, "stream": True}))
+    response = connection.getresponse()
+    assert response.status == 200 and response.readline().startswith(b"data: ")
+    return connection, response
+
+
+def stream_events(response: http.client.HTTPResponse) -> list[dict]:
+    """The rest of a stream's events, decoded."""
+    events = []
+    for line in response:
+        line = line.strip()
+        if line.startswith(b"data: ") and line != b"data: [DONE]":
+            events.append(json.loads(line[len(b"data: "):]))
+    return events
+
+
+def streamed_text(events: list[dict]) -> str:
+    return "".join(choice["delta"].get("content") or "" for event in events for choice in event.get("choices", ()))
+
+
+COUNT = {"messages": [{"role": "user", "content": "Count."}], "max_tokens": 3000, "logit_bias": NO_END}
+
+
+def test_requests_beyond_the_waiting_bound_are_a_503_with_retry_after(bounded):
+    """Two requests generate (streamed, so that they are known to hold the two running slots), one waits; the others
+    are refused at once with a 503 and Retry-After; the waiting one is answered after a running one ended."""
+    streams = [open_stream(bounded.url, COUNT) for _ in range(2)]
     answers = []
 
     def short() -> None:
@@ -180,9 +212,10 @@ def test_requests_beyond_the_waiting_bound_are_a_503_with_retry_after(bounded):
         thread.start()
     for thread in threads:
         thread.join(timeout=120)
-    rest = long.read().decode()
-    connection.close()
-    assert '"finish_reason":"length"' in rest.replace(" ", "")
+    for connection, long in streams:
+        rest = long.read().decode()
+        connection.close()
+        assert '"finish_reason":"length"' in rest.replace(" ", "")
     assert sorted(status for status, _, _ in answers) == [200, 503, 503, 503], answers
     for status, headers, body in answers:
         if status == 503:
@@ -191,6 +224,68 @@ def test_requests_beyond_the_waiting_bound_are_a_503_with_retry_after(bounded):
                 "message": "The server is busy: 1 requests are waiting for the model, the most it queues "
                            "(--max-waiting-requests). Retry after 5 seconds.",
                 "type": "server_error", "param": None, "code": "server_busy"}
+
+
+def streamed(base: str, body: dict) -> tuple[str, int]:
+    """A streamed answer's text and completion tokens (its last event's usage)."""
+    connection, response = open_stream(base, body)
+    try:
+        events = stream_events(response)
+    finally:
+        connection.close()
+    return streamed_text(events), events[-1]["usage"]["completion_tokens"]
+
+
+def beside_a_long_one(base: str, long_body: dict, short_body: dict) -> dict:
+    """``short_body`` streamed while ``long_body`` (no end of text: it runs to the 4 s deadline) streams: both
+    answers, and whether the short one was complete before the long one's last event came."""
+    connection, long = open_stream(base, long_body)
+    events, ended = [], {}
+
+    def read_long() -> None:
+        events.extend(stream_events(long))
+        ended.setdefault("first", "long")
+
+    reader = threading.Thread(target=read_long)
+    reader.start()
+    try:
+        short = streamed(base, short_body)
+        ended.setdefault("first", "short")
+        reader.join(timeout=120)
+    finally:
+        connection.close()
+    return {"short": short, "long": (streamed_text(events), events[-1]["usage"]["completion_tokens"]),
+            "first": ended["first"], "finish": [choice["finish_reason"] for event in events
+                                                for choice in event.get("choices", ()) if choice.get("finish_reason")]}
+
+
+def test_a_short_request_is_answered_while_a_long_one_generates(bounded):
+    """A 2-token request sent while a 3,000-token one streams takes turns with it and is answered while the long one
+    still generates (without turns it waited for the long one's whole answer, here cut at the 4 s deadline)."""
+    result = beside_a_long_one(bounded.url, COUNT, {"messages": [{"role": "user", "content": "Hi"}],
+                                                    "max_tokens": 2, "logit_bias": NO_END})
+    assert result["first"] == "short" and result["short"][1] == 2, result
+    assert result["finish"] == ["length"] and 2 < result["long"][1] < 3000, result
+
+
+def test_generations_taking_turns_answer_as_each_does_alone(bounded):
+    """Greedy answers are the same token for token when two generations take turns one token at a time as when each
+    runs alone, for an image request through PVTC + LVTC and a text one, each as the long and as the short one:
+    nothing a generation keeps between its steps lives on the shared model."""
+    sample = demo_samples(seed=0)[0]
+    buffer = io.BytesIO()
+    sample.image.save(buffer, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    image = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                       {"type": "text", "text": sample.question}]}],
+             "logit_bias": NO_END, "temperature": 0}
+    text = {"messages": [{"role": "user", "content": "Count to ten."}], "logit_bias": NO_END, "temperature": 0}
+    for long, short in ((image, text), (text, image)):
+        result = beside_a_long_one(bounded.url, {**long, "max_tokens": 3000}, {**short, "max_tokens": 64})
+        assert result["first"] == "short", result
+        long_text, long_tokens = result["long"]
+        assert result["short"] == streamed(bounded.url, {**short, "max_tokens": 64})
+        assert (long_text, long_tokens) == streamed(bounded.url, {**long, "max_tokens": long_tokens}), long_tokens
 
 
 # --- without a server ------------------------------------------------------------------------------------------
@@ -236,6 +331,71 @@ def test_the_queue_serves_short_requests_first_without_starving_long_ones():
     assert asyncio.run(no_starvation()) == ["long", "short"]
 
 
+def test_the_queue_runs_up_to_its_running_bound_at_once():
+    async def scenario():
+        queue = GenerationQueue(max_waiting=1, max_running=2)
+        await queue.acquire(10)
+        await queue.acquire(10)  # a second slot: no wait
+        third = asyncio.create_task(queue.acquire(2))
+        await asyncio.sleep(0)
+        assert (queue.running, queue.waiting, third.done()) == (2, 1, False)
+        with pytest.raises(ServerBusy):
+            await queue.acquire(1)
+        queue.release(10)
+        await third
+        assert (queue.running, queue.waiting) == (2, 0)
+        queue.release(10)
+        queue.release(2)
+        assert queue.running == 0
+
+    asyncio.run(scenario())
+
+
+def test_the_baton_goes_round_robin_and_a_cancelled_turn_leaves_the_round():
+    """Three generations of three steps, each handing the baton on after every step: they run in turns; one whose
+    client went away while it waited for its first turn never runs, and the others go on without it."""
+    from internvlx_hf.serving.slicing import Baton, SliceCriteria, Turn
+
+    baton, order = Baton(), []
+    turns = [Turn() for _ in range(4)]
+
+    def generation(index: int) -> None:
+        if not baton.take(turns[index]):
+            order.append(f"{index} cancelled")
+            return
+        try:
+            for step in range(3):
+                order.append(index)
+                if (index, step) == (0, 0):  # the others queue up behind the first turn
+                    assert wait_for(lambda: baton.waiting == 3, 10)
+                    baton.cancel(turns[3])
+                    assert wait_for(lambda: "3 cancelled" in order, 10) and baton.waiting == 2
+                baton.pass_if_waited_for(turns[index])
+        finally:
+            baton.give_back(turns[index])
+
+    threads = [threading.Thread(target=generation, args=(0,))]
+    threads[0].start()
+    assert wait_for(lambda: bool(order), 10)
+    for index in (1, 2, 3):
+        threads.append(threading.Thread(target=generation, args=(index,)))
+        threads[-1].start()
+        assert wait_for(lambda: baton.waiting == index, 10)
+    for thread in threads:
+        thread.join(timeout=30)
+    assert order == [0, "3 cancelled", 1, 2, 0, 1, 2, 0, 1, 2]
+
+    import torch
+
+    alone, ids = Turn(), torch.zeros(2, 5, dtype=torch.long)
+    criteria = SliceCriteria(baton, alone, tokens=2)
+    assert baton.take(alone)
+    assert criteria(ids, None).tolist() == [False, False] and criteria(ids, None).tolist() == [False, False]
+    baton.cancel(alone)
+    assert criteria(ids, None).tolist() == [True, True]  # its client went away: the generation stops
+    baton.give_back(alone)
+
+
 def test_the_waiting_bound_refuses_the_request_beyond_it():
     async def scenario():
         queue = GenerationQueue(max_waiting=2, retry_after=7)
@@ -249,10 +409,10 @@ def test_the_waiting_bound_refuses_the_request_beyond_it():
         await asyncio.sleep(0)
         assert queue.waiting == 1
         queue.release(10)
-        queue.release(1)
         await asyncio.gather(waiting[1])
+        assert queue.running == 1
         queue.release(1)
-        assert not queue.running and queue.waiting == 0
+        assert queue.running == 0 and queue.waiting == 0
 
     asyncio.run(scenario())
 

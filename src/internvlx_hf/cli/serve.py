@@ -9,8 +9,9 @@ import sys
 from typing import Any
 
 from ..hub.resolve import check_model_argument
-from ..serving import (API_KEY_ENV, DEFAULT_FETCH_TIMEOUT, DEFAULT_GENERATION_TIMEOUT, DEFAULT_KEEP_ALIVE_TIMEOUT,
-                       DEFAULT_MAX_CONCURRENT_DECODES, DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS,
+from ..serving import (API_KEY_ENV, DEFAULT_FETCH_TIMEOUT, DEFAULT_GENERATION_SLICE, DEFAULT_GENERATION_TIMEOUT,
+                       DEFAULT_KEEP_ALIVE_TIMEOUT, DEFAULT_MAX_ACTIVE_GENERATIONS, DEFAULT_MAX_CONCURRENT_DECODES,
+                       DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS,
                        DEFAULT_MAX_IMAGES_PER_REQUEST, DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_REQUEST_IMAGE_BYTES,
                        DEFAULT_MAX_REQUEST_PIXELS, DEFAULT_MAX_WAITING_REQUESTS, DEFAULT_REQUEST_TIMEOUT,
                        LOOPBACK_HOSTS, ConnectionLimits, MediaPolicy, RequestLimits, ServerLimits, check_host_pattern,
@@ -124,8 +125,15 @@ def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                           help=f"seconds an image URL may take in all: name resolution, connection, status line "
                                f"and headers, redirects, body (default {DEFAULT_FETCH_TIMEOUT:g})")
     load = parser.add_argument_group("how much the server holds at once")
+    load.add_argument("--max-active-generations", metavar="N", type=int, default=DEFAULT_MAX_ACTIVE_GENERATIONS,
+                      help="generations that run at once, taking turns on the model; each holds its KV cache "
+                           f"meanwhile (default {DEFAULT_MAX_ACTIVE_GENERATIONS}; 1: one at a time, to its end)")
+    load.add_argument("--generation-slice", metavar="TOKENS", type=int, default=DEFAULT_GENERATION_SLICE,
+                      help="new tokens a running generation makes in one turn before the next one runs, so that a "
+                           f"short request is not held behind a long one's whole answer (default "
+                           f"{DEFAULT_GENERATION_SLICE})")
     load.add_argument("--max-waiting-requests", metavar="N", type=int, default=DEFAULT_MAX_WAITING_REQUESTS,
-                      help="requests that may wait for the model while another generates; beyond, a 503 with "
+                      help="requests that may wait while --max-active-generations run; beyond, a 503 with "
                            f"Retry-After (default {DEFAULT_MAX_WAITING_REQUESTS})")
     load.add_argument("--generation-timeout", metavar="SECONDS", type=float, default=DEFAULT_GENERATION_TIMEOUT,
                       help="seconds one generation may run; then it answers what it has, with finish_reason "
@@ -171,6 +179,8 @@ def _check_serve(args: argparse.Namespace) -> None:
                         ("--max-request-pixels", args.max_request_pixels),
                         ("--max-concurrent-decodes", args.max_concurrent_decodes),
                         ("--max-waiting-requests", args.max_waiting_requests),
+                        ("--max-active-generations", args.max_active_generations),
+                        ("--generation-slice", args.generation_slice),
                         ("--max-connections", 1 if args.max_connections is None else args.max_connections)):
         if value < 1:
             raise CLIError(f"{flag} must be at least 1, got {value}.")
@@ -259,7 +269,9 @@ def _run_serve(args: argparse.Namespace) -> int:  # after _check_serve (SERVE.ch
                     api_key=args.api_key, media_policy=policy, limits=limits,
                     server_limits=ServerLimits(max_concurrent_decodes=args.max_concurrent_decodes,
                                                max_waiting_requests=args.max_waiting_requests,
-                                               generation_timeout=args.generation_timeout))
+                                               generation_timeout=args.generation_timeout,
+                                               max_active_generations=args.max_active_generations,
+                                               generation_slice=args.generation_slice))
     connections = ConnectionLimits(request_timeout=args.request_timeout, keep_alive_timeout=args.keep_alive_timeout,
                                    max_connections=args.max_connections)
     run_app(app, host=args.host, port=args.port, log_level=args.log_level, allowed_hosts=args.allowed_hosts,

@@ -244,7 +244,8 @@ def build_app(model: str, *, device: str | int = "cpu", dtype: str = "auto", tru
                                  reserved_tags=reserved_tags(processor) if _model_type(loaded) == MODEL_TYPE else ())
     server_limits = server_limits or ServerLimits()
     work = ServingWork(server_limits)
-    queue = GenerationQueue(server_limits.max_waiting_requests, RETRY_AFTER_SECONDS)
+    queue = GenerationQueue(server_limits.max_waiting_requests, RETRY_AFTER_SECONDS,
+                            max_running=server_limits.max_active_generations)
     state = GenerationState()
     handlers = {
         "completion_handler": CompletionHandler(model_manager=manager, generation_state=state),
@@ -257,7 +258,8 @@ def build_app(model: str, *, device: str | int = "cpu", dtype: str = "auto", tru
         handlers["systemone_handler"] = SystemOneHandler(model_manager=manager, generation_state=state)
     chat_handler = chat_handler_class(model_manager=manager, generation_state=state,
                                       media_policy=media_policy or MediaPolicy(), limits=limits, work=work,
-                                      queue=queue, generation_timeout=server_limits.generation_timeout)
+                                      queue=queue, generation_timeout=server_limits.generation_timeout,
+                                      generation_slice=server_limits.generation_slice)
     app = build_server(manager, chat_handler, generation_state=state, **handlers)
     _add_error_handlers(app)
     app.add_middleware(RequestGate, api_key=api_key, max_request_bytes=limits.max_request_bytes,

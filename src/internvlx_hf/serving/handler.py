@@ -9,8 +9,9 @@ length, the tags the model reserves for images), the request's images are read, 
 `MediaPolicy` (`media`), decoded and tiled while the request holds a decode slot, and the chat template rendered and
 tokenized on a worker thread; the prompt and ``max_tokens`` must fit the model's context (a 400 as OpenAI answers
 it), and without ``max_tokens`` the answer is capped to what fits; a chat-template refusal is a 400. Generation then
-waits its turn in the server's `GenerationQueue` (a 503 with ``Retry-After`` when too many wait) and runs at most
-the queue's deadline (then answers what it has, ``finish_reason: "length"``).
+waits for a running slot in the server's `GenerationQueue` (a 503 with ``Retry-After`` when too many wait), runs on
+a thread of its own taking turns on the model with the other running generations (`slicing`: ``generation_slice``
+tokens a turn), and runs at most the queue's deadline (then answers what it has, ``finish_reason: "length"``).
 
 Generation gets the processor's tokenizer instead of the processor: transformers passes it to
 ``generate(tokenizer=...)``, whose stop strings (the request's "stop") call ``get_vocab``, which a processor lacks.
@@ -21,6 +22,8 @@ once `app.check_serving_available` passed; importing `internvlx_hf.serving` does
 
 from __future__ import annotations
 
+import asyncio
+
 from transformers.cli.serving.chat_completion import ChatCompletionHandler
 
 from ..processing.image_processing_internvlx import describe_image_input
@@ -29,6 +32,7 @@ from .limits import RequestLimits
 from .media import MediaRefused, decode_images, read_request_images, return_freed_memory
 from .policy import MediaPolicy
 from .queue import DeadlineCriteria, GenerationQueue
+from .slicing import Baton, SliceCriteria, SlicedGeneration, Turn
 from .validation import InvalidRequest, check_reserved_tags, check_text_fits, validate_chat_request
 from .work import ServingWork
 
@@ -40,18 +44,21 @@ class InternVLXChatCompletionHandler(ChatCompletionHandler):
     ``media_policy``: what the request's images may be read or fetched from, and their limits; ``limits``: the
     request's (images per request; ``max_context``, ``vocab_size``, ``longest_token_chars`` and ``reserved_tags``
     are the served model's); ``work``: the server's worker threads and decode slots; ``queue``: the server's
-    generation queue (its bound on waiting requests); ``generation_timeout``: seconds one generation may run.
+    generation queue (its bounds on running and waiting requests); ``generation_timeout``: seconds one generation
+    may run; ``generation_slice``: new tokens a running generation makes before the next running one has its turn.
     """
 
     def __init__(self, *args, media_policy: MediaPolicy | None = None, limits: RequestLimits | None = None,
                  work: ServingWork | None = None, queue: GenerationQueue | None = None,
-                 generation_timeout: float | None = None, **kwargs):
+                 generation_timeout: float | None = None, generation_slice: int = 16, **kwargs):
         super().__init__(*args, **kwargs)
         self.media_policy = media_policy or MediaPolicy()
         self.limits = limits or RequestLimits()
         self.work = work or ServingWork()
         self.queue = queue
         self.generation_timeout = generation_timeout
+        self.generation_slice = generation_slice
+        self.baton = Baton()
 
     # Hook 4: transformers' steps, with the request checked first and the CPU work off the event loop.
     async def handle_request(self, body, request_id):
@@ -94,18 +101,19 @@ class InternVLXChatCompletionHandler(ChatCompletionHandler):
                                         body.get("stream"))
         tokens = gen_config.max_new_tokens or 1
         await self.queue.acquire(tokens)
+        loop = asyncio.get_running_loop()
+        # The slot is freed when the generation's thread ends (a stream's generation runs on whether or not, or how
+        # fast, its client reads), or here if no thread was started.
+        turn = Turn()
+        sliced = SlicedGeneration(self.baton, turn, lambda: loop.call_soon_threadsafe(self.queue.release, tokens))
         try:
-            self._add_deadline(inputs, gen_config, prompt)
-            response = await self._generate(request_id, model, tokenizer, model_id, inputs, gen_config, gen_manager,
-                                            body.get("stream"))
+            self._add_stopping_criteria(inputs, gen_config, prompt, turn)
+            return await self._generate(request_id, model, tokenizer, model_id, inputs, gen_config, sliced,
+                                        body.get("stream"))
         except BaseException:
-            self.queue.release(tokens)
+            if not sliced.started:
+                self.queue.release(tokens)
             raise
-        # transformers' inference thread runs what it is given in order: a no-op given after this generation ends
-        # with it (a stream's generation runs on whether or not, or how fast, its client reads)
-        ended = gen_manager.async_submit(_nothing)
-        ended.add_done_callback(lambda _: self.queue.release(tokens))
-        return response
 
     async def _generate(self, request_id, model, tokenizer, model_id, inputs, gen_config, gen_manager, stream):
         if stream:
@@ -114,17 +122,18 @@ class InternVLXChatCompletionHandler(ChatCompletionHandler):
         return await self._non_streaming(request_id, model, tokenizer, model_id, inputs, gen_config,
                                          gen_manager=gen_manager)
 
-    def _add_deadline(self, inputs, gen_config, prompt: int) -> None:
-        """Stop the generation at the server's deadline; transformers then reports ``finish_reason: "length"`` (it
-        compares the tokens generated with ``gen_config.max_new_tokens``, which is set to them)."""
-        if self.generation_timeout is None:
-            return
+    def _add_stopping_criteria(self, inputs, gen_config, prompt: int, turn: Turn) -> None:
+        """The generation's turns on the model (`SliceCriteria`), and its stop at the server's deadline, after which
+        transformers reports ``finish_reason: "length"`` (it compares the tokens generated with
+        ``gen_config.max_new_tokens``, which is set to them)."""
         from transformers import StoppingCriteriaList
 
         def cut(generated: int) -> None:
             gen_config.max_new_tokens = generated
 
-        inputs["stopping_criteria"] = StoppingCriteriaList([DeadlineCriteria(self.generation_timeout, prompt, cut)])
+        criteria = [] if self.generation_timeout is None else [DeadlineCriteria(self.generation_timeout, prompt, cut)]
+        criteria.append(SliceCriteria(self.baton, turn, self.generation_slice))
+        inputs["stopping_criteria"] = StoppingCriteriaList(criteria)
 
     def _check_body(self, body) -> tuple[dict, list[tuple[str, str, int]]]:
         """The checked body and its images as ``(url, param, message index)``."""
@@ -187,10 +196,6 @@ class InternVLXChatCompletionHandler(ChatCompletionHandler):
                                  "and a content: a string, or a list of {'type': 'text', 'text': ...} and "
                                  "{'type': 'image_url', 'image_url': {'url': ...}} parts", "messages") from None
         return [_with_decoded_images(message) for message in converted]
-
-
-def _nothing() -> None:
-    return None
 
 
 def _with_images(messages: list[dict], images: list) -> list[dict]:

@@ -1,21 +1,22 @@
-"""`GenerationQueue`: who generates next, how many may wait, and how long one generation may run.
+"""`GenerationQueue`: which generations run, who goes next, how many may wait, and how long one may run.
 
 transformers' server generates one request at a time on its inference thread, first come first served, with no
 bound on the requests waiting: three requests of 3,800 tokens queued ahead made a 2-token request wait 28 s, and a
-client could queue work without end. This queue sits in front of that thread:
+client could queue work without end. This queue sits in front of generation:
 
+- **a bound on running generations** (``max_running``): that many generations are admitted at once and take turns
+  on the model a few tokens each (`slicing`), each holding its KV cache meanwhile; the others wait here;
 - **a bound on waiting requests** (``max_waiting``): beyond it a request is answered 503 with ``Retry-After`` at
   once, before its images are decoded, rather than held;
 - **fair order**: a waiting request's place is its *finish tag*, the virtual time at its arrival plus the tokens it
   asks for (``max_tokens``), as in weighted fair queueing: a 2-token request that arrives behind three of 3,800
-  tokens goes next (it waits for the running one only); the virtual time advances by each finished request's tokens,
+  tokens goes next (it waits for a running one to end); the virtual time advances by each finished request's tokens,
   so a stream of short requests cannot hold a long one back for ever (once they add up to its tokens, it is next);
 - **a deadline per generation** (`DeadlineCriteria`, ``deadline`` seconds): a generation still running at its
   deadline stops where it is and answers what it has, with ``finish_reason: "length"`` (as when ``max_tokens`` is
-  reached: the answer is cut, not finished); this also bounds how long any one request holds the model.
+  reached: the answer is cut, not finished); this also bounds how long any one request holds a running slot.
 
-A running generation is not interrupted for a waiting one (transformers' ``generate`` runs a request to its end);
-the deadline is what bounds it. Plain Python and asyncio (torch imported only by `DeadlineCriteria`'s call).
+Plain Python and asyncio (torch imported only by `DeadlineCriteria`'s call).
 """
 
 from __future__ import annotations
@@ -39,11 +40,12 @@ class ServerBusy(InvalidRequest):
 
 
 class GenerationQueue:
-    """One generation at a time, at most ``max_waiting`` waiting, served in finish-tag order (see the module)."""
+    """At most ``max_running`` generations at a time, at most ``max_waiting`` waiting, served in finish-tag order
+    (see the module)."""
 
-    def __init__(self, max_waiting: int, retry_after: int = 5):
-        self.max_waiting, self.retry_after = max_waiting, retry_after
-        self.running = False
+    def __init__(self, max_waiting: int, retry_after: int = 5, max_running: int = 1):
+        self.max_waiting, self.retry_after, self.max_running = max_waiting, retry_after, max_running
+        self.running = 0
         self._waiting: list[tuple[int, int, asyncio.Future]] = []  # (finish tag, arrival, future): a heap
         self._virtual = 0
         self._arrivals = itertools.count()
@@ -55,14 +57,14 @@ class GenerationQueue:
     def check_room(self) -> None:
         """`ServerBusy` when ``max_waiting`` requests wait already."""
         waiting = self.waiting
-        if self.running and waiting >= self.max_waiting:
+        if self.running >= self.max_running and waiting >= self.max_waiting:
             raise ServerBusy(f"The server is busy: {waiting} requests are waiting for the model, the most it queues "
                              f"(--max-waiting-requests). Retry after {self.retry_after} seconds.", self.retry_after)
 
     async def acquire(self, tokens: int) -> None:
         """Wait for the model (``tokens``: what the request asks for); `ServerBusy` when the queue is full."""
-        if not self.running and not self.waiting:
-            self.running = True
+        if self.running < self.max_running and not self.waiting:
+            self.running += 1
             return
         self.check_room()
         future = asyncio.get_running_loop().create_future()
@@ -75,15 +77,15 @@ class GenerationQueue:
             raise
 
     def release(self, tokens: int) -> None:
-        """The running generation ended (``tokens``: what it asked for, added to the virtual time); the waiting
-        request with the smallest finish tag runs next."""
+        """A running generation ended (``tokens``: what it asked for, added to the virtual time); the waiting
+        request with the smallest finish tag runs in its place."""
         self._virtual += tokens
         while self._waiting:
             _, _, future = heapq.heappop(self._waiting)
             if not future.done():
                 future.set_result(None)
                 return
-        self.running = False
+        self.running -= 1
 
     @asynccontextmanager
     async def turn(self, tokens: int):

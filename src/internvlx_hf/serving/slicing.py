@@ -1,0 +1,170 @@
+"""Token-level time slicing: the generations admitted at once take turns on the model, a few tokens each.
+
+transformers' server runs every ``generate`` to its end on one inference thread, so a 2-token request behind a
+3,800-token one waits for all 3,800 tokens however the waiting requests are ordered (`queue.GenerationQueue` only
+picks who goes next). Here each generation the queue admits (at most ``--max-active-generations``) runs
+``generate`` on a thread of its own, and the threads pass a `Baton`: only its holder runs the model (the prefill
+included); after every ``--generation-slice`` new tokens (`SliceCriteria`, a stopping criterion, which ``generate``
+calls once per new token, after the token is streamed) the holder hands the baton to the next generation waiting
+for it, round robin, and waits for its next turn. A short request admitted beside long ones so waits at most one
+slice of each per token slice of its own, not for their whole answers. A generation keeps its KV cache while it
+waits for its turn: that memory is what ``--max-active-generations`` bounds.
+
+Only the holder runs the model, so the model is never used by two threads at once; nothing a generation keeps
+between its steps may live on the model object, and nothing does: InternVL-X's LVTC state lives in the
+generation's cache (`modeling.lvtc`), transformers' ``generate`` keeps its own in locals (its reuse of a static
+cache on the model, ``model._cache``, needs ``cache_implementation="static"``, which the server does not set), and
+the server does not compile the model (``torch.compile``'s CUDA graphs keep per-thread state: transformers runs
+every generation on one thread for them). A client that disconnects from a stream cancels its generation while it
+waits for its turn, and the baton goes on without it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import threading
+from concurrent.futures import Future
+
+from transformers.cli.serving.utils import GenerateManager
+
+
+class Turn:
+    """One generation's place at the `Baton`; ``cancelled`` once its client went away."""
+
+    _names = itertools.count(1)
+
+    def __init__(self):
+        self.name = f"internvlx-generate-{next(self._names)}"
+        self.cancelled = False
+
+
+class Baton:
+    """Who runs the model now: one `Turn` holds the baton, the others wait for it in arrival order (round robin)."""
+
+    def __init__(self):
+        self._changed = threading.Condition()
+        self._holder: Turn | None = None
+        self._waiting: collections.deque[Turn] = collections.deque()
+
+    def take(self, turn: Turn) -> bool:
+        """Block until ``turn`` holds the baton (True), or until it is cancelled while waiting (False)."""
+        with self._changed:
+            self._waiting.append(turn)
+            if self._holder is None:
+                self._hand_on()
+            return self._wait_for(turn)
+
+    def pass_if_waited_for(self, turn: Turn) -> bool:
+        """The holder's slice ended: if another generation waits, hand it the baton and block until ``turn``'s next
+        turn. True while ``turn`` should go on, False once it was cancelled."""
+        with self._changed:
+            if turn.cancelled:
+                return False
+            if not self._waiting or self._holder is not turn:
+                return True
+            self._waiting.append(turn)
+            self._hand_on()
+            return self._wait_for(turn)
+
+    def give_back(self, turn: Turn) -> None:
+        """``turn``'s generation ended (or never started): the baton goes to the next one waiting."""
+        with self._changed:
+            if self._holder is turn:
+                self._hand_on()
+            elif turn in self._waiting:
+                self._waiting.remove(turn)
+
+    def cancel(self, turn: Turn) -> None:
+        """``turn``'s client went away: stop waiting for the baton (its generation then ends at once)."""
+        with self._changed:
+            turn.cancelled = True
+            self._changed.notify_all()
+
+    @property
+    def waiting(self) -> int:
+        with self._changed:
+            return len(self._waiting)
+
+    def _hand_on(self) -> None:
+        self._holder = self._waiting.popleft() if self._waiting else None
+        self._changed.notify_all()
+
+    def _wait_for(self, turn: Turn) -> bool:
+        self._changed.wait_for(lambda: self._holder is turn or turn.cancelled)
+        if self._holder is turn:
+            return True
+        self._waiting.remove(turn)
+        return False
+
+
+class SliceCriteria:
+    """A ``generate`` stopping criterion that never stops a generation by itself: every ``tokens`` new tokens it
+    hands the `Baton` on (`Baton.pass_if_waited_for`) and returns when the generation's turn comes back; it stops
+    the generation once its client went away."""
+
+    def __init__(self, baton: Baton, turn: Turn, tokens: int):
+        self.baton, self.turn, self.tokens = baton, turn, tokens
+        self.generated = 0
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        self.generated += 1
+        go_on = not self.turn.cancelled
+        if go_on and self.generated % self.tokens == 0:
+            go_on = self.baton.pass_if_waited_for(self.turn)
+        return torch.full((input_ids.shape[0],), not go_on, dtype=torch.bool, device=input_ids.device)
+
+
+class SlicedGeneration(GenerateManager):
+    """One request's generation on a thread of its own, run while it holds the `Baton`: transformers'
+    ``generate_streaming`` / ``generate_non_streaming`` (inherited, unchanged) hand their work to ``submit`` /
+    ``async_submit``, which run it here instead of on transformers' one inference thread. ``on_end`` is called on
+    that thread once the generation ended (or was cancelled before it started), after the baton was passed on."""
+
+    def __init__(self, baton: Baton, turn: Turn, on_end):
+        # No GenerateManager.__init__: its one shared inference thread is what this replaces.
+        self.baton, self.turn, self.on_end = baton, turn, on_end
+        self.started = False
+
+    def submit(self, fn, *args, **kwargs) -> Future:
+        future: Future = Future()
+        self.started = True
+
+        def run() -> None:
+            try:
+                if not self.baton.take(self.turn):
+                    future.cancel()
+                elif future.set_running_or_notify_cancel():  # (once running, the caller can no longer cancel it)
+                    try:
+                        future.set_result(fn(*args, **kwargs))
+                    except BaseException as error:  # handed to the caller, as transformers' inference thread does
+                        future.set_exception(error)
+            finally:
+                self.baton.give_back(self.turn)
+                self.on_end()
+
+        threading.Thread(target=run, name=self.turn.name, daemon=True).start()
+        return future
+
+    def async_submit(self, fn, *args, **kwargs) -> asyncio.Future:
+        return asyncio.wrap_future(self.submit(fn, *args, **kwargs), loop=asyncio.get_running_loop())
+
+    def generate_streaming(self, *args, **kwargs):
+        queue, streamer = super().generate_streaming(*args, **kwargs)
+        cancel = streamer.cancel
+
+        def cancel_and_leave() -> None:  # transformers calls it when the client of the stream went away
+            cancel()
+            self.baton.cancel(self.turn)
+
+        streamer.cancel = cancel_and_leave
+        return queue, streamer
+
+    def stop(self) -> None:
+        pass
+
+
+__all__ = ["Baton", "SliceCriteria", "SlicedGeneration", "Turn"]
