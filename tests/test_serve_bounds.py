@@ -236,10 +236,15 @@ def streamed(base: str, body: dict) -> tuple[str, int]:
     return streamed_text(events), events[-1]["usage"]["completion_tokens"]
 
 
-def beside_a_long_one(base: str, long_body: dict, short_body: dict) -> dict:
+def beside_a_long_one(base: str, long_body: dict, short_body: dict, gone: bool = False) -> dict:
     """``short_body`` streamed while ``long_body`` (no end of text: it runs to the 4 s deadline) streams: both
-    answers, and whether the short one was complete before the long one's last event came."""
+    answers, and whether the short one was complete before the long one's last event came. ``gone``: a second long
+    request takes the other running slot first, and its client goes away at once."""
     connection, long = open_stream(base, long_body)
+    if gone:
+        other, _ = open_stream(base, long_body)
+        other.sock.shutdown(socket.SHUT_RDWR)
+        other.close()
     events, ended = [], {}
 
     def read_long() -> None:
@@ -266,6 +271,14 @@ def test_a_short_request_is_answered_while_a_long_one_generates(bounded):
                                                     "max_tokens": 2, "logit_bias": NO_END})
     assert result["first"] == "short" and result["short"][1] == 2, result
     assert result["finish"] == ["length"] and 2 < result["long"][1] < 3000, result
+
+
+def test_a_client_that_goes_away_frees_its_running_slot(bounded):
+    """Both running slots taken by long streams, the client of the second goes away while its generation waits for
+    its turn: the generation ends, and a 2-token request takes the slot while the first long one still generates."""
+    result = beside_a_long_one(bounded.url, COUNT, {"messages": [{"role": "user", "content": "Hi"}],
+                                                    "max_tokens": 2, "logit_bias": NO_END}, gone=True)
+    assert result["first"] == "short" and result["short"][1] == 2, result
 
 
 def test_generations_taking_turns_answer_as_each_does_alone(bounded):
