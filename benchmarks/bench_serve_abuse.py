@@ -16,6 +16,9 @@ are decoded and answered, three exceed --max-request-pixels), a URL on the trick
 --media-fetch-timeout), a folder inside the allowed folder and paths outside it, 40 MB of JSON numbers, a 1.9 MB
 text, broken JSON, a body that is no UTF-8, deep nesting. Throughout, ``/health`` is polled every 0.25 s and the
 server's resident memory sampled every 0.2 s; its open descriptors are counted before phase 1 and after phase 2.
+The server admits --max-active-generations + --max-waiting-requests requests (4 + 16) and answers the others 503 with
+``Retry-After`` (the queue is full): a well-behaved client waits as told and asks again (counted, not timed); a
+hostile client's 503s are listed with its other answers.
 
     /work/coord/heavy python benchmarks/bench_serve_abuse.py            # 60 s alone, 180 s with the hostile clients
 
@@ -81,11 +84,18 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def post(base: str, body: bytes, timeout: float = 300) -> tuple[int, bytes]:
+    status, raw, _ = post_with_retry_after(base, body, timeout)
+    return status, raw
+
+
+def post_with_retry_after(base: str, body: bytes, timeout: float = 300) -> tuple[int, bytes, float | None]:
+    """``(status, body, Retry-After seconds or None)``."""
     connection = http.client.HTTPConnection(base.removeprefix("http://"), timeout=timeout)
     try:
         connection.request("POST", "/v1/chat/completions", body=body, headers={"Content-Type": "application/json"})
         response = connection.getresponse()
-        return response.status, response.read()
+        retry_after = response.getheader("Retry-After")
+        return response.status, response.read(), float(retry_after) if retry_after else None
     finally:
         connection.close()
 
@@ -218,6 +228,7 @@ def phase(base: str, pid: int, good_bodies, attacks, seconds: float, hostile: in
     stop = time.monotonic() + seconds
     lock = threading.Lock()
     good: list[tuple[float, bool, int]] = []
+    busy: list[float] = []  # a well-behaved client told to come back (503 with Retry-After): when
     bad: dict[str, dict] = {}
     health: list[float] = []
     rss: list[float] = []
@@ -229,10 +240,16 @@ def phase(base: str, pid: int, good_bodies, attacks, seconds: float, hostile: in
             index += 1
             started = time.monotonic()
             try:
-                status, raw = post(base, body)
+                status, raw, retry_after = post_with_retry_after(base, body)
                 right = status == 200 and json.loads(raw)["choices"][0]["message"]["content"] == expected
             except (OSError, ValueError, KeyError):
-                status, right = 0, False
+                status, right, retry_after = 0, False, None
+            if status == 503 and retry_after is not None:  # the queue is full: come back when it says
+                with lock:
+                    busy.append(time.monotonic())
+                time.sleep(min(retry_after, max(0.0, stop - time.monotonic())))
+                index -= 1
+                continue
             with lock:
                 good.append((time.monotonic() - started, right, status))
 
@@ -281,7 +298,9 @@ def phase(base: str, pid: int, good_bodies, attacks, seconds: float, hostile: in
         "good_requests": len(good), "good_right": sum(right for _, right, _ in good),
         "good_p50_s": round(statistics.median(latencies), 3), "good_p95_s": round(percentile(latencies, 95), 3),
         "good_per_s": round(len(good) / seconds, 2), "hostile_requests": sum(len(e["seconds"]) for e in bad.values()),
-        "status_5xx": sum(1 for status in statuses if status >= 500), "no_answer": statuses.count(0),
+        "status_5xx": sum(1 for status in statuses if status >= 500 and status != 503),
+        "status_503_busy": statuses.count(503), "no_answer": statuses.count(0),
+        "good_told_to_retry": len(busy),
         "health_worst_s": round(max(health), 3), "health_polls": len(health), "peak_rss_mib": round(max(rss)),
     }
     kinds = {kind: {"statuses": entry["statuses"], "p50_s": round(statistics.median(entry["seconds"]), 2),
@@ -297,7 +316,9 @@ def table(result: dict) -> str:
         ("well-behaved p50 latency (s)", alone["good_p50_s"], hostile["good_p50_s"], f"{result['ratios']['p50']}x"),
         ("well-behaved p95 latency (s)", alone["good_p95_s"], hostile["good_p95_s"], f"{result['ratios']['p95']}x"),
         ("hostile requests", "", hostile["hostile_requests"], ""),
-        ("5xx answers", alone["status_5xx"], hostile["status_5xx"], ""),
+        ("5xx answers other than 503 busy", alone["status_5xx"], hostile["status_5xx"], ""),
+        ("well-behaved requests told to come back (503 with Retry-After, then retried)",
+         alone.get("good_told_to_retry", ""), hostile.get("good_told_to_retry", ""), ""),
         ("`/health` worst latency (s)", alone["health_worst_s"], hostile["health_worst_s"], ""),
         ("peak resident memory (MiB; idle: " + str(result["baseline_rss_mib"]) + ")", alone["peak_rss_mib"],
          hostile["peak_rss_mib"], ""),
