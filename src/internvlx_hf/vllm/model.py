@@ -14,8 +14,9 @@ from torch import nn
 from transformers import PretrainedConfig
 from vllm.config import VllmConfig
 from vllm.model_executor.models.intern_vit import InternVisionModel
-from vllm.model_executor.models.interfaces import MultiModalEmbeddings, SupportsMRoPE, SupportsMultiModal
-from vllm.model_executor.models.utils import AutoWeightsLoader, init_vllm_registered_model, maybe_prefix
+from vllm.model_executor.models.interfaces import MultiModalEmbeddings, SupportsMRoPE, SupportsMultiModal, SupportsPP
+from vllm.model_executor.models.utils import (AutoWeightsLoader, PPMissingLayer, init_vllm_registered_model,
+                                              maybe_prefix)
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.sequence import IntermediateTensors
 
@@ -117,9 +118,11 @@ def vllm_weights(weights: Iterable[tuple[str, torch.Tensor]], vision_layers: int
 
 @MULTIMODAL_REGISTRY.register_processor(InternVLXMultiModalProcessor, info=InternVLXProcessingInfo,
                                         dummy_inputs=InternVLXDummyInputsBuilder)
-class InternVLXForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsMRoPE):
+class InternVLXForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsMRoPE, SupportsPP):
     """InternVL-X for vLLM: plain MLP or PVTC projector, and LVTC (`lvtc.py`: vLLM's per-request position rows carry
-    each token's layout, which is why this class speaks vLLM's M-RoPE interface; plain checkpoints never use it)."""
+    each token's layout, which is why this class speaks vLLM's M-RoPE interface; plain checkpoints never use it).
+    Pipeline parallelism as vLLM's LLMs run it (the vision side on the first rank, where vLLM runs the encoder),
+    for checkpoints without LVTC (refused with it at start-up: `config_hook`)."""
 
     @classmethod
     def get_placeholder_str(cls, modality: str, i: int) -> str | None:
@@ -167,7 +170,8 @@ class InternVLXForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsM
             # The rows give each token's index into vLLM's LongRoPE table (short rows, then long ones), as
             # transformers picks the factors; vLLM's own choice (long for all once max_model_len > K) is off.
             for layer in self.language_model.model.layers:
-                layer.self_attn.rotary_emb.use_long_rope = False
+                if not isinstance(layer, PPMissingLayer):  # another pipeline rank's layer
+                    layer.self_attn.rotary_emb.use_long_rope = False
         # LVTC, or extra LR projectors alone (k = depth): the layers are run one by one (`lvtc.py`).
         self.lvtc = LVTCRunner(model=self, vllm_config=vllm_config, switch=self.switch,
                                prefix=maybe_prefix(prefix, "lvtc")) if config.lvtc_config is not None else None
