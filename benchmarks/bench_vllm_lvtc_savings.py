@@ -42,30 +42,14 @@ RESULTS = HERE / "results"
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
 
-from vllm_helpers import build_checkpoint, image, reference_generate, video  # noqa: E402
+from vllm_helpers import REQUESTS as TEST_REQUESTS  # noqa: E402
+from vllm_helpers import build_checkpoint, image, reference_generate, request_spec, video  # noqa: E402
 
 from internvlx_hf import InternVLXForConditionalGeneration, InternVLXProcessor  # noqa: E402
 
 LOGPROB_ATOL = 2e-5  # tests/test_vllm.py's
-USER = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
-
-
-def _request(text, images=(), videos=(), **mm_processor_kwargs):
-    return {"prompt": USER.format(text), "images": [list(i) for i in images], "videos": [list(v) for v in videos],
-            "mm_processor_kwargs": mm_processor_kwargs}
-
-
-ONE_TILE, SIX_TILES, TWELVE_TILES, THIRTEEN_TILES = (112, 112), (560, 112), (1232, 112), (448, 336)
-REQUESTS = {
-    "text": _request("Write a haiku about the sea."),
-    "1 tile": _request("<image>\nWhat is this?", images=[(*ONE_TILE, 1)]),
-    "6 tiles": _request("<image>\nDescribe the picture.", images=[(*SIX_TILES, 2)]),
-    "12 tiles": _request("Look: <image>\nDescribe.", images=[(*TWELVE_TILES, 3)]),
-    "13 tiles": _request("<image>\nDescribe.", images=[(*THIRTEEN_TILES, 4)]),
-    "two images": _request("<image>\nand <image>\nCompare them.", images=[(300, 200, 5), (*ONE_TILE, 6)]),
-    "max_tiles=2": _request("<image>\nDescribe the picture.", images=[(*SIX_TILES, 2)], max_tiles=2),
-    "video": _request("<video>\nWhat happens?", videos=[(4, 7)]),
-}
+#: tests/test_vllm.py's requests, less RVTC's edge tiling (which the research engine was not run with)
+REQUESTS = {name: spec for name, spec in TEST_REQUESTS.items() if name != "tiling=edge"}
 PARITY_MODELS = {
     "phi3-lvtc": (dict(llm="phi3", projector="mlp", lvtc=dict(expand_layer=2), vision=dict(use_mean_pooling=False)),
                   ["text", "1 tile", "6 tiles", "12 tiles", "two images", "video", "max_tiles=2"]),
@@ -189,7 +173,7 @@ def stress(args) -> None:
     from importlib.metadata import entry_points
 
     max_tokens = 48
-    requests = [_request(f"Look {i}: <image>\nDescribe.", images=[(1232, 112, 20 + i)]) for i in range(6)]
+    requests = [request_spec(f"Look {i}: <image>\nDescribe.", images=[(1232, 112, 20 + i)]) for i in range(6)]
     requests.append(REQUESTS["two images"])
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -245,8 +229,8 @@ MID_ENGINE = dict(dtype="float32", enforce_eager=True, max_model_len=8192, max_n
                   gpu_memory_utilization=0.15, max_num_seqs=16, limit_mm_per_prompt={"image": 1, "video": 0},
                   enable_prefix_caching=False, enable_chunked_prefill=False)
 PREFILL_REQUESTS = {
-    "1 tile": _request("<image>\nDescribe the picture.", images=[(448, 448, 11)]),
-    "3 tiles": _request("<image>\nDescribe the picture.", images=[(896, 448, 12)]),  # 2 tiles + thumbnail
+    "1 tile": request_spec("<image>\nDescribe the picture.", images=[(448, 448, 11)]),
+    "3 tiles": request_spec("<image>\nDescribe the picture.", images=[(896, 448, 12)]),  # 2 tiles + thumbnail
 }
 
 
@@ -318,7 +302,7 @@ def prefill_flops(folder: Path, request: dict) -> tuple[int, int, int]:
 def savings(args) -> None:
     import vllm
 
-    load_requests = [_request("<image>\nWhat is in the picture?", images=[(448, 448, 100 + i)])
+    load_requests = [request_spec("<image>\nWhat is in the picture?", images=[(448, 448, 100 + i)])
                      for i in range(max(args.concurrency))]
     parity_requests = {**PREFILL_REQUESTS, "load 0": load_requests[0], "load 1": load_requests[1]}
     with tempfile.TemporaryDirectory() as tmp:

@@ -52,6 +52,7 @@ from internvlx_hf.vllm.config_hook import LVTCConfigHook
 from internvlx_hf.vllm.layout import LVTCLayout
 from internvlx_hf.vllm.lvtc import KeyBiasAttention, KeyBiasRotary, LVTCRunner
 from internvlx_hf.vllm.model import InternVLXForConditionalGeneration
+from internvlx_hf.vllm.positions import tile_slots
 
 #: The architecture name the experiment registers (a checkpoint is served with it through `hf_overrides`).
 ARCHITECTURE = "InternVLXLVTCSavingForConditionalGeneration"
@@ -209,18 +210,7 @@ class LVTCShortAttention(Attention):
 def saving_positions(layout: LVTCLayout, length: int, mm_features: list) -> tuple[torch.Tensor, int]:
     """Rows (short position, short position, slot code) of a prompt, and the delta `-E` that continues them."""
     index = torch.arange(length, dtype=torch.int64)
-    code = torch.full((length,), 1, dtype=torch.int64)
-    unused = torch.zeros(length, dtype=torch.int64)
-    tile = torch.zeros(length, dtype=torch.bool)
-    for feature in mm_features:
-        place = feature.mm_position
-        embeds = torch.arange(place.offset, place.offset + place.length)
-        if place.is_embed is not None:
-            embeds = embeds[place.is_embed.to(torch.bool)]
-        slot = torch.arange(embeds.numel()) % layout.long_per_tile
-        code[embeds] = -1 - slot
-        tile[embeds] = True
-        unused[embeds[slot >= layout.short_per_tile]] = 1
+    code, unused, tile = tile_slots(layout, length, mm_features, text_code=1)
     short = index - (torch.cumsum(unused, 0) - unused)
     code = torch.where(tile, code, short)
     return torch.stack([short, short, code]), -int(unused.sum())

@@ -30,33 +30,10 @@ from internvlx_hf import InternVLXForConditionalGeneration, InternVLXProcessor  
 from internvlx_hf.vllm.layout import lvtc_layout_of  # noqa: E402
 
 from vllm_helpers import (  # noqa: E402
-    TOKENIZER_FILES, assert_same_generation, build_checkpoint, image, reference_generate, video)
+    ONE_TILE, REQUESTS, SIX_TILES, THIRTEEN_TILES, TOKENIZER_FILES, TWELVE_TILES, assert_same_generation,
+    build_checkpoint, image, reference_generate, request_spec, video)
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
-
-USER = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
-# (width, height): tiles with max_tiles=12 and the thumbnail
-ONE_TILE, SIX_TILES, TWELVE_TILES, THIRTEEN_TILES = (112, 112), (560, 112), (1232, 112), (448, 336)
-
-
-def _request(text, images=(), videos=(), **mm_processor_kwargs):
-    return {"prompt": USER.format(text), "images": [list(i) for i in images], "videos": [list(v) for v in videos],
-            "mm_processor_kwargs": mm_processor_kwargs}
-
-
-REQUESTS = {
-    "text": _request("Write a haiku about the sea."),
-    "1 tile": _request("<image>\nWhat is this?", images=[(*ONE_TILE, 1)]),
-    "6 tiles": _request("<image>\nDescribe the picture.", images=[(*SIX_TILES, 2)]),
-    "12 tiles": _request("Look: <image>\nDescribe.", images=[(*TWELVE_TILES, 3)]),
-    "13 tiles": _request("<image>\nDescribe.", images=[(*THIRTEEN_TILES, 4)]),
-    "two images": _request("<image>\nand <image>\nCompare them.", images=[(300, 200, 5), (*ONE_TILE, 6)]),
-    # the 6-tile image with a tile budget of 2 (+ thumbnail), asked per request
-    "max_tiles=2": _request("<image>\nDescribe the picture.", images=[(*SIX_TILES, 2)], max_tiles=2),
-    # RVTC's edge tiling, asked per request: 5 tiles for this image (ratio tiling: 13)
-    "tiling=edge": _request("<image>\nDescribe.", images=[(200, 150, 8)], tiling="edge"),
-    "video": _request("<video>\nWhat happens?", videos=[(4, 7)]),
-}
 
 #: name -> (checkpoint options, the requests it answers)
 ENGINES = {
@@ -94,13 +71,13 @@ ENGINE_OPTIONS = dict(dtype="float32", enforce_eager=True, max_model_len=4096, m
 #: schedules 3 whole, rolls the rest back to their images' starts, and in the next step a 4th image fits the encoder
 #: budget but not the token budget left after the others' decoding; vLLM 0.32 then splits it (vllm-project/vllm#52306)
 #: unless the plugin schedules whole prompts (measured before the fix: 2 of the 16 answers differed from transformers')
-BURST_REQUESTS = [_request("<image>\nDescribe.", images=[(*THIRTEEN_TILES, 20 + i)]) for i in range(16)]
+BURST_REQUESTS = [request_spec("<image>\nDescribe.", images=[(*THIRTEEN_TILES, 20 + i)]) for i in range(16)]
 BURST_ENGINE_OPTIONS = dict(ENGINE_OPTIONS, max_model_len=4 * 13 * 64, max_num_batched_tokens=4 * 13 * 64,
                             max_num_seqs=16, limit_mm_per_prompt={"image": 1, "video": 0})
 
 
 #: the served revision and tokenizer options (`served`'s "revision" and "tokenizer" engines): request -> reference
-SERVED_OPTIONS_REQUEST = _request("<image>\nDescribe the picture.", images=[(*SIX_TILES, 2)])
+SERVED_OPTIONS_REQUEST = request_spec("<image>\nDescribe the picture.", images=[(*SIX_TILES, 2)])
 
 
 def fake_hub_repo(cache: Path, repo_id: str, revisions: dict[str, Path]) -> None:
@@ -216,8 +193,8 @@ def test_tile_counts_of_the_cases():
     from internvlx_hf import InternVLXImageProcessor
 
     processor = InternVLXImageProcessor(image_size=112, max_tiles=12)
-    counts = [processor.get_number_of_image_patches(h, w) for w, h in (ONE_TILE, SIX_TILES, TWELVE_TILES,
-                                                                      THIRTEEN_TILES)]
+    counts = [processor.get_number_of_image_patches(h, w)
+              for w, h in (ONE_TILE, SIX_TILES, TWELVE_TILES, THIRTEEN_TILES)]
     assert counts == [1, 6, 12, 13]
     assert processor.get_number_of_image_patches(150, 200, {"tiling": "edge"}) == 5
     area = InternVLXImageProcessor(image_size=112, max_tiles=4, tiling="area")  # the k=depth checkpoint's

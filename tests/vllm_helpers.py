@@ -121,3 +121,31 @@ def assert_same_generation(got: dict, reference: dict, what: str) -> None:
     tiles = reference["prompt_ids"].count(context) // reference["tokens_per_tile"]
     assert got["prompt_token_ids"].count(context) == tiles * reference["vllm_tokens_per_tile"], (
         f"{what}: {got['prompt_token_ids'].count(context)} image tokens, expected {tiles} tiles")
+
+
+USER = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+# (width, height): tiles with max_tiles=12 and the thumbnail
+ONE_TILE, SIX_TILES, TWELVE_TILES, THIRTEEN_TILES = (112, 112), (560, 112), (1232, 112), (448, 336)
+
+
+def request_spec(text, images=(), videos=(), **mm_processor_kwargs) -> dict:
+    """A request as tests/vllm_engine.py takes it: the prompt (one user turn in the tiny checkpoints' template), images
+    as (width, height, seed), videos as (frames, seed), and per-request processor options."""
+    return {"prompt": USER.format(text), "images": [list(i) for i in images], "videos": [list(v) for v in videos],
+            "mm_processor_kwargs": mm_processor_kwargs}
+
+
+#: The requests of tests/test_vllm.py (benchmarks/bench_vllm_lvtc_savings.py answers them too)
+REQUESTS = {
+    "text": request_spec("Write a haiku about the sea."),
+    "1 tile": request_spec("<image>\nWhat is this?", images=[(*ONE_TILE, 1)]),
+    "6 tiles": request_spec("<image>\nDescribe the picture.", images=[(*SIX_TILES, 2)]),
+    "12 tiles": request_spec("Look: <image>\nDescribe.", images=[(*TWELVE_TILES, 3)]),
+    "13 tiles": request_spec("<image>\nDescribe.", images=[(*THIRTEEN_TILES, 4)]),
+    "two images": request_spec("<image>\nand <image>\nCompare them.", images=[(300, 200, 5), (*ONE_TILE, 6)]),
+    # the 6-tile image with a tile budget of 2 (+ thumbnail), asked per request
+    "max_tiles=2": request_spec("<image>\nDescribe the picture.", images=[(*SIX_TILES, 2)], max_tiles=2),
+    # RVTC's edge tiling, asked per request: 5 tiles for this image (ratio tiling: 13)
+    "tiling=edge": request_spec("<image>\nDescribe.", images=[(200, 150, 8)], tiling="edge"),
+    "video": request_spec("<video>\nWhat happens?", videos=[(4, 7)]),
+}

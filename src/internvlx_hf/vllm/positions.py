@@ -46,21 +46,34 @@ def _rope_index(position: torch.Tensor, long_factors: torch.Tensor | bool, switc
     return position + switch * torch.as_tensor(long_factors, dtype=position.dtype)
 
 
+def tile_slots(layout: LVTCLayout, length: int, mm_features: list,
+               text_code: int = PROMPT_TEXT) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per token of a prompt of `length` vLLM tokens: its code (``-1 - slot`` for a tile's slot in the long layout,
+    ``text_code`` for text), 1 where the slot is HR-only (absent from the short layout), and whether it is a tile's."""
+    code = torch.full((length,), text_code, dtype=torch.int64)
+    unused = torch.zeros(length, dtype=torch.int64)
+    tile = torch.zeros(length, dtype=torch.bool)
+    for feature in mm_features:
+        place = feature.mm_position
+        embeds = torch.arange(place.offset, place.offset + place.length)
+        if place.is_embed is not None:
+            embeds = embeds[place.is_embed.to(torch.bool)]
+        slot = torch.arange(embeds.numel()) % layout.long_per_tile
+        code[embeds] = -1 - slot
+        tile[embeds] = True
+        unused[embeds[slot >= layout.short_per_tile]] = 1
+    return code, unused, tile
+
+
 def position_rows(layout: LVTCLayout | None, length: int, mm_features: list, max_model_len: int,
                   switch: int | None = None) -> tuple[torch.Tensor, int]:
     """`(rows, delta)` of a prompt of `length` vLLM tokens (see the module docstring); `switch`: LongRoPE's ``K``."""
     index = torch.arange(length, dtype=torch.int64)
-    code = torch.full((length,), PROMPT_TEXT, dtype=torch.int64)
-    unused = torch.zeros(length, dtype=torch.int64)
     if layout is not None:
-        for feature in mm_features:
-            place = feature.mm_position
-            embeds = torch.arange(place.offset, place.offset + place.length)
-            if place.is_embed is not None:
-                embeds = embeds[place.is_embed.to(torch.bool)]
-            slot = torch.arange(embeds.numel()) % layout.long_per_tile
-            code[embeds] = -1 - slot
-            unused[embeds[slot >= layout.short_per_tile]] = 1
+        code, unused, _ = tile_slots(layout, length, mm_features)
+    else:
+        code = torch.full((length,), PROMPT_TEXT, dtype=torch.int64)
+        unused = torch.zeros(length, dtype=torch.int64)
     total = int(unused.sum())
     tiles = total // (layout.long_per_tile - layout.short_per_tile) if layout is not None else 0
     short = index - (torch.cumsum(unused, 0) - unused)
