@@ -16,7 +16,7 @@ from conftest import REPO_ROOT, load_script
 def test_hr_only_slots_in_whole_blocks():
     """Tiles of 4 LR + 12 HR-only slots with blocks of 4: all HR-only slots lie in whole blocks when the image starts
     on a block boundary, two thirds when it starts 2 slots later (each tile's edges share blocks with LR slots)."""
-    bench = load_script("benchmarks/bench_vllm_lvtc_layout.py")
+    bench = load_script("experiments/vllm_lvtc_layout.py")
     aligned = bench.long_layout([(4, 2)], length=4 + 2 * 4 + 3, short=4, long=16)
     assert aligned.tolist()[:24] == [0] * 4 + [1] * 4 + [2] * 12 + [1] * 4
     assert bench.whole_block_share(aligned, 4)[:2] == (1.0, 6)

@@ -147,15 +147,21 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     fsync_folder(path.parent)
 
 
+def _temporary_beside(dst: str | os.PathLike) -> tuple[Path, Path]:
+    """``(dst, a new empty temporary folder next to it)``, its parent made and stale temporaries of earlier runs
+    removed."""
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(dst)
+    return dst, temporary_folder(dst)
+
+
 @contextmanager
 def staged_folder(dst: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty temporary folder next to ``dst``; fill it inside the ``with`` block, and it replaces ``dst``
     (`replace_folder`: flushed to the disk first; an existing ``dst`` is moved aside first and put back if the
     rename fails)."""
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(dst)
-    tmp = temporary_folder(dst)
+    dst, tmp = _temporary_beside(dst)
     try:
         yield tmp
         replace_folder(tmp, dst)
@@ -169,10 +175,7 @@ def staged_cache_folder(dst: str | os.PathLike) -> Iterator[Path]:
     """`staged_folder` for a folder whose name says what it holds (a cache entry): yield an empty temporary folder
     next to ``dst``; fill it inside the ``with`` block, and it becomes ``dst``, unless another process put ``dst``
     there first, in which case it is removed and that one stays (a folder in use is never moved aside)."""
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(dst)
-    tmp = temporary_folder(dst)
+    dst, tmp = _temporary_beside(dst)
     try:
         yield tmp
         fsync_tree(tmp)

@@ -11,7 +11,7 @@ its CPU default), for 448px tiles (256 LR / 1024 long slots) and for the tiny te
 No engine runs: the prompt is tokenized by the package's processor and laid out as the plugin lays it out (each
 tile at its long count, LR slots first). Writes `benchmarks/results/vllm-lvtc-layout.json`.
 
-    python benchmarks/bench_vllm_lvtc_layout.py
+    python experiments/vllm_lvtc_layout.py
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from PIL import Image
 from internvlx_hf import InternVLXProcessor
 from internvlx_hf.demo.packaged import DEMO_MODEL_DIR
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
 
 #: (name, short per tile, long per tile)
 GEOMETRIES = (("448px tiles (256 -> 1024)", 256, 1024), ("112px tiles (16 -> 64)", 16, 64))
