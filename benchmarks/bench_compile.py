@@ -22,11 +22,8 @@ Every compiled run's tokens are checked against eager's.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -34,6 +31,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 RESULTS = ROOT / "benchmarks" / "results"
+
+from internvlx_hf.bench.harness import (environment, results, time_call, time_interleaved,  # noqa: E402
+                                        write_results, write_text)
 
 IMAGE_TOKEN_ID = 100
 
@@ -81,7 +81,7 @@ def candidates(args):
         "lvtc compiled (dynamic cache)": ("lvtc", lvtc_compiled, {}),
         "lvtc eager (static cache)": ("lvtc", lvtc, {"cache_implementation": "static", "disable_compile": True}),
         "lvtc compiled (static cache, fullgraph)": ("lvtc", lvtc, {"cache_implementation": "static",
-                                                                    "compile_config": compile_config}),
+                                                                   "compile_config": compile_config}),
     }
 
 
@@ -108,24 +108,20 @@ def main() -> None:
 
     compile_s, tokens = {}, {}
     for name, (_, model, extra) in cands.items():  # warm-up: compiles, and every length the timed runs use
-        start = time.perf_counter()
-        tokens[name] = run(model, inputs, extra, args.long)
-        compile_s[name] = round(time.perf_counter() - start, 2)
+        first = time_call(lambda: tokens.__setitem__(name, run(model, inputs, extra, args.long)), warmup=0, repeats=1)
+        compile_s[name] = round(first["median_s"], 2)
         run(model, inputs, extra, args.short)
     for name, (variant, _, _) in cands.items():
         reference = tokens[f"{variant} eager (dynamic cache)"]
         if tokens[name] != reference:
             raise SystemExit(f"{name}: tokens differ from eager: {tokens[name]} vs {reference}")
 
-    slopes = {name: [] for name in cands}
-    for _ in range(args.runs):
-        for name, (_, model, extra) in cands.items():
-            timed = {}
-            for n in (args.short, args.long):
-                start = time.perf_counter()
-                run(model, inputs, extra, n)
-                timed[n] = time.perf_counter() - start
-            slopes[name].append(1000 * (timed[args.long] - timed[args.short]) / (args.long - args.short))
+    # every candidate at both lengths, round-robin: each round's slope is (long - short) / (tokens between them)
+    calls = [lambda m=model, e=extra, n=n: run(m, inputs, e, n)
+             for _, model, extra in cands.values() for n in (args.short, args.long)]
+    timings = iter(time_interleaved(calls, warmup=0, repeats=args.runs))
+    slopes = {name: [1000 * (long - short) / (args.long - args.short)
+                     for short, long in zip(next(timings)["times_s"], next(timings)["times_s"])] for name in cands}
 
     rows = []
     for name, (variant, _, _) in cands.items():
@@ -134,23 +130,16 @@ def main() -> None:
         rows.append({"candidate": name, "decode_ms_per_token": round(ms, 3), "min_ms": round(min(slopes[name]), 3),
                      "speed_up_vs_eager": round(base / ms, 2), "first_run_s": compile_s[name],
                      "tokens_equal_eager": True})
-    result = {
-        "settings": vars(args) | {"out": str(args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT)
-                                              else args.out)},
-        "environment": {"torch": torch.__version__, "transformers": __import__("transformers").__version__,
-                        "python": platform.python_version(), "machine": platform.machine(),
-                        "threads": torch.get_num_threads()},
-        "rows": rows,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    settings = vars(args) | {"out": str(args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out)}
+    result = results("compile", rows, settings, environment("cpu", "float32"))
+    write_results(args.out, result)
     lines = [f"Decode ms/token, CPU, {args.threads} thread(s), LLM {args.layers} x {args.hidden}, {args.tiles} tiles "
              f"(torch {torch.__version__}, transformers {result['environment']['transformers']})", "",
              "| candidate | decode ms/token (median) | min | speed-up vs eager | first run (s, compiles) |",
              "|---|---|---|---|---|"]
     lines += [f"| {r['candidate']} | {r['decode_ms_per_token']} | {r['min_ms']} | {r['speed_up_vs_eager']}x | "
               f"{r['first_run_s']} |" for r in rows]
-    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    write_text(args.out.with_suffix(".md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
