@@ -28,7 +28,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -38,6 +37,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+
+from internvlx_hf.bench.harness import Progress, environment, write_results, write_text  # noqa: E402
 
 
 def make_data(folder: Path, n_train: int, n_test: int) -> dict[str, Path]:
@@ -112,15 +113,16 @@ def main(argv=None) -> int:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     settings = {"1 thread": 1, f"{cores} threads": cores, "default": None}
     runs = []
+    progress = Progress(args.rounds * (len(settings) + 2), "cpu threads")
     for round_ in range(args.rounds):
         for name, threads in settings.items():
             row = run_train(args, data["default system"], data["test"], threads, work / f"out-{round_}")
             runs.append({"round": round_, "setting": name, **row})
-            print(f"round {round_}, {name}: {row}", file=sys.stderr, flush=True)
+            progress.step(f"round {round_}, {name}: {row['s_per_step']:.3f} s per step")
         for name in ("default system", "empty system"):
             row = run_train(args, data[name], None, 1, work / f"out-{round_}")
             runs.append({"round": round_, "setting": f"{name}, 1 thread", **row})
-            print(f"round {round_}, {name}: {row}", file=sys.stderr, flush=True)
+            progress.step(f"round {round_}, {name}: {row['s_per_step']:.3f} s per step")
     tokens = system_tokens(data)
     summary = {}
     for name in list(settings) + ["default system, 1 thread", "empty system, 1 thread"]:
@@ -136,8 +138,9 @@ def main(argv=None) -> int:
     result = {"runs": runs, "summary": summary, "system_tokens": tokens,
               "settings": {"steps": args.steps, "batch": args.batch, "rounds": args.rounds,
                            "eval_questions": args.eval_questions, "cores": cores,
-                           "machine": f"{platform.machine()} {os.cpu_count()} cores",
-                           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}}
+                           "machine": f"{os.cpu_count()} cores",
+                           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")},
+              "environment": environment("cpu")}
     lines = [f"## Threads: the demo model, {args.steps} steps of {args.batch} rows, {args.eval_questions} held-out "
              f"questions (median of {args.rounds} rounds)", "",
              "| setting | threads used | s per step | vs 1 thread | eval s per question | load average at the starts |",
@@ -159,12 +162,12 @@ def main(argv=None) -> int:
     text = "\n".join(lines)
     print(text)
     if args.json:
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
+        write_results(args.json, result)
     if args.markdown:
-        args.markdown.write_text("# CPU fine-tuning: threads and the system message "
-                                 f"({result['settings']['date'][:10]})\n\n"
-                                 "Command: `python benchmarks/bench_cpu_threads.py "
-                                 f"{' '.join(sys.argv[1:]) if argv is None else ' '.join(argv)}`\n\n" + text + "\n")
+        command = " ".join(sys.argv[1:]) if argv is None else " ".join(argv)
+        write_text(args.markdown, "# CPU fine-tuning: threads and the system message "
+                   f"({result['settings']['date'][:10]})\n\nCommand: `python benchmarks/bench_cpu_threads.py "
+                   f"{command}`\n\n" + text + "\n")
     return 0
 
 
