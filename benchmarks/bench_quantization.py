@@ -20,14 +20,14 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+
+from internvlx_hf.bench.harness import Progress, environment, time_call, write_results, write_text  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 HELD_OUT_SEED = 20261123  # not a training seed of the demo model (scripts/make_demo_model.py uses 0 and 1)
@@ -97,9 +97,10 @@ def measure(mode: str, processor, records, root, meta, reference) -> dict:
     from internvlx_hf.demo.recipe import evaluate
     from internvlx_hf.quantization import quantized_linear_names
 
-    start = time.perf_counter()
-    model = load(mode)
-    result = {"mode": mode, "bits": MODES[mode][0], "load_s": round(time.perf_counter() - start, 2),
+    loaded = []
+    load_s = time_call(lambda: loaded.append(load(mode)), warmup=0, repeats=1)["median_s"]
+    model = loaded[0]
+    result = {"mode": mode, "bits": MODES[mode][0], "load_s": round(load_s, 2),
               "footprint_bytes": model.get_memory_footprint()}
     names = quantized_linear_names(model) if MODES[mode][0] else []
     result["quantized_linears"] = len(names)
@@ -185,9 +186,10 @@ def main(argv=None) -> int:
                                 system_message="", name="held_out")
         records, root = read_records(meta)
         rows, reference = [], None
+        progress = Progress(len(MODES), "quantization")
         for mode in MODES:
-            print(f"{mode} ...", flush=True)
             row = measure(mode, processor, records, root, meta, reference)
+            progress.step(mode)
             logits = row.pop("_logits", None)
             if mode == "float32":
                 reference = logits
@@ -199,15 +201,15 @@ def main(argv=None) -> int:
     parameters = sum(p.numel() for p in full.parameters())
     record = {
         "benchmark": "bench_quantization.py", "date": datetime.date.today().isoformat(),
-        "device": f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)",
+        "device": f"CPU ({torch.get_num_threads()} threads)", "environment": environment("cpu"),
         "torch": torch.__version__, "transformers": transformers.__version__,
         "bitsandbytes": bitsandbytes.__version__, "parameters": parameters,
         "held_out_n": len(records), "held_out_seed": HELD_OUT_SEED, "modes": rows,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    out.with_suffix(".md").write_text(markdown(record), encoding="utf-8")
+    write_results(out.with_suffix(".json"), record)
+    write_text(out.with_suffix(".md"), markdown(record))
     print(markdown(record))
     return 0
 
