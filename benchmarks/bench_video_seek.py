@@ -22,15 +22,14 @@ and reports frames decoded, seconds (median of ``--repeats``) and the ratio seek
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 import sys
 import tempfile
-import time
 from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
+
+from internvlx_hf.bench.harness import environment, time_call, write_results
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -57,12 +56,9 @@ def write_long_video(path: Path, frames: int, fps: int, width: int, height: int,
 
 
 def timed(function, repeats: int):
-    times, result = [], None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = function()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
+    """(median seconds of ``repeats`` calls, the last call's result)."""
+    results = []
+    return time_call(lambda: results.append(function()), warmup=0, repeats=repeats)["median_s"], results[-1]
 
 
 def main(argv=None) -> int:
@@ -121,7 +117,7 @@ def main(argv=None) -> int:
               f"{row['start']['frames_decoded']} | {row['start']['s']:.3f} | {row['ratio_seek_over_start']:.3f} | "
               f"{row['same_frames']} |")
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        write_results(args.json, result | {"environment": environment("cpu")})
     return 0 if all(row["same_frames"] for row in rows) else 1
 
 
