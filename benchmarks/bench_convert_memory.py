@@ -20,8 +20,9 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from internvlx_hf.bench.harness import Progress, environment, results, time_call, write_results
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,22 +65,26 @@ def main() -> None:
     parser.add_argument("--max-shard-size", default="5GB", help="output shard size (the converter's default)")
     parser.add_argument("--workdir", default=None, help="where to build the checkpoints (default: a temp dir)")
     parser.add_argument("--tokenizer-from", default=None, help="a checkpoint folder with an InternLM2 tokenizer")
+    parser.add_argument("--out", type=Path, default=None, help="also write the figures as JSON here")
     args = parser.parse_args()
+    progress = Progress(3, "convert memory")
 
     fixtures = Path(os.environ.get("INTERNVLX_FIXTURES", REPO_ROOT / "tests" / "fixtures"))
     tokenizer_from = Path(args.tokenizer_from or fixtures / "internvl2_internlm2")
     with tempfile.TemporaryDirectory(dir=args.workdir, prefix="bench_convert_") as work:
         src, dst = Path(work) / "src", Path(work) / "dst"
-        started = time.time()
         # Built in a subprocess: Linux keeps ru_maxrss across exec, so a big parent would mask the children's peak.
-        subprocess.run([sys.executable, "-c", _BUILD, str(src), str(tokenizer_from), str(args.layers),
-                        str(args.num_shards)], check=True)
-        build_seconds = time.time() - started
+        build_seconds = time_call(lambda: subprocess.run([sys.executable, "-c", _BUILD, str(src), str(tokenizer_from),
+                                                          str(args.layers), str(args.num_shards)], check=True),
+                                  warmup=0, repeats=1)["median_s"]
+        progress.step("synthetic checkpoint built")
         shards = sorted(src.glob("*.safetensors"))
         total = sum(f.stat().st_size for f in shards)
         largest_shard = max(f.stat().st_size for f in shards)
         baseline = measure("import")
+        progress.step("import measured")
         result = measure("convert", str(src), str(dst), args.max_shard_size)
+        progress.step("conversion measured")
         outputs = sorted(dst.glob("*.safetensors"))
         largest_tensor = 92553 * 4096 * 2  # the embedding / LM head in bf16
 
@@ -96,6 +101,15 @@ def main() -> None:
               f"{result['ru_maxrss_kb'] * 1024 / mib:.0f} MiB), {result['seconds']:.0f}s")
         print(f"conversion's own peak : {own / mib:6.0f} MiB = {own / largest_shard:.2f} x the largest source shard, "
               f"{own / total:.2f} x the checkpoint")
+        if args.out:
+            rows = [{"process": "import only", **baseline}, {"process": "convert", **result}]
+            summary = {"checkpoint_bytes": total, "source_shards": len(shards), "largest_shard_bytes": largest_shard,
+                       "output_shards": len(outputs), "build_s": round(build_seconds, 1), "own_peak_bytes": own,
+                       "own_peak_vs_largest_shard": round(own / largest_shard, 3),
+                       "own_peak_vs_checkpoint": round(own / total, 3)}
+            settings = {k: v for k, v in vars(args).items() if k != "out"} | {"tokenizer_from": str(tokenizer_from)}
+            write_results(args.out, results("convert_memory", rows, settings, environment("cpu", "bfloat16"))
+                          | {"summary": summary})
 
 
 if __name__ == "__main__":
