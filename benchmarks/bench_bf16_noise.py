@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,13 +39,14 @@ def main(argv=None) -> int:
     import torch
     import test_cuda as helpers
 
+    from internvlx_hf.bench.harness import Progress, environment, write_text
     from internvlx_hf.demo import demo_samples, load_demo_model
 
     torch.set_num_threads(args.threads)
     model, processor = load_demo_model()
     model.to(args.device)
     tokenizer = processor.tokenizer
-    rows, start_time = [], time.perf_counter()
+    rows, progress = [], Progress(args.seeds, "bf16 noise")
     with torch.no_grad():
         for seed in range(args.seeds):
             for task, sample in enumerate(demo_samples(seed=seed)):
@@ -67,7 +67,7 @@ def main(argv=None) -> int:
                                  "ec": helpers.rel_err(cached[0], full32[0, at]),
                                  "eu": helpers.rel_err(full16[0, at], full32[0, at]),
                                  "ecu": helpers.rel_err(cached[0], full16[0, at])})
-            print(f"seed {seed} done ({time.perf_counter() - start_time:.0f} s)", flush=True)
+            progress.step(f"seed {seed}")
     summary = {}
     for part, keep in (("steps of right answers", True), ("other steps", False)):
         chosen = [r for r in rows if r["in_right_answer"] is keep]
@@ -78,9 +78,9 @@ def main(argv=None) -> int:
     for part, v in summary.items():
         print(f"| {part} | {v['steps']} | {v['max_ec']:.4f} | {v['max_eu']:.4f} | {v['max_ecu']:.4f} |")
     device = torch.cuda.get_device_name() if args.device == "cuda" else args.device
-    Path(args.out).write_text(json.dumps({"device": device, "torch": torch.__version__, "threads": args.threads,
-                                          "size": [224, 112], "summary": summary, "rows": rows}, indent=1) + "\n",
-                              encoding="utf-8")
+    write_text(args.out, json.dumps({"device": device, "torch": torch.__version__, "threads": args.threads,
+                                     "size": [224, 112], "environment": environment(args.device, "bfloat16"),
+                                     "summary": summary, "rows": rows}, indent=1) + "\n")
     print(f"wrote {args.out}")
     return 0
 
