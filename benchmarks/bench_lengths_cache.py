@@ -29,6 +29,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_data  # noqa: E402
 
+from internvlx_hf.bench.harness import Progress, environment, time_call, write_text  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 BEFORE = "b16faf3"  # the last commit whose data check did not write the lengths cache
 
@@ -39,9 +41,10 @@ def data_check(model: Path, meta: Path, cache: Path, src: Path) -> dict:
                "--max_length", "4096", "--no-progress"]
     if src == REPO / "src":
         command += ["--lengths_cache_dir", str(cache)]  # the old check has no such flag (and writes no lengths)
-    began = time.perf_counter()
-    done = subprocess.run(command, env=env, capture_output=True, text=True)
-    seconds = time.perf_counter() - began
+    runs = []
+    seconds = time_call(lambda: runs.append(subprocess.run(command, env=env, capture_output=True, text=True)),
+                        warmup=0, repeats=1)["median_s"]
+    done = runs[0]
     if done.returncode != 0:
         raise RuntimeError(f"data check failed:\n{done.stderr[-3000:]}")
     said = [line for line in done.stdout.splitlines() if line.startswith("Lengths written")]
@@ -85,7 +88,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.report_only:
         results = json.loads(args.out.read_text())
-        args.out.with_suffix(".md").write_text(report(results) + "\n")
+        write_text(args.out.with_suffix(".md"), report(results) + "\n")
         print(report(results))
         return
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-lengths-"))
@@ -93,14 +96,16 @@ def main() -> None:
     model = bench_data.converted_checkpoint(work / "model")
     meta = bench_data.make_mix(work / "mix", args.rows, images=args.images)
     results = {"rows": args.rows, "images": args.images, "cores": len(os.sched_getaffinity(0)),
-               "date": time.strftime("%Y-%m-%d"), "load_average_at_start": os.getloadavg()[0]}
+               "date": time.strftime("%Y-%m-%d"), "load_average_at_start": os.getloadavg()[0],
+               "environment": environment("cpu")}
+    progress = Progress(2, "lengths cache")
     before = bench_data.source_at(BEFORE, work)
     results["before"] = {"label": f"before ({BEFORE})", **run(model, meta, work, before, "before")}
-    print(json.dumps(results["before"]), flush=True)
+    progress.step(json.dumps(results["before"]))
     results["after"] = {"label": "after (this checkout)", **run(model, meta, work, REPO / "src", "after")}
-    print(json.dumps(results["after"]), flush=True)
-    args.out.write_text(json.dumps(results, indent=1) + "\n")
-    args.out.with_suffix(".md").write_text(report(results) + "\n")
+    progress.step(json.dumps(results["after"]))
+    write_text(args.out, json.dumps(results, indent=1) + "\n")
+    write_text(args.out.with_suffix(".md"), report(results) + "\n")
     print(report(results))
 
 
