@@ -199,13 +199,14 @@ def eager_scan_rate(model: Path, meta: Path, src: Path) -> dict:
 def check_rate(model: Path, meta: Path) -> dict:
     """Today's full check (`InternVLXDataset(check=True)`, what `internvlx data check` runs), all cores."""
     from internvlx_hf import InternVLXProcessor
+    from internvlx_hf.bench.harness import time_call
     from internvlx_hf.data import InternVLXDataset
 
     processor = InternVLXProcessor.from_pretrained(model)
-    began = time.perf_counter()
-    dataset = InternVLXDataset(str(meta), processor, max_length=4096, progress=False, check=True)
-    seconds = time.perf_counter() - began
-    rows = sum(d.rows for d in dataset.summary.datasets)
+    built = []
+    seconds = time_call(lambda: built.append(InternVLXDataset(str(meta), processor, max_length=4096, progress=False,
+                                                              check=True)), warmup=0, repeats=1)["median_s"]
+    rows = sum(d.rows for d in built[0].summary.datasets)
     return {"rows": rows, "seconds": seconds, "rows_per_s": rows / seconds}
 
 
@@ -214,6 +215,7 @@ def loader_rate(model: Path, meta: Path, workers: int, batches: int = 12, batch_
     import torch
 
     from internvlx_hf import InternVLXProcessor
+    from internvlx_hf.bench.harness import time_call
     from internvlx_hf.data import InternVLXDataset
     from internvlx_hf.training import InternVLXDataCollator
 
@@ -226,14 +228,17 @@ def loader_rate(model: Path, meta: Path, workers: int, batches: int = 12, batch_
                                              dataset, generator=torch.Generator().manual_seed(0)))
     iterator = iter(loader)
     next(iterator)  # workers started, first batch
-    began = time.perf_counter()
     samples = tiles = 0
-    for _ in range(batches):
-        batch = next(iterator)
-        samples += batch["input_ids"].shape[0]
-        tiles += int(batch["num_patches"].sum()) if "num_patches" in batch else 0
-    seconds = time.perf_counter() - began
-    del iterator
+
+    def read_batches() -> None:
+        nonlocal samples, tiles
+        for _ in range(batches):
+            batch = next(iterator)
+            samples += batch["input_ids"].shape[0]
+            tiles += int(batch["num_patches"].sum()) if "num_patches" in batch else 0
+
+    seconds = time_call(read_batches, warmup=0, repeats=1)["median_s"]
+    iterator = None  # the workers stop
     return {"workers": workers, "samples_per_s": samples / seconds, "tiles_per_s": tiles / seconds}
 
 
@@ -268,6 +273,9 @@ def padding_cost(model: Path, meta: Path, cache: Path, rows: int = 200_000, batc
 
 
 def main() -> None:
+    # (imported here: training children run this file with an older package on the path, which has no harness)
+    from internvlx_hf.bench.harness import Progress, environment, time_call, write_text
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--eager-rows", type=int, default=5000)
@@ -278,7 +286,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.report_only:
         results = json.loads(args.out.read_text())
-        args.out.with_suffix(".md").write_text(report(results) + "\n")
+        write_text(args.out.with_suffix(".md"), report(results) + "\n")
         print(report(results))
         plot(results, args.out.with_suffix(".png"))
         return
@@ -286,16 +294,19 @@ def main() -> None:
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-data-"))
     work.mkdir(parents=True, exist_ok=True)
     model = converted_checkpoint(work / "model")
-    results = {"rows": args.rows, "eager_rows": args.eager_rows, "cores": len(os.sched_getaffinity(0))}
+    results = {"rows": args.rows, "eager_rows": args.eager_rows, "cores": len(os.sched_getaffinity(0)),
+               "environment": environment("cpu")}
+    progress = Progress(17 - 4 * ("ddp" in skip) - ("loader" in skip) - ("padding" in skip), "data")
 
-    def note(key, value):
+    def note(key, value):  # every figure kept as it comes: a long run stopped half-way keeps what it measured
         results[key] = value
-        print(f"{key}: {json.dumps(value)}", flush=True)
-        args.out.write_text(json.dumps(results, indent=1) + "\n")
+        progress.step(f"{key}: {json.dumps(value)}")
+        write_text(args.out, json.dumps(results, indent=1) + "\n")
 
-    began = time.perf_counter()
-    big = make_mix(work / "big", args.rows)
-    note("generate_s", time.perf_counter() - began)
+    mixes = []
+    note("generate_s", time_call(lambda: mixes.append(make_mix(work / "big", args.rows)), warmup=0,
+                                 repeats=1)["median_s"])
+    big = mixes[0]
     note("file_mib", sum(f.stat().st_size for f in (work / "big").glob("*.jsonl")) / 2**20)
     small = make_mix(work / "small", args.eager_rows, seed=1)
     empty = make_mix(work / "empty", 100, seed=2)
@@ -311,9 +322,11 @@ def main() -> None:
     note("lazy_empty", run_training(train_options(model, empty, work / "o"), work, "lazy-empty"))
     note("lazy", run_training(train_options(model, big, work / "o"), work, "lazy"))
     grouped = dict(group_by_length=True, lengths_cache_dir=str(cache))
-    began = time.perf_counter()
-    note("lengths_first", run_training(train_options(model, big, work / "o", **grouped), work, "lengths-first"))
-    note("lengths_first_wall_s", time.perf_counter() - began)
+    first = []
+    wall = time_call(lambda: first.append(run_training(train_options(model, big, work / "o", **grouped), work,
+                                                       "lengths-first")), warmup=0, repeats=1)["median_s"]
+    note("lengths_first", first[0])
+    note("lengths_first_wall_s", wall)
     note("lengths_second", run_training(train_options(model, big, work / "o", **grouped), work, "lengths-second"))
     if "ddp" not in skip:
         note("lazy_empty_ddp2", run_training(train_options(model, empty, work / "o"), work, "lazy-empty-ddp", 2))
@@ -328,7 +341,7 @@ def main() -> None:
     if "padding" not in skip:
         note("padding", padding_cost(model, big, cache))
     table = report(results)
-    args.out.with_suffix(".md").write_text(table + "\n")
+    write_text(args.out.with_suffix(".md"), table + "\n")
     print(table)
     plot(results, args.out.with_suffix(".png"))
     print(f"wrote {args.out} (.md, .png)")

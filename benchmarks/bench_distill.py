@@ -62,6 +62,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import bench_lvtc_upgrade as upgrade_study  # noqa: E402
 
+from internvlx_hf.bench.harness import environment  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results"
 STUDENTS = ("pvtc", "lvtc-rms")
 TEACHERS = ("plain-256", "plain-1024")
@@ -151,9 +153,8 @@ def prepare(args) -> None:
                 entry = {"trained": "no: the pretrained source, `internvlx convert SRC DST`", "train_s": 0.0}
             else:  # the study's plain-1024, fine-tuned with labels (s2-lr1e-3, seed 0), kept
                 start = upgrade_study.upgrade(native, "plain-1024", TEACHER_SEED, work / "init" / "teacher-plain-1024")
-                metrics = train_checkpoint(start, train_meta, folder, TrainSpec(steps=STEPS, learning_rate=LR,
-                                                                                 seed=TEACHER_SEED),
-                                           preset="stage2", threads=1, progress=False)
+                spec = TrainSpec(steps=STEPS, learning_rate=LR, seed=TEACHER_SEED)
+                metrics = train_checkpoint(start, train_meta, folder, spec, preset="stage2", threads=1, progress=False)
                 metrics.pop("result")
                 entry = {"trained": f"stage2, {STEPS} steps, lr 1e-3, seed {TEACHER_SEED}, labels (the study's "
                                     f"plain-1024 {SCHEDULE})", "train_s": metrics["train_runtime"]}
@@ -420,7 +421,8 @@ def summarise(args) -> int:
                "settings": {"steps": STEPS, "lr": LR, "schedule": SCHEDULE, "batch": 32, "beta": args.beta,
                             "temperature": args.temperature, "n_test": args.n_test, "threads_per_run": 1,
                             "machine": f"{platform.machine()} {os.cpu_count()} cores"},
-               "runs": {"distilled": distilled, "supervised": supervised}}
+               "runs": {"distilled": distilled, "supervised": supervised},
+               "environment": environment("cpu", "float32")}
     _write(Path(args.json), summary)
     _write(Path(args.json).with_suffix(".md"), "# Distillation (benchmarks/bench_distill.py)\n\n" + text)
     if args.plot:

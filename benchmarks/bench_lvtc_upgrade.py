@@ -102,6 +102,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from internvlx_hf.bench.harness import environment, write_text  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results"
 RUNS_ROOT = RESULTS / "lvtc-upgrade"
 K = 5  # of 6 LLM layers: the learnability benchmark's LVTC expand layer
@@ -416,10 +418,7 @@ def probe_cost(probe: dict, config: str) -> float | None:
 
 
 def _write(path: Path, data) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n" if not isinstance(data, str) else data)
-    os.replace(tmp, path)
+    write_text(path, json.dumps(data, indent=2) + "\n" if not isinstance(data, str) else data)
 
 
 def run_file(args, config: str, schedule: str, seed: int) -> Path:
@@ -728,6 +727,7 @@ def summarise(args) -> int:
     results["settings"] = {key: getattr(args, key) for key in keys} | {
         "machine": f"{platform.machine()} {os.cpu_count()} cores", "threads_per_run": 1,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    results["environment"] = environment("cpu", "float32")
     results["which_compression"] = decision
     results["required_not_run"] = missing
     _write(Path(args.json), results)
@@ -745,6 +745,7 @@ def check_targets(table, pretrained) -> list[tuple[bool, str]]:
     `REFERENCE_SCHEDULE`'s when it has none)."""
     by = {(e["config"], e["schedule"]): e for e in table}
     checks = []
+
     def reference(config, schedule):  # each reference of its own schedule where it ran, else of the main one
         return schedule if (config, schedule) in by else REFERENCE_SCHEDULE.get(schedule, schedule)
 
