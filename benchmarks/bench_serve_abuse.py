@@ -57,6 +57,9 @@ import time
 import urllib.request
 from pathlib import Path
 
+from internvlx_hf.bench.harness import environment, write_results, write_text
+from internvlx_hf.bench.serve import percentile as nearest_rank
+
 RESULTS = Path(__file__).resolve().parent / "results"
 GOOD_CLIENTS, HOSTILE_CLIENTS = 32, 8
 
@@ -79,8 +82,8 @@ def descriptors(pid: int) -> int:
 
 
 def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))] if ordered else float("nan")
+    """The nearest-rank ``q``-th percentile (0..100); NaN for no values."""
+    return nearest_rank(values, q / 100) if values else float("nan")
 
 
 def post(base: str, body: bytes, timeout: float = 300) -> tuple[int, bytes]:
@@ -503,10 +506,11 @@ def main() -> None:
                         "58 instead (see the module's text)")
     args = parser.parse_args()
     result = run_bounds(args) if args.bounds else run(args)
+    result["environment"] = environment("cpu")
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_results(RESULTS / f"{args.name}.json", result)
     text = bounds_table(result) if args.bounds else table(result)
-    (RESULTS / f"{args.name}.md").write_text(text + "\n")
+    write_text(RESULTS / f"{args.name}.md", text + "\n")
     print(text)
 
 
