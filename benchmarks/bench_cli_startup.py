@@ -29,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_data  # noqa: E402  (its source_at: the package at an earlier commit)
 
-from internvlx_hf.bench.harness import time_call  # noqa: E402
+from internvlx_hf.bench.harness import time_call, write_text  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 OLD = "0b9a898"  # the last commit whose `import internvlx_hf` imported torch and transformers
@@ -113,9 +113,9 @@ def main() -> None:
         results = json.loads(args.out.read_text())
     else:
         results = measure(args.repeats, {"OLD": args.old, "TRAIN_OLD": args.train_old})
-        args.out.write_text(json.dumps(results, indent=1) + "\n")
+        write_text(args.out, json.dumps(results, indent=1) + "\n")
     table = report(results)
-    args.out.with_suffix(".md").write_text(table)
+    write_text(args.out.with_suffix(".md"), table)
     print(table)
 
 

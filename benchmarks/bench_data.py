@@ -403,29 +403,24 @@ def report(results: dict) -> str:
 
 
 def plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from internvlx_hf.bench.harness import figure
 
     rows = rows_of(results)
     labels = [f"{p}\n{'1 process' if procs == '1' else '2 DDP processes'}" for p, procs, *_ in rows]
     seconds = [s for _, _, s, *_ in rows]
     colours = ["#bbbbbb" if p.startswith("old") else "#4477aa" for p, *_ in rows]
-    fig, ax = plt.subplots(figsize=(9, 0.55 * len(rows) + 1.2))
-    ax.barh(range(len(rows)), seconds, color=colours)
-    ax.set_yticks(range(len(rows)), labels, fontsize=8)
-    ax.invert_yaxis()
-    ax.set_xscale("log")
-    ax.set_xlim(right=max(seconds) * 2.2)
-    ax.axvline(60, color="#cc3311", linestyle="--", linewidth=1)
-    ax.text(60, len(rows) - 0.6, " 60 s target", color="#cc3311", fontsize=8, va="bottom")
-    for y, value in enumerate(seconds):
-        ax.text(value, y, f" {value:,.0f} s", va="center", fontsize=8)
-    ax.set_xlabel("seconds from `internvlx train` to the first optimizer step (log scale; grey: extrapolated)")
-    ax.set_title(f"{results['rows']:,}-row InternVL mix, {results['cores']} CPU cores")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with figure(path, figsize=(9, 0.55 * len(rows) + 1.2), dpi=120) as (fig, ax):
+        ax.barh(range(len(rows)), seconds, color=colours)
+        ax.set_yticks(range(len(rows)), labels, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xscale("log")
+        ax.set_xlim(right=max(seconds) * 2.2)
+        ax.axvline(60, color="#cc3311", linestyle="--", linewidth=1)
+        ax.text(60, len(rows) - 0.6, " 60 s target", color="#cc3311", fontsize=8, va="bottom")
+        for y, value in enumerate(seconds):
+            ax.text(value, y, f" {value:,.0f} s", va="center", fontsize=8)
+        ax.set_xlabel("seconds from `internvlx train` to the first optimizer step (log scale; grey: extrapolated)")
+        ax.set_title(f"{results['rows']:,}-row InternVL mix, {results['cores']} CPU cores")
 
 
 if __name__ == "__main__":

@@ -482,39 +482,34 @@ def write_docs(lines: list[str]) -> list[Path]:
 
 
 def plot(rows, teachers, pretrained, path) -> None:
-    import matplotlib
+    from internvlx_hf.bench.harness import figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    methods = [("supervised", None, "supervised (labels)"), ("distilled", "plain-256", "distilled from plain-256"),
-               ("distilled", "plain-1024", "distilled from plain-1024")]
-    width = 0.25
-    for i, (method, teacher, label) in enumerate(methods):
-        xs, means, sds, runs = [], [], [], []
-        for j, student in enumerate(STUDENTS):
-            row = next((r for r in rows if r["student"] == student and r["method"] == method
-                        and r["teacher"] == teacher), None)
-            if row is None:
-                continue
-            xs.append(j + (i - 1) * width)
-            means.append(row["fine"]["mean"])
-            sds.append(row["fine"]["sd"])
-            runs.append(row["fine"]["runs"])
-        ax.bar(xs, means, width, yerr=sds, capsize=3, label=label, color=f"C{i}", alpha=0.8)
-        for x, values in zip(xs, runs):
-            ax.plot([x] * len(values), values, "k.", markersize=4)
-    for name, style in (("plain-256", ":"), ("plain-1024", "--")):
-        ax.axhline(teachers[name]["fine"], color="grey", linestyle=style, label=f"teacher {name}")
-    ax.axhline(1 / 8, color="lightgrey", linestyle="-.", label="chance (1/8)")
-    ax.set_xticks(range(len(STUDENTS)), [f"{s} student" for s in STUDENTS])
-    ax.set_ylabel("fine task, held-out accuracy")
-    ax.set_ylim(0, 1.05)
-    ax.set_title(f"Recovering a converted model without labels: {STEPS} steps, lr 1e-3, seeds as dots")
-    ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with figure(path, figsize=(8, 4.5), dpi=120) as (fig, ax):
+        methods = [("supervised", None, "supervised (labels)"), ("distilled", "plain-256", "distilled from plain-256"),
+                   ("distilled", "plain-1024", "distilled from plain-1024")]
+        width = 0.25
+        for i, (method, teacher, label) in enumerate(methods):
+            xs, means, sds, runs = [], [], [], []
+            for j, student in enumerate(STUDENTS):
+                row = next((r for r in rows if r["student"] == student and r["method"] == method
+                            and r["teacher"] == teacher), None)
+                if row is None:
+                    continue
+                xs.append(j + (i - 1) * width)
+                means.append(row["fine"]["mean"])
+                sds.append(row["fine"]["sd"])
+                runs.append(row["fine"]["runs"])
+            ax.bar(xs, means, width, yerr=sds, capsize=3, label=label, color=f"C{i}", alpha=0.8)
+            for x, values in zip(xs, runs):
+                ax.plot([x] * len(values), values, "k.", markersize=4)
+        for name, style in (("plain-256", ":"), ("plain-1024", "--")):
+            ax.axhline(teachers[name]["fine"], color="grey", linestyle=style, label=f"teacher {name}")
+        ax.axhline(1 / 8, color="lightgrey", linestyle="-.", label="chance (1/8)")
+        ax.set_xticks(range(len(STUDENTS)), [f"{s} student" for s in STUDENTS])
+        ax.set_ylabel("fine task, held-out accuracy")
+        ax.set_ylim(0, 1.05)
+        ax.set_title(f"Recovering a converted model without labels: {STEPS} steps, lr 1e-3, seeds as dots")
+        ax.legend(fontsize=7, loc="lower right")
 
 
 def main(argv=None) -> int:

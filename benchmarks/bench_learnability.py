@@ -351,35 +351,28 @@ def check_requirements(results) -> list[tuple[str, bool, str]]:
 
 
 def plot(results, path):
-    import matplotlib
+    from internvlx_hf.bench.harness import figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, sizes, title in ((axes[0], "fixed", "fixed-size set (one tile)"),
-                             (axes[1], "mixed", "mixed sizes: RVTC tiling modes")):
-        runs = [r for r in results["runs"] if r["sizes"] == sizes]
-        for r in runs:
-            basic = min(r["accuracy"][t] for t in ("colour", "shape", "position", "count"))
-            label = r["config"] if sizes == "fixed" else r["tiling"]
-            ax.plot([r["train_s"]] * 2, [basic, r["accuracy"]["fine"]], "-", color="0.8", zorder=1)[0]
-            ax.scatter([r["train_s"]], [r["accuracy"]["fine"]], marker="o", s=50, zorder=2, label=f"{label}: fine")
-            ax.scatter([r["train_s"]], [basic], marker="s", s=30, zorder=2, facecolors="none",
-                       edgecolors=ax.collections[-1].get_facecolor()[0])
-            ax.annotate(label, (r["train_s"], r["accuracy"]["fine"]), textcoords="offset points", xytext=(5, 4),
-                        fontsize=8)
-        ax.set_title(title)
-        ax.set_xlabel("training time (s, CPU)")
-        ax.set_ylabel("held-out exact match")
-        ax.set_ylim(0, 1.05)
-        ax.grid(alpha=0.3)
-    axes[0].text(0.02, 0.03, "filled: fine detail; hollow: lowest basic task", transform=axes[0].transAxes,
-                 fontsize=8)
-    fig.tight_layout()
-    tmp = Path(path).with_name("." + Path(path).name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    with figure(path, 1, 2, figsize=(11, 4.2), dpi=110) as (fig, axes):
+        for ax, sizes, title in ((axes[0], "fixed", "fixed-size set (one tile)"),
+                                 (axes[1], "mixed", "mixed sizes: RVTC tiling modes")):
+            runs = [r for r in results["runs"] if r["sizes"] == sizes]
+            for r in runs:
+                basic = min(r["accuracy"][t] for t in ("colour", "shape", "position", "count"))
+                label = r["config"] if sizes == "fixed" else r["tiling"]
+                ax.plot([r["train_s"]] * 2, [basic, r["accuracy"]["fine"]], "-", color="0.8", zorder=1)[0]
+                ax.scatter([r["train_s"]], [r["accuracy"]["fine"]], marker="o", s=50, zorder=2, label=f"{label}: fine")
+                ax.scatter([r["train_s"]], [basic], marker="s", s=30, zorder=2, facecolors="none",
+                           edgecolors=ax.collections[-1].get_facecolor()[0])
+                ax.annotate(label, (r["train_s"], r["accuracy"]["fine"]), textcoords="offset points", xytext=(5, 4),
+                            fontsize=8)
+            ax.set_title(title)
+            ax.set_xlabel("training time (s, CPU)")
+            ax.set_ylabel("held-out exact match")
+            ax.set_ylim(0, 1.05)
+            ax.grid(alpha=0.3)
+        axes[0].text(0.02, 0.03, "filled: fine detail; hollow: lowest basic task", transform=axes[0].transAxes,
+                     fontsize=8)
 
 
 def main(argv=None) -> int:

@@ -785,36 +785,31 @@ def check_targets(table, pretrained) -> list[tuple[bool, str]]:
 
 
 def plot(tables: dict[str, list[dict]], pretrained, path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from internvlx_hf.bench.harness import figure
 
     tasks = [t for t in DETAIL_TASKS if t in tables]
-    fig, axes = plt.subplots(1, len(tasks), figsize=(7 * len(tasks), 5), squeeze=False)
-    markers = {"s1+s2": "o", "s2": "s", "s1long+s2": "v", "s2x2": "D", "s2-lr1e-3": "^", "s2-lr2.5e-4": "<"}
-    colours = {config: f"C{i}" for i, config in enumerate(UPGRADES)}
-    for ax, task in zip(axes[0], tasks):
-        for e in tables[task]:
-            if "cost" not in e:
-                continue
-            ax.errorbar(e["cost"], e["detail"][0], yerr=e["detail"][1], marker=markers[e["schedule"]], capsize=3,
-                        color=colours[e["config"]], label=f"{e['config']} ({e['schedule']}, {len(e['seeds'])})",
-                        linestyle="none")
-            if "detail_zeroed" in e:
-                ax.plot(e["cost"], e["detail_zeroed"], marker="x", color=colours[e["config"]], linestyle="none")
-        if pretrained and task in pretrained["accuracy"]:
-            ax.axhline(pretrained["accuracy"][task], color="grey", linestyle=":", label="pretrained plain-256")
-        if task == "fine":
-            ax.axhline(1 / 8, color="lightgrey", linestyle="--", label="chance (1/8)")
-        ax.axvline(0.65, color="lightgrey", linestyle="-.", label="cost target (0.65x)")
-        ax.set_xlabel("training step cost vs plain-1024 (interleaved probe)")
-        ax.set_ylabel(f"{task} accuracy (held-out, exact match)")
-        ax.set_title(f"{task} task: upgraded plain-256 model, fine-tuned (x: HR output zeroed)")
-        ax.set_ylim(-0.02, 1.02)
-        ax.legend(fontsize=6, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with figure(path, 1, len(tasks), figsize=(7 * len(tasks), 5), squeeze=False, dpi=120) as (fig, axes):
+        markers = {"s1+s2": "o", "s2": "s", "s1long+s2": "v", "s2x2": "D", "s2-lr1e-3": "^", "s2-lr2.5e-4": "<"}
+        colours = {config: f"C{i}" for i, config in enumerate(UPGRADES)}
+        for ax, task in zip(axes[0], tasks):
+            for e in tables[task]:
+                if "cost" not in e:
+                    continue
+                ax.errorbar(e["cost"], e["detail"][0], yerr=e["detail"][1], marker=markers[e["schedule"]], capsize=3,
+                            color=colours[e["config"]], label=f"{e['config']} ({e['schedule']}, {len(e['seeds'])})",
+                            linestyle="none")
+                if "detail_zeroed" in e:
+                    ax.plot(e["cost"], e["detail_zeroed"], marker="x", color=colours[e["config"]], linestyle="none")
+            if pretrained and task in pretrained["accuracy"]:
+                ax.axhline(pretrained["accuracy"][task], color="grey", linestyle=":", label="pretrained plain-256")
+            if task == "fine":
+                ax.axhline(1 / 8, color="lightgrey", linestyle="--", label="chance (1/8)")
+            ax.axvline(0.65, color="lightgrey", linestyle="-.", label="cost target (0.65x)")
+            ax.set_xlabel("training step cost vs plain-1024 (interleaved probe)")
+            ax.set_ylabel(f"{task} accuracy (held-out, exact match)")
+            ax.set_title(f"{task} task: upgraded plain-256 model, fine-tuned (x: HR output zeroed)")
+            ax.set_ylim(-0.02, 1.02)
+            ax.legend(fontsize=6, loc="lower right")
 
 
 def main(argv=None) -> int:

@@ -760,30 +760,24 @@ def rvtc_markdown(rows: list[dict], max_tiles: int) -> str:
 
 
 def plot(summary: dict, path: Path, meta: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from internvlx_hf.bench.harness import figure
 
     ref = summary["plain-1024"]
     panels = [(key, flops, title) for key, flops, title in (
         ("prefill_s", "prefill_flops", "prefill"), ("decode_s_per_token", "decode_flops_per_token", "decode / token"),
         ("train_s", "train_flops", "training step")) if ref.get(key)]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
-    for ax, (key, flops, title) in zip(axes[0], panels):
-        names = [name for name, row in summary.items() if row.get(key)]
-        x = range(len(names))
-        ax.bar([i - 0.2 for i in x], [summary[n][key] / ref[key] for n in names], 0.4, label="time")
-        ax.bar([i + 0.2 for i in x], [summary[n][flops] / ref[flops] for n in names], 0.4, label="FLOPs")
-        ax.set_xticks(list(x), names, rotation=45, ha="right")
-        ax.set_title(f"{title} (relative to plain-1024)")
-        ax.axhline(1.0, color="grey", lw=0.5)
-        ax.legend()
-    fig.suptitle(f"{meta['preset']} on {meta['device']} ({meta['dtype']}, {meta['threads']} threads), {meta['date']}")
-    fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    os.replace(tmp, path)
+    with figure(path, 1, len(panels), figsize=(5 * len(panels), 4), squeeze=False, dpi=100) as (fig, axes):
+        for ax, (key, flops, title) in zip(axes[0], panels):
+            names = [name for name, row in summary.items() if row.get(key)]
+            x = range(len(names))
+            ax.bar([i - 0.2 for i in x], [summary[n][key] / ref[key] for n in names], 0.4, label="time")
+            ax.bar([i + 0.2 for i in x], [summary[n][flops] / ref[flops] for n in names], 0.4, label="FLOPs")
+            ax.set_xticks(list(x), names, rotation=45, ha="right")
+            ax.set_title(f"{title} (relative to plain-1024)")
+            ax.axhline(1.0, color="grey", lw=0.5)
+            ax.legend()
+        fig.suptitle(f"{meta['preset']} on {meta['device']} ({meta['dtype']}, {meta['threads']} threads), "
+                     f"{meta['date']}")
 
 
 # ---------------------------------------------------------------------------------------------------------- main

@@ -227,27 +227,22 @@ def table(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from internvlx_hf.bench.harness import figure
 
     levels = [level["concurrency"] for level in result["levels"]]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    for ax, (key, label, _) in zip(axes, METRICS[:3]):
-        for server, marker in (("internvlx", "o"), ("vllm", "s")):
-            ax.plot(levels, [level[server][key] for level in result["levels"]], marker=marker,
-                    label="internvlx serve" if server == "internvlx" else "vLLM")
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(levels, [str(c) for c in levels])
-        ax.set_xlabel("concurrent requests")
-        ax.set_title(label)
-        ax.grid(alpha=0.3)
-    axes[0].legend()
-    fig.suptitle(f"{result['checkpoint_name']}: {result['requests']} image requests per level, "
-                 f"max_tokens {result['max_tokens']} ({result['date']})", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with figure(path, 1, 3, figsize=(13, 3.8), dpi=110) as (fig, axes):
+        for ax, (key, label, _) in zip(axes, METRICS[:3]):
+            for server, marker in (("internvlx", "o"), ("vllm", "s")):
+                ax.plot(levels, [level[server][key] for level in result["levels"]], marker=marker,
+                        label="internvlx serve" if server == "internvlx" else "vLLM")
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(levels, [str(c) for c in levels])
+            ax.set_xlabel("concurrent requests")
+            ax.set_title(label)
+            ax.grid(alpha=0.3)
+        axes[0].legend()
+        fig.suptitle(f"{result['checkpoint_name']}: {result['requests']} image requests per level, "
+                     f"max_tokens {result['max_tokens']} ({result['date']})", fontsize=10)
 
 
 # ------------------------------------------------------------------------------------------- --projections
@@ -447,33 +442,28 @@ def projection_table(result: dict) -> str:
 
 
 def plot_projections(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from internvlx_hf.bench.harness import figure
 
     tiles = result["tiles"]
-    fig, axes = plt.subplots(2, len(tiles), figsize=(4.2 * len(tiles), 6.6), squeeze=False)
-    for col, count in enumerate(tiles):
-        for name, marker in zip(PROJECTIONS, "osD"):
-            cells = sorted((c for c in result["cells"] if c["projection"] == name and c["tiles"] == count),
-                           key=lambda c: c["concurrency"])
-            levels = [c["concurrency"] for c in cells]
-            axes[0][col].plot(levels, [c["requests_per_s"] for c in cells], marker=marker, label=name)
-            axes[1][col].plot(levels, [100 * c["peak_kv_cache_usage"] for c in cells], marker=marker, label=name)
-        for row, label in ((0, "requests/s"), (1, "peak KV cache usage %")):
-            ax = axes[row][col]
-            ax.set_xscale("log", base=2)
-            ax.set_xticks(result["concurrency"], [str(c) for c in result["concurrency"]])
-            ax.set_xlabel("concurrent requests")
-            ax.set_ylabel(label)
-            ax.grid(alpha=0.3)
-        axes[0][col].set_title(f"{count} tile{'s' if count > 1 else ''} per image")
-    axes[0][0].legend()
-    fig.suptitle(f"vLLM, InternVL2-2B layout: PVTC against plain-1024 and plain-256 ({result['requests']} requests per "
-                 f"level, {result['max_tokens']} output tokens, {result['date']})", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with figure(path, 2, len(tiles), figsize=(4.2 * len(tiles), 6.6), squeeze=False, dpi=110) as (fig, axes):
+        for col, count in enumerate(tiles):
+            for name, marker in zip(PROJECTIONS, "osD"):
+                cells = sorted((c for c in result["cells"] if c["projection"] == name and c["tiles"] == count),
+                               key=lambda c: c["concurrency"])
+                levels = [c["concurrency"] for c in cells]
+                axes[0][col].plot(levels, [c["requests_per_s"] for c in cells], marker=marker, label=name)
+                axes[1][col].plot(levels, [100 * c["peak_kv_cache_usage"] for c in cells], marker=marker, label=name)
+            for row, label in ((0, "requests/s"), (1, "peak KV cache usage %")):
+                ax = axes[row][col]
+                ax.set_xscale("log", base=2)
+                ax.set_xticks(result["concurrency"], [str(c) for c in result["concurrency"]])
+                ax.set_xlabel("concurrent requests")
+                ax.set_ylabel(label)
+                ax.grid(alpha=0.3)
+            axes[0][col].set_title(f"{count} tile{'s' if count > 1 else ''} per image")
+        axes[0][0].legend()
+        fig.suptitle(f"vLLM, InternVL2-2B layout: PVTC against plain-1024 and plain-256 ({result['requests']} "
+                     f"requests per level, {result['max_tokens']} output tokens, {result['date']})", fontsize=10)
 
 
 def main(argv=None) -> None:

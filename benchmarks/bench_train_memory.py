@@ -678,7 +678,8 @@ def comparisons(results: list[dict]) -> list[dict]:
                "peak_before_bytes": before["tensor_peak_bytes"], "peak_after_bytes": after["tensor_peak_bytes"],
                "activation_before_bytes": before["activation_peak_bytes"],
                "activation_after_bytes": after["activation_peak_bytes"], "drop_bytes": drop,
-               "logits_bf16_bytes": logits, "drop_over_logits": drop / logits, "loss_before": before["loss"], "loss_after": after["loss"],
+               "logits_bf16_bytes": logits, "drop_over_logits": drop / logits, "loss_before": before["loss"],
+               "loss_after": after["loss"],
                "time_ratio_after_over_before": after["step_s"] / before["step_s"]}
         if "rss_peak_bytes" in before and "rss_peak_bytes" in after:
             row["rss_drop_bytes"] = before["rss_peak_bytes"] - after["rss_peak_bytes"]
@@ -791,33 +792,28 @@ def step_times_table(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: Path, budgets) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from internvlx_hf.bench.harness import figure
 
     families = [f for f in FAMILIES if any(r["family"] == f for r in rows)]
-    fig, axes = plt.subplots(len(families), 2, figsize=(12, 3.6 * len(families)), squeeze=False)
-    for i, family in enumerate(families):
-        for j, vit in enumerate(("frozen", "full")):
-            ax = axes[i][j]
-            for layout, colour in zip(LAYOUTS, ("tab:blue", "tab:orange", "tab:green")):
-                sel = [r for r in rows if r["family"] == family and r["vit"] == vit and r["layout"] == layout]
-                sel.sort(key=lambda r: r["tiles"])
-                for which, style in (("before", "--"), ("after", "-")):
-                    pts = [(r["tiles"], r[f"per_sample_full_{which}_bytes"] / GiB) for r in sel
-                           if r[f"per_sample_full_{which}_bytes"] is not None]
-                    if pts:
-                        ax.plot(*zip(*pts), style, marker="o", color=colour, label=f"{layout} {which}")
-            ax.set_title(f"{SPECS[family]['name']}, ViT {vit}", fontsize=9)
-            ax.set_xlabel("tiles per sample")
-            ax.set_ylabel("GiB per sample, full depth")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
-    fig.suptitle("Training-step memory per sample: LM head on every position (before, dashed) vs on the labelled "
-                 "positions only (after)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with figure(path, len(families), 2, figsize=(12, 3.6 * len(families)), squeeze=False, dpi=110) as (fig, axes):
+        for i, family in enumerate(families):
+            for j, vit in enumerate(("frozen", "full")):
+                ax = axes[i][j]
+                for layout, colour in zip(LAYOUTS, ("tab:blue", "tab:orange", "tab:green")):
+                    sel = [r for r in rows if r["family"] == family and r["vit"] == vit and r["layout"] == layout]
+                    sel.sort(key=lambda r: r["tiles"])
+                    for which, style in (("before", "--"), ("after", "-")):
+                        pts = [(r["tiles"], r[f"per_sample_full_{which}_bytes"] / GiB) for r in sel
+                               if r[f"per_sample_full_{which}_bytes"] is not None]
+                        if pts:
+                            ax.plot(*zip(*pts), style, marker="o", color=colour, label=f"{layout} {which}")
+                ax.set_title(f"{SPECS[family]['name']}, ViT {vit}", fontsize=9)
+                ax.set_xlabel("tiles per sample")
+                ax.set_ylabel("GiB per sample, full depth")
+                ax.grid(alpha=0.3)
+                ax.legend(fontsize=7)
+        fig.suptitle("Training-step memory per sample: LM head on every position (before, dashed) vs on the labelled "
+                     "positions only (after)", fontsize=10)
 
 
 def main(argv=None) -> dict:
@@ -903,9 +899,10 @@ def main(argv=None) -> dict:
                  f"{run['path']} L={run['llm_layers']}/{run['vit_layers']} b={run['batch']} {run['arithmetic']}")
         print(label, end=" ", file=sys.stderr, flush=True)
         result = run_one(run, args, counts_cache[key])
-        print(result.get("skipped") or ("FAILED " + result["failed"][-300:] if "failed" in result else
-              f"tensor {_gib(result['tensor_peak_bytes'])} GiB, RSS {_gib(result.get('rss_peak_bytes'))} GiB, "
-              f"{result['step_s']:.1f} s"), file=sys.stderr, flush=True)
+        said = result.get("skipped") or ("FAILED " + result["failed"][-300:] if "failed" in result else
+                                         f"tensor {_gib(result['tensor_peak_bytes'])} GiB, RSS "
+                                         f"{_gib(result.get('rss_peak_bytes'))} GiB, {result['step_s']:.1f} s")
+        print(said, file=sys.stderr, flush=True)
         results = [r for r in results if run_key(r) != run_key(run)] + [result]
         save()
     derived = derive(results, args) if args.derive or args.device == "cuda" else []
@@ -953,9 +950,10 @@ def main(argv=None) -> dict:
     report = "\n".join(text)
     print(report)
     if args.markdown:
-        args.markdown.write_text(f"# Training-step memory ({meta['date']}, {args.device})\n\n"
-                                 f"Command: `python benchmarks/bench_train_memory.py {meta['command']}`\n\n"
-                                 + report + "\n")
+        from internvlx_hf.bench.harness import write_text
+
+        write_text(args.markdown, f"# Training-step memory ({meta['date']}, {args.device})\n\n"
+                   f"Command: `python benchmarks/bench_train_memory.py {meta['command']}`\n\n" + report + "\n")
     if args.plot and derived:
         plot(derived, args.plot, args.budgets_gib)
     if args.docs and derived:

@@ -691,8 +691,8 @@ def markdown(results: dict) -> str:
     at_check = vit["per_frame_s_at_{}".format(vit["check_frames"])]
     lines += ["", f"ViT: {ms(vit['per_frame_s_at_1'])} ms per frame on 1 frame, "
               f"{ms(at_check)} on {vit['check_frames']} (ratio "
-              f"{vit['linearity']:.3f}): " + ("F x the time per frame." if vit["mode"] == "scaled"
-                                               else "timed on every frame count.")]
+              f"{vit['linearity']:.3f}): "
+              + ("F x the time per frame." if vit["mode"] == "scaled" else "timed on every frame count.")]
     lines += ["", "Per decoder layer (median ms) by token count and the forward that measured it:", "",
               "| tokens | config | ms per layer |", "|--:|---|--:|"]
     for row in rows:
@@ -739,36 +739,30 @@ def _ratio(row, key) -> str:
 
 
 def plot(results: dict, path: Path) -> None:
-    import matplotlib
+    from internvlx_hf.bench.harness import figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for name in CONFIGS:
-        rows = [row for row in results["rows"] if row["config"] == name]
-        if not rows:
-            continue
-        frames = [row["frames"] for row in rows]
-        left.plot(frames, [row["total_s"] for row in rows], marker="o", label=name)
-        right.plot(frames, [row["llm_s"] for row in rows], marker="o", label=name)
-    for axis, title in ((left, "prefill total (ViT + projector + LLM)"), (right, "LLM prefill")):
-        axis.set_yscale("log")
-        axis.set_xscale("log", base=2)
-        axis.set_xticks(results["args"]["frames"], [str(f) for f in results["args"]["frames"]])
-        axis.set_xlabel("frames (one 448 px tile each)")
-        axis.set_ylabel("seconds")
-        axis.set_title(title)
-        axis.grid(True, which="both", alpha=0.3)
-        axis.legend()
-    m = results["machine"]
-    what = "tiny widths (--smoke)" if results["args"]["smoke"] else "InternVL2-2B dimensions"
-    clock = "process CPU time" if results["args"]["clock"] == "cpu" else "wall time"
-    fig.suptitle(f"Video prefill at {what} ({m['dtype']}, {m['device']}, {m['threads']} thread(s), {clock}; "
-                 f"LLM composed from per-layer times)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path, 1, 2, figsize=(11, 4.2), dpi=120) as (fig, (left, right)):
+        for name in CONFIGS:
+            rows = [row for row in results["rows"] if row["config"] == name]
+            if not rows:
+                continue
+            frames = [row["frames"] for row in rows]
+            left.plot(frames, [row["total_s"] for row in rows], marker="o", label=name)
+            right.plot(frames, [row["llm_s"] for row in rows], marker="o", label=name)
+        for axis, title in ((left, "prefill total (ViT + projector + LLM)"), (right, "LLM prefill")):
+            axis.set_yscale("log")
+            axis.set_xscale("log", base=2)
+            axis.set_xticks(results["args"]["frames"], [str(f) for f in results["args"]["frames"]])
+            axis.set_xlabel("frames (one 448 px tile each)")
+            axis.set_ylabel("seconds")
+            axis.set_title(title)
+            axis.grid(True, which="both", alpha=0.3)
+            axis.legend()
+        m = results["machine"]
+        what = "tiny widths (--smoke)" if results["args"]["smoke"] else "InternVL2-2B dimensions"
+        clock = "process CPU time" if results["args"]["clock"] == "cpu" else "wall time"
+        fig.suptitle(f"Video prefill at {what} ({m['dtype']}, {m['device']}, {m['threads']} thread(s), {clock}; "
+                     f"LLM composed from per-layer times)", fontsize=10)
 
 
 # ------------------------------------------------------------------------------------------------------------- main

@@ -46,6 +46,7 @@ from vllm_helpers import REQUESTS as TEST_REQUESTS  # noqa: E402
 from vllm_helpers import build_checkpoint, image, reference_generate, request_spec, video  # noqa: E402
 
 from internvlx_hf import InternVLXForConditionalGeneration, InternVLXProcessor  # noqa: E402
+from internvlx_hf.bench.harness import write_text  # noqa: E402
 
 LOGPROB_ATOL = 2e-5  # tests/test_vllm.py's
 #: tests/test_vllm.py's requests, less RVTC's edge tiling (which the research engine was not run with)
@@ -155,7 +156,7 @@ def parity(args) -> None:
            "rows": rows}
     RESULTS.mkdir(exist_ok=True)
     out["plugin_commit"] = plugin_commit()
-    (RESULTS / f"{args.out or 'vllm-lvtc-parity-saving'}.json").write_text(json.dumps(out, indent=1) + "\n")
+    write_text(RESULTS / f"{args.out or 'vllm-lvtc-parity-saving'}.json", json.dumps(out, indent=1) + "\n")
     print(f"\nall tokens equal: {out['all_tokens_equal']}; largest logprob difference {worst:.2e} "
           f"(tolerance {LOGPROB_ATOL})")
 
@@ -208,7 +209,7 @@ def stress(args) -> None:
            "all_tokens_equal": all(r["tokens_equal"] for r in rows),
            "max_logprob_diff": max(r["logprob_diff"] for r in rows), "rows": rows}
     out["plugin_commit"] = plugin_commit()
-    (RESULTS / f"{args.out or 'vllm-lvtc-stress-saving'}.json").write_text(json.dumps(out, indent=1) + "\n")
+    write_text(RESULTS / f"{args.out or 'vllm-lvtc-stress-saving'}.json", json.dumps(out, indent=1) + "\n")
     print(f"preemptions {out['preemptions']}; all tokens equal {out['all_tokens_equal']}; largest logprob "
           f"difference {out['max_logprob_diff']:.2e}")
 
@@ -381,8 +382,8 @@ def savings(args) -> None:
     runs["settings"] = {"repeats": args.repeats, "load_repeats": args.load_repeats,
                         "concurrency": args.concurrency, "max_tokens": args.max_tokens}
     name = args.out or "vllm-lvtc-savings"
-    (RESULTS / f"{name}.json").write_text(json.dumps(figures, indent=1) + "\n")
-    (RESULTS / f"{name}-runs.json").write_text(json.dumps(runs, indent=1) + "\n")
+    write_text(RESULTS / f"{name}.json", json.dumps(figures, indent=1) + "\n")
+    write_text(RESULTS / f"{name}-runs.json", json.dumps(runs, indent=1) + "\n")
     print(table(runs))
     print(f"written: benchmarks/results/{name}.json, {name}-runs.json")
     if args.plot:
@@ -410,36 +411,32 @@ def table(runs: dict) -> str:
 
 
 def plot(runs: dict, path: Path) -> None:
-    import matplotlib
+    from internvlx_hf.bench.harness import figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
-    names = list(ENGINE_ORDER)
-    colors = ["#444444", "#999999", "#d98c3a", "#2f7bbf"]
-    head = runs["per_request"]["3 tiles"]
-    for ax, metric, title in ((axes[0], "kv_bytes_ratio", "KV cache per request (3 tiles)"),
-                              (axes[1], "prefill_ratio", "prefill time (3 tiles)")):
-        values = [head[n][metric] for n in names]
-        ax.bar(names, values, color=colors)
-        target = head["kv_target"] if metric == "kv_bytes_ratio" else head["flops_ratio"]
-        ax.axhline(target, color="#2f7bbf", linestyle="--", linewidth=1,
-                   label="LVTC target" if metric == "kv_bytes_ratio" else "LVTC FLOPs ratio")
-        ax.set_title(title + ", vs plain-1024")
-        ax.legend(fontsize=8)
-        ax.tick_params(axis="x", rotation=20)
-    levels = list(runs["requests_per_s"]["plain-1024"])
-    width = 0.2
-    for i, name in enumerate(names):
-        axes[2].bar([j + i * width for j in range(len(levels))], [runs["requests_per_s"][name][c] for c in levels],
-                    width, label=name, color=colors[i])
-    axes[2].set_xticks([j + 1.5 * width for j in range(len(levels))], [f"concurrency {c}" for c in levels])
-    axes[2].set_title("requests/s (1-tile images)")
-    axes[2].legend(fontsize=8)
-    fig.suptitle(f"LVTC on vLLM {runs['figures']['vllm']} (CPU, float32): shipped plugin vs experimental saving model")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with figure(path, 1, 3, figsize=(13, 4), dpi=110) as (fig, axes):
+        names = list(ENGINE_ORDER)
+        colors = ["#444444", "#999999", "#d98c3a", "#2f7bbf"]
+        head = runs["per_request"]["3 tiles"]
+        for ax, metric, title in ((axes[0], "kv_bytes_ratio", "KV cache per request (3 tiles)"),
+                                  (axes[1], "prefill_ratio", "prefill time (3 tiles)")):
+            values = [head[n][metric] for n in names]
+            ax.bar(names, values, color=colors)
+            target = head["kv_target"] if metric == "kv_bytes_ratio" else head["flops_ratio"]
+            ax.axhline(target, color="#2f7bbf", linestyle="--", linewidth=1,
+                       label="LVTC target" if metric == "kv_bytes_ratio" else "LVTC FLOPs ratio")
+            ax.set_title(title + ", vs plain-1024")
+            ax.legend(fontsize=8)
+            ax.tick_params(axis="x", rotation=20)
+        levels = list(runs["requests_per_s"]["plain-1024"])
+        width = 0.2
+        for i, name in enumerate(names):
+            axes[2].bar([j + i * width for j in range(len(levels))], [runs["requests_per_s"][name][c] for c in levels],
+                        width, label=name, color=colors[i])
+        axes[2].set_xticks([j + 1.5 * width for j in range(len(levels))], [f"concurrency {c}" for c in levels])
+        axes[2].set_title("requests/s (1-tile images)")
+        axes[2].legend(fontsize=8)
+        fig.suptitle(f"LVTC on vLLM {runs['figures']['vllm']} (CPU, float32): shipped plugin vs experimental saving "
+                     "model")
 
 
 def plugin_commit() -> str:

@@ -4,7 +4,8 @@
   `time_interleaved`: the same for several candidates, round-robin.
 - `environment`: what a number depends on (versions, commit, device, dtype, threads), stored next to it.
 - `write_results`: one JSON file ``{"benchmark", "environment", "settings", "rows"}``, written atomically.
-- `format_table` / `plot_rows`: the printed table and, on request, a PNG (matplotlib, imported only then).
+- `format_table` / `plot_rows` / `figure`: the printed table and, on request, a PNG (matplotlib, imported only then):
+  a bar chart of rows, or the benchmark's own drawing in a `figure` block.
 - `Progress`: one line on stderr per finished step of a long run.
 """
 
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -151,9 +153,12 @@ def format_table(rows: Sequence[dict], columns: Sequence[str] | None = None) -> 
     return "\n".join([line(columns), line(["-" * w for w in widths]), *(line(r) for r in cells)])
 
 
-def plot_rows(path: str | os.PathLike, rows: Sequence[dict], label: str, value: str, title: str,
-              ylabel: str | None = None) -> Path:
-    """A bar chart of ``row[value]`` per ``row[label]``, saved as PNG (matplotlib, imported only here)."""
+@contextmanager
+def figure(path: str | os.PathLike, nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float] = (6.4, 4.8),
+           dpi: int = 110, squeeze: bool = True, tight: bool = True):
+    """``(figure, axes)`` of ``plt.subplots`` (matplotlib imported only here, off-screen); the benchmark draws in the
+    block, and the picture is saved as PNG at ``path`` when it ends (through a temporary file: a failed drawing
+    leaves no half-written picture) and closed."""
     try:
         import matplotlib
 
@@ -162,15 +167,26 @@ def plot_rows(path: str | os.PathLike, rows: Sequence[dict], label: str, value: 
     except ImportError as error:
         raise ImportError("--plot needs matplotlib: pip install matplotlib") from error
     path = Path(path)
-    figure, axes = plt.subplots(figsize=(max(4.0, 1.2 * len(rows) + 2), 3.5))
-    labels = [str(row[label]) for row in rows]
-    axes.bar(labels, [row[value] or 0 for row in rows], color="#4c72b0")
-    axes.set_title(title)
-    axes.set_ylabel(ylabel or value)
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path
+    fig, axes = plt.subplots(nrows, ncols, figsize=figsize, squeeze=squeeze)
+    try:
+        yield fig, axes
+        if tight:
+            fig.tight_layout()
+        tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+        fig.savefig(tmp, dpi=dpi)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+
+
+def plot_rows(path: str | os.PathLike, rows: Sequence[dict], label: str, value: str, title: str,
+              ylabel: str | None = None) -> Path:
+    """A bar chart of ``row[value]`` per ``row[label]``, saved as PNG (`figure`)."""
+    with figure(path, figsize=(max(4.0, 1.2 * len(rows) + 2), 3.5), dpi=100) as (_, axes):
+        axes.bar([str(row[label]) for row in rows], [row[value] or 0 for row in rows], color="#4c72b0")
+        axes.set_title(title)
+        axes.set_ylabel(ylabel or value)
+    return Path(path)
 
 
 class Progress:
