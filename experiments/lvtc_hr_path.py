@@ -553,39 +553,32 @@ def _accuracy_bars(summary, path, *, figsize, acc_label, zeroed_label, chance, c
                    per_seed=False, yticks=None, legend=None):
     """Per configuration: the mean accuracy over seeds (± sd) beside the accuracy with the HR projector's output
     zeroed, the probe cost under the name; ``per_seed`` adds each seed's dot and the zeroed values' numbers."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from internvlx_hf.bench.harness import figure
 
     names = list(summary["configs"])
     cfg = [summary["configs"][n] for n in names]
-    fig, ax = plt.subplots(figsize=figsize)
-    x = list(range(len(names)))
-    ax.bar([i - 0.2 for i in x], [c["acc"] for c in cfg], 0.4, yerr=[c["acc_std"] for c in cfg],
-           **({"capsize": 3} if per_seed else {}), label=acc_label)
-    if per_seed:
-        for i, c in zip(x, cfg):
-            ax.scatter([i - 0.2] * len(c["acc_per_seed"]), list(c["acc_per_seed"].values()), color="k", s=10,
-                       zorder=3)
-    ax.bar([i + 0.2 for i in x], [c["acc_hr_zeroed"] or 0 for c in cfg], 0.4, color="tab:red", label=zeroed_label)
-    if per_seed:
-        for i, c in zip(x, cfg):
-            if c["acc_hr_zeroed"] is not None:
-                ax.annotate(f"{c['acc_hr_zeroed']:.2f}", (i + 0.2, c["acc_hr_zeroed"]), textcoords="offset points",
-                            xytext=(0, 3), ha="center", fontsize=8)
-    ax.set_xticks(x, [n + ("" if c["cost"] is None else f"\n{c['cost']:.2f}x cost") for n, c in zip(names, cfg)])
-    ax.axhline(chance, color="0.5", ls=":", label=chance_label)
-    ax.set_ylim(*ylim)
-    if yticks is not None:
-        ax.set_yticks(yticks)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.legend(**(legend or {"fontsize": 8}))
-    fig.tight_layout()
-    tmp = Path(path).with_name("." + Path(path).name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    with figure(path, figsize=figsize, dpi=110) as (fig, ax):
+        x = list(range(len(names)))
+        ax.bar([i - 0.2 for i in x], [c["acc"] for c in cfg], 0.4, yerr=[c["acc_std"] for c in cfg],
+               **({"capsize": 3} if per_seed else {}), label=acc_label)
+        if per_seed:
+            for i, c in zip(x, cfg):
+                ax.scatter([i - 0.2] * len(c["acc_per_seed"]), list(c["acc_per_seed"].values()), color="k", s=10,
+                           zorder=3)
+        ax.bar([i + 0.2 for i in x], [c["acc_hr_zeroed"] or 0 for c in cfg], 0.4, color="tab:red", label=zeroed_label)
+        if per_seed:
+            for i, c in zip(x, cfg):
+                if c["acc_hr_zeroed"] is not None:
+                    ax.annotate(f"{c['acc_hr_zeroed']:.2f}", (i + 0.2, c["acc_hr_zeroed"]), textcoords="offset points",
+                                xytext=(0, 3), ha="center", fontsize=8)
+        ax.set_xticks(x, [n + ("" if c["cost"] is None else f"\n{c['cost']:.2f}x cost") for n, c in zip(names, cfg)])
+        ax.axhline(chance, color="0.5", ls=":", label=chance_label)
+        ax.set_ylim(*ylim)
+        if yticks is not None:
+            ax.set_yticks(yticks)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.legend(**(legend or {"fontsize": 8}))
 
 
 def headline_plot(summary, path):
