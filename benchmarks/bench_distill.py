@@ -53,7 +53,6 @@ import platform
 import shutil
 import statistics
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,7 +61,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import bench_lvtc_upgrade as upgrade_study  # noqa: E402
 
-from internvlx_hf.bench.harness import environment  # noqa: E402
+from internvlx_hf.bench.harness import environment, time_interleaved  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 STUDENTS = ("pvtc", "lvtc-rms")
@@ -299,35 +298,39 @@ def probe(args) -> dict:
 
     steps = {"supervised": supervised, **{f"distilled from {name}": distilled(name) for name in teachers}}
     rng = random.Random(0)
-    times = {name: [] for name in steps}
-    teacher_times = {name: [] for name in teachers}
+    rows: list = []
+
+    def new_rows() -> None:  # every round's batch, the same for every step and teacher
+        rows[:] = [dataset[i] for i in rng.sample(range(len(dataset)), 32)]
+
+    def train_step(step) -> None:
+        step(rows).backward()
+        student.zero_grad(set_to_none=True)  # no update: every step sees the same student
+
+    def teacher_forward(name) -> None:  # the teacher's forward alone
+        inputs = split_teacher_inputs(collators[name](rows))[1]
+        with torch.no_grad():
+            labelled_logits(teachers[name][0], inputs)
+
+    calls = [lambda s=step: train_step(s) for step in steps.values()]
+    calls += [lambda n=name: teacher_forward(n) for name in teachers]
+    new_rows()  # a warm-up round
+    for call in calls:
+        call()
+    new_rows()  # a second one, each student step measured for memory
     peaks = {}
-    for round_ in range(args.probe_rounds + 2):
-        rows = [dataset[i] for i in rng.sample(range(len(dataset)), 32)]
-        for name, step in steps.items():
-            start = time.perf_counter()
-            if round_ == 1:  # a warm-up round, measured for memory
-                with PeakMemory() as tracker:
-                    loss = step(rows)
-                    loss.backward()
-                peaks[name] = tracker.peak
-            else:
-                loss = step(rows)
-                loss.backward()
-            student.zero_grad(set_to_none=True)  # no update: every step sees the same student
-            if round_ >= 2:
-                times[name].append(time.perf_counter() - start)
-        for name, (model, _) in teachers.items():  # the teacher's forward alone
-            inputs = split_teacher_inputs(collators[name](rows))[1]
-            start = time.perf_counter()
-            with torch.no_grad():
-                labelled_logits(model, inputs)
-            if round_ >= 2:
-                teacher_times[name].append(time.perf_counter() - start)
-    median = {name: statistics.median(values) for name, values in times.items()}
+    for name, step in steps.items():
+        with PeakMemory() as tracker:
+            train_step(step)
+        peaks[name] = tracker.peak
+    for name in teachers:
+        teacher_forward(name)
+    timings = time_interleaved(calls, warmup=0, repeats=args.probe_rounds, before_round=new_rows)
+    median = {name: timing["median_s"] for name, timing in zip(steps, timings)}
+    teacher_median = {name: timing["median_s"] for name, timing in zip(teachers, timings[len(steps):])}
     result = {"rounds": args.probe_rounds, "batch": 32, "threads": 1,
               "s_per_step": median, "vs_supervised": {n: v / median["supervised"] for n, v in median.items()},
-              "teacher_forward_s": {n: statistics.median(v) for n, v in teacher_times.items()},
+              "teacher_forward_s": teacher_median,
               "step_tensor_peak_bytes": peaks,
               "student_weights_bytes": _weights_bytes(student),
               "teacher_weights_bytes": {n: _weights_bytes(m) for n, (m, _) in teachers.items()},

@@ -57,7 +57,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from internvlx_hf.bench.harness import write_text  # noqa: E402 - after the path to src/
+from internvlx_hf.bench.harness import Progress, time_interleaved, write_text  # noqa: E402 - after the path to src/
 
 TASK_COLUMNS = ("colour", "shape", "position", "count", "fine")
 
@@ -448,10 +448,8 @@ def interleaved_step_times(specs, train_meta, base, *, rounds, batch_size, lr, s
     ``specs`` (name -> spec), timed round-robin on identical batches of ``train_meta``, so that a drifting machine
     load hits all alike; two warm-up rounds are not counted."""
     import random
-    import statistics
 
     import torch
-    from tqdm.auto import tqdm
 
     from internvlx_hf.demo.recipe import build_model, build_processor
     from internvlx_hf.training import InternVLXDataCollator, InternVLXDataset
@@ -464,19 +462,23 @@ def interleaved_step_times(specs, train_meta, base, *, rounds, batch_size, lr, s
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
         runs.append((name, model, InternVLXDataCollator(processor), dataset, optimizer))
     rng = random.Random(seed)
-    times = {name: [] for name, *_ in runs}
-    for round_ in tqdm(range(rounds + 2), desc="interleaved step timing"):
-        rows = rng.sample(range(len(runs[0][3])), batch_size)
-        for name, model, collator, dataset, optimizer in runs:
-            start = time.perf_counter()
-            loss = model(**collator([dataset[i] for i in rows])).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if round_ >= 2:  # two warm-up rounds
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+    rows: list[int] = []
+    progress = Progress(rounds + 2, "interleaved step timing")
+
+    def new_rows() -> None:  # every round's batch, the same for all models
+        rows[:] = rng.sample(range(len(runs[0][3])), batch_size)
+        progress.step(f"round {progress.done + 1}")
+
+    def step(model, collator, dataset, optimizer) -> None:
+        loss = model(**collator([dataset[i] for i in rows])).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    calls = [lambda run=run: step(*run[1:]) for run in runs]
+    timings = time_interleaved(calls, warmup=2, repeats=rounds, before_round=new_rows)  # two warm-up rounds
+    return {name: timing["median_s"] for (name, *_), timing in zip(runs, timings)}
 
 
 def merge_results(paths):

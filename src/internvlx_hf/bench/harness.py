@@ -54,16 +54,21 @@ def time_call(fn: Callable[[], Any], *, warmup: int = 1, repeats: int = 3, devic
 
 
 def time_interleaved(fns: Sequence[Callable[[], Any]], *, warmup: int = 1, repeats: int = 3,
-                     device: str | None = None) -> list[dict]:
+                     device: str | None = None, before_round: Callable[[], Any] | None = None) -> list[dict]:
     """`time_call` for several candidates at once, round-robin (each round calls every candidate once), so that a
-    change of load on the machine hits them alike; one result per candidate, in order."""
+    change of load on the machine hits them alike; one result per candidate, in order. ``before_round``, if given, is
+    called untimed before every round (warm-up rounds included): new inputs that all candidates of the round share."""
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats must be >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}.")
     for _ in range(warmup):
+        if before_round is not None:
+            before_round()
         for fn in fns:
             fn()
     times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
+        if before_round is not None:
+            before_round()
         for fn, bucket in zip(fns, times):
             _synchronize(device)
             begin = time.perf_counter()
