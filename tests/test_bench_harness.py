@@ -26,6 +26,18 @@ def test_time_interleaved_calls_round_robin():
     assert calls == ["a", "b"] * 3 and [len(t["times_s"]) for t in timings] == [2, 2]
 
 
+def test_time_interleaved_gives_each_round_its_inputs_before_it():
+    calls, batch = [], [None]
+    rounds = iter(range(10))
+
+    def new_batch() -> None:
+        batch[0] = next(rounds)
+
+    time_interleaved([lambda: calls.append(("a", batch[0])), lambda: calls.append(("b", batch[0]))], warmup=1,
+                     repeats=2, before_round=new_batch)
+    assert calls == [("a", 0), ("b", 0), ("a", 1), ("b", 1), ("a", 2), ("b", 2)]
+
+
 def test_percentile_is_nearest_rank_and_load_level_keeps_order():
     values = [float(v) for v in range(1, 21)]  # 1..20
     assert percentile(values[::-1], 0.95) == 19.0  # index round(0.95 * 19) = 18
