@@ -66,6 +66,18 @@ def main():
     from vllm import LLM, SamplingParams
     from vllm_engine import _inputs
     options = dict(bench.TINY_ENGINE); options["hf_overrides"] = {"architectures": [saving.ARCHITECTURE]}
+    if "--compile-mode" in sys.argv:
+        # vLLM's compilation mode on (its CPU warm-up forward runs before the first step); the research SavingRunner
+        # itself is a plain module, so the compute stays eager: this checks only when the buffer becomes visible
+        options["enforce_eager"] = False
+        hook = saving.SavingConfigHook.verify_and_update_config
+        def no_eager_check(vllm_config):
+            vllm_config.model_config.enforce_eager = True
+            try:
+                hook(vllm_config)
+            finally:
+                vllm_config.model_config.enforce_eager = False
+        saving.SavingConfigHook.verify_and_update_config = staticmethod(no_eager_check)
     t = time.time(); llm = LLM(str(folder), **options); startup = time.time() - t
     runner = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner
     groups = [[{"backend": g.backend.get_name(), "backend_cls": g.backend.__name__,
