@@ -117,6 +117,13 @@ def served(tmp_path_factory):
         (bare / name).unlink()
     specs["tokenizer"] = {"checkpoint": str(bare), "engine": dict(ENGINE_OPTIONS, tokenizer=str(folders["tokenizer"])),
                           "requests": [SERVED_OPTIONS_REQUEST]}
+    # Images given as their projector's output (`image_embeds`, `enable_mm_embeds`): see `test_image_embeds_*`
+    for name, request_name in EMBEDS.items():
+        path = root / f"{name}-embeds.pt"
+        torch.save(image_embeds(folders[name], REQUESTS[request_name]), path)
+        specs[f"{name} embeds"] = {"checkpoint": str(folders[name]),
+                                   "engine": dict(ENGINE_OPTIONS, enable_mm_embeds=True),
+                                   "requests": [{**REQUESTS[request_name], "images": [], "image_embeds": str(path)}]}
     # A burst of LVTC requests whose images fill the step's token budget (see `test_a_burst_of_lvtc_images`)
     specs["burst"] = {"checkpoint": str(folders["llama-lvtc"]), "engine": BURST_ENGINE_OPTIONS,
                       "requests": BURST_REQUESTS}
@@ -128,6 +135,25 @@ def served(tmp_path_factory):
                          timeout=1800, env=env)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
     return folders, json.loads(out.read_text())
+
+
+#: engine -> the request whose images its "<engine> embeds" engine gets as `image_embeds` (LVTC: refused)
+EMBEDS = {"qwen2-mlp": "6 tiles", "llama-pvtc": "two images", "llama-lvtc": "1 tile"}
+
+
+def image_embeds(folder, request) -> list[torch.Tensor]:
+    """Each image's projector output as a user computes it: `get_image_features(pixel_values).pooler_output` of its
+    tiles, as `(tiles * image_seq_length, hidden_size)`."""
+    model = InternVLXForConditionalGeneration.from_pretrained(folder).eval()
+    processor = InternVLXProcessor.from_pretrained(folder)
+    embeds = []
+    for w, h, seed in request["images"]:
+        pixel_values = processor.image_processor(images=[image(w, h, seed)], return_tensors="pt",
+                                                 **request["mm_processor_kwargs"])["pixel_values"]
+        with torch.no_grad():
+            features = model.get_image_features(pixel_values).pooler_output
+        embeds.append(features.reshape(-1, features.shape[-1]))
+    return embeds
 
 
 def _reference(folder, request):
@@ -178,6 +204,25 @@ def test_a_burst_of_lvtc_images_is_answered_as_transformers_answers_each(served)
     for index, request in enumerate(BURST_REQUESTS):
         reference = _reference(folders["llama-lvtc"], request)
         assert_same_generation(results["burst"]["together"][index], reference, f"burst request {index}")
+
+
+@pytest.mark.parametrize("engine", ["qwen2-mlp", "llama-pvtc"])
+def test_image_embeds_give_the_answer_of_the_images(served, engine):
+    """Images given as their projector's output (`enable_mm_embeds=True`, one `(tiles * 16, hidden)` tensor per
+    image) give the prompt ids, greedy tokens and logprobs that the images themselves give in transformers (an MLP
+    and a PVTC checkpoint; one image of 6 tiles, and two images)."""
+    folders, results = served
+    name = f"{engine} embeds"
+    assert "error" not in results[name], results[name].get("error")
+    reference = _reference(folders[engine], REQUESTS[EMBEDS[engine]])
+    for mode in ("alone", "together"):
+        assert_same_generation(results[name][mode][0], reference, f"{name} ({mode})")
+
+
+def test_image_embeds_are_refused_for_lvtc_with_the_reason(served):
+    _, results = served
+    assert "this checkpoint uses LVTC, whose LLM takes each tile's high-resolution features too; image_embeds" in \
+        results["llama-lvtc embeds"].get("error", ""), results["llama-lvtc embeds"]
 
 
 def test_images_change_the_answer(served):

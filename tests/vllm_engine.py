@@ -31,6 +31,10 @@ def _inputs(request: dict) -> dict:
     data = {}
     if request.get("images"):
         data["image"] = [image(w, h, seed) for w, h, seed in request["images"]]
+    if request.get("image_embeds"):  # a file of projector outputs, one (rows, hidden) tensor per image
+        import torch
+
+        data["image"] = torch.load(request["image_embeds"])
     if request.get("videos"):
         data["video"] = [video(frames, seed) for frames, seed in request["videos"]]
     prompt = {"prompt": request["prompt"], "multi_modal_data": data} if data else {"prompt": request["prompt"]}

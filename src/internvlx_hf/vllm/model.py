@@ -138,6 +138,7 @@ class InternVLXForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsM
         text_config = config.get_text_config()
         architecture = LLM_ARCHITECTURES[text_config.model_type]  # others are refused at config time (config_hook)
         self.config = config
+        self.model_dtype = vllm_config.model_config.dtype
         self.layout = lvtc_layout_of(config)
         quant_config = vllm_config.quant_config
         with self._mark_tower_model(vllm_config, {"image", "video"}):
@@ -200,6 +201,10 @@ class InternVLXForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsM
         for key in kwargs:
             if key == "pixel_values":
                 embeddings += self._item_features(kwargs["pixel_values"], _counts(kwargs["image_num_patches"]))
+            elif key == "image_embeds":  # the projector's output, given by the client (`--enable-mm-embeds`)
+                given = kwargs["image_embeds"]
+                items = given.unbind(0) if isinstance(given, torch.Tensor) and given.dim() == 3 else given
+                embeddings += tuple(item.reshape(-1, item.shape[-1]).to(self.model_dtype) for item in items)
             elif key == "pixel_values_videos":
                 frames = _counts(kwargs["video_num_frames"])
                 embeddings += self._item_features(kwargs["pixel_values_videos"], frames)

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from transformers import BatchFeature
 from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
-from vllm.multimodal.parse import ImageSize, MultiModalDataItems
+from vllm.multimodal.parse import ImageEmbeddingItems, ImageSize, MultiModalDataItems, MultiModalDataParser
 from vllm.multimodal.processing import (
     BaseDummyInputsBuilder,
     BaseMultiModalProcessor,
@@ -56,8 +56,29 @@ def _warn_if_chat_lacks_bos(processor: InternVLXProcessor) -> None:
         tokenizer.bos_token)
 
 
+#: Why an LVTC checkpoint takes no `image_embeds` (given where vLLM parses the request, whatever their width).
+LVTC_TAKES_NO_EMBEDS = ("InternVL-X: this checkpoint uses LVTC, whose LLM takes each tile's high-resolution features "
+                        "too; image_embeds (the projector's output) cannot give them: send the images themselves")
+
+
+class _NoImageEmbeddings(MultiModalDataParser):
+    """vLLM's parser (as vLLM's own models subclass it), refusing precomputed image embeddings (LVTC checkpoints)."""
+
+    def _parse_image_data(self, data):
+        if self.is_embeddings(data):
+            raise ValueError(LVTC_TAKES_NO_EMBEDS)
+        return super()._parse_image_data(data)
+
+
 class InternVLXProcessingInfo(BaseProcessingInfo):
     """What vLLM asks about the inputs of an InternVL-X checkpoint: limits, token counts, the processor."""
+
+    def get_data_parser(self) -> MultiModalDataParser:
+        parser = super().get_data_parser()
+        if self.get_hf_config().lvtc_config is None:
+            return parser
+        return _NoImageEmbeddings(expected_hidden_size=parser.expected_hidden_size,
+                                  allow_missing_mm_embeddings=parser.allow_missing_mm_embeddings)
 
     @cached_property
     def _processor(self) -> InternVLXProcessor:
@@ -199,6 +220,7 @@ class InternVLXMultiModalProcessor(BaseMultiModalProcessor[InternVLXProcessingIn
         return dict(
             pixel_values=MultiModalFieldConfig.flat_from_sizes("image", image_tiles),
             image_num_patches=MultiModalFieldConfig.batched("image", keep_on_cpu=True),
+            image_embeds=MultiModalFieldConfig.batched("image"),
             pixel_values_videos=MultiModalFieldConfig.flat_from_sizes("video", video_frames),
             video_num_frames=MultiModalFieldConfig.batched("video", keep_on_cpu=True),
         )
@@ -284,9 +306,14 @@ class InternVLXMultiModalProcessor(BaseMultiModalProcessor[InternVLXProcessingIn
     def _get_prompt_updates(self, mm_items: MultiModalDataItems, hf_processor_mm_kwargs: Mapping[str, object],
                             out_mm_kwargs: MultiModalKwargsItems) -> Sequence[PromptUpdate]:
         data = out_mm_kwargs.get_data()
-        image_tiles = [int(n) for n in data.get("image_num_patches", [])]
         video_frames = [int(n) for n in data.get("video_num_frames", [])]
         tokenizer = self.info.get_tokenizer()
+        if "image" in mm_items and isinstance(mm_items["image"], ImageEmbeddingItems):
+            embeds = mm_items["image"]
+            image_tiles = [self._tiles_of_embeds(embeds.get_feature_size(index), index)
+                           for index in range(embeds.get_count())]
+        else:
+            image_tiles = [int(n) for n in data.get("image_num_patches", [])]
         return [
             PromptReplacement(modality="image",
                               target=tokenizer.encode("<image>", add_special_tokens=False),
@@ -295,3 +322,18 @@ class InternVLXMultiModalProcessor(BaseMultiModalProcessor[InternVLXProcessingIn
                               target=tokenizer.encode(VIDEO_PLACEHOLDER, add_special_tokens=False),
                               replacement=lambda index: self.info.video_replacement(video_frames[index])),
         ]
+
+    def _tiles_of_embeds(self, rows: int, index: int) -> int:
+        """Tiles of an image given as `image_embeds` (the projector's output, `rows` x the LLM's width): its rows
+        are the image's `<IMG_CONTEXT>` tokens, `image_seq_length` a tile. LVTC checkpoints take images only: their
+        LLM also needs each tile's high-resolution projector output, which a projector output alone does not hold."""
+        config = self.info.get_hf_config()
+        if config.lvtc_config is not None:  # (the parser refuses them first: `_NoImageEmbeddings`)
+            raise ValueError(LVTC_TAKES_NO_EMBEDS)
+        per_tile = config.image_seq_length
+        if rows < 1 or rows % per_tile:
+            raise ValueError(
+                f"InternVL-X: image_embeds of image {index} has {rows} rows; an image's projector output has "
+                f"{per_tile} rows per tile (image_seq_length): pass model.get_image_features(pixel_values)"
+                ".pooler_output of the image's tiles, reshaped to (tiles * {per_tile}, hidden_size)")
+        return rows // per_tile
