@@ -31,148 +31,24 @@ the wide rows, and runs eager only. Not handled: LongRoPE's switch (Phi-3 prompt
 
 from __future__ import annotations
 
-import bisect
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 from vllm.forward_context import get_forward_context
-from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.models import ModelRegistry
 from vllm.model_executor.models.config import MODELS_CONFIG_MAP
 from vllm.v1.attention.backend import CommonAttentionMetadata
-from vllm.v1.core.sched.async_scheduler import AsyncScheduler
-from vllm.v1.core.sched.scheduler import Scheduler
-from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
-from vllm.utils.math_utils import cdiv
-from vllm.v1.kv_cache_interface import AttentionSpec, get_kv_quant_mode
-from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
 from internvlx_hf.vllm.config_hook import LVTCConfigHook
 from internvlx_hf.vllm.layout import LVTCLayout
 from internvlx_hf.vllm.lvtc import KeyBiasAttention, KeyBiasRotary, LVTCRunner
 from internvlx_hf.vllm.model import InternVLXForConditionalGeneration
-from internvlx_hf.vllm.positions import tile_slots
+# the KV-cache spec, its manager, the scheduler channel and the position rows live in the issue-56 prototype
+from internvlx_hf.vllm.saving import (  # noqa: F401  (re-exported for the benchmark and tests)
+    LVTCAsyncScheduler, LVTCScheduler, LVTCSchedulerMixin, LVTCShortAttention, LVTCShortManager, LVTCShortSpec,
+    hr_only_slots, saving_positions)
 
 #: The architecture name the experiment registers (a checkpoint is served with it through `hf_overrides`).
 ARCHITECTURE = "InternVLXLVTCSavingForConditionalGeneration"
-
-
-# ----------------------------------------------------------------------------------------------- KV cache: spec
-
-
-@dataclass(frozen=True, kw_only=True)
-class LVTCShortSpec(AttentionSpec):
-    """Full attention over the short layout of an LVTC request: the group's KV is indexed by short-layout position.
-
-    An `AttentionSpec`, not a `FullAttentionSpec` subclass: vLLM's grouping (`is_kv_cache_spec_uniform`,
-    `UniformTypeKVCacheSpecs`) asks the first layer's spec whether all others merge with it, and `FullAttentionSpec`
-    accepts any subclass, so a subclass lands in the full-attention group whenever a full-attention layer comes first
-    in the model's layer table (measured: one group of all 4 layers)."""
-
-    short_per_tile: int
-    long_per_tile: int
-
-    def max_memory_usage_bytes(self, vllm_config) -> int:
-        # a text-only request holds as many short-layout tokens as long-layout ones
-        return cdiv(vllm_config.model_config.max_model_len, self.block_size) * self.page_size_bytes
-
-
-def hr_only_slots(request, short_per_tile: int, long_per_tile: int) -> list[int]:
-    """Sorted long-layout indices of a request's HR-only slots (each tile's slots past its first `short`)."""
-    slots: list[int] = []
-    for feature in request.mm_features or ():
-        place = feature.mm_position
-        embeds = torch.arange(place.offset, place.offset + place.length)
-        if place.is_embed is not None:
-            embeds = embeds[place.is_embed.to(torch.bool)]
-        slot = torch.arange(embeds.numel()) % long_per_tile
-        slots += embeds[slot >= short_per_tile].tolist()
-    return sorted(slots)
-
-
-class LVTCShortManager(FullAttentionManager):
-    """Holds blocks for the short-layout tokens of each request only (its HR-only slots never get one)."""
-
-    def __init__(self, kv_cache_spec: LVTCShortSpec, **kwargs) -> None:
-        super().__init__(kv_cache_spec, **kwargs)
-        self.short_per_tile = kv_cache_spec.short_per_tile
-        self.long_per_tile = kv_cache_spec.long_per_tile
-        self.requests: dict | None = None  # the scheduler's table, handed over by LVTCSchedulerMixin
-        self._hr_only: dict[str, list[int]] = {}
-
-    def short_tokens(self, request_id: str, num_tokens: int) -> int:
-        if self.requests is None:
-            raise RuntimeError("LVTC short-layout KV group: the scheduler did not hand over its requests "
-                               "(scheduler_cls must be an LVTCSchedulerMixin subclass)")
-        slots = self._hr_only.get(request_id)
-        if slots is None:
-            slots = hr_only_slots(self.requests[request_id], self.short_per_tile, self.long_per_tile)
-            self._hr_only[request_id] = slots
-        return num_tokens - bisect.bisect_left(slots, num_tokens)
-
-    def get_num_blocks_to_allocate(self, request_id, num_tokens, new_computed_blocks, total_computed_tokens,
-                                   num_local_computed_tokens, num_tokens_main_model, apply_admission_cap=False,
-                                   prefill_end=0) -> int:
-        short = lambda n: self.short_tokens(request_id, n)  # noqa: E731
-        return super().get_num_blocks_to_allocate(
-            request_id, short(num_tokens), new_computed_blocks, short(total_computed_tokens),
-            short(num_local_computed_tokens), short(num_tokens_main_model), apply_admission_cap=apply_admission_cap,
-            prefill_end=prefill_end)
-
-    def allocate_new_blocks(self, request_id, num_tokens, num_tokens_main_model):
-        return super().allocate_new_blocks(request_id, self.short_tokens(request_id, num_tokens),
-                                           self.short_tokens(request_id, num_tokens_main_model))
-
-    def free(self, request_id: str) -> None:
-        self._hr_only.pop(request_id, None)
-        super().free(request_id)
-
-
-def register_spec() -> None:
-    """Register the spec and its manager (vLLM's built-in specs first: the registry fills itself with them only while it
-    is empty, so a spec registered before that would leave vLLM without its own)."""
-    KVCacheSpecRegistry._ensure_registered()
-    KVCacheSpecRegistry.register(LVTCShortSpec, LVTCShortManager, uniform_type_base_spec=LVTCShortSpec)
-
-
-# ----------------------------------------------------------------------------------------------- scheduler channel
-
-
-class LVTCSchedulerMixin:
-    """Hands the scheduler's request table (each Request with its `mm_features`) to the short-layout KV managers.
-
-    Also records, for the benchmark, the most blocks each request held in each KV-cache group."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.blocks_held: dict[str, list[int]] = {}
-        self.preemptions = 0
-        for manager in self.kv_cache_manager.coordinator.single_type_managers:
-            if isinstance(manager, LVTCShortManager):
-                manager.requests = self.requests
-
-    def schedule(self, *args, **kwargs):
-        out = super().schedule(*args, **kwargs)
-        coordinator = self.kv_cache_manager.coordinator
-        for request_id in list(self.requests):
-            held = [sum(not block.is_null for block in manager.req_to_blocks.get(request_id, ()))
-                    for manager in coordinator.single_type_managers]
-            best = self.blocks_held.setdefault(request_id, [0] * len(held))
-            self.blocks_held[request_id] = [max(a, b) for a, b in zip(best, held)]
-        return out
-
-    def _preempt_request(self, *args, **kwargs):
-        self.preemptions += 1
-        return super()._preempt_request(*args, **kwargs)
-
-
-class LVTCScheduler(LVTCSchedulerMixin, Scheduler):
-    pass
-
-
-class LVTCAsyncScheduler(LVTCSchedulerMixin, AsyncScheduler):
-    pass
 
 
 class SavingConfigHook(LVTCConfigHook):
@@ -191,29 +67,6 @@ class SavingConfigHook(LVTCConfigHook):
 
 
 # --------------------------------------------------------------------------------------------------- the model
-
-
-class LVTCShortAttention(Attention):
-    """vLLM's Attention, reporting the short-layout KV spec (layers below k)."""
-
-    short_per_tile: int = 0
-    long_per_tile: int = 0
-
-    def get_kv_cache_spec(self, vllm_config):
-        base = super().get_kv_cache_spec(vllm_config)
-        return LVTCShortSpec(block_size=base.block_size, num_kv_heads=base.num_kv_heads, head_size=base.head_size,
-                             head_size_v=base.head_size_v, dtype=base.dtype,
-                             kv_quant_mode=get_kv_quant_mode(self.kv_cache_dtype),
-                             short_per_tile=self.short_per_tile, long_per_tile=self.long_per_tile)
-
-
-def saving_positions(layout: LVTCLayout, length: int, mm_features: list) -> tuple[torch.Tensor, int]:
-    """Rows (short position, short position, slot code) of a prompt, and the delta `-E` that continues them."""
-    index = torch.arange(length, dtype=torch.int64)
-    code, unused, tile = tile_slots(layout, length, mm_features, text_code=1)
-    short = index - (torch.cumsum(unused, 0) - unused)
-    code = torch.where(tile, code, short)
-    return torch.stack([short, short, code]), -int(unused.sum())
 
 
 class SavingRunner(nn.Module):
@@ -375,6 +228,8 @@ class InternVLXLVTCSaving(InternVLXForConditionalGeneration):
 def register() -> None:
     """Make vLLM (in this process) know the experimental architecture; serve a checkpoint with
     `hf_overrides={"architectures": [ARCHITECTURE]}`."""
-    register_spec()
+    from internvlx_hf.vllm import saving
+
+    saving.register()  # the spec and manager, and issue 56's compiled prototype (`saving.ARCHITECTURE`)
     ModelRegistry.register_model(ARCHITECTURE, InternVLXLVTCSaving)
     MODELS_CONFIG_MAP[ARCHITECTURE] = SavingConfigHook

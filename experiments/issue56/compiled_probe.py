@@ -1,0 +1,59 @@
+"""Issue 56 step 2: the compiled LVTC-saving prototype (`src/internvlx_hf/vllm/saving.py`) against transformers.
+
+One engine (tiny Qwen2 + LVTC k=2 of tests/test_vllm_lvtc_savings.py, float32, compilation on: no enforce_eager)
+answers the "12 tiles" and "text" requests (alone, then together); prints tokens and logprobs vs transformers, the KV
+blocks each request held per group, and what the engine log says about compilation.
+Run: OMP_NUM_THREADS=1 PYTHONPATH=src:. flock /work/.vllm-lock /work/main/.venv-vllm/bin/python \
+     experiments/issue56/compiled_probe.py [OUT.json]"""
+import importlib.util
+import json
+import math
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "tests"))
+
+
+def main():
+    spec = importlib.util.spec_from_file_location("bench", str(ROOT / "benchmarks/bench_vllm_lvtc_savings.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    from internvlx_hf.vllm.saving import ARCHITECTURE
+
+    root = Path(tempfile.mkdtemp())
+    folder = bench.build_checkpoint(root / "qwen2-lvtc", **bench.PARITY_MODELS["qwen2-lvtc"][0])
+    requests = [bench.REQUESTS["12 tiles"], bench.REQUESTS["text"]]
+    engine = dict(bench.TINY_ENGINE, enforce_eager=False, hf_overrides={"architectures": [ARCHITECTURE]})
+    run = {"engines": [{"name": "compiled", "checkpoint": str(folder), "engine": engine, "requests": requests}],
+           "max_tokens": 4}
+    result = bench.run_engines(run, root)["compiled"]
+    log = (root / "engine.log").read_text()
+    out = {"engine": {k: v for k, v in engine.items() if k != "hf_overrides"}, "architecture": ARCHITECTURE,
+           "groups": result["info"]["groups"], "startup_s": round(result["info"]["startup_s"]), "requests": {}}
+    out["log"] = sorted({line.strip()[-160:] for line in log.splitlines()
+                         if re.search(r"compil|Compil|recompil|DYNAMO|graph break|Warming", line)})
+    for index, request in enumerate(requests):
+        prompt_ids, tokens, logprobs = bench.reference(folder, request, max_new_tokens=4)
+        row = {"transformers_tokens": tokens, "short_prompt_tokens": len(prompt_ids)}
+        for mode in ("alone", "together"):
+            got = result[mode][index]
+            row[mode] = {"tokens": got["tokens"], "tokens_equal": got["tokens"] == tokens,
+                         "max_logprob_diff": max(abs(a - b) for a, b in zip(got["logprobs"], logprobs)),
+                         "blocks_held": got["blocks_held"], "long_prompt_tokens": got["prompt_tokens"]}
+        got = result["alone"][index]
+        long_tokens, short_tokens = got["prompt_tokens"] + 3, len(prompt_ids) + 3
+        row["blocks_needed"] = [math.ceil((short_tokens if g["spec"] == "LVTCShortSpec" else long_tokens)
+                                          / g["block_size"]) for g in result["info"]["groups"]]
+        out["requests"][request["name"] if "name" in request else ("12 tiles", "text")[index]] = row
+    print(json.dumps(out, indent=1))
+    if len(sys.argv) > 1:
+        Path(sys.argv[1]).write_text(json.dumps(out, indent=1) + "\n")
+    print("engine log:", root / "engine.log")
+
+
+if __name__ == "__main__":
+    main()
