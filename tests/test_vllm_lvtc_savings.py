@@ -131,7 +131,7 @@ def test_compiled_saving_prototype_answers_as_transformers_with_short_kv_only(tm
     short layers' metadata, gather index and KV slots come from their own backend's builder (M-RoPE rows read from
     the runner's buffer), the layers run compiled. One engine answers a 12-tile request and a text-only one, alone
     and together: transformers' greedy tokens and logprobs, and the short group holds the short layout's blocks only.
-    A wrong short layout (measured: the builder counting one more LR slot per tile as live) changes the tokens."""
+    A wrong short layout (measured: the builder counting each tile's first HR-only slot as live) changes the tokens."""
     import math
 
     from internvlx_hf.vllm.saving import ARCHITECTURE
