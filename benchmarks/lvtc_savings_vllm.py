@@ -20,6 +20,10 @@ only vLLM's extension points, never editing or patching vLLM's files:
   their short-layout position too. Long-layout positions (layers from k) come from the attention metadata
   (`seq_lens - query_len + offset`, exactly vLLM's own token index).
 
+The spec, its manager, the scheduler channel, `LVTCShortAttention` and `saving_positions` now live in
+`src/internvlx_hf/vllm/saving.py` (issue 56's compiled prototype, which builds the short layers' metadata outside the
+forward); this file imports them.
+
 It follows the shipped plugin's internals, so a rewrite of `src/internvlx_hf/vllm/lvtc.py` or `model.py` breaks it at
 engine start (tests/test_vllm_lvtc_savings.py builds it to catch that). Written against the plugin of commit 4d6c4f8
 (the recorded figures); ported to the plugin of a8427e2, where `LVTCRunner` is an `nn.Module` compiled by vLLM, the

@@ -121,3 +121,40 @@ def test_saving_figures_are_the_run_files(name):
     head = runs["per_request"]["3 tiles"]
     assert figures["kv_blocks_ratio"] == round(head["lvtc-saving"]["kv_blocks_ratio"], 4)
     assert np.isclose(figures["prefill_ratio"], head["lvtc-saving"]["prefill_ratio"], atol=1e-4)
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+@needs_vllm
+def test_compiled_saving_prototype_answers_as_transformers_with_short_kv_only(tmp_path):
+    """Issue 56's prototype (`internvlx_hf.vllm.saving`, opt-in architecture) with vLLM's compilation mode on: the
+    short layers' metadata, gather index and KV slots come from their own backend's builder (M-RoPE rows read from
+    the runner's buffer), the layers run compiled. One engine answers a 12-tile request and a text-only one, alone
+    and together: transformers' greedy tokens and logprobs, and the short group holds the short layout's blocks only.
+    A wrong short layout (measured: the builder counting each tile's first HR-only slot as live) changes the tokens."""
+    import math
+
+    from internvlx_hf.vllm.saving import ARCHITECTURE
+
+    bench = load_script("benchmarks/bench_vllm_lvtc_savings.py")
+    folder = bench.build_checkpoint(tmp_path / "qwen2-lvtc", **bench.PARITY_MODELS["qwen2-lvtc"][0])
+    requests = [bench.REQUESTS["12 tiles"], bench.REQUESTS["text"]]
+    engine = dict(bench.TINY_ENGINE, enforce_eager=False, hf_overrides={"architectures": [ARCHITECTURE]})
+    spec = {"engines": [{"name": "compiled", "checkpoint": str(folder), "engine": engine, "requests": requests}],
+            "max_tokens": 4}
+    result = bench.run_engines(spec, tmp_path)["compiled"]
+    log = (tmp_path / "engine.log").read_text()
+    assert "'mode': <CompilationMode.DYNAMO_TRACE_ONCE" in log and "Warming up done" in log
+    groups = result["info"]["groups"]
+    assert sorted(g["spec"] for g in groups) == ["FullAttentionSpec", "LVTCShortSpec"]
+    for index, request in enumerate(requests):
+        prompt_ids, tokens, logprobs = bench.reference(folder, request, max_new_tokens=4)
+        for got in (result["alone"][index], result["together"][index]):
+            assert got["tokens"] == tokens
+            assert max(abs(a - b) for a, b in zip(got["logprobs"], logprobs)) <= bench.LOGPROB_ATOL
+        got = result["alone"][index]
+        long_tokens, short_tokens = got["prompt_tokens"] + 3, len(prompt_ids) + 3  # last token never cached
+        need = [math.ceil((short_tokens if g["spec"] == "LVTCShortSpec" else long_tokens) / g["block_size"])
+                for g in groups]
+        assert got["blocks_held"] == need
+    assert result["alone"][0]["prompt_tokens"] - 12 * (64 - 16) == 212  # the 12-tile prompt: 788 long, 212 short
