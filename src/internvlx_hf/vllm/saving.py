@@ -23,8 +23,7 @@ New here (issue 56, step 2):
   index and the long positions as inputs, the gather index with its own (unbacked) dynamic dimension; the outer
   forward (not compiled) only picks those tensors from the forward context's metadata: no host reads.
 
-vLLM internals used (each named; a test that guards them is not written yet, see benchmarks/results/issue56-step2.json
-for the run that checked them): the runner's M-RoPE buffer is what the
+vLLM internals used (each named, guarded by tests/test_vllm_lvtc_savings.py): the runner's M-RoPE buffer is what the
 model's `positions` is a view of (`positions._base`); `CommonAttentionMetadata.positions` holds the long-layout token
 index; the CPU impl's `do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)`.
 """
