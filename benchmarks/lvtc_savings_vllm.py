@@ -45,11 +45,10 @@ from vllm.v1.attention.backend import CommonAttentionMetadata
 from internvlx_hf.vllm.config_hook import LVTCConfigHook
 from internvlx_hf.vllm.layout import LVTCLayout
 from internvlx_hf.vllm.lvtc import KeyBiasAttention, KeyBiasRotary, LVTCRunner
-from internvlx_hf.vllm.model import InternVLXForConditionalGeneration
 # the KV-cache spec, its manager, the scheduler channel and the position rows live in the issue-56 prototype
 from internvlx_hf.vllm.saving import (  # noqa: F401  (re-exported for the benchmark and tests)
-    LVTCAsyncScheduler, LVTCScheduler, LVTCSchedulerMixin, LVTCShortAttention, LVTCShortManager, LVTCShortSpec,
-    hr_only_slots, saving_positions)
+    InternVLXLVTCSavingCompiled, LVTCAsyncScheduler, LVTCScheduler, LVTCSchedulerMixin, LVTCShortAttention,
+    LVTCShortManager, LVTCShortSpec, hr_only_slots, saving_positions, use_scheduler_channel)
 
 #: The architecture name the experiment registers (a checkpoint is served with it through `hf_overrides`).
 ARCHITECTURE = "InternVLXLVTCSavingForConditionalGeneration"
@@ -64,10 +63,7 @@ class SavingConfigHook(LVTCConfigHook):
         if not vllm_config.model_config.enforce_eager:
             # SavingRunner sizes each step's short layers from the step's metadata on the host (no capture)
             raise ValueError("the LVTC-saving experiment runs eager only: start the engine with enforce_eager=True")
-        scheduler = vllm_config.scheduler_config
-        if scheduler.scheduler_cls is None or isinstance(scheduler.scheduler_cls, type) and issubclass(
-                scheduler.scheduler_cls, LVTCSchedulerMixin):
-            scheduler.scheduler_cls = LVTCScheduler if scheduler.async_scheduling is False else LVTCAsyncScheduler
+        use_scheduler_channel(vllm_config)
 
 
 # --------------------------------------------------------------------------------------------------- the model
@@ -216,17 +212,10 @@ class SavingRunner(nn.Module):
         return hidden
 
 
-class InternVLXLVTCSaving(InternVLXForConditionalGeneration):
-    """The shipped model with `SavingRunner`: the short layers hold and compute the short layout only."""
+class InternVLXLVTCSaving(InternVLXLVTCSavingCompiled):
+    """Issue 56's model with issue 52's `SavingRunner` (short metadata rebuilt in the forward, eager only)."""
 
-    def __init__(self, *, vllm_config, prefix: str = "") -> None:
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        if self.layout is None:
-            raise ValueError("the LVTC-saving experiment needs an LVTC checkpoint with expansion (k < depth)")
-        self.lvtc = SavingRunner(self.lvtc, self, vllm_config)
-
-    def get_mrope_input_positions(self, input_tokens, mm_features):
-        return saving_positions(self.layout, len(input_tokens), mm_features)
+    runner_class = SavingRunner
 
 
 def register() -> None:

@@ -373,20 +373,30 @@ class SavingCompiledConfigHook(LVTCConfigHook):
         if vllm_config.model_config.enforce_eager:
             raise ValueError("the LVTC-saving model (issue 56 prototype) needs vLLM's compilation mode: start the "
                              "engine without enforce_eager")
-        scheduler = vllm_config.scheduler_config
-        if scheduler.scheduler_cls is None or isinstance(scheduler.scheduler_cls, type) and issubclass(
-                scheduler.scheduler_cls, LVTCSchedulerMixin):
-            scheduler.scheduler_cls = LVTCScheduler if scheduler.async_scheduling is False else LVTCAsyncScheduler
+        use_scheduler_channel(vllm_config)
+
+
+def use_scheduler_channel(vllm_config) -> None:
+    """The scheduler class that hands its request table to the short group's managers (`LVTCSchedulerMixin`),
+    unless the engine already names one of them (a user's own other scheduler class is left as it is; the short
+    manager then stops at its first request with a message naming `scheduler_cls`)."""
+    scheduler = vllm_config.scheduler_config
+    if scheduler.scheduler_cls is None or isinstance(scheduler.scheduler_cls, type) and issubclass(
+            scheduler.scheduler_cls, LVTCSchedulerMixin):
+        scheduler.scheduler_cls = LVTCScheduler if scheduler.async_scheduling is False else LVTCAsyncScheduler
 
 
 class InternVLXLVTCSavingCompiled(InternVLXForConditionalGeneration):
-    """The shipped model with the short layers holding and computing the short layout, compiled."""
+    """The shipped model with the short layers holding and computing the short layout, compiled. ``runner_class``:
+    what runs the layers in place of the shipped runner (issue 52's eager engine gives its own)."""
+
+    runner_class = SavingFront
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         if self.layout is None:
             raise ValueError("the LVTC-saving model needs an LVTC checkpoint with expansion (k < depth)")
-        self.lvtc = SavingFront(self.lvtc, self, vllm_config)
+        self.lvtc = self.runner_class(self.lvtc, self, vllm_config)
 
     def get_mrope_input_positions(self, input_tokens, mm_features):
         return saving_positions(self.layout, len(input_tokens), mm_features)
