@@ -64,7 +64,10 @@ for case in json.load(open(cases_path)):
     generation_prompt = turns[-1][1] is None
     messages += [{"role": role, "content": text} for role, text in (turns[:-1] if generation_prompt else turns)]
     prompt = processor.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=False)
-    out.append([prompt, processor.tokenizer(prompt)["input_ids"]])
+    # and as vLLM's chat route: the tokenizer's rendering (which writes the BOS) tokenized without special tokens
+    chat = processor.tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=False)
+    out.append([prompt, processor.tokenizer(prompt)["input_ids"],
+                processor.tokenizer(chat, add_special_tokens=False)["input_ids"]])
 print("RESULT" + json.dumps({"rendered": out}))
 """
 
@@ -78,8 +81,9 @@ def test_internvl2_5_template_matches_the_reference_conversations(name, converte
     cases = golden.model_reference(name).meta["template_cases"]
     (tmp_path / "cases.json").write_text(json.dumps(cases, ensure_ascii=False))
     result = run_isolated_script(TEMPLATE_SCRIPT, [str(dst), str(tmp_path / "cases.json")], tmp_path)["rendered"]
-    assert [prompt for prompt, _ in result] == [case["prompt"] for case in cases]
-    assert [ids for _, ids in result] == [case["input_ids"] for case in cases]
+    assert [prompt for prompt, _, _ in result] == [case["prompt"] for case in cases]
+    assert [ids for _, ids, _ in result] == [case["input_ids"] for case in cases]
+    assert [ids for _, _, ids in result] == [case["input_ids"] for case in cases]
     assert "<|im_end|>\n<|im_start|>assistant\n" in cases[0]["prompt"]  # the template's own separator is covered
 
 

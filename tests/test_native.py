@@ -24,7 +24,9 @@ from internvlx_hf import InternVLXForConditionalGeneration
 from internvlx_hf.cli import main
 from internvlx_hf.conversion import ConversionError, convert
 from internvlx_hf.conversion.export import export_native
-from internvlx_hf.processing import InternVLXProcessor
+from internvlx_hf.conversion.native import to_our_template
+from internvlx_hf.processing import CHAT_TEMPLATES, InternVLXProcessor
+from internvlx_hf.processing.chat_templates import parse_chat_template
 from internvlx_hf.processing.image_processing_internvlx import get_tile_grid
 from tiny import tiny_model
 
@@ -129,8 +131,10 @@ def _same_inputs(ours_folder: Path, native_folder: Path, monkeypatch):
     for image in _images():
         a = ours(images=[image], text=ours.apply_chat_template(MESSAGES, add_generation_prompt=True),
                  return_tensors="pt")
-        b = theirs(images=[image], text=theirs.apply_chat_template(MESSAGES, add_generation_prompt=True),
-                   return_tensors="pt")
+        prompt = theirs.apply_chat_template(MESSAGES, add_generation_prompt=True)
+        # as transformers' `apply_chat_template(tokenize=True)` tokenizes a template that writes the BOS
+        b = theirs(images=[image], text=prompt, return_tensors="pt",
+                   add_special_tokens=not prompt.startswith(theirs.tokenizer.bos_token or "\0"))
         assert a["input_ids"].tolist() == b["input_ids"].tolist()
         assert torch.equal(a["pixel_values"], b["pixel_values"])
         assert a["num_patches"].tolist() == [b["pixel_values"].shape[0]]
@@ -385,13 +389,37 @@ def test_llama_tokenizer_checkpoints_export_with_the_same_ids(tmp_path, monkeypa
     prompt = ours.apply_chat_template(conversation, add_generation_prompt=True)
     assert prompt.startswith("<|im_start|>system") and tokenizer(prompt)["input_ids"] == \
         ours.tokenizer(prompt)["input_ids"]
+    # the native template writes the BOS for routes that tokenize without special tokens, as ours does
+    rendered = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+    assert rendered == "<s>" + prompt
+    assert tokenizer(rendered, add_special_tokens=False)["input_ids"] == ours(text=prompt)["input_ids"][0]
 
 
-def test_phi3_tokenizer_export_is_refused_with_the_reason(tmp_path):
-    """InternVL2-4B's tokenizer (legacy=False) puts a '▁' in front of a prompt that starts with <|system|>, which is
-    not one of its special tokens: no tokenizer transformers ships does that, so every phi3-chat prompt would come out
-    one token short natively. Refused, saying so, and nothing is written."""
+def test_phi3_exports_since_its_prompts_start_with_the_bos(tmp_path, monkeypatch):
+    """InternVL2-4B's tokenizer (legacy=False) puts a '▁' in front of a text that starts with <|system|>, which no
+    tokenizer transformers ships does; its chat template now starts with `<s> ` (what vLLM's chat route needs too), a
+    special token, so the native tokenizer reads every phi3-chat prompt as ours does: exported, with our processor's
+    ids and logits. A folder written before (template without `<s> `) gets it on export."""
+    from transformers import AutoModelForImageTextToText
+
     convert(require_fixture("internvl2_phi3"), tmp_path / "ours", progress=False)
+    template = tmp_path / "ours" / "chat_template.jinja"
+    assert parse_chat_template(template.read_text()) == ("phi3-chat", "<s> ")
+    template.write_text(CHAT_TEMPLATES["phi3-chat"])  # as an earlier internvlx-hf wrote it
+    export_native(tmp_path / "ours", tmp_path / "native", progress=False)
+    exported = (tmp_path / "native" / "chat_template.jinja").read_text()
+    assert parse_chat_template(to_our_template(exported)) == ("phi3-chat", "<s> ")
+    native_model = AutoModelForImageTextToText.from_pretrained(tmp_path / "native", trust_remote_code=False).eval()
+    _assert_same_model(native_model, InternVLXForConditionalGeneration.from_pretrained(tmp_path / "ours").eval())
+    _, inputs = _same_inputs(tmp_path / "ours", tmp_path / "native", monkeypatch)
+    assert inputs["input_ids"][0, :3].tolist() == [1, 741, 806]  # <s> ▁ <|system|>, the reference's start
+
+
+def test_a_template_whose_prompts_the_native_tokenizer_reads_otherwise_is_refused(tmp_path):
+    """A chat template of the user's own whose phi3 prompts start with <|system|> (not a special token): the native
+    tokenizer would drop the '▁' the slow tokenizer puts there. Refused, saying so, and nothing is written."""
+    convert(require_fixture("internvl2_phi3"), tmp_path / "ours", progress=False)
+    (tmp_path / "ours" / "chat_template.jinja").write_text(CHAT_TEMPLATES["phi3-chat"] + "{#- the user's own -#}")
     with pytest.raises(ConversionError) as info:
         export_native(tmp_path / "ours", tmp_path / "native", progress=False)
     assert str(info.value) == (

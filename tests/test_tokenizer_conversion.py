@@ -15,6 +15,7 @@ from conftest import require_fixture
 from internvlx_hf.conversion import ConversionError
 from internvlx_hf.conversion.tokenizer import convert_tokenizer, sentencepiece_to_tokenizers
 from internvlx_hf.processing import get_chat_template
+from internvlx_hf.processing.chat_templates import parse_chat_template
 
 FIXTURES = ["internvl2_internlm2", "internvl2_qwen2", "internvlx_pvtc"]
 
@@ -54,7 +55,8 @@ def test_internlm2_special_tokens_and_template(tmp_path):
     assert len(tokenizer) == 815
     tokenizer.save_pretrained(str(tmp_path))
     reloaded = AutoTokenizer.from_pretrained(str(tmp_path))
-    assert reloaded.chat_template == get_chat_template("internlm2-chat")
+    assert reloaded.chat_template == get_chat_template("internlm2-chat", tokenizer)  # with its BOS, `<s>`
+    assert parse_chat_template(reloaded.chat_template) == ("Hermes-2", "<s>")
     prompt = reloaded.apply_chat_template([{"role": "user", "content": "<image>\nhi"}], tokenize=False,
                                           add_generation_prompt=True)
     assert prompt.endswith("<|im_start|>user\n<image>\nhi<|im_end|><|im_start|>assistant\n")

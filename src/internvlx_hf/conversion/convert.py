@@ -558,12 +558,12 @@ def _opengvlab_parts(source: SourceCheckpoint, notes: list[str]) -> _SourceParts
 
 
 def _native_parts(source: SourceCheckpoint, notes: list[str]) -> _SourceParts:
-    from ..processing.chat_templates import CHAT_TEMPLATES
+    from ..processing.chat_templates import CHAT_TEMPLATES, for_tokenizer
     from .native import read_native
 
     native = read_native(source, CHAT_TEMPLATES)
     notes += native.notes
-    native.tokenizer.chat_template = native.chat_template
+    native.tokenizer.chat_template = for_tokenizer(native.chat_template, native.tokenizer)[0]
     if native.tokenizer.pad_token is None:
         native.tokenizer.pad_token = choose_pad_token(native.tokenizer, native.chat_template)
     return _SourceParts(llm=LLMSpec(native.architecture, [], packed_qkv=False), text_config=native.text_config,

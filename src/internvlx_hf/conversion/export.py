@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from ..atomic import staged_folder
+from ..processing.chat_templates import for_tokenizer, starts_with_bos
 from .errors import ConversionError
 from .native import NATIVE_TOKENIZER_TOKENS, native_saved_name, read_chat_template, to_native_template
 from .options import parse_size
@@ -223,7 +224,10 @@ def _check_native_ids(src: Path, native, template: str) -> None:
         text = ours.apply_chat_template(messages, chat_template=template, tokenize=False,
                                         add_generation_prompt=generation)
         text = text.replace("<image>", "<img><IMG_CONTEXT></img>")  # as the processors expand an image
-        expected, got = ours(text)["input_ids"], native(text)["input_ids"]
+        # (a template that writes the BOS is tokenized without adding another, as `apply_chat_template` does)
+        special = not starts_with_bos(ours, [text])
+        expected = ours(text, add_special_tokens=special)["input_ids"]
+        got = native(text, add_special_tokens=special)["input_ids"]
         if expected == got:
             continue
         if ours.legacy:  # not expected: legacy=True pipelines are the tokenizer.json's alone
@@ -303,8 +307,15 @@ def export_native(src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: 
     if template is None:
         raise ConversionError(f"{src} has no chat template (chat_template.jinja or the tokenizer's); save the "
                               "processor with one (see internvlx_hf.processing.CHAT_TEMPLATES).")
+    # a template written before templates carried their tokenizer's BOS text gets it (as our processor does at load),
+    # computed with the tokenizer the model was trained with (for Llama tokenizers, the slow tokenizer's rules)
     if llama:
+        from ..processing.tokenization_internvlx import InternVLXLlamaTokenizerFast
+
+        template = for_tokenizer(template, InternVLXLlamaTokenizerFast.from_pretrained(str(src)))[0]
         _check_native_ids(src, tokenizer, template)
+    else:
+        template = for_tokenizer(template, tokenizer)[0]
     tokenizer.chat_template = to_native_template(template)
     image_processor = _image_processor(src, lost)
 

@@ -226,9 +226,14 @@ def read_native(source: SourceCheckpoint, template_names: dict[str, str]) -> Nat
     chat_template = to_our_template(native_template)
     # The first of our templates with this text, unless the folder names another one with the same text (written by
     # `internvlx export native`: Hermes-2 and internlm2-chat are the same ChatML).
+    # (a template exported for a sentencepiece tokenizer starts with its BOS text: `chat_templates.parse_chat_template`)
+    from ..processing.chat_templates import parse_chat_template
+
     named = getattr(config, "template", None)
-    template = named if template_names.get(named) == chat_template else \
-        next((name for name, text in template_names.items() if text == chat_template), "native")
+    parsed = parse_chat_template(chat_template)
+    ours = template_names[parsed[0]] if parsed else None
+    template = named if ours is not None and template_names.get(named) == ours else \
+        next((name for name, text in template_names.items() if text == ours), "native")
     vision = config.vision_config
     image_size = vision.image_size[0] if isinstance(vision.image_size, (list, tuple)) else vision.image_size
     return NativeSource(

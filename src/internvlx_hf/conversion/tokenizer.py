@@ -324,7 +324,10 @@ def convert_tokenizer(src: Path, chat_template: str | None) -> ConvertedTokenize
     for key in _LOADING_KEYS:
         tokenizer.init_kwargs.pop(key, None)
     if chat_template is not None:
-        tokenizer.chat_template = chat_template
+        from ..processing.chat_templates import for_tokenizer
+
+        # with the BOS text this tokenizer needs, for the routes that tokenize the rendering without special tokens
+        tokenizer.chat_template = for_tokenizer(chat_template, tokenizer)[0]
     if tokenizer.pad_token is None:
         tokenizer.pad_token = choose_pad_token(tokenizer, chat_template)
         kind += f"; pad token {tokenizer.pad_token} (the source has none)"

@@ -28,7 +28,7 @@ from typing import Any
 from jinja2.exceptions import TemplateError, TemplateSyntaxError
 from transformers.utils.chat_template_utils import render_jinja_template
 
-from ..processing.chat_templates import CHAT_TEMPLATES
+from ..processing.chat_templates import parse_chat_template, starts_with_bos
 from .formats import IMAGE_TAG, SampleError
 
 IGNORE_INDEX = -100
@@ -89,10 +89,11 @@ class ConversationEncoder:
         self.context_id = processor.image_token_id
         self.pair = processor.start_image_token + processor.end_image_token
         # (training rows may write their images as `<image>` in text items, which the templates refuse by default)
-        self._template_kwargs = dict(tokenizer.special_tokens_map, image_tags_in_text=True)
+        self._template_kwargs = dict(tokenizer.special_tokens_map, image_tags_in_text=True,
+                                     write_bos=False)  # (the tokenization below adds the BOS, as the processor's)
         # InternVL's internvl2_5 preprocessing trains a `gpt` turn before the first `human` one; its InternVL2
         # templates' preprocessing drops it (`sample_from_row(keep_leading_reply=...)`).
-        self.keep_leading_reply = template == CHAT_TEMPLATES["internvl2_5"]
+        self.keep_leading_reply = (parse_chat_template(template) or ("",))[0] == "internvl2_5"
 
     def _render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False) -> str:
         try:
@@ -156,7 +157,9 @@ class ConversationEncoder:
         # The Rust tokenizer's batch call without offsets (what `encode` tokenizes, minus the Python wrapping).
         backend = self.tokenizer.backend_tokenizer
         encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
-        return [len(encoding.ids) + extra for encoding, extra in zip(encode(texts, add_special_tokens=True),
+        # (a template that writes the BOS: tokenized without adding another, as `encode` does)
+        special = not starts_with_bos(self.tokenizer, texts)
+        return [len(encoding.ids) + extra for encoding, extra in zip(encode(texts, add_special_tokens=special),
                                                                      image_tokens)]
 
     def encode(self, messages: list[dict[str, Any]], num_patches: list[int], expand: bool = True,
@@ -194,7 +197,10 @@ class ConversationEncoder:
         def shift(offset: int) -> int:  # offset in the rendered text -> offset in the text with `<img></img>` pairs
             return offset + growth * bisect.bisect_left(tag_starts, offset)
 
-        encoding = self.tokenizer(self.pair.join(pieces), add_special_tokens=True, return_offsets_mapping=True)
+        text = self.pair.join(pieces)
+        # a template that writes the BOS (`chat_templates.bos_prefix`): the processor's ids, without a second one
+        encoding = self.tokenizer(text, add_special_tokens=not starts_with_bos(self.tokenizer, [text]),
+                                  return_offsets_mapping=True)
         ids, offsets = encoding["input_ids"], encoding["offset_mapping"]
         spans = [(shift(start), shift(end)) for start, end in rendered.reply_spans]
         boundaries = sorted({b for span in spans for b in span})

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..processing.chat_templates import CHAT_TEMPLATES
+from ..processing.chat_templates import parse_chat_template
 from ..data.images import image_size
 from ..data.sources import as_sources, parse_row, source_rows
 from ..data.videos import VideoSampling, expand_video, read_sample_frames
@@ -162,7 +162,7 @@ def read_eval_data(data: Any, processor, *, metric: str | None = None, limit: in
     # as training reads them: internvl2_5 keeps a `gpt` turn before the first `human` one (as context here)
     template = processor.chat_template
     template = template.get("default") if isinstance(template, dict) else template
-    keep_leading_reply = template == CHAT_TEMPLATES["internvl2_5"]
+    keep_leading_reply = (parse_chat_template(template) or ("",))[0] == "internvl2_5"
     sets = []
     for source in as_sources(data):
         samples = []

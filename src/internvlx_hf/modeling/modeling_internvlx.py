@@ -997,7 +997,9 @@ class InternVLXForConditionalGeneration(InternVLXPreTrainedModel, GenerationMixi
         padding_side = tokenizer.padding_side
         tokenizer.padding_side = "left"
         try:
-            inputs = tokenizer(prompts, return_tensors="pt", padding=True)
+            # a template made for a sentencepiece tokenizer writes its BOS (`chat_templates.bos_prefix`): no second one
+            written = bool(tokenizer.bos_token) and all(prompt.startswith(tokenizer.bos_token) for prompt in prompts)
+            inputs = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=not written)
         finally:
             tokenizer.padding_side = padding_side
         if generation_config.pad_token_id is None:

@@ -12,10 +12,21 @@ import torch
 
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import MultiModalData, ProcessingKwargs, ProcessorMixin, Unpack
+from transformers.utils import logging
 
-from .chat_templates import DEFAULT_CHAT_TEMPLATE, get_chat_template, turn_end_text
+from .chat_templates import (
+    DEFAULT_CHAT_TEMPLATE,
+    for_tokenizer,
+    get_chat_template,
+    parse_chat_template,
+    starts_with_bos,
+    turn_end_text,
+)
 from .image_processing_internvlx import InternVLXImageProcessor, InternVLXImageProcessorKwargs, flatten_images
 from .video import VIDEO_PLACEHOLDER, flatten_videos, is_video, load_video, video_prompt
+
+
+logger = logging.get_logger(__name__)
 
 
 class InternVLXVideosKwargs(TypedDict, total=False):
@@ -61,7 +72,10 @@ class InternVLXProcessor(ProcessorMixin):
             A tokenizer that has `<img>`, `</img>` and `<IMG_CONTEXT>` in its vocabulary.
         chat_template (`str`, *optional*):
             Jinja chat template; defaults to InternVL2's `internlm2-chat` (= `Hermes-2`) template. See
-            `internvlx_hf.processing.CHAT_TEMPLATES` for the others.
+            `internvlx_hf.processing.CHAT_TEMPLATES` for the others. One of those templates is given the BOS text
+            the tokenizer needs (`chat_templates.for_tokenizer`: `<s>` for InternLM2, `<s> ` for Phi-3), so that
+            routes that tokenize the rendered text without special tokens (vLLM's chat routes) get the same ids; a
+            folder saved before templates carried it is fixed here, with one log line.
         image_seq_length (`int`, *optional*, defaults to 256):
             `<IMG_CONTEXT>` tokens per tile: the model config's `image_seq_length` (for LVTC models, the
             low-resolution count that the input ids carry).
@@ -76,7 +90,9 @@ class InternVLXProcessor(ProcessorMixin):
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, image_seq_length: int = 256, **kwargs):
         if chat_template is None:
-            chat_template = get_chat_template(DEFAULT_CHAT_TEMPLATE)
+            chat_template = get_chat_template(DEFAULT_CHAT_TEMPLATE, tokenizer)
+        else:
+            chat_template = self._with_bos_for(chat_template, tokenizer)
         super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
         if isinstance(image_seq_length, bool) or not isinstance(image_seq_length, int) or image_seq_length < 1:
             raise ValueError(f"image_seq_length must be an integer >= 1, got {image_seq_length!r}")
@@ -96,6 +112,34 @@ class InternVLXProcessor(ProcessorMixin):
         # Generation appends new tokens on the right, so prompts of a batch are padded on the left by default; set
         # `processor.tokenizer.padding_side` or pass `padding_side=` to a call to change it.
         self.tokenizer.padding_side = "left"
+
+    @staticmethod
+    def _with_bos_for(chat_template, tokenizer):
+        """The template with the BOS text its tokenizer needs (`for_tokenizer`); the tokenizer's own copy of the old
+        template is replaced too, so that `tokenizer.apply_chat_template` renders the same text."""
+        fixed, changed = for_tokenizer(chat_template, tokenizer)
+        if not changed:
+            return chat_template
+        name, _ = parse_chat_template(chat_template)
+        logger.warning_once(
+            f"InternVL-X: this chat template ({name}) does not start with the BOS token {tokenizer.bos_token!r} that "
+            "transformers' processor adds for this tokenizer, so routes that tokenize the rendered text without "
+            "special tokens (vLLM's chat completions, tokenizer.apply_chat_template(tokenize=True)) lost it; using "
+            "the template that writes it (the folder was saved by an earlier internvlx-hf; to keep the fix, save the "
+            "processor into the folder: InternVLXProcessor.from_pretrained(folder).save_pretrained(folder))")
+        if getattr(tokenizer, "chat_template", None) == chat_template:
+            tokenizer.chat_template = fixed
+        return fixed
+
+    def apply_chat_template(self, conversation, chat_template=None, **kwargs):
+        """transformers' `apply_chat_template`, rendering the text without the BOS that the template writes for
+        routes that tokenize it without special tokens (`write_bos=False`, see `chat_templates`): the text is the
+        reference's, and this processor's tokenization (with `tokenize=True` too), `LLM.generate` and vLLM's
+        completions add the BOS to it."""
+        template = chat_template if isinstance(chat_template, str) and "{" in chat_template else self.chat_template
+        if isinstance(template, str) and "write_bos" in template:  # (a variable only of templates that write it)
+            kwargs.setdefault("write_bos", False)
+        return super().apply_chat_template(conversation, chat_template=chat_template, **kwargs)
 
     @property
     def image_token_ids(self) -> list[int]:
@@ -133,6 +177,9 @@ class InternVLXProcessor(ProcessorMixin):
         """
         Tokenize `text` (one prompt or a batch), tile `images` and sample `videos`, expanding each `<image>` and
         `<video>` in order.
+
+        A prompt that starts with the tokenizer's BOS token (as the chat templates write it for the sentencepiece
+        families) gets no second one, unless `add_special_tokens` is passed.
 
         A video becomes `num_frames` frames of one 448px tile each (no tiling, no thumbnail), and its `<video>` tag
         the lines `Frame1: <image>\\nFrame2: <image>...`, as InternVL2's model cards build video prompts.
@@ -189,9 +236,18 @@ class InternVLXProcessor(ProcessorMixin):
         num_patches = [int(n) for n in image_inputs.get("num_patches", [])]
         prompts = self._expand_image_tags(prompts, num_patches, image_seq_length)
 
+        if not self._special_tokens_given(kwargs) and starts_with_bos(self.tokenizer, prompts):
+            # the chat template wrote the BOS (`chat_templates.bos_prefix`): the same ids as the text without it
+            # tokenized with the special tokens (transformers' `apply_chat_template(tokenize=True)` does the same)
+            text_kwargs["add_special_tokens"] = False
         text_inputs = self.tokenizer(prompts, **text_kwargs)
         self._check_image_token_counts(text_inputs["input_ids"], prompts)
         return BatchFeature(data={**text_inputs, **image_inputs}, tensor_type=return_tensors)
+
+    @staticmethod
+    def _special_tokens_given(kwargs: dict) -> bool:
+        nested = kwargs.get("text_kwargs")
+        return "add_special_tokens" in kwargs or (isinstance(nested, dict) and "add_special_tokens" in nested)
 
     def _process_visuals(self, flat_images, flat_videos, prompts, images_kwargs, videos_kwargs) -> dict:
         """Tiles of the images and frames of the videos, merged in the order of their tags in the prompts."""

@@ -323,7 +323,7 @@ def teacher_answers(teacher, processor, data: Any, folder: str | os.PathLike | N
     """
     from ..evaluation import evaluate
     from ..evaluation.data import EvalSet, _sample
-    from ..processing.chat_templates import CHAT_TEMPLATES
+    from ..processing.chat_templates import parse_chat_template
 
     if mode not in TEACHER_ANSWER_MODES:
         raise ValueError(f"mode must be one of {list(TEACHER_ANSWER_MODES)}, got {mode!r}")
@@ -340,7 +340,7 @@ def teacher_answers(teacher, processor, data: Any, folder: str | os.PathLike | N
             return read_meta(folder / "meta.json"), {**previous["report"], "reused": True}
     template = processor.chat_template
     template = template.get("default") if isinstance(template, dict) else template
-    keep_leading_reply = template == CHAT_TEMPLATES["internvl2_5"]
+    keep_leading_reply = (parse_chat_template(template) or ("",))[0] == "internvl2_5"
     start = time.perf_counter()
     # per dataset: rows (raw JSON text or dicts), and which rows wait for the answer of which prompt
     plans, prompts, keys = [], [], {}

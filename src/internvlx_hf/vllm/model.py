@@ -14,9 +14,11 @@ from torch import nn
 from transformers import PretrainedConfig
 from vllm.config import VllmConfig
 from vllm.model_executor.models.intern_vit import InternVisionModel
-from vllm.model_executor.models.interfaces import MultiModalEmbeddings, SupportsMRoPE, SupportsMultiModal, SupportsPP
-from vllm.model_executor.models.utils import (AutoWeightsLoader, PPMissingLayer, init_vllm_registered_model,
-                                              maybe_prefix)
+from vllm.model_executor.models.interfaces import (MultiModalEmbeddings, SupportsLoRA, SupportsMRoPE,
+                                                   SupportsMultiModal, SupportsPP)
+from vllm.model_executor.models.module_mapping import MultiModelKeys
+from vllm.model_executor.models.utils import (AutoWeightsLoader, PPMissingLayer, WeightsMapper,
+                                              init_vllm_registered_model, maybe_prefix)
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.sequence import IntermediateTensors
 
@@ -116,13 +118,35 @@ def vllm_weights(weights: Iterable[tuple[str, torch.Tensor]], vision_layers: int
         raise ValueError(f"InternVL-X: the checkpoint lacks part of the ViT's attention weights: {sorted(pending)}")
 
 
+class _LoRANames(WeightsMapper):
+    """peft's names of an adapter's tensors (transformers' modules) -> this module tree's. vLLM applies LoRA to the
+    LLM only; an adapter with tensors elsewhere (`--lora_target llm,vision`) would otherwise lose them silently (vLLM
+    checks only the last part of each name, `q_proj`, which the LLM has too)."""
+
+    def _map_name(self, key: str) -> str | None:
+        if ".lora_" in key and not key.startswith(("model.language_model.", "lm_head.")):
+            raise ValueError(
+                f"InternVL-X: this LoRA adapter has weights for {key.split('.lora_')[0]}, outside the LLM, and vLLM "
+                "applies LoRA to the LLM only: serve the merged model (`internvlx train` writes it as OUT, the adapter "
+                "as OUT/adapter), or train the adapter with --lora_target llm")
+        return super()._map_name(key)
+
+
 @MULTIMODAL_REGISTRY.register_processor(InternVLXMultiModalProcessor, info=InternVLXProcessingInfo,
                                         dummy_inputs=InternVLXDummyInputsBuilder)
-class InternVLXForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsMRoPE, SupportsPP):
+class InternVLXForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsMRoPE, SupportsPP, SupportsLoRA):
     """InternVL-X for vLLM: plain MLP or PVTC projector, and LVTC (`lvtc.py`: vLLM's per-request position rows carry
     each token's layout, which is why this class speaks vLLM's M-RoPE interface; plain checkpoints never use it).
     Pipeline parallelism as vLLM's LLMs run it (the vision side on the first rank, where vLLM runs the encoder),
-    for checkpoints without LVTC (refused with it at start-up: `config_hook`)."""
+    for checkpoints without LVTC (refused with it at start-up: `config_hook`).
+
+    LoRA adapters on the LLM (`--enable-lora`): peft saves them under transformers' module names
+    (`model.language_model.layers.N...`), which `hf_to_vllm_mapper` turns into this module tree's, and vLLM's packed
+    linears take q/k/v and gate/up as its own LLM class says (`packed_modules_mapping`)."""
+
+    hf_to_vllm_mapper = _LoRANames(orig_to_new_prefix={"model.language_model.": "language_model.model.",
+                                                       "lm_head.": "language_model.lm_head."})
+    packed_modules_mapping: dict[str, list[str]] = {}  # the LLM class's, set per instance
 
     @classmethod
     def get_placeholder_str(cls, modality: str, i: int) -> str | None:
@@ -161,6 +185,7 @@ class InternVLXForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsM
                 architectures=[architecture],
             )
         self.make_empty_intermediate_tensors = self.language_model.make_empty_intermediate_tensors
+        self.packed_modules_mapping = dict(getattr(self.language_model, "packed_modules_mapping", {}))
         self.row_width = row_width(config)
         # Per-token layout and RoPE factors in vLLM's position rows (`positions.py`), where the config hook turned
         # them on: LVTC with expansion, a LongRoPE LLM whose prompts can pass the switch.
@@ -244,6 +269,14 @@ class InternVLXForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsM
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         loader = AutoWeightsLoader(self)
         return loader.load_weights(vllm_weights(weights, vision_layers_to_run(self.config)))
+
+    def get_mm_mapping(self) -> MultiModelKeys:
+        """Where vLLM's LoRA looks: the LLM (an adapter with weights on the ViT or the projectors is refused,
+        `_LoRANames`)."""
+        connectors = [name for name in ("multi_modal_projector", "lvtc_lr_projectors", "lvtc_hr_projector")
+                      if hasattr(self, name)]
+        return MultiModelKeys.from_string_field(language_model="language_model", connector=connectors,
+                                                tower_model=["vision_model", "vision_post_layernorm"])
 
 
 def _counts(value: object) -> list[int]:

@@ -28,31 +28,33 @@ from vllm.multimodal.processing import (
 )
 
 from ..processing import InternVLXProcessor
-from ..processing.chat_templates import reserved_tag_message
+from ..processing.chat_templates import bos_prefix, parse_chat_template, reserved_tag_message
 from ..processing.video import VIDEO_PLACEHOLDER, video_prompt
 from .layout import lvtc_layout_of
-from .prompt_text import ImageTokens, expand_tags, item_spans, prompt_text_as_transformers, recover_prompt_text
+from .prompt_text import ImageTokens, expand_tags, item_spans, recover_prompt_text, split_bos
 
 
 _TAGS_ONLY = re.compile("(?:<image>|" + re.escape(VIDEO_PLACEHOLDER) + ")*")
 
 
 def _warn_if_chat_lacks_bos(processor: InternVLXProcessor) -> None:
-    """vLLM's chat routes tokenize the rendered template without special tokens; InternVL's templates do not write
-    the BOS that transformers' processor adds for the sentencepiece families. Prompts with images get it from
-    `_place_as_transformers`; text-only chat requests do not reach the plugin, so the start says what they need."""
+    """vLLM's chat routes tokenize the rendered template without special tokens. The project's templates write the BOS
+    that transformers' processor adds for the sentencepiece families (the processor gives a folder's older template
+    that text when it loads, `chat_templates.for_tokenizer`); a template of the user's own that does not is said at
+    start: prompts with images get the BOS from `_place_as_transformers`, text-only chat requests do not reach the
+    plugin."""
     tokenizer = processor.tokenizer
     template = processor.chat_template if isinstance(processor.chat_template, str) else ""
-    if not tokenizer.bos_token or "bos_token" in template:
+    if not template or "bos_token" in template or (parse_chat_template(template) or ("", ""))[1]:
         return
-    if tokenizer.encode("", add_special_tokens=True)[:1] != [tokenizer.bos_token_id]:
+    if bos_prefix(tokenizer, template) == "":  # the tokenizer adds nothing in front (Qwen2)
         return
     from vllm.logger import init_logger
 
     init_logger("internvlx_hf.vllm").warning(
-        "InternVL-X: text-only chat requests need \"add_special_tokens\": true (LLM.chat: tokenization_kwargs="
-        "{\"add_special_tokens\": True}) to start with the BOS token %r that transformers' processor adds (vLLM's "
-        "chat routes add none and the chat template does not write it); requests with images get it without",
+        "InternVL-X: this chat template does not write the BOS token %r that transformers' processor adds; vLLM's "
+        "chat routes add none, so text-only chat requests need \"add_special_tokens\": true (LLM.chat: "
+        "tokenization_kwargs={\"add_special_tokens\": True}); requests with images get it without",
         tokenizer.bos_token)
 
 
@@ -251,10 +253,11 @@ class InternVLXMultiModalProcessor(BaseMultiModalProcessor[InternVLXProcessingIn
                                 (processor.image_token, processor.image_token_id)):
             if token_id in token_ids:  # typed by the client: only the expansion below writes them
                 raise ValueError(reserved_tag_message(token))
-        recovered = recover_prompt_text(tokenizer, token_ids)
+        bos, body = split_bos(tokenizer, token_ids)
+        recovered = recover_prompt_text(tokenizer, body)
         if recovered is None:
             return None
-        text = prompt_text_as_transformers(tokenizer, recovered[0])
+        text, add_special_tokens = recovered
         tokens = ImageTokens(processor.start_image_token, processor.image_token, processor.end_image_token,
                              processor.start_image_token_id, processor.image_token_id, processor.end_image_token_id)
 
@@ -278,9 +281,9 @@ class InternVLXMultiModalProcessor(BaseMultiModalProcessor[InternVLXProcessingIn
         # (a tag typed as text, or too few tags: a ValueError, which vLLM answers with a 400 naming it)
         expanded_text, items = expand_tags(text, [sum(b) for b in image_blocks], [len(b) for b in video_blocks],
                                            self.info.tokens_per_tile, tokens)
-        # with the special tokens transformers' processor adds (its `add_special_tokens` default), whatever the route's
-        # own default: vLLM's chat route tokenizes without them, so a template without `<s>` lost the BOS there
-        ids = list(tokenizer.encode(expanded_text, add_special_tokens=True))
+        # with the one BOS transformers' processor gives, whatever the route's own default (vLLM's chat route tokenizes
+        # without special tokens, completions with them; a folder's older template wrote no `<s>`)
+        ids = bos + list(tokenizer.encode(expanded_text, add_special_tokens=add_special_tokens and not bos))
         limit = self.info.ctx.model_config.max_model_len
         if len(ids) >= limit and not _TAGS_ONLY.fullmatch(text):  # (tags alone: vLLM's profiling prompt)
             raise ValueError(

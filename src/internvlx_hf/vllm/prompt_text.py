@@ -99,17 +99,21 @@ def recover_prompt_text(tokenizer, ids: Sequence[int]) -> tuple[str, bool] | Non
     return None
 
 
-def prompt_text_as_transformers(tokenizer, text: str) -> str:
-    """`text` without the BOS token text it may start with: the prompt that `tokenizer.encode(...,
-    add_special_tokens=True)` turns into transformers' ids, with exactly one BOS where the tokenizer adds one (as
-    `processor(text=processor.apply_chat_template(...))` does), whether or not a template or the client wrote `<s>`
-    and whether or not vLLM's route added it."""
-    bos = getattr(tokenizer, "bos_token", None)
-    if not bos or not tokenizer.encode("", add_special_tokens=True):
-        return text
-    while text.startswith(bos):
-        text = text[len(bos):]
-    return text
+def split_bos(tokenizer, ids: Sequence[int]) -> tuple[list[int], list[int]]:
+    """`(bos, rest)`: transformers' processor gives this prompt the ids `bos + tokenizer.encode(text of rest,
+    add_special_tokens=False)`. `bos` is what the tokenizer puts in front of every text (a sentencepiece `<s>`; [] for
+    Qwen2 or a tokenizer that also appends something), and `rest` the ids after every BOS at the start: whether the
+    template wrote it (`<s>`, Phi-3's `<s> `), a client wrote it again, vLLM's route added it or none did (a folder's
+    older template), the prompt gets exactly one. (Phi-3's `<s> ▁ <|system|>` has no text form that both routes read
+    alike: its tokenizer puts a `▁` before `<|system|>` at a text start and none after a written `<s>`.)"""
+    ids = list(ids)
+    wrap = list(tokenizer.encode("", add_special_tokens=True))
+    probe = list(tokenizer.encode("x", add_special_tokens=True))
+    if not wrap or probe != wrap + list(tokenizer.encode("x", add_special_tokens=False)):
+        return [], ids
+    while ids[:len(wrap)] == wrap:
+        ids = ids[len(wrap):]
+    return wrap, ids
 
 
 def expand_tags(text: str, image_context: Sequence[int], video_frames: Sequence[int], frame_context: int,
