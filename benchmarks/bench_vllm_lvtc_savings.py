@@ -22,6 +22,7 @@ tokens only with attention metadata rebuilt for them (hypothesis 3). Run in the 
 
     .venv-vllm/bin/python benchmarks/bench_vllm_lvtc_savings.py parity
     .venv-vllm/bin/python benchmarks/bench_vllm_lvtc_savings.py savings --plot
+    .venv-vllm/bin/python benchmarks/bench_vllm_lvtc_savings.py savings --compiled --plot --out issue56-step3-compiled
 """
 
 from __future__ import annotations
@@ -306,15 +307,23 @@ def savings(args) -> None:
     load_requests = [request_spec("<image>\nWhat is in the picture?", images=[(448, 448, 100 + i)])
                      for i in range(max(args.concurrency))]
     parity_requests = {**PREFILL_REQUESTS, "load 0": load_requests[0], "load 1": load_requests[1]}
+    # --compiled: every engine as users start vLLM (compilation on), the saving one issue 56's compiled prototype
+    engine_options = dict(MID_ENGINE, enforce_eager=False) if args.compiled else MID_ENGINE
+    if args.compiled:
+        from internvlx_hf.vllm.saving import ARCHITECTURE as COMPILED
+
+        saving_engine = {"engine": dict(engine_options, hf_overrides={"architectures": [COMPILED]})}
+    else:
+        saving_engine = {"engine": engine_options, "saving": True}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         folders = mid_checkpoints(root)
         engines = [
-            {"name": "plain-1024", "checkpoint": str(folders["plain-1024"]), "engine": MID_ENGINE},
-            {"name": "plain-256", "checkpoint": str(folders["plain-256"]), "engine": MID_ENGINE},
-            {"name": "lvtc-shipped", "checkpoint": str(folders["lvtc"]), "engine": MID_ENGINE,
+            {"name": "plain-1024", "checkpoint": str(folders["plain-1024"]), "engine": engine_options},
+            {"name": "plain-256", "checkpoint": str(folders["plain-256"]), "engine": engine_options},
+            {"name": "lvtc-shipped", "checkpoint": str(folders["lvtc"]), "engine": engine_options,
              "requests": list(parity_requests.values())},
-            {"name": "lvtc-saving", "checkpoint": str(folders["lvtc"]), "engine": MID_ENGINE, "saving": True,
+            {"name": "lvtc-saving", "checkpoint": str(folders["lvtc"]), **saving_engine,
              "requests": list(parity_requests.values())},
         ]
         timing = {"prefill_requests": PREFILL_REQUESTS, "repeats": args.repeats, "concurrency": args.concurrency,
@@ -371,8 +380,14 @@ def savings(args) -> None:
                "prefill_ratio": round(headline["lvtc-saving"]["prefill_ratio"], 4),
                "flops_ratio": round(headline["flops_ratio"], 4), "tokens_equal": equal, "vllm": vllm.__version__,
                "date": datetime.date.today().isoformat(), "plugin_commit": plugin_commit()}
-    runs = {"experiment": "E3: savings against plain-1024 and plain-256 of the same model, one run",
-            "model": {"text": MID_TEXT, "vision": MID_VISION, "expand_layer": MID_EXPAND, "engine": MID_ENGINE},
+    if args.compiled:
+        figures["enforce_eager"] = False
+        figures["requests_per_s_ratio"] = {level: round(rps["lvtc-saving"][level] / rps["plain-1024"][level], 4)
+                                           for level in rps["plain-1024"]}
+    runs = {"experiment": "E3: savings against plain-1024 and plain-256 of the same model, one run"
+                          + (" (compilation on: vLLM's defaults; saving = issue 56's compiled prototype)"
+                             if args.compiled else ""),
+            "model": {"text": MID_TEXT, "vision": MID_VISION, "expand_layer": MID_EXPAND, "engine": engine_options},
             "figures": figures, "per_request": per_request, "requests_per_s": rps,
             "groups": {name: result["info"] for name, result in results.items()},
             "parity": {"rows": parity_rows, "max_logprob_diff": worst, "tolerance": LOGPROB_ATOL},
@@ -456,6 +471,10 @@ def main(argv=None) -> None:
     parser.add_argument("--concurrency", type=lambda v: [int(c) for c in v.split(",")], default=[4, 16])
     parser.add_argument("--load-repeats", type=int, default=2, help="savings: rounds per concurrency level (median)")
     parser.add_argument("--max-tokens", type=int, default=16, help="savings: tokens per request under load")
+    parser.add_argument("--compiled", action="store_true",
+                        help="savings: every engine with vLLM's compilation on (no enforce_eager), the saving model "
+                             "being issue 56's compiled prototype (internvlx_hf.vllm.saving) instead of the eager "
+                             "research engine")
     parser.add_argument("--out", default=None,
                         help="results/<OUT>.json (savings: also <OUT>-runs.json); default: the recorded run's name "
                              "(vllm-lvtc-parity-saving, vllm-lvtc-stress-saving, vllm-lvtc-savings); a check against "

@@ -230,13 +230,15 @@ def test_train_help_from_the_shipped_flags_is_the_live_parsers_help(tmp_path, mo
 TRAIN_ARGVS = [
     ["train.yaml"],
     ["--model", "m", "--data", "a.jsonl,b.json", "--output_dir", "o", "--preset", "lora", "--lora_r", "8",
-     "--lora_dropout", "0.1", "--packing", "--bf16", "false", "--no_remove_unused_columns", "--report_to", "none",
-     "wandb", "--lr_scheduler_type", "cosine", "--optim", "adamw_torch", "--include_num_input_tokens_seen",
+     "--lora_dropout", "0.1", "--lora_projectors", "freeze", "--packing", "--bf16", "false",
+     "--no_remove_unused_columns", "--report_to", "none", "wandb", "--lr_scheduler_type", "cosine", "--optim",
+     "adamw_torch", "--include_num_input_tokens_seen",
      "--liger_kernel_config", "", "--max-steps", "10", "--learning-rate", "1e-3", "--debug", "--log_level", "info",
      "--eval_strategy", "steps", "--fsdp", "--tiling", "edge", "--model-dtype", "bfloat16"],
     ["train.yaml", "--fsdp", "full_shard auto_wrap", "--warmup_steps", "0.1", "--seed", "3", "--use_cpu", "t"],
     ["--learning_rate", "abc"], ["--max_steps", "1.5"], ["--preset", "x"], ["--optim", "adam"],
-    ["--packing", "maybe"], ["--packing", "train.yaml"], ["--liger_kernel_config", "abc"],
+    ["--packing", "maybe"], ["--lora_projectors", "frozen"], ["--packing", "train.yaml"],
+    ["--liger_kernel_config", "abc"],
     ["--parallelism_config", "x"], ["--report_to"], ["--learn", "1"], ["--nonsense"], ["a.yaml", "b.yaml"],
 ]
 

@@ -17,7 +17,8 @@ from PIL import Image
 from internvlx_hf.cli import main
 from internvlx_hf.hub import RELATIONS, build_model_card, load_results, preflight, write_model_card
 from internvlx_hf.hub.card import usage_snippet
-from internvlx_hf.provenance import PROVENANCE_FILE, record_conversion, record_training, write_provenance
+from internvlx_hf.provenance import (PROVENANCE_FILE, read_provenance, record_conversion, record_training,
+                                     write_provenance)
 
 from conftest import REPO_ROOT, require_fixture, run_isolated_python
 
@@ -493,7 +494,8 @@ def test_push_to_hub_of_model_and_processor_carries_the_remote_code(converted, t
 def test_a_training_output_publishes_the_model_not_the_training_state(tmp_path, monkeypatch, capsys):
     """`internvlx train --preset lora` writes OUT (the merged model), OUT/adapter and OUT/checkpoint-*: push sends
     the model and leaves the rest home (listing it); the adapter folder publishes as it is, after `internvlx card
-    --base-model`, with adapter_config.json naming that Hub id."""
+    --base-model`, with adapter_config.json naming that Hub id. (`--lora_projectors freeze`: the adapter holds LoRA
+    weights only, the kind vLLM serves unmerged.)"""
     import training_helpers as th
 
     hub = FakeHub(monkeypatch, tmp_path / "hub")
@@ -502,8 +504,11 @@ def test_a_training_output_publishes_the_model_not_the_training_state(tmp_path, 
     out = tmp_path / "out"
     assert main(["train", "--model", str(th.converted("internvl2_qwen2")), "--data", str(data), "--output_dir",
                  str(out), "--preset", "lora", "--max_steps", "2", "--save_steps", "1", "--use_cpu", "--report_to",
-                 "none", "--disable_tqdm", "true", "--per_device_train_batch_size", "2"]) == 0
+                 "none", "--disable_tqdm", "true", "--per_device_train_batch_size", "2", "--lora_projectors",
+                 "freeze"]) == 0
     adapter = out / "adapter"
+    assert json.loads((adapter / "adapter_config.json").read_text())["modules_to_save"] is None
+    assert read_provenance(out)["training"][-1]["lora"]["modules_to_save"] == []
     # peft's template card and its auto_mapping (which names internvlx_hf) are not left in the adapter folders
     for folder in (adapter, out / "checkpoint-1"):
         assert not (folder / "README.md").exists()

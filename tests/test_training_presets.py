@@ -3,6 +3,7 @@ and merging."""
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -14,6 +15,7 @@ from internvlx_hf.training import (
     InternVLXDataCollator,
     InternVLXDataset,
     InternVLXTrainer,
+    LoraSettings,
     apply_preset,
     format_trainable,
     lora_target_modules,
@@ -84,6 +86,28 @@ def test_lora_targets(tmp_path):
     reloaded = PeftModel.from_pretrained(th.load(th.converted("internvl2_internlm2", **LVTC))[0], tmp_path / "adapter")
     assert {n for n, _ in reloaded.named_parameters() if ".lora_A." in n} == \
         {n for n, _ in peft_model.named_parameters() if ".lora_A." in n}
+
+
+def test_lora_with_frozen_projectors_saves_adapters_only(tmp_path):
+    """`--lora_projectors freeze`: only the adapters train and the saved adapter has no `modules_to_save` (vLLM's LoRA
+    refuses one that has); the default trains the projectors in full."""
+    model, _ = th.load(th.converted("internvl2_internlm2", **LVTC))
+    peft_model = apply_preset(model, "lora", LoraSettings(projectors="freeze"))
+    assert {module_group(n) for n, p in peft_model.named_parameters() if p.requires_grad} == {"llm"}
+    assert all(".lora_" in n for n, p in peft_model.named_parameters() if p.requires_grad)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert saved["modules_to_save"] is None
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "adapter" / "adapter_model.safetensors", "pt") as f:
+        assert f.keys() and all(".lora_A." in k or ".lora_B." in k for k in f.keys())
+
+    default = apply_preset(th.load(th.converted("internvl2_internlm2", **LVTC))[0], "lora")
+    assert default.peft_config["default"].modules_to_save == [
+        "model.multi_modal_projector", "model.lvtc_lr_projectors.0", "model.lvtc_hr_projector"]
+    with pytest.raises(ValueError, match=r"lora_projectors must be one of \['train', 'freeze'\], got 'frozen'"):
+        apply_preset(th.load(th.converted("internvl2_internlm2", **LVTC))[0], "lora", LoraSettings(projectors="frozen"))
 
 
 # What each preset trains, as the docs state it (not as presets.py computes it): parameter-name prefixes of the

@@ -1,14 +1,15 @@
 """LoRA adapters on vLLM (`enable_lora`, `--enable-lora --lora-modules`): issue 57.
 
-An adapter on the LLM's linears, saved by peft from transformers' model (module names `model.language_model...`, q/k/v
-and gate/up apart, or Phi-3's packed `qkv_proj` / `gate_up_proj`), is served on the base checkpoint by vLLM's LoRA:
-greedy tokens and top-5 logprobs equal transformers' `PeftModel` (unmerged), for an MLP checkpoint, an LVTC one and
-Phi-3, alone and batched with requests that use no adapter (which get the base model's answers). On vLLM's CPU
-backend one adapter slot (`max_loras=1`, vLLM's default) answers those wrongly (vLLM's own models too) and is refused.
+An adapter on the LLM's linears, as `internvlx train --preset lora --lora_projectors freeze` saves it (peft, module
+names `model.language_model...`, q/k/v and gate/up apart, or Phi-3's packed `qkv_proj` / `gate_up_proj`), is served on
+the base checkpoint by vLLM's LoRA: greedy tokens and top-5 logprobs equal transformers' `PeftModel` (unmerged), for an
+MLP checkpoint, an LVTC one and Phi-3, alone and batched with requests that use no adapter (which get the base model's
+answers). On vLLM's CPU backend one adapter slot (`max_loras=1`, vLLM's default) answers those wrongly (vLLM's own
+models too) and is refused.
 
-`internvlx train --preset lora` also trains the projectors in full (peft's `modules_to_save`), which vLLM's LoRA cannot
-carry: vLLM refuses such an adapter when a request asks for it (its message, asserted here), and the merged folder
-the training writes next to the adapter serves the adapter's answers.
+`internvlx train --preset lora` by default also trains the projectors in full (peft's `modules_to_save`), which vLLM's
+LoRA cannot carry: vLLM refuses such an adapter when a request asks for it (its message, asserted here), and the merged
+folder the training writes next to the adapter serves the adapter's answers.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ if importlib.util.find_spec("vllm") is None:
 import torch  # noqa: E402
 
 from internvlx_hf import InternVLXForConditionalGeneration, InternVLXProcessor  # noqa: E402
-from internvlx_hf.training.presets import apply_preset, lora_target_modules  # noqa: E402
+from internvlx_hf.training.presets import LoraSettings, apply_preset, lora_target_modules  # noqa: E402
 from internvlx_hf.vllm.layout import lvtc_layout_of  # noqa: E402
 
 from vllm_helpers import REQUESTS, assert_same_generation, build_checkpoint, image, reference_generate  # noqa: E402
@@ -50,14 +51,16 @@ PRESET_REQUESTS = ["text", "6 tiles"]
 
 
 def _llm_adapter(folder: Path, out: Path, seed: int) -> None:
-    """A LoRA adapter on the LLM's linears (the `lora` preset's targets), with random A and B."""
-    from peft import LoraConfig, get_peft_model
-
+    """What `internvlx train --preset lora --lora_r 8 --lora_alpha 16 --lora_projectors freeze` writes as OUT/adapter
+    (adapters on every LLM linear, nothing else); the trained values are stood in for by random ones."""
     model = InternVLXForConditionalGeneration.from_pretrained(folder).eval()
-    targets = lora_target_modules(model, "llm")
+    peft_model = apply_preset(model, "lora", LoraSettings(r=8, alpha=16, projectors="freeze"))
     torch.manual_seed(seed)
-    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=targets,
-                                                  init_lora_weights=False))
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if param.requires_grad:
+                assert ".lora_" in name, name
+                param.copy_(torch.randn_like(param) * 0.1)
     peft_model.save_pretrained(out)
 
 

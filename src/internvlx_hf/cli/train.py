@@ -32,6 +32,7 @@ presets:
   stage2-frozen-vit  LLM + projectors; ViT frozen (InternVL2's fine-tuning scripts, --freeze_backbone True)
   full               everything (the same parameters as stage2)
   lora               LoRA on the LLM's attention and MLP linears (--lora_target), projectors trained in full
+                     (--lora_projectors freeze: adapters only, which vLLM serves unmerged with --enable-lora)
   qlora              lora on a 4-bit nf4 base (QLoRA; bitsandbytes: pip install "internvlx-hf[quantization]");
                      projectors and lm_head stay in full precision"""
 
@@ -52,6 +53,10 @@ examples:
   # LoRA on the LLM and the ViT; OUT/adapter = adapter, OUT = merged model
   internvlx train --model ./InternVL2-2B-hf --data train.jsonl --preset lora --lora_r 16 \\
       --lora_target llm,vision --output_dir out/lora --max_steps 1000
+
+  # LoRA adapters only (projectors frozen), to serve OUT/adapter unmerged on vLLM (vllm serve --enable-lora)
+  internvlx train --model ./InternVL2-2B-hf --data train.jsonl --preset lora --lora_projectors freeze \
+      --output_dir out/lora-llm --max_steps 1000
 
   # QLoRA: the same adapters on a 4-bit nf4 base (bitsandbytes), bfloat16 compute on a GPU
   internvlx train --model ./InternVL2-2B-hf --data train.jsonl --preset qlora --model_dtype bfloat16 \\

@@ -29,6 +29,8 @@ from torch import nn
 PRESETS = ("stage1", "stage2", "stage2-frozen-vit", "full", "lora", "qlora")
 # Presets that train LoRA adapters (a peft `PeftModel`; OUT/adapter plus the merged model).
 LORA_PRESETS = frozenset({"lora", "qlora"})
+# What the projectors do beside LoRA adapters (`LoraSettings.projectors`).
+LORA_PROJECTORS = ("train", "freeze")
 
 # (group, module prefix) in the order the report lists them.
 MODULE_GROUPS = (
@@ -63,12 +65,19 @@ def module_group(name: str) -> str:
 
 @dataclass
 class LoraSettings:
-    """LoRA hyper-parameters of the `lora` preset (peft's `LoraConfig` names)."""
+    """LoRA hyper-parameters of the `lora` preset (peft's `LoraConfig` names), and what the projectors do.
+
+    ``projectors="train"`` trains them in full beside the adapters (peft's ``modules_to_save``: the paper's second
+    stage trains every projector); ``"freeze"`` keeps them as they are, as InternVL2's own ``*_lora.sh`` scripts do,
+    so that the adapter holds LoRA weights only and vLLM can serve it unmerged (`--enable-lora`), which it refuses
+    for an adapter with ``modules_to_save``.
+    """
 
     r: int = 16
     alpha: int = 32
     dropout: float = 0.05
     target: str = "llm"
+    projectors: str = "train"
 
 
 def _linear_names(model: nn.Module, part: str) -> list[str]:
@@ -132,18 +141,23 @@ def _projector_modules(model: nn.Module) -> list[str]:
 
 
 def lora_config(model: nn.Module, settings: LoraSettings | None = None):
-    """peft `LoraConfig` of the `lora` preset: adapters on the selected Linears, projectors fully trainable."""
+    """peft `LoraConfig` of the `lora` preset: adapters on the selected Linears, projectors fully trainable (or
+    frozen with ``settings.projectors="freeze"``)."""
     from peft import LoraConfig
 
     settings = settings or LoraSettings()
     if settings.r < 1:
         raise ValueError(f"lora_r must be >= 1, got {settings.r}")
+    if settings.projectors not in LORA_PROJECTORS:
+        raise ValueError(f"lora_projectors must be one of {list(LORA_PROJECTORS)}, got {settings.projectors!r} "
+                         "(train: the projectors train in full beside the adapters; freeze: adapters only, which "
+                         "vLLM can serve unmerged)")
     return LoraConfig(
         r=settings.r,
         lora_alpha=settings.alpha,
         lora_dropout=settings.dropout,
         target_modules=_target_regex(model, lora_target_modules(model, settings.target)),
-        modules_to_save=_projector_modules(model),
+        modules_to_save=_projector_modules(model) if settings.projectors == "train" else None,
         bias="none",
     )
 
@@ -236,5 +250,6 @@ def describe_lora(config: Any) -> dict[str, Any]:
             "target_modules": config.target_modules, "modules_to_save": list(config.modules_to_save or [])}
 
 
-__all__ = ["GroupCount", "LORA_PRESETS", "LoraSettings", "MODULE_GROUPS", "PRESETS", "apply_preset", "describe_lora",
-           "format_trainable", "lora_config", "lora_target_modules", "module_group", "trainable_parameters"]
+__all__ = ["GroupCount", "LORA_PRESETS", "LORA_PROJECTORS", "LoraSettings", "MODULE_GROUPS", "PRESETS", "apply_preset",
+           "describe_lora", "format_trainable", "lora_config", "lora_target_modules", "module_group",
+           "trainable_parameters"]

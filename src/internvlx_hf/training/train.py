@@ -31,6 +31,7 @@ from .collator import LOSS_REDUCTIONS, InternVLXDataCollator
 from .linear_cross_entropy import LM_HEAD_LOSSES
 from .presets import (
     LORA_PRESETS,
+    LORA_PROJECTORS,
     PRESETS,
     LoraSettings,
     apply_preset,
@@ -214,6 +215,13 @@ class PresetArguments:
         default="llm",
         metadata={"help": "LoRA targets, comma-separated: llm (all LLM linears), vision (all ViT linears), "
                           "llm.NAME / vision.NAME / NAME (e.g. q_proj,v_proj)"},
+    )
+    lora_projectors: str = field(
+        default="train",
+        metadata={"help": "presets lora, qlora: train (the projectors train in full beside the adapters) or freeze "
+                          "(adapters only, as InternVL2's *_lora.sh scripts: vLLM serves such an adapter unmerged "
+                          "with --enable-lora, and refuses one with trained projectors)",
+                  "choices": list(LORA_PROJECTORS)},
     )
 
 
@@ -541,7 +549,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, preset_args: Pre
     lora = preset_args.preset in LORA_PRESETS
     model = apply_preset(model, preset_args.preset, LoraSettings(
         r=preset_args.lora_r, alpha=preset_args.lora_alpha, dropout=preset_args.lora_dropout,
-        target=preset_args.lora_target))
+        target=preset_args.lora_target, projectors=preset_args.lora_projectors))
     say(format_trainable(model, preset_args.preset))
 
     if training_args.label_names is None:
