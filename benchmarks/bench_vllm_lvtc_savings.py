@@ -384,9 +384,10 @@ def savings(args) -> None:
         figures["enforce_eager"] = False
         figures["requests_per_s_ratio"] = {level: round(rps["lvtc-saving"][level] / rps["plain-1024"][level], 4)
                                            for level in rps["plain-1024"]}
-    runs = {"experiment": "E3: savings against plain-1024 and plain-256 of the same model, one run"
-                          + (" (compilation on: vLLM's defaults; saving = issue 56's compiled prototype)"
-                             if args.compiled else ""),
+    experiment = "E3: savings against plain-1024 and plain-256 of the same model, one run"
+    if args.compiled:
+        experiment += " (compilation on: vLLM's defaults; saving = issue 56's compiled prototype)"
+    runs = {"experiment": experiment,
             "model": {"text": MID_TEXT, "vision": MID_VISION, "expand_layer": MID_EXPAND, "engine": engine_options},
             "figures": figures, "per_request": per_request, "requests_per_s": rps,
             "groups": {name: result["info"] for name, result in results.items()},
@@ -450,7 +451,9 @@ def plot(runs: dict, path: Path) -> None:
         axes[2].set_xticks([j + 1.5 * width for j in range(len(levels))], [f"concurrency {c}" for c in levels])
         axes[2].set_title("requests/s (1-tile images)")
         axes[2].legend(fontsize=8)
-        fig.suptitle(f"LVTC on vLLM {runs['figures']['vllm']} (CPU, float32): shipped plugin vs experimental saving "
+        mode = (", compilation on: saving = issue 56's compiled prototype"
+                if runs["figures"].get("enforce_eager") is False else ", enforce_eager")
+        fig.suptitle(f"LVTC on vLLM {runs['figures']['vllm']} (CPU, float32{mode}): shipped plugin vs the saving "
                      "model")
 
 

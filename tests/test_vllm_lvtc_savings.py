@@ -106,21 +106,28 @@ def test_saving_model_builds_on_the_shipped_plugin_and_answers_as_transformers(t
     assert got["blocks_held"] == [need[g["spec"]] for g in groups]
 
 
-@pytest.mark.parametrize("name", ["vllm-lvtc-savings", "vllm-lvtc-savings-rerun"])
+@pytest.mark.parametrize("name", ["vllm-lvtc-savings", "vllm-lvtc-savings-rerun", "issue56-step3-compiled",
+                                  "issue56-step3-compiled-loaded"])
 def test_saving_figures_are_the_run_files(name):
-    """The issue's figures file (the recorded run, and its re-run on the ported experiment) holds exactly the headline
-    of the full run file, with the commit whose plugin it measured."""
+    """The issue's figures file (the recorded run, its re-run on the ported experiment, and issue 56's runs with
+    compilation on) holds exactly the headline of the full run file, with the commit whose plugin it measured."""
     import json
 
     results = REPO_ROOT / "benchmarks" / "results"
     figures = json.loads((results / f"{name}.json").read_text())
     runs = json.loads((results / f"{name}-runs.json").read_text())
+    compiled = {"enforce_eager", "requests_per_s_ratio"} if name.startswith("issue56") else set()
     assert set(figures) == {"kv_blocks_ratio", "kv_target", "prefill_ratio", "flops_ratio", "tokens_equal", "vllm",
-                            "date", "plugin_commit"}
+                            "date", "plugin_commit"} | compiled
     assert figures == runs["figures"]
     head = runs["per_request"]["3 tiles"]
     assert figures["kv_blocks_ratio"] == round(head["lvtc-saving"]["kv_blocks_ratio"], 4)
     assert np.isclose(figures["prefill_ratio"], head["lvtc-saving"]["prefill_ratio"], atol=1e-4)
+    if compiled:
+        assert figures["enforce_eager"] is False and runs["model"]["engine"]["enforce_eager"] is False
+        rps = runs["requests_per_s"]
+        assert figures["requests_per_s_ratio"] == {level: round(rps["lvtc-saving"][level] / rps["plain-1024"][level], 4)
+                                                   for level in ("4", "16")}
 
 
 @pytest.mark.vllm
@@ -158,3 +165,30 @@ def test_compiled_saving_prototype_answers_as_transformers_with_short_kv_only(tm
                 for g in groups]
         assert got["blocks_held"] == need
     assert result["alone"][0]["prompt_tokens"] - 12 * (64 - 16) == 212  # the 12-tile prompt: 788 long, 212 short
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+@needs_vllm
+def test_compiled_saving_prototype_runs_with_the_engine_core_in_its_own_process(tmp_path):
+    """vLLM's default process layout (`VLLM_ENABLE_V1_MULTIPROCESSING=1`: engine core and worker in processes of their
+    own, as `vllm serve` runs): the plugin's entry point registers the prototype's architecture in each of them and
+    importing `saving.py` registers the short group's spec there, so the engine starts and answers as transformers
+    does. (Before, with the architecture registered in the caller's process only, the worker stopped at start with
+    "Model architectures ['InternVLXLVTCSavingCompiledForConditionalGeneration'] are not supported".)"""
+    from internvlx_hf.vllm.saving import ARCHITECTURE
+
+    bench = load_script("benchmarks/bench_vllm_lvtc_savings.py")
+    folder = bench.build_checkpoint(tmp_path / "qwen2-lvtc", **bench.PARITY_MODELS["qwen2-lvtc"][0])
+    requests = [bench.REQUESTS["12 tiles"], bench.REQUESTS["two images"]]
+    engine = dict(bench.TINY_ENGINE, enforce_eager=False, hf_overrides={"architectures": [ARCHITECTURE]})
+    spec = {"engines": [{"name": "compiled", "checkpoint": str(folder), "engine": engine, "requests": requests}],
+            "max_tokens": 4}
+    result = bench.run_engines(spec, tmp_path, env={"VLLM_ENABLE_V1_MULTIPROCESSING": "1"})["compiled"]
+    log = (tmp_path / "engine.log").read_text()
+    assert result["info"]["multiprocessing"] and "(Worker pid=" in log
+    for index, request in enumerate(requests):
+        _, tokens, logprobs = bench.reference(folder, request, max_new_tokens=4)
+        for got in (result["alone"][index], result["together"][index]):
+            assert got["tokens"] == tokens
+            assert max(abs(a - b) for a, b in zip(got["logprobs"], logprobs)) <= bench.LOGPROB_ATOL

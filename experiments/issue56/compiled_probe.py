@@ -4,7 +4,8 @@ One engine (tiny Qwen2 + LVTC k=2 of tests/test_vllm_lvtc_savings.py, float32, c
 answers the "12 tiles" and "text" requests (alone, then together); prints tokens and logprobs vs transformers, the KV
 blocks each request held per group, and what the engine log says about compilation. `--parity MODEL`: instead, that
 model of bench_vllm_lvtc_savings.py's PARITY_MODELS with all its requests. `--preempt`: issue 52's preemption case
-(stress: a KV pool of 19 blocks, 7 image requests at once, 48 tokens; qwen2-lvtc).
+(stress: a KV pool of 19 blocks, 7 image requests at once, 48 tokens; qwen2-lvtc). `--multiprocess` (step 3): the
+engine core in a process of its own (vLLM's default; the blocks held are not readable there).
 Run: OMP_NUM_THREADS=1 PYTHONPATH=src:. flock /work/.vllm-lock /work/main/.venv-vllm/bin/python \
      experiments/issue56/compiled_probe.py [OUT.json] [--parity MODEL]"""
 import importlib.util
@@ -43,10 +44,14 @@ def main():
         max_tokens = 48
     run = {"engines": [{"name": "compiled", "checkpoint": str(folder), "engine": engine, "requests": requests}],
            "max_tokens": max_tokens}
-    result = bench.run_engines(run, root)["compiled"]
+    multiprocess = "--multiprocess" in sys.argv
+    result = bench.run_engines(run, root, env={"VLLM_ENABLE_V1_MULTIPROCESSING": "1" if multiprocess else "0"})
+    result = result["compiled"]
+    groups = result["info"].get("groups")
     log = (root / "engine.log").read_text()
-    out = {"model": model, "engine": {k: v for k, v in engine.items() if k != "hf_overrides"}, "architecture": ARCHITECTURE,
-           "groups": result["info"]["groups"], "preemptions": result.get("preemptions"), "startup_s": round(result["info"]["startup_s"]), "requests": {}}
+    out = {"model": model, "engine": {k: v for k, v in engine.items() if k != "hf_overrides"},
+           "architecture": ARCHITECTURE, "multiprocess": multiprocess, "groups": groups,
+           "preemptions": result.get("preemptions"), "startup_s": round(result["info"]["startup_s"]), "requests": {}}
     out["log"] = sorted({line.strip()[-160:] for line in log.splitlines()
                          if re.search(r"compil|Compil|recompil|DYNAMO|graph break|Warming", line)})
     for index, request in enumerate(requests):
@@ -60,7 +65,7 @@ def main():
         got = result["alone"][index]
         long_tokens, short_tokens = got["prompt_tokens"] + max_tokens - 1, len(prompt_ids) + max_tokens - 1
         row["blocks_needed"] = [math.ceil((short_tokens if g["spec"] == "LVTCShortSpec" else long_tokens)
-                                          / g["block_size"]) for g in result["info"]["groups"]]
+                                          / g["block_size"]) for g in groups or []]
         out["requests"][names[index]] = row
     print(json.dumps(out, indent=1))
     if args:

@@ -246,3 +246,18 @@ def _check_lvtc_engine(vllm_config, layout, where: str) -> None:
             f"InternVL-X LVTC checkpoint {where}: vLLM cannot run it because {' and '.join(problems)}; start vLLM "
             f"with {' and '.join(fixes)}."
         )
+
+
+class LVTCSavingConfigHook(LVTCConfigHook):
+    """Issue 56's LVTC-saving prototype (`saving.py`): the shipped hook, compilation on (the short layers' builder
+    reads the M-RoPE buffer that the warm-up forward hands over), and the scheduler channel."""
+
+    @staticmethod
+    def verify_and_update_config(vllm_config) -> None:
+        LVTCConfigHook.verify_and_update_config(vllm_config)
+        if vllm_config.model_config.enforce_eager:
+            raise ValueError("the LVTC-saving model (issue 56 prototype) needs vLLM's compilation mode: start the "
+                             "engine without enforce_eager")
+        from .saving import use_scheduler_channel
+
+        use_scheduler_channel(vllm_config)

@@ -1,7 +1,8 @@
 """Issue 56 (research prototype, not registered by default): LVTC on vLLM with the layers below `k` holding and
 computing the short layout, under vLLM's compilation mode.
 
-Opt in with `register()` and `hf_overrides={"architectures": [ARCHITECTURE]}`; the shipped plugin does not change.
+Opt in with `hf_overrides={"architectures": [ARCHITECTURE]}` (the plugin registers the name in every vLLM process, so
+the engine core and workers may run in processes of their own); checkpoints are served as before otherwise.
 
 Shared with issue 52's research engine (benchmarks/lvtc_savings_vllm.py imports them from here):
 
@@ -49,14 +50,16 @@ from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 from vllm.v1.kv_cache_interface import AttentionSpec, get_kv_quant_mode
 from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
-from internvlx_hf.vllm.config_hook import LVTCConfigHook
+from internvlx_hf.vllm import SAVING_ARCHITECTURE
+from internvlx_hf.vllm.config_hook import LVTCSavingConfigHook
 from internvlx_hf.vllm.layout import LVTCLayout
 from internvlx_hf.vllm.lvtc import KeyBiasAttention, KeyBiasRotary, LVTCRunner
 from internvlx_hf.vllm.model import InternVLXForConditionalGeneration
 from internvlx_hf.vllm.positions import tile_slots
 
-#: The opt-in architecture name (a checkpoint is served with it through `hf_overrides`).
-ARCHITECTURE = "InternVLXLVTCSavingCompiledForConditionalGeneration"
+#: The opt-in architecture name (a checkpoint is served with it through `hf_overrides`); the plugin registers it in
+#: every vLLM process.
+ARCHITECTURE = SAVING_ARCHITECTURE
 
 
 # ----------------------------------------------------------------------------------------------- KV cache: spec
@@ -363,19 +366,6 @@ class SavingFront(nn.Module):
         return self.layers(positions, inputs_embeds, gather, long_positions)
 
 
-class SavingCompiledConfigHook(LVTCConfigHook):
-    """The shipped hook (whole images per step, no prefix caching, position rows), the scheduler channel, and
-    compilation on (the short builder reads the M-RoPE buffer that the warm-up forward hands over)."""
-
-    @staticmethod
-    def verify_and_update_config(vllm_config) -> None:
-        LVTCConfigHook.verify_and_update_config(vllm_config)
-        if vllm_config.model_config.enforce_eager:
-            raise ValueError("the LVTC-saving model (issue 56 prototype) needs vLLM's compilation mode: start the "
-                             "engine without enforce_eager")
-        use_scheduler_channel(vllm_config)
-
-
 def use_scheduler_channel(vllm_config) -> None:
     """The scheduler class that hands its request table to the short group's managers (`LVTCSchedulerMixin`),
     unless the engine already names one of them (a user's own other scheduler class is left as it is; the short
@@ -403,8 +393,14 @@ class InternVLXLVTCSavingCompiled(InternVLXForConditionalGeneration):
 
 
 def register() -> None:
-    """Make vLLM (in this process) know the opt-in architecture; serve with `hf_overrides={"architectures":
-    [ARCHITECTURE]}`."""
+    """Register the spec and the architecture in this process. The plugin (`internvlx_hf.vllm.register`) registers the
+    architecture lazily in every vLLM process, and importing this module registers the spec, so this is only needed
+    where the plugin's entry point is not installed."""
     register_spec()
     ModelRegistry.register_model(ARCHITECTURE, InternVLXLVTCSavingCompiled)
-    MODELS_CONFIG_MAP[ARCHITECTURE] = SavingCompiledConfigHook
+    MODELS_CONFIG_MAP[ARCHITECTURE] = LVTCSavingConfigHook
+
+
+# A process that builds the model, or receives the short group's spec from another process (the engine core gets the
+# workers' specs pickled), imports this module first: the spec and its manager are then known there.
+register_spec()
