@@ -1,5 +1,5 @@
-"""Issue 56 (research prototype, not registered by default): LVTC on vLLM with the layers below `k` holding and
-computing the short layout, under vLLM's compilation mode.
+"""Issue 56 (research prototype, used only where `hf_overrides` asks for it): LVTC on vLLM with the layers below `k`
+holding and computing the short layout, under vLLM's compilation mode.
 
 Opt in with `hf_overrides={"architectures": [ARCHITECTURE]}` (the plugin registers the name in every vLLM process, so
 the engine core and workers may run in processes of their own); checkpoints are served as before otherwise.
