@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from vllm_helpers import build_checkpoint, image, reference_generate  # noqa: E402
 
 from internvlx_hf import InternVLXForConditionalGeneration, InternVLXProcessor  # noqa: E402
-from internvlx_hf.vllm import SAVING_ARCHITECTURE  # noqa: E402
+from internvlx_hf.vllm.config_hook import SAVING_ARCHITECTURE  # noqa: E402
 
 MAX_TILES = 12
 CONVERSATIONS = {

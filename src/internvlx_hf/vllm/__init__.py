@@ -15,8 +15,6 @@ from __future__ import annotations
 
 #: `config.json`'s architecture, as this package writes it.
 ARCHITECTURE = "InternVLXForConditionalGeneration"
-#: Issue 56's LVTC-saving prototype (`saving.py`), served only where asked for through `hf_overrides`.
-SAVING_ARCHITECTURE = "InternVLXLVTCSavingCompiledForConditionalGeneration"
 
 
 def register() -> None:
@@ -30,7 +28,7 @@ def register() -> None:
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP
 
     from ..auto_registration import register_auto_classes
-    from .config_hook import LVTCConfigHook, LVTCSavingConfigHook
+    from .config_hook import SAVING_ARCHITECTURE, LVTCConfigHook, LVTCSavingConfigHook
 
     register_auto_classes()
     ModelRegistry.register_model(ARCHITECTURE, f"{__name__}.model:InternVLXForConditionalGeneration")

@@ -248,6 +248,24 @@ def _check_lvtc_engine(vllm_config, layout, where: str) -> None:
         )
 
 
+#: Issue 56's LVTC-saving prototype (`saving.py`): the plugin registers it in every vLLM process; a checkpoint is served
+#: with it only where `hf_overrides={"architectures": [SAVING_ARCHITECTURE]}` asks for it.
+SAVING_ARCHITECTURE = "InternVLXLVTCSavingCompiledForConditionalGeneration"
+#: saving.py's scheduler classes (synchronous, asynchronous scheduling), named so that vLLM imports them where the
+#: scheduler runs: they hand the scheduler's request table to the short group's KV managers.
+SAVING_SCHEDULERS = ("internvlx_hf.vllm.saving.LVTCScheduler", "internvlx_hf.vllm.saving.LVTCAsyncScheduler")
+
+
+def use_scheduler_channel(vllm_config) -> None:
+    """The scheduler class that hands its request table to the short group's managers (saving.py's
+    `LVTCSchedulerMixin`), unless the engine already names one of them (a user's own other scheduler class is left
+    as it is; the short manager then stops at its first request with a message naming `scheduler_cls`)."""
+    scheduler = vllm_config.scheduler_config
+    chosen = scheduler.scheduler_cls
+    if chosen is None or chosen in SAVING_SCHEDULERS or getattr(chosen, "lvtc_scheduler_channel", False):
+        scheduler.scheduler_cls = SAVING_SCHEDULERS[0 if scheduler.async_scheduling is False else 1]
+
+
 class LVTCSavingConfigHook(LVTCConfigHook):
     """Issue 56's LVTC-saving prototype (`saving.py`): the shipped hook, compilation on (the short layers' builder
     reads the M-RoPE buffer that the warm-up forward hands over), and the scheduler channel."""
@@ -258,6 +276,4 @@ class LVTCSavingConfigHook(LVTCConfigHook):
         if vllm_config.model_config.enforce_eager:
             raise ValueError("the LVTC-saving model (issue 56 prototype) needs vLLM's compilation mode: start the "
                              "engine without enforce_eager")
-        from .saving import use_scheduler_channel
-
         use_scheduler_channel(vllm_config)

@@ -50,8 +50,9 @@ from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 from vllm.v1.kv_cache_interface import AttentionSpec, get_kv_quant_mode
 from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
-from internvlx_hf.vllm import SAVING_ARCHITECTURE
-from internvlx_hf.vllm.config_hook import LVTCSavingConfigHook
+# the scheduler channel's set-up lives with the config hook (which cannot import this module)
+from internvlx_hf.vllm.config_hook import (SAVING_ARCHITECTURE, LVTCSavingConfigHook,  # noqa: F401
+                                           use_scheduler_channel)
 from internvlx_hf.vllm.layout import LVTCLayout
 from internvlx_hf.vllm.lvtc import KeyBiasAttention, KeyBiasRotary, LVTCRunner
 from internvlx_hf.vllm.model import InternVLXForConditionalGeneration
@@ -147,6 +148,8 @@ class LVTCSchedulerMixin:
     """Hands the scheduler's request table (each Request with its `mm_features`) to the short-layout KV managers.
 
     Also records, for the benchmark, the most blocks each request held in each KV-cache group."""
+
+    lvtc_scheduler_channel = True  # what `config_hook.use_scheduler_channel` recognises (it cannot import this module)
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -364,16 +367,6 @@ class SavingFront(nn.Module):
             gather = torch.arange(max(tokens - 1, 1), device=positions.device)
             long_positions = positions[0]
         return self.layers(positions, inputs_embeds, gather, long_positions)
-
-
-def use_scheduler_channel(vllm_config) -> None:
-    """The scheduler class that hands its request table to the short group's managers (`LVTCSchedulerMixin`),
-    unless the engine already names one of them (a user's own other scheduler class is left as it is; the short
-    manager then stops at its first request with a message naming `scheduler_cls`)."""
-    scheduler = vllm_config.scheduler_config
-    if scheduler.scheduler_cls is None or isinstance(scheduler.scheduler_cls, type) and issubclass(
-            scheduler.scheduler_cls, LVTCSchedulerMixin):
-        scheduler.scheduler_cls = LVTCScheduler if scheduler.async_scheduling is False else LVTCAsyncScheduler
 
 
 class InternVLXLVTCSavingCompiled(InternVLXForConditionalGeneration):
