@@ -1,28 +1,32 @@
-"""Issue 52, experiments E2 and E3: LVTC on vLLM with the short layers holding and computing the short layout only.
+"""Issues 52 and 56: LVTC on vLLM with the layers below `k` holding and computing the short layout only (the saving
+path, `internvlx_hf.vllm.saving`, what the plugin serves LVTC checkpoints with by default), against the masked long
+layout (the fallback, `hf_overrides={"lvtc_vllm_path": "masked"}`) and the plain models of the same weights. Every
+engine as users start vLLM: compilation on. Run in the vLLM environment (`.ci/run`'s `.venv-vllm`); every engine runs
+in a child process (`vllm_lvtc_savings_engine.py`).
 
-The experimental model (`lvtc_savings_vllm.py`, a subclass of the shipped plugin's model; not shipped) puts the layers
-below `k` in a KV-cache group of their own indexed by short-layout position (hypothesis 2) and runs them on the live
-tokens only with attention metadata rebuilt for them (hypothesis 3). Run in the vLLM environment (`.ci/run`'s
-`.venv-vllm`); every engine runs in a child process (`vllm_lvtc_savings_engine.py`).
-
-  parity   (E2) tiny LVTC checkpoints with 32-wide heads (those of tests/test_vllm.py: Phi-3 + LVTC k=2; Qwen3 + PVTC
-           + LVTC k=3, bilinear, hr_scale=rms, an extra LR projector; and Qwen2 + LVTC k=2) served by the
-           experimental model; each request once alone and once in a batch of all; greedy tokens and logprobs against
+  parity   tiny LVTC checkpoints with 32-wide heads (those of tests/test_vllm.py: Phi-3 + LVTC k=2; Qwen3 + PVTC
+           + LVTC k=3, bilinear, hr_scale=rms, an extra LR projector; and Qwen2 + LVTC k=2) served on both paths;
+           each request once alone and once in a batch of all; greedy tokens and logprobs against
            `InternVLXForConditionalGeneration.generate` (tolerance: tests/test_vllm.py's 2e-5), and the KV blocks each
-           request held per group against the shipped plugin's engine on the same checkpoint.
-  savings  (E3) a mid-size model where the LLM's work dominates (448px tiles: 256 LR / 1024 long slots per tile; a
+           request held per group on each path.
+  stress   the saving path under preemption (a KV pool so small that requests wait and are recomputed) and with the
+           engine core in a process of its own (as `vllm serve` runs it).
+  savings  a mid-size model where the LLM's work dominates (448px tiles: 256 LR / 1024 long slots per tile; a
            Qwen2 LLM of 8 x 512, k = 6; a 4 x 256 ViT), as three checkpoints sharing every weight: LVTC, plain-1024
            (the HR projector as its projector) and plain-256 (the LR projector). Four engines in one process, timed
-           in interleaved rounds: plain-1024, plain-256, the shipped LVTC and the experimental LVTC-saving model.
+           in interleaved rounds: plain-1024, plain-256, LVTC on the masked path and LVTC on the saving path.
            Records KV blocks held per request (layer-blocks: blocks x layers of each group), prefill time of one
            request (max_tokens=1), requests/s at concurrency 4 and 16, the FLOPs of each prefill counted on the
            transformers models (torch's FlopCounterMode, as bench_models.py counts them), and parity of the
-           experimental model's greedy tokens with transformers'. Writes benchmarks/results/vllm-lvtc-savings.json
+           saving path's greedy tokens with transformers'. Writes benchmarks/results/vllm-lvtc-savings.json
            (the issue's figures) and vllm-lvtc-savings-runs.json (everything measured).
 
     .venv-vllm/bin/python benchmarks/bench_vllm_lvtc_savings.py parity
     .venv-vllm/bin/python benchmarks/bench_vllm_lvtc_savings.py savings --plot
-    .venv-vllm/bin/python benchmarks/bench_vllm_lvtc_savings.py savings --compiled --plot --out issue56-step3-compiled
+
+Runs recorded before issue 56 shipped the saving path (`vllm-lvtc-savings*`, `issue56-*` in benchmarks/results/)
+measured issue 52's eager research engine or the opt-in prototype; their engines are named `lvtc-shipped` (then the
+masked path) and `lvtc-saving`.
 """
 
 from __future__ import annotations
@@ -62,7 +66,7 @@ PARITY_MODELS = {
     "qwen2-lvtc": (dict(llm="qwen2", projector="mlp", lvtc=dict(expand_layer=2)),
                    ["text", "1 tile", "12 tiles", "two images"]),
 }
-TINY_ENGINE = dict(dtype="float32", enforce_eager=True, max_model_len=4096, max_num_batched_tokens=4096,
+TINY_ENGINE = dict(dtype="float32", enforce_eager=False, max_model_len=4096, max_num_batched_tokens=4096,
                    gpu_memory_utilization=0.15, max_num_seqs=8, limit_mm_per_prompt={"image": 2, "video": 1})
 
 
@@ -118,13 +122,13 @@ def parity(args) -> None:
         engines, folders = [], {}
         for name, (options, requests) in PARITY_MODELS.items():
             folders[name] = build_checkpoint(root / name, **options)
-            for saving in (True, False):
-                engines.append({"name": f"{name}/{'saving' if saving else 'shipped'}", "checkpoint": str(folders[name]),
-                                "engine": TINY_ENGINE, "saving": saving, "requests": [REQUESTS[r] for r in requests]})
+            for path in ("saving", "masked"):
+                engines.append({"name": f"{name}/{path}", "checkpoint": str(folders[name]), "engine": TINY_ENGINE,
+                                "path": path, "requests": [REQUESTS[r] for r in requests]})
         results = run_engines({"engines": engines, "max_tokens": 8}, root)
         rows, worst = [], 0.0
         for name, (options, requests) in PARITY_MODELS.items():
-            saving, shipped = results[f"{name}/saving"], results[f"{name}/shipped"]
+            saving, masked = results[f"{name}/saving"], results[f"{name}/masked"]
             for index, request_name in enumerate(requests):
                 _, tokens, logprobs = reference(folders[name], REQUESTS[request_name])
                 row = {"model": name, "request": request_name}
@@ -134,25 +138,25 @@ def parity(args) -> None:
                     worst = max(worst, diff)
                     row[f"tokens_equal_{mode}"] = got["tokens"] == tokens
                     row[f"logprob_diff_{mode}"] = diff
-                    row[f"shipped_tokens_equal_{mode}"] = shipped[mode][index]["tokens"] == tokens
+                    row[f"masked_tokens_equal_{mode}"] = masked[mode][index]["tokens"] == tokens
                 row["layer_blocks_saving"] = layer_blocks(saving["alone"][index]["blocks_held"],
                                                           saving["info"]["groups"])
-                row["layer_blocks_shipped"] = layer_blocks(shipped["alone"][index]["blocks_held"],
-                                                           shipped["info"]["groups"])
+                row["layer_blocks_masked"] = layer_blocks(masked["alone"][index]["blocks_held"],
+                                                          masked["info"]["groups"])
                 row["kv_bytes_saving"] = kv_bytes(saving["alone"][index]["blocks_held"], saving["info"]["groups"])
-                row["kv_bytes_shipped"] = kv_bytes(shipped["alone"][index]["blocks_held"], shipped["info"]["groups"])
+                row["kv_bytes_masked"] = kv_bytes(masked["alone"][index]["blocks_held"], masked["info"]["groups"])
                 row["prompt_tokens"] = saving["alone"][index]["prompt_tokens"]
                 rows.append(row)
                 print(f"{name:16} {request_name:12} tokens equal {row['tokens_equal_alone']}/"
                       f"{row['tokens_equal_together']}  logprob diff {row['logprob_diff_alone']:.1e}/"
                       f"{row['logprob_diff_together']:.1e}  layer-blocks saving {row['layer_blocks_saving']} "
-                      f"shipped {row['layer_blocks_shipped']}  KV bytes saving/shipped "
-                      f"{row['kv_bytes_saving'] / row['kv_bytes_shipped']:.2f}", flush=True)
-    out = {"experiment": "E2 (hypotheses 2 and 3: short KV group + gathered compute), tiny checkpoints",
+                      f"masked {row['layer_blocks_masked']}  KV bytes saving/masked "
+                      f"{row['kv_bytes_saving'] / row['kv_bytes_masked']:.2f}", flush=True)
+    out = {"experiment": "parity of the saving path (and the masked one) with transformers, tiny checkpoints",
            "date": datetime.date.today().isoformat(), "engine": TINY_ENGINE, "tolerance": LOGPROB_ATOL,
            "all_tokens_equal": all(r["tokens_equal_alone"] and r["tokens_equal_together"] for r in rows),
            "max_logprob_diff": worst,
-           "groups": {name: {k: results[f"{name}/{k}"]["info"] for k in ("saving", "shipped")}
+           "groups": {name: {k: results[f"{name}/{k}"]["info"] for k in ("saving", "masked")}
                       for name in PARITY_MODELS},
            "rows": rows}
     RESULTS.mkdir(exist_ok=True)
@@ -165,36 +169,32 @@ def parity(args) -> None:
 # ------------------------------------------------------------------------------------------------ E2b: stress
 
 
-def stress(args) -> None:
-    """The manager and the rebuilt metadata where vLLM is under pressure: a KV pool so small that requests wait and
-    get preempted (recomputed) while others decode; and the engine core in a process of its own (as `vllm serve`
-    runs it), where the scheduler channel and the registered spec must exist in that process too. vLLM then starts
-    its engine core and worker in processes of their own, which know the experimental model only through a
-    `vllm.general_plugins` entry point: a throwaway package outside the repository provides one (its module puts
-    benchmarks/ on sys.path and calls `lvtc_savings_vllm.register()`); without it that case is skipped."""
-    from importlib.metadata import entry_points
+#: Preemption: seven requests at once in a KV pool of 19 blocks. A 12-tile request holds 7 long + 2 short blocks (about
+#: 800 / 224 tokens), a third short block after 32 decoded tokens: two fit, the next ones wait, and the two decoding
+#: ones outgrow the pool: one is preempted (recomputed later).
+STRESS_REQUESTS = [request_spec(f"Look {i}: <image>\nDescribe.", images=[(1232, 112, 20 + i)]) for i in range(6)]
+STRESS_REQUESTS.append(REQUESTS["two images"])
+STRESS_ENGINE = dict(TINY_ENGINE, num_gpu_blocks_override=19, max_model_len=1024)
+STRESS_TOKENS = 48
 
-    max_tokens = 48
-    requests = [request_spec(f"Look {i}: <image>\nDescribe.", images=[(1232, 112, 20 + i)]) for i in range(6)]
-    requests.append(REQUESTS["two images"])
+
+def stress(args) -> None:
+    """The short group's manager and the short layers' metadata where vLLM is under pressure: a KV pool so small that
+    requests wait and get preempted (recomputed) while others decode; and the engine core in a process of its own (as
+    `vllm serve` runs it), where the scheduler channel and the registered spec must exist in that process too."""
+    max_tokens = STRESS_TOKENS
+    requests = STRESS_REQUESTS
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         folder = build_checkpoint(root / "qwen2-lvtc", **PARITY_MODELS["qwen2-lvtc"][0])
         cases = {
-            # a 12-tile request holds 7 long + 2 short blocks (about 800 / 224 tokens), a third short block after
-            # 32 decoded tokens: two fit, the next ones wait, and the two decoding ones outgrow the pool: one is
-            # preempted (recomputed later)
-            "small KV pool (19 blocks), 7 requests at once": (
-                dict(TINY_ENGINE, num_gpu_blocks_override=19, max_model_len=1024), {}),
+            "small KV pool (19 blocks), 7 requests at once": (STRESS_ENGINE, {}),
             "engine core in its own process": (TINY_ENGINE, {"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}),
         }
-        if not any(e.name == "lvtc_saving_experiment" for e in entry_points(group="vllm.general_plugins")):
-            print("no `lvtc_saving_experiment` vLLM plugin installed: skipping the separate-process case")
-            cases.pop("engine core in its own process")
         rows, answers = [], {}
         for case, (engine, env) in cases.items():
             (root / case[:5]).mkdir()
-            spec = {"engines": [{"name": "saving", "checkpoint": str(folder), "engine": engine, "saving": True,
+            spec = {"engines": [{"name": "saving", "checkpoint": str(folder), "engine": engine,
                                  "requests": requests}], "max_tokens": max_tokens}
             answers[case] = run_engines(spec, root / case[:5], env)["saving"]
         for index, request in enumerate(requests):
@@ -204,7 +204,7 @@ def stress(args) -> None:
                     got = result[mode][index]
                     rows.append({"case": case, "request": index, "mode": mode, "tokens_equal": got["tokens"] == tokens,
                                  "logprob_diff": max(abs(a - b) for a, b in zip(got["logprobs"], logprobs))})
-    out = {"experiment": "E2b: the saving model under preemption and with a separate engine-core process",
+    out = {"experiment": "the saving path under preemption and with a separate engine-core process",
            "date": datetime.date.today().isoformat(), "max_tokens": max_tokens,
            "preemptions": {case: result.get("preemptions") for case, result in answers.items()},
            "all_tokens_equal": all(r["tokens_equal"] for r in rows),
@@ -227,7 +227,7 @@ MID_EXPAND = 6  # k = 3/4 of the depth, as bench_models.py's LVTC
 # prefill), and chunked prefill off: vLLM 0.32 still splits an image whose chunk starts exactly at the image under
 # disable_chunked_mm_input (vllm-project/vllm#52306, fix #52412 open), which the LVTC models refuse (measured: the
 # shipped plugin's engine stopped at concurrency 16 with "a tile was split between scheduler steps").
-MID_ENGINE = dict(dtype="float32", enforce_eager=True, max_model_len=8192, max_num_batched_tokens=8192,
+MID_ENGINE = dict(dtype="float32", enforce_eager=False, max_model_len=8192, max_num_batched_tokens=8192,
                   gpu_memory_utilization=0.15, max_num_seqs=16, limit_mm_per_prompt={"image": 1, "video": 0},
                   enable_prefix_caching=False, enable_chunked_prefill=False)
 PREFILL_REQUESTS = {
@@ -307,23 +307,16 @@ def savings(args) -> None:
     load_requests = [request_spec("<image>\nWhat is in the picture?", images=[(448, 448, 100 + i)])
                      for i in range(max(args.concurrency))]
     parity_requests = {**PREFILL_REQUESTS, "load 0": load_requests[0], "load 1": load_requests[1]}
-    # --compiled: every engine as users start vLLM (compilation on), the saving one issue 56's compiled prototype
-    engine_options = dict(MID_ENGINE, enforce_eager=False) if args.compiled else MID_ENGINE
-    if args.compiled:
-        from internvlx_hf.vllm.saving import ARCHITECTURE as COMPILED
-
-        saving_engine = {"engine": dict(engine_options, hf_overrides={"architectures": [COMPILED]})}
-    else:
-        saving_engine = {"engine": engine_options, "saving": True}
+    engine_options = MID_ENGINE
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         folders = mid_checkpoints(root)
         engines = [
             {"name": "plain-1024", "checkpoint": str(folders["plain-1024"]), "engine": engine_options},
             {"name": "plain-256", "checkpoint": str(folders["plain-256"]), "engine": engine_options},
-            {"name": "lvtc-shipped", "checkpoint": str(folders["lvtc"]), "engine": engine_options,
+            {"name": "lvtc-masked", "checkpoint": str(folders["lvtc"]), "engine": engine_options, "path": "masked",
              "requests": list(parity_requests.values())},
-            {"name": "lvtc-saving", "checkpoint": str(folders["lvtc"]), **saving_engine,
+            {"name": "lvtc-saving", "checkpoint": str(folders["lvtc"]), "engine": engine_options,
              "requests": list(parity_requests.values())},
         ]
         timing = {"prefill_requests": PREFILL_REQUESTS, "repeats": args.repeats, "concurrency": args.concurrency,
@@ -332,7 +325,7 @@ def savings(args) -> None:
         parity_rows, worst, equal = [], 0.0, True
         for index, (request_name, request) in enumerate(parity_requests.items()):
             _, tokens, logprobs = reference(folders["lvtc"], request)
-            for engine in ("lvtc-saving", "lvtc-shipped"):
+            for engine in ("lvtc-saving", "lvtc-masked"):
                 for mode in ("alone", "together"):
                     got = results[engine][mode][index]
                     diff = max(abs(a - b) for a, b in zip(got["logprobs"], logprobs))
@@ -342,7 +335,7 @@ def savings(args) -> None:
                     if engine == "lvtc-saving":
                         worst, equal = max(worst, diff), equal and same
             print(f"parity {request_name}: saving {parity_rows[-4]['tokens_equal']}/{parity_rows[-3]['tokens_equal']} "
-                  f"({max(parity_rows[-4]['logprob_diff'], parity_rows[-3]['logprob_diff']):.1e}), shipped "
+                  f"({max(parity_rows[-4]['logprob_diff'], parity_rows[-3]['logprob_diff']):.1e}), masked "
                   f"{parity_rows[-2]['tokens_equal']}/{parity_rows[-1]['tokens_equal']}", flush=True)
         flops = {key: {name: prefill_flops(folders[name], request)
                        for name in ("plain-1024", "plain-256", "lvtc")} for key, request in PREFILL_REQUESTS.items()}
@@ -379,14 +372,11 @@ def savings(args) -> None:
                "kv_target": round(headline["kv_target"], 4),
                "prefill_ratio": round(headline["lvtc-saving"]["prefill_ratio"], 4),
                "flops_ratio": round(headline["flops_ratio"], 4), "tokens_equal": equal, "vllm": vllm.__version__,
-               "date": datetime.date.today().isoformat(), "plugin_commit": plugin_commit()}
-    if args.compiled:
-        figures["enforce_eager"] = False
-        figures["requests_per_s_ratio"] = {level: round(rps["lvtc-saving"][level] / rps["plain-1024"][level], 4)
-                                           for level in rps["plain-1024"]}
-    experiment = "E3: savings against plain-1024 and plain-256 of the same model, one run"
-    if args.compiled:
-        experiment += " (compilation on: vLLM's defaults; saving = issue 56's compiled prototype)"
+               "date": datetime.date.today().isoformat(), "plugin_commit": plugin_commit(), "enforce_eager": False,
+               "requests_per_s_ratio": {level: round(rps["lvtc-saving"][level] / rps["plain-1024"][level], 4)
+                                        for level in rps["plain-1024"]}}
+    experiment = ("savings of the shipped LVTC paths against plain-1024 and plain-256 of the same model, one run, "
+                  "compilation on (vLLM's defaults)")
     runs = {"experiment": experiment,
             "model": {"text": MID_TEXT, "vision": MID_VISION, "expand_layer": MID_EXPAND, "engine": engine_options},
             "figures": figures, "per_request": per_request, "requests_per_s": rps,
@@ -406,14 +396,17 @@ def savings(args) -> None:
         plot(runs, RESULTS / f"{name}.png")
 
 
-ENGINE_ORDER = ("plain-1024", "plain-256", "lvtc-shipped", "lvtc-saving")
+def engine_order(runs: dict) -> list[str]:
+    """The engines of a run, plain ones first (runs before issue 56 shipped name the masked path `lvtc-shipped`)."""
+    names = runs["requests_per_s"]
+    return [n for n in ("plain-1024", "plain-256", "lvtc-masked", "lvtc-shipped", "lvtc-saving") if n in names]
 
 
 def table(runs: dict) -> str:
     lines = ["| engine | request | KV layer-blocks | KV bytes vs plain-1024 | such requests in the KV pool | "
              "prefill s | prefill vs plain-1024 |", "|---|---|---|---|---|---|---|"]
     for key, row in runs["per_request"].items():
-        for name in ENGINE_ORDER:
+        for name in engine_order(runs):
             cell = row[name]
             lines.append(f"| {name} | {key} | {cell['layer_blocks']} | {cell['kv_bytes_ratio']:.3f} | "
                          f"{cell['fit_in_pool']} | {cell['prefill_s']:.2f} | {cell['prefill_ratio']:.3f} |")
@@ -421,7 +414,7 @@ def table(runs: dict) -> str:
                      f"(causal {row['flops_ratio_causal']:.3f}) |")
     lines += ["", "| engine | " + " | ".join(f"requests/s at {c}" for c in runs["requests_per_s"]["plain-1024"]) + " |",
               "|---|" + "---|" * len(runs["requests_per_s"]["plain-1024"])]
-    for name in ENGINE_ORDER:
+    for name in engine_order(runs):
         lines.append(f"| {name} | " + " | ".join(f"{v:.3f}" for v in runs["requests_per_s"][name].values()) + " |")
     return "\n".join(lines)
 
@@ -430,7 +423,7 @@ def plot(runs: dict, path: Path) -> None:
     from internvlx_hf.bench.harness import figure
 
     with figure(path, 1, 3, figsize=(13, 4), dpi=110) as (fig, axes):
-        names = list(ENGINE_ORDER)
+        names = engine_order(runs)
         colors = ["#444444", "#999999", "#d98c3a", "#2f7bbf"]
         head = runs["per_request"]["3 tiles"]
         for ax, metric, title in ((axes[0], "kv_bytes_ratio", "KV cache per request (3 tiles)"),
@@ -451,10 +444,9 @@ def plot(runs: dict, path: Path) -> None:
         axes[2].set_xticks([j + 1.5 * width for j in range(len(levels))], [f"concurrency {c}" for c in levels])
         axes[2].set_title("requests/s (1-tile images)")
         axes[2].legend(fontsize=8)
-        mode = (", compilation on: saving = issue 56's compiled prototype"
-                if runs["figures"].get("enforce_eager") is False else ", enforce_eager")
-        fig.suptitle(f"LVTC on vLLM {runs['figures']['vllm']} (CPU, float32{mode}): shipped plugin vs the saving "
-                     "model")
+        mode = ", compilation on" if runs["figures"].get("enforce_eager") is False else ", enforce_eager"
+        fig.suptitle(f"LVTC on vLLM {runs['figures']['vllm']} (CPU, float32{mode}): the saving path vs the masked "
+                     "path and the plain models")
 
 
 def plugin_commit() -> str:
@@ -474,10 +466,6 @@ def main(argv=None) -> None:
     parser.add_argument("--concurrency", type=lambda v: [int(c) for c in v.split(",")], default=[4, 16])
     parser.add_argument("--load-repeats", type=int, default=2, help="savings: rounds per concurrency level (median)")
     parser.add_argument("--max-tokens", type=int, default=16, help="savings: tokens per request under load")
-    parser.add_argument("--compiled", action="store_true",
-                        help="savings: every engine with vLLM's compilation on (no enforce_eager), the saving model "
-                             "being issue 56's compiled prototype (internvlx_hf.vllm.saving) instead of the eager "
-                             "research engine")
     parser.add_argument("--out", default=None,
                         help="results/<OUT>.json (savings: also <OUT>-runs.json); default: the recorded run's name "
                              "(vllm-lvtc-parity-saving, vllm-lvtc-stress-saving, vllm-lvtc-savings); a check against "

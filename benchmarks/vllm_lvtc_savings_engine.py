@@ -1,10 +1,11 @@
 """Child process of `bench_vllm_lvtc_savings.py`: runs vLLM engines in this process and writes what they did.
 
 `python benchmarks/vllm_lvtc_savings_engine.py SPEC OUT`. SPEC (JSON) lists engines (checkpoint, engine options,
-whether to serve it with the experimental LVTC-saving model) and the work: `requests` answered one at a time and then
-all at once (greedy tokens and logprobs, for parity), and optionally `timing`: prefill time of each of a few requests
-(`max_tokens=1`, median of `repeats`) and requests/s at each concurrency, in rounds that run every engine once
-(interleaved, so drifting load on the shared machine hits all engines alike). Every engine records, per request, the
+`"path": "masked"` to serve an LVTC checkpoint on the masked fallback path rather than the default saving one) and the
+work: `requests` answered one at a time and then all at once (greedy tokens and logprobs, for parity), and optionally
+`timing`: prefill time of each of a few requests (`max_tokens=1`, median of `repeats`) and requests/s at each
+concurrency, in rounds that run every engine once (interleaved, so drifting load on the shared machine hits all
+engines alike). Every engine records, per request, the
 most KV blocks it held in each KV-cache group and the layers of each group.
 """
 
@@ -33,7 +34,7 @@ def _scheduler(llm):
 
 def held(scheduler, request_id: str):
     """Blocks held per group by a request (vLLM's engine appends `-<8 characters>` to the id it was given)."""
-    if scheduler is None:
+    if scheduler is None or not hasattr(scheduler, "blocks_held"):  # (a user's own scheduler class)
         return None
     for key, value in scheduler.blocks_held.items():
         if key.rsplit("-", 1)[0] == request_id:
@@ -62,14 +63,19 @@ def bytes_per_block(group) -> int:
 
 
 def start(spec: dict):
-    import lvtc_savings_vllm as saving
     from vllm import LLM
 
+    from internvlx_hf.vllm.config_hook import SAVING_SCHEDULER
+    from internvlx_hf.vllm.saving import LVTCSchedulerMixin
+
+    LVTCSchedulerMixin.record_blocks = True  # (the engine core runs in this process unless the spec's env says not)
+
     options = dict(spec["engine"])
-    if spec.get("saving"):
-        options["hf_overrides"] = {"architectures": [saving.ARCHITECTURE]}
-    else:
-        options["scheduler_cls"] = saving.LVTCAsyncScheduler  # records blocks held; no LVTC manager to feed
+    if spec.get("path") == "masked":  # the fallback path, for comparison (its one log line says so)
+        options["hf_overrides"] = {"lvtc_vllm_path": "masked"}
+    # every engine records the blocks its requests held: the saving path's scheduler, which plain and masked engines
+    # take too (it only feeds short-layout KV managers, which they do not have)
+    options.setdefault("scheduler_cls", SAVING_SCHEDULER)
     started = time.time()
     llm = LLM(spec["checkpoint"], **options)
     if os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] != "0":  # the engine core runs in a process of its own
@@ -114,9 +120,6 @@ def timed(llm, inputs: list[dict], max_tokens: int) -> tuple[float, list]:
 def main() -> None:
     spec_path, out_path = sys.argv[1:3]
     spec = json.loads(Path(spec_path).read_text())
-    import lvtc_savings_vllm as saving
-
-    saving.register()
     results: dict = {}
     engines = {}
     for engine in spec["engines"]:

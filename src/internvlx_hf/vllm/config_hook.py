@@ -116,10 +116,19 @@ class LVTCConfigHook:
         layout = lvtc_layout_of(config)
         if config.lvtc_config is not None:
             _check_lvtc_engine(vllm_config, layout, where)
+        if layout is not None:
+            choose_lvtc_path(vllm_config, config)
         if needs_position_rows(config, model_config.max_model_len):
             # vLLM's per-request position rows (its M-RoPE machinery) carry each token's layout and RoPE factors.
             config.mrope_section = [1, 1, 1]
             # Rows are computed from the whole prompt; a cached prefix may come from a prompt with other rows.
+            if vllm_config.cache_config.enable_prefix_caching:
+                from vllm.logger import init_logger
+
+                init_logger("internvlx_hf.vllm").warning(
+                    "InternVL-X: prefix caching is off for this checkpoint (each request's position rows, which carry "
+                    "LVTC's layout or LongRoPE's factors, come from its whole prompt: a cached prefix could come "
+                    "from a prompt with other rows)")
             vllm_config.cache_config.enable_prefix_caching = False
         if row_width(config) != text.hidden_size:
             # The HR and extra LR projectors' outputs travel next to each token's embedding (`lvtc.py`): vLLM sizes
@@ -248,32 +257,87 @@ def _check_lvtc_engine(vllm_config, layout, where: str) -> None:
         )
 
 
-#: Issue 56's LVTC-saving prototype (`saving.py`): the plugin registers it in every vLLM process; a checkpoint is served
-#: with it only where `hf_overrides={"architectures": [SAVING_ARCHITECTURE]}` asks for it.
-SAVING_ARCHITECTURE = "InternVLXLVTCSavingCompiledForConditionalGeneration"
-#: saving.py's scheduler classes (synchronous, asynchronous scheduling), named so that vLLM imports them where the
-#: scheduler runs: they hand the scheduler's request table to the short group's KV managers.
-SAVING_SCHEDULERS = ("internvlx_hf.vllm.saving.LVTCScheduler", "internvlx_hf.vllm.saving.LVTCAsyncScheduler")
+#: The saving path's `scheduler_cls`: saving.py's factory of its scheduler classes (named so that vLLM imports it where
+#: the scheduler runs), which hand the scheduler's request table to the short group's KV managers. A factory, because
+#: vLLM settles `async_scheduling` (which of the two classes) only after this hook.
+SAVING_SCHEDULER = "internvlx_hf.vllm.saving.lvtc_scheduler"
+SAVING_SCHEDULERS = (SAVING_SCHEDULER, "internvlx_hf.vllm.saving.LVTCScheduler",
+                     "internvlx_hf.vllm.saving.LVTCAsyncScheduler")
+#: How an LVTC checkpoint runs on vLLM (`config.lvtc_vllm_path`, chosen by `choose_lvtc_path`): "saving" (the layers
+#: below k hold and compute the short layout only: `saving.py`) or "masked" (the long layout with the HR-only slots
+#: masked out of the layers below k: `lvtc.py`). `hf_overrides={"lvtc_vllm_path": "masked"}` asks for the second.
+LVTC_PATHS = ("saving", "masked")
 
 
-def use_scheduler_channel(vllm_config) -> None:
-    """The scheduler class that hands its request table to the short group's managers (saving.py's
-    `LVTCSchedulerMixin`), unless the engine already names one of them (a user's own other scheduler class is left
-    as it is; the short manager then stops at its first request with a message naming `scheduler_cls`)."""
+#: vLLM's own scheduler classes: named as `scheduler_cls`, they are replaced by saving.py's subclasses of them
+VLLM_SCHEDULERS = ("vllm.v1.core.sched.scheduler.Scheduler", "vllm.v1.core.sched.async_scheduler.AsyncScheduler")
+
+
+def _scheduler_name(chosen) -> str | None:
+    if chosen is None or isinstance(chosen, str):
+        return chosen
+    return f"{chosen.__module__}.{chosen.__qualname__}"
+
+
+def _scheduler_taken(vllm_config) -> str | None:
+    """The scheduler class a user set (`--scheduler-cls`) that the saving path cannot use: not vLLM's own, not
+    saving.py's, not a subclass of saving.py's `LVTCSchedulerMixin`."""
+    chosen = vllm_config.scheduler_config.scheduler_cls
+    name = _scheduler_name(chosen)
+    if name is None or name in VLLM_SCHEDULERS or name in SAVING_SCHEDULERS:
+        return None
+    if getattr(chosen, "lvtc_scheduler_channel", False):
+        return None
+    return name
+
+
+def _masked_reason(vllm_config, config) -> str | None:
+    """Why an LVTC checkpoint must run on the masked path here, or None (the saving path)."""
+    asked = getattr(config, "lvtc_vllm_path", None) or "saving"
+    if asked not in LVTC_PATHS:
+        raise UnsupportedCheckpoint(
+            f"InternVL-X LVTC checkpoint {vllm_config.model_config.model}: lvtc_vllm_path={asked!r} (from "
+            f"hf_overrides) is not one of {', '.join(LVTC_PATHS)}; leave it out (the saving path) or use 'masked'.")
+    if asked == "masked":
+        return "hf_overrides asks for it (lvtc_vllm_path='masked')"
+    if getattr(vllm_config, "lora_config", None) is not None:
+        # vLLM's LoRA layers take one adapter index per scheduled token; the layers below k run on fewer tokens
+        return "LoRA is on (vLLM's LoRA layers index every scheduled token; the saving path runs fewer below k)"
+    taken = _scheduler_taken(vllm_config)
+    if taken is not None:
+        return (f"the engine's scheduler_cls is {taken}, and the saving path's KV manager needs its own scheduler "
+                f"(internvlx_hf.vllm.saving.LVTCSchedulerMixin: subclass it with yours to keep both)")
+    import vllm
+
+    try:
+        from . import saving
+    except (ImportError, AttributeError) as error:  # a vLLM that moved what saving.py imports
+        return f"this vLLM ({vllm.__version__}) lacks what the saving path imports ({error}); tested: 0.32"
+    missing = saving.missing_internals()
+    if missing:
+        return f"this vLLM ({vllm.__version__}) differs from 0.32 in {'; '.join(missing)} (docs/serving.md)"
+    return None
+
+
+def warn_masked(reason: str) -> None:
+    """The one log line of an engine whose LVTC checkpoint runs on the masked path."""
+    from vllm.logger import init_logger
+
+    init_logger("internvlx_hf.vllm").warning(
+        "InternVL-X: LVTC runs on the masked long layout, which holds K/V for every HR slot in the layers below k "
+        "(more KV and prefill time than the saving path, docs/serving.md), because %s", reason)
+
+
+def choose_lvtc_path(vllm_config, config) -> str:
+    """The LVTC path of this engine (`LVTC_PATHS`), written to `config.lvtc_vllm_path` for the model (the config goes
+    to the engine core and workers with it), with one log line when it is the masked one. The saving path also needs
+    its scheduler (`SAVING_SCHEDULER`), set here in place of vLLM's own."""
+    reason = _masked_reason(vllm_config, config)
+    config.lvtc_vllm_path = "masked" if reason else "saving"
+    if reason:
+        warn_masked(reason)
+        return "masked"
     scheduler = vllm_config.scheduler_config
-    chosen = scheduler.scheduler_cls
-    if chosen is None or chosen in SAVING_SCHEDULERS or getattr(chosen, "lvtc_scheduler_channel", False):
-        scheduler.scheduler_cls = SAVING_SCHEDULERS[0 if scheduler.async_scheduling is False else 1]
-
-
-class LVTCSavingConfigHook(LVTCConfigHook):
-    """Issue 56's LVTC-saving prototype (`saving.py`): the shipped hook, compilation on (the short layers' builder
-    reads the M-RoPE buffer that the warm-up forward hands over), and the scheduler channel."""
-
-    @staticmethod
-    def verify_and_update_config(vllm_config) -> None:
-        LVTCConfigHook.verify_and_update_config(vllm_config)
-        if vllm_config.model_config.enforce_eager:
-            raise ValueError("the LVTC-saving model (issue 56 prototype) needs vLLM's compilation mode: start the "
-                             "engine without enforce_eager")
-        use_scheduler_channel(vllm_config)
+    if _scheduler_name(scheduler.scheduler_cls) in (None, *VLLM_SCHEDULERS):
+        scheduler.scheduler_cls = SAVING_SCHEDULER
+    return "saving"

@@ -24,10 +24,10 @@ from vllm.sequence import IntermediateTensors
 
 from ..modeling.configuration_internvlx import image_and_patch
 from ..modeling.projectors import attach_projectors
-from .config_hook import LLM_ARCHITECTURES, longrope_switch, needs_position_rows
+from .config_hook import LLM_ARCHITECTURES, longrope_switch, needs_position_rows, warn_masked
 from .layout import lvtc_layout_of, row_width
 from .lvtc import LVTCRunner
-from .positions import position_rows, read_rows
+from .positions import position_rows, read_rows, saving_positions
 from .processing import InternVLXDummyInputsBuilder, InternVLXMultiModalProcessor, InternVLXProcessingInfo
 
 
@@ -201,6 +201,18 @@ class InternVLXForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsM
         # LVTC, or extra LR projectors alone (k = depth): the layers are run one by one (`lvtc.py`).
         self.lvtc = LVTCRunner(model=self, vllm_config=vllm_config, switch=self.switch,
                                prefix=maybe_prefix(prefix, "lvtc")) if config.lvtc_config is not None else None
+        # LVTC with expansion: the layers below k hold and compute the short layout only (`saving.py`), unless the
+        # config hook chose the masked long layout (`config_hook.choose_lvtc_path`, with its log line).
+        self.saving = False
+        if self.layout is not None and getattr(config, "lvtc_vllm_path", None) == "saving":
+            from .saving import SavingFront, saving_unavailable
+
+            reason = saving_unavailable(self, vllm_config)
+            if reason is None:
+                self.lvtc = SavingFront(self.lvtc, self, vllm_config)
+                self.saving = True
+            else:
+                warn_masked(reason)
 
     # ------------------------------------------------------------------------------------------------ vision side
 
@@ -245,6 +257,8 @@ class InternVLXForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsM
                                        is_multimodal=is_multimodal)
 
     def get_mrope_input_positions(self, input_tokens: list[int], mm_features: list) -> tuple[torch.Tensor, int]:
+        if self.saving:
+            return saving_positions(self.layout, len(input_tokens), mm_features, self.switch)
         return position_rows(self.layout, len(input_tokens), mm_features, self.max_model_len, self.switch)
 
     # -------------------------------------------------------------------------------------------------- LLM side

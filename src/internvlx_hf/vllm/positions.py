@@ -97,3 +97,47 @@ def read_rows(rows: torch.Tensor, layout: LVTCLayout | None, max_model_len: int,
     slot = torch.where((code < 0) & (code > PROMPT_TEXT), -1 - code, -1) if layout is not None \
         else torch.full_like(code, -1)
     return long_index, short_index, slot
+
+
+# ------------------------------------------------------------------------------------------- the saving path's rows
+
+#: added to row 0 of a prompt whose long layout takes LongRoPE's long factors (past any position and ``K``)
+LONG_FACTORS = 1 << 28
+
+
+def saving_positions(layout: LVTCLayout, length: int, mm_features: list,
+                     switch: int | None = None) -> tuple[torch.Tensor, int]:
+    """The saving path's rows (`saving.py`) of a prompt of `length` vLLM tokens, and its delta ``-E`` (``E``: its
+    HR-only slots), so that a decoded token's rows are all its short position ``s``.
+
+    - row 1: the short position ``s`` (the short layers' metadata builder reads it);
+    - row 2: ``-1 - j`` for slot ``j`` of a tile, ``s`` for every other token;
+    - row 0: ``s``, plus for LongRoPE (`switch` = ``K``) ``K`` where the short layout takes the long factors and
+      `LONG_FACTORS` where the long layout does: per prompt, as transformers decides (`saving_rope_indices`).
+    """
+    index = torch.arange(length, dtype=torch.int64)
+    code, unused, tile = tile_slots(layout, length, mm_features, text_code=1)
+    short = index - (torch.cumsum(unused, 0) - unused)
+    code = torch.where(tile, code, short)
+    total = int(unused.sum())
+    first = short.clone()
+    if switch is not None:
+        first += switch * int(length - total > switch) + LONG_FACTORS * int(length > switch)
+    return torch.stack([first, short, code]), -total
+
+
+def saving_rope_indices(rows: torch.Tensor, long_positions: torch.Tensor,
+                        switch: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(short layers' RoPE index, long layers' RoPE index)` per token of a step: the short and long positions, and with
+    LongRoPE each plus ``K`` where its long factors apply (vLLM's table holds the short factors' rows, then the long
+    ones'): for a prompt token, where its prompt's layout passes ``K`` (row 0's flags); for a decoded token (rows all
+    ``s``), from its own position on. Tensor arithmetic only."""
+    short = rows[1]
+    if switch is None:
+        return short, long_positions
+    flags = rows[0] - short
+    long_factors = flags >= LONG_FACTORS
+    short_factors = (flags - LONG_FACTORS * long_factors.to(flags.dtype)) > 0
+    short_index = short + switch * (short_factors | (short >= switch)).to(short.dtype)
+    long_index = long_positions + switch * (long_factors | (long_positions >= switch)).to(long_positions.dtype)
+    return short_index, long_index

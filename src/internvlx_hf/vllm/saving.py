@@ -1,38 +1,33 @@
-"""Issue 56 (research prototype, used only where `hf_overrides` asks for it): LVTC on vLLM with the layers below `k`
-holding and computing the short layout, under vLLM's compilation mode.
+"""LVTC's saving path on vLLM (the default for LVTC checkpoints with expansion): the layers below `k` hold and compute
+the short layout only (docs/serving.md, "LVTC on vLLM: how").
 
-Opt in with `hf_overrides={"architectures": [ARCHITECTURE]}` (the plugin registers the name in every vLLM process, so
-the engine core and workers may run in processes of their own); checkpoints are served as before otherwise.
+The request is scheduled in its long layout (vLLM keeps one token count per request); the layers from `k` run on it as
+on any model. The layers below `k`:
 
-Shared with issue 52's research engine (benchmarks/lvtc_savings_vllm.py imports them from here):
+- **hold K/V for the short layout only**: `LVTCShortSpec` / `LVTCShortManager`, a KV-cache group of their own whose
+  blocks cover each request's short-layout tokens (the long count less the HR-only slots before it, from the
+  request's `mm_features`, which `LVTCSchedulerMixin` hands over: the engine's `scheduler_cls` is `lvtc_scheduler`);
+- **get their metadata before the forward pass** from their own attention backend (`short_backend`, a subclass of the
+  platform's), whose builder reads the step's position rows from the runner's M-RoPE buffer and builds the short
+  layout (`short_layout`: `query_start_loc`, `seq_lens`, the slot mapping into the short group's blocks, the gather
+  index of the live tokens); the backend's KV write takes that slot mapping;
+- **run on the live tokens only**, inside the LLM's layers compiled by vLLM (`SavingCompiledRunner`), which take the
+  gather index and the step's long positions as inputs (the gather index with a dynamic size of its own);
+  `SavingFront` (not compiled) hands the M-RoPE buffer to the builder at the first forward and picks those tensors
+  from the metadata. The forward pass reads nothing back to Python, except in the one step built before the first
+  forward where vLLM runs no warm-up (`PendingShortMetadata`).
 
-- `LVTCShortSpec` / `LVTCShortManager`: a KV-cache group of its own for layers below k, holding blocks for each
-  request's short-layout tokens only; `LVTCSchedulerMixin` hands the scheduler's request table (with `mm_features`)
-  to the manager.
-- `saving_positions`: each token's M-RoPE rows are (short position, short position, slot code), delta `-E`.
-
-New here (issue 56, step 2):
-
-- **The short layers' metadata is built outside the forward**, by their own attention backend (a subclass of the
-  platform's, `short_backend`) whose builder reads the step's M-RoPE rows from the runner's buffer (handed over by the
-  model's first forward, the warm-up that vLLM's compilation mode runs before the first step) and builds the short
-  layout: `query_start_loc`, `seq_lens`, the slot mapping into the short group's block table, the live-token gather
-  index, and the long-layout positions of the step.
-- **K/V of the short layers are written at the short slot mapping**: the backend's impl takes the slot mapping from
-  its own metadata instead of the forward context's (which vLLM computes from long-layout positions).
-- **The layers run as vLLM-compiled code** (`SavingCompiledRunner`, `support_torch_compile`) that takes the gather
-  index and the long positions as inputs, the gather index with its own (unbacked) dynamic dimension; the outer
-  forward (not compiled) only picks those tensors from the forward context's metadata: no host reads.
-
-vLLM internals used (each named, guarded by tests/test_vllm_lvtc_savings.py): the runner's M-RoPE buffer is what the
-model's `positions` is a view of (`positions._base`); `CommonAttentionMetadata.positions` holds the long-layout token
-index; the CPU impl's `do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)`.
+Positions: `positions.saving_positions` / `positions.saving_rope_indices` (LongRoPE included). The vLLM internals this
+uses are listed, with what breaks, in `INTERNALS` and docs/serving.md; `config_hook.choose_lvtc_path` sends an engine
+whose vLLM differs to the masked path (`lvtc.py`), with one log line.
 """
 
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import functools
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -40,8 +35,6 @@ from torch import nn
 from vllm.compilation.decorators import support_torch_compile
 from vllm.forward_context import get_forward_context
 from vllm.model_executor.layers.attention import Attention
-from vllm.model_executor.models import ModelRegistry
-from vllm.model_executor.models.config import MODELS_CONFIG_MAP
 from vllm.utils.math_utils import cdiv
 from vllm.v1.attention.backend import CommonAttentionMetadata, subclass_attention_backend_with_overrides
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
@@ -50,17 +43,9 @@ from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 from vllm.v1.kv_cache_interface import AttentionSpec, get_kv_quant_mode
 from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
-# the scheduler channel's set-up lives with the config hook (which cannot import this module)
-from internvlx_hf.vllm.config_hook import (SAVING_ARCHITECTURE, LVTCSavingConfigHook,  # noqa: F401
-                                           use_scheduler_channel)
 from internvlx_hf.vllm.layout import LVTCLayout
 from internvlx_hf.vllm.lvtc import KeyBiasAttention, KeyBiasRotary, LVTCRunner
-from internvlx_hf.vllm.model import InternVLXForConditionalGeneration
-from internvlx_hf.vllm.positions import tile_slots
-
-#: The opt-in architecture name (a checkpoint is served with it through `hf_overrides`); the plugin registers it in
-#: every vLLM process.
-ARCHITECTURE = SAVING_ARCHITECTURE
+from internvlx_hf.vllm.positions import saving_positions, saving_rope_indices  # noqa: F401
 
 
 # ----------------------------------------------------------------------------------------------- KV cache: spec
@@ -134,6 +119,63 @@ class LVTCShortManager(FullAttentionManager):
         super().free(request_id)
 
 
+# ----------------------------------------------------------------------------------------------- guarded internals
+
+
+def _parameters(function) -> list[str]:
+    return [name for name in inspect.signature(function).parameters if name != "self"]
+
+
+#: The vLLM internals (not public API) the saving path uses, each as it is in vLLM 0.32: what is checked, and what
+#: breaks if vLLM changes it. docs/serving.md lists them; `missing_internals` checks them where the config hook chooses
+#: the path (a vLLM that differs gets the masked path with one log line), and tests/test_vllm_lvtc_savings.py asserts
+#: that none is missing from the vLLM it runs.
+INTERNALS = {
+    "KVCacheSpecRegistry._ensure_registered() and register(spec, manager, uniform_type_base_spec)": (
+        lambda: hasattr(KVCacheSpecRegistry, "_ensure_registered")
+        and _parameters(KVCacheSpecRegistry.register) == [
+            "kvcache_spec_cls", "manager_class", "uniform_type_base_spec"],
+        "the short group's spec and manager are unknown to vLLM: the layers below k would join the full-attention "
+        "group (long-layout KV)"),
+    "SingleTypeKVCacheManager.get_num_blocks_to_allocate / allocate_new_blocks / free signatures": (
+        lambda: _parameters(FullAttentionManager.get_num_blocks_to_allocate) == [
+            "request_id", "num_tokens", "new_computed_blocks", "total_computed_tokens", "num_local_computed_tokens",
+            "num_tokens_main_model", "apply_admission_cap", "prefill_end"]
+        and _parameters(FullAttentionManager.allocate_new_blocks) == ["request_id", "num_tokens",
+                                                                      "num_tokens_main_model"]
+        and _parameters(FullAttentionManager.free) == ["request_id"],
+        "LVTCShortManager sizes the short group by short-layout tokens through these calls"),
+    "Scheduler.requests, kv_cache_manager.coordinator.single_type_managers, _preempt_request": (
+        lambda: hasattr(Scheduler, "_preempt_request") and hasattr(Scheduler, "schedule"),
+        "the scheduler channel (LVTCSchedulerMixin) cannot hand the request table to the short group's managers"),
+    "CommonAttentionMetadata fields (positions, block_table_tensor, query_start_loc_cpu, ...)": (
+        lambda: {"query_start_loc", "query_start_loc_cpu", "seq_lens", "num_reqs", "num_actual_tokens",
+                 "max_query_len", "max_seq_len", "block_table_tensor", "slot_mapping", "causal", "positions"}
+        <= {field.name for field in dataclasses.fields(CommonAttentionMetadata)},
+        "the short builder reads the step's long-layout metadata and builds the short layout's"),
+    "subclass_attention_backend_with_overrides(name_prefix, backend, overrides)": (
+        lambda: _parameters(subclass_attention_backend_with_overrides) == [
+            "name_prefix", "attention_backend_cls", "overrides"],
+        "the short layers' backend (their own metadata builder and KV write) cannot be made"),
+    "support_torch_compile(mark_unbacked_dims=...)": (
+        lambda: "mark_unbacked_dims" in _parameters(support_torch_compile),
+        "the gather index of live tokens cannot get its own dynamic size in the compiled layers"),
+}
+
+
+def missing_internals() -> list[str]:
+    """The entries of `INTERNALS` this vLLM does not have as the saving path uses them."""
+    missing = []
+    for name, (check, _) in INTERNALS.items():
+        try:
+            ok = bool(check())
+        except Exception:  # an attribute gone, a signature that cannot be read
+            ok = False
+        if not ok:
+            missing.append(name)
+    return missing
+
+
 def register_spec() -> None:
     """Register the spec and its manager (vLLM's built-in specs first: the registry fills itself with them only while it
     is empty, so a spec registered before that would leave vLLM without its own)."""
@@ -147,9 +189,12 @@ def register_spec() -> None:
 class LVTCSchedulerMixin:
     """Hands the scheduler's request table (each Request with its `mm_features`) to the short-layout KV managers.
 
-    Also records, for the benchmark, the most blocks each request held in each KV-cache group."""
+    Counts preemptions; with `record_blocks` (set by benchmarks/ and the tests, in the engine core's process) also
+    records the most blocks each request held in each KV-cache group, kept until the engine stops (off in serving:
+    the record would grow with every request)."""
 
-    lvtc_scheduler_channel = True  # what `config_hook.use_scheduler_channel` recognises (it cannot import this module)
+    lvtc_scheduler_channel = True  # what `config_hook._scheduler_taken` recognises (it cannot import this module)
+    record_blocks = False
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -161,12 +206,13 @@ class LVTCSchedulerMixin:
 
     def schedule(self, *args, **kwargs):
         out = super().schedule(*args, **kwargs)
-        coordinator = self.kv_cache_manager.coordinator
-        for request_id in list(self.requests):
-            held = [sum(not block.is_null for block in manager.req_to_blocks.get(request_id, ()))
-                    for manager in coordinator.single_type_managers]
-            best = self.blocks_held.setdefault(request_id, [0] * len(held))
-            self.blocks_held[request_id] = [max(a, b) for a, b in zip(best, held)]
+        if self.record_blocks:
+            coordinator = self.kv_cache_manager.coordinator
+            for request_id in list(self.requests):
+                held = [sum(not block.is_null for block in manager.req_to_blocks.get(request_id, ()))
+                        for manager in coordinator.single_type_managers]
+                best = self.blocks_held.setdefault(request_id, [0] * len(held))
+                self.blocks_held[request_id] = [max(a, b) for a, b in zip(best, held)]
         return out
 
     def _preempt_request(self, *args, **kwargs):
@@ -182,6 +228,13 @@ class LVTCAsyncScheduler(LVTCSchedulerMixin, AsyncScheduler):
     pass
 
 
+def lvtc_scheduler(*, vllm_config, **kwargs):
+    """The saving path's `scheduler_cls` (`config_hook.SAVING_SCHEDULER`): the scheduler class for the engine's final
+    `async_scheduling`, which vLLM settles after the config hook."""
+    scheduler = LVTCAsyncScheduler if vllm_config.scheduler_config.async_scheduling else LVTCScheduler
+    return scheduler(vllm_config=vllm_config, **kwargs)
+
+
 class LVTCShortAttention(Attention):
     """vLLM's Attention, reporting the short-layout KV spec (layers below k)."""
 
@@ -194,15 +247,6 @@ class LVTCShortAttention(Attention):
                              head_size_v=base.head_size_v, dtype=base.dtype,
                              kv_quant_mode=get_kv_quant_mode(self.kv_cache_dtype),
                              short_per_tile=self.short_per_tile, long_per_tile=self.long_per_tile)
-
-
-def saving_positions(layout: LVTCLayout, length: int, mm_features: list) -> tuple[torch.Tensor, int]:
-    """Rows (short position, short position, slot code) of a prompt, and the delta `-E` that continues them."""
-    index = torch.arange(length, dtype=torch.int64)
-    code, unused, tile = tile_slots(layout, length, mm_features, text_code=1)
-    short = index - (torch.cumsum(unused, 0) - unused)
-    code = torch.where(tile, code, short)
-    return torch.stack([short, short, code]), -int(unused.sum())
 
 
 # ------------------------------------------------------------------------------ short backend: metadata outside forward
@@ -237,6 +281,19 @@ def short_layout(rows: torch.Tensor, cm: CommonAttentionMetadata, short_per_tile
             "max_seq_len": int(seq_lens.max())}
 
 
+@dataclass
+class PendingShortMetadata:
+    """The short layers' metadata of a step built before the model's first forward: finished by that forward, once
+    the M-RoPE buffer is known (the only step whose metadata is built inside the forward pass)."""
+
+    builder: object
+    common: CommonAttentionMetadata
+    fast_build: bool
+
+    def finish(self):
+        return self.builder.build_short(self.common, self.fast_build)
+
+
 @functools.lru_cache(maxsize=None)
 def short_backend(base: type, channel: RowsChannel) -> type:
     """The platform's attention backend with the short layers' builder and KV write (one class per base and model:
@@ -245,10 +302,17 @@ def short_backend(base: type, channel: RowsChannel) -> type:
     class LVTCShortBuilder(base.get_builder_cls()):
         def build(self, common_prefix_len, common_attn_metadata, fast_build=False):
             cm = common_attn_metadata
+            if cm.positions is None or cm.positions.dim() != 1:  # the long-layout token index (guarded internal)
+                raise RuntimeError("InternVL-X LVTC saving path: this vLLM's CommonAttentionMetadata.positions is not "
+                                   "the step's token index; serve the checkpoint on the masked path: "
+                                   "hf_overrides={\"lvtc_vllm_path\": \"masked\"}")
             if channel.buffer is None:
-                raise RuntimeError("LVTC-saving model: the short layers' metadata builder has no M-RoPE rows (the "
-                                   "model's warm-up forward did not run); start the engine with compilation on "
-                                   "(enforce_eager=False)")
+                # Before the model's first forward (vLLM's first step where it runs no warm-up forward: eager mode,
+                # VLLM_CPU_CI_ENV): that forward hands over the buffer and finishes this build (`SavingFront`).
+                return PendingShortMetadata(self, cm, fast_build)
+            return self.build_short(cm, fast_build)
+
+        def build_short(self, cm, fast_build=False):
             layout = short_layout(channel.buffer, cm, self.kv_cache_spec.short_per_tile,
                                   self.kv_cache_spec.block_size)
             short = CommonAttentionMetadata(
@@ -289,6 +353,7 @@ class SavingCompiledRunner(nn.Module):
         self.hidden = shipped.hidden
         self.injections = shipped.injections
         self.upsample = shipped.upsample
+        self.switch = shipped.switch
 
     _expand = LVTCRunner._expand
     _extra_columns = LVTCRunner._extra_columns
@@ -300,8 +365,9 @@ class SavingCompiledRunner(nn.Module):
         layout = self.layout
         code = positions[2]
         slot = torch.where(code < 0, -1 - code, -1)
+        short_index, long_index = saving_rope_indices(positions, long_positions, self.switch)
         hidden_s, residual_s = hidden.index_select(0, gather), None
-        positions_s, side_s = positions[1].index_select(0, gather), side.index_select(0, gather)
+        positions_s, side_s = short_index.index_select(0, gather), side.index_select(0, gather)
         for index in range(layout.expand_layer):
             if index in self.injections:  # the extra LR projectors' columns: zeros outside the LR slots
                 hidden_s = hidden_s + side_s[:, self._extra_columns(self.injections[index])]
@@ -312,9 +378,27 @@ class SavingCompiledRunner(nn.Module):
         for index in range(layout.expand_layer, len(lm.layers)):
             if index in self.injections:
                 hidden = hidden + side[:, self._extra_columns(self.injections[index])]
-            hidden, residual = lm.layers[index](long_positions, hidden, residual)
+            hidden, residual = lm.layers[index](long_index, hidden, residual)
         hidden, _ = lm.norm(hidden, residual)
         return hidden
+
+
+def saving_unavailable(model, vllm_config) -> str | None:
+    """Why this worker cannot run the saving path (the model then keeps the masked one, with a log line), or None.
+
+    The config hook decides on what it can see (`config_hook.choose_lvtc_path`); what only the built model knows is
+    checked here: the attention backend's KV write."""
+    lm = model.language_model.model
+    for index in range(model.layout.expand_layer):
+        wrapped = lm.layers[index].self_attn.attn
+        backend = wrapped.attn.attn_backend if isinstance(wrapped, KeyBiasAttention) else None
+        if backend is None:
+            return f"layer {index} of the masked path is not built as saving.py expects (KeyBiasAttention below k)"
+        impl = backend.get_impl_cls()
+        if not backend.forward_includes_kv_cache_update and not hasattr(impl, "do_kv_cache_update"):
+            return (f"the attention backend {backend.get_name()} writes K/V neither in its forward nor through "
+                    "do_kv_cache_update, so the short layers' KV cannot be written at their own slots")
+    return None
 
 
 class SavingFront(nn.Module):
@@ -355,10 +439,27 @@ class SavingFront(nn.Module):
 
     def forward(self, positions: torch.Tensor, inputs_embeds: torch.Tensor) -> torch.Tensor:
         if self.channel.buffer is None:
-            self.channel.buffer = positions._base if positions._base is not None else positions
+            # vLLM passes a view of its runner's M-RoPE buffer (`(3, max tokens)`, the step's columns first); the short
+            # builder reads the step's rows from that buffer (guarded internal: docs/serving.md)
+            buffer = positions._base if positions._base is not None else positions
+            if buffer.dim() != 2 or buffer.shape[0] != 3 or buffer.data_ptr() != positions.data_ptr():
+                raise RuntimeError(
+                    "InternVL-X LVTC saving path: this vLLM does not pass the model a view of its M-RoPE position "
+                    f"buffer (positions {tuple(positions.shape)}, base {tuple(buffer.shape)}); serve the checkpoint "
+                    "on the masked path: hf_overrides={\"lvtc_vllm_path\": \"masked\"}")
+            self.channel.buffer = buffer
         tokens = positions.shape[1]
         metas = get_forward_context().attn_metadata
         if isinstance(metas, dict) and self.short_names[0] in metas:
+            if isinstance(metas[self.short_names[0]], PendingShortMetadata):
+                # one pending metadata per KV-cache group (vLLM may split the short layers into several, each
+                # with its own block table): each finished by its own builder
+                finished: dict[int, object] = {}
+                for name in self.short_names:
+                    pending = metas[name]
+                    if id(pending) not in finished:
+                        finished[id(pending)] = pending.finish()
+                    metas[name] = finished[id(pending)]
             meta = metas[self.short_names[0]]
             gather = meta.lvtc_gather
             long_positions = positions[0].clone()
@@ -367,31 +468,6 @@ class SavingFront(nn.Module):
             gather = torch.arange(max(tokens - 1, 1), device=positions.device)
             long_positions = positions[0]
         return self.layers(positions, inputs_embeds, gather, long_positions)
-
-
-class InternVLXLVTCSavingCompiled(InternVLXForConditionalGeneration):
-    """The shipped model with the short layers holding and computing the short layout, compiled. ``runner_class``:
-    what runs the layers in place of the shipped runner (issue 52's eager engine gives its own)."""
-
-    runner_class = SavingFront
-
-    def __init__(self, *, vllm_config, prefix: str = "") -> None:
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        if self.layout is None:
-            raise ValueError("the LVTC-saving model needs an LVTC checkpoint with expansion (k < depth)")
-        self.lvtc = self.runner_class(self.lvtc, self, vllm_config)
-
-    def get_mrope_input_positions(self, input_tokens, mm_features):
-        return saving_positions(self.layout, len(input_tokens), mm_features)
-
-
-def register() -> None:
-    """Register the spec and the architecture in this process. The plugin (`internvlx_hf.vllm.register`) registers the
-    architecture lazily in every vLLM process, and importing this module registers the spec, so this is only needed
-    where the plugin's entry point is not installed."""
-    register_spec()
-    ModelRegistry.register_model(ARCHITECTURE, InternVLXLVTCSavingCompiled)
-    MODELS_CONFIG_MAP[ARCHITECTURE] = LVTCSavingConfigHook
 
 
 # A process that builds the model, or receives the short group's spec from another process (the engine core gets the
