@@ -233,6 +233,7 @@ MID_ENGINE = dict(dtype="float32", enforce_eager=False, max_model_len=8192, max_
 PREFILL_REQUESTS = {
     "1 tile": request_spec("<image>\nDescribe the picture.", images=[(448, 448, 11)]),
     "3 tiles": request_spec("<image>\nDescribe the picture.", images=[(896, 448, 12)]),  # 2 tiles + thumbnail
+    "6 tiles": request_spec("<image>\nDescribe the picture.", images=[(2240, 448, 13)]),  # 5 tiles + thumbnail
 }
 
 
