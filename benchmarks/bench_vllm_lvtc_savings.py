@@ -73,18 +73,19 @@ TINY_ENGINE = dict(dtype="float32", enforce_eager=False, max_model_len=4096, max
 def run_engines(spec: dict, workdir: Path, env: dict | None = None) -> dict:
     import os
 
-    spec_path, out_path = workdir / "spec.json", workdir / "out.json"
+    spec_path, out_path, log = workdir / "spec.json", workdir / "out.json", workdir / "engine.log"
     spec_path.write_text(json.dumps(spec))
-    child = subprocess.run([sys.executable, str(HERE / "vllm_lvtc_savings_engine.py"), str(spec_path),
-                            str(out_path)], text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                           env={**os.environ, **(env or {})})
-    log = workdir / "engine.log"
-    log.write_text(child.stdout)
-    for line in child.stdout.splitlines():
-        if line.startswith("[engine]"):
-            print(line, flush=True)
-    if child.returncode != 0:
-        raise SystemExit(f"engine process failed ({child.returncode}); its last output:\n{child.stdout[-6000:]}")
+    with open(log, "w") as file:  # the child's output to engine.log, its progress lines (`[engine] ...`) as they come
+        child = subprocess.Popen([sys.executable, str(HERE / "vllm_lvtc_savings_engine.py"), str(spec_path),
+                                  str(out_path)], text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                 env={**os.environ, **(env or {})})
+        for line in child.stdout:
+            file.write(line)
+            if line.startswith("[engine]"):
+                print(line, end="", flush=True)
+        returncode = child.wait()
+    if returncode != 0:
+        raise SystemExit(f"engine process failed ({returncode}); its last output:\n{log.read_text()[-6000:]}")
     return json.loads(out_path.read_text())
 
 

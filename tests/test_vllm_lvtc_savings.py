@@ -97,17 +97,19 @@ def test_short_layout_manager_counts_only_live_tokens():
         saving.LVTCShortManager.short_tokens(SimpleNamespace(requests=None), "r", 3)
 
 
-@pytest.mark.parametrize("name", ["issue52-eager-savings", "vllm-lvtc-savings-rerun", "issue56-step3-compiled",
-                                  "issue56-step3-compiled-loaded"])
+@pytest.mark.parametrize("name", ["vllm-lvtc-savings", "issue56-step4-two-load-rounds", "issue52-eager-savings",
+                                  "vllm-lvtc-savings-rerun", "issue56-step3-compiled", "issue56-step3-compiled-loaded"])
 def test_saving_figures_are_the_run_files(name):
-    """The issue's figures file (the recorded run, its re-run on the ported experiment, and issue 56's runs with
-    compilation on) holds exactly the headline of the full run file, with the commit whose plugin it measured."""
+    """The figures files (issue 56's: the shipped saving path with vLLM's defaults; issue 52's research runs, eager,
+    and issue 56's prototype runs with compilation on) hold exactly the headline of their full run file, with the
+    commit whose plugin they measured."""
     import json
 
     results = REPO_ROOT / "benchmarks" / "results"
     figures = json.loads((results / f"{name}.json").read_text())
     runs = json.loads((results / f"{name}-runs.json").read_text())
-    compiled = {"enforce_eager", "requests_per_s_ratio"} if name.startswith("issue56") else set()
+    compiled = {"enforce_eager", "requests_per_s_ratio"} if not name.startswith(("issue52", "vllm-lvtc-savings-")) \
+        else set()
     assert set(figures) == {"kv_blocks_ratio", "kv_target", "prefill_ratio", "flops_ratio", "tokens_equal", "vllm",
                             "date", "plugin_commit"} | compiled
     assert figures == runs["figures"]

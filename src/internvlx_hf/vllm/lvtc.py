@@ -1,4 +1,7 @@
-"""LVTC on vLLM: layers below ``k`` on the short layout, layers from ``k`` on the long one, each with a KV cache.
+"""LVTC on vLLM, the masked path: layers below ``k`` see the short layout on the long layout's slots (the fallback of
+`saving.py`, which holds and computes the short layout only and is the default, chosen by
+`config_hook.choose_lvtc_path`); and the LLM's layer loop for every LVTC checkpoint (`LVTCRunner`: the projectors'
+rows, layer k's expansion, the extra LR projectors; `saving.py` borrows them).
 
 vLLM's V1 engine keeps one token count per request, shared by every KV cache group (`KVCacheCoordinator.
 allocate_new_blocks` sizes every group by the same `num_tokens`; one `seq_lens` / `slot_mapping` feeds every layer).
