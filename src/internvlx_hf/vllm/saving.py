@@ -45,7 +45,7 @@ from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
 from internvlx_hf.vllm.layout import LVTCLayout
 from internvlx_hf.vllm.lvtc import KeyBiasAttention, KeyBiasRotary, LVTCRunner
-from internvlx_hf.vllm.positions import saving_positions, saving_rope_indices  # noqa: F401
+from internvlx_hf.vllm.positions import saving_rope_indices
 
 
 # ----------------------------------------------------------------------------------------------- KV cache: spec
