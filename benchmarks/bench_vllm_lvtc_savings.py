@@ -14,7 +14,8 @@ in a child process (`vllm_lvtc_savings_engine.py`).
   savings  a mid-size model where the LLM's work dominates (448px tiles: 256 LR / 1024 long slots per tile; a
            Qwen2 LLM of 8 x 512, k = 6; a 4 x 256 ViT), as three checkpoints sharing every weight: LVTC, plain-1024
            (the HR projector as its projector) and plain-256 (the LR projector). Four engines in one process, timed
-           in interleaved rounds: plain-1024, plain-256, LVTC on the masked path and LVTC on the saving path.
+           in interleaved rounds: plain-1024, plain-256, LVTC on the masked path and LVTC on the saving path,
+           each round with images none of them has seen (times include the image's processing and the ViT).
            Records KV blocks held per request (layer-blocks: blocks x layers of each group), prefill time of one
            request (max_tokens=1), requests/s at concurrency 4 and 16, the FLOPs of each prefill counted on the
            transformers models (torch's FlopCounterMode, as bench_models.py counts them), and parity of the
@@ -388,7 +389,9 @@ def savings(args) -> None:
                     for name, result in results.items()}}
     RESULTS.mkdir(exist_ok=True)
     runs["settings"] = {"repeats": args.repeats, "load_repeats": args.load_repeats,
-                        "concurrency": args.concurrency, "max_tokens": args.max_tokens}
+                        "concurrency": args.concurrency, "max_tokens": args.max_tokens,
+                        # every timed round's images are new to the engines (processing and ViT timed too)
+                        "images": "new in every timed round"}
     name = args.out or "vllm-lvtc-savings"
     write_text(RESULTS / f"{name}.json", json.dumps(figures, indent=1) + "\n")
     write_text(RESULTS / f"{name}-runs.json", json.dumps(runs, indent=1) + "\n")

@@ -5,7 +5,8 @@
 work: `requests` answered one at a time and then all at once (greedy tokens and logprobs, for parity), and optionally
 `timing`: prefill time of each of a few requests (`max_tokens=1`, median of `repeats`) and requests/s at each
 concurrency, in rounds that run every engine once (interleaved, so drifting load on the shared machine hits all
-engines alike). Every engine records, per request, the
+engines alike), each round with images none of the engines has seen (so that its time includes processing the image
+and the ViT, which vLLM would otherwise take from its caches). Every engine records, per request, the
 most KV blocks it held in each KV-cache group and the layers of each group.
 """
 
@@ -108,6 +109,11 @@ def answer(llm, requests: list[dict], max_tokens: int) -> dict:
     return {"alone": alone, "together": together, "preemptions": getattr(scheduler, "preemptions", None)}
 
 
+def fresh(request: dict, salt: int) -> dict:
+    """The request with images of the same sizes but other pixels (seeds moved by `salt * 7919`)."""
+    return {**request, "images": [[w, h, seed + salt * 7919] for w, h, seed in request.get("images", [])]}
+
+
 def timed(llm, inputs: list[dict], max_tokens: int) -> tuple[float, list]:
     from vllm import SamplingParams
 
@@ -138,7 +144,7 @@ def main() -> None:
 
         print(f"[engine] torch threads: {torch.get_num_threads()}", flush=True)
         prefill_requests = {key: _inputs(r) for key, r in timing["prefill_requests"].items()}
-        for name, llm in engines.items():  # warm-up: the processor cache and the first step's one-off costs
+        for name, llm in engines.items():  # warm-up: the first step's one-off costs
             for request in prefill_requests.values():
                 timed(llm, [request], 1)
             results[name]["prefill_s"] = {key: [] for key in prefill_requests}
@@ -146,7 +152,10 @@ def main() -> None:
             results[name]["prefill_prompt_tokens"] = {}
             results[name]["rps"] = {str(c): [] for c in timing["concurrency"]}
         for round_ in range(timing["repeats"]):
-            for key, request in prefill_requests.items():
+            for key, spec_ in timing["prefill_requests"].items():
+                # every round's images are new to the engines (their caches of processed images and of the ViT's
+                # outputs miss, as for a user's new image); each engine gets the same ones
+                request = _inputs(fresh(spec_, round_ + 1))
                 for name, llm in engines.items():
                     seconds, outputs = timed(llm, [request], 1)
                     results[name]["prefill_s"][key].append(seconds)
@@ -154,9 +163,10 @@ def main() -> None:
                     results[name]["prefill_prompt_tokens"][key] = len(outputs[0].prompt_token_ids)
                 print(f"[engine] prefill {key} round {round_}: "
                       + ", ".join(f"{n} {results[n]['prefill_s'][key][-1]:.2f} s" for n in engines), flush=True)
-        for concurrency in timing["concurrency"]:
-            batch = [_inputs(r) for r in timing["load_requests"][:concurrency]]
+        for level, concurrency in enumerate(timing["concurrency"]):
             for round_ in range(timing["load_repeats"]):
+                batch = [_inputs(fresh(r, 1000 * (level + 1) + round_ + 1))
+                         for r in timing["load_requests"][:concurrency]]
                 for name, llm in engines.items():
                     seconds, _ = timed(llm, batch, timing["max_tokens"])
                     results[name]["rps"][str(concurrency)].append(concurrency / seconds)
