@@ -222,6 +222,13 @@ def stress(args) -> None:
 MID_TEXT = dict(model_type="qwen2", hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
                 num_key_value_heads=2, vocab_size=812, max_position_embeddings=16384, rms_norm_eps=1e-6,
                 pad_token_id=800, eos_token_id=802, tie_word_embeddings=False)
+#: `savings --size`: the LLM's width, "mid" (512) or "wide" (768, 12 heads of 64, 2.2x the FLOPs per token). The work
+#: LVTC does not change (the image's processing and ViT, the decode steps) weighs less the wider the LLM. The ViT's
+#: share of plain-1024's one-tile prefill FLOPs (`vit_flops_share` in the runs): mid 14.4%, wide 7.7%; InternViT-300M's
+#: (counted as 2 x parameters x 1025 tokens + attention) is about 15% before InternVL2-2B's InternLM2-1.8B, 8% before
+#: InternVL2-4B's Phi-3-mini and 4% before InternVL2-8B's InternLM2-7B.
+SIZES = {"mid": MID_TEXT,
+         "wide": dict(MID_TEXT, hidden_size=768, intermediate_size=2112, num_attention_heads=12)}
 MID_VISION = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4, image_size=448,
                   patch_size=14)
 MID_EXPAND = 6  # k = 3/4 of the depth, as bench_models.py's LVTC
@@ -239,7 +246,7 @@ PREFILL_REQUESTS = {
 }
 
 
-def mid_checkpoints(root: Path) -> dict[str, Path]:
+def mid_checkpoints(root: Path, text: dict = MID_TEXT) -> dict[str, Path]:
     """LVTC, plain-1024 and plain-256 checkpoints sharing every weight (ViT, LLM, LM head; plain-1024's projector is
     LVTC's HR projector, plain-256's its LR projector), with the demo model's tokenizer and 448px tiles."""
     import shutil
@@ -247,7 +254,7 @@ def mid_checkpoints(root: Path) -> dict[str, Path]:
     from internvlx_hf import InternVLXConfig, InternVLXImageProcessor
     from internvlx_hf.demo.packaged import DEMO_MODEL_DIR
 
-    common = dict(text_config=dict(MID_TEXT), vision_config=dict(MID_VISION), image_token_id=805,
+    common = dict(text_config=dict(text), vision_config=dict(MID_VISION), image_token_id=805,
                   image_start_token_id=803, image_end_token_id=804, template="Hermes-2")
     configs = {
         "lvtc": InternVLXConfig(**common, lvtc=dict(expand_layer=MID_EXPAND)),
@@ -284,10 +291,10 @@ def mid_checkpoints(root: Path) -> dict[str, Path]:
     return folders
 
 
-def prefill_flops(folder: Path, request: dict) -> tuple[int, int, int]:
+def prefill_flops(folder: Path, request: dict) -> tuple[int, int, int, int]:
     """FLOPs of transformers' prefill (logits of the last position) of a request, as bench_models.py counts them
     (attention's square counted whole, as eager attention's matmuls compute it); the same with the LLM's attention
-    square counted half (what a causal kernel such as vLLM's computes); and the prompt length."""
+    square counted half (what a causal kernel such as vLLM's computes); the prompt length; the ViT's FLOPs."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from bench_models import SDPA_FLOPS, prefill
@@ -301,7 +308,9 @@ def prefill_flops(folder: Path, request: dict) -> tuple[int, int, int]:
     total = counter.get_total_flops()
     llm_attention = sum(count for module, ops in counter.get_flop_counts().items()
                         if module.endswith(".language_model") for op, count in ops.items() if op in SDPA_FLOPS)
-    return total, total - llm_attention // 2, batch["input_ids"].shape[1]
+    vit = sum(sum(ops.values()) for module, ops in counter.get_flop_counts().items()
+              if module.endswith(".vision_tower"))
+    return total, total - llm_attention // 2, batch["input_ids"].shape[1], vit
 
 
 def savings(args) -> None:
@@ -313,7 +322,7 @@ def savings(args) -> None:
     engine_options = MID_ENGINE
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        folders = mid_checkpoints(root)
+        folders = mid_checkpoints(root, SIZES[args.size])
         engines = [
             {"name": "plain-1024", "checkpoint": str(folders["plain-1024"]), "engine": engine_options},
             {"name": "plain-256", "checkpoint": str(folders["plain-256"]), "engine": engine_options},
@@ -347,7 +356,7 @@ def savings(args) -> None:
         row = {}
         plain_tokens = flops[key]["plain-1024"][2]
         short_tokens = flops[key]["lvtc"][2]
-        layers = MID_TEXT["num_hidden_layers"]
+        layers = SIZES[args.size]["num_hidden_layers"]
         row["kv_target"] = (MID_EXPAND * short_tokens + (layers - MID_EXPAND) * plain_tokens) / (layers * plain_tokens)
         for name, result in results.items():
             groups = result["info"]["groups"]
@@ -368,6 +377,7 @@ def savings(args) -> None:
         row["flops_ratio"] = row["flops"]["lvtc"] / row["flops"]["plain-1024"]
         row["flops_ratio_causal"] = row["flops_causal"]["lvtc"] / row["flops_causal"]["plain-1024"]
         row["flops_ratio_plain_256"] = row["flops"]["plain-256"] / row["flops"]["plain-1024"]
+        row["vit_flops_share"] = flops[key]["plain-1024"][3] / flops[key]["plain-1024"][0]  # of plain-1024's prefill
         per_request[key] = row
     rps = {name: result["rps_median"] for name, result in results.items()}
     headline = per_request["3 tiles"]
@@ -381,7 +391,8 @@ def savings(args) -> None:
     experiment = ("savings of the shipped LVTC paths against plain-1024 and plain-256 of the same model, one run, "
                   "compilation on (vLLM's defaults)")
     runs = {"experiment": experiment,
-            "model": {"text": MID_TEXT, "vision": MID_VISION, "expand_layer": MID_EXPAND, "engine": engine_options},
+            "model": {"size": args.size, "text": SIZES[args.size], "vision": MID_VISION, "expand_layer": MID_EXPAND,
+                      "engine": engine_options},
             "figures": figures, "per_request": per_request, "requests_per_s": rps,
             "groups": {name: result["info"] for name, result in results.items()},
             "parity": {"rows": parity_rows, "max_logprob_diff": worst, "tolerance": LOGPROB_ATOL},
@@ -471,6 +482,9 @@ def main(argv=None) -> None:
     parser.add_argument("--concurrency", type=lambda v: [int(c) for c in v.split(",")], default=[4, 16])
     parser.add_argument("--load-repeats", type=int, default=2, help="savings: rounds per concurrency level (median)")
     parser.add_argument("--max-tokens", type=int, default=16, help="savings: tokens per request under load")
+    parser.add_argument("--size", choices=sorted(SIZES), default="mid",
+                        help="savings: the LLM's width (mid: 512, the ViT's share of InternVL2-2B; wide: 768, of "
+                             "InternVL2-4B)")
     parser.add_argument("--out", default=None,
                         help="results/<OUT>.json (savings: also <OUT>-runs.json); default: the recorded run's name "
                              "(vllm-lvtc-parity-saving, vllm-lvtc-stress-saving, vllm-lvtc-savings); a check against "
