@@ -11,6 +11,9 @@ in a child process (`vllm_lvtc_savings_engine.py`).
            request held per group on each path.
   stress   the saving path under preemption (a KV pool so small that requests wait and are recomputed) and with the
            engine core in a process of its own (as `vllm serve` runs it).
+  kv       the KV blocks each of the savings' prefill requests holds at `--block-size` (default 32, the least
+           vLLM-CPU's attention takes; its default is 128): how much of the saving path's distance from the target
+           is the rounding of the short layout's tokens to whole blocks.
   savings  a mid-size model where the LLM's work dominates (448px tiles: 256 LR / 1024 long slots per tile; a
            Qwen2 LLM of 8 x 512, k = 6; a 4 x 256 ViT), as three checkpoints sharing every weight: LVTC, plain-1024
            (the HR projector as its projector) and plain-256 (the LR projector). Four engines in one process, timed
@@ -461,8 +464,48 @@ def plot(runs: dict, path: Path) -> None:
         axes[2].set_title("requests/s (1-tile images)")
         axes[2].legend(fontsize=8)
         mode = ", compilation on" if runs["figures"].get("enforce_eager") is False else ", enforce_eager"
-        fig.suptitle(f"LVTC on vLLM {runs['figures']['vllm']} (CPU, float32{mode}): the saving path vs the masked "
-                     "path and the plain models")
+        size = runs["model"].get("size", "mid")
+        images = "new images every round" if runs.get("settings", {}).get("images") else "images repeated"
+        fig.suptitle(f"LVTC on vLLM {runs['figures']['vllm']} (CPU, float32{mode}; {size} LLM, {images}): the "
+                     "saving path vs the masked path and the plain models")
+
+
+def kv(args) -> None:
+    """KV blocks each prefill request holds at `--block-size` (vLLM-CPU's default is 128; its attention takes
+    multiples of 32; GPU backends default to 16), plain-1024 against the saving path: the block rounding's share."""
+    import vllm
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        folders = mid_checkpoints(root, SIZES[args.size])
+        engine = dict(MID_ENGINE, block_size=args.block_size)
+        requests = list(PREFILL_REQUESTS.values())
+        spec = {"engines": [{"name": name, "checkpoint": str(folders[key]), "engine": engine, "requests": requests}
+                            for name, key in (("plain-1024", "plain-1024"), ("lvtc-saving", "lvtc"))],
+                "max_tokens": 1}
+        results = run_engines(spec, root)
+        processor = InternVLXProcessor.from_pretrained(folders["lvtc"])
+        short = [len(processor(text=r["prompt"], images=[image(*i) for i in r["images"]])["input_ids"][0])
+                 for r in requests]
+    layers = SIZES[args.size]["num_hidden_layers"]
+    rows = {}
+    for index, key in enumerate(PREFILL_REQUESTS):
+        got = {name: result["alone"][index] for name, result in results.items()}
+        plain_tokens = got["plain-1024"]["prompt_tokens"]
+        target = (MID_EXPAND * short[index] + (layers - MID_EXPAND) * plain_tokens) / (layers * plain_tokens)
+        blocks = {name: layer_blocks(got[name]["blocks_held"], results[name]["info"]["groups"]) for name in got}
+        rows[key] = {"layer_blocks": blocks, "kv_blocks_ratio": round(blocks["lvtc-saving"] / blocks["plain-1024"], 4),
+                     "kv_target": round(target, 4), "blocks_held": {n: got[n]["blocks_held"] for n in got},
+                     "long_tokens": plain_tokens, "short_tokens": short[index]}
+        print(f"{key}: KV {rows[key]['kv_blocks_ratio']:.4f} of plain-1024's (target {target:.4f}, "
+              f"{rows[key]['kv_blocks_ratio'] / target - 1:+.1%})", flush=True)
+    out = {"experiment": f"KV blocks held per request at block_size {args.block_size}", "block_size": args.block_size,
+           "size": args.size, "expand_layer": MID_EXPAND, "vllm": vllm.__version__, "plugin_commit": plugin_commit(),
+           "date": datetime.date.today().isoformat(), "groups": {n: r["info"]["groups"] for n, r in results.items()},
+           "per_request": rows}
+    name = args.out or f"vllm-lvtc-kv-block{args.block_size}"
+    write_text(RESULTS / f"{name}.json", json.dumps(out, indent=1) + "\n")
+    print(f"written: benchmarks/results/{name}.json")
 
 
 def plugin_commit() -> str:
@@ -476,7 +519,7 @@ def plugin_commit() -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("experiment", choices=["parity", "stress", "savings"])
+    parser.add_argument("experiment", choices=["parity", "stress", "savings", "kv"])
     parser.add_argument("--plot", action="store_true")
     parser.add_argument("--repeats", type=int, default=5, help="savings: prefill rounds (median)")
     parser.add_argument("--concurrency", type=lambda v: [int(c) for c in v.split(",")], default=[4, 16])
@@ -485,6 +528,7 @@ def main(argv=None) -> None:
     parser.add_argument("--size", choices=sorted(SIZES), default="mid",
                         help="savings: the LLM's width (mid: 512, the ViT's share of InternVL2-2B; wide: 768, of "
                              "InternVL2-4B)")
+    parser.add_argument("--block-size", type=int, default=32, help="kv: the KV cache's block size")
     parser.add_argument("--out", default=None,
                         help="results/<OUT>.json (savings: also <OUT>-runs.json); default: the recorded run's name "
                              "(vllm-lvtc-parity-saving, vllm-lvtc-stress-saving, vllm-lvtc-savings); a check against "
@@ -497,6 +541,8 @@ def main(argv=None) -> None:
         parity(args)
     elif args.experiment == "stress":
         stress(args)
+    elif args.experiment == "kv":
+        kv(args)
     else:
         savings(args)
 
