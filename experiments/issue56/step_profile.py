@@ -1,8 +1,8 @@
 """Issue 56 step 5 probe: where a batch of one-tile requests spends its time on vLLM, plain-1024 against LVTC's saving
 path (the savings bench's mid-size checkpoints, vLLM's defaults, the engine core in this process so that cProfile sees
 the model runner). Prints, per engine: the batch's time with `max_tokens=1` and with `--tokens`, the decode time per
-step derived from the two, and cProfile's cumulative time of the ViT (vLLM's `intern_vit.py` forward), the LLM's
-compiled forward and the runner's `execute_model` over one profiled batch.
+step derived from the two, and cProfile's cumulative time of the runner's `execute_model` and of the ViT (vLLM's
+`intern_vit.py`) over one profiled batch; for the saving path also its short builders, KV writes and scheduler.
 
     OMP_NUM_THREADS=1 PYTHONPATH=src .venv-vllm/bin/python experiments/issue56/step_profile.py --concurrency 16
 """
@@ -45,10 +45,11 @@ def main() -> None:
         llms = {name: engine.start({"name": name, "checkpoint": str(folders[key]), "engine": bench.MID_ENGINE})[0]
                 for name, key in (("plain-1024", "plain-1024"), ("lvtc-saving", "lvtc"))}
 
-        def batch(salt: int) -> list:  # images new to the engines in every call
-            return [engine._inputs(request_spec("<image>\nWhat is in the picture?",
-                                                images=[(448, 448, 100 + i + 7919 * salt)]))
-                    for i in range(args.concurrency)]
+        load = [request_spec("<image>\nWhat is in the picture?", images=[(448, 448, 100 + i)])
+                for i in range(args.concurrency)]
+
+        def batch(salt: int) -> list:  # images new to the engines in every call (the bench's `fresh`)
+            return [engine._inputs(engine.fresh(request, salt)) for request in load]
 
         salt = 0
         times = {name: {"prefill": [], "full": []} for name in llms}
@@ -75,8 +76,8 @@ def main() -> None:
                   f"{cumulative(stats, 'intern_vit.py', 'forward'):.2f}"
                   " s", flush=True)
             if name == "lvtc-saving":  # the saving path's own Python work around the compiled layers
-                steps = stats.stats.get(next(key for key in stats.stats if key[0].endswith("gpu_model_runner.py")
-                                             and key[2] == "execute_model"))[0]
+                steps = max(row[0] for (file, _, function), row in stats.stats.items()
+                            if file.endswith("gpu_model_runner.py") and function == "execute_model")
                 own = {f: cumulative(stats, "vllm/saving.py", f) for f in ("build", "do_kv_cache_update", "schedule")}
                 print(f"{name}: {steps} steps; the short builders {own['build']:.3f} s, the short KV writes "
                       f"{own['do_kv_cache_update']:.3f} s, the scheduler's override {own['schedule']:.3f} s (with "
