@@ -14,8 +14,9 @@ in a child process (`vllm_lvtc_savings_engine.py`).
   kv       the KV blocks each of the savings' prefill requests holds at `--block-size` (default 32, the least
            vLLM-CPU's attention takes; its default is 128): how much of the saving path's distance from the target
            is the rounding of the short layout's tokens to whole blocks.
-  savings  a mid-size model where the LLM's work dominates (448px tiles: 256 LR / 1024 long slots per tile; a
-           Qwen2 LLM of 8 x 512, k = 6; a 4 x 256 ViT), as three checkpoints sharing every weight: LVTC, plain-1024
+  savings  a model where the LLM's work dominates (448px tiles: 256 LR / 1024 long slots per tile; a Qwen2 LLM of
+           8 layers, 768 wide (`--size wide`, the default: the ViT weighs as in InternVL2-4B) or 512 (`--size mid`,
+           as in InternVL2-2B), k = 6; a 4 x 256 ViT), as three checkpoints sharing every weight: LVTC, plain-1024
            (the HR projector as its projector) and plain-256 (the LR projector). Four engines in one process, timed
            in interleaved rounds: plain-1024, plain-256, LVTC on the masked path and LVTC on the saving path,
            each round with images none of them has seen (times include the image's processing and the ViT).
@@ -23,7 +24,8 @@ in a child process (`vllm_lvtc_savings_engine.py`).
            request (max_tokens=1), requests/s at concurrency 4 and 16, the FLOPs of each prefill counted on the
            transformers models (torch's FlopCounterMode, as bench_models.py counts them), and parity of the
            saving path's greedy tokens with transformers'. Writes benchmarks/results/vllm-lvtc-savings.json
-           (the issue's figures) and vllm-lvtc-savings-runs.json (everything measured).
+           (the issue's figures) and vllm-lvtc-savings-runs.json (everything measured); `--size mid`:
+           vllm-lvtc-savings-mid*.json.
 
     .venv-vllm/bin/python benchmarks/bench_vllm_lvtc_savings.py parity
     .venv-vllm/bin/python benchmarks/bench_vllm_lvtc_savings.py savings --plot
@@ -232,16 +234,16 @@ MID_TEXT = dict(model_type="qwen2", hidden_size=512, intermediate_size=1408, num
 #: InternVL2-4B's Phi-3-mini and 4% before InternVL2-8B's InternLM2-7B.
 SIZES = {"mid": MID_TEXT,
          "wide": dict(MID_TEXT, hidden_size=768, intermediate_size=2112, num_attention_heads=12)}
-MID_VISION = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4, image_size=448,
-                  patch_size=14)
-MID_EXPAND = 6  # k = 3/4 of the depth, as bench_models.py's LVTC
+SAVINGS_VISION = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
+                      image_size=448, patch_size=14)
+SAVINGS_EXPAND = 6  # k = 3/4 of the depth, as bench_models.py's LVTC
 # Every engine alike: prefix caching off (LVTC's hook turns it off; a repeated request would otherwise skip its
 # prefill), and chunked prefill off: vLLM 0.32 still splits an image whose chunk starts exactly at the image under
 # disable_chunked_mm_input (vllm-project/vllm#52306, fix #52412 open), which the LVTC models refuse (measured: the
 # shipped plugin's engine stopped at concurrency 16 with "a tile was split between scheduler steps").
-MID_ENGINE = dict(dtype="float32", enforce_eager=False, max_model_len=8192, max_num_batched_tokens=8192,
-                  gpu_memory_utilization=0.15, max_num_seqs=16, limit_mm_per_prompt={"image": 1, "video": 0},
-                  enable_prefix_caching=False, enable_chunked_prefill=False)
+SAVINGS_ENGINE = dict(dtype="float32", enforce_eager=False, max_model_len=8192, max_num_batched_tokens=8192,
+                      gpu_memory_utilization=0.15, max_num_seqs=16, limit_mm_per_prompt={"image": 1, "video": 0},
+                      enable_prefix_caching=False, enable_chunked_prefill=False)
 PREFILL_REQUESTS = {
     "1 tile": request_spec("<image>\nDescribe the picture.", images=[(448, 448, 11)]),
     "3 tiles": request_spec("<image>\nDescribe the picture.", images=[(896, 448, 12)]),  # 2 tiles + thumbnail
@@ -249,7 +251,7 @@ PREFILL_REQUESTS = {
 }
 
 
-def mid_checkpoints(root: Path, text: dict = MID_TEXT) -> dict[str, Path]:
+def savings_checkpoints(root: Path, text: dict) -> dict[str, Path]:
     """LVTC, plain-1024 and plain-256 checkpoints sharing every weight (ViT, LLM, LM head; plain-1024's projector is
     LVTC's HR projector, plain-256's its LR projector), with the demo model's tokenizer and 448px tiles."""
     import shutil
@@ -257,10 +259,10 @@ def mid_checkpoints(root: Path, text: dict = MID_TEXT) -> dict[str, Path]:
     from internvlx_hf import InternVLXConfig, InternVLXImageProcessor
     from internvlx_hf.demo.packaged import DEMO_MODEL_DIR
 
-    common = dict(text_config=dict(text), vision_config=dict(MID_VISION), image_token_id=805,
+    common = dict(text_config=dict(text), vision_config=dict(SAVINGS_VISION), image_token_id=805,
                   image_start_token_id=803, image_end_token_id=804, template="Hermes-2")
     configs = {
-        "lvtc": InternVLXConfig(**common, lvtc=dict(expand_layer=MID_EXPAND)),
+        "lvtc": InternVLXConfig(**common, lvtc=dict(expand_layer=SAVINGS_EXPAND)),
         "plain-1024": InternVLXConfig(**common, downsample_ratio=1.0),
         "plain-256": InternVLXConfig(**common),
     }
@@ -322,10 +324,10 @@ def savings(args) -> None:
     load_requests = [request_spec("<image>\nWhat is in the picture?", images=[(448, 448, 100 + i)])
                      for i in range(max(args.concurrency))]
     parity_requests = {**PREFILL_REQUESTS, "load 0": load_requests[0], "load 1": load_requests[1]}
-    engine_options = MID_ENGINE
+    engine_options = SAVINGS_ENGINE
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        folders = mid_checkpoints(root, SIZES[args.size])
+        folders = savings_checkpoints(root, SIZES[args.size])
         engines = [
             {"name": "plain-1024", "checkpoint": str(folders["plain-1024"]), "engine": engine_options},
             {"name": "plain-256", "checkpoint": str(folders["plain-256"]), "engine": engine_options},
@@ -360,7 +362,8 @@ def savings(args) -> None:
         plain_tokens = flops[key]["plain-1024"][2]
         short_tokens = flops[key]["lvtc"][2]
         layers = SIZES[args.size]["num_hidden_layers"]
-        row["kv_target"] = (MID_EXPAND * short_tokens + (layers - MID_EXPAND) * plain_tokens) / (layers * plain_tokens)
+        k = SAVINGS_EXPAND
+        row["kv_target"] = (k * short_tokens + (layers - k) * plain_tokens) / (layers * plain_tokens)
         for name, result in results.items():
             groups = result["info"]["groups"]
             held = result["prefill_blocks_held"][key]
@@ -394,8 +397,8 @@ def savings(args) -> None:
     experiment = ("savings of the shipped LVTC paths against plain-1024 and plain-256 of the same model, one run, "
                   "compilation on (vLLM's defaults)")
     runs = {"experiment": experiment,
-            "model": {"size": args.size, "text": SIZES[args.size], "vision": MID_VISION, "expand_layer": MID_EXPAND,
-                      "engine": engine_options},
+            "model": {"size": args.size, "text": SIZES[args.size], "vision": SAVINGS_VISION,
+                      "expand_layer": SAVINGS_EXPAND, "engine": engine_options},
             "figures": figures, "per_request": per_request, "requests_per_s": rps,
             "groups": {name: result["info"] for name, result in results.items()},
             "parity": {"rows": parity_rows, "max_logprob_diff": worst, "tolerance": LOGPROB_ATOL},
@@ -406,7 +409,7 @@ def savings(args) -> None:
                         "concurrency": args.concurrency, "max_tokens": args.max_tokens,
                         # every timed round's images are new to the engines (processing and ViT timed too)
                         "images": "new in every timed round"}
-    name = args.out or "vllm-lvtc-savings"
+    name = args.out or ("vllm-lvtc-savings" if args.size == "wide" else f"vllm-lvtc-savings-{args.size}")
     write_text(RESULTS / f"{name}.json", json.dumps(figures, indent=1) + "\n")
     write_text(RESULTS / f"{name}-runs.json", json.dumps(runs, indent=1) + "\n")
     print(table(runs))
@@ -477,8 +480,8 @@ def kv(args) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        folders = mid_checkpoints(root, SIZES[args.size])
-        engine = dict(MID_ENGINE, block_size=args.block_size)
+        folders = savings_checkpoints(root, SIZES[args.size])
+        engine = dict(SAVINGS_ENGINE, block_size=args.block_size)
         requests = list(PREFILL_REQUESTS.values())
         spec = {"engines": [{"name": name, "checkpoint": str(folders[key]), "engine": engine, "requests": requests}
                             for name, key in (("plain-1024", "plain-1024"), ("lvtc-saving", "lvtc"))],
@@ -492,7 +495,7 @@ def kv(args) -> None:
     for index, key in enumerate(PREFILL_REQUESTS):
         got = {name: result["alone"][index] for name, result in results.items()}
         plain_tokens = got["plain-1024"]["prompt_tokens"]
-        target = (MID_EXPAND * short[index] + (layers - MID_EXPAND) * plain_tokens) / (layers * plain_tokens)
+        target = (SAVINGS_EXPAND * short[index] + (layers - SAVINGS_EXPAND) * plain_tokens) / (layers * plain_tokens)
         blocks = {name: layer_blocks(got[name]["blocks_held"], results[name]["info"]["groups"]) for name in got}
         rows[key] = {"layer_blocks": blocks, "kv_blocks_ratio": round(blocks["lvtc-saving"] / blocks["plain-1024"], 4),
                      "kv_target": round(target, 4), "blocks_held": {n: got[n]["blocks_held"] for n in got},
@@ -500,9 +503,9 @@ def kv(args) -> None:
         print(f"{key}: KV {rows[key]['kv_blocks_ratio']:.4f} of plain-1024's (target {target:.4f}, "
               f"{rows[key]['kv_blocks_ratio'] / target - 1:+.1%})", flush=True)
     out = {"experiment": f"KV blocks held per request at block_size {args.block_size}", "block_size": args.block_size,
-           "size": args.size, "expand_layer": MID_EXPAND, "vllm": vllm.__version__, "plugin_commit": plugin_commit(),
-           "date": datetime.date.today().isoformat(), "groups": {n: r["info"]["groups"] for n, r in results.items()},
-           "per_request": rows}
+           "size": args.size, "expand_layer": SAVINGS_EXPAND, "vllm": vllm.__version__,
+           "plugin_commit": plugin_commit(), "date": datetime.date.today().isoformat(),
+           "groups": {n: r["info"]["groups"] for n, r in results.items()}, "per_request": rows}
     name = args.out or f"vllm-lvtc-kv-block{args.block_size}"
     write_text(RESULTS / f"{name}.json", json.dumps(out, indent=1) + "\n")
     print(f"written: benchmarks/results/{name}.json")
@@ -525,14 +528,14 @@ def main(argv=None) -> None:
     parser.add_argument("--concurrency", type=lambda v: [int(c) for c in v.split(",")], default=[4, 16])
     parser.add_argument("--load-repeats", type=int, default=2, help="savings: rounds per concurrency level (median)")
     parser.add_argument("--max-tokens", type=int, default=16, help="savings: tokens per request under load")
-    parser.add_argument("--size", choices=sorted(SIZES), default="mid",
-                        help="savings: the LLM's width (mid: 512, the ViT's share of InternVL2-2B; wide: 768, of "
-                             "InternVL2-4B)")
+    parser.add_argument("--size", choices=sorted(SIZES), default="wide",
+                        help="savings, kv: the LLM's width (wide: 768, the ViT's share of InternVL2-4B, the issue's "
+                             "measurement; mid: 512, of InternVL2-2B)")
     parser.add_argument("--block-size", type=int, default=32, help="kv: the KV cache's block size")
     parser.add_argument("--out", default=None,
                         help="results/<OUT>.json (savings: also <OUT>-runs.json); default: the recorded run's name "
-                             "(vllm-lvtc-parity-saving, vllm-lvtc-stress-saving, vllm-lvtc-savings); a check against "
-                             "it writes beside it, e.g. --out vllm-lvtc-savings-rerun")
+                             "(vllm-lvtc-parity-saving, vllm-lvtc-stress-saving, vllm-lvtc-savings[-mid]); a check "
+                             "against it writes beside it, e.g. --out vllm-lvtc-savings-rerun")
     args = parser.parse_args(argv)
     if args.plot and importlib.util.find_spec("matplotlib") is None:  # found before the run, not after it
         parser.error("--plot needs matplotlib in this environment (pip install matplotlib)")

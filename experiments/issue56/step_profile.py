@@ -41,8 +41,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
-        folders = bench.mid_checkpoints(Path(tmp))
-        llms = {name: engine.start({"name": name, "checkpoint": str(folders[key]), "engine": bench.MID_ENGINE})[0]
+        folders = bench.savings_checkpoints(Path(tmp), bench.SIZES["mid"])  # the size of the recorded profile
+        llms = {name: engine.start({"name": name, "checkpoint": str(folders[key]), "engine": bench.SAVINGS_ENGINE})[0]
                 for name, key in (("plain-1024", "plain-1024"), ("lvtc-saving", "lvtc"))}
 
         load = [request_spec("<image>\nWhat is in the picture?", images=[(448, 448, 100 + i)])
