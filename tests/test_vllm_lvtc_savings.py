@@ -97,7 +97,8 @@ def test_short_layout_manager_counts_only_live_tokens():
         saving.LVTCShortManager.short_tokens(SimpleNamespace(requests=None), "r", 3)
 
 
-@pytest.mark.parametrize("name", ["vllm-lvtc-savings", "vllm-lvtc-savings-mid", "issue56-step5-cached-images",
+@pytest.mark.parametrize("name", ["vllm-lvtc-savings", "vllm-lvtc-savings-mid", "vllm-lvtc-savings-5-load-rounds",
+                                  "issue56-step5-cached-images",
                                   "issue56-step4-three-load-rounds", "issue56-step4-two-load-rounds",
                                   "issue52-eager-savings", "vllm-lvtc-savings-rerun", "issue56-step3-compiled",
                                   "issue56-step3-compiled-loaded"])
@@ -116,7 +117,8 @@ def test_saving_figures_are_the_run_files(name):
     assert set(figures) == {"kv_blocks_ratio", "kv_target", "prefill_ratio", "flops_ratio", "tokens_equal", "vllm",
                             "date", "plugin_commit"} | compiled
     assert figures == runs["figures"]
-    sizes = {"vllm-lvtc-savings": ("wide", 768), "vllm-lvtc-savings-mid": ("mid", 512)}
+    sizes = {"vllm-lvtc-savings": ("wide", 768), "vllm-lvtc-savings-mid": ("mid", 512),
+             "vllm-lvtc-savings-5-load-rounds": ("wide", 768)}
     if name in sizes:  # (runs before `--size` existed were of the mid size)
         assert (runs["model"].get("size", "mid"), runs["model"]["text"]["hidden_size"]) == sizes[name]
     head = runs["per_request"]["3 tiles"]
