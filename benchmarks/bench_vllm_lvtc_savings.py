@@ -41,6 +41,7 @@ import argparse
 import datetime
 import importlib.util
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -318,6 +319,92 @@ def prefill_flops(folder: Path, request: dict) -> tuple[int, int, int, int]:
     return total, total - llm_attention // 2, batch["input_ids"].shape[1], vit
 
 
+def summarise(results: dict, flops: dict, layers: int, expand_layer: int, parity_rows: list[dict],
+              run: dict) -> tuple[dict, dict, dict]:
+    """The savings run's rows and figures from what was measured: ``(per_request, requests_per_s, figures)``.
+
+    ``results``: each engine's measurements as `vllm_lvtc_savings_engine.py` writes them (``info``: its KV-cache
+    groups and pool blocks; ``prefill_s``: each round's seconds per request; ``prefill_blocks_held`` and
+    ``prefill_prompt_tokens`` per request; ``rps``: each round's requests/s per concurrency level). ``flops``:
+    `prefill_flops`' counts per request and checkpoint (the ViT's may be None: a run that did not record it gets no
+    ``vit_flops_share``). ``layers`` and ``expand_layer``: the LLM's depth and k. ``parity_rows``: the paths' answers
+    against transformers'. ``run``: the figures' run details (vllm, date, plugin_commit, enforce_eager). Times and
+    requests/s are the medians of the rounds. `measurements` reads these inputs back from a runs file, so that the
+    recorded figures are recomputed from the measurements (tests/test_vllm_lvtc_savings.py)."""
+    per_request = {}
+    for key in flops:
+        row = {}
+        plain_tokens = flops[key]["plain-1024"][2]
+        short_tokens = flops[key]["lvtc"][2]
+        k = expand_layer
+        row["kv_target"] = (k * short_tokens + (layers - k) * plain_tokens) / (layers * plain_tokens)
+        for name, result in results.items():
+            groups = result["info"]["groups"]
+            held = result["prefill_blocks_held"][key]
+            row[name] = {"prefill_s": statistics.median(result["prefill_s"][key]),
+                         "layer_blocks": layer_blocks(held, groups), "kv_bytes": kv_bytes(held, groups),
+                         "blocks_held": held, "prompt_tokens": result["prefill_prompt_tokens"][key],
+                         # how many such requests the engine's KV pool holds at once
+                         "fit_in_pool": result["info"]["num_blocks"] // sum(held)}
+        for name in ("plain-1024", "plain-256", "lvtc"):
+            row.setdefault("flops", {})[name] = flops[key][name][0]
+            row.setdefault("flops_causal", {})[name] = flops[key][name][1]
+        base = row["plain-1024"]
+        for name in results:
+            row[name]["kv_blocks_ratio"] = row[name]["layer_blocks"] / base["layer_blocks"]
+            row[name]["kv_bytes_ratio"] = row[name]["kv_bytes"] / base["kv_bytes"]
+            row[name]["prefill_ratio"] = row[name]["prefill_s"] / base["prefill_s"]
+        row["flops_ratio"] = row["flops"]["lvtc"] / row["flops"]["plain-1024"]
+        row["flops_ratio_causal"] = row["flops_causal"]["lvtc"] / row["flops_causal"]["plain-1024"]
+        row["flops_ratio_plain_256"] = row["flops"]["plain-256"] / row["flops"]["plain-1024"]
+        if flops[key]["plain-1024"][3] is not None:  # the ViT's share of plain-1024's prefill
+            row["vit_flops_share"] = flops[key]["plain-1024"][3] / flops[key]["plain-1024"][0]
+        per_request[key] = row
+    rps = {name: {level: statistics.median(values) for level, values in result["rps"].items()}
+           for name, result in results.items()}
+    equal = all(r["tokens_equal"] and r["logprob_diff"] <= LOGPROB_ATOL for r in parity_rows
+                if r["engine"] == "lvtc-saving")
+    headline = per_request["3 tiles"]
+    figures = {"kv_blocks_ratio": round(headline["lvtc-saving"]["kv_blocks_ratio"], 4),
+               "kv_target": round(headline["kv_target"], 4),
+               "prefill_ratio": round(headline["lvtc-saving"]["prefill_ratio"], 4),
+               "flops_ratio": round(headline["flops_ratio"], 4), "tokens_equal": equal, **run,
+               "requests_per_s_ratio": {level: round(rps["lvtc-saving"][level] / rps["plain-1024"][level], 4)
+                                        for level in rps["plain-1024"]}}
+    return per_request, rps, figures
+
+
+def measurements(runs: dict) -> tuple[dict, dict, list[dict], dict]:
+    """`summarise`'s inputs as a savings runs file holds them: ``(results, flops, parity_rows, run)``.
+
+    ``raw`` holds each round's prefill seconds and requests/s, ``groups`` each engine's KV-cache groups, the rows
+    (``per_request``) the blocks each request held and its prompt length, ``parity`` the answers' rows and
+    ``flops_counted`` `prefill_flops`' counts. Runs written before ``flops_counted`` was recorded give the counts back
+    from their rows: the FLOPs as recorded; the prompt lengths of transformers' processor, which for the plain
+    checkpoints are their engines' ``prompt_tokens`` (a plain checkpoint's vLLM prompt is transformers') and for LVTC
+    the short layout's, plain-256's (the same text and tiles at 256 tokens each); the ViT's FLOPs as
+    ``vit_flops_share`` x plain-1024's FLOPs, rounded (an integer below 2**53 comes back exactly), or None where the
+    run did not record the share."""
+    per_request = runs["per_request"]
+    results = {name: {"info": runs["groups"][name], "prefill_s": raw["prefill_s"], "rps": raw["rps"],
+                      "prefill_blocks_held": {key: row[name]["blocks_held"] for key, row in per_request.items()},
+                      "prefill_prompt_tokens": {key: row[name]["prompt_tokens"] for key, row in per_request.items()}}
+               for name, raw in runs["raw"].items()}
+    flops = runs.get("flops_counted")
+    if flops is None:
+        flops = {}
+        for key, row in per_request.items():
+            tokens = {"plain-1024": row["plain-1024"]["prompt_tokens"], "plain-256": row["plain-256"]["prompt_tokens"],
+                      "lvtc": row["plain-256"]["prompt_tokens"]}
+            flops[key] = {name: [row["flops"][name], row["flops_causal"][name], tokens[name], None]
+                          for name in ("plain-1024", "plain-256", "lvtc")}
+            if "vit_flops_share" in row:
+                flops[key]["plain-1024"][3] = round(row["vit_flops_share"] * row["flops"]["plain-1024"])
+    figures = runs["figures"]
+    run = {key: figures[key] for key in ("vllm", "date", "plugin_commit", "enforce_eager") if key in figures}
+    return results, flops, runs["parity"]["rows"], run
+
+
 def savings(args) -> None:
     import vllm
 
@@ -339,61 +426,26 @@ def savings(args) -> None:
         timing = {"prefill_requests": PREFILL_REQUESTS, "repeats": args.repeats, "concurrency": args.concurrency,
                   "load_requests": load_requests, "load_repeats": args.load_repeats, "max_tokens": args.max_tokens}
         results = run_engines({"engines": engines, "max_tokens": 8, "timing": timing}, root)
-        parity_rows, worst, equal = [], 0.0, True
+        parity_rows, worst = [], 0.0
         for index, (request_name, request) in enumerate(parity_requests.items()):
             _, tokens, logprobs = reference(folders["lvtc"], request)
             for engine in ("lvtc-saving", "lvtc-masked"):
                 for mode in ("alone", "together"):
                     got = results[engine][mode][index]
                     diff = max(abs(a - b) for a, b in zip(got["logprobs"], logprobs))
-                    same = got["tokens"] == tokens and diff <= LOGPROB_ATOL
                     parity_rows.append({"engine": engine, "request": request_name, "mode": mode,
                                         "tokens_equal": got["tokens"] == tokens, "logprob_diff": diff})
                     if engine == "lvtc-saving":
-                        worst, equal = max(worst, diff), equal and same
+                        worst = max(worst, diff)
             print(f"parity {request_name}: saving {parity_rows[-4]['tokens_equal']}/{parity_rows[-3]['tokens_equal']} "
                   f"({max(parity_rows[-4]['logprob_diff'], parity_rows[-3]['logprob_diff']):.1e}), masked "
                   f"{parity_rows[-2]['tokens_equal']}/{parity_rows[-1]['tokens_equal']}", flush=True)
         flops = {key: {name: prefill_flops(folders[name], request)
                        for name in ("plain-1024", "plain-256", "lvtc")} for key, request in PREFILL_REQUESTS.items()}
-    per_request = {}
-    for key in PREFILL_REQUESTS:
-        row = {}
-        plain_tokens = flops[key]["plain-1024"][2]
-        short_tokens = flops[key]["lvtc"][2]
-        layers = SIZES[args.size]["num_hidden_layers"]
-        k = SAVINGS_EXPAND
-        row["kv_target"] = (k * short_tokens + (layers - k) * plain_tokens) / (layers * plain_tokens)
-        for name, result in results.items():
-            groups = result["info"]["groups"]
-            held = result["prefill_blocks_held"][key]
-            row[name] = {"prefill_s": result["prefill_median_s"][key], "layer_blocks": layer_blocks(held, groups),
-                         "kv_bytes": kv_bytes(held, groups), "blocks_held": held,
-                         "prompt_tokens": result["prefill_prompt_tokens"][key],
-                         # how many such requests the engine's KV pool holds at once
-                         "fit_in_pool": result["info"]["num_blocks"] // sum(held)}
-        for name in ("plain-1024", "plain-256", "lvtc"):
-            row.setdefault("flops", {})[name] = flops[key][name][0]
-            row.setdefault("flops_causal", {})[name] = flops[key][name][1]
-        base = row["plain-1024"]
-        for name in results:
-            row[name]["kv_blocks_ratio"] = row[name]["layer_blocks"] / base["layer_blocks"]
-            row[name]["kv_bytes_ratio"] = row[name]["kv_bytes"] / base["kv_bytes"]
-            row[name]["prefill_ratio"] = row[name]["prefill_s"] / base["prefill_s"]
-        row["flops_ratio"] = row["flops"]["lvtc"] / row["flops"]["plain-1024"]
-        row["flops_ratio_causal"] = row["flops_causal"]["lvtc"] / row["flops_causal"]["plain-1024"]
-        row["flops_ratio_plain_256"] = row["flops"]["plain-256"] / row["flops"]["plain-1024"]
-        row["vit_flops_share"] = flops[key]["plain-1024"][3] / flops[key]["plain-1024"][0]  # of plain-1024's prefill
-        per_request[key] = row
-    rps = {name: result["rps_median"] for name, result in results.items()}
-    headline = per_request["3 tiles"]
-    figures = {"kv_blocks_ratio": round(headline["lvtc-saving"]["kv_blocks_ratio"], 4),
-               "kv_target": round(headline["kv_target"], 4),
-               "prefill_ratio": round(headline["lvtc-saving"]["prefill_ratio"], 4),
-               "flops_ratio": round(headline["flops_ratio"], 4), "tokens_equal": equal, "vllm": vllm.__version__,
-               "date": datetime.date.today().isoformat(), "plugin_commit": plugin_commit(), "enforce_eager": False,
-               "requests_per_s_ratio": {level: round(rps["lvtc-saving"][level] / rps["plain-1024"][level], 4)
-                                        for level in rps["plain-1024"]}}
+    run = {"vllm": vllm.__version__, "date": datetime.date.today().isoformat(), "plugin_commit": plugin_commit(),
+           "enforce_eager": False}
+    per_request, rps, figures = summarise(results, flops, SIZES[args.size]["num_hidden_layers"], SAVINGS_EXPAND,
+                                          parity_rows, run)
     experiment = ("savings of the shipped LVTC paths against plain-1024 and plain-256 of the same model, one run, "
                   "compilation on (vLLM's defaults)")
     runs = {"experiment": experiment,
@@ -403,7 +455,10 @@ def savings(args) -> None:
             "groups": {name: result["info"] for name, result in results.items()},
             "parity": {"rows": parity_rows, "max_logprob_diff": worst, "tolerance": LOGPROB_ATOL},
             "raw": {name: {k: v for k, v in result.items() if k in ("prefill_s", "rps")}
-                    for name, result in results.items()}}
+                    for name, result in results.items()},
+            # what `summarise` needs besides `raw`, `groups` and the rows' blocks_held / prompt_tokens (`measurements`)
+            "flops_counted": {key: {name: list(counted) for name, counted in row.items()}
+                              for key, row in flops.items()}}
     RESULTS.mkdir(exist_ok=True)
     runs["settings"] = {"repeats": args.repeats, "load_repeats": args.load_repeats,
                         "concurrency": args.concurrency, "max_tokens": args.max_tokens,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -107,9 +108,110 @@ def test_tokens_of_an_lvtc_model_per_layer_group(capsys, converted_lvtc):
     assert main(["tokens", str(converted_lvtc), "--image", "1000x747", "--tiling", "area"]) == 0
     table = capsys.readouterr().out
     assert "LVTC: layers < 1 see 256 tokens per tile, layers >= 1 see 1024" in table
-    assert "| LLM tokens, layers < 1 | layers >= 1 | prefill TFLOPs | uncompressed TFLOPs | ratio |" in table
+    assert "| LLM tokens, layers < 1 | layers >= 1 | vLLM prompt tokens | prefill TFLOPs | uncompressed TFLOPs | " \
+           "ratio |" in table
     ratio = row["prefill_flops"] / row["uncompressed_prefill_flops"]
-    assert "| 1346 | 5186 |" in table and f"| {ratio:.3f} |" in table
+    assert "| 1346 | 5186 | 5186 |" in table and f"| {ratio:.3f} |" in table
+
+
+def test_tokens_give_the_prompt_length_vllm_counts(capsys, converted, converted_lvtc, tmp_path):
+    """vLLM schedules an LVTC checkpoint's every tile at the long layout (1024 placeholder ids per 448px tile here,
+    against transformers' 256): its prompt, what --max-model-len bounds, is the text + <img></img> + 1024 per tile
+    (thumbnail included); a video's frames likewise. Without LVTC (or k = depth) it is transformers' prompt."""
+    # 768x448 by area: 2x1 + thumbnail; 1000x747 by ratio: 4x3 + thumbnail (13,312 placeholders on vLLM)
+    rows = _json_rows(capsys, ["tokens", str(converted_lvtc), "--image", "768x448", "--tiling", "area",
+                               "--text-tokens", "179", "--json"])
+    rows += _json_rows(capsys, ["tokens", str(converted_lvtc), "--image", "1000x747", "--tiling", "ratio",
+                                "--text-tokens", "179", "--json"])
+    assert [(r["tiles"], r["llm_tokens"], r["vllm_prompt_tokens"]) for r in rows] == [
+        (3, 949, 3253), (13, 179 + 2 + 13 * 256, 179 + 2 + 13_312)]
+    assert main(["tokens", str(converted_lvtc), "--image", "768x448", "--tiling", "area", "--text-tokens", "179"]) == 0
+    table = capsys.readouterr().out
+    assert "vLLM: the prompt holds every tile at the long layout (1024 tokens per tile), so its length (vLLM prompt " \
+           "tokens) is what --max-model-len bounds" in table
+    assert "| 768x448 | 768x448 | area | 2x1 | 3 | 768 | 949 | 3253 | 3253 |" in table
+
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for i in range(4):
+        Image.new("RGB", (64, 64), (i * 40, 0, 0)).save(frames / f"frame_{i + 1}.png")
+    (video,) = _json_rows(capsys, ["tokens", str(converted_lvtc), "--video", str(frames), "--frames", "4",
+                                   "--text-tokens", "0", "--json"])
+    assert video["llm_tokens"] == video["frame_text_tokens"] + 4 * 256
+    assert video["vllm_prompt_tokens"] == video["frame_text_tokens"] + 4 * 1024
+
+    rows = _json_rows(capsys, ["tokens", str(converted), "--image", "768x448", "--tiling", "area",
+                               "--text-tokens", "179", "--json"])
+    assert [(r["llm_tokens"], r["vllm_prompt_tokens"]) for r in rows] == [(949, 949)]
+    assert main(["tokens", str(converted), "--image", "768x448"]) == 0
+    assert "vLLM: the same prompt (the LLM tokens) is what its --max-model-len bounds" in capsys.readouterr().out
+
+
+#: vLLM's own processor (the plugin's, without an engine) on prompts of images and videos: the prompt ids' lengths.
+_VLLM_PROMPT_LENGTHS = """
+import json, sys
+import numpy as np
+from PIL import Image
+from vllm.config import ModelConfig
+from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.multimodal.processing.inputs import ProcessorInputs
+from vllm.multimodal.registry import MultiModalTimingRegistry
+from vllm.plugins import load_general_plugins
+
+load_general_plugins()
+lengths = []
+for folder, prompt, kind, size in json.loads(sys.argv[1]):
+    processor = MULTIMODAL_REGISTRY.create_processor(ModelConfig(model=folder, max_model_len=32768))
+    data = ({"image": [Image.new("RGB", tuple(size))]} if kind == "image"
+            else {"video": [np.zeros((size, 64, 64, 3), dtype=np.uint8)]})
+    ids = processor.info.get_tokenizer().encode(prompt)
+    out = processor.apply(ProcessorInputs(ids, processor.info.parse_mm_data(data)),
+                          MultiModalTimingRegistry(None).get(str(len(lengths))))
+    lengths.append(len(out["prompt_token_ids"]))
+print(json.dumps(lengths))
+"""
+
+
+@pytest.mark.vllm
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
+                    reason="vllm is not installed; .ci/run's vLLM environment has it")
+def test_vllm_prompt_tokens_are_vllms_own_count(capsys, converted, converted_lvtc, tmp_path):
+    """`internvlx tokens`' vLLM prompt tokens are the length of the prompt vLLM's processor (the plugin's) makes, for
+    the transformers prompt the rows describe (--text-tokens: its ids besides the image's): LVTC images (7 and 13
+    tiles) and a 4-frame video, and an image of a checkpoint without LVTC."""
+    from internvlx_hf import InternVLXProcessor
+
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for i in range(4):
+        Image.new("RGB", (64, 64)).save(frames / f"frame_{i + 1}.png")
+    image_prompt, video_prompt = "<image>\nDescribe the picture.", "<video>\nWhat happens?"
+    cases = [(converted_lvtc, image_prompt, "image", (768, 448)), (converted_lvtc, image_prompt, "image", (1000, 747)),
+             (converted_lvtc, video_prompt, "video", 4), (converted, image_prompt, "image", (768, 448))]
+    ours = []
+    for folder, prompt, kind, size in cases:
+        processor = InternVLXProcessor.from_pretrained(folder)
+        if kind == "image":
+            length = len(processor(text=prompt, images=[Image.new("RGB", size)])["input_ids"][0])
+            (row,) = _json_rows(capsys, ["tokens", str(folder), "--image", f"{size[0]}x{size[1]}", "--tiling",
+                                         "ratio", "--text-tokens", "0", "--json"])
+            text_tokens = length - row["llm_tokens"]
+            (row,) = _json_rows(capsys, ["tokens", str(folder), "--image", f"{size[0]}x{size[1]}", "--tiling",
+                                         "ratio", "--text-tokens", str(text_tokens), "--json"])
+        else:
+            length = len(processor(text=prompt, videos=[[Image.new("RGB", (64, 64))] * size])["input_ids"][0])
+            argv = ["tokens", str(folder), "--video", str(frames), "--frames", str(size), "--json"]
+            (row,) = _json_rows(capsys, argv + ["--text-tokens", "0"])
+            (row,) = _json_rows(capsys, argv + ["--text-tokens", str(length - row["llm_tokens"])])
+        assert row["llm_tokens"] == length
+        ours.append(row["vllm_prompt_tokens"])
+    argument = json.dumps([[str(folder), prompt, kind, size] for folder, prompt, kind, size in cases])
+    done = subprocess.run([sys.executable, "-c", _VLLM_PROMPT_LENGTHS, argument], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "VLLM_LOGGING_LEVEL": "ERROR"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    vllm_lengths = json.loads(done.stdout.strip().splitlines()[-1])
+    assert ours == vllm_lengths
+    assert ours[0] - 7 * 768 == ours[3] and ours[1] == 2 + 13 * 1024 + (ours[0] - 2 - 7 * 1024)  # the tiles' share
 
 
 def test_lvtc_that_never_expands_is_described_as_such(capsys, converted_lvtc, tmp_path):
@@ -128,6 +230,7 @@ def test_lvtc_that_never_expands_is_described_as_such(capsys, converted_lvtc, tm
     table = capsys.readouterr().out
     assert "LVTC without expansion: k = 2 is the LLM's depth, so all 2 layers see 256 tokens per tile" in table
     assert "layers >=" not in table and "| LLM tokens | prefill TFLOPs |" in table
+    assert "vLLM: the same prompt (the LLM tokens)" in table  # nothing expands on vLLM either
     card = build_model_card(folder, license="mit").content
     assert "| LVTC | on, without expansion (paper Sec. 3.2): k = 2 is the LLM's depth, so all 2 layers see 256 " \
            "tokens per tile; T = 1 LR projector(s)" in card

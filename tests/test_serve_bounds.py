@@ -405,12 +405,71 @@ def test_the_baton_goes_round_robin_and_a_cancelled_turn_leaves_the_round():
     import torch
 
     alone, ids = Turn(), torch.zeros(2, 5, dtype=torch.long)
-    criteria = SliceCriteria(baton, alone, tokens=2)
+    criteria = SliceCriteria(alone)
     assert baton.take(alone)
     assert criteria(ids, None).tolist() == [False, False] and criteria(ids, None).tolist() == [False, False]
     baton.cancel(alone)
     assert criteria(ids, None).tolist() == [True, True]  # its client went away: the generation stops
     baton.give_back(alone)
+
+
+@pytest.mark.parametrize("max_tokens", [2, 3])
+def test_a_generation_hands_the_baton_on_only_if_it_goes_on(max_tokens):
+    """A generation of ``max_tokens`` (as the handler sets it up, turns of 2 tokens, the tiny model) admitted while
+    another holds the baton: at the end of its first turn the other has the baton back. With max_tokens equal to the
+    slice the generation has ended by then (it did not hand the baton on at its last token, to wait one more round
+    for nothing); with one token more it waits for its next turn, its last token."""
+    try:
+        check_serving_available()
+    except ServingUnavailable as error:
+        pytest.skip(str(error))
+    import torch
+    from transformers import GenerationConfig
+
+    from internvlx_hf.serving.handler import InternVLXChatCompletionHandler
+    from internvlx_hf.serving.slicing import Baton, SlicedGeneration, Turn
+    from tiny import tiny_model
+
+    model, baton, long, short, ended = tiny_model(layers=1), Baton(), Turn(), Turn(), threading.Event()
+    handler = types.SimpleNamespace(baton=baton, generation_slice=2, generation_timeout=None)
+    inputs = {"input_ids": torch.tensor([[1, 5, 6, 7]])}
+    config = GenerationConfig(max_new_tokens=max_tokens, do_sample=False)
+    InternVLXChatCompletionHandler._add_stopping_criteria(handler, inputs, config, 4, short)
+    assert baton.take(long)
+    generated = SlicedGeneration(baton, short, ended.set).submit(model.generate, **inputs, generation_config=config)
+    assert wait_for(lambda: baton.waiting == 1, 10)
+    assert baton.pass_if_waited_for(long)  # the long one's slice ends: the short one's turn, then the long one's
+    behind = baton.waiting  # the short one, if it waits for another turn
+    baton.give_back(long)
+    assert generated.result(timeout=60).shape[-1] == 4 + max_tokens and ended.wait(10)
+    assert behind == (0 if max_tokens == 2 else 1)
+
+
+def test_a_cancelled_request_leaves_its_turn_at_once():
+    """A request awaiting its generation (as transformers' non-streaming path does), cancelled while the generation
+    waits for its turn: it leaves the round at once, its generation never runs, and its running slot is freed
+    (``on_end``) while the other generation still holds the baton."""
+    from internvlx_hf.serving.slicing import Baton, SlicedGeneration, Turn
+
+    baton, holder, waiter, ended, ran = Baton(), Turn(), Turn(), threading.Event(), []
+    assert baton.take(holder)
+
+    async def generate() -> None:
+        await SlicedGeneration(baton, waiter, ended.set).async_submit(ran.append, "ran")
+
+    async def scenario() -> bool:
+        request = asyncio.create_task(generate())
+        assert await asyncio.to_thread(wait_for, lambda: baton.waiting == 1, 10)
+        request.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await request
+        return await asyncio.to_thread(ended.wait, 10)
+
+    try:
+        assert asyncio.run(scenario()), "the cancelled request still waits for its turn"
+        assert baton.waiting == 0 and not ran
+    finally:
+        baton.give_back(holder)
 
 
 def test_the_waiting_bound_refuses_the_request_beyond_it():

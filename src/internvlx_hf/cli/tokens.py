@@ -15,7 +15,10 @@ Without MODEL the InternVL2-2B settings are used (448px tiles, max 12 tiles, 256
 checkpoint folder, or a Hub id when the Hub is reachable) its processor's settings are used, and the table adds the
 LLM's prompt length (--text-tokens of text + <img> + the image tokens + </img>) and the LLM prefill FLOPs. For an
 LVTC model it shows the tokens of each layer group (layers < k see the short layout, layers >= k the long one) and
-compares the FLOPs with the uncompressed model (every layer on the long layout).
+compares the FLOPs with the uncompressed model (every layer on the long layout). "vLLM prompt tokens" (JSON:
+vllm_prompt_tokens) is the prompt's length on vLLM, what its --max-model-len bounds (prompt and answer together):
+vLLM schedules an LVTC model's every tile at the long layout (e.g. 1024 ids per 448px tile instead of 256); for
+other models it is the LLM tokens.
 
 FLOPs formula (matmuls only, a multiply-add = 2 FLOPs), per decoder layer on n tokens:
   2n*h*(2*a*d + 2*g*d)  [q,k,v,o projections]  +  4n^2*a*d  [QK^T and AV, full n x n]  +  6n*h*f  [gated MLP]
@@ -111,8 +114,22 @@ def _run_tokens(args: argparse.Namespace) -> int:
     elif lvtc is not None:
         print(f"LVTC without expansion: k = {lvtc.expand_layer} is the LLM's depth, so all {depth} layers see "
               f"{settings.tokens_per_tile} tokens per tile; {args.text_tokens} text tokens")
+    if config is not None:
+        print(_vllm_line(config))
     print(format_table(rows))
     return 0
+
+
+def _vllm_line(config) -> str:
+    """What vLLM counts against --max-model-len: the long layout's tokens per tile (LVTC), or the LLM tokens."""
+    from ..token_budget import vllm_tokens_per_tile
+
+    per_tile = vllm_tokens_per_tile(config)
+    if per_tile == config.image_seq_length:
+        return ("vLLM: the same prompt (the LLM tokens) is what its --max-model-len bounds, prompt and answer "
+                "together")
+    return (f"vLLM: the prompt holds every tile at the long layout ({per_tile} tokens per tile), so its length "
+            "(vLLM prompt tokens) is what --max-model-len bounds, prompt and answer together")
 
 
 def _run_video_tokens(args: argparse.Namespace) -> int:
@@ -140,6 +157,8 @@ def _run_video_tokens(args: argparse.Namespace) -> int:
     if lvtc is not None and lvtc.expand_layer < config.get_text_config().num_hidden_layers:
         print(f"LVTC: layers < {lvtc.expand_layer} see {settings.tokens_per_tile} tokens per frame, "
               f"layers >= {lvtc.expand_layer} see {config.hr_tokens_per_tile}")
+    if config is not None:
+        print(_vllm_line(config))
     print(format_table(rows))
     return 0
 

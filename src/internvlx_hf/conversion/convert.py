@@ -25,6 +25,7 @@ from ..atomic import remove_stale_temporaries, replace_folder, temporary_folder
 from ..modeling.configuration_internvlx import InternVLXConfig, LVTCConfig
 from ..provenance import record_conversion
 from ..remote_code import save_remote_code
+from ..vllm_compat import cpu_head_size_problem
 from .errors import ConversionError
 from .llm import LLMSpec, convert_text_config, internlm2_qkv_rows, llm_architecture, text_config_notes
 from .new_modules import describe_init, group_new_parameters, initialise_new_parameters
@@ -67,6 +68,7 @@ class ConversionReport:
     new: dict[str, tuple[int, str]] = field(default_factory=dict)  # module -> (params, how initialised)
     copied: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    vllm_cpu: str | None = None  # why the folder will not run on vLLM's CPU backend (its LLM's head size), if so
 
     def __str__(self) -> str:
         gb = self.total_bytes / 1e9
@@ -101,6 +103,8 @@ class ConversionReport:
         else:
             lines.append("  newly initialised parameters: none")
         lines += [f"  note: {note}" for note in self.notes]
+        if self.vllm_cpu:
+            lines.append(f"  vLLM on CPU     {self.vllm_cpu}")
         return "\n".join(lines)
 
 
@@ -623,7 +627,14 @@ def _report(job: _Job, src: Path, dst: Path, files: list[str], total_bytes: int)
              for module, names in group_new_parameters(job.new_names).items()},
         copied=dict(plan.copies),
         notes=job.notes,
+        vllm_cpu=cpu_head_size_problem(config.get_text_config(), _expands(config), where=str(dst)),
     )
+
+
+def _expands(config: InternVLXConfig) -> bool:
+    """LVTC with expansion (k below the LLM's depth), which vLLM runs at a larger head size below k."""
+    lvtc = config.lvtc_config
+    return lvtc is not None and lvtc.expand_layer < config.get_text_config().num_hidden_layers
 
 
 def _stream_tensors(job: _Job, writer: StreamingSafetensorsWriter, progress: bool) -> None:

