@@ -38,6 +38,54 @@ def check_folder(folder: str | Path) -> Path:
     return path
 
 
+def _processor_settings(path: Path) -> tuple[dict | None, str | None]:
+    """The image processor's saved settings and the file they came from: processor_config.json's nested
+    ``image_processor`` (transformers 5), else preprocessor_config.json; ``(None, None)`` when the folder has none."""
+    import json
+
+    for name, nested in (("processor_config.json", True), ("preprocessor_config.json", False)):
+        file = path / name
+        if file.is_file():
+            try:
+                data = json.loads(file.read_text())
+            except ValueError:
+                continue
+            data = data.get("image_processor") if nested else data
+            if isinstance(data, dict):
+                return data, name
+    return None, None
+
+
+def default_tiles(folder: str | Path) -> tuple[int, str]:
+    """``(tiles, why)``: the tiles of one large image at the folder's own budget, the processor's ``max_tiles`` plus
+    the thumbnail it adds to every image of more than one tile (``use_thumbnail``): what an image costs this
+    checkpoint at most, so what its token compression is for. Read from the saved processor settings, else from
+    config.json's ``max_dynamic_patch`` (an InternVL-style config), else the image processor's defaults."""
+    import json
+
+    path = Path(folder)
+    settings, source = _processor_settings(path)
+    if settings is None:
+        try:
+            config = json.loads((path / "config.json").read_text())
+        except (OSError, ValueError):
+            config = {}
+        if isinstance(config.get("max_dynamic_patch"), int):
+            settings = {"max_tiles": config["max_dynamic_patch"], "use_thumbnail": config.get("use_thumbnail", True)}
+            source = "config.json max_dynamic_patch"
+    if settings is None or not isinstance(settings.get("max_tiles"), int) or settings["max_tiles"] < 1:
+        from ..processing.image_processing_internvlx import InternVLXImageProcessor
+
+        settings = {"max_tiles": InternVLXImageProcessor.max_tiles,
+                    "use_thumbnail": InternVLXImageProcessor.use_thumbnail}
+        source = "no processor settings saved in the folder: the image processor's defaults"
+    budget = settings["max_tiles"]
+    thumbnail = bool(settings.get("use_thumbnail", True)) and budget > 1
+    tiles = budget + (1 if thumbnail else 0)
+    why = f"the folder's tile budget: max_tiles {budget}" + (" + the thumbnail" if thumbnail else "")
+    return tiles, f"{why}, from {source}; --tiles N to change"
+
+
 def _config_variant(config, **changes):
     data = config.to_dict()
     data.pop("image_seq_length", None)  # derived again from the new downsample ratio
@@ -108,7 +156,8 @@ def tokens_per_tile(model) -> int:
 
 
 def sample(model, tiles: int, text_tokens: int, device: str) -> dict:
-    """One prompt: 8 text tokens, ``tiles`` tiles of one image, the rest of the text; a label at every position."""
+    """One prompt: 8 text tokens, ``tiles`` tiles of one image, the rest of the text; a label at every text position
+    (-100 on the image)."""
     import torch
 
     config = model.config
@@ -118,7 +167,14 @@ def sample(model, tiles: int, text_tokens: int, device: str) -> dict:
     text[text == config.image_token_id] = 3
     image = torch.full((config.image_seq_length * tiles,), config.image_token_id)
     ids = torch.cat([text[:8], image, text[8:]])[None]
+    # Labels as a collator that labels the text writes them: none on the image (-100) and none naming an image
+    # placeholder. Random labels there would make the model warn the user about a collator they never wrote (the
+    # more tiles, the surer some label hits <IMG_CONTEXT>), and the loss would leave those positions out anyway.
     labels = torch.randint(3, vocab, ids.shape, generator=torch.Generator().manual_seed(2))
+    placeholders = [i for i in (config.image_token_id, config.image_start_token_id, config.image_end_token_id)
+                    if i is not None]
+    labels[torch.isin(labels, torch.tensor(placeholders))] = 3
+    labels[ids == config.image_token_id] = -100
     size = config.vision_config.image_size
     size = size[0] if isinstance(size, (list, tuple)) else size
     dtype = next(model.parameters()).dtype

@@ -16,19 +16,28 @@ Measure a checkpoint on this machine, against its plain variants built from the 
 
 Variants (--variants): "this" (the folder as saved), "plain-256" (same weights, LVTC off: every layer at the short
 layout, 256 tokens per 448 px tile) and "plain-1024" (same weights, an MLP projector at downsample 1.0: 1024 tokens
-per tile; an LVTC model's HR projector, else a new seeded one). Timings: --warmup untimed calls, then the median of
---repeats calls; the vs_plain-1024 column is the ratio to plain-1024 measured in the same run.
+per tile; an LVTC model's HR projector, else a new seeded one). The prompt holds one image of --tiles tiles, by
+default the folder's own budget (its processor's max_tiles + the thumbnail): at 1 tile LVTC's fixed extra work can
+outweigh its saving.
 
-Memory: on CUDA, torch.cuda.max_memory_allocated during one call after a warm-up; on CPU, the growth of the peak
-resident set (ru_maxrss) of a child process per variant from after the model is built to after the call.
+Timings: --warmup untimed rounds, then rounds that call every variant once each (interleaved, so a change of load
+hits all alike), by default (--repeats auto) until every figure's 95% interval is within --precision of it or the
+next round would pass --time-budget seconds (at least 6 rounds). Each figure is the median with its interval; the
+vs_plain-1024 column is the median of the per-round ratios to plain-1024, with its interval, and a line says when
+that interval holds 1.0 ("within the noise": the run cannot tell the two apart).
+
+Memory: on CUDA, torch.cuda.max_memory_allocated during one call after a warm-up; on CPU, the peak bytes of the
+tensors alive during that call (activations, saved tensors, gradients): what a variant holds, the same on every call.
 
 Every subcommand prints a table, writes the rows with the environment (versions, commit, device, dtype, threads) as
-JSON with --out FILE, and draws a bar chart with --plot FILE.png (needs matplotlib). Progress goes to stderr."""
+JSON with --out FILE, and draws a chart with --plot FILE.png (needs matplotlib; timings with their intervals).
+Progress goes to stderr."""
 
 _BENCH_EPILOG = """\
 examples:
-  internvlx bench prefill ./InternVL2-2B-X --device cuda --dtype bfloat16 --tiles 6 --out prefill.json
-  internvlx bench train-step ./InternVL2-2B-X --device cuda --dtype bfloat16 --plot train.png
+  internvlx bench prefill ./InternVL2-2B-X --device cuda --dtype bfloat16 --out prefill.json
+  internvlx bench prefill ./InternVL2-2B-X --tiles 1 --time-budget 120
+  internvlx bench train-step ./InternVL2-2B-X --device cuda --dtype bfloat16 --repeats 20 --plot train.png
   internvlx bench memory ./InternVL2-2B-X --variants this,plain-1024
   internvlx bench serve http://127.0.0.1:8000 --concurrency 1 --concurrency 8 --requests 64"""
 
@@ -45,21 +54,53 @@ def _add_common(parser: argparse.ArgumentParser, plot_default_help: str) -> None
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
 
 
+def _repeats(text: str) -> int | None:
+    if text == "auto":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"give auto or a number of rounds >= 1, not {text!r}")
+    return value
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"give a number > 0, not {text!r}")
+    return value
+
+
 def _add_model_arguments(parser: argparse.ArgumentParser, kind: str) -> None:
     parser.add_argument("folder", metavar="FOLDER", help="an InternVL-X checkpoint folder")
     parser.add_argument("--variants", default="this,plain-256,plain-1024",
                         help="comma-separated: this, plain-256, plain-1024 (default: all three)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    parser.add_argument("--tiles", type=int, default=1, metavar="N", help="image tiles in the prompt (default 1)")
+    parser.add_argument("--tiles", type=int, default=None, metavar="N",
+                        help="image tiles in the prompt (default: the folder's budget, its processor's max_tiles + "
+                             "the thumbnail)")
     parser.add_argument("--text-tokens", type=int, default=64, metavar="N", help="text tokens (default 64)")
     if kind != "memory":
-        parser.add_argument("--warmup", type=int, default=1, metavar="N", help="untimed calls first (default 1)")
-        parser.add_argument("--repeats", type=int, default=3, metavar="N", help="timed calls (default 3)")
+        parser.add_argument("--warmup", type=int, default=1, metavar="N", help="untimed rounds first (default 1)")
+        parser.add_argument("--repeats", type=_repeats, default=None, metavar="auto|N",
+                            help="timed rounds: auto (default) times until --precision or --time-budget; N: exactly "
+                                 "N rounds (fewer than 6 give intervals below 95%%)")
+        parser.add_argument("--time-budget", type=_positive, default=60.0, metavar="S",
+                            help="auto: stop before the round that would pass S seconds (default 60; at least 6 "
+                                 "rounds are run)")
+        parser.add_argument("--precision", type=_positive, default=0.02, metavar="F",
+                            help="auto: stop once every figure's 95%% interval is within F of it (default 0.02)")
     else:
         parser.add_argument("--workload", action="append", choices=("prefill", "train-step"), default=None,
                             help="repeatable (default: both)")
-    _add_common(parser, "a bar chart" if kind == "memory" else "a bar chart of seconds per variant")
+    _add_common(parser, "horizontal bars per variant and workload" if kind == "memory" else
+                "seconds per variant and the ratios to plain-1024, with their intervals")
 
 
 def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
@@ -98,9 +139,12 @@ def _check_bench(args: argparse.Namespace) -> None:
 
 
 def _run_bench(args: argparse.Namespace) -> int:
+    from functools import partial
+
     from ..bench.harness import BenchError, format_table, plot_rows, results, write_results
 
     progress = not args.quiet
+    notes: list[str] = []
     try:
         if args.bench_command == "serve":
             from ..bench.serve import bench_serve
@@ -109,38 +153,46 @@ def _run_bench(args: argparse.Namespace) -> int:
                             requests=args.requests, image_size=args.image_size, max_tokens=args.max_tokens)
             rows = bench_serve(args.url, settings["concurrency"], args.requests, args.model, args.image_size,
                                args.max_tokens, args.api_key, args.timeout, progress)
-            columns = ["concurrency", "requests", "requests_per_s", "p50_s", "p95_s", "completion_tokens"]
-            plot = ("concurrency", "requests_per_s", "requests/s")
+            table, columns = rows, ["concurrency", "requests", "requests_per_s", "p50_s", "p95_s", "completion_tokens"]
+            plot = partial(plot_rows, rows=rows, label="concurrency", value="requests_per_s",
+                           title="internvlx bench serve", ylabel="requests/s")
         elif args.bench_command == "memory":
-            from ..bench.model import WORKLOADS, memory_variants
+            from ..bench.model import WORKLOADS, memory_notes, memory_variants, plot_memory
 
+            workloads = args.workload or list(WORKLOADS)
+            rows, run = memory_variants(args.folder, workloads, args.variant_names, args.device, args.dtype,
+                                        args.tiles, args.text_tokens, progress)
             settings = dict(folder=args.folder, variants=args.variant_names, device=args.device, dtype=args.dtype,
-                            tiles=args.tiles, text_tokens=args.text_tokens, workloads=args.workload or list(WORKLOADS))
-            rows = memory_variants(args.folder, settings["workloads"], args.variant_names, args.device, args.dtype,
-                                   args.tiles, args.text_tokens, progress)
-            for row in rows:
-                row["label"] = f"{row['variant']} {row['workload']}"
-            columns = ["variant", "workload", "peak_mib", "workload_mib", "measure"]
-            plot = ("label", "workload_mib", "MiB")
+                            tiles=run["tiles"], tiles_from=run["tiles_from"], text_tokens=args.text_tokens,
+                            workloads=workloads)
+            table, columns = rows, ["variant", "workload", "workload_mib", "weights_mib", "peak_mib", "measure"]
+            notes = memory_notes(rows, run)
+            plot = partial(plot_memory, rows=rows, title=f"internvlx bench memory ({run['tiles']} tiles)")
         else:
-            from ..bench.model import time_variants
+            from ..bench.model import plot_timing, time_variants, timing_notes, timing_table
 
+            rows, run = time_variants(args.folder, args.bench_command, args.variant_names, args.device, args.dtype,
+                                      args.tiles, args.text_tokens, args.warmup, args.repeats, args.time_budget,
+                                      args.precision, progress)
             settings = dict(folder=args.folder, variants=args.variant_names, device=args.device, dtype=args.dtype,
-                            tiles=args.tiles, text_tokens=args.text_tokens, warmup=args.warmup,
-                            repeats=args.repeats)
-            rows = time_variants(args.folder, args.bench_command, args.variant_names, args.device, args.dtype,
-                                 args.tiles, args.text_tokens, args.warmup, args.repeats, progress)
-            columns = ["variant", "tokens_per_tile", "prompt_tokens", "median_s", *[k for k in rows[0]
-                                                                                    if k.startswith("vs_")]]
-            plot = ("variant", "median_s", "seconds")
+                            tiles=run["tiles"], tiles_from=run["tiles_from"], text_tokens=args.text_tokens,
+                            warmup=args.warmup, repeats="auto" if args.repeats is None else args.repeats,
+                            time_budget_s=args.time_budget, precision=args.precision, rounds=run["rounds"],
+                            stopped=run["stopped"])
+            table, columns = timing_table(rows, run["reference"])
+            notes = timing_notes(rows, run, args.bench_command, args.precision)
+            plot = partial(plot_timing, rows=rows, reference=run["reference"],
+                           title=f"internvlx bench {args.bench_command} ({run['tiles']} tiles, {run['rounds']} rounds)")
     except BenchError as error:
         raise CLIError(str(error)) from error
-    print(format_table(rows, columns))
+    print(format_table(table, columns))
+    for line in notes:
+        print(line)
     name = f"bench {args.bench_command}"
     if args.out:
         print(f"wrote {write_results(args.out, results(name, rows, settings))}")
     if args.plot:
-        print(f"wrote {plot_rows(args.plot, rows, plot[0], plot[1], f'internvlx {name}', plot[2])}")
+        print(f"wrote {plot(args.plot)}")
     return 0
 
 

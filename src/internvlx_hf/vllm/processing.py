@@ -88,15 +88,8 @@ class InternVLXProcessingInfo(BaseProcessingInfo):
         # (`--tokenizer`, `--tokenizer-revision`, `--tokenizer-mode`), so that the image tokens' ids are those of the
         # tokenizer that makes the prompt. (vLLM's `get_hf_processor` would first load the folder's own tokenizer,
         # which a folder served with `--tokenizer` may not have.)
-        tokenizer = self.get_tokenizer()
-        # vLLM bounds a prompt by max_model_len (its 400 names it); the tokenizer's `model_max_length` (8192 as
-        # converted, below a Qwen2 LLM's 32768 that vLLM takes) would only warn, in every process, about each long
-        # prompt, which with LVTC is counted at the long layout (`tokens_per_tile`).
-        limit = self.ctx.model_config.max_model_len
-        if getattr(tokenizer, "model_max_length", limit) < limit:
-            tokenizer.model_max_length = limit
         processor = InternVLXProcessor.from_pretrained(self.model_id, revision=self.ctx.model_config.revision,
-                                                       tokenizer=tokenizer)
+                                                       tokenizer=self.get_tokenizer())
         _warn_if_chat_lacks_bos(processor)
         return processor
 
@@ -290,7 +283,10 @@ class InternVLXMultiModalProcessor(BaseMultiModalProcessor[InternVLXProcessingIn
                                            self.info.tokens_per_tile, tokens)
         # with the one BOS transformers' processor gives, whatever the route's own default (vLLM's chat route tokenizes
         # without special tokens, completions with them; a folder's older template wrote no `<s>`)
-        ids = bos + list(tokenizer.encode(expanded_text, add_special_tokens=add_special_tokens and not bos))
+        # (`verbose=False`: the length is checked against max_model_len below; the tokenizer's own limit is not vLLM's,
+        # and a `--tokenizer-mode` of the user's keeps it, `tokenizer.py`)
+        ids = bos + list(tokenizer.encode(expanded_text, add_special_tokens=add_special_tokens and not bos,
+                                          verbose=False))
         limit = self.info.ctx.model_config.max_model_len
         if len(ids) >= limit and not _TAGS_ONLY.fullmatch(text):  # (tags alone: vLLM's profiling prompt)
             raise ValueError(
