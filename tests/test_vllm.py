@@ -457,6 +457,38 @@ def test_the_start_says_in_one_block_the_lvtc_path_and_every_setting_the_plugin_
     assert not [record for record in caplog.records if "InternVL-X: " in record.getMessage()]  # nothing beside it
 
 
+def test_off_vllms_cpu_platform_lvtc_takes_the_masked_path_and_refuses_the_saving_one(tmp_path, monkeypatch):
+    """The saving path has run on vLLM's CPU runner only: on another platform (a GPU's, stood in for by vLLM's platform
+    object saying it is not the CPU) an LVTC engine takes the masked path, its start-up block saying why and where it
+    is; asked for the saving path there (`hf_overrides`), it stops at start with the fix, never K/V misplaced."""
+    from types import SimpleNamespace
+
+    import vllm.platforms
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.plugins import load_general_plugins
+
+    from internvlx_hf.vllm.config_hook import EngineSettings, UnsupportedCheckpoint, choose_lvtc_path
+
+    load_general_plugins()
+    folder = build_checkpoint(tmp_path / "lvtc", llm="qwen2", lvtc=dict(expand_layer=2), text=dict(head_dim=32))
+    vllm_config = EngineArgs(model=str(folder), dtype="float32", max_model_len=4096).create_engine_config()
+    config = vllm_config.model_config.hf_config
+    assert config.lvtc_vllm_path == "saving"  # (on the CPU platform)
+    monkeypatch.setattr(vllm.platforms, "_current_platform", SimpleNamespace(is_cpu=lambda: False,
+                                                                             device_name="cuda"))
+    config.lvtc_vllm_path = None  # (as hf_overrides leave it)
+    settings = EngineSettings(str(folder))
+    assert choose_lvtc_path(vllm_config, config, settings) == "masked" and config.lvtc_vllm_path == "masked"
+    (line,) = settings.lines
+    assert line.startswith("LVTC path: masked. InternVL-X: LVTC runs on the masked long layout")
+    assert ("because the saving path has run on vLLM's CPU runner only (V1 model runner, synchronous scheduling, no "
+            "CUDA graphs, float32), and this engine is on cuda with the") in line
+    config.lvtc_vllm_path = "saving"
+    with pytest.raises(UnsupportedCheckpoint, match=r"lvtc_vllm_path='saving' \(from hf_overrides\) runs on vLLM's CPU "
+                       r"runner only, and this engine is on cuda .*leave lvtc_vllm_path out \(the masked path\)"):
+        choose_lvtc_path(vllm_config, config, EngineSettings(str(folder)))
+
+
 def test_a_refusal_is_one_line_without_traceback(tmp_path):
     """`vllm serve` (its server module) exits with the refusal as its last line, and no traceback."""
     options, engine, message = REFUSED["sliding window under LVTC"]

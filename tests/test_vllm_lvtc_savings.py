@@ -235,6 +235,28 @@ def test_each_vllm_internal_of_the_saving_path_is_reported_when_vllm_lacks_it(mo
         assert saving.missing_internals() == []
 
 
+@pytest.mark.vllm
+@needs_vllm
+def test_the_short_backend_classes_are_kept_by_their_model_not_the_process():
+    """One short backend class per attention backend and model (vLLM groups layers by class); a model's classes and
+    its runner's buffer go with it, not kept for the process's life by a module-level cache."""
+    import gc
+    import weakref
+
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    saving = _saving()
+    first, second = saving.RowsChannel(), saving.RowsChannel()
+    made = saving.short_backend(CPUAttentionBackend, first)
+    assert saving.short_backend(CPUAttentionBackend, first) is made
+    assert saving.short_backend(CPUAttentionBackend, second) is not made
+    first.buffer = torch.zeros(3, 8)
+    gone = weakref.ref(first.buffer), weakref.ref(first)
+    del first, made
+    gc.collect()
+    assert gone[0]() is None and gone[1]() is None
+
+
 def _engine_run(tmp_path, requests: list, engine: dict | None = None, env: dict | None = None,
                 path: str | None = None, max_tokens: int = 4) -> tuple:
     """One engine (the bench's tiny Qwen2 + LVTC k=2, its settings: compilation on) answering `requests` (names of

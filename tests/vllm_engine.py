@@ -83,14 +83,17 @@ def run_engine(spec: dict) -> dict:
     return {"startup_s": startup, "alone": alone, "together": together, "chat": chat, "kv_cache_specs": specs}
 
 
-def kv_cache_specs(llm) -> list[str] | None:
+def kv_cache_specs(llm) -> list[str]:
     """The class names of the engine's KV-cache groups' specs (an LVTC checkpoint on the saving path has an
-    `LVTCShortSpec` group), or None where the model runner is in another process (tensor parallel)."""
-    try:
-        runner = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner
-    except AttributeError:
-        return None
-    return sorted({type(group.kv_cache_spec).__name__ for group in runner.kv_cache_config.kv_cache_groups})
+    `LVTCShortSpec` group), read in every worker: in this process, or in the worker processes of a parallel engine."""
+    executor = llm.llm_engine.engine_core.engine_core.model_executor
+    return sorted(set().union(*executor.collective_rpc(_worker_kv_cache_specs)))
+
+
+def _worker_kv_cache_specs(worker) -> list[str]:
+    """In a worker (its wrapper, where vLLM wraps it): its KV-cache groups' spec class names."""
+    runner = getattr(worker, "worker", worker).model_runner
+    return [type(group.kv_cache_spec).__name__ for group in runner.kv_cache_config.kv_cache_groups]
 
 
 def main() -> None:

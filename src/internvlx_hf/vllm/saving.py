@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
-import functools
 import inspect
 from dataclasses import dataclass
 
@@ -254,10 +253,12 @@ class LVTCShortAttention(Attention):
 
 class RowsChannel:
     """The runner's M-RoPE buffer, handed over by the model's first forward (vLLM gives the builder no reference to
-    it). One per model; the short builder reads the step's rows from it before the forward pass."""
+    it). One per model; the short builder reads the step's rows from it before the forward pass. Holds the model's
+    short backend classes too (`short_backend`), so that they and the buffer go with the model."""
 
     def __init__(self) -> None:
         self.buffer: torch.Tensor | None = None
+        self.backends: dict[type, type] = {}
 
 
 def short_layout(rows: torch.Tensor, cm: CommonAttentionMetadata, short_per_tile: int, block_size: int) -> dict:
@@ -294,10 +295,16 @@ class PendingShortMetadata:
         return self.builder.build_short(self.common, self.fast_build)
 
 
-@functools.lru_cache(maxsize=None)
 def short_backend(base: type, channel: RowsChannel) -> type:
-    """The platform's attention backend with the short layers' builder and KV write (one class per base and model:
-    vLLM groups attention layers by backend class, and asks that dynamic subclasses be cached)."""
+    """The platform's attention backend with the short layers' builder and KV write: one class per base and model
+    (vLLM groups attention layers by backend class, and asks that dynamic subclasses be cached), kept by the model's
+    channel, not for the process's life (a process that builds several engines keeps no one else's buffer)."""
+    if base not in channel.backends:
+        channel.backends[base] = _short_backend(base, channel)
+    return channel.backends[base]
+
+
+def _short_backend(base: type, channel: RowsChannel) -> type:
 
     class LVTCShortBuilder(base.get_builder_cls()):
         def build(self, common_prefix_len, common_attn_metadata, fast_build=False):
