@@ -25,6 +25,7 @@ from ..atomic import remove_stale_temporaries, replace_folder, temporary_folder
 from ..modeling.configuration_internvlx import InternVLXConfig, LVTCConfig
 from ..provenance import record_conversion
 from ..remote_code import save_remote_code
+from ..vllm.layout import lvtc_layout_of
 from ..vllm_compat import cpu_head_size_problem
 from .errors import ConversionError
 from .llm import LLMSpec, convert_text_config, internlm2_qkv_rows, llm_architecture, text_config_notes
@@ -627,14 +628,9 @@ def _report(job: _Job, src: Path, dst: Path, files: list[str], total_bytes: int)
              for module, names in group_new_parameters(job.new_names).items()},
         copied=dict(plan.copies),
         notes=job.notes,
-        vllm_cpu=cpu_head_size_problem(config.get_text_config(), _expands(config), where=str(dst)),
+        vllm_cpu=cpu_head_size_problem(config.get_text_config(), lvtc_layout_of(config) is not None,
+                                       where=str(dst)),
     )
-
-
-def _expands(config: InternVLXConfig) -> bool:
-    """LVTC with expansion (k below the LLM's depth), which vLLM runs at a larger head size below k."""
-    lvtc = config.lvtc_config
-    return lvtc is not None and lvtc.expand_layer < config.get_text_config().num_hidden_layers
 
 
 def _stream_tensors(job: _Job, writer: StreamingSafetensorsWriter, progress: bool) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ..vllm_compat import head_size_of
 from .layout import lvtc_layout_of, row_width
 
 if TYPE_CHECKING:
@@ -45,11 +46,6 @@ class UnsupportedCheckpoint(RuntimeError, SystemExit):
 
     def __str__(self) -> str:
         return self.message
-
-
-def head_size_of(text_config) -> int:
-    head = getattr(text_config, "head_dim", None)
-    return int(head) if head else text_config.hidden_size // text_config.num_attention_heads
 
 
 def rope_parameters_of(text_config) -> dict:
