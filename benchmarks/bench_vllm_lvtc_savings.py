@@ -238,8 +238,9 @@ SIZES = {"mid": MID_TEXT,
 SAVINGS_VISION = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
                       image_size=448, patch_size=14)
 SAVINGS_EXPAND = 6  # k = 3/4 of the depth, as bench_models.py's LVTC
-# Every engine alike: prefix caching off (LVTC's hook turns it off; a repeated request would otherwise skip its
-# prefill), and chunked prefill off: vLLM 0.32 still splits an image whose chunk starts exactly at the image under
+# Every engine alike, for one request's figures: prefix caching off (a repeated request would otherwise skip its
+# prefill; bench_vllm_lvtc_conversation.py measures it on), and chunked prefill off as in the runs recorded before the
+# saving path's chunks at tile boundaries: vLLM 0.32 still splits an image whose chunk starts exactly at the image under
 # disable_chunked_mm_input (vllm-project/vllm#52306, fix #52412 open), which the LVTC models refuse (measured: the
 # shipped plugin's engine stopped at concurrency 16 with "a tile was split between scheduler steps").
 SAVINGS_ENGINE = dict(dtype="float32", enforce_eager=False, max_model_len=8192, max_num_batched_tokens=8192,

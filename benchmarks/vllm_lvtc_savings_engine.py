@@ -106,7 +106,8 @@ def answer(llm, requests: list[dict], max_tokens: int) -> dict:
     inputs = [_inputs(request) for request in requests]
     alone = [_result(llm.generate([one], params, use_tqdm=False)[0], scheduler) for one in inputs]
     together = [_result(out, scheduler) for out in llm.generate(inputs, params, use_tqdm=False)]
-    return {"alone": alone, "together": together, "preemptions": getattr(scheduler, "preemptions", None)}
+    return {"alone": alone, "together": together, "preemptions": getattr(scheduler, "preemptions", None),
+            "chunks": getattr(scheduler, "chunks", None)}
 
 
 def fresh(request: dict, salt: int) -> dict:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -427,43 +428,69 @@ def test_what_vllm_cannot_run_stops_while_reading_the_configuration(tmp_path):
 
 def test_the_start_says_in_one_block_the_lvtc_path_and_every_setting_the_plugin_changed(tmp_path, caplog):
     """An LVTC checkpoint's start-up says, in one block of lines, which LVTC path runs, each engine setting the plugin
-    changed (the value it replaced, the new one, why) and how vLLM counts the prompt; a setting the user gave
-    (`max_num_batched_tokens`) is named with the value it replaced."""
+    changed (the value it replaced, the new one, why) and how vLLM counts the prompt. The saving path keeps prefix
+    caching, chunked prefill and the step budget the user gave (its scheduler ends chunks at tile boundaries, its
+    short KV group caches by the long layout's hashes); the masked path, on vLLM's own scheduler and KV groups, holds
+    whole prompts per step without prefix caching and names the user's `max_num_batched_tokens` it replaced. A step
+    budget below one tile is refused with the value that works."""
     from vllm.engine.arg_utils import EngineArgs
     from vllm.plugins import load_general_plugins
 
+    from internvlx_hf.vllm.config_hook import UnsupportedCheckpoint
+
     load_general_plugins()
     folder = build_checkpoint(tmp_path / "lvtc", llm="qwen2", lvtc=dict(expand_layer=2), text=dict(head_dim=32))
-    with caplog.at_level("WARNING"):
+    expected = {
+        "saving": ["  - tokenizer_mode: 'auto' -> 'internvlx'",
+                   "  - LVTC path: saving",
+                   "  - scheduler_cls: None -> 'internvlx_hf.vllm.saving.lvtc_scheduler'",
+                   "  - prompt length: vLLM counts each image tile at the long layout, 64 tokens"],
+        "masked": ["  - tokenizer_mode: 'auto' -> 'internvlx'",
+                   "  - LVTC path: masked. InternVL-X: LVTC runs on the masked long layout, which holds K/V for every "
+                   "HR slot in the layers below k",
+                   "  - enable_prefix_caching: True -> False",
+                   "  - disable_chunked_mm_input: False -> True",
+                   "  - enable_chunked_prefill: True -> False",
+                   "  - max_num_batched_tokens: 1024 -> 4096",
+                   "  - max_num_encoder_input_tokens: 1024 -> 4096",
+                   "  - encoder_cache_size: 1024 -> 4096",
+                   "  - prompt length: vLLM counts each image tile at the long layout, 64 tokens"],
+    }
+    for path, settings in expected.items():
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            config = EngineArgs(model=str(folder), dtype="float32", max_model_len=4096, max_num_batched_tokens=1024,
+                                hf_overrides={"lvtc_vllm_path": path}).create_engine_config()
+        (block,) = [record.getMessage() for record in caplog.records
+                    if record.getMessage().startswith("InternVL-X on vLLM")]
+        lines = block.splitlines()
+        assert lines[0] == f"InternVL-X on vLLM, {folder}: what the plugin set and why (docs/serving.md)"
+        assert [line.split(" (", 1)[0] for line in lines[1:]] == settings, lines
+        assert all(line.endswith(")") for line in lines[1:-1]), lines
+        assert not [record for record in caplog.records if "InternVL-X: " in record.getMessage()
+                    and not record.getMessage().startswith("InternVL-X on vLLM")]  # nothing beside it
+        scheduler = config.scheduler_config
+        assert (scheduler.enable_chunked_prefill, scheduler.max_num_batched_tokens,
+                config.cache_config.enable_prefix_caching) == ((True, 1024, True) if path == "saving" else
+                                                               (False, 4096, False))
+    with pytest.raises(UnsupportedCheckpoint, match=r"max_num_batched_tokens is 48, and a prefill chunk must hold a "
+                       r"whole image tile, 64 tokens on vLLM .*start vLLM with --max-num-batched-tokens 64 or more"):
         EngineArgs(model=str(folder), dtype="float32", max_model_len=4096,
-                   max_num_batched_tokens=1024).create_engine_config()
-    (block,) = [record.getMessage() for record in caplog.records if record.getMessage().startswith("InternVL-X on vLLM")]
-    lines = block.splitlines()
-    assert lines[0] == f"InternVL-X on vLLM, {folder}: what the plugin set and why (docs/serving.md)"
-    settings = [line.split(" (", 1)[0] for line in lines[1:]]
-    assert settings == [
-        "  - tokenizer_mode: 'auto' -> 'internvlx'",
-        "  - LVTC path: saving",
-        "  - scheduler_cls: None -> 'internvlx_hf.vllm.saving.lvtc_scheduler'",
-        "  - enable_prefix_caching: True -> False",
-        "  - disable_chunked_mm_input: False -> True",
-        "  - enable_chunked_prefill: True -> False",
-        "  - max_num_batched_tokens: 1024 -> 4096",
-        "  - max_num_encoder_input_tokens: 1024 -> 4096",
-        "  - encoder_cache_size: 1024 -> 4096",
-        "  - prompt length: vLLM counts each image tile at the long layout, 64 tokens",
-    ]
-    assert all(line.endswith(")") for line in lines[1:-1]), lines
-    assert not [record for record in caplog.records if "InternVL-X: " in record.getMessage()]  # nothing beside it
+                   max_num_batched_tokens=48).create_engine_config()
 
 
-def test_off_vllms_cpu_platform_lvtc_takes_the_masked_path_and_refuses_the_saving_one(tmp_path, monkeypatch):
-    """The saving path has run on vLLM's CPU runner only: on another platform (a GPU's, stood in for by vLLM's platform
-    object saying it is not the CPU) an LVTC engine takes the masked path, its start-up block saying why and where it
-    is; asked for the saving path there (`hf_overrides`), it stops at start with the fix, never K/V misplaced."""
+def test_off_vllms_cpu_platform_lvtc_takes_the_masked_path_and_refuses_the_saving_one_where_it_cannot_run(
+        tmp_path, monkeypatch):
+    """The saving path has run with vLLM on its CPU platform only: on another platform (a GPU's, stood in for by vLLM's
+    platform object saying it is not the CPU) an LVTC engine takes the masked path, its start-up block saying why,
+    where it is and how to opt in. Asked for there (`hf_overrides`), the saving path stops at start where it cannot
+    run (the V2 model runner, which writes the step's rows after the metadata is built; CUDA graphs, which replay a
+    token count), never K/V misplaced; with the V1 runner and no CUDA graphs (the inputs tests/test_short_layout.py
+    simulates) it runs, the block saying it was checked by simulation only."""
     from types import SimpleNamespace
 
     import vllm.platforms
+    from vllm.config import VllmConfig
     from vllm.engine.arg_utils import EngineArgs
     from vllm.plugins import load_general_plugins
 
@@ -474,19 +501,154 @@ def test_off_vllms_cpu_platform_lvtc_takes_the_masked_path_and_refuses_the_savin
     vllm_config = EngineArgs(model=str(folder), dtype="float32", max_model_len=4096).create_engine_config()
     config = vllm_config.model_config.hf_config
     assert config.lvtc_vllm_path == "saving"  # (on the CPU platform)
-    monkeypatch.setattr(vllm.platforms, "_current_platform", SimpleNamespace(is_cpu=lambda: False,
-                                                                             device_name="cuda"))
-    config.lvtc_vllm_path = None  # (as hf_overrides leave it)
+    monkeypatch.setattr(vllm.platforms, "_current_platform", SimpleNamespace(
+        is_cpu=lambda: False, device_name="cuda", support_hybrid_kv_cache=lambda: True))
+    v2 = lambda on: property(lambda self: on)  # noqa: E731 (VLLM_USE_V2_MODEL_RUNNER, as vLLM reads it)
+    cases = {  # (V2 runner, enforce_eager, CUDA graphs) -> what stops the saving path
+        (True, True, "NONE"): "vLLM's V2 model runner builds the attention metadata before it writes the step's",
+        (False, False, "FULL_AND_PIECEWISE"): "CUDA graphs replay the layers for a step's token count",
+        (False, True, "NONE"): None,
+    }
+    for (runner, eager, graphs), blocker in cases.items():
+        monkeypatch.setattr(VllmConfig, "use_v2_model_runner", v2(runner))
+        monkeypatch.setattr(vllm_config.model_config, "enforce_eager", eager)
+        monkeypatch.setattr(vllm_config.compilation_config, "cudagraph_mode", SimpleNamespace(name=graphs))
+        config.lvtc_vllm_path = None  # (as hf_overrides leave it)
+        settings = EngineSettings(str(folder))
+        assert choose_lvtc_path(vllm_config, config, settings) == "masked" and config.lvtc_vllm_path == "masked"
+        (line,) = settings.lines
+        assert line.startswith("LVTC path: masked. InternVL-X: LVTC runs on the masked long layout")
+        assert ("because the saving path has run with vLLM on its CPU platform only (V1 model runner, synchronous "
+                f"scheduling, no CUDA graphs, float32), and this engine is on cuda, {'V2' if runner else 'V1'} model "
+                f"runner, CUDA graphs {graphs}, async scheduling off; ") in line
+        assert line.endswith("To try the saving path on a GPU: hf_overrides={'lvtc_vllm_path': 'saving'} with "
+                             "VLLM_USE_V2_MODEL_RUNNER=0 and --enforce-eager")
+        config.lvtc_vllm_path = "saving"
+        if blocker is None:
+            assert "its inputs are checked by simulation only" in line
+            settings = EngineSettings(str(folder))
+            assert choose_lvtc_path(vllm_config, config, settings) == "saving"
+            assert ("asked for on a platform where it has not run with vLLM: its inputs checked by simulation and its "
+                    "layout on CUDA, never a whole engine") in settings.lines[0]
+            continue
+        assert f"it cannot run on this engine: {blocker}" in line
+        with pytest.raises(UnsupportedCheckpoint, match=r"lvtc_vllm_path='saving' \(from hf_overrides\) cannot run on "
+                           r"this engine \(on cuda, .*" + re.escape(blocker) + r".*start vLLM with "
+                           r"VLLM_USE_V2_MODEL_RUNNER=0 and --enforce-eager, or leave lvtc_vllm_path out"):
+            choose_lvtc_path(vllm_config, config, EngineSettings(str(folder)))
+
+
+def test_engine_settings_the_saving_path_has_not_run_with_take_the_masked_path(tmp_path, monkeypatch, caplog):
+    """A KV connector, the hybrid KV-cache manager off, data parallelism, decode or prefill context parallelism: the
+    saving path cannot run or has not run with them, so an LVTC engine takes the masked path with the reason, and
+    refuses an explicit saving path. The start-up block names the platform, runner, graph mode and async scheduling."""
+    from types import SimpleNamespace
+
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.plugins import load_general_plugins
+
+    from internvlx_hf.vllm.config_hook import EngineSettings, UnsupportedCheckpoint, choose_lvtc_path
+
+    load_general_plugins()
+    folder = build_checkpoint(tmp_path / "lvtc", llm="qwen2", lvtc=dict(expand_layer=2), text=dict(head_dim=32))
+    with caplog.at_level("WARNING", logger="internvlx_hf.vllm"):
+        vllm_config = EngineArgs(model=str(folder), dtype="float32", max_model_len=4096).create_engine_config()
+    config = vllm_config.model_config.hf_config
+    # --disable-hybrid-kv-cache-manager: vLLM then unifies every layer's spec into one type, which it cannot do with
+    # the short group's (vLLM's own grouping of the saving path's specs, the flag off and on): the case below
+    from vllm.v1.core.kv_cache_utils import get_kv_cache_groups
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    from internvlx_hf.vllm.saving import LVTCShortSpec
+
+    shape = dict(block_size=16, num_kv_heads=1, head_size=32, dtype=torch.float32)
+    specs = {"layers.0": LVTCShortSpec(**shape, short_per_tile=16, long_per_tile=64),
+             "layers.1": LVTCShortSpec(**shape, short_per_tile=16, long_per_tile=64),
+             "layers.2": FullAttentionSpec(**shape), "layers.3": FullAttentionSpec(**shape)}
+    with monkeypatch.context() as patch:
+        patch.setattr(vllm_config.cache_config, "kv_cache_layout", "NHD")  # (the engine core's, later)
+        assert [(type(group.kv_cache_spec).__name__, group.layer_names)
+                for group in get_kv_cache_groups(vllm_config, dict(specs))] == [
+            ("LVTCShortSpec", ["layers.0", "layers.1"]), ("FullAttentionSpec", ["layers.2", "layers.3"])]
+        patch.setattr(vllm_config.scheduler_config, "disable_hybrid_kv_cache_manager", True)
+        with pytest.raises(ValueError, match="Failed to promote local KV cache specs to one unified type"):
+            get_kv_cache_groups(vllm_config, dict(specs))
+    engine = ("this engine: cpu, V1 model runner, CUDA graphs NONE, async scheduling off; run in the tests on vLLM's "
+              "CPU platform: V1 model runner, synchronous scheduling, no CUDA graphs, float32")
+    (block,) = [record.getMessage() for record in caplog.records if record.getMessage().startswith("InternVL-X on")]
+    assert engine in block  # said before vLLM settles the last two, as it then settles them:
+    assert vllm_config.compilation_config.cudagraph_mode.name == "NONE"
+    assert vllm_config.scheduler_config.async_scheduling is False
     settings = EngineSettings(str(folder))
-    assert choose_lvtc_path(vllm_config, config, settings) == "masked" and config.lvtc_vllm_path == "masked"
-    (line,) = settings.lines
-    assert line.startswith("LVTC path: masked. InternVL-X: LVTC runs on the masked long layout")
-    assert ("because the saving path has run on vLLM's CPU runner only (V1 model runner, synchronous scheduling, no "
-            "CUDA graphs, float32), and this engine is on cuda with the") in line
-    config.lvtc_vllm_path = "saving"
-    with pytest.raises(UnsupportedCheckpoint, match=r"lvtc_vllm_path='saving' \(from hf_overrides\) runs on vLLM's CPU "
-                       r"runner only, and this engine is on cuda .*leave lvtc_vllm_path out \(the masked path\)"):
-        choose_lvtc_path(vllm_config, config, EngineSettings(str(folder)))
+    assert choose_lvtc_path(vllm_config, config, settings) == "saving" and engine in settings.lines[0]
+    parallel = vllm_config.parallel_config
+    cases = [(vllm_config, "kv_transfer_config", SimpleNamespace(kv_connector="LMCacheConnectorV1"),
+              "a KV connector is set (--kv-transfer-config)"),
+             (vllm_config.scheduler_config, "disable_hybrid_kv_cache_manager", True,
+              "the hybrid KV-cache manager is off (--disable-hybrid-kv-cache-manager, or a platform without it)"),
+             (parallel, "data_parallel_size", 2, "data parallelism is on (data_parallel_size 2)"),
+             (parallel, "decode_context_parallel_size", 2,
+              "context parallelism is on (decode_context_parallel_size 2)"),
+             (parallel, "prefill_context_parallel_size", 2,
+              "context parallelism is on (prefill_context_parallel_size 2)")]
+    for owner, name, value, reason in cases:
+        with monkeypatch.context() as patch:
+            patch.setattr(owner, name, value, raising=True)
+            config.lvtc_vllm_path = None  # (as hf_overrides leave it)
+            settings = EngineSettings(str(folder))
+            assert choose_lvtc_path(vllm_config, config, settings) == "masked", name
+            (line,) = settings.lines
+            assert line.startswith("LVTC path: masked.") and f"because {reason}" in line, line
+            config.lvtc_vllm_path = "saving"
+            with pytest.raises(UnsupportedCheckpoint, match=r"lvtc_vllm_path='saving' \(from hf_overrides\) cannot "
+                               r"run as " + re.escape(reason)):
+                choose_lvtc_path(vllm_config, config, EngineSettings(str(folder)))
+
+
+def test_each_vllm_internal_the_model_needs_is_refused_at_start_when_vllm_lacks_it(monkeypatch):
+    """The internals the model uses on either LVTC path, with LongRoPE, with LoRA (`config_hook._vllm_internals`):
+    each, taken from the installed vLLM as a later one could change it, is refused at start with its name where the
+    checkpoint needs it, and only there; an entry added without a case here fails. A vLLM that builds the model
+    without calling the plugin's config hook is refused when the model is built."""
+    from types import SimpleNamespace
+
+    from vllm.config import CompilationConfig
+    from vllm.lora import utils as lora_utils
+    from vllm.model_executor.layers.rotary_embedding.phi3_long_rope_scaled_rope import (
+        Phi3LongRoPEScaledRotaryEmbedding,
+    )
+
+    from internvlx_hf.vllm import config_hook
+    from tiny import tiny_config
+
+    lvtc = tiny_config(lvtc=dict(expand_layer=2), layers=4)
+    lvtc.get_text_config().rope_parameters = {"rope_type": "longrope", "original_max_position_embeddings": 64}
+    plain = tiny_config()
+    with_lora = SimpleNamespace(model_config=SimpleNamespace(max_model_len=4096), lora_config=object())
+    without_lora = SimpleNamespace(model_config=SimpleNamespace(max_model_len=4096), lora_config=None)
+    config_hook._check_vllm_internals(with_lora, lvtc, "ckpt")  # this vLLM has them all
+    removals = {
+        "CompilationConfig.static_forward_context":
+            lambda patch: patch.delitem(CompilationConfig.__dataclass_fields__, "static_forward_context"),
+        "Phi3LongRoPEScaledRotaryEmbedding.use_long_rope":
+            lambda patch: patch.setattr(Phi3LongRoPEScaledRotaryEmbedding, "__init__", lambda self, *args: None),
+        "WeightsMapper._map_name, called by vLLM's LoRA loader (parse_fine_tuned_lora_name)":
+            lambda patch: patch.setattr(lora_utils, "parse_fine_tuned_lora_name",
+                                        lambda name, weights_mapper=None: weights_mapper.map_name(name)),
+    }
+    assert set(removals) == set(config_hook._vllm_internals())
+    for name, remove in removals.items():
+        with monkeypatch.context() as patch:
+            remove(patch)
+            expected = f"differs from 0.32, the version the plugin is tested with, in {name}"
+            with pytest.raises(config_hook.UnsupportedCheckpoint, match=re.escape(expected)):
+                config_hook._check_vllm_internals(with_lora, lvtc, "ckpt")
+            config_hook._check_vllm_internals(without_lora, plain, "ckpt")  # a plain checkpoint without LoRA
+    with monkeypatch.context() as patch:  # LoRA's only where LoRA is on
+        removals["WeightsMapper._map_name, called by vLLM's LoRA loader (parse_fine_tuned_lora_name)"](patch)
+        config_hook._check_vllm_internals(without_lora, lvtc, "ckpt")
+    with pytest.raises(RuntimeError, match="vLLM built the model without calling the plugin's config hook"):
+        config_hook.require_config_hook(plain)
 
 
 def test_a_refusal_is_one_line_without_traceback(tmp_path):

@@ -44,6 +44,7 @@ MAX_MODEL_LEN = 4096
 #: served name -> (family, variant of tests/vllm_checkpoints.py, vLLM's compilation on, max_model_len)
 SERVED = {family: (family, "keep", False, MAX_MODEL_LEN) for family in FAMILIES}
 SERVED["phi3-lvtc"] = ("phi3", "lvtc-none", True, 8192)  # an image takes 1024 slots per tile; past K = 512
+SERVED["qwen2-lvtc"] = ("qwen2", "lvtc-none", False, 8192)  # prefix caching on (no LongRoPE)
 TAGS = ("<image>", "<video>", "<img>", "</img>", "<IMG_CONTEXT>")
 OLD_TEMPLATE_FAMILY = "internlm2"
 SERVER_LOGS: dict[str, Path] = {}  # family -> its server's log (the `servers` fixture)
@@ -223,7 +224,7 @@ def test_text_only_chat_and_completions_give_transformers_ids(servers, family):
     folder, client = servers[family]
     reference = _transformers_answer(folder, TEXT_ONLY)
     tokenizer = InternVLXProcessor.from_pretrained(folder).tokenizer
-    assert (reference["prompt_ids"][0] == tokenizer.bos_token_id) is (family != "qwen2")
+    assert (reference["prompt_ids"][0] == tokenizer.bos_token_id) is (SERVED[family][0] != "qwen2")
     answer = client.chat.completions.create(
         model=str(folder), messages=TEXT_ONLY, max_tokens=8, temperature=0.0,
         extra_body={"return_token_ids": True, "ignore_eos": True})
@@ -246,6 +247,39 @@ def test_lvtc_is_served_on_the_saving_path_with_compilation_on(servers):
     assert "InternVL-X: LVTC runs on the masked long layout" not in log
     assert log.count("  - enable_prefix_caching: True -> False") == 1
     assert "Warming up done" in log and "enforce_eager=False" in log
+
+
+def _prefix_cache_hits(client) -> float:
+    """vLLM's prefix-cache hit counter, from the server's Prometheus metrics."""
+    import urllib.request
+
+    url = str(client.base_url).rstrip("/").removesuffix("/v1") + "/metrics"
+    with urllib.request.urlopen(url, timeout=30) as answer:
+        lines = answer.read().decode().splitlines()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith("vllm:prefix_cache_hits_total"))
+
+
+def test_an_lvtc_chat_behind_the_server_is_served_from_the_prefix_cache(servers):
+    """A 2-turn chat about one image through vLLM's OpenAI server (engine core and worker in processes of their own),
+    the second turn resending the first: prefix caching is on (nothing in the start-up block turns it off), the second
+    turn is served from the cache (vLLM's counter grows by at least the image's tiles but the last) and both answers
+    are transformers'."""
+    folder, client = servers["qwen2-lvtc"]
+    assert "  - enable_prefix_caching" not in SERVER_LOGS["qwen2-lvtc"].read_text()
+    first = [{"role": "user", "content": [{"type": "image_url", "image_url": (900, 448, 31)},
+                                          {"type": "text", "text": "Describe the picture."}]}]
+    second = first + [{"role": "assistant", "content": "A field of coloured squares, " * 40},
+                      {"role": "user", "content": "What else is in it?"}]
+    hits = [_prefix_cache_hits(client)]
+    for messages in (first, second):
+        answer = client.chat.completions.create(
+            model=str(folder), messages=_openai_messages(messages), max_tokens=8, temperature=0.0,
+            extra_body={"return_token_ids": True, "ignore_eos": True})
+        assert answer.choices[0].token_ids == _transformers_answer(folder, messages)["tokens"]
+        hits.append(_prefix_cache_hits(client))
+    config = InternVLXForConditionalGeneration.config_class.from_pretrained(folder)
+    tiles = 3  # 900x448 at max_tiles 4: 2 tiles and the thumbnail
+    assert hits[2] - hits[1] >= (tiles - 1) * lvtc_layout_of(config).long_per_tile, hits
 
 
 def test_a_folder_with_an_older_template_is_fixed_at_load_with_one_line(servers):

@@ -218,7 +218,7 @@ def test_each_vllm_internal_of_the_saving_path_is_reported_when_vllm_lacks_it(mo
         "SingleTypeKVCacheManager.get_num_blocks_to_allocate / allocate_new_blocks / free signatures":
             lambda patch: patch.setattr(saving.FullAttentionManager, "free", lambda self, request_id, more: None),
         "Scheduler.requests, kv_cache_manager.coordinator.single_type_managers, _preempt_request":
-            lambda patch: patch.delattr(saving.Scheduler, "_preempt_request"),
+            lambda patch: patch.setattr(saving.Scheduler, "__init__", lambda self, *args, **kwargs: None),
         "CommonAttentionMetadata fields (positions, block_table_tensor, query_start_loc_cpu, ...)":
             lambda patch: patch.setattr(saving, "CommonAttentionMetadata", fewer_fields),
         "subclass_attention_backend_with_overrides(name_prefix, backend, overrides)":
@@ -233,6 +233,54 @@ def test_each_vllm_internal_of_the_saving_path_is_reported_when_vllm_lacks_it(mo
             remove(patch)
             assert saving.missing_internals() == [name], name
         assert saving.missing_internals() == []
+
+
+@pytest.mark.vllm
+@needs_vllm
+def test_each_vllm_internal_of_prefix_caching_and_chunking_is_reported_and_the_engine_falls_back(monkeypatch,
+                                                                                                  tmp_path, caplog):
+    """Each entry of `saving.CONVERSATION_INTERNALS`, taken from the installed vLLM as a later one could change it, is
+    reported (and only it); an LVTC engine on such a vLLM keeps the saving path but holds whole prompts per step with
+    prefix caching off, its start-up block naming what differs."""
+    import vllm
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.plugins import load_general_plugins
+    from vllm.v1.core.single_type_kv_cache_manager import SingleTypeKVCacheManager
+
+    from vllm_helpers import build_checkpoint
+
+    saving = _saving()
+    table = saving.CONVERSATION_INTERNALS
+    removals = {
+        "KVCacheManager.get_computed_blocks(request), wrapped by the scheduler":
+            lambda patch: patch.setattr(saving.Scheduler, "_get_local_prefix_cache_hit", lambda self, request: None),
+        "SingleTypeKVCacheManager.find_longest_cache_hit / cache_blocks / add_local_computed_blocks signatures":
+            lambda patch: patch.setattr(saving.FullAttentionManager, "cache_blocks",
+                                        lambda self, request, num_tokens: None),
+        "HybridKVCacheCoordinator takes each group's hit length, and copies a partly used last block":
+            lambda patch: patch.delattr(SingleTypeKVCacheManager, "_apply_cow"),
+        "Scheduler._reserve_prefill_lookahead(request, num_computed_tokens, num_new_tokens), the last word on a step":
+            lambda patch: patch.delattr(saving.Scheduler, "_reserve_prefill_lookahead"),
+    }
+    assert set(removals) == set(table)
+    for name, remove in removals.items():
+        with monkeypatch.context() as patch:
+            remove(patch)
+            assert saving.missing_internals(table) == [name], name
+        assert saving.missing_internals(table) == []
+    load_general_plugins()
+    folder = build_checkpoint(tmp_path / "lvtc", llm="qwen2", lvtc=dict(expand_layer=2), text=dict(head_dim=32))
+    chunking = ("Scheduler._reserve_prefill_lookahead(request, num_computed_tokens, num_new_tokens), the last word on "
+                "a step")
+    with monkeypatch.context() as patch, caplog.at_level("WARNING", logger="internvlx_hf.vllm"):
+        removals[chunking](patch)
+        config = EngineArgs(model=str(folder), dtype="float32", max_model_len=4096).create_engine_config()
+    assert config.model_config.hf_config.lvtc_vllm_path == "saving"
+    assert (config.cache_config.enable_prefix_caching, config.scheduler_config.enable_chunked_prefill) == (False, False)
+    (block,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("InternVL-X on vLLM")]
+    assert f"  - enable_prefix_caching: True -> False (this vLLM ({vllm.__version__}) differs from 0.32 in {chunking}" \
+        in block
+    assert f"  - enable_chunked_prefill: True -> False (layer k upsamples each tile whole" in block
 
 
 @pytest.mark.vllm
@@ -303,6 +351,55 @@ def test_saving_path_under_preemption_answers_as_transformers(tmp_path):
     _assert_transformers_answers(bench, folder, result, bench.STRESS_REQUESTS, max_tokens=bench.STRESS_TOKENS)
 
 
+def _long_tile_spans(short_ids: list[int], short_per_tile: int, long_per_tile: int) -> list[tuple[int, int]]:
+    """`(first, last)` index of each tile in vLLM's (long-layout) prompt, from transformers' prompt ids."""
+    from vllm_helpers import IMAGE_TOKEN_ID
+
+    spans, index, run = [], 0, 0
+    for token in short_ids + [None]:
+        if token == IMAGE_TOKEN_ID:
+            run += 1
+            continue
+        for _ in range(run // short_per_tile):
+            spans.append((index, index + long_per_tile - 1))
+            index += long_per_tile
+        run = 0
+        index += 1
+    return spans
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+@needs_vllm
+def test_a_prompt_longer_than_a_step_is_prefilled_in_chunks_of_whole_tiles(tmp_path):
+    """Chunked prefill on the saving path, as vLLM sets it: a 12-tile prompt (tiles of 64 slots) in steps of 150
+    tokens is prefilled in chunks that each end at a tile's start (never inside a tile, which layer k upsamples
+    whole), alone and beside a decoding stream, and answers as transformers does; `max_num_batched_tokens` is the
+    one given, not replaced."""
+    requests = ["12 tiles", "text"]
+    bench, folder, result, log = _engine_run(tmp_path, requests, engine={"max_num_batched_tokens": 150},
+                                             env=NO_WARM_UP)
+    assert MASKED_LINE not in log and "enable_chunked_prefill=True" in log
+    assert "  - max_num_batched_tokens" not in log and "  - enable_chunked_prefill" not in log  # (nothing replaced)
+    _assert_transformers_answers(bench, folder, result, requests)
+    prompt_ids, _, _ = bench.reference(folder, bench.REQUESTS["12 tiles"], max_new_tokens=1)
+    spans = _long_tile_spans(prompt_ids, 16, 64)
+    assert len(spans) == 12
+    long_prompt = result["alone"][0]["prompt_tokens"]
+    by_request: dict[str, list] = {}
+    for request, start, end in result["chunks"]:
+        by_request.setdefault(request, []).append((start, end))
+    image_requests = [chunks for chunks in by_request.values() if chunks[-1][1] == long_prompt]
+    assert len(image_requests) == 2  # alone, and beside the text request's decoding
+    for chunks in image_requests:  # (the second starts where the prefix cache's hit of the first ends)
+        assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:])), chunks  # contiguous
+        assert chunks[0][0] == 0 or any(chunks[0][0] == first for first, _ in spans), chunks
+        assert len(chunks) >= 3 and all(end - start <= 150 for start, end in chunks), chunks
+        for start, end in chunks[:-1]:
+            assert any(end == first for first, _ in spans), (start, end, spans)  # at a tile's start, none split
+    assert image_requests[0][0][0] == 0 and len(image_requests[0]) >= 6
+
+
 @pytest.mark.vllm
 @pytest.mark.slow
 @needs_vllm
@@ -321,7 +418,7 @@ def test_lvtc_checkpoints_take_the_saving_path_by_default_with_short_kv_only(tmp
     bench, folder, result, log = _engine_run(tmp_path, requests)
     assert "'mode': <CompilationMode.DYNAMO_TRACE_ONCE" in log and "Warming up done" in log
     assert MASKED_LINE not in log
-    assert log.count("  - enable_prefix_caching: True -> False") == 1  # (on by vLLM's default)
+    assert "  - enable_prefix_caching" not in log  # (on by vLLM's default, and kept: tests/test_vllm_prefix_caching.py)
     groups = result["info"]["groups"]
     assert sorted(g["spec"] for g in groups) == ["FullAttentionSpec", "LVTCShortSpec"]
     _assert_transformers_answers(bench, folder, result, requests)

@@ -40,8 +40,8 @@ def build_checkpoint(folder: str | Path, llm: str = "qwen2", projector: str = "m
     folder.mkdir(parents=True, exist_ok=True)
     config = InternVLXConfig(
         text_config=text_config(llm, **(text or {})),
-        vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=112, patch_size=14, **(vision or {})),
+        vision_config={**dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=112, patch_size=14), **(vision or {})},
         image_token_id=IMAGE_TOKEN_ID, image_start_token_id=IMAGE_START_ID, image_end_token_id=IMAGE_END_ID,
         projector_type=projector, pvtc_num_heads=2, lvtc=lvtc, template="Hermes-2", **overrides,
     )

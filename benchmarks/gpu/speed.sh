@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU speed at real sizes, in one command on a CUDA machine (see docs/benchmarks.md, "On a GPU"):
-#   1. the CUDA-only tests (tests/test_cuda.py and the other tests that skip without a GPU), with the relative
-#      errors they measured written to JSON;
+#   1. the CUDA-only checks (benchmarks/gpu/check.sh: the short-layout tests on CUDA, tests/test_cuda.py and the
+#      other tests that skip without a GPU), with the relative errors they measured written to JSON;
 #   2. benchmarks/bench_models.py in bfloat16 at InternVL2-2B and InternVL2-8B dimensions (their real layer counts,
 #      random weights): prefill at 1, 6 and 12 tiles, decoding, a training step with the ViT frozen and trained
 #      (6 tiles, gradient checkpointing), SDPA's flash kernels forced (falls back to torch's choice, and says so,
@@ -24,9 +24,7 @@ export PIP_NO_INDEX=1  # offline: the transformers test mixins' sdist download f
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
-[ "${TESTS:-1}" = 0 ] || INTERNVLX_CUDA_TESTS_REPORT="$OUT/cuda-tests.json" python3 -m pytest -q -rs -p no:cacheprovider tests/test_cuda.py \
-    tests/test_lvtc.py::test_flash_attention_2_matches_sdpa_on_gpu \
-    tests/test_transformers_conformance.py::test_offloaded_generation_on_gpu 2>&1 | tee "$OUT/cuda-tests.log" | tail -15
+[ "${TESTS:-1}" = 0 ] || OUT="$OUT" bash benchmarks/gpu/check.sh
 
 for preset in $PRESETS; do
     args=(--device cuda --dtype bfloat16 --preset "$preset" --tiles 1,6,12 --train-tiles 6 --train-vit frozen,full

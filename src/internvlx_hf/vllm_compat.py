@@ -1,5 +1,6 @@
 """What vLLM can run, known without importing vLLM (or torch): read by `internvlx convert`'s summary, and small enough
-for the vLLM plugin's config hook (`internvlx_hf.vllm.config_hook`, which asks the installed vLLM itself) to use.
+for the vLLM plugin's config hook (`internvlx_hf.vllm.config_hook`, which asks the installed vLLM itself) to use; and
+`source_has`, how the plugin checks a vLLM internal that no signature shows.
 """
 
 from __future__ import annotations
@@ -42,3 +43,15 @@ def cpu_head_size_problem(text_config, lvtc: bool, where: str = "FOLDER",
 
 
 __all__ = ["CPU_ATTENTION_HEAD_SIZES", "CPU_ATTENTION_RELEASE", "cpu_head_size_problem", "head_size_of"]
+
+
+def source_has(function, *texts: str) -> bool:
+    """Whether a vLLM function's source has each of `texts`: the check of an internal that no signature shows (an
+    instance attribute it sets, a call it makes)."""
+    import inspect
+
+    try:
+        source = inspect.getsource(function)
+    except (OSError, TypeError):
+        return False
+    return all(text in source for text in texts)

@@ -25,7 +25,6 @@ def register() -> None:
     ``--trust-remote-code``.
     """
     from vllm import ModelRegistry
-    from vllm.model_executor.models.config import MODELS_CONFIG_MAP
 
     from ..auto_registration import register_auto_classes
     from . import tokenizer
@@ -35,4 +34,10 @@ def register() -> None:
     tokenizer.register()  # (the config hook selects it: one BOS on a text that writes it)
     ModelRegistry.register_model(ARCHITECTURE, f"{__name__}.model:InternVLXForConditionalGeneration")
     # LVTC checkpoints need whole images per scheduler step, per-token layout rows and their path's scheduler class.
+    # (A vLLM without this table: the model refuses to build, `config_hook.require_config_hook`; vLLM calls this
+    # function for every model it serves, so it must not raise.)
+    try:
+        from vllm.model_executor.models.config import MODELS_CONFIG_MAP
+    except ImportError:
+        return
     MODELS_CONFIG_MAP[ARCHITECTURE] = LVTCConfigHook

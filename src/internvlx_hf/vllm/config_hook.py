@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ..vllm_compat import head_size_of
+from ..vllm_compat import head_size_of, source_has
 from .layout import lvtc_layout_of, row_width
 
 if TYPE_CHECKING:
@@ -143,8 +143,10 @@ class LVTCConfigHook:
                 f"(text_config.model_type {text.model_type!r}; supported: {', '.join(sorted(LLM_ARCHITECTURES))}); "
                 f"serve it with `internvlx serve {where}` instead."
             )
+        config.internvlx_config_hook = True  # what the model checks it was built after (`require_config_hook`)
         settings = EngineSettings(where)
         _check_head_size(config, where)
+        _check_vllm_internals(vllm_config, config, where)
         if model_config.tokenizer_mode in ("auto", "hf"):  # (a mode the user chose is kept)
             settings.set(model_config, "tokenizer_mode", TOKENIZER_MODE,
                          "vLLM's HF tokenizer, giving one BOS to a prompt text that writes it, as transformers' "
@@ -154,22 +156,25 @@ class LVTCConfigHook:
         _check_sliding_window(model_config, config, where)
         _check_lora_slots(vllm_config, where)
         layout = lvtc_layout_of(config)
+        path = None
         if config.lvtc_config is not None:
             _check_lvtc_engine(vllm_config, layout, where)
         if layout is not None:
-            choose_lvtc_path(vllm_config, config, settings)
+            path = choose_lvtc_path(vllm_config, config, settings)
+        whole_prompts = _whole_prompts_reason(path)
         if needs_position_rows(config, model_config.max_model_len):
             # vLLM's per-request position rows (its M-RoPE machinery) carry each token's layout and RoPE factors.
             config.mrope_section = [1, 1, 1]
-            settings.set(vllm_config.cache_config, "enable_prefix_caching", False,
-                         "each request's position rows, which carry LVTC's layout or LongRoPE's factors, come from its "
-                         "whole prompt: a cached prefix could come from a prompt with other rows")
+            _prefix_caching(vllm_config, config, path, settings, whole_prompts)
         if row_width(config) != text.hidden_size:
             # The HR and extra LR projectors' outputs travel next to each token's embedding (`lvtc.py`): vLLM sizes
             # its embedding buffer by the text config's `projection_dim`.
             text.projection_dim = row_width(config)
+        if whole_prompts is None:
+            _whole_tiles_per_step(vllm_config, layout, where)
+        elif layout is not None:
+            _whole_images_per_step(vllm_config, settings, whole_prompts)
         if layout is not None:
-            _whole_images_per_step(vllm_config, settings)
             settings.note(
                 f"prompt length: vLLM counts each image tile at the long layout, {layout.long_per_tile} tokens (what "
                 f"layers >= k hold), against max_model_len {model_config.max_model_len}; transformers counts "
@@ -177,10 +182,62 @@ class LVTCConfigHook:
         settings.report()
 
 
-def _whole_images_per_step(vllm_config, settings: EngineSettings) -> None:
-    """Layer k needs every tile of the step whole, so each step holds whole prompts."""
+def _whole_prompts_reason(path: str | None) -> str | None:
+    """Why this LVTC engine holds whole prompts per step without prefix caching, or None (the saving path with
+    chunked prefill at tile boundaries and prefix caching, where this vLLM has what they use)."""
+    if path != "saving":
+        return "the masked path runs on vLLM's own scheduler and KV-cache groups"
+    from . import saving
+
+    missing = saving.missing_internals(saving.CONVERSATION_INTERNALS)
+    if missing:
+        import vllm
+
+        return f"this vLLM ({vllm.__version__}) differs from 0.32 in {'; '.join(missing)}"
+    return None
+
+
+def _prefix_caching(vllm_config, config, path: str | None, settings: EngineSettings,
+                    whole_prompts: str | None) -> None:
+    """Prefix caching where a cached prefix has the rows the new prompt would give it: the saving path without
+    LongRoPE (its rows depend only on the tokens and images before each token; its short KV group keys each block by
+    the long layout's hash, `saving.LVTCShortManager`). LongRoPE's choice of factors comes from the whole prompt's
+    length, and the masked path's manager is vLLM's own, which would key the rows of a prompt by another's: off."""
+    longrope = longrope_switch(config.get_text_config()) is not None
+    if path == "saving" and not longrope and whole_prompts is None:
+        return
+    if longrope:
+        why = "each request's position rows carry LongRoPE's choice of factors, made on its whole prompt"
+    elif path == "saving":
+        why = f"{whole_prompts}, and prefix caching on the saving path needs it"
+    else:
+        why = ("the masked path's position rows come from each request's whole prompt, and its KV-cache groups are "
+               "vLLM's")
+    settings.set(vllm_config.cache_config, "enable_prefix_caching", False,
+                 f"{why}: a cached prefix could come from a prompt with other rows")
+
+
+def _whole_tiles_per_step(vllm_config, layout, where: str) -> None:
+    """The saving path: layer k upsamples each tile whole, and its scheduler (`saving.LVTCSchedulerMixin`) ends a
+    prefill chunk only where no tile is split, so chunked prefill runs as vLLM set it. A step must then hold a tile:
+    a budget below that could never schedule one (refused, with the value that works)."""
     scheduler = vllm_config.scheduler_config
-    whole = "layer k upsamples each tile whole, so a scheduler step must not end inside an image"
+    tile = layout.long_per_tile
+    for name, value in (("max_num_batched_tokens", scheduler.max_num_batched_tokens),
+                        ("long_prefill_token_threshold", scheduler.long_prefill_token_threshold)):
+        if value and value < tile:
+            flag = name.replace("_", "-")
+            raise UnsupportedCheckpoint(
+                f"InternVL-X LVTC checkpoint {where}: {name} is {value}, and a prefill chunk must hold a whole image "
+                f"tile, {tile} tokens on vLLM (layer k upsamples each tile whole); start vLLM with --{flag} {tile} "
+                "or more" + (" (or 0)." if name == "long_prefill_token_threshold" else "."))
+
+
+def _whole_images_per_step(vllm_config, settings: EngineSettings, reason: str) -> None:
+    """The masked path (vLLM's own scheduler, which can end a step inside a tile), or a vLLM without what the saving
+    path's chunking uses: layer k needs every tile of the step whole, so each step holds whole prompts."""
+    scheduler = vllm_config.scheduler_config
+    whole = f"layer k upsamples each tile whole, so a scheduler step must not end inside an image ({reason})"
     settings.set(scheduler, "disable_chunked_mm_input", True, whole)
     # and whole prompts per step: vLLM 0.32 still splits an image whose chunk starts exactly at the image (after its
     # own roll-back, when the step's tokens but not its encoder budget run out: vllm-project/vllm#52306), which
@@ -282,6 +339,71 @@ def _check_sliding_window(model_config, config, where: str) -> None:
     )
 
 
+def require_config_hook(config) -> None:
+    """Raise where vLLM built the model without running this hook (a vLLM that no longer reads `MODELS_CONFIG_MAP`,
+    where `register` puts it): the engine would lack every setting above, and LVTC would run on unchecked rows."""
+    if not getattr(config, "internvlx_config_hook", False):
+        import vllm
+
+        raise RuntimeError(
+            f"InternVL-X on vLLM {vllm.__version__}: vLLM built the model without calling the plugin's config hook "
+            "(registered in vllm.model_executor.models.config.MODELS_CONFIG_MAP, which this vLLM does not read), so "
+            "the engine settings the checkpoint needs were not made; serve it with vLLM 0.32 (the `vllm` extra's pin) "
+            "or with `internvlx serve`.")
+
+
+def _vllm_internals() -> dict:
+    """The vLLM internals (not public API) the model uses on either LVTC path, LongRoPE or LoRA, as in vLLM 0.32: for
+    each, when it is needed, how it is checked, and what would go silently wrong without it. A vLLM that lacks one
+    is refused at start (the saving path's own internals, `saving.INTERNALS`, send it to the masked path instead)."""
+    from vllm.config import CompilationConfig
+    from vllm.lora import utils as lora_utils
+    from vllm.model_executor.layers.rotary_embedding.phi3_long_rope_scaled_rope import (
+        Phi3LongRoPEScaledRotaryEmbedding,
+    )
+    from vllm.model_executor.models.utils import WeightsMapper
+
+    return {
+        "CompilationConfig.static_forward_context": (
+            "lvtc", lambda: "static_forward_context" in CompilationConfig.__dataclass_fields__,
+            "LVTC replaces the attention of the layers below k in vLLM's table of attention layers"),
+        "Phi3LongRoPEScaledRotaryEmbedding.use_long_rope": (
+            "longrope", lambda: source_has(Phi3LongRoPEScaledRotaryEmbedding.__init__, "self.use_long_rope"),
+            "each request's LongRoPE factors come from its position rows only while vLLM's own switch is off"),
+        "WeightsMapper._map_name, called by vLLM's LoRA loader (parse_fine_tuned_lora_name)": (
+            "lora", lambda: hasattr(WeightsMapper, "_map_name")
+            and source_has(lora_utils.parse_fine_tuned_lora_name, "weights_mapper._map_name("),
+            "an adapter with weights outside the LLM would lose them without a word"),
+    }
+
+
+def _check_vllm_internals(vllm_config, config, where: str) -> None:
+    needed = set()
+    if config.lvtc_config is not None:
+        needed.add("lvtc")
+    if needs_position_rows(config, vllm_config.model_config.max_model_len) and \
+            longrope_switch(config.get_text_config()) is not None:
+        needed.add("longrope")
+    if getattr(vllm_config, "lora_config", None) is not None:
+        needed.add("lora")
+    if not needed:
+        return
+    import vllm
+
+    for name, (need, check, why) in _vllm_internals().items():
+        if need not in needed:
+            continue
+        try:
+            ok = bool(check())
+        except Exception:
+            ok = False
+        if not ok:
+            raise UnsupportedCheckpoint(
+                f"InternVL-X checkpoint {where}: this vLLM ({vllm.__version__}) differs from 0.32, the version the "
+                f"plugin is tested with, in {name}, without which {why}; install the `vllm` extra's pin, or serve it "
+                f"with `internvlx serve {where}`.")
+
+
 def _check_lvtc_engine(vllm_config, layout, where: str) -> None:
     problems, fixes = [], []
     if vllm_config.parallel_config.pipeline_parallel_size > 1:
@@ -342,6 +464,28 @@ def _scheduler_taken(vllm_config) -> str | None:
 SAVING_RUNS_ON = "V1 model runner, synchronous scheduling, no CUDA graphs, float32"
 
 
+def engine_mode(vllm_config) -> str:
+    """The engine's platform, model runner, CUDA-graph mode and async scheduling, as the start-up block names them.
+    vLLM settles the last two after this hook: where they are unset, what vLLM then chooses (on its CPU platform no
+    graphs and synchronous scheduling; on a GPU its defaults, both on unless turned off)."""
+    from vllm.platforms import current_platform
+
+    cpu = current_platform.is_cpu()
+    try:
+        runner = "V2" if vllm_config.use_v2_model_runner else "V1"
+    except Exception:  # (a property that reads the platform's features)
+        runner = "unknown"
+    graphs = getattr(vllm_config.compilation_config, "cudagraph_mode", None)
+    if graphs is None:
+        graphs = "NONE" if cpu or vllm_config.model_config.enforce_eager else "vLLM's default"
+    asynchronous = getattr(vllm_config.scheduler_config, "async_scheduling", None)
+    if asynchronous is None:
+        asynchronous = False if cpu else "vLLM's default"
+    asynchronous = {True: "on", False: "off"}.get(asynchronous, asynchronous)
+    return (f"{current_platform.device_name}, {runner} model runner, CUDA graphs "
+            f"{getattr(graphs, 'name', graphs)}, async scheduling {asynchronous}")
+
+
 def _untested_platform(vllm_config) -> str | None:
     """The engine's platform and runner where the saving path has not run (anything but vLLM's CPU platform), or
     None."""
@@ -349,10 +493,49 @@ def _untested_platform(vllm_config) -> str | None:
 
     if current_platform.is_cpu():
         return None
-    runner = "V2" if getattr(vllm_config, "use_v2_model_runner", False) else "V1"
+    return f"on {engine_mode(vllm_config)}"
+
+
+#: What the saving path needs on a GPU, where it has not run with vLLM (`_gpu_blocker`).
+GPU_SAVING_SETTINGS = "VLLM_USE_V2_MODEL_RUNNER=0 and --enforce-eager"
+
+
+def _gpu_blocker(vllm_config) -> str | None:
+    """Why the saving path cannot run on this GPU engine, or None where only its having never run there stands in the
+    way (the V1 model runner without CUDA graphs: the inputs `tests/test_short_layout.py` simulates)."""
+    try:
+        v2 = bool(vllm_config.use_v2_model_runner)
+    except Exception:
+        v2 = True  # (unknown: taken as the runner it cannot serve)
+    if v2:
+        return ("vLLM's V2 model runner builds the attention metadata before it writes the step's position rows, "
+                "which the short layers' metadata is built from")
     graphs = getattr(vllm_config.compilation_config, "cudagraph_mode", None)
-    return (f"on {current_platform.device_name} with the {runner} model runner (CUDA graphs: {graphs}; async "
-            "scheduling is vLLM's GPU default)")
+    if not vllm_config.model_config.enforce_eager and getattr(graphs, "name", graphs) != "NONE":
+        return ("CUDA graphs replay the layers for a step's token count, and the layers below k run on a live-token "
+                "count of their own")
+    return None
+
+
+def _untested_settings(vllm_config) -> str | None:
+    """An engine setting the saving path has not run with, and what it changes, or None."""
+    from vllm.platforms import current_platform
+
+    parallel = vllm_config.parallel_config
+    if vllm_config.scheduler_config.disable_hybrid_kv_cache_manager or not current_platform.support_hybrid_kv_cache():
+        return ("the hybrid KV-cache manager is off (--disable-hybrid-kv-cache-manager, or a platform without it): "
+                "vLLM then makes every layer's KV-cache spec one type, and the short layers need a group of their own")
+    if getattr(vllm_config, "kv_transfer_config", None) is not None:
+        return ("a KV connector is set (--kv-transfer-config): it moves each KV-cache group's blocks as vLLM counts "
+                "tokens, and the short group's blocks hold the short layout")
+    if getattr(parallel, "data_parallel_size", 1) > 1:
+        return (f"data parallelism is on (data_parallel_size {parallel.data_parallel_size}): its ranks pad their "
+                "batches to each other's and run dummy steps, which the saving path has not run with")
+    for name in ("decode_context_parallel_size", "prefill_context_parallel_size"):
+        if getattr(parallel, name, 1) > 1:
+            return (f"context parallelism is on ({name} {getattr(parallel, name)}): it splits each request's KV "
+                    "across ranks by long-layout position, which the short group's blocks do not follow")
+    return None
 
 
 def _masked_reason(vllm_config, config) -> str | None:
@@ -366,16 +549,28 @@ def _masked_reason(vllm_config, config) -> str | None:
         return "hf_overrides asks for it (lvtc_vllm_path='masked')"
     platform = _untested_platform(vllm_config)
     if platform is not None:
-        if getattr(config, "lvtc_vllm_path", None) == "saving":  # asked for where it never ran: never K/V misplaced
+        blocker = _gpu_blocker(vllm_config)
+        if getattr(config, "lvtc_vllm_path", None) == "saving":  # asked for, off the CPU
+            if blocker is not None:  # never K/V misplaced: refused where it cannot run
+                raise UnsupportedCheckpoint(
+                    f"InternVL-X LVTC checkpoint {vllm_config.model_config.model}: lvtc_vllm_path='saving' (from "
+                    f"hf_overrides) cannot run on this engine ({platform}): {blocker}; start vLLM with "
+                    f"{GPU_SAVING_SETTINGS}, or leave lvtc_vllm_path out (the masked path).")
+        else:
+            where = (f"it cannot run on this engine: {blocker}" if blocker else
+                     "on this engine (V1 model runner, no CUDA graphs) its inputs are checked by simulation only")
+            return (f"the saving path has run with vLLM on its CPU platform only ({SAVING_RUNS_ON}), and this engine "
+                    f"is {platform}; {where} (docs/serving.md, \"LVTC on vLLM: where each path has run\"; neither "
+                    "path has run with vLLM on a GPU). To try the saving path on a GPU: hf_overrides="
+                    f"{{'lvtc_vllm_path': 'saving'}} with {GPU_SAVING_SETTINGS}")
+    unsupported = _untested_settings(vllm_config)
+    if unsupported is not None:
+        if getattr(config, "lvtc_vllm_path", None) == "saving":
             raise UnsupportedCheckpoint(
                 f"InternVL-X LVTC checkpoint {vllm_config.model_config.model}: lvtc_vllm_path='saving' (from "
-                f"hf_overrides) runs on vLLM's CPU runner only, and this engine is {platform}, where its metadata "
-                "builder would read the runner's position buffer out of step or on the wrong device; leave "
-                "lvtc_vllm_path out (the masked path) or serve on a CPU.")
-        return (f"the saving path has run on vLLM's CPU runner only ({SAVING_RUNS_ON}), and this engine is {platform} "
-                "(its metadata builder reads the runner's position buffer, which GPU runners fill in another order "
-                "and pad for CUDA graphs); the masked path uses vLLM's own attention metadata (neither path has run "
-                "on a GPU: docs/serving.md)")
+                f"hf_overrides) cannot run as {unsupported}; leave lvtc_vllm_path out (the masked path) or the "
+                "setting off.")
+        return unsupported
     if getattr(vllm_config, "lora_config", None) is not None:
         # vLLM's LoRA layers take one adapter index per scheduled token; the layers below k run on fewer tokens
         return "LoRA is on (vLLM's LoRA layers index every scheduled token; the saving path runs fewer below k)"
@@ -418,8 +613,10 @@ def choose_lvtc_path(vllm_config, config, settings: EngineSettings) -> str:
     if reason:
         settings.note(f"LVTC path: masked. {masked_line(reason)}")
         return "masked"
-    settings.note("LVTC path: saving (the layers below k hold and compute the short layout only; run on vLLM's CPU "
-                  f"platform as in its tests: {SAVING_RUNS_ON}; "
+    untested = ("; asked for on a platform where it has not run with vLLM: its inputs checked by simulation and its "
+                "layout on CUDA, never a whole engine" if _untested_platform(vllm_config) else "")
+    settings.note("LVTC path: saving (the layers below k hold and compute the short layout only; this engine: "
+                  f"{engine_mode(vllm_config)}; run in the tests on vLLM's CPU platform: {SAVING_RUNS_ON}{untested}; "
                   "`hf_overrides={'lvtc_vllm_path': 'masked'}` asks for the masked long layout)")
     scheduler = vllm_config.scheduler_config
     if _scheduler_name(scheduler.scheduler_cls) in (None, *VLLM_SCHEDULERS):

@@ -24,7 +24,7 @@ from vllm.sequence import IntermediateTensors
 
 from ..modeling.configuration_internvlx import image_and_patch
 from ..modeling.projectors import attach_projectors
-from .config_hook import LLM_ARCHITECTURES, longrope_switch, needs_position_rows, warn_masked
+from .config_hook import LLM_ARCHITECTURES, longrope_switch, needs_position_rows, require_config_hook, warn_masked
 from .layout import lvtc_layout_of, row_width
 from .lvtc import LVTCRunner
 from .positions import position_rows, read_rows, saving_positions
@@ -159,6 +159,7 @@ class InternVLXForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsM
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__()
         config = vllm_config.model_config.hf_config
+        require_config_hook(config)
         text_config = config.get_text_config()
         architecture = LLM_ARCHITECTURES[text_config.model_type]  # others are refused at config time (config_hook)
         self.config = config

@@ -9,8 +9,9 @@ on any model. The layers below `k`:
   request's `mm_features`, which `LVTCSchedulerMixin` hands over: the engine's `scheduler_cls` is `lvtc_scheduler`);
 - **get their metadata before the forward pass** from their own attention backend (`short_backend`, a subclass of the
   platform's), whose builder reads the step's position rows from the runner's M-RoPE buffer and builds the short
-  layout (`short_layout`: `query_start_loc`, `seq_lens`, the slot mapping into the short group's blocks, the gather
-  index of the live tokens); the backend's KV write takes that slot mapping;
+  layout (`short_layout.short_layout`, plain torch: `query_start_loc`, `seq_lens`, the slot mapping into the short
+  group's blocks, the gather index of the live tokens), checking that the rows belong to the step; the backend's KV
+  write takes that slot mapping;
 - **run on the live tokens only**, inside the LLM's layers compiled by vLLM (`SavingCompiledRunner`), which take the
   gather index and the step's long positions as inputs (the gather index with a dynamic size of its own);
   `SavingFront` (not compiled) hands the M-RoPE buffer to the builder at the first forward and picks those tensors
@@ -25,6 +26,7 @@ whose vLLM differs to the masked path (`lvtc.py`), with one log line.
 from __future__ import annotations
 
 import bisect
+import contextvars
 import dataclasses
 import inspect
 from dataclasses import dataclass
@@ -36,6 +38,9 @@ from vllm.forward_context import get_forward_context
 from vllm.model_executor.layers.attention import Attention
 from vllm.utils.math_utils import cdiv
 from vllm.v1.attention.backend import CommonAttentionMetadata, subclass_attention_backend_with_overrides
+from vllm.v1.core.kv_cache_coordinator import HybridKVCacheCoordinator, KVCacheCoordinator
+from vllm.v1.core.kv_cache_manager import KVCacheManager
+from vllm.v1.core.kv_cache_utils import resolve_block_hashes
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
@@ -45,6 +50,8 @@ from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 from internvlx_hf.vllm.layout import LVTCLayout
 from internvlx_hf.vllm.lvtc import KeyBiasAttention, KeyBiasRotary, LVTCRunner
 from internvlx_hf.vllm.positions import saving_rope_indices
+from internvlx_hf.vllm.short_layout import short_layout
+from internvlx_hf.vllm_compat import source_has
 
 
 # ----------------------------------------------------------------------------------------------- KV cache: spec
@@ -67,6 +74,59 @@ class LVTCShortSpec(AttentionSpec):
         return cdiv(vllm_config.model_config.max_model_len, self.block_size) * self.page_size_bytes
 
 
+def tile_spans(request, long_per_tile: int) -> list[tuple[int, int]]:
+    """`(first, last)` long-layout index of each tile of a request, in order."""
+    spans = []
+    for feature in request.mm_features or ():
+        place = feature.mm_position
+        embeds = torch.arange(place.offset, place.offset + place.length)
+        if place.is_embed is not None:
+            embeds = embeds[place.is_embed.to(torch.bool)]
+        starts = embeds[::long_per_tile].tolist()
+        ends = embeds[long_per_tile - 1::long_per_tile].tolist()
+        spans += zip(starts, ends)
+    return sorted(spans)
+
+
+def whole_tiles_end(spans: list[tuple[int, int]], end: int) -> int:
+    """The latest chunk end (exclusive) at or before `end` that leaves no tile split: a tile's first index where `end`
+    falls inside one."""
+    index = bisect.bisect_right(spans, (end, end)) - 1  # the last tile that starts at or before `end`
+    if index >= 0 and spans[index][0] < end <= spans[index][1]:
+        return spans[index][0]
+    return end
+
+
+@dataclass(frozen=True)
+class RequestTiles:
+    """A request's tiles in its long layout (`tile_spans`), and what the short layout makes of them."""
+
+    spans: tuple[tuple[int, int], ...]
+    short_per_tile: int
+    long_per_tile: int
+
+    @classmethod
+    def of(cls, request, short_per_tile: int, long_per_tile: int) -> "RequestTiles":
+        return cls(tuple(tile_spans(request, long_per_tile)), short_per_tile, long_per_tile)
+
+    def short(self, num_tokens: int) -> int:
+        """Short-layout tokens among the first `num_tokens` long-layout ones."""
+        unused = self.long_per_tile - self.short_per_tile
+        return num_tokens - sum(min(max(num_tokens - first - self.short_per_tile, 0), unused)
+                                for first, _ in self.spans)
+
+    def long_index(self, short_position: int) -> int:
+        """The long-layout index of the token at a short-layout position."""
+        index = short_position
+        for first, _ in self.spans:  # (in order: each tile's HR-only slots push the later tokens on)
+            if index >= first + self.short_per_tile:
+                index += self.long_per_tile - self.short_per_tile
+        return index
+
+    def splits_tile(self, num_tokens: int) -> bool:
+        return any(first < num_tokens <= last for first, last in self.spans)
+
+
 def hr_only_slots(request, short_per_tile: int, long_per_tile: int) -> list[int]:
     """Sorted long-layout indices of a request's HR-only slots (each tile's slots past its first `short`)."""
     slots: list[int] = []
@@ -80,8 +140,41 @@ def hr_only_slots(request, short_per_tile: int, long_per_tile: int) -> list[int]
     return sorted(slots)
 
 
+#: The request whose prefix-cache hit vLLM is looking up (`LVTCSchedulerMixin` sets it around the lookup): vLLM's
+#: `find_longest_cache_hit` is a class method that is given the block hashes, not the request and its tiles.
+LOOKUP_REQUEST: contextvars.ContextVar[RequestTiles | None] = contextvars.ContextVar("lvtc_lookup", default=None)
+
+
+class _KeyedRequest:
+    """A request seen by vLLM's block pool with the short group's block keys as its block hashes."""
+
+    def __init__(self, request, block_hashes: list) -> None:
+        self._request = request
+        self.block_hashes = block_hashes
+
+    def __getattr__(self, name: str):
+        return getattr(self._request, name)
+
+
+def short_block_keys(tiles: RequestTiles, block_hashes, num_blocks: int, block_size: int) -> list:
+    """The prefix-cache key of each of a request's first `num_blocks` short-group blocks: the long-layout block hash
+    (vLLM's, chained over every token and image before it) of the block holding the short block's last token, which
+    covers everything that block's K/V depends on; as many keys as such long blocks are full."""
+    keys = []
+    for block in range(num_blocks):
+        long_block = tiles.long_index((block + 1) * block_size - 1) // block_size
+        if long_block >= len(block_hashes):
+            break
+        keys.append(block_hashes[long_block])
+    return keys
+
+
 class LVTCShortManager(FullAttentionManager):
-    """Holds blocks for the short-layout tokens of each request only (its HR-only slots never get one)."""
+    """Holds blocks for the short-layout tokens of each request only (its HR-only slots never get one).
+
+    Prefix caching: a short block is cached under the long-layout block hash of its last token's block
+    (`short_block_keys`); a hit of ``L`` long tokens (the full-attention group's, at most) is taken where ``L`` splits
+    no tile and the cached short blocks hold its ``s(L)`` short tokens (`find_longest_cache_hit`)."""
 
     def __init__(self, kv_cache_spec: LVTCShortSpec, **kwargs) -> None:
         super().__init__(kv_cache_spec, **kwargs)
@@ -112,6 +205,51 @@ class LVTCShortManager(FullAttentionManager):
     def allocate_new_blocks(self, request_id, num_tokens, num_tokens_main_model):
         return super().allocate_new_blocks(request_id, self.short_tokens(request_id, num_tokens),
                                            self.short_tokens(request_id, num_tokens_main_model))
+
+    def add_local_computed_blocks(self, request_id, new_computed_blocks, num_local_computed_tokens,
+                                  num_external_computed_tokens) -> None:
+        super().add_local_computed_blocks(request_id, new_computed_blocks,
+                                          self.short_tokens(request_id, num_local_computed_tokens),
+                                          num_external_computed_tokens)
+
+    def cache_blocks(self, request, num_tokens: int, retention_interval=None, *, replay_boundaries) -> None:
+        tiles = RequestTiles.of(request, self.short_per_tile, self.long_per_tile)
+        hashes = resolve_block_hashes(request.block_hashes, self.block_pool.hash_block_size, self.block_size)
+        keys = short_block_keys(tiles, hashes, tiles.short(num_tokens) // self.block_size, self.block_size)
+        super().cache_blocks(_KeyedRequest(request, keys), len(keys) * self.block_size, retention_interval,
+                             replay_boundaries=replay_boundaries)
+
+    @classmethod
+    def find_longest_cache_hit(cls, block_hashes, max_length, kv_cache_group_ids, block_pool, kv_cache_spec,
+                               drop_eagle_block, alignment_tokens, dcp_world_size=1, pcp_world_size=1):
+        """The longest hit of at most `max_length` long-layout tokens (the full-attention group's hit) that splits no
+        tile and whose short-layout tokens the cached short blocks hold (see the class). It may end inside a block:
+        at a tile's start, where a block boundary would split the tile (an image's tiles seldom start on one); vLLM
+        then copies each group's last, partly used block (its copy-on-write of a partial hit)."""
+        found: tuple[list, ...] = tuple([] for _ in kv_cache_group_ids)
+        tiles = LOOKUP_REQUEST.get()
+        if tiles is None:  # (a lookup the scheduler did not announce: no hit rather than a guess)
+            return found, 0
+        size = kv_cache_spec.block_size
+        hashes = resolve_block_hashes(block_hashes, block_pool.hash_block_size, size)
+        for key in short_block_keys(tiles, hashes, cdiv(tiles.short(max_length), size), size):
+            cached = block_pool.get_cached_block(key, kv_cache_group_ids)
+            if not cached:
+                break
+            for blocks, block in zip(found, cached):
+                blocks.append(block)
+        step = max(size, alignment_tokens)
+        candidates = set(range(0, max_length + 1, step))
+        candidates.update(first for first, _ in tiles.spans if first <= max_length)
+        for length in sorted(candidates, reverse=True):
+            held = cdiv(tiles.short(length), size)
+            if not tiles.splits_tile(length) and held <= len(found[0]):
+                return tuple(blocks[:held] for blocks in found), length
+        return found, 0
+
+    def pop_blocks_for_free(self, request_id: str):
+        self._hr_only.pop(request_id, None)
+        return super().pop_blocks_for_free(request_id)
 
     def free(self, request_id: str) -> None:
         self._hr_only.pop(request_id, None)
@@ -145,7 +283,11 @@ INTERNALS = {
         and _parameters(FullAttentionManager.free) == ["request_id"],
         "LVTCShortManager sizes the short group by short-layout tokens through these calls"),
     "Scheduler.requests, kv_cache_manager.coordinator.single_type_managers, _preempt_request": (
-        lambda: hasattr(Scheduler, "_preempt_request") and hasattr(Scheduler, "schedule"),
+        lambda: hasattr(Scheduler, "_preempt_request") and hasattr(Scheduler, "schedule")
+        and source_has(Scheduler.__init__, "self.requests: dict[str, Request]",
+                        "self.kv_cache_manager = KVCacheManager(")
+        and source_has(KVCacheManager.__init__, "self.coordinator = get_kv_cache_coordinator(")
+        and source_has(KVCacheCoordinator.__init__, "self.single_type_managers = "),
         "the scheduler channel (LVTCSchedulerMixin) cannot hand the request table to the short group's managers"),
     "CommonAttentionMetadata fields (positions, block_table_tensor, query_start_loc_cpu, ...)": (
         lambda: {"query_start_loc", "query_start_loc_cpu", "seq_lens", "num_reqs", "num_actual_tokens",
@@ -162,10 +304,38 @@ INTERNALS = {
 }
 
 
-def missing_internals() -> list[str]:
-    """The entries of `INTERNALS` this vLLM does not have as the saving path uses them."""
+#: What prefix caching and chunked prefill on the saving path use besides `INTERNALS` (a vLLM that lacks one keeps the
+#: saving path with whole prompts per step and prefix caching off, said at start: `config_hook._whole_prompts_reason`).
+CONVERSATION_INTERNALS = {
+    "KVCacheManager.get_computed_blocks(request), wrapped by the scheduler": (
+        lambda: _parameters(KVCacheManager.get_computed_blocks) == ["request"]
+        and source_has(Scheduler._get_local_prefix_cache_hit, "self.kv_cache_manager.get_computed_blocks(request)"),
+        "the short group's cache lookup would not know the request's tiles (it would find no hit)"),
+    "SingleTypeKVCacheManager.find_longest_cache_hit / cache_blocks / add_local_computed_blocks signatures": (
+        lambda: _parameters(FullAttentionManager.find_longest_cache_hit) == [
+            "block_hashes", "max_length", "kv_cache_group_ids", "block_pool", "kv_cache_spec", "drop_eagle_block",
+            "alignment_tokens", "dcp_world_size", "pcp_world_size"]
+        and _parameters(FullAttentionManager.cache_blocks) == [
+            "request", "num_tokens", "retention_interval", "replay_boundaries"]
+        and _parameters(FullAttentionManager.add_local_computed_blocks) == [
+            "request_id", "new_computed_blocks", "num_local_computed_tokens", "num_external_computed_tokens"],
+        "the short group's blocks would be cached or found by long-layout counts"),
+    "HybridKVCacheCoordinator takes each group's hit length, and copies a partly used last block": (
+        lambda: source_has(HybridKVCacheCoordinator.find_longest_cache_hit, "curr_hit_length = _new_hit_length")
+        and hasattr(FullAttentionManager, "_apply_cow"),
+        "a hit at a tile's start inside a block could not be served"),
+    "Scheduler._reserve_prefill_lookahead(request, num_computed_tokens, num_new_tokens), the last word on a step": (
+        lambda: _parameters(Scheduler._reserve_prefill_lookahead) == [
+            "request", "num_computed_tokens", "num_new_tokens"]
+        and inspect.getsource(Scheduler.schedule).count("self._reserve_prefill_lookahead(") == 2,
+        "a prefill chunk could end inside a tile"),
+}
+
+
+def missing_internals(table: dict | None = None) -> list[str]:
+    """The entries of `table` (`INTERNALS` by default) this vLLM does not have as the saving path uses them."""
     missing = []
-    for name, (check, _) in INTERNALS.items():
+    for name, (check, _) in (INTERNALS if table is None else table).items():
         try:
             ok = bool(check())
         except Exception:  # an attribute gone, a signature that cannot be read
@@ -198,10 +368,39 @@ class LVTCSchedulerMixin:
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.blocks_held: dict[str, list[int]] = {}
+        self.chunks: list[tuple[str, int, int]] = []  # (request, first token, end) of prefill chunks, when recorded
         self.preemptions = 0
+        self.long_per_tile: int | None = None
+        self.short_per_tile: int | None = None
         for manager in self.kv_cache_manager.coordinator.single_type_managers:
             if isinstance(manager, LVTCShortManager):
                 manager.requests = self.requests
+                self.short_per_tile, self.long_per_tile = manager.short_per_tile, manager.long_per_tile
+        if self.long_per_tile is not None:
+            lookup = self.kv_cache_manager.get_computed_blocks
+
+            def get_computed_blocks(request):
+                # the short group's hit needs the request's tiles, which vLLM's lookup does not pass on
+                token = LOOKUP_REQUEST.set(RequestTiles.of(request, self.short_per_tile, self.long_per_tile))
+                try:
+                    return lookup(request)
+                finally:
+                    LOOKUP_REQUEST.reset(token)
+
+            self.kv_cache_manager.get_computed_blocks = get_computed_blocks
+
+    def _reserve_prefill_lookahead(self, request, num_computed_tokens: int, num_new_tokens: int) -> int:
+        """vLLM's last word on a request's tokens this step (both scheduling loops call it): a prefill chunk that
+        would end inside a tile ends at the tile's start instead (layer k upsamples each tile whole), or the request
+        waits for the next step (zero)."""
+        num_new_tokens = super()._reserve_prefill_lookahead(request, num_computed_tokens, num_new_tokens)
+        end = num_computed_tokens + num_new_tokens
+        if self.long_per_tile is not None and num_new_tokens and end < request.num_prompt_tokens:
+            end = whole_tiles_end(tile_spans(request, self.long_per_tile), end)
+            num_new_tokens = max(end - num_computed_tokens, 0)
+        if self.record_blocks and num_new_tokens and num_computed_tokens < request.num_prompt_tokens:
+            self.chunks.append((request.request_id, num_computed_tokens, num_computed_tokens + num_new_tokens))
+        return num_new_tokens
 
     def schedule(self, *args, **kwargs):
         out = super().schedule(*args, **kwargs)
@@ -261,27 +460,6 @@ class RowsChannel:
         self.backends: dict[type, type] = {}
 
 
-def short_layout(rows: torch.Tensor, cm: CommonAttentionMetadata, short_per_tile: int, block_size: int) -> dict:
-    """The step's short layout from its M-RoPE rows (columns = the step's long-layout tokens) and the runner's
-    long-layout metadata of the short group (its block table): gather index of the live tokens, per request
-    `query_start_loc` / `seq_lens` in short positions, and the live tokens' slots in the short group."""
-    tokens, num_reqs = cm.num_actual_tokens, cm.num_reqs
-    short, code = rows[1, :tokens], rows[2, :tokens]
-    live = ~((code < 0) & (-1 - code >= short_per_tile))
-    gather = torch.nonzero(live).squeeze(1)
-    qsl = cm.query_start_loc_cpu[: num_reqs + 1].to(torch.int64)
-    request = torch.bucketize(gather, qsl[1:], right=True)
-    live_short = short[gather].to(torch.int64)
-    lens = torch.bincount(request, minlength=num_reqs)
-    short_qsl = torch.zeros(num_reqs + 1, dtype=torch.int32)
-    short_qsl[1:] = torch.cumsum(lens, 0)
-    seq_lens = torch.zeros(num_reqs, dtype=torch.int64).scatter_reduce_(0, request, live_short + 1, "amax")
-    blocks = cm.block_table_tensor[request, live_short // block_size].to(torch.int64)
-    return {"gather": gather, "query_start_loc": short_qsl, "seq_lens": seq_lens.to(cm.seq_lens.dtype),
-            "slot_mapping": blocks * block_size + live_short % block_size, "max_query_len": int(lens.max()),
-            "max_seq_len": int(seq_lens.max())}
-
-
 @dataclass
 class PendingShortMetadata:
     """The short layers' metadata of a step built before the model's first forward: finished by that forward, once
@@ -320,16 +498,21 @@ def _short_backend(base: type, channel: RowsChannel) -> type:
             return self.build_short(cm, fast_build)
 
         def build_short(self, cm, fast_build=False):
-            layout = short_layout(channel.buffer, cm, self.kv_cache_spec.short_per_tile,
-                                  self.kv_cache_spec.block_size)
+            # the step's tokens without the runner's padding (CUDA graphs, data parallelism): a host-side count
+            tokens = int(cm.query_start_loc_cpu[cm.num_reqs])
+            spec = self.kv_cache_spec
+            layout = short_layout(channel.buffer, cm.positions, cm.query_start_loc[: cm.num_reqs + 1],
+                                  cm.block_table_tensor, num_tokens=tokens, short_per_tile=spec.short_per_tile,
+                                  long_per_tile=spec.long_per_tile, block_size=spec.block_size)
             short = CommonAttentionMetadata(
-                query_start_loc=layout["query_start_loc"], query_start_loc_cpu=layout["query_start_loc"],
-                seq_lens=layout["seq_lens"], num_reqs=cm.num_reqs, num_actual_tokens=layout["gather"].shape[0],
-                max_query_len=layout["max_query_len"], max_seq_len=layout["max_seq_len"],
-                block_table_tensor=cm.block_table_tensor, slot_mapping=layout["slot_mapping"], causal=True)
+                query_start_loc=layout.query_start_loc, query_start_loc_cpu=layout.query_start_loc_cpu,
+                seq_lens=layout.seq_lens.to(cm.seq_lens.dtype), num_reqs=cm.num_reqs,
+                num_actual_tokens=layout.gather.shape[0], max_query_len=layout.max_query_len,
+                max_seq_len=layout.max_seq_len, block_table_tensor=cm.block_table_tensor,
+                slot_mapping=layout.slot_mapping, causal=True)
             meta = super().build(0, short, fast_build)
-            meta.lvtc_gather = layout["gather"]
-            meta.lvtc_long_positions = cm.positions[: cm.num_actual_tokens]
+            meta.lvtc_gather = layout.gather
+            meta.lvtc_long_positions = cm.positions[:tokens]
             return meta
 
     class LVTCShortImpl(base.get_impl_cls()):

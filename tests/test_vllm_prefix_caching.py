@@ -1,0 +1,155 @@
+"""LVTC on vLLM with prefix caching and chunked prefill on (vLLM's defaults), on the saving path: a later turn, a
+repeated image or a shared prompt start is served from the prefix cache in both KV-cache groups, and every answer is
+still transformers' (greedy tokens, logprobs at tests/test_vllm.py's tolerance).
+
+The tiny checkpoints here have 112px tiles of 14x14 patches of 7px: 64 tokens per tile in the short layout, 256 in
+the long one (vLLM's), so that 192 HR-only slots per tile are whole blocks of 64 (the geometry of InternVL's 448px
+tiles, 256 and 1024, with vLLM's blocks of 16 or 128). vLLM's own counters (`vllm:prefix_cache_hits`) and each
+request's `num_cached_tokens` say what the cache served.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+if importlib.util.find_spec("vllm") is None:
+    pytest.skip("vllm is not installed here; .ci/run runs these tests in its vLLM environment (.venv-vllm)",
+                allow_module_level=True)
+
+from vllm_helpers import (  # noqa: E402
+    IMAGE_TOKEN_ID, ONE_TILE, SIX_TILES, USER, build_checkpoint, image, reference_generate, request_spec)
+
+from internvlx_hf import InternVLXForConditionalGeneration, InternVLXProcessor  # noqa: E402
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
+HERE = Path(__file__).resolve().parent
+LOGPROB_ATOL = 2e-5  # tests/test_vllm.py's
+SHORT, LONG, BLOCK = 64, 256, 64
+ENGINE = dict(dtype="float32", max_model_len=4096, block_size=BLOCK, max_num_seqs=8, max_num_batched_tokens=640,
+              limit_mm_per_prompt={"image": 2, "video": 1})
+#: vLLM's compilation traced whole, run by dynamo's eager backend without the warm-up forward: starts in seconds
+NO_WARM_UP = {"VLLM_CPU_CI_ENV": "1"}
+ANSWER = ("The picture is a field of coloured noise: small squares of red, green and blue pixels, scattered with no "
+          "pattern, no object, no text and no horizon; bright and dark pixels sit side by side everywhere, so that "
+          "nothing in it can be named, counted or read.")
+
+
+def conversation(turns: int, image_seed: int) -> list[dict]:
+    """The requests of a chat about one 6-tile image, each turn resending the whole conversation."""
+    text = USER.format("<image>\nDescribe the picture.")
+    requests = [request_spec("", images=[(*SIX_TILES, image_seed)]) | {"prompt": text}]
+    for turn in range(1, turns):
+        text += ANSWER + "<|im_end|>\n" + USER.format(f"Question {turn}: what else is in the picture?")
+        requests.append(requests[0] | {"prompt": text})
+    return requests
+
+
+def run(tmp_path: Path, folder: Path, rounds: list[list[dict]], engine: dict | None = None,
+        max_tokens: int = 4) -> dict:
+    spec, out = tmp_path / "spec.json", tmp_path / "out.json"
+    spec.write_text(json.dumps({"checkpoint": str(folder), "engine": dict(ENGINE, **(engine or {})),
+                                "rounds": rounds, "max_tokens": max_tokens}))
+    import os
+
+    done = subprocess.run([sys.executable, str(HERE / "vllm_prefix_engine.py"), str(spec), str(out)],
+                          capture_output=True, text=True, timeout=900, env={**os.environ, **NO_WARM_UP})
+    (tmp_path / "engine.log").write_text(done.stdout + done.stderr)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
+    return json.loads(out.read_text()) | {"log": done.stdout + done.stderr}
+
+
+def assert_transformers_answers(folder: Path, rounds: list[list[dict]], result: dict, max_tokens: int = 4) -> None:
+    model = InternVLXForConditionalGeneration.from_pretrained(folder).eval()
+    processor = InternVLXProcessor.from_pretrained(folder)
+    references: dict[str, dict] = {}
+    for requests, answers in zip(rounds, result["rounds"]):
+        for request, got in zip(requests, answers):
+            key = json.dumps(request, sort_keys=True)
+            if key not in references:
+                references[key] = reference_generate(
+                    model, processor, request["prompt"], images=[image(*i) for i in request["images"]] or None,
+                    max_new_tokens=max_tokens)
+            want = references[key]
+            assert got["tokens"] == want["tokens"], request["prompt"][-60:]
+            assert max(abs(a - b) for a, b in zip(got["logprobs"], want["logprobs"])) <= LOGPROB_ATOL
+
+
+def image_span(folder: Path, request: dict) -> tuple[list[int], int]:
+    """(each tile's first index, the index past the last tile) in vLLM's long-layout prompt of `request`."""
+    processor = InternVLXProcessor.from_pretrained(folder)
+    ids = processor(text=request["prompt"], images=[image(*i) for i in request["images"]],
+                    return_tensors="pt")["input_ids"][0].tolist()
+    first = ids.index(IMAGE_TOKEN_ID)
+    tiles = ids.count(IMAGE_TOKEN_ID) // SHORT
+    return [first + tile * LONG for tile in range(tiles)], first + tiles * LONG
+
+
+@pytest.mark.parametrize("hr_scale", ["none", "rms"])
+def test_a_chat_is_served_from_the_prefix_cache_turn_after_turn(tmp_path, hr_scale):
+    """A 4-turn chat about one 6-tile image, each turn resent whole, prefilled in chunks of whole tiles: turn 2 is
+    served up to the last tile's start (its hit ends inside the image, at a tile boundary, vLLM copying the partly
+    used blocks); turns 3 and 4 up to a block in the text after the image; vLLM's hit counter counts exactly those
+    tokens, and every answer is transformers'. Before, every turn was prefilled whole (hits 0)."""
+    folder = build_checkpoint(tmp_path / "lvtc", llm="qwen2", lvtc=dict(expand_layer=2, hr_scale=hr_scale),
+                              vision=dict(patch_size=7))
+    turns = conversation(4, image_seed=2)
+    rounds = [[turn] for turn in turns]
+    result = run(tmp_path, folder, rounds)
+    assert result["caching"] is True and "  - enable_prefix_caching" not in result["log"]
+    cached = [answers[0]["cached_tokens"] for answers in result["rounds"]]
+    starts, end = image_span(folder, turns[0])
+    assert len(starts) == 6
+    assert cached[0] == 0
+    assert cached[1] == starts[-1]  # inside the image: at the last tile's start (the block boundary splits it)
+    for turn in (2, 3):
+        assert cached[turn] > end and cached[turn] % BLOCK == 0, cached  # in the text after the image
+        assert cached[turn] >= result["rounds"][turn - 1][0]["prompt_tokens"] - BLOCK, cached
+    assert result["counters"]["hits"] == sum(cached)
+    assert result["counters"]["queries"] == sum(answers[0]["prompt_tokens"] for answers in result["rounds"])
+    assert_transformers_answers(folder, rounds, result)
+
+
+def test_many_users_asking_about_one_image_are_served_its_tiles_from_the_cache(tmp_path):
+    """Users asking different questions about one image, one after another and then together: each later prompt is
+    served the image's tiles but the last from the cache (a block boundary falls in the last tile, so the hit ends at
+    its start); a prompt with a shared text start and no image is served that start; answers are transformers'."""
+    folder = build_checkpoint(tmp_path / "lvtc", llm="qwen2", lvtc=dict(expand_layer=2), vision=dict(patch_size=7))
+    questions = ["What is this?", "Which colours?", "Is there text?", "Describe it in one word."]
+    users = [request_spec(f"<image>\n{q}", images=[(*SIX_TILES, 5)]) for q in questions]
+    system = "You are a careful assistant who answers in one short sentence, plainly, without lists. " * 6
+    texts = [request_spec(system + q) for q in questions[:2]]
+    rounds = [[user] for user in users] + [users] + [[text] for text in texts]
+    result = run(tmp_path, folder, rounds)
+    starts, _ = image_span(folder, users[0])
+    cached = [[answer["cached_tokens"] for answer in answers] for answers in result["rounds"]]
+    assert cached[0] == [0] and all(hit == [starts[-1]] for hit in cached[1:4]), cached
+    assert all(hit >= starts[-1] for hit in cached[4]), cached  # together: each served at least as much
+    assert cached[5] == [0] and cached[6][0] > 0 and cached[6][0] % BLOCK == 0, cached  # the shared text start
+    assert result["counters"]["hits"] == sum(map(sum, cached))
+    assert_transformers_answers(folder, rounds, result)
+
+
+def test_evicted_and_preempted_requests_holding_cached_blocks_answer_as_transformers(tmp_path):
+    """A KV pool of 72 blocks (a 6-tile prompt takes 32 of them): three images in turn evict the first one's cached
+    blocks, which is then asked about again (served what is left, recomputed the rest); then nine requests at once,
+    one on the cached image, decoding past their blocks, preempt one another. Every answer is transformers' (32
+    greedy tokens)."""
+    folder = build_checkpoint(tmp_path / "lvtc", llm="qwen2", lvtc=dict(expand_layer=2), vision=dict(patch_size=7))
+    first = conversation(2, image_seed=7)
+    others = [request_spec("<image>\nDescribe the picture.", images=[(*SIX_TILES, seed)]) for seed in (8, 9)]
+    small = [request_spec("<image>\nWhat is this?", images=[(*ONE_TILE, seed)]) for seed in range(10, 18)]
+    rounds = [[first[0]], [others[0]], [others[1]], [first[1]], [first[1], *small]]
+    result = run(tmp_path, folder, rounds, engine=dict(num_gpu_blocks_override=72, max_model_len=2048),
+                 max_tokens=32)
+    starts, _ = image_span(folder, first[0])
+    assert result["rounds"][3][0]["cached_tokens"] < starts[-1]  # the first image's blocks were evicted
+    assert result["rounds"][4][0]["cached_tokens"] > 0  # (then cached again)
+    assert result["preemptions"] >= 1, result["preemptions"]
+    assert_transformers_answers(folder, rounds, result, max_tokens=32)

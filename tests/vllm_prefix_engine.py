@@ -1,0 +1,58 @@
+"""Child process of tests/test_vllm_prefix_caching.py: one vLLM engine answering requests in the order given, each
+with what vLLM's prefix cache served it.
+
+`python tests/vllm_prefix_engine.py SPEC OUT`. SPEC (JSON): `checkpoint`, `engine` (LLM options), `max_tokens`, and
+`rounds`: a list of rounds, each a list of requests (tests/vllm_engine.py's format) sent together in one
+`LLM.generate` call, the rounds one after another (a conversation's turns, users one after another). OUT: per round,
+per request, the prompt's length, the tokens vLLM took from its prefix cache (`num_cached_tokens`), greedy tokens and
+logprobs; and vLLM's own prefix-cache counters and the scheduler's preemptions after the last round.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine core in this process: its scheduler is readable
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+from vllm_engine import _inputs  # noqa: E402
+
+
+def counters(llm) -> dict:
+    """vLLM's prefix-cache counters (its metrics; `disable_log_stats=False`)."""
+    metrics = {metric.name: metric for metric in llm.get_metrics()}
+    return {name: metrics[f"vllm:prefix_cache_{name}"].value for name in ("queries", "hits")}
+
+
+def main(spec_path: str, out_path: str) -> None:
+    from vllm import LLM, SamplingParams
+
+    spec = json.loads(Path(spec_path).read_text())
+    llm = LLM(spec["checkpoint"], disable_log_stats=False, **spec["engine"])
+    params = SamplingParams(temperature=0.0, max_tokens=spec.get("max_tokens", 4), logprobs=1, ignore_eos=True)
+    rounds = []
+    for requests in spec["rounds"]:
+        outputs = llm.generate([_inputs(request) for request in requests], params, use_tqdm=False)
+        rounds.append([{
+            "prompt_tokens": len(out.prompt_token_ids),
+            "cached_tokens": out.num_cached_tokens,
+            "tokens": list(out.outputs[0].token_ids),
+            "logprobs": [step[token].logprob for step, token in zip(out.outputs[0].logprobs,
+                                                                     out.outputs[0].token_ids)],
+        } for out in outputs])
+    core = getattr(llm.llm_engine.engine_core, "engine_core", None)
+    scheduler = core.scheduler if core is not None else None
+    Path(out_path).write_text(json.dumps({
+        "rounds": rounds, "counters": counters(llm),
+        "preemptions": getattr(scheduler, "preemptions", None),
+        "caching": llm.llm_engine.vllm_config.cache_config.enable_prefix_caching,
+        "block_size": llm.llm_engine.vllm_config.cache_config.block_size,
+    }))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
