@@ -44,6 +44,7 @@ _LOAD_ANYWHERE = """
 import json, sys, torch
 from PIL import Image
 from transformers import AutoModel, AutoProcessor
+torch.set_num_threads(1)  # the reduction order of `_logits`, so that both sides compute the same float32 sums
 results = {}
 for folder in sys.argv[1:]:
     model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
@@ -78,8 +79,15 @@ def _logits(folder, adapter=None):
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is it?"}]}]
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
     inputs = processor(text=[prompt], images=[Image.new("RGB", (64, 64), (220, 30, 30))], return_tensors="pt")
-    with torch.no_grad():
-        return model.eval()(**inputs).logits[0, -1, :8]
+    # one thread, as `_LOAD_ANYWHERE` computes them, so that both processes take each float32 sum in the same order
+    # (a CI run beside another found these logits 1.9e-5 apart with the default threads)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            return model.eval()(**inputs).logits[0, -1, :8]
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("preset", [pytest.param("stage2", marks=pytest.mark.oldest), "lora"])
