@@ -93,6 +93,48 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.invert_yaxis()
 
 
+def measure(folders: dict, rounds: int, work: list[str], answer_tokens: int, root: Path) -> dict:
+    """Time `work` (chat, users, decode) on plain-1024 and LVTC (`folders` of `bench_vllm_lvtc_savings`'s
+    `savings_checkpoints`) in one child process; the results file's contents (rows, engines, cache hits, raw times).
+    `bench_vllm_lvtc_savings.py savings` calls it too, so that one run records both benchmarks' figures."""
+    import vllm
+
+    chosen = {"chat": {"turns": 4, "answer_tokens": answer_tokens}, "users": {"users": 8, "max_tokens": 16},
+              "decode": {}}
+    chosen = {key: value for key, value in chosen.items() if key in work}
+    engines = [{"name": "plain-1024", "checkpoint": str(folders["plain-1024"]), "options": ENGINE},
+               {"name": "lvtc", "checkpoint": str(folders["lvtc"]), "options": ENGINE}]
+    spec = {"engines": engines, "rounds": rounds, "image": IMAGE, "work": chosen}
+    (root / "conversation-spec.json").write_text(json.dumps(spec))
+    child = subprocess.Popen([sys.executable, str(HERE / "vllm_conversation_engine.py"),
+                              str(root / "conversation-spec.json"), str(root / "conversation-out.json")], text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    log = []
+    for line in child.stdout:
+        log.append(line)
+        if line.startswith("[engine]") or "InternVL-X" in line or line.startswith("  - "):
+            print(line, end="", flush=True)
+    if child.wait() != 0:
+        raise SystemExit("engine process failed; its last output:\n" + "".join(log[-60:]))
+    results = json.loads((root / "conversation-out.json").read_text())
+    names = ["plain-1024", "lvtc"]
+    rows = figures(results, names)
+    for name in names:
+        turns = results[name]["chat_cached"]
+        if turns:
+            print(f"{name}: prefix-cache tokens per chat turn, each round: {turns}; engine {results[name]['engine']}")
+    return {"experiment": "LVTC (saving path) against plain-1024 of the same weights in a conversation, vLLM's "
+                          "defaults (prefix caching and chunked prefill on), one run, engines interleaved",
+            "date": datetime.date.today().isoformat(), "vllm": vllm.__version__,
+            "image": IMAGE, "work": chosen, "engine_options": ENGINE, "rows": rows,
+            "engines": {name: results[name]["engine"] for name in names},
+            "cached_tokens": {name: {"chat": results[name]["chat_cached"], "users": results[name]["users_cached"]}
+                              for name in names},
+            "chat_prompt_tokens": {name: results[name]["chat_prompt_tokens"] for name in names},
+            "raw": {name: {key: value for key, value in results[name].items() if key.endswith("_s")}
+                    for name in names}}
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5)
@@ -111,51 +153,17 @@ def main(argv=None) -> None:
         return
     sys.path.insert(0, str(HERE))
     import bench_vllm_lvtc_savings as savings
-    import vllm
 
-    work = {"chat": {"turns": 4, "answer_tokens": args.answer_tokens}, "users": {"users": 8, "max_tokens": 16},
-            "decode": {}}
-    work = {key: value for key, value in work.items() if key in args.work.split(",")}
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        folders = savings.savings_checkpoints(root, savings.SIZES[args.size])
-        engines = [{"name": "plain-1024", "checkpoint": str(folders["plain-1024"]), "options": ENGINE},
-                   {"name": "lvtc", "checkpoint": str(folders["lvtc"]), "options": ENGINE}]
-        spec = {"engines": engines, "rounds": args.rounds, "image": IMAGE, "work": work}
-        (root / "spec.json").write_text(json.dumps(spec))
-        child = subprocess.Popen([sys.executable, str(HERE / "vllm_conversation_engine.py"), str(root / "spec.json"),
-                                  str(root / "out.json")], text=True, stdout=subprocess.PIPE,
-                                 stderr=subprocess.STDOUT)
-        log = []
-        for line in child.stdout:
-            log.append(line)
-            if line.startswith("[engine]") or "InternVL-X" in line or line.startswith("  - "):
-                print(line, end="", flush=True)
-        if child.wait() != 0:
-            raise SystemExit("engine process failed; its last output:\n" + "".join(log[-60:]))
-        results = json.loads((root / "out.json").read_text())
-    names = ["plain-1024", "lvtc"]
-    rows = figures(results, names)
-    out = {"experiment": "LVTC (saving path) against plain-1024 of the same weights in a conversation, vLLM's "
-                         "defaults (prefix caching and chunked prefill on), one run, engines interleaved",
-           "date": datetime.date.today().isoformat(), "vllm": vllm.__version__, "model": args.size,
-           "image": IMAGE, "work": work, "engine_options": ENGINE, "rows": rows,
-           "engines": {name: results[name]["engine"] for name in names},
-           "cached_tokens": {name: {"chat": results[name]["chat_cached"], "users": results[name]["users_cached"]}
-                             for name in names},
-           "chat_prompt_tokens": {name: results[name]["chat_prompt_tokens"] for name in names},
-           "raw": {name: {key: value for key, value in results[name].items() if key.endswith("_s")}
-                   for name in names}}
+        folders = savings.savings_checkpoints(Path(tmp), savings.SIZES[args.size])
+        out = measure(folders, args.rounds, args.work.split(","), args.answer_tokens, Path(tmp))
+    out["model"] = args.size
     write_text(RESULTS / f"{args.out}.json", json.dumps(out, indent=1) + "\n")
-    print(format_table(rows))
-    for name in names:
-        turns = results[name]["chat_cached"]
-        if turns:
-            print(f"{name}: prefix-cache tokens per chat turn, each round: {turns}; engine {results[name]['engine']}")
+    print(format_table(out["rows"]))
     print(f"written: benchmarks/results/{args.out}.json")
     if args.plot:
         try:
-            plot(rows, RESULTS / f"{args.out}.png")
+            plot(out["rows"], RESULTS / f"{args.out}.png")
             print(f"written: benchmarks/results/{args.out}.png")
         except ImportError:
             print(f"no matplotlib here: .venv/bin/python {Path(__file__).relative_to(HERE.parent)} --plot-from "

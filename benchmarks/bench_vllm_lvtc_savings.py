@@ -23,9 +23,12 @@ in a child process (`vllm_lvtc_savings_engine.py`).
            Records KV blocks held per request (layer-blocks: blocks x layers of each group), prefill time of one
            request (max_tokens=1), requests/s at concurrency 4 and 16, the FLOPs of each prefill counted on the
            transformers models (torch's FlopCounterMode, as bench_models.py counts them), and parity of the
-           saving path's greedy tokens with transformers'. Writes benchmarks/results/vllm-lvtc-savings.json
-           (the issue's figures) and vllm-lvtc-savings-runs.json (everything measured); `--size mid`:
-           vllm-lvtc-savings-mid*.json.
+           saving path's greedy tokens with transformers'. Then (`--conversation-rounds`, default 5) the
+           conversation benchmark's chat, users and decode on plain-1024 and LVTC of the same checkpoints
+           (bench_vllm_lvtc_conversation.py). Every engine with vLLM's defaults (prefix caching and chunked prefill
+           on). Writes benchmarks/results/vllm-lvtc-savings.json (one request's figures) and
+           vllm-lvtc-savings-runs.json (everything measured, the conversation's rows and each target met or not);
+           `--size mid`: vllm-lvtc-savings-mid*.json.
 
     .venv-vllm/bin/python benchmarks/bench_vllm_lvtc_savings.py parity
     .venv-vllm/bin/python benchmarks/bench_vllm_lvtc_savings.py savings --plot
@@ -238,14 +241,16 @@ SIZES = {"mid": MID_TEXT,
 SAVINGS_VISION = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
                       image_size=448, patch_size=14)
 SAVINGS_EXPAND = 6  # k = 3/4 of the depth, as bench_models.py's LVTC
-# Every engine alike, for one request's figures: prefix caching off (a repeated request would otherwise skip its
-# prefill; bench_vllm_lvtc_conversation.py measures it on), and chunked prefill off as in the runs recorded before the
-# saving path's chunks at tile boundaries: vLLM 0.32 still splits an image whose chunk starts exactly at the image under
-# disable_chunked_mm_input (vllm-project/vllm#52306, fix #52412 open), which the LVTC models refuse (measured: the
-# shipped plugin's engine stopped at concurrency 16 with "a tile was split between scheduler steps").
-SAVINGS_ENGINE = dict(dtype="float32", enforce_eager=False, max_model_len=8192, max_num_batched_tokens=8192,
-                      gpu_memory_utilization=0.15, max_num_seqs=16, limit_mm_per_prompt={"image": 1, "video": 0},
-                      enable_prefix_caching=False, enable_chunked_prefill=False)
+# Every engine with vLLM's defaults (prefix caching and chunked prefill on; each timed round's images are new, so the
+# prefix cache serves a timed request none of its image), but for what the CPU test machine needs (float32, a prompt
+# length for 6 tiles, one image per prompt) and a sequence bound above the largest concurrency timed. Runs recorded
+# before the saving path's chunks at tile boundaries (2026-11-25 and earlier) had chunked prefill and prefix caching
+# off and max_num_batched_tokens 8192.
+SAVINGS_ENGINE = dict(dtype="float32", enforce_eager=False, max_model_len=8192, gpu_memory_utilization=0.15,
+                      max_num_seqs=16, limit_mm_per_prompt={"image": 1, "video": 0})
+#: The issue's targets (67): one request's figures and a chat's, each LVTC (saving path) / plain-1024 in one run.
+TARGETS = {"prefill_ratio": ("<=", 0.55), "kv_within_target": ("<=", 0.10), "requests_per_s_ratio": (">=", 1.8),
+           "chat turns 2-4 prefill s": ("<=", 1.0), "chat whole prefill s": ("<=", 0.6)}
 PREFILL_REQUESTS = {
     "1 tile": request_spec("<image>\nDescribe the picture.", images=[(448, 448, 11)]),
     "3 tiles": request_spec("<image>\nDescribe the picture.", images=[(896, 448, 12)]),  # 2 tiles + thumbnail
@@ -443,6 +448,12 @@ def savings(args) -> None:
                   f"{parity_rows[-2]['tokens_equal']}/{parity_rows[-1]['tokens_equal']}", flush=True)
         flops = {key: {name: prefill_flops(folders[name], request)
                        for name in ("plain-1024", "plain-256", "lvtc")} for key, request in PREFILL_REQUESTS.items()}
+        conversation = None
+        if args.conversation_rounds:
+            import bench_vllm_lvtc_conversation
+
+            conversation = bench_vllm_lvtc_conversation.measure(folders, args.conversation_rounds,
+                                                                ["chat", "users", "decode"], 128, root)
     run = {"vllm": vllm.__version__, "date": datetime.date.today().isoformat(), "plugin_commit": plugin_commit(),
            "enforce_eager": False}
     per_request, rps, figures = summarise(results, flops, SIZES[args.size]["num_hidden_layers"], SAVINGS_EXPAND,
@@ -460,6 +471,9 @@ def savings(args) -> None:
             # what `summarise` needs besides `raw`, `groups` and the rows' blocks_held / prompt_tokens (`measurements`)
             "flops_counted": {key: {name: list(counted) for name, counted in row.items()}
                               for key, row in flops.items()}}
+    if conversation is not None:  # bench_vllm_lvtc_conversation.py's figures on the same checkpoints, in this run
+        runs["conversation"] = conversation
+    runs["targets"] = targets(figures, conversation)
     RESULTS.mkdir(exist_ok=True)
     runs["settings"] = {"repeats": args.repeats, "load_repeats": args.load_repeats,
                         "concurrency": args.concurrency, "max_tokens": args.max_tokens,
@@ -469,9 +483,33 @@ def savings(args) -> None:
     write_text(RESULTS / f"{name}.json", json.dumps(figures, indent=1) + "\n")
     write_text(RESULTS / f"{name}-runs.json", json.dumps(runs, indent=1) + "\n")
     print(table(runs))
+    if conversation is not None:
+        from internvlx_hf.bench.harness import format_table
+
+        print(format_table(conversation["rows"]))
+    for figure, row in runs["targets"].items():
+        print(f"target {figure}: {row['value']} {row['test']} {row['target']}: {'met' if row['met'] else 'NOT MET'}")
     print(f"written: benchmarks/results/{name}.json, {name}-runs.json")
     if args.plot:
         plot(runs, RESULTS / f"{name}.png")
+
+
+def targets(figures: dict, conversation: dict | None) -> dict:
+    """Each of `TARGETS` with the run's value and whether it is met: one request's figures (`summarise`'s) and, where
+    the run timed a conversation, its chat ratios (LVTC / plain-1024, medians of the rounds' ratios)."""
+    values = {"prefill_ratio": figures["prefill_ratio"],
+              "kv_within_target": round(abs(figures["kv_blocks_ratio"] / figures["kv_target"] - 1), 4)}
+    if "requests_per_s_ratio" in figures:
+        values["requests_per_s_ratio"] = min(figures["requests_per_s_ratio"].values())
+    for row in (conversation or {}).get("rows", ()):
+        values[row["figure"]] = row["ratio"]
+    out = {}
+    for figure, (test, target) in TARGETS.items():
+        if figure in values:
+            value = values[figure]
+            out[figure] = {"value": value, "test": test, "target": target,
+                           "met": value <= target if test == "<=" else value >= target}
+    return out
 
 
 def engine_order(runs: dict) -> list[str]:
@@ -587,6 +625,9 @@ def main(argv=None) -> None:
     parser.add_argument("--size", choices=sorted(SIZES), default="wide",
                         help="savings, kv: the LLM's width (wide: 768, the ViT's share of InternVL2-4B, the issue's "
                              "measurement; mid: 512, of InternVL2-2B)")
+    parser.add_argument("--conversation-rounds", type=int, default=5, metavar="N",
+                        help="savings: also time bench_vllm_lvtc_conversation.py's chat, users and decode on the same "
+                             "checkpoints, N rounds (0: not)")
     parser.add_argument("--block-size", type=int, default=32, help="kv: the KV cache's block size")
     parser.add_argument("--out", default=None,
                         help="results/<OUT>.json (savings: also <OUT>-runs.json); default: the recorded run's name "
