@@ -256,6 +256,7 @@ def test_plots_show_the_spread_and_memory_labels_do_not_overlap(tmp_path):
     (["prefill", "{root}/plain", "--tiles", "0"], "--tiles must be >= 1"),
     (["serve", "ftp://127.0.0.1:1"], "give the server's base address"),
     (["serve", "http://127.0.0.1:{port}", "--requests", "1"], "cannot reach http://127.0.0.1:"),
+    (["serve", "http://127.0.0.1:{port}", "--turns", "0"], "--turns must be >= 1"),
 ])
 def test_bad_input_is_one_clear_line(folders, tmp_path, capsys, argv, message):
     with socket.socket() as sock:  # a port nothing listens on
@@ -300,9 +301,14 @@ def test_serve_against_internvlx_serve(tmp_path, capsys):
         code, out, err = _run(["bench", "serve", url + "/v1", "--concurrency", "1", "--concurrency", "2",
                                "--requests", "3", "--image-size", "64", "--max-tokens", "2", "--out", str(out_json),
                                "--plot", str(out_png)], capsys)
+        chat_json, chat_png = tmp_path / "c.json", tmp_path / "c.png"
+        chat = _run(["bench", "serve", url, "--turns", "3", "--same-image", "--concurrency", "1", "--concurrency",
+                     "2", "--requests", "2", "--image-size", "64", "--max-tokens", "2", "--out", str(chat_json),
+                     "--plot", str(chat_png)], capsys)
     finally:
         stop(server)
     assert code == 0, err + log.read_text()
+    _check_chat_rows(chat, chat_json, chat_png, log)
     assert out.splitlines()[0].split() == ["concurrency", "requests", "requests_per_s", "p50_s", "p95_s",
                                            "completion_tokens"]
     data = json.loads(out_json.read_text())
@@ -311,4 +317,26 @@ def test_serve_against_internvlx_serve(tmp_path, capsys):
     assert [(r["concurrency"], r["requests"]) for r in rows] == [(1, 3), (2, 3)]
     assert all(r["requests_per_s"] > 0 and 0 < r["p50_s"] <= r["p95_s"] for r in rows)
     assert all(1 <= r["completion_tokens"] <= 6 for r in rows)
+    assert out_png.read_bytes().startswith(PNG)
+
+
+def _check_chat_rows(run, out_json, out_png, log):
+    """`--turns 3`: a row per level with chats, first and later turns' latency, the later turns' prompt tokens (the
+    conversation resent: longer than a first turn's) and no cache count from a server that reports none, with a note
+    that says so."""
+    code, out, err = run
+    assert code == 0, err + log.read_text()
+    lines = out.splitlines()
+    assert lines[0].split() == ["concurrency", "chats", "turns_per_s", "first_p50_s", "later_p50_s", "later_p95_s",
+                                "later_vs_first", "later_prompt_tokens", "later_cached_tokens"]
+    data = json.loads(out_json.read_text())
+    assert data["settings"]["turns"] == 3 and data["settings"]["same_image"] is True
+    rows = data["rows"]
+    assert [(r["concurrency"], r["chats"], r["turns"]) for r in rows] == [(1, 2, 3), (2, 2, 3)]
+    assert all(r["turns_per_s"] > 0 and 0 < r["later_p50_s"] <= r["later_p95_s"] and r["first_p50_s"] > 0
+               for r in rows)
+    assert all(r["later_vs_first"] == pytest.approx(r["later_p50_s"] / r["first_p50_s"]) for r in rows)
+    assert all(r["later_cached_tokens"] is None for r in rows)
+    assert all(r["later_prompt_tokens"] > 0 for r in rows), rows
+    assert sum("did not say which prompt tokens came from its cache" in line for line in lines) == 2
     assert out_png.read_bytes().startswith(PNG)

@@ -62,7 +62,8 @@ def _start(folder: Path, log: Path, compiled: bool = False, max_model_len: int =
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder),
                "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
                "--max-model-len", str(max_model_len), "--gpu-memory-utilization", "0.15", "--max-num-seqs", "4",
-               "--limit-mm-per-prompt", '{"image": 2}', "--mm-processor-kwargs", f'{{"max_tiles": {MAX_TILES}}}']
+               "--limit-mm-per-prompt", '{"image": 2}', "--mm-processor-kwargs", f'{{"max_tiles": {MAX_TILES}}}',
+               "--enable-prompt-tokens-details"]  # (each answer's cached tokens: `internvlx bench serve --turns`)
     command += [] if compiled else ["--enforce-eager"]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1",
            "VLLM_CACHE_ROOT": str(log.parent / f"{folder.name}-vllm-cache")}
@@ -280,6 +281,24 @@ def test_an_lvtc_chat_behind_the_server_is_served_from_the_prefix_cache(servers)
     config = InternVLXForConditionalGeneration.config_class.from_pretrained(folder)
     tiles = 3  # 900x448 at max_tiles 4: 2 tiles and the thumbnail
     assert hits[2] - hits[1] >= (tiles - 1) * lvtc_layout_of(config).long_per_tile, hits
+
+
+def test_bench_serve_turns_sees_an_lvtc_chat_served_from_the_cache(servers):
+    """`internvlx bench serve --turns 3` (`bench_chat`) against the LVTC server: each chat about a 5-tile image
+    (896 px square at max_tiles 4: 4 tiles and the thumbnail), resent whole each turn with the server's answers; the
+    server says (`--enable-prompt-tokens-details`) that its prefix cache served the later turns at least 3 tiles
+    each (turn 2 finds every tile but the last, whose block it shares with the question), and never all of them."""
+    from internvlx_hf.bench.serve import bench_chat, chat_notes
+
+    folder, client = servers["qwen2-lvtc"]
+    rows = bench_chat(str(client.base_url), concurrency=(1,), requests=2, turns=3, model=str(folder),
+                      image_size=896, max_tokens=8, progress=False)
+    (row,) = rows
+    assert (row["chats"], row["turns"]) == (2, 3)
+    long_per_tile = lvtc_layout_of(InternVLXForConditionalGeneration.config_class.from_pretrained(folder)).long_per_tile
+    later_turns = 2 * 2
+    assert later_turns * 3 * long_per_tile <= row["later_cached_tokens"] < row["later_prompt_tokens"], row
+    assert "its prefix cache served" in chat_notes(rows)[0]
 
 
 def test_a_folder_with_an_older_template_is_fixed_at_load_with_one_line(servers):

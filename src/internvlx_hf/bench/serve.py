@@ -5,6 +5,12 @@ question; ``max_tokens`` bounds the answer. At each concurrency level, that many
 to back until ``requests`` have finished; the row gives requests/s (finished requests over the level's wall time)
 and the p50 / p95 latency of a request. Any failed request stops the run with the server's answer: a benchmark of
 errors would be a wrong figure.
+
+Conversation mode (`bench_chat`, ``--turns N``): each request is a chat of N turns about one image, the client
+resending the whole conversation (the image, every question and the server's own answers) each turn, as chat
+applications do; its row splits the latency of the first turn from the later ones (what a server's prefix cache
+shortens) and gives the prompt tokens the server says it served from its cache, where it says so (vLLM:
+``--enable-prompt-tokens-details``). ``same_image``: every request about one image (many users, one picture).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 from .harness import BenchError, Progress
 
@@ -92,17 +99,23 @@ def served_model(base: str, api_key: str | None = None, timeout: float = 30) -> 
     return models[0]["id"]
 
 
-def bench_serve(url: str, concurrency=(1, 4), requests: int = 16, model: str | None = None, image_size: int = 448,
-                max_tokens: int = 16, api_key: str | None = None, timeout: float = 300,
-                progress: bool = True) -> list[dict]:
-    """One row per concurrency level: requests, seconds, requests/s, p50 / p95 latency, completion tokens."""
+def _check_sizes(requests: int, concurrency, image_size: int, turns: int = 1) -> None:
     if requests < 1 or any(c < 1 for c in concurrency):
         raise ValueError(f"--requests and --concurrency must be >= 1, got {requests} and {list(concurrency)}.")
     if image_size < 28:
         raise ValueError(f"--image-size must be >= 28 pixels, got {image_size}.")
+    if turns < 1:
+        raise ValueError(f"--turns must be >= 1, got {turns}.")
+
+
+def bench_serve(url: str, concurrency=(1, 4), requests: int = 16, model: str | None = None, image_size: int = 448,
+                max_tokens: int = 16, api_key: str | None = None, timeout: float = 300,
+                progress: bool = True, same_image: bool = False) -> list[dict]:
+    """One row per concurrency level: requests, seconds, requests/s, p50 / p95 latency, completion tokens."""
+    _check_sizes(requests, concurrency, image_size)
     base = check_url(url)
     model = model or served_model(base, api_key)
-    images = [_image_data_url(image_size, seed) for seed in range(8)]
+    images = [_image_data_url(image_size, seed) for seed in range(1 if same_image else 8)]
 
     def one(i: int) -> tuple[float, int]:
         body = {"model": model, "max_tokens": max_tokens, "temperature": 0.0, "messages": [{"role": "user", "content": [
@@ -122,3 +135,97 @@ def bench_serve(url: str, concurrency=(1, 4), requests: int = 16, model: str | N
                      "completion_tokens": sum(n for _, n in done)})
         bar.step(f"concurrency {level}: {requests / wall:.3g} req/s")
     return rows
+
+
+#: The questions of a conversation, in turn (a chat of more turns asks them again).
+QUESTIONS = ("What colours are the circles?", "Which circle is the largest?", "Is any circle near the left edge?",
+             "Do any circles overlap?", "What is the background colour?", "Describe the picture in one sentence.")
+
+
+def _cached_tokens(usage: dict) -> int | None:
+    details = usage.get("prompt_tokens_details") or {}
+    cached = details.get("cached_tokens")
+    return None if cached is None else int(cached)
+
+
+def bench_chat(url: str, concurrency=(1, 4), requests: int = 8, turns: int = 4, model: str | None = None,
+               image_size: int = 448, max_tokens: int = 16, api_key: str | None = None, timeout: float = 300,
+               progress: bool = True, same_image: bool = False) -> list[dict]:
+    """Conversation mode: each request a chat of ``turns`` turns about one image, resent whole each turn with the
+    server's answers. One row per concurrency level: chats, seconds, turns/s, p50 latency of the first turns and
+    p50 / p95 of the later ones, their ratio, prompt tokens of the later turns and how many the server served from its
+    prefix cache (None where it does not say)."""
+    _check_sizes(requests, concurrency, image_size, turns)
+    base = check_url(url)
+    model = model or served_model(base, api_key)
+    offset = [0]  # each level's chats get images of their own (a cache that saw one level's serves none of the next)
+
+    def chat(i: int) -> list[tuple[float, int, int | None]]:
+        picture = _image_data_url(image_size, 1000 * offset[0] + (0 if same_image else i))
+        messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": picture}},
+                                                 {"type": "text", "text": QUESTIONS[i % len(QUESTIONS)]}]}]
+        done = []
+        for turn in range(turns):
+            body = {"model": model, "max_tokens": max_tokens, "temperature": 0.0, "messages": messages}
+            elapsed, answer = post_chat(base, body, api_key, timeout)
+            usage = answer.get("usage") or {}
+            done.append((elapsed, int(usage.get("prompt_tokens") or 0), _cached_tokens(usage)))
+            text = (answer["choices"][0].get("message") or {}).get("content") or ""
+            messages = messages + [{"role": "assistant", "content": text},
+                                   {"role": "user", "content": QUESTIONS[(i + turn + 1) % len(QUESTIONS)]}]
+        return done
+
+    chat(0)  # warm-up (its image is not one of the timed chats')
+    bar = Progress(len(concurrency), "serve --turns", enabled=progress)
+    rows = []
+    for level_index, level in enumerate(concurrency):
+        offset[0] = level_index + 1
+        wall, chats = load_level(chat, range(requests), level)
+        first = [turns_[0][0] for turns_ in chats]
+        later = [t for turns_ in chats for t, _, _ in turns_[1:]]
+        cached = [c for turns_ in chats for _, _, c in turns_[1:]]
+        row = {"concurrency": level, "chats": requests, "turns": turns, "seconds": wall,
+               "turns_per_s": requests * turns / wall, "first_p50_s": statistics.median(first),
+               "later_p50_s": statistics.median(later) if later else None,
+               "later_p95_s": percentile(later, 0.95) if later else None,
+               "later_vs_first": statistics.median(later) / statistics.median(first) if later else None,
+               "later_prompt_tokens": sum(p for turns_ in chats for _, p, _ in turns_[1:]),
+               "later_cached_tokens": None if not later or None in cached else sum(cached)}
+        rows.append(row)
+        bar.step(f"concurrency {level}: {row['turns_per_s']:.3g} turns/s")
+    return rows
+
+
+def chat_notes(rows: list[dict]) -> list[str]:
+    """A line per level: later turns against the first, and what the server's prefix cache served."""
+    notes = []
+    for row in rows:
+        if row["later_vs_first"] is None:
+            continue
+        line = f"concurrency {row['concurrency']}: a later turn took {row['later_vs_first']:.2f}x a first turn's time"
+        if row["later_cached_tokens"] is None:
+            line += ("; the server did not say which prompt tokens came from its cache (vLLM says so with "
+                     "--enable-prompt-tokens-details)")
+        else:
+            share = row["later_cached_tokens"] / max(row["later_prompt_tokens"], 1)
+            line += (f"; its prefix cache served {row['later_cached_tokens']} of the later turns' "
+                     f"{row['later_prompt_tokens']} prompt tokens ({share:.0%})")
+        notes.append(line)
+    return notes
+
+
+def plot_chat(path, rows: list[dict], title: str):
+    """p50 latency of first and later turns per concurrency level, side by side."""
+    from .harness import figure
+
+    with figure(path, figsize=(max(4.5, 1.6 * len(rows) + 2), 3.5), dpi=100) as (_, axes):
+        levels = range(len(rows))
+        axes.bar([x - 0.2 for x in levels], [row["first_p50_s"] for row in rows], 0.4, label="first turn",
+                 color="#999999")
+        axes.bar([x + 0.2 for x in levels], [row["later_p50_s"] or 0 for row in rows], 0.4, label="later turns",
+                 color="#4c72b0")
+        axes.set_xticks(list(levels), [f"concurrency {row['concurrency']}" for row in rows])
+        axes.set_ylabel("p50 latency (s)")
+        axes.set_title(title)
+        axes.legend(fontsize=8)
+    return Path(path)

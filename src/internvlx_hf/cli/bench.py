@@ -12,7 +12,8 @@ Measure a checkpoint on this machine, against its plain variants built from the 
   prefill FOLDER     one forward pass of a prompt (no labels, no grad): seconds per call
   train-step FOLDER  forward with labels + backward: seconds per step
   memory FOLDER      peak memory of prefill and train-step per variant
-  serve URL          requests/s and p50/p95 latency of a running OpenAI-compatible server (ours or vLLM)
+  serve URL          requests/s and p50/p95 latency of a running OpenAI-compatible server (ours or vLLM);
+                     --turns N: chats of N turns resent whole, first against later turns and prefix-cache hits
 
 Variants (--variants): "this" (the folder as saved), "plain-256" (same weights, LVTC off: every layer at the short
 layout, 256 tokens per 448 px tile) and "plain-1024" (same weights, an MLP projector at downsample 1.0: 1024 tokens
@@ -39,7 +40,8 @@ examples:
   internvlx bench prefill ./InternVL2-2B-X --tiles 1 --time-budget 120
   internvlx bench train-step ./InternVL2-2B-X --device cuda --dtype bfloat16 --repeats 20 --plot train.png
   internvlx bench memory ./InternVL2-2B-X --variants this,plain-1024
-  internvlx bench serve http://127.0.0.1:8000 --concurrency 1 --concurrency 8 --requests 64"""
+  internvlx bench serve http://127.0.0.1:8000 --concurrency 1 --concurrency 8 --requests 64
+  internvlx bench serve http://127.0.0.1:8000 --turns 4 --requests 8 --concurrency 1 --concurrency 4"""
 
 _MODEL_HELP = {
     "prefill": "seconds per prefill (one forward pass, no grad) against plain-256 / plain-1024",
@@ -114,12 +116,20 @@ def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     serve.add_argument("--model", default=None, help="model name to ask for (default: the first of /v1/models)")
     serve.add_argument("--concurrency", type=int, action="append", default=None, metavar="N",
                        help="parallel clients; repeat for several levels (default: 1 and 4)")
-    serve.add_argument("--requests", type=int, default=16, metavar="N", help="requests per level (default 16)")
+    serve.add_argument("--requests", type=int, default=16, metavar="N",
+                       help="requests per level (default 16); with --turns, chats per level")
     serve.add_argument("--image-size", type=int, default=448, metavar="PX", help="square image side (default 448)")
     serve.add_argument("--max-tokens", type=int, default=16, metavar="N", help="answer length bound (default 16)")
+    serve.add_argument("--turns", type=int, default=1, metavar="N",
+                       help="conversation mode: each request a chat of N turns about one image, resent whole each "
+                            "turn with the server's answers; the row splits first-turn and later-turn latency "
+                            "(what a prefix cache shortens) and counts the prompt tokens the server served from its "
+                            "cache where it says so (vLLM: --enable-prompt-tokens-details). Default 1")
+    serve.add_argument("--same-image", action="store_true",
+                       help="every request about one image (many users asking about one picture)")
     serve.add_argument("--api-key", default=None, help="Bearer key, if the server wants one")
     serve.add_argument("--timeout", type=float, default=300, metavar="S", help="per request (default 300)")
-    _add_common(serve, "a bar chart of requests/s per concurrency")
+    _add_common(serve, "a bar chart of requests/s per concurrency (with --turns: first and later turns' p50 latency)")
 
 
 def _check_bench(args: argparse.Namespace) -> None:
@@ -147,15 +157,26 @@ def _run_bench(args: argparse.Namespace) -> int:
     notes: list[str] = []
     try:
         if args.bench_command == "serve":
-            from ..bench.serve import bench_serve
+            from ..bench.serve import bench_chat, bench_serve, chat_notes, plot_chat
 
             settings = dict(url=args.url, model=args.model, concurrency=args.concurrency or [1, 4],
-                            requests=args.requests, image_size=args.image_size, max_tokens=args.max_tokens)
-            rows = bench_serve(args.url, settings["concurrency"], args.requests, args.model, args.image_size,
-                               args.max_tokens, args.api_key, args.timeout, progress)
-            table, columns = rows, ["concurrency", "requests", "requests_per_s", "p50_s", "p95_s", "completion_tokens"]
-            plot = partial(plot_rows, rows=rows, label="concurrency", value="requests_per_s",
-                           title="internvlx bench serve", ylabel="requests/s")
+                            requests=args.requests, image_size=args.image_size, max_tokens=args.max_tokens,
+                            turns=args.turns, same_image=args.same_image)
+            if args.turns == 1:
+                rows = bench_serve(args.url, settings["concurrency"], args.requests, args.model, args.image_size,
+                                   args.max_tokens, args.api_key, args.timeout, progress, args.same_image)
+                table, columns = rows, ["concurrency", "requests", "requests_per_s", "p50_s", "p95_s",
+                                        "completion_tokens"]
+                plot = partial(plot_rows, rows=rows, label="concurrency", value="requests_per_s",
+                               title="internvlx bench serve", ylabel="requests/s")
+            else:
+                rows = bench_chat(args.url, settings["concurrency"], args.requests, args.turns, args.model,
+                                  args.image_size, args.max_tokens, args.api_key, args.timeout, progress,
+                                  args.same_image)
+                table, columns = rows, ["concurrency", "chats", "turns_per_s", "first_p50_s", "later_p50_s",
+                                        "later_p95_s", "later_vs_first", "later_prompt_tokens", "later_cached_tokens"]
+                notes = chat_notes(rows)
+                plot = partial(plot_chat, rows=rows, title=f"internvlx bench serve --turns {args.turns}")
         elif args.bench_command == "memory":
             from ..bench.model import WORKLOADS, memory_notes, memory_variants, plot_memory
 

@@ -29,6 +29,7 @@ import bisect
 import contextvars
 import dataclasses
 import inspect
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -88,7 +89,7 @@ def tile_spans(request, long_per_tile: int) -> list[tuple[int, int]]:
     return sorted(spans)
 
 
-def whole_tiles_end(spans: list[tuple[int, int]], end: int) -> int:
+def whole_tiles_end(spans: Sequence[tuple[int, int]], end: int) -> int:
     """The latest chunk end (exclusive) at or before `end` that leaves no tile split: a tile's first index where `end`
     falls inside one."""
     index = bisect.bisect_right(spans, (end, end)) - 1  # the last tile that starts at or before `end`
@@ -126,18 +127,15 @@ class RequestTiles:
     def splits_tile(self, num_tokens: int) -> bool:
         return any(first < num_tokens <= last for first, last in self.spans)
 
-
-def hr_only_slots(request, short_per_tile: int, long_per_tile: int) -> list[int]:
-    """Sorted long-layout indices of a request's HR-only slots (each tile's slots past its first `short`)."""
-    slots: list[int] = []
-    for feature in request.mm_features or ():
-        place = feature.mm_position
-        embeds = torch.arange(place.offset, place.offset + place.length)
-        if place.is_embed is not None:
-            embeds = embeds[place.is_embed.to(torch.bool)]
-        slot = torch.arange(embeds.numel()) % long_per_tile
-        slots += embeds[slot >= short_per_tile].tolist()
-    return sorted(slots)
+    def longest_hit(self, max_length: int, held_short: int, step: int) -> int:
+        """The most long-layout tokens, at most `max_length`, that split no tile, whose short-layout tokens are among
+        the first `held_short`, and that end on a multiple of `step` or at a tile's start."""
+        if held_short <= 0:
+            return 0
+        # short() only grows, and stays at `held_short` up to the long index of the next short token
+        bound = min(max_length, self.long_index(held_short))
+        tile_starts = [first for first, _ in self.spans if first <= bound]
+        return max(whole_tiles_end(self.spans, bound // step * step), max(tile_starts, default=0))
 
 
 #: The request whose prefix-cache hit vLLM is looking up (`LVTCSchedulerMixin` sets it around the lookup): vLLM's
@@ -156,12 +154,12 @@ class _KeyedRequest:
         return getattr(self._request, name)
 
 
-def short_block_keys(tiles: RequestTiles, block_hashes, num_blocks: int, block_size: int) -> list:
-    """The prefix-cache key of each of a request's first `num_blocks` short-group blocks: the long-layout block hash
-    (vLLM's, chained over every token and image before it) of the block holding the short block's last token, which
-    covers everything that block's K/V depends on; as many keys as such long blocks are full."""
+def short_block_keys(tiles: RequestTiles, block_hashes, num_blocks: int, block_size: int, first: int = 0) -> list:
+    """The prefix-cache key of each of a request's short-group blocks `first` to `num_blocks` - 1: the long-layout
+    block hash (vLLM's, chained over every token and image before it) of the block holding the short block's last
+    token, which covers everything that block's K/V depends on; as many keys as such long blocks are full."""
     keys = []
-    for block in range(num_blocks):
+    for block in range(first, num_blocks):
         long_block = tiles.long_index((block + 1) * block_size - 1) // block_size
         if long_block >= len(block_hashes):
             break
@@ -181,17 +179,22 @@ class LVTCShortManager(FullAttentionManager):
         self.short_per_tile = kv_cache_spec.short_per_tile
         self.long_per_tile = kv_cache_spec.long_per_tile
         self.requests: dict | None = None  # the scheduler's table, handed over by LVTCSchedulerMixin
-        self._hr_only: dict[str, list[int]] = {}
+        self._tiles: dict[str, RequestTiles] = {}  # each live request's, computed once
+        self._keys: dict[str, list] = {}  # each request's short block keys so far (`short_block_keys`)
+
+    def tiles(self, request) -> RequestTiles:
+        """A request's tiles, kept until it is freed (the scheduler and this group's calls ask on every step)."""
+        tiles = self._tiles.get(request.request_id)
+        if tiles is None:
+            tiles = self._tiles[request.request_id] = RequestTiles.of(request, self.short_per_tile,
+                                                                        self.long_per_tile)
+        return tiles
 
     def short_tokens(self, request_id: str, num_tokens: int) -> int:
         if self.requests is None:
             raise RuntimeError("LVTC short-layout KV group: the scheduler did not hand over its requests "
                                "(scheduler_cls must be an LVTCSchedulerMixin subclass)")
-        slots = self._hr_only.get(request_id)
-        if slots is None:
-            slots = hr_only_slots(self.requests[request_id], self.short_per_tile, self.long_per_tile)
-            self._hr_only[request_id] = slots
-        return num_tokens - bisect.bisect_left(slots, num_tokens)
+        return self.tiles(self.requests[request_id]).short(num_tokens)
 
     def get_num_blocks_to_allocate(self, request_id, num_tokens, new_computed_blocks, total_computed_tokens,
                                    num_local_computed_tokens, num_tokens_main_model, apply_admission_cap=False,
@@ -213,11 +216,16 @@ class LVTCShortManager(FullAttentionManager):
                                           num_external_computed_tokens)
 
     def cache_blocks(self, request, num_tokens: int, retention_interval=None, *, replay_boundaries) -> None:
-        tiles = RequestTiles.of(request, self.short_per_tile, self.long_per_tile)
-        hashes = resolve_block_hashes(request.block_hashes, self.block_pool.hash_block_size, self.block_size)
-        keys = short_block_keys(tiles, hashes, tiles.short(num_tokens) // self.block_size, self.block_size)
-        super().cache_blocks(_KeyedRequest(request, keys), len(keys) * self.block_size, retention_interval,
-                             replay_boundaries=replay_boundaries)
+        tiles = self.tiles(request)
+        full = tiles.short(num_tokens) // self.block_size
+        if full <= self.num_cached_block.get(request.request_id, 0):
+            return  # (every step of a decoding request: nothing new to cache)
+        keys = self._keys.setdefault(request.request_id, [])
+        if len(keys) < full:  # the keys of earlier blocks never change: only the new ones are computed
+            hashes = resolve_block_hashes(request.block_hashes, self.block_pool.hash_block_size, self.block_size)
+            keys += short_block_keys(tiles, hashes, full, self.block_size, first=len(keys))
+        super().cache_blocks(_KeyedRequest(request, keys[:full]), len(keys[:full]) * self.block_size,
+                             retention_interval, replay_boundaries=replay_boundaries)
 
     @classmethod
     def find_longest_cache_hit(cls, block_hashes, max_length, kv_cache_group_ids, block_pool, kv_cache_spec,
@@ -238,21 +246,20 @@ class LVTCShortManager(FullAttentionManager):
                 break
             for blocks, block in zip(found, cached):
                 blocks.append(block)
-        step = max(size, alignment_tokens)
-        candidates = set(range(0, max_length + 1, step))
-        candidates.update(first for first, _ in tiles.spans if first <= max_length)
-        for length in sorted(candidates, reverse=True):
-            held = cdiv(tiles.short(length), size)
-            if not tiles.splits_tile(length) and held <= len(found[0]):
-                return tuple(blocks[:held] for blocks in found), length
-        return found, 0
+        length = tiles.longest_hit(max_length, len(found[0]) * size, max(size, alignment_tokens))
+        held = cdiv(tiles.short(length), size)
+        return tuple(blocks[:held] for blocks in found), length
+
+    def _forget(self, request_id: str) -> None:
+        self._tiles.pop(request_id, None)
+        self._keys.pop(request_id, None)
 
     def pop_blocks_for_free(self, request_id: str):
-        self._hr_only.pop(request_id, None)
+        self._forget(request_id)
         return super().pop_blocks_for_free(request_id)
 
     def free(self, request_id: str) -> None:
-        self._hr_only.pop(request_id, None)
+        self._forget(request_id)
         super().free(request_id)
 
 
@@ -370,18 +377,17 @@ class LVTCSchedulerMixin:
         self.blocks_held: dict[str, list[int]] = {}
         self.chunks: list[tuple[str, int, int]] = []  # (request, first token, end) of prefill chunks, when recorded
         self.preemptions = 0
-        self.long_per_tile: int | None = None
-        self.short_per_tile: int | None = None
+        self.short_manager: LVTCShortManager | None = None  # (the first: each short group's sees the same tiles)
         for manager in self.kv_cache_manager.coordinator.single_type_managers:
             if isinstance(manager, LVTCShortManager):
                 manager.requests = self.requests
-                self.short_per_tile, self.long_per_tile = manager.short_per_tile, manager.long_per_tile
-        if self.long_per_tile is not None:
+                self.short_manager = self.short_manager or manager
+        if self.short_manager is not None:
             lookup = self.kv_cache_manager.get_computed_blocks
 
             def get_computed_blocks(request):
                 # the short group's hit needs the request's tiles, which vLLM's lookup does not pass on
-                token = LOOKUP_REQUEST.set(RequestTiles.of(request, self.short_per_tile, self.long_per_tile))
+                token = LOOKUP_REQUEST.set(self.short_manager.tiles(request))
                 try:
                     return lookup(request)
                 finally:
@@ -395,8 +401,8 @@ class LVTCSchedulerMixin:
         waits for the next step (zero)."""
         num_new_tokens = super()._reserve_prefill_lookahead(request, num_computed_tokens, num_new_tokens)
         end = num_computed_tokens + num_new_tokens
-        if self.long_per_tile is not None and num_new_tokens and end < request.num_prompt_tokens:
-            end = whole_tiles_end(tile_spans(request, self.long_per_tile), end)
+        if self.short_manager is not None and num_new_tokens and end < request.num_prompt_tokens:
+            end = whole_tiles_end(self.short_manager.tiles(request).spans, end)
             num_new_tokens = max(end - num_computed_tokens, 0)
         if self.record_blocks and num_new_tokens and num_computed_tokens < request.num_prompt_tokens:
             self.chunks.append((request.request_id, num_computed_tokens, num_computed_tokens + num_new_tokens))
