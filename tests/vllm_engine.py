@@ -47,6 +47,7 @@ def _result(output) -> dict:
     completion = output.outputs[0]
     return {
         "prompt_token_ids": list(output.prompt_token_ids),
+        "cached_tokens": output.num_cached_tokens or 0,  # the prompt tokens vLLM's prefix cache served
         "tokens": list(completion.token_ids),
         "logprobs": [step[token].logprob for step, token in zip(completion.logprobs, completion.token_ids)],
         # the top LOGPROBS of each step (vLLM adds the sampled token when it is not among them), best first
@@ -78,9 +79,12 @@ def run_engine(spec: dict) -> dict:
     chat = [_result(llm.chat(request["messages"], params, use_tqdm=False)[0])
             for request in spec["requests"] if request.get("messages")]
     specs = kv_cache_specs(llm)
+    prefix_caching = llm.llm_engine.vllm_config.cache_config.enable_prefix_caching
+    block_size = llm.llm_engine.vllm_config.cache_config.block_size
     del llm
     gc.collect()
-    return {"startup_s": startup, "alone": alone, "together": together, "chat": chat, "kv_cache_specs": specs}
+    return {"startup_s": startup, "alone": alone, "together": together, "chat": chat, "kv_cache_specs": specs,
+            "prefix_caching": prefix_caching, "block_size": block_size}
 
 
 def kv_cache_specs(llm) -> list[str]:
