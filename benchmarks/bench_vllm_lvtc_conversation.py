@@ -18,6 +18,7 @@ ratio the median of the rounds' ratios (`internvlx_hf.bench.harness.spread`):
         --plot-from benchmarks/results/vllm-lvtc-conversation.json
 
 Writes benchmarks/results/vllm-lvtc-conversation.json (the plot: .png beside it); prints a table.
+`bench_vllm_lvtc_savings.py savings` times the same work (`measure`) after its one-request figures, in one run.
 """
 
 from __future__ import annotations

@@ -116,12 +116,12 @@ def test_the_longest_cache_hit_is_the_longest_length_allowed():
 
 #: The savings runs recorded (`bench_vllm_lvtc_savings.py savings`): issue 56's, the shipped saving path with chunked
 #: prefill and prefix caching off at two LLM widths (the issue's file at the wide one) and with five load rounds; issue
-#: 67's with vLLM's defaults (chunked prefill and prefix caching on) and its load rounds re-run with chunked prefill on
-#: and off; issue 56's prototype runs
-#: (compilation on, repeated or cached images); issue 52's research runs (eager), which recorded no requests/s ratio.
-SAVINGS_RUNS = ["vllm-lvtc-savings", "vllm-lvtc-savings-defaults", "vllm-lvtc-savings-defaults-load-rerun",
-                "vllm-lvtc-savings-chunking-off-load-rerun", "vllm-lvtc-savings-mid",
-                "vllm-lvtc-savings-5-load-rounds",
+#: 67's with vLLM's defaults (chunked prefill and prefix caching on: the recorded run, a first one whose load rounds ran
+#: beside a test, and the load rounds re-run with chunked prefill on and off); issue 56's prototype runs (compilation
+#: on, repeated or cached images); issue 52's research runs (eager), which recorded no requests/s ratio.
+SAVINGS_RUNS = ["vllm-lvtc-savings", "vllm-lvtc-savings-defaults", "vllm-lvtc-savings-defaults-perturbed",
+                "vllm-lvtc-savings-defaults-load-rerun", "vllm-lvtc-savings-chunking-off-load-rerun",
+                "vllm-lvtc-savings-mid", "vllm-lvtc-savings-5-load-rounds",
                 "issue56-step5-cached-images", "issue56-step4-three-load-rounds", "issue56-step4-two-load-rounds",
                 "issue56-step3-compiled", "issue56-step3-compiled-loaded", "issue52-eager-savings",
                 "vllm-lvtc-savings-rerun"]
