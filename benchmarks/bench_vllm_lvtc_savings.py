@@ -26,12 +26,14 @@ in a child process (`vllm_lvtc_savings_engine.py`).
            saving path's greedy tokens with transformers'. Then (`--conversation-rounds`, default 5) the
            conversation benchmark's chat, users and decode on plain-1024 and LVTC of the same checkpoints
            (bench_vllm_lvtc_conversation.py). Every engine with vLLM's defaults (prefix caching and chunked prefill
-           on). Writes benchmarks/results/vllm-lvtc-savings.json (one request's figures) and
-           vllm-lvtc-savings-runs.json (everything measured, the conversation's rows and each target met or not);
-           `--size mid`: vllm-lvtc-savings-mid*.json.
+           on). Writes benchmarks/results/vllm-lvtc-savings-defaults.json (one request's figures) and
+           vllm-lvtc-savings-defaults-runs.json (everything measured, the conversation's rows and each target met or
+           not); `--size mid`: vllm-lvtc-savings-mid-defaults*.json. (vllm-lvtc-savings[-mid]*.json: the runs of
+           2026-11-25, chunked prefill and prefix caching off.)
 
     .venv-vllm/bin/python benchmarks/bench_vllm_lvtc_savings.py parity
-    .venv-vllm/bin/python benchmarks/bench_vllm_lvtc_savings.py savings --plot
+    .venv-vllm/bin/python benchmarks/bench_vllm_lvtc_savings.py savings
+    .venv/bin/python benchmarks/bench_vllm_lvtc_savings.py plot --out vllm-lvtc-savings-defaults
 
 Runs recorded before issue 56 shipped the saving path (`vllm-lvtc-savings*`, `issue56-*` in benchmarks/results/)
 measured issue 52's eager research engine or the opt-in prototype; their engines are named `lvtc-shipped` (then the
@@ -479,7 +481,9 @@ def savings(args) -> None:
                         "concurrency": args.concurrency, "max_tokens": args.max_tokens,
                         # every timed round's images are new to the engines (processing and ViT timed too)
                         "images": "new in every timed round"}
-    name = args.out or ("vllm-lvtc-savings" if args.size == "wide" else f"vllm-lvtc-savings-{args.size}")
+    # (the runs with chunked prefill and prefix caching off keep their names: vllm-lvtc-savings[-mid])
+    name = args.out or ("vllm-lvtc-savings-defaults" if args.size == "wide"
+                        else f"vllm-lvtc-savings-{args.size}-defaults")
     write_text(RESULTS / f"{name}.json", json.dumps(figures, indent=1) + "\n")
     write_text(RESULTS / f"{name}-runs.json", json.dumps(runs, indent=1) + "\n")
     print(table(runs))
@@ -491,7 +495,20 @@ def savings(args) -> None:
         print(f"target {figure}: {row['value']} {row['test']} {row['target']}: {'met' if row['met'] else 'NOT MET'}")
     print(f"written: benchmarks/results/{name}.json, {name}-runs.json")
     if args.plot:
-        plot(runs, RESULTS / f"{name}.png")
+        draw(name)
+
+
+def draw(name: str) -> None:
+    """results/NAME.png from NAME-runs.json, and NAME-conversation.png where the run timed the conversation."""
+    runs = json.loads((RESULTS / f"{name}-runs.json").read_text())
+    plot(runs, RESULTS / f"{name}.png")
+    written = [f"{name}.png"]
+    if "conversation" in runs:
+        import bench_vllm_lvtc_conversation
+
+        bench_vllm_lvtc_conversation.plot(runs["conversation"]["rows"], RESULTS / f"{name}-conversation.png")
+        written.append(f"{name}-conversation.png")
+    print("written: " + ", ".join(f"benchmarks/results/{file}" for file in written))
 
 
 def targets(figures: dict, conversation: dict | None) -> dict:
@@ -616,7 +633,9 @@ def plugin_commit() -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("experiment", choices=["parity", "stress", "savings", "kv"])
+    parser.add_argument("experiment", choices=["parity", "stress", "savings", "kv", "plot"],
+                        help="plot: draw a recorded savings run's pictures (--out NAME: NAME-runs.json), in an "
+                             "environment with matplotlib (the main one; vLLM's has none)")
     parser.add_argument("--plot", action="store_true")
     parser.add_argument("--repeats", type=int, default=5, help="savings: prefill rounds (median)")
     parser.add_argument("--concurrency", type=lambda v: [int(c) for c in v.split(",")], default=[4, 16])
@@ -631,13 +650,16 @@ def main(argv=None) -> None:
     parser.add_argument("--block-size", type=int, default=32, help="kv: the KV cache's block size")
     parser.add_argument("--out", default=None,
                         help="results/<OUT>.json (savings: also <OUT>-runs.json); default: the recorded run's name "
-                             "(vllm-lvtc-parity-saving, vllm-lvtc-stress-saving, vllm-lvtc-savings[-mid]); a check "
+                             "(vllm-lvtc-parity-saving, vllm-lvtc-stress-saving, "
+                             "vllm-lvtc-savings[-mid]-defaults); a check "
                              "against it writes beside it, e.g. --out vllm-lvtc-savings-rerun")
     args = parser.parse_args(argv)
     if args.plot and importlib.util.find_spec("matplotlib") is None:  # found before the run, not after it
         parser.error("--plot needs matplotlib in this environment (pip install matplotlib)")
     torch.set_num_threads(1)
-    if args.experiment == "parity":
+    if args.experiment == "plot":
+        draw(args.out or "vllm-lvtc-savings-defaults")
+    elif args.experiment == "parity":
         parity(args)
     elif args.experiment == "stress":
         stress(args)
