@@ -80,10 +80,11 @@ def run_engine(spec: dict) -> dict:
             for request in spec["requests"] if request.get("messages")]
     specs = kv_cache_specs(llm)
     prefix_caching = llm.llm_engine.vllm_config.cache_config.enable_prefix_caching
+    block_size = llm.llm_engine.vllm_config.cache_config.block_size
     del llm
     gc.collect()
     return {"startup_s": startup, "alone": alone, "together": together, "chat": chat, "kv_cache_specs": specs,
-            "prefix_caching": prefix_caching}
+            "prefix_caching": prefix_caching, "block_size": block_size}
 
 
 def kv_cache_specs(llm) -> list[str]:
