@@ -321,9 +321,8 @@ def test_serve_against_internvlx_serve(tmp_path, capsys):
 
 
 def _check_chat_rows(run, out_json, out_png, log):
-    """`--turns 3`: a row per level with chats, first and later turns' latency, the later turns' prompt tokens (the
-    conversation resent: longer than a first turn's) and no cache count from a server that reports none, with a note
-    that says so."""
+    """`--turns 3`: a row per level with chats, first and later turns' latency and their ratio, the later turns' prompt
+    tokens as the server counts them, and no cache count from a server that reports none, with a note that says so."""
     code, out, err = run
     assert code == 0, err + log.read_text()
     lines = out.splitlines()
