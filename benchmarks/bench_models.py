@@ -73,7 +73,7 @@ from internvlx_hf import InternVLXConfig, InternVLXForConditionalGeneration
 from internvlx_hf.bench.harness import write_text
 from internvlx_hf.bench.variants import assemble
 from internvlx_hf.token_budget import TilingSettings, image_budget
-from internvlx_hf.modeling.modeling_internvlx import build_projector
+from internvlx_hf.modeling.projectors import build_projector
 
 MODELS = ("native-256", "native-1024", "plain-256", "plain-1024", "pvtc-256", "lvtc", "lvtc-rms", "pvtc+lvtc")
 WORKLOADS = ("prefill", "decode", "train")

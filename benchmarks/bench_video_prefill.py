@@ -89,7 +89,7 @@ from internvlx_hf import InternVLXForConditionalGeneration  # noqa: E402
 from internvlx_hf.bench.harness import write_text  # noqa: E402
 from internvlx_hf.conversion.convert import build_config, expected_parameters, read_source_config  # noqa: E402
 from internvlx_hf.conversion.source import SourceCheckpoint  # noqa: E402
-from internvlx_hf.modeling.modeling_internvlx import build_projector  # noqa: E402
+from internvlx_hf.modeling.projectors import build_projector  # noqa: E402
 from internvlx_hf.token_budget import LLMShape, prefill_flops  # noqa: E402
 
 CONFIGS = ("plain-256", "pvtc-256", "lvtc", "plain-1024")

@@ -16,7 +16,7 @@ import torch._dynamo
 from tiny import left_pad, pixels, prompt_ids, tiny_model
 from transformers import CompileConfig, StaticCache
 
-from internvlx_hf.modeling.modeling_internvlx import InternVLXLVTCCache
+from internvlx_hf.modeling.lvtc import InternVLXLVTCCache
 
 LVTC = {"expand_layer": 2, "num_lr_projectors": 2, "inject_start": 1}
 STEPS = 6
@@ -60,7 +60,7 @@ def test_plain_model_traces_as_one_graph_with_a_static_cache(projector):
 
 def test_lvtc_graph_breaks_are_counted():
     """LVTC's layout (`build_lvtc_layout`) runs eagerly as one unit: one break, counted once per enclosing frame
-    (the two forwards and `_lvtc_forward`); a decoding step is one graph. Before: 15 and 3."""
+    (the two forwards and `prepare_lvtc_step`); a decoding step is one graph. Before: 15 and 3."""
     model = tiny_model("mlp", lvtc=LVTC, attn="sdpa", layers=3)
     text_config = model.config.get_text_config()
     assert _breaks(model, lambda: InternVLXLVTCCache(config=text_config)) == (3, 0)

@@ -22,7 +22,7 @@ from internvlx_hf.provenance import (PROVENANCE_FILE, read_provenance, record_co
 
 from conftest import REPO_ROOT, require_fixture, run_isolated_python
 
-REMOTE_CODE = ["chat_templates.py", "configuration_internvlx.py", "image_processing_internvlx.py", "lvtc.py",
+REMOTE_CODE = ["chat.py", "chat_templates.py", "configuration_internvlx.py", "image_processing_internvlx.py", "lvtc.py",
                "modeling_internvlx.py", "outputs.py", "processing_internvlx.py", "projectors.py", "video.py"]
 
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from internvlx_hf import InternVLXConfig
-from internvlx_hf.modeling.modeling_internvlx import InternVLXLVTCCache, InternVLXLVTCStaticCache, build_lvtc_layout
+from internvlx_hf.modeling.lvtc import InternVLXLVTCCache, InternVLXLVTCStaticCache, build_lvtc_layout
 
 from test_modeling import _remote_code_check, reported_max_diff, run_with_checkpointing
 from tiny import (

@@ -12,7 +12,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelF
 
 from internvlx_hf import InternVLXConfig, InternVLXForConditionalGeneration, PVTCProjector
 from internvlx_hf.conversion.key_mapping import PVTC_REFERENCE_KEY_MAPPING, map_state_dict
-from internvlx_hf.modeling.modeling_internvlx import pixel_shuffle
+from internvlx_hf.modeling.projectors import pixel_shuffle
 
 from conftest import remote_code_imports, require_fixture, run_isolated_python
 from tiny import (
@@ -296,7 +296,8 @@ def test_remote_code_load_without_the_plugin(tmp_path):
     ids, pv = torch.tensor([prompt_ids(2, seed=23)]), pixels(2, seed=24)
     stdout = _remote_code_check(tmp_path, model, ids, pv)
     assert reported_max_diff(stdout) == 0.0  # bit-identical logits
-    for name in ("modeling_internvlx.py", "configuration_internvlx.py", "projectors.py", "lvtc.py", "outputs.py"):
+    for name in ("modeling_internvlx.py", "configuration_internvlx.py", "projectors.py", "lvtc.py", "outputs.py",
+                 "chat.py"):
         third_party = remote_code_imports(tmp_path / "ckpt" / name) - set(sys.stdlib_module_names) - {"."}
         assert third_party <= {"torch", "transformers"}, (name, third_party)
 

@@ -98,7 +98,7 @@ def build_variants(folder: str | Path, names=VARIANTS, device: str = "cpu", dtyp
     import torch
 
     from .. import InternVLXForConditionalGeneration
-    from ..modeling.modeling_internvlx import build_projector
+    from ..modeling.projectors import build_projector
 
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:

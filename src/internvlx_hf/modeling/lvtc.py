@@ -1,7 +1,10 @@
-"""LVTC (Sec. 3.2, Algorithm 1): the first ``k`` LLM layers run on the short (LR) layout, layer ``k`` expands each
-tile's tokens to the long (HR) grid and the layers after it run long. Read top to bottom: the per-forward state and its
-two caches (dynamic, static) that remember the expansion across decoding steps, `LVTCLayout` and its builder (the
-index maps between the two layouts), the attention-kind helpers, and `scale_to_rms` (the opt-in HR scaling).
+"""LVTC (Sec. 3.2, Algorithm 1) in transformers: the first ``k`` LLM layers run on the short (LR) layout, layer ``k``
+expands each tile's tokens to the long (HR) grid and the layers after it run long. Read top to bottom: the per-forward
+state and its two caches (dynamic, static) that remember the expansion across decoding steps, `LVTCLayout` and its
+builder (the index maps between the two layouts), the attention-kind helpers, then the forward itself:
+`prepare_lvtc_step` (each layout's positions, masks and cache for this step), `run_lvtc` (the layers, with
+`expand_tiles` at ``k`` and the extra LR projectors' injections, `pool_tiles` after the last) and `scale_to_rms` (the
+opt-in HR scaling).
 
 Saved next to checkpoints as remote code: imports only torch, transformers, the standard library and its own folder.
 """
@@ -9,12 +12,19 @@ Saved next to checkpoints as remote code: imports only torch, transformers, the 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.cache_utils import DynamicCache, StaticCache, StaticLayer
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.cache_utils import Cache, DynamicCache, StaticCache, StaticLayer
+from transformers.masking_utils import (
+    create_causal_mask,
+    create_sliding_window_causal_mask,
+    find_packed_sequence_indices,
+)
+
+from .outputs import CACHE_NAME, InternVLXModelOutputWithPast
 
 
 @dataclass
@@ -339,6 +349,260 @@ def _hidden_state_selection(output_hidden_states, count: int) -> set[int] | None
         return None
     selected = [output_hidden_states] if isinstance(output_hidden_states, int) else list(output_hidden_states)
     return {i % count for i in selected if -count <= i < count}
+
+
+# ------------------------------------------------------------------------------------------ the forward (Algorithm 1)
+
+
+class LVTCStep(NamedTuple):
+    """What one forward of an LVTC model runs on (`prepare_lvtc_step`): the cache, and each layout's positions, 2D
+    mask and flash-attention varlen boundaries (short for layers ``< k``, long from ``k`` on). ``layout``, the index
+    maps of the expansion at ``k`` and of the pooling after the last layer, is the prefill's; a decoding step has none.
+    (A NamedTuple: `torch.compile` traces it without a graph break.)"""
+
+    prefill: bool
+    cache: Cache | None
+    use_cache: bool
+    position_ids: torch.Tensor
+    attention_mask: torch.Tensor | None
+    long_position_ids: torch.Tensor
+    long_mask: torch.Tensor | None
+    layout: LVTCLayout | None
+    varlen: dict
+    long_varlen: dict
+
+
+def _pop_varlen(kwargs: dict) -> dict:
+    """The flash-attention varlen boundaries of packed rows (transformers' DataCollatorWithFlattening passes them),
+    taken out of ``kwargs``: they describe the short layout, and layers ``>= k`` get their long-layout translation."""
+    varlen = {key: kwargs.pop(key) for key in _VARLEN_KWARGS if key in kwargs}
+    varlen = {key: value for key, value in varlen.items() if value is not None}
+    if varlen and ("cu_seq_lens_q" not in varlen or "cu_seq_lens_k" not in varlen):
+        raise ValueError(
+            f"Got {sorted(varlen)} without both cu_seq_lens_q and cu_seq_lens_k: LVTC translates the sequence "
+            "boundaries to its long layout and needs both (transformers' "
+            "DataCollatorWithFlattening(return_flash_attn_kwargs=True) makes all four)."
+        )
+    return varlen
+
+
+def _lvtc_cache(cache: Cache | None, text_config, use_cache: bool) -> Cache | None:
+    """The cache this forward fills: the one passed, or a new `InternVLXLVTCCache` where a cache is wanted."""
+    if use_cache and cache is None:
+        return InternVLXLVTCCache(config=text_config)
+    if cache is not None and not isinstance(cache, (DynamicCache, StaticCache)):
+        raise NotImplementedError(
+            f"LVTC needs a dynamic or static cache (its layers hold different lengths), got {type(cache).__name__}; "
+            "leave cache_implementation unset (or use 'dynamic' / 'offloaded' / 'static')."
+        )
+    return cache
+
+
+def as_lvtc_cache(cache: Cache) -> Cache:
+    """A plain `DynamicCache` / `StaticCache` made the LVTC subclass that carries the prefill's `LVTCState`, in place:
+    the caller's object is the one that gets filled (transformers' convention), with its storage and options
+    (offloading, past recording for assisted decoding). Caches this package builds are built as the subclass."""
+    if isinstance(cache, (InternVLXLVTCCache, InternVLXLVTCStaticCache)):
+        return cache
+    if type(cache) not in (DynamicCache, StaticCache):
+        raise NotImplementedError(
+            f"LVTC keeps its layout state on a DynamicCache or StaticCache; got a {type(cache).__name__}. Pass a "
+            "transformers.DynamicCache or StaticCache (or none: generate() and forward() create one)."
+        )
+    if type(cache) is StaticCache:
+        InternVLXLVTCStaticCache.check_layers(cache)
+        cache.__class__ = InternVLXLVTCStaticCache
+    else:
+        cache.__class__ = InternVLXLVTCCache
+    return cache
+
+
+def prepare_lvtc_step(config, inputs_embeds: torch.Tensor, image_mask: torch.Tensor, attention_mask, position_ids,
+                      cache: Cache | None, past_length, use_cache: bool, kwargs: dict,
+                      has_images: bool) -> LVTCStep:
+    """Each layout's positions, masks and varlen boundaries for this forward, and its cache. A prefill builds the
+    layout (`build_lvtc_layout`) and records its `LVTCState` on the cache; a decoding step reads that state back.
+    (The layout is built here, one call below the model's forward: `torch.compile` breaks the graph at it once per
+    enclosing frame.)"""
+    text_config = config.get_text_config()
+    k = config.lvtc_config.expand_layer
+    varlen = _pop_varlen(kwargs)
+    cache = _lvtc_cache(cache, text_config, use_cache)
+    static = isinstance(cache, StaticCache)
+    batch, short_len, _ = inputs_embeds.shape
+    if position_ids is None:
+        # (a static cache's length is a tensor: added, not passed to arange, so a compiled step stays one graph)
+        position_ids = (torch.arange(short_len, device=inputs_embeds.device) + past_length)[None].expand(batch, -1)
+    elif position_ids.shape[0] != batch:
+        position_ids = position_ids.expand(batch, -1)
+    # A static cache's length is a tensor, which a compiled step cannot branch on: its LVTC state tells instead (set
+    # by the prefill, cleared by reset()).
+    prefill = getattr(cache, "lvtc_state", None) is None if static else past_length == 0
+    if not prefill:
+        if has_images and bool(image_mask.any()):
+            raise ValueError("LVTC takes images in the prefill step only (the first forward of a cache).")
+        if varlen:
+            raise ValueError(
+                "cu_seq_lens_q / cu_seq_lens_k describe packed sequences of a prefill; an LVTC decoding step (a cache "
+                "that holds tokens) takes none: pass attention_mask / position_ids instead."
+            )
+        long_mask, long_position_ids = _decoding_long_layout(cache, attention_mask, position_ids, past_length,
+                                                             short_len)
+        return LVTCStep(False, cache, use_cache, position_ids, attention_mask, long_position_ids, long_mask, None,
+                        {}, {})
+    if cache is not None:
+        as_lvtc_cache(cache)
+    if static and not torch.compiler.is_compiling() and bool(past_length > 0):
+        raise ValueError(
+            "This static cache holds tokens but no LVTC state: pass the cache this model's prefill filled, or call "
+            "reset() on it before a new prompt."
+        )
+    layout = build_lvtc_layout(image_mask, attention_mask, position_ids, config.image_seq_length,
+                               config.hr_tokens_per_tile)
+    if static:
+        cache.size_long_layers(k, layout.long_len - short_len)
+    # Packed rows (position resets, no mask, no cache) are told apart by their positions only, as in the LLM's own
+    # forward; a 2D mask would switch that detection off and let the sequences see each other.
+    packed = attention_mask is None and cache is None and find_packed_sequence_indices(position_ids) is not None
+    long_mask = None if attention_mask is None and (packed or bool((layout.long_mask == 1).all())) else layout.long_mask
+    if cache is not None:
+        cache.lvtc_state = LVTCState(layout.long_mask, short_len, layout.position_offset, layout.text_tail)
+    return LVTCStep(True, cache, use_cache, position_ids, attention_mask, layout.long_position_ids, long_mask, layout,
+                    varlen, layout.varlen_kwargs(varlen) if varlen else {})
+
+
+def _decoding_long_layout(cache, attention_mask, position_ids, past_length, short_len: int):
+    """A decoding step's long-layout 2D mask and positions: the prefill's (`LVTCState`) followed by this step's."""
+    state: LVTCState | None = getattr(cache, "lvtc_state", None)
+    if state is None:
+        raise ValueError(
+            "This cache holds tokens but no LVTC state: pass the past_key_values returned by this model's prefill "
+            "forward (an InternVLXLVTCCache), not a cache filled elsewhere."
+        )
+    batch, device = position_ids.shape[0], position_ids.device
+    if attention_mask is not None:
+        tail = attention_mask[:, state.short_prefix_len:]
+    else:
+        # Every token is real. A static cache gets all the slots its short layers have after the prompt (the causal
+        # mask hides those not yet written): a length known without reading its tensor fill level.
+        tail_len = (cache.layers[0].max_cache_len if isinstance(cache, StaticCache) else past_length + short_len)
+        tail = torch.ones(batch, tail_len - state.short_prefix_len, dtype=torch.long, device=device)
+    long_mask = torch.cat([state.long_prefix_mask.to(device), tail.to(state.long_prefix_mask.dtype)], -1)
+    return long_mask, position_ids + state.position_offset.to(device)[:, None]
+
+
+def run_lvtc(language_model, config, step: LVTCStep, inputs_embeds: torch.Tensor, image_mask: torch.Tensor,
+             features, output_attentions: bool, output_hidden_states, **kwargs) -> InternVLXModelOutputWithPast:
+    """Algorithm 1 over the LLM's layers: layers ``< k`` on the short layout, layer ``k``'s input expanded
+    (`expand_tiles`), the extra LR projectors' features added at their layers, layers ``>= k`` on the long layout,
+    and after the last layer each tile pooled back to the short layout (`pool_tiles`), so outputs line up with the
+    input ids. ``features``: the prefill's `InternVLXImageFeatures` (None without images)."""
+    lm, text_config, lvtc = language_model, config.get_text_config(), config.lvtc_config
+    k, depth = lvtc.expand_layer, len(language_model.layers)
+    layer_types = lvtc_layer_types(text_config, depth)
+    cache, prefill = step.cache, step.prefill
+
+    def masks_for(layers, hidden, mask_2d, positions) -> dict[str, torch.Tensor | None]:
+        """One mask per attention kind among ``layers`` (built for the first layer of that kind)."""
+        masks = {}
+        for idx in layers:
+            kind = layer_types[idx]
+            if kind not in masks:
+                masks[kind] = _MASK_FUNCTIONS[kind](config=text_config, inputs_embeds=hidden, attention_mask=mask_2d,
+                                                    position_ids=positions, layer_idx=idx, **{CACHE_NAME: cache})
+        return masks
+
+    injections = {}
+    if prefill and features is not None:
+        for layer_idx, extra in zip(lvtc.injection_layers, features.extra_lr_features):
+            injections[layer_idx] = extra.reshape(-1, extra.shape[-1])
+    hidden = inputs_embeds
+    selection = _hidden_state_selection(output_hidden_states, depth + 1)
+    all_hidden = [] if output_hidden_states else None
+    attentions, hooks = [], []
+    if output_attentions:
+        for module, index in _attention_weight_modules(lm, depth):
+            def record(_module, _args, output, index=index):
+                if isinstance(output, tuple) and output[index] is not None:
+                    attentions.append(output[index])
+            hooks.append(module.register_forward_hook(record))
+        kwargs["output_attentions"] = True  # the attention backends warn when they cannot return weights
+    masks = masks_for(range(min(k, depth)), inputs_embeds, step.attention_mask, step.position_ids)
+    positions, rope = step.position_ids, lm.rotary_emb(inputs_embeds, position_ids=step.position_ids)
+    try:
+        for idx, layer in enumerate(lm.layers[:depth]):
+            if idx == k:
+                if prefill:
+                    hidden = expand_tiles(hidden, step.layout, features, config, lvtc.upsample_mode, lvtc.hr_scale)
+                masks = masks_for(range(k, depth), hidden if prefill else inputs_embeds, step.long_mask,
+                                  step.long_position_ids)
+                positions = step.long_position_ids
+                rope = lm.rotary_emb(hidden, position_ids=positions)
+            elif idx in injections:
+                extra = torch.zeros_like(hidden).masked_scatter(image_mask[..., None].to(hidden.device),
+                                                                injections[idx].to(hidden.device, hidden.dtype))
+                hidden = hidden + extra
+            if all_hidden is not None:
+                all_hidden.append(hidden if selection is None or len(all_hidden) in selection else None)
+            hidden = layer(hidden, attention_mask=masks[layer_types[idx]], position_ids=positions,
+                           use_cache=step.use_cache, position_embeddings=rope, **{CACHE_NAME: cache}, **kwargs,
+                           **(step.varlen if idx < k else step.long_varlen))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    if prefill and k < depth:
+        hidden = pool_tiles(hidden, step.layout, inputs_embeds.shape[1], config)
+    hidden = lm.norm(hidden)
+    if all_hidden is not None:
+        all_hidden.append(hidden if selection is None or len(all_hidden) in selection else None)
+    return InternVLXModelOutputWithPast(
+        last_hidden_state=hidden,
+        **{CACHE_NAME: cache if step.use_cache else None},
+        hidden_states=tuple(all_hidden) if all_hidden is not None else None,
+        attentions=tuple(attentions) if output_attentions else None,
+        image_hidden_states=features.pooler_output if features is not None else None,
+    )
+
+
+def _tile_sides(config) -> tuple[int, int]:
+    """The LR and HR token grids' sides of one tile (16 and 32 for InternVL's 448 px tiles)."""
+    return round(config.image_seq_length**0.5), round(config.hr_tokens_per_tile**0.5)
+
+
+def expand_tiles(hidden: torch.Tensor, layout: LVTCLayout, features, config, mode: str,
+                 hr_scale: str = "none") -> torch.Tensor:
+    """Layer k: upsample each tile's LR states 2D and add the HR projector output (residual, Sec. 3.2)."""
+    side1, side2 = _tile_sides(config)
+    batch, short_len, dim = hidden.shape
+    device = hidden.device  # layer k-1's device: with a device_map the layout may live elsewhere
+    flat = hidden.reshape(-1, dim)
+    index, source = layout.text_long.to(device), flat[layout.text_short.to(device)]
+    if layout.visual_short.numel():  # a text-only batch has no tile to expand
+        tiles = flat[layout.visual_short.to(device)].reshape(-1, side1, side1, dim).permute(0, 3, 1, 2)
+        kwargs = {"align_corners": False} if mode == "bilinear" else {}
+        up = F.interpolate(tiles, size=(side2, side2), mode=mode, **kwargs).permute(0, 2, 3, 1).reshape(-1, dim)
+        hr = features.hr_features.reshape(-1, dim).to(device, up.dtype)
+        if hr_scale == "rms":  # opt-in (LVTCConfig.hr_scale): HR enters at the LR state's scale, per token
+            hr = scale_to_rms(hr, up)
+        up = up + hr
+        index, source = torch.cat([index, layout.visual_long.to(device)]), torch.cat([source, up])
+    long = flat.new_zeros(batch * layout.long_len, dim).index_copy(0, index, source)
+    return long.reshape(batch, layout.long_len, dim)
+
+
+def pool_tiles(hidden: torch.Tensor, layout: LVTCLayout, short_len: int, config) -> torch.Tensor:
+    """After the last layer: average each tile's HR states back to LR so outputs line up with input_ids."""
+    side1, side2 = _tile_sides(config)
+    batch, _, dim = hidden.shape
+    device = hidden.device
+    flat = hidden.reshape(-1, dim)
+    index, source = layout.text_short.to(device), flat[layout.text_long.to(device)]
+    if layout.visual_long.numel():
+        tiles = flat[layout.visual_long.to(device)].reshape(-1, side2, side2, dim).permute(0, 3, 1, 2)
+        pooled = F.adaptive_avg_pool2d(tiles, (side1, side1)).permute(0, 2, 3, 1).reshape(-1, dim)
+        index, source = torch.cat([index, layout.visual_short.to(device)]), torch.cat([source, pooled])
+    short = flat.new_zeros(batch * short_len, dim).index_copy(0, index, source)
+    return short.reshape(batch, short_len, dim)
 
 
 def scale_to_rms(hr: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:

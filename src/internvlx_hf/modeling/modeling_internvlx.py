@@ -2,64 +2,49 @@
 
 Paper: "InternVL-X: Advancing and Accelerating InternVL Series with Efficient Visual Token Compression", Sec. 3.
 This file holds the pretrained base, the model, generation and `chat()`; the projectors are in `projectors.py`, LVTC's
-state, caches and layout (Algorithm 1) in `lvtc.py`, the output types in `outputs.py`, all re-exported here. Saved
+state, caches, layout and forward (Algorithm 1) in `lvtc.py`, the output types in `outputs.py`. Saved
 next to checkpoints as remote code with those files: they import only torch, transformers, the standard library and
 each other (single-dot relative imports).
 """
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModel, GenerationConfig, GenerationMixin, PreTrainedModel
+from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache, StaticCache
-from transformers.masking_utils import create_masks_for_generate, find_packed_sequence_indices
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.masking_utils import create_masks_for_generate
 from transformers.models.internvl.modeling_internvl import InternVLVisionModel, InternVLVisionRMSNorm
 from transformers.utils import logging
 from transformers.utils.generic import can_return_tuple
 
-from .configuration_internvlx import InternVLXConfig, LVTCConfig, image_and_patch
+from .chat import InternVL2ChatMixin
+from .configuration_internvlx import InternVLXConfig, image_and_patch
 
-from .lvtc import (  # noqa: F401 - re-exported: importable from here as before the split
-    _MASK_FUNCTIONS,
-    _VARLEN_KWARGS,
+from .lvtc import (
     InternVLXLVTCCache,
     InternVLXLVTCStaticCache,
-    LVTCLayout,
     LVTCState,
-    _attention_weight_modules,
     _hidden_state_selection,
+    as_lvtc_cache,
     build_lvtc_layout,
     check_whole_tiles,
     image_token_runs,
-    lvtc_layer_types,
-    scale_to_rms,
+    prepare_lvtc_step,
+    run_lvtc,
 )
-from .outputs import (  # noqa: F401
+from .outputs import (
+    CACHE_NAME,
     InternVLXCausalLMOutputWithPast,
     InternVLXImageFeatures,
     InternVLXLogitsOnReadOutput,
     InternVLXModelOutputWithPast,
     LogitsOnRead,
 )
-from .projectors import (  # noqa: F401
-    InternVLXMLPProjector,
-    PVTCCrossAttention,
-    PVTCFeedForward,
-    PVTCInputMLP,
-    PVTCLayer,
-    PVTCProjector,
-    attach_projectors,
-    build_projector,
-    group_windows,
-    pixel_shuffle,
-)
+from .projectors import InternVLXMLPProjector, PVTCProjector, attach_projectors
 
 
 def _slice_logits_to_keep(hidden_states: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
@@ -80,13 +65,6 @@ except ImportError:
 
 
 logger = logging.get_logger(__name__)
-
-#: The installed transformers' name for the KV cache, as an argument and as an output field: transformers 5.24
-#: renamed `past_key_values` to `cache` (generate() passes `cache=`, outputs hold `.cache`; the old name is a
-#: deprecated alias until 5.40). This model takes either name and speaks the installed release's to transformers.
-CACHE_NAME = ("cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)}
-              else "past_key_values")
-
 
 def _one_cache(past_key_values: Cache | None, cache: Cache | None) -> Cache | None:
     """The cache a caller passed under either name (`CACHE_NAME`)."""
@@ -394,220 +372,16 @@ class InternVLXModel(InternVLXPreTrainedModel):
                 image_hidden_states=features.pooler_output if features is not None else None,
                 **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
             )
-        return self._lvtc_forward(
-            inputs_embeds, image_mask, features, attention_mask, position_ids, past_key_values, past_length,
-            use_cache, output_attentions, output_hidden_states, **kwargs,
-        )
-
-    def _lvtc_forward(self, inputs_embeds, image_mask, features, attention_mask, position_ids, past_key_values,
-                      past_length, use_cache, output_attentions, output_hidden_states,
-                      **kwargs) -> InternVLXModelOutputWithPast:
-        """Algorithm 1: short layout below layer k, long layout from k, pooled back to the short layout."""
-        lm = self.language_model
-        text_config = self.config.get_text_config()
-        lvtc: LVTCConfig = self.config.lvtc_config
-        k = lvtc.expand_layer
-        depth = len(lm.layers)
-        layer_types = lvtc_layer_types(text_config, depth)
-        # flash-attention varlen boundaries of packed rows (transformers' DataCollatorWithFlattening passes them)
-        # describe the short layout: layers < k take them as given, layers >= k their long-layout translation.
-        varlen = {key: kwargs.pop(key) for key in _VARLEN_KWARGS if key in kwargs}
-        varlen = {key: value for key, value in varlen.items() if value is not None}
-        if varlen and ("cu_seq_lens_q" not in varlen or "cu_seq_lens_k" not in varlen):
-            raise ValueError(
-                f"Got {sorted(varlen)} without both cu_seq_lens_q and cu_seq_lens_k: LVTC translates the sequence "
-                "boundaries to its long layout and needs both (transformers' "
-                "DataCollatorWithFlattening(return_flash_attn_kwargs=True) makes all four)."
-            )
-        use_cache = use_cache if use_cache is not None else text_config.use_cache
+        # LVTC (Algorithm 1, lvtc.py): this step's layouts, then the layers
+        use_cache = use_cache if use_cache is not None else self.config.get_text_config().use_cache
         # `is_activation_checkpointing` from transformers 5.23 on, `is_gradient_checkpointing` on 5.16-5.22
         checkpointing = getattr(self, "is_activation_checkpointing", None)
         if self.training and (self.is_gradient_checkpointing if checkpointing is None else checkpointing):
             use_cache = False
-        if use_cache and past_key_values is None:
-            past_key_values = InternVLXLVTCCache(config=text_config)
-        if past_key_values is not None and not isinstance(past_key_values, (DynamicCache, StaticCache)):
-            raise NotImplementedError(
-                f"LVTC needs a dynamic or static cache (its layers hold different lengths), got "
-                f"{type(past_key_values).__name__}; leave cache_implementation unset (or use 'dynamic' / 'offloaded' / "
-                "'static')."
-            )
-        static = isinstance(past_key_values, StaticCache)
-        batch, short_len, _ = inputs_embeds.shape
-        device = inputs_embeds.device
-        n1 = self.config.image_seq_length
-        side1 = round(n1**0.5)
-        n2 = self.config.hr_tokens_per_tile
-        side2 = round(n2**0.5)
-
-        if position_ids is None:
-            # (a static cache's length is a tensor: added, not passed to arange, so a compiled step stays one graph)
-            position_ids = (torch.arange(short_len, device=device) + past_length)[None].expand(batch, -1)
-        elif position_ids.shape[0] != batch:
-            position_ids = position_ids.expand(batch, -1)
-
-        # A static cache's length is a tensor, which a compiled step cannot branch on: its LVTC state tells instead
-        # (set by the prefill, cleared by reset()).
-        prefill = getattr(past_key_values, "lvtc_state", None) is None if static else past_length == 0
-        if prefill:
-            if past_key_values is not None and not isinstance(past_key_values,
-                                                              (InternVLXLVTCCache, InternVLXLVTCStaticCache)):
-                if type(past_key_values) not in (DynamicCache, StaticCache):
-                    raise NotImplementedError(
-                        f"LVTC keeps its layout state on a DynamicCache or StaticCache; got a "
-                        f"{type(past_key_values).__name__}. Pass a transformers.DynamicCache or StaticCache (or none: "
-                        "generate() and forward() create one)."
-                    )
-                if static:
-                    InternVLXLVTCStaticCache.check_layers(past_key_values)
-                # Same object, storage and options (offloading, past recording): only the LVTC state is added.
-                past_key_values.__class__ = InternVLXLVTCStaticCache if static else InternVLXLVTCCache
-            if static and not torch.compiler.is_compiling() and bool(past_length > 0):
-                raise ValueError(
-                    "This static cache holds tokens but no LVTC state: pass the cache this model's prefill filled, "
-                    "or call reset() on it before a new prompt."
-                )
-            layout = build_lvtc_layout(image_mask, attention_mask, position_ids, n1, n2)
-            if static:
-                past_key_values.size_long_layers(k, layout.long_len - short_len)
-            # Packed rows (position resets, no mask, no cache) are told apart by their positions only, as in the
-            # LLM's own forward; a 2D mask would switch that detection off and let the sequences see each other.
-            packed = (attention_mask is None and past_key_values is None
-                      and find_packed_sequence_indices(position_ids) is not None)
-            if attention_mask is None and (packed or bool((layout.long_mask == 1).all())):
-                long_mask_2d = None  # also keeps SDPA's causal fast path
-            else:
-                long_mask_2d = layout.long_mask
-            long_position_ids = layout.long_position_ids
-            if past_key_values is not None:
-                past_key_values.lvtc_state = LVTCState(layout.long_mask, short_len, layout.position_offset,
-                                                       layout.text_tail)
-            long_varlen = layout.varlen_kwargs(varlen) if varlen else {}
-        else:
-            if features is not None and bool(image_mask.any()):
-                raise ValueError("LVTC takes images in the prefill step only (the first forward of a cache).")
-            if varlen:
-                raise ValueError(
-                    "cu_seq_lens_q / cu_seq_lens_k describe packed sequences of a prefill; an LVTC decoding step (a "
-                    "cache that holds tokens) takes none: pass attention_mask / position_ids instead."
-                )
-            state: LVTCState | None = getattr(past_key_values, "lvtc_state", None)
-            if state is None:
-                raise ValueError(
-                    "This cache holds tokens but no LVTC state: pass the past_key_values returned by this model's "
-                    "prefill forward (an InternVLXLVTCCache), not a cache filled elsewhere."
-                )
-            if attention_mask is not None:
-                tail = attention_mask[:, state.short_prefix_len:]
-            else:
-                # Every token is real. A static cache gets all the slots its short layers have after the prompt (the
-                # causal mask hides those not yet written): a length known without reading its tensor fill level.
-                tail_len = (past_key_values.layers[0].max_cache_len if static else past_length + short_len)
-                tail = torch.ones(batch, tail_len - state.short_prefix_len, dtype=torch.long, device=device)
-            long_mask_2d = torch.cat([state.long_prefix_mask.to(device), tail.to(state.long_prefix_mask.dtype)], -1)
-            long_position_ids = position_ids + state.position_offset.to(device)[:, None]
-            layout, long_varlen = None, {}
-
-        def masks_for(layers, hidden, mask_2d, positions) -> dict[str, torch.Tensor | None]:
-            """One mask per attention kind among ``layers`` (built for the first layer of that kind)."""
-            masks = {}
-            for idx in layers:
-                kind = layer_types[idx]
-                if kind not in masks:
-                    masks[kind] = _MASK_FUNCTIONS[kind](
-                        config=text_config, inputs_embeds=hidden, attention_mask=mask_2d,
-                        position_ids=positions, layer_idx=idx, **{CACHE_NAME: past_key_values},
-                    )
-            return masks
-
-        injections = {}
-        if prefill and features is not None:
-            for layer_idx, extra in zip(lvtc.injection_layers, features.extra_lr_features):
-                injections[layer_idx] = extra.reshape(-1, extra.shape[-1])
-
-        hidden = inputs_embeds
-        count = depth + 1
-        selection = _hidden_state_selection(output_hidden_states, count)
-        all_hidden = [] if output_hidden_states else None
-        attentions, hooks = [], []
-        if output_attentions:
-            for module, index in _attention_weight_modules(lm, depth):
-                def record(_module, _args, output, index=index):
-                    if isinstance(output, tuple) and output[index] is not None:
-                        attentions.append(output[index])
-                hooks.append(module.register_forward_hook(record))
-            kwargs["output_attentions"] = True  # the attention backends warn when they cannot return weights
-        masks = masks_for(range(min(k, depth)), inputs_embeds, attention_mask, position_ids)
-        positions, rope = position_ids, lm.rotary_emb(inputs_embeds, position_ids=position_ids)
-        try:
-            for idx, layer in enumerate(lm.layers[:depth]):
-                if idx == k:
-                    if prefill:
-                        hidden = self._expand(hidden, layout, features, side1, side2, lvtc.upsample_mode,
-                                              lvtc.hr_scale)
-                    long_dummy = hidden if prefill else inputs_embeds
-                    masks = masks_for(range(k, depth), long_dummy, long_mask_2d, long_position_ids)
-                    positions = long_position_ids
-                    rope = lm.rotary_emb(hidden, position_ids=long_position_ids)
-                elif idx in injections:
-                    extra = torch.zeros_like(hidden).masked_scatter(image_mask[..., None].to(hidden.device),
-                                                                    injections[idx].to(hidden.device, hidden.dtype))
-                    hidden = hidden + extra
-                if all_hidden is not None:
-                    all_hidden.append(hidden if selection is None or len(all_hidden) in selection else None)
-                hidden = layer(
-                    hidden, attention_mask=masks[layer_types[idx]], position_ids=positions,
-                    use_cache=use_cache, position_embeddings=rope, **{CACHE_NAME: past_key_values}, **kwargs,
-                    **(varlen if idx < k else long_varlen),
-                )
-        finally:
-            for hook in hooks:
-                hook.remove()
-        if prefill and k < depth:
-            hidden = self._pool(hidden, layout, batch, short_len, side1, side2)
-        hidden = lm.norm(hidden)
-        if all_hidden is not None:
-            all_hidden.append(hidden if selection is None or len(all_hidden) in selection else None)
-        return InternVLXModelOutputWithPast(
-            last_hidden_state=hidden,
-            **{CACHE_NAME: past_key_values if use_cache else None},
-            hidden_states=tuple(all_hidden) if all_hidden is not None else None,
-            attentions=tuple(attentions) if output_attentions else None,
-            image_hidden_states=features.pooler_output if features is not None else None,
-        )
-
-    @staticmethod
-    def _expand(hidden, layout: LVTCLayout, features, side1, side2, mode, hr_scale="none"):
-        """Layer k: upsample each tile's LR states 2D and add the HR projector output (residual, Sec. 3.2)."""
-        batch, short_len, dim = hidden.shape
-        device = hidden.device  # layer k-1's device: with a device_map the layout may live elsewhere
-        flat = hidden.reshape(-1, dim)
-        index, source = layout.text_long.to(device), flat[layout.text_short.to(device)]
-        if layout.visual_short.numel():  # a text-only batch has no tile to expand
-            tiles = flat[layout.visual_short.to(device)].reshape(-1, side1, side1, dim).permute(0, 3, 1, 2)
-            kwargs = {"align_corners": False} if mode == "bilinear" else {}
-            up = F.interpolate(tiles, size=(side2, side2), mode=mode, **kwargs).permute(0, 2, 3, 1).reshape(-1, dim)
-            hr = features.hr_features.reshape(-1, dim).to(device, up.dtype)
-            if hr_scale == "rms":  # opt-in (LVTCConfig.hr_scale): HR enters at the LR state's scale, per token
-                hr = scale_to_rms(hr, up)
-            up = up + hr
-            index, source = torch.cat([index, layout.visual_long.to(device)]), torch.cat([source, up])
-        long = flat.new_zeros(batch * layout.long_len, dim).index_copy(0, index, source)
-        return long.reshape(batch, layout.long_len, dim)
-
-    @staticmethod
-    def _pool(hidden, layout: LVTCLayout, batch, short_len, side1, side2):
-        """After the last layer: average each tile's HR states back to LR so outputs line up with input_ids."""
-        dim = hidden.shape[-1]
-        device = hidden.device
-        flat = hidden.reshape(-1, dim)
-        index, source = layout.text_short.to(device), flat[layout.text_long.to(device)]
-        if layout.visual_long.numel():
-            tiles = flat[layout.visual_long.to(device)].reshape(-1, side2, side2, dim).permute(0, 3, 1, 2)
-            pooled = F.adaptive_avg_pool2d(tiles, (side1, side1)).permute(0, 2, 3, 1).reshape(-1, dim)
-            index, source = torch.cat([index, layout.visual_short.to(device)]), torch.cat([source, pooled])
-        short = flat.new_zeros(batch * short_len, dim).index_copy(0, index, source)
-        return short.reshape(batch, short_len, dim)
+        step = prepare_lvtc_step(self.config, inputs_embeds, image_mask, attention_mask, position_ids,
+                                 past_key_values, past_length, use_cache, kwargs, has_images=features is not None)
+        return run_lvtc(self.language_model, self.config, step, inputs_embeds, image_mask, features,
+                        output_attentions, output_hidden_states, **kwargs)
 
 
 class _DraftsWithoutPlaceholders:
@@ -665,17 +439,13 @@ def _ignore_placeholder_label_kwargs(model, args, kwargs):
     return args, kwargs
 
 
-class InternVLXForConditionalGeneration(InternVLXPreTrainedModel, GenerationMixin):
+class InternVLXForConditionalGeneration(InternVL2ChatMixin, InternVLXPreTrainedModel, GenerationMixin):
     """InternVL-X for image-text-to-text generation. `AutoModel` resolves to this class, as in InternVL2."""
 
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
     # As transformers' InternVL: a tied head shards the weight it reads, so it needs a tensor-parallel entry of its own.
     _tp_plan = {"lm_head": "colwise_gather_output"}
     _per_tile_inputs = ("pixel_values", "image_flags", "num_patches", "tile_grid")
-    # InternVL2's `chat()` writes `model.system_message` into the prompt (VLMEvalKit sets it for its system prompts);
-    # None renders the chat template's default system message, as InternVL2's default does.
-    system_message: str | None = None
-
     def __init__(self, config: InternVLXConfig):
         super().__init__(config)
         self.model = InternVLXModel(config)
@@ -904,13 +674,9 @@ class InternVLXForConditionalGeneration(InternVLXPreTrainedModel, GenerationMixi
         if self.config.lvtc is None or type(cache) not in (DynamicCache, StaticCache) or cache.get_seq_length() != 0:
             return
         # The LVTC state (that decoding steps need and that beam search and cropping must update) lives on the
-        # cache: turn the cache into the subclass that carries it, in place, so that a cache the user passed is the
-        # one that gets filled and generate()'s options (offloading, past recording for assisted decoding) are kept.
-        if type(cache) is StaticCache:
-            InternVLXLVTCStaticCache.check_layers(cache)
-            cache.__class__ = InternVLXLVTCStaticCache
-        else:
-            cache.__class__ = InternVLXLVTCCache
+        # cache: a cache the user passed is the one that gets filled, with generate()'s options (offloading, past
+        # recording for assisted decoding).
+        as_lvtc_cache(cache)
 
     def create_masks_for_generate(self, config, inputs_embeds, attention_mask, past_key_values=None, cache=None,
                                   **kwargs):
@@ -928,173 +694,6 @@ class InternVLXForConditionalGeneration(InternVLXPreTrainedModel, GenerationMixi
             return attention_mask
         free = past_key_values.layers[0].max_cache_len - attention_mask.shape[-1]
         return F.pad(attention_mask, (0, free)) if free > 0 else attention_mask
-
-    # ---------------------------------------------------------------- InternVL2-compatible chat API
-
-    @staticmethod
-    def _templater(processor_or_tokenizer):
-        templater = processor_or_tokenizer
-        if getattr(templater, "chat_template", None) is None:
-            templater = getattr(processor_or_tokenizer, "tokenizer", processor_or_tokenizer)
-        if getattr(templater, "chat_template", None) is None:
-            raise ValueError(
-                "The tokenizer/processor has no chat_template. Use the tokenizer saved by `internvlx convert`, or "
-                "set one with internvlx_hf.processing.get_chat_template(model.config.template)."
-            )
-        return templater
-
-    def _chat_prompt(self, processor_or_tokenizer, question: str, history, num_patches_list) -> str:
-        if "<video>" in question:
-            # InternVL2's chat() has no <video> tag: a video is its frames, one `FrameN: <image>` line each.
-            raise ValueError(
-                "chat() takes a video as its frames, as InternVL2 does: put 'Frame1: <image>\\nFrame2: <image>\\n...' "
-                "(one line per frame) before the question instead of <video> and pass num_patches_list=[1] * "
-                "frames; or let the processor expand <video> (processor(text=..., videos=...))."
-            )
-        messages = [] if self.system_message is None else [{"role": "system", "content": self.system_message}]
-        for old_question, old_answer in history or []:
-            messages += [{"role": "user", "content": old_question}, {"role": "assistant", "content": old_answer}]
-        messages.append({"role": "user", "content": question})
-        templater = self._templater(processor_or_tokenizer)
-        prompt = templater.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        n_tags = prompt.count("<image>")
-        if n_tags != len(num_patches_list):
-            raise ValueError(
-                f"The prompt has {n_tags} <image> tags but {len(num_patches_list)} images were given "
-                f"(num_patches_list={num_patches_list}); put one <image> per image in the question."
-            )
-        for tiles in num_patches_list:
-            expansion = "<img>" + "<IMG_CONTEXT>" * (self.config.image_seq_length * int(tiles)) + "</img>"
-            prompt = prompt.replace("<image>", expansion, 1)
-        return prompt
-
-    def _turn_separator(self, processor_or_tokenizer, tokenizer) -> tuple[str | None, int | None]:
-        """The chat template's end-of-turn text and token id (`<|im_end|>` for Hermes-2/internlm2-chat, `<|end|>` for
-        phi3-chat), found by rendering a probe exchange: what the template writes after an assistant reply.
-        (The probe of `chat_templates.turn_end_text`, repeated here: this file loads as remote code on its own.)"""
-        templater = self._templater(processor_or_tokenizer)
-        probe = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "REPLY"}]
-        rendered = templater.apply_chat_template(probe, tokenize=False)
-        separator = (rendered.rsplit("REPLY", 1)[-1].strip() if "REPLY" in rendered else "") or None
-        if separator is None:
-            return None, None
-        sep_id = tokenizer.convert_tokens_to_ids(separator)
-        if sep_id is None or sep_id == tokenizer.unk_token_id:  # not one token of the vocabulary
-            ids = tokenizer(separator, add_special_tokens=False)["input_ids"]
-            sep_id = ids[0] if len(ids) == 1 else None
-        return separator, sep_id
-
-    def _chat_generate(self, processor_or_tokenizer, prompts, pixel_values, generation_config):
-        tokenizer = getattr(processor_or_tokenizer, "tokenizer", processor_or_tokenizer)
-        if isinstance(generation_config, dict):
-            generation_config = GenerationConfig(**generation_config)
-        # a copy: the eos/pad defaults below must not leak into the caller's object
-        generation_config = copy.deepcopy(generation_config) if generation_config is not None else GenerationConfig()
-        separator, sep_id = self._turn_separator(processor_or_tokenizer, tokenizer)
-        if generation_config.eos_token_id is None:
-            # InternVL2 stops at the template separator; without one, at the model's own eos.
-            generation_config.eos_token_id = sep_id if sep_id is not None else self.generation_config.eos_token_id
-        padding_side = tokenizer.padding_side
-        tokenizer.padding_side = "left"
-        try:
-            # a template made for a sentencepiece tokenizer writes its BOS (`chat_templates.bos_prefix`): no second one
-            written = bool(tokenizer.bos_token) and all(prompt.startswith(tokenizer.bos_token) for prompt in prompts)
-            inputs = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=not written)
-        finally:
-            tokenizer.padding_side = padding_side
-        if generation_config.pad_token_id is None:
-            generation_config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else sep_id
-        self._check_chat_context(inputs.input_ids, inputs.attention_mask)
-        if pixel_values is not None:
-            pixel_values = self._chat_tiles(pixel_values)
-        out = self.generate(
-            input_ids=inputs.input_ids.to(self.device),
-            attention_mask=inputs.attention_mask.to(self.device),
-            pixel_values=pixel_values,
-            generation_config=generation_config,
-        )
-        new_tokens = out[:, inputs.input_ids.shape[1]:]
-        texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-        return [(text.split(separator)[0] if separator else text).strip() for text in texts]
-
-    def _check_chat_context(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
-        """Refuse a `chat()` prompt longer than the LLM's context before generating: past
-        ``max_position_embeddings`` transformers only warns, and the answer is garbage. With LVTC the long layout
-        of layers >= k counts (every tile at its high-resolution token count)."""
-        limit = getattr(self.config.get_text_config(), "max_position_embeddings", None)
-        if limit is None:
-            return
-        tiles = (input_ids == self.config.image_token_id).sum(-1) // self.config.image_seq_length
-        positions = attention_mask.sum(-1)
-        lvtc = self.config.lvtc_config
-        if lvtc is not None and lvtc.expand_layer < self.config.get_text_config().num_hidden_layers:
-            positions = positions + tiles * (self.config.hr_tokens_per_tile - self.config.image_seq_length)
-        longest = int(positions.max())
-        if longest >= limit:
-            row = int(positions.argmax())
-            raise ValueError(
-                f"chat(): the prompt{f' of question {row}' if len(positions) > 1 else ''} needs {longest:,} positions "
-                f"({int(tiles[row])} image tiles), and the model has {limit:,} (text_config.max_position_embeddings); "
-                "pass fewer tiles (InternVL2's load_image(..., max_num=N), the processor's max_tiles) or fewer images."
-            )
-
-    def _chat_tiles(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """``pixel_values`` on the model's device and dtype, square tiles resized to the model's tile size.
-
-        The InternVL2 classes of VLMEvalKit and lmms-eval tile images themselves, always at InternVL2's 448 px
-        (their `load_image` has no other size), and pass the tiles to `chat()`. A model with other tiles (the demo
-        model's are 112 px) gets each tile resized (bicubic, antialiased; normalisation is per channel, so resizing
-        normalised tiles equals normalising resized ones): the tile grid the client chose is kept.
-        """
-        image_size, _ = image_and_patch(self.config.vision_config)
-        pixel_values = pixel_values.to(self.device)
-        side = tuple(pixel_values.shape[-2:])
-        if pixel_values.ndim == 4 and side[0] == side[1] != image_size:
-            logger.warning_once(f"chat(): pixel_values tiles are {side[0]} px, this model's are {image_size} px; "
-                                "resizing them (the processor makes tiles of the model's size).")
-            pixel_values = F.interpolate(pixel_values.float(), size=(image_size, image_size), mode="bicubic",
-                                         align_corners=False, antialias=True)
-        return pixel_values.to(self.model.vision_tower.dtype)
-
-    def chat(self, tokenizer, pixel_values, question, generation_config=None, history=None, return_history=False,
-             num_patches_list=None, verbose=False):
-        """InternVL2's `chat`: one question (with an optional image) -> the answer string.
-
-        ``tokenizer`` may also be an `InternVLXProcessor`. Without `<image>` in the question, a first-turn image
-        is put in front as ``"<image>\\n" + question``, as InternVL2 does. A video is passed as its frames (one tile
-        each) with ``num_patches_list=[1] * frames`` and a question that starts with InternVL2's
-        ``Frame1: <image>\\nFrame2: <image>\\n...`` lines (`internvlx_hf.processing.video.video_prompt`). The
-        system block is ``model.system_message`` (None: the chat template's default). Generation stops at the chat
-        template's end-of-turn token (unless ``generation_config`` sets an ``eos_token_id``). Tiles of another square
-        size than the model's (InternVL2 clients make 448 px tiles) are resized to the model's.
-        """
-        if history is None and pixel_values is not None and "<image>" not in question and "<video>" not in question:
-            question = "<image>\n" + question
-        if num_patches_list is None:
-            num_patches_list = [pixel_values.shape[0]] if pixel_values is not None else []
-        prompt = self._chat_prompt(tokenizer, question, history, num_patches_list)
-        if verbose:
-            print(prompt.replace("<IMG_CONTEXT>" * self.config.image_seq_length, "<IMG_CONTEXT>"))
-        response = self._chat_generate(tokenizer, [prompt], pixel_values, generation_config)[0]
-        if not return_history:
-            return response
-        return response, list(history or []) + [(question, response)]
-
-    def batch_chat(self, tokenizer, pixel_values, questions, generation_config=None, num_patches_list=None,
-                   history=None, return_history=False, verbose=False):
-        """InternVL2's `batch_chat`: one image (``num_patches_list[i]`` tiles) per question, left-padded batch."""
-        if history is not None or return_history:
-            raise NotImplementedError("batch_chat does not take a history, as in InternVL2; use chat() per turn.")
-        if num_patches_list is None:
-            num_patches_list = [1] * len(questions) if pixel_values is not None else [0] * len(questions)
-        if len(num_patches_list) != len(questions):
-            raise ValueError(f"{len(questions)} questions but num_patches_list has {len(num_patches_list)} entries.")
-        prompts = []
-        for question, tiles in zip(questions, num_patches_list):
-            if tiles and "<image>" not in question:
-                question = "<image>\n" + question
-            prompts.append(self._chat_prompt(tokenizer, question, None, [tiles] if tiles else []))
-        return self._chat_generate(tokenizer, prompts, pixel_values, generation_config)
 
 
 # `save_pretrained` copies this file and `configuration_internvlx.py` next to the weights (remote code).

@@ -15,6 +15,13 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
 
 
+#: The installed transformers' name for the KV cache, as an argument and as an output field: transformers 5.24
+#: renamed `past_key_values` to `cache` (generate() passes `cache=`, outputs hold `.cache`; the old name is a
+#: deprecated alias until 5.40). The model takes either name and speaks the installed release's to transformers.
+CACHE_NAME = ("cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)}
+              else "past_key_values")
+
+
 @dataclass
 class InternVLXImageFeatures(BaseModelOutputWithPooling):
     """What `get_image_features` returns (the transformers 5 VLM contract plus LVTC's extra projectors).
