@@ -67,7 +67,7 @@ def start(spec: dict):
     from vllm import LLM
 
     from internvlx_hf.vllm.config_hook import SAVING_SCHEDULER
-    from internvlx_hf.vllm.saving import LVTCSchedulerMixin
+    from internvlx_hf.vllm.lvtc.short_kv import LVTCSchedulerMixin
 
     LVTCSchedulerMixin.record_blocks = True  # (the engine core runs in this process unless the spec's env says not)
 

@@ -21,11 +21,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from internvlx_hf.vllm.layout import LVTCLayout
-from internvlx_hf.vllm.positions import saving_positions
-from internvlx_hf.vllm.short_layout import ShortLayoutMismatch, short_layout
+from internvlx_hf.vllm.lvtc.geometry import LVTCGeometry
+from internvlx_hf.vllm.lvtc.positions import saving_positions
+from internvlx_hf.vllm.lvtc.short_layout import ShortLayoutMismatch, short_layout
 
-LAYOUT = LVTCLayout(expand_layer=2, short_side=2, long_side=4, upsample_mode="nearest", hr_scale="scale_1",
+LAYOUT = LVTCGeometry(expand_layer=2, short_side=2, long_side=4, upsample_mode="nearest", hr_scale="scale_1",
                     injection_layers=())
 SHORT, LONG = LAYOUT.short_per_tile, LAYOUT.long_per_tile  # 4, 16
 BLOCK = 4

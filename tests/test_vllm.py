@@ -28,7 +28,7 @@ if importlib.util.find_spec("vllm") is None:
 import torch  # noqa: E402
 
 from internvlx_hf import InternVLXForConditionalGeneration, InternVLXProcessor  # noqa: E402
-from internvlx_hf.vllm.layout import lvtc_layout_of  # noqa: E402
+from internvlx_hf.vllm.lvtc.geometry import lvtc_geometry_of  # noqa: E402
 
 from vllm_helpers import (  # noqa: E402
     ONE_TILE, REQUESTS, SIX_TILES, THIRTEEN_TILES, TOKENIZER_FILES, TWELVE_TILES, assert_lvtc_path,
@@ -171,7 +171,7 @@ def _reference(folder, request):
     videos = [video(frames, seed) for frames, seed in request["videos"]] or None
     out = reference_generate(model, processor, request["prompt"], images=images, videos=videos,
                              **request["mm_processor_kwargs"])
-    layout = lvtc_layout_of(model.config)
+    layout = lvtc_geometry_of(model.config)
     out["vllm_tokens_per_tile"] = layout.long_per_tile if layout is not None else model.config.image_seq_length
     out["tokens_per_tile"] = model.config.image_seq_length
     out["image_token_id"] = model.config.image_token_id
@@ -443,7 +443,7 @@ def test_the_start_says_in_one_block_the_lvtc_path_and_every_setting_the_plugin_
     expected = {
         "saving": ["  - tokenizer_mode: 'auto' -> 'internvlx'",
                    "  - LVTC path: saving",
-                   "  - scheduler_cls: None -> 'internvlx_hf.vllm.saving.lvtc_scheduler'",
+                   "  - scheduler_cls: None -> 'internvlx_hf.vllm.lvtc.short_kv.lvtc_scheduler'",
                    "  - prompt length: vLLM counts each image tile at the long layout, 64 tokens"],
         "masked": ["  - tokenizer_mode: 'auto' -> 'internvlx'",
                    "  - LVTC path: masked. InternVL-X: LVTC runs on the masked long layout, which holds K/V for every "
@@ -559,7 +559,7 @@ def test_engine_settings_the_saving_path_has_not_run_with_take_the_masked_path(t
     from vllm.v1.core.kv_cache_utils import get_kv_cache_groups
     from vllm.v1.kv_cache_interface import FullAttentionSpec
 
-    from internvlx_hf.vllm.saving import LVTCShortSpec
+    from internvlx_hf.vllm.lvtc.short_kv import LVTCShortSpec
 
     shape = dict(block_size=16, num_kv_heads=1, head_size=32, dtype=torch.float32)
     specs = {"layers.0": LVTCShortSpec(**shape, short_per_tile=16, long_per_tile=64),
@@ -668,8 +668,8 @@ def test_unused_slots_get_exactly_zero_attention_weight(dtype):
     unused slot's key (the MASKED flag in its position). With queries and keys stored in float32, bfloat16 or float16
     (a KV cache of that dtype) and logits summed in float32, as attention kernels do, an unused slot's softmax weight
     is exactly 0 and every other logit is exactly the unpadded one."""
-    from internvlx_hf.vllm.lvtc import KeyBiasRotary
-    from internvlx_hf.vllm.positions import MASKED
+    from internvlx_hf.vllm.lvtc.masked import KeyBiasRotary
+    from internvlx_hf.vllm.lvtc.positions import MASKED
 
     heads, kv_heads, head, padded = 2, 1, 64, 80
     scale = head**-0.5

@@ -31,7 +31,7 @@ if importlib.util.find_spec("vllm") is None or importlib.util.find_spec("openai"
 from internvlx_hf import InternVLXForConditionalGeneration, InternVLXProcessor  # noqa: E402
 from internvlx_hf.processing import CHAT_TEMPLATES  # noqa: E402
 from internvlx_hf.processing.chat_templates import parse_chat_template  # noqa: E402
-from internvlx_hf.vllm.layout import lvtc_layout_of  # noqa: E402
+from internvlx_hf.vllm.lvtc.geometry import lvtc_geometry_of  # noqa: E402
 
 from vllm_checkpoints import converted_checkpoint  # noqa: E402
 from vllm_helpers import image, reference_generate  # noqa: E402
@@ -184,7 +184,7 @@ def test_chat_completions_give_transformers_prompt_ids_and_tokens(servers, famil
     assert content.lstrip("\ufffd ") == text.lstrip("\ufffd "), (content, text)
     if SERVED[family][1].startswith("lvtc"):  # vLLM schedules each LVTC tile at its high-resolution count
         config = InternVLXForConditionalGeneration.config_class.from_pretrained(folder)
-        layout = lvtc_layout_of(config)
+        layout = lvtc_geometry_of(config)
         context, short, long = config.image_token_id, layout.short_per_tile, layout.long_per_tile
         assert [t for t in answer.prompt_token_ids if t != context] == [
             t for t in reference["prompt_ids"] if t != context]
@@ -280,7 +280,7 @@ def test_an_lvtc_chat_behind_the_server_is_served_from_the_prefix_cache(servers)
         hits.append(_prefix_cache_hits(client))
     config = InternVLXForConditionalGeneration.config_class.from_pretrained(folder)
     tiles = 3  # 900x448 at max_tiles 4: 2 tiles and the thumbnail
-    assert hits[2] - hits[1] >= (tiles - 1) * lvtc_layout_of(config).long_per_tile, hits
+    assert hits[2] - hits[1] >= (tiles - 1) * lvtc_geometry_of(config).long_per_tile, hits
 
 
 def test_bench_serve_turns_sees_an_lvtc_chat_served_from_the_cache(servers):
@@ -295,7 +295,8 @@ def test_bench_serve_turns_sees_an_lvtc_chat_served_from_the_cache(servers):
                       image_size=896, max_tokens=8, progress=False)
     (row,) = rows
     assert (row["chats"], row["turns"]) == (2, 3)
-    long_per_tile = lvtc_layout_of(InternVLXForConditionalGeneration.config_class.from_pretrained(folder)).long_per_tile
+    config = InternVLXForConditionalGeneration.config_class.from_pretrained(folder)
+    long_per_tile = lvtc_geometry_of(config).long_per_tile
     later_turns = 2 * 2
     assert later_turns * 3 * long_per_tile <= row["later_cached_tokens"] < row["later_prompt_tokens"], row
     assert "its prefix cache served" in chat_notes(rows)[0]
@@ -334,7 +335,7 @@ def test_a_prompt_past_max_model_len_gets_a_400_naming_the_setting(servers, serv
             [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}],
             add_generation_prompt=True)
         reference = processor(text=prompt, images=[image(900, 448, 1)], max_tiles=MAX_TILES)["input_ids"][0]
-        layout = lvtc_layout_of(InternVLXForConditionalGeneration.config_class.from_pretrained(folder))
+        layout = lvtc_geometry_of(InternVLXForConditionalGeneration.config_class.from_pretrained(folder))
         assert (f"tokens as vLLM counts it (LVTC: {layout.long_per_tile} tokens per image tile, the layers >= k's "
                 f"layout; transformers counts {layout.short_per_tile} per tile, {len(reference)} tokens for this "
                 "prompt)") in str(error.value)

@@ -26,7 +26,7 @@ if importlib.util.find_spec("vllm") is None:
                 allow_module_level=True)
 
 from internvlx_hf import InternVLXForConditionalGeneration, InternVLXProcessor  # noqa: E402
-from internvlx_hf.vllm.layout import lvtc_layout_of  # noqa: E402
+from internvlx_hf.vllm.lvtc.geometry import lvtc_geometry_of  # noqa: E402
 
 from vllm_checkpoints import FAMILIES, VARIANTS, converted_checkpoint  # noqa: E402
 from vllm_helpers import assert_lvtc_path, assert_same_generation, image, reference_generate, video  # noqa: E402
@@ -102,7 +102,7 @@ def _reference(folder: Path, request: dict) -> dict:
     videos = [video(frames, seed) for frames, seed in request["videos"]] or None
     out = reference_generate(model, processor, request["prompt"], images=images, videos=videos,
                              max_tiles=MAX_TILES)
-    layout = lvtc_layout_of(model.config)
+    layout = lvtc_geometry_of(model.config)
     out["vllm_tokens_per_tile"] = layout.long_per_tile if layout is not None else model.config.image_seq_length
     out["tokens_per_tile"] = model.config.image_seq_length
     out["image_token_id"] = model.config.image_token_id

@@ -30,7 +30,7 @@ import torch  # noqa: E402
 
 from internvlx_hf import InternVLXForConditionalGeneration, InternVLXProcessor  # noqa: E402
 from internvlx_hf.training.presets import LoraSettings, apply_preset, lora_target_modules  # noqa: E402
-from internvlx_hf.vllm.layout import lvtc_layout_of  # noqa: E402
+from internvlx_hf.vllm.lvtc.geometry import lvtc_geometry_of  # noqa: E402
 
 from vllm_helpers import REQUESTS, assert_same_generation, build_checkpoint, image, reference_generate  # noqa: E402
 
@@ -98,7 +98,7 @@ def _reference(folder: Path, request: dict, adapter: Path | None) -> dict:
     images = [image(w, h, seed) for w, h, seed in request["images"]] or None
     out = reference_generate(model, processor, request["prompt"], images=images, **request["mm_processor_kwargs"])
     config = InternVLXForConditionalGeneration.config_class.from_pretrained(folder)
-    layout = lvtc_layout_of(config)
+    layout = lvtc_geometry_of(config)
     out["vllm_tokens_per_tile"] = layout.long_per_tile if layout is not None else config.image_seq_length
     out["tokens_per_tile"] = config.image_seq_length
     out["image_token_id"] = config.image_token_id

@@ -1,5 +1,5 @@
-"""The saving path of LVTC on vLLM (`internvlx_hf.vllm.saving`, the plugin's default for LVTC checkpoints) and its
-research records: the layout count of issue 52's E1, the saving path's position rows (LongRoPE's flags included) and
+"""The saving path of LVTC on vLLM (`internvlx_hf.vllm.lvtc.short_kv`, the plugin's default for LVTC checkpoints) and
+its research records: the layout count of issue 52's E1, the saving path's position rows (LongRoPE's flags included) and
 short-layout token counts on hand-made layouts whose answers are known, engines on tiny checkpoints (both paths), and
 the recorded figures. The vLLM parts skip where vLLM is not installed."""
 
@@ -29,9 +29,9 @@ needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
 
 
 def _saving():
-    import internvlx_hf.vllm.saving
+    import internvlx_hf.vllm.lvtc.short_kv
 
-    return internvlx_hf.vllm.saving
+    return internvlx_hf.vllm.lvtc.short_kv
 
 
 def _features():
@@ -45,10 +45,10 @@ def _features():
 @pytest.mark.vllm
 @needs_vllm
 def test_saving_positions_are_short_layout_positions_and_decoding_continues_them():
-    from internvlx_hf.vllm.layout import LVTCLayout
-    from internvlx_hf.vllm.positions import saving_positions
+    from internvlx_hf.vllm.lvtc.geometry import LVTCGeometry
+    from internvlx_hf.vllm.lvtc.positions import saving_positions
 
-    layout = LVTCLayout(expand_layer=1, short_side=1, long_side=2, upsample_mode="nearest", hr_scale="none",
+    layout = LVTCGeometry(expand_layer=1, short_side=1, long_side=2, upsample_mode="nearest", hr_scale="none",
                         injection_layers=())
     rows, delta = saving_positions(layout, 16, _features())
     assert delta == -6  # 2 tiles x 3 HR-only slots
@@ -67,10 +67,10 @@ def test_saving_rows_carry_each_layouts_longrope_choice(switch, short_long, long
     """Phi-3's LongRoPE on the saving path: a prompt takes the long factors in a layer group where that group's layout
     passes the switch K (the short layout has 10 tokens, the long one 16); decoded tokens switch at K, each group
     on its own position. An index past K is the long factors' row (vLLM's table: short rows, then long ones)."""
-    from internvlx_hf.vllm.layout import LVTCLayout
-    from internvlx_hf.vllm.positions import saving_positions, saving_rope_indices
+    from internvlx_hf.vllm.lvtc.geometry import LVTCGeometry
+    from internvlx_hf.vllm.lvtc.positions import saving_positions, saving_rope_indices
 
-    layout = LVTCLayout(expand_layer=1, short_side=1, long_side=2, upsample_mode="nearest", hr_scale="none",
+    layout = LVTCGeometry(expand_layer=1, short_side=1, long_side=2, upsample_mode="nearest", hr_scale="none",
                         injection_layers=())
     rows, delta = saving_positions(layout, 16, _features(), switch)
     short_index, long_index = saving_rope_indices(rows, torch.arange(16), switch)

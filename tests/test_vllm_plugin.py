@@ -15,8 +15,8 @@ import torch
 from conftest import require_fixture
 from internvlx_hf import InternVLXProcessor
 from internvlx_hf.processing.chat_templates import parse_chat_template
-from internvlx_hf.vllm.layout import LVTCLayout, lvtc_layout_of
-from internvlx_hf.vllm.positions import MASKED, PROMPT_TEXT, position_rows, read_rows
+from internvlx_hf.vllm.lvtc.geometry import LVTCGeometry, lvtc_geometry_of
+from internvlx_hf.vllm.lvtc.positions import MASKED, PROMPT_TEXT, position_rows, read_rows
 from internvlx_hf.vllm.prompt_text import (
     ImageTokens,
     expand_tags,
@@ -79,13 +79,13 @@ def test_the_cpu_head_sizes_known_without_vllm_are_vllms():
 
 
 def test_layout_of_a_config():
-    assert lvtc_layout_of(tiny_config()) is None
-    assert lvtc_layout_of(tiny_config(lvtc=dict(expand_layer=4), layers=4)) is None  # k = depth: nothing expands
-    layout = lvtc_layout_of(tiny_config(lvtc=dict(expand_layer=2), layers=4))
+    assert lvtc_geometry_of(tiny_config()) is None
+    assert lvtc_geometry_of(tiny_config(lvtc=dict(expand_layer=4), layers=4)) is None  # k = depth: nothing expands
+    layout = lvtc_geometry_of(tiny_config(lvtc=dict(expand_layer=2), layers=4))
     assert (layout.short_per_tile, layout.long_per_tile, layout.expand_layer) == (4, 16, 2)
 
 
-LAYOUT = LVTCLayout(expand_layer=1, short_side=1, long_side=2, upsample_mode="nearest", hr_scale="none",
+LAYOUT = LVTCGeometry(expand_layer=1, short_side=1, long_side=2, upsample_mode="nearest", hr_scale="none",
                     injection_layers=())
 # 2 text tokens, <img>, two tiles of 4 slots (1 LR slot + 3 unused each), </img>, 1 text token
 TILES = SimpleNamespace(mm_position=SimpleNamespace(offset=2, length=10,

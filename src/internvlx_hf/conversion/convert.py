@@ -25,7 +25,7 @@ from ..atomic import remove_stale_temporaries, replace_folder, temporary_folder
 from ..modeling.configuration_internvlx import InternVLXConfig, LVTCConfig
 from ..provenance import record_conversion
 from ..remote_code import save_remote_code
-from ..vllm.layout import lvtc_layout_of
+from ..vllm.lvtc.geometry import lvtc_geometry_of
 from ..vllm_compat import cpu_head_size_problem
 from .errors import ConversionError
 from .llm import LLMSpec, convert_text_config, internlm2_qkv_rows, llm_architecture, text_config_notes
@@ -628,7 +628,7 @@ def _report(job: _Job, src: Path, dst: Path, files: list[str], total_bytes: int)
              for module, names in group_new_parameters(job.new_names).items()},
         copied=dict(plan.copies),
         notes=job.notes,
-        vllm_cpu=cpu_head_size_problem(config.get_text_config(), lvtc_layout_of(config) is not None,
+        vllm_cpu=cpu_head_size_problem(config.get_text_config(), lvtc_geometry_of(config) is not None,
                                        where=str(dst)),
     )
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..vllm_compat import head_size_of, source_has
-from .layout import lvtc_layout_of, row_width
+from .lvtc.geometry import lvtc_geometry_of, row_width
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -66,7 +66,7 @@ def needs_position_rows(config, max_model_len: int) -> bool:
     """Whether the model takes vLLM's per-request position rows (`lvtc.position_rows`): LVTC with expansion (each
     token's layout), and a LongRoPE LLM whose prompts can pass the switch (each request's choice of factors)."""
     switch = longrope_switch(config.get_text_config())
-    return lvtc_layout_of(config) is not None or (switch is not None and max_model_len > switch)
+    return lvtc_geometry_of(config) is not None or (switch is not None and max_model_len > switch)
 
 
 def sliding_window_of(text_config) -> int | None:
@@ -155,7 +155,7 @@ class LVTCConfigHook:
         _report_longrope_length(model_config, text, settings)
         _check_sliding_window(model_config, config, where)
         _check_lora_slots(vllm_config, where)
-        layout = lvtc_layout_of(config)
+        layout = lvtc_geometry_of(config)
         path = None
         if config.lvtc_config is not None:
             _check_lvtc_engine(vllm_config, layout, where)
@@ -167,8 +167,8 @@ class LVTCConfigHook:
             config.mrope_section = [1, 1, 1]
             _prefix_caching(vllm_config, config, path, settings, whole_prompts)
         if row_width(config) != text.hidden_size:
-            # The HR and extra LR projectors' outputs travel next to each token's embedding (`lvtc.py`): vLLM sizes
-            # its embedding buffer by the text config's `projection_dim`.
+            # The HR and extra LR projectors' outputs travel next to each token's embedding (`lvtc/layers.py`): vLLM
+            # sizes its embedding buffer by the text config's `projection_dim`.
             text.projection_dim = row_width(config)
         if whole_prompts is None:
             _whole_tiles_per_step(vllm_config, layout, where)
@@ -187,7 +187,7 @@ def _whole_prompts_reason(path: str | None) -> str | None:
     chunked prefill at tile boundaries and prefix caching, where this vLLM has what they use)."""
     if path != "saving":
         return "the masked path runs on vLLM's own scheduler and KV-cache groups"
-    from . import saving
+    from .lvtc import short_kv as saving
 
     missing = saving.missing_internals(saving.CONVERSATION_INTERNALS)
     if missing:
@@ -266,7 +266,7 @@ def _check_head_size(config, where: str) -> None:
             f"InternVL-X checkpoint {where}: vLLM's CPU attention has no kernel for the LLM's head size {head} "
             f"(it has {', '.join(map(str, sizes))}); serve it on a GPU or with `internvlx serve {where}`."
         )
-    if lvtc_layout_of(config) is not None and not any(size > head for size in sizes):
+    if lvtc_geometry_of(config) is not None and not any(size > head for size in sizes):
         raise UnsupportedCheckpoint(
             f"InternVL-X LVTC checkpoint {where}: LVTC on vLLM runs the layers below k at a head size larger than the "
             f"LLM's {head}, and vLLM's CPU attention has none; serve it with `internvlx serve {where}`."
@@ -330,7 +330,7 @@ def _check_sliding_window(model_config, config, where: str) -> None:
     """vLLM applies a sliding window where transformers does (`CacheConfig.sliding_window` or per layer from
     `layer_types`); LVTC's layers below k see the long layout, so a window that prompts can pass is refused there."""
     window = sliding_window_of(config.get_text_config())
-    if window is None or window >= model_config.max_model_len or lvtc_layout_of(config) is None:
+    if window is None or window >= model_config.max_model_len or lvtc_geometry_of(config) is None:
         return
     raise UnsupportedCheckpoint(
         f"InternVL-X LVTC checkpoint {where}: vLLM cannot run LVTC with its LLM's sliding-window attention (window "
@@ -426,19 +426,21 @@ def _check_lvtc_engine(vllm_config, layout, where: str) -> None:
         )
 
 
-#: The saving path's `scheduler_cls`: saving.py's factory of its scheduler classes (named so that vLLM imports it where
-#: the scheduler runs), which hand the scheduler's request table to the short group's KV managers. A factory, because
-#: vLLM settles `async_scheduling` (which of the two classes) only after this hook.
-SAVING_SCHEDULER = "internvlx_hf.vllm.saving.lvtc_scheduler"
-SAVING_SCHEDULERS = (SAVING_SCHEDULER, "internvlx_hf.vllm.saving.LVTCScheduler",
-                     "internvlx_hf.vllm.saving.LVTCAsyncScheduler")
+#: The saving path's `scheduler_cls`: lvtc/short_kv.py's factory of its scheduler classes (named so that vLLM imports
+#: it where the scheduler runs), which hand the scheduler's request table to the short group's KV managers. A factory,
+#: because vLLM settles `async_scheduling` (which of the two classes) only after this hook. The names under
+#: `internvlx_hf.vllm.saving` (the module's name before the `lvtc/` sub-package) are kept for engines set up with them.
+SAVING_SCHEDULER = "internvlx_hf.vllm.lvtc.short_kv.lvtc_scheduler"
+SAVING_SCHEDULERS = tuple(f"internvlx_hf.vllm.{module}.{name}" for module in ("lvtc.short_kv", "saving")
+                          for name in ("lvtc_scheduler", "LVTCScheduler", "LVTCAsyncScheduler"))
 #: How an LVTC checkpoint runs on vLLM (`config.lvtc_vllm_path`, chosen by `choose_lvtc_path`): "saving" (the layers
-#: below k hold and compute the short layout only: `saving.py`) or "masked" (the long layout with the HR-only slots
-#: masked out of the layers below k: `lvtc.py`). `hf_overrides={"lvtc_vllm_path": "masked"}` asks for the second.
+#: below k hold and compute the short layout only: `lvtc/short_kv.py`) or "masked" (the long layout with the HR-only
+#: slots masked out of the layers below k: `lvtc/masked.py`). `hf_overrides={"lvtc_vllm_path": "masked"}` asks for the
+#: second.
 LVTC_PATHS = ("saving", "masked")
 
 
-#: vLLM's own scheduler classes: named as `scheduler_cls`, they are replaced by saving.py's subclasses of them
+#: vLLM's own scheduler classes: named as `scheduler_cls`, they are replaced by lvtc/short_kv.py's subclasses of them
 VLLM_SCHEDULERS = ("vllm.v1.core.sched.scheduler.Scheduler", "vllm.v1.core.sched.async_scheduler.AsyncScheduler")
 
 
@@ -450,7 +452,7 @@ def _scheduler_name(chosen) -> str | None:
 
 def _scheduler_taken(vllm_config) -> str | None:
     """The scheduler class a user set (`--scheduler-cls`) that the saving path cannot use: not vLLM's own, not
-    saving.py's, not a subclass of saving.py's `LVTCSchedulerMixin`."""
+    lvtc/short_kv.py's, not a subclass of its `LVTCSchedulerMixin`."""
     chosen = vllm_config.scheduler_config.scheduler_cls
     name = _scheduler_name(chosen)
     if name is None or name in VLLM_SCHEDULERS or name in SAVING_SCHEDULERS:
@@ -577,13 +579,13 @@ def _masked_reason(vllm_config, config) -> str | None:
     taken = _scheduler_taken(vllm_config)
     if taken is not None:
         return (f"the engine's scheduler_cls is {taken}, and the saving path's KV manager needs its own scheduler "
-                f"(internvlx_hf.vllm.saving.LVTCSchedulerMixin: subclass it with yours to keep both)")
+                f"(internvlx_hf.vllm.lvtc.short_kv.LVTCSchedulerMixin: subclass it with yours to keep both)")
     import vllm
 
     try:
-        from . import saving
+        from .lvtc import short_kv as saving
     except (ImportError, AttributeError, AssertionError, TypeError) as error:
-        # a vLLM that moved what saving.py imports, or whose spec registry refuses the short group's spec
+        # a vLLM that moved what lvtc/short_kv.py imports, or whose spec registry refuses the short group's spec
         return f"this vLLM ({vllm.__version__}) lacks what the saving path imports ({error!r}); tested: 0.32"
     missing = saving.missing_internals()
     if missing:

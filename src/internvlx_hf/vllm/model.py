@@ -25,9 +25,9 @@ from vllm.sequence import IntermediateTensors
 from ..modeling.configuration_internvlx import image_and_patch
 from ..modeling.projectors import attach_projectors
 from .config_hook import LLM_ARCHITECTURES, longrope_switch, needs_position_rows, require_config_hook, warn_masked
-from .layout import lvtc_layout_of, row_width
-from .lvtc import LVTCRunner
-from .positions import position_rows, read_rows, saving_positions
+from .lvtc.geometry import lvtc_geometry_of, row_width
+from .lvtc.masked import MaskedLayers
+from .lvtc.positions import position_rows, read_rows, saving_positions
 from .processing import InternVLXDummyInputsBuilder, InternVLXMultiModalProcessor, InternVLXProcessingInfo
 
 
@@ -135,7 +135,7 @@ class _LoRANames(WeightsMapper):
 @MULTIMODAL_REGISTRY.register_processor(InternVLXMultiModalProcessor, info=InternVLXProcessingInfo,
                                         dummy_inputs=InternVLXDummyInputsBuilder)
 class InternVLXForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsMRoPE, SupportsPP, SupportsLoRA):
-    """InternVL-X for vLLM: plain MLP or PVTC projector, and LVTC (`lvtc.py`: vLLM's per-request position rows carry
+    """InternVL-X for vLLM: plain MLP or PVTC projector, and LVTC (`lvtc/`: vLLM's per-request position rows carry
     each token's layout, which is why this class speaks vLLM's M-RoPE interface; plain checkpoints never use it).
     Pipeline parallelism as vLLM's LLMs run it (the vision side on the first rank, where vLLM runs the encoder),
     for checkpoints without LVTC (refused with it at start-up: `config_hook`).
@@ -164,7 +164,7 @@ class InternVLXForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsM
         architecture = LLM_ARCHITECTURES[text_config.model_type]  # others are refused at config time (config_hook)
         self.config = config
         self.model_dtype = vllm_config.model_config.dtype
-        self.layout = lvtc_layout_of(config)
+        self.layout = lvtc_geometry_of(config)
         quant_config = vllm_config.quant_config
         with self._mark_tower_model(vllm_config, {"image", "video"}):
             self.vision_model = InternVisionModel(
@@ -188,7 +188,7 @@ class InternVLXForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsM
         self.make_empty_intermediate_tensors = self.language_model.make_empty_intermediate_tensors
         self.packed_modules_mapping = dict(getattr(self.language_model, "packed_modules_mapping", {}))
         self.row_width = row_width(config)
-        # Per-token layout and RoPE factors in vLLM's position rows (`positions.py`), where the config hook turned
+        # Per-token layout and RoPE factors in vLLM's position rows (`lvtc/positions.py`), where the config hook turned
         # them on: LVTC with expansion, a LongRoPE LLM whose prompts can pass the switch.
         self.max_model_len = vllm_config.model_config.max_model_len
         self.position_rows = needs_position_rows(config, self.max_model_len)
@@ -199,21 +199,25 @@ class InternVLXForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsM
             for layer in self.language_model.model.layers:
                 if not isinstance(layer, PPMissingLayer):  # another pipeline rank's layer
                     layer.self_attn.rotary_emb.use_long_rope = False
-        # LVTC, or extra LR projectors alone (k = depth): the layers are run one by one (`lvtc.py`).
-        self.lvtc = LVTCRunner(model=self, vllm_config=vllm_config, switch=self.switch,
-                               prefix=maybe_prefix(prefix, "lvtc")) if config.lvtc_config is not None else None
-        # LVTC with expansion: the layers below k hold and compute the short layout only (`saving.py`), unless the
-        # config hook chose the masked long layout (`config_hook.choose_lvtc_path`, with its log line).
+        # LVTC, or extra LR projectors alone (k = depth): the layers are run one by one (`lvtc/layers.py`). With
+        # expansion the layers below k hold and compute the short layout only (`lvtc/short_kv.py`), unless the config
+        # hook chose the masked long layout (`config_hook.choose_lvtc_path`, with its log line) or this worker's
+        # attention cannot write their K/V at their own slots.
+        self.lvtc: nn.Module | None = None
         self.saving = False
-        if self.layout is not None and getattr(config, "lvtc_vllm_path", None) == "saving":
-            from .saving import SavingFront, saving_unavailable
+        if config.lvtc_config is not None:
+            lvtc_prefix = maybe_prefix(prefix, "lvtc")
+            if self.layout is not None and getattr(config, "lvtc_vllm_path", None) == "saving":
+                from .lvtc.short_kv import ShortKVFront, short_kv_unavailable
 
-            reason = saving_unavailable(self, vllm_config)
-            if reason is None:
-                self.lvtc = SavingFront(self.lvtc, self, vllm_config)
-                self.saving = True
-            else:
-                warn_masked(reason)
+                reason = short_kv_unavailable(self)
+                if reason is None:
+                    self.lvtc = ShortKVFront(self, vllm_config, self.switch, prefix=lvtc_prefix)
+                    self.saving = True
+                else:
+                    warn_masked(reason)
+            if self.lvtc is None:
+                self.lvtc = MaskedLayers(model=self, vllm_config=vllm_config, switch=self.switch, prefix=lvtc_prefix)
 
     # ------------------------------------------------------------------------------------------------ vision side
 
@@ -222,7 +226,7 @@ class InternVLXForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsM
 
     def _item_features(self, pixel_values: torch.Tensor, tiles_per_item: list[int]) -> tuple[torch.Tensor, ...]:
         """One `(tiles * tokens_per_tile, width)` tensor per image (or video), in order: the projector's output,
-        or with LVTC each tile's rows of every projector (`LVTCRunner.tile_rows`)."""
+        or with LVTC each tile's rows of every projector (`LVTCLayers.tile_rows`)."""
         if pixel_values.shape[0] == 0:
             return ()
         vit = self._vit(pixel_values)
@@ -273,7 +277,7 @@ class InternVLXForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsM
             if inputs_embeds is None:
                 inputs_embeds = self.embed_input_ids(input_ids)
             return self.lvtc(positions, inputs_embeds)
-        if positions.dim() == 2:  # LongRoPE's per-token factors (`positions.py`)
+        if positions.dim() == 2:  # LongRoPE's per-token factors (`lvtc/positions.py`)
             positions = read_rows(positions, None, self.max_model_len, self.switch)[0]
         return self.language_model.model(input_ids=input_ids, positions=positions,
                                          intermediate_tensors=intermediate_tensors, inputs_embeds=inputs_embeds)

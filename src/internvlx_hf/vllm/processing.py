@@ -30,7 +30,7 @@ from vllm.multimodal.processing import (
 from ..processing import InternVLXProcessor
 from ..processing.chat_templates import bos_prefix, parse_chat_template, reserved_tag_message
 from ..processing.video import VIDEO_PLACEHOLDER, video_prompt
-from .layout import lvtc_layout_of
+from .lvtc.geometry import lvtc_geometry_of
 from .prompt_text import ImageTokens, expand_tags, item_spans, recover_prompt_text, split_bos
 
 
@@ -102,12 +102,12 @@ class InternVLXProcessingInfo(BaseProcessingInfo):
     @cached_property
     def layout(self):
         """The LVTC layout of the checkpoint (None for models without LVTC expansion)."""
-        return lvtc_layout_of(self.get_hf_config())
+        return lvtc_geometry_of(self.get_hf_config())
 
     @property
     def tokens_per_tile(self) -> int:
         """Placeholder tokens per tile in the prompt vLLM schedules: `image_seq_length`, or with LVTC the long
-        layout's count (every tile is scheduled at its high-resolution size, see `layout.py`)."""
+        layout's count (every tile is scheduled at its high-resolution size, see `lvtc/geometry.py`)."""
         layout = self.layout
         return layout.long_per_tile if layout is not None else self.get_hf_config().image_seq_length
 

@@ -5,9 +5,9 @@ decoded token as ``p + delta`` in all three rows (``p``: the token's index, ``de
 plugin needs more per token than one position, and must read it inside ``forward`` without Python state or host
 reads (so that torch.compile and CUDA graphs capture it):
 
-- **LVTC** schedules a request in its long layout (`lvtc.py`). Layers from ``k`` take the long position ``p``; layers
-  below ``k`` take the short-layout position ``p - (unused slots before the token)`` and must ignore the unused slots;
-  layer ``k`` must know each tile slot's index within its tile.
+- **LVTC** schedules a request in its long layout (`masked.py`, `short_kv.py`). Layers from ``k`` take the long
+  position ``p``; layers below ``k`` take the short-layout position ``p - (unused slots before the token)`` and must
+  ignore the unused slots; layer ``k`` must know each tile slot's index within its tile.
 - **LongRoPE** (Phi-3) in transformers takes, in each forward call, the long factors when the call's largest position
   reaches ``original_max_position_embeddings`` (the switch ``K``), the short ones otherwise: a prompt of more than
   ``K`` tokens is encoded with the long factors, a shorter one with the short factors and its decoded tokens switch
@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import torch
 
-from .layout import LVTCLayout
+from .geometry import LVTCGeometry
 
 #: row 2 of a prompt token outside every tile (below every tile slot's code -1 - j)
 PROMPT_TEXT = -(1 << 30)
@@ -46,7 +46,7 @@ def _rope_index(position: torch.Tensor, long_factors: torch.Tensor | bool, switc
     return position + switch * torch.as_tensor(long_factors, dtype=position.dtype)
 
 
-def tile_slots(layout: LVTCLayout, length: int, mm_features: list,
+def tile_slots(layout: LVTCGeometry, length: int, mm_features: list,
                text_code: int = PROMPT_TEXT) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per token of a prompt of `length` vLLM tokens: its code (``-1 - slot`` for a tile's slot in the long layout,
     ``text_code`` for text), 1 where the slot is HR-only (absent from the short layout), and whether it is a tile's."""
@@ -65,7 +65,7 @@ def tile_slots(layout: LVTCLayout, length: int, mm_features: list,
     return code, unused, tile
 
 
-def position_rows(layout: LVTCLayout | None, length: int, mm_features: list, max_model_len: int,
+def position_rows(layout: LVTCGeometry | None, length: int, mm_features: list, max_model_len: int,
                   switch: int | None = None) -> tuple[torch.Tensor, int]:
     """`(rows, delta)` of a prompt of `length` vLLM tokens (see the module docstring); `switch`: LongRoPE's ``K``."""
     index = torch.arange(length, dtype=torch.int64)
@@ -82,7 +82,7 @@ def position_rows(layout: LVTCLayout | None, length: int, mm_features: list, max
     return torch.stack([long_row, short_row + MASKED * unused, code]), tiles * max_model_len
 
 
-def read_rows(rows: torch.Tensor, layout: LVTCLayout | None, max_model_len: int,
+def read_rows(rows: torch.Tensor, layout: LVTCGeometry | None, max_model_len: int,
               switch: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`(long RoPE index, short RoPE index (+ MASKED on unused slots), tile slot or -1)` per token: tensor arithmetic
     only (no host reads), so the step can be captured."""
@@ -105,9 +105,9 @@ def read_rows(rows: torch.Tensor, layout: LVTCLayout | None, max_model_len: int,
 LONG_FACTORS = 1 << 28
 
 
-def saving_positions(layout: LVTCLayout, length: int, mm_features: list,
+def saving_positions(layout: LVTCGeometry, length: int, mm_features: list,
                      switch: int | None = None) -> tuple[torch.Tensor, int]:
-    """The saving path's rows (`saving.py`) of a prompt of `length` vLLM tokens, and its delta ``-E`` (``E``: its
+    """The saving path's rows (`short_kv.py`) of a prompt of `length` vLLM tokens, and its delta ``-E`` (``E``: its
     HR-only slots), so that a decoded token's rows are all its short position ``s``.
 
     - row 1: the short position ``s`` (the short layers' metadata builder reads it);

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
-class LVTCLayout:
+class LVTCGeometry:
     """LVTC geometry: layers ``< expand_layer`` see ``short_side**2`` tokens per tile, the others ``long_side**2``."""
 
     expand_layer: int
@@ -25,13 +25,13 @@ class LVTCLayout:
         return self.long_side * self.long_side
 
 
-def lvtc_layout_of(config) -> LVTCLayout | None:
+def lvtc_geometry_of(config) -> LVTCGeometry | None:
     """The layout of an InternVLXConfig, or None when nothing ever expands (no LVTC, or ``k`` = the LLM's depth)."""
     lvtc = config.lvtc_config
     if lvtc is None or lvtc.expand_layer >= config.get_text_config().num_hidden_layers:
         return None
     grid = config.vision_tokens_per_side
-    return LVTCLayout(
+    return LVTCGeometry(
         expand_layer=lvtc.expand_layer,
         short_side=grid // round(1.0 / lvtc.lr_downsample_ratio),
         long_side=grid // round(1.0 / lvtc.hr_downsample_ratio),
@@ -48,4 +48,4 @@ def row_width(config) -> int:
     lvtc = config.lvtc_config
     if lvtc is None:
         return hidden
-    return hidden * (1 + (1 if lvtc_layout_of(config) is not None else 0) + lvtc.num_lr_projectors - 1)
+    return hidden * (1 + (1 if lvtc_geometry_of(config) is not None else 0) + lvtc.num_lr_projectors - 1)

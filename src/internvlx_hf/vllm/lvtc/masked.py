@@ -1,7 +1,7 @@
 """LVTC on vLLM, the masked path: layers below ``k`` see the short layout on the long layout's slots (the fallback of
-`saving.py`, which holds and computes the short layout only and is the default, chosen by
-`config_hook.choose_lvtc_path`); and the LLM's layer loop for every LVTC checkpoint (`LVTCRunner`: the projectors'
-rows, layer k's expansion, the extra LR projectors; `saving.py` borrows them).
+`short_kv.py`, which holds and computes the short layout only and is the default, chosen by
+`config_hook.choose_lvtc_path`), and the path of checkpoints whose extra LR projectors come without expansion
+(`MaskedLayers`, on the layer loop both paths share: `layers.py`).
 
 vLLM's V1 engine keeps one token count per request, shared by every KV cache group (`KVCacheCoordinator.
 allocate_new_blocks` sizes every group by the same `num_tokens`; one `seq_lens` / `slot_mapping` feeds every layer).
@@ -22,10 +22,10 @@ hold its LR tokens and the others are *unused*:
   layer ``k``. `KeyBiasRotary` (the rotary embedding of layers ``< k``) reads the flag and writes the extra query and
   key dimensions, so the mask needs no state outside the step's own inputs.
 - **Layer k** upsamples each tile's LR states (slots ``< short``) to the long grid and adds the HR projector's
-  output, in place over the tile's slots: a gather from fixed tables (`UpsampleTable`), no data-dependent shapes. The
-  whole tile must be in the step: LVTC checkpoints run with vLLM's `disable_chunked_mm_input` (an image is never
-  split between scheduler steps) and without prefix caching (a cache hit could end inside an image), and a step
-  holds the largest image; `config_hook.LVTCConfigHook` sets all three.
+  output, in place over the tile's slots: a gather from fixed tables (`layers.UpsampleTable`), no data-dependent
+  shapes. The whole tile must be in the step: on this path LVTC checkpoints run with vLLM's
+  `disable_chunked_mm_input` (an image is never split between scheduler steps) and without prefix caching (a cache
+  hit could end inside an image), and a step holds the largest image; `config_hook.LVTCConfigHook` sets all three.
 - **The projectors' outputs** travel through vLLM's encoder cache as one wide row per slot
   (``[LR input | HR | extra LR projectors]``, `tile_rows`) and then in vLLM's embedding buffer, widened to that row
   (`projection_dim`, set by the config hook): `embed_input_ids` writes the row of each token (zeros past the LLM input
@@ -44,8 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 from vllm.compilation.decorators import support_torch_compile
 
-from ..modeling.lvtc import scale_to_rms
-from .layout import LVTCLayout
+from .layers import LVTCLayers
 from .positions import MASKED, read_rows
 
 if TYPE_CHECKING:
@@ -120,49 +119,17 @@ class KeyBiasAttention(nn.Module):
         return out.view(tokens, self.num_heads, self.padded)[..., : self.head_size].reshape(tokens, -1)
 
 
-class UpsampleTable(nn.Module):
-    """Layer k's upsampling as a gather: long slot ``s`` of a tile is ``sum_i weight[s, i] * LR slot source[s, i]``
-    (F.interpolate's weights, read off by interpolating each LR slot's indicator once)."""
-
-    def __init__(self, layout: LVTCLayout):
-        super().__init__()
-        short, long = layout.short_side, layout.long_side
-        basis = torch.eye(layout.short_per_tile, dtype=torch.float64).reshape(-1, 1, short, short)
-        options = {"align_corners": False} if layout.upsample_mode == "bilinear" else {}
-        weights = F.interpolate(basis, size=(long, long), mode=layout.upsample_mode, **options)
-        weights = weights.reshape(layout.short_per_tile, layout.long_per_tile).T  # (long slot, LR slot)
-        top = weights.topk(4 if layout.upsample_mode == "bilinear" else 1, dim=-1)
-        self.register_buffer("source", top.indices, persistent=False)
-        self.register_buffer("weight", top.values.float(), persistent=False)
-
-    def forward(self, hidden: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
-        """Every token's upsampled LR state (meaningful at tile slots, ``slot >= 0``)."""
-        tokens = hidden.shape[0]
-        slot = slot.clamp(min=0)
-        start = torch.arange(tokens, device=slot.device) - slot
-        source = (start[:, None] + self.source[slot]).clamp(0, tokens - 1)
-        weight = self.weight[slot].to(hidden.dtype)
-        return (hidden[source] * weight[..., None]).sum(1)
-
-
 @support_torch_compile(dynamic_arg_dims={"positions": -1, "inputs_embeds": 0})
-class LVTCRunner(nn.Module):
-    """Runs the LLM's layers one by one with LVTC's layouts (see the module docstring). vLLM compiles its `forward`
+class MaskedLayers(LVTCLayers):
+    """The LLM's layers on the long layout with the short layout masked in layers ``< k`` (the module docstring), and
+    for a checkpoint whose extra LR projectors come without expansion (``k`` = the depth). vLLM compiles its `forward`
     (whole graph: no host reads, no data-dependent Python) unless eager mode is asked for."""
 
     def __init__(self, *, model, vllm_config: "VllmConfig", switch: int | None, prefix: str = ""):
-        super().__init__()
-        self.model = [model]  # a list: the model is not a submodule of the runner it owns
-        config = model.config
-        self.lvtc = config.lvtc_config
-        self.layout: LVTCLayout | None = model.layout
-        self.switch = switch
+        super().__init__(model, vllm_config, switch)
         self.max_model_len = vllm_config.model_config.max_model_len
-        self.hidden = config.get_text_config().hidden_size
-        self.injections = {layer: i for i, layer in enumerate(self.lvtc.injection_layers)}
-        self.upsample = UpsampleTable(self.layout) if self.layout is not None else None
-        lm = model.language_model.model
         if self.layout is not None:
+            lm = model.language_model.model
             for index in range(self.layout.expand_layer):
                 self_attn = lm.layers[index].self_attn
                 attn = KeyBiasAttention(self_attn.attn, vllm_config)
@@ -170,68 +137,12 @@ class LVTCRunner(nn.Module):
                                                      attn.head_size, attn.padded, attn.scale)
                 self_attn.attn = attn
 
-    # ------------------------------------------------------------------------------------------- projector rows
-
-    def tile_rows(self, vit: torch.Tensor, lr: torch.Tensor) -> torch.Tensor:
-        """`(tiles, slots, width)`: per slot the LLM input (LR token, zeros in unused slots), then the HR projector's
-        output (with expansion), then each extra LR projector's (zeros in unused slots)."""
-        model = self.model[0]
-        extras = [projector(vit) for projector in model.lvtc_lr_projectors]
-        if self.layout is None:
-            return torch.cat([lr, *extras], dim=-1)
-        tiles, short, dim = lr.shape
-        pad = lambda x: torch.cat([x, x.new_zeros(tiles, self.layout.long_per_tile - short, dim)], dim=1)  # noqa
-        hr = model.lvtc_hr_projector(vit)
-        return torch.cat([pad(lr), hr, *(pad(extra) for extra in extras)], dim=-1)
-
-    def embed_input_ids(self, input_ids, multimodal_embeddings, is_multimodal) -> torch.Tensor:
-        """Each token's row: its embedding (or LR input) and, for tile slots, its projectors' outputs; zeros past the
-        embedding for every other token."""
-        model = self.model[0]
-        embeds = model.language_model.embed_input_ids(input_ids)
-        width = model.row_width
-        rows = embeds.new_zeros(embeds.shape[0], width)
-        rows[:, : self.hidden] = embeds
-        if multimodal_embeddings is None or is_multimodal is None or len(multimodal_embeddings) == 0:
-            return rows
-        features = torch.cat(list(multimodal_embeddings)).to(rows.dtype)
-        mask = is_multimodal.to(rows.device)
-        rows[mask] = features
-        return rows
-
-    # ------------------------------------------------------------------------------------------------- forward
-
     def forward(self, positions: torch.Tensor, inputs_embeds: torch.Tensor) -> torch.Tensor:
-        lm = self.model[0].language_model.model
         hidden, side = inputs_embeds[:, : self.hidden], inputs_embeds[:, self.hidden:]
-        layout = self.layout
         if positions.dim() == 2:
-            long_positions, short_positions, slot = read_rows(positions, layout, self.max_model_len, self.switch)
+            long_positions, short_positions, slot = read_rows(positions, self.layout, self.max_model_len,
+                                                              self.switch)
         else:
             long_positions = short_positions = positions
             slot = None
-        expand = layout.expand_layer if layout is not None else len(lm.layers)
-        residual = None
-        for index, layer in enumerate(lm.layers):
-            if index == expand:
-                hidden = hidden + residual if residual is not None else hidden
-                residual = None
-                hidden = self._expand(hidden, slot, side)
-            if index in self.injections:
-                hidden = hidden + side[:, self._extra_columns(self.injections[index])]  # zeros outside the LR slots
-            layer_positions = short_positions if index < expand else long_positions
-            hidden, residual = layer(layer_positions, hidden, residual)
-        hidden, _ = lm.norm(hidden, residual)
-        return hidden
-
-    def _extra_columns(self, number: int) -> slice:
-        start = (number + (1 if self.layout is not None else 0)) * self.hidden
-        return slice(start, start + self.hidden)
-
-    def _expand(self, hidden: torch.Tensor, slot: torch.Tensor, side: torch.Tensor) -> torch.Tensor:
-        """Layer k: each tile's LR states upsampled 2D to the long grid, plus the HR projector's output."""
-        up = self.upsample(hidden, slot)
-        hr = side[:, : self.hidden].to(up.dtype)
-        if self.layout.hr_scale == "rms":
-            hr = scale_to_rms(hr, up)
-        return torch.where((slot >= 0)[:, None], up + hr, hidden)
+        return self.run_layers(hidden, side, short_positions, long_positions, slot)
