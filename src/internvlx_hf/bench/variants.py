@@ -13,28 +13,26 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..checkpoints import read_checkpoint_config
+
 DTYPES = ("float32", "bfloat16", "float16")
 VARIANTS = ("this", "plain-256", "plain-1024")
 
 
+# `internvlx bench` words the checkpoint check its own way (FOLDER is its argument).
+_WORDING = {
+    "folder": "{name}: no such folder; give a checkpoint folder (config.json + weights), e.g. one written by "
+              "`internvlx convert` or `internvlx demo`.",
+    "config": "{name} has no config.json: it is not a checkpoint folder.",
+    "model_type": "{name} holds a {model_type!r} checkpoint, not an InternVL-X one; convert an InternVL checkpoint "
+                  "first: internvlx convert SRC DST.",
+}
+
+
 def check_folder(folder: str | Path) -> Path:
     """The folder, if it holds an InternVL-X checkpoint; else a `FileNotFoundError` / `ValueError` saying why."""
-    import json
-
     path = Path(folder)
-    if not path.is_dir():
-        raise FileNotFoundError(f"FOLDER {folder}: no such folder; give a checkpoint folder (config.json + weights), "
-                                "e.g. one written by `internvlx convert` or `internvlx demo`.")
-    config = path / "config.json"
-    if not config.is_file():
-        raise ValueError(f"FOLDER {folder} has no config.json: it is not a checkpoint folder.")
-    try:
-        model_type = json.loads(config.read_text()).get("model_type")
-    except ValueError as error:
-        raise ValueError(f"FOLDER {folder}: config.json is not valid JSON ({error}).") from None
-    if model_type != "internvlx":
-        raise ValueError(f"FOLDER {folder} holds a {model_type!r} checkpoint, not an InternVL-X one; convert an "
-                         "InternVL checkpoint first: internvlx convert SRC DST.")
+    read_checkpoint_config(path, f"FOLDER {folder}", wording=_WORDING)
     return path
 
 

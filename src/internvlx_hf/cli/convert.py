@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .command import CLIError, Command
+from .command import Command
 
 _CONVERT_DESCRIPTION = """\
 Convert an OpenGVLab checkpoint in its original remote-code layout (InternVLChatModel), the InternVL-X reference
@@ -105,12 +105,11 @@ def _add_convert_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _check_convert(args: argparse.Namespace) -> None:
-    """SRC must be a local folder: said before torch loads (the conversion says it too, for its Python callers)."""
-    from pathlib import Path
+    """SRC must be a checkpoint folder: said before torch loads (the conversion checks it too, for its Python
+    callers)."""
+    from ..checkpoints import read_source_config
 
-    if not Path(args.src).is_dir():
-        raise CLIError(f"SRC {args.src} is not a folder; pass the local folder of an OpenGVLab InternVL2 model "
-                       "(download it first, e.g. `hf download OpenGVLab/InternVL2-2B --local-dir InternVL2-2B`).")
+    read_source_config(args.src)
 
 
 def _run_convert(args: argparse.Namespace) -> int:

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from ..atomic import staged_folder
+from ..checkpoints import CONFIG_NAME, read_checkpoint_config
 from ..processing.chat_templates import for_tokenizer, starts_with_bos
 from .errors import ConversionError
 from .native import NATIVE_TOKENIZER_TOKENS, native_saved_name, read_chat_template, to_native_template
@@ -69,21 +70,11 @@ class ExportReport:
 def _read_config(src: Path):
     from ..modeling.configuration_internvlx import InternVLXConfig
 
-    if not src.is_dir():
-        raise ConversionError(f"SRC {src} is not a folder; pass the folder of an internvlx-hf checkpoint (the output "
-                              "of `internvlx convert` or of training).")
-    config_path = src / "config.json"
-    if not config_path.is_file():
-        raise ConversionError(f"{src} has no config.json; SRC must be a complete internvlx-hf checkpoint folder.")
-    raw = read_json_file(config_path, "config")
-    if not isinstance(raw, dict) or raw.get("model_type") != InternVLXConfig.model_type:
-        kind = raw.get("model_type") if isinstance(raw, dict) else None
-        raise ConversionError(f"{config_path} has model_type {kind!r}, not 'internvlx'; `internvlx export native` "
-                              "reads internvlx-hf checkpoints (convert OpenGVLab ones with `internvlx convert` first).")
+    read_checkpoint_config(src, f"SRC {src}", error=ConversionError)
     try:
         return InternVLXConfig.from_pretrained(str(src))
     except (ValueError, TypeError, KeyError) as error:
-        raise ConversionError(f"{config_path} is not a valid InternVLXConfig: {error}") from None
+        raise ConversionError(f"{src / CONFIG_NAME} is not a valid InternVLXConfig: {error}") from None
 
 
 def _check_exportable(config, src: Path) -> None:

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from ..checkpoints import CONFIG_NAME, read_source_config
 from .errors import ConversionError, read_json_file
 from .key_mapping import SOURCE_PREFIXES
 from .shards import SourceShard, TensorInfo, find_weight_files
@@ -54,10 +55,10 @@ class SourceCheckpoint:
 
 
 NATIVE_MODEL_TYPE = "internvl"
-# Keys every OpenGVLab config.json has (save_pretrained writes them); without them the model cannot be rebuilt.
 # The tokenizer files an InternVL2 checkpoint may carry (sentencepiece- or BPE-based).
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "vocab.json", "merges.txt")
+# Keys every OpenGVLab config.json has (save_pretrained writes them); without them the model cannot be rebuilt.
 _REQUIRED_KEYS = {
     "llm_config": ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "vocab_size"),
     "vision_config": ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers"),
@@ -99,17 +100,9 @@ def read_source(path: str | Path, allow_pickle: bool) -> SourceCheckpoint:
 
 
 def _read_source(path: Path, allow_pickle: bool) -> SourceCheckpoint:
-    if not path.is_dir():
-        raise ConversionError(
-            f"SRC {path} is not a folder; pass the local folder of an OpenGVLab InternVL2 model (download it first, "
-            "e.g. `hf download OpenGVLab/InternVL2-2B --local-dir InternVL2-2B`)."
-        )
-    config_path = path / "config.json"
-    if not config_path.exists():
-        raise ConversionError(f"{path} has no config.json; SRC must be a complete InternVL2 / InternVL-X checkpoint "
-                              "folder.")
-    config = read_json_file(config_path, "config")
-    if isinstance(config, dict) and config.get("model_type") == NATIVE_MODEL_TYPE:
+    config = read_source_config(path, error=ConversionError)
+    config_path = path / CONFIG_NAME
+    if config.get("model_type") == NATIVE_MODEL_TYPE:
         return _read_native_source(path, config, allow_pickle)
     check_source_config(config, config_path)
     if config.get("model_type") == "internvlx":

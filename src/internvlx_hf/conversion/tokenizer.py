@@ -124,12 +124,27 @@ def sentencepiece_to_tokenizers(model_file: Path, added: dict[int, dict], *, leg
     ``decode(skip_special_tokens=True)`` drops what the slow tokenizer drops (Phi-3's chat tokens stay). ``None``
     keeps each token's own ``special`` flag. ``proto``: ``model_file`` already parsed (it is read otherwise).
     """
-    from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokenizers, processors
-    from tokenizers.models import BPE
-    from transformers.tokenization_utils_base import generate_merges
-
     if proto is None:
         proto = _read_sentencepiece(model_file)
+    _check_convertible(proto, model_file)
+    pieces = list(proto.pieces)
+    vocab = {piece.piece: index for index, piece in enumerate(pieces)}
+    if len(vocab) != len(pieces):
+        raise ConversionError(f"{model_file} has duplicate pieces")
+    extra = _appended_tokens(added, pieces, model_file)
+    tokenizer = _bpe_tokenizer(proto, vocab)
+    _set_prefix_rule(tokenizer, proto, legacy)
+    tokenizer.decoder = _decoder(proto, added, legacy)
+    _add_tokens(tokenizer, added, pieces, special_tokens)
+    for index, token in extra.items():
+        if tokenizer.token_to_id(token["content"]) != index:
+            raise ConversionError(f"{model_file}: the added token {token['content']!r} did not get id {index}")
+    tokenizer.post_processor = _post_processor(tokenizer, model_file, bos_token if add_bos_token else None,
+                                               eos_token if add_eos_token else None)
+    return tokenizer
+
+
+def _check_convertible(proto, model_file: Path) -> None:
     trainer, norm = proto.trainer_spec, proto.normalizer_spec
     if trainer.model_type != 2:  # BPE
         raise ConversionError(f"{model_file}: only sentencepiece BPE models are supported (InternLM2, Llama); "
@@ -139,15 +154,11 @@ def sentencepiece_to_tokenizers(model_file: Path, added: dict[int, dict], *, leg
             f"{model_file}: sentencepiece normalisation ({norm.name!r}, remove_extra_whitespaces="
             f"{norm.remove_extra_whitespaces}) is not supported; InternLM2/Llama models use 'identity'."
         )
-    pieces = list(proto.pieces)
-    vocab = {piece.piece: index for index, piece in enumerate(pieces)}
-    if len(vocab) != len(pieces):
-        raise ConversionError(f"{model_file} has duplicate pieces")
-    scores = {piece.piece: piece.score for piece in pieces if piece.type == _NORMAL}
-    not_mergeable = {piece.piece for piece in pieces if piece.type != _NORMAL}
-    merges = generate_merges(vocab, scores, skip_tokens=not_mergeable)
 
-    # Tokens added on top of the sentencepiece vocabulary are appended in id order, so they keep their ids.
+
+def _appended_tokens(added: dict[int, dict], pieces: list, model_file: Path) -> dict[int, dict]:
+    """The added tokens beyond the sentencepiece vocabulary, by id. They are appended in id order, so they keep
+    their ids only when they follow the vocabulary without gaps; those inside it must name the piece there."""
     extra = {index: token for index, token in added.items() if index >= len(pieces)}
     for index, token in added.items():
         if index < len(pieces) and pieces[index].piece != token["content"]:
@@ -155,20 +166,38 @@ def sentencepiece_to_tokenizers(model_file: Path, added: dict[int, dict], *, leg
                 f"tokenizer_config.json gives id {index} to {token['content']!r} but {model_file} has "
                 f"{pieces[index].piece!r} there."
             )
-    expected_ids = list(range(len(pieces), len(pieces) + len(extra)))
-    if sorted(extra) != expected_ids:
+    if sorted(extra) != list(range(len(pieces), len(pieces) + len(extra))):
         raise ConversionError(
             f"added tokens must follow the sentencepiece vocabulary ({len(pieces)} pieces) without gaps; got ids "
             f"{sorted(extra)}"
         )
+    return dict(sorted(extra.items()))
+
+
+def _bpe_tokenizer(proto, vocab: dict[str, int]):
+    """A byte-fallback BPE over the pieces, its merges ranked by the piece scores (sentencepiece merges the
+    highest-scoring pair first); only normal pieces merge."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import BPE
+    from transformers.tokenization_utils_base import generate_merges
+
+    pieces, trainer = list(proto.pieces), proto.trainer_spec
+    scores = {piece.piece: piece.score for piece in pieces if piece.type == _NORMAL}
+    not_mergeable = {piece.piece for piece in pieces if piece.type != _NORMAL}
+    merges = generate_merges(vocab, scores, skip_tokens=not_mergeable)
     unk = pieces[trainer.unk_id].piece if trainer.unk_id >= 0 else None
-    tokenizer = Tokenizer(BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True,
-                              byte_fallback=trainer.byte_fallback, dropout=None))
+    return Tokenizer(BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True,
+                         byte_fallback=trainer.byte_fallback, dropout=None))
+
+
+def _set_prefix_rule(tokenizer, proto, legacy: bool) -> None:
+    """Where the ``▁`` of sentencepiece's dummy prefix goes (see the module docstring)."""
+    from tokenizers import normalizers, pre_tokenizers
 
     if legacy:
         # every chunk between added tokens gets sentencepiece's dummy prefix
         steps = [normalizers.Replace(" ", "▁")]
-        if norm.add_dummy_prefix:
+        if proto.normalizer_spec.add_dummy_prefix:
             steps.insert(0, normalizers.Prepend("▁"))
         tokenizer.normalizer = normalizers.Sequence(steps)
     else:
@@ -177,19 +206,29 @@ def sentencepiece_to_tokenizers(model_file: Path, added: dict[int, dict], *, leg
         # bare tokenizer.json right on its own for texts that start with ordinary text (not for those that start
         # with an added token, which no tokenizers pipeline can express). Without byte fallback an unknown first
         # character must not get a "▁" (the slow tokenizer drops it in front of <unk>).
-        scheme = "first" if trainer.byte_fallback else "never"
+        scheme = "first" if proto.trainer_spec.byte_fallback else "never"
         tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=scheme, split=False)
+
+
+def _decoder(proto, added: dict[int, dict], legacy: bool):
+    from tokenizers import decoders
+
     added_contents = {token["content"] for token in added.values()}
     # control pieces that are not added tokens (Phi-3's "</s>") decode to nothing, as in sentencepiece
-    decoder_steps = [decoders.Replace(piece.piece, "") for piece in pieces
-                     if piece.type == _CONTROL and piece.piece not in added_contents]
-    decoder_steps += [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
-    if norm.add_dummy_prefix or not legacy:
-        decoder_steps.append(decoders.Strip(content=" ", left=1))
-    tokenizer.decoder = decoders.Sequence(decoder_steps)
+    steps = [decoders.Replace(piece.piece, "") for piece in proto.pieces
+             if piece.type == _CONTROL and piece.piece not in added_contents]
+    steps += [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if proto.normalizer_spec.add_dummy_prefix or not legacy:
+        steps.append(decoders.Strip(content=" ", left=1))
+    return decoders.Sequence(steps)
 
-    # Added tokens: those of the source, and user-defined pieces (sentencepiece matches those in the text).
-    # Control pieces the source does not list stay ordinary vocabulary: "</s>" in a Phi-3 text is text.
+
+def _add_tokens(tokenizer, added: dict[int, dict], pieces: list, special_tokens: set[str] | None) -> None:
+    """Add the source's added tokens and the user-defined pieces (sentencepiece matches those in the text).
+
+    Control pieces the source does not list stay ordinary vocabulary: "</s>" in a Phi-3 text is text."""
+    from tokenizers import AddedToken
+
     user_defined = {i for i, p in enumerate(pieces) if p.type == _USER_DEFINED}
     added_tokens = []
     for index in sorted(set(added) | user_defined):
@@ -204,29 +243,28 @@ def sentencepiece_to_tokenizers(model_file: Path, added: dict[int, dict], *, leg
             special=special,
         ))
     tokenizer.add_tokens(added_tokens)
-    for index in expected_ids:
-        if tokenizer.token_to_id(extra[index]["content"]) != index:
-            raise ConversionError(f"{model_file}: the added token {extra[index]['content']!r} did not get id {index}")
 
-    # as LlamaTokenizer.build_inputs_with_special_tokens: [bos] A [eos] ([bos] B [eos])
-    specials, ends = [], {}
-    for flag, token, where in ((add_bos_token, bos_token, "start"), (add_eos_token, eos_token, "end")):
-        if not flag or token is None:
+
+def _post_processor(tokenizer, model_file: Path, start: str | None, end: str | None):
+    """As LlamaTokenizer.build_inputs_with_special_tokens: [bos] A [eos] ([bos] B [eos]); ``start`` / ``end``: the
+    token added there, None for none."""
+    from tokenizers import processors
+
+    specials = []
+    for token, where in ((start, "start"), (end, "end")):
+        if token is None:
             continue
         token_id = tokenizer.token_to_id(token)
         if token_id is None:
             raise ConversionError(f"{model_file}: the {where} token {token!r} is not in the vocabulary")
         specials.append((token, token_id))
-        ends[where] = token
-    start, end = ends.get("start"), ends.get("end")
 
     def sequence(part: str, type_id: int) -> str:
         return " ".join(([f"{start}:{type_id}"] if start else []) + [f"${part}:{type_id}"]
                         + ([f"{end}:{type_id}"] if end else []))
 
     single, pair = sequence("A", 0), sequence("A", 0) + " " + sequence("B", 1)
-    tokenizer.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=specials)
-    return tokenizer
+    return processors.TemplateProcessing(single=single, pair=pair, special_tokens=specials)
 
 
 def choose_pad_token(tokenizer: Any, chat_template: str | None) -> str:

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import atomic_file
+from ..checkpoints import CHECKPOINT_HINT, CONFIG_NAME
 from ..provenance import PROVENANCE_FILE, read_provenance
 from .resolve import looks_like_repo_id, read_internvlx_config
 from .results import ResultRow, load_results
@@ -120,21 +121,14 @@ class _Checkpoint:
 def _read_checkpoint(folder: Path, record: dict[str, Any], adapter: bool) -> _Checkpoint:
     from ..modeling import InternVLXConfig
 
-    candidates = [folder]
-    if adapter:  # an adapter folder may hold only adapter files; its settings are those of the model it loads onto
+    candidate, hint = folder, CHECKPOINT_HINT
+    if adapter and not (folder / CONFIG_NAME).exists():
+        # an adapter folder may hold only adapter files; its settings are those of the model it loads onto
         runs = record.get("training") or []
         started = runs[-1].get("started_from") if runs else None
-        if started:
-            candidates.append(Path(started))
-    for candidate in candidates:
-        config_file = candidate / "config.json"
-        if config_file.is_file():
-            break
-    else:
-        where = " or ".join(str(c) for c in candidates)
-        raise FileNotFoundError(f"no config.json in {where}; `internvlx card` describes an internvlx-hf checkpoint "
-                                "folder (made by `internvlx convert` or `internvlx train`).")
-    read_internvlx_config(config_file.parent, "the card's checkpoint")
+        if started and Path(started).is_dir():
+            candidate, hint = Path(started), f"the adapter's folder {folder} has none either; {CHECKPOINT_HINT}"
+    read_internvlx_config(candidate, "the card's checkpoint", hint=hint)
     config = InternVLXConfig.from_pretrained(candidate)
     return _Checkpoint(config, _processor_settings(candidate, config), candidate)
 

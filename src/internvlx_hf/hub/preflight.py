@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .resolve import DAMAGED_HINT, config_key_problem, json_error_text
+from ..checkpoints import DAMAGED_HINT, config_key_problem, json_error_text
 from .upload import AdapterBase, UploadPlan, adapter_bases, plan_upload
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle")

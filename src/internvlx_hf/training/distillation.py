@@ -37,7 +37,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -321,10 +321,6 @@ def teacher_answers(teacher, processor, data: Any, folder: str | os.PathLike | N
     A row that cannot be read is written as it is (training skips it with its usual warning); prompts that are the
     same (text, images and tile budget) are answered once.
     """
-    from ..evaluation import evaluate
-    from ..evaluation.data import EvalSet, _sample
-    from ..processing.chat_templates import parse_chat_template
-
     if mode not in TEACHER_ANSWER_MODES:
         raise ValueError(f"mode must be one of {list(TEACHER_ANSWER_MODES)}, got {mode!r}")
     sources = as_sources(data)
@@ -332,29 +328,69 @@ def teacher_answers(teacher, processor, data: Any, folder: str | os.PathLike | N
     name = str(getattr(teacher.config, "name_or_path", "") or type(teacher).__name__)
     fingerprint = _fingerprint(sources, name, mode, max_new_tokens)
     record = folder / "teacher-answers.json" if folder is not None else None
-    if record is not None and fingerprint and record.is_file():
-        previous = json.loads(record.read_text(encoding="utf-8"))
-        if previous.get("fingerprint") == fingerprint:
-            from ..data.sources import read_meta
+    reused = _reused_answers(folder, record, fingerprint)
+    if reused is not None:
+        return reused
+    start = time.perf_counter()
+    plans, prompts = _plan_answers(sources, processor, mode)
+    answers = _generate_answers(teacher, processor, prompts, batch_size, max_new_tokens, progress)
+    out_sources, meta, answered = _answered_sources(plans, answers, folder)
+    report = {"rows": sum(len(plan.rows) for plan in plans), "answered": answered, "generated": len(prompts),
+              "mode": mode, "max_new_tokens": max_new_tokens, "seconds": round(time.perf_counter() - start, 1),
+              "reused": False}
+    # Without every dataset in files, the folder cannot stand for the data: nothing to reuse, so no meta or record.
+    if folder is not None and len(meta) == len(plans):
+        with atomic_file(folder / "meta.json") as tmp:
+            tmp.write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+        if fingerprint:
+            with atomic_file(record) as tmp:
+                tmp.write_text(json.dumps({"fingerprint": fingerprint, "report": report}, indent=1) + "\n",
+                               encoding="utf-8")
+    return out_sources, report
 
-            return read_meta(folder / "meta.json"), {**previous["report"], "reused": True}
+
+def _reused_answers(folder: Path | None, record: Path | None,
+                    fingerprint: dict[str, Any]) -> tuple[list[DataSource], dict[str, Any]] | None:
+    """The answers an earlier run wrote to ``folder`` for the same inputs (a resumed run), else None."""
+    if record is None or not fingerprint or not record.is_file():
+        return None
+    previous = json.loads(record.read_text(encoding="utf-8"))
+    if previous.get("fingerprint") != fingerprint:
+        return None
+    from ..data.sources import read_meta
+
+    return read_meta(folder / "meta.json"), {**previous["report"], "reused": True}
+
+
+@dataclass
+class _AnswerPlan:
+    """One dataset's rows (raw JSON text or dicts) and which of them wait for the answer of which prompt."""
+
+    source: DataSource
+    rows: list[Any] = field(default_factory=list)
+    waiting: list[tuple[int, int, bool]] = field(default_factory=list)  # (row position, prompt index, replace_last)
+
+
+def _plan_answers(sources: list[DataSource], processor, mode: str) -> tuple[list[_AnswerPlan], list[Any]]:
+    """(per dataset, its rows and the ones waiting for an answer; the distinct prompts to answer)."""
+    from ..evaluation.data import _sample
+    from ..processing.chat_templates import parse_chat_template
+
     template = processor.chat_template
     template = template.get("default") if isinstance(template, dict) else template
     keep_leading_reply = (parse_chat_template(template) or ("",))[0] == "internvl2_5"
-    start = time.perf_counter()
-    # per dataset: rows (raw JSON text or dicts), and which rows wait for the answer of which prompt
     plans, prompts, keys = [], [], {}
     for source in sources:
-        rows, waiting = [], []
+        plan = _AnswerPlan(source)
         for where, raw in source_rows(source):
             try:
                 row, sample = parse_row(source, where, raw, keep_leading_reply=keep_leading_reply)
             except SampleError:
-                rows.append(raw if isinstance(raw, str) else raw[1])  # training skips it, with its warning
+                plan.rows.append(raw if isinstance(raw, str) else raw[1])  # training skips it, with its warning
                 continue
             last = sample.messages[-1]["role"]
             if last == "assistant" and mode == "missing":
-                rows.append(raw if isinstance(raw, str) else row)
+                plan.rows.append(raw if isinstance(raw, str) else row)
                 continue
             replace_last = last == "assistant"
             # the prompt: the conversation before the answer (a placeholder reference keeps `_sample`'s checks)
@@ -369,21 +405,37 @@ def teacher_answers(teacher, processor, data: Any, folder: str | os.PathLike | N
             if key not in keys:
                 keys[key] = len(prompts)
                 prompts.append(prompt)
-            waiting.append((len(rows), keys[key], replace_last))
-            rows.append(row)
-        plans.append((source, rows, waiting))
-    answers: list[str] = []
-    if prompts:
-        run = evaluate(teacher, processor, [EvalSet("teacher answers", "exact_match", prompts)],
-                       batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress)
-        answers = [p.prediction for result in run.datasets for p in result.predictions]
+            plan.waiting.append((len(plan.rows), keys[key], replace_last))
+            plan.rows.append(row)
+        plans.append(plan)
+    return plans, prompts
+
+
+def _generate_answers(teacher, processor, prompts: list[Any], batch_size: int, max_new_tokens: int,
+                      progress: bool) -> list[str]:
+    """The teacher's greedy answer to each prompt, in order (the evaluation loop: batching, stop at end of turn)."""
+    if not prompts:
+        return []
+    from ..evaluation import evaluate
+    from ..evaluation.data import EvalSet
+
+    run = evaluate(teacher, processor, [EvalSet("teacher answers", "exact_match", prompts)],
+                   batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress)
+    return [p.prediction for result in run.datasets for p in result.predictions]
+
+
+def _answered_sources(plans: list[_AnswerPlan], answers: list[str],
+                      folder: Path | None) -> tuple[list[DataSource], dict[str, Any], int]:
+    """(the datasets with their answers, as `DataSource`s; the meta entries of those written to ``folder``; the
+    number of rows answered)."""
     answered = 0
     out_sources = []
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
     meta = {}
-    for index, (source, rows, waiting) in enumerate(plans):
-        for position, prompt_index, replace_last in waiting:
+    for index, plan in enumerate(plans):
+        source, rows = plan.source, plan.rows
+        for position, prompt_index, replace_last in plan.waiting:
             rows[position] = _answered_row(rows[position], answers[prompt_index], replace_last)
             answered += 1
         if folder is None or source.annotation is None:  # rows in memory (images may be decoded) stay there
@@ -391,32 +443,31 @@ def teacher_answers(teacher, processor, data: Any, folder: str | os.PathLike | N
                                        annotation=None))
             continue
         path = folder / f"{index:03d}-{_safe(source.name)}.jsonl"
-        with atomic_file(path) as tmp:
-            with open(tmp, "w", encoding="utf-8") as handle:
-                for row in rows:
-                    handle.write((row.rstrip("\n") if isinstance(row, str) else json.dumps(row, default=str)) + "\n")
+        _write_rows(path, rows)
         out_sources.append(replace(source, annotation=path, rows=None))
-        entry = {"annotation": path.name, "repeat_time": source.repeat_time}
-        if source.root is not None:
-            entry["root"] = str(Path(source.root).resolve())
-        if source.max_dynamic_patch is not None:
-            entry["max_dynamic_patch"] = source.max_dynamic_patch
-        if source.video_sampling is not None:
-            entry.update(min_num_frame=source.video_sampling.min_frames,
-                         max_num_frame=source.video_sampling.max_frames,
-                         sampling_method=source.video_sampling.method)
-        meta[source.name] = entry
-    report = {"rows": sum(len(rows) for _, rows, _ in plans), "answered": answered, "generated": len(prompts),
-              "mode": mode, "max_new_tokens": max_new_tokens, "seconds": round(time.perf_counter() - start, 1),
-              "reused": False}
-    if folder is not None and len(meta) == len(plans):
-        with atomic_file(folder / "meta.json") as tmp:
-            tmp.write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
-        if fingerprint:
-            with atomic_file(record) as tmp:
-                tmp.write_text(json.dumps({"fingerprint": fingerprint, "report": report}, indent=1) + "\n",
-                               encoding="utf-8")
-    return out_sources, report
+        meta[source.name] = _meta_entry(source, path)
+    return out_sources, meta, answered
+
+
+def _write_rows(path: Path, rows: list[Any]) -> None:
+    with atomic_file(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            for row in rows:
+                handle.write((row.rstrip("\n") if isinstance(row, str) else json.dumps(row, default=str)) + "\n")
+
+
+def _meta_entry(source: DataSource, path: Path) -> dict[str, Any]:
+    """``source``'s entry of an InternVL meta JSON, its annotation now ``path`` (beside the meta file)."""
+    entry = {"annotation": path.name, "repeat_time": source.repeat_time}
+    if source.root is not None:
+        entry["root"] = str(Path(source.root).resolve())
+    if source.max_dynamic_patch is not None:
+        entry["max_dynamic_patch"] = source.max_dynamic_patch
+    if source.video_sampling is not None:
+        entry.update(min_num_frame=source.video_sampling.min_frames,
+                     max_num_frame=source.video_sampling.max_frames,
+                     sampling_method=source.video_sampling.method)
+    return entry
 
 
 def _safe(name: str) -> str:

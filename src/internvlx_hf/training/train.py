@@ -463,29 +463,88 @@ def train(model_args: ModelArguments, data_args: DataArguments, preset_args: Pre
         callbacks: extra `transformers.TrainerCallback` objects for the Trainer (e.g. training diagnostics).
         print_fn: where the parameter table, data summary and final notes go (main process only); None: silent.
     """
-    import torch
+    data = train_data if train_data is not None else data_args.data
+    folder, out = _check_run(model_args, preset_args, training_args, data)
+    is_main = training_args.process_index == 0
+    say = print_fn if (print_fn is not None and is_main) else (lambda text: None)
+    if training_args.device.type == "cpu":  # before any work: the teacher's answers, the lengths, the steps
+        _set_cpu_threads(model_args.threads, say)
 
-    from .. import InternVLXForConditionalGeneration, InternVLXProcessor
+    processor = _load_processor(folder, data_args)
+    sources = as_sources(data)
+    say(apply_tile_precedence(sources, processor.image_processor, data_args.max_tiles))
+    dtype = _torch_dtype(model_args.model_dtype)
+    collator = InternVLXDataCollator(processor, max_length=data_args.max_length, packing=data_args.packing,
+                                     loss_reduction=data_args.loss_reduction)
+    teacher = answers = None
+    if model_args.teacher is not None:  # before the data is indexed: the teacher may write its answers
+        teacher, teacher_processor, sources, answers = _load_teacher(model_args, data_args, training_args, processor,
+                                                                     sources, out, dtype, is_main, say)
+        collator = DistillationCollator(collator, InternVLXDataCollator(
+            teacher_processor, max_length=data_args.max_length, packing=data_args.packing))
+    dataset = _index_data(sources, processor, data_args, training_args, is_main, say)
+    eval_sets, eval_dataset = _read_eval_data(data_args, processor, say)
 
+    _join_deepspeed_comm(training_args)
+    model, quantization = _load_model(folder, dtype, model_args, preset_args, training_args)
+    say(format_trainable(model, preset_args.preset))
+    _complete_training_args(training_args, data_args)
+    provenance = _provenance(model, dataset, processor, quantization, model_args, data_args, preset_args,
+                             training_args)
+    trainer_kwargs = dict(model=model, args=training_args, train_dataset=dataset, eval_dataset=eval_dataset,
+                          data_collator=collator, processing_class=processor, started_from=folder,
+                          provenance=provenance, callbacks=callbacks, lm_head_loss=model_args.lm_head_loss)
+    if teacher is None:
+        trainer = InternVLXTrainer(**trainer_kwargs)
+    else:
+        provenance["distillation"] = _describe_distillation(model_args, answers)
+        trainer = InternVLXDistillationTrainer(**trainer_kwargs, teacher_model=teacher, beta=model_args.distill_beta,
+                                               temperature=model_args.distill_temperature)
+    if eval_sets is not None:
+        from ..evaluation import EvaluationCallback
+
+        trainer.add_callback(EvaluationCallback(trainer, eval_sets, data_name=data_args.eval_data,
+                                                max_new_tokens=data_args.eval_max_new_tokens))
+    _warn_if_fsdp_is_off(trainer, training_args, is_main)
+
+    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    if eval_sets is not None and training_args.eval_strategy == "no":
+        trainer.evaluate()  # the final model's scores, before it is saved with them
+    _finish(trainer, processor, dataset, collator, out, preset_args.preset in LORA_PRESETS,
+            full_base=(folder, dtype) if quantization is not None else None, say=say)
+    return TrainResult(trainer=trainer, dataset=dataset, output_dir=out, metrics=result.metrics)
+
+
+def _check_run(model_args: ModelArguments, preset_args: PresetArguments, training_args: TrainingArguments,
+               data: Any) -> tuple[Path, Path]:
+    """(the --model folder, OUT), once everything that can be checked before any work is: a bad argument found
+    after an hour of computing lengths or teacher answers would waste that hour."""
     folder = _check_model_folder(model_args.model)
     if preset_args.preset == "qlora":
         _check_qlora(training_args)
-    data = train_data if train_data is not None else data_args.data
     if not data:
         raise ValueError("--data is required: an InternVL meta JSON or JSONL file (comma-separate several)")
     out = Path(training_args.output_dir)
     _check_output_dir(out, folder, data, training_args, model_args.overwrite_output_dir)
     _check_resume(training_args.resume_from_checkpoint, out)
-    is_main = training_args.process_index == 0
-    say = print_fn if (print_fn is not None and is_main) else (lambda text: None)
-    if training_args.device.type == "cpu":  # before any work: the teacher's answers, the lengths, the steps
-        threads, why = cpu_threads(model_args.threads)
-        torch.set_num_threads(threads)
-        say(f"CPU threads: {threads} ({why})")
+    return folder, out
+
+
+def _set_cpu_threads(requested: int | None, say: Callable[[str], None]) -> None:
+    import torch
+
+    threads, why = cpu_threads(requested)
+    torch.set_num_threads(threads)
+    say(f"CPU threads: {threads} ({why})")
+
+
+def _load_processor(folder: Path, data_args: DataArguments):
+    """The checkpoint's processor with --tiling / --max_tiles applied: the saved processor must tile as training
+    did, so the overrides become its settings."""
+    from .. import InternVLXProcessor
 
     # The checkpoint's own tokenizer code (e.g. tokenization_internvlx.py written by `internvlx convert`) may be needed.
     processor = InternVLXProcessor.from_pretrained(folder, trust_remote_code=True)
-    # The saved processor must tile as training did, so the overrides become its settings.
     if data_args.tiling is not None:
         if data_args.tiling not in {mode.value for mode in TilingMode}:
             raise ValueError(f"--tiling must be one of {[mode.value for mode in TilingMode]}, got {data_args.tiling!r}")
@@ -495,18 +554,17 @@ def train(model_args: ModelArguments, data_args: DataArguments, preset_args: Pre
             raise ValueError(f"--max_tiles {data_args.max_tiles} is below the processor's min_tiles "
                              f"{processor.image_processor.min_tiles}")
         processor.image_processor.max_tiles = data_args.max_tiles
-    sources = as_sources(data)
-    say(apply_tile_precedence(sources, processor.image_processor, data_args.max_tiles))
-    dtype = "auto" if model_args.model_dtype == "auto" else getattr(torch, model_args.model_dtype)
+    return processor
 
-    collator = InternVLXDataCollator(processor, max_length=data_args.max_length, packing=data_args.packing,
-                                     loss_reduction=data_args.loss_reduction)
-    teacher = None
-    if model_args.teacher is not None:  # before the data is indexed: the teacher may write its answers
-        teacher, teacher_processor, sources, answers = _load_teacher(model_args, data_args, training_args, processor,
-                                                                     sources, out, dtype, is_main, say)
-        collator = DistillationCollator(collator, InternVLXDataCollator(
-            teacher_processor, max_length=data_args.max_length, packing=data_args.packing))
+
+def _torch_dtype(name: str) -> Any:
+    import torch
+
+    return "auto" if name == "auto" else getattr(torch, name)
+
+
+def _index_data(sources: list, processor, data_args: DataArguments, training_args: TrainingArguments,
+                is_main: bool, say: Callable[[str], None]) -> InternVLXDataset:
     dataset = InternVLXDataset(sources, processor, max_length=data_args.max_length, progress=is_main,
                                check=data_args.check_data, lengths=data_args.lengths,
                                num_proc=data_args.data_num_proc, cache_dir=data_args.lengths_cache_dir)
@@ -516,23 +574,35 @@ def train(model_args: ModelArguments, data_args: DataArguments, preset_args: Pre
         with training_args.main_process_first(local=False, desc="per-sample lengths"):
             dataset.lengths  # noqa: B018 - computed and cached on first use
         say(_describe_lengths(dataset))
-    eval_sets = eval_dataset = None
-    if data_args.eval_data:  # read and checked before the model loads: a bad held-out row stops the run now
-        from ..evaluation import read_eval_data
-        from ..metrics import get_metric
+    return dataset
 
-        if data_args.eval_metric is not None:
-            get_metric(data_args.eval_metric, "--eval_metric")
-        if data_args.eval_max_new_tokens < 1:
-            raise ValueError(f"--eval_max_new_tokens must be >= 1, got {data_args.eval_max_new_tokens}")
-        # The meta file is read once; its sources give the prompts and answers to score and the rows of eval_loss.
-        eval_sources = as_sources(data_args.eval_data)
-        eval_sets = read_eval_data(eval_sources, processor, metric=data_args.eval_metric)
-        eval_dataset = InternVLXDataset(eval_sources, processor, max_length=data_args.max_length, progress=False)
-        say("Held-out data (--eval-data): " + ", ".join(f"{s.name} {len(s.samples):,} samples ({s.metric})"
-                                                        for s in eval_sets))
 
-    _join_deepspeed_comm(training_args)
+def _read_eval_data(data_args: DataArguments, processor, say: Callable[[str], None]):
+    """(the --eval_data sets to score, their rows for eval_loss), or (None, None) without --eval_data. Read and
+    checked before the model loads: a bad held-out row stops the run now, not after the first epoch."""
+    if not data_args.eval_data:
+        return None, None
+    from ..evaluation import read_eval_data
+    from ..metrics import get_metric
+
+    if data_args.eval_metric is not None:
+        get_metric(data_args.eval_metric, "--eval_metric")
+    if data_args.eval_max_new_tokens < 1:
+        raise ValueError(f"--eval_max_new_tokens must be >= 1, got {data_args.eval_max_new_tokens}")
+    # The meta file is read once; its sources give the prompts and answers to score and the rows of eval_loss.
+    eval_sources = as_sources(data_args.eval_data)
+    eval_sets = read_eval_data(eval_sources, processor, metric=data_args.eval_metric)
+    eval_dataset = InternVLXDataset(eval_sources, processor, max_length=data_args.max_length, progress=False)
+    say("Held-out data (--eval-data): " + ", ".join(f"{s.name} {len(s.samples):,} samples ({s.metric})"
+                                                    for s in eval_sets))
+    return eval_sets, eval_dataset
+
+
+def _load_model(folder: Path, dtype: Any, model_args: ModelArguments, preset_args: PresetArguments,
+                training_args: TrainingArguments):
+    """(the model with the preset applied, the `qlora` base's quantization arguments or None)."""
+    from .. import InternVLXForConditionalGeneration
+
     load_kwargs = {"dtype": dtype}
     if model_args.attn_implementation:
         load_kwargs["attn_implementation"] = model_args.attn_implementation
@@ -546,12 +616,13 @@ def train(model_args: ModelArguments, data_args: DataArguments, preset_args: Pre
 
         check_kept_modules(model, quantization["quantization_config"].llm_int8_skip_modules)
     model.config.use_cache = False
-    lora = preset_args.preset in LORA_PRESETS
     model = apply_preset(model, preset_args.preset, LoraSettings(
         r=preset_args.lora_r, alpha=preset_args.lora_alpha, dropout=preset_args.lora_dropout,
         target=preset_args.lora_target, projectors=preset_args.lora_projectors))
-    say(format_trainable(model, preset_args.preset))
+    return model, quantization
 
+
+def _complete_training_args(training_args: TrainingArguments, data_args: DataArguments) -> None:
     if training_args.label_names is None:
         training_args.label_names = ["labels"]
     if data_args.group_by_length:
@@ -564,7 +635,13 @@ def train(model_args: ModelArguments, data_args: DataArguments, preset_args: Pre
     if training_args.ddp_find_unused_parameters is None and not reentrant:
         training_args.ddp_find_unused_parameters = True
 
-    provenance = {
+
+def _provenance(model, dataset: InternVLXDataset, processor, quantization: dict[str, Any] | None,
+                model_args: ModelArguments, data_args: DataArguments, preset_args: PresetArguments,
+                training_args: TrainingArguments) -> dict[str, Any]:
+    """The training run as internvlx_provenance.json and the model card record it."""
+    lora = preset_args.preset in LORA_PRESETS
+    return {
         "preset": preset_args.preset,
         "data": dataset.summary.to_dict(),
         "datasets": [s.hub_id for s in dataset.sources if s.hub_id],
@@ -578,42 +655,35 @@ def train(model_args: ModelArguments, data_args: DataArguments, preset_args: Pre
         "tiling": TilingMode(processor.image_processor.tiling).value,
         "max_tiles": processor.image_processor.max_tiles,
     }
-    trainer_kwargs = dict(model=model, args=training_args, train_dataset=dataset, eval_dataset=eval_dataset,
-                          data_collator=collator, processing_class=processor, started_from=folder,
-                          provenance=provenance, callbacks=callbacks, lm_head_loss=model_args.lm_head_loss)
-    if teacher is None:
-        trainer = InternVLXTrainer(**trainer_kwargs)
-    else:
-        provenance["distillation"] = {
-            "teacher": str(Path(model_args.teacher).expanduser().resolve()), "teacher_bits": model_args.teacher_bits,
+
+
+def _describe_distillation(model_args: ModelArguments, answers: dict[str, Any]) -> dict[str, Any]:
+    return {"teacher": str(Path(model_args.teacher).expanduser().resolve()), "teacher_bits": model_args.teacher_bits,
             "beta": model_args.distill_beta, "temperature": model_args.distill_temperature,
             "teacher_answers": answers}
-        trainer = InternVLXDistillationTrainer(**trainer_kwargs, teacher_model=teacher, beta=model_args.distill_beta,
-                                               temperature=model_args.distill_temperature)
-    if eval_sets is not None:
-        from ..evaluation import EvaluationCallback
 
-        trainer.add_callback(EvaluationCallback(trainer, eval_sets, data_name=data_args.eval_data,
-                                                max_new_tokens=data_args.eval_max_new_tokens))
+
+def _warn_if_fsdp_is_off(trainer: InternVLXTrainer, training_args: TrainingArguments, is_main: bool) -> None:
     requested = _fsdp_request(training_args)
     if requested and not trainer.is_fsdp_enabled and is_main:
         logger.warning("%s asks for FSDP, but it is not in effect: accelerate applies FSDP only to GPU (and other "
                        "accelerator) runs, so this run trains without sharding (%s).", requested,
                        "DDP" if training_args.world_size > 1 else "one process")
-    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    if eval_sets is not None and training_args.eval_strategy == "no":
-        trainer.evaluate()  # the final model's scores, before it is saved with them
-    peak = peak_memory(trainer.args.device)
+
+
+def _finish(trainer: InternVLXTrainer, processor, dataset: InternVLXDataset, collator, out: Path, lora: bool,
+            full_base: tuple[Path, Any] | None, say: Callable[[str], None]) -> None:
+    """Record what the run read, save OUT and print the closing notes."""
+    peak = peak_memory(trainer.args.device)  # training's peak, before the merge and the save add theirs
     loaded = dataset.load_report(_status_of_all_ranks(dataset, trainer))
     if collator.skipped:
         loaded["dropped_by_collator"] = dict(collator.skipped)  # this process's only (rows given to it directly)
     trainer.provenance["data_loaded"] = loaded
     out.mkdir(parents=True, exist_ok=True)
-    _save_final(trainer, processor, out, lora, full_base=(folder, dtype) if quantization is not None else None)
+    _save_final(trainer, processor, out, lora, full_base=full_base)
     say(_describe_loaded(loaded))
     say(peak)
     say(f"Saved {'the merged model to ' + str(out) + ' and the adapter to ' + str(out / 'adapter') if lora else out}")
-    return TrainResult(trainer=trainer, dataset=dataset, output_dir=out, metrics=result.metrics)
 
 
 def cpu_threads(requested: int | None = None) -> tuple[int, str]:
