@@ -1,7 +1,6 @@
-"""The saving path of LVTC on vLLM (`internvlx_hf.vllm.saving`, the plugin's default for LVTC checkpoints) and its
-research records: the layout count of issue 52's E1, the saving path's position rows (LongRoPE's flags included) and
-short-layout token counts on hand-made layouts whose answers are known, engines on tiny checkpoints (both paths), and
-the recorded figures. The vLLM parts skip where vLLM is not installed."""
+"""The saving path of LVTC on vLLM (`internvlx_hf.vllm.saving`, the plugin's default for LVTC checkpoints): its
+position rows (LongRoPE's flags included) and short-layout token counts on hand-made layouts whose answers are known,
+engines on tiny checkpoints (both paths), and the recorded figures. The vLLM parts skip where vLLM is not installed."""
 
 import importlib.util
 from types import SimpleNamespace
@@ -10,19 +9,6 @@ import pytest
 import torch
 
 from conftest import REPO_ROOT, load_script
-
-
-def test_hr_only_slots_in_whole_blocks():
-    """Tiles of 4 LR + 12 HR-only slots with blocks of 4: all HR-only slots lie in whole blocks when the image starts
-    on a block boundary, two thirds when it starts 2 slots later (each tile's edges share blocks with LR slots)."""
-    bench = load_script("experiments/vllm_lvtc_layout.py")
-    aligned = bench.long_layout([(4, 2)], length=4 + 2 * 4 + 3, short=4, long=16)
-    assert aligned.tolist()[:24] == [0] * 4 + [1] * 4 + [2] * 12 + [1] * 4
-    assert bench.whole_block_share(aligned, 4)[:2] == (1.0, 6)
-    shifted = bench.long_layout([(2, 2)], length=2 + 2 * 4 + 3, short=4, long=16)
-    share, whole, blocks = bench.whole_block_share(shifted, 4)
-    assert (round(share, 4), whole, blocks) == (0.6667, 4, 10)
-
 
 needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
                                 reason="vllm is not installed; .ci/run's vLLM environment has it")
