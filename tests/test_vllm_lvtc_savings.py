@@ -174,7 +174,7 @@ def test_the_run_with_vllms_defaults_records_each_target_and_its_chat_meets_them
     run's measurements (`bench_vllm_lvtc_conversation.figures` on the raw times, `targets`); both LVTC engines'
     later chat turns were served the same tokens from the cache as plain-1024's; the chat's targets are met (turns 2-4
     at most plain-1024's time, the whole chat at most 0.6x), as are the one-request prefill and KV; requests/s at
-    concurrency 4 was not in this run (docs/benchmarks.md says why it is recorded as it came)."""
+    concurrency 4 was not in this run (experiments/vllm-lvtc-savings says why it is recorded as it came)."""
     conversation_bench = load_script("benchmarks/bench_vllm_lvtc_conversation.py")
     bench = load_script("benchmarks/bench_vllm_lvtc_savings.py")
     figures, runs, (_, _, recomputed) = _recomputed("vllm-lvtc-savings-defaults")
