@@ -15,10 +15,12 @@ module (one ViT, one LLM, one LM head, one HR projector), so they fit in memory 
 Presets: `tiny` (seconds, for trying the script), `1b` (InternViT-300M + a 24-layer, 896-wide Qwen2 = InternVL2-1B),
 `2b` (InternViT-300M + a 24-layer, 2048-wide LLM, vocab 92553 = InternVL2-2B), `8b` (InternViT-300M + a 32-layer,
 4096-wide LLM = InternVL2-8B; GPU only). The input is one image of `--tiles` 448px tiles (default 1) between 8 and
-`--text-tokens - 8` text tokens; `--tiles 1,6,12` repeats prefill and decode for each count.
+`--text-tokens - 8` text tokens, with a label at every position (the harness's `variants.sample`, `labels="all"`);
+`--tiles 1,6,12` repeats prefill and decode for each count.
 
 Workloads, each timed as the median of `--runs` rounds after one warm-up round, every round running each model once
-(interleaved, so drifting machine load hits all models alike); CUDA events time them on a GPU:
+(interleaved, so drifting machine load hits all models alike); each call is timed by the harness's `time_call`
+(on a GPU it synchronizes before and after the call):
 
   prefill   forward with a KV cache, logits of the last position only (what generate() runs first)
   decode    `--decode-tokens` greedy steps after that prefill, one token each with the KV cache: seconds per token
@@ -49,13 +51,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import functools
 import itertools
 import json
 import os
 import platform
 import statistics
 import sys
-import time
 import weakref
 from pathlib import Path
 
@@ -70,8 +72,8 @@ from transformers import InternVLConfig, InternVLForConditionalGeneration
 from transformers.models.internvl.modeling_internvl import InternVLMultiModalProjector
 
 from internvlx_hf import InternVLXConfig, InternVLXForConditionalGeneration
-from internvlx_hf.bench.harness import write_text
-from internvlx_hf.bench.variants import assemble
+from internvlx_hf.bench.harness import time_call, write_text
+from internvlx_hf.bench.variants import assemble, sample
 from internvlx_hf.token_budget import TilingSettings, image_budget
 from internvlx_hf.modeling.projectors import build_projector
 
@@ -253,40 +255,21 @@ def build_models(preset: str, names, layers: int | None, device: str, dtype: tor
     return {name: model.to(dtype).eval() for name, model in models.items()}
 
 
-def inputs(model, text_tokens: int, device: str, dtype: torch.dtype, tiles: int = 1) -> dict:
-    """One sample: 8 text tokens, ``tiles`` tiles of one image, the rest of the text; a label at every position."""
-    config = model.config
-    # ids below 900 are text in every preset (the image token is 999 in `tiny`, near the vocabulary's end otherwise)
-    text = torch.randint(3, 900, (text_tokens,), generator=torch.Generator().manual_seed(0))
-    image = torch.full((config.image_seq_length * tiles,), config.image_token_id)
-    ids = torch.cat([text[:8], image, text[8:]])[None]
-    labels = torch.randint(3, 900, ids.shape, generator=torch.Generator().manual_seed(2))  # every position a target
-    size = config.vision_config.image_size
-    size = size[0] if isinstance(size, (list, tuple)) else size
-    pixel_values = torch.randn(tiles, 3, size, size, generator=torch.Generator().manual_seed(1))
-    return dict(input_ids=ids.to(device), pixel_values=pixel_values.to(device, dtype), labels=labels.to(device))
-
-
 # ---------------------------------------------------------------------------------------------------- workloads
 
 
-class Timer:
-    """Wall time on CPU, CUDA events on a GPU."""
+def timed(fn, device: str) -> tuple[float, object]:
+    """One call of ``fn`` timed by the harness's `time_call` (no warm-up of its own: round 0 of every workload is the
+    warm-up; on a GPU it synchronizes before and after the call), and the call's result."""
+    result = []
+    seconds = time_call(lambda: result.append(fn()), warmup=0, repeats=1, device=device)["median_s"]
+    return seconds, result[0]
 
-    def __init__(self, device: str):
-        self.cuda = device.startswith("cuda")
 
-    def __call__(self, fn):
-        if self.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            result = fn()
-            end.record()
-            torch.cuda.synchronize()
-            return start.elapsed_time(end) / 1000, result
-        begin = time.perf_counter()
-        result = fn()
-        return time.perf_counter() - begin, result
+def bench_sample(model, args, tiles: int = 1) -> dict:
+    """The harness's `variants.sample` with a label at every position (`labels="all"`), so that InternVL-X's training
+    forward runs its LM head on every position, as transformers' native InternVL does whatever the labels."""
+    return sample(model, tiles, args.text_tokens, args.device, labels="all")
 
 
 def cuda_flops_and_peak_memory(model, fn) -> tuple[int, dict, object]:
@@ -358,7 +341,7 @@ def expand_layer(model) -> int | None:
     return lvtc["expand_layer"] if lvtc else None
 
 
-def decode(model, prefill_out, tokens: int, timer: Timer, count: bool) -> tuple[int | None, float, object]:
+def decode(model, prefill_out, tokens: int, timer, count: bool) -> tuple[int | None, float, object]:
     """Greedy decoding of ``tokens`` tokens from a prefill's cache: FLOPs of the first step (when ``count``), mean
     seconds per token of the timed steps (all of them, or all after the counted one), the final cache."""
     cache, token = prefill_out.past_key_values, prefill_out.logits[:, -1:].argmax(-1)
@@ -377,10 +360,10 @@ def _measure(model, args, fn):
     return (cuda_flops_and_peak_memory if args.device.startswith("cuda") else flops_and_peak_memory)(model, fn)
 
 
-def run_inference(models: dict, args, timer: Timer, dtype, tiles: int = 1) -> dict:
+def run_inference(models: dict, args, timer, dtype, tiles: int = 1) -> dict:
     """Prefill + decode, round-robin over the models; round 0 is the warm-up (FLOPs and memory are taken there)."""
     results = {name: {"prefill_s": [], "decode_s_per_token": [], "tiles": tiles} for name in models}
-    batches = {name: inputs(model, args.text_tokens, args.device, dtype, tiles) for name, model in models.items()}
+    batches = {name: bench_sample(model, args, tiles) for name, model in models.items()}
     logits = {}
     progress = tqdm(total=(args.runs + 1) * len(models), desc=f"prefill + decode, {tiles} tile(s)"
                     if "decode" in args.workloads else f"prefill, {tiles} tile(s)", unit="run", file=sys.stderr)
@@ -420,12 +403,11 @@ def run_inference(models: dict, args, timer: Timer, dtype, tiles: int = 1) -> di
     return results
 
 
-def run_training(models: dict, args, timer: Timer, dtype, vit: str = "frozen") -> dict:
+def run_training(models: dict, args, timer, dtype, vit: str = "frozen") -> dict:
     """Forward + backward of one sample (``--train-tiles`` tiles), ViT frozen (preset stage2-frozen-vit: projectors
     + LLM learn) or trained too (``vit="full"``, preset stage2); no optimizer step."""
     results = {name: {"train_s": [], "train_vit": vit, "train_tiles": args.train_tiles} for name in models}
-    batches = {name: inputs(model, args.text_tokens, args.device, dtype, args.train_tiles)
-               for name, model in models.items()}
+    batches = {name: bench_sample(model, args, args.train_tiles) for name, model in models.items()}
     for model in models.values():
         model.model.vision_tower.requires_grad_(vit == "full")
         if args.gradient_checkpointing:
@@ -458,7 +440,7 @@ def record_profiles(meta: dict, models: dict, args, dtype, workload: str, tiles:
     for name in ("lvtc", "plain-1024"):
         if name in models:
             model = models[name]
-            batch = inputs(model, args.text_tokens, args.device, dtype, tiles)
+            batch = bench_sample(model, args, tiles)
             if workload == "prefill":
                 title, call = f"prefill {name}, {tiles} tiles", lambda: prefill(model, batch)
             else:
@@ -480,13 +462,13 @@ def profile_table(model, fn, device: str, rows: int = 15) -> str:
     return prof.key_averages().table(sort_by="device_time_total" if cuda else "cpu_time_total", row_limit=rows)
 
 
-def diagnose(model, args, timer: Timer, dtype) -> dict:
+def diagnose(model, args, timer, dtype) -> dict:
     """What FLOPs do not see, measured on the shared LLM: one decoder layer's throughput (GFLOP/s) on the short and
     the long layout's token counts, forward and forward + backward, and the input embedding's backward (its dense
     ``vocab x hidden`` gradient is filled every training step, whatever the token count)."""
     lm = model.model.language_model
     layer, hidden_size = lm.layers[0], lm.config.hidden_size
-    short = inputs(model, args.text_tokens, args.device, dtype)["input_ids"].shape[1]
+    short = bench_sample(model, args)["input_ids"].shape[1]
     lengths = {"short": short, "long": short + 3 * model.config.image_seq_length}
     layer.requires_grad_(True)
     runs = {f"{kind}_{n}": [] for kind in ("forward", "train") for n in lengths}
@@ -857,7 +839,7 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
-    timer = Timer(args.device)
+    timer = functools.partial(timed, device=args.device)
     meta = dict(preset=args.preset, device=args.device, dtype=args.dtype, attn=args.attn,
                 threads=torch.get_num_threads(), runs=args.runs, text_tokens=args.text_tokens,
                 decode_tokens=args.decode_tokens, train_layers=args.train_layers, torch=torch.__version__,

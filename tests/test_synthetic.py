@@ -213,7 +213,7 @@ def test_bits_answers_follow_from_the_pixels(side, rows, distractors):
                 assert sample.answer == cells[q][line * side:(line + 1) * side]
                 assert sample.question.startswith(f"{info['quadrant']} square")
                 assert ("row" in sample.question) == (rows > 1)
-            elif task == "bits-block":  # experiments/lvtc_hr_path.py's default task: the row of all four cells, read in order
+            elif task == "bits-block":  # the HR-path study's task (experiments/lvtc-hr-path): 4 cells' row
                 line = info["row"] - 1
                 assert sample.answer == "".join(cells[k][line * side:(line + 1) * side] for k in range(4))
                 assert sample.question == ("Read the red box." if rows == 1 else f"Read row {line + 1} of the red box.")

@@ -29,7 +29,7 @@ HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
 
 def _plain_1024(tmp_path):
     """A plain-1024 checkpoint: the converted fixture with a new projector at downsample 1.0 (4x the visual tokens
-    per tile), as bench_lvtc_upgrade.py makes its reference."""
+    per tile), as the compression study made its reference (experiments/lvtc-upgrade)."""
     from internvlx_hf import InternVLXForConditionalGeneration
 
     folder = tmp_path / "plain-1024"

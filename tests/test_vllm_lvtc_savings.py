@@ -1,7 +1,6 @@
-"""The saving path of LVTC on vLLM (`internvlx_hf.vllm.lvtc.short_kv`, the plugin's default for LVTC checkpoints) and
-its research records: the layout count of issue 52's E1, the saving path's position rows (LongRoPE's flags included) and
-short-layout token counts on hand-made layouts whose answers are known, engines on tiny checkpoints (both paths), and
-the recorded figures. The vLLM parts skip where vLLM is not installed."""
+"""The saving path of LVTC on vLLM (`internvlx_hf.vllm.lvtc.short_kv`, the plugin's default for LVTC checkpoints): its
+position rows (LongRoPE's flags included) and short-layout token counts on hand-made layouts whose answers are known,
+engines on tiny checkpoints (both paths), and the recorded figures. The vLLM parts skip where vLLM is not installed."""
 
 import importlib.util
 from types import SimpleNamespace
@@ -10,19 +9,6 @@ import pytest
 import torch
 
 from conftest import REPO_ROOT, load_script
-
-
-def test_hr_only_slots_in_whole_blocks():
-    """Tiles of 4 LR + 12 HR-only slots with blocks of 4: all HR-only slots lie in whole blocks when the image starts
-    on a block boundary, two thirds when it starts 2 slots later (each tile's edges share blocks with LR slots)."""
-    bench = load_script("experiments/vllm_lvtc_layout.py")
-    aligned = bench.long_layout([(4, 2)], length=4 + 2 * 4 + 3, short=4, long=16)
-    assert aligned.tolist()[:24] == [0] * 4 + [1] * 4 + [2] * 12 + [1] * 4
-    assert bench.whole_block_share(aligned, 4)[:2] == (1.0, 6)
-    shifted = bench.long_layout([(2, 2)], length=2 + 2 * 4 + 3, short=4, long=16)
-    share, whole, blocks = bench.whole_block_share(shifted, 4)
-    assert (round(share, 4), whole, blocks) == (0.6667, 4, 10)
-
 
 needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
                                 reason="vllm is not installed; .ci/run's vLLM environment has it")
@@ -188,7 +174,7 @@ def test_the_run_with_vllms_defaults_records_each_target_and_its_chat_meets_them
     run's measurements (`bench_vllm_lvtc_conversation.figures` on the raw times, `targets`); both LVTC engines'
     later chat turns were served the same tokens from the cache as plain-1024's; the chat's targets are met (turns 2-4
     at most plain-1024's time, the whole chat at most 0.6x), as are the one-request prefill and KV; requests/s at
-    concurrency 4 was not in this run (docs/benchmarks.md says why it is recorded as it came)."""
+    concurrency 4 was not in this run (experiments/vllm-lvtc-savings says why it is recorded as it came)."""
     conversation_bench = load_script("benchmarks/bench_vllm_lvtc_conversation.py")
     bench = load_script("benchmarks/bench_vllm_lvtc_savings.py")
     figures, runs, (_, _, recomputed) = _recomputed("vllm-lvtc-savings-defaults")

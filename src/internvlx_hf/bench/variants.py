@@ -153,11 +153,15 @@ def tokens_per_tile(model) -> int:
     return hr if isinstance(hr, int) else config.image_seq_length
 
 
-def sample(model, tiles: int, text_tokens: int, device: str) -> dict:
+def sample(model, tiles: int, text_tokens: int, device: str, labels: str = "text") -> dict:
     """One prompt: 8 text tokens, ``tiles`` tiles of one image, the rest of the text; a label at every text position
-    (-100 on the image)."""
+    (-100 on the image). ``labels="all"``: a label at every position, the image's too, so that a training forward
+    runs the LM head on every position (as transformers' native InternVL does whatever the labels;
+    ``benchmarks/bench_models.py`` compares the two). ``model`` may be transformers' native InternVL too."""
     import torch
 
+    if labels not in ("text", "all"):
+        raise ValueError(f"labels={labels!r}: choose 'text' or 'all'.")
     config = model.config
     vocab = config.text_config.vocab_size
     generator = torch.Generator().manual_seed(0)
@@ -168,13 +172,14 @@ def sample(model, tiles: int, text_tokens: int, device: str) -> dict:
     # Labels as a collator that labels the text writes them: none on the image (-100) and none naming an image
     # placeholder. Random labels there would make the model warn the user about a collator they never wrote (the
     # more tiles, the surer some label hits <IMG_CONTEXT>), and the loss would leave those positions out anyway.
-    labels = torch.randint(3, vocab, ids.shape, generator=torch.Generator().manual_seed(2))
-    placeholders = [i for i in (config.image_token_id, config.image_start_token_id, config.image_end_token_id)
-                    if i is not None]
-    labels[torch.isin(labels, torch.tensor(placeholders))] = 3
-    labels[ids == config.image_token_id] = -100
+    targets = torch.randint(3, vocab, ids.shape, generator=torch.Generator().manual_seed(2))
+    placeholders = [getattr(config, name, None) for name in ("image_token_id", "image_start_token_id",
+                                                             "image_end_token_id")]
+    targets[torch.isin(targets, torch.tensor([i for i in placeholders if i is not None]))] = 3
+    if labels == "text":
+        targets[ids == config.image_token_id] = -100
     size = config.vision_config.image_size
     size = size[0] if isinstance(size, (list, tuple)) else size
     dtype = next(model.parameters()).dtype
     pixel_values = torch.randn(tiles, 3, size, size, generator=torch.Generator().manual_seed(1))
-    return dict(input_ids=ids.to(device), pixel_values=pixel_values.to(device, dtype), labels=labels.to(device))
+    return dict(input_ids=ids.to(device), pixel_values=pixel_values.to(device, dtype), labels=targets.to(device))

