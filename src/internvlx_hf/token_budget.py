@@ -184,10 +184,10 @@ def prefill_flops(shape: LLMShape, n_short: int, n_long: int | None = None, expa
 def vllm_tokens_per_tile(config) -> int:
     """Placeholder ids per tile in the prompt vLLM schedules for a checkpoint (`internvlx_hf.vllm.processing`'s
     ``tokens_per_tile``): the long layout's with LVTC expansion, else ``image_seq_length``. Pure arithmetic on the
-    config (`vllm.layout` imports nothing of vLLM)."""
-    from .vllm.layout import lvtc_layout_of
+    config (`vllm.lvtc.geometry` imports nothing of vLLM)."""
+    from .vllm.lvtc.geometry import lvtc_geometry_of
 
-    layout = lvtc_layout_of(config)
+    layout = lvtc_geometry_of(config)
     return layout.long_per_tile if layout is not None else int(config.image_seq_length)
 
 
