@@ -117,7 +117,7 @@ class EngineSettings:
         from vllm.logger import init_logger
 
         init_logger("internvlx_hf.vllm").warning(
-            "InternVL-X on vLLM, %s: what the plugin set and why (docs/serving.md)\n%s", self.where,
+            "InternVL-X on vLLM, %s: what the plugin set and why (docs/serving-vllm.md)\n%s", self.where,
             "\n".join(f"  - {line}" for line in self.lines))
 
 
@@ -560,7 +560,7 @@ def _masked_reason(vllm_config, config) -> str | None:
             where = (f"it cannot run on this engine: {blocker}" if blocker else
                      "on this engine (V1 model runner, no CUDA graphs) its inputs are checked by simulation only")
             return (f"the saving path has run with vLLM on its CPU platform only ({SAVING_RUNS_ON}), and this engine "
-                    f"is {platform}; {where} (docs/serving.md, \"LVTC on vLLM: where each path has run\"; neither "
+                    f"is {platform}; {where} (docs/serving-vllm-lvtc.md, \"Where each path has run\"; neither "
                     "path has run with vLLM on a GPU). To try the saving path on a GPU: hf_overrides="
                     f"{{'lvtc_vllm_path': 'saving'}} with {GPU_SAVING_SETTINGS}")
     unsupported = _untested_settings(vllm_config)
@@ -587,14 +587,14 @@ def _masked_reason(vllm_config, config) -> str | None:
         return f"this vLLM ({vllm.__version__}) lacks what the saving path imports ({error!r}); tested: 0.32"
     missing = saving.missing_internals()
     if missing:
-        return f"this vLLM ({vllm.__version__}) differs from 0.32 in {'; '.join(missing)} (docs/serving.md)"
+        return f"this vLLM ({vllm.__version__}) differs from 0.32 in {'; '.join(missing)} (docs/serving-vllm-lvtc.md)"
     return None
 
 
 def masked_line(reason: str) -> str:
     """What is said of an engine whose LVTC checkpoint runs on the masked path."""
     return ("InternVL-X: LVTC runs on the masked long layout, which holds K/V for every HR slot in the layers below k "
-            f"(more KV and prefill time than the saving path, docs/serving.md), because {reason}")
+            f"(more KV and prefill time than the saving path, docs/serving-vllm-lvtc.md), because {reason}")
 
 
 def warn_masked(reason: str) -> None:
