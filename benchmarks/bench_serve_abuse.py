@@ -22,7 +22,8 @@ hostile client's 503s are listed with its other answers.
 
     /work/coord/heavy python benchmarks/bench_serve_abuse.py            # 60 s alone, 180 s with the hostile clients
 
-Results: `benchmarks/results/serve-abuse.json` (every number) and `serve-abuse.md` (the table of docs/serving.md).
+Results: `benchmarks/results/serve-abuse.json` (every number) and `serve-abuse.md` (the table of
+experiments/serve-abuse/README.md).
 
 ``--bounds`` (issue 58) runs three other measurements instead, on one server started with an open-file limit of
 1024 (default limits otherwise): 1,100 connections that send nothing (``/health``'s latency while they are open and

@@ -1,4 +1,4 @@
-"""Every relative link in README.md and docs/ resolves: the file exists, and an anchor names a heading of the file it
+"""Every relative link in README.md, docs/ and the studies' records in experiments/ resolves: the file exists, and an anchor names a heading of the file it
 points into (GitHub's anchors: the heading in lower case, without punctuation but `-` and `_`, spaces as `-`, a
 repeated heading numbered `-1`, `-2`, ...) or an `<a id="...">` in it. Links in fenced code blocks and in inline code
 are text, not links."""
@@ -47,7 +47,8 @@ def anchors(path: Path) -> set[str]:
 
 
 def _documents() -> list[Path]:
-    return [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md"))]
+    return [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md")),
+            *sorted((REPO_ROOT / "experiments").rglob("*.md"))]
 
 
 @pytest.mark.parametrize("document", _documents(), ids=lambda p: str(p.relative_to(REPO_ROOT)))

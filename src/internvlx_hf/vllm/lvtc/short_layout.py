@@ -43,7 +43,7 @@ class ShortLayoutMismatch(RuntimeError):
             f"InternVL-X LVTC saving path: {what}, so the layers below k would write K/V to the wrong slots; the step "
             "was stopped. Serve the checkpoint on the masked path, hf_overrides={\"lvtc_vllm_path\": \"masked\"} "
             "(vllm serve --hf-overrides '{\"lvtc_vllm_path\": \"masked\"}'), and report this vLLM version "
-            "(docs/serving.md, \"LVTC on vLLM: where each path has run\").")
+            "(docs/serving-vllm-lvtc.md, \"Where each path has run\").")
 
 
 @dataclass
