@@ -110,6 +110,29 @@ def load_script(relative: str | Path):
     return module
 
 
+#: What `run_remote_logits` runs: the logits of ``ckpt`` loaded as remote code on the inputs of ``io.safetensors``.
+_REMOTE_LOGITS = """
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModel
+t = load_file("io.safetensors")
+model = AutoModel.from_pretrained("ckpt", trust_remote_code=True, attn_implementation="eager").eval()
+assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+with torch.no_grad():
+    logits = model(input_ids=t["ids"], pixel_values=t["pv"]).logits
+print("MAXDIFF", repr(float((logits - t["expected"]).abs().max())))
+"""
+
+
+def run_remote_logits(cwd: Path, extra_check: str = "") -> str:
+    """In ``cwd``: load the folder ``ckpt`` with ``trust_remote_code=True`` where internvlx_hf cannot be imported
+    (`run_isolated_python`), run it on ``io.safetensors``' ``ids`` and ``pv`` and print ``MAXDIFF`` against its
+    ``expected`` logits, then run ``extra_check``; returns the interpreter's stdout (it must exit 0)."""
+    result = run_isolated_python(_REMOTE_LOGITS + extra_check + "\n", cwd=cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
 def run_isolated_python(code: str, cwd: Path, timeout: int = 600, args=()) -> subprocess.CompletedProcess:
     """Run ``code`` (with ``sys.argv[1:] = args``) in a fresh interpreter where ``internvlx_hf`` cannot be imported.
 

@@ -14,7 +14,7 @@ from internvlx_hf import InternVLXConfig, InternVLXForConditionalGeneration, PVT
 from internvlx_hf.conversion.key_mapping import PVTC_REFERENCE_KEY_MAPPING, map_state_dict
 from internvlx_hf.modeling.projectors import pixel_shuffle
 
-from conftest import remote_code_imports, require_fixture, run_isolated_python
+from conftest import remote_code_imports, require_fixture, run_remote_logits
 from tiny import (
     IMAGE_TOKEN_ID,
     assert_greedy_with_cache_equals_recomputation,
@@ -266,21 +266,7 @@ def _remote_code_check(tmp_path, model, ids, pv, extra_check=""):
     expected = model(input_ids=ids, pixel_values=pv).logits
     model.save_pretrained(tmp_path / "ckpt")
     save_file({"ids": ids, "pv": pv, "expected": expected.contiguous()}, tmp_path / "io.safetensors")
-    code = f"""
-import torch
-from safetensors.torch import load_file
-from transformers import AutoModel
-t = load_file("io.safetensors")
-model = AutoModel.from_pretrained("ckpt", trust_remote_code=True, attn_implementation="eager").eval()
-assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
-with torch.no_grad():
-    logits = model(input_ids=t["ids"], pixel_values=t["pv"]).logits
-print("MAXDIFF", repr(float((logits - t["expected"]).abs().max())))
-{extra_check}
-"""
-    result = run_isolated_python(code, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout
+    return run_remote_logits(tmp_path, extra_check)
 
 
 def reported_max_diff(stdout: str) -> float:

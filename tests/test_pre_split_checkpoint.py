@@ -24,7 +24,7 @@ from transformers import AutoModel
 
 from internvlx_hf import InternVLXForConditionalGeneration
 
-from conftest import run_isolated_python
+from conftest import run_remote_logits
 from tiny import pixels, prompt_ids, tiny_model
 
 LEGACY = Path(__file__).parent / "legacy"
@@ -62,21 +62,8 @@ def test_a_folder_written_by_an_earlier_modeling_layout_loads_with_identical_log
     _legacy_folder(model, tmp_path / "ckpt", archive_name)
     save_file({"ids": ids, "pv": pv, "expected": expected.contiguous()}, tmp_path / "io.safetensors")
     # remote code alone, where internvlx_hf cannot be imported
-    code = """
-import pytest
-import torch
-from safetensors.torch import load_file
-from transformers import AutoModel
-t = load_file("io.safetensors")
-model = AutoModel.from_pretrained("ckpt", trust_remote_code=True, attn_implementation="eager").eval()
-assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
-with torch.no_grad():
-    logits = model(input_ids=t["ids"], pixel_values=t["pv"]).logits
-print("MAXDIFF", repr(float((logits - t["expected"]).abs().max())))
-"""
-    result = run_isolated_python(code, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "MAXDIFF 0.0" in result.stdout.splitlines()
+    stdout = run_remote_logits(tmp_path)
+    assert "MAXDIFF 0.0" in stdout.splitlines()
     # the package's own classes, through AutoModel without trust_remote_code
     reloaded = AutoModel.from_pretrained(tmp_path / "ckpt", attn_implementation="eager").eval()
     assert type(reloaded) is InternVLXForConditionalGeneration

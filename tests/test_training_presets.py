@@ -142,6 +142,17 @@ def _group(name: str) -> str:
     return matches[0]
 
 
+def _train_one_step(model, processor, tmp_path):
+    """One Trainer step on four rows of the colour task; the trainer and its dataset."""
+    data = th.write_jsonl(tmp_path / "d.jsonl", th.colour_rows(tmp_path, 4))
+    dataset = InternVLXDataset(str(data), processor, progress=False)
+    trainer = InternVLXTrainer(model=model, args=th.training_args(tmp_path / "out", max_steps=1, learning_rate=1e-2),
+                               train_dataset=dataset, data_collator=InternVLXDataCollator(processor),
+                               processing_class=processor)
+    trainer.train()
+    return trainer, dataset
+
+
 @pytest.mark.parametrize("preset", sorted(DOCUMENTED))
 def test_presets_train_the_documented_groups_and_nothing_else(preset, tmp_path):
     # An upgraded checkpoint (PVTC projector, LVTC's LR and HR projectors), so that every group exists.
@@ -149,12 +160,7 @@ def test_presets_train_the_documented_groups_and_nothing_else(preset, tmp_path):
     before = th.snapshot(model)
     assert {_group(name) for name in before} == set(GROUPS)
     model = apply_preset(model, preset)
-    data = th.write_jsonl(tmp_path / "d.jsonl", th.colour_rows(tmp_path, 4))
-    dataset = InternVLXDataset(str(data), processor, progress=False)
-    trainer = InternVLXTrainer(model=model, args=th.training_args(tmp_path / "out", max_steps=1, learning_rate=1e-2),
-                               train_dataset=dataset, data_collator=InternVLXDataCollator(processor),
-                               processing_class=processor)
-    trainer.train()
+    trainer, dataset = _train_one_step(model, processor, tmp_path)
     optimized = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
     parameters = {n.removeprefix("base_model.model."): p for n, p in model.named_parameters()}
     if preset == "lora":
@@ -187,12 +193,7 @@ def test_presets_train_the_documented_groups_and_nothing_else(preset, tmp_path):
 def test_lora_adapters_merge_into_the_same_logits(tmp_path):
     model, processor = th.load(th.converted("internvl2_qwen2"))
     model = apply_preset(model, "lora")
-    data = th.write_jsonl(tmp_path / "d.jsonl", th.colour_rows(tmp_path, 4))
-    dataset = InternVLXDataset(str(data), processor, progress=False)
-    trainer = InternVLXTrainer(model=model, args=th.training_args(tmp_path / "out", max_steps=1, learning_rate=1e-2),
-                               train_dataset=dataset, data_collator=InternVLXDataCollator(processor),
-                               processing_class=processor)
-    trainer.train()
+    trainer, dataset = _train_one_step(model, processor, tmp_path)
     batch = InternVLXDataCollator(processor)([dataset[0], dataset[1]])
     model.eval()
     with torch.no_grad():
