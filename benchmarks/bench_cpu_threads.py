@@ -1,5 +1,5 @@
 """CPU fine-tuning: torch's thread count on a busy machine, and the tokens the chat template's default system message
-adds (issue 51, "Also found"; docs/fine-tuning.md, "On a CPU").
+adds (issue 51, "Also found"; docs/fine-tuning-scale.md, "On a CPU").
 
 Threads. The same `internvlx train` run (the shipped demo model, ``--steps`` steps of ``--batch`` rows of the synthetic
 visual QA, then ``--eval-questions`` held-out questions scored by generation, `--eval_data`), each a process of its

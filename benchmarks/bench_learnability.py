@@ -34,7 +34,7 @@ included).
 LVTC rows also report fine-detail accuracy with the high-resolution projector's output zeroed, and replaced by that
 of another image of the batch: whether the trained model reads anything through its HR tokens at all.
 
-It prints a markdown table (the one in docs/benchmarks.md), checks the issue's requirements and says which are met, and
+It prints a markdown table (the one in docs/benchmarks-learnability.md), checks the issue's requirements and says which are met, and
 writes the results as JSON (and markdown) next to each other. Use `--threads` to pin the CPU threads (timings are
 comparable only within one run on one machine).
 """

@@ -1,7 +1,7 @@
 """FSDP on CPU: torch's `fully_shard` (FSDP2, gloo) around every decoder layer of an LVTC + PVTC model.
 
 accelerate turns its FSDP plugin on only for accelerator runs, so `internvlx train --fsdp` cannot be exercised on
-CPU (docs/fine-tuning.md, "Several GPUs"). torch itself shards on CPU, so this test shows the model's LVTC forward
+CPU (docs/fine-tuning-scale.md, "Several GPUs"). torch itself shards on CPU, so this test shows the model's LVTC forward
 (which calls the decoder layers one by one and rebuilds the sequence at layer k) works with sharded layers: two
 ranks train with sharded parameters and end with the weights of the same SGD steps taken unsharded in one process.
 """

@@ -385,7 +385,7 @@ def test_step_times_extrapolate_to_the_full_depth_from_one_more_layer():
 
 
 def test_the_planning_table_in_the_docs_is_the_measured_one():
-    """docs/fine-tuning.md's planning table is `--docs`' rendering of benchmarks/results/train-memory.json: a run
+    """docs/fine-tuning-scale.md's planning table is `--docs`' rendering of benchmarks/results/train-memory.json: a run
     added without `--docs`, or a number edited by hand, fails here."""
     import json
 
@@ -393,7 +393,7 @@ def test_the_planning_table_in_the_docs_is_the_measured_one():
 
     bench = _bench()
     derived = json.loads((REPO_ROOT / "benchmarks/results/train-memory.json").read_text())["derived"]
-    docs = (REPO_ROOT / "docs/fine-tuning.md").read_text(encoding="utf-8")
+    docs = (REPO_ROOT / "docs/fine-tuning-scale.md").read_text(encoding="utf-8")
     shown = docs.split(bench.DOCS_BEGIN + "\n", 1)[1].split("\n" + bench.DOCS_END, 1)[0]
     assert shown == bench.docs_planning_table(derived), (
         "run: python benchmarks/bench_train_memory.py --families 2b --json benchmarks/results/train-memory.json "

@@ -727,7 +727,7 @@ def test_video_rows_that_cannot_be_used_are_skipped_with_a_reason(tmp_path):
     sample.clip, sample.video_sampling = None, VideoSampling(2, 3, "rand")
     counts = {len(read_sample_frames(sample, random.Random(seed))) for seed in range(20)}
     assert counts == {2, 3}
-    # only 'rand' draws the count (docs/fine-tuning.md): 'middle' and 'fpsN' take max_num_frame frames every time
+    # only 'rand' draws the count (docs/fine-tuning-data.md): 'middle' and 'fpsN' take max_num_frame frames every time
     for method, expected in (("middle", [0, 1, 3]), ("fps10", [1, 4])):
         sample.video_sampling = VideoSampling(2, 3, method)
         drawn = {tuple(frame.tobytes() for frame in read_sample_frames(sample, random.Random(seed)))

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A user's fine-tune on a GPU, end to end, as the README tells it (docs/fine-tuning.md, "On a GPU"):
+# A user's fine-tune on a GPU, end to end, as the README tells it (docs/fine-tuning-scale.md, "On a GPU"):
 #   1. an InternVL2-2B-sized checkpoint in OpenGVLab's layout (random weights at the real dimensions: InternViT-300M +
 #      a 24-layer, 2048-wide InternLM2 LLM, vocabulary 92,553), made by internvlx_hf.conversion.synthetic_checkpoint;
 #   2. `internvlx convert` with --projector pvtc --lvtc k=18,hr_scale=rms;

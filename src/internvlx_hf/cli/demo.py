@@ -8,7 +8,7 @@ from .command import CLIError, Command, check_image_file
 
 _DEMO_DESCRIPTION = """\
 Loads the demo model that ships inside the package (a tiny InternVL-X with a PVTC projector and LVTC, trained from
-scratch by this project on synthetic visual QA: see docs/benchmarks.md, "Proof that it learns, and the demo") with
+scratch by this project on synthetic visual QA: see docs/benchmarks-learnability.md, "Proof that it learns, and the demo") with
 AutoModel.from_pretrained(..., trust_remote_code=True), nothing downloaded, and answers questions about images.
 
 Without --image it draws one synthetic image per task (colour, shape, position, count, and fine: which letter is in

@@ -70,7 +70,7 @@ examples:
   # the same options from a YAML file (keys = flag names), one overridden on the command line
   internvlx train train.yaml --learning_rate 1e-5
 
-  # multi-GPU (DDP); add --deepspeed ds_zero2.json for ZeRO, see docs/fine-tuning.md
+  # multi-GPU (DDP); add --deepspeed ds_zero2.json for ZeRO, see docs/fine-tuning-scale.md
   torchrun --nproc_per_node 8 -m internvlx_hf train --model ... --data ... --output_dir ...
 
 --data: an InternVL meta JSON ({"name": {"root", "annotation", "repeat_time", "max_dynamic_patch"?}}) or JSONL files

@@ -9,7 +9,7 @@ exact length after truncation. `row_lengths` gives the tokens per row that ``gro
 - ``"approximate"``: InternVL-style estimates from the text alone: characters / 4, plus per image the tile budget
   (``max_tiles // images``, and the thumbnail) x ``image_seq_length``, capped at ``max_length``. No image header
   and no tokenizer is touched, but images smaller than the budget count as full ones, so length-grouped batches
-  mix lengths more than with exact lengths (docs/fine-tuning.md gives the measured padding cost).
+  mix lengths more than with exact lengths (docs/fine-tuning-data.md gives the measured padding cost).
 
 Rows are shared out in chunks to ``num_proc`` forked processes (all cores by default; where fork is not available,
 one process). Lengths of a JSONL file (or a `datasets.Dataset`, by its fingerprint) are cached in ``cache_dir``

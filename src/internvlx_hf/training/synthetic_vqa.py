@@ -37,7 +37,7 @@ attention and reads its letter through the projector's weights, which are shared
 (a 2x2 pixel shuffle) one token carries four letters in four channel blocks, and the projector needs separate
 weights per block plus a conjunction (which block is framed, which letter is in it). From a small set of fine
 samples a 256-token model memorises the training pages instead (its held-out accuracy stays near chance), while a
-1024-token model generalises. See docs/benchmarks.md (the learnability benchmark) for the measured numbers.
+1024-token model generalises. See docs/benchmarks-learnability.md (the learnability benchmark) for the measured numbers.
 
 **Why the text task needs resolution, differently.** Nothing points at one cell: every letter of the word is asked
 for, in order. At 1024 tokens the word is ``text_length`` consecutive tokens of one letter each, read one after the
