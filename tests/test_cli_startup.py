@@ -210,7 +210,7 @@ def _train_parser(flags=SHIPPED) -> argparse.ArgumentParser:
 def test_the_shipped_train_flags_are_what_transformers_and_our_dataclasses_give():
     assert SHIPPED.read_text(encoding="utf-8") == live_text(), (
         f"{SHIPPED.name} does not describe the flags of the installed transformers and of "
-        f"internvlx_hf.training.train's dataclasses: run `PYTHONPATH=src {REGENERATE}` and commit the file")
+        f"internvlx_hf.training.run's dataclasses: run `PYTHONPATH=src {REGENERATE}` and commit the file")
 
 
 @needs_shipped_flags
