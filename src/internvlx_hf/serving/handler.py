@@ -4,7 +4,7 @@ work before generation off the event loop and the generation itself queued (`que
 ``handle_request`` is composed of transformers' own steps (``_resolve_model``, the generation manager,
 ``get_processor_inputs_from_messages``, the processor's ``apply_chat_template``, ``_build_generation_config``,
 ``_streaming`` / ``_non_streaming``, in transformers' order, unchanged from 5.16 to 5.24), with everything before
-generation moved off the event loop (`work.ServingWork`): the body is checked (`validation`: its fields, the text's
+generation moved off the event loop (`workers.ServingWork`): the body is checked (`validation`: its fields, the text's
 length, the tags the model reserves for images), the request's images are read, fetched and opened under the server's
 `MediaPolicy` (`media`), decoded and tiled while the request holds a decode slot, and the chat template rendered and
 tokenized on a worker thread; the prompt and ``max_tokens`` must fit the model's context (a 400 as OpenAI answers
@@ -27,14 +27,14 @@ import asyncio
 from transformers.cli.serving.chat_completion import ChatCompletionHandler
 
 from ..processing.image_processing_internvlx import describe_image_input
-from .gate import parsed_body
+from .middleware import parsed_body
 from .limits import RequestLimits
 from .media import MediaRefused, decode_images, read_request_images, return_freed_memory
 from .policy import MediaPolicy
 from .queue import DeadlineCriteria, GenerationQueue
 from .slicing import Baton, SliceCriteria, SliceTurns, SlicedGeneration, Turn
 from .validation import InvalidRequest, check_reserved_tags, check_text_fits, validate_chat_request
-from .work import ServingWork
+from .workers import ServingWork
 
 
 class InternVLXChatCompletionHandler(ChatCompletionHandler):
