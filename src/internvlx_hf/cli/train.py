@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .command import CLIError, Command
-from .train_flags import CLI_RESERVED, SHIPPED, add_flags
+from .train_flags import CLI_RESERVED, FLAGS_JSON, add_flags
 
 _TRAIN_DESCRIPTION = """\
 Fine-tune an internvlx-hf checkpoint (made by `internvlx convert`) on InternVL's meta JSON / JSONL data with the
@@ -88,7 +88,7 @@ def _option_names() -> set[str]:
             if f.init and f.name not in CLI_RESERVED}
 
 
-def _add_train_arguments(parser: argparse.ArgumentParser, flags: Path = SHIPPED) -> None:
+def _add_train_arguments(parser: argparse.ArgumentParser, flags: Path = FLAGS_JSON) -> None:
     parser.usage = ("internvlx train [CONFIG.yaml] --model PATH --data META_JSON_OR_JSONL --output_dir OUT "
                     "[--preset {stage1,stage2,stage2-frozen-vit,full,lora,qlora}] [any TrainingArguments flag] ...")
     parser.add_argument("config", nargs="?", metavar="CONFIG.yaml",
