@@ -2,7 +2,7 @@
 
 Every configuration starts from a freshly initialised tiny model (`internvlx_hf.demo.recipe.TinySpec`: 112 px tiles
 of 14 px patches, a 2-layer ViT of width 64, a 6-layer Qwen2 LLM of width 128, the byte-level tokenizer of the
-converted test fixture) saved as a checkpoint, and is trained by `internvlx_hf.training.train` (HF `Trainer`,
+converted test fixture) saved as a checkpoint, and is trained by `internvlx_hf.training.run` (HF `Trainer`,
 `InternVLXDataset`, `InternVLXDataCollator`, preset `full`) on the synthetic visual QA of
 `internvlx_hf.training.synthetic_vqa` (InternVL meta JSON + JSONL written to disk). It is then scored on a held-out set
 by exact match of greedy `generate` answers, per task.

@@ -59,7 +59,7 @@ import urllib.request
 from pathlib import Path
 
 from internvlx_hf.bench.harness import environment, write_results, write_text
-from internvlx_hf.bench.serve import percentile as nearest_rank
+from internvlx_hf.bench.server_load import percentile as nearest_rank
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GOOD_CLIENTS, HOSTILE_CLIENTS = 32, 8

@@ -50,7 +50,7 @@ import urllib.request
 from pathlib import Path
 
 from internvlx_hf.bench.harness import write_text
-from internvlx_hf.bench.serve import load_level, percentile, post_chat
+from internvlx_hf.bench.server_load import load_level, percentile, post_chat
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

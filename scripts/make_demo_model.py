@@ -10,7 +10,7 @@ The recipe is the `pvtc+lvtc` configuration of `benchmarks/bench_learnability.py
    written as InternVL meta JSON + JSONL; each conversation has (drawn from its seed) an empty system block or no
    system turn, i.e. the chat template's default system message, so that the model answers both the way
    `internvlx demo` asks and the way clients that send no system turn ask (lmms-eval, pipelines, `chat()`);
-4. `internvlx_hf.training.train` (the code behind `internvlx train`): preset `full`, 1,500 steps of batch 32, AdamW
+4. `internvlx_hf.training.run` (the code behind `internvlx train`): preset `full`, 1,500 steps of batch 32, AdamW
    lr 1e-3, cosine schedule, seed 0;
 5. the video stage (`VideoSpec`): 500 more steps (lr 5e-4) on the image training set joined with 2,000 clips of 4
    frames of the `first-colour` task ("Which colour appears first?": InternVL video rows over frame folders, read by

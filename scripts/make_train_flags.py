@@ -29,7 +29,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from internvlx_hf.cli.train_flags import SHIPPED, tables_text  # noqa: E402
+from internvlx_hf.cli.train_flags import FLAGS_JSON, tables_text  # noqa: E402
 
 # pyproject.toml: transformers>=5.16.1; the releases tested (docs/testing.md), every patch release included.
 RELEASES = ["5.16.1", "5.17.0", "5.18.0", "5.19.0", "5.20.0", "5.20.1", "5.20.2", "5.21.0", "5.21.1", "5.22.0",
@@ -66,8 +66,8 @@ def main(argv: list[str] | None = None) -> int:
             tables.append(_describe(release, wheels, Path(tmp)))
             print(f"transformers {release}: {sum(len(g['actions']) for g in tables[-1]['groups'])} flags")
     text = tables_text(tables)
-    SHIPPED.write_text(text, encoding="utf-8")
-    print(f"wrote {SHIPPED} ({len(json.loads(text)['tables'])} distinct tables for {len(tables)} releases)")
+    FLAGS_JSON.write_text(text, encoding="utf-8")
+    print(f"wrote {FLAGS_JSON} ({len(json.loads(text)['tables'])} distinct tables for {len(tables)} releases)")
     return 0
 
 

@@ -9,7 +9,7 @@ import pytest
 from internvlx_hf.bench import harness
 from internvlx_hf.bench.harness import (environment, format_table, results, time_call, time_interleaved, write_results,
                                         write_text)
-from internvlx_hf.bench.serve import check_url, load_level, percentile
+from internvlx_hf.bench.server_load import check_url, load_level, percentile
 
 
 def test_time_call_runs_warmup_then_repeats_and_takes_the_median():

@@ -133,7 +133,7 @@ def test_defaults_take_the_folders_tile_budget_and_time_until_precise(folders, t
 
 
 def test_timing_notes_flag_a_ratio_within_the_noise_and_lvtc_overhead():
-    from internvlx_hf.bench.model import timing_notes
+    from internvlx_hf.bench.checkpoint_runs import timing_notes
 
     def row(name, ratio, low, high, noise):
         return {"variant": name, "coverage": 0.96875, "vs_plain-1024": ratio, "vs_plain-1024_low": low,
@@ -216,7 +216,7 @@ def test_plots_show_the_spread_and_memory_labels_do_not_overlap(tmp_path):
     import matplotlib.pyplot as plt
     from matplotlib.container import ErrorbarContainer
 
-    from internvlx_hf.bench.model import draw_memory, draw_timing
+    from internvlx_hf.bench.checkpoint_runs import draw_memory, draw_timing
 
     timing = [{"variant": v, "median_s": m, "low_s": m * 0.9, "high_s": m * 1.2, "coverage": 0.96875,
                "vs_plain-1024": m / 0.03, "vs_plain-1024_low": m / 0.03 * 0.95, "vs_plain-1024_high": m / 0.03 * 1.1}

@@ -25,8 +25,8 @@ from internvlx_hf.cli import _commands, build_parser, main
 from internvlx_hf.cli.train import TRAIN, _add_train_arguments
 from internvlx_hf.cli.train_flags import (
     REGENERATE,
-    SHIPPED,
-    add_shipped_flags,
+    FLAGS_JSON,
+    add_described_flags,
     environment,
     live_text,
     read_tables,
@@ -75,14 +75,14 @@ COMMANDS = [command.name for command in _commands()]
 # train_flags.json describes the flags under each transformers release of the supported range (its "environments");
 # under another (or torch < 2.8), `train` builds them from TrainingArguments, importing torch (docs/cli.md): what
 # depends on the shipped file is checked where it holds, and the other commands everywhere.
-SHIPPED_HOLDS = add_shipped_flags(argparse.ArgumentParser())
-needs_shipped_flags = pytest.mark.skipif(not SHIPPED_HOLDS, reason=(
+FLAGS_HOLD = add_described_flags(argparse.ArgumentParser())
+needs_described_flags = pytest.mark.skipif(not FLAGS_HOLD, reason=(
     f"train_flags.json does not describe transformers {importlib.metadata.version('transformers')} with this torch: "
     "`internvlx train` builds its flags from TrainingArguments"))
 
 
 def test_help_of_the_cli_and_of_every_command_imports_nothing_heavy():
-    argvs = [["--help"]] + [[name, "--help"] for name in COMMANDS if SHIPPED_HOLDS or name != "train"]
+    argvs = [["--help"]] + [[name, "--help"] for name in COMMANDS if FLAGS_HOLD or name != "train"]
     results = _run_cli(argvs)
     assert [r["code"] for r in results] == [0] * len(argvs)
     assert all(f"{name} " in results[0]["stdout"] for name in COMMANDS)
@@ -124,7 +124,7 @@ def test_argument_errors_import_nothing_heavy():
         "CONFIG.yaml: internvlx train CONFIG.yaml)",
         "internvlx demo: error: unrecognized arguments: --nonsense",
     ]
-    cases = [(argv, error) for argv, error in zip(argvs, errors, strict=True) if SHIPPED_HOLDS or argv[:1] != ["train"]]
+    cases = [(argv, error) for argv, error in zip(argvs, errors, strict=True) if FLAGS_HOLD or argv[:1] != ["train"]]
     results = _run_cli([argv for argv, _ in cases])
     assert [r["code"] for r in results] == [2] * len(cases)
     assert [r["last_err"] for r in results] == [error for _, error in cases]
@@ -143,7 +143,7 @@ def test_unknown_flags_name_the_command_and_the_closest_flag():
         "internvlx convert: error: unrecognized arguments: --projecter pvtc; did you mean --projector?",
         "internvlx serve: error: unrecognized arguments: --zzz",
     ]
-    cases = [(argv, error) for argv, error in zip(argvs, errors, strict=True) if SHIPPED_HOLDS or argv[:1] != ["train"]]
+    cases = [(argv, error) for argv, error in zip(argvs, errors, strict=True) if FLAGS_HOLD or argv[:1] != ["train"]]
     results = _run_cli([argv for argv, _ in cases])
     assert [(r["code"], r["last_err"]) for r in results] == [(2, error) for _, error in cases]
     assert results[-1]["heavy"] == []
@@ -199,29 +199,29 @@ def test_train_help_lists_the_trainingarguments_flags(capsys):
 # ------------------------------------------------------------------------ train's flags without transformers
 
 
-def _train_parser(flags=SHIPPED) -> argparse.ArgumentParser:
+def _train_parser(flags=FLAGS_JSON) -> argparse.ArgumentParser:
     """`internvlx train`'s parser as `internvlx` builds it, with its flags described by the file ``flags``."""
     train = dataclasses.replace(TRAIN, add_arguments=functools.partial(_add_train_arguments, flags=flags))
     commands = next(a for a in build_parser([train])._actions if isinstance(a, argparse._SubParsersAction))
     return commands.choices["train"]
 
 
-@needs_shipped_flags
+@needs_described_flags
 def test_the_shipped_train_flags_are_what_transformers_and_our_dataclasses_give():
-    assert SHIPPED.read_text(encoding="utf-8") == live_text(), (
-        f"{SHIPPED.name} does not describe the flags of the installed transformers and of "
-        f"internvlx_hf.training.train's dataclasses: run `PYTHONPATH=src {REGENERATE}` and commit the file")
+    assert FLAGS_JSON.read_text(encoding="utf-8") == live_text(), (
+        f"{FLAGS_JSON.name} does not describe the flags of the installed transformers and of "
+        f"internvlx_hf.training.run's dataclasses: run `PYTHONPATH=src {REGENERATE}` and commit the file")
 
 
-@needs_shipped_flags
+@needs_described_flags
 def test_train_help_from_the_shipped_flags_is_the_live_parsers_help(tmp_path, monkeypatch):
     monkeypatch.setenv("COLUMNS", "100")  # argparse wraps the help to the terminal's width
-    assert add_shipped_flags(argparse.ArgumentParser())  # written for the installed transformers and torch
-    assert not add_shipped_flags(argparse.ArgumentParser(), tmp_path / "absent.json")
-    shipped, live = _train_parser().format_help(), _train_parser(tmp_path / "absent.json").format_help()
-    assert shipped == live
-    assert shipped.startswith("usage: internvlx train [CONFIG.yaml] --model PATH")
-    assert "  --learning_rate LEARNING_RATE, --learning-rate LEARNING_RATE\n" in shipped
+    assert add_described_flags(argparse.ArgumentParser())  # written for the installed transformers and torch
+    assert not add_described_flags(argparse.ArgumentParser(), tmp_path / "absent.json")
+    described, live = _train_parser().format_help(), _train_parser(tmp_path / "absent.json").format_help()
+    assert described == live
+    assert described.startswith("usage: internvlx train [CONFIG.yaml] --model PATH")
+    assert "  --learning_rate LEARNING_RATE, --learning-rate LEARNING_RATE\n" in described
 
 
 # Valid command lines (every kind of value: strings, numbers, booleans with and without a value, `--no_*`, lists,
@@ -251,9 +251,9 @@ def test_train_parses_as_the_live_parser_does(argv, tmp_path, capsys):
         except SystemExit as stop:
             return stop.code, capsys.readouterr().err
 
-    shipped, live = parse(_train_parser()), parse(_train_parser(tmp_path / "absent.json"))
-    assert shipped == live
-    assert isinstance(shipped, dict) == (argv[0] in ("train.yaml", "--model"))  # the valid ones parse
+    described, live = parse(_train_parser()), parse(_train_parser(tmp_path / "absent.json"))
+    assert described == live
+    assert isinstance(described, dict) == (argv[0] in ("train.yaml", "--model"))  # the valid ones parse
 
 
 def test_under_another_transformers_release_train_builds_its_flags_from_transformers(tmp_path, monkeypatch):
@@ -265,7 +265,7 @@ def test_under_another_transformers_release_train_builds_its_flags_from_transfor
     training[:] = [spec for spec in training if spec["dest"] != "learning_rate"]
     other = tmp_path / "train_flags.json"
     other.write_text(tables_text([table]))
-    assert not add_shipped_flags(argparse.ArgumentParser(), other)
+    assert not add_described_flags(argparse.ArgumentParser(), other)
     parser = _train_parser(other)
     assert parser.parse_args(["--learning_rate", "1e-3"]).learning_rate == 1e-3
     monkeypatch.setenv("COLUMNS", "100")
@@ -386,7 +386,7 @@ def test_a_broken_image_is_reported_before_torch_loads(tmp_path):
 def test_the_shipped_train_flags_describe_every_release_of_the_supported_range(monkeypatch):
     """One description per transformers release that scripts/make_train_flags.py lists (every release from
     pyproject's lower bound on), so that `train --help` and flag errors answer without torch under each; under each
-    of them `add_shipped_flags` finds its own, and equal descriptions are stored once."""
+    of them `add_described_flags` finds its own, and equal descriptions are stored once."""
     import runpy
 
     import internvlx_hf.cli.train_flags as train_flags
@@ -396,13 +396,13 @@ def test_the_shipped_train_flags_describe_every_release_of_the_supported_range(m
     assert f'"transformers>={releases[0]},' in pyproject
     tables = read_tables()
     assert [table["environment"] for table in tables] == [{"transformers": r, "torch>=2.8": True} for r in releases]
-    entries = json.loads(SHIPPED.read_text(encoding="utf-8"))["tables"]
+    entries = json.loads(FLAGS_JSON.read_text(encoding="utf-8"))["tables"]
     assert len(entries) == len({json.dumps(entry["groups"]) for entry in entries}) < len(releases)
     for table in tables:
         monkeypatch.setattr(train_flags, "environment", lambda table=table: table["environment"])
         parser = argparse.ArgumentParser()
-        assert add_shipped_flags(parser)
+        assert add_described_flags(parser)
         assert {a.dest for a in parser._actions} - {"help"} == {spec["dest"] for group in table["groups"]
                                                                 for spec in group["actions"]}
     monkeypatch.setattr(train_flags, "environment", lambda: {"transformers": releases[0], "torch>=2.8": False})
-    assert not add_shipped_flags(argparse.ArgumentParser())
+    assert not add_described_flags(argparse.ArgumentParser())

@@ -582,7 +582,7 @@ def test_at_most_max_concurrent_decodes_requests_decode_at_once():
     import asyncio
 
     from internvlx_hf.serving import ServerLimits
-    from internvlx_hf.serving.work import ServingWork
+    from internvlx_hf.serving.workers import ServingWork
 
     work, seen = ServingWork(ServerLimits(max_concurrent_decodes=2, small_decode_pixels=1000)), []
 
@@ -602,7 +602,7 @@ def test_at_most_max_concurrent_decodes_requests_decode_at_once():
 
 
 def test_json_values_are_counted_outside_strings():
-    from internvlx_hf.serving.gate import json_values_over, parse_json_body
+    from internvlx_hf.serving.middleware import json_values_over, parse_json_body
 
     # [0,0,0]: 4 values (the array, three numbers); {"a": [1, {"b": 2}]}: 5; ["a,\",", 1]: 3
     assert [json_values_over(raw, limit) for raw, limit in [

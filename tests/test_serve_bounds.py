@@ -3,7 +3,7 @@
 The server runs with an open-file limit of 256 (set in the child, so the cap on open connections follows from it:
 256 - 128 = 128), a request deadline of 2 s, two generations running at once taking turns of one token, one waiting
 request at most and a generation deadline of 4 s; it serves the packaged demo model (PVTC + LVTC). The generation
-queue's order and bounds and the baton's turns are also checked without a server.
+queue's order and bounds and the lock's turns are also checked without a server.
 """
 
 from __future__ import annotations
@@ -368,28 +368,28 @@ def test_the_queue_runs_up_to_its_running_bound_at_once():
     asyncio.run(scenario())
 
 
-def test_the_baton_goes_round_robin_and_a_cancelled_turn_leaves_the_round():
-    """Three generations of three steps, each handing the baton on after every step: they run in turns; one whose
+def test_the_model_lock_goes_round_robin_and_a_cancelled_turn_leaves_the_round():
+    """Three generations of three steps, each handing the lock on after every step: they run in turns; one whose
     client went away while it waited for its first turn never runs, and the others go on without it."""
-    from internvlx_hf.serving.slicing import Baton, SliceCriteria, Turn
+    from internvlx_hf.serving.slicing import RoundRobinLock, SliceCriteria, Turn
 
-    baton, order = Baton(), []
+    lock, order = RoundRobinLock(), []
     turns = [Turn() for _ in range(4)]
 
     def generation(index: int) -> None:
-        if not baton.take(turns[index]):
+        if not lock.take(turns[index]):
             order.append(f"{index} cancelled")
             return
         try:
             for step in range(3):
                 order.append(index)
                 if (index, step) == (0, 0):  # the others queue up behind the first turn
-                    assert wait_for(lambda: baton.waiting == 3, 10)
-                    baton.cancel(turns[3])
-                    assert wait_for(lambda: "3 cancelled" in order, 10) and baton.waiting == 2
-                baton.pass_if_waited_for(turns[index])
+                    assert wait_for(lambda: lock.waiting == 3, 10)
+                    lock.cancel(turns[3])
+                    assert wait_for(lambda: "3 cancelled" in order, 10) and lock.waiting == 2
+                lock.pass_if_waited_for(turns[index])
         finally:
-            baton.give_back(turns[index])
+            lock.give_back(turns[index])
 
     threads = [threading.Thread(target=generation, args=(0,))]
     threads[0].start()
@@ -397,7 +397,7 @@ def test_the_baton_goes_round_robin_and_a_cancelled_turn_leaves_the_round():
     for index in (1, 2, 3):
         threads.append(threading.Thread(target=generation, args=(index,)))
         threads[-1].start()
-        assert wait_for(lambda: baton.waiting == index, 10)
+        assert wait_for(lambda: lock.waiting == index, 10)
     for thread in threads:
         thread.join(timeout=30)
     assert order == [0, "3 cancelled", 1, 2, 0, 1, 2, 0, 1, 2]
@@ -406,18 +406,18 @@ def test_the_baton_goes_round_robin_and_a_cancelled_turn_leaves_the_round():
 
     alone, ids = Turn(), torch.zeros(2, 5, dtype=torch.long)
     criteria = SliceCriteria(alone)
-    assert baton.take(alone)
+    assert lock.take(alone)
     assert criteria(ids, None).tolist() == [False, False] and criteria(ids, None).tolist() == [False, False]
-    baton.cancel(alone)
+    lock.cancel(alone)
     assert criteria(ids, None).tolist() == [True, True]  # its client went away: the generation stops
-    baton.give_back(alone)
+    lock.give_back(alone)
 
 
 @pytest.mark.parametrize("max_tokens", [2, 3])
-def test_a_generation_hands_the_baton_on_only_if_it_goes_on(max_tokens):
+def test_a_generation_hands_the_lock_on_only_if_it_goes_on(max_tokens):
     """A generation of ``max_tokens`` (as the handler sets it up, turns of 2 tokens, the tiny model) admitted while
-    another holds the baton: at the end of its first turn the other has the baton back. With max_tokens equal to the
-    slice the generation has ended by then (it did not hand the baton on at its last token, to wait one more round
+    another holds the lock: at the end of its first turn the other has the lock back. With max_tokens equal to the
+    slice the generation has ended by then (it did not hand the lock on at its last token, to wait one more round
     for nothing); with one token more it waits for its next turn, its last token."""
     try:
         check_serving_available()
@@ -427,20 +427,20 @@ def test_a_generation_hands_the_baton_on_only_if_it_goes_on(max_tokens):
     from transformers import GenerationConfig
 
     from internvlx_hf.serving.handler import InternVLXChatCompletionHandler
-    from internvlx_hf.serving.slicing import Baton, SlicedGeneration, Turn
+    from internvlx_hf.serving.slicing import RoundRobinLock, SlicedGeneration, Turn
     from tiny import tiny_model
 
-    model, baton, long, short, ended = tiny_model(layers=1), Baton(), Turn(), Turn(), threading.Event()
-    handler = types.SimpleNamespace(baton=baton, generation_slice=2, generation_timeout=None)
+    model, lock, long, short, ended = tiny_model(layers=1), RoundRobinLock(), Turn(), Turn(), threading.Event()
+    handler = types.SimpleNamespace(model_lock=lock, generation_slice=2, generation_timeout=None)
     inputs = {"input_ids": torch.tensor([[1, 5, 6, 7]])}
     config = GenerationConfig(max_new_tokens=max_tokens, do_sample=False)
     InternVLXChatCompletionHandler._add_stopping_criteria(handler, inputs, config, 4, short)
-    assert baton.take(long)
-    generated = SlicedGeneration(baton, short, ended.set).submit(model.generate, **inputs, generation_config=config)
-    assert wait_for(lambda: baton.waiting == 1, 10)
-    assert baton.pass_if_waited_for(long)  # the long one's slice ends: the short one's turn, then the long one's
-    behind = baton.waiting  # the short one, if it waits for another turn
-    baton.give_back(long)
+    assert lock.take(long)
+    generated = SlicedGeneration(lock, short, ended.set).submit(model.generate, **inputs, generation_config=config)
+    assert wait_for(lambda: lock.waiting == 1, 10)
+    assert lock.pass_if_waited_for(long)  # the long one's slice ends: the short one's turn, then the long one's
+    behind = lock.waiting  # the short one, if it waits for another turn
+    lock.give_back(long)
     assert generated.result(timeout=60).shape[-1] == 4 + max_tokens and ended.wait(10)
     assert behind == (0 if max_tokens == 2 else 1)
 
@@ -448,18 +448,18 @@ def test_a_generation_hands_the_baton_on_only_if_it_goes_on(max_tokens):
 def test_a_cancelled_request_leaves_its_turn_at_once():
     """A request awaiting its generation (as transformers' non-streaming path does), cancelled while the generation
     waits for its turn: it leaves the round at once, its generation never runs, and its running slot is freed
-    (``on_end``) while the other generation still holds the baton."""
-    from internvlx_hf.serving.slicing import Baton, SlicedGeneration, Turn
+    (``on_end``) while the other generation still holds the lock."""
+    from internvlx_hf.serving.slicing import RoundRobinLock, SlicedGeneration, Turn
 
-    baton, holder, waiter, ended, ran = Baton(), Turn(), Turn(), threading.Event(), []
-    assert baton.take(holder)
+    lock, holder, waiter, ended, ran = RoundRobinLock(), Turn(), Turn(), threading.Event(), []
+    assert lock.take(holder)
 
     async def generate() -> None:
-        await SlicedGeneration(baton, waiter, ended.set).async_submit(ran.append, "ran")
+        await SlicedGeneration(lock, waiter, ended.set).async_submit(ran.append, "ran")
 
     async def scenario() -> bool:
         request = asyncio.create_task(generate())
-        assert await asyncio.to_thread(wait_for, lambda: baton.waiting == 1, 10)
+        assert await asyncio.to_thread(wait_for, lambda: lock.waiting == 1, 10)
         request.cancel()
         with pytest.raises(asyncio.CancelledError):
             await request
@@ -467,9 +467,9 @@ def test_a_cancelled_request_leaves_its_turn_at_once():
 
     try:
         assert asyncio.run(scenario()), "the cancelled request still waits for its turn"
-        assert baton.waiting == 0 and not ran
+        assert lock.waiting == 0 and not ran
     finally:
-        baton.give_back(holder)
+        lock.give_back(holder)
 
 
 def test_the_waiting_bound_refuses_the_request_beyond_it():

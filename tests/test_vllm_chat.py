@@ -288,7 +288,7 @@ def test_bench_serve_turns_sees_an_lvtc_chat_served_from_the_cache(servers):
     (896 px square at max_tiles 4: 4 tiles and the thumbnail), resent whole each turn with the server's answers; the
     server says (`--enable-prompt-tokens-details`) that its prefix cache served the later turns at least 3 tiles
     each (turn 2 finds every tile but the last, whose block it shares with the question), and never all of them."""
-    from internvlx_hf.bench.serve import bench_chat, chat_notes
+    from internvlx_hf.bench.server_load import bench_chat, chat_notes
 
     folder, client = servers["qwen2-lvtc"]
     rows = bench_chat(str(client.base_url), concurrency=(1,), requests=2, turns=3, model=str(folder),

@@ -324,7 +324,7 @@ def test_the_short_backend_classes_are_kept_by_their_model_not_the_process():
     from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
 
     saving = _saving()
-    first, second = saving.RowsChannel(), saving.RowsChannel()
+    first, second = saving.PositionBufferChannel(), saving.PositionBufferChannel()
     made = saving.short_backend(CPUAttentionBackend, first)
     assert saving.short_backend(CPUAttentionBackend, first) is made
     assert saving.short_backend(CPUAttentionBackend, second) is not made

@@ -134,7 +134,7 @@ def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _check_bench(args: argparse.Namespace) -> None:
     if args.bench_command == "serve":
-        from ..bench.serve import check_url
+        from ..bench.server_load import check_url
 
         check_url(args.url)
         return
@@ -157,7 +157,7 @@ def _run_bench(args: argparse.Namespace) -> int:
     notes: list[str] = []
     try:
         if args.bench_command == "serve":
-            from ..bench.serve import bench_chat, bench_serve, chat_notes, plot_chat
+            from ..bench.server_load import bench_chat, bench_serve, chat_notes, plot_chat
 
             settings = dict(url=args.url, model=args.model, concurrency=args.concurrency or [1, 4],
                             requests=args.requests, image_size=args.image_size, max_tokens=args.max_tokens,
@@ -178,7 +178,7 @@ def _run_bench(args: argparse.Namespace) -> int:
                 notes = chat_notes(rows)
                 plot = partial(plot_chat, rows=rows, title=f"internvlx bench serve --turns {args.turns}")
         elif args.bench_command == "memory":
-            from ..bench.model import WORKLOADS, memory_notes, memory_variants, plot_memory
+            from ..bench.checkpoint_runs import WORKLOADS, memory_notes, memory_variants, plot_memory
 
             workloads = args.workload or list(WORKLOADS)
             rows, run = memory_variants(args.folder, workloads, args.variant_names, args.device, args.dtype,
@@ -190,7 +190,7 @@ def _run_bench(args: argparse.Namespace) -> int:
             notes = memory_notes(rows, run)
             plot = partial(plot_memory, rows=rows, title=f"internvlx bench memory ({run['tiles']} tiles)")
         else:
-            from ..bench.model import plot_timing, time_variants, timing_notes, timing_table
+            from ..bench.checkpoint_runs import plot_timing, time_variants, timing_notes, timing_table
 
             rows, run = time_variants(args.folder, args.bench_command, args.variant_names, args.device, args.dtype,
                                       args.tiles, args.text_tokens, args.warmup, args.repeats, args.time_budget,

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .command import CLIError, Command
-from .train_flags import CLI_RESERVED, SHIPPED, add_flags
+from .train_flags import CLI_RESERVED, FLAGS_JSON, add_flags
 
 _TRAIN_DESCRIPTION = """\
 Fine-tune an internvlx-hf checkpoint (made by `internvlx convert`) on InternVL's meta JSON / JSONL data with the
@@ -78,7 +78,7 @@ examples:
 
 
 def _argument_classes():
-    from ..training.train import ARGUMENT_CLASSES
+    from ..training.run import ARGUMENT_CLASSES
 
     return ARGUMENT_CLASSES
 
@@ -88,7 +88,7 @@ def _option_names() -> set[str]:
             if f.init and f.name not in CLI_RESERVED}
 
 
-def _add_train_arguments(parser: argparse.ArgumentParser, flags: Path = SHIPPED) -> None:
+def _add_train_arguments(parser: argparse.ArgumentParser, flags: Path = FLAGS_JSON) -> None:
     parser.usage = ("internvlx train [CONFIG.yaml] --model PATH --data META_JSON_OR_JSONL --output_dir OUT "
                     "[--preset {stage1,stage2,stage2-frozen-vit,full,lora,qlora}] [any TrainingArguments flag] ...")
     parser.add_argument("config", nargs="?", metavar="CONFIG.yaml",
@@ -98,7 +98,7 @@ def _add_train_arguments(parser: argparse.ArgumentParser, flags: Path = SHIPPED)
 
 def parse_cli(args: argparse.Namespace | Sequence[str] | None):
     """The four argument dataclasses of `train()` from a parsed namespace (or argv after ``train``)."""
-    from ..training.train import parse_train_args
+    from ..training.run import parse_train_args
 
     if not isinstance(args, argparse.Namespace):
         parser = argparse.ArgumentParser(prog="internvlx train")
@@ -125,7 +125,7 @@ def _check_train(args: argparse.Namespace) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from ..training.train import end_distributed, exit_if_gloo_threads_remain, train
+    from ..training.run import end_distributed, exit_if_gloo_threads_remain, train
 
     train(*parse_cli(args))  # the result is not kept, so that end_distributed() can free the wrapped model
     end_distributed()

@@ -4,13 +4,13 @@ Its flags are the fields of our argument dataclasses and of transformers' `Train
 `HfArgumentParser` (`add_live_flags`); importing `TrainingArguments` imports torch, seconds before `train --help`
 or an argument error could answer. So `train_flags.json`, next to this module, describes the flags that build gives
 (option strings, nargs, const, choices, the name of each value's converter, help with its default), and
-`add_shipped_flags` rebuilds them with argparse alone: the same help, the same values, the same errors.
+`add_described_flags` rebuilds them with argparse alone: the same help, the same values, the same errors.
 
 The file holds one description per environment (`environment()`: the transformers release, and whether torch is at
 least 2.8, which picks TrainingArguments' `--optim` default shown in the help), identical descriptions shared: one for
 every transformers release of the supported range (`scripts/make_train_flags.py` writes them, each release's
 TrainingArguments read from its wheel). In an environment the file does not list (a release after the range, torch
-before 2.8) `add_shipped_flags` declines and the caller builds the live flags, so a flag another transformers release
+before 2.8) `add_described_flags` declines and the caller builds the live flags, so a flag another transformers release
 added or dropped is never refused or accepted wrongly. A flag whose value needs a class of transformers' stack (e.g.
 `--parallelism_config`) is converted by the live parser's own type, built on first use.
 
@@ -30,7 +30,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-SHIPPED = Path(__file__).with_name("train_flags.json")
+FLAGS_JSON = Path(__file__).with_name("train_flags.json")
 REGENERATE = "python -m internvlx_hf.cli.train_flags"
 
 # `--debug` is the CLI's own flag (tracebacks); TrainingArguments' `debug` can still be set in CONFIG.yaml.
@@ -61,7 +61,7 @@ def add_live_flags(parser: argparse.ArgumentParser) -> list[argparse._ArgumentGr
 
     from transformers import HfArgumentParser
 
-    from ..training.train import ARGUMENT_CLASSES, checkpointing_renames
+    from ..training.run import ARGUMENT_CLASSES, checkpointing_renames
 
     groups = []
     for cls, title in zip(ARGUMENT_CLASSES, _TITLES):
@@ -114,7 +114,7 @@ def _type_name(action: argparse.Action) -> str | None:
 
 
 def describe(groups: list[argparse._ArgumentGroup]) -> list[dict[str, Any]]:
-    """The description of the flags in ``groups`` (from `add_live_flags`) that `add_shipped_flags` reads."""
+    """The description of the flags in ``groups`` (from `add_live_flags`) that `add_described_flags` reads."""
     described = []
     for group in groups:
         actions = []
@@ -163,23 +163,23 @@ def _environment_order(env: dict[str, Any]):
         env["torch>=2.8"]
 
 
-def read_tables(path: Path = SHIPPED) -> list[dict[str, Any]]:
+def read_tables(path: Path = FLAGS_JSON) -> list[dict[str, Any]]:
     """The descriptions in ``path`` as ``[{"environment", "groups"}]``; [] where it is absent or unreadable."""
     try:
-        shipped = json.loads(path.read_text(encoding="utf-8"))
-        return [{"environment": env, "groups": entry["groups"]} for entry in shipped["tables"]
+        description = json.loads(path.read_text(encoding="utf-8"))
+        return [{"environment": env, "groups": entry["groups"]} for entry in description["tables"]
                 for env in entry["environments"]]
     except (OSError, ValueError, KeyError, TypeError):
         return []
 
 
-def live_text(path: Path = SHIPPED) -> str:
+def live_text(path: Path = FLAGS_JSON) -> str:
     """What `train_flags.json` must hold: ``path``'s descriptions with the installed environment's one rewritten from
     the live flags (imports transformers)."""
     return tables_text([*read_tables(path), live_table()])
 
 
-# ---------------------------------------------------------------------------------------------- the shipped flags
+# ---------------------------------------------------------------------------------------------- the described flags
 
 
 def _string_to_bool(value):
@@ -233,7 +233,7 @@ def _converter(spec: dict[str, Any]):
     return _LiveType(spec["dest"])
 
 
-def add_shipped_flags(parser: argparse.ArgumentParser, path: Path = SHIPPED) -> bool:
+def add_described_flags(parser: argparse.ArgumentParser, path: Path = FLAGS_JSON) -> bool:
     """Add the flags described in ``path`` (`train_flags.json`) without importing transformers; False (and nothing
     added) where it was written for another environment, or cannot be read: then use `add_live_flags`."""
     here = environment()
@@ -254,16 +254,16 @@ def add_shipped_flags(parser: argparse.ArgumentParser, path: Path = SHIPPED) -> 
     return True
 
 
-def add_flags(parser: argparse.ArgumentParser, path: Path = SHIPPED) -> None:
-    """The train flags: the shipped ones where they hold, else the live ones."""
-    if not add_shipped_flags(parser, path):
+def add_flags(parser: argparse.ArgumentParser, path: Path = FLAGS_JSON) -> None:
+    """The train flags: the described ones where they hold, else the live ones."""
+    if not add_described_flags(parser, path):
         add_live_flags(parser)
 
 
 def main(argv: list[str] | None = None) -> int:
     cli = argparse.ArgumentParser(prog="python -m internvlx_hf.cli.train_flags", description=__doc__,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-    cli.add_argument("--check", action="store_true", help=f"exit 1 if {SHIPPED.name} is stale; write nothing")
+    cli.add_argument("--check", action="store_true", help=f"exit 1 if {FLAGS_JSON.name} is stale; write nothing")
     cli.add_argument("--print", action="store_true", help="print this environment's description as JSON")
     args = cli.parse_args(argv)
     if args.print:
@@ -271,14 +271,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     text = live_text()
     if args.check:
-        current = SHIPPED.read_text(encoding="utf-8") if SHIPPED.is_file() else ""
+        current = FLAGS_JSON.read_text(encoding="utf-8") if FLAGS_JSON.is_file() else ""
         if current != text:
-            print(f"{SHIPPED} is stale: run `{REGENERATE}`", file=sys.stderr)
+            print(f"{FLAGS_JSON} is stale: run `{REGENERATE}`", file=sys.stderr)
             return 1
-        print(f"{SHIPPED} is up to date")
+        print(f"{FLAGS_JSON} is up to date")
         return 0
-    SHIPPED.write_text(text, encoding="utf-8")
-    print(f"wrote {SHIPPED}")
+    FLAGS_JSON.write_text(text, encoding="utf-8")
+    print(f"wrote {FLAGS_JSON}")
     return 0
 
 

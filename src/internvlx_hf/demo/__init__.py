@@ -2,7 +2,7 @@
 
 ``model/`` (next to this file) is the ``pvtc+lvtc`` model of the learnability benchmark: a PVTC projector and LVTC
 (16 tokens per 112 px tile in layers 0-4, 64 from layer 5), trained from scratch on the synthetic visual QA of
-`internvlx_hf.training.synthetic_vqa` by ``scripts/make_demo_model.py`` through `internvlx_hf.training.train`, on
+`internvlx_hf.training.synthetic_vqa` by ``scripts/make_demo_model.py`` through `internvlx_hf.training.run`, on
 conversations with an empty system block or none (the chat template's default system message), so it answers in the
 clients that send no system turn too (lmms-eval, transformers' pipelines, InternVL2's ``chat()``). A second stage
 taught it one video question over 4 frames ("Which colour appears first?", `demo_video_samples`, `answer_video`).

@@ -9,7 +9,7 @@ scratch on the synthetic visual QA of `internvlx_hf.training.synthetic_vqa`, thr
   demo model empty and default ones, `DataSpec.system_prompts`) and a held-out set.
 - `make_video_datasets`: the demo model's video stage (`VideoSpec`): the image training set plus clips of the
   ``first-colour`` task (InternVL video rows over frame folders), and a held-out set of clips.
-- `train_checkpoint`: `internvlx_hf.training.train` (HF `Trainer` + `InternVLXDataCollator`) with the recipe's
+- `train_checkpoint`: `internvlx_hf.training.run` (HF `Trainer` + `InternVLXDataCollator`) with the recipe's
   hyper-parameters.
 - `evaluate`: held-out exact match per task with greedy `generate` (left-padded batches), through
   `internvlx_hf.evaluation.evaluate` (what `internvlx eval` runs), under a chosen system block (`prompt_messages`,
@@ -283,7 +283,7 @@ def train_checkpoint(base: str | os.PathLike, train_meta: str | os.PathLike, out
                      training: TrainSpec, *, tiling: str | None = None, progress: bool = True,
                      threads: int | None = None, preset: str = "full", callbacks: list | None = None,
                      options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Train ``base`` on ``train_meta`` with `internvlx_hf.training.train` (``preset``; ``full``: everything trains,
+    """Train ``base`` on ``train_meta`` with `internvlx_hf.training.run` (``preset``; ``full``: everything trains,
     the model starts from scratch; ``callbacks``: extra Trainer callbacks; ``options``: more `internvlx train`
     options, e.g. ``teacher`` for distillation) and save it to ``out``. Returns the
     Trainer's metrics plus ``loss_first`` / ``loss_last`` (mean logged loss of the first / last logging window) and

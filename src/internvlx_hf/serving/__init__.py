@@ -13,9 +13,9 @@ The package's modules, each with one job (import from here, not from them):
 - `policy`: `MediaPolicy`, what a request's images may make the server read and fetch;
 - `media`: reading, fetching, opening and decoding a request's images under the policy;
 - `validation`: a chat-completions body checked as OpenAI's API defines it;
-- `gate`: the ASGI middleware in front of the app (routes, API key, body size and JSON, ``Host``);
+- `middleware`: the ASGI middleware in front of the app (routes, API key, body size and JSON, ``Host``);
 - `exposure`: who can reach the server (the warning without a key, the ``Host`` names answered);
-- `work`: the worker threads and decode slots that keep the event loop free.
+- `workers`: the worker threads and decode slots that keep the event loop free.
 
     from internvlx_hf.serving import serve
     serve("./InternVL-X-2B", host="127.0.0.1", port=8000)  # blocks; POST /v1/chat/completions, GET /v1/models

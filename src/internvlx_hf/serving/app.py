@@ -22,8 +22,8 @@ only when an app is built (they import transformers' serving stack, FastAPI and 
   request's checks, with the work before generation off the event loop and generation in a bounded, fair queue
   with a deadline (`queue.GenerationQueue`).
 
-`build_app` assembles the app the way `transformers.cli.serve.Serve` does and wraps it in `gate.RequestGate` (the
-routes served, the API key, the body's size and JSON); `run_app` adds `gate.HostGate` for where it listens and
+`build_app` assembles the app the way `transformers.cli.serve.Serve` does and wraps it in `middleware.RequestGate` (the
+routes served, the API key, the body's size and JSON); `run_app` adds `middleware.HostGate` for where it listens and
 serves it with uvicorn under the connection bounds of `connections`. These are
 internals of transformers' serving code, which change between releases: `TESTED_TRANSFORMERS` lists the releases the
 hooks were tested on; `check_serving_available` refuses an older release and warns once on a newer one.
@@ -41,12 +41,12 @@ from collections.abc import Sequence
 from typing import Any
 
 from .exposure import allowed_host_patterns, exposure_warning
-from .gate import HostGate, RequestGate
+from .middleware import HostGate, RequestGate
 from .limits import ACCEPT_BACKLOG, RETRY_AFTER_SECONDS, ConnectionLimits, RequestLimits, ServerLimits
 from .policy import MediaPolicy
 from .queue import GenerationQueue
 from .validation import InvalidRequest, error_body
-from .work import ServingWork
+from .workers import ServingWork
 
 # transformers releases whose serving internals (the hooks above) tests/test_serve.py passed on;
 # experiments/serve-transformers-releases/README.md lists the runs. Older releases are refused; newer ones run with

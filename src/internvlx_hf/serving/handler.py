@@ -4,7 +4,7 @@ work before generation off the event loop and the generation itself queued (`que
 ``handle_request`` is composed of transformers' own steps (``_resolve_model``, the generation manager,
 ``get_processor_inputs_from_messages``, the processor's ``apply_chat_template``, ``_build_generation_config``,
 ``_streaming`` / ``_non_streaming``, in transformers' order, unchanged from 5.16 to 5.24), with everything before
-generation moved off the event loop (`work.ServingWork`): the body is checked (`validation`: its fields, the text's
+generation moved off the event loop (`workers.ServingWork`): the body is checked (`validation`: its fields, the text's
 length, the tags the model reserves for images), the request's images are read, fetched and opened under the server's
 `MediaPolicy` (`media`), decoded and tiled while the request holds a decode slot, and the chat template rendered and
 tokenized on a worker thread; the prompt and ``max_tokens`` must fit the model's context (a 400 as OpenAI answers
@@ -27,14 +27,14 @@ import asyncio
 from transformers.cli.serving.chat_completion import ChatCompletionHandler
 
 from ..processing.image_processing_internvlx import describe_image_input
-from .gate import parsed_body
+from .middleware import parsed_body
 from .limits import RequestLimits
 from .media import MediaRefused, decode_images, read_request_images, return_freed_memory
 from .policy import MediaPolicy
 from .queue import DeadlineCriteria, GenerationQueue
-from .slicing import Baton, SliceCriteria, SliceTurns, SlicedGeneration, Turn
+from .slicing import RoundRobinLock, SliceCriteria, SliceTurns, SlicedGeneration, Turn
 from .validation import InvalidRequest, check_reserved_tags, check_text_fits, validate_chat_request
-from .work import ServingWork
+from .workers import ServingWork
 
 
 class InternVLXChatCompletionHandler(ChatCompletionHandler):
@@ -58,7 +58,7 @@ class InternVLXChatCompletionHandler(ChatCompletionHandler):
         self.queue = queue
         self.generation_timeout = generation_timeout
         self.generation_slice = generation_slice
-        self.baton = Baton()
+        self.model_lock = RoundRobinLock()
 
     # Hook 4: transformers' steps, with the request checked first and the CPU work off the event loop.
     async def handle_request(self, body, request_id):
@@ -105,7 +105,7 @@ class InternVLXChatCompletionHandler(ChatCompletionHandler):
         # The slot is freed when the generation's thread ends (a stream's generation runs on whether or not, or how
         # fast, its client reads), or here if no thread was started.
         turn = Turn()
-        sliced = SlicedGeneration(self.baton, turn, lambda: loop.call_soon_threadsafe(self.queue.release, tokens))
+        sliced = SlicedGeneration(self.model_lock, turn, lambda: loop.call_soon_threadsafe(self.queue.release, tokens))
         try:
             self._add_stopping_criteria(inputs, gen_config, prompt, turn)
             return await self._generate(request_id, model, tokenizer, model_id, inputs, gen_config, sliced,
@@ -134,7 +134,7 @@ class InternVLXChatCompletionHandler(ChatCompletionHandler):
         criteria = [] if self.generation_timeout is None else [DeadlineCriteria(self.generation_timeout, prompt, cut)]
         criteria.append(SliceCriteria(turn))
         inputs["stopping_criteria"] = StoppingCriteriaList(criteria)
-        inputs["logits_processor"] = LogitsProcessorList([SliceTurns(self.baton, turn, self.generation_slice)])
+        inputs["logits_processor"] = LogitsProcessorList([SliceTurns(self.model_lock, turn, self.generation_slice)])
 
     def _check_body(self, body) -> tuple[dict, list[tuple[str, str, int]]]:
         """The checked body and its images as ``(url, param, message index)``."""

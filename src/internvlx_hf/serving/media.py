@@ -17,7 +17,7 @@ whatever a client names reads its own file system and fetches from its own netwo
   images above ``max_request_image_bytes`` and ``max_request_pixels`` together, the pixels read from the images'
   headers before any pixel data is decoded (PIL opens lazily); only common web formats are decoded.
 
-`read_request_images` does this for a request, on the server's worker threads (`work.ServingWork`); the pixels are
+`read_request_images` does this for a request, on the server's worker threads (`workers.ServingWork`); the pixels are
 decoded later by `decode_images`, when the request holds one of the server's decode slots. The errors are
 `MediaRefused` (a `ValueError`): one line that names the image and says what the client can do.
 """

@@ -4,7 +4,7 @@
 
 Modules: `collator` (padded or packed batches, per-token loss weights), `presets` (stage1 / stage2 /
 stage2-frozen-vit / full / lora), `trainer` (`InternVLXTrainer`: weighted losses, length grouping, provenance),
-`train` (`train()`, behind `internvlx train`), `distillation` (a converted checkpoint trained against its source
+`run` (`train()`, behind `internvlx train`), `distillation` (a converted checkpoint trained against its source
 without labels: `InternVLXDistillationTrainer`, `DistillationCollator`, `teacher_answers`), `linear_cross_entropy`
 (how the loss runs the LM head: on the labelled positions only by default, or through cut-cross-entropy / Liger),
 `synthetic` (`generate_dataset`: seeded
@@ -21,7 +21,7 @@ from ..data.encoding import IGNORE_INDEX, ConversationEncoder
 from ..data.formats import Sample, SampleError, sample_from_row
 from .presets import PRESETS, LoraSettings, apply_preset, format_trainable, lora_target_modules, trainable_parameters
 from .synthetic_vqa import combine_meta, generate_dataset
-from .train import (
+from .run import (
     DataArguments,
     ModelArguments,
     PresetArguments,

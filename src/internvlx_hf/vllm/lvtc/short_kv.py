@@ -456,7 +456,7 @@ class LVTCShortAttention(Attention):
 # ------------------------------------------------------------------------------ short backend: metadata outside forward
 
 
-class RowsChannel:
+class PositionBufferChannel:
     """The runner's M-RoPE buffer, handed over by the model's first forward (vLLM gives the builder no reference to
     it). One per model; the short builder reads the step's rows from it before the forward pass. Holds the model's
     short backend classes too (`short_backend`), so that they and the buffer go with the model."""
@@ -479,7 +479,7 @@ class PendingShortMetadata:
         return self.builder.build_short(self.common, self.fast_build)
 
 
-def short_backend(base: type, channel: RowsChannel) -> type:
+def short_backend(base: type, channel: PositionBufferChannel) -> type:
     """The platform's attention backend with the short layers' builder and KV write: one class per base and model
     (vLLM groups attention layers by backend class, and asks that dynamic subclasses be cached), kept by the model's
     channel, not for the process's life (a process that builds several engines keeps no one else's buffer)."""
@@ -488,7 +488,7 @@ def short_backend(base: type, channel: RowsChannel) -> type:
     return channel.backends[base]
 
 
-def _short_backend(base: type, channel: RowsChannel) -> type:
+def _short_backend(base: type, channel: PositionBufferChannel) -> type:
 
     class LVTCShortBuilder(base.get_builder_cls()):
         def build(self, common_prefix_len, common_attn_metadata, fast_build=False):
@@ -578,7 +578,7 @@ class ShortKVFront(nn.Module):
 
     def __init__(self, model, vllm_config, switch: int | None, prefix: str = ""):
         super().__init__()
-        self.channel = RowsChannel()
+        self.channel = PositionBufferChannel()
         layout = model.layout
         lm = model.language_model.model
         static = vllm_config.compilation_config.static_forward_context

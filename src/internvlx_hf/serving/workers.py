@@ -13,7 +13,7 @@ Everything a request costs before generation runs here, off the event loop, so t
   threads free for everything else: small images never queue behind large ones.
 
 Generation itself runs on threads of its own, one per generation the queue admits, which take turns on the model
-(`slicing.SlicedGeneration`, `slicing.Baton`).
+(`slicing.SlicedGeneration`, `slicing.RoundRobinLock`).
 """
 
 from __future__ import annotations

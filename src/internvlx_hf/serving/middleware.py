@@ -97,7 +97,7 @@ def parse_json_body(raw: bytes, max_values: int) -> tuple[Any, tuple[int, dict] 
 class RequestGate:
     """ASGI middleware: the routes this server answers, the API key, the body's size, and its JSON parsed off the
     event loop, all checked before the request reaches the app (an unauthenticated client cannot make the server
-    read a large body). ``work``: the server's `work.ServingWork` (without it the JSON is parsed on the event loop)."""
+    read a large body). ``work``: the server's `workers.ServingWork` (without it, JSON is parsed on the event loop)."""
 
     def __init__(self, app, api_key: str | None = None, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
                  max_json_values: int = MAX_JSON_VALUES, work=None):
