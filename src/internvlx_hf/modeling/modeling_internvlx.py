@@ -669,13 +669,23 @@ class InternVLXForConditionalGeneration(InternVL2ChatMixin, InternVLXPreTrainedM
         return _DraftsWithoutPlaceholders(super()._get_candidate_generator(*args, **kwargs), self.config.image_token_id)
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        given = model_kwargs.get(CACHE_NAME)
         super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
         cache = model_kwargs.get(CACHE_NAME)
         if self.config.lvtc is None or type(cache) not in (DynamicCache, StaticCache) or cache.get_seq_length() != 0:
             return
-        # The LVTC state (that decoding steps need and that beam search and cropping must update) lives on the
-        # cache: a cache the user passed is the one that gets filled, with generate()'s options (offloading, past
-        # recording for assisted decoding).
+        # The LVTC state (that decoding steps need and that beam search and cropping must update) lives on the cache.
+        if given is None and type(cache) is DynamicCache:
+            # generate() built it from the text config and its offloading option (5.16-5.24 pass nothing else): the
+            # LVTC cache is built with them instead, and marked for past recording as generate() marks an assistant's
+            lvtc_cache = InternVLXLVTCCache(config=self.config.get_text_config(decoder=True),
+                                            offloading=generation_config.cache_implementation == "offloaded")
+            if getattr(generation_config, "is_assistant", False):
+                lvtc_cache.activate_past_recording()
+            model_kwargs[CACHE_NAME] = lvtc_cache
+            return
+        # A cache the user passed is the one that gets filled (transformers' convention), and a static cache generate()
+        # built is the one it keeps for later calls: each becomes the LVTC subclass in place (`as_lvtc_cache`).
         as_lvtc_cache(cache)
 
     def create_masks_for_generate(self, config, inputs_embeds, attention_mask, past_key_values=None, cache=None,
