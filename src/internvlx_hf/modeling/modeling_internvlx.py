@@ -43,6 +43,7 @@ from .outputs import (
     InternVLXLogitsOnReadOutput,
     InternVLXModelOutputWithPast,
     LogitsOnRead,
+    one_cache_argument,
 )
 from .projectors import InternVLXMLPProjector, PVTCProjector, attach_projectors
 
@@ -293,6 +294,7 @@ class InternVLXModel(InternVLXPreTrainedModel):
 
     # ------------------------------------------------------------------------------------------------------ forward
 
+    @one_cache_argument
     @can_return_tuple
     def forward(
         self,
@@ -300,7 +302,7 @@ class InternVLXModel(InternVLXPreTrainedModel):
         pixel_values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         output_attentions: bool | None = None,
@@ -308,7 +310,6 @@ class InternVLXModel(InternVLXPreTrainedModel):
         image_flags: torch.Tensor | None = None,
         num_patches: torch.Tensor | None = None,
         tile_grid: torch.Tensor | None = None,
-        cache: Cache | None = None,
         **kwargs,
     ) -> InternVLXModelOutputWithPast:
         r"""
@@ -317,9 +318,9 @@ class InternVLXModel(InternVLXPreTrainedModel):
         image_flags: optional ``(tiles,)``; tiles flagged 0 are dropped (InternVL2 dummy tiles).
         num_patches, tile_grid: what the processor returns (tiles per image, ``(cols, rows)`` per image); checked
             against ``pixel_values`` and the `<IMG_CONTEXT>` runs, otherwise unused.
-        cache: the KV cache under transformers 5.24's name; ``past_key_values`` under the older one (pass one).
+        cache: the KV cache (transformers 5.24's name; ``past_key_values=``, the older one, is taken as it).
         """
-        past_key_values = _one_cache(past_key_values, cache)
+        past_key_values = cache
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         # An explicit None means "the config's value" (transformers' convention), also for the LLM below.
@@ -487,6 +488,7 @@ class InternVLXForConditionalGeneration(InternVL2ChatMixin, InternVLXPreTrainedM
             self.__dict__["_placeholder_ids"] = cached
         return labels.masked_fill(torch.isin(labels, cached[1]), -100)
 
+    @one_cache_argument
     @can_return_tuple
     def forward(
         self,
@@ -494,7 +496,7 @@ class InternVLXForConditionalGeneration(InternVL2ChatMixin, InternVLXPreTrainedM
         pixel_values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -506,7 +508,6 @@ class InternVLXForConditionalGeneration(InternVL2ChatMixin, InternVLXPreTrainedM
         tile_grid: torch.Tensor | None = None,
         skip_logits: bool | None = None,
         linear_cross_entropy=None,
-        cache: Cache | None = None,
         **kwargs,
     ) -> InternVLXCausalLMOutputWithPast:
         r"""
@@ -535,9 +536,9 @@ class InternVLXForConditionalGeneration(InternVL2ChatMixin, InternVLXPreTrainedM
             Liger's fused kernel (`internvlx_hf.training.linear_cross_entropy`); default: the LM head and
             `torch.nn.functional.cross_entropy` in float32, as the loss without ``skip_logits``.
         return_dict: ``False`` returns a tuple (transformers' convention; ``config.return_dict`` is the default).
-        cache: the KV cache under transformers 5.24's name; ``past_key_values`` under the older one (pass one).
+        cache: the KV cache (transformers 5.24's name; ``past_key_values=``, the older one, is taken as it).
         """
-        past_key_values = _one_cache(past_key_values, cache)
+        past_key_values = cache
         if kwargs.get("loss_weight") is not None:  # it would otherwise vanish in **kwargs: a silently unweighted loss
             raise ValueError(
                 "loss_weight (from InternVLXDataCollator(loss_reduction='sample' / 'square')) is applied by "
@@ -546,7 +547,7 @@ class InternVLXForConditionalGeneration(InternVL2ChatMixin, InternVLXPreTrainedM
             )
         outputs = self.model(
             input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+            cache=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
             output_attentions=output_attentions, output_hidden_states=output_hidden_states, image_flags=image_flags,
             num_patches=num_patches, tile_grid=tile_grid, return_dict=True, **kwargs,
         )

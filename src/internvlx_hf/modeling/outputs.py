@@ -7,6 +7,7 @@ Saved next to checkpoints as remote code: imports only torch, transformers, the 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -21,6 +22,22 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutp
 CACHE_NAME = ("cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)}
               else "past_key_values")
 
+
+
+def one_cache_argument(forward):
+    """A model forward whose one cache argument is ``cache`` (transformers 5.24's name), taking ``past_key_values=``
+    (the name transformers 5.16-5.23's generate() passes, and callers written for it use) as that argument."""
+
+    @functools.wraps(forward)
+    def with_older_name(self, *args, past_key_values=None, **kwargs):
+        if past_key_values is not None:
+            if kwargs.get("cache") is not None:
+                raise ValueError("Got both past_key_values= and cache= (one cache under two names); pass only one: "
+                                 "cache= is transformers 5.24's name, past_key_values= the older one.")
+            kwargs["cache"] = past_key_values
+        return forward(self, *args, **kwargs)
+
+    return with_older_name
 
 @dataclass
 class InternVLXImageFeatures(BaseModelOutputWithPooling):
