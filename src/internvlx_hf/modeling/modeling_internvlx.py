@@ -676,17 +676,23 @@ class InternVLXForConditionalGeneration(InternVL2ChatMixin, InternVLXPreTrainedM
         if self.config.lvtc is None or type(cache) not in (DynamicCache, StaticCache) or cache.get_seq_length() != 0:
             return
         # The LVTC state (that decoding steps need and that beam search and cropping must update) lives on the cache.
-        if given is None and type(cache) is DynamicCache:
-            # generate() built it from the text config and its offloading option (5.16-5.24 pass nothing else): the
-            # LVTC cache is built with them instead, and marked for past recording as generate() marks an assistant's
-            lvtc_cache = InternVLXLVTCCache(config=self.config.get_text_config(decoder=True),
-                                            offloading=generation_config.cache_implementation == "offloaded")
+        if given is None:
+            # generate() built it from the text config, its length and the offloading option (all that 5.16-5.24
+            # pass): the LVTC cache is built with them instead, marked for past recording as generate() marks an
+            # assistant's. (A static one is not initialised early: LVTC sizes its long layers at the prefill.)
+            text_config = self.config.get_text_config(decoder=True)
+            offloading = "offloaded" in (generation_config.cache_implementation or "")
+            if type(cache) is DynamicCache:
+                built = InternVLXLVTCCache(config=text_config, offloading=offloading)
+            else:
+                built = InternVLXLVTCStaticCache(config=text_config, max_cache_len=cache.layers[0].max_cache_len,
+                                                 offloading=offloading)
             if getattr(generation_config, "is_assistant", False):
-                lvtc_cache.activate_past_recording()
-            model_kwargs[CACHE_NAME] = lvtc_cache
+                built.activate_past_recording()
+            model_kwargs[CACHE_NAME] = built
             return
-        # A cache the user passed is the one that gets filled (transformers' convention), and a static cache generate()
-        # built is the one it keeps for later calls: each becomes the LVTC subclass in place (`as_lvtc_cache`).
+        # A cache the user passed is the one that gets filled (transformers' convention): it becomes the LVTC subclass
+        # in place (`as_lvtc_cache`).
         as_lvtc_cache(cache)
 
     def create_masks_for_generate(self, config, inputs_embeds, attention_mask, past_key_values=None, cache=None,
