@@ -346,7 +346,7 @@ def test_train_refuses_a_used_output_dir_unless_resumed_or_overwritten(tmp_path,
 
     assert main(argv) == 2
     assert capsys.readouterr().err == (
-        f"internvlx train: error: --output_dir {out} is not empty (README.md, chat_template.jinja, chat_templates.py, "
+        f"internvlx train: error: --output_dir {out} is not empty (README.md, chat.py, chat_template.jinja, "
         "...); a new run there would mix its files with the old ones. Continue that run with "
         "--resume_from_checkpoint, delete its contents with --overwrite_output_dir, or choose another --output_dir\n")
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == before  # refused before any work
