@@ -246,14 +246,83 @@ def test_each_wrong_input_is_refused(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_a_step_resuming_a_tile_recomputes_the_lr_slots_its_hr_only_slots_carry(device):
+    """A prefix-cache hit that ends at HR-only slot 12 of a tile: the step holds the rest of the tile (slots 12-15,
+    which carry LR slots 0-3's inputs) and the text after it. Those four slots run below k at LR slots 0-3's short
+    positions (2-5); the K/V of 2 and 3 is the cache's (a full block before the LR end's block: not written), that of
+    4 and 5 is written into the request's new block; layer k reads the tile's LR states 12 slots on (`shift`)."""
+    runner = Runner()
+    request = Request(prompt=2 + LONG + 3, images=[(2, 1)])
+    request.computed = 2 + 12
+    request.blocks = [1]  # the cache's block of short positions 0-3
+    runner.next_block = 2
+    rows, positions, qsl, table, tokens = runner.step([(request, 7)])
+    layout = layout_of((rows, positions, qsl, table, tokens), device)
+    assert layout.gather.tolist() == [0, 1, 2, 3, 4, 5, 6]
+    assert layout.query_start_loc_cpu.tolist() == [0, 7] and layout.seq_lens.tolist() == [9]
+    assert layout.slot_mapping.tolist() == [-1, -1, 2 * BLOCK, 2 * BLOCK + 1, 2 * BLOCK + 2, 2 * BLOCK + 3,
+                                            3 * BLOCK]
+    assert layout.shift.tolist() == [LONG - SHORT] * 4 + [0] * 3
+    assert (layout.max_query_len, layout.max_seq_len) == (7, 9)
+    other = layout.for_block_table((table + 10).to(device), BLOCK)  # another short group's blocks
+    assert other.slot_mapping.tolist() == [-1, -1, 12 * BLOCK, 12 * BLOCK + 1, 12 * BLOCK + 2, 12 * BLOCK + 3,
+                                           13 * BLOCK]
+    assert other.gather.tolist() == layout.gather.tolist()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_step_that_cannot_resume_its_first_tile_is_refused(device):
+    """A step that starts inside a tile's LR slots, or in its HR-only slots without the rest of the tile, or after the
+    slots that carry the LR inputs it must recompute: refused."""
+    for computed, count in ((2 + 1, LONG - 1 + 3), (2 + 12, 2), (2 + 13, 6)):
+        runner = Runner()
+        request = Request(prompt=2 + LONG + 3, images=[(2, 1)])
+        request.computed = computed
+        with pytest.raises(ShortLayoutMismatch, match="cannot resume"):
+            layout_of(runner.step([(request, count)]), device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_a_request_without_a_live_token_is_refused(device):
-    """A step that ends inside a tile's HR-only slots gives its request no token below k: refused (whole images per
-    step)."""
+    """Rows that put no short-layout token in a request's step (a decoded token read as an HR-only slot of a tile
+    that ends in the step): refused."""
     runner = Runner()
     request = Request(prompt=2 + LONG, images=[(2, 1)])
-    first_part = [(request, 2 + SHORT)]
-    runner.step(first_part)
-    runner.finish(first_part)
-    rows, positions, qsl, table, tokens = runner.step([(request, LONG - SHORT)])
-    with pytest.raises(ShortLayoutMismatch, match="no short-layout token"):
+    rows, positions, qsl, table, tokens = runner.step([(request, 2 + LONG)])
+    rows[2, :] = -1 - (LONG - 1)
+    with pytest.raises(ShortLayoutMismatch, match="do not belong|no short-layout token"):
         layout_of((rows, positions, qsl, table, tokens), device)
+
+
+@pytest.mark.parametrize("short_side,long_side", [(2, 4), (16, 32), (8, 32)])
+@pytest.mark.parametrize("mode", ["nearest", "bilinear"])
+def test_a_resumed_tile_recomputes_every_lr_slot_layer_k_reads_and_carries_them_in_the_step(short_side, long_side,
+                                                                                         mode):
+    """`lr_slots_to_recompute` against layer k's upsampling table: wherever a step may resume a tile, the LR slots
+    read (with a non-zero weight) by the long slots from there on, and those after the last full block before the LR
+    end, are among the recomputed ones, whose copies (the tile's last HR-only slots) are in the step; and a step may
+    resume in the last long row of the tile (the cost of a hit that ends just after an image)."""
+    from internvlx_hf.vllm.lvtc.geometry import lr_slots_to_recompute
+    from internvlx_hf.vllm.lvtc.layers import UpsampleTable
+
+    geometry = LVTCGeometry(expand_layer=1, short_side=short_side, long_side=long_side, upsample_mode=mode,
+                            hr_scale="none", injection_layers=())
+    table = UpsampleTable(geometry)
+    short, long = geometry.short_per_tile, geometry.long_per_tile
+    read = torch.where(table.weight > 0, table.source, short).min(-1).values  # each long slot's first LR slot read
+    first_read = torch.flip(torch.cummin(torch.flip(read, [0]), 0).values, [0])  # ... of the slots from it on
+    for block in (4, 16, 128):
+        for short_end in (short + 3, 5 * short, 5 * short + block - 1):
+            resumable = []
+            for slot in range(long + 1):
+                count = lr_slots_to_recompute(slot, short_end, short, long, block)
+                if slot < short or slot >= long:
+                    assert count == 0
+                    continue
+                if count:
+                    resumable.append(slot)
+                    assert short - count <= int(first_read[slot])  # every LR slot read is recomputed
+                    assert count >= short_end % block  # and the LR end's block is rewritten whole
+                    assert slot <= long - count  # the copies are in the step
+            if short_end % block <= short // 4:
+                assert resumable and max(resumable) >= long - long_side, (block, short_end, resumable[-3:])

@@ -421,10 +421,12 @@ def test_a_prompt_longer_than_a_step_is_prefilled_in_chunks_of_whole_tiles(tmp_p
         by_request.setdefault(request, []).append((start, end))
     image_requests = [chunks for chunks in by_request.values() if chunks[-1][1] == long_prompt]
     assert len(image_requests) == 2  # alone, and beside the text request's decoding
-    for chunks in image_requests:  # (the second starts where the prefix cache's hit of the first ends)
+    for chunks in image_requests:  # (the second starts where the prefix cache's hit of the first ends: at a tile's
+        # start, or in a tile's HR-only slots, where the step resumes the tile)
         assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:])), chunks  # contiguous
-        assert chunks[0][0] == 0 or any(chunks[0][0] == first for first, _ in spans), chunks
-        assert len(chunks) >= 3 and all(end - start <= 150 for start, end in chunks), chunks
+        assert chunks[0][0] == 0 or any(chunks[0][0] == first or first + 16 <= chunks[0][0] <= last
+                                        for first, last in spans), chunks
+        assert len(chunks) >= 2 and all(end - start <= 150 for start, end in chunks), chunks
         for start, end in chunks[:-1]:
             assert any(end == first for first, _ in spans), (start, end, spans)  # at a tile's start, none split
     assert image_requests[0][0][0] == 0 and len(image_requests[0]) >= 6

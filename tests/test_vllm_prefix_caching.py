@@ -91,6 +91,18 @@ def image_span(folder: Path, request: dict) -> tuple[list[int], int]:
     return [first + tile * LONG for tile in range(tiles)], first + tiles * LONG
 
 
+def resumable(folder: Path, request: dict, hit: int, last_tile: int, cached_prompt: int) -> bool:
+    """Whether `hit` is the latest point of the last tile's HR-only slots where a step can resume it, below both the
+    full blocks of the prompt in the cache (`cached_prompt` tokens) and the new prompt's common part with it."""
+    from internvlx_hf.vllm.lvtc.geometry import lr_slots_to_recompute
+
+    short_end = last_tile - (len(image_span(folder, request)[0]) - 1) * (LONG - SHORT) + SHORT
+    bound = min(cached_prompt // BLOCK * BLOCK, last_tile + LONG - 1) - last_tile
+    want = next(slot for slot in range(bound, SHORT - 1, -1)
+                if lr_slots_to_recompute(slot, short_end, SHORT, LONG, BLOCK))
+    return hit == last_tile + want
+
+
 @pytest.mark.parametrize("hr_scale", ["none", "rms"])
 def test_a_chat_is_served_from_the_prefix_cache_turn_after_turn(tmp_path, hr_scale):
     """A 4-turn chat about one 6-tile image, each turn resent whole, prefilled in chunks of whole tiles: turn 2 is
@@ -107,7 +119,8 @@ def test_a_chat_is_served_from_the_prefix_cache_turn_after_turn(tmp_path, hr_sca
     starts, end = image_span(folder, turns[0])
     assert len(starts) == 6
     assert cached[0] == 0
-    assert cached[1] == starts[-1]  # inside the image: at the last tile's start (the block boundary splits it)
+    # inside the image: in the last tile's HR-only slots, where the step can resume it (the block boundary splits it)
+    assert resumable(folder, turns[1], cached[1], starts[-1], result["rounds"][0][0]["prompt_tokens"]), cached
     for turn in (2, 3):
         assert cached[turn] > end and cached[turn] % BLOCK == 0, cached  # in the text after the image
         assert cached[turn] >= result["rounds"][turn - 1][0]["prompt_tokens"] - BLOCK, cached
@@ -118,8 +131,9 @@ def test_a_chat_is_served_from_the_prefix_cache_turn_after_turn(tmp_path, hr_sca
 
 def test_many_users_asking_about_one_image_are_served_its_tiles_from_the_cache(tmp_path):
     """Users asking different questions about one image, one after another and then together: each later prompt is
-    served the image's tiles but the last from the cache (a block boundary falls in the last tile, so the hit ends at
-    its start); a prompt with a shared text start and no image is served that start; answers are transformers'."""
+    served the image from the cache up to the last HR-only slots of its last tile (a block boundary falls in that
+    tile; the step recomputes the LR slots layer k reads there, instead of the whole tile as before); a prompt with a
+    shared text start and no image is served that start; answers are transformers'."""
     folder = build_checkpoint(tmp_path / "lvtc", llm="qwen2", lvtc=dict(expand_layer=2), vision=dict(patch_size=7))
     questions = ["What is this?", "Which colours?", "Is there text?", "Describe it in one word."]
     users = [request_spec(f"<image>\n{q}", images=[(*SIX_TILES, 5)]) for q in questions]
@@ -129,8 +143,11 @@ def test_many_users_asking_about_one_image_are_served_its_tiles_from_the_cache(t
     result = run(tmp_path, folder, rounds)
     starts, _ = image_span(folder, users[0])
     cached = [[answer["cached_tokens"] for answer in answers] for answers in result["rounds"]]
-    assert cached[0] == [0] and all(hit == [starts[-1]] for hit in cached[1:4]), cached
-    assert all(hit >= starts[-1] for hit in cached[4]), cached  # together: each served at least as much
+    first_prompt = result["rounds"][0][0]["prompt_tokens"]
+    assert cached[0] == [0], cached
+    assert all(resumable(folder, user, hit[0], starts[-1], first_prompt)
+               for user, hit in zip(users[1:], cached[1:4])), cached
+    assert all(hit >= starts[-1] + SHORT for hit in cached[4]), cached  # together: each served at least as much
     assert cached[5] == [0] and cached[6][0] > 0 and cached[6][0] % BLOCK == 0, cached  # the shared text start
     assert result["counters"]["hits"] == sum(map(sum, cached))
     assert_transformers_answers(folder, rounds, result)

@@ -43,6 +43,7 @@ from .outputs import (
     InternVLXLogitsOnReadOutput,
     InternVLXModelOutputWithPast,
     LogitsOnRead,
+    one_cache,
     one_cache_argument,
 )
 from .projectors import InternVLXMLPProjector, PVTCProjector, attach_projectors
@@ -66,13 +67,6 @@ except ImportError:
 
 
 logger = logging.get_logger(__name__)
-
-def _one_cache(past_key_values: Cache | None, cache: Cache | None) -> Cache | None:
-    """The cache a caller passed under either name (`CACHE_NAME`)."""
-    if past_key_values is not None and cache is not None:
-        raise ValueError("Got both past_key_values= and cache= (one cache under two names); pass only one: cache= "
-                         "is transformers 5.24's name, past_key_values= the older one.")
-    return cache if cache is not None else past_key_values
 
 
 class InternVLXPreTrainedModel(PreTrainedModel):
@@ -612,7 +606,7 @@ class InternVLXForConditionalGeneration(InternVL2ChatMixin, InternVLXPreTrainedM
 
     def prepare_inputs_for_generation(self, input_ids, past_key_values=None, inputs_embeds=None,
                                       is_first_iteration=False, cache=None, **kwargs):
-        past_key_values = _one_cache(past_key_values, cache)
+        past_key_values = one_cache(past_key_values, cache)
         model_inputs = super().prepare_inputs_for_generation(
             input_ids, inputs_embeds=inputs_embeds, is_first_iteration=is_first_iteration,
             **{CACHE_NAME: past_key_values}, **kwargs
@@ -703,7 +697,7 @@ class InternVLXForConditionalGeneration(InternVL2ChatMixin, InternVLXPreTrainedM
         layout from the 2D mask. The prefill gets the 2D mask as is; a decoding step gets it padded with zeros to the
         short layers' cache length, so that every step has the same shapes (one compiled graph for all steps).
         """
-        past_key_values = _one_cache(past_key_values, cache)
+        past_key_values = one_cache(past_key_values, cache)
         if self.config.lvtc is None or not isinstance(past_key_values, InternVLXLVTCStaticCache):
             return create_masks_for_generate(config=config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                                              **{CACHE_NAME: past_key_values}, **kwargs)

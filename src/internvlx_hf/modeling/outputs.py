@@ -24,20 +24,25 @@ CACHE_NAME = ("cache" if "cache" in {f.name for f in dataclasses.fields(CausalLM
 
 
 
+def one_cache(past_key_values, cache):
+    """The cache a caller passed under either name (`CACHE_NAME`); both is refused."""
+    if past_key_values is not None and cache is not None:
+        raise ValueError("Got both past_key_values= and cache= (one cache under two names); pass only one: cache= "
+                         "is transformers 5.24's name, past_key_values= the older one.")
+    return cache if cache is not None else past_key_values
+
+
 def one_cache_argument(forward):
     """A model forward whose one cache argument is ``cache`` (transformers 5.24's name), taking ``past_key_values=``
     (the name transformers 5.16-5.23's generate() passes, and callers written for it use) as that argument."""
 
     @functools.wraps(forward)
     def with_older_name(self, *args, past_key_values=None, **kwargs):
-        if past_key_values is not None:
-            if kwargs.get("cache") is not None:
-                raise ValueError("Got both past_key_values= and cache= (one cache under two names); pass only one: "
-                                 "cache= is transformers 5.24's name, past_key_values= the older one.")
-            kwargs["cache"] = past_key_values
+        kwargs["cache"] = one_cache(past_key_values, kwargs.get("cache"))
         return forward(self, *args, **kwargs)
 
     return with_older_name
+
 
 @dataclass
 class InternVLXImageFeatures(BaseModelOutputWithPooling):

@@ -187,9 +187,9 @@ def _whole_prompts_reason(path: str | None) -> str | None:
     chunked prefill at tile boundaries and prefix caching, where this vLLM has what they use)."""
     if path != "saving":
         return "the masked path runs on vLLM's own scheduler and KV-cache groups"
-    from .lvtc import short_kv as saving
+    from .lvtc import short_kv
 
-    missing = saving.missing_internals(saving.CONVERSATION_INTERNALS)
+    missing = short_kv.missing_internals(short_kv.CONVERSATION_INTERNALS)
     if missing:
         import vllm
 
@@ -201,7 +201,7 @@ def _prefix_caching(vllm_config, config, path: str | None, settings: EngineSetti
                     whole_prompts: str | None) -> None:
     """Prefix caching where a cached prefix has the rows the new prompt would give it: the saving path without
     LongRoPE (its rows depend only on the tokens and images before each token; its short KV group keys each block by
-    the long layout's hash, `saving.LVTCShortManager`). LongRoPE's choice of factors comes from the whole prompt's
+    the long layout's hash, `short_kv.LVTCShortManager`). LongRoPE's choice of factors comes from the whole prompt's
     length, and the masked path's manager is vLLM's own, which would key the rows of a prompt by another's: off."""
     longrope = longrope_switch(config.get_text_config()) is not None
     if path == "saving" and not longrope and whole_prompts is None:
@@ -218,7 +218,7 @@ def _prefix_caching(vllm_config, config, path: str | None, settings: EngineSetti
 
 
 def _whole_tiles_per_step(vllm_config, layout, where: str) -> None:
-    """The saving path: layer k upsamples each tile whole, and its scheduler (`saving.LVTCSchedulerMixin`) ends a
+    """The saving path: layer k upsamples each tile whole, and its scheduler (`short_kv.LVTCSchedulerMixin`) ends a
     prefill chunk only where no tile is split, so chunked prefill runs as vLLM set it. A step must then hold a tile:
     a budget below that could never schedule one (refused, with the value that works)."""
     scheduler = vllm_config.scheduler_config
@@ -355,7 +355,7 @@ def require_config_hook(config) -> None:
 def _vllm_internals() -> dict:
     """The vLLM internals (not public API) the model uses on either LVTC path, LongRoPE or LoRA, as in vLLM 0.32: for
     each, when it is needed, how it is checked, and what would go silently wrong without it. A vLLM that lacks one
-    is refused at start (the saving path's own internals, `saving.INTERNALS`, send it to the masked path instead)."""
+    is refused at start (the saving path's own internals, `short_kv.INTERNALS`, send it to the masked path instead)."""
     from vllm.config import CompilationConfig
     from vllm.lora import utils as lora_utils
     from vllm.model_executor.layers.rotary_embedding.phi3_long_rope_scaled_rope import (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 
@@ -49,3 +50,21 @@ def row_width(config) -> int:
     if lvtc is None:
         return hidden
     return hidden * (1 + (1 if lvtc_geometry_of(config) is not None else 0) + lvtc.num_lr_projectors - 1)
+
+
+def lr_slots_to_recompute(slot: int, short_end: int, short_per_tile: int, long_per_tile: int, block_size: int) -> int:
+    """How many of a tile's LR slots (its last ones) a step recomputes when it resumes the tile at HR-only slot `slot`
+    (a prefix-cache hit that ends there); 0 where it cannot resume there.
+
+    Layer ``k`` upsamples the tile's LR states, which the cache does not hold (it holds their K/V), so the step runs
+    the layers below ``k`` again on the LR slots that the long slots from `slot` on read (their LR rows, one more above
+    for bilinear), and on those after the last full short block before the tile's LR end (`short_end`, the request's
+    short-layout tokens up to it), whose K/V the cache may not hold. Their inputs travel in the tile's last HR-only
+    slots (`LVTCLayers.tile_rows`: HR-only slot ``long - short + j`` carries LR slot ``j``'s), so they must be in the
+    step: ``slot <= long - count``."""
+    short_side, long_side = math.isqrt(short_per_tile), math.isqrt(long_per_tile)
+    if not short_per_tile <= slot < long_per_tile or long_per_tile - short_per_tile < short_per_tile:
+        return 0
+    first_row = max(0, (slot // long_side) * short_side // long_side - 1)
+    count = max(short_per_tile - first_row * short_side, short_end % block_size)
+    return count if count <= short_per_tile and slot <= long_per_tile - count else 0

@@ -39,11 +39,15 @@ class UpsampleTable(nn.Module):
         self.register_buffer("source", top.indices, persistent=False)
         self.register_buffer("weight", top.values.float(), persistent=False)
 
-    def forward(self, hidden: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
-        """Every token's upsampled LR state (meaningful at tile slots, ``slot >= 0``)."""
+    def forward(self, hidden: torch.Tensor, slot: torch.Tensor, shift: torch.Tensor | None = None) -> torch.Tensor:
+        """Every token's upsampled LR state (meaningful at tile slots, ``slot >= 0``). LR slot ``j`` of a token's tile
+        is read at the tile's slot ``j + shift`` (the default path's `shift`: ``long - short`` in a tile the step
+        resumes, whose LR states were recomputed in its last HR-only slots, `geometry.lr_slots_to_recompute`)."""
         tokens = hidden.shape[0]
         slot = slot.clamp(min=0)
         start = torch.arange(tokens, device=slot.device) - slot
+        if shift is not None:
+            start = start + shift
         source = (start[:, None] + self.source[slot]).clamp(0, tokens - 1)
         weight = self.weight[slot].to(hidden.dtype)
         return (hidden[source] * weight[..., None]).sum(1)
@@ -67,16 +71,25 @@ class LVTCLayers(nn.Module):
     # ------------------------------------------------------------------------------------------- projector rows
 
     def tile_rows(self, vit: torch.Tensor, lr: torch.Tensor) -> torch.Tensor:
-        """`(tiles, slots, width)`: per slot the LLM input (LR token, zeros in unused slots), then the HR projector's
-        output (with expansion), then each extra LR projector's (zeros in unused slots)."""
+        """`(tiles, slots, width)`: per slot the LLM input (LR token in the LR slots), then the HR projector's output
+        (with expansion), then each extra LR projector's (in the LR slots). The HR-only slots' LLM input and extra
+        columns are zeros, except the tile's last ``short`` ones, which carry a copy of the LR slots' (slot
+        ``long - short + j`` LR slot ``j``'s): a step that resumes the tile from a prefix-cache hit recomputes LR
+        states from them (`geometry.lr_slots_to_recompute`). Nothing else reads those columns of an HR-only slot."""
         model = self.model[0]
         extras = [projector(vit) for projector in model.lvtc_lr_projectors]
         if self.layout is None:
             return torch.cat([lr, *extras], dim=-1)
         tiles, short, dim = lr.shape
-        pad = lambda x: torch.cat([x, x.new_zeros(tiles, self.layout.long_per_tile - short, dim)], dim=1)  # noqa
+        gap = self.layout.long_per_tile - 2 * short
+
+        def carry(x):
+            if gap < 0:  # (no room for a copy: such a tile is never resumed inside)
+                return torch.cat([x, x.new_zeros(tiles, self.layout.long_per_tile - short, dim)], dim=1)
+            return torch.cat([x, x.new_zeros(tiles, gap, dim), x], dim=1)
+
         hr = model.lvtc_hr_projector(vit)
-        return torch.cat([pad(lr), hr, *(pad(extra) for extra in extras)], dim=-1)
+        return torch.cat([carry(lr), hr, *(carry(extra) for extra in extras)], dim=-1)
 
     def embed_input_ids(self, input_ids, multimodal_embeddings, is_multimodal) -> torch.Tensor:
         """Each token's row: its embedding (or LR input) and, for tile slots, its projectors' outputs; zeros past the
@@ -97,9 +110,10 @@ class LVTCLayers(nn.Module):
 
     def run_layers(self, hidden: torch.Tensor, side: torch.Tensor, short_positions: torch.Tensor,
                    long_positions: torch.Tensor, slot: torch.Tensor | None,
-                   gather: torch.Tensor | None = None) -> torch.Tensor:
+                   gather: torch.Tensor | None = None, shift: torch.Tensor | None = None) -> torch.Tensor:
         """Algorithm 1 over the step's tokens: ``hidden`` the LLM inputs, ``side`` the projectors' columns, ``slot``
-        each token's tile slot (-1 outside tiles), ``gather`` the tokens layers ``< k`` run on (None: all of them)."""
+        each token's tile slot (-1 outside tiles), ``gather`` the tokens layers ``< k`` run on (None: all of them),
+        ``shift`` where layer ``k`` reads each tile's LR states (`UpsampleTable.forward`)."""
         lm = self.model[0].language_model.model
         depth = len(lm.layers)
         expand = self.layout.expand_layer if self.layout is not None else depth
@@ -118,10 +132,11 @@ class LVTCLayers(nn.Module):
             return hidden
         hidden_s = hidden_s + residual if residual is not None else hidden_s
         hidden = hidden_s if gather is None else hidden.new_zeros(hidden.shape).index_copy(0, gather, hidden_s)
-        hidden, residual = self._expand(hidden, slot, side), None
+        hidden, residual = self._expand(hidden, slot, side, shift), None
+        lr_slot = (slot < self.layout.short_per_tile)[:, None]  # (the HR-only slots' extra columns carry copies)
         for index in range(expand, depth):
             if index in self.injections:
-                hidden = hidden + side[:, self._extra_columns(self.injections[index])]
+                hidden = hidden + torch.where(lr_slot, side[:, self._extra_columns(self.injections[index])], 0)
             hidden, residual = lm.layers[index](long_positions, hidden, residual)
         hidden, _ = lm.norm(hidden, residual)
         return hidden
@@ -130,9 +145,10 @@ class LVTCLayers(nn.Module):
         start = (number + (1 if self.layout is not None else 0)) * self.hidden
         return slice(start, start + self.hidden)
 
-    def _expand(self, hidden: torch.Tensor, slot: torch.Tensor, side: torch.Tensor) -> torch.Tensor:
+    def _expand(self, hidden: torch.Tensor, slot: torch.Tensor, side: torch.Tensor,
+                shift: torch.Tensor | None = None) -> torch.Tensor:
         """Layer k: each tile's LR states upsampled 2D to the long grid, plus the HR projector's output."""
-        up = self.upsample(hidden, slot)
+        up = self.upsample(hidden, slot, shift)
         hr = side[:, : self.hidden].to(up.dtype)
         if self.layout.hr_scale == "rms":
             hr = scale_to_rms(hr, up)

@@ -49,6 +49,7 @@ from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 from vllm.v1.kv_cache_interface import AttentionSpec, get_kv_quant_mode
 from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
+from internvlx_hf.vllm.lvtc.geometry import lr_slots_to_recompute
 from internvlx_hf.vllm.lvtc.layers import LVTCLayers
 from internvlx_hf.vllm.lvtc.positions import saving_rope_indices
 from internvlx_hf.vllm.lvtc.short_layout import short_layout
@@ -127,15 +128,38 @@ class RequestTiles:
     def splits_tile(self, num_tokens: int) -> bool:
         return any(first < num_tokens <= last for first, last in self.spans)
 
-    def longest_hit(self, max_length: int, held_short: int, step: int) -> int:
-        """The most long-layout tokens, at most `max_length`, that split no tile, whose short-layout tokens are among
-        the first `held_short`, and that end on a multiple of `step` or at a tile's start."""
+    def longest_hit(self, max_length: int, held_short: int, step: int, block_size: int | None = None) -> int:
+        """The most long-layout tokens, at most `max_length`, whose short-layout tokens are among the first
+        `held_short`, that end on a multiple of `step` or at a tile's start and split no tile; or, with `block_size`
+        (the short group's), that end inside a tile's HR-only slots where a step can resume it (`resume_point`)."""
         if held_short <= 0:
             return 0
         # short() only grows, and stays at `held_short` up to the long index of the next short token
         bound = min(max_length, self.long_index(held_short))
         tile_starts = [first for first, _ in self.spans if first <= bound]
-        return max(whole_tiles_end(self.spans, bound // step * step), max(tile_starts, default=0))
+        best = max(whole_tiles_end(self.spans, bound // step * step), max(tile_starts, default=0))
+        if block_size is not None:
+            best = max(best, self.resume_point(max_length, held_short, block_size, above=best))
+        return best
+
+    def resume_point(self, max_length: int, held_short: int, block_size: int, above: int = 0) -> int:
+        """The latest long index above `above` and at most `max_length` inside a tile's HR-only slots where a step
+        can resume the tile (`geometry.lr_slots_to_recompute`: it recomputes the LR slots layer k reads, from copies
+        in the tile's last HR-only slots), with the short blocks before the tile's LR end's block among the first
+        `held_short` short tokens; 0 if none. A hit that ends after an image by less than a block (another question
+        about the same picture) then re-prefills the few slots after the hit, not the image's last tile."""
+        for first, last in reversed(self.spans):
+            if last < above:
+                break
+            short_end = self.short(first + self.short_per_tile)
+            if first + self.short_per_tile > max_length or held_short < short_end - short_end % block_size:
+                continue
+            for slot in range(min(max_length - first, self.long_per_tile - 1), self.short_per_tile - 1, -1):
+                if first + slot <= above:
+                    break
+                if lr_slots_to_recompute(slot, short_end, self.short_per_tile, self.long_per_tile, block_size):
+                    return first + slot
+        return 0
 
 
 #: The request whose prefix-cache hit vLLM is looking up (`LVTCSchedulerMixin` sets it around the lookup): vLLM's
@@ -196,14 +220,22 @@ class LVTCShortManager(FullAttentionManager):
                                "(scheduler_cls must be an LVTCSchedulerMixin subclass)")
         return self.tiles(self.requests[request_id]).short(num_tokens)
 
+    def _held(self, request_id, new_computed_blocks, num_computed_tokens) -> int:
+        """Short-layout tokens a hit of `num_computed_tokens` gives the request: all of the hit's, or, where it
+        resumes a tile (`RequestTiles.resume_point`), those of the blocks found (the step recomputes the rest)."""
+        short = self.short_tokens(request_id, num_computed_tokens)
+        if new_computed_blocks:
+            short = min(short, len(new_computed_blocks) * self.block_size)
+        return short
+
     def get_num_blocks_to_allocate(self, request_id, num_tokens, new_computed_blocks, total_computed_tokens,
                                    num_local_computed_tokens, num_tokens_main_model, apply_admission_cap=False,
                                    prefill_end=0) -> int:
         short = lambda n: self.short_tokens(request_id, n)  # noqa: E731
         return super().get_num_blocks_to_allocate(
             request_id, short(num_tokens), new_computed_blocks, short(total_computed_tokens),
-            short(num_local_computed_tokens), short(num_tokens_main_model), apply_admission_cap=apply_admission_cap,
-            prefill_end=prefill_end)
+            self._held(request_id, new_computed_blocks, num_local_computed_tokens), short(num_tokens_main_model),
+            apply_admission_cap=apply_admission_cap, prefill_end=prefill_end)
 
     def allocate_new_blocks(self, request_id, num_tokens, num_tokens_main_model):
         return super().allocate_new_blocks(request_id, self.short_tokens(request_id, num_tokens),
@@ -212,7 +244,7 @@ class LVTCShortManager(FullAttentionManager):
     def add_local_computed_blocks(self, request_id, new_computed_blocks, num_local_computed_tokens,
                                   num_external_computed_tokens) -> None:
         super().add_local_computed_blocks(request_id, new_computed_blocks,
-                                          self.short_tokens(request_id, num_local_computed_tokens),
+                                          self._held(request_id, new_computed_blocks, num_local_computed_tokens),
                                           num_external_computed_tokens)
 
     def cache_blocks(self, request, num_tokens: int, retention_interval=None, *, replay_boundaries) -> None:
@@ -246,8 +278,8 @@ class LVTCShortManager(FullAttentionManager):
                 break
             for blocks, block in zip(found, cached):
                 blocks.append(block)
-        length = tiles.longest_hit(max_length, len(found[0]) * size, max(size, alignment_tokens))
-        held = cdiv(tiles.short(length), size)
+        length = tiles.longest_hit(max_length, len(found[0]) * size, max(size, alignment_tokens), size)
+        held = min(cdiv(tiles.short(length), size), len(found[0]))
         return tuple(blocks[:held] for blocks in found), length
 
     def _forget(self, request_id: str) -> None:
@@ -464,6 +496,8 @@ class PositionBufferChannel:
     def __init__(self) -> None:
         self.buffer: torch.Tensor | None = None
         self.backends: dict[type, type] = {}
+        self.forwards = 0  # the model's forward calls: a step's metadata is built between two
+        self.layout: tuple | None = None  # (step key, short layout) of the last step built (`LVTCShortBuilder`)
 
 
 @dataclass
@@ -507,9 +541,16 @@ def _short_backend(base: type, channel: PositionBufferChannel) -> type:
             # the step's tokens without the runner's padding (CUDA graphs, data parallelism): a host-side count
             tokens = int(cm.query_start_loc_cpu[cm.num_reqs])
             spec = self.kv_cache_spec
-            layout = short_layout(channel.buffer, cm.positions, cm.query_start_loc[: cm.num_reqs + 1],
-                                  cm.block_table_tensor, num_tokens=tokens, short_per_tile=spec.short_per_tile,
-                                  long_per_tile=spec.long_per_tile, block_size=spec.block_size)
+            # the layers below k may form several KV-cache groups (as many layers each as the long group): the step's
+            # layout is built once, each further group's builder only maps its own blocks
+            key = (channel.forwards, tokens, spec.block_size, tuple(cm.query_start_loc_cpu[: cm.num_reqs + 1].tolist()))
+            if channel.layout is not None and channel.layout[0] == key:
+                layout = channel.layout[1].for_block_table(cm.block_table_tensor, spec.block_size)
+            else:
+                layout = short_layout(channel.buffer, cm.positions, cm.query_start_loc[: cm.num_reqs + 1],
+                                      cm.block_table_tensor, num_tokens=tokens, short_per_tile=spec.short_per_tile,
+                                      long_per_tile=spec.long_per_tile, block_size=spec.block_size)
+                channel.layout = (key, layout)
             short = CommonAttentionMetadata(
                 query_start_loc=layout.query_start_loc, query_start_loc_cpu=layout.query_start_loc_cpu,
                 seq_lens=layout.seq_lens.to(cm.seq_lens.dtype), num_reqs=cm.num_reqs,
@@ -519,6 +560,7 @@ def _short_backend(base: type, channel: PositionBufferChannel) -> type:
             meta = super().build(0, short, fast_build)
             meta.lvtc_gather = layout.gather
             meta.lvtc_long_positions = cm.positions[:tokens]
+            meta.lvtc_shift = layout.shift
             return meta
 
     class LVTCShortImpl(base.get_impl_cls()):
@@ -535,22 +577,28 @@ def _short_backend(base: type, channel: PositionBufferChannel) -> type:
 # ------------------------------------------------------------------------------------------------- compiled layers
 
 
-@support_torch_compile(dynamic_arg_dims={"positions": -1, "inputs_embeds": 0, "gather": 0, "long_positions": 0},
+@support_torch_compile(dynamic_arg_dims={"positions": -1, "inputs_embeds": 0, "gather": 0, "long_positions": 0,
+                                         "shift": 0},
                        mark_unbacked_dims={"gather": 0})
 class ShortKVLayers(LVTCLayers):
     """The LLM's layers on this path, compiled by vLLM: `LVTCLayers.run_layers` with layers below k on the live tokens
-    (`gather`, built by the short builder) at their short positions, layers from k at `long_positions`."""
+    (`gather`, built by the short builder) at their short positions, layers from k at `long_positions`; `shift` says
+    where layer k reads a resumed tile's LR states (`short_layout.ShortLayout.shift`)."""
 
     def __init__(self, *, model, vllm_config, switch: int | None, prefix: str = ""):
         super().__init__(model, vllm_config, switch)
 
     def forward(self, positions: torch.Tensor, inputs_embeds: torch.Tensor, gather: torch.Tensor,
-                long_positions: torch.Tensor) -> torch.Tensor:
+                long_positions: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
         hidden, side = inputs_embeds[:, : self.hidden], inputs_embeds[:, self.hidden:]
         code = positions[2]
         slot = torch.where(code < 0, -1 - code, -1)
         short_index, long_index = saving_rope_indices(positions, long_positions, self.switch)
-        return self.run_layers(hidden, side, short_index, long_index, slot, gather)
+        # an HR-only slot's row 1 is its tile's LR end; one the layers below k run on (a resumed tile's copy of LR
+        # slot j = slot - (long - short)) is at that LR slot's short position
+        long_per_tile = self.layout.long_per_tile
+        short_index = short_index - torch.where(slot >= self.layout.short_per_tile, long_per_tile - slot, 0)
+        return self.run_layers(hidden, side, short_index, long_index, slot, gather, shift)
 
 
 def short_kv_unavailable(model) -> str | None:
@@ -603,6 +651,7 @@ class ShortKVFront(nn.Module):
         return self.layers.embed_input_ids(input_ids, multimodal_embeddings, is_multimodal)
 
     def forward(self, positions: torch.Tensor, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        self.channel.forwards += 1
         if self.channel.buffer is None:
             # vLLM passes a view of its runner's M-RoPE buffer (`(3, max tokens)`, the step's columns first); the short
             # builder reads the step's rows from that buffer (guarded internal: docs/serving-vllm-lvtc.md)
@@ -629,10 +678,13 @@ class ShortKVFront(nn.Module):
             gather = meta.lvtc_gather
             long_positions = positions[0].clone()
             long_positions[: meta.lvtc_long_positions.shape[0]] = meta.lvtc_long_positions
+            shift = torch.zeros_like(long_positions)
+            shift[: meta.lvtc_shift.shape[0]] = meta.lvtc_shift
         else:  # warm-up / profile runs (no metadata): a gather index whose size differs from the token count's
             gather = torch.arange(max(tokens - 1, 1), device=positions.device)
             long_positions = positions[0]
-        return self.layers(positions, inputs_embeds, gather, long_positions)
+            shift = torch.zeros_like(long_positions)
+        return self.layers(positions, inputs_embeds, gather, long_positions, shift)
 
 
 # A process that builds the model, or receives the short group's spec from another process (the engine core gets the

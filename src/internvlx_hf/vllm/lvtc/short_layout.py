@@ -12,7 +12,11 @@ token's long position ``p`` (its index in the request). What holds for every tok
 - ``p - s`` counts the HR-only slots before the token: for a tile slot ``j`` those of earlier tiles (a multiple of the
   tile's ``long - short`` HR-only slots) plus ``max(0, j - short)`` of its own tile; for any other token a multiple;
 - a request's live tokens (all but the HR-only slots) have consecutive short positions, and each request the step
-  schedules has at least one (a step holds whole images, and decoded tokens are live);
+  schedules has at least one (a step holds whole tiles, and decoded tokens are live);
+- a request whose step starts inside a tile (a prefix-cache hit that ends in the tile's HR-only slots) holds the rest
+  of that tile and, in its last HR-only slots, the LR slots it must recompute
+  (`geometry.lr_slots_to_recompute`); those slots are live too, at their LR slots' short positions, and their K/V
+  is written only after the last full short block before the tile's LR end (the blocks before are the cache's);
 - no live token maps past the short group's block table or to vLLM's null block (where a request's row ends when the
   scheduler gave the group fewer tokens than the rows place).
 
@@ -26,6 +30,8 @@ request's own tiles, which the builder is not given).
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
@@ -54,9 +60,25 @@ class ShortLayout:
     query_start_loc: torch.Tensor  # (requests + 1,) int32, per request its live tokens' offsets
     query_start_loc_cpu: torch.Tensor
     seq_lens: torch.Tensor  # (requests,) short-layout tokens each request holds after the step
-    slot_mapping: torch.Tensor  # (live,) int64, each live token's slot in the short group's blocks
+    slot_mapping: torch.Tensor  # (live,) int64, each live token's slot in the short group's blocks (-1: not written)
+    shift: torch.Tensor  # (num_tokens,) where layer k reads each token's tile's LR states (`UpsampleTable.forward`)
     max_query_len: int
     max_seq_len: int
+    live_request: torch.Tensor  # (live,) each live token's request
+    live_short: torch.Tensor  # (live,) each live token's short position
+    unwritten: torch.Tensor  # (live,) the live tokens whose K/V the cache's blocks hold (recomputed, not written)
+
+    def for_block_table(self, block_table: torch.Tensor, block_size: int) -> "ShortLayout":
+        """The same layout for another short KV-cache group: only the slot mapping differs (vLLM may split the layers
+        below k into several groups, each with its own blocks, as many per request as the first group's, which
+        `short_layout` checked)."""
+        return dataclasses.replace(self, slot_mapping=_slot_mapping(
+            block_table, self.live_request, self.live_short, self.unwritten, block_size))
+
+
+def _slot_mapping(block_table, request, short, unwritten, block_size) -> torch.Tensor:
+    blocks = block_table[request, short // block_size].to(torch.int64)
+    return torch.where(unwritten, -1, blocks * block_size + short % block_size)
 
 
 def short_layout(rows: torch.Tensor, long_positions: torch.Tensor, query_start_loc: torch.Tensor,
@@ -69,7 +91,7 @@ def short_layout(rows: torch.Tensor, long_positions: torch.Tensor, query_start_l
     short group; `num_tokens`: the step's scheduled tokens, without padding (vLLM's host-side
     ``query_start_loc_cpu[num_reqs]``). Raises `ShortLayoutMismatch` when the rows do not belong to this step.
 
-    Reads the device once, after everything is queued (the check's three counts and each request's live and held
+    Reads the device once, after everything is queued (the check's four counts and each request's live and held
     tokens): the layers below ``k`` take a live-token count of their own, which only the rows know, and attention
     backends take the longest query and sequence as host integers.
     """
@@ -81,9 +103,27 @@ def short_layout(rows: torch.Tensor, long_positions: torch.Tensor, query_start_l
     p = long_positions[:num_tokens].to(device=device, dtype=torch.int64)
     qsl = query_start_loc.to(device=device, dtype=torch.int64)
     slot = torch.where(code < 0, -1 - code, -1)
-    live = slot < short_per_tile
     token = torch.arange(num_tokens, device=device)
     request = torch.bucketize(token, qsl[1:], right=True).clamp_(max=max(requests - 1, 0))
+    scheduled = (qsl[1:] - qsl[:-1]) > 0
+
+    # a request resumed inside a tile: its recomputed LR slots (`geometry.lr_slots_to_recompute`, same arithmetic)
+    start = qsl[:-1].clamp(max=num_tokens)  # (a sentinel column for requests with no token)
+    first_slot = torch.cat([slot, slot.new_full((1,), -1)])[start]
+    short_end = torch.cat([short, short.new_zeros(1)])[start]
+    resumed = scheduled & (first_slot >= short_per_tile)
+    short_side, long_side = math.isqrt(short_per_tile), math.isqrt(long_per_tile)
+    first_row = ((first_slot // long_side) * short_side // long_side - 1).clamp(min=0)
+    count = torch.maximum(short_per_tile - first_row * short_side, short_end % block_size)
+    bad_resume = resumed & ((count > short_per_tile) | (first_slot > long_per_tile - count)
+                            | (long_per_tile - short_per_tile < short_per_tile)
+                            | (qsl[1:] - start < long_per_tile - first_slot))
+    bad_resume |= scheduled & (first_slot > 0) & (first_slot < short_per_tile)
+    in_resumed = resumed[request] & (token - start[request] < long_per_tile - first_slot[request])
+    recomputed = in_resumed & (slot >= long_per_tile - count[request])
+    short = torch.where(recomputed, short - (long_per_tile - slot), short)
+    unwritten = recomputed & (short < short_end[request] - short_end[request] % block_size)
+    live = (slot < short_per_tile) | recomputed
 
     # the live tokens, in order, without a host read: each live token's rank is its place in the gather index
     rank = torch.cumsum(live.to(torch.int64), 0) - 1
@@ -95,23 +135,23 @@ def short_layout(rows: torch.Tensor, long_positions: torch.Tensor, query_start_l
     seq_lens = torch.zeros(requests, dtype=torch.int64, device=device).scatter_reduce_(
         0, request, torch.where(live, short + 1, 0), "amax")
 
-    # the per-step check
+    # the per-step check (on the rows as written: a recomputed slot's row 1 is its tile's LR end)
+    short_rows = rows[1, :num_tokens].to(torch.int64)
     own_tile = torch.where(slot >= short_per_tile, slot - short_per_tile, 0)
-    earlier = p - short - own_tile
+    earlier = p - short_rows - own_tile
     bad_rows = (earlier < 0) | (earlier % unused_per_tile != 0)
     # consecutive: a live token's short position is its request's first plus its rank within the request
     first = seq_lens[request] - lens[request]
     bad_rows |= live & (short != first + rank - short_qsl[request])
-    scheduled = (qsl[1:] - qsl[:-1]) > 0
     empty = scheduled & (lens == 0)
     index = torch.where(live, short // block_size, 0)
     beyond = live & (index >= block_table.shape[1])
     blocks = block_table[request, index.clamp(max=block_table.shape[1] - 1)].to(torch.int64)
     no_block = live & ~beyond & (blocks == NULL_BLOCK)
-    found = torch.cat([torch.stack([bad_rows.sum(), empty.sum(), (beyond | no_block).sum()]), lens,
-                       seq_lens]).tolist()  # the one read of the device
-    n_bad, n_empty, n_unheld = found[:3]
-    per_request, held = found[3: 3 + requests], found[3 + requests:]
+    found = torch.cat([torch.stack([bad_rows.sum(), empty.sum(), (beyond | no_block).sum(), bad_resume.sum()]),
+                       lens, seq_lens]).tolist()  # the one read of the device
+    n_bad, n_empty, n_unheld, n_resume = found[:4]
+    per_request, held = found[4: 4 + requests], found[4 + requests:]
     if n_bad:
         raise ShortLayoutMismatch(
             f"{n_bad} of the step's {num_tokens} tokens have position rows that do not belong to this step (their "
@@ -121,6 +161,10 @@ def short_layout(rows: torch.Tensor, long_positions: torch.Tensor, query_start_l
         raise ShortLayoutMismatch(
             f"{n_empty} scheduled request(s) of the step have no short-layout token in their rows (a step must hold "
             "whole images, and a decoded token is always one)")
+    if n_resume:
+        raise ShortLayoutMismatch(
+            f"{n_resume} request(s) of the step start inside a tile where the step cannot resume it (inside its LR "
+            "slots, without the rest of the tile, or without the HR-only slots that carry the LR inputs to recompute)")
     if n_unheld:
         raise ShortLayoutMismatch(
             f"{n_unheld} short-layout token(s) of the step have no block in the short group (the scheduler gave that "
@@ -128,7 +172,11 @@ def short_layout(rows: torch.Tensor, long_positions: torch.Tensor, query_start_l
     short_qsl_cpu = torch.zeros(requests + 1, dtype=torch.int32)
     short_qsl_cpu[1:] = torch.cumsum(torch.tensor(per_request, dtype=torch.int32), 0)
     gather = gather[: int(short_qsl_cpu[-1])]
+    live_request, live_short, live_unwritten = request[gather], short[gather], unwritten[gather]
     return ShortLayout(
         gather=gather, query_start_loc=short_qsl.to(torch.int32), query_start_loc_cpu=short_qsl_cpu,
-        seq_lens=seq_lens, slot_mapping=blocks[gather] * block_size + short[gather] % block_size,
-        max_query_len=max(per_request, default=0), max_seq_len=max(held, default=0))
+        seq_lens=seq_lens, slot_mapping=_slot_mapping(block_table, live_request, live_short, live_unwritten,
+                                                      block_size),
+        shift=torch.where(in_resumed, long_per_tile - short_per_tile, 0),
+        max_query_len=max(per_request, default=0), max_seq_len=max(held, default=0),
+        live_request=live_request, live_short=live_short, unwritten=live_unwritten)
