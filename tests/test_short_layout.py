@@ -326,3 +326,36 @@ def test_a_resumed_tile_recomputes_every_lr_slot_layer_k_reads_and_carries_them_
                     assert slot <= long - count  # the copies are in the step
             if short_end % block <= short // 4:
                 assert resumable and max(resumable) >= long - long_side, (block, short_end, resumable[-3:])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", ["nearest", "bilinear"])
+def test_layer_k_reads_a_resumed_tiles_lr_states_from_the_slots_that_carry_them(device, mode):
+    """Layer k's upsampling (`UpsampleTable`) of a tile resumed at an HR-only slot, its LR states recomputed in its
+    last HR-only slots (`shift`), behind another request's tokens: exactly the rows of the same tile upsampled whole."""
+    from internvlx_hf.vllm.lvtc.geometry import lr_slots_to_recompute
+    from internvlx_hf.vllm.lvtc.layers import UpsampleTable
+
+    geometry = LVTCGeometry(expand_layer=1, short_side=16, long_side=32, upsample_mode=mode, hr_scale="none",
+                            injection_layers=())
+    table = UpsampleTable(geometry).to(device)
+    short, long = geometry.short_per_tile, geometry.long_per_tile
+    generator = torch.Generator().manual_seed(0)
+    lr = torch.randn(short, 8, generator=generator, dtype=torch.float64).to(device)
+    whole = torch.zeros(long, 8, dtype=torch.float64, device=device)
+    whole[:short] = lr
+    want = table(whole, torch.arange(long, device=device))
+    for resume in (short, 700, 990, long - 1):
+        count = lr_slots_to_recompute(resume, 5 * short, short, long, 16)
+        if not count:
+            continue
+        before = 5  # another request's tokens first in the step
+        hidden = torch.randn(before + long - resume, 8, generator=generator, dtype=torch.float64).to(device)
+        slots = torch.arange(resume, long, device=device)
+        carried = slots >= long - count
+        hidden[before:][carried] = lr[slots[carried] - (long - short)]
+        slot = torch.cat([torch.full((before,), -1, device=device), slots])
+        shift = torch.cat([torch.zeros(before, dtype=torch.int64, device=device),
+                           torch.full((long - resume,), long - short, device=device)])
+        got = table(hidden, slot, shift)[before:]
+        torch.testing.assert_close(got, want[resume:], rtol=0, atol=0)

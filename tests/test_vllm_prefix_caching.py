@@ -106,9 +106,10 @@ def resumable(folder: Path, request: dict, hit: int, last_tile: int, cached_prom
 @pytest.mark.parametrize("hr_scale", ["none", "rms"])
 def test_a_chat_is_served_from_the_prefix_cache_turn_after_turn(tmp_path, hr_scale):
     """A 4-turn chat about one 6-tile image, each turn resent whole, prefilled in chunks of whole tiles: turn 2 is
-    served up to the last tile's start (its hit ends inside the image, at a tile boundary, vLLM copying the partly
-    used blocks); turns 3 and 4 up to a block in the text after the image; vLLM's hit counter counts exactly those
-    tokens, and every answer is transformers'. Before, every turn was prefilled whole (hits 0)."""
+    served up to the last tile's HR-only slots (its hit ends inside the image, where a step can resume the tile,
+    vLLM copying the partly used blocks); turns 3 and 4 up to a block in the text after the image; vLLM's hit counter
+    counts exactly those tokens, and every answer is transformers'. (Before prefix caching: every turn prefilled
+    whole; before resuming: turn 2 served up to the last tile's start.)"""
     folder = build_checkpoint(tmp_path / "lvtc", llm="qwen2", lvtc=dict(expand_layer=2, hr_scale=hr_scale),
                               vision=dict(patch_size=7))
     turns = conversation(4, image_seed=2)
