@@ -31,6 +31,13 @@ in a child process (`vllm_lvtc_savings_engine.py`).
            not); `--size mid`: vllm-lvtc-savings-mid-defaults*.json. (vllm-lvtc-savings[-mid]*.json: the runs of
            2026-11-25, chunked prefill and prefix caching off.)
 
+  breakdown  where a round of `--concurrency` requests (1-tile images, `--max-tokens` each) spends its time on
+           plain-1024, plain-256 and LVTC's saving path (the savings' checkpoints and engines, one untimed round each
+           first): the ViT and projectors, the forward of steps with prompt tokens and of decode-only steps, the
+           attention metadata, the scheduler, the rest; and LVTC's requests/s against plain-1024's with every phase
+           but the prefill forward at plain-1024's (what the LLM's prefill saving alone would give). Writes
+           benchmarks/results/vllm-lvtc-rps-breakdown.json (`--out`); `plot --out NAME` draws it.
+
     .venv-vllm/bin/python benchmarks/bench_vllm_lvtc_savings.py parity
     .venv-vllm/bin/python benchmarks/bench_vllm_lvtc_savings.py savings
     .venv/bin/python benchmarks/bench_vllm_lvtc_savings.py plot --out vllm-lvtc-savings-defaults
@@ -498,8 +505,101 @@ def savings(args) -> None:
         draw(name)
 
 
+BREAKDOWN_ENGINES = (("plain-1024", "plain-1024"), ("plain-256", "plain-256"), ("lvtc-saving", "lvtc"))
+PHASES = ("encoder", "forward, steps with prompt tokens", "forward, decode-only steps", "attention metadata",
+          "scheduler")
+
+
+def breakdown(args) -> None:
+    """Where a round of concurrent requests spends its time, per engine (see the module docstring)."""
+    import vllm
+
+    load_requests = [request_spec("<image>\nWhat is in the picture?", images=[(448, 448, 100 + i)])
+                     for i in range(max(args.concurrency))]
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        folders = savings_checkpoints(root, SIZES[args.size])
+        engines = [{"name": name, "checkpoint": str(folders[key]), "engine": SAVINGS_ENGINE}
+                   for name, key in BREAKDOWN_ENGINES]
+        timing = {"prefill_requests": {}, "repeats": 0, "concurrency": args.concurrency, "phases": True,
+                  "load_requests": load_requests, "load_repeats": args.load_repeats, "max_tokens": args.max_tokens}
+        results = run_engines({"engines": engines, "timing": timing}, root)
+    out = {"experiment": "where a round of concurrent 1-tile requests spends its time, per engine (savings model, "
+                         "vLLM's defaults, compilation on)",
+           "vllm": vllm.__version__, "plugin_commit": plugin_commit(), "date": datetime.date.today().isoformat(),
+           "model": {"size": args.size, "expand_layer": SAVINGS_EXPAND, "engine": SAVINGS_ENGINE},
+           "settings": {"concurrency": args.concurrency, "load_repeats": args.load_repeats,
+                        "max_tokens": args.max_tokens, "images": "new in every timed round"},
+           "rounds": {name: result["phases"] for name, result in results.items()},
+           "levels": {str(c): breakdown_figures({name: result["phases"][str(c)] for name, result in results.items()})
+                      for c in args.concurrency}}
+    name = args.out or "vllm-lvtc-rps-breakdown"
+    write_text(RESULTS / f"{name}.json", json.dumps(out, indent=1) + "\n")
+    from internvlx_hf.bench.harness import format_table
+
+    for level, figures in out["levels"].items():
+        print(f"concurrency {level}, seconds per round: median (min-max) of {args.load_repeats} rounds")
+        print(format_table(figures["rows"]))
+        print(f"requests/s, LVTC / plain-1024: {figures['rps_ratio']} (rounds {figures['rps_ratio_rounds']}); with "
+              f"every phase but the prefill forward at plain-1024's: {figures['prefill_only_ratio']}")
+    print(f"written: benchmarks/results/{name}.json")
+    if args.plot:
+        draw(name)
+
+
+def breakdown_figures(rounds: dict[str, list[dict]]) -> dict:
+    """One concurrency level's rows (per engine: each phase's median seconds per round with its range, the rest of
+    the round) and LVTC's requests/s ratios: measured (the median of the rounds' paired ratios) and with every
+    phase but the prefill forward at plain-1024's medians."""
+    def spread(values):
+        return f"{statistics.median(values):.3f} ({min(values):.3f}-{max(values):.3f})"
+
+    rows, medians = [], {}
+    for name, per_round in rounds.items():
+        rest = [r["round"] - sum(r.get(p, 0.0) for p in PHASES) for r in per_round]
+        medians[name] = {p: statistics.median([r.get(p, 0.0) for r in per_round]) for p in (*PHASES, "round")}
+        medians[name]["rest"] = statistics.median(rest)
+        rows.append({"engine": name, "round s": spread([r["round"] for r in per_round]),
+                     **{p: spread([r.get(p, 0.0) for r in per_round]) for p in PHASES}, "rest": spread(rest)})
+    paired = [p["round"] / lvtc["round"] for p, lvtc in zip(rounds["plain-1024"], rounds["lvtc-saving"])]
+    plain, lvtc = medians["plain-1024"], medians["lvtc-saving"]
+    prefill = "forward, steps with prompt tokens"
+    return {"rows": rows, "medians": medians, "rps_ratio": round(statistics.median(paired), 4),
+            "rps_ratio_rounds": [round(r, 4) for r in paired],
+            "prefill_only_ratio": round(plain["round"] / (plain["round"] - plain[prefill] + lvtc[prefill]), 4)}
+
+
+def plot_breakdown(out: dict, path: Path) -> None:
+    from internvlx_hf.bench.harness import figure
+
+    levels = list(out["levels"])
+    colors = ["#2f7bbf", "#d98c3a", "#f2c48d", "#6aa84f", "#999999", "#dddddd"]
+    with figure(path, 1, len(levels), figsize=(7 * len(levels), 3.2), dpi=110, squeeze=False) as (fig, axes):
+        for ax, level in zip(axes[0], levels):
+            medians = out["levels"][level]["medians"]
+            names = list(medians)
+            left = [0.0] * len(names)
+            for phase, color in zip((*PHASES, "rest"), colors):
+                widths = [medians[n][phase] for n in names]
+                ax.barh(names, widths, left=left, color=color, label=phase)
+                left = [a + b for a, b in zip(left, widths)]
+            ax.invert_yaxis()
+            ax.set_xlabel("seconds per round (medians)")
+            figures = out["levels"][level]
+            ax.set_title(f"{level} requests at once: LVTC {figures['rps_ratio']}x plain-1024's requests/s "
+                         f"(prefill saving alone: {figures['prefill_only_ratio']}x)", fontsize=9)
+            ax.legend(fontsize=7, loc="lower right")
+        fig.suptitle(f"Where a round's time goes, vLLM {out['vllm']} on CPU ({out['date']}, plugin "
+                     f"{out['plugin_commit']})", fontsize=10)
+
+
 def draw(name: str) -> None:
-    """results/NAME.png from NAME-runs.json, and NAME-conversation.png where the run timed the conversation."""
+    """results/NAME.png from NAME-runs.json, and NAME-conversation.png where the run timed the conversation; or from
+    a breakdown's NAME.json."""
+    if not (RESULTS / f"{name}-runs.json").exists() and (RESULTS / f"{name}.json").exists():
+        plot_breakdown(json.loads((RESULTS / f"{name}.json").read_text()), RESULTS / f"{name}.png")
+        print(f"written: benchmarks/results/{name}.png")
+        return
     runs = json.loads((RESULTS / f"{name}-runs.json").read_text())
     plot(runs, RESULTS / f"{name}.png")
     written = [f"{name}.png"]
@@ -633,14 +733,14 @@ def plugin_commit() -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("experiment", choices=["parity", "stress", "savings", "kv", "plot"],
+    parser.add_argument("experiment", choices=["parity", "stress", "savings", "kv", "breakdown", "plot"],
                         help="plot: draw a recorded savings run's pictures (--out NAME: NAME-runs.json), in an "
                              "environment with matplotlib (the main one; vLLM's has none)")
     parser.add_argument("--plot", action="store_true")
     parser.add_argument("--repeats", type=int, default=5, help="savings: prefill rounds (median)")
     parser.add_argument("--concurrency", type=lambda v: [int(c) for c in v.split(",")], default=[4, 16])
-    parser.add_argument("--load-repeats", type=int, default=2, help="savings: rounds per concurrency level (median)")
-    parser.add_argument("--max-tokens", type=int, default=16, help="savings: tokens per request under load")
+    parser.add_argument("--load-repeats", type=int, default=2, help="savings, breakdown: rounds per concurrency level (median)")
+    parser.add_argument("--max-tokens", type=int, default=16, help="savings, breakdown: tokens per request under load")
     parser.add_argument("--size", choices=sorted(SIZES), default="wide",
                         help="savings, kv: the LLM's width (wide: 768, the ViT's share of InternVL2-4B, the issue's "
                              "measurement; mid: 512, of InternVL2-2B)")
@@ -665,6 +765,8 @@ def main(argv=None) -> None:
         stress(args)
     elif args.experiment == "kv":
         kv(args)
+    elif args.experiment == "breakdown":
+        breakdown(args)
     else:
         savings(args)
 

@@ -7,7 +7,8 @@ work: `requests` answered one at a time and then all at once (greedy tokens and 
 concurrency, in rounds that run every engine once (interleaved, so drifting load on the shared machine hits all
 engines alike), each round with images none of the engines has seen (so that its time includes processing the image
 and the ViT, which vLLM would otherwise take from its caches). Every engine records, per request, the
-most KV blocks it held in each KV-cache group and the layers of each group.
+most KV blocks it held in each KV-cache group and the layers of each group. With `timing["phases"]` each engine first
+answers one untimed load round, and every timed load round records where its time went (`Phases`).
 """
 
 from __future__ import annotations
@@ -110,6 +111,44 @@ def answer(llm, requests: list[dict], max_tokens: int) -> dict:
             "chunks": getattr(scheduler, "chunks", None)}
 
 
+class Phases:
+    """Seconds an engine spends in each phase of a step, summed (engine core in this process): the ViT and projectors
+    (`encoder`), the model's forward in steps that prefill prompt tokens and in steps that only decode, the attention
+    metadata (the saving path's short layout included) and the scheduler. The rest of a round (sampling, the
+    runner's inputs, the processor, the output) is what its wall time leaves. vLLM's runner methods, wrapped here
+    for measuring only (a vLLM without one of them records none of that phase)."""
+
+    def __init__(self, llm) -> None:
+        core = llm.llm_engine.engine_core.engine_core
+        self.runner = core.model_executor.driver_worker.worker.model_runner
+        self.seconds: dict[str, float] = {}
+        for obj, method, phase in ((self.runner, "_execute_mm_encoder", "encoder"),
+                                   (self.runner, "_build_attention_metadata", "attention metadata"),
+                                   (core.scheduler, "schedule", "scheduler")):
+            if hasattr(obj, method):
+                setattr(obj, method, self._timed(getattr(obj, method), lambda phase=phase: phase))
+        if hasattr(self.runner, "_model_forward"):
+            self.runner._model_forward = self._timed(self.runner._model_forward, self._forward_phase)
+
+    def _forward_phase(self) -> str:
+        requests = self.runner.input_batch.num_reqs
+        tokens = int(self.runner.query_start_loc.cpu[requests])
+        return "forward, decode-only steps" if tokens == requests else "forward, steps with prompt tokens"
+
+    def _timed(self, function, phase):
+        def timed_call(*args, **kwargs):
+            name = phase()
+            began = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - began
+        return timed_call
+
+    def since(self, before: dict[str, float]) -> dict[str, float]:
+        return {name: value - before.get(name, 0.0) for name, value in self.seconds.items()}
+
+
 def fresh(request: dict, salt: int) -> dict:
     """The request with images of the same sizes but other pixels (seeds moved by `salt * 7919`)."""
     return {**request, "images": [[w, h, seed + salt * 7919] for w, h, seed in request.get("images", [])]}
@@ -145,9 +184,15 @@ def main() -> None:
 
         print(f"[engine] torch threads: {torch.get_num_threads()}", flush=True)
         prefill_requests = {key: _inputs(r) for key, r in timing["prefill_requests"].items()}
+        phases = {}
         for name, llm in engines.items():  # warm-up: the first step's one-off costs
             for request in prefill_requests.values():
                 timed(llm, [request], 1)
+            if timing.get("phases"):
+                batch = [_inputs(fresh(r, 999)) for r in timing["load_requests"][:max(timing["concurrency"])]]
+                timed(llm, batch, timing["max_tokens"])
+                phases[name] = Phases(llm)
+                results[name]["phases"] = {str(c): [] for c in timing["concurrency"]}
             results[name]["prefill_s"] = {key: [] for key in prefill_requests}
             results[name]["prefill_blocks_held"] = {}
             results[name]["prefill_prompt_tokens"] = {}
@@ -169,8 +214,12 @@ def main() -> None:
                 batch = [_inputs(fresh(r, 1000 * (level + 1) + round_ + 1))
                          for r in timing["load_requests"][:concurrency]]
                 for name, llm in engines.items():
+                    before = dict(phases[name].seconds) if name in phases else None
                     seconds, _ = timed(llm, batch, timing["max_tokens"])
                     results[name]["rps"][str(concurrency)].append(concurrency / seconds)
+                    if before is not None:
+                        results[name]["phases"][str(concurrency)].append({"round": seconds,
+                                                                          **phases[name].since(before)})
                 print(f"[engine] concurrency {concurrency} round {round_}: "
                       + ", ".join(f"{n} {results[n]['rps'][str(concurrency)][-1]:.3f} req/s" for n in engines),
                       flush=True)

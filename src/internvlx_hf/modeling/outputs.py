@@ -23,7 +23,6 @@ CACHE_NAME = ("cache" if "cache" in {f.name for f in dataclasses.fields(CausalLM
               else "past_key_values")
 
 
-
 def one_cache(past_key_values, cache):
     """The cache a caller passed under either name (`CACHE_NAME`); both is refused."""
     if past_key_values is not None and cache is not None:

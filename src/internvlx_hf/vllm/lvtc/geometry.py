@@ -52,6 +52,19 @@ def row_width(config) -> int:
     return hidden * (1 + (1 if lvtc_geometry_of(config) is not None else 0) + lvtc.num_lr_projectors - 1)
 
 
+def recomputed_lr_slots(slot, short_end, short_per_tile: int, long_per_tile: int, block_size: int):
+    """How many of a tile's LR slots (its last ones) a step that resumes the tile at HR-only slot `slot` recomputes,
+    before the checks of `lr_slots_to_recompute`. One arithmetic for the scheduler (ints) and the worker's short
+    layout (`short_layout`: tensors, one entry per request)."""
+    short_side, long_side = math.isqrt(short_per_tile), math.isqrt(long_per_tile)
+    first_row = _at_least((slot // long_side) * short_side // long_side - 1, 0)
+    return _at_least(short_per_tile - first_row * short_side, short_end % block_size)
+
+
+def _at_least(value, floor):
+    return value.clamp(min=floor) if hasattr(value, "clamp") else max(value, floor)
+
+
 def lr_slots_to_recompute(slot: int, short_end: int, short_per_tile: int, long_per_tile: int, block_size: int) -> int:
     """How many of a tile's LR slots (its last ones) a step recomputes when it resumes the tile at HR-only slot `slot`
     (a prefix-cache hit that ends there); 0 where it cannot resume there.
@@ -62,9 +75,7 @@ def lr_slots_to_recompute(slot: int, short_end: int, short_per_tile: int, long_p
     short-layout tokens up to it), whose K/V the cache may not hold. Their inputs travel in the tile's last HR-only
     slots (`LVTCLayers.tile_rows`: HR-only slot ``long - short + j`` carries LR slot ``j``'s), so they must be in the
     step: ``slot <= long - count``."""
-    short_side, long_side = math.isqrt(short_per_tile), math.isqrt(long_per_tile)
     if not short_per_tile <= slot < long_per_tile or long_per_tile - short_per_tile < short_per_tile:
         return 0
-    first_row = max(0, (slot // long_side) * short_side // long_side - 1)
-    count = max(short_per_tile - first_row * short_side, short_end % block_size)
+    count = recomputed_lr_slots(slot, short_end, short_per_tile, long_per_tile, block_size)
     return count if count <= short_per_tile and slot <= long_per_tile - count else 0

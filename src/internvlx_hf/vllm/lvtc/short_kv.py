@@ -497,7 +497,7 @@ class PositionBufferChannel:
         self.buffer: torch.Tensor | None = None
         self.backends: dict[type, type] = {}
         self.forwards = 0  # the model's forward calls: a step's metadata is built between two
-        self.layout: tuple | None = None  # (step key, short layout) of the last step built (`LVTCShortBuilder`)
+        self.layout: tuple | None = None  # (query_start_loc, key, layout) of the last build (`LVTCShortBuilder`)
 
 
 @dataclass
@@ -542,15 +542,18 @@ def _short_backend(base: type, channel: PositionBufferChannel) -> type:
             tokens = int(cm.query_start_loc_cpu[cm.num_reqs])
             spec = self.kv_cache_spec
             # the layers below k may form several KV-cache groups (as many layers each as the long group): the step's
-            # layout is built once, each further group's builder only maps its own blocks
+            # layout is built once, each further group's builder only maps its own blocks. The runners hand every
+            # group of one build a shallow copy of the same metadata: its query_start_loc tensor (held, so that its
+            # id is not reused) tells one build from the next, with the forward count and the offsets besides.
             key = (channel.forwards, tokens, spec.block_size, tuple(cm.query_start_loc_cpu[: cm.num_reqs + 1].tolist()))
-            if channel.layout is not None and channel.layout[0] == key:
-                layout = channel.layout[1].for_block_table(cm.block_table_tensor, spec.block_size)
+            cached = channel.layout
+            if cached is not None and cached[0] is cm.query_start_loc and cached[1] == key:
+                layout = cached[2].for_block_table(cm.block_table_tensor, spec.block_size)
             else:
                 layout = short_layout(channel.buffer, cm.positions, cm.query_start_loc[: cm.num_reqs + 1],
                                       cm.block_table_tensor, num_tokens=tokens, short_per_tile=spec.short_per_tile,
                                       long_per_tile=spec.long_per_tile, block_size=spec.block_size)
-                channel.layout = (key, layout)
+                channel.layout = (cm.query_start_loc, key, layout)
             short = CommonAttentionMetadata(
                 query_start_loc=layout.query_start_loc, query_start_loc_cpu=layout.query_start_loc_cpu,
                 seq_lens=layout.seq_lens.to(cm.seq_lens.dtype), num_reqs=cm.num_reqs,

@@ -31,10 +31,11 @@ request's own tiles, which the builder is not given).
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 
 import torch
+
+from .geometry import recomputed_lr_slots
 
 #: vLLM's null block: block tables hold it where a request has no block.
 NULL_BLOCK = 0
@@ -112,9 +113,7 @@ def short_layout(rows: torch.Tensor, long_positions: torch.Tensor, query_start_l
     first_slot = torch.cat([slot, slot.new_full((1,), -1)])[start]
     short_end = torch.cat([short, short.new_zeros(1)])[start]
     resumed = scheduled & (first_slot >= short_per_tile)
-    short_side, long_side = math.isqrt(short_per_tile), math.isqrt(long_per_tile)
-    first_row = ((first_slot // long_side) * short_side // long_side - 1).clamp(min=0)
-    count = torch.maximum(short_per_tile - first_row * short_side, short_end % block_size)
+    count = recomputed_lr_slots(first_slot, short_end, short_per_tile, long_per_tile, block_size)
     bad_resume = resumed & ((count > short_per_tile) | (first_slot > long_per_tile - count)
                             | (long_per_tile - short_per_tile < short_per_tile)
                             | (qsl[1:] - start < long_per_tile - first_slot))
@@ -148,6 +147,7 @@ def short_layout(rows: torch.Tensor, long_positions: torch.Tensor, query_start_l
     beyond = live & (index >= block_table.shape[1])
     blocks = block_table[request, index.clamp(max=block_table.shape[1] - 1)].to(torch.int64)
     no_block = live & ~beyond & (blocks == NULL_BLOCK)
+    slots = torch.where(unwritten, -1, blocks * block_size + short % block_size)
     found = torch.cat([torch.stack([bad_rows.sum(), empty.sum(), (beyond | no_block).sum(), bad_resume.sum()]),
                        lens, seq_lens]).tolist()  # the one read of the device
     n_bad, n_empty, n_unheld, n_resume = found[:4]
@@ -172,11 +172,9 @@ def short_layout(rows: torch.Tensor, long_positions: torch.Tensor, query_start_l
     short_qsl_cpu = torch.zeros(requests + 1, dtype=torch.int32)
     short_qsl_cpu[1:] = torch.cumsum(torch.tensor(per_request, dtype=torch.int32), 0)
     gather = gather[: int(short_qsl_cpu[-1])]
-    live_request, live_short, live_unwritten = request[gather], short[gather], unwritten[gather]
     return ShortLayout(
         gather=gather, query_start_loc=short_qsl.to(torch.int32), query_start_loc_cpu=short_qsl_cpu,
-        seq_lens=seq_lens, slot_mapping=_slot_mapping(block_table, live_request, live_short, live_unwritten,
-                                                      block_size),
+        seq_lens=seq_lens, slot_mapping=slots[gather],
         shift=torch.where(in_resumed, long_per_tile - short_per_tile, 0),
         max_query_len=max(per_request, default=0), max_seq_len=max(held, default=0),
-        live_request=live_request, live_short=live_short, unwritten=live_unwritten)
+        live_request=request[gather], live_short=short[gather], unwritten=unwritten[gather])
