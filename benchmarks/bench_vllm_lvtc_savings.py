@@ -21,7 +21,8 @@ in a child process (`vllm_lvtc_savings_engine.py`).
            in interleaved rounds: plain-1024, plain-256, LVTC on the masked path and LVTC on the saving path,
            each round with images none of them has seen (times include the image's processing and the ViT).
            Records KV blocks held per request (layer-blocks: blocks x layers of each group), prefill time of one
-           request (max_tokens=1), requests/s at concurrency 4 and 16, the FLOPs of each prefill counted on the
+           request (max_tokens=1), requests/s at concurrency 4 and 16 (after one untimed round per engine; with
+           where each round's time went, as `breakdown` prints it), the FLOPs of each prefill counted on the
            transformers models (torch's FlopCounterMode, as bench_models.py counts them), and parity of the
            saving path's greedy tokens with transformers'. Then (`--conversation-rounds`, default 5) the
            conversation benchmark's chat, users and decode on plain-1024 and LVTC of the same checkpoints
@@ -439,7 +440,8 @@ def savings(args) -> None:
              "requests": list(parity_requests.values())},
         ]
         timing = {"prefill_requests": PREFILL_REQUESTS, "repeats": args.repeats, "concurrency": args.concurrency,
-                  "load_requests": load_requests, "load_repeats": args.load_repeats, "max_tokens": args.max_tokens}
+                  "load_requests": load_requests, "load_repeats": args.load_repeats, "max_tokens": args.max_tokens,
+                  "phases": True}
         results = run_engines({"engines": engines, "max_tokens": 8, "timing": timing}, root)
         parity_rows, worst = [], 0.0
         for index, (request_name, request) in enumerate(parity_requests.items()):
@@ -475,6 +477,9 @@ def savings(args) -> None:
             "figures": figures, "per_request": per_request, "requests_per_s": rps,
             "groups": {name: result["info"] for name, result in results.items()},
             "parity": {"rows": parity_rows, "max_logprob_diff": worst, "tolerance": LOGPROB_ATOL},
+            # where each load round's time went (`vllm_lvtc_savings_engine.Phases`), as `breakdown` prints it
+            "phases": {level: breakdown_figures({name: result["phases"][level] for name, result in results.items()})
+                       for level in results["plain-1024"].get("phases", {})},
             "raw": {name: {k: v for k, v in result.items() if k in ("prefill_s", "rps")}
                     for name, result in results.items()},
             # what `summarise` needs besides `raw`, `groups` and the rows' blocks_held / prompt_tokens (`measurements`)
@@ -494,6 +499,12 @@ def savings(args) -> None:
     write_text(RESULTS / f"{name}.json", json.dumps(figures, indent=1) + "\n")
     write_text(RESULTS / f"{name}-runs.json", json.dumps(runs, indent=1) + "\n")
     print(table(runs))
+    for level, figures in runs["phases"].items():
+        from internvlx_hf.bench.harness import format_table
+
+        print(f"concurrency {level}, seconds per round: median (min-max) of {args.load_repeats} rounds")
+        print(format_table(figures["rows"]))
+        print(f"requests/s with every phase but the prefill forward at plain-1024's: {figures['prefill_only_ratio']}")
     if conversation is not None:
         from internvlx_hf.bench.harness import format_table
 
