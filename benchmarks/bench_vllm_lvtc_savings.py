@@ -587,7 +587,7 @@ def plot_breakdown(out: dict, path: Path) -> None:
 
     levels = list(out["levels"])
     colors = ["#2f7bbf", "#d98c3a", "#f2c48d", "#6aa84f", "#999999", "#dddddd"]
-    with figure(path, 1, len(levels), figsize=(7 * len(levels), 3.2), dpi=110, squeeze=False) as (fig, axes):
+    with figure(path, 1, len(levels), figsize=(7 * len(levels), 4), dpi=110, squeeze=False) as (fig, axes):
         for ax, level in zip(axes[0], levels):
             medians = out["levels"][level]["medians"]
             names = list(medians)
@@ -599,16 +599,16 @@ def plot_breakdown(out: dict, path: Path) -> None:
             ax.invert_yaxis()
             ax.set_xlabel("seconds per round (medians)")
             figures = out["levels"][level]
-            ax.set_title(f"{level} requests at once: LVTC {figures['rps_ratio']:.2f}x plain-1024's requests/s "
-                         f"(prefill saving alone: {figures['prefill_only_ratio']:.2f}x)", fontsize=9)
-            ax.legend(fontsize=7, loc="lower right")
+            ax.set_title(f"{level} at once: LVTC {figures['rps_ratio']:.2f}x plain-1024's requests/s (rounds' median), "
+                         f"prefill saving alone {figures['prefill_only_ratio']:.2f}x", fontsize=8)
+            ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3)
         fig.suptitle(f"Where a round's time goes, vLLM {out['vllm']} on CPU ({out['date']}, plugin "
                      f"{out['plugin_commit']})", fontsize=10)
 
 
 def draw(name: str) -> None:
-    """results/NAME.png from NAME-runs.json, and NAME-conversation.png where the run timed the conversation; or from
-    a breakdown's NAME.json."""
+    """results/NAME.png from NAME-runs.json, NAME-conversation.png where the run timed the conversation and
+    NAME-phases.png where it recorded each load round's phases; or from a breakdown's NAME.json."""
     if not (RESULTS / f"{name}-runs.json").exists() and (RESULTS / f"{name}.json").exists():
         plot_breakdown(json.loads((RESULTS / f"{name}.json").read_text()), RESULTS / f"{name}.png")
         print(f"written: benchmarks/results/{name}.png")
@@ -616,6 +616,11 @@ def draw(name: str) -> None:
     runs = json.loads((RESULTS / f"{name}-runs.json").read_text())
     plot(runs, RESULTS / f"{name}.png")
     written = [f"{name}.png"]
+    if "phases" in runs:  # where each load round's time went, as `breakdown` draws it
+        figures = runs["figures"]
+        plot_breakdown({"levels": runs["phases"]["levels"], "vllm": figures["vllm"], "date": figures["date"],
+                        "plugin_commit": figures["plugin_commit"]}, RESULTS / f"{name}-phases.png")
+        written.append(f"{name}-phases.png")
     if "conversation" in runs:
         import bench_vllm_lvtc_conversation
 
@@ -752,8 +757,10 @@ def main(argv=None) -> None:
     parser.add_argument("--plot", action="store_true")
     parser.add_argument("--repeats", type=int, default=5, help="savings: prefill rounds (median)")
     parser.add_argument("--concurrency", type=lambda v: [int(c) for c in v.split(",")], default=[4, 16])
-    parser.add_argument("--load-repeats", type=int, default=2, help="savings, breakdown: rounds per concurrency level (median)")
-    parser.add_argument("--max-tokens", type=int, default=16, help="savings, breakdown: tokens per request under load")
+    parser.add_argument("--load-repeats", type=int, default=2,
+                        help="savings, breakdown: rounds per concurrency level (median)")
+    parser.add_argument("--max-tokens", type=int, default=16,
+                        help="savings, breakdown: tokens per request under load")
     parser.add_argument("--size", choices=sorted(SIZES), default="wide",
                         help="savings, kv: the LLM's width (wide: 768, the ViT's share of InternVL2-4B, the issue's "
                              "measurement; mid: 512, of InternVL2-2B)")
