@@ -71,7 +71,7 @@ from vllm_helpers import REQUESTS as TEST_REQUESTS  # noqa: E402
 from vllm_helpers import build_checkpoint, image, reference_generate, request_spec, video  # noqa: E402
 
 from internvlx_hf import InternVLXForConditionalGeneration, InternVLXProcessor  # noqa: E402
-from internvlx_hf.bench.harness import write_text  # noqa: E402
+from internvlx_hf.bench.harness import format_table, write_text  # noqa: E402
 
 LOGPROB_ATOL = 2e-5  # tests/test_vllm.py's
 #: tests/test_vllm.py's requests, less RVTC's edge tiling (which the research engine was not run with)
@@ -424,8 +424,7 @@ def measurements(runs: dict) -> tuple[dict, dict, list[dict], dict]:
 def savings(args) -> None:
     import vllm
 
-    load_requests = [request_spec("<image>\nWhat is in the picture?", images=[(448, 448, 100 + i)])
-                     for i in range(max(args.concurrency))]
+    load_requests = one_tile_requests(max(args.concurrency))
     parity_requests = {**PREFILL_REQUESTS, "load 0": load_requests[0], "load 1": load_requests[1]}
     engine_options = SAVINGS_ENGINE
     with tempfile.TemporaryDirectory() as tmp:
@@ -501,15 +500,8 @@ def savings(args) -> None:
     write_text(RESULTS / f"{name}.json", json.dumps(figures, indent=1) + "\n")
     write_text(RESULTS / f"{name}-runs.json", json.dumps(runs, indent=1) + "\n")
     print(table(runs))
-    for level, figures in runs["phases"]["levels"].items():
-        from internvlx_hf.bench.harness import format_table
-
-        print(f"concurrency {level}, seconds per round: median (min-max) of {args.load_repeats} rounds")
-        print(format_table(figures["rows"]))
-        print(f"requests/s with every phase but the prefill forward at plain-1024's: {figures['prefill_only_ratio']}")
+    print_phases(runs["phases"]["levels"], args.load_repeats)
     if conversation is not None:
-        from internvlx_hf.bench.harness import format_table
-
         print(format_table(conversation["rows"]))
     for figure, row in runs["targets"].items():
         print(f"target {figure}: {row['value']} {row['test']} {row['target']}: {'met' if row['met'] else 'NOT MET'}")
@@ -527,8 +519,7 @@ def breakdown(args) -> None:
     """Where a round of concurrent requests spends its time, per engine (see the module docstring)."""
     import vllm
 
-    load_requests = [request_spec("<image>\nWhat is in the picture?", images=[(448, 448, 100 + i)])
-                     for i in range(max(args.concurrency))]
+    load_requests = one_tile_requests(max(args.concurrency))
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         folders = savings_checkpoints(root, SIZES[args.size])
@@ -548,16 +539,24 @@ def breakdown(args) -> None:
                       for c in args.concurrency}}
     name = args.out or "vllm-lvtc-rps-breakdown"
     write_text(RESULTS / f"{name}.json", json.dumps(out, indent=1) + "\n")
-    from internvlx_hf.bench.harness import format_table
-
-    for level, figures in out["levels"].items():
-        print(f"concurrency {level}, seconds per round: median (min-max) of {args.load_repeats} rounds")
-        print(format_table(figures["rows"]))
-        print(f"requests/s, LVTC / plain-1024: {figures['rps_ratio']} (rounds {figures['rps_ratio_rounds']}); with "
-              f"every phase but the prefill forward at plain-1024's: {figures['prefill_only_ratio']}")
+    print_phases(out["levels"], args.load_repeats)
     print(f"written: benchmarks/results/{name}.json")
     if args.plot:
         draw(name)
+
+
+def one_tile_requests(count: int) -> list[dict]:
+    """The load rounds' requests: a new 1-tile image each (`fresh` moves the pixels per round)."""
+    return [request_spec("<image>\nWhat is in the picture?", images=[(448, 448, 100 + i)]) for i in range(count)]
+
+
+def print_phases(levels: dict, rounds: int) -> None:
+    """`breakdown_figures` of each concurrency level as tables."""
+    for level, figures in levels.items():
+        print(f"concurrency {level}, seconds per round: median (min-max) of {rounds} rounds")
+        print(format_table(figures["rows"]))
+        print(f"requests/s, LVTC / plain-1024: {figures['rps_ratio']} (rounds {figures['rps_ratio_rounds']}); with "
+              f"every phase but the prefill forward at plain-1024's: {figures['prefill_only_ratio']}")
 
 
 def breakdown_figures(rounds: dict[str, list[dict]]) -> dict:
