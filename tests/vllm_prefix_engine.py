@@ -3,9 +3,12 @@ with what vLLM's prefix cache served it.
 
 `python tests/vllm_prefix_engine.py SPEC OUT`. SPEC (JSON): `checkpoint`, `engine` (LLM options), `max_tokens`, and
 `rounds`: a list of rounds, each a list of requests (tests/vllm_engine.py's format) sent together in one
-`LLM.generate` call, the rounds one after another (a conversation's turns, users one after another). OUT: per round,
-per request, the prompt's length, the tokens vLLM took from its prefix cache (`num_cached_tokens`), greedy tokens and
-logprobs; and vLLM's own prefix-cache counters and the scheduler's preemptions after the last round.
+`LLM.generate` call, the rounds one after another (a conversation's turns, users one after another); a request may
+carry `sampling` (SamplingParams values, e.g. `{"n": 3, "seed": 5, "temperature": 1.0}`; greedy without). OUT: per
+round, per request, the prompt's length, the tokens vLLM took from its prefix cache (`num_cached_tokens`), the tokens
+and logprobs of its first completion and the `top` 5 logprobs of each step (`completions`: every completion's tokens
+and logprobs); vLLM's own prefix-cache counters, and the scheduler's preemptions and deferred admissions
+(`LVTCSchedulerMixin.deferrals`) after the last round.
 """
 
 from __future__ import annotations
@@ -28,27 +31,40 @@ def counters(llm) -> dict:
     return {name: metrics[f"vllm:prefix_cache_{name}"].value for name in ("queries", "hits")}
 
 
+#: how many of each step's most likely tokens come back with their logprobs (`top`)
+TOP = 5
+
+
+def completion(output) -> dict:
+    return {"tokens": list(output.token_ids),
+            "logprobs": [step[token].logprob for step, token in zip(output.logprobs, output.token_ids)]}
+
+
 def main(spec_path: str, out_path: str) -> None:
     from vllm import LLM, SamplingParams
 
     spec = json.loads(Path(spec_path).read_text())
     llm = LLM(spec["checkpoint"], disable_log_stats=False, **spec["engine"])
-    params = SamplingParams(temperature=0.0, max_tokens=spec.get("max_tokens", 4), logprobs=1, ignore_eos=True)
     rounds = []
     for requests in spec["rounds"]:
+        params = [SamplingParams(**(dict(temperature=0.0, max_tokens=spec.get("max_tokens", 4), logprobs=TOP,
+                                         ignore_eos=True) | request.get("sampling", {})))
+                  for request in requests]
         outputs = llm.generate([_inputs(request) for request in requests], params, use_tqdm=False)
         rounds.append([{
             "prompt_tokens": len(out.prompt_token_ids),
             "cached_tokens": out.num_cached_tokens,
-            "tokens": list(out.outputs[0].token_ids),
-            "logprobs": [step[token].logprob for step, token in zip(out.outputs[0].logprobs,
-                                                                     out.outputs[0].token_ids)],
+            **completion(out.outputs[0]),
+            "top": [sorted((entry.logprob for entry in step.values() if entry.rank <= TOP), reverse=True)
+                    for step in out.outputs[0].logprobs],
+            "completions": [completion(one) for one in out.outputs],
         } for out in outputs])
     core = getattr(llm.llm_engine.engine_core, "engine_core", None)
     scheduler = core.scheduler if core is not None else None
     Path(out_path).write_text(json.dumps({
         "rounds": rounds, "counters": counters(llm),
         "preemptions": getattr(scheduler, "preemptions", None),
+        "deferrals": getattr(scheduler, "deferrals", None),
         "caching": llm.llm_engine.vllm_config.cache_config.enable_prefix_caching,
         "block_size": llm.llm_engine.vllm_config.cache_config.block_size,
     }))

@@ -205,6 +205,10 @@ class LVTCShortManager(FullAttentionManager):
         self.requests: dict | None = None  # the scheduler's table, handed over by LVTCSchedulerMixin
         self._tiles: dict[str, RequestTiles] = {}  # each live request's, computed once
         self._keys: dict[str, list] = {}  # each request's short block keys so far (`short_block_keys`)
+        #: the long-layout hashes of the blocks that the step being scheduled fills (`cache_blocks`): entered in the
+        #: cache now, computed by this step's forward. Every short block's key is one of these hashes.
+        self.filled_this_step: set = set()
+        self._computed_before: dict[str, int] = {}  # each request's tokens computed before this step (long layout)
 
     def tiles(self, request) -> RequestTiles:
         """A request's tiles, kept until it is freed (the scheduler and this group's calls ask on every step)."""
@@ -231,6 +235,7 @@ class LVTCShortManager(FullAttentionManager):
     def get_num_blocks_to_allocate(self, request_id, num_tokens, new_computed_blocks, total_computed_tokens,
                                    num_local_computed_tokens, num_tokens_main_model, apply_admission_cap=False,
                                    prefill_end=0) -> int:
+        self._computed_before[request_id] = total_computed_tokens  # (read by this allocation's `cache_blocks`)
         short = lambda n: self.short_tokens(request_id, n)  # noqa: E731
         return super().get_num_blocks_to_allocate(
             request_id, short(num_tokens), new_computed_blocks, short(total_computed_tokens),
@@ -249,13 +254,17 @@ class LVTCShortManager(FullAttentionManager):
 
     def cache_blocks(self, request, num_tokens: int, retention_interval=None, *, replay_boundaries) -> None:
         tiles = self.tiles(request)
-        full = tiles.short(num_tokens) // self.block_size
+        size = self.block_size
+        before = self._computed_before.pop(request.request_id, num_tokens)
+        hashes = request.block_hashes
+        if num_tokens // size > before // size:  # long blocks this step fills (the first maybe partly computed)
+            self.filled_this_step.update(hashes[before // size: num_tokens // size])
+        full = tiles.short(num_tokens) // size
         if full <= self.num_cached_block.get(request.request_id, 0):
             return  # (every step of a decoding request: nothing new to cache)
         keys = self._keys.setdefault(request.request_id, [])
         if len(keys) < full:  # the keys of earlier blocks never change: only the new ones are computed
-            hashes = resolve_block_hashes(request.block_hashes, self.block_pool.hash_block_size, self.block_size)
-            keys += short_block_keys(tiles, hashes, full, self.block_size, first=len(keys))
+            keys += short_block_keys(tiles, hashes, full, size, first=len(keys))
         super().cache_blocks(_KeyedRequest(request, keys[:full]), len(keys[:full]) * self.block_size,
                              retention_interval, replay_boundaries=replay_boundaries)
 
@@ -271,8 +280,7 @@ class LVTCShortManager(FullAttentionManager):
         if tiles is None:  # (a lookup the scheduler did not announce: no hit rather than a guess)
             return found, 0
         size = kv_cache_spec.block_size
-        hashes = resolve_block_hashes(block_hashes, block_pool.hash_block_size, size)
-        for key in short_block_keys(tiles, hashes, cdiv(tiles.short(max_length), size), size):
+        for key in short_block_keys(tiles, block_hashes, cdiv(tiles.short(max_length), size), size):
             cached = block_pool.get_cached_block(key, kv_cache_group_ids)
             if not cached:
                 break
@@ -282,9 +290,23 @@ class LVTCShortManager(FullAttentionManager):
         held = min(cdiv(tiles.short(length), size), len(found[0]))
         return tuple(blocks[:held] for blocks in found), length
 
+    def new_step_starts(self) -> None:
+        super().new_step_starts()
+        self.filled_this_step.clear()
+
+    def copied_block_key(self, request, group_blocks, num_computed_tokens: int):
+        """The key of the block a hit of `num_computed_tokens` long-layout tokens makes vLLM copy in this group (its
+        partly used last block, `_held`), or None where the hit ends on a block boundary."""
+        held = self._held(request.request_id, group_blocks, num_computed_tokens)
+        if not group_blocks or held % self.block_size == 0:
+            return None
+        block = held // self.block_size
+        return short_block_keys(self.tiles(request), request.block_hashes, block + 1, self.block_size, first=block)[0]
+
     def _forget(self, request_id: str) -> None:
         self._tiles.pop(request_id, None)
         self._keys.pop(request_id, None)
+        self._computed_before.pop(request_id, None)
 
     def pop_blocks_for_free(self, request_id: str):
         self._forget(request_id)
@@ -409,11 +431,20 @@ class LVTCSchedulerMixin:
         self.blocks_held: dict[str, list[int]] = {}
         self.chunks: list[tuple[str, int, int]] = []  # (request, first token, end) of prefill chunks, when recorded
         self.preemptions = 0
+        self.deferrals = 0  # admissions put off a step: their hit would copy a block not computed yet
+        self._waits_a_step: set[str] = set()  # this step's such requests (`_reserve_prefill_lookahead` says 0)
         self.short_manager: LVTCShortManager | None = None  # (the first: each short group's sees the same tiles)
         for manager in self.kv_cache_manager.coordinator.single_type_managers:
             if isinstance(manager, LVTCShortManager):
                 manager.requests = self.requests
                 self.short_manager = self.short_manager or manager
+                if manager.enable_caching and manager.block_pool.hash_block_size != manager.block_size:
+                    raise RuntimeError(
+                        "InternVL-X LVTC saving path: vLLM hashes prompts in blocks of "
+                        f"{manager.block_pool.hash_block_size} tokens and the short KV group holds blocks of "
+                        f"{manager.block_size}; its prefix-cache keys are the long layout's block hashes, one per "
+                        "block, so they would name other blocks. Start vLLM without --prefix-match-unit (or with "
+                        f"--prefix-match-unit {manager.block_size}), or with --no-enable-prefix-caching.")
         if self.short_manager is not None:
             lookup = self.kv_cache_manager.get_computed_blocks
 
@@ -421,16 +452,46 @@ class LVTCSchedulerMixin:
                 # the short group's hit needs the request's tiles, which vLLM's lookup does not pass on
                 token = LOOKUP_REQUEST.set(self.short_manager.tiles(request))
                 try:
-                    return lookup(request)
+                    found = lookup(request)
                 finally:
                     LOOKUP_REQUEST.reset(token)
+                if self._copies_block_filled_this_step(request, found[0], found[1]):
+                    self._waits_a_step.add(request.request_id)
+                return found
 
             self.kv_cache_manager.get_computed_blocks = get_computed_blocks
+
+    def _copies_block_filled_this_step(self, request, blocks, num_computed_tokens: int) -> bool:
+        """Whether a hit of `num_computed_tokens` makes vLLM copy a partly used block (in any group) that this step
+        fills. vLLM enters a block in the cache when it allocates it, before the step computes it, and copies a hit's
+        partly used last block before the step's forward: such a copy would read nothing. (A full block another
+        request fills in the same step is read in that forward after it is written, layer by layer, as vLLM does.)"""
+        if not num_computed_tokens:
+            return False
+        filled = self.short_manager.filled_this_step
+        if not filled:
+            return False
+        for manager, group_blocks in zip(self.kv_cache_manager.coordinator.single_type_managers, blocks.blocks):
+            if isinstance(manager, LVTCShortManager):
+                key = manager.copied_block_key(request, group_blocks, num_computed_tokens)
+            elif group_blocks and num_computed_tokens % manager.block_size:  # a long-layout group
+                key = request.block_hashes[num_computed_tokens // manager.block_size]
+            else:
+                key = None
+            if key is not None and key in filled:
+                return True
+        return False
 
     def _reserve_prefill_lookahead(self, request, num_computed_tokens: int, num_new_tokens: int) -> int:
         """vLLM's last word on a request's tokens this step (both scheduling loops call it): a prefill chunk that
         would end inside a tile ends at the tile's start instead (layer k upsamples each tile whole), or the request
         waits for the next step (zero)."""
+        if request.request_id in self._waits_a_step:
+            # its hit copies a block this step fills (`_copies_block_filled_this_step`): admitted next step, when
+            # the block is computed (as vLLM's Mamba manager defers same-step hits); the requests after it wait too
+            self._waits_a_step.discard(request.request_id)
+            self.deferrals += 1
+            return 0
         num_new_tokens = super()._reserve_prefill_lookahead(request, num_computed_tokens, num_new_tokens)
         end = num_computed_tokens + num_new_tokens
         if self.short_manager is not None and num_new_tokens and end < request.num_prompt_tokens:
@@ -441,6 +502,7 @@ class LVTCSchedulerMixin:
         return num_new_tokens
 
     def schedule(self, *args, **kwargs):
+        self._waits_a_step.clear()
         out = super().schedule(*args, **kwargs)
         if self.record_blocks:
             coordinator = self.kv_cache_manager.coordinator
