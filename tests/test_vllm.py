@@ -432,7 +432,7 @@ def test_the_start_says_in_one_block_the_lvtc_path_and_every_setting_the_plugin_
     caching, chunked prefill and the step budget the user gave (its scheduler ends chunks at tile boundaries, its
     short KV group caches by the long layout's hashes); the masked path, on vLLM's own scheduler and KV groups, holds
     whole prompts per step without prefix caching and names the user's `max_num_batched_tokens` it replaced. A step
-    budget below one tile is refused with the value that works."""
+    budget below one tile (the step's tokens, or the tokens it schedules) is refused with the value that works."""
     from vllm.engine.arg_utils import EngineArgs
     from vllm.plugins import load_general_plugins
 
@@ -477,6 +477,11 @@ def test_the_start_says_in_one_block_the_lvtc_path_and_every_setting_the_plugin_
                        r"whole image tile, 64 tokens on vLLM .*start vLLM with --max-num-batched-tokens 64 or more"):
         EngineArgs(model=str(folder), dtype="float32", max_model_len=4096,
                    max_num_batched_tokens=48).create_engine_config()
+    # a request whose next tile does not fit the step's scheduled tokens would wait forever
+    with pytest.raises(UnsupportedCheckpoint, match=r"max_num_scheduled_tokens is 48, and a prefill chunk must hold a "
+                       r"whole image tile, 64 tokens on vLLM .*start vLLM with --max-num-scheduled-tokens 64 or more"):
+        EngineArgs(model=str(folder), dtype="float32", max_model_len=4096,
+                   max_num_scheduled_tokens=48).create_engine_config()
 
 
 def test_off_vllms_cpu_platform_lvtc_takes_the_masked_path_and_refuses_the_saving_one_where_it_cannot_run(
@@ -538,14 +543,45 @@ def test_off_vllms_cpu_platform_lvtc_takes_the_masked_path_and_refuses_the_savin
             choose_lvtc_path(vllm_config, config, EngineSettings(str(folder)))
 
 
+def test_on_vllms_cpu_platform_the_v2_model_runner_takes_the_masked_path(tmp_path, monkeypatch):
+    """vLLM's CPU platform runs its V2 model runner too (VLLM_USE_V2_MODEL_RUNNER=1, or a Triton with a CPU backend),
+    which writes the step's position rows after it builds the attention metadata: the runner is checked there as on
+    a GPU. An LVTC engine takes the masked path, saying why and what to set; asked for, the saving path is refused."""
+    from vllm.config import VllmConfig
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.plugins import load_general_plugins
+
+    from internvlx_hf.vllm.config_hook import EngineSettings, UnsupportedCheckpoint, choose_lvtc_path
+
+    load_general_plugins()
+    folder = build_checkpoint(tmp_path / "lvtc", llm="qwen2", lvtc=dict(expand_layer=2), text=dict(head_dim=32))
+    vllm_config = EngineArgs(model=str(folder), dtype="float32", max_model_len=4096).create_engine_config()
+    config = vllm_config.model_config.hf_config
+    assert config.lvtc_vllm_path == "saving" and not vllm_config.use_v2_model_runner
+    monkeypatch.setattr(VllmConfig, "use_v2_model_runner", property(lambda self: True))
+    config.lvtc_vllm_path = None  # (as hf_overrides leave it)
+    settings = EngineSettings(str(folder))
+    assert choose_lvtc_path(vllm_config, config, settings) == "masked"
+    (line,) = settings.lines
+    assert ("because it cannot run on this engine (cpu, V2 model runner, CUDA graphs NONE, async scheduling off): "
+            "vLLM's V2 model runner builds the attention metadata before it writes the step's position rows") in line
+    assert line.endswith("start vLLM with VLLM_USE_V2_MODEL_RUNNER=0 for the saving path")
+    config.lvtc_vllm_path = "saving"
+    with pytest.raises(UnsupportedCheckpoint, match=r"lvtc_vllm_path='saving' \(from hf_overrides\) cannot run on "
+                       r"this engine \(on cpu, V2 model runner.*start vLLM with VLLM_USE_V2_MODEL_RUNNER=0"):
+        choose_lvtc_path(vllm_config, config, EngineSettings(str(folder)))
+
+
 def test_engine_settings_the_saving_path_has_not_run_with_take_the_masked_path(tmp_path, monkeypatch, caplog):
-    """A KV connector, the hybrid KV-cache manager off, data parallelism, decode or prefill context parallelism: the
-    saving path cannot run or has not run with them, so an LVTC engine takes the masked path with the reason, and
+    """A KV connector, the hybrid KV-cache manager off, data parallelism, decode or prefill context parallelism, KV
+    cache events, prompts hashed in units finer than a block: the saving path cannot run or has not run with them, so an LVTC engine takes the masked path with the reason, and
     refuses an explicit saving path. The start-up block names the platform, runner, graph mode and async scheduling."""
     from types import SimpleNamespace
 
     from vllm.engine.arg_utils import EngineArgs
     from vllm.plugins import load_general_plugins
+
+    from vllm.config import KVEventsConfig
 
     from internvlx_hf.vllm.config_hook import EngineSettings, UnsupportedCheckpoint, choose_lvtc_path
 
@@ -590,7 +626,12 @@ def test_engine_settings_the_saving_path_has_not_run_with_take_the_masked_path(t
              (parallel, "decode_context_parallel_size", 2,
               "context parallelism is on (decode_context_parallel_size 2)"),
              (parallel, "prefill_context_parallel_size", 2,
-              "context parallelism is on (prefill_context_parallel_size 2)")]
+              "context parallelism is on (prefill_context_parallel_size 2)"),
+             (vllm_config, "kv_events_config", KVEventsConfig(enable_kv_cache_events=True),
+              "KV cache events are on (--kv-events-config): the short group's BlockStored events would name its "
+              "blocks by the long layout's token ids"),
+             (vllm_config.cache_config, "prefix_match_unit", 16,
+              "--prefix-match-unit is 16 with blocks of 128: vLLM would hash prompts in finer units")]
     for owner, name, value, reason in cases:
         with monkeypatch.context() as patch:
             patch.setattr(owner, name, value, raising=True)

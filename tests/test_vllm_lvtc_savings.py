@@ -347,6 +347,12 @@ def test_each_vllm_internal_of_prefix_caching_and_chunking_is_reported_and_the_e
             lambda patch: patch.delattr(SingleTypeKVCacheManager, "_apply_cow"),
         "Scheduler._reserve_prefill_lookahead(request, num_computed_tokens, num_new_tokens), the last word on a step":
             lambda patch: patch.delattr(saving.Scheduler, "_reserve_prefill_lookahead"),
+        "BlockPool.cache_full_blocks keys block i by request.block_hashes[i] (resolve_block_hashes passes the list "
+        "through at equal block sizes)":
+            lambda patch: patch.setattr(saving, "resolve_block_hashes", lambda hashes, hash_size, size: list(hashes)),
+        "Scheduler.schedule starts with kv_cache_manager.new_step_starts(); allocate_slots sizes a request "
+        "(get_num_blocks_to_allocate) before it caches its blocks (cache_blocks)":
+            lambda patch: patch.delattr(saving.KVCacheCoordinator, "new_step_starts"),
     }
     assert set(removals) == set(table)
     for name, remove in removals.items():
@@ -554,3 +560,32 @@ def test_masked_fallback_says_why_in_one_line_and_answers_as_transformers(tmp_pa
     # one KV-cache group of all 4 layers at the long layout (of two head sizes: the masked layers' is padded)
     assert [(g["layers"], g["spec"]) for g in result["info"]["groups"]] == [(4, "UniformTypeKVCacheSpecs")]
     _assert_transformers_answers(bench, folder, result, requests)
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+@needs_vllm
+def test_a_worker_that_cannot_run_the_saving_path_the_hook_chose_stops_with_the_fix(tmp_path):
+    """The config hook set the engine up for the saving path (its scheduler, prefix caching, chunks at tile
+    boundaries); a worker whose attention backend cannot write the short layers' K/V at their own slots (stood in
+    for by vLLM's CPU backend without `do_kv_cache_update`) stops at start naming the fix, rather than run the masked
+    path on an engine set up for the other one."""
+    import subprocess
+    import sys
+
+    from vllm_helpers import build_checkpoint
+
+    folder = build_checkpoint(tmp_path / "lvtc", llm="qwen2", lvtc=dict(expand_layer=2), text=dict(head_dim=32))
+    script = f"""
+import os
+os.environ.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_CI_ENV="1")
+from vllm import LLM
+from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl
+del CPUAttentionBackendImpl.do_kv_cache_update
+LLM({str(folder)!r}, dtype="float32", max_model_len=2048)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0
+    assert ("the config hook chose the saving path, which this worker cannot run: the attention backend CPU_ATTN "
+            "writes K/V neither in its forward nor through do_kv_cache_update") in done.stderr, done.stderr[-3000:]
+    assert "Serve it on the masked path: hf_overrides={\"lvtc_vllm_path\": \"masked\"}" in done.stderr

@@ -220,10 +220,12 @@ def _prefix_caching(vllm_config, config, path: str | None, settings: EngineSetti
 def _whole_tiles_per_step(vllm_config, layout, where: str) -> None:
     """The saving path: layer k upsamples each tile whole, and its scheduler (`short_kv.LVTCSchedulerMixin`) ends a
     prefill chunk only where no tile is split, so chunked prefill runs as vLLM set it. A step must then hold a tile:
-    a budget below that could never schedule one (refused, with the value that works)."""
+    a budget below that (the step's tokens, `--max-num-scheduled-tokens` where set, a prefill's threshold) could
+    never schedule one (refused, with the value that works)."""
     scheduler = vllm_config.scheduler_config
     tile = layout.long_per_tile
     for name, value in (("max_num_batched_tokens", scheduler.max_num_batched_tokens),
+                        ("max_num_scheduled_tokens", getattr(scheduler, "max_num_scheduled_tokens", None)),
                         ("long_prefill_token_threshold", scheduler.long_prefill_token_threshold)):
         if value and value < tile:
             flag = name.replace("_", "-")
@@ -498,13 +500,14 @@ def _untested_platform(vllm_config) -> str | None:
     return f"on {engine_mode(vllm_config)}"
 
 
-#: What the saving path needs on a GPU, where it has not run with vLLM (`_gpu_blocker`).
+#: What the saving path needs on a GPU, where it has not run with vLLM (`_runner_blocker`).
 GPU_SAVING_SETTINGS = "VLLM_USE_V2_MODEL_RUNNER=0 and --enforce-eager"
 
 
-def _gpu_blocker(vllm_config) -> str | None:
-    """Why the saving path cannot run on this GPU engine, or None where only its having never run there stands in the
-    way (the V1 model runner without CUDA graphs: the inputs `tests/test_short_layout.py` simulates)."""
+def _runner_blocker(vllm_config) -> str | None:
+    """Why the saving path cannot run with this engine's model runner, on any platform (vLLM's CPU platform takes the
+    V2 runner too, with VLLM_USE_V2_MODEL_RUNNER=1 or a Triton with a CPU backend), or None where it can: the V1
+    runner, without CUDA graphs on a GPU (there, the inputs `tests/test_short_layout.py` simulates)."""
     try:
         v2 = bool(vllm_config.use_v2_model_runner)
     except Exception:
@@ -512,6 +515,10 @@ def _gpu_blocker(vllm_config) -> str | None:
     if v2:
         return ("vLLM's V2 model runner builds the attention metadata before it writes the step's position rows, "
                 "which the short layers' metadata is built from")
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():  # (no CUDA graphs there)
+        return None
     graphs = getattr(vllm_config.compilation_config, "cudagraph_mode", None)
     if not vllm_config.model_config.enforce_eager and getattr(graphs, "name", graphs) != "NONE":
         return ("CUDA graphs replay the layers for a step's token count, and the layers below k run on a live-token "
@@ -530,6 +537,15 @@ def _untested_settings(vllm_config) -> str | None:
     if getattr(vllm_config, "kv_transfer_config", None) is not None:
         return ("a KV connector is set (--kv-transfer-config): it moves each KV-cache group's blocks as vLLM counts "
                 "tokens, and the short group's blocks hold the short layout")
+    events = getattr(vllm_config, "kv_events_config", None)
+    if events is not None and getattr(events, "enable_kv_cache_events", False):
+        return ("KV cache events are on (--kv-events-config): the short group's BlockStored events would name its "
+                "blocks by the long layout's token ids and hashes, which a KV-aware router would index wrongly")
+    cache = vllm_config.cache_config
+    unit = getattr(cache, "prefix_match_unit", None)
+    if cache.enable_prefix_caching and unit not in (None, cache.block_size):
+        return (f"--prefix-match-unit is {unit} with blocks of {cache.block_size}: vLLM would hash prompts in finer "
+                "units, and the short group keys each of its blocks by one long-layout block hash (leave it unset)")
     if getattr(parallel, "data_parallel_size", 1) > 1:
         return (f"data parallelism is on (data_parallel_size {parallel.data_parallel_size}): its ranks pad their "
                 "batches to each other's and run dummy steps, which the saving path has not run with")
@@ -550,8 +566,16 @@ def _masked_reason(vllm_config, config) -> str | None:
     if asked == "masked":
         return "hf_overrides asks for it (lvtc_vllm_path='masked')"
     platform = _untested_platform(vllm_config)
+    blocker = _runner_blocker(vllm_config)
+    if platform is None and blocker is not None:  # vLLM's CPU platform with a runner the saving path cannot use
+        if getattr(config, "lvtc_vllm_path", None) == "saving":
+            raise UnsupportedCheckpoint(
+                f"InternVL-X LVTC checkpoint {vllm_config.model_config.model}: lvtc_vllm_path='saving' (from "
+                f"hf_overrides) cannot run on this engine (on {engine_mode(vllm_config)}): {blocker}; start vLLM "
+                "with VLLM_USE_V2_MODEL_RUNNER=0, or leave lvtc_vllm_path out (the masked path).")
+        return (f"it cannot run on this engine ({engine_mode(vllm_config)}): {blocker}; start vLLM with "
+                "VLLM_USE_V2_MODEL_RUNNER=0 for the saving path")
     if platform is not None:
-        blocker = _gpu_blocker(vllm_config)
         if getattr(config, "lvtc_vllm_path", None) == "saving":  # asked for, off the CPU
             if blocker is not None:  # never K/V misplaced: refused where it cannot run
                 raise UnsupportedCheckpoint(
@@ -597,13 +621,6 @@ def masked_line(reason: str) -> str:
     """What is said of an engine whose LVTC checkpoint runs on the masked path."""
     return ("InternVL-X: LVTC runs on the masked long layout, which holds K/V for every HR slot in the layers below k "
             f"(more KV and prefill time than the saving path, docs/serving-vllm-lvtc.md), because {reason}")
-
-
-def warn_masked(reason: str) -> None:
-    """The one log line of an engine sent to the masked path once its model is built (`model.py`)."""
-    from vllm.logger import init_logger
-
-    init_logger("internvlx_hf.vllm").warning("%s", masked_line(reason))
 
 
 def choose_lvtc_path(vllm_config, config, settings: EngineSettings) -> str:

@@ -24,7 +24,7 @@ from vllm.sequence import IntermediateTensors
 
 from ..modeling.configuration_internvlx import image_and_patch
 from ..modeling.projectors import attach_projectors
-from .config_hook import LLM_ARCHITECTURES, longrope_switch, needs_position_rows, require_config_hook, warn_masked
+from .config_hook import LLM_ARCHITECTURES, longrope_switch, needs_position_rows, require_config_hook
 from .lvtc.geometry import lvtc_geometry_of, row_width
 from .lvtc.masked import MaskedLayers
 from .lvtc.positions import position_rows, read_rows, saving_positions
@@ -201,8 +201,9 @@ class InternVLXForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsM
                     layer.self_attn.rotary_emb.use_long_rope = False
         # LVTC, or extra LR projectors alone (k = depth): the layers are run one by one (`lvtc/layers.py`). With
         # expansion the layers below k hold and compute the short layout only (`lvtc/short_kv.py`), unless the config
-        # hook chose the masked long layout (`config_hook.choose_lvtc_path`, with its log line) or this worker's
-        # attention cannot write their K/V at their own slots.
+        # hook chose the masked long layout (`config_hook.choose_lvtc_path`, with its log line). The engine core was
+        # set up for the path the hook chose (its scheduler, prefix caching, chunks at tile boundaries): a worker that
+        # cannot run the saving path stops rather than take the other one.
         self.lvtc: nn.Module | None = None
         self.saving = False
         if config.lvtc_config is not None:
@@ -211,11 +212,14 @@ class InternVLXForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsM
                 from .lvtc.short_kv import ShortKVFront, short_kv_unavailable
 
                 reason = short_kv_unavailable(self)
-                if reason is None:
-                    self.lvtc = ShortKVFront(self, vllm_config, self.switch, prefix=lvtc_prefix)
-                    self.saving = True
-                else:
-                    warn_masked(reason)
+                if reason is not None:
+                    raise RuntimeError(
+                        f"InternVL-X LVTC checkpoint {vllm_config.model_config.model}: the config hook chose the "
+                        f"saving path, which this worker cannot run: {reason}. Serve it on the masked path: "
+                        "hf_overrides={\"lvtc_vllm_path\": \"masked\"} (vllm serve --hf-overrides "
+                        "'{\"lvtc_vllm_path\": \"masked\"}').")
+                self.lvtc = ShortKVFront(self, vllm_config, self.switch, prefix=lvtc_prefix)
+                self.saving = True
             if self.lvtc is None:
                 self.lvtc = MaskedLayers(model=self, vllm_config=vllm_config, switch=self.switch, prefix=lvtc_prefix)
 

@@ -40,6 +40,7 @@ from vllm.forward_context import get_forward_context
 from vllm.model_executor.layers.attention import Attention
 from vllm.utils.math_utils import cdiv
 from vllm.v1.attention.backend import CommonAttentionMetadata, subclass_attention_backend_with_overrides
+from vllm.v1.core.block_pool import BlockPool
 from vllm.v1.core.kv_cache_coordinator import HybridKVCacheCoordinator, KVCacheCoordinator
 from vllm.v1.core.kv_cache_manager import KVCacheManager
 from vllm.v1.core.kv_cache_utils import resolve_block_hashes
@@ -390,7 +391,31 @@ CONVERSATION_INTERNALS = {
             "request", "num_computed_tokens", "num_new_tokens"]
         and inspect.getsource(Scheduler.schedule).count("self._reserve_prefill_lookahead(") == 2,
         "a prefill chunk could end inside a tile"),
+    "BlockPool.cache_full_blocks keys block i by request.block_hashes[i] (resolve_block_hashes passes the list "
+    "through at equal block sizes)": (
+        lambda: source_has(BlockPool.cache_full_blocks, "request.block_hashes")
+        and _passes_hashes_through(resolve_block_hashes),
+        "the short group's blocks (cached through `_KeyedRequest`, whose block_hashes are their keys) would be "
+        "cached under other blocks' keys: a later hit would read another prompt's K/V"),
+    "Scheduler.schedule starts with kv_cache_manager.new_step_starts(); allocate_slots sizes a request "
+    "(get_num_blocks_to_allocate) before it caches its blocks (cache_blocks)": (
+        lambda: source_has(Scheduler.schedule, "self.kv_cache_manager.new_step_starts()")
+        and source_has(KVCacheCoordinator.new_step_starts, "manager.new_step_starts()")
+        and _in_order(KVCacheManager.allocate_slots, "self.coordinator.get_num_blocks_to_allocate(",
+                      "self.coordinator.cache_blocks("),
+        "a hit could copy a block the same step fills before the step computes it (`_copies_block_filled_this_step`)"),
 }
+
+
+def _passes_hashes_through(resolve) -> bool:
+    hashes = [b"block"]
+    return resolve(hashes, 16, 16) is hashes
+
+
+def _in_order(function, *snippets: str) -> bool:
+    source = inspect.getsource(function)
+    places = [source.find(snippet) for snippet in snippets]
+    return -1 not in places and places == sorted(places)
 
 
 def missing_internals(table: dict | None = None) -> list[str]:
@@ -667,7 +692,7 @@ class ShortKVLayers(LVTCLayers):
 
 
 def short_kv_unavailable(model) -> str | None:
-    """Why this worker cannot run the short-KV path (the model then takes the masked one, with a log line), or None.
+    """Why this worker cannot run the short-KV path (the model then stops at start with the fix), or None.
 
     The config hook decides on what it can see (`config_hook.choose_lvtc_path`); what only the built model knows is
     checked here: the attention backend's KV write of each layer below k."""
