@@ -197,10 +197,11 @@ def burst_rounds(first_seed: int) -> list[list[dict]]:
 @pytest.mark.parametrize("block", [32, 64, 128])
 def test_requests_about_one_new_image_sent_together_answer_as_transformers(tmp_path, block):
     """Four requests about one new image sent together, in each of six rounds: the later ones' hit ends inside the
-    image, most often inside a block (vLLM copies each group's partly used last block) that the first request computes
-    in the same step. They wait for the next step (`LVTCSchedulerMixin`: a copy before the forward would read a block not
-    yet computed), then are served from the cache: every request's tokens, logprobs and top-5 logprobs are
-    transformers' in every round. (On 3781ac5: requests 2-4 differed by up to 0.27, with other greedy tokens.)"""
+    image, most often inside a block (vLLM copies each group's partly used last block) that the first request
+    computes in the same step. They wait for the next step (`LVTCSchedulerMixin`: a copy before the forward would
+    read a block not yet computed), then are served from the cache: every request's tokens, logprobs and top-5
+    logprobs are transformers' in every round. (On 3781ac5 this fails at every block size: logprobs 0.02-0.06 away,
+    other greedy tokens.)"""
     folder = build_checkpoint(tmp_path / "lvtc", llm="qwen2", lvtc=dict(expand_layer=2), vision=dict(patch_size=7))
     rounds = burst_rounds(first_seed=40)
     result = run(tmp_path, folder, rounds, engine=dict(block_size=block))

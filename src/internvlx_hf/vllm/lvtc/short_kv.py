@@ -26,11 +26,9 @@ an engine whose vLLM differs to the masked path (`masked.py`), with one log line
 
 from __future__ import annotations
 
-import bisect
 import contextvars
 import dataclasses
 import inspect
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -50,10 +48,10 @@ from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 from vllm.v1.kv_cache_interface import AttentionSpec, get_kv_quant_mode
 from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
-from internvlx_hf.vllm.lvtc.geometry import lr_slots_to_recompute
 from internvlx_hf.vllm.lvtc.layers import LVTCLayers
 from internvlx_hf.vllm.lvtc.positions import saving_rope_indices
 from internvlx_hf.vllm.lvtc.short_layout import short_layout
+from internvlx_hf.vllm.lvtc.tiles import RequestTiles, short_block_keys, whole_tiles_end
 from internvlx_hf.vllm_compat import source_has
 
 
@@ -77,92 +75,6 @@ class LVTCShortSpec(AttentionSpec):
         return cdiv(vllm_config.model_config.max_model_len, self.block_size) * self.page_size_bytes
 
 
-def tile_spans(request, long_per_tile: int) -> list[tuple[int, int]]:
-    """`(first, last)` long-layout index of each tile of a request, in order."""
-    spans = []
-    for feature in request.mm_features or ():
-        place = feature.mm_position
-        embeds = torch.arange(place.offset, place.offset + place.length)
-        if place.is_embed is not None:
-            embeds = embeds[place.is_embed.to(torch.bool)]
-        starts = embeds[::long_per_tile].tolist()
-        ends = embeds[long_per_tile - 1::long_per_tile].tolist()
-        spans += zip(starts, ends)
-    return sorted(spans)
-
-
-def whole_tiles_end(spans: Sequence[tuple[int, int]], end: int) -> int:
-    """The latest chunk end (exclusive) at or before `end` that leaves no tile split: a tile's first index where `end`
-    falls inside one."""
-    index = bisect.bisect_right(spans, (end, end)) - 1  # the last tile that starts at or before `end`
-    if index >= 0 and spans[index][0] < end <= spans[index][1]:
-        return spans[index][0]
-    return end
-
-
-@dataclass(frozen=True)
-class RequestTiles:
-    """A request's tiles in its long layout (`tile_spans`), and what the short layout makes of them."""
-
-    spans: tuple[tuple[int, int], ...]
-    short_per_tile: int
-    long_per_tile: int
-
-    @classmethod
-    def of(cls, request, short_per_tile: int, long_per_tile: int) -> "RequestTiles":
-        return cls(tuple(tile_spans(request, long_per_tile)), short_per_tile, long_per_tile)
-
-    def short(self, num_tokens: int) -> int:
-        """Short-layout tokens among the first `num_tokens` long-layout ones."""
-        unused = self.long_per_tile - self.short_per_tile
-        return num_tokens - sum(min(max(num_tokens - first - self.short_per_tile, 0), unused)
-                                for first, _ in self.spans)
-
-    def long_index(self, short_position: int) -> int:
-        """The long-layout index of the token at a short-layout position."""
-        index = short_position
-        for first, _ in self.spans:  # (in order: each tile's HR-only slots push the later tokens on)
-            if index >= first + self.short_per_tile:
-                index += self.long_per_tile - self.short_per_tile
-        return index
-
-    def splits_tile(self, num_tokens: int) -> bool:
-        return any(first < num_tokens <= last for first, last in self.spans)
-
-    def longest_hit(self, max_length: int, held_short: int, step: int, block_size: int | None = None) -> int:
-        """The most long-layout tokens, at most `max_length`, whose short-layout tokens are among the first
-        `held_short`, that end on a multiple of `step` or at a tile's start and split no tile; or, with `block_size`
-        (the short group's), that end inside a tile's HR-only slots where a step can resume it (`resume_point`)."""
-        if held_short <= 0:
-            return 0
-        # short() only grows, and stays at `held_short` up to the long index of the next short token
-        bound = min(max_length, self.long_index(held_short))
-        tile_starts = [first for first, _ in self.spans if first <= bound]
-        best = max(whole_tiles_end(self.spans, bound // step * step), max(tile_starts, default=0))
-        if block_size is not None:
-            best = max(best, self.resume_point(max_length, held_short, block_size, above=best))
-        return best
-
-    def resume_point(self, max_length: int, held_short: int, block_size: int, above: int = 0) -> int:
-        """The latest long index above `above` and at most `max_length` inside a tile's HR-only slots where a step
-        can resume the tile (`geometry.lr_slots_to_recompute`: it recomputes the LR slots layer k reads, from copies
-        in the tile's last HR-only slots), with the short blocks before the tile's LR end's block among the first
-        `held_short` short tokens; 0 if none. A hit that ends after an image by less than a block (another question
-        about the same picture) then re-prefills the few slots after the hit, not the image's last tile."""
-        for first, last in reversed(self.spans):
-            if last < above:
-                break
-            short_end = self.short(first + self.short_per_tile)
-            if first + self.short_per_tile > max_length or held_short < short_end - short_end % block_size:
-                continue
-            for slot in range(min(max_length - first, self.long_per_tile - 1), self.short_per_tile - 1, -1):
-                if first + slot <= above:
-                    break
-                if lr_slots_to_recompute(slot, short_end, self.short_per_tile, self.long_per_tile, block_size):
-                    return first + slot
-        return 0
-
-
 #: The request whose prefix-cache hit vLLM is looking up (`LVTCSchedulerMixin` sets it around the lookup): vLLM's
 #: `find_longest_cache_hit` is a class method that is given the block hashes, not the request and its tiles.
 LOOKUP_REQUEST: contextvars.ContextVar[RequestTiles | None] = contextvars.ContextVar("lvtc_lookup", default=None)
@@ -177,19 +89,6 @@ class _KeyedRequest:
 
     def __getattr__(self, name: str):
         return getattr(self._request, name)
-
-
-def short_block_keys(tiles: RequestTiles, block_hashes, num_blocks: int, block_size: int, first: int = 0) -> list:
-    """The prefix-cache key of each of a request's short-group blocks `first` to `num_blocks` - 1: the long-layout
-    block hash (vLLM's, chained over every token and image before it) of the block holding the short block's last
-    token, which covers everything that block's K/V depends on; as many keys as such long blocks are full."""
-    keys = []
-    for block in range(first, num_blocks):
-        long_block = tiles.long_index((block + 1) * block_size - 1) // block_size
-        if long_block >= len(block_hashes):
-            break
-        keys.append(block_hashes[long_block])
-    return keys
 
 
 class LVTCShortManager(FullAttentionManager):
