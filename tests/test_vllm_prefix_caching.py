@@ -72,7 +72,7 @@ def assert_transformers_answers(folder: Path, rounds: list[list[dict]], result: 
     model = InternVLXForConditionalGeneration.from_pretrained(folder).eval()
     processor = InternVLXProcessor.from_pretrained(folder)
     references: dict[str, dict] = {}
-    for requests, answers in zip(rounds, result["rounds"]):
+    for requests, answers in zip([r for r in rounds if isinstance(r, list)], result["rounds"]):
         for request, got in zip(requests, answers):
             key = json.dumps(request, sort_keys=True)
             if key not in references:
@@ -98,15 +98,15 @@ def image_span(folder: Path, request: dict) -> tuple[list[int], int]:
     return [first + tile * LONG for tile in range(tiles)], first + tiles * LONG
 
 
-def resumable(folder: Path, request: dict, hit: int, last_tile: int, cached_prompt: int) -> bool:
+def resumable(folder: Path, request: dict, hit: int, last_tile: int, cached_prompt: int, block: int = BLOCK) -> bool:
     """Whether `hit` is the latest point of the last tile's HR-only slots where a step can resume it, below both the
     full blocks of the prompt in the cache (`cached_prompt` tokens) and the new prompt's common part with it."""
     from internvlx_hf.vllm.lvtc.geometry import lr_slots_to_recompute
 
     short_end = last_tile - (len(image_span(folder, request)[0]) - 1) * (LONG - SHORT) + SHORT
-    bound = min(cached_prompt // BLOCK * BLOCK, last_tile + LONG - 1) - last_tile
+    bound = min(cached_prompt // block * block, last_tile + LONG - 1) - last_tile
     want = next(slot for slot in range(bound, SHORT - 1, -1)
-                if lr_slots_to_recompute(slot, short_end, SHORT, LONG, BLOCK))
+                if lr_slots_to_recompute(slot, short_end, SHORT, LONG, block))
     return hit == last_tile + want
 
 
@@ -218,14 +218,14 @@ def test_requests_about_one_new_image_sent_together_answer_as_transformers(tmp_p
 
 def test_sampled_requests_sharing_a_step_answer_as_with_prefix_caching_off(tmp_path):
     """Requests sharing steps, with `n` = 3 samples each (a seed, at temperature 1: vLLM's samples of one prompt are
-    requests of their own, served each other's blocks): two users asking about two images, a new 3-tile one and one
-    of their own (the second's hit ends in the first image, a tile that is not its last); a video asked two
-    questions; the two users again. Every sample's tokens and logprobs are those of the same engine with prefix
+    requests of their own, served each other's blocks): three users asking about two images, a new 3-tile one and one
+    of their own (the third, with one sample, is served up to a point in the first image: a tile that is not its
+    last); a video asked two questions; the users again. Every sample's tokens and logprobs are those of the same engine with prefix
     caching off."""
     folder = build_checkpoint(tmp_path / "lvtc", llm="qwen2", lvtc=dict(expand_layer=2), vision=dict(patch_size=7))
     sampled = {"n": 3, "seed": 11, "temperature": 1.0}
     pair = [request_spec("<image>\nand <image>\nCompare them.", images=[(224, 112, 60), (*ONE_TILE, 61 + user)])
-            | {"sampling": sampled} for user in range(2)]
+            | {"sampling": sampled | {"n": 3 if user < 2 else 1}} for user in range(3)]
     clip = [request_spec(f"<video>\n{question}", videos=[(4, 62)]) | {"sampling": sampled}
             for question in ("What happens?", "How many frames are there?")]
     rounds = [pair, clip, pair[::-1]]
@@ -237,10 +237,64 @@ def test_sampled_requests_sharing_a_step_answer_as_with_prefix_caching_off(tmp_p
     assert off["caching"] is False and off["counters"]["hits"] == 0
     # (a request's cached tokens are those of one of its samples: they hit each other's blocks)
     assert all(answer["cached_tokens"] > 0 for answers in on["rounds"] for answer in answers), on["rounds"]
+    starts, _ = image_span(folder, pair[2])  # the third user's one sample: its hit ends in the first image
+    assert starts[0] < on["rounds"][0][2]["cached_tokens"] < starts[3], (starts, on["rounds"][0][2])
     for ours, theirs in zip(on["rounds"], off["rounds"]):
         for got, want in zip(ours, theirs):
-            assert len(got["completions"]) == 3
+            assert len(got["completions"]) == len(want["completions"]) >= 1
             for a, b in zip(got["completions"], want["completions"]):
                 assert a["tokens"] == b["tokens"]
                 assert max(abs(x - y) for x, y in zip(a["logprobs"], b["logprobs"])) <= LOGPROB_ATOL
     assert on["deferrals"] > 0  # (the case of this test: admissions put off a step)
+
+
+def test_several_short_kv_groups_serve_a_chat_and_a_burst_from_the_cache(tmp_path):
+    """k = 3 of 4 layers: vLLM makes KV-cache groups as large as the smaller side (one layer), so the layers below k
+    form three short groups, each caching and copying its own blocks. A 3-turn chat and four requests about one new
+    image sent together answer as transformers, served from the cache."""
+    folder = build_checkpoint(tmp_path / "lvtc", llm="qwen2", lvtc=dict(expand_layer=3), vision=dict(patch_size=7))
+    rounds = [[turn] for turn in conversation(3, image_seed=20)] + burst_rounds(first_seed=21)[:2]
+    result = run(tmp_path, folder, rounds)
+    assert (result["short_groups"], result["groups"]) == (3, 4)
+    cached = [[answer["cached_tokens"] for answer in answers] for answers in result["rounds"]]
+    assert cached[0] == [0] and cached[1][0] > 0 and cached[2][0] > cached[1][0], cached
+    assert all(min(hits[1:]) > 0 for hits in cached[3:]), cached
+    assert result["deferrals"] > 0
+    assert_transformers_answers(folder, rounds, result, top=True)
+
+
+def test_a_request_that_resumed_a_tile_is_preempted_and_answers_as_transformers(tmp_path):
+    """A chat's second turn, served up to its last tile's HR-only slots (the step resumes the tile), sent after four
+    1-tile requests, all decoding 64 tokens in a pool of 120 blocks of 32 (the first turn's 62 cached blocks outlast
+    the others' admission): the last admitted, it is preempted when the pool runs out, prefilled again later (looked
+    up in the cache again) and answers as transformers, as do the others."""
+    folder = build_checkpoint(tmp_path / "lvtc", llm="qwen2", lvtc=dict(expand_layer=2), vision=dict(patch_size=7))
+    chat = conversation(2, image_seed=30)
+    small = [request_spec("<image>\nWhat is this?", images=[(*ONE_TILE, seed)]) for seed in range(31, 35)]
+    rounds = [[chat[0]], [*small, chat[1]]]
+    result = run(tmp_path, folder, rounds, max_tokens=64,
+                 engine=dict(num_gpu_blocks_override=120, max_model_len=1800, block_size=32))
+    resumer = result["rounds"][1][-1]
+    starts, _ = image_span(folder, chat[1])
+    assert resumable(folder, chat[1], resumer["cached_tokens"], starts[-1], result["rounds"][0][0]["prompt_tokens"],
+                     block=32), resumer["cached_tokens"]
+    preempted = {request_id.rsplit("-", 1)[0] for request_id in result["preempted"]}  # (the engine core's ids: "5-…")
+    assert resumer["request_id"] in preempted, (resumer["request_id"], result["preempted"])
+    assert_transformers_answers(folder, rounds, result, max_tokens=64)
+
+
+def test_a_hit_needs_both_kinds_of_group_when_one_kind_was_evicted(tmp_path):
+    """The short groups' cached blocks dropped (as vLLM's eviction would, the long group's kept), then the long
+    group's: a prompt asked again is served nothing from the cache (every layer's K/V is needed, and each kind of
+    group only shortens the other's hit), recomputed, and answers as transformers; once both are cached again the
+    next turn is served as usual."""
+    folder = build_checkpoint(tmp_path / "lvtc", llm="qwen2", lvtc=dict(expand_layer=2), vision=dict(patch_size=7))
+    chat = conversation(2, image_seed=50)
+    rounds = [[chat[0]], {"evict": "short"}, [chat[0]], {"evict": "long"}, [chat[0]], [chat[1]]]
+    result = run(tmp_path, folder, rounds)
+    assert all(count > 0 for count in result["evicted"]), result["evicted"]
+    cached = [answers[0]["cached_tokens"] for answers in result["rounds"]]
+    starts, _ = image_span(folder, chat[1])
+    assert cached[:3] == [0, 0, 0], cached
+    assert resumable(folder, chat[1], cached[3], starts[-1], result["rounds"][2][0]["prompt_tokens"]), cached
+    assert_transformers_answers(folder, rounds, result)

@@ -3,12 +3,14 @@ with what vLLM's prefix cache served it.
 
 `python tests/vllm_prefix_engine.py SPEC OUT`. SPEC (JSON): `checkpoint`, `engine` (LLM options), `max_tokens`, and
 `rounds`: a list of rounds, each a list of requests (tests/vllm_engine.py's format) sent together in one
-`LLM.generate` call, the rounds one after another (a conversation's turns, users one after another); a request may
+`LLM.generate` call, the rounds one after another (a conversation's turns, users one after another), or
+`{"evict": "short" | "long"}` between two (`evict`: one kind of KV-cache group's cached blocks dropped); a request may
 carry `sampling` (SamplingParams values, e.g. `{"n": 3, "seed": 5, "temperature": 1.0}`; greedy without). OUT: per
 round, per request, the prompt's length, the tokens vLLM took from its prefix cache (`num_cached_tokens`), the tokens
 and logprobs of its first completion and the `top` 5 logprobs of each step (`completions`: every completion's tokens
-and logprobs); vLLM's own prefix-cache counters, and the scheduler's preemptions and deferred admissions
-(`LVTCSchedulerMixin.deferrals`) after the last round.
+and logprobs) and its `request_id`; vLLM's own prefix-cache counters, the requests preempted (`preempted`, in order),
+the blocks each eviction dropped, the KV-cache groups (`short_groups` of `groups`), and the scheduler's preemptions
+and deferred admissions (`LVTCSchedulerMixin.deferrals`) after the last round.
 """
 
 from __future__ import annotations
@@ -40,18 +42,49 @@ def completion(output) -> dict:
             "logprobs": [step[token].logprob for step, token in zip(output.logprobs, output.token_ids)]}
 
 
+def evict(scheduler, groups: str) -> int:
+    """Drop from the prefix cache every cached block no request holds of the `groups` ("short": the LVTC short
+    groups', "long": the others'), as vLLM's eviction does when it needs blocks; the number dropped."""
+    from vllm.v1.core.kv_cache_utils import get_group_id
+
+    from internvlx_hf.vllm.lvtc.short_kv import LVTCShortManager
+
+    managers = scheduler.kv_cache_manager.coordinator.single_type_managers
+    chosen = {index for index, manager in enumerate(managers)
+              if isinstance(manager, LVTCShortManager) == (groups == "short")}
+    pool = scheduler.kv_cache_manager.block_pool
+    blocks = {block.block_id for block in pool.blocks
+              if block.block_hash is not None and block.ref_cnt == 0 and get_group_id(block.block_hash) in chosen}
+    pool.evict_blocks(blocks)
+    return len(blocks)
+
+
 def main(spec_path: str, out_path: str) -> None:
     from vllm import LLM, SamplingParams
 
     spec = json.loads(Path(spec_path).read_text())
     llm = LLM(spec["checkpoint"], disable_log_stats=False, **spec["engine"])
-    rounds = []
+    core = getattr(llm.llm_engine.engine_core, "engine_core", None)
+    scheduler = core.scheduler if core is not None else None
+    preempted = []  # the request ids the scheduler preempted, in order
+    preempt = scheduler._preempt_request
+
+    def recorded(request, *args, **kwargs):
+        preempted.append(request.request_id)
+        return preempt(request, *args, **kwargs)
+
+    scheduler._preempt_request = recorded
+    rounds, evicted = [], []
     for requests in spec["rounds"]:
+        if isinstance(requests, dict):  # {"evict": "short" | "long"}, between rounds
+            evicted.append(evict(scheduler, requests["evict"]))
+            continue
         params = [SamplingParams(**(dict(temperature=0.0, max_tokens=spec.get("max_tokens", 4), logprobs=TOP,
                                          ignore_eos=True) | request.get("sampling", {})))
                   for request in requests]
         outputs = llm.generate([_inputs(request) for request in requests], params, use_tqdm=False)
         rounds.append([{
+            "request_id": out.request_id,
             "prompt_tokens": len(out.prompt_token_ids),
             "cached_tokens": out.num_cached_tokens,
             **completion(out.outputs[0]),
@@ -59,10 +92,13 @@ def main(spec_path: str, out_path: str) -> None:
                     for step in out.outputs[0].logprobs],
             "completions": [completion(one) for one in out.outputs],
         } for out in outputs])
-    core = getattr(llm.llm_engine.engine_core, "engine_core", None)
-    scheduler = core.scheduler if core is not None else None
+    from internvlx_hf.vllm.lvtc.short_kv import LVTCShortManager
+
+    managers = scheduler.kv_cache_manager.coordinator.single_type_managers
     Path(out_path).write_text(json.dumps({
-        "rounds": rounds, "counters": counters(llm),
+        "rounds": rounds, "counters": counters(llm), "evicted": evicted, "preempted": preempted,
+        "short_groups": sum(isinstance(manager, LVTCShortManager) for manager in managers),
+        "groups": len(managers),
         "preemptions": getattr(scheduler, "preemptions", None),
         "deferrals": getattr(scheduler, "deferrals", None),
         "caching": llm.llm_engine.vllm_config.cache_config.enable_prefix_caching,
