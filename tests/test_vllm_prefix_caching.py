@@ -212,7 +212,12 @@ def test_requests_about_one_new_image_sent_together_answer_as_transformers(tmp_p
         assert hits[0] <= starts[0] < min(hits[1:]) and max(hits) < end, (block, starts, hits)
         partial += sum(hit % block != 0 for hit in hits[1:])
     assert partial >= 6, partial  # hits that copy a partly used block: the case of this test
-    assert result["deferrals"] >= 6, result["deferrals"]
+    # a 1-tile round is prefilled in one step: where the hits copy a partly used block, the second request waits
+    # that step (the two after it with it), and the others are served in the next beside it (the block they copy
+    # is then the first request's, computed): one deferral, not one a request
+    for answers, size, deferred in zip(result["rounds"], BURST_IMAGES, result["round_deferrals"]):
+        if size == ONE_TILE:
+            assert deferred == int(any(answer["cached_tokens"] % block for answer in answers[1:])), deferred
     assert_transformers_answers(folder, rounds, result, top=True)
 
 

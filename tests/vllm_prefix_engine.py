@@ -10,7 +10,7 @@ round, per request, the prompt's length, the tokens vLLM took from its prefix ca
 and logprobs of its first completion and the `top` 5 logprobs of each step (`completions`: every completion's tokens
 and logprobs) and its `request_id`; vLLM's own prefix-cache counters, the requests preempted (`preempted`, in order),
 the blocks each eviction dropped, the KV-cache groups (`short_groups` of `groups`), and the scheduler's preemptions
-and deferred admissions (`LVTCSchedulerMixin.deferrals`) after the last round.
+and deferred admissions (`LVTCSchedulerMixin.deferrals`) after the last round, and each round's deferrals.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def main(spec_path: str, out_path: str) -> None:
         return preempt(request, *args, **kwargs)
 
     scheduler._preempt_request = recorded
-    rounds, evicted = [], []
+    rounds, evicted, round_deferrals = [], [], []
     for requests in spec["rounds"]:
         if isinstance(requests, dict):  # {"evict": "short" | "long"}, between rounds
             evicted.append(evict(scheduler, requests["evict"]))
@@ -82,7 +82,9 @@ def main(spec_path: str, out_path: str) -> None:
         params = [SamplingParams(**(dict(temperature=0.0, max_tokens=spec.get("max_tokens", 4), logprobs=TOP,
                                          ignore_eos=True) | request.get("sampling", {})))
                   for request in requests]
+        deferred = getattr(scheduler, "deferrals", 0)
         outputs = llm.generate([_inputs(request) for request in requests], params, use_tqdm=False)
+        round_deferrals.append(getattr(scheduler, "deferrals", 0) - deferred)
         rounds.append([{
             "request_id": out.request_id,
             "prompt_tokens": len(out.prompt_token_ids),
@@ -100,7 +102,7 @@ def main(spec_path: str, out_path: str) -> None:
         "short_groups": sum(isinstance(manager, LVTCShortManager) for manager in managers),
         "groups": len(managers),
         "preemptions": getattr(scheduler, "preemptions", None),
-        "deferrals": getattr(scheduler, "deferrals", None),
+        "deferrals": getattr(scheduler, "deferrals", None), "round_deferrals": round_deferrals,
         "caching": llm.llm_engine.vllm_config.cache_config.enable_prefix_caching,
         "block_size": llm.llm_engine.vllm_config.cache_config.block_size,
     }))

@@ -19,7 +19,10 @@ on any model. The layers below `k`:
   reads nothing back to Python, except in the one step built before the first forward where vLLM runs no warm-up
   (`PendingShortMetadata`).
 
-Positions: `positions.saving_positions` / `positions.saving_rope_indices` (LongRoPE included). The vLLM internals this
+Prefix caching: the short group's blocks are keyed by the long layout's block hashes (`tiles.short_block_keys`), a hit
+may end at a tile's start or where a step resumes a tile (`tiles.RequestTiles.longest_hit`), and a request whose hit
+would copy a block the same step fills waits a step (`LVTCSchedulerMixin`). Positions: `positions.saving_positions` /
+`positions.saving_rope_indices` (LongRoPE included). The vLLM internals this
 uses are listed, with what breaks, in `INTERNALS` and docs/serving-vllm-lvtc.md; `config_hook.choose_lvtc_path` sends
 an engine whose vLLM differs to the masked path (`masked.py`), with one log line.
 """
@@ -105,9 +108,12 @@ class LVTCShortManager(FullAttentionManager):
         self.requests: dict | None = None  # the scheduler's table, handed over by LVTCSchedulerMixin
         self._tiles: dict[str, RequestTiles] = {}  # each live request's, computed once
         self._keys: dict[str, list] = {}  # each request's short block keys so far (`short_block_keys`)
-        #: the long-layout hashes of the blocks that the step being scheduled fills (`cache_blocks`): entered in the
-        #: cache now, computed by this step's forward. Every short block's key is one of these hashes.
-        self.filled_this_step: set = set()
+        #: every KV-cache group's managers, handed over by LVTCSchedulerMixin to the one short manager that records
+        #: `filled_this_step` for all groups
+        self.managers: list | None = None
+        #: `(group, block id)` of each block the step being scheduled fills, in every group (`cache_blocks`): vLLM
+        #: enters such a block in the cache now, and this step's forward computes it
+        self.filled_this_step: set[tuple[int, int]] = set()
         self._computed_before: dict[str, int] = {}  # each request's tokens computed before this step (long layout)
 
     def tiles(self, request) -> RequestTiles:
@@ -124,7 +130,7 @@ class LVTCShortManager(FullAttentionManager):
                                "(scheduler_cls must be an LVTCSchedulerMixin subclass)")
         return self.tiles(self.requests[request_id]).short(num_tokens)
 
-    def _held(self, request_id, new_computed_blocks, num_computed_tokens) -> int:
+    def held_tokens(self, request_id, new_computed_blocks, num_computed_tokens) -> int:
         """Short-layout tokens a hit of `num_computed_tokens` gives the request: all of the hit's, or, where it
         resumes a tile (`RequestTiles.resume_point`), those of the blocks found (the step recomputes the rest)."""
         short = self.short_tokens(request_id, num_computed_tokens)
@@ -139,7 +145,7 @@ class LVTCShortManager(FullAttentionManager):
         short = lambda n: self.short_tokens(request_id, n)  # noqa: E731
         return super().get_num_blocks_to_allocate(
             request_id, short(num_tokens), new_computed_blocks, short(total_computed_tokens),
-            self._held(request_id, new_computed_blocks, num_local_computed_tokens), short(num_tokens_main_model),
+            self.held_tokens(request_id, new_computed_blocks, num_local_computed_tokens), short(num_tokens_main_model),
             apply_admission_cap=apply_admission_cap, prefill_end=prefill_end)
 
     def allocate_new_blocks(self, request_id, num_tokens, num_tokens_main_model):
@@ -149,16 +155,16 @@ class LVTCShortManager(FullAttentionManager):
     def add_local_computed_blocks(self, request_id, new_computed_blocks, num_local_computed_tokens,
                                   num_external_computed_tokens) -> None:
         super().add_local_computed_blocks(request_id, new_computed_blocks,
-                                          self._held(request_id, new_computed_blocks, num_local_computed_tokens),
+                                          self.held_tokens(request_id, new_computed_blocks, num_local_computed_tokens),
                                           num_external_computed_tokens)
 
     def cache_blocks(self, request, num_tokens: int, retention_interval=None, *, replay_boundaries) -> None:
         tiles = self.tiles(request)
         size = self.block_size
         before = self._computed_before.pop(request.request_id, num_tokens)
+        if self.managers is not None and num_tokens > before:
+            self._record_filled(request.request_id, tiles, before, num_tokens)
         hashes = request.block_hashes
-        if num_tokens // size > before // size:  # long blocks this step fills (the first maybe partly computed)
-            self.filled_this_step.update(hashes[before // size: num_tokens // size])
         full = tiles.short(num_tokens) // size
         if full <= self.num_cached_block.get(request.request_id, 0):
             return  # (every step of a decoding request: nothing new to cache)
@@ -194,14 +200,15 @@ class LVTCShortManager(FullAttentionManager):
         super().new_step_starts()
         self.filled_this_step.clear()
 
-    def copied_block_key(self, request, group_blocks, num_computed_tokens: int):
-        """The key of the block a hit of `num_computed_tokens` long-layout tokens makes vLLM copy in this group (its
-        partly used last block, `_held`), or None where the hit ends on a block boundary."""
-        held = self._held(request.request_id, group_blocks, num_computed_tokens)
-        if not group_blocks or held % self.block_size == 0:
-            return None
-        block = held // self.block_size
-        return short_block_keys(self.tiles(request), request.block_hashes, block + 1, self.block_size, first=block)[0]
+    def _record_filled(self, request_id: str, tiles: RequestTiles, before: int, num_tokens: int) -> None:
+        """Record the blocks of every group that this step's tokens ``[before, num_tokens)`` of a request fill (the
+        first maybe partly computed before: it is complete only after this step)."""
+        for manager in self.managers:
+            short = isinstance(manager, LVTCShortManager)
+            first, end = (tiles.short(before), tiles.short(num_tokens)) if short else (before, num_tokens)
+            blocks = manager.req_to_blocks.get(request_id, ())
+            for block in blocks[first // manager.block_size: end // manager.block_size]:
+                self.filled_this_step.add((manager.kv_cache_group_id, block.block_id))
 
     def _forget(self, request_id: str) -> None:
         self._tiles.pop(request_id, None)
@@ -358,10 +365,13 @@ class LVTCSchedulerMixin:
         self.deferrals = 0  # admissions put off a step: their hit would copy a block not computed yet
         self._waits_a_step: set[str] = set()  # this step's such requests (`_reserve_prefill_lookahead` says 0)
         self.short_manager: LVTCShortManager | None = None  # (the first: each short group's sees the same tiles)
-        for manager in self.kv_cache_manager.coordinator.single_type_managers:
+        managers = self.kv_cache_manager.coordinator.single_type_managers
+        for manager in managers:
             if isinstance(manager, LVTCShortManager):
                 manager.requests = self.requests
-                self.short_manager = self.short_manager or manager
+                if self.short_manager is None:
+                    self.short_manager = manager
+                    manager.managers = list(managers)  # (it records every group's filled blocks)
                 if manager.enable_caching and manager.block_pool.hash_block_size != manager.block_size:
                     raise RuntimeError(
                         "InternVL-X LVTC saving path: vLLM hashes prompts in blocks of "
@@ -390,19 +400,15 @@ class LVTCSchedulerMixin:
         fills. vLLM enters a block in the cache when it allocates it, before the step computes it, and copies a hit's
         partly used last block before the step's forward: such a copy would read nothing. (A full block another
         request fills in the same step is read in that forward after it is written, layer by layer, as vLLM does.)"""
-        if not num_computed_tokens:
-            return False
         filled = self.short_manager.filled_this_step
-        if not filled:
+        if not num_computed_tokens or not filled:
             return False
         for manager, group_blocks in zip(self.kv_cache_manager.coordinator.single_type_managers, blocks.blocks):
-            if isinstance(manager, LVTCShortManager):
-                key = manager.copied_block_key(request, group_blocks, num_computed_tokens)
-            elif group_blocks and num_computed_tokens % manager.block_size:  # a long-layout group
-                key = request.block_hashes[num_computed_tokens // manager.block_size]
-            else:
-                key = None
-            if key is not None and key in filled:
+            if not group_blocks:
+                continue
+            tokens = (manager.held_tokens(request.request_id, group_blocks, num_computed_tokens)
+                      if isinstance(manager, LVTCShortManager) else num_computed_tokens)
+            if tokens % manager.block_size and (manager.kv_cache_group_id, group_blocks[-1].block_id) in filled:
                 return True
         return False
 
