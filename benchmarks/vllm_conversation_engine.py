@@ -103,6 +103,13 @@ def decode_gaps(llm, arriving: dict, tag: str, streams: int = 4, max_tokens: int
     return gaps
 
 
+def deferrals(engines: dict) -> dict:
+    """Each engine's admissions its scheduler put off a step so far (`LVTCSchedulerMixin.deferrals`; None: vLLM's own
+    scheduler)."""
+    return {name: getattr(llm.llm_engine.engine_core.engine_core.scheduler, "deferrals", None)
+            for name, llm in engines.items()}
+
+
 def main() -> None:
     from vllm import LLM
 
@@ -156,8 +163,8 @@ def main() -> None:
                 results[name]["users_rest_s"].append(rest)
                 results[name]["users_cached"].append([o.num_cached_tokens or 0 for o in out_first + out_rest])
             print(f"[engine] users round {round_}: " + ", ".join(
-                f"{n} {results[n]['users_first_s'][-1]:.2f} + {results[n]['users_rest_s'][-1]:.2f} s" for n in names),
-                flush=True)
+                f"{n} {results[n]['users_first_s'][-1]:.2f} + {results[n]['users_rest_s'][-1]:.2f} s" for n in names)
+                + f"; admissions put off a step so far: {deferrals(engines)}", flush=True)
         if "decode" in work:
             arriving = with_seed(request_spec("<image>\nDescribe the picture.", images=[(*image_size, 0)]), seed + 2)
             for name in order:
