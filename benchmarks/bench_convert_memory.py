@@ -59,7 +59,8 @@ make_synthetic_internvl2(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(allow_abbrev=False,
+                                     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=2, help="InternLM2 layers (each ~0.44 GB in bf16)")
     parser.add_argument("--num-shards", type=int, default=4, help="source shards")
     parser.add_argument("--max-shard-size", default="5GB", help="output shard size (the converter's default)")

@@ -98,7 +98,7 @@ def system_tokens(data: dict[str, Path]) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--batch", type=int, default=4)

@@ -276,7 +276,7 @@ def main() -> None:
     # (imported here: training children run this file with an older package on the path, which has no harness)
     from internvlx_hf.bench.harness import Progress, environment, time_call, write_text
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--eager-rows", type=int, default=5000)
     parser.add_argument("--work", type=Path, default=None, help="folder for the generated data (default: a temp dir)")

@@ -66,6 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     from internvlx_hf.demo.recipe import CONFIGS, EXTRA_CONFIGS, DataSpec
 
     parser = argparse.ArgumentParser(
+        allow_abbrev=False,
         description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", default=",".join(CONFIGS),

@@ -36,7 +36,7 @@ def make_page(width: int, height: int) -> Image.Image:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     parser.add_argument("--width", type=int, default=1700)
     parser.add_argument("--height", type=int, default=2200)
     parser.add_argument("--max-tiles", type=int, default=12)

@@ -162,7 +162,7 @@ def markdown(record: dict) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=100, help="held-out samples (default 100: 20 per task)")
     parser.add_argument("--out", default=str(RESULTS / "quantization"), help="output path without the suffix")
     args = parser.parse_args(argv)

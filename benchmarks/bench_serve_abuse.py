@@ -496,7 +496,7 @@ def bounds_table(result: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     parser.add_argument("--alone", type=float, default=60, help="seconds of the well-behaved clients alone")
     parser.add_argument("--seconds", type=float, default=180, help="seconds with the hostile clients")
     parser.add_argument("--name", default="serve-abuse", help="results file name (benchmarks/results/NAME.json)")

@@ -467,7 +467,7 @@ def plot_projections(result: dict, path: Path) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", help="checkpoint folder (default: the packaged demo model)")
     parser.add_argument("--synthetic", choices=["mid"], help="serve a random-weight model of this size instead")
     parser.add_argument("--name", help="name of the result files (default: the checkpoint folder's name)")

@@ -787,7 +787,7 @@ def config_list(value: str) -> list[str]:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=REAL_CONFIG, help="an OpenGVLab InternVL2 config.json")
     parser.add_argument("--frames", type=frame_list, default=[8, 16, 32])

@@ -137,7 +137,8 @@ def measure(folders: dict, rounds: int, work: list[str], answer_tokens: int, roo
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(allow_abbrev=False,
+                                     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--work", default="chat,users,decode", help="which of chat, users, decode to time")
     parser.add_argument("--size", default="wide", help="bench_vllm_lvtc_savings.py's model size")

@@ -749,7 +749,8 @@ def plugin_commit() -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(allow_abbrev=False,
+                                     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("experiment", choices=["parity", "stress", "savings", "kv", "breakdown", "plot"],
                         help="plot: draw a recorded savings run's pictures (--out NAME: NAME-runs.json), in an "
                              "environment with matplotlib (the main one; vLLM's has none)")

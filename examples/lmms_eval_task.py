@@ -101,7 +101,7 @@ def write_task(out: str | Path, n: int = 100) -> Path:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     parser.add_argument("out", help="folder for the dataset and the task")
     parser.add_argument("--n", type=int, default=100, help="held-out samples (default 100)")
     args = parser.parse_args(argv)

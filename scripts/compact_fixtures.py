@@ -225,6 +225,7 @@ def install(built: Path, out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
+        allow_abbrev=False,
         description=__doc__.split("\n\n")[0], epilog="See the module docstring (or docs/testing.md) for the rules.",
     )
     parser.add_argument("--src", type=Path, default=REPO.parent / "shared" / "fixtures",

@@ -66,7 +66,8 @@ def main(argv=None) -> int:
         VideoSpec,
     )
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+    parser = argparse.ArgumentParser(allow_abbrev=False,
+                                     description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(DEMO_MODEL_DIR), help="where the model goes (default: the package's)")
     parser.add_argument("--steps", type=int, default=TrainSpec().steps)

@@ -527,7 +527,7 @@ def make_fixture(name: str, spec: dict, src_fixtures: Path, images: Path, full_o
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     parser.add_argument("--reference", type=Path, required=True, help="git clone or mirror of OpenGVLab/InternVL")
     parser.add_argument("--commit", default=PINNED_COMMIT)
     parser.add_argument("--fixtures", type=Path, default=ROOT / "tests" / "fixtures",

@@ -207,7 +207,7 @@ def texts_for(tokenizer, seed: int, count: int, extra: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     parser.add_argument("--phi3", type=Path, default=ROOT / "tests" / "fixtures" / "internvl2_phi3")
     parser.add_argument("--internlm2", type=Path, default=ROOT / "tests" / "fixtures" / "internvl2_internlm2")
     parser.add_argument("--out", type=Path, default=ROOT / "tests" / "fixtures" / "tokenizer_cases")

@@ -54,7 +54,8 @@ def _describe(release: str, wheels: Path, work: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cli = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli = argparse.ArgumentParser(allow_abbrev=False,
+                                  description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cli.add_argument("releases", nargs="*", default=RELEASES, help="transformers releases (default: RELEASES)")
     cli.add_argument("--wheels", type=Path, help="folder of transformers wheels (downloaded there when missing)")
     args = cli.parse_args(argv)

@@ -85,7 +85,7 @@ def _load(source: str, name: str):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0])
     parser.add_argument("--reference", type=Path, required=True, help="git clone or mirror of OpenGVLab/InternVL")
     parser.add_argument("--commit", default=PINNED_COMMIT)
     args = parser.parse_args()

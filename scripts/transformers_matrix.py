@@ -348,7 +348,8 @@ def table(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(allow_abbrev=False,
+                                     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--releases", default=",".join(RELEASES), help="comma-separated transformers releases")
     parser.add_argument("--venvs", type=Path, default=REPO / "build" / "transformers-matrix",
                         help="where the venvs live (reused across runs)")

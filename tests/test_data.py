@@ -260,24 +260,35 @@ def test_data_check_prints_the_full_check_summary(processor, tmp_path, capsys):
     assert np.array_equal(parallel.measured.lengths, checked.measured.lengths)
 
 
-def test_max_tiles_wins_over_max_dynamic_patch_and_is_saved(tmp_path, capsys):
+def test_max_tiles_wins_over_max_dynamic_patch_and_the_saved_processor_keeps_the_sources(tmp_path, capsys):
+    """--max_tiles is every dataset's budget in training, else a dataset's max_dynamic_patch; the saved processor keeps
+    the source checkpoint's max_tiles (the trained model tiles at inference as the source did), and the line says so
+    (issue 80: a trial run's `--max_tiles 2` once became the model's tile budget without a word); the provenance
+    record names training's budget."""
+    model = th.converted("internvl2_qwen2")
+    source_tiles = json.loads((model / "processor_config.json").read_text())["image_processor"]["max_tiles"]
     meta = _colours(tmp_path, count=4, size=(200, 100), max_dynamic_patch=6)  # 2x1 grid + thumbnail under 6
-    options = dict(model=str(th.converted("internvl2_qwen2")), data=str(meta), max_steps=1, save_strategy="no",
+    options = dict(model=str(model), data=str(meta), max_steps=1, save_strategy="no",
                    use_cpu=True, report_to="none", disable_tqdm=True, seed=0, per_device_train_batch_size=2)
     result = train(*parse_train_args(options, output_dir=str(tmp_path / "one"), max_tiles=1))
     printed = capsys.readouterr().out
     assert ("Tiles: --max_tiles 1 for every dataset (it overrides max_dynamic_patch of colours 6); the saved "
-            "processor gets max_tiles 1") in printed
+            f"processor keeps the source's max_tiles {source_tiles} (training tiles at up to 1; --save_max_tiles "
+            "saves that instead)") in printed
     assert result.trainer.data_collator([result.dataset[0]])["num_patches"].tolist() == [1]
     saved = json.loads((tmp_path / "one" / "processor_config.json").read_text())["image_processor"]
-    assert saved["max_tiles"] == 1 == read_provenance(tmp_path / "one")["training"][-1]["max_tiles"]
+    assert saved["max_tiles"] == source_tiles and read_provenance(tmp_path / "one")["training"][-1]["max_tiles"] == 1
 
     result = train(*parse_train_args(options, output_dir=str(tmp_path / "own")))
     printed = capsys.readouterr().out
-    assert ("Tiles: each dataset's max_dynamic_patch (colours 6); the saved processor gets max_tiles 6 (--max_tiles N "
-            "sets one budget for all)") in printed
+    assert ("Tiles: each dataset's max_dynamic_patch (colours 6) (--max_tiles N sets one budget for all); the saved "
+            f"processor keeps the source's max_tiles {source_tiles} (training tiles at up to 6") in printed
     assert result.trainer.data_collator([result.dataset[0]])["num_patches"].tolist() == [3]
-    saved = json.loads((tmp_path / "own" / "processor_config.json").read_text())["image_processor"]
+    assert "On a CPU: up to 6 tiles an image (+ the thumbnail), 1,792 image tokens a sample" in printed
+
+    result = train(*parse_train_args(options, output_dir=str(tmp_path / "saved"), save_max_tiles=True))
+    assert "the saved processor gets max_tiles 6 (--save_max_tiles" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "saved" / "processor_config.json").read_text())["image_processor"]
     assert saved["max_tiles"] == 6
 
 
@@ -286,10 +297,15 @@ def test_data_check_says_what_training_would_save_as_it_saves_nothing(tmp_path, 
     training run would save (it said "the saved processor gets", issue 50)."""
     meta = _colours(tmp_path, count=2, size=(64, 64), max_dynamic_patch=6)
     model = str(th.converted("internvl2_qwen2"))
+    source_tiles = json.loads((th.converted("internvl2_qwen2") / "processor_config.json").read_text())[
+        "image_processor"]["max_tiles"]
     for extra, line in [(["--max_tiles", "2"], "Tiles: --max_tiles 2 for every dataset (it overrides max_dynamic_patch "
-                                               "of colours 6); training would save the processor with max_tiles 2"),
-                        ([], "Tiles: each dataset's max_dynamic_patch (colours 6); training would save the processor "
-                             "with max_tiles 6 (--max_tiles N sets one budget for all)")]:
+                                               "of colours 6); training would save the processor with the source's "
+                                               f"max_tiles {source_tiles} (training tiles at up to 2; "
+                                               "--save_max_tiles saves that instead)"),
+                        ([], "Tiles: each dataset's max_dynamic_patch (colours 6) (--max_tiles N sets one budget for "
+                             "all); training would save the processor with the source's max_tiles "
+                             f"{source_tiles} (training tiles at up to 6; --save_max_tiles saves that instead)")]:
         assert main(["data", "check", str(meta), "--model", model, "--no-progress", "--lengths_cache_dir",
                      str(tmp_path / "cache"), *extra]) == 0
         assert capsys.readouterr().out.splitlines()[0] == line

@@ -31,9 +31,9 @@ def test_quickstart_runs_and_removes_its_temporary_folder(tmp_path):
 
 
 def test_what_the_readme_commands_write_is_git_ignored():
-    """The README's commands are meant to be pasted in the checkout; the folders they write (`internvlx convert ...
-    converted/...`, `save_pretrained("tiny-internvlx")`, `--save-images`, `--output_path`) are git-ignored, so trying
-    them leaves `git status` clean."""
+    """The README's commands are meant to be pasted in the checkout; the folders and files they write (`internvlx
+    convert ... converted/...`, the toy data, `--save`, `--output_dir`, `--out`, `--save-images`, `--output_path`)
+    are git-ignored, so trying them leaves `git status` clean."""
     import re
     import shutil
 
@@ -43,11 +43,13 @@ def test_what_the_readme_commands_write_is_git_ignored():
                                                      capture_output=True).returncode != 0:
         pytest.skip("not a git checkout")
     readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
-    # (the commands with real paths: `internvlx convert SRC DST` in the command table is a placeholder)
+    # (the commands with real paths: `internvlx convert SRC DST`, `--output_dir OUT` in the command table are
+    # placeholders)
     patterns = [r"internvlx convert tests/\S+ ([\w./-]+)", r'save_pretrained\("([^"]+)"\)',
-                r"--save-images ([\w./-]+)", r"--output_path ([\w./-]+)"]
-    written = sorted({match for pattern in patterns for match in re.findall(pattern, readme)})
-    assert {"converted/internvl2_qwen2", "tiny-internvlx"} <= set(written) and len(written) >= 4, written
+                r"--save-images ([\w./-]+)", r"--output_path ([\w./-]+)", r"--save ([\w./-]+)",
+                r"--output_dir ([\w./-]+)", r"--out ([\w./-]+)", r"generate_dataset\('([^']+)'"]
+    written = sorted({match for pattern in patterns for match in re.findall(pattern, readme) if not match.isupper()})
+    assert {"converted/internvl2_qwen2", "demo", "toy", "out", "prefill.json"} <= set(written), written
     result = subprocess.run(["git", "-C", str(REPO_ROOT), "check-ignore", "--no-index", *written],
                             capture_output=True, text=True)
     assert sorted(result.stdout.split()) == written

@@ -100,7 +100,10 @@ def test_train_writes_checkpoints_that_load_anywhere(preset, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert f"Trainable parameters (preset {preset})" in printed
     assert "  colours                           8          8" in printed  # rows, samples (read lazily)
-    assert "Tiles: each dataset's max_dynamic_patch (colours 1); the saved processor gets max_tiles 1" in printed
+    source_tiles = json.loads((model / "processor_config.json").read_text())["image_processor"]["max_tiles"]
+    assert (f"Tiles: each dataset's max_dynamic_patch (colours 1) (--max_tiles N sets one budget for all); the saved "
+            f"processor keeps the source's max_tiles {source_tiles} (training tiles at up to 1; --save_max_tiles "
+            "saves that instead)") in printed
     # the run's peak memory: on a CPU the process's peak RSS (ru_maxrss), which only grows afterwards
     import resource
 
@@ -117,7 +120,8 @@ def test_train_writes_checkpoints_that_load_anywhere(preset, tmp_path, capsys):
     assert (record["learning_rate"], record["tiling"], record["max_tiles"], record["packing"]) == (1e-3, "ratio", 1,
                                                                                                    False)
     assert record["lm_head_loss"] == "labelled"  # the LM head on the labelled positions only, by default
-    assert json.loads((out / "processor_config.json").read_text())["image_processor"]["max_tiles"] == 1
+    # the budget is training's: the saved processor tiles as the source did (`--save_max_tiles` saves the budget)
+    assert json.loads((out / "processor_config.json").read_text())["image_processor"]["max_tiles"] == source_tiles
     # what loading the rows found, all processes and DataLoader workers together
     assert record["data_loaded"]["rows"] == 8 and record["data_loaded"]["skipped"] == {}
     assert 4 <= record["data_loaded"]["rows_read"] <= 8
@@ -176,10 +180,18 @@ def test_yaml_config_flags_override_it_and_errors_are_one_line(tmp_path, capsys)
     assert main(["train", str(config), "--max_steps", "1"]) == 0
     record = read_provenance(tmp_path / "out")["training"][-1]
     assert (record["preset"], record["steps"], record["learning_rate"]) == ("stage1", 1, 0.005)
-    assert (record["tiling"], record["max_tiles"]) == ("edge", 2)
-    # the saved processor tiles as training did
+    assert (record["tiling"], record["max_tiles"]) == ("edge", 2)  # what training used
+    # the saved processor takes the run's tiling (RVTC, part of the model), and keeps the source's tile budget unless
+    # asked to save training's
+    source = json.loads((model / "processor_config.json").read_text())["image_processor"]
     saved = json.loads((tmp_path / "out" / "processor_config.json").read_text())["image_processor"]
+    assert (saved["tiling"], saved["max_tiles"]) == ("edge", source["max_tiles"]) and source["max_tiles"] != 2
+    assert main(["train", str(config), "--max_steps", "1", "--save_max_tiles", "--output_dir",
+                 str(tmp_path / "saved")]) == 0
+    saved = json.loads((tmp_path / "saved" / "processor_config.json").read_text())["image_processor"]
     assert (saved["tiling"], saved["max_tiles"]) == ("edge", 2)
+    assert (f"the saved processor gets max_tiles 2 (--save_max_tiles; the source's was {source['max_tiles']}): the "
+            "model then tiles images at up to 2 at inference") in capsys.readouterr().out
     capsys.readouterr()
 
     (tmp_path / "no-model.yaml").write_text("max_steps: 1\n")  # train() checks what CONFIG.yaml leaves out

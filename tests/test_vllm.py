@@ -465,8 +465,9 @@ def test_the_start_says_in_one_block_the_lvtc_path_and_every_setting_the_plugin_
                     if record.getMessage().startswith("InternVL-X on vLLM")]
         lines = block.splitlines()
         assert lines[0] == f"InternVL-X on vLLM, {folder}: what the plugin set and why (docs/serving-vllm.md)"
-        assert [line.split(" (", 1)[0] for line in lines[1:]] == settings, lines
-        assert all(line.endswith(")") for line in lines[1:-1]), lines
+        assert lines[-1] == "InternVL-X on vLLM: end of what the plugin set"  # (the block marked at both ends)
+        assert [line.split(" (", 1)[0] for line in lines[1:-1]] == settings, lines
+        assert all(line.endswith(")") for line in lines[1:-2]), lines
         assert not [record for record in caplog.records if "InternVL-X: " in record.getMessage()
                     and not record.getMessage().startswith("InternVL-X on vLLM")]  # nothing beside it
         scheduler = config.scheduler_config

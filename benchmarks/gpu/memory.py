@@ -116,7 +116,8 @@ def probe(folder: str, name: str, preset: str, batch: int, args) -> dict:
 
 
 def main(argv=None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(allow_abbrev=False,
+                                     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="a converted internvlx-hf checkpoint folder (plain, MLP projector)")
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {', '.join(MODELS)}")
     parser.add_argument("--presets", default=",".join(PRESETS), help="comma-separated presets (default all three)")

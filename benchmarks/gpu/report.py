@@ -87,7 +87,8 @@ def plot(runs: list[dict], path: Path) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(allow_abbrev=False,
+                                     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("json", nargs="+", type=Path, help="bench_models.py --json files")
     parser.add_argument("--markdown", type=Path, help="write the tables here (default: print them)")
     parser.add_argument("--plot", type=Path, help="save the LVTC / plain-1024 ratios as a PNG")

@@ -24,22 +24,23 @@ def cpu_head_size_problem(text_config, lvtc: bool, where: str = "FOLDER",
                           sizes: tuple[int, ...] = CPU_ATTENTION_HEAD_SIZES) -> str | None:
     """One line saying why a checkpoint will not run on vLLM's CPU backend for its LLM's head size, or None.
 
-    vLLM's CPU attention has kernels for ``sizes`` only; an LVTC checkpoint with expansion (``lvtc``) also needs a
-    size larger than the LLM's (the plugin runs the layers below k at a larger head size, see
-    `internvlx_hf.vllm.config_hook`). GPU backends have sizes of their own, which vLLM checks when it starts.
+    vLLM's CPU attention has kernels for ``sizes`` only: the LLM's head size must be one of them. An LVTC checkpoint
+    with expansion (``lvtc``) runs there on the saving path, at the LLM's own head size; only the masked path (asked
+    for with ``hf_overrides``) runs the layers below k at the next larger size, which the largest listed size lacks:
+    that case gets a line of its own. GPU backends have sizes of their own, which vLLM checks when it starts.
     ``where`` is the folder named in the alternative (`internvlx serve`).
     """
     head = head_size_of(text_config)
     listed = ", ".join(map(str, sizes))
     if head not in sizes:
-        reason = f"the LLM's head size {head} is not one its attention has ({CPU_ATTENTION_RELEASE}: {listed})"
-    elif lvtc and not any(size > head for size in sizes):
-        reason = (f"LVTC on vLLM runs the layers below k at a head size larger than the LLM's {head}, and its "
-                  f"attention has none ({CPU_ATTENTION_RELEASE}: {listed})")
-    else:
-        return None
-    return (f"this folder will not run on vLLM's CPU backend: {reason}; GPU backends have their own head sizes; "
-            f"serve it on CPU with `internvlx serve {where}`")
+        return (f"this folder will not run on vLLM's CPU backend: the LLM's head size {head} is not one its attention "
+                f"has ({CPU_ATTENTION_RELEASE}: {listed}); GPU backends have their own head sizes; serve it on CPU "
+                f"with `internvlx serve {where}`")
+    if lvtc and not any(size > head for size in sizes):
+        return (f"on vLLM's CPU backend this folder runs on LVTC's saving path only: the masked path runs the layers "
+                f"below k at a head size larger than the LLM's {head}, and its attention has none "
+                f"({CPU_ATTENTION_RELEASE}: {listed})")
+    return None
 
 
 __all__ = ["CPU_ATTENTION_HEAD_SIZES", "CPU_ATTENTION_RELEASE", "cpu_head_size_problem", "head_size_of"]

@@ -60,6 +60,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 def build_parser(commands: Sequence[Command] | None = None) -> argparse.ArgumentParser:
     commands = _commands() if commands is None else commands
     parser = argparse.ArgumentParser(
+        allow_abbrev=False,
         prog="internvlx",
         description="InternVL-X (PVTC, LVTC, RVTC) for Hugging Face Transformers.",
         epilog="Run `internvlx COMMAND --help` for the options and examples of a command.",

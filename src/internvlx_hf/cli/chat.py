@@ -25,8 +25,8 @@ the --image images belong to the first question only (they stay in the conversat
 
 With --video: --frames frames (default 8) are taken at the centres of equal segments of the video, or of --bound
 START,END (seconds), as InternVL2's load_video does; each frame is one tile and the question is prefixed with
-"Frame1: <image>\nFrame2: <image>...". A video file needs PyAV (pip install "internvlx-hf[video]"); a folder of
-frame images does not.
+"Frame1: <image>\\nFrame2: <image>..." (one line per frame). A video file needs PyAV (pip install
+"internvlx-hf[video]"); a folder of frame images does not.
 Commands in the loop:
   /image PATH   attach another image to the next question (it joins the conversation from there on)
   /reset        forget the conversation; the --image images go with the next question again

@@ -75,6 +75,7 @@ class CommandParser(argparse.ArgumentParser):
     """
 
     def __init__(self, *args, add_arguments=None, intermixed: bool = False, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)  # `--max_step` for --max_steps is a mistake, said at once
         super().__init__(*args, **kwargs)
         self._pending_arguments = add_arguments
         self._intermixed = intermixed
@@ -105,7 +106,8 @@ class CommandParser(argparse.ArgumentParser):
 
     def unrecognized(self, extras: list[str]) -> str:
         """argparse's "unrecognized arguments" message, with the closest option of the command for the first
-        unknown one that is close to one (``--learing_rate``: did you mean ``--learning_rate``?)."""
+        unknown one that is close to one (``--learing_rate``: did you mean ``--learning_rate``?) or abbreviates
+        options (abbreviations are off: ``--max-new``: did you mean ``--max-new-tokens``?)."""
         import difflib
 
         message = f"unrecognized arguments: {' '.join(extras)}"
@@ -113,9 +115,13 @@ class CommandParser(argparse.ArgumentParser):
         for extra in extras:
             if not extra.startswith("--"):
                 continue
-            close = difflib.get_close_matches(extra.partition("=")[0], options, n=1, cutoff=0.75)
+            flag = extra.partition("=")[0]
+            close = difflib.get_close_matches(flag, options, n=1, cutoff=0.75)
             if close:
                 return f"{message}; did you mean {close[0]}?"
+            longer = sorted(option for option in options if option.startswith(flag))
+            if longer:
+                return f"{message}; did you mean {' or '.join(longer[:3])}?"
         return message
 
     def format_help(self):

@@ -27,7 +27,7 @@ over the layers (n_short before layer k, n_long from k on), plus 2*h*V for the L
 
 With --video instead of --image: one row per --frames N (default 8, 16 and 32). Each frame is one tile (InternVL2's
 load_video: max_num=1, no thumbnail), so a video costs N x tokens-per-tile <IMG_CONTEXT> tokens whatever its length
-(short videos repeat frames); with MODEL the LLM prompt adds the "Frame1: <img>...</img>\n..." lines as its
+(short videos repeat frames); with MODEL the LLM prompt adds the "Frame1: <img>...</img>\\n..." lines as its
 tokenizer encodes them."""
 
 _TOKENS_EPILOG = """\

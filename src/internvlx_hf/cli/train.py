@@ -101,7 +101,7 @@ def parse_cli(args: argparse.Namespace | Sequence[str] | None):
     from ..training.run import parse_train_args
 
     if not isinstance(args, argparse.Namespace):
-        parser = argparse.ArgumentParser(prog="internvlx train")
+        parser = argparse.ArgumentParser(allow_abbrev=False, prog="internvlx train")
         _add_train_arguments(parser)
         args = parser.parse_args(args)
     options = _option_names()

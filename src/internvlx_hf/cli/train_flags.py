@@ -261,7 +261,8 @@ def add_flags(parser: argparse.ArgumentParser, path: Path = FLAGS_JSON) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cli = argparse.ArgumentParser(prog="python -m internvlx_hf.cli.train_flags", description=__doc__,
+    cli = argparse.ArgumentParser(allow_abbrev=False,
+                                  prog="python -m internvlx_hf.cli.train_flags", description=__doc__,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     cli.add_argument("--check", action="store_true", help=f"exit 1 if {FLAGS_JSON.name} is stale; write nothing")
     cli.add_argument("--print", action="store_true", help="print this environment's description as JSON")

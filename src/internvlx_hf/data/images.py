@@ -72,33 +72,45 @@ class TileBudget:
         return [self.image_processor.get_number_of_image_patches(h, w, options) for w, h in sizes]
 
 
-def apply_tile_precedence(sources: list, image_processor, max_tiles: int | None, saves: bool = True) -> str:
-    """One precedence for the tile budget: --max_tiles, when given, is every dataset's; else a dataset's
-    max_dynamic_patch is its own, and the saved processor gets the largest one used, so that inference tiles as
-    training did. Returns the line that says so (``saves`` False: for a command that saves nothing, `data check`, the
-    line says what training would save)."""
-    saved = "the saved processor gets" if saves else "training would save the processor with"
+def apply_tile_precedence(sources: list, image_processor, max_tiles: int | None, saves: bool = True,
+                          save_budget: bool = False) -> str:
+    """One precedence for the tile budget in training: --max_tiles, when given, is every dataset's; else a dataset's
+    max_dynamic_patch is its own; else the processor's max_tiles. Each dataset's budget is pinned on its source, so
+    that training tiles by it whatever the processor's max_tiles. The processor (what a training run saves) keeps the
+    source checkpoint's max_tiles, so that the trained model tiles at inference as the source did; with `save_budget`
+    it gets the largest budget training used (--save_max_tiles). Returns the line that says which applies and what
+    is saved (``saves`` False: for a command that saves nothing, `data check`, the line says what training would
+    save)."""
+    source_tiles = image_processor.max_tiles
     own = {s.name: s.max_dynamic_patch for s in sources if s.max_dynamic_patch is not None}
     if max_tiles is not None:
-        image_processor.max_tiles = max_tiles
         for source in sources:
-            source.max_dynamic_patch = None
+            source.max_dynamic_patch = max_tiles
         overridden = ", ".join(f"{name} {value}" for name, value in own.items() if value != max_tiles)
-        return (f"Tiles: --max_tiles {max_tiles} for every dataset"
-                + (f" (it overrides max_dynamic_patch of {overridden})" if overridden else "")
-                + f"; {saved} max_tiles {max_tiles}")
-    if not own:
-        return f"Tiles: the processor's max_tiles {image_processor.max_tiles} for every dataset"
-    default = image_processor.max_tiles
-    others = [s.name for s in sources if s.max_dynamic_patch is None]
-    for source in sources:  # pinned, so that raising the processor's max_tiles below leaves their budget as it was
-        if source.max_dynamic_patch is None:
-            source.max_dynamic_patch = default
-    image_processor.max_tiles = max([*own.values(), *([default] if others else [])])
-    used = ", ".join(f"{name} {value}" for name, value in own.items())
-    rest = f", the processor's {default} for {', '.join(others)}" if others else ""
-    return (f"Tiles: each dataset's max_dynamic_patch ({used}){rest}; {saved} max_tiles {image_processor.max_tiles} "
-            "(--max_tiles N sets one budget for all)")
+        line = (f"Tiles: --max_tiles {max_tiles} for every dataset"
+                + (f" (it overrides max_dynamic_patch of {overridden})" if overridden else ""))
+    elif not own:
+        for source in sources:
+            source.max_dynamic_patch = source_tiles
+        line = f"Tiles: the processor's max_tiles {source_tiles} for every dataset"
+    else:
+        others = [s.name for s in sources if s.max_dynamic_patch is None]
+        for source in sources:
+            if source.max_dynamic_patch is None:
+                source.max_dynamic_patch = source_tiles
+        used = ", ".join(f"{name} {value}" for name, value in own.items())
+        rest = f", the processor's {source_tiles} for {', '.join(others)}" if others else ""
+        line = f"Tiles: each dataset's max_dynamic_patch ({used}){rest} (--max_tiles N sets one budget for all)"
+    budget = max(source.max_dynamic_patch for source in sources) if sources else source_tiles
+    saved = "the saved processor" if saves else "training would save the processor with"
+    if budget == source_tiles:
+        return f"{line}; {saved} {'keeps ' if saves else ''}max_tiles {source_tiles}"
+    if save_budget:
+        image_processor.max_tiles = budget
+        return (f"{line}; the saved processor gets max_tiles {budget} (--save_max_tiles; the source's was "
+                f"{source_tiles}): the model then tiles images at up to {budget} at inference")
+    return (f"{line}; {saved} {'keeps ' if saves else ''}the source's max_tiles {source_tiles} (training tiles at "
+            f"up to {budget}; --save_max_tiles saves that instead)")
 
 
 __all__ = ["TileBudget", "apply_tile_precedence", "image_size", "load_image"]

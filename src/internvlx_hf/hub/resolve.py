@@ -35,8 +35,31 @@ def local_model_folder(model: str | os.PathLike, name: str = "MODEL") -> Path | 
         raise FileNotFoundError(f"{name} {str(model)!r} is a file; pass the checkpoint folder that holds config.json.")
     text = str(model)
     if not looks_like_repo_id(text) or os.sep in text.replace("/", "") or text.count("/") > 1:
-        raise FileNotFoundError(f"{name} {text!r}: no such folder; pass a checkpoint folder or a Hub id (owner/name).")
+        raise FileNotFoundError(f"{name} {text!r}: no such folder; pass a checkpoint folder or a Hub id (owner/name)."
+                                + _did_you_mean(path))
+    if path.parent != Path(".") and path.parent.is_dir():
+        # `converted/internvl2_qwen` where `converted/` is a local folder: a mistyped path, never a Hub id
+        raise FileNotFoundError(f"{name} {text!r}: no such folder in {str(path.parent)!r}." + _did_you_mean(path))
+    hint = _did_you_mean(path)
+    if hint:  # a name close to a local folder's: a typo, not a Hub id without an owner
+        raise FileNotFoundError(f"{name} {text!r}: no such folder." + hint + " (A Hub id is owner/name.)")
     return None
+
+
+def _did_you_mean(path: Path) -> str:
+    """`` Did you mean 'x'?`` for the folders beside `path` whose names are close to its name, or ''."""
+    import difflib
+
+    parent = path.parent if str(path.parent) else Path(".")
+    try:
+        names = [entry.name for entry in parent.iterdir() if entry.is_dir() and not entry.name.startswith(".")]
+    except OSError:
+        return ""
+    close = difflib.get_close_matches(path.name, names, n=3, cutoff=0.75)
+    if not close:
+        return ""
+    shown = [str(parent / name) if parent != Path(".") else name for name in close]
+    return " Did you mean " + " or ".join(repr(name) for name in shown) + "?"
 
 
 def resolve_model(model: str | os.PathLike, allow_patterns: list[str] | None = None) -> Path:

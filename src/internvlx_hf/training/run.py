@@ -146,9 +146,15 @@ class DataArguments:
     )
     max_tiles: int | None = field(
         default=None,
-        metadata={"help": "largest tile grid per image, for every dataset: it overrides the meta's "
-                          "max_dynamic_patch, and the saved processor gets it (default: each dataset's "
-                          "max_dynamic_patch, else the processor's max_tiles)"},
+        metadata={"help": "largest tile grid per image in training, for every dataset: it overrides the meta's "
+                          "max_dynamic_patch (default: each dataset's max_dynamic_patch, else the processor's "
+                          "max_tiles); the saved processor keeps the source's max_tiles (see --save_max_tiles)"},
+    )
+    save_max_tiles: bool = field(
+        default=False,
+        metadata={"help": "save the tile budget training used (--max_tiles, else the largest max_dynamic_patch) "
+                          "into the output's processor, so that the model tiles at it at inference (default: the "
+                          "source checkpoint's max_tiles stays)"},
     )
     group_by_length: bool = field(
         default=False,
@@ -261,7 +267,7 @@ def parse_train_args(config: str | os.PathLike | dict[str, Any] | None = None, *
     renames = checkpointing_renames()
     values = {renames.get(key, key): value for key, value in values.items()}
     overrides = {renames.get(key, key): value for key, value in overrides.items()}
-    parser = HfArgumentParser(ARGUMENT_CLASSES)
+    parser = HfArgumentParser(ARGUMENT_CLASSES, allow_abbrev=False)
     where = f"{config}: " if isinstance(config, (str, os.PathLike)) else ""
     values = {key: _coerce(parser, key, value, where) for key, value in values.items()}
     values.update({key: _coerce(parser, key, value, "") for key, value in overrides.items()})
@@ -472,7 +478,10 @@ def train(model_args: ModelArguments, data_args: DataArguments, preset_args: Pre
 
     processor = _load_processor(folder, data_args)
     sources = as_sources(data)
-    say(apply_tile_precedence(sources, processor.image_processor, data_args.max_tiles))
+    say(apply_tile_precedence(sources, processor.image_processor, data_args.max_tiles,
+                              save_budget=data_args.save_max_tiles))
+    if training_args.device.type == "cpu":
+        _say_cpu_tile_cost(sources, processor, data_args, say)
     dtype = _torch_dtype(model_args.model_dtype)
     collator = InternVLXDataCollator(processor, max_length=data_args.max_length, packing=data_args.packing,
                                      loss_reduction=data_args.loss_reduction)
@@ -538,9 +547,22 @@ def _set_cpu_threads(requested: int | None, say: Callable[[str], None]) -> None:
     say(f"CPU threads: {threads} ({why})")
 
 
+def _say_cpu_tile_cost(sources: list, processor, data_args: DataArguments, say: Callable[[str], None]) -> None:
+    """On a CPU, what a sample of the largest tile budget costs, said before any work: a many-tile run there takes
+    minutes a step, and the budget is the knob that keeps a trial run small."""
+    budget = max((source.max_dynamic_patch for source in sources), default=processor.image_processor.max_tiles)
+    if budget < 4:
+        return
+    thumbnail = 1 if getattr(processor.image_processor, "use_thumbnail", False) and budget > 1 else 0
+    tokens = (budget + thumbnail) * processor.image_seq_length
+    say(f"On a CPU: up to {budget} tiles an image{' (+ the thumbnail)' if thumbnail else ''}, {tokens:,} image tokens "
+        "a sample: a step of such samples can take minutes here. --max_tiles 2 keeps a trial run small (training "
+        "only: the saved processor keeps its max_tiles unless --save_max_tiles).")
+
+
 def _load_processor(folder: Path, data_args: DataArguments):
-    """The checkpoint's processor with --tiling / --max_tiles applied: the saved processor must tile as training
-    did, so the overrides become its settings."""
+    """The checkpoint's processor with --tiling applied (the saved processor tiles as training did), and --max_tiles
+    checked (the budget is applied per dataset: `apply_tile_precedence`)."""
     from .. import InternVLXProcessor
 
     # The checkpoint's own tokenizer code (e.g. tokenization_internvlx.py written by `internvlx convert`) may be needed.
@@ -549,11 +571,9 @@ def _load_processor(folder: Path, data_args: DataArguments):
         if data_args.tiling not in {mode.value for mode in TilingMode}:
             raise ValueError(f"--tiling must be one of {[mode.value for mode in TilingMode]}, got {data_args.tiling!r}")
         processor.image_processor.tiling = TilingMode(data_args.tiling)
-    if data_args.max_tiles is not None:
-        if data_args.max_tiles < processor.image_processor.min_tiles:
-            raise ValueError(f"--max_tiles {data_args.max_tiles} is below the processor's min_tiles "
-                             f"{processor.image_processor.min_tiles}")
-        processor.image_processor.max_tiles = data_args.max_tiles
+    if data_args.max_tiles is not None and data_args.max_tiles < processor.image_processor.min_tiles:
+        raise ValueError(f"--max_tiles {data_args.max_tiles} is below the processor's min_tiles "
+                         f"{processor.image_processor.min_tiles}")
     return processor
 
 
@@ -653,7 +673,10 @@ def _provenance(model, dataset: InternVLXDataset, processor, quantization: dict[
         "loss_reduction": data_args.loss_reduction,
         "lm_head_loss": model_args.lm_head_loss,
         "tiling": TilingMode(processor.image_processor.tiling).value,
-        "max_tiles": processor.image_processor.max_tiles,
+        # the largest budget training tiled at (the saved processor's max_tiles is the source's unless
+        # --save_max_tiles: `apply_tile_precedence`)
+        "max_tiles": max((s.max_dynamic_patch or processor.image_processor.max_tiles for s in dataset.sources),
+                         default=processor.image_processor.max_tiles),
     }
 
 

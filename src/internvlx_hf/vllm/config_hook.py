@@ -92,6 +92,10 @@ def _cpu_head_sizes() -> list[int] | None:
     return list(CPUAttentionBackend.get_supported_head_sizes())
 
 
+#: The last line of the start-up block (`EngineSettings.report`).
+END_OF_BLOCK = "InternVL-X on vLLM: end of what the plugin set"
+
+
 class EngineSettings:
     """What the config hook sets on vLLM's engine, and why: said at start in one block of lines (`report`), with the
     LVTC path and the prompt length vLLM counts, so a user reads in one place what the plugin changed."""
@@ -116,9 +120,10 @@ class EngineSettings:
             return
         from vllm.logger import init_logger
 
+        # one record, its first and last lines marked, among vLLM's own start-up warnings
         init_logger("internvlx_hf.vllm").warning(
-            "InternVL-X on vLLM, %s: what the plugin set and why (docs/serving-vllm.md)\n%s", self.where,
-            "\n".join(f"  - {line}" for line in self.lines))
+            "InternVL-X on vLLM, %s: what the plugin set and why (docs/serving-vllm.md)\n%s\n%s", self.where,
+            "\n".join(f"  - {line}" for line in self.lines), END_OF_BLOCK)
 
 
 class LVTCConfigHook:
@@ -161,6 +166,8 @@ class LVTCConfigHook:
             _check_lvtc_engine(vllm_config, layout, where)
         if layout is not None:
             path = choose_lvtc_path(vllm_config, config, settings)
+            if path == "masked":
+                _check_masked_head_size(config, where)
         whole_prompts = _whole_prompts_reason(path)
         if needs_position_rows(config, model_config.max_model_len):
             # vLLM's per-request position rows (its M-RoPE machinery) carry each token's layout and RoPE factors.
@@ -268,10 +275,18 @@ def _check_head_size(config, where: str) -> None:
             f"InternVL-X checkpoint {where}: vLLM's CPU attention has no kernel for the LLM's head size {head} "
             f"(it has {', '.join(map(str, sizes))}); serve it on a GPU or with `internvlx serve {where}`."
         )
-    if lvtc_geometry_of(config) is not None and not any(size > head for size in sizes):
+
+
+def _check_masked_head_size(config, where: str) -> None:
+    """The masked path runs the layers below k at the next head size vLLM's CPU attention has above the LLM's
+    (`lvtc/masked.py`); the saving path runs them at the LLM's own."""
+    sizes = _cpu_head_sizes()
+    head = head_size_of(config.get_text_config())
+    if sizes is not None and not any(size > head for size in sizes):
         raise UnsupportedCheckpoint(
-            f"InternVL-X LVTC checkpoint {where}: LVTC on vLLM runs the layers below k at a head size larger than the "
-            f"LLM's {head}, and vLLM's CPU attention has none; serve it with `internvlx serve {where}`."
+            f"InternVL-X LVTC checkpoint {where}: the masked path runs the layers below k at a head size larger than "
+            f"the LLM's {head}, and vLLM's CPU attention has none; serve it on the saving path (leave lvtc_vllm_path "
+            f"out of hf_overrides) or with `internvlx serve {where}`."
         )
 
 
