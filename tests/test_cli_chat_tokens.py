@@ -108,8 +108,8 @@ def test_tokens_of_an_lvtc_model_per_layer_group(capsys, converted_lvtc):
     assert main(["tokens", str(converted_lvtc), "--image", "1000x747", "--tiling", "area"]) == 0
     table = capsys.readouterr().out
     assert "LVTC: layers < 1 see 256 tokens per tile, layers >= 1 see 1024" in table
-    assert "| LLM tokens, layers < 1 | layers >= 1 | vLLM prompt tokens | prefill TFLOPs | uncompressed TFLOPs | " \
-           "ratio |" in table
+    assert "| image | tiling | LLM, layers < 1 | layers >= 1 | vLLM prompt | TFLOPs | uncompressed | ratio |" in table
+    assert max(len(line) for line in table.splitlines() if line.startswith("|")) <= 100  # (once 12 columns wide)
     ratio = row["prefill_flops"] / row["uncompressed_prefill_flops"]
     assert "| 1346 | 5186 | 5186 |" in table and f"| {ratio:.3f} |" in table
 
@@ -127,9 +127,9 @@ def test_tokens_give_the_prompt_length_vllm_counts(capsys, converted, converted_
         (3, 949, 3253), (13, 179 + 2 + 13 * 256, 179 + 2 + 13_312)]
     assert main(["tokens", str(converted_lvtc), "--image", "768x448", "--tiling", "area", "--text-tokens", "179"]) == 0
     table = capsys.readouterr().out
-    assert "vLLM: the prompt holds every tile at the long layout (1024 tokens per tile), so its length (vLLM prompt " \
-           "tokens) is what --max-model-len bounds" in table
-    assert "| 768x448 | 768x448 | area | 2x1 | 3 | 768 | 949 | 3253 | 3253 |" in table
+    assert "vLLM: every tile at the long layout (1024 tokens) in the prompt, whose length (vLLM prompt)\n" \
+           "--max-model-len bounds" in table
+    assert "| 768x448 | 768x448 | area | 2x1 | 3 | 768 |" in table and "| 768x448 | area | 949 | 3253 | 3253 |" in table
 
     frames = tmp_path / "frames"
     frames.mkdir()
@@ -230,6 +230,7 @@ def test_lvtc_that_never_expands_is_described_as_such(capsys, converted_lvtc, tm
     table = capsys.readouterr().out
     assert "LVTC without expansion: k = 2 is the LLM's depth, so all 2 layers see 256 tokens per tile" in table
     assert "layers >=" not in table and "| LLM tokens | prefill TFLOPs |" in table
+    assert max(len(line) for line in table.splitlines() if line.startswith("|")) <= 100
     assert "vLLM: the same prompt (the LLM tokens)" in table  # nothing expands on vLLM either
     card = build_model_card(folder, license="mit").content
     assert "| LVTC | on, without expansion (paper Sec. 3.2): k = 2 is the LLM's depth, so all 2 layers see 256 " \

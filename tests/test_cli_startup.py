@@ -53,7 +53,7 @@ for argv in json.loads(sys.argv[1]):
             code = stop.code
     lines = err.getvalue().strip().splitlines()
     results.append({"argv": argv, "code": code, "stdout": out.getvalue(), "last_err": lines[-1] if lines else "",
-                    "err_lines": len(lines), "heavy": sorted(m for m in HEAVY if m in sys.modules)})
+                    "first_err": lines[0] if lines else "", "err_lines": len(lines), "heavy": sorted(m for m in HEAVY if m in sys.modules)})
 print(json.dumps(results))
 """
 
@@ -161,6 +161,18 @@ def test_an_abbreviated_flag_is_a_mistake_said_at_once():
     cases = [(argv, error) for argv, error in zip(argvs, errors, strict=True) if FLAGS_HOLD or argv[:1] != ["train"]]
     results = _run_cli([argv for argv, _ in cases])
     assert [(r["code"], r["last_err"]) for r in results] == [(2, error) for _, error in cases]
+
+
+def test_a_flag_in_the_other_spelling_is_taken_with_one_line():
+    """Every command takes a flag spelt with the other separator (train's `--max_tiles` in `tokens`, which lists
+    `--max-tiles`), saying in one line which spelling it lists."""
+    results = _run_cli([["chat", "/no/such", "--max_tiles", "3", "Q"], ["eval", "/no/such", "d", "--max_new_tokens=4"]])
+    assert [r["code"] for r in results] == [2, 2]
+    assert [r["err_lines"] for r in results] == [2, 2]  # the note, then the command's own error (the path)
+    assert "MODEL '/no/such': no such folder" in results[0]["last_err"]
+    assert [r["first_err"] for r in results] == [
+        "internvlx chat: --max_tiles is spelt --max-tiles here; taken as --max-tiles",
+        "internvlx eval: --max_new_tokens is spelt --max-new-tokens here; taken as --max-new-tokens"]
 
 
 def test_every_argument_parser_of_the_project_refuses_abbreviations():

@@ -1,8 +1,8 @@
-"""The package's import structure: every room sits below the ones that use it.
+"""The package's import structure: every subpackage sits below the ones that use it.
 
 Parses each module's imports (top-level and deferred ones inside functions alike) with `ast`, without importing
-anything, and checks that no library room imports the command line (`cli`) or the demo, that no two modules
-import each other through any chain, and that no two rooms (subpackages, and the top-level modules) do either.
+anything, and checks that no library subpackage imports the command line (`cli`) or the demo, that no two modules
+import each other through any chain, and that no two subpackages (and top-level modules) do either.
 """
 
 import ast

@@ -54,10 +54,10 @@ if TYPE_CHECKING:
 
 def __getattr__(name: str):
     """`internvlx_hf.InternVLXConfig` and `from internvlx_hf import ...`: import the subpackage on first use."""
-    room = _LAZY_ATTRIBUTES.get(name)
-    if room is None:
+    module = _LAZY_ATTRIBUTES.get(name)
+    if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{room}", __name__), name)
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
     register_auto_classes()
     globals()[name] = value
     return value

@@ -1,7 +1,7 @@
 """The answer metrics of the benchmarks InternVL reports, each from its paper's definition.
 
-A leaf room (standard library only): `internvlx_hf.data` checks a meta file's metric names with it and
-`internvlx_hf.evaluation` scores with it.
+Standard library only, importing nothing of the package: `internvlx_hf.data` checks a meta file's metric names with
+it and `internvlx_hf.evaluation` scores with it.
 
 Every metric scores one prediction against a sample's reference answers, from 0 to 1; a dataset's score is the
 mean over its samples.

@@ -284,22 +284,29 @@ def video_budget_rows(video: str, frame_counts: list[int], settings: TilingSetti
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    """A Markdown table of `budget_rows` (only the columns that apply)."""
-    if rows and "frames" in rows[0]:  # video_budget_rows
-        columns = [("video", "video"), ("frames", "frames"), ("tiles", "tiles"), ("<IMG_CONTEXT>", "tokens")]
-    else:
-        columns = [("image", "image"), ("size", None), ("tiling", "tiling"), ("grid", "grid"), ("tiles", "tiles"),
-                   ("<IMG_CONTEXT>", "tokens")]
-    has_model = rows and "llm_tokens" in rows[0]
-    has_lvtc = has_model and rows[0].get("expand_layer") is not None
-    if has_lvtc:
+    """`budget_rows` as Markdown tables that fit 100 columns: the tiles and visual tokens of each row, then (with a
+    model) the LLM's tokens and prefill FLOPs of each row, in a second table."""
+    video = bool(rows) and "frames" in rows[0]
+    name = [("video", "video"), ("frames", "frames")] if video else [("image", "image"), ("tiling", "tiling")]
+    tiles = (name + [("tiles", "tiles"), ("<IMG_CONTEXT>", "tokens")] if video else
+             [("image", "image"), ("size", None), ("tiling", "tiling"), ("grid", "grid"), ("tiles", "tiles"),
+              ("<IMG_CONTEXT>", "tokens")])
+    has_model = bool(rows) and "llm_tokens" in rows[0]
+    if not has_model:
+        return _markdown(rows, tiles)
+    if rows[0].get("expand_layer") is not None:
         k = rows[0]["expand_layer"]
-        columns += [(f"LLM tokens, layers < {k}", "llm_tokens"), (f"layers >= {k}", "llm_tokens_long"),
-                    ("vLLM prompt tokens", "vllm_prompt_tokens"), ("prefill TFLOPs", "prefill_flops"),
-                    ("uncompressed TFLOPs", "uncompressed_prefill_flops"), ("ratio", None)]
-    elif has_model:
-        columns += [("LLM tokens", "llm_tokens"), ("prefill TFLOPs", "prefill_flops")]
+        llm = name + [(f"LLM, layers < {k}", "llm_tokens"), (f"layers >= {k}", "llm_tokens_long"),
+                      ("vLLM prompt", "vllm_prompt_tokens"), ("TFLOPs", "prefill_flops"),
+                      ("uncompressed", "uncompressed_prefill_flops"), ("ratio", None)]
+        note = "LLM tokens per layer group and prefill TFLOPs (uncompressed: every layer on the long layout)"
+    else:
+        llm = name + [("LLM tokens", "llm_tokens"), ("prefill TFLOPs", "prefill_flops")]
+        note = "LLM tokens and prefill TFLOPs"
+    return f"{_markdown(rows, tiles)}\n\n{note}:\n{_markdown(rows, llm)}"
 
+
+def _markdown(rows: list[dict[str, Any]], columns: list[tuple[str, str | None]]) -> str:
     def cell(row, header, key):
         if header == "size":
             return f"{row['width']}x{row['height']}"

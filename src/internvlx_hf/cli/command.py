@@ -92,7 +92,7 @@ class CommandParser(argparse.ArgumentParser):
         self._add_pending_arguments()
         if self._parsing is not None:  # parse_known_intermixed_args calls back into parse_known_args
             return super().parse_known_args(args, namespace)
-        self._parsing = list(sys.argv[1:] if args is None else args)
+        self._parsing = self._respell(list(sys.argv[1:] if args is None else args))
         try:
             if self._intermixed:
                 parsed, extras = self.parse_known_intermixed_args(self._parsing, namespace)
@@ -103,6 +103,22 @@ class CommandParser(argparse.ArgumentParser):
         if extras and not self._probing:  # said here, with the command's name (the top parser would leave it out)
             self.error(self.unrecognized(extras))
         return parsed, extras
+
+    def _respell(self, args: list[str]) -> list[str]:
+        """A flag spelt with the other separator (`--max_tiles` where this command spells `--max-tiles`, as `train`
+        and `data` spell theirs with the Trainer's underscores) is taken as this command's, with one line saying
+        so: every command accepts both, and documents one."""
+        known = self._option_string_actions
+        respelt = []
+        for arg in args:
+            flag, equals, value = arg.partition("=")
+            if flag.startswith("--") and flag not in known:
+                other = "--" + (flag[2:].replace("_", "-") if "_" in flag else flag[2:].replace("-", "_"))
+                if other in known:
+                    print(f"{self.prog}: {flag} is spelt {other} here; taken as {other}", file=sys.stderr)
+                    arg = other + equals + value
+            respelt.append(arg)
+        return respelt
 
     def unrecognized(self, extras: list[str]) -> str:
         """argparse's "unrecognized arguments" message, with the closest option of the command for the first

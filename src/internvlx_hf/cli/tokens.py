@@ -15,7 +15,7 @@ Without MODEL the InternVL2-2B settings are used (448px tiles, max 12 tiles, 256
 checkpoint folder, or a Hub id when the Hub is reachable) its processor's settings are used, and the table adds the
 LLM's prompt length (--text-tokens of text + <img> + the image tokens + </img>) and the LLM prefill FLOPs. For an
 LVTC model it shows the tokens of each layer group (layers < k see the short layout, layers >= k the long one) and
-compares the FLOPs with the uncompressed model (every layer on the long layout). "vLLM prompt tokens" (JSON:
+compares the FLOPs with the uncompressed model (every layer on the long layout), in a second table. "vLLM prompt" (JSON:
 vllm_prompt_tokens) is the prompt's length on vLLM, what its --max-model-len bounds (prompt and answer together):
 vLLM schedules an LVTC model's every tile at the long layout (e.g. 1024 ids per 448px tile instead of 256); for
 other models it is the LLM tokens.
@@ -128,8 +128,8 @@ def _vllm_line(config) -> str:
     if per_tile == config.image_seq_length:
         return ("vLLM: the same prompt (the LLM tokens) is what its --max-model-len bounds, prompt and answer "
                 "together")
-    return (f"vLLM: the prompt holds every tile at the long layout ({per_tile} tokens per tile), so its length "
-            "(vLLM prompt tokens) is what --max-model-len bounds, prompt and answer together")
+    return (f"vLLM: every tile at the long layout ({per_tile} tokens) in the prompt, whose length (vLLM prompt)\n"
+            "--max-model-len bounds, prompt and answer together")
 
 
 def _run_video_tokens(args: argparse.Namespace) -> int:

@@ -7,8 +7,8 @@
 Modules: `data` (the rows read by `internvlx_hf.data`, split into prompts and reference answers, checked before
 anything runs), `runner` (batched greedy generation and the scores per dataset), `report` (tables, JSON, plot) and
 `callback` (`EvaluationCallback`, behind `internvlx train --eval-data`). The metrics (exact match, VQA accuracy, ANLS,
-relaxed accuracy) live one room below, in `internvlx_hf.metrics`, which `internvlx_hf.data` reads too; their names
-are re-exported here.
+relaxed accuracy) are defined in `internvlx_hf.metrics`, which `internvlx_hf.data` reads too (to check a meta file's
+metric names); their names are re-exported here.
 """
 
 from ..metrics import DEFAULT_METRIC, METRICS, anls, exact_match, normalize_vqa_answer, relaxed_accuracy, vqa_accuracy
