@@ -284,7 +284,7 @@ def test_max_tiles_wins_over_max_dynamic_patch_and_the_saved_processor_keeps_the
     assert ("Tiles: each dataset's max_dynamic_patch (colours 6) (--max_tiles N sets one budget for all); the saved "
             f"processor keeps the source's max_tiles {source_tiles} (training tiles at up to 6") in printed
     assert result.trainer.data_collator([result.dataset[0]])["num_patches"].tolist() == [3]
-    assert "On a CPU: up to 6 tiles an image (+ the thumbnail), 1,792 image tokens a sample" in printed
+    assert "On a CPU: up to 6 tiles an image (+ the thumbnail), 1,792 image tokens a sample, each adding" in printed
 
     result = train(*parse_train_args(options, output_dir=str(tmp_path / "saved"), save_max_tiles=True))
     assert "the saved processor gets max_tiles 6 (--save_max_tiles" in capsys.readouterr().out

@@ -263,21 +263,25 @@ def _prefix_cache_hits(client) -> float:
 def test_an_lvtc_chat_behind_the_server_is_served_from_the_prefix_cache(servers):
     """A 2-turn chat about one image through vLLM's OpenAI server (engine core and worker in processes of their own),
     the second turn resending the first: prefix caching is on (nothing in the start-up block turns it off), the second
-    turn is served from the cache (vLLM's counter grows by at least the image's tiles but the last) and both answers
-    are transformers'."""
+    turn is served from the cache (vLLM's counter grows by at least the image's tiles but the last), each answer's
+    `usage.prompt_tokens_details.cached_tokens` is what the server's /metrics counter grew by, and both answers are
+    transformers'."""
     folder, client = servers["qwen2-lvtc"]
     assert "  - enable_prefix_caching" not in SERVER_LOGS["qwen2-lvtc"].read_text()
     first = [{"role": "user", "content": [{"type": "image_url", "image_url": (900, 448, 31)},
                                           {"type": "text", "text": "Describe the picture."}]}]
     second = first + [{"role": "assistant", "content": "A field of coloured squares, " * 40},
                       {"role": "user", "content": "What else is in it?"}]
-    hits = [_prefix_cache_hits(client)]
+    hits, cached = [_prefix_cache_hits(client)], []
     for messages in (first, second):
         answer = client.chat.completions.create(
             model=str(folder), messages=_openai_messages(messages), max_tokens=8, temperature=0.0,
             extra_body={"return_token_ids": True, "ignore_eos": True})
         assert answer.choices[0].token_ids == _transformers_answer(folder, messages)["tokens"]
         hits.append(_prefix_cache_hits(client))
+        # what a client sees (the server started with --enable-prompt-tokens-details): the same count as /metrics
+        cached.append(answer.usage.prompt_tokens_details.cached_tokens)
+    assert cached == [hits[1] - hits[0], hits[2] - hits[1]] and cached[0] == 0, (cached, hits)
     config = InternVLXForConditionalGeneration.config_class.from_pretrained(folder)
     tiles = 3  # 900x448 at max_tiles 4: 2 tiles and the thumbnail
     assert hits[2] - hits[1] >= (tiles - 1) * lvtc_geometry_of(config).long_per_tile, hits
