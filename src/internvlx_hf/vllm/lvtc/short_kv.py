@@ -21,8 +21,9 @@ on any model. The layers below `k`:
 
 Prefix caching: the short group's blocks are keyed by the long layout's block hashes (`tiles.short_block_keys`), a hit
 may end at a tile's start or where a step resumes a tile (`tiles.RequestTiles.longest_hit`), and a request whose hit
-would copy a block the same step fills waits a step (`LVTCSchedulerMixin`). Positions: `positions.saving_positions` /
-`positions.saving_rope_indices` (LongRoPE included). The vLLM internals this
+would copy a block the same step fills waits a step (`LVTCSchedulerMixin`).
+
+Positions: `positions.saving_positions` / `positions.saving_rope_indices` (LongRoPE included). The vLLM internals this
 uses are listed, with what breaks, in `INTERNALS` and docs/serving-vllm-lvtc.md; `config_hook.choose_lvtc_path` sends
 an engine whose vLLM differs to the masked path (`masked.py`), with one log line.
 """
