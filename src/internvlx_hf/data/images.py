@@ -89,10 +89,10 @@ def apply_tile_precedence(sources: list, image_processor, max_tiles: int | None,
         overridden = ", ".join(f"{name} {value}" for name, value in own.items() if value != max_tiles)
         line = (f"Tiles: --max_tiles {max_tiles} for every dataset"
                 + (f" (it overrides max_dynamic_patch of {overridden})" if overridden else ""))
-    elif not own:
+    elif not own:  # (nothing to say of the saved processor: it is the source's, and training tiles by it)
         for source in sources:
             source.max_dynamic_patch = source_tiles
-        line = f"Tiles: the processor's max_tiles {source_tiles} for every dataset"
+        return f"Tiles: the processor's max_tiles {source_tiles} for every dataset"
     else:
         others = [s.name for s in sources if s.max_dynamic_patch is None]
         for source in sources:
