@@ -468,6 +468,14 @@ def test_the_start_says_in_one_block_the_lvtc_path_and_every_setting_the_plugin_
         assert lines[-1] == "InternVL-X on vLLM: end of what the plugin set"  # (the block marked at both ends)
         assert [line.split(" (", 1)[0] for line in lines[1:-1]] == settings, lines
         assert all(line.endswith(")") for line in lines[1:-2]), lines
+        if path == "masked":  # what it costs against an uncompressed checkpoint, what it turns off, what costs less
+            depth = config.model_config.hf_config.get_text_config().num_hidden_layers
+            ratio = (2 * 64 + (depth - 2) * 32) / (depth * 32)
+            assert (f"(head size in layers 0-1 of {depth} padded 32 -> 64 on vLLM's CPU attention (KV per image "
+                    f"token {ratio:.2f}x an uncompressed checkpoint's, the same LLM at the long layout); prefix "
+                    "caching and chunked prefill off, each step holding whole prompts; costs less: the saving "
+                    "path, or a checkpoint without LVTC, `internvlx convert` without --lvtc; docs/serving-vllm-lvtc.md), because "
+                    "hf_overrides asks for it") in lines[2], lines[2]
         assert not [record for record in caplog.records if "InternVL-X: " in record.getMessage()
                     and not record.getMessage().startswith("InternVL-X on vLLM")]  # nothing beside it
         scheduler = config.scheduler_config
@@ -524,6 +532,12 @@ def test_off_vllms_cpu_platform_lvtc_takes_the_masked_path_and_refuses_the_savin
         assert choose_lvtc_path(vllm_config, config, settings) == "masked" and config.lvtc_vllm_path == "masked"
         (line,) = settings.lines
         assert line.startswith("LVTC path: masked. InternVL-X: LVTC runs on the masked long layout")
+        # the head size the layers below k pad to on each backend a GPU may pick (FlashInfer lists 64/128/256/512)
+        depth = config.get_text_config().num_hidden_layers
+        ratios = [(2 * padded + (depth - 2) * 32) / (depth * 32) for padded in (40, 64)]
+        assert (f"(head size in layers 0-1 of {depth} padded 32 -> 40 on FlashAttention or Triton (KV per image token "
+                f"{ratios[0]:.2f}x an uncompressed checkpoint's, the same LLM at the long layout), 32 -> 64 on "
+                f"FlashInfer ({ratios[1]:.2f}x); prefix caching and chunked prefill off") in line, line
         assert ("because the saving path has run with vLLM on its CPU platform only (V1 model runner, synchronous "
                 f"scheduling, no CUDA graphs, float32), and this engine is on cuda, {'V2' if runner else 'V1'} model "
                 f"runner, CUDA graphs {graphs}, async scheduling off; ") in line
@@ -575,8 +589,9 @@ def test_on_vllms_cpu_platform_the_v2_model_runner_takes_the_masked_path(tmp_pat
 
 def test_engine_settings_the_saving_path_has_not_run_with_take_the_masked_path(tmp_path, monkeypatch, caplog):
     """A KV connector, the hybrid KV-cache manager off, data parallelism, decode or prefill context parallelism, KV
-    cache events, prompts hashed in units finer than a block: the saving path cannot run or has not run with them, so an LVTC engine takes the masked path with the reason, and
-    refuses an explicit saving path. The start-up block names the platform, runner, graph mode and async scheduling."""
+    cache events, prompts hashed in units finer than a block: the saving path cannot run or has not run with them, so
+    an LVTC engine takes the masked path with the reason, and refuses an explicit saving path. The start-up block names
+    the platform, runner, graph mode and async scheduling."""
     from types import SimpleNamespace
 
     from vllm.engine.arg_utils import EngineArgs

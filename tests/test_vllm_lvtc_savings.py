@@ -400,6 +400,32 @@ def test_the_short_backend_classes_are_kept_by_their_model_not_the_process():
     assert gone[0]() is None and gone[1]() is None
 
 
+@pytest.mark.vllm
+@needs_vllm
+def test_no_runner_hands_a_short_group_another_groups_metadata():
+    """The layers below k may form several KV-cache groups with equal specs; vLLM's V1 GPU runner gives a later group
+    the first one's metadata through the builder's `update_block_table` (FlashAttention's swaps in that group's
+    slot mapping, the long layout's) wherever the builder class says it supports it. The short builder says it does
+    not, whichever backend it is made from, so each group builds its own short slot mapping."""
+    import inspect
+
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+    from vllm.v1.attention.backends.flash_attn import FlashAttentionBackend
+    from vllm.v1.attention.backends.triton_attn import TritonAttentionBackend
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    saving = _saving()
+    channel = saving.PositionBufferChannel()
+    assert FlashAttentionBackend.get_builder_cls().supports_update_block_table  # (the base would reuse)
+    for base in (CPUAttentionBackend, FlashAttentionBackend, TritonAttentionBackend):
+        assert saving.short_backend(base, channel).get_builder_cls().supports_update_block_table is False, base
+    # the V1 GPU runner reuses only where the builder says so (vLLM 0.32); a runner that reused regardless would
+    # hand the short groups long-layout slots
+    source = inspect.getsource(GPUModelRunner)
+    assert "and builder.supports_update_block_table" in source
+    assert "builder.update_block_table(" in source
+
+
 def _engine_run(tmp_path, requests: list, engine: dict | None = None, env: dict | None = None,
                 path: str | None = None, max_tokens: int = 4) -> tuple:
     """One engine (the bench's tiny Qwen2 + LVTC k=2, its settings: compilation on) answering `requests` (names of

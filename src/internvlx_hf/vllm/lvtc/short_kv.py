@@ -121,8 +121,8 @@ class LVTCShortManager(FullAttentionManager):
         """A request's tiles, kept until it is freed (the scheduler and this group's calls ask on every step)."""
         tiles = self._tiles.get(request.request_id)
         if tiles is None:
-            tiles = self._tiles[request.request_id] = RequestTiles.of(request, self.short_per_tile,
-                                                                        self.long_per_tile)
+            tiles = self._tiles[request.request_id] = RequestTiles.of(
+                request, self.short_per_tile, self.long_per_tile)
         return tiles
 
     def short_tokens(self, request_id: str, num_tokens: int) -> int:
@@ -254,7 +254,7 @@ INTERNALS = {
     "Scheduler.requests, kv_cache_manager.coordinator.single_type_managers, _preempt_request": (
         lambda: hasattr(Scheduler, "_preempt_request") and hasattr(Scheduler, "schedule")
         and source_has(Scheduler.__init__, "self.requests: dict[str, Request]",
-                        "self.kv_cache_manager = KVCacheManager(")
+                       "self.kv_cache_manager = KVCacheManager(")
         and source_has(KVCacheManager.__init__, "self.coordinator = get_kv_cache_coordinator(")
         and source_has(KVCacheCoordinator.__init__, "self.single_type_managers = "),
         "the scheduler channel (LVTCSchedulerMixin) cannot hand the request table to the short group's managers"),
@@ -518,6 +518,12 @@ def short_backend(base: type, channel: PositionBufferChannel) -> type:
 def _short_backend(base: type, channel: PositionBufferChannel) -> type:
 
     class LVTCShortBuilder(base.get_builder_cls()):
+        # vLLM's V1 GPU runner gives a later KV-cache group with an equal spec and builder class the first group's
+        # metadata through `update_block_table`, which swaps in that group's slot mapping: the long layout's, where
+        # the short layers would write their K/V. Each short group builds its own instead (the step's one layout,
+        # `ShortLayout.for_block_table`), as on vLLM's CPU runner.
+        supports_update_block_table = False
+
         def build(self, common_prefix_len, common_attn_metadata, fast_build=False):
             cm = common_attn_metadata
             if cm.positions is None or cm.positions.dim() != 1:  # the long-layout token index (guarded internal)
