@@ -150,6 +150,8 @@ def assert_layout(layout, batch, device, requests=None):
     assert layout.query_start_loc.tolist() == qsl + [qsl[-1]] * pad
     assert layout.query_start_loc_cpu.tolist() == qsl + [qsl[-1]] * pad
     assert layout.seq_lens.tolist() == seq_lens + [0] * pad
+    assert layout.seq_lens_cpu.device.type == "cpu" and layout.seq_lens_cpu.dtype == torch.int32
+    assert layout.seq_lens_cpu.tolist() == seq_lens + [0] * pad
     assert layout.slot_mapping.tolist() == slots
     assert layout.max_query_len == max(b - a for a, b in zip(qsl, qsl[1:]))
     assert layout.max_seq_len == max(seq_lens)

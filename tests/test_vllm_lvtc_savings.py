@@ -426,6 +426,38 @@ def test_no_runner_hands_a_short_group_another_groups_metadata():
     assert "builder.update_block_table(" in source
 
 
+@pytest.mark.vllm
+@needs_vllm
+def test_the_short_metadata_gives_every_host_count_from_the_host():
+    """The metadata the short layers' backend builds from (`short_common_metadata`) for a step prefilling two images
+    beside a decode, padded as CUDA graphs pad it: the short layout's offsets, lengths and slots, and the host copies a
+    GPU backend reads instead of the device (`query_start_loc_cpu`, `seq_lens_cpu_upper_bound`, exact)."""
+    from vllm.v1.attention.backend import CommonAttentionMetadata
+
+    from test_short_layout import LONG, expected, layout_of, prefill_and_decode
+
+    saving = _saving()
+    runner, first, second = prefill_and_decode()
+    batch = [(first, first.prompt), (second, 1)]
+    rows, positions, qsl, table, tokens = step = runner.step(batch, pad_tokens=7, pad_requests=2)
+    layout = layout_of(step, "cpu")
+    long_seq_lens = torch.tensor([first.prompt, second.prompt + 2, 0, 0], dtype=torch.int32)
+    cm = CommonAttentionMetadata(
+        query_start_loc=qsl, query_start_loc_cpu=qsl, seq_lens=long_seq_lens, num_reqs=len(batch) + 2,
+        num_actual_tokens=tokens + 7, max_query_len=first.prompt, max_seq_len=second.prompt + 2,
+        block_table_tensor=table, slot_mapping=torch.arange(tokens + 7), positions=positions)
+    short = saving.short_common_metadata(cm, layout)
+    gather, short_qsl, seq_lens, slots = expected(batch)
+    assert short.query_start_loc_cpu.device.type == "cpu" and short.seq_lens_cpu_upper_bound.device.type == "cpu"
+    assert short.query_start_loc_cpu.tolist() == short.query_start_loc.tolist() == short_qsl + [short_qsl[-1]] * 2
+    assert short.seq_lens_cpu_upper_bound.tolist() == short.seq_lens.tolist() == seq_lens + [0, 0]
+    assert short.seq_lens.dtype == torch.int32 and short.num_reqs == 4
+    assert (short.num_actual_tokens, short.max_query_len, short.max_seq_len) == (
+        len(gather), max(b - a for a, b in zip(short_qsl, short_qsl[1:])), max(seq_lens))
+    assert short.slot_mapping.tolist() == slots and short.block_table_tensor is table
+    assert first.prompt - short.max_query_len == 4 * (LONG - 4)  # the HR-only slots of its 4 tiles are not run
+
+
 def _engine_run(tmp_path, requests: list, engine: dict | None = None, env: dict | None = None,
                 path: str | None = None, max_tokens: int = 4) -> tuple:
     """One engine (the bench's tiny Qwen2 + LVTC k=2, its settings: compilation on) answering `requests` (names of

@@ -260,7 +260,8 @@ INTERNALS = {
         "the scheduler channel (LVTCSchedulerMixin) cannot hand the request table to the short group's managers"),
     "CommonAttentionMetadata fields (positions, block_table_tensor, query_start_loc_cpu, ...)": (
         lambda: {"query_start_loc", "query_start_loc_cpu", "seq_lens", "num_reqs", "num_actual_tokens",
-                 "max_query_len", "max_seq_len", "block_table_tensor", "slot_mapping", "causal", "positions"}
+                 "max_query_len", "max_seq_len", "block_table_tensor", "slot_mapping", "causal", "positions",
+                 "seq_lens_cpu_upper_bound"}
         <= {field.name for field in dataclasses.fields(CommonAttentionMetadata)},
         "the short builder reads the step's long-layout metadata and builds the short layout's"),
     "subclass_attention_backend_with_overrides(name_prefix, backend, overrides)": (
@@ -506,6 +507,18 @@ class PendingShortMetadata:
         return self.builder.build_short(self.common, self.fast_build)
 
 
+def short_common_metadata(cm: CommonAttentionMetadata, layout) -> CommonAttentionMetadata:
+    """What the short layers' backend builds its metadata from: the step's short layout (`short_layout.ShortLayout`)
+    in the runner's block table, every count a backend reads on the host given from the host (`query_start_loc_cpu`,
+    `seq_lens_cpu_upper_bound`: exact here, so FlashInfer's builder does not read the device for it)."""
+    return CommonAttentionMetadata(
+        query_start_loc=layout.query_start_loc, query_start_loc_cpu=layout.query_start_loc_cpu,
+        seq_lens=layout.seq_lens.to(cm.seq_lens.dtype), num_reqs=cm.num_reqs,
+        num_actual_tokens=layout.gather.shape[0], max_query_len=layout.max_query_len,
+        max_seq_len=layout.max_seq_len, block_table_tensor=cm.block_table_tensor,
+        slot_mapping=layout.slot_mapping, causal=True, seq_lens_cpu_upper_bound=layout.seq_lens_cpu)
+
+
 def short_backend(base: type, channel: PositionBufferChannel) -> type:
     """The platform's attention backend with the short layers' builder and KV write: one class per base and model
     (vLLM groups attention layers by backend class, and asks that dynamic subclasses be cached), kept by the model's
@@ -553,13 +566,7 @@ def _short_backend(base: type, channel: PositionBufferChannel) -> type:
                                       cm.block_table_tensor, num_tokens=tokens, short_per_tile=spec.short_per_tile,
                                       long_per_tile=spec.long_per_tile, block_size=spec.block_size)
                 channel.layout = (cm.query_start_loc, key, layout)
-            short = CommonAttentionMetadata(
-                query_start_loc=layout.query_start_loc, query_start_loc_cpu=layout.query_start_loc_cpu,
-                seq_lens=layout.seq_lens.to(cm.seq_lens.dtype), num_reqs=cm.num_reqs,
-                num_actual_tokens=layout.gather.shape[0], max_query_len=layout.max_query_len,
-                max_seq_len=layout.max_seq_len, block_table_tensor=cm.block_table_tensor,
-                slot_mapping=layout.slot_mapping, causal=True)
-            meta = super().build(0, short, fast_build)
+            meta = super().build(0, short_common_metadata(cm, layout), fast_build)
             meta.lvtc_gather = layout.gather
             meta.lvtc_long_positions = cm.positions[:tokens]
             meta.lvtc_shift = layout.shift

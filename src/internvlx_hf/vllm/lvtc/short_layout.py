@@ -61,6 +61,7 @@ class ShortLayout:
     query_start_loc: torch.Tensor  # (requests + 1,) int32, per request its live tokens' offsets
     query_start_loc_cpu: torch.Tensor
     seq_lens: torch.Tensor  # (requests,) short-layout tokens each request holds after the step
+    seq_lens_cpu: torch.Tensor  # the same, int32 on the host (FlashInfer's builder reads it instead of the device)
     slot_mapping: torch.Tensor  # (live,) int64, each live token's slot in the short group's blocks (-1: not written)
     shift: torch.Tensor  # (num_tokens,) where layer k reads each token's tile's LR states (`UpsampleTable.forward`)
     max_query_len: int
@@ -174,7 +175,7 @@ def short_layout(rows: torch.Tensor, long_positions: torch.Tensor, query_start_l
     gather = gather[: int(short_qsl_cpu[-1])]
     return ShortLayout(
         gather=gather, query_start_loc=short_qsl.to(torch.int32), query_start_loc_cpu=short_qsl_cpu,
-        seq_lens=seq_lens, slot_mapping=slots[gather],
+        seq_lens=seq_lens, seq_lens_cpu=torch.tensor(held, dtype=torch.int32), slot_mapping=slots[gather],
         shift=torch.where(in_resumed, long_per_tile - short_per_tile, 0),
         max_query_len=max(per_request, default=0), max_seq_len=max(held, default=0),
         live_request=request[gather], live_short=short[gather], unwritten=unwritten[gather])
