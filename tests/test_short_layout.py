@@ -248,6 +248,36 @@ def test_each_wrong_input_is_refused(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("pad", [0, 3], ids=["eager", "padded"])
+def test_the_v1_runners_mixed_batch_warm_up_writes_no_kv(device, pad):
+    """vLLM 0.32's V1 runner warms FlashInfer up with a dummy run that builds attention metadata before any request
+    (`_dummy_run(16, force_attention=True, create_mixed_batch=True)`: 8 decodes of one token, seq_lens 1, and a prefill
+    of 8): the M-RoPE buffer as allocated (zeros), token positions counting within each request, the block table
+    zeroed (no request holds a block). The step runs every token below k at its index in its request, and writes no
+    K/V; the same inputs with a block in a request's row, or with rows written, are a real step's and stop."""
+    decodes, prefill = 8, 8
+    counts = [1] * decodes + [prefill]
+    qsl = torch.tensor([0] + torch.cumsum(torch.tensor(counts), 0).tolist() + [16] * pad, dtype=torch.int32)
+    positions = torch.cat([torch.arange(c) for c in counts] + [torch.zeros(pad, dtype=torch.int64)])
+    rows = torch.zeros(3, 16 + pad, dtype=torch.int64)
+    table = torch.zeros(len(counts) + pad, 16, dtype=torch.int32)
+    layout = layout_of((rows, positions, qsl, table, 16), device)
+    assert layout.gather.tolist() == list(range(16))
+    assert layout.query_start_loc_cpu.tolist() == qsl.tolist()
+    assert layout.seq_lens.tolist() == counts + [0] * pad and layout.seq_lens_cpu.tolist() == counts + [0] * pad
+    assert layout.slot_mapping.tolist() == [-1] * 16 and layout.shift.tolist() == [0] * 16
+    assert (layout.max_query_len, layout.max_seq_len) == (prefill, prefill)
+    held = table.clone()
+    held[decodes, 0] = 5  # one request holds a block: a real step, whose rows must be right
+    with pytest.raises(ShortLayoutMismatch):
+        layout_of((rows, positions, qsl, held, 16), device)
+    written = rows.clone()
+    written[:, 9] = 1  # rows written: a real step's
+    with pytest.raises(ShortLayoutMismatch):
+        layout_of((written, positions, qsl, table, 16), device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_a_step_resuming_a_tile_recomputes_the_lr_slots_its_hr_only_slots_carry(device):
     """A prefix-cache hit that ends at HR-only slot 12 of a tile: the step holds the rest of the tile (slots 12-15,
     which carry LR slots 0-3's inputs) and the text after it. Those four slots run below k at LR slots 0-3's short

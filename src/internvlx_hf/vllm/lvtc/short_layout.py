@@ -20,6 +20,9 @@ token's long position ``p`` (its index in the request). What holds for every tok
 - no live token maps past the short group's block table or to vLLM's null block (where a request's row ends when the
   scheduler gave the group fewer tokens than the rows place).
 
+A warm-up step (a dummy run that builds attention metadata before any request: no block in the step's block table
+rows, rows all zeros) runs every token below ``k`` at its index in its request and writes no K/V.
+
 Rows left from the previous step (a runner that builds the metadata before it writes the step's rows, as vLLM's second
 model runner does) give a decoded token ``p - s`` one more than a multiple: caught. Padded counts (CUDA graphs, data
 parallelism) and the stale columns past the step's tokens are ignored by construction: only the first
@@ -109,6 +112,12 @@ def short_layout(rows: torch.Tensor, long_positions: torch.Tensor, query_start_l
     request = torch.bucketize(token, qsl[1:], right=True).clamp_(max=max(requests - 1, 0))
     scheduled = (qsl[1:] - qsl[:-1]) > 0
 
+    # A warm-up step: a dummy run that builds attention metadata (vLLM's V1 runner does for FlashInfer's mixed-batch
+    # kernel warm-up, `force_attention=True`, before any request): no request of the step holds a block and nothing
+    # has written the rows (zeros). Every token runs below k at its index in its request and writes no K/V. A real
+    # step always holds blocks for its tokens, and its rows are never all zeros.
+    warm_up = (block_table[:requests] == NULL_BLOCK).all() & (rows[:, :num_tokens] == 0).all()
+
     # a request resumed inside a tile: its recomputed LR slots (`geometry.lr_slots_to_recompute`, same arithmetic)
     start = qsl[:-1].clamp(max=num_tokens)  # (a sentinel column for requests with no token)
     first_slot = torch.cat([slot, slot.new_full((1,), -1)])[start]
@@ -124,6 +133,11 @@ def short_layout(rows: torch.Tensor, long_positions: torch.Tensor, query_start_l
     short = torch.where(recomputed, short - (long_per_tile - slot), short)
     unwritten = recomputed & (short < short_end[request] - short_end[request] % block_size)
     live = (slot < short_per_tile) | recomputed
+    bad_resume &= ~warm_up
+    in_resumed &= ~warm_up
+    short = torch.where(warm_up, token - start[request], short)
+    live |= warm_up
+    unwritten |= warm_up
 
     # the live tokens, in order, without a host read: each live token's rank is its place in the gather index
     rank = torch.cumsum(live.to(torch.int64), 0) - 1
@@ -139,15 +153,15 @@ def short_layout(rows: torch.Tensor, long_positions: torch.Tensor, query_start_l
     short_rows = rows[1, :num_tokens].to(torch.int64)
     own_tile = torch.where(slot >= short_per_tile, slot - short_per_tile, 0)
     earlier = p - short_rows - own_tile
-    bad_rows = (earlier < 0) | (earlier % unused_per_tile != 0)
+    bad_rows = ((earlier < 0) | (earlier % unused_per_tile != 0)) & ~warm_up
     # consecutive: a live token's short position is its request's first plus its rank within the request
     first = seq_lens[request] - lens[request]
     bad_rows |= live & (short != first + rank - short_qsl[request])
     empty = scheduled & (lens == 0)
     index = torch.where(live, short // block_size, 0)
-    beyond = live & (index >= block_table.shape[1])
+    beyond = live & (index >= block_table.shape[1]) & ~warm_up
     blocks = block_table[request, index.clamp(max=block_table.shape[1] - 1)].to(torch.int64)
-    no_block = live & ~beyond & (blocks == NULL_BLOCK)
+    no_block = live & ~beyond & (blocks == NULL_BLOCK) & ~warm_up
     slots = torch.where(unwritten, -1, blocks * block_size + short % block_size)
     found = torch.cat([torch.stack([bad_rows.sum(), empty.sum(), (beyond | no_block).sum(), bad_resume.sum()]),
                        lens, seq_lens]).tolist()  # the one read of the device
