@@ -167,7 +167,7 @@ print(transformers.__version__, type(AutoConfig.for_model("internvlx")).__name__
 TRAIN_FLAGS = r"""
 import argparse, dataclasses, json, re, sys
 from internvlx_hf.cli.train_flags import CLI_RESERVED, add_described_flags
-from internvlx_hf.training.run import ARGUMENT_CLASSES
+from internvlx_hf.training.arguments import ARGUMENT_CLASSES
 help_text = open(sys.argv[1]).read()
 shown = set(re.findall(r"--([A-Za-z0-9_-]+)", help_text))
 fields = {f.name for cls in ARGUMENT_CLASSES for f in dataclasses.fields(cls) if f.init} - CLI_RESERVED

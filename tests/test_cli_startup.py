@@ -279,7 +279,7 @@ def _train_parser(flags=FLAGS_JSON) -> argparse.ArgumentParser:
 def test_the_shipped_train_flags_are_what_transformers_and_our_dataclasses_give():
     assert FLAGS_JSON.read_text(encoding="utf-8") == live_text(), (
         f"{FLAGS_JSON.name} does not describe the flags of the installed transformers and of "
-        f"internvlx_hf.training.run's dataclasses: run `PYTHONPATH=src {REGENERATE}` and commit the file")
+        f"internvlx_hf.training.arguments' dataclasses: run `PYTHONPATH=src {REGENERATE}` and commit the file")
 
 
 @needs_described_flags

@@ -499,7 +499,7 @@ def test_cpu_threads_leave_a_busy_machine_s_cores_to_their_jobs(monkeypatch):
     ran several times slower than 1: benchmarks/results/cpu-training.md); --threads and OMP_NUM_THREADS win."""
     import os
 
-    from internvlx_hf.training.run import cpu_threads
+    from internvlx_hf.training.runtime import cpu_threads
 
     before = torch.get_num_threads()
     try:

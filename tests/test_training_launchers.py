@@ -153,7 +153,7 @@ def test_fsdp_from_an_accelerate_config_that_is_not_in_effect_is_reported(tmp_pa
     Trainer itself: "Using fsdp only works in distributed training".)"""
     options = _options(tmp_path, th.converted("internvl2_qwen2"), max_steps=1, output_dir=str(tmp_path / "out"))
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    with caplog.at_level(logging.WARNING, logger="internvlx_hf.training.run"):
+    with caplog.at_level(logging.WARNING, logger="internvlx_hf.training.runtime"):
         result = train(*parse_train_args(options), print_fn=None)
     assert not result.trainer.is_fsdp_enabled
     assert [r.getMessage() for r in caplog.records if "FSDP" in r.getMessage()] == [
@@ -164,6 +164,6 @@ def test_fsdp_from_an_accelerate_config_that_is_not_in_effect_is_reported(tmp_pa
 
 def test_no_fsdp_warning_without_fsdp(tmp_path, caplog):
     options = _options(tmp_path, th.converted("internvl2_qwen2"), max_steps=1, output_dir=str(tmp_path / "out"))
-    with caplog.at_level(logging.WARNING, logger="internvlx_hf.training.run"):
+    with caplog.at_level(logging.WARNING, logger="internvlx_hf.training.runtime"):
         train(*parse_train_args(options), print_fn=None)
     assert not [r for r in caplog.records if "FSDP" in r.getMessage()]

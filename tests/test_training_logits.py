@@ -11,7 +11,7 @@ from torch.overrides import TorchFunctionMode
 
 import training_helpers as th
 from internvlx_hf.training import IGNORE_INDEX, InternVLXDataCollator
-from internvlx_hf.training.run import checkpointing_renames
+from internvlx_hf.training.arguments import checkpointing_renames
 from test_training_memory import _batch, _dataset, _labelled, _loss_and_gradients
 
 

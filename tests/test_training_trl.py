@@ -8,7 +8,7 @@ from PIL import Image
 
 import training_helpers as th
 from internvlx_hf.training import IGNORE_INDEX, InternVLXDataCollator
-from internvlx_hf.training.run import checkpointing_renames
+from internvlx_hf.training.arguments import checkpointing_renames
 
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")

@@ -22,7 +22,7 @@ from conftest import REPO_ROOT, load_script
 from internvlx_hf.cli import main
 from internvlx_hf.cli.train import parse_cli
 from internvlx_hf.cli.train_flags import CLI_RESERVED, live_table
-from internvlx_hf.training.run import ARGUMENT_CLASSES, checkpointing_renames, parse_train_args
+from internvlx_hf.training.arguments import ARGUMENT_CLASSES, checkpointing_renames, parse_train_args
 
 MATRIX = REPO_ROOT / "benchmarks" / "results" / "transformers-matrix.json"
 

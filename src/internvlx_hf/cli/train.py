@@ -78,7 +78,7 @@ examples:
 
 
 def _argument_classes():
-    from ..training.run import ARGUMENT_CLASSES
+    from ..training.arguments import ARGUMENT_CLASSES
 
     return ARGUMENT_CLASSES
 
@@ -98,7 +98,7 @@ def _add_train_arguments(parser: argparse.ArgumentParser, flags: Path = FLAGS_JS
 
 def parse_cli(args: argparse.Namespace | Sequence[str] | None):
     """The four argument dataclasses of `train()` from a parsed namespace (or argv after ``train``)."""
-    from ..training.run import parse_train_args
+    from ..training.arguments import parse_train_args
 
     if not isinstance(args, argparse.Namespace):
         parser = argparse.ArgumentParser(allow_abbrev=False, prog="internvlx train")
@@ -125,7 +125,8 @@ def _check_train(args: argparse.Namespace) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from ..training.run import end_distributed, exit_if_gloo_threads_remain, train
+    from ..training.run import train
+    from ..training.runtime import end_distributed, exit_if_gloo_threads_remain
 
     train(*parse_cli(args))  # the result is not kept, so that end_distributed() can free the wrapped model
     end_distributed()

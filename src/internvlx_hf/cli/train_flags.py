@@ -61,7 +61,7 @@ def add_live_flags(parser: argparse.ArgumentParser) -> list[argparse._ArgumentGr
 
     from transformers import HfArgumentParser
 
-    from ..training.run import ARGUMENT_CLASSES, checkpointing_renames
+    from ..training.arguments import ARGUMENT_CLASSES, checkpointing_renames
 
     groups = []
     for cls, title in zip(ARGUMENT_CLASSES, _TITLES):
