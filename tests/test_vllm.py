@@ -474,7 +474,8 @@ def test_the_start_says_in_one_block_the_lvtc_path_and_every_setting_the_plugin_
             assert (f"(head size in layers 0-1 of {depth} padded 32 -> 64 on vLLM's CPU attention (KV per image "
                     f"token {ratio:.2f}x an uncompressed checkpoint's, the same LLM at the long layout); prefix "
                     "caching and chunked prefill off, each step holding whole prompts; costs less: the saving "
-                    "path, or a checkpoint without LVTC, `internvlx convert` without --lvtc; docs/serving-vllm-lvtc.md), because "
+                    "path, or a checkpoint without LVTC, `internvlx convert` without --lvtc; "
+                    "docs/serving-vllm-lvtc.md), because "
                     "hf_overrides asks for it") in lines[2], lines[2]
         assert not [record for record in caplog.records if "InternVL-X: " in record.getMessage()
                     and not record.getMessage().startswith("InternVL-X on vLLM")]  # nothing beside it
@@ -491,6 +492,28 @@ def test_the_start_says_in_one_block_the_lvtc_path_and_every_setting_the_plugin_
                        r"whole image tile, 64 tokens on vLLM .*start vLLM with --max-num-scheduled-tokens 64 or more"):
         EngineArgs(model=str(folder), dtype="float32", max_model_len=4096,
                    max_num_scheduled_tokens=48).create_engine_config()
+
+
+def test_a_scheduler_named_under_the_package_that_is_not_the_plugins_is_refused_with_the_name_to_use(tmp_path):
+    """`internvlx_hf.vllm.saving.lvtc_scheduler` (the saving path's scheduler before the lvtc/ sub-package; no alias
+    module is kept) is refused at start with the name to use, not left to vLLM's import traceback; the plugin's own
+    name is taken as vLLM's defaults are."""
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.plugins import load_general_plugins
+
+    from internvlx_hf.vllm.config_hook import SAVING_SCHEDULER, UnsupportedCheckpoint
+
+    load_general_plugins()
+    folder = build_checkpoint(tmp_path / "lvtc", llm="qwen2", lvtc=dict(expand_layer=2), text=dict(head_dim=32))
+    with pytest.raises(UnsupportedCheckpoint, match=re.escape(
+            "scheduler_cls 'internvlx_hf.vllm.saving.lvtc_scheduler' is none of the plugin's schedulers; the saving "
+            f"path's is '{SAVING_SCHEDULER}' (set by the plugin: leave scheduler_cls unset)")):
+        EngineArgs(model=str(folder), dtype="float32", max_model_len=4096,
+                   scheduler_cls="internvlx_hf.vllm.saving.lvtc_scheduler").create_engine_config()
+    config = EngineArgs(model=str(folder), dtype="float32", max_model_len=4096,
+                        scheduler_cls=SAVING_SCHEDULER).create_engine_config()
+    assert config.model_config.hf_config.lvtc_vllm_path == "saving"
+    assert importlib.util.find_spec("internvlx_hf.vllm.saving") is None
 
 
 def test_off_vllms_cpu_platform_lvtc_takes_the_masked_path_and_refuses_the_saving_one_where_it_cannot_run(

@@ -445,10 +445,9 @@ def _check_lvtc_engine(vllm_config, layout, where: str) -> None:
 
 #: The saving path's `scheduler_cls`: lvtc/short_kv.py's factory of its scheduler classes (named so that vLLM imports
 #: it where the scheduler runs), which hand the scheduler's request table to the short group's KV managers. A factory,
-#: because vLLM settles `async_scheduling` (which of the two classes) only after this hook. The names under
-#: `internvlx_hf.vllm.saving` (the module's name before the `lvtc/` sub-package) are kept for engines set up with them.
+#: because vLLM settles `async_scheduling` (which of the two classes) only after this hook.
 SAVING_SCHEDULER = "internvlx_hf.vllm.lvtc.short_kv.lvtc_scheduler"
-SAVING_SCHEDULERS = tuple(f"internvlx_hf.vllm.{module}.{name}" for module in ("lvtc.short_kv", "saving")
+SAVING_SCHEDULERS = tuple(f"internvlx_hf.vllm.lvtc.short_kv.{name}"
                           for name in ("lvtc_scheduler", "LVTCScheduler", "LVTCAsyncScheduler"))
 #: How an LVTC checkpoint runs on vLLM (`config.lvtc_vllm_path`, chosen by `choose_lvtc_path`): "saving" (the layers
 #: below k hold and compute the short layout only: `lvtc/short_kv.py`) or "masked" (the long layout with the HR-only
@@ -465,6 +464,21 @@ def _scheduler_name(chosen) -> str | None:
     if chosen is None or isinstance(chosen, str):
         return chosen
     return f"{chosen.__module__}.{chosen.__qualname__}"
+
+
+def _check_plugin_scheduler(vllm_config) -> None:
+    """A `scheduler_cls` named under `internvlx_hf` must be one of the plugin's: `internvlx_hf.vllm.saving`, the
+    module's name before the lvtc/ sub-package, is gone, and vLLM would stop on its import with a traceback."""
+    name = _scheduler_name(vllm_config.scheduler_config.scheduler_cls)
+    if name is None or not name.startswith("internvlx_hf.") or name in SAVING_SCHEDULERS:
+        return
+    if not isinstance(vllm_config.scheduler_config.scheduler_cls, str):  # a class of the package's, imported
+        return
+    raise UnsupportedCheckpoint(
+        f"InternVL-X LVTC checkpoint {vllm_config.model_config.model}: scheduler_cls {name!r} is none of the plugin's "
+        f"schedulers; the saving path's is {SAVING_SCHEDULER!r} (set by the plugin: leave scheduler_cls unset), and a "
+        "scheduler of your own keeps the saving path by subclassing "
+        "internvlx_hf.vllm.lvtc.short_kv.LVTCSchedulerMixin.")
 
 
 def _scheduler_taken(vllm_config) -> str | None:
@@ -652,6 +666,7 @@ def choose_lvtc_path(vllm_config, config, settings: EngineSettings) -> str:
     """The LVTC path of this engine (`LVTC_PATHS`), written to `config.lvtc_vllm_path` for the model (the config goes
     to the engine core and workers with it) and said in the start-up block. The saving path also needs its scheduler
     (`SAVING_SCHEDULER`), set here in place of vLLM's own."""
+    _check_plugin_scheduler(vllm_config)
     reason = _masked_reason(vllm_config, config)
     config.lvtc_vllm_path = "masked" if reason else "saving"
     if reason:
