@@ -380,6 +380,47 @@ def test_each_vllm_internal_of_prefix_caching_and_chunking_is_reported_and_the_e
 
 @pytest.mark.vllm
 @needs_vllm
+def test_the_scheduler_stops_where_vllm_hashes_prompts_in_units_other_than_the_short_groups_blocks(tmp_path):
+    """The short group keys each of its blocks by one long-layout block hash (`_KeyedRequest`), which names the right
+    block only where vLLM hashes prompts in units of the group's block size: a scheduler made with another
+    `hash_block_size` and prefix caching on stops at start with the fix (the config hook already sends
+    --prefix-match-unit to the masked path; this is the check of the internal itself); with the same size, or with
+    prefix caching off, it starts."""
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.plugins import load_general_plugins
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
+    from vllm.v1.structured_output import StructuredOutputManager
+
+    from vllm_helpers import build_checkpoint
+
+    load_general_plugins()
+    saving = _saving()
+    folder = build_checkpoint(tmp_path / "lvtc", llm="qwen2", lvtc=dict(expand_layer=2), text=dict(head_dim=32))
+    config = EngineArgs(model=str(folder), dtype="float32", max_model_len=4096, block_size=16).create_engine_config()
+    assert config.model_config.hf_config.lvtc_vllm_path == "saving"
+    config.cache_config.num_gpu_blocks = 64  # (what the engine core sets once it has measured the KV cache)
+    spec = dict(block_size=16, num_kv_heads=2, head_size=32, dtype=torch.float32)
+    groups = [KVCacheGroupSpec(["layers.2", "layers.3"], FullAttentionSpec(**spec)),
+              KVCacheGroupSpec(["layers.0", "layers.1"], saving.LVTCShortSpec(**spec, short_per_tile=16,
+                                                                                long_per_tile=64))]
+
+    def scheduler(hash_block_size):
+        return saving.LVTCScheduler(
+            vllm_config=config, kv_cache_config=KVCacheConfig(num_blocks=64, kv_cache_tensors=[],
+                                                              kv_cache_groups=groups),
+            structured_output_manager=StructuredOutputManager(config), block_size=16, hash_block_size=hash_block_size)
+
+    assert isinstance(scheduler(16).short_manager, saving.LVTCShortManager)
+    with pytest.raises(RuntimeError, match=r"vLLM hashes prompts in blocks of 8 tokens and the short KV group holds "
+                       r"blocks of 16; .*Start vLLM without --prefix-match-unit \(or with --prefix-match-unit 16\), "
+                       r"or with --no-enable-prefix-caching"):
+        scheduler(8)
+    config.cache_config.enable_prefix_caching = False
+    assert isinstance(scheduler(8).short_manager, saving.LVTCShortManager)
+
+
+@pytest.mark.vllm
+@needs_vllm
 def test_the_short_backend_classes_are_kept_by_their_model_not_the_process():
     """One short backend class per attention backend and model (vLLM groups layers by class); a model's classes and
     its runner's buffer go with it, not kept for the process's life by a module-level cache."""
@@ -593,7 +634,7 @@ def test_lvtc_checkpoints_take_the_saving_path_by_default_with_short_kv_only(tmp
 def test_saving_path_runs_with_the_engine_core_in_its_own_process(tmp_path):
     """vLLM's default process layout (`VLLM_ENABLE_V1_MULTIPROCESSING=1`: engine core and worker in processes of their
     own, as `vllm serve` runs them): the config (with the path the hook chose) and the scheduler factory reach the
-    engine core, importing `saving.py` registers the short group's spec there, and the engine answers as
+    engine core, importing `lvtc/short_kv.py` registers the short group's spec there, and the engine answers as
     transformers does."""
     requests = ["12 tiles", "two images"]
     bench, folder, result, log = _engine_run(tmp_path, requests,
