@@ -92,7 +92,7 @@ def test_the_gpu_head_sizes_the_masked_line_names_are_vllms():
     from vllm.v1.attention.backends.flash_attn import FlashAttentionBackend
     from vllm.v1.attention.backends.triton_attn import TritonAttentionBackend
 
-    from internvlx_hf.vllm.lvtc.masked import GPU_BACKEND_HEAD_SIZES, masked_kv_ratio, padded_head_size
+    from internvlx_hf.vllm.lvtc.masked import GPU_BACKEND_HEAD_SIZES, masked_cost, masked_kv_ratio, padded_head_size
 
     listed = {"FlashAttention or Triton": FlashAttentionBackend.get_supported_head_sizes()}
     assert TritonAttentionBackend.get_supported_head_sizes() == listed["FlashAttention or Triton"]
@@ -106,6 +106,12 @@ def test_the_gpu_head_sizes_the_masked_line_names_are_vllms():
     assert (padded_head_size(listed["FlashInfer"], 128), padded_head_size([], 128)) == (256, 136)
     # InternVL2-8B's LLM (InternLM2: 32 layers, head size 128) with k = 18 on FlashInfer
     assert masked_kv_ratio(32, 18, 128, 256) == (18 * 256 + 14 * 128) / (32 * 128) == 1.5625
+    assert masked_cost(32, 18, 128, GPU_BACKEND_HEAD_SIZES) == (
+        "head size in layers 0-17 of 32 padded 128 -> 136 on FlashAttention or Triton (KV per image token 1.04x an "
+        "uncompressed checkpoint's, the same LLM at the long layout), 128 -> 256 on FlashInfer (1.56x)")
+    assert masked_cost(24, 1, 64, {"vLLM's CPU attention": [32, 64, 80]}).startswith(
+        "head size in layer 0 of 24 padded 64 -> 80 on vLLM's CPU attention (KV per image token 1.01x")
+    assert masked_cost(24, 0, 64, GPU_BACKEND_HEAD_SIZES) == "no layer below k: the KV of an uncompressed checkpoint"
 
 
 def test_layout_of_a_config():

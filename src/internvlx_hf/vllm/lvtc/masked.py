@@ -76,6 +76,8 @@ def masked_cost(num_layers: int, expand_layer: int, head_size: int, backends: di
     """The masked path's KV cost in words, per backend (`backends`: name -> its listed head sizes), e.g. "head size
     in layers 0-13 of 28 padded 128 -> 160 on vLLM's CPU attention (KV per image token 1.12x an uncompressed
     checkpoint's, the same LLM at the long layout)"."""
+    if expand_layer < 1:
+        return "no layer below k: the KV of an uncompressed checkpoint"
     layers = f"layers 0-{expand_layer - 1}" if expand_layer > 1 else "layer 0"
     parts = []
     for name, sizes in backends.items():
