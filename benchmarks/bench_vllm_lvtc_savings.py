@@ -1,5 +1,5 @@
 """Issues 52 and 56: LVTC on vLLM with the layers below `k` holding and computing the short layout only (the saving
-path, `internvlx_hf.vllm.lvtc.short_kv`, what the plugin serves LVTC checkpoints with by default), against the masked
+path, `internvlx_hf.vllm.lvtc.saving`, what the plugin serves LVTC checkpoints with by default), against the masked
 long layout (the fallback, `hf_overrides={"lvtc_vllm_path": "masked"}`) and the plain models of the same weights. Every
 engine as users start vLLM: compilation on. Run in the vLLM environment (`.ci/run`'s `.venv-vllm`); every engine runs
 in a child process (`vllm_lvtc_savings_engine.py`).

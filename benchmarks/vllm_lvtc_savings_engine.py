@@ -54,6 +54,31 @@ def _result(output, scheduler) -> dict:
     }
 
 
+def recording_scheduler():
+    """The saving path's scheduler with what this benchmark records, kept out of the one that serves (the record grows
+    with every request): after each step, the most KV blocks each request held in each KV-cache group. Every engine of
+    a comparison takes it (plain and masked ones too: it only feeds short-layout KV managers, which they lack)."""
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    from internvlx_hf.vllm.lvtc.saving.scheduler import LVTCSchedulerMixin
+
+    class RecordingScheduler(LVTCSchedulerMixin, Scheduler):  # (vLLM's CPU platform schedules synchronously)
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.blocks_held: dict[str, list[int]] = {}
+
+        def schedule(self, *args, **kwargs):
+            out = super().schedule(*args, **kwargs)
+            for request_id in list(self.requests):
+                held = [sum(not block.is_null for block in manager.req_to_blocks.get(request_id, ()))
+                        for manager in self.kv_cache_manager.coordinator.single_type_managers]
+                best = self.blocks_held.setdefault(request_id, [0] * len(held))
+                self.blocks_held[request_id] = [max(a, b) for a, b in zip(best, held)]
+            return out
+
+    return RecordingScheduler
+
+
 def bytes_per_block(group) -> int:
     """KV bytes one block of a group holds over all of the group's layers (from the worker's KV-cache config: the
     scheduler's replaces a group of layers of different sizes by one of them)."""
@@ -67,17 +92,11 @@ def bytes_per_block(group) -> int:
 def start(spec: dict):
     from vllm import LLM
 
-    from internvlx_hf.vllm.config_hook import SAVING_SCHEDULER
-    from internvlx_hf.vllm.lvtc.short_kv import LVTCSchedulerMixin
-
-    LVTCSchedulerMixin.record_blocks = True  # (the engine core runs in this process unless the spec's env says not)
-
     options = dict(spec["engine"])
     if spec.get("path") == "masked":  # the fallback path, for comparison (its one log line says so)
         options["hf_overrides"] = {"lvtc_vllm_path": "masked"}
-    # every engine records the blocks its requests held: the saving path's scheduler, which plain and masked engines
-    # take too (it only feeds short-layout KV managers, which they do not have)
-    options.setdefault("scheduler_cls", SAVING_SCHEDULER)
+    if os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0":  # (read only where the engine core runs in this process)
+        options.setdefault("scheduler_cls", recording_scheduler())
     started = time.time()
     llm = LLM(spec["checkpoint"], **options)
     if os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] != "0":  # the engine core runs in a process of its own

@@ -443,7 +443,7 @@ def test_the_start_says_in_one_block_the_lvtc_path_and_every_setting_the_plugin_
     expected = {
         "saving": ["  - tokenizer_mode: 'auto' -> 'internvlx'",
                    "  - LVTC path: saving",
-                   "  - scheduler_cls: None -> 'internvlx_hf.vllm.lvtc.short_kv.lvtc_scheduler'",
+                   "  - scheduler_cls: None -> 'internvlx_hf.vllm.lvtc.saving.scheduler.lvtc_scheduler'",
                    "  - prompt length: vLLM counts each image tile at the long layout, 64 tokens"],
         "masked": ["  - tokenizer_mode: 'auto' -> 'internvlx'",
                    "  - LVTC path: masked. InternVL-X: LVTC runs on the masked long layout, which holds K/V for every "
@@ -634,7 +634,7 @@ def test_engine_settings_the_saving_path_has_not_run_with_take_the_masked_path(t
     from vllm.v1.core.kv_cache_utils import get_kv_cache_groups
     from vllm.v1.kv_cache_interface import FullAttentionSpec
 
-    from internvlx_hf.vllm.lvtc.short_kv import LVTCShortSpec
+    from internvlx_hf.vllm.lvtc.saving.kv_cache import LVTCShortSpec
 
     shape = dict(block_size=16, num_kv_heads=1, head_size=32, dtype=torch.float32)
     specs = {"layers.0": LVTCShortSpec(**shape, short_per_tile=16, long_per_tile=64),

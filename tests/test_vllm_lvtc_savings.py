@@ -1,4 +1,4 @@
-"""The saving path of LVTC on vLLM (`internvlx_hf.vllm.lvtc.short_kv`, the plugin's default for LVTC checkpoints): its
+"""The saving path of LVTC on vLLM (`internvlx_hf.vllm.lvtc.saving`, the plugin's default for LVTC checkpoints): its
 position rows (LongRoPE's flags included) and short-layout token counts on hand-made layouts whose answers are known,
 engines on tiny checkpoints (both paths), and the recorded figures. The vLLM parts skip where vLLM is not installed."""
 
@@ -14,10 +14,9 @@ needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
                                 reason="vllm is not installed; .ci/run's vLLM environment has it")
 
 
-def _saving():
-    import internvlx_hf.vllm.lvtc.short_kv
-
-    return internvlx_hf.vllm.lvtc.short_kv
+def _saving(module: str):
+    """A module of the saving path (`internvlx_hf.vllm.lvtc.saving`), imported where vLLM is."""
+    return importlib.import_module(f"internvlx_hf.vllm.lvtc.saving.{module}")
 
 
 def _features():
@@ -72,7 +71,7 @@ def test_saving_rows_carry_each_layouts_longrope_choice(switch, short_long, long
 @pytest.mark.vllm
 @needs_vllm
 def test_short_layout_manager_counts_only_live_tokens():
-    saving = _saving()
+    saving = _saving("kv_cache")
     request = SimpleNamespace(mm_features=_features(), request_id="r")
     tiles = saving.RequestTiles.of(request, 1, 4)
     assert tiles.spans == ((4, 7), (8, 11))  # each tile's LR slot first, then its HR-only slots 5-7 and 9-11
@@ -88,7 +87,7 @@ def test_the_longest_cache_hit_is_the_longest_length_allowed():
     """`RequestTiles.longest_hit` (the short group's cache lookup) against its definition, tried on every length: the
     longest length at most `max_length` that ends on a multiple of the step or at a tile's start, splits no tile, and
     whose short tokens the cached short blocks hold; on prompts with tiles starting on and off block boundaries."""
-    saving = _saving()
+    saving = _saving("kv_cache")
     for spans, short_per_tile, long_per_tile in ([(3, 10), (11, 18)], 2, 8), ([(16, 31), (40, 55)], 4, 16), ([], 2, 8):
         tiles = saving.RequestTiles(tuple(spans), short_per_tile, long_per_tile)
         for step in (4, 8, 16):
@@ -282,7 +281,7 @@ def test_the_saving_paths_vllm_internals_are_those_of_the_vllm_installed():
     import vllm
     from packaging.requirements import Requirement
 
-    saving = _saving()
+    saving = _saving("internals")
     assert saving.missing_internals() == []
     extras = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     (pin,) = [r for r in extras["vllm"] if r.startswith("vllm")]
@@ -298,7 +297,7 @@ def test_each_vllm_internal_of_the_saving_path_is_reported_when_vllm_lacks_it(mo
     a case here fails."""
     import dataclasses
 
-    saving = _saving()
+    saving = _saving("internals")
 
     fewer_fields = dataclasses.make_dataclass("CommonAttentionMetadata", [("query_start_loc", object)])
     removals = {
@@ -338,10 +337,10 @@ def test_each_vllm_internal_of_prefix_caching_and_chunking_is_reported_and_the_e
 
     from vllm_helpers import build_checkpoint
 
-    saving = _saving()
+    saving = _saving("internals")
     table = saving.CONVERSATION_INTERNALS
     removals = {
-        "KVCacheManager.get_computed_blocks(request), wrapped by the scheduler":
+        "Scheduler._get_local_prefix_cache_hit(request), the lookup of a waiting request, subclassed by the scheduler":
             lambda patch: patch.setattr(saving.Scheduler, "_get_local_prefix_cache_hit", lambda self, request: None),
         "SingleTypeKVCacheManager.find_longest_cache_hit / cache_blocks / add_local_computed_blocks signatures":
             lambda patch: patch.setattr(saving.FullAttentionManager, "cache_blocks",
@@ -394,29 +393,54 @@ def test_the_scheduler_stops_where_vllm_hashes_prompts_in_units_other_than_the_s
     from vllm_helpers import build_checkpoint
 
     load_general_plugins()
-    saving = _saving()
+    from internvlx_hf.vllm.lvtc.saving import kv_cache, scheduler as saving_scheduler
+
     folder = build_checkpoint(tmp_path / "lvtc", llm="qwen2", lvtc=dict(expand_layer=2), text=dict(head_dim=32))
     config = EngineArgs(model=str(folder), dtype="float32", max_model_len=4096, block_size=16).create_engine_config()
     assert config.model_config.hf_config.lvtc_vllm_path == "saving"
     config.cache_config.num_gpu_blocks = 64  # (what the engine core sets once it has measured the KV cache)
     spec = dict(block_size=16, num_kv_heads=2, head_size=32, dtype=torch.float32)
     groups = [KVCacheGroupSpec(["layers.2", "layers.3"], FullAttentionSpec(**spec)),
-              KVCacheGroupSpec(["layers.0", "layers.1"], saving.LVTCShortSpec(**spec, short_per_tile=16,
+              KVCacheGroupSpec(["layers.0", "layers.1"], kv_cache.LVTCShortSpec(**spec, short_per_tile=16,
                                                                                 long_per_tile=64))]
 
     def scheduler(hash_block_size):
-        return saving.LVTCScheduler(
+        return saving_scheduler.LVTCScheduler(
             vllm_config=config, kv_cache_config=KVCacheConfig(num_blocks=64, kv_cache_tensors=[],
                                                               kv_cache_groups=groups),
             structured_output_manager=StructuredOutputManager(config), block_size=16, hash_block_size=hash_block_size)
 
-    assert isinstance(scheduler(16).short_manager, saving.LVTCShortManager)
+    assert isinstance(scheduler(16).short_manager, kv_cache.LVTCShortManager)
     with pytest.raises(RuntimeError, match=r"vLLM hashes prompts in blocks of 8 tokens and the short KV group holds "
                        r"blocks of 16; .*Start vLLM without --prefix-match-unit \(or with --prefix-match-unit 16\), "
                        r"or with --no-enable-prefix-caching"):
         scheduler(8)
     config.cache_config.enable_prefix_caching = False
-    assert isinstance(scheduler(8).short_manager, saving.LVTCShortManager)
+    assert isinstance(scheduler(8).short_manager, kv_cache.LVTCShortManager)
+
+
+@pytest.mark.vllm
+@needs_vllm
+def test_the_plugins_register_makes_vllm_know_the_short_group_and_importing_does_not():
+    """The short group's spec and manager are registered by the plugin's `register()` (vLLM calls it in every process
+    it starts, the engine core's before it builds its KV managers), not as a side effect of importing a module."""
+    import subprocess
+    import sys
+
+    script = (
+        "from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry\n"
+        "from internvlx_hf.vllm.lvtc.saving.kv_cache import LVTCShortManager, LVTCShortSpec\n"
+        "import torch\n"
+        "spec = LVTCShortSpec(block_size=16, num_kv_heads=1, head_size=32, dtype=torch.float32, short_per_tile=16,"
+        " long_per_tile=64)\n"
+        "print('before', KVCacheSpecRegistry.get_manager_class(spec))\n"
+        "import internvlx_hf.vllm\n"
+        "internvlx_hf.vllm.register()\n"
+        "internvlx_hf.vllm.register()\n"  # (vLLM may call it more than once in a process)
+        "print('after', KVCacheSpecRegistry.get_manager_class(spec) is LVTCShortManager)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.splitlines()[-2:] == ["before None", "after True"], done.stdout
 
 
 @pytest.mark.vllm
@@ -429,7 +453,7 @@ def test_the_short_backend_classes_are_kept_by_their_model_not_the_process():
 
     from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
 
-    saving = _saving()
+    saving = _saving("attention")
     first, second = saving.PositionBufferChannel(), saving.PositionBufferChannel()
     made = saving.short_backend(CPUAttentionBackend, first)
     assert saving.short_backend(CPUAttentionBackend, first) is made
@@ -455,7 +479,7 @@ def test_no_runner_hands_a_short_group_another_groups_metadata():
     from vllm.v1.attention.backends.triton_attn import TritonAttentionBackend
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-    saving = _saving()
+    saving = _saving("attention")
     channel = saving.PositionBufferChannel()
     assert FlashAttentionBackend.get_builder_cls().supports_update_block_table  # (the base would reuse)
     for base in (CPUAttentionBackend, FlashAttentionBackend, TritonAttentionBackend):
@@ -477,7 +501,7 @@ def test_the_short_metadata_gives_every_host_count_from_the_host():
 
     from test_short_layout import LONG, expected, layout_of, prefill_and_decode
 
-    saving = _saving()
+    saving = _saving("attention")
     runner, first, second = prefill_and_decode()
     batch = [(first, first.prompt), (second, 1)]
     rows, positions, qsl, table, tokens = step = runner.step(batch, pad_tokens=7, pad_requests=2)
@@ -634,7 +658,7 @@ def test_lvtc_checkpoints_take_the_saving_path_by_default_with_short_kv_only(tmp
 def test_saving_path_runs_with_the_engine_core_in_its_own_process(tmp_path):
     """vLLM's default process layout (`VLLM_ENABLE_V1_MULTIPROCESSING=1`: engine core and worker in processes of their
     own, as `vllm serve` runs them): the config (with the path the hook chose) and the scheduler factory reach the
-    engine core, importing `lvtc/short_kv.py` registers the short group's spec there, and the engine answers as
+    engine core, the plugin's `register()` registers the short group's spec there, and the engine answers as
     transformers does."""
     requests = ["12 tiles", "two images"]
     bench, folder, result, log = _engine_run(tmp_path, requests,

@@ -47,7 +47,7 @@ def evict(scheduler, groups: str) -> int:
     groups', "long": the others'), as vLLM's eviction does when it needs blocks; the number dropped."""
     from vllm.v1.core.kv_cache_utils import get_group_id
 
-    from internvlx_hf.vllm.lvtc.short_kv import LVTCShortManager
+    from internvlx_hf.vllm.lvtc.saving.kv_cache import LVTCShortManager
 
     managers = scheduler.kv_cache_manager.coordinator.single_type_managers
     chosen = {index for index, manager in enumerate(managers)
@@ -94,7 +94,7 @@ def main(spec_path: str, out_path: str) -> None:
                     for step in out.outputs[0].logprobs],
             "completions": [completion(one) for one in out.outputs],
         } for out in outputs])
-    from internvlx_hf.vllm.lvtc.short_kv import LVTCShortManager
+    from internvlx_hf.vllm.lvtc.saving.kv_cache import LVTCShortManager
 
     managers = scheduler.kv_cache_manager.coordinator.single_type_managers
     Path(out_path).write_text(json.dumps({

@@ -41,3 +41,12 @@ def register() -> None:
     except ImportError:
         return
     MODELS_CONFIG_MAP[ARCHITECTURE] = LVTCConfigHook
+    # The saving path's KV-cache group, known in every process (the engine core builds its managers from vLLM's
+    # registry, with the workers' specs pickled). A vLLM whose registry differs has the saving path's internals
+    # missing, and the config hook gives LVTC checkpoints the masked path with that reason.
+    try:
+        from .lvtc.saving.kv_cache import register_spec
+
+        register_spec()
+    except (ImportError, AttributeError, TypeError):
+        pass

@@ -194,9 +194,9 @@ def _whole_prompts_reason(path: str | None) -> str | None:
     chunked prefill at tile boundaries and prefix caching, where this vLLM has what they use)."""
     if path != "saving":
         return "the masked path runs on vLLM's own scheduler and KV-cache groups"
-    from .lvtc import short_kv
+    from .lvtc.saving.internals import CONVERSATION_INTERNALS, missing_internals
 
-    missing = short_kv.missing_internals(short_kv.CONVERSATION_INTERNALS)
+    missing = missing_internals(CONVERSATION_INTERNALS)
     if missing:
         import vllm
 
@@ -208,7 +208,7 @@ def _prefix_caching(vllm_config, config, path: str | None, settings: EngineSetti
                     whole_prompts: str | None) -> None:
     """Prefix caching where a cached prefix has the rows the new prompt would give it: the saving path without
     LongRoPE (its rows depend only on the tokens and images before each token; its short KV group keys each block by
-    the long layout's hash, `short_kv.LVTCShortManager`). LongRoPE's choice of factors comes from the whole prompt's
+    the long layout's hash, `lvtc/saving/kv_cache.py`). LongRoPE's choice of factors comes from the whole prompt's
     length, and the masked path's manager is vLLM's own, which would key the rows of a prompt by another's: off."""
     longrope = longrope_switch(config.get_text_config()) is not None
     if path == "saving" and not longrope and whole_prompts is None:
@@ -225,7 +225,7 @@ def _prefix_caching(vllm_config, config, path: str | None, settings: EngineSetti
 
 
 def _whole_tiles_per_step(vllm_config, layout, where: str) -> None:
-    """The saving path: layer k upsamples each tile whole, and its scheduler (`short_kv.LVTCSchedulerMixin`) ends a
+    """The saving path: layer k upsamples each tile whole, and its scheduler (`lvtc/saving/scheduler.py`) ends a
     prefill chunk only where no tile is split, so chunked prefill runs as vLLM set it. A step must then hold a tile:
     a budget below that (the step's tokens, `--max-num-scheduled-tokens` where set, a prefill's threshold) could
     never schedule one (refused, with the value that works)."""
@@ -372,7 +372,8 @@ def require_config_hook(config) -> None:
 def _vllm_internals() -> dict:
     """The vLLM internals (not public API) the model uses on either LVTC path, LongRoPE or LoRA, as in vLLM 0.32: for
     each, when it is needed, how it is checked, and what would go silently wrong without it. A vLLM that lacks one
-    is refused at start (the saving path's own internals, `short_kv.INTERNALS`, send it to the masked path instead)."""
+    is refused at start (the saving path's own internals, `lvtc/saving/internals.py`, send it to the masked path
+    instead)."""
     from vllm.config import CompilationConfig
     from vllm.lora import utils as lora_utils
     from vllm.model_executor.layers.rotary_embedding.phi3_long_rope_scaled_rope import (
@@ -443,20 +444,20 @@ def _check_lvtc_engine(vllm_config, layout, where: str) -> None:
         )
 
 
-#: The saving path's `scheduler_cls`: lvtc/short_kv.py's factory of its scheduler classes (named so that vLLM imports
-#: it where the scheduler runs), which hand the scheduler's request table to the short group's KV managers. A factory,
-#: because vLLM settles `async_scheduling` (which of the two classes) only after this hook.
-SAVING_SCHEDULER = "internvlx_hf.vllm.lvtc.short_kv.lvtc_scheduler"
-SAVING_SCHEDULERS = tuple(f"internvlx_hf.vllm.lvtc.short_kv.{name}"
+#: The saving path's `scheduler_cls`: lvtc/saving/scheduler.py's factory of its scheduler classes (named so that vLLM
+#: imports it where the scheduler runs), which hand the scheduler's request table to the short group's KV managers. A
+#: factory, because vLLM settles `async_scheduling` (which of the two classes) only after this hook.
+SAVING_SCHEDULER = "internvlx_hf.vllm.lvtc.saving.scheduler.lvtc_scheduler"
+SAVING_SCHEDULERS = tuple(f"internvlx_hf.vllm.lvtc.saving.scheduler.{name}"
                           for name in ("lvtc_scheduler", "LVTCScheduler", "LVTCAsyncScheduler"))
 #: How an LVTC checkpoint runs on vLLM (`config.lvtc_vllm_path`, chosen by `choose_lvtc_path`): "saving" (the layers
-#: below k hold and compute the short layout only: `lvtc/short_kv.py`) or "masked" (the long layout with the HR-only
+#: below k hold and compute the short layout only: `lvtc/saving/`) or "masked" (the long layout with the HR-only
 #: slots masked out of the layers below k: `lvtc/masked.py`). `hf_overrides={"lvtc_vllm_path": "masked"}` asks for the
 #: second.
 LVTC_PATHS = ("saving", "masked")
 
 
-#: vLLM's own scheduler classes: named as `scheduler_cls`, they are replaced by lvtc/short_kv.py's subclasses of them
+#: vLLM's own scheduler classes: named as `scheduler_cls`, they are replaced by lvtc/saving/scheduler.py's subclasses
 VLLM_SCHEDULERS = ("vllm.v1.core.sched.scheduler.Scheduler", "vllm.v1.core.sched.async_scheduler.AsyncScheduler")
 
 
@@ -467,8 +468,9 @@ def _scheduler_name(chosen) -> str | None:
 
 
 def _check_plugin_scheduler(vllm_config) -> None:
-    """A `scheduler_cls` named under `internvlx_hf` must be one of the plugin's: `internvlx_hf.vllm.saving`, the
-    module's name before the lvtc/ sub-package, is gone, and vLLM would stop on its import with a traceback."""
+    """A `scheduler_cls` named under `internvlx_hf` must be one of the plugin's: the modules that held it before
+    (`internvlx_hf.vllm.saving`, `internvlx_hf.vllm.lvtc.short_kv`) are gone, and vLLM would stop on their import with
+    a traceback."""
     name = _scheduler_name(vllm_config.scheduler_config.scheduler_cls)
     if name is None or not name.startswith("internvlx_hf.") or name in SAVING_SCHEDULERS:
         return
@@ -478,12 +480,12 @@ def _check_plugin_scheduler(vllm_config) -> None:
         f"InternVL-X LVTC checkpoint {vllm_config.model_config.model}: scheduler_cls {name!r} is none of the plugin's "
         f"schedulers; the saving path's is {SAVING_SCHEDULER!r} (set by the plugin: leave scheduler_cls unset), and a "
         "scheduler of your own keeps the saving path by subclassing "
-        "internvlx_hf.vllm.lvtc.short_kv.LVTCSchedulerMixin.")
+        "internvlx_hf.vllm.lvtc.saving.scheduler.LVTCSchedulerMixin.")
 
 
 def _scheduler_taken(vllm_config) -> str | None:
     """The scheduler class a user set (`--scheduler-cls`) that the saving path cannot use: not vLLM's own, not
-    lvtc/short_kv.py's, not a subclass of its `LVTCSchedulerMixin`."""
+    lvtc/saving/scheduler.py's, not a subclass of its `LVTCSchedulerMixin`."""
     chosen = vllm_config.scheduler_config.scheduler_cls
     name = _scheduler_name(chosen)
     if name is None or name in VLLM_SCHEDULERS or name in SAVING_SCHEDULERS:
@@ -632,15 +634,15 @@ def _masked_reason(vllm_config, config) -> str | None:
     taken = _scheduler_taken(vllm_config)
     if taken is not None:
         return (f"the engine's scheduler_cls is {taken}, and the saving path's KV manager needs its own scheduler "
-                f"(internvlx_hf.vllm.lvtc.short_kv.LVTCSchedulerMixin: subclass it with yours to keep both)")
+                f"(internvlx_hf.vllm.lvtc.saving.scheduler.LVTCSchedulerMixin: subclass it with yours to keep both)")
     import vllm
 
     try:
-        from .lvtc import short_kv as saving
+        from .lvtc.saving import attention, internals, kv_cache, layers, scheduler  # noqa: F401 - all import
     except (ImportError, AttributeError, AssertionError, TypeError) as error:
-        # a vLLM that moved what lvtc/short_kv.py imports, or whose spec registry refuses the short group's spec
+        # a vLLM that moved what lvtc/saving/ imports
         return f"this vLLM ({vllm.__version__}) lacks what the saving path imports ({error!r}); tested: 0.32"
-    missing = saving.missing_internals()
+    missing = internals.missing_internals()
     if missing:
         return f"this vLLM ({vllm.__version__}) differs from 0.32 in {'; '.join(missing)} (docs/serving-vllm-lvtc.md)"
     return None

@@ -200,7 +200,7 @@ class InternVLXForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsM
                 if not isinstance(layer, PPMissingLayer):  # another pipeline rank's layer
                     layer.self_attn.rotary_emb.use_long_rope = False
         # LVTC, or extra LR projectors alone (k = depth): the layers are run one by one (`lvtc/layers.py`). With
-        # expansion the layers below k hold and compute the short layout only (`lvtc/short_kv.py`), unless the config
+        # expansion the layers below k hold and compute the short layout only (`lvtc/saving/`), unless the config
         # hook chose the masked long layout (`config_hook.choose_lvtc_path`, with its log line). The engine core was
         # set up for the path the hook chose (its scheduler, prefix caching, chunks at tile boundaries): a worker that
         # cannot run the saving path stops rather than take the other one.
@@ -209,16 +209,16 @@ class InternVLXForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsM
         if config.lvtc_config is not None:
             lvtc_prefix = maybe_prefix(prefix, "lvtc")
             if self.layout is not None and getattr(config, "lvtc_vllm_path", None) == "saving":
-                from .lvtc.short_kv import ShortKVFront, short_kv_unavailable
+                from .lvtc.saving.layers import SavingFront, saving_unavailable
 
-                reason = short_kv_unavailable(self)
+                reason = saving_unavailable(self)
                 if reason is not None:
                     raise RuntimeError(
                         f"InternVL-X LVTC checkpoint {vllm_config.model_config.model}: the config hook chose the "
                         f"saving path, which this worker cannot run: {reason}. Serve it on the masked path: "
                         "hf_overrides={\"lvtc_vllm_path\": \"masked\"} (vllm serve --hf-overrides "
                         "'{\"lvtc_vllm_path\": \"masked\"}').")
-                self.lvtc = ShortKVFront(self, vllm_config, self.switch, prefix=lvtc_prefix)
+                self.lvtc = SavingFront(self, vllm_config, self.switch, prefix=lvtc_prefix)
                 self.saving = True
             if self.lvtc is None:
                 self.lvtc = MaskedLayers(model=self, vllm_config=vllm_config, switch=self.switch, prefix=lvtc_prefix)

@@ -4,8 +4,9 @@
 - `positions.py`: each token's layout in vLLM's per-request position rows (both paths), no vLLM needed;
 - `layers.py`: the layer loop both paths run (Algorithm 1: layers below ``k``, the expansion, the injections, layers
   from ``k``) and the projectors' rows;
-- `short_kv.py`: the default ("saving") path: the layers below ``k`` hold and compute the short layout only, in a
-  KV-cache group of their own (its spec, manager, scheduler hooks, attention backend and compiled layers);
+- `saving/`: the default ("saving") path: the layers below ``k`` hold and compute the short layout only, in a
+  KV-cache group of their own (one file each: its KV cache, scheduler, attention backend, layers, and the vLLM
+  internals it uses);
 - `short_layout.py`: that path's per-step short layout (plain torch, no vLLM needed);
 - `masked.py`: the fallback: the long layout with the HR-only slots masked out of the layers below ``k``.
 

@@ -2,7 +2,7 @@
 ``k``'s expansion (each tile's LR states upsampled 2D to the long grid, plus the HR projector's output), the extra LR
 projectors' injections, layers ``>= k`` on the long layout.
 
-`LVTCLayers.run_layers` is that loop. The default path (`short_kv.py`) runs layers ``< k`` on the step's live tokens
+`LVTCLayers.run_layers` is that loop. The default path (`saving/`) runs layers ``< k`` on the step's live tokens
 only (a gather index) and holds their K/V in a KV-cache group of its own; the masked path (`masked.py`) runs them on
 every slot of the long layout and masks the unused ones in attention. Both get their per-token positions and tile slots
 from vLLM's position rows (`positions.py`), and the projectors' outputs as one wide row per slot (`tile_rows`,
@@ -55,7 +55,7 @@ class UpsampleTable(nn.Module):
 
 class LVTCLayers(nn.Module):
     """What both LVTC paths share: the projectors' rows (`tile_rows`, `embed_input_ids`), layer k's expansion and the
-    layer loop (`run_layers`). The paths' compiled subclasses (`masked.MaskedLayers`, `short_kv.ShortKVLayers`) give
+    layer loop (`run_layers`). The paths' compiled subclasses (`masked.MaskedLayers`, `saving.layers.SavingLayers`) give
     the loop its positions, tile slots and, on the default path, the live tokens' gather index."""
 
     def __init__(self, model, vllm_config: "VllmConfig", switch: int | None):

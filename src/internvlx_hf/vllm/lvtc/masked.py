@@ -1,5 +1,5 @@
 """LVTC on vLLM, the masked path: layers below ``k`` see the short layout on the long layout's slots (the fallback of
-`short_kv.py`, which holds and computes the short layout only and is the default, chosen by
+`saving/`, which holds and computes the short layout only and is the default, chosen by
 `config_hook.choose_lvtc_path`), and the path of checkpoints whose extra LR projectors come without expansion
 (`MaskedLayers`, on the layer loop both paths share: `layers.py`).
 

@@ -5,7 +5,7 @@ decoded token as ``p + delta`` in all three rows (``p``: the token's index, ``de
 plugin needs more per token than one position, and must read it inside ``forward`` without Python state or host
 reads (so that torch.compile and CUDA graphs capture it):
 
-- **LVTC** schedules a request in its long layout (`masked.py`, `short_kv.py`). Layers from ``k`` take the long
+- **LVTC** schedules a request in its long layout (`masked.py`, `saving/`). Layers from ``k`` take the long
   position ``p``; layers below ``k`` take the short-layout position ``p - (unused slots before the token)`` and must
   ignore the unused slots; layer ``k`` must know each tile slot's index within its tile.
 - **LongRoPE** (Phi-3) in transformers takes, in each forward call, the long factors when the call's largest position
@@ -107,7 +107,7 @@ LONG_FACTORS = 1 << 28
 
 def saving_positions(layout: LVTCGeometry, length: int, mm_features: list,
                      switch: int | None = None) -> tuple[torch.Tensor, int]:
-    """The saving path's rows (`short_kv.py`) of a prompt of `length` vLLM tokens, and its delta ``-E`` (``E``: its
+    """The saving path's rows (`saving/`) of a prompt of `length` vLLM tokens, and its delta ``-E`` (``E``: its
     HR-only slots), so that a decoded token's rows are all its short position ``s``.
 
     - row 1: the short position ``s`` (the short layers' metadata builder reads it);

@@ -1,4 +1,4 @@
-"""The short layout of one vLLM step, for LVTC's saving path (`short_kv.py`): which of the step's tokens the layers
+"""The short layout of one vLLM step, for LVTC's saving path (`saving/`): which of the step's tokens the layers
 below ``k`` run on, at which short positions, into which KV slots; and the per-step check that the rows read belong
 to this step.
 

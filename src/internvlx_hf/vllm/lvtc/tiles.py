@@ -1,9 +1,10 @@
 """A request's tiles in the token sequence vLLM schedules (its long layout), and the short layout's arithmetic on them:
 how many short-layout tokens a long count holds, where a prefix-cache hit may end, and each short block's cache key.
 
-Plain Python (no torch, no vLLM), used by the saving path's scheduler and KV manager (`short_kv.py`) on every request
-of every step: each count is a bisection over the tiles' prefix sums, O(log tiles), and a hit inside a tile is found
-row by row of the tile's long grid, not slot by slot. tests/test_lvtc_tiles.py checks each against a brute force.
+Plain Python (no torch, no vLLM), used by the saving path's scheduler and KV manager (`saving/scheduler.py`,
+`saving/kv_cache.py`) on every request of every step: each count is a bisection over the tiles' prefix sums,
+O(log tiles), and a hit inside a tile is found row by row of the tile's long grid, not slot by slot.
+tests/test_lvtc_tiles.py checks each against a brute force.
 """
 
 from __future__ import annotations

@@ -1,0 +1,134 @@
+"""The saving path's attention for the layers below `k`: vLLM's `Attention` reporting the short KV-cache group's spec,
+and a backend (a subclass of the platform's) whose builder builds the step's short layout before the forward pass
+(`short_layout.short_layout`) from the runner's M-RoPE rows, and whose KV write takes that layout's slot mapping."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from vllm.forward_context import get_forward_context
+from vllm.model_executor.layers.attention import Attention
+from vllm.v1.attention.backend import CommonAttentionMetadata, subclass_attention_backend_with_overrides
+from vllm.v1.kv_cache_interface import get_kv_quant_mode
+
+from internvlx_hf.vllm.lvtc.saving.kv_cache import LVTCShortSpec
+from internvlx_hf.vllm.lvtc.short_layout import short_layout
+
+
+class LVTCShortAttention(Attention):
+    """vLLM's Attention, reporting the short-layout KV spec (layers below k)."""
+
+    short_per_tile: int = 0
+    long_per_tile: int = 0
+
+    def get_kv_cache_spec(self, vllm_config):
+        base = super().get_kv_cache_spec(vllm_config)
+        return LVTCShortSpec(block_size=base.block_size, num_kv_heads=base.num_kv_heads, head_size=base.head_size,
+                             head_size_v=base.head_size_v, dtype=base.dtype,
+                             kv_quant_mode=get_kv_quant_mode(self.kv_cache_dtype),
+                             short_per_tile=self.short_per_tile, long_per_tile=self.long_per_tile)
+
+
+# ------------------------------------------------------------------------------ short backend: metadata outside forward
+
+
+class PositionBufferChannel:
+    """The runner's M-RoPE buffer, handed over by the model's first forward (vLLM gives the builder no reference to
+    it). One per model; the short builder reads the step's rows from it before the forward pass. Holds the model's
+    short backend classes too (`short_backend`), so that they and the buffer go with the model."""
+
+    def __init__(self) -> None:
+        self.buffer: torch.Tensor | None = None
+        self.backends: dict[type, type] = {}
+        self.forwards = 0  # the model's forward calls: a step's metadata is built between two
+        self.layout: tuple | None = None  # (query_start_loc, key, layout) of the last build (`LVTCShortBuilder`)
+
+
+@dataclass
+class PendingShortMetadata:
+    """The short layers' metadata of a step built before the model's first forward: finished by that forward, once
+    the M-RoPE buffer is known (the only step whose metadata is built inside the forward pass)."""
+
+    builder: object
+    common: CommonAttentionMetadata
+    fast_build: bool
+
+    def finish(self):
+        return self.builder.build_short(self.common, self.fast_build)
+
+
+def short_common_metadata(cm: CommonAttentionMetadata, layout) -> CommonAttentionMetadata:
+    """What the short layers' backend builds its metadata from: the step's short layout (`short_layout.ShortLayout`)
+    in the runner's block table, every count a backend reads on the host given from the host (`query_start_loc_cpu`,
+    `seq_lens_cpu_upper_bound`: exact here, so FlashInfer's builder does not read the device for it)."""
+    return CommonAttentionMetadata(
+        query_start_loc=layout.query_start_loc, query_start_loc_cpu=layout.query_start_loc_cpu,
+        seq_lens=layout.seq_lens.to(cm.seq_lens.dtype), num_reqs=cm.num_reqs,
+        num_actual_tokens=layout.gather.shape[0], max_query_len=layout.max_query_len,
+        max_seq_len=layout.max_seq_len, block_table_tensor=cm.block_table_tensor,
+        slot_mapping=layout.slot_mapping, causal=True, seq_lens_cpu_upper_bound=layout.seq_lens_cpu)
+
+
+def short_backend(base: type, channel: PositionBufferChannel) -> type:
+    """The platform's attention backend with the short layers' builder and KV write: one class per base and model
+    (vLLM groups attention layers by backend class, and asks that dynamic subclasses be cached), kept by the model's
+    channel, not for the process's life (a process that builds several engines keeps no one else's buffer)."""
+    if base not in channel.backends:
+        channel.backends[base] = _short_backend(base, channel)
+    return channel.backends[base]
+
+
+def _short_backend(base: type, channel: PositionBufferChannel) -> type:
+
+    class LVTCShortBuilder(base.get_builder_cls()):
+        # vLLM's V1 GPU runner gives a later KV-cache group with an equal spec and builder class the first group's
+        # metadata through `update_block_table`, which swaps in that group's slot mapping: the long layout's, where
+        # the short layers would write their K/V. Each short group builds its own instead (the step's one layout,
+        # `ShortLayout.for_block_table`), as on vLLM's CPU runner.
+        supports_update_block_table = False
+
+        def build(self, common_prefix_len, common_attn_metadata, fast_build=False):
+            cm = common_attn_metadata
+            if cm.positions is None or cm.positions.dim() != 1:  # the long-layout token index (guarded internal)
+                raise RuntimeError("InternVL-X LVTC saving path: this vLLM's CommonAttentionMetadata.positions is not "
+                                   "the step's token index; serve the checkpoint on the masked path: "
+                                   "hf_overrides={\"lvtc_vllm_path\": \"masked\"}")
+            if channel.buffer is None:
+                # Before the model's first forward (vLLM's first step where it runs no warm-up forward: eager mode,
+                # VLLM_CPU_CI_ENV): that forward hands over the buffer and finishes this build (`SavingFront`).
+                return PendingShortMetadata(self, cm, fast_build)
+            return self.build_short(cm, fast_build)
+
+        def build_short(self, cm, fast_build=False):
+            # the step's tokens without the runner's padding (CUDA graphs, data parallelism): a host-side count
+            tokens = int(cm.query_start_loc_cpu[cm.num_reqs])
+            spec = self.kv_cache_spec
+            # the layers below k may form several KV-cache groups (as many layers each as the long group): the step's
+            # layout is built once, each further group's builder only maps its own blocks. The runners hand every
+            # group of one build a shallow copy of the same metadata: its query_start_loc tensor (held, so that its
+            # id is not reused) tells one build from the next, with the forward count and the offsets besides.
+            key = (channel.forwards, tokens, spec.block_size, tuple(cm.query_start_loc_cpu[: cm.num_reqs + 1].tolist()))
+            cached = channel.layout
+            if cached is not None and cached[0] is cm.query_start_loc and cached[1] == key:
+                layout = cached[2].for_block_table(cm.block_table_tensor, spec.block_size)
+            else:
+                layout = short_layout(channel.buffer, cm.positions, cm.query_start_loc[: cm.num_reqs + 1],
+                                      cm.block_table_tensor, num_tokens=tokens, short_per_tile=spec.short_per_tile,
+                                      long_per_tile=spec.long_per_tile, block_size=spec.block_size)
+                channel.layout = (cm.query_start_loc, key, layout)
+            meta = super().build(0, short_common_metadata(cm, layout), fast_build)
+            meta.lvtc_gather = layout.gather
+            meta.lvtc_long_positions = cm.positions[:tokens]
+            meta.lvtc_shift = layout.shift
+            return meta
+
+    class LVTCShortImpl(base.get_impl_cls()):
+        def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping):
+            # vLLM's slot mapping for this group comes from long-layout positions; the short one is our metadata's
+            metadata = get_forward_context().attn_metadata[layer.layer_name]
+            super().do_kv_cache_update(layer, key, value, kv_cache, metadata.slot_mapping)
+
+    return subclass_attention_backend_with_overrides(
+        "LVTCShort_", base, {"get_builder_cls": staticmethod(lambda: LVTCShortBuilder),
+                             "get_impl_cls": staticmethod(lambda: LVTCShortImpl)})

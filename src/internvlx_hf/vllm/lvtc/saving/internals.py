@@ -1,0 +1,131 @@
+"""The vLLM internals (not public API) the saving path uses, each as it is in vLLM 0.32: what is checked, and what
+breaks if vLLM changes it (docs/serving-vllm-lvtc.md lists them)."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+
+from vllm.compilation.decorators import support_torch_compile
+from vllm.v1.attention.backend import CommonAttentionMetadata, subclass_attention_backend_with_overrides
+from vllm.v1.core.block_pool import BlockPool
+from vllm.v1.core.kv_cache_coordinator import HybridKVCacheCoordinator, KVCacheCoordinator
+from vllm.v1.core.kv_cache_manager import KVCacheManager
+from vllm.v1.core.kv_cache_utils import resolve_block_hashes
+from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
+from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
+
+from internvlx_hf.vllm_compat import source_has
+
+
+def _parameters(function) -> list[str]:
+    return [name for name in inspect.signature(function).parameters if name != "self"]
+
+
+#: The vLLM internals (not public API) the saving path uses, each as it is in vLLM 0.32: what is checked, and what
+#: breaks if vLLM changes it. docs/serving-vllm-lvtc.md lists them; `missing_internals` checks them where the config
+#: hook chooses the path (a vLLM that differs gets the masked path with one log line), and
+#: tests/test_vllm_lvtc_savings.py asserts that none is missing from the vLLM it runs.
+INTERNALS = {
+    "KVCacheSpecRegistry._ensure_registered() and register(spec, manager, uniform_type_base_spec)": (
+        lambda: hasattr(KVCacheSpecRegistry, "_ensure_registered")
+        and _parameters(KVCacheSpecRegistry.register) == [
+            "kvcache_spec_cls", "manager_class", "uniform_type_base_spec"],
+        "the short group's spec and manager are unknown to vLLM: the layers below k would join the full-attention "
+        "group (long-layout KV)"),
+    "SingleTypeKVCacheManager.get_num_blocks_to_allocate / allocate_new_blocks / free signatures": (
+        lambda: _parameters(FullAttentionManager.get_num_blocks_to_allocate) == [
+            "request_id", "num_tokens", "new_computed_blocks", "total_computed_tokens", "num_local_computed_tokens",
+            "num_tokens_main_model", "apply_admission_cap", "prefill_end"]
+        and _parameters(FullAttentionManager.allocate_new_blocks) == ["request_id", "num_tokens",
+                                                                      "num_tokens_main_model"]
+        and _parameters(FullAttentionManager.free) == ["request_id"],
+        "LVTCShortManager sizes the short group by short-layout tokens through these calls"),
+    "Scheduler.requests, kv_cache_manager.coordinator.single_type_managers, _preempt_request": (
+        lambda: hasattr(Scheduler, "_preempt_request") and hasattr(Scheduler, "schedule")
+        and source_has(Scheduler.__init__, "self.requests: dict[str, Request]",
+                       "self.kv_cache_manager = KVCacheManager(")
+        and source_has(KVCacheManager.__init__, "self.coordinator = get_kv_cache_coordinator(")
+        and source_has(KVCacheCoordinator.__init__, "self.single_type_managers = "),
+        "the scheduler channel (LVTCSchedulerMixin) cannot hand the request table to the short group's managers"),
+    "CommonAttentionMetadata fields (positions, block_table_tensor, query_start_loc_cpu, ...)": (
+        lambda: {"query_start_loc", "query_start_loc_cpu", "seq_lens", "num_reqs", "num_actual_tokens",
+                 "max_query_len", "max_seq_len", "block_table_tensor", "slot_mapping", "causal", "positions",
+                 "seq_lens_cpu_upper_bound"}
+        <= {field.name for field in dataclasses.fields(CommonAttentionMetadata)},
+        "the short builder reads the step's long-layout metadata and builds the short layout's"),
+    "subclass_attention_backend_with_overrides(name_prefix, backend, overrides)": (
+        lambda: _parameters(subclass_attention_backend_with_overrides) == [
+            "name_prefix", "attention_backend_cls", "overrides"],
+        "the short layers' backend (their own metadata builder and KV write) cannot be made"),
+    "support_torch_compile(mark_unbacked_dims=...)": (
+        lambda: "mark_unbacked_dims" in _parameters(support_torch_compile),
+        "the gather index of live tokens cannot get its own dynamic size in the compiled layers"),
+}
+
+
+#: What prefix caching and chunked prefill on the saving path use besides `INTERNALS` (a vLLM that lacks one keeps the
+#: saving path with whole prompts per step and prefix caching off, said at start: `config_hook._whole_prompts_reason`).
+CONVERSATION_INTERNALS = {
+    "Scheduler._get_local_prefix_cache_hit(request), the lookup of a waiting request, subclassed by the scheduler": (
+        lambda: _parameters(Scheduler._get_local_prefix_cache_hit) == ["request"]
+        and source_has(Scheduler._get_local_prefix_cache_hit, "self.kv_cache_manager.get_computed_blocks(request)")
+        and source_has(Scheduler.schedule, "= self._get_local_prefix_cache_hit(request)"),
+        "the short group's cache lookup would not know the request's tiles (it would find no hit)"),
+    "SingleTypeKVCacheManager.find_longest_cache_hit / cache_blocks / add_local_computed_blocks signatures": (
+        lambda: _parameters(FullAttentionManager.find_longest_cache_hit) == [
+            "block_hashes", "max_length", "kv_cache_group_ids", "block_pool", "kv_cache_spec", "drop_eagle_block",
+            "alignment_tokens", "dcp_world_size", "pcp_world_size"]
+        and _parameters(FullAttentionManager.cache_blocks) == [
+            "request", "num_tokens", "retention_interval", "replay_boundaries"]
+        and _parameters(FullAttentionManager.add_local_computed_blocks) == [
+            "request_id", "new_computed_blocks", "num_local_computed_tokens", "num_external_computed_tokens"],
+        "the short group's blocks would be cached or found by long-layout counts"),
+    "HybridKVCacheCoordinator takes each group's hit length, and copies a partly used last block": (
+        lambda: source_has(HybridKVCacheCoordinator.find_longest_cache_hit, "curr_hit_length = _new_hit_length")
+        and hasattr(FullAttentionManager, "_apply_cow"),
+        "a hit at a tile's start inside a block could not be served"),
+    "Scheduler._reserve_prefill_lookahead(request, num_computed_tokens, num_new_tokens), the last word on a step": (
+        lambda: _parameters(Scheduler._reserve_prefill_lookahead) == [
+            "request", "num_computed_tokens", "num_new_tokens"]
+        and inspect.getsource(Scheduler.schedule).count("self._reserve_prefill_lookahead(") == 2,
+        "a prefill chunk could end inside a tile"),
+    "BlockPool.cache_full_blocks keys block i by request.block_hashes[i] (resolve_block_hashes passes the list "
+    "through at equal block sizes)": (
+        lambda: source_has(BlockPool.cache_full_blocks, "request.block_hashes")
+        and _passes_hashes_through(resolve_block_hashes),
+        "the short group's blocks (cached through `_KeyedRequest`, whose block_hashes are their keys) would be "
+        "cached under other blocks' keys: a later hit would read another prompt's K/V"),
+    "Scheduler.schedule starts with kv_cache_manager.new_step_starts(); allocate_slots sizes a request "
+    "(get_num_blocks_to_allocate) before it caches its blocks (cache_blocks)": (
+        lambda: source_has(Scheduler.schedule, "self.kv_cache_manager.new_step_starts()")
+        and source_has(KVCacheCoordinator.new_step_starts, "manager.new_step_starts()")
+        and _in_order(KVCacheManager.allocate_slots, "self.coordinator.get_num_blocks_to_allocate(",
+                      "self.coordinator.cache_blocks("),
+        "a hit could copy a block the same step fills before the step computes it (`_copies_block_filled_this_step`)"),
+}
+
+
+def _passes_hashes_through(resolve) -> bool:
+    hashes = [b"block"]
+    return resolve(hashes, 16, 16) is hashes
+
+
+def _in_order(function, *snippets: str) -> bool:
+    source = inspect.getsource(function)
+    places = [source.find(snippet) for snippet in snippets]
+    return -1 not in places and places == sorted(places)
+
+
+def missing_internals(table: dict | None = None) -> list[str]:
+    """The entries of `table` (`INTERNALS` by default) this vLLM does not have as the saving path uses them."""
+    missing = []
+    for name, (check, _) in (INTERNALS if table is None else table).items():
+        try:
+            ok = bool(check())
+        except Exception:  # an attribute gone, a signature that cannot be read
+            ok = False
+        if not ok:
+            missing.append(name)
+    return missing

@@ -1,0 +1,132 @@
+"""The saving path's layers: the short layers' attention put in place of vLLM's (`SavingFront`, not compiled, which
+also hands the M-RoPE buffer to the short builder and picks the step's gather index from its metadata) and the layer
+loop both paths share (`layers.LVTCLayers.run_layers`), compiled by vLLM (`SavingLayers`): layers below k on the live
+tokens at their short positions, the gather index with a dynamic size of its own. The forward pass reads nothing back
+to Python, except in the one step built before the first forward where vLLM runs no warm-up
+(`attention.PendingShortMetadata`)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from vllm.compilation.decorators import support_torch_compile
+from vllm.forward_context import get_forward_context
+from vllm.model_executor.layers.attention import Attention
+
+from internvlx_hf.vllm.lvtc.layers import LVTCLayers
+from internvlx_hf.vllm.lvtc.positions import saving_rope_indices
+from internvlx_hf.vllm.lvtc.saving.attention import (LVTCShortAttention, PendingShortMetadata, PositionBufferChannel,
+                                                     short_backend)
+
+
+# ------------------------------------------------------------------------------------------------- compiled layers
+
+
+@support_torch_compile(dynamic_arg_dims={"positions": -1, "inputs_embeds": 0, "gather": 0, "long_positions": 0,
+                                         "shift": 0},
+                       mark_unbacked_dims={"gather": 0})
+class SavingLayers(LVTCLayers):
+    """The LLM's layers on this path, compiled by vLLM: `LVTCLayers.run_layers` with layers below k on the live tokens
+    (`gather`, built by the short builder) at their short positions, layers from k at `long_positions`; `shift` says
+    where layer k reads a resumed tile's LR states (`short_layout.ShortLayout.shift`)."""
+
+    def __init__(self, *, model, vllm_config, switch: int | None, prefix: str = ""):
+        super().__init__(model, vllm_config, switch)
+
+    def forward(self, positions: torch.Tensor, inputs_embeds: torch.Tensor, gather: torch.Tensor,
+                long_positions: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        hidden, side = inputs_embeds[:, : self.hidden], inputs_embeds[:, self.hidden:]
+        code = positions[2]
+        slot = torch.where(code < 0, -1 - code, -1)
+        short_index, long_index = saving_rope_indices(positions, long_positions, self.switch)
+        # an HR-only slot's row 1 is its tile's LR end; one the layers below k run on (a resumed tile's copy of LR
+        # slot j = slot - (long - short)) is at that LR slot's short position
+        long_per_tile = self.layout.long_per_tile
+        short_index = short_index - torch.where(slot >= self.layout.short_per_tile, long_per_tile - slot, 0)
+        return self.run_layers(hidden, side, short_index, long_index, slot, gather, shift)
+
+
+def saving_unavailable(model) -> str | None:
+    """Why this worker cannot run the short-KV path (the model then stops at start with the fix), or None.
+
+    The config hook decides on what it can see (`config_hook.choose_lvtc_path`); what only the built model knows is
+    checked here: the attention backend's KV write of each layer below k."""
+    lm = model.language_model.model
+    for index in range(model.layout.expand_layer):
+        attn = getattr(lm.layers[index].self_attn, "attn", None)
+        backend = getattr(attn, "attn_backend", None)
+        if not isinstance(attn, Attention) or backend is None:
+            return f"layer {index} of the LLM has no vLLM Attention with a backend at self_attn.attn"
+        impl = backend.get_impl_cls()
+        if not backend.forward_includes_kv_cache_update and not hasattr(impl, "do_kv_cache_update"):
+            return (f"the attention backend {backend.get_name()} writes K/V neither in its forward nor through "
+                    "do_kv_cache_update, so the short layers' KV cannot be written at their own slots")
+    return None
+
+
+class SavingFront(nn.Module):
+    """Not compiled: gives layers below k their short-KV attention (built from vLLM's, in place), hands the M-RoPE
+    buffer to the short builder (first forward), picks the step's gather index and long positions from the short
+    layers' metadata (tensors only), and calls the compiled layers."""
+
+    def __init__(self, model, vllm_config, switch: int | None, prefix: str = ""):
+        super().__init__()
+        self.channel = PositionBufferChannel()
+        layout = model.layout
+        lm = model.language_model.model
+        static = vllm_config.compilation_config.static_forward_context
+        self.short_names: list[str] = []
+        for index in range(layout.expand_layer):
+            self_attn = lm.layers[index].self_attn
+            old = self_attn.attn
+            # the layer keeps its name (vLLM binds its KV cache by it); vLLM's Attention it replaces is dropped
+            static.pop(old.layer_name)
+            attn = LVTCShortAttention(old.num_heads, old.head_size, old.impl.scale, num_kv_heads=old.num_kv_heads,
+                                      cache_config=vllm_config.cache_config, prefix=old.layer_name,
+                                      attn_backend=short_backend(old.attn_backend, self.channel))
+            attn.short_per_tile, attn.long_per_tile = layout.short_per_tile, layout.long_per_tile
+            self_attn.attn = attn
+            self.short_names.append(old.layer_name)
+        self.layers = SavingLayers(model=model, vllm_config=vllm_config, switch=switch, prefix=prefix)
+
+    def tile_rows(self, vit, lr):
+        return self.layers.tile_rows(vit, lr)
+
+    def embed_input_ids(self, input_ids, multimodal_embeddings, is_multimodal):
+        return self.layers.embed_input_ids(input_ids, multimodal_embeddings, is_multimodal)
+
+    def forward(self, positions: torch.Tensor, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        self.channel.forwards += 1
+        if self.channel.buffer is None:
+            # vLLM passes a view of its runner's M-RoPE buffer (`(3, max tokens)`, the step's columns first); the short
+            # builder reads the step's rows from that buffer (guarded internal: docs/serving-vllm-lvtc.md)
+            buffer = positions._base if positions._base is not None else positions
+            if buffer.dim() != 2 or buffer.shape[0] != 3 or buffer.data_ptr() != positions.data_ptr():
+                raise RuntimeError(
+                    "InternVL-X LVTC saving path: this vLLM does not pass the model a view of its M-RoPE position "
+                    f"buffer (positions {tuple(positions.shape)}, base {tuple(buffer.shape)}); serve the checkpoint "
+                    "on the masked path: hf_overrides={\"lvtc_vllm_path\": \"masked\"}")
+            self.channel.buffer = buffer
+        tokens = positions.shape[1]
+        metas = get_forward_context().attn_metadata
+        if isinstance(metas, dict) and self.short_names[0] in metas:
+            if isinstance(metas[self.short_names[0]], PendingShortMetadata):
+                # one pending metadata per KV-cache group (vLLM may split the short layers into several, each
+                # with its own block table): each finished by its own builder
+                finished: dict[int, object] = {}
+                for name in self.short_names:
+                    pending = metas[name]
+                    if id(pending) not in finished:
+                        finished[id(pending)] = pending.finish()
+                    metas[name] = finished[id(pending)]
+            meta = metas[self.short_names[0]]
+            gather = meta.lvtc_gather
+            long_positions = positions[0].clone()
+            long_positions[: meta.lvtc_long_positions.shape[0]] = meta.lvtc_long_positions
+            shift = torch.zeros_like(long_positions)
+            shift[: meta.lvtc_shift.shape[0]] = meta.lvtc_shift
+        else:  # warm-up / profile runs (no metadata): a gather index whose size differs from the token count's
+            gather = torch.arange(max(tokens - 1, 1), device=positions.device)
+            long_positions = positions[0]
+            shift = torch.zeros_like(long_positions)
+        return self.layers(positions, inputs_embeds, gather, long_positions, shift)

@@ -1,0 +1,113 @@
+"""The saving path's scheduler (`lvtc_scheduler`, the engine's `scheduler_cls`): vLLM's, handing its requests to the
+short KV-cache group's managers (`kv_cache.py`), ending prefill chunks at tile starts, and deferring a request whose
+prefix-cache hit would copy a block the same step fills."""
+
+from __future__ import annotations
+
+from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+from vllm.v1.core.sched.scheduler import Scheduler
+
+from internvlx_hf.vllm.lvtc.saving.kv_cache import LOOKUP_REQUEST, LVTCShortManager
+from internvlx_hf.vllm.lvtc.tiles import whole_tiles_end
+
+
+class LVTCSchedulerMixin:
+    """Hands the scheduler's request table (each Request with its `mm_features`) to the short-layout KV managers.
+
+    Counts preemptions and deferred admissions (read by the tests and benchmarks; what a benchmark records besides goes
+    in its own subclass, as `benchmarks/vllm_lvtc_savings_engine.py`'s)."""
+
+    lvtc_scheduler_channel = True  # what `config_hook._scheduler_taken` recognises (it cannot import this module)
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.preemptions = 0
+        self.deferrals = 0  # admissions put off a step: their hit would copy a block not computed yet
+        self._waits_a_step: set[str] = set()  # this step's such requests (`_reserve_prefill_lookahead` says 0)
+        self.short_manager: LVTCShortManager | None = None  # (the first: each short group's sees the same tiles)
+        managers = self.kv_cache_manager.coordinator.single_type_managers
+        for manager in managers:
+            if isinstance(manager, LVTCShortManager):
+                manager.requests = self.requests
+                if self.short_manager is None:
+                    self.short_manager = manager
+                    manager.managers = list(managers)  # (it records every group's filled blocks)
+                if manager.enable_caching and manager.block_pool.hash_block_size != manager.block_size:
+                    raise RuntimeError(
+                        "InternVL-X LVTC saving path: vLLM hashes prompts in blocks of "
+                        f"{manager.block_pool.hash_block_size} tokens and the short KV group holds blocks of "
+                        f"{manager.block_size}; its prefix-cache keys are the long layout's block hashes, one per "
+                        "block, so they would name other blocks. Start vLLM without --prefix-match-unit (or with "
+                        f"--prefix-match-unit {manager.block_size}), or with --no-enable-prefix-caching.")
+
+    def _get_local_prefix_cache_hit(self, request):
+        """vLLM's prefix-cache lookup of a waiting request, with the request's tiles known to the short group's
+        `find_longest_cache_hit` (a class method vLLM gives only the block hashes). (KV connectors, whose lookup
+        goes elsewhere, take the masked path: `config_hook`.)"""
+        if self.short_manager is None:
+            return super()._get_local_prefix_cache_hit(request)
+        token = LOOKUP_REQUEST.set(self.short_manager.tiles(request))
+        try:
+            found = super()._get_local_prefix_cache_hit(request)
+        finally:
+            LOOKUP_REQUEST.reset(token)
+        if self._copies_block_filled_this_step(request, found[0], found[1]):
+            self._waits_a_step.add(request.request_id)
+        return found
+
+    def _copies_block_filled_this_step(self, request, blocks, num_computed_tokens: int) -> bool:
+        """Whether a hit of `num_computed_tokens` makes vLLM copy a partly used block (in any group) that this step
+        fills. vLLM enters a block in the cache when it allocates it, before the step computes it, and copies a hit's
+        partly used last block before the step's forward: such a copy would read nothing. (A full block another
+        request fills in the same step is read in that forward after it is written, layer by layer, as vLLM does.)"""
+        filled = self.short_manager.filled_this_step
+        if not num_computed_tokens or not filled:
+            return False
+        for manager, group_blocks in zip(self.kv_cache_manager.coordinator.single_type_managers, blocks.blocks):
+            if not group_blocks:
+                continue
+            tokens = (manager.held_tokens(request.request_id, group_blocks, num_computed_tokens)
+                      if isinstance(manager, LVTCShortManager) else num_computed_tokens)
+            if tokens % manager.block_size and (manager.kv_cache_group_id, group_blocks[-1].block_id) in filled:
+                return True
+        return False
+
+    def _reserve_prefill_lookahead(self, request, num_computed_tokens: int, num_new_tokens: int) -> int:
+        """vLLM's last word on a request's tokens this step (both scheduling loops call it): a prefill chunk that
+        would end inside a tile ends at the tile's start instead (layer k upsamples each tile whole), or the request
+        waits for the next step (zero)."""
+        if request.request_id in self._waits_a_step:
+            # its hit copies a block this step fills (`_copies_block_filled_this_step`): admitted next step, when
+            # the block is computed (as vLLM's Mamba manager defers same-step hits); the requests after it wait too
+            self._waits_a_step.discard(request.request_id)
+            self.deferrals += 1
+            return 0
+        num_new_tokens = super()._reserve_prefill_lookahead(request, num_computed_tokens, num_new_tokens)
+        end = num_computed_tokens + num_new_tokens
+        if self.short_manager is not None and num_new_tokens and end < request.num_prompt_tokens:
+            end = whole_tiles_end(self.short_manager.tiles(request).spans, end)
+            num_new_tokens = max(end - num_computed_tokens, 0)
+        return num_new_tokens
+
+    def schedule(self, *args, **kwargs):
+        self._waits_a_step.clear()
+        return super().schedule(*args, **kwargs)
+
+    def _preempt_request(self, *args, **kwargs):
+        self.preemptions += 1
+        return super()._preempt_request(*args, **kwargs)
+
+
+class LVTCScheduler(LVTCSchedulerMixin, Scheduler):
+    pass
+
+
+class LVTCAsyncScheduler(LVTCSchedulerMixin, AsyncScheduler):
+    pass
+
+
+def lvtc_scheduler(*, vllm_config, **kwargs):
+    """The saving path's `scheduler_cls` (`config_hook.SAVING_SCHEDULER`): the scheduler class for the engine's final
+    `async_scheduling`, which vLLM settles after the config hook."""
+    scheduler = LVTCAsyncScheduler if vllm_config.scheduler_config.async_scheduling else LVTCScheduler
+    return scheduler(vllm_config=vllm_config, **kwargs)
