@@ -56,8 +56,9 @@ def _result(output, scheduler) -> dict:
 
 def recording_scheduler():
     """The saving path's scheduler with what this benchmark records, kept out of the one that serves (the record grows
-    with every request): after each step, the most KV blocks each request held in each KV-cache group. Every engine of
-    a comparison takes it (plain and masked ones too: it only feeds short-layout KV managers, which they lack)."""
+    with every request): after each step, the most KV blocks each request held in each KV-cache group, and each
+    prefill chunk as vLLM's last word on it gave it (`(request, first token, end)`). Every engine of a comparison takes
+    it (plain and masked ones too: it only feeds short-layout KV managers, which they lack)."""
     from vllm.v1.core.sched.scheduler import Scheduler
 
     from internvlx_hf.vllm.lvtc.saving.scheduler import LVTCSchedulerMixin
@@ -66,6 +67,13 @@ def recording_scheduler():
         def __init__(self, *args, **kwargs) -> None:
             super().__init__(*args, **kwargs)
             self.blocks_held: dict[str, list[int]] = {}
+            self.chunks: list[tuple[str, int, int]] = []
+
+        def _reserve_prefill_lookahead(self, request, num_computed_tokens: int, num_new_tokens: int) -> int:
+            num_new_tokens = super()._reserve_prefill_lookahead(request, num_computed_tokens, num_new_tokens)
+            if num_new_tokens and num_computed_tokens < request.num_prompt_tokens:
+                self.chunks.append((request.request_id, num_computed_tokens, num_computed_tokens + num_new_tokens))
+            return num_new_tokens
 
         def schedule(self, *args, **kwargs):
             out = super().schedule(*args, **kwargs)
