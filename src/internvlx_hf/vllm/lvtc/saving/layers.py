@@ -49,7 +49,7 @@ class SavingLayers(LVTCLayers):
 def saving_unavailable(model) -> str | None:
     """Why this worker cannot run the short-KV path (the model then stops at start with the fix), or None.
 
-    The config hook decides on what it can see (`config_hook.choose_lvtc_path`); what only the built model knows is
+    The config hook decides on what it can see (`lvtc/path.py`); what only the built model knows is
     checked here: the attention backend's KV write of each layer below k."""
     lm = model.language_model.model
     for index in range(model.layout.expand_layer):

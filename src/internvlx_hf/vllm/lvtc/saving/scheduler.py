@@ -17,7 +17,7 @@ class LVTCSchedulerMixin:
     Counts preemptions and deferred admissions (read by the tests and benchmarks; what a benchmark records besides goes
     in its own subclass, as `benchmarks/vllm_lvtc_savings_engine.py`'s)."""
 
-    lvtc_scheduler_channel = True  # what `config_hook._scheduler_taken` recognises (it cannot import this module)
+    lvtc_scheduler_channel = True  # what `path._scheduler_taken` recognises (it cannot import this module)
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -43,7 +43,7 @@ class LVTCSchedulerMixin:
     def _get_local_prefix_cache_hit(self, request):
         """vLLM's prefix-cache lookup of a waiting request, with the request's tiles known to the short group's
         `find_longest_cache_hit` (a class method vLLM gives only the block hashes). (KV connectors, whose lookup
-        goes elsewhere, take the masked path: `config_hook`.)"""
+        goes elsewhere, take the masked path: `path._untested_settings`.)"""
         if self.short_manager is None:
             return super()._get_local_prefix_cache_hit(request)
         token = LOOKUP_REQUEST.set(self.short_manager.tiles(request))
@@ -107,7 +107,7 @@ class LVTCAsyncScheduler(LVTCSchedulerMixin, AsyncScheduler):
 
 
 def lvtc_scheduler(*, vllm_config, **kwargs):
-    """The saving path's `scheduler_cls` (`config_hook.SAVING_SCHEDULER`): the scheduler class for the engine's final
+    """The saving path's `scheduler_cls` (`path.SAVING_SCHEDULER`): the scheduler class for the engine's final
     `async_scheduling`, which vLLM settles after the config hook."""
     scheduler = LVTCAsyncScheduler if vllm_config.scheduler_config.async_scheduling else LVTCScheduler
     return scheduler(vllm_config=vllm_config, **kwargs)

@@ -1,0 +1,81 @@
+"""What the plugin tells vLLM and the user at start: its refusal (`UnsupportedCheckpoint`), the settings it makes with
+their reasons (`EngineSettings`, said in one block), and what the platform's attention can run. Free of torch and of
+the model code, as `config_hook.py` (vLLM imports both in every process, for every model); vLLM is imported only
+inside the functions that ask it."""
+
+from __future__ import annotations
+
+
+class UnsupportedCheckpoint(RuntimeError, SystemExit):
+    """A checkpoint or setting the plugin cannot serve, raised while vLLM reads its configuration, with one line that
+    names the reason and the fix.
+
+    An `Exception` (a `RuntimeError`), so that a program (a notebook, a service trying settings) catches it around
+    ``vllm.LLM(...)`` with ``except Exception`` (or ``except UnsupportedCheckpoint``) and goes on; not a `ValueError`,
+    which pydantic's validation of vLLM's config would wrap in a `ValidationError` of its own. Also a `SystemExit`, so
+    that where nothing catches it (``vllm serve``) Python ends the process with the message as its one line and exit
+    status 1, without the traceback of vLLM's configuration code."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+        self.code = message  # (what Python prints and exits 1 with: `RuntimeError.__init__` does not set it)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def cpu_head_sizes() -> list[int] | None:
+    """The head sizes of vLLM's CPU attention where this is the CPU platform, else None (a GPU backend checks its own
+    sizes when vLLM selects it, at start-up)."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return None
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    return list(CPUAttentionBackend.get_supported_head_sizes())
+
+
+#: The last line of the start-up block (`EngineSettings.report`).
+END_OF_BLOCK = "InternVL-X on vLLM: end of what the plugin set"
+
+
+class EngineSettings:
+    """What the config hook sets on vLLM's engine, and why: said at start in one block of lines (`report`), with the
+    LVTC path and the prompt length vLLM counts, so a user reads in one place what the plugin changed."""
+
+    def __init__(self, where: str):
+        self.where = where
+        self.lines: list[str] = []
+
+    def set(self, owner, name: str, value, why: str) -> None:
+        """``owner.name = value``, recorded with the value it replaces (nothing when it already was ``value``)."""
+        old = getattr(owner, name)
+        if old == value:
+            return
+        setattr(owner, name, value)
+        self.lines.append(f"{name}: {old!r} -> {value!r} ({why})")
+
+    def note(self, line: str) -> None:
+        self.lines.append(line)
+
+    def report(self) -> None:
+        if not self.lines:
+            return
+        from vllm.logger import init_logger
+
+        # one record, its first and last lines marked, among vLLM's own start-up warnings
+        init_logger("internvlx_hf.vllm").warning(
+            "InternVL-X on vLLM, %s: what the plugin set and why (docs/serving-vllm.md)\n%s\n%s", self.where,
+            "\n".join(f"  - {line}" for line in self.lines), END_OF_BLOCK)
+
+
+#: Why a model whose position rows carry LongRoPE's choice of factors (Phi-3) serves without prefix caching.
+LONGROPE_ROWS = "each request's position rows carry LongRoPE's choice of factors, made on its whole prompt"
+
+
+def prefix_caching_off(vllm_config, settings: EngineSettings, why: str) -> None:
+    """Prefix caching off where a cached prefix could come from a prompt whose position rows differ (`why`)."""
+    settings.set(vllm_config.cache_config, "enable_prefix_caching", False,
+                 f"{why}: a cached prefix could come from a prompt with other rows")
