@@ -95,7 +95,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def measure(folders: dict, rounds: int, work: list[str], answer_tokens: int, root: Path) -> dict:
-    """Time `work` (chat, users, decode) on plain-1024 and LVTC (`folders` of `bench_vllm_lvtc_savings`'s
+    """Time `work` (chat, users, decode) on plain-1024 and LVTC (`folders` of `vllm_lvtc_checkpoints`'s
     `savings_checkpoints`) in one child process; the results file's contents (rows, engines, cache hits, raw times).
     `bench_vllm_lvtc_savings.py savings` calls it too, so that one run records both benchmarks' figures."""
     import vllm
@@ -141,7 +141,7 @@ def main(argv=None) -> None:
                                      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--work", default="chat,users,decode", help="which of chat, users, decode to time")
-    parser.add_argument("--size", default="wide", help="bench_vllm_lvtc_savings.py's model size")
+    parser.add_argument("--size", default="wide", help="the LLM width (vllm_lvtc_checkpoints.SIZES)")
     parser.add_argument("--answer-tokens", type=int, default=128, help="chat: tokens of each answer")
     parser.add_argument("--out", default="vllm-lvtc-conversation")
     parser.add_argument("--plot", action="store_true")
@@ -154,10 +154,10 @@ def main(argv=None) -> None:
         print(f"written: {path.with_suffix('.png')}")
         return
     sys.path.insert(0, str(HERE))
-    import bench_vllm_lvtc_savings as savings
+    from vllm_lvtc_checkpoints import SIZES, savings_checkpoints
 
     with tempfile.TemporaryDirectory() as tmp:
-        folders = savings.savings_checkpoints(Path(tmp), savings.SIZES[args.size])
+        folders = savings_checkpoints(Path(tmp), SIZES[args.size])
         out = measure(folders, args.rounds, args.work.split(","), args.answer_tokens, Path(tmp))
     out["model"] = args.size
     write_text(RESULTS / f"{args.out}.json", json.dumps(out, indent=1) + "\n")
