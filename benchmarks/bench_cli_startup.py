@@ -26,10 +26,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_data  # noqa: E402  (its source_at: the package at an earlier commit)
-
-from internvlx_hf.bench.harness import time_call, write_text  # noqa: E402
+from internvlx_hf.bench.harness import time_call, write_text
 
 REPO = Path(__file__).resolve().parents[1]
 OLD = "0b9a898"  # the last commit whose `import internvlx_hf` imported torch and transformers
@@ -54,6 +51,16 @@ CASES = [
 REFERENCE = CASES[-1][0]
 
 
+def source_at(commit: str, work: Path) -> Path:
+    """The package as it was at ``commit`` (git archive), extracted once under ``work``."""
+    folder = work / f"src-{commit}"
+    if not (folder / "src").is_dir():
+        folder.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(["git", "-C", str(REPO), "archive", commit, "src"], capture_output=True, check=True)
+        subprocess.run(["tar", "-x", "-C", str(folder)], input=archive.stdout, check=True)
+    return folder / "src"
+
+
 def _run(argv: list[str], src: Path, expected: int) -> None:
     env = dict(os.environ, PYTHONPATH=str(src), HF_HUB_OFFLINE="1")
     result = subprocess.run([sys.executable, *argv], env=env, cwd=src.parent, capture_output=True, text=True,
@@ -66,7 +73,7 @@ def measure(repeats: int, commits: dict[str, str]) -> dict:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         sources = {"now": REPO / "src"}
-        sources.update({commit: bench_data.source_at(commit, Path(tmp)) for commit in commits.values()})
+        sources.update({commit: source_at(commit, Path(tmp)) for commit in commits.values()})
         for src in sources.values():  # every version runs from bytecode
             subprocess.run([sys.executable, "-m", "compileall", "-q", str(src)], check=True)
         for label, argv, expected, before in CASES:

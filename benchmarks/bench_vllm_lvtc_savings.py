@@ -65,10 +65,9 @@ import torch
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent / "tests"))
 
-from vllm_helpers import REQUESTS as TEST_REQUESTS  # noqa: E402
-from vllm_helpers import build_checkpoint, image, reference_generate, request_spec, video  # noqa: E402
+from vllm_tiny import REQUESTS as TEST_REQUESTS  # noqa: E402
+from vllm_tiny import build_checkpoint, image, reference_generate, request_spec, video  # noqa: E402
 from vllm_lvtc_checkpoints import SAVINGS_EXPAND, SAVINGS_VISION, SIZES, savings_checkpoints  # noqa: E402
 
 from internvlx_hf import InternVLXForConditionalGeneration, InternVLXProcessor  # noqa: E402

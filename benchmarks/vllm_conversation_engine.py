@@ -22,12 +22,11 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "tests"))
+sys.path.insert(0, str(HERE))
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine core in this process: `step` is synchronous
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 
-from vllm_engine import _inputs  # noqa: E402
-from vllm_helpers import USER, request_spec  # noqa: E402
+from vllm_tiny import USER, request_spec, vllm_prompt  # noqa: E402
 
 QUESTIONS = ["What colours stand out?", "Is there any text?", "What is in the top left corner?",
              "Would it make a good wallpaper?", "Describe it in one word.", "Is it a photograph?",
@@ -60,7 +59,7 @@ def timed(llm, requests: list[dict], max_tokens: int, allowed: list[int] | None 
 
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, allowed_token_ids=allowed)
     began = time.perf_counter()
-    outputs = llm.generate([_inputs(r) for r in requests], params, use_tqdm=False)
+    outputs = llm.generate([vllm_prompt(r) for r in requests], params, use_tqdm=False)
     return time.perf_counter() - began, outputs
 
 
@@ -73,7 +72,7 @@ def decode_gaps(llm, arriving: dict, tag: str, streams: int = 4, max_tokens: int
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     ids = [f"{tag}-stream-{index}" for index in range(streams)]
     for index, request_id in enumerate(ids):
-        engine.add_request(request_id, _inputs(request_spec(f"Tell story {index} of {tag}.")), params)
+        engine.add_request(request_id, vllm_prompt(request_spec(f"Tell story {index} of {tag}.")), params)
 
     def owner(output) -> str:  # (vLLM may add a suffix to the id it was given)
         return next(i for i in ids + [f"{tag}-image"] if output.request_id.startswith(i))
@@ -82,7 +81,7 @@ def decode_gaps(llm, arriving: dict, tag: str, streams: int = 4, max_tokens: int
     while min(seen.values()) < 2:  # every stream decoding
         for out in engine.step():
             seen[owner(out)] = len(out.outputs[0].token_ids)
-    engine.add_request(f"{tag}-image", _inputs(arriving), SamplingParams(temperature=0.0, max_tokens=1))
+    engine.add_request(f"{tag}-image", vllm_prompt(arriving), SamplingParams(temperature=0.0, max_tokens=1))
     last = dict.fromkeys(ids, time.perf_counter())
     gaps: list[float] = []
     arrived = False

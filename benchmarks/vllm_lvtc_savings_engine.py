@@ -22,11 +22,10 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent / "tests"))
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine core in this process: its scheduler is readable
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
-from vllm_engine import _inputs  # noqa: E402 - tests/vllm_engine.py's request -> vLLM prompt (same request format)
+from vllm_tiny import vllm_prompt  # noqa: E402
 
 
 def _scheduler(llm):
@@ -131,7 +130,7 @@ def answer(llm, requests: list[dict], max_tokens: int) -> dict:
 
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=1, ignore_eos=True)
     scheduler = _scheduler(llm)
-    inputs = [_inputs(request) for request in requests]
+    inputs = [vllm_prompt(request) for request in requests]
     alone = [_result(llm.generate([one], params, use_tqdm=False)[0], scheduler) for one in inputs]
     together = [_result(out, scheduler) for out in llm.generate(inputs, params, use_tqdm=False)]
     return {"alone": alone, "together": together, "preemptions": getattr(scheduler, "preemptions", None),
@@ -210,13 +209,13 @@ def main() -> None:
         import torch
 
         print(f"[engine] torch threads: {torch.get_num_threads()}", flush=True)
-        prefill_requests = {key: _inputs(r) for key, r in timing["prefill_requests"].items()}
+        prefill_requests = {key: vllm_prompt(r) for key, r in timing["prefill_requests"].items()}
         phases = {}
         for name, llm in engines.items():  # warm-up: the first step's one-off costs
             for request in prefill_requests.values():
                 timed(llm, [request], 1)
             if timing.get("phases"):
-                batch = [_inputs(fresh(r, 999)) for r in timing["load_requests"][:max(timing["concurrency"])]]
+                batch = [vllm_prompt(fresh(r, 999)) for r in timing["load_requests"][:max(timing["concurrency"])]]
                 timed(llm, batch, timing["max_tokens"])
                 phases[name] = Phases(llm)
                 results[name]["phases"] = {str(c): [] for c in timing["concurrency"]}
@@ -228,7 +227,7 @@ def main() -> None:
             for key, spec_ in timing["prefill_requests"].items():
                 # every round's images are new to the engines (their caches of processed images and of the ViT's
                 # outputs miss, as for a user's new image); each engine gets the same ones
-                request = _inputs(fresh(spec_, round_ + 1))
+                request = vllm_prompt(fresh(spec_, round_ + 1))
                 for name, llm in engines.items():
                     seconds, outputs = timed(llm, [request], 1)
                     results[name]["prefill_s"][key].append(seconds)
@@ -238,7 +237,7 @@ def main() -> None:
                       + ", ".join(f"{n} {results[n]['prefill_s'][key][-1]:.2f} s" for n in engines), flush=True)
         for level, concurrency in enumerate(timing["concurrency"]):
             for round_ in range(timing["load_repeats"]):
-                batch = [_inputs(fresh(r, 1000 * (level + 1) + round_ + 1))
+                batch = [vllm_prompt(fresh(r, 1000 * (level + 1) + round_ + 1))
                          for r in timing["load_requests"][:concurrency]]
                 for name, llm in engines.items():
                     before = dict(phases[name].seconds) if name in phases else None

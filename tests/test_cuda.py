@@ -12,7 +12,7 @@ benchmarks/results/gpu/cuda-tests.json); 2e-2 bounds bfloat16 against bfloat16 a
 (the demo model's cached bfloat16 decoding is compared with a float32 forward: 0.019 on the H100). With the current
 demo model on CPU, over the steps of its right answers at 224x112, cached bfloat16 reaches 0.024 against float32 and
 0.021 against uncached bfloat16; past the end of an answer or on a misread image, 0.037 and 0.028, and bfloat16
-without a cache 0.043 against float32 (benchmarks/bench_bf16_noise.py, benchmarks/results/bf16-noise.json), which
+without a cache 0.043 against float32 (experiments/bf16-noise/README.md, benchmarks/results/bf16-noise.json), which
 is why the cached-decoding test below compares the steps of right answers. Another row's or image's tiles move the logits by far more (0.46-0.55 relative in the
 tiny models here, a test below); a position that is off by a few moves a tiny random model's logits by about as
 much as bfloat16 rounding does (0.006-0.013 on CPU), so positions are checked where they can be, in float32 at 1e-5

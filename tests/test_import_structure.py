@@ -163,3 +163,39 @@ def test_nothing_outside_modeling_imports_a_private_name_from_it():
             if module.startswith("internvlx_hf.modeling"):
                 offenders += [f"{name}: {module}.{a.name}" for a in node.names if a.name.startswith("_")]
     assert offenders == []
+
+
+BENCHMARKS = PACKAGE.parents[1] / "benchmarks"
+
+
+def _benchmark_imports(path: Path) -> tuple[set[str], list[str]]:
+    """The top-level names a benchmark file imports, and the string constants its code adds to ``sys.path``."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and not node.level:
+            names.add((node.module or "").split(".")[0])
+        elif isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+    path_strings = [const.value for node in ast.walk(tree)
+                    if isinstance(node, ast.Call) and "sys.path" in ast.unparse(node.func)
+                    for const in ast.walk(node) if isinstance(const, ast.Constant) and isinstance(const.value, str)]
+    return names, path_strings
+
+
+def test_benchmarks_import_only_the_package_and_each_other():
+    """A benchmark imports the package, its dependencies and the benchmarks' own modules, never the tests (helpers
+    both use live in a benchmark module, e.g. ``vllm_tiny``), and no two benchmark modules import each other."""
+    files = sorted(BENCHMARKS.rglob("*.py"))
+    own = {path.stem for path in files}
+    test_modules = {path.stem for path in (PACKAGE.parents[1] / "tests").glob("*.py")} - own
+    graph = {}
+    for path in files:
+        names, path_strings = _benchmark_imports(path)
+        assert not names & test_modules, f"{path.name} imports a test module: {sorted(names & test_modules)}"
+        assert not [s for s in path_strings if "tests" in s], f"{path.name} puts tests/ on sys.path"
+        graph[path.stem] = names & own - {path.stem}
+    assert "vllm_tiny" in graph["bench_vllm_lvtc_savings"]  # the graph is read
+    for name, targets in graph.items():
+        for target in targets:
+            assert name not in graph.get(target, set()), f"{name} and {target} import each other"

@@ -3,6 +3,8 @@ position rows (LongRoPE's flags included) and short-layout token counts on hand-
 engines on tiny checkpoints (both paths), and the recorded figures. The vLLM parts skip where vLLM is not installed."""
 
 import importlib.util
+import os
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -678,8 +680,10 @@ def test_masked_fallback_says_why_in_one_line_and_answers_as_transformers(tmp_pa
     engine = {"asked": {}, "scheduler_cls": {"scheduler_cls": "vllm_user_scheduler.UserScheduler"}}[why]
     reason = {"asked": "hf_overrides asks for it", "scheduler_cls": "the engine's scheduler_cls is"}[why]
     requests = ["12 tiles", "text"]
+    # (the user's module is importable in the engine's process from tests/, as a user's from their PYTHONPATH)
+    user_path = {"PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
     bench, folder, result, log = _engine_run(tmp_path, requests, engine=engine,
-                                             env=NO_WARM_UP if why == "scheduler_cls" else None,
+                                             env={**NO_WARM_UP, **user_path} if why == "scheduler_cls" else None,
                                              path="masked" if why == "asked" else None)
     lines = [line for line in log.splitlines() if MASKED_LINE in line]
     assert len(lines) == 1 and reason in lines[0], lines

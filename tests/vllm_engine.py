@@ -21,26 +21,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine core runs in this process
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache (the default takes a share of the machine)
 
-from vllm_helpers import image, video  # noqa: E402
+from vllm_helpers import vllm_prompt  # noqa: E402
 
 #: how many of each step's most likely tokens come back with their logprobs
 LOGPROBS = 5
-
-
-def _inputs(request: dict) -> dict:
-    data = {}
-    if request.get("images"):
-        data["image"] = [image(w, h, seed) for w, h, seed in request["images"]]
-    if request.get("image_embeds"):  # a file of projector outputs, one (rows, hidden) tensor per image
-        import torch
-
-        data["image"] = torch.load(request["image_embeds"])
-    if request.get("videos"):
-        data["video"] = [video(frames, seed) for frames, seed in request["videos"]]
-    prompt = {"prompt": request["prompt"], "multi_modal_data": data} if data else {"prompt": request["prompt"]}
-    if request.get("mm_processor_kwargs"):
-        prompt["mm_processor_kwargs"] = request["mm_processor_kwargs"]
-    return prompt
 
 
 def _result(output) -> dict:
@@ -64,7 +48,7 @@ def run_engine(spec: dict) -> dict:
     startup = time.time() - started
     params = SamplingParams(temperature=0.0, max_tokens=spec.get("max_tokens", 8), logprobs=LOGPROBS,
                             ignore_eos=True)
-    inputs = [_inputs(request) for request in spec["requests"]]
+    inputs = [vllm_prompt(request) for request in spec["requests"]]
     # an adapter (spec "lora": its folder) for every request but those marked `"base": true`
     loras = [None] * len(inputs)
     if spec.get("lora"):

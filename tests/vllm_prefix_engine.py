@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine core in this process: its scheduler is readable
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
-from vllm_engine import _inputs  # noqa: E402
+from vllm_helpers import vllm_prompt  # noqa: E402
 
 
 def counters(llm) -> dict:
@@ -83,7 +83,7 @@ def main(spec_path: str, out_path: str) -> None:
                                          ignore_eos=True) | request.get("sampling", {})))
                   for request in requests]
         deferred = getattr(scheduler, "deferrals", 0)
-        outputs = llm.generate([_inputs(request) for request in requests], params, use_tqdm=False)
+        outputs = llm.generate([vllm_prompt(request) for request in requests], params, use_tqdm=False)
         round_deferrals.append(getattr(scheduler, "deferrals", 0) - deferred)
         rounds.append([{
             "request_id": out.request_id,

@@ -67,7 +67,7 @@ def cpu_threads(requested: int | None = None) -> tuple[int, str]:
     torch's count (which follows it); else torch's count (one per core) lowered to the cores that are free now, the
     cores this process may use minus the machine's 1-minute load average, at least 1.
 
-    Measured (benchmarks/bench_cpu_threads.py): on a 2-core machine with another job on one core, torch's default of 2
+    Measured (experiments/cpu-threads/README.md): on a 2-core machine with another job on one core, torch's default of 2
     threads made every parallel region wait for a core the other job held, and the same steps took several times as
     long as with 1."""
     import torch
