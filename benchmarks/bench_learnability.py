@@ -144,7 +144,7 @@ def run_one(name, spec, data_spec, train_spec, workdir, base, *, tiling=None, th
     model, processor = result.trainer.model, result.trainer.processing_class
     scores = evaluate(model, processor, test_meta, limit=n_test)
     config = model.config
-    lvtc = config.lvtc  # a dict in the saved config
+    lvtc = config.lvtc
     row = {
         "name": tag,
         "started_from": str(start_from) if start_from else "scratch",
@@ -154,7 +154,7 @@ def run_one(name, spec, data_spec, train_spec, workdir, base, *, tiling=None, th
         "spec": spec.describe(),
         "tokens_per_tile": config.image_seq_length,
         "tokens_per_tile_from_k": config.hr_tokens_per_tile or config.image_seq_length,
-        "lvtc_k": lvtc["expand_layer"] if lvtc is not None else None,
+        "lvtc_k": lvtc.expand_layer if lvtc is not None else None,
         "parameters": sum(p.numel() for p in model.parameters()),
         "steps": train_spec.steps,
         "batch_size": train_spec.batch_size,
@@ -235,7 +235,7 @@ def ablate_from(args) -> int:
     for folder in folders:
         model = InternVLXForConditionalGeneration.from_pretrained(folder).eval()
         processor = InternVLXProcessor.from_pretrained(folder)
-        rows.append({"name": folder.name, "lvtc_k": model.config.lvtc["expand_layer"],
+        rows.append({"name": folder.name, "lvtc_k": model.config.lvtc.expand_layer,
                      "fine_hr": hr_ablation(model, processor, test_meta, args.n_test)})
         print(f"{folder.name}: " + ", ".join(f"{m} {v:.3f}" for m, v in rows[-1]["fine_hr"].items()), flush=True)
     n_fine = sum(1 for r in read_records(test_meta)[0][:args.n_test] if r["task"] == "fine")

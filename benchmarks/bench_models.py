@@ -338,7 +338,7 @@ def cache_bytes(cache, expand_layer: int | None) -> list[dict]:
 
 def expand_layer(model) -> int | None:
     lvtc = getattr(model.config, "lvtc", None)
-    return lvtc["expand_layer"] if lvtc else None
+    return lvtc.expand_layer if lvtc else None
 
 
 def decode(model, prefill_out, tokens: int, timer, count: bool) -> tuple[int | None, float, object]:

@@ -72,7 +72,7 @@ def run(out_dir: str, kept: bool) -> None:
 
     where = out_dir if kept else f"{out_dir} (temporary, removed when the script ends; pass a folder to keep it)"
     print(f"saved to {where}; reloaded class {reload['class']} from {reload['module']} (internvlx_hf hidden)")
-    print(f"tokens per tile: {config.image_seq_length} (LVTC expands to 1024 from layer {config.lvtc['expand_layer']})")
+    print(f"tokens per tile: {config.image_seq_length} (LVTC expands to 1024 from layer {config.lvtc.expand_layer})")
     print(f"identical logits after reload: {reload['identical']}")
     print(f"greedy tokens: {reload['tokens']}")
 

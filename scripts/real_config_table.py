@@ -64,7 +64,7 @@ def row(path: Path) -> list[str]:
         _count(ours.num_parameters),
         f"{_count(pvtc.num_parameters)} (PVTC, {_count(pvtc.new_parameters)}, replaces mlp1)",
         f"{_count(lvtc.num_parameters)} (+{_count(lvtc.new_parameters)}: LVTC projectors at "
-        f"k={lvtc.config.lvtc_config.expand_layer}, T={lvtc.config.lvtc_config.num_lr_projectors})",
+        f"k={lvtc.config.lvtc.expand_layer}, T={lvtc.config.lvtc.num_lr_projectors})",
         does,
     ]
 

@@ -16,7 +16,7 @@ import torch._dynamo
 from tiny import left_pad, pixels, prompt_ids, tiny_model
 from transformers import CompileConfig, StaticCache
 
-from internvlx_hf.modeling.lvtc import InternVLXLVTCCache
+from internvlx_hf.modeling.lvtc_cache import InternVLXLVTCCache
 
 LVTC = {"expand_layer": 2, "num_lr_projectors": 2, "inject_start": 1}
 STEPS = 6

@@ -656,7 +656,7 @@ def test_an_lvtc_upgrade_reads_its_hr_tokens_at_the_lr_scale_by_default(tmp_path
     logits = {}
     for name in ("rms", "none"):
         model = InternVLXForConditionalGeneration.from_pretrained(tmp_path / name, dtype=torch.float32).eval()
-        assert model.config.lvtc_config.hr_scale == name
+        assert model.config.lvtc.hr_scale == name
         torch.manual_seed(0)
         pixel_values = torch.randn(1, 3, 448, 448)
         ids = torch.tensor([[1] + [model.config.image_token_id] * model.config.image_seq_length + [5, 6, 7]])
@@ -779,7 +779,7 @@ changed = sorted({n.split(".")[1] for n, p in model.named_parameters()
 model.eval()
 out = model.generate(**batch, pixel_values=pixel_values, max_new_tokens=4, min_new_tokens=4, do_sample=False)
 new_tokens = out.shape[1] - batch["input_ids"].shape[1]
-print("RESULT" + json.dumps({"loss": loss.item(), "changed": changed, "new_tokens": new_tokens, "lvtc": config.lvtc,
+print("RESULT" + json.dumps({"loss": loss.item(), "changed": changed, "new_tokens": new_tokens, "lvtc": config.to_dict()["lvtc"],
                              "projector": config.projector_type}))
 """
 
@@ -812,7 +812,7 @@ def test_lvtc_initialisation(tmp_path):
         assert torch.count_nonzero(model.model.multi_modal_projector(vit)) > 0
     convert(require_fixture("internvlx_pvtc"), tmp_path / "pvtc", lvtc="T=2", progress=False)
     model = InternVLXForConditionalGeneration.from_pretrained(tmp_path / "pvtc").eval()
-    assert model.config.lvtc["lr_projector_type"] == "pvtc"
+    assert model.config.lvtc.lr_projector_type == "pvtc"
     with torch.no_grad():  # PVTC branch: zero query projections, attention outputs and SwiGLU down projections
         assert torch.count_nonzero(model.model.lvtc_lr_projectors[0](vit)) == 0
         assert torch.count_nonzero(model.model.multi_modal_projector(vit)) > 0

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from internvlx_hf import InternVLXConfig
-from internvlx_hf.modeling.lvtc import InternVLXLVTCCache, InternVLXLVTCStaticCache, build_lvtc_layout
+from internvlx_hf.modeling.lvtc import build_lvtc_layout
+from internvlx_hf.modeling.lvtc_cache import InternVLXLVTCCache, InternVLXLVTCStaticCache
 
 from test_modeling import _remote_code_check, reported_max_diff, run_with_checkpointing
 from tiny import (
@@ -35,9 +36,9 @@ SETUPS = {"mlp": LVTC_MLP, "pvtc": LVTC_PVTC}
 
 def test_lvtc_defaults_follow_the_paper():
     config = InternVLXConfig(lvtc={})
-    assert config.lvtc["expand_layer"] == 18  # 3/4 of InternVL2-2B's 24 layers
-    assert config.lvtc["lr_downsample_ratio"] == 0.5 and config.lvtc["hr_downsample_ratio"] == 1.0
-    assert config.lvtc["num_lr_projectors"] == 1 and config.lvtc_config.injection_layers == []
+    assert config.lvtc.expand_layer == 18  # 3/4 of InternVL2-2B's 24 layers
+    assert config.lvtc.lr_downsample_ratio == 0.5 and config.lvtc.hr_downsample_ratio == 1.0
+    assert config.lvtc.num_lr_projectors == 1 and config.lvtc.injection_layers == []
     assert config.image_seq_length == 256  # input ids stay in the short (LR) layout
     assert config.hr_tokens_per_tile == 1024 and InternVLXConfig().hr_tokens_per_tile is None
     assert InternVLXConfig(downsample_ratio=0.25, lvtc={"hr_downsample_ratio": 0.5}).hr_tokens_per_tile == 256
@@ -356,7 +357,7 @@ def algorithm_1_by_hand(model, ids: torch.Tensor, mask: torch.Tensor, pixel_valu
     masked on its own, positions count from every row's first real token (as generate() numbers them). Returns
     logits in the short layout; those at padding mean nothing."""
     m, lm = model.model, model.model.language_model
-    lvtc = model.config.lvtc_config
+    lvtc = model.config.lvtc
     k, s, i, mode = lvtc.expand_layer, lvtc.inject_start, lvtc.inject_interval, lvtc.upsample_mode
     (batch, short_len), dim = ids.shape, lm.config.hidden_size
     vit = m.vision_tower(pixel_values=pixel_values).last_hidden_state
@@ -426,7 +427,7 @@ def algorithm_1_by_hand(model, ids: torch.Tensor, mask: torch.Tensor, pixel_valu
 def test_forward_equals_algorithm_1_written_out(tiles):
     """One unpadded row with one image of 1 or 2 tiles; one extra LR projector before layer 1, k = 2."""
     model = tiny_model(**LVTC_MLP)
-    assert (model.config.lvtc_config.expand_layer, model.config.lvtc_config.injection_layers) == (2, [1])
+    assert (model.config.lvtc.expand_layer, model.config.lvtc.injection_layers) == (2, [1])
     ids, pv = torch.tensor([prompt_ids(tiles, seed=91)]), pixels(tiles, seed=92)
     with torch.no_grad():
         got = model(input_ids=ids, pixel_values=pv).logits
@@ -443,7 +444,7 @@ def test_left_padded_batch_with_two_images_equals_algorithm_1_written_out(mode, 
     (0 from the first real token)."""
     model = tiny_model("mlp", layers=6, lvtc={"expand_layer": 5, "num_lr_projectors": 3, "inject_start": 1,
                                               "inject_interval": 2, "upsample_mode": mode, "hr_scale": hr_scale})
-    assert model.config.lvtc_config.injection_layers == [1, 3]
+    assert model.config.lvtc.injection_layers == [1, 3]
     first = prompt_ids(4, seed=140, n_text=2)
     second = prompt_ids(1, seed=141, n_text=2) + [7, 8] + [IMAGE_TOKEN_ID] * 8 + [9, 10, 11]
     assert (len(first), len(second), len(first) + 4 * 12, len(second) + 3 * 12) == (22, 23, 70, 59)
@@ -591,7 +592,7 @@ def test_lvtc_survives_save_load_and_remote_code(tmp_path):
     model = tiny_model(**LVTC_PVTC)
     ids, pv = torch.tensor([prompt_ids(2, seed=99)]), pixels(2, seed=100)
     check = (
-        "assert model.config.lvtc['expand_layer'] == 3 and model.config.lvtc['num_lr_projectors'] == 3\n"
+        "assert model.config.lvtc.expand_layer == 3 and model.config.lvtc.num_lr_projectors == 3\n"
         "out = model.generate(input_ids=t['ids'], pixel_values=t['pv'], max_new_tokens=6, do_sample=False)\n"
         "print('GEN', out[0, t['ids'].shape[1]:].tolist())\n"
     )

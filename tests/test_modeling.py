@@ -71,7 +71,7 @@ def test_config_round_trip_and_auto_map(tmp_path, llm):
     reloaded = AutoConfig.from_pretrained(tmp_path)
     assert isinstance(reloaded, InternVLXConfig)
     assert reloaded.text_config.model_type == llm
-    assert reloaded.lvtc == config.lvtc and reloaded.lvtc["expand_layer"] == 2
+    assert reloaded.lvtc == config.lvtc and reloaded.lvtc.expand_layer == 2
 
 
 def test_auto_classes_resolve_to_conditional_generation():
@@ -282,8 +282,8 @@ def test_remote_code_load_without_the_plugin(tmp_path):
     ids, pv = torch.tensor([prompt_ids(2, seed=23)]), pixels(2, seed=24)
     stdout = _remote_code_check(tmp_path, model, ids, pv)
     assert reported_max_diff(stdout) == 0.0  # bit-identical logits
-    for name in ("modeling_internvlx.py", "configuration_internvlx.py", "projectors.py", "lvtc.py", "outputs.py",
-                 "chat.py"):
+    for name in ("modeling_internvlx.py", "configuration_internvlx.py", "projectors.py", "lvtc.py", "lvtc_cache.py",
+                 "outputs.py", "chat.py", "compat.py", "input_checks.py", "placeholders.py"):
         third_party = remote_code_imports(tmp_path / "ckpt" / name) - set(sys.stdlib_module_names) - {"."}
         assert third_party <= {"torch", "transformers"}, (name, third_party)
 

@@ -31,9 +31,11 @@ LEGACY = Path(__file__).parent / "legacy"
 #: archive -> (the files it holds, the files today's save writes that the archive's code does not use)
 ARCHIVES = {
     "pre_split_remote_code.tar.xz": (["configuration_internvlx.py", "modeling_internvlx.py"],
-                                     ("projectors.py", "lvtc.py", "outputs.py", "chat.py")),
+                                     ("projectors.py", "lvtc.py", "lvtc_cache.py", "outputs.py", "chat.py", "compat.py",
+                                      "input_checks.py", "placeholders.py")),
     "pre_lvtc_move_remote_code.tar.xz": (["configuration_internvlx.py", "lvtc.py", "modeling_internvlx.py",
-                                          "outputs.py", "projectors.py"], ("chat.py",)),
+                                          "outputs.py", "projectors.py"],
+                                         ("chat.py", "compat.py", "input_checks.py", "lvtc_cache.py", "placeholders.py")),
 }
 LVTC = {"expand_layer": 2, "num_lr_projectors": 2, "inject_start": 1, "hr_scale": "rms"}
 
@@ -69,3 +71,27 @@ def test_a_folder_written_by_an_earlier_modeling_layout_loads_with_identical_log
     assert type(reloaded) is InternVLXForConditionalGeneration
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=ids, pixel_values=pv).logits, expected, rtol=0, atol=0)
+
+
+def test_an_earlier_versions_config_class_gives_the_same_lvtc_settings(tmp_path):
+    """A folder's own remote config class from before `config.lvtc` held an `LVTCConfig` keeps the dict config.json
+    holds (a config built by that class where the package did not register its own, which transformers' Auto classes
+    otherwise prefer): code outside the model reads both through `LVTCConfig.of`, with the same settings and the same
+    vLLM geometry."""
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    from internvlx_hf import InternVLXConfig
+    from internvlx_hf.modeling.configuration_internvlx import LVTCConfig
+    from internvlx_hf.vllm.lvtc.geometry import lvtc_geometry_of
+
+    model = tiny_model("pvtc", lvtc=LVTC)
+    _legacy_folder(model, tmp_path / "ckpt", "pre_lvtc_move_remote_code.tar.xz")
+    earlier_class = get_class_from_dynamic_module("configuration_internvlx.InternVLXConfig", str(tmp_path / "ckpt"))
+    earlier = earlier_class.from_pretrained(tmp_path / "ckpt")
+    today = InternVLXConfig.from_pretrained(tmp_path / "ckpt")
+    assert type(earlier) is not InternVLXConfig and isinstance(earlier.lvtc, dict)  # the class the folder holds
+    assert isinstance(today.lvtc, LVTCConfig) and LVTCConfig.of(today) is today.lvtc
+    assert LVTCConfig.of(earlier) == today.lvtc == model.config.lvtc
+    assert LVTCConfig.of(earlier).injection_layers == [1]
+    assert lvtc_geometry_of(earlier) == lvtc_geometry_of(today)
+    assert LVTCConfig.of(InternVLXConfig()) is None

@@ -97,7 +97,7 @@ def test_lvtc_upgrade_adds_exactly_the_lvtc_projectors(name):
     reference = reference_count(config)
     vision, llm = config["vision_config"]["hidden_size"], config["llm_config"]["hidden_size"]
     size = size_from_config(config, lvtc="k=18,T=3", name=name)
-    lvtc = size.config.lvtc_config
+    lvtc = size.config.lvtc
     assert (lvtc.expand_layer, lvtc.num_lr_projectors) == (18, 3)
     # The HR projector (pixel shuffle at hr_downsample_ratio) and T-1 extra LR projectors, all InternVL2 MLPs.
     added = mlp1(vision, lvtc.hr_downsample_ratio, llm) + 2 * mlp1(vision, lvtc.lr_downsample_ratio, llm)

@@ -24,8 +24,8 @@ from internvlx_hf.provenance import read_provenance
 from internvlx_hf.training import parse_train_args, train
 from tiny import is_checkpointing
 
-REMOTE_CODE = ["configuration_internvlx.py", "modeling_internvlx.py", "projectors.py", "lvtc.py", "outputs.py",
-               "chat.py", "processing_internvlx.py", "image_processing_internvlx.py", "chat_templates.py", "video.py"]
+REMOTE_CODE = ["configuration_internvlx.py", "modeling_internvlx.py", "projectors.py", "lvtc.py", "lvtc_cache.py",
+               "outputs.py", "chat.py", "compat.py", "input_checks.py", "placeholders.py", "processing_internvlx.py", "image_processing_internvlx.py", "chat_templates.py", "video.py"]
 FAST = ["--use_cpu", "--report_to", "none", "--seed", "0", "--disable_tqdm", "true", "--logging_steps", "1",
         "--per_device_train_batch_size", "2", "--learning_rate", "1e-3"]
 

@@ -312,7 +312,7 @@ class _Calls(TorchFunctionMode):
 
 
 def test_the_placeholder_label_hook_synchronises_once_per_model(tmp_path):
-    from internvlx_hf.modeling.modeling_internvlx import _ignore_placeholder_label_kwargs
+    from internvlx_hf.modeling.placeholders import ignore_placeholder_label_kwargs
 
     model, processor = th.load(th.converted("internvl2_qwen2"))
     model.train()
@@ -321,7 +321,7 @@ def test_the_placeholder_label_hook_synchronises_once_per_model(tmp_path):
     counts = []
     for _ in range(3):  # the hook as three training forwards call it
         with _Calls() as calls:
-            _, kwargs = _ignore_placeholder_label_kwargs(model, (), dict(batch))
+            _, kwargs = ignore_placeholder_label_kwargs(model, (), dict(batch))
         counts.append((calls.syncs, calls.built))
         placeholders = torch.isin(batch["labels"], torch.tensor(model.placeholder_label_ids()))
         assert torch.equal(kwargs["labels"], batch["labels"].masked_fill(placeholders, IGNORE_INDEX))

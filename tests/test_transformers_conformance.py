@@ -20,8 +20,8 @@ from transformers import DynamicCache
 from transformers.models.auto import modeling_auto
 
 from internvlx_hf import InternVLXForConditionalGeneration, InternVLXModel
-from internvlx_hf.modeling.lvtc import InternVLXLVTCCache
-from internvlx_hf.modeling.outputs import CACHE_NAME
+from internvlx_hf.modeling.lvtc_cache import InternVLXLVTCCache
+from internvlx_hf.modeling.compat import CACHE_NAME
 
 import conftest
 from tiny import IMAGE_TOKEN_ID, PAD_ID, pixels, prompt_ids, tiny_config, tiny_model

@@ -105,11 +105,11 @@ def test_train_flags_are_the_installed_trainingarguments(capsys):
 
 
 def test_the_slice_logits_to_keep_fallback_is_transformers_own():
-    """modeling_internvlx's fallback for transformers 5.16-5.20 gives what transformers' `slice_logits_to_keep`
+    """compat's fallback for transformers 5.16-5.20 gives what transformers' `slice_logits_to_keep`
     (5.21 on) gives, for every kind of `logits_to_keep`."""
     from transformers import modeling_utils
 
-    from internvlx_hf.modeling import modeling_internvlx
+    from internvlx_hf.modeling import compat
 
     if not hasattr(modeling_utils, "slice_logits_to_keep"):
         pytest.skip(f"transformers {transformers.__version__} has no slice_logits_to_keep (5.21 added it): the "
@@ -118,6 +118,6 @@ def test_the_slice_logits_to_keep_fallback_is_transformers_own():
     cases = [0, 1, 3, torch.tensor([0, 4, 6]), torch.tensor([[1, 2], [5, 6]]),
              torch.tensor([[True, False, True, False, False, False, True], [False] * 6 + [True]])]
     for keep in cases:
-        assert torch.equal(modeling_internvlx._slice_logits_to_keep(hidden, keep),
+        assert torch.equal(compat._slice_logits_to_keep(hidden, keep),
                            modeling_utils.slice_logits_to_keep(hidden, keep)), keep
-    assert modeling_internvlx.slice_logits_to_keep is modeling_utils.slice_logits_to_keep
+    assert compat.slice_logits_to_keep is modeling_utils.slice_logits_to_keep

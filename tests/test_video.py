@@ -589,7 +589,7 @@ def test_tokens_video_rows_count_what_the_processor_produces(capsys, frame_folde
     processor = AutoProcessor.from_pretrained(demo_model_dir(), trust_remote_code=True)
     config = AutoConfig.from_pretrained(demo_model_dir(), trust_remote_code=True)
     shape = LLMShape.from_text_config(config.get_text_config())
-    k = config.lvtc["expand_layer"]
+    k = config.lvtc.expand_layer
     for row, frames in zip(rows, (4, 6)):
         ids = processor(text="<video>", videos=[str(frame_folder)], num_frames=frames)["input_ids"][0]
         assert row["llm_tokens"] == len(ids) and row["tokens"] == frames * processor.image_seq_length

@@ -708,14 +708,16 @@ def test_each_vllm_internal_the_model_needs_is_refused_at_start_when_vllm_lacks_
     )
 
     from internvlx_hf.vllm import config_hook
+    from internvlx_hf.vllm.lvtc.geometry import lvtc_geometry_of
     from tiny import tiny_config
 
     lvtc = tiny_config(lvtc=dict(expand_layer=2), layers=4)
+    layout = lvtc_geometry_of(lvtc)
     lvtc.get_text_config().rope_parameters = {"rope_type": "longrope", "original_max_position_embeddings": 64}
     plain = tiny_config()
     with_lora = SimpleNamespace(model_config=SimpleNamespace(max_model_len=4096), lora_config=object())
     without_lora = SimpleNamespace(model_config=SimpleNamespace(max_model_len=4096), lora_config=None)
-    config_hook._check_vllm_internals(with_lora, lvtc, "ckpt")  # this vLLM has them all
+    config_hook._check_vllm_internals(with_lora, lvtc, layout, "ckpt")  # this vLLM has them all
     removals = {
         "CompilationConfig.static_forward_context":
             lambda patch: patch.delitem(CompilationConfig.__dataclass_fields__, "static_forward_context"),
@@ -731,11 +733,11 @@ def test_each_vllm_internal_the_model_needs_is_refused_at_start_when_vllm_lacks_
             remove(patch)
             expected = f"differs from 0.32, the version the plugin is tested with, in {name}"
             with pytest.raises(config_hook.UnsupportedCheckpoint, match=re.escape(expected)):
-                config_hook._check_vllm_internals(with_lora, lvtc, "ckpt")
-            config_hook._check_vllm_internals(without_lora, plain, "ckpt")  # a plain checkpoint without LoRA
+                config_hook._check_vllm_internals(with_lora, lvtc, layout, "ckpt")
+            config_hook._check_vllm_internals(without_lora, plain, None, "ckpt")  # a plain checkpoint without LoRA
     with monkeypatch.context() as patch:  # LoRA's only where LoRA is on
         removals["WeightsMapper._map_name, called by vLLM's LoRA loader (parse_fine_tuned_lora_name)"](patch)
-        config_hook._check_vllm_internals(without_lora, lvtc, "ckpt")
+        config_hook._check_vllm_internals(without_lora, lvtc, layout, "ckpt")
     with pytest.raises(RuntimeError, match="vLLM built the model without calling the plugin's config hook"):
         config_hook.require_config_hook(plain)
 

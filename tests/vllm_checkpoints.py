@@ -114,7 +114,7 @@ def widen(folder: Path, seed: int = 0, layers: int = LAYERS, text: dict | None =
     for key, value in (text or {}).items():
         setattr(llm, key, value)
     if lvtc:
-        config.lvtc = dataclasses.replace(config.lvtc_config, **lvtc).resolve(config).to_dict()
+        config.lvtc = dataclasses.replace(config.lvtc, **lvtc).resolve(config)
     torch.manual_seed(seed)
     model = InternVLXForConditionalGeneration(config).eval()
     with torch.no_grad():

@@ -94,8 +94,10 @@ def skip_modules(config: Any, *, keep_vision_tower: bool = False) -> list[str]:
     """Full prefixes of the modules of an `InternVLXForConditionalGeneration` with ``config`` that stay in full
     precision: the projectors the model has (the LVTC ones exist only when the config builds them), ``lm_head``,
     and the vision tower when ``keep_vision_tower``."""
+    from .modeling.configuration_internvlx import LVTCConfig
+
     names = ["model.multi_modal_projector"]
-    lvtc = getattr(config, "lvtc_config", None)
+    lvtc = LVTCConfig.of(config)
     if lvtc is not None:
         if lvtc.num_lr_projectors > 1:  # the first LR projector is multi_modal_projector itself
             names.append("model.lvtc_lr_projectors")

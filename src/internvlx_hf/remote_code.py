@@ -4,7 +4,7 @@ installed (lmms-eval, transformers' ``pipeline``, a bare venv).
 
 The files are copied by transformers' ``custom_object_save``, the function ``save_pretrained`` itself calls for classes
 registered with ``register_for_auto_class``: each class's module file plus, recursively, the files it imports
-relatively (``modeling_internvlx.py`` brings ``projectors.py``, ``lvtc.py`` and ``outputs.py``;
+relatively (``modeling_internvlx.py`` brings ``projectors.py``, ``lvtc.py``, ``outputs.py``, ``compat.py`` and the rest;
 ``processing_internvlx.py`` brings ``chat_templates.py``). There is one copy of the code, the package's;
 a folder gets its files when it is written (conversion, training, `internvlx demo --save`), never a file kept by hand.
 """

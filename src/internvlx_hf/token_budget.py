@@ -152,11 +152,13 @@ def layer_groups(config, prompt_tokens: int, tiles: int) -> list[tuple[str, int]
     Without LVTC every layer sees the prompt. With LVTC, layers ``< k`` see it with ``image_seq_length`` tokens per
     tile and layers ``>= k`` see every tile expanded to its high-resolution token count.
     """
+    from .modeling.configuration_internvlx import LVTCConfig
+
     depth = config.text_config.num_hidden_layers
-    lvtc = config.lvtc
-    if not lvtc or lvtc["expand_layer"] >= depth:  # k = depth never expands
+    lvtc = LVTCConfig.of(config)
+    if lvtc is None or lvtc.expand_layer >= depth:  # k = depth never expands
         return [(f"layers 0-{depth - 1}", prompt_tokens)]
-    k = lvtc["expand_layer"]
+    k = lvtc.expand_layer
     extra = tiles * (config.hr_tokens_per_tile - config.image_seq_length)
     long = f"layer {k}" if k == depth - 1 else f"layers {k}-{depth - 1}"
     return [(f"layers 0-{k - 1}" if k > 1 else "layer 0", prompt_tokens), (long, prompt_tokens + extra)]
@@ -216,10 +218,12 @@ def model_budget(config, image: ImageBudget, text_tokens: int) -> ModelBudget:
     The prompt holds ``<img>`` + the image's tokens + ``</img>``; with LVTC each tile's LR tokens become
     ``config.hr_tokens_per_tile`` from layer k on.
     """
+    from .modeling.configuration_internvlx import LVTCConfig
+
     shape = LLMShape.from_text_config(config.get_text_config())
     n_short = text_tokens + 2 + image.tokens
     n_vllm = vllm_prompt_tokens(config, n_short, image.tiles, image.tokens)
-    lvtc = config.lvtc_config
+    lvtc = LVTCConfig.of(config)
     if lvtc is None or lvtc.expand_layer >= shape.num_layers:  # k = depth: LVTC that never expands
         return ModelBudget(llm_tokens=n_short, llm_tokens_long=None, vllm_prompt_tokens=n_vllm, expand_layer=None,
                            prefill_flops=prefill_flops(shape, n_short), uncompressed_prefill_flops=None)
@@ -258,6 +262,8 @@ def video_budget_rows(video: str, frame_counts: list[int], settings: TilingSetti
     checkpoint's tokenizer encodes them (``FrameN: ``, ``<img>``, ``</img>``, newlines) + the visual tokens; with
     LVTC each frame's tokens become ``config.hr_tokens_per_tile`` from layer k on.
     """
+    from .modeling.configuration_internvlx import LVTCConfig
+
     from .processing.video import video_prompt
 
     rows = []
@@ -273,7 +279,7 @@ def video_budget_rows(video: str, frame_counts: list[int], settings: TilingSetti
                        llm_tokens_long=None,
                        vllm_prompt_tokens=vllm_prompt_tokens(config, n_short, frames, row["tokens"]),
                        expand_layer=None, prefill_flops=prefill_flops(shape, n_short), uncompressed_prefill_flops=None)
-            lvtc = config.lvtc_config
+            lvtc = LVTCConfig.of(config)
             if lvtc is not None and lvtc.expand_layer < shape.num_layers:
                 n_long = text_tokens + frame_text + frames * config.hr_tokens_per_tile
                 row.update(llm_tokens_long=n_long, expand_layer=lvtc.expand_layer,

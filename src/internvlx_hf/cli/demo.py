@@ -164,16 +164,19 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 def _print_model(folder, model, processor, args: argparse.Namespace) -> None:
     from ..demo import demo_record
+    from ..modeling.configuration_internvlx import LVTCConfig
 
     record = demo_record(folder)
     config = model.config
     ip = processor.image_processor
     tiling = args.tiling or getattr(ip.tiling, "value", str(ip.tiling))
-    lvtc = config.lvtc if config.lvtc and config.lvtc["expand_layer"] < config.text_config.num_hidden_layers else None
+    lvtc = LVTCConfig.of(config)
+    if lvtc is not None and lvtc.expand_layer >= config.text_config.num_hidden_layers:  # k = depth never expands
+        lvtc = None
     print(f"model: {folder} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
           f"AutoModel loaded {type(model).__module__}.{type(model).__name__})")
     print(f"  {config.projector_type} projector, {config.image_seq_length} tokens per {ip.image_size}px tile"
-          + (f", LVTC: layers >= {lvtc['expand_layer']} see "
+          + (f", LVTC: layers >= {lvtc.expand_layer} see "
              f"{config.hr_tokens_per_tile} per tile" if lvtc else "")
           + f"; tiling {tiling}, max {ip.max_tiles} tiles")
     by_system = record.get("held_out_by_system_prompt") or {"empty": record.get("held_out", {})}

@@ -67,6 +67,8 @@ def _add_tokens_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_tokens(args: argparse.Namespace) -> int:
+    from ..modeling.configuration_internvlx import LVTCConfig
+
     from dataclasses import replace
 
     from ..token_budget import (
@@ -106,7 +108,7 @@ def _run_tokens(args: argparse.Namespace) -> int:
     source = f"{args.model} (its processor: {settings.tiling} tiling)" if args.model else "InternVL2-2B settings"
     print(f"{source}: {settings.image_size}px tiles, max {settings.max_tiles} tiles, "
           f"{settings.tokens_per_tile} tokens per tile" + (", thumbnail" if settings.use_thumbnail else ""))
-    lvtc = config.lvtc_config if config is not None else None
+    lvtc = LVTCConfig.of(config) if config is not None else None
     depth = config.get_text_config().num_hidden_layers if config is not None else None
     if lvtc is not None and lvtc.expand_layer < depth:
         print(f"LVTC: layers < {lvtc.expand_layer} see {settings.tokens_per_tile} tokens per tile, "
@@ -133,6 +135,8 @@ def _vllm_line(config) -> str:
 
 
 def _run_video_tokens(args: argparse.Namespace) -> int:
+    from ..modeling.configuration_internvlx import LVTCConfig
+
     from ..token_budget import TilingSettings, format_table, rows_to_json, video_budget_rows
 
     frame_counts = list(dict.fromkeys(args.frames or [8, 16, 32]))
@@ -153,7 +157,7 @@ def _run_video_tokens(args: argparse.Namespace) -> int:
     source = args.model if args.model else "InternVL2-2B settings"
     print(f"{args.video}: {length}; {source}: each frame one {settings.image_size}px tile of "
           f"{settings.tokens_per_tile} tokens" + (f"; {args.text_tokens} text tokens" if config is not None else ""))
-    lvtc = config.lvtc_config if config is not None else None
+    lvtc = LVTCConfig.of(config) if config is not None else None
     if lvtc is not None and lvtc.expand_layer < config.get_text_config().num_hidden_layers:
         print(f"LVTC: layers < {lvtc.expand_layer} see {settings.tokens_per_tile} tokens per frame, "
               f"layers >= {lvtc.expand_layer} see {config.hr_tokens_per_tile}")

@@ -27,15 +27,16 @@ from ..provenance import record_conversion
 from ..remote_code import save_remote_code
 from ..vllm.lvtc.geometry import lvtc_geometry_of
 from ..vllm_compat import cpu_head_size_problem
+from .config import build_config, read_source_config
 from .errors import ConversionError
-from .llm import LLMSpec, convert_text_config, internlm2_qkv_rows, llm_architecture, text_config_notes
+from .llm import LLMSpec, internlm2_qkv_rows
 from .new_modules import describe_init, group_new_parameters, initialise_new_parameters
 from .options import check_projector, parse_dtype, parse_lvtc_spec, parse_size
 from .plan import ConversionPlan, PlanInputs, build_plan
 from .shards import OutputTensor, StreamingSafetensorsWriter
 from .source import TOKENIZER_FILES, SourceCheckpoint, read_source
 from .tokenizer import choose_pad_token, convert_tokenizer
-from .vision import convert_vision_config, internvit_qkv_rows
+from .vision import internvit_qkv_rows
 
 logger = logging.getLogger(__name__)
 
@@ -150,77 +151,6 @@ def _template_separator(tokenizer: Any, template: str) -> tuple[str, int]:
     return separator, int(ids[0])
 
 
-def _load_chat_template(name: str | None) -> str:
-    from ..processing.chat_templates import CHAT_TEMPLATES, get_chat_template
-
-    if name not in CHAT_TEMPLATES:
-        raise ConversionError(
-            f"config.template={name!r} is not a known InternVL chat template ({sorted(CHAT_TEMPLATES)}); add it to "
-            "internvlx_hf.processing.chat_templates.CHAT_TEMPLATES."
-        )
-    return get_chat_template(name)
-
-
-def _system_message_notes(config: dict, template: str) -> list[str]:
-    """OpenGVLab's InternVLChatModel takes chat()'s system message from config.json's `system_message` when the key
-    exists (before the template's default); the converted chat template keeps the template's default, so a
-    `system_message` that differs from it is reported."""
-    from ..processing.chat_templates import default_system_message
-
-    if "system_message" not in config:
-        return []
-    value, default = config["system_message"], default_system_message(template)
-    if value is None:
-        return ["config.system_message is null: OpenGVLab's chat() would write the text 'None' as the system "
-                f"message; the chat template writes the {template} default system message instead"]
-    if value != default:
-        return [f"config.system_message {value!r} is not the {template} default: the chat template keeps the "
-                "default; pass it as the first (system) message, or set model.system_message for chat()"]
-    return []
-
-
-def _opengvlab_config_kwargs(source: SourceCheckpoint, text_config, notes: list[str]) -> dict[str, Any]:
-    """InternVLXConfig values of an OpenGVLab config.json (besides the LLM, projector and token ids)."""
-    c = source.config
-    if c.get("use_backbone_lora") or c.get("use_llm_lora"):
-        raise ConversionError(
-            f"{source.path}/config.json has use_backbone_lora/use_llm_lora set: merge the LoRA weights into the base "
-            "weights (InternVL's merge_lora script) and convert the merged checkpoint."
-        )
-    if c.get("ps_version", "v2") != "v2":
-        raise ConversionError(
-            f"config.ps_version={c.get('ps_version')!r}: only InternVL2's pixel shuffle 'v2' is implemented "
-            "(InternVL 1.x 'v1' orders the merged channels differently)."
-        )
-    if c.get("pad2square"):
-        notes.append("pad2square=True is a training-data option of the reference and is not carried over")
-    vision, vision_notes = convert_vision_config(c["vision_config"], c.get("force_image_size"))
-    notes += vision_notes
-    return {
-        "vision_config": vision,
-        "downsample_ratio": float(c.get("downsample_ratio", 0.5)),
-        "select_layer": int(c.get("select_layer", -1)),
-        "template": c.get("template"),
-        "tie_word_embeddings": bool(text_config.tie_word_embeddings),
-    }
-
-
-def _build_config(config_kwargs: dict[str, Any], text_config, projector_type: str, lvtc: dict | None,
-                  image_token_ids: dict[str, int | None]) -> InternVLXConfig:
-    try:
-        config = InternVLXConfig(
-            text_config=text_config,
-            **config_kwargs,
-            **image_token_ids,
-            projector_type=projector_type,
-            lvtc=lvtc,
-        )
-    except (ValueError, TypeError) as error:
-        raise ConversionError(f"the converted configuration is invalid: {error}") from None
-    config.architectures = ["InternVLXForConditionalGeneration"]
-    return config
-
-
 def expected_parameters(config: InternVLXConfig) -> tuple[torch.nn.Module, dict[str, tuple[int, ...]]]:
     """The target model on the meta device (no memory) and its parameter names/shapes (tied ones once)."""
     from ..modeling.modeling_internvlx import InternVLXForConditionalGeneration
@@ -289,7 +219,7 @@ class _Job:
     def projector_types(self) -> dict[str, str]:
         """Owning module of every projector -> its type (for the initialisation of new ones)."""
         types = {"model.multi_modal_projector": self.config.projector_type}
-        lvtc = self.config.lvtc_config
+        lvtc = self.config.lvtc
         if lvtc is not None:
             types["model.lvtc_hr_projector"] = lvtc.hr_projector_type
             types.update({f"model.lvtc_lr_projectors.{j}": lvtc.lr_projector_type
@@ -443,7 +373,7 @@ def _prepare(source: SourceCheckpoint, projector: str, lvtc_options: dict | None
     source_projector = source.projector_type
     projector_type = source_projector if projector == "keep" else projector
     config = build_config(parts.config_kwargs, text_config, projector_type, lvtc_options, image_token_ids)
-    lvtc = config.lvtc_config
+    lvtc = config.lvtc
     num_extra_lr = lvtc.num_lr_projectors - 1 if lvtc is not None else 0
     if init_lr_from_mlp1:
         if lvtc is None or num_extra_lr == 0:
@@ -511,40 +441,6 @@ class _SourceParts:
     config_kwargs: dict[str, Any]
 
 
-@dataclass
-class SourceConfig:
-    """What an OpenGVLab config.json alone says about the converted model: the LLM, its converted text config, the
-    chat template and the other InternVLXConfig values (no weights, no tokenizer)."""
-
-    llm: LLMSpec
-    text_config: Any
-    template: str | None
-    chat_template: str
-    config_kwargs: dict[str, Any]
-
-
-def read_source_config(source: SourceCheckpoint, notes: list[str]) -> SourceConfig:
-    """The config-only half of a conversion of an OpenGVLab checkpoint (`convert` and `sizes.size_from_config`);
-    raises `ConversionError` where config.json alone makes the checkpoint unconvertible, and adds what it changes
-    to ``notes``."""
-    llm = llm_architecture(source.config["llm_config"])
-    text_config = convert_text_config(source.config["llm_config"])
-    notes += text_config_notes(source.config["llm_config"])
-    template = source.config.get("template")
-    chat_template = _load_chat_template(template)
-    notes += _system_message_notes(source.config, template)
-    return SourceConfig(llm=llm, text_config=text_config, template=template, chat_template=chat_template,
-                        config_kwargs=_opengvlab_config_kwargs(source, text_config, notes))
-
-
-def build_config(config_kwargs: dict[str, Any], text_config, projector_type: str, lvtc_options: dict | None,
-                 image_token_ids: dict[str, int | None]) -> InternVLXConfig:
-    """The converted InternVLXConfig (after LVTC's k is checked against the LLM's depth), as `convert` writes it;
-    the token ids come from the tokenizer ({} leaves the config's defaults, which change no parameter shape)."""
-    _check_expand_layer(lvtc_options, text_config.num_hidden_layers)
-    return _build_config(config_kwargs, text_config, projector_type, lvtc_options, image_token_ids)
-
-
 def _opengvlab_parts(source: SourceCheckpoint, notes: list[str]) -> _SourceParts:
     parts = read_source_config(source, notes)
     try:
@@ -576,21 +472,6 @@ def _native_parts(source: SourceCheckpoint, notes: list[str]) -> _SourceParts:
                         config_kwargs=native.config_kwargs)
 
 
-def _check_expand_layer(lvtc_options: dict | None, depth: int) -> None:
-    """LVTC's k must leave at least one layer on the expanded tokens: a k of the LLM's depth or more is accepted by
-    the model (it only injects the LR projectors), but a conversion asked for LVTC asks for the expansion."""
-    k = (lvtc_options or {}).get("expand_layer")
-    if k is None:
-        return
-    if depth < 2:
-        raise ConversionError(f"--lvtc k={k}: the LLM has {depth} layer, so no layer is left to expand into; "
-                              "convert without --lvtc.")
-    if not 1 <= k < depth:
-        raise ConversionError(f"--lvtc k={k}: the LLM has {depth} layers, so k (expand_layer, the first layer on "
-                              f"the expanded tokens) must lie in 1..{depth - 1}; e.g. k={max(1, 3 * depth // 4)} "
-                              "(3/4 of the depth, the paper's choice).")
-
-
 def _write_companion_files(job: _Job, directory: Path):
     """config.json, remote code, generation config, tokenizer, chat template and processor configs; returns the
     image processor that was saved."""
@@ -613,7 +494,7 @@ def _report(job: _Job, src: Path, dst: Path, files: list[str], total_bytes: int)
         projector_type=config.projector_type,
         projector_source="converted from the source" if config.projector_type == source_projector
         else f"new, replaces the source's {source_projector}",
-        lvtc=config.lvtc,
+        lvtc=config.lvtc.to_dict() if config.lvtc is not None else None,
         tokens_per_tile=config.image_seq_length,
         hr_tokens_per_tile=config.hr_tokens_per_tile,
         tokenizer=job.tokenizer_kind,

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from ..modeling.configuration_internvlx import InternVLXConfig
-from .convert import build_config, expected_parameters, read_source_config
+from .config import build_config, read_source_config
+from .convert import expected_parameters
 from .errors import ConversionError
 from .options import check_projector, parse_lvtc_spec
 from .plan import PlanInputs, is_new_by_design

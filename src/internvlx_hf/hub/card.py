@@ -170,8 +170,10 @@ def _processor_settings(folder: Path, config) -> TilingSettings:
 
 def compression_tags(config, settings: TilingSettings) -> list[str]:
     """`pvtc`, `lvtc`, `rvtc`: the paper's compressions this checkpoint uses."""
+    from ..modeling.configuration_internvlx import LVTCConfig
+
     tags = []
-    lvtc = config.lvtc_config
+    lvtc = LVTCConfig.of(config)
     if config.projector_type == "pvtc" or (lvtc is not None and lvtc.hr_projector_type == "pvtc"):
         tags.append("pvtc")
     if lvtc is not None:
@@ -309,8 +311,10 @@ def _intro(name: str, line: Lineage, tags: list[str]) -> str:
 
 
 def _compression_section(config, settings: TilingSettings) -> str:
+    from ..modeling.configuration_internvlx import LVTCConfig
+
     text = config.get_text_config()
-    lvtc = config.lvtc_config
+    lvtc = LVTCConfig.of(config)
     if config.projector_type == "pvtc":
         projector = (f"PVTC (paper Sec. 3.1): {config.pvtc_num_layers} cross-attention layer(s), "
                      f"{config.pvtc_num_heads} heads; a local (2x2 window) and a global (CLS) query per token")

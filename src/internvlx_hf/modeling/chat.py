@@ -121,7 +121,7 @@ class InternVL2ChatMixin:
             return
         tiles = (input_ids == self.config.image_token_id).sum(-1) // self.config.image_seq_length
         positions = attention_mask.sum(-1)
-        lvtc = self.config.lvtc_config
+        lvtc = self.config.lvtc
         if lvtc is not None and lvtc.expand_layer < self.config.get_text_config().num_hidden_layers:
             positions = positions + tiles * (self.config.hr_tokens_per_tile - self.config.image_seq_length)
         longest = int(positions.max())

@@ -134,6 +134,14 @@ class LVTCConfig:
     hr_scale: str = "none"
 
     @classmethod
+    def of(cls, config) -> "LVTCConfig | None":
+        """The LVTC settings of any InternVL-X config: ``config.lvtc``, where the config may also come from a
+        checkpoint's own remote code saved by an earlier version, whose ``lvtc`` is the dict config.json holds. Code
+        outside the model reads a config it did not build this way (the model reads ``config.lvtc``)."""
+        value = getattr(config, "lvtc", None)
+        return cls.from_any(value) if isinstance(value, dict) else value
+
+    @classmethod
     def from_any(cls, value: "LVTCConfig | dict | None") -> "LVTCConfig | None":
         if value is None or isinstance(value, LVTCConfig):
             return value
@@ -245,6 +253,8 @@ class InternVLXConfig(PreTrainedConfig):
         pvtc_num_layers (`int`, defaults to 1): cross-attention layers `L` of each PVTC branch.
         pvtc_num_heads (`int`, defaults to 16): attention heads of PVTC (the reference hard-codes 16).
         lvtc (`dict` or `LVTCConfig`, optional): enables layer-wise visual token compression (see `LVTCConfig`).
+            Held resolved as an `LVTCConfig` (every default filled in; ``config.lvtc.expand_layer``), written to
+            config.json as a dict, as transformers writes ``quantization_config``.
         template (`str`, defaults to `"internlm2-chat"`): InternVL2 chat template name.
         tie_word_embeddings (`bool`, optional): defaults to the text config's value.
     """
@@ -271,7 +281,7 @@ class InternVLXConfig(PreTrainedConfig):
     projector_type: str = "mlp"
     pvtc_num_layers: int = 1
     pvtc_num_heads: int = 16
-    lvtc: dict | None = None
+    lvtc: LVTCConfig | dict | None = None
     template: str = "internlm2-chat"
     tie_word_embeddings: bool | None = None
 
@@ -310,14 +320,15 @@ class InternVLXConfig(PreTrainedConfig):
         if self.pvtc_num_layers < 1:
             raise ValueError(f"pvtc_num_layers must be >= 1, got {self.pvtc_num_layers}")
         lvtc = LVTCConfig.from_any(self.lvtc)
-        # Stored resolved (every default filled in) so that the saved config.json says exactly what runs.
-        self.lvtc = lvtc.resolve(self).to_dict() if lvtc is not None else None
+        # Held resolved (every default filled in) so that the saved config.json says exactly what runs.
+        self.lvtc = lvtc.resolve(self) if lvtc is not None else None
         self.auto_map = {**AUTO_MAP, **(getattr(self, "auto_map", None) or {})}
 
-    @property
-    def lvtc_config(self) -> LVTCConfig | None:
-        """The resolved LVTC settings as an `LVTCConfig`, or None when LVTC is off."""
-        return LVTCConfig(**self.lvtc) if self.lvtc is not None else None
+    def to_dict(self) -> dict[str, Any]:
+        output = super().to_dict()
+        if isinstance(output.get("lvtc"), LVTCConfig):
+            output["lvtc"] = output["lvtc"].to_dict()
+        return output
 
     @property
     def vision_tokens_per_side(self) -> int:
@@ -329,7 +340,7 @@ class InternVLXConfig(PreTrainedConfig):
     def hr_tokens_per_tile(self) -> int | None:
         """Visual tokens per tile from the LVTC expand layer ``k`` on (1024 for 448px tiles at
         ``hr_downsample_ratio=1.0``), or None when LVTC is off; layers before ``k`` see ``image_seq_length``."""
-        lvtc = self.lvtc_config
+        lvtc = self.lvtc
         if lvtc is None:
             return None
         return (self.vision_tokens_per_side // round(1.0 / lvtc.hr_downsample_ratio)) ** 2

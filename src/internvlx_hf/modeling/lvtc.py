@@ -1,10 +1,10 @@
 """LVTC (Sec. 3.2, Algorithm 1) in transformers: the first ``k`` LLM layers run on the short (LR) layout, layer ``k``
-expands each tile's tokens to the long (HR) grid and the layers after it run long. Read top to bottom: the per-forward
-state and its two caches (dynamic, static) that remember the expansion across decoding steps, `LVTCLayout` and its
+expands each tile's tokens to the long (HR) grid and the layers after it run long. Read top to bottom: `LVTCLayout` and its
 builder (the index maps between the two layouts), the attention-kind helpers, then the forward itself:
 `prepare_lvtc_step` (each layout's positions, masks and cache for this step), `run_lvtc` (the layers, with
 `expand_tiles` at ``k`` and the extra LR projectors' injections, `pool_tiles` after the last) and `scale_to_rms` (the
-opt-in HR scaling).
+opt-in HR scaling). The state that remembers the expansion across decoding steps, and the two caches (dynamic,
+static) that carry it, are in `lvtc_cache.py`.
 
 Saved next to checkpoints as remote code: imports only torch, transformers, the standard library and its own folder.
 """
@@ -17,147 +17,16 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.cache_utils import Cache, DynamicCache, StaticCache, StaticLayer
+from transformers.cache_utils import Cache, StaticCache
 from transformers.masking_utils import (
     create_causal_mask,
     create_sliding_window_causal_mask,
     find_packed_sequence_indices,
 )
 
-from .outputs import CACHE_NAME, InternVLXModelOutputWithPast
-
-
-@dataclass
-class LVTCState:
-    """What decoding steps after an LVTC prefill need to know about the long layout (per batch row).
-
-    Attributes:
-        long_prefix_mask: ``(batch, long_prefill_len)`` 2D mask of the prefill in the long layout.
-        short_prefix_len: length of the prefill in the short layout (the input ids).
-        position_offset: ``(batch,)`` long-layout position minus short-layout position for every later token.
-        text_tail: how many of the prefill's last tokens are text of every row's last sequence (no visual token, no
-            position reset); they take one slot in both layouts, so a cache crop may remove them.
-    """
-
-    long_prefix_mask: torch.Tensor
-    short_prefix_len: int
-    position_offset: torch.Tensor
-    text_tail: int = 0
-
-    def select(self, index: torch.Tensor) -> "LVTCState":
-        return LVTCState(self.long_prefix_mask[index], self.short_prefix_len, self.position_offset[index],
-                         self.text_tail)
-
-    def drop_prefill_tail(self, tokens: int) -> "LVTCState":
-        """The state after the last ``tokens`` tokens of the prefill were cropped from the cache."""
-        if tokens > self.text_tail:
-            raise ValueError(
-                f"Cannot crop {tokens} prefill token(s) from an LVTC cache: only the last {self.text_tail} token(s) "
-                "of the prompt are text after its last image (visual tokens take more slots from the expand layer "
-                "on, so a crop into them has no consistent long layout). Crop at most that far, or run the prefill "
-                "again."
-            )
-        return LVTCState(self.long_prefix_mask[:, : self.long_prefix_mask.shape[1] - tokens],
-                         self.short_prefix_len - tokens, self.position_offset, self.text_tail - tokens)
-
-
-class InternVLXLVTCCache(DynamicCache):
-    """A `DynamicCache` that also carries the `LVTCState` of its prefill.
-
-    Layers ``< k`` cache the short layout and layers ``>= k`` the long one, so the layers hold different lengths;
-    the state keeps per-row offsets and the long-layout mask consistent under beam reordering, batch selection and
-    cropping. A plain `DynamicCache` handed to an LVTC prefill becomes this class in place (same object, same
-    storage and options, e.g. offloading).
-    """
-
-    lvtc_state: LVTCState | None = None
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        super().reorder_cache(beam_idx)
-        if self.lvtc_state is not None:
-            self.lvtc_state = self.lvtc_state.select(beam_idx.to(self.lvtc_state.position_offset.device))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        super().batch_repeat_interleave(repeats)
-        if self.lvtc_state is not None:
-            rows = torch.arange(self.lvtc_state.position_offset.shape[0]).repeat_interleave(repeats)
-            self.lvtc_state = self.lvtc_state.select(rows.to(self.lvtc_state.position_offset.device))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        super().batch_select_indices(indices)
-        if self.lvtc_state is not None:
-            self.lvtc_state = self.lvtc_state.select(indices.to(self.lvtc_state.position_offset.device))
-
-    def crop(self, tokens_to_remove: int) -> None:
-        """Remove the last tokens (assisted / prompt-lookup decoding rejects draft tokens this way).
-
-        ``tokens_to_remove <= 0`` removes that many tokens from every layer (transformers 5's convention): a token
-        after the prefill takes one slot in both layouts, so every layer loses the same count and the long layers
-        stay aligned with the short ones. A positive value is the older convention, the short-layout length to keep.
-        Cropping into the prefill is possible over its text tail only (see `LVTCState.text_tail`).
-        """
-        length = self.get_seq_length()
-        remove = -tokens_to_remove if tokens_to_remove <= 0 else max(length - tokens_to_remove, 0)
-        state = self.lvtc_state
-        into_prefill = remove - (length - state.short_prefix_len) if state is not None else 0
-        if into_prefill > 0:
-            self.lvtc_state = state.drop_prefill_tail(into_prefill)
-        super().crop(-remove)
-
-
-class InternVLXLVTCStaticCache(StaticCache):
-    """A `StaticCache` for LVTC (``generate(..., cache_implementation="static")``, which `torch.compile` needs for a
-    ``fullgraph`` decoding step).
-
-    ``max_cache_len`` counts short-layout tokens (the input ids: prompt plus new tokens), the length layers ``< k``
-    hold. Layers ``>= k`` hold the long layout, longer by the prompt's extra visual slots, which only the prefill's
-    layout knows: the prefill sets their length before they allocate (`size_long_layers`). Each layer writes at its
-    own fill level, so the long layers need no shifted write positions; the `LVTCState` of the prefill is kept as in
-    `InternVLXLVTCCache`. Full-attention LLMs only (a sliding window layer's length is the window, not the layout). A
-    plain `StaticCache` handed to an LVTC prefill becomes this class in place.
-    """
-
-    lvtc_state: LVTCState | None = None
-
-    def __init__(self, config, max_cache_len: int, **kwargs):
-        super().__init__(config=config, max_cache_len=max_cache_len, **kwargs)
-        self.check_layers()
-
-    def check_layers(self) -> None:
-        kinds = sorted({type(layer).__name__ for layer in self.layers if type(layer) is not StaticLayer})
-        if kinds:
-            raise NotImplementedError(
-                f"LVTC's static cache holds full-attention layers only; this LLM's cache also has {kinds}. Leave "
-                "cache_implementation unset (LVTC then uses its dynamic cache)."
-            )
-        # Older transformers releases write a static layer at a `cache_position` the caller passes, one for all
-        # layers, which would be wrong for the long layers; the layers that count their own fill level are needed.
-        if not all(isinstance(getattr(layer, "cumulative_length", None), torch.Tensor) for layer in self.layers):
-            raise NotImplementedError(
-                "LVTC's static cache needs a transformers release whose StaticLayer counts its own fill level (it is "
-                "tested with 5.23); with this one leave cache_implementation unset (LVTC then uses its dynamic cache)."
-            )
-
-    def size_long_layers(self, expand_layer: int, extra_slots: int) -> None:
-        """Give layers ``>= expand_layer`` the short length plus the prefill's ``extra_slots`` (long minus short)."""
-        needed = self.layers[0].max_cache_len + extra_slots
-        for idx, layer in enumerate(self.layers[expand_layer:], start=expand_layer):
-            if not layer.is_initialized:
-                layer.max_cache_len = needed
-            elif layer.max_cache_len < needed:
-                raise ValueError(
-                    f"This static LVTC cache was allocated for a shorter long layout: layer {idx} holds "
-                    f"{layer.max_cache_len} slots, this prompt needs {needed}. Use a new cache for this prompt."
-                )
-
-    def reset(self) -> None:
-        super().reset()
-        self.lvtc_state = None
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        super().reorder_cache(beam_idx)
-        if self.lvtc_state is not None:
-            self.lvtc_state = self.lvtc_state.select(beam_idx.to(self.lvtc_state.position_offset.device))
+from .compat import cache_kwarg, hidden_state_selection
+from .lvtc_cache import LVTCState, as_lvtc_cache, lvtc_cache_for
+from .outputs import InternVLXModelOutputWithPast
 
 
 @dataclass
@@ -343,14 +212,6 @@ def _attention_weight_modules(language_model, depth: int) -> list[tuple[nn.Modul
     return found
 
 
-def _hidden_state_selection(output_hidden_states, count: int) -> set[int] | None:
-    """Indices a list/int ``output_hidden_states`` selects (negative ones count from the end); None = all."""
-    if isinstance(output_hidden_states, bool) or output_hidden_states is None:
-        return None
-    selected = [output_hidden_states] if isinstance(output_hidden_states, int) else list(output_hidden_states)
-    return {i % count for i in selected if -count <= i < count}
-
-
 # ------------------------------------------------------------------------------------------ the forward (Algorithm 1)
 
 
@@ -386,37 +247,6 @@ def _pop_varlen(kwargs: dict) -> dict:
     return varlen
 
 
-def _lvtc_cache(cache: Cache | None, text_config, use_cache: bool) -> Cache | None:
-    """The cache this forward fills: the one passed, or a new `InternVLXLVTCCache` where a cache is wanted."""
-    if use_cache and cache is None:
-        return InternVLXLVTCCache(config=text_config)
-    if cache is not None and not isinstance(cache, (DynamicCache, StaticCache)):
-        raise NotImplementedError(
-            f"LVTC needs a dynamic or static cache (its layers hold different lengths), got {type(cache).__name__}; "
-            "leave cache_implementation unset (or use 'dynamic' / 'offloaded' / 'static')."
-        )
-    return cache
-
-
-def as_lvtc_cache(cache: Cache) -> Cache:
-    """A plain `DynamicCache` / `StaticCache` made the LVTC subclass that carries the prefill's `LVTCState`, in place:
-    the caller's object is the one that gets filled (transformers' convention), with its storage and options
-    (offloading, past recording for assisted decoding). Caches this package builds are built as the subclass."""
-    if isinstance(cache, (InternVLXLVTCCache, InternVLXLVTCStaticCache)):
-        return cache
-    if type(cache) not in (DynamicCache, StaticCache):
-        raise NotImplementedError(
-            f"LVTC keeps its layout state on a DynamicCache or StaticCache; got a {type(cache).__name__}. Pass a "
-            "transformers.DynamicCache or StaticCache (or none: generate() and forward() create one)."
-        )
-    if type(cache) is StaticCache:
-        InternVLXLVTCStaticCache.check_layers(cache)
-        cache.__class__ = InternVLXLVTCStaticCache
-    else:
-        cache.__class__ = InternVLXLVTCCache
-    return cache
-
-
 def prepare_lvtc_step(config, inputs_embeds: torch.Tensor, image_mask: torch.Tensor, attention_mask, position_ids,
                       cache: Cache | None, past_length, use_cache: bool, kwargs: dict,
                       has_images: bool) -> LVTCStep:
@@ -425,9 +255,9 @@ def prepare_lvtc_step(config, inputs_embeds: torch.Tensor, image_mask: torch.Ten
     (The layout is built here, one call below the model's forward: `torch.compile` breaks the graph at it once per
     enclosing frame.)"""
     text_config = config.get_text_config()
-    k = config.lvtc_config.expand_layer
+    k = config.lvtc.expand_layer
     varlen = _pop_varlen(kwargs)
-    cache = _lvtc_cache(cache, text_config, use_cache)
+    cache = lvtc_cache_for(cache, text_config, use_cache)
     static = isinstance(cache, StaticCache)
     batch, short_len, _ = inputs_embeds.shape
     if position_ids is None:
@@ -497,7 +327,7 @@ def run_lvtc(language_model, config, step: LVTCStep, inputs_embeds: torch.Tensor
     (`expand_tiles`), the extra LR projectors' features added at their layers, layers ``>= k`` on the long layout,
     and after the last layer each tile pooled back to the short layout (`pool_tiles`), so outputs line up with the
     input ids. ``features``: the prefill's `InternVLXImageFeatures` (None without images)."""
-    lm, text_config, lvtc = language_model, config.get_text_config(), config.lvtc_config
+    lm, text_config, lvtc = language_model, config.get_text_config(), config.lvtc
     k, depth = lvtc.expand_layer, len(language_model.layers)
     layer_types = lvtc_layer_types(text_config, depth)
     cache, prefill = step.cache, step.prefill
@@ -509,7 +339,7 @@ def run_lvtc(language_model, config, step: LVTCStep, inputs_embeds: torch.Tensor
             kind = layer_types[idx]
             if kind not in masks:
                 masks[kind] = _MASK_FUNCTIONS[kind](config=text_config, inputs_embeds=hidden, attention_mask=mask_2d,
-                                                    position_ids=positions, layer_idx=idx, **{CACHE_NAME: cache})
+                                                    position_ids=positions, layer_idx=idx, **cache_kwarg(cache))
         return masks
 
     injections = {}
@@ -517,7 +347,7 @@ def run_lvtc(language_model, config, step: LVTCStep, inputs_embeds: torch.Tensor
         for layer_idx, extra in zip(lvtc.injection_layers, features.extra_lr_features):
             injections[layer_idx] = extra.reshape(-1, extra.shape[-1])
     hidden = inputs_embeds
-    selection = _hidden_state_selection(output_hidden_states, depth + 1)
+    selection = hidden_state_selection(output_hidden_states, depth + 1)
     all_hidden = [] if output_hidden_states else None
     attentions, hooks = [], []
     if output_attentions:
@@ -545,7 +375,7 @@ def run_lvtc(language_model, config, step: LVTCStep, inputs_embeds: torch.Tensor
             if all_hidden is not None:
                 all_hidden.append(hidden if selection is None or len(all_hidden) in selection else None)
             hidden = layer(hidden, attention_mask=masks[layer_types[idx]], position_ids=positions,
-                           use_cache=step.use_cache, position_embeddings=rope, **{CACHE_NAME: cache}, **kwargs,
+                           use_cache=step.use_cache, position_embeddings=rope, **cache_kwarg(cache), **kwargs,
                            **(step.varlen if idx < k else step.long_varlen))
     finally:
         for hook in hooks:
@@ -557,7 +387,7 @@ def run_lvtc(language_model, config, step: LVTCStep, inputs_embeds: torch.Tensor
         all_hidden.append(hidden if selection is None or len(all_hidden) in selection else None)
     return InternVLXModelOutputWithPast(
         last_hidden_state=hidden,
-        **{CACHE_NAME: cache if step.use_cache else None},
+        **cache_kwarg(cache if step.use_cache else None),
         hidden_states=tuple(all_hidden) if all_hidden is not None else None,
         attentions=tuple(attentions) if output_attentions else None,
         image_hidden_states=features.pooler_output if features is not None else None,

@@ -1,10 +1,11 @@
 """InternVL-X: InternVL2 with PVTC (projector) and LVTC (layer-wise) visual token compression.
 
 Paper: "InternVL-X: Advancing and Accelerating InternVL Series with Efficient Visual Token Compression", Sec. 3.
-This file holds the pretrained base, the model, generation and `chat()`; the projectors are in `projectors.py`, LVTC's
-state, caches, layout and forward (Algorithm 1) in `lvtc.py`, the output types in `outputs.py`. Saved
-next to checkpoints as remote code with those files: they import only torch, transformers, the standard library and
-each other (single-dot relative imports).
+This file holds the pretrained base, the model and generation; the projectors are in `projectors.py`, LVTC's layout and
+forward (Algorithm 1) in `lvtc.py` and its caches in `lvtc_cache.py`, the output types in `outputs.py`, the input checks
+in `input_checks.py`, the image placeholders' handling in drafts and labels in `placeholders.py`, `chat()` in `chat.py`
+and what differs between transformers releases in `compat.py`. Saved next to checkpoints as remote code with those
+files: they import only torch, transformers, the standard library and each other (single-dot relative imports).
 """
 
 from __future__ import annotations
@@ -18,55 +19,32 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache, StaticCache
 from transformers.masking_utils import create_masks_for_generate
 from transformers.models.internvl.modeling_internvl import InternVLVisionModel, InternVLVisionRMSNorm
-from transformers.utils import logging
 from transformers.utils.generic import can_return_tuple
 
 from .chat import InternVL2ChatMixin
-from .configuration_internvlx import InternVLXConfig, image_and_patch
-
-from .lvtc import (
-    InternVLXLVTCCache,
-    InternVLXLVTCStaticCache,
-    LVTCState,
-    _hidden_state_selection,
-    as_lvtc_cache,
-    build_lvtc_layout,
-    check_whole_tiles,
-    image_token_runs,
-    prepare_lvtc_step,
-    run_lvtc,
-)
-from .outputs import (
+from .compat import (
     CACHE_NAME,
+    activation_checkpointing,
+    cache_kwarg,
+    cache_of,
+    one_cache,
+    one_cache_argument,
+    select_hidden_states,
+    slice_logits_to_keep,
+)
+from .configuration_internvlx import InternVLXConfig
+from .input_checks import check_image_flags, check_image_inputs, check_input_ids, check_pixel_values
+from .lvtc import build_lvtc_layout, prepare_lvtc_step, run_lvtc
+from .lvtc_cache import InternVLXLVTCCache, InternVLXLVTCStaticCache, LVTCState, as_lvtc_cache
+from .outputs import (
     InternVLXCausalLMOutputWithPast,
     InternVLXImageFeatures,
     InternVLXLogitsOnReadOutput,
     InternVLXModelOutputWithPast,
     LogitsOnRead,
-    one_cache,
-    one_cache_argument,
 )
+from .placeholders import DraftsWithoutPlaceholders, ignore_placeholder_label_kwargs
 from .projectors import InternVLXMLPProjector, PVTCProjector, attach_projectors
-
-
-def _slice_logits_to_keep(hidden_states: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
-    """transformers' `slice_logits_to_keep` (5.21 on), for 5.16-5.20: the last ``logits_to_keep`` positions (0 = all),
-    1D or 2D positions, or a 2D boolean mask (its True positions, flattened)."""
-    if isinstance(logits_to_keep, torch.Tensor) and logits_to_keep.ndim == 2:
-        if logits_to_keep.dtype == torch.bool:
-            return hidden_states[logits_to_keep]
-        return torch.take_along_dim(hidden_states, logits_to_keep[..., None], dim=1)
-    keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-    return hidden_states[:, keep, :]
-
-
-try:
-    from transformers.modeling_utils import slice_logits_to_keep  # transformers >= 5.21
-except ImportError:
-    slice_logits_to_keep = _slice_logits_to_keep
-
-
-logger = logging.get_logger(__name__)
 
 
 class InternVLXPreTrainedModel(PreTrainedModel):
@@ -152,9 +130,9 @@ class InternVLXModel(InternVLXPreTrainedModel):
         image_flags: optional ``(tiles,)``; tiles flagged 0 (InternVL2's dummy tiles) are dropped after the ViT.
         kwargs: ``output_hidden_states`` / ``output_attentions`` of the vision tower, ``return_dict``.
         """
-        self._check_pixel_values(pixel_values)
+        check_pixel_values(self.config, pixel_values)
         if image_flags is not None:
-            self._check_image_flags(image_flags, pixel_values.shape[0])
+            check_image_flags(image_flags, pixel_values.shape[0])
         select_layer = self.config.select_layer
         requested = kwargs.get("output_hidden_states")
         if select_layer != -1 and not requested:
@@ -164,7 +142,7 @@ class InternVLXModel(InternVLXPreTrainedModel):
         vit = vision_out.last_hidden_state if select_layer == -1 else vision_out.hidden_states[select_layer]
         if image_flags is not None:
             vit = vit[image_flags.reshape(-1).to(vit.device) == 1]
-        lvtc = self.config.lvtc_config
+        lvtc = self.config.lvtc
         hr_projector = getattr(self, "lvtc_hr_projector", None)
         return InternVLXImageFeatures(
             last_hidden_state=vit,
@@ -182,109 +160,6 @@ class InternVLXModel(InternVLXPreTrainedModel):
             torch.tensor(self.config.image_token_id, dtype=torch.long, device=inputs_embeds.device)
         )
         return (inputs_embeds == image_embed).all(-1)
-
-    # ------------------------------------------------------------------------------------- input checks (no ViT yet)
-
-    def _check_input_ids(self, input_ids: torch.Tensor) -> None:
-        vocab_size = self.get_input_embeddings().num_embeddings
-        outside = (input_ids < 0) | (input_ids >= vocab_size)
-        if torch.compiler.is_compiling():
-            # Reading the answer in Python (`bool(...)`) would break a compiled graph: check inside it instead.
-            torch._assert_async(~outside.any(), f"input_ids contains ids outside the vocabulary of {vocab_size} "
-                                "tokens; run the model without torch.compile to see which.")
-            return
-        if bool(outside.any()):  # else an index error deep in the embedding (a device assert on GPU)
-            bad = input_ids[outside]
-            raise ValueError(
-                f"input_ids contains id {int(bad[0])} ({bad.numel()} id(s) in all) outside the vocabulary of "
-                f"{vocab_size} tokens (valid ids: 0..{vocab_size - 1}). Tokenize with this model's tokenizer; ids "
-                "added to the tokenizer need model.resize_token_embeddings(len(tokenizer))."
-            )
-
-    def _check_pixel_values(self, pixel_values) -> None:
-        if not isinstance(pixel_values, torch.Tensor):
-            raise TypeError(f"pixel_values must be a torch.Tensor (tiles, 3, H, W), got {type(pixel_values).__name__}"
-                            "; the processor returns it with return_tensors='pt'.")
-        image_size, _ = image_and_patch(self.config.vision_config)
-        channels = getattr(self.config.vision_config, "num_channels", 3)
-        expected = f"(tiles, {channels}, {image_size}, {image_size})"
-        if pixel_values.ndim != 4:
-            hint = " (one image: add the tile dimension with pixel_values[None])" if pixel_values.ndim == 3 else ""
-            raise ValueError(f"pixel_values must have shape {expected}, got {tuple(pixel_values.shape)}{hint}; "
-                             "the processor's output has this layout.")
-        if pixel_values.shape[0] == 0:
-            raise ValueError("pixel_values holds 0 tiles; for text-only inputs pass pixel_values=None (and no "
-                             "<IMG_CONTEXT> tokens).")
-        if pixel_values.shape[1] != channels:
-            raise ValueError(f"pixel_values has {pixel_values.shape[1]} channels (shape {tuple(pixel_values.shape)})"
-                             f" but the vision tower takes {channels} (RGB) in {expected}; convert images with the "
-                             "processor (it makes RGB).")
-        if tuple(pixel_values.shape[2:]) != (image_size, image_size):
-            raise ValueError(f"pixel_values tiles are {pixel_values.shape[2]}x{pixel_values.shape[3]} but this "
-                             f"model takes {image_size}x{image_size} tiles {expected}; the processor resizes and "
-                             f"tiles images (its image_size must be {image_size}).")
-
-    @staticmethod
-    def _check_image_flags(image_flags, tiles: int) -> None:
-        if image_flags.numel() != tiles:
-            raise ValueError(f"image_flags has {image_flags.numel()} entries but pixel_values holds {tiles} tiles; "
-                             "give one flag per tile (1 = real tile, 0 = dummy tile).")
-
-    def _check_image_inputs(self, pixel_values, image_mask, image_flags, num_patches, tile_grid) -> None:
-        """Every consistency check between the tiles and the prompt, before the vision tower runs.
-
-        Under ``torch.compile`` only the checks that need no tensor values run (shapes), plus the token count as an
-        assert inside the graph: the others read tensors in Python (runs of image tokens, ``num_patches``), which
-        breaks the graph. The eager forward gives the full, explained errors.
-        """
-        self._check_pixel_values(pixel_values)
-        tiles = pixel_values.shape[0]
-        if torch.compiler.is_compiling() and image_flags is None:
-            per_tile = self.config.image_seq_length
-            torch._assert_async(image_mask.sum() == tiles * per_tile,
-                                f"the number of image tokens is not {per_tile} x the {tiles} tiles of pixel_values; "
-                                "run the model without torch.compile for the details.")
-            return
-        kept = tiles
-        if image_flags is not None:
-            self._check_image_flags(image_flags, tiles)
-            kept = int((image_flags.reshape(-1) == 1).sum())
-        per_tile = self.config.image_seq_length
-        n_tokens = int(image_mask.sum())
-        if n_tokens != kept * per_tile:
-            raise ValueError(
-                f"Image features and image tokens do not match: the input has {n_tokens} image tokens "
-                f"(id {self.config.image_token_id}) but the {kept} tiles give {kept * per_tile} features "
-                f"({per_tile} per tile). Build the prompt with the processor so that every image's tiles get their "
-                "<IMG_CONTEXT> tokens."
-            )
-        check_whole_tiles(image_mask, per_tile)
-        if num_patches is not None:
-            num_patches = torch.as_tensor(num_patches).reshape(-1).tolist()
-            if sum(num_patches) != tiles:
-                raise ValueError(f"num_patches sums to {sum(num_patches)} tiles but pixel_values holds {tiles}; "
-                                 "pass the processor's outputs together.")
-            runs = [length for _, _, length in image_token_runs(image_mask)]
-            if image_flags is None and [n * per_tile for n in num_patches] != runs:
-                raise ValueError(
-                    f"num_patches {num_patches} (tiles per image) does not match the prompt's <IMG_CONTEXT> runs of "
-                    f"{runs} tokens ({per_tile} per tile, one run per image); pass the processor's outputs together."
-                )
-        if tile_grid is not None:
-            grid = torch.as_tensor(tile_grid).reshape(-1, 2).tolist()
-            grid_tiles = [cols * rows for cols, rows in grid]
-            if num_patches is not None:
-                ok = len(grid) == len(num_patches) and all(
-                    n == g or (g > 1 and n == g + 1) for n, g in zip(num_patches, grid_tiles))
-                detail = f"num_patches {num_patches}"
-            else:
-                ok = sum(grid_tiles) <= tiles <= sum(g + (g > 1) for g in grid_tiles)
-                detail = f"{tiles} tiles in pixel_values"
-            if not ok:
-                raise ValueError(
-                    f"tile_grid {grid} ((cols, rows) per image; each grid gives cols*rows tiles, plus a thumbnail when "
-                    f"it has more than one) does not match {detail}; pass the processor's outputs together."
-                )
 
     # ------------------------------------------------------------------------------------------------------ forward
 
@@ -326,14 +201,14 @@ class InternVLXModel(InternVLXPreTrainedModel):
             # packed sequences (position resets without a mask): packed rows would attend across samples.
             use_cache = False
         if input_ids is not None:
-            self._check_input_ids(input_ids)
+            check_input_ids(input_ids, self.get_input_embeddings().num_embeddings)
             inputs_embeds = self.get_input_embeddings()(input_ids)
         image_mask = self.get_placeholder_mask(input_ids, inputs_embeds)
         past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
 
         features = None
         if pixel_values is not None:
-            self._check_image_inputs(pixel_values, image_mask, image_flags, num_patches, tile_grid)
+            check_image_inputs(self.config, pixel_values, image_mask, image_flags, num_patches, tile_grid)
             features = self.get_image_features(pixel_values, image_flags=image_flags, return_dict=True)
             # As transformers' InternVL: the projector may sit on another device than the embeddings (device_map).
             lr = features.pooler_output.to(inputs_embeds.device, inputs_embeds.dtype)
@@ -353,85 +228,25 @@ class InternVLXModel(InternVLXPreTrainedModel):
                 output_attentions=output_attentions,
                 output_hidden_states=output_hidden_states,
                 return_dict=True,
-                **{CACHE_NAME: past_key_values},
+                **cache_kwarg(past_key_values),
                 **kwargs,
             )
-            hidden_states = outputs.hidden_states
-            selection = _hidden_state_selection(output_hidden_states, len(hidden_states)) if hidden_states else None
-            if selection is not None:  # transformers < 5.23 keeps every layer's (5.23 added selecting them by index)
-                hidden_states = tuple(h if i in selection else None for i, h in enumerate(hidden_states))
+            hidden_states = select_hidden_states(outputs.hidden_states, output_hidden_states)
             return InternVLXModelOutputWithPast(
                 last_hidden_state=outputs.last_hidden_state,
                 hidden_states=hidden_states,
                 attentions=outputs.attentions,
                 image_hidden_states=features.pooler_output if features is not None else None,
-                **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
+                **cache_kwarg(cache_of(outputs)),
             )
         # LVTC (Algorithm 1, lvtc.py): this step's layouts, then the layers
         use_cache = use_cache if use_cache is not None else self.config.get_text_config().use_cache
-        # `is_activation_checkpointing` from transformers 5.23 on, `is_gradient_checkpointing` on 5.16-5.22
-        checkpointing = getattr(self, "is_activation_checkpointing", None)
-        if self.training and (self.is_gradient_checkpointing if checkpointing is None else checkpointing):
+        if self.training and activation_checkpointing(self):
             use_cache = False
         step = prepare_lvtc_step(self.config, inputs_embeds, image_mask, attention_mask, position_ids,
                                  past_key_values, past_length, use_cache, kwargs, has_images=features is not None)
         return run_lvtc(self.language_model, self.config, step, inputs_embeds, image_mask, features,
                         output_attentions, output_hidden_states, **kwargs)
-
-
-class _DraftsWithoutPlaceholders:
-    """Wraps a transformers candidate generator (assisted / prompt-lookup decoding) so that a draft ends before its
-    first `<IMG_CONTEXT>`: prompt lookup copies continuations from the prompt, image runs included, and a drafted
-    placeholder has no tile behind it (the target's first forward would find more image tokens than tiles)."""
-
-    def __init__(self, generator, image_token_id: int):
-        self._generator = generator
-        self._image_token_id = image_token_id
-
-    def __getattr__(self, name):
-        return getattr(self._generator, name)
-
-    def get_candidates(self, input_ids: torch.LongTensor, **kwargs):
-        candidate_ids, candidate_logits = self._generator.get_candidates(input_ids, **kwargs)
-        start = input_ids.shape[1]
-        placeholder = (candidate_ids[:, start:] == self._image_token_id).any(0)
-        if bool(placeholder.any()):
-            keep = int(placeholder.int().argmax())
-            candidate_ids = candidate_ids[:, : start + keep]
-            candidate_logits = candidate_logits[:, :keep] if candidate_logits is not None else None
-        return candidate_ids, candidate_logits
-
-
-def _ignore_placeholder_label_kwargs(model, args, kwargs):
-    """Forward pre-hook of `InternVLXForConditionalGeneration`: ``labels`` / ``shift_labels`` that name an image
-    placeholder become -100 before any LM head reads them (a collator with ``labels = input_ids``, TRL's default,
-    labels every `<IMG_CONTEXT>`)."""
-    # Whether the labels named placeholders is read on the host (a device synchronisation), so it is asked once per
-    # model: on the first forward with images whose token count matters (training, or a given count). A collator
-    # that labels placeholders does so in every image batch; the masking itself runs on every call, without a sync.
-    check = not model._placeholder_labels_checked and kwargs.get("pixel_values") is not None \
-        and (model.training or kwargs.get("num_items_in_batch") is not None)
-    found = False
-    for key in ("labels", "shift_labels"):
-        labels = kwargs.get(key)
-        if torch.is_tensor(labels):
-            ignored = model._ignore_placeholder_labels(labels)
-            if check:
-                found = found or bool((ignored != labels).any())
-            kwargs[key] = ignored
-    if check and any(torch.is_tensor(kwargs.get(key)) for key in ("labels", "shift_labels")):
-        model._placeholder_labels_checked = True
-    if found:
-        # transformers' Trainer and TRL count the loss's tokens (num_items_in_batch) from the batch's labels before
-        # this call, over every micro-batch of the step and every rank: the count cannot be corrected here.
-        logger.warning_once(
-            "labels mark image placeholders (<IMG_CONTEXT>, <img>, </img>) as targets, as a collator with "
-            "labels = input_ids does (TRL's default). The model leaves them out of the loss, but a trainer that "
-            "counts the loss's tokens from the batch's labels (num_items_in_batch: transformers' Trainer, TRL) "
-            "counts them too, so the loss is divided by more tokens than it has. Label the replies only: "
-            "data_collator=InternVLXDataCollator(processor), or set these ids to -100 in your collator."
-        )
-    return args, kwargs
 
 
 class InternVLXForConditionalGeneration(InternVL2ChatMixin, InternVLXPreTrainedModel, GenerationMixin):
@@ -450,7 +265,7 @@ class InternVLXForConditionalGeneration(InternVL2ChatMixin, InternVLXPreTrainedM
         # Before `forward`, not inside it: trainers replace `forward` with their own LM head and loss (TRL >= 1.16's
         # fused head, Liger's), which read the labels as given; a pre-hook runs for every `model(...)` call, PEFT's
         # included (its tuner calls the wrapped model).
-        self.register_forward_pre_hook(_ignore_placeholder_label_kwargs, with_kwargs=True)
+        self.register_forward_pre_hook(ignore_placeholder_label_kwargs, with_kwargs=True)
 
     def get_input_embeddings(self):
         return self.model.get_input_embeddings()
@@ -471,7 +286,7 @@ class InternVLXForConditionalGeneration(InternVL2ChatMixin, InternVLXPreTrainedM
         ids = [self.config.image_token_id, self.config.image_start_token_id, self.config.image_end_token_id]
         return [i for i in ids if i is not None]
 
-    # Set by the placeholder-label pre-hook once it has looked at a batch's labels (`_ignore_placeholder_label_kwargs`)
+    # Set by the placeholder-label pre-hook once it has looked at a batch's labels (`placeholders.ignore_placeholder_label_kwargs`)
     _placeholder_labels_checked = False
 
     def _ignore_placeholder_labels(self, labels: torch.Tensor) -> torch.Tensor:
@@ -571,7 +386,7 @@ class InternVLXForConditionalGeneration(InternVL2ChatMixin, InternVLXPreTrainedM
                 )
         items = dict(loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions,
                      image_hidden_states=outputs.image_hidden_states)
-        items[CACHE_NAME] = getattr(outputs, CACHE_NAME)
+        items[CACHE_NAME] = cache_of(outputs)
         if on_read is not None:  # the default's output is a full forward's: no token_losses
             return InternVLXLogitsOnReadOutput(**items, logits_on_read=on_read)
         return InternVLXCausalLMOutputWithPast(**items, token_losses=token_losses)
@@ -609,7 +424,7 @@ class InternVLXForConditionalGeneration(InternVL2ChatMixin, InternVLXPreTrainedM
         past_key_values = one_cache(past_key_values, cache)
         model_inputs = super().prepare_inputs_for_generation(
             input_ids, inputs_embeds=inputs_embeds, is_first_iteration=is_first_iteration,
-            **{CACHE_NAME: past_key_values}, **kwargs
+            **cache_kwarg(past_key_values), **kwargs
         )
         # An assistant model (assisted / speculative decoding) runs generate() once per draft with
         # is_first_iteration=False, so transformers drops pixel_values even from its first forward. That forward
@@ -661,7 +476,7 @@ class InternVLXForConditionalGeneration(InternVL2ChatMixin, InternVLXPreTrainedM
         return input_ids, model_kwargs
 
     def _get_candidate_generator(self, *args, **kwargs):
-        return _DraftsWithoutPlaceholders(super()._get_candidate_generator(*args, **kwargs), self.config.image_token_id)
+        return DraftsWithoutPlaceholders(super()._get_candidate_generator(*args, **kwargs), self.config.image_token_id)
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         given = model_kwargs.get(CACHE_NAME)
@@ -700,7 +515,7 @@ class InternVLXForConditionalGeneration(InternVL2ChatMixin, InternVLXPreTrainedM
         past_key_values = one_cache(past_key_values, cache)
         if self.config.lvtc is None or not isinstance(past_key_values, InternVLXLVTCStaticCache):
             return create_masks_for_generate(config=config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                             **{CACHE_NAME: past_key_values}, **kwargs)
+                                             **cache_kwarg(past_key_values), **kwargs)
         if attention_mask is None or past_key_values.lvtc_state is None:
             return attention_mask
         free = past_key_values.layers[0].max_cache_len - attention_mask.shape[-1]

@@ -7,40 +7,12 @@ Saved next to checkpoints as remote code: imports only torch, transformers, the 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
-
-
-#: The installed transformers' name for the KV cache, as an argument and as an output field: transformers 5.24
-#: renamed `past_key_values` to `cache` (generate() passes `cache=`, outputs hold `.cache`; the old name is a
-#: deprecated alias until 5.40). The model takes either name and speaks the installed release's to transformers.
-CACHE_NAME = ("cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)}
-              else "past_key_values")
-
-
-def one_cache(past_key_values, cache):
-    """The cache a caller passed under either name (`CACHE_NAME`); both is refused."""
-    if past_key_values is not None and cache is not None:
-        raise ValueError("Got both past_key_values= and cache= (one cache under two names); pass only one: cache= "
-                         "is transformers 5.24's name, past_key_values= the older one.")
-    return cache if cache is not None else past_key_values
-
-
-def one_cache_argument(forward):
-    """A model forward whose one cache argument is ``cache`` (transformers 5.24's name), taking ``past_key_values=``
-    (the name transformers 5.16-5.23's generate() passes, and callers written for it use) as that argument."""
-
-    @functools.wraps(forward)
-    def with_older_name(self, *args, past_key_values=None, **kwargs):
-        kwargs["cache"] = one_cache(past_key_values, kwargs.get("cache"))
-        return forward(self, *args, **kwargs)
-
-    return with_older_name
 
 
 @dataclass
@@ -118,7 +90,7 @@ class InternVLXCausalLMOutputWithPast(CausalLMOutputWithPast):
     ``token_losses`` ``(batch, seq)`` holds the cross-entropy of the prediction made at each position (of
     ``labels[:, t + 1]``, or ``shift_labels[:, t]``), 0 where that label is -100. A training forward with labels
     and the default ``skip_logits=None`` returns its subclass `InternVLXLogitsOnReadOutput`. The cache field is
-    transformers' (`CACHE_NAME`: ``past_key_values``, ``cache`` from transformers 5.24 on).
+    transformers' (`compat.CACHE_NAME`: ``past_key_values``, ``cache`` from transformers 5.24 on).
     """
 
     image_hidden_states: torch.Tensor | None = None

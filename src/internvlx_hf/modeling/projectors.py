@@ -176,7 +176,7 @@ def attach_projectors(module: nn.Module, config: InternVLXConfig) -> None:
     """Give ``module`` the projectors of ``config``, under the names checkpoints use: ``multi_modal_projector`` (the
     first, or only, LR projector), ``lvtc_lr_projectors`` (the other LR ones) and ``lvtc_hr_projector``."""
     module.multi_modal_projector = build_projector(config, config.projector_type, config.downsample_ratio)
-    lvtc = config.lvtc_config
+    lvtc = config.lvtc
     if lvtc is not None:
         module.lvtc_lr_projectors = nn.ModuleList(
             build_projector(config, lvtc.lr_projector_type, lvtc.lr_downsample_ratio)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ..modeling.configuration_internvlx import LVTCConfig
 from ..vllm_compat import head_size_of, source_has
 from .engine_settings import LONGROPE_ROWS, EngineSettings, UnsupportedCheckpoint, cpu_head_sizes, prefix_caching_off
 from .lvtc.geometry import lvtc_geometry_of, row_width
@@ -45,11 +46,12 @@ def longrope_switch(text_config) -> int | None:
                or text_config.max_position_embeddings)
 
 
-def needs_position_rows(config, max_model_len: int) -> bool:
+def needs_position_rows(layout, text_config, max_model_len: int) -> bool:
     """Whether the model takes vLLM's per-request position rows (`lvtc.position_rows`): LVTC with expansion (each
-    token's layout), and a LongRoPE LLM whose prompts can pass the switch (each request's choice of factors)."""
-    switch = longrope_switch(config.get_text_config())
-    return lvtc_geometry_of(config) is not None or (switch is not None and max_model_len > switch)
+    token's layout: ``layout``, `lvtc_geometry_of`'s, not None), and a LongRoPE LLM whose prompts can pass the switch
+    (each request's choice of factors)."""
+    switch = longrope_switch(text_config)
+    return layout is not None or (switch is not None and max_model_len > switch)
 
 
 def sliding_window_of(text_config) -> int | None:
@@ -88,7 +90,8 @@ class LVTCConfigHook:
         config.internvlx_config_hook = True  # what the model checks it was built after (`require_config_hook`)
         settings = EngineSettings(where)
         _check_head_size(config, where)
-        _check_vllm_internals(vllm_config, config, where)
+        layout = lvtc_geometry_of(config)  # (once: the LVTC decisions take it)
+        _check_vllm_internals(vllm_config, config, layout, where)
         if model_config.tokenizer_mode in ("auto", "hf"):  # (a mode the user chose is kept)
             settings.set(model_config, "tokenizer_mode", TOKENIZER_MODE,
                          "vLLM's HF tokenizer, giving one BOS to a prompt text that writes it, as transformers' "
@@ -97,18 +100,18 @@ class LVTCConfigHook:
         _report_longrope_length(model_config, text, settings)
         _check_sliding_window(model_config, config, where)
         _check_lora_slots(vllm_config, where)
-        layout = lvtc_geometry_of(config)  # (once: the LVTC decisions take it)
-        rows = needs_position_rows(config, model_config.max_model_len)
+        rows = needs_position_rows(layout, text, model_config.max_model_len)
         longrope = longrope_switch(text) is not None
         if rows:
             # vLLM's per-request position rows (its M-RoPE machinery) carry each token's layout and RoPE factors.
             config.mrope_section = [1, 1, 1]
-        if row_width(config) != text.hidden_size:
+        width = row_width(config, layout)
+        if width != text.hidden_size:
             # The HR and extra LR projectors' outputs travel next to each token's embedding (`lvtc/layers.py`): vLLM
             # sizes its embedding buffer by the text config's `projection_dim`.
-            text.projection_dim = row_width(config)
+            text.projection_dim = width
         path = None
-        if config.lvtc_config is not None:
+        if LVTCConfig.of(config) is not None:
             path = configure_lvtc(vllm_config, config, layout, settings, longrope=longrope)
         if path is None and rows and longrope:
             prefix_caching_off(vllm_config, settings, LONGROPE_ROWS)
@@ -232,12 +235,13 @@ def _vllm_internals() -> dict:
     }
 
 
-def _check_vllm_internals(vllm_config, config, where: str) -> None:
+def _check_vllm_internals(vllm_config, config, layout, where: str) -> None:
     needed = set()
-    if config.lvtc_config is not None:
+    if LVTCConfig.of(config) is not None:
         needed.add("lvtc")
-    if needs_position_rows(config, vllm_config.model_config.max_model_len) and \
-            longrope_switch(config.get_text_config()) is not None:
+    text_config = config.get_text_config()
+    if needs_position_rows(layout, text_config, vllm_config.model_config.max_model_len) and \
+            longrope_switch(text_config) is not None:
         needed.add("longrope")
     if getattr(vllm_config, "lora_config", None) is not None:
         needed.add("lora")

@@ -22,7 +22,7 @@ from vllm.model_executor.models.utils import (AutoWeightsLoader, PPMissingLayer,
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.sequence import IntermediateTensors
 
-from ..modeling.configuration_internvlx import image_and_patch
+from ..modeling.configuration_internvlx import LVTCConfig, image_and_patch
 from ..modeling.projectors import attach_projectors
 from .config_hook import LLM_ARCHITECTURES, longrope_switch, needs_position_rows, require_config_hook
 from .lvtc.geometry import lvtc_geometry_of, row_width
@@ -187,11 +187,11 @@ class InternVLXForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsM
             )
         self.make_empty_intermediate_tensors = self.language_model.make_empty_intermediate_tensors
         self.packed_modules_mapping = dict(getattr(self.language_model, "packed_modules_mapping", {}))
-        self.row_width = row_width(config)
+        self.row_width = row_width(config, self.layout)
         # Per-token layout and RoPE factors in vLLM's position rows (`lvtc/positions.py`), where the config hook turned
         # them on: LVTC with expansion, a LongRoPE LLM whose prompts can pass the switch.
         self.max_model_len = vllm_config.model_config.max_model_len
-        self.position_rows = needs_position_rows(config, self.max_model_len)
+        self.position_rows = needs_position_rows(self.layout, text_config, self.max_model_len)
         self.switch = longrope_switch(text_config) if self.position_rows else None
         if self.switch is not None:
             # The rows give each token's index into vLLM's LongRoPE table (short rows, then long ones), as
@@ -206,7 +206,7 @@ class InternVLXForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsM
         # cannot run the saving path stops rather than take the other one.
         self.lvtc: nn.Module | None = None
         self.saving = False
-        if config.lvtc_config is not None:
+        if LVTCConfig.of(config) is not None:
             lvtc_prefix = maybe_prefix(prefix, "lvtc")
             if self.layout is not None and getattr(config, "lvtc_vllm_path", None) == "saving":
                 from .lvtc.saving.layers import SavingFront, saving_unavailable

@@ -27,6 +27,7 @@ from vllm.multimodal.processing import (
     PromptUpdateDetails,
 )
 
+from ..modeling.configuration_internvlx import LVTCConfig
 from ..processing import InternVLXProcessor
 from ..processing.chat_templates import bos_prefix, parse_chat_template, reserved_tag_message
 from ..processing.video import VIDEO_PLACEHOLDER, video_prompt
@@ -77,7 +78,7 @@ class InternVLXProcessingInfo(BaseProcessingInfo):
 
     def get_data_parser(self) -> MultiModalDataParser:
         parser = super().get_data_parser()
-        if self.get_hf_config().lvtc_config is None:
+        if LVTCConfig.of(self.get_hf_config()) is None:
             return parser
         return _NoImageEmbeddings(expected_hidden_size=parser.expected_hidden_size,
                                   allow_missing_mm_embeddings=parser.allow_missing_mm_embeddings)
@@ -345,7 +346,7 @@ class InternVLXMultiModalProcessor(BaseMultiModalProcessor[InternVLXProcessingIn
         are the image's `<IMG_CONTEXT>` tokens, `image_seq_length` a tile. LVTC checkpoints take images only: their
         LLM also needs each tile's high-resolution projector output, which a projector output alone does not hold."""
         config = self.info.get_hf_config()
-        if config.lvtc_config is not None:  # (the parser refuses them first: `_NoImageEmbeddings`)
+        if LVTCConfig.of(config) is not None:  # (the parser refuses them first: `_NoImageEmbeddings`)
             raise ValueError(LVTC_TAKES_NO_EMBEDS)
         per_tile = config.image_seq_length
         if rows < 1 or rows % per_tile:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from ...modeling.configuration_internvlx import LVTCConfig
+
 
 @dataclass(frozen=True)
 class LVTCGeometry:
@@ -28,7 +30,7 @@ class LVTCGeometry:
 
 def lvtc_geometry_of(config) -> LVTCGeometry | None:
     """The layout of an InternVLXConfig, or None when nothing ever expands (no LVTC, or ``k`` = the LLM's depth)."""
-    lvtc = config.lvtc_config
+    lvtc = LVTCConfig.of(config)
     if lvtc is None or lvtc.expand_layer >= config.get_text_config().num_hidden_layers:
         return None
     grid = config.vision_tokens_per_side
@@ -42,14 +44,15 @@ def lvtc_geometry_of(config) -> LVTCGeometry | None:
     )
 
 
-def row_width(config) -> int:
+def row_width(config, layout: LVTCGeometry | None) -> int:
     """Width of an LVTC checkpoint's per-token rows in vLLM's embedding buffer: the LLM input, then the HR projector's
-    output (with expansion), then each extra LR projector's. The LLM's hidden size for other checkpoints."""
+    output (with expansion: ``layout``, `lvtc_geometry_of`'s, not None), then each extra LR projector's. The LLM's
+    hidden size for other checkpoints."""
     hidden = config.get_text_config().hidden_size
-    lvtc = config.lvtc_config
+    lvtc = LVTCConfig.of(config)
     if lvtc is None:
         return hidden
-    return hidden * (1 + (1 if lvtc_geometry_of(config) is not None else 0) + lvtc.num_lr_projectors - 1)
+    return hidden * (1 + (1 if layout is not None else 0) + lvtc.num_lr_projectors - 1)
 
 
 def recomputed_lr_slots(slot, short_end, short_per_tile: int, long_per_tile: int, block_size: int):

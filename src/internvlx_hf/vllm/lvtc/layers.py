@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...modeling.configuration_internvlx import LVTCConfig
 from ...modeling.lvtc import scale_to_rms
 from .geometry import LVTCGeometry
 
@@ -65,7 +66,7 @@ class LVTCLayers(nn.Module):
         self.layout: LVTCGeometry | None = model.layout
         self.switch = switch
         self.hidden = config.get_text_config().hidden_size
-        self.injections = {layer: i for i, layer in enumerate(config.lvtc_config.injection_layers)}
+        self.injections = {layer: i for i, layer in enumerate(LVTCConfig.of(config).injection_layers)}
         self.upsample = UpsampleTable(self.layout) if self.layout is not None else None
 
     # ------------------------------------------------------------------------------------------- projector rows

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 def configure_lvtc(vllm_config: "VllmConfig", config, layout: LVTCGeometry | None, settings: EngineSettings, *,
                    longrope: bool) -> str | None:
-    """What an LVTC checkpoint (`config.lvtc_config` set) needs of this engine, said in the start-up block: the
+    """What an LVTC checkpoint (`LVTCConfig.of(config)` set) needs of this engine, said in the start-up block: the
     refusals, the path (`config.lvtc_vllm_path`, returned; None without expansion, `layout` None, where the layers
     run as the LLM's own), prefix caching (`longrope`: the rows carry LongRoPE's choice of factors) and the step's
     chunks."""
