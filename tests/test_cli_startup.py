@@ -366,6 +366,15 @@ print(type(AutoConfig.for_model("internvlx")).__name__, MODEL_MAPPING[type(AutoC
     ]
 
 
+def test_vllms_tile_geometry_imports_neither_torch_nor_transformers():
+    """`token_budget` counts vLLM's prompt length with `vllm.lvtc.geometry`; importing it stays light (it reads a
+    config's LVTC settings through the config's own module only when given a config)."""
+    result = _python("import sys\nimport internvlx_hf.vllm.lvtc.geometry\n"
+                     "print('torch' in sys.modules, 'transformers' in sys.modules, 'vllm' in sys.modules)")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["False", "False", "False"]
+
+
 @pytest.mark.oldest
 @pytest.mark.parametrize("first_import", [
     "import internvlx_hf\nimport transformers",  # transformers imported after the package: the hook registers

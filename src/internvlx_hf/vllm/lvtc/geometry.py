@@ -5,8 +5,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ...modeling.configuration_internvlx import LVTCConfig
-
 
 @dataclass(frozen=True)
 class LVTCGeometry:
@@ -30,6 +28,8 @@ class LVTCGeometry:
 
 def lvtc_geometry_of(config) -> LVTCGeometry | None:
     """The layout of an InternVLXConfig, or None when nothing ever expands (no LVTC, or ``k`` = the LLM's depth)."""
+    from ...modeling.configuration_internvlx import LVTCConfig  # (here: importing this module stays torch-free)
+
     lvtc = LVTCConfig.of(config)
     if lvtc is None or lvtc.expand_layer >= config.get_text_config().num_hidden_layers:
         return None
@@ -48,6 +48,8 @@ def row_width(config, layout: LVTCGeometry | None) -> int:
     """Width of an LVTC checkpoint's per-token rows in vLLM's embedding buffer: the LLM input, then the HR projector's
     output (with expansion: ``layout``, `lvtc_geometry_of`'s, not None), then each extra LR projector's. The LLM's
     hidden size for other checkpoints."""
+    from ...modeling.configuration_internvlx import LVTCConfig
+
     hidden = config.get_text_config().hidden_size
     lvtc = LVTCConfig.of(config)
     if lvtc is None:
