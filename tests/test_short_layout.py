@@ -86,7 +86,8 @@ class Runner:
 
     def step(self, batch: list[tuple[Request, int]], *, pad_tokens: int = 0, pad_requests: int = 0,
              stale: torch.Tensor | None = None, dtype=torch.int64):
-        """`(rows buffer, long positions, query_start_loc, block table, num_tokens)` of one step; `stale`: the buffer's
+        """`(rows buffer, seq_lens, query_start_loc, block table, num_tokens)` of one step, on the host as the runner
+        holds them (seq_lens: each request's tokens after the step, zero for padded requests); `stale`: the buffer's
         previous content, left past the step's columns."""
         for request, count in batch:
             self.allocate(request, count)
@@ -97,8 +98,7 @@ class Runner:
         if stale is not None:
             rows[:, : stale.shape[1]] = stale
         rows[:, :tokens] = columns
-        positions = torch.cat([torch.arange(r.computed, r.computed + c) for r, c in batch] +
-                              [torch.zeros(pad_tokens, dtype=torch.int64)])
+        seq_lens = torch.tensor([r.computed + c for r, c in batch] + [0] * pad_requests, dtype=torch.int32)
         qsl = [0]
         for _, count in batch:
             qsl.append(qsl[-1] + count)
@@ -108,7 +108,7 @@ class Runner:
             table[row, : len(request.blocks)] = torch.tensor(request.blocks, dtype=torch.int32)
         for row in range(len(batch), len(batch) + pad_requests):
             table[row] = 99  # stale rows of earlier requests
-        return rows.to(dtype), positions, torch.tensor(qsl, dtype=torch.int32), table, tokens
+        return rows.to(dtype), seq_lens, torch.tensor(qsl, dtype=torch.int32), table, tokens
 
     @staticmethod
     def finish(batch):
@@ -134,10 +134,11 @@ def expected(batch):
     return gather, qsl, seq_lens, slots
 
 
-def layout_of(step, device):
-    rows, positions, qsl, table, tokens = step
-    return short_layout(rows.to(device), positions.to(device), qsl.to(device), table.to(device), num_tokens=tokens,
-                        short_per_tile=SHORT, long_per_tile=LONG, block_size=BLOCK)
+def layout_of(step, device, warm_up=False):
+    """The layout as a runner's builder gets it: rows, offsets and lengths on the host, the block table on `device`."""
+    rows, seq_lens, qsl, table, tokens = step
+    return short_layout(rows, qsl, seq_lens, table.to(device), num_tokens=tokens, short_per_tile=SHORT,
+                        long_per_tile=LONG, block_size=BLOCK, warm_up=warm_up)
 
 
 def assert_layout(layout, batch, device, requests=None):
@@ -214,10 +215,10 @@ def test_v2_order_rows_of_the_previous_step_are_refused(device):
     runner.finish(prefill)
     decode = [(first, 1), (second, 1)]
     for _ in range(2):
-        rows, positions, qsl, table, tokens = runner.step(decode)
+        rows, seq_lens, qsl, table, tokens = runner.step(decode)
         with pytest.raises(ShortLayoutMismatch, match="do not belong to this step.*lvtc_vllm_path.*masked"):
-            layout_of((previous, positions, qsl, table, tokens), device)
-        assert_layout(layout_of((rows, positions, qsl, table, tokens), device), decode, device)
+            layout_of((previous, seq_lens, qsl, table, tokens), device)
+        assert_layout(layout_of((rows, seq_lens, qsl, table, tokens), device), decode, device)
         previous = rows
         runner.finish(decode)
 
@@ -226,25 +227,88 @@ def test_v2_order_rows_of_the_previous_step_are_refused(device):
 def test_each_wrong_input_is_refused(device):
     runner, first, second = prefill_and_decode()
     batch = [(first, first.prompt), (second, 1)]
-    rows, positions, qsl, table, tokens = runner.step(batch)
+    rows, seq_lens, qsl, table, tokens = runner.step(batch)
 
-    def refused(match, rows=rows, positions=positions, qsl=qsl, table=table):
+    def refused(match, rows=rows, seq_lens=seq_lens, qsl=qsl, table=table):
         with pytest.raises(ShortLayoutMismatch, match=match):
-            layout_of((rows, positions, qsl, table, tokens), device)
+            layout_of((rows, seq_lens, qsl, table, tokens), device)
 
     refused("do not belong", rows=torch.roll(rows, 1, 1))  # rows shifted by a column
-    other = Request(prompt=first.prompt, images=[(5, 3)])  # rows of another request, with fewer tiles
-    swapped = rows.clone()
-    swapped[:, : first.prompt] = other.rows
-    refused("no block in the short group", rows=swapped)
     hidden = rows.clone()
     hidden[:, -1] = -1 - SHORT  # the decoded token read as an HR-only slot
     refused("do not belong|no short-layout token", rows=hidden)
+    refused("no block in the short group", table=table[:, :2])  # a table narrower than the rows' positions (host)
+    if device == "cpu":  # (on a GPU the block table's values are checked there: the next test)
+        for case, (wrong_rows, wrong_table) in unheld_cases(rows, table, first).items():
+            refused("no block in the short group", rows=wrong_rows, table=wrong_table)
+    assert_layout(layout_of((rows, seq_lens, qsl, table, tokens), device), batch, device)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (benchmarks/gpu/check.sh)")
+def test_a_gpu_step_never_waits_for_the_device():
+    """PyTorch's synchronisation debug mode raises on any operation that waits for the GPU (a read back, a pageable
+    copy, a data-dependent shape): a padded V1 step, a decode step and another group's slot mapping build under it."""
+    runner, first, second = prefill_and_decode()
+    steps, inputs, wanted = [[(first, first.prompt), (second, 1)], [(first, 1), (second, 1)]], [], []
+    for batch in steps:
+        rows, seq_lens, qsl, table, tokens = runner.step(batch, pad_tokens=5, pad_requests=2)
+        inputs.append((rows, seq_lens, qsl, table.to("cuda"), (table + 10).to("cuda"), tokens))  # (the runner's)
+        wanted.append(expected(batch))
+        runner.finish(batch)
+    torch.cuda.synchronize()
+    layouts = []
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for rows, seq_lens, qsl, table, other, tokens in inputs:
+            layout = short_layout(rows, qsl, seq_lens, table, num_tokens=tokens, short_per_tile=SHORT,
+                                  long_per_tile=LONG, block_size=BLOCK)
+            layouts.append((layout, layout.for_block_table(other, BLOCK)))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for (gather, qsl, seq_lens, slots), (layout, other) in zip(wanted, layouts):
+        assert layout.gather.tolist() == gather and layout.slot_mapping.tolist() == slots
+        assert layout.query_start_loc.tolist() == qsl + [qsl[-1]] * 2
+        assert layout.seq_lens.tolist() == seq_lens + [0, 0]
+        assert other.gather.tolist() == layout.gather.tolist()
+        assert other.slot_mapping.tolist() == (layout.slot_mapping + 10 * BLOCK).tolist()
+
+
+def unheld_cases(rows, table, first):
+    """Inputs whose live tokens land on vLLM's null block in the short group's table."""
+    other = Request(prompt=first.prompt, images=[(5, 3)])  # rows of another request, with fewer tiles
+    swapped = rows.clone()
+    swapped[:, : first.prompt] = other.rows
     short_table = table.clone()
     short_table[0, len(first.blocks) - 1] = 0  # the scheduler gave the short group one block fewer
-    refused("no block in the short group", table=short_table)
-    refused("no block in the short group", table=table[:, :2])  # a table narrower than the rows' positions
-    assert_layout(layout_of((rows, positions, qsl, table, tokens), device), batch, device)
+    return {"rows of another request": (swapped, table), "one block fewer": (rows, short_table)}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (benchmarks/gpu/check.sh)")
+@pytest.mark.parametrize("case", ["rows of another request", "one block fewer"])
+def test_a_token_without_a_block_stops_a_gpu_step_without_a_host_read(case):
+    """On a GPU, whether each live token has a block is asserted on the device (`torch._assert_async`): the step
+    stops at its next synchronisation instead of writing K/V to vLLM's null block. A failed device assertion leaves
+    the CUDA context unusable, so the step runs in a process of its own."""
+    import subprocess
+    import sys
+
+    code = f"""
+import sys, torch
+sys.path.insert(0, {str(__import__("pathlib").Path(__file__).parent)!r})
+import test_short_layout as t
+runner, first, second = t.prefill_and_decode()
+batch = [(first, first.prompt), (second, 1)]
+rows, seq_lens, qsl, table, tokens = runner.step(batch)
+wrong_rows, wrong_table = t.unheld_cases(rows, table, first)[{case!r}]
+layout = t.layout_of((wrong_rows, seq_lens, qsl, wrong_table, tokens), "cuda")
+print("built", flush=True)
+torch.cuda.synchronize()
+print("synchronized", flush=True)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "synchronized" not in done.stdout, (done.stdout, done.stderr[-2000:])
+    # (the assertion fails on the device; PyTorch reports it at the next kernel launch, often before "built")
+    assert "has no block in the short KV group" in done.stderr, done.stderr[-2000:]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -252,29 +316,46 @@ def test_each_wrong_input_is_refused(device):
 def test_the_v1_runners_mixed_batch_warm_up_writes_no_kv(device, pad):
     """vLLM 0.32's V1 runner warms FlashInfer up with a dummy run that builds attention metadata before any request
     (`_dummy_run(16, force_attention=True, create_mixed_batch=True)`: 8 decodes of one token, seq_lens 1, and a prefill
-    of 8): the M-RoPE buffer as allocated (zeros), token positions counting within each request, the block table
-    zeroed (no request holds a block). The step runs every token below k at its index in its request, and writes no
-    K/V; the same inputs with a block in a request's row, or with rows written, are a real step's and stop."""
+    of 8, seq_len 9): the M-RoPE buffer as allocated (zeros), the block table zeroed. Before any request reached the
+    runner (`warm_up`, which the model's builder knows from the requests whose rows the model computed), the step runs
+    every token below k at its index in its request and writes no K/V; the same inputs once a request has reached the
+    runner, or with rows written, are a real step's and stop."""
     decodes, prefill = 8, 8
     counts = [1] * decodes + [prefill]
     qsl = torch.tensor([0] + torch.cumsum(torch.tensor(counts), 0).tolist() + [16] * pad, dtype=torch.int32)
-    positions = torch.cat([torch.arange(c) for c in counts] + [torch.zeros(pad, dtype=torch.int64)])
+    seq_lens = torch.tensor([1] * decodes + [prefill + 1] + [0] * pad, dtype=torch.int32)
     rows = torch.zeros(3, 16 + pad, dtype=torch.int64)
     table = torch.zeros(len(counts) + pad, 16, dtype=torch.int32)
-    layout = layout_of((rows, positions, qsl, table, 16), device)
+    layout = layout_of((rows, seq_lens, qsl, table, 16), device, warm_up=True)
     assert layout.gather.tolist() == list(range(16))
     assert layout.query_start_loc_cpu.tolist() == qsl.tolist()
     assert layout.seq_lens.tolist() == counts + [0] * pad and layout.seq_lens_cpu.tolist() == counts + [0] * pad
     assert layout.slot_mapping.tolist() == [-1] * 16 and layout.shift.tolist() == [0] * 16
     assert (layout.max_query_len, layout.max_seq_len) == (prefill, prefill)
-    held = table.clone()
-    held[decodes, 0] = 5  # one request holds a block: a real step, whose rows must be right
-    with pytest.raises(ShortLayoutMismatch):
-        layout_of((rows, positions, qsl, held, 16), device)
+    with pytest.raises(ShortLayoutMismatch, match="do not belong"):
+        layout_of((rows, seq_lens, qsl, table, 16), device, warm_up=False)
     written = rows.clone()
     written[:, 9] = 1  # rows written: a real step's
-    with pytest.raises(ShortLayoutMismatch):
-        layout_of((written, positions, qsl, table, 16), device)
+    with pytest.raises(ShortLayoutMismatch, match="do not belong"):
+        layout_of((written, seq_lens, qsl, table, 16), device, warm_up=True)
+
+
+def test_a_gpu_step_reads_nothing_back_from_the_device():
+    """The layout is built from host data: with the block table on PyTorch's meta device (which holds no values, so any
+    read of it fails), the step's layout is still built, its device tensors on that device and its host copies right.
+    (The layout of today's main read the device once per step: four counts and each request's lengths.)"""
+    runner, first, second = prefill_and_decode()
+    batch = [(first, first.prompt), (second, 1)]
+    rows, seq_lens, qsl, table, tokens = runner.step(batch, pad_tokens=7, pad_requests=2)
+    layout = layout_of((rows, seq_lens, qsl, table, tokens), "meta")
+    gather, want_qsl, want_lens, _ = expected(batch)
+    for name in ("gather", "query_start_loc", "seq_lens", "slot_mapping", "shift", "live_request", "live_short"):
+        assert getattr(layout, name).device.type == "meta", name
+    assert layout.gather.shape == (len(gather),) and layout.slot_mapping.shape == (len(gather),)
+    assert layout.query_start_loc_cpu.tolist() == want_qsl + [want_qsl[-1]] * 2
+    assert layout.seq_lens_cpu.tolist() == want_lens + [0, 0]
+    assert (layout.max_query_len, layout.max_seq_len) == (max(b - a for a, b in zip(want_qsl, want_qsl[1:])),
+                                                          max(want_lens))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -288,8 +369,8 @@ def test_a_step_resuming_a_tile_recomputes_the_lr_slots_its_hr_only_slots_carry(
     request.computed = 2 + 12
     request.blocks = [1]  # the cache's block of short positions 0-3
     runner.next_block = 2
-    rows, positions, qsl, table, tokens = runner.step([(request, 7)])
-    layout = layout_of((rows, positions, qsl, table, tokens), device)
+    rows, seq_lens, qsl, table, tokens = runner.step([(request, 7)])
+    layout = layout_of((rows, seq_lens, qsl, table, tokens), device)
     assert layout.gather.tolist() == [0, 1, 2, 3, 4, 5, 6]
     assert layout.query_start_loc_cpu.tolist() == [0, 7] and layout.seq_lens.tolist() == [9]
     assert layout.slot_mapping.tolist() == [-1, -1, 2 * BLOCK, 2 * BLOCK + 1, 2 * BLOCK + 2, 2 * BLOCK + 3,
@@ -320,10 +401,10 @@ def test_a_request_without_a_live_token_is_refused(device):
     that ends in the step): refused."""
     runner = Runner()
     request = Request(prompt=2 + LONG, images=[(2, 1)])
-    rows, positions, qsl, table, tokens = runner.step([(request, 2 + LONG)])
+    rows, seq_lens, qsl, table, tokens = runner.step([(request, 2 + LONG)])
     rows[2, :] = -1 - (LONG - 1)
     with pytest.raises(ShortLayoutMismatch, match="do not belong|no short-layout token"):
-        layout_of((rows, positions, qsl, table, tokens), device)
+        layout_of((rows, seq_lens, qsl, table, tokens), device)
 
 
 @pytest.mark.parametrize("short_side,long_side", [(2, 4), (16, 32), (8, 32)])

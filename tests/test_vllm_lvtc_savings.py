@@ -469,6 +469,32 @@ def test_the_short_backend_classes_are_kept_by_their_model_not_the_process():
 
 @pytest.mark.vllm
 @needs_vllm
+def test_the_builder_reads_the_rows_the_runner_wrote_on_the_host():
+    """vLLM's V1 runners keep the M-RoPE rows in a `CpuGpuBuffer` and give the model's forward a view of its device
+    side; `_prepare_inputs` writes the step's rows to its host side before the attention metadata is built (read in
+    vLLM 0.32, and guarded here on its source). The short builder reads that host side (`host_rows`): on the CPU runner
+    both sides are one tensor; on a GPU (simulated: PyTorch's meta device, which holds no values, stands in for it)
+    the host side is found from the device side; a device buffer without one is refused, naming the masked path."""
+    import inspect
+
+    from vllm.v1.utils import CpuGpuBuffer
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    saving = _saving("attention")
+    cpu_runner_rows = torch.zeros(3, 9, dtype=torch.int64)
+    assert saving.host_rows(cpu_runner_rows) is cpu_runner_rows
+    gpu_runner_rows = CpuGpuBuffer(3, 9, dtype=torch.int64, device="meta", pin_memory=False)
+    assert saving.host_rows(gpu_runner_rows.gpu) is gpu_runner_rows.cpu
+    with pytest.raises(RuntimeError, match="no host copy of its M-RoPE buffer.*lvtc_vllm_path.*masked"):
+        saving.host_rows(torch.zeros(3, 9, dtype=torch.int64, device="meta"))
+    assert "self._calc_mrope_positions(scheduler_output)" in inspect.getsource(GPUModelRunner._prepare_inputs)
+    step = inspect.getsource(GPUModelRunner.execute_model)
+    assert step.index("self._prepare_inputs(") < step.index("self._build_attention_metadata(")
+    assert "self.mrope_positions = self._make_buffer(" in inspect.getsource(GPUModelRunner.__init__)
+
+
+@pytest.mark.vllm
+@needs_vllm
 def test_no_runner_hands_a_short_group_another_groups_metadata():
     """The layers below k may form several KV-cache groups with equal specs; vLLM's V1 GPU runner gives a later group
     the first one's metadata through the builder's `update_block_table` (FlashAttention's swaps in that group's
@@ -506,13 +532,14 @@ def test_the_short_metadata_gives_every_host_count_from_the_host():
     saving = _saving("attention")
     runner, first, second = prefill_and_decode()
     batch = [(first, first.prompt), (second, 1)]
-    rows, positions, qsl, table, tokens = step = runner.step(batch, pad_tokens=7, pad_requests=2)
+    rows, long_seq_lens, qsl, table, tokens = step = runner.step(batch, pad_tokens=7, pad_requests=2)
     layout = layout_of(step, "cpu")
-    long_seq_lens = torch.tensor([first.prompt, second.prompt + 2, 0, 0], dtype=torch.int32)
+    assert long_seq_lens.tolist() == [first.prompt, second.prompt + 2, 0, 0]
     cm = CommonAttentionMetadata(
         query_start_loc=qsl, query_start_loc_cpu=qsl, seq_lens=long_seq_lens, num_reqs=len(batch) + 2,
         num_actual_tokens=tokens + 7, max_query_len=first.prompt, max_seq_len=second.prompt + 2,
-        block_table_tensor=table, slot_mapping=torch.arange(tokens + 7), positions=positions)
+        block_table_tensor=table, slot_mapping=torch.arange(tokens + 7), positions=torch.arange(tokens + 7),
+        seq_lens_cpu_upper_bound=long_seq_lens)
     short = saving.short_common_metadata(cm, layout)
     gather, short_qsl, seq_lens, slots = expected(batch)
     assert short.query_start_loc_cpu.device.type == "cpu" and short.seq_lens_cpu_upper_bound.device.type == "cpu"

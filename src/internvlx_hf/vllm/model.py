@@ -267,6 +267,7 @@ class InternVLXForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsM
 
     def get_mrope_input_positions(self, input_tokens: list[int], mm_features: list) -> tuple[torch.Tensor, int]:
         if self.saving:
+            self.lvtc.channel.requests += 1  # (the short builder's dummy runs are those before the first)
             return saving_positions(self.layout, len(input_tokens), mm_features, self.switch)
         return position_rows(self.layout, len(input_tokens), mm_features, self.max_model_len, self.switch)
 

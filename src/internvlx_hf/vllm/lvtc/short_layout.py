@@ -4,6 +4,9 @@ to this step.
 
 Plain torch, no vLLM: the inputs are the tensors vLLM's model runners hand an attention metadata builder, so the
 function runs (and is tested, `tests/test_short_layout.py`) with the inputs each runner gives, on CPU and on CUDA.
+It is built on the host, from host data only (the step's rows as the runner wrote them on the host, its query offsets
+and sequence lengths): nothing is read back from a GPU per step. The device receives the layout in one copy and
+gathers the slot mapping from its own block table.
 
 The rows (``positions.saving_positions``): row 1 holds each token's short position ``s``; row 2 ``-1 - j`` for slot
 ``j`` of a tile and ``s`` for every other token; a decoded token's rows are all ``s``. The runner also passes each
@@ -20,8 +23,8 @@ token's long position ``p`` (its index in the request). What holds for every tok
 - no live token maps past the short group's block table or to vLLM's null block (where a request's row ends when the
   scheduler gave the group fewer tokens than the rows place).
 
-A warm-up step (a dummy run that builds attention metadata before any request: no block in the step's block table
-rows, rows all zeros) runs every token below ``k`` at its index in its request and writes no K/V.
+A warm-up step (a dummy run that builds attention metadata before any request reached the runner, its rows all
+zeros: the caller says which, ``warm_up``) runs every token below ``k`` at its index in its request and writes no K/V.
 
 Rows left from the previous step (a runner that builds the metadata before it writes the step's rows, as vLLM's second
 model runner does) give a decoded token ``p - s`` one more than a multiple: caught. Padded counts (CUDA graphs, data
@@ -58,7 +61,8 @@ class ShortLayoutMismatch(RuntimeError):
 
 @dataclass
 class ShortLayout:
-    """One step's short layout. Tensors on the device of the rows, except `query_start_loc_cpu`."""
+    """One step's short layout: tensors on the device of the short group's block table, and the host copies the
+    attention backends read (`query_start_loc_cpu`, `seq_lens_cpu`)."""
 
     gather: torch.Tensor  # (live,) index of each live token among the step's tokens
     query_start_loc: torch.Tensor  # (requests + 1,) int32, per request its live tokens' offsets
@@ -82,44 +86,43 @@ class ShortLayout:
 
 
 def _slot_mapping(block_table, request, short, unwritten, block_size) -> torch.Tensor:
-    blocks = block_table[request, short // block_size].to(torch.int64)
+    blocks = block_table[request, (short // block_size).clamp(max=block_table.shape[1] - 1)].to(torch.int64)
     return torch.where(unwritten, -1, blocks * block_size + short % block_size)
 
 
-def short_layout(rows: torch.Tensor, long_positions: torch.Tensor, query_start_loc: torch.Tensor,
-                 block_table: torch.Tensor, *, num_tokens: int, short_per_tile: int, long_per_tile: int,
-                 block_size: int) -> ShortLayout:
-    """The step's short layout (see the module docstring).
+def short_layout(rows: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor,
+                 *, num_tokens: int, short_per_tile: int, long_per_tile: int, block_size: int,
+                 warm_up: bool = False) -> ShortLayout:
+    """The step's short layout (see the module docstring), built on the host: the device is only written to.
 
-    `rows`: ``(3, >= num_tokens)``, the step's columns first; `long_positions`: ``(>= num_tokens,)``; `query_start_loc`:
-    ``(requests + 1,)`` with padded requests repeating the last offset; `block_table`: ``(>= requests, blocks)`` of the
-    short group; `num_tokens`: the step's scheduled tokens, without padding (vLLM's host-side
-    ``query_start_loc_cpu[num_reqs]``). Raises `ShortLayoutMismatch` when the rows do not belong to this step.
-
-    Reads the device once, after everything is queued (the check's four counts and each request's live and held
-    tokens): the layers below ``k`` take a live-token count of their own, which only the rows know, and attention
-    backends take the longest query and sequence as host integers.
+    Host tensors, as vLLM's runners hold them before they build attention metadata: `rows` ``(3, >= num_tokens)``, the
+    step's M-RoPE columns first (V1 writes them to its buffer's host side in ``_prepare_inputs``);
+    `query_start_loc` ``(requests + 1,)`` (``query_start_loc_cpu``, padded requests repeating the last offset);
+    `seq_lens` ``(requests,)``, each request's long-layout tokens after the step (``seq_lens_cpu_upper_bound``: exact
+    without speculative decoding, which the saving path refuses). `block_table` ``(>= requests, blocks)``: the short
+    group's, on the device the layout is for (read there only: the slot mapping is gathered from it, and whether each
+    live token has a block is asserted there without waiting for it, `torch._assert_async`). `num_tokens`: the step's
+    scheduled tokens without padding; `warm_up`: no request has reached the runner yet (a dummy run, see the module
+    docstring). Raises `ShortLayoutMismatch` when the rows do not belong to this step.
     """
-    device = rows.device
+    device = block_table.device
     requests = query_start_loc.shape[0] - 1
     unused_per_tile = long_per_tile - short_per_tile
-    short = rows[1, :num_tokens].to(torch.int64)
-    code = rows[2, :num_tokens].to(torch.int64)
-    p = long_positions[:num_tokens].to(device=device, dtype=torch.int64)
-    qsl = query_start_loc.to(device=device, dtype=torch.int64)
+    rows = rows[:, :num_tokens].to("cpu", torch.int64)
+    short = rows[1].clone()
+    code = rows[2]
+    qsl = query_start_loc.to("cpu", torch.int64)
     slot = torch.where(code < 0, -1 - code, -1)
-    token = torch.arange(num_tokens, device=device)
+    token = torch.arange(num_tokens)
     request = torch.bucketize(token, qsl[1:], right=True).clamp_(max=max(requests - 1, 0))
-    scheduled = (qsl[1:] - qsl[:-1]) > 0
-
-    # A warm-up step: a dummy run that builds attention metadata (vLLM's V1 runner does for FlashInfer's mixed-batch
-    # kernel warm-up, `force_attention=True`, before any request): no request of the step holds a block and nothing
-    # has written the rows (zeros). Every token runs below k at its index in its request and writes no K/V. A real
-    # step always holds blocks for its tokens, and its rows are never all zeros.
-    warm_up = (block_table[:requests] == NULL_BLOCK).all() & (rows[:, :num_tokens] == 0).all()
+    query_lens = qsl[1:] - qsl[:-1]
+    scheduled = query_lens > 0
+    start = qsl[:-1].clamp(max=num_tokens)  # (a sentinel column for requests with no token)
+    # each token's long position: its request's tokens computed before the step, plus its index in the step
+    p = (seq_lens.to("cpu", torch.int64)[:requests] - query_lens)[request] + token - start[request]
+    warm_up = bool(warm_up) and not bool(rows.any())
 
     # a request resumed inside a tile: its recomputed LR slots (`geometry.lr_slots_to_recompute`, same arithmetic)
-    start = qsl[:-1].clamp(max=num_tokens)  # (a sentinel column for requests with no token)
     first_slot = torch.cat([slot, slot.new_full((1,), -1)])[start]
     short_end = torch.cat([short, short.new_zeros(1)])[start]
     resumed = scheduled & (first_slot >= short_per_tile)
@@ -133,63 +136,80 @@ def short_layout(rows: torch.Tensor, long_positions: torch.Tensor, query_start_l
     short = torch.where(recomputed, short - (long_per_tile - slot), short)
     unwritten = recomputed & (short < short_end[request] - short_end[request] % block_size)
     live = (slot < short_per_tile) | recomputed
-    bad_resume &= ~warm_up
-    in_resumed &= ~warm_up
-    short = torch.where(warm_up, token - start[request], short)
-    live |= warm_up
-    unwritten |= warm_up
+    if warm_up:  # every token below k at its index in its request, no K/V written
+        bad_resume[:] = False
+        in_resumed[:] = False
+        short = token - start[request]
+        live[:] = True
+        unwritten[:] = True
 
-    # the live tokens, in order, without a host read: each live token's rank is its place in the gather index
     rank = torch.cumsum(live.to(torch.int64), 0) - 1
-    gather = torch.full((num_tokens + 1,), num_tokens, dtype=torch.int64, device=device)
-    gather.scatter_(0, torch.where(live, rank, num_tokens), token)
-    lens = torch.zeros(requests, dtype=torch.int64, device=device).index_add_(0, request, live.to(torch.int64))
-    short_qsl = torch.zeros(requests + 1, dtype=torch.int64, device=device)
+    gather = token[live]
+    lens = torch.zeros(requests, dtype=torch.int64).index_add_(0, request, live.to(torch.int64))
+    short_qsl = torch.zeros(requests + 1, dtype=torch.int64)
     short_qsl[1:] = torch.cumsum(lens, 0)
-    seq_lens = torch.zeros(requests, dtype=torch.int64, device=device).scatter_reduce_(
+    held = torch.zeros(requests, dtype=torch.int64).scatter_reduce_(
         0, request, torch.where(live, short + 1, 0), "amax")
 
     # the per-step check (on the rows as written: a recomputed slot's row 1 is its tile's LR end)
-    short_rows = rows[1, :num_tokens].to(torch.int64)
     own_tile = torch.where(slot >= short_per_tile, slot - short_per_tile, 0)
-    earlier = p - short_rows - own_tile
-    bad_rows = ((earlier < 0) | (earlier % unused_per_tile != 0)) & ~warm_up
+    earlier = p - rows[1] - own_tile
+    bad_rows = ((earlier < 0) | (earlier % unused_per_tile != 0)) & (not warm_up)
     # consecutive: a live token's short position is its request's first plus its rank within the request
-    first = seq_lens[request] - lens[request]
+    first = held[request] - lens[request]
     bad_rows |= live & (short != first + rank - short_qsl[request])
-    empty = scheduled & (lens == 0)
-    index = torch.where(live, short // block_size, 0)
-    beyond = live & (index >= block_table.shape[1]) & ~warm_up
-    blocks = block_table[request, index.clamp(max=block_table.shape[1] - 1)].to(torch.int64)
-    no_block = live & ~beyond & (blocks == NULL_BLOCK) & ~warm_up
-    slots = torch.where(unwritten, -1, blocks * block_size + short % block_size)
-    found = torch.cat([torch.stack([bad_rows.sum(), empty.sum(), (beyond | no_block).sum(), bad_resume.sum()]),
-                       lens, seq_lens]).tolist()  # the one read of the device
-    n_bad, n_empty, n_unheld, n_resume = found[:4]
-    per_request, held = found[4: 4 + requests], found[4 + requests:]
-    if n_bad:
+    if bad_rows.any():
         raise ShortLayoutMismatch(
-            f"{n_bad} of the step's {num_tokens} tokens have position rows that do not belong to this step (their "
-            "short position does not follow from their long one and their request's tiles: rows written by another "
-            "step, or read before the runner wrote them)")
-    if n_empty:
+            f"{int(bad_rows.sum())} of the step's {num_tokens} tokens have position rows that do not belong to this "
+            "step (their short position does not follow from their long one and their request's tiles: rows written "
+            "by another step, or read before the runner wrote them)")
+    if (scheduled & (lens == 0)).any():
         raise ShortLayoutMismatch(
-            f"{n_empty} scheduled request(s) of the step have no short-layout token in their rows (a step must hold "
-            "whole images, and a decoded token is always one)")
-    if n_resume:
+            f"{int((scheduled & (lens == 0)).sum())} scheduled request(s) of the step have no short-layout token in "
+            "their rows (a step must hold whole images, and a decoded token is always one)")
+    if bad_resume.any():
         raise ShortLayoutMismatch(
-            f"{n_resume} request(s) of the step start inside a tile where the step cannot resume it (inside its LR "
-            "slots, without the rest of the tile, or without the HR-only slots that carry the LR inputs to recompute)")
-    if n_unheld:
-        raise ShortLayoutMismatch(
-            f"{n_unheld} short-layout token(s) of the step have no block in the short group (the scheduler gave that "
-            "group fewer tokens than the rows place)")
-    short_qsl_cpu = torch.zeros(requests + 1, dtype=torch.int32)
-    short_qsl_cpu[1:] = torch.cumsum(torch.tensor(per_request, dtype=torch.int32), 0)
-    gather = gather[: int(short_qsl_cpu[-1])]
+            f"{int(bad_resume.sum())} request(s) of the step start inside a tile where the step cannot resume it "
+            "(inside its LR slots, without the rest of the tile, or without the HR-only slots that carry the LR "
+            "inputs to recompute)")
+    live_request, live_short, live_unwritten = request[gather], short[gather], unwritten[gather]
+    beyond = (live_short // block_size >= block_table.shape[1]) & (not warm_up)
+    if beyond.any():
+        raise ShortLayoutMismatch(_unheld(int(beyond.sum())))
+
+    # to the device in one copy (from pinned memory on a GPU, so that it does not wait for the device's queue)
+    host = torch.cat([gather, short_qsl, held, torch.where(in_resumed, unused_per_tile, 0), live_request, live_short,
+                      live_unwritten.to(torch.int64)])
+    if device.type == "cuda":
+        host = torch.empty(host.shape, dtype=torch.int64, pin_memory=True).copy_(host)
+    moved = host.to(device, non_blocking=True)
+    live_count = gather.shape[0]
+    d_gather, d_qsl, d_held, d_shift, d_request, d_short, d_unwritten = moved.split(
+        [live_count, requests + 1, requests, num_tokens, live_count, live_count, live_count])
+    d_unwritten = d_unwritten.bool()
+    if not warm_up:
+        # each live token's block is one the scheduler gave the short group (not vLLM's null block): checked where
+        # the block table is, so that a GPU step does not wait for its device
+        blocks = block_table[d_request, d_short // block_size]
+        if device.type == "cpu":
+            if (blocks == NULL_BLOCK).any():
+                raise ShortLayoutMismatch(_unheld(int((blocks == NULL_BLOCK).sum())))
+        else:
+            torch._assert_async((blocks != NULL_BLOCK).all(), UNHELD_ON_DEVICE)
+    lens_list, held_list = lens.tolist(), held.tolist()
     return ShortLayout(
-        gather=gather, query_start_loc=short_qsl.to(torch.int32), query_start_loc_cpu=short_qsl_cpu,
-        seq_lens=seq_lens, seq_lens_cpu=torch.tensor(held, dtype=torch.int32), slot_mapping=slots[gather],
-        shift=torch.where(in_resumed, long_per_tile - short_per_tile, 0),
-        max_query_len=max(per_request, default=0), max_seq_len=max(held, default=0),
-        live_request=request[gather], live_short=short[gather], unwritten=unwritten[gather])
+        gather=d_gather, query_start_loc=d_qsl.to(torch.int32), query_start_loc_cpu=short_qsl.to(torch.int32),
+        seq_lens=d_held, seq_lens_cpu=held.to(torch.int32),
+        slot_mapping=_slot_mapping(block_table, d_request, d_short, d_unwritten, block_size),
+        shift=d_shift, max_query_len=max(lens_list, default=0), max_seq_len=max(held_list, default=0),
+        live_request=d_request, live_short=d_short, unwritten=d_unwritten)
+
+
+#: the device assertion's message (at most 254 characters, PyTorch's limit)
+UNHELD_ON_DEVICE = ("InternVL-X LVTC saving path: a short-layout token of the step has no block in the short KV group; "
+                    "the step was stopped (docs/serving-vllm-lvtc.md, lvtc_vllm_path masked)")
+
+
+def _unheld(count) -> str:
+    return (f"{count} short-layout token(s) of the step have no block in the short group (the scheduler gave that "
+            "group fewer tokens than the rows place)")

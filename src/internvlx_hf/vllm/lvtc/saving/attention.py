@@ -1,9 +1,11 @@
 """The saving path's attention for the layers below `k`: vLLM's `Attention` reporting the short KV-cache group's spec,
 and a backend (a subclass of the platform's) whose builder builds the step's short layout before the forward pass
-(`short_layout.short_layout`) from the runner's M-RoPE rows, and whose KV write takes that layout's slot mapping."""
+(`short_layout.short_layout`) from the runner's M-RoPE rows as it wrote them on the host, and whose KV write takes that
+layout's slot mapping."""
 
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass
 
 import torch
@@ -34,12 +36,15 @@ class LVTCShortAttention(Attention):
 
 
 class PositionBufferChannel:
-    """The runner's M-RoPE buffer, handed over by the model's first forward (vLLM gives the builder no reference to
-    it). One per model; the short builder reads the step's rows from it before the forward pass. Holds the model's
-    short backend classes too (`short_backend`), so that they and the buffer go with the model."""
+    """The host side of the runner's M-RoPE buffer, found from the view the model's first forward is given (vLLM gives
+    the builder no reference to it: `host_rows`). One per model; the short builder reads the step's rows from it
+    before the forward pass. Holds the model's short backend classes too (`short_backend`), so that they and the
+    buffer go with the model, and counts the requests whose rows the model computed (`requests`: none yet means a
+    build is a dummy run's, `short_layout`'s ``warm_up``)."""
 
     def __init__(self) -> None:
-        self.buffer: torch.Tensor | None = None
+        self.buffer: torch.Tensor | None = None  # host rows, (3, max tokens)
+        self.requests = 0
         self.backends: dict[type, type] = {}
         self.forwards = 0  # the model's forward calls: a step's metadata is built between two
         self.layout: tuple | None = None  # (query_start_loc, key, layout) of the last build (`LVTCShortBuilder`)
@@ -56,6 +61,25 @@ class PendingShortMetadata:
 
     def finish(self):
         return self.builder.build_short(self.common, self.fast_build)
+
+
+def host_rows(buffer: torch.Tensor) -> torch.Tensor:
+    """The host side of the runner's M-RoPE buffer whose device side is `buffer`: the buffer itself on vLLM's CPU
+    runner (its device tensors are its host ones); on a GPU, the ``cpu`` tensor of the runner's ``CpuGpuBuffer`` that
+    holds `buffer` as ``gpu``, where V1's ``_prepare_inputs`` writes the step's rows before it builds attention
+    metadata (a guarded internal, looked up once: docs/serving-vllm-lvtc.md)."""
+    if buffer.device.type == "cpu":
+        return buffer
+    for holder in gc.get_referrers(buffer):  # (the buffer object, or its __dict__ where Python keeps one)
+        fields = holder if isinstance(holder, dict) else getattr(holder, "__dict__", {})
+        if fields.get("gpu") is buffer:
+            host = fields.get("cpu")
+            if isinstance(host, torch.Tensor) and host.device.type == "cpu" and host.shape == buffer.shape:
+                return host
+    raise RuntimeError(
+        "InternVL-X LVTC saving path: this vLLM runner keeps no host copy of its M-RoPE buffer where the plugin looks "
+        "(a CpuGpuBuffer's cpu side), so the short layout cannot be built without reading the GPU every step; serve "
+        "the checkpoint on the masked path: hf_overrides={\"lvtc_vllm_path\": \"masked\"}")
 
 
 def short_common_metadata(cm: CommonAttentionMetadata, layout) -> CommonAttentionMetadata:
@@ -113,9 +137,15 @@ def _short_backend(base: type, channel: PositionBufferChannel) -> type:
             if cached is not None and cached[0] is cm.query_start_loc and cached[1] == key:
                 layout = cached[2].for_block_table(cm.block_table_tensor, spec.block_size)
             else:
-                layout = short_layout(channel.buffer, cm.positions, cm.query_start_loc[: cm.num_reqs + 1],
-                                      cm.block_table_tensor, num_tokens=tokens, short_per_tile=spec.short_per_tile,
-                                      long_per_tile=spec.long_per_tile, block_size=spec.block_size)
+                if cm.seq_lens_cpu_upper_bound is None:
+                    raise RuntimeError("InternVL-X LVTC saving path: this vLLM's runner gives the attention builder no "
+                                       "host sequence lengths (seq_lens_cpu_upper_bound); serve the checkpoint on the "
+                                       "masked path: hf_overrides={\"lvtc_vllm_path\": \"masked\"}")
+                layout = short_layout(channel.buffer, cm.query_start_loc_cpu[: cm.num_reqs + 1],
+                                      cm.seq_lens_cpu_upper_bound[: cm.num_reqs], cm.block_table_tensor,
+                                      num_tokens=tokens, short_per_tile=spec.short_per_tile,
+                                      long_per_tile=spec.long_per_tile, block_size=spec.block_size,
+                                      warm_up=channel.requests == 0)
                 channel.layout = (cm.query_start_loc, key, layout)
             meta = super().build(0, short_common_metadata(cm, layout), fast_build)
             meta.lvtc_gather = layout.gather

@@ -16,7 +16,7 @@ from vllm.model_executor.layers.attention import Attention
 from internvlx_hf.vllm.lvtc.layers import LVTCLayers
 from internvlx_hf.vllm.lvtc.positions import saving_rope_indices
 from internvlx_hf.vllm.lvtc.saving.attention import (LVTCShortAttention, PendingShortMetadata, PositionBufferChannel,
-                                                     short_backend)
+                                                     host_rows, short_backend)
 
 
 # ------------------------------------------------------------------------------------------------- compiled layers
@@ -106,7 +106,7 @@ class SavingFront(nn.Module):
                     "InternVL-X LVTC saving path: this vLLM does not pass the model a view of its M-RoPE position "
                     f"buffer (positions {tuple(positions.shape)}, base {tuple(buffer.shape)}); serve the checkpoint "
                     "on the masked path: hf_overrides={\"lvtc_vllm_path\": \"masked\"}")
-            self.channel.buffer = buffer
+            self.channel.buffer = host_rows(buffer)
         tokens = positions.shape[1]
         metas = get_forward_context().attn_metadata
         if isinstance(metas, dict) and self.short_names[0] in metas:
