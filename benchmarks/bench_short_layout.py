@@ -1,7 +1,7 @@
 """The host time of one step's LVTC short layout (the saving path's metadata on vLLM), built from host data (this
 version), against the layout of an earlier version read from a file (`--baseline`, e.g. ``git show
-f3be96e:src/internvlx_hf/vllm/lvtc/short_layout.py``), which worked on the device's tensors and read four counts and
-each request's lengths back once per step.
+f3be96e:src/internvlx_hf/vllm/lvtc/short_layout.py`` with its one relative import, ``from .geometry``, made absolute),
+which worked on the device's tensors and read four counts and each request's lengths back once per step.
 
 A step as vLLM runs it while a request prefills beside decoding ones: one request of `--tiles` 448px tiles (1024 long,
 256 short slots each) and `--decoding` requests of one token. On a GPU the previous step's forward pass is still
