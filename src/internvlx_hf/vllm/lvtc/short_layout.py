@@ -9,8 +9,9 @@ and sequence lengths): nothing is read back from a GPU per step. The device rece
 gathers the slot mapping from its own block table.
 
 The rows (``positions.saving_positions``): row 1 holds each token's short position ``s``; row 2 ``-1 - j`` for slot
-``j`` of a tile and ``s`` for every other token; a decoded token's rows are all ``s``. The runner also passes each
-token's long position ``p`` (its index in the request). What holds for every token of a right step, and is checked:
+``j`` of a tile and ``s`` for every other token; a decoded token's rows are all ``s``. Each token's long position
+``p`` (its index in its request) follows from the runner's query offsets and sequence lengths. What holds for every
+token of a right step, and is checked:
 
 - ``p - s`` counts the HR-only slots before the token: for a tile slot ``j`` those of earlier tiles (a multiple of the
   tile's ``long - short`` HR-only slots) plus ``max(0, j - short)`` of its own tile; for any other token a multiple;
