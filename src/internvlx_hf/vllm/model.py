@@ -271,6 +271,18 @@ class InternVLXForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsM
             return saving_positions(self.layout, len(input_tokens), mm_features, self.switch)
         return position_rows(self.layout, len(input_tokens), mm_features, self.max_model_len, self.switch)
 
+    def get_model_state_cls(self) -> type:
+        """The runner state vLLM's second model runner keeps for this model (V2 asks the model first): on the saving
+        path, one that also keeps each request's tiles for the short layers' builder (`lvtc/saving/model_state.py`);
+        otherwise vLLM's default, which V2 would pick for this model."""
+        if self.saving:
+            from .lvtc.saving.model_state import LVTCModelState
+
+            return LVTCModelState
+        from vllm.v1.worker.gpu.model_states.default import DefaultModelState
+
+        return DefaultModelState
+
     # -------------------------------------------------------------------------------------------------- LLM side
 
     def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,

@@ -247,20 +247,26 @@ def _untested_platform(vllm_config) -> str | None:
 
 
 #: What the saving path needs on a GPU, where it has not run with vLLM (`_runner_blocker`).
-GPU_SAVING_SETTINGS = "VLLM_USE_V2_MODEL_RUNNER=0 and --enforce-eager"
+GPU_SAVING_SETTINGS = "--enforce-eager"
+
+
+def _v2_runner(vllm_config) -> bool:
+    try:
+        return bool(vllm_config.use_v2_model_runner)
+    except Exception:  # (a property that reads the platform's features)
+        return True  # (unknown: taken as the runner the saving path has never run on)
+
+
+#: Why vLLM's V2 model runner takes the saving path only when asked for (`_masked_reason`).
+V2_SIMULATED = ("on vLLM's V2 model runner the saving path builds each step's layout from the tiles its runner state "
+                "keeps (it writes the step's position rows after the metadata is built); that order is simulated with "
+                "vLLM's own classes, never run (V2 needs Triton, which vLLM's CPU platform lacks)")
 
 
 def _runner_blocker(vllm_config) -> str | None:
-    """Why the saving path cannot run with this engine's model runner, on any platform (vLLM's CPU platform takes the
-    V2 runner too, with VLLM_USE_V2_MODEL_RUNNER=1 or a Triton with a CPU backend), or None where it can: the V1
-    runner, without CUDA graphs on a GPU (there, the inputs `tests/test_short_layout.py` simulates)."""
-    try:
-        v2 = bool(vllm_config.use_v2_model_runner)
-    except Exception:
-        v2 = True  # (unknown: taken as the runner it cannot serve)
-    if v2:
-        return ("vLLM's V2 model runner builds the attention metadata before it writes the step's position rows, "
-                "which the short layers' metadata is built from")
+    """Why the saving path cannot run with this engine's model runner, or None where it can: either runner (V1
+    reads the step's rows from its M-RoPE buffer, V2 computes them from its runner state's tiles), without CUDA graphs
+    on a GPU."""
     from vllm.platforms import current_platform
 
     if current_platform.is_cpu():  # (no CUDA graphs there)
@@ -313,14 +319,11 @@ def _masked_reason(vllm_config, config) -> str | None:
         return "hf_overrides asks for it (lvtc_vllm_path='masked')"
     platform = _untested_platform(vllm_config)
     blocker = _runner_blocker(vllm_config)
-    if platform is None and blocker is not None:  # vLLM's CPU platform with a runner the saving path cannot use
-        if getattr(config, "lvtc_vllm_path", None) == "saving":
-            raise UnsupportedCheckpoint(
-                f"InternVL-X LVTC checkpoint {vllm_config.model_config.model}: lvtc_vllm_path='saving' (from "
-                f"hf_overrides) cannot run on this engine (on {engine_mode(vllm_config)}): {blocker}; start vLLM "
-                "with VLLM_USE_V2_MODEL_RUNNER=0, or leave lvtc_vllm_path out (the masked path).")
-        return (f"it cannot run on this engine ({engine_mode(vllm_config)}): {blocker}; start vLLM with "
-                "VLLM_USE_V2_MODEL_RUNNER=0 for the saving path")
+    if platform is None and _v2_runner(vllm_config) and getattr(config, "lvtc_vllm_path", None) != "saving":
+        # vLLM's CPU platform with its V2 runner (VLLM_USE_V2_MODEL_RUNNER=1 and a Triton with a CPU backend)
+        return (f"{V2_SIMULATED} (this engine: {engine_mode(vllm_config)}); start vLLM with "
+                "VLLM_USE_V2_MODEL_RUNNER=0 for the saving path as run, or try it on V2: "
+                "hf_overrides={'lvtc_vllm_path': 'saving'}")
     if platform is not None:
         if getattr(config, "lvtc_vllm_path", None) == "saving":  # asked for, off the CPU
             if blocker is not None:  # never K/V misplaced: refused where it cannot run
@@ -330,7 +333,8 @@ def _masked_reason(vllm_config, config) -> str | None:
                     f"{GPU_SAVING_SETTINGS}, or leave lvtc_vllm_path out (the masked path).")
         else:
             where = (f"it cannot run on this engine: {blocker}" if blocker else
-                     "on this engine (V1 model runner, no CUDA graphs) its inputs are checked by simulation only")
+                     "on this engine (no CUDA graphs) its inputs are checked by simulation only"
+                     + (f"; {V2_SIMULATED}" if _v2_runner(vllm_config) else ""))
             return (f"the saving path has run with vLLM on its CPU platform only ({SAVING_RUNS_ON}), and this engine "
                     f"is {platform}; {where} (docs/serving-vllm-lvtc.md, \"Where each path has run\"; neither "
                     "path has run with vLLM on a GPU). To try the saving path on a GPU: hf_overrides="
@@ -391,6 +395,8 @@ def choose_lvtc_path(vllm_config, config, layout: LVTCGeometry, settings: Engine
         return "masked"
     untested = ("; asked for on a platform where it has not run with vLLM: its inputs checked by simulation and its "
                 "layout on CUDA, never a whole engine" if _untested_platform(vllm_config) else "")
+    if _v2_runner(vllm_config):
+        untested += f"; {V2_SIMULATED}"
     settings.note("LVTC path: saving (the layers below k hold and compute the short layout only; this engine: "
                   f"{engine_mode(vllm_config)}; run in the tests on vLLM's CPU platform: {SAVING_RUNS_ON}{untested}; "
                   "`hf_overrides={'lvtc_vllm_path': 'masked'}` asks for the masked long layout)")

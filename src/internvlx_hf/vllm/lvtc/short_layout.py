@@ -38,11 +38,13 @@ request's own tiles, which the builder is not given).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from .geometry import recomputed_lr_slots
+from .tiles import RequestTiles
 
 #: vLLM's null block: block tables hold it where a request has no block.
 NULL_BLOCK = 0
@@ -82,13 +84,18 @@ class ShortLayout:
         """The same layout for another short KV-cache group: only the slot mapping differs (vLLM may split the layers
         below k into several groups, each with its own blocks, as many per request as the first group's, which
         `short_layout` checked)."""
-        return dataclasses.replace(self, slot_mapping=_slot_mapping(
-            block_table, self.live_request, self.live_short, self.unwritten, block_size))
+        blocks = _blocks(block_table, self.live_request, self.live_short, block_size)
+        return dataclasses.replace(self, slot_mapping=_slot_mapping(blocks, self.live_short, self.unwritten,
+                                                                    block_size))
 
 
-def _slot_mapping(block_table, request, short, unwritten, block_size) -> torch.Tensor:
-    blocks = block_table[request, (short // block_size).clamp(max=block_table.shape[1] - 1)].to(torch.int64)
-    return torch.where(unwritten, -1, blocks * block_size + short % block_size)
+def _blocks(block_table, request, short, block_size) -> torch.Tensor:
+    """Each live token's block in a short group's table (gathered on the table's device)."""
+    return block_table[request, (short // block_size).clamp(max=block_table.shape[1] - 1)]
+
+
+def _slot_mapping(blocks, short, unwritten, block_size) -> torch.Tensor:
+    return torch.where(unwritten, -1, blocks.to(torch.int64) * block_size + short % block_size)
 
 
 def short_layout(rows: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor,
@@ -159,24 +166,24 @@ def short_layout(rows: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: to
     # consecutive: a live token's short position is its request's first plus its rank within the request
     first = held[request] - lens[request]
     bad_rows |= live & (short != first + rank - short_qsl[request])
-    if bad_rows.any():
+    if bad := int(bad_rows.sum()):
         raise ShortLayoutMismatch(
-            f"{int(bad_rows.sum())} of the step's {num_tokens} tokens have position rows that do not belong to this "
+            f"{bad} of the step's {num_tokens} tokens have position rows that do not belong to this "
             "step (their short position does not follow from their long one and their request's tiles: rows written "
             "by another step, or read before the runner wrote them)")
-    if (scheduled & (lens == 0)).any():
+    if bad := int((scheduled & (lens == 0)).sum()):
         raise ShortLayoutMismatch(
-            f"{int((scheduled & (lens == 0)).sum())} scheduled request(s) of the step have no short-layout token in "
+            f"{bad} scheduled request(s) of the step have no short-layout token in "
             "their rows (a step must hold whole images, and a decoded token is always one)")
-    if bad_resume.any():
+    if bad := int(bad_resume.sum()):
         raise ShortLayoutMismatch(
-            f"{int(bad_resume.sum())} request(s) of the step start inside a tile where the step cannot resume it "
+            f"{bad} request(s) of the step start inside a tile where the step cannot resume it "
             "(inside its LR slots, without the rest of the tile, or without the HR-only slots that carry the LR "
             "inputs to recompute)")
     live_request, live_short, live_unwritten = request[gather], short[gather], unwritten[gather]
     beyond = (live_short // block_size >= block_table.shape[1]) & (not warm_up)
-    if beyond.any():
-        raise ShortLayoutMismatch(_unheld(int(beyond.sum())))
+    if bad := int(beyond.sum()):
+        raise ShortLayoutMismatch(_unheld(bad))
 
     # to the device in one copy (from pinned memory on a GPU, so that it does not wait for the device's queue)
     host = torch.cat([gather, short_qsl, held, torch.where(in_resumed, unused_per_tile, 0), live_request, live_short,
@@ -188,22 +195,66 @@ def short_layout(rows: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: to
     d_gather, d_qsl, d_held, d_shift, d_request, d_short, d_unwritten = moved.split(
         [live_count, requests + 1, requests, num_tokens, live_count, live_count, live_count])
     d_unwritten = d_unwritten.bool()
+    blocks = _blocks(block_table, d_request, d_short, block_size)
     if not warm_up:
         # each live token's block is one the scheduler gave the short group (not vLLM's null block): checked where
         # the block table is, so that a GPU step does not wait for its device
-        blocks = block_table[d_request, d_short // block_size]
         if device.type == "cpu":
-            if (blocks == NULL_BLOCK).any():
-                raise ShortLayoutMismatch(_unheld(int((blocks == NULL_BLOCK).sum())))
+            if bad := int((blocks == NULL_BLOCK).sum()):
+                raise ShortLayoutMismatch(_unheld(bad))
         else:
             torch._assert_async((blocks != NULL_BLOCK).all(), UNHELD_ON_DEVICE)
-    lens_list, held_list = lens.tolist(), held.tolist()
     return ShortLayout(
         gather=d_gather, query_start_loc=d_qsl.to(torch.int32), query_start_loc_cpu=short_qsl.to(torch.int32),
         seq_lens=d_held, seq_lens_cpu=held.to(torch.int32),
-        slot_mapping=_slot_mapping(block_table, d_request, d_short, d_unwritten, block_size),
-        shift=d_shift, max_query_len=max(lens_list, default=0), max_seq_len=max(held_list, default=0),
+        slot_mapping=_slot_mapping(blocks, d_short, d_unwritten, block_size),
+        shift=d_shift, max_query_len=int(lens.max()) if requests else 0,
+        max_seq_len=int(held.max()) if requests else 0,
         live_request=d_request, live_short=d_short, unwritten=d_unwritten)
+
+
+def step_rows(tiles: Sequence[RequestTiles | None], query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
+              num_tokens: int) -> torch.Tensor:
+    """The rows `short_layout` reads, ``(3, num_tokens)`` on the host, computed from each request's tiles
+    (`tiles.RequestTiles`, the arithmetic the scheduler's KV manager counts with) and the step's host counts, for a
+    runner that builds attention metadata before it writes the step's rows (vLLM's second model runner, through the
+    model's runner state: `saving/model_state.py`). For long index ``p`` of a request, rows 0 and 1 hold
+    ``RequestTiles.short(p)`` (the short tokens before it: a live token's short position, an HR-only slot's tile LR
+    end) and row 2 ``-1 - j`` for slot ``j`` of a tile, the same count for any other token: the rows
+    `positions.saving_positions` gives a prompt (without LongRoPE's flags, which the layout does not read) and its
+    decoded tokens. `tiles` may be shorter than the requests (padded requests hold no tokens); `seq_lens` are the
+    long-layout lengths after the step, as `short_layout` takes them."""
+    qsl = query_start_loc.to("cpu", torch.int64)
+    requests = qsl.shape[0] - 1
+    token = torch.arange(num_tokens)
+    request = torch.bucketize(token, qsl[1:], right=True).clamp_(max=max(requests - 1, 0))
+    query_lens = qsl[1:] - qsl[:-1]
+    p = (seq_lens.to("cpu", torch.int64)[:requests] - query_lens)[request] + token - qsl[:-1][request]
+    known = [t for t in tiles if t is not None and t.starts]
+    if not known:
+        return p.expand(3, num_tokens).clone()
+    short_per_tile, long_per_tile = known[0].short_per_tile, known[0].long_per_tile
+    unused = long_per_tile - short_per_tile
+    # every request's tile starts in one sorted list, request r's moved past every earlier request's positions and
+    # tiles (those of a prompt's later chunks too), so that one search answers each token's "tiles of my request that
+    # start at or before x"
+    span = max(int(p.max()) if num_tokens else 0, max(t.starts[-1] for t in known)) + long_per_tile + 1
+    counts = torch.tensor([len(t.starts) if t is not None else 0 for t in tiles] + [0] * (requests - len(tiles)),
+                          dtype=torch.int64)
+    starts = torch.tensor([r * span + start for r, t in enumerate(tiles) if t is not None for start in t.starts],
+                          dtype=torch.int64)
+    before = (torch.cumsum(counts, 0) - counts)[request]
+    base = request * span
+    # `RequestTiles.short`: tiles wholly before p, then the one tile p may fall in
+    passed = torch.searchsorted(starts, base + p - long_per_tile, right=True) - before
+    inside = passed < counts[request]
+    next_start = starts[(before + passed).clamp(max=starts.shape[0] - 1)] - base
+    short = p - passed * unused - torch.where(inside, (p - next_start - short_per_tile).clamp(0, unused), 0)
+    # the tile p lies in, if any
+    tile = torch.searchsorted(starts, base + p, right=True) - 1 - before
+    slot = p - (starts[(before + tile).clamp(0, starts.shape[0] - 1)] - base)
+    code = torch.where((tile >= 0) & (slot < long_per_tile), -1 - slot, short)
+    return torch.stack([short, short, code])
 
 
 #: the device assertion's message (at most 254 characters, PyTorch's limit)

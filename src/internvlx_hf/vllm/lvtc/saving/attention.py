@@ -15,7 +15,7 @@ from vllm.v1.attention.backend import CommonAttentionMetadata, subclass_attentio
 from vllm.v1.kv_cache_interface import get_kv_quant_mode
 
 from internvlx_hf.vllm.lvtc.saving.kv_cache import LVTCShortSpec
-from internvlx_hf.vllm.lvtc.short_layout import short_layout
+from internvlx_hf.vllm.lvtc.short_layout import short_layout, step_rows
 
 
 class LVTCShortAttention(Attention):
@@ -48,6 +48,9 @@ class PositionBufferChannel:
         self.backends: dict[type, type] = {}
         self.forwards = 0  # the model's forward calls: a step's metadata is built between two
         self.layout: tuple | None = None  # (query_start_loc, key, layout) of the last build (`LVTCShortBuilder`)
+        #: vLLM's second model runner, whose runner state (`model_state.LVTCModelState`) hands each build the step's
+        #: requests' tiles: the rows are computed from them, not read from the M-RoPE buffer (written after the build)
+        self.runner_state = False
 
 
 @dataclass
@@ -111,20 +114,23 @@ def _short_backend(base: type, channel: PositionBufferChannel) -> type:
         # the short layers would write their K/V. Each short group builds its own instead (the step's one layout,
         # `ShortLayout.for_block_table`), as on vLLM's CPU runner.
         supports_update_block_table = False
+        lvtc_short = True  # (the runner state's extra build arguments go to this builder only)
 
-        def build(self, common_prefix_len, common_attn_metadata, fast_build=False):
+        def build(self, common_prefix_len, common_attn_metadata, fast_build=False, lvtc_tiles=None):
             cm = common_attn_metadata
             if cm.positions is None or cm.positions.dim() != 1:  # the long-layout token index (guarded internal)
                 raise RuntimeError("InternVL-X LVTC saving path: this vLLM's CommonAttentionMetadata.positions is not "
                                    "the step's token index; serve the checkpoint on the masked path: "
                                    "hf_overrides={\"lvtc_vllm_path\": \"masked\"}")
+            if channel.runner_state:  # V2: the step's tiles, or none for a dummy run or a graph capture
+                return self.build_short(cm, fast_build, tiles=lvtc_tiles)
             if channel.buffer is None:
                 # Before the model's first forward (vLLM's first step where it runs no warm-up forward: eager mode,
                 # VLLM_CPU_CI_ENV): that forward hands over the buffer and finishes this build (`SavingFront`).
                 return PendingShortMetadata(self, cm, fast_build)
             return self.build_short(cm, fast_build)
 
-        def build_short(self, cm, fast_build=False):
+        def build_short(self, cm, fast_build=False, tiles=None):
             # the step's tokens without the runner's padding (CUDA graphs, data parallelism): a host-side count
             tokens = int(cm.query_start_loc_cpu[cm.num_reqs])
             spec = self.kv_cache_spec
@@ -141,11 +147,18 @@ def _short_backend(base: type, channel: PositionBufferChannel) -> type:
                     raise RuntimeError("InternVL-X LVTC saving path: this vLLM's runner gives the attention builder no "
                                        "host sequence lengths (seq_lens_cpu_upper_bound); serve the checkpoint on the "
                                        "masked path: hf_overrides={\"lvtc_vllm_path\": \"masked\"}")
-                layout = short_layout(channel.buffer, cm.query_start_loc_cpu[: cm.num_reqs + 1],
-                                      cm.seq_lens_cpu_upper_bound[: cm.num_reqs], cm.block_table_tensor,
-                                      num_tokens=tokens, short_per_tile=spec.short_per_tile,
-                                      long_per_tile=spec.long_per_tile, block_size=spec.block_size,
-                                      warm_up=channel.requests == 0)
+                query_start_loc = cm.query_start_loc_cpu[: cm.num_reqs + 1]
+                seq_lens = cm.seq_lens_cpu_upper_bound[: cm.num_reqs]
+                if channel.runner_state:
+                    # the rows from each request's tiles (the scheduler's arithmetic); none: a dummy run's step
+                    warm_up = tiles is None
+                    rows = (torch.zeros(3, tokens, dtype=torch.int64) if warm_up
+                            else step_rows(tiles, query_start_loc, seq_lens, tokens))
+                else:  # V1: the rows it wrote to its M-RoPE buffer's host side before this build
+                    rows, warm_up = channel.buffer, channel.requests == 0
+                layout = short_layout(rows, query_start_loc, seq_lens, cm.block_table_tensor, num_tokens=tokens,
+                                      short_per_tile=spec.short_per_tile, long_per_tile=spec.long_per_tile,
+                                      block_size=spec.block_size, warm_up=warm_up)
                 channel.layout = (cm.query_start_loc, key, layout)
             meta = super().build(0, short_common_metadata(cm, layout), fast_build)
             meta.lvtc_gather = layout.gather

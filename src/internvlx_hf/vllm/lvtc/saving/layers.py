@@ -97,7 +97,7 @@ class SavingFront(nn.Module):
 
     def forward(self, positions: torch.Tensor, inputs_embeds: torch.Tensor) -> torch.Tensor:
         self.channel.forwards += 1
-        if self.channel.buffer is None:
+        if self.channel.buffer is None and not self.channel.runner_state:
             # vLLM passes a view of its runner's M-RoPE buffer (`(3, max tokens)`, the step's columns first); the short
             # builder reads the step's rows from that buffer (guarded internal: docs/serving-vllm-lvtc.md)
             buffer = positions._base if positions._base is not None else positions

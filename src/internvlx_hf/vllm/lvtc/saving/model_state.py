@@ -1,0 +1,61 @@
+"""The saving path's runner state on vLLM's second model runner (V2, the CUDA default): each request's tiles, kept
+from when the runner adds the request (its `mm_features`, the arithmetic of the scheduler's KV manager:
+`tiles.RequestTiles`), handed to the short layers' builder with each step's attention metadata.
+
+V2 builds attention metadata (`ModelState.prepare_attn`) before it writes the step's M-RoPE rows
+(`ModelState.prepare_inputs`), so the builder cannot read the rows as it does on V1; it computes them from the tiles
+instead (`short_layout.step_rows`), on the host. A model brings its own state through `get_model_state_cls()`
+(`vllm/v1/worker/gpu/model_states/__init__.py`), and a state hands builders extra arguments through
+`ModelSpecificAttnMetadata.get_extra_attn_kwargs` (read in vLLM 0.32; `tests/test_vllm_lvtc_savings.py` runs this
+class through V2's own `prepare_attn` and guards the order on V2's source).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vllm.v1.worker.gpu.model_states.default import DefaultModelState
+from vllm.v1.worker.gpu.model_states.interface import ModelSpecificAttnMetadata
+
+from internvlx_hf.vllm.lvtc.tiles import RequestTiles
+
+
+class StepTiles(ModelSpecificAttnMetadata):
+    """One step's tiles per request (the batch's order), or None for a dummy run's requests: given to the short
+    layers' builder only (`LVTCShortBuilder.build`'s ``lvtc_tiles``)."""
+
+    def __init__(self, tiles: list[RequestTiles] | None) -> None:
+        self.tiles = tiles
+
+    def get_extra_attn_kwargs(self, attn_metadata_builder: Any, num_reqs: int) -> dict[str, Any]:
+        if getattr(attn_metadata_builder, "lvtc_short", False):
+            return {"lvtc_tiles": self.tiles}
+        return {}
+
+
+class LVTCModelState(DefaultModelState):
+    """vLLM's default runner state (M-RoPE rows, embeddings) plus each request's tiles, by request id."""
+
+    def __init__(self, vllm_config, model, encoder_cache, device) -> None:
+        super().__init__(vllm_config, model, encoder_cache, device)
+        layout = model.layout
+        self.lvtc_sizes = (layout.short_per_tile, layout.long_per_tile)
+        self.lvtc_tiles: dict[str, RequestTiles] = {}
+        model.lvtc.channel.runner_state = True  # (the builder then takes the tiles, not the M-RoPE buffer)
+
+    def add_request(self, req_index: int, new_req_data) -> None:
+        super().add_request(req_index, new_req_data)
+        self.lvtc_tiles[new_req_data.req_id] = RequestTiles.of(new_req_data, *self.lvtc_sizes)
+
+    def remove_request(self, req_id: str) -> None:
+        super().remove_request(req_id)
+        self.lvtc_tiles.pop(req_id, None)
+
+    def prepare_attn(self, input_batch, cudagraph_mode, block_tables, slot_mappings, attn_groups, kv_cache_config,
+                     for_capture: bool = False, ubatch_idx: int = 0, model_specific_attn_metadata=None):
+        # a dummy run's requests (`InputBatch.make_dummy`: ids of its own) were never added: no tiles, no K/V written
+        tiles = [self.lvtc_tiles.get(req_id) for req_id in input_batch.req_ids[: input_batch.num_reqs]]
+        step = StepTiles(None if None in tiles else tiles)
+        return super().prepare_attn(input_batch, cudagraph_mode, block_tables, slot_mappings, attn_groups,
+                                    kv_cache_config, for_capture=for_capture, ubatch_idx=ubatch_idx,
+                                    model_specific_attn_metadata=step)
