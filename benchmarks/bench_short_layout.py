@@ -1,7 +1,9 @@
 """The host time of one step's LVTC short layout (the saving path's metadata on vLLM), built from host data (this
 version), against the layout of an earlier version read from a file (`--baseline`, e.g. ``git show
 f3be96e:src/internvlx_hf/vllm/lvtc/short_layout.py`` with its one relative import, ``from .geometry``, made absolute),
-which worked on the device's tensors and read four counts and each request's lengths back once per step.
+which worked on the device's tensors and read four counts and each request's lengths back once per step
+(`--baseline-takes host` for a baseline with this version's inputs). A third row is V2's layout: the rows computed
+from each request's tiles (`step_rows`), then the same layout.
 
 A step as vLLM runs it while a request prefills beside decoding ones: one request of `--tiles` 448px tiles (1024 long,
 256 short slots each) and `--decoding` requests of one token. On a GPU the previous step's forward pass is still
@@ -27,7 +29,8 @@ import torch
 from internvlx_hf.bench.harness import format_table, median_interval
 from internvlx_hf.vllm.lvtc.geometry import LVTCGeometry
 from internvlx_hf.vllm.lvtc.positions import saving_positions
-from internvlx_hf.vllm.lvtc.short_layout import short_layout
+from internvlx_hf.vllm.lvtc.short_layout import short_layout, step_rows
+from internvlx_hf.vllm.lvtc.tiles import RequestTiles
 
 SHORT, LONG, BLOCK = 256, 1024, 16
 
@@ -40,6 +43,8 @@ def step_inputs(tiles: int, decoding: int):
     feature = type("F", (), {})()
     feature.mm_position = type("P", (), {"offset": 20, "length": tiles * LONG, "is_embed": None})()
     rows, delta = saving_positions(layout, prompt, [feature])
+    tiles_of_requests = [RequestTiles.of(type("R", (), {"mm_features": [feature]})(), SHORT, LONG)]
+    tiles_of_requests += [RequestTiles((), SHORT, LONG)] * decoding
     columns, positions, seq_lens = [rows], [torch.arange(prompt)], [prompt]
     for index in range(decoding):
         p = 600 + 7 * index
@@ -50,13 +55,16 @@ def step_inputs(tiles: int, decoding: int):
     qsl = torch.tensor([0, prompt] + [prompt + i + 1 for i in range(decoding)], dtype=torch.int32)
     width = (prompt + 800) // BLOCK + 1
     table = torch.arange(1, 1 + (decoding + 1) * width, dtype=torch.int32).reshape(decoding + 1, width)
-    return rows, torch.cat(positions), qsl, torch.tensor(seq_lens, dtype=torch.int32), table
+    return rows, torch.cat(positions), qsl, torch.tensor(seq_lens, dtype=torch.int32), table, tiles_of_requests
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      allow_abbrev=False)
     parser.add_argument("--baseline", required=True, help="an earlier short_layout.py (device-side layout)")
+    parser.add_argument("--baseline-takes", choices=("device", "host"), default="device",
+                        help="the baseline's inputs: f3be96e's device tensors (default), or host ones as this "
+                             "version's (1f3e66c and later)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tiles", type=int, default=7)
     parser.add_argument("--decoding", type=int, default=63)
@@ -68,16 +76,23 @@ def main() -> None:
     baseline = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(baseline)
     device = torch.device(args.device)
-    rows, positions, qsl, seq_lens, table = step_inputs(args.tiles, args.decoding)
+    rows, positions, qsl, seq_lens, table, tiles = step_inputs(args.tiles, args.decoding)
     tokens = int(qsl[-1])
     d_rows, d_positions, d_qsl, d_table = (t.to(device) for t in (rows, positions, qsl, table))
     common = dict(num_tokens=tokens, short_per_tile=SHORT, long_per_tile=LONG, block_size=BLOCK)
-    candidates = {
-        "device layout (baseline)": lambda: baseline.short_layout(d_rows, d_positions, d_qsl, d_table, **common),
-        "host layout (this version)": lambda: short_layout(rows, qsl, seq_lens, d_table, **common),
-    }
-    a, b = (fn() for fn in candidates.values())
-    assert a.gather.tolist() == b.gather.tolist() and a.slot_mapping.tolist() == b.slot_mapping.tolist()
+    if args.baseline_takes == "device":
+        candidates = {"device layout (baseline)": lambda: baseline.short_layout(d_rows, d_positions, d_qsl, d_table,
+                                                                                **common)}
+    else:
+        candidates = {"host layout (baseline)": lambda: baseline.short_layout(rows, qsl, seq_lens, d_table, **common)}
+    candidates["host layout (this version)"] = lambda: short_layout(rows, qsl, seq_lens, d_table, **common)
+    # V2's: the rows computed from each request's tiles first (`step_rows`), then the same layout
+    candidates["from tiles, V2 (this version)"] = lambda: short_layout(step_rows(tiles, qsl, seq_lens, tokens), qsl,
+                                                                       seq_lens, d_table, **common)
+    baseline_name = next(iter(candidates))
+    a, *others = (fn() for fn in candidates.values())
+    for b in others:
+        assert a.gather.tolist() == b.gather.tolist() and a.slot_mapping.tolist() == b.slot_mapping.tolist()
     spin = 0
     if device.type == "cuda" and args.queued_ms > 0:  # cycles per millisecond, measured once
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -104,7 +119,7 @@ def main() -> None:
                 torch.cuda.synchronize()
             if index >= 5:
                 times[name].append(elapsed * 1e3)
-    base = statistics.median(times["device layout (baseline)"])
+    base = statistics.median(times[baseline_name])
     table_rows = []
     for name, values in times.items():
         median, (low, high, _) = statistics.median(values), median_interval(values)
@@ -114,6 +129,10 @@ def main() -> None:
           f"{args.tiles} tiles prefilling + {args.decoding} decoding, {tokens} tokens, "
           f"GPU work queued per call: {args.queued_ms if spin else 0} ms, {args.rounds} rounds")
     print(format_table(table_rows))
+    (low_a, high_a, _), *others = (median_interval(values) for values in times.values())
+    for name, (low_b, high_b, _) in zip(list(times)[1:], others):
+        if low_a <= high_b and low_b <= high_a:
+            print(f"{name}: its 95% interval overlaps the baseline's: the ratio is within the noise")
     if args.out:
         with open(args.out, "w") as handle:
             json.dump({"settings": vars(args), "rows": table_rows, "times_ms": times}, handle, indent=1)

@@ -23,7 +23,7 @@ import torch
 
 from internvlx_hf.vllm.lvtc.geometry import LVTCGeometry
 from internvlx_hf.vllm.lvtc.positions import saving_positions
-from internvlx_hf.vllm.lvtc.short_layout import ShortLayoutMismatch, short_layout, step_rows
+from internvlx_hf.vllm.lvtc.short_layout import ShortLayoutMismatch, graph_step_inputs, short_layout, step_rows
 from internvlx_hf.vllm.lvtc.tiles import RequestTiles
 
 LAYOUT = LVTCGeometry(expand_layer=2, short_side=2, long_side=4, upsample_mode="nearest", hr_scale="scale_1",
@@ -551,3 +551,27 @@ def test_layer_k_reads_a_resumed_tiles_lr_states_from_the_slots_that_carry_them(
                            torch.full((long - resume,), long - short, device=device)])
         got = table(hidden, slot, shift)[before:]
         torch.testing.assert_close(got, want[resume:], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_graph_steps_inputs_are_padded_to_its_token_count_at_addresses_that_stay(device):
+    """CUDA graphs replay the layers for a padded token count, reading the addresses they were captured with: the
+    layers' inputs of two steps with the same padded count (and different live counts) lie in the same memory, the
+    gather padded with the scratch row's index (the padded count), long positions and shift past the layout's zero
+    (the runner's padded columns hold stale rows)."""
+    runner, first, second = prefill_and_decode()
+    buffers = torch.full((3, 64), 5, dtype=torch.int64, device=device)
+    captured = None
+    for batch in ([(first, 2 + SHORT), (second, 1)], [(second, 1)]):
+        rows, seq_lens, qsl, table, tokens = step = runner.step(batch)
+        layout = layout_of(step, device)
+        long_positions = torch.arange(tokens, device=device) + 7
+        gather, long_out, shift = graph_step_inputs(buffers, layout.gather, long_positions, layout.shift, 48)
+        live = layout.gather.numel()
+        assert gather.tolist() == layout.gather.tolist() + [48] * (48 - live)
+        assert long_out.tolist() == long_positions.tolist() + [0] * (48 - tokens)
+        assert shift.tolist() == layout.shift.tolist() + [0] * (48 - tokens)
+        addresses = [t.data_ptr() for t in (gather, long_out, shift)]
+        assert captured is None or addresses == captured
+        captured = addresses
+        runner.finish(batch)

@@ -522,7 +522,8 @@ def test_off_vllms_cpu_platform_lvtc_takes_the_masked_path_and_refuses_the_savin
     """The saving path has run with vLLM on its CPU platform only: on another platform (a GPU's, stood in for by vLLM's
     platform object saying it is not the CPU) an LVTC engine takes the masked path, its start-up block saying why,
     where it is and how to opt in. Asked for there (`hf_overrides`), the saving path stops at start where it cannot
-    run (CUDA graphs, which replay a token count), never K/V misplaced; without CUDA graphs, on the V1 runner (the
+    run (full CUDA graphs, which replay a step's attention metadata from their own buffers), never K/V misplaced;
+    without CUDA graphs or with piecewise ones (the layers below k on the padded token count), on the V1 runner (the
     inputs tests/test_short_layout.py simulates) or the V2 runner (its runner state, simulated with vLLM's classes in
     tests/test_vllm_lvtc_savings.py), it runs, the block saying it was checked by simulation only."""
     from types import SimpleNamespace
@@ -546,8 +547,10 @@ def test_off_vllms_cpu_platform_lvtc_takes_the_masked_path_and_refuses_the_savin
     v2 = lambda on: property(lambda self: on)  # noqa: E731 (VLLM_USE_V2_MODEL_RUNNER, as vLLM reads it)
     cases = {  # (V2 runner, enforce_eager, CUDA graphs) -> what stops the saving path
         (True, True, "NONE"): None,
-        (True, False, "PIECEWISE"): "CUDA graphs replay the layers for a step's token count",
-        (False, False, "FULL_AND_PIECEWISE"): "CUDA graphs replay the layers for a step's token count",
+        (True, False, "PIECEWISE"): None,
+        (False, False, "PIECEWISE"): None,
+        (True, False, "FULL_AND_PIECEWISE"): "full CUDA graphs (vLLM's default FULL_AND_PIECEWISE among them) replay",
+        (False, False, "FULL_DECODE_ONLY"): "full CUDA graphs (vLLM's default FULL_AND_PIECEWISE among them) replay",
         (False, True, "NONE"): None,
     }
     for (runner, eager, graphs), blocker in cases.items():
@@ -570,7 +573,9 @@ def test_off_vllms_cpu_platform_lvtc_takes_the_masked_path_and_refuses_the_savin
                 f"scheduling, no CUDA graphs, float32), and this engine is on cuda, {'V2' if runner else 'V1'} model "
                 f"runner, CUDA graphs {graphs}, async scheduling off; ") in line
         assert line.endswith("To try the saving path on a GPU: hf_overrides={'lvtc_vllm_path': 'saving'} with "
-                             "--enforce-eager")
+                             "--enforce-eager, or CUDA graphs piecewise only (--compilation-config "
+                             "'{\"cudagraph_mode\": \"PIECEWISE\"}': the layers below k then run on each step's "
+                             "padded token count, saving KV but not their compute)")
         v2_said = "on vLLM's V2 model runner the saving path builds each step's layout from the tiles its runner state"
         config.lvtc_vllm_path = "saving"
         if blocker is None:
@@ -585,7 +590,7 @@ def test_off_vllms_cpu_platform_lvtc_takes_the_masked_path_and_refuses_the_savin
         assert f"it cannot run on this engine: {blocker}" in line
         with pytest.raises(UnsupportedCheckpoint, match=r"lvtc_vllm_path='saving' \(from hf_overrides\) cannot run on "
                            r"this engine \(on cuda, .*" + re.escape(blocker) + r".*start vLLM with "
-                           r"--enforce-eager, or leave lvtc_vllm_path out"):
+                           r"--enforce-eager, or CUDA graphs piecewise only .*, or leave lvtc_vllm_path out"):
             choose_lvtc_path(vllm_config, config, lvtc_geometry_of(config), EngineSettings(str(folder)))
 
 

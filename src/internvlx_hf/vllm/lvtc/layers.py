@@ -111,14 +111,21 @@ class LVTCLayers(nn.Module):
 
     def run_layers(self, hidden: torch.Tensor, side: torch.Tensor, short_positions: torch.Tensor,
                    long_positions: torch.Tensor, slot: torch.Tensor | None,
-                   gather: torch.Tensor | None = None, shift: torch.Tensor | None = None) -> torch.Tensor:
+                   gather: torch.Tensor | None = None, shift: torch.Tensor | None = None,
+                   scratch: bool = False) -> torch.Tensor:
         """Algorithm 1 over the step's tokens: ``hidden`` the LLM inputs, ``side`` the projectors' columns, ``slot``
         each token's tile slot (-1 outside tiles), ``gather`` the tokens layers ``< k`` run on (None: all of them),
-        ``shift`` where layer ``k`` reads each tile's LR states (`UpsampleTable.forward`)."""
+        ``shift`` where layer ``k`` reads each tile's LR states (`UpsampleTable.forward`). With ``scratch`` the
+        gather may also name one row past the tokens (padding for CUDA graphs, `short_layout.graph_step_inputs`):
+        it reads zeros there and its results are dropped."""
         lm = self.model[0].language_model.model
         depth = len(lm.layers)
         expand = self.layout.expand_layer if self.layout is not None else depth
+        tokens = hidden.shape[0]
         if gather is not None:
+            if scratch:
+                hidden, side = F.pad(hidden, (0, 0, 0, 1)), F.pad(side, (0, 0, 0, 1))
+                short_positions = F.pad(short_positions, (0, 1))
             hidden_s, side_s = hidden.index_select(0, gather), side.index_select(0, gather)
             short_positions = short_positions.index_select(0, gather)
         else:
@@ -132,7 +139,11 @@ class LVTCLayers(nn.Module):
             hidden, _ = lm.norm(hidden_s, residual)
             return hidden
         hidden_s = hidden_s + residual if residual is not None else hidden_s
-        hidden = hidden_s if gather is None else hidden.new_zeros(hidden.shape).index_copy(0, gather, hidden_s)
+        if gather is not None:
+            hidden = hidden.new_zeros(hidden.shape).index_copy(0, gather, hidden_s)[:tokens]
+            side = side[:tokens]
+        else:
+            hidden = hidden_s
         hidden, residual = self._expand(hidden, slot, side, shift), None
         lr_slot = (slot < self.layout.short_per_tile)[:, None]  # (the HR-only slots' extra columns carry copies)
         for index in range(expand, depth):

@@ -247,7 +247,9 @@ def _untested_platform(vllm_config) -> str | None:
 
 
 #: What the saving path needs on a GPU, where it has not run with vLLM (`_runner_blocker`).
-GPU_SAVING_SETTINGS = "--enforce-eager"
+GPU_SAVING_SETTINGS = ("--enforce-eager, or CUDA graphs piecewise only (--compilation-config "
+                       "'{\"cudagraph_mode\": \"PIECEWISE\"}': the layers below k then run on each step's padded "
+                       "token count, saving KV but not their compute)")
 
 
 def _v2_runner(vllm_config) -> bool:
@@ -265,17 +267,30 @@ V2_SIMULATED = ("on vLLM's V2 model runner the saving path builds each step's la
 
 def _runner_blocker(vllm_config) -> str | None:
     """Why the saving path cannot run with this engine's model runner, or None where it can: either runner (V1
-    reads the step's rows from its M-RoPE buffer, V2 computes them from its runner state's tiles), without CUDA graphs
-    on a GPU."""
+    reads the step's rows from its M-RoPE buffer, V2 computes them from its runner state's tiles), on a GPU without
+    CUDA graphs or with piecewise ones (the layers below k then run on the padded token count: `saving.layers.
+    graph_layout`)."""
     from vllm.platforms import current_platform
 
     if current_platform.is_cpu():  # (no CUDA graphs there)
         return None
     graphs = getattr(vllm_config.compilation_config, "cudagraph_mode", None)
-    if not vllm_config.model_config.enforce_eager and getattr(graphs, "name", graphs) != "NONE":
-        return ("CUDA graphs replay the layers for a step's token count, and the layers below k run on a live-token "
-                "count of their own")
+    name = getattr(graphs, "name", graphs)
+    if not vllm_config.model_config.enforce_eager and name not in ("NONE", "PIECEWISE"):
+        return ("full CUDA graphs (vLLM's default FULL_AND_PIECEWISE among them) replay each step's attention "
+                "metadata from the buffers they were captured with, and the short layers' is built per step apart "
+                "from them")
     return None
+
+
+def graph_layout(vllm_config, config) -> bool:
+    """Whether the layers below k run on the step's padded token count (`short_layout.graph_step_inputs`) rather than
+    on its live tokens: where vLLM may replay piecewise CUDA graphs, which are captured per token count, or where
+    the config asks for it (``lvtc_vllm_graph_layout``, to compare the two on a platform without CUDA graphs)."""
+    graphs = getattr(vllm_config.compilation_config, "cudagraph_mode", None)
+    name = getattr(graphs, "name", graphs)
+    replays = name not in (None, "NONE") and not vllm_config.model_config.enforce_eager
+    return bool(replays or getattr(config, "lvtc_vllm_graph_layout", False))
 
 
 def _untested_settings(vllm_config) -> str | None:
@@ -333,7 +348,7 @@ def _masked_reason(vllm_config, config) -> str | None:
                     f"{GPU_SAVING_SETTINGS}, or leave lvtc_vllm_path out (the masked path).")
         else:
             where = (f"it cannot run on this engine: {blocker}" if blocker else
-                     "on this engine (no CUDA graphs) its inputs are checked by simulation only"
+                     "on this engine (no CUDA graphs, or piecewise ones) its inputs are checked by simulation only"
                      + (f"; {V2_SIMULATED}" if _v2_runner(vllm_config) else ""))
             return (f"the saving path has run with vLLM on its CPU platform only ({SAVING_RUNS_ON}), and this engine "
                     f"is {platform}; {where} (docs/serving-vllm-lvtc.md, \"Where each path has run\"; neither "
@@ -397,6 +412,9 @@ def choose_lvtc_path(vllm_config, config, layout: LVTCGeometry, settings: Engine
                 "layout on CUDA, never a whole engine" if _untested_platform(vllm_config) else "")
     if _v2_runner(vllm_config):
         untested += f"; {V2_SIMULATED}"
+    if graph_layout(vllm_config, config):
+        untested += ("; the layers below k run on each step's padded token count (the layout piecewise CUDA graphs "
+                     "replay: the short KV group kept, their compute the long layout's)")
     settings.note("LVTC path: saving (the layers below k hold and compute the short layout only; this engine: "
                   f"{engine_mode(vllm_config)}; run in the tests on vLLM's CPU platform: {SAVING_RUNS_ON}{untested}; "
                   "`hf_overrides={'lvtc_vllm_path': 'masked'}` asks for the masked long layout)")

@@ -265,3 +265,27 @@ UNHELD_ON_DEVICE = ("InternVL-X LVTC saving path: a short-layout token of the st
 def _unheld(count) -> str:
     return (f"{count} short-layout token(s) of the step have no block in the short group (the scheduler gave that "
             "group fewer tokens than the rows place)")
+
+
+def graph_step_inputs(buffers: torch.Tensor, gather: torch.Tensor, long_positions: torch.Tensor, shift: torch.Tensor,
+                      num_tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The layers' per-step inputs for a forward pass that CUDA graphs replay (piecewise: the layers are captured per
+    padded token count, attention runs between the pieces): `(gather, long_positions, shift)`, each `num_tokens` long
+    (the step's padded count, the graph's), written into `buffers` ``(3, >= num_tokens)`` (persistent: a replayed
+    graph reads the addresses it was captured with, so the inputs of one count always lie at the same place).
+
+    `gather` (the layout's live tokens) is padded with ``num_tokens``, the index of a scratch row past the step's
+    tokens (`LVTCLayers.run_layers` with ``scratch``): the layers below k run on ``num_tokens`` rows, the live ones
+    and padding that attention skips (past the short query ends, ``num_actual_tokens``), that writes no K/V (the slot
+    mapping holds the live tokens only) and that scatters back to the scratch row only. `long_positions` and `shift`
+    are the layout's, zeros past their ends (the runner's padded columns hold stale rows, whose row 0 may carry
+    LongRoPE's flags: no RoPE index). Device copies only: no host read; the sizes are host values (tensor shapes)."""
+    gather_out, long_out, shift_out = buffers[0, :num_tokens], buffers[1, :num_tokens], buffers[2, :num_tokens]
+    live = gather.shape[0]
+    gather_out[:live].copy_(gather)
+    gather_out[live:].fill_(num_tokens)
+    long_out.zero_()
+    long_out[: long_positions.shape[0]].copy_(long_positions)
+    shift_out.zero_()
+    shift_out[: shift.shape[0]].copy_(shift)
+    return gather_out, long_out, shift_out

@@ -168,9 +168,11 @@ def _short_backend(base: type, channel: PositionBufferChannel) -> type:
 
     class LVTCShortImpl(base.get_impl_cls()):
         def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping):
-            # vLLM's slot mapping for this group comes from long-layout positions; the short one is our metadata's
+            # vLLM's slot mapping for this group comes from long-layout positions; the short one is our metadata's,
+            # one slot per live token (the rows after them: padding for CUDA graphs, `graph_step_inputs`, not written)
             metadata = get_forward_context().attn_metadata[layer.layer_name]
-            super().do_kv_cache_update(layer, key, value, kv_cache, metadata.slot_mapping)
+            live = metadata.slot_mapping.shape[0]
+            super().do_kv_cache_update(layer, key[:live], value[:live], kv_cache, metadata.slot_mapping)
 
     return subclass_attention_backend_with_overrides(
         "LVTCShort_", base, {"get_builder_cls": staticmethod(lambda: LVTCShortBuilder),

@@ -14,7 +14,9 @@ from vllm.forward_context import get_forward_context
 from vllm.model_executor.layers.attention import Attention
 
 from internvlx_hf.vllm.lvtc.layers import LVTCLayers
+from internvlx_hf.vllm.lvtc.path import graph_layout
 from internvlx_hf.vllm.lvtc.positions import saving_rope_indices
+from internvlx_hf.vllm.lvtc.short_layout import graph_step_inputs
 from internvlx_hf.vllm.lvtc.saving.attention import (LVTCShortAttention, PendingShortMetadata, PositionBufferChannel,
                                                      host_rows, short_backend)
 
@@ -30,8 +32,9 @@ class SavingLayers(LVTCLayers):
     (`gather`, built by the short builder) at their short positions, layers from k at `long_positions`; `shift` says
     where layer k reads a resumed tile's LR states (`short_layout.ShortLayout.shift`)."""
 
-    def __init__(self, *, model, vllm_config, switch: int | None, prefix: str = ""):
+    def __init__(self, *, model, vllm_config, switch: int | None, padded: bool = False, prefix: str = ""):
         super().__init__(model, vllm_config, switch)
+        self.padded = padded  # the gather padded to the step's token count (`graph_layout`)
 
     def forward(self, positions: torch.Tensor, inputs_embeds: torch.Tensor, gather: torch.Tensor,
                 long_positions: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -43,7 +46,7 @@ class SavingLayers(LVTCLayers):
         # slot j = slot - (long - short)) is at that LR slot's short position
         long_per_tile = self.layout.long_per_tile
         short_index = short_index - torch.where(slot >= self.layout.short_per_tile, long_per_tile - slot, 0)
-        return self.run_layers(hidden, side, short_index, long_index, slot, gather, shift)
+        return self.run_layers(hidden, side, short_index, long_index, slot, gather, shift, scratch=self.padded)
 
 
 def saving_unavailable(model) -> str | None:
@@ -87,7 +90,13 @@ class SavingFront(nn.Module):
             attn.short_per_tile, attn.long_per_tile = layout.short_per_tile, layout.long_per_tile
             self_attn.attn = attn
             self.short_names.append(old.layer_name)
-        self.layers = SavingLayers(model=model, vllm_config=vllm_config, switch=switch, prefix=prefix)
+        self.padded = graph_layout(vllm_config, model.config)
+        if self.padded:
+            # the graphs' per-step inputs, at addresses that stay (`graph_step_inputs`), as many as a step's tokens
+            tokens = vllm_config.scheduler_config.max_num_batched_tokens
+            self.register_buffer("graph_inputs", torch.zeros(3, tokens, dtype=torch.int64), persistent=False)
+        self.layers = SavingLayers(model=model, vllm_config=vllm_config, switch=switch, padded=self.padded,
+                                   prefix=prefix)
 
     def tile_rows(self, vit, lr):
         return self.layers.tile_rows(vit, lr)
@@ -120,11 +129,19 @@ class SavingFront(nn.Module):
                         finished[id(pending)] = pending.finish()
                     metas[name] = finished[id(pending)]
             meta = metas[self.short_names[0]]
+            if self.padded:
+                gather, long_positions, shift = graph_step_inputs(
+                    self.graph_inputs, meta.lvtc_gather, meta.lvtc_long_positions, meta.lvtc_shift, tokens)
+                return self.layers(positions, inputs_embeds, gather, long_positions, shift)
             gather = meta.lvtc_gather
             long_positions = positions[0].clone()
             long_positions[: meta.lvtc_long_positions.shape[0]] = meta.lvtc_long_positions
             shift = torch.zeros_like(long_positions)
             shift[: meta.lvtc_shift.shape[0]] = meta.lvtc_shift
+        elif self.padded:  # a graph's capture or a warm-up run (no metadata): every token at its index
+            gather, long_positions, shift = graph_step_inputs(
+                self.graph_inputs, torch.arange(tokens, device=positions.device), positions[0], positions[0][:0],
+                tokens)
         else:  # warm-up / profile runs (no metadata): a gather index whose size differs from the token count's
             gather = torch.arange(max(tokens - 1, 1), device=positions.device)
             long_positions = positions[0]
