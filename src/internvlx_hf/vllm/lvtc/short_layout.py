@@ -4,9 +4,11 @@ to this step.
 
 Plain torch, no vLLM: the inputs are the tensors vLLM's model runners hand an attention metadata builder, so the
 function runs (and is tested, `tests/test_short_layout.py`) with the inputs each runner gives, on CPU and on CUDA.
-It is built on the host, from host data only (the step's rows as the runner wrote them on the host, its query offsets
-and sequence lengths): nothing is read back from a GPU per step. The device receives the layout in one copy and
-gathers the slot mapping from its own block table.
+It is built on the host, from host data only (the step's rows as V1 wrote them on the host, or as `step_rows`
+computes them from each request's tiles where V2 hands the builder those; its query offsets and sequence lengths):
+nothing is read back from a GPU per step. The device receives the layout in one copy and gathers the slot mapping
+from its own block table. Where CUDA graphs replay the layers, `graph_step_inputs` pads the layers' inputs to the
+step's padded token count.
 
 The rows (``positions.saving_positions``): row 1 holds each token's short position ``s``; row 2 ``-1 - j`` for slot
 ``j`` of a tile and ``s`` for every other token; a decoded token's rows are all ``s``. Each token's long position
@@ -27,12 +29,12 @@ token of a right step, and is checked:
 A warm-up step (a dummy run that builds attention metadata before any request reached the runner, its rows all
 zeros: the caller says which, ``warm_up``) runs every token below ``k`` at its index in its request and writes no K/V.
 
-Rows left from the previous step (a runner that builds the metadata before it writes the step's rows, as vLLM's second
-model runner does) give a decoded token ``p - s`` one more than a multiple: caught. Padded counts (CUDA graphs, data
-parallelism) and the stale columns past the step's tokens are ignored by construction: only the first
-``num_tokens`` columns are read, and padded requests schedule none. Not caught: rows of another request with as many
-tiles, placed elsewhere in a prompt as long (rows that are right for some request; telling them apart takes the
-request's own tiles, which the builder is not given).
+Rows left from the previous step (V2's M-RoPE buffer when the metadata is built: V2 writes the step's rows after)
+give a decoded token ``p - s`` one more than a multiple: caught. Padded counts (CUDA graphs, data parallelism) and the
+stale columns past the step's tokens are ignored by construction: only the first ``num_tokens`` columns are read,
+and padded requests schedule none. Not caught on V1: rows of another request with as many tiles, placed elsewhere in
+a prompt as long (rows that are right for some request; telling them apart takes the request's own tiles, which V1
+does not give the builder; on V2 the rows are computed from them).
 """
 
 from __future__ import annotations
