@@ -586,6 +586,9 @@ def test_off_vllms_cpu_platform_lvtc_takes_the_masked_path_and_refuses_the_savin
             assert ("asked for on a platform where it has not run with vLLM: its inputs checked by simulation and its "
                     "layout on CUDA, never a whole engine") in settings.lines[0]
             assert (v2_said in settings.lines[0]) == runner
+            # with piecewise graphs the layers below k run on the padded token count, and the block says so
+            assert ("the layers below k run on each step's padded token count" in settings.lines[0]) == (
+                graphs == "PIECEWISE")
             continue
         assert f"it cannot run on this engine: {blocker}" in line
         with pytest.raises(UnsupportedCheckpoint, match=r"lvtc_vllm_path='saving' \(from hf_overrides\) cannot run on "
