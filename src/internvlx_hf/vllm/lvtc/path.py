@@ -283,16 +283,6 @@ def _runner_blocker(vllm_config) -> str | None:
     return None
 
 
-def graph_layout(vllm_config, config) -> bool:
-    """Whether the layers below k run on the step's padded token count (`short_layout.graph_step_inputs`) rather than
-    on its live tokens: where vLLM may replay piecewise CUDA graphs, which are captured per token count, or where
-    the config asks for it (``lvtc_vllm_graph_layout``, to compare the two on a platform without CUDA graphs)."""
-    graphs = getattr(vllm_config.compilation_config, "cudagraph_mode", None)
-    name = getattr(graphs, "name", graphs)
-    replays = name not in (None, "NONE") and not vllm_config.model_config.enforce_eager
-    return bool(replays or getattr(config, "lvtc_vllm_graph_layout", False))
-
-
 def _untested_settings(vllm_config) -> str | None:
     """An engine setting the saving path has not run with, and what it changes, or None."""
     from vllm.platforms import current_platform
@@ -412,6 +402,8 @@ def choose_lvtc_path(vllm_config, config, layout: LVTCGeometry, settings: Engine
                 "layout on CUDA, never a whole engine" if _untested_platform(vllm_config) else "")
     if _v2_runner(vllm_config):
         untested += f"; {V2_SIMULATED}"
+    from .saving.layers import graph_layout  # (imported by `_masked_reason` already)
+
     if graph_layout(vllm_config, config):
         untested += ("; the layers below k run on each step's padded token count (the layout piecewise CUDA graphs "
                      "replay: the short KV group kept, their compute the long layout's)")

@@ -14,7 +14,6 @@ from vllm.forward_context import get_forward_context
 from vllm.model_executor.layers.attention import Attention
 
 from internvlx_hf.vllm.lvtc.layers import LVTCLayers
-from internvlx_hf.vllm.lvtc.path import graph_layout
 from internvlx_hf.vllm.lvtc.positions import saving_rope_indices
 from internvlx_hf.vllm.lvtc.short_layout import graph_step_inputs
 from internvlx_hf.vllm.lvtc.saving.attention import (LVTCShortAttention, PendingShortMetadata, PositionBufferChannel,
@@ -65,6 +64,16 @@ def saving_unavailable(model) -> str | None:
             return (f"the attention backend {backend.get_name()} writes K/V neither in its forward nor through "
                     "do_kv_cache_update, so the short layers' KV cannot be written at their own slots")
     return None
+
+
+def graph_layout(vllm_config, config) -> bool:
+    """Whether the layers below k run on the step's padded token count (`short_layout.graph_step_inputs`) rather than
+    on its live tokens: where vLLM may replay piecewise CUDA graphs, which are captured per token count, or where
+    the config asks for it (``lvtc_vllm_graph_layout``, to compare the two on a platform without CUDA graphs)."""
+    graphs = getattr(vllm_config.compilation_config, "cudagraph_mode", None)
+    name = getattr(graphs, "name", graphs)
+    replays = name not in (None, "NONE") and not vllm_config.model_config.enforce_eager
+    return bool(replays or getattr(config, "lvtc_vllm_graph_layout", False))
 
 
 class SavingFront(nn.Module):
