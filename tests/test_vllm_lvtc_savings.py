@@ -690,7 +690,8 @@ def test_the_layers_below_k_on_a_padded_token_count_answer_as_on_the_live_tokens
     a scratch row (`short_layout.graph_step_inputs`, `LVTCLayers.run_layers`'s ``scratch``). Forced on vLLM's CPU
     platform (no CUDA graphs there) with ``lvtc_vllm_graph_layout``: a 12-tile prefill, two images and a text request,
     alone and together, get transformers' tokens and logprobs, and the short group holds the short layout's blocks
-    only (the padding writes none). (Padding aimed at a real token instead of the scratch row changes the answers: measured.)"""
+    only (the padding writes none). (Padding aimed at a real token instead of the scratch row changes the answers:
+    measured.)"""
     import math
 
     requests = ["12 tiles", "two images", "text"]
