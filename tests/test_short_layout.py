@@ -462,6 +462,61 @@ def test_a_step_resuming_a_tile_recomputes_the_lr_slots_its_hr_only_slots_carry(
     assert other.gather.tolist() == layout.gather.tolist()
 
 
+def in_kernel_blocks(table: torch.Tensor, kernel: int, stride: int = 0) -> torch.Tensor:
+    """A block table as vLLM hands it to a backend that takes blocks of `kernel` tokens (`AttentionGroup
+    .map_to_kernel_block_table`): kernel block j of block b is ``b * stride + j``, the stride being the kernel blocks
+    per block, or a packed cache's page stride."""
+    per_block = BLOCK // kernel
+    return (table.unsqueeze(-1) * (stride or per_block) + torch.arange(per_block, dtype=table.dtype)).flatten(1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("stride", [0, 5], ids=["split", "packed"])
+def test_a_block_table_in_kernel_blocks_gives_the_same_kv_slots(device, stride):
+    """A backend may take smaller blocks than the KV manager's (vLLM's kernel block sizes, e.g. FlashAttention 4 with
+    head size 256): its block table and slots are in kernel blocks. The layout then maps each live token to the
+    kernel view's slot of the very place the manager's block gives it, the K/V a resumed tile does not write is that of
+    the manager's cached blocks (counted in its block size, not the kernel's), and a token in vLLM's null block is
+    refused whichever of its kernel blocks it falls in."""
+    kernel = BLOCK // 2
+
+    def kernel_slot(slot: int) -> int:
+        block, offset = divmod(slot, BLOCK)
+        return -1 if slot < 0 else (block * (stride or 2) + offset // kernel) * kernel + offset % kernel
+
+    runner, first, second = prefill_and_decode()
+    mixed = runner.step([(first, first.prompt), (second, 1)])
+    resumed = Request(prompt=2 + LONG + 3, images=[(2, 1)])  # resumed at HR-only slot 12: its LR end, 6, mid-block
+    resumed.computed, resumed.blocks = 2 + 12, [1]
+    runner = Runner()
+    runner.next_block = 2
+    for step in (mixed, runner.step([(resumed, 7)])):
+        rows, seq_lens, qsl, table, tokens = step
+        whole = layout_of(step, device)
+        split = short_layout(rows, qsl, seq_lens, in_kernel_blocks(table, kernel, stride).to(device),
+                             num_tokens=tokens, short_per_tile=SHORT, long_per_tile=LONG, block_size=BLOCK,
+                             kernel_block_size=kernel)
+        assert split.slot_mapping.tolist() == [kernel_slot(slot) for slot in whole.slot_mapping.tolist()]
+        assert split.unwritten.tolist() == whole.unwritten.tolist()
+        assert split.gather.tolist() == whole.gather.tolist()
+        other = split.for_block_table(in_kernel_blocks(table + 10, kernel, stride).to(device), kernel)
+        assert other.slot_mapping.tolist() == [-1 if slot < 0 else kernel_slot(slot + 10 * BLOCK)
+                                               for slot in whole.slot_mapping.tolist()]
+    assert split.slot_mapping.tolist().count(-1) == 2  # (short positions 2-3: the cache's block; 4-5 are written)
+
+    # a full block missing: its 4 tokens are refused, those in the null block's second kernel block as well
+    rows, seq_lens, qsl, table, tokens = mixed
+    table = table.clone()
+    table[0, len(first.blocks) - 2] = 0
+    if device == "cpu":
+        with pytest.raises(ShortLayoutMismatch, match="4 short-layout token.s. of the step have no block"):
+            short_layout(rows, qsl, seq_lens, in_kernel_blocks(table, kernel, stride), num_tokens=tokens,
+                         short_per_tile=SHORT, long_per_tile=LONG, block_size=BLOCK, kernel_block_size=kernel)
+    with pytest.raises(ValueError, match="kernel_block_size 3 does not divide"):
+        short_layout(rows, qsl, seq_lens, table, num_tokens=tokens, short_per_tile=SHORT, long_per_tile=LONG,
+                     block_size=BLOCK, kernel_block_size=3)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_a_step_that_cannot_resume_its_first_tile_is_refused(device):
     """A step that starts inside a tile's LR slots, or in its HR-only slots without the rest of the tile, or after the

@@ -521,6 +521,57 @@ def test_no_runner_hands_a_short_group_another_groups_metadata():
 
 @pytest.mark.vllm
 @needs_vllm
+def test_a_backend_that_takes_smaller_blocks_gets_the_short_layout_in_its_kernel_blocks(tmp_path):
+    """vLLM gives an attention backend that takes smaller blocks than the KV manager's (kernel block sizes:
+    `prepare_kernel_block_sizes`, `AttentionGroup.create_metadata_builders`) a copy of the group's spec in the kernel
+    block size and the block table in kernel blocks (`build_metadata`). Simulated with vLLM's own classes on a CPU
+    backend that says it takes blocks of 2 (the short group's: 4): the short builder keeps the manager's block size
+    for what the cache holds (a resumed tile's recomputed slots, counted in manager blocks: the K/V of short positions
+    4-5 written, 2-3 the cache's) and maps the slots in kernel blocks, the same places as without the split."""
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.v1.attention.backend import CommonAttentionMetadata, subclass_attention_backend_with_overrides
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+    from vllm.v1.kv_cache_interface import KVCacheConfig, KVCacheGroupSpec
+    from vllm.v1.worker.utils import AttentionGroup, prepare_kernel_block_sizes
+
+    from test_short_layout import BLOCK, LONG, SHORT, Request, Runner, layout_of
+    from vllm_helpers import build_checkpoint
+
+    saving = _saving("attention")
+    folder = build_checkpoint(tmp_path / "lvtc", llm="qwen2", lvtc=dict(expand_layer=2), text=dict(head_dim=32))
+    config = EngineArgs(model=str(folder), dtype="float32", max_model_len=4096, block_size=16).create_engine_config()
+    spec = _saving("kv_cache").LVTCShortSpec(block_size=BLOCK, num_kv_heads=2, head_size=32, dtype=torch.float32,
+                                             short_per_tile=SHORT, long_per_tile=LONG)
+    base = subclass_attention_backend_with_overrides(
+        "Kernel2_", CPUAttentionBackend, {"get_supported_kernel_block_sizes": staticmethod(lambda spec=None: [2])})
+    channel = saving.PositionBufferChannel()
+    group = AttentionGroup(saving.short_backend(base, channel), ["layers.0"], spec, 0)
+    kv_config = KVCacheConfig(num_blocks=64, kv_cache_tensors=[], kv_cache_groups=[KVCacheGroupSpec(["layers.0"], spec)])
+    kernel = prepare_kernel_block_sizes(kv_config, [[group]])[0]
+    assert kernel == 2
+    group.create_metadata_builders(config, torch.device("cpu"), kernel_block_size=kernel)
+    assert group.kernel_block_size == 2 and group.get_metadata_builder().kv_cache_spec.block_size == 2
+
+    resumed = Request(prompt=2 + LONG + 3, images=[(2, 1)])  # a cache hit at HR-only slot 12 of its tile
+    resumed.computed, resumed.blocks = 2 + 12, [1]
+    runner = Runner()
+    runner.next_block = 2
+    step = rows, seq_lens, qsl, table, tokens = runner.step([(resumed, 7)])
+    channel.buffer, channel.requests = rows, 1  # (V1: the rows the runner wrote)
+    cm = CommonAttentionMetadata(
+        query_start_loc=qsl, query_start_loc_cpu=qsl, seq_lens=seq_lens, num_reqs=1, num_actual_tokens=tokens,
+        max_query_len=tokens, max_seq_len=int(seq_lens.max()), block_table_tensor=table,
+        slot_mapping=torch.arange(tokens), positions=torch.arange(resumed.computed, resumed.computed + tokens),
+        seq_lens_cpu_upper_bound=seq_lens)
+    short = group.build_metadata(cm)
+    whole = layout_of(step, "cpu")
+    assert whole.slot_mapping.tolist() == [-1, -1, 2 * BLOCK, 2 * BLOCK + 1, 2 * BLOCK + 2, 2 * BLOCK + 3, 3 * BLOCK]
+    assert short.slot_mapping.tolist() == whole.slot_mapping.tolist()  # (kernel block j of b: 2b + j, same slots)
+    assert short.lvtc_gather.tolist() == whole.gather.tolist()
+
+
+@pytest.mark.vllm
+@needs_vllm
 def test_the_short_metadata_gives_every_host_count_from_the_host():
     """The metadata the short layers' backend builds from (`short_common_metadata`) for a step prefilling two images
     beside a decode, padded as CUDA graphs pad it: the short layout's offsets, lengths and slots, and the host copies a

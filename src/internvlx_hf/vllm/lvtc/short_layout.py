@@ -85,7 +85,8 @@ class ShortLayout:
     def for_block_table(self, block_table: torch.Tensor, block_size: int) -> "ShortLayout":
         """The same layout for another short KV-cache group: only the slot mapping differs (vLLM may split the layers
         below k into several groups, each with its own blocks, as many per request as the first group's, which
-        `short_layout` checked)."""
+        `short_layout` checked); `block_size` is the one the table's entries are in (the kernel block size where
+        the backend splits blocks)."""
         blocks = _blocks(block_table, self.live_request, self.live_short, block_size)
         return dataclasses.replace(self, slot_mapping=_slot_mapping(blocks, self.live_short, self.unwritten,
                                                                     block_size))
@@ -102,7 +103,7 @@ def _slot_mapping(blocks, short, unwritten, block_size) -> torch.Tensor:
 
 def short_layout(rows: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor,
                  *, num_tokens: int, short_per_tile: int, long_per_tile: int, block_size: int,
-                 warm_up: bool = False) -> ShortLayout:
+                 kernel_block_size: int | None = None, warm_up: bool = False) -> ShortLayout:
     """The step's short layout (see the module docstring), built on the host: the device is only written to.
 
     Host tensors, as vLLM's runners hold them before they build attention metadata: `rows` ``(3, >= num_tokens)``, the
@@ -114,8 +115,19 @@ def short_layout(rows: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: to
     live token has a block is asserted there without waiting for it, `torch._assert_async`). `num_tokens`: the step's
     scheduled tokens without padding; `warm_up`: no request has reached the runner yet (a dummy run, see the module
     docstring). Raises `ShortLayoutMismatch` when the rows do not belong to this step.
+
+    `block_size` is the short group's as vLLM's KV manager allocates and caches it (which slots of a resumed tile the
+    cache holds follows from it); `kernel_block_size`, where the backend takes smaller blocks (vLLM's
+    ``AttentionGroup.kernel_block_size``: the block table then lists ``block_size / kernel_block_size`` kernel blocks
+    per manager block, vLLM's null block as kernel blocks ``0`` to that count less one), the size the block table's
+    entries and the slot mapping are in.
     """
     device = block_table.device
+    kernel_block_size = kernel_block_size or block_size
+    if block_size % kernel_block_size:
+        raise ValueError(f"kernel_block_size {kernel_block_size} does not divide the short group's block size "
+                         f"{block_size}")
+    null_blocks = block_size // kernel_block_size  # (vLLM's null block, in the table's blocks)
     requests = query_start_loc.shape[0] - 1
     unused_per_tile = long_per_tile - short_per_tile
     rows = rows[:, :num_tokens].to("cpu", torch.int64)
@@ -183,7 +195,7 @@ def short_layout(rows: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: to
             "(inside its LR slots, without the rest of the tile, or without the HR-only slots that carry the LR "
             "inputs to recompute)")
     live_request, live_short, live_unwritten = request[gather], short[gather], unwritten[gather]
-    beyond = (live_short // block_size >= block_table.shape[1]) & (not warm_up)
+    beyond = (live_short // kernel_block_size >= block_table.shape[1]) & (not warm_up)
     if bad := int(beyond.sum()):
         raise ShortLayoutMismatch(_unheld(bad))
 
@@ -197,19 +209,19 @@ def short_layout(rows: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: to
     d_gather, d_qsl, d_held, d_shift, d_request, d_short, d_unwritten = moved.split(
         [live_count, requests + 1, requests, num_tokens, live_count, live_count, live_count])
     d_unwritten = d_unwritten.bool()
-    blocks = _blocks(block_table, d_request, d_short, block_size)
+    blocks = _blocks(block_table, d_request, d_short, kernel_block_size)
     if not warm_up:
         # each live token's block is one the scheduler gave the short group (not vLLM's null block): checked where
         # the block table is, so that a GPU step does not wait for its device
         if device.type == "cpu":
-            if bad := int((blocks == NULL_BLOCK).sum()):
+            if bad := int((blocks < NULL_BLOCK + null_blocks).sum()):
                 raise ShortLayoutMismatch(_unheld(bad))
         else:
-            torch._assert_async((blocks != NULL_BLOCK).all(), UNHELD_ON_DEVICE)
+            torch._assert_async((blocks >= NULL_BLOCK + null_blocks).all(), UNHELD_ON_DEVICE)
     return ShortLayout(
         gather=d_gather, query_start_loc=d_qsl.to(torch.int32), query_start_loc_cpu=short_qsl.to(torch.int32),
         seq_lens=d_held, seq_lens_cpu=held.to(torch.int32),
-        slot_mapping=_slot_mapping(blocks, d_short, d_unwritten, block_size),
+        slot_mapping=_slot_mapping(blocks, d_short, d_unwritten, kernel_block_size),
         shift=d_shift, max_query_len=int(lens.max()) if requests else 0,
         max_seq_len=int(held.max()) if requests else 0,
         live_request=d_request, live_short=d_short, unwritten=d_unwritten)

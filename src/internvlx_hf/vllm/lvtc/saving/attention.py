@@ -156,9 +156,11 @@ def _short_backend(base: type, channel: PositionBufferChannel) -> type:
                             else step_rows(tiles, query_start_loc, seq_lens, tokens))
                 else:  # V1: the rows it wrote to its M-RoPE buffer's host side before this build
                     rows, warm_up = channel.buffer, channel.requests == 0
+                # (a backend that takes smaller blocks gets the table in kernel blocks and a spec in their size)
                 layout = short_layout(rows, query_start_loc, seq_lens, cm.block_table_tensor, num_tokens=tokens,
                                       short_per_tile=spec.short_per_tile, long_per_tile=spec.long_per_tile,
-                                      block_size=spec.block_size, warm_up=warm_up)
+                                      block_size=spec.manager_block_size, kernel_block_size=spec.block_size,
+                                      warm_up=warm_up)
                 channel.layout = (cm.query_start_loc, key, layout)
             meta = super().build(0, short_common_metadata(cm, layout), fast_build)
             meta.lvtc_gather = layout.gather

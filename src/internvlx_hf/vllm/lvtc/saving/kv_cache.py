@@ -7,7 +7,7 @@ process (the engine core receives the workers' specs pickled, and builds its man
 from __future__ import annotations
 
 import contextvars
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from vllm.utils.math_utils import cdiv
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
@@ -28,6 +28,20 @@ class LVTCShortSpec(AttentionSpec):
 
     short_per_tile: int
     long_per_tile: int
+    #: the block size of the spec this one was copied from (`copy_with_new_block_size`): vLLM hands a backend that
+    #: takes smaller blocks than the KV manager's a copy in its kernel block size (`AttentionGroup
+    #: .create_metadata_builders`), and the short layout needs the manager's too (`manager_block_size`)
+    copied_from_block_size: int = field(default=0, compare=False)
+
+    def copy_with_new_block_size(self, block_size: int) -> "LVTCShortSpec":
+        return replace(self, block_size=block_size, copied_from_block_size=self.block_size)
+
+    @property
+    def manager_block_size(self) -> int:
+        """The block size the short group's manager allocates and caches in: this spec's, or, for a kernel block
+        size's copy (smaller), the one it was copied from (vLLM copies to a larger size only to raise the manager's,
+        `unify_kv_cache_spec_page_size`)."""
+        return max(self.block_size, self.copied_from_block_size)
 
     def max_memory_usage_bytes(self, vllm_config) -> int:
         # a text-only request holds as many short-layout tokens as long-layout ones
