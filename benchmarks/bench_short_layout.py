@@ -2,8 +2,8 @@
 version), against the layout of an earlier version read from a file (`--baseline`, e.g. ``git show
 f3be96e:src/internvlx_hf/vllm/lvtc/short_layout.py`` with its one relative import, ``from .geometry``, made absolute),
 which worked on the device's tensors and read four counts and each request's lengths back once per step
-(`--baseline-takes host` for a baseline with this version's inputs). A third row is V2's layout: the rows computed
-from each request's tiles (`step_rows`), then the same layout.
+(`--baseline-takes host` for a baseline with this version's inputs). A third row is V2's layout: built from each
+request's tiles instead of the rows (`short_layout(..., tiles=)`, the rows computed from them).
 
 A step as vLLM runs it while a request prefills beside decoding ones: one request of `--tiles` 448px tiles (1024 long,
 256 short slots each) and `--decoding` requests of one token. On a GPU the previous step's forward pass is still
@@ -29,7 +29,7 @@ import torch
 from internvlx_hf.bench.harness import format_table, median_interval
 from internvlx_hf.vllm.lvtc.geometry import LVTCGeometry
 from internvlx_hf.vllm.lvtc.positions import saving_positions
-from internvlx_hf.vllm.lvtc.short_layout import short_layout, step_rows
+from internvlx_hf.vllm.lvtc.short_layout import short_layout
 from internvlx_hf.vllm.lvtc.tiles import RequestTiles
 
 SHORT, LONG, BLOCK = 256, 1024, 16
@@ -86,9 +86,9 @@ def main() -> None:
     else:
         candidates = {"host layout (baseline)": lambda: baseline.short_layout(rows, qsl, seq_lens, d_table, **common)}
     candidates["host layout (this version)"] = lambda: short_layout(rows, qsl, seq_lens, d_table, **common)
-    # V2's: the rows computed from each request's tiles first (`step_rows`), then the same layout
-    candidates["from tiles, V2 (this version)"] = lambda: short_layout(step_rows(tiles, qsl, seq_lens, tokens), qsl,
-                                                                       seq_lens, d_table, **common)
+    # V2's: the layout from each request's tiles (the rows computed from them, as `step_rows` gives them)
+    candidates["from tiles, V2 (this version)"] = lambda: short_layout(None, qsl, seq_lens, d_table, tiles=tiles,
+                                                                       **common)
     baseline_name = next(iter(candidates))
     a, *others = (fn() for fn in candidates.values())
     for b in others:

@@ -24,7 +24,7 @@ import torch
 from internvlx_hf.vllm.lvtc.geometry import LVTCGeometry
 from internvlx_hf.vllm.lvtc.positions import saving_positions
 from internvlx_hf.vllm.lvtc.short_layout import ShortLayoutMismatch, graph_step_inputs, short_layout, step_rows
-from internvlx_hf.vllm.lvtc.tiles import RequestTiles
+from internvlx_hf.vllm.lvtc.tiles import RequestTiles, whole_tiles_end
 
 LAYOUT = LVTCGeometry(expand_layer=2, short_side=2, long_side=4, upsample_mode="nearest", hr_scale="scale_1",
                     injection_layers=())
@@ -217,11 +217,25 @@ def rows_from_tiles(batch, step):
     return step_rows([tiles_of(request) for request, _ in batch], qsl, seq_lens, tokens)
 
 
+def chunk(request: Request, count: int, whole_tiles: bool) -> int:
+    """A prefill chunk of at most `count` tokens (within the prompt and 3 decoded tokens), or, with `whole_tiles`, as
+    vLLM's scheduler cuts it on the saving path: ending at a tile's start, or after the tile it would end in where
+    that is the chunk's first."""
+    end = min(request.computed + count, request.prompt + 3)
+    if whole_tiles:
+        spans = tiles_of(request).spans
+        cut = whole_tiles_end(spans, end)
+        end = cut if cut > request.computed else next(last + 1 for first, last in spans if first <= end <= last)
+    return end - request.computed
+
+
 def test_the_rows_from_a_requests_tiles_are_the_rows_the_model_computes():
     """`step_rows` (each request's tiles, `RequestTiles.short`: the scheduler's arithmetic) gives the rows the model's
     `saving_positions` gives (rows 1 and 2, which the layout reads) for every step of random requests: several
-    images, text between, chunked prefill at random points (a chunk may end anywhere here), decoded tokens, several
-    requests in one step, padded requests."""
+    images, text between, chunked prefill at random points (a chunk may end anywhere in even trials, at whole tiles in
+    odd ones, as the scheduler cuts them), decoded tokens, several
+    requests in one step, padded requests; and `short_layout` given the tiles instead of the rows builds the same
+    layout (or refuses the same step: a chunk ending among a tile's HR-only slots has no live token)."""
     generator = torch.Generator().manual_seed(0)
 
     def draw(high):
@@ -238,7 +252,7 @@ def test_the_rows_from_a_requests_tiles_are_the_rows_the_model_computes():
             requests.append(Request(prompt=offset + draw(3) + 1, images=images))
         runner = Runner(width=64)
         while any(r.computed < r.prompt + 3 for r in requests):
-            batch = [(r, min(1 + draw(2 * LONG), r.prompt + 3 - r.computed) if r.computed < r.prompt else 1)
+            batch = [(r, chunk(r, 1 + draw(2 * LONG), whole_tiles=trial % 2 == 1) if r.computed < r.prompt else 1)
                      for r in requests if r.computed < r.prompt + 3]
             step = runner.step(batch, pad_requests=draw(3))
             tiles = [tiles_of(request) for request, _ in batch]
@@ -246,6 +260,20 @@ def test_the_rows_from_a_requests_tiles_are_the_rows_the_model_computes():
             assert got.shape == (3, step[4])
             assert torch.equal(got[1:], step[0][1:, : step[4]]), trial
             assert torch.equal(got[0], got[1])
+            # the layout given the tiles (V2's builder) is the one given the model's rows, or both refuse the step
+            outcomes = []
+            for given in ({"rows": step[0]}, {"rows": None, "tiles": tiles}):
+                try:
+                    outcomes.append(short_layout(**given, query_start_loc=step[2], seq_lens=step[1],
+                                                 block_table=step[3], num_tokens=step[4], short_per_tile=SHORT,
+                                                 long_per_tile=LONG, block_size=BLOCK))
+                except ShortLayoutMismatch as error:
+                    outcomes.append(str(error))
+            if isinstance(outcomes[0], str):
+                assert outcomes[1] == outcomes[0], trial
+            else:
+                for name in ("gather", "query_start_loc", "seq_lens", "slot_mapping", "shift", "unwritten"):
+                    assert torch.equal(getattr(outcomes[1], name), getattr(outcomes[0], name)), (trial, name)
             runner.finish(batch)
 
 

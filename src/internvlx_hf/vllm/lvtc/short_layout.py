@@ -4,8 +4,8 @@ to this step.
 
 Plain torch, no vLLM: the inputs are the tensors vLLM's model runners hand an attention metadata builder, so the
 function runs (and is tested, `tests/test_short_layout.py`) with the inputs each runner gives, on CPU and on CUDA.
-It is built on the host, from host data only (the step's rows as V1 wrote them on the host, or as `step_rows`
-computes them from each request's tiles where V2 hands the builder those; its query offsets and sequence lengths):
+It is built on the host, from host data only (the step's rows as V1 wrote them on the host, or computed from each
+request's tiles where V2 hands the builder those, `step_rows`; its query offsets and sequence lengths):
 nothing is read back from a GPU per step. The device receives the layout in one copy and gathers the slot mapping
 from its own block table. Where CUDA graphs replay the layers, `graph_step_inputs` pads the layers' inputs to the
 step's padded token count.
@@ -39,6 +39,7 @@ does not give the builder; on V2 the rows are computed from them).
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -103,7 +104,8 @@ def _slot_mapping(blocks, short, unwritten, block_size) -> torch.Tensor:
 
 def short_layout(rows: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor,
                  *, num_tokens: int, short_per_tile: int, long_per_tile: int, block_size: int,
-                 kernel_block_size: int | None = None, warm_up: bool = False) -> ShortLayout:
+                 kernel_block_size: int | None = None, warm_up: bool = False,
+                 tiles: Sequence[RequestTiles | None] | None = None) -> ShortLayout:
     """The step's short layout (see the module docstring), built on the host: the device is only written to.
 
     Host tensors, as vLLM's runners hold them before they build attention metadata: `rows` ``(3, >= num_tokens)``, the
@@ -115,6 +117,11 @@ def short_layout(rows: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: to
     live token has a block is asserted there without waiting for it, `torch._assert_async`). `num_tokens`: the step's
     scheduled tokens without padding; `warm_up`: no request has reached the runner yet (a dummy run, see the module
     docstring). Raises `ShortLayoutMismatch` when the rows do not belong to this step.
+
+    `tiles` (each request's, in the batch's order, `tiles.RequestTiles`: the arithmetic of the scheduler's KV manager)
+    instead of `rows` (None): the rows are computed from them (what `step_rows` returns), for a runner that builds
+    attention metadata before it writes the step's rows (vLLM's second model runner, through the model's runner state:
+    `saving/model_state.py`).
 
     `block_size` is the short group's as vLLM's KV manager allocates and caches it (which slots of a resumed tile the
     cache holds follows from it); `kernel_block_size`, where the backend takes smaller blocks (vLLM's
@@ -130,19 +137,19 @@ def short_layout(rows: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: to
     null_blocks = block_size // kernel_block_size  # (vLLM's null block, in the table's blocks)
     requests = query_start_loc.shape[0] - 1
     unused_per_tile = long_per_tile - short_per_tile
-    rows = rows[:, :num_tokens].to("cpu", torch.int64)
-    short = rows[1].clone()
-    code = rows[2]
     qsl = query_start_loc.to("cpu", torch.int64)
-    slot = torch.where(code < 0, -1 - code, -1)
-    token = torch.arange(num_tokens)
-    request = torch.bucketize(token, qsl[1:], right=True).clamp_(max=max(requests - 1, 0))
-    query_lens = qsl[1:] - qsl[:-1]
+    seq_lens = seq_lens.to("cpu", torch.int64)[:requests]
+    token, request, query_lens, start, p = _step_tokens(qsl, seq_lens, num_tokens)
     scheduled = query_lens > 0
-    start = qsl[:-1].clamp(max=num_tokens)  # (a sentinel column for requests with no token)
-    # each token's long position: its request's tokens computed before the step, plus its index in the step
-    p = (seq_lens.to("cpu", torch.int64)[:requests] - query_lens)[request] + token - start[request]
-    warm_up = bool(warm_up) and not bool(rows.any())
+    if tiles is None:
+        rows = rows[:, :num_tokens].to("cpu", torch.int64)
+        written, code = rows[1], rows[2]
+        warm_up = bool(warm_up) and not bool(rows.any())
+    else:
+        written, code = _rows_from_tiles(tiles, qsl, seq_lens, p, request, short_per_tile, long_per_tile)
+        warm_up = False
+    short = written.clone()
+    slot = torch.where(code < 0, -1 - code, -1)
 
     # a request resumed inside a tile: its recomputed LR slots (`geometry.lr_slots_to_recompute`, same arithmetic)
     first_slot = torch.cat([slot, slot.new_full((1,), -1)])[start]
@@ -175,7 +182,7 @@ def short_layout(rows: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: to
 
     # the per-step check (on the rows as written: a recomputed slot's row 1 is its tile's LR end)
     own_tile = torch.where(slot >= short_per_tile, slot - short_per_tile, 0)
-    earlier = p - rows[1] - own_tile
+    earlier = p - written - own_tile
     bad_rows = ((earlier < 0) | (earlier % unused_per_tile != 0)) & (not warm_up)
     # consecutive: a live token's short position is its request's first plus its rank within the request
     first = held[request] - lens[request]
@@ -230,45 +237,70 @@ def short_layout(rows: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: to
 def step_rows(tiles: Sequence[RequestTiles | None], query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
               num_tokens: int) -> torch.Tensor:
     """The rows `short_layout` reads, ``(3, num_tokens)`` on the host, computed from each request's tiles
-    (`tiles.RequestTiles`, the arithmetic the scheduler's KV manager counts with) and the step's host counts, for a
-    runner that builds attention metadata before it writes the step's rows (vLLM's second model runner, through the
-    model's runner state: `saving/model_state.py`). For long index ``p`` of a request, rows 0 and 1 hold
+    (`tiles.RequestTiles`, the arithmetic the scheduler's KV manager counts with) and the step's host counts: what
+    `short_layout` computes itself when given ``tiles``. For long index ``p`` of a request, rows 0 and 1 hold
     ``RequestTiles.short(p)`` (the short tokens before it: a live token's short position, an HR-only slot's tile LR
     end) and row 2 ``-1 - j`` for slot ``j`` of a tile, the same count for any other token: the rows
     `positions.saving_positions` gives a prompt (without LongRoPE's flags, which the layout does not read) and its
     decoded tokens. `tiles` may be shorter than the requests (padded requests hold no tokens); `seq_lens` are the
     long-layout lengths after the step, as `short_layout` takes them."""
     qsl = query_start_loc.to("cpu", torch.int64)
+    seq_lens = seq_lens.to("cpu", torch.int64)[: qsl.shape[0] - 1]
+    _, request, _, _, p = _step_tokens(qsl, seq_lens, num_tokens)
+    known = [t for t in tiles if t is not None]
+    if not known:
+        return p.expand(3, num_tokens).clone()
+    short, code = _rows_from_tiles(tiles, qsl, seq_lens, p, request, known[0].short_per_tile,
+                                   known[0].long_per_tile)
+    return torch.stack([short, short, code])
+
+
+def _step_tokens(qsl: torch.Tensor, seq_lens: torch.Tensor, num_tokens: int):
+    """`(token, request, query_lens, start, p)` of a step's tokens, from its host offsets and lengths (int64):
+    each token's request, and its long position ``p``, its request's tokens computed before the step plus its index
+    in the step."""
     requests = qsl.shape[0] - 1
     token = torch.arange(num_tokens)
     request = torch.bucketize(token, qsl[1:], right=True).clamp_(max=max(requests - 1, 0))
     query_lens = qsl[1:] - qsl[:-1]
-    p = (seq_lens.to("cpu", torch.int64)[:requests] - query_lens)[request] + token - qsl[:-1][request]
-    known = [t for t in tiles if t is not None and t.starts]
-    if not known:
-        return p.expand(3, num_tokens).clone()
-    short_per_tile, long_per_tile = known[0].short_per_tile, known[0].long_per_tile
+    start = qsl[:-1].clamp(max=num_tokens)  # (a sentinel column for requests with no token)
+    p = (seq_lens - query_lens)[request] + token - start[request]
+    return token, request, query_lens, start, p
+
+
+def _rows_from_tiles(tiles, qsl, seq_lens, p, request, short_per_tile: int, long_per_tile: int):
+    """Rows 1 and 2 of the step (see `step_rows`) from each request's tiles: ``RequestTiles.short`` for every token.
+    A request whose step's tokens meet no tile (a decode, a chunk of text) is one offset, its tiles before the step
+    times their HR-only slots; only the tokens of a request whose step holds tiles are searched among its tiles."""
     unused = long_per_tile - short_per_tile
-    # every request's tile starts in one sorted list, request r's moved past every earlier request's positions and
-    # tiles (those of a prompt's later chunks too), so that one search answers each token's "tiles of my request that
-    # start at or before x"
-    span = max(int(p.max()) if num_tokens else 0, max(t.starts[-1] for t in known)) + long_per_tile + 1
-    counts = torch.tensor([len(t.starts) if t is not None else 0 for t in tiles] + [0] * (requests - len(tiles)),
-                          dtype=torch.int64)
-    starts = torch.tensor([r * span + start for r, t in enumerate(tiles) if t is not None for start in t.starts],
-                          dtype=torch.int64)
-    before = (torch.cumsum(counts, 0) - counts)[request]
-    base = request * span
-    # `RequestTiles.short`: tiles wholly before p, then the one tile p may fall in
-    passed = torch.searchsorted(starts, base + p - long_per_tile, right=True) - before
-    inside = passed < counts[request]
-    next_start = starts[(before + passed).clamp(max=starts.shape[0] - 1)] - base
-    short = p - passed * unused - torch.where(inside, (p - next_start - short_per_tile).clamp(0, unused), 0)
-    # the tile p lies in, if any
-    tile = torch.searchsorted(starts, base + p, right=True) - 1 - before
-    slot = p - (starts[(before + tile).clamp(0, starts.shape[0] - 1)] - base)
-    code = torch.where((tile >= 0) & (slot < long_per_tile), -1 - slot, short)
-    return torch.stack([short, short, code])
+    bounds, lens = qsl.tolist(), seq_lens.tolist()
+    offsets, searched = [0] * (len(bounds) - 1), []
+    for index, request_tiles in enumerate(tiles):
+        first, last = bounds[index], bounds[index + 1]
+        if request_tiles is None or not request_tiles.starts or first == last:
+            continue
+        computed = lens[index] - (last - first)
+        starts = request_tiles.starts
+        before = bisect.bisect_left(starts, computed)  # tiles that start before the step's first token
+        if (before == 0 or request_tiles.spans[before - 1][1] < computed) and (
+                before == len(starts) or starts[before] >= computed + last - first):
+            offsets[index] = before * unused  # every tile is wholly before the step's tokens or after them
+        else:
+            searched.append((first, last, starts))
+    short = p - torch.tensor(offsets, dtype=torch.int64)[request] if any(offsets) else p.clone()
+    code = short.clone()
+    for first, last, starts in searched:
+        position, starts = p[first:last], torch.tensor(starts, dtype=torch.int64)
+        # `RequestTiles.short`: tiles wholly before p, then the one tile p may fall in
+        passed = torch.searchsorted(starts, position - long_per_tile, right=True)
+        upcoming = starts[passed.clamp(max=starts.shape[0] - 1)]
+        hidden = torch.where(passed < starts.shape[0], (position - upcoming - short_per_tile).clamp(0, unused), 0)
+        short[first:last] = position - passed * unused - hidden
+        # the tile p lies in, if any
+        tile = torch.searchsorted(starts, position, right=True) - 1
+        slot = position - starts[tile.clamp(min=0)]
+        code[first:last] = torch.where((tile >= 0) & (slot < long_per_tile), -1 - slot, short[first:last])
+    return short, code
 
 
 #: the device assertion's message (at most 254 characters, PyTorch's limit)

@@ -15,7 +15,7 @@ from vllm.v1.attention.backend import CommonAttentionMetadata, subclass_attentio
 from vllm.v1.kv_cache_interface import get_kv_quant_mode
 
 from internvlx_hf.vllm.lvtc.saving.kv_cache import LVTCShortSpec
-from internvlx_hf.vllm.lvtc.short_layout import short_layout, step_rows
+from internvlx_hf.vllm.lvtc.short_layout import short_layout
 
 
 class LVTCShortAttention(Attention):
@@ -150,17 +150,16 @@ def _short_backend(base: type, channel: PositionBufferChannel) -> type:
                 query_start_loc = cm.query_start_loc_cpu[: cm.num_reqs + 1]
                 seq_lens = cm.seq_lens_cpu_upper_bound[: cm.num_reqs]
                 if channel.runner_state:
-                    # the rows from each request's tiles (the scheduler's arithmetic); none: a dummy run's step
+                    # the layout from each request's tiles (the scheduler's arithmetic); none: a dummy run's step
                     warm_up = tiles is None
-                    rows = (torch.zeros(3, tokens, dtype=torch.int64) if warm_up
-                            else step_rows(tiles, query_start_loc, seq_lens, tokens))
+                    rows = torch.zeros(3, tokens, dtype=torch.int64) if warm_up else None
                 else:  # V1: the rows it wrote to its M-RoPE buffer's host side before this build
                     rows, warm_up = channel.buffer, channel.requests == 0
                 # (a backend that takes smaller blocks gets the table in kernel blocks and a spec in their size)
                 layout = short_layout(rows, query_start_loc, seq_lens, cm.block_table_tensor, num_tokens=tokens,
                                       short_per_tile=spec.short_per_tile, long_per_tile=spec.long_per_tile,
                                       block_size=spec.manager_block_size, kernel_block_size=spec.block_size,
-                                      warm_up=warm_up)
+                                      warm_up=warm_up, tiles=tiles if rows is None else None)
                 channel.layout = (cm.query_start_loc, key, layout)
             meta = super().build(0, short_common_metadata(cm, layout), fast_build)
             meta.lvtc_gather = layout.gather
