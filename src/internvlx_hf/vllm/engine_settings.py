@@ -79,3 +79,13 @@ def prefix_caching_off(vllm_config, settings: EngineSettings, why: str) -> None:
     """Prefix caching off where a cached prefix could come from a prompt whose position rows differ (`why`)."""
     settings.set(vllm_config.cache_config, "enable_prefix_caching", False,
                  f"{why}: a cached prefix could come from a prompt with other rows")
+
+
+def cuda_graph_mode(vllm_config) -> str | None:
+    """The engine's CUDA-graph mode by name (vLLM's `CUDAGraphMode`: ``NONE``, ``PIECEWISE``, ``FULL_AND_PIECEWISE``,
+    ...): ``NONE`` with ``--enforce-eager``; None where it is unset, which vLLM settles after the config hook (on a GPU
+    its default, full and piecewise graphs)."""
+    if vllm_config.model_config.enforce_eager:
+        return "NONE"
+    graphs = getattr(vllm_config.compilation_config, "cudagraph_mode", None)
+    return getattr(graphs, "name", graphs)

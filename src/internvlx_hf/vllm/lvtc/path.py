@@ -13,7 +13,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ...vllm_compat import head_size_of
-from ..engine_settings import LONGROPE_ROWS, EngineSettings, UnsupportedCheckpoint, cpu_head_sizes, prefix_caching_off
+from ..engine_settings import (LONGROPE_ROWS, EngineSettings, UnsupportedCheckpoint, cpu_head_sizes, cuda_graph_mode,
+                               prefix_caching_off)
 from .geometry import LVTCGeometry
 
 if TYPE_CHECKING:
@@ -225,15 +226,13 @@ def engine_mode(vllm_config) -> str:
         runner = "V2" if vllm_config.use_v2_model_runner else "V1"
     except Exception:  # (a property that reads the platform's features)
         runner = "unknown"
-    graphs = getattr(vllm_config.compilation_config, "cudagraph_mode", None)
-    if graphs is None:
-        graphs = "NONE" if cpu or vllm_config.model_config.enforce_eager else "vLLM's default"
+    graphs = cuda_graph_mode(vllm_config) or ("NONE" if cpu else "vLLM's default")
     asynchronous = getattr(vllm_config.scheduler_config, "async_scheduling", None)
     if asynchronous is None:
         asynchronous = False if cpu else "vLLM's default"
     asynchronous = {True: "on", False: "off"}.get(asynchronous, asynchronous)
-    return (f"{current_platform.device_name}, {runner} model runner, CUDA graphs "
-            f"{getattr(graphs, 'name', graphs)}, async scheduling {asynchronous}")
+    return (f"{current_platform.device_name}, {runner} model runner, CUDA graphs {graphs}, async scheduling "
+            f"{asynchronous}")
 
 
 def _untested_platform(vllm_config) -> str | None:
@@ -274,9 +273,7 @@ def _runner_blocker(vllm_config) -> str | None:
 
     if current_platform.is_cpu():  # (no CUDA graphs there)
         return None
-    graphs = getattr(vllm_config.compilation_config, "cudagraph_mode", None)
-    name = getattr(graphs, "name", graphs)
-    if not vllm_config.model_config.enforce_eager and name not in ("NONE", "PIECEWISE"):
+    if cuda_graph_mode(vllm_config) not in ("NONE", "PIECEWISE"):
         return ("full CUDA graphs (vLLM's default FULL_AND_PIECEWISE among them) replay each step's attention "
                 "metadata from the buffers they were captured with, and the short layers' is built per step apart "
                 "from them")

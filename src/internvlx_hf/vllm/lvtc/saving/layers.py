@@ -13,6 +13,7 @@ from vllm.compilation.decorators import support_torch_compile
 from vllm.forward_context import get_forward_context
 from vllm.model_executor.layers.attention import Attention
 
+from internvlx_hf.vllm.engine_settings import cuda_graph_mode
 from internvlx_hf.vllm.lvtc.layers import LVTCLayers
 from internvlx_hf.vllm.lvtc.positions import saving_rope_indices
 from internvlx_hf.vllm.lvtc.short_layout import graph_step_inputs
@@ -70,9 +71,7 @@ def graph_layout(vllm_config, config) -> bool:
     """Whether the layers below k run on the step's padded token count (`short_layout.graph_step_inputs`) rather than
     on its live tokens: where vLLM may replay piecewise CUDA graphs, which are captured per token count, or where
     the config asks for it (``lvtc_vllm_graph_layout``, to compare the two on a platform without CUDA graphs)."""
-    graphs = getattr(vllm_config.compilation_config, "cudagraph_mode", None)
-    name = getattr(graphs, "name", graphs)
-    replays = name not in (None, "NONE") and not vllm_config.model_config.enforce_eager
+    replays = cuda_graph_mode(vllm_config) not in (None, "NONE")
     return bool(replays or getattr(config, "lvtc_vllm_graph_layout", False))
 
 
