@@ -2,11 +2,12 @@
 version), against the layout of an earlier version read from a file (`--baseline`, e.g. ``git show
 f3be96e:src/internvlx_hf/vllm/lvtc/short_layout.py`` with its one relative import, ``from .geometry``, made absolute),
 which worked on the device's tensors and read four counts and each request's lengths back once per step
-(`--baseline-takes host` for a baseline with this version's inputs). A third row is V2's layout: built from each
-request's tiles instead of the rows (`short_layout(..., tiles=)`, the rows computed from them).
+(`--baseline-takes host` for a baseline with this version's inputs). Then this version's layout from the rows
+alone, V1's (the rows checked against those each request's tiles give, `short_layout(rows, ..., tiles=)`) and V2's
+(built from the tiles alone, `short_layout(None, ..., tiles=)`).
 
 A step as vLLM runs it while a request prefills beside decoding ones: one request of `--tiles` 448px tiles (1024 long,
-256 short slots each) and `--decoding` requests of one token. On a GPU the previous step's forward pass is still
+256 short slots each) and `--decoding` requests of one token, each after an image of `--decoding-tiles` tiles. On a GPU the previous step's forward pass is still
 queued when the runner builds the next step's metadata; `--queued-ms` simulates it with a spin kernel enqueued before
 each call (`torch.cuda._sleep`): a layout that reads the device waits for it, one built on the host does not. The
 figure is the host time of the call (what delays the step's launch), median and 95% interval over rounds that
@@ -35,8 +36,9 @@ from internvlx_hf.vllm.lvtc.tiles import RequestTiles
 SHORT, LONG, BLOCK = 256, 1024, 16
 
 
-def step_inputs(tiles: int, decoding: int):
-    """Host rows, long positions, query offsets, sequence lengths and a block table for the step."""
+def step_inputs(tiles: int, decoding: int, decoding_tiles: int = 0):
+    """Host rows, long positions, query offsets, sequence lengths, a block table and each request's tiles for the
+    step; each decoding request's prompt held `decoding_tiles` tiles (at index 10) before its decoded tokens."""
     layout = LVTCGeometry(expand_layer=4, short_side=16, long_side=32, upsample_mode="bilinear", hr_scale="none",
                           injection_layers=())
     prompt = 20 + tiles * LONG + 30
@@ -44,16 +46,18 @@ def step_inputs(tiles: int, decoding: int):
     feature.mm_position = type("P", (), {"offset": 20, "length": tiles * LONG, "is_embed": None})()
     rows, delta = saving_positions(layout, prompt, [feature])
     tiles_of_requests = [RequestTiles.of(type("R", (), {"mm_features": [feature]})(), SHORT, LONG)]
-    tiles_of_requests += [RequestTiles((), SHORT, LONG)] * decoding
+    spans = tuple((10 + tile * LONG, 10 + tile * LONG + LONG - 1) for tile in range(decoding_tiles))
+    tiles_of_requests += [RequestTiles(spans, SHORT, LONG)] * decoding
     columns, positions, seq_lens = [rows], [torch.arange(prompt)], [prompt]
     for index in range(decoding):
-        p = 600 + 7 * index
-        columns.append(torch.full((3, 1), p, dtype=torch.int64))  # a text-only request decoding: p == s
+        p = 600 + decoding_tiles * LONG + 7 * index
+        # a request decoding: its rows all its short position, p less its tiles' HR-only slots
+        columns.append(torch.full((3, 1), p - decoding_tiles * (LONG - SHORT), dtype=torch.int64))
         positions.append(torch.tensor([p]))
         seq_lens.append(p + 1)
     rows = torch.cat(columns, 1)
     qsl = torch.tensor([0, prompt] + [prompt + i + 1 for i in range(decoding)], dtype=torch.int32)
-    width = (prompt + 800) // BLOCK + 1
+    width = (max(prompt, 600 + decoding_tiles * LONG) + 800) // BLOCK + 1
     table = torch.arange(1, 1 + (decoding + 1) * width, dtype=torch.int32).reshape(decoding + 1, width)
     return rows, torch.cat(positions), qsl, torch.tensor(seq_lens, dtype=torch.int32), table, tiles_of_requests
 
@@ -68,6 +72,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tiles", type=int, default=7)
     parser.add_argument("--decoding", type=int, default=63)
+    parser.add_argument("--decoding-tiles", type=int, default=1,
+                        help="tiles of the image each decoding request's prompt held (0: text-only requests)")
     parser.add_argument("--queued-ms", type=float, default=5.0, help="GPU work queued before each call (cuda only)")
     parser.add_argument("--rounds", type=int, default=200)
     parser.add_argument("--out", help="write the rows as JSON here")
@@ -76,7 +82,7 @@ def main() -> None:
     baseline = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(baseline)
     device = torch.device(args.device)
-    rows, positions, qsl, seq_lens, table, tiles = step_inputs(args.tiles, args.decoding)
+    rows, positions, qsl, seq_lens, table, tiles = step_inputs(args.tiles, args.decoding, args.decoding_tiles)
     tokens = int(qsl[-1])
     d_rows, d_positions, d_qsl, d_table = (t.to(device) for t in (rows, positions, qsl, table))
     common = dict(num_tokens=tokens, short_per_tile=SHORT, long_per_tile=LONG, block_size=BLOCK)
@@ -85,8 +91,12 @@ def main() -> None:
                                                                                 **common)}
     else:
         candidates = {"host layout (baseline)": lambda: baseline.short_layout(rows, qsl, seq_lens, d_table, **common)}
-    candidates["host layout (this version)"] = lambda: short_layout(rows, qsl, seq_lens, d_table, **common)
-    # V2's: the layout from each request's tiles (the rows computed from them, as `step_rows` gives them)
+    candidates["host layout, rows only (this version)"] = lambda: short_layout(rows, qsl, seq_lens, d_table,
+                                                                               **common)
+    # V1's: the rows checked against each request's tiles (the rows computed from them, as `step_rows` gives them)
+    candidates["rows checked against tiles, V1 (this version)"] = lambda: short_layout(
+        rows, qsl, seq_lens, d_table, tiles=tiles, **common)
+    # V2's: the layout from the tiles alone
     candidates["from tiles, V2 (this version)"] = lambda: short_layout(None, qsl, seq_lens, d_table, tiles=tiles,
                                                                        **common)
     baseline_name = next(iter(candidates))

@@ -351,6 +351,38 @@ def test_each_wrong_input_is_refused(device):
     assert_layout(layout_of((rows, seq_lens, qsl, table, tokens), device), batch, device)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_given_its_requests_tiles_a_step_refuses_any_other_rows(device):
+    """V1 hands the builder the rows it wrote and the builder checks them against the tiles of the runner's requests
+    (`short_layout` given both): the rows the tiles give pass, and the layout is the one from the rows alone; rows of
+    another request with as many tiles placed elsewhere in a prompt as long (rows right for some request, which the
+    rows alone cannot tell from this one's), the previous step's rows, and rows of another batch order are refused."""
+    runner, first, second = prefill_and_decode()
+    batch = [(first, first.prompt), (second, 1)]
+    step = rows, seq_lens, qsl, table, tokens = runner.step(batch)
+    tiles = [tiles_of(request) for request, _ in batch]
+
+    def layout(given_rows, given_tiles=tiles):
+        return short_layout(given_rows, qsl, seq_lens, table.to(device), num_tokens=tokens, short_per_tile=SHORT,
+                            long_per_tile=LONG, block_size=BLOCK, tiles=given_tiles)
+
+    checked, alone = layout(rows), layout_of(step, device)
+    for name in ("gather", "query_start_loc", "seq_lens", "slot_mapping", "shift", "unwritten"):
+        assert torch.equal(getattr(checked, name), getattr(alone, name)), name
+    elsewhere = Request(prompt=first.prompt, images=[(9, 3), (9 + 3 * LONG + 1, 1)])  # 4 tiles, 4 slots later
+    moved = rows.clone()
+    moved[:, : first.prompt] = elsewhere.rows
+    layout_of((moved, seq_lens, qsl, table, tokens), device)  # (the rows alone cannot tell)
+    with pytest.raises(ShortLayoutMismatch, match="position rows other than their requests' tiles give"):
+        layout(moved)
+    with pytest.raises(ShortLayoutMismatch, match="other than their requests' tiles give"):
+        layout(torch.roll(rows, 1, 1))
+    with pytest.raises(ShortLayoutMismatch, match="other than their requests' tiles give"):
+        layout(rows, tiles[::-1])
+    with pytest.raises(ShortLayoutMismatch, match="the runner's batch holds 3 requests and the step 2"):
+        layout(rows, tiles + tiles[:1])
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (benchmarks/gpu/check.sh)")
 def test_a_gpu_step_never_waits_for_the_device():
     """PyTorch's synchronisation debug mode raises on any operation that waits for the GPU (a read back, a pageable

@@ -472,25 +472,57 @@ def test_the_short_backend_classes_are_kept_by_their_model_not_the_process():
 def test_the_builder_reads_the_rows_the_runner_wrote_on_the_host():
     """vLLM's V1 runners keep the M-RoPE rows in a `CpuGpuBuffer` and give the model's forward a view of its device
     side; `_prepare_inputs` writes the step's rows to its host side before the attention metadata is built (read in
-    vLLM 0.32, and guarded here on its source). The short builder reads that host side (`host_rows`): on the CPU runner
-    both sides are one tensor; on a GPU (simulated: PyTorch's meta device, which holds no values, stands in for it)
-    the host side is found from the device side; a device buffer without one is refused, naming the masked path."""
+    vLLM 0.32, and guarded here on its source). The model's first forward finds the runner up its call stack
+    (`v1_runner`: vLLM's own `GPUModelRunner._model_forward` calls the model here, its `_get_positions` makes the
+    view), and the short builder reads the host side (`host_rows`): on the CPU runner both sides are one tensor; on a
+    GPU (simulated: PyTorch's meta device, which holds no values, stands in for it) the runner's ``cpu`` tensor. The
+    garbage collector's referrers, which an earlier version searched, see nothing once vLLM has frozen its heap (as it
+    does after start-up), the stack does; a forward called by anything else is refused, naming the masked path."""
+    import gc
     import inspect
 
     from vllm.v1.utils import CpuGpuBuffer
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     saving = _saving("attention")
-    cpu_runner_rows = torch.zeros(3, 9, dtype=torch.int64)
-    assert saving.host_rows(cpu_runner_rows) is cpu_runner_rows
-    gpu_runner_rows = CpuGpuBuffer(3, 9, dtype=torch.int64, device="meta", pin_memory=False)
-    assert saving.host_rows(gpu_runner_rows.gpu) is gpu_runner_rows.cpu
+
+    class Runner:  # the fields of V1's runner the lookup reads, on vLLM's CpuGpuBuffer
+        def __init__(self, device):
+            self.mrope_positions = CpuGpuBuffer(3, 9, dtype=torch.int64, device=device, pin_memory=False)
+            if device == "cpu":
+                self.mrope_positions.gpu = self.mrope_positions.cpu  # (as CPUModelRunner._postprocess_tensors does)
+            self.requests, self.input_batch = {}, SimpleNamespace(req_ids=[], num_reqs=0)
+            self.uses_mrope = True
+            self.model = self.forward
+
+        def forward(self, positions, **_):  # (the model's first forward: SavingFront.forward's lookup)
+            buffer = positions._base if positions._base is not None else positions
+            found = saving.v1_runner(buffer)
+            return found, saving.host_rows(found)
+
+    for device in ("cpu", "meta"):
+        runner = Runner(device)
+        gc.freeze()  # (vLLM's `freeze_gc_heap`, before serving)
+        try:
+            assert not gc.get_referrers(runner.mrope_positions)
+            found, host = GPUModelRunner._model_forward(runner, positions=GPUModelRunner._get_positions(runner, 5))
+        finally:
+            gc.unfreeze()
+        assert found is runner and host is runner.mrope_positions.cpu and host.device.type == "cpu", device
+    with pytest.raises(RuntimeError, match="model runner holding this vLLM's M-RoPE buffer was not found.*masked"):
+        saving.v1_runner(torch.zeros(3, 9, dtype=torch.int64))
+    runner = Runner("meta")
+    runner.mrope_positions.cpu = runner.mrope_positions.gpu  # (a runner without a host copy)
     with pytest.raises(RuntimeError, match="no host copy of its M-RoPE buffer.*lvtc_vllm_path.*masked"):
-        saving.host_rows(torch.zeros(3, 9, dtype=torch.int64, device="meta"))
+        saving.host_rows(runner)
     assert "self._calc_mrope_positions(scheduler_output)" in inspect.getsource(GPUModelRunner._prepare_inputs)
+    assert "return self.mrope_positions.gpu[:, :num_tokens]" in inspect.getsource(GPUModelRunner._get_positions)
+    assert "return self.model(" in inspect.getsource(GPUModelRunner._model_forward)
     step = inspect.getsource(GPUModelRunner.execute_model)
     assert step.index("self._prepare_inputs(") < step.index("self._build_attention_metadata(")
-    assert "self.mrope_positions = self._make_buffer(" in inspect.getsource(GPUModelRunner.__init__)
+    init = inspect.getsource(GPUModelRunner.__init__)
+    assert "self.mrope_positions = self._make_buffer(" in init
+    assert "self.requests: dict[str, CachedRequestState] = {}" in init
 
 
 @pytest.mark.vllm

@@ -29,12 +29,13 @@ token of a right step, and is checked:
 A warm-up step (a dummy run that builds attention metadata before any request reached the runner, its rows all
 zeros: the caller says which, ``warm_up``) runs every token below ``k`` at its index in its request and writes no K/V.
 
-Rows left from the previous step (V2's M-RoPE buffer when the metadata is built: V2 writes the step's rows after)
-give a decoded token ``p - s`` one more than a multiple: caught. Padded counts (CUDA graphs, data parallelism) and the
-stale columns past the step's tokens are ignored by construction: only the first ``num_tokens`` columns are read,
-and padded requests schedule none. Not caught on V1: rows of another request with as many tiles, placed elsewhere in
-a prompt as long (rows that are right for some request; telling them apart takes the request's own tiles, which V1
-does not give the builder; on V2 the rows are computed from them).
+Given each request's tiles as well (V1: the builder finds them from the runner's requests), the rows are computed
+from them and the rows the runner wrote must be those, token for token: rows of the previous step, of another
+request (even one with as many tiles, placed elsewhere in a prompt as long, whose rows the checks above pass), or of
+another batch order are refused. Given the rows alone, rows left from the previous step (V2's M-RoPE buffer when
+the metadata is built: V2 writes the step's rows after) give a decoded token ``p - s`` one more than a multiple:
+caught. Padded counts (CUDA graphs, data parallelism) and the stale columns past the step's tokens are ignored by
+construction: only the first ``num_tokens`` columns are read, and padded requests schedule none.
 """
 
 from __future__ import annotations
@@ -118,10 +119,10 @@ def short_layout(rows: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: to
     scheduled tokens without padding; `warm_up`: no request has reached the runner yet (a dummy run, see the module
     docstring). Raises `ShortLayoutMismatch` when the rows do not belong to this step.
 
-    `tiles` (each request's, in the batch's order, `tiles.RequestTiles`: the arithmetic of the scheduler's KV manager)
-    instead of `rows` (None): the rows are computed from them (what `step_rows` returns), for a runner that builds
-    attention metadata before it writes the step's rows (vLLM's second model runner, through the model's runner state:
-    `saving/model_state.py`).
+    `tiles` (each request's, in the batch's order, `tiles.RequestTiles`: the arithmetic of the scheduler's KV manager):
+    the rows are computed from them (what `step_rows` returns); `rows`, if given too, must be those (V1, whose rows
+    are its runner's, checked), or None (V2, which builds attention metadata before it writes the step's rows: through
+    the model's runner state, `saving/model_state.py`).
 
     `block_size` is the short group's as vLLM's KV manager allocates and caches it (which slots of a resumed tile the
     cache holds follows from it); `kernel_block_size`, where the backend takes smaller blocks (vLLM's
@@ -146,8 +147,16 @@ def short_layout(rows: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: to
         written, code = rows[1], rows[2]
         warm_up = bool(warm_up) and not bool(rows.any())
     else:
+        if len(tiles) > requests:
+            raise ShortLayoutMismatch(f"the runner's batch holds {len(tiles)} requests and the step {requests}")
         written, code = _rows_from_tiles(tiles, qsl, seq_lens, p, request, short_per_tile, long_per_tile)
         warm_up = False
+        if rows is not None:  # the rows the runner wrote: the ones its requests' tiles give
+            rows = rows[1:, :num_tokens].to("cpu", torch.int64)
+            if bad := int(((rows[0] != written) | (rows[1] != code)).sum()):
+                raise ShortLayoutMismatch(
+                    f"{bad} of the step's {num_tokens} tokens have position rows other than their requests' tiles give "
+                    "(rows written by another step or for another request, or read before the runner wrote them)")
     short = written.clone()
     slot = torch.where(code < 0, -1 - code, -1)
 

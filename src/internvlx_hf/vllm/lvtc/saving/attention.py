@@ -1,11 +1,13 @@
 """The saving path's attention for the layers below `k`: vLLM's `Attention` reporting the short KV-cache group's spec,
 and a backend (a subclass of the platform's) whose builder builds the step's short layout before the forward pass
-(`short_layout.short_layout`) from the runner's M-RoPE rows as it wrote them on the host, and whose KV write takes that
-layout's slot mapping."""
+(`short_layout.short_layout`) from the tiles of the step's requests (V1: checked against the runner's M-RoPE rows as
+it wrote them on the host; V2: handed over by the model's runner state), and whose KV write takes that layout's slot
+mapping."""
 
 from __future__ import annotations
 
-import gc
+import sys
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +18,7 @@ from vllm.v1.kv_cache_interface import get_kv_quant_mode
 
 from internvlx_hf.vllm.lvtc.saving.kv_cache import LVTCShortSpec
 from internvlx_hf.vllm.lvtc.short_layout import short_layout
+from internvlx_hf.vllm.lvtc.tiles import RequestTiles
 
 
 class LVTCShortAttention(Attention):
@@ -36,9 +39,10 @@ class LVTCShortAttention(Attention):
 
 
 class PositionBufferChannel:
-    """The host side of the runner's M-RoPE buffer, found from the view the model's first forward is given (vLLM gives
-    the builder no reference to it: `host_rows`). One per model; the short builder reads the step's rows from it
-    before the forward pass. Holds the model's short backend classes too (`short_backend`), so that they and the
+    """V1's model runner and the host side of its M-RoPE buffer, found from the view the model's first forward is
+    given (vLLM gives the builder no reference to either: `v1_runner`, `host_rows`). One per model; the short builder
+    reads the step's rows from the buffer before the forward pass and checks them against the tiles of the runner's
+    requests (`step_tiles`). Holds the model's short backend classes too (`short_backend`), so that they and the
     buffer go with the model, and counts the requests whose rows the model computed (`requests`: none yet means a
     build is a dummy run's, `short_layout`'s ``warm_up``)."""
 
@@ -51,6 +55,29 @@ class PositionBufferChannel:
         #: vLLM's second model runner, whose runner state (`model_state.LVTCModelState`) hands each build the step's
         #: requests' tiles: the rows are computed from them, not read from the M-RoPE buffer (written after the build)
         self.runner_state = False
+        #: V1's model runner (`v1_runner`, found with the buffer; a weak reference, as the runner holds the model):
+        #: its batch's request ids and each request's features
+        self.runner: weakref.ref | None = None
+        self._tiles: dict[str, tuple[object, RequestTiles]] = {}  # by request id: (the runner's request, its tiles)
+
+    def step_tiles(self, short_per_tile: int, long_per_tile: int) -> list[RequestTiles] | None:
+        """On V1, the tiles of the requests of the runner's batch, in its order (`tiles.RequestTiles`, from each
+        request's features as the runner holds them), each computed once per request; None before the runner is
+        known."""
+        runner = self.runner() if self.runner is not None else None
+        if runner is None:
+            return None
+        batch, requests = runner.input_batch, runner.requests
+        tiles = []
+        for req_id in batch.req_ids[: batch.num_reqs]:
+            state = requests[req_id]
+            kept = self._tiles.get(req_id)
+            if kept is None or kept[0] is not state:
+                kept = self._tiles[req_id] = (state, RequestTiles.of(state, short_per_tile, long_per_tile))
+            tiles.append(kept[1])
+        if len(self._tiles) > 2 * len(requests) + 64:  # (finished requests' tiles)
+            self._tiles = {req_id: kept for req_id, kept in self._tiles.items() if req_id in requests}
+        return tiles
 
 
 @dataclass
@@ -66,23 +93,38 @@ class PendingShortMetadata:
         return self.builder.build_short(self.common, self.fast_build)
 
 
-def host_rows(buffer: torch.Tensor) -> torch.Tensor:
-    """The host side of the runner's M-RoPE buffer whose device side is `buffer`: the buffer itself on vLLM's CPU
-    runner (its device tensors are its host ones); on a GPU, the ``cpu`` tensor of the runner's ``CpuGpuBuffer`` that
-    holds `buffer` as ``gpu``, where V1's ``_prepare_inputs`` writes the step's rows before it builds attention
-    metadata (a guarded internal, looked up once: docs/serving-vllm-lvtc.md)."""
-    if buffer.device.type == "cpu":
-        return buffer
-    for holder in gc.get_referrers(buffer):  # (the buffer object, or its __dict__ where Python keeps one)
-        fields = holder if isinstance(holder, dict) else getattr(holder, "__dict__", {})
-        if fields.get("gpu") is buffer:
-            host = fields.get("cpu")
-            if isinstance(host, torch.Tensor) and host.device.type == "cpu" and host.shape == buffer.shape:
-                return host
+def v1_runner(buffer: torch.Tensor):
+    """vLLM's V1 model runner whose M-RoPE buffer is `buffer` (the device side of its ``CpuGpuBuffer``, of which the
+    model's forward pass is given a view; on vLLM's CPU runner both sides are one tensor): the caller up the stack of
+    the model's forward (``GPUModelRunner._model_forward`` calls it) that holds that buffer as ``mrope_positions``,
+    with its batch (``input_batch``) and each request's state (``requests``). Called once per model, in its first
+    forward pass (a guarded internal: docs/serving-vllm-lvtc.md). Found on the stack, not through the garbage
+    collector's referrers: vLLM freezes its heap after start-up (``gc.freeze``), which hides every object from them."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        runner = frame.f_locals.get("self")
+        holder = getattr(runner, "mrope_positions", None)
+        if getattr(holder, "gpu", None) is buffer and isinstance(getattr(runner, "requests", None), dict) \
+                and hasattr(getattr(runner, "input_batch", None), "req_ids"):
+            return runner
+        frame = frame.f_back
     raise RuntimeError(
-        "InternVL-X LVTC saving path: this vLLM runner keeps no host copy of its M-RoPE buffer where the plugin looks "
-        "(a CpuGpuBuffer's cpu side), so the short layout cannot be built without reading the GPU every step; serve "
-        "the checkpoint on the masked path: hf_overrides={\"lvtc_vllm_path\": \"masked\"}")
+        "InternVL-X LVTC saving path: the model runner holding this vLLM's M-RoPE buffer was not found where the "
+        "plugin looks (the caller of the model's forward pass, with mrope_positions, input_batch and requests), so the "
+        "step's rows and requests are unknown to the short layout; serve the checkpoint on the masked path: "
+        "hf_overrides={\"lvtc_vllm_path\": \"masked\"}")
+
+
+def host_rows(runner) -> torch.Tensor:
+    """The host side of V1's M-RoPE buffer (``mrope_positions.cpu``: the device tensor itself on vLLM's CPU runner),
+    where ``_prepare_inputs`` writes the step's rows before it builds attention metadata."""
+    host = runner.mrope_positions.cpu
+    if not isinstance(host, torch.Tensor) or host.device.type != "cpu" or host.shape != runner.mrope_positions.gpu.shape:
+        raise RuntimeError(
+            "InternVL-X LVTC saving path: this vLLM runner keeps no host copy of its M-RoPE buffer where the plugin "
+            "looks (a CpuGpuBuffer's cpu side), so the short layout cannot be built without reading the GPU every "
+            "step; serve the checkpoint on the masked path: hf_overrides={\"lvtc_vllm_path\": \"masked\"}")
+    return host
 
 
 def short_common_metadata(cm: CommonAttentionMetadata, layout) -> CommonAttentionMetadata:
@@ -153,13 +195,16 @@ def _short_backend(base: type, channel: PositionBufferChannel) -> type:
                     # the layout from each request's tiles (the scheduler's arithmetic); none: a dummy run's step
                     warm_up = tiles is None
                     rows = torch.zeros(3, tokens, dtype=torch.int64) if warm_up else None
-                else:  # V1: the rows it wrote to its M-RoPE buffer's host side before this build
+                else:
+                    # V1: the rows it wrote to its M-RoPE buffer's host side before this build, checked against its
+                    # requests' tiles (the scheduler's arithmetic)
                     rows, warm_up = channel.buffer, channel.requests == 0
+                    tiles = None if warm_up else channel.step_tiles(spec.short_per_tile, spec.long_per_tile)
                 # (a backend that takes smaller blocks gets the table in kernel blocks and a spec in their size)
                 layout = short_layout(rows, query_start_loc, seq_lens, cm.block_table_tensor, num_tokens=tokens,
                                       short_per_tile=spec.short_per_tile, long_per_tile=spec.long_per_tile,
                                       block_size=spec.manager_block_size, kernel_block_size=spec.block_size,
-                                      warm_up=warm_up, tiles=tiles if rows is None else None)
+                                      warm_up=warm_up, tiles=tiles)
                 channel.layout = (cm.query_start_loc, key, layout)
             meta = super().build(0, short_common_metadata(cm, layout), fast_build)
             meta.lvtc_gather = layout.gather

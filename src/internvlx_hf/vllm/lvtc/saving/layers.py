@@ -7,6 +7,8 @@ to Python, except in the one step built before the first forward where vLLM runs
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 from vllm.compilation.decorators import support_torch_compile
@@ -18,7 +20,7 @@ from internvlx_hf.vllm.lvtc.layers import LVTCLayers
 from internvlx_hf.vllm.lvtc.positions import saving_rope_indices
 from internvlx_hf.vllm.lvtc.short_layout import graph_step_inputs
 from internvlx_hf.vllm.lvtc.saving.attention import (LVTCShortAttention, PendingShortMetadata, PositionBufferChannel,
-                                                     host_rows, short_backend)
+                                                     host_rows, short_backend, v1_runner)
 
 
 # ------------------------------------------------------------------------------------------------- compiled layers
@@ -123,7 +125,9 @@ class SavingFront(nn.Module):
                     "InternVL-X LVTC saving path: this vLLM does not pass the model a view of its M-RoPE position "
                     f"buffer (positions {tuple(positions.shape)}, base {tuple(buffer.shape)}); serve the checkpoint "
                     "on the masked path: hf_overrides={\"lvtc_vllm_path\": \"masked\"}")
-            self.channel.buffer = host_rows(buffer)
+            runner = v1_runner(buffer)
+            self.channel.buffer = host_rows(runner)
+            self.channel.runner = weakref.ref(runner)
         tokens = positions.shape[1]
         metas = get_forward_context().attn_metadata
         if isinstance(metas, dict) and self.short_names[0] in metas:
