@@ -140,7 +140,11 @@ def short_layout(rows: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: to
     unused_per_tile = long_per_tile - short_per_tile
     qsl = query_start_loc.to("cpu", torch.int64)
     seq_lens = seq_lens.to("cpu", torch.int64)[:requests]
-    token, request, query_lens, start, p = _step_tokens(qsl, seq_lens, num_tokens)
+    _, request, query_lens, start, index, p = _step_tokens(qsl, seq_lens, num_tokens)
+
+    def each(per_request: torch.Tensor) -> torch.Tensor:  # (each token's request's value)
+        return per_request.index_select(0, request)
+
     scheduled = query_lens > 0
     if tiles is None:
         rows = rows[:, :num_tokens].to("cpu", torch.int64)
@@ -153,7 +157,8 @@ def short_layout(rows: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: to
         warm_up = False
         if rows is not None:  # the rows the runner wrote: the ones its requests' tiles give
             rows = rows[1:, :num_tokens].to("cpu", torch.int64)
-            if bad := int(((rows[0] != written) | (rows[1] != code)).sum()):
+            if not (torch.equal(rows[0], written) and torch.equal(rows[1], code)):
+                bad = int(((rows[0] != written) | (rows[1] != code)).sum())
                 raise ShortLayoutMismatch(
                     f"{bad} of the step's {num_tokens} tokens have position rows other than their requests' tiles give "
                     "(rows written by another step or for another request, or read before the runner wrote them)")
@@ -161,41 +166,44 @@ def short_layout(rows: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: to
     slot = torch.where(code < 0, -1 - code, -1)
 
     # a request resumed inside a tile: its recomputed LR slots (`geometry.lr_slots_to_recompute`, same arithmetic)
-    first_slot = torch.cat([slot, slot.new_full((1,), -1)])[start]
-    short_end = torch.cat([short, short.new_zeros(1)])[start]
+    first_slot = torch.cat([slot, slot.new_full((1,), -1)]).index_select(0, start)
+    short_end = torch.cat([short, short.new_zeros(1)]).index_select(0, start)
     resumed = scheduled & (first_slot >= short_per_tile)
     count = recomputed_lr_slots(first_slot, short_end, short_per_tile, long_per_tile, block_size)
     bad_resume = resumed & ((count > short_per_tile) | (first_slot > long_per_tile - count)
                             | (long_per_tile - short_per_tile < short_per_tile)
                             | (qsl[1:] - start < long_per_tile - first_slot))
     bad_resume |= scheduled & (first_slot > 0) & (first_slot < short_per_tile)
-    in_resumed = resumed[request] & (token - start[request] < long_per_tile - first_slot[request])
-    recomputed = in_resumed & (slot >= long_per_tile - count[request])
+    in_resumed = each(resumed) & (index < long_per_tile - each(first_slot))
+    recomputed = in_resumed & (slot >= long_per_tile - each(count))
     short = torch.where(recomputed, short - (long_per_tile - slot), short)
-    unwritten = recomputed & (short < short_end[request] - short_end[request] % block_size)
+    unwritten = recomputed & (short < each(short_end - short_end % block_size))
     live = (slot < short_per_tile) | recomputed
     if warm_up:  # every token below k at its index in its request, no K/V written
         bad_resume[:] = False
         in_resumed[:] = False
-        short = token - start[request]
+        short = index
         live[:] = True
         unwritten[:] = True
 
     rank = torch.cumsum(live.to(torch.int64), 0) - 1
-    gather = token[live]
+    gather = live.nonzero().squeeze(1)
     lens = torch.zeros(requests, dtype=torch.int64).index_add_(0, request, live.to(torch.int64))
     short_qsl = torch.zeros(requests + 1, dtype=torch.int64)
     short_qsl[1:] = torch.cumsum(lens, 0)
     held = torch.zeros(requests, dtype=torch.int64).scatter_reduce_(
         0, request, torch.where(live, short + 1, 0), "amax")
 
-    # the per-step check (on the rows as written: a recomputed slot's row 1 is its tile's LR end)
-    own_tile = torch.where(slot >= short_per_tile, slot - short_per_tile, 0)
-    earlier = p - written - own_tile
-    bad_rows = ((earlier < 0) | (earlier % unused_per_tile != 0)) & (not warm_up)
+    # the per-step check (on the rows as written: a recomputed slot's row 1 is its tile's LR end); rows computed from
+    # the tiles hold it by construction
+    if tiles is None:
+        own_tile = torch.where(slot >= short_per_tile, slot - short_per_tile, 0)
+        earlier = p - written - own_tile
+        bad_rows = ((earlier < 0) | (earlier % unused_per_tile != 0)) & (not warm_up)
+    else:
+        bad_rows = torch.zeros(num_tokens, dtype=torch.bool)
     # consecutive: a live token's short position is its request's first plus its rank within the request
-    first = held[request] - lens[request]
-    bad_rows |= live & (short != first + rank - short_qsl[request])
+    bad_rows |= live & (short != each(held - lens - short_qsl[:-1]) + rank)
     if bad := int(bad_rows.sum()):
         raise ShortLayoutMismatch(
             f"{bad} of the step's {num_tokens} tokens have position rows that do not belong to this "
@@ -210,7 +218,7 @@ def short_layout(rows: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: to
             f"{bad} request(s) of the step start inside a tile where the step cannot resume it "
             "(inside its LR slots, without the rest of the tile, or without the HR-only slots that carry the LR "
             "inputs to recompute)")
-    live_request, live_short, live_unwritten = request[gather], short[gather], unwritten[gather]
+    live_request, live_short, live_unwritten = (x.index_select(0, gather) for x in (request, short, unwritten))
     beyond = (live_short // kernel_block_size >= block_table.shape[1]) & (not warm_up)
     if bad := int(beyond.sum()):
         raise ShortLayoutMismatch(_unheld(bad))
@@ -255,7 +263,7 @@ def step_rows(tiles: Sequence[RequestTiles | None], query_start_loc: torch.Tenso
     long-layout lengths after the step, as `short_layout` takes them."""
     qsl = query_start_loc.to("cpu", torch.int64)
     seq_lens = seq_lens.to("cpu", torch.int64)[: qsl.shape[0] - 1]
-    _, request, _, _, p = _step_tokens(qsl, seq_lens, num_tokens)
+    _, request, _, _, _, p = _step_tokens(qsl, seq_lens, num_tokens)
     known = [t for t in tiles if t is not None]
     if not known:
         return p.expand(3, num_tokens).clone()
@@ -265,25 +273,28 @@ def step_rows(tiles: Sequence[RequestTiles | None], query_start_loc: torch.Tenso
 
 
 def _step_tokens(qsl: torch.Tensor, seq_lens: torch.Tensor, num_tokens: int):
-    """`(token, request, query_lens, start, p)` of a step's tokens, from its host offsets and lengths (int64):
-    each token's request, and its long position ``p``, its request's tokens computed before the step plus its index
-    in the step."""
+    """`(token, request, query_lens, start, index, p)` of a step's tokens, from its host offsets and lengths (int64):
+    each token's request, its index among its request's tokens of the step, and its long position ``p``, its
+    request's tokens computed before the step plus that index. (Per-request values are spread to the tokens with
+    `index_select`, several times faster on the host than indexing with a tensor.)"""
     requests = qsl.shape[0] - 1
     token = torch.arange(num_tokens)
     request = torch.bucketize(token, qsl[1:], right=True).clamp_(max=max(requests - 1, 0))
     query_lens = qsl[1:] - qsl[:-1]
     start = qsl[:-1].clamp(max=num_tokens)  # (a sentinel column for requests with no token)
-    p = (seq_lens - query_lens)[request] + token - start[request]
-    return token, request, query_lens, start, p
+    index = token - start.index_select(0, request)
+    p = (seq_lens - query_lens).index_select(0, request) + index
+    return token, request, query_lens, start, index, p
 
 
 def _rows_from_tiles(tiles, qsl, seq_lens, p, request, short_per_tile: int, long_per_tile: int):
-    """Rows 1 and 2 of the step (see `step_rows`) from each request's tiles: ``RequestTiles.short`` for every token.
-    A request whose step's tokens meet no tile (a decode, a chunk of text) is one offset, its tiles before the step
-    times their HR-only slots; only the tokens of a request whose step holds tiles are searched among its tiles."""
+    """Rows 1 and 2 of the step (see `step_rows`) from each request's tiles: ``RequestTiles.short`` for every token,
+    the short-layout tokens before it, that is its long index less the HR-only slots before it. A request whose step's
+    tokens meet no tile (a decode, a chunk of text) is one offset, its tiles before the step times their HR-only
+    slots; for a request whose step holds tiles, the HR-only slots are marked tile by tile and counted."""
     unused = long_per_tile - short_per_tile
     bounds, lens = qsl.tolist(), seq_lens.tolist()
-    offsets, searched = [0] * (len(bounds) - 1), []
+    offsets, spanned = [0] * (len(bounds) - 1), []
     for index, request_tiles in enumerate(tiles):
         first, last = bounds[index], bounds[index + 1]
         if request_tiles is None or not request_tiles.starts or first == last:
@@ -295,20 +306,26 @@ def _rows_from_tiles(tiles, qsl, seq_lens, p, request, short_per_tile: int, long
                 before == len(starts) or starts[before] >= computed + last - first):
             offsets[index] = before * unused  # every tile is wholly before the step's tokens or after them
         else:
-            searched.append((first, last, starts))
-    short = p - torch.tensor(offsets, dtype=torch.int64)[request] if any(offsets) else p.clone()
+            spanned.append((first, last, computed, request_tiles))
+    short = p - torch.tensor(offsets, dtype=torch.int64).index_select(0, request) if any(offsets) else p.clone()
     code = short.clone()
-    for first, last, starts in searched:
-        position, starts = p[first:last], torch.tensor(starts, dtype=torch.int64)
-        # `RequestTiles.short`: tiles wholly before p, then the one tile p may fall in
-        passed = torch.searchsorted(starts, position - long_per_tile, right=True)
-        upcoming = starts[passed.clamp(max=starts.shape[0] - 1)]
-        hidden = torch.where(passed < starts.shape[0], (position - upcoming - short_per_tile).clamp(0, unused), 0)
-        short[first:last] = position - passed * unused - hidden
-        # the tile p lies in, if any
-        tile = torch.searchsorted(starts, position, right=True) - 1
-        slot = position - starts[tile.clamp(min=0)]
-        code[first:last] = torch.where((tile >= 0) & (slot < long_per_tile), -1 - slot, short[first:last])
+    if spanned:
+        slot_codes = -1 - torch.arange(long_per_tile)  # (row 2 of a tile's slots)
+    for first, last, computed, request_tiles in spanned:
+        end = computed + last - first
+        hr_only = torch.zeros(last - first, dtype=torch.int64)
+        in_tiles = []
+        for start in request_tiles.starts[bisect.bisect_right(request_tiles.starts, computed - long_per_tile):]:
+            if start >= end:
+                break
+            low, high = max(start, computed), min(start + long_per_tile, end)
+            hr_only[max(start + short_per_tile, low) - computed: max(high - computed, 0)] = 1
+            in_tiles.append((low - computed, high - computed, low - start, high - start))
+        hidden = (computed - request_tiles.short(computed)) + torch.cumsum(hr_only, 0) - hr_only
+        short[first:last] = p[first:last] - hidden
+        code[first:last] = short[first:last]
+        for low, high, first_slot, end_slot in in_tiles:
+            code[first + low: first + high] = slot_codes[first_slot:end_slot]
     return short, code
 
 
