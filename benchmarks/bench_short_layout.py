@@ -7,11 +7,11 @@ alone, V1's (the rows checked against those each request's tiles give, `short_la
 (built from the tiles alone, `short_layout(None, ..., tiles=)`).
 
 A step as vLLM runs it while a request prefills beside decoding ones: one request of `--tiles` 448px tiles (1024 long,
-256 short slots each) and `--decoding` requests of one token, each after an image of `--decoding-tiles` tiles. On a GPU the previous step's forward pass is still
-queued when the runner builds the next step's metadata; `--queued-ms` simulates it with a spin kernel enqueued before
-each call (`torch.cuda._sleep`): a layout that reads the device waits for it, one built on the host does not. The
-figure is the host time of the call (what delays the step's launch), median and 95% interval over rounds that
-alternate the two versions, and the ratio of their medians.
+256 short slots each) and `--decoding` requests of one token, each after an image of `--decoding-tiles` tiles. On a
+GPU the previous step's forward pass is still queued when the runner builds the next step's metadata; `--queued-ms`
+simulates it with a spin kernel enqueued before each call (`torch.cuda._sleep`): a layout that reads the device waits
+for it, one built on the host does not. The figure is the host time of the call (what delays the step's launch),
+median and 95% interval over rounds that alternate the versions, and the ratio of each median to the baseline's.
 
     python benchmarks/bench_short_layout.py --baseline /tmp/old_short_layout.py [--device cuda] [--rounds 200]
 """
@@ -91,6 +91,9 @@ def main() -> None:
                                                                                 **common)}
     else:
         candidates = {"host layout (baseline)": lambda: baseline.short_layout(rows, qsl, seq_lens, d_table, **common)}
+        if hasattr(baseline, "step_rows"):  # (V2's layout in 1655ef9: the rows from the tiles, then the layout)
+            candidates["from tiles, V2 (baseline)"] = lambda: baseline.short_layout(
+                baseline.step_rows(tiles, qsl, seq_lens, tokens), qsl, seq_lens, d_table, **common)
     candidates["host layout, rows only (this version)"] = lambda: short_layout(rows, qsl, seq_lens, d_table,
                                                                                **common)
     # V1's: the rows checked against each request's tiles (the rows computed from them, as `step_rows` gives them)

@@ -578,7 +578,8 @@ def test_a_backend_that_takes_smaller_blocks_gets_the_short_layout_in_its_kernel
         "Kernel2_", CPUAttentionBackend, {"get_supported_kernel_block_sizes": staticmethod(lambda spec=None: [2])})
     channel = saving.PositionBufferChannel()
     group = AttentionGroup(saving.short_backend(base, channel), ["layers.0"], spec, 0)
-    kv_config = KVCacheConfig(num_blocks=64, kv_cache_tensors=[], kv_cache_groups=[KVCacheGroupSpec(["layers.0"], spec)])
+    kv_config = KVCacheConfig(num_blocks=64, kv_cache_tensors=[],
+                              kv_cache_groups=[KVCacheGroupSpec(["layers.0"], spec)])
     kernel = prepare_kernel_block_sizes(kv_config, [[group]])[0]
     assert kernel == 2
     group.create_metadata_builders(config, torch.device("cpu"), kernel_block_size=kernel)

@@ -4,8 +4,8 @@ to this step.
 
 Plain torch, no vLLM: the inputs are the tensors vLLM's model runners hand an attention metadata builder, so the
 function runs (and is tested, `tests/test_short_layout.py`) with the inputs each runner gives, on CPU and on CUDA.
-It is built on the host, from host data only (the step's rows as V1 wrote them on the host, or computed from each
-request's tiles where V2 hands the builder those, `step_rows`; its query offsets and sequence lengths):
+It is built on the host, from host data only (each request's tiles, the rows computed from them, `step_rows`, and,
+on V1, the rows the runner wrote on the host, checked against those; the step's query offsets and sequence lengths):
 nothing is read back from a GPU per step. The device receives the layout in one copy and gathers the slot mapping
 from its own block table. Where CUDA graphs replay the layers, `graph_step_inputs` pads the layers' inputs to the
 step's padded token count.

@@ -118,8 +118,8 @@ def v1_runner(buffer: torch.Tensor):
 def host_rows(runner) -> torch.Tensor:
     """The host side of V1's M-RoPE buffer (``mrope_positions.cpu``: the device tensor itself on vLLM's CPU runner),
     where ``_prepare_inputs`` writes the step's rows before it builds attention metadata."""
-    host = runner.mrope_positions.cpu
-    if not isinstance(host, torch.Tensor) or host.device.type != "cpu" or host.shape != runner.mrope_positions.gpu.shape:
+    host, device = runner.mrope_positions.cpu, runner.mrope_positions.gpu
+    if not isinstance(host, torch.Tensor) or host.device.type != "cpu" or host.shape != device.shape:
         raise RuntimeError(
             "InternVL-X LVTC saving path: this vLLM runner keeps no host copy of its M-RoPE buffer where the plugin "
             "looks (a CpuGpuBuffer's cpu side), so the short layout cannot be built without reading the GPU every "

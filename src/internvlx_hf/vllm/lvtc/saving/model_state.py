@@ -3,11 +3,11 @@ from when the runner adds the request (its `mm_features`, the arithmetic of the 
 `tiles.RequestTiles`), handed to the short layers' builder with each step's attention metadata.
 
 V2 builds attention metadata (`ModelState.prepare_attn`) before it writes the step's M-RoPE rows
-(`ModelState.prepare_inputs`), so the builder cannot read the rows as it does on V1; it builds the layout from the
-tiles instead (`short_layout.short_layout(..., tiles=)`, the rows `step_rows` gives), on the host. A model brings its own state through `get_model_state_cls()`
-(`vllm/v1/worker/gpu/model_states/__init__.py`), and a state hands builders extra arguments through
-`ModelSpecificAttnMetadata.get_extra_attn_kwargs` (read in vLLM 0.32; `tests/test_vllm_lvtc_savings.py` runs this
-class through V2's own `prepare_attn` and guards the order on V2's source).
+(`ModelState.prepare_inputs`), so the builder cannot check the rows as it does on V1; it builds the layout from the
+tiles alone (`short_layout.short_layout(..., tiles=)`), on the host. A model brings its own state through
+`get_model_state_cls()` (`vllm/v1/worker/gpu/model_states/__init__.py`), and a state hands builders extra arguments
+through `ModelSpecificAttnMetadata.get_extra_attn_kwargs` (read in vLLM 0.32; `tests/test_vllm_lvtc_savings.py` runs
+this class through V2's own `prepare_attn` and guards the order on V2's source).
 """
 
 from __future__ import annotations
