@@ -233,9 +233,9 @@ def test_the_rows_from_a_requests_tiles_are_the_rows_the_model_computes():
     """`step_rows` (each request's tiles, `RequestTiles.short`: the scheduler's arithmetic) gives the rows the model's
     `saving_positions` gives (rows 1 and 2, which the layout reads) for every step of random requests: several
     images, text between, chunked prefill at random points (a chunk may end anywhere in even trials, at whole tiles in
-    odd ones, as the scheduler cuts them), decoded tokens, several
-    requests in one step, padded requests; and `short_layout` given the tiles instead of the rows builds the same
-    layout (or refuses the same step: a chunk ending among a tile's HR-only slots has no live token)."""
+    odd ones, as the scheduler cuts them), decoded tokens, several requests in one step, padded requests; and
+    `short_layout` given the tiles instead of the rows builds the same layout (or refuses the same step: a chunk
+    ending among a tile's HR-only slots has no live token)."""
     generator = torch.Generator().manual_seed(0)
 
     def draw(high):
@@ -356,7 +356,8 @@ def test_given_its_requests_tiles_a_step_refuses_any_other_rows(device):
     """V1 hands the builder the rows it wrote and the builder checks them against the tiles of the runner's requests
     (`short_layout` given both): the rows the tiles give pass, and the layout is the one from the rows alone; rows of
     another request with as many tiles placed elsewhere in a prompt as long (rows right for some request, which the
-    rows alone cannot tell from this one's), the previous step's rows, and rows of another batch order are refused."""
+    rows alone cannot tell from this one's), rows shifted by a column, the tiles of another batch order and of more
+    requests than the step's are refused."""
     runner, first, second = prefill_and_decode()
     batch = [(first, first.prompt), (second, 1)]
     step = rows, seq_lens, qsl, table, tokens = runner.step(batch)
