@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import inspect
 import json
 import statistics
 import sys
@@ -91,12 +92,17 @@ def main() -> None:
                                                                                 **common)}
     else:
         candidates = {"host layout (baseline)": lambda: baseline.short_layout(rows, qsl, seq_lens, d_table, **common)}
-        if hasattr(baseline, "step_rows"):  # (V2's layout in 1655ef9: the rows from the tiles, then the layout)
+        if "tiles" in inspect.signature(baseline.short_layout).parameters:  # (9faa4cf and later: V1's and V2's)
+            candidates["rows checked against tiles, V1 (baseline)"] = lambda: baseline.short_layout(
+                rows, qsl, seq_lens, d_table, tiles=tiles, **common)
+            candidates["from tiles, V2 (baseline)"] = lambda: baseline.short_layout(
+                None, qsl, seq_lens, d_table, tiles=tiles, **common)
+        elif hasattr(baseline, "step_rows"):  # (V2's layout in 1655ef9: the rows from the tiles, then the layout)
             candidates["from tiles, V2 (baseline)"] = lambda: baseline.short_layout(
                 baseline.step_rows(tiles, qsl, seq_lens, tokens), qsl, seq_lens, d_table, **common)
     candidates["host layout, rows only (this version)"] = lambda: short_layout(rows, qsl, seq_lens, d_table,
                                                                                **common)
-    # V1's: the rows checked against each request's tiles (the rows computed from them, as `step_rows` gives them)
+    # V1's: the rows checked against each request's tiles (the rows computed from them)
     candidates["rows checked against tiles, V1 (this version)"] = lambda: short_layout(
         rows, qsl, seq_lens, d_table, tiles=tiles, **common)
     # V2's: the layout from the tiles alone

@@ -51,8 +51,8 @@ def lr_slots_read(short: int, long: int, mode: str = "bilinear") -> tuple[frozen
 
 @pytest.mark.parametrize("short,long", GEOMETRIES)
 def test_counts_and_indexes_are_the_brute_forces(short, long):
-    """`short`, `long_index`, `splits_tile`, `whole_tiles_end` and the short blocks' keys, on random prompts of up
-    to 40 tiles, against the explicit list of live tokens."""
+    """`short`, `long_index`, `splits_tile`, `meeting`, `whole_tiles_end` and the short blocks' keys, on random prompts
+    of up to 40 tiles, against the explicit list of live tokens (and of each tile's slots)."""
     rng = random.Random(short)
     for _ in range(20):
         spans, length = prompt(rng, [rng.randrange(1, 14) for _ in range(rng.randrange(0, 4))], long)
@@ -63,6 +63,9 @@ def test_counts_and_indexes_are_the_brute_forces(short, long):
             assert tiles.splits_tile(n) == any(first < n <= last for first, last in spans)
             inside = [first for first, last in spans if first < n <= last]
             assert whole_tiles_end(spans, n) == (inside[0] if inside else n)
+            for high in (n, n + 1, n + 5, n + long, n + 3 * long + 2):
+                assert list(tiles.meeting(n, high)) == [
+                    tile for tile, (first, last) in enumerate(spans) if first < high and last >= n], (n, high)
         assert [tiles.long_index(s) for s in range(len(tokens))] == tokens
         for block in BLOCKS:
             hashes = [f"h{index}" for index in range(length // block)]  # a full long block's hash

@@ -23,7 +23,8 @@ import torch
 
 from internvlx_hf.vllm.lvtc.geometry import LVTCGeometry
 from internvlx_hf.vllm.lvtc.positions import saving_positions
-from internvlx_hf.vllm.lvtc.short_layout import ShortLayoutMismatch, graph_step_inputs, short_layout, step_rows
+from internvlx_hf.vllm.lvtc.short_layout import (ShortLayoutMismatch, _rows_from_tiles, _step_tokens, graph_step_inputs,
+                                                 short_layout)
 from internvlx_hf.vllm.lvtc.tiles import RequestTiles, whole_tiles_end
 
 LAYOUT = LVTCGeometry(expand_layer=2, short_side=2, long_side=4, upsample_mode="nearest", hr_scale="scale_1",
@@ -204,6 +205,17 @@ def test_async_steps_reusing_the_buffer(device):
         assert_layout(layout_of(step, device), batch, device)
         buffer = step[0]
         runner.finish(batch)
+
+
+def step_rows(tiles, query_start_loc: torch.Tensor, seq_lens: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """The rows `short_layout` computes from each request's tiles when given ``tiles``, ``(3, num_tokens)`` as a V1
+    runner's buffer holds them (`short_layout._rows_from_tiles`, rows 1 and 2; row 0 as row 1): what these tests
+    compare with the model's rows (`positions.saving_positions`)."""
+    qsl = query_start_loc.to(torch.int64)
+    seq_lens = seq_lens.to(torch.int64)[: qsl.shape[0] - 1]
+    request, _, _, _, p = _step_tokens(qsl, seq_lens, num_tokens)
+    short, code = _rows_from_tiles(tiles, qsl, seq_lens, p, request, SHORT, LONG)
+    return torch.stack([short, short, code])
 
 
 def tiles_of(request: Request) -> RequestTiles:

@@ -4,7 +4,7 @@ to this step.
 
 Plain torch, no vLLM: the inputs are the tensors vLLM's model runners hand an attention metadata builder, so the
 function runs (and is tested, `tests/test_short_layout.py`) with the inputs each runner gives, on CPU and on CUDA.
-It is built on the host, from host data only (each request's tiles, the rows computed from them, `step_rows`, and,
+It is built on the host, from host data only (each request's tiles, the rows computed from them, and,
 on V1, the rows the runner wrote on the host, checked against those; the step's query offsets and sequence lengths):
 nothing is read back from a GPU per step. The device receives the layout in one copy and gathers the slot mapping
 from its own block table. Where CUDA graphs replay the layers, `graph_step_inputs` pads the layers' inputs to the
@@ -40,7 +40,6 @@ construction: only the first ``num_tokens`` columns are read, and padded request
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -120,7 +119,7 @@ def short_layout(rows: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: to
     docstring). Raises `ShortLayoutMismatch` when the rows do not belong to this step.
 
     `tiles` (each request's, in the batch's order, `tiles.RequestTiles`: the arithmetic of the scheduler's KV manager):
-    the rows are computed from them (what `step_rows` returns); `rows`, if given too, must be those (V1, whose rows
+    the rows are computed from them (`_rows_from_tiles`); `rows`, if given too, must be those (V1, whose rows
     are its runner's, checked), or None (V2, which builds attention metadata before it writes the step's rows: through
     the model's runner state, `saving/model_state.py`).
 
@@ -140,7 +139,7 @@ def short_layout(rows: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: to
     unused_per_tile = long_per_tile - short_per_tile
     qsl = query_start_loc.to("cpu", torch.int64)
     seq_lens = seq_lens.to("cpu", torch.int64)[:requests]
-    _, request, query_lens, start, index, p = _step_tokens(qsl, seq_lens, num_tokens)
+    request, query_lens, start, index, p = _step_tokens(qsl, seq_lens, num_tokens)
 
     def each(per_request: torch.Tensor) -> torch.Tensor:  # (each token's request's value)
         return per_request.index_select(0, request)
@@ -251,29 +250,8 @@ def short_layout(rows: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: to
         live_request=d_request, live_short=d_short, unwritten=d_unwritten)
 
 
-def step_rows(tiles: Sequence[RequestTiles | None], query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
-              num_tokens: int) -> torch.Tensor:
-    """The rows `short_layout` reads, ``(3, num_tokens)`` on the host, computed from each request's tiles
-    (`tiles.RequestTiles`, the arithmetic the scheduler's KV manager counts with) and the step's host counts: what
-    `short_layout` computes itself when given ``tiles``. For long index ``p`` of a request, rows 0 and 1 hold
-    ``RequestTiles.short(p)`` (the short tokens before it: a live token's short position, an HR-only slot's tile LR
-    end) and row 2 ``-1 - j`` for slot ``j`` of a tile, the same count for any other token: the rows
-    `positions.saving_positions` gives a prompt (without LongRoPE's flags, which the layout does not read) and its
-    decoded tokens. `tiles` may be shorter than the requests (padded requests hold no tokens); `seq_lens` are the
-    long-layout lengths after the step, as `short_layout` takes them."""
-    qsl = query_start_loc.to("cpu", torch.int64)
-    seq_lens = seq_lens.to("cpu", torch.int64)[: qsl.shape[0] - 1]
-    _, request, _, _, _, p = _step_tokens(qsl, seq_lens, num_tokens)
-    known = [t for t in tiles if t is not None]
-    if not known:
-        return p.expand(3, num_tokens).clone()
-    short, code = _rows_from_tiles(tiles, qsl, seq_lens, p, request, known[0].short_per_tile,
-                                   known[0].long_per_tile)
-    return torch.stack([short, short, code])
-
-
 def _step_tokens(qsl: torch.Tensor, seq_lens: torch.Tensor, num_tokens: int):
-    """`(token, request, query_lens, start, index, p)` of a step's tokens, from its host offsets and lengths (int64):
+    """`(request, query_lens, start, index, p)` of a step's tokens, from its host offsets and lengths (int64):
     each token's request, its index among its request's tokens of the step, and its long position ``p``, its
     request's tokens computed before the step plus that index. (Per-request values are spread to the tokens with
     `index_select`, several times faster on the host than indexing with a tensor.)"""
@@ -284,14 +262,17 @@ def _step_tokens(qsl: torch.Tensor, seq_lens: torch.Tensor, num_tokens: int):
     start = qsl[:-1].clamp(max=num_tokens)  # (a sentinel column for requests with no token)
     index = token - start.index_select(0, request)
     p = (seq_lens - query_lens).index_select(0, request) + index
-    return token, request, query_lens, start, index, p
+    return request, query_lens, start, index, p
 
 
 def _rows_from_tiles(tiles, qsl, seq_lens, p, request, short_per_tile: int, long_per_tile: int):
-    """Rows 1 and 2 of the step (see `step_rows`) from each request's tiles: ``RequestTiles.short`` for every token,
-    the short-layout tokens before it, that is its long index less the HR-only slots before it. A request whose step's
-    tokens meet no tile (a decode, a chunk of text) is one offset, its tiles before the step times their HR-only
-    slots; for a request whose step holds tiles, the HR-only slots are marked tile by tile and counted."""
+    """Rows 1 and 2 of the step from each request's tiles (`tiles` may be shorter than the requests: padded requests
+    hold no tokens). For long index ``p`` of a request, row 1 holds ``RequestTiles.short(p)``, the short-layout tokens
+    before it (a live token's short position, an HR-only slot's tile LR end), and row 2 ``-1 - j`` for slot ``j`` of a
+    tile, the same count for any other token: the rows `positions.saving_positions` gives a prompt (without LongRoPE's
+    flags, which the layout does not read) and its decoded tokens, V1's runner in rows 0 and 1. A request whose step's
+    tokens meet no tile (a decode, a chunk of text) is one offset, the HR-only slots before them; for a request whose
+    step holds tiles, the HR-only slots are marked tile by tile and counted."""
     unused = long_per_tile - short_per_tile
     bounds, lens = qsl.tolist(), seq_lens.tolist()
     offsets, spanned = [0] * (len(bounds) - 1), []
@@ -300,24 +281,21 @@ def _rows_from_tiles(tiles, qsl, seq_lens, p, request, short_per_tile: int, long
         if request_tiles is None or not request_tiles.starts or first == last:
             continue
         computed = lens[index] - (last - first)
-        starts = request_tiles.starts
-        before = bisect.bisect_left(starts, computed)  # tiles that start before the step's first token
-        if (before == 0 or request_tiles.spans[before - 1][1] < computed) and (
-                before == len(starts) or starts[before] >= computed + last - first):
-            offsets[index] = before * unused  # every tile is wholly before the step's tokens or after them
-        else:
-            spanned.append((first, last, computed, request_tiles))
+        meeting = request_tiles.meeting(computed, computed + last - first)
+        if meeting:
+            spanned.append((first, last, computed, request_tiles, meeting))
+        else:  # every tile wholly before the step's tokens (those before `meeting.start`) or after them
+            offsets[index] = meeting.start * unused
     short = p - torch.tensor(offsets, dtype=torch.int64).index_select(0, request) if any(offsets) else p.clone()
     code = short.clone()
     if spanned:
         slot_codes = -1 - torch.arange(long_per_tile)  # (row 2 of a tile's slots)
-    for first, last, computed, request_tiles in spanned:
+    for first, last, computed, request_tiles, meeting in spanned:
         end = computed + last - first
         hr_only = torch.zeros(last - first, dtype=torch.int64)
         in_tiles = []
-        for start in request_tiles.starts[bisect.bisect_right(request_tiles.starts, computed - long_per_tile):]:
-            if start >= end:
-                break
+        for tile in meeting:
+            start = request_tiles.starts[tile]
             low, high = max(start, computed), min(start + long_per_tile, end)
             hr_only[max(start + short_per_tile, low) - computed: max(high - computed, 0)] = 1
             in_tiles.append((low - computed, high - computed, low - start, high - start))

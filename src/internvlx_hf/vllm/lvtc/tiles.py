@@ -78,6 +78,14 @@ class RequestTiles:
         before = bisect.bisect_right(self.lr_ends, short_position)
         return short_position + before * (self.long_per_tile - self.short_per_tile)
 
+    def meeting(self, low: int, high: int) -> range:
+        """The indexes of the tiles with a slot in the long indexes ``[low, high)`` (a step's tokens of the request)."""
+        starts = self.starts
+        first = bisect.bisect_right(starts, low - self.long_per_tile)  # the first tile ending at or after `low`
+        if first == len(starts) or starts[first] >= high:  # (none: a decode, a chunk of text)
+            return range(first, first)
+        return range(first, bisect.bisect_left(starts, high, first))
+
     def splits_tile(self, num_tokens: int) -> bool:
         index = bisect.bisect_left(self.starts, num_tokens) - 1  # the last tile that starts before `num_tokens`
         return index >= 0 and num_tokens <= self.spans[index][1]
