@@ -522,14 +522,16 @@ def test_off_vllms_cpu_platform_lvtc_takes_the_masked_path_and_refuses_the_savin
     """The saving path has run with vLLM on its CPU platform only: on another platform (a GPU's, stood in for by vLLM's
     platform object saying it is not the CPU) an LVTC engine takes the masked path, its start-up block saying why,
     where it is and how to opt in. Asked for there (`hf_overrides`), the saving path stops at start where it cannot
-    run (full CUDA graphs, which replay a step's attention metadata from their own buffers), never K/V misplaced;
-    without CUDA graphs or with piecewise ones (the layers below k on the padded token count), on the V1 runner (the
-    inputs tests/test_short_layout.py simulates) or the V2 runner (its runner state, simulated with vLLM's classes in
-    tests/test_vllm_lvtc_savings.py), it runs, the block saying it was checked by simulation only."""
+    run (CUDA graphs FULL, which replay every step's attention metadata from their own buffers), never K/V misplaced;
+    without CUDA graphs, with piecewise ones (the layers below k on the padded token count) or with vLLM's default
+    full-and-piecewise ones (which vLLM lowers to piecewise for the short layers' builder, the block saying so), on the
+    V1 runner (the inputs tests/test_short_layout.py simulates) or the V2 runner (its runner state, simulated with
+    vLLM's classes in tests/test_vllm_lvtc_savings.py), it runs, the block saying it was checked by simulation only."""
     from types import SimpleNamespace
 
     import vllm.platforms
     from vllm.config import VllmConfig
+    from vllm.config.compilation import CompilationMode, CUDAGraphMode
     from vllm.engine.arg_utils import EngineArgs
     from vllm.plugins import load_general_plugins
 
@@ -549,19 +551,27 @@ def test_off_vllms_cpu_platform_lvtc_takes_the_masked_path_and_refuses_the_savin
         (True, True, "NONE"): None,
         (True, False, "PIECEWISE"): None,
         (False, False, "PIECEWISE"): None,
-        (True, False, "FULL_AND_PIECEWISE"): "full CUDA graphs (vLLM's default FULL_AND_PIECEWISE among them) replay",
-        (False, False, "FULL_DECODE_ONLY"): "full CUDA graphs (vLLM's default FULL_AND_PIECEWISE among them) replay",
+        (True, False, "FULL_AND_PIECEWISE"): None,  # (lowered to PIECEWISE by vLLM)
+        (False, False, "FULL_DECODE_ONLY"): None,
+        (False, False, None): None,  # (unset in the hook: vLLM's default, FULL_AND_PIECEWISE)
+        (True, False, "FULL"): "CUDA graphs FULL capture every step's attention whole",
         (False, True, "NONE"): None,
     }
+    # as vLLM sets them after the hook on a GPU: compilation on, attention split out of the compiled graph
+    monkeypatch.setattr(vllm_config.compilation_config, "mode", CompilationMode.VLLM_COMPILE)
+    monkeypatch.setattr(vllm_config.compilation_config, "splitting_ops",
+                        list(vllm_config.compilation_config._attention_ops))
     for (runner, eager, graphs), blocker in cases.items():
         monkeypatch.setattr(VllmConfig, "use_v2_model_runner", v2(runner))
         monkeypatch.setattr(vllm_config.model_config, "enforce_eager", eager)
-        monkeypatch.setattr(vllm_config.compilation_config, "cudagraph_mode", SimpleNamespace(name=graphs))
+        monkeypatch.setattr(vllm_config.compilation_config, "cudagraph_mode",
+                            None if graphs is None else CUDAGraphMode[graphs])
         config.lvtc_vllm_path = None  # (as hf_overrides leave it)
         settings = EngineSettings(str(folder))
         assert choose_lvtc_path(vllm_config, config, lvtc_geometry_of(config), settings) == "masked"
         assert config.lvtc_vllm_path == "masked"
         (line,) = settings.lines
+        named = graphs or "vLLM's default"
         assert line.startswith("LVTC path: masked. InternVL-X: LVTC runs on the masked long layout")
         # the head size the layers below k pad to on each backend a GPU may pick (FlashInfer lists 64/128/256/512)
         depth = config.get_text_config().num_hidden_layers
@@ -571,11 +581,11 @@ def test_off_vllms_cpu_platform_lvtc_takes_the_masked_path_and_refuses_the_savin
                 f"FlashInfer ({ratios[1]:.2f}x); prefix caching and chunked prefill off") in line, line
         assert ("because the saving path has run with vLLM on its CPU platform only (V1 model runner, synchronous "
                 f"scheduling, no CUDA graphs, float32), and this engine is on cuda, {'V2' if runner else 'V1'} model "
-                f"runner, CUDA graphs {graphs}, async scheduling off; ") in line
+                f"runner, CUDA graphs {named}, async scheduling off; ") in line
         assert line.endswith("To try the saving path on a GPU: hf_overrides={'lvtc_vllm_path': 'saving'} with "
-                             "--enforce-eager, or CUDA graphs piecewise only (--compilation-config "
-                             "'{\"cudagraph_mode\": \"PIECEWISE\"}': the layers below k then run on each step's "
-                             "padded token count, saving KV but not their compute)")
+                             "--enforce-eager (the layers below k save KV and compute), or vLLM's default CUDA graphs, "
+                             "which vLLM then lowers to piecewise ones (the layers below k run on each step's padded "
+                             "token count, saving KV but not their compute; decode steps' attention outside graphs)")
         v2_said = "on vLLM's V2 model runner the saving path builds each step's layout from the tiles its runner state"
         config.lvtc_vllm_path = "saving"
         if blocker is None:
@@ -586,14 +596,19 @@ def test_off_vllms_cpu_platform_lvtc_takes_the_masked_path_and_refuses_the_savin
             assert ("asked for on a platform where it has not run with vLLM: its inputs checked by simulation and its "
                     "layout on CUDA, never a whole engine") in settings.lines[0]
             assert (v2_said in settings.lines[0]) == runner
-            # with piecewise graphs the layers below k run on the padded token count, and the block says so
+            # with piecewise graphs the layers below k run on the padded token count, and the block says so, and
+            # that vLLM lowers its full decode graphs to them
             assert ("the layers below k run on each step's padded token count" in settings.lines[0]) == (
-                graphs == "PIECEWISE")
+                graphs != "NONE")
+            lowered = (f"; CUDA graphs {graphs or 'FULL_AND_PIECEWISE (vLLM default)'} lowered by vLLM to PIECEWISE: "
+                       "the short layers' builder captures no full graphs, so decode steps' attention runs outside "
+                       "graphs")
+            assert (lowered in settings.lines[0]) == (graphs not in ("NONE", "PIECEWISE")), settings.lines[0]
             continue
         assert f"it cannot run on this engine: {blocker}" in line
         with pytest.raises(UnsupportedCheckpoint, match=r"lvtc_vllm_path='saving' \(from hf_overrides\) cannot run on "
                            r"this engine \(on cuda, .*" + re.escape(blocker) + r".*start vLLM with "
-                           r"--enforce-eager, or CUDA graphs piecewise only .*, or leave lvtc_vllm_path out"):
+                           r"--enforce-eager \(.*, or vLLM's default CUDA graphs, .*, or leave lvtc_vllm_path out"):
             choose_lvtc_path(vllm_config, config, lvtc_geometry_of(config), EngineSettings(str(folder)))
 
 

@@ -314,6 +314,10 @@ def test_each_vllm_internal_of_the_saving_path_is_reported_when_vllm_lacks_it(mo
         "subclass_attention_backend_with_overrides(name_prefix, backend, overrides)":
             lambda patch: patch.setattr(saving, "subclass_attention_backend_with_overrides",
                                         lambda prefix, backend: backend),
+        "AttentionMetadataBuilder.get_cudagraph_support(vllm_config, kv_cache_spec); a builder without full-graph "
+        "support lowers full decode graphs (CompilationConfig.resolve_cudagraph_mode_and_sizes)":
+            lambda patch: patch.setattr(saving.CompilationConfig, "resolve_cudagraph_mode_and_sizes",
+                                        lambda self, min_cg_support, min_cg_attn_backend: self.cudagraph_mode),
         "support_torch_compile(mark_unbacked_dims=...)":
             lambda patch: patch.setattr(saving, "support_torch_compile", lambda cls=None, dynamic_arg_dims=None: cls),
     }
@@ -549,6 +553,100 @@ def test_no_runner_hands_a_short_group_another_groups_metadata():
     source = inspect.getsource(GPUModelRunner)
     assert "and builder.supports_update_block_table" in source
     assert "builder.update_block_table(" in source
+
+
+@pytest.mark.vllm
+@needs_vllm
+def test_vllm_lowers_full_cuda_graphs_for_the_short_layers_to_the_mode_the_model_is_built_for():
+    """A full CUDA graph replays the attention metadata in the buffers it was captured with, and the short layers'
+    layout is built per step apart from them. The short builder says it captures no full graphs, whichever backend it
+    is made from (FlashAttention's and Triton's builders would capture them), so vLLM's own resolution of the mode
+    (V1: `GPUModelRunner._check_and_update_cudagraph_mode`; V2: `get_attn_cg_support`, then
+    `resolve_cudagraph_mode_and_sizes`) lowers its default FULL_AND_PIECEWISE and FULL_DECODE_ONLY to PIECEWISE (to
+    NONE where attention is not split out of the compiled graph) and refuses FULL. The mode the model foresees when it
+    is built (`graph_mode_with_short_layers`, which decides whether the layers below k run on the padded token count)
+    is the one both runners settle on, over every mode, compilation mode and split, read before vLLM sets its
+    splitting ops (as in the config hook) and after; a step vLLM runs as a graph the layers were not built for stops
+    (`graph_replay_refusal`)."""
+    import copy
+
+    from vllm.config import CompilationConfig
+    from vllm.config.compilation import CompilationMode, CUDAGraphMode
+    from vllm.v1.attention.backend import AttentionCGSupport
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+    from vllm.v1.attention.backends.flash_attn import FlashAttentionBackend
+    from vllm.v1.attention.backends.triton_attn import TritonAttentionBackend
+    from vllm.v1.worker.gpu.attn_utils import get_attn_cg_support
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from internvlx_hf.vllm.engine_settings import graph_mode_with_short_layers
+
+    saving, layers = _saving("attention"), _saving("layers")
+    spec = _saving("kv_cache").LVTCShortSpec(block_size=16, num_kv_heads=2, head_size=32, dtype=torch.float32,
+                                             short_per_tile=4, long_per_tile=16)
+    channel = saving.PositionBufferChannel()
+    assert TritonAttentionBackend.get_builder_cls().get_cudagraph_support(None, spec) == AttentionCGSupport.ALWAYS
+    backends = [saving.short_backend(base, channel)
+                for base in (CPUAttentionBackend, FlashAttentionBackend, TritonAttentionBackend)]
+    for backend in backends:
+        assert backend.get_builder_cls().get_cudagraph_support(None, spec) == AttentionCGSupport.NEVER, backend
+
+    def v1(compilation, backend):
+        settled = []
+        runner = SimpleNamespace(  # (the fields vLLM's method reads; its dispatcher records the mode it is given)
+            compilation_config=compilation, vllm_config=None, uniform_decode_query_len=1, kv_cache_config=None,
+            max_num_reqs=8, speculative_config=None,
+            cudagraph_dispatcher=SimpleNamespace(initialize_cudagraph_keys=lambda mode, query: settled.append(mode)))
+        GPUModelRunner._check_and_update_cudagraph_mode(runner, [{backend}], [SimpleNamespace(kv_cache_spec=spec)])
+        return settled[0].name
+
+    def v2(compilation, backend):
+        group = SimpleNamespace(layer_names=["layers.0"], kv_cache_spec=spec, backend=backend,
+                                get_metadata_builder=lambda index: backend.get_builder_cls())
+        support = get_attn_cg_support([[group]], None)
+        return compilation.resolve_cudagraph_mode_and_sizes(support.min_cg_support, support.min_cg_attn_backend,
+                                                            use_v2_model_runner=True).name
+
+    settled_modes = set()
+    for level in (CompilationMode.VLLM_COMPILE, CompilationMode.NONE):
+        for mode in CUDAGraphMode:
+            for split, extra in ((None, {}), ([], {}), (list(CompilationConfig._attention_ops), {}),
+                                 (None, dict(use_inductor_graph_partition=True)),
+                                 (None, dict(pass_config=dict(fuse_attn_quant=True)))):
+                made = dict(mode=level, cudagraph_mode=mode, splitting_ops=split, **extra)
+                compilation = CompilationConfig(**made)
+                hook = graph_mode_with_short_layers(SimpleNamespace(
+                    model_config=SimpleNamespace(enforce_eager=False), compilation_config=compilation))
+                compilation.set_splitting_ops_for_v1(all2all_backend="naive")  # (as VllmConfig does after the hook)
+                built = graph_mode_with_short_layers(SimpleNamespace(
+                    model_config=SimpleNamespace(enforce_eager=False), compilation_config=compilation))
+                assert hook == built, made
+                for backend in backends:
+                    for runner in (v1, v2):
+                        try:
+                            settled = runner(copy.deepcopy(compilation), backend)
+                        except ValueError as refused:  # FULL (asked, or made so by nothing splitting the graph)
+                            assert "please try cudagraph_mode=PIECEWISE" in str(refused)
+                            settled = "FULL"
+                        assert built == settled, (made, backend, runner)
+                        settled_modes.add((mode.name, settled))
+    assert {("FULL_AND_PIECEWISE", "PIECEWISE"), ("FULL_DECODE_ONLY", "PIECEWISE"), ("FULL_DECODE_ONLY", "NONE"),
+            ("FULL_AND_PIECEWISE", "FULL"), ("FULL", "FULL"), ("PIECEWISE", "NONE"),
+            ("PIECEWISE", "FULL")} <= settled_modes  # (every rule met)
+    # the mode's consequence on the built model, and the stop where a step runs otherwise
+    config = SimpleNamespace(model_config=SimpleNamespace(enforce_eager=False), compilation_config=CompilationConfig(
+        mode=CompilationMode.VLLM_COMPILE, cudagraph_mode=CUDAGraphMode.FULL_AND_PIECEWISE))
+    assert layers.graph_layout(config, SimpleNamespace()) is True
+    config.model_config.enforce_eager = True
+    assert layers.graph_layout(config, SimpleNamespace()) is False
+    assert layers.graph_layout(config, SimpleNamespace(lvtc_vllm_graph_layout=True)) is True
+    for mode, padded, stops in ((CUDAGraphMode.NONE, False, False), (CUDAGraphMode.NONE, True, False),
+                                (CUDAGraphMode.PIECEWISE, True, False), (CUDAGraphMode.PIECEWISE, False, True),
+                                (CUDAGraphMode.FULL, True, True)):
+        refusal = layers.graph_replay_refusal(mode, padded)
+        assert (refusal is not None) == stops, (mode, padded)
+        if stops:
+            assert f"vLLM runs this step as a {mode.name} CUDA graph" in refusal and "lvtc_vllm_path" in refusal
 
 
 @pytest.mark.vllm
@@ -866,12 +964,12 @@ def test_v2_builds_the_short_layout_from_the_runner_states_tiles(tmp_path, monke
     """vLLM's second model runner (V2, the CUDA default; it cannot run on vLLM's CPU platform, which lacks Triton)
     builds attention metadata before it writes the step's M-RoPE rows. The model's runner state
     (`model_state.LVTCModelState`, which V2 takes from `get_model_state_cls`) keeps each request's tiles from
-    `add_request` and hands them to the short builder through `get_extra_attn_kwargs`, which computes the rows from
-    them (`short_layout.step_rows`). Simulated in V2's order with its own classes: the state's `prepare_attn` through
-    V2's `DefaultModelState.prepare_attn` and `build_attn_metadata`, vLLM's CPU attention builders for a short and a
-    long group, an `InputBatch` of a prefill beside a decode: the short metadata is the one the rows give (no M-RoPE
-    buffer read), the long group is untouched; a dummy run's requests (never added) write no K/V; a removed request's
-    tiles are gone. V2's order and hooks are guarded on its source."""
+    `add_request` and hands them to the short builder through `get_extra_attn_kwargs`, which builds the layout from
+    them (`short_layout(None, ..., tiles=)`). Simulated in V2's order with its own classes: the state's `prepare_attn`
+    through V2's `DefaultModelState.prepare_attn` and `build_attn_metadata`, vLLM's CPU attention builders for a short
+    and a long group, an `InputBatch` of a prefill beside a decode: the short metadata is the one the rows give (no
+    M-RoPE buffer read), the long group is untouched; a dummy run's requests (never added) write no K/V; a removed
+    request's tiles are gone. V2's order and hooks are guarded on its source."""
     import dataclasses
     import inspect
 

@@ -89,3 +89,36 @@ def cuda_graph_mode(vllm_config) -> str | None:
         return "NONE"
     graphs = getattr(vllm_config.compilation_config, "cudagraph_mode", None)
     return getattr(graphs, "name", graphs)
+
+
+#: vLLM's CUDA-graph modes with full graphs for decode steps only (its GPU default among them), which it lowers where a
+#: metadata builder captures no full graphs (`graph_mode_with_short_layers`).
+FULL_DECODE_MODES = ("FULL_AND_PIECEWISE", "FULL_DECODE_ONLY")
+
+
+def graph_mode_with_short_layers(vllm_config) -> str | None:
+    """The CUDA-graph mode vLLM settles on when the saving path's short layers are in the model: their metadata
+    builder captures no full graphs (``AttentionCGSupport.NEVER``: their layout is built per step, apart from the
+    buffers a full graph replays), and vLLM's ``CompilationConfig.resolve_cudagraph_mode_and_sizes`` then keeps
+    ``NONE`` and ``PIECEWISE``, refuses ``FULL`` (mixed steps inside full graphs: returned as ``FULL``), and lowers the
+    modes with full graphs for decode steps only (`FULL_DECODE_MODES`) to ``PIECEWISE`` where vLLM compiles the model
+    and splits attention out of its graph (its defaults: compilation on, attention ops as splitting ops), else to
+    ``NONE``. None where the mode is unset. Read in the config hook, before vLLM sets its compilation mode and
+    splitting ops (``set_splitting_ops_for_v1``, which turns piecewise modes into ``NONE`` or ``FULL`` where nothing
+    splits the graph), it foresees those; read when the model is built, they are set."""
+    mode = cuda_graph_mode(vllm_config)
+    if mode is None:
+        return None
+    compilation = vllm_config.compilation_config
+    compiled = getattr(compilation.mode, "name", compilation.mode) in (None, "VLLM_COMPILE")
+    splits, partition = compilation.splitting_ops, compilation.use_inductor_graph_partition
+    if compiled and not partition:
+        if splits is None and compilation.pass_config.fuse_attn_quant:  # (attention fused: nothing splits)
+            mode = "FULL" if mode in ("PIECEWISE", "FULL_AND_PIECEWISE") else mode
+        elif splits is not None and len(splits) == 0:
+            mode = {"PIECEWISE": "NONE", "FULL_AND_PIECEWISE": "FULL"}.get(mode, mode)
+    if mode not in FULL_DECODE_MODES:
+        return mode
+    split = partition or compilation.splitting_ops_contain_attention() or (
+        splits is None and not compilation.pass_config.fuse_attn_quant)
+    return "PIECEWISE" if compiled and split else "NONE"

@@ -13,7 +13,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ...vllm_compat import head_size_of
-from ..engine_settings import (LONGROPE_ROWS, EngineSettings, UnsupportedCheckpoint, cpu_head_sizes, cuda_graph_mode,
+from ..engine_settings import (FULL_DECODE_MODES, LONGROPE_ROWS, EngineSettings, UnsupportedCheckpoint, cpu_head_sizes,
+                               cuda_graph_mode, graph_mode_with_short_layers,
                                prefix_caching_off)
 from .geometry import LVTCGeometry
 
@@ -246,9 +247,9 @@ def _untested_platform(vllm_config) -> str | None:
 
 
 #: What the saving path needs on a GPU, where it has not run with vLLM (`_runner_blocker`).
-GPU_SAVING_SETTINGS = ("--enforce-eager, or CUDA graphs piecewise only (--compilation-config "
-                       "'{\"cudagraph_mode\": \"PIECEWISE\"}': the layers below k then run on each step's padded "
-                       "token count, saving KV but not their compute)")
+GPU_SAVING_SETTINGS = ("--enforce-eager (the layers below k save KV and compute), or vLLM's default CUDA graphs, which "
+                       "vLLM then lowers to piecewise ones (the layers below k run on each step's padded token count, "
+                       "saving KV but not their compute; decode steps' attention outside graphs)")
 
 
 def _v2_runner(vllm_config) -> bool:
@@ -268,15 +269,18 @@ def _runner_blocker(vllm_config) -> str | None:
     """Why the saving path cannot run with this engine's model runner, or None where it can: either runner (V1
     reads the step's rows from its M-RoPE buffer, V2 computes them from its runner state's tiles), on a GPU without
     CUDA graphs or with piecewise ones (the layers below k then run on the padded token count: `saving.layers.
-    graph_layout`)."""
+    graph_layout`), to which vLLM lowers its default full-and-piecewise graphs (`graph_mode_with_short_layers`)."""
     from vllm.platforms import current_platform
 
     if current_platform.is_cpu():  # (no CUDA graphs there)
         return None
-    if cuda_graph_mode(vllm_config) not in ("NONE", "PIECEWISE"):
-        return ("full CUDA graphs (vLLM's default FULL_AND_PIECEWISE among them) replay each step's attention "
-                "metadata from the buffers they were captured with, and the short layers' is built per step apart "
-                "from them")
+    asked = cuda_graph_mode(vllm_config)
+    if graph_mode_with_short_layers(vllm_config) == "FULL":
+        made = ("" if asked == "FULL" else f" (vLLM makes {asked} FULL where nothing splits its compiled graph at "
+                "attention: empty splitting_ops, or attention fused with quantization)")
+        return (f"CUDA graphs FULL{made} capture every step's attention whole, replaying its metadata from the buffers "
+                "they were captured with, and the short layers' is built per step apart from them (vLLM lowers its "
+                "default FULL_AND_PIECEWISE to PIECEWISE for them, but refuses FULL)")
     return None
 
 
@@ -335,7 +339,8 @@ def _masked_reason(vllm_config, config) -> str | None:
                     f"{GPU_SAVING_SETTINGS}, or leave lvtc_vllm_path out (the masked path).")
         else:
             where = (f"it cannot run on this engine: {blocker}" if blocker else
-                     "on this engine (no CUDA graphs, or piecewise ones) its inputs are checked by simulation only"
+                     "on this engine (no CUDA graphs, or piecewise ones, to which vLLM lowers its default) its "
+                     "inputs are checked by simulation only"
                      + (f"; {V2_SIMULATED}" if _v2_runner(vllm_config) else ""))
             return (f"the saving path has run with vLLM on its CPU platform only ({SAVING_RUNS_ON}), and this engine "
                     f"is {platform}; {where} (docs/serving-vllm-lvtc.md, \"Where each path has run\"; neither "
@@ -399,9 +404,13 @@ def choose_lvtc_path(vllm_config, config, layout: LVTCGeometry, settings: Engine
                 "layout on CUDA, never a whole engine" if _untested_platform(vllm_config) else "")
     if _v2_runner(vllm_config):
         untested += f"; {V2_SIMULATED}"
-    from .saving.layers import graph_layout  # (imported by `_masked_reason` already)
-
-    if graph_layout(vllm_config, config):
+    graphs, settled = cuda_graph_mode(vllm_config), graph_mode_with_short_layers(vllm_config)
+    if _untested_platform(vllm_config) and (graphs is None or graphs in FULL_DECODE_MODES):
+        settled = settled or "PIECEWISE"  # (unset in this hook: vLLM's GPU default, FULL_AND_PIECEWISE, lowered)
+        untested += (f"; CUDA graphs {graphs or 'FULL_AND_PIECEWISE (vLLM default)'} lowered by vLLM to {settled}: "
+                     "the short layers' builder captures no full graphs, so decode steps' attention runs outside "
+                     "graphs")
+    if settled == "PIECEWISE" or getattr(config, "lvtc_vllm_graph_layout", False):  # (`saving.layers.graph_layout`)
         untested += ("; the layers below k run on each step's padded token count (the layout piecewise CUDA graphs "
                      "replay: the short KV group kept, their compute the long layout's)")
     settings.note("LVTC path: saving (the layers below k hold and compute the short layout only; this engine: "

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 from vllm.forward_context import get_forward_context
 from vllm.model_executor.layers.attention import Attention
-from vllm.v1.attention.backend import CommonAttentionMetadata, subclass_attention_backend_with_overrides
+from vllm.v1.attention.backend import (AttentionCGSupport, CommonAttentionMetadata,
+                                      subclass_attention_backend_with_overrides)
 from vllm.v1.kv_cache_interface import get_kv_quant_mode
 
 from internvlx_hf.vllm.lvtc.saving.kv_cache import LVTCShortSpec
@@ -157,6 +158,14 @@ def _short_backend(base: type, channel: PositionBufferChannel) -> type:
         # `ShortLayout.for_block_table`), as on vLLM's CPU runner.
         supports_update_block_table = False
         lvtc_short = True  # (the runner state's extra build arguments go to this builder only)
+
+        @classmethod
+        def get_cudagraph_support(cls, vllm_config, kv_cache_spec):
+            # A full CUDA graph replays the attention metadata in the buffers it was captured with; the short layout
+            # is built per step apart from them. Both runners take the weakest support of all groups, so vLLM lowers
+            # its default FULL_AND_PIECEWISE (and FULL_DECODE_ONLY) to PIECEWISE for the whole model and refuses FULL
+            # (`engine_settings.graph_mode_with_short_layers`).
+            return AttentionCGSupport.NEVER
 
         def build(self, common_prefix_len, common_attn_metadata, fast_build=False, lvtc_tiles=None):
             cm = common_attn_metadata

@@ -7,7 +7,9 @@ import dataclasses
 import inspect
 
 from vllm.compilation.decorators import support_torch_compile
-from vllm.v1.attention.backend import CommonAttentionMetadata, subclass_attention_backend_with_overrides
+from vllm.config import CompilationConfig
+from vllm.v1.attention.backend import (AttentionMetadataBuilder, CommonAttentionMetadata,
+                                      subclass_attention_backend_with_overrides)
 from vllm.v1.core.block_pool import BlockPool
 from vllm.v1.core.kv_cache_coordinator import HybridKVCacheCoordinator, KVCacheCoordinator
 from vllm.v1.core.kv_cache_manager import KVCacheManager
@@ -59,6 +61,14 @@ INTERNALS = {
         lambda: _parameters(subclass_attention_backend_with_overrides) == [
             "name_prefix", "attention_backend_cls", "overrides"],
         "the short layers' backend (their own metadata builder and KV write) cannot be made"),
+    "AttentionMetadataBuilder.get_cudagraph_support(vllm_config, kv_cache_spec); a builder without full-graph support "
+    "lowers full decode graphs (CompilationConfig.resolve_cudagraph_mode_and_sizes)": (
+        lambda: _parameters(AttentionMetadataBuilder.get_cudagraph_support) == ["vllm_config", "kv_cache_spec"]
+        and source_has(CompilationConfig.resolve_cudagraph_mode_and_sizes,
+                       "cudagraph_mode.decode_mode() == CUDAGraphMode.FULL",
+                       "and min_cg_support == AttentionCGSupport.NEVER", "splitting_ops_contain_attention()"),
+        "a full CUDA graph could replay the short layers' attention with a stale layout (their builder says it "
+        "captures none)"),
     "support_torch_compile(mark_unbacked_dims=...)": (
         lambda: "mark_unbacked_dims" in _parameters(support_torch_compile),
         "the gather index of live tokens cannot get its own dynamic size in the compiled layers"),

@@ -15,7 +15,7 @@ from vllm.compilation.decorators import support_torch_compile
 from vllm.forward_context import get_forward_context
 from vllm.model_executor.layers.attention import Attention
 
-from internvlx_hf.vllm.engine_settings import cuda_graph_mode
+from internvlx_hf.vllm.engine_settings import graph_mode_with_short_layers
 from internvlx_hf.vllm.lvtc.layers import LVTCLayers
 from internvlx_hf.vllm.lvtc.positions import saving_rope_indices
 from internvlx_hf.vllm.lvtc.short_layout import graph_step_inputs
@@ -71,10 +71,27 @@ def saving_unavailable(model) -> str | None:
 
 def graph_layout(vllm_config, config) -> bool:
     """Whether the layers below k run on the step's padded token count (`short_layout.graph_step_inputs`) rather than
-    on its live tokens: where vLLM may replay piecewise CUDA graphs, which are captured per token count, or where
-    the config asks for it (``lvtc_vllm_graph_layout``, to compare the two on a platform without CUDA graphs)."""
-    replays = cuda_graph_mode(vllm_config) not in (None, "NONE")
+    on its live tokens: where vLLM may replay piecewise CUDA graphs, which are captured per token count (the mode
+    vLLM settles on once the short builder says it captures no full graphs, `graph_mode_with_short_layers`: decided
+    here, when the model is built, before vLLM settles it), or where the config asks for it
+    (``lvtc_vllm_graph_layout``, to compare the two on a platform without CUDA graphs)."""
+    replays = graph_mode_with_short_layers(vllm_config) not in (None, "NONE")
     return bool(replays or getattr(config, "lvtc_vllm_graph_layout", False))
+
+
+def graph_replay_refusal(runtime_mode, padded: bool) -> str | None:
+    """Why a forward pass vLLM captures or replays as a CUDA graph (`runtime_mode`, its forward context's
+    ``cudagraph_runtime_mode``) cannot run the layers below k as the model was built, or None: a full graph (the short
+    builder says it captures none, so vLLM should never ask), or a piecewise one where the layers were built for the
+    live tokens (`graph_layout` foresaw no graphs: a vLLM that settled its mode otherwise)."""
+    mode = getattr(runtime_mode, "name", runtime_mode)
+    if mode in (None, "NONE") or (mode == "PIECEWISE" and padded):
+        return None
+    built = "the step's padded token count" if padded else "the live tokens only (no CUDA graphs foreseen)"
+    return (f"InternVL-X LVTC saving path: vLLM runs this step as a {mode} CUDA graph, and the layers below k were "
+            f"built for {built}; start vLLM with --enforce-eager or --compilation-config "
+            "'{\"cudagraph_mode\": \"PIECEWISE\"}', or serve the checkpoint on the masked path: "
+            "hf_overrides={\"lvtc_vllm_path\": \"masked\"}")
 
 
 class SavingFront(nn.Module):
@@ -129,7 +146,11 @@ class SavingFront(nn.Module):
             self.channel.buffer = host_rows(runner)
             self.channel.runner = weakref.ref(runner)
         tokens = positions.shape[1]
-        metas = get_forward_context().attn_metadata
+        context = get_forward_context()
+        refusal = graph_replay_refusal(context.cudagraph_runtime_mode, self.padded)
+        if refusal is not None:
+            raise RuntimeError(refusal)
+        metas = context.attn_metadata
         if isinstance(metas, dict) and self.short_names[0] in metas:
             if isinstance(metas[self.short_names[0]], PendingShortMetadata):
                 # one pending metadata per KV-cache group (vLLM may split the short layers into several, each
