@@ -522,11 +522,12 @@ def test_off_vllms_cpu_platform_lvtc_takes_the_masked_path_and_refuses_the_savin
     """The saving path has run with vLLM on its CPU platform only: on another platform (a GPU's, stood in for by vLLM's
     platform object saying it is not the CPU) an LVTC engine takes the masked path, its start-up block saying why,
     where it is and how to opt in. Asked for there (`hf_overrides`), the saving path stops at start where it cannot
-    run (CUDA graphs FULL, which replay every step's attention metadata from their own buffers), never K/V misplaced;
-    without CUDA graphs, with piecewise ones (the layers below k on the padded token count) or with vLLM's default
-    full-and-piecewise ones (which vLLM lowers to piecewise for the short layers' builder, the block saying so), on the
-    V1 runner (the inputs tests/test_short_layout.py simulates) or the V2 runner (its runner state, simulated with
-    vLLM's classes in tests/test_vllm_lvtc_savings.py), it runs, the block saying it was checked by simulation only."""
+    run (CUDA graphs FULL, asked for or made so by vLLM where nothing splits its graph at attention, which replay every
+    step's attention metadata from their own buffers), never K/V misplaced; without CUDA graphs, with piecewise ones
+    (the layers below k on the padded token count) or with vLLM's default full-and-piecewise ones (which vLLM lowers
+    to piecewise for the short layers' builder, the block saying so), on the V1 runner (the inputs
+    tests/test_short_layout.py simulates) or the V2 runner (its runner state, simulated with vLLM's classes in
+    tests/test_vllm_lvtc_savings.py), it runs, the block saying it was checked by simulation only."""
     from types import SimpleNamespace
 
     import vllm.platforms
@@ -610,6 +611,16 @@ def test_off_vllms_cpu_platform_lvtc_takes_the_masked_path_and_refuses_the_savin
                            r"this engine \(on cuda, .*" + re.escape(blocker) + r".*start vLLM with "
                            r"--enforce-eager \(.*, or vLLM's default CUDA graphs, .*, or leave lvtc_vllm_path out"):
             choose_lvtc_path(vllm_config, config, lvtc_geometry_of(config), EngineSettings(str(folder)))
+    # vLLM's default made FULL after the hook where nothing splits its compiled graph at attention: refused, saying so
+    monkeypatch.setattr(vllm_config.compilation_config, "splitting_ops", [])
+    monkeypatch.setattr(vllm_config.compilation_config, "cudagraph_mode", CUDAGraphMode.FULL_AND_PIECEWISE)
+    monkeypatch.setattr(vllm_config.model_config, "enforce_eager", False)
+    config.lvtc_vllm_path = "saving"
+    with pytest.raises(UnsupportedCheckpoint, match=re.escape(
+            "CUDA graphs FULL (vLLM makes FULL_AND_PIECEWISE FULL where nothing splits its compiled graph at "
+            "attention: empty splitting_ops, or attention fused with quantization) capture every step's attention "
+            "whole")):
+        choose_lvtc_path(vllm_config, config, lvtc_geometry_of(config), EngineSettings(str(folder)))
 
 
 def test_on_vllms_cpu_platform_the_v2_model_runner_takes_the_saving_path_only_when_asked(tmp_path, monkeypatch):
