@@ -22,6 +22,10 @@ pixels, exact ids and tokens). This script keeps:
 * ``preprocess_pixels.compact.json`` / ``.safetensors``: the per-tile digests and block means of the six
   ``preprocess_pixels`` entries instead of their 24.7 MB of uint8 tiles;
 * dropped: ``vision_last_hidden_state_tile0`` and ``vit_embeds`` (no test uses them);
+* ``internvl3_5_flash/`` from ``../shared/fixtures_flash`` (InternVL3.5-Flash's router): the checkpoint and tokenizer
+  files and ``reference.json`` verbatim, ``reference.compact.safetensors`` with each case's ``FLASH_KEPT`` tensors
+  (ids before and after the router, decisions, scores, quantile, last logits, greedy ids and scores); the tiles are
+  rebuilt from ``images/`` by the tests (``reference.json`` holds their digests);
 * ``MANIFEST.json``: size and sha256 of every file written, and the sha256 of the sources' own manifests.
 
 ``tests/fixtures/tokenizer_cases/`` is not derived from the fixtures (``scripts/make_tokenizer_cases.py`` records
@@ -78,7 +82,7 @@ def _write_json(path: Path, data) -> None:
     path.write_text(json.dumps(data, indent=1, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-_ST_DTYPES = {torch.int64: "I64", torch.float32: "F32", torch.float64: "F64"}
+_ST_DTYPES = {torch.int64: "I64", torch.float32: "F32", torch.float64: "F64", torch.bool: "BOOL"}
 
 
 def _save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
@@ -152,6 +156,27 @@ def _compact_model_fixture(name: str, src: Path, out: Path, rope: str | None) ->
         _save(out / f"{rope}.compact.safetensors", kept, metadata)
 
 
+# InternVL3.5-Flash (../shared/fixtures_flash): what the router's tests compare, per case (main, second, two_image,
+# main_abs075; normal = flash_mode off). The tiles are rebuilt from the images by the processor (reference.json's
+# preprocess digests check them); the embeddings, ViT and pooling tensors are not compared by any test.
+FLASH_KEPT = ("input_ids", "input_ids_compressed", "compress", "gate_probs", "quantile", "logits_last",
+              "generation_scores", "generated_ids")
+
+
+def _compact_flash_fixture(src: Path, out: Path) -> None:
+    out.mkdir(parents=True)
+    for file in sorted(src.iterdir()):
+        if file.is_file() and file.name not in ("reference.safetensors", "MANIFEST.json", "README.md"):
+            _copy(file, out / file.name)
+    tensors, _ = golden.load_safetensors(src / "reference.safetensors")
+    kept = {key: tensor for key, tensor in tensors.items() if key.split(".", 1)[-1] in FLASH_KEPT}
+    _save(out / "reference.compact.safetensors", kept, {
+        "source": f"reference.safetensors sha256 {_sha256(src / 'reference.safetensors')}",
+        "kept": ", ".join(FLASH_KEPT) + " (each case's; normal.* for flash_mode off)",
+        "dropped": ", ".join(sorted(key for key in tensors if key not in kept)),
+    })
+
+
 def _compact_preprocess(src: Path, out: Path) -> None:
     _copy(src / "preprocess_pixels.json", out / "preprocess_pixels.json")
     meta = json.loads((src / "preprocess_pixels.json").read_text(encoding="utf-8"))
@@ -170,8 +195,8 @@ def _compact_preprocess(src: Path, out: Path) -> None:
     _save(out / "preprocess_pixels.compact.safetensors", means, {"source": "preprocess_pixels.safetensors"})
 
 
-def build(src: Path, src_phi3: Path, out: Path) -> None:
-    """Write the compact copy of ``src`` (+ ``src_phi3``) into the empty folder ``out``."""
+def build(src: Path, src_phi3: Path, src_flash: Path, out: Path) -> None:
+    """Write the compact copy of ``src`` (+ ``src_phi3``, ``src_flash``) into the empty folder ``out``."""
     for folder, fixtures in ((src, ["internvl2_internlm2", "internvl2_qwen2", "internvlx_pvtc"]),
                              (src_phi3, ["internvl2_phi3"])):
         for name in fixtures:
@@ -186,13 +211,15 @@ def build(src: Path, src_phi3: Path, out: Path) -> None:
             _copy(image, target)
     _copy(src / "rvtc_tiling.json", out / "rvtc_tiling.json")
     _compact_preprocess(src, out)
+    _compact_flash_fixture(src_flash, out / golden.FLASH_FIXTURE)
 
     files = sorted(p for p in out.rglob("*") if p.is_file())
     _write_json(out / "MANIFEST.json", {
         "format": FORMAT,
         "generator": "scripts/compact_fixtures.py (rules in tests/golden.py)",
         "sources": {"fixtures/MANIFEST.json": _sha256(src / "MANIFEST.json"),
-                    "fixtures_phi3/MANIFEST.json": _sha256(src_phi3 / "MANIFEST.json")},
+                    "fixtures_phi3/MANIFEST.json": _sha256(src_phi3 / "MANIFEST.json"),
+                    "fixtures_flash/MANIFEST.json": _sha256(src_flash / "MANIFEST.json")},
         "total_bytes": sum(p.stat().st_size for p in files),
         "files": {p.relative_to(out).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files},
     })
@@ -232,21 +259,25 @@ def main(argv: list[str] | None = None) -> int:
                         help="full fixtures folder (default: ../shared/fixtures beside the checkout)")
     parser.add_argument("--src-phi3", type=Path, default=None,
                         help="full Phi-3 fixtures folder (default: fixtures_phi3 beside --src)")
+    parser.add_argument("--src-flash", type=Path, default=None,
+                        help="full InternVL3.5-Flash fixture folder (default: fixtures_flash beside --src)")
     parser.add_argument("--out", type=Path, default=REPO / "tests" / "fixtures", help="default: tests/fixtures")
     parser.add_argument("--check", action="store_true",
                         help="rebuild into a temporary folder and compare with --out byte for byte; change nothing")
     args = parser.parse_args(argv)
     src = args.src.resolve()
     src_phi3 = (args.src_phi3 or src.parent / "fixtures_phi3").resolve()
-    for folder in (src, src_phi3):
+    src_flash = (args.src_flash or src.parent / "fixtures_flash").resolve()
+    for folder in (src, src_phi3, src_flash):
         if not (folder / "MANIFEST.json").is_file():
-            parser.error(f"{folder} is not a full fixtures folder (no MANIFEST.json); pass --src / --src-phi3")
+            parser.error(f"{folder} is not a full fixtures folder (no MANIFEST.json); pass --src / --src-phi3 / "
+                         "--src-flash")
     torch.set_num_threads(1)
     out = args.out.resolve()
     with tempfile.TemporaryDirectory(prefix=".compact-fixtures-", dir=out.parent) as tmp:
         built = Path(tmp) / "fixtures"
         built.mkdir()
-        build(src, src_phi3, built)
+        build(src, src_phi3, src_flash, built)
         total = json.loads((built / "MANIFEST.json").read_text())["total_bytes"]
         if args.check:
             problems = check(built, out)
@@ -254,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{out} is not what {Path(__file__).name} makes from {src}:", *problems, sep="\n  ")
                 print("rebuild it with `python scripts/compact_fixtures.py`")
                 return 1
-            print(f"{out}: byte-identical to a rebuild from {src} and {src_phi3} ({total / 1e6:.2f} MB)")
+            print(f"{out}: byte-identical to a rebuild from {src}, {src_phi3} and {src_flash} ({total / 1e6:.2f} MB)")
             return 0
         install(built, out)
     hand = sum(p.stat().st_size for name in HAND_MADE for p in (out / name).rglob("*") if p.is_file())

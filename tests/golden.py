@@ -70,6 +70,8 @@ MODEL_FIXTURES = ("internvl2_internlm2", "internvl2_qwen2", "internvlx_pvtc", "i
 # InternVL2.5 / InternVL3 fixtures: made by scripts/make_internvl25_fixtures.py straight into the compact form (their
 # full folders are not kept), so scripts/compact_fixtures.py leaves them alone.
 V25_FIXTURES = ("internvl2_5_internlm2_5", "internvl3_qwen2_5", "internvl2_5_vit6b_qwen2_5")
+# InternVL3.5-Flash's router (../shared/fixtures_flash): checkpoint, reference.json and the compared tensors.
+FLASH_FIXTURE = "internvl3_5_flash"
 ROPE_CHECKS = {"internvl2_internlm2": "rope_dynamic_ntk", "internvl2_phi3": "rope_su_check",
                "internvl3_qwen2_5": "rope_scaling_check"}
 

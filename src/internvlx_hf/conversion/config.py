@@ -61,13 +61,40 @@ def _opengvlab_config_kwargs(source: SourceCheckpoint, text_config, notes: list[
         notes.append("pad2square=True is a training-data option of the reference and is not carried over")
     vision, vision_notes = convert_vision_config(c["vision_config"], c.get("force_image_size"))
     notes += vision_notes
-    return {
+    kwargs = {
         "vision_config": vision,
         "downsample_ratio": float(c.get("downsample_ratio", 0.5)),
         "select_layer": int(c.get("select_layer", -1)),
         "template": c.get("template"),
         "tie_word_embeddings": bool(text_config.tie_word_embeddings),
     }
+    vir = _flash_router(source)
+    if vir is not None:
+        kwargs["vir"] = vir
+    return kwargs
+
+
+_FLASH_KEYS = ("flash_mode", "flash_relative_threshold", "flash_absolute_threshold")
+
+
+def _flash_router(source: SourceCheckpoint) -> dict[str, Any] | None:
+    """The `ViRConfig` of an InternVL3.5-Flash config.json (None for any other): its thresholds and `flash_mode`."""
+    c = source.config
+    if not any(key in c for key in _FLASH_KEYS):
+        return None
+    missing = [key for key in _FLASH_KEYS[1:] if not isinstance(c.get(key), (int, float))]
+    if missing:
+        raise ConversionError(
+            f"{source.path}/config.json is an InternVL3.5-Flash config (it has {[k for k in _FLASH_KEYS if k in c]}) "
+            f"but lacks a numeric {' and '.join(missing)}: the router cannot decide without both; use the config.json "
+            "of the published Flash checkpoint (it has both).")
+    if int(c.get("select_layer", -1)) != -1:
+        raise ConversionError(
+            f"{source.path}/config.json has select_layer={c['select_layer']}, but InternVL3.5-Flash's router path "
+            "reads the ViT's last layer whatever select_layer says; set select_layer to -1 (every published Flash "
+            "model has it).")
+    return {"enabled": bool(c.get("flash_mode", True)), "relative_threshold": float(c["flash_relative_threshold"]),
+            "absolute_threshold": float(c["flash_absolute_threshold"])}
 
 
 def _build_config(config_kwargs: dict[str, Any], text_config, projector_type: str, lvtc: dict | None,

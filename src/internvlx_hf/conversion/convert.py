@@ -71,6 +71,7 @@ class ConversionReport:
     copied: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     vllm_cpu: str | None = None  # why the folder will not run on vLLM's CPU backend (its LLM's head size), if so
+    vir: dict | None = None  # InternVL3.5-Flash's router (config.vir), if the folder has one
 
     def __str__(self) -> str:
         gb = self.total_bytes / 1e9
@@ -82,6 +83,11 @@ class ConversionReport:
             f"  tokens per tile {self.tokens_per_tile}"
             + (f" (LR; {self.hr_tokens_per_tile} HR from the expand layer)" if self.hr_tokens_per_tile else ""),
             "  LVTC            " + (", ".join(f"{k}={v}" for k, v in self.lvtc.items()) if self.lvtc else "off"),
+            "  ViR router      " + (
+                f"{'on' if self.vir['enabled'] else 'off (flash_mode false)'}: a tile is compressed to "
+                f"{self.vir['compressed_tokens']} tokens when its score is above the "
+                f"{self.vir['relative_threshold']} quantile of its sample's tiles and >= "
+                f"{self.vir['absolute_threshold']} (docs/flash.md)" if self.vir else "none"),
             f"  tokenizer       {self.tokenizer}",
             f"  chat template   {self.template}; generation stops at {self.eos_token} ({self.eos_token_id}); "
             f"{IMAGE_CONTEXT_TOKEN} = {self.image_token_id}",
@@ -401,6 +407,7 @@ def _prepare(source: SourceCheckpoint, projector: str, lvtc_options: dict | None
         init_lr_from_mlp1=init_lr_from_mlp1,
         tie_word_embeddings=bool(config.tie_word_embeddings),
         source_layout=source.layout,
+        vir=config.vir is not None,
     )
     plan = build_plan(source.infos, expected, inputs)
 
@@ -509,6 +516,8 @@ def _report(job: _Job, src: Path, dst: Path, files: list[str], total_bytes: int)
              for module, names in group_new_parameters(job.new_names).items()},
         copied=dict(plan.copies),
         notes=job.notes,
+        vir=({**config.vir.to_dict(), "compressed_tokens": config.compressed_tokens_per_tile}
+             if config.vir is not None else None),
         vllm_cpu=cpu_head_size_problem(config.get_text_config(), lvtc_geometry_of(config) is not None,
                                        where=str(dst)),
     )

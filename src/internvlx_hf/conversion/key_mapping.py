@@ -21,6 +21,7 @@ SOURCE_PREFIXES = {
     "mlp": "mlp1.",
     "pvtc": "projector.",
     "llm": "language_model.",
+    "vir": ("pooling_before_gating.", "gating.", "mlp2."),  # InternVL3.5-Flash's router
 }
 # The LLM tables give full target names (the LLM maps to both `model.language_model.*` and `lm_head.*`).
 TARGET_PREFIXES = {
@@ -28,6 +29,7 @@ TARGET_PREFIXES = {
     "projector": "model.multi_modal_projector.",
     "lvtc_lr": "model.lvtc_lr_projectors.{index}.",
     "lvtc_hr": "model.lvtc_hr_projector.",
+    "vir": "model.vir.",
 }
 
 # InternViT (`InternVisionModel`, InternViT-300M and -6B) -> transformers `InternVLVisionModel`.
@@ -87,9 +89,28 @@ NATIVE_KEY_MAPPING: list[tuple[str, str]] = [
     (r"(?:language_model\.)?lm_head\.weight", r"lm_head.weight"),
 ]
 
+# InternVL3.5-Flash's router (`CrossAttentionPooling` as `pooling_before_gating`, `Gating` as `gating`, the 64-token
+# projector `mlp2`) -> `ViRRouter` (`model.vir.`). Full source keys, targets relative to the router.
+VIR_KEY_MAPPING: list[tuple[str, str]] = [
+    (r"pooling_before_gating\.query_token", r"pooling.query_token"),
+    (r"pooling_before_gating\.attn([12])\.(in_proj_weight|in_proj_bias|out_proj\.weight|out_proj\.bias)",
+     r"pooling.attn\1.\2"),
+    (r"pooling_before_gating\.norm([12])\.(weight|bias)", r"pooling.norm\1.\2"),
+    *[(rf"gating\.block{n + 1}\.{index}\.(weight|bias)", rf"gating.blocks.{n}.{name}.\1")
+      for n in range(4) for index, name in ((0, "fc1"), (3, "fc2"), (5, "norm"))],
+    (r"gating\.gate\.0\.(weight|bias)", r"gating.norm.\1"),
+    (r"gating\.gate\.1\.(weight|bias)", r"gating.proj.\1"),
+    (r"mlp2\.0\.(weight|bias)", r"projector.layer_norm.\1"),
+    (r"mlp2\.1\.(weight|bias)", r"projector.linear_1.\1"),
+    (r"mlp2\.4\.(weight|bias)", r"projector.linear_2.\1"),
+    (r"mlp2\.7\.(weight|bias)", r"projector.linear_3.\1"),
+]
+
 # Source tensors that carry no information and are dropped on purpose (reported in the summary).
 DROPPED_SOURCE_KEYS: list[tuple[str, str]] = [
     (r"(?:model\.)?language_model\..*rotary_emb\.inv_freq", "rotary inv_freq buffer (recomputed from the config)"),
+    (r"pooling_before_gating\.(?:attn|norm)[34]\..+", "never used by InternVL3.5-Flash's router: its pooling runs "
+     "attn2 / norm2 for steps 3 and 4 (docs/flash.md)"),
 ]
 
 # InternVL-X reference `VisionProjector` (PVTC) -> `PVTCProjector`. Keys are relative to the projector

@@ -25,6 +25,7 @@ from .key_mapping import (
     PVTC_REFERENCE_KEY_MAPPING,
     SOURCE_PREFIXES,
     TARGET_PREFIXES,
+    VIR_KEY_MAPPING,
     map_key,
 )
 from .shards import TensorInfo
@@ -72,6 +73,7 @@ class PlanInputs:
     init_lr_from_mlp1: bool
     tie_word_embeddings: bool
     source_layout: str = "opengvlab"  # or "native" (transformers' InternVLForConditionalGeneration)
+    vir: bool = False  # the target has InternVL3.5-Flash's router (config.vir)
 
 
 @dataclass
@@ -149,6 +151,9 @@ def map_source_key(key: str, inputs: PlanInputs) -> list[TargetTensor] | str | N
         if inputs.target_projector != "pvtc":
             return f"PVTC projector replaced by a newly initialised {inputs.target_projector} projector (--projector)"
         return [TargetTensor(TARGET_PREFIXES["projector"] + name)]
+    if key.startswith(SOURCE_PREFIXES["vir"]):
+        name = map_key(key, VIR_KEY_MAPPING) if inputs.vir else None
+        return [TargetTensor(TARGET_PREFIXES["vir"] + name)] if name is not None else None
     prefix = SOURCE_PREFIXES["llm"]
     if key.startswith(prefix):
         name = map_key(key[len(prefix):], inputs.llm_key_mapping)
@@ -219,6 +224,13 @@ def build_plan(
             f"{len(unknown)} source tensor(s) have no mapping: {_listing(unknown)}. A transformers-native InternVL "
             "checkpoint holds model.vision_tower.*, model.multi_modal_projector.{layer_norm,linear_1,linear_2}.*, "
             "model.language_model.* and lm_head.weight only; merge LoRA adapters and remove extra modules first."
+        )
+    router = [key for key in unknown if key.startswith(SOURCE_PREFIXES["vir"])]
+    if router and not inputs.vir:
+        raise ConversionError(
+            f"the weights hold InternVL3.5-Flash's router ({_listing(router)}) but config.json names no "
+            "flash_relative_threshold / flash_absolute_threshold; use the config.json of the Flash checkpoint these "
+            "weights came from (it has both)."
         )
     if unknown:
         raise ConversionError(

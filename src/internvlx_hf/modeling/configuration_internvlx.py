@@ -1,4 +1,5 @@
-"""Configuration of InternVL-X models (InternVL2 family with PVTC / LVTC visual token compression).
+"""Configuration of InternVL-X models (InternVL2 family with PVTC / LVTC visual token compression, and InternVL3.5-Flash's
+visual resolution router, ViR).
 
 This file is saved next to checkpoints as remote code: it imports only the standard library and transformers.
 """
@@ -221,6 +222,83 @@ class LVTCConfig:
         return asdict(self)
 
 
+VIR_SCOPES = ("sample", "call")
+
+
+@dataclass
+class ViRConfig:
+    """InternVL3.5-Flash's Visual Resolution Router (ViR): per tile, after the vision tower, a pooled score decides
+    whether the tile enters the LLM as ``image_seq_length`` tokens (the model's projector, InternVL's ``mlp1``) or as
+    a quarter of them (the compressed projector, ``mlp2``: 64 tokens per 448px tile). Not in the InternVL-X paper;
+    what InternVL3.5-Flash checkpoints ship (docs/flash.md).
+
+    The prompt holds ``image_seq_length`` `<IMG_CONTEXT>` tokens per tile, as for every InternVL model; `generate()`
+    (and a forward given ``pixel_values``) deletes a compressed tile's placeholders after its first
+    ``compressed_tokens_per_tile``, as the reference does before its LLM.
+
+    Args:
+        enabled: the reference's ``flash_mode``. ``False`` runs the same weights as plain InternVL3.5 (every tile on
+            the model's projector).
+        relative_threshold: ``flash_relative_threshold``. A tile is compressed when its score ``p0`` is above this
+            quantile (``torch.quantile``, linear interpolation) of the scores of its scope ...
+        absolute_threshold: ``flash_absolute_threshold``: ... and ``p0 >= absolute_threshold``.
+        scope: where the quantile is taken. ``"sample"`` (default): over the tiles of each sample (each row, or each
+            packed sequence), so that an answer does not depend on the other samples of a batch. ``"call"``: over
+            every tile of the call, as the reference's `generate_flash` (which takes batch size 1, where both agree).
+        compressed_downsample_ratio: the pixel-shuffle ratio of the compressed projector (``downsample_ratio ** 2``
+            in the reference: 0.25, 8x8 = 64 tokens per 448px tile).
+        pooling_num_heads: heads of the pooling's cross-attention (the reference hard-codes 16; the ViT width must be
+            a multiple).
+    """
+
+    enabled: bool = True
+    relative_threshold: float = 0.1
+    absolute_threshold: float = 0.5
+    scope: str = "sample"
+    compressed_downsample_ratio: float | None = None
+    pooling_num_heads: int = 16
+
+    @classmethod
+    def from_any(cls, value: "ViRConfig | dict | None") -> "ViRConfig | None":
+        if value is None or isinstance(value, ViRConfig):
+            return value
+        if not isinstance(value, dict):
+            raise TypeError(f"vir must be None, a dict or a ViRConfig, got {type(value).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(f"Unknown vir option(s) {unknown}; valid options are {sorted(known)}")
+        return cls(**value)
+
+    def resolve(self, config: "InternVLXConfig") -> "ViRConfig":
+        """Fill the ``None`` defaults from the model config and validate every value."""
+        if config.projector_type != "mlp" or config.lvtc is not None:
+            raise ValueError("vir (InternVL3.5-Flash's router) runs on the MLP projector without LVTC; set "
+                             "projector_type='mlp' and lvtc=None, or drop vir.")
+        if not 0.0 <= self.relative_threshold <= 1.0:
+            raise ValueError(f"vir.relative_threshold must lie in [0, 1] (a quantile), got {self.relative_threshold}")
+        if self.scope not in VIR_SCOPES:
+            raise ValueError(f"vir.scope must be one of {VIR_SCOPES}, got {self.scope!r}")
+        ratio = self.compressed_downsample_ratio
+        ratio = ratio if ratio is not None else config.downsample_ratio ** 2
+        image_size, patch_size = image_and_patch(config.vision_config)
+        side = _tokens_per_side(image_size, patch_size, ratio, "vir.compressed_downsample_ratio")
+        if side * side >= config.image_seq_length:
+            raise ValueError(f"vir.compressed_downsample_ratio={ratio} gives {side * side} tokens per tile, not fewer "
+                             f"than the model's {config.image_seq_length}; use a ratio below downsample_ratio.")
+        width = config.vision_config.hidden_size
+        if self.pooling_num_heads < 1 or width % self.pooling_num_heads:
+            raise ValueError(f"vir.pooling_num_heads={self.pooling_num_heads} does not divide the ViT width "
+                             f"{width} (vision_config.hidden_size); the router's pooling needs a divisor of it "
+                             "(the reference's 16).")
+        return ViRConfig(enabled=bool(self.enabled), relative_threshold=float(self.relative_threshold),
+                         absolute_threshold=float(self.absolute_threshold), scope=self.scope,
+                         compressed_downsample_ratio=ratio, pooling_num_heads=self.pooling_num_heads)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 def image_and_patch(vision_config) -> tuple[int, int]:
     """The ViT's tile and patch size in pixels (a config may give either as an int or a (height, width) pair)."""
     image_size = vision_config.image_size
@@ -255,6 +333,8 @@ class InternVLXConfig(PreTrainedConfig):
         lvtc (`dict` or `LVTCConfig`, optional): enables layer-wise visual token compression (see `LVTCConfig`).
             Held resolved as an `LVTCConfig` (every default filled in; ``config.lvtc.expand_layer``), written to
             config.json as a dict, as transformers writes ``quantization_config``.
+        vir (`dict` or `ViRConfig`, optional): InternVL3.5-Flash's visual resolution router (see `ViRConfig`): per
+            tile, 256 or 64 tokens. Held resolved, written to config.json as a dict.
         template (`str`, defaults to `"internlm2-chat"`): InternVL2 chat template name.
         tie_word_embeddings (`bool`, optional): defaults to the text config's value.
     """
@@ -282,6 +362,7 @@ class InternVLXConfig(PreTrainedConfig):
     pvtc_num_layers: int = 1
     pvtc_num_heads: int = 16
     lvtc: LVTCConfig | dict | None = None
+    vir: ViRConfig | dict | None = None
     template: str = "internlm2-chat"
     tie_word_embeddings: bool | None = None
 
@@ -322,12 +403,15 @@ class InternVLXConfig(PreTrainedConfig):
         lvtc = LVTCConfig.from_any(self.lvtc)
         # Held resolved (every default filled in) so that the saved config.json says exactly what runs.
         self.lvtc = lvtc.resolve(self) if lvtc is not None else None
+        vir = ViRConfig.from_any(self.vir)
+        self.vir = vir.resolve(self) if vir is not None else None
         self.auto_map = {**AUTO_MAP, **(getattr(self, "auto_map", None) or {})}
 
     def to_dict(self) -> dict[str, Any]:
         output = super().to_dict()
-        if isinstance(output.get("lvtc"), LVTCConfig):
-            output["lvtc"] = output["lvtc"].to_dict()
+        for key, kind in (("lvtc", LVTCConfig), ("vir", ViRConfig)):
+            if isinstance(output.get(key), kind):
+                output[key] = output[key].to_dict()
         return output
 
     @property
@@ -345,7 +429,15 @@ class InternVLXConfig(PreTrainedConfig):
             return None
         return (self.vision_tokens_per_side // round(1.0 / lvtc.hr_downsample_ratio)) ** 2
 
+    @property
+    def compressed_tokens_per_tile(self) -> int | None:
+        """Visual tokens of a tile the ViR compresses (64 for 448px tiles), or None without the router."""
+        vir = self.vir
+        if vir is None:
+            return None
+        return (self.vision_tokens_per_side // round(1.0 / vir.compressed_downsample_ratio)) ** 2
+
 
 InternVLXConfig.register_for_auto_class()
 
-__all__ = ["InternVLXConfig", "LVTCConfig"]
+__all__ = ["InternVLXConfig", "LVTCConfig", "ViRConfig"]

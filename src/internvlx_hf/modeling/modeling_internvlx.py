@@ -45,6 +45,7 @@ from .outputs import (
 )
 from .placeholders import DraftsWithoutPlaceholders, ignore_placeholder_label_kwargs
 from .projectors import InternVLXMLPProjector, PVTCProjector, attach_projectors
+from .vir import ViRRouter, ViRRouting, route_batch
 
 
 class InternVLXPreTrainedModel(PreTrainedModel):
@@ -60,6 +61,15 @@ class InternVLXPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flex_attn = True
     _supports_attention_backend = True
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True gives (model, info)
+        for module in model.modules():
+            if isinstance(module, ViRRouter):  # loading made new parameters, which require grad
+                module.freeze()
+        return loaded
 
     @classmethod
     def _can_set_attn_implementation(cls) -> bool:
@@ -113,6 +123,8 @@ class InternVLXModel(InternVLXPreTrainedModel):
         super().__init__(config)
         self.vision_tower = InternVLVisionModel(config.vision_config)
         attach_projectors(self, config)
+        if config.vir is not None:
+            self.vir = ViRRouter(config)
         self.language_model = AutoModel.from_config(config.text_config)
         self.post_init()
 
@@ -130,6 +142,21 @@ class InternVLXModel(InternVLXPreTrainedModel):
         image_flags: optional ``(tiles,)``; tiles flagged 0 (InternVL2's dummy tiles) are dropped after the ViT.
         kwargs: ``output_hidden_states`` / ``output_attentions`` of the vision tower, ``return_dict``.
         """
+        vit, vision_out, requested = self._vision_output(pixel_values, image_flags, kwargs)
+        lvtc = self.config.lvtc
+        hr_projector = getattr(self, "lvtc_hr_projector", None)
+        return InternVLXImageFeatures(
+            last_hidden_state=vit,
+            pooler_output=self.multi_modal_projector(vit),
+            hidden_states=vision_out.hidden_states if requested or self.config.select_layer == -1 else None,
+            attentions=vision_out.attentions,
+            extra_lr_features=tuple(p(vit) for p in self.lvtc_lr_projectors) if lvtc is not None else None,
+            hr_features=hr_projector(vit) if hr_projector is not None else None,
+        )
+
+    def _vision_output(self, pixel_values: torch.Tensor, image_flags: torch.Tensor | None, kwargs: dict):
+        """The ViT output of ``config.select_layer`` ``(tiles, 1 + S*S, C)`` (dummy tiles dropped), the vision tower's
+        output and whether its hidden states were asked for."""
         check_pixel_values(self.config, pixel_values)
         if image_flags is not None:
             check_image_flags(image_flags, pixel_values.shape[0])
@@ -142,16 +169,35 @@ class InternVLXModel(InternVLXPreTrainedModel):
         vit = vision_out.last_hidden_state if select_layer == -1 else vision_out.hidden_states[select_layer]
         if image_flags is not None:
             vit = vit[image_flags.reshape(-1).to(vit.device) == 1]
-        lvtc = self.config.lvtc
-        hr_projector = getattr(self, "lvtc_hr_projector", None)
-        return InternVLXImageFeatures(
-            last_hidden_state=vit,
-            pooler_output=self.multi_modal_projector(vit),
-            hidden_states=vision_out.hidden_states if requested or select_layer == -1 else None,
-            attentions=vision_out.attentions,
-            extra_lr_features=tuple(p(vit) for p in self.lvtc_lr_projectors) if lvtc is not None else None,
-            hr_features=hr_projector(vit) if hr_projector is not None else None,
-        )
+        return vit, vision_out, requested
+
+    def route(self, input_ids: torch.LongTensor, pixel_values: torch.Tensor, attention_mask: torch.Tensor | None = None,
+              position_ids: torch.LongTensor | None = None, labels: torch.LongTensor | None = None,
+              image_flags: torch.Tensor | None = None, padding_side: str | None = None) -> ViRRouting:
+        r"""Run InternVL3.5-Flash's router (``config.vir``) on a batch whose prompts hold ``image_seq_length``
+        `<IMG_CONTEXT>` per tile (the processor's output): the vision tower once, a decision per tile, the prompt
+        without the compressed tiles' deleted placeholders (re-padded on ``padding_side``: the mask's own side by
+        default) and the visual tokens that fill it. `generate()` and a forward given ``pixel_values`` call it; its
+        output goes to the forward as ``input_ids``, ``attention_mask`` and ``image_features``.
+
+        Example:
+
+        ```python
+        >>> routing = model.model.route(inputs.input_ids, inputs.pixel_values, inputs.attention_mask)
+        >>> routing.compressed  # one decision per tile
+        >>> model(input_ids=routing.input_ids, attention_mask=routing.attention_mask,
+        ...       image_features=routing.image_features)
+        ```
+        """
+        return route_batch(self, input_ids, pixel_values, attention_mask, position_ids, labels, image_flags,
+                           padding_side)
+
+    def routes(self, pixel_values, image_features, input_ids, past_length: int) -> bool:
+        """Whether this forward runs the router: a model with an enabled ``config.vir``, given tiles (not the
+        routed tokens) with an uncompressed prompt's ids, filling an empty cache."""
+        vir = self.config.vir
+        return (vir is not None and vir.enabled and pixel_values is not None and image_features is None
+                and input_ids is not None and past_length == 0)
 
     def get_placeholder_mask(self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor) -> torch.Tensor:
         if input_ids is not None:
@@ -179,10 +225,16 @@ class InternVLXModel(InternVLXPreTrainedModel):
         image_flags: torch.Tensor | None = None,
         num_patches: torch.Tensor | None = None,
         tile_grid: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
         **kwargs,
     ) -> InternVLXModelOutputWithPast:
         r"""
         pixel_values: all tiles of the batch ``(tiles, 3, 448, 448)``, in the order of their `<IMG_CONTEXT>` runs.
+            With InternVL3.5-Flash's router (``config.vir`` enabled) the prompt holds ``image_seq_length``
+            placeholders per tile and the forward runs on the prompt the router shortens (`route`): the outputs have
+            its length.
+        image_features: ``(n, D)`` visual tokens that fill the `<IMG_CONTEXT>` placeholders in order, instead of
+            ``pixel_values`` (`route`'s ``image_features``, with its ``input_ids``).
         output_hidden_states: ``True`` or a list of indices of the hidden states to keep (the others are None).
         image_flags: optional ``(tiles,)``; tiles flagged 0 are dropped (InternVL2 dummy tiles).
         num_patches, tile_grid: what the processor returns (tiles per image, ``(cols, rows)`` per image); checked
@@ -200,11 +252,18 @@ class InternVLXModel(InternVLXPreTrainedModel):
             # A training forward has no use for a cache, and building one switches off transformers' detection of
             # packed sequences (position resets without a mask): packed rows would attend across samples.
             use_cache = False
+        if pixel_values is not None and image_features is not None:
+            raise ValueError("Pass pixel_values or image_features (visual tokens already computed), not both.")
+        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if self.routes(pixel_values, image_features, input_ids, past_length):
+            routing = self.route(input_ids, pixel_values, attention_mask, position_ids, image_flags=image_flags)
+            input_ids, attention_mask, position_ids = routing.input_ids, routing.attention_mask, routing.position_ids
+            image_features = routing.image_features
+            pixel_values = image_flags = num_patches = tile_grid = None
         if input_ids is not None:
             check_input_ids(input_ids, self.get_input_embeddings().num_embeddings)
             inputs_embeds = self.get_input_embeddings()(input_ids)
         image_mask = self.get_placeholder_mask(input_ids, inputs_embeds)
-        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
 
         features = None
         if pixel_values is not None:
@@ -213,6 +272,14 @@ class InternVLXModel(InternVLXPreTrainedModel):
             # As transformers' InternVL: the projector may sit on another device than the embeddings (device_map).
             lr = features.pooler_output.to(inputs_embeds.device, inputs_embeds.dtype)
             inputs_embeds = inputs_embeds.masked_scatter(image_mask[..., None], lr.reshape(-1, lr.shape[-1]))
+        elif image_features is not None:
+            if not torch.compiler.is_compiling() and int(image_mask.sum()) != image_features.shape[0]:
+                raise ValueError(
+                    f"image_features holds {image_features.shape[0]} visual tokens but the input has "
+                    f"{int(image_mask.sum())} <IMG_CONTEXT> tokens; pass the input_ids that came with them "
+                    "(model.model.route(...) returns both).")
+            inputs_embeds = inputs_embeds.masked_scatter(
+                image_mask[..., None], image_features.to(inputs_embeds.device, inputs_embeds.dtype))
         elif not torch.compiler.is_compiling() and past_length == 0 and bool(image_mask.any()):
             raise ValueError(
                 f"The input has {int(image_mask.sum())} image tokens but no pixel_values were given; pass the "
@@ -317,6 +384,7 @@ class InternVLXForConditionalGeneration(InternVL2ChatMixin, InternVLXPreTrainedM
         tile_grid: torch.Tensor | None = None,
         skip_logits: bool | None = None,
         linear_cross_entropy=None,
+        image_features: torch.Tensor | None = None,
         **kwargs,
     ) -> InternVLXCausalLMOutputWithPast:
         r"""
@@ -354,11 +422,22 @@ class InternVLXForConditionalGeneration(InternVL2ChatMixin, InternVLXPreTrainedM
                 "internvlx_hf.training.InternVLXTrainer, not by the model's forward; train with InternVLXTrainer "
                 "or use loss_reduction='token'."
             )
+        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if self.model.routes(pixel_values, image_features, input_ids, past_length):
+            # InternVL3.5-Flash: the router shortens the prompt, and the labels with it (one decision per tile)
+            if kwargs.get("shift_labels") is not None:
+                raise ValueError("shift_labels cannot follow the router's shortened prompt; pass labels (the "
+                                 "router deletes the compressed tiles' placeholders from them too).")
+            routing = self.model.route(input_ids, pixel_values, attention_mask, position_ids, labels=labels,
+                                       image_flags=image_flags)
+            input_ids, attention_mask, position_ids = routing.input_ids, routing.attention_mask, routing.position_ids
+            labels, image_features = routing.labels, routing.image_features
+            pixel_values = image_flags = num_patches = tile_grid = None
         outputs = self.model(
             input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, position_ids=position_ids,
             cache=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
             output_attentions=output_attentions, output_hidden_states=output_hidden_states, image_flags=image_flags,
-            num_patches=num_patches, tile_grid=tile_grid, return_dict=True, **kwargs,
+            num_patches=num_patches, tile_grid=tile_grid, image_features=image_features, return_dict=True, **kwargs,
         )
         loss = logits = token_losses = on_read = None
         if skip_logits is None:
@@ -434,15 +513,68 @@ class InternVLXForConditionalGeneration(InternVL2ChatMixin, InternVLXPreTrainedM
             for key in self._per_tile_inputs:
                 if kwargs.get(key) is not None:
                     model_inputs[key] = kwargs[key]
+        if not cache_is_empty:  # the router's visual tokens fill the prefill's placeholders only
+            model_inputs.pop("image_features", None)
         return model_inputs
+
+    @torch.no_grad()
+    def generate(self, inputs=None, generation_config=None, **kwargs):
+        """transformers' `generate`. With InternVL3.5-Flash's router (``config.vir`` enabled) and tiles given, the
+        router first shortens the prompts (`InternVLXModel.route`, re-padded on the left; the vision tower runs once)
+        and the LLM generates from them; the sequences returned hold the prompts as given, then the new tokens, as
+        for every model (``out[:, inputs.input_ids.shape[1]:]`` are the new tokens)."""
+        input_ids = kwargs.get("input_ids", inputs)
+        cache = one_cache(kwargs.get("past_key_values"), kwargs.get("cache"))
+        past_length = cache.get_seq_length() if isinstance(cache, Cache) else 0
+        routed_prompts = getattr(cache, "vir_prompts", None) if past_length else None
+        if routed_prompts is not None and input_ids is not None:
+            # a later turn on a cache the router filled: the cache holds the shortened prompts, the caller passes the
+            # conversation as `generate` returned it (the prompts as given, the answers, the next turn)
+            given, routed, routed_mask = routed_prompts
+            n = given.shape[1]
+            if input_ids.shape[1] >= n and torch.equal(input_ids[:, :n], given.to(input_ids.device)):
+                kwargs.pop("input_ids", None)
+                mask = kwargs.pop("attention_mask", None)
+                mask = torch.ones_like(input_ids) if mask is None else mask
+                kwargs["attention_mask"] = torch.cat([routed_mask.to(mask.device), mask[:, n:]], dim=-1)
+                out = super().generate(None, generation_config,
+                                       input_ids=torch.cat([routed.to(input_ids.device), input_ids[:, n:]], dim=-1),
+                                       **kwargs)
+                return restore_prompts(out, given, routed.shape[1])
+        if not self.model.routes(kwargs.get("pixel_values"), kwargs.get("image_features"), input_ids, past_length):
+            return super().generate(inputs, generation_config, **kwargs)
+        kwargs.pop("input_ids", None)
+        attention_mask = kwargs.pop("attention_mask", None)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        routing = self.model.route(input_ids, kwargs.pop("pixel_values"), attention_mask,
+                                   image_flags=kwargs.pop("image_flags", None), padding_side="left")
+        for key in ("num_patches", "tile_grid"):
+            kwargs.pop(key, None)
+        prompts = (input_ids, routing.input_ids, routing.attention_mask)
+        if isinstance(cache, Cache):
+            cache.vir_prompts = prompts
+        out = super().generate(None, generation_config, input_ids=routing.input_ids,
+                               attention_mask=routing.attention_mask, image_features=routing.image_features, **kwargs)
+        returned = None if isinstance(out, torch.Tensor) else getattr(out, CACHE_NAME, None)
+        if isinstance(returned, Cache):
+            returned.vir_prompts = prompts
+        return restore_prompts(out, input_ids, routing.input_ids.shape[1])
 
     def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
         """Beam search and ``num_return_sequences`` repeat every prompt; its tiles must follow it as a block
         (``pixel_values`` is indexed by tile, so transformers' row-wise ``repeat_interleave`` would mix prompts)."""
         per_tile = {key: model_kwargs.pop(key, None) for key in self._per_tile_inputs}
+        image_features = model_kwargs.pop("image_features", None)
+        if expand_size > 1 and image_features is not None and input_ids is not None:
+            # the router's visual tokens, one block per prompt: repeated as blocks like the tiles below
+            blocks = torch.split(image_features, (input_ids == self.config.image_token_id).sum(-1).tolist())
+            image_features = torch.cat([block for block in blocks for _ in range(expand_size)])
         input_ids, model_kwargs = super()._expand_inputs_for_generation(
             expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs
         )
+        if image_features is not None:
+            model_kwargs["image_features"] = image_features
         if expand_size > 1 and per_tile["pixel_values"] is not None:
             if per_tile["image_flags"] is not None:
                 raise ValueError("image_flags (dummy tiles of training batches) cannot be combined with num_beams or "
@@ -520,6 +652,19 @@ class InternVLXForConditionalGeneration(InternVL2ChatMixin, InternVLXPreTrainedM
             return attention_mask
         free = past_key_values.layers[0].max_cache_len - attention_mask.shape[-1]
         return F.pad(attention_mask, (0, free)) if free > 0 else attention_mask
+
+
+def restore_prompts(out, prompts: torch.Tensor, routed_length: int):
+    """`generate`'s output with the prompts as given (``prompts``, repeated for beams and ``num_return_sequences``) in
+    place of the router's shortened ones (``routed_length`` columns)."""
+    sequences = out if isinstance(out, torch.Tensor) else out.sequences
+    expand = sequences.shape[0] // prompts.shape[0]
+    prompts = prompts.to(sequences.device).repeat_interleave(expand, dim=0)
+    restored = torch.cat([prompts, sequences[:, routed_length:]], dim=-1)
+    if isinstance(out, torch.Tensor):
+        return restored
+    out.sequences = restored
+    return out
 
 
 # `save_pretrained` copies this file and `configuration_internvlx.py` next to the weights (remote code).

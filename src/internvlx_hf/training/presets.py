@@ -14,6 +14,9 @@
 |                     | lm_head stay in full precision, `internvlx_hf.quantization`)          |                   |
 
 Frozen parameters get ``requires_grad=False`` and are left out of the optimizer, so they stay bit-identical.
+InternVL3.5-Flash's router (``model.vir``: its pooling and gate) is frozen by every preset: its decisions are taken
+without gradient (a choice per tile has none), and OpenGVLab has not released how it was trained; its compressed
+tiles' projector (``mlp2``) counts among the projectors.
 """
 
 from __future__ import annotations
@@ -38,11 +41,14 @@ MODULE_GROUPS = (
     ("projector", "model.multi_modal_projector"),
     ("lvtc_lr_projectors", "model.lvtc_lr_projectors"),
     ("lvtc_hr_projector", "model.lvtc_hr_projector"),
+    ("compressed_projector", "model.vir.projector"),  # InternVL3.5-Flash's 64-token projector (before the router)
+    ("router", "model.vir"),
     ("llm", "model.language_model"),
     ("lm_head", "lm_head"),
 )
-PROJECTOR_GROUPS = frozenset({"projector", "lvtc_lr_projectors", "lvtc_hr_projector"})
-ALL_GROUPS = frozenset(group for group, _ in MODULE_GROUPS)
+PROJECTOR_GROUPS = frozenset({"projector", "lvtc_lr_projectors", "lvtc_hr_projector", "compressed_projector"})
+# The router is never trained (see the module docstring).
+ALL_GROUPS = frozenset(group for group, _ in MODULE_GROUPS) - {"router"}
 _TRAINABLE_GROUPS = {
     "stage1": PROJECTOR_GROUPS,
     "stage2": ALL_GROUPS,
@@ -137,6 +143,8 @@ def _projector_modules(model: nn.Module) -> list[str]:
         names += [f"model.lvtc_lr_projectors.{i}" for i in range(len(lr))]
     if getattr(model.model, "lvtc_hr_projector", None) is not None:
         names.append("model.lvtc_hr_projector")
+    if getattr(model.model, "vir", None) is not None:
+        names.append("model.vir.projector")
     return names
 
 
