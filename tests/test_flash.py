@@ -326,8 +326,7 @@ def _edited_copy(tmp_path, edit):
     (lambda c: c["vision_config"].update(hidden_size=72, num_attention_heads=4),
      "vir.pooling_num_heads=16 does not divide the ViT width 72"),
     (lambda c: c.update(select_layer=-2), "select_layer=-2"),
-    (lambda c: c["llm_config"].update(architectures=["Qwen3MoeForCausalLM"]), "Qwen3MoeForCausalLM"),
-], ids=["no-threshold", "router-weights-without-config", "vit-width", "select-layer", "qwen3-moe"])
+], ids=["no-threshold", "router-weights-without-config", "vit-width", "select-layer"])
 def test_a_flash_folder_that_cannot_convert_is_refused_in_one_line_and_nothing_is_written(edit, message, tmp_path):
     folder = _edited_copy(tmp_path, edit)
     with pytest.raises(ConversionError, match=message.replace("(", r"\(").replace(".", r"\.")) as caught:
@@ -426,3 +425,84 @@ def test_a_plain_trainer_trains_a_flash_model_on_the_routers_sequence(model, pro
     assert router and all(after[name].detach().equal(before[name]) for name in router)
     assert any(not after[name].detach().equal(value) for name, value in before.items()
                if name.startswith("model.vir.projector"))
+
+
+def test_a_videos_frames_are_routed_as_tiles(model, processor):
+    """A video's frames are one tile each (as InternVL3.5 feeds them): the router decides per frame, with the
+    quantile over the sample's frames, as for the same frames given as one-tile images; generation runs on the
+    shortened prompt."""
+    frames = [Image.open(golden.fixture_path("images", name)).convert("RGB")
+              for name in ("image1.jpg", "image2.jpg", "img6.jpg", "image1.jpg")]
+    frames[3] = frames[3].transpose(Image.Transpose.FLIP_TOP_BOTTOM)
+    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What happens?"}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    video = processor(text=prompt, videos=[frames], return_tensors="pt")
+    assert video["num_patches"].tolist() == [1, 1, 1, 1]
+    routing = model.model.route(video["input_ids"], video["pixel_values"])
+    as_images = processor(images=frames, max_tiles=1, return_tensors="pt")["pixel_values"]
+    assert torch.equal(as_images, video["pixel_values"])
+    assert routing.compressed.tolist() == vir_decisions(routing.scores, [4], 0.1, 0.5).tolist()
+    assert 0 < int(routing.compressed.sum()) < 4
+    kept = int((routing.input_ids == model.config.image_token_id).sum())
+    assert kept == sum(64 if c else 256 for c in routing.compressed.tolist())
+    out = model.generate(**video, max_new_tokens=3, do_sample=False)
+    assert torch.equal(out[:, :video["input_ids"].shape[1]], video["input_ids"]) and out.shape[1] == \
+        video["input_ids"].shape[1] + 3
+
+
+def _moe_source(tmp_path, experts=4, drop_expert=None):
+    """The Flash fixture with a Qwen3-MoE LLM (random, seeded) in the OpenGVLab layout: one tensor per expert."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+    from safetensors.torch import save_file
+
+    def edit(config):
+        config["llm_config"].update(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe",
+                                    num_experts=experts, num_experts_per_tok=2, moe_intermediate_size=32,
+                                    decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True)
+    folder = _edited_copy(tmp_path, edit)
+    llm_config = json.loads((folder / "config.json").read_text())["llm_config"]
+    torch.manual_seed(0)
+    llm = Qwen3MoeForCausalLM(Qwen3MoeConfig(**{k: v for k, v in llm_config.items() if k != "architectures"}))
+    weights = {k: v for k, v in load_file(str(folder / "model.safetensors")).items()
+               if not k.startswith("language_model.")}
+    for key, tensor in llm.state_dict().items():
+        if key.endswith("mlp.experts.gate_up_proj"):
+            base = "language_model." + key[:-len("gate_up_proj")]
+            half = tensor.shape[1] // 2
+            for e in range(tensor.shape[0]):
+                weights[f"{base}{e}.gate_proj.weight"] = tensor[e, :half].clone()
+                weights[f"{base}{e}.up_proj.weight"] = tensor[e, half:].clone()
+        elif key.endswith("mlp.experts.down_proj"):
+            base = "language_model." + key[:-len("down_proj")]
+            for e in range(tensor.shape[0]):
+                if e != drop_expert:
+                    weights[f"{base}{e}.down_proj.weight"] = tensor[e].clone()
+        else:
+            weights["language_model." + key] = tensor.clone()
+    save_file(weights, str(folder / "model.safetensors"))
+    return folder, llm.eval()
+
+
+def test_a_qwen3_moe_flash_folder_converts_its_experts_into_transformers_fused_tensors(tmp_path):
+    """InternVL3.5-30B-A3B's layout (Qwen3-MoE, one tensor per expert and projection): converted into transformers'
+    fused expert tensors, the LLM's logits equal transformers' Qwen3-MoE on the same weights, and the router runs on
+    an image; an expert missing from the weights is refused, naming the tensor."""
+    folder, llm = _moe_source(tmp_path)
+    report = convert(folder, tmp_path / "out", progress=False)
+    assert report.text_model_type == "qwen3_moe" and report.vir["enabled"]
+    model = InternVLXForConditionalGeneration.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    ids = torch.tensor([[1, 5, 9, 33, 100, 7, 250, 3]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, llm(input_ids=ids).logits, atol=0, rtol=0)
+    processor = InternVLXProcessor.from_pretrained(tmp_path / "out")
+    image = Image.open(golden.fixture_path("images", "image1.jpg"))
+    inputs = processor(images=[image], text=_sample(processor, [image], "Describe it."), max_tiles=6,
+                       return_tensors="pt")
+    out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert out.shape[1] == inputs.input_ids.shape[1] + 3
+
+    broken, _ = _moe_source(tmp_path / "broken", drop_expert=2)
+    with pytest.raises(ConversionError, match=r"fused expert tensor\(s\) lack per-expert source tensors: "
+                                              r"model\.language_model\.layers\.0\.mlp\.experts\.down_proj \(3 of 4"):
+        convert(broken, tmp_path / "broken_out", progress=False)
+    assert not (tmp_path / "broken_out").exists()

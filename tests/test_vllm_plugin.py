@@ -341,3 +341,19 @@ def test_a_prompt_with_fewer_tags_than_images_is_refused(converted):
                          converted.start_image_token_id, converted.image_token_id, converted.end_image_token_id)
     with pytest.raises(ValueError, match=r"the prompt has 1 '<image>' tag\(s\) for 2 image\(s\)"):
         expand_tags("<image>\nCompare.", [4, 4], [], 4, tokens)
+
+
+def test_a_flash_model_with_its_router_on_is_refused_at_start_and_served_with_it_off():
+    """InternVL3.5-Flash's router (config.vir) does not run on vLLM yet: with it on, the config hook refuses the
+    checkpoint saying how to serve it (`internvlx serve`, or the same weights without the router); with it off (the
+    override the message gives, as vLLM applies it: a dict in place of the config's value) nothing is refused."""
+    from internvlx_hf.vllm.config_hook import UnsupportedCheckpoint, check_router
+
+    config = tiny_config(vir={})
+    with pytest.raises(UnsupportedCheckpoint, match=r"InternVL3\.5-Flash model: its router .* `internvlx serve ./x`") \
+            as caught:
+        check_router(config, "./x")
+    assert '{"vir": {"enabled": false}}' in str(caught.value) and "\n" not in str(caught.value)
+    config.vir = {"enabled": False}
+    check_router(config, "./x")
+    check_router(tiny_config(), "./x")  # no router

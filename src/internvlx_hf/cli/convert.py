@@ -15,6 +15,8 @@ checkpoint. Supported families:
   InternVL2.5  1B/2B/4B/8B/26B/38B/78B: Qwen2.5, InternLM2.5 LLMs; InternViT-300M / -6B
   InternVL3    1B/2B/8B/14B/38B/78B: Qwen2.5 LLMs; InternViT-300M / -6B (not InternVL3-9B:
                its InternLM3 LLM has no reference code in OpenGVLab/InternVL)
+  InternVL3.5  1B/2B/4B/8B/14B/38B (Qwen3) and 30B-A3B/241B-A28B (Qwen3-MoE), and their -Flash models, whose
+               visual resolution router is kept (256 or 64 tokens per tile: docs/flash.md)
   native       InternVLForConditionalGeneration folders (MLP projector); `internvlx export native` goes back
 It writes config.json with auto_map, safetensors shards (+ index), the remote-code files, generation_config.json,
 a fast tokenizer (tokenizer.json) with the chat template, and the processor configs. The result loads with

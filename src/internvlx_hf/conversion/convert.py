@@ -32,7 +32,7 @@ from .errors import ConversionError
 from .llm import LLMSpec, internlm2_qkv_rows
 from .new_modules import describe_init, group_new_parameters, initialise_new_parameters
 from .options import check_projector, parse_dtype, parse_lvtc_spec, parse_size
-from .plan import ConversionPlan, PlanInputs, build_plan
+from .plan import ConversionPlan, PlanInputs, build_plan, fused_parts_needed
 from .shards import OutputTensor, StreamingSafetensorsWriter
 from .source import TOKENIZER_FILES, SourceCheckpoint, read_source
 from .tokenizer import choose_pad_token, convert_tokenizer
@@ -417,10 +417,18 @@ def _prepare(source: SourceCheckpoint, projector: str, lvtc_options: dict | None
                keep_dtypes=dtype == "auto", notes=notes)
     # The write order: source shards in order, each tensor's targets together; then the new parameters.
     source_dtypes = {key: info.dtype for infos in source.infos for key, info in infos.items()}
+    parts_left = {}  # a fused target is written when its last part has been read
     for _, entries in plan.reads:
         for key, targets in entries:
-            job.outputs += [OutputTensor(t.name, t.shape(plan.source_shapes[key]), job.out_dtype(source_dtypes[key]))
-                            for t in targets]
+            for t in targets:
+                dtype = job.out_dtype(source_dtypes[key])
+                if t.slot is None:
+                    job.outputs.append(OutputTensor(t.name, t.shape(plan.source_shapes[key]), dtype))
+                    continue
+                left = parts_left.setdefault(t.name, fused_parts_needed(t.name, expected[t.name])) - 1
+                parts_left[t.name] = left
+                if left == 0:
+                    job.outputs.append(OutputTensor(t.name, tuple(expected[t.name]), dtype))
     job.new_names = [name for name in expected if name in plan.new]
     job.outputs += [OutputTensor(name, plan.new[name], model_dtype) for name in job.new_names]
     return job
@@ -527,6 +535,7 @@ def _stream_tensors(job: _Job, writer: StreamingSafetensorsWriter, progress: boo
     """Read each source shard once, one tensor at a time, and write its targets in plan order."""
     from tqdm.auto import tqdm
 
+    fused: dict[str, list] = {}  # fused target -> [its tensor, parts still to read]
     with tqdm(total=len(job.plan.reads), unit="shard", desc="Converting", disable=not progress) as bar:
         for shard_index, entries in job.plan.reads:
             targets_of = dict(entries)
@@ -534,9 +543,26 @@ def _stream_tensors(job: _Job, writer: StreamingSafetensorsWriter, progress: boo
             bar.set_postfix_str(shard.path.name)
             for key, tensor in shard.iter_tensors(list(targets_of)):
                 for target in targets_of[key]:
-                    writer.write(target.name, target.make(tensor).to(job.out_dtype(tensor.dtype)))
+                    if target.slot is not None:
+                        _fill_fused(job, writer, fused, target, tensor)
+                    else:
+                        writer.write(target.name, target.make(tensor).to(job.out_dtype(tensor.dtype)))
                 del tensor
             bar.update(1)
+
+
+def _fill_fused(job: _Job, writer: StreamingSafetensorsWriter, fused: dict[str, list], target, tensor) -> None:
+    """Put one expert's projection into its fused tensor (Qwen3-MoE); write that tensor once it is whole (a layer's
+    experts are held together, as transformers' own loading conversion holds them)."""
+    name = target.name
+    if name not in fused:
+        shape = tuple(job.expected[name])
+        fused[name] = [torch.empty(shape, dtype=job.out_dtype(tensor.dtype)), fused_parts_needed(name, shape)]
+    entry = fused[name]
+    target.slot.place(entry[0], tensor)
+    entry[1] -= 1
+    if entry[1] == 0:
+        writer.write(name, fused.pop(name)[0])
 
 
 def _align_special_tokens(text_config, tokenizer) -> None:

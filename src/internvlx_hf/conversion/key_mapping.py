@@ -77,6 +77,21 @@ HF_CAUSAL_LM_KEY_MAPPING: list[tuple[str, str]] = [
     (r"lm_head\.weight", r"lm_head.weight"),
 ]
 
+# Qwen3-MoE (InternVL3.5-30B-A3B / 241B-A28B, and their Flash models): the checkpoints hold one tensor per expert and
+# projection, transformers 5 a layer's experts in two fused tensors, ``gate_up_proj`` ``(experts, 2 * I, hidden)``
+# (each expert's gate rows, then its up rows) and ``down_proj`` ``(experts, hidden, I)``, as its own loading conversion
+# builds them. ``{slot}E:H`` marks a source tensor as expert E's part H of such a fused target (`plan.FusedSlot`).
+FUSED_SLOT = "{slot}"
+QWEN3_MOE_KEY_MAPPING: list[tuple[str, str]] = [
+    (r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.gate_proj\.weight",
+     r"model.language_model.layers.\1.mlp.experts.gate_up_proj{slot}\2:0"),
+    (r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.up_proj\.weight",
+     r"model.language_model.layers.\1.mlp.experts.gate_up_proj{slot}\2:1"),
+    (r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.down_proj\.weight",
+     r"model.language_model.layers.\1.mlp.experts.down_proj{slot}\2:0"),
+    *HF_CAUSAL_LM_KEY_MAPPING,
+]
+
 # transformers-native InternVL (`InternVLForConditionalGeneration`) -> internvlx-hf: the same module tree, so full
 # target names. Both the transformers 5 layout and the older one (saved before the `model.` prefix, which
 # transformers still loads) are read; `{projector}` marks the projector's keys (kept or replaced, see `plan.py`).

@@ -19,7 +19,7 @@ from transformers import CONFIG_MAPPING, LlamaConfig, PreTrainedConfig
 
 from ..modeling.configuration_internvlx import with_longrope_factor
 from .errors import ConversionError
-from .key_mapping import HF_CAUSAL_LM_KEY_MAPPING, INTERNLM2_KEY_MAPPING
+from .key_mapping import HF_CAUSAL_LM_KEY_MAPPING, INTERNLM2_KEY_MAPPING, QWEN3_MOE_KEY_MAPPING
 
 
 @dataclass(frozen=True)
@@ -38,9 +38,10 @@ SUPPORTED_LLMS = {
     "Phi3ForCausalLM": LLMSpec("Phi3ForCausalLM", HF_CAUSAL_LM_KEY_MAPPING, packed_qkv=False),
     # InternVL3.5 and its Flash models (1B-38B)
     "Qwen3ForCausalLM": LLMSpec("Qwen3ForCausalLM", HF_CAUSAL_LM_KEY_MAPPING, packed_qkv=False),
+    "Qwen3MoeForCausalLM": LLMSpec("Qwen3MoeForCausalLM", QWEN3_MOE_KEY_MAPPING, packed_qkv=False),
 }
 _MODEL_TYPES = {"InternLM2ForCausalLM": "internlm2", "Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama",
-                "Phi3ForCausalLM": "phi3", "Qwen3ForCausalLM": "qwen3"}
+                "Phi3ForCausalLM": "phi3", "Qwen3ForCausalLM": "qwen3", "Qwen3MoeForCausalLM": "qwen3_moe"}
 
 # Config keys of the old (transformers 4.x) files that a v5 config takes as kwargs although they are not fields.
 _LEGACY_ROPE_KEYS = ("rope_theta", "rope_scaling", "partial_rotary_factor")
@@ -64,18 +65,11 @@ def llm_architecture(llm_config: dict[str, Any]) -> LLMSpec:
             "OpenGVLab's InternVLChatModel code has no InternLM3 to check a conversion against. The other InternVL3 "
             "sizes (Qwen2.5 LLMs) convert."
         )
-    if arch == "Qwen3MoeForCausalLM":
-        # InternVL3.5-30B-A3B / 241B-A28B (and their Flash models): the checkpoints hold one tensor per expert,
-        # transformers 5's Qwen3-MoE one fused tensor per layer; the converter maps tensors one to one.
-        raise ConversionError(
-            "llm_config names Qwen3MoeForCausalLM (InternVL3.5-30B-A3B / 241B-A28B): `internvlx convert` does not "
-            "fuse its per-expert weights into transformers' Qwen3-MoE layout yet; the dense InternVL3.5 sizes "
-            "(Qwen3, 1B-38B) and their Flash models convert.")
     if arch not in SUPPORTED_LLMS:
         raise ConversionError(
             f"llm_config names the LLM {architectures or llm_config.get('model_type')!r}, which `internvlx convert` "
             f"does not know; supported: {sorted(SUPPORTED_LLMS)} (InternVL2-1B..76B, InternVL2.5-1B..78B, "
-            "InternVL3-1B..78B except 9B, InternVL3.5-1B..38B and their Flash models)."
+            "InternVL3-1B..78B except 9B, InternVL3.5 and its Flash models)."
         )
     return SUPPORTED_LLMS[arch]
 

@@ -17,6 +17,7 @@ import torch
 from .errors import ConversionError
 from .key_mapping import (
     DROPPED_SOURCE_KEYS,
+    FUSED_SLOT,
     INTERNVIT_KEY_MAPPING,
     MLP_PROJECTOR_KEY_MAPPING,
     NATIVE_KEY_MAPPING,
@@ -49,9 +50,27 @@ class Rows:
 
 
 @dataclass(frozen=True)
+class FusedSlot:
+    """Where one source tensor goes in a fused target: ``target[index, part * n:(part + 1) * n]`` with ``n`` the
+    target's dim 1 over ``parts`` (Qwen3-MoE's per-expert projections in transformers' fused expert tensors)."""
+
+    index: int
+    part: int
+    parts: int
+
+    def piece_shape(self, target_shape: tuple[int, ...]) -> tuple[int, ...]:
+        return (target_shape[1] // self.parts, *target_shape[2:])
+
+    def place(self, target: torch.Tensor, tensor: torch.Tensor) -> None:
+        rows = target.shape[1] // self.parts
+        target[self.index, self.part * rows:(self.part + 1) * rows] = tensor
+
+
+@dataclass(frozen=True)
 class TargetTensor:
     name: str
     rows: Rows | None = None  # None = the source tensor as is
+    slot: FusedSlot | None = None  # a part of a fused target (written once every part is read)
 
     def shape(self, source_shape: tuple[int, ...]) -> tuple[int, ...]:
         return self.rows.shape(source_shape) if self.rows is not None else tuple(source_shape)
@@ -86,6 +105,10 @@ class ConversionPlan:
 
 
 def _expand_packed(name: str, rows: dict[str, tuple[range, ...]] | None, key: str) -> list[TargetTensor]:
+    if FUSED_SLOT in name:
+        name, _, where = name.partition(FUSED_SLOT)
+        index, part = (int(n) for n in where.split(":"))
+        return [TargetTensor(name, slot=FusedSlot(index, part, 2 if name.endswith("gate_up_proj") else 1))]
     if PACKED_QKV not in name:
         return [TargetTensor(name)]
     if rows is None:
@@ -166,6 +189,11 @@ def map_source_key(key: str, inputs: PlanInputs) -> list[TargetTensor] | str | N
     return None
 
 
+def fused_parts_needed(name: str, shape: tuple[int, ...]) -> int:
+    """Source tensors a fused expert target is made of: an expert's gate and up for ``gate_up_proj``, one else."""
+    return shape[0] * (2 if name.endswith("gate_up_proj") else 1)
+
+
 def is_new_by_design(name: str, inputs: PlanInputs) -> bool:
     """Target parameters that the source cannot hold and that the converter initialises."""
     if name.startswith(("model.lvtc_lr_projectors.", TARGET_PREFIXES["lvtc_hr"])):
@@ -182,7 +210,7 @@ def build_plan(
     reads: list[tuple[int, list[tuple[str, list[TargetTensor]]]]] = []
     dropped: dict[str, str] = {}
     unknown: list[str] = []
-    produced: dict[str, str] = {}
+    produced: dict[tuple[str, tuple[int, int] | None], str] = {}  # (target, fused slot) -> source key
     shape_errors: list[str] = []
     not_in_model: list[str] = []
     source_shapes: dict[str, tuple[int, ...]] = {}
@@ -201,9 +229,10 @@ def build_plan(
                 dropped[key] = mapped
                 continue
             for target in mapped:
-                if target.name in produced:
-                    raise ConversionError(f"{key} and {produced[target.name]} both map to {target.name}")
-                produced[target.name] = key
+                slot = (target.slot.index, target.slot.part) if target.slot is not None else None
+                if (target.name, slot) in produced:
+                    raise ConversionError(f"{key} and {produced[target.name, slot]} both map to {target.name}")
+                produced[target.name, slot] = key
                 if target.name not in expected:
                     not_in_model.append(f"{key} -> {target.name}")
                     continue
@@ -211,9 +240,15 @@ def build_plan(
                     shape = target.shape(info.shape)
                 except ValueError:
                     shape = None
-                if shape != tuple(expected[target.name]):
-                    shape_errors.append(f"{key} {tuple(info.shape)} -> {target.name} {shape}, expected "
-                                        f"{tuple(expected[target.name])}")
+                wanted = tuple(expected[target.name])
+                if target.slot is not None:
+                    wanted = target.slot.piece_shape(wanted)
+                    if target.slot.index >= expected[target.name][0]:
+                        not_in_model.append(f"{key} -> {target.name}[{target.slot.index}] (the model has "
+                                            f"{expected[target.name][0]} experts)")
+                        continue
+                if shape != wanted:
+                    shape_errors.append(f"{key} {tuple(info.shape)} -> {target.name} {shape}, expected {wanted}")
             if len(mapped) > 1 and all(t.rows is None for t in mapped):
                 copies.update({t.name: key for t in mapped[1:]})
             entries.append((key, mapped))
@@ -249,7 +284,20 @@ def build_plan(
             f"{len(shape_errors)} shape mismatch(es) between the source tensors and the model described by its "
             f"config.json: {_listing(shape_errors)}."
         )
-    missing = [name for name in expected if name not in produced]
+    fused_parts: dict[str, int] = {}
+    for name, slot in produced:
+        if slot is not None:
+            fused_parts[name] = fused_parts.get(name, 0) + 1
+    incomplete = [f"{name} ({count} of {fused_parts_needed(name, expected[name])} parts)"
+                  for name, count in fused_parts.items()
+                  if name in expected and count != fused_parts_needed(name, expected[name])]
+    if incomplete:
+        raise ConversionError(
+            f"{len(incomplete)} fused expert tensor(s) lack per-expert source tensors: {_listing(incomplete)}. The "
+            "checkpoint is incomplete (a missing shard?) or its config.json's num_experts does not match its weights."
+        )
+    produced_names = {name for name, _ in produced}
+    missing = [name for name in expected if name not in produced_names]
     new = {name: tuple(expected[name]) for name in missing if is_new_by_design(name, inputs)}
     absent = [name for name in missing if name not in new]
     if absent:

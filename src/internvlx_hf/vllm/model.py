@@ -110,6 +110,8 @@ def vllm_weights(weights: Iterable[tuple[str, torch.Tensor]], vision_layers: int
             yield "language_model.model." + name[len("model.language_model."):], tensor
         elif name.startswith("lm_head."):
             yield "language_model." + name, tensor
+        elif name.startswith("model.vir."):
+            continue  # InternVL3.5-Flash's router: served with it off only (config_hook.check_router)
         elif name.startswith("model."):
             yield name[len("model."):], tensor
         else:
