@@ -99,15 +99,15 @@ def test_argument_errors_import_nothing_heavy():
              ["train", "--packing", "train.yaml"], ["train", "--nonsense"],
              ["train", "--model", "m", "--max_steps", "3"], ["demo", "--nonsense"]]
     errors = [
-        "internvlx: error: the following arguments are required: COMMAND",
+        "internvlx: error: the following arguments are required: COMMAND; see `internvlx --help`",
         "internvlx: error: argument COMMAND: invalid choice: 'nonsense' (choose from 'demo', 'convert', 'export', "
         "'chat', 'serve', 'tokens', 'card', 'push', 'data', 'train', 'eval', 'bench')",
-        "internvlx chat: error: the following arguments are required: MODEL",
+        "internvlx chat: error: the following arguments are required: MODEL; see `internvlx chat --help`",
         "internvlx chat: error: argument --max-tiles: invalid int value: 'many'",
-        "internvlx convert: error: the following arguments are required: DST",
+        "internvlx convert: error: the following arguments are required: DST; see `internvlx convert --help`",
         "internvlx tokens: error: argument --tiling: invalid choice: 'diagonal' (choose from 'ratio', 'area', "
         "'edge', 'none')",
-        "internvlx eval: error: the following arguments are required: CHECKPOINT, DATA",
+        "internvlx eval: error: the following arguments are required: CHECKPOINT, DATA; see `internvlx eval --help`",
         "internvlx train: error: argument --learning_rate/--learning-rate: invalid float value: 'abc'",
         "internvlx train: error: argument --max_steps/--max-steps: invalid int value: '1.5'",
         "internvlx train: error: argument --preset: invalid choice: 'x' (choose from 'stage1', 'stage2', "
@@ -158,6 +158,42 @@ def test_an_abbreviated_flag_is_a_mistake_said_at_once():
               "internvlx bench prefill: error: unrecognized arguments: --repeat 2; did you mean --repeats?",
               "internvlx tokens: error: unrecognized arguments: --max-tile=3; did you mean --max-tiles?",
               "internvlx chat: error: unrecognized arguments: --max-new 4; did you mean --max-new-tokens?"]
+    cases = [(argv, error) for argv, error in zip(argvs, errors, strict=True) if FLAGS_HOLD or argv[:1] != ["train"]]
+    results = _run_cli([argv for argv, _ in cases])
+    assert [(r["code"], r["last_err"]) for r in results] == [(2, error) for _, error in cases]
+
+
+def test_every_argument_error_is_one_line():
+    """argparse's own errors (an invalid choice, a missing argument, an unknown flag) are one line and exit status 2,
+    as the CLI's other errors, in every command and in `internvlx` itself: argparse printed its usage block before
+    them (`convert --projector pvtx` took 6 lines); a missing argument points at the command's --help instead."""
+    argvs = [["convert", "SRC", "DST", "--projector", "pvtx"], ["nonsense"], [], ["bench", "prefill"],
+             *([name, "--zzz"] for name in COMMANDS)]
+    results = _run_cli(argvs)
+    assert [(r["code"], r["err_lines"]) for r in results] == [(2, 1)] * len(argvs), results
+    assert [r["last_err"] for r in results[:4]] == [
+        "internvlx convert: error: argument --projector: invalid choice: 'pvtx' (choose from 'keep', 'mlp', 'pvtc')",
+        "internvlx: error: argument COMMAND: invalid choice: 'nonsense' (choose from 'demo', 'convert', 'export', "
+        "'chat', 'serve', 'tokens', 'card', 'push', 'data', 'train', 'eval', 'bench')",
+        "internvlx: error: the following arguments are required: COMMAND; see `internvlx --help`",
+        "internvlx bench prefill: error: the following arguments are required: FOLDER; see `internvlx bench prefill "
+        "--help`"]
+    assert all(r["last_err"].startswith(f"internvlx {argv[0]}: error: ") for argv, r in zip(argvs[4:], results[4:]))
+
+
+def test_another_trainers_name_of_a_flag_suggests_this_ones():
+    """`--lr` (what other trainers call the learning rate) is no abbreviation here: the error names
+    --learning_rate, not the flags that start with `--lr` (`--lr_scheduler_type`); flags it starts are named once
+    each, as the command lists them."""
+    argvs = [["train", "--lr", "1e-4"], ["train", "--epochs=3"], ["train", "--batch-size", "4"],
+             ["train", "--lr_sched", "cosine"], ["chat", "M", "--lr", "1"]]
+    errors = ["internvlx train: error: unrecognized arguments: --lr; did you mean --learning_rate?",
+              "internvlx train: error: unrecognized arguments: --epochs=3; did you mean --num_train_epochs?",
+              "internvlx train: error: unrecognized arguments: --batch-size; did you mean "
+              "--per_device_train_batch_size?",
+              "internvlx train: error: unrecognized arguments: --lr_sched; did you mean --lr_scheduler_kwargs or "
+              "--lr_scheduler_type?",
+              "internvlx chat: error: unrecognized arguments: --lr 1"]
     cases = [(argv, error) for argv, error in zip(argvs, errors, strict=True) if FLAGS_HOLD or argv[:1] != ["train"]]
     results = _run_cli([argv for argv, _ in cases])
     assert [(r["code"], r["last_err"]) for r in results] == [(2, error) for _, error in cases]
@@ -409,11 +445,12 @@ def test_an_optional_value_that_took_a_positional_gets_a_one_line_hint():
         "k=18,T=2); --lvtc took './InternVL2-2B' as its SPEC because its value is optional: did you mean "
         "`internvlx convert ./InternVL2-2B 'out dir' --lvtc`?")
     # a real SPEC and a missing DST, or a line that would not parse either way: argparse's own answer, no hint
-    assert forgot_dst["last_err"] == "internvlx convert: error: the following arguments are required: DST"
+    assert forgot_dst["last_err"] == ("internvlx convert: error: the following arguments are required: DST; see "
+                                      "`internvlx convert --help`")
     assert no_dst_either["last_err"] == ("internvlx convert: error: argument --lvtc: invalid SPEC 'SRC' "
                                          "(comma-separated key=value, e.g. k=18,T=2)")
     assert wrong_spec["last_err"] == no_dst_either["last_err"]
-    assert all(r["code"] == 2 and r["err_lines"] > 1 and r["heavy"] == [] for r in results[1:])
+    assert all(r["code"] == 2 and r["err_lines"] == 1 and r["heavy"] == [] for r in results[1:])
 
 
 def test_a_trainer_boolean_flag_before_the_config_gets_the_hint(capsys):

@@ -220,6 +220,21 @@ def test_yaml_config_flags_override_it_and_errors_are_one_line(tmp_path, capsys)
         assert err.startswith("internvlx train: error: ") and message in err, err
 
 
+def test_an_unconverted_teacher_is_named_as_the_teacher(tmp_path, capsys):
+    """`--teacher` given an OpenGVLab folder (model_type internvl_chat) is refused before any work, by a line that
+    names --teacher and the fix (it once blamed --model, which was a converted checkpoint, after reading the data)."""
+    from internvlx_hf.demo import demo_model_dir
+
+    teacher = str(th.require_fixture("internvl2_qwen2"))
+    argv = ["train", "--model", str(demo_model_dir()), "--teacher", teacher, "--data", str(_data(tmp_path, count=2)),
+            "--output_dir", str(tmp_path / "out"), *FAST]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"internvlx train: error: --teacher {teacher!r}: config.json has model_type 'internvl_chat', not 'internvlx'; "
+        "convert OpenGVLab InternVL2 / InternVL-X checkpoints first with `internvlx convert SRC DST`")
+    assert not (tmp_path / "out").exists()
+
+
 def test_resume_from_checkpoint_reaches_the_same_weights(tmp_path):
     model = str(th.converted("internvl2_qwen2"))
     data = str(_data(tmp_path, max_dynamic_patch=1))

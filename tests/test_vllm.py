@@ -822,3 +822,16 @@ def test_unused_slots_get_exactly_zero_attention_weight(dtype):
     plain = torch.einsum("thd,skd->hts", query.view(tokens, heads, head).float(),
                          key.view(tokens, kv_heads, head).float()) * scale
     assert torch.equal(logits[:, :, ~masked], plain[:, :, ~masked])
+
+
+def test_a_flash_models_router_weights_are_left_out_of_vllms_model():
+    """With the router off (the only way the plugin serves a Flash folder, `config_hook.check_router`), its
+    pooling, gate and 64-token projector have no place in vLLM's model: the weight names vLLM loads skip them and keep
+    the rest."""
+    from internvlx_hf.vllm.model import vllm_weights
+
+    weight = torch.zeros(2, 2)
+    names = ["model.vir.pooling.query_token", "model.vir.gating.proj.weight", "model.vir.projector.linear_1.weight",
+             "model.multi_modal_projector.linear_1.weight", "model.language_model.norm.weight", "lm_head.weight"]
+    assert [name for name, _ in vllm_weights([(n, weight) for n in names], vision_layers=2)] == [
+        "multi_modal_projector.linear_1.weight", "language_model.model.norm.weight", "language_model.lm_head.weight"]

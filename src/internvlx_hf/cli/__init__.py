@@ -19,7 +19,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from .command import CLIError, Command, CommandParser
+from .command import CLIError, Command, CommandParser, OneLineErrorParser
 
 
 def _commands() -> list[Command]:
@@ -59,7 +59,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 def build_parser(commands: Sequence[Command] | None = None) -> argparse.ArgumentParser:
     commands = _commands() if commands is None else commands
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         allow_abbrev=False,
         prog="internvlx",
         description="InternVL-X (PVTC, LVTC, RVTC) for Hugging Face Transformers.",

@@ -60,7 +60,24 @@ class _ProbeFailed(Exception):
     """Raised instead of printing an error while `CommandParser` tries a corrected command line."""
 
 
-class CommandParser(argparse.ArgumentParser):
+class OneLineErrorParser(argparse.ArgumentParser):
+    """A parser whose argument errors are one line, `PROG: error: MESSAGE`, exit status 2, as every other error of the
+    CLI: argparse's usage block before it buried the line that matters (`--projector pvtx`: the choices), and
+    `PROG --help` has the usage and more."""
+
+    def error(self, message):
+        if message.startswith("the following arguments are required: "):  # the one error the usage answered
+            message = f"{message}; see `{self.prog} --help`"
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+# Names other training command lines give flags that this one spells the Trainer's way: `--lr` abbreviates no flag
+# here, and the flags it starts (--lr_scheduler_type) are not the one meant.
+_OTHER_NAMES = {"lr": "learning_rate", "bs": "per_device_train_batch_size", "batch_size": "per_device_train_batch_size",
+                "epochs": "num_train_epochs", "wd": "weight_decay"}
+
+
+class CommandParser(OneLineErrorParser):
     """A subcommand's parser: adds the command's arguments the first time it parses or prints help, parses
     intermixed positionals where the command asks for it, and turns the optional-value trap into a one-line hint.
 
@@ -121,24 +138,36 @@ class CommandParser(argparse.ArgumentParser):
         return respelt
 
     def unrecognized(self, extras: list[str]) -> str:
-        """argparse's "unrecognized arguments" message, with the closest option of the command for the first
-        unknown one that is close to one (``--learing_rate``: did you mean ``--learning_rate``?) or abbreviates
-        options (abbreviations are off: ``--max-new``: did you mean ``--max-new-tokens``?)."""
+        """argparse's "unrecognized arguments" message, with the option of the command meant by the first unknown
+        one that is another trainer's name for it (``--lr``: did you mean ``--learning_rate``?), close to it
+        (``--learing_rate``) or abbreviates options (abbreviations are off: ``--max-new``: did you mean
+        ``--max-new-tokens``?). Each option is named once, as the command lists it (not also in the other
+        spelling)."""
         import difflib
 
         message = f"unrecognized arguments: {' '.join(extras)}"
-        options = [option for option in self._option_string_actions if option.startswith("--")]
+        listed = {option: self._listed_name(action) for option, action in self._option_string_actions.items()
+                  if option.startswith("--")}
         for extra in extras:
             if not extra.startswith("--"):
                 continue
             flag = extra.partition("=")[0]
-            close = difflib.get_close_matches(flag, options, n=1, cutoff=0.75)
+            other_name = _OTHER_NAMES.get(flag[2:].replace("-", "_"))
+            meant = [listed[option] for option in (f"--{other_name}", f"--{other_name}".replace("_", "-"))
+                     if other_name and option in listed]
+            if meant:
+                return f"{message}; did you mean {meant[0]}?"
+            close = difflib.get_close_matches(flag, list(listed), n=1, cutoff=0.75)
             if close:
-                return f"{message}; did you mean {close[0]}?"
-            longer = sorted(option for option in options if option.startswith(flag))
+                return f"{message}; did you mean {listed[close[0]]}?"
+            longer = sorted({name for option, name in listed.items() if option.startswith(flag)})
             if longer:
                 return f"{message}; did you mean {' or '.join(longer[:3])}?"
         return message
+
+    @staticmethod
+    def _listed_name(action: argparse.Action) -> str:
+        return next(option for option in action.option_strings if option.startswith("--"))
 
     def format_help(self):
         self._add_pending_arguments()
@@ -191,4 +220,4 @@ class CommandParser(argparse.ArgumentParser):
             self._parsing, self._probing = parsing, False
 
 
-__all__ = ["CLIError", "Command", "CommandParser", "add_debug_argument", "check_image_file"]
+__all__ = ["CLIError", "Command", "CommandParser", "OneLineErrorParser", "add_debug_argument", "check_image_file"]

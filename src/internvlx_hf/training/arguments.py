@@ -291,9 +291,10 @@ def _coerce_one(action, key: str, value: Any, where: str) -> Any:
     return value
 
 
-def check_model_folder(path: str | None) -> Path:
+def check_model_folder(path: str | None, flag: str = "--model") -> Path:
+    """The checkpoint folder given by ``flag`` (--model, or --teacher), named by that flag in every error."""
     if not path:
-        raise ValueError("--model is required: the folder of an internvlx-hf checkpoint (see `internvlx convert`)")
+        raise ValueError(f"{flag} is required: the folder of an internvlx-hf checkpoint (see `internvlx convert`)")
     folder = Path(path).expanduser().resolve()
-    read_internvlx_config(folder, f"--model {path!r}")
+    read_internvlx_config(folder, f"{flag} {path!r}")
     return folder

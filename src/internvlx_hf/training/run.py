@@ -107,6 +107,8 @@ def _check_run(model_args: ModelArguments, preset_args: PresetArguments, trainin
     """(the --model folder, OUT), once everything that can be checked before any work is: a bad argument found
     after an hour of computing lengths or teacher answers would waste that hour."""
     folder = check_model_folder(model_args.model)
+    if model_args.teacher is not None:  # an unconverted teacher would otherwise be found after the data is read
+        check_model_folder(model_args.teacher, "--teacher")
     if preset_args.preset == "qlora":
         _check_qlora(training_args)
     if not data:

@@ -34,7 +34,7 @@ def load_teacher(model_args: ModelArguments, data_args: DataArguments, training_
     for name, least in (("teacher_max_new_tokens", 1), ("teacher_batch_size", 1)):
         if getattr(model_args, name) < least:
             raise ValueError(f"--{name} must be >= {least}, got {getattr(model_args, name)}")
-    teacher_folder = check_model_folder(model_args.teacher)
+    teacher_folder = check_model_folder(model_args.teacher, "--teacher")
     teacher_processor = InternVLXProcessor.from_pretrained(teacher_folder, trust_remote_code=True)
     # the teacher sees the images as the student does (the --tiling / --max_tiles overrides apply to both)
     teacher_processor.image_processor.tiling = processor.image_processor.tiling
