@@ -222,6 +222,19 @@ def test_a_batch_of_samples_with_one_to_three_images_equals_each_alone(model, pr
             torch.testing.assert_close(out.scores[step][row], scores[0], atol=1e-4, rtol=0)
 
 
+def test_batch_chat_answers_each_question_as_chat_does(model, processor):
+    """InternVL's `batch_chat` (one image per question, a left-padded batch) on a Flash model: each answer is
+    `chat()`'s for that question alone."""
+    images = [Image.open(golden.fixture_path("images", name)).convert("RGB") for name in ("image1.jpg", "img6.jpg")]
+    tiles = [processor.image_processor(images=[image], max_tiles=4, return_tensors="pt")["pixel_values"]
+             for image in images]
+    questions = ["Describe it.", "What is the longest thing you can see in this picture?"]
+    config = dict(max_new_tokens=5, do_sample=False)
+    together = model.batch_chat(processor.tokenizer, torch.cat(tiles), questions, config,
+                                num_patches_list=[len(t) for t in tiles])
+    assert together == [model.chat(processor.tokenizer, t, q, config) for t, q in zip(tiles, questions)]
+
+
 def test_the_call_scope_takes_the_quantile_over_every_tile_of_the_batch(model, processor, batch_samples):
     """scope="call" (the reference's): one quantile over the batch's tiles, which changes some sample's decisions
     against the per-sample default here; both equal `vir_decisions` on the router's scores."""
@@ -448,6 +461,18 @@ def test_a_videos_frames_are_routed_as_tiles(model, processor):
     out = model.generate(**video, max_new_tokens=3, do_sample=False)
     assert torch.equal(out[:, :video["input_ids"].shape[1]], video["input_ids"]) and out.shape[1] == \
         video["input_ids"].shape[1] + 3
+
+
+def test_a_transformers_without_the_llm_is_named_with_the_fix(tmp_path, monkeypatch):
+    """Qwen3-MoE on a transformers that lacks it: one line naming the LLM, the release and the fix; nothing written."""
+    import internvlx_hf.conversion.llm as llm
+
+    monkeypatch.setattr(llm, "CONFIG_MAPPING", {key: llm.CONFIG_MAPPING[key] for key in ("qwen3", "llama")})
+    folder, _ = _moe_source(tmp_path)
+    with pytest.raises(ConversionError, match=r"names Qwen3MoeForCausalLM, which this transformers \(.+\) does not "
+                                              r"have \(no model type 'qwen3_moe'\); upgrade transformers"):
+        convert(folder, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
 
 
 def _moe_source(tmp_path, experts=4, drop_expert=None):

@@ -17,6 +17,11 @@ Norms, activations, RoPE, the LVTC upsampling/pooling and the vision side (ViT, 
 attention term counts the whole square as dense kernels and `torch.utils.flop_counter` do (a causal kernel that
 skips masked blocks does about half of it).
 
+InternVL3.5-Flash (`config.vir`): each tile enters the LLM at ``image_seq_length`` tokens or, where its router
+compresses it, ``compressed_tokens_per_tile``; the decisions need the pixels (`load_router` + `route_image` run the
+vision tower and the router, not the LLM), and a size alone gives bounds (`router_compressible`). `flash_row` prices
+both with the FLOPs above, against the router off (every tile ``image_seq_length``).
+
 vLLM's prompt (`vllm_prompt_tokens`, what its ``--max-model-len`` bounds) holds an LVTC checkpoint's every tile at the
 long layout's count (the plugin schedules the tokens of layers >= k, `internvlx_hf.vllm.processing`), e.g. 1024
 placeholder ids per 448px tile instead of 256; for other checkpoints it is transformers' prompt.
@@ -332,6 +337,189 @@ def _tflops(flops: int) -> str:
     return f"{value:.3f}" if value >= 0.01 else f"{value:.2e}"
 
 
+# ------------------------------------------------------------------------------------------- InternVL3.5-Flash (ViR)
+
+
+#: The base model's modules the router runs on (the LLM is not one).
+ROUTER_MODULES = ("vision_tower", "multi_modal_projector", "vir")
+
+
+def router_compressible(tiles: int, relative_threshold: float, absolute_threshold: float = 0.0) -> int:
+    """The most tiles of one image (one sample of ``tiles`` tiles) the router can compress: those strictly above the
+    ``relative_threshold`` quantile of the scores, ``tiles - 1 - floor(q * (tiles - 1))`` when every score differs
+    (ties give fewer), none when ``absolute_threshold`` is above 1 (a softmax score never reaches it).
+
+    Counted on the distinct scores ``0 .. tiles - 1`` with ``torch.quantile`` in float32, as the router takes its
+    quantile, so that the rounding of ``q * (tiles - 1)`` is the router's own."""
+    import torch
+
+    if tiles < 1 or absolute_threshold > 1.0:
+        return 0
+    ranks = torch.arange(tiles, dtype=torch.float32)
+    return int((ranks > torch.quantile(ranks, float(relative_threshold))).sum())
+
+
+def load_router(path: str | Path, config, dtype: str = "auto", device: str = "cpu"):
+    """An InternVL3.5-Flash checkpoint's base model with only what its router needs in memory: the vision tower,
+    the projector and the router (`InternVLXModel.route` runs on it); the LLM stays on the meta device, unread (it
+    is most of a checkpoint's weights, an 8B LLM next to a 0.3B vision tower, and the router never reaches it).
+
+    ``dtype``: "auto" takes the checkpoint's (config.json's ``dtype``), as ``from_pretrained(dtype="auto")`` does.
+    A folder without safetensors files is loaded whole."""
+    import torch
+
+    from .modeling.modeling_internvlx import InternVLXForConditionalGeneration, InternVLXModel
+
+    saved = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+    target = (saved if isinstance(saved, torch.dtype) else getattr(torch, str(saved).removeprefix("torch."))) \
+        if dtype == "auto" else getattr(torch, dtype)
+    path = Path(path)
+    shards = _safetensors_shards(path)
+    if not shards or not all(shard.is_file() for shard in shards):
+        whole = InternVLXForConditionalGeneration.from_pretrained(path, dtype=target).to(device).eval()
+        return whole.model
+    from safetensors import safe_open
+
+    wanted = ROUTER_MODULES
+    with torch.device("meta"):
+        model = InternVLXModel(config)
+    state = {}
+    for shard in shards:
+        with safe_open(str(shard), "pt") as tensors:
+            for key in tensors.keys():
+                name = key.removeprefix("model.")
+                if name.split(".", 1)[0] in wanted:
+                    state[name] = tensors.get_tensor(key)
+    model.load_state_dict(state, strict=False, assign=True)
+    left = [name for name, tensor in [*model.named_parameters(), *model.named_buffers()]
+            if tensor.is_meta and name.split(".", 1)[0] in wanted]
+    if left:
+        raise ValueError(f"{path}: the router's weights are not all in its safetensors files ({len(left)} missing, "
+                         f"e.g. {left[0]}); convert the checkpoint again with `internvlx convert`.")
+    for name in wanted:
+        getattr(model, name).to(device=device, dtype=target)
+    return model.eval()
+
+
+def _safetensors_shards(path: Path) -> list[Path]:
+    """The files that hold the router's weights (all of a single-file checkpoint)."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
+        return [path / name for name in dict.fromkeys(
+            shard for key, shard in weight_map.items()
+            if key.removeprefix("model.").split(".", 1)[0] in ROUTER_MODULES)]
+    single = path / "model.safetensors"
+    return [single] if single.is_file() else []
+
+
+def route_image(router, processor, image, tiling: str, max_tiles: int) -> tuple[list[bool], list[float]]:
+    """The router's decision (True: compressed) and score ``p0`` per tile of ``image`` alone in a prompt, its tiles
+    made by ``processor`` under ``tiling`` and ``max_tiles`` (the thumbnail last, where there is one)."""
+    import torch
+
+    inputs = processor(images=[image], text="<image>", tiling=tiling, max_tiles=max_tiles, return_tensors="pt")
+    device = next(router.vision_tower.parameters()).device
+    with torch.inference_mode():
+        routing = router.route(inputs["input_ids"].to(device), inputs["pixel_values"].to(device),
+                               inputs["attention_mask"].to(device))
+    return routing.compressed.tolist(), routing.scores.float().tolist()
+
+
+def flash_row(name: str, config, image: ImageBudget, text_tokens: int, compressed: list[bool] | None = None,
+              scores: list[float] | None = None) -> dict[str, Any]:
+    """An image's cost in an InternVL3.5-Flash checkpoint's LLM, with its router and with it off (every tile
+    ``image_seq_length`` tokens). ``compressed``: the router's decision per tile (`route_image`); None for a size
+    without pixels, whose row holds the bounds: from the most tiles the router can compress
+    (`router_compressible`) to none."""
+    shape = LLMShape.from_text_config(config.get_text_config())
+    full, small = int(config.image_seq_length), int(config.compressed_tokens_per_tile)
+    vir = config.vir
+    prefix = text_tokens + 2  # <img> and </img>
+
+    def llm_tokens(count: int) -> int:
+        return prefix + count * small + (image.tiles - count) * full
+
+    most = router_compressible(image.tiles, vir.relative_threshold, vir.absolute_threshold) if vir.enabled else 0
+    count = None if compressed is None else sum(bool(c) for c in compressed)
+    bounds = [count, count] if count is not None else [0, most]
+    tokens = [llm_tokens(bounds[1]), llm_tokens(bounds[0])]
+    flops = [prefill_flops(shape, n) for n in tokens]
+    return {"image": name, **asdict(image), "grid": f"{image.grid[0]}x{image.grid[1]}", "text_tokens": text_tokens,
+            "decided": compressed is not None, "tiles_compressed": count, "tiles_compressed_bounds": bounds,
+            "compressed": None if compressed is None else [bool(c) for c in compressed], "scores": scores,
+            "image_tokens": None if count is None else tokens[0] - prefix,
+            "router_off_image_tokens": image.tiles * full,
+            "llm_tokens": None if count is None else tokens[0], "llm_tokens_bounds": tokens,
+            "router_off_llm_tokens": llm_tokens(0),
+            # vLLM serves a Flash model only with its router off (the plugin refuses it on): every tile in full
+            "vllm_prompt_tokens": llm_tokens(0),
+            "prefill_flops": None if count is None else flops[0], "prefill_flops_bounds": flops,
+            "router_off_prefill_flops": prefill_flops(shape, llm_tokens(0))}
+
+
+def flash_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per tiling, over the images whose decisions are known (`flash_row` rows with pixels): tiles compressed in all,
+    their share (and its range over the images), and the fraction of image tokens, LLM tokens and prefill FLOPs kept
+    against the router off. Sizes without pixels are counted apart (``size_only``)."""
+    summary = []
+    for tiling in dict.fromkeys(row["tiling"] for row in rows):
+        mine = [row for row in rows if row["tiling"] == tiling]
+        routed = [row for row in mine if row["decided"]]
+        entry: dict[str, Any] = {"tiling": tiling, "images": len(routed), "size_only": len(mine) - len(routed)}
+        if routed:
+            tiles = sum(row["tiles"] for row in routed)
+            compressed = sum(row["tiles_compressed"] for row in routed)
+            shares = [row["tiles_compressed"] / row["tiles"] for row in routed]
+            totals = {key: sum(row[key] for row in routed) for key in (
+                "image_tokens", "router_off_image_tokens", "llm_tokens", "router_off_llm_tokens", "prefill_flops",
+                "router_off_prefill_flops")}
+            entry.update(tiles=tiles, tiles_compressed=compressed, compressed_share=compressed / tiles,
+                         compressed_share_per_image=[min(shares), max(shares)], **totals,
+                         image_tokens_kept=totals["image_tokens"] / totals["router_off_image_tokens"],
+                         llm_tokens_kept=totals["llm_tokens"] / totals["router_off_llm_tokens"],
+                         prefill_flops_kept=totals["prefill_flops"] / totals["router_off_prefill_flops"])
+        summary.append(entry)
+    return summary
+
+
+def format_flash_table(rows: list[dict[str, Any]], summary: list[dict[str, Any]]) -> str:
+    """`flash_row` rows as two Markdown tables (tiles; then the router's decisions, LLM tokens and prefill TFLOPs,
+    router on against off) and `flash_summary` as lines under them."""
+    tiles = [("image", "image"), ("size", None), ("tiling", "tiling"), ("grid", "grid"), ("tiles", "tiles"),
+             ("<IMG_CONTEXT>", "tokens")]
+
+    def span(low, high, show=str):
+        return show(low) if low == high else f"{show(low)}..{show(high)}"
+
+    def cells(row):
+        low, high = row["tiles_compressed_bounds"]
+        decided = f"{low}/{row['tiles']}" if row["decided"] else f"{span(low, high)} of {row['tiles']} (size only)"
+        ratios = [f / row["router_off_prefill_flops"] for f in row["prefill_flops_bounds"]]
+        return [row["image"], row["tiling"], decided, span(*row["llm_tokens_bounds"]),
+                str(row["router_off_llm_tokens"]), span(*row["prefill_flops_bounds"], show=_tflops),
+                _tflops(row["router_off_prefill_flops"]), span(*ratios, show=lambda r: f"{r:.3f}")]
+
+    headers = ["image", "tiling", "compressed", "LLM tokens", "router off", "TFLOPs", "router off", "ratio"]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(cells(row)) + " |" for row in rows]
+    text = [_markdown(rows, tiles), "",
+            "The router's decisions (tiles compressed), LLM tokens and prefill TFLOPs, against the router off "
+            "(config.vir.enabled = False: every tile at the full count):", "\n".join(lines), ""]
+    for entry in summary:
+        if not entry["images"]:
+            continue
+        low, high = entry["compressed_share_per_image"]
+        per_image = f"; per image {low:.1%} to {high:.1%}" if entry["images"] > 1 else ""
+        plural = "" if entry["images"] == 1 else "s"
+        text.append(f"{entry['tiling']} tiling, {entry['images']} image{plural}: {entry['tiles_compressed']} "
+                    f"of {entry['tiles']} tiles compressed ({entry['compressed_share']:.1%}{per_image}); kept "
+                    f"{entry['image_tokens_kept']:.1%} of the image tokens ({entry['image_tokens']} of "
+                    f"{entry['router_off_image_tokens']}), {entry['llm_tokens_kept']:.1%} of the LLM tokens, "
+                    f"{entry['prefill_flops_kept']:.1%} of the prefill FLOPs")
+    return "\n".join(text).rstrip()
+
+
 def rows_to_json(rows: list[dict[str, Any]]) -> str:
     return json.dumps(rows, indent=2)
 
@@ -344,12 +532,18 @@ __all__ = [
     "ModelBudget",
     "TilingSettings",
     "budget_rows",
+    "flash_row",
+    "flash_summary",
+    "format_flash_table",
     "format_table",
     "image_budget",
     "image_size_of",
     "layer_flops",
+    "load_router",
     "model_budget",
     "prefill_flops",
+    "route_image",
+    "router_compressible",
     "video_budget_rows",
     "vllm_prompt_tokens",
     "vllm_tokens_per_tile",

@@ -10,8 +10,12 @@ saving and the figure would not say what the checkpoint costs on the images it i
 
 Timing (`time_variants`): the variants are called in interleaved rounds (`harness.time_rounds`), so a change of load
 on a shared machine hits all of them alike, until every figure is precise or a time budget is spent; every figure
-comes with its interval, and a ratio to plain-1024 whose interval holds 1.0 is flagged as within the noise
-(`harness.spread`).
+comes with its interval, and a ratio to plain-1024 (an InternVL3.5-Flash folder: to its router off) whose interval
+holds 1.0 is flagged as within the noise (`harness.spread`).
+
+InternVL3.5-Flash (`routing`): the router runs inside each timed forward, as in `generate()`, on the prompt's tiles
+(noise, or --image's), and its decisions (tiles compressed, the tokens the LLM received) go into the rows, so that a
+ratio is read with what the router kept of that very prompt.
 
 Memory (`memory_variants`): on CUDA, ``torch.cuda.max_memory_allocated`` around one workload call after a warm-up.
 On CPU, torch has no allocator statistics, and a process's resident set (what this command measured before) ranks
@@ -26,10 +30,12 @@ from __future__ import annotations
 import sys
 
 from .harness import MIN_ROUNDS, Progress, spread, time_rounds
-from .variants import VARIANTS, build_variants, check_folder, default_tiles, sample, tokens_per_tile
+from .variants import build_variants, check_folder, default_tiles, image_tiles, sample, tokens_per_tile
 
 WORKLOADS = ("prefill", "train-step")
 REFERENCE = "plain-1024"
+# what an InternVL3.5-Flash folder's router saves is measured against its router off
+FLASH_REFERENCE = "router-off"
 TIME_BUDGET_S = 60.0
 PRECISION = 0.02
 MEASURE_CUDA = "cuda max_memory_allocated"
@@ -57,11 +63,44 @@ def _check_sizes(tiles: int, text_tokens: int) -> None:
         raise ValueError(f"--text-tokens must be >= 8 (the image follows the first 8), got {text_tokens}.")
 
 
-def resolve_tiles(folder, tiles: int | None) -> tuple[int, str]:
-    """``(tiles, why)``: ``tiles`` as given (--tiles), else the folder's budget (`variants.default_tiles`)."""
+def resolve_tiles(folder, tiles: int | None, image=None) -> tuple[int, str, object]:
+    """``(tiles, why, pixel_values)``: ``image``'s tiles through the folder's processor (--image), else ``tiles``
+    noise tiles as given (--tiles), else as many as the folder's budget (`variants.default_tiles`); pixel_values
+    None stands for the noise tiles of `variants.sample`."""
+    if image is not None:
+        if tiles is not None:
+            raise ValueError("--tiles and --image: the image's tiles are what the folder's processor makes of it; "
+                             "pass one of them.")
+        pixel_values, why = image_tiles(folder, image)
+        return int(pixel_values.shape[0]), why, pixel_values
     if tiles is not None:
-        return tiles, "--tiles"
-    return default_tiles(folder)
+        return tiles, "--tiles", None
+    return (*default_tiles(folder), None)
+
+
+def reference_of(names: list[str]) -> str:
+    """The variant every ratio is taken against: plain-1024, else router-off, else the first."""
+    for name in (REFERENCE, FLASH_REFERENCE):
+        if name in names:
+            return name
+    return names[0]
+
+
+def routing(model, inputs: dict) -> dict | None:
+    """What an InternVL3.5-Flash model's LLM receives for ``inputs``: ``tiles``, ``tiles_compressed`` (its router's
+    decisions; none with the router off) and ``llm_tokens`` (the prompt it shortens to); None for other models."""
+    import torch
+
+    vir = getattr(model.config, "vir", None)
+    if vir is None:
+        return None
+    tiles = int(inputs["pixel_values"].shape[0])
+    if not vir.enabled:
+        return {"tiles": tiles, "tiles_compressed": 0, "llm_tokens": int(inputs["input_ids"].shape[1])}
+    with torch.no_grad():
+        routed = model.model.route(inputs["input_ids"], inputs["pixel_values"])
+    return {"tiles": tiles, "tiles_compressed": int(routed.compressed.sum()),
+            "llm_tokens": int(routed.input_ids.shape[1])}
 
 
 def _stderr(name: str, enabled: bool):
@@ -70,24 +109,33 @@ def _stderr(name: str, enabled: bool):
     return lambda line: print(f"[{name}] {line}", file=sys.stderr, flush=True)
 
 
-def time_variants(folder, workload: str, names=VARIANTS, device: str = "cpu", dtype: str = "float32",
+def _inputs(model, tiles: int, text_tokens: int, device: str, pixel_values) -> dict:
+    if pixel_values is not None:
+        pixel_values = pixel_values.to(device, next(model.parameters()).dtype)
+    return sample(model, tiles, text_tokens, device, pixel_values=pixel_values)
+
+
+def time_variants(folder, workload: str, names=None, device: str = "cpu", dtype: str = "float32",
                   tiles: int | None = None, text_tokens: int = 64, warmup: int = 1, repeats: int | None = None,
                   time_budget: float = TIME_BUDGET_S, precision: float = PRECISION,
-                  progress: bool = True) -> tuple[list[dict], dict]:
+                  progress: bool = True, image=None) -> tuple[list[dict], dict]:
     """``(rows, run)``: one row per variant, and how the run went.
 
     A row: ``tokens_per_tile``, ``prompt_tokens``, the `harness.spread` figures of its seconds per call
     (``median_s``, ``min_s`` / ``max_s``, ``low_s`` / ``high_s``, ``coverage``, ``rounds``, ``times_s``) and, against
-    plain-1024 (the first variant when plain-1024 is not measured), ``vs_<reference>`` (the median of the per-round
-    ratios), ``vs_<reference>_low`` / ``_high`` (its interval), ``vs_<reference>_min`` / ``_max`` and
-    ``within_noise``. ``run``: ``tiles``, ``tiles_from``, ``rounds``, ``stopped``, ``elapsed_s``, ``spread``,
-    ``reference``. ``repeats``: None runs rounds until ``precision`` or ``time_budget`` (`harness.time_rounds`)."""
-    tiles, tiles_from = resolve_tiles(folder, tiles)
+    plain-1024 (router-off for an InternVL3.5-Flash folder; else the first variant), ``vs_<reference>`` (the median
+    of the per-round ratios), ``vs_<reference>_low`` / ``_high`` (its interval), ``vs_<reference>_min`` / ``_max``
+    and ``within_noise``; for a Flash folder also ``tiles_compressed`` and ``llm_tokens`` (`routing`). ``run``:
+    ``tiles``, ``tiles_from``, ``rounds``, ``stopped``, ``elapsed_s``, ``spread``, ``reference``. ``repeats``: None
+    runs rounds until ``precision`` or ``time_budget`` (`harness.time_rounds`). ``names``: the folder's
+    `variants.default_variants` when None. ``image``: a file whose tiles make the prompt, instead of noise."""
+    tiles, tiles_from, pixel_values = resolve_tiles(folder, tiles, image)
     _check_sizes(tiles, text_tokens)
     models = build_variants(folder, names, device, dtype)
     names = list(models)
-    reference = names.index(REFERENCE) if REFERENCE in names else 0
-    inputs = {name: sample(model, tiles, text_tokens, device) for name, model in models.items()}
+    reference = names.index(reference_of(names))
+    inputs = {name: _inputs(model, tiles, text_tokens, device, pixel_values) for name, model in models.items()}
+    routed = {name: routing(model, inputs[name]) for name, model in models.items()}
     if workload == "train-step":
         for model in models.values():  # shared modules: all variants train, none mixes modes within a round
             model.train()
@@ -110,6 +158,8 @@ def time_variants(folder, workload: str, names=VARIANTS, device: str = "cpu", dt
     for name, figure in zip(names, figures):
         row = {"variant": name, "tokens_per_tile": tokens_per_tile(models[name]),
                "prompt_tokens": int(inputs[name]["input_ids"].shape[1])}
+        if routed[name] is not None:
+            row.update(routed[name])
         row.update({k: figure[k] for k in ("median_s", "min_s", "max_s", "low_s", "high_s", "coverage", "rounds",
                                            "times_s")})
         row[f"vs_{ref}"] = figure["ratio"]
@@ -119,10 +169,38 @@ def time_variants(folder, workload: str, names=VARIANTS, device: str = "cpu", dt
         rows.append(row)
     run = {"tiles": tiles, "tiles_from": tiles_from, "reference": ref, "warmup": warmup,
            **{k: timing[k] for k in ("rounds", "stopped", "elapsed_s", "spread")},
-           "lvtc": {name: getattr(models[name].config, "lvtc", None) is not None for name in names}}
+           "lvtc": {name: getattr(models[name].config, "lvtc", None) is not None for name in names},
+           "router": _router_run(models, routed, pixel_values is None)}
     if say is not None:
         say(f"{timing['rounds']} rounds in {timing['elapsed_s']:.1f} s, stopped by {timing['stopped']}")
     return rows, run
+
+
+def _router_run(models: dict, routed: dict, noise: bool) -> dict | None:
+    """The router's settings and where its decisions came from, for the notes (None where no variant runs one)."""
+    flash = [name for name, model in models.items() if routed[name] is not None and model.config.vir.enabled]
+    if not flash:
+        return None
+    vir = models[flash[0]].config.vir
+    return {"variants": flash, "noise": noise, "relative_threshold": vir.relative_threshold,
+            "absolute_threshold": vir.absolute_threshold,
+            "decisions": {name: routed[name] for name in flash}}
+
+
+def router_notes(run: dict) -> list[str]:
+    """What an InternVL3.5-Flash folder's router decided on the prompt's tiles, and on what."""
+    router = run.get("router")
+    if not router:
+        return []
+    lines = []
+    for name, decided in router["decisions"].items():
+        lines.append(f"router ({name}): {decided['tiles_compressed']} of {decided['tiles']} tiles compressed (p0 above "
+                     f"the {router['relative_threshold']:g} quantile of the tiles' scores and >= "
+                     f"{router['absolute_threshold']:g}); the LLM got {decided['llm_tokens']} tokens")
+    if router["noise"]:
+        lines.append("the tiles are seeded noise, not an image: on real images the router may decide otherwise "
+                     "(`internvlx tokens FOLDER --image ...` shows its decisions on yours); --image FILE benches one")
+    return lines
 
 
 def _coverage(rows: list[dict]) -> str:
@@ -140,17 +218,26 @@ def timing_table(rows: list[dict], reference: str) -> tuple[list[dict], list[str
     """The printed table's rows and columns: each median with its interval, each ratio with its interval."""
     key = f"vs_{reference}"
     table = [{"variant": r["variant"], "tokens_per_tile": r["tokens_per_tile"], "prompt_tokens": r["prompt_tokens"],
+              **_router_cells(r),
               "median_s": r["median_s"], "interval_s": _range(r["low_s"], r["high_s"]), key: r[key],
               f"{key} interval": "-" if r["within_noise"] is None else _range(r[f"{key}_low"], r[f"{key}_high"])}
              for r in rows]
     return table, list(table[0])
 
 
+def _router_cells(row: dict) -> dict:
+    """An InternVL3.5-Flash variant's table cells: its router's decisions on the prompt's tiles (compressed / tiles)
+    and the tokens its LLM received; nothing for other variants."""
+    if "llm_tokens" not in row:
+        return {}
+    return {"compressed": f"{row['tiles_compressed']}/{row['tiles']}", "llm_tokens": row["llm_tokens"]}
+
+
 def timing_notes(rows: list[dict], run: dict, workload: str, precision: float = PRECISION) -> list[str]:
     """The lines printed under the table: what was measured, how sure it is, and which ratios say nothing."""
     ref, tiles = run["reference"], run["tiles"]
     coverage = min(r["coverage"] for r in rows)
-    lines = [f"tiles: {tiles} ({run['tiles_from']})"]
+    lines = [f"tiles: {tiles} ({run['tiles_from']})", *router_notes(run)]
     how = {"precision": f"every figure within ±{precision:.0%}",
            "time budget": f"time budget reached, figures within ±{run['spread']:.1%}",
            "repeats": "--repeats"}[run["stopped"]]
@@ -173,6 +260,12 @@ def timing_notes(rows: list[dict], run: dict, workload: str, precision: float = 
             lines.append(f"{row['variant']} takes longer than {ref} here, {figure}: at {tiles} tile{plural} LVTC's "
                          f"extra work (the HR projector, the expansion at layer k) outweighs what its short layers "
                          f"save in {workload}; the saving grows with the tiles (--tiles)")
+        elif row[key + "_low"] > 1.0 and row.get("tiles_compressed") is not None and row["variant"] in (
+                (run.get("router") or {}).get("variants", ())):
+            saved = (f"what its {row['tiles_compressed']} compressed tiles save" if row["tiles_compressed"] else
+                     "nothing: it compressed no tile, so")
+            lines.append(f"{row['variant']} takes longer than {ref} here, {figure}: the router's work (its pooling and "
+                         f"gating on every tile, the compressed projector) outweighs {saved} in {workload}")
         elif row[key + "_low"] > 1.0:
             lines.append(f"{row['variant']} takes longer than {ref} here, {figure}")
     return lines
@@ -278,32 +371,43 @@ def measure_memory(model, workload: str, inputs: dict, device: str) -> dict:
         model.eval()
 
 
-def memory_variants(folder, workloads=WORKLOADS, names=VARIANTS, device: str = "cpu", dtype: str = "float32",
-                    tiles: int | None = None, text_tokens: int = 64, progress: bool = True
+def memory_variants(folder, workloads=WORKLOADS, names=None, device: str = "cpu", dtype: str = "float32",
+                    tiles: int | None = None, text_tokens: int = 64, progress: bool = True, image=None
                     ) -> tuple[list[dict], dict]:
     """``(rows, run)``: one row per (variant, workload) with ``peak_mib`` (weights + the call's peak),
-    ``workload_mib`` (the call's peak), ``weights_mib`` and ``measure`` (what the figures are); ``run``: ``tiles``,
-    ``tiles_from``. One call each: the figures do not vary from call to call, so they have no spread."""
-    tiles, tiles_from = resolve_tiles(folder, tiles)
+    ``workload_mib`` (the call's peak), ``weights_mib`` and ``measure`` (what the figures are), and for an
+    InternVL3.5-Flash folder ``tiles``, ``tiles_compressed`` and ``llm_tokens`` (`routing`); ``run``: ``tiles``,
+    ``tiles_from``, ``router``. One call each: the figures do not vary from call to call, so they have no spread."""
+    tiles, tiles_from, pixel_values = resolve_tiles(folder, tiles, image)
     _check_sizes(tiles, text_tokens)
     check_folder(folder)
     models = build_variants(folder, names, device, dtype)
+    inputs = {name: _inputs(model, tiles, text_tokens, device, pixel_values) for name, model in models.items()}
+    routed = {name: routing(model, inputs[name]) for name, model in models.items()}
     jobs = [(name, workload) for workload in workloads for name in models]
     bar = Progress(len(jobs), "memory", enabled=progress)
     rows = []
     for name, workload in jobs:
         model = models[name]
-        result = measure_memory(model, workload, sample(model, tiles, text_tokens, device), device)
-        rows.append({"variant": name, "workload": workload, "peak_mib": result["peak_bytes"] / 2**20,
-                     "workload_mib": result["workload_bytes"] / 2**20, "weights_mib": result["weights_bytes"] / 2**20,
-                     "measure": result["measure"]})
+        result = measure_memory(model, workload, inputs[name], device)
+        rows.append({"variant": name, "workload": workload, **(routed[name] or {}),
+                     "peak_mib": result["peak_bytes"] / 2**20, "workload_mib": result["workload_bytes"] / 2**20,
+                     "weights_mib": result["weights_bytes"] / 2**20, "measure": result["measure"]})
         bar.step(f"{name} {workload}: {rows[-1]['workload_mib']:.1f} MiB")
-    return rows, {"tiles": tiles, "tiles_from": tiles_from}
+    return rows, {"tiles": tiles, "tiles_from": tiles_from, "router": _router_run(models, routed, pixel_values is None)}
+
+
+def memory_table(rows: list[dict]) -> tuple[list[dict], list[str]]:
+    """The printed memory table: variant, workload, (a Flash folder: the router's decisions and the LLM's tokens),
+    then the figures."""
+    table = [{"variant": r["variant"], "workload": r["workload"], **_router_cells(r),
+              **{k: r[k] for k in ("workload_mib", "weights_mib", "peak_mib", "measure")}} for r in rows]
+    return table, list(table[0])
 
 
 def memory_notes(rows: list[dict], run: dict) -> list[str]:
     """The lines printed under the memory table: the tiles, and what the figures are."""
-    lines = [f"tiles: {run['tiles']} ({run['tiles_from']})"]
+    lines = [f"tiles: {run['tiles']} ({run['tiles_from']})", *router_notes(run)]
     if any(r["measure"] == MEASURE_CPU for r in rows):
         lines.append(f"memory on CPU: {MEASURE_CPU} during one call after a warm-up: exact, the same on every call "
                      "(no spread), without kernels' scratch and the allocator's slack")
@@ -332,7 +436,7 @@ def plot_memory(path, rows: list[dict], title: str):
 
 def draw_memory(axes, rows: list[dict]) -> None:
     """Bars of ``workload_mib`` (what the call holds), first row on top, as in the table."""
-    colors = {"this": "#4c72b0", "plain-256": "#55a868", "plain-1024": "#c44e52"}
+    colors = {"this": "#4c72b0", "plain-256": "#55a868", "plain-1024": "#c44e52", "router-off": "#55a868"}
     positions = list(range(len(rows)))[::-1]
     values = [r["workload_mib"] for r in rows]
     bars = axes.barh(positions, values, color=[colors.get(r["variant"], "#8172b3") for r in rows])

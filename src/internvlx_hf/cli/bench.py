@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .command import CLIError, Command
+from .command import CLIError, Command, check_image_file
 
 _BENCH_DESCRIPTION = """\
 Measure a checkpoint on this machine, against its plain variants built from the same weights:
@@ -19,13 +19,22 @@ Variants (--variants): "this" (the folder as saved), "plain-256" (same weights, 
 layout, 256 tokens per 448 px tile) and "plain-1024" (same weights, an MLP projector at downsample 1.0: 1024 tokens
 per tile; an LVTC model's HR projector, else a new seeded one). The prompt holds one image of --tiles tiles, by
 default the folder's own budget (its processor's max_tiles + the thumbnail): at 1 tile LVTC's fixed extra work can
-outweigh its saving.
+outweigh its saving. The tiles are seeded noise, or --image FILE's tiles through the folder's processor.
+
+An InternVL3.5-Flash folder (config.json has a router, "vir") has the variants "this" (its router on: per tile 256
+or, compressed, 64 tokens) and "router-off" (the same weights, config.vir.enabled = False: plain InternVL3.5, every
+tile 256), the default for it, and the ratios are to router-off; plain-256 (router-off, here) and plain-1024 measure
+LVTC, which it has not, and are refused. Its table adds "compressed" (the tiles the router compressed / the tiles)
+and "llm_tokens" (the prompt the LLM received after the router shortened it). The router decides on the tiles it is
+given, and noise tiles are no image of yours: --image FILE benches it on one (`internvlx tokens FOLDER --image ...`
+shows its decisions on many).
 
 Timings: --warmup untimed rounds, then rounds that call every variant once each (interleaved, so a change of load
 hits all alike), by default (--repeats auto) until every figure's 95% interval is within --precision of it or the
 next round would pass --time-budget seconds (at least 6 rounds). Each figure is the median with its interval; the
-vs_plain-1024 column is the median of the per-round ratios to plain-1024, with its interval, and a line says when
-that interval holds 1.0 ("within the noise": the run cannot tell the two apart).
+vs_plain-1024 column (vs_router-off for a Flash folder; vs the first variant when neither is measured) is the median
+of the per-round ratios to it, with its interval, and a line says when that interval holds 1.0 ("within the noise":
+the run cannot tell the two apart).
 
 Memory: on CUDA, torch.cuda.max_memory_allocated during one call after a warm-up; on CPU, the peak bytes of the
 tensors alive during that call (activations, saved tensors, gradients): what a variant holds, the same on every call.
@@ -40,12 +49,15 @@ examples:
   internvlx bench prefill ./InternVL2-2B-X --tiles 1 --time-budget 120
   internvlx bench train-step ./InternVL2-2B-X --device cuda --dtype bfloat16 --repeats 20 --plot train.png
   internvlx bench memory ./InternVL2-2B-X --variants this,plain-1024
+  internvlx bench prefill ./InternVL3_5-2B-Flash-X --image photo.jpg --device cuda --dtype bfloat16
   internvlx bench serve http://127.0.0.1:8000 --concurrency 1 --concurrency 8 --requests 64
   internvlx bench serve http://127.0.0.1:8000 --turns 4 --requests 8 --concurrency 1 --concurrency 4"""
 
 _MODEL_HELP = {
-    "prefill": "seconds per prefill (one forward pass, no grad) against plain-256 / plain-1024",
-    "train-step": "seconds per training step (forward + backward) against plain-256 / plain-1024",
+    "prefill": "seconds per prefill (one forward pass, no grad) against plain-256 / plain-1024 (a Flash folder: "
+               "its router off)",
+    "train-step": "seconds per training step (forward + backward) against plain-256 / plain-1024 (a Flash folder: "
+                  "its router off)",
     "memory": "peak memory of prefill and train-step per variant",
 }
 
@@ -80,14 +92,18 @@ def _positive(text: str) -> float:
 
 def _add_model_arguments(parser: argparse.ArgumentParser, kind: str) -> None:
     parser.add_argument("folder", metavar="FOLDER", help="an InternVL-X checkpoint folder")
-    parser.add_argument("--variants", default="this,plain-256,plain-1024",
-                        help="comma-separated: this, plain-256, plain-1024 (default: all three)")
+    parser.add_argument("--variants", default=None,
+                        help="comma-separated: this, plain-256, plain-1024, router-off (default: this,plain-256,"
+                             "plain-1024; an InternVL3.5-Flash folder: this,router-off, its only ones)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--tiles", type=int, default=None, metavar="N",
                         help="image tiles in the prompt (default: the folder's budget, its processor's max_tiles + "
                              "the thumbnail)")
     parser.add_argument("--text-tokens", type=int, default=64, metavar="N", help="text tokens (default 64)")
+    parser.add_argument("--image", default=None, metavar="FILE",
+                        help="the prompt's image: its tiles as the folder's processor makes them (instead of "
+                             "--tiles noise tiles); what an InternVL3.5-Flash router decides on")
     if kind != "memory":
         parser.add_argument("--warmup", type=int, default=1, metavar="N", help="untimed rounds first (default 1)")
         parser.add_argument("--repeats", type=_repeats, default=None, metavar="auto|N",
@@ -138,14 +154,24 @@ def _check_bench(args: argparse.Namespace) -> None:
 
         check_url(args.url)
         return
-    from ..bench.variants import VARIANTS, check_folder
+    from ..bench.variants import VARIANTS, check_folder, check_variants, default_variants
 
     check_folder(args.folder)
-    names = [n.strip() for n in args.variants.split(",") if n.strip()]
-    unknown = [n for n in names if n not in VARIANTS]
-    if not names or unknown:
-        raise CLIError(f"--variants {args.variants}: choose from {', '.join(VARIANTS)} (comma-separated).")
-    args.variant_names = list(dict.fromkeys(names))
+    if args.variants is None:
+        args.variant_names = list(default_variants(args.folder))
+    else:
+        names = [n.strip() for n in args.variants.split(",") if n.strip()]
+        if not names or any(n not in VARIANTS for n in names):
+            raise CLIError(f"--variants {args.variants}: choose from {', '.join(VARIANTS)} (comma-separated).")
+        try:
+            args.variant_names = check_variants(args.folder, names)
+        except ValueError as error:
+            raise CLIError(str(error)) from None
+    if args.image is not None:
+        if args.tiles is not None:
+            raise CLIError("--tiles and --image: the image's tiles are what the folder's processor makes of it; pass "
+                           "one of them.")
+        check_image_file(args.image)
 
 
 def _run_bench(args: argparse.Namespace) -> int:
@@ -178,15 +204,15 @@ def _run_bench(args: argparse.Namespace) -> int:
                 notes = chat_notes(rows)
                 plot = partial(plot_chat, rows=rows, title=f"internvlx bench serve --turns {args.turns}")
         elif args.bench_command == "memory":
-            from ..bench.checkpoint_runs import WORKLOADS, memory_notes, memory_variants, plot_memory
+            from ..bench.checkpoint_runs import WORKLOADS, memory_notes, memory_table, memory_variants, plot_memory
 
             workloads = args.workload or list(WORKLOADS)
             rows, run = memory_variants(args.folder, workloads, args.variant_names, args.device, args.dtype,
-                                        args.tiles, args.text_tokens, progress)
+                                        args.tiles, args.text_tokens, progress, image=args.image)
             settings = dict(folder=args.folder, variants=args.variant_names, device=args.device, dtype=args.dtype,
                             tiles=run["tiles"], tiles_from=run["tiles_from"], text_tokens=args.text_tokens,
-                            workloads=workloads)
-            table, columns = rows, ["variant", "workload", "workload_mib", "weights_mib", "peak_mib", "measure"]
+                            workloads=workloads, **({"image": args.image} if args.image else {}))
+            table, columns = memory_table(rows)
             notes = memory_notes(rows, run)
             plot = partial(plot_memory, rows=rows, title=f"internvlx bench memory ({run['tiles']} tiles)")
         else:
@@ -194,12 +220,12 @@ def _run_bench(args: argparse.Namespace) -> int:
 
             rows, run = time_variants(args.folder, args.bench_command, args.variant_names, args.device, args.dtype,
                                       args.tiles, args.text_tokens, args.warmup, args.repeats, args.time_budget,
-                                      args.precision, progress)
+                                      args.precision, progress, image=args.image)
             settings = dict(folder=args.folder, variants=args.variant_names, device=args.device, dtype=args.dtype,
                             tiles=run["tiles"], tiles_from=run["tiles_from"], text_tokens=args.text_tokens,
                             warmup=args.warmup, repeats="auto" if args.repeats is None else args.repeats,
                             time_budget_s=args.time_budget, precision=args.precision, rounds=run["rounds"],
-                            stopped=run["stopped"])
+                            stopped=run["stopped"], **({"image": args.image} if args.image else {}))
             table, columns = timing_table(rows, run["reference"])
             notes = timing_notes(rows, run, args.bench_command, args.precision)
             plot = partial(plot_timing, rows=rows, reference=run["reference"],

@@ -12,8 +12,11 @@ from the options; nothing is made up:
 
   metadata    library_name transformers (peft for a LoRA adapter), pipeline_tag image-text-to-text, --license,
               base_model + base_model_relation (rules below), tags (internvl-x, custom_code, and pvtc / lvtc /
-              rvtc for the compressions the checkpoint uses), datasets (Hub ids recorded by `internvlx train`)
-  body        the compression settings (projector, LVTC k/T/s/i, tiling, tokens per tile and per typical image),
+              rvtc for the compressions the checkpoint uses; internvl3.5-flash and vir for a Flash checkpoint),
+              datasets (Hub ids recorded by `internvlx train`)
+  body        the compression settings (projector, LVTC k/T/s/i, tiling, tokens per tile and per typical image;
+              for an InternVL3.5-Flash checkpoint its router: what it does, its thresholds and scope, 256 or 64
+              tokens per tile, the bounds per typical image, config.vir.enabled = False for plain InternVL3.5),
               a usage snippet that runs as is (AutoModel + AutoProcessor, generate() and chat()), how the model was
               made (from internvlx_provenance.json, written by `internvlx convert` and `internvlx train`), and a
               results table only when --results FILE is given

@@ -25,6 +25,24 @@ FLOPs formula (matmuls only, a multiply-add = 2 FLOPs), per decoder layer on n t
 (h hidden size, a heads, g KV heads, d head dim, f intermediate size, from the checkpoint's text config), summed
 over the layers (n_short before layer k, n_long from k on), plus 2*h*V for the LM head on the last position.
 
+For an InternVL3.5-Flash MODEL (its config has a router, "vir"), what an image costs depends on its pixels: per
+tile the router scores p0 and the tile enters the LLM compressed (64 tokens at 448px) when p0 is above the
+relative_threshold quantile of its image's tiles' scores and p0 >= absolute_threshold, else at 256. For each image
+file (and tiling) the command runs the router on the image alone in a prompt: MODEL's vision tower, projector and
+router only, loaded on --device in --dtype (default: the checkpoint's dtype); the LLM is neither loaded nor run.
+The rows give the tiles compressed, the LLM tokens (text + <img> + 64 per compressed tile + 256 per other + </img>)
+and the prefill FLOPs, against the router off (config.vir.enabled = False: the same weights as plain InternVL3.5,
+every tile 256); the lines under the table sum them per tiling over the images: tiles compressed in all, their share
+(and its range over the images) and the fraction of the image tokens, LLM tokens and FLOPs kept. A size (WxH) has
+no pixels to route: its row gives the range, from the most tiles the relative threshold lets the router compress
+(tiles - 1 - floor(q * (tiles - 1)): those strictly above the quantile, when every score differs and reaches
+absolute_threshold) to none (a one-tile image is never compressed). Each image is routed as its own prompt: in a
+prompt of several images the quantile is over all their tiles. --video rows are the router off (frames are not
+routed here). With --json a Flash MODEL prints
+{"rows": [...], "summary": [...]}: per row also the decision ("compressed") and score ("scores") of each tile (the
+thumbnail last), the bounds of each figure ("..._bounds", [low, high]; for a routed image both the same) and
+vllm_prompt_tokens, the router-off count (vLLM serves a Flash model only with its router off).
+
 With --video instead of --image: one row per --frames N (default 8, 16 and 32). Each frame is one tile (InternVL2's
 load_video: max_num=1, no thumbnail), so a video costs N x tokens-per-tile <IMG_CONTEXT> tokens whatever its length
 (short videos repeat frames); with MODEL the LLM prompt adds the "Frame1: <img>...</img>\\n..." lines as its
@@ -45,7 +63,10 @@ examples:
   internvlx tokens ./InternVL2-2B-X --video clip.mp4 --frames 8 --frames 16 --frames 32
 
   # only the tiling the checkpoint uses
-  internvlx tokens ./InternVL-X-2B-HD --image photo.jpg --tiling edge"""
+  internvlx tokens ./InternVL-X-2B-HD --image photo.jpg --tiling edge
+
+  # an InternVL3.5-Flash checkpoint: what its router keeps of each photo (the router runs, not the LLM)
+  internvlx tokens ./InternVL3_5-2B-Flash-X --image photo.jpg --image page.png --tiling ratio"""
 
 
 def _add_tokens_arguments(parser: argparse.ArgumentParser) -> None:
@@ -64,6 +85,11 @@ def _add_tokens_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text-tokens", type=int, default=64, metavar="N",
                         help="text tokens of the prompt besides the image, for the LLM columns (default 64)")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
+    parser.add_argument("--device", default=None, metavar="DEVICE",
+                        help="where an InternVL3.5-Flash MODEL's router runs on the images: cpu (default), cuda, ...")
+    parser.add_argument("--dtype", default=None, choices=("auto", "float32", "bfloat16", "float16"),
+                        help="the router's dtype (Flash MODEL; default auto: the checkpoint's, as a deployment "
+                             "loads it; a score near a threshold may decide otherwise in another dtype)")
 
 
 def _run_tokens(args: argparse.Namespace) -> int:
@@ -101,6 +127,9 @@ def _run_tokens(args: argparse.Namespace) -> int:
             raise CLIError(f"--max-tiles {args.max_tiles} is below the processor's min_tiles ({settings.min_tiles}).")
         settings = replace(settings, max_tiles=args.max_tiles)
     tilings = tuple(dict.fromkeys(args.tiling)) if args.tiling else COMPARED_TILINGS
+    if config is not None and config.vir is not None:
+        return _run_flash_tokens(args, sizes, settings, tilings, processor, config)
+    _check_router_options(args, config)
     rows = budget_rows(sizes, settings, tilings, processor=processor, config=config, text_tokens=args.text_tokens)
     if args.json:
         print(rows_to_json(rows))
@@ -120,6 +149,98 @@ def _run_tokens(args: argparse.Namespace) -> int:
         print(_vllm_line(config))
     print(format_table(rows))
     return 0
+
+
+def _check_router_options(args: argparse.Namespace, config, video: bool = False) -> None:
+    if args.device is not None or args.dtype is not None:
+        what = ("--video rows are not routed" if video else
+                f"{args.model} has no router (its config's vir is null)" if config is not None else
+                "no MODEL is given")
+        raise CLIError(f"--device and --dtype choose where an InternVL3.5-Flash MODEL's router runs; {what}, so "
+                       "nothing runs: leave them out.")
+
+
+def _run_flash_tokens(args: argparse.Namespace, sizes, settings, tilings, processor, config) -> int:
+    """The rows of an InternVL3.5-Flash MODEL: each image file routed (vision tower + router), each size bounded."""
+    import json
+    from pathlib import Path
+
+    from ..token_budget import flash_row, flash_summary, format_flash_table, image_budget, load_router, route_image
+
+    files = [spec for spec, _ in sizes if Path(spec).is_file()]
+    router = None
+    if files and config.vir.enabled:
+        from ..loading import device_map_for
+
+        try:
+            device = device_map_for(args.device or "cpu")
+        except ValueError as error:
+            raise CLIError(str(error)) from None
+        device = "cuda" if device == "auto" else device  # one device: the router is small
+        router = load_router(_router_weights(args.model), config, args.dtype or "auto", device)
+    rows = []
+    for spec, (width, height) in sizes:
+        image = None
+        if router is not None and spec in files:
+            from PIL import Image
+
+            image = Image.open(spec)
+            image.load()  # the pixels, once for every tiling (and the file closed)
+        for tiling in tilings:
+            budget = image_budget(width, height, tiling, settings, processor)
+            if not config.vir.enabled:  # off, it compresses nothing: exact without the pixels
+                compressed, scores = [False] * budget.tiles, None
+            elif image is None:
+                compressed, scores = None, None
+            else:
+                compressed, scores = route_image(router, processor, image, budget.tiling, settings.max_tiles)
+            rows.append(flash_row(spec, config, budget, args.text_tokens, compressed, scores))
+    summary = flash_summary(rows)
+    if args.json:
+        print(json.dumps({"rows": rows, "summary": summary}, indent=2))
+        return 0
+    vir = config.vir
+    print(f"{args.model} (its processor: {settings.tiling} tiling): {settings.image_size}px tiles, max "
+          f"{settings.max_tiles} tiles, {settings.tokens_per_tile} tokens per tile"
+          + (", thumbnail" if settings.use_thumbnail else "") + f"; {args.text_tokens} text tokens")
+    if vir.enabled:
+        weight = next(router.vision_tower.parameters()) if router is not None else None
+        where = (f"; routed on {weight.device} in {str(weight.dtype).removeprefix('torch.')} (vision tower + "
+                 "router; the LLM is not run)" if weight is not None else "")
+        print(f"ViR router (InternVL3.5-Flash): a tile enters the LLM as {config.compressed_tokens_per_tile} tokens "
+              f"when its score p0 is above the {vir.relative_threshold:g} quantile of its image's tiles' scores and "
+              f">= {vir.absolute_threshold:g}, else as {config.image_seq_length}{where}")
+    else:
+        print(f"ViR router: off in {args.model}'s config (vir.enabled is false): every tile "
+              f"{config.image_seq_length} tokens, as plain InternVL3.5")
+    print("vLLM: serves this model only with its router off (--hf-overrides '{\"vir\": {\"enabled\": false}}'), so "
+          "its prompt, what --max-model-len bounds, is the router-off count (JSON: vllm_prompt_tokens)")
+    print(format_flash_table(rows, summary))
+    sized = [row["image"] for row in rows if not row["decided"]]
+    if sized:
+        names = ", ".join(dict.fromkeys(sized))
+        print(f"size only ({names}): no pixels, so no decisions; the row spans the most tiles the router can compress "
+              f"(those strictly above the {vir.relative_threshold:g} quantile, when every score differs and reaches "
+              f"{vir.absolute_threshold:g}) to none; pass the image file for its decisions")
+    return 0
+
+
+def _router_weights(model: str):
+    """MODEL's folder with the safetensors files that hold the router's weights: from the Hub only the shards that
+    hold the vision tower, the projector or the router (the LLM's are most of a checkpoint and never read)."""
+    import json
+
+    from ..hub.resolve import resolve_model
+    from ..token_budget import ROUTER_MODULES
+
+    path = resolve_model(model, allow_patterns=["*.json"])
+    index = path / "model.safetensors.index.json"
+    shards = ["model.safetensors"]
+    if index.is_file():
+        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
+        shards = sorted({shard for key, shard in weight_map.items()
+                         if key.removeprefix("model.").split(".", 1)[0] in ROUTER_MODULES})
+    return resolve_model(model, allow_patterns=["*.json", *shards])
 
 
 def _vllm_line(config) -> str:
@@ -150,6 +271,7 @@ def _run_video_tokens(args: argparse.Namespace) -> int:
     if args.model is not None:
         processor, config = _load_processor_and_config(args.model)
         settings = TilingSettings.from_processor(processor)
+    _check_router_options(args, config, video=True)
     rows = video_budget_rows(args.video, frame_counts, settings, processor, config, args.text_tokens)
     if args.json:
         print(rows_to_json(rows))
@@ -161,7 +283,14 @@ def _run_video_tokens(args: argparse.Namespace) -> int:
     if lvtc is not None and lvtc.expand_layer < config.get_text_config().num_hidden_layers:
         print(f"LVTC: layers < {lvtc.expand_layer} see {settings.tokens_per_tile} tokens per frame, "
               f"layers >= {lvtc.expand_layer} see {config.hr_tokens_per_tile}")
-    if config is not None:
+    if config is not None and config.vir is not None:
+        vir = config.vir
+        state = (f"off in {args.model}'s config" if not vir.enabled else
+                 f"not run on video frames here: these rows are the router off; of N frames (one prompt) it "
+                 f"compresses at most those strictly above the {vir.relative_threshold:g} quantile of their scores, "
+                 f"to {config.compressed_tokens_per_tile} tokens each")
+        print(f"ViR router (InternVL3.5-Flash): {state}")
+    elif config is not None:
         print(_vllm_line(config))
     print(format_table(rows))
     return 0

@@ -215,7 +215,9 @@ def build_model_card(folder: str | os.PathLike, *, license: str, base_model: str
     load_id = repo_id or str(folder)
 
     compressions = compression_tags(checkpoint.config, checkpoint.settings)
-    tags = ["internvl-x", "internvl2", "custom_code", *compressions]
+    flash = getattr(checkpoint.config, "vir", None) is not None
+    family = ["internvl3.5", "internvl3.5-flash", "vir"] if flash else ["internvl2"]
+    tags = ["internvl-x", *family, "custom_code", *compressions]
     if any(isinstance(run, dict) and run.get("lora") for run in record.get("training") or []):
         tags.append("lora")
     datasets = _datasets(record)
@@ -237,9 +239,11 @@ def build_model_card(folder: str | os.PathLike, *, license: str, base_model: str
         **extra,
     )
     body = "\n\n".join(part for part in (
-        _intro(name, line, compressions),
+        _intro(name, line, compressions, (checkpoint.config.image_seq_length,
+                                          checkpoint.config.compressed_tokens_per_tile) if flash else None),
         _compression_section(checkpoint.config, checkpoint.settings),
-        _usage_section(load_id, line, checkpoint.settings),
+        _router_section(checkpoint.config, checkpoint.settings),
+        _usage_section(load_id, line, checkpoint.settings, flash),
         _made_section(record, line),
         _results_section(rows),
         _evaluation_section(record),
@@ -288,10 +292,12 @@ def _datasets(record: dict[str, Any]) -> list[str]:
     return found
 
 
-def _intro(name: str, line: Lineage, tags: list[str]) -> str:
+def _intro(name: str, line: Lineage, tags: list[str], router: tuple[int, int] | None = None) -> str:
+    """The title and first paragraph; ``router``: an InternVL3.5-Flash model's tokens per tile, full and compressed."""
     names = {"pvtc": "the PVTC projector", "lvtc": "LVTC inside the LLM", "rvtc": "RVTC tiling"}
     used = "this one uses " + ", ".join(names[t] for t in tags) if tags else \
         "this one uses none of them yet: InternVL2's architecture, ready for an upgrade"
+
     what = {
         "converted": "converted with `internvlx convert` from",
         "fine-tuned": "fine-tuned with `internvlx train` from",
@@ -300,12 +306,15 @@ def _intro(name: str, line: Lineage, tags: list[str]) -> str:
         "unknown": "",
     }[line.kind]
     base = f" {what} [{line.base_model}](https://huggingface.co/{line.base_model})" if line.base_model and what else ""
+    family = (f"the InternVL2 model family with the paper's visual token compressions ({used})" if router is None else
+              "an InternVL3.5-Flash model, whose visual resolution router sends each image tile to the LLM as "
+              f"{router[0]} or {router[1]} tokens (see below)"
+              + (f"; {used}" if tags else "; it uses none of the InternVL-X paper's visual token compressions"))
     return (
         f"# {name}\n\n"
-        f"An [InternVL-X]({CODE_URL}) checkpoint{base}, for Hugging Face Transformers: the InternVL2 model family with "
-        f"the paper's visual token compressions ({used}). The checkpoint carries its own "
-        "model and processor code, so it loads with `trust_remote_code=True` without installing anything besides "
-        "`transformers`, `torch` and `pillow`."
+        f"An [InternVL-X]({CODE_URL}) checkpoint{base}, for Hugging Face Transformers: {family}. The checkpoint "
+        "carries its own model and processor code, so it loads with `trust_remote_code=True` without installing "
+        "anything besides `transformers`, `torch` and `pillow`."
         + (" The adapter also needs `peft`." if line.kind == "adapter" else "")
     )
 
@@ -344,6 +353,8 @@ def _compression_section(config, settings: TilingSettings) -> str:
     if settings.use_thumbnail:
         tiles += ", plus a thumbnail when there is more than one"
     per_tile = f"{settings.tokens_per_tile}" + (f" (layers >= k: {config.hr_tokens_per_tile})" if expands else "")
+    if getattr(config, "vir", None) is not None:
+        per_tile += f" (the LLM gets {config.compressed_tokens_per_tile} of a tile the router compresses: below)"
     lines = [
         "## Visual token compression",
         "",
@@ -370,7 +381,74 @@ def _compression_section(config, settings: TilingSettings) -> str:
     return "\n".join(lines)
 
 
-def _usage_section(load_id: str, line: Lineage, settings: TilingSettings) -> str:
+def _router_section(config, settings: TilingSettings) -> str:
+    """InternVL3.5-Flash's router (``config.vir``): what it does, its settings, and what it makes of typical images
+    (bounds: the decisions need the pixels)."""
+    from ..token_budget import router_compressible
+
+    vir = getattr(config, "vir", None)
+    if vir is None:
+        return ""
+    full, small = config.image_seq_length, config.compressed_tokens_per_tile
+    q, floor = vir.relative_threshold, vir.absolute_threshold
+    scope = {"sample": "`sample`: the quantile over the tiles of each sample (each row of a batch, each packed "
+                       "sequence), so that a sample's answer does not depend on the rest of its batch",
+             "call": "`call`: the quantile over every tile of the call, as the reference's `generate_flash`"}
+    lines = [
+        "## Visual resolution router (InternVL3.5-Flash)",
+        "",
+        f"Per {settings.image_size}px tile, after the vision tower, the router (ViR) pools the tile's ViT tokens "
+        "into one vector (a learned query's cross-attention) and scores it with a gating MLP (a softmax of two: the "
+        f"first, `p0`). A tile with a high score enters the LLM compressed, as {small} tokens (a second projector at "
+        f"pixel-shuffle ratio {vir.compressed_downsample_ratio:g}); the others as {full} (the MLP projector). The "
+        f"processor writes {full} `<IMG_CONTEXT>` per tile, as for every InternVL model; `generate()` and a forward "
+        f"given `pixel_values` run the router and delete a compressed tile's placeholders after its first {small}, "
+        "so the LLM's prompt is shorter than the processor's.",
+        "",
+        "| setting | value |",
+        "|---|---|",
+        f"| router | {'on' if vir.enabled else 'off'} (`config.vir.enabled`, the reference's `flash_mode`) |",
+        f"| compressed when | `p0` > the {q:g} quantile of its sample's tiles' scores (`relative_threshold`, "
+        f"`torch.quantile`) and `p0` >= {floor:g} (`absolute_threshold`) |",
+        f"| quantile scope | {scope.get(vir.scope, vir.scope)} |",
+        f"| tokens per tile | {full}, or {small} when compressed |",
+        f"| router modules | cross-attention pooling ({vir.pooling_num_heads} heads), gating MLP, the compressed "
+        "tiles' projector |",
+        "",
+        f"What the router keeps depends on the image. Of a sample's n tiles at most n - 1 - floor({q:g} (n - 1)) "
+        "are compressed, those strictly above the quantile (when every score differs and reaches the absolute "
+        "threshold), so a one-tile image alone in its prompt never is. One image per prompt, with the saved settings "
+        f"({settings.tiling} tiling, at most {settings.max_tiles} tiles):",
+        "",
+        "| image size | tiles | tiles compressed | image tokens the LLM receives | router off |",
+        "|---|---|---|---|---|",
+    ]
+    for width, height in TYPICAL_IMAGE_SIZES:
+        tiles = image_budget(width, height, settings.tiling, settings).tiles
+        most = router_compressible(tiles, q, floor) if vir.enabled else 0
+        fewest = most * small + (tiles - most) * full
+        span = f"{fewest} to {tiles * full}" if most else str(tiles * full)
+        lines.append(f"| {width}x{height} | {tiles} | {f'0 to {most}' if most else '0'} | {span} | {tiles * full} |")
+    lines += [
+        "",
+        "`internvlx tokens MODEL --image photo.jpg` (from the `internvlx-hf` package) runs the router on your images "
+        "and reports what it keeps; `internvlx bench prefill MODEL --image photo.jpg` times the model against its "
+        "router off.",
+        "",
+        f"**The same weights without the router**: `model.config.vir.enabled = False` runs this checkpoint as plain "
+        f"InternVL3.5, every tile {full} tokens. `model.model.route(input_ids, pixel_values, attention_mask)` returns "
+        "the router's decisions (`compressed`, `scores` per tile) and the shortened prompt.",
+        "",
+        "**Batches**: the reference (`generate_flash` in the official InternVL3.5-Flash code) takes one sample per "
+        "call. This package batches: with the scope `sample` (the default) each sample's tiles are ranked among "
+        "themselves, so each answer in a batch is the one the sample gets alone; the scope `call` "
+        "(`model.config.vir.scope = \"call\"`) ranks every tile of the call together, as the reference does "
+        "(the two agree for one sample).",
+    ]
+    return "\n".join(lines)
+
+
+def _usage_section(load_id: str, line: Lineage, settings: TilingSettings, flash: bool = False) -> str:
     if line.kind == "adapter":
         load = (
             "from peft import PeftModel\n\n"
@@ -394,6 +472,8 @@ def _usage_section(load_id: str, line: Lineage, settings: TilingSettings) -> str
         "from transformers import AutoModel, AutoProcessor\n"
         "\n"
         + load
+        + ("# model.config.vir.enabled = False  # the router off: plain InternVL3.5, every tile 256 tokens\n"
+           if flash else "")
         + 'image = Image.open("image.jpg")  # your image\n'
         "\n"
         f"# generate(): the processor tiles the image ({settings.tiling} tiling, at most {settings.max_tiles} tiles) "
