@@ -16,7 +16,7 @@ from internvlx_hf.cli import main
 from internvlx_hf.demo import DEMO_MODEL_DIR, demo_model_dir, demo_record, demo_samples, demo_video_samples
 
 MODELING_CODE = {"configuration_internvlx.py", "modeling_internvlx.py", "projectors.py", "lvtc.py", "lvtc_cache.py",
-                 "outputs.py", "chat.py", "compat.py", "input_checks.py", "placeholders.py"}
+                 "outputs.py", "chat.py", "compat.py", "input_checks.py", "placeholders.py", "vir.py"}
 REMOTE_CODE = MODELING_CODE | {"processing_internvlx.py", "image_processing_internvlx.py", "chat_templates.py",
                                "video.py"}
 PACKAGED = {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json",

@@ -207,6 +207,6 @@ def test_convert_help_lists_the_families(capsys):
     assert exit_info.value.code == 0
     lines = capsys.readouterr().out.splitlines()
     families = [line.split()[0] for line in lines if line.startswith("  InternVL")]
-    assert families == ["InternVL2", "InternVL2.5", "InternVL3"]
+    assert families == ["InternVL2", "InternVL2.5", "InternVL3", "InternVL3.5"]
     assert any("not InternVL3-9B" in line for line in lines)
     assert any(line.strip() == "internvlx convert ./InternVL3-8B ./InternVL3-8B-hf" for line in lines)
