@@ -322,6 +322,24 @@ def test_a_training_forward_shortens_the_labels_and_packed_rows_give_the_rows_lo
     torch.testing.assert_close(lean.loss, full.loss)
 
 
+def test_inputs_embeds_with_tiles_are_refused_while_the_router_is_on(model, processor):
+    """The router shortens the prompt's ids: a forward given embeddings and tiles says so instead of running every
+    tile at full resolution unasked; with the router off it runs as plain InternVL3.5."""
+    image = Image.open(golden.fixture_path("images", "img6.jpg"))
+    inputs = processor(images=[image], text=_sample(processor, [image], "What is it?"), return_tensors="pt")
+    embeds = model.get_input_embeddings()(inputs.input_ids)
+    with pytest.raises(ValueError, match=r"needs input_ids with pixel_values, not inputs_embeds"):
+        model(inputs_embeds=embeds, pixel_values=inputs.pixel_values)
+    model.config.vir.enabled = False
+    try:
+        with torch.no_grad():
+            off = model(inputs_embeds=embeds, pixel_values=inputs.pixel_values).logits
+            ids = model(input_ids=inputs.input_ids, pixel_values=inputs.pixel_values).logits
+    finally:
+        model.config.vir.enabled = True
+    torch.testing.assert_close(off, ids)
+
+
 def _edited_copy(tmp_path, edit):
     src = fixture_file("config.json").parent
     folder = tmp_path / "src"

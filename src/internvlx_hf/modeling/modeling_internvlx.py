@@ -254,6 +254,11 @@ class InternVLXModel(InternVLXPreTrainedModel):
             use_cache = False
         if pixel_values is not None and image_features is not None:
             raise ValueError("Pass pixel_values or image_features (visual tokens already computed), not both.")
+        vir = self.config.vir
+        if vir is not None and vir.enabled and pixel_values is not None and input_ids is None:
+            raise ValueError("This InternVL3.5-Flash model's router (config.vir) shortens the prompt's ids, so it needs "
+                             "input_ids with pixel_values, not inputs_embeds; pass the processor's input_ids (or set "
+                             "model.config.vir.enabled = False to run every tile at full resolution).")
         past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
         if self.routes(pixel_values, image_features, input_ids, past_length):
             routing = self.route(input_ids, pixel_values, attention_mask, position_ids, image_flags=image_flags)
@@ -518,7 +523,7 @@ class InternVLXForConditionalGeneration(InternVL2ChatMixin, InternVLXPreTrainedM
         return model_inputs
 
     @torch.no_grad()
-    def generate(self, inputs=None, generation_config=None, **kwargs):
+    def generate(self, inputs=None, generation_config=None, *args, **kwargs):
         """transformers' `generate`. With InternVL3.5-Flash's router (``config.vir`` enabled) and tiles given, the
         router first shortens the prompts (`InternVLXModel.route`, re-padded on the left; the vision tower runs once)
         and the LLM generates from them; the sequences returned hold the prompts as given, then the new tokens, as
@@ -537,12 +542,12 @@ class InternVLXForConditionalGeneration(InternVL2ChatMixin, InternVLXPreTrainedM
                 mask = kwargs.pop("attention_mask", None)
                 mask = torch.ones_like(input_ids) if mask is None else mask
                 kwargs["attention_mask"] = torch.cat([routed_mask.to(mask.device), mask[:, n:]], dim=-1)
-                out = super().generate(None, generation_config,
+                out = super().generate(None, generation_config, *args,
                                        input_ids=torch.cat([routed.to(input_ids.device), input_ids[:, n:]], dim=-1),
                                        **kwargs)
                 return restore_prompts(out, given, routed.shape[1])
         if not self.model.routes(kwargs.get("pixel_values"), kwargs.get("image_features"), input_ids, past_length):
-            return super().generate(inputs, generation_config, **kwargs)
+            return super().generate(inputs, generation_config, *args, **kwargs)
         kwargs.pop("input_ids", None)
         attention_mask = kwargs.pop("attention_mask", None)
         if attention_mask is None:
@@ -554,7 +559,7 @@ class InternVLXForConditionalGeneration(InternVL2ChatMixin, InternVLXPreTrainedM
         prompts = (input_ids, routing.input_ids, routing.attention_mask)
         if isinstance(cache, Cache):
             cache.vir_prompts = prompts
-        out = super().generate(None, generation_config, input_ids=routing.input_ids,
+        out = super().generate(None, generation_config, *args, input_ids=routing.input_ids,
                                attention_mask=routing.attention_mask, image_features=routing.image_features, **kwargs)
         returned = None if isinstance(out, torch.Tensor) else getattr(out, CACHE_NAME, None)
         if isinstance(returned, Cache):
