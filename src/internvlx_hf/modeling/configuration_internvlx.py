@@ -97,6 +97,19 @@ def _tokens_per_side(image_size: int, patch_size: int, ratio: float, what: str) 
     return grid // round(window)
 
 
+def _options_from_any(cls, value, name: str):
+    """``value`` (None, a ``cls`` or the dict config.json holds) as a ``cls``, every key one of its fields."""
+    if value is None or isinstance(value, cls):
+        return value
+    if not isinstance(value, dict):
+        raise TypeError(f"{name} must be None, a dict or {cls.__name__}, got {type(value).__name__}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(value) - known)
+    if unknown:
+        raise ValueError(f"Unknown {name} option(s) {unknown}; valid options are {sorted(known)}")
+    return cls(**value)
+
+
 @dataclass
 class LVTCConfig:
     """Layer-wise visual token compression (paper Sec. 3.2, Algorithm 1).
@@ -144,15 +157,7 @@ class LVTCConfig:
 
     @classmethod
     def from_any(cls, value: "LVTCConfig | dict | None") -> "LVTCConfig | None":
-        if value is None or isinstance(value, LVTCConfig):
-            return value
-        if not isinstance(value, dict):
-            raise TypeError(f"lvtc must be None, a dict or an LVTCConfig, got {type(value).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(value) - known)
-        if unknown:
-            raise ValueError(f"Unknown lvtc option(s) {unknown}; valid options are {sorted(known)}")
-        return cls(**value)
+        return _options_from_any(cls, value, "lvtc")
 
     def resolve(self, config: "InternVLXConfig") -> "LVTCConfig":
         """Fill the ``None`` defaults from the model config and validate every value."""
@@ -260,15 +265,7 @@ class ViRConfig:
 
     @classmethod
     def from_any(cls, value: "ViRConfig | dict | None") -> "ViRConfig | None":
-        if value is None or isinstance(value, ViRConfig):
-            return value
-        if not isinstance(value, dict):
-            raise TypeError(f"vir must be None, a dict or a ViRConfig, got {type(value).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(value) - known)
-        if unknown:
-            raise ValueError(f"Unknown vir option(s) {unknown}; valid options are {sorted(known)}")
-        return cls(**value)
+        return _options_from_any(cls, value, "vir")
 
     def resolve(self, config: "InternVLXConfig") -> "ViRConfig":
         """Fill the ``None`` defaults from the model config and validate every value."""

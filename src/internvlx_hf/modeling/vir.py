@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from transformers.utils import ModelOutput
 
+from .input_checks import check_image_inputs
 from .projectors import pixel_shuffle
 
 
@@ -280,8 +281,6 @@ def route_batch(model, input_ids, pixel_values, attention_mask, position_ids, la
                 padding_side) -> ViRRouting:
     """`InternVLXModel.route` (see there): ``model`` is the base model, with ``vir``, ``multi_modal_projector`` and
     the vision tower."""
-    from .input_checks import check_image_inputs  # noqa: PLC0415  (input_checks imports lvtc, which is heavier)
-
     config, vir = model.config, model.config.vir
     if vir is None:
         raise ValueError("This model has no router (config.vir is None): it is not an InternVL3.5-Flash model.")
