@@ -235,6 +235,23 @@ def test_batch_chat_answers_each_question_as_chat_does(model, processor):
     assert together == [model.chat(processor.tokenizer, t, q, config) for t, q in zip(tiles, questions)]
 
 
+def test_beam_search_repeats_each_prompts_routed_tokens(model, processor):
+    """num_beams / num_return_sequences repeat every prompt: the router's visual tokens follow each as a block, so a
+    two-sample batch's beams are each sample's beams alone."""
+    images = [Image.open(golden.fixture_path("images", name)).convert("RGB") for name in ("image1.jpg", "img6.jpg")]
+    texts = [_sample(processor, [image], question) for image, question in zip(images, ["Describe it.", "What?"])]
+    options = dict(max_new_tokens=4, do_sample=False, num_beams=2, num_return_sequences=2)
+    batch = processor(images=images, text=texts, max_tiles=4, padding=True, return_tensors="pt")
+    together = model.generate(**batch, **options)
+    assert together.shape[0] == 4 and torch.equal(together[:, :batch.input_ids.shape[1]],
+                                                  batch.input_ids.repeat_interleave(2, dim=0))
+    for row, (image, text) in enumerate(zip(images, texts)):
+        alone = processor(images=[image], text=text, max_tiles=4, return_tensors="pt")
+        single = model.generate(**alone, **options)
+        assert together[2 * row:2 * row + 2, batch.input_ids.shape[1]:].tolist() == \
+            single[:, alone.input_ids.shape[1]:].tolist()
+
+
 def test_the_call_scope_takes_the_quantile_over_every_tile_of_the_batch(model, processor, batch_samples):
     """scope="call" (the reference's): one quantile over the batch's tiles, which changes some sample's decisions
     against the per-sample default here; both equal `vir_decisions` on the router's scores."""
