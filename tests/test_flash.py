@@ -498,6 +498,33 @@ def test_a_videos_frames_are_routed_as_tiles(model, processor):
         video["input_ids"].shape[1] + 3
 
 
+def test_a_plain_internvl3_5_folder_converts_and_answers_as_the_flash_one_with_its_router_off(tmp_path, reference):
+    """InternVL3.5 without Flash (Qwen3, no router in config or weights): converted without `config.vir`, it gives
+    the reference's flash_mode-off logits (1e-4) and greedy tokens on the main case's prompt."""
+    from safetensors.torch import save_file
+
+    folder = _edited_copy(tmp_path, lambda c: [c.pop(k) for k in ("flash_mode", "flash_relative_threshold",
+                                                                    "flash_absolute_threshold")])
+    weights = {k: v for k, v in load_file(str(folder / "model.safetensors")).items()
+               if not k.startswith(("pooling_before_gating.", "gating.", "mlp2."))}
+    save_file(weights, str(folder / "model.safetensors"))
+    report = convert(folder, tmp_path / "out", progress=False)
+    assert report.vir is None and report.dropped == {}
+    plain = InternVLXForConditionalGeneration.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    assert plain.config.vir is None and not hasattr(plain.model, "vir")
+    processor = InternVLXProcessor.from_pretrained(tmp_path / "out")
+    meta, ref = reference
+    image = Image.open(golden.fixture_path("images", "image1.jpg"))
+    inputs = processor(images=[image], text=meta["cases"]["main"]["prompt_with_image_tag"], max_tiles=6,
+                       return_tensors="pt")
+    assert torch.equal(inputs.input_ids, ref["main.input_ids"])
+    with torch.no_grad():
+        logits = plain(**inputs).logits[0, -1]
+    torch.testing.assert_close(logits, ref["normal.logits_last"], atol=1e-4, rtol=0)
+    out = plain.generate(**inputs, max_new_tokens=8, do_sample=False)
+    assert out[0, inputs.input_ids.shape[1]:].tolist() == ref["normal.generated_ids"][0].tolist()
+
+
 def test_a_transformers_without_the_llm_is_named_with_the_fix(tmp_path, monkeypatch):
     """Qwen3-MoE on a transformers that lacks it: one line naming the LLM, the release and the fix; nothing written."""
     import internvlx_hf.conversion.llm as llm
