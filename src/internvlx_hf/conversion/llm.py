@@ -83,8 +83,9 @@ def convert_text_config(llm_config: dict[str, Any]) -> PreTrainedConfig:
     if model_type not in CONFIG_MAPPING:
         import transformers
 
-        raise ConversionError(f"llm_config names {spec.architecture}, which this transformers ({transformers.__version__})"
-                              f" does not have (no model type {model_type!r}); upgrade transformers to convert it.")
+        raise ConversionError(f"llm_config names {spec.architecture}, which this transformers "
+                              f"({transformers.__version__}) does not have (no model type {model_type!r}); upgrade "
+                              "transformers to convert it.")
     config_class = CONFIG_MAPPING[model_type]
     known = {f.name for f in dataclasses.fields(config_class)} | set(_LEGACY_ROPE_KEYS)
     kwargs = {key: value for key, value in llm_config.items() if key in known and key not in _RUNTIME_KEYS}

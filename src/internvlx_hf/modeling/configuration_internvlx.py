@@ -1,5 +1,5 @@
-"""Configuration of InternVL-X models (InternVL2 family with PVTC / LVTC visual token compression, and InternVL3.5-Flash's
-visual resolution router, ViR).
+"""Configuration of InternVL-X models (InternVL2 family with PVTC / LVTC visual token compression, and
+InternVL3.5-Flash's visual resolution router, ViR).
 
 This file is saved next to checkpoints as remote code: it imports only the standard library and transformers.
 """

@@ -256,9 +256,9 @@ class InternVLXModel(InternVLXPreTrainedModel):
             raise ValueError("Pass pixel_values or image_features (visual tokens already computed), not both.")
         vir = self.config.vir
         if vir is not None and vir.enabled and pixel_values is not None and input_ids is None:
-            raise ValueError("This InternVL3.5-Flash model's router (config.vir) shortens the prompt's ids, so it needs "
-                             "input_ids with pixel_values, not inputs_embeds; pass the processor's input_ids (or set "
-                             "model.config.vir.enabled = False to run every tile at full resolution).")
+            raise ValueError("This InternVL3.5-Flash model's router (config.vir) shortens the prompt's ids, so it "
+                             "needs input_ids with pixel_values, not inputs_embeds; pass the processor's input_ids (or "
+                             "set model.config.vir.enabled = False to run every tile at full resolution).")
         past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
         if self.routes(pixel_values, image_features, input_ids, past_length):
             routing = self.route(input_ids, pixel_values, attention_mask, position_ids, image_flags=image_flags)
