@@ -2,7 +2,8 @@
 
 `python benchmarks/vllm_lvtc_savings_engine.py SPEC OUT`. SPEC (JSON) lists engines (checkpoint, engine options,
 `"path": "masked"` to serve an LVTC checkpoint on the masked fallback path rather than the default saving one) and the
-work: `requests` answered one at a time and then all at once (greedy tokens and logprobs, for parity), and optionally
+work: `requests` answered one at a time and then all at once (greedy tokens and logprobs, for parity; `max_tokens`
+per engine or for all), and optionally
 `timing`: prefill time of each of a few requests (`max_tokens=1`, median of `repeats`) and requests/s at each
 concurrency, in rounds that run every engine once (interleaved, so drifting load on the shared machine hits all
 engines alike), each round with images none of the engines has seen (so that its time includes processing the image
@@ -105,6 +106,7 @@ def start(spec: dict):
     if os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0":  # (read only where the engine core runs in this process)
         options.setdefault("scheduler_cls", recording_scheduler())
     started = time.time()
+    print(f"[engine] {spec['name']}: starting", flush=True)
     llm = LLM(spec["checkpoint"], **options)
     if os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] != "0":  # the engine core runs in a process of its own
         info = {"startup_s": time.time() - started, "multiprocessing": True}
@@ -198,7 +200,8 @@ def main() -> None:
         llm, info = start(engine)
         results[engine["name"]] = {"info": info}
         if engine.get("requests"):
-            results[engine["name"]].update(answer(llm, engine["requests"], spec.get("max_tokens", 8)))
+            results[engine["name"]].update(answer(llm, engine["requests"],
+                                                  engine.get("max_tokens", spec.get("max_tokens", 8))))
             print(f"[engine] {engine['name']}: answered {len(engine['requests'])} requests", flush=True)
         if spec.get("timing"):
             engines[engine["name"]] = llm

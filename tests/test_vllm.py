@@ -111,6 +111,9 @@ def served(tmp_path_factory):
     # its LLM's 32768): see `test_no_tokenizer_length_warning_for_prompts_within_max_model_len`
     config = json.loads((folders["llama-lvtc"] / "tokenizer_config.json").read_text())
     (folders["llama-lvtc"] / "tokenizer_config.json").write_text(json.dumps({**config, "model_max_length": 512}))
+    # V1's dummy forwards once the KV cache exists (its GPU worker's sampler warm-up size, max_num_seqs, and a
+    # warm-up size of its graphs), before the requests: see `test_v1_dummy_runs_with_a_kv_cache_and_no_metadata`
+    specs["mistral-lvtc"]["dummy_runs"] = [ENGINE_OPTIONS["max_num_seqs"], 512]
     # A Hub repository with two revisions that differ in weights and tile budget (1 and 12): served at "v2".
     main = build_checkpoint(root / "repo-main", max_tiles=1, seed=1)
     folders["revision"] = build_checkpoint(root / "repo-v2", max_tiles=12, seed=2)
@@ -190,6 +193,20 @@ def test_greedy_tokens_and_logprobs_equal_transformers(served, engine, request_n
     assert_lvtc_path(results[engine], reference, f"{engine} {request_name}")
     for mode in ("alone", "together"):  # one request at a time, and all of the engine's requests in one batch
         assert_same_generation(results[engine][mode][index], reference, f"{engine} {request_name} ({mode})")
+
+
+def test_v1_dummy_runs_with_a_kv_cache_and_no_metadata_write_nothing_and_answers_follow(served):
+    """V1's GPU worker, once the KV cache exists, makes dummy forwards that hand each KV-cache group a slot mapping but
+    build no attention metadata (its sampler warm-up at `max_num_seqs` tokens; graph-memory profiling, warm-up sizes,
+    FlashInfer autotune): run here on vLLM's own runner (`GPUModelRunner._dummy_run`, which the CPU runner inherits;
+    vLLM's CPU worker never calls it after the KV cache is made). The short layers' KV update found no metadata and
+    stopped the start with a TypeError (before the fix, on this engine: "'NoneType' object is not subscriptable");
+    now the dummy forwards run, write no KV cache, and the engine's answers after them are transformers'
+    (`test_greedy_tokens_and_logprobs_equal_transformers[mistral-lvtc-*]`)."""
+    _, results = served
+    assert "error" not in results["mistral-lvtc"], results["mistral-lvtc"].get("error")
+    assert results["mistral-lvtc"]["dummy_runs"] == [{"tokens": 8, "error": None, "kv_written": False},
+                                                     {"tokens": 512, "error": None, "kv_written": False}]
 
 
 @pytest.mark.slow

@@ -391,25 +391,23 @@ def _offline_generate(processor) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def offline(folders, tmp_path_factory):
-    """family -> `LLM.chat` / `LLM.generate` answers (one process per family, one after the other)."""
+    """family -> `LLM.chat` / `LLM.generate` answers (one process, one engine after the other)."""
     root = tmp_path_factory.mktemp("offline")
-    results = {}
+    specs = {}
     for family in OFFLINE_FAMILIES:
         processor = InternVLXProcessor.from_pretrained(folders[family])
-        spec = {"checkpoint": str(folders[family]),
-                "engine": dict(dtype="float32", enforce_eager=True, max_model_len=MAX_MODEL_LEN,
-                               gpu_memory_utilization=0.15, max_num_seqs=4, limit_mm_per_prompt={"image": 2},
-                               mm_processor_kwargs={"max_tiles": MAX_TILES}),
-                "chat": OFFLINE_CHATS, "generate": _offline_generate(processor)}
-        (root / f"{family}.json").write_text(json.dumps(spec))
-        engine = Path(__file__).resolve().parent / "vllm_chat_engine.py"
-        done = subprocess.run([sys.executable, str(engine), str(root / f"{family}.json"), str(root / f"{family}.out")],
-                              capture_output=True, text=True, timeout=900,
-                              env={**os.environ, "OMP_NUM_THREADS": "1",
-                                   "VLLM_CACHE_ROOT": str(root / f"{family}-vllm-cache")})
-        assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-        results[family] = json.loads((root / f"{family}.out").read_text())
-    return results
+        specs[family] = {"checkpoint": str(folders[family]),
+                         "engine": dict(dtype="float32", enforce_eager=True, max_model_len=MAX_MODEL_LEN,
+                                        gpu_memory_utilization=0.15, max_num_seqs=4, limit_mm_per_prompt={"image": 2},
+                                        mm_processor_kwargs={"max_tiles": MAX_TILES}),
+                         "chat": OFFLINE_CHATS, "generate": _offline_generate(processor)}
+    (root / "spec.json").write_text(json.dumps(specs))
+    engine = Path(__file__).resolve().parent / "vllm_chat_engine.py"
+    done = subprocess.run([sys.executable, str(engine), str(root / "spec.json"), str(root / "out.json")],
+                          capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "VLLM_CACHE_ROOT": str(root / "vllm-cache")})
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    return json.loads((root / "out.json").read_text())
 
 
 @pytest.mark.parametrize("family", OFFLINE_FAMILIES)

