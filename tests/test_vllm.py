@@ -578,7 +578,8 @@ def test_off_vllms_cpu_platform_lvtc_takes_the_masked_path_and_refuses_the_savin
     # as vLLM sets them after the hook on a GPU: compilation on, attention split out of the compiled graph
     monkeypatch.setattr(vllm_config.compilation_config, "mode", CompilationMode.VLLM_COMPILE)
     monkeypatch.setattr(vllm_config.compilation_config, "splitting_ops",
-                        list(vllm_config.compilation_config._attention_ops))
+                        list(vllm_config.compilation_config._attention_ops) + ["vllm::unified_kv_cache_update",
+                                                                               "vllm::unified_mla_kv_cache_update"])
     for (runner, eager, graphs), blocker in cases.items():
         monkeypatch.setattr(VllmConfig, "use_v2_model_runner", v2(runner))
         monkeypatch.setattr(vllm_config.model_config, "enforce_eager", eager)
@@ -602,12 +603,15 @@ def test_off_vllms_cpu_platform_lvtc_takes_the_masked_path_and_refuses_the_savin
                 f"runner, CUDA graphs {named}, async scheduling off; ") in line
         assert line.endswith("To try the saving path on a GPU: hf_overrides={'lvtc_vllm_path': 'saving'} with "
                              "--enforce-eager (the layers below k save KV and compute), or vLLM's default CUDA graphs, "
-                             "which vLLM then lowers to piecewise ones (the layers below k run on each step's padded "
-                             "token count, saving KV but not their compute; decode steps' attention outside graphs)")
+                             "which vLLM then lowers to piecewise ones (the layers below k run on the padded token "
+                             "count of the steps replayed as graphs, saving KV but not their compute there; decode "
+                             "steps' attention outside graphs)")
         v2_said = "on vLLM's V2 model runner the saving path builds each step's layout from the tiles its runner state"
         config.lvtc_vllm_path = "saving"
         if blocker is None:
-            assert "its inputs are checked by simulation only" in line
+            said = ("no CUDA graphs" if eager or graphs == "NONE" else "piecewise CUDA graphs" if graphs == "PIECEWISE"
+                    else "piecewise CUDA graphs, to which vLLM lowers its default")
+            assert f"on this engine ({said}) its inputs are checked by simulation only" in line, line
             assert (v2_said in line) == runner
             settings = EngineSettings(str(folder))
             assert choose_lvtc_path(vllm_config, config, lvtc_geometry_of(config), settings) == "saving"
@@ -616,7 +620,7 @@ def test_off_vllms_cpu_platform_lvtc_takes_the_masked_path_and_refuses_the_savin
             assert (v2_said in settings.lines[0]) == runner
             # with piecewise graphs the layers below k run on the padded token count, and the block says so, and
             # that vLLM lowers its full decode graphs to them
-            assert ("the layers below k run on each step's padded token count" in settings.lines[0]) == (
+            assert ("the layers below k run on the padded token count of each step vLLM replays" in settings.lines[0]) == (
                 graphs != "NONE")
             lowered = (f"; CUDA graphs {graphs or 'FULL_AND_PIECEWISE (vLLM default)'} lowered by vLLM to PIECEWISE: "
                        "the short layers' builder captures no full graphs, so decode steps' attention runs outside "
@@ -638,6 +642,51 @@ def test_off_vllms_cpu_platform_lvtc_takes_the_masked_path_and_refuses_the_savin
             "attention: empty splitting_ops, or attention fused with quantization) capture every step's attention "
             "whole")):
         choose_lvtc_path(vllm_config, config, lvtc_geometry_of(config), EngineSettings(str(folder)))
+    # -O0 (vLLM's defaults for that level: no CUDA graphs, no compilation), CUDA graphs unset: the block says no
+    # graphs, not vLLM's default lowered (on main: "no CUDA graphs, or piecewise ones" and "lowered by vLLM")
+    from vllm.config.vllm import OptimizationLevel
+
+    monkeypatch.setattr(vllm_config.compilation_config, "splitting_ops", None)
+    monkeypatch.setattr(vllm_config.compilation_config, "cudagraph_mode", None)
+    monkeypatch.setattr(vllm_config, "optimization_level", OptimizationLevel.O0)
+    config.lvtc_vllm_path = None
+    settings = EngineSettings(str(folder))
+    assert choose_lvtc_path(vllm_config, config, lvtc_geometry_of(config), settings) == "masked"
+    assert "on this engine (no CUDA graphs) its inputs are checked by simulation only" in settings.lines[0]
+    assert "CUDA graphs NONE" in settings.lines[0]
+    config.lvtc_vllm_path = "saving"
+    settings = EngineSettings(str(folder))
+    assert choose_lvtc_path(vllm_config, config, lvtc_geometry_of(config), settings) == "saving"
+    assert "lowered" not in settings.lines[0] and "padded token count" not in settings.lines[0], settings.lines[0]
+    monkeypatch.setattr(vllm_config, "optimization_level", OptimizationLevel.O2)
+    # piecewise graphs whose pieces would capture the short layers' KV update (one step's slot mapping and live count
+    # kept in the capture): Inductor graph partition, or splitting_ops given without the KV update; breakable CUDA
+    # graphs (the eager forward captured whole), asked for or switched on by VLLM_BATCH_INVARIANT; none with
+    # --enforce-eager. (On main all of these started, the foresight answering PIECEWISE.)
+    monkeypatch.setattr(vllm_config.compilation_config, "cudagraph_mode", CUDAGraphMode.PIECEWISE)
+    attention = list(vllm_config.compilation_config._attention_ops)
+    for splits, partition, env, refused in (
+            (attention, False, {}, "splitting_ops without vllm::unified_kv_cache_update"),
+            (None, True, {}, "Inductor graph partition"),
+            (None, False, {"VLLM_USE_BREAKABLE_CUDAGRAPH": "1"}, "breakable CUDA graphs"),
+            (None, False, {"VLLM_BATCH_INVARIANT": "1"}, "breakable CUDA graphs"),
+            (None, False, {"VLLM_BATCH_INVARIANT": "1", "VLLM_USE_BREAKABLE_CUDAGRAPH": "0"}, None),
+            (None, False, {}, None)):
+        monkeypatch.setattr(vllm_config.compilation_config, "splitting_ops", splits)
+        monkeypatch.setattr(vllm_config.compilation_config, "use_inductor_graph_partition", partition)
+        for name in ("VLLM_USE_BREAKABLE_CUDAGRAPH", "VLLM_BATCH_INVARIANT"):
+            monkeypatch.delenv(name, raising=False)
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        config.lvtc_vllm_path = "saving"
+        if refused is None:
+            assert choose_lvtc_path(vllm_config, config, lvtc_geometry_of(config), EngineSettings("x")) == "saving"
+            continue
+        with pytest.raises(UnsupportedCheckpoint, match=re.escape(refused)):
+            choose_lvtc_path(vllm_config, config, lvtc_geometry_of(config), EngineSettings(str(folder)))
+        monkeypatch.setattr(vllm_config.model_config, "enforce_eager", True)  # no graph replays: it runs
+        assert choose_lvtc_path(vllm_config, config, lvtc_geometry_of(config), EngineSettings("x")) == "saving"
+        monkeypatch.setattr(vllm_config.model_config, "enforce_eager", False)
 
 
 def test_on_vllms_cpu_platform_the_v2_model_runner_takes_the_saving_path_only_when_asked(tmp_path, monkeypatch):
@@ -677,9 +726,9 @@ def test_on_vllms_cpu_platform_the_v2_model_runner_takes_the_saving_path_only_wh
 
 def test_engine_settings_the_saving_path_has_not_run_with_take_the_masked_path(tmp_path, monkeypatch, caplog):
     """A KV connector, the hybrid KV-cache manager off, data parallelism, decode or prefill context parallelism, KV
-    cache events, prompts hashed in units finer than a block: the saving path cannot run or has not run with them, so
-    an LVTC engine takes the masked path with the reason, and refuses an explicit saving path. The start-up block names
-    the platform, runner, graph mode and async scheduling."""
+    cache events, prompts hashed in units finer than a block, priority scheduling: the saving path cannot run or has
+    not run with them, so an LVTC engine takes the masked path with the reason, and refuses an explicit saving path.
+    The start-up block names the platform, runner, graph mode and async scheduling."""
     from types import SimpleNamespace
 
     from vllm.engine.arg_utils import EngineArgs
@@ -738,7 +787,11 @@ def test_engine_settings_the_saving_path_has_not_run_with_take_the_masked_path(t
               "KV cache events are on (--kv-events-config): the short group's BlockStored events would name its "
               "blocks by the long layout's token ids"),
              (vllm_config.cache_config, "prefix_match_unit", 16,
-              "--prefix-match-unit is 16 with blocks of 128: vLLM would hash prompts in finer units")]
+              "--prefix-match-unit is 16 with blocks of 128: vLLM would hash prompts in finer units"),
+             # (on main priority scheduling took the saving path)
+             (vllm_config.scheduler_config, "policy", "priority",
+              "priority scheduling is on (--scheduling-policy priority): vLLM may preempt a request it scheduled in "
+              "the same step after its new blocks were entered in the prefix cache")]
     for owner, name, value, reason in cases:
         with monkeypatch.context() as patch:
             patch.setattr(owner, name, value, raising=True)

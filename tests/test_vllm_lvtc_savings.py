@@ -557,6 +557,24 @@ def test_no_runner_hands_a_short_group_another_groups_metadata():
 
 @pytest.mark.vllm
 @needs_vllm
+def test_only_a_step_replayed_as_a_piecewise_graph_runs_the_layers_below_k_on_its_padded_count():
+    """A model built for piecewise graphs (`graph_layout`) pads the layers below k only in the steps vLLM captures or
+    replays as one (their forward context's runtime mode PIECEWISE); a step it runs eagerly (an image prefill past the
+    largest capture size) runs them on its live tokens, the saving kept (on main every step of such a model ran on
+    its padded, long count); ``lvtc_vllm_graph_layout`` forces the padding where no graph replays (the CPU engine of
+    `test_the_layers_below_k_on_a_padded_token_count_answer_as_on_the_live_tokens`)."""
+    from vllm.config import CUDAGraphMode
+
+    pads_step = _saving("layers").pads_step
+    assert [pads_step(mode, padded=True) for mode in (CUDAGraphMode.PIECEWISE, CUDAGraphMode.NONE, None)] == [
+        True, False, False]
+    assert [pads_step(mode, padded=False) for mode in (CUDAGraphMode.PIECEWISE, CUDAGraphMode.NONE)] == [False, False]
+    assert pads_step(CUDAGraphMode.NONE, padded=True, forced=True) is True
+    assert pads_step(CUDAGraphMode.NONE, padded=False, forced=True) is False
+
+
+@pytest.mark.vllm
+@needs_vllm
 def test_vllm_lowers_full_cuda_graphs_for_the_short_layers_to_the_mode_the_model_is_built_for():
     """A full CUDA graph replays the attention metadata in the buffers it was captured with, and the short layers'
     layout is built per step apart from them. The short builder says it captures no full graphs, whichever backend it
@@ -919,7 +937,8 @@ def test_the_layers_below_k_on_a_padded_token_count_answer_as_on_the_live_tokens
 
     requests = ENGINE_RUNS["padded"][0]
     bench, folder, result, log = engine_runs["padded"]
-    assert "the layers below k run on each step's padded token count (the layout piecewise CUDA graphs replay" in log
+    assert ("the layers below k run on the padded token count of each step vLLM replays as a piecewise CUDA graph "
+            "(the layout it captured" in log)
     assert MASKED_LINE not in log
     _assert_transformers_answers(bench, folder, result, requests)
     groups = result["info"]["groups"]
@@ -1002,8 +1021,9 @@ def test_v2_builds_the_short_layout_from_the_runner_states_tiles(tmp_path, monke
     them (`short_layout(None, ..., tiles=)`). Simulated in V2's order with its own classes: the state's `prepare_attn`
     through V2's `DefaultModelState.prepare_attn` and `build_attn_metadata`, vLLM's CPU attention builders for a short
     and a long group, an `InputBatch` of a prefill beside a decode: the short metadata is the one the rows give (no
-    M-RoPE buffer read), the long group is untouched; a dummy run's requests (never added) write no K/V; a removed
-    request's tiles are gone. V2's order and hooks are guarded on its source."""
+    M-RoPE buffer read), the long group is untouched; a dummy run's requests (none of them added) write no K/V; a
+    step with one request not added, or a builder given no tiles, stops; a removed request's tiles are gone. V2's
+    order and hooks are guarded on its source."""
     import dataclasses
     import inspect
 
@@ -1095,5 +1115,14 @@ def test_v2_builds_the_short_layout_from_the_runner_states_tiles(tmp_path, monke
     metadata = state.prepare_attn(dummy, CUDAGraphMode.NONE, (torch.zeros(2, 16, dtype=torch.int32),) * 2,
                                   torch.zeros(2, 8, dtype=torch.int64), groups, kv_config)
     assert metadata["layers.0"].slot_mapping.tolist() == [-1] * 8
+    # a step with a request whose tiles the state never received, or a builder handed no tiles (a vLLM that stops
+    # passing the state's extra arguments), is not taken for a dummy run (on main both ran as one: every token at its
+    # own index, no K/V written): each stops, naming the fix
+    with pytest.raises(RuntimeError, match=r"request\(s\) \['third'\] whose tiles its model state never received"):
+        state.prepare_attn(input_batch(["first", "third"], qsl, seq_lens, long_positions), CUDAGraphMode.NONE,
+                           (table, table + 20), slot_mappings, groups, kv_config)
+    builder = groups[0][0].metadata_builders[0]
+    with pytest.raises(RuntimeError, match="handed the short layers' builder no tiles"):
+        builder.build(0, SimpleNamespace(positions=long_positions), lvtc_tiles=None)
     state.remove_request("second")
     assert set(state.lvtc_tiles) == {"first"}

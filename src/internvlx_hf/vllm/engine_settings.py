@@ -88,6 +88,8 @@ def cuda_graph_mode(vllm_config) -> str | None:
     if vllm_config.model_config.enforce_eager:
         return "NONE"
     graphs = getattr(vllm_config.compilation_config, "cudagraph_mode", None)
+    if graphs is None and getattr(getattr(vllm_config, "optimization_level", None), "name", None) == "O0":
+        return "NONE"  # (-O0: vLLM's defaults for that level, no CUDA graphs and no compilation)
     return getattr(graphs, "name", graphs)
 
 
@@ -122,3 +124,35 @@ def graph_mode_with_short_layers(vllm_config) -> str | None:
     split = partition or compilation.splitting_ops_contain_attention() or (
         splits is None and not compilation.pass_config.fuse_attn_quant)
     return "PIECEWISE" if compiled and split else "NONE"
+
+
+#: vLLM's KV-cache update ops, which its default splitting keeps out of the captured pieces of piecewise CUDA graphs
+KV_UPDATE_OPS = ("vllm::unified_kv_cache_update",)
+
+
+def graph_capture_blocker(vllm_config) -> str | None:
+    """Why CUDA graphs this engine may replay would capture what the saving path's short layers compute per step, or
+    None: breakable CUDA graphs (``VLLM_USE_BREAKABLE_CUDAGRAPH=1``, which ``VLLM_BATCH_INVARIANT=1`` may switch on
+    after this hook; vLLM then turns its compilation off and captures the eager forward, the short layers' per-step
+    inputs inside the graph), or piecewise graphs whose pieces hold the KV-cache update (Inductor graph partition, or
+    ``splitting_ops`` given without ``vllm::unified_kv_cache_update``): a capture keeps one step's short slot mapping
+    and live token count, and its replays write through them. Nothing where no graph replays (``--enforce-eager``)."""
+    import os
+
+    compilation = vllm_config.compilation_config
+    if graph_mode_with_short_layers(vllm_config) == "NONE":
+        return None
+    breakable = os.environ.get("VLLM_USE_BREAKABLE_CUDAGRAPH")
+    if breakable == "1" or (breakable is None and os.environ.get("VLLM_BATCH_INVARIANT", "0") not in ("", "0")):
+        return ("breakable CUDA graphs (VLLM_USE_BREAKABLE_CUDAGRAPH=1, which VLLM_BATCH_INVARIANT=1 switches on for "
+                "some models) capture the eager forward, the short layers' per-step layout inside the graph; start "
+                "vLLM with --enforce-eager or VLLM_USE_BREAKABLE_CUDAGRAPH=0")
+    splits = compilation.splitting_ops
+    if compilation.use_inductor_graph_partition or (splits is not None and len(splits) > 0
+                                                    and not all(op in splits for op in KV_UPDATE_OPS)):
+        made = ("Inductor graph partition" if compilation.use_inductor_graph_partition
+                else "splitting_ops without vllm::unified_kv_cache_update")
+        return (f"piecewise CUDA graphs with the KV-cache update inside their pieces ({made}) keep one step's short "
+                "slot mapping and live token count in the capture; leave splitting_ops to vLLM (or add "
+                "vllm::unified_kv_cache_update to it) without graph partition, or start vLLM with --enforce-eager")
+    return None

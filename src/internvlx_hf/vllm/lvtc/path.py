@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from ...vllm_compat import head_size_of
 from ..engine_settings import (FULL_DECODE_MODES, LONGROPE_ROWS, EngineSettings, UnsupportedCheckpoint, cpu_head_sizes,
-                               cuda_graph_mode, graph_mode_with_short_layers,
+                               cuda_graph_mode, graph_capture_blocker, graph_mode_with_short_layers,
                                prefix_caching_off)
 from .geometry import LVTCGeometry
 
@@ -248,8 +248,9 @@ def _untested_platform(vllm_config) -> str | None:
 
 #: What the saving path needs on a GPU, where it has not run with vLLM (`_runner_blocker`).
 GPU_SAVING_SETTINGS = ("--enforce-eager (the layers below k save KV and compute), or vLLM's default CUDA graphs, which "
-                       "vLLM then lowers to piecewise ones (the layers below k run on each step's padded token count, "
-                       "saving KV but not their compute; decode steps' attention outside graphs)")
+                       "vLLM then lowers to piecewise ones (the layers below k run on the padded token count of the "
+                       "steps replayed as graphs, saving KV but not their compute there; decode steps' attention outside "
+                       "graphs)")
 
 
 def _v2_runner(vllm_config) -> bool:
@@ -281,7 +282,7 @@ def _runner_blocker(vllm_config) -> str | None:
         return (f"CUDA graphs FULL{made} capture every step's attention whole, replaying its metadata from the buffers "
                 "they were captured with, and the short layers' is built per step apart from them (vLLM lowers its "
                 "default FULL_AND_PIECEWISE to PIECEWISE for them, but refuses FULL)")
-    return None
+    return graph_capture_blocker(vllm_config)
 
 
 def _untested_settings(vllm_config) -> str | None:
@@ -304,6 +305,10 @@ def _untested_settings(vllm_config) -> str | None:
     if cache.enable_prefix_caching and unit not in (None, cache.block_size):
         return (f"--prefix-match-unit is {unit} with blocks of {cache.block_size}: vLLM would hash prompts in finer "
                 "units, and the short group keys each of its blocks by one long-layout block hash (leave it unset)")
+    if getattr(vllm_config.scheduler_config, "policy", "fcfs") == "priority":
+        return ("priority scheduling is on (--scheduling-policy priority): vLLM may preempt a request it scheduled in "
+                "the same step after its new blocks were entered in the prefix cache, freed uncomputed with their "
+                "keys, and the saving path's admissions do not account for that")
     if getattr(parallel, "data_parallel_size", 1) > 1:
         return (f"data parallelism is on (data_parallel_size {parallel.data_parallel_size}): its ranks pad their "
                 "batches to each other's and run dummy steps, which the saving path has not run with")
@@ -338,9 +343,11 @@ def _masked_reason(vllm_config, config) -> str | None:
                     f"hf_overrides) cannot run on this engine ({platform}): {blocker}; start vLLM with "
                     f"{GPU_SAVING_SETTINGS}, or leave lvtc_vllm_path out (the masked path).")
         else:
+            settled = graph_mode_with_short_layers(vllm_config)  # (None: unset, vLLM's default lowered)
+            graphs = ("no CUDA graphs" if settled == "NONE" else "piecewise CUDA graphs"
+                      + ("" if cuda_graph_mode(vllm_config) == "PIECEWISE" else ", to which vLLM lowers its default"))
             where = (f"it cannot run on this engine: {blocker}" if blocker else
-                     "on this engine (no CUDA graphs, or piecewise ones, to which vLLM lowers its default) its "
-                     "inputs are checked by simulation only"
+                     f"on this engine ({graphs}) its inputs are checked by simulation only"
                      + (f"; {V2_SIMULATED}" if _v2_runner(vllm_config) else ""))
             return (f"the saving path has run with vLLM on its CPU platform only ({SAVING_RUNS_ON}), and this engine "
                     f"is {platform}; {where} (docs/serving-vllm-lvtc.md, \"Where each path has run\"; neither "
@@ -411,8 +418,9 @@ def choose_lvtc_path(vllm_config, config, layout: LVTCGeometry, settings: Engine
                      "the short layers' builder captures no full graphs, so decode steps' attention runs outside "
                      "graphs")
     if settled == "PIECEWISE" or getattr(config, "lvtc_vllm_graph_layout", False):  # (`saving.layers.graph_layout`)
-        untested += ("; the layers below k run on each step's padded token count (the layout piecewise CUDA graphs "
-                     "replay: the short KV group kept, their compute the long layout's)")
+        untested += ("; the layers below k run on the padded token count of each step vLLM replays as a piecewise "
+                     "CUDA graph (the layout it captured: the short KV group kept, their compute the long layout's), "
+                     "on their live tokens in the others")
     settings.note("LVTC path: saving (the layers below k hold and compute the short layout only; this engine: "
                   f"{engine_mode(vllm_config)}; run in the tests on vLLM's CPU platform: {SAVING_RUNS_ON}{untested}; "
                   "`hf_overrides={'lvtc_vllm_path': 'masked'}` asks for the masked long layout)")

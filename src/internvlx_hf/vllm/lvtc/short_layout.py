@@ -43,6 +43,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 
@@ -129,42 +130,56 @@ def short_layout(rows: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: to
     per manager block, vLLM's null block as kernel blocks ``0`` to that count less one), the size the block table's
     entries and the slot mapping are in.
     """
-    device = block_table.device
     kernel_block_size = kernel_block_size or block_size
     if block_size % kernel_block_size:
         raise ValueError(f"kernel_block_size {kernel_block_size} does not divide the short group's block size "
                          f"{block_size}")
-    null_blocks = block_size // kernel_block_size  # (vLLM's null block, in the table's blocks)
     requests = query_start_loc.shape[0] - 1
-    unused_per_tile = long_per_tile - short_per_tile
     qsl = query_start_loc.to("cpu", torch.int64)
     seq_lens = seq_lens.to("cpu", torch.int64)[:requests]
     request, query_lens, start, index, p = _step_tokens(qsl, seq_lens, num_tokens)
+    written, code, warm_up = _step_rows(rows, tiles, qsl, seq_lens, p, request, num_tokens, short_per_tile,
+                                        long_per_tile, warm_up)
+    step = _live_tokens(written, code, qsl, request, query_lens, start, index, short_per_tile, long_per_tile,
+                        block_size, warm_up)
+    _check_rows(step, written, p, request, num_tokens, short_per_tile, long_per_tile, checked=tiles is None,
+                warm_up=warm_up)
+    return _on_device(step, block_table, requests, num_tokens, block_size, kernel_block_size, warm_up)
+
+
+def _step_rows(rows, tiles, qsl, seq_lens, p, request, num_tokens: int, short_per_tile: int, long_per_tile: int,
+               warm_up: bool) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Rows 1 and 2 of the step on the host (`written`, `code`): the runner's (V1) or its requests' tiles' (checked
+    against the runner's where both are given), and whether the step is a warm-up (no request's tokens)."""
+    if tiles is None:
+        rows = rows[:, :num_tokens].to("cpu", torch.int64)
+        return rows[1], rows[2], bool(warm_up) and not bool(rows.any())
+    if len(tiles) > qsl.shape[0] - 1:
+        raise ShortLayoutMismatch(f"the runner's batch holds {len(tiles)} requests and the step {qsl.shape[0] - 1}")
+    written, code = _rows_from_tiles(tiles, qsl, seq_lens, p, request, short_per_tile, long_per_tile)
+    if rows is not None:  # the rows the runner wrote: the ones its requests' tiles give
+        rows = rows[1:, :num_tokens].to("cpu", torch.int64)
+        if not (torch.equal(rows[0], written) and torch.equal(rows[1], code)):
+            bad = int(((rows[0] != written) | (rows[1] != code)).sum())
+            raise ShortLayoutMismatch(
+                f"{bad} of the step's {num_tokens} tokens have position rows other than their requests' tiles give "
+                "(rows written by another step or for another request, or read before the runner wrote them)")
+    return written, code, False
+
+
+def _live_tokens(written, code, qsl, request, query_lens, start, index, short_per_tile: int, long_per_tile: int,
+                 block_size: int, warm_up: bool) -> SimpleNamespace:
+    """The step's live tokens (those the layers below k run on) and their short positions, on the host: a request
+    resumed inside a tile recomputes the LR slots layer k reads there (`geometry.lr_slots_to_recompute`, the same
+    arithmetic), whose K/V the cache may hold already (`unwritten`); a warm-up puts every token at its index."""
+    requests = qsl.shape[0] - 1
 
     def each(per_request: torch.Tensor) -> torch.Tensor:  # (each token's request's value)
         return per_request.index_select(0, request)
 
     scheduled = query_lens > 0
-    if tiles is None:
-        rows = rows[:, :num_tokens].to("cpu", torch.int64)
-        written, code = rows[1], rows[2]
-        warm_up = bool(warm_up) and not bool(rows.any())
-    else:
-        if len(tiles) > requests:
-            raise ShortLayoutMismatch(f"the runner's batch holds {len(tiles)} requests and the step {requests}")
-        written, code = _rows_from_tiles(tiles, qsl, seq_lens, p, request, short_per_tile, long_per_tile)
-        warm_up = False
-        if rows is not None:  # the rows the runner wrote: the ones its requests' tiles give
-            rows = rows[1:, :num_tokens].to("cpu", torch.int64)
-            if not (torch.equal(rows[0], written) and torch.equal(rows[1], code)):
-                bad = int(((rows[0] != written) | (rows[1] != code)).sum())
-                raise ShortLayoutMismatch(
-                    f"{bad} of the step's {num_tokens} tokens have position rows other than their requests' tiles give "
-                    "(rows written by another step or for another request, or read before the runner wrote them)")
     short = written.clone()
     slot = torch.where(code < 0, -1 - code, -1)
-
-    # a request resumed inside a tile: its recomputed LR slots (`geometry.lr_slots_to_recompute`, same arithmetic)
     first_slot = torch.cat([slot, slot.new_full((1,), -1)]).index_select(0, start)
     short_end = torch.cat([short, short.new_zeros(1)]).index_select(0, start)
     resumed = scheduled & (first_slot >= short_per_tile)
@@ -184,47 +199,63 @@ def short_layout(rows: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: to
         short = index
         live[:] = True
         unwritten[:] = True
-
-    rank = torch.cumsum(live.to(torch.int64), 0) - 1
-    gather = live.nonzero().squeeze(1)
     lens = torch.zeros(requests, dtype=torch.int64).index_add_(0, request, live.to(torch.int64))
     short_qsl = torch.zeros(requests + 1, dtype=torch.int64)
     short_qsl[1:] = torch.cumsum(lens, 0)
     held = torch.zeros(requests, dtype=torch.int64).scatter_reduce_(
         0, request, torch.where(live, short + 1, 0), "amax")
+    return SimpleNamespace(request=request, slot=slot, short=short, live=live, unwritten=unwritten,
+                           in_resumed=in_resumed, bad_resume=bad_resume, scheduled=scheduled, lens=lens,
+                           short_qsl=short_qsl, held=held, gather=live.nonzero().squeeze(1),
+                           unused=long_per_tile - short_per_tile)
 
-    # the per-step check (on the rows as written: a recomputed slot's row 1 is its tile's LR end); rows computed from
-    # the tiles hold it by construction
-    if tiles is None:
-        own_tile = torch.where(slot >= short_per_tile, slot - short_per_tile, 0)
+
+def _check_rows(step, written, p, request, num_tokens: int, short_per_tile: int, long_per_tile: int, *,
+                checked: bool, warm_up: bool) -> None:
+    """`ShortLayoutMismatch` where the rows do not belong to this step (`checked`: rows as a runner wrote them, a
+    recomputed slot's row 1 its tile's LR end; rows computed from the tiles hold this by construction), a scheduled
+    request has no live token, or a request starts inside a tile where the step cannot resume it."""
+    if checked:
+        own_tile = torch.where(step.slot >= short_per_tile, step.slot - short_per_tile, 0)
         earlier = p - written - own_tile
-        bad_rows = ((earlier < 0) | (earlier % unused_per_tile != 0)) & (not warm_up)
+        bad_rows = ((earlier < 0) | (earlier % (long_per_tile - short_per_tile) != 0)) & (not warm_up)
     else:
         bad_rows = torch.zeros(num_tokens, dtype=torch.bool)
     # consecutive: a live token's short position is its request's first plus its rank within the request
-    bad_rows |= live & (short != each(held - lens - short_qsl[:-1]) + rank)
+    rank = torch.cumsum(step.live.to(torch.int64), 0) - 1
+    first = (step.held - step.lens - step.short_qsl[:-1]).index_select(0, request)
+    bad_rows |= step.live & (step.short != first + rank)
     if bad := int(bad_rows.sum()):
         raise ShortLayoutMismatch(
             f"{bad} of the step's {num_tokens} tokens have position rows that do not belong to this "
             "step (their short position does not follow from their long one and their request's tiles: rows written "
             "by another step, or read before the runner wrote them)")
-    if bad := int((scheduled & (lens == 0)).sum()):
+    if bad := int((step.scheduled & (step.lens == 0)).sum()):
         raise ShortLayoutMismatch(
             f"{bad} scheduled request(s) of the step have no short-layout token in "
             "their rows (a step must hold whole images, and a decoded token is always one)")
-    if bad := int(bad_resume.sum()):
+    if bad := int(step.bad_resume.sum()):
         raise ShortLayoutMismatch(
             f"{bad} request(s) of the step start inside a tile where the step cannot resume it "
             "(inside its LR slots, without the rest of the tile, or without the HR-only slots that carry the LR "
             "inputs to recompute)")
-    live_request, live_short, live_unwritten = (x.index_select(0, gather) for x in (request, short, unwritten))
+
+
+def _on_device(step, block_table, requests: int, num_tokens: int, block_size: int, kernel_block_size: int,
+               warm_up: bool) -> ShortLayout:
+    """The layout on the block table's device, in one copy (from pinned memory on a GPU, so that it does not wait for
+    the device's queue), with the slot mapping gathered from the block table and each live token's block checked to
+    be one the scheduler gave the short group (on a GPU without waiting for it: `torch._assert_async`)."""
+    device = block_table.device
+    null_blocks = block_size // kernel_block_size  # (vLLM's null block, in the table's blocks)
+    gather, short_qsl, held, lens = step.gather, step.short_qsl, step.held, step.lens
+    live_request, live_short, live_unwritten = (x.index_select(0, gather)
+                                                for x in (step.request, step.short, step.unwritten))
     beyond = (live_short // kernel_block_size >= block_table.shape[1]) & (not warm_up)
     if bad := int(beyond.sum()):
         raise ShortLayoutMismatch(_unheld(bad))
-
-    # to the device in one copy (from pinned memory on a GPU, so that it does not wait for the device's queue)
-    host = torch.cat([gather, short_qsl, held, torch.where(in_resumed, unused_per_tile, 0), live_request, live_short,
-                      live_unwritten.to(torch.int64)])
+    host = torch.cat([gather, short_qsl, held, torch.where(step.in_resumed, step.unused, 0),
+                      live_request, live_short, live_unwritten.to(torch.int64)])
     if device.type == "cuda":
         host = torch.empty(host.shape, dtype=torch.int64, pin_memory=True).copy_(host)
     moved = host.to(device, non_blocking=True)
@@ -234,8 +265,6 @@ def short_layout(rows: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: to
     d_unwritten = d_unwritten.bool()
     blocks = _blocks(block_table, d_request, d_short, kernel_block_size)
     if not warm_up:
-        # each live token's block is one the scheduler gave the short group (not vLLM's null block): checked where
-        # the block table is, so that a GPU step does not wait for its device
         if device.type == "cpu":
             if bad := int((blocks < NULL_BLOCK + null_blocks).sum()):
                 raise ShortLayoutMismatch(_unheld(bad))

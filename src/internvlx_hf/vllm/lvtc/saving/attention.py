@@ -173,7 +173,12 @@ def _short_backend(base: type, channel: PositionBufferChannel) -> type:
                 raise RuntimeError("InternVL-X LVTC saving path: this vLLM's CommonAttentionMetadata.positions is not "
                                    "the step's token index; serve the checkpoint on the masked path: "
                                    "hf_overrides={\"lvtc_vllm_path\": \"masked\"}")
-            if channel.runner_state:  # V2: the step's tiles, or none for a dummy run or a graph capture
+            if channel.runner_state:  # V2: the step's tiles, or `DUMMY_RUN` for a dummy run or a graph capture
+                if lvtc_tiles is None:
+                    raise RuntimeError("InternVL-X LVTC saving path: V2's runner handed the short layers' builder no "
+                                       "tiles (this vLLM's build_attn_metadata does not pass the model state's "
+                                       "get_extra_attn_kwargs); serve the checkpoint on the masked path: "
+                                       "hf_overrides={\"lvtc_vllm_path\": \"masked\"}")
                 return self.build_short(cm, fast_build, tiles=lvtc_tiles)
             if channel.buffer is None:
                 # Before the model's first forward (vLLM's first step where it runs no warm-up forward: eager mode,
@@ -201,9 +206,10 @@ def _short_backend(base: type, channel: PositionBufferChannel) -> type:
                 query_start_loc = cm.query_start_loc_cpu[: cm.num_reqs + 1]
                 seq_lens = cm.seq_lens_cpu_upper_bound[: cm.num_reqs]
                 if channel.runner_state:
-                    # the layout from each request's tiles (the scheduler's arithmetic); none: a dummy run's step
-                    warm_up = tiles is None
+                    # the layout from each request's tiles (the scheduler's arithmetic); `DUMMY_RUN`: a dummy run's
+                    warm_up = len(tiles) == 0
                     rows = torch.zeros(3, tokens, dtype=torch.int64) if warm_up else None
+                    tiles = None if warm_up else tiles
                 else:
                     # V1: the rows it wrote to its M-RoPE buffer's host side before this build, checked against its
                     # requests' tiles (the scheduler's arithmetic)

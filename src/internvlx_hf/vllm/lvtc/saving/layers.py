@@ -15,7 +15,7 @@ from vllm.compilation.decorators import support_torch_compile
 from vllm.forward_context import get_forward_context
 from vllm.model_executor.layers.attention import Attention
 
-from internvlx_hf.vllm.engine_settings import graph_mode_with_short_layers
+from internvlx_hf.vllm.engine_settings import graph_capture_blocker, graph_mode_with_short_layers
 from internvlx_hf.vllm.lvtc.layers import LVTCLayers
 from internvlx_hf.vllm.lvtc.positions import saving_rope_indices
 from internvlx_hf.vllm.lvtc.short_layout import graph_step_inputs
@@ -79,6 +79,15 @@ def graph_layout(vllm_config, config) -> bool:
     return bool(replays or getattr(config, "lvtc_vllm_graph_layout", False))
 
 
+def pads_step(runtime_mode, padded: bool, forced: bool = False) -> bool:
+    """Whether this step's layers below k run on its padded token count (`short_layout.graph_step_inputs`): only a
+    step vLLM captures or replays as a piecewise CUDA graph (`runtime_mode`, its forward context's
+    ``cudagraph_runtime_mode``) of a model built for them (`graph_layout`); every other step (an image prefill past
+    the largest capture size, any step of an eager engine) runs them on its live tokens, the saving below k kept.
+    ``forced`` (``lvtc_vllm_graph_layout``): every step padded, to run that layout where no graphs replay (the CPU)."""
+    return padded and (forced or getattr(runtime_mode, "name", runtime_mode) == "PIECEWISE")
+
+
 def graph_replay_refusal(runtime_mode, padded: bool) -> str | None:
     """Why a forward pass vLLM captures or replays as a CUDA graph (`runtime_mode`, its forward context's
     ``cudagraph_runtime_mode``) cannot run the layers below k as the model was built, or None: a full graph (the short
@@ -117,7 +126,12 @@ class SavingFront(nn.Module):
             attn.short_per_tile, attn.long_per_tile = layout.short_per_tile, layout.long_per_tile
             self_attn.attn = attn
             self.short_names.append(old.layer_name)
+        blocker = graph_capture_blocker(vllm_config)  # (the config hook's check, now that vLLM has settled it)
+        if blocker is not None:
+            raise RuntimeError(f"InternVL-X LVTC saving path: {blocker}; or serve the checkpoint on the masked path: "
+                               "hf_overrides={\"lvtc_vllm_path\": \"masked\"}")
         self.padded = graph_layout(vllm_config, model.config)
+        self.forced_padding = bool(getattr(model.config, "lvtc_vllm_graph_layout", False))
         if self.padded:
             # the graphs' per-step inputs, at addresses that stay (`graph_step_inputs`), as many as a step's tokens
             tokens = vllm_config.scheduler_config.max_num_batched_tokens
@@ -151,6 +165,7 @@ class SavingFront(nn.Module):
         if refusal is not None:
             raise RuntimeError(refusal)
         metas = context.attn_metadata
+        pad = pads_step(context.cudagraph_runtime_mode, self.padded, self.forced_padding)
         if isinstance(metas, dict) and self.short_names[0] in metas:
             if isinstance(metas[self.short_names[0]], PendingShortMetadata):
                 # one pending metadata per KV-cache group (vLLM may split the short layers into several, each
@@ -162,7 +177,7 @@ class SavingFront(nn.Module):
                         finished[id(pending)] = pending.finish()
                     metas[name] = finished[id(pending)]
             meta = metas[self.short_names[0]]
-            if self.padded:
+            if pad:
                 gather, long_positions, shift = graph_step_inputs(
                     self.graph_inputs, meta.lvtc_gather, meta.lvtc_long_positions, meta.lvtc_shift, tokens)
                 return self.layers(positions, inputs_embeds, gather, long_positions, shift)
@@ -171,7 +186,7 @@ class SavingFront(nn.Module):
             long_positions[: meta.lvtc_long_positions.shape[0]] = meta.lvtc_long_positions
             shift = torch.zeros_like(long_positions)
             shift[: meta.lvtc_shift.shape[0]] = meta.lvtc_shift
-        elif self.padded:  # a graph's capture or a warm-up run (no metadata): every token at its index
+        elif pad:  # a graph's capture or its warm-up run (no metadata): every token at its index
             gather, long_positions, shift = graph_step_inputs(
                 self.graph_inputs, torch.arange(tokens, device=positions.device), positions[0], positions[0][:0],
                 tokens)

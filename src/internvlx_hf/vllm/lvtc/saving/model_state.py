@@ -20,11 +20,16 @@ from vllm.v1.worker.gpu.model_states.interface import ModelSpecificAttnMetadata
 from internvlx_hf.vllm.lvtc.tiles import RequestTiles
 
 
-class StepTiles(ModelSpecificAttnMetadata):
-    """One step's tiles per request (the batch's order), or None for a dummy run's requests: given to the short
-    layers' builder only (`LVTCShortBuilder.build`'s ``lvtc_tiles``)."""
+#: What the short builder is handed for a dummy run (profiling, warm-up, a graph capture): none of its requests is
+#: one the state knows. (None, what the builder gets where no tiles were handed over, is not taken for one.)
+DUMMY_RUN: tuple = ()
 
-    def __init__(self, tiles: list[RequestTiles] | None) -> None:
+
+class StepTiles(ModelSpecificAttnMetadata):
+    """One step's tiles per request (the batch's order), or `DUMMY_RUN`: given to the short layers' builder only
+    (`LVTCShortBuilder.build`'s ``lvtc_tiles``)."""
+
+    def __init__(self, tiles: list[RequestTiles] | tuple) -> None:
         self.tiles = tiles
 
     def get_extra_attn_kwargs(self, attn_metadata_builder: Any, num_reqs: int) -> dict[str, Any]:
@@ -53,9 +58,16 @@ class LVTCModelState(DefaultModelState):
 
     def prepare_attn(self, input_batch, cudagraph_mode, block_tables, slot_mappings, attn_groups, kv_cache_config,
                      for_capture: bool = False, ubatch_idx: int = 0, model_specific_attn_metadata=None):
-        # a dummy run's requests (`InputBatch.make_dummy`: ids of its own) were never added: no tiles, no K/V written
-        tiles = [self.lvtc_tiles.get(req_id) for req_id in input_batch.req_ids[: input_batch.num_reqs]]
-        step = StepTiles(None if None in tiles else tiles)
+        # a dummy run's requests (`InputBatch.make_dummy`: ids of its own) were never added: no tiles, no K/V written;
+        # a step where only some are known is not one, and is stopped (its layout would be a warm-up's: K/V unwritten)
+        req_ids = input_batch.req_ids[: input_batch.num_reqs]
+        tiles = [self.lvtc_tiles.get(req_id) for req_id in req_ids]
+        if None in tiles and any(one is not None for one in tiles):
+            missing = [req_id for req_id, one in zip(req_ids, tiles) if one is None]
+            raise RuntimeError(f"InternVL-X LVTC saving path: V2's runner scheduled request(s) {missing} whose tiles "
+                               "its model state never received (add_request); serve the checkpoint on the masked "
+                               "path: hf_overrides={\"lvtc_vllm_path\": \"masked\"}")
+        step = StepTiles(DUMMY_RUN if None in tiles else tiles)
         return super().prepare_attn(input_batch, cudagraph_mode, block_tables, slot_mappings, attn_groups,
                                     kv_cache_config, for_capture=for_capture, ubatch_idx=ubatch_idx,
                                     model_specific_attn_metadata=step)
