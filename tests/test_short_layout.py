@@ -136,11 +136,24 @@ def expected(batch):
     return gather, qsl, seq_lens, slots
 
 
-def layout_of(step, device, warm_up=False):
-    """The layout as a runner's builder gets it: rows, offsets and lengths on the host, the block table on `device`."""
-    rows, seq_lens, qsl, table, tokens = step
-    return short_layout(rows, qsl, seq_lens, table.to(device), num_tokens=tokens, short_per_tile=SHORT,
-                        long_per_tile=LONG, block_size=BLOCK, warm_up=warm_up)
+def layout_of(step, device, warm_up=False, tiles=None, rows=True):
+    """The layout as a runner's builder gets it: rows, offsets and lengths on the host, the block table on `device`;
+    with `tiles` (each request's, `tiles_of`) the branch both runners take: V1 gives its rows too (checked against the
+    tiles), V2 (``rows=False``) none."""
+    step_rows_, seq_lens, qsl, table, tokens = step
+    return short_layout(step_rows_ if rows else None, qsl, seq_lens, table.to(device), num_tokens=tokens,
+                        short_per_tile=SHORT, long_per_tile=LONG, block_size=BLOCK, warm_up=warm_up, tiles=tiles)
+
+
+#: How the builder gets the step (`layout_of`): the runner's rows alone; V1 as it runs, rows and each request's tiles;
+#: V2 as it runs, the tiles alone (its rows are written after the metadata is built)
+BRANCHES = ["rows", "v1-rows-and-tiles", "v2-tiles"]
+
+
+def branch_layout(step, batch, device, branch: str):
+    if branch == "rows":
+        return layout_of(step, device)
+    return layout_of(step, device, tiles=[tiles_of(request) for request, _ in batch], rows=branch != "v2-tiles")
 
 
 def assert_layout(layout, batch, device, requests=None):
@@ -172,16 +185,18 @@ def prefill_and_decode():
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32], ids=["v1-int64", "v2-int32"])
-def test_v1_step_unpadded(device, dtype):
+@pytest.mark.parametrize("branch", BRANCHES)
+def test_v1_step_unpadded(device, dtype, branch):
     runner, first, second = prefill_and_decode()
     batch = [(first, first.prompt), (second, 1)]
-    layout = layout_of(runner.step(batch, dtype=dtype), device)
+    layout = branch_layout(runner.step(batch, dtype=dtype), batch, device, branch)
     assert_layout(layout, batch, device)
     assert layout.gather.numel() == 5 + 3 * SHORT + 2 + SHORT + 3 + 1  # the HR-only slots are not run below k
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_v1_step_padded_to_a_capture_size_with_stale_columns(device):
+@pytest.mark.parametrize("branch", BRANCHES)
+def test_v1_step_padded_to_a_capture_size_with_stale_columns(device, branch):
     """CUDA graphs pad the token and request counts; the columns past the step's tokens hold an earlier step's rows
     (here: live-looking text rows, which would get gather entries and slots if they were read)."""
     runner, first, second = prefill_and_decode()
@@ -189,7 +204,7 @@ def test_v1_step_padded_to_a_capture_size_with_stale_columns(device):
     stale = torch.arange(3 * 512, dtype=torch.int64).reshape(3, 512) % 50
     step = runner.step(batch, pad_tokens=512 - 5 - 4 * LONG - 5 - 1, pad_requests=6, stale=stale)
     assert step[0].shape[1] == 512 and step[2].shape[0] == len(batch) + 6 + 1
-    assert_layout(layout_of(step, device), batch, device, requests=len(batch) + 6)
+    assert_layout(branch_layout(step, batch, device, branch), batch, device, requests=len(batch) + 6)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -511,7 +526,8 @@ def test_a_gpu_step_reads_nothing_back_from_the_device():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_a_step_resuming_a_tile_recomputes_the_lr_slots_its_hr_only_slots_carry(device):
+@pytest.mark.parametrize("branch", BRANCHES)
+def test_a_step_resuming_a_tile_recomputes_the_lr_slots_its_hr_only_slots_carry(device, branch):
     """A prefix-cache hit that ends at HR-only slot 12 of a tile: the step holds the rest of the tile (slots 12-15,
     which carry LR slots 0-3's inputs) and the text after it. Those four slots run below k at LR slots 0-3's short
     positions (2-5); the K/V of 2 and 3 is the cache's (a full block before the LR end's block: not written), that of
@@ -522,7 +538,7 @@ def test_a_step_resuming_a_tile_recomputes_the_lr_slots_its_hr_only_slots_carry(
     request.blocks = [1]  # the cache's block of short positions 0-3
     runner.next_block = 2
     rows, seq_lens, qsl, table, tokens = runner.step([(request, 7)])
-    layout = layout_of((rows, seq_lens, qsl, table, tokens), device)
+    layout = branch_layout((rows, seq_lens, qsl, table, tokens), [(request, 7)], device, branch)
     assert layout.gather.tolist() == [0, 1, 2, 3, 4, 5, 6]
     assert layout.query_start_loc_cpu.tolist() == [0, 7] and layout.seq_lens.tolist() == [9]
     assert layout.slot_mapping.tolist() == [-1, -1, 2 * BLOCK, 2 * BLOCK + 1, 2 * BLOCK + 2, 2 * BLOCK + 3,

@@ -274,6 +274,26 @@ def test_recorded_kv_at_block_size_32_is_the_target_within_two_percent():
 
 @pytest.mark.vllm
 @needs_vllm
+def test_both_scheduling_loops_put_off_a_request_whose_tokens_the_scheduler_sets_to_zero():
+    """The deferral (`LVTCSchedulerMixin._reserve_prefill_lookahead` answering 0 for a request whose hit copies a block
+    the same step fills) relies on vLLM's two scheduling loops leaving such a request unscheduled this step: the
+    running loop moves to the next request, the waiting loop stops (the request and those after it stay waiting). Read
+    on the installed vLLM's source, so that a vLLM that schedules a 0-token step there fails here."""
+    import inspect
+    import re
+
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    source = inspect.getsource(Scheduler.schedule)
+    calls = [m.end() for m in re.finditer(r"num_new_tokens = self\._reserve_prefill_lookahead\(", source)]
+    assert len(calls) == 2, len(calls)
+    running, waiting = (source[end: end + 2500] for end in calls)
+    assert re.search(r"\)\s+if num_new_tokens == 0:(\s+#[^\n]*)*\s+req_index \+= 1\s+continue", running), running[:900]
+    assert re.search(r"\)\s+if num_new_tokens == 0:(\s+#[^\n]*)*\s+break", waiting), waiting[:400]
+
+
+@pytest.mark.vllm
+@needs_vllm
 def test_the_saving_paths_vllm_internals_are_those_of_the_vllm_installed():
     """Every vLLM internal the saving path uses (`saving.INTERNALS`, the table in docs/serving-vllm-lvtc.md) is there as
     the path uses it, and the installed vLLM is in the range the `vllm` extra pins: this fails the day vLLM changes one
@@ -423,6 +443,55 @@ def test_the_scheduler_stops_where_vllm_hashes_prompts_in_units_other_than_the_s
         scheduler(8)
     config.cache_config.enable_prefix_caching = False
     assert isinstance(scheduler(8).short_manager, kv_cache.LVTCShortManager)
+
+
+@pytest.mark.vllm
+@needs_vllm
+def test_a_streaming_input_session_is_finished_with_an_error_and_the_reason(tmp_path, caplog):
+    """A resumable request (the first chunk of `AsyncLLM`'s streaming-input session, whose updates extend its prompt
+    and images under one id) is finished at once with an error status and a log line naming the masked path; a plain
+    request is queued. (On main the session was queued and its later images went unseen by the short group.)"""
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.plugins import load_general_plugins
+    from vllm.sampling_params import SamplingParams
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
+    from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT
+    from vllm.v1.request import Request, RequestStatus
+    from vllm.v1.structured_output import StructuredOutputManager
+
+    from vllm_helpers import build_checkpoint
+
+    load_general_plugins()
+    from internvlx_hf.vllm.lvtc.saving import kv_cache, scheduler as saving_scheduler
+
+    folder = build_checkpoint(tmp_path / "lvtc", llm="qwen2", lvtc=dict(expand_layer=2), text=dict(head_dim=32))
+    config = EngineArgs(model=str(folder), dtype="float32", max_model_len=4096, block_size=16).create_engine_config()
+    config.cache_config.num_gpu_blocks = 64
+    spec = dict(block_size=16, num_kv_heads=2, head_size=32, dtype=torch.float32)
+    groups = [KVCacheGroupSpec(["layers.2", "layers.3"], FullAttentionSpec(**spec)),
+              KVCacheGroupSpec(["layers.0", "layers.1"], kv_cache.LVTCShortSpec(**spec, short_per_tile=16,
+                                                                                long_per_tile=64))]
+    scheduler = saving_scheduler.LVTCScheduler(
+        vllm_config=config, kv_cache_config=KVCacheConfig(num_blocks=64, kv_cache_tensors=[], kv_cache_groups=groups),
+        structured_output_manager=StructuredOutputManager(config), block_size=16, hash_block_size=16)
+    params = SamplingParams(max_tokens=4)
+    session = Request("session", [1, 2, 3], params, None, resumable=True)
+    plain = Request("plain", [1, 2, 3], params, None)
+    scheduler.add_request(session)
+    scheduler.add_request(plain)
+    assert session.status == RequestStatus.FINISHED_ERROR and "session" not in scheduler.requests
+    assert plain.status == RequestStatus.WAITING and [r.request_id for r in scheduler.waiting] == ["plain"]
+    # the client is told at the next step, as vLLM tells the requests it finishes with an error (no step is needed
+    # for another request: the finished one keeps the engine stepping)
+    scheduler.finish_requests("plain", RequestStatus.FINISHED_ABORTED)
+    assert scheduler.has_requests()
+    outputs = scheduler.update_from_output(scheduler.schedule(), EMPTY_MODEL_RUNNER_OUTPUT)
+    (told,) = outputs[0].outputs
+    assert (told.request_id, told.new_token_ids, str(told.finish_reason)) == ("session", [], "error")
+    later = scheduler.update_from_output(scheduler.schedule(), EMPTY_MODEL_RUNNER_OUTPUT)
+    assert not any(out.request_id == "session" for step in later.values() for out in step.outputs)  # told once
+    assert any("request session is a streaming-input session" in r.getMessage()
+               and "hf_overrides={\"lvtc_vllm_path\": \"masked\"}" in r.getMessage() for r in caplog.records)
 
 
 @pytest.mark.vllm

@@ -24,6 +24,7 @@ class LVTCSchedulerMixin:
         self.preemptions = 0
         self.deferrals = 0  # admissions put off a step: their hit would copy a block not computed yet
         self._waits_a_step: set[str] = set()  # this step's such requests (`_reserve_prefill_lookahead` says 0)
+        self._refused: list = []  # streaming-input sessions finished with an error, not yet reported (`add_request`)
         self.short_manager: LVTCShortManager | None = None  # (the first: each short group's sees the same tiles)
         managers = self.kv_cache_manager.coordinator.single_type_managers
         for manager in managers:
@@ -88,6 +89,38 @@ class LVTCSchedulerMixin:
             end = whole_tiles_end(self.short_manager.tiles(request).spans, end)
             num_new_tokens = max(end - num_computed_tokens, 0)
         return num_new_tokens
+
+    def add_request(self, request) -> None:
+        """vLLM's, but a streaming-input session (a resumable request, `AsyncLLM`'s input streams) is finished at once
+        with an error and the reason in the log: each update would extend the request's prompt and images under the
+        same id (`Scheduler._update_request_as_session`), and the tiles the short group's manager and the workers
+        hold for it would not follow. (The masked path serves such sessions.)"""
+        if getattr(request, "resumable", False) and request.request_id not in self.requests:
+            from vllm.logger import init_logger
+            from vllm.v1.request import RequestStatus
+
+            init_logger("internvlx_hf.vllm").warning(
+                "InternVL-X LVTC saving path: request %s is a streaming-input session, whose updates would extend "
+                "its prompt and images under one id, which the short KV group's tiles do not follow: finished with "
+                "an error. Serve the checkpoint on the masked path for sessions: "
+                "hf_overrides={\"lvtc_vllm_path\": \"masked\"}", request.request_id)
+            super().add_request(request)
+            self.finish_requests(request.request_id, RequestStatus.FINISHED_ERROR)
+            self._refused.append(request)  # (its output, with the error, goes out with the next step's)
+            return
+        super().add_request(request)
+
+    def update_from_output(self, scheduler_output, model_runner_output):
+        outputs = super().update_from_output(scheduler_output, model_runner_output)
+        if self._refused:
+            from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs
+
+            for request in self._refused:  # as vLLM reports the requests it finishes with an error
+                outputs.setdefault(request.client_index, EngineCoreOutputs()).outputs.append(EngineCoreOutput(
+                    request_id=request.request_id, new_token_ids=[], finish_reason=request.get_finished_reason(),
+                    events=request.take_events(), trace_headers=request.trace_headers))
+            self._refused = []
+        return outputs
 
     def schedule(self, *args, **kwargs):
         self._waits_a_step.clear()
