@@ -277,19 +277,22 @@ def test_recorded_kv_at_block_size_32_is_the_target_within_two_percent():
 def test_both_scheduling_loops_put_off_a_request_whose_tokens_the_scheduler_sets_to_zero():
     """The deferral (`LVTCSchedulerMixin._reserve_prefill_lookahead` answering 0 for a request whose hit copies a block
     the same step fills) relies on vLLM's two scheduling loops leaving such a request unscheduled this step: the
-    running loop moves to the next request, the waiting loop stops (the request and those after it stay waiting). Read
-    on the installed vLLM's source, so that a vLLM that schedules a 0-token step there fails here."""
+    running loop moves to the next request, the waiting loop stops. Checked on the installed vLLM's source where the
+    config hook chooses the path (`CONVERSATION_INTERNALS`: a vLLM that differs keeps whole prompts per step and
+    prefix caching off); a loop that would schedule the request anyway is told apart."""
     import inspect
     import re
 
     from vllm.v1.core.sched.scheduler import Scheduler
 
+    check = _saving("internals").leaves_zero_token_requests_unscheduled
     source = inspect.getsource(Scheduler.schedule)
-    calls = [m.end() for m in re.finditer(r"num_new_tokens = self\._reserve_prefill_lookahead\(", source)]
-    assert len(calls) == 2, len(calls)
-    running, waiting = (source[end: end + 2500] for end in calls)
-    assert re.search(r"\)\s+if num_new_tokens == 0:(\s+#[^\n]*)*\s+req_index \+= 1\s+continue", running), running[:900]
-    assert re.search(r"\)\s+if num_new_tokens == 0:(\s+#[^\n]*)*\s+break", waiting), waiting[:400]
+    assert check(source)
+    first, second = [i for i in range(len(source)) if source.startswith("self._reserve_prefill_lookahead(", i)]
+    running_goes_on = re.sub(r"req_index \+= 1(\s+)continue", r"req_index += 1\1pass", source[first:second], count=1)
+    assert not check(source[:first] + running_goes_on + source[second:])
+    assert not check(source[:second] + re.sub(r"(if num_new_tokens == 0:(\s+#[^\n]*)*\s+)break", r"\1pass",
+                                              source[second:], count=1))
 
 
 @pytest.mark.vllm

@@ -99,8 +99,8 @@ CONVERSATION_INTERNALS = {
     "Scheduler._reserve_prefill_lookahead(request, num_computed_tokens, num_new_tokens), the last word on a step": (
         lambda: _parameters(Scheduler._reserve_prefill_lookahead) == [
             "request", "num_computed_tokens", "num_new_tokens"]
-        and inspect.getsource(Scheduler.schedule).count("self._reserve_prefill_lookahead(") == 2,
-        "a prefill chunk could end inside a tile"),
+        and leaves_zero_token_requests_unscheduled(inspect.getsource(Scheduler.schedule)),
+        "a prefill chunk could end inside a tile, or a request put off a step be scheduled with no tokens"),
     "BlockPool.cache_full_blocks keys block i by request.block_hashes[i] (resolve_block_hashes passes the list "
     "through at equal block sizes)": (
         lambda: source_has(BlockPool.cache_full_blocks, "request.block_hashes")
@@ -115,6 +115,22 @@ CONVERSATION_INTERNALS = {
                       "self.coordinator.cache_blocks("),
         "a hit could copy a block the same step fills before the step computes it (`_copies_block_filled_this_step`)"),
 }
+
+
+def leaves_zero_token_requests_unscheduled(schedule_source: str) -> bool:
+    """Whether both of `Scheduler.schedule`'s loops ask `_reserve_prefill_lookahead` last and leave a request it
+    answers 0 for unscheduled this step: the running loop goes on to the next request, the waiting loop stops (the
+    request and those after it stay waiting). The saving path's deferral (`LVTCSchedulerMixin`) answers 0 for a
+    request whose hit copies a block the same step fills."""
+    import re
+
+    calls = [m.end() for m in re.finditer(r"num_new_tokens = self\._reserve_prefill_lookahead\(", schedule_source)]
+    if len(calls) != 2:
+        return False
+    running, waiting = (schedule_source[end: end + 2500] for end in calls)
+    zero = r"\)\s+if num_new_tokens == 0:(\s+#[^\n]*)*\s+"
+    return bool(re.match(r"[^)]*" + zero + r"req_index \+= 1\s+continue", running)
+                and re.match(r"[^)]*" + zero + r"break", waiting))
 
 
 def _passes_hashes_through(resolve) -> bool:
