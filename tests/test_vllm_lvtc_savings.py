@@ -448,18 +448,12 @@ def test_the_scheduler_stops_where_vllm_hashes_prompts_in_units_other_than_the_s
     assert isinstance(scheduler(8).short_manager, kv_cache.LVTCShortManager)
 
 
-@pytest.mark.vllm
-@needs_vllm
-def test_a_streaming_input_session_is_finished_with_an_error_and_the_reason(tmp_path, caplog):
-    """A resumable request (the first chunk of `AsyncLLM`'s streaming-input session, whose updates extend its prompt
-    and images under one id) is finished at once with an error status and a log line naming the masked path; a plain
-    request is queued. (On main the session was queued and its later images went unseen by the short group.)"""
+def _saving_scheduler(tmp_path):
+    """The saving path's scheduler (`LVTCScheduler`) on a tiny LVTC checkpoint's config: a long group and a short one
+    (16 short and 64 long slots a tile), 64 blocks of 16, prefix caching on; built as the engine core builds it."""
     from vllm.engine.arg_utils import EngineArgs
     from vllm.plugins import load_general_plugins
-    from vllm.sampling_params import SamplingParams
     from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
-    from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT
-    from vllm.v1.request import Request, RequestStatus
     from vllm.v1.structured_output import StructuredOutputManager
 
     from vllm_helpers import build_checkpoint
@@ -474,9 +468,61 @@ def test_a_streaming_input_session_is_finished_with_an_error_and_the_reason(tmp_
     groups = [KVCacheGroupSpec(["layers.2", "layers.3"], FullAttentionSpec(**spec)),
               KVCacheGroupSpec(["layers.0", "layers.1"], kv_cache.LVTCShortSpec(**spec, short_per_tile=16,
                                                                                 long_per_tile=64))]
-    scheduler = saving_scheduler.LVTCScheduler(
+    return saving_scheduler.LVTCScheduler(
         vllm_config=config, kv_cache_config=KVCacheConfig(num_blocks=64, kv_cache_tensors=[], kv_cache_groups=groups),
         structured_output_manager=StructuredOutputManager(config), block_size=16, hash_block_size=16)
+
+
+@pytest.mark.vllm
+@needs_vllm
+def test_a_request_put_off_a_step_lets_go_of_the_encoder_outputs_it_referenced(tmp_path, monkeypatch):
+    """A waiting request whose hit would copy a block the same step fills is put off a step (`_reserve_prefill_
+    lookahead` answers 0) after vLLM has scheduled its image: a cached encoder output it then references is let go,
+    as vLLM's own path does for a request it cannot admit (on main the deferred request kept the reference, so the
+    output could not be evicted while it waited); next step it is admitted and references it again."""
+    from vllm.multimodal.inputs import MultiModalFeatureSpec, PlaceholderRange
+    from vllm.sampling_params import SamplingParams
+    from vllm.v1.request import Request, RequestStatus
+
+    from vllm.utils.hashing import get_hash_fn_by_name
+    from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
+
+    scheduler = _saving_scheduler(tmp_path)
+    hash_fn = get_hash_fn_by_name("sha256")
+    init_none_hash(hash_fn)
+    hasher = get_request_block_hasher(16, hash_fn)  # (as the engine core hashes prompts for prefix caching)
+    feature = MultiModalFeatureSpec(data=None, modality="image", identifier="image-1",
+                                    mm_position=PlaceholderRange(offset=2, length=64))
+    earlier = Request("earlier", list(range(70)), SamplingParams(max_tokens=2), None, mm_features=[feature])
+    cache = scheduler.encoder_cache_manager
+    cache.allocate(earlier, 0)  # the image's encoder output computed for an earlier request, then freed: cached
+    cache.free(earlier)
+    assert cache.cached["image-1"] == set()
+    request = Request("later", list(range(70)), SamplingParams(max_tokens=2), None, mm_features=[feature],
+                      block_hasher=hasher)
+    scheduler.add_request(request)
+    monkeypatch.setattr(type(scheduler), "_copies_block_filled_this_step",
+                        lambda self, request, blocks, num_computed_tokens: True)
+    output = scheduler.schedule()
+    assert scheduler.deferrals == 1 and request.status == RequestStatus.WAITING and not output.scheduled_new_reqs
+    assert cache.cached["image-1"] == set() and "later" not in cache.request_cached_ids
+    monkeypatch.setattr(type(scheduler), "_copies_block_filled_this_step",
+                        lambda self, request, blocks, num_computed_tokens: False)
+    output = scheduler.schedule()
+    assert [r.req_id for r in output.scheduled_new_reqs] == ["later"] and cache.cached["image-1"] == {"later"}
+
+
+@pytest.mark.vllm
+@needs_vllm
+def test_a_streaming_input_session_is_finished_with_an_error_and_the_reason(tmp_path, caplog):
+    """A resumable request (the first chunk of `AsyncLLM`'s streaming-input session, whose updates extend its prompt
+    and images under one id) is finished at once with an error status and a log line naming the masked path; a plain
+    request is queued. (On main the session was queued and its later images went unseen by the short group.)"""
+    from vllm.sampling_params import SamplingParams
+    from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT
+    from vllm.v1.request import Request, RequestStatus
+
+    scheduler = _saving_scheduler(tmp_path)
     params = SamplingParams(max_tokens=4)
     session = Request("session", [1, 2, 3], params, None, resumable=True)
     plain = Request("plain", [1, 2, 3], params, None)

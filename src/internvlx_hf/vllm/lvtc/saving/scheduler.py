@@ -82,6 +82,10 @@ class LVTCSchedulerMixin:
             # the block is computed (as vLLM's Mamba manager defers same-step hits); the requests after it wait too
             self._waits_a_step.discard(request.request_id)
             self.deferrals += 1
+            if request.has_encoder_inputs:
+                # as vLLM's own path for a request it cannot admit (`allocate_slots` gives no blocks): the cached
+                # encoder outputs it has just referenced (`_try_schedule_encoder_inputs`) are let go until next step
+                self.encoder_cache_manager.free(request)
             return 0
         num_new_tokens = super()._reserve_prefill_lookahead(request, num_computed_tokens, num_new_tokens)
         end = num_computed_tokens + num_new_tokens
