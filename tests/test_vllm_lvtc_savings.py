@@ -514,6 +514,33 @@ def test_a_request_put_off_a_step_lets_go_of_the_encoder_outputs_it_referenced(t
 
 @pytest.mark.vllm
 @needs_vllm
+def test_a_requests_cached_tokens_are_estimated_in_the_long_layout(tmp_path):
+    """vLLM's estimate of a request's cached tokens (`KVCacheManager.estimate_cached_tokens`, its prefill stats) is
+    the least over the KV-cache groups of the tokens their hashed blocks cover; the short group's count short-layout
+    tokens. A 70-token prompt (2 text, a 64-slot tile of which 16 are short, 4 text) scheduled whole hashes 4 full
+    long blocks of 16 (64 tokens) and 1 short one (16): the estimate is 64 (on main: 16, short-layout units)."""
+    from vllm.multimodal.inputs import MultiModalFeatureSpec, PlaceholderRange
+    from vllm.sampling_params import SamplingParams
+    from vllm.utils.hashing import get_hash_fn_by_name
+    from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
+    from vllm.v1.request import Request
+
+    scheduler = _saving_scheduler(tmp_path)
+    hash_fn = get_hash_fn_by_name("sha256")
+    init_none_hash(hash_fn)
+    feature = MultiModalFeatureSpec(data=None, modality="image", identifier="image-2",
+                                    mm_position=PlaceholderRange(offset=2, length=64))
+    request = Request("one", list(range(70)), SamplingParams(max_tokens=2), None, mm_features=[feature],
+                      block_hasher=get_request_block_hasher(16, hash_fn))
+    scheduler.add_request(request)
+    assert scheduler.schedule().num_scheduled_tokens == {"one": 70}
+    blocks = scheduler.kv_cache_manager.get_blocks("one").blocks
+    assert [max(b.block_hash_num_tokens or 0 for b in group) for group in blocks] == [64, 16]  # long, short
+    assert scheduler.kv_cache_manager.estimate_cached_tokens(request) == 64
+
+
+@pytest.mark.vllm
+@needs_vllm
 def test_a_streaming_input_session_is_finished_with_an_error_and_the_reason(tmp_path, caplog):
     """A resumable request (the first chunk of `AsyncLLM`'s streaming-input session, whose updates extend its prompt
     and images under one id) is finished at once with an error status and a log line naming the masked path; a plain

@@ -7,7 +7,7 @@ from __future__ import annotations
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
 
-from internvlx_hf.vllm.lvtc.saving.kv_cache import LOOKUP_REQUEST, LVTCShortManager
+from internvlx_hf.vllm.lvtc.saving.kv_cache import LOOKUP_REQUEST, LVTCShortManager, LVTCShortSpec
 from internvlx_hf.vllm.lvtc.tiles import whole_tiles_end
 
 
@@ -33,6 +33,9 @@ class LVTCSchedulerMixin:
                 if self.short_manager is None:
                     self.short_manager = manager
                     manager.managers = list(managers)  # (it records every group's filled blocks)
+                # vLLM's estimate of a request's cached tokens (its prefill stats) takes the least over the groups,
+                # and the short group's blocks count short-layout tokens: the long layout's count is the others'
+                self.kv_cache_manager.estimate_cached_tokens = self._estimate_cached_tokens
                 if manager.enable_caching and manager.block_pool.hash_block_size != manager.block_size:
                     raise RuntimeError(
                         "InternVL-X LVTC saving path: vLLM hashes prompts in blocks of "
@@ -40,6 +43,17 @@ class LVTCSchedulerMixin:
                         f"{manager.block_size}; its prefix-cache keys are the long layout's block hashes, one per "
                         "block, so they would name other blocks. Start vLLM without --prefix-match-unit (or with "
                         f"--prefix-match-unit {manager.block_size}), or with --no-enable-prefix-caching.")
+
+    def _estimate_cached_tokens(self, request) -> int:
+        """`KVCacheManager.estimate_cached_tokens` in the long layout's tokens (the units vLLM reports a request's
+        cached tokens in): the prefix-cached groups but the short ones, whose blocks are hashed by short-layout
+        counts."""
+        manager = self.kv_cache_manager
+        counts = [max((block.block_hash_num_tokens or 0 for block in blocks), default=0)
+                  for group, blocks in zip(manager.kv_cache_config.kv_cache_groups,
+                                           manager.get_blocks(request.request_id).blocks)
+                  if group.kv_cache_spec.prefix_cacheable and not isinstance(group.kv_cache_spec, LVTCShortSpec)]
+        return min(counts, default=0)
 
     def _get_local_prefix_cache_hit(self, request):
         """vLLM's prefix-cache lookup of a waiting request, with the request's tiles known to the short group's
