@@ -46,12 +46,13 @@ ENGINE_OPTIONS = dict(dtype="float32", enforce_eager=False, max_model_len=8192, 
 #: and `served_inductor`. A fresh `VLLM_CACHE_ROOT` makes every engine trace its graph.
 COMPILE_ENV = {"VLLM_CPU_CI_ENV": "1"}
 
-#: The variants served with vLLM's compilation on (`COMPILE_ENV`), the others with `enforce_eager`: per family, the
-#: one that runs the most of the plugin's code in the traced forward (PVTC, LVTC with its LR projectors and the HR
-#: scale; PVTC alone where a family has no LVTC here). Tracing costs each engine about 6 s on its first step, the
-#: same for every variant of a family, and the traced forward is the eager one's code (the answers are compared with
-#: transformers' either way).
-COMPILED_VARIANTS = {"lvtc-rms", "pvtc"}
+#: The checkpoints served with vLLM's compilation on (`COMPILE_ENV`), the others with `enforce_eager`: those whose
+#: traced forward holds code of their own (Phi-3's LongRoPE rows, with LVTC and PVTC alone; InternViT-6B's RMSNorm and
+#: QK norm; InternLM2's packed attention weights, with LVTC and its LR projectors and HR scale). The other families'
+#: LLMs are vLLM's own classes around the same plugin code, traced in these and in test_vllm_lvtc_savings.py's and
+#: test_vllm_prefix_caching.py's engines; tracing costs each engine about 6 s on its first step, and the answers are
+#: compared with transformers' either way.
+COMPILED = {"phi3-lvtc-rms", "phi3-pvtc", "qwen2_5_vit6b-pvtc", "internlm2-lvtc-rms"}
 
 #: request name -> (chat messages, images as (width, height, seed), videos as (frames, seed))
 REQUESTS = {
@@ -179,10 +180,10 @@ def _serve(root: Path, engines: dict[str, tuple[Path, list[str], dict]], env: di
 
 @pytest.fixture(scope="module")
 def served(checkpoints, tmp_path_factory):
-    """The whole matrix: `COMPILED_VARIANTS` with vLLM's compilation on (dynamo's eager backend, `COMPILE_ENV`),
-    the others eager."""
+    """The whole matrix: `COMPILED` with vLLM's compilation on (dynamo's eager backend, `COMPILE_ENV`), the others
+    eager."""
     engines = {f"{f}-{v}": (checkpoints[f"{f}-{v}"], names,
-                            ENGINE_OPTIONS if v in COMPILED_VARIANTS else dict(ENGINE_OPTIONS, enforce_eager=True))
+                            ENGINE_OPTIONS if f"{f}-{v}" in COMPILED else dict(ENGINE_OPTIONS, enforce_eager=True))
                for (f, v), names in CASES.items()}
     return _serve(tmp_path_factory.mktemp("families"), engines, COMPILE_ENV)
 
