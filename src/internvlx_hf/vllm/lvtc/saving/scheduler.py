@@ -112,7 +112,7 @@ class LVTCSchedulerMixin:
         """vLLM's, but a streaming-input session (a resumable request, `AsyncLLM`'s input streams) is finished at once
         with an error and the reason in the log: each update would extend the request's prompt and images under the
         same id (`Scheduler._update_request_as_session`), and the tiles the short group's manager and the workers
-        hold for it would not follow. (The masked path serves such sessions.)"""
+        hold for it would not follow. (The masked path keeps no tiles per request; no session was run on it.)"""
         if getattr(request, "resumable", False) and request.request_id not in self.requests:
             from vllm.logger import init_logger
             from vllm.v1.request import RequestStatus
@@ -120,7 +120,7 @@ class LVTCSchedulerMixin:
             init_logger("internvlx_hf.vllm").warning(
                 "InternVL-X LVTC saving path: request %s is a streaming-input session, whose updates would extend "
                 "its prompt and images under one id, which the short KV group's tiles do not follow: finished with "
-                "an error. Serve the checkpoint on the masked path for sessions: "
+                "an error. For sessions, serve the checkpoint on the masked path, which keeps no tiles per request: "
                 "hf_overrides={\"lvtc_vllm_path\": \"masked\"}", request.request_id)
             super().add_request(request)
             self.finish_requests(request.request_id, RequestStatus.FINISHED_ERROR)
