@@ -915,7 +915,7 @@ def engine_runs(tmp_path_factory) -> dict:
     """name -> (bench module, checkpoint, the engine's result, its part of the engine log)."""
     import json
 
-    bench = load_script("benchmarks/bench_vllm_lvtc_savings.py")
+    bench = _BENCH
     root = tmp_path_factory.mktemp("engines")
     folder = bench.build_checkpoint(root / "qwen2-lvtc", **bench.PARITY_MODELS["qwen2-lvtc"][0])
     by_env: dict[str, list[str]] = {}

@@ -33,9 +33,6 @@ class LVTCSchedulerMixin:
                 if self.short_manager is None:
                     self.short_manager = manager
                     manager.managers = list(managers)  # (it records every group's filled blocks)
-                # vLLM's estimate of a request's cached tokens (its prefill stats) takes the least over the groups,
-                # and the short group's blocks count short-layout tokens: the long layout's count is the others'
-                self.kv_cache_manager.estimate_cached_tokens = self._estimate_cached_tokens
                 if manager.enable_caching and manager.block_pool.hash_block_size != manager.block_size:
                     raise RuntimeError(
                         "InternVL-X LVTC saving path: vLLM hashes prompts in blocks of "
@@ -43,6 +40,10 @@ class LVTCSchedulerMixin:
                         f"{manager.block_size}; its prefix-cache keys are the long layout's block hashes, one per "
                         "block, so they would name other blocks. Start vLLM without --prefix-match-unit (or with "
                         f"--prefix-match-unit {manager.block_size}), or with --no-enable-prefix-caching.")
+        if self.short_manager is not None:
+            # vLLM's estimate of a request's cached tokens (its prefill stats) takes the least over the groups, and
+            # the short group's blocks count short-layout tokens: the long layout's count is the others'
+            self.kv_cache_manager.estimate_cached_tokens = self._estimate_cached_tokens
 
     def _estimate_cached_tokens(self, request) -> int:
         """`KVCacheManager.estimate_cached_tokens` in the long layout's tokens (the units vLLM reports a request's
