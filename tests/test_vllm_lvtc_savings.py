@@ -354,6 +354,41 @@ def test_each_vllm_internal_of_the_saving_path_is_reported_when_vllm_lacks_it(mo
 
 @pytest.mark.vllm
 @needs_vllm
+def test_each_vllm_internal_of_the_v2_runner_is_there_and_reported_when_vllm_lacks_it(monkeypatch):
+    """Each entry of `saving.V2_INTERNALS` (the hooks of vLLM's second model runner the saving path's runner state
+    uses) is there in the installed vLLM, and reported alone when a later vLLM changes it (the engine then takes the
+    masked path: tests/test_vllm.py); an entry added without a case here fails."""
+    from vllm.v1.worker.gpu import attn_utils, buffer_utils
+    from vllm.v1.worker.gpu.mm import rope
+    from vllm.v1.worker.gpu.model_runner import GPUModelRunner
+    from vllm.v1.worker.gpu.model_states.default import DefaultModelState
+
+    saving = _saving("internals")
+    table = saving.V2_INTERNALS
+    assert saving.missing_internals(table) == []
+    names = list(table)
+    removals = {
+        names[0]: lambda patch: patch.setattr(DefaultModelState, "remove_request", lambda self, req_id, more: None),
+        names[1]: lambda patch: patch.setattr(attn_utils, "build_attn_metadata", lambda *args, **kwargs: None),
+        names[2]: lambda patch: patch.setattr(rope.RopeState, "init_prefill_positions", lambda *args: None),
+    }
+    assert len(removals) == len(table)
+    for name, remove in removals.items():
+        with monkeypatch.context() as patch:
+            remove(patch)
+            assert saving.missing_internals(table) == [name], name
+        assert saving.missing_internals(table) == []
+    # the order V2 takes (metadata before positions), read in its step, reported when it changes
+    with monkeypatch.context() as patch:
+        patch.setattr(GPUModelRunner, "execute_model", lambda self, scheduler_output: None)
+        assert saving.missing_internals(table) == [names[1]]
+    with monkeypatch.context() as patch:
+        patch.setattr(buffer_utils.StagedWriteTensor, "stage_write", lambda self, index, start, x: None)
+        assert saving.missing_internals(table) == [names[2]]
+
+
+@pytest.mark.vllm
+@needs_vllm
 def test_each_vllm_internal_of_prefix_caching_and_chunking_is_reported_and_the_engine_falls_back(monkeypatch,
                                                                                                   tmp_path, caplog):
     """Each entry of `saving.CONVERSATION_INTERNALS`, taken from the installed vLLM as a later one could change it, is
@@ -1218,8 +1253,9 @@ def test_v2_builds_the_short_layout_from_the_runner_states_tiles(tmp_path, monke
     through V2's `DefaultModelState.prepare_attn` and `build_attn_metadata`, vLLM's CPU attention builders for a short
     and a long group, an `InputBatch` of a prefill beside a decode: the short metadata is the one the rows give (no
     M-RoPE buffer read), the long group is untouched; a dummy run's requests (none of them added) write no K/V; a
-    step with one request not added, or a builder given no tiles, stops; a removed request's tiles are gone. V2's
-    order and hooks are guarded on its source."""
+    step with one request not added, or a builder given no tiles, stops; a removed request's tiles are gone; the rows
+    V2's `RopeState` stages for a request it adds are checked against its tiles then (rows that are not stop it). V2's
+    order and hooks are guarded on its source (`V2_INTERNALS`, checked at start)."""
     import dataclasses
     import inspect
 
@@ -1229,7 +1265,8 @@ def test_v2_builds_the_short_layout_from_the_runner_states_tiles(tmp_path, monke
     from vllm.plugins import load_general_plugins
     from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
     from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
-    from vllm.v1.worker.gpu import attn_utils, model_states
+    from vllm.v1.worker.gpu import attn_utils, buffer_utils, model_states
+    from vllm.v1.worker.gpu.mm.rope import RopeState
     from vllm.v1.worker.gpu.input_batch import InputBatch, InputBuffers
     from vllm.v1.worker.gpu.model_runner import GPUModelRunner as V2Runner
     from vllm.v1.worker.gpu.model_states.default import DefaultModelState
@@ -1237,6 +1274,9 @@ def test_v2_builds_the_short_layout_from_the_runner_states_tiles(tmp_path, monke
 
     from test_short_layout import BLOCK, LAYOUT, LONG, SHORT, layout_of, prefill_and_decode
     from vllm_helpers import build_checkpoint
+
+    from internvlx_hf.vllm.lvtc.positions import saving_positions
+    from internvlx_hf.vllm.lvtc.short_layout import ShortLayoutMismatch
 
     load_general_plugins()
     from internvlx_hf.vllm.model import InternVLXForConditionalGeneration
@@ -1268,20 +1308,54 @@ def test_v2_builds_the_short_layout_from_the_runner_states_tiles(tmp_path, monke
     kv_config = KVCacheConfig(num_blocks=64, kv_cache_tensors=[], kv_cache_groups=[
         KVCacheGroupSpec(["layers.0"], short_spec), KVCacheGroupSpec(["layers.2"], long_spec)])
 
-    def base_init(self, vllm_config, model, encoder_cache, device):  # (V2's, less its CUDA-only position buffers)
+    class HostTorch:  # (V2's buffers pin host memory and view it from the GPU, which needs CUDA: here plain host)
+        def __getattr__(self, name):
+            return getattr(torch, name)
+
+        @staticmethod
+        def zeros(*args, pin_memory=False, **kwargs):
+            return torch.zeros(*args, **kwargs)
+
+    monkeypatch.setattr(buffer_utils, "torch", HostTorch())
+    monkeypatch.setattr(buffer_utils, "get_accelerator_view_from_cpu_tensor", lambda tensor: tensor)
+
+    def rope_state():  # V2's, its staged rows as V2 makes them (`init_prefill_positions`), its GPU views left out
+        state = object.__new__(RopeState)
+        state.num_dims, state.max_model_len = 3, 512
+        state.prefill_positions = buffer_utils.StagedWriteTensor((8 * 3, 512), dtype=torch.int32,
+                                                                 device=torch.device("cpu"))
+        state.prefill_delta = SimpleNamespace(np=np.zeros(8, dtype=np.int32))
+        return state
+
+    def base_init(self, vllm_config, model, encoder_cache, device):  # (V2's, with its rope state on the host)
         self.model_config, self.model, self.device = vllm_config.model_config, model, device
-        self.rope_state = self.prompt_embeds_state = self.encoder_cache = None
+        self.rope_state = rope_state()
+        self.prompt_embeds_state = self.encoder_cache = None
         self.supports_mm_inputs = False
 
     monkeypatch.setattr(DefaultModelState, "__init__", base_init)
-    model = SimpleNamespace(layout=LAYOUT, lvtc=SimpleNamespace(channel=channel))
+    model = SimpleNamespace(layout=LAYOUT, lvtc=SimpleNamespace(channel=channel),
+                            get_mrope_input_positions=lambda ids, mm: saving_positions(LAYOUT, len(ids), mm))
     state = model_state.LVTCModelState(config, model, None, torch.device("cpu"))
     assert channel.runner_state
 
+    def new_request(req_id, request, prompt=None):
+        features = [SimpleNamespace(modality="image", **vars(one)) for one in request.features]
+        return SimpleNamespace(req_id=req_id, mm_features=features, prefill_token_ids=[0] * (prompt or request.prompt))
+
     runner, first, second = prefill_and_decode()
     for index, (req_id, request) in enumerate([("first", first), ("second", second)]):
-        state.add_request(index, SimpleNamespace(req_id=req_id, mm_features=request.features,
-                                                 prefill_token_ids=[0] * request.prompt))
+        state.add_request(index, new_request(req_id, request))  # (the rows V2 staged are the tiles': checked)
+    assert model_state.staged_rows(state.rope_state, 1) == second.rows.tolist()
+    # rows that are not the tiles' (here: the model's rows for a prompt whose image starts a token later than the
+    # request's features say) stop the request when V2 adds it
+    model.get_mrope_input_positions = lambda ids, features: saving_positions(
+        LAYOUT, len(ids), [SimpleNamespace(mm_position=SimpleNamespace(
+            offset=f.mm_position.offset + 1, length=f.mm_position.length, is_embed=None)) for f in features])
+    with pytest.raises(ShortLayoutMismatch,
+                       match="33 of a new request's 38 prompt tokens have position rows other than its tiles give"):
+        state.add_request(2, new_request("late", second))
+    state.remove_request("late")
     batch = [(first, first.prompt), (second, 1)]
     step = runner.step(batch)
     rows, seq_lens, qsl, table, tokens = step

@@ -355,6 +355,31 @@ def test_a_request_that_resumed_a_tile_is_preempted_and_answers_as_transformers(
     assert_transformers_answers(folder, rounds, result, max_tokens=64)
 
 
+#: Eight 1-tile requests sent together, the later ones first in priority, decoding 128 tokens each in a pool of 20
+#: blocks of 64 (each request takes 5 of them for its prompt, 7 by the end): vLLM's priority scheduling preempts the
+#: running requests of lower priority when the pool runs out.
+PRIORITY_ROUNDS = served_run(
+    "priority", "k2",
+    [[request_spec("<image>\nWhat is this?", images=[(*ONE_TILE, seed)]) | {"priority": 70 - seed}
+      for seed in range(60, 68)]],
+    engine=dict(scheduling_policy="priority", num_gpu_blocks_override=20, max_model_len=1024,
+                mm_processor_kwargs={"max_tiles": 1}), max_tokens=128)  # (one tile per image: whole prompts a step)
+
+
+def test_priority_scheduling_takes_the_masked_path_and_its_preemptions_answer_as_transformers(served):
+    """An LVTC engine with vLLM's priority scheduling, which may preempt a request it scheduled in the same step after
+    its new blocks were entered in the prefix cache (freed uncomputed with their keys, where the saving path's
+    admissions do not account for it): the engine takes the masked path and says why; there, vLLM's priority
+    preemptions (eight requests in a pool that holds two of them whole) leave every answer transformers'."""
+    folder, result = result_of(served, "priority")
+    log = result["log"]
+    assert "LVTC path: masked" in log and "because priority scheduling is on (--scheduling-policy priority)" in log, \
+        log[-3000:]
+    assert result["short_groups"] == 0 and result["caching"] is False
+    assert result["preempted"], result["preempted"]  # (vLLM's own scheduler: preempted requests recorded)
+    assert_transformers_answers(folder, PRIORITY_ROUNDS, result, max_tokens=128)
+
+
 BOTH_CHAT = conversation(2, image_seed=50)
 BOTH_ROUNDS = served_run("both-kinds", "k2", [[BOTH_CHAT[0]], {"evict": "short"}, [BOTH_CHAT[0]], {"evict": "long"},
                                               [BOTH_CHAT[0]], [BOTH_CHAT[1]]])

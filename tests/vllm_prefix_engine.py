@@ -5,7 +5,8 @@ each request with what vLLM's prefix cache served it.
 options), `max_tokens`, and `rounds`: a list of rounds, each a list of requests (tests/vllm_engine.py's format) sent
 together in one `LLM.generate` call, the rounds one after another (a conversation's turns, users one after another),
 or `{"evict": "short" | "long"}` between two (`evict`: one kind of KV-cache group's cached blocks dropped); a request
-may carry `sampling` (SamplingParams values, e.g. `{"n": 3, "seed": 5, "temperature": 1.0}`; greedy without).
+may carry `sampling` (SamplingParams values, e.g. `{"n": 3, "seed": 5, "temperature": 1.0}`; greedy without) and
+`priority` (an engine with `scheduling_policy="priority"`).
 Consecutive runs of one checkpoint and engine options share one engine, its prefix cache and multimodal caches reset
 between them (each run starts with an empty cache, as in an engine of its own); the engines start one after the
 other in this one process (vLLM's import and start-up once a configuration, not once a test). OUT, per run: per
@@ -81,7 +82,11 @@ def run_rounds(llm, scheduler, run: dict, preempted: list) -> dict:
                                          ignore_eos=True) | request.get("sampling", {})))
                   for request in requests]
         deferred = getattr(scheduler, "deferrals", 0)
-        outputs = llm.generate([vllm_prompt(request) for request in requests], params, use_tqdm=False)
+        # (a request's `priority`, for an engine with scheduling_policy="priority")
+        priority = [request.get("priority", 0) for request in requests] if any(
+            "priority" in request for request in requests) else None
+        outputs = llm.generate([vllm_prompt(request) for request in requests], params, use_tqdm=False,
+                               priority=priority)
         round_deferrals.append(getattr(scheduler, "deferrals", 0) - deferred)
         rounds.append([{
             "request_id": out.request_id,

@@ -376,6 +376,8 @@ def _masked_reason(vllm_config, config) -> str | None:
         # a vLLM that moved what lvtc/saving/ imports
         return f"this vLLM ({vllm.__version__}) lacks what the saving path imports ({error!r}); tested: 0.32"
     missing = internals.missing_internals()
+    if _v2_runner(vllm_config):  # (its runner state's hooks: `saving/model_state.py`)
+        missing += internals.missing_internals(internals.V2_INTERNALS)
     if missing:
         return f"this vLLM ({vllm.__version__}) differs from 0.32 in {'; '.join(missing)} (docs/serving-vllm-lvtc.md)"
     return None

@@ -336,6 +336,25 @@ def _rows_from_tiles(tiles, qsl, seq_lens, p, request, short_per_tile: int, long
     return short, code
 
 
+def check_prompt_rows(rows: Sequence[Sequence[int]], tiles: RequestTiles, short_per_tile: int, long_per_tile: int
+                      ) -> None:
+    """Rows 1 and 2 of a whole prompt as a runner holds them for a request (V2's `RopeState` at `add_request`, from
+    `positions.saving_positions`) against those its tiles give (`_rows_from_tiles`, the short layout's arithmetic);
+    raises `ShortLayoutMismatch` where they differ. V2 builds each step's layout from the tiles alone (it writes a
+    step's rows after the metadata), so its rows are checked here, once per request, rather than per step as V1's."""
+    length = len(rows[0])
+    step = torch.tensor([0, length])
+    request = torch.zeros(length, dtype=torch.int64)
+    written, code = _rows_from_tiles([tiles], step, step[1:], torch.arange(length), request, short_per_tile,
+                                     long_per_tile)
+    held = torch.tensor([list(rows[0]), list(rows[1])], dtype=torch.int64)
+    if not (torch.equal(held[0], written) and torch.equal(held[1], code)):
+        bad = int(((held[0] != written) | (held[1] != code)).sum())
+        raise ShortLayoutMismatch(f"{bad} of a new request's {length} prompt tokens have position rows other than "
+                                  "its tiles give (the rows vLLM's runner holds for it, against the scheduler's "
+                                  "arithmetic)")
+
+
 #: the device assertion's message (at most 254 characters, PyTorch's limit)
 UNHELD_ON_DEVICE = ("InternVL-X LVTC saving path: a short-layout token of the step has no block in the short KV group; "
                     "the step was stopped (docs/serving-vllm-lvtc.md, lvtc_vllm_path masked)")

@@ -117,6 +117,48 @@ CONVERSATION_INTERNALS = {
 }
 
 
+#: What the saving path uses on vLLM's second model runner (V2, `model_state.py`) besides `INTERNALS`: checked where
+#: the engine runs V2 (a vLLM that differs gets the masked path with one log line, `path._masked_reason`). Each
+#: reads V2's modules when asked (they need not import where V1 runs).
+V2_INTERNALS = {
+    "V2 asks the model for its runner state (resolve_model_state_cls: get_model_state_cls()), a DefaultModelState "
+    "subclass with __init__(vllm_config, model, encoder_cache, device), add_request(req_index, new_req_data), "
+    "remove_request(req_id)": (
+        lambda: source_has(_v2("model_states").resolve_model_state_cls, 'hasattr(model, "get_model_state_cls")')
+        and _parameters(_v2("model_states.default").DefaultModelState.__init__) == [
+            "vllm_config", "model", "encoder_cache", "device"]
+        and _parameters(_v2("model_states.default").DefaultModelState.add_request) == ["req_index", "new_req_data"]
+        and _parameters(_v2("model_states.default").DefaultModelState.remove_request) == ["req_id"],
+        "V2 would keep no tiles per request (vLLM's default runner state) and the short builder would get none"),
+    "V2 builds a step's attention metadata (model_state.prepare_attn) before it writes the step's positions "
+    "(prepare_inputs), handing build_attn_metadata the state's model_specific_attn_metadata, whose "
+    "get_extra_attn_kwargs(attn_metadata_builder, num_reqs) gives each builder its arguments": (
+        lambda: _in_order(_v2("model_runner").GPUModelRunner.execute_model, "self.model_state.prepare_attn(",
+                          "self.model_state.prepare_inputs(input_batch")
+        and source_has(_v2("attn_utils").build_attn_metadata, "model_specific_attn_metadata.get_extra_attn_kwargs(")
+        and source_has(_v2("model_states.default").DefaultModelState.prepare_attn,
+                       "model_specific_attn_metadata=model_specific_attn_metadata")
+        and _parameters(_v2("model_states.interface").ModelSpecificAttnMetadata.get_extra_attn_kwargs) == [
+            "attn_metadata_builder", "num_reqs"],
+        "the short builder would get no tiles for the step (it stops), or get them for another step"),
+    "RopeState.init_prefill_positions stages each request's rows on the host (StagedWriteTensor.stage_write: "
+    "_staged_write_indices, _staged_write_contents, _staged_write_cu_lens), row num_dims * req_index + i": (
+        lambda: source_has(_v2("mm.rope").RopeState.init_prefill_positions,
+                           "self.prefill_positions.stage_write(self.num_dims * req_idx + i, 0, pos)")
+        and source_has(_v2("buffer_utils").StagedWriteTensor.stage_write, "self._staged_write_indices.append(index)",
+                       "self._staged_write_contents.extend(x)",
+                       "self._staged_write_cu_lens.append(len(self._staged_write_contents))"),
+        "a new request's rows could not be checked against its tiles (`model_state.staged_rows`)"),
+}
+
+
+def _v2(module: str):
+    """A module of vLLM's second model runner, `vllm.v1.worker.gpu.<module>`."""
+    import importlib
+
+    return importlib.import_module(f"vllm.v1.worker.gpu.{module}")
+
+
 def leaves_zero_token_requests_unscheduled(schedule_source: str) -> bool:
     """Whether both of `Scheduler.schedule`'s loops ask `_reserve_prefill_lookahead` last and leave a request it
     answers 0 for unscheduled this step: the running loop goes on to the next request, the waiting loop stops (the

@@ -4,7 +4,9 @@ from when the runner adds the request (its `mm_features`, the arithmetic of the 
 
 V2 builds attention metadata (`ModelState.prepare_attn`) before it writes the step's M-RoPE rows
 (`ModelState.prepare_inputs`), so the builder cannot check the rows as it does on V1; it builds the layout from the
-tiles alone (`short_layout.short_layout(..., tiles=)`), on the host. A model brings its own state through
+tiles alone (`short_layout.short_layout(..., tiles=)`), on the host. The rows V2 stages for each request when it adds
+it (the prompt's, from which it computes every step's) are checked against the request's tiles then
+(`short_layout.check_prompt_rows`). A model brings its own state through
 `get_model_state_cls()` (`vllm/v1/worker/gpu/model_states/__init__.py`), and a state hands builders extra arguments
 through `ModelSpecificAttnMetadata.get_extra_attn_kwargs` (read in vLLM 0.32; `tests/test_vllm_lvtc_savings.py` runs
 this class through V2's own `prepare_attn` and guards the order on V2's source).
@@ -17,6 +19,7 @@ from typing import Any
 from vllm.v1.worker.gpu.model_states.default import DefaultModelState
 from vllm.v1.worker.gpu.model_states.interface import ModelSpecificAttnMetadata
 
+from internvlx_hf.vllm.lvtc.short_layout import check_prompt_rows
 from internvlx_hf.vllm.lvtc.tiles import RequestTiles
 
 
@@ -50,7 +53,9 @@ class LVTCModelState(DefaultModelState):
 
     def add_request(self, req_index: int, new_req_data) -> None:
         super().add_request(req_index, new_req_data)
-        self.lvtc_tiles[new_req_data.req_id] = RequestTiles.of(new_req_data, *self.lvtc_sizes)
+        tiles = self.lvtc_tiles[new_req_data.req_id] = RequestTiles.of(new_req_data, *self.lvtc_sizes)
+        if self.rope_state is not None:  # the rows V2 just staged for the request: the ones its tiles give
+            check_prompt_rows(staged_rows(self.rope_state, req_index)[1:], tiles, *self.lvtc_sizes)
 
     def remove_request(self, req_id: str) -> None:
         super().remove_request(req_id)
@@ -71,3 +76,16 @@ class LVTCModelState(DefaultModelState):
         return super().prepare_attn(input_batch, cudagraph_mode, block_tables, slot_mappings, attn_groups,
                                     kv_cache_config, for_capture=for_capture, ubatch_idx=ubatch_idx,
                                     model_specific_attn_metadata=step)
+
+
+def staged_rows(rope_state, req_index: int) -> list[list[int]]:
+    """The position rows V2's `RopeState.init_prefill_positions` staged for the request in slot `req_index` (its
+    `StagedWriteTensor`'s pending writes on the host, row ``num_dims * req_index + i`` for row ``i``: vLLM 0.32,
+    `V2_INTERNALS`), the latest write of each row."""
+    staged = rope_state.prefill_positions
+    bounds = [0, *staged._staged_write_cu_lens]
+    rows = {}
+    for write, index in enumerate(staged._staged_write_indices):
+        rows[index] = staged._staged_write_contents[bounds[write]: bounds[write + 1]]
+    base = rope_state.num_dims * req_index
+    return [list(rows[base + i]) for i in range(rope_state.num_dims)]
