@@ -557,11 +557,16 @@ def test_off_vllms_cpu_platform_lvtc_takes_the_masked_path_and_refuses_the_savin
     from internvlx_hf.vllm.lvtc.geometry import lvtc_geometry_of
     from internvlx_hf.vllm.lvtc.path import choose_lvtc_path
 
+    from internvlx_hf.vllm.lvtc.saving.internals import V2_INTERNALS, missing_internals
+
     load_general_plugins()
     folder = build_checkpoint(tmp_path / "lvtc", llm="qwen2", lvtc=dict(expand_layer=2), text=dict(head_dim=32))
     vllm_config = EngineArgs(model=str(folder), dtype="float32", max_model_len=4096).create_engine_config()
     config = vllm_config.model_config.hf_config
     assert config.lvtc_vllm_path == "saving"  # (on the CPU platform)
+    # V2's modules, which the check of its hooks imports, read the platform when imported: imported here on the CPU's
+    # (on a GPU they import on its own), before the stand-in below
+    assert missing_internals(V2_INTERNALS) == []
     monkeypatch.setattr(vllm.platforms, "_current_platform", SimpleNamespace(
         is_cpu=lambda: False, device_name="cuda", support_hybrid_kv_cache=lambda: True))
     v2 = lambda on: property(lambda self: on)  # noqa: E731 (VLLM_USE_V2_MODEL_RUNNER, as vLLM reads it)

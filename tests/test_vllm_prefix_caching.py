@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -140,15 +141,30 @@ def image_span(folder: Path, request: dict) -> tuple[list[int], int]:
 
 
 def resumable(folder: Path, request: dict, hit: int, last_tile: int, cached_prompt: int, block: int = BLOCK) -> bool:
-    """Whether `hit` is the latest point of the last tile's HR-only slots where a step can resume it, below both the
-    full blocks of the prompt in the cache (`cached_prompt` tokens) and the new prompt's common part with it."""
-    from internvlx_hf.vllm.lvtc.geometry import lr_slots_to_recompute
+    """Whether `hit` resumes the last tile at an HR-only slot where a step can, within one HR row of the latest such
+    slot below both the full blocks of the prompt in the cache (`cached_prompt` tokens) and the new prompt's common
+    part with it. "Can": from that slot on, the LR slots layer k reads (torch's interpolation weights,
+    `test_lvtc_tiles.lr_slots_read`) and those after the last full short block before the tile's LR end (whose K/V
+    the cache does not hold) are carried in the tile's HR-only slots the step holds (slot ``long - short + j`` carries
+    LR slot ``j``). Independent of the plugin's arithmetic, which recomputes whole LR rows (one more above), and so
+    resumes up to one HR row earlier than this latest slot."""
+    from test_lvtc_tiles import lr_slots_read
 
+    from internvlx_hf.vllm.lvtc.geometry import lvtc_geometry_of
+
+    config = InternVLXForConditionalGeneration.config_class.from_pretrained(folder)
+    reads = lr_slots_read(SHORT, LONG, lvtc_geometry_of(config).upsample_mode)
+    first_read = [min(min(reads[later]) for later in range(slot, LONG)) for slot in range(LONG)]
     short_end = last_tile - (len(image_span(folder, request)[0]) - 1) * (LONG - SHORT) + SHORT
+
+    def can_resume(slot: int) -> bool:
+        carried = SHORT - min(first_read[slot], SHORT - short_end % block)  # the tile's last LR slots recomputed
+        return SHORT <= slot and slot <= LONG - carried
+
     bound = min(cached_prompt // block * block, last_tile + LONG - 1) - last_tile
-    want = next(slot for slot in range(bound, SHORT - 1, -1)
-                if lr_slots_to_recompute(slot, short_end, SHORT, LONG, block))
-    return hit == last_tile + want
+    latest = next(slot for slot in range(bound, SHORT - 1, -1) if can_resume(slot))
+    side = math.isqrt(LONG)
+    return latest - side < hit - last_tile <= bound and can_resume(hit - last_tile)
 
 
 CHAT_ROUNDS = {hr_scale: served_run(f"chat-{hr_scale}", checkpoint, [[turn] for turn in conversation(4, image_seed=2)])
@@ -355,29 +371,29 @@ def test_a_request_that_resumed_a_tile_is_preempted_and_answers_as_transformers(
     assert_transformers_answers(folder, rounds, result, max_tokens=64)
 
 
-#: Eight 1-tile requests sent together, the later ones first in priority, decoding 128 tokens each in a pool of 20
-#: blocks of 64 (each request takes 5 of them for its prompt, 7 by the end): vLLM's priority scheduling preempts the
-#: running requests of lower priority when the pool runs out.
+#: Six 1-tile requests sent together, the later ones first in priority, decoding 64 tokens each in a pool of 17
+#: blocks of 64 (each request takes 5 of them for its prompt, 6 by the end): vLLM admits three, and its priority
+#: scheduling preempts the running requests of lower priority when the pool runs out.
 PRIORITY_ROUNDS = served_run(
     "priority", "k2",
     [[request_spec("<image>\nWhat is this?", images=[(*ONE_TILE, seed)]) | {"priority": 70 - seed}
-      for seed in range(60, 68)]],
-    engine=dict(scheduling_policy="priority", num_gpu_blocks_override=20, max_model_len=1024,
-                mm_processor_kwargs={"max_tiles": 1}), max_tokens=128)  # (one tile per image: whole prompts a step)
+      for seed in range(60, 66)]],
+    engine=dict(scheduling_policy="priority", num_gpu_blocks_override=17, max_model_len=1024,
+                mm_processor_kwargs={"max_tiles": 1}), max_tokens=64)  # (one tile per image: whole prompts a step)
 
 
 def test_priority_scheduling_takes_the_masked_path_and_its_preemptions_answer_as_transformers(served):
     """An LVTC engine with vLLM's priority scheduling, which may preempt a request it scheduled in the same step after
     its new blocks were entered in the prefix cache (freed uncomputed with their keys, where the saving path's
     admissions do not account for it): the engine takes the masked path and says why; there, vLLM's priority
-    preemptions (eight requests in a pool that holds two of them whole) leave every answer transformers'."""
+    preemptions (six requests in a pool that holds two of them whole) leave every answer transformers'."""
     folder, result = result_of(served, "priority")
     log = result["log"]
     assert "LVTC path: masked" in log and "because priority scheduling is on (--scheduling-policy priority)" in log, \
         log[-3000:]
     assert result["short_groups"] == 0 and result["caching"] is False
     assert result["preempted"], result["preempted"]  # (vLLM's own scheduler: preempted requests recorded)
-    assert_transformers_answers(folder, PRIORITY_ROUNDS, result, max_tokens=128)
+    assert_transformers_answers(folder, PRIORITY_ROUNDS, result, max_tokens=64)
 
 
 BOTH_CHAT = conversation(2, image_seed=50)
