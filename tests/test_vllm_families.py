@@ -135,8 +135,8 @@ def _requests(folder: Path, names: list[str]) -> list[dict]:
 
 
 class _Checkpoints(dict):
-    """(family, variant) checkpoints by name "family-variant", each converted when first asked for: `.ci/run` runs the
-    parallel engines' tests apart from the matrix, and each run builds only the checkpoints it serves."""
+    """(family, variant) checkpoints by name "family-variant", each converted when first asked for: a run of some of
+    the module's tests (`-k`, `INTERNVLX_VLLM_CASES`) builds only the checkpoints they serve."""
 
     def __init__(self, root: Path):
         super().__init__()
