@@ -314,6 +314,17 @@ def test_the_saving_paths_vllm_internals_are_those_of_the_vllm_installed():
     assert f"the `vllm` extra pins `{pin}`" in (REPO_ROOT / "docs" / "serving-vllm-lvtc.md").read_text()
 
 
+def _each_reported_alone(monkeypatch, table: dict, removals: dict) -> None:
+    """Each of `removals` (an entry's name -> how a later vLLM could change it) makes `missing_internals(table)`
+    report that entry and only it, and nothing once undone."""
+    missing_internals = _saving("internals").missing_internals
+    for name, remove in removals.items():
+        with monkeypatch.context() as patch:
+            remove(patch)
+            assert missing_internals(table) == [name], name
+        assert missing_internals(table) == []
+
+
 @pytest.mark.vllm
 @needs_vllm
 def test_each_vllm_internal_of_the_saving_path_is_reported_when_vllm_lacks_it(monkeypatch):
@@ -345,11 +356,7 @@ def test_each_vllm_internal_of_the_saving_path_is_reported_when_vllm_lacks_it(mo
             lambda patch: patch.setattr(saving, "support_torch_compile", lambda cls=None, dynamic_arg_dims=None: cls),
     }
     assert set(removals) == set(saving.INTERNALS)
-    for name, remove in removals.items():
-        with monkeypatch.context() as patch:
-            remove(patch)
-            assert saving.missing_internals() == [name], name
-        assert saving.missing_internals() == []
+    _each_reported_alone(monkeypatch, saving.INTERNALS, removals)
 
 
 @pytest.mark.vllm
@@ -373,11 +380,7 @@ def test_each_vllm_internal_of_the_v2_runner_is_there_and_reported_when_vllm_lac
         names[2]: lambda patch: patch.setattr(rope.RopeState, "init_prefill_positions", lambda *args: None),
     }
     assert len(removals) == len(table)
-    for name, remove in removals.items():
-        with monkeypatch.context() as patch:
-            remove(patch)
-            assert saving.missing_internals(table) == [name], name
-        assert saving.missing_internals(table) == []
+    _each_reported_alone(monkeypatch, table, removals)
     # the order V2 takes (metadata before positions), read in its step, reported when it changes
     with monkeypatch.context() as patch:
         patch.setattr(GPUModelRunner, "execute_model", lambda self, scheduler_output: None)
@@ -421,11 +424,7 @@ def test_each_vllm_internal_of_prefix_caching_and_chunking_is_reported_and_the_e
             lambda patch: patch.delattr(saving.KVCacheCoordinator, "new_step_starts"),
     }
     assert set(removals) == set(table)
-    for name, remove in removals.items():
-        with monkeypatch.context() as patch:
-            remove(patch)
-            assert saving.missing_internals(table) == [name], name
-        assert saving.missing_internals(table) == []
+    _each_reported_alone(monkeypatch, table, removals)
     load_general_plugins()
     folder = build_checkpoint(tmp_path / "lvtc", llm="qwen2", lvtc=dict(expand_layer=2), text=dict(head_dim=32))
     chunking = ("Scheduler._reserve_prefill_lookahead(request, num_computed_tokens, num_new_tokens), the last word on "

@@ -154,7 +154,9 @@ def resumable(folder: Path, request: dict, hit: int, last_tile: int, cached_prom
 
     config = InternVLXForConditionalGeneration.config_class.from_pretrained(folder)
     reads = lr_slots_read(SHORT, LONG, lvtc_geometry_of(config).upsample_mode)
-    first_read = [min(min(reads[later]) for later in range(slot, LONG)) for slot in range(LONG)]
+    first_read = [min(slot_reads) for slot_reads in reads]  # then, from each slot on: the first LR slot read
+    for slot in range(LONG - 2, -1, -1):
+        first_read[slot] = min(first_read[slot], first_read[slot + 1])
     short_end = last_tile - (len(image_span(folder, request)[0]) - 1) * (LONG - SHORT) + SHORT
 
     def can_resume(slot: int) -> bool:
