@@ -36,6 +36,9 @@ from vllm_helpers import (  # noqa: E402
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
+#: A tiny InternVL3.5-Flash checkpoint (Qwen3, the router on)
+FLASH = dict(llm="qwen3", text=dict(head_dim=64), vir={}, seed=1)
+
 #: name -> (checkpoint options, the requests it answers)
 ENGINES = {
     "qwen2-mlp": (dict(llm="qwen2", projector="mlp"), list(REQUESTS)),
@@ -66,9 +69,26 @@ ENGINES = {
     "qwen2-pvtc-k=depth": (dict(llm="qwen2", projector="pvtc", tiling="area", max_tiles=4,
                                 lvtc=dict(expand_layer=4, num_lr_projectors=2, inject_start=2)),
                            ["text", "6 tiles", "13 tiles", "two images"]),
+    # InternVL3.5-Flash with its router (64-wide heads, as InternVL3.5's LLMs have 128): routed when vLLM admits each
+    # request (`internvlx_hf.vllm.router`). Seed 1's router compresses some tiles of each multi-tile image and keeps
+    # others the relative quantile alone would compress (p0 above it but below the absolute threshold 0.5).
+    "qwen3-flash": (FLASH, ["text", "1 tile", "6 tiles", "13 tiles", "two images", "video"]),
+    "qwen3_moe-flash": (dict(FLASH, llm="qwen3_moe", text=dict(head_dim=64, num_experts=4, num_experts_per_tok=2,
+                                                                  moe_intermediate_size=64, norm_topk_prob=True)),
+                        ["6 tiles", "two images"]),
+    # the same weights without the router (as plain InternVL3.5: 16 tokens per tile here)
+    "qwen3-flash-off": (FLASH, ["6 tiles", "two images"]),
 }
 ENGINE_OPTIONS = dict(dtype="float32", enforce_eager=True, max_model_len=4096, max_num_batched_tokens=4096,
                       gpu_memory_utilization=0.15, max_num_seqs=8, limit_mm_per_prompt={"image": 2, "video": 1})
+
+#: Engines started otherwise: the router's with vLLM's compilation on, prefill chunks of 48 tokens (a routed image
+#: spans several) and blocks of 32 tokens (prefix-cache hits on the shortened prompts); the router off by override.
+ENGINE_OVERRIDES = {
+    "qwen3-flash": dict(enforce_eager=False, max_num_batched_tokens=48, block_size=32),
+    "qwen3_moe-flash": dict(block_size=32),
+    "qwen3-flash-off": dict(hf_overrides={"vir": {"enabled": False}}),
+}
 
 
 #: 16 requests with a 13-tile image each (832 long-layout slots) in a step budget of exactly 4 such images: vLLM
@@ -105,7 +125,7 @@ def served(tmp_path_factory):
     folders, specs = {}, {}
     for name, (options, requests) in ENGINES.items():
         folders[name] = build_checkpoint(root / name, **options)
-        specs[name] = {"checkpoint": str(folders[name]), "engine": ENGINE_OPTIONS,
+        specs[name] = {"checkpoint": str(folders[name]), "engine": {**ENGINE_OPTIONS, **ENGINE_OVERRIDES.get(name, {})},
                        "requests": [REQUESTS[r] for r in requests]}
     # a tokenizer limit below the prompts' long-layout length and max_model_len (as a converted Qwen2's 8192 against
     # its LLM's 32768): see `test_no_tokenizer_length_warning_for_prompts_within_max_model_len`
@@ -135,6 +155,9 @@ def served(tmp_path_factory):
         specs[f"{name} embeds"] = {"checkpoint": str(folders[name]),
                                    "engine": dict(ENGINE_OPTIONS, enable_mm_embeds=True),
                                    "requests": [{**REQUESTS[request_name], "images": [], "image_embeds": str(path)}]}
+    # Requests the router's engine finishes with an error (see `test_the_router_refuses_what_a_shortened_prompt`)
+    specs["qwen3-flash"]["refused"] = [{**REQUESTS["6 tiles"], "sampling": {"prompt_logprobs": 1}},
+                                       {**REQUESTS["text"], "sampling": {"prompt_logprobs": 1}}]
     # A burst of LVTC requests whose images fill the step's token budget (see `test_a_burst_of_lvtc_images`)
     specs["burst"] = {"checkpoint": str(folders["llama-lvtc"]), "engine": BURST_ENGINE_OPTIONS,
                       "requests": BURST_REQUESTS}
@@ -167,8 +190,10 @@ def image_embeds(folder, request) -> list[torch.Tensor]:
     return embeds
 
 
-def _reference(folder, request):
+def _reference(folder, request, router: bool = True):
     model = InternVLXForConditionalGeneration.from_pretrained(folder).eval()
+    if not router:  # (the same weights as plain InternVL3.5)
+        model.config.vir.enabled = False
     processor = InternVLXProcessor.from_pretrained(folder)
     images = [image(w, h, seed) for w, h, seed in request["images"]] or None
     videos = [video(frames, seed) for frames, seed in request["videos"]] or None
@@ -189,10 +214,51 @@ def test_greedy_tokens_and_logprobs_equal_transformers(served, engine, request_n
     folders, results = served
     assert "error" not in results[engine], results[engine].get("error")
     index = ENGINES[engine][1].index(request_name)
-    reference = _reference(folders[engine], REQUESTS[request_name])
+    reference = _reference(folders[engine], REQUESTS[request_name], router=engine != "qwen3-flash-off")
     assert_lvtc_path(results[engine], reference, f"{engine} {request_name}")
     for mode in ("alone", "together"):  # one request at a time, and all of the engine's requests in one batch
         assert_same_generation(results[engine][mode][index], reference, f"{engine} {request_name} ({mode})")
+
+
+def _routed_length(folder, request) -> int:
+    """The prompt's length after transformers' router (`InternVLXModel.route`; a text prompt's own)."""
+    model = InternVLXForConditionalGeneration.from_pretrained(folder).eval()
+    processor = InternVLXProcessor.from_pretrained(folder)
+    inputs = processor(text=request["prompt"], images=[image(*i) for i in request["images"]] or None,
+                       videos=[video(*v) for v in request["videos"]] or None, return_tensors="pt",
+                       **request["mm_processor_kwargs"])
+    if "pixel_values" not in inputs:
+        return inputs.input_ids.shape[1]
+    return model.model.route(inputs.input_ids, inputs.pixel_values).input_ids.shape[1]
+
+
+def test_the_router_holds_the_shortened_prompt_and_the_prefix_cache_serves_it(served):
+    """With the router on, vLLM holds each request's prompt as transformers' router shortens it: resent (the engine's
+    requests all at once, after each alone), each request's prefix-cache hit is every whole block (32 tokens) of the
+    shortened prompt but the one its last token needs (vLLM recomputes that token). The prompt as sent, 16 tokens per
+    tile, would give more wherever a tile was compressed (6 and 13 tiles: 96 and 192 instead of 64 and 96)."""
+    folders, results = served
+    assert "error" not in results["qwen3-flash"], results["qwen3-flash"].get("error")
+    hits = []
+    for index, name in enumerate(ENGINES["qwen3-flash"][1]):
+        short = _routed_length(folders["qwen3-flash"], REQUESTS[name])
+        got = results["qwen3-flash"]["together"][index]
+        hits.append((name, got["cached_tokens"], 32 * ((short - 1) // 32), 32 * ((len(got["prompt_token_ids"]) - 1)
+                                                                                // 32)))
+    assert [(name, got) for name, got, _, _ in hits] == [(name, short) for name, _, short, _ in hits], hits
+    assert [sent for name, _, _, sent in hits if name in ("6 tiles", "13 tiles")] == [96, 192]
+
+
+def test_the_router_refuses_what_a_shortened_prompt_cannot_answer_as_sent(served):
+    """Prompt logprobs of a request with an image: vLLM would give them for the prompt the router shortened, so the
+    request is finished with an error and the reason in the log; the same for a text prompt is answered (nothing is
+    shortened)."""
+    _, results = served
+    refused = results["qwen3-flash"]["refused"]
+    assert refused[0] == {"finish_reason": "error", "tokens": []}, refused[0]
+    assert refused[1]["finish_reason"] == "length" and len(refused[1]["tokens"]) == 4, refused[1]
+    assert "finished with an error: prompt logprobs were asked for, and the router shortened the prompt" in (
+        results["log"])
 
 
 def test_v1_dummy_runs_with_a_kv_cache_and_no_metadata_write_nothing_and_answers_follow(served):
@@ -911,10 +977,10 @@ def test_unused_slots_get_exactly_zero_attention_weight(dtype):
     assert torch.equal(logits[:, :, ~masked], plain[:, :, ~masked])
 
 
-def test_a_flash_models_router_weights_are_left_out_of_vllms_model():
-    """With the router off (the only way the plugin serves a Flash folder, `config_hook.check_router`), its
-    pooling, gate and 64-token projector have no place in vLLM's model: the weight names vLLM loads skip them and keep
-    the rest."""
+def test_a_flash_models_router_weights_are_left_out_of_vllms_model_with_the_router_off():
+    """With the router off (`hf_overrides={"vir": {"enabled": false}}`), a Flash folder's pooling, gate and 64-token
+    projector have no place in vLLM's model: the weight names vLLM loads skip them and keep the rest; with it on they
+    load into the model's `vir`."""
     from internvlx_hf.vllm.model import vllm_weights
 
     weight = torch.zeros(2, 2)
@@ -922,3 +988,48 @@ def test_a_flash_models_router_weights_are_left_out_of_vllms_model():
              "model.multi_modal_projector.linear_1.weight", "model.language_model.norm.weight", "lm_head.weight"]
     assert [name for name, _ in vllm_weights([(n, weight) for n in names], vision_layers=2)] == [
         "multi_modal_projector.linear_1.weight", "language_model.model.norm.weight", "language_model.lm_head.weight"]
+    assert [name for name, _ in vllm_weights([(n, weight) for n in names], vision_layers=2, router=True)] == [
+        "vir.pooling.query_token", "vir.gating.proj.weight", "vir.projector.linear_1.weight",
+        "multi_modal_projector.linear_1.weight", "language_model.model.norm.weight", "language_model.lm_head.weight"]
+
+
+def test_each_vllm_internal_the_router_uses_is_reported_when_vllm_lacks_it_and_stops_the_start(monkeypatch):
+    """Each entry of `router.internals.ROUTER_INTERNALS`, taken from the installed vLLM as a later vLLM could change
+    it, is reported alone; the router's scheduler then stops the engine's start naming it (`check_internals`) rather
+    than serve prompts it could not shorten."""
+    import dataclasses
+
+    from vllm.v1.request import Request
+
+    from internvlx_hf.vllm.router import internals
+    from test_vllm_lvtc_savings import _each_reported_alone
+
+    class Executor:
+        def collective_rpc(self, function, *args):
+            pass
+
+    class EncoderCacheManager:
+        def check_and_update_cache(self, request, input_id):
+            return request.mm_features[input_id].mm_hash in ()
+
+    removals = {
+        "Request: prompt_token_ids, _all_token_ids, num_prompt_tokens, block_hashes, update_block_hashes()":
+            lambda patch: patch.delattr(Request, "update_block_hashes"),
+        "MultiModalFeatureSpec(data, modality, identifier, mm_position) and PlaceholderRange(offset, length, is_embed)":
+            lambda patch: patch.setattr(internals, "MultiModalFeatureSpec", dataclasses.make_dataclass(
+                "MultiModalFeatureSpec", [("data", object), ("modality", str), ("mm_position", object)])),
+        "MultiModalFieldElem(data, field)": lambda patch: patch.setattr(
+            internals, "MultiModalFieldElem", dataclasses.make_dataclass("MultiModalFieldElem", [("data", object)])),
+        "the encoder cache and the prefix cache's keys read each item's identifier":
+            lambda patch: patch.setattr(internals, "EncoderCacheManager", EncoderCacheManager),
+        "EngineCore builds its executor before its scheduler; Executor.collective_rpc(method, timeout, args)":
+            lambda patch: patch.setattr(internals, "Executor", Executor),
+    }
+    assert set(removals) == set(internals.ROUTER_INTERNALS)
+    _each_reported_alone(monkeypatch, internals.ROUTER_INTERNALS, removals)
+    internals.check_internals()
+    monkeypatch.setattr(internals, "Executor", Executor)
+    with pytest.raises(RuntimeError, match=r"vLLM \S+ differs from 0\.32 in what the router uses: EngineCore builds "
+                                           r"its executor .* \(the scheduler cannot reach the worker that routes "
+                                           r"each request\)\. Serve with vLLM 0\.32 .* or without the router"):
+        internals.check_internals()

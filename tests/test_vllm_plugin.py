@@ -343,17 +343,70 @@ def test_a_prompt_with_fewer_tags_than_images_is_refused(converted):
         expand_tags("<image>\nCompare.", [4, 4], [], 4, tokens)
 
 
-def test_a_flash_model_with_its_router_on_is_refused_at_start_and_served_with_it_off():
-    """InternVL3.5-Flash's router (config.vir) does not run on vLLM yet: with it on, the config hook refuses the
-    checkpoint saying how to serve it (`internvlx serve`, or the same weights without the router); with it off (the
-    override the message gives, as vLLM applies it: a dict in place of the config's value) nothing is refused."""
-    from internvlx_hf.vllm.config_hook import UnsupportedCheckpoint, check_router
+def _engine(tensor=1, pipeline=1, backend=None, kv=None, ec=None, scheduler=None):
+    """The parts of vLLM's `VllmConfig` the router's settings read."""
+    return SimpleNamespace(
+        parallel_config=SimpleNamespace(tensor_parallel_size=tensor, pipeline_parallel_size=pipeline,
+                                        distributed_executor_backend=backend),
+        kv_transfer_config=kv, ec_transfer_config=ec, scheduler_config=SimpleNamespace(scheduler_cls=scheduler))
+
+
+def test_a_flash_model_with_its_router_on_gets_the_routing_scheduler_and_what_it_cannot_run_with_is_refused():
+    """InternVL3.5-Flash's router on vLLM (`internvlx_hf.vllm.router`): with it on, the engine's scheduler is the one
+    that routes each request it admits, said in the start-up block with its costs; settings that would put the worker
+    out of the scheduler's reach (tensor or pipeline parallel, another executor) or move KV blocks or encoder
+    outputs elsewhere, or a scheduler of the user's that does not route, are refused in one line naming each fix and
+    the override that serves the weights without the router. With the router off (the override, as vLLM applies it: a
+    dict in place of the config's value) or absent, nothing is set."""
+    from internvlx_hf.vllm.engine_settings import EngineSettings, UnsupportedCheckpoint
+    from internvlx_hf.vllm.router.config import ROUTER_OFF, ROUTER_SCHEDULER, configure_router
 
     config = tiny_config(vir={})
-    with pytest.raises(UnsupportedCheckpoint, match=r"InternVL3\.5-Flash model: its router .* `internvlx serve ./x`") \
-            as caught:
-        check_router(config, "./x")
-    assert '{"vir": {"enabled": false}}' in str(caught.value) and "\n" not in str(caught.value)
-    config.vir = {"enabled": False}
-    check_router(config, "./x")
-    check_router(tiny_config(), "./x")  # no router
+    engine, settings = _engine(), EngineSettings("./x")
+    configure_router(engine, config, settings, "./x")
+    assert engine.scheduler_config.scheduler_cls == ROUTER_SCHEDULER
+    assert settings.lines[0].startswith(f"scheduler_cls: None -> {ROUTER_SCHEDULER!r}")
+    assert settings.lines[1].startswith("InternVL3.5-Flash router on: when vLLM admits a request")
+    for options, fix in ((dict(tensor=2), "--tensor-parallel-size 1 --pipeline-parallel-size 1"),
+                         (dict(pipeline=2), "--tensor-parallel-size 1 --pipeline-parallel-size 1"),
+                         (dict(backend="ray"), "no --distributed-executor-backend"),
+                         (dict(kv=object()), "no --kv-transfer-config"),
+                         (dict(ec=object()), "no --ec-transfer-config"),
+                         (dict(scheduler="my.Scheduler"), "no --scheduler-cls")):
+        with pytest.raises(UnsupportedCheckpoint, match=r"InternVL3\.5-Flash checkpoint \./x: its router") as caught:
+            configure_router(_engine(**options), config, EngineSettings("./x"), "./x")
+        assert fix in str(caught.value) and ROUTER_OFF in str(caught.value) and "\n" not in str(caught.value)
+    mine = type("Mine", (), {"router_scheduler_channel": True})  # a subclass of the router's scheduler mixin
+    engine = _engine(scheduler=mine, backend="mp")  # (vLLM's CPU platform runs its one worker with "mp")
+    configure_router(engine, config, EngineSettings("./x"), "./x")
+    assert engine.scheduler_config.scheduler_cls is mine
+    for off in ({"enabled": False}, None):
+        config.vir = off
+        engine, settings = _engine(), EngineSettings("./x")
+        configure_router(engine, config, settings, "./x")
+        assert engine.scheduler_config.scheduler_cls is None and settings.lines == []
+
+
+def test_a_routed_prompt_loses_each_compressed_tiles_placeholders_after_its_first_quarter():
+    """`router.admission.shortened`, written out: a two-tile image whose first tile is compressed and a one-tile image
+    compressed (4 placeholders per tile, 1 kept), then a video-like item (its frames' placeholders between labels)
+    whose second frame is compressed: the prompt keeps text, tags and labels, each compressed tile its first
+    placeholder, and each item's offset, length and embedding mask follow; a tile count that does not match the
+    item's placeholders is refused."""
+    from internvlx_hf.vllm.router.admission import Placement, decisions_tag, shortened
+
+    ids = [1, 2, 90, 10, 11, 12, 13, 14, 15, 16, 17, 91, 3, 90, 20, 21, 22, 23, 91, 4]
+    image_a = Placement(2, 10, (False,) + (True,) * 8 + (False,))
+    image_b = Placement(13, 6, (False, True, True, True, True, False))
+    new, moved = shortened(ids, [image_a, image_b], [[True, False], [True]], per_tile=4, kept=1)
+    assert new == [1, 2, 90, 10, 14, 15, 16, 17, 91, 3, 90, 20, 91, 4]
+    assert moved == [Placement(2, 7, (False, True, True, True, True, True, False)),
+                     Placement(10, 3, (False, True, False))]
+    video = [5, 70, 90, 30, 31, 32, 33, 91, 71, 90, 40, 41, 42, 43, 91, 6]
+    frames = Placement(1, 14, (False, False) + (True,) * 4 + (False,) * 3 + (True,) * 4 + (False,))
+    new, moved = shortened(video, [frames], [[False, True]], per_tile=4, kept=1)
+    assert new == [5, 70, 90, 30, 31, 32, 33, 91, 71, 90, 40, 91, 6]
+    assert moved == [Placement(1, 11, (False, False) + (True,) * 4 + (False,) * 3 + (True, False))]
+    with pytest.raises(ValueError, match=r"item 1 of the prompt has 4 image tokens for 2 tiles of 4"):
+        shortened(ids, [image_a, image_b], [[True, False], [True, True]], per_tile=4, kept=1)
+    assert decisions_tag([True, False, True]) == "#vir=101"

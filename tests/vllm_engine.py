@@ -4,7 +4,8 @@ SPEC (JSON) lists engines, each a checkpoint, its engine options and its request
 twice: one at a time, then all at once (vLLM batches them). OUT gets, per engine and request, the prompt's token ids
 and the greedy tokens with their logprobs and each step's top `LOGPROBS`, both times (or, for an engine that did not
 start, its `error`), and the spec classes of its KV-cache groups; an engine given `dummy_runs` (token counts) makes
-V1's dummy forwards first (`dummy_run`). The engines run in this process (no worker processes), one after the other.
+V1's dummy forwards first (`dummy_run`); `refused` requests (with extra sampling options) are sent last, and their
+finish reasons kept. The engines run in this process (no worker processes), one after the other.
 """
 
 from __future__ import annotations
@@ -63,13 +64,20 @@ def run_engine(spec: dict) -> dict:
     # requests that also give their conversation (`messages`, text only): `LLM.chat`, as vLLM renders and tokenizes it
     chat = [_result(llm.chat(request["messages"], params, use_tqdm=False)[0])
             for request in spec["requests"] if request.get("messages")]
+    # requests the engine should finish with an error (`refused`: a request and its extra sampling options)
+    refused = []
+    for request in spec.get("refused", []):
+        out = llm.generate([vllm_prompt(request)], SamplingParams(temperature=0.0, max_tokens=4,
+                                                                  **request.get("sampling", {})), use_tqdm=False)[0]
+        refused.append({"finish_reason": out.outputs[0].finish_reason if out.outputs else None,
+                        "tokens": list(out.outputs[0].token_ids) if out.outputs else []})
     specs = kv_cache_specs(llm)
     prefix_caching = llm.llm_engine.vllm_config.cache_config.enable_prefix_caching
     block_size = llm.llm_engine.vllm_config.cache_config.block_size
     del llm
     gc.collect()
     return {"startup_s": startup, "dummy_runs": dummy_runs, "alone": alone, "together": together, "chat": chat,
-            "kv_cache_specs": specs,
+            "refused": refused, "kv_cache_specs": specs,
             "prefix_caching": prefix_caching, "block_size": block_size}
 
 

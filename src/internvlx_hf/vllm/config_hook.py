@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ..modeling.configuration_internvlx import LVTCConfig, ViRConfig
+from ..modeling.configuration_internvlx import LVTCConfig
 from ..vllm_compat import head_size_of, source_has
 from .engine_settings import LONGROPE_ROWS, EngineSettings, UnsupportedCheckpoint, cpu_head_sizes, prefix_caching_off
 from .lvtc.geometry import lvtc_geometry_of, row_width
 from .lvtc.path import configure_lvtc
+from .router.config import configure_router
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -87,9 +88,9 @@ class LVTCConfigHook:
                 f"(text_config.model_type {text.model_type!r}; supported: {', '.join(sorted(LLM_ARCHITECTURES))}); "
                 f"serve it with `internvlx serve {where}` instead."
             )
-        check_router(config, where)
         config.internvlx_config_hook = True  # what the model checks it was built after (`require_config_hook`)
         settings = EngineSettings(where)
+        configure_router(vllm_config, config, settings, where)
         _check_head_size(config, where)
         layout = lvtc_geometry_of(config)  # (once: the LVTC decisions take it)
         _check_vllm_internals(vllm_config, config, layout, where)
@@ -117,23 +118,6 @@ class LVTCConfigHook:
         if path is None and rows and longrope:
             prefix_caching_off(vllm_config, settings, LONGROPE_ROWS)
         settings.report()
-
-
-def check_router(config, where: str) -> None:
-    """InternVL3.5-Flash's router decides each tile's token count after the vision encoder, where vLLM has fixed the
-    request's length already: not run here yet. Serving every tile at 256 would answer as another model; with the
-    router switched off the weights are plain InternVL3.5, which the plugin serves."""
-    vir = getattr(config, "vir", None)
-    vir = ViRConfig.from_any(vir) if isinstance(vir, dict) else vir
-    if vir is None or not vir.enabled:
-        return
-    raise UnsupportedCheckpoint(
-        f"InternVL-X checkpoint {where} is an InternVL3.5-Flash model: its router (config.vir) gives each tile 256 or "
-        "64 tokens after the vision encoder, which the vLLM plugin does not run yet (serving every tile at 256 "
-        f"would not be this model's answer); serve it with `internvlx serve {where}`, or serve the same weights "
-        "without the router, as plain InternVL3.5, with hf_overrides={\"vir\": {\"enabled\": false}} "
-        "(vllm serve --hf-overrides '{\"vir\": {\"enabled\": false}}')."
-    )
 
 
 def _check_head_size(config, where: str) -> None:

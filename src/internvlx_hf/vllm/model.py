@@ -22,9 +22,11 @@ from vllm.model_executor.models.utils import (AutoWeightsLoader, PPMissingLayer,
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.sequence import IntermediateTensors
 
-from ..modeling.configuration_internvlx import LVTCConfig, image_and_patch
+from ..modeling.configuration_internvlx import LVTCConfig, ViRConfig, image_and_patch
 from ..modeling.projectors import attach_projectors
+from ..modeling.vir import ViRRouter, tile_tokens, vir_decisions
 from .config_hook import LLM_ARCHITECTURES, longrope_switch, needs_position_rows, require_config_hook
+from .router.config import router_on
 from .lvtc.geometry import lvtc_geometry_of, row_width
 from .lvtc.masked import MaskedLayers
 from .lvtc.positions import position_rows, read_rows, saving_positions
@@ -80,11 +82,12 @@ def _vision_name(name: str) -> str:
     return name
 
 
-def vllm_weights(weights: Iterable[tuple[str, torch.Tensor]], vision_layers: int
+def vllm_weights(weights: Iterable[tuple[str, torch.Tensor]], vision_layers: int, router: bool = False
                  ) -> Iterator[tuple[str, torch.Tensor]]:
     """This package's checkpoint names -> the names of `InternVLXForConditionalGeneration` below.
 
-    ViT layers past `select_layer` and their weights are skipped (vLLM builds only the layers that run)."""
+    ViT layers past `select_layer` and their weights are skipped (vLLM builds only the layers that run), and
+    InternVL3.5-Flash's router where the model runs without it (`router`: with it on)."""
     pending: dict[str, dict[str, torch.Tensor]] = {}
     for name, tensor in weights:
         if name.startswith("model.vision_tower."):
@@ -111,7 +114,8 @@ def vllm_weights(weights: Iterable[tuple[str, torch.Tensor]], vision_layers: int
         elif name.startswith("lm_head."):
             yield "language_model." + name, tensor
         elif name.startswith("model.vir."):
-            continue  # InternVL3.5-Flash's router: served with it off only (config_hook.check_router)
+            if router:  # InternVL3.5-Flash's router (`vir`): pooling, gate and the compressed tiles' projector
+                yield name[len("model."):], tensor
         elif name.startswith("model."):
             yield name[len("model."):], tensor
         else:
@@ -182,6 +186,10 @@ class InternVLXForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsM
                 if post_norm else nn.Identity()
             )
             attach_projectors(self, config)  # the model's own projectors, under the checkpoint's names
+            # InternVL3.5-Flash's router, run when the scheduler admits a request (`router/`, `route_tiles`)
+            self.router_on = router_on(config)
+            if self.router_on:
+                self.vir = ViRRouter(config)
         with self._mark_language_model(vllm_config):
             self.language_model = init_vllm_registered_model(
                 vllm_config=vllm_config, hf_config=text_config, prefix=maybe_prefix(prefix, "language_model"),
@@ -230,12 +238,18 @@ class InternVLXForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsM
     def _vit(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.vision_post_layernorm(self.vision_model(pixel_values=pixel_values))
 
-    def _item_features(self, pixel_values: torch.Tensor, tiles_per_item: list[int]) -> tuple[torch.Tensor, ...]:
-        """One `(tiles * tokens_per_tile, width)` tensor per image (or video), in order: the projector's output,
-        or with LVTC each tile's rows of every projector (`LVTCLayers.tile_rows`)."""
+    def _item_features(self, pixel_values: torch.Tensor, tiles_per_item: list[int],
+                       compressed: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """One `(tokens, width)` tensor per image (or video), in order: the projector's output, with LVTC each tile's
+        rows of every projector (`LVTCLayers.tile_rows`), with the router each compressed tile's rows from its
+        projector (`compressed`: the router's decision per tile, given by the scheduler in the items' data)."""
         if pixel_values.shape[0] == 0:
             return ()
         vit = self._vit(pixel_values)
+        if compressed is not None and bool(compressed.any()):
+            rows = tile_tokens(vit, compressed, self.multi_modal_projector, self.vir.projector)
+            per_tile = torch.where(compressed, self.config.compressed_tokens_per_tile, self.config.image_seq_length)
+            return tuple(rows.split([int(part.sum()) for part in per_tile.cpu().split(tiles_per_item)]))
         features = self.multi_modal_projector(vit)
         if self.lvtc is not None:
             features = self.lvtc.tile_rows(vit, features)
@@ -243,19 +257,36 @@ class InternVLXForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsM
         features = features.reshape(-1, features.shape[-1])
         return tuple(features.split([n * per_tile for n in tiles_per_item]))
 
+    @torch.inference_mode()
+    def route_tiles(self, pixels: list[torch.Tensor]) -> list[list[bool]]:
+        """The router's decisions for one request's tiles, `pixels` per image or video in prompt order (True:
+        compressed): the quantile over all of them, as transformers' scope "sample" (one request is one sample)."""
+        counts = [p.shape[0] for p in pixels]
+        device = next(self.vir.parameters()).device
+        vit = self._vit(torch.cat(pixels).to(device=device, dtype=self.model_dtype))
+        scores = self.vir.scores(vit)
+        vir = ViRConfig.from_any(self.config.vir)
+        compressed = vir_decisions(scores, [sum(counts)], vir.relative_threshold, vir.absolute_threshold)
+        return [part.tolist() for part in compressed.cpu().split(counts)]
+
     def embed_multimodal(self, **kwargs: object) -> MultiModalEmbeddings:
         embeddings: tuple[torch.Tensor, ...] = ()
+        # (None in vLLM's profiling runs, whose dummy items nobody routed: every tile at full size)
+        compressed = kwargs.get("vir_compressed") if self.router_on else None
+        if isinstance(compressed, torch.Tensor):
+            compressed = compressed.reshape(-1).bool()
         # vLLM groups the items by modality and calls once per group; the order of keys is the order of items.
         for key in kwargs:
             if key == "pixel_values":
-                embeddings += self._item_features(kwargs["pixel_values"], _counts(kwargs["image_num_patches"]))
+                embeddings += self._item_features(kwargs["pixel_values"], _counts(kwargs["image_num_patches"]),
+                                                  compressed)
             elif key == "image_embeds":  # the projector's output, given by the client (`--enable-mm-embeds`)
                 given = kwargs["image_embeds"]
                 items = given.unbind(0) if isinstance(given, torch.Tensor) and given.dim() == 3 else given
                 embeddings += tuple(item.reshape(-1, item.shape[-1]).to(self.model_dtype) for item in items)
             elif key == "pixel_values_videos":
                 frames = _counts(kwargs["video_num_frames"])
-                embeddings += self._item_features(kwargs["pixel_values_videos"], frames)
+                embeddings += self._item_features(kwargs["pixel_values_videos"], frames, compressed)
         return embeddings
 
     def embed_input_ids(self, input_ids: torch.Tensor, multimodal_embeddings: MultiModalEmbeddings | None = None,
@@ -306,7 +337,7 @@ class InternVLXForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsM
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         loader = AutoWeightsLoader(self)
-        return loader.load_weights(vllm_weights(weights, vision_layers_to_run(self.config)))
+        return loader.load_weights(vllm_weights(weights, vision_layers_to_run(self.config), self.router_on))
 
     def get_mm_mapping(self) -> MultiModelKeys:
         """Where vLLM's LoRA looks: the LLM (an adapter with weights on the ViT or the projectors is refused,

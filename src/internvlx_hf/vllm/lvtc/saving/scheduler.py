@@ -9,9 +9,10 @@ from vllm.v1.core.sched.scheduler import Scheduler
 
 from internvlx_hf.vllm.lvtc.saving.kv_cache import LOOKUP_REQUEST, LVTCShortManager, LVTCShortSpec
 from internvlx_hf.vllm.lvtc.tiles import whole_tiles_end
+from internvlx_hf.vllm.scheduler_refusals import RequestRefusalsMixin
 
 
-class LVTCSchedulerMixin:
+class LVTCSchedulerMixin(RequestRefusalsMixin):
     """Hands the scheduler's request table (each Request with its `mm_features`) to the short-layout KV managers.
 
     Counts preemptions and deferred admissions (read by the tests and benchmarks; what a benchmark records besides goes
@@ -24,7 +25,6 @@ class LVTCSchedulerMixin:
         self.preemptions = 0
         self.deferrals = 0  # admissions put off a step: their hit would copy a block not computed yet
         self._waits_a_step: set[str] = set()  # this step's such requests (`_reserve_prefill_lookahead` says 0)
-        self._refused: list = []  # streaming-input sessions finished with an error, not yet reported (`add_request`)
         self.short_manager: LVTCShortManager | None = None  # (the first: each short group's sees the same tiles)
         managers = self.kv_cache_manager.coordinator.single_type_managers
         for manager in managers:
@@ -115,31 +115,14 @@ class LVTCSchedulerMixin:
         same id (`Scheduler._update_request_as_session`), and the tiles the short group's manager and the workers
         hold for it would not follow. (The masked path keeps no tiles per request; no session was run on it.)"""
         if getattr(request, "resumable", False) and request.request_id not in self.requests:
-            from vllm.logger import init_logger
-            from vllm.v1.request import RequestStatus
-
-            init_logger("internvlx_hf.vllm").warning(
+            self.refuse(
+                request,
                 "InternVL-X LVTC saving path: request %s is a streaming-input session, whose updates would extend "
                 "its prompt and images under one id, which the short KV group's tiles do not follow: finished with "
                 "an error. For sessions, serve the checkpoint on the masked path, which keeps no tiles per request: "
                 "hf_overrides={\"lvtc_vllm_path\": \"masked\"}", request.request_id)
-            super().add_request(request)
-            self.finish_requests(request.request_id, RequestStatus.FINISHED_ERROR)
-            self._refused.append(request)  # (its output, with the error, goes out with the next step's)
             return
         super().add_request(request)
-
-    def update_from_output(self, scheduler_output, model_runner_output):
-        outputs = super().update_from_output(scheduler_output, model_runner_output)
-        if self._refused:
-            from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs
-
-            for request in self._refused:  # as vLLM reports the requests it finishes with an error
-                outputs.setdefault(request.client_index, EngineCoreOutputs()).outputs.append(EngineCoreOutput(
-                    request_id=request.request_id, new_token_ids=[], finish_reason=request.get_finished_reason(),
-                    events=request.take_events(), trace_headers=request.trace_headers))
-            self._refused = []
-        return outputs
 
     def schedule(self, *args, **kwargs):
         self._waits_a_step.clear()

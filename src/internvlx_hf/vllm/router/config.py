@@ -1,0 +1,94 @@
+"""What the router needs of vLLM's engine settings, decided once at start (called by the config hook; torch-free).
+
+The scheduler routes a request when it admits it, on the engine's worker, which holds the vision tower and the
+router (through the engine's executor: vLLM's "uni" executor runs the worker in the scheduler's process, "mp" in a
+process of its own, as vLLM's CPU platform does). It has run with one worker; more (tensor or pipeline parallel),
+other executors and connectors that move KV blocks or encoder outputs are refused here with the fix. The same weights
+serve without the router (as plain InternVL3.5) with `hf_overrides={"vir": {"enabled": false}}`.
+"""
+
+from __future__ import annotations
+
+from ...modeling.configuration_internvlx import ViRConfig
+from ..engine_settings import EngineSettings, UnsupportedCheckpoint
+
+#: The router's `scheduler_cls`: router/scheduler.py's factory (vLLM settles `async_scheduling`, which of its two
+#: classes, after the config hook), named so that vLLM imports it where the scheduler runs.
+ROUTER_SCHEDULER = "internvlx_hf.vllm.router.scheduler.router_scheduler"
+ROUTER_SCHEDULERS = tuple(f"internvlx_hf.vllm.router.scheduler.{name}"
+                          for name in ("router_scheduler", "RouterScheduler", "RouterAsyncScheduler"))
+
+#: vLLM's own scheduler classes (named as `scheduler_cls`, replaced by the router's subclasses)
+VLLM_SCHEDULERS = ("vllm.v1.core.sched.scheduler.Scheduler", "vllm.v1.core.sched.async_scheduler.AsyncScheduler")
+
+#: The override that serves a Flash folder's weights without the router, as plain InternVL3.5.
+ROUTER_OFF = ("hf_overrides={\"vir\": {\"enabled\": false}} "
+              "(vllm serve --hf-overrides '{\"vir\": {\"enabled\": false}}')")
+
+
+def router_on(config) -> bool:
+    """Whether the checkpoint is an InternVL3.5-Flash model with its router on (`config.vir.enabled`)."""
+    vir = getattr(config, "vir", None)
+    vir = ViRConfig.from_any(vir) if isinstance(vir, dict) else vir
+    return vir is not None and bool(vir.enabled)
+
+
+def _scheduler_name(chosen) -> str | None:
+    if chosen is None or isinstance(chosen, str):
+        return chosen
+    return f"{chosen.__module__}.{chosen.__qualname__}"
+
+
+def _problems(vllm_config) -> list[tuple[str, str]]:
+    """(what, fix) for each engine setting the router cannot run with."""
+    problems = []
+    parallel = vllm_config.parallel_config
+    tensor, pipeline = parallel.tensor_parallel_size, parallel.pipeline_parallel_size
+    if tensor * pipeline > 1:
+        problems.append((f"the engine runs {tensor * pipeline} workers (tensor parallel {tensor}, pipeline parallel "
+                         f"{pipeline}), and the router has run with one",
+                         "--tensor-parallel-size 1 --pipeline-parallel-size 1 (--data-parallel-size N runs N engines, "
+                         "each with its router)"))
+    backend = parallel.distributed_executor_backend
+    if backend not in (None, "uni", "mp"):
+        problems.append((f"distributed_executor_backend={backend!r} is an executor the router has not run with",
+                         "no --distributed-executor-backend (vLLM's 'uni' or 'mp' for one worker)"))
+    if getattr(vllm_config, "kv_transfer_config", None) is not None:
+        problems.append(("a KV connector (--kv-transfer-config) would move KV blocks of prompts it has not seen routed",
+                         "no --kv-transfer-config"))
+    if getattr(vllm_config, "ec_transfer_config", None) is not None:
+        problems.append(("an encoder-cache connector (--ec-transfer-config) would compute the images' rows elsewhere, "
+                         "without the router's decisions", "no --ec-transfer-config"))
+    chosen = vllm_config.scheduler_config.scheduler_cls
+    name = _scheduler_name(chosen)
+    if (name is not None and name not in VLLM_SCHEDULERS and name not in ROUTER_SCHEDULERS
+            and not getattr(chosen, "router_scheduler_channel", False)):
+        problems.append((f"scheduler_cls {name!r} would admit requests without routing them",
+                         "no --scheduler-cls (a scheduler of your own keeps the router by subclassing "
+                         "internvlx_hf.vllm.router.scheduler.RouterSchedulerMixin)"))
+    return problems
+
+
+def configure_router(vllm_config, config, settings: EngineSettings, where: str) -> None:
+    """The router's engine settings for a Flash checkpoint with the router on (nothing otherwise): its scheduler, or a
+    refusal naming each setting it cannot run with and the fix."""
+    if not router_on(config):
+        return
+    problems = _problems(vllm_config)
+    if problems:
+        raise UnsupportedCheckpoint(
+            f"InternVL3.5-Flash checkpoint {where}: its router (config.vir) runs when vLLM's scheduler admits a "
+            f"request, on the engine's worker, which it cannot here because {'; and '.join(p for p, _ in problems)}. "
+            f"Start vLLM with {' and '.join(f for _, f in problems)}, or serve the same weights without the router "
+            f"(as plain InternVL3.5, 256 tokens per tile) with {ROUTER_OFF}.")
+    if _scheduler_name(vllm_config.scheduler_config.scheduler_cls) in VLLM_SCHEDULERS + (None,):
+        settings.set(vllm_config.scheduler_config, "scheduler_cls", ROUTER_SCHEDULER,
+                     "InternVL3.5-Flash's router: each request's tiles routed when the scheduler admits it")
+    settings.note(
+        "InternVL3.5-Flash router on: when vLLM admits a request, the vision tower and the router run on all of its "
+        "tiles on the worker (the quantile over them), and the request enters with its prompt shortened as "
+        "transformers' generate shortens it (64 tokens per compressed 448px tile): KV blocks, prefill and decoding "
+        "on that prompt. Costs: the vision tower runs at admission and again when the request's images enter a step; "
+        "the engine loop waits for it at admission. Usage counts the prompt as sent (its prompt_tokens), cached tokens "
+        "on the shortened prompt; prompt logprobs, images given as embeddings and streaming-input sessions are refused "
+        f"per request. Off: {ROUTER_OFF}.")
