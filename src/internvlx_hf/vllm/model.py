@@ -26,11 +26,11 @@ from ..modeling.configuration_internvlx import LVTCConfig, ViRConfig, image_and_
 from ..modeling.projectors import attach_projectors
 from ..modeling.vir import ViRRouter, tile_tokens, vir_decisions
 from .config_hook import LLM_ARCHITECTURES, longrope_switch, needs_position_rows, require_config_hook
-from .router.config import router_on
 from .lvtc.geometry import lvtc_geometry_of, row_width
 from .lvtc.masked import MaskedLayers
 from .lvtc.positions import position_rows, read_rows, saving_positions
 from .processing import InternVLXDummyInputsBuilder, InternVLXMultiModalProcessor, InternVLXProcessingInfo
+from .router.config import router_on
 
 
 def vision_config_for_vllm(config) -> PretrainedConfig:

@@ -3,12 +3,12 @@ vLLM's, routing each request it admits (`route_request`) before vLLM sees its le
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from vllm.multimodal.inputs import MultiModalFieldElem, MultiModalKwargsItem, PlaceholderRange
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
-
-import sys
 
 from internvlx_hf.vllm.router.admission import Placement, decisions_tag, shortened
 from internvlx_hf.vllm.router.internals import check_internals
@@ -34,7 +34,8 @@ def route_request(route_tiles, config, request) -> list[list[bool]]:
     if missing:
         raise RuntimeError(f"InternVL3.5-Flash router: request {request.request_id} reached the scheduler without the "
                            f"pixels of {missing} (vLLM's multimodal cache kept them elsewhere); the router needs them "
-                           "when it admits the request.")
+                           "when it admits the request; serve without the router: "
+                           "hf_overrides={\"vir\": {\"enabled\": false}}.")
     decisions = route_tiles([f.data[PIXELS[f.modality]].data for f in items])
     placements = [Placement(f.mm_position.offset, f.mm_position.length,
                             tuple(f.mm_position.is_embed.tolist()) if f.mm_position.is_embed is not None
