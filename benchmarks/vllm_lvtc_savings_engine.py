@@ -1,7 +1,8 @@
 """Child process of `bench_vllm_lvtc_savings.py`: runs vLLM engines in this process and writes what they did.
 
 `python benchmarks/vllm_lvtc_savings_engine.py SPEC OUT`. SPEC (JSON) lists engines (checkpoint, engine options,
-`"path": "masked"` to serve an LVTC checkpoint on the masked fallback path rather than the default saving one) and the
+`"path": "masked"` to serve an LVTC checkpoint on the masked fallback path rather than the default saving one,
+`"router": true` for an InternVL3.5-Flash checkpoint with its router on, `"options"` merged into the engine's) and the
 work: `requests` answered one at a time and then all at once (greedy tokens and logprobs, for parity; `max_tokens`
 per engine or for all), and optionally
 `timing`: prefill time of each of a few requests (`max_tokens=1`, median of `repeats`) and requests/s at each
@@ -34,11 +35,12 @@ def _scheduler(llm):
     return core.scheduler if core is not None else None
 
 
-def held(scheduler, request_id: str):
-    """Blocks held per group by a request (vLLM's engine appends `-<8 characters>` to the id it was given)."""
-    if scheduler is None or not hasattr(scheduler, "blocks_held"):  # (a user's own scheduler class)
+def held(scheduler, request_id: str, record: str = "blocks_held"):
+    """Blocks held per group by a request (`record="prompt_tokens"`: its prompt's length as the scheduler held it);
+    vLLM's engine appends `-<8 characters>` to the id it was given."""
+    if scheduler is None or not hasattr(scheduler, record):  # (a user's own scheduler class)
         return None
-    for key, value in scheduler.blocks_held.items():
+    for key, value in getattr(scheduler, record).items():
         if key.rsplit("-", 1)[0] == request_id:
             return value
     return None
@@ -54,19 +56,24 @@ def _result(output, scheduler) -> dict:
     }
 
 
-def recording_scheduler():
-    """The saving path's scheduler with what this benchmark records, kept out of the one that serves (the record grows
-    with every request): after each step, the most KV blocks each request held in each KV-cache group, and each
+def recording_scheduler(router: bool = False):
+    """The saving path's scheduler (`router`: the Flash router's) with what this benchmark records, kept out of the
+    one that serves (the record grows with every request): after each step, the most KV blocks each request held in
+    each KV-cache group and its prompt's length as the scheduler holds it (the router's: shortened), and each
     prefill chunk as vLLM's last word on it gave it (`(request, first token, end)`). Every engine of a comparison takes
-    it (plain and masked ones too: it only feeds short-layout KV managers, which they lack)."""
+    one (plain and masked ones the saving path's too: it only feeds short-layout KV managers, which they lack)."""
     from vllm.v1.core.sched.scheduler import Scheduler
 
-    from internvlx_hf.vllm.lvtc.saving.scheduler import LVTCSchedulerMixin
+    if router:
+        from internvlx_hf.vllm.router.scheduler import RouterSchedulerMixin as Mixin
+    else:
+        from internvlx_hf.vllm.lvtc.saving.scheduler import LVTCSchedulerMixin as Mixin
 
-    class RecordingScheduler(LVTCSchedulerMixin, Scheduler):  # (vLLM's CPU platform schedules synchronously)
+    class RecordingScheduler(Mixin, Scheduler):  # (vLLM's CPU platform schedules synchronously)
         def __init__(self, *args, **kwargs) -> None:
             super().__init__(*args, **kwargs)
             self.blocks_held: dict[str, list[int]] = {}
+            self.prompt_tokens: dict[str, int] = {}
             self.chunks: list[tuple[str, int, int]] = []
 
         def _reserve_prefill_lookahead(self, request, num_computed_tokens: int, num_new_tokens: int) -> int:
@@ -82,6 +89,7 @@ def recording_scheduler():
                         for manager in self.kv_cache_manager.coordinator.single_type_managers]
                 best = self.blocks_held.setdefault(request_id, [0] * len(held))
                 self.blocks_held[request_id] = [max(a, b) for a, b in zip(best, held)]
+                self.prompt_tokens[request_id] = self.requests[request_id].num_prompt_tokens
             return out
 
     return RecordingScheduler
@@ -100,11 +108,11 @@ def bytes_per_block(group) -> int:
 def start(spec: dict):
     from vllm import LLM
 
-    options = dict(spec["engine"])
+    options = dict(spec["engine"], **spec.get("options", {}))
     if spec.get("path") == "masked":  # the fallback path, for comparison (its one log line says so)
         options["hf_overrides"] = {"lvtc_vllm_path": "masked"}
     if os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0":  # (read only where the engine core runs in this process)
-        options.setdefault("scheduler_cls", recording_scheduler())
+        options.setdefault("scheduler_cls", recording_scheduler(router=spec.get("router", False)))
     started = time.time()
     print(f"[engine] {spec['name']}: starting", flush=True)
     llm = LLM(spec["checkpoint"], **options)
@@ -150,9 +158,12 @@ class Phases:
         core = llm.llm_engine.engine_core.engine_core
         self.runner = core.model_executor.driver_worker.worker.model_runner
         self.seconds: dict[str, float] = {}
+        # (the Flash router's scheduler runs the vision tower and router at admission, `route_tiles`, outside
+        # `schedule`: in `add_request`)
         for obj, method, phase in ((self.runner, "_execute_mm_encoder", "encoder"),
                                    (self.runner, "_build_attention_metadata", "attention metadata"),
-                                   (core.scheduler, "schedule", "scheduler")):
+                                   (core.scheduler, "schedule", "scheduler"),
+                                   (core.scheduler, "route_tiles", "router at admission")):
             if hasattr(obj, method):
                 setattr(obj, method, self._timed(getattr(obj, method), lambda phase=phase: phase))
         if hasattr(self.runner, "_model_forward"):
@@ -236,6 +247,8 @@ def main() -> None:
                     results[name]["prefill_s"][key].append(seconds)
                     results[name]["prefill_blocks_held"][key] = held(_scheduler(llm), outputs[0].request_id)
                     results[name]["prefill_prompt_tokens"][key] = len(outputs[0].prompt_token_ids)
+                    results[name].setdefault("prefill_prompt_tokens_held", {}).setdefault(key, []).append(
+                        held(_scheduler(llm), outputs[0].request_id, "prompt_tokens"))
                 print(f"[engine] prefill {key} round {round_}: "
                       + ", ".join(f"{n} {results[n]['prefill_s'][key][-1]:.2f} s" for n in engines), flush=True)
         for level, concurrency in enumerate(timing["concurrency"]):
@@ -252,7 +265,11 @@ def main() -> None:
                 print(f"[engine] concurrency {concurrency} round {round_}: "
                       + ", ".join(f"{n} {results[n]['rps'][str(concurrency)][-1]:.3f} req/s" for n in engines),
                       flush=True)
-        for name in engines:
+        for name, llm in engines.items():
+            scheduler = _scheduler(llm)
+            if hasattr(scheduler, "routed_tiles"):  # the Flash router's: what it routed in the whole run
+                results[name]["router"] = {key: getattr(scheduler, key)
+                                           for key in ("routed_requests", "routed_tiles", "compressed_tiles")}
             results[name]["prefill_median_s"] = {k: statistics.median(v) for k, v in results[name]["prefill_s"].items()}
             results[name]["rps_median"] = {c: statistics.median(v) for c, v in results[name]["rps"].items()}
     Path(out_path).write_text(json.dumps(results))

@@ -98,6 +98,21 @@ def reference_generate(model, processor, prompt: str, images=None, videos=None, 
     }
 
 
+#: A tiny InternVL3.5-Flash checkpoint (`build_checkpoint` options: Qwen3 with 64-wide heads, as vLLM's CPU attention
+#: needs, and the router on; 16 tokens per tile, 4 per compressed tile)
+FLASH = dict(llm="qwen3", text=dict(head_dim=64), vir={}, seed=1)
+
+
+def routed_prompt(model, processor, request: dict) -> list[int]:
+    """The prompt ids transformers' router runs for `request` (`InternVLXModel.route`; a text prompt's own)."""
+    inputs = processor(text=request["prompt"], images=[image(*i) for i in request["images"]] or None,
+                       videos=[video(*v) for v in request.get("videos", [])] or None, return_tensors="pt",
+                       **request.get("mm_processor_kwargs", {}))
+    if "pixel_values" not in inputs:
+        return inputs.input_ids[0].tolist()
+    return model.model.route(inputs.input_ids, inputs.pixel_values).input_ids[0].tolist()
+
+
 USER = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
 # (width, height): tiles with max_tiles=12 and the thumbnail
 ONE_TILE, SIX_TILES, TWELVE_TILES, THIRTEEN_TILES = (112, 112), (560, 112), (1232, 112), (448, 336)

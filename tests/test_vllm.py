@@ -31,13 +31,10 @@ from internvlx_hf import InternVLXForConditionalGeneration, InternVLXProcessor  
 from internvlx_hf.vllm.lvtc.geometry import lvtc_geometry_of  # noqa: E402
 
 from vllm_helpers import (  # noqa: E402
-    ONE_TILE, REQUESTS, SIX_TILES, THIRTEEN_TILES, TOKENIZER_FILES, TWELVE_TILES, assert_lvtc_path,
-    assert_same_generation, build_checkpoint, image, reference_generate, request_spec, video)
+    FLASH, ONE_TILE, REQUESTS, SIX_TILES, THIRTEEN_TILES, TOKENIZER_FILES, TWELVE_TILES, assert_lvtc_path,
+    assert_same_generation, build_checkpoint, image, reference_generate, request_spec, routed_prompt, video)
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
-
-#: A tiny InternVL3.5-Flash checkpoint (Qwen3, the router on)
-FLASH = dict(llm="qwen3", text=dict(head_dim=64), vir={}, seed=1)
 
 #: name -> (checkpoint options, the requests it answers)
 ENGINES = {
@@ -78,6 +75,9 @@ ENGINES = {
                         ["6 tiles", "two images"]),
     # the same weights without the router (as plain InternVL3.5: 16 tokens per tile here)
     "qwen3-flash-off": (FLASH, ["6 tiles", "two images"]),
+    # the router's scheduler over vLLM's AsyncScheduler (vLLM's default on GPUs; its CPU platform schedules
+    # synchronously, so this engine runs the async subclass in vLLM's synchronous loop)
+    "qwen3-flash-async": (FLASH, ["6 tiles", "two images"]),
 }
 ENGINE_OPTIONS = dict(dtype="float32", enforce_eager=True, max_model_len=4096, max_num_batched_tokens=4096,
                       gpu_memory_utilization=0.15, max_num_seqs=8, limit_mm_per_prompt={"image": 2, "video": 1})
@@ -88,6 +88,7 @@ ENGINE_OVERRIDES = {
     "qwen3-flash": dict(enforce_eager=False, max_num_batched_tokens=48, block_size=32),
     "qwen3_moe-flash": dict(block_size=32),
     "qwen3-flash-off": dict(hf_overrides={"vir": {"enabled": False}}),
+    "qwen3-flash-async": dict(scheduler_cls="internvlx_hf.vllm.router.scheduler.RouterAsyncScheduler"),
 }
 
 
@@ -221,15 +222,9 @@ def test_greedy_tokens_and_logprobs_equal_transformers(served, engine, request_n
 
 
 def _routed_length(folder, request) -> int:
-    """The prompt's length after transformers' router (`InternVLXModel.route`; a text prompt's own)."""
+    """The prompt's length after transformers' router."""
     model = InternVLXForConditionalGeneration.from_pretrained(folder).eval()
-    processor = InternVLXProcessor.from_pretrained(folder)
-    inputs = processor(text=request["prompt"], images=[image(*i) for i in request["images"]] or None,
-                       videos=[video(*v) for v in request["videos"]] or None, return_tensors="pt",
-                       **request["mm_processor_kwargs"])
-    if "pixel_values" not in inputs:
-        return inputs.input_ids.shape[1]
-    return model.model.route(inputs.input_ids, inputs.pixel_values).input_ids.shape[1]
+    return len(routed_prompt(model, InternVLXProcessor.from_pretrained(folder), request))
 
 
 def test_the_router_holds_the_shortened_prompt_and_the_prefix_cache_serves_it(served):
@@ -247,6 +242,15 @@ def test_the_router_holds_the_shortened_prompt_and_the_prefix_cache_serves_it(se
                                                                                 // 32)))
     assert [(name, got) for name, got, _, _ in hits] == [(name, short) for name, _, short, _ in hits], hits
     assert [sent for name, _, _, sent in hits if name in ("6 tiles", "13 tiles")] == [96, 192]
+
+
+def test_the_router_runs_in_each_of_its_scheduler_classes_and_not_with_the_router_off(served):
+    """The engines above that answered as transformers ran the router's schedulers: the synchronous one (vLLM's CPU
+    platform's choice), the one over vLLM's AsyncScheduler (asked for by name), none with the router off."""
+    _, results = served
+    assert {name: results[name].get("scheduler", results[name].get("error")) for name in ENGINES
+            if "flash" in name} == {"qwen3-flash": "RouterScheduler", "qwen3_moe-flash": "RouterScheduler",
+                                    "qwen3-flash-off": "Scheduler", "qwen3-flash-async": "RouterAsyncScheduler"}
 
 
 def test_the_router_refuses_what_a_shortened_prompt_cannot_answer_as_sent(served):
@@ -1012,6 +1016,10 @@ def test_each_vllm_internal_the_router_uses_is_reported_when_vllm_lacks_it_and_s
         def check_and_update_cache(self, request, input_id):
             return request.mm_features[input_id].mm_hash in ()
 
+    class Scheduler(internals.Scheduler):  # a vLLM whose finished requests end another way
+        def finish_requests(self, request_ids, finished_status):
+            pass
+
     removals = {
         "Request: prompt_token_ids, _all_token_ids, num_prompt_tokens, block_hashes, update_block_hashes()":
             lambda patch: patch.delattr(Request, "update_block_hashes"),
@@ -1024,6 +1032,8 @@ def test_each_vllm_internal_the_router_uses_is_reported_when_vllm_lacks_it_and_s
             lambda patch: patch.setattr(internals, "EncoderCacheManager", EncoderCacheManager),
         "EngineCore builds its executor before its scheduler; Executor.collective_rpc(method, timeout, args)":
             lambda patch: patch.setattr(internals, "Executor", Executor),
+        "Scheduler._free_request(request) ends each finished or aborted request":
+            lambda patch: patch.setattr(internals, "Scheduler", Scheduler),
     }
     assert set(removals) == set(internals.ROUTER_INTERNALS)
     _each_reported_alone(monkeypatch, internals.ROUTER_INTERNALS, removals)

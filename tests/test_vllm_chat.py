@@ -4,8 +4,9 @@ are transformers' (`processor.apply_chat_template` + `processor(...)` + `generat
 a 400 that names it.
 
 One server process per family (InternLM2 and Phi-3: sentencepiece tokenizers that add BOS, which vLLM's chat route
-does not; Qwen2: byte-level BPE without BOS), and one for Phi-3 upgraded with LVTC started as users start vLLM
-(compilation on: LVTC's saving path, LongRoPE past its switch), all started at once; `.ci/run` runs the module in its
+does not; Qwen2: byte-level BPE without BOS), one for Phi-3 upgraded with LVTC started as users start vLLM
+(compilation on: LVTC's saving path, LongRoPE past its switch), and one for an InternVL3.5-Flash checkpoint with its
+router (compilation, prefix caching and chunked prefill on), all started at once; `.ci/run` runs the module in its
 vLLM environment.
 """
 
@@ -34,7 +35,7 @@ from internvlx_hf.processing.chat_templates import parse_chat_template  # noqa: 
 from internvlx_hf.vllm.lvtc.geometry import lvtc_geometry_of  # noqa: E402
 
 from vllm_checkpoints import converted_checkpoint  # noqa: E402
-from vllm_helpers import image, reference_generate  # noqa: E402
+from vllm_helpers import FLASH, IMAGE_TOKEN_ID, build_checkpoint, image, reference_generate  # noqa: E402
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -45,6 +46,12 @@ MAX_MODEL_LEN = 4096
 SERVED = {family: (family, "keep", False, MAX_MODEL_LEN) for family in FAMILIES}
 SERVED["phi3-lvtc"] = ("phi3", "lvtc-none", True, 8192)  # an image takes 1024 slots per tile; past K = 512
 SERVED["qwen2-lvtc"] = ("qwen2", "lvtc-none", False, 8192)  # prefix caching on (no LongRoPE)
+# InternVL3.5-Flash (Qwen3) with its router, vLLM's defaults but blocks of 32 tokens (the least vLLM's CPU attention
+# takes, its default 128: prefix-cache hits on prompts this short)
+SERVED["flash"] = ("flash", "router", True, MAX_MODEL_LEN)
+FLASH_BLOCK = 32
+#: sentencepiece families, whose tokenizers add BOS
+BOS_FAMILIES = ("internlm2", "phi3")
 TAGS = ("<image>", "<video>", "<img>", "</img>", "<IMG_CONTEXT>")
 OLD_TEMPLATE_FAMILY = "internlm2"
 SERVER_LOGS: dict[str, Path] = {}  # family -> its server's log (the `servers` fixture)
@@ -65,6 +72,7 @@ def _start(folder: Path, log: Path, compiled: bool = False, max_model_len: int =
                "--limit-mm-per-prompt", '{"image": 2}', "--mm-processor-kwargs", f'{{"max_tiles": {MAX_TILES}}}',
                "--enable-prompt-tokens-details"]  # (each answer's cached tokens: `internvlx bench serve --turns`)
     command += [] if compiled else ["--enforce-eager"]
+    command += ["--block-size", str(FLASH_BLOCK)] if folder.name == "flash" else []
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1",
            "VLLM_CACHE_ROOT": str(log.parent / f"{folder.name}-vllm-cache")}
     return subprocess.Popen(command, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env), port
@@ -91,7 +99,8 @@ def folders(tmp_path_factory) -> dict[str, Path]:
     """Converted folders; InternLM2's as an earlier internvlx-hf wrote it (a chat template without `<s>`), which the
     processor fixes when it loads, on every route."""
     root = tmp_path_factory.mktemp("checkpoints")
-    folders = {name: converted_checkpoint(root / name, family, variant)
+    folders = {name: build_checkpoint(root / name, **FLASH) if family == "flash"
+               else converted_checkpoint(root / name, family, variant)
                for name, (family, variant, _, _) in SERVED.items()}
     template = folders[OLD_TEMPLATE_FAMILY] / "chat_template.jinja"
     assert parse_chat_template(template.read_text()) == ("Hermes-2", "<s>")
@@ -155,16 +164,32 @@ def _openai_messages(messages: list[dict]) -> list[dict]:
     return out
 
 
+#: each answer's top logprobs compared with transformers' (tests/test_vllm.py's tolerance)
+TOP, LOGPROB_ATOL = 5, 2e-5
+
+
+def assert_top_logprobs(got: list[list[float]], reference: dict) -> None:
+    """Each step's `TOP` best logprobs (best first) are transformers' within `LOGPROB_ATOL`."""
+    want = [[logprob for _, logprob in step] for step in reference["top"]]
+    assert len(got) == len(want) and all(len(a) == len(b) == TOP for a, b in zip(got, want)), (got, want)
+    assert max(abs(a - b) for ours, theirs in zip(got, want) for a, b in zip(ours, theirs)) <= LOGPROB_ATOL, (got, want)
+
+
 def _transformers_answer(folder: Path, messages: list[dict]) -> dict:
     model = InternVLXForConditionalGeneration.from_pretrained(folder).eval()
     processor = InternVLXProcessor.from_pretrained(folder)
     images = [image(*part["image_url"]) for message in messages if isinstance(message["content"], list)
               for part in message["content"] if part["type"] == "image_url"]
+    return reference_generate(model, processor, _prompt(processor, messages), images=images or None,
+                              max_tiles=MAX_TILES)
+
+
+def _prompt(processor, messages: list[dict]) -> str:
+    """The processor's rendering of `messages` (image parts as `<image>`), as transformers users write it."""
     local = [{"role": m["role"], "content": [{"type": "image"} if part["type"] == "image_url" else part
                                              for part in m["content"]] if isinstance(m["content"], list)
               else m["content"]} for m in messages]
-    prompt = processor.apply_chat_template(local, add_generation_prompt=True)
-    return reference_generate(model, processor, prompt, images=images or None, max_tiles=MAX_TILES)
+    return processor.apply_chat_template(local, add_generation_prompt=True)
 
 
 @pytest.mark.parametrize("conversation", sorted(CONVERSATIONS))
@@ -173,10 +198,12 @@ def test_chat_completions_give_transformers_prompt_ids_and_tokens(servers, famil
     folder, client = servers[family]
     messages = CONVERSATIONS[conversation]
     answer = client.chat.completions.create(
-        model=str(folder), messages=_openai_messages(messages), max_tokens=8, temperature=0.0,
-        extra_body={"return_token_ids": True, "ignore_eos": True})
+        model=str(folder), messages=_openai_messages(messages), max_tokens=8, temperature=0.0, logprobs=True,
+        top_logprobs=TOP, extra_body={"return_token_ids": True, "ignore_eos": True})
     reference = _transformers_answer(folder, messages)
     assert answer.choices[0].token_ids == reference["tokens"]
+    assert_top_logprobs([[entry.logprob for entry in step.top_logprobs] for step in answer.choices[0].logprobs.content],
+                        reference)
     # the same text but at its start, where vLLM and sentencepiece differ on a space and on byte pieces that complete
     # no character (docs/serving-vllm.md, "Answer text")
     text = InternVLXProcessor.from_pretrained(folder).batch_decode([reference["tokens"]], skip_special_tokens=True)[0]
@@ -225,7 +252,7 @@ def test_text_only_chat_and_completions_give_transformers_ids(servers, family):
     folder, client = servers[family]
     reference = _transformers_answer(folder, TEXT_ONLY)
     tokenizer = InternVLXProcessor.from_pretrained(folder).tokenizer
-    assert (reference["prompt_ids"][0] == tokenizer.bos_token_id) is (SERVED[family][0] != "qwen2")
+    assert (reference["prompt_ids"][0] == tokenizer.bos_token_id) is (SERVED[family][0] in BOS_FAMILIES)
     answer = client.chat.completions.create(
         model=str(folder), messages=TEXT_ONLY, max_tokens=8, temperature=0.0,
         extra_body={"return_token_ids": True, "ignore_eos": True})
@@ -289,6 +316,43 @@ def test_an_lvtc_chat_behind_the_server_is_served_from_the_prefix_cache(servers)
     assert cached[0] <= first_image_token[0], (cached, first_image_token)
     tiles = 3  # 900x448 at max_tiles 4: 2 tiles and the thumbnail
     assert hits[2] - hits[1] >= (tiles - 1) * lvtc_geometry_of(config).long_per_tile, hits
+
+
+def test_a_routed_chat_behind_the_server_is_served_its_shortened_prompt_from_the_prefix_cache(servers):
+    """InternVL3.5-Flash with its router behind vLLM's OpenAI server: a 2-turn chat about a 5-tile image (4 tiles
+    compressed), the second turn resending the first. The second is served every whole block of the first turn's
+    prompt as the router shortened it (the image among them; the prompt as sent is 48 tokens longer), the client's
+    cached tokens are the server's counter's, and both answers are transformers' (tokens and top-5 logprobs)."""
+    from vllm_helpers import routed_prompt
+
+    folder, client = servers["flash"]
+    log = SERVER_LOGS["flash"].read_text()
+    assert "  - enable_prefix_caching" not in log and "enforce_eager=False" in log
+    first = [{"role": "user", "content": [{"type": "image_url", "image_url": (896, 896, 31)},
+                                          {"type": "text", "text": "Describe the picture in detail, please: the "
+                                                                   "colours, the shapes and what they might be."}]}]
+    second = first + [{"role": "assistant", "content": "A field of coloured squares."},
+                      {"role": "user", "content": "What else is in it?"}]
+    hits, cached, sent = [_prefix_cache_hits(client)], [], []
+    for messages in (first, second):
+        answer = client.chat.completions.create(
+            model=str(folder), messages=_openai_messages(messages), max_tokens=8, temperature=0.0, logprobs=True,
+            top_logprobs=TOP, extra_body={"return_token_ids": True, "ignore_eos": True})
+        reference = _transformers_answer(folder, messages)
+        assert answer.choices[0].token_ids == reference["tokens"]
+        assert_top_logprobs([[e.logprob for e in step.top_logprobs] for step in answer.choices[0].logprobs.content],
+                            reference)
+        hits.append(_prefix_cache_hits(client))
+        cached.append(answer.usage.prompt_tokens_details.cached_tokens)
+        sent.append(answer.prompt_token_ids)
+    assert cached == [hits[1] - hits[0], hits[2] - hits[1]], (cached, hits)
+    processor = InternVLXProcessor.from_pretrained(folder)
+    model = InternVLXForConditionalGeneration.from_pretrained(folder).eval()
+    shortened = routed_prompt(model, processor, {"prompt": _prompt(processor, first), "images": [[896, 896, 31]],
+                                                 "mm_processor_kwargs": {"max_tiles": MAX_TILES}})
+    assert len(sent[0]) - len(shortened) == 4 * 12, (len(sent[0]), len(shortened))  # 4 tiles of 16 at 4 tokens
+    last_image_token = max(i for i, t in enumerate(shortened) if t == IMAGE_TOKEN_ID)
+    assert cached[1] == len(shortened) // FLASH_BLOCK * FLASH_BLOCK > last_image_token, (cached, len(shortened))
 
 
 def test_bench_serve_turns_sees_an_lvtc_chat_served_from_the_cache(servers):
@@ -371,7 +435,7 @@ def test_longrope_default_length_is_said_at_start(folders, caplog):
 
 #: `LLM.chat` conversations and `LLM.generate` prompts (text, images as (width, height, seed))
 OFFLINE_CHATS = [TEXT_ONLY, CONVERSATIONS["system, two turns, two images"]]
-OFFLINE_FAMILIES = ("internlm2", "phi3")
+OFFLINE_FAMILIES = ("internlm2", "phi3", "flash")  # (Flash: the router on)
 
 
 def _offline_generate(processor) -> list[dict]:
@@ -410,22 +474,29 @@ def offline(folders, tmp_path_factory):
     return json.loads((root / "out.json").read_text())
 
 
+def _ids(answer: dict) -> dict:
+    return {key: answer[key] for key in ("prompt_token_ids", "tokens") if key in answer}
+
+
 @pytest.mark.parametrize("family", OFFLINE_FAMILIES)
 def test_llm_chat_and_generate_give_transformers_ids_and_refuse_typed_tags(folders, offline, family):
     folder = folders[family]
     for messages, got in zip(OFFLINE_CHATS, offline[family]["chat"]):
         reference = _transformers_answer(folder, messages)
-        assert got == {"prompt_token_ids": reference["prompt_ids"], "tokens": reference["tokens"]}
+        assert _ids(got) == {"prompt_token_ids": reference["prompt_ids"], "tokens": reference["tokens"]}
+        assert_top_logprobs(got["top"], reference)
     processor = InternVLXProcessor.from_pretrained(folder)
     model = InternVLXForConditionalGeneration.from_pretrained(folder).eval()
     plain, with_tag, with_token, text_only, rendered_with_bos = offline[family]["generate"]
     reference = _transformers_answer(folder, TEXT_ONLY)
-    assert text_only == {"prompt_token_ids": reference["prompt_ids"], "tokens": reference["tokens"]}
-    assert _offline_generate(processor)[-1]["prompt"].startswith(processor.tokenizer.bos_token)
-    assert rendered_with_bos == {"prompt_token_ids": reference["prompt_ids"], "tokens": reference["tokens"]}
+    assert _ids(text_only) == {"prompt_token_ids": reference["prompt_ids"], "tokens": reference["tokens"]}
+    if SERVED[family][0] in BOS_FAMILIES:
+        assert _offline_generate(processor)[-1]["prompt"].startswith(processor.tokenizer.bos_token)
+    assert _ids(rendered_with_bos) == {"prompt_token_ids": reference["prompt_ids"], "tokens": reference["tokens"]}
     request = _offline_generate(processor)[0]
     reference = reference_generate(model, processor, request["prompt"], images=[image(*request["images"][0])],
                                    max_tiles=MAX_TILES)
-    assert plain == {"prompt_token_ids": reference["prompt_ids"], "tokens": reference["tokens"]}
+    assert _ids(plain) == {"prompt_token_ids": reference["prompt_ids"], "tokens": reference["tokens"]}
+    assert_top_logprobs(plain["top"], reference)
     for got, tag in ((with_tag, "<image>"), (with_token, "<IMG_CONTEXT>")):
         assert f"message text contains '{tag}', which this model reserves for image input" in got["error"]

@@ -410,3 +410,81 @@ def test_a_routed_prompt_loses_each_compressed_tiles_placeholders_after_its_firs
     with pytest.raises(ValueError, match=r"item 1 of the prompt has 4 image tokens for 2 tiles of 4"):
         shortened(ids, [image_a, image_b], [[True, False], [True, True]], per_tile=4, kept=1)
     assert decisions_tag([True, False, True]) == "#vir=101"
+
+
+def test_a_plugin_schedulers_factory_builds_the_class_for_the_engines_final_async_scheduling():
+    """`lvtc_scheduler` and `router_scheduler` (named as `scheduler_cls` before vLLM settles `async_scheduling`) build
+    their asynchronous class where the engine schedules asynchronously (vLLM's GPU default), else the synchronous one,
+    with vLLM's arguments."""
+    from internvlx_hf.vllm.scheduler_refusals import for_async_scheduling
+
+    class Synchronous:
+        def __init__(self, **kwargs) -> None:
+            self.kwargs = kwargs
+
+    class Asynchronous(Synchronous):
+        pass
+
+    for async_scheduling, chosen in ((True, Asynchronous), (False, Synchronous)):
+        config = SimpleNamespace(scheduler_config=SimpleNamespace(async_scheduling=async_scheduling))
+        built = for_async_scheduling(Synchronous, Asynchronous, config, block_size=16, log_stats=True)
+        assert type(built) is chosen and built.kwargs == {"vllm_config": config, "block_size": 16, "log_stats": True}
+
+
+def test_the_rows_kept_at_admission_are_taken_once_whole_and_never_push_out_older_ones():
+    """`AdmittedRows` (the router's rows from admission, kept on the worker for the step): a request's items are kept
+    all or none, within the byte budget, older ones never pushed out; the step takes an item group only when every
+    item is kept (else computes them all, and those kept are let go); rows of requests that ended are dropped."""
+    from internvlx_hf.vllm.router.rows import AdmittedRows
+
+    rows = [torch.full((4, 2), float(i)) for i in range(4)]  # 32 bytes each
+    store = AdmittedRows(capacity=100)
+    assert store.put([0, 1], rows[:2]) and store.bytes == 64
+    assert not store.put([2, 3], rows[2:]) and store.bytes == 64 and set(store.rows) == {0, 1}  # (would pass 100)
+    assert store.put([2], rows[2:3]) and store.bytes == 96
+    assert [row[0, 0].item() for row in store.take([1, 0])] == [1.0, 0.0] and store.bytes == 32
+    assert store.take([0]) is None  # taken once
+    assert store.take([2, 9]) is None and store.rows == {} and store.bytes == 0  # one missing: none, both let go
+    store.put([5, 6], rows[:2])
+    store.drop([6, 7])
+    assert set(store.rows) == {5} and store.bytes == 32
+
+
+def test_an_items_scores_are_kept_by_its_content_key_the_least_recently_used_let_go():
+    """`SeenScores`: a request that sends an item again is routed from the scores kept for its key (vLLM's identifier
+    of the item); past the capacity, the item used least recently is let go; no key (vLLM gave none): nothing kept."""
+    from internvlx_hf.vllm.router.rows import SeenScores
+
+    seen = SeenScores(capacity=2)
+    seen.put("a", torch.tensor([0.6, 0.4]))
+    seen.put("b", torch.tensor([0.5]))
+    assert seen.get("a").tolist() == pytest.approx([0.6, 0.4])  # ("a" now the most recently used)
+    seen.put("c", torch.tensor([0.7]))
+    assert seen.get("b") is None and list(seen.scores) == ["a", "c"]
+    seen.put(None, torch.tensor([0.1]))
+    assert seen.get(None) is None and len(seen.scores) == 2
+
+
+def test_the_router_benchmarks_recorded_figures_follow_from_its_rounds():
+    """benchmarks/results/vllm-flash-router.json (docs/benchmarks-vllm.md's figures): each requests/s ratio is the
+    median of the rounds' ratios of the rounds it records, each KV ratio its engines' layer-blocks, each share
+    compressed its prompt lengths', and the printed report says the router's answers were transformers'."""
+    import json
+    from pathlib import Path
+
+    from conftest import load_script
+    from internvlx_hf.bench.harness import spread
+
+    bench = load_script("benchmarks/bench_vllm_flash_router.py")
+    out = json.loads((Path(__file__).resolve().parents[1] / "benchmarks/results/vllm-flash-router.json").read_text())
+    for level, row in out["requests_per_s"].items():
+        _, on = spread([[1.0 / v for v in row["router-off"]], [1.0 / v for v in row["router"]]], reference=0)
+        assert row["ratio"] == pytest.approx(1.0 / on["ratio"], rel=1e-3), level  # (the rounds kept to 4 places)
+    saved = 256 - 64
+    for key, row in out["per_request"].items():
+        assert row["kv_blocks_ratio"] == row["router"]["layer_blocks"] / row["router-off"]["layer_blocks"]
+        tiles = int(key.split()[0])
+        assert row["compressed_share"] == [(row["router-off"]["prompt_tokens_sent"] - held) / saved / tiles
+                                           for held in row["router"]["prompt_tokens_held"]]
+    assert out["parity"]["all_equal"] is True
+    assert "parity with transformers (tokens equal, logprobs within 2e-05): True" in bench.report(out)

@@ -5,7 +5,8 @@ still transformers' (greedy tokens, logprobs at tests/test_vllm.py's tolerance).
 The tiny checkpoints here have 112px tiles of 14x14 patches of 7px: 64 tokens per tile in the short layout, 256 in
 the long one (vLLM's), so that 192 HR-only slots per tile are whole blocks of 64 (the geometry of InternVL's 448px
 tiles, 256 and 1024, with vLLM's blocks of 16 or 128). vLLM's own counters (`vllm:prefix_cache_hits`) and each
-request's `num_cached_tokens` say what the cache served.
+request's `num_cached_tokens` say what the cache served. At the end, the same for InternVL3.5-Flash's router, whose
+requests vLLM holds shortened.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ if importlib.util.find_spec("vllm") is None:
                 allow_module_level=True)
 
 from vllm_helpers import (  # noqa: E402
-    IMAGE_TOKEN_ID, ONE_TILE, SIX_TILES, USER, build_checkpoint, image, reference_generate, request_spec)
+    FLASH, IMAGE_TOKEN_ID, ONE_TILE, SIX_TILES, THIRTEEN_TILES, USER, build_checkpoint, image, reference_generate,
+    request_spec, routed_prompt)
 
 from internvlx_hf import InternVLXForConditionalGeneration, InternVLXProcessor  # noqa: E402
 
@@ -58,6 +60,9 @@ CHECKPOINTS = {
     "k2": dict(llm="qwen2", lvtc=dict(expand_layer=2), vision=dict(patch_size=7)),
     "k2-rms": dict(llm="qwen2", lvtc=dict(expand_layer=2, hr_scale="rms"), vision=dict(patch_size=7)),
     "k3": dict(llm="qwen2", lvtc=dict(expand_layer=3), vision=dict(patch_size=7)),
+    # InternVL3.5-Flash with its router on (16 tokens per tile, 4 per compressed one; routed when vLLM admits a
+    # request: `internvlx_hf.vllm.router`)
+    "flash": FLASH,
 }
 #: run name -> (checkpoint, rounds, engine options over ENGINE, max_tokens), filled by `served_run` below each test's
 #: rounds; `served` answers them all in one child process (vLLM imported once), consecutive runs with the same
@@ -416,3 +421,103 @@ def test_a_hit_needs_both_kinds_of_group_when_one_kind_was_evicted(served):
     assert cached[:3] == [0, 0, 0], cached
     assert resumable(folder, chat[1], cached[3], starts[-1], result["rounds"][2][0]["prompt_tokens"]), cached
     assert_transformers_answers(folder, rounds, result)
+
+
+# InternVL3.5-Flash's router (issue 93): vLLM holds each request as transformers' router shortens it, so its prefix
+# cache, chunked prefill, preemption and eviction work on the shortened prompt. Blocks of 32 tokens (the least vLLM's
+# CPU attention takes): a 6-tile image is 96 tokens as sent, 36 to 60 once routed.
+FLASH_BLOCK = 32
+FLASH_ENGINE = dict(block_size=FLASH_BLOCK, max_num_batched_tokens=128)
+
+
+def routed(folder: Path, request: dict) -> list[int]:
+    """The prompt ids transformers' router runs for `request`."""
+    model = InternVLXForConditionalGeneration.from_pretrained(folder).eval()
+    return routed_prompt(model, InternVLXProcessor.from_pretrained(folder), request)
+
+
+FLASH_CHAT = conversation(4, image_seed=73)  # (its 6 tiles: 3 compressed, 3 kept)
+FLASH_CHAT_ROUNDS = served_run("flash-chat", "flash", [[turn] for turn in FLASH_CHAT], engine=FLASH_ENGINE)
+
+
+def test_a_routed_chat_is_served_from_the_prefix_cache_turn_after_turn(served):
+    """A 4-turn chat about one 6-tile image on a Flash checkpoint, each turn resent whole: the router routes each turn
+    alike (one image), so each later turn is served exactly every whole block of the previous turn's shortened
+    prompt (from turn 3 on, the whole image); vLLM's counters count the shortened prompts (the prompts as sent are 36
+    tokens longer a turn); the vision tower runs once, on the first turn; every answer is transformers' (tokens,
+    logprobs, top 5)."""
+    folder, result = result_of(served, "flash-chat")
+    assert result["caching"] is True and result["block_size"] == FLASH_BLOCK
+    prompts = [routed(folder, turn) for turn in FLASH_CHAT]
+    cached = [answers[0]["cached_tokens"] for answers in result["rounds"]]
+    sent = [answers[0]["prompt_tokens"] for answers in result["rounds"]]
+    assert [s - len(p) for s, p in zip(sent, prompts)] == [36] * 4, (sent, [len(p) for p in prompts])
+    assert cached == [0] + [len(p) // FLASH_BLOCK * FLASH_BLOCK for p in prompts[:-1]], cached
+    last_image_token = max(i for i, t in enumerate(prompts[0]) if t == IMAGE_TOKEN_ID)
+    assert min(cached[2:]) > last_image_token, (cached, last_image_token)  # the compressed image among the hits
+    assert result["counters"] == {"queries": sum(map(len, prompts)), "hits": sum(cached)}, result["counters"]
+    # the vision tower ran once on the image's 6 tiles: at the first turn's admission (its rows kept for the step),
+    # then never (the later turns routed from the image's scores kept on the worker; its blocks cached)
+    assert result["vit_tiles"] == [6, 0, 0, 0], result["vit_tiles"]
+    assert_transformers_answers(folder, FLASH_CHAT_ROUNDS, result, top=True)
+
+
+#: Rounds of requests sent together: four about one new image each round (1, 3, 6 and 13 tiles: three the same
+#: question, one another), then users asking about two images, a shared new one and one of their own (the router's
+#: quantile is the request's, so the shared image may be routed otherwise in each), and the same users in reverse.
+FLASH_PAIRS = [request_spec("<image>\nand <image>\nCompare them.", images=[(224, 112, 80), (*size, 81 + user)])
+               for user, size in enumerate((ONE_TILE, SIX_TILES, (224, 112)))]
+FLASH_TOGETHER = [[request_spec(f"{INSTRUCTION}<image>\n{question}", images=[(*size, 90 + number)])
+                   for question in BURST_QUESTIONS]
+                  for number, size in enumerate((ONE_TILE, (224, 112), SIX_TILES, THIRTEEN_TILES))] + [
+    FLASH_PAIRS, FLASH_PAIRS[::-1]]
+FLASH_TOGETHER_ROUNDS = {caching: served_run(f"flash-together-{caching}", "flash", FLASH_TOGETHER, max_tokens=6,
+                                             engine=FLASH_ENGINE | ({} if caching == "on"
+                                                                    else dict(enable_prefix_caching=False)))
+                         for caching in ("on", "off")}
+
+
+def test_routed_requests_sharing_steps_answer_as_with_prefix_caching_off(served):
+    """The router's requests sharing steps (prefills chunked at 128 tokens), about one new image and about two, over
+    six rounds: the later requests asking the first's question are served its whole shortened prompt from the cache
+    (its whole blocks), each answer's
+    tokens and logprobs are those of the same engine with prefix caching off, and transformers' (top 5 too)."""
+    folder, on = result_of(served, "flash-together-on")
+    _, off = result_of(served, "flash-together-off")
+    assert on["caching"] is True and off["caching"] is False and off["counters"]["hits"] == 0
+    # the two that repeat the first's question: every whole block of the shortened prompt but the one its last token
+    # needs (the image's up to the block boundary)
+    hits = [([answer["cached_tokens"] for answer in answers[1:3]], len(routed(folder, requests[0])))
+            for requests, answers in zip(FLASH_TOGETHER[:4], on["rounds"])]
+    assert all(cached == [(length - 1) // FLASH_BLOCK * FLASH_BLOCK] * 2 for cached, length in hits), hits
+    for ours, theirs in zip(on["rounds"], off["rounds"]):
+        for got, want in zip(ours, theirs):
+            assert got["tokens"] == want["tokens"]
+            assert max(abs(a - b) for a, b in zip(got["logprobs"], want["logprobs"])) <= LOGPROB_ATOL
+    assert_transformers_answers(folder, FLASH_TOGETHER_ROUNDS["on"], on, max_tokens=6, top=True)
+
+
+FLASH_EVICTED_CHAT = conversation(2, image_seed=73)
+FLASH_EVICTED_ROUNDS = served_run(
+    "flash-evicted", "flash",
+    [[FLASH_EVICTED_CHAT[0]], *[[request_spec("<image>\nDescribe the picture.", images=[(*SIX_TILES, seed)])]
+                                for seed in range(74, 80)],
+     [FLASH_EVICTED_CHAT[1]],
+     [FLASH_EVICTED_CHAT[1], *[request_spec("<image>\nWhat is this?", images=[(*ONE_TILE, seed)])
+                               for seed in range(77, 85)]]],
+    engine=FLASH_ENGINE | dict(num_gpu_blocks_override=12, max_model_len=352), max_tokens=32)
+
+
+def test_routed_requests_evicted_and_preempted_answer_as_transformers(served):
+    """A KV pool of 12 blocks of 32 (a routed 6-tile request and its answer take 3 or 4): six more images in turn
+    evict the chat's first turn from the cache, so its second turn is served less than the first turn's whole blocks
+    and recomputes the rest; then nine requests at once, the chat's second turn first, decoding 32 tokens: it is
+    served its whole shortened prompt cached by the turn before, and they preempt one another (a preempted request
+    keeps its shortened prompt: it is not routed again). Every answer is transformers' (32 greedy tokens)."""
+    folder, result = result_of(served, "flash-evicted")
+    first, second = (len(routed(folder, turn)) for turn in FLASH_EVICTED_CHAT)
+    cached = [answers[0]["cached_tokens"] for answers in result["rounds"]]
+    assert cached[7] < first // FLASH_BLOCK * FLASH_BLOCK, cached  # evicted (not evicted: every whole block)
+    assert cached[8] == (second - 1) // FLASH_BLOCK * FLASH_BLOCK, (cached, second)  # (then cached again)
+    assert result["preempted"], result["preempted"]
+    assert_transformers_answers(folder, FLASH_EVICTED_ROUNDS, result, max_tokens=32)

@@ -3,7 +3,8 @@ other): `python vllm_chat_engine.py SPEC OUT`.
 
 SPEC (JSON): name -> the checkpoint, engine options, `chat` (lists of messages for `LLM.chat`, image parts as
 `{"type": "image_url", "image_url": [width, height, seed]}`) and `generate` (prompts with their images for
-`LLM.generate`). OUT, by name: each one's prompt ids and greedy tokens, or the error it raised.
+`LLM.generate`). OUT, by name: each one's prompt ids, greedy tokens and each step's top 5 logprobs, or the error it
+raised.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine core 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 from vllm_helpers import image  # noqa: E402
+
+#: how many of each step's most likely tokens come back with their logprobs
+TOP = 5
 
 
 def _messages(messages: list[dict]) -> list[dict]:
@@ -37,14 +41,18 @@ def _answer(call) -> dict:
         output = call()[0]
     except Exception as error:  # noqa: BLE001 - what a user sees is the answer
         return {"error": f"{type(error).__name__}: {error}"}
-    return {"prompt_token_ids": list(output.prompt_token_ids), "tokens": list(output.outputs[0].token_ids)}
+    completion = output.outputs[0]
+    return {"prompt_token_ids": list(output.prompt_token_ids), "tokens": list(completion.token_ids),
+            # each step's TOP best logprobs, best first
+            "top": [sorted((entry.logprob for entry in step.values() if entry.rank <= TOP), reverse=True)
+                    for step in completion.logprobs]}
 
 
 def answers(spec: dict) -> dict:
     from vllm import LLM, SamplingParams
 
     llm = LLM(spec["checkpoint"], **spec["engine"])
-    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=TOP)
     results = {"chat": [], "generate": []}
     for messages in spec["chat"]:
         results["chat"].append(_answer(lambda: llm.chat(_messages(messages), params, use_tqdm=False)))

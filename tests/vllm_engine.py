@@ -3,9 +3,9 @@
 SPEC (JSON) lists engines, each a checkpoint, its engine options and its requests; every engine answers its requests
 twice: one at a time, then all at once (vLLM batches them). OUT gets, per engine and request, the prompt's token ids
 and the greedy tokens with their logprobs and each step's top `LOGPROBS`, both times (or, for an engine that did not
-start, its `error`), and the spec classes of its KV-cache groups; an engine given `dummy_runs` (token counts) makes
-V1's dummy forwards first (`dummy_run`); `refused` requests (with extra sampling options) are sent last, and their
-finish reasons kept. The engines run in this process (no worker processes), one after the other.
+start, its `error`), the spec classes of its KV-cache groups and its scheduler's class; an engine given `dummy_runs`
+(token counts) makes V1's dummy forwards first (`dummy_run`); `refused` requests (with extra sampling options) are
+sent last, and their finish reasons kept. The engines run in this process (no worker processes), one after the other.
 """
 
 from __future__ import annotations
@@ -72,12 +72,13 @@ def run_engine(spec: dict) -> dict:
         refused.append({"finish_reason": out.outputs[0].finish_reason if out.outputs else None,
                         "tokens": list(out.outputs[0].token_ids) if out.outputs else []})
     specs = kv_cache_specs(llm)
+    scheduler = type(llm.llm_engine.engine_core.engine_core.scheduler).__name__
     prefix_caching = llm.llm_engine.vllm_config.cache_config.enable_prefix_caching
     block_size = llm.llm_engine.vllm_config.cache_config.block_size
     del llm
     gc.collect()
     return {"startup_s": startup, "dummy_runs": dummy_runs, "alone": alone, "together": together, "chat": chat,
-            "refused": refused, "kv_cache_specs": specs,
+            "refused": refused, "kv_cache_specs": specs, "scheduler": scheduler,
             "prefix_caching": prefix_caching, "block_size": block_size}
 
 

@@ -15,6 +15,8 @@ from vllm_tiny import (  # noqa: E402,F401 - re-exported for the tests
     TOKENIZER_FILES,
     text_config,
     build_checkpoint,
+    FLASH,
+    routed_prompt,
     image,
     video,
     reference_generate,

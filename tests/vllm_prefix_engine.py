@@ -14,7 +14,8 @@ round, per request, the prompt's length, the tokens vLLM took from its prefix ca
 and logprobs of its first completion and the `top` 5 logprobs of each step (`completions`: every completion's tokens
 and logprobs) and its `request_id`; vLLM's own prefix-cache counters, the requests preempted (`preempted`, in order),
 the blocks each eviction dropped, the KV-cache groups (`short_groups` of `groups`), and the scheduler's preemptions
-and deferred admissions (`LVTCSchedulerMixin.deferrals`) in the run, and each round's deferrals; a run whose engine
+and deferred admissions (`LVTCSchedulerMixin.deferrals`) in the run, and each round's deferrals and tiles the vision
+tower ran on (the Flash router's engines: at admission and in steps); a run whose engine
 did not start or that failed gives its `error` (the others still run).
 """
 
@@ -73,7 +74,7 @@ def run_rounds(llm, scheduler, run: dict, preempted: list) -> dict:
     before = counters(llm)
     preemptions, deferrals = getattr(scheduler, "preemptions", 0), getattr(scheduler, "deferrals", 0)
     preempted.clear()
-    rounds, evicted, round_deferrals = [], [], []
+    rounds, evicted, round_deferrals, vit_tiles = [], [], [], []
     for requests in run["rounds"]:
         if isinstance(requests, dict):  # {"evict": "short" | "long"}, between rounds
             evicted.append(evict(scheduler, requests["evict"]))
@@ -82,12 +83,14 @@ def run_rounds(llm, scheduler, run: dict, preempted: list) -> dict:
                                          ignore_eos=True) | request.get("sampling", {})))
                   for request in requests]
         deferred = getattr(scheduler, "deferrals", 0)
+        tiles = TILES[0]
         # (a request's `priority`, for an engine with scheduling_policy="priority")
         priority = [request.get("priority", 0) for request in requests] if any(
             "priority" in request for request in requests) else None
         outputs = llm.generate([vllm_prompt(request) for request in requests], params, use_tqdm=False,
                                priority=priority)
         round_deferrals.append(getattr(scheduler, "deferrals", 0) - deferred)
+        vit_tiles.append(TILES[0] - tiles)
         rounds.append([{
             "request_id": out.request_id,
             "prompt_tokens": len(out.prompt_token_ids),
@@ -106,6 +109,7 @@ def run_rounds(llm, scheduler, run: dict, preempted: list) -> dict:
         "groups": len(managers),
         "preemptions": getattr(scheduler, "preemptions", 0) - preemptions,
         "deferrals": getattr(scheduler, "deferrals", 0) - deferrals, "round_deferrals": round_deferrals,
+        "vit_tiles": vit_tiles,
         "caching": llm.llm_engine.vllm_config.cache_config.enable_prefix_caching,
         "block_size": llm.llm_engine.vllm_config.cache_config.block_size,
     }
@@ -125,7 +129,20 @@ def start(run: dict):
         return preempt(request, *args, **kwargs)
 
     scheduler._preempt_request = recorded
+    # the tiles the model's vision tower ran on (per round: `vit_tiles`), counted where the model runs in this process
+    model = scheduler.executor.driver_worker.worker.model_runner.model if hasattr(scheduler, "executor") else None
+    if model is not None and hasattr(model, "_vit"):
+        vit = model._vit
+
+        def counted(pixel_values):
+            TILES[0] += pixel_values.shape[0]
+            return vit(pixel_values)
+
+        model._vit = counted
     return llm, scheduler, preempted
+
+
+TILES = [0]  # the vision tower's tiles so far (`start`)
 
 
 def main(spec_path: str, out_path: str) -> None:

@@ -31,6 +31,7 @@ from .lvtc.masked import MaskedLayers
 from .lvtc.positions import position_rows, read_rows, saving_positions
 from .processing import InternVLXDummyInputsBuilder, InternVLXMultiModalProcessor, InternVLXProcessingInfo
 from .router.config import router_on
+from .router.rows import AdmittedRows, SeenScores
 
 
 def vision_config_for_vllm(config) -> PretrainedConfig:
@@ -190,6 +191,8 @@ class InternVLXForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsM
             self.router_on = router_on(config)
             if self.router_on:
                 self.vir = ViRRouter(config)
+                self.admitted = AdmittedRows()  # the rows routed at admission, until their step embeds them
+                self.seen_scores = SeenScores()  # each item's scores, for requests that send it again
         with self._mark_language_model(vllm_config):
             self.language_model = init_vllm_registered_model(
                 vllm_config=vllm_config, hf_config=text_config, prefix=maybe_prefix(prefix, "language_model"),
@@ -245,7 +248,11 @@ class InternVLXForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsM
         projector (`compressed`: the router's decision per tile, given by the scheduler in the items' data)."""
         if pixel_values.shape[0] == 0:
             return ()
-        vit = self._vit(pixel_values)
+        return self._item_rows(self._vit(pixel_values), tiles_per_item, compressed)
+
+    def _item_rows(self, vit: torch.Tensor, tiles_per_item: list[int],
+                   compressed: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """`_item_features` from the vision tower's output."""
         if compressed is not None and bool(compressed.any()):
             rows = tile_tokens(vit, compressed, self.multi_modal_projector, self.vir.projector)
             per_tile = torch.where(compressed, self.config.compressed_tokens_per_tile, self.config.image_seq_length)
@@ -258,16 +265,43 @@ class InternVLXForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsM
         return tuple(features.split([n * per_tile for n in tiles_per_item]))
 
     @torch.inference_mode()
-    def route_tiles(self, pixels: list[torch.Tensor]) -> list[list[bool]]:
+    def route_tiles(self, pixels: list[torch.Tensor], keys: list[int] | None = None,
+                    dropped: list[int] | None = None, items: list[str] | None = None) -> list[list[bool]]:
         """The router's decisions for one request's tiles, `pixels` per image or video in prompt order (True:
-        compressed): the quantile over all of them, as transformers' scope "sample" (one request is one sample)."""
+        compressed): the quantile over all of them, as transformers' scope "sample" (one request is one sample).
+        An item seen before (`items`: each one's content key, vLLM's identifier) is routed from its scores kept then
+        (`SeenScores`), without the vision tower; the others' rows are kept under their `keys` (one per item) for
+        the step that embeds them (`AdmittedRows`, `embed_multimodal`). `dropped`: keys of requests that ended."""
+        self.admitted.drop(dropped or [])
         counts = [p.shape[0] for p in pixels]
-        device = next(self.vir.parameters()).device
-        vit = self._vit(torch.cat(pixels).to(device=device, dtype=self.model_dtype))
-        scores = self.vir.scores(vit)
+        items = items or [None] * len(pixels)
+        scores = [self.seen_scores.get(item) for item in items]
+        new = [index for index, known in enumerate(scores) if known is None]
+        if new:
+            device = next(self.vir.parameters()).device
+            vit = self._vit(torch.cat([pixels[i] for i in new]).to(device=device, dtype=self.model_dtype))
+            for index, part in zip(new, self.vir.scores(vit).split([counts[i] for i in new])):
+                scores[index] = part
+                self.seen_scores.put(items[index], part)
         vir = ViRConfig.from_any(self.config.vir)
-        compressed = vir_decisions(scores, [sum(counts)], vir.relative_threshold, vir.absolute_threshold)
-        return [part.tolist() for part in compressed.cpu().split(counts)]
+        compressed = vir_decisions(torch.cat(scores), [sum(counts)], vir.relative_threshold,
+                                   vir.absolute_threshold).split(counts)
+        if new and keys is not None:
+            rows = self._item_rows(vit, [counts[i] for i in new], torch.cat([compressed[i] for i in new]))
+            self.admitted.put([keys[i] for i in new], list(rows))
+        return [part.cpu().tolist() for part in compressed]
+
+    def _embedded(self, pixels: torch.Tensor, tiles_per_item: list[int], compressed: torch.Tensor | None,
+                  keys: object) -> tuple[torch.Tensor, ...]:
+        """The items' rows kept at admission (`keys`: the key of each tile's item, from the scheduler), or computed
+        where any of them is not kept."""
+        if isinstance(keys, torch.Tensor) and keys.numel() == sum(tiles_per_item) and tiles_per_item:
+            per_tile = keys.reshape(-1).tolist()
+            starts = [sum(tiles_per_item[:i]) for i in range(len(tiles_per_item))]
+            kept = self.admitted.take([per_tile[start] for start in starts])
+            if kept is not None:
+                return tuple(kept)
+        return self._item_features(pixels, tiles_per_item, compressed)
 
     def embed_multimodal(self, **kwargs: object) -> MultiModalEmbeddings:
         embeddings: tuple[torch.Tensor, ...] = ()
@@ -275,18 +309,19 @@ class InternVLXForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsM
         compressed = kwargs.get("vir_compressed") if self.router_on else None
         if isinstance(compressed, torch.Tensor):
             compressed = compressed.reshape(-1).bool()
+        keys = kwargs.get("vir_rows_key") if self.router_on else None
         # vLLM groups the items by modality and calls once per group; the order of keys is the order of items.
         for key in kwargs:
             if key == "pixel_values":
-                embeddings += self._item_features(kwargs["pixel_values"], _counts(kwargs["image_num_patches"]),
-                                                  compressed)
+                embeddings += self._embedded(kwargs["pixel_values"], _counts(kwargs["image_num_patches"]),
+                                             compressed, keys)
             elif key == "image_embeds":  # the projector's output, given by the client (`--enable-mm-embeds`)
                 given = kwargs["image_embeds"]
                 items = given.unbind(0) if isinstance(given, torch.Tensor) and given.dim() == 3 else given
                 embeddings += tuple(item.reshape(-1, item.shape[-1]).to(self.model_dtype) for item in items)
             elif key == "pixel_values_videos":
                 frames = _counts(kwargs["video_num_frames"])
-                embeddings += self._item_features(kwargs["pixel_values_videos"], frames, compressed)
+                embeddings += self._embedded(kwargs["pixel_values_videos"], frames, compressed, keys)
         return embeddings
 
     def embed_input_ids(self, input_ids: torch.Tensor, multimodal_embeddings: MultiModalEmbeddings | None = None,

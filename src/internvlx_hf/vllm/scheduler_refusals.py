@@ -1,5 +1,6 @@
-"""Requests a plugin scheduler cannot run, finished with an error when they arrive (the reason in the log), as vLLM
-reports the requests it finishes with an error: their output goes out with the next step's."""
+"""What the plugin's schedulers share: requests a plugin scheduler cannot run, finished with an error when they arrive
+(the reason in the log), as vLLM reports the requests it finishes with an error (their output goes out with the next
+step's); and the factory step that picks a scheduler class for the engine's final `async_scheduling`."""
 
 from __future__ import annotations
 
@@ -32,3 +33,10 @@ class RequestRefusalsMixin:
                     events=request.take_events(), trace_headers=request.trace_headers))
             self._refused = []
         return outputs
+
+
+def for_async_scheduling(synchronous: type, asynchronous: type, vllm_config, **kwargs):
+    """A `scheduler_cls` factory's scheduler: `asynchronous` or `synchronous` as the engine's final `async_scheduling`
+    says (vLLM settles it after the config hook that named the factory)."""
+    chosen = asynchronous if vllm_config.scheduler_config.async_scheduling else synchronous
+    return chosen(vllm_config=vllm_config, **kwargs)

@@ -88,7 +88,7 @@ def configure_router(vllm_config, config, settings: EngineSettings, where: str) 
         "InternVL3.5-Flash router on: when vLLM admits a request, the vision tower and the router run on all of its "
         "tiles on the worker (the quantile over them), and the request enters with its prompt shortened as "
         "transformers' generate shortens it (64 tokens per compressed 448px tile): KV blocks, prefill and decoding "
-        "on that prompt. Costs: the vision tower runs at admission and again when the request's images enter a step; "
-        "the engine loop waits for it at admission. Usage counts the prompt as sent (its prompt_tokens), cached tokens "
-        "on the shortened prompt; prompt logprobs, images given as embeddings and streaming-input sessions are refused "
-        f"per request. Off: {ROUTER_OFF}.")
+        "on that prompt. Costs: the engine loop waits for the vision tower at admission; its rows are kept on the "
+        "worker (up to 256 MiB) for the step that embeds them, where a request whose rows did not fit runs it again. "
+        "Usage counts the prompt as sent (its prompt_tokens), cached tokens on the shortened prompt; prompt logprobs, "
+        f"images given as embeddings and streaming-input sessions are refused per request. Off: {ROUTER_OFF}.")

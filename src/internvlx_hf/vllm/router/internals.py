@@ -10,6 +10,7 @@ import inspect
 from vllm.multimodal.inputs import MultiModalFeatureSpec, MultiModalFieldElem, PlaceholderRange
 from vllm.v1.core.encoder_cache_manager import EncoderCacheManager
 from vllm.v1.core.kv_cache_utils import _gen_mm_extra_hash_keys
+from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.engine.core import EngineCore
 from vllm.v1.executor.abstract import Executor
 from vllm.v1.request import Request
@@ -49,6 +50,11 @@ ROUTER_INTERNALS = {
         lambda: _built_before(EngineCore.__init__, "self.model_executor = ", "self.scheduler: SchedulerInterface = ")
         and list(inspect.signature(Executor.collective_rpc).parameters)[1:4] == ["method", "timeout", "args"],
         "the scheduler cannot reach the worker that routes each request"),
+    "Scheduler._free_request(request) ends each finished or aborted request": (
+        lambda: source_has(Scheduler.update_from_output, "self._free_request(request)")
+        and source_has(Scheduler.finish_requests, "self._free_request(request"),
+        "the rows kept at admission for a request that ends unembedded stay in the worker's store, so that later "
+        "requests' rows do not fit and their steps run the vision tower a second time"),
 }
 
 

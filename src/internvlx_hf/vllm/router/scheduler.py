@@ -3,6 +3,7 @@ vLLM's, routing each request it admits (`route_request`) before vLLM sees its le
 
 from __future__ import annotations
 
+import itertools
 import sys
 
 import torch
@@ -12,21 +13,24 @@ from vllm.v1.core.sched.scheduler import Scheduler
 
 from internvlx_hf.vllm.router.admission import Placement, decisions_tag, shortened
 from internvlx_hf.vllm.router.internals import check_internals
-from internvlx_hf.vllm.scheduler_refusals import RequestRefusalsMixin
+from internvlx_hf.vllm.scheduler_refusals import RequestRefusalsMixin, for_async_scheduling
 
 #: Each modality's tiles in an item's data: images' tiles and videos' frames (one tile each).
 PIXELS = {"image": "pixel_values", "video": "pixel_values_videos"}
 
-#: The item field the model reads each tile's decision from (`model.embed_multimodal`).
+#: The item fields the model reads each tile's decision from, and the key its item's rows were kept under at
+#: admission (`model.embed_multimodal`).
 DECISIONS = "vir_compressed"
+ROWS_KEY = "vir_rows_key"
 
 
-def route_request(route_tiles, config, request) -> list[list[bool]]:
+def route_request(route_tiles, config, request, keys: list[int] | None = None) -> list[list[bool]]:
     """Route `request`'s tiles with `route_tiles` (the model's vision tower and router, `model.route_tiles`: the
     quantile over all of them; `config` the model's) and rewrite the request to the prompt transformers runs: its
     prompt ids, each item's placeholder range and embedding mask, its cache identifier (which gains the item's
-    decisions), its data (the decisions, for the model's projectors) and its block hashes. Returns each item's
-    decisions (none without images or videos)."""
+    decisions), its data (the decisions, for the model's projectors; with `keys`, one per item in prompt order, the
+    key the worker kept its rows under) and its block hashes. Returns each item's decisions (none without images or
+    videos)."""
     items = sorted((f for f in request.mm_features if f.modality in PIXELS), key=lambda f: f.mm_position.offset)
     if not items:
         return []
@@ -36,13 +40,14 @@ def route_request(route_tiles, config, request) -> list[list[bool]]:
                            f"pixels of {missing} (vLLM's multimodal cache kept them elsewhere); the router needs them "
                            "when it admits the request; serve without the router: "
                            "hf_overrides={\"vir\": {\"enabled\": false}}.")
-    decisions = route_tiles([f.data[PIXELS[f.modality]].data for f in items])
+    keys = None if keys is None else keys[:len(items)]
+    decisions = route_tiles([f.data[PIXELS[f.modality]].data for f in items], keys, [f.identifier for f in items])
     placements = [Placement(f.mm_position.offset, f.mm_position.length,
                             tuple(f.mm_position.is_embed.tolist()) if f.mm_position.is_embed is not None
                             else (True,) * f.mm_position.length) for f in items]
     ids, moved = shortened(list(request.prompt_token_ids), placements, decisions, config.image_seq_length,
                            config.compressed_tokens_per_tile)
-    for feature, place, tiles in zip(items, moved, decisions):
+    for index, (feature, place, tiles) in enumerate(zip(items, moved, decisions)):
         feature.mm_position = PlaceholderRange(offset=place.offset, length=place.length,
                                                is_embed=torch.tensor(place.is_embed))
         feature.identifier += decisions_tag(tiles)
@@ -50,6 +55,9 @@ def route_request(route_tiles, config, request) -> list[list[bool]]:
         # a new item: vLLM's multimodal caches may hand the same item object to other requests, routed otherwise
         data = MultiModalKwargsItem(dict(feature.data))
         data[DECISIONS] = MultiModalFieldElem(data=torch.tensor(tiles, dtype=torch.bool), field=pixels.field)
+        if keys is not None:  # (each tile carries its item's key: the field is the pixels', per tile)
+            data[ROWS_KEY] = MultiModalFieldElem(data=torch.full((len(tiles),), keys[index], dtype=torch.long),
+                                                 field=pixels.field)
         feature.data = data
     request.prompt_token_ids = ids
     request._all_token_ids[:] = ids  # (the list behind `all_token_ids`, a read-only view of it)
@@ -59,11 +67,12 @@ def route_request(route_tiles, config, request) -> list[list[bool]]:
     return decisions
 
 
-def _route_on_worker(worker, pixels: list[torch.Tensor]) -> list[list[bool]]:
+def _route_on_worker(worker, pixels: list[torch.Tensor], keys: list[int] | None = None,
+                     dropped: list[int] | None = None, items: list[str] | None = None) -> list[list[bool]]:
     """Run on the engine's worker (`collective_rpc`): its model's `route_tiles`."""
     runner = getattr(worker, "model_runner", None)
     model = runner.get_model() if runner is not None else worker.get_model()
-    return model.route_tiles(pixels)
+    return model.route_tiles(pixels, keys, dropped, items)
 
 
 def engine_executor():
@@ -98,6 +107,11 @@ class RouterSchedulerMixin(RequestRefusalsMixin):
                 "stack), so it cannot reach the worker that routes each request; serve the checkpoint with vLLM's "
                 "LLM or `vllm serve`, or without the router: hf_overrides={\"vir\": {\"enabled\": false}}.")
         self.model_config = self.vllm_config.model_config.hf_config
+        # keys of the rows the worker keeps from each admission (`router/rows.py`): by request, until it ends; those
+        # of ended requests are sent with the next admission for the worker to drop
+        self._row_keys = itertools.count()
+        self._request_keys: dict[str, list[int]] = {}
+        self._ended_keys: list[int] = []
         self.routed_requests = 0
         self.routed_tiles = 0
         self.compressed_tiles = 0
@@ -108,15 +122,24 @@ class RouterSchedulerMixin(RequestRefusalsMixin):
             self.refuse(request, "InternVL3.5-Flash router: request %s finished with an error: %s", request.request_id,
                         reason)
             return
-        decisions = route_request(self.route_tiles, self.model_config, request)
+        keys = [next(self._row_keys) for _ in request.mm_features]
+        decisions = route_request(self.route_tiles, self.model_config, request, keys)
         if decisions:
+            self._request_keys[request.request_id] = keys
             self.routed_requests += 1
             self.routed_tiles += sum(len(tiles) for tiles in decisions)
             self.compressed_tiles += sum(sum(tiles) for tiles in decisions)
         super().add_request(request)
 
-    def route_tiles(self, pixels: list[torch.Tensor]) -> list[list[bool]]:
-        return self.executor.collective_rpc(_route_on_worker, args=(pixels,))[0]  # (each worker answers alike)
+    def route_tiles(self, pixels: list[torch.Tensor], keys: list[int] | None = None,
+                    items: list[str] | None = None) -> list[list[bool]]:
+        dropped, self._ended_keys = self._ended_keys, []
+        # (each worker answers alike)
+        return self.executor.collective_rpc(_route_on_worker, args=(pixels, keys, dropped, items))[0]
+
+    def _free_request(self, request, *args, **kwargs):
+        self._ended_keys += self._request_keys.pop(request.request_id, [])
+        return super()._free_request(request, *args, **kwargs)
 
     @staticmethod
     def _refusal(request) -> str | None:
@@ -145,7 +168,5 @@ class RouterAsyncScheduler(RouterSchedulerMixin, AsyncScheduler):
 
 
 def router_scheduler(*, vllm_config, **kwargs):
-    """The router's `scheduler_cls` (`router.config.ROUTER_SCHEDULER`): the class for the engine's final
-    `async_scheduling`, which vLLM settles after the config hook."""
-    scheduler = RouterAsyncScheduler if vllm_config.scheduler_config.async_scheduling else RouterScheduler
-    return scheduler(vllm_config=vllm_config, **kwargs)
+    """The router's `scheduler_cls` (`router.config.ROUTER_SCHEDULER`)."""
+    return for_async_scheduling(RouterScheduler, RouterAsyncScheduler, vllm_config, **kwargs)

@@ -9,7 +9,7 @@ from vllm.v1.core.sched.scheduler import Scheduler
 
 from internvlx_hf.vllm.lvtc.saving.kv_cache import LOOKUP_REQUEST, LVTCShortManager, LVTCShortSpec
 from internvlx_hf.vllm.lvtc.tiles import whole_tiles_end
-from internvlx_hf.vllm.scheduler_refusals import RequestRefusalsMixin
+from internvlx_hf.vllm.scheduler_refusals import RequestRefusalsMixin, for_async_scheduling
 
 
 class LVTCSchedulerMixin(RequestRefusalsMixin):
@@ -142,7 +142,5 @@ class LVTCAsyncScheduler(LVTCSchedulerMixin, AsyncScheduler):
 
 
 def lvtc_scheduler(*, vllm_config, **kwargs):
-    """The saving path's `scheduler_cls` (`path.SAVING_SCHEDULER`): the scheduler class for the engine's final
-    `async_scheduling`, which vLLM settles after the config hook."""
-    scheduler = LVTCAsyncScheduler if vllm_config.scheduler_config.async_scheduling else LVTCScheduler
-    return scheduler(vllm_config=vllm_config, **kwargs)
+    """The saving path's `scheduler_cls` (`path.SAVING_SCHEDULER`)."""
+    return for_async_scheduling(LVTCScheduler, LVTCAsyncScheduler, vllm_config, **kwargs)
