@@ -35,7 +35,8 @@ from internvlx_hf.processing.chat_templates import parse_chat_template  # noqa: 
 from internvlx_hf.vllm.lvtc.geometry import lvtc_geometry_of  # noqa: E402
 
 from vllm_checkpoints import converted_checkpoint  # noqa: E402
-from vllm_helpers import FLASH, IMAGE_TOKEN_ID, build_checkpoint, image, reference_generate  # noqa: E402
+from vllm_helpers import (  # noqa: E402
+    FLASH, IMAGE_TOKEN_ID, build_checkpoint, image, reference_generate, routed_prompt)
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -323,8 +324,6 @@ def test_a_routed_chat_behind_the_server_is_served_its_shortened_prompt_from_the
     compressed), the second turn resending the first. The second is served every whole block of the first turn's
     prompt as the router shortened it (the image among them; the prompt as sent is 48 tokens longer), the client's
     cached tokens are the server's counter's, and both answers are transformers' (tokens and top-5 logprobs)."""
-    from vllm_helpers import routed_prompt
-
     folder, client = servers["flash"]
     log = SERVER_LOGS["flash"].read_text()
     assert "  - enable_prefix_caching" not in log and "enforce_eager=False" in log
