@@ -143,9 +143,9 @@ def measure(args) -> None:
         for name in names:
             result = results[name]
             groups = result["info"]["groups"]
-            held = [h for h in result["prefill_prompt_tokens_held"][key]]
             row[name] = {"layer_blocks": layer_blocks(result["prefill_blocks_held"][key], groups),
-                         "prompt_tokens_sent": result["prefill_prompt_tokens"][key], "prompt_tokens_held": held}
+                         "prompt_tokens_sent": result["prefill_prompt_tokens"][key],
+                         "prompt_tokens_held": result["prefill_prompt_tokens_held"][key]}
         tiles = {"1 tile": 1, "3 tiles": 3, "6 tiles": 6}[key]
         row["kv_blocks_ratio"] = row["router"]["layer_blocks"] / row["router-off"]["layer_blocks"]
         row["compressed_share"] = [compressed_share(row["router-off"]["prompt_tokens_sent"], held, tiles,

@@ -193,11 +193,9 @@ def _prompt(processor, messages: list[dict]) -> str:
     return processor.apply_chat_template(local, add_generation_prompt=True)
 
 
-@pytest.mark.parametrize("conversation", sorted(CONVERSATIONS))
-@pytest.mark.parametrize("family", SERVED)
-def test_chat_completions_give_transformers_prompt_ids_and_tokens(servers, family, conversation):
-    folder, client = servers[family]
-    messages = CONVERSATIONS[conversation]
+def _greedy_chat(folder: Path, client, messages: list[dict]):
+    """(the server's chat completion of `messages`, transformers' answer): 8 greedy tokens with their top logprobs,
+    asserted equal (tokens) and within `LOGPROB_ATOL` (logprobs)."""
     answer = client.chat.completions.create(
         model=str(folder), messages=_openai_messages(messages), max_tokens=8, temperature=0.0, logprobs=True,
         top_logprobs=TOP, extra_body={"return_token_ids": True, "ignore_eos": True})
@@ -205,6 +203,15 @@ def test_chat_completions_give_transformers_prompt_ids_and_tokens(servers, famil
     assert answer.choices[0].token_ids == reference["tokens"]
     assert_top_logprobs([[entry.logprob for entry in step.top_logprobs] for step in answer.choices[0].logprobs.content],
                         reference)
+    return answer, reference
+
+
+@pytest.mark.parametrize("conversation", sorted(CONVERSATIONS))
+@pytest.mark.parametrize("family", SERVED)
+def test_chat_completions_give_transformers_prompt_ids_and_tokens(servers, family, conversation):
+    folder, client = servers[family]
+    messages = CONVERSATIONS[conversation]
+    answer, reference = _greedy_chat(folder, client, messages)
     # the same text but at its start, where vLLM and sentencepiece differ on a space and on byte pieces that complete
     # no character (docs/serving-vllm.md, "Answer text")
     text = InternVLXProcessor.from_pretrained(folder).batch_decode([reference["tokens"]], skip_special_tokens=True)[0]
@@ -334,13 +341,7 @@ def test_a_routed_chat_behind_the_server_is_served_its_shortened_prompt_from_the
                       {"role": "user", "content": "What else is in it?"}]
     hits, cached, sent = [_prefix_cache_hits(client)], [], []
     for messages in (first, second):
-        answer = client.chat.completions.create(
-            model=str(folder), messages=_openai_messages(messages), max_tokens=8, temperature=0.0, logprobs=True,
-            top_logprobs=TOP, extra_body={"return_token_ids": True, "ignore_eos": True})
-        reference = _transformers_answer(folder, messages)
-        assert answer.choices[0].token_ids == reference["tokens"]
-        assert_top_logprobs([[e.logprob for e in step.top_logprobs] for step in answer.choices[0].logprobs.content],
-                            reference)
+        answer, _ = _greedy_chat(folder, client, messages)
         hits.append(_prefix_cache_hits(client))
         cached.append(answer.usage.prompt_tokens_details.cached_tokens)
         sent.append(answer.prompt_token_ids)
