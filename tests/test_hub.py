@@ -22,9 +22,10 @@ from internvlx_hf.provenance import (PROVENANCE_FILE, read_provenance, record_co
 
 from conftest import REPO_ROOT, require_fixture, run_isolated_python
 
-REMOTE_CODE = ["chat.py", "chat_templates.py", "compat.py", "configuration_internvlx.py", "image_processing_internvlx.py",
-               "input_checks.py", "lvtc.py", "lvtc_cache.py", "modeling_internvlx.py", "outputs.py", "placeholders.py",
-               "processing_internvlx.py", "projectors.py", "video.py", "vir.py"]
+REMOTE_CODE = ["chat.py", "chat_templates.py", "compat.py", "configuration_internvlx.py", "generation.py",
+               "image_processing_internvlx.py", "input_checks.py", "lvtc.py", "lvtc_cache.py", "modeling_internvlx.py",
+               "outputs.py", "placeholders.py", "processing_internvlx.py", "projectors.py", "video.py", "vir.py",
+               "vir_routing.py"]
 
 
 def _convert(tmp_path_factory, fixture, name, **options):

@@ -9,6 +9,9 @@ module name or as its suffix, so a bare ``multi_modal_projector`` matches nothin
   projectors. PVTC runs its Linears on 4-D windows, and bitsandbytes' 8-bit matmul (`MatMul8bitLt`) flattens only
   3-D inputs, so an 8-bit PVTC model fails inside bitsandbytes ("size of tensor a (4) must match ... (256)"). They
   are also the parts that fine-tuning retrains in full (the `lora` / `qlora` presets' ``modules_to_save``).
+- ``model.vir``: InternVL3.5-Flash's router (pooling, gate, 64-token projector). Its decisions compare scores with
+  thresholds, so rounding flips them (a 4-bit gate moved scores by 0.13); its projector is trained in full beside
+  adapters, which peft cannot do on a 4-bit layer.
 - ``lm_head``: as transformers' default skip list does (the output logits are where rounding shows most).
 - ``model.vision_tower`` only on request (``keep_vision_tower=True``): its Linears take 3-D inputs and quantize
   fine in both modes (docs/quantization.md has the measured effect).
@@ -92,8 +95,8 @@ class _Once(logging.Filter):
 
 def skip_modules(config: Any, *, keep_vision_tower: bool = False) -> list[str]:
     """Full prefixes of the modules of an `InternVLXForConditionalGeneration` with ``config`` that stay in full
-    precision: the projectors the model has (the LVTC ones exist only when the config builds them), ``lm_head``,
-    and the vision tower when ``keep_vision_tower``."""
+    precision: the projectors the model has (the LVTC ones exist only when the config builds them), the Flash
+    router, ``lm_head``, and the vision tower when ``keep_vision_tower``."""
     from .modeling.configuration_internvlx import LVTCConfig
 
     names = ["model.multi_modal_projector"]
@@ -103,6 +106,8 @@ def skip_modules(config: Any, *, keep_vision_tower: bool = False) -> list[str]:
             names.append("model.lvtc_lr_projectors")
         if lvtc.expand_layer < config.get_text_config().num_hidden_layers:
             names.append("model.lvtc_hr_projector")
+    if getattr(config, "vir", None) is not None:  # InternVL3.5-Flash's router: its decisions and 64-token projector
+        names.append("model.vir")
     if keep_vision_tower:
         names.append("model.vision_tower")
     names.append("lm_head")

@@ -52,7 +52,13 @@ def _opengvlab_config_kwargs(source: SourceCheckpoint, text_config, notes: list[
             f"{source.path}/config.json has use_backbone_lora/use_llm_lora set: merge the LoRA weights into the base "
             "weights (InternVL's merge_lora script) and convert the merged checkpoint."
         )
-    if c.get("ps_version", "v2") != "v2":
+    if "ps_version" not in c:
+        # InternVLChatConfig's default is 'v1', so that is what OpenGVLab's code runs for such a folder
+        raise ConversionError(
+            f"{source.path}/config.json has no ps_version, which OpenGVLab's InternVLChatConfig reads as 'v1' (InternVL "
+            "1.x's pixel shuffle, which orders the merged channels differently); only 'v2' is implemented. If the "
+            'checkpoint was trained with v2 (every InternVL2 and later release), add "ps_version": "v2".')
+    if c["ps_version"] != "v2":
         raise ConversionError(
             f"config.ps_version={c.get('ps_version')!r}: only InternVL2's pixel shuffle 'v2' is implemented "
             "(InternVL 1.x 'v1' orders the merged channels differently)."
@@ -68,33 +74,47 @@ def _opengvlab_config_kwargs(source: SourceCheckpoint, text_config, notes: list[
         "template": c.get("template"),
         "tie_word_embeddings": bool(text_config.tie_word_embeddings),
     }
-    vir = _flash_router(source)
+    vir = _flash_router(source, notes)
     if vir is not None:
         kwargs["vir"] = vir
     return kwargs
 
 
 _FLASH_KEYS = ("flash_mode", "flash_relative_threshold", "flash_absolute_threshold")
+#: The thresholds of every published Flash config (docs/flash.md), written where a config with the router off has none.
+_PUBLISHED_THRESHOLDS = {"flash_relative_threshold": 0.1, "flash_absolute_threshold": 0.5}
 
 
-def _flash_router(source: SourceCheckpoint) -> dict[str, Any] | None:
-    """The `ViRConfig` of an InternVL3.5-Flash config.json (None for any other): its thresholds and `flash_mode`."""
+def _flash_router(source: SourceCheckpoint, notes: list[str]) -> dict[str, Any] | None:
+    """The `ViRConfig` of an InternVL3.5-Flash folder (None for any other), read key by key as OpenGVLab's Flash code
+    reads it: ``flash_mode = getattr(config, "flash_mode", False)``, and the thresholds only when it is on."""
     c = source.config
-    if not any(key in c for key in _FLASH_KEYS):
+    if not any(key in c for key in _FLASH_KEYS) and not source.has_router_weights:
         return None
+    enabled = bool(c.get("flash_mode", False))
+    if "flash_mode" not in c:
+        notes.append("config.json has no flash_mode, which OpenGVLab's Flash code reads as false: the router is "
+                     "converted off (config.vir.enabled = false, every tile 256 tokens); set it to true in the "
+                     "converted config.json to run the router")
     missing = [key for key in _FLASH_KEYS[1:] if not isinstance(c.get(key), (int, float))]
-    if missing:
+    if missing and enabled:
         raise ConversionError(
-            f"{source.path}/config.json is an InternVL3.5-Flash config (it has {[k for k in _FLASH_KEYS if k in c]}) "
-            f"but lacks a numeric {' and '.join(missing)}: the router cannot decide without both; use the config.json "
-            "of the published Flash checkpoint (it has both).")
+            f"{source.path}/config.json is an InternVL3.5-Flash config with flash_mode true but lacks a numeric "
+            f"{' and '.join(missing)}: the router cannot decide without both; use the config.json of the published "
+            "Flash checkpoint (it has both).")
+    if missing:
+        notes.append(f"config.json has no {' / '.join(missing)} (the router is off, so OpenGVLab's code never reads "
+                     "them): the published Flash thresholds " + ", ".join(f"{key} {_PUBLISHED_THRESHOLDS[key]}" for key
+                                                                          in missing)
+                     + " are written for when it is turned on")
     if int(c.get("select_layer", -1)) != -1:
         raise ConversionError(
             f"{source.path}/config.json has select_layer={c['select_layer']}, but InternVL3.5-Flash's router path "
             "reads the ViT's last layer whatever select_layer says; set select_layer to -1 (every published Flash "
             "model has it).")
-    return {"enabled": bool(c.get("flash_mode", True)), "relative_threshold": float(c["flash_relative_threshold"]),
-            "absolute_threshold": float(c["flash_absolute_threshold"])}
+    value = {key: float(c[key]) if key not in missing else _PUBLISHED_THRESHOLDS[key] for key in _FLASH_KEYS[1:]}
+    return {"enabled": enabled, "relative_threshold": value["flash_relative_threshold"],
+            "absolute_threshold": value["flash_absolute_threshold"]}
 
 
 def _build_config(config_kwargs: dict[str, Any], text_config, projector_type: str, lvtc: dict | None,

@@ -44,6 +44,12 @@ class SourceCheckpoint:
             )
         return "mlp" if has_mlp else "pvtc"
 
+    @property
+    def has_router_weights(self) -> bool:
+        """Whether the weights hold InternVL3.5-Flash's router (its pooling, gate and 64-token projector ``mlp2``)."""
+        return self.layout != "native" and any(key.startswith(SOURCE_PREFIXES["vir"]) for infos in self.infos
+                                               for key in infos)
+
     def dominant_dtype(self) -> torch.dtype:
         """The floating dtype holding most of the bytes (the model's dtype for `--dtype auto`)."""
         counts: Counter = Counter()

@@ -272,10 +272,11 @@ class ViRConfig:
         if config.projector_type != "mlp" or config.lvtc is not None:
             raise ValueError("vir (InternVL3.5-Flash's router) runs on the MLP projector without LVTC; set "
                              "projector_type='mlp' and lvtc=None, or drop vir.")
-        if not 0.0 <= self.relative_threshold <= 1.0:
-            raise ValueError(f"vir.relative_threshold must lie in [0, 1] (a quantile), got {self.relative_threshold}")
-        if self.scope not in VIR_SCOPES:
-            raise ValueError(f"vir.scope must be one of {VIR_SCOPES}, got {self.scope!r}")
+        if config.select_layer != -1:
+            raise ValueError(f"select_layer={config.select_layer} with vir: InternVL3.5-Flash's router path reads the "
+                             "ViT's last layer whatever select_layer says (every published Flash model has -1); "
+                             "set select_layer=-1, or drop vir.")
+        self.check()
         ratio = self.compressed_downsample_ratio
         ratio = ratio if ratio is not None else config.downsample_ratio ** 2
         image_size, patch_size = image_and_patch(config.vision_config)
@@ -291,6 +292,19 @@ class ViRConfig:
         return ViRConfig(enabled=bool(self.enabled), relative_threshold=float(self.relative_threshold),
                          absolute_threshold=float(self.absolute_threshold), scope=self.scope,
                          compressed_downsample_ratio=ratio, pooling_num_heads=self.pooling_num_heads)
+
+    def check(self) -> None:
+        """The settings a decision reads, checked where they are used too (`config.vir.relative_threshold = 1.5` set
+        in Python would otherwise fail inside torch.quantile)."""
+        if isinstance(self.relative_threshold, bool) or not isinstance(self.relative_threshold, (int, float)) \
+                or not 0.0 <= self.relative_threshold <= 1.0:
+            raise ValueError(f"config.vir.relative_threshold must be a number in [0, 1] (a quantile of the tiles' "
+                             f"scores), got {self.relative_threshold!r}")
+        if isinstance(self.absolute_threshold, bool) or not isinstance(self.absolute_threshold, (int, float)):
+            raise ValueError(f"config.vir.absolute_threshold must be a number (a score p0 in [0, 1]), got "
+                             f"{self.absolute_threshold!r}")
+        if self.scope not in VIR_SCOPES:
+            raise ValueError(f"config.vir.scope must be one of {VIR_SCOPES}, got {self.scope!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -337,6 +351,9 @@ class InternVLXConfig(PreTrainedConfig):
     """
 
     model_type = "internvlx"
+    # The Trainer's evaluation keeps every other output field as predictions: the cache (under both of its names) and
+    # the router's routing (a structure per batch, not a tensor) stay out.
+    keys_to_ignore_at_inference = ["past_key_values", "cache", "vir_routing"]
     if SubConfigSpec is not None:
         sub_configs_defaults = {
             "text_config": SubConfigSpec(

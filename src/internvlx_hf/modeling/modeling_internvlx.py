@@ -1,23 +1,22 @@
 """InternVL-X: InternVL2 with PVTC (projector) and LVTC (layer-wise) visual token compression.
 
 Paper: "InternVL-X: Advancing and Accelerating InternVL Series with Efficient Visual Token Compression", Sec. 3.
-This file holds the pretrained base, the model and generation; the projectors are in `projectors.py`, LVTC's layout and
-forward (Algorithm 1) in `lvtc.py` and its caches in `lvtc_cache.py`, the output types in `outputs.py`, the input checks
-in `input_checks.py`, the image placeholders' handling in drafts and labels in `placeholders.py`, `chat()` in `chat.py`
-and what differs between transformers releases in `compat.py`. Saved next to checkpoints as remote code with those
+This file holds the pretrained base and the models; `generate` and its hooks are in `generation.py`, the projectors in
+`projectors.py`, LVTC's layout and forward (Algorithm 1) in `lvtc.py` and its caches in `lvtc_cache.py`,
+InternVL3.5-Flash's router in `vir.py` and its routes in `vir_routing.py`, the output types in `outputs.py`, the input
+checks in `input_checks.py`, the image placeholders' handling in drafts and labels in `placeholders.py`, `chat()` in
+`chat.py` and what differs between transformers releases in `compat.py`. Saved next to checkpoints as remote code with those
 files: they import only torch, transformers, the standard library and each other (single-dot relative imports).
 """
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModel, GenerationMixin, PreTrainedModel
+from transformers import AutoModel, PreTrainedModel
 from transformers import initialization as init
-from transformers.cache_utils import Cache, DynamicCache, StaticCache
-from transformers.masking_utils import create_masks_for_generate
+from transformers.cache_utils import Cache
 from transformers.models.internvl.modeling_internvl import InternVLVisionModel, InternVLVisionRMSNorm
 from transformers.utils.generic import can_return_tuple
 
@@ -27,7 +26,6 @@ from .compat import (
     activation_checkpointing,
     cache_kwarg,
     cache_of,
-    one_cache,
     one_cache_argument,
     select_hidden_states,
     slice_logits_to_keep,
@@ -35,7 +33,8 @@ from .compat import (
 from .configuration_internvlx import InternVLXConfig
 from .input_checks import check_image_flags, check_image_inputs, check_input_ids, check_pixel_values
 from .lvtc import build_lvtc_layout, prepare_lvtc_step, run_lvtc
-from .lvtc_cache import InternVLXLVTCCache, InternVLXLVTCStaticCache, LVTCState, as_lvtc_cache
+from .generation import InternVLXGenerationMixin
+from .lvtc_cache import InternVLXLVTCCache, InternVLXLVTCStaticCache, LVTCState
 from .outputs import (
     InternVLXCausalLMOutputWithPast,
     InternVLXImageFeatures,
@@ -43,9 +42,10 @@ from .outputs import (
     InternVLXModelOutputWithPast,
     LogitsOnRead,
 )
-from .placeholders import DraftsWithoutPlaceholders, ignore_placeholder_label_kwargs
+from .placeholders import ignore_placeholder_label_kwargs
 from .projectors import InternVLXMLPProjector, PVTCProjector, attach_projectors
-from .vir import ViRRouter, ViRRouting, route_batch
+from .vir import ViRRouter
+from .vir_routing import ViRCacheRecord, ViRRouting, record_routing, route_batch, route_inputs
 
 
 class InternVLXPreTrainedModel(PreTrainedModel):
@@ -173,12 +173,13 @@ class InternVLXModel(InternVLXPreTrainedModel):
 
     def route(self, input_ids: torch.LongTensor, pixel_values: torch.Tensor, attention_mask: torch.Tensor | None = None,
               position_ids: torch.LongTensor | None = None, labels: torch.LongTensor | None = None,
-              image_flags: torch.Tensor | None = None, padding_side: str | None = None) -> ViRRouting:
+              image_flags: torch.Tensor | None = None) -> ViRRouting:
         r"""Run InternVL3.5-Flash's router (``config.vir``) on a batch whose prompts hold ``image_seq_length``
         `<IMG_CONTEXT>` per tile (the processor's output): the vision tower once, a decision per tile, the prompt
-        without the compressed tiles' deleted placeholders (re-padded on ``padding_side``: the mask's own side by
-        default) and the visual tokens that fill it. `generate()` and a forward given ``pixel_values`` call it; its
-        output goes to the forward as ``input_ids``, ``attention_mask`` and ``image_features``.
+        without the compressed tiles' deleted placeholders and the visual tokens that fill it. Every forward given
+        ``pixel_values`` and `generate()` run it (`vir_routing.py`); its output goes to the forward as ``input_ids``,
+        ``attention_mask`` and ``image_features``. Each row keeps its columns in order (its padding too); rows shortened
+        less than the most get padding on the left; ``source`` names the given column of each routed one.
 
         Example:
 
@@ -189,15 +190,7 @@ class InternVLXModel(InternVLXPreTrainedModel):
         ...       image_features=routing.image_features)
         ```
         """
-        return route_batch(self, input_ids, pixel_values, attention_mask, position_ids, labels, image_flags,
-                           padding_side)
-
-    def routes(self, pixel_values, image_features, input_ids, past_length: int) -> bool:
-        """Whether this forward runs the router: a model with an enabled ``config.vir``, given tiles (not the
-        routed tokens) with an uncompressed prompt's ids, filling an empty cache."""
-        vir = self.config.vir
-        return (vir is not None and vir.enabled and pixel_values is not None and image_features is None
-                and input_ids is not None and past_length == 0)
+        return route_batch(self, input_ids, pixel_values, attention_mask, position_ids, image_flags, labels)
 
     def get_placeholder_mask(self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor) -> torch.Tensor:
         if input_ids is not None:
@@ -207,64 +200,10 @@ class InternVLXModel(InternVLXPreTrainedModel):
         )
         return (inputs_embeds == image_embed).all(-1)
 
-    # ------------------------------------------------------------------------------------------------------ forward
-
-    @one_cache_argument
-    @can_return_tuple
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        pixel_values: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        cache: Cache | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        use_cache: bool | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | list[int] | None = None,
-        image_flags: torch.Tensor | None = None,
-        num_patches: torch.Tensor | None = None,
-        tile_grid: torch.Tensor | None = None,
-        image_features: torch.Tensor | None = None,
-        **kwargs,
-    ) -> InternVLXModelOutputWithPast:
-        r"""
-        pixel_values: all tiles of the batch ``(tiles, 3, 448, 448)``, in the order of their `<IMG_CONTEXT>` runs.
-            With InternVL3.5-Flash's router (``config.vir`` enabled) the prompt holds ``image_seq_length``
-            placeholders per tile and the forward runs on the prompt the router shortens (`route`): the outputs have
-            its length.
-        image_features: ``(n, D)`` visual tokens that fill the `<IMG_CONTEXT>` placeholders in order, instead of
-            ``pixel_values`` (`route`'s ``image_features``, with its ``input_ids``).
-        output_hidden_states: ``True`` or a list of indices of the hidden states to keep (the others are None).
-        image_flags: optional ``(tiles,)``; tiles flagged 0 are dropped (InternVL2 dummy tiles).
-        num_patches, tile_grid: what the processor returns (tiles per image, ``(cols, rows)`` per image); checked
-            against ``pixel_values`` and the `<IMG_CONTEXT>` runs, otherwise unused.
-        cache: the KV cache (transformers 5.24's name; ``past_key_values=``, the older one, is taken as it).
-        """
-        past_key_values = cache
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
-        # An explicit None means "the config's value" (transformers' convention), also for the LLM below.
-        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
-        if output_hidden_states is None:
-            output_hidden_states = self.config.output_hidden_states
-        if use_cache is None and self.training:
-            # A training forward has no use for a cache, and building one switches off transformers' detection of
-            # packed sequences (position resets without a mask): packed rows would attend across samples.
-            use_cache = False
-        if pixel_values is not None and image_features is not None:
-            raise ValueError("Pass pixel_values or image_features (visual tokens already computed), not both.")
-        vir = self.config.vir
-        if vir is not None and vir.enabled and pixel_values is not None and input_ids is None:
-            raise ValueError("This InternVL3.5-Flash model's router (config.vir) shortens the prompt's ids, so it "
-                             "needs input_ids with pixel_values, not inputs_embeds; pass the processor's input_ids (or "
-                             "set model.config.vir.enabled = False to run every tile at full resolution).")
-        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
-        if self.routes(pixel_values, image_features, input_ids, past_length):
-            routing = self.route(input_ids, pixel_values, attention_mask, position_ids, image_flags=image_flags)
-            input_ids, attention_mask, position_ids = routing.input_ids, routing.attention_mask, routing.position_ids
-            image_features = routing.image_features
-            pixel_values = image_flags = num_patches = tile_grid = None
+    def _embed(self, input_ids, inputs_embeds, pixel_values, image_features, image_flags, num_patches, tile_grid,
+               past_length: int):
+        """The LLM's input embeddings with the visual tokens in the `<IMG_CONTEXT>` places (from ``pixel_values``, or
+        given as ``image_features``), the placeholder mask and the image features (None without tiles)."""
         if input_ids is not None:
             check_input_ids(input_ids, self.get_input_embeddings().num_embeddings)
             inputs_embeds = self.get_input_embeddings()(input_ids)
@@ -290,6 +229,71 @@ class InternVLXModel(InternVLXPreTrainedModel):
                 f"The input has {int(image_mask.sum())} image tokens but no pixel_values were given; pass the "
                 "images' pixel_values (the processor's output) or remove the <IMG_CONTEXT> tokens."
             )
+        return inputs_embeds, image_mask, features
+
+    # ------------------------------------------------------------------------------------------------------ forward
+
+    @one_cache_argument
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | list[int] | None = None,
+        image_flags: torch.Tensor | None = None,
+        num_patches: torch.Tensor | None = None,
+        tile_grid: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
+        **kwargs,
+    ) -> InternVLXModelOutputWithPast:
+        r"""
+        pixel_values: all tiles of the batch ``(tiles, 3, 448, 448)``, in the order of their `<IMG_CONTEXT>` runs.
+            With InternVL3.5-Flash's router (``config.vir`` enabled) the prompt holds ``image_seq_length``
+            placeholders per tile and the LLM runs on the prompt the router shortens (`route`); the hidden states
+            come back in the given columns (zeros at the deleted placeholders; attention weights stay over the
+            routed ones), the cache holds the shortened prompt, and ``vir_routing`` says how it was shortened.
+        image_features: ``(n, D)`` visual tokens that fill the `<IMG_CONTEXT>` placeholders in order, instead of
+            ``pixel_values`` (`route`'s ``image_features``, with its ``input_ids``).
+        output_hidden_states: ``True`` or a list of indices of the hidden states to keep (the others are None).
+        image_flags: optional ``(tiles,)``; tiles flagged 0 are dropped (InternVL2 dummy tiles).
+        num_patches, tile_grid: what the processor returns (tiles per image, ``(cols, rows)`` per image); checked
+            against ``pixel_values`` and the `<IMG_CONTEXT>` runs, otherwise unused.
+        cache: the KV cache (transformers 5.24's name; ``past_key_values=``, the older one, is taken as it).
+        """
+        past_key_values = cache
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        # An explicit None means "the config's value" (transformers' convention), also for the LLM below.
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        if use_cache is None and self.training:
+            # A training forward has no use for a cache, and building one switches off transformers' detection of
+            # packed sequences (position resets without a mask): packed rows would attend across samples.
+            use_cache = False
+        if pixel_values is not None and image_features is not None:
+            raise ValueError("Pass pixel_values or image_features (visual tokens already computed), not both.")
+        vir_routing = None
+        if pixel_values is not None and self.config.vir is not None:  # InternVL3.5-Flash (vir_routing.py)
+            routed = route_inputs(self, dict(kwargs, input_ids=input_ids, pixel_values=pixel_values,
+                                             attention_mask=attention_mask, position_ids=position_ids,
+                                             cache=past_key_values, image_flags=image_flags))
+            if routed.get("vir_routing") is not None:
+                vir_routing = routed.pop("vir_routing")
+                input_ids, attention_mask, position_ids = vir_routing.input_ids, vir_routing.attention_mask, \
+                    vir_routing.position_ids
+                image_features, pixel_values, image_flags, num_patches, tile_grid = vir_routing.image_features, \
+                    None, None, None, None
+                kwargs.update({key: routed[key] for key in kwargs if key.startswith(("cu_seq_lens_", "max_length_"))})
+        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        inputs_embeds, image_mask, features = self._embed(input_ids, inputs_embeds, pixel_values, image_features,
+                                                          image_flags, num_patches, tile_grid, past_length)
 
         if self.config.lvtc is None:
             outputs = self.language_model(
@@ -304,11 +308,18 @@ class InternVLXModel(InternVLXPreTrainedModel):
                 **kwargs,
             )
             hidden_states = select_hidden_states(outputs.hidden_states, output_hidden_states)
+            last_hidden_state = outputs.last_hidden_state
+            if vir_routing is not None:  # back in the given columns; the cache keeps what generate() needs
+                record_routing(cache_of(outputs), ViRCacheRecord.of(vir_routing))
+                last_hidden_state = vir_routing.restore(last_hidden_state)
+                if hidden_states is not None:
+                    hidden_states = tuple(None if h is None else vir_routing.restore(h) for h in hidden_states)
             return InternVLXModelOutputWithPast(
-                last_hidden_state=outputs.last_hidden_state,
+                last_hidden_state=last_hidden_state,
                 hidden_states=hidden_states,
                 attentions=outputs.attentions,
                 image_hidden_states=features.pooler_output if features is not None else None,
+                vir_routing=vir_routing,
                 **cache_kwarg(cache_of(outputs)),
             )
         # LVTC (Algorithm 1, lvtc.py): this step's layouts, then the layers
@@ -321,13 +332,13 @@ class InternVLXModel(InternVLXPreTrainedModel):
                         output_attentions, output_hidden_states, **kwargs)
 
 
-class InternVLXForConditionalGeneration(InternVL2ChatMixin, InternVLXPreTrainedModel, GenerationMixin):
+class InternVLXForConditionalGeneration(InternVL2ChatMixin, InternVLXPreTrainedModel, InternVLXGenerationMixin):
     """InternVL-X for image-text-to-text generation. `AutoModel` resolves to this class, as in InternVL2."""
 
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
     # As transformers' InternVL: a tied head shards the weight it reads, so it needs a tensor-parallel entry of its own.
     _tp_plan = {"lm_head": "colwise_gather_output"}
-    _per_tile_inputs = ("pixel_values", "image_flags", "num_patches", "tile_grid")
+
     def __init__(self, config: InternVLXConfig):
         super().__init__(config)
         self.model = InternVLXModel(config)
@@ -427,23 +438,13 @@ class InternVLXForConditionalGeneration(InternVL2ChatMixin, InternVLXPreTrainedM
                 "internvlx_hf.training.InternVLXTrainer, not by the model's forward; train with InternVLXTrainer "
                 "or use loss_reduction='token'."
             )
-        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
-        if self.model.routes(pixel_values, image_features, input_ids, past_length):
-            # InternVL3.5-Flash: the router shortens the prompt, and the labels with it (one decision per tile)
-            if kwargs.get("shift_labels") is not None:
-                raise ValueError("shift_labels cannot follow the router's shortened prompt; pass labels (the "
-                                 "router deletes the compressed tiles' placeholders from them too).")
-            routing = self.model.route(input_ids, pixel_values, attention_mask, position_ids, labels=labels,
-                                       image_flags=image_flags)
-            input_ids, attention_mask, position_ids = routing.input_ids, routing.attention_mask, routing.position_ids
-            labels, image_features = routing.labels, routing.image_features
-            pixel_values = image_flags = num_patches = tile_grid = None
         outputs = self.model(
             input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, position_ids=position_ids,
             cache=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
             output_attentions=output_attentions, output_hidden_states=output_hidden_states, image_flags=image_flags,
             num_patches=num_patches, tile_grid=tile_grid, image_features=image_features, return_dict=True, **kwargs,
         )
+        vir_routing = outputs.vir_routing
         loss = logits = token_losses = on_read = None
         if skip_logits is None:
             skip_logits = linear_cross_entropy is not None or (
@@ -469,7 +470,7 @@ class InternVLXForConditionalGeneration(InternVL2ChatMixin, InternVLXPreTrainedM
                     logits=logits, labels=labels, vocab_size=self.config.get_text_config().vocab_size, **kwargs
                 )
         items = dict(loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions,
-                     image_hidden_states=outputs.image_hidden_states)
+                     image_hidden_states=outputs.image_hidden_states, vir_routing=vir_routing)
         items[CACHE_NAME] = cache_of(outputs)
         if on_read is not None:  # the default's output is a full forward's: no token_losses
             return InternVLXLogitsOnReadOutput(**items, logits_on_read=on_read)
@@ -500,176 +501,6 @@ class InternVLXForConditionalGeneration(InternVL2ChatMixin, InternVLXPreTrainedM
             loss = losses.sum() / num_items_in_batch
         # masked_scatter keeps the per-token losses connected to the graph even when no label is left
         return loss, losses.new_zeros(labelled.shape).masked_scatter(labelled, losses)
-
-    # ------------------------------------------------------------------------------------------ generation hooks
-
-    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, inputs_embeds=None,
-                                      is_first_iteration=False, cache=None, **kwargs):
-        past_key_values = one_cache(past_key_values, cache)
-        model_inputs = super().prepare_inputs_for_generation(
-            input_ids, inputs_embeds=inputs_embeds, is_first_iteration=is_first_iteration,
-            **cache_kwarg(past_key_values), **kwargs
-        )
-        # An assistant model (assisted / speculative decoding) runs generate() once per draft with
-        # is_first_iteration=False, so transformers drops pixel_values even from its first forward. That forward
-        # fills an empty cache: it is the prefill and must see the images (LVTC also builds its layout there).
-        cache_is_empty = past_key_values is None or past_key_values.get_seq_length() == 0
-        if not is_first_iteration and cache_is_empty:
-            for key in self._per_tile_inputs:
-                if kwargs.get(key) is not None:
-                    model_inputs[key] = kwargs[key]
-        if not cache_is_empty:  # the router's visual tokens fill the prefill's placeholders only
-            model_inputs.pop("image_features", None)
-        return model_inputs
-
-    @torch.no_grad()
-    def generate(self, inputs=None, generation_config=None, *args, **kwargs):
-        """transformers' `generate`. With InternVL3.5-Flash's router (``config.vir`` enabled) and tiles given, the
-        router first shortens the prompts (`InternVLXModel.route`, re-padded on the left; the vision tower runs once)
-        and the LLM generates from them; the sequences returned hold the prompts as given, then the new tokens, as
-        for every model (``out[:, inputs.input_ids.shape[1]:]`` are the new tokens)."""
-        input_ids = kwargs.get("input_ids", inputs)
-        cache = one_cache(kwargs.get("past_key_values"), kwargs.get("cache"))
-        past_length = cache.get_seq_length() if isinstance(cache, Cache) else 0
-        routed_prompts = getattr(cache, "vir_prompts", None) if past_length else None
-        if routed_prompts is not None and input_ids is not None:
-            # a later turn on a cache the router filled: the cache holds the shortened prompts, the caller passes the
-            # conversation as `generate` returned it (the prompts as given, the answers, the next turn)
-            given, routed, routed_mask = routed_prompts
-            n = given.shape[1]
-            if input_ids.shape[1] >= n and torch.equal(input_ids[:, :n], given.to(input_ids.device)):
-                kwargs.pop("input_ids", None)
-                mask = kwargs.pop("attention_mask", None)
-                mask = torch.ones_like(input_ids) if mask is None else mask
-                kwargs["attention_mask"] = torch.cat([routed_mask.to(mask.device), mask[:, n:]], dim=-1)
-                out = super().generate(None, generation_config, *args,
-                                       input_ids=torch.cat([routed.to(input_ids.device), input_ids[:, n:]], dim=-1),
-                                       **kwargs)
-                return restore_prompts(out, given, routed.shape[1])
-        if not self.model.routes(kwargs.get("pixel_values"), kwargs.get("image_features"), input_ids, past_length):
-            return super().generate(inputs, generation_config, *args, **kwargs)
-        kwargs.pop("input_ids", None)
-        attention_mask = kwargs.pop("attention_mask", None)
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        routing = self.model.route(input_ids, kwargs.pop("pixel_values"), attention_mask,
-                                   image_flags=kwargs.pop("image_flags", None), padding_side="left")
-        for key in ("num_patches", "tile_grid"):
-            kwargs.pop(key, None)
-        prompts = (input_ids, routing.input_ids, routing.attention_mask)
-        if isinstance(cache, Cache):
-            cache.vir_prompts = prompts
-        out = super().generate(None, generation_config, *args, input_ids=routing.input_ids,
-                               attention_mask=routing.attention_mask, image_features=routing.image_features, **kwargs)
-        returned = None if isinstance(out, torch.Tensor) else getattr(out, CACHE_NAME, None)
-        if isinstance(returned, Cache):
-            returned.vir_prompts = prompts
-        return restore_prompts(out, input_ids, routing.input_ids.shape[1])
-
-    def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
-        """Beam search and ``num_return_sequences`` repeat every prompt; its tiles must follow it as a block
-        (``pixel_values`` is indexed by tile, so transformers' row-wise ``repeat_interleave`` would mix prompts)."""
-        per_tile = {key: model_kwargs.pop(key, None) for key in self._per_tile_inputs}
-        image_features = model_kwargs.pop("image_features", None)
-        if expand_size > 1 and image_features is not None and input_ids is not None:
-            # the router's visual tokens, one block per prompt: repeated as blocks like the tiles below
-            blocks = torch.split(image_features, (input_ids == self.config.image_token_id).sum(-1).tolist())
-            image_features = torch.cat([block for block in blocks for _ in range(expand_size)])
-        input_ids, model_kwargs = super()._expand_inputs_for_generation(
-            expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs
-        )
-        if image_features is not None:
-            model_kwargs["image_features"] = image_features
-        if expand_size > 1 and per_tile["pixel_values"] is not None:
-            if per_tile["image_flags"] is not None:
-                raise ValueError("image_flags (dummy tiles of training batches) cannot be combined with num_beams or "
-                                 "num_return_sequences > 1; drop the dummy tiles from pixel_values instead.")
-            # Prompts given as inputs_embeds come with empty input_ids: find their placeholders in the embeddings.
-            if input_ids is not None and input_ids.shape[-1] > 0:
-                image_mask = input_ids[::expand_size] == self.config.image_token_id
-            else:
-                image_mask = self.model.get_placeholder_mask(None, model_kwargs["inputs_embeds"][::expand_size])
-            tiles = (image_mask.sum(-1) // self.config.image_seq_length).tolist()
-            if sum(tiles) != per_tile["pixel_values"].shape[0]:
-                raise ValueError(
-                    f"The prompts have <IMG_CONTEXT> runs for {sum(tiles)} tiles but pixel_values holds "
-                    f"{per_tile['pixel_values'].shape[0]}; build the inputs with the processor."
-                )
-            # images per prompt = runs of <IMG_CONTEXT> (each image's run is closed by </img>)
-            starts = image_mask & ~torch.nn.functional.pad(image_mask, (1, 0))[:, :-1]
-            images = starts.sum(-1).tolist()
-
-            def repeat_blocks(tensor, sizes):
-                blocks = torch.split(tensor, sizes)
-                return torch.cat([block for block in blocks for _ in range(expand_size)])
-
-            per_tile["pixel_values"] = repeat_blocks(per_tile["pixel_values"], tiles)
-            for key in ("num_patches", "tile_grid"):
-                if per_tile[key] is not None and len(per_tile[key]) == sum(images):
-                    per_tile[key] = repeat_blocks(torch.as_tensor(per_tile[key]), images)
-                else:
-                    per_tile[key] = None  # only a consistency check; unknown split -> dropped
-        model_kwargs.update({key: value for key, value in per_tile.items() if value is not None})
-        return input_ids, model_kwargs
-
-    def _get_candidate_generator(self, *args, **kwargs):
-        return DraftsWithoutPlaceholders(super()._get_candidate_generator(*args, **kwargs), self.config.image_token_id)
-
-    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
-        given = model_kwargs.get(CACHE_NAME)
-        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
-        cache = model_kwargs.get(CACHE_NAME)
-        if self.config.lvtc is None or type(cache) not in (DynamicCache, StaticCache) or cache.get_seq_length() != 0:
-            return
-        # The LVTC state (that decoding steps need and that beam search and cropping must update) lives on the cache.
-        if given is None:
-            # generate() built it from the text config, its length and the offloading option (all that 5.16-5.24
-            # pass): the LVTC cache is built with them instead, marked for past recording as generate() marks an
-            # assistant's. (A static one is not initialised early: LVTC sizes its long layers at the prefill.)
-            text_config = self.config.get_text_config(decoder=True)
-            offloading = "offloaded" in (generation_config.cache_implementation or "")
-            if type(cache) is DynamicCache:
-                built = InternVLXLVTCCache(config=text_config, offloading=offloading)
-            else:
-                built = InternVLXLVTCStaticCache(config=text_config, max_cache_len=cache.layers[0].max_cache_len,
-                                                 offloading=offloading)
-            if getattr(generation_config, "is_assistant", False):
-                built.activate_past_recording()
-            model_kwargs[CACHE_NAME] = built
-            return
-        # A cache the user passed is the one that gets filled (transformers' convention): it becomes the LVTC subclass
-        # in place (`as_lvtc_cache`).
-        as_lvtc_cache(cache)
-
-    def create_masks_for_generate(self, config, inputs_embeds, attention_mask, past_key_values=None, cache=None,
-                                  **kwargs):
-        """generate()'s mask hook for compilable (static) caches: transformers' 4D mask, except for LVTC.
-
-        One 4D mask cannot serve LVTC (layers ``>= k`` attend over the long layout), so its forward builds one per
-        layout from the 2D mask. The prefill gets the 2D mask as is; a decoding step gets it padded with zeros to the
-        short layers' cache length, so that every step has the same shapes (one compiled graph for all steps).
-        """
-        past_key_values = one_cache(past_key_values, cache)
-        if self.config.lvtc is None or not isinstance(past_key_values, InternVLXLVTCStaticCache):
-            return create_masks_for_generate(config=config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                             **cache_kwarg(past_key_values), **kwargs)
-        if attention_mask is None or past_key_values.lvtc_state is None:
-            return attention_mask
-        free = past_key_values.layers[0].max_cache_len - attention_mask.shape[-1]
-        return F.pad(attention_mask, (0, free)) if free > 0 else attention_mask
-
-
-def restore_prompts(out, prompts: torch.Tensor, routed_length: int):
-    """`generate`'s output with the prompts as given (``prompts``, repeated for beams and ``num_return_sequences``) in
-    place of the router's shortened ones (``routed_length`` columns)."""
-    sequences = out if isinstance(out, torch.Tensor) else out.sequences
-    expand = sequences.shape[0] // prompts.shape[0]
-    prompts = prompts.to(sequences.device).repeat_interleave(expand, dim=0)
-    restored = torch.cat([prompts, sequences[:, routed_length:]], dim=-1)
-    if isinstance(out, torch.Tensor):
-        return restored
-    out.sequences = restored
-    return out
 
 
 # `save_pretrained` copies this file and `configuration_internvlx.py` next to the weights (remote code).

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
+from transformers.utils import ModelOutput
 
 
 @dataclass
@@ -40,9 +41,12 @@ class InternVLXModelOutputWithPast(BaseModelOutputWithPast):
     With LVTC, ``last_hidden_state`` is in the short layout (pooled back per tile); ``hidden_states[i]`` is the
     input of layer ``i`` and ``attentions[i]`` the attention weights of layer ``i``, each in the layout that layer
     ran on (long for ``i >= k``); the last hidden state is the normed output in the short layout.
+    ``vir_routing``: InternVL3.5-Flash's `ViRRouting` of the inputs, where this forward routed them (its outputs then
+    have the routed prompt's length; ``vir_routing.source`` names the given column of each).
     """
 
     image_hidden_states: torch.Tensor | None = None
+    vir_routing: ModelOutput | None = None
 
 
 class LogitsOnRead:
@@ -90,11 +94,13 @@ class InternVLXCausalLMOutputWithPast(CausalLMOutputWithPast):
     ``token_losses`` ``(batch, seq)`` holds the cross-entropy of the prediction made at each position (of
     ``labels[:, t + 1]``, or ``shift_labels[:, t]``), 0 where that label is -100. A training forward with labels
     and the default ``skip_logits=None`` returns its subclass `InternVLXLogitsOnReadOutput`. The cache field is
-    transformers' (`compat.CACHE_NAME`: ``past_key_values``, ``cache`` from transformers 5.24 on).
+    transformers' (`compat.CACHE_NAME`: ``past_key_values``, ``cache`` from transformers 5.24 on). ``vir_routing``
+    as in `InternVLXModelOutputWithPast`.
     """
 
     image_hidden_states: torch.Tensor | None = None
     token_losses: torch.Tensor | None = None
+    vir_routing: ModelOutput | None = None
 
 
 @dataclass

@@ -141,6 +141,9 @@ class InternVLXImageProcessorKwargs(ImagesKwargs, total=False):
     apply_exif_orientation (`bool`, *optional*, defaults to `self.apply_exif_orientation`):
         Rotate/flip images as their EXIF orientation tag says before tiling. Off by default because the reference
         preprocessing (`Image.open(f).convert("RGB")`) ignores EXIF.
+    crop_to_patches (`bool`, *optional*, defaults to `True`):
+        transformers' InternVL name for tiling: `False` makes every image one tile (the whole image resized, as
+        ``max_tiles=1``). TRL's trainers pass it to count an InternVL batch's tiles.
     """
 
     image_size: int
@@ -149,6 +152,7 @@ class InternVLXImageProcessorKwargs(ImagesKwargs, total=False):
     use_thumbnail: bool
     tiling: str
     apply_exif_orientation: bool
+    crop_to_patches: bool
 
 
 def _shorten(text: str, limit: int = 120) -> str:
@@ -479,8 +483,11 @@ class InternVLXImageProcessor(PilBackend):
         image_mean: float | tuple[float, ...],
         image_std: float | tuple[float, ...],
         return_tensors: str | TensorType | None = None,
+        crop_to_patches: bool | None = None,
         **kwargs,
     ) -> BatchFeature:
+        if crop_to_patches is False:
+            min_tiles = max_tiles = 1
         grids = [
             get_tile_grid(image.width, image.height, tiling, min_tiles, max_tiles, image_size) for image in images
         ]
