@@ -533,7 +533,7 @@ def test_cli_error_is_one_line_and_debug_shows_the_traceback(synthetic, tmp_path
 def test_conversion_leaves_the_provenance_record(synthetic, tmp_path):
     """internvlx_provenance.json (what `internvlx card` reads) describes the conversion; base_model is the source's
     Hub id, never a local path."""
-    from internvlx_hf.conversion.convert import hub_id_or_none
+    from internvlx_hf.conversion.report import hub_id_or_none
     from internvlx_hf.provenance import PROVENANCE_FILE, read_provenance
 
     _edit_config(synthetic, lambda c: c.update(_name_or_path="OpenGVLab/InternVL2-2B", max_dynamic_patch=6))

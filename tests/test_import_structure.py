@@ -199,3 +199,25 @@ def test_benchmarks_import_only_the_package_and_each_other():
     for name, targets in graph.items():
         for target in targets:
             assert name not in graph.get(target, set()), f"{name} and {target} import each other"
+
+
+def test_experiments_hold_records_not_code():
+    """`experiments/` keeps one record per finished study; a study's code leaves the tree with its end (the record
+    names a commit that has it), so no code there imports the package or sits in its import graph (docs/design.md)."""
+    experiments = PACKAGE.parents[1] / "experiments"
+    code = [str(path.relative_to(experiments)) for path in experiments.rglob("*") if path.suffix in (".py", ".sh")]
+    assert code == []
+
+
+def test_modules_and_functions_stay_readable():
+    """One job per module: no file of the package over 600 lines, no function over 100 (docs/design.md)."""
+    long_files, long_functions = [], []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        source = path.read_text(encoding="utf-8")
+        name = str(path.relative_to(PACKAGE))
+        if source.count("\n") > 600:
+            long_files.append(f"{name}: {source.count(chr(10))} lines")
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 100:
+                long_functions.append(f"{name}:{node.lineno} {node.name}: {node.end_lineno - node.lineno + 1} lines")
+    assert (long_files, long_functions) == ([], [])

@@ -429,3 +429,16 @@ def test_chat_cli_load_in_4bit_with_odd_widths(tmp_path, capsys, caplog):
     layers = config.text_config.num_hidden_layers
     assert kept == [f"model.language_model.layers.{i}.mlp.{name}" for i in range(layers)
                     for name in ("gate_proj", "up_proj", "down_proj")]  # 128 -> 200 -> 128; attention is 128 wide
+
+
+def test_bitsandbytes_note_about_an_optional_kernel_is_kept_out_of_any_output():
+    """bitsandbytes logs "Failed to load CPU gemm_4bit_forward from kernels-community" when it is imported on a CPU
+    with AVX512-BF16 (peft imports it, so `internvlx_hf.training` does): importing the package keeps that note out,
+    whatever runs next (a script, the README's data generator), and leaves bitsandbytes' other warnings."""
+    code = ("import logging, internvlx_hf\n"
+            "log = logging.getLogger('bitsandbytes.backends.cpu.ops')\n"
+            "log.warning('Failed to load CPU gemm_4bit_forward from kernels-community: %s.', 'No module named kernels')\n"
+            "log.warning('another note')\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "kernels-community" not in result.stderr and "another note" in result.stderr

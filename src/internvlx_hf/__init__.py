@@ -14,6 +14,7 @@ import importlib
 from typing import TYPE_CHECKING
 
 from .auto_registration import register_after_transformers_import, register_auto_classes
+from .quantization import hide_optional_kernel_note
 
 __version__ = "0.1.0"
 
@@ -68,6 +69,9 @@ def __dir__() -> list[str]:
 
 
 register_after_transformers_import()
+# bitsandbytes says on import that an optional CPU kernel cannot be fetched (peft imports it, and through peft the
+# training package): a note that reads like a failure, on whatever a user runs (the README's first line included)
+hide_optional_kernel_note()
 
 __all__ = [
     "InternVLXConfig",

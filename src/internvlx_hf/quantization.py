@@ -128,7 +128,7 @@ def cpu_4bit_misfits(config: Any, skip: Sequence[str] = ()) -> list[str]:
     import torch
     from torch import nn
 
-    from . import InternVLXForConditionalGeneration
+    from .modeling import InternVLXForConditionalGeneration
 
     with torch.device("meta"):
         model = InternVLXForConditionalGeneration(config)

@@ -452,7 +452,7 @@ def flash_row(name: str, config, image: ImageBudget, text_tokens: int, compresse
             "router_off_image_tokens": image.tiles * full,
             "llm_tokens": None if count is None else tokens[0], "llm_tokens_bounds": tokens,
             "router_off_llm_tokens": llm_tokens(0),
-            # vLLM serves a Flash model only with its router off (the plugin refuses it on): every tile in full
+            # vLLM checks the prompt as sent (every tile in full) against --max-model-len, before its router runs
             "vllm_prompt_tokens": llm_tokens(0),
             "prefill_flops": None if count is None else flops[0], "prefill_flops_bounds": flops,
             "router_off_prefill_flops": prefill_flops(shape, llm_tokens(0))}

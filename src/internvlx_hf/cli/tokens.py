@@ -41,7 +41,8 @@ prompt of several images the quantile is over all their tiles. --video rows are 
 routed here). With --json a Flash MODEL prints
 {"rows": [...], "summary": [...]}: per row also the decision ("compressed") and score ("scores") of each tile (the
 thumbnail last), the bounds of each figure ("..._bounds", [low, high]; for a routed image both the same) and
-vllm_prompt_tokens, the router-off count (vLLM serves a Flash model only with its router off).
+vllm_prompt_tokens, the router-off count: vLLM checks the prompt as sent (every tile in full) against --max-model-len
+when a request arrives, before its router shortens it.
 
 With --video instead of --image: one row per --frames N (default 8, 16 and 32). Each frame is one tile (InternVL2's
 load_video: max_num=1, no thumbnail), so a video costs N x tokens-per-tile <IMG_CONTEXT> tokens whatever its length
@@ -213,8 +214,9 @@ def _run_flash_tokens(args: argparse.Namespace, sizes, settings, tilings, proces
     else:
         print(f"ViR router: off in {args.model}'s config (vir.enabled is false): every tile "
               f"{config.image_seq_length} tokens, as plain InternVL3.5")
-    print("vLLM: serves this model only with its router off (--hf-overrides '{\"vir\": {\"enabled\": false}}'), so "
-          "its prompt, what --max-model-len bounds, is the router-off count (JSON: vllm_prompt_tokens)")
+    print("vLLM: checks the prompt as sent, every tile in full (the router-off count, JSON: vllm_prompt_tokens), "
+          "against --max-model-len when a request arrives; its router then shortens the prompt it runs and caches "
+          "(the LLM tokens above)")
     print(format_flash_table(rows, summary))
     sized = [row["image"] for row in rows if not row["decided"]]
     if sized:

@@ -11,7 +11,8 @@ Modules: `convert` (orchestration, atomic output), `plan` (source key -> target 
 parsing).
 """
 
-from .convert import ConversionReport, convert
+from .convert import convert
+from .report import ConversionReport
 from .errors import ConversionError
 from .options import parse_lvtc_spec, parse_size
 

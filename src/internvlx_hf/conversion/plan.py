@@ -201,6 +201,33 @@ def is_new_by_design(name: str, inputs: PlanInputs) -> bool:
     return name.startswith(TARGET_PREFIXES["projector"]) and inputs.target_projector != inputs.source_projector
 
 
+def _refuse_unmapped(unknown: list[str], not_in_model: list[str], shape_errors: list[str], inputs: PlanInputs) -> None:
+    """`build_plan`'s refusal of source tensors it cannot place: no mapping, no target, or the wrong shape."""
+    if unknown and inputs.source_layout == "native":
+        raise ConversionError(
+            f"{len(unknown)} source tensor(s) have no mapping: {_listing(unknown)}. A transformers-native InternVL "
+            "checkpoint holds model.vision_tower.*, model.multi_modal_projector.{layer_norm,linear_1,linear_2}.*, "
+            "model.language_model.* and lm_head.weight only; merge LoRA adapters and remove extra modules first."
+        )
+    if unknown:
+        raise ConversionError(
+            f"{len(unknown)} source tensor(s) have no mapping: {_listing(unknown)}. The checkpoint is not in the "
+            "InternVL2 / InternVL-X layout this converter knows (vision_model.*, mlp1.* or projector.*, "
+            "language_model.*); merge LoRA adapters and remove extra modules before converting."
+        )
+    if not_in_model:
+        raise ConversionError(
+            f"{len(not_in_model)} source tensor(s) map to names the target model does not have: "
+            f"{_listing(not_in_model)}. The config.json does not describe these weights (e.g. layer counts or "
+            "architecture differ); check that config.json belongs to this checkpoint."
+        )
+    if shape_errors:
+        raise ConversionError(
+            f"{len(shape_errors)} shape mismatch(es) between the source tensors and the model described by its "
+            f"config.json: {_listing(shape_errors)}."
+        )
+
+
 def build_plan(
     shards: list[dict[str, TensorInfo]],
     expected: dict[str, tuple[int, ...]],
@@ -254,36 +281,7 @@ def build_plan(
             entries.append((key, mapped))
         reads.append((shard_index, entries))
 
-    if unknown and inputs.source_layout == "native":
-        raise ConversionError(
-            f"{len(unknown)} source tensor(s) have no mapping: {_listing(unknown)}. A transformers-native InternVL "
-            "checkpoint holds model.vision_tower.*, model.multi_modal_projector.{layer_norm,linear_1,linear_2}.*, "
-            "model.language_model.* and lm_head.weight only; merge LoRA adapters and remove extra modules first."
-        )
-    router = [key for key in unknown if key.startswith(SOURCE_PREFIXES["vir"])]
-    if router and not inputs.vir:
-        raise ConversionError(
-            f"the weights hold InternVL3.5-Flash's router ({_listing(router)}) but config.json names no "
-            "flash_relative_threshold / flash_absolute_threshold; use the config.json of the Flash checkpoint these "
-            "weights came from (it has both)."
-        )
-    if unknown:
-        raise ConversionError(
-            f"{len(unknown)} source tensor(s) have no mapping: {_listing(unknown)}. The checkpoint is not in the "
-            "InternVL2 / InternVL-X layout this converter knows (vision_model.*, mlp1.* or projector.*, "
-            "language_model.*); merge LoRA adapters and remove extra modules before converting."
-        )
-    if not_in_model:
-        raise ConversionError(
-            f"{len(not_in_model)} source tensor(s) map to names the target model does not have: "
-            f"{_listing(not_in_model)}. The config.json does not describe these weights (e.g. layer counts or "
-            "architecture differ); check that config.json belongs to this checkpoint."
-        )
-    if shape_errors:
-        raise ConversionError(
-            f"{len(shape_errors)} shape mismatch(es) between the source tensors and the model described by its "
-            f"config.json: {_listing(shape_errors)}."
-        )
+    _refuse_unmapped(unknown, not_in_model, shape_errors, inputs)
     fused_parts: dict[str, int] = {}
     for name, slot in produced:
         if slot is not None:
