@@ -302,3 +302,20 @@ def test_card_describes_the_router(folder, model):
     # a non-Flash card has no such section
     plain = build_model_card(REPO_ROOT / "src" / "internvlx_hf" / "demo" / "model", license="mit").content
     assert "Visual resolution router" not in plain and "vir.enabled" not in plain
+
+
+def test_the_guides_prefill_figures_are_those_of_the_committed_results_file():
+    """docs/flash.md's transformers prefill figures come from the file its command wrote
+    (`benchmarks/results/flash-prefill-transformers.json`), rounded as printed there."""
+    from conftest import REPO_ROOT
+
+    results = json.loads((REPO_ROOT / "benchmarks" / "results" / "flash-prefill-transformers.json").read_text())
+    rows = {row["variant"]: row for row in results["rows"]}
+    this, off = rows["this"], rows["router-off"]
+    guide = " ".join((REPO_ROOT / "docs" / "flash.md").read_text(encoding="utf-8").split())
+    rounds = results["settings"]["rounds"]
+    assert (f"median {this['median_s']:.3f} s against {off['median_s']:.3f} s with the router off, a ratio of "
+            f"{this['vs_router-off']:.3f} (the median of {rounds} interleaved rounds' ratios; 95% interval of that "
+            f"median {this['vs_router-off_low']:.3f}-{this['vs_router-off_high']:.3f})") in guide
+    assert f"({this['llm_tokens']:,} of {off['llm_tokens']:,})" in guide
+    assert "--out benchmarks/results/flash-prefill-transformers.json" in guide

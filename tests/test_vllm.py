@@ -997,6 +997,57 @@ def test_a_flash_models_router_weights_are_left_out_of_vllms_model_with_the_rout
         "multi_modal_projector.linear_1.weight", "language_model.model.norm.weight", "language_model.lm_head.weight"]
 
 
+def test_each_vllm_internal_a_refusal_uses_is_reported_alone_and_stops_a_plugin_schedulers_start(monkeypatch):
+    """The plugin's schedulers finish a request they cannot run with an error, through vLLM internals (an
+    `EngineCoreOutput` built by hand, a request's events and trace headers, `finish_requests`): each is in a checked
+    table, reported alone when a later vLLM changes it, and stops the scheduler's start naming it (on main none was
+    checked: a request's refusal would have failed inside vLLM)."""
+    import msgspec
+    from vllm.v1 import engine as vllm_engine
+    from vllm.v1.request import Request
+
+    from internvlx_hf.vllm import scheduler_refusals
+    from internvlx_hf.vllm.lvtc.saving.internals import missing_internals
+
+    class EngineCoreOutput(msgspec.Struct):  # a vLLM whose outputs carry no trace headers
+        request_id: str
+        new_token_ids: list
+        finish_reason: object = None
+        events: object = None
+
+    names = list(scheduler_refusals._refusal_internals())
+    removals = {names[0]: lambda patch: patch.setattr(vllm_engine, "EngineCoreOutput", EngineCoreOutput),
+                names[1]: lambda patch: patch.delattr(Request, "take_events")}
+    assert len(names) == 2 and missing_internals(scheduler_refusals._refusal_internals()) == []
+    for name, remove in removals.items():
+        with monkeypatch.context() as patch:
+            remove(patch)
+            assert missing_internals(scheduler_refusals._refusal_internals()) == [name]
+            with pytest.raises(RuntimeError, match=r"differs from 0\.32 in how the plugin's scheduler refuses a "
+                                                   r"request it cannot run: " + re.escape(name)):
+                scheduler_refusals.RequestRefusalsMixin()
+    scheduler_refusals.check_refusal_internals()
+
+
+def test_the_routers_checks_import_on_a_vllm_without_its_private_prefix_cache_keys(monkeypatch):
+    """`_gen_mm_extra_hash_keys`, private to vLLM, is read where the router's internals are checked: a vLLM without
+    it gets the router's report naming the entry (on main an ImportError stopped the import before any check)."""
+    import importlib
+
+    from vllm.v1.core import kv_cache_utils
+
+    internals = importlib.import_module("internvlx_hf.vllm.router.internals")
+    monkeypatch.delattr(kv_cache_utils, "_gen_mm_extra_hash_keys")
+    importlib.reload(internals)  # imported anew on such a vLLM
+    assert internals.missing_internals(internals.ROUTER_INTERNALS) == [
+        "the encoder cache and the prefix cache's keys read each item's identifier"]
+    with pytest.raises(RuntimeError, match=r"the encoder cache and the prefix cache's keys read each item's "
+                                           r"identifier \(an image's rows or KV blocks"):
+        internals.check_internals()
+    monkeypatch.undo()
+    importlib.reload(internals)
+
+
 def test_each_vllm_internal_the_router_uses_is_reported_when_vllm_lacks_it_and_stops_the_start(monkeypatch):
     """Each entry of `router.internals.ROUTER_INTERNALS`, taken from the installed vLLM as a later vLLM could change
     it, is reported alone; the router's scheduler then stops the engine's start naming it (`check_internals`) rather

@@ -46,13 +46,15 @@ ENGINE_OPTIONS = dict(dtype="float32", enforce_eager=False, max_model_len=8192, 
 #: and `served_inductor`. A fresh `VLLM_CACHE_ROOT` makes every engine trace its graph.
 COMPILE_ENV = {"VLLM_CPU_CI_ENV": "1"}
 
-#: The checkpoints served with vLLM's compilation on (`COMPILE_ENV`), the others with `enforce_eager`: those whose
-#: traced forward holds code of their own (Phi-3's LongRoPE rows, with LVTC and PVTC alone; InternViT-6B's RMSNorm and
-#: QK norm; InternLM2's packed attention weights, with LVTC and its LR projectors and HR scale). The other families'
-#: LLMs are vLLM's own classes around the same plugin code, traced in these and in test_vllm_lvtc_savings.py's and
-#: test_vllm_prefix_caching.py's engines; tracing costs each engine about 6 s on its first step, and the answers are
-#: compared with transformers' either way.
-COMPILED = {"phi3-lvtc-rms", "phi3-pvtc", "qwen2_5_vit6b-pvtc", "internlm2-lvtc-rms"}
+#: The checkpoints served with vLLM's compilation on (`COMPILE_ENV`), the others with `enforce_eager`: one engine per
+#: LLM class the converter writes, so that every class's forward (with the plugin's code around it: LVTC's layers, the
+#: vision side) is traced whole in CI, where a host read in `forward` would fail the first step: Phi-3 (its LongRoPE
+#: rows, with LVTC and PVTC alone), InternLM2 (its packed attention weights, with LVTC, its LR projectors and HR
+#: scale), Qwen2 (with LVTC; and InternViT-6B's RMSNorm and QK norm before it), Llama (InternVL2-40B's Yi and
+#: InternVL2-Llama3's, with LVTC), Qwen3 (its QK norm, as converted). Tracing costs each engine about 6 s on its first
+#: step; the answers are compared with transformers' either way.
+COMPILED = {"phi3-lvtc-rms", "phi3-pvtc", "qwen2_5_vit6b-pvtc", "internlm2-lvtc-rms", "qwen2-lvtc-none",
+            "llama3-lvtc-none", "qwen3-keep"}
 
 #: request name -> (chat messages, images as (width, height, seed), videos as (frames, seed))
 REQUESTS = {
@@ -197,6 +199,17 @@ def served(checkpoints, tmp_path_factory):
                             ENGINE_OPTIONS if f"{f}-{v}" in COMPILED else dict(ENGINE_OPTIONS, enforce_eager=True))
                for (f, v), names in CASES.items()}
     return _serve(tmp_path_factory.mktemp("families"), engines, COMPILE_ENV)
+
+
+def test_every_llm_class_is_traced_whole_by_one_compiled_engine(checkpoints):
+    """`COMPILED` holds an engine of each LLM class the matrix serves (read from each checkpoint's config), so no
+    class's forward runs in CI only eagerly."""
+    def llm_class(name: str) -> str:
+        return json.loads((checkpoints[name] / "config.json").read_text())["text_config"]["model_type"]
+
+    served = {f"{f}-{v}" for f, v in CASES}
+    assert COMPILED <= served
+    assert {llm_class(name) for name in COMPILED} == {llm_class(name) for name in served}
 
 
 def _check(results: dict, references: dict, name: str, index: int, what: str) -> None:

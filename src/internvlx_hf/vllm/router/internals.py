@@ -9,7 +9,6 @@ import inspect
 
 from vllm.multimodal.inputs import MultiModalFeatureSpec, MultiModalFieldElem, PlaceholderRange
 from vllm.v1.core.encoder_cache_manager import EncoderCacheManager
-from vllm.v1.core.kv_cache_utils import _gen_mm_extra_hash_keys
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.engine.core import EngineCore
 from vllm.v1.executor.abstract import Executor
@@ -21,6 +20,14 @@ from internvlx_hf.vllm_compat import source_has
 
 def _fields(cls) -> set[str]:
     return {field.name for field in dataclasses.fields(cls)}
+
+
+def _prefix_cache_keys():
+    """vLLM's `_gen_mm_extra_hash_keys` (private: imported where checked, so that a vLLM without it is reported as
+    the other internals are, not an ImportError before the check)."""
+    from vllm.v1.core import kv_cache_utils
+
+    return kv_cache_utils._gen_mm_extra_hash_keys
 
 
 def _built_before(function, first: str, second: str) -> bool:
@@ -44,7 +51,7 @@ ROUTER_INTERNALS = {
         "the router's decisions cannot travel in an item's data to the model's projectors"),
     "the encoder cache and the prefix cache's keys read each item's identifier": (
         lambda: source_has(EncoderCacheManager.check_and_update_cache, "request.mm_features[input_id].identifier")
-        and source_has(_gen_mm_extra_hash_keys, "mm_feature.identifier"),
+        and source_has(_prefix_cache_keys(), "mm_feature.identifier"),
         "an image's rows or KV blocks routed for one request could serve another request routed otherwise"),
     "EngineCore builds its executor before its scheduler; Executor.collective_rpc(method, timeout, args)": (
         lambda: _built_before(EngineCore.__init__, "self.model_executor = ", "self.scheduler: SchedulerInterface = ")

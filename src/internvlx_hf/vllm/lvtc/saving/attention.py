@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from vllm.forward_context import get_forward_context
 from vllm.model_executor.layers.attention import Attention
+from vllm.model_executor.layers.attention.attention import get_attention_context
 from vllm.v1.attention.backend import (AttentionCGSupport, CommonAttentionMetadata,
                                       subclass_attention_backend_with_overrides)
 from vllm.v1.kv_cache_interface import get_kv_quant_mode
@@ -231,13 +232,15 @@ def _short_backend(base: type, channel: PositionBufferChannel) -> type:
         def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping):
             # vLLM's slot mapping for this group comes from long-layout positions; the short one is our metadata's,
             # one slot per live token (the rows after them: padding for CUDA graphs, `graph_step_inputs`, not written)
-            metadata = get_forward_context().attn_metadata
+            # vLLM's own lookup of a layer's metadata (a dict by layer; micro-batching and speculative decoding's
+            # list of them, whose first is the step's), as its KV update reads it
+            metadata = get_attention_context(layer.layer_name)[0] if get_forward_context().attn_metadata is not None \
+                else None
             if metadata is None:
                 # V1's dummy forwards once the KV cache exists (its sampler warm-up, graph-memory profiling, warm-up
                 # sizes, FlashInfer autotune) hand every group a slot mapping but build no attention metadata: their
                 # K/V are nobody's, and the slots given are the long layout's, not this group's: nothing is written
                 return
-            metadata = metadata[layer.layer_name]
             live = metadata.slot_mapping.shape[0]
             super().do_kv_cache_update(layer, key[:live], value[:live], kv_cache, metadata.slot_mapping)
 

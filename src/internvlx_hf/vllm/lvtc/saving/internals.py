@@ -8,12 +8,13 @@ import inspect
 
 from vllm.compilation.decorators import support_torch_compile
 from vllm.config import CompilationConfig
+from vllm.model_executor.layers.attention.attention import get_attention_context
 from vllm.v1.attention.backend import (AttentionMetadataBuilder, CommonAttentionMetadata,
                                       subclass_attention_backend_with_overrides)
 from vllm.v1.core.block_pool import BlockPool
 from vllm.v1.core.kv_cache_coordinator import HybridKVCacheCoordinator, KVCacheCoordinator
-from vllm.v1.core.kv_cache_manager import KVCacheManager
-from vllm.v1.core.kv_cache_utils import resolve_block_hashes
+from vllm.v1.core.kv_cache_manager import KVCacheBlocks, KVCacheManager
+from vllm.v1.core.kv_cache_utils import KVCacheBlock, resolve_block_hashes
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
@@ -72,6 +73,11 @@ INTERNALS = {
     "support_torch_compile(mark_unbacked_dims=...)": (
         lambda: "mark_unbacked_dims" in _parameters(support_torch_compile),
         "the gather index of live tokens cannot get its own dynamic size in the compiled layers"),
+    "get_attention_context(layer_name), vLLM's lookup of a layer's metadata in a step (a dict, or a list of them)": (
+        lambda: _parameters(get_attention_context) == ["layer_name"]
+        and source_has(get_attention_context, "isinstance(attn_metadata_raw, dict)",
+                       "isinstance(attn_metadata_raw, list)"),
+        "the short layers' K/V update could not find its step's metadata (the slots it writes)"),
 }
 
 
@@ -114,6 +120,16 @@ CONVERSATION_INTERNALS = {
         and _in_order(KVCacheManager.allocate_slots, "self.coordinator.get_num_blocks_to_allocate(",
                       "self.coordinator.cache_blocks("),
         "a hit could copy a block the same step fills before the step computes it (`_copies_block_filled_this_step`)"),
+    "KVCacheManager.estimate_cached_tokens(request), called on the scheduler's manager for a request's prefill stats, "
+    "reads kv_cache_config.kv_cache_groups, get_blocks(request_id).blocks and each block's block_hash_num_tokens": (
+        lambda: _parameters(KVCacheManager.estimate_cached_tokens) == ["request"]
+        and source_has(Scheduler.update_from_output, "self.kv_cache_manager.estimate_cached_tokens(request)")
+        and source_has(KVCacheManager.estimate_cached_tokens, "self.kv_cache_config.kv_cache_groups",
+                       "self.get_blocks(request.request_id).blocks")
+        and "blocks" in {field.name for field in dataclasses.fields(KVCacheBlocks)}
+        and isinstance(inspect.getattr_static(KVCacheBlock, "block_hash_num_tokens", None), property),
+        "the scheduler's replacement (`_estimate_cached_tokens`, the cached tokens of a request's prefill stats in the "
+        "long layout's units) would read what this vLLM no longer has"),
 }
 
 
@@ -149,7 +165,20 @@ V2_INTERNALS = {
                        "self._staged_write_contents.extend(x)",
                        "self._staged_write_cu_lens.append(len(self._staged_write_contents))"),
         "a new request's rows could not be checked against its tiles (`model_state.staged_rows`)"),
+    "V2's dummy runs build their batch with InputBatch.make_dummy, whose requests are f\"req_{i}_{random_uuid()}\" "
+    "(16 hex digits)": (
+        lambda: source_has(_v2("input_batch").InputBatch.make_dummy, 'req_ids = [f"req_{i}_{random_uuid()}"')
+        and _dummy_ids_recognised(),
+        "a dummy run could not be told from a step of requests the runner state never received (it would stop)"),
 }
+
+
+def _dummy_ids_recognised() -> bool:
+    from vllm.utils import random_uuid
+
+    from internvlx_hf.vllm.lvtc.saving.model_state import is_dummy_batch
+
+    return is_dummy_batch([f"req_{i}_{random_uuid()}" for i in range(3)])
 
 
 def _v2(module: str):

@@ -14,6 +14,7 @@ this class through V2's own `prepare_attn` and guards the order on V2's source).
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from vllm.v1.worker.gpu.model_states.default import DefaultModelState
@@ -23,9 +24,19 @@ from internvlx_hf.vllm.lvtc.short_layout import check_prompt_rows
 from internvlx_hf.vllm.lvtc.tiles import RequestTiles
 
 
-#: What the short builder is handed for a dummy run (profiling, warm-up, a graph capture): none of its requests is
-#: one the state knows. (None, what the builder gets where no tiles were handed over, is not taken for one.)
+#: What the short builder is handed for a dummy run (profiling, warm-up, a graph capture). (None, what the builder gets
+#: where no tiles were handed over, is not taken for one.)
 DUMMY_RUN: tuple = ()
+
+#: The request ids V2 gives the requests of a dummy run (`InputBatch.make_dummy`: ``f"req_{i}_{random_uuid()}"``, 16
+#: hex digits; vLLM 0.32, `V2_INTERNALS`): a step is a dummy run when vLLM made its batch so, not because its
+#: requests are unknown to the state (a real request unknown to it would have no K/V written).
+_DUMMY_REQUEST_ID = re.compile(r"req_\d+_[0-9a-f]{16}")
+
+
+def is_dummy_batch(req_ids) -> bool:
+    """Whether every request of a step has the ids V2's dummy runs are given."""
+    return bool(req_ids) and all(_DUMMY_REQUEST_ID.fullmatch(req_id) for req_id in req_ids)
 
 
 class StepTiles(ModelSpecificAttnMetadata):
@@ -63,16 +74,21 @@ class LVTCModelState(DefaultModelState):
 
     def prepare_attn(self, input_batch, cudagraph_mode, block_tables, slot_mappings, attn_groups, kv_cache_config,
                      for_capture: bool = False, ubatch_idx: int = 0, model_specific_attn_metadata=None):
-        # a dummy run's requests (`InputBatch.make_dummy`: ids of its own) were never added: no tiles, no K/V written;
-        # a step where only some are known is not one, and is stopped (its layout would be a warm-up's: K/V unwritten)
+        # a dummy run's requests (`InputBatch.make_dummy`, recognised by the ids it gives them) were never added: no
+        # tiles, no K/V written. Any other request the state does not know stops the engine (its layout would be a
+        # warm-up's: K/V unwritten)
         req_ids = input_batch.req_ids[: input_batch.num_reqs]
-        tiles = [self.lvtc_tiles.get(req_id) for req_id in req_ids]
-        if None in tiles and any(one is not None for one in tiles):
-            missing = [req_id for req_id, one in zip(req_ids, tiles) if one is None]
-            raise RuntimeError(f"InternVL-X LVTC saving path: V2's runner scheduled request(s) {missing} whose tiles "
-                               "its model state never received (add_request); serve the checkpoint on the masked "
-                               "path: hf_overrides={\"lvtc_vllm_path\": \"masked\"}")
-        step = StepTiles(DUMMY_RUN if None in tiles else tiles)
+        if is_dummy_batch(req_ids):
+            tiles = DUMMY_RUN
+        else:
+            tiles = [self.lvtc_tiles.get(req_id) for req_id in req_ids]
+            if None in tiles:
+                missing = [req_id for req_id, one in zip(req_ids, tiles) if one is None]
+                raise RuntimeError(f"InternVL-X LVTC saving path: V2's runner scheduled request(s) {missing} whose "
+                                   "tiles its model state never received (add_request), and vLLM did not make them for "
+                                   "a dummy run; the engine stops rather than write no K/V for them. Serve the "
+                                   "checkpoint on the masked path: hf_overrides={\"lvtc_vllm_path\": \"masked\"}")
+        step = StepTiles(tiles)
         return super().prepare_attn(input_batch, cudagraph_mode, block_tables, slot_mappings, attn_groups,
                                     kv_cache_config, for_capture=for_capture, ubatch_idx=ubatch_idx,
                                     model_specific_attn_metadata=step)

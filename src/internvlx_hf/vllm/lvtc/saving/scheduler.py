@@ -40,9 +40,10 @@ class LVTCSchedulerMixin(RequestRefusalsMixin):
                         f"{manager.block_size}; its prefix-cache keys are the long layout's block hashes, one per "
                         "block, so they would name other blocks. Start vLLM without --prefix-match-unit (or with "
                         f"--prefix-match-unit {manager.block_size}), or with --no-enable-prefix-caching.")
-        if self.short_manager is not None:
+        if self.short_manager is not None and self.kv_cache_manager.enable_caching:
             # vLLM's estimate of a request's cached tokens (its prefill stats) takes the least over the groups, and
-            # the short group's blocks count short-layout tokens: the long layout's count is the others'
+            # the short group's blocks count short-layout tokens: the long layout's count is the others'. (Without
+            # prefix caching, which the saving path turns off where CONVERSATION_INTERNALS differ, vLLM's own stays.)
             self.kv_cache_manager.estimate_cached_tokens = self._estimate_cached_tokens
 
     def _estimate_cached_tokens(self, request) -> int:
