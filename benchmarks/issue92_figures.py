@@ -70,7 +70,7 @@ def table(runs: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     parser.add_argument("--write", action="store_true", help="rewrite the JSON's figures from its printed lines")
     args = parser.parse_args()
     data = json.loads(RESULTS.read_text())

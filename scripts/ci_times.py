@@ -71,7 +71,7 @@ def runs() -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     parser.add_argument("--write", action="store_true", help="write the table into docs/testing.md")
     parser.add_argument("--keep", nargs=2, metavar=("FULL_LOG", "LABEL"),
                         help="keep FULL_LOG's [ci step] lines and pytest summaries as benchmarks/results/ci/LABEL.log")

@@ -111,7 +111,7 @@ def test_argument_errors_import_nothing_heavy():
         "internvlx train: error: argument --learning_rate/--learning-rate: invalid float value: 'abc'",
         "internvlx train: error: argument --max_steps/--max-steps: invalid int value: '1.5'",
         "internvlx train: error: argument --preset: invalid choice: 'x' (choose from 'stage1', 'stage2', "
-        "'stage2-frozen-vit', 'full', 'lora', 'qlora')",
+        "'stage2-frozen-vit', 'full', 'lora', 'qlora', 'vico', 'vico-projector', 'vico-router')",
         "internvlx train: error: argument --lr_scheduler_type/--lr-scheduler-type: invalid choice: 'cosin' (choose "
         "from 'linear', 'cosine', 'cosine_with_restarts', 'polynomial', 'constant', 'constant_with_warmup', "
         "'inverse_sqrt', 'reduce_lr_on_plateau', 'cosine_with_min_lr', 'cosine_warmup_with_min_lr', "

@@ -78,6 +78,9 @@ ENGINES = {
     # the router's scheduler over vLLM's AsyncScheduler (vLLM's default on GPUs; its CPU platform schedules
     # synchronously, so this engine runs the async subclass in vLLM's synchronous loop)
     "qwen3-flash-async": (FLASH, ["6 tiles", "two images"]),
+    # a plain checkpoint that gained a router (`convert --add-router`) trained by `internvlx train --preset vico`
+    # (`vico_checkpoint`): OUT served as it is, a quarter of the tile's tokens (4 here) per compressed tile
+    "qwen3-vico": (None, ["6 tiles", "13 tiles", "two images"]),
 }
 ENGINE_OPTIONS = dict(dtype="float32", enforce_eager=True, max_model_len=4096, max_num_batched_tokens=4096,
                       gpu_memory_utilization=0.15, max_num_seqs=8, limit_mm_per_prompt={"image": 2, "video": 1})
@@ -119,13 +122,30 @@ def fake_hub_repo(cache: Path, repo_id: str, revisions: dict[str, Path]) -> None
         (base / "refs" / name).write_text(commit)
 
 
+def vico_checkpoint(root: Path) -> Path:
+    """ViCO's output as a user gets it: a plain tiny Qwen3 checkpoint, `internvlx convert --add-router`, then
+    `internvlx train --preset vico` (both stages, a few steps on the synthetic tile data of `bench_vico.py`)."""
+    from internvlx_hf.cli import main
+    from internvlx_hf.conversion import convert
+    from internvlx_hf.training.synthetic_tiles import generate_tile_dataset
+
+    plain = build_checkpoint(root / "plain", llm="qwen3", text=dict(head_dim=64), seed=4)
+    convert(plain, root / "routed", add_router=True, seed=5)
+    data = generate_tile_dataset(root / "tiles", n=16, seed=1, tile=112, grid=(3, 2))
+    assert main(["train", "--model", str(root / "routed"), "--data", str(data), "--preset", "vico", "--output_dir",
+                 str(root / "vico"), "--max_steps", "8", "--per_device_train_batch_size", "2", "--learning_rate",
+                 "1e-2", "--use_cpu", "--report_to", "none", "--seed", "0", "--disable_tqdm", "true",
+                 "--save_strategy", "no"]) == 0
+    return root / "vico"
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """Every engine's answers (one vLLM run for the module), the checkpoint folders and their references' folders."""
     root = tmp_path_factory.mktemp("vllm")
     folders, specs = {}, {}
     for name, (options, requests) in ENGINES.items():
-        folders[name] = build_checkpoint(root / name, **options)
+        folders[name] = build_checkpoint(root / name, **options) if options else vico_checkpoint(root / name)
         specs[name] = {"checkpoint": str(folders[name]), "engine": {**ENGINE_OPTIONS, **ENGINE_OVERRIDES.get(name, {})},
                        "requests": [REQUESTS[r] for r in requests]}
     # a tokenizer limit below the prompts' long-layout length and max_model_len (as a converted Qwen2's 8192 against
@@ -249,8 +269,25 @@ def test_the_router_runs_in_each_of_its_scheduler_classes_and_not_with_the_route
     platform's choice), the one over vLLM's AsyncScheduler (asked for by name), none with the router off."""
     _, results = served
     assert {name: results[name].get("scheduler", results[name].get("error")) for name in ENGINES
-            if "flash" in name} == {"qwen3-flash": "RouterScheduler", "qwen3_moe-flash": "RouterScheduler",
-                                    "qwen3-flash-off": "Scheduler", "qwen3-flash-async": "RouterAsyncScheduler"}
+            if "flash" in name or "vico" in name} == {
+        "qwen3-flash": "RouterScheduler", "qwen3_moe-flash": "RouterScheduler", "qwen3-flash-off": "Scheduler",
+        "qwen3-flash-async": "RouterAsyncScheduler", "qwen3-vico": "RouterScheduler"}
+
+
+def test_a_router_trained_by_vico_compresses_some_tiles_and_keeps_others_of_the_requests_vllm_answered(served):
+    """The ViCO engine's requests (answered as transformers answers them, above) took both of the trained router's
+    decisions: some tiles compressed (4 tokens), some kept (16), so vLLM served the routed prompts, not the plain."""
+    folders, results = served
+    assert "error" not in results["qwen3-vico"], results["qwen3-vico"].get("error")
+    model = InternVLXForConditionalGeneration.from_pretrained(folders["qwen3-vico"]).eval()
+    processor = InternVLXProcessor.from_pretrained(folders["qwen3-vico"])
+    assert model.config.vir.enabled and model.config.image_seq_length == 16
+    decisions = []
+    for name in ENGINES["qwen3-vico"][1]:
+        request = REQUESTS[name]
+        inputs = processor(text=request["prompt"], images=[image(*i) for i in request["images"]], return_tensors="pt")
+        decisions += model.model.route(inputs.input_ids, inputs.pixel_values).compressed.tolist()
+    assert 0 < sum(decisions) < len(decisions), decisions
 
 
 def test_the_router_refuses_what_a_shortened_prompt_cannot_answer_as_sent(served):

@@ -53,6 +53,10 @@ examples:
   # LVTC with two LR projectors; the injected one starts as a copy of InternVL2's trained mlp1
   internvlx convert ./InternVL2-8B ./InternVL2-8B-LVTC --lvtc T=2,init_lr_from_mlp1
 
+  # an InternVL3.5-Flash-like router (untrained, off) for any MLP checkpoint, then train it (docs/flash.md)
+  internvlx convert ./InternVL3-8B ./InternVL3-8B-router --add-router
+  internvlx train --model ./InternVL3-8B-router --data META --preset vico --output_dir ./InternVL3-8B-flash
+
 --lvtc keys (comma-separated key=value; "--lvtc" alone or "--lvtc default" = all defaults):
   k  expand_layer        first layer on the high-resolution tokens (default 3/4 of the LLM depth)
   T  num_lr_projectors   LR projectors; T-1 of them are injected before layers s, s+i, ... (default 1)
@@ -104,6 +108,10 @@ def _add_convert_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
     parser.add_argument("--seed", type=int, default=0, help="seed for initialising new modules (default 0)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--add-router", action="store_true",
+                        help="give a checkpoint without InternVL3.5-Flash's router one (64-token projector, pooling, "
+                             "gate), untrained and off, for `internvlx train --preset vico` (docs/flash.md); SRC may "
+                             "also be an internvlx-hf checkpoint, which gains the router as it is")
 
 
 def _check_convert(args: argparse.Namespace) -> None:
@@ -128,7 +136,12 @@ def _run_convert(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         seed=args.seed,
         progress=not args.no_progress,
+        add_router=args.add_router,
     )
+    if report is None:  # an internvlx-hf SRC: the router alone was added
+        print(f"Added an untrained router to {args.src} -> {args.dst} (off until `internvlx train --model {args.dst} "
+              "--preset vico` trains it; docs/flash.md)")
+        return 0
     print(report)
     return 0
 

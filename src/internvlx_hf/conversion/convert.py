@@ -28,6 +28,7 @@ from ..remote_code import save_remote_code
 from ..vllm.lvtc.geometry import lvtc_geometry_of
 from ..vllm_compat import cpu_head_size_problem
 from .config import build_config, read_source_config
+from .destination import check_destination
 from .errors import ConversionError
 from .llm import LLMSpec, internlm2_qkv_rows
 from .new_modules import describe_init, group_new_parameters, initialise_new_parameters
@@ -44,20 +45,13 @@ logger = logging.getLogger(__name__)
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-def check_destination(src: Path, dst: Path, overwrite: bool) -> None:
-    """Refuse a DST that is SRC, contains it, lies inside it, is a file, or is a non-empty folder without
-    ``overwrite`` (convert and export both write through this check)."""
-    if dst.resolve() == src.resolve():
-        raise ConversionError(f"DST {dst} is SRC; write the converted checkpoint to a new folder.")
-    # Replacing DST removes it, so a DST that holds SRC would delete the source (and one inside SRC pollutes it).
-    if src.resolve().is_relative_to(dst.resolve()):
-        raise ConversionError(f"DST {dst} contains SRC {src}; write the converted checkpoint to a folder outside it.")
-    if dst.resolve().is_relative_to(src.resolve()):
-        raise ConversionError(f"DST {dst} is inside SRC {src}; write the converted checkpoint to a folder outside it.")
-    if dst.is_file() or (dst.is_symlink() and not dst.is_dir()):
-        raise ConversionError(f"DST {dst} is a file; pass a folder path.")
-    if dst.is_dir() and any(dst.iterdir()) and not overwrite:
-        raise ConversionError(f"DST {dst} exists and is not empty; pass --overwrite (overwrite=True) to replace it.")
+def _is_internvlx_folder(src: Path) -> bool:
+    from ..checkpoints import read_source_config
+
+    try:
+        return read_source_config(src).get("model_type") == "internvlx"
+    except Exception:  # noqa: BLE001 - read_source reports an unreadable SRC with its reason
+        return False
 
 
 def _publish(tmp: Path, dst: Path, overwrite: bool) -> None:
@@ -173,6 +167,7 @@ def convert(
     overwrite: bool = False,
     seed: int = 0,
     progress: bool = True,
+    add_router: bool = False,
 ) -> ConversionReport:
     """Convert an OpenGVLab InternVL2 / InternVL-X checkpoint folder into an internvlx-hf checkpoint.
 
@@ -190,22 +185,33 @@ def convert(
         overwrite: replace a non-empty ``dst``.
         seed: seed of the initialisation of new modules.
         progress: show a progress bar over the source shards.
+        add_router: give a checkpoint without InternVL3.5-Flash's router one (the 64-token projector, pooling and
+            gate), untrained and off (``config.vir.enabled = False``) until `--preset vico` trains it.
 
     Returns:
-        A `ConversionReport`; ``print(report)`` gives the summary.
+        A `ConversionReport`; ``print(report)`` gives the summary. (None where ``add_router`` added a router to an
+        internvlx-hf checkpoint: `add_router.add_router`.)
 
     Raises:
         ConversionError: (a `ValueError`) the source or the options cannot be converted; the message names the file,
             key or option and the fix. Nothing is written.
     """
     src, dst = Path(src), Path(dst)
+    if add_router and _is_internvlx_folder(src):  # a checkpoint of this package: the router alone is added
+        if projector != "keep" or lvtc is not None or dtype != "auto":
+            raise ConversionError(f"{src} is an internvlx-hf checkpoint already: --add-router adds the router to it "
+                                  "as it is; --projector, --lvtc and --dtype convert OpenGVLab or native folders.")
+        from .add_router import add_router as add_to_checkpoint
+
+        add_to_checkpoint(src, dst, seed=seed, overwrite=overwrite)
+        return None
     projector = check_projector(projector)
     dtype = parse_dtype(dtype)
     max_shard_bytes = parse_size(max_shard_size)
     lvtc_options, init_lr_from_mlp1 = parse_lvtc_spec(lvtc)
     check_destination(src, dst, overwrite)
 
-    job = _prepare(read_source(src, allow_pickle), projector, lvtc_options, init_lr_from_mlp1, dtype)
+    job = _prepare(read_source(src, allow_pickle), projector, lvtc_options, init_lr_from_mlp1, dtype, add_router)
 
     try:
         dst.parent.mkdir(parents=True, exist_ok=True)
@@ -237,13 +243,20 @@ def convert(
 
 
 def _prepare(source: SourceCheckpoint, projector: str, lvtc_options: dict | None, init_lr_from_mlp1: bool,
-             dtype: str) -> _Job:
+             dtype: str, add_router: bool = False) -> _Job:
     """Configs, tokenizer and the full conversion plan: every problem surfaces here, before any data is read."""
     notes: list[str] = []
     if source.layout == "native":
         parts = _native_parts(source, notes)
     else:
         parts = _opengvlab_parts(source, notes)
+    if add_router:
+        if "vir" in parts.config_kwargs:
+            raise ConversionError(f"{source.path} has InternVL3.5-Flash's router already; convert it without "
+                                  "--add-router (train its router again with --preset vico-router).")
+        # the published thresholds, for when it is trained; a quarter of the tile's tokens, as Flash's 64 of 256
+        parts.config_kwargs["vir"] = {"enabled": False,
+                                      "compressed_downsample_ratio": parts.config_kwargs["downsample_ratio"] / 2}
     llm, text_config, tokenizer, template = parts.llm, parts.text_config, parts.tokenizer, parts.template
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_CONTEXT_TOKEN)
     if image_token_id is None or image_token_id == tokenizer.unk_token_id:
@@ -293,6 +306,7 @@ def _prepare(source: SourceCheckpoint, projector: str, lvtc_options: dict | None
         tie_word_embeddings=bool(config.tie_word_embeddings),
         source_layout=source.layout,
         vir=config.vir is not None,
+        add_router=add_router,
     )
     plan = build_plan(source.infos, expected, inputs)
 

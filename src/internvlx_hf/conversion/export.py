@@ -283,7 +283,7 @@ def export_native(src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: 
     from tqdm.auto import tqdm
     from transformers import GenerationConfig
 
-    from .convert import check_destination
+    from .destination import check_destination
 
     src, dst = Path(src), Path(dst)
     max_shard_bytes = parse_size(max_shard_size)

@@ -1,4 +1,4 @@
-"""Initialisation of the modules an upgrade adds (a new projector type, LVTC projectors).
+"""Initialisation of the modules an upgrade adds (a new projector type, LVTC projectors, a router).
 
 The paper trains these in its stage 1; the converter only has to start them sensibly and reproducibly:
 
@@ -12,7 +12,9 @@ The paper trains these in its stage 1; the converter only has to start them sens
 * a replaced main projector (``--projector``) feeds the LLM directly, so it cannot be an identity branch: it keeps
   the model init (its stage-1 training is what aligns it);
 * with ``init_lr_from_mlp1`` the extra LR projectors are copies of InternVL2's trained ``mlp1`` instead (they are
-  planned as copies of the source tensors and never reach this module).
+  planned as copies of the source tensors and never reach this module);
+* a router added to a checkpoint without one (``--add-router``: its pooling, gate and 64-token projector) is drawn as
+  its constructors draw it (`ViRRouter.reset_parameters`) and stays off until `--preset vico` trains it.
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ _RESIDUAL_MODULES = (r"model\.lvtc_lr_projectors\.\d+", r"model\.lvtc_hr_project
 
 
 def _owning_module(name: str) -> str:
-    for pattern in (r"model\.lvtc_lr_projectors\.\d+", r"model\.lvtc_hr_projector", r"model\.multi_modal_projector"):
+    for pattern in (r"model\.lvtc_lr_projectors\.\d+", r"model\.lvtc_hr_projector", r"model\.multi_modal_projector",
+                    r"model\.vir"):
         match = re.match(pattern + r"\.", name)
         if match:
             return match.group(0)[:-1]
@@ -46,6 +49,8 @@ def describe_init(module_name: str) -> str:
     """One line for the summary: how the parameters of ``module_name`` were initialised."""
     if any(re.fullmatch(p, module_name) for p in _RESIDUAL_MODULES):
         return "model init, output layer zeroed (starts as an identity branch)"
+    if module_name == "model.vir":
+        return "an untrained router and 64-token projector, off until trained (--preset vico)"
     return "model init (_init_weights)"
 
 
@@ -71,7 +76,9 @@ def initialise_new_parameters(meta_model: nn.Module, names: list[str], projector
             module = meta_model.get_submodule(module_name)
             module.to_empty(device="cpu")
             with torch.no_grad():
-                for submodule in module.modules():
+                if module_name == "model.vir":  # as its constructors draw it (some parameters no Linear holds)
+                    module.reset_parameters()
+                for submodule in module.modules() if module_name != "model.vir" else ():
                     meta_model._init_weights(submodule)
                 if any(re.fullmatch(p, module_name) for p in _RESIDUAL_MODULES):
                     rules = ZERO_INIT_RULES[projector_types[module_name]]

@@ -93,6 +93,7 @@ class PlanInputs:
     tie_word_embeddings: bool
     source_layout: str = "opengvlab"  # or "native" (transformers' InternVLForConditionalGeneration)
     vir: bool = False  # the target has InternVL3.5-Flash's router (config.vir)
+    add_router: bool = False  # the router is new: the source has none (`convert(add_router=True)`)
 
 
 @dataclass
@@ -197,6 +198,8 @@ def fused_parts_needed(name: str, shape: tuple[int, ...]) -> int:
 def is_new_by_design(name: str, inputs: PlanInputs) -> bool:
     """Target parameters that the source cannot hold and that the converter initialises."""
     if name.startswith(("model.lvtc_lr_projectors.", TARGET_PREFIXES["lvtc_hr"])):
+        return True
+    if inputs.add_router and name.startswith(TARGET_PREFIXES["vir"]):
         return True
     return name.startswith(TARGET_PREFIXES["projector"]) and inputs.target_projector != inputs.source_projector
 

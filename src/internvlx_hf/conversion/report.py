@@ -51,6 +51,8 @@ class ConversionReport:
             + (f" (LR; {self.hr_tokens_per_tile} HR from the expand layer)" if self.hr_tokens_per_tile else ""),
             "  LVTC            " + (", ".join(f"{k}={v}" for k, v in self.lvtc.items()) if self.lvtc else "off"),
             "  ViR router      " + (
+                "added, untrained and off: `internvlx train --preset vico` trains it (docs/flash.md)"
+                if self.vir and "model.vir" in self.new else
                 f"{'on' if self.vir['enabled'] else 'off (flash_mode false)'}: a tile is compressed to "
                 f"{self.vir['compressed_tokens']} tokens when its score is above the "
                 f"{self.vir['relative_threshold']} quantile of its sample's tiles and >= "

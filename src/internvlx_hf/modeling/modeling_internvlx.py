@@ -260,6 +260,8 @@ class InternVLXModel(InternVLXPreTrainedModel):
             routed ones), the cache holds the shortened prompt, and ``vir_routing`` says how it was shortened.
         image_features: ``(n, D)`` visual tokens that fill the `<IMG_CONTEXT>` placeholders in order, instead of
             ``pixel_values`` (`route`'s ``image_features``, with its ``input_ids``).
+        vir_compressed: ``(tiles,)`` bool, which tiles to compress, instead of the router's decisions (with the
+            router on or off): what training a router feeds (`internvlx_hf.training.vico`).
         output_hidden_states: ``True`` or a list of indices of the hidden states to keep (the others are None).
         image_flags: optional ``(tiles,)``; tiles flagged 0 are dropped (InternVL2 dummy tiles).
         num_patches, tile_grid: what the processor returns (tiles per image, ``(cols, rows)`` per image); checked
@@ -280,10 +282,12 @@ class InternVLXModel(InternVLXPreTrainedModel):
         if pixel_values is not None and image_features is not None:
             raise ValueError("Pass pixel_values or image_features (visual tokens already computed), not both.")
         vir_routing = None
-        if pixel_values is not None and self.config.vir is not None:  # InternVL3.5-Flash (vir_routing.py)
+        vir_compressed = kwargs.pop("vir_compressed", None)  # decisions given (training a router), not the router's
+        if pixel_values is not None and (self.config.vir is not None or vir_compressed is not None):
             routed = route_inputs(self, dict(kwargs, input_ids=input_ids, pixel_values=pixel_values,
                                              attention_mask=attention_mask, position_ids=position_ids,
-                                             cache=past_key_values, image_flags=image_flags))
+                                             cache=past_key_values, image_flags=image_flags,
+                                             vir_compressed=vir_compressed))
             if routed.get("vir_routing") is not None:
                 vir_routing = routed.pop("vir_routing")
                 input_ids, attention_mask, position_ids = vir_routing.input_ids, vir_routing.attention_mask, \

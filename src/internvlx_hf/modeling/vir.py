@@ -50,7 +50,7 @@ class ViRPooling(nn.Module):
 
 class ViRGateBlock(nn.Module):
     """``x + LayerNorm(Linear(GELU(Linear(x))))``, the residual block of the reference's `Gating` (its dropouts are
-    left out: the router is used frozen, in training too, so its decisions are the same in every mode)."""
+    left out: the router decides the same in every mode, and ViCO trains it on labels, not through its decisions)."""
 
     def __init__(self, hidden_size: int, expansion: int = 4):
         super().__init__()
@@ -118,11 +118,23 @@ class ViRRouter(nn.Module):
         self.freeze()
 
     def freeze(self) -> None:
-        """Used frozen (in training too): its decisions take no gradient, and how OpenGVLab trained it is unreleased.
-        Without requires_grad it stays out of every optimizer and DDP's unused-parameter check. (Loading replaces
-        the parameters, so the model calls this again after `from_pretrained`.)"""
+        """Used frozen (in training too): its decisions take no gradient; only ViCO's presets train it, on labels
+        (`training.vico`). Without requires_grad it stays out of every other optimizer and DDP's unused-parameter
+        check. (Loading replaces the parameters, so the model calls this again after `from_pretrained`.)"""
         self.pooling.requires_grad_(False)
         self.gating.requires_grad_(False)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Every parameter as the constructors draw it (the pooling's query N(0, 1) as the reference's torch.randn,
+        torch's own initialisation of the attention, Linear and LayerNorm layers): an untrained router, for a
+        checkpoint that gains one (`internvlx convert --add-router`)."""
+        self.pooling.query_token.normal_()
+        for module in self.modules():
+            if isinstance(module, nn.MultiheadAttention):
+                module._reset_parameters()
+            elif isinstance(module, (nn.Linear, nn.LayerNorm)):
+                module.reset_parameters()
 
     def scores(self, vit_embeds: torch.Tensor) -> torch.Tensor:
         """``p0`` per tile, ``(tiles,)`` in the router's dtype, from the ViT output ``(tiles, 1 + S*S, C)``."""

@@ -175,9 +175,10 @@ def varlen_kwargs(varlen: dict, kept: torch.Tensor, source: torch.Tensor) -> dic
 
 
 def route_batch(model, input_ids, pixel_values, attention_mask=None, position_ids=None, image_flags=None,
-                labels=None) -> ViRRouting:
+                labels=None, compressed=None) -> ViRRouting:
     """`InternVLXModel.route` (see there): ``model`` is the base model, with ``vir``, ``multi_modal_projector`` and
-    the vision tower."""
+    the vision tower. ``compressed``: ``(tiles,)`` bool decisions to apply instead of the router's (training a router:
+    `training.vico`), with the router on or off."""
     config, vir = model.config, model.config.vir
     if vir is None:
         raise ValueError("This model has no router (config.vir is None): it is not an InternVL3.5-Flash model.")
@@ -192,9 +193,15 @@ def route_batch(model, input_ids, pixel_values, attention_mask=None, position_id
     vit, _, _ = model._vision_output(pixel_values, image_flags, {})
     starts = sample_starts(input_ids, attention_mask, position_ids)
     groups = tiles_per_sample(image_mask, starts, per_tile)
-    with torch.no_grad():  # the router is used frozen: a decision has no gradient
+    with torch.no_grad():  # a decision has no gradient (the router trains on labels: `training.vico`)
         scores = model.vir.scores(vit)
-    compressed = decide(vir, scores, groups)
+    if compressed is None:
+        compressed = decide(vir, scores, groups)
+    else:
+        compressed = torch.as_tensor(compressed, dtype=torch.bool, device=scores.device).reshape(-1)
+        if compressed.numel() != scores.numel():
+            raise ValueError(f"vir_compressed holds {compressed.numel()} decisions but the batch has {scores.numel()} "
+                             "tiles; give one per tile, in the order of pixel_values.")
     features = tile_tokens(vit, compressed, model.multi_modal_projector, model.vir.projector)
     kept = shorten_prompt(input_ids, image_mask, compressed, per_tile, config.compressed_tokens_per_tile)
     source = routed_columns(kept)
@@ -236,8 +243,12 @@ def route_inputs(base, inputs: dict) -> dict:
     boundaries are laid out as `ViRRouting` says, the tiles replaced by ``image_features`` and the routing passed on
     as ``vir_routing``. ``base``: the `InternVLXModel`, whose forward calls this once, first."""
     vir = base.config.vir
-    if vir is None or not vir.enabled or inputs.get("pixel_values") is None \
+    forced = inputs.get("vir_compressed")
+    if vir is None or not (vir.enabled or forced is not None) or inputs.get("pixel_values") is None \
             or inputs.get("image_features") is not None:
+        if forced is not None and vir is None:
+            raise ValueError("vir_compressed decides which tiles the router compresses, but this model has no router "
+                             "(config.vir is None); add one: internvlx convert SRC DST --add-router.")
         return inputs
     input_ids = inputs.get("input_ids")
     if input_ids is None:
@@ -252,8 +263,8 @@ def route_inputs(base, inputs: dict) -> dict:
             "conversation to generate() with the cache (it routes a new image against the cached ones), or run the "
             "forward from the start without a cache.")
     routing = route_batch(base, input_ids, inputs["pixel_values"], inputs.get("attention_mask"),
-                          inputs.get("position_ids"), inputs.get("image_flags"))
-    routed = {**inputs, **{key: None for key in _TILE_INPUTS if key in inputs}}
+                          inputs.get("position_ids"), inputs.get("image_flags"), compressed=forced)
+    routed = {**inputs, **{key: None for key in _TILE_INPUTS if key in inputs}, "vir_compressed": None}
     routed.update(input_ids=routing.input_ids, attention_mask=routing.attention_mask,
                   position_ids=routing.position_ids, image_features=routing.image_features, vir_routing=routing)
     varlen = {key: inputs[key] for key in ("cu_seq_lens_q", "cu_seq_lens_k") if inputs.get(key) is not None}

@@ -185,12 +185,25 @@ class PresetArguments:
         default="stage2",
         metadata={"help": "what trains: stage1 (projectors), stage2 (everything: the paper's instruction tuning), "
                           "stage2-frozen-vit (LLM + projectors, ViT frozen: InternVL2's fine-tuning scripts), full "
-                          "(everything), lora, qlora (LoRA on a 4-bit nf4 base; needs the 'quantization' extra)",
+                          "(everything), lora, qlora (LoRA on a 4-bit nf4 base; needs the 'quantization' extra), "
+                          "vico (InternVL3.5-Flash's router, ViCO's two stages, LoRA on the LLM in stage 1 merged "
+                          "into OUT: a model with a router, e.g. from `internvlx convert --add-router`), "
+                          "vico-projector (the same without LoRA), vico-router (ViCO's stage 2 alone: the router)",
                   "choices": list(PRESETS)},
     )
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank (presets lora, qlora)"})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (presets lora, qlora)"})
-    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout (presets lora, qlora)"})
+    vico_stage_split: float = field(
+        default=0.5, metadata={"help": "presets vico, vico-projector: the share of the steps in stage 1 "
+                                       "(consistency: the 64-token projector, and LoRA with vico), the rest in stage "
+                                       "2 (the router)"})
+    vico_ce_weight: float = field(
+        default=0.0, metadata={"help": "presets vico, vico-projector, stage 1: the weight of the next-token loss "
+                                       "beside the KL divergence from the model at full resolution"})
+    vico_label_share: float = field(
+        default=0.5, metadata={"help": "the vico presets: a tile is labelled compressible when its loss "
+                                       "ratio is at or under this quantile of the recent ratios (or near 1)"})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank (presets lora, qlora, vico)"})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (presets lora, qlora, vico)"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout (presets lora, qlora, vico)"})
     lora_target: str = field(
         default="llm",
         metadata={"help": "LoRA targets, comma-separated: llm (all LLM linears), vision (all ViT linears), "

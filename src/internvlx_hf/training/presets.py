@@ -12,10 +12,15 @@
 |                     | plus the projectors in full                                           |                   |
 | `qlora`             | as `lora`, on a base loaded in 4-bit nf4 (QLoRA; the projectors and   | the rest (4-bit)  |
 |                     | lm_head stay in full precision, `internvlx_hf.quantization`)          |                   |
+| `vico`              | the 64-token projector and LoRA adapters on the LLM (stage 1; merged  | the rest          |
+|                     | into OUT), then the router's pooling and gate (stage 2): ViCO,        |                   |
+|                     | `training.vico`; a model with a router                                |                   |
+| `vico-projector`    | as `vico`, without the adapters: the LLM stays as it is               | the rest          |
+| `vico-router`       | the router's pooling and gate (ViCO's stage 2 alone)                  | the rest          |
 
 Frozen parameters get ``requires_grad=False`` and are left out of the optimizer, so they stay bit-identical.
-InternVL3.5-Flash's router (``model.vir``: its pooling and gate) is frozen by every preset: its decisions are taken
-without gradient (a choice per tile has none), and OpenGVLab has not released how it was trained; its compressed
+InternVL3.5-Flash's router (``model.vir``: its pooling and gate) is frozen by every preset but ViCO's (`vico`,
+`vico-projector`, `vico-router`: `training.vico` trains it on labels, a decision itself has no gradient); its compressed
 tiles' projector (``mlp2``) counts among the projectors.
 """
 
@@ -29,9 +34,9 @@ from typing import Any
 
 from torch import nn
 
-PRESETS = ("stage1", "stage2", "stage2-frozen-vit", "full", "lora", "qlora")
+PRESETS = ("stage1", "stage2", "stage2-frozen-vit", "full", "lora", "qlora", "vico", "vico-projector", "vico-router")
 # Presets that train LoRA adapters (a peft `PeftModel`; OUT/adapter plus the merged model).
-LORA_PRESETS = frozenset({"lora", "qlora"})
+LORA_PRESETS = frozenset({"lora", "qlora", "vico"})
 # What the projectors do beside LoRA adapters (`LoraSettings.projectors`).
 LORA_PROJECTORS = ("train", "freeze")
 
@@ -47,13 +52,15 @@ MODULE_GROUPS = (
     ("lm_head", "lm_head"),
 )
 PROJECTOR_GROUPS = frozenset({"projector", "lvtc_lr_projectors", "lvtc_hr_projector", "compressed_projector"})
-# The router is never trained (see the module docstring).
+# The router trains only in ViCO's presets (see the module docstring).
 ALL_GROUPS = frozenset(group for group, _ in MODULE_GROUPS) - {"router"}
 _TRAINABLE_GROUPS = {
     "stage1": PROJECTOR_GROUPS,
     "stage2": ALL_GROUPS,
     "stage2-frozen-vit": PROJECTOR_GROUPS | {"llm", "lm_head"},
     "full": ALL_GROUPS,
+    "vico-projector": frozenset({"compressed_projector", "router"}),
+    "vico-router": frozenset({"router"}),
 }
 _PEFT_PREFIX = "base_model.model."
 
@@ -193,14 +200,24 @@ def apply_preset(model: nn.Module, preset: str, lora: LoraSettings | None = None
         raise ValueError("preset 'qlora' trains LoRA on a 4-bit base: load the model with quantization_config="
                          "internvlx_hf.quantization.bitsandbytes_config(4, config) (as `internvlx train --preset "
                          "qlora` does), or use preset 'lora' on a full-precision model")
+    if preset.startswith("vico") and getattr(model.model, "vir", None) is None:
+        raise ValueError(f"preset {preset!r} trains a router, and this model has none (config.vir is None): add one "
+                         "first, `internvlx convert SRC DST --add-router`")
     if preset in LORA_PRESETS:
         from peft import get_peft_model, prepare_model_for_kbit_training
 
         if preset == "qlora":
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        config = lora_config(model, lora)
+        if preset == "vico":
+            if lora is not None and lora.projectors == "freeze":
+                raise ValueError("--lora_projectors freeze: preset vico trains the compressed tiles' projector "
+                                 "and the router beside the adapters; drop the flag")
+            # beside the adapters: what ViCO trains (the 256-token projector stays as it is: the teacher's)
+            config.modules_to_save = ["model.vir.projector", "model.vir.pooling", "model.vir.gating"]
         model.requires_grad_(False)
         with ignore_peft_checkpointing_warning():
-            peft_model = get_peft_model(model, lora_config(model, lora))
+            peft_model = get_peft_model(model, config)
         # With the embeddings frozen, a text-only batch would give checkpointed layers inputs without grad.
         peft_model.enable_input_require_grads()
         return peft_model

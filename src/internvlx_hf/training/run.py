@@ -27,6 +27,7 @@ from .presets import LORA_PRESETS, apply_preset, format_trainable, LoraSettings
 from .runtime import fsdp_request, join_deepspeed_comm, set_cpu_threads, warn_if_fsdp_is_off
 from .teacher import describe_distillation, load_teacher
 from .trainer import InternVLXTrainer
+from .vico import VICO_PRESETS, ViCOSettings, ViCOTrainer
 
 
 @dataclass
@@ -81,7 +82,11 @@ def train(model_args: ModelArguments, data_args: DataArguments, preset_args: Pre
     trainer_kwargs = dict(model=model, args=training_args, train_dataset=dataset, eval_dataset=eval_dataset,
                           data_collator=collator, processing_class=processor, started_from=folder,
                           provenance=provenance, callbacks=callbacks, lm_head_loss=model_args.lm_head_loss)
-    if teacher is None:
+    if preset_args.preset in VICO_PRESETS:
+        settings = _vico_settings(preset_args)
+        provenance["vico"] = vars(settings).copy()
+        trainer = ViCOTrainer(**trainer_kwargs, settings=settings, router_only=preset_args.preset == "vico-router")
+    elif teacher is None:
         trainer = InternVLXTrainer(**trainer_kwargs)
     else:
         provenance["distillation"] = describe_distillation(model_args, answers)
@@ -111,12 +116,25 @@ def _check_run(model_args: ModelArguments, preset_args: PresetArguments, trainin
         check_model_folder(model_args.teacher, "--teacher")
     if preset_args.preset == "qlora":
         _check_qlora(training_args)
+    if preset_args.preset in VICO_PRESETS:
+        if model_args.teacher is not None:
+            raise ValueError(f"--preset {preset_args.preset} takes its teacher from the model itself (every tile at "
+                             "full resolution); drop --teacher")
+        _vico_settings(preset_args)
     if not data:
         raise ValueError("--data is required: an InternVL meta JSON or JSONL file (comma-separate several)")
     out = Path(training_args.output_dir)
     check_output_dir(out, folder, data, training_args, model_args.overwrite_output_dir)
     check_resume(training_args.resume_from_checkpoint, out)
     return folder, out
+
+
+def _vico_settings(preset_args: PresetArguments) -> ViCOSettings:
+    """The ``--vico_*`` flags, checked."""
+    settings = ViCOSettings(stage_split=preset_args.vico_stage_split, ce_weight=preset_args.vico_ce_weight,
+                            label_share=preset_args.vico_label_share)
+    settings.check()
+    return settings
 
 
 def _say_cpu_tile_cost(sources: list, processor, data_args: DataArguments, say: Callable[[str], None]) -> None:
