@@ -156,4 +156,6 @@ def vllm_prompt(request: dict) -> dict:
     prompt = {"prompt": request["prompt"], "multi_modal_data": data} if data else {"prompt": request["prompt"]}
     if request.get("mm_processor_kwargs"):
         prompt["mm_processor_kwargs"] = request["mm_processor_kwargs"]
+    if request.get("uuids"):  # the client's identifiers of its items (vLLM's `multi_modal_uuids`)
+        prompt["multi_modal_uuids"] = request["uuids"]
     return prompt

@@ -157,15 +157,21 @@ def test_completion_log_probs_read_from_the_end_equal_each_sample_alone(model, p
                        logits_to_keep=keep + 1).logits
     batch_logps = _logps(logits[:, :-1], completion_ids)
     tiles = 0
-    for row, (pictures, question, completion) in enumerate(SCORED):
-        alone = encode(processor, pictures, prompt(processor, pictures, question) + completion, 4)
+    for row, sample in enumerate(SCORED):
         n = int(completion_mask[row].sum())
-        with torch.no_grad():
-            single = model(**alone).logits
-        expected = _logps(single[:, -n - 1:-1], alone.input_ids[:, -n:])[0]
+        expected, alone = _completion_logps_alone(model, processor, sample, n)
         torch.testing.assert_close(batch_logps[row, :n], expected, atol=1e-4, rtol=0)
         tiles += len(alone.pixel_values)
     assert tiles == len(prompts.pixel_values)
+
+
+def _completion_logps_alone(model, processor, sample, n):
+    """The log-probs of `sample`'s last `n` tokens (its completion) run alone, and its inputs."""
+    pictures, question, completion = sample
+    alone = encode(processor, pictures, prompt(processor, pictures, question) + completion, 4)
+    with torch.no_grad():
+        single = model(**alone).logits
+    return _logps(single[:, -n - 1:-1], alone.input_ids[:, -n:])[0], alone
 
 
 def test_trls_fused_lm_head_reads_the_shortened_labels(model, processor, threshold):
@@ -188,13 +194,10 @@ def test_trls_fused_lm_head_reads_the_shortened_labels(model, processor, thresho
         out = fused(input_ids=input_ids, attention_mask=mask, pixel_values=prompts.pixel_values, labels=labels,
                     fused_lm_head=True)
     logps = out.log_probs[:, -keep:]
-    for row, (pictures, question, completion) in enumerate(SCORED):
-        alone = encode(processor, pictures, prompt(processor, pictures, question) + completion, 4)
+    for row, sample in enumerate(SCORED):
         n = int(completion_mask[row].sum())
-        with torch.no_grad():
-            single = model(**alone).logits
-        expected = _logps(single[:, -n - 1:-1], alone.input_ids[:, -n:])[0]
-        torch.testing.assert_close(logps[row, :n], expected, atol=1e-4, rtol=0)
+        torch.testing.assert_close(logps[row, :n], _completion_logps_alone(model, processor, sample, n)[0], atol=1e-4,
+                                   rtol=0)
 
 
 # ------------------------------------------------------------------------------------------------------ 3-5. caches

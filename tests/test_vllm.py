@@ -91,8 +91,16 @@ ENGINE_OVERRIDES = {
     "qwen3-flash": dict(enforce_eager=False, max_num_batched_tokens=48, block_size=32),
     "qwen3_moe-flash": dict(block_size=32),
     "qwen3-flash-off": dict(hf_overrides={"vir": {"enabled": False}}),
-    "qwen3-flash-async": dict(scheduler_cls="internvlx_hf.vllm.router.scheduler.RouterAsyncScheduler"),
+    "qwen3-flash-async": dict(scheduler_cls="internvlx_hf.vllm.router.scheduler.RouterAsyncScheduler",
+                              mm_processor_cache_gb=0),
 }
+
+#: Sent one by one to "qwen3-flash-async" after its other requests (see `test_a_client_id_reused_for_another_image`):
+#: a 6-tile image under a client's id, a 1-tile image under the same id, then the 6-tile request without an id.
+REUSED_ID = [{**REQUESTS["6 tiles"], "uuids": {"image": ["a-client-id"]}},
+             {**REQUESTS["1 tile"], "uuids": {"image": ["a-client-id"]}}, REQUESTS["6 tiles"]]
+#: Two images, the first's rows not kept at admission (see `test_a_step_takes_the_rows_kept_for_each_image`)
+ROWS_PROBE = request_spec("<image>\nand <image>\nCompare them.", images=[(*ONE_TILE, 9), (*SIX_TILES, 2)])
 
 
 #: 16 requests with a 13-tile image each (832 long-layout slots) in a step budget of exactly 4 such images: vLLM
@@ -179,6 +187,8 @@ def served(tmp_path_factory):
     # Requests the router's engine finishes with an error (see `test_the_router_refuses_what_a_shortened_prompt`)
     specs["qwen3-flash"]["refused"] = [{**REQUESTS["6 tiles"], "sampling": {"prompt_logprobs": 1}},
                                        {**REQUESTS["text"], "sampling": {"prompt_logprobs": 1}}]
+    specs["qwen3-flash-async"]["sequence"] = REUSED_ID
+    specs["qwen3-flash"]["rows_probe"] = ROWS_PROBE
     # A burst of LVTC requests whose images fill the step's token budget (see `test_a_burst_of_lvtc_images`)
     specs["burst"] = {"checkpoint": str(folders["llama-lvtc"]), "engine": BURST_ENGINE_OPTIONS,
                       "requests": BURST_REQUESTS}
@@ -300,6 +310,92 @@ def test_the_router_refuses_what_a_shortened_prompt_cannot_answer_as_sent(served
     assert refused[1]["finish_reason"] == "length" and len(refused[1]["tokens"]) == 4, refused[1]
     assert "finished with an error: prompt logprobs were asked for, and the router shortened the prompt" in (
         results["log"])
+
+
+def test_a_client_id_reused_for_another_image_is_routed_as_that_image_and_the_engine_serves_on(served):
+    """A client that sends one `multi_modal_uuids` id for a 6-tile image, then for a 1-tile image (vLLM's processor
+    cache off, so the second request holds its own pixels): the router keeps an image's scores by its id and its tile
+    count, so the second is routed from its own tile and answers as transformers answers the 1-tile image; the engine
+    then answers the 6-tile request again. (Before, the 6 kept scores met the 1 tile: "the groups hold 1 tiles but
+    there are 6 scores" raised in the engine's scheduler and ended the engine, every later request with it.)"""
+    folders, results = served
+    assert "error" not in results["qwen3-flash-async"], results["qwen3-flash-async"].get("error")
+    got = results["qwen3-flash-async"]["sequence"]
+    expected = [_reference(folders["qwen3-flash-async"], REQUESTS[name])["tokens"][:4]
+                for name in ("6 tiles", "1 tile", "6 tiles")]
+    assert [(r["finish_reason"], r["tokens"]) for r in got] == [("length", tokens) for tokens in expected]
+    assert got[1]["tower_tiles"] == 1  # (its own tile through the vision tower: not the other image's scores)
+
+
+def test_a_step_takes_the_rows_kept_for_each_image_and_runs_the_tower_on_the_others_alone(served):
+    """The router's model in a step embedding two images, the second's rows kept at admission and the first's not (an
+    image routed from its kept scores beside a new one): the second's rows are taken, the vision tower runs on the
+    first's one tile alone, and the rows equal those computed for both. (Before, one item not kept sent every item of
+    the step through the tower again: 7 tiles.)"""
+    _, results = served
+    assert "error" not in results["qwen3-flash"], results["qwen3-flash"].get("error")
+    assert results["qwen3-flash"]["rows_probe"] == {"equal": True, "tower_tiles": 1, "tiles": [1, 6]}
+
+
+class _FailingExecutor:
+    """vLLM's executor as a worker that fails in the call (out of device memory, say) leaves it: `collective_rpc`
+    raises."""
+
+    def collective_rpc(self, method, args=(), kwargs=None):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+def _router_scheduler(folder):
+    """The router's scheduler on `folder`'s config, built as vLLM's engine core builds it (its executor, here one
+    whose calls fail, found up the call stack as `self.model_executor`)."""
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.plugins import load_general_plugins
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
+    from vllm.v1.structured_output import StructuredOutputManager
+
+    load_general_plugins()
+    from internvlx_hf.vllm.router.scheduler import RouterScheduler
+
+    config = EngineArgs(model=str(folder), dtype="float32", max_model_len=4096, block_size=16).create_engine_config()
+    config.cache_config.num_gpu_blocks = 64
+    spec = FullAttentionSpec(block_size=16, num_kv_heads=2, head_size=64, dtype=torch.float32)
+    groups = [KVCacheGroupSpec([f"layers.{i}" for i in range(config.model_config.hf_config.text_config
+                                                                .num_hidden_layers)], spec)]
+
+    class EngineCore:
+        model_executor = _FailingExecutor()
+
+        def build(self):
+            return RouterScheduler(vllm_config=config, kv_cache_config=KVCacheConfig(
+                num_blocks=64, kv_cache_tensors=[], kv_cache_groups=groups),
+                structured_output_manager=StructuredOutputManager(config), block_size=16, hash_block_size=16)
+
+    return EngineCore().build()
+
+
+def test_a_request_whose_routing_fails_is_finished_with_an_error_and_the_next_is_scheduled(tmp_path, caplog):
+    """Whatever fails while the router routes a request (here the worker's call, as out of device memory would) ends
+    that request with an error naming the cause, in vLLM's scheduler: the request is finished (FINISHED_ERROR, its
+    output sent with the next step's) and the next request is scheduled. (Before, the exception left `add_request`
+    and ended the engine core.)"""
+    from vllm.multimodal.inputs import (MultiModalBatchedField, MultiModalFeatureSpec, MultiModalFieldElem,
+                                        MultiModalKwargsItem, PlaceholderRange)
+    from vllm.sampling_params import SamplingParams
+    from vllm.v1.request import Request, RequestStatus
+
+    scheduler = _router_scheduler(build_checkpoint(tmp_path / "flash", **FLASH))
+    pixels = MultiModalFieldElem(data=torch.zeros(2, 3, 28, 28), field=MultiModalBatchedField())
+    image = MultiModalFeatureSpec(data=MultiModalKwargsItem({"pixel_values": pixels}), modality="image",
+                                  identifier="image-1", mm_position=PlaceholderRange(offset=1, length=32))
+    routed = Request("with-image", list(range(40)), SamplingParams(max_tokens=2), None, mm_features=[image])
+    text = Request("text", list(range(8)), SamplingParams(max_tokens=2), None)
+    with caplog.at_level("WARNING", logger="internvlx_hf.vllm"):
+        scheduler.add_request(routed)
+        scheduler.add_request(text)
+    assert routed.status == RequestStatus.FINISHED_ERROR
+    assert ("request with-image finished with an error: routing its images failed (RuntimeError: CUDA out of memory. "
+            "Tried to allocate 2.00 GiB)") in caplog.text
+    assert [r.req_id for r in scheduler.schedule().scheduled_new_reqs] == ["text"]
 
 
 def test_v1_dummy_runs_with_a_kv_cache_and_no_metadata_write_nothing_and_answers_follow(served):

@@ -431,10 +431,11 @@ def test_a_plugin_schedulers_factory_builds_the_class_for_the_engines_final_asyn
         assert type(built) is chosen and built.kwargs == {"vllm_config": config, "block_size": 16, "log_stats": True}
 
 
-def test_the_rows_kept_at_admission_are_taken_once_whole_and_never_push_out_older_ones():
+def test_the_rows_kept_at_admission_are_taken_once_per_item_and_never_push_out_older_ones():
     """`AdmittedRows` (the router's rows from admission, kept on the worker for the step): a request's items are kept
-    all or none, within the byte budget, older ones never pushed out; the step takes an item group only when every
-    item is kept (else computes them all, and those kept are let go); rows of requests that ended are dropped."""
+    all or none, within the byte budget, older ones never pushed out; the step takes each item kept and gets None for
+    the others (it computes those alone: a resent image beside a new one no longer runs the new one's tiles again);
+    rows of requests that ended are dropped."""
     from internvlx_hf.vllm.router.rows import AdmittedRows
 
     rows = [torch.full((4, 2), float(i)) for i in range(4)]  # 32 bytes each
@@ -443,8 +444,9 @@ def test_the_rows_kept_at_admission_are_taken_once_whole_and_never_push_out_olde
     assert not store.put([2, 3], rows[2:]) and store.bytes == 64 and set(store.rows) == {0, 1}  # (would pass 100)
     assert store.put([2], rows[2:3]) and store.bytes == 96
     assert [row[0, 0].item() for row in store.take([1, 0])] == [1.0, 0.0] and store.bytes == 32
-    assert store.take([0]) is None  # taken once
-    assert store.take([2, 9]) is None and store.rows == {} and store.bytes == 0  # one missing: none, both let go
+    assert store.take([0]) == [None]  # taken once
+    taken = store.take([9, 2])  # one not kept: the other is still taken
+    assert taken[0] is None and taken[1][0, 0].item() == 2.0 and store.rows == {} and store.bytes == 0
     store.put([5, 6], rows[:2])
     store.drop([6, 7])
     assert set(store.rows) == {5} and store.bytes == 32

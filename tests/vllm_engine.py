@@ -5,7 +5,8 @@ twice: one at a time, then all at once (vLLM batches them). OUT gets, per engine
 and the greedy tokens with their logprobs and each step's top `LOGPROBS`, both times (or, for an engine that did not
 start, its `error`), the spec classes of its KV-cache groups and its scheduler's class; an engine given `dummy_runs`
 (token counts) makes V1's dummy forwards first (`dummy_run`); `refused` requests (with extra sampling options) are
-sent last, and their finish reasons kept. The engines run in this process (no worker processes), one after the other.
+sent after those, and their finish reasons kept, then the `sequence` requests one by one, each with the tiles the
+vision tower ran for it. The engines run in this process (no worker processes), one after the other.
 """
 
 from __future__ import annotations
@@ -71,6 +72,15 @@ def run_engine(spec: dict) -> dict:
                                                                   **request.get("sampling", {})), use_tqdm=False)[0]
         refused.append({"finish_reason": out.outputs[0].finish_reason if out.outputs else None,
                         "tokens": list(out.outputs[0].token_ids) if out.outputs else []})
+    # requests sent one at a time after those (`sequence`), each with the tiles the vision tower ran for it
+    sequence = []
+    for request in spec.get("sequence", []):
+        before = tower_tiles(llm)
+        out = llm.generate([vllm_prompt(request)], SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)[0]
+        sequence.append({"finish_reason": out.outputs[0].finish_reason if out.outputs else None,
+                         "tokens": list(out.outputs[0].token_ids) if out.outputs else [],
+                         "tower_tiles": tower_tiles(llm) - before})
+    probe = rows_probe(llm, spec["checkpoint"], spec["rows_probe"]) if spec.get("rows_probe") else None
     specs = kv_cache_specs(llm)
     scheduler = type(llm.llm_engine.engine_core.engine_core.scheduler).__name__
     prefix_caching = llm.llm_engine.vllm_config.cache_config.enable_prefix_caching
@@ -78,7 +88,7 @@ def run_engine(spec: dict) -> dict:
     del llm
     gc.collect()
     return {"startup_s": startup, "dummy_runs": dummy_runs, "alone": alone, "together": together, "chat": chat,
-            "refused": refused, "kv_cache_specs": specs, "scheduler": scheduler,
+            "refused": refused, "sequence": sequence, "rows_probe": probe, "kv_cache_specs": specs, "scheduler": scheduler,
             "prefix_caching": prefix_caching, "block_size": block_size}
 
 
@@ -99,6 +109,44 @@ def dummy_run(llm, tokens: int) -> dict:
         return {"tokens": tokens, "error": f"{type(error).__name__}: {error}"}
     return {"tokens": tokens, "error": None,
             "kv_written": any(not torch.equal(a, b) for a, b in zip(before, runner.kv_caches))}
+
+
+def rows_probe(llm, spec_checkpoint: str, request: dict) -> dict:
+    """The router model's step embedding of `request`'s images (two: `pixel_values` as its processor makes them)
+    where the rows of the second were kept at admission and the first's were not (an image routed from its kept
+    scores, beside a new one): whether the rows equal those computed for both, and the tiles the vision tower ran."""
+    import torch
+
+    from internvlx_hf.vllm.router.scheduler import _route_on_worker
+
+    runner = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner
+    model = runner.get_model()
+    from internvlx_hf import InternVLXProcessor
+
+    data = InternVLXProcessor.from_pretrained(spec_checkpoint).image_processor(
+        images=vllm_prompt(request)["multi_modal_data"]["image"], return_tensors="pt")
+    pixels, counts = data["pixel_values"], data["num_patches"].tolist()
+    parts = list(pixels.split(counts))
+    decisions = _route_on_worker(runner, parts, keys=[1000, 1001])
+    compressed = torch.tensor(sum(decisions, []))
+    model.admitted.drop([1000])  # (the first item's rows not kept)
+    keys = torch.tensor([1000] * counts[0] + [1001] * counts[1])
+    before = model.tower_tiles
+    rows = model._embedded(pixels, counts, compressed, keys)
+    ran = model.tower_tiles - before
+    whole = model._item_features(pixels, counts, compressed)
+    return {"equal": all(torch.equal(a, b) for a, b in zip(rows, whole)) and len(rows) == len(whole),
+            "tower_tiles": ran, "tiles": counts}
+
+
+def tower_tiles(llm) -> int:
+    """How many tiles the model's vision tower has run so far (summed over the workers)."""
+    executor = llm.llm_engine.engine_core.engine_core.model_executor
+    return sum(executor.collective_rpc(_worker_tower_tiles))
+
+
+def _worker_tower_tiles(worker) -> int:
+    return getattr(worker, "worker", worker).model_runner.get_model().tower_tiles
 
 
 def kv_cache_specs(llm) -> list[str]:

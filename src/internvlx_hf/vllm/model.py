@@ -201,6 +201,7 @@ class InternVLXForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsM
         self.make_empty_intermediate_tensors = self.language_model.make_empty_intermediate_tensors
         self.packed_modules_mapping = dict(getattr(self.language_model, "packed_modules_mapping", {}))
         self.row_width = row_width(config, self.layout)
+        self.tower_tiles = 0  # tiles the vision tower has run (`_vit`)
         # Per-token layout and RoPE factors in vLLM's position rows (`lvtc/positions.py`), where the config hook turned
         # them on: LVTC with expansion, a LongRoPE LLM whose prompts can pass the switch.
         self.max_model_len = vllm_config.model_config.max_model_len
@@ -239,6 +240,7 @@ class InternVLXForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsM
     # ------------------------------------------------------------------------------------------------ vision side
 
     def _vit(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        self.tower_tiles += pixel_values.shape[0]  # (read by tests and benchmarks)
         return self.vision_post_layernorm(self.vision_model(pixel_values=pixel_values))
 
     def _item_features(self, pixel_values: torch.Tensor, tiles_per_item: list[int],
@@ -274,7 +276,10 @@ class InternVLXForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsM
         the step that embeds them (`AdmittedRows`, `embed_multimodal`). `dropped`: keys of requests that ended."""
         self.admitted.drop(dropped or [])
         counts = [p.shape[0] for p in pixels]
-        items = items or [None] * len(pixels)
+        # (an item's scores are kept by what decides them: its identifier and its tile count; a client's reused
+        # `multi_modal_uuids` for another image of other tiles is then routed as new)
+        items = [None if item is None else f"{item}#tiles={count}"
+                 for item, count in zip(items or [None] * len(pixels), counts)]
         scores = [self.seen_scores.get(item) for item in items]
         new = [index for index, known in enumerate(scores) if known is None]
         if new:
@@ -293,15 +298,23 @@ class InternVLXForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsM
 
     def _embedded(self, pixels: torch.Tensor, tiles_per_item: list[int], compressed: torch.Tensor | None,
                   keys: object) -> tuple[torch.Tensor, ...]:
-        """The items' rows kept at admission (`keys`: the key of each tile's item, from the scheduler), or computed
-        where any of them is not kept."""
+        """The items' rows: each one's kept at admission (`keys`: the key of each tile's item, from the scheduler), the
+        others computed (together: one vision-tower call for the items not kept)."""
+        rows: list[torch.Tensor | None] = [None] * len(tiles_per_item)
         if isinstance(keys, torch.Tensor) and keys.numel() == sum(tiles_per_item) and tiles_per_item:
             per_tile = keys.reshape(-1).tolist()
-            starts = [sum(tiles_per_item[:i]) for i in range(len(tiles_per_item))]
-            kept = self.admitted.take([per_tile[start] for start in starts])
-            if kept is not None:
-                return tuple(kept)
-        return self._item_features(pixels, tiles_per_item, compressed)
+            rows = self.admitted.take([per_tile[sum(tiles_per_item[:i])] for i in range(len(tiles_per_item))])
+        missing = [index for index, kept in enumerate(rows) if kept is None]
+        if len(missing) == len(rows):
+            return self._item_features(pixels, tiles_per_item, compressed)
+        if missing:
+            tiles = pixels.split(tiles_per_item)
+            decided = None if compressed is None else compressed.split(tiles_per_item)
+            computed = self._item_features(torch.cat([tiles[i] for i in missing]), [tiles_per_item[i] for i in missing],
+                                           None if decided is None else torch.cat([decided[i] for i in missing]))
+            for index, item_rows in zip(missing, computed):
+                rows[index] = item_rows
+        return tuple(rows)
 
     def embed_multimodal(self, **kwargs: object) -> MultiModalEmbeddings:
         embeddings: tuple[torch.Tensor, ...] = ()

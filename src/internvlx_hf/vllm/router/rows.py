@@ -34,11 +34,11 @@ class AdmittedRows:
         self.bytes += size
         return True
 
-    def take(self, keys: list[int]) -> list[torch.Tensor] | None:
-        """The rows of `keys`, in order, if every one is kept (else None); the kept ones among them are let go."""
+    def take(self, keys: list[int]) -> list[torch.Tensor | None]:
+        """The rows of `keys`, in order, None for each one not kept (its step computes it); those found are let go."""
         found = [self.rows.pop(key, None) for key in keys]
         self.bytes -= sum(row.numel() * row.element_size() for row in found if row is not None)
-        return None if any(row is None for row in found) else found
+        return found
 
     def drop(self, keys: list[int]) -> None:
         """Let go of the rows of `keys` (those kept)."""

@@ -123,7 +123,13 @@ class RouterSchedulerMixin(RequestRefusalsMixin):
                         reason)
             return
         keys = [next(self._row_keys) for _ in request.mm_features]
-        decisions = route_request(self.route_tiles, self.model_config, request, keys)
+        try:
+            decisions = route_request(self.route_tiles, self.model_config, request, keys)
+        except Exception as error:  # noqa: BLE001 - whatever fails in routing ends this request, not the engine
+            self._ended_keys += keys  # (rows the worker may have kept for it)
+            self.refuse(request, "InternVL3.5-Flash router: request %s finished with an error: routing its images "
+                        "failed (%s: %s)", request.request_id, type(error).__name__, error)
+            return
         if decisions:
             self._request_keys[request.request_id] = keys
             self.routed_requests += 1
