@@ -20,7 +20,7 @@ def test_the_ci_table_in_the_testing_guide_is_the_kept_logs():
 def test_a_runs_total_is_its_foregrounds_steps_and_its_counts_every_pytest_summary(tmp_path):
     ci_times = load_script("scripts/ci_times.py")
     names = {"main env": "main environment (set-up and tests)", "oldest": "oldest transformers (5.16.1; tests)",
-             "DeepSpeed": "DeepSpeed tests", "compile path and chat": "vLLM's compile path (one test) and chat",
+             "DeepSpeed": "DeepSpeed tests", "vLLM in the foreground": "the OpenAI servers' module (tests/test_vllm_chat.py)",
              "waiting": "waiting for the vLLM tests after the others", "vLLM env": "vLLM environment (set-up)",
              "vLLM tests": "vLLM tests (tests/test_vllm.py)", "families": "vLLM families (test_vllm_families.py)"}
     seconds = dict(zip(names, (1000, 100, 200, 300, 7, 170, 800, 600)))

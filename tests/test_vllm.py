@@ -116,6 +116,19 @@ BURST_ENGINE_OPTIONS = dict(ENGINE_OPTIONS, max_model_len=4 * 13 * 64, max_num_b
 SERVED_OPTIONS_REQUEST = request_spec("<image>\nDescribe the picture.", images=[(*SIX_TILES, 2)])
 
 
+def weight_updates(folder: Path) -> list[dict]:
+    """New router weights pushed into the running engine, as reinforcement-learning frameworks push theirs (see
+    `test_weights_pushed_into_a_running_engine`): a gate that compresses nothing (p0 near 0) copied into the
+    parameters, vLLM's caches then reset; the checkpoint's own gate back through `load_weights`. The 6-tile request
+    after each."""
+    from safetensors import safe_open
+
+    with safe_open(folder / "model.safetensors", "pt") as weights:
+        bias = weights.get_tensor("model.vir.gating.proj.bias").tolist()
+    return [{"how": "copy", "weights": {"model.vir.gating.proj.bias": [-10.0, 10.0]}, "request": REQUESTS["6 tiles"]},
+            {"how": "load_weights", "weights": {"model.vir.gating.proj.bias": bias}, "request": REQUESTS["6 tiles"]}]
+
+
 def fake_hub_repo(cache: Path, repo_id: str, revisions: dict[str, Path]) -> None:
     """`revisions` (name -> folder) as the Hugging Face cache holds a downloaded repository (refs + snapshots), so that
     `from_pretrained(repo_id, revision=name)` resolves them offline."""
@@ -189,6 +202,7 @@ def served(tmp_path_factory):
                                        {**REQUESTS["text"], "sampling": {"prompt_logprobs": 1}}]
     specs["qwen3-flash-async"]["sequence"] = REUSED_ID
     specs["qwen3-flash"]["rows_probe"] = ROWS_PROBE
+    specs["qwen3-flash-async"]["weight_updates"] = weight_updates(folders["qwen3-flash-async"])
     # A burst of LVTC requests whose images fill the step's token budget (see `test_a_burst_of_lvtc_images`)
     specs["burst"] = {"checkpoint": str(folders["llama-lvtc"]), "engine": BURST_ENGINE_OPTIONS,
                       "requests": BURST_REQUESTS}
@@ -335,6 +349,22 @@ def test_a_step_takes_the_rows_kept_for_each_image_and_runs_the_tower_on_the_oth
     _, results = served
     assert "error" not in results["qwen3-flash"], results["qwen3-flash"].get("error")
     assert results["qwen3-flash"]["rows_probe"] == {"equal": True, "tower_tiles": 1, "tiles": [1, 6]}
+
+
+def test_weights_pushed_into_a_running_engine_route_the_images_sent_after_them(served):
+    """Reinforcement-learning frameworks push new weights into vLLM and reset its caches. A gate that compresses no
+    tile, copied into the parameters, then vLLM's prefix and encoder caches reset: the 6-tile image, routed before,
+    answers as the router off does (its kept scores went with the reset); the checkpoint's gate loaded back through
+    `load_weights`: it answers as routed again (the scores kept under the other gate went with the load). (Before,
+    both answers came from the scores kept before each update: the first as routed, the second as the router off.)"""
+    folders, results = served
+    assert "error" not in results["qwen3-flash-async"], results["qwen3-flash-async"].get("error")
+    off, routed = (_reference(folders["qwen3-flash-async"], REQUESTS["6 tiles"], router=router) for router in (False,
+                                                                                                             True))
+    assert off["tokens"] != routed["tokens"]  # (so the answers tell the two apart)
+    after_copy, after_load = results["qwen3-flash-async"]["weight_updates"]
+    assert_same_generation(after_copy, off, "after a gate that compresses nothing was copied in")
+    assert_same_generation(after_load, routed, "after the checkpoint's gate was loaded back")
 
 
 class _FailingExecutor:

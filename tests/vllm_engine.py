@@ -81,6 +81,15 @@ def run_engine(spec: dict) -> dict:
                          "tokens": list(out.outputs[0].token_ids) if out.outputs else [],
                          "tower_tiles": tower_tiles(llm) - before})
     probe = rows_probe(llm, spec["checkpoint"], spec["rows_probe"]) if spec.get("rows_probe") else None
+    # weights pushed into the running engine (`weight_updates`), each followed by its request's answer
+    updates = []
+    for update in spec.get("weight_updates", []):
+        push_weights(llm, update["weights"], update["how"])
+        if update["how"] == "copy":  # (written into the parameters: vLLM's caches reset, as its docs ask)
+            llm.reset_prefix_cache()
+            llm.llm_engine.reset_encoder_cache()
+        out = llm.generate([vllm_prompt(update["request"])], params, use_tqdm=False)[0]
+        updates.append(_result(out))
     specs = kv_cache_specs(llm)
     scheduler = type(llm.llm_engine.engine_core.engine_core.scheduler).__name__
     prefix_caching = llm.llm_engine.vllm_config.cache_config.enable_prefix_caching
@@ -88,7 +97,7 @@ def run_engine(spec: dict) -> dict:
     del llm
     gc.collect()
     return {"startup_s": startup, "dummy_runs": dummy_runs, "alone": alone, "together": together, "chat": chat,
-            "refused": refused, "sequence": sequence, "rows_probe": probe, "kv_cache_specs": specs, "scheduler": scheduler,
+            "refused": refused, "sequence": sequence, "rows_probe": probe, "weight_updates": updates, "kv_cache_specs": specs, "scheduler": scheduler,
             "prefix_caching": prefix_caching, "block_size": block_size}
 
 
@@ -109,6 +118,22 @@ def dummy_run(llm, tokens: int) -> dict:
         return {"tokens": tokens, "error": f"{type(error).__name__}: {error}"}
     return {"tokens": tokens, "error": None,
             "kv_written": any(not torch.equal(a, b) for a, b in zip(before, runner.kv_caches))}
+
+
+def push_weights(llm, weights: dict, how: str) -> None:
+    """New values for some of the model's weights (checkpoint names), as reinforcement-learning frameworks push them
+    into a running engine: through the model's `load_weights` (`how="load_weights"`), or copied into the parameters
+    (`"copy"`, as a weight transfer writes them)."""
+    import torch
+
+    model = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner.get_model()
+    if how == "load_weights":
+        model.load_weights([(name, torch.tensor(value)) for name, value in weights.items()])
+        return
+    parameters = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in weights.items():
+            parameters[name.removeprefix("model.")].copy_(torch.tensor(value))
 
 
 def rows_probe(llm, spec_checkpoint: str, request: dict) -> dict:

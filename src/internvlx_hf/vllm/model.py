@@ -385,7 +385,18 @@ class InternVLXForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsM
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         loader = AutoWeightsLoader(self)
-        return loader.load_weights(vllm_weights(weights, vision_layers_to_run(self.config), self.router_on))
+        loaded = loader.load_weights(vllm_weights(weights, vision_layers_to_run(self.config), self.router_on))
+        # (weights pushed into a running engine, as reinforcement-learning frameworks do: scores and rows computed
+        # with the old ones would route and embed images the new model has not seen)
+        self.forget_routing()
+        return loaded
+
+    def forget_routing(self) -> None:
+        """Let go of every image's kept scores and rows (on a weight load, and with vLLM's encoder- or prefix-cache
+        reset, `RouterSchedulerMixin`): the next request with an image runs the vision tower and the router again."""
+        if self.router_on:
+            self.seen_scores.scores.clear()
+            self.admitted.drop(list(self.admitted.rows))
 
     def get_mm_mapping(self) -> MultiModelKeys:
         """Where vLLM's LoRA looks: the LLM (an adapter with weights on the ViT or the projectors is refused,

@@ -75,6 +75,12 @@ def _route_on_worker(worker, pixels: list[torch.Tensor], keys: list[int] | None 
     return model.route_tiles(pixels, keys, dropped, items)
 
 
+def _forget_on_worker(worker) -> None:
+    """Run on the engine's worker (`collective_rpc`): its model's `forget_routing`."""
+    runner = getattr(worker, "model_runner", None)
+    (runner.get_model() if runner is not None else worker.get_model()).forget_routing()
+
+
 def engine_executor():
     """The executor of the engine core building the scheduler (found up the call stack: vLLM's `EngineCore` builds its
     executor, then its scheduler), or None."""
@@ -142,6 +148,21 @@ class RouterSchedulerMixin(RequestRefusalsMixin):
         dropped, self._ended_keys = self._ended_keys, []
         # (each worker answers alike)
         return self.executor.collective_rpc(_route_on_worker, args=(pixels, keys, dropped, items))[0]
+
+    def reset_encoder_cache(self) -> None:
+        # (vLLM's call after a weight update, as its docstring asks: the router's kept scores and rows go with it)
+        super().reset_encoder_cache()
+        self._forget()
+
+    def reset_prefix_cache(self, *args, **kwargs) -> bool:
+        reset = super().reset_prefix_cache(*args, **kwargs)
+        if reset:  # (reinforcement-learning frameworks reset the prefix cache after pushing new weights)
+            self._forget()
+        return reset
+
+    def _forget(self) -> None:
+        self._ended_keys = []  # (the worker lets go of every kept row)
+        self.executor.collective_rpc(_forget_on_worker)
 
     def _free_request(self, request, *args, **kwargs):
         self._ended_keys += self._request_keys.pop(request.request_id, [])
