@@ -147,8 +147,7 @@ def evaluating(model):
 
 def _base(model):
     """The `InternVLXForConditionalGeneration` inside DDP / peft wrappers."""
-    while hasattr(model, "module"):
-        model = model.module
+    model = _base_wrapper(model)
     get_base = getattr(model, "get_base_model", None)
     return get_base() if callable(get_base) else model
 
