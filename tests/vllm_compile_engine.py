@@ -21,9 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
-from vllm_helpers import vllm_prompt  # noqa: E402
+from vllm_helpers import vllm_prompt, with_kv_cache  # noqa: E402
 
 
 def keep_vllm_compile() -> None:
@@ -48,7 +47,7 @@ def keep_vllm_compile() -> None:
 def run(spec: dict) -> dict:
     from vllm import LLM, SamplingParams
 
-    llm = LLM(spec["checkpoint"], **spec["engine"])
+    llm = LLM(spec["checkpoint"], **with_kv_cache(spec["engine"]))
     compilation = llm.llm_engine.vllm_config.compilation_config
     params = SamplingParams(temperature=0.0, max_tokens=spec.get("max_tokens", 6), logprobs=1, ignore_eos=True)
     rounds = []

@@ -21,9 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine core runs in this process
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache (the default takes a share of the machine)
 
-from vllm_helpers import vllm_prompt  # noqa: E402
+from vllm_helpers import vllm_prompt, with_kv_cache  # noqa: E402
 
 #: how many of each step's most likely tokens come back with their logprobs
 LOGPROBS = 5
@@ -46,7 +45,7 @@ def run_engine(spec: dict) -> dict:
     from vllm import LLM, SamplingParams
 
     started = time.time()
-    llm = LLM(spec["checkpoint"], **spec["engine"])
+    llm = LLM(spec["checkpoint"], **with_kv_cache(spec["engine"]))
     startup = time.time() - started
     dummy_runs = [dummy_run(llm, tokens) for tokens in spec.get("dummy_runs", [])]
     params = SamplingParams(temperature=0.0, max_tokens=spec.get("max_tokens", 8), logprobs=LOGPROBS,

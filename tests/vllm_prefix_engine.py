@@ -28,9 +28,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine core in this process: its scheduler is readable
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
-from vllm_helpers import vllm_prompt  # noqa: E402
+from vllm_helpers import vllm_prompt, with_kv_cache  # noqa: E402
 
 
 def counters(llm) -> dict:
@@ -119,7 +118,7 @@ def start(run: dict):
     """(LLM, its scheduler, the list the scheduler records each preempted request id in)."""
     from vllm import LLM
 
-    llm = LLM(run["checkpoint"], disable_log_stats=False, **run["engine"])
+    llm = LLM(run["checkpoint"], disable_log_stats=False, **with_kv_cache(run["engine"]))
     scheduler = llm.llm_engine.engine_core.engine_core.scheduler
     preempted: list[str] = []
     preempt = scheduler._preempt_request
