@@ -9,10 +9,10 @@ LLM of 8 layers 768 wide (12 heads of 64), the router with InternVL3.5-Flash's t
 trained router's do on varied images; the share of tiles it compresses is measured and printed with every figure).
 
   measure  both engines in one child process (`vllm_lvtc_savings_engine.py`), timed in interleaved rounds, each
-           round with images neither has seen (the time includes processing, the ViT, and for the router its run at
-           admission): the KV blocks each request held and its prompt as the scheduler held it, one request's prefill
+           round with images neither has seen (the time includes processing, the ViT, and for the router its run in
+           the schedule): the KV blocks each request held and its prompt as the scheduler held it, one request's prefill
            (1, 3 and 6 tiles, `max_tokens=1`), requests/s at 4 and 16 concurrent (3-tile images, 16 tokens each),
-           where the rounds' time went (the router's run at admission beside the encoder's); the router's greedy
+           where the rounds' time went (the router's run beside the encoder's); the router's greedy
            tokens and logprobs against transformers'; then a 4-turn chat about a 6-tile image on both
            (`vllm_conversation_engine.py`). Writes benchmarks/results/vllm-flash-router.json (and, as it goes, what
            was measured: vllm-flash-router-raw.json).
@@ -160,7 +160,7 @@ def measure(args) -> None:
         off, on = spread(seconds, reference=0)
         rps[level] = {name: [round(v, 4) for v in results[name]["rps"][level]] for name in names} | {
             "ratio": 1.0 / on["ratio"], "ratio_low": 1.0 / on["ratio_high"], "ratio_high": 1.0 / on["ratio_low"],
-            "within_noise": on["within_noise"]}
+            "coverage": on["coverage"], "within_noise": on["within_noise"]}
     phases = {name: results[name].get("phases") for name in names}
     run = {"vllm": vllm.__version__, "date": datetime.date.today().isoformat(), "plugin_commit": plugin_commit()}
     out = {"experiment": "InternVL3.5-Flash's router on vLLM against the same weights with the router off, one run, "
@@ -207,6 +207,16 @@ def chat_rounds(folder: Path, rounds: int, root: Path) -> dict:
             "prompt_tokens_sent": {name: results[name]["chat_prompt_tokens"] for name in names}}
 
 
+def interval(row: dict, coverage: float | None = None) -> str:
+    """A ratio with its interval, named for what it is: the order-statistics interval of the median of the rounds'
+    ratios and how often such an interval holds the true median (`median_interval`: 95% from 6 rounds on; the min-max
+    of 3 rounds, 75%). Runs recorded before the coverage was kept say "interval" alone."""
+    coverage = row.get("coverage") if coverage is None else coverage
+    named = f", {coverage:.0%} interval" if coverage is not None else ", interval"
+    return (f"{row['ratio']:.3f} ({row['ratio_low']:.3f}-{row['ratio_high']:.3f}{named})"
+            + (" within noise" if row["within_noise"] else ""))
+
+
 def report(out: dict) -> str:
     rows = []
     for key, row in out["per_request"].items():
@@ -216,22 +226,17 @@ def report(out: dict) -> str:
                      "tiles compressed": "/".join(f"{s:.2f}" for s in row["compressed_share"]),
                      "prefill off s": round(prefill["router-off"]["median_s"], 3),
                      "prefill router s": round(prefill["router"]["median_s"], 3),
-                     "prefill ratio": f"{prefill['router']['ratio']:.3f} ({prefill['router']['ratio_low']:.3f}-"
-                                      f"{prefill['router']['ratio_high']:.3f})"
-                                      + (" within noise" if prefill["router"]["within_noise"] else "")})
+                     "prefill ratio": interval(prefill["router"])})
     text = [format_table(rows)]
     rows = [{"concurrent": level, "router-off req/s": "/".join(f"{v:.2f}" for v in row["router-off"]),
              "router req/s": "/".join(f"{v:.2f}" for v in row["router"]),
-             "ratio": f"{row['ratio']:.3f} ({row['ratio_low']:.3f}-{row['ratio_high']:.3f})"
-                      + (" within noise" if row["within_noise"] else "")}
+             "ratio": interval(row)}
             for level, row in out["requests_per_s"].items()]
     text.append(format_table(rows))
     if out.get("chat"):
         rows = [{"figure": figure, "router-off s": round(row["router-off"]["median_s"], 3),
                  "router s": round(row["router"]["median_s"], 3),
-                 "ratio": f"{row['router']['ratio']:.3f} ({row['router']['ratio_low']:.3f}-"
-                          f"{row['router']['ratio_high']:.3f})" + (" within noise" if row["router"]["within_noise"]
-                                                                   else "")}
+                 "ratio": interval(row["router"])}
                 for figure, row in out["chat"]["rows"].items()]
         text.append(format_table(rows))
     counters = out.get("router_counters")
@@ -242,11 +247,12 @@ def report(out: dict) -> str:
     for name, levels in (out.get("phases") or {}).items():
         for level, rounds in (levels or {}).items():
             if rounds:
-                admission = [r.get("router at admission", 0.0) for r in rounds]
+                # ("router at admission": results written before the router moved into the schedule)
+                router = [r.get("router", r.get("router at admission", 0.0)) for r in rounds]
                 encoder = [r.get("encoder", 0.0) for r in rounds]
                 text.append(f"{name} at {level}: round {sum(r['round'] for r in rounds) / len(rounds):.2f} s, "
-                            f"encoder {sum(encoder) / len(rounds):.2f} s, router at admission "
-                            f"{sum(admission) / len(rounds):.2f} s")
+                            f"encoder {sum(encoder) / len(rounds):.2f} s, router "
+                            f"{sum(router) / len(rounds):.2f} s")
     text.append(f"parity with transformers (tokens equal, logprobs within {LOGPROB_ATOL}): "
                 f"{out['parity']['all_equal']}")
     return "\n".join(text)
@@ -325,12 +331,14 @@ def serve(args) -> None:
                     server.kill()
     on, off = out["results"]["router"], out["results"]["router-off"]
     out["ratios"] = {"request_throughput": on["request_throughput"] / off["request_throughput"],
-                     "median_ttft": on["median_ttft_ms"] / off["median_ttft_ms"]}
+                     "median_ttft": on["median_ttft_ms"] / off["median_ttft_ms"],
+                     "mean_ttft": on["mean_ttft_ms"] / off["mean_ttft_ms"]}
     RESULTS.mkdir(exist_ok=True)
     write_text(RESULTS / f"{args.out}-serve.json", json.dumps(out, indent=1) + "\n")
     print(format_table([{"engine": name, **row} for name, row in out["results"].items()]))
-    print(f"router / router-off: request throughput {out['ratios']['request_throughput']:.3f}, median TTFT "
-          f"{out['ratios']['median_ttft']:.3f} (one run each, one after the other)")
+    print(f"router / router-off: request throughput {out['ratios']['request_throughput']:.3f}, time to first token "
+          f"{out['ratios']['mean_ttft']:.3f} (mean), {out['ratios']['median_ttft']:.3f} (median) (one run each, one "
+          "after the other: no interval)")
     print(f"written: benchmarks/results/{args.out}-serve.json")
 
 
@@ -355,7 +363,8 @@ def plot(args) -> None:
         ax.barh(labels, [r for _, r, _, _ in rows], color="tab:green",
                 xerr=[[r - low for _, r, low, _ in rows], [high - r for _, r, _, high in rows]], capsize=3)
         ax.axvline(1.0, color="black", linewidth=0.8)
-        ax.set_xlabel("router / router off, median of per-round ratios (95% interval)")
+        ax.set_xlabel("router / router off, median of per-round ratios (intervals: 95% from 6 rounds, "
+                      "the min-max of 3 rounds 75%)")
         share = out.get("router_counters") or {}
         ax.set_title("InternVL3.5-Flash's router on vLLM (CPU), "
                      f"{share.get('compressed_tiles', 0)} of {share.get('routed_tiles', 0)} tiles compressed")
@@ -389,7 +398,14 @@ def main(argv=None) -> None:
     parser.add_argument("--chat-rounds", type=int, default=5, help="measure: rounds of the 4-turn chat (0: none)")
     parser.add_argument("--prompts", type=int, default=32, help="serve: requests vllm bench serve sends")
     parser.add_argument("--out", default="vllm-flash-router")
+    parser.add_argument("--uncommitted", action="store_true",
+                        help="measure / serve with src/ or benchmarks/*.py differing from the commit: the results "
+                             "then name it with +changes (no guide cites such a run)")
     args = parser.parse_args(argv)
+    commit = plugin_commit()
+    if args.experiment in ("measure", "serve") and commit.endswith("+changes") and not args.uncommitted:
+        parser.error(f"src/ or benchmarks/*.py differ from commit {commit.removesuffix('+changes')}: commit them "
+                     "first, so that the results name the code that made them, or pass --uncommitted")
     {"measure": measure, "serve": serve, "plot": plot, "scores": scores}[args.experiment](args)
 
 

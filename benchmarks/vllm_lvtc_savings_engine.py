@@ -158,12 +158,13 @@ class Phases:
         core = llm.llm_engine.engine_core.engine_core
         self.runner = core.model_executor.driver_worker.worker.model_runner
         self.seconds: dict[str, float] = {}
-        # (the Flash router's scheduler runs the vision tower and router at admission, `route_tiles`, outside
-        # `schedule`: in `add_request`)
+        # (the Flash router's vision tower and router run in the scheduler's `schedule`, through the worker's model's
+        # `route_requests`: its "router" time is within the "scheduler" one, with this in-process engine core)
+        model = self.runner.get_model()
         for obj, method, phase in ((self.runner, "_execute_mm_encoder", "encoder"),
                                    (self.runner, "_build_attention_metadata", "attention metadata"),
                                    (core.scheduler, "schedule", "scheduler"),
-                                   (core.scheduler, "route_tiles", "router at admission")):
+                                   (model, "route_requests", "router")):
             if hasattr(obj, method):
                 setattr(obj, method, self._timed(getattr(obj, method), lambda phase=phase: phase))
         if hasattr(self.runner, "_model_forward"):

@@ -17,6 +17,7 @@ import re
 import shutil
 import subprocess
 import sys
+from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
@@ -99,7 +100,7 @@ ENGINE_OVERRIDES = {
 #: a 6-tile image under a client's id, a 1-tile image under the same id, then the 6-tile request without an id.
 REUSED_ID = [{**REQUESTS["6 tiles"], "uuids": {"image": ["a-client-id"]}},
              {**REQUESTS["1 tile"], "uuids": {"image": ["a-client-id"]}}, REQUESTS["6 tiles"]]
-#: Two images, the first's rows not kept at admission (see `test_a_step_takes_the_rows_kept_for_each_image`)
+#: Two images, the first's rows not kept when routed (see `test_a_step_takes_the_rows_kept_for_each_image`)
 ROWS_PROBE = request_spec("<image>\nand <image>\nCompare them.", images=[(*ONE_TILE, 9), (*SIX_TILES, 2)])
 
 
@@ -342,7 +343,7 @@ def test_a_client_id_reused_for_another_image_is_routed_as_that_image_and_the_en
 
 
 def test_a_step_takes_the_rows_kept_for_each_image_and_runs_the_tower_on_the_others_alone(served):
-    """The router's model in a step embedding two images, the second's rows kept at admission and the first's not (an
+    """The router's model in a step embedding two images, the second's rows kept when routed and the first's not (an
     image routed from its kept scores beside a new one): the second's rows are taken, the vision tower runs on the
     first's one tile alone, and the rows equal those computed for both. (Before, one item not kept sent every item of
     the step through the tower again: 7 tiles.)"""
@@ -367,17 +368,56 @@ def test_weights_pushed_into_a_running_engine_route_the_images_sent_after_them(s
     assert_same_generation(after_load, routed, "after the checkpoint's gate was loaded back")
 
 
-class _FailingExecutor:
-    """vLLM's executor as a worker that fails in the call (out of device memory, say) leaves it: `collective_rpc`
-    raises."""
+class _Worker:
+    """vLLM's executor over a worker that routes by a rule (`collective_rpc`, as vLLM's in-process executor answers:
+    a finished future for `non_block`): every tile of an image whose first pixel is 1 compressed, none otherwise; an
+    image whose first pixel is NaN fails the call (out of device memory, say), as `fail_all` makes every call fail.
+    `pending` keeps the futures unanswered (a worker process still running the step before) until `answer()`. Records
+    each routing call's requests and dropped keys, the keys dropped by calls of their own, and each call that makes
+    the worker forget."""
 
-    def collective_rpc(self, method, args=(), kwargs=None):
-        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    def __init__(self, fail_all: bool = False, pending: bool = False):
+        self.fail_all, self.pending = fail_all, pending
+        self.calls: list[tuple[list, list]] = []  # (each request's tile counts, the dropped keys)
+        self.forgotten = 0
+        self.drops: list[list[int]] = []
+        self.waiting: list[tuple[Future, list]] = []
+
+    def collective_rpc(self, method, timeout=None, args=(), kwargs=None, non_block=False):
+        if method.__name__ == "_forget_on_worker":
+            self.forgotten += 1
+            return [None]
+        if method.__name__ == "_drop_on_worker":
+            self.drops.append(list(args[0]))
+            return [None]
+        if self.fail_all:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        requests, dropped = args
+        self.calls.append(([[len(tiles) for tiles in pixels] for pixels, _, _ in requests], list(dropped)))
+        future = Future()
+        if self.pending:
+            self.waiting.append((future, requests))
+        else:
+            self._answer(future, requests)
+        return future if non_block else future.result()
+
+    @staticmethod
+    def _answer(future: Future, requests: list) -> None:
+        if any(bool(torch.isnan(tiles.flatten()[0])) for pixels, _, _ in requests for tiles in pixels):
+            future.set_exception(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+        else:
+            future.set_result([[[[bool(tiles.flatten()[0] == 1)] * len(tiles) for tiles in pixels]
+                                for pixels, _, _ in requests]])  # (one answer per worker)
+
+    def answer(self) -> None:
+        for future, requests in self.waiting:
+            self._answer(future, requests)
+        self.waiting = []
 
 
-def _router_scheduler(folder):
-    """The router's scheduler on `folder`'s config, built as vLLM's engine core builds it (its executor, here one
-    whose calls fail, found up the call stack as `self.model_executor`)."""
+def _router_scheduler(folder, executor, max_num_seqs: int = 8, **engine):
+    """The router's scheduler on `folder`'s config, built as vLLM's engine core builds it (its executor found up the
+    call stack as `self.model_executor`)."""
     from vllm.engine.arg_utils import EngineArgs
     from vllm.plugins import load_general_plugins
     from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
@@ -386,14 +426,15 @@ def _router_scheduler(folder):
     load_general_plugins()
     from internvlx_hf.vllm.router.scheduler import RouterScheduler
 
-    config = EngineArgs(model=str(folder), dtype="float32", max_model_len=4096, block_size=16).create_engine_config()
+    config = EngineArgs(model=str(folder), dtype="float32", max_model_len=4096, block_size=16, max_num_seqs=max_num_seqs,
+                        **engine).create_engine_config()
     config.cache_config.num_gpu_blocks = 64
     spec = FullAttentionSpec(block_size=16, num_kv_heads=2, head_size=64, dtype=torch.float32)
     groups = [KVCacheGroupSpec([f"layers.{i}" for i in range(config.model_config.hf_config.text_config
                                                                 .num_hidden_layers)], spec)]
 
     class EngineCore:
-        model_executor = _FailingExecutor()
+        model_executor = executor
 
         def build(self):
             return RouterScheduler(vllm_config=config, kv_cache_config=KVCacheConfig(
@@ -403,29 +444,161 @@ def _router_scheduler(folder):
     return EngineCore().build()
 
 
-def test_a_request_whose_routing_fails_is_finished_with_an_error_and_the_next_is_scheduled(tmp_path, caplog):
-    """Whatever fails while the router routes a request (here the worker's call, as out of device memory would) ends
-    that request with an error naming the cause, in vLLM's scheduler: the request is finished (FINISHED_ERROR, its
-    output sent with the next step's) and the next request is scheduled. (Before, the exception left `add_request`
-    and ended the engine core.)"""
+def _image_request(request_id: str, first_pixel: float = 0.0, tiles: int = 2):
+    """A request of 40 prompt tokens with one image of `tiles` tiles at 16 placeholders each from position 1 (the
+    tiny Flash checkpoint's), its pixels all `first_pixel` (what `_Worker` routes by)."""
     from vllm.multimodal.inputs import (MultiModalBatchedField, MultiModalFeatureSpec, MultiModalFieldElem,
                                         MultiModalKwargsItem, PlaceholderRange)
     from vllm.sampling_params import SamplingParams
-    from vllm.v1.request import Request, RequestStatus
+    from vllm.v1.request import Request
 
-    scheduler = _router_scheduler(build_checkpoint(tmp_path / "flash", **FLASH))
-    pixels = MultiModalFieldElem(data=torch.zeros(2, 3, 28, 28), field=MultiModalBatchedField())
+    pixels = MultiModalFieldElem(data=torch.full((tiles, 3, 28, 28), first_pixel), field=MultiModalBatchedField())
     image = MultiModalFeatureSpec(data=MultiModalKwargsItem({"pixel_values": pixels}), modality="image",
-                                  identifier="image-1", mm_position=PlaceholderRange(offset=1, length=32))
-    routed = Request("with-image", list(range(40)), SamplingParams(max_tokens=2), None, mm_features=[image])
-    text = Request("text", list(range(8)), SamplingParams(max_tokens=2), None)
+                                  identifier=f"image-of-{request_id}",
+                                  mm_position=PlaceholderRange(offset=1, length=16 * tiles))
+    return Request(request_id, list(range(8 + 16 * tiles)), SamplingParams(max_tokens=2), None, mm_features=[image],
+                   block_hasher=_block_hasher())
+
+
+def _text_request(request_id: str, length: int = 8):
+    from vllm.sampling_params import SamplingParams
+    from vllm.v1.request import Request
+
+    return Request(request_id, list(range(length)), SamplingParams(max_tokens=2), None, block_hasher=_block_hasher())
+
+
+def _block_hasher():
+    """vLLM's block hasher for blocks of 16 tokens, as its engine core makes it (prefix caching on)."""
+    from vllm.utils.hashing import get_hash_fn_by_name
+    from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
+
+    hash_fn = get_hash_fn_by_name("sha256")
+    init_none_hash(hash_fn)
+    return get_request_block_hasher(16, hash_fn)
+
+
+@pytest.fixture(scope="module")
+def flash_folder(tmp_path_factory):
+    return build_checkpoint(tmp_path_factory.mktemp("flash") / "flash", **FLASH)
+
+
+def test_a_request_whose_routing_fails_is_finished_with_an_error_and_the_next_is_scheduled(flash_folder, caplog):
+    """Whatever fails while the router routes a request (here the worker's call, as out of device memory would) ends
+    that request with an error naming the cause, in vLLM's scheduler: the request is finished (FINISHED_ERROR, its
+    output sent with the step's) and the other requests are scheduled. (Before e8005d2, the exception ended the engine
+    core.)"""
+    from vllm.v1.request import RequestStatus
+
+    scheduler = _router_scheduler(flash_folder, _Worker(fail_all=True))
+    routed, text = _image_request("with-image"), _text_request("text")
     with caplog.at_level("WARNING", logger="internvlx_hf.vllm"):
         scheduler.add_request(routed)
         scheduler.add_request(text)
+        scheduled = scheduler.schedule()
     assert routed.status == RequestStatus.FINISHED_ERROR
     assert ("request with-image finished with an error: routing its images failed (RuntimeError: CUDA out of memory. "
             "Tried to allocate 2.00 GiB)") in caplog.text
-    assert [r.req_id for r in scheduler.schedule().scheduled_new_reqs] == ["text"]
+    assert [r.req_id for r in scheduled.scheduled_new_reqs] == ["text"]
+
+
+def test_a_burst_of_image_requests_is_routed_in_one_call_and_admitted_shortened(flash_folder):
+    """Four image requests arriving together are routed in one call on the worker, in the step that admits them
+    (before: one call each, in `add_request`, the engine loop waiting for each), and admitted with their shortened
+    prompts: a compressed tile keeps 4 of its 16 placeholders."""
+    worker = _Worker()
+    scheduler = _router_scheduler(flash_folder, worker)
+    requests = [_image_request(f"r{i}", first_pixel=float(i % 2)) for i in range(4)]
+    for request in requests:
+        scheduler.add_request(request)
+    assert worker.calls == []  # (nothing routed at arrival)
+    scheduled = scheduler.schedule()
+    assert worker.calls == [([[2], [2], [2], [2]], [])]
+    assert [r.req_id for r in scheduled.scheduled_new_reqs] == ["r0", "r1", "r2", "r3"]
+    assert [len(r.prompt_token_ids) for r in requests] == [40, 40 - 2 * 12, 40, 40 - 2 * 12]
+    assert (scheduler.routed_requests, scheduler.routed_tiles, scheduler.compressed_tiles) == (4, 8, 4)
+
+
+def test_routing_takes_the_free_slots_and_the_encoder_budget_of_a_step(flash_folder):
+    """The requests routed in a step are those vLLM can admit: as many as `max_num_seqs` leaves free, and whose tiles
+    fit the step's encoder budget (a request over it goes alone); the rest wait unrouted for later steps."""
+    from vllm.v1.request import RequestStatus
+
+    worker = _Worker()
+    scheduler = _router_scheduler(flash_folder, worker, max_num_seqs=3)
+    assert scheduler.routing_tiles == scheduler.max_num_encoder_input_tokens // 16
+    for index in range(5):
+        scheduler.add_request(_image_request(f"r{index}"))
+    first = scheduler.schedule()
+    assert worker.calls[0][0] == [[2], [2], [2]] and len(first.scheduled_new_reqs) == 3
+    scheduler.routing_tiles = 3  # (an encoder budget of 3 tiles: one 2-tile request per call)
+    scheduler.finish_requests(["r0", "r1", "r2"], RequestStatus.FINISHED_ABORTED)
+    second = scheduler.schedule()
+    assert worker.calls[1][0] == [[2]] and [r.req_id for r in second.scheduled_new_reqs] == ["r3"]
+    # the aborted requests' rows are let go with the next call
+    assert len(worker.calls[1][1]) == 3
+
+
+def test_the_rows_of_a_request_aborted_before_its_prefill_are_dropped_at_the_next_step(flash_folder):
+    """Two requests routed in one call, the second not admitted (the step's token budget is the first's prompt), then
+    aborted: its kept rows are let go in the next step, by a call of their own (before, only with the next request
+    that had images to route). The first, admitted and prefilled, ends without such a call."""
+    from vllm.v1.request import RequestStatus
+
+    worker = _Worker()
+    scheduler = _router_scheduler(flash_folder, worker, max_num_batched_tokens=40)
+    scheduler.add_request(_image_request("first"))
+    scheduler.add_request(_image_request("second"))
+    assert [r.req_id for r in scheduler.schedule().scheduled_new_reqs] == ["first"]
+    assert worker.calls == [([[2], [2]], [])]
+    scheduler.finish_requests(["second"], RequestStatus.FINISHED_ABORTED)
+    scheduler.schedule()
+    assert worker.drops == [[1]]  # (the second's image: key 1)
+    scheduler.finish_requests(["first"], RequestStatus.FINISHED_ABORTED)
+    scheduler.schedule()
+    assert worker.drops == [[1]]
+
+
+def test_one_failing_request_of_a_batch_ends_alone(flash_folder, caplog):
+    """A routing call of three requests fails (one of them fails the worker): each is routed again by itself, the two
+    others are admitted shortened, the failing one is finished with the error."""
+    from vllm.v1.request import RequestStatus
+
+    worker = _Worker()
+    scheduler = _router_scheduler(flash_folder, worker)
+    good, bad, other = _image_request("good", 1.0), _image_request("bad", float("nan")), _image_request("other")
+    for request in (good, bad, other):
+        scheduler.add_request(request)
+    admitted = []
+    with caplog.at_level("WARNING", logger="internvlx_hf.vllm"):
+        for _ in range(4):
+            admitted += [r.req_id for r in scheduler.schedule().scheduled_new_reqs]
+    assert [counts for counts, _ in worker.calls] == [[[2], [2], [2]], [[2]], [[2]], [[2]]]
+    assert admitted == ["good", "other"] and bad.status == RequestStatus.FINISHED_ERROR
+    assert len(good.prompt_token_ids) == 40 - 2 * 12 and len(other.prompt_token_ids) == 40
+    assert "request bad finished with an error: routing its images failed" in caplog.text
+
+
+def test_running_requests_decode_while_a_worker_process_routes_new_ones(flash_folder):
+    """Where the worker answers with the next step (a worker process running the step before), the requests being
+    routed wait and the running ones are scheduled meanwhile (before, the engine loop waited for the routing at each
+    arrival); once the answer is in, they are admitted shortened. A
+    weight update while a call runs has its requests routed again."""
+    worker = _Worker(pending=True)
+    scheduler = _router_scheduler(flash_folder, worker, max_num_batched_tokens=64, long_prefill_token_threshold=16)
+    text = _text_request("stream", length=400)  # (prefilled 16 tokens a step: scheduled in each step below)
+    scheduler.add_request(text)
+    assert [r.req_id for r in scheduler.schedule().scheduled_new_reqs] == ["stream"]
+    scheduler.add_request(_image_request("new", 1.0))
+    step = scheduler.schedule()  # (the routing call sent, its answer not in: the stream decodes alone)
+    assert step.scheduled_new_reqs == [] and list(step.num_scheduled_tokens) == ["stream"]
+    scheduler.reset_encoder_cache()  # (weights pushed: the call in flight routed by the old ones)
+    worker.answer()
+    step = scheduler.schedule()
+    assert step.scheduled_new_reqs == [] and len(worker.calls) == 2 and worker.forgotten == 1
+    worker.answer()
+    step = scheduler.schedule()
+    assert [r.req_id for r in step.scheduled_new_reqs] == ["new"]
+    assert len(scheduler.requests["new"].prompt_token_ids) == 40 - 2 * 12
 
 
 def test_v1_dummy_runs_with_a_kv_cache_and_no_metadata_write_nothing_and_answers_follow(served):
@@ -659,6 +832,18 @@ def _engine_configs(cases: list[tuple[str, str, dict]]) -> dict:
                          timeout=600, env=_server_env())
     assert run.returncode == 0, run.stderr[-4000:]
     return json.loads(run.stdout.split("RESULT ", 1)[1])
+
+
+def test_the_router_refuses_the_shared_memory_processor_cache_at_start(flash_folder):
+    """`--mm-processor-cache-type shm` hands the engine each image as an address only the worker reads; the router
+    reads the pixels before vLLM admits a request, so the start stops naming the setting (before, every image request
+    was finished with an error, as if its image were given as embeddings). vLLM's default cache starts."""
+    got = _engine_configs([("shm", str(flash_folder), {"mm_processor_cache_type": "shm"}),
+                           ("lru", str(flash_folder), {})])
+    assert got["shm"]["type"] == "UnsupportedCheckpoint", got
+    assert ("because --mm-processor-cache-type shm hands the engine each image as an address" in got["shm"]["stop"]
+            and "Start vLLM with --mm-processor-cache-type lru (vLLM's default)" in got["shm"]["stop"]), got
+    assert "stop" not in got["lru"] and got["lru"]["max_model_len"] > 0, got
 
 
 def test_what_vllm_cannot_run_stops_while_reading_the_configuration(tmp_path):
@@ -1234,6 +1419,10 @@ def test_each_vllm_internal_the_router_uses_is_reported_when_vllm_lacks_it_and_s
         def finish_requests(self, request_ids, finished_status):
             pass
 
+    class Admitting(internals.Scheduler):  # a vLLM that admits waiting requests without asking whether they wait
+        def schedule(self, throttle_prefills=False):
+            return None
+
     removals = {
         "Request: prompt_token_ids, _all_token_ids, num_prompt_tokens, block_hashes, update_block_hashes()":
             lambda patch: patch.delattr(Request, "update_block_hashes"),
@@ -1244,8 +1433,11 @@ def test_each_vllm_internal_the_router_uses_is_reported_when_vllm_lacks_it_and_s
             internals, "MultiModalFieldElem", dataclasses.make_dataclass("MultiModalFieldElem", [("data", object)])),
         "the encoder cache and the prefix cache's keys read each item's identifier":
             lambda patch: patch.setattr(internals, "EncoderCacheManager", EncoderCacheManager),
-        "EngineCore builds its executor before its scheduler; Executor.collective_rpc(method, timeout, args)":
-            lambda patch: patch.setattr(internals, "Executor", Executor),
+        "EngineCore builds its executor before its scheduler; Executor.collective_rpc(method, timeout, args, kwargs, "
+        "non_block)": lambda patch: patch.setattr(internals, "Executor", Executor),
+        "Scheduler.schedule asks _handle_blocked_waiting_request(request) of each waiting request it would admit; "
+        "Scheduler.waiting, running, max_num_running_reqs, max_num_encoder_input_tokens":
+            lambda patch: patch.setattr(internals, "Scheduler", Admitting),
         "Scheduler._free_request(request) ends each finished or aborted request":
             lambda patch: patch.setattr(internals, "Scheduler", Scheduler),
     }

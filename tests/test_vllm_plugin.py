@@ -343,11 +343,15 @@ def test_a_prompt_with_fewer_tags_than_images_is_refused(converted):
         expand_tags("<image>\nCompare.", [4, 4], [], 4, tokens)
 
 
-def _engine(tensor=1, pipeline=1, backend=None, kv=None, ec=None, scheduler=None):
+def _engine(tensor=1, pipeline=1, backend=None, kv=None, ec=None, scheduler=None, cache="lru", cache_gb=4.0,
+            api_processes=1):
     """The parts of vLLM's `VllmConfig` the router's settings read."""
     return SimpleNamespace(
         parallel_config=SimpleNamespace(tensor_parallel_size=tensor, pipeline_parallel_size=pipeline,
-                                        distributed_executor_backend=backend),
+                                        distributed_executor_backend=backend, _api_process_count=api_processes,
+                                        data_parallel_size=1, data_parallel_external_lb=False),
+        model_config=SimpleNamespace(multimodal_config=SimpleNamespace(mm_processor_cache_type=cache,
+                                                                       mm_processor_cache_gb=cache_gb)),
         kv_transfer_config=kv, ec_transfer_config=ec, scheduler_config=SimpleNamespace(scheduler_cls=scheduler))
 
 
@@ -355,7 +359,8 @@ def test_a_flash_model_with_its_router_on_gets_the_routing_scheduler_and_what_it
     """InternVL3.5-Flash's router on vLLM (`internvlx_hf.vllm.router`): with it on, the engine's scheduler is the one
     that routes each request it admits, said in the start-up block with its costs; settings that would put the worker
     out of the scheduler's reach (tensor or pipeline parallel, another executor) or move KV blocks or encoder
-    outputs elsewhere, or a scheduler of the user's that does not route, are refused in one line naming each fix and
+    outputs elsewhere, vLLM's shared-memory processor cache (the scheduler would get each image as an address), or a
+    scheduler of the user's that does not route, are refused in one line naming each fix and
     the override that serves the weights without the router. With the router off (the override, as vLLM applies it: a
     dict in place of the config's value) or absent, nothing is set."""
     from internvlx_hf.vllm.engine_settings import EngineSettings, UnsupportedCheckpoint
@@ -366,16 +371,20 @@ def test_a_flash_model_with_its_router_on_gets_the_routing_scheduler_and_what_it
     configure_router(engine, config, settings, "./x")
     assert engine.scheduler_config.scheduler_cls == ROUTER_SCHEDULER
     assert settings.lines[0].startswith(f"scheduler_cls: None -> {ROUTER_SCHEDULER!r}")
-    assert settings.lines[1].startswith("InternVL3.5-Flash router on: when vLLM admits a request")
+    assert settings.lines[1].startswith("InternVL3.5-Flash router on: before vLLM admits a request")
     for options, fix in ((dict(tensor=2), "--tensor-parallel-size 1 --pipeline-parallel-size 1"),
                          (dict(pipeline=2), "--tensor-parallel-size 1 --pipeline-parallel-size 1"),
                          (dict(backend="ray"), "no --distributed-executor-backend"),
                          (dict(kv=object()), "no --kv-transfer-config"),
                          (dict(ec=object()), "no --ec-transfer-config"),
+                         # (before, every image request was refused, as if given as its embeddings)
+                         (dict(cache="shm"), "--mm-processor-cache-type lru"),
                          (dict(scheduler="my.Scheduler"), "no --scheduler-cls")):
         with pytest.raises(UnsupportedCheckpoint, match=r"InternVL3\.5-Flash checkpoint \./x: its router") as caught:
             configure_router(_engine(**options), config, EngineSettings("./x"), "./x")
         assert fix in str(caught.value) and ROUTER_OFF in str(caught.value) and "\n" not in str(caught.value)
+    for served in (dict(cache="shm", cache_gb=0), dict(cache="shm", api_processes=2)):  # (vLLM uses no shm cache)
+        configure_router(_engine(**served), config, EngineSettings("./x"), "./x")
     mine = type("Mine", (), {"router_scheduler_channel": True})  # a subclass of the router's scheduler mixin
     engine = _engine(scheduler=mine, backend="mp")  # (vLLM's CPU platform runs its one worker with "mp")
     configure_router(engine, config, EngineSettings("./x"), "./x")

@@ -137,7 +137,7 @@ def push_weights(llm, weights: dict, how: str) -> None:
 
 def rows_probe(llm, spec_checkpoint: str, request: dict) -> dict:
     """The router model's step embedding of `request`'s images (two: `pixel_values` as its processor makes them)
-    where the rows of the second were kept at admission and the first's were not (an image routed from its kept
+    where the rows of the second were kept when routed and the first's were not (an image routed from its kept
     scores, beside a new one): whether the rows equal those computed for both, and the tiles the vision tower ran."""
     import torch
 
@@ -151,7 +151,7 @@ def rows_probe(llm, spec_checkpoint: str, request: dict) -> dict:
         images=vllm_prompt(request)["multi_modal_data"]["image"], return_tensors="pt")
     pixels, counts = data["pixel_values"], data["num_patches"].tolist()
     parts = list(pixels.split(counts))
-    decisions = _route_on_worker(runner, parts, keys=[1000, 1001])
+    decisions = _route_on_worker(runner, [(parts, [1000, 1001], None)])[0]
     compressed = torch.tensor(sum(decisions, []))
     model.admitted.drop([1000])  # (the first item's rows not kept)
     keys = torch.tensor([1000] * counts[0] + [1001] * counts[1])

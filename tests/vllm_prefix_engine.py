@@ -15,7 +15,7 @@ and logprobs of its first completion and the `top` 5 logprobs of each step (`com
 and logprobs) and its `request_id`; vLLM's own prefix-cache counters, the requests preempted (`preempted`, in order),
 the blocks each eviction dropped, the KV-cache groups (`short_groups` of `groups`), and the scheduler's preemptions
 and deferred admissions (`LVTCSchedulerMixin.deferrals`) in the run, and each round's deferrals and tiles the vision
-tower ran on (the Flash router's engines: at admission and in steps); a run whose engine
+tower ran on (the Flash router's engines: when routed and in steps); a run whose engine
 did not start or that failed gives its `error` (the others still run).
 """
 

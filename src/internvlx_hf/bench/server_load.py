@@ -38,6 +38,11 @@ def check_url(url: str) -> str:
     return base[:-3] if base.endswith("/v1") else base
 
 
+#: The generated image's side: 4 tiles of 448 px and a thumbnail, so that what a model decides per tile (InternVL3.5-
+#: Flash's router compresses some tiles of an image, never a lone one) has tiles to decide among.
+DEFAULT_IMAGE_SIZE = 896
+
+
 def _image_data_url(size: int, seed: int) -> str:
     from PIL import Image, ImageDraw
 
@@ -108,7 +113,7 @@ def _check_sizes(requests: int, concurrency, image_size: int, turns: int = 1) ->
         raise ValueError(f"--turns must be >= 1, got {turns}.")
 
 
-def bench_serve(url: str, concurrency=(1, 4), requests: int = 16, model: str | None = None, image_size: int = 448,
+def bench_serve(url: str, concurrency=(1, 4), requests: int = 16, model: str | None = None, image_size: int = DEFAULT_IMAGE_SIZE,
                 max_tokens: int = 16, api_key: str | None = None, timeout: float = 300,
                 progress: bool = True, same_image: bool = False) -> list[dict]:
     """One row per concurrency level: requests, seconds, requests/s, p50 / p95 latency, completion tokens."""
@@ -149,7 +154,7 @@ def _cached_tokens(usage: dict) -> int | None:
 
 
 def bench_chat(url: str, concurrency=(1, 4), requests: int = 8, turns: int = 4, model: str | None = None,
-               image_size: int = 448, max_tokens: int = 16, api_key: str | None = None, timeout: float = 300,
+               image_size: int = DEFAULT_IMAGE_SIZE, max_tokens: int = 16, api_key: str | None = None, timeout: float = 300,
                progress: bool = True, same_image: bool = False) -> list[dict]:
     """Conversation mode: each request a chat of ``turns`` turns about one image, resent whole each turn with the
     server's answers. One row per concurrency level: chats, seconds, turns/s, p50 latency of the first turns and
@@ -209,7 +214,9 @@ def chat_notes(rows: list[dict]) -> list[str]:
         else:
             share = row["later_cached_tokens"] / max(row["later_prompt_tokens"], 1)
             line += (f"; its prefix cache served {row['later_cached_tokens']} of the later turns' "
-                     f"{row['later_prompt_tokens']} prompt tokens ({share:.0%})")
+                     f"{row['later_prompt_tokens']} prompt tokens as sent ({share:.0%}; a server that shortens "
+                     "prompts, as InternVL3.5-Flash's router does on vLLM, counts its cache on the shortened prompt, "
+                     "of which it served more)")
         notes.append(line)
     return notes
 

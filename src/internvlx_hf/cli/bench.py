@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..bench.server_load import DEFAULT_IMAGE_SIZE
 from .command import CLIError, Command, check_image_file
 
 _BENCH_DESCRIPTION = """\
@@ -134,7 +135,10 @@ def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                        help="parallel clients; repeat for several levels (default: 1 and 4)")
     serve.add_argument("--requests", type=int, default=16, metavar="N",
                        help="requests per level (default 16); with --turns, chats per level")
-    serve.add_argument("--image-size", type=int, default=448, metavar="PX", help="square image side (default 448)")
+    serve.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE, metavar="PX",
+                       help=f"square image side (default {DEFAULT_IMAGE_SIZE}: 4 tiles of 448 px and a thumbnail, so "
+                            "that a model that decides per tile, as InternVL3.5-Flash's router, has tiles to decide "
+                            "among; 448 is one tile)")
     serve.add_argument("--max-tokens", type=int, default=16, metavar="N", help="answer length bound (default 16)")
     serve.add_argument("--turns", type=int, default=1, metavar="N",
                        help="conversation mode: each request a chat of N turns about one image, resent whole each "

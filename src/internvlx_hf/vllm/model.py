@@ -22,9 +22,9 @@ from vllm.model_executor.models.utils import (AutoWeightsLoader, PPMissingLayer,
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.sequence import IntermediateTensors
 
-from ..modeling.configuration_internvlx import LVTCConfig, ViRConfig, image_and_patch
+from ..modeling.configuration_internvlx import LVTCConfig, image_and_patch
 from ..modeling.projectors import attach_projectors
-from ..modeling.vir import ViRRouter, tile_tokens, vir_decisions
+from ..modeling.vir import ViRRouter, tile_tokens
 from .config_hook import LLM_ARCHITECTURES, longrope_switch, needs_position_rows, require_config_hook
 from .lvtc.geometry import lvtc_geometry_of, row_width
 from .lvtc.masked import MaskedLayers
@@ -32,6 +32,7 @@ from .lvtc.positions import position_rows, read_rows, saving_positions
 from .processing import InternVLXDummyInputsBuilder, InternVLXMultiModalProcessor, InternVLXProcessingInfo
 from .router.config import router_on
 from .router.rows import AdmittedRows, SeenScores
+from .router.worker import route_requests
 
 
 def vision_config_for_vllm(config) -> PretrainedConfig:
@@ -187,11 +188,11 @@ class InternVLXForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsM
                 if post_norm else nn.Identity()
             )
             attach_projectors(self, config)  # the model's own projectors, under the checkpoint's names
-            # InternVL3.5-Flash's router, run when the scheduler admits a request (`router/`, `route_tiles`)
+            # InternVL3.5-Flash's router, run on the requests the scheduler is about to admit (`router/`)
             self.router_on = router_on(config)
             if self.router_on:
                 self.vir = ViRRouter(config)
-                self.admitted = AdmittedRows()  # the rows routed at admission, until their step embeds them
+                self.admitted = AdmittedRows()  # the rows computed when routed, until their step embeds them
                 self.seen_scores = SeenScores()  # each item's scores, for requests that send it again
         with self._mark_language_model(vllm_config):
             self.language_model = init_vllm_registered_model(
@@ -266,39 +267,13 @@ class InternVLXForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsM
         features = features.reshape(-1, features.shape[-1])
         return tuple(features.split([n * per_tile for n in tiles_per_item]))
 
-    @torch.inference_mode()
-    def route_tiles(self, pixels: list[torch.Tensor], keys: list[int] | None = None,
-                    dropped: list[int] | None = None, items: list[str] | None = None) -> list[list[bool]]:
-        """The router's decisions for one request's tiles, `pixels` per image or video in prompt order (True:
-        compressed): the quantile over all of them, as transformers' scope "sample" (one request is one sample).
-        An item seen before (`items`: each one's content key, vLLM's identifier) is routed from its scores kept then
-        (`SeenScores`), without the vision tower; the others' rows are kept under their `keys` (one per item) for
-        the step that embeds them (`AdmittedRows`, `embed_multimodal`). `dropped`: keys of requests that ended."""
-        self.admitted.drop(dropped or [])
-        counts = [p.shape[0] for p in pixels]
-        # (an item's scores are kept by what decides them: its identifier and its tile count; a client's reused
-        # `multi_modal_uuids` for another image of other tiles is then routed as new)
-        items = [None if item is None else f"{item}#tiles={count}"
-                 for item, count in zip(items or [None] * len(pixels), counts)]
-        scores = [self.seen_scores.get(item) for item in items]
-        new = [index for index, known in enumerate(scores) if known is None]
-        if new:
-            device = next(self.vir.parameters()).device
-            vit = self._vit(torch.cat([pixels[i] for i in new]).to(device=device, dtype=self.model_dtype))
-            for index, part in zip(new, self.vir.scores(vit).split([counts[i] for i in new])):
-                scores[index] = part
-                self.seen_scores.put(items[index], part)
-        vir = ViRConfig.from_any(self.config.vir)
-        compressed = vir_decisions(torch.cat(scores), [sum(counts)], vir.relative_threshold,
-                                   vir.absolute_threshold).split(counts)
-        if new and keys is not None:
-            rows = self._item_rows(vit, [counts[i] for i in new], torch.cat([compressed[i] for i in new]))
-            self.admitted.put([keys[i] for i in new], list(rows))
-        return [part.cpu().tolist() for part in compressed]
+    def route_requests(self, requests: list, dropped: list[int] | None = None) -> list[list[list[bool]]]:
+        """The router's decisions for a batch of requests' tiles (`router/worker.py`, `route_requests`)."""
+        return route_requests(self, requests, dropped)
 
     def _embedded(self, pixels: torch.Tensor, tiles_per_item: list[int], compressed: torch.Tensor | None,
                   keys: object) -> tuple[torch.Tensor, ...]:
-        """The items' rows: each one's kept at admission (`keys`: the key of each tile's item, from the scheduler), the
+        """The items' rows: each one's kept when it was routed (`keys`: the key of each tile's item, from the scheduler), the
         others computed (together: one vision-tower call for the items not kept)."""
         rows: list[torch.Tensor | None] = [None] * len(tiles_per_item)
         if isinstance(keys, torch.Tensor) and keys.numel() == sum(tiles_per_item) and tiles_per_item:

@@ -39,6 +39,18 @@ def _scheduler_name(chosen) -> str | None:
     return f"{chosen.__module__}.{chosen.__qualname__}"
 
 
+def _shm_processor_cache(vllm_config) -> bool:
+    """Whether vLLM's multimodal processor cache will be its shared-memory one (as vLLM 0.32's `_get_cache_type` picks
+    it: asked for, not turned off by a size of 0, and one API process without data parallelism)."""
+    multimodal = getattr(getattr(vllm_config, "model_config", None), "multimodal_config", None)
+    if getattr(multimodal, "mm_processor_cache_type", None) != "shm" or not getattr(multimodal,
+                                                                                      "mm_processor_cache_gb", 0) > 0:
+        return False
+    parallel = vllm_config.parallel_config
+    return getattr(parallel, "_api_process_count", 1) == 1 and (
+        getattr(parallel, "data_parallel_size", 1) == 1 or getattr(parallel, "data_parallel_external_lb", False))
+
+
 def _problems(vllm_config) -> list[tuple[str, str]]:
     """(what, fix) for each engine setting the router cannot run with."""
     problems = []
@@ -53,6 +65,10 @@ def _problems(vllm_config) -> list[tuple[str, str]]:
     if backend not in (None, "uni", "mp"):
         problems.append((f"distributed_executor_backend={backend!r} is an executor the router has not run with",
                          "no --distributed-executor-backend (vLLM's 'uni' or 'mp' for one worker)"))
+    if _shm_processor_cache(vllm_config):
+        problems.append(("--mm-processor-cache-type shm hands the engine each image as an address in the API "
+                         "process's shared memory, which only the worker reads, and the router reads the pixels before "
+                         "vLLM admits the request", "--mm-processor-cache-type lru (vLLM's default)"))
     if getattr(vllm_config, "kv_transfer_config", None) is not None:
         problems.append(("a KV connector (--kv-transfer-config) would move KV blocks of prompts it has not seen routed",
                          "no --kv-transfer-config"))
@@ -77,18 +93,19 @@ def configure_router(vllm_config, config, settings: EngineSettings, where: str) 
     problems = _problems(vllm_config)
     if problems:
         raise UnsupportedCheckpoint(
-            f"InternVL3.5-Flash checkpoint {where}: its router (config.vir) runs when vLLM's scheduler admits a "
+            f"InternVL3.5-Flash checkpoint {where}: its router (config.vir) runs before vLLM's scheduler admits a "
             f"request, on the engine's worker, which it cannot here because {'; and '.join(p for p, _ in problems)}. "
             f"Start vLLM with {' and '.join(f for _, f in problems)}, or serve the same weights without the router "
             f"(as plain InternVL3.5, 256 tokens per tile) with {ROUTER_OFF}.")
     if _scheduler_name(vllm_config.scheduler_config.scheduler_cls) in VLLM_SCHEDULERS + (None,):
         settings.set(vllm_config.scheduler_config, "scheduler_cls", ROUTER_SCHEDULER,
-                     "InternVL3.5-Flash's router: each request's tiles routed when the scheduler admits it")
+                     "InternVL3.5-Flash's router: each request's tiles routed before the scheduler admits it")
     settings.note(
-        "InternVL3.5-Flash router on: when vLLM admits a request, the vision tower and the router run on all of its "
-        "tiles on the worker (the quantile over them), and the request enters with its prompt shortened as "
-        "transformers' generate shortens it (64 tokens per compressed 448px tile): KV blocks, prefill and decoding "
-        "on that prompt. Costs: the engine loop waits for the vision tower at admission; its rows are kept on the "
-        "worker (up to 256 MiB) for the step that embeds them, where a request whose rows did not fit runs it again. "
+        "InternVL3.5-Flash router on: before vLLM admits a request, the vision tower and the router run on all of its "
+        "tiles on the worker (the quantile over them; one call per step for the waiting requests that fit the step's "
+        "free slots and encoder budget), and the request enters with its prompt shortened as transformers' generate "
+        "shortens it (64 tokens per compressed 448px tile): KV blocks, prefill and decoding on that prompt. Costs: "
+        "a request waits for its routing (running requests decode meanwhile); its rows are kept on the worker (up to "
+        "256 MiB) for the step that embeds them, where a request whose rows did not fit runs it again. "
         "Usage counts the prompt as sent (its prompt_tokens), cached tokens on the shortened prompt; prompt logprobs, "
         f"images given as embeddings and streaming-input sessions are refused per request. Off: {ROUTER_OFF}.")

@@ -53,14 +53,22 @@ ROUTER_INTERNALS = {
         lambda: source_has(EncoderCacheManager.check_and_update_cache, "request.mm_features[input_id].identifier")
         and source_has(_prefix_cache_keys(), "mm_feature.identifier"),
         "an image's rows or KV blocks routed for one request could serve another request routed otherwise"),
-    "EngineCore builds its executor before its scheduler; Executor.collective_rpc(method, timeout, args)": (
+    "EngineCore builds its executor before its scheduler; Executor.collective_rpc(method, timeout, args, kwargs, "
+    "non_block)": (
         lambda: _built_before(EngineCore.__init__, "self.model_executor = ", "self.scheduler: SchedulerInterface = ")
-        and list(inspect.signature(Executor.collective_rpc).parameters)[1:4] == ["method", "timeout", "args"],
+        and list(inspect.signature(Executor.collective_rpc).parameters)[1:6] == ["method", "timeout", "args", "kwargs",
+                                                                                 "non_block"],
         "the scheduler cannot reach the worker that routes each request"),
+    "Scheduler.schedule asks _handle_blocked_waiting_request(request) of each waiting request it would admit; "
+    "Scheduler.waiting, running, max_num_running_reqs, max_num_encoder_input_tokens": (
+        lambda: source_has(Scheduler.schedule, "self._handle_blocked_waiting_request(request)")
+        and source_has(Scheduler.__init__, "self.waiting = ", "self.running: list[Request] = []",
+                       "self.max_num_running_reqs = ", "self.max_num_encoder_input_tokens = "),
+        "a request waiting for its routing would be admitted with the prompt as sent"),
     "Scheduler._free_request(request) ends each finished or aborted request": (
         lambda: source_has(Scheduler.update_from_output, "self._free_request(request)")
         and source_has(Scheduler.finish_requests, "self._free_request(request"),
-        "the rows kept at admission for a request that ends unembedded stay in the worker's store, so that later "
+        "the rows kept when routing a request that ends unembedded stay in the worker's store, so that later "
         "requests' rows do not fit and their steps run the vision tower a second time"),
 }
 

@@ -1,6 +1,6 @@
-"""What the router keeps on the worker between admissions and steps, so that the vision tower runs once per image: the
-rows an admission computed, until the step that embeds them (`AdmittedRows`), and each image's scores, for the next
-request that sends it again (`SeenScores`: a chat resends its images each turn). Plain torch: tested without vLLM."""
+"""What the router keeps on the worker between routing calls and steps, so that the vision tower runs once per image:
+the rows a routing call computed, until the step that embeds them (`AdmittedRows`), and each image's scores, for the
+next request that sends it again (`SeenScores`: a chat resends its images each turn). Plain torch: tested without vLLM."""
 
 from __future__ import annotations
 
@@ -11,13 +11,13 @@ import torch
 #: The most bytes of rows kept at once (per worker). A request whose rows do not fit is not kept: its step runs the
 #: vision tower again, as it would without this store. The oldest kept are never pushed out by newer ones (vLLM
 #: schedules requests in the order they arrive, so the oldest are embedded first); a request that ends without
-#: embedding its rows (an image served from the prefix or encoder cache, an abort) has them dropped at the next
-#: admission (`drop`).
+#: embedding its rows (an image served from the prefix or encoder cache, an abort) has them dropped with the next
+#: routing call, or in the next step where it ended before its prompt was computed (`drop`).
 ADMITTED_ROWS_BYTES = 256 * 2**20
 
 
 class AdmittedRows:
-    """Each image's (or video's) rows by the key the scheduler gave it at admission."""
+    """Each image's (or video's) rows by the key the scheduler gave it when it routed its request."""
 
     def __init__(self, capacity: int = ADMITTED_ROWS_BYTES) -> None:
         self.capacity = capacity
