@@ -32,8 +32,9 @@ from internvlx_hf import InternVLXForConditionalGeneration, InternVLXProcessor  
 from internvlx_hf.vllm.lvtc.geometry import lvtc_geometry_of  # noqa: E402
 
 from vllm_helpers import (  # noqa: E402
-    FLASH, KV_CACHE_BYTES, ONE_TILE, REQUESTS, SIX_TILES, THIRTEEN_TILES, TOKENIZER_FILES, TWELVE_TILES, assert_lvtc_path,
-    assert_same_generation, build_checkpoint, image, reference_generate, request_spec, routed_prompt, video)
+    FLASH, KV_CACHE_BYTES, ONE_TILE, REQUESTS, SIX_TILES, THIRTEEN_TILES, TOKENIZER_FILES, TWELVE_TILES,
+    assert_lvtc_path, assert_same_generation, build_checkpoint, image, reference_generate, request_spec, routed_prompt,
+    video)
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -426,8 +427,8 @@ def _router_scheduler(folder, executor, max_num_seqs: int = 8, **engine):
     load_general_plugins()
     from internvlx_hf.vllm.router.scheduler import RouterScheduler
 
-    config = EngineArgs(model=str(folder), dtype="float32", max_model_len=4096, block_size=16, max_num_seqs=max_num_seqs,
-                        **engine).create_engine_config()
+    config = EngineArgs(model=str(folder), dtype="float32", max_model_len=4096, block_size=16,
+                        max_num_seqs=max_num_seqs, **engine).create_engine_config()
     config.cache_config.num_gpu_blocks = 64
     spec = FullAttentionSpec(block_size=16, num_kv_heads=2, head_size=64, dtype=torch.float32)
     groups = [KVCacheGroupSpec([f"layers.{i}" for i in range(config.model_config.hf_config.text_config

@@ -29,7 +29,8 @@ from internvlx_hf import InternVLXForConditionalGeneration, InternVLXProcessor  
 from internvlx_hf.vllm.lvtc.geometry import lvtc_geometry_of  # noqa: E402
 
 from vllm_checkpoints import FAMILIES, VARIANTS, converted_checkpoint  # noqa: E402
-from vllm_helpers import assert_lvtc_path, assert_same_generation, image, reference_generate, video  # noqa: E402
+from vllm_helpers import (  # noqa: E402
+    FLASH, assert_lvtc_path, assert_same_generation, build_checkpoint, image, reference_generate, video)
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -272,7 +273,9 @@ def test_a_repeated_image_is_served_from_the_prefix_cache(served, family, varian
 #: test_vllm.py, the release and Phi-3 as converted in `served_pp2`; here Phi-3's LongRoPE rows with LVTC (InternLM2's
 #: engine here too took CI a further 100 s of CPU).
 INDUCTOR = ["phi3-lvtc-none"]
-TENSOR_PARALLEL = ["internvlx-keep", "internlm2-lvtc-rms", "phi3-lvtc-none"]
+#: (The release itself, PVTC before InternLM2, ran here too until the Flash router's engines below took CI's time:
+#: InternLM2 + LVTC rms runs the same PVTC projector, as its base projector, before the same LLM.)
+TENSOR_PARALLEL = ["internlm2-lvtc-rms", "phi3-lvtc-none"]
 SOME = ["image", "two images", "video"]
 
 
@@ -345,3 +348,46 @@ def test_pipeline_parallel_gives_transformers_tokens(served_pp2, name, request_n
     if name not in results:
         pytest.skip(f"{name} is not among INTERNVLX_VLLM_CASES")
     _check(results, references, name, SOME.index(request_name), f"{name} {request_name} (pipeline parallel 2)")
+
+
+#: InternVL3.5-Flash with its router on two workers: Qwen3-MoE with tensor parallelism (vLLM shards its attention and
+#: its experts' weights across the two), Qwen3 with pipeline parallelism. The router runs on every tensor-parallel
+#: worker alike (its vision tower is sharded as vLLM shards InternViT) and on the first pipeline stage only, where
+#: vLLM runs the encoder; the scheduler takes the first worker's decisions. (Dense Qwen3 with tensor parallelism was
+#: run too, by hand: 3 of 3 requests as transformers; left out of CI for its time.)
+FLASH_PARALLEL = {
+    "flash_moe-tp2": (dict(FLASH, llm="qwen3_moe", text=dict(head_dim=64, num_experts=4, num_experts_per_tok=2,
+                                                               moe_intermediate_size=64, norm_topk_prob=True)),
+                      dict(tensor_parallel_size=2)),
+    "flash-pp2": (FLASH, dict(pipeline_parallel_size=2)),
+}
+
+
+@pytest.fixture(scope="module")
+def served_flash_parallel(tmp_path_factory):
+    """Each `FLASH_PARALLEL` engine's answers (two worker processes; pipeline parallelism with inductor, as
+    `served_pp2` says why) and transformers' (the router on)."""
+    root = tmp_path_factory.mktemp("flash-parallel")
+    cores = sorted(os.sched_getaffinity(0))
+    env = {"VLLM_CPU_OMP_THREADS_BIND": "|".join(str(core) for core in (cores * 2)[:2])}
+    results, references = {}, {}
+    for compile_env, names in (({**COMPILE_ENV, **env}, ["flash_moe-tp2"]), (env, ["flash-pp2"])):
+        engines = {name: (build_checkpoint(root / name, **FLASH_PARALLEL[name][0]), SOME,
+                          dict(ENGINE_OPTIONS, **FLASH_PARALLEL[name][1], distributed_executor_backend="mp",
+                               max_model_len=4096, max_num_batched_tokens=4096))
+                   for name in names}
+        (root / f"run-{names[0]}").mkdir()
+        got, want = _serve(root / f"run-{names[0]}", engines, compile_env, children=1)
+        results.update(got)
+        references.update(want)
+    return results, references
+
+
+@pytest.mark.parametrize("name,request_name", [(n, r) for n in FLASH_PARALLEL for r in SOME],
+                         ids=[f"{n}-{r}" for n in FLASH_PARALLEL for r in SOME])
+def test_the_router_on_two_workers_gives_transformers_tokens(served_flash_parallel, name, request_name):
+    """InternVL3.5-Flash's router with `tensor_parallel_size=2` (Qwen3-MoE) and `pipeline_parallel_size=2` (Qwen3):
+    transformers' greedy tokens and top-5 logprobs with the router on, each request alone and all at once (before,
+    several workers were refused at start)."""
+    results, references = served_flash_parallel
+    _check(results, references, name, SOME.index(request_name), f"{name} {request_name}")

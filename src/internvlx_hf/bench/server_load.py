@@ -113,9 +113,9 @@ def _check_sizes(requests: int, concurrency, image_size: int, turns: int = 1) ->
         raise ValueError(f"--turns must be >= 1, got {turns}.")
 
 
-def bench_serve(url: str, concurrency=(1, 4), requests: int = 16, model: str | None = None, image_size: int = DEFAULT_IMAGE_SIZE,
-                max_tokens: int = 16, api_key: str | None = None, timeout: float = 300,
-                progress: bool = True, same_image: bool = False) -> list[dict]:
+def bench_serve(url: str, concurrency=(1, 4), requests: int = 16, model: str | None = None,
+                image_size: int = DEFAULT_IMAGE_SIZE, max_tokens: int = 16, api_key: str | None = None,
+                timeout: float = 300, progress: bool = True, same_image: bool = False) -> list[dict]:
     """One row per concurrency level: requests, seconds, requests/s, p50 / p95 latency, completion tokens."""
     _check_sizes(requests, concurrency, image_size)
     base = check_url(url)
@@ -154,8 +154,8 @@ def _cached_tokens(usage: dict) -> int | None:
 
 
 def bench_chat(url: str, concurrency=(1, 4), requests: int = 8, turns: int = 4, model: str | None = None,
-               image_size: int = DEFAULT_IMAGE_SIZE, max_tokens: int = 16, api_key: str | None = None, timeout: float = 300,
-               progress: bool = True, same_image: bool = False) -> list[dict]:
+               image_size: int = DEFAULT_IMAGE_SIZE, max_tokens: int = 16, api_key: str | None = None,
+               timeout: float = 300, progress: bool = True, same_image: bool = False) -> list[dict]:
     """Conversation mode: each request a chat of ``turns`` turns about one image, resent whole each turn with the
     server's answers. One row per concurrency level: chats, seconds, turns/s, p50 latency of the first turns and
     p50 / p95 of the later ones, their ratio, prompt tokens of the later turns and how many the server served from its

@@ -273,8 +273,8 @@ class InternVLXForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsM
 
     def _embedded(self, pixels: torch.Tensor, tiles_per_item: list[int], compressed: torch.Tensor | None,
                   keys: object) -> tuple[torch.Tensor, ...]:
-        """The items' rows: each one's kept when it was routed (`keys`: the key of each tile's item, from the scheduler), the
-        others computed (together: one vision-tower call for the items not kept)."""
+        """The items' rows: each one's kept when it was routed (`keys`: the key of each tile's item, from the
+        scheduler), the others computed (together: one vision-tower call for the items not kept)."""
         rows: list[torch.Tensor | None] = [None] * len(tiles_per_item)
         if isinstance(keys, torch.Tensor) and keys.numel() == sum(tiles_per_item) and tiles_per_item:
             per_tile = keys.reshape(-1).tolist()

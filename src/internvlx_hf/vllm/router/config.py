@@ -55,16 +55,11 @@ def _problems(vllm_config) -> list[tuple[str, str]]:
     """(what, fix) for each engine setting the router cannot run with."""
     problems = []
     parallel = vllm_config.parallel_config
-    tensor, pipeline = parallel.tensor_parallel_size, parallel.pipeline_parallel_size
-    if tensor * pipeline > 1:
-        problems.append((f"the engine runs {tensor * pipeline} workers (tensor parallel {tensor}, pipeline parallel "
-                         f"{pipeline}), and the router has run with one",
-                         "--tensor-parallel-size 1 --pipeline-parallel-size 1 (--data-parallel-size N runs N engines, "
-                         "each with its router)"))
     backend = parallel.distributed_executor_backend
     if backend not in (None, "uni", "mp"):
         problems.append((f"distributed_executor_backend={backend!r} is an executor the router has not run with",
-                         "no --distributed-executor-backend (vLLM's 'uni' or 'mp' for one worker)"))
+                         "no --distributed-executor-backend (vLLM's 'uni' for one worker, 'mp' for several on one "
+                         "machine)"))
     if _shm_processor_cache(vllm_config):
         problems.append(("--mm-processor-cache-type shm hands the engine each image as an address in the API "
                          "process's shared memory, which only the worker reads, and the router reads the pixels before "

@@ -1,6 +1,7 @@
 """What the router keeps on the worker between routing calls and steps, so that the vision tower runs once per image:
 the rows a routing call computed, until the step that embeds them (`AdmittedRows`), and each image's scores, for the
-next request that sends it again (`SeenScores`: a chat resends its images each turn). Plain torch: tested without vLLM."""
+next request that sends it again (`SeenScores`: a chat resends its images each turn). Plain torch: tested without
+vLLM."""
 
 from __future__ import annotations
 

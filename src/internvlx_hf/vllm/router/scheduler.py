@@ -172,7 +172,10 @@ class RouterSchedulerMixin(RequestRefusalsMixin):
             self._collect(wait=True)  # (no running request decodes meanwhile: the step waits for the routing)
         if self._drop_now and self._ended_keys:  # (not waiting for the next routing call to let them go)
             dropped, self._ended_keys = self._ended_keys, []
-            self.executor.collective_rpc(_drop_on_worker, args=(dropped,), non_block=True)
+            try:
+                self.executor.collective_rpc(_drop_on_worker, args=(dropped,), non_block=True)
+            except Exception:  # noqa: BLE001 - (kept rows are a cache: the store's bound holds them meanwhile)
+                self._ended_keys = dropped + self._ended_keys
         self._drop_now = False
         return super().schedule(*args, **kwargs)
 
@@ -231,7 +234,8 @@ class RouterSchedulerMixin(RequestRefusalsMixin):
             return
         self._in_flight = None
         try:
-            decisions = batch.future.result()[0]
+            # (each worker's answer: alike under tensor parallelism, None from pipeline stages after the first)
+            decisions = next(answer for answer in batch.future.result() if answer is not None)
             error = None
         except Exception as failure:  # noqa: BLE001 - whatever fails in routing ends a request, not the engine
             decisions, error = None, failure

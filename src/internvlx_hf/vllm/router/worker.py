@@ -5,6 +5,7 @@ batch that has no kept scores, each request's quantile over its own tiles."""
 from __future__ import annotations
 
 import torch
+from vllm.distributed import get_pp_group
 
 from ...modeling.configuration_internvlx import ViRConfig
 from ...modeling.vir import vir_decisions
@@ -21,7 +22,10 @@ def route_requests(model, requests: list[RequestTiles], dropped: list[int] | Non
     from its kept scores (`model.seen_scores`: by its content key and tile count), without the vision tower; the
     batch's other items go through the tower in one call (an item sent by two requests of the batch, once), and their
     rows are kept under their keys for the step that embeds them (`model.admitted`). `dropped`: keys of requests that
-    ended (their rows let go first)."""
+    ended (their rows let go first). None on a pipeline stage after the first, which holds no vision side's work
+    (vLLM runs the encoder on the first): the first stage's answer is the engine's."""
+    if not get_pp_group().is_first_rank:
+        return None
     model.admitted.drop(dropped or [])
     counts = [[tiles.shape[0] for tiles in pixels] for pixels, _, _ in requests]
     # (an item's scores are kept by what decides them: its identifier and its tile count; a client's reused
