@@ -69,23 +69,25 @@ def rewrite_request(config, request, items: list, decisions: list[list[bool]], k
     request.update_block_hashes()
 
 
+def _worker_model(worker):
+    """The model on an engine's worker (what `collective_rpc` calls a function with)."""
+    runner = getattr(worker, "model_runner", None)
+    return runner.get_model() if runner is not None else worker.get_model()
+
+
 def _route_on_worker(worker, requests: list, dropped: list[int] | None = None) -> list[list[list[bool]]]:
     """Run on the engine's worker (`collective_rpc`): its model's `route_requests`."""
-    runner = getattr(worker, "model_runner", None)
-    model = runner.get_model() if runner is not None else worker.get_model()
-    return model.route_requests(requests, dropped)
+    return _worker_model(worker).route_requests(requests, dropped)
 
 
 def _drop_on_worker(worker, dropped: list[int]) -> None:
     """Run on the engine's worker (`collective_rpc`): let go of the rows kept under `dropped`."""
-    runner = getattr(worker, "model_runner", None)
-    (runner.get_model() if runner is not None else worker.get_model()).admitted.drop(dropped)
+    _worker_model(worker).admitted.drop(dropped)
 
 
 def _forget_on_worker(worker) -> None:
     """Run on the engine's worker (`collective_rpc`): its model's `forget_routing`."""
-    runner = getattr(worker, "model_runner", None)
-    (runner.get_model() if runner is not None else worker.get_model()).forget_routing()
+    _worker_model(worker).forget_routing()
 
 
 def engine_executor():
